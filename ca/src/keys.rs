@@ -1,0 +1,179 @@
+//! The CA key set: generated once, stored by the caller as files, loaded back.
+
+use crate::ssh::SshCa;
+use crate::x509::{pem_decode, pem_encode, X509Ca, X509CaKind};
+use crate::{Error, Result, Validity};
+use ring::rand::SecureRandom;
+
+/// One file of the key set. `secret` files must be written 0600.
+#[derive(Clone)]
+pub struct KeyFile {
+    pub name: &'static str,
+    pub contents: Vec<u8>,
+    pub secret: bool,
+}
+
+impl std::fmt::Debug for KeyFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyFile")
+            .field("name", &self.name)
+            .field("secret", &self.secret)
+            .finish_non_exhaustive()
+    }
+}
+
+const SSH_USER_KEY: &str = "ssh_user_ca.key";
+const SSH_USER_PUB: &str = "ssh_user_ca.pub";
+const SSH_HOST_KEY: &str = "ssh_host_ca.key";
+const SSH_HOST_PUB: &str = "ssh_host_ca.pub";
+const TLS_KEY: &str = "tls_ca.key";
+const TLS_CERT: &str = "tls_ca.crt";
+const DB_KEY: &str = "db_client_ca.key";
+const DB_CERT: &str = "db_client_ca.crt";
+
+/// CA certificates live ten years; rotation keeps older keys trusted.
+const CA_LIFETIME: i64 = 10 * 365 * 24 * 3600;
+
+/// Wicket's four CAs.
+#[derive(Debug)]
+pub struct AuthorityKeys {
+    /// Signs users' SSH certificates (nodes trust it with `TrustedUserCAKeys`).
+    pub ssh_user: SshCa,
+    /// Signs host certificates for nodes and the proxy (`@cert-authority`).
+    pub ssh_host: SshCa,
+    /// Signs wicketd's TLS server certificates and users' client certificates.
+    pub tls: X509Ca,
+    /// Signs the client certificates wicketd presents to databases.
+    pub db_client: X509Ca,
+}
+
+impl AuthorityKeys {
+    /// The files that must all exist for [`AuthorityKeys::load`].
+    pub const REQUIRED_FILES: [&'static str; 6] = [
+        SSH_USER_KEY,
+        SSH_HOST_KEY,
+        TLS_KEY,
+        TLS_CERT,
+        DB_KEY,
+        DB_CERT,
+    ];
+
+    /// Generates a fresh key set; `now` starts the CA certificates' validity.
+    pub fn generate(
+        cluster: &str,
+        now: i64,
+        rng: &dyn SecureRandom,
+    ) -> Result<(Self, Vec<KeyFile>)> {
+        let validity = Validity::new(now - 3600, now + CA_LIFETIME)?;
+        let (ssh_user, user_pk8) = SshCa::generate(rng)?;
+        let (ssh_host, host_pk8) = SshCa::generate(rng)?;
+        let (tls, tls_key) = X509Ca::generate(X509CaKind::Tls, cluster, validity)?;
+        let (db_client, db_key) = X509Ca::generate(X509CaKind::DatabaseClient, cluster, validity)?;
+        let secret = |name, contents: Vec<u8>| KeyFile {
+            name,
+            contents,
+            secret: true,
+        };
+        let public = |name, contents: String| KeyFile {
+            name,
+            contents: contents.into_bytes(),
+            secret: false,
+        };
+        let files = vec![
+            secret(
+                SSH_USER_KEY,
+                pem_encode("PRIVATE KEY", &user_pk8).into_bytes(),
+            ),
+            public(
+                SSH_USER_PUB,
+                ssh_user.public_key_openssh("wicket-user-ca") + "\n",
+            ),
+            secret(
+                SSH_HOST_KEY,
+                pem_encode("PRIVATE KEY", &host_pk8).into_bytes(),
+            ),
+            public(
+                SSH_HOST_PUB,
+                ssh_host.public_key_openssh("wicket-host-ca") + "\n",
+            ),
+            secret(TLS_KEY, tls_key.into_bytes()),
+            public(TLS_CERT, tls.cert_pem()),
+            secret(DB_KEY, db_key.into_bytes()),
+            public(DB_CERT, db_client.cert_pem()),
+        ];
+        Ok((
+            Self {
+                ssh_user,
+                ssh_host,
+                tls,
+                db_client,
+            },
+            files,
+        ))
+    }
+
+    /// Loads the key set; `read(name)` returns a file's contents.
+    pub fn load(read: impl Fn(&str) -> Option<Vec<u8>>) -> Result<Self> {
+        let text = |name: &str| -> Result<String> {
+            let bytes =
+                read(name).ok_or_else(|| Error::KeyMaterial(format!("{name} is missing")))?;
+            String::from_utf8(bytes).map_err(|_| Error::KeyMaterial(format!("{name} is not text")))
+        };
+        let ssh = |name: &str| -> Result<SshCa> {
+            let der = pem_decode("PRIVATE KEY", &text(name)?)
+                .map_err(|e| Error::KeyMaterial(format!("{name}: {e}")))?;
+            SshCa::from_pkcs8(&der).map_err(|e| Error::KeyMaterial(format!("{name}: {e}")))
+        };
+        let x509 = |kind, key: &str, cert: &str| -> Result<X509Ca> {
+            X509Ca::from_pem(kind, &text(key)?, &text(cert)?)
+                .map_err(|e| Error::KeyMaterial(format!("{key}/{cert}: {e}")))
+        };
+        Ok(Self {
+            ssh_user: ssh(SSH_USER_KEY)?,
+            ssh_host: ssh(SSH_HOST_KEY)?,
+            tls: x509(X509CaKind::Tls, TLS_KEY, TLS_CERT)?,
+            db_client: x509(X509CaKind::DatabaseClient, DB_KEY, DB_CERT)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn generated_keys_load_back_identically() {
+        let rng = ring::rand::SystemRandom::new();
+        let (keys, files) = AuthorityKeys::generate("test", 1_700_000_000, &rng).unwrap();
+        for f in &files {
+            assert_eq!(f.secret, f.name.ends_with(".key"), "{}", f.name);
+        }
+        let map: HashMap<_, _> = files.into_iter().map(|f| (f.name, f.contents)).collect();
+        let again = AuthorityKeys::load(|n| map.get(n).cloned()).unwrap();
+        assert_eq!(again.ssh_user.fingerprint(), keys.ssh_user.fingerprint());
+        assert_eq!(again.ssh_host.fingerprint(), keys.ssh_host.fingerprint());
+        assert_eq!(again.tls.pin(), keys.tls.pin());
+        assert_eq!(again.db_client.pin(), keys.db_client.pin());
+        assert_ne!(keys.tls.pin(), keys.db_client.pin());
+        let missing = AuthorityKeys::load(|n| {
+            if n == TLS_KEY {
+                None
+            } else {
+                map.get(n).cloned()
+            }
+        });
+        assert!(missing
+            .unwrap_err()
+            .to_string()
+            .contains("tls_ca.key is missing"));
+        let corrupt = AuthorityKeys::load(|n| {
+            if n == SSH_USER_KEY {
+                Some(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".to_vec())
+            } else {
+                map.get(n).cloned()
+            }
+        });
+        assert!(corrupt.is_err());
+    }
+}

@@ -1,0 +1,8 @@
+//! Wicket's end-to-end tests: one binary, real processes on 127.0.0.1.
+//!
+//! The harness (`wicket_e2e`, in `tests/lib.rs`) builds the `wicketd` and
+//! `wicket` binaries once, starts servers through builders on ephemeral
+//! loopback ports, waits for them by polling with deadlines, and tears them
+//! down when the handles drop.
+
+mod ca_tools;
