@@ -1,1 +1,83 @@
-//! placeholder
+//! Wicket's policy decision point.
+//!
+//! Roles and what they grant, the resources they match, request and approval
+//! rules, and the access decisions the daemon asks for: which SSH principals a
+//! certificate carries, which nodes, databases and clusters a user may reach.
+//! Every authorization decision is one call into this crate and returns a
+//! [`Decision`] with its reason, which the caller audits.
+//!
+//! It is pure: no sockets, no database, no clock. Time is always a parameter.
+//! It does not parse configuration files (the daemon turns its versioned file
+//! format into these validated types) and does not persist anything.
+
+mod labels;
+mod roles;
+mod rules;
+
+pub use labels::{LabelSelector, Labels};
+pub use rules::{
+    ApprovalRule, BreakGlassSettings, Directory, OncallSchedule, RequestSettings, Requirement,
+    ReviewerSet, Team,
+};
+pub use roles::{
+    DatabaseGrant, KubernetesGrant, Resource, ResourceKind, Role, RoleSet, SshLoginGrant,
+};
+
+use serde::Serialize;
+
+/// Everything policy can refuse, with the reason a user or operator reads.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("unknown role {0:?}")]
+    UnknownRole(String),
+    #[error("invalid policy: {0}")]
+    Invalid(String),
+}
+
+/// The answer to an authorization question, always with its reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub allowed: bool,
+    pub reason: String,
+}
+
+impl Decision {
+    pub fn allow(reason: impl Into<String>) -> Self {
+        Self {
+            allowed: true,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn deny(reason: impl Into<String>) -> Self {
+        Self {
+            allowed: false,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Who is asking: a user and the roles in force for them right now (standing
+/// roles plus the roles of their active grants).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject<'a> {
+    pub user: &'a str,
+    pub roles: &'a [String],
+}
+
+/// The whole validated policy: roles, rules, directory, resources, limits.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub roles: RoleSet,
+    pub approval: Vec<ApprovalRule>,
+    pub directory: Directory,
+    pub requests: RequestSettings,
+    pub break_glass: BreakGlassSettings,
+    pub resources: Vec<Resource>,
+}
+
+impl Policy {
+    pub fn resource(&self, kind: ResourceKind, name: &str) -> Option<&Resource> {
+        self.resources.iter().find(|r| r.kind == kind && r.name == name)
+    }
+}

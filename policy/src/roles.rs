@@ -1,0 +1,354 @@
+//! Roles: what they grant, and the access decisions made from them.
+
+use crate::labels::{LabelSelector, Labels};
+use crate::{Decision, Error, Subject};
+use chrono::Duration;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// SSH access a role grants: logins on nodes matching a selector.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SshLoginGrant {
+    /// Logins; `{{user}}` expands to the Wicket user name.
+    pub logins: Vec<String>,
+    pub nodes: LabelSelector,
+}
+
+/// Database access a role grants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DatabaseGrant {
+    pub labels: LabelSelector,
+    /// Database names (`*` for any).
+    pub names: Vec<String>,
+    /// Database users (`{{user}}` expands).
+    pub users: Vec<String>,
+}
+
+/// Kubernetes access a role grants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KubernetesGrant {
+    pub labels: LabelSelector,
+    pub groups: Vec<String>,
+    pub users: Vec<String>,
+}
+
+/// A role: what it grants, what its holders may request and review.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Role {
+    pub name: String,
+    pub ssh: SshLoginGrant,
+    pub databases: Option<DatabaseGrant>,
+    pub kubernetes: Option<KubernetesGrant>,
+    pub port_forwarding: bool,
+    pub agent_forwarding: bool,
+    pub x11_forwarding: bool,
+    /// Longest grant of this role; `None` means the global maximum applies.
+    pub max_duration: Option<Duration>,
+    /// Roles its holders may request (`*` for any).
+    pub request_roles: Vec<String>,
+    /// Roles whose requests its holders may review (`*` for any).
+    pub review_roles: Vec<String>,
+    /// Holders may revoke any grant.
+    pub revoke: bool,
+    /// Holders may search and read the audit log and recordings.
+    pub audit: bool,
+}
+
+/// What kind of resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResourceKind {
+    Node,
+    Database,
+    KubeCluster,
+}
+
+/// An SSH node, database or Kubernetes cluster that Wicket fronts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resource {
+    pub kind: ResourceKind,
+    pub name: String,
+    pub address: String,
+    pub labels: Labels,
+}
+
+/// The validated set of roles.
+#[derive(Debug, Clone, Default)]
+pub struct RoleSet {
+    roles: BTreeMap<String, Role>,
+}
+
+fn expand(template: &str, user: &str) -> String {
+    template.replace("{{user}}", user)
+}
+
+fn covers(list: &[String], item: &str) -> bool {
+    list.iter().any(|x| x == "*" || x == item)
+}
+
+impl RoleSet {
+    pub fn new(roles: impl IntoIterator<Item = Role>) -> Self {
+        Self {
+            roles: roles.into_iter().map(|r| (r.name.clone(), r)).collect(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Role> {
+        self.roles.get(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.roles.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.roles.keys().map(String::as_str)
+    }
+
+    /// Checks that every named role exists.
+    pub fn check_known<'a>(&self, names: impl IntoIterator<Item = &'a String>) -> Result<(), Error> {
+        for n in names {
+            if !self.contains(n) {
+                return Err(Error::UnknownRole(n.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    fn held<'a>(&'a self, subject: &'a Subject<'_>) -> impl Iterator<Item = &'a Role> + 'a {
+        subject.roles.iter().filter_map(|r| self.roles.get(r))
+    }
+
+    /// The SSH principals a certificate for `subject` carries: every login of
+    /// every role held, `{{user}}` expanded, sorted and de-duplicated. The user
+    /// name itself is always included so a certificate is never principal-less.
+    pub fn principals(&self, subject: &Subject<'_>) -> Vec<String> {
+        let mut set = BTreeSet::new();
+        set.insert(subject.user.to_owned());
+        for role in self.held(subject) {
+            for l in &role.ssh.logins {
+                set.insert(expand(l, subject.user));
+            }
+        }
+        set.into_iter().collect()
+    }
+
+    /// Whether any held role permits port / agent / X11 forwarding (the
+    /// certificate's `permit-*` extensions; the proxy still decides per node).
+    pub fn forwarding(&self, subject: &Subject<'_>) -> (bool, bool, bool) {
+        let granting: Vec<&Role> = self
+            .held(subject)
+            .filter(|r| !r.ssh.logins.is_empty())
+            .collect();
+        (
+            granting.iter().any(|r| r.port_forwarding),
+            granting.iter().any(|r| r.agent_forwarding),
+            granting.iter().any(|r| r.x11_forwarding),
+        )
+    }
+
+    /// The logins `subject` may use on `node`.
+    pub fn node_logins(&self, subject: &Subject<'_>, node: &Resource) -> Vec<String> {
+        let mut set = BTreeSet::new();
+        for role in self.held(subject) {
+            if role.ssh.nodes.matches(&node.labels) {
+                for l in &role.ssh.logins {
+                    set.insert(expand(l, subject.user));
+                }
+            }
+        }
+        set.into_iter().collect()
+    }
+
+    /// May `subject` log into `node` as `login`?
+    pub fn decide_ssh_login(&self, subject: &Subject<'_>, node: &Resource, login: &str) -> Decision {
+        let granting: Vec<&str> = self
+            .held(subject)
+            .filter(|r| {
+                r.ssh.nodes.matches(&node.labels)
+                    && r.ssh.logins.iter().any(|l| expand(l, subject.user) == login)
+            })
+            .map(|r| r.name.as_str())
+            .collect();
+        if granting.is_empty() {
+            Decision::deny(format!(
+                "login {login:?} is not allowed on node {:?} for roles [{}]",
+                node.name,
+                subject.roles.join(", ")
+            ))
+        } else {
+            Decision::allow(format!(
+                "login {login:?} on node {:?} granted by role {}",
+                node.name,
+                granting.join(", ")
+            ))
+        }
+    }
+
+    /// The database names and users `subject` may use on `db`.
+    pub fn database_access(&self, subject: &Subject<'_>, db: &Resource) -> (Vec<String>, Vec<String>) {
+        let mut names = BTreeSet::new();
+        let mut users = BTreeSet::new();
+        for role in self.held(subject) {
+            if let Some(g) = &role.databases {
+                if g.labels.matches(&db.labels) {
+                    names.extend(g.names.iter().cloned());
+                    users.extend(g.users.iter().map(|u| expand(u, subject.user)));
+                }
+            }
+        }
+        (names.into_iter().collect(), users.into_iter().collect())
+    }
+
+    /// The Kubernetes groups and users `subject` gets on `cluster`.
+    pub fn kube_access(&self, subject: &Subject<'_>, cluster: &Resource) -> (Vec<String>, Vec<String>) {
+        let mut groups = BTreeSet::new();
+        let mut users = BTreeSet::new();
+        for role in self.held(subject) {
+            if let Some(g) = &role.kubernetes {
+                if g.labels.matches(&cluster.labels) {
+                    groups.extend(g.groups.iter().cloned());
+                    users.extend(g.users.iter().map(|u| expand(u, subject.user)));
+                }
+            }
+        }
+        (groups.into_iter().collect(), users.into_iter().collect())
+    }
+
+    /// The resources `subject` can reach now, each with what it may use there.
+    pub fn reachable<'r>(
+        &self,
+        subject: &Subject<'_>,
+        resources: &'r [Resource],
+    ) -> Vec<(&'r Resource, Vec<String>, Vec<String>)> {
+        resources
+            .iter()
+            .filter_map(|r| {
+                let (a, b) = match r.kind {
+                    ResourceKind::Node => (self.node_logins(subject, r), Vec::new()),
+                    ResourceKind::Database => self.database_access(subject, r),
+                    ResourceKind::KubeCluster => self.kube_access(subject, r),
+                };
+                (!a.is_empty() || !b.is_empty()).then_some((r, a, b))
+            })
+            .collect()
+    }
+
+    /// May a holder of `held` request `role`?
+    pub fn may_request(&self, held: &[String], role: &str) -> bool {
+        held.iter()
+            .filter_map(|h| self.roles.get(h))
+            .any(|r| covers(&r.request_roles, role))
+    }
+
+    /// May a holder of `held` review requests for `role` (by role, absent rules)?
+    pub fn may_review(&self, held: &[String], role: &str) -> bool {
+        held.iter()
+            .filter_map(|h| self.roles.get(h))
+            .any(|r| covers(&r.review_roles, role))
+    }
+
+    pub fn may_revoke(&self, held: &[String]) -> bool {
+        held.iter().filter_map(|h| self.roles.get(h)).any(|r| r.revoke)
+    }
+
+    pub fn may_audit(&self, held: &[String]) -> bool {
+        held.iter().filter_map(|h| self.roles.get(h)).any(|r| r.audit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sel(k: &str, v: &str) -> LabelSelector {
+        LabelSelector([(k.to_string(), v.to_string())].into())
+    }
+
+    fn roles() -> RoleSet {
+        RoleSet::new([
+            Role {
+                name: "dev".into(),
+                ssh: SshLoginGrant {
+                    logins: vec!["{{user}}".into()],
+                    nodes: sel("env", "dev"),
+                },
+                port_forwarding: true,
+                request_roles: vec!["prod-ssh".into()],
+                ..Default::default()
+            },
+            Role {
+                name: "prod-ssh".into(),
+                ssh: SshLoginGrant {
+                    logins: vec!["root".into(), "ubuntu".into()],
+                    nodes: sel("env", "prod"),
+                },
+                ..Default::default()
+            },
+            Role {
+                name: "dba".into(),
+                databases: Some(DatabaseGrant {
+                    labels: sel("env", "prod"),
+                    names: vec!["*".into()],
+                    users: vec!["postgres".into()],
+                }),
+                ..Default::default()
+            },
+        ])
+    }
+
+    fn node(name: &str, env: &str) -> Resource {
+        Resource {
+            kind: ResourceKind::Node,
+            name: name.into(),
+            address: "127.0.0.1:22".into(),
+            labels: [("env".to_string(), env.to_string())].into(),
+        }
+    }
+
+    #[test]
+    fn principals_expand_user_and_union_roles() {
+        let held = vec!["dev".to_string(), "prod-ssh".to_string()];
+        let s = Subject { user: "alice", roles: &held };
+        assert_eq!(roles().principals(&s), vec!["alice", "root", "ubuntu"]);
+        let held = vec!["dba".to_string()];
+        let s = Subject { user: "alice", roles: &held };
+        assert_eq!(roles().principals(&s), vec!["alice"]);
+    }
+
+    #[test]
+    fn ssh_login_decisions_carry_reasons() {
+        let rs = roles();
+        let held = vec!["dev".to_string()];
+        let s = Subject { user: "alice", roles: &held };
+        let d = rs.decide_ssh_login(&s, &node("dev-1", "dev"), "alice");
+        assert!(d.allowed && d.reason.contains("dev"), "{d:?}");
+        let d = rs.decide_ssh_login(&s, &node("db-1", "prod"), "root");
+        assert!(!d.allowed && d.reason.contains("not allowed"), "{d:?}");
+        let held = vec!["dev".to_string(), "prod-ssh".to_string()];
+        let s = Subject { user: "alice", roles: &held };
+        assert!(rs.decide_ssh_login(&s, &node("db-1", "prod"), "root").allowed);
+        assert!(!rs.decide_ssh_login(&s, &node("db-1", "prod"), "alice").allowed);
+    }
+
+    #[test]
+    fn reachable_lists_only_what_roles_grant() {
+        let rs = roles();
+        let res = vec![node("dev-1", "dev"), node("db-1", "prod")];
+        let held = vec!["dev".to_string()];
+        let s = Subject { user: "bob", roles: &held };
+        let r = rs.reachable(&s, &res);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].0.name, "dev-1");
+        assert_eq!(r[0].1, vec!["bob"]);
+    }
+
+    #[test]
+    fn request_and_review_permissions() {
+        let rs = roles();
+        assert!(rs.may_request(&["dev".into()], "prod-ssh"));
+        assert!(!rs.may_request(&["dev".into()], "dba"));
+        assert!(!rs.may_request(&["unknown".into()], "prod-ssh"));
+        assert!(!rs.may_review(&["dev".into()], "prod-ssh"));
+    }
+}
