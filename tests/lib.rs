@@ -1,1 +1,3 @@
 //! placeholder
+pub mod harness_postgres;
+pub mod harness_util;

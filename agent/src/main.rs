@@ -1,1 +1,5 @@
-fn main() {}
+//! `wicket`: the user's CLI. All logic lives in the library.
+
+fn main() -> std::process::ExitCode {
+    wicket::cli::main()
+}

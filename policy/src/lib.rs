@@ -15,12 +15,12 @@ mod roles;
 mod rules;
 
 pub use labels::{LabelSelector, Labels};
+pub use roles::{
+    DatabaseGrant, KubernetesGrant, Resource, ResourceKind, Role, RoleSet, SshLoginGrant,
+};
 pub use rules::{
     ApprovalRule, BreakGlassSettings, Directory, OncallSchedule, RequestSettings, Requirement,
     ReviewerSet, Team,
-};
-pub use roles::{
-    DatabaseGrant, KubernetesGrant, Resource, ResourceKind, Role, RoleSet, SshLoginGrant,
 };
 
 use serde::Serialize;
@@ -78,6 +78,8 @@ pub struct Policy {
 
 impl Policy {
     pub fn resource(&self, kind: ResourceKind, name: &str) -> Option<&Resource> {
-        self.resources.iter().find(|r| r.kind == kind && r.name == name)
+        self.resources
+            .iter()
+            .find(|r| r.kind == kind && r.name == name)
     }
 }

@@ -106,7 +106,10 @@ impl RoleSet {
     }
 
     /// Checks that every named role exists.
-    pub fn check_known<'a>(&self, names: impl IntoIterator<Item = &'a String>) -> Result<(), Error> {
+    pub fn check_known<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a String>,
+    ) -> Result<(), Error> {
         for n in names {
             if !self.contains(n) {
                 return Err(Error::UnknownRole(n.clone()));
@@ -161,12 +164,20 @@ impl RoleSet {
     }
 
     /// May `subject` log into `node` as `login`?
-    pub fn decide_ssh_login(&self, subject: &Subject<'_>, node: &Resource, login: &str) -> Decision {
+    pub fn decide_ssh_login(
+        &self,
+        subject: &Subject<'_>,
+        node: &Resource,
+        login: &str,
+    ) -> Decision {
         let granting: Vec<&str> = self
             .held(subject)
             .filter(|r| {
                 r.ssh.nodes.matches(&node.labels)
-                    && r.ssh.logins.iter().any(|l| expand(l, subject.user) == login)
+                    && r.ssh
+                        .logins
+                        .iter()
+                        .any(|l| expand(l, subject.user) == login)
             })
             .map(|r| r.name.as_str())
             .collect();
@@ -186,7 +197,11 @@ impl RoleSet {
     }
 
     /// The database names and users `subject` may use on `db`.
-    pub fn database_access(&self, subject: &Subject<'_>, db: &Resource) -> (Vec<String>, Vec<String>) {
+    pub fn database_access(
+        &self,
+        subject: &Subject<'_>,
+        db: &Resource,
+    ) -> (Vec<String>, Vec<String>) {
         let mut names = BTreeSet::new();
         let mut users = BTreeSet::new();
         for role in self.held(subject) {
@@ -201,7 +216,11 @@ impl RoleSet {
     }
 
     /// The Kubernetes groups and users `subject` gets on `cluster`.
-    pub fn kube_access(&self, subject: &Subject<'_>, cluster: &Resource) -> (Vec<String>, Vec<String>) {
+    pub fn kube_access(
+        &self,
+        subject: &Subject<'_>,
+        cluster: &Resource,
+    ) -> (Vec<String>, Vec<String>) {
         let mut groups = BTreeSet::new();
         let mut users = BTreeSet::new();
         for role in self.held(subject) {
@@ -249,11 +268,26 @@ impl RoleSet {
     }
 
     pub fn may_revoke(&self, held: &[String]) -> bool {
-        held.iter().filter_map(|h| self.roles.get(h)).any(|r| r.revoke)
+        held.iter()
+            .filter_map(|h| self.roles.get(h))
+            .any(|r| r.revoke)
     }
 
     pub fn may_audit(&self, held: &[String]) -> bool {
-        held.iter().filter_map(|h| self.roles.get(h)).any(|r| r.audit)
+        held.iter()
+            .filter_map(|h| self.roles.get(h))
+            .any(|r| r.audit)
+    }
+
+    /// May `subject` read audit events of `actor` (`None`: everyone's)?
+    pub fn decide_audit_read(&self, subject: &Subject<'_>, actor: Option<&str>) -> Decision {
+        if let Some(r) = self.held(subject).find(|r| r.audit) {
+            return Decision::allow(format!("role {} may read the audit log", r.name));
+        }
+        if actor == Some(subject.user) {
+            return Decision::allow("users may read their own audit events");
+        }
+        Decision::deny("reading other users' audit events needs a role with `audit: true`")
     }
 }
 
@@ -309,10 +343,16 @@ mod tests {
     #[test]
     fn principals_expand_user_and_union_roles() {
         let held = vec!["dev".to_string(), "prod-ssh".to_string()];
-        let s = Subject { user: "alice", roles: &held };
+        let s = Subject {
+            user: "alice",
+            roles: &held,
+        };
         assert_eq!(roles().principals(&s), vec!["alice", "root", "ubuntu"]);
         let held = vec!["dba".to_string()];
-        let s = Subject { user: "alice", roles: &held };
+        let s = Subject {
+            user: "alice",
+            roles: &held,
+        };
         assert_eq!(roles().principals(&s), vec!["alice"]);
     }
 
@@ -320,15 +360,27 @@ mod tests {
     fn ssh_login_decisions_carry_reasons() {
         let rs = roles();
         let held = vec!["dev".to_string()];
-        let s = Subject { user: "alice", roles: &held };
+        let s = Subject {
+            user: "alice",
+            roles: &held,
+        };
         let d = rs.decide_ssh_login(&s, &node("dev-1", "dev"), "alice");
         assert!(d.allowed && d.reason.contains("dev"), "{d:?}");
         let d = rs.decide_ssh_login(&s, &node("db-1", "prod"), "root");
         assert!(!d.allowed && d.reason.contains("not allowed"), "{d:?}");
         let held = vec!["dev".to_string(), "prod-ssh".to_string()];
-        let s = Subject { user: "alice", roles: &held };
-        assert!(rs.decide_ssh_login(&s, &node("db-1", "prod"), "root").allowed);
-        assert!(!rs.decide_ssh_login(&s, &node("db-1", "prod"), "alice").allowed);
+        let s = Subject {
+            user: "alice",
+            roles: &held,
+        };
+        assert!(
+            rs.decide_ssh_login(&s, &node("db-1", "prod"), "root")
+                .allowed
+        );
+        assert!(
+            !rs.decide_ssh_login(&s, &node("db-1", "prod"), "alice")
+                .allowed
+        );
     }
 
     #[test]
@@ -336,7 +388,10 @@ mod tests {
         let rs = roles();
         let res = vec![node("dev-1", "dev"), node("db-1", "prod")];
         let held = vec!["dev".to_string()];
-        let s = Subject { user: "bob", roles: &held };
+        let s = Subject {
+            user: "bob",
+            roles: &held,
+        };
         let r = rs.reachable(&s, &res);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].0.name, "dev-1");

@@ -71,9 +71,9 @@ impl ReviewerSet {
         if s == "team_lead" {
             return Ok(Self::TeamLead);
         }
-        let (kind, name) = s
-            .split_once(':')
-            .ok_or_else(|| format!("{s:?} is not a reviewer set (role:R, team_lead, oncall:S, user:N)"))?;
+        let (kind, name) = s.split_once(':').ok_or_else(|| {
+            format!("{s:?} is not a reviewer set (role:R, team_lead, oncall:S, user:N)")
+        })?;
         if name.is_empty() {
             return Err(format!("{s:?} names nobody"));
         }
@@ -81,7 +81,9 @@ impl ReviewerSet {
             "role" => Ok(Self::Role(name.into())),
             "oncall" => Ok(Self::Oncall(name.into())),
             "user" => Ok(Self::User(name.into())),
-            _ => Err(format!("{s:?}: unknown reviewer kind {kind:?} (role, team_lead, oncall, user)")),
+            _ => Err(format!(
+                "{s:?}: unknown reviewer kind {kind:?} (role, team_lead, oncall, user)"
+            )),
         }
     }
 }

@@ -1,1 +1,24 @@
-//! placeholder
+//! The Wicket daemon, `wicketd`, as a library.
+//!
+//! It owns everything with I/O: the versioned configuration file (`config`),
+//! storage on SQLite or PostgreSQL (`store`), CA key files (`keystore`), the
+//! HTTPS JSON API with mutual TLS (`api`, `server`, `tls`), login and
+//! certificate issuance (`service`, `auth`), and the typed audit log
+//! (`audit`). Decisions are delegated to `wicket-policy` and certificate bytes
+//! to `wicket-ca`; this crate persists and delivers. The `wicketd` binary is a
+//! thin wrapper around [`cli::main`].
+
+pub mod api;
+pub mod audit;
+pub mod auth;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod keystore;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod tls;
+
+pub use error::{Error, Result};

@@ -1,1 +1,5 @@
-fn main() {}
+//! `wicketd`: the Wicket daemon. All logic lives in the library.
+
+fn main() -> std::process::ExitCode {
+    wicketd::cli::main()
+}

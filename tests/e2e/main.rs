@@ -6,3 +6,4 @@
 //! down when the handles drop.
 
 mod ca_tools;
+mod postgres_harness;

@@ -1,1 +1,185 @@
-//! placeholder
+//! Wire types shared by `wicketd` and the `wicket` CLI: the JSON bodies of the
+//! HTTPS API under `/v1`. No logic and no I/O here, so the CLI links neither
+//! the daemon nor its database driver.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// The API version prefix.
+pub const API_PREFIX: &str = "/v1";
+
+/// A secret string (password, OTP code): serialized as-is, never printed by
+/// `Debug` or `Display`.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself; call sites are the places that use it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// `GET /v1/ping` (no authentication): who this is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Ping {
+    pub cluster_name: String,
+    pub version: String,
+    /// `sha256:<hex>` of the TLS CA's public key.
+    pub tls_ca_pin: String,
+}
+
+/// `POST /v1/login`: password (+ OTP) for certificates. Only public keys travel.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub user: String,
+    pub password: Secret,
+    #[serde(default)]
+    pub otp: Option<Secret>,
+    /// The user's SSH public key, OpenSSH one-line format.
+    pub ssh_public_key: String,
+    /// A PKCS#10 request (PEM) for the user's TLS key.
+    pub tls_csr_pem: String,
+}
+
+/// `POST /v1/certs` (mutual TLS): new certificates for new keys, optionally
+/// carrying active access requests.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReissueRequest {
+    pub ssh_public_key: String,
+    pub tls_csr_pem: String,
+    #[serde(default)]
+    pub request_ids: Vec<String>,
+}
+
+/// Certificates for a session of the CLI.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Certificates {
+    pub cluster_name: String,
+    pub user: String,
+    /// Roles in force: standing plus granted.
+    pub roles: Vec<String>,
+    pub principals: Vec<String>,
+    pub request_ids: Vec<String>,
+    pub valid_after: DateTime<Utc>,
+    pub valid_before: DateTime<Utc>,
+    /// `ssh-ed25519-cert-v01@openssh.com AAAA...`
+    pub ssh_certificate: String,
+    pub tls_certificate_pem: String,
+    /// The TLS CA bundle (PEM), trusted for the API and proxies.
+    pub tls_ca_pem: String,
+    /// SSH user CA and host CA public keys (OpenSSH format).
+    pub ssh_user_ca: String,
+    pub ssh_host_ca: String,
+}
+
+/// `GET /v1/me` (mutual TLS): what the server sees.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Me {
+    pub user: String,
+    pub standing_roles: Vec<String>,
+    pub roles: Vec<String>,
+    pub request_ids: Vec<String>,
+    pub team: Option<String>,
+}
+
+/// One SSH node the user can reach.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    pub logins: Vec<String>,
+}
+
+/// One database the user can reach.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DatabaseInfo {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub names: Vec<String>,
+    pub users: Vec<String>,
+}
+
+/// One Kubernetes cluster the user can reach.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KubeClusterInfo {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub groups: Vec<String>,
+    pub users: Vec<String>,
+}
+
+/// `GET /v1/resources` (mutual TLS): what the user can reach now.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Resources {
+    pub nodes: Vec<NodeInfo>,
+    pub databases: Vec<DatabaseInfo>,
+    pub kube_clusters: Vec<KubeClusterInfo>,
+}
+
+/// One audit event, as `GET /v1/audit` returns it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AuditEventView {
+    pub id: String,
+    pub time: DateTime<Utc>,
+    pub kind: String,
+    pub actor: Option<String>,
+    pub request_id: Option<String>,
+    pub session_id: Option<String>,
+    pub data: serde_json::Value,
+}
+
+/// Every error body: a machine-readable code and one human line.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub code: String,
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_do_not_debug_print() {
+        let req = LoginRequest {
+            user: "alice".into(),
+            password: Secret::new("hunter2"),
+            otp: Some(Secret::new("123456")),
+            ssh_public_key: String::new(),
+            tls_csr_pem: String::new(),
+        };
+        let dbg = format!("{req:?}");
+        assert!(!dbg.contains("hunter2") && !dbg.contains("123456"), "{dbg}");
+        let json = serde_json::to_string(&req).unwrap();
+        assert!(json.contains("hunter2"));
+    }
+
+    #[test]
+    fn login_request_rejects_unknown_fields() {
+        let r: Result<LoginRequest, _> = serde_json::from_str(
+            r#"{"user":"a","password":"p","ssh_public_key":"k","tls_csr_pem":"c","admin":true}"#,
+        );
+        assert!(r.is_err());
+    }
+}

@@ -1,0 +1,437 @@
+//! `wicket` command line.
+
+use crate::client::{bundle_pin, ApiError, Client, ClientIdentity, Trust};
+use crate::keys;
+use crate::profile::{self, write_file, Profile, ProfileInfo};
+use anyhow::{anyhow, bail, Context, Result};
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::{BufRead, IsTerminal};
+use std::process::ExitCode;
+use wicket_api::{Certificates, LoginRequest, Resources, Secret};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wicket",
+    version,
+    about = "Wicket: log in, request access, and reach SSH nodes, databases and Kubernetes through the proxy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Output format for commands that print data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Format {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Log in: new local keys, certificates for your standing roles.
+    Login {
+        /// The wicketd API address, HOST:PORT.
+        #[arg(long, env = "WICKET_PROXY")]
+        proxy: String,
+        /// Your Wicket user name.
+        #[arg(long, env = "WICKET_USER")]
+        user: String,
+        /// The `sha256:...` pin wicketd printed at start.
+        #[arg(long, conflicts_with = "insecure")]
+        ca_pin: Option<String>,
+        /// Trust the proxy without a pin (first contact on a trusted network only).
+        #[arg(long)]
+        insecure: bool,
+        /// TOTP code, when your user has a second factor.
+        #[arg(long)]
+        otp: Option<String>,
+        /// Read the password from standard input (else WICKET_PASSWORD, else a prompt).
+        #[arg(long)]
+        password_stdin: bool,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Show the active login: user, roles, principals, certificate window, files.
+    Status {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Remove the active login's keys and certificates.
+    Logout,
+    /// List the nodes, databases and clusters you can reach now.
+    Ls {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+}
+
+/// Entry point for the `wicket` binary.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("wicket: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = match e.downcast_ref::<ApiError>() {
+                Some(api) => api.to_string(),
+                None => format!("{e:#}"),
+            };
+            eprintln!("wicket: error: {}", msg.replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Login {
+            proxy,
+            user,
+            ca_pin,
+            insecure,
+            otp,
+            password_stdin,
+            format,
+        } => login(&proxy, &user, ca_pin, insecure, otp, password_stdin, format).await,
+        Command::Status { format } => status(format),
+        Command::Logout => logout(),
+        Command::Ls { format } => ls(format).await,
+    }
+}
+
+fn read_password(from_stdin: bool) -> Result<Secret> {
+    if from_stdin {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        return Ok(Secret::new(line.trim_end_matches(['\r', '\n'])));
+    }
+    if let Ok(p) = std::env::var("WICKET_PASSWORD") {
+        return Ok(Secret::new(p));
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("no terminal to prompt for a password; use --password-stdin or WICKET_PASSWORD");
+    }
+    Ok(Secret::new(rpassword::prompt_password("Password: ")?))
+}
+
+/// The active profile with a client that presents its certificate.
+pub fn authenticated_client() -> Result<(Profile, ProfileInfo, Client)> {
+    let home = profile::home()?;
+    let p = Profile::current(&home)?;
+    let info = p.read_info()?;
+    let now = crate::now();
+    if info.valid_before <= now {
+        bail!(
+            "your certificates expired at {}; run `wicket login --proxy {} --user {}`",
+            info.valid_before.to_rfc3339(),
+            info.proxy,
+            info.user
+        );
+    }
+    let identity = ClientIdentity {
+        cert_pem: std::fs::read_to_string(p.tls_cert()).context("reading your TLS certificate")?,
+        key_pem: std::fs::read_to_string(p.tls_key()).context("reading your TLS key")?,
+    };
+    let ca = std::fs::read_to_string(p.ca_bundle()).context("reading the saved CA bundle")?;
+    let client = Client::new(&info.proxy, Trust::Bundle(ca), Some(&identity))?;
+    Ok((p, info, client))
+}
+
+/// Writes a login's keys and certificates into the profile and makes it current.
+pub fn save_login(proxy: &str, new_keys: &keys::NewKeys, certs: &Certificates) -> Result<Profile> {
+    let home = profile::home()?;
+    let p = Profile::path(&home, proxy, &certs.user);
+    write_file(&p.ssh_key(), new_keys.ssh_private_openssh.as_bytes(), 0o600)?;
+    write_file(
+        &p.ssh_pub(),
+        format!("{}\n", new_keys.ssh_public_openssh).as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &p.ssh_cert(),
+        format!("{}\n", certs.ssh_certificate).as_bytes(),
+        0o644,
+    )?;
+    write_file(&p.tls_key(), new_keys.tls_key_pem.as_bytes(), 0o600)?;
+    write_file(&p.tls_cert(), certs.tls_certificate_pem.as_bytes(), 0o644)?;
+    write_file(&p.ca_bundle(), certs.tls_ca_pem.as_bytes(), 0o644)?;
+    write_file(
+        &p.known_hosts(),
+        format!("@cert-authority * {}\n", certs.ssh_host_ca).as_bytes(),
+        0o644,
+    )?;
+    p.write_info(&ProfileInfo {
+        proxy: proxy.to_owned(),
+        user: certs.user.clone(),
+        cluster_name: certs.cluster_name.clone(),
+        ca_pin: bundle_pin(&certs.tls_ca_pem)?,
+        roles: certs.roles.clone(),
+        principals: certs.principals.clone(),
+        request_ids: certs.request_ids.clone(),
+        valid_after: certs.valid_after,
+        valid_before: certs.valid_before,
+    })?;
+    p.make_current(&home, proxy, &certs.user)?;
+    Ok(p)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn login(
+    proxy: &str,
+    user: &str,
+    ca_pin: Option<String>,
+    insecure: bool,
+    otp: Option<String>,
+    password_stdin: bool,
+    format: Format,
+) -> Result<()> {
+    let home = profile::home()?;
+    let existing = Profile::path(&home, proxy, user);
+    let trust = match (&ca_pin, insecure) {
+        (Some(pin), _) => {
+            if !pin.starts_with("sha256:") || pin.len() != 7 + 64 {
+                bail!("--ca-pin must look like sha256:<64 hex digits>");
+            }
+            Trust::Pin(pin.clone())
+        }
+        (None, true) => {
+            eprintln!("wicket: warning: --insecure: not verifying the proxy's identity");
+            Trust::Insecure
+        }
+        (None, false) => match std::fs::read_to_string(existing.ca_bundle()) {
+            Ok(pem) => Trust::Bundle(pem),
+            Err(_) => bail!(
+                "first login to {proxy} needs --ca-pin sha256:... (wicketd prints it at start) or --insecure"
+            ),
+        },
+    };
+    let password = read_password(password_stdin)?;
+    let new_keys = keys::generate(&format!("{user}@wicket"))?;
+    let client = Client::new(proxy, trust, None)?;
+    let certs: Certificates = client
+        .post(
+            "/v1/login",
+            &LoginRequest {
+                user: user.to_owned(),
+                password,
+                otp: otp.map(Secret::new),
+                ssh_public_key: new_keys.ssh_public_openssh.clone(),
+                tls_csr_pem: new_keys.tls_csr_pem.clone(),
+            },
+        )
+        .await?;
+    if let Some(pin) = &ca_pin {
+        let got = bundle_pin(&certs.tls_ca_pem)?;
+        if !got.eq_ignore_ascii_case(pin) {
+            bail!("the CA bundle the proxy sent does not match --ca-pin");
+        }
+    }
+    let p = save_login(proxy, &new_keys, &certs)?;
+    print_login(&p, &certs, format)
+}
+
+fn print_login(p: &Profile, certs: &Certificates, format: Format) -> Result<()> {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&status_json(p)?)?),
+        Format::Text => {
+            println!(
+                "logged in as {} (cluster {})",
+                certs.user, certs.cluster_name
+            );
+            println!("  roles:       {}", certs.roles.join(", "));
+            println!("  principals:  {}", certs.principals.join(", "));
+            if !certs.request_ids.is_empty() {
+                println!("  requests:    {}", certs.request_ids.join(", "));
+            }
+            println!("  valid until: {}", certs.valid_before.to_rfc3339());
+        }
+    }
+    Ok(())
+}
+
+/// What `wicket status` shows, read from the certificate files themselves.
+fn status_json(p: &Profile) -> Result<serde_json::Value> {
+    let info = p.read_info()?;
+    let cert_text =
+        std::fs::read_to_string(p.ssh_cert()).context("reading your SSH certificate")?;
+    let cert = ssh_key::Certificate::from_openssh(cert_text.trim())
+        .map_err(|e| anyhow!("your SSH certificate is unreadable: {e}"))?;
+    let ext = cert.extensions();
+    let list = |k: &str| -> Vec<String> {
+        ext.get(k)
+            .map(|v| {
+                v.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let ts = |t: u64| {
+        DateTime::<Utc>::from_timestamp(t as i64, 0)
+            .map(|d| d.to_rfc3339())
+            .unwrap_or_default()
+    };
+    let now = crate::now().timestamp() as u64;
+    Ok(serde_json::json!({
+        "proxy": info.proxy,
+        "cluster": info.cluster_name,
+        "user": ext.get("wicket-user@wicket.dev").cloned().unwrap_or(info.user),
+        "roles": list("wicket-roles@wicket.dev"),
+        "principals": cert.valid_principals(),
+        "request_ids": list("wicket-requests@wicket.dev"),
+        "key_id": cert.key_id(),
+        "valid_after": ts(cert.valid_after()),
+        "valid_before": ts(cert.valid_before()),
+        "expired": now >= cert.valid_before(),
+        "files": {
+            "ssh_key": p.ssh_key(),
+            "ssh_certificate": p.ssh_cert(),
+            "tls_key": p.tls_key(),
+            "tls_certificate": p.tls_cert(),
+            "ca_bundle": p.ca_bundle(),
+            "known_hosts": p.known_hosts(),
+        },
+    }))
+}
+
+fn status(format: Format) -> Result<()> {
+    let home = profile::home()?;
+    let p = Profile::current(&home)?;
+    let s = status_json(&p)?;
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+        Format::Text => {
+            let list = |k: &str| {
+                s[k].as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default()
+            };
+            let get = |k: &str| s[k].as_str().unwrap_or_default().to_owned();
+            println!(
+                "> Profile:     {} at {} (cluster {})",
+                get("user"),
+                get("proxy"),
+                get("cluster")
+            );
+            println!("  User:        {}", get("user"));
+            println!("  Roles:       {}", list("roles"));
+            println!("  Principals:  {}", list("principals"));
+            let reqs = list("request_ids");
+            println!(
+                "  Requests:    {}",
+                if reqs.is_empty() { "none".into() } else { reqs }
+            );
+            println!(
+                "  Valid:       {} to {}{}",
+                get("valid_after"),
+                get("valid_before"),
+                if s["expired"].as_bool() == Some(true) {
+                    " [EXPIRED]"
+                } else {
+                    ""
+                }
+            );
+            for (label, key) in [
+                ("SSH key", "ssh_key"),
+                ("SSH cert", "ssh_certificate"),
+                ("TLS key", "tls_key"),
+                ("TLS cert", "tls_certificate"),
+                ("CA bundle", "ca_bundle"),
+            ] {
+                println!(
+                    "  {:<12} {}",
+                    format!("{label}:"),
+                    s["files"][key].as_str().unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn logout() -> Result<()> {
+    let home = profile::home()?;
+    let p = Profile::current(&home)?;
+    let info = p.read_info()?;
+    p.remove()?;
+    let _ = std::fs::remove_file(home.join("current"));
+    println!("logged out {} from {}", info.user, info.proxy);
+    Ok(())
+}
+
+async fn ls(format: Format) -> Result<()> {
+    let (_, _, client) = authenticated_client()?;
+    let r: Resources = client.get("/v1/resources").await?;
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+        Format::Text => {
+            let labels = |l: &std::collections::BTreeMap<String, String>| {
+                l.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            println!("{:<8} {:<20} {:<24} {}", "KIND", "NAME", "LABELS", "ACCESS");
+            for n in &r.nodes {
+                println!(
+                    "{:<8} {:<20} {:<24} logins: {}",
+                    "node",
+                    n.name,
+                    labels(&n.labels),
+                    n.logins.join(", ")
+                );
+            }
+            for d in &r.databases {
+                println!(
+                    "{:<8} {:<20} {:<24} users: {}; databases: {}",
+                    "db",
+                    d.name,
+                    labels(&d.labels),
+                    d.users.join(", "),
+                    d.names.join(", ")
+                );
+            }
+            for k in &r.kube_clusters {
+                println!(
+                    "{:<8} {:<20} {:<24} groups: {}",
+                    "kube",
+                    k.name,
+                    labels(&k.labels),
+                    k.groups.join(", ")
+                );
+            }
+            if r.nodes.is_empty() && r.databases.is_empty() && r.kube_clusters.is_empty() {
+                println!("(nothing reachable with your current roles; request access with `wicket request create`)");
+            }
+        }
+    }
+    Ok(())
+}

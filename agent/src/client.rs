@@ -1,0 +1,367 @@
+//! A small HTTPS JSON client for wicketd's API: hyper over tokio-rustls
+//! (ring), trusting either a pinned CA (`--ca-pin`), the CA bundle saved at
+//! login, or — with `--insecure` — anything. After login it presents the
+//! user's client certificate on every call.
+
+use anyhow::{anyhow, bail, Context, Result};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use wicket_api::ErrorBody;
+
+const MAX_RESPONSE: usize = 16 * 1024 * 1024;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the client decides to trust the server.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// The CA whose public key hashes to this `sha256:` pin.
+    Pin(String),
+    /// CA certificates (PEM) saved at a previous login.
+    Bundle(String),
+    /// Any server (first contact only, with a warning).
+    Insecure,
+}
+
+/// The user's client certificate and key (PEM).
+#[derive(Clone)]
+pub struct ClientIdentity {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientIdentity(..)")
+    }
+}
+
+/// An API client for one proxy address.
+#[derive(Debug, Clone)]
+pub struct Client {
+    proxy: String,
+    host: String,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+/// An error the server answered with.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub body: ErrorBody,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.body.error)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Splits `HOST:PORT` (or `[v6]:PORT`) into host and the whole address.
+pub fn split_proxy(proxy: &str) -> Result<String> {
+    let (host, port) = proxy
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("--proxy must be HOST:PORT, got {proxy:?}"))?;
+    port.parse::<u16>()
+        .map_err(|_| anyhow!("--proxy must be HOST:PORT, got {proxy:?}"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        bail!("--proxy must be HOST:PORT, got {proxy:?}");
+    }
+    Ok(host.to_owned())
+}
+
+fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let ders = wicket_ca::pem_decode_all("CERTIFICATE", pem).map_err(|e| anyhow!("{e}"))?;
+    if ders.is_empty() {
+        bail!("no certificate in PEM");
+    }
+    Ok(ders.into_iter().map(CertificateDer::from).collect())
+}
+
+impl Client {
+    pub fn new(proxy: &str, trust: Trust, identity: Option<&ClientIdentity>) -> Result<Self> {
+        let host = split_proxy(proxy)?;
+        let provider = provider();
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| anyhow!("TLS: {e}"))?;
+        let builder = match trust {
+            Trust::Bundle(pem) => {
+                let mut roots = RootCertStore::empty();
+                for c in certs_from_pem(&pem).context("saved CA bundle")? {
+                    roots.add(c).map_err(|e| anyhow!("saved CA bundle: {e}"))?;
+                }
+                builder.with_root_certificates(roots)
+            }
+            Trust::Pin(pin) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinVerifier { pin, provider })),
+            Trust::Insecure => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyServer { provider })),
+        };
+        let mut config = match identity {
+            Some(id) => {
+                let chain = certs_from_pem(&id.cert_pem).context("client certificate")?;
+                let key_der = wicket_ca::pem_decode("PRIVATE KEY", &id.key_pem)
+                    .map_err(|e| anyhow!("client key: {e}"))?;
+                builder
+                    .with_client_auth_cert(chain, PrivateKeyDer::Pkcs8(key_der.into()))
+                    .map_err(|e| anyhow!("client certificate: {e}"))?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Self {
+            proxy: proxy.to_owned(),
+            host,
+            tls: Arc::new(config),
+        })
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call(Method::GET, path, None::<&()>).await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T> {
+        tokio::time::timeout(TIMEOUT, self.call_inner(method, path, body))
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "{} did not answer within {}s",
+                    self.proxy,
+                    TIMEOUT.as_secs()
+                )
+            })?
+    }
+
+    async fn call_inner<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T> {
+        let tcp = TcpStream::connect(&self.proxy)
+            .await
+            .with_context(|| format!("cannot connect to {}", self.proxy))?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(self.host.clone())
+            .map_err(|_| anyhow!("invalid proxy host {:?}", self.host))?;
+        let tls = TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| anyhow!("TLS with {} failed: {e}", self.proxy))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .context("HTTP handshake")?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let bytes = match body {
+            Some(b) => Bytes::from(serde_json::to_vec(b)?),
+            None => Bytes::new(),
+        };
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, &self.proxy)
+            .header(hyper::header::ACCEPT, "application/json");
+        if body.is_some() {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req.body(Full::new(bytes))?;
+        let resp = sender.send_request(req).await.context("request failed")?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| anyhow!("reading the response: {e}"))?
+            .to_bytes();
+        if !status.is_success() {
+            let body = serde_json::from_slice::<ErrorBody>(&body).unwrap_or_else(|_| ErrorBody {
+                code: status.as_str().into(),
+                error: format!(
+                    "{status}: {}",
+                    String::from_utf8_lossy(&body)
+                        .chars()
+                        .take(200)
+                        .collect::<String>()
+                ),
+            });
+            return Err(ApiError { status, body }.into());
+        }
+        serde_json::from_slice(&body).with_context(|| format!("unexpected response from {path}"))
+    }
+}
+
+/// Trusts a server whose chain contains a CA with the pinned SPKI hash, and
+/// whose leaf that CA signed for the requested name.
+#[derive(Debug)]
+struct PinVerifier {
+    pin: String,
+    provider: Arc<CryptoProvider>,
+}
+
+fn spki_pin_of(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::prelude::FromDer;
+    let (_, c) = x509_parser::certificate::X509Certificate::from_der(cert.as_ref()).ok()?;
+    Some(wicket_ca::spki_pin(c.public_key().raw))
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| spki_pin_of(c).is_some_and(|p| wicket_ca_pin_eq(&p, &self.pin)))
+            .ok_or_else(|| {
+                rustls::Error::General(format!(
+                    "the server's CA does not match --ca-pin {} (is this the right proxy?)",
+                    self.pin
+                ))
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Pins are compared case-insensitively on the hex part.
+fn wicket_ca_pin_eq(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b.trim())
+}
+
+/// `--insecure`: no server verification at all (signatures still checked).
+#[derive(Debug)]
+struct AnyServer {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The `sha256:` pin of the first CA certificate in a PEM bundle.
+pub fn bundle_pin(pem: &str) -> Result<String> {
+    let certs = certs_from_pem(pem)?;
+    certs
+        .iter()
+        .find_map(spki_pin_of)
+        .ok_or_else(|| anyhow!("CA bundle holds no parsable certificate"))
+}

@@ -1,0 +1,171 @@
+//! Credentials on disk under `$WICKET_HOME` (default `~/.wicket`): one profile
+//! per proxy and user, in the formats the real clients read. Private keys are
+//! created here, written 0600, and never sent anywhere.
+//!
+//! ```text
+//! $WICKET_HOME/current                        "<proxy>/<user>" of the active profile
+//! $WICKET_HOME/profiles/<proxy>/<user>/
+//!     profile.json                            proxy, user, cluster, pin, window, roles
+//!     id_ed25519, id_ed25519.pub              OpenSSH key pair (private 0600)
+//!     id_ed25519-cert.pub                     OpenSSH user certificate
+//!     tls.key, tls.crt                        PEM client key (0600) and certificate
+//!     ca.pem                                  Wicket TLS CA bundle
+//!     ssh_known_hosts                         @cert-authority line for Wicket's host CA
+//! ```
+
+use anyhow::{anyhow, bail, Context, Result};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// What `profile.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProfileInfo {
+    pub proxy: String,
+    pub user: String,
+    pub cluster_name: String,
+    pub ca_pin: String,
+    pub roles: Vec<String>,
+    pub principals: Vec<String>,
+    pub request_ids: Vec<String>,
+    pub valid_after: DateTime<Utc>,
+    pub valid_before: DateTime<Utc>,
+}
+
+/// `$WICKET_HOME`, or `~/.wicket`.
+pub fn home() -> Result<PathBuf> {
+    if let Some(h) = std::env::var_os("WICKET_HOME").filter(|h| !h.is_empty()) {
+        return Ok(PathBuf::from(h));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| anyhow!("neither WICKET_HOME nor HOME is set"))?;
+    Ok(PathBuf::from(home).join(".wicket"))
+}
+
+fn safe_component(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// A profile directory.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub dir: PathBuf,
+}
+
+impl Profile {
+    pub fn path(home: &Path, proxy: &str, user: &str) -> Self {
+        Self {
+            dir: home
+                .join("profiles")
+                .join(safe_component(proxy))
+                .join(safe_component(user)),
+        }
+    }
+
+    /// The active profile (`$WICKET_HOME/current`).
+    pub fn current(home: &Path) -> Result<Self> {
+        let cur = fs::read_to_string(home.join("current")).map_err(|_| {
+            anyhow!("not logged in; run `wicket login --proxy HOST:PORT --user NAME`")
+        })?;
+        let (proxy, user) = cur.trim().split_once('/').ok_or_else(|| {
+            anyhow!(
+                "{} is corrupt; log in again",
+                home.join("current").display()
+            )
+        })?;
+        let p = Self::path(home, proxy, user);
+        if !p.info_path().exists() {
+            bail!("not logged in; run `wicket login --proxy HOST:PORT --user NAME`");
+        }
+        Ok(p)
+    }
+
+    pub fn make_current(&self, home: &Path, proxy: &str, user: &str) -> Result<()> {
+        write_file(
+            &home.join("current"),
+            format!("{}/{}\n", safe_component(proxy), safe_component(user)).as_bytes(),
+            0o600,
+        )
+    }
+
+    pub fn info_path(&self) -> PathBuf {
+        self.dir.join("profile.json")
+    }
+    pub fn ssh_key(&self) -> PathBuf {
+        self.dir.join("id_ed25519")
+    }
+    pub fn ssh_pub(&self) -> PathBuf {
+        self.dir.join("id_ed25519.pub")
+    }
+    pub fn ssh_cert(&self) -> PathBuf {
+        self.dir.join("id_ed25519-cert.pub")
+    }
+    pub fn tls_key(&self) -> PathBuf {
+        self.dir.join("tls.key")
+    }
+    pub fn tls_cert(&self) -> PathBuf {
+        self.dir.join("tls.crt")
+    }
+    pub fn ca_bundle(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    pub fn known_hosts(&self) -> PathBuf {
+        self.dir.join("ssh_known_hosts")
+    }
+
+    pub fn read_info(&self) -> Result<ProfileInfo> {
+        let text = fs::read_to_string(self.info_path())
+            .with_context(|| format!("cannot read {}", self.info_path().display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is corrupt; log in again", self.info_path().display()))
+    }
+
+    pub fn write_info(&self, info: &ProfileInfo) -> Result<()> {
+        let text = serde_json::to_vec_pretty(info)?;
+        write_file(&self.info_path(), &text, 0o600)
+    }
+
+    /// Removes the profile's credentials (keys, certificates, info).
+    pub fn remove(&self) -> Result<()> {
+        if self.dir.exists() {
+            fs::remove_dir_all(&self.dir)
+                .with_context(|| format!("cannot remove {}", self.dir.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Creates the parent directories 0700 and writes `contents` with `mode`
+/// through a temporary file, so readers never see half a key.
+pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+        fs::set_permissions(parent, fs::Permissions::from_mode(0o700))?;
+    }
+    let tmp = path.with_extension("tmp~");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! The HTTPS JSON API under `/v1`: routing, request parsing, and the one place
+//! where errors become HTTP statuses. Handlers are thin: they call `service`.
+
+use crate::error::Error;
+use crate::service::{Caller, Wicket};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use wicket_api::{Certificates, ErrorBody, LoginRequest, Me, Ping, ReissueRequest, Resources};
+use wicket_ca::VerifiedClientCert;
+
+/// Largest request body accepted anywhere in the API.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Per-connection facts, attached to every request on that connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// The verified client certificate, when the client presented one.
+    pub client: Option<Result<VerifiedClientCert, String>>,
+}
+
+/// The one mapping from errors to HTTP statuses and bodies.
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            Error::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Error::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            Error::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Error::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Error::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Error::Ca(wicket_ca::Error::InvalidRequest(_))
+            | Error::Ca(wicket_ca::Error::MalformedPublicKey(_)) => {
+                (StatusCode::BAD_REQUEST, "bad_request")
+            }
+            Error::Ca(_) | Error::Store(_) | Error::Io(_) | Error::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %self, "request failed");
+            "internal error; see the wicketd log".to_owned()
+        } else {
+            self.to_string()
+        };
+        let mut resp = (
+            status,
+            Json(ErrorBody {
+                code: code.into(),
+                error: message,
+            }),
+        )
+            .into_response();
+        if let Error::RateLimited { retry_after_secs } = self {
+            if let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
+/// JSON body extractor whose rejections use the API's error shape.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => {
+                let status = rejection.status();
+                let msg = match &rejection {
+                    JsonRejection::JsonDataError(e) => {
+                        format!("invalid request body: {}", e.body_text())
+                    }
+                    JsonRejection::JsonSyntaxError(_) => {
+                        "request body is not valid JSON".to_owned()
+                    }
+                    JsonRejection::MissingJsonContentType(_) => {
+                        "expected Content-Type: application/json".to_owned()
+                    }
+                    _ if status == StatusCode::PAYLOAD_TOO_LARGE => {
+                        format!("request body is larger than {MAX_BODY} bytes")
+                    }
+                    other => other.body_text(),
+                };
+                let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    "too_large"
+                } else {
+                    "bad_request"
+                };
+                let status = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    status
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                Err((
+                    status,
+                    Json(ErrorBody {
+                        code: code.into(),
+                        error: msg,
+                    }),
+                )
+                    .into_response())
+            }
+        }
+    }
+}
+
+/// Extractor: the caller proven by a client certificate (mutual TLS).
+pub struct Authenticated(pub Caller);
+
+impl<S: Send + Sync> FromRequestParts<S> for Authenticated {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let conn = parts
+            .extensions
+            .get::<ConnInfo>()
+            .ok_or_else(|| Error::Internal("connection info missing".into()))?;
+        match &conn.client {
+            None => Err(Error::Unauthenticated(
+                "this call needs a client certificate; run `wicket login`".into(),
+            )),
+            Some(Err(reason)) => Err(Error::Unauthenticated(format!(
+                "client certificate rejected: {reason}"
+            ))),
+            Some(Ok(cert)) => {
+                let id = cert.identity.as_ref().ok_or_else(|| {
+                    Error::Unauthenticated("client certificate carries no Wicket identity".into())
+                })?;
+                Ok(Authenticated(Caller {
+                    user: id.user.clone(),
+                    request_ids: id.request_ids.clone(),
+                    source: conn.peer.ip(),
+                }))
+            }
+        }
+    }
+}
+
+/// Extractor: the TCP peer.
+pub struct Peer(pub SocketAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<ConnInfo>()
+            .map(|c| Peer(c.peer))
+            .ok_or_else(|| Error::Internal("connection info missing".into()))
+    }
+}
+
+type AppState = Arc<Wicket>;
+type ApiResult<T> = Result<Json<T>, Error>;
+
+/// The OpenAPI 3 document for `/v1`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Every route of the API (kept in step with `openapi.json` by a test).
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/ping", get(ping))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/login", post(login))
+        .route("/v1/certs", post(reissue))
+        .route("/v1/me", get(me))
+        .route("/v1/resources", get(resources))
+        .route("/v1/audit", get(audit))
+        .fallback(|| async { Error::NotFound("no such API endpoint".into()) })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+async fn ping(State(w): State<AppState>) -> Json<Ping> {
+    Json(Ping {
+        cluster_name: w.config.cluster_name.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        tls_ca_pin: w.keys.tls.pin(),
+    })
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn login(
+    State(w): State<AppState>,
+    Peer(peer): Peer,
+    ApiJson(req): ApiJson<LoginRequest>,
+) -> ApiResult<Certificates> {
+    Ok(Json(w.login(req, peer.ip(), crate::clock::now()).await?))
+}
+
+async fn reissue(
+    State(w): State<AppState>,
+    Authenticated(caller): Authenticated,
+    ApiJson(req): ApiJson<ReissueRequest>,
+) -> ApiResult<Certificates> {
+    Ok(Json(w.reissue(&caller, req, crate::clock::now()).await?))
+}
+
+async fn me(State(w): State<AppState>, Authenticated(caller): Authenticated) -> ApiResult<Me> {
+    Ok(Json(w.me(&caller).await?))
+}
+
+async fn resources(
+    State(w): State<AppState>,
+    Authenticated(caller): Authenticated,
+) -> ApiResult<Resources> {
+    Ok(Json(w.resources(&caller).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    actor: Option<String>,
+    kind: Option<String>,
+    request: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn audit(
+    State(w): State<AppState>,
+    Authenticated(caller): Authenticated,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Vec<wicket_api::AuditEventView>> {
+    let Query(q) = query.map_err(|e| Error::BadRequest(e.body_text()))?;
+    Ok(Json(
+        w.search_audit(&caller, q.actor, q.kind, q.request, q.limit.unwrap_or(1000))
+            .await?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_lists_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        let src = include_str!("api.rs");
+        let routes: Vec<&str> = src
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(".route(\""))
+            .filter_map(|l| l.split('"').next())
+            .collect();
+        assert!(routes.len() >= 7);
+        for r in routes {
+            assert!(paths.contains_key(r), "{r} missing from openapi.json");
+        }
+        assert_eq!(
+            doc["openapi"].as_str().unwrap().split('.').next(),
+            Some("3")
+        );
+    }
+}

@@ -1,0 +1,210 @@
+//! First-factor and second-factor checks: argon2id password hashes and
+//! RFC 6238 TOTP codes. Comparisons of secrets are constant-time.
+
+use crate::error::{Error, Result};
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use ring::rand::SecureRandom;
+
+/// Hashes a password with argon2id (the crate's default, OWASP parameters).
+pub fn hash_password(password: &str, rng: &dyn SecureRandom) -> Result<String> {
+    if password.len() < 8 {
+        return Err(Error::BadRequest(
+            "password must be at least 8 characters".into(),
+        ));
+    }
+    if password.len() > 1024 {
+        return Err(Error::BadRequest(
+            "password is longer than 1024 bytes".into(),
+        ));
+    }
+    let mut salt = [0u8; 16];
+    rng.fill(&mut salt)
+        .map_err(|_| Error::Internal("no randomness".into()))?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .to_string())
+}
+
+/// A fixed argon2id hash, verified against when the user does not exist so
+/// that unknown and known users take the same time.
+const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0c2FsdA$kzL7vT6k8Nq0cm1OQ7bQ5n2r7B4qOdpk2mM2Ow0D3zU";
+
+/// Verifies `password` against a stored PHC hash (constant-time inside argon2).
+/// `None` runs a dummy verification and fails.
+pub fn verify_password(password: &str, stored: Option<&str>) -> bool {
+    let (hash, real) = match stored {
+        Some(h) => (h, true),
+        None => (DUMMY_HASH, false),
+    };
+    if password.len() > 1024 {
+        return false;
+    }
+    let ok = PasswordHash::new(hash)
+        .map(|parsed| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+        })
+        .unwrap_or(false);
+    ok && real
+}
+
+const B32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+
+/// RFC 4648 base32 without padding.
+pub fn base32_encode(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(5) * 8);
+    let mut buf = 0u32;
+    let mut bits = 0;
+    for &b in data {
+        buf = (buf << 8) | u32::from(b);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(B32[((buf >> bits) & 31) as usize] as char);
+        }
+    }
+    if bits > 0 {
+        out.push(B32[((buf << (5 - bits)) & 31) as usize] as char);
+    }
+    out
+}
+
+/// RFC 4648 base32 decoding; case-insensitive, padding and spaces ignored.
+pub fn base32_decode(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() * 5 / 8);
+    let mut buf = 0u32;
+    let mut bits = 0;
+    for c in text.bytes().filter(|c| *c != b'=' && *c != b' ') {
+        let v = B32.iter().position(|x| *x == c.to_ascii_uppercase())? as u32;
+        buf = (buf << 5) | v;
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// TOTP time step length (RFC 6238 default).
+pub const TOTP_STEP_SECS: i64 = 30;
+
+/// The 6-digit HOTP value for `counter` (RFC 4226, HMAC-SHA1).
+pub fn hotp(secret: &[u8], counter: u64) -> u32 {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret);
+    let tag = ring::hmac::sign(&key, &counter.to_be_bytes());
+    let h = tag.as_ref();
+    let off = (h[h.len() - 1] & 0x0f) as usize;
+    let bin = (u32::from(h[off] & 0x7f) << 24)
+        | (u32::from(h[off + 1]) << 16)
+        | (u32::from(h[off + 2]) << 8)
+        | u32::from(h[off + 3]);
+    bin % 1_000_000
+}
+
+/// Checks a TOTP `code` at Unix time `now`, allowing one step of clock skew
+/// either way. Returns the matching time step (to be marked used).
+pub fn verify_totp(secret_b32: &str, code: &str, now: i64) -> Option<i64> {
+    let secret = base32_decode(secret_b32)?;
+    let code = code.trim();
+    if code.len() != 6 || !code.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let step = now.div_euclid(TOTP_STEP_SECS);
+    let mut found = None;
+    // Check every candidate so timing does not reveal which one matched.
+    for s in [step - 1, step, step + 1] {
+        if s < 0 {
+            continue;
+        }
+        let expected = format!("{:06}", hotp(&secret, s as u64));
+        if ring_eq(expected.as_bytes(), code.as_bytes()) && found.is_none() {
+            found = Some(s);
+        }
+    }
+    found
+}
+
+/// Constant-time equality for equal-length secrets.
+pub fn ring_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A new TOTP secret (160 bits, base32) and its provisioning URI.
+pub fn new_totp_secret(
+    user: &str,
+    issuer: &str,
+    rng: &dyn SecureRandom,
+) -> Result<(String, String)> {
+    let mut raw = [0u8; 20];
+    rng.fill(&mut raw)
+        .map_err(|_| Error::Internal("no randomness".into()))?;
+    let secret = base32_encode(&raw);
+    let uri = format!(
+        "otpauth://totp/{issuer}:{user}?secret={secret}&issuer={issuer}&algorithm=SHA1&digits=6&period={TOTP_STEP_SECS}"
+    );
+    Ok((secret, uri))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn rfc6238_sha1_vectors() {
+        // RFC 6238 appendix B, 8-digit values truncated to the 6 low digits.
+        let secret = b"12345678901234567890";
+        for (t, expected) in [
+            (59u64, 94_287_082u32),
+            (1_111_111_109, 7_081_804),
+            (1_234_567_890, 89_005_924),
+            (2_000_000_000, 69_279_037),
+        ] {
+            assert_eq!(hotp(secret, t / 30), expected % 1_000_000, "t={t}");
+        }
+    }
+
+    #[test]
+    fn totp_accepts_current_and_adjacent_steps_only() {
+        let secret = base32_encode(b"12345678901234567890");
+        let now = 1_234_567_890;
+        let code = |t: i64| format!("{:06}", hotp(b"12345678901234567890", (t / 30) as u64));
+        assert_eq!(verify_totp(&secret, &code(now), now), Some(now / 30));
+        assert!(verify_totp(&secret, &code(now - 30), now).is_some());
+        assert!(verify_totp(&secret, &code(now + 30), now).is_some());
+        assert!(verify_totp(&secret, &code(now - 90), now).is_none());
+        assert!(verify_totp(&secret, "12345", now).is_none());
+        assert!(verify_totp(&secret, "abcdef", now).is_none());
+    }
+
+    #[test]
+    fn password_hashes_verify_and_dummy_fails() {
+        let rng = ring::rand::SystemRandom::new();
+        let h = hash_password("correct horse", &rng).unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify_password("correct horse", Some(&h)));
+        assert!(!verify_password("wrong horse", Some(&h)));
+        assert!(!verify_password("correct horse", None));
+        assert!(hash_password("short", &rng).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn base32_round_trips(data in proptest::collection::vec(any::<u8>(), 0..64)) {
+            prop_assert_eq!(base32_decode(&base32_encode(&data)).unwrap(), data);
+        }
+
+        #[test]
+        fn base32_decode_never_panics(s in ".{0,40}") {
+            let _ = base32_decode(&s);
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! `wicketd` command line: start, check-config, users.
+
+use crate::config::{self, Config, Storage};
+use crate::error::{Error, Result};
+use crate::{clock, server, service, store};
+use clap::{Args, Parser, Subcommand};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wicketd",
+    version,
+    about = "Wicket daemon: certificate authority, access requests, and the access proxy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon (no --config: SQLite, generated CAs, API on 127.0.0.1:3080, data in ./wicket-data).
+    Start(Source),
+    /// Check a configuration file and report every problem.
+    CheckConfig {
+        /// The configuration file.
+        file: PathBuf,
+    },
+    /// Manage users directly in the store (bootstrap).
+    #[command(subcommand)]
+    Users(UsersCommand),
+}
+
+#[derive(Debug, Args)]
+struct Source {
+    /// Configuration file (YAML, `version: 1`).
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Data directory (CA keys, SQLite database, recordings); overrides the config's `data_dir`.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum UsersCommand {
+    /// Add a user.
+    Add {
+        /// User name.
+        name: String,
+        /// Standing roles, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        roles: Vec<String>,
+        /// Team (from the config's `teams`).
+        #[arg(long)]
+        team: Option<String>,
+        /// Read the password from standard input instead of prompting.
+        #[arg(long)]
+        password_stdin: bool,
+        /// Enroll a TOTP second factor and print its provisioning URI.
+        #[arg(long)]
+        totp: bool,
+        #[command(flatten)]
+        source: Source,
+    },
+    /// List users.
+    Ls {
+        #[command(flatten)]
+        source: Source,
+        /// Output format: text or json.
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
+}
+
+/// Entry point for the `wicketd` binary.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    if let Command::CheckConfig { file } = &cli.command {
+        return check_config(file);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("wicketd: error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wicketd: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(file: &Path) -> ExitCode {
+    match config::load(file) {
+        Ok(cfg) => {
+            println!(
+                "{}: ok ({} roles, {} approval rules, {} resources)",
+                file.display(),
+                cfg.policy.roles.names().count(),
+                cfg.policy.approval.len(),
+                cfg.policy.resources.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for p in &errors.problems {
+                println!("{}: {}: {}", file.display(), p.path, p.message);
+            }
+            println!("{}: {} problem(s)", file.display(), errors.problems.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(source: &Source) -> Result<Config> {
+    let cwd = std::env::current_dir()?;
+    let mut cfg = match &source.config {
+        Some(path) => config::load(path).map_err(|e| {
+            Error::BadRequest(format!(
+                "{} has problems (run `wicketd check-config`):\n{e}",
+                path.display()
+            ))
+        })?,
+        None => Config::embedded_default(&cwd),
+    };
+    if let Some(dir) = &source.data_dir {
+        cfg.data_dir = if dir.is_absolute() {
+            dir.clone()
+        } else {
+            cwd.join(dir)
+        };
+    }
+    Ok(cfg)
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::CheckConfig { .. } => Ok(()),
+        Command::Start(source) => start(&source).await,
+        Command::Users(UsersCommand::Add {
+            name,
+            roles,
+            team,
+            password_stdin,
+            totp,
+            source,
+        }) => {
+            let cfg = load_config(&source)?;
+            let password = read_password(password_stdin)?;
+            let store = store::Store::open(&cfg.storage, &cfg.data_dir).await?;
+            let uri = service::add_user(
+                &cfg,
+                &store,
+                &name,
+                roles,
+                team,
+                Some(&password),
+                totp,
+                clock::now(),
+            )
+            .await?;
+            println!("user {name:?} added");
+            if let Some(uri) = uri {
+                println!("TOTP provisioning URI (add it to an authenticator app):");
+                println!("{uri}");
+            }
+            Ok(())
+        }
+        Command::Users(UsersCommand::Ls { source, format }) => {
+            let cfg = load_config(&source)?;
+            let store = store::Store::open(&cfg.storage, &cfg.data_dir).await?;
+            let users = store.list_users().await?;
+            if format == "json" {
+                let v: Vec<serde_json::Value> = users
+                    .iter()
+                    .map(|u| serde_json::json!({"name": u.name, "roles": u.roles, "team": u.team, "totp": u.totp_secret.is_some(), "disabled": u.disabled}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).map_err(|e| Error::Internal(e.to_string()))?
+                );
+            } else {
+                for u in users {
+                    println!(
+                        "{:<20} roles={} team={} totp={}",
+                        u.name,
+                        u.roles.join(","),
+                        u.team.as_deref().unwrap_or("-"),
+                        u.totp_secret.is_some()
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn read_password(from_stdin: bool) -> Result<String> {
+    let password = if from_stdin {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    } else if std::io::stdin().is_terminal() {
+        let p = rpassword::prompt_password("Password: ")?;
+        let again = rpassword::prompt_password("Password (again): ")?;
+        if p != again {
+            return Err(Error::BadRequest("passwords do not match".into()));
+        }
+        p
+    } else {
+        return Err(Error::BadRequest(
+            "no terminal to prompt for a password; use --password-stdin".into(),
+        ));
+    };
+    if password.is_empty() {
+        return Err(Error::BadRequest("empty password".into()));
+    }
+    Ok(password)
+}
+
+async fn start(source: &Source) -> Result<()> {
+    let cfg = load_config(source)?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+    let data_dir = cfg.data_dir.clone();
+    let cluster = cfg.cluster_name.clone();
+    let storage = match &cfg.storage {
+        Storage::Sqlite => "SQLite".to_owned(),
+        s => store::describe(s),
+    };
+    let running = server::start(cfg).await?;
+    let pin = running.tls_ca_pin.clone();
+    let addr = running.api_addr;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "wicketd {}: cluster {cluster:?}, data in {}, storage {storage}",
+        env!("CARGO_PKG_VERSION"),
+        data_dir.display()
+    );
+    if running.ca_generated {
+        let _ = writeln!(
+            out,
+            "generated a new CA key set in {}",
+            data_dir.join("ca").display()
+        );
+    }
+    let _ = writeln!(out, "CA pin: {pin}");
+    let _ = writeln!(out, "API listening on https://{addr}");
+    let _ = writeln!(
+        out,
+        "log in with: wicket login --proxy {addr} --user NAME --ca-pin {pin}"
+    );
+    let _ = writeln!(
+        out,
+        "(add a user first: wicketd users add NAME --roles ROLE --data-dir {})",
+        data_dir.display()
+    );
+    let _ = out.flush();
+    drop(out);
+
+    let stop = running.shutdown_handle();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        let _ = stop.send(true);
+    });
+    running.wait().await;
+    tracing::info!("wicketd stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! `wicketd`'s configuration: the versioned YAML file, its validation, and the
+//! validated runtime [`Config`].
+//!
+//! [`parse`] reads the text into a YAML value, deserializes each top-level
+//! section (and each role, team, schedule, approval rule and resource) on its
+//! own, then checks what it read as a whole — so one run reports every
+//! problem, each with the path of the field it is about
+//! (`roles.dba.max_duration: ...`, `approval[1].require.all_of[0]: ...`).
+//! The file format is in [`file`]; an annotated example is
+//! `shared/examples/wicket.yaml`.
+//!
+//! Parsing is pure: relative paths in the file are resolved against a base
+//! directory given by the caller ([`load`] uses the current directory).
+
+mod check;
+pub mod duration;
+pub mod file;
+#[cfg(test)]
+mod tests;
+
+pub use duration::{format_duration, parse_duration};
+
+use chrono::Duration;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use wicket_policy::{
+    BreakGlassSettings, Directory, LabelSelector, Policy, RequestSettings, Role, RoleSet,
+    SshLoginGrant,
+};
+
+/// The only file format version this build reads.
+pub const VERSION: u64 = 1;
+/// `cluster_name` when the file does not set it.
+pub const DEFAULT_CLUSTER_NAME: &str = "wicket";
+/// `data_dir` when the file does not set it (relative to the base directory).
+pub const DEFAULT_DATA_DIR: &str = "./wicket-data";
+/// `listen.api` when the file does not set it.
+pub const DEFAULT_API_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 3080));
+
+/// The validated configuration `wicketd` runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cluster_name: String,
+    /// Absolute when the base directory given to [`parse`] is.
+    pub data_dir: PathBuf,
+    pub storage: Storage,
+    pub listen: Listen,
+    /// Lifetime of the base (standing-roles) certificate issued at login.
+    pub login_ttl: Duration,
+    /// Extra DNS names / IP addresses for the API's TLS server certificate.
+    pub public_names: Vec<String>,
+    pub session: SessionSettings,
+    pub auth: AuthSettings,
+    /// Roles, approval rules, teams and on-call, request limits, break-glass,
+    /// resources.
+    pub policy: Policy,
+    /// TLS settings of databases that set `ca_file` / `server_name`, by name.
+    pub database_tls: BTreeMap<String, ResourceTls>,
+    /// TLS settings of Kubernetes clusters that set `ca_file` / `server_name`, by name.
+    pub kube_tls: BTreeMap<String, ResourceTls>,
+}
+
+/// Where state is kept.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Storage {
+    /// SQLite in `data_dir`.
+    Sqlite,
+    /// PostgreSQL at this `postgres://` / `postgresql://` URL.
+    Postgres(String),
+}
+
+impl Storage {
+    /// The setting with any password in the URL replaced by `***`, for logs.
+    pub fn redacted(&self) -> String {
+        match self {
+            Self::Sqlite => "sqlite".into(),
+            Self::Postgres(url) => redact_url(url),
+        }
+    }
+}
+
+impl fmt::Debug for Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sqlite => f.write_str("Sqlite"),
+            Self::Postgres(_) => f.debug_tuple("Postgres").field(&self.redacted()).finish(),
+        }
+    }
+}
+
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// The sockets `wicketd` listens on. Only the API is always on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    /// HTTPS: JSON API and web UI.
+    pub api: SocketAddr,
+    /// SSH proxy.
+    pub ssh: Option<SocketAddr>,
+    /// PostgreSQL proxy.
+    pub postgres: Option<SocketAddr>,
+    /// Kubernetes API proxy.
+    pub kube: Option<SocketAddr>,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            api: DEFAULT_API_ADDR,
+            ssh: None,
+            postgres: None,
+            kube: None,
+        }
+    }
+}
+
+/// `session:` — live sessions and grant expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionSettings {
+    /// End live sessions when the grant they run under ends (default true).
+    pub disconnect_on_expiry: bool,
+    /// Warn the session this long before its grant ends (default 15m; 0 = never).
+    pub expiry_warning: Duration,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        Self {
+            disconnect_on_expiry: true,
+            expiry_warning: Duration::minutes(15),
+        }
+    }
+}
+
+/// `auth:` — login throttling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthSettings {
+    /// Failed logins for one user within `failure_window` before it is locked (default 5).
+    pub max_failures_per_user: u32,
+    /// Failed logins from one source address within `failure_window` (default 20).
+    pub max_failures_per_source: u32,
+    /// Default 15m.
+    pub failure_window: Duration,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            max_failures_per_user: 5,
+            max_failures_per_source: 20,
+            failure_window: Duration::minutes(15),
+        }
+    }
+}
+
+/// How the proxy reaches a database or Kubernetes API server over TLS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResourceTls {
+    /// PEM CA bundle verifying the server (resolved against the base directory).
+    pub ca_file: Option<PathBuf>,
+    /// Name the server certificate must carry (default: the address's host).
+    pub server_name: Option<String>,
+}
+
+/// One thing wrong with a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Where: a field path such as `roles.dba.max_duration` or
+    /// `approval[1].require.all_of[0]`; `.` for the file as a whole, or the
+    /// file's path when it could not be read.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found in a config file (never empty when returned as an error).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors {
+    pub problems: Vec<Problem>,
+}
+
+impl ConfigErrors {
+    fn one(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            problems: vec![Problem {
+                path: path.into(),
+                message: message.into(),
+            }],
+        }
+    }
+
+    /// The paths of the problems, in order.
+    pub fn paths(&self) -> Vec<&str> {
+        self.problems.iter().map(|p| p.path.as_str()).collect()
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Parses and validates a config file's text. Relative paths (`data_dir`,
+/// `ca_file`) are resolved against `base_dir`.
+pub fn parse(text: &str, base_dir: &Path) -> Result<Config, ConfigErrors> {
+    let mut value: serde_norway::Value = serde_norway::from_str(text)
+        .map_err(|e| ConfigErrors::one(".", format!("invalid YAML: {e}")))?;
+    value
+        .apply_merge()
+        .map_err(|e| ConfigErrors::one(".", format!("invalid YAML merge (<<): {e}")))?;
+    check::build(value, base_dir).map_err(|problems| ConfigErrors { problems })
+}
+
+/// Reads and validates the config file at `path`; relative paths in it are
+/// resolved against the current directory.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigErrors::one(path.display().to_string(), format!("cannot read: {e}")))?;
+    let cwd = std::env::current_dir().map_err(|e| {
+        ConfigErrors::one(
+            path.display().to_string(),
+            format!("cannot resolve relative paths: no current directory: {e}"),
+        )
+    })?;
+    parse(&text, &cwd)
+}
+
+impl Config {
+    /// The configuration used when `wicketd` runs without a file: the same as
+    /// a file holding only `version: 1`, plus two roles.
+    ///
+    /// - cluster `wicket`, data in `<base_dir>/wicket-data`, SQLite storage;
+    /// - the API on 127.0.0.1:3080, no SSH / Postgres / Kubernetes listeners;
+    /// - login certificates for 8h, default session, auth and request limits,
+    ///   break-glass disabled, no teams, on-call, approval rules or resources;
+    /// - role `access`: log in as your own user name (`{{user}}`) on every
+    ///   node (`{"*": "*"}`), port forwarding allowed;
+    /// - role `admin`: may request any role, review any request, revoke
+    ///   grants and read the audit log. It grants no logins of its own.
+    pub fn embedded_default(base_dir: &Path) -> Config {
+        let access = Role {
+            name: "access".into(),
+            ssh: SshLoginGrant {
+                logins: vec!["{{user}}".into()],
+                nodes: LabelSelector([("*".to_string(), "*".to_string())].into()),
+            },
+            port_forwarding: true,
+            ..Role::default()
+        };
+        let admin = Role {
+            name: "admin".into(),
+            port_forwarding: true,
+            request_roles: vec!["*".into()],
+            review_roles: vec!["*".into()],
+            revoke: true,
+            audit: true,
+            ..Role::default()
+        };
+        Config {
+            cluster_name: DEFAULT_CLUSTER_NAME.into(),
+            data_dir: check::resolve(base_dir, DEFAULT_DATA_DIR),
+            storage: Storage::Sqlite,
+            listen: Listen::default(),
+            login_ttl: Duration::hours(8),
+            public_names: Vec::new(),
+            session: SessionSettings::default(),
+            auth: AuthSettings::default(),
+            policy: Policy {
+                roles: RoleSet::new([access, admin]),
+                approval: Vec::new(),
+                directory: Directory::default(),
+                requests: RequestSettings::default(),
+                break_glass: BreakGlassSettings::default(),
+                resources: Vec::new(),
+            },
+            database_tls: BTreeMap::new(),
+            kube_tls: BTreeMap::new(),
+        }
+    }
+
+    /// TLS settings for the database or Kubernetes cluster `name`, if it set any.
+    pub fn resource_tls(
+        &self,
+        kind: wicket_policy::ResourceKind,
+        name: &str,
+    ) -> Option<&ResourceTls> {
+        match kind {
+            wicket_policy::ResourceKind::Database => self.database_tls.get(name),
+            wicket_policy::ResourceKind::KubeCluster => self.kube_tls.get(name),
+            wicket_policy::ResourceKind::Node => None,
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! CA key files under the data directory: generated on first start (secret
+//! files 0600, directory 0700), loaded afterwards. The bytes come from and go
+//! to `wicket_ca::AuthorityKeys`; this module only does the file I/O.
+
+use crate::error::{Error, Result};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use wicket_ca::AuthorityKeys;
+
+/// Creates `dir` (and parents) if needed and makes it 0700.
+pub fn ensure_private_dir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir)
+        .map_err(|e| Error::Io(format!("cannot create {}: {e}", dir.display())))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::Io(format!("cannot restrict {}: {e}", dir.display())))?;
+    Ok(())
+}
+
+/// Writes `contents` to `path` atomically (temp file + rename) with `mode`.
+pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| Error::Io(format!("cannot write {}: {e}", tmp.display())))?;
+    f.write_all(contents)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::Io(format!("cannot write {}: {e}", tmp.display())))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+    fs::rename(&tmp, path)
+        .map_err(|e| Error::Io(format!("cannot rename to {}: {e}", path.display())))?;
+    Ok(())
+}
+
+/// Loads the CA key set from `data_dir/ca`, generating it on first use.
+/// Refuses secret files readable by group or others.
+pub fn load_or_generate(data_dir: &Path, cluster: &str, now: i64) -> Result<(AuthorityKeys, bool)> {
+    let ca_dir = data_dir.join("ca");
+    ensure_private_dir(data_dir)?;
+    ensure_private_dir(&ca_dir)?;
+    let present: Vec<bool> = AuthorityKeys::REQUIRED_FILES
+        .iter()
+        .map(|n| ca_dir.join(n).exists())
+        .collect();
+    if present.iter().all(|p| !p) {
+        let rng = ring::rand::SystemRandom::new();
+        let (keys, files) = AuthorityKeys::generate(cluster, now, &rng)?;
+        for f in files {
+            let mode = if f.secret { 0o600 } else { 0o644 };
+            write_file_atomic(&ca_dir.join(f.name), &f.contents, mode)?;
+        }
+        return Ok((keys, true));
+    }
+    for (name, p) in AuthorityKeys::REQUIRED_FILES.iter().zip(&present) {
+        if !p {
+            return Err(Error::Io(format!(
+                "CA key set in {} is incomplete: {name} is missing (refusing to generate over a partial set)",
+                ca_dir.display()
+            )));
+        }
+        if name.ends_with(".key") {
+            let path = ca_dir.join(name);
+            let mode = fs::metadata(&path)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(Error::Io(format!(
+                    "{} has mode {mode:o}; CA keys must be 0600",
+                    path.display()
+                )));
+            }
+        }
+    }
+    let keys = AuthorityKeys::load(|name| fs::read(ca_dir.join(name)).ok())?;
+    Ok((keys, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generates_0600_keys_then_loads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, generated) = load_or_generate(dir.path(), "t", 1_700_000_000).unwrap();
+        assert!(generated);
+        for name in AuthorityKeys::REQUIRED_FILES {
+            let mode = fs::metadata(dir.path().join("ca").join(name))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
+            if name.ends_with(".key") {
+                assert_eq!(mode, 0o600, "{name}");
+            }
+        }
+        let (b, generated) = load_or_generate(dir.path(), "t", 1_700_000_000).unwrap();
+        assert!(!generated);
+        assert_eq!(a.tls.pin(), b.tls.pin());
+        // Loose permissions are refused.
+        let key = dir.path().join("ca/tls_ca.key");
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(load_or_generate(dir.path(), "t", 1)
+            .unwrap_err()
+            .to_string()
+            .contains("0600"));
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+        // A partial set is never silently regenerated.
+        fs::remove_file(&key).unwrap();
+        assert!(load_or_generate(dir.path(), "t", 1)
+            .unwrap_err()
+            .to_string()
+            .contains("missing"));
+    }
+}

@@ -1,0 +1,143 @@
+//! Starting wicketd: open the store, load or generate the CAs, bind the API
+//! listener, and serve HTTPS until shutdown.
+
+use crate::api::{self, ConnInfo};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::service::Wicket;
+use crate::store::Store;
+use crate::{clock, keystore, tls};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running wicketd.
+#[derive(Debug)]
+pub struct Running {
+    pub api_addr: SocketAddr,
+    pub tls_ca_pin: String,
+    pub ca_generated: bool,
+    pub wicket: Arc<Wicket>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting and waits for the accept loop to end.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Runs until the accept loop ends (it ends on shutdown only).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+
+    pub fn shutdown_handle(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+}
+
+/// Opens everything and starts serving. Returns once the listener is bound.
+pub async fn start(config: Config) -> Result<Running> {
+    let now = clock::now();
+    let (keys, ca_generated) =
+        keystore::load_or_generate(&config.data_dir, &config.cluster_name, now.timestamp())?;
+    let store = Store::open(&config.storage, &config.data_dir).await?;
+    let listener = TcpListener::bind(config.listen.api).await.map_err(|e| {
+        Error::Io(format!(
+            "cannot listen on {} (listen.api): {e}",
+            config.listen.api
+        ))
+    })?;
+    let api_addr = listener.local_addr()?;
+    let names = tls::server_names(api_addr, &config.public_names);
+    let tls_config = tls::server_config(&keys, &names, now.timestamp())?;
+    let wicket = Arc::new(Wicket::new(config, store, keys));
+    let (shutdown, rx) = watch::channel(false);
+    let task = tokio::spawn(accept_loop(
+        listener,
+        TlsAcceptor::from(tls_config),
+        wicket.clone(),
+        rx,
+    ));
+    Ok(Running {
+        api_addr,
+        tls_ca_pin: wicket.keys.tls.pin(),
+        ca_generated,
+        wicket,
+        shutdown,
+        task,
+    })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    wicket: Arc<Wicket>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let router = api::router(wicket.clone());
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        let wicket = wicket.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let client = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .map(|leaf| {
+                    wicket
+                        .trusted_tls
+                        .verify_client(leaf.as_ref(), clock::now().timestamp())
+                        .map_err(|e| e.to_string())
+                });
+            let conn = ConnInfo { peer, client };
+            let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                req.extensions_mut().insert(conn.clone());
+                router.clone().oneshot(req.map(axum::body::Body::new))
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}

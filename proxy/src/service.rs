@@ -1,0 +1,553 @@
+//! The daemon's services: login, certificate reissue, what a user can reach.
+//! Handlers in `api` parse and serialize; decisions come from `policy`,
+//! certificate bytes from `ca`, persistence from `store`. Time is passed in.
+
+use crate::audit::AuditEvent;
+use crate::auth;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::store::{Store, UserRecord};
+use chrono::{DateTime, Utc};
+use ring::rand::SystemRandom;
+use std::net::IpAddr;
+use wicket_api::{
+    Certificates, DatabaseInfo, KubeClusterInfo, LoginRequest, Me, NodeInfo, ReissueRequest,
+    Resources,
+};
+use wicket_ca::{
+    AuthorityKeys, Identity, SshCertKind, SshCertificateRequest, SshPermissions, SshPublicKey,
+    TrustedX509Cas, Validity, X509Ca,
+};
+use wicket_policy::{ResourceKind, Subject};
+
+/// Everything a request handler needs; shared behind an `Arc`.
+pub struct Wicket {
+    pub config: Config,
+    pub store: Store,
+    pub keys: AuthorityKeys,
+    pub trusted_tls: TrustedX509Cas,
+    rng: SystemRandom,
+}
+
+impl std::fmt::Debug for Wicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wicket")
+            .field("cluster", &self.config.cluster_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The caller, as proven by a verified client certificate.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user: String,
+    pub request_ids: Vec<String>,
+    pub source: IpAddr,
+}
+
+const MAX_USER_LEN: usize = 64;
+const MAX_KEY_LEN: usize = 16 * 1024;
+
+fn valid_user_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_USER_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@'))
+}
+
+/// Parsed and proven public keys from a login or reissue request.
+struct ClientKeys {
+    ssh: SshPublicKey,
+    tls_spki: Vec<u8>,
+}
+
+fn parse_client_keys(ssh_public_key: &str, tls_csr_pem: &str) -> Result<ClientKeys> {
+    if ssh_public_key.len() > MAX_KEY_LEN || tls_csr_pem.len() > MAX_KEY_LEN {
+        return Err(Error::BadRequest("public key or CSR is too large".into()));
+    }
+    let ssh = SshPublicKey::parse_openssh(ssh_public_key)
+        .map_err(|e| Error::BadRequest(format!("ssh_public_key: {e}")))?;
+    let tls_spki = X509Ca::spki_from_csr(tls_csr_pem.as_bytes())
+        .map_err(|e| Error::BadRequest(format!("tls_csr_pem: {e}")))?;
+    Ok(ClientKeys { ssh, tls_spki })
+}
+
+impl Wicket {
+    pub fn new(config: Config, store: Store, keys: AuthorityKeys) -> Self {
+        let trusted_tls = TrustedX509Cas::new([keys.tls.cert_der().to_vec()]);
+        Self {
+            config,
+            store,
+            keys,
+            trusted_tls,
+            rng: SystemRandom::new(),
+        }
+    }
+
+    async fn audit(&self, event: AuditEvent, now: DateTime<Utc>) -> Result<()> {
+        tracing::info!(kind = event.kind(), actor = event.actor(), "audit");
+        self.store
+            .append_audit(&event.to_row(now.timestamp_millis()))
+            .await
+    }
+
+    /// The user's standing roles that exist in the current policy.
+    fn standing_roles(&self, user: &UserRecord) -> Vec<String> {
+        user.roles
+            .iter()
+            .filter(|r| self.config.policy.roles.contains(r))
+            .cloned()
+            .collect()
+    }
+
+    /// Password (+ TOTP) login. Rate-limited per user and per source; every
+    /// outcome is audited; only public keys are received.
+    pub async fn login(
+        &self,
+        req: LoginRequest,
+        source: IpAddr,
+        now: DateTime<Utc>,
+    ) -> Result<Certificates> {
+        if !valid_user_name(&req.user) {
+            return Err(Error::BadRequest(
+                "user: must be 1-64 characters of [A-Za-z0-9._@-]".into(),
+            ));
+        }
+        let keys = parse_client_keys(&req.ssh_public_key, &req.tls_csr_pem)?;
+        let src = source.to_string();
+        let limits = &self.config.auth;
+        let window_start = now - limits.failure_window;
+        let (by_user, by_source) = self
+            .store
+            .login_failures_since(&req.user, &src, window_start.timestamp_millis())
+            .await?;
+        if by_user >= i64::from(limits.max_failures_per_user)
+            || by_source >= i64::from(limits.max_failures_per_source)
+        {
+            let oldest = self
+                .store
+                .oldest_failure_since(&req.user, &src, window_start.timestamp_millis())
+                .await?
+                .unwrap_or(now.timestamp_millis());
+            let retry = ((oldest + limits.failure_window.num_milliseconds()
+                - now.timestamp_millis())
+                / 1000)
+                .max(1) as u64;
+            self.audit(
+                AuditEvent::LoginRateLimited {
+                    user: req.user.clone(),
+                    source: src,
+                    retry_after_secs: retry,
+                },
+                now,
+            )
+            .await?;
+            return Err(Error::RateLimited {
+                retry_after_secs: retry,
+            });
+        }
+
+        let user = self.store.get_user(&req.user).await?;
+        let password_ok = auth::verify_password(
+            req.password.expose(),
+            user.as_ref().and_then(|u| u.password_hash.as_deref()),
+        );
+        let failure = match (&user, password_ok) {
+            (None, _) => Some("unknown user"),
+            (Some(_), false) => Some("wrong password"),
+            (Some(u), true) if u.disabled => Some("user is disabled"),
+            (Some(u), true) => match (&u.totp_secret, &req.otp) {
+                (None, _) => None,
+                (Some(_), None) => Some("OTP code required"),
+                (Some(secret), Some(code)) => {
+                    match auth::verify_totp(secret, code.expose(), now.timestamp()) {
+                        None => Some("wrong OTP code"),
+                        Some(step) => {
+                            if self.store.consume_totp_step(&u.name, step).await? {
+                                None
+                            } else {
+                                Some("OTP code already used")
+                            }
+                        }
+                    }
+                }
+            },
+        };
+        let user = match (failure, user) {
+            (None, Some(u)) => u,
+            (reason, _) => {
+                let reason = reason.unwrap_or("unknown user");
+                let event = AuditEvent::LoginFailed {
+                    user: req.user.clone(),
+                    source: src.clone(),
+                    reason: reason.into(),
+                };
+                tracing::info!(kind = event.kind(), actor = event.actor(), "audit");
+                self.store
+                    .record_login_failure(
+                        &req.user,
+                        &src,
+                        now.timestamp_millis(),
+                        (now - limits.failure_window * 4).timestamp_millis(),
+                        &event.to_row(now.timestamp_millis()),
+                    )
+                    .await?;
+                // The client learns only what it must: OTP problems are named
+                // (the password was right), everything else is one message.
+                return Err(Error::Unauthenticated(match reason {
+                    "OTP code required" => "this user requires an OTP code (--otp)".into(),
+                    "wrong OTP code" | "OTP code already used" => {
+                        "invalid or already used OTP code".into()
+                    }
+                    _ => "invalid user name or password".into(),
+                }));
+            }
+        };
+        self.store.clear_login_failures(&user.name).await?;
+        let method = if user.totp_secret.is_some() {
+            "password+totp"
+        } else {
+            "password"
+        };
+        let roles = self.standing_roles(&user);
+        let window = Validity::new(now.timestamp(), (now + self.config.login_ttl).timestamp())?;
+        self.issue(
+            &user.name,
+            roles,
+            Vec::new(),
+            window,
+            &keys,
+            method,
+            &src,
+            now,
+        )
+        .await
+    }
+
+    /// New certificates for new keys, authenticated by the current client
+    /// certificate (never the password again).
+    pub async fn reissue(
+        &self,
+        caller: &Caller,
+        req: ReissueRequest,
+        now: DateTime<Utc>,
+    ) -> Result<Certificates> {
+        let keys = parse_client_keys(&req.ssh_public_key, &req.tls_csr_pem)?;
+        let user = self.active_user(caller).await?;
+        if let Some(id) = req.request_ids.first() {
+            return Err(Error::NotFound(format!("access request {id:?} not found")));
+        }
+        let roles = self.standing_roles(&user);
+        let window = Validity::new(now.timestamp(), (now + self.config.login_ttl).timestamp())?;
+        self.issue(
+            &user.name,
+            roles,
+            Vec::new(),
+            window,
+            &keys,
+            "certificate",
+            &caller.source.to_string(),
+            now,
+        )
+        .await
+    }
+
+    /// The caller's user record, if it still exists and is enabled.
+    async fn active_user(&self, caller: &Caller) -> Result<UserRecord> {
+        match self.store.get_user(&caller.user).await? {
+            Some(u) if !u.disabled => Ok(u),
+            _ => Err(Error::Unauthenticated(format!(
+                "user {:?} no longer exists or is disabled",
+                caller.user
+            ))),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn issue(
+        &self,
+        user: &str,
+        roles: Vec<String>,
+        request_ids: Vec<String>,
+        window: Validity,
+        keys: &ClientKeys,
+        method: &str,
+        source: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Certificates> {
+        let policy = &self.config.policy;
+        let subject = Subject {
+            user,
+            roles: &roles,
+        };
+        let principals = policy.roles.principals(&subject);
+        let (port, agent, x11) = policy.roles.forwarding(&subject);
+        let identity = Identity {
+            user: user.to_owned(),
+            roles: roles.clone(),
+            request_ids: request_ids.clone(),
+        };
+        let key_id = if request_ids.is_empty() {
+            format!("user={user}")
+        } else {
+            format!("user={user} requests={}", request_ids.join(","))
+        };
+        let serial = wicket_ca::random_serial(&self.rng)?;
+        let ssh_cert = self.keys.ssh_user.issue_openssh(
+            &SshCertificateRequest {
+                public_key: &keys.ssh,
+                kind: SshCertKind::User,
+                key_id: &key_id,
+                principals: &principals,
+                serial,
+                validity: window,
+                permissions: SshPermissions {
+                    pty: true,
+                    port_forwarding: port,
+                    agent_forwarding: agent,
+                    x11_forwarding: x11,
+                    user_rc: false,
+                },
+                identity: Some(&identity),
+            },
+            &self.rng,
+        )?;
+        let tls =
+            self.keys
+                .tls
+                .issue_client(&keys.tls_spki, user, Some(&identity), window, &self.rng)?;
+        let tls_serial = x509_serial(&tls.der);
+        let ts = |t: i64| DateTime::<Utc>::from_timestamp(t, 0).unwrap_or_default();
+        self.audit(
+            AuditEvent::LoginSucceeded {
+                user: user.to_owned(),
+                source: source.to_owned(),
+                method: method.to_owned(),
+                roles: roles.clone(),
+                principals: principals.clone(),
+                request_ids: request_ids.clone(),
+                valid_after: ts(window.not_before),
+                valid_before: ts(window.not_after),
+                ssh_serial: serial,
+                ssh_key_fingerprint: keys.ssh.fingerprint(),
+                tls_serial,
+            },
+            now,
+        )
+        .await?;
+        Ok(Certificates {
+            cluster_name: self.config.cluster_name.clone(),
+            user: user.to_owned(),
+            roles,
+            principals,
+            request_ids,
+            valid_after: ts(window.not_before),
+            valid_before: ts(window.not_after),
+            ssh_certificate: ssh_cert,
+            tls_certificate_pem: tls.pem(),
+            tls_ca_pem: self.keys.tls.cert_pem(),
+            ssh_user_ca: self.keys.ssh_user.public_key_openssh("wicket-user-ca"),
+            ssh_host_ca: self.keys.ssh_host.public_key_openssh("wicket-host-ca"),
+        })
+    }
+
+    pub async fn me(&self, caller: &Caller) -> Result<Me> {
+        let user = self.active_user(caller).await?;
+        let standing = self.standing_roles(&user);
+        Ok(Me {
+            user: user.name,
+            roles: standing.clone(),
+            standing_roles: standing,
+            request_ids: Vec::new(),
+            team: user.team,
+        })
+    }
+
+    /// What the caller can reach now, by the policy's decision.
+    pub async fn resources(&self, caller: &Caller) -> Result<Resources> {
+        let user = self.active_user(caller).await?;
+        let roles = self.standing_roles(&user);
+        let subject = Subject {
+            user: &user.name,
+            roles: &roles,
+        };
+        let policy = &self.config.policy;
+        let mut out = Resources::default();
+        for (r, a, b) in policy.roles.reachable(&subject, &policy.resources) {
+            match r.kind {
+                ResourceKind::Node => out.nodes.push(NodeInfo {
+                    name: r.name.clone(),
+                    address: r.address.clone(),
+                    labels: r.labels.clone(),
+                    logins: a,
+                }),
+                ResourceKind::Database => out.databases.push(DatabaseInfo {
+                    name: r.name.clone(),
+                    labels: r.labels.clone(),
+                    names: a,
+                    users: b,
+                }),
+                ResourceKind::KubeCluster => out.kube_clusters.push(KubeClusterInfo {
+                    name: r.name.clone(),
+                    labels: r.labels.clone(),
+                    groups: a,
+                    users: b,
+                }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Audit search; who may read what is the policy's decision.
+    pub async fn search_audit(
+        &self,
+        caller: &Caller,
+        actor: Option<String>,
+        kind: Option<String>,
+        request_id: Option<String>,
+        limit: i64,
+    ) -> Result<Vec<wicket_api::AuditEventView>> {
+        let user = self.active_user(caller).await?;
+        let roles = self.standing_roles(&user);
+        let subject = Subject {
+            user: &user.name,
+            roles: &roles,
+        };
+        let decision = self
+            .config
+            .policy
+            .roles
+            .decide_audit_read(&subject, actor.as_deref());
+        if !decision.allowed {
+            self.audit(
+                AuditEvent::AccessDenied {
+                    user: user.name.clone(),
+                    action: "audit.search".into(),
+                    reason: decision.reason.clone(),
+                },
+                crate::clock::now(),
+            )
+            .await?;
+            return Err(Error::Forbidden(decision.reason));
+        }
+        let rows = self
+            .store
+            .search_audit(&crate::store::AuditFilter {
+                actor,
+                kind,
+                request_id,
+                since_ms: None,
+                limit: limit.clamp(1, 10_000),
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| wicket_api::AuditEventView {
+                id: r.id,
+                time: DateTime::<Utc>::from_timestamp_millis(r.time_ms).unwrap_or_default(),
+                kind: r.kind,
+                actor: r.actor,
+                request_id: r.request_id,
+                session_id: r.session_id,
+                data: serde_json::from_str(&r.data).unwrap_or(serde_json::Value::Null),
+            })
+            .collect())
+    }
+
+    /// Creates a user (bootstrap path of `wicketd users add`).
+    pub async fn add_user(
+        &self,
+        name: &str,
+        roles: Vec<String>,
+        team: Option<String>,
+        password: Option<&str>,
+        totp: bool,
+        now: DateTime<Utc>,
+    ) -> Result<Option<String>> {
+        add_user(
+            &self.config,
+            &self.store,
+            name,
+            roles,
+            team,
+            password,
+            totp,
+            now,
+        )
+        .await
+    }
+}
+
+/// Creates a user in `store`, validated against `config`; returns the TOTP
+/// provisioning URI when `totp` is set.
+#[allow(clippy::too_many_arguments)]
+pub async fn add_user(
+    config: &Config,
+    store: &Store,
+    name: &str,
+    roles: Vec<String>,
+    team: Option<String>,
+    password: Option<&str>,
+    totp: bool,
+    now: DateTime<Utc>,
+) -> Result<Option<String>> {
+    if !valid_user_name(name) {
+        return Err(Error::BadRequest(format!(
+            "user name {name:?} must be 1-64 characters of [A-Za-z0-9._@-]"
+        )));
+    }
+    if roles.is_empty() {
+        return Err(Error::BadRequest(
+            "a user needs at least one role (--roles)".into(),
+        ));
+    }
+    for r in &roles {
+        if !config.policy.roles.contains(r) {
+            let known: Vec<&str> = config.policy.roles.names().collect();
+            return Err(Error::BadRequest(format!(
+                "unknown role {r:?}; the configuration defines: {}",
+                known.join(", ")
+            )));
+        }
+    }
+    if let Some(t) = &team {
+        if !config.policy.directory.teams.contains_key(t) {
+            return Err(Error::BadRequest(format!("unknown team {t:?}")));
+        }
+    }
+    let rng = SystemRandom::new();
+    let password_hash = password.map(|p| auth::hash_password(p, &rng)).transpose()?;
+    let (totp_secret, uri) = if totp {
+        let (s, uri) = auth::new_totp_secret(name, &config.cluster_name, &rng)?;
+        (Some(s), Some(uri))
+    } else {
+        (None, None)
+    };
+    let record = UserRecord {
+        name: name.to_owned(),
+        roles: roles.clone(),
+        team: team.clone(),
+        password_hash,
+        totp_secret,
+        created_at: now.timestamp_millis(),
+        disabled: false,
+    };
+    let event = AuditEvent::UserCreated {
+        user: name.to_owned(),
+        roles,
+        team,
+        totp,
+    };
+    store
+        .create_user(&record, &event.to_row(now.timestamp_millis()))
+        .await?;
+    Ok(uri)
+}
+
+fn x509_serial(der: &[u8]) -> String {
+    use x509_parser::prelude::FromDer;
+    x509_parser::certificate::X509Certificate::from_der(der)
+        .map(|(_, c)| c.raw_serial_as_string())
+        .unwrap_or_default()
+}

@@ -1,0 +1,453 @@
+//! Storage: SQLite (embedded default) or PostgreSQL (several `wicketd`s),
+//! through sqlx's `Any` driver so every query is written once. Times are Unix
+//! milliseconds (`BIGINT`), lists are JSON text, booleans are 0/1.
+//!
+//! Migrations are embedded and run at start inside a transaction (on
+//! PostgreSQL under an advisory lock, so proxies starting together do not race).
+//! Every state change that must be atomic takes a transaction.
+
+use crate::config::Storage;
+use crate::error::{Error, Result};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{Any, AnyPool, Row, Transaction};
+use std::path::Path;
+
+/// Which database is behind the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+struct Migration {
+    version: i64,
+    /// Statements, separated by `;`, valid on both backends unless split below.
+    sql: &'static str,
+}
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: r#"
+CREATE TABLE users (
+    name TEXT PRIMARY KEY,
+    roles TEXT NOT NULL,
+    team TEXT,
+    password_hash TEXT,
+    totp_secret TEXT,
+    totp_last_step BIGINT NOT NULL DEFAULT 0,
+    created_at BIGINT NOT NULL,
+    disabled BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE audit_events (
+    id TEXT PRIMARY KEY,
+    time BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    actor TEXT,
+    request_id TEXT,
+    session_id TEXT,
+    data TEXT NOT NULL
+);
+CREATE INDEX audit_events_time ON audit_events (time);
+CREATE INDEX audit_events_actor ON audit_events (actor);
+CREATE INDEX audit_events_request ON audit_events (request_id);
+CREATE TABLE login_failures (
+    id TEXT PRIMARY KEY,
+    user_name TEXT NOT NULL,
+    source TEXT NOT NULL,
+    time BIGINT NOT NULL
+);
+CREATE INDEX login_failures_user ON login_failures (user_name, time);
+CREATE INDEX login_failures_source ON login_failures (source, time)
+"#,
+}];
+
+/// A user as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    pub name: String,
+    pub roles: Vec<String>,
+    pub team: Option<String>,
+    /// PHC string (argon2id); never logged.
+    pub password_hash: Option<String>,
+    /// Base32 TOTP secret; never logged.
+    pub totp_secret: Option<String>,
+    pub created_at: i64,
+    pub disabled: bool,
+}
+
+/// An audit event as stored: typed `kind`, JSON `data`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    pub id: String,
+    pub time_ms: i64,
+    pub kind: String,
+    pub actor: Option<String>,
+    pub request_id: Option<String>,
+    pub session_id: Option<String>,
+    pub data: String,
+}
+
+/// Filters for audit search; `None` matches everything.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub actor: Option<String>,
+    pub kind: Option<String>,
+    pub request_id: Option<String>,
+    pub since_ms: Option<i64>,
+    pub limit: i64,
+}
+
+/// The storage handle: cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.backend)
+            .finish()
+    }
+}
+
+fn json_list(v: &[String]) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| Error::Internal(e.to_string()))
+}
+
+fn parse_list(s: &str) -> Result<Vec<String>> {
+    serde_json::from_str(s).map_err(|e| Error::Store(format!("corrupt list column: {e}")))
+}
+
+impl Store {
+    /// Opens (creating if needed) the store and runs migrations.
+    pub async fn open(storage: &Storage, data_dir: &Path) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let (url, backend) = match storage {
+            Storage::Sqlite => {
+                crate::keystore::ensure_private_dir(data_dir)?;
+                let path = data_dir.join("wicket.db");
+                let path = path
+                    .to_str()
+                    .ok_or_else(|| Error::Io("data directory path is not UTF-8".into()))?;
+                (format!("sqlite://{path}?mode=rwc"), Backend::Sqlite)
+            }
+            Storage::Postgres(url) => (url.clone(), Backend::Postgres),
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 4 } else { 16 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        for pragma in [
+                            "PRAGMA journal_mode = WAL",
+                            "PRAGMA busy_timeout = 5000",
+                            "PRAGMA foreign_keys = ON",
+                            "PRAGMA synchronous = NORMAL",
+                        ] {
+                            sqlx::query(pragma).execute(&mut *conn).await?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await
+            .map_err(|e| Error::Store(format!("cannot open {}: {e}", describe(storage))))?;
+        let store = Self { pool, backend };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Postgres {
+            // One migrator at a time across every wicketd sharing this database.
+            sqlx::query("SELECT pg_advisory_xact_lock(7305818)")
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let applied: Vec<i64> = sqlx::query("SELECT version FROM schema_migrations")
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<i64, _>(0))
+            .collect::<std::result::Result<_, _>>()?;
+        for m in MIGRATIONS {
+            if applied.contains(&m.version) {
+                continue;
+            }
+            for stmt in m.sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                sqlx::query(stmt)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| Error::Store(format!("migration {} failed: {e}", m.version)))?;
+            }
+            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+                .bind(m.version)
+                .bind(crate::clock::now_ms())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The highest applied migration.
+    pub async fn schema_version(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT MAX(version) FROM schema_migrations")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<Option<i64>, _>(0)?.unwrap_or(0))
+    }
+
+    pub async fn begin(&self) -> Result<Transaction<'static, Any>> {
+        Ok(self.pool.begin().await?)
+    }
+
+    // ---- users -------------------------------------------------------------
+
+    /// Creates a user and its audit event in one transaction.
+    pub async fn create_user(&self, user: &UserRecord, event: &AuditRow) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let exists = sqlx::query("SELECT 1 FROM users WHERE name = $1")
+            .bind(&user.name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_some() {
+            return Err(Error::Conflict(format!(
+                "user {:?} already exists",
+                user.name
+            )));
+        }
+        sqlx::query(
+            "INSERT INTO users (name, roles, team, password_hash, totp_secret, created_at, disabled) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&user.name)
+        .bind(json_list(&user.roles)?)
+        .bind(&user.team)
+        .bind(&user.password_hash)
+        .bind(&user.totp_secret)
+        .bind(user.created_at)
+        .bind(i64::from(user.disabled))
+        .execute(&mut *tx)
+        .await?;
+        insert_audit(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn get_user(&self, name: &str) -> Result<Option<UserRecord>> {
+        let row = sqlx::query(
+            "SELECT name, roles, team, password_hash, totp_secret, created_at, disabled FROM users WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| user_from_row(&r)).transpose()
+    }
+
+    pub async fn list_users(&self) -> Result<Vec<UserRecord>> {
+        let rows = sqlx::query(
+            "SELECT name, roles, team, password_hash, totp_secret, created_at, disabled FROM users ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(user_from_row).collect()
+    }
+
+    // ---- login rate limiting ----------------------------------------------
+
+    /// Failed logins for `user` and from `source` since `since_ms`.
+    pub async fn login_failures_since(
+        &self,
+        user: &str,
+        source: &str,
+        since_ms: i64,
+    ) -> Result<(i64, i64)> {
+        let count = |col: &'static str, val: &str| {
+            let sql =
+                format!("SELECT COUNT(*) FROM login_failures WHERE {col} = $1 AND time >= $2");
+            let val = val.to_owned();
+            let pool = self.pool.clone();
+            async move {
+                let row = sqlx::query(&sql)
+                    .bind(val)
+                    .bind(since_ms)
+                    .fetch_one(&pool)
+                    .await?;
+                Ok::<i64, Error>(row.try_get::<i64, _>(0)?)
+            }
+        };
+        Ok((
+            count("user_name", user).await?,
+            count("source", source).await?,
+        ))
+    }
+
+    /// Earliest failure still inside the window (to compute retry-after).
+    pub async fn oldest_failure_since(
+        &self,
+        user: &str,
+        source: &str,
+        since_ms: i64,
+    ) -> Result<Option<i64>> {
+        let row = sqlx::query(
+            "SELECT MIN(time) FROM login_failures WHERE (user_name = $1 OR source = $2) AND time >= $3",
+        )
+        .bind(user)
+        .bind(source)
+        .bind(since_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get::<Option<i64>, _>(0)?)
+    }
+
+    /// Records a failed login and its audit event atomically; prunes old rows.
+    pub async fn record_login_failure(
+        &self,
+        user: &str,
+        source: &str,
+        now_ms: i64,
+        prune_before_ms: i64,
+        event: &AuditRow,
+    ) -> Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO login_failures (id, user_name, source, time) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(uuid::Uuid::new_v4().to_string())
+        .bind(user)
+        .bind(source)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM login_failures WHERE time < $1")
+            .bind(prune_before_ms)
+            .execute(&mut *tx)
+            .await?;
+        insert_audit(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Marks TOTP time step `step` used for `user`; false if it (or a later
+    /// one) was already used, so a code is accepted at most once.
+    pub async fn consume_totp_step(&self, user: &str, step: i64) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE users SET totp_last_step = $2 WHERE name = $1 AND totp_last_step < $2",
+        )
+        .bind(user)
+        .bind(step)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Forgets a user's failures after a successful login.
+    pub async fn clear_login_failures(&self, user: &str) -> Result<()> {
+        sqlx::query("DELETE FROM login_failures WHERE user_name = $1")
+            .bind(user)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    // ---- audit -------------------------------------------------------------
+
+    pub async fn append_audit(&self, event: &AuditRow) -> Result<()> {
+        let mut tx = self.begin().await?;
+        insert_audit(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn search_audit(&self, f: &AuditFilter) -> Result<Vec<AuditRow>> {
+        let mut sql = String::from(
+            "SELECT id, time, kind, actor, request_id, session_id, data FROM audit_events WHERE time >= $1",
+        );
+        let mut binds: Vec<&str> = Vec::new();
+        for (col, val) in [
+            ("actor", &f.actor),
+            ("kind", &f.kind),
+            ("request_id", &f.request_id),
+        ] {
+            if let Some(v) = val {
+                binds.push(v);
+                sql.push_str(&format!(" AND {col} = ${}", binds.len() + 1));
+            }
+        }
+        sql.push_str(&format!(" ORDER BY time, id LIMIT ${}", binds.len() + 2));
+        let mut q = sqlx::query(&sql).bind(f.since_ms.unwrap_or(0));
+        for b in binds {
+            q = q.bind(b);
+        }
+        let rows = q
+            .bind(if f.limit > 0 { f.limit } else { 1000 })
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditRow {
+                    id: r.try_get(0)?,
+                    time_ms: r.try_get(1)?,
+                    kind: r.try_get(2)?,
+                    actor: r.try_get(3)?,
+                    request_id: r.try_get(4)?,
+                    session_id: r.try_get(5)?,
+                    data: r.try_get(6)?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Inserts an audit row inside the caller's transaction.
+pub async fn insert_audit(tx: &mut Transaction<'static, Any>, e: &AuditRow) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_events (id, time, kind, actor, request_id, session_id, data) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&e.id)
+    .bind(e.time_ms)
+    .bind(&e.kind)
+    .bind(&e.actor)
+    .bind(&e.request_id)
+    .bind(&e.session_id)
+    .bind(&e.data)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn user_from_row(r: &AnyRow) -> Result<UserRecord> {
+    Ok(UserRecord {
+        name: r.try_get(0)?,
+        roles: parse_list(&r.try_get::<String, _>(1)?)?,
+        team: r.try_get(2)?,
+        password_hash: r.try_get(3)?,
+        totp_secret: r.try_get(4)?,
+        created_at: r.try_get(5)?,
+        disabled: r.try_get::<i64, _>(6)? != 0,
+    })
+}
+
+/// A description of the storage for messages, without credentials.
+pub fn describe(storage: &Storage) -> String {
+    match storage {
+        Storage::Sqlite => "SQLite".into(),
+        Storage::Postgres(url) => match url.split_once('@') {
+            Some((_, host)) => format!("PostgreSQL at {host}"),
+            None => "PostgreSQL".into(),
+        },
+    }
+}
