@@ -66,6 +66,29 @@ enum Command {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
+    /// Search the audit log (your own events, or everyone's with an audit role).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Search audit events.
+    Search {
+        /// Only events by this user.
+        #[arg(long)]
+        user: Option<String>,
+        /// Only events of this kind (e.g. login_failed).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only events of this access request.
+        #[arg(long)]
+        request: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
 }
 
 /// Entry point for the `wicket` binary.
@@ -118,6 +141,13 @@ async fn run(command: Command) -> Result<()> {
         Command::Status { format } => status(format),
         Command::Logout => logout(),
         Command::Ls { format } => ls(format).await,
+        Command::Audit(AuditCommand::Search {
+            user,
+            kind,
+            request,
+            limit,
+            format,
+        }) => audit_search(user, kind, request, limit, format).await,
     }
 }
 
@@ -430,6 +460,51 @@ async fn ls(format: Format) -> Result<()> {
             }
             if r.nodes.is_empty() && r.databases.is_empty() && r.kube_clusters.is_empty() {
                 println!("(nothing reachable with your current roles; request access with `wicket request create`)");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+async fn audit_search(
+    user: Option<String>,
+    kind: Option<String>,
+    request: Option<String>,
+    limit: u32,
+    format: Format,
+) -> Result<()> {
+    let (_, _, client) = authenticated_client()?;
+    let mut q = vec![format!("limit={limit}")];
+    for (k, v) in [("actor", user), ("kind", kind), ("request", request)] {
+        if let Some(v) = v {
+            q.push(format!("{k}={}", query_escape(&v)));
+        }
+    }
+    let events: Vec<wicket_api::AuditEventView> =
+        client.get(&format!("/v1/audit?{}", q.join("&"))).await?;
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&events)?),
+        Format::Text => {
+            for e in &events {
+                println!(
+                    "{}  {:<20} {:<12} {}",
+                    e.time.to_rfc3339(),
+                    e.kind,
+                    e.actor.as_deref().unwrap_or("-"),
+                    e.data
+                );
             }
         }
     }

@@ -187,7 +187,34 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit", get(audit))
         .fallback(|| async { Error::NotFound("no such API endpoint".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(reject_oversized))
         .with_state(state)
+}
+
+/// Bodies up to this size are read and discarded before a 413, so the client
+/// sees the answer instead of a reset connection.
+const DRAIN_MAX: usize = 4 * 1024 * 1024;
+
+/// Answers 413 for a declared body larger than [`MAX_BODY`], before routing.
+async fn reject_oversized(req: Request, next: axum::middleware::Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > MAX_BODY as u64 => {
+            if n <= DRAIN_MAX as u64 {
+                let _ = axum::body::to_bytes(req.into_body(), DRAIN_MAX).await;
+            }
+            let body = ErrorBody {
+                code: "too_large".into(),
+                error: format!("request body is larger than {MAX_BODY} bytes"),
+            };
+            (StatusCode::PAYLOAD_TOO_LARGE, Json(body)).into_response()
+        }
+        _ => next.run(req).await,
+    }
 }
 
 async fn ping(State(w): State<AppState>) -> Json<Ping> {

@@ -1,6 +1,6 @@
 //! `wicketd` command line: start, check-config, users.
 
-use crate::config::{self, Config, Storage};
+use crate::config::{self, Config};
 use crate::error::{Error, Result};
 use crate::{clock, server, service, store};
 use clap::{Args, Parser, Subcommand};
@@ -22,7 +22,13 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the daemon (no --config: SQLite, generated CAs, API on 127.0.0.1:3080, data in ./wicket-data).
-    Start(Source),
+    Start {
+        #[command(flatten)]
+        source: Source,
+        /// Listen for the API here instead of the config's `listen.api` (port 0: any free port).
+        #[arg(long)]
+        listen_api: Option<std::net::SocketAddr>,
+    },
     /// Check a configuration file and report every problem.
     CheckConfig {
         /// The configuration file.
@@ -155,7 +161,7 @@ fn load_config(source: &Source) -> Result<Config> {
 async fn run(command: Command) -> Result<()> {
     match command {
         Command::CheckConfig { .. } => Ok(()),
-        Command::Start(source) => start(&source).await,
+        Command::Start { source, listen_api } => start(&source, listen_api).await,
         Command::Users(UsersCommand::Add {
             name,
             roles,
@@ -237,8 +243,11 @@ fn read_password(from_stdin: bool) -> Result<String> {
     Ok(password)
 }
 
-async fn start(source: &Source) -> Result<()> {
-    let cfg = load_config(source)?;
+async fn start(source: &Source, listen_api: Option<std::net::SocketAddr>) -> Result<()> {
+    let mut cfg = load_config(source)?;
+    if let Some(addr) = listen_api {
+        cfg.listen.api = addr;
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
@@ -248,10 +257,7 @@ async fn start(source: &Source) -> Result<()> {
         .try_init();
     let data_dir = cfg.data_dir.clone();
     let cluster = cfg.cluster_name.clone();
-    let storage = match &cfg.storage {
-        Storage::Sqlite => "SQLite".to_owned(),
-        s => store::describe(s),
-    };
+    let storage = store::describe(&cfg.storage);
     let running = server::start(cfg).await?;
     let pin = running.tls_ca_pin.clone();
     let addr = running.api_addr;

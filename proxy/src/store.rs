@@ -445,9 +445,6 @@ fn user_from_row(r: &AnyRow) -> Result<UserRecord> {
 pub fn describe(storage: &Storage) -> String {
     match storage {
         Storage::Sqlite => "SQLite".into(),
-        Storage::Postgres(url) => match url.split_once('@') {
-            Some((_, host)) => format!("PostgreSQL at {host}"),
-            None => "PostgreSQL".into(),
-        },
+        Storage::Postgres(_) => format!("PostgreSQL ({})", storage.redacted()),
     }
 }

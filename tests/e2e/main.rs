@@ -6,4 +6,5 @@
 //! down when the handles drop.
 
 mod ca_tools;
+mod foundation;
 mod postgres_harness;

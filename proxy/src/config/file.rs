@@ -14,7 +14,10 @@ use std::fmt;
 
 /// The whole file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping of settings (version, listen, roles, ...)"
+)]
 pub struct FileConfig {
     /// Must be 1.
     pub version: u64,
@@ -66,7 +69,10 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
 
 /// `listen:` socket addresses (`IP:port`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with api, ssh, postgres and kube addresses"
+)]
 pub struct ListenFile {
     pub api: Option<String>,
     pub ssh: Option<String>,
@@ -76,7 +82,10 @@ pub struct ListenFile {
 
 /// `certificates:`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with login_ttl and public_names"
+)]
 pub struct CertificatesFile {
     pub login_ttl: Option<DurationText>,
     /// Extra DNS names / IP addresses for the TLS server certificate.
@@ -85,7 +94,10 @@ pub struct CertificatesFile {
 
 /// `session:`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with disconnect_on_expiry and expiry_warning"
+)]
 pub struct SessionFile {
     pub disconnect_on_expiry: Option<bool>,
     pub expiry_warning: Option<DurationText>,
@@ -93,7 +105,10 @@ pub struct SessionFile {
 
 /// `requests:`; every field defaults to [`wicket_policy::RequestSettings::default`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping of request settings (min_duration, max_duration, ...)"
+)]
 pub struct RequestsFile {
     pub min_duration: Option<DurationText>,
     pub default_duration: Option<DurationText>,
@@ -108,7 +123,10 @@ pub struct RequestsFile {
 
 /// `break_glass:`; defaults to [`wicket_policy::BreakGlassSettings::default`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with enabled, require_mfa, max_duration and notify"
+)]
 pub struct BreakGlassFile {
     pub enabled: Option<bool>,
     pub require_mfa: Option<bool>,
@@ -120,7 +138,10 @@ pub struct BreakGlassFile {
 
 /// `auth:` login throttling.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with max_failures_per_user, max_failures_per_source and failure_window"
+)]
 pub struct AuthFile {
     pub max_failures_per_user: Option<u32>,
     pub max_failures_per_source: Option<u32>,
@@ -129,7 +150,7 @@ pub struct AuthFile {
 
 /// `teams.<name>:`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a team: { lead, members }")]
 pub struct TeamFile {
     pub lead: String,
     #[serde(default)]
@@ -138,7 +159,10 @@ pub struct TeamFile {
 
 /// `oncall.<name>:`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an on-call schedule: { rotation, shift, starts }"
+)]
 pub struct OncallFile {
     pub rotation: Vec<String>,
     pub shift: DurationText,
@@ -148,7 +172,10 @@ pub struct OncallFile {
 
 /// `roles.<name>:`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a role: a mapping with logins, nodes, databases, kubernetes, request, review, ..."
+)]
 pub struct RoleFile {
     #[serde(default)]
     pub logins: Vec<String>,
@@ -172,7 +199,10 @@ pub struct RoleFile {
 
 /// `roles.<name>.databases:`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with labels, names and users"
+)]
 pub struct DatabasesFile {
     #[serde(default)]
     pub labels: LabelMap,
@@ -184,7 +214,10 @@ pub struct DatabasesFile {
 
 /// `roles.<name>.kubernetes:`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with labels, groups and users"
+)]
 pub struct KubernetesFile {
     #[serde(default)]
     pub labels: LabelMap,
@@ -196,7 +229,7 @@ pub struct KubernetesFile {
 
 /// `roles.<name>.request:` / `roles.<name>.review:`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a mapping with roles: [..]")]
 pub struct RoleListFile {
     #[serde(default)]
     pub roles: Vec<String>,
@@ -204,7 +237,10 @@ pub struct RoleListFile {
 
 /// `approval[i]:`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an approval rule: { roles, environment, require, secondary }"
+)]
 pub struct ApprovalFile {
     pub roles: Vec<String>,
     pub environment: Option<LabelMap>,
@@ -224,7 +260,10 @@ pub enum RequireFile {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a requirement: { any_of }, { all_of } or { count, from }"
+)]
 struct RequireMap {
     any_of: Option<Vec<String>>,
     all_of: Option<Vec<String>>,
@@ -282,7 +321,10 @@ impl<'de> Deserialize<'de> for RequireFile {
 
 /// `resources:`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with nodes, databases and kube_clusters"
+)]
 pub struct ResourcesFile {
     #[serde(default)]
     pub nodes: Vec<NodeFile>,
@@ -294,7 +336,7 @@ pub struct ResourcesFile {
 
 /// `resources.nodes[i]:`; `address` is `host:port` of the node's sshd.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a node: { name, address, labels }")]
 pub struct NodeFile {
     pub name: String,
     pub address: String,
@@ -304,7 +346,10 @@ pub struct NodeFile {
 
 /// `resources.databases[i]:`; `address` is `host:port` of the PostgreSQL server.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a database: { name, address, labels, ca_file, server_name }"
+)]
 pub struct DatabaseFile {
     pub name: String,
     pub address: String,
@@ -318,7 +363,10 @@ pub struct DatabaseFile {
 
 /// `resources.kube_clusters[i]:`; `address` is the API server's `https://` URL.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a Kubernetes cluster: { name, address, labels, ca_file, server_name }"
+)]
 pub struct KubeClusterFile {
     pub name: String,
     pub address: String,

@@ -3,7 +3,7 @@ use super::*;
 use proptest::prelude::*;
 use wicket_policy::{Requirement, ResourceKind, ReviewerSet};
 
-const EXAMPLE: &str = include_str!("../../../../shared/examples/wicket.yaml");
+const EXAMPLE: &str = include_str!("../../../deploy/wicket.yaml");
 
 fn base() -> PathBuf {
     PathBuf::from("/srv/wicket")

@@ -1,0 +1,525 @@
+//! The foundation end to end: `wicketd check-config`, `wicketd start` on the
+//! embedded default and on the example config, `wicketd users add`, and the
+//! real `wicket` CLI logging in, checked with `ssh-keygen`, `openssl` and `curl`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use wicket_e2e::harness_util::run;
+use wicket_e2e::harness_wicket::{wicketd_cmd, WicketCli, Wicketd};
+
+const PASSWORD: &str = "correct horse battery staple";
+
+fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+/// The configuration shape that must keep working: the shared example when it
+/// sits beside the repository (as in CI), and our copy in `deploy/`.
+fn example_configs() -> Vec<PathBuf> {
+    let mut v = vec![repo_file("deploy/wicket.yaml")];
+    let shared = repo_file("../shared/examples/wicket.yaml");
+    if shared.exists() {
+        assert_eq!(
+            std::fs::read_to_string(&shared).unwrap(),
+            std::fs::read_to_string(&v[0]).unwrap(),
+            "deploy/wicket.yaml must stay a copy of shared/examples/wicket.yaml"
+        );
+        v.push(shared);
+    }
+    v
+}
+
+#[test]
+fn check_config_accepts_the_example() {
+    for path in example_configs() {
+        let out = run(wicketd_cmd().unwrap().arg("check-config").arg(&path)).unwrap();
+        assert!(out.contains(": ok ("), "{out}");
+        assert!(out.contains("7 roles"), "{out}");
+    }
+}
+
+#[test]
+fn check_config_reports_every_problem_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        r#"version: 1
+listen: { api: "not an address" }
+requests: { max_duration: 8x }
+roles:
+  dba:
+    databases: { labels: { env: prod }, names: ["*"], users: [postgres] }
+    max_durration: 2h
+  ops:
+    request: { roles: [ nosuchrole ] }
+approval:
+  - roles: [ dba ]
+    require: { any_of: [ "group:x" ] }
+bogus_top_level: true
+"#,
+    )
+    .unwrap();
+    let out = wicketd_cmd()
+        .unwrap()
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "listen.api",
+        "requests.max_duration",
+        "roles.dba",
+        "max_durration",
+        "roles.ops.request.roles[0]",
+        "approval[0].require.any_of[0]",
+        "bogus_top_level",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    assert!(!text.contains("panicked"), "{text}");
+    // A file that is not YAML at all, and one that does not exist.
+    std::fs::write(&path, "version: [1\n  : :").unwrap();
+    let out = wicketd_cmd()
+        .unwrap()
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let out = wicketd_cmd()
+        .unwrap()
+        .arg("check-config")
+        .arg(dir.path().join("missing.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
+
+fn login_ok(cli: &WicketCli, d: &Wicketd, user: &str) {
+    let out = cli.login(d, user, PASSWORD, &[]).unwrap();
+    assert!(out.ok, "login failed: {}{}", out.stdout, out.stderr);
+}
+
+#[test]
+fn login_on_the_embedded_default_issues_certificates_real_tools_accept() {
+    let d = Wicketd::builder().start().unwrap();
+    let start = d.startup_output().join("\n");
+    assert!(start.contains("CA pin: sha256:"), "{start}");
+    assert!(start.contains("wicket login --proxy"), "{start}");
+    d.add_user("alice", "access", PASSWORD, false).unwrap();
+    // CA keys are 0600.
+    for entry in std::fs::read_dir(d.data_dir().join("ca")).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "key") {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o600,
+                "{}",
+                p.display()
+            );
+        }
+    }
+
+    let cli = WicketCli::new().unwrap();
+    login_ok(&cli, &d, "alice");
+    let st = cli.status().unwrap();
+    assert_eq!(st["user"], "alice");
+    assert_eq!(st["roles"], serde_json::json!(["access"]));
+    assert_eq!(st["principals"], serde_json::json!(["alice"]));
+    assert_eq!(st["request_ids"], serde_json::json!([]));
+    let after = chrono::DateTime::parse_from_rfc3339(st["valid_after"].as_str().unwrap()).unwrap();
+    let before =
+        chrono::DateTime::parse_from_rfc3339(st["valid_before"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (before - after).num_seconds(),
+        8 * 3600,
+        "login_ttl is 8h by default"
+    );
+
+    // Private keys are 0600 and in the formats the real clients read.
+    let files = &st["files"];
+    let f = |k: &str| PathBuf::from(files[k].as_str().unwrap());
+    for k in ["ssh_key", "tls_key"] {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(f(k)).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "{k}"
+        );
+    }
+    let listing = run(Command::new("ssh-keygen")
+        .arg("-L")
+        .arg("-f")
+        .arg(f("ssh_certificate")))
+    .unwrap();
+    assert!(listing.contains("user certificate"), "{listing}");
+    assert!(listing.contains("Key ID: \"user=alice\""), "{listing}");
+    let fmt = |t: chrono::DateTime<chrono::FixedOffset>| t.format("%Y-%m-%dT%H:%M:%S").to_string();
+    // ssh-keygen prints local time; the tests run with TZ unset (UTC) in CI.
+    let listing_utc = run(Command::new("ssh-keygen")
+        .env("TZ", "UTC")
+        .arg("-L")
+        .arg("-f")
+        .arg(f("ssh_certificate")))
+    .unwrap();
+    assert!(
+        listing_utc.contains(&format!("Valid: from {} to {}", fmt(after), fmt(before))),
+        "{listing_utc}"
+    );
+    // ssh-keygen accepts the private key (derives the public key from it).
+    let derived = run(Command::new("ssh-keygen")
+        .arg("-y")
+        .arg("-f")
+        .arg(f("ssh_key")))
+    .unwrap();
+    let pubkey = std::fs::read_to_string(f("ssh_key").with_extension("pub")).unwrap();
+    assert_eq!(
+        derived.split_whitespace().nth(1),
+        pubkey.split_whitespace().nth(1)
+    );
+    let verified = run(Command::new("openssl")
+        .args(["verify", "-purpose", "sslclient", "-CAfile"])
+        .arg(f("ca_bundle"))
+        .arg(f("tls_certificate")))
+    .unwrap();
+    assert!(verified.trim().ends_with(": OK"), "{verified}");
+    let dates = run(Command::new("openssl")
+        .args(["x509", "-noout", "-dates", "-in"])
+        .arg(f("tls_certificate")))
+    .unwrap();
+    assert!(
+        dates.contains(&after.format("notBefore=%b %e %H:%M:%S %Y GMT").to_string()),
+        "{dates}"
+    );
+    assert!(
+        dates.contains(&before.format("notAfter=%b %e %H:%M:%S %Y GMT").to_string()),
+        "{dates}"
+    );
+
+    // Mutual TLS with the issued certificate, through curl.
+    let url = format!("https://{}/v1/me", d.proxy());
+    let me = run(Command::new("curl")
+        .args(["-sS", "--fail-with-body", "--cacert"])
+        .arg(f("ca_bundle"))
+        .arg("--cert")
+        .arg(f("tls_certificate"))
+        .arg("--key")
+        .arg(f("tls_key"))
+        .arg(&url))
+    .unwrap();
+    let me: serde_json::Value = serde_json::from_str(&me).unwrap();
+    assert_eq!(me["user"], "alice");
+    // Without a client certificate: 401 with a reason, never the password again.
+    let anon = Command::new("curl")
+        .args(["-sS", "-w", "\n%{http_code}", "--cacert"])
+        .arg(f("ca_bundle"))
+        .arg(&url)
+        .output()
+        .unwrap();
+    let anon = String::from_utf8_lossy(&anon.stdout);
+    assert!(
+        anon.ends_with("401") && anon.contains("client certificate"),
+        "{anon}"
+    );
+    // The OpenAPI document is served.
+    let doc = run(Command::new("curl")
+        .args(["-sS", "--fail", "--cacert"])
+        .arg(f("ca_bundle"))
+        .arg(format!("https://{}/v1/openapi.json", d.proxy())))
+    .unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    assert!(doc["paths"]["/v1/login"].is_object());
+
+    // Audit: the login is on the record, visible to the user.
+    let events = cli
+        .ok(&["audit", "search", "--user", "alice", "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"user_created") && kinds.contains(&"login_succeeded"),
+        "{kinds:?}"
+    );
+    // ...but other users' events need an audit role.
+    let denied = cli.run(&["audit", "search"], "").unwrap();
+    assert!(
+        !denied.ok && denied.stderr.contains("audit: true"),
+        "{}",
+        denied.stderr
+    );
+
+    // Logout removes the credentials.
+    cli.ok(&["logout"]).unwrap();
+    assert!(!f("ssh_key").exists() && !f("tls_key").exists());
+    let st = cli.run(&["status"], "").unwrap();
+    assert!(
+        !st.ok && st.stderr.contains("not logged in"),
+        "{}",
+        st.stderr
+    );
+}
+
+#[test]
+fn wrong_credentials_are_rejected_rate_limited_and_audited() {
+    let d = Wicketd::builder().start().unwrap();
+    d.add_user("bob", "access,admin", PASSWORD, false).unwrap();
+    let cli = WicketCli::new().unwrap();
+    let bad = cli.login(&d, "bob", "wrong password!", &[]).unwrap();
+    assert!(!bad.ok);
+    assert_eq!(
+        bad.stderr.trim(),
+        "wicket: error: invalid user name or password"
+    );
+    let unknown = cli.login(&d, "mallory", PASSWORD, &[]).unwrap();
+    assert_eq!(
+        unknown.stderr.trim(),
+        "wicket: error: invalid user name or password"
+    );
+    // The default limit is 5 failures per user in 15 minutes.
+    for _ in 0..4 {
+        assert!(!cli.login(&d, "bob", "wrong password!", &[]).unwrap().ok);
+    }
+    let limited = cli.login(&d, "bob", PASSWORD, &[]).unwrap();
+    assert!(
+        !limited.ok && limited.stderr.contains("too many failed attempts"),
+        "{}",
+        limited.stderr
+    );
+    assert_eq!(
+        limited.stderr.lines().count(),
+        1,
+        "one clear line: {}",
+        limited.stderr
+    );
+
+    // A second user with the audit role sees every failure on the record.
+    d.add_user("carol", "admin", PASSWORD, false).unwrap();
+    let auditor = WicketCli::new().unwrap();
+    login_ok(&auditor, &d, "carol");
+    let events = auditor
+        .ok(&[
+            "audit",
+            "search",
+            "--kind",
+            "login_failed",
+            "--format",
+            "json",
+        ])
+        .unwrap()
+        .json()
+        .unwrap();
+    let events = events.as_array().unwrap();
+    assert_eq!(events.len(), 6, "{events:?}");
+    assert!(events
+        .iter()
+        .any(|e| e["actor"] == "mallory" && e["data"]["reason"] == "unknown user"));
+    assert!(
+        events
+            .iter()
+            .all(|e| !e["data"].to_string().contains("wrong password!")),
+        "passwords never reach the log"
+    );
+    let limited = auditor
+        .ok(&[
+            "audit",
+            "search",
+            "--kind",
+            "login_rate_limited",
+            "--format",
+            "json",
+        ])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(limited.as_array().unwrap().len(), 1);
+    assert!(
+        !d.stderr().contains("wrong password!"),
+        "secrets are never logged"
+    );
+}
+
+#[test]
+fn totp_is_required_checked_and_single_use() {
+    let d = Wicketd::builder().start().unwrap();
+    let uri = d
+        .add_user("dave", "access", PASSWORD, true)
+        .unwrap()
+        .expect("provisioning URI");
+    assert!(
+        uri.starts_with("otpauth://totp/wicket:dave?secret="),
+        "{uri}"
+    );
+    let secret = uri
+        .split("secret=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
+    let key = wicketd::auth::base32_decode(secret).unwrap();
+    #[allow(clippy::disallowed_methods)]
+    let now = chrono::Utc::now().timestamp();
+    let code = format!("{:06}", wicketd::auth::hotp(&key, (now / 30) as u64));
+    let cli = WicketCli::new().unwrap();
+    let missing = cli.login(&d, "dave", PASSWORD, &[]).unwrap();
+    assert!(
+        !missing.ok && missing.stderr.contains("requires an OTP code"),
+        "{}",
+        missing.stderr
+    );
+    let wrong_code = if code == "000000" { "111111" } else { "000000" };
+    let wrong = cli
+        .login(&d, "dave", PASSWORD, &["--otp", wrong_code])
+        .unwrap();
+    assert!(
+        !wrong.ok && wrong.stderr.contains("OTP"),
+        "{}",
+        wrong.stderr
+    );
+    let ok = cli.login(&d, "dave", PASSWORD, &["--otp", &code]).unwrap();
+    assert!(ok.ok, "{}", ok.stderr);
+    let replay = cli.login(&d, "dave", PASSWORD, &["--otp", &code]).unwrap();
+    assert!(
+        !replay.ok && replay.stderr.contains("already used"),
+        "{}",
+        replay.stderr
+    );
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let d = Wicketd::builder().start().unwrap();
+    d.add_user("erin", "access", PASSWORD, false).unwrap();
+    let pin_dir = tempfile::tempdir().unwrap();
+    let cli = WicketCli::new().unwrap();
+    login_ok(&cli, &d, "erin");
+    let ca = PathBuf::from(
+        cli.status().unwrap()["files"]["ca_bundle"]
+            .as_str()
+            .unwrap(),
+    );
+    let post = |body: &[u8], ctype: &str| -> (String, String) {
+        let body_path = pin_dir.path().join("body");
+        std::fs::write(&body_path, body).unwrap();
+        let out = Command::new("curl")
+            .args(["-sS", "-w", "\n%{http_code}", "-H"])
+            .arg(format!("Content-Type: {ctype}"))
+            .arg("--cacert")
+            .arg(&ca)
+            .arg("--data-binary")
+            .arg(format!("@{}", body_path.display()))
+            .arg(format!("https://{}/v1/login", d.proxy()))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (body.to_owned(), code.to_owned())
+    };
+    let (b, c) = post(b"{not json", "application/json");
+    assert_eq!(c, "400", "{b}");
+    assert!(b.contains("\"code\":\"bad_request\""), "{b}");
+    let (b, c) = post(&vec![b'x'; 200_000], "application/json");
+    assert_eq!(c, "413", "{b}");
+    let (b, c) = post(br#"{"user":"erin","password":"x","ssh_public_key":"ssh-ed25519 AAAA","tls_csr_pem":"nope"}"#, "application/json");
+    assert_eq!(c, "400", "{b}");
+    assert!(b.contains("ssh_public_key"), "{b}");
+    let (b, c) = post(
+        br#"{"user":"erin","password":"x","ssh_public_key":"k","tls_csr_pem":"c","is_admin":true}"#,
+        "application/json",
+    );
+    assert_eq!(c, "400", "{b}");
+    assert!(b.contains("is_admin"), "{b}");
+    let (_, c) = post(b"{}", "text/plain");
+    assert_eq!(c, "400");
+    // None of that created anything or counted as a login attempt.
+    let users = run(&mut d.admin(&["users", "ls", "--format", "json"]).unwrap()).unwrap();
+    let users: serde_json::Value = serde_json::from_str(&users).unwrap();
+    assert_eq!(users.as_array().unwrap().len(), 1);
+    // Adding a user with an unknown role or a duplicate name fails cleanly.
+    let e = d
+        .add_user("frank", "no-such-role", PASSWORD, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown role"), "{e}");
+    let e = d
+        .add_user("erin", "access", PASSWORD, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already exists"), "{e}");
+    // A pin that does not match refuses to talk to the proxy.
+    let other = WicketCli::new().unwrap();
+    let bad_pin = format!("sha256:{}", "0".repeat(64));
+    let proxy = d.proxy();
+    let out = other
+        .run(
+            &[
+                "login",
+                "--proxy",
+                &proxy,
+                "--user",
+                "erin",
+                "--ca-pin",
+                &bad_pin,
+                "--password-stdin",
+            ],
+            &format!("{PASSWORD}\n"),
+        )
+        .unwrap();
+    assert!(
+        !out.ok && out.stderr.contains("does not match --ca-pin"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn example_config_starts_and_several_users_log_in_side_by_side() {
+    let example = std::fs::read_to_string(repo_file("deploy/wicket.yaml")).unwrap();
+    let d = Wicketd::builder().config(example).start().unwrap();
+    d.add_user("alice", "dev", PASSWORD, false).unwrap();
+    d.add_user("bob", "sre", PASSWORD, false).unwrap();
+    let (a, b) = (WicketCli::new().unwrap(), WicketCli::new().unwrap());
+    login_ok(&a, &d, "alice");
+    login_ok(&b, &d, "bob");
+    assert_eq!(a.status().unwrap()["user"], "alice");
+    assert_eq!(b.status().unwrap()["user"], "bob");
+    // alice (dev) reaches dev-1 as herself; nothing in prod.
+    let ls = a.ok(&["ls", "--format", "json"]).unwrap().json().unwrap();
+    let nodes: Vec<&str> = ls["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes, ["dev-1"]);
+    assert_eq!(ls["nodes"][0]["logins"], serde_json::json!(["alice"]));
+    assert!(ls["databases"].as_array().unwrap().is_empty());
+    let text = a.ok(&["ls"]).unwrap().stdout;
+    assert!(text.contains("dev-1") && !text.contains("db-1"), "{text}");
+    // A second login with the saved CA needs no pin.
+    let proxy = d.proxy();
+    let again = a
+        .run(
+            &[
+                "login",
+                "--proxy",
+                &proxy,
+                "--user",
+                "alice",
+                "--password-stdin",
+            ],
+            &format!("{PASSWORD}\n"),
+        )
+        .unwrap();
+    assert!(again.ok, "{}", again.stderr);
+}
