@@ -429,7 +429,7 @@ async fn ls(format: Format) -> Result<()> {
                     .collect::<Vec<_>>()
                     .join(",")
             };
-            println!("{:<8} {:<20} {:<24} {}", "KIND", "NAME", "LABELS", "ACCESS");
+            println!("{:<8} {:<20} {:<24} ACCESS", "KIND", "NAME", "LABELS");
             for n in &r.nodes {
                 println!(
                     "{:<8} {:<20} {:<24} logins: {}",

@@ -5,6 +5,10 @@
 //! loopback ports, waits for them by polling with deadlines, and tears them
 //! down when the handles drop.
 
+// Everything in this binary is test code: helpers may unwrap like tests do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod ca_tools;
 mod foundation;
 mod postgres_harness;
+mod store;

@@ -1,0 +1,206 @@
+//! The store against both backends: SQLite in a temp dir and a real
+//! PostgreSQL 15 started by the harness. Same assertions for each.
+
+use wicket_e2e::harness_postgres::Postgres;
+use wicket_e2e::harness_wicket::{WicketCli, Wicketd};
+use wicketd::config::Storage;
+use wicketd::store::{AuditFilter, AuditRow, Store, UserRecord};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn event(id: &str, kind: &str, actor: &str, time_ms: i64) -> AuditRow {
+    AuditRow {
+        id: id.into(),
+        time_ms,
+        kind: kind.into(),
+        actor: Some(actor.into()),
+        request_id: None,
+        session_id: None,
+        data: "{\"event\":\"x\"}".into(),
+    }
+}
+
+async fn exercise(store: &Store) {
+    assert!(store.schema_version().await.unwrap() >= 1);
+    let alice = UserRecord {
+        name: "alice".into(),
+        roles: vec!["dev".into(), "sre".into()],
+        team: Some("payments".into()),
+        password_hash: Some("$argon2id$placeholder".into()),
+        totp_secret: None,
+        created_at: 1_000,
+        disabled: false,
+    };
+    store
+        .create_user(&alice, &event("e1", "user_created", "alice", 1_000))
+        .await
+        .unwrap();
+    assert_eq!(store.get_user("alice").await.unwrap(), Some(alice.clone()));
+    assert_eq!(store.get_user("nobody").await.unwrap(), None);
+
+    // A duplicate is a conflict and its audit event is not written (one transaction).
+    let err = store
+        .create_user(&alice, &event("e2", "user_created", "alice", 2_000))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    let created = store
+        .search_audit(&AuditFilter {
+            kind: Some("user_created".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(created.len(), 1);
+
+    // Login failures count per user and per source inside a window.
+    for (i, src) in ["10.0.0.1", "10.0.0.1", "10.0.0.2"].iter().enumerate() {
+        let t = 10_000 + i as i64;
+        store
+            .record_login_failure(
+                "alice",
+                src,
+                t,
+                0,
+                &event(&format!("f{i}"), "login_failed", "alice", t),
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        store
+            .login_failures_since("alice", "10.0.0.1", 0)
+            .await
+            .unwrap(),
+        (3, 2)
+    );
+    assert_eq!(
+        store
+            .login_failures_since("alice", "10.0.0.1", 10_002)
+            .await
+            .unwrap(),
+        (1, 0)
+    );
+    assert_eq!(
+        store.oldest_failure_since("alice", "x", 0).await.unwrap(),
+        Some(10_000)
+    );
+    store.clear_login_failures("alice").await.unwrap();
+    assert_eq!(
+        store
+            .login_failures_since("alice", "10.0.0.1", 0)
+            .await
+            .unwrap(),
+        (0, 0)
+    );
+
+    // TOTP steps are single use and only move forward.
+    assert!(store.consume_totp_step("alice", 100).await.unwrap());
+    assert!(!store.consume_totp_step("alice", 100).await.unwrap());
+    assert!(!store.consume_totp_step("alice", 99).await.unwrap());
+    assert!(store.consume_totp_step("alice", 101).await.unwrap());
+
+    // Audit search filters and orders by time.
+    store
+        .append_audit(&event("a2", "login_succeeded", "bob", 30_000))
+        .await
+        .unwrap();
+    store
+        .append_audit(&event("a1", "login_succeeded", "alice", 20_000))
+        .await
+        .unwrap();
+    let ok = store
+        .search_audit(&AuditFilter {
+            kind: Some("login_succeeded".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        ok.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        ["a1", "a2"]
+    );
+    let bobs = store
+        .search_audit(&AuditFilter {
+            actor: Some("bob".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(bobs.len(), 1);
+    assert_eq!(store.list_users().await.unwrap().len(), 1);
+}
+
+#[test]
+fn store_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let store = Store::open(&Storage::Sqlite, dir.path()).await.unwrap();
+        exercise(&store).await;
+        // Reopening runs no migration twice and keeps the data.
+        drop(store);
+        let again = Store::open(&Storage::Sqlite, dir.path()).await.unwrap();
+        assert!(again.get_user("alice").await.unwrap().is_some());
+    });
+}
+
+#[test]
+fn store_on_postgresql() {
+    let pg = Postgres::builder().start().unwrap();
+    pg.create_database("wicket").unwrap();
+    let url = pg.url("wicket");
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        // Two stores opening at once: migrations serialize on the advisory lock.
+        let storage = Storage::Postgres(url.clone());
+        let (a, b) = tokio::join!(
+            Store::open(&storage, dir.path()),
+            Store::open(&storage, dir.path())
+        );
+        let (a, _b) = (a.unwrap(), b.unwrap());
+        exercise(&a).await;
+    });
+    assert_eq!(
+        pg.psql("wicket", "select count(*) from schema_migrations")
+            .unwrap(),
+        "1"
+    );
+}
+
+#[test]
+fn two_wicketds_share_postgresql_state() {
+    let pg = Postgres::builder().start().unwrap();
+    pg.create_database("wicket").unwrap();
+    let yaml = format!(
+        "version: 1\nstorage: {}\nroles:\n  access:\n    logins: [\"{{{{user}}}}\"]\n    nodes: {{ env: dev }}\n",
+        pg.url("wicket")
+    );
+    let d1 = Wicketd::builder().config(yaml.clone()).start().unwrap();
+    let d2 = Wicketd::builder().config(yaml).start().unwrap();
+    // The two daemons must share one CA for certificates to work across them;
+    // here each has its own data dir, so each user logs in to one daemon, and
+    // the shared state is the user table and the audit log.
+    d1.add_user("alice", "access", "correct horse battery", false)
+        .unwrap();
+    let cli = WicketCli::new().unwrap();
+    let out = cli
+        .login(&d2, "alice", "correct horse battery", &[])
+        .unwrap();
+    assert!(
+        out.ok,
+        "user added through one wicketd logs in through the other: {}",
+        out.stderr
+    );
+    let n = pg
+        .psql(
+            "wicket",
+            "select count(*) from audit_events where kind = 'login_succeeded'",
+        )
+        .unwrap();
+    assert_eq!(n, "1");
+}
