@@ -99,6 +99,7 @@ async fn accept_loop(
             },
             _ = shutdown.changed() => break,
         };
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let router = router.clone();
         let wicket = wicket.clone();

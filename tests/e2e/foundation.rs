@@ -523,3 +523,50 @@ fn example_config_starts_and_several_users_log_in_side_by_side() {
         .unwrap();
     assert!(again.ok, "{}", again.stderr);
 }
+
+#[test]
+fn password_from_environment_insecure_first_contact_and_per_source_limit() {
+    let d = Wicketd::builder().start().unwrap();
+    d.add_user("gina", "access", PASSWORD, false).unwrap();
+    let cli = WicketCli::new().unwrap();
+    let proxy = d.proxy();
+    // WICKET_PASSWORD and --insecure (no pin): works, warns, and saves the CA.
+    let mut cmd = cli.cmd().unwrap();
+    let out = cmd
+        .args(["login", "--proxy", &proxy, "--user", "gina", "--insecure"])
+        .env("WICKET_PASSWORD", PASSWORD)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("warning: --insecure"));
+    assert_eq!(cli.status().unwrap()["user"], "gina");
+    // Without a terminal or a password source the CLI says so.
+    let out = cli
+        .cmd()
+        .unwrap()
+        .args(["login", "--proxy", &proxy, "--user", "gina"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--password-stdin or WICKET_PASSWORD"));
+    // 20 failures from one source (different users) lock that source out,
+    // even for a correct password.
+    for i in 0..20 {
+        let r = cli
+            .login(&d, &format!("nobody{i}"), "wrong password!", &[])
+            .unwrap();
+        assert!(!r.ok);
+    }
+    let r = cli.login(&d, "gina", PASSWORD, &[]).unwrap();
+    assert!(
+        !r.ok && r.stderr.contains("too many failed attempts"),
+        "{}",
+        r.stderr
+    );
+}
