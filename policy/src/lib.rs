@@ -11,12 +11,17 @@
 //! format into these validated types) and does not persist anything.
 
 mod labels;
+pub mod request;
 mod roles;
 mod rules;
 
 pub use labels::{LabelSelector, Labels};
 pub use roles::{
     DatabaseGrant, KubernetesGrant, Resource, ResourceKind, Role, RoleSet, SshLoginGrant,
+};
+pub use request::{
+    AccessRequest, Actor, Effect, Engine, Event, NewRequest, Recipients, RequestError, Requester, Review,
+    Risk, State, Urgency, Verdict,
 };
 pub use rules::{
     ApprovalRule, BreakGlassSettings, Directory, OncallSchedule, RequestSettings, Requirement,

@@ -14,7 +14,12 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use wicket_api::{Certificates, ErrorBody, LoginRequest, Me, Ping, ReissueRequest, Resources};
+use wicket_api::{
+    ActionBody, BreakGlassBody, Certificates, CreateRequest, ErrorBody, Grant, LoginRequest, Me, Notification, Ping,
+    ReissueRequest, Resources, ReviewBody,
+};
+use axum::extract::Path;
+use crate::requests::Listing;
 use wicket_ca::VerifiedClientCert;
 
 /// Largest request body accepted anywhere in the API.
@@ -185,6 +190,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/me", get(me))
         .route("/v1/resources", get(resources))
         .route("/v1/audit", get(audit))
+        .route("/v1/requests", post(create_request).get(list_requests))
+        .route("/v1/requests/{id}", get(show_request))
+        .route("/v1/requests/{id}/review", post(review_request))
+        .route("/v1/requests/{id}/{action}", post(request_action))
+        .route("/v1/break-glass", post(break_glass))
+        .route("/v1/notifications", get(notifications))
         .fallback(|| async { Error::NotFound("no such API endpoint".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(reject_oversized))
@@ -275,6 +286,82 @@ async fn audit(
         w.search_audit(&caller, q.actor, q.kind, q.request, q.limit.unwrap_or(1000))
             .await?,
     ))
+}
+
+async fn create_request(
+    State(w): State<AppState>,
+    Authenticated(caller): Authenticated,
+    ApiJson(body): ApiJson<CreateRequest>,
+) -> ApiResult<Grant> {
+    Ok(Json(w.create_request(&caller, body, crate::clock::now()).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    mine: Option<bool>,
+    reviewable: Option<bool>,
+    state: Option<String>,
+}
+
+async fn list_requests(
+    State(w): State<AppState>,
+    Authenticated(caller): Authenticated,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Vec<Grant>> {
+    let Query(q) = query.map_err(|e| Error::BadRequest(e.body_text()))?;
+    let listing = match (q.mine.unwrap_or(false), q.reviewable.unwrap_or(false)) {
+        (true, true) => return Err(Error::BadRequest("choose mine or reviewable, not both".into())),
+        (true, false) => Listing::Mine,
+        (false, true) => Listing::Reviewable,
+        (false, false) => Listing::All,
+    };
+    Ok(Json(w.list_requests(&caller, listing, q.state.as_deref(), crate::clock::now()).await?))
+}
+
+async fn show_request(State(w): State<AppState>, Authenticated(caller): Authenticated, Path(id): Path<String>) -> ApiResult<Grant> {
+    Ok(Json(w.show_request(&caller, &id, crate::clock::now()).await?))
+}
+
+async fn review_request(
+    State(w): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ReviewBody>,
+) -> ApiResult<Grant> {
+    Ok(Json(w.review_request(&caller, &id, body, crate::clock::now()).await?))
+}
+
+async fn request_action(
+    State(w): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Path((id, action)): Path<(String, String)>,
+    ApiJson(body): ApiJson<ActionBody>,
+) -> ApiResult<Grant> {
+    Ok(Json(w.request_action(&caller, &id, &action, body, crate::clock::now()).await?))
+}
+
+async fn break_glass(
+    State(w): State<AppState>,
+    Authenticated(caller): Authenticated,
+    ApiJson(body): ApiJson<BreakGlassBody>,
+) -> ApiResult<Grant> {
+    Ok(Json(w.break_glass(&caller, body, crate::clock::now()).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NotificationQuery {
+    request: Option<String>,
+}
+
+async fn notifications(
+    State(w): State<AppState>,
+    Authenticated(caller): Authenticated,
+    query: Result<Query<NotificationQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Vec<Notification>> {
+    let Query(q) = query.map_err(|e| Error::BadRequest(e.body_text()))?;
+    Ok(Json(w.notifications(&caller, q.request.as_deref()).await?))
 }
 
 #[cfg(test)]

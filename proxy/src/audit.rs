@@ -45,12 +45,23 @@ pub enum AuditEvent {
         action: String,
         reason: String,
     },
+    /// A step in an access request's life (`request_created`,
+    /// `request_approved`, `grant_activated`, `grant_revoked`, ...): the kind
+    /// comes from the policy state machine's audit effect.
+    AccessRequest {
+        action: String,
+        actor: String,
+        request_id: String,
+        state: String,
+        detail: String,
+    },
 }
 
 impl AuditEvent {
     /// The stored kind: the variant's snake_case name.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> &str {
         match self {
+            Self::AccessRequest { action, .. } => action,
             Self::UserCreated { .. } => "user_created",
             Self::LoginSucceeded { .. } => "login_succeeded",
             Self::LoginFailed { .. } => "login_failed",
@@ -66,12 +77,14 @@ impl AuditEvent {
             | Self::LoginFailed { user, .. }
             | Self::LoginRateLimited { user, .. }
             | Self::AccessDenied { user, .. } => user,
+            Self::AccessRequest { actor, .. } => actor,
         }
     }
 
     pub fn request_id(&self) -> Option<&str> {
         match self {
             Self::LoginSucceeded { request_ids, .. } => request_ids.first().map(String::as_str),
+            Self::AccessRequest { request_id, .. } => Some(request_id),
             _ => None,
         }
     }

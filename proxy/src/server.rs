@@ -65,6 +65,7 @@ pub async fn start(config: Config) -> Result<Running> {
     let tls_config = tls::server_config(&keys, &names, now.timestamp())?;
     let wicket = Arc::new(Wicket::new(config, store, keys));
     let (shutdown, rx) = watch::channel(false);
+    tokio::spawn(scheduler(wicket.clone(), rx.clone()));
     let task = tokio::spawn(accept_loop(
         listener,
         TlsAcceptor::from(tls_config),
@@ -79,6 +80,23 @@ pub async fn start(config: Config) -> Result<Running> {
         shutdown,
         task,
     })
+}
+
+/// How often due request timers are checked.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Drives request timers from the store: on start (so every transition that
+/// became due while wicketd was down happens at once) and then every tick.
+async fn scheduler(wicket: Arc<Wicket>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        if let Err(e) = wicket.tick_due(clock::now()).await {
+            tracing::warn!(error = %e, "request timers failed");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {},
+            _ = shutdown.changed() => break,
+        }
+    }
 }
 
 async fn accept_loop(

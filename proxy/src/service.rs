@@ -26,7 +26,7 @@ pub struct Wicket {
     pub store: Store,
     pub keys: AuthorityKeys,
     pub trusted_tls: TrustedX509Cas,
-    rng: SystemRandom,
+    pub(crate) rng: SystemRandom,
 }
 
 impl std::fmt::Debug for Wicket {
@@ -85,7 +85,7 @@ impl Wicket {
         }
     }
 
-    async fn audit(&self, event: AuditEvent, now: DateTime<Utc>) -> Result<()> {
+    pub(crate) async fn audit(&self, event: AuditEvent, now: DateTime<Utc>) -> Result<()> {
         tracing::info!(kind = event.kind(), actor = event.actor(), "audit");
         self.store
             .append_audit(&event.to_row(now.timestamp_millis()))
@@ -93,7 +93,7 @@ impl Wicket {
     }
 
     /// The user's standing roles that exist in the current policy.
-    fn standing_roles(&self, user: &UserRecord) -> Vec<String> {
+    pub(crate) fn standing_roles(&self, user: &UserRecord) -> Vec<String> {
         user.roles
             .iter()
             .filter(|r| self.config.policy.roles.contains(r))
@@ -227,34 +227,37 @@ impl Wicket {
 
     /// New certificates for new keys, authenticated by the current client
     /// certificate (never the password again).
-    pub async fn reissue(
-        &self,
-        caller: &Caller,
-        req: ReissueRequest,
-        now: DateTime<Utc>,
-    ) -> Result<Certificates> {
+    pub async fn reissue(&self, caller: &Caller, req: ReissueRequest, now: DateTime<Utc>) -> Result<Certificates> {
         let keys = parse_client_keys(&req.ssh_public_key, &req.tls_csr_pem)?;
         let user = self.active_user(caller).await?;
-        if let Some(id) = req.request_ids.first() {
-            return Err(Error::NotFound(format!("access request {id:?} not found")));
+        let mut ids = req.request_ids.clone();
+        ids.sort();
+        ids.dedup();
+        let grants = self.active_grants(&user.name, &ids, now).await?;
+        let mut roles = self.standing_roles(&user);
+        for g in &grants {
+            for r in &g.granted_roles {
+                if !roles.contains(r) {
+                    roles.push(r.clone());
+                }
+            }
         }
-        let roles = self.standing_roles(&user);
-        let window = Validity::new(now.timestamp(), (now + self.config.login_ttl).timestamp())?;
-        self.issue(
-            &user.name,
-            roles,
-            Vec::new(),
-            window,
-            &keys,
-            "certificate",
-            &caller.source.to_string(),
-            now,
-        )
-        .await
+        // A certificate for grants is valid exactly for their common window;
+        // without grants, for the login TTL.
+        let window = if grants.is_empty() {
+            Validity::new(now.timestamp(), (now + self.config.login_ttl).timestamp())?
+        } else {
+            let start = grants.iter().filter_map(|g| g.starts_at).max().unwrap_or(now);
+            let end = grants.iter().filter_map(|g| g.expires_at).min().unwrap_or(now);
+            Validity::new(start.timestamp(), end.timestamp())
+                .map_err(|_| Error::Forbidden("the requested grants have no time in common".into()))?
+        };
+        self.issue(&user.name, roles, ids, window, &keys, "certificate", &caller.source.to_string(), now)
+            .await
     }
 
     /// The caller's user record, if it still exists and is enabled.
-    async fn active_user(&self, caller: &Caller) -> Result<UserRecord> {
+    pub(crate) async fn active_user(&self, caller: &Caller) -> Result<UserRecord> {
         match self.store.get_user(&caller.user).await? {
             Some(u) if !u.disabled => Ok(u),
             _ => Err(Error::Unauthenticated(format!(
@@ -355,11 +358,23 @@ impl Wicket {
     pub async fn me(&self, caller: &Caller) -> Result<Me> {
         let user = self.active_user(caller).await?;
         let standing = self.standing_roles(&user);
+        let mut roles = standing.clone();
+        let mut active = Vec::new();
+        for id in &caller.request_ids {
+            if let Ok(g) = self.active_grants(&user.name, std::slice::from_ref(id), crate::clock::now()).await {
+                for r in &g[0].granted_roles {
+                    if !roles.contains(r) {
+                        roles.push(r.clone());
+                    }
+                }
+                active.push(id.clone());
+            }
+        }
         Ok(Me {
             user: user.name,
-            roles: standing.clone(),
+            roles,
             standing_roles: standing,
-            request_ids: Vec::new(),
+            request_ids: active,
             team: user.team,
         })
     }

@@ -25,7 +25,8 @@ struct Migration {
     sql: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
+const MIGRATIONS: &[Migration] = &[
+    Migration {
     version: 1,
     sql: r#"
 CREATE TABLE users (
@@ -58,6 +59,34 @@ CREATE TABLE login_failures (
 );
 CREATE INDEX login_failures_user ON login_failures (user_name, time);
 CREATE INDEX login_failures_source ON login_failures (source, time)
+"#,
+    },
+    Migration {
+        version: 2,
+        sql: r#"
+CREATE TABLE access_requests (
+    id TEXT PRIMARY KEY,
+    requester TEXT NOT NULL,
+    state TEXT NOT NULL,
+    next_deadline BIGINT,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    version BIGINT NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX access_requests_requester ON access_requests (requester, state);
+CREATE INDEX access_requests_state ON access_requests (state);
+CREATE INDEX access_requests_deadline ON access_requests (next_deadline);
+CREATE TABLE notifications (
+    id TEXT PRIMARY KEY,
+    time BIGINT NOT NULL,
+    request_id TEXT,
+    recipients TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    urgent BIGINT NOT NULL,
+    delivered BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX notifications_request ON notifications (request_id)
 "#,
 }];
 
@@ -363,6 +392,165 @@ impl Store {
         Ok(())
     }
 
+    // ---- access requests ---------------------------------------------------
+
+    /// Inserts a new request with its effects' rows, atomically.
+    pub async fn insert_request(&self, req: &StoredRequest, audit: &[AuditRow], notes: &[NotificationRow]) -> Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO access_requests (id, requester, state, next_deadline, created_at, updated_at, version, doc) VALUES ($1, $2, $3, $4, $5, $6, 1, $7)",
+        )
+        .bind(&req.id)
+        .bind(&req.requester)
+        .bind(&req.state)
+        .bind(req.next_deadline)
+        .bind(req.created_at)
+        .bind(req.updated_at)
+        .bind(&req.doc)
+        .execute(&mut *tx)
+        .await?;
+        for a in audit {
+            insert_audit(&mut tx, a).await?;
+        }
+        for n in notes {
+            insert_notification(&mut tx, n).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Replaces a request if it is still at `version` (optimistic
+    /// concurrency: two proxies never both apply a transition). Returns false
+    /// when someone else changed it first; nothing is written then.
+    pub async fn update_request(
+        &self,
+        req: &StoredRequest,
+        version: i64,
+        audit: &[AuditRow],
+        notes: &[NotificationRow],
+    ) -> Result<bool> {
+        let mut tx = self.begin().await?;
+        let r = sqlx::query(
+            "UPDATE access_requests SET state = $1, next_deadline = $2, updated_at = $3, doc = $4, version = version + 1 WHERE id = $5 AND version = $6",
+        )
+        .bind(&req.state)
+        .bind(req.next_deadline)
+        .bind(req.updated_at)
+        .bind(&req.doc)
+        .bind(&req.id)
+        .bind(version)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() != 1 {
+            return Ok(false);
+        }
+        for a in audit {
+            insert_audit(&mut tx, a).await?;
+        }
+        for n in notes {
+            insert_notification(&mut tx, n).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn get_request(&self, id: &str) -> Result<Option<(StoredRequest, i64)>> {
+        let row = sqlx::query(
+            "SELECT id, requester, state, next_deadline, created_at, updated_at, doc, version FROM access_requests WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok((stored_from_row(&r)?, r.try_get::<i64, _>(7)?))).transpose()
+    }
+
+    /// Requests filtered by requester and/or states, newest first.
+    pub async fn list_requests(&self, requester: Option<&str>, states: &[&str], limit: i64) -> Result<Vec<StoredRequest>> {
+        let mut sql = String::from(
+            "SELECT id, requester, state, next_deadline, created_at, updated_at, doc FROM access_requests WHERE 1 = 1",
+        );
+        let mut n = 0;
+        if requester.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND requester = ${n}"));
+        }
+        if !states.is_empty() {
+            let marks: Vec<String> = states.iter().map(|_| { n += 1; format!("${n}") }).collect();
+            sql.push_str(&format!(" AND state IN ({})", marks.join(", ")));
+        }
+        sql.push_str(&format!(" ORDER BY created_at DESC, id LIMIT ${}", n + 1));
+        let mut q = sqlx::query(&sql);
+        if let Some(r) = requester {
+            q = q.bind(r);
+        }
+        for s in states {
+            q = q.bind(*s);
+        }
+        let rows = q.bind(limit).fetch_all(&self.pool).await?;
+        rows.iter().map(stored_from_row).collect()
+    }
+
+    /// IDs of requests whose next deadline is at or before `now_ms`.
+    pub async fn due_requests(&self, now_ms: i64, limit: i64) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT id FROM access_requests WHERE next_deadline IS NOT NULL AND next_deadline <= $1 ORDER BY next_deadline LIMIT $2",
+        )
+        .bind(now_ms)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok(r.try_get::<String, _>(0)?)).collect()
+    }
+
+    /// Number of audit events linked to `request_id` of the given kinds.
+    pub async fn count_request_events(&self, request_id: &str, kinds: &[&str]) -> Result<i64> {
+        let marks: Vec<String> = (0..kinds.len()).map(|i| format!("${}", i + 2)).collect();
+        let sql = format!(
+            "SELECT COUNT(*) FROM audit_events WHERE request_id = $1 AND kind IN ({})",
+            if marks.is_empty() { "''".to_owned() } else { marks.join(", ") }
+        );
+        let mut q = sqlx::query(&sql).bind(request_id);
+        for k in kinds {
+            q = q.bind(*k);
+        }
+        Ok(q.fetch_one(&self.pool).await?.try_get::<i64, _>(0)?)
+    }
+
+    /// Users holding any of `roles` (for resolving `role:R` recipients).
+    pub async fn users_with_roles(&self, roles: &[String]) -> Result<Vec<String>> {
+        Ok(self
+            .list_users()
+            .await?
+            .into_iter()
+            .filter(|u| !u.disabled && u.roles.iter().any(|r| roles.contains(r)))
+            .map(|u| u.name)
+            .collect())
+    }
+
+    pub async fn notifications(&self, request_id: Option<&str>) -> Result<Vec<NotificationRow>> {
+        let rows = match request_id {
+            Some(id) => sqlx::query("SELECT id, time, request_id, recipients, subject, urgent FROM notifications WHERE request_id = $1 ORDER BY time, id")
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?,
+            None => sqlx::query("SELECT id, time, request_id, recipients, subject, urgent FROM notifications ORDER BY time, id")
+                .fetch_all(&self.pool)
+                .await?,
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(NotificationRow {
+                    id: r.try_get(0)?,
+                    time_ms: r.try_get(1)?,
+                    request_id: r.try_get(2)?,
+                    recipients: parse_list(&r.try_get::<String, _>(3)?)?,
+                    subject: r.try_get(4)?,
+                    urgent: r.try_get::<i64, _>(5)? != 0,
+                })
+            })
+            .collect()
+    }
+
     // ---- audit -------------------------------------------------------------
 
     pub async fn append_audit(&self, event: &AuditRow) -> Result<()> {
@@ -410,6 +598,56 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// An access request row: indexed columns plus the JSON document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRequest {
+    pub id: String,
+    pub requester: String,
+    pub state: String,
+    pub next_deadline: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub doc: String,
+}
+
+/// A queued notification (the outbox that delivery channels read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotificationRow {
+    pub id: String,
+    pub time_ms: i64,
+    pub request_id: Option<String>,
+    pub recipients: Vec<String>,
+    pub subject: String,
+    pub urgent: bool,
+}
+
+fn stored_from_row(r: &AnyRow) -> Result<StoredRequest> {
+    Ok(StoredRequest {
+        id: r.try_get(0)?,
+        requester: r.try_get(1)?,
+        state: r.try_get(2)?,
+        next_deadline: r.try_get(3)?,
+        created_at: r.try_get(4)?,
+        updated_at: r.try_get(5)?,
+        doc: r.try_get(6)?,
+    })
+}
+
+async fn insert_notification(tx: &mut Transaction<'static, Any>, n: &NotificationRow) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO notifications (id, time, request_id, recipients, subject, urgent) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&n.id)
+    .bind(n.time_ms)
+    .bind(&n.request_id)
+    .bind(json_list(&n.recipients)?)
+    .bind(&n.subject)
+    .bind(i64::from(n.urgent))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Inserts an audit row inside the caller's transaction.

@@ -149,6 +149,131 @@ pub struct AuditEventView {
     pub data: serde_json::Value,
 }
 
+/// `POST /v1/requests`: ask for roles. Accepts Wicket's shape (`roles`,
+/// `duration: "2h"`) and the feature request's (`role`, `duration_hours`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticket_url: Option<String>,
+    /// `90m`, `2h`, `1h30m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_hours: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_at: Option<DateTime<Utc>>,
+    /// `low`, `normal` (default), `high`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub urgency: Option<String>,
+    #[serde(default)]
+    pub resources: Vec<String>,
+}
+
+/// `POST /v1/requests/{id}/review`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReviewBody {
+    /// `approve`, `deny`, `ask-info`, `acknowledge`.
+    pub verdict: String,
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roles: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_at: Option<DateTime<Utc>>,
+}
+
+/// Body of update / revoke / extend calls.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionBody {
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+}
+
+/// `POST /v1/break-glass`: an emergency grant with a fresh TOTP code.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakGlassBody {
+    pub roles: Vec<String>,
+    pub reason: String,
+    pub otp: Secret,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+}
+
+/// One review as shown.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReviewView {
+    pub reviewer: String,
+    pub verdict: String,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+    pub as_member_of: Vec<String>,
+}
+
+/// An access request and its grant, in the feature request's grant schema
+/// (id, requester, normal roles, granted roles, granted permissions,
+/// justification, ticket URL, approved_by/approved_at, starts_at/expires_at,
+/// status, actions_taken, revoked_by/revoke_reason) plus Wicket's details.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Grant {
+    pub id: String,
+    pub requester: String,
+    pub requester_normal_roles: Vec<String>,
+    pub requested_roles: Vec<String>,
+    pub granted_roles: Vec<String>,
+    pub granted_permissions: Vec<String>,
+    pub justification: String,
+    pub ticket_url: Option<String>,
+    pub approved_by: Option<String>,
+    pub approved_at: Option<DateTime<Utc>>,
+    pub starts_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub status: String,
+    pub actions_taken: i64,
+    pub revoked_by: Option<String>,
+    pub revoke_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub urgency: String,
+    pub requested_duration_secs: i64,
+    pub requested_start: Option<DateTime<Utc>>,
+    pub resources: Vec<String>,
+    pub break_glass: bool,
+    pub acknowledged_by: Option<String>,
+    pub escalated: bool,
+    pub extensions: u32,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub end_reason: Option<String>,
+    pub reviews: Vec<ReviewView>,
+    /// What is still needed before the grant activates (empty once decided).
+    pub still_needed: Vec<String>,
+    /// Users who may still review it.
+    pub can_review: Vec<String>,
+    /// What the requested roles add to the requester's standing roles.
+    pub risk: serde_json::Value,
+}
+
+/// A queued notification.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Notification {
+    pub time: DateTime<Utc>,
+    pub request_id: Option<String>,
+    pub recipients: Vec<String>,
+    pub subject: String,
+    pub urgent: bool,
+}
+
 /// Every error body: a machine-readable code and one human line.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ErrorBody {

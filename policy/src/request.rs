@@ -1,0 +1,1146 @@
+//! The access-request lifecycle as a state machine.
+//!
+//! [`Engine::create`] validates a new request; [`Engine::apply`] takes the
+//! current request, an [`Event`] and the current time, and returns the new
+//! request plus the [`Effect`]s the daemon must persist and deliver (audit
+//! events, notifications, sessions to end). Nothing here performs I/O or reads
+//! the clock; illegal transitions are errors with a reason.
+//!
+//! ```text
+//! pending ──approve(rule met)──▶ active ──expires_at──▶ expired
+//!    │  │                 └─(start in future)─▶ approved ──starts_at──▶ active
+//!    │  ├─deny──▶ denied        active/approved ──revoke──▶ revoked
+//!    │  ├─ask──▶ needs-info ──update──▶ pending     active ──drop──▶ expired
+//!    │  ├─cancel──▶ cancelled
+//!    └──pending_ttl──▶ expired
+//! ```
+
+use crate::rules::{ApprovalRule, Requirement, ReviewerSet};
+use crate::{Decision, Policy, ResourceKind, Subject};
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// Where a request is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    Pending,
+    NeedsInfo,
+    /// Approved, with a scheduled start in the future.
+    Approved,
+    Active,
+    Denied,
+    Expired,
+    Cancelled,
+    Revoked,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::NeedsInfo => "needs-info",
+            State::Approved => "approved",
+            State::Active => "active",
+            State::Denied => "denied",
+            State::Expired => "expired",
+            State::Cancelled => "cancelled",
+            State::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            State::Pending,
+            State::NeedsInfo,
+            State::Approved,
+            State::Active,
+            State::Denied,
+            State::Expired,
+            State::Cancelled,
+            State::Revoked,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, State::Denied | State::Expired | State::Cancelled | State::Revoked)
+    }
+
+    /// Awaiting a review.
+    pub fn is_open(self) -> bool {
+        matches!(self, State::Pending | State::NeedsInfo)
+    }
+}
+
+/// How urgent the requester says it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Urgency {
+    Low,
+    #[default]
+    Normal,
+    High,
+}
+
+/// What a reviewer decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    Approve,
+    Deny,
+    AskInfo,
+    /// After-the-fact review of a break-glass grant.
+    Acknowledge,
+}
+
+/// One review on the record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Review {
+    pub reviewer: String,
+    pub verdict: Verdict,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+    /// The reviewer sets the reviewer belonged to at review time (`role:sre`,
+    /// `oncall:sre`, `team_lead`, `user:bob`), which is what counts.
+    pub matched: Vec<String>,
+    /// Approve with a smaller scope.
+    pub roles: Option<Vec<String>>,
+    pub duration_secs: Option<i64>,
+    pub start_at: Option<DateTime<Utc>>,
+}
+
+/// An access request and, once approved, its grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessRequest {
+    pub id: String,
+    pub requester: String,
+    /// The requester's standing roles when the request was made.
+    pub requester_roles: Vec<String>,
+    pub requester_team_lead: Option<String>,
+    pub roles: Vec<String>,
+    pub resources: Vec<String>,
+    pub reason: String,
+    pub ticket_url: Option<String>,
+    pub urgency: Urgency,
+    pub requested_duration_secs: i64,
+    pub requested_start: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub state: State,
+    pub reviews: Vec<Review>,
+    pub escalated: bool,
+    pub break_glass: bool,
+    /// The grant (set on approval).
+    pub granted_roles: Vec<String>,
+    pub starts_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub approved_at: Option<DateTime<Utc>>,
+    pub extensions: u32,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub end_reason: Option<String>,
+    pub revoked_by: Option<String>,
+    pub revoke_reason: Option<String>,
+}
+
+impl AccessRequest {
+    /// Whether the grant counts for access at `now`: active and inside its window.
+    pub fn grants_at(&self, now: DateTime<Utc>) -> bool {
+        self.state == State::Active
+            && self.starts_at.is_some_and(|s| s <= now)
+            && self.expires_at.is_some_and(|e| now < e)
+    }
+
+    pub fn approvers(&self) -> Vec<String> {
+        self.reviews
+            .iter()
+            .filter(|r| r.verdict == Verdict::Approve)
+            .map(|r| r.reviewer.clone())
+            .collect()
+    }
+}
+
+/// The requester as the daemon knows them.
+#[derive(Debug, Clone)]
+pub struct Requester<'a> {
+    pub name: &'a str,
+    pub roles: &'a [String],
+}
+
+/// What a user asks for.
+#[derive(Debug, Clone, Default)]
+pub struct NewRequest {
+    pub id: String,
+    pub roles: Vec<String>,
+    pub resources: Vec<String>,
+    pub reason: String,
+    pub ticket_url: Option<String>,
+    pub urgency: Urgency,
+    pub duration: Option<Duration>,
+    pub start_at: Option<DateTime<Utc>>,
+    /// Break-glass: active at once, no approval; the caller has checked a
+    /// fresh second factor and says so here.
+    pub break_glass: bool,
+    pub mfa_verified: bool,
+}
+
+/// The actor of an event: a user and their standing roles.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub name: String,
+    pub roles: Vec<String>,
+}
+
+/// Something that happens to a request.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Review {
+        by: Actor,
+        verdict: Verdict,
+        reason: String,
+        roles: Option<Vec<String>>,
+        duration: Option<Duration>,
+        start_at: Option<DateTime<Utc>>,
+    },
+    /// The requester answers a needs-info question.
+    Update { by: String, reason: String },
+    Cancel { by: String },
+    /// A timer fired: expiry, escalation, scheduled start.
+    Tick,
+    /// The holder ends the grant early.
+    Drop { by: String },
+    Revoke { by: Actor, reason: String },
+    Extend { by: String, duration: Duration },
+}
+
+/// Who to notify.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "to", content = "who")]
+pub enum Recipients {
+    User(String),
+    Sets(Vec<String>),
+}
+
+/// What the daemon must do after a transition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "effect")]
+pub enum Effect {
+    /// Record an audit event of `kind` by `actor` with a human `detail`.
+    Audit { kind: String, actor: String, detail: String },
+    Notify { recipients: Recipients, subject: String, urgent: bool },
+    /// The grant is over: certificates carrying it stop counting, and live
+    /// sessions using it end (unless configured to finish).
+    EndSessions { reason: String },
+}
+
+/// Why a request or event was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("request is {state}: {what}")]
+    IllegalTransition { state: &'static str, what: String },
+}
+
+/// Risk assessment: what the requested roles grant beyond the standing ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Risk {
+    pub new_roles: Vec<String>,
+    pub ssh: Vec<String>,
+    pub databases: Vec<String>,
+    pub kubernetes: Vec<String>,
+    pub permissions: Vec<String>,
+    pub max_duration_secs: i64,
+}
+
+fn illegal(state: State, what: impl Into<String>) -> RequestError {
+    RequestError::IllegalTransition {
+        state: state.as_str(),
+        what: what.into(),
+    }
+}
+
+fn audit(kind: &str, actor: &str, detail: impl Into<String>) -> Effect {
+    Effect::Audit {
+        kind: kind.into(),
+        actor: actor.into(),
+        detail: detail.into(),
+    }
+}
+
+/// The policy engine for access requests.
+#[derive(Debug, Clone, Copy)]
+pub struct Engine<'a> {
+    pub policy: &'a Policy,
+}
+
+impl<'a> Engine<'a> {
+    pub fn new(policy: &'a Policy) -> Self {
+        Self { policy }
+    }
+
+    /// The longest grant allowed for `roles`: the global maximum capped by
+    /// every role's own maximum.
+    pub fn max_duration(&self, roles: &[String]) -> Duration {
+        roles
+            .iter()
+            .filter_map(|r| self.policy.roles.get(r).and_then(|r| r.max_duration))
+            .fold(self.policy.requests.max_duration, |acc, d| acc.min(d))
+    }
+
+    /// The approval rules that apply to `role` for a request on `resources`:
+    /// rules with an environment apply when a named resource matches it;
+    /// otherwise the rules without one.
+    fn rules_for(&self, role: &str, resources: &[String]) -> Vec<&'a ApprovalRule> {
+        let for_role: Vec<&ApprovalRule> = self
+            .policy
+            .approval
+            .iter()
+            .filter(|r| r.roles.iter().any(|x| x == role || x == "*"))
+            .collect();
+        let env_match: Vec<&ApprovalRule> = for_role
+            .iter()
+            .copied()
+            .filter(|r| {
+                r.environment.as_ref().is_some_and(|sel| {
+                    resources.iter().any(|name| {
+                        self.policy
+                            .resources
+                            .iter()
+                            .any(|res| &res.name == name && sel.matches(&res.labels))
+                    })
+                })
+            })
+            .collect();
+        if !env_match.is_empty() {
+            return env_match;
+        }
+        for_role.into_iter().filter(|r| r.environment.is_none()).collect()
+    }
+
+    /// The reviewer sets `actor` belongs to at `now`, for `req`.
+    fn membership(&self, req: &AccessRequest, actor: &Actor, now: DateTime<Utc>) -> Vec<ReviewerSet> {
+        let mut sets = Vec::new();
+        for r in &actor.roles {
+            sets.push(ReviewerSet::Role(r.clone()));
+        }
+        sets.push(ReviewerSet::User(actor.name.clone()));
+        if req.requester_team_lead.as_deref() == Some(actor.name.as_str()) {
+            sets.push(ReviewerSet::TeamLead);
+        }
+        for (name, sched) in &self.policy.directory.oncall {
+            if sched.on_call(now) == Some(actor.name.as_str()) {
+                sets.push(ReviewerSet::Oncall(name.clone()));
+            }
+        }
+        sets
+    }
+
+    /// May `actor` review `req` now? One policy decision with its reason.
+    pub fn decide_review(&self, req: &AccessRequest, actor: &Actor, now: DateTime<Utc>) -> Decision {
+        if actor.name == req.requester {
+            return Decision::deny("requesters cannot review their own requests");
+        }
+        let member = self.membership(req, actor, now);
+        for role in &req.roles {
+            let rules = self.rules_for(role, &req.resources);
+            let named: Vec<&ReviewerSet> = rules
+                .iter()
+                .flat_map(|r| r.require.reviewer_sets().iter().chain(&r.secondary))
+                .collect();
+            if let Some(set) = named.iter().find(|s| member.contains(s)) {
+                return Decision::allow(format!("{} is {set} for role {role}", actor.name));
+            }
+            if named.is_empty() && self.policy.roles.may_review(&actor.roles, role) {
+                return Decision::allow(format!(
+                    "{}'s roles may review requests for {role}",
+                    actor.name
+                ));
+            }
+        }
+        Decision::deny(format!(
+            "{} is not an eligible reviewer for roles [{}]",
+            actor.name,
+            req.roles.join(", ")
+        ))
+    }
+
+    /// May `actor` see `req` in `--reviewable`?
+    pub fn is_reviewable_by(&self, req: &AccessRequest, actor: &Actor, now: DateTime<Utc>) -> bool {
+        req.state.is_open()
+            && !req.reviews.iter().any(|r| r.reviewer == actor.name)
+            && self.decide_review(req, actor, now).allowed
+    }
+
+    /// Whether the approvals so far meet every granted role's rule; if not,
+    /// what is still missing (human-readable, one entry per role).
+    pub fn requirement_status(&self, req: &AccessRequest, roles: &[String]) -> Result<(), Vec<String>> {
+        let approvals: Vec<(&str, Vec<ReviewerSet>)> = req
+            .reviews
+            .iter()
+            .filter(|r| r.verdict == Verdict::Approve && r.reviewer != req.requester)
+            .map(|r| {
+                (
+                    r.reviewer.as_str(),
+                    r.matched.iter().filter_map(|m| ReviewerSet::parse(m).ok()).collect(),
+                )
+            })
+            .collect();
+        let mut missing = Vec::new();
+        for role in roles {
+            let rules = self.rules_for(role, &req.resources);
+            if rules.is_empty() {
+                // No rule names reviewers: one approval from a holder of a
+                // role whose `review` covers it.
+                let ok = approvals.iter().any(|(_, sets)| {
+                    sets.iter().any(|s| match s {
+                        ReviewerSet::Role(r) => self.policy.roles.may_review(std::slice::from_ref(r), role),
+                        _ => false,
+                    })
+                });
+                if !ok {
+                    missing.push(format!("{role}: one approval from a reviewer of {role}"));
+                }
+                continue;
+            }
+            for rule in rules {
+                if let Some(m) = unmet(&rule.require, &approvals) {
+                    missing.push(format!("{role}: {m}"));
+                }
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(missing)
+        }
+    }
+
+    fn is_self_approved(&self, roles: &[String], resources: &[String]) -> bool {
+        roles.iter().all(|role| {
+            let rules = self.rules_for(role, resources);
+            !rules.is_empty() && rules.iter().all(|r| r.require == Requirement::SelfApprove)
+        })
+    }
+
+    /// Validates and creates a request (or a break-glass grant).
+    pub fn create(
+        &self,
+        new: NewRequest,
+        requester: &Requester<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<(AccessRequest, Vec<Effect>), RequestError> {
+        let settings = &self.policy.requests;
+        let invalid = |m: String| Err(RequestError::Invalid(m));
+        if new.roles.is_empty() {
+            return invalid("name at least one role (--roles)".into());
+        }
+        let mut seen = BTreeSet::new();
+        for role in &new.roles {
+            if !seen.insert(role) {
+                return invalid(format!("role {role} is listed twice"));
+            }
+            if !self.policy.roles.contains(role) {
+                return invalid(format!("unknown role {role:?}"));
+            }
+            if requester.roles.contains(role) {
+                return invalid(format!("you already hold role {role}"));
+            }
+            if !self.policy.roles.may_request(requester.roles, role) {
+                return Err(RequestError::Forbidden(format!(
+                    "your roles [{}] may not request role {role}",
+                    requester.roles.join(", ")
+                )));
+            }
+        }
+        for name in &new.resources {
+            if !self.policy.resources.iter().any(|r| &r.name == name) {
+                return invalid(format!("unknown resource {name:?}"));
+            }
+        }
+        let reason = new.reason.trim().to_owned();
+        if settings.require_reason && reason.is_empty() {
+            return invalid("a reason is required (--reason)".into());
+        }
+        if reason.len() > 2000 {
+            return invalid("the reason is longer than 2000 characters".into());
+        }
+        match &new.ticket_url {
+            Some(u) if !(u.starts_with("https://") || u.starts_with("http://")) || u.len() > 2000 => {
+                return invalid(format!("ticket URL {u:?} must be an http(s) URL"));
+            }
+            None if settings.require_ticket_url => {
+                return invalid("a ticket URL is required (--ticket)".into());
+            }
+            _ => {}
+        }
+        let max = if new.break_glass {
+            self.max_duration(&new.roles).min(self.policy.break_glass.max_duration)
+        } else {
+            self.max_duration(&new.roles)
+        };
+        let duration = new
+            .duration
+            .unwrap_or_else(|| settings.default_duration.min(max));
+        if duration < settings.min_duration {
+            return invalid(format!(
+                "duration must be at least {}s",
+                settings.min_duration.num_seconds()
+            ));
+        }
+        if duration > max {
+            return invalid(format!(
+                "duration {}s is longer than the {}s allowed for [{}]",
+                duration.num_seconds(),
+                max.num_seconds(),
+                new.roles.join(", ")
+            ));
+        }
+        if let Some(s) = new.start_at {
+            if !settings.allow_scheduled_start || new.break_glass {
+                return invalid("a scheduled start is not allowed here".into());
+            }
+            if s <= now {
+                return invalid("--start-at must be in the future".into());
+            }
+            if s > now + Duration::days(30) {
+                return invalid("--start-at must be within 30 days".into());
+            }
+        }
+        let mut req = AccessRequest {
+            id: new.id,
+            requester: requester.name.to_owned(),
+            requester_roles: requester.roles.to_vec(),
+            requester_team_lead: self
+                .policy
+                .directory
+                .team_lead_of(requester.name)
+                .map(str::to_owned),
+            roles: new.roles,
+            resources: new.resources,
+            reason,
+            ticket_url: new.ticket_url,
+            urgency: new.urgency,
+            requested_duration_secs: duration.num_seconds(),
+            requested_start: new.start_at,
+            created_at: now,
+            updated_at: now,
+            state: State::Pending,
+            reviews: Vec::new(),
+            escalated: false,
+            break_glass: new.break_glass,
+            granted_roles: Vec::new(),
+            starts_at: None,
+            expires_at: None,
+            approved_at: None,
+            extensions: 0,
+            ended_at: None,
+            end_reason: None,
+            revoked_by: None,
+            revoke_reason: None,
+        };
+        let mut effects = vec![audit(
+            "request_created",
+            requester.name,
+            format!(
+                "roles [{}] for {}s: {}",
+                req.roles.join(", "),
+                duration.num_seconds(),
+                req.reason
+            ),
+        )];
+        if new.break_glass {
+            let bg = &self.policy.break_glass;
+            if !bg.enabled {
+                return Err(RequestError::Forbidden("break-glass is disabled".into()));
+            }
+            if bg.require_mfa && !new.mfa_verified {
+                return Err(RequestError::Forbidden(
+                    "break-glass needs a fresh second factor (--otp)".into(),
+                ));
+            }
+            req.granted_roles = req.roles.clone();
+            self.activate(&mut req, now, &mut effects);
+            effects.push(audit(
+                "break_glass_used",
+                requester.name,
+                format!("emergency grant of [{}]: {}", req.roles.join(", "), req.reason),
+            ));
+            effects.push(Effect::Notify {
+                recipients: Recipients::Sets(bg.notify.iter().map(ToString::to_string).collect()),
+                subject: format!(
+                    "BREAK-GLASS: {} took [{}] without approval: {}",
+                    req.requester,
+                    req.roles.join(", "),
+                    req.reason
+                ),
+                urgent: true,
+            });
+            return Ok((req, effects));
+        }
+        if self.is_self_approved(&req.roles, &req.resources) {
+            req.granted_roles = req.roles.clone();
+            effects.push(audit("request_approved", requester.name, "self-approved by rule"));
+            self.activate(&mut req, now, &mut effects);
+            return Ok((req, effects));
+        }
+        effects.push(Effect::Notify {
+            recipients: Recipients::Sets(self.reviewer_sets(&req).into_iter().collect()),
+            subject: format!(
+                "{} requests [{}] for {}: {}",
+                req.requester,
+                req.roles.join(", "),
+                human(duration),
+                req.reason
+            ),
+            urgent: req.urgency == Urgency::High,
+        });
+        Ok((req, effects))
+    }
+
+    /// Every reviewer set named by the rules for `req` (or the roles whose
+    /// holders may review it when no rule names any).
+    pub fn reviewer_sets(&self, req: &AccessRequest) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for role in &req.roles {
+            let rules = self.rules_for(role, &req.resources);
+            for r in &rules {
+                out.extend(r.require.reviewer_sets().iter().map(ToString::to_string));
+            }
+            if rules.is_empty() {
+                out.extend(
+                    self.policy
+                        .roles
+                        .names()
+                        .filter(|n| self.policy.roles.may_review(&[n.to_string()], role))
+                        .map(|n| format!("role:{n}")),
+                );
+            }
+        }
+        out
+    }
+
+    fn secondary_sets(&self, req: &AccessRequest) -> BTreeSet<String> {
+        req.roles
+            .iter()
+            .flat_map(|role| self.rules_for(role, &req.resources))
+            .flat_map(|r| r.secondary.iter().map(ToString::to_string))
+            .collect()
+    }
+
+    /// Sets the grant window and moves to approved or active.
+    fn activate(&self, req: &mut AccessRequest, now: DateTime<Utc>, effects: &mut Vec<Effect>) {
+        let mut duration = Duration::seconds(req.requested_duration_secs);
+        let mut start = req.requested_start.unwrap_or(now);
+        for r in req.reviews.iter().filter(|r| r.verdict == Verdict::Approve) {
+            if let Some(d) = r.duration_secs {
+                duration = duration.min(Duration::seconds(d));
+            }
+            if let Some(s) = r.start_at {
+                start = start.max(s);
+            }
+        }
+        duration = duration.min(self.max_duration(&req.granted_roles));
+        let start = start.max(now);
+        // Whole seconds: certificates carry seconds.
+        let start = DateTime::<Utc>::from_timestamp(start.timestamp(), 0).unwrap_or(start);
+        req.starts_at = Some(start);
+        req.expires_at = Some(start + duration);
+        req.approved_at = Some(now);
+        req.updated_at = now;
+        if start > now {
+            req.state = State::Approved;
+            effects.push(audit(
+                "grant_scheduled",
+                &req.requester,
+                format!("[{}] from {} to {}", req.granted_roles.join(", "), start.to_rfc3339(), (start + duration).to_rfc3339()),
+            ));
+        } else {
+            req.state = State::Active;
+            effects.push(audit(
+                "grant_activated",
+                &req.requester,
+                format!("[{}] until {}", req.granted_roles.join(", "), (start + duration).to_rfc3339()),
+            ));
+        }
+        effects.push(Effect::Notify {
+            recipients: Recipients::User(req.requester.clone()),
+            subject: format!(
+                "request {} approved: [{}] from {} to {}",
+                req.id,
+                req.granted_roles.join(", "),
+                start.to_rfc3339(),
+                (start + duration).to_rfc3339()
+            ),
+            urgent: false,
+        });
+    }
+
+    fn end(&self, req: &mut AccessRequest, state: State, reason: &str, now: DateTime<Utc>, effects: &mut Vec<Effect>) {
+        req.state = state;
+        req.ended_at = Some(now);
+        req.end_reason = Some(reason.to_owned());
+        req.updated_at = now;
+        effects.push(Effect::EndSessions {
+            reason: format!("access request {} {}: {reason}", req.id, state.as_str()),
+        });
+    }
+
+    /// Applies `event` at `now`.
+    pub fn apply(
+        &self,
+        current: &AccessRequest,
+        event: Event,
+        now: DateTime<Utc>,
+    ) -> Result<(AccessRequest, Vec<Effect>), RequestError> {
+        let mut req = current.clone();
+        let mut effects = Vec::new();
+        let state = req.state;
+        match event {
+            Event::Tick => self.tick(&mut req, now, &mut effects),
+            Event::Review {
+                by,
+                verdict,
+                reason,
+                roles,
+                duration,
+                start_at,
+            } => {
+                if verdict == Verdict::Acknowledge {
+                    if !req.break_glass {
+                        return Err(RequestError::Invalid("only break-glass grants are acknowledged".into()));
+                    }
+                    if by.name == req.requester {
+                        return Err(RequestError::Forbidden("you cannot acknowledge your own break-glass grant".into()));
+                    }
+                    let d = self.decide_review(&req, &by, now);
+                    if !d.allowed && !self.policy.roles.may_revoke(&by.roles) {
+                        return Err(RequestError::Forbidden(d.reason));
+                    }
+                    if req.reviews.iter().any(|r| r.verdict == Verdict::Acknowledge) {
+                        return Err(RequestError::Invalid("already acknowledged".into()));
+                    }
+                    req.reviews.push(Review {
+                        reviewer: by.name.clone(),
+                        verdict,
+                        reason: reason.clone(),
+                        at: now,
+                        matched: Vec::new(),
+                        roles: None,
+                        duration_secs: None,
+                        start_at: None,
+                    });
+                    req.updated_at = now;
+                    effects.push(audit("break_glass_acknowledged", &by.name, reason));
+                    return Ok((req, effects));
+                }
+                if !state.is_open() {
+                    return Err(illegal(state, "only pending requests can be reviewed"));
+                }
+                if verdict == Verdict::Approve && state == State::NeedsInfo {
+                    return Err(illegal(state, "waiting for the requester to answer; approve after `wicket request update`"));
+                }
+                if reason.trim().is_empty() {
+                    return Err(RequestError::Invalid("a review needs a reason (--reason)".into()));
+                }
+                let decision = self.decide_review(&req, &by, now);
+                if !decision.allowed {
+                    return Err(RequestError::Forbidden(decision.reason));
+                }
+                if req.reviews.iter().any(|r| r.reviewer == by.name && r.verdict != Verdict::AskInfo) {
+                    return Err(RequestError::Invalid(format!("{} has already reviewed this request", by.name)));
+                }
+                if let Some(subset) = &roles {
+                    if subset.is_empty() || subset.iter().any(|r| !req.roles.contains(r)) {
+                        return Err(RequestError::Invalid("--roles must be a non-empty subset of the requested roles".into()));
+                    }
+                }
+                if let Some(d) = duration {
+                    if d <= Duration::zero() || d.num_seconds() > req.requested_duration_secs {
+                        return Err(RequestError::Invalid("--duration may only shorten the grant".into()));
+                    }
+                }
+                if let Some(s) = start_at {
+                    if s <= now || s > now + Duration::days(30) {
+                        return Err(RequestError::Invalid("--start-at must be in the future (within 30 days)".into()));
+                    }
+                }
+                let matched: Vec<String> = self.membership(&req, &by, now).iter().map(ToString::to_string).collect();
+                req.reviews.push(Review {
+                    reviewer: by.name.clone(),
+                    verdict,
+                    reason: reason.clone(),
+                    at: now,
+                    matched,
+                    roles: roles.clone(),
+                    duration_secs: duration.map(|d| d.num_seconds()),
+                    start_at,
+                });
+                req.updated_at = now;
+                match verdict {
+                    Verdict::Deny => {
+                        req.state = State::Denied;
+                        req.ended_at = Some(now);
+                        req.end_reason = Some(format!("denied by {}: {reason}", by.name));
+                        effects.push(audit("request_denied", &by.name, format!("{} ({})", reason, decision.reason)));
+                        effects.push(Effect::Notify {
+                            recipients: Recipients::User(req.requester.clone()),
+                            subject: format!("request {} denied by {}: {reason}", req.id, by.name),
+                            urgent: false,
+                        });
+                    }
+                    Verdict::AskInfo => {
+                        req.state = State::NeedsInfo;
+                        effects.push(audit("request_needs_info", &by.name, reason.clone()));
+                        effects.push(Effect::Notify {
+                            recipients: Recipients::User(req.requester.clone()),
+                            subject: format!("{} asks about request {}: {reason}", by.name, req.id),
+                            urgent: false,
+                        });
+                    }
+                    Verdict::Approve => {
+                        effects.push(audit("request_reviewed", &by.name, format!("approve: {} ({})", reason, decision.reason)));
+                        // The scope is the intersection of every approval's scope.
+                        let granted: Vec<String> = req
+                            .roles
+                            .iter()
+                            .filter(|r| {
+                                req.reviews
+                                    .iter()
+                                    .filter(|v| v.verdict == Verdict::Approve)
+                                    .all(|v| v.roles.as_ref().is_none_or(|s| s.contains(r)))
+                            })
+                            .cloned()
+                            .collect();
+                        if granted.is_empty() {
+                            return Err(RequestError::Invalid("the approvals' role subsets do not overlap".into()));
+                        }
+                        if self.requirement_status(&req, &granted).is_ok() {
+                            req.granted_roles = granted;
+                            effects.push(audit("request_approved", &by.name, format!("granted [{}]", req.granted_roles.join(", "))));
+                            self.activate(&mut req, now, &mut effects);
+                        }
+                    }
+                    Verdict::Acknowledge => {}
+                }
+            }
+            Event::Update { by, reason } => {
+                if by != req.requester {
+                    return Err(RequestError::Forbidden("only the requester can update a request".into()));
+                }
+                if state != State::NeedsInfo {
+                    return Err(illegal(state, "only a request that needs info can be updated"));
+                }
+                if reason.trim().is_empty() {
+                    return Err(RequestError::Invalid("an update needs a reason (--reason)".into()));
+                }
+                req.reason = format!("{}\n[update] {}", req.reason, reason.trim());
+                req.state = State::Pending;
+                req.updated_at = now;
+                effects.push(audit("request_updated", &by, reason));
+                effects.push(Effect::Notify {
+                    recipients: Recipients::Sets(self.reviewer_sets(&req).into_iter().collect()),
+                    subject: format!("{} answered on request {}", req.requester, req.id),
+                    urgent: false,
+                });
+            }
+            Event::Cancel { by } => {
+                if by != req.requester {
+                    return Err(RequestError::Forbidden("only the requester can cancel a request".into()));
+                }
+                if !(state.is_open() || state == State::Approved) {
+                    return Err(illegal(state, "only a pending or scheduled request can be cancelled"));
+                }
+                req.state = State::Cancelled;
+                req.ended_at = Some(now);
+                req.end_reason = Some("cancelled by the requester".into());
+                req.updated_at = now;
+                effects.push(audit("request_cancelled", &by, ""));
+            }
+            Event::Drop { by } => {
+                if by != req.requester {
+                    return Err(RequestError::Forbidden("only the holder can drop a grant".into()));
+                }
+                if !matches!(state, State::Active | State::Approved) {
+                    return Err(illegal(state, "only an active or scheduled grant can be dropped"));
+                }
+                self.end(&mut req, State::Expired, "dropped by its holder", now, &mut effects);
+                effects.push(audit("grant_dropped", &by, ""));
+            }
+            Event::Revoke { by, reason } => {
+                if !self.policy.roles.may_revoke(&by.roles) {
+                    return Err(RequestError::Forbidden(format!(
+                        "{}'s roles [{}] may not revoke grants",
+                        by.name,
+                        by.roles.join(", ")
+                    )));
+                }
+                if !matches!(state, State::Active | State::Approved) {
+                    return Err(illegal(state, "only an active or scheduled grant can be revoked"));
+                }
+                if reason.trim().is_empty() {
+                    return Err(RequestError::Invalid("a revoke needs a reason (--reason)".into()));
+                }
+                self.end(&mut req, State::Revoked, &format!("revoked by {}: {reason}", by.name), now, &mut effects);
+                req.revoked_by = Some(by.name.clone());
+                req.revoke_reason = Some(reason.clone());
+                effects.push(audit("grant_revoked", &by.name, reason.clone()));
+                effects.push(Effect::Notify {
+                    recipients: Recipients::User(req.requester.clone()),
+                    subject: format!("your grant {} was revoked by {}: {reason}", req.id, by.name),
+                    urgent: true,
+                });
+            }
+            Event::Extend { by, duration } => {
+                if by != req.requester {
+                    return Err(RequestError::Forbidden("only the holder can extend a grant".into()));
+                }
+                if state != State::Active {
+                    return Err(illegal(state, "only an active grant can be extended"));
+                }
+                if req.break_glass {
+                    return Err(RequestError::Forbidden("break-glass grants cannot be extended".into()));
+                }
+                if req.extensions >= self.policy.requests.max_extensions {
+                    return Err(RequestError::Forbidden(format!(
+                        "this grant has used its {} extension(s)",
+                        self.policy.requests.max_extensions
+                    )));
+                }
+                let (Some(start), Some(end)) = (req.starts_at, req.expires_at) else {
+                    return Err(illegal(state, "grant has no window"));
+                };
+                let max = self.max_duration(&req.granted_roles);
+                let new_end = end + duration;
+                if duration <= Duration::zero() || new_end - start > max {
+                    return Err(RequestError::Invalid(format!(
+                        "an extension may bring the grant to at most {} in total",
+                        human(max)
+                    )));
+                }
+                req.expires_at = Some(new_end);
+                req.extensions += 1;
+                req.updated_at = now;
+                effects.push(audit("grant_extended", &by, format!("until {}", new_end.to_rfc3339())));
+            }
+        }
+        Ok((req, effects))
+    }
+
+    fn tick(&self, req: &mut AccessRequest, now: DateTime<Utc>, effects: &mut Vec<Effect>) {
+        let settings = &self.policy.requests;
+        match req.state {
+            State::Pending | State::NeedsInfo => {
+                if now >= req.created_at + settings.pending_ttl {
+                    req.state = State::Expired;
+                    req.ended_at = Some(now);
+                    req.end_reason = Some("nobody answered in time".into());
+                    req.updated_at = now;
+                    effects.push(audit("request_expired", &req.requester.clone(), "pending too long"));
+                    effects.push(Effect::Notify {
+                        recipients: Recipients::User(req.requester.clone()),
+                        subject: format!("request {} expired unanswered", req.id),
+                        urgent: false,
+                    });
+                } else if !req.escalated && now >= req.created_at + settings.escalate_after {
+                    req.escalated = true;
+                    req.updated_at = now;
+                    let secondary: Vec<String> = self.secondary_sets(req).into_iter().collect();
+                    effects.push(audit("request_escalated", &req.requester.clone(), format!("notifying [{}]", secondary.join(", "))));
+                    if !secondary.is_empty() {
+                        effects.push(Effect::Notify {
+                            recipients: Recipients::Sets(secondary),
+                            subject: format!("escalated: {} waits for [{}]", req.requester, req.roles.join(", ")),
+                            urgent: req.urgency == Urgency::High,
+                        });
+                    }
+                }
+            }
+            State::Approved => {
+                if req.starts_at.is_some_and(|s| now >= s) {
+                    req.state = State::Active;
+                    req.updated_at = now;
+                    effects.push(audit("grant_activated", &req.requester.clone(), "scheduled start"));
+                    if req.expires_at.is_some_and(|e| now >= e) {
+                        self.end(req, State::Expired, "grant window ended", now, effects);
+                        effects.push(audit("grant_expired", &req.requester.clone(), ""));
+                    }
+                }
+            }
+            State::Active => {
+                if req.expires_at.is_some_and(|e| now >= e) {
+                    self.end(req, State::Expired, "grant window ended", now, effects);
+                    effects.push(audit("grant_expired", &req.requester.clone(), ""));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// When this request next needs a [`Event::Tick`], if ever.
+    pub fn next_deadline(&self, req: &AccessRequest) -> Option<DateTime<Utc>> {
+        let s = &self.policy.requests;
+        match req.state {
+            State::Pending | State::NeedsInfo => Some(if req.escalated {
+                req.created_at + s.pending_ttl
+            } else {
+                (req.created_at + s.escalate_after).min(req.created_at + s.pending_ttl)
+            }),
+            State::Approved => req.starts_at,
+            State::Active => req.expires_at,
+            _ => None,
+        }
+    }
+
+    /// What the requested roles grant beyond the requester's standing roles.
+    pub fn risk(&self, req: &AccessRequest) -> Risk {
+        let roles = &self.policy.roles;
+        let standing = Subject { user: &req.requester, roles: &req.requester_roles };
+        let mut all = req.requester_roles.clone();
+        all.extend(req.roles.iter().cloned());
+        let elevated = Subject { user: &req.requester, roles: &all };
+        let mut risk = Risk {
+            new_roles: req.roles.clone(),
+            max_duration_secs: self.max_duration(&req.roles).num_seconds(),
+            ..Default::default()
+        };
+        for res in &self.policy.resources {
+            match res.kind {
+                ResourceKind::Node => {
+                    let before: BTreeSet<String> = roles.node_logins(&standing, res).into_iter().collect();
+                    for l in roles.node_logins(&elevated, res) {
+                        if !before.contains(&l) {
+                            risk.ssh.push(format!("{l}@{}", res.name));
+                        }
+                    }
+                }
+                ResourceKind::Database => {
+                    let (_, before) = roles.database_access(&standing, res);
+                    let (names, users) = roles.database_access(&elevated, res);
+                    for u in users.iter().filter(|u| !before.contains(u)) {
+                        risk.databases.push(format!("{u}@{} (databases: {})", res.name, names.join(",")));
+                    }
+                }
+                ResourceKind::KubeCluster => {
+                    let (before, _) = roles.kube_access(&standing, res);
+                    let (groups, _) = roles.kube_access(&elevated, res);
+                    for g in groups.iter().filter(|g| !before.contains(g)) {
+                        risk.kubernetes.push(format!("{g}@{}", res.name));
+                    }
+                }
+            }
+        }
+        for r in req.roles.iter().filter_map(|r| roles.get(r)) {
+            if r.revoke {
+                risk.permissions.push(format!("{}: revoke grants", r.name));
+            }
+            if r.audit {
+                risk.permissions.push(format!("{}: read the audit log", r.name));
+            }
+            if !r.review_roles.is_empty() {
+                risk.permissions.push(format!("{}: review requests for [{}]", r.name, r.review_roles.join(", ")));
+            }
+            if !r.request_roles.is_empty() {
+                risk.permissions.push(format!("{}: request [{}]", r.name, r.request_roles.join(", ")));
+            }
+            if r.port_forwarding && !r.ssh.logins.is_empty() {
+                risk.permissions.push(format!("{}: SSH port forwarding", r.name));
+            }
+        }
+        risk
+    }
+}
+
+/// `None` if `req` is met by `approvals` (reviewer, sets matched), else what is missing.
+fn unmet(req: &Requirement, approvals: &[(&str, Vec<ReviewerSet>)]) -> Option<String> {
+    let in_set = |set: &ReviewerSet| -> Vec<&str> {
+        approvals
+            .iter()
+            .filter(|(_, sets)| sets.contains(set))
+            .map(|(who, _)| *who)
+            .collect()
+    };
+    match req {
+        Requirement::SelfApprove => None,
+        Requirement::AnyOf(sets) => {
+            if sets.iter().any(|s| !in_set(s).is_empty()) {
+                None
+            } else {
+                Some(format!("one approval from any of [{}]", join_sets(sets)))
+            }
+        }
+        Requirement::AllOf(sets) => {
+            // Each set needs its own approver: distinct people (two-person rule).
+            let candidates: Vec<Vec<&str>> = sets.iter().map(in_set).collect();
+            if distinct_assignment(&candidates, &mut Vec::new()) {
+                None
+            } else {
+                let missing: Vec<String> = sets
+                    .iter()
+                    .zip(&candidates)
+                    .filter(|(_, c)| c.is_empty())
+                    .map(|(s, _)| s.to_string())
+                    .collect();
+                Some(if missing.is_empty() {
+                    format!("approvals from distinct people for each of [{}]", join_sets(sets))
+                } else {
+                    format!("an approval from each of [{}]", missing.join(", "))
+                })
+            }
+        }
+        Requirement::Count { count, from } => {
+            let people: BTreeSet<&str> = from.iter().flat_map(in_set).collect();
+            if people.len() >= *count as usize {
+                None
+            } else {
+                Some(format!(
+                    "{} more approval(s) from [{}]",
+                    *count as usize - people.len(),
+                    join_sets(from)
+                ))
+            }
+        }
+    }
+}
+
+fn join_sets(sets: &[ReviewerSet]) -> String {
+    sets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// Can each slot be filled by a distinct person from its candidates?
+fn distinct_assignment<'a>(slots: &[Vec<&'a str>], used: &mut Vec<&'a str>) -> bool {
+    let Some((first, rest)) = slots.split_first() else {
+        return true;
+    };
+    for who in first {
+        if !used.contains(who) {
+            used.push(who);
+            if distinct_assignment(rest, used) {
+                return true;
+            }
+            used.pop();
+        }
+    }
+    false
+}
+
+/// `2h`, `30m`, `1h30m`.
+pub fn human(d: Duration) -> String {
+    let s = d.num_seconds();
+    let (h, m, sec) = (s / 3600, (s % 3600) / 60, s % 60);
+    let mut out = String::new();
+    if h > 0 {
+        out.push_str(&format!("{h}h"));
+    }
+    if m > 0 {
+        out.push_str(&format!("{m}m"));
+    }
+    if sec > 0 || out.is_empty() {
+        out.push_str(&format!("{sec}s"));
+    }
+    out
+}

@@ -1,0 +1,550 @@
+//! Access requests in the daemon: load a request, hand the event to the
+//! policy state machine, persist the new state and its effects (audit rows,
+//! queued notifications) in one transaction with an optimistic version check,
+//! and drive timers from the store.
+
+use crate::audit::AuditEvent;
+use crate::config::parse_duration;
+use crate::error::{Error, Result};
+use crate::service::{Caller, Wicket};
+use crate::store::{AuditRow, NotificationRow, StoredRequest, UserRecord};
+use chrono::{DateTime, Duration, Utc};
+use wicket_api::{ActionBody, BreakGlassBody, CreateRequest, Grant, Notification, ReviewBody, ReviewView};
+use wicket_policy::{
+    AccessRequest, Actor, Effect, Engine, Event, NewRequest, Recipients, RequestError, Requester,
+    ReviewerSet, State, Subject, Urgency, Verdict,
+};
+
+/// Audit kinds that count as "actions taken" with a grant.
+pub const ACTION_KINDS: &[&str] = &[
+    "ssh_session_start",
+    "ssh_exec",
+    "ssh_port_forward",
+    "db_session_start",
+    "db_query",
+    "kube_request",
+];
+
+/// Which requests to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listing {
+    Mine,
+    Reviewable,
+    /// Everything the caller may see.
+    All,
+}
+
+fn request_error(e: RequestError) -> Error {
+    match e {
+        RequestError::Invalid(m) => Error::BadRequest(m),
+        RequestError::Forbidden(m) => Error::Forbidden(m),
+        e @ RequestError::IllegalTransition { .. } => Error::Conflict(e.to_string()),
+    }
+}
+
+fn parse_dur(field: &str, s: &str) -> Result<Duration> {
+    parse_duration(s).map_err(|e| Error::BadRequest(format!("{field}: {e}")))
+}
+
+fn decode(stored: &StoredRequest) -> Result<AccessRequest> {
+    serde_json::from_str(&stored.doc)
+        .map_err(|e| Error::Store(format!("request {} is corrupt: {e}", stored.id)))
+}
+
+impl Wicket {
+    pub fn engine(&self) -> Engine<'_> {
+        Engine::new(&self.config.policy)
+    }
+
+    fn actor_of(&self, user: &UserRecord) -> Actor {
+        Actor {
+            name: user.name.clone(),
+            roles: self.standing_roles(user),
+        }
+    }
+
+    fn encode(&self, req: &AccessRequest) -> Result<StoredRequest> {
+        Ok(StoredRequest {
+            id: req.id.clone(),
+            requester: req.requester.clone(),
+            state: req.state.as_str().to_owned(),
+            next_deadline: self.engine().next_deadline(req).map(|d| d.timestamp_millis()),
+            created_at: req.created_at.timestamp_millis(),
+            updated_at: req.updated_at.timestamp_millis(),
+            doc: serde_json::to_string(req).map_err(|e| Error::Internal(e.to_string()))?,
+        })
+    }
+
+    /// Resolves reviewer sets to user names at `now`.
+    async fn resolve(&self, req: &AccessRequest, sets: &[String], now: DateTime<Utc>) -> Result<Vec<String>> {
+        let mut out = std::collections::BTreeSet::new();
+        let mut roles = Vec::new();
+        for s in sets {
+            match ReviewerSet::parse(s) {
+                Ok(ReviewerSet::Role(r)) => roles.push(r),
+                Ok(ReviewerSet::User(u)) => {
+                    out.insert(u);
+                }
+                Ok(ReviewerSet::TeamLead) => {
+                    if let Some(l) = &req.requester_team_lead {
+                        out.insert(l.clone());
+                    }
+                }
+                Ok(ReviewerSet::Oncall(name)) => {
+                    if let Some(who) = self
+                        .config
+                        .policy
+                        .directory
+                        .oncall
+                        .get(&name)
+                        .and_then(|s| s.on_call(now))
+                    {
+                        out.insert(who.to_owned());
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        if !roles.is_empty() {
+            out.extend(self.store.users_with_roles(&roles).await?);
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// Turns effects into audit and notification rows.
+    async fn effect_rows(&self, req: &AccessRequest, effects: &[Effect], now: DateTime<Utc>) -> Result<(Vec<AuditRow>, Vec<NotificationRow>)> {
+        let mut audit = Vec::new();
+        let mut notes = Vec::new();
+        for e in effects {
+            match e {
+                Effect::Audit { kind, actor, detail } => {
+                    let event = AuditEvent::AccessRequest {
+                        action: kind.clone(),
+                        actor: actor.clone(),
+                        request_id: req.id.clone(),
+                        state: req.state.as_str().to_owned(),
+                        detail: detail.clone(),
+                    };
+                    tracing::info!(kind = %kind, actor = %actor, request = %req.id, "audit");
+                    audit.push(event.to_row(now.timestamp_millis()));
+                }
+                Effect::Notify { recipients, subject, urgent } => {
+                    let mut to = match recipients {
+                        Recipients::User(u) => vec![u.clone()],
+                        Recipients::Sets(sets) => self.resolve(req, sets, now).await?,
+                    };
+                    // Reviewers are told about a request; the requester is not a reviewer.
+                    if matches!(recipients, Recipients::Sets(_)) {
+                        to.retain(|u| u != &req.requester);
+                    }
+                    notes.push(NotificationRow {
+                        id: uuid::Uuid::new_v4().to_string(),
+                        time_ms: now.timestamp_millis(),
+                        request_id: Some(req.id.clone()),
+                        recipients: to,
+                        subject: subject.clone(),
+                        urgent: *urgent,
+                    });
+                }
+                Effect::EndSessions { reason } => {
+                    // Proxies re-read grant state at every check; this is the
+                    // record that live sessions must end.
+                    audit.push(
+                        AuditEvent::AccessRequest {
+                            action: "grant_ended".into(),
+                            actor: req.requester.clone(),
+                            request_id: req.id.clone(),
+                            state: req.state.as_str().to_owned(),
+                            detail: reason.clone(),
+                        }
+                        .to_row(now.timestamp_millis()),
+                    );
+                }
+            }
+        }
+        Ok((audit, notes))
+    }
+
+    async fn deny_audited(&self, user: &str, action: &str, reason: String, now: DateTime<Utc>) -> Error {
+        let _ = self
+            .audit(
+                AuditEvent::AccessDenied {
+                    user: user.to_owned(),
+                    action: action.to_owned(),
+                    reason: reason.clone(),
+                },
+                now,
+            )
+            .await;
+        Error::Forbidden(reason)
+    }
+
+    async fn load(&self, id: &str) -> Result<(AccessRequest, i64)> {
+        let (stored, version) = self
+            .store
+            .get_request(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("access request {id:?} not found")))?;
+        Ok((decode(&stored)?, version))
+    }
+
+    /// Loads, applies `event`, and saves with a version check, retrying when
+    /// another proxy changed the request in between.
+    async fn transition(
+        &self,
+        id: &str,
+        actor: &str,
+        action: &str,
+        now: DateTime<Utc>,
+        event: impl Fn(&AccessRequest) -> Event,
+    ) -> Result<AccessRequest> {
+        for _ in 0..5 {
+            let (current, version) = self.load(id).await?;
+            let (next, effects) = match self.engine().apply(&current, event(&current), now) {
+                Ok(x) => x,
+                Err(RequestError::Forbidden(reason)) => {
+                    return Err(self.deny_audited(actor, action, reason, now).await)
+                }
+                Err(e) => return Err(request_error(e)),
+            };
+            if next == current {
+                return Ok(next);
+            }
+            let (audit, notes) = self.effect_rows(&next, &effects, now).await?;
+            if self.store.update_request(&self.encode(&next)?, version, &audit, &notes).await? {
+                return Ok(next);
+            }
+        }
+        Err(Error::Conflict(format!("request {id} is changing concurrently; try again")))
+    }
+
+    pub async fn create_request(&self, caller: &Caller, body: CreateRequest, now: DateTime<Utc>) -> Result<Grant> {
+        let user = self.active_user(caller).await?;
+        let mut roles = body.roles;
+        if let Some(r) = body.role {
+            roles.push(r);
+        }
+        let duration = match (&body.duration, body.duration_hours) {
+            (Some(_), Some(_)) => return Err(Error::BadRequest("give duration or duration_hours, not both".into())),
+            (Some(d), None) => Some(parse_dur("duration", d)?),
+            (None, Some(h)) if h.is_finite() && h > 0.0 && h < 24.0 * 366.0 => {
+                Some(Duration::seconds((h * 3600.0).round() as i64))
+            }
+            (None, Some(_)) => return Err(Error::BadRequest("duration_hours must be a positive number".into())),
+            (None, None) => None,
+        };
+        let urgency = match body.urgency.as_deref() {
+            None | Some("normal") => Urgency::Normal,
+            Some("low") => Urgency::Low,
+            Some("high") => Urgency::High,
+            Some(other) => return Err(Error::BadRequest(format!("urgency {other:?}: use low, normal or high"))),
+        };
+        let new = NewRequest {
+            id: uuid::Uuid::new_v4().to_string(),
+            roles,
+            resources: body.resources,
+            reason: body.reason,
+            ticket_url: body.ticket_url,
+            urgency,
+            duration,
+            start_at: body.start_at,
+            break_glass: false,
+            mfa_verified: false,
+        };
+        self.create(&user, new, "request.create", now).await
+    }
+
+    async fn create(&self, user: &UserRecord, new: NewRequest, action: &str, now: DateTime<Utc>) -> Result<Grant> {
+        let standing = self.standing_roles(user);
+        let requester = Requester {
+            name: &user.name,
+            roles: &standing,
+        };
+        let (req, effects) = match self.engine().create(new, &requester, now) {
+            Ok(x) => x,
+            Err(RequestError::Forbidden(reason)) => {
+                return Err(self.deny_audited(&user.name, action, reason, now).await)
+            }
+            Err(e) => return Err(request_error(e)),
+        };
+        let (audit, notes) = self.effect_rows(&req, &effects, now).await?;
+        self.store.insert_request(&self.encode(&req)?, &audit, &notes).await?;
+        self.view(&req, now).await
+    }
+
+    /// Break-glass: an active grant without approval, only with a fresh TOTP code.
+    pub async fn break_glass(&self, caller: &Caller, body: BreakGlassBody, now: DateTime<Utc>) -> Result<Grant> {
+        let user = self.active_user(caller).await?;
+        let secret = user
+            .totp_secret
+            .as_deref()
+            .ok_or_else(|| Error::Forbidden("break-glass needs a TOTP second factor; enroll with `wicketd users add --totp`".into()))?;
+        let mfa_verified = match crate::auth::verify_totp(secret, body.otp.expose(), now.timestamp()) {
+            Some(step) => self.store.consume_totp_step(&user.name, step).await?,
+            None => false,
+        };
+        if !mfa_verified {
+            return Err(self
+                .deny_audited(&user.name, "break-glass", "invalid or already used OTP code".into(), now)
+                .await);
+        }
+        let new = NewRequest {
+            id: uuid::Uuid::new_v4().to_string(),
+            roles: body.roles,
+            reason: body.reason,
+            duration: body.duration.as_deref().map(|d| parse_dur("duration", d)).transpose()?,
+            urgency: Urgency::High,
+            break_glass: true,
+            mfa_verified,
+            ..Default::default()
+        };
+        self.create(&user, new, "break-glass", now).await
+    }
+
+    pub async fn review_request(&self, caller: &Caller, id: &str, body: ReviewBody, now: DateTime<Utc>) -> Result<Grant> {
+        let user = self.active_user(caller).await?;
+        let verdict = match body.verdict.as_str() {
+            "approve" => Verdict::Approve,
+            "deny" => Verdict::Deny,
+            "ask-info" => Verdict::AskInfo,
+            "acknowledge" => Verdict::Acknowledge,
+            other => return Err(Error::BadRequest(format!("verdict {other:?}: use approve, deny, ask-info or acknowledge"))),
+        };
+        let duration = body.duration.as_deref().map(|d| parse_dur("duration", d)).transpose()?;
+        let actor = self.actor_of(&user);
+        let req = self
+            .transition(id, &user.name, "request.review", now, |_| Event::Review {
+                by: actor.clone(),
+                verdict,
+                reason: body.reason.clone(),
+                roles: body.roles.clone(),
+                duration,
+                start_at: body.start_at,
+            })
+            .await?;
+        self.view(&req, now).await
+    }
+
+    /// update / cancel / drop / revoke / extend.
+    pub async fn request_action(&self, caller: &Caller, id: &str, action: &str, body: ActionBody, now: DateTime<Utc>) -> Result<Grant> {
+        let user = self.active_user(caller).await?;
+        let actor = self.actor_of(&user);
+        let name = user.name.clone();
+        let event: Box<dyn Fn(&AccessRequest) -> Event + Send + Sync> = match action {
+            "update" => Box::new(move |_| Event::Update { by: name.clone(), reason: body.reason.clone() }),
+            "cancel" => Box::new(move |_| Event::Cancel { by: name.clone() }),
+            "drop" => Box::new(move |_| Event::Drop { by: name.clone() }),
+            "revoke" => Box::new(move |_| Event::Revoke { by: actor.clone(), reason: body.reason.clone() }),
+            "extend" => {
+                let d = parse_dur(
+                    "duration",
+                    body.duration.as_deref().ok_or_else(|| Error::BadRequest("extend needs a duration".into()))?,
+                )?;
+                Box::new(move |_| Event::Extend { by: name.clone(), duration: d })
+            }
+            other => return Err(Error::NotFound(format!("no request action {other:?}"))),
+        };
+        let req = self
+            .transition(id, &user.name, &format!("request.{action}"), now, event)
+            .await?;
+        self.view(&req, now).await
+    }
+
+    /// May `user` see `req`? Requester, eligible reviewers, auditors, revokers.
+    fn may_see(&self, req: &AccessRequest, actor: &Actor, now: DateTime<Utc>) -> bool {
+        let roles = &self.config.policy.roles;
+        req.requester == actor.name
+            || req.reviews.iter().any(|r| r.reviewer == actor.name)
+            || roles.may_audit(&actor.roles)
+            || roles.may_revoke(&actor.roles)
+            || self.engine().decide_review(req, actor, now).allowed
+    }
+
+    pub async fn show_request(&self, caller: &Caller, id: &str, now: DateTime<Utc>) -> Result<Grant> {
+        let user = self.active_user(caller).await?;
+        let (req, _) = self.load(id).await?;
+        if !self.may_see(&req, &self.actor_of(&user), now) {
+            return Err(Error::NotFound(format!("access request {id:?} not found")));
+        }
+        self.view(&req, now).await
+    }
+
+    pub async fn list_requests(&self, caller: &Caller, listing: Listing, state: Option<&str>, now: DateTime<Utc>) -> Result<Vec<Grant>> {
+        let user = self.active_user(caller).await?;
+        let actor = self.actor_of(&user);
+        let states: Vec<&str> = match state {
+            Some(s) => {
+                let st = State::parse(s).ok_or_else(|| Error::BadRequest(format!("unknown state {s:?}")))?;
+                vec![st.as_str()]
+            }
+            None if listing == Listing::Reviewable => vec!["pending", "needs-info"],
+            None => vec![],
+        };
+        let requester = (listing == Listing::Mine).then_some(user.name.as_str());
+        let rows = self.store.list_requests(requester, &states, 500).await?;
+        let mut out = Vec::new();
+        for row in rows {
+            let req = decode(&row)?;
+            let keep = match listing {
+                Listing::Mine => true,
+                Listing::Reviewable => self.engine().is_reviewable_by(&req, &actor, now),
+                Listing::All => self.may_see(&req, &actor, now),
+            };
+            if keep {
+                out.push(self.view(&req, now).await?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The caller's grants named in `ids`, each active now.
+    pub async fn active_grants(&self, user: &str, ids: &[String], now: DateTime<Utc>) -> Result<Vec<AccessRequest>> {
+        let mut out = Vec::new();
+        for id in ids {
+            let (req, _) = self.load(id).await?;
+            if req.requester != user {
+                return Err(Error::Forbidden(format!("access request {id} is not yours")));
+            }
+            if !req.grants_at(now) {
+                let why = match req.state {
+                    State::Approved => format!(
+                        "is approved but starts at {}",
+                        req.starts_at.map(|s| s.to_rfc3339()).unwrap_or_default()
+                    ),
+                    State::Active => "has expired".to_owned(),
+                    s => format!(
+                        "is {}{}",
+                        s.as_str(),
+                        req.end_reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
+                    ),
+                };
+                return Err(Error::Forbidden(format!("access request {id} {why}")));
+            }
+            out.push(req);
+        }
+        Ok(out)
+    }
+
+    /// Applies due timers (expiry, escalation, scheduled start). Returns how
+    /// many requests changed. Driven from the store, so after a restart every
+    /// overdue transition happens on the first run.
+    pub async fn tick_due(&self, now: DateTime<Utc>) -> Result<usize> {
+        let due = self.store.due_requests(now.timestamp_millis(), 500).await?;
+        let mut changed = 0;
+        for id in due {
+            match self.transition(&id, "wicketd", "request.tick", now, |_| Event::Tick).await {
+                Ok(_) => changed += 1,
+                Err(e) => tracing::warn!(request = %id, error = %e, "timer transition failed"),
+            }
+        }
+        Ok(changed)
+    }
+
+    pub async fn notifications(&self, caller: &Caller, request_id: Option<&str>) -> Result<Vec<Notification>> {
+        let user = self.active_user(caller).await?;
+        let roles = self.standing_roles(&user);
+        let subject = Subject { user: &user.name, roles: &roles };
+        let d = self.config.policy.roles.decide_audit_read(&subject, None);
+        if !d.allowed {
+            return Err(self.deny_audited(&user.name, "notifications.read", d.reason, crate::clock::now()).await);
+        }
+        Ok(self
+            .store
+            .notifications(request_id)
+            .await?
+            .into_iter()
+            .map(|n| Notification {
+                time: DateTime::<Utc>::from_timestamp_millis(n.time_ms).unwrap_or_default(),
+                request_id: n.request_id,
+                recipients: n.recipients,
+                subject: n.subject,
+                urgent: n.urgent,
+            })
+            .collect())
+    }
+
+    /// The JSON view: the grant schema fields plus details.
+    pub async fn view(&self, req: &AccessRequest, now: DateTime<Utc>) -> Result<Grant> {
+        let engine = self.engine();
+        let risk = engine.risk(req);
+        let mut perms: Vec<String> = Vec::new();
+        perms.extend(risk.ssh.iter().map(|s| format!("ssh:{s}")));
+        perms.extend(risk.databases.iter().map(|s| format!("db:{s}")));
+        perms.extend(risk.kubernetes.iter().map(|s| format!("kube:{s}")));
+        perms.extend(risk.permissions.iter().cloned());
+        let (still_needed, can_review) = if req.state.is_open() {
+            let needed = engine.requirement_status(req, &req.roles).err().unwrap_or_default();
+            let mut who = Vec::new();
+            for u in self.store.list_users().await? {
+                if !u.disabled && engine.is_reviewable_by(req, &self.actor_of(&u), now) {
+                    who.push(u.name);
+                }
+            }
+            (needed, who)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let approvers = req.approvers();
+        Ok(Grant {
+            id: req.id.clone(),
+            requester: req.requester.clone(),
+            requester_normal_roles: req.requester_roles.clone(),
+            requested_roles: req.roles.clone(),
+            granted_roles: req.granted_roles.clone(),
+            granted_permissions: perms,
+            justification: req.reason.clone(),
+            ticket_url: req.ticket_url.clone(),
+            approved_by: if req.approved_at.is_some() {
+                Some(if approvers.is_empty() {
+                    if req.break_glass { "break-glass".to_owned() } else { "self-approved".to_owned() }
+                } else {
+                    approvers.join(",")
+                })
+            } else {
+                None
+            },
+            approved_at: req.approved_at,
+            starts_at: req.starts_at,
+            expires_at: req.expires_at,
+            status: req.state.as_str().to_owned(),
+            actions_taken: self.store.count_request_events(&req.id, ACTION_KINDS).await?,
+            revoked_by: req.revoked_by.clone(),
+            revoke_reason: req.revoke_reason.clone(),
+            created_at: req.created_at,
+            urgency: serde_json::to_value(req.urgency)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            requested_duration_secs: req.requested_duration_secs,
+            requested_start: req.requested_start,
+            resources: req.resources.clone(),
+            break_glass: req.break_glass,
+            acknowledged_by: req
+                .reviews
+                .iter()
+                .find(|r| r.verdict == Verdict::Acknowledge)
+                .map(|r| r.reviewer.clone()),
+            escalated: req.escalated,
+            extensions: req.extensions,
+            ended_at: req.ended_at,
+            end_reason: req.end_reason.clone(),
+            reviews: req
+                .reviews
+                .iter()
+                .map(|r| ReviewView {
+                    reviewer: r.reviewer.clone(),
+                    verdict: serde_json::to_value(r.verdict)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    reason: r.reason.clone(),
+                    at: r.at,
+                    as_member_of: r.matched.clone(),
+                })
+                .collect(),
+            still_needed,
+            can_review,
+            risk: serde_json::to_value(&risk).unwrap_or_default(),
+        })
+    }
+}
