@@ -51,6 +51,26 @@ enum Command {
         /// Read the password from standard input (else WICKET_PASSWORD, else a prompt).
         #[arg(long)]
         password_stdin: bool,
+        /// Assume an approved access request (repeatable): new certificates,
+        /// authenticated by the current ones, valid exactly for the grant.
+        #[arg(long = "request-id")]
+        request_ids: Vec<String>,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Access requests: create, list, show, review, and end grants.
+    #[command(subcommand)]
+    Request(RequestCommand),
+    /// Emergency access without approval (needs a fresh TOTP code); security is notified at once.
+    BreakGlass {
+        #[arg(long, value_delimiter = ',', required = true)]
+        roles: Vec<String>,
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        otp: String,
+        #[arg(long)]
+        duration: Option<String>,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
@@ -69,6 +89,101 @@ enum Command {
     /// Search the audit log (your own events, or everyone's with an audit role).
     #[command(subcommand)]
     Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum RequestCommand {
+    /// Ask for roles.
+    Create {
+        #[arg(long, value_delimiter = ',', required = true)]
+        roles: Vec<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[arg(long = "ticket")]
+        ticket_url: Option<String>,
+        /// How long, e.g. 90m, 2h (default: the configured default, capped by the roles).
+        #[arg(long)]
+        duration: Option<String>,
+        /// Scheduled start (RFC 3339, e.g. 2026-11-22T09:00:00Z).
+        #[arg(long)]
+        start_at: Option<DateTime<Utc>>,
+        #[arg(long, value_parser = ["low", "normal", "high"])]
+        urgency: Option<String>,
+        /// Specific resources (repeatable).
+        #[arg(long = "resource")]
+        resources: Vec<String>,
+        /// Wait for a decision, then log in with the grant.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// List requests: yours, those you can review, or all you may see.
+    Ls {
+        #[arg(long, conflicts_with = "reviewable")]
+        mine: bool,
+        #[arg(long)]
+        reviewable: bool,
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Show one request: requester, roles, reason, risk, reviews, who can still approve.
+    Show {
+        id: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Approve, deny or acknowledge a request (approve with --roles/--duration/--start-at to reduce scope).
+    Review {
+        id: String,
+        #[arg(long, group = "verdict")]
+        approve: bool,
+        #[arg(long, group = "verdict")]
+        deny: bool,
+        /// After-the-fact review of a break-glass grant.
+        #[arg(long, group = "verdict")]
+        acknowledge: bool,
+        #[arg(long)]
+        reason: String,
+        #[arg(long, value_delimiter = ',')]
+        roles: Option<Vec<String>>,
+        #[arg(long)]
+        duration: Option<String>,
+        #[arg(long)]
+        start_at: Option<DateTime<Utc>>,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Ask the requester for more justification.
+    Ask {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Answer a reviewer's question (the request goes back to pending).
+    Update {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Withdraw a pending request.
+    Cancel { id: String },
+    /// End your grant now and log back in without it (no ID: every grant you hold).
+    Drop { id: Option<String> },
+    /// End someone's grant now (roles with `revoke`).
+    Revoke {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Extend your active grant (where `max_extensions` allows).
+    Extend {
+        id: String,
+        #[arg(long)]
+        duration: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,8 +251,23 @@ async fn run(command: Command) -> Result<()> {
             insecure,
             otp,
             password_stdin,
+            request_ids,
             format,
-        } => login(&proxy, &user, ca_pin, insecure, otp, password_stdin, format).await,
+        } => {
+            if request_ids.is_empty() {
+                login(&proxy, &user, ca_pin, insecure, otp, password_stdin, format).await
+            } else {
+                login_with_requests(&request_ids, format).await
+            }
+        }
+        Command::Request(cmd) => crate::requests::run(cmd_to(cmd)).await,
+        Command::BreakGlass {
+            roles,
+            reason,
+            otp,
+            duration,
+            format,
+        } => crate::requests::break_glass(roles, reason, otp, duration, format).await,
         Command::Status { format } => status(format),
         Command::Logout => logout(),
         Command::Ls { format } => ls(format).await,
@@ -509,4 +639,71 @@ async fn audit_search(
         }
     }
     Ok(())
+}
+
+/// Re-issues certificates for the current profile with these grants plus the
+/// ones it already holds that are still active. No password: the current
+/// client certificate authenticates.
+pub async fn login_with_requests(request_ids: &[String], format: Format) -> Result<()> {
+    let (_, info, client) = authenticated_client()?;
+    let mut ids: Vec<String> = Vec::new();
+    for id in &info.request_ids {
+        let g: wicket_api::Grant = match client.get(&format!("/v1/requests/{id}")).await {
+            Ok(g) => g,
+            Err(_) => continue,
+        };
+        if g.status == "active" && !ids.contains(id) {
+            ids.push(id.clone());
+        }
+    }
+    for id in request_ids {
+        if !ids.contains(id) {
+            ids.push(id.clone());
+        }
+    }
+    reissue(&info.proxy, &info.user, &client, ids, format).await
+}
+
+/// New keys and certificates carrying exactly `ids`.
+pub async fn reissue(proxy: &str, user: &str, client: &Client, ids: Vec<String>, format: Format) -> Result<()> {
+    let new_keys = keys::generate(&format!("{user}@wicket"))?;
+    let certs: Certificates = client
+        .post(
+            "/v1/certs",
+            &wicket_api::ReissueRequest {
+                ssh_public_key: new_keys.ssh_public_openssh.clone(),
+                tls_csr_pem: new_keys.tls_csr_pem.clone(),
+                request_ids: ids,
+            },
+        )
+        .await?;
+    let p = save_login(proxy, &new_keys, &certs)?;
+    print_login(&p, &certs, format)
+}
+
+fn cmd_to(cmd: RequestCommand) -> crate::requests::Cmd {
+    use crate::requests::Cmd;
+    match cmd {
+        RequestCommand::Create { roles, reason, ticket_url, duration, start_at, urgency, resources, wait, format } => Cmd::Create {
+            body: wicket_api::CreateRequest { roles, reason, ticket_url, duration, start_at, urgency, resources, ..Default::default() },
+            wait,
+            format,
+        },
+        RequestCommand::Ls { mine, reviewable, state, format } => Cmd::Ls { mine, reviewable, state, format },
+        RequestCommand::Show { id, format } => Cmd::Show { id, format },
+        RequestCommand::Review { id, approve, deny, acknowledge, reason, roles, duration, start_at, format } => {
+            let verdict = if approve { "approve" } else if deny { "deny" } else if acknowledge { "acknowledge" } else { "" };
+            Cmd::Review { id, body: wicket_api::ReviewBody { verdict: verdict.into(), reason, roles, duration, start_at }, format }
+        }
+        RequestCommand::Ask { id, reason } => Cmd::Review {
+            id,
+            body: wicket_api::ReviewBody { verdict: "ask-info".into(), reason, ..Default::default() },
+            format: Format::Text,
+        },
+        RequestCommand::Update { id, reason } => Cmd::Action { id, action: "update", body: wicket_api::ActionBody { reason, duration: None } },
+        RequestCommand::Cancel { id } => Cmd::Action { id, action: "cancel", body: Default::default() },
+        RequestCommand::Drop { id } => Cmd::Drop { id },
+        RequestCommand::Revoke { id, reason } => Cmd::Action { id, action: "revoke", body: wicket_api::ActionBody { reason, duration: None } },
+        RequestCommand::Extend { id, duration } => Cmd::Action { id, action: "extend", body: wicket_api::ActionBody { reason: String::new(), duration: Some(duration) } },
+    }
 }

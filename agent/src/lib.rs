@@ -12,6 +12,7 @@ pub mod cli;
 pub mod client;
 pub mod keys;
 pub mod profile;
+pub mod requests;
 
 /// The CLI's one clock read.
 #[allow(clippy::disallowed_methods)]

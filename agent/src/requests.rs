@@ -1,0 +1,180 @@
+//! `wicket request ...` and `wicket break-glass`: thin calls to the API and
+//! readable output. Decisions are all the daemon's.
+
+use crate::cli::{authenticated_client, reissue, Format};
+use anyhow::{bail, Result};
+use std::time::Duration;
+use wicket_api::{ActionBody, BreakGlassBody, CreateRequest, Grant, ReviewBody, Secret};
+
+/// A parsed `wicket request` command.
+#[derive(Debug)]
+pub enum Cmd {
+    Create { body: CreateRequest, wait: bool, format: Format },
+    Ls { mine: bool, reviewable: bool, state: Option<String>, format: Format },
+    Show { id: String, format: Format },
+    Review { id: String, body: ReviewBody, format: Format },
+    Action { id: String, action: &'static str, body: ActionBody },
+    Drop { id: Option<String> },
+}
+
+fn hm(secs: i64) -> String {
+    let (h, m) = (secs / 3600, (secs % 3600) / 60);
+    match (h, m) {
+        (0, m) => format!("{m}m"),
+        (h, 0) => format!("{h}h"),
+        (h, m) => format!("{h}h{m}m"),
+    }
+}
+
+/// Human-readable request.
+pub fn print_grant(g: &Grant) {
+    println!("Request:      {}", g.id);
+    println!("Requester:    {} (standing roles: {})", g.requester, g.requester_normal_roles.join(", "));
+    println!("Roles:        {}", g.requested_roles.join(", "));
+    if !g.granted_roles.is_empty() && g.granted_roles != g.requested_roles {
+        println!("Granted:      {}", g.granted_roles.join(", "));
+    }
+    println!("Status:       {}{}", g.status, if g.break_glass { " [BREAK-GLASS]" } else { "" });
+    println!("Reason:       {}", g.justification.replace('\n', "\n              "));
+    if let Some(t) = &g.ticket_url {
+        println!("Ticket:       {t}");
+    }
+    println!("Urgency:      {}", g.urgency);
+    println!("Duration:     {}", hm(g.requested_duration_secs));
+    if let (Some(s), Some(e)) = (g.starts_at, g.expires_at) {
+        println!("Window:       {} to {}", s.to_rfc3339(), e.to_rfc3339());
+    }
+    if let Some(a) = &g.approved_by {
+        println!("Approved by:  {a}");
+    }
+    if !g.granted_permissions.is_empty() {
+        println!("Grants:       {}", g.granted_permissions.join("\n              "));
+    }
+    for r in &g.reviews {
+        println!("Review:       {} {} at {}: {} (as {})", r.reviewer, r.verdict, r.at.to_rfc3339(), r.reason, r.as_member_of.join(", "));
+    }
+    if !g.still_needed.is_empty() {
+        println!("Still needed: {}", g.still_needed.join("; "));
+    }
+    if !g.can_review.is_empty() {
+        println!("Can review:   {}", g.can_review.join(", "));
+    }
+    if let Some(r) = &g.end_reason {
+        println!("Ended:        {r}");
+    }
+    println!("Actions:      {}", g.actions_taken);
+}
+
+fn output(g: &Grant, format: Format) -> Result<()> {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(g)?),
+        Format::Text => print_grant(g),
+    }
+    Ok(())
+}
+
+pub async fn run(cmd: Cmd) -> Result<()> {
+    let (_, info, client) = authenticated_client()?;
+    match cmd {
+        Cmd::Create { body, wait, format } => {
+            let g: Grant = client.post("/v1/requests", &body).await?;
+            if !wait {
+                return output(&g, format);
+            }
+            eprintln!("request {} is {}; waiting for a decision (Ctrl-C to stop waiting)", g.id, g.status);
+            let mut last = String::new();
+            loop {
+                let g: Grant = client.get(&format!("/v1/requests/{}", g.id)).await?;
+                let progress = format!("{} {}", g.status, g.still_needed.join("; "));
+                if progress != last {
+                    eprintln!("  {}{}", g.status, if g.still_needed.is_empty() { String::new() } else { format!(": still needed: {}", g.still_needed.join("; ")) });
+                    last = progress;
+                }
+                match g.status.as_str() {
+                    "active" => {
+                        eprintln!("approved; logging in with request {}", g.id);
+                        return crate::cli::login_with_requests(std::slice::from_ref(&g.id), format).await;
+                    }
+                    "denied" | "expired" | "cancelled" | "revoked" => {
+                        bail!("request {} {}: {}", g.id, g.status, g.end_reason.unwrap_or_default())
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            }
+        }
+        Cmd::Ls { mine, reviewable, state, format } => {
+            let mut q = Vec::new();
+            if mine {
+                q.push("mine=true".to_owned());
+            }
+            if reviewable {
+                q.push("reviewable=true".to_owned());
+            }
+            if let Some(s) = state {
+                q.push(format!("state={s}"));
+            }
+            let list: Vec<Grant> = client.get(&format!("/v1/requests?{}", q.join("&"))).await?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+                Format::Text => {
+                    println!("{:<36}  {:<10}  {:<10}  {:<20}  {:<20}  REASON", "ID", "STATE", "REQUESTER", "ROLES", "CREATED");
+                    for g in &list {
+                        println!(
+                            "{:<36}  {:<10}  {:<10}  {:<20}  {:<20}  {}",
+                            g.id,
+                            g.status,
+                            g.requester,
+                            g.requested_roles.join(","),
+                            g.created_at.format("%Y-%m-%d %H:%M:%S"),
+                            g.justification.lines().next().unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        Cmd::Show { id, format } => output(&client.get(&format!("/v1/requests/{id}")).await?, format),
+        Cmd::Review { id, body, format } => {
+            if body.verdict.is_empty() {
+                bail!("say --approve, --deny or --acknowledge");
+            }
+            let g: Grant = client.post(&format!("/v1/requests/{id}/review"), &body).await?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&g)?),
+                Format::Text => println!("request {} is now {}", g.id, g.status),
+            }
+            Ok(())
+        }
+        Cmd::Action { id, action, body } => {
+            let g: Grant = client.post(&format!("/v1/requests/{id}/{action}"), &body).await?;
+            println!("request {} is now {}{}", g.id, g.status, g.expires_at.filter(|_| action == "extend").map(|e| format!(" until {}", e.to_rfc3339())).unwrap_or_default());
+            Ok(())
+        }
+        Cmd::Drop { id } => {
+            let to_drop: Vec<String> = match id {
+                Some(id) => vec![id],
+                None => info.request_ids.clone(),
+            };
+            if to_drop.is_empty() {
+                bail!("you hold no access requests in your current certificates");
+            }
+            for id in &to_drop {
+                let g: Grant = client.post(&format!("/v1/requests/{id}/drop"), &ActionBody::default()).await?;
+                println!("dropped request {} ({})", g.id, g.status);
+            }
+            let keep: Vec<String> = info.request_ids.iter().filter(|r| !to_drop.contains(r)).cloned().collect();
+            reissue(&info.proxy, &info.user, &client, keep, Format::Text).await
+        }
+    }
+}
+
+pub async fn break_glass(roles: Vec<String>, reason: String, otp: String, duration: Option<String>, format: Format) -> Result<()> {
+    let (_, info, client) = authenticated_client()?;
+    let g: Grant = client
+        .post("/v1/break-glass", &BreakGlassBody { roles, reason, otp: Secret::new(otp), duration })
+        .await?;
+    eprintln!("BREAK-GLASS grant {} is active until {}; security has been notified", g.id, g.expires_at.map(|e| e.to_rfc3339()).unwrap_or_default());
+    let mut ids = info.request_ids.clone();
+    ids.push(g.id.clone());
+    reissue(&info.proxy, &info.user, &client, ids, format).await
+}
