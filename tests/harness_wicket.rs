@@ -75,6 +75,8 @@ pub struct Wicketd {
     pub config_path: Option<PathBuf>,
     stdout: Vec<String>,
     stderr_path: PathBuf,
+    yaml: Option<String>,
+    extra_args: Vec<String>,
 }
 
 impl std::fmt::Debug for Wicketd {
@@ -100,6 +102,11 @@ impl WicketdBuilder {
 
     pub fn start(self) -> Result<Wicketd> {
         let dir = tempfile::Builder::new().prefix("wicketd-").tempdir()?;
+        self.start_in(dir)
+    }
+
+    /// Starts in an existing directory (its `data/` is kept: a restart).
+    fn start_in(self, dir: tempfile::TempDir) -> Result<Wicketd> {
         let data = dir.path().join("data");
         let config_path = match &self.config_yaml {
             Some(y) => {
@@ -178,6 +185,8 @@ impl WicketdBuilder {
             config_path,
             stdout: lines,
             stderr_path,
+            yaml: self.config_yaml,
+            extra_args: self.extra_args,
         })
     }
 }
@@ -241,6 +250,30 @@ impl Wicketd {
             .lines()
             .find(|l| l.starts_with("otpauth://"))
             .map(str::to_owned))
+    }
+
+    /// Stops this daemon and starts it again on the same data directory and
+    /// configuration (a new ephemeral port).
+    pub fn restart(mut self) -> Result<Wicketd> {
+        self.stop()?;
+        let dir = tempfile::Builder::new().prefix("wicketd-").tempdir()?;
+        std::fs::rename(self.data_dir(), dir.path().join("data"))?;
+        let builder = WicketdBuilder {
+            config_yaml: self.yaml.take(),
+            extra_args: std::mem::take(&mut self.extra_args),
+        };
+        builder.start_in(dir)
+    }
+
+    /// Stops, lets `down` pass (polling the clock), and starts again on the
+    /// same data: what happened while it was down must happen at start.
+    pub fn restart_after(mut self, down: Duration) -> Result<Wicketd> {
+        self.stop()?;
+        let until = crate::harness_util::now() + down;
+        wait_until("downtime to pass", down + Duration::from_secs(5), || {
+            (crate::harness_util::now() >= until).then_some(())
+        })?;
+        self.restart()
     }
 
     /// Sends SIGTERM and waits for exit (with a deadline), then kills.

@@ -33,12 +33,12 @@ pub enum Format {
 enum Command {
     /// Log in: new local keys, certificates for your standing roles.
     Login {
-        /// The wicketd API address, HOST:PORT.
-        #[arg(long, env = "WICKET_PROXY")]
-        proxy: String,
-        /// Your Wicket user name.
-        #[arg(long, env = "WICKET_USER")]
-        user: String,
+        /// The wicketd API address, HOST:PORT (not needed with --request-id).
+        #[arg(long, env = "WICKET_PROXY", required_unless_present = "request_ids")]
+        proxy: Option<String>,
+        /// Your Wicket user name (not needed with --request-id).
+        #[arg(long, env = "WICKET_USER", required_unless_present = "request_ids")]
+        user: Option<String>,
         /// The `sha256:...` pin wicketd printed at start.
         #[arg(long, conflicts_with = "insecure")]
         ca_pin: Option<String>,
@@ -253,13 +253,12 @@ async fn run(command: Command) -> Result<()> {
             password_stdin,
             request_ids,
             format,
-        } => {
-            if request_ids.is_empty() {
+        } => match (proxy, user) {
+            (Some(proxy), Some(user)) if request_ids.is_empty() => {
                 login(&proxy, &user, ca_pin, insecure, otp, password_stdin, format).await
-            } else {
-                login_with_requests(&request_ids, format).await
             }
-        }
+            _ => login_with_requests(&request_ids, format).await,
+        },
         Command::Request(cmd) => crate::requests::run(cmd_to(cmd)).await,
         Command::BreakGlass {
             roles,
@@ -665,7 +664,13 @@ pub async fn login_with_requests(request_ids: &[String], format: Format) -> Resu
 }
 
 /// New keys and certificates carrying exactly `ids`.
-pub async fn reissue(proxy: &str, user: &str, client: &Client, ids: Vec<String>, format: Format) -> Result<()> {
+pub async fn reissue(
+    proxy: &str,
+    user: &str,
+    client: &Client,
+    ids: Vec<String>,
+    format: Format,
+) -> Result<()> {
     let new_keys = keys::generate(&format!("{user}@wicket"))?;
     let certs: Certificates = client
         .post(
@@ -684,26 +689,112 @@ pub async fn reissue(proxy: &str, user: &str, client: &Client, ids: Vec<String>,
 fn cmd_to(cmd: RequestCommand) -> crate::requests::Cmd {
     use crate::requests::Cmd;
     match cmd {
-        RequestCommand::Create { roles, reason, ticket_url, duration, start_at, urgency, resources, wait, format } => Cmd::Create {
-            body: wicket_api::CreateRequest { roles, reason, ticket_url, duration, start_at, urgency, resources, ..Default::default() },
+        RequestCommand::Create {
+            roles,
+            reason,
+            ticket_url,
+            duration,
+            start_at,
+            urgency,
+            resources,
+            wait,
+            format,
+        } => Cmd::Create {
+            body: wicket_api::CreateRequest {
+                roles,
+                reason,
+                ticket_url,
+                duration,
+                start_at,
+                urgency,
+                resources,
+                ..Default::default()
+            },
             wait,
             format,
         },
-        RequestCommand::Ls { mine, reviewable, state, format } => Cmd::Ls { mine, reviewable, state, format },
+        RequestCommand::Ls {
+            mine,
+            reviewable,
+            state,
+            format,
+        } => Cmd::Ls {
+            mine,
+            reviewable,
+            state,
+            format,
+        },
         RequestCommand::Show { id, format } => Cmd::Show { id, format },
-        RequestCommand::Review { id, approve, deny, acknowledge, reason, roles, duration, start_at, format } => {
-            let verdict = if approve { "approve" } else if deny { "deny" } else if acknowledge { "acknowledge" } else { "" };
-            Cmd::Review { id, body: wicket_api::ReviewBody { verdict: verdict.into(), reason, roles, duration, start_at }, format }
+        RequestCommand::Review {
+            id,
+            approve,
+            deny,
+            acknowledge,
+            reason,
+            roles,
+            duration,
+            start_at,
+            format,
+        } => {
+            let verdict = if approve {
+                "approve"
+            } else if deny {
+                "deny"
+            } else if acknowledge {
+                "acknowledge"
+            } else {
+                ""
+            };
+            Cmd::Review {
+                id,
+                body: wicket_api::ReviewBody {
+                    verdict: verdict.into(),
+                    reason,
+                    roles,
+                    duration,
+                    start_at,
+                },
+                format,
+            }
         }
         RequestCommand::Ask { id, reason } => Cmd::Review {
             id,
-            body: wicket_api::ReviewBody { verdict: "ask-info".into(), reason, ..Default::default() },
+            body: wicket_api::ReviewBody {
+                verdict: "ask-info".into(),
+                reason,
+                ..Default::default()
+            },
             format: Format::Text,
         },
-        RequestCommand::Update { id, reason } => Cmd::Action { id, action: "update", body: wicket_api::ActionBody { reason, duration: None } },
-        RequestCommand::Cancel { id } => Cmd::Action { id, action: "cancel", body: Default::default() },
+        RequestCommand::Update { id, reason } => Cmd::Action {
+            id,
+            action: "update",
+            body: wicket_api::ActionBody {
+                reason,
+                duration: None,
+            },
+        },
+        RequestCommand::Cancel { id } => Cmd::Action {
+            id,
+            action: "cancel",
+            body: Default::default(),
+        },
         RequestCommand::Drop { id } => Cmd::Drop { id },
-        RequestCommand::Revoke { id, reason } => Cmd::Action { id, action: "revoke", body: wicket_api::ActionBody { reason, duration: None } },
-        RequestCommand::Extend { id, duration } => Cmd::Action { id, action: "extend", body: wicket_api::ActionBody { reason: String::new(), duration: Some(duration) } },
+        RequestCommand::Revoke { id, reason } => Cmd::Action {
+            id,
+            action: "revoke",
+            body: wicket_api::ActionBody {
+                reason,
+                duration: None,
+            },
+        },
+        RequestCommand::Extend { id, duration } => Cmd::Action {
+            id,
+            action: "extend",
+            body: wicket_api::ActionBody {
+                reason: String::new(),
+                duration: Some(duration),
+            },
+        },
     }
 }

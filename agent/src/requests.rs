@@ -9,12 +9,34 @@ use wicket_api::{ActionBody, BreakGlassBody, CreateRequest, Grant, ReviewBody, S
 /// A parsed `wicket request` command.
 #[derive(Debug)]
 pub enum Cmd {
-    Create { body: CreateRequest, wait: bool, format: Format },
-    Ls { mine: bool, reviewable: bool, state: Option<String>, format: Format },
-    Show { id: String, format: Format },
-    Review { id: String, body: ReviewBody, format: Format },
-    Action { id: String, action: &'static str, body: ActionBody },
-    Drop { id: Option<String> },
+    Create {
+        body: CreateRequest,
+        wait: bool,
+        format: Format,
+    },
+    Ls {
+        mine: bool,
+        reviewable: bool,
+        state: Option<String>,
+        format: Format,
+    },
+    Show {
+        id: String,
+        format: Format,
+    },
+    Review {
+        id: String,
+        body: ReviewBody,
+        format: Format,
+    },
+    Action {
+        id: String,
+        action: &'static str,
+        body: ActionBody,
+    },
+    Drop {
+        id: Option<String>,
+    },
 }
 
 fn hm(secs: i64) -> String {
@@ -29,13 +51,24 @@ fn hm(secs: i64) -> String {
 /// Human-readable request.
 pub fn print_grant(g: &Grant) {
     println!("Request:      {}", g.id);
-    println!("Requester:    {} (standing roles: {})", g.requester, g.requester_normal_roles.join(", "));
+    println!(
+        "Requester:    {} (standing roles: {})",
+        g.requester,
+        g.requester_normal_roles.join(", ")
+    );
     println!("Roles:        {}", g.requested_roles.join(", "));
     if !g.granted_roles.is_empty() && g.granted_roles != g.requested_roles {
         println!("Granted:      {}", g.granted_roles.join(", "));
     }
-    println!("Status:       {}{}", g.status, if g.break_glass { " [BREAK-GLASS]" } else { "" });
-    println!("Reason:       {}", g.justification.replace('\n', "\n              "));
+    println!(
+        "Status:       {}{}",
+        g.status,
+        if g.break_glass { " [BREAK-GLASS]" } else { "" }
+    );
+    println!(
+        "Reason:       {}",
+        g.justification.replace('\n', "\n              ")
+    );
     if let Some(t) = &g.ticket_url {
         println!("Ticket:       {t}");
     }
@@ -48,10 +81,20 @@ pub fn print_grant(g: &Grant) {
         println!("Approved by:  {a}");
     }
     if !g.granted_permissions.is_empty() {
-        println!("Grants:       {}", g.granted_permissions.join("\n              "));
+        println!(
+            "Grants:       {}",
+            g.granted_permissions.join("\n              ")
+        );
     }
     for r in &g.reviews {
-        println!("Review:       {} {} at {}: {} (as {})", r.reviewer, r.verdict, r.at.to_rfc3339(), r.reason, r.as_member_of.join(", "));
+        println!(
+            "Review:       {} {} at {}: {} (as {})",
+            r.reviewer,
+            r.verdict,
+            r.at.to_rfc3339(),
+            r.reason,
+            r.as_member_of.join(", ")
+        );
     }
     if !g.still_needed.is_empty() {
         println!("Still needed: {}", g.still_needed.join("; "));
@@ -81,28 +124,53 @@ pub async fn run(cmd: Cmd) -> Result<()> {
             if !wait {
                 return output(&g, format);
             }
-            eprintln!("request {} is {}; waiting for a decision (Ctrl-C to stop waiting)", g.id, g.status);
+            eprintln!(
+                "request {} is {}; waiting for a decision (Ctrl-C to stop waiting)",
+                g.id, g.status
+            );
             let mut last = String::new();
             loop {
                 let g: Grant = client.get(&format!("/v1/requests/{}", g.id)).await?;
                 let progress = format!("{} {}", g.status, g.still_needed.join("; "));
                 if progress != last {
-                    eprintln!("  {}{}", g.status, if g.still_needed.is_empty() { String::new() } else { format!(": still needed: {}", g.still_needed.join("; ")) });
+                    eprintln!(
+                        "  {}{}",
+                        g.status,
+                        if g.still_needed.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": still needed: {}", g.still_needed.join("; "))
+                        }
+                    );
                     last = progress;
                 }
                 match g.status.as_str() {
                     "active" => {
                         eprintln!("approved; logging in with request {}", g.id);
-                        return crate::cli::login_with_requests(std::slice::from_ref(&g.id), format).await;
+                        return crate::cli::login_with_requests(
+                            std::slice::from_ref(&g.id),
+                            format,
+                        )
+                        .await;
                     }
                     "denied" | "expired" | "cancelled" | "revoked" => {
-                        bail!("request {} {}: {}", g.id, g.status, g.end_reason.unwrap_or_default())
+                        bail!(
+                            "request {} {}: {}",
+                            g.id,
+                            g.status,
+                            g.end_reason.unwrap_or_default()
+                        )
                     }
                     _ => tokio::time::sleep(Duration::from_millis(500)).await,
                 }
             }
         }
-        Cmd::Ls { mine, reviewable, state, format } => {
+        Cmd::Ls {
+            mine,
+            reviewable,
+            state,
+            format,
+        } => {
             let mut q = Vec::new();
             if mine {
                 q.push("mine=true".to_owned());
@@ -117,7 +185,10 @@ pub async fn run(cmd: Cmd) -> Result<()> {
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&list)?),
                 Format::Text => {
-                    println!("{:<36}  {:<10}  {:<10}  {:<20}  {:<20}  REASON", "ID", "STATE", "REQUESTER", "ROLES", "CREATED");
+                    println!(
+                        "{:<36}  {:<10}  {:<10}  {:<20}  {:<20}  REASON",
+                        "ID", "STATE", "REQUESTER", "ROLES", "CREATED"
+                    );
                     for g in &list {
                         println!(
                             "{:<36}  {:<10}  {:<10}  {:<20}  {:<20}  {}",
@@ -133,12 +204,16 @@ pub async fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Show { id, format } => output(&client.get(&format!("/v1/requests/{id}")).await?, format),
+        Cmd::Show { id, format } => {
+            output(&client.get(&format!("/v1/requests/{id}")).await?, format)
+        }
         Cmd::Review { id, body, format } => {
             if body.verdict.is_empty() {
                 bail!("say --approve, --deny or --acknowledge");
             }
-            let g: Grant = client.post(&format!("/v1/requests/{id}/review"), &body).await?;
+            let g: Grant = client
+                .post(&format!("/v1/requests/{id}/review"), &body)
+                .await?;
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&g)?),
                 Format::Text => println!("request {} is now {}", g.id, g.status),
@@ -146,8 +221,18 @@ pub async fn run(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::Action { id, action, body } => {
-            let g: Grant = client.post(&format!("/v1/requests/{id}/{action}"), &body).await?;
-            println!("request {} is now {}{}", g.id, g.status, g.expires_at.filter(|_| action == "extend").map(|e| format!(" until {}", e.to_rfc3339())).unwrap_or_default());
+            let g: Grant = client
+                .post(&format!("/v1/requests/{id}/{action}"), &body)
+                .await?;
+            println!(
+                "request {} is now {}{}",
+                g.id,
+                g.status,
+                g.expires_at
+                    .filter(|_| action == "extend")
+                    .map(|e| format!(" until {}", e.to_rfc3339()))
+                    .unwrap_or_default()
+            );
             Ok(())
         }
         Cmd::Drop { id } => {
@@ -159,21 +244,46 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                 bail!("you hold no access requests in your current certificates");
             }
             for id in &to_drop {
-                let g: Grant = client.post(&format!("/v1/requests/{id}/drop"), &ActionBody::default()).await?;
+                let g: Grant = client
+                    .post(&format!("/v1/requests/{id}/drop"), &ActionBody::default())
+                    .await?;
                 println!("dropped request {} ({})", g.id, g.status);
             }
-            let keep: Vec<String> = info.request_ids.iter().filter(|r| !to_drop.contains(r)).cloned().collect();
+            let keep: Vec<String> = info
+                .request_ids
+                .iter()
+                .filter(|r| !to_drop.contains(r))
+                .cloned()
+                .collect();
             reissue(&info.proxy, &info.user, &client, keep, Format::Text).await
         }
     }
 }
 
-pub async fn break_glass(roles: Vec<String>, reason: String, otp: String, duration: Option<String>, format: Format) -> Result<()> {
+pub async fn break_glass(
+    roles: Vec<String>,
+    reason: String,
+    otp: String,
+    duration: Option<String>,
+    format: Format,
+) -> Result<()> {
     let (_, info, client) = authenticated_client()?;
     let g: Grant = client
-        .post("/v1/break-glass", &BreakGlassBody { roles, reason, otp: Secret::new(otp), duration })
+        .post(
+            "/v1/break-glass",
+            &BreakGlassBody {
+                roles,
+                reason,
+                otp: Secret::new(otp),
+                duration,
+            },
+        )
         .await?;
-    eprintln!("BREAK-GLASS grant {} is active until {}; security has been notified", g.id, g.expires_at.map(|e| e.to_rfc3339()).unwrap_or_default());
+    eprintln!(
+        "BREAK-GLASS grant {} is active until {}; security has been notified",
+        g.id,
+        g.expires_at.map(|e| e.to_rfc3339()).unwrap_or_default()
+    );
     let mut ids = info.request_ids.clone();
     ids.push(g.id.clone());
     reissue(&info.proxy, &info.user, &client, ids, format).await

@@ -12,16 +12,18 @@
 
 mod labels;
 pub mod request;
+#[cfg(test)]
+mod request_tests;
 mod roles;
 mod rules;
 
 pub use labels::{LabelSelector, Labels};
+pub use request::{
+    AccessRequest, Actor, Effect, Engine, Event, NewRequest, Recipients, RequestError, Requester,
+    Review, Risk, State, Urgency, Verdict,
+};
 pub use roles::{
     DatabaseGrant, KubernetesGrant, Resource, ResourceKind, Role, RoleSet, SshLoginGrant,
-};
-pub use request::{
-    AccessRequest, Actor, Effect, Engine, Event, NewRequest, Recipients, RequestError, Requester, Review,
-    Risk, State, Urgency, Verdict,
 };
 pub use rules::{
     ApprovalRule, BreakGlassSettings, Directory, OncallSchedule, RequestSettings, Requirement,

@@ -66,7 +66,10 @@ impl State {
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, State::Denied | State::Expired | State::Cancelled | State::Revoked)
+        matches!(
+            self,
+            State::Denied | State::Expired | State::Cancelled | State::Revoked
+        )
     }
 
     /// Awaiting a review.
@@ -205,14 +208,27 @@ pub enum Event {
         start_at: Option<DateTime<Utc>>,
     },
     /// The requester answers a needs-info question.
-    Update { by: String, reason: String },
-    Cancel { by: String },
+    Update {
+        by: String,
+        reason: String,
+    },
+    Cancel {
+        by: String,
+    },
     /// A timer fired: expiry, escalation, scheduled start.
     Tick,
     /// The holder ends the grant early.
-    Drop { by: String },
-    Revoke { by: Actor, reason: String },
-    Extend { by: String, duration: Duration },
+    Drop {
+        by: String,
+    },
+    Revoke {
+        by: Actor,
+        reason: String,
+    },
+    Extend {
+        by: String,
+        duration: Duration,
+    },
 }
 
 /// Who to notify.
@@ -228,8 +244,16 @@ pub enum Recipients {
 #[serde(rename_all = "snake_case", tag = "effect")]
 pub enum Effect {
     /// Record an audit event of `kind` by `actor` with a human `detail`.
-    Audit { kind: String, actor: String, detail: String },
-    Notify { recipients: Recipients, subject: String, urgent: bool },
+    Audit {
+        kind: String,
+        actor: String,
+        detail: String,
+    },
+    Notify {
+        recipients: Recipients,
+        subject: String,
+        urgent: bool,
+    },
     /// The grant is over: certificates carrying it stop counting, and live
     /// sessions using it end (unless configured to finish).
     EndSessions { reason: String },
@@ -319,11 +343,19 @@ impl<'a> Engine<'a> {
         if !env_match.is_empty() {
             return env_match;
         }
-        for_role.into_iter().filter(|r| r.environment.is_none()).collect()
+        for_role
+            .into_iter()
+            .filter(|r| r.environment.is_none())
+            .collect()
     }
 
     /// The reviewer sets `actor` belongs to at `now`, for `req`.
-    fn membership(&self, req: &AccessRequest, actor: &Actor, now: DateTime<Utc>) -> Vec<ReviewerSet> {
+    fn membership(
+        &self,
+        req: &AccessRequest,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Vec<ReviewerSet> {
         let mut sets = Vec::new();
         for r in &actor.roles {
             sets.push(ReviewerSet::Role(r.clone()));
@@ -341,7 +373,12 @@ impl<'a> Engine<'a> {
     }
 
     /// May `actor` review `req` now? One policy decision with its reason.
-    pub fn decide_review(&self, req: &AccessRequest, actor: &Actor, now: DateTime<Utc>) -> Decision {
+    pub fn decide_review(
+        &self,
+        req: &AccessRequest,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Decision {
         if actor.name == req.requester {
             return Decision::deny("requesters cannot review their own requests");
         }
@@ -372,13 +409,20 @@ impl<'a> Engine<'a> {
     /// May `actor` see `req` in `--reviewable`?
     pub fn is_reviewable_by(&self, req: &AccessRequest, actor: &Actor, now: DateTime<Utc>) -> bool {
         req.state.is_open()
-            && !req.reviews.iter().any(|r| r.reviewer == actor.name)
+            && !req
+                .reviews
+                .iter()
+                .any(|r| r.reviewer == actor.name && r.verdict != Verdict::AskInfo)
             && self.decide_review(req, actor, now).allowed
     }
 
     /// Whether the approvals so far meet every granted role's rule; if not,
     /// what is still missing (human-readable, one entry per role).
-    pub fn requirement_status(&self, req: &AccessRequest, roles: &[String]) -> Result<(), Vec<String>> {
+    pub fn requirement_status(
+        &self,
+        req: &AccessRequest,
+        roles: &[String],
+    ) -> Result<(), Vec<String>> {
         let approvals: Vec<(&str, Vec<ReviewerSet>)> = req
             .reviews
             .iter()
@@ -386,7 +430,10 @@ impl<'a> Engine<'a> {
             .map(|r| {
                 (
                     r.reviewer.as_str(),
-                    r.matched.iter().filter_map(|m| ReviewerSet::parse(m).ok()).collect(),
+                    r.matched
+                        .iter()
+                        .filter_map(|m| ReviewerSet::parse(m).ok())
+                        .collect(),
                 )
             })
             .collect();
@@ -398,7 +445,9 @@ impl<'a> Engine<'a> {
                 // role whose `review` covers it.
                 let ok = approvals.iter().any(|(_, sets)| {
                     sets.iter().any(|s| match s {
-                        ReviewerSet::Role(r) => self.policy.roles.may_review(std::slice::from_ref(r), role),
+                        ReviewerSet::Role(r) => {
+                            self.policy.roles.may_review(std::slice::from_ref(r), role)
+                        }
                         _ => false,
                     })
                 });
@@ -470,7 +519,9 @@ impl<'a> Engine<'a> {
             return invalid("the reason is longer than 2000 characters".into());
         }
         match &new.ticket_url {
-            Some(u) if !(u.starts_with("https://") || u.starts_with("http://")) || u.len() > 2000 => {
+            Some(u)
+                if !(u.starts_with("https://") || u.starts_with("http://")) || u.len() > 2000 =>
+            {
                 return invalid(format!("ticket URL {u:?} must be an http(s) URL"));
             }
             None if settings.require_ticket_url => {
@@ -479,7 +530,8 @@ impl<'a> Engine<'a> {
             _ => {}
         }
         let max = if new.break_glass {
-            self.max_duration(&new.roles).min(self.policy.break_glass.max_duration)
+            self.max_duration(&new.roles)
+                .min(self.policy.break_glass.max_duration)
         } else {
             self.max_duration(&new.roles)
         };
@@ -568,7 +620,11 @@ impl<'a> Engine<'a> {
             effects.push(audit(
                 "break_glass_used",
                 requester.name,
-                format!("emergency grant of [{}]: {}", req.roles.join(", "), req.reason),
+                format!(
+                    "emergency grant of [{}]: {}",
+                    req.roles.join(", "),
+                    req.reason
+                ),
             ));
             effects.push(Effect::Notify {
                 recipients: Recipients::Sets(bg.notify.iter().map(ToString::to_string).collect()),
@@ -584,7 +640,11 @@ impl<'a> Engine<'a> {
         }
         if self.is_self_approved(&req.roles, &req.resources) {
             req.granted_roles = req.roles.clone();
-            effects.push(audit("request_approved", requester.name, "self-approved by rule"));
+            effects.push(audit(
+                "request_approved",
+                requester.name,
+                "self-approved by rule",
+            ));
             self.activate(&mut req, now, &mut effects);
             return Ok((req, effects));
         }
@@ -657,14 +717,23 @@ impl<'a> Engine<'a> {
             effects.push(audit(
                 "grant_scheduled",
                 &req.requester,
-                format!("[{}] from {} to {}", req.granted_roles.join(", "), start.to_rfc3339(), (start + duration).to_rfc3339()),
+                format!(
+                    "[{}] from {} to {}",
+                    req.granted_roles.join(", "),
+                    start.to_rfc3339(),
+                    (start + duration).to_rfc3339()
+                ),
             ));
         } else {
             req.state = State::Active;
             effects.push(audit(
                 "grant_activated",
                 &req.requester,
-                format!("[{}] until {}", req.granted_roles.join(", "), (start + duration).to_rfc3339()),
+                format!(
+                    "[{}] until {}",
+                    req.granted_roles.join(", "),
+                    (start + duration).to_rfc3339()
+                ),
             ));
         }
         effects.push(Effect::Notify {
@@ -680,7 +749,14 @@ impl<'a> Engine<'a> {
         });
     }
 
-    fn end(&self, req: &mut AccessRequest, state: State, reason: &str, now: DateTime<Utc>, effects: &mut Vec<Effect>) {
+    fn end(
+        &self,
+        req: &mut AccessRequest,
+        state: State,
+        reason: &str,
+        now: DateTime<Utc>,
+        effects: &mut Vec<Effect>,
+    ) {
         req.state = state;
         req.ended_at = Some(now);
         req.end_reason = Some(reason.to_owned());
@@ -712,16 +788,24 @@ impl<'a> Engine<'a> {
             } => {
                 if verdict == Verdict::Acknowledge {
                     if !req.break_glass {
-                        return Err(RequestError::Invalid("only break-glass grants are acknowledged".into()));
+                        return Err(RequestError::Invalid(
+                            "only break-glass grants are acknowledged".into(),
+                        ));
                     }
                     if by.name == req.requester {
-                        return Err(RequestError::Forbidden("you cannot acknowledge your own break-glass grant".into()));
+                        return Err(RequestError::Forbidden(
+                            "you cannot acknowledge your own break-glass grant".into(),
+                        ));
                     }
                     let d = self.decide_review(&req, &by, now);
                     if !d.allowed && !self.policy.roles.may_revoke(&by.roles) {
                         return Err(RequestError::Forbidden(d.reason));
                     }
-                    if req.reviews.iter().any(|r| r.verdict == Verdict::Acknowledge) {
+                    if req
+                        .reviews
+                        .iter()
+                        .any(|r| r.verdict == Verdict::Acknowledge)
+                    {
                         return Err(RequestError::Invalid("already acknowledged".into()));
                     }
                     req.reviews.push(Review {
@@ -745,31 +829,52 @@ impl<'a> Engine<'a> {
                     return Err(illegal(state, "waiting for the requester to answer; approve after `wicket request update`"));
                 }
                 if reason.trim().is_empty() {
-                    return Err(RequestError::Invalid("a review needs a reason (--reason)".into()));
+                    return Err(RequestError::Invalid(
+                        "a review needs a reason (--reason)".into(),
+                    ));
                 }
                 let decision = self.decide_review(&req, &by, now);
                 if !decision.allowed {
                     return Err(RequestError::Forbidden(decision.reason));
                 }
-                if req.reviews.iter().any(|r| r.reviewer == by.name && r.verdict != Verdict::AskInfo) {
-                    return Err(RequestError::Invalid(format!("{} has already reviewed this request", by.name)));
+                if req
+                    .reviews
+                    .iter()
+                    .any(|r| r.reviewer == by.name && r.verdict != Verdict::AskInfo)
+                {
+                    return Err(RequestError::Invalid(format!(
+                        "{} has already reviewed this request",
+                        by.name
+                    )));
                 }
                 if let Some(subset) = &roles {
                     if subset.is_empty() || subset.iter().any(|r| !req.roles.contains(r)) {
-                        return Err(RequestError::Invalid("--roles must be a non-empty subset of the requested roles".into()));
+                        return Err(RequestError::Invalid(
+                            "--roles must be a non-empty subset of the requested roles".into(),
+                        ));
                     }
                 }
                 if let Some(d) = duration {
-                    if d <= Duration::zero() || d.num_seconds() > req.requested_duration_secs {
-                        return Err(RequestError::Invalid("--duration may only shorten the grant".into()));
+                    let min = self.policy.requests.min_duration.max(Duration::seconds(1));
+                    if d < min || d.num_seconds() > req.requested_duration_secs {
+                        return Err(RequestError::Invalid(format!(
+                            "--duration may only shorten the grant, to at least {}",
+                            human(min)
+                        )));
                     }
                 }
                 if let Some(s) = start_at {
                     if s <= now || s > now + Duration::days(30) {
-                        return Err(RequestError::Invalid("--start-at must be in the future (within 30 days)".into()));
+                        return Err(RequestError::Invalid(
+                            "--start-at must be in the future (within 30 days)".into(),
+                        ));
                     }
                 }
-                let matched: Vec<String> = self.membership(&req, &by, now).iter().map(ToString::to_string).collect();
+                let matched: Vec<String> = self
+                    .membership(&req, &by, now)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
                 req.reviews.push(Review {
                     reviewer: by.name.clone(),
                     verdict,
@@ -786,7 +891,11 @@ impl<'a> Engine<'a> {
                         req.state = State::Denied;
                         req.ended_at = Some(now);
                         req.end_reason = Some(format!("denied by {}: {reason}", by.name));
-                        effects.push(audit("request_denied", &by.name, format!("{} ({})", reason, decision.reason)));
+                        effects.push(audit(
+                            "request_denied",
+                            &by.name,
+                            format!("{} ({})", reason, decision.reason),
+                        ));
                         effects.push(Effect::Notify {
                             recipients: Recipients::User(req.requester.clone()),
                             subject: format!("request {} denied by {}: {reason}", req.id, by.name),
@@ -803,7 +912,11 @@ impl<'a> Engine<'a> {
                         });
                     }
                     Verdict::Approve => {
-                        effects.push(audit("request_reviewed", &by.name, format!("approve: {} ({})", reason, decision.reason)));
+                        effects.push(audit(
+                            "request_reviewed",
+                            &by.name,
+                            format!("approve: {} ({})", reason, decision.reason),
+                        ));
                         // The scope is the intersection of every approval's scope.
                         let granted: Vec<String> = req
                             .roles
@@ -817,11 +930,17 @@ impl<'a> Engine<'a> {
                             .cloned()
                             .collect();
                         if granted.is_empty() {
-                            return Err(RequestError::Invalid("the approvals' role subsets do not overlap".into()));
+                            return Err(RequestError::Invalid(
+                                "the approvals' role subsets do not overlap".into(),
+                            ));
                         }
                         if self.requirement_status(&req, &granted).is_ok() {
                             req.granted_roles = granted;
-                            effects.push(audit("request_approved", &by.name, format!("granted [{}]", req.granted_roles.join(", "))));
+                            effects.push(audit(
+                                "request_approved",
+                                &by.name,
+                                format!("granted [{}]", req.granted_roles.join(", ")),
+                            ));
                             self.activate(&mut req, now, &mut effects);
                         }
                     }
@@ -830,13 +949,20 @@ impl<'a> Engine<'a> {
             }
             Event::Update { by, reason } => {
                 if by != req.requester {
-                    return Err(RequestError::Forbidden("only the requester can update a request".into()));
+                    return Err(RequestError::Forbidden(
+                        "only the requester can update a request".into(),
+                    ));
                 }
                 if state != State::NeedsInfo {
-                    return Err(illegal(state, "only a request that needs info can be updated"));
+                    return Err(illegal(
+                        state,
+                        "only a request that needs info can be updated",
+                    ));
                 }
                 if reason.trim().is_empty() {
-                    return Err(RequestError::Invalid("an update needs a reason (--reason)".into()));
+                    return Err(RequestError::Invalid(
+                        "an update needs a reason (--reason)".into(),
+                    ));
                 }
                 req.reason = format!("{}\n[update] {}", req.reason, reason.trim());
                 req.state = State::Pending;
@@ -850,10 +976,15 @@ impl<'a> Engine<'a> {
             }
             Event::Cancel { by } => {
                 if by != req.requester {
-                    return Err(RequestError::Forbidden("only the requester can cancel a request".into()));
+                    return Err(RequestError::Forbidden(
+                        "only the requester can cancel a request".into(),
+                    ));
                 }
                 if !(state.is_open() || state == State::Approved) {
-                    return Err(illegal(state, "only a pending or scheduled request can be cancelled"));
+                    return Err(illegal(
+                        state,
+                        "only a pending or scheduled request can be cancelled",
+                    ));
                 }
                 req.state = State::Cancelled;
                 req.ended_at = Some(now);
@@ -863,12 +994,23 @@ impl<'a> Engine<'a> {
             }
             Event::Drop { by } => {
                 if by != req.requester {
-                    return Err(RequestError::Forbidden("only the holder can drop a grant".into()));
+                    return Err(RequestError::Forbidden(
+                        "only the holder can drop a grant".into(),
+                    ));
                 }
                 if !matches!(state, State::Active | State::Approved) {
-                    return Err(illegal(state, "only an active or scheduled grant can be dropped"));
+                    return Err(illegal(
+                        state,
+                        "only an active or scheduled grant can be dropped",
+                    ));
                 }
-                self.end(&mut req, State::Expired, "dropped by its holder", now, &mut effects);
+                self.end(
+                    &mut req,
+                    State::Expired,
+                    "dropped by its holder",
+                    now,
+                    &mut effects,
+                );
                 effects.push(audit("grant_dropped", &by, ""));
             }
             Event::Revoke { by, reason } => {
@@ -880,12 +1022,23 @@ impl<'a> Engine<'a> {
                     )));
                 }
                 if !matches!(state, State::Active | State::Approved) {
-                    return Err(illegal(state, "only an active or scheduled grant can be revoked"));
+                    return Err(illegal(
+                        state,
+                        "only an active or scheduled grant can be revoked",
+                    ));
                 }
                 if reason.trim().is_empty() {
-                    return Err(RequestError::Invalid("a revoke needs a reason (--reason)".into()));
+                    return Err(RequestError::Invalid(
+                        "a revoke needs a reason (--reason)".into(),
+                    ));
                 }
-                self.end(&mut req, State::Revoked, &format!("revoked by {}: {reason}", by.name), now, &mut effects);
+                self.end(
+                    &mut req,
+                    State::Revoked,
+                    &format!("revoked by {}: {reason}", by.name),
+                    now,
+                    &mut effects,
+                );
                 req.revoked_by = Some(by.name.clone());
                 req.revoke_reason = Some(reason.clone());
                 effects.push(audit("grant_revoked", &by.name, reason.clone()));
@@ -897,13 +1050,17 @@ impl<'a> Engine<'a> {
             }
             Event::Extend { by, duration } => {
                 if by != req.requester {
-                    return Err(RequestError::Forbidden("only the holder can extend a grant".into()));
+                    return Err(RequestError::Forbidden(
+                        "only the holder can extend a grant".into(),
+                    ));
                 }
                 if state != State::Active {
                     return Err(illegal(state, "only an active grant can be extended"));
                 }
                 if req.break_glass {
-                    return Err(RequestError::Forbidden("break-glass grants cannot be extended".into()));
+                    return Err(RequestError::Forbidden(
+                        "break-glass grants cannot be extended".into(),
+                    ));
                 }
                 if req.extensions >= self.policy.requests.max_extensions {
                     return Err(RequestError::Forbidden(format!(
@@ -915,17 +1072,23 @@ impl<'a> Engine<'a> {
                     return Err(illegal(state, "grant has no window"));
                 };
                 let max = self.max_duration(&req.granted_roles);
-                let new_end = end + duration;
-                if duration <= Duration::zero() || new_end - start > max {
-                    return Err(RequestError::Invalid(format!(
-                        "an extension may bring the grant to at most {} in total",
-                        human(max)
-                    )));
-                }
+                let new_end = match end.checked_add_signed(duration) {
+                    Some(e) if duration > Duration::zero() && e - start <= max => e,
+                    _ => {
+                        return Err(RequestError::Invalid(format!(
+                            "an extension may bring the grant to at most {} in total",
+                            human(max)
+                        )))
+                    }
+                };
                 req.expires_at = Some(new_end);
                 req.extensions += 1;
                 req.updated_at = now;
-                effects.push(audit("grant_extended", &by, format!("until {}", new_end.to_rfc3339())));
+                effects.push(audit(
+                    "grant_extended",
+                    &by,
+                    format!("until {}", new_end.to_rfc3339()),
+                ));
             }
         }
         Ok((req, effects))
@@ -940,7 +1103,11 @@ impl<'a> Engine<'a> {
                     req.ended_at = Some(now);
                     req.end_reason = Some("nobody answered in time".into());
                     req.updated_at = now;
-                    effects.push(audit("request_expired", &req.requester.clone(), "pending too long"));
+                    effects.push(audit(
+                        "request_expired",
+                        &req.requester.clone(),
+                        "pending too long",
+                    ));
                     effects.push(Effect::Notify {
                         recipients: Recipients::User(req.requester.clone()),
                         subject: format!("request {} expired unanswered", req.id),
@@ -950,11 +1117,19 @@ impl<'a> Engine<'a> {
                     req.escalated = true;
                     req.updated_at = now;
                     let secondary: Vec<String> = self.secondary_sets(req).into_iter().collect();
-                    effects.push(audit("request_escalated", &req.requester.clone(), format!("notifying [{}]", secondary.join(", "))));
+                    effects.push(audit(
+                        "request_escalated",
+                        &req.requester.clone(),
+                        format!("notifying [{}]", secondary.join(", ")),
+                    ));
                     if !secondary.is_empty() {
                         effects.push(Effect::Notify {
                             recipients: Recipients::Sets(secondary),
-                            subject: format!("escalated: {} waits for [{}]", req.requester, req.roles.join(", ")),
+                            subject: format!(
+                                "escalated: {} waits for [{}]",
+                                req.requester,
+                                req.roles.join(", ")
+                            ),
                             urgent: req.urgency == Urgency::High,
                         });
                     }
@@ -964,7 +1139,11 @@ impl<'a> Engine<'a> {
                 if req.starts_at.is_some_and(|s| now >= s) {
                     req.state = State::Active;
                     req.updated_at = now;
-                    effects.push(audit("grant_activated", &req.requester.clone(), "scheduled start"));
+                    effects.push(audit(
+                        "grant_activated",
+                        &req.requester.clone(),
+                        "scheduled start",
+                    ));
                     if req.expires_at.is_some_and(|e| now >= e) {
                         self.end(req, State::Expired, "grant window ended", now, effects);
                         effects.push(audit("grant_expired", &req.requester.clone(), ""));
@@ -999,10 +1178,16 @@ impl<'a> Engine<'a> {
     /// What the requested roles grant beyond the requester's standing roles.
     pub fn risk(&self, req: &AccessRequest) -> Risk {
         let roles = &self.policy.roles;
-        let standing = Subject { user: &req.requester, roles: &req.requester_roles };
+        let standing = Subject {
+            user: &req.requester,
+            roles: &req.requester_roles,
+        };
         let mut all = req.requester_roles.clone();
         all.extend(req.roles.iter().cloned());
-        let elevated = Subject { user: &req.requester, roles: &all };
+        let elevated = Subject {
+            user: &req.requester,
+            roles: &all,
+        };
         let mut risk = Risk {
             new_roles: req.roles.clone(),
             max_duration_secs: self.max_duration(&req.roles).num_seconds(),
@@ -1011,7 +1196,8 @@ impl<'a> Engine<'a> {
         for res in &self.policy.resources {
             match res.kind {
                 ResourceKind::Node => {
-                    let before: BTreeSet<String> = roles.node_logins(&standing, res).into_iter().collect();
+                    let before: BTreeSet<String> =
+                        roles.node_logins(&standing, res).into_iter().collect();
                     for l in roles.node_logins(&elevated, res) {
                         if !before.contains(&l) {
                             risk.ssh.push(format!("{l}@{}", res.name));
@@ -1022,7 +1208,11 @@ impl<'a> Engine<'a> {
                     let (_, before) = roles.database_access(&standing, res);
                     let (names, users) = roles.database_access(&elevated, res);
                     for u in users.iter().filter(|u| !before.contains(u)) {
-                        risk.databases.push(format!("{u}@{} (databases: {})", res.name, names.join(",")));
+                        risk.databases.push(format!(
+                            "{u}@{} (databases: {})",
+                            res.name,
+                            names.join(",")
+                        ));
                     }
                 }
                 ResourceKind::KubeCluster => {
@@ -1039,16 +1229,26 @@ impl<'a> Engine<'a> {
                 risk.permissions.push(format!("{}: revoke grants", r.name));
             }
             if r.audit {
-                risk.permissions.push(format!("{}: read the audit log", r.name));
+                risk.permissions
+                    .push(format!("{}: read the audit log", r.name));
             }
             if !r.review_roles.is_empty() {
-                risk.permissions.push(format!("{}: review requests for [{}]", r.name, r.review_roles.join(", ")));
+                risk.permissions.push(format!(
+                    "{}: review requests for [{}]",
+                    r.name,
+                    r.review_roles.join(", ")
+                ));
             }
             if !r.request_roles.is_empty() {
-                risk.permissions.push(format!("{}: request [{}]", r.name, r.request_roles.join(", ")));
+                risk.permissions.push(format!(
+                    "{}: request [{}]",
+                    r.name,
+                    r.request_roles.join(", ")
+                ));
             }
             if r.port_forwarding && !r.ssh.logins.is_empty() {
-                risk.permissions.push(format!("{}: SSH port forwarding", r.name));
+                risk.permissions
+                    .push(format!("{}: SSH port forwarding", r.name));
             }
         }
         risk
@@ -1086,7 +1286,10 @@ fn unmet(req: &Requirement, approvals: &[(&str, Vec<ReviewerSet>)]) -> Option<St
                     .map(|(s, _)| s.to_string())
                     .collect();
                 Some(if missing.is_empty() {
-                    format!("approvals from distinct people for each of [{}]", join_sets(sets))
+                    format!(
+                        "approvals from distinct people for each of [{}]",
+                        join_sets(sets)
+                    )
                 } else {
                     format!("an approval from each of [{}]", missing.join(", "))
                 })
@@ -1108,7 +1311,10 @@ fn unmet(req: &Requirement, approvals: &[(&str, Vec<ReviewerSet>)]) -> Option<St
 }
 
 fn join_sets(sets: &[ReviewerSet]) -> String {
-    sets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    sets.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Can each slot be filled by a distinct person from its candidates?

@@ -2,8 +2,10 @@
 //! where errors become HTTP statuses. Handlers are thin: they call `service`.
 
 use crate::error::Error;
+use crate::requests::Listing;
 use crate::service::{Caller, Wicket};
 use axum::extract::rejection::JsonRejection;
+use axum::extract::Path;
 use axum::extract::{FromRequest, FromRequestParts, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -15,11 +17,9 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use wicket_api::{
-    ActionBody, BreakGlassBody, Certificates, CreateRequest, ErrorBody, Grant, LoginRequest, Me, Notification, Ping,
-    ReissueRequest, Resources, ReviewBody,
+    ActionBody, BreakGlassBody, Certificates, CreateRequest, ErrorBody, Grant, LoginRequest, Me,
+    Notification, Ping, ReissueRequest, Resources, ReviewBody,
 };
-use axum::extract::Path;
-use crate::requests::Listing;
 use wicket_ca::VerifiedClientCert;
 
 /// Largest request body accepted anywhere in the API.
@@ -293,7 +293,9 @@ async fn create_request(
     Authenticated(caller): Authenticated,
     ApiJson(body): ApiJson<CreateRequest>,
 ) -> ApiResult<Grant> {
-    Ok(Json(w.create_request(&caller, body, crate::clock::now()).await?))
+    Ok(Json(
+        w.create_request(&caller, body, crate::clock::now()).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -311,16 +313,29 @@ async fn list_requests(
 ) -> ApiResult<Vec<Grant>> {
     let Query(q) = query.map_err(|e| Error::BadRequest(e.body_text()))?;
     let listing = match (q.mine.unwrap_or(false), q.reviewable.unwrap_or(false)) {
-        (true, true) => return Err(Error::BadRequest("choose mine or reviewable, not both".into())),
+        (true, true) => {
+            return Err(Error::BadRequest(
+                "choose mine or reviewable, not both".into(),
+            ))
+        }
         (true, false) => Listing::Mine,
         (false, true) => Listing::Reviewable,
         (false, false) => Listing::All,
     };
-    Ok(Json(w.list_requests(&caller, listing, q.state.as_deref(), crate::clock::now()).await?))
+    Ok(Json(
+        w.list_requests(&caller, listing, q.state.as_deref(), crate::clock::now())
+            .await?,
+    ))
 }
 
-async fn show_request(State(w): State<AppState>, Authenticated(caller): Authenticated, Path(id): Path<String>) -> ApiResult<Grant> {
-    Ok(Json(w.show_request(&caller, &id, crate::clock::now()).await?))
+async fn show_request(
+    State(w): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Path(id): Path<String>,
+) -> ApiResult<Grant> {
+    Ok(Json(
+        w.show_request(&caller, &id, crate::clock::now()).await?,
+    ))
 }
 
 async fn review_request(
@@ -329,7 +344,10 @@ async fn review_request(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<ReviewBody>,
 ) -> ApiResult<Grant> {
-    Ok(Json(w.review_request(&caller, &id, body, crate::clock::now()).await?))
+    Ok(Json(
+        w.review_request(&caller, &id, body, crate::clock::now())
+            .await?,
+    ))
 }
 
 async fn request_action(
@@ -338,7 +356,10 @@ async fn request_action(
     Path((id, action)): Path<(String, String)>,
     ApiJson(body): ApiJson<ActionBody>,
 ) -> ApiResult<Grant> {
-    Ok(Json(w.request_action(&caller, &id, &action, body, crate::clock::now()).await?))
+    Ok(Json(
+        w.request_action(&caller, &id, &action, body, crate::clock::now())
+            .await?,
+    ))
 }
 
 async fn break_glass(
@@ -346,7 +367,9 @@ async fn break_glass(
     Authenticated(caller): Authenticated,
     ApiJson(body): ApiJson<BreakGlassBody>,
 ) -> ApiResult<Grant> {
-    Ok(Json(w.break_glass(&caller, body, crate::clock::now()).await?))
+    Ok(Json(
+        w.break_glass(&caller, body, crate::clock::now()).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize)]

@@ -9,7 +9,9 @@ use crate::error::{Error, Result};
 use crate::service::{Caller, Wicket};
 use crate::store::{AuditRow, NotificationRow, StoredRequest, UserRecord};
 use chrono::{DateTime, Duration, Utc};
-use wicket_api::{ActionBody, BreakGlassBody, CreateRequest, Grant, Notification, ReviewBody, ReviewView};
+use wicket_api::{
+    ActionBody, BreakGlassBody, CreateRequest, Grant, Notification, ReviewBody, ReviewView,
+};
 use wicket_policy::{
     AccessRequest, Actor, Effect, Engine, Event, NewRequest, Recipients, RequestError, Requester,
     ReviewerSet, State, Subject, Urgency, Verdict,
@@ -68,7 +70,10 @@ impl Wicket {
             id: req.id.clone(),
             requester: req.requester.clone(),
             state: req.state.as_str().to_owned(),
-            next_deadline: self.engine().next_deadline(req).map(|d| d.timestamp_millis()),
+            next_deadline: self
+                .engine()
+                .next_deadline(req)
+                .map(|d| d.timestamp_millis()),
             created_at: req.created_at.timestamp_millis(),
             updated_at: req.updated_at.timestamp_millis(),
             doc: serde_json::to_string(req).map_err(|e| Error::Internal(e.to_string()))?,
@@ -76,7 +81,12 @@ impl Wicket {
     }
 
     /// Resolves reviewer sets to user names at `now`.
-    async fn resolve(&self, req: &AccessRequest, sets: &[String], now: DateTime<Utc>) -> Result<Vec<String>> {
+    async fn resolve(
+        &self,
+        req: &AccessRequest,
+        sets: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>> {
         let mut out = std::collections::BTreeSet::new();
         let mut roles = Vec::new();
         for s in sets {
@@ -112,12 +122,21 @@ impl Wicket {
     }
 
     /// Turns effects into audit and notification rows.
-    async fn effect_rows(&self, req: &AccessRequest, effects: &[Effect], now: DateTime<Utc>) -> Result<(Vec<AuditRow>, Vec<NotificationRow>)> {
+    async fn effect_rows(
+        &self,
+        req: &AccessRequest,
+        effects: &[Effect],
+        now: DateTime<Utc>,
+    ) -> Result<(Vec<AuditRow>, Vec<NotificationRow>)> {
         let mut audit = Vec::new();
         let mut notes = Vec::new();
         for e in effects {
             match e {
-                Effect::Audit { kind, actor, detail } => {
+                Effect::Audit {
+                    kind,
+                    actor,
+                    detail,
+                } => {
                     let event = AuditEvent::AccessRequest {
                         action: kind.clone(),
                         actor: actor.clone(),
@@ -128,7 +147,11 @@ impl Wicket {
                     tracing::info!(kind = %kind, actor = %actor, request = %req.id, "audit");
                     audit.push(event.to_row(now.timestamp_millis()));
                 }
-                Effect::Notify { recipients, subject, urgent } => {
+                Effect::Notify {
+                    recipients,
+                    subject,
+                    urgent,
+                } => {
                     let mut to = match recipients {
                         Recipients::User(u) => vec![u.clone()],
                         Recipients::Sets(sets) => self.resolve(req, sets, now).await?,
@@ -165,7 +188,13 @@ impl Wicket {
         Ok((audit, notes))
     }
 
-    async fn deny_audited(&self, user: &str, action: &str, reason: String, now: DateTime<Utc>) -> Error {
+    async fn deny_audited(
+        &self,
+        user: &str,
+        action: &str,
+        reason: String,
+        now: DateTime<Utc>,
+    ) -> Error {
         let _ = self
             .audit(
                 AuditEvent::AccessDenied {
@@ -211,33 +240,56 @@ impl Wicket {
                 return Ok(next);
             }
             let (audit, notes) = self.effect_rows(&next, &effects, now).await?;
-            if self.store.update_request(&self.encode(&next)?, version, &audit, &notes).await? {
+            if self
+                .store
+                .update_request(&self.encode(&next)?, version, &audit, &notes)
+                .await?
+            {
                 return Ok(next);
             }
         }
-        Err(Error::Conflict(format!("request {id} is changing concurrently; try again")))
+        Err(Error::Conflict(format!(
+            "request {id} is changing concurrently; try again"
+        )))
     }
 
-    pub async fn create_request(&self, caller: &Caller, body: CreateRequest, now: DateTime<Utc>) -> Result<Grant> {
+    pub async fn create_request(
+        &self,
+        caller: &Caller,
+        body: CreateRequest,
+        now: DateTime<Utc>,
+    ) -> Result<Grant> {
         let user = self.active_user(caller).await?;
         let mut roles = body.roles;
         if let Some(r) = body.role {
             roles.push(r);
         }
         let duration = match (&body.duration, body.duration_hours) {
-            (Some(_), Some(_)) => return Err(Error::BadRequest("give duration or duration_hours, not both".into())),
+            (Some(_), Some(_)) => {
+                return Err(Error::BadRequest(
+                    "give duration or duration_hours, not both".into(),
+                ))
+            }
             (Some(d), None) => Some(parse_dur("duration", d)?),
             (None, Some(h)) if h.is_finite() && h > 0.0 && h < 24.0 * 366.0 => {
                 Some(Duration::seconds((h * 3600.0).round() as i64))
             }
-            (None, Some(_)) => return Err(Error::BadRequest("duration_hours must be a positive number".into())),
+            (None, Some(_)) => {
+                return Err(Error::BadRequest(
+                    "duration_hours must be a positive number".into(),
+                ))
+            }
             (None, None) => None,
         };
         let urgency = match body.urgency.as_deref() {
             None | Some("normal") => Urgency::Normal,
             Some("low") => Urgency::Low,
             Some("high") => Urgency::High,
-            Some(other) => return Err(Error::BadRequest(format!("urgency {other:?}: use low, normal or high"))),
+            Some(other) => {
+                return Err(Error::BadRequest(format!(
+                    "urgency {other:?}: use low, normal or high"
+                )))
+            }
         };
         let new = NewRequest {
             id: uuid::Uuid::new_v4().to_string(),
@@ -254,7 +306,13 @@ impl Wicket {
         self.create(&user, new, "request.create", now).await
     }
 
-    async fn create(&self, user: &UserRecord, new: NewRequest, action: &str, now: DateTime<Utc>) -> Result<Grant> {
+    async fn create(
+        &self,
+        user: &UserRecord,
+        new: NewRequest,
+        action: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Grant> {
         let standing = self.standing_roles(user);
         let requester = Requester {
             name: &user.name,
@@ -268,49 +326,97 @@ impl Wicket {
             Err(e) => return Err(request_error(e)),
         };
         let (audit, notes) = self.effect_rows(&req, &effects, now).await?;
-        self.store.insert_request(&self.encode(&req)?, &audit, &notes).await?;
+        self.store
+            .insert_request(&self.encode(&req)?, &audit, &notes)
+            .await?;
         self.view(&req, now).await
     }
 
     /// Break-glass: an active grant without approval, only with a fresh TOTP code.
-    pub async fn break_glass(&self, caller: &Caller, body: BreakGlassBody, now: DateTime<Utc>) -> Result<Grant> {
+    pub async fn break_glass(
+        &self,
+        caller: &Caller,
+        body: BreakGlassBody,
+        now: DateTime<Utc>,
+    ) -> Result<Grant> {
         let user = self.active_user(caller).await?;
-        let secret = user
-            .totp_secret
-            .as_deref()
-            .ok_or_else(|| Error::Forbidden("break-glass needs a TOTP second factor; enroll with `wicketd users add --totp`".into()))?;
-        let mfa_verified = match crate::auth::verify_totp(secret, body.otp.expose(), now.timestamp()) {
-            Some(step) => self.store.consume_totp_step(&user.name, step).await?,
-            None => false,
-        };
-        if !mfa_verified {
-            return Err(self
-                .deny_audited(&user.name, "break-glass", "invalid or already used OTP code".into(), now)
-                .await);
-        }
-        let new = NewRequest {
+        let secret = user.totp_secret.clone().ok_or_else(|| {
+            Error::Forbidden(
+                "break-glass needs a TOTP second factor; enroll with `wicketd users add --totp`"
+                    .into(),
+            )
+        })?;
+        let mut new = NewRequest {
             id: uuid::Uuid::new_v4().to_string(),
             roles: body.roles,
             reason: body.reason,
-            duration: body.duration.as_deref().map(|d| parse_dur("duration", d)).transpose()?,
+            duration: body
+                .duration
+                .as_deref()
+                .map(|d| parse_dur("duration", d))
+                .transpose()?,
             urgency: Urgency::High,
             break_glass: true,
-            mfa_verified,
+            mfa_verified: true,
             ..Default::default()
         };
+        // Validate everything else first, so a typo does not burn the code.
+        let standing = self.standing_roles(&user);
+        let requester = Requester {
+            name: &user.name,
+            roles: &standing,
+        };
+        if let Err(e) = self.engine().create(new.clone(), &requester, now) {
+            return Err(match e {
+                RequestError::Forbidden(reason) => {
+                    self.deny_audited(&user.name, "break-glass", reason, now)
+                        .await
+                }
+                e => request_error(e),
+            });
+        }
+        new.mfa_verified =
+            match crate::auth::verify_totp(&secret, body.otp.expose(), now.timestamp()) {
+                Some(step) => self.store.consume_totp_step(&user.name, step).await?,
+                None => false,
+            };
+        if !new.mfa_verified {
+            return Err(self
+                .deny_audited(
+                    &user.name,
+                    "break-glass",
+                    "invalid or already used OTP code".into(),
+                    now,
+                )
+                .await);
+        }
         self.create(&user, new, "break-glass", now).await
     }
 
-    pub async fn review_request(&self, caller: &Caller, id: &str, body: ReviewBody, now: DateTime<Utc>) -> Result<Grant> {
+    pub async fn review_request(
+        &self,
+        caller: &Caller,
+        id: &str,
+        body: ReviewBody,
+        now: DateTime<Utc>,
+    ) -> Result<Grant> {
         let user = self.active_user(caller).await?;
         let verdict = match body.verdict.as_str() {
             "approve" => Verdict::Approve,
             "deny" => Verdict::Deny,
             "ask-info" => Verdict::AskInfo,
             "acknowledge" => Verdict::Acknowledge,
-            other => return Err(Error::BadRequest(format!("verdict {other:?}: use approve, deny, ask-info or acknowledge"))),
+            other => {
+                return Err(Error::BadRequest(format!(
+                    "verdict {other:?}: use approve, deny, ask-info or acknowledge"
+                )))
+            }
         };
-        let duration = body.duration.as_deref().map(|d| parse_dur("duration", d)).transpose()?;
+        let duration = body
+            .duration
+            .as_deref()
+            .map(|d| parse_dur("duration", d))
+            .transpose()?;
         let actor = self.actor_of(&user);
         let req = self
             .transition(id, &user.name, "request.review", now, |_| Event::Review {
@@ -326,21 +432,39 @@ impl Wicket {
     }
 
     /// update / cancel / drop / revoke / extend.
-    pub async fn request_action(&self, caller: &Caller, id: &str, action: &str, body: ActionBody, now: DateTime<Utc>) -> Result<Grant> {
+    pub async fn request_action(
+        &self,
+        caller: &Caller,
+        id: &str,
+        action: &str,
+        body: ActionBody,
+        now: DateTime<Utc>,
+    ) -> Result<Grant> {
         let user = self.active_user(caller).await?;
         let actor = self.actor_of(&user);
         let name = user.name.clone();
         let event: Box<dyn Fn(&AccessRequest) -> Event + Send + Sync> = match action {
-            "update" => Box::new(move |_| Event::Update { by: name.clone(), reason: body.reason.clone() }),
+            "update" => Box::new(move |_| Event::Update {
+                by: name.clone(),
+                reason: body.reason.clone(),
+            }),
             "cancel" => Box::new(move |_| Event::Cancel { by: name.clone() }),
             "drop" => Box::new(move |_| Event::Drop { by: name.clone() }),
-            "revoke" => Box::new(move |_| Event::Revoke { by: actor.clone(), reason: body.reason.clone() }),
+            "revoke" => Box::new(move |_| Event::Revoke {
+                by: actor.clone(),
+                reason: body.reason.clone(),
+            }),
             "extend" => {
                 let d = parse_dur(
                     "duration",
-                    body.duration.as_deref().ok_or_else(|| Error::BadRequest("extend needs a duration".into()))?,
+                    body.duration
+                        .as_deref()
+                        .ok_or_else(|| Error::BadRequest("extend needs a duration".into()))?,
                 )?;
-                Box::new(move |_| Event::Extend { by: name.clone(), duration: d })
+                Box::new(move |_| Event::Extend {
+                    by: name.clone(),
+                    duration: d,
+                })
             }
             other => return Err(Error::NotFound(format!("no request action {other:?}"))),
         };
@@ -360,7 +484,12 @@ impl Wicket {
             || self.engine().decide_review(req, actor, now).allowed
     }
 
-    pub async fn show_request(&self, caller: &Caller, id: &str, now: DateTime<Utc>) -> Result<Grant> {
+    pub async fn show_request(
+        &self,
+        caller: &Caller,
+        id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Grant> {
         let user = self.active_user(caller).await?;
         let (req, _) = self.load(id).await?;
         if !self.may_see(&req, &self.actor_of(&user), now) {
@@ -369,12 +498,19 @@ impl Wicket {
         self.view(&req, now).await
     }
 
-    pub async fn list_requests(&self, caller: &Caller, listing: Listing, state: Option<&str>, now: DateTime<Utc>) -> Result<Vec<Grant>> {
+    pub async fn list_requests(
+        &self,
+        caller: &Caller,
+        listing: Listing,
+        state: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Grant>> {
         let user = self.active_user(caller).await?;
         let actor = self.actor_of(&user);
         let states: Vec<&str> = match state {
             Some(s) => {
-                let st = State::parse(s).ok_or_else(|| Error::BadRequest(format!("unknown state {s:?}")))?;
+                let st = State::parse(s)
+                    .ok_or_else(|| Error::BadRequest(format!("unknown state {s:?}")))?;
                 vec![st.as_str()]
             }
             None if listing == Listing::Reviewable => vec!["pending", "needs-info"],
@@ -398,12 +534,19 @@ impl Wicket {
     }
 
     /// The caller's grants named in `ids`, each active now.
-    pub async fn active_grants(&self, user: &str, ids: &[String], now: DateTime<Utc>) -> Result<Vec<AccessRequest>> {
+    pub async fn active_grants(
+        &self,
+        user: &str,
+        ids: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<AccessRequest>> {
         let mut out = Vec::new();
         for id in ids {
             let (req, _) = self.load(id).await?;
             if req.requester != user {
-                return Err(Error::Forbidden(format!("access request {id} is not yours")));
+                return Err(Error::Forbidden(format!(
+                    "access request {id} is not yours"
+                )));
             }
             if !req.grants_at(now) {
                 let why = match req.state {
@@ -415,7 +558,10 @@ impl Wicket {
                     s => format!(
                         "is {}{}",
                         s.as_str(),
-                        req.end_reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
+                        req.end_reason
+                            .as_ref()
+                            .map(|r| format!(" ({r})"))
+                            .unwrap_or_default()
                     ),
                 };
                 return Err(Error::Forbidden(format!("access request {id} {why}")));
@@ -432,7 +578,10 @@ impl Wicket {
         let due = self.store.due_requests(now.timestamp_millis(), 500).await?;
         let mut changed = 0;
         for id in due {
-            match self.transition(&id, "wicketd", "request.tick", now, |_| Event::Tick).await {
+            match self
+                .transition(&id, "wicketd", "request.tick", now, |_| Event::Tick)
+                .await
+            {
                 Ok(_) => changed += 1,
                 Err(e) => tracing::warn!(request = %id, error = %e, "timer transition failed"),
             }
@@ -440,13 +589,27 @@ impl Wicket {
         Ok(changed)
     }
 
-    pub async fn notifications(&self, caller: &Caller, request_id: Option<&str>) -> Result<Vec<Notification>> {
+    pub async fn notifications(
+        &self,
+        caller: &Caller,
+        request_id: Option<&str>,
+    ) -> Result<Vec<Notification>> {
         let user = self.active_user(caller).await?;
         let roles = self.standing_roles(&user);
-        let subject = Subject { user: &user.name, roles: &roles };
+        let subject = Subject {
+            user: &user.name,
+            roles: &roles,
+        };
         let d = self.config.policy.roles.decide_audit_read(&subject, None);
         if !d.allowed {
-            return Err(self.deny_audited(&user.name, "notifications.read", d.reason, crate::clock::now()).await);
+            return Err(self
+                .deny_audited(
+                    &user.name,
+                    "notifications.read",
+                    d.reason,
+                    crate::clock::now(),
+                )
+                .await);
         }
         Ok(self
             .store
@@ -473,7 +636,10 @@ impl Wicket {
         perms.extend(risk.kubernetes.iter().map(|s| format!("kube:{s}")));
         perms.extend(risk.permissions.iter().cloned());
         let (still_needed, can_review) = if req.state.is_open() {
-            let needed = engine.requirement_status(req, &req.roles).err().unwrap_or_default();
+            let needed = engine
+                .requirement_status(req, &req.roles)
+                .err()
+                .unwrap_or_default();
             let mut who = Vec::new();
             for u in self.store.list_users().await? {
                 if !u.disabled && engine.is_reviewable_by(req, &self.actor_of(&u), now) {
@@ -496,7 +662,11 @@ impl Wicket {
             ticket_url: req.ticket_url.clone(),
             approved_by: if req.approved_at.is_some() {
                 Some(if approvers.is_empty() {
-                    if req.break_glass { "break-glass".to_owned() } else { "self-approved".to_owned() }
+                    if req.break_glass {
+                        "break-glass".to_owned()
+                    } else {
+                        "self-approved".to_owned()
+                    }
                 } else {
                     approvers.join(",")
                 })
@@ -507,7 +677,10 @@ impl Wicket {
             starts_at: req.starts_at,
             expires_at: req.expires_at,
             status: req.state.as_str().to_owned(),
-            actions_taken: self.store.count_request_events(&req.id, ACTION_KINDS).await?,
+            actions_taken: self
+                .store
+                .count_request_events(&req.id, ACTION_KINDS)
+                .await?,
             revoked_by: req.revoked_by.clone(),
             revoke_reason: req.revoke_reason.clone(),
             created_at: req.created_at,

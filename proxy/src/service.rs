@@ -227,7 +227,12 @@ impl Wicket {
 
     /// New certificates for new keys, authenticated by the current client
     /// certificate (never the password again).
-    pub async fn reissue(&self, caller: &Caller, req: ReissueRequest, now: DateTime<Utc>) -> Result<Certificates> {
+    pub async fn reissue(
+        &self,
+        caller: &Caller,
+        req: ReissueRequest,
+        now: DateTime<Utc>,
+    ) -> Result<Certificates> {
         let keys = parse_client_keys(&req.ssh_public_key, &req.tls_csr_pem)?;
         let user = self.active_user(caller).await?;
         let mut ids = req.request_ids.clone();
@@ -247,13 +252,31 @@ impl Wicket {
         let window = if grants.is_empty() {
             Validity::new(now.timestamp(), (now + self.config.login_ttl).timestamp())?
         } else {
-            let start = grants.iter().filter_map(|g| g.starts_at).max().unwrap_or(now);
-            let end = grants.iter().filter_map(|g| g.expires_at).min().unwrap_or(now);
-            Validity::new(start.timestamp(), end.timestamp())
-                .map_err(|_| Error::Forbidden("the requested grants have no time in common".into()))?
+            let start = grants
+                .iter()
+                .filter_map(|g| g.starts_at)
+                .max()
+                .unwrap_or(now);
+            let end = grants
+                .iter()
+                .filter_map(|g| g.expires_at)
+                .min()
+                .unwrap_or(now);
+            Validity::new(start.timestamp(), end.timestamp()).map_err(|_| {
+                Error::Forbidden("the requested grants have no time in common".into())
+            })?
         };
-        self.issue(&user.name, roles, ids, window, &keys, "certificate", &caller.source.to_string(), now)
-            .await
+        self.issue(
+            &user.name,
+            roles,
+            ids,
+            window,
+            &keys,
+            "certificate",
+            &caller.source.to_string(),
+            now,
+        )
+        .await
     }
 
     /// The caller's user record, if it still exists and is enabled.
@@ -358,18 +381,9 @@ impl Wicket {
     pub async fn me(&self, caller: &Caller) -> Result<Me> {
         let user = self.active_user(caller).await?;
         let standing = self.standing_roles(&user);
-        let mut roles = standing.clone();
-        let mut active = Vec::new();
-        for id in &caller.request_ids {
-            if let Ok(g) = self.active_grants(&user.name, std::slice::from_ref(id), crate::clock::now()).await {
-                for r in &g[0].granted_roles {
-                    if !roles.contains(r) {
-                        roles.push(r.clone());
-                    }
-                }
-                active.push(id.clone());
-            }
-        }
+        let (roles, active) = self
+            .roles_in_force(&user, caller, crate::clock::now())
+            .await;
         Ok(Me {
             user: user.name,
             roles,
@@ -379,10 +393,41 @@ impl Wicket {
         })
     }
 
+    /// Standing roles plus the granted roles of the caller's certificate's
+    /// requests that are active now (re-read from the store, so a revoked,
+    /// dropped or expired grant does not count), and those request IDs.
+    pub async fn roles_in_force(
+        &self,
+        user: &UserRecord,
+        caller: &Caller,
+        now: DateTime<Utc>,
+    ) -> (Vec<String>, Vec<String>) {
+        let mut roles = self.standing_roles(user);
+        let mut active = Vec::new();
+        for id in &caller.request_ids {
+            if let Ok(grants) = self
+                .active_grants(&user.name, std::slice::from_ref(id), now)
+                .await
+            {
+                for g in grants {
+                    for r in g.granted_roles {
+                        if !roles.contains(&r) {
+                            roles.push(r);
+                        }
+                    }
+                }
+                active.push(id.clone());
+            }
+        }
+        (roles, active)
+    }
+
     /// What the caller can reach now, by the policy's decision.
     pub async fn resources(&self, caller: &Caller) -> Result<Resources> {
         let user = self.active_user(caller).await?;
-        let roles = self.standing_roles(&user);
+        let (roles, _) = self
+            .roles_in_force(&user, caller, crate::clock::now())
+            .await;
         let subject = Subject {
             user: &user.name,
             roles: &roles,

@@ -27,8 +27,8 @@ struct Migration {
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
-    version: 1,
-    sql: r#"
+        version: 1,
+        sql: r#"
 CREATE TABLE users (
     name TEXT PRIMARY KEY,
     roles TEXT NOT NULL,
@@ -88,7 +88,8 @@ CREATE TABLE notifications (
 );
 CREATE INDEX notifications_request ON notifications (request_id)
 "#,
-}];
+    },
+];
 
 /// A user as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -395,7 +396,12 @@ impl Store {
     // ---- access requests ---------------------------------------------------
 
     /// Inserts a new request with its effects' rows, atomically.
-    pub async fn insert_request(&self, req: &StoredRequest, audit: &[AuditRow], notes: &[NotificationRow]) -> Result<()> {
+    pub async fn insert_request(
+        &self,
+        req: &StoredRequest,
+        audit: &[AuditRow],
+        notes: &[NotificationRow],
+    ) -> Result<()> {
         let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO access_requests (id, requester, state, next_deadline, created_at, updated_at, version, doc) VALUES ($1, $2, $3, $4, $5, $6, 1, $7)",
@@ -461,11 +467,17 @@ impl Store {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| Ok((stored_from_row(&r)?, r.try_get::<i64, _>(7)?))).transpose()
+        row.map(|r| Ok((stored_from_row(&r)?, r.try_get::<i64, _>(7)?)))
+            .transpose()
     }
 
     /// Requests filtered by requester and/or states, newest first.
-    pub async fn list_requests(&self, requester: Option<&str>, states: &[&str], limit: i64) -> Result<Vec<StoredRequest>> {
+    pub async fn list_requests(
+        &self,
+        requester: Option<&str>,
+        states: &[&str],
+        limit: i64,
+    ) -> Result<Vec<StoredRequest>> {
         let mut sql = String::from(
             "SELECT id, requester, state, next_deadline, created_at, updated_at, doc FROM access_requests WHERE 1 = 1",
         );
@@ -475,7 +487,13 @@ impl Store {
             sql.push_str(&format!(" AND requester = ${n}"));
         }
         if !states.is_empty() {
-            let marks: Vec<String> = states.iter().map(|_| { n += 1; format!("${n}") }).collect();
+            let marks: Vec<String> = states
+                .iter()
+                .map(|_| {
+                    n += 1;
+                    format!("${n}")
+                })
+                .collect();
             sql.push_str(&format!(" AND state IN ({})", marks.join(", ")));
         }
         sql.push_str(&format!(" ORDER BY created_at DESC, id LIMIT ${}", n + 1));
@@ -499,7 +517,9 @@ impl Store {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(|r| Ok(r.try_get::<String, _>(0)?)).collect()
+        rows.iter()
+            .map(|r| Ok(r.try_get::<String, _>(0)?))
+            .collect()
     }
 
     /// Number of audit events linked to `request_id` of the given kinds.
@@ -507,7 +527,11 @@ impl Store {
         let marks: Vec<String> = (0..kinds.len()).map(|i| format!("${}", i + 2)).collect();
         let sql = format!(
             "SELECT COUNT(*) FROM audit_events WHERE request_id = $1 AND kind IN ({})",
-            if marks.is_empty() { "''".to_owned() } else { marks.join(", ") }
+            if marks.is_empty() {
+                "''".to_owned()
+            } else {
+                marks.join(", ")
+            }
         );
         let mut q = sqlx::query(&sql).bind(request_id);
         for k in kinds {
@@ -635,7 +659,10 @@ fn stored_from_row(r: &AnyRow) -> Result<StoredRequest> {
     })
 }
 
-async fn insert_notification(tx: &mut Transaction<'static, Any>, n: &NotificationRow) -> Result<()> {
+async fn insert_notification(
+    tx: &mut Transaction<'static, Any>,
+    n: &NotificationRow,
+) -> Result<()> {
     sqlx::query(
         "INSERT INTO notifications (id, time, request_id, recipients, subject, urgent) VALUES ($1, $2, $3, $4, $5, $6)",
     )

@@ -11,4 +11,5 @@
 mod ca_tools;
 mod foundation;
 mod postgres_harness;
+mod requests;
 mod store;

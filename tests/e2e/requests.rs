@@ -1,0 +1,681 @@
+//! Access requests end to end through the real `wicket` CLI: create, review by
+//! the right people, certificates bound to the grant's exact window (checked
+//! with `ssh-keygen` and `openssl`), drop, revoke, timers and restarts.
+
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+use wicket_e2e::harness_util::{run, wait_until};
+use wicket_e2e::harness_wicket::{WicketCli, Wicketd};
+
+const PW: &str = "correct horse battery staple";
+
+/// The example configuration with dave always on call and fast timers.
+fn config(pending_ttl: &str, escalate_after: &str) -> String {
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/wicket.yaml"
+    ))
+    .unwrap();
+    example
+        .replace("rotation: [ dave, erin ]", "rotation: [ dave ]")
+        .replace("min_duration: 1m", "min_duration: 1s")
+        .replace("pending_ttl: 1h", &format!("pending_ttl: {pending_ttl}"))
+        .replace(
+            "escalate_after: 30m",
+            &format!("escalate_after: {escalate_after}"),
+        )
+}
+
+struct Team {
+    d: Wicketd,
+    users: Vec<(&'static str, WicketCli)>,
+}
+
+impl Team {
+    fn start(yaml: String) -> Team {
+        let d = Wicketd::builder().config(yaml).start().unwrap();
+        let mut users = Vec::new();
+        for (name, roles) in [
+            ("alice", "dev"),
+            ("bob", "dev"),
+            ("carol", "dev"),
+            ("dave", "sre"),
+            ("erin", "sre"),
+            ("frank", "security-admin"),
+        ] {
+            d.add_user(name, roles, PW, false).unwrap();
+            let cli = WicketCli::new().unwrap();
+            let out = cli.login(&d, name, PW, &[]).unwrap();
+            assert!(out.ok, "{name}: {}", out.stderr);
+            users.push((name, cli));
+        }
+        Team { d, users }
+    }
+
+    fn cli(&self, name: &str) -> &WicketCli {
+        &self.users.iter().find(|(n, _)| *n == name).unwrap().1
+    }
+
+    fn json(&self, who: &str, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["--format", "json"]);
+        self.cli(who).ok(&a).unwrap().json().unwrap()
+    }
+
+    fn create(&self, who: &str, args: &[&str]) -> Value {
+        let mut a = vec!["request", "create"];
+        a.extend_from_slice(args);
+        self.json(who, &a)
+    }
+
+    fn show(&self, who: &str, id: &str) -> Value {
+        self.json(who, &["request", "show", id])
+    }
+
+    fn fails(&self, who: &str, args: &[&str]) -> String {
+        let out = self.cli(who).run(args, "").unwrap();
+        assert!(!out.ok, "expected wicket {args:?} to fail: {}", out.stdout);
+        assert_eq!(out.stderr.lines().count(), 1, "one line: {}", out.stderr);
+        out.stderr
+    }
+}
+
+fn ts(v: &Value) -> chrono::DateTime<chrono::FixedOffset> {
+    chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap()
+}
+
+fn file(status: &Value, k: &str) -> PathBuf {
+    PathBuf::from(status["files"][k].as_str().unwrap())
+}
+
+#[test]
+fn prod_ssh_needs_oncall_and_team_lead_then_certificates_match_the_grant() {
+    let t = Team::start(config("1h", "30m"));
+    let req = t.create(
+        "alice",
+        &[
+            "--roles",
+            "prod-ssh",
+            "--reason",
+            "INC-1234: disk full on db-1",
+            "--duration",
+            "2h",
+        ],
+    );
+    let id = req["id"].as_str().unwrap().to_owned();
+    assert_eq!(req["status"], "pending");
+    assert_eq!(req["requester_normal_roles"], serde_json::json!(["dev"]));
+    assert!(
+        req["granted_permissions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "ssh:root@db-1"),
+        "{req}"
+    );
+    // Who sees it as reviewable: dave (on call) and bob (alice's team lead), not carol or erin.
+    for (who, expect) in [
+        ("dave", true),
+        ("bob", true),
+        ("carol", false),
+        ("erin", false),
+    ] {
+        let list = t.json(who, &["request", "ls", "--reviewable"]);
+        let found = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["id"] == id.as_str());
+        assert_eq!(found, expect, "{who}");
+    }
+    // The requester cannot approve; a non-reviewer cannot either (and it is audited).
+    let e = t.fails(
+        "alice",
+        &["request", "review", &id, "--approve", "--reason", "me"],
+    );
+    assert!(e.contains("own requests"), "{e}");
+    let e = t.fails(
+        "carol",
+        &["request", "review", &id, "--approve", "--reason", "sure"],
+    );
+    assert!(e.contains("not an eligible reviewer"), "{e}");
+    // Step one: the on-call SRE.
+    t.cli("dave")
+        .ok(&[
+            "request",
+            "review",
+            &id,
+            "--approve",
+            "--reason",
+            "on call, ok",
+        ])
+        .unwrap();
+    let g = t.show("alice", &id);
+    assert_eq!(g["status"], "pending");
+    assert!(g["still_needed"].to_string().contains("team_lead"), "{g}");
+    let e = t.fails("alice", &["login", "--request-id", &id]);
+    assert!(e.contains("is pending"), "{e}");
+    // Step two: the team lead; the grant starts now and lasts 2h.
+    t.cli("bob")
+        .ok(&["request", "review", &id, "--approve", "--reason", "lead ok"])
+        .unwrap();
+    let g = t.show("alice", &id);
+    assert_eq!(g["status"], "active");
+    assert_eq!(g["approved_by"], "dave,bob");
+    let (starts, expires) = (ts(&g["starts_at"]), ts(&g["expires_at"]));
+    assert_eq!((expires - starts).num_seconds(), 7200);
+
+    // Certificates for the grant: exact window, standing + granted roles.
+    t.cli("alice").ok(&["login", "--request-id", &id]).unwrap();
+    let st = t.cli("alice").status().unwrap();
+    assert_eq!(st["request_ids"], serde_json::json!([id]));
+    assert_eq!(st["roles"], serde_json::json!(["dev", "prod-ssh"]));
+    assert_eq!(
+        st["principals"],
+        serde_json::json!(["alice", "root", "ubuntu"])
+    );
+    assert_eq!(ts(&st["valid_after"]), starts);
+    assert_eq!(ts(&st["valid_before"]), expires);
+    let listing = run(Command::new("ssh-keygen")
+        .env("TZ", "UTC")
+        .arg("-L")
+        .arg("-f")
+        .arg(file(&st, "ssh_certificate")))
+    .unwrap();
+    let fmt = |t: chrono::DateTime<chrono::FixedOffset>| t.format("%Y-%m-%dT%H:%M:%S").to_string();
+    assert!(
+        listing.contains(&format!("Valid: from {} to {}", fmt(starts), fmt(expires))),
+        "{listing}"
+    );
+    assert!(
+        listing.contains(&format!("requests={id}")),
+        "key ID names the request: {listing}"
+    );
+    let dates = run(Command::new("openssl")
+        .args(["x509", "-noout", "-dates", "-in"])
+        .arg(file(&st, "tls_certificate")))
+    .unwrap();
+    assert!(
+        dates.contains(&starts.format("notBefore=%b %e %H:%M:%S %Y GMT").to_string()),
+        "{dates}"
+    );
+    assert!(
+        dates.contains(&expires.format("notAfter=%b %e %H:%M:%S %Y GMT").to_string()),
+        "{dates}"
+    );
+    let ls = t.json("alice", &["ls"]);
+    assert!(ls["nodes"].to_string().contains("db-1"), "{ls}");
+
+    // Drop: the grant ends for everyone at once; the CLI logs back in without it.
+    let out = t.cli("alice").ok(&["request", "drop"]).unwrap();
+    assert!(out.stdout.contains("dropped request"), "{}", out.stdout);
+    let st = t.cli("alice").status().unwrap();
+    assert_eq!(st["request_ids"], serde_json::json!([]));
+    assert_eq!(st["principals"], serde_json::json!(["alice"]));
+    let g = t.show("alice", &id);
+    assert_eq!(g["status"], "expired");
+    assert!(g["end_reason"].as_str().unwrap().contains("dropped"));
+    let e = t.fails("alice", &["login", "--request-id", &id]);
+    assert!(e.contains("is expired (dropped by its holder)"), "{e}");
+    // The audit trail has every step, linked to the request.
+    let trail = t.json("frank", &["audit", "search", "--request", &id]);
+    let kinds: Vec<&str> = trail
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    for k in [
+        "request_created",
+        "request_reviewed",
+        "request_approved",
+        "grant_activated",
+        "login_succeeded",
+        "grant_dropped",
+        "grant_ended",
+    ] {
+        assert!(kinds.contains(&k), "{k} missing from {kinds:?}");
+    }
+    let denied = t.json("frank", &["audit", "search", "--kind", "access_denied"]);
+    assert!(
+        denied.to_string().contains("not an eligible reviewer"),
+        "{denied}"
+    );
+}
+
+#[test]
+fn scope_reduction_revoke_deny_ask_and_self_approve() {
+    let t = Team::start(config("1h", "30m"));
+    // dba: any of role:sre; erin approves with a shorter duration.
+    let id = t.create(
+        "alice",
+        &[
+            "--roles",
+            "dba",
+            "--reason",
+            "slow queries",
+            "--duration",
+            "2h",
+        ],
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    t.cli("erin")
+        .ok(&[
+            "request",
+            "review",
+            &id,
+            "--approve",
+            "--reason",
+            "30m is enough",
+            "--duration",
+            "30m",
+        ])
+        .unwrap();
+    let g = t.show("alice", &id);
+    assert_eq!(g["status"], "active");
+    assert_eq!(
+        (ts(&g["expires_at"]) - ts(&g["starts_at"])).num_seconds(),
+        1800
+    );
+    t.cli("alice").ok(&["login", "--request-id", &id]).unwrap();
+    // Only roles with `revoke` may revoke; frank does, and it takes at once.
+    let e = t.fails("erin", &["request", "revoke", &id, "--reason", "x"]);
+    assert!(e.contains("may not revoke"), "{e}");
+    t.cli("frank")
+        .ok(&["request", "revoke", &id, "--reason", "suspicious activity"])
+        .unwrap();
+    let g = t.show("alice", &id);
+    assert_eq!(g["status"], "revoked");
+    assert_eq!(g["revoked_by"], "frank");
+    assert_eq!(g["revoke_reason"], "suspicious activity");
+    let e = t.fails("alice", &["login", "--request-id", &id]);
+    assert!(e.contains("revoked by frank: suspicious activity"), "{e}");
+    // The requester is notified.
+    let notes = t.json("frank", &["audit", "search", "--request", &id]);
+    assert!(notes.to_string().contains("grant_revoked"));
+
+    // Deny.
+    let id = t.create("carol", &["--roles", "dba", "--reason", "curious"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    t.cli("dave")
+        .ok(&["request", "review", &id, "--deny", "--reason", "no ticket"])
+        .unwrap();
+    assert_eq!(t.show("carol", &id)["status"], "denied");
+    let e = t.fails(
+        "erin",
+        &["request", "review", &id, "--approve", "--reason", "late"],
+    );
+    assert!(e.contains("denied"), "{e}");
+
+    // Ask for more information, answer, approve.
+    let id = t.create("carol", &["--roles", "dba", "--reason", "need it"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    t.cli("dave")
+        .ok(&["request", "ask", &id, "--reason", "which ticket?"])
+        .unwrap();
+    assert_eq!(t.show("carol", &id)["status"], "needs-info");
+    let e = t.fails(
+        "erin",
+        &["request", "review", &id, "--approve", "--reason", "ok"],
+    );
+    assert!(e.contains("needs-info"), "{e}");
+    t.cli("carol")
+        .ok(&["request", "update", &id, "--reason", "INC-77"])
+        .unwrap();
+    assert_eq!(t.show("carol", &id)["status"], "pending");
+    t.cli("erin")
+        .ok(&["request", "review", &id, "--approve", "--reason", "ok now"])
+        .unwrap();
+    let g = t.show("carol", &id);
+    assert_eq!(g["status"], "active");
+    assert!(g["justification"].as_str().unwrap().contains("INC-77"));
+
+    // Self-approved role: active at once. Too long for the role: refused.
+    let g = t.create(
+        "bob",
+        &[
+            "--roles",
+            "dev-admin",
+            "--reason",
+            "fix dev box",
+            "--duration",
+            "1h",
+        ],
+    );
+    assert_eq!(g["status"], "active");
+    assert_eq!(g["approved_by"], "self-approved");
+    let e = t.fails(
+        "bob",
+        &[
+            "request",
+            "create",
+            "--roles",
+            "dba",
+            "--reason",
+            "x",
+            "--duration",
+            "3h",
+        ],
+    );
+    assert!(e.contains("longer than"), "{e}");
+    let e = t.fails(
+        "bob",
+        &[
+            "request",
+            "create",
+            "--roles",
+            "kube-admin",
+            "--reason",
+            "x",
+        ],
+    );
+    assert!(e.contains("may not request"), "{e}");
+    let e = t.fails("bob", &["request", "create", "--roles", "dba"]);
+    assert!(e.contains("reason is required"), "{e}");
+    // Cancel a pending request; extend an active one once.
+    let id = t.create("bob", &["--roles", "dba", "--reason", "later"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    t.cli("bob").ok(&["request", "cancel", &id]).unwrap();
+    assert_eq!(t.show("bob", &id)["status"], "cancelled");
+    let id = t.create(
+        "bob",
+        &["--roles", "dev-admin", "--reason", "x", "--duration", "1h"],
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    t.cli("bob")
+        .ok(&["request", "extend", &id, "--duration", "1h"])
+        .unwrap();
+    let g = t.show("bob", &id);
+    assert_eq!(
+        (ts(&g["expires_at"]) - ts(&g["starts_at"])).num_seconds(),
+        7200
+    );
+    let e = t.fails("bob", &["request", "extend", &id, "--duration", "1h"]);
+    assert!(e.contains("extension"), "{e}");
+}
+
+#[test]
+fn feature_request_body_shape_and_grant_schema() {
+    let t = Team::start(config("1h", "30m"));
+    let st = t.cli("alice").status().unwrap();
+    let body = r#"{"role":"dba","duration_hours":1,"reason":"INC-1234: Production database performance issue","ticket_url":"https://jira.example.com/INC-1234"}"#;
+    let out = run(Command::new("curl")
+        .args([
+            "-sS",
+            "--fail-with-body",
+            "-H",
+            "Content-Type: application/json",
+            "--cacert",
+        ])
+        .arg(file(&st, "ca_bundle"))
+        .arg("--cert")
+        .arg(file(&st, "tls_certificate"))
+        .arg("--key")
+        .arg(file(&st, "tls_key"))
+        .args(["--data", body])
+        .arg(format!("https://{}/v1/requests", t.d.proxy())))
+    .unwrap();
+    let g: Value = serde_json::from_str(&out).unwrap();
+    for field in [
+        "id",
+        "requester",
+        "requester_normal_roles",
+        "granted_roles",
+        "granted_permissions",
+        "justification",
+        "ticket_url",
+        "approved_by",
+        "approved_at",
+        "starts_at",
+        "expires_at",
+        "status",
+        "actions_taken",
+        "revoked_by",
+        "revoke_reason",
+    ] {
+        assert!(g.get(field).is_some(), "grant JSON lacks {field}: {g}");
+    }
+    assert_eq!(g["requested_duration_secs"], 3600);
+    assert_eq!(g["ticket_url"], "https://jira.example.com/INC-1234");
+    let text = t
+        .cli("dave")
+        .ok(&["request", "show", g["id"].as_str().unwrap()])
+        .unwrap()
+        .stdout;
+    assert!(
+        text.contains("Requester:    alice (standing roles: dev)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Still needed:") && text.contains("Can review:"),
+        "{text}"
+    );
+}
+
+#[test]
+fn timers_escalate_expire_schedule_and_survive_restart() {
+    let t = Team::start(config("6s", "2s"));
+    // Escalation, then expiry of an unanswered request.
+    let id = t.create("alice", &["--roles", "dba", "--reason", "nobody home"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let g = wait_until("escalation", Duration::from_secs(20), || {
+        let g = t.show("frank", &id);
+        (g["escalated"] == true).then_some(g)
+    })
+    .unwrap();
+    assert_eq!(g["status"], "pending");
+    let trail = t.json("frank", &["audit", "search", "--request", &id]);
+    let escalated = trail
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "request_escalated")
+        .unwrap();
+    assert!(
+        escalated["data"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("role:security-admin"),
+        "{escalated}"
+    );
+    wait_until("pending expiry", Duration::from_secs(20), || {
+        (t.show("frank", &id)["status"] == "expired").then_some(())
+    })
+    .unwrap();
+
+    // A scheduled grant activates at its start; a short one expires on time.
+    let start = (chrono::Utc::now() + chrono::Duration::seconds(3))
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let g = t.create(
+        "bob",
+        &[
+            "--roles",
+            "dev-admin",
+            "--reason",
+            "window",
+            "--duration",
+            "3s",
+            "--start-at",
+            &start,
+        ],
+    );
+    let id = g["id"].as_str().unwrap().to_owned();
+    assert_eq!(g["status"], "approved");
+    let e = t.fails("bob", &["login", "--request-id", &id]);
+    assert!(e.contains("starts at"), "{e}");
+    wait_until("scheduled start", Duration::from_secs(20), || {
+        (t.show("bob", &id)["status"] == "active").then_some(())
+    })
+    .unwrap();
+    wait_until("grant expiry", Duration::from_secs(20), || {
+        (t.show("bob", &id)["status"] == "expired").then_some(())
+    })
+    .unwrap();
+    let trail = t.json("frank", &["audit", "search", "--request", &id]);
+    assert!(trail.to_string().contains("grant_expired"), "{trail}");
+
+    // Timers come from the store: a grant that ends while wicketd is down is
+    // expired as soon as it is back.
+    let g = t.create(
+        "bob",
+        &[
+            "--roles",
+            "dev-admin",
+            "--reason",
+            "short",
+            "--duration",
+            "4s",
+        ],
+    );
+    let id = g["id"].as_str().unwrap().to_owned();
+    let Team { d, users } = t;
+    let d = d.restart_after(Duration::from_secs(5)).unwrap();
+    let t = Team { d, users };
+    let bob = &t.users.iter().find(|(n, _)| *n == "bob").unwrap().1;
+    // Log in again (new port); then the grant is already expired.
+    let out = bob.login(&t.d, "bob", PW, &[]).unwrap();
+    assert!(out.ok, "{}", out.stderr);
+    let g = wait_until("expiry after restart", Duration::from_secs(5), || {
+        let g = t.show("bob", &id);
+        (g["status"] == "expired").then_some(g)
+    })
+    .unwrap();
+    assert!(
+        g["end_reason"].as_str().unwrap().contains("window ended"),
+        "{g}"
+    );
+}
+
+#[test]
+fn break_glass_needs_fresh_totp_and_notifies_security() {
+    let d = Wicketd::builder()
+        .config(config("1h", "30m"))
+        .start()
+        .unwrap();
+    let uri = d.add_user("gail", "sre", PW, true).unwrap().unwrap();
+    d.add_user("frank", "security-admin", PW, false).unwrap();
+    let secret = uri
+        .split("secret=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
+    let key = wicketd::auth::base32_decode(secret).unwrap();
+    let code_at = |offset: i64| {
+        let now = chrono::Utc::now().timestamp() + offset;
+        format!("{:06}", wicketd::auth::hotp(&key, (now / 30) as u64))
+    };
+    let gail = WicketCli::new().unwrap();
+    let out = gail.login(&d, "gail", PW, &["--otp", &code_at(0)]).unwrap();
+    assert!(out.ok, "{}", out.stderr);
+    // The code used for login is spent: break-glass needs a fresh one.
+    let out = gail
+        .run(
+            &[
+                "break-glass",
+                "--roles",
+                "kube-admin",
+                "--reason",
+                "outage",
+                "--otp",
+                &code_at(0),
+            ],
+            "",
+        )
+        .unwrap();
+    assert!(!out.ok && out.stderr.contains("OTP"), "{}", out.stderr);
+    let out = gail
+        .run(
+            &[
+                "break-glass",
+                "--roles",
+                "kube-admin",
+                "--reason",
+                "SEV1 outage",
+                "--otp",
+                &code_at(30),
+                "--duration",
+                "2h",
+            ],
+            "",
+        )
+        .unwrap();
+    assert!(
+        !out.ok && out.stderr.contains("longer than"),
+        "capped at 1h: {}",
+        out.stderr
+    );
+    let out = gail
+        .run(
+            &[
+                "break-glass",
+                "--roles",
+                "kube-admin",
+                "--reason",
+                "SEV1 outage",
+                "--otp",
+                &code_at(30),
+                "--format",
+                "json",
+            ],
+            "",
+        )
+        .unwrap();
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stderr.contains("BREAK-GLASS"), "{}", out.stderr);
+    let st = gail.status().unwrap();
+    let id = st["request_ids"][0].as_str().unwrap().to_owned();
+    assert!(st["roles"].to_string().contains("kube-admin"));
+    assert_eq!(
+        (ts(&st["valid_before"]) - ts(&st["valid_after"])).num_seconds(),
+        3600
+    );
+    let frank = WicketCli::new().unwrap();
+    assert!(frank.login(&d, "frank", PW, &[]).unwrap().ok);
+    let g = frank
+        .ok(&["request", "show", &id, "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(g["break_glass"], true);
+    assert_eq!(g["approved_by"], "break-glass");
+    assert_eq!(g["status"], "active");
+    let notes = frank
+        .ok(&["audit", "search", "--request", &id, "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(notes.to_string().contains("break_glass_used"), "{notes}");
+    frank
+        .ok(&[
+            "request",
+            "review",
+            &id,
+            "--acknowledge",
+            "--reason",
+            "reviewed the session",
+        ])
+        .unwrap();
+    let g = frank
+        .ok(&["request", "show", &id, "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(g["acknowledged_by"], "frank");
+}
