@@ -1135,26 +1135,22 @@ impl<'a> Engine<'a> {
                     }
                 }
             }
-            State::Approved => {
-                if req.starts_at.is_some_and(|s| now >= s) {
-                    req.state = State::Active;
-                    req.updated_at = now;
-                    effects.push(audit(
-                        "grant_activated",
-                        &req.requester.clone(),
-                        "scheduled start",
-                    ));
-                    if req.expires_at.is_some_and(|e| now >= e) {
-                        self.end(req, State::Expired, "grant window ended", now, effects);
-                        effects.push(audit("grant_expired", &req.requester.clone(), ""));
-                    }
-                }
-            }
-            State::Active => {
+            State::Approved if req.starts_at.is_some_and(|s| now >= s) => {
+                req.state = State::Active;
+                req.updated_at = now;
+                effects.push(audit(
+                    "grant_activated",
+                    &req.requester.clone(),
+                    "scheduled start",
+                ));
                 if req.expires_at.is_some_and(|e| now >= e) {
                     self.end(req, State::Expired, "grant window ended", now, effects);
                     effects.push(audit("grant_expired", &req.requester.clone(), ""));
                 }
+            }
+            State::Active if req.expires_at.is_some_and(|e| now >= e) => {
+                self.end(req, State::Expired, "grant window ended", now, effects);
+                effects.push(audit("grant_expired", &req.requester.clone(), ""));
             }
             _ => {}
         }
