@@ -775,6 +775,11 @@ impl<'a> Engine<'a> {
     ) -> Result<(AccessRequest, Vec<Effect>), RequestError> {
         let mut req = current.clone();
         let mut effects = Vec::new();
+        // Timers first: an event never acts on a request whose deadline has
+        // passed but whose tick has not been delivered yet.
+        if !matches!(event, Event::Tick) {
+            self.tick(&mut req, now, &mut effects);
+        }
         let state = req.state;
         match event {
             Event::Tick => self.tick(&mut req, now, &mut effects),

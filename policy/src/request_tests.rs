@@ -2093,10 +2093,13 @@ fn verdict() -> impl Strategy<Value = Verdict> {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         8 => (
-            0usize..6,
+            0usize..7,
             verdict(),
             proptest::option::weighted(0.25, 0u8..16),
-            proptest::option::weighted(0.25, -60i64..3 * 3600),
+            proptest::option::weighted(
+                0.25,
+                prop_oneof![1 => -60i64..120, 3 => 120i64..3 * 3600],
+            ),
             proptest::option::weighted(0.2, -600i64..2 * 86400),
             proptest::bool::weighted(0.05),
         )
@@ -2113,10 +2116,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => who().prop_map(|who| Op::Update { who }),
         1 => who().prop_map(|who| Op::Cancel { who }),
         1 => who().prop_map(|who| Op::Drop { who }),
-        1 => (0usize..6, proptest::bool::weighted(0.1))
+        1 => (0usize..7, proptest::bool::weighted(0.1))
             .prop_map(|(who, empty_reason)| Op::Revoke { who, empty_reason }),
-        2 => (
-            who(),
+        3 => (
+            prop_oneof![4 => Just(0usize), 1 => 0usize..6],
             prop_oneof![1 => -600i64..=0, 4 => 1i64..3600, 1 => 3600i64..6 * 3600],
         )
             .prop_map(|(who, secs)| Op::Extend { who, secs }),
@@ -2202,6 +2205,18 @@ fn init() -> impl Strategy<Value = Init> {
         )
 }
 
+/// `USERS[who]`, or for `who == 6` the requester alice holding every
+/// reviewer role as well (she must still never review her own request).
+fn reviewer(who: usize) -> Actor {
+    match USERS.get(who) {
+        Some(name) => actor(name),
+        None => Actor {
+            name: "alice".into(),
+            roles: sv(&["dev", "sre", "security-admin"]),
+        },
+    }
+}
+
 fn event_for(op: &Op, req: &AccessRequest, now: DateTime<Utc>) -> Event {
     let reason = |empty: bool| {
         if empty {
@@ -2219,7 +2234,7 @@ fn event_for(op: &Op, req: &AccessRequest, now: DateTime<Utc>) -> Event {
             start_in_secs,
             empty_reason,
         } => Event::Review {
-            by: actor(USERS[*who]),
+            by: reviewer(*who),
             verdict: *verdict,
             reason: reason(*empty_reason),
             roles: roles_mask.map(|m| {
@@ -2244,7 +2259,7 @@ fn event_for(op: &Op, req: &AccessRequest, now: DateTime<Utc>) -> Event {
             by: USERS[*who].into(),
         },
         Op::Revoke { who, empty_reason } => Event::Revoke {
-            by: actor(USERS[*who]),
+            by: reviewer(*who),
             reason: reason(*empty_reason),
         },
         Op::Extend { who, secs } => Event::Extend {
@@ -2295,6 +2310,37 @@ fn check_invariants(
                 "approvers {:?}",
                 req.approvers()
             );
+            // The same, from the example's rules directly (an oracle that does
+            // not go through requirement_status or the recorded `matched`).
+            let approvals: Vec<&crate::Review> = req
+                .reviews
+                .iter()
+                .filter(|r| r.verdict == Verdict::Approve)
+                .collect();
+            let sre = &p.directory.oncall["sre"];
+            for g in &req.granted_roles {
+                // Every approval's scope covers every granted role.
+                for a in &approvals {
+                    prop_assert!(a.roles.as_ref().is_none_or(|s| s.contains(g)));
+                }
+                match g.as_str() {
+                    "prod-ssh" | "kube-admin" => {
+                        let lead = approvals.iter().any(|a| a.reviewer == "bob");
+                        let oncall = approvals.iter().any(|a| {
+                            a.reviewer != "bob" && sre.on_call(a.at) == Some(a.reviewer.as_str())
+                        });
+                        prop_assert!(lead && oncall, "{} granted by {:?}", g, req.approvers());
+                    }
+                    "dba" => prop_assert!(
+                        approvals
+                            .iter()
+                            .any(|a| ["dave", "erin", "frank"].contains(&a.reviewer.as_str())),
+                        "dba granted by {:?}",
+                        req.approvers()
+                    ),
+                    _ => {}
+                }
+            }
         }
     }
     // (4) the requester never reviews.
@@ -2336,7 +2382,6 @@ fn run_lifecycle(init: Init, ops: Vec<(i64, Op)>) -> Result<(), TestCaseError> {
     let (mut req, fx) = match create_as(&p, "alice", new, created) {
         Ok(ok) => ok,
         Err(err) => {
-            eprintln!("CREATEFAIL {:?}", err);
             // Only for the reasons we know about.
             let kube = init.roles.iter().any(|r| r == "kube-admin");
             let bad_duration = init.duration_secs.is_some_and(|d| {
@@ -2365,16 +2410,7 @@ fn run_lifecycle(init: Init, ops: Vec<(i64, Op)>) -> Result<(), TestCaseError> {
     for (dt, op) in ops {
         now += Duration::seconds(dt);
         let ev = event_for(&op, &req, now);
-        let res = e.apply(&req, ev, now);
-        eprintln!(
-            "RES {} {}",
-            op_name(&op),
-            match &res {
-                Ok(_) => "ok".to_string(),
-                Err(e) => format!("{:?}", std::mem::discriminant(e)),
-            }
-        );
-        if let Ok((next, fx)) = res {
+        if let Ok((next, fx)) = e.apply(&req, ev, now) {
             // (5) terminal requests never change.
             if let Some(done) = &terminal {
                 prop_assert_eq!(&next, done, "terminal request changed by {:?}", op);
@@ -2402,12 +2438,6 @@ fn run_lifecycle(init: Init, ops: Vec<(i64, Op)>) -> Result<(), TestCaseError> {
             req = next;
         }
         check_invariants(&p, &req, &init.roles, self_approved)?;
-        eprintln!(
-            "STAT {:?} {:?} {}",
-            op_name(&op),
-            req.state,
-            req.granted_roles.len()
-        );
         if req.state.is_terminal() && terminal.is_none() {
             terminal = Some(req.clone());
         }
@@ -2546,21 +2576,5 @@ proptest! {
                 prop_assert!(x - s >= p.requests.min_duration);
             }
         }
-    }
-}
-
-fn op_name(op: &Op) -> &'static str {
-    match op {
-        Op::Review { verdict, .. } => match verdict {
-            Verdict::Approve => "approve",
-            Verdict::Deny => "deny",
-            _ => "ask",
-        },
-        Op::Update { .. } => "update",
-        Op::Cancel { .. } => "cancel",
-        Op::Drop { .. } => "drop",
-        Op::Revoke { .. } => "revoke",
-        Op::Extend { .. } => "extend",
-        Op::Tick => "tick",
     }
 }

@@ -679,3 +679,85 @@ fn break_glass_needs_fresh_totp_and_notifies_security() {
         .unwrap();
     assert_eq!(g["acknowledged_by"], "frank");
 }
+
+#[test]
+fn wait_shows_progress_and_logs_in_on_approval() {
+    let t = Team::start(config("1h", "30m"));
+    let mut child = t
+        .cli("alice")
+        .cmd()
+        .unwrap()
+        .args([
+            "request",
+            "create",
+            "--roles",
+            "dba",
+            "--reason",
+            "INC-9",
+            "--resource",
+            "prod-pg",
+            "--wait",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = wait_until("the request to appear", Duration::from_secs(20), || {
+        let list = t.json("dave", &["request", "ls", "--reviewable"]);
+        list.as_array()
+            .unwrap()
+            .first()
+            .map(|g| g["id"].as_str().unwrap().to_owned())
+    })
+    .unwrap();
+    assert_eq!(
+        t.show("dave", &id)["resources"],
+        serde_json::json!(["prod-pg"])
+    );
+    t.cli("dave")
+        .ok(&["request", "review", &id, "--approve", "--reason", "go"])
+        .unwrap();
+    let status = wait_until("wicket --wait to finish", Duration::from_secs(20), || {
+        child.try_wait().unwrap()
+    })
+    .unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("waiting for a decision") && err.contains("logging in with request"),
+        "{err}"
+    );
+    let st = t.cli("alice").status().unwrap();
+    assert_eq!(st["request_ids"], serde_json::json!([id]));
+    assert!(st["roles"].to_string().contains("dba"));
+    // The queued notifications: reviewers on creation, the requester on approval.
+    let frank = t.cli("frank").status().unwrap();
+    let out = run(Command::new("curl")
+        .args(["-sS", "--fail-with-body", "--cacert"])
+        .arg(file(&frank, "ca_bundle"))
+        .arg("--cert")
+        .arg(file(&frank, "tls_certificate"))
+        .arg("--key")
+        .arg(file(&frank, "tls_key"))
+        .arg(format!(
+            "https://{}/v1/notifications?request={id}",
+            t.d.proxy()
+        )))
+    .unwrap();
+    let notes: Value = serde_json::from_str(&out).unwrap();
+    let notes = notes.as_array().unwrap();
+    let reviewers = &notes[0]["recipients"];
+    for who in ["dave", "erin", "frank"] {
+        assert!(
+            reviewers.to_string().contains(who),
+            "{who} not notified: {reviewers}"
+        );
+    }
+    assert!(!reviewers.to_string().contains("alice"));
+    assert!(notes
+        .iter()
+        .any(|n| n["recipients"] == serde_json::json!(["alice"])
+            && n["subject"].as_str().unwrap().contains("approved")));
+}
