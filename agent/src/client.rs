@@ -113,10 +113,16 @@ impl Client {
             }
             Trust::Pin(pin) => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinVerifier { pin, provider })),
+                .with_custom_certificate_verifier(Arc::new(CustomVerifier {
+                    check: Check::Pin(pin),
+                    provider,
+                })),
             Trust::Insecure => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyServer { provider })),
+                .with_custom_certificate_verifier(Arc::new(CustomVerifier {
+                    check: Check::Any,
+                    provider,
+                })),
         };
         let mut config = match identity {
             Some(id) => {
@@ -221,11 +227,19 @@ impl Client {
     }
 }
 
-/// Trusts a server whose chain contains a CA with the pinned SPKI hash, and
-/// whose leaf that CA signed for the requested name.
+/// How a custom verifier decides on the server's certificate.
 #[derive(Debug)]
-struct PinVerifier {
-    pin: String,
+enum Check {
+    /// The chain must contain a CA with this SPKI pin, and that CA must have
+    /// signed the leaf for the requested name.
+    Pin(String),
+    /// `--insecure`: any certificate (handshake signatures are still checked).
+    Any,
+}
+
+#[derive(Debug)]
+struct CustomVerifier {
+    check: Check,
     provider: Arc<CryptoProvider>,
 }
 
@@ -235,7 +249,7 @@ fn spki_pin_of(cert: &CertificateDer<'_>) -> Option<String> {
     Some(wicket_ca::spki_pin(c.public_key().raw))
 }
 
-impl ServerCertVerifier for PinVerifier {
+impl ServerCertVerifier for CustomVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -244,13 +258,16 @@ impl ServerCertVerifier for PinVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let pin = match &self.check {
+            Check::Any => return Ok(ServerCertVerified::assertion()),
+            Check::Pin(pin) => pin,
+        };
         let ca = intermediates
             .iter()
-            .find(|c| spki_pin_of(c).is_some_and(|p| wicket_ca_pin_eq(&p, &self.pin)))
+            .find(|c| spki_pin_of(c).is_some_and(|p| p.eq_ignore_ascii_case(pin.trim())))
             .ok_or_else(|| {
                 rustls::Error::General(format!(
-                    "the server's CA does not match --ca-pin {} (is this the right proxy?)",
-                    self.pin
+                    "the server's CA does not match --ca-pin {pin} (is this the right proxy?)"
                 ))
             })?;
         let mut roots = RootCertStore::empty();
@@ -262,64 +279,6 @@ impl ServerCertVerifier for PinVerifier {
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
         inner.verify_server_cert(end_entity, &[], server_name, ocsp, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// Pins are compared case-insensitively on the hex part.
-fn wicket_ca_pin_eq(a: &str, b: &str) -> bool {
-    a.eq_ignore_ascii_case(b.trim())
-}
-
-/// `--insecure`: no server verification at all (signatures still checked).
-#[derive(Debug)]
-struct AnyServer {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
