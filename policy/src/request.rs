@@ -408,6 +408,16 @@ impl<'a> Engine<'a> {
 
     /// May `actor` see `req` in `--reviewable`?
     pub fn is_reviewable_by(&self, req: &AccessRequest, actor: &Actor, now: DateTime<Utc>) -> bool {
+        if req.break_glass {
+            // Listed for after-the-fact review until someone acknowledges it.
+            return actor.name != req.requester
+                && !req
+                    .reviews
+                    .iter()
+                    .any(|r| r.verdict == Verdict::Acknowledge)
+                && (self.decide_review(req, actor, now).allowed
+                    || self.policy.roles.may_revoke(&actor.roles));
+        }
         req.state.is_open()
             && !req
                 .reviews

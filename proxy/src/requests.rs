@@ -513,7 +513,7 @@ impl Wicket {
                     .ok_or_else(|| Error::BadRequest(format!("unknown state {s:?}")))?;
                 vec![st.as_str()]
             }
-            None if listing == Listing::Reviewable => vec!["pending", "needs-info"],
+
             None => vec![],
         };
         let requester = (listing == Listing::Mine).then_some(user.name.as_str());

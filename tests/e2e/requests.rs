@@ -662,6 +662,18 @@ fn break_glass_needs_fresh_totp_and_notifies_security() {
         .json()
         .unwrap();
     assert!(notes.to_string().contains("break_glass_used"), "{notes}");
+    let listed = |cli: &WicketCli| {
+        let v = cli
+            .ok(&["request", "ls", "--reviewable", "--format", "json"])
+            .unwrap()
+            .json()
+            .unwrap();
+        v.as_array().unwrap().iter().any(|g| g["id"] == id.as_str())
+    };
+    assert!(
+        listed(&frank),
+        "break-glass grants are listed for after-the-fact review"
+    );
     frank
         .ok(&[
             "request",
@@ -678,6 +690,7 @@ fn break_glass_needs_fresh_totp_and_notifies_security() {
         .json()
         .unwrap();
     assert_eq!(g["acknowledged_by"], "frank");
+    assert!(!listed(&frank), "acknowledged grants leave the review list");
 }
 
 #[test]

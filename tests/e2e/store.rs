@@ -165,11 +165,9 @@ fn store_on_postgresql() {
         let (a, _b) = (a.unwrap(), b.unwrap());
         exercise(&a).await;
     });
-    assert_eq!(
-        pg.psql("wicket", "select count(*) from schema_migrations")
-            .unwrap(),
-        "1"
-    );
+    // Each migration applied exactly once although two stores raced.
+    let sql = "select count(*) = max(version) and count(*) >= 2 from schema_migrations";
+    assert_eq!(pg.psql("wicket", sql).unwrap(), "t");
 }
 
 #[test]
