@@ -80,7 +80,10 @@ enum Command {
         format: Format,
     },
     /// Remove the active login's keys and certificates.
-    Logout,
+    Logout {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
     /// List the nodes, databases and clusters you can reach now.
     Ls {
         #[arg(long, value_enum, default_value_t)]
@@ -161,28 +164,44 @@ enum RequestCommand {
         id: String,
         #[arg(long)]
         reason: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
     },
     /// Answer a reviewer's question (the request goes back to pending).
     Update {
         id: String,
         #[arg(long)]
         reason: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
     },
     /// Withdraw a pending request.
-    Cancel { id: String },
+    Cancel {
+        id: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
     /// End your grant now and log back in without it (no ID: every grant you hold).
-    Drop { id: Option<String> },
+    Drop {
+        id: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
     /// End someone's grant now (roles with `revoke`).
     Revoke {
         id: String,
         #[arg(long)]
         reason: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
     },
     /// Extend your active grant (where `max_extensions` allows).
     Extend {
         id: String,
         #[arg(long)]
         duration: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
     },
 }
 
@@ -268,7 +287,7 @@ async fn run(command: Command) -> Result<()> {
             format,
         } => crate::requests::break_glass(roles, reason, otp, duration, format).await,
         Command::Status { format } => status(format),
-        Command::Logout => logout(),
+        Command::Logout { format } => logout(format),
         Command::Ls { format } => ls(format).await,
         Command::Audit(AuditCommand::Search {
             user,
@@ -536,13 +555,19 @@ fn status(format: Format) -> Result<()> {
     Ok(())
 }
 
-fn logout() -> Result<()> {
+fn logout(format: Format) -> Result<()> {
     let home = profile::home()?;
     let p = Profile::current(&home)?;
     let info = p.read_info()?;
     p.remove()?;
     let _ = std::fs::remove_file(home.join("current"));
-    println!("logged out {} from {}", info.user, info.proxy);
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::json!({"logged_out": info.user, "proxy": info.proxy})
+        ),
+        Format::Text => println!("logged out {} from {}", info.user, info.proxy),
+    }
     Ok(())
 }
 
@@ -757,39 +782,47 @@ fn cmd_to(cmd: RequestCommand) -> crate::requests::Cmd {
                 format,
             }
         }
-        RequestCommand::Ask { id, reason } => Cmd::Review {
+        RequestCommand::Ask { id, reason, format } => Cmd::Review {
             id,
             body: wicket_api::ReviewBody {
                 verdict: "ask-info".into(),
                 reason,
                 ..Default::default()
             },
-            format: Format::Text,
+            format,
         },
-        RequestCommand::Update { id, reason } => Cmd::Action {
+        RequestCommand::Update { id, reason, format } => Cmd::Action {
             id,
+            format,
             action: "update",
             body: wicket_api::ActionBody {
                 reason,
                 duration: None,
             },
         },
-        RequestCommand::Cancel { id } => Cmd::Action {
+        RequestCommand::Cancel { id, format } => Cmd::Action {
             id,
+            format,
             action: "cancel",
             body: Default::default(),
         },
-        RequestCommand::Drop { id } => Cmd::Drop { id },
-        RequestCommand::Revoke { id, reason } => Cmd::Action {
+        RequestCommand::Drop { id, format } => Cmd::Drop { id, format },
+        RequestCommand::Revoke { id, reason, format } => Cmd::Action {
             id,
+            format,
             action: "revoke",
             body: wicket_api::ActionBody {
                 reason,
                 duration: None,
             },
         },
-        RequestCommand::Extend { id, duration } => Cmd::Action {
+        RequestCommand::Extend {
             id,
+            duration,
+            format,
+        } => Cmd::Action {
+            id,
+            format,
             action: "extend",
             body: wicket_api::ActionBody {
                 reason: String::new(),

@@ -33,9 +33,11 @@ pub enum Cmd {
         id: String,
         action: &'static str,
         body: ActionBody,
+        format: Format,
     },
     Drop {
         id: Option<String>,
+        format: Format,
     },
 }
 
@@ -220,10 +222,18 @@ pub async fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Action { id, action, body } => {
+        Cmd::Action {
+            id,
+            action,
+            body,
+            format,
+        } => {
             let g: Grant = client
                 .post(&format!("/v1/requests/{id}/{action}"), &body)
                 .await?;
+            if format == Format::Json {
+                return output(&g, format);
+            }
             println!(
                 "request {} is now {}{}",
                 g.id,
@@ -235,7 +245,7 @@ pub async fn run(cmd: Cmd) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Drop { id } => {
+        Cmd::Drop { id, format } => {
             let to_drop: Vec<String> = match id {
                 Some(id) => vec![id],
                 None => info.request_ids.clone(),
@@ -247,7 +257,9 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                 let g: Grant = client
                     .post(&format!("/v1/requests/{id}/drop"), &ActionBody::default())
                     .await?;
-                println!("dropped request {} ({})", g.id, g.status);
+                if format == Format::Text {
+                    println!("dropped request {} ({})", g.id, g.status);
+                }
             }
             let keep: Vec<String> = info
                 .request_ids
@@ -255,7 +267,7 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                 .filter(|r| !to_drop.contains(r))
                 .cloned()
                 .collect();
-            reissue(&info.proxy, &info.user, &client, keep, Format::Text).await
+            reissue(&info.proxy, &info.user, &client, keep, format).await
         }
     }
 }

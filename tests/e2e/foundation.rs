@@ -259,7 +259,12 @@ fn login_on_the_embedded_default_issues_certificates_real_tools_accept() {
     );
 
     // Logout removes the credentials.
-    cli.ok(&["logout"]).unwrap();
+    let out = cli
+        .ok(&["logout", "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(out["logged_out"], "alice");
     assert!(!f("ssh_key").exists() && !f("tls_key").exists());
     let st = cli.run(&["status"], "").unwrap();
     assert!(

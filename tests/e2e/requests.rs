@@ -385,7 +385,10 @@ fn scope_reduction_revoke_deny_ask_and_self_approve() {
         .as_str()
         .unwrap()
         .to_owned();
-    t.cli("bob").ok(&["request", "cancel", &id]).unwrap();
+    assert_eq!(
+        t.json("bob", &["request", "cancel", &id])["status"],
+        "cancelled"
+    );
     assert_eq!(t.show("bob", &id)["status"], "cancelled");
     let id = t.create(
         "bob",
