@@ -16,6 +16,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod keystore;
+pub mod pg;
 pub mod requests;
 pub mod server;
 pub mod service;
