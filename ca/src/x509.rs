@@ -29,10 +29,45 @@ impl X509CaKind {
     }
 }
 
-/// An issued certificate.
+/// An issued certificate and its serial (as `openssl x509 -serial` shows it,
+/// colon-separated lower-case hex), so callers never re-parse what was issued.
 #[derive(Debug, Clone)]
 pub struct X509Issued {
     pub der: Vec<u8>,
+    pub serial_hex: String,
+}
+
+/// A random positive 16-byte serial (never starting with a zero byte, so its
+/// DER INTEGER is exactly these bytes).
+fn random_x509_serial(rng: &dyn SecureRandom) -> Result<[u8; 16]> {
+    let mut serial = [0u8; 16];
+    rng.fill(&mut serial).map_err(|_| Error::Signing)?;
+    serial[0] &= 0x7f;
+    serial[0] |= 0x01;
+    Ok(serial)
+}
+
+fn serial_hex(serial: &[u8]) -> String {
+    serial
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A fresh ECDSA P-256 key for a TLS endpoint: (PKCS#8 DER, SubjectPublicKeyInfo DER).
+pub fn new_p256_key(rng: &dyn SecureRandom) -> Result<(Vec<u8>, Vec<u8>)> {
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, rng)
+        .map_err(|_| Error::KeyMaterial("cannot generate a P-256 key".into()))?;
+    let kp = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), rng)
+        .map_err(|_| Error::KeyMaterial("cannot load a P-256 key".into()))?;
+    // SEQUENCE { SEQUENCE { id-ecPublicKey, prime256v1 }, BIT STRING point }
+    let mut spki = vec![
+        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
+        0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    ];
+    spki.extend_from_slice(kp.public_key().as_ref());
+    Ok((pkcs8.as_ref().to_vec(), spki))
 }
 
 impl X509Issued {
@@ -100,11 +135,7 @@ impl X509Ca {
         ];
         params.not_before = offset_time(validity.not_before)?;
         params.not_after = offset_time(validity.not_after)?;
-        let mut serial = [0u8; 16];
-        ring::rand::SystemRandom::new()
-            .fill(&mut serial)
-            .map_err(|_| Error::Signing)?;
-        serial[0] &= 0x7f;
+        let serial = random_x509_serial(&ring::rand::SystemRandom::new())?;
         params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let cert = params.self_signed(&key).map_err(rcgen_err)?;
         let key_pem = key.serialize_pem();
@@ -222,11 +253,7 @@ impl X509Ca {
         if let Some(id) = identity {
             id.validate()?;
         }
-        let mut serial = [0u8; 16];
-        rng.fill(&mut serial).map_err(|_| Error::Signing)?;
-        serial[0] &= 0x7f;
-        serial[0] |= 0x01;
-
+        let serial = random_x509_serial(rng)?;
         let mut tbs = Vec::with_capacity(512);
         der::write_nested(&mut tbs, TAG_SEQUENCE, |t| {
             t.extend_from_slice(&[0xa0, 0x03, 0x02, 0x01, 0x02]); // [0] v3
@@ -285,11 +312,18 @@ impl X509Ca {
         der::write_header(&mut der_out, der::TAG_BIT_STRING, sig.as_ref().len() + 1);
         der_out.push(0);
         der_out.extend_from_slice(sig.as_ref());
-        Ok(X509Issued { der: der_out })
+        Ok(X509Issued {
+            der: der_out,
+            serial_hex: serial_hex(&serial),
+        })
     }
 
     /// Issues a TLS server certificate for `names` (DNS names or IP addresses).
-    pub fn issue_server(&self, req: &ServerCertRequest<'_>) -> Result<X509Issued> {
+    pub fn issue_server(
+        &self,
+        req: &ServerCertRequest<'_>,
+        rng: &dyn SecureRandom,
+    ) -> Result<X509Issued> {
         let mut params = rcgen::CertificateParams::new(req.names.to_vec()).map_err(rcgen_err)?;
         let mut dn = rcgen::DistinguishedName::new();
         dn.push(
@@ -303,10 +337,13 @@ impl X509Ca {
         params.use_authority_key_identifier_extension = true;
         params.not_before = offset_time(req.validity.not_before)?;
         params.not_after = offset_time(req.validity.not_after)?;
+        let serial = random_x509_serial(rng)?;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let spki = rcgen::SubjectPublicKeyInfo::from_der(req.spki_der).map_err(rcgen_err)?;
         let cert = params.signed_by(&spki, &self.issuer).map_err(rcgen_err)?;
         Ok(X509Issued {
             der: cert.der().to_vec(),
+            serial_hex: serial_hex(&serial),
         })
     }
 }
@@ -383,52 +420,83 @@ pub struct VerifiedClientCert {
     pub ca_pin: String,
 }
 
+/// One trusted CA, parsed once when the verifier is built (verification runs
+/// on every connection).
+#[derive(Debug, Clone)]
+struct TrustedCa {
+    der: Vec<u8>,
+    subject: Vec<u8>,
+    /// Uncompressed P-256 public point.
+    point: Vec<u8>,
+    validity: Validity,
+    pin: String,
+}
+
 /// The X.509 CA certificates a verifier trusts (several, for rotation).
 #[derive(Debug, Clone, Default)]
 pub struct TrustedX509Cas {
-    cas: Vec<Vec<u8>>,
+    cas: Vec<TrustedCa>,
 }
 
 impl TrustedX509Cas {
-    pub fn new(cas: impl IntoIterator<Item = Vec<u8>>) -> Self {
-        Self {
-            cas: cas.into_iter().collect(),
+    /// Parses the CA certificates (ECDSA P-256 CAs, as Wicket makes them).
+    pub fn new(cas: impl IntoIterator<Item = Vec<u8>>) -> Result<Self> {
+        use x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY;
+        let mut out = Vec::new();
+        for der in cas {
+            let (_, c) = X509Certificate::from_der(&der)
+                .map_err(|e| Error::KeyMaterial(format!("trusted CA certificate: {e}")))?;
+            if !c.is_ca() {
+                return Err(Error::KeyMaterial(
+                    "a trusted CA certificate is not a CA".into(),
+                ));
+            }
+            if c.public_key().algorithm.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY {
+                return Err(Error::KeyMaterial("trusted CAs must be ECDSA P-256".into()));
+            }
+            let entry = TrustedCa {
+                subject: c.subject().as_raw().to_vec(),
+                point: c.public_key().subject_public_key.data.to_vec(),
+                validity: Validity {
+                    not_before: c.validity().not_before.timestamp(),
+                    not_after: c.validity().not_after.timestamp(),
+                },
+                pin: crate::spki_pin(c.public_key().raw),
+                der: Vec::new(),
+            };
+            out.push(TrustedCa { der, ..entry });
         }
+        Ok(Self { cas: out })
     }
 
     pub fn ders(&self) -> impl Iterator<Item = &[u8]> {
-        self.cas.iter().map(Vec::as_slice)
+        self.cas.iter().map(|c| c.der.as_slice())
     }
 
     /// Verifies a client certificate (DER) issued directly by a trusted CA, at `now`.
     pub fn verify_client(&self, leaf_der: &[u8], now: i64) -> Result<VerifiedClientCert> {
+        use x509_parser::oid_registry::OID_SIG_ECDSA_WITH_SHA256;
         let rejected = |m: &str| Error::Rejected(m.to_owned());
         let (rest, leaf) = X509Certificate::from_der(leaf_der)
             .map_err(|e| Error::MalformedCertificate(e.to_string()))?;
         if !rest.is_empty() {
             return Err(Error::MalformedCertificate("trailing bytes".into()));
         }
-        let mut issuer = None;
-        for ca_der in &self.cas {
-            if let Ok((_, ca)) = X509Certificate::from_der(ca_der) {
-                if ca.subject().as_raw() == leaf.issuer().as_raw()
-                    && leaf.verify_signature(Some(ca.public_key())).is_ok()
-                {
-                    issuer = Some(ca);
-                    break;
-                }
-            }
-        }
-        let ca =
-            issuer.ok_or_else(|| rejected("certificate is not signed by a trusted Wicket CA"))?;
-        if !ca.is_ca() {
-            return Err(rejected("issuer is not a CA"));
-        }
-        let in_window = |c: &X509Certificate<'_>| {
-            let v = c.validity();
-            v.not_before.timestamp() <= now && now <= v.not_after.timestamp()
+        let signed_by = |ca: &TrustedCa| {
+            leaf.signature_algorithm.algorithm == OID_SIG_ECDSA_WITH_SHA256
+                && ring::signature::UnparsedPublicKey::new(
+                    &ring::signature::ECDSA_P256_SHA256_ASN1,
+                    &ca.point,
+                )
+                .verify(leaf.tbs_certificate.as_ref(), &leaf.signature_value.data)
+                .is_ok()
         };
-        if !in_window(&ca) {
+        let ca = self
+            .cas
+            .iter()
+            .find(|ca| ca.subject == leaf.issuer().as_raw() && signed_by(ca))
+            .ok_or_else(|| rejected("certificate is not signed by a trusted Wicket CA"))?;
+        if !(ca.validity.not_before <= now && now <= ca.validity.not_after) {
             return Err(rejected("the issuing CA certificate is not valid now"));
         }
         let v = leaf.validity();
@@ -477,7 +545,7 @@ impl TrustedX509Cas {
                 not_before: v.not_before.timestamp(),
                 not_after: v.not_after.timestamp(),
             },
-            ca_pin: crate::spki_pin(ca.public_key().raw),
+            ca_pin: ca.pin.clone(),
         })
     }
 }
@@ -595,7 +663,7 @@ mod tests {
                 &rng,
             )
             .unwrap();
-        let trusted = TrustedX509Cas::new([ca.cert_der().to_vec()]);
+        let trusted = TrustedX509Cas::new([ca.cert_der().to_vec()]).unwrap();
         let v = trusted.verify_client(&cert.der, 1_700_000_100).unwrap();
         assert_eq!(v.identity.as_ref(), Some(&id));
         assert_eq!(v.common_name, "alice");
@@ -604,6 +672,10 @@ mod tests {
             Validity::new(1_700_000_000, 1_700_003_600).unwrap()
         );
         assert_eq!(v.ca_pin, ca.pin());
+        assert_eq!(
+            v.serial_hex, cert.serial_hex,
+            "the issued serial is the one in the certificate"
+        );
         assert!(trusted
             .verify_client(&cert.der, 1_699_999_999)
             .unwrap_err()
@@ -614,7 +686,7 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("expired"));
-        let other = TrustedX509Cas::new([self::ca().cert_der().to_vec()]);
+        let other = TrustedX509Cas::new([self::ca().cert_der().to_vec()]).unwrap();
         assert!(other
             .verify_client(&cert.der, 1_700_000_100)
             .unwrap_err()
@@ -660,13 +732,17 @@ mod tests {
         let ca = ca();
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let cert = ca
-            .issue_server(&ServerCertRequest {
-                spki_der: &key.subject_public_key_info(),
-                names: &["127.0.0.1".into(), "localhost".into()],
-                validity: Validity::new(0, 4_000_000_000).unwrap(),
-            })
+            .issue_server(
+                &ServerCertRequest {
+                    spki_der: &key.subject_public_key_info(),
+                    names: &["127.0.0.1".into(), "localhost".into()],
+                    validity: Validity::new(0, 4_000_000_000).unwrap(),
+                },
+                &SystemRandom::new(),
+            )
             .unwrap();
         let (_, parsed) = X509Certificate::from_der(&cert.der).unwrap();
+        assert_eq!(parsed.raw_serial_as_string(), cert.serial_hex);
         let (_, ca_cert) = X509Certificate::from_der(ca.cert_der()).unwrap();
         parsed.verify_signature(Some(ca_cert.public_key())).unwrap();
     }

@@ -63,7 +63,7 @@ pub async fn start(config: Config) -> Result<Running> {
     let api_addr = listener.local_addr()?;
     let names = tls::server_names(api_addr, &config.public_names);
     let tls_config = tls::server_config(&keys, &names, now.timestamp())?;
-    let wicket = Arc::new(Wicket::new(config, store, keys));
+    let wicket = Arc::new(Wicket::new(config, store, keys)?);
     let (shutdown, rx) = watch::channel(false);
     tokio::spawn(scheduler(wicket.clone(), rx.clone()));
     let task = tokio::spawn(accept_loop(

@@ -74,15 +74,15 @@ fn parse_client_keys(ssh_public_key: &str, tls_csr_pem: &str) -> Result<ClientKe
 }
 
 impl Wicket {
-    pub fn new(config: Config, store: Store, keys: AuthorityKeys) -> Self {
-        let trusted_tls = TrustedX509Cas::new([keys.tls.cert_der().to_vec()]);
-        Self {
+    pub fn new(config: Config, store: Store, keys: AuthorityKeys) -> Result<Self> {
+        let trusted_tls = TrustedX509Cas::new([keys.tls.cert_der().to_vec()])?;
+        Ok(Self {
             config,
             store,
             keys,
             trusted_tls,
             rng: SystemRandom::new(),
-        }
+        })
     }
 
     pub(crate) async fn audit(&self, event: AuditEvent, now: DateTime<Utc>) -> Result<()> {
@@ -343,7 +343,7 @@ impl Wicket {
             self.keys
                 .tls
                 .issue_client(&keys.tls_spki, user, Some(&identity), window, &self.rng)?;
-        let tls_serial = x509_serial(&tls.der);
+        let tls_serial = tls.serial_hex.clone();
         let ts = |t: i64| DateTime::<Utc>::from_timestamp(t, 0).unwrap_or_default();
         self.audit(
             AuditEvent::LoginSucceeded {
@@ -603,11 +603,4 @@ pub async fn add_user(
         .create_user(&record, &event.to_row(now.timestamp_millis()))
         .await?;
     Ok(uri)
-}
-
-fn x509_serial(der: &[u8]) -> String {
-    use x509_parser::prelude::FromDer;
-    x509_parser::certificate::X509Certificate::from_der(der)
-        .map(|(_, c)| c.raw_serial_as_string())
-        .unwrap_or_default()
 }

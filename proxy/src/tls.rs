@@ -3,7 +3,6 @@
 //! verified again, with identity extraction, by `wicket_ca`.
 
 use crate::error::{Error, Result};
-use rcgen_free::server_key;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
@@ -13,47 +12,22 @@ use wicket_ca::{AuthorityKeys, ServerCertRequest, Validity};
 /// Server certificates live a year; wicketd makes a new one at every start.
 const SERVER_CERT_LIFETIME: i64 = 365 * 24 * 3600;
 
-mod rcgen_free {
-    use crate::error::{Error, Result};
-    use ring::rand::SystemRandom;
-    use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
-
-    /// A fresh P-256 server key: (PKCS#8 DER, SPKI DER).
-    pub fn server_key() -> Result<(Vec<u8>, Vec<u8>)> {
-        let rng = SystemRandom::new();
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
-            .map_err(|_| Error::Internal("cannot generate server key".into()))?;
-        let kp = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
-            .map_err(|_| Error::Internal("cannot load server key".into()))?;
-        let spki = p256_spki(ring::signature::KeyPair::public_key(&kp).as_ref());
-        Ok((pkcs8.as_ref().to_vec(), spki))
-    }
-
-    /// SubjectPublicKeyInfo for an uncompressed P-256 point.
-    pub fn p256_spki(point: &[u8]) -> Vec<u8> {
-        // SEQUENCE { SEQUENCE { id-ecPublicKey, prime256v1 }, BIT STRING point }
-        const PREFIX: [u8; 26] = [
-            0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
-            0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
-        ];
-        let mut out = PREFIX.to_vec();
-        out.extend_from_slice(point);
-        out
-    }
-}
-
 /// The rustls server config for the API (and later the DB/Kube listeners).
 pub fn server_config(
     keys: &AuthorityKeys,
     names: &[String],
     now: i64,
 ) -> Result<Arc<rustls::ServerConfig>> {
-    let (pkcs8, spki) = server_key()?;
-    let leaf = keys.tls.issue_server(&ServerCertRequest {
-        spki_der: &spki,
-        names,
-        validity: Validity::new(now - 300, now + SERVER_CERT_LIFETIME)?,
-    })?;
+    let rng = ring::rand::SystemRandom::new();
+    let (pkcs8, spki) = wicket_ca::x509::new_p256_key(&rng)?;
+    let leaf = keys.tls.issue_server(
+        &ServerCertRequest {
+            spki_der: &spki,
+            names,
+            validity: Validity::new(now - 300, now + SERVER_CERT_LIFETIME)?,
+        },
+        &rng,
+    )?;
     let chain = vec![
         CertificateDer::from(leaf.der),
         CertificateDer::from(keys.tls.cert_der().to_vec()),
