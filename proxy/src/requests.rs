@@ -518,6 +518,7 @@ impl Wicket {
         };
         let requester = (listing == Listing::Mine).then_some(user.name.as_str());
         let rows = self.store.list_requests(requester, &states, 500).await?;
+        let users = self.store.list_users().await?;
         let mut out = Vec::new();
         for row in rows {
             let req = decode(&row)?;
@@ -527,7 +528,7 @@ impl Wicket {
                 Listing::All => self.may_see(&req, &actor, now),
             };
             if keep {
-                out.push(self.view(&req, now).await?);
+                out.push(self.view_with(&req, now, &users).await?);
             }
         }
         Ok(out)
@@ -628,6 +629,17 @@ impl Wicket {
 
     /// The JSON view: the grant schema fields plus details.
     pub async fn view(&self, req: &AccessRequest, now: DateTime<Utc>) -> Result<Grant> {
+        let users = self.store.list_users().await?;
+        self.view_with(req, now, &users).await
+    }
+
+    /// [`Wicket::view`] with the user table already loaded (for listings).
+    async fn view_with(
+        &self,
+        req: &AccessRequest,
+        now: DateTime<Utc>,
+        users: &[UserRecord],
+    ) -> Result<Grant> {
         let engine = self.engine();
         let risk = engine.risk(req);
         let mut perms: Vec<String> = Vec::new();
@@ -640,12 +652,11 @@ impl Wicket {
                 .requirement_status(req, &req.roles)
                 .err()
                 .unwrap_or_default();
-            let mut who = Vec::new();
-            for u in self.store.list_users().await? {
-                if !u.disabled && engine.is_reviewable_by(req, &self.actor_of(&u), now) {
-                    who.push(u.name);
-                }
-            }
+            let who = users
+                .iter()
+                .filter(|u| !u.disabled && engine.is_reviewable_by(req, &self.actor_of(u), now))
+                .map(|u| u.name.clone())
+                .collect();
             (needed, who)
         } else {
             (Vec::new(), Vec::new())

@@ -514,29 +514,6 @@ impl Wicket {
             })
             .collect())
     }
-
-    /// Creates a user (bootstrap path of `wicketd users add`).
-    pub async fn add_user(
-        &self,
-        name: &str,
-        roles: Vec<String>,
-        team: Option<String>,
-        password: Option<&str>,
-        totp: bool,
-        now: DateTime<Utc>,
-    ) -> Result<Option<String>> {
-        add_user(
-            &self.config,
-            &self.store,
-            name,
-            roles,
-            team,
-            password,
-            totp,
-            now,
-        )
-        .await
-    }
 }
 
 /// Creates a user in `store`, validated against `config`; returns the TOTP
