@@ -456,17 +456,9 @@ fn status_json(p: &Profile) -> Result<serde_json::Value> {
         std::fs::read_to_string(p.ssh_cert()).context("reading your SSH certificate")?;
     let cert = ssh_key::Certificate::from_openssh(cert_text.trim())
         .map_err(|e| anyhow!("your SSH certificate is unreadable: {e}"))?;
-    let ext = cert.extensions();
-    let list = |k: &str| -> Vec<String> {
-        ext.get(k)
-            .map(|v| {
-                v.split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    let id = wicket_ca::ssh::identity_from_extensions(cert.extensions())
+        .map_err(|e| anyhow!("your SSH certificate is unreadable: {e}"))?
+        .unwrap_or_default();
     let ts = |t: u64| {
         DateTime::<Utc>::from_timestamp(t as i64, 0)
             .map(|d| d.to_rfc3339())
@@ -476,10 +468,10 @@ fn status_json(p: &Profile) -> Result<serde_json::Value> {
     Ok(serde_json::json!({
         "proxy": info.proxy,
         "cluster": info.cluster_name,
-        "user": ext.get("wicket-user@wicket.dev").cloned().unwrap_or(info.user),
-        "roles": list("wicket-roles@wicket.dev"),
+        "user": if id.user.is_empty() { info.user } else { id.user },
+        "roles": id.roles,
         "principals": cert.valid_principals(),
-        "request_ids": list("wicket-requests@wicket.dev"),
+        "request_ids": id.request_ids,
         "key_id": cert.key_id(),
         "valid_after": ts(cert.valid_after()),
         "valid_before": ts(cert.valid_before()),

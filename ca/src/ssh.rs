@@ -340,6 +340,34 @@ fn write_extensions(out: &mut Vec<u8>, req: &SshCertificateRequest<'_>) {
     out[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
+/// Reads Wicket's identity from a certificate's extensions (`None` when the
+/// certificate carries no Wicket user). This only parses: trust comes from
+/// [`TrustedSshCas::verify`].
+pub fn identity_from_extensions(
+    ext: &std::collections::BTreeMap<String, String>,
+) -> Result<Option<Identity>> {
+    let split = |k: &str| -> Vec<String> {
+        ext.get(k)
+            .map(|v| {
+                v.split(',')
+                    .filter(|x| !x.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let Some(user) = ext.get(SSH_EXT_USER) else {
+        return Ok(None);
+    };
+    let id = Identity {
+        user: user.clone(),
+        roles: split(SSH_EXT_ROLES),
+        request_ids: split(SSH_EXT_REQUESTS),
+    };
+    id.validate()?;
+    Ok(Some(id))
+}
+
 /// A certificate that passed verification.
 #[derive(Debug, Clone)]
 pub struct VerifiedSshCert {
@@ -475,27 +503,7 @@ impl TrustedSshCas {
             x11_forwarding: ext.contains_key("permit-X11-forwarding"),
             user_rc: ext.contains_key("permit-user-rc"),
         };
-        let split = |s: Option<&String>| -> Vec<String> {
-            s.map(|v| {
-                v.split(',')
-                    .filter(|x| !x.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default()
-        };
-        let identity = match ext.get(SSH_EXT_USER) {
-            Some(user) => {
-                let id = Identity {
-                    user: user.clone(),
-                    roles: split(ext.get(SSH_EXT_ROLES)),
-                    request_ids: split(ext.get(SSH_EXT_REQUESTS)),
-                };
-                id.validate()?;
-                Some(id)
-            }
-            None => None,
-        };
+        let identity = identity_from_extensions(ext)?;
         let subject_key = SshPublicKey::from_blob(
             ssh_key::PublicKey::from(cert.public_key().clone())
                 .to_bytes()
