@@ -398,6 +398,27 @@ impl WicketCli {
         self.run(&args, &format!("{password}\n"))
     }
 
+    /// `curl -sS --fail-with-body` presenting this user's client certificate
+    /// and trusting the saved CA bundle: a second, independent TLS client.
+    pub fn curl(&self) -> Result<Command> {
+        let st = self.status()?;
+        let file = |k: &str| -> Result<PathBuf> {
+            Ok(PathBuf::from(
+                st["files"][k]
+                    .as_str()
+                    .ok_or_else(|| anyhow!("status has no {k} file"))?,
+            ))
+        };
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--fail-with-body", "--cacert"])
+            .arg(file("ca_bundle")?)
+            .arg("--cert")
+            .arg(file("tls_certificate")?)
+            .arg("--key")
+            .arg(file("tls_key")?);
+        Ok(cmd)
+    }
+
     /// The active profile's directory (from `wicket status --format json`).
     pub fn status(&self) -> Result<serde_json::Value> {
         self.ok(&["status", "--format", "json"])?.json()

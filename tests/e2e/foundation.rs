@@ -202,15 +202,7 @@ fn login_on_the_embedded_default_issues_certificates_real_tools_accept() {
 
     // Mutual TLS with the issued certificate, through curl.
     let url = format!("https://{}/v1/me", d.proxy());
-    let me = run(Command::new("curl")
-        .args(["-sS", "--fail-with-body", "--cacert"])
-        .arg(f("ca_bundle"))
-        .arg("--cert")
-        .arg(f("tls_certificate"))
-        .arg("--key")
-        .arg(f("tls_key"))
-        .arg(&url))
-    .unwrap();
+    let me = run(cli.curl().unwrap().arg(&url)).unwrap();
     let me: serde_json::Value = serde_json::from_str(&me).unwrap();
     assert_eq!(me["user"], "alice");
     // Without a client certificate: 401 with a reason, never the password again.

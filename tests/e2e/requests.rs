@@ -412,21 +412,12 @@ fn scope_reduction_revoke_deny_ask_and_self_approve() {
 #[test]
 fn feature_request_body_shape_and_grant_schema() {
     let t = Team::start(config("1h", "30m"));
-    let st = t.cli("alice").status().unwrap();
     let body = r#"{"role":"dba","duration_hours":1,"reason":"INC-1234: Production database performance issue","ticket_url":"https://jira.example.com/INC-1234"}"#;
-    let out = run(Command::new("curl")
-        .args([
-            "-sS",
-            "--fail-with-body",
-            "-H",
-            "Content-Type: application/json",
-            "--cacert",
-        ])
-        .arg(file(&st, "ca_bundle"))
-        .arg("--cert")
-        .arg(file(&st, "tls_certificate"))
-        .arg("--key")
-        .arg(file(&st, "tls_key"))
+    let out = run(t
+        .cli("alice")
+        .curl()
+        .unwrap()
+        .args(["-H", "Content-Type: application/json"])
         .args(["--data", body])
         .arg(format!("https://{}/v1/requests", t.d.proxy())))
     .unwrap();
@@ -749,18 +740,10 @@ fn wait_shows_progress_and_logs_in_on_approval() {
     assert_eq!(st["request_ids"], serde_json::json!([id]));
     assert!(st["roles"].to_string().contains("dba"));
     // The queued notifications: reviewers on creation, the requester on approval.
-    let frank = t.cli("frank").status().unwrap();
-    let out = run(Command::new("curl")
-        .args(["-sS", "--fail-with-body", "--cacert"])
-        .arg(file(&frank, "ca_bundle"))
-        .arg("--cert")
-        .arg(file(&frank, "tls_certificate"))
-        .arg("--key")
-        .arg(file(&frank, "tls_key"))
-        .arg(format!(
-            "https://{}/v1/notifications?request={id}",
-            t.d.proxy()
-        )))
+    let out = run(t.cli("frank").curl().unwrap().arg(format!(
+        "https://{}/v1/notifications?request={id}",
+        t.d.proxy()
+    )))
     .unwrap();
     let notes: Value = serde_json::from_str(&out).unwrap();
     let notes = notes.as_array().unwrap();
