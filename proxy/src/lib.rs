@@ -20,6 +20,7 @@ pub mod pg;
 pub mod requests;
 pub mod server;
 pub mod service;
+pub mod sessions;
 pub mod store;
 pub mod tls;
 

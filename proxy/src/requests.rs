@@ -17,16 +17,6 @@ use wicket_policy::{
     ReviewerSet, State, Subject, Urgency, Verdict,
 };
 
-/// Audit kinds that count as "actions taken" with a grant.
-pub const ACTION_KINDS: &[&str] = &[
-    "ssh_session_start",
-    "ssh_exec",
-    "ssh_port_forward",
-    "db_session_start",
-    "db_query",
-    "kube_request",
-];
-
 /// Which requests to list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listing {
@@ -208,6 +198,11 @@ impl Wicket {
         Error::Forbidden(reason)
     }
 
+    /// The request as stored now.
+    pub(crate) async fn load_request(&self, id: &str) -> Result<AccessRequest> {
+        Ok(self.load(id).await?.0)
+    }
+
     async fn load(&self, id: &str) -> Result<(AccessRequest, i64)> {
         let (stored, version) = self
             .store
@@ -245,6 +240,18 @@ impl Wicket {
                 .update_request(&self.encode(&next)?, version, &audit, &notes)
                 .await?
             {
+                if effects
+                    .iter()
+                    .any(|e| matches!(e, Effect::EndSessions { .. }))
+                {
+                    // Deliver at once here; other proxies sharing the store
+                    // see the new state on their next session check.
+                    if let Some((why, always)) = crate::sessions::grant_end(&next, now) {
+                        if always || self.config.session.disconnect_on_expiry {
+                            self.sessions.end_for_request(&next.id, &why);
+                        }
+                    }
+                }
                 return Ok(next);
             }
         }
@@ -690,7 +697,7 @@ impl Wicket {
             status: req.state.as_str().to_owned(),
             actions_taken: self
                 .store
-                .count_request_events(&req.id, ACTION_KINDS)
+                .count_request_events(&req.id, crate::audit::SESSION_ACTION_KINDS)
                 .await?,
             revoked_by: req.revoked_by.clone(),
             revoke_reason: req.revoke_reason.clone(),

@@ -92,6 +92,7 @@ async fn scheduler(wicket: Arc<Wicket>, mut shutdown: watch::Receiver<bool>) {
         if let Err(e) = wicket.tick_due(clock::now()).await {
             tracing::warn!(error = %e, "request timers failed");
         }
+        wicket.watch_sessions(clock::now()).await;
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {},
             _ = shutdown.changed() => break,

@@ -26,6 +26,7 @@ pub struct Wicket {
     pub store: Store,
     pub keys: AuthorityKeys,
     pub trusted_tls: TrustedX509Cas,
+    pub sessions: std::sync::Arc<crate::sessions::Sessions>,
     pub(crate) rng: SystemRandom,
 }
 
@@ -81,6 +82,7 @@ impl Wicket {
             store,
             keys,
             trusted_tls,
+            sessions: Default::default(),
             rng: SystemRandom::new(),
         })
     }

@@ -1,0 +1,233 @@
+//! Live sessions (SSH, PostgreSQL, ...) and ending them when their grant ends.
+//!
+//! Every proxied connection registers here and gets a [`SessionHandle`]: its
+//! ID and a watch channel on which it learns to warn its user or to end. The
+//! registry does not decide anything itself: [`Wicket::watch_sessions`]
+//! re-reads, on every scheduler tick (250 ms), the grant state of every
+//! request behind a live session from the store — so a revoke, drop or expiry
+//! applied by any proxy sharing the store ends the session here — and a local
+//! state change ends them at once through [`Sessions::end_for_request`].
+
+use crate::service::Wicket;
+use chrono::{DateTime, Utc};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use tokio::sync::watch;
+use wicket_policy::{AccessRequest, State};
+
+/// What a live session is told to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signal {
+    Run,
+    /// Tell the user (once) that the grant ends soon.
+    Warn(String),
+    /// End now; the text names the request and why.
+    End(String),
+}
+
+/// What the registry knows about one live session.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub protocol: &'static str,
+    pub user: String,
+    pub resource: String,
+    /// SSH login or database user.
+    pub login: String,
+    pub request_ids: Vec<String>,
+    pub started: DateTime<Utc>,
+}
+
+struct Entry {
+    info: SessionInfo,
+    tx: watch::Sender<Signal>,
+    warned: bool,
+}
+
+/// The live sessions of this wicketd.
+#[derive(Default)]
+pub struct Sessions {
+    map: Mutex<BTreeMap<String, Entry>>,
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions")
+            .field("live", &self.len())
+            .finish()
+    }
+}
+
+/// A registered session; dropping it unregisters the session.
+#[derive(Debug)]
+pub struct SessionHandle {
+    pub id: String,
+    pub signal: watch::Receiver<Signal>,
+    sessions: Arc<Sessions>,
+}
+
+impl Drop for SessionHandle {
+    fn drop(&mut self) {
+        self.sessions.lock().remove(&self.id);
+    }
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a session under a fresh ID.
+    pub fn register(self: &Arc<Self>, info: SessionInfo) -> SessionHandle {
+        let id = uuid::Uuid::new_v4().to_string();
+        let (tx, rx) = watch::channel(Signal::Run);
+        self.lock().insert(
+            id.clone(),
+            Entry {
+                info,
+                tx,
+                warned: false,
+            },
+        );
+        SessionHandle {
+            id,
+            signal: rx,
+            sessions: self.clone(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The live sessions, by ID.
+    pub fn list(&self) -> Vec<(String, SessionInfo)> {
+        self.lock()
+            .iter()
+            .map(|(id, e)| (id.clone(), e.info.clone()))
+            .collect()
+    }
+
+    /// Every request ID some live session runs under.
+    pub fn request_ids(&self) -> BTreeSet<String> {
+        self.lock()
+            .values()
+            .flat_map(|e| e.info.request_ids.iter().cloned())
+            .collect()
+    }
+
+    /// Ends every live session running under `request_id`. Returns how many.
+    pub fn end_for_request(&self, request_id: &str, why: &str) -> usize {
+        let map = self.lock();
+        let mut n = 0;
+        for e in map.values() {
+            if e.info.request_ids.iter().any(|r| r == request_id) {
+                e.tx.send_replace(Signal::End(why.to_owned()));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Warns (once per session) the sessions running under `request_id`.
+    fn warn_for_request(&self, request_id: &str, text: &str) {
+        let mut map = self.lock();
+        for e in map.values_mut() {
+            if !e.warned && e.info.request_ids.iter().any(|r| r == request_id) {
+                e.warned = true;
+                if *e.tx.borrow() == Signal::Run {
+                    e.tx.send_replace(Signal::Warn(text.to_owned()));
+                }
+            }
+        }
+    }
+}
+
+/// Why a grant no longer lets a session run, or `None` while it does. The
+/// second value is true when the session must end even with
+/// `disconnect_on_expiry: false` (a revoke, or a grant that never started).
+pub fn grant_end(req: &AccessRequest, now: DateTime<Utc>) -> Option<(String, bool)> {
+    if req.grants_at(now) {
+        return None;
+    }
+    let id = &req.id;
+    Some(match req.state {
+        State::Active => (format!("access request {id} expired"), false),
+        State::Expired => (format!("access request {id} expired"), false),
+        State::Revoked => {
+            let by = req.revoked_by.as_deref().unwrap_or("an administrator");
+            let why = req
+                .revoke_reason
+                .as_deref()
+                .or(req.end_reason.as_deref())
+                .unwrap_or("no reason given");
+            (
+                format!("access request {id} was revoked by {by}: {why}"),
+                true,
+            )
+        }
+        State::Cancelled => (
+            format!(
+                "access request {id} was dropped{}",
+                req.end_reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            ),
+            false,
+        ),
+        s => (
+            format!("access request {id} is {} and grants nothing", s.as_str()),
+            true,
+        ),
+    })
+}
+
+impl Wicket {
+    /// Checks the grant behind every live session against the store and
+    /// ends or warns sessions accordingly. Returns how many sessions were told
+    /// to end.
+    pub async fn watch_sessions(&self, now: DateTime<Utc>) -> usize {
+        let settings = self.config.session;
+        let mut ended = 0;
+        for id in self.sessions.request_ids() {
+            let req = match self.load_request(&id).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(request = %id, error = %e, "cannot re-read grant of a live session");
+                    continue;
+                }
+            };
+            match grant_end(&req, now) {
+                Some((why, always)) => {
+                    if always || settings.disconnect_on_expiry {
+                        ended += self.sessions.end_for_request(&id, &why);
+                    }
+                }
+                None => {
+                    let warn = settings.expiry_warning;
+                    if settings.disconnect_on_expiry && warn > chrono::Duration::zero() {
+                        if let Some(end) = req.expires_at {
+                            if end - now <= warn {
+                                let secs = (end - now).num_seconds().max(0);
+                                self.sessions.warn_for_request(
+                                    &id,
+                                    &format!(
+                                        "access request {id} ends at {} (in {}m{:02}s); this session will be closed then",
+                                        end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                                        secs / 60,
+                                        secs % 60
+                                    ),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        ended
+    }
+}
