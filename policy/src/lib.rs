@@ -23,7 +23,8 @@ pub use request::{
     Review, Risk, State, Urgency, Verdict,
 };
 pub use roles::{
-    DatabaseGrant, KubernetesGrant, Resource, ResourceKind, Role, RoleSet, SshLoginGrant,
+    DatabaseGrant, KubernetesGrant, Resource, ResourceKind, Role, RoleSet, SshForwarding,
+    SshLoginGrant,
 };
 pub use rules::{
     ApprovalRule, BreakGlassSettings, Directory, OncallSchedule, RequestSettings, Requirement,

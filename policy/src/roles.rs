@@ -72,6 +72,25 @@ pub struct Resource {
     pub labels: Labels,
 }
 
+/// A kind of SSH forwarding a role may allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SshForwarding {
+    /// Local port forwarding (`direct-tcpip` channels).
+    Port,
+    Agent,
+    X11,
+}
+
+impl SshForwarding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Port => "port",
+            Self::Agent => "agent",
+            Self::X11 => "X11",
+        }
+    }
+}
+
 /// The validated set of roles.
 #[derive(Debug, Clone, Default)]
 pub struct RoleSet {
@@ -194,6 +213,51 @@ impl RoleSet {
                 granting.join(", ")
             ))
         }
+    }
+
+    /// May `subject`, logged into `node`, use `kind` forwarding there? Only
+    /// roles that grant a login on the node count.
+    pub fn decide_ssh_forwarding(
+        &self,
+        subject: &Subject<'_>,
+        node: &Resource,
+        kind: SshForwarding,
+    ) -> Decision {
+        let what = kind.as_str();
+        let granting: Vec<&str> = self
+            .held(subject)
+            .filter(|r| !r.ssh.logins.is_empty() && r.ssh.nodes.matches(&node.labels))
+            .filter(|r| match kind {
+                SshForwarding::Port => r.port_forwarding,
+                SshForwarding::Agent => r.agent_forwarding,
+                SshForwarding::X11 => r.x11_forwarding,
+            })
+            .map(|r| r.name.as_str())
+            .collect();
+        if granting.is_empty() {
+            Decision::deny(format!(
+                "{what} forwarding on node {:?} is not allowed for roles [{}]",
+                node.name,
+                subject.roles.join(", ")
+            ))
+        } else {
+            Decision::allow(format!(
+                "{what} forwarding on node {:?} allowed by role {}",
+                node.name,
+                granting.join(", ")
+            ))
+        }
+    }
+
+    /// May `subject` list and replay the session recordings of `owner`?
+    pub fn decide_recording_read(&self, subject: &Subject<'_>, owner: Option<&str>) -> Decision {
+        if let Some(r) = self.held(subject).find(|r| r.audit) {
+            return Decision::allow(format!("role {} may read session recordings", r.name));
+        }
+        if owner == Some(subject.user) {
+            return Decision::allow("users may replay their own sessions");
+        }
+        Decision::deny("replaying other users' sessions needs a role with `audit: true`")
     }
 
     /// The database names and users `subject` may use on `db`.
@@ -381,6 +445,25 @@ mod tests {
             !rs.decide_ssh_login(&s, &node("db-1", "prod"), "alice")
                 .allowed
         );
+    }
+
+    #[test]
+    fn forwarding_decisions_count_only_roles_with_logins_on_the_node() {
+        let rs = roles();
+        let held = vec!["dev".to_string(), "prod-ssh".to_string()];
+        let s = Subject {
+            user: "alice",
+            roles: &held,
+        };
+        let d = rs.decide_ssh_forwarding(&s, &node("dev-1", "dev"), SshForwarding::Port);
+        assert!(d.allowed && d.reason.contains("dev"), "{d:?}");
+        let d = rs.decide_ssh_forwarding(&s, &node("db-1", "prod"), SshForwarding::Port);
+        assert!(!d.allowed && d.reason.contains("port forwarding"), "{d:?}");
+        let d = rs.decide_ssh_forwarding(&s, &node("dev-1", "dev"), SshForwarding::Agent);
+        assert!(!d.allowed && d.reason.contains("agent"), "{d:?}");
+        assert!(rs.decide_recording_read(&s, Some("alice")).allowed);
+        assert!(!rs.decide_recording_read(&s, Some("bob")).allowed);
+        assert!(!rs.decide_recording_read(&s, None).allowed);
     }
 
     #[test]

@@ -37,6 +37,27 @@ enum Command {
     /// Manage users directly in the store (bootstrap).
     #[command(subcommand)]
     Users(UsersCommand),
+    /// Set up SSH nodes: host certificates and the sshd_config lines.
+    #[command(subcommand)]
+    Nodes(NodesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum NodesCommand {
+    /// Issue a node's host certificate and print the sshd_config lines that
+    /// make its stock sshd trust Wicket's user CA.
+    Add {
+        /// The node's name (as in `resources.nodes`).
+        name: String,
+        /// The node's host public key file (e.g. /etc/ssh/ssh_host_ed25519_key.pub).
+        #[arg(long)]
+        host_key: PathBuf,
+        /// Also write `wicket_user_ca.pub` and `<host key>-cert.pub` into this directory.
+        #[arg(long)]
+        write_dir: Option<PathBuf>,
+        #[command(flatten)]
+        source: Source,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -191,6 +212,15 @@ async fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Nodes(NodesCommand::Add {
+            name,
+            host_key,
+            write_dir,
+            source,
+        }) => {
+            let cfg = load_config(&source)?;
+            nodes_add(&cfg, &name, &host_key, write_dir.as_deref())
+        }
         Command::Users(UsersCommand::Ls { source, format }) => {
             let cfg = load_config(&source)?;
             let store = store::Store::open(&cfg.storage, &cfg.data_dir).await?;
@@ -218,6 +248,55 @@ async fn run(command: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `wicketd nodes add`: issues the host certificate and prints the setup.
+fn nodes_add(cfg: &Config, name: &str, host_key: &Path, write_dir: Option<&Path>) -> Result<()> {
+    use wicket_policy::ResourceKind;
+    let now = clock::now().timestamp();
+    let (keys, _) = crate::keystore::load_or_generate(&cfg.data_dir, &cfg.cluster_name, now)?;
+    let text = std::fs::read_to_string(host_key)
+        .map_err(|e| Error::BadRequest(format!("cannot read {}: {e}", host_key.display())))?;
+    let setup = crate::ssh::node_setup(&keys, &cfg.cluster_name, name, &text, now)?;
+    let key_name = host_key
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(".pub"))
+        .unwrap_or("ssh_host_ed25519_key")
+        .to_owned();
+    let etc = host_key.parent().unwrap_or(Path::new("/etc/ssh"));
+    let cert_path = etc.join(format!("{key_name}-cert.pub"));
+    let ca_path = etc.join("wicket_user_ca.pub");
+    if let Some(dir) = write_dir {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("wicket_user_ca.pub"), format!("{}\n", setup.user_ca))?;
+        std::fs::write(
+            dir.join(format!("{key_name}-cert.pub")),
+            format!("{}\n", setup.host_certificate),
+        )?;
+    }
+    let known = cfg
+        .policy
+        .resource(ResourceKind::Node, name)
+        .map(|r| format!("node {name:?} at {}", r.address))
+        .unwrap_or_else(|| {
+            format!("node {name:?} (not yet in resources.nodes; add it with its sshd address)")
+        });
+    let valid = chrono::DateTime::<chrono::Utc>::from_timestamp(setup.valid_before, 0)
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_default();
+    println!("# {known}");
+    println!("# host certificate for {} valid until {valid}", setup.principals.join(", "));
+    println!("# 1. save Wicket's user CA as {}:", ca_path.display());
+    println!("{}", setup.user_ca);
+    println!("# 2. save the host certificate as {}:", cert_path.display());
+    println!("{}", setup.host_certificate);
+    println!("# 3. add to /etc/ssh/sshd_config and reload sshd:");
+    println!("TrustedUserCAKeys {}", ca_path.display());
+    println!("HostCertificate {}", cert_path.display());
+    println!("# Logins need no authorized_keys: a Wicket certificate names the login as its");
+    println!("# principal, and its key ID (user=... session=... requests=...) is in sshd's log.");
+    Ok(())
 }
 
 fn read_password(from_stdin: bool) -> Result<String> {
@@ -276,6 +355,9 @@ async fn start(source: &Source, listen_api: Option<std::net::SocketAddr>) -> Res
         );
     }
     let _ = writeln!(out, "CA pin: {pin}");
+    if let Some(ssh) = running.ssh_addr {
+        let _ = writeln!(out, "SSH listening on {ssh}");
+    }
     let _ = writeln!(out, "API listening on https://{addr}");
     let _ = writeln!(
         out,

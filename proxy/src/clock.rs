@@ -13,3 +13,9 @@ pub fn now() -> DateTime<Utc> {
 pub fn now_ms() -> i64 {
     now().timestamp_millis()
 }
+
+/// A monotonic instant, for timing within a session (recording offsets).
+#[allow(clippy::disallowed_methods)]
+pub fn instant() -> std::time::Instant {
+    std::time::Instant::now()
+}

@@ -21,6 +21,7 @@ pub mod requests;
 pub mod server;
 pub mod service;
 pub mod sessions;
+pub mod ssh;
 pub mod store;
 pub mod tls;
 

@@ -24,6 +24,8 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Running {
     pub api_addr: SocketAddr,
+    /// The SSH proxy's address, when `listen.ssh` is set.
+    pub ssh_addr: Option<SocketAddr>,
     pub tls_ca_pin: String,
     pub ca_generated: bool,
     pub wicket: Arc<Wicket>,
@@ -66,6 +68,7 @@ pub async fn start(config: Config) -> Result<Running> {
     let wicket = Arc::new(Wicket::new(config, store, keys)?);
     let (shutdown, rx) = watch::channel(false);
     tokio::spawn(scheduler(wicket.clone(), rx.clone()));
+    let ssh_addr = crate::ssh::start(&wicket, rx.clone()).await?;
     let task = tokio::spawn(accept_loop(
         listener,
         TlsAcceptor::from(tls_config),
@@ -74,6 +77,7 @@ pub async fn start(config: Config) -> Result<Running> {
     ));
     Ok(Running {
         api_addr,
+        ssh_addr,
         tls_ca_pin: wicket.keys.tls.pin(),
         ca_generated,
         wicket,

@@ -51,6 +51,7 @@ pub(super) fn build(root: Value, base_dir: &Path) -> Result<Config, Vec<Problem>
 #[derive(Default)]
 struct Cx {
     problems: Vec<Problem>,
+    node_host_keys: BTreeMap<String, String>,
 }
 
 /// Names declared in the file, whether or not their entries are valid, so
@@ -613,6 +614,7 @@ impl Cx {
             },
             database_tls,
             kube_tls,
+            node_host_keys: std::mem::take(&mut self.node_host_keys),
         })
     }
 
@@ -720,6 +722,7 @@ impl Cx {
         Some(SessionSettings {
             disconnect_on_expiry: f.disconnect_on_expiry.unwrap_or(d.disconnect_on_expiry),
             expiry_warning: warning,
+            record_input: f.record_input.unwrap_or(d.record_input),
         })
     }
 
@@ -1200,6 +1203,17 @@ impl Cx {
                 self.push(join(&p, "address"), e);
             }
             let labels = self.labels(&n.labels, &join(&p, "labels"));
+            if let Some(k) = &n.host_key {
+                match wicket_ca::SshPublicKey::parse_openssh(k) {
+                    Ok(key) => {
+                        self.node_host_keys.insert(n.name.clone(), key.to_openssh());
+                    }
+                    Err(e) => self.push(
+                        join(&p, "host_key"),
+                        format!("not an OpenSSH public key (ssh-ed25519 AAAA...): {e}"),
+                    ),
+                }
+            }
             resources.push(Resource {
                 kind: ResourceKind::Node,
                 name: n.name,

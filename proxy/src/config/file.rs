@@ -96,11 +96,13 @@ pub struct CertificatesFile {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with disconnect_on_expiry and expiry_warning"
+    expecting = "a mapping with disconnect_on_expiry, expiry_warning and record_input"
 )]
 pub struct SessionFile {
     pub disconnect_on_expiry: Option<bool>,
     pub expiry_warning: Option<DurationText>,
+    /// Record what users type in SSH sessions too (default false: output only).
+    pub record_input: Option<bool>,
 }
 
 /// `requests:`; every field defaults to [`wicket_policy::RequestSettings::default`].
@@ -336,12 +338,18 @@ pub struct ResourcesFile {
 
 /// `resources.nodes[i]:`; `address` is `host:port` of the node's sshd.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a node: { name, address, labels }")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a node: { name, address, labels, host_key }"
+)]
 pub struct NodeFile {
     pub name: String,
     pub address: String,
     #[serde(default)]
     pub labels: LabelMap,
+    /// The node's host public key (`ssh-ed25519 AAAA...`), pinned: the proxy
+    /// accepts it instead of a host certificate from Wicket's host CA.
+    pub host_key: Option<String>,
 }
 
 /// `resources.databases[i]:`; `address` is `host:port` of the PostgreSQL server.

@@ -61,6 +61,8 @@ pub struct Config {
     pub database_tls: BTreeMap<String, ResourceTls>,
     /// TLS settings of Kubernetes clusters that set `ca_file` / `server_name`, by name.
     pub kube_tls: BTreeMap<String, ResourceTls>,
+    /// Pinned host keys (`resources.nodes[i].host_key`, OpenSSH format), by node name.
+    pub node_host_keys: BTreeMap<String, String>,
 }
 
 /// Where state is kept.
@@ -137,6 +139,8 @@ pub struct SessionSettings {
     pub disconnect_on_expiry: bool,
     /// Warn the session this long before its grant ends (default 15m; 0 = never).
     pub expiry_warning: Duration,
+    /// Record what users type in SSH sessions as well as the output (default false).
+    pub record_input: bool,
 }
 
 impl Default for SessionSettings {
@@ -144,6 +148,7 @@ impl Default for SessionSettings {
         Self {
             disconnect_on_expiry: true,
             expiry_warning: Duration::minutes(15),
+            record_input: false,
         }
     }
 }
@@ -305,6 +310,7 @@ impl Config {
             },
             database_tls: BTreeMap::new(),
             kube_tls: BTreeMap::new(),
+            node_host_keys: BTreeMap::new(),
         }
     }
 

@@ -849,3 +849,33 @@ proptest! {
         let _ = parse(&text, &base());
     }
 }
+
+#[test]
+fn ssh_node_host_key_pin_and_record_input() {
+    let c = ok("
+version: 1
+session: { record_input: true }
+resources:
+  nodes:
+    - name: n1
+      address: 127.0.0.1:22
+      host_key: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGeTXCYK9anSIQWZV/MY6mqBUdWjrSIpMlJDFiONRdPR host
+    - { name: n2, address: 127.0.0.1:23 }
+");
+    assert!(c.session.record_input);
+    assert_eq!(
+        c.node_host_keys.get("n1").map(String::as_str),
+        Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGeTXCYK9anSIQWZV/MY6mqBUdWjrSIpMlJDFiONRdPR")
+    );
+    assert!(!c.node_host_keys.contains_key("n2"));
+    assert!(!ok(EXAMPLE).session.record_input);
+    let e = problems(
+        "
+version: 1
+resources:
+  nodes:
+    - { name: n1, address: 127.0.0.1:22, host_key: not-a-key }
+",
+    );
+    has(&e, "resources.nodes[0].host_key", "OpenSSH public key");
+}

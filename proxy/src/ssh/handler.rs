@@ -1,0 +1,1147 @@
+//! One user connection: certificate checks, the policy decision, and the
+//! relay of every channel to the node.
+//!
+//! Authentication accepts only a Wicket user certificate and checks what
+//! russh leaves to the handler (trusted Wicket user CA and signature,
+//! certificate type, validity window, critical options — all in
+//! `wicket_ca::TrustedSshCas::verify`). A trusted certificate whose holder
+//! may not log in is still authenticated, so that the user reads *why*:
+//! every session channel then gets `wicket: access denied: <reason>` on
+//! stderr and exit status 1, and nothing reaches the node. Authorization is
+//! one policy decision over the roles in force now: standing roles plus the
+//! roles of the certificate's requests that the store says are active (a
+//! revoked, dropped or expired grant does not count even while the
+//! certificate is within its window).
+//!
+//! Session channels are relayed request by request: each request goes to the
+//! node with `want_reply` and the node's answer is returned to the user
+//! before the next request is read, so what the user sees is what the node
+//! said. Data flows in two tasks per channel (user → node, node → user), each
+//! waiting for the receiver's SSH window, so a slow side slows the sender
+//! instead of filling memory.
+
+use super::recording::{Recorder, RecordingMeta};
+use super::upstream::{self, Upstream};
+use super::{Route, SshProxy};
+use crate::audit::{AuditEvent, SessionRef};
+use crate::sessions::{SessionHandle, SessionInfo, Signal};
+use bytes::Bytes;
+use russh::keys::Certificate;
+use russh::server::{self, Auth, Msg, Session};
+use russh::{Channel, ChannelId, ChannelMsg, ChannelOpenFailure, Disconnect, Pty, Sig};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use wicket_ca::{SshCertKind, VerifiedSshCert};
+use wicket_policy::{Resource, SshForwarding, Subject};
+
+/// How long a request may wait for the node's answer.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Output of an exec without a terminal is recorded up to this many bytes
+/// per channel (file transfers would otherwise fill the disk twice).
+const EXEC_RECORD_LIMIT: u64 = 1024 * 1024;
+/// Recordings are flushed at least this often.
+const FLUSH_EVERY: Duration = Duration::from_millis(500);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// State shared by the connection's handler, its upstream handler and the
+/// task that finishes it.
+#[derive(Default)]
+pub(crate) struct ConnShared {
+    live: Mutex<Option<Arc<Live>>>,
+    server: Mutex<Option<server::Handle>>,
+    pub(crate) agent_allowed: AtomicBool,
+    pub(crate) x11_allowed: AtomicBool,
+}
+
+impl ConnShared {
+    pub(crate) fn server_handle(&self) -> Option<server::Handle> {
+        lock(&self.server).clone()
+    }
+}
+
+/// Ends a connection's session once russh is done with it.
+pub(crate) struct Finisher(Arc<ConnShared>);
+
+impl Finisher {
+    pub(crate) fn set_server(&self, h: server::Handle) {
+        *lock(&self.0.server) = Some(h);
+    }
+
+    pub(crate) async fn finish(self, error: Option<String>) {
+        lock(&self.0.server).take();
+        let live = lock(&self.0.live).take();
+        if let Some(live) = live {
+            live.finish(error).await;
+        }
+    }
+}
+
+/// How a channel's output is recorded.
+const REC_ALL: u8 = 0;
+const REC_EXEC: u8 = 1;
+const REC_OFF: u8 = 2;
+
+struct ChanRec {
+    mode: AtomicU8,
+    recorded: AtomicU64,
+}
+
+/// One authorized, live session.
+pub(crate) struct Live {
+    proxy: Arc<SshProxy>,
+    pub(crate) sref: SessionRef,
+    node: Resource,
+    roles: Vec<String>,
+    upstream: russh::client::Handle<Upstream>,
+    registration: Mutex<Option<SessionHandle>>,
+    signal: watch::Receiver<Signal>,
+    recorder: Mutex<Option<Arc<Recorder>>>,
+    record_input: bool,
+    started: std::time::Instant,
+    started_unix: i64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    execs: AtomicU64,
+    exit_status: Mutex<Option<u32>>,
+    end_reason: Mutex<Option<String>>,
+    session_channels: Mutex<Vec<ChannelId>>,
+    done: watch::Sender<bool>,
+}
+
+impl Live {
+    fn subject(&self) -> Subject<'_> {
+        Subject {
+            user: &self.sref.user,
+            roles: &self.roles,
+        }
+    }
+
+    /// The session's recorder, created on first use with this terminal size.
+    fn recorder(&self, cols: u32, rows: u32, term: Option<&str>) -> Option<Arc<Recorder>> {
+        let mut g = lock(&self.recorder);
+        if g.is_none() {
+            let meta = RecordingMeta {
+                session_id: self.sref.session_id.clone(),
+                user: self.sref.user.clone(),
+                node: self.sref.resource.clone(),
+                login: self.sref.login.clone(),
+                request_ids: self.sref.request_ids.clone(),
+                started: self.started_unix,
+            };
+            let cols = if cols == 0 { 80 } else { cols };
+            let rows = if rows == 0 { 24 } else { rows };
+            match Recorder::create(
+                &self.proxy.wicket.config.data_dir,
+                &meta,
+                cols,
+                rows,
+                term,
+                self.record_input,
+                self.started,
+            ) {
+                Ok(r) => *g = Some(Arc::new(r)),
+                Err(e) => {
+                    tracing::error!(session = %self.sref.session_id, error = %e, "cannot create the session recording");
+                    return None;
+                }
+            }
+        }
+        g.clone()
+    }
+
+    fn existing_recorder(&self) -> Option<Arc<Recorder>> {
+        lock(&self.recorder).clone()
+    }
+
+    fn record_output(&self, rec: &ChanRec, data: &[u8]) {
+        let mode = rec.mode.load(Ordering::Relaxed);
+        if mode == REC_OFF {
+            return;
+        }
+        let Some(r) = self.existing_recorder() else {
+            return;
+        };
+        if mode == REC_EXEC {
+            let before = rec.recorded.fetch_add(data.len() as u64, Ordering::Relaxed);
+            if before >= EXEC_RECORD_LIMIT {
+                return;
+            }
+            let room = (EXEC_RECORD_LIMIT - before) as usize;
+            let part = &data[..data.len().min(room)];
+            r.output(crate::clock::instant(), part);
+            if part.len() < data.len() {
+                r.marker(
+                    crate::clock::instant(),
+                    &format!("output beyond {EXEC_RECORD_LIMIT} bytes of this command is not recorded"),
+                );
+            }
+            return;
+        }
+        r.output(crate::clock::instant(), data);
+    }
+
+    fn marker(&self, text: &str) {
+        if let Some(r) = self.existing_recorder() {
+            r.marker(crate::clock::instant(), text);
+        }
+    }
+
+    async fn audit(&self, event: AuditEvent) {
+        if let Err(e) = self.proxy.wicket.audit(event, crate::clock::now()).await {
+            tracing::error!(session = %self.sref.session_id, error = %e, "cannot write an SSH audit event");
+        }
+    }
+
+    /// Writes a line to the stderr of every open session channel.
+    async fn tell(&self, handle: &server::Handle, text: &str) {
+        let line = format!("\r\nwicket: {text}\r\n");
+        let ids = lock(&self.session_channels).clone();
+        for id in ids {
+            let _ = handle
+                .extended_data(id, 1, Bytes::from(line.clone().into_bytes()))
+                .await;
+        }
+        self.marker(text);
+    }
+
+    /// Ends the session now with `why` (the grant ended).
+    async fn end(&self, handle: &server::Handle, why: &str) {
+        *lock(&self.end_reason) = Some(why.to_owned());
+        self.tell(handle, &format!("{why}; closing this session")).await;
+        let ids = lock(&self.session_channels).clone();
+        for id in ids {
+            let _ = handle.close(id).await;
+        }
+        let _ = handle
+            .disconnect(Disconnect::ByApplication, why.to_owned(), "en".into())
+            .await;
+        let _ = self
+            .upstream
+            .disconnect(Disconnect::ByApplication, "session ended by wicket", "en")
+            .await;
+    }
+
+    async fn finish(&self, error: Option<String>) {
+        let _ = self.done.send(true);
+        let reason = lock(&self.end_reason)
+            .clone()
+            .or(error.map(|e| format!("connection error: {e}")))
+            .unwrap_or_else(|| "connection closed".into());
+        let exit_status = *lock(&self.exit_status);
+        self.audit(AuditEvent::SessionEnded {
+            session: self.sref.clone(),
+            bytes_from_client: self.bytes_in.load(Ordering::Relaxed),
+            bytes_to_client: self.bytes_out.load(Ordering::Relaxed),
+            statements: self.execs.load(Ordering::Relaxed),
+            exit_status,
+            audit_dropped: 0,
+            reason: reason.clone(),
+        })
+        .await;
+        // Every session has a recording, even one that only forwarded ports.
+        if let Some(r) = self.recorder(80, 24, None) {
+            r.marker(crate::clock::instant(), &format!("session ended: {reason}"));
+            r.close();
+        }
+        let _ = self
+            .upstream
+            .disconnect(Disconnect::ByApplication, "", "en")
+            .await;
+        lock(&self.registration).take();
+    }
+
+    /// Watches the grant (through the session registry) and flushes the
+    /// recording, until the connection ends.
+    async fn watch(self: Arc<Self>, handle: server::Handle) {
+        let mut rx = self.signal.clone();
+        rx.mark_changed();
+        let mut done = self.done.subscribe();
+        let mut flush = tokio::time::interval(FLUSH_EVERY);
+        loop {
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let sig = rx.borrow_and_update().clone();
+                    match sig {
+                        Signal::Run => {}
+                        Signal::Warn(text) => self.tell(&handle, &text).await,
+                        Signal::End(why) => {
+                            self.end(&handle, &why).await;
+                            break;
+                        }
+                    }
+                }
+                _ = flush.tick() => {
+                    if let Some(r) = self.existing_recorder() {
+                        r.flush_if_dirty();
+                    }
+                }
+                _ = done.changed() => break,
+            }
+        }
+    }
+}
+
+/// What the user → node task sends.
+enum Up {
+    Data(Bytes),
+    Ext(u32, Bytes),
+    Eof,
+    Pty {
+        term: String,
+        cols: u32,
+        rows: u32,
+        pw: u32,
+        ph: u32,
+        modes: Vec<(Pty, u32)>,
+    },
+    Env(String, String),
+    Shell,
+    Exec(Vec<u8>),
+    Subsystem(String),
+    WindowChange(u32, u32, u32, u32),
+    Signal(Sig),
+    Agent,
+    X11 {
+        single: bool,
+        protocol: String,
+        cookie: String,
+        screen: u32,
+    },
+}
+
+type Replies = Arc<Mutex<VecDeque<oneshot::Sender<bool>>>>;
+
+struct Chan {
+    to_up: mpsc::Sender<Up>,
+    replies: Replies,
+    rec: Arc<ChanRec>,
+    pty: Option<(u32, u32, String)>,
+}
+
+enum Access {
+    Pending,
+    Denied(String),
+    Live(Arc<Live>),
+}
+
+/// The russh handler of one user connection.
+pub(crate) struct Conn {
+    proxy: Arc<SshProxy>,
+    peer: SocketAddr,
+    route: Option<Route>,
+    shared: Arc<ConnShared>,
+    access: Access,
+    channels: HashMap<ChannelId, Chan>,
+}
+
+impl Conn {
+    pub(crate) fn new(proxy: Arc<SshProxy>, peer: SocketAddr, route: Option<Route>) -> Self {
+        Self {
+            proxy,
+            peer,
+            route,
+            shared: Arc::default(),
+            access: Access::Pending,
+            channels: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn finisher(&self) -> Finisher {
+        Finisher(self.shared.clone())
+    }
+
+    fn live(&self) -> Option<&Arc<Live>> {
+        match &self.access {
+            Access::Live(l) => Some(l),
+            _ => None,
+        }
+    }
+
+    async fn deny(
+        &self,
+        user: &str,
+        node: &str,
+        login: &str,
+        request_ids: &[String],
+        reason: String,
+    ) -> String {
+        let event = AuditEvent::SessionDenied {
+            user: user.to_owned(),
+            protocol: "ssh".into(),
+            resource: node.to_owned(),
+            login: login.to_owned(),
+            source: self.peer.ip().to_string(),
+            request_ids: request_ids.to_vec(),
+            reason: reason.clone(),
+        };
+        if let Err(e) = self.proxy.wicket.audit(event, crate::clock::now()).await {
+            tracing::error!(error = %e, "cannot audit a denied SSH connection");
+        }
+        reason
+    }
+
+    /// The one authorization decision, with everything needed to explain a no.
+    async fn authorize(
+        &self,
+        cert: &VerifiedSshCert,
+        login: &str,
+        route: &Route,
+    ) -> Result<Arc<Live>, String> {
+        let now = crate::clock::now();
+        let wicket = &self.proxy.wicket;
+        let Some(id) = cert.identity.as_ref() else {
+            return Err("the certificate carries no Wicket identity".into());
+        };
+        let user = id.user.as_str();
+        let deny = |reason: String| self.deny(user, &route.node_name, login, &id.request_ids, reason);
+        let Some(node) = route.node.clone() else {
+            return Err(deny(format!("unknown node {:?}", route.node_name)).await);
+        };
+        if !cert.principals.iter().any(|p| p == login) {
+            return Err(deny(format!(
+                "your certificate does not allow login {login:?} (it allows {}); request a role that grants it",
+                cert.principals.join(", ")
+            ))
+            .await);
+        }
+        let record = match wicket.store.get_user(user).await {
+            Ok(Some(u)) if !u.disabled => u,
+            Ok(_) => {
+                return Err(deny(format!("user {user:?} no longer exists or is disabled")).await)
+            }
+            Err(e) => return Err(deny(format!("cannot check the grant: {e}")).await),
+        };
+        let mut roles = wicket.standing_roles(&record);
+        let mut active = Vec::new();
+        let mut inactive = Vec::new();
+        for rid in &id.request_ids {
+            match wicket
+                .active_grants(user, std::slice::from_ref(rid), now)
+                .await
+            {
+                Ok(grants) => {
+                    for g in grants {
+                        for r in g.granted_roles {
+                            if !roles.contains(&r) {
+                                roles.push(r);
+                            }
+                        }
+                    }
+                    active.push(rid.clone());
+                }
+                Err(e) => inactive.push(e.to_string()),
+            }
+        }
+        let subject = Subject {
+            user,
+            roles: &roles,
+        };
+        let decision = wicket
+            .config
+            .policy
+            .roles
+            .decide_ssh_login(&subject, &node, login);
+        if !decision.allowed {
+            let reason = if !inactive.is_empty() {
+                format!("{}; {}", inactive.join("; "), decision.reason)
+            } else if id.request_ids.is_empty() {
+                format!("no active grant: {}", decision.reason)
+            } else {
+                decision.reason
+            };
+            return Err(deny(reason).await);
+        }
+        let registration = wicket.sessions.register(SessionInfo {
+            protocol: "ssh",
+            user: user.to_owned(),
+            resource: node.name.clone(),
+            login: login.to_owned(),
+            request_ids: active.clone(),
+            started: now,
+        });
+        let session_id = registration.id.clone();
+        let upstream = match upstream::connect(
+            &self.proxy,
+            self.shared.clone(),
+            &node,
+            login,
+            user,
+            &session_id,
+            &active,
+            now.timestamp(),
+        )
+        .await
+        {
+            Ok(u) => u,
+            Err(e) => {
+                return Err(deny(format!("cannot log into node {:?}: {e}", node.name)).await);
+            }
+        };
+        let sref = SessionRef {
+            session_id,
+            user: user.to_owned(),
+            protocol: "ssh".into(),
+            resource: node.name.clone(),
+            login: login.to_owned(),
+            request_ids: active,
+        };
+        let started = AuditEvent::SessionStarted {
+            session: sref.clone(),
+            source: self.peer.ip().to_string(),
+            database: None,
+            reason: decision.reason.clone(),
+        };
+        if let Err(e) = wicket.audit(started, now).await {
+            tracing::error!(error = %e, "cannot audit an SSH session start; refusing it");
+            return Err("the audit log is unavailable; try again later".into());
+        }
+        let signal = registration.signal.clone();
+        let (done, _) = watch::channel(false);
+        Ok(Arc::new(Live {
+            proxy: self.proxy.clone(),
+            sref,
+            node,
+            roles,
+            upstream,
+            registration: Mutex::new(Some(registration)),
+            signal,
+            recorder: Mutex::new(None),
+            record_input: wicket.config.session.record_input,
+            started: crate::clock::instant(),
+            started_unix: now.timestamp(),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            execs: AtomicU64::new(0),
+            exit_status: Mutex::new(None),
+            end_reason: Mutex::new(None),
+            session_channels: Mutex::new(Vec::new()),
+            done,
+        }))
+    }
+
+    /// Sends a request to the node and answers the user with the node's reply.
+    async fn forward(
+        &mut self,
+        channel: ChannelId,
+        req: Up,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        let Some(c) = self.channels.get(&channel) else {
+            session.channel_failure(channel)?;
+            return Ok(());
+        };
+        let ok = forward_to(c, req).await;
+        if ok {
+            session.channel_success(channel)?;
+        } else {
+            session.channel_failure(channel)?;
+        }
+        Ok(())
+    }
+
+    /// A forwarding the policy may refuse: refused ones get a line on stderr.
+    async fn decide_forwarding(
+        &self,
+        kind: SshForwarding,
+        channel: Option<ChannelId>,
+        session: &mut Session,
+    ) -> bool {
+        let Some(live) = self.live() else {
+            return false;
+        };
+        let d = self
+            .proxy
+            .wicket
+            .config
+            .policy
+            .roles
+            .decide_ssh_forwarding(&live.subject(), &live.node, kind);
+        if !d.allowed {
+            live.audit(AuditEvent::AccessDenied {
+                user: live.sref.user.clone(),
+                action: format!("ssh.{}_forwarding", kind.as_str().to_lowercase()),
+                reason: d.reason.clone(),
+            })
+            .await;
+            let line = format!("wicket: refused: {}\r\n", d.reason);
+            let ids = match channel {
+                Some(c) => vec![c],
+                None => lock(&live.session_channels).clone(),
+            };
+            for id in ids {
+                let _ = session.extended_data(id, 1, Bytes::from(line.clone().into_bytes()));
+            }
+        }
+        d.allowed
+    }
+}
+
+async fn forward_to(c: &Chan, req: Up) -> bool {
+    let (tx, rx) = oneshot::channel();
+    lock(&c.replies).push_back(tx);
+    if c.to_up.send(req).await.is_err() {
+        return false;
+    }
+    matches!(tokio::time::timeout(REPLY_TIMEOUT, rx).await, Ok(Ok(true)))
+}
+
+/// Copies both ways between two channel streams until both ends close.
+pub(crate) async fn pipe<A, B>(mut a: A, mut b: B)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+}
+
+/// User → node: data and requests, in order.
+async fn run_to_node(
+    mut rx: mpsc::Receiver<Up>,
+    up: russh::ChannelWriteHalf<russh::client::Msg>,
+) {
+    while let Some(m) = rx.recv().await {
+        let r = match m {
+            Up::Data(d) => up.data_bytes(d).await,
+            Up::Ext(ext, d) => up.extended_data_bytes(ext, d).await,
+            Up::Eof => up.eof().await,
+            Up::Pty {
+                term,
+                cols,
+                rows,
+                pw,
+                ph,
+                modes,
+            } => up.request_pty(true, &term, cols, rows, pw, ph, &modes).await,
+            Up::Env(k, v) => up.set_env(true, k, v).await,
+            Up::Shell => up.request_shell(true).await,
+            Up::Exec(cmd) => up.exec(true, cmd).await,
+            Up::Subsystem(name) => up.request_subsystem(true, name).await,
+            Up::WindowChange(c, r, pw, ph) => up.window_change(c, r, pw, ph).await,
+            Up::Signal(s) => up.signal(s).await,
+            Up::Agent => up.agent_forward(true).await,
+            Up::X11 {
+                single,
+                protocol,
+                cookie,
+                screen,
+            } => up.request_x11(true, single, protocol, cookie, screen).await,
+        };
+        if r.is_err() {
+            break;
+        }
+    }
+    let _ = up.close().await;
+}
+
+/// Node → user: output, exit status, replies to requests.
+async fn run_to_user(
+    mut up: russh::ChannelReadHalf,
+    down: russh::ChannelWriteHalf<Msg>,
+    handle: server::Handle,
+    replies: Replies,
+    rec: Arc<ChanRec>,
+    live: Arc<Live>,
+) {
+    let id = down.id();
+    while let Some(m) = up.wait().await {
+        match m {
+            ChannelMsg::Data { data } => {
+                live.bytes_out
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                live.record_output(&rec, &data);
+                if down.data_bytes(data).await.is_err() {
+                    break;
+                }
+            }
+            ChannelMsg::ExtendedData { data, ext } => {
+                live.bytes_out
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                live.record_output(&rec, &data);
+                if down.extended_data_bytes(ext, data).await.is_err() {
+                    break;
+                }
+            }
+            ChannelMsg::Eof => {
+                let _ = handle.eof(id).await;
+            }
+            ChannelMsg::Close => break,
+            ChannelMsg::ExitStatus { exit_status } => {
+                *lock(&live.exit_status) = Some(exit_status);
+                let _ = handle.exit_status_request(id, exit_status).await;
+            }
+            ChannelMsg::ExitSignal {
+                signal_name,
+                core_dumped,
+                error_message,
+                lang_tag,
+            } => {
+                let _ = handle
+                    .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
+                    .await;
+            }
+            ChannelMsg::Success | ChannelMsg::Failure => {
+                let ok = matches!(m, ChannelMsg::Success);
+                if let Some(tx) = lock(&replies).pop_front() {
+                    let _ = tx.send(ok);
+                }
+            }
+            ChannelMsg::XonXoff { client_can_do } => {
+                let _ = handle.xon_xoff_request(id, client_can_do).await;
+            }
+            _ => {}
+        }
+    }
+    // Requests still waiting will not be answered by this channel.
+    lock(&replies).clear();
+    let _ = handle.close(id).await;
+    lock(&live.session_channels).retain(|c| *c != id);
+}
+
+impl server::Handler for Conn {
+    type Error = russh::Error;
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        certificate: &Certificate,
+    ) -> Result<Auth, Self::Error> {
+        if !matches!(self.access, Access::Pending) {
+            return Ok(Auth::reject());
+        }
+        let now = crate::clock::now().timestamp();
+        let blob = certificate.to_bytes().map_err(russh::Error::from)?;
+        let verified = match self
+            .proxy
+            .trusted_users
+            .verify(&blob, SshCertKind::User, now, None)
+        {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::info!(peer = %self.peer, error = %e, "SSH certificate rejected");
+                return Ok(Auth::reject());
+            }
+        };
+        if verified.identity.is_none() {
+            tracing::info!(peer = %self.peer, "SSH certificate without a Wicket identity");
+            return Ok(Auth::reject());
+        }
+        let (login, route) = match &self.route {
+            Some(r) => (user.to_owned(), r.clone()),
+            None => match user.rsplit_once('@') {
+                Some((login, node)) if !login.is_empty() => {
+                    (login.to_owned(), self.proxy.route(node))
+                }
+                _ => {
+                    self.access = Access::Denied(
+                        "no node named: connect with `wicket ssh`, through `wicket config`'s ssh_config, or as LOGIN@NODE".into(),
+                    );
+                    return Ok(Auth::Accept);
+                }
+            },
+        };
+        self.access = match self.authorize(&verified, &login, &route).await {
+            Ok(live) => {
+                *lock(&self.shared.live) = Some(live.clone());
+                Access::Live(live)
+            }
+            Err(reason) => Access::Denied(reason),
+        };
+        Ok(Auth::Accept)
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        _user: &str,
+        _key: server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        // Only Wicket certificates.
+        Ok(Auth::reject())
+    }
+
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(live) = self.live() {
+            *lock(&self.shared.server) = Some(session.handle());
+            tokio::spawn(live.clone().watch(session.handle()));
+        }
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: server::ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match &self.access {
+            Access::Pending => reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await,
+            Access::Denied(reason) => {
+                reply.accept().await;
+                let handle = session.handle();
+                let (_, w) = channel.split();
+                let msg = format!("wicket: access denied: {reason}\r\n");
+                tokio::spawn(async move {
+                    let id = w.id();
+                    let _ = w.extended_data_bytes(1, Bytes::from(msg.into_bytes())).await;
+                    let _ = handle.exit_status_request(id, 1).await;
+                    let _ = handle.eof(id).await;
+                    let _ = handle.close(id).await;
+                });
+            }
+            Access::Live(live) => {
+                let live = live.clone();
+                let up = match live.upstream.channel_open_session().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "node refused a session channel");
+                        reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                        return Ok(());
+                    }
+                };
+                reply.accept().await;
+                let (_down_read, down_write) = channel.split();
+                let (up_read, up_write) = up.split();
+                let id = down_write.id();
+                let (tx, rx) = mpsc::channel(64);
+                let replies: Replies = Arc::default();
+                let rec = Arc::new(ChanRec {
+                    mode: AtomicU8::new(REC_ALL),
+                    recorded: AtomicU64::new(0),
+                });
+                lock(&live.session_channels).push(id);
+                self.channels.insert(
+                    id,
+                    Chan {
+                        to_up: tx,
+                        replies: replies.clone(),
+                        rec: rec.clone(),
+                        pty: None,
+                    },
+                );
+                tokio::spawn(run_to_node(rx, up_write));
+                tokio::spawn(run_to_user(
+                    up_read,
+                    down_write,
+                    session.handle(),
+                    replies,
+                    rec,
+                    live,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: server::ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(live) = self.live().cloned() else {
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            return Ok(());
+        };
+        if !self
+            .decide_forwarding(SshForwarding::Port, None, session)
+            .await
+        {
+            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            return Ok(());
+        }
+        let up = match live
+            .upstream
+            .channel_open_direct_tcpip(
+                host_to_connect,
+                port_to_connect,
+                originator_address,
+                originator_port,
+            )
+            .await
+        {
+            Ok(c) => c,
+            Err(_) => {
+                reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                return Ok(());
+            }
+        };
+        reply.accept().await;
+        live.audit(AuditEvent::SshPortForward {
+            session: live.sref.clone(),
+            host: host_to_connect.to_owned(),
+            port: port_to_connect,
+        })
+        .await;
+        live.marker(&format!(
+            "port forward to {host_to_connect}:{port_to_connect}"
+        ));
+        tokio::spawn(pipe(channel.into_stream(), up.into_stream()));
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        _address: &str,
+        _port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        // Remote forwarding (-R) is not offered.
+        Ok(false)
+    }
+
+    async fn data(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(c) = self.channels.get(&channel) else {
+            return Ok(());
+        };
+        if let Some(live) = self.live() {
+            live.bytes_in
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            if c.pty.is_some() {
+                if let Some(r) = live.existing_recorder() {
+                    r.input(crate::clock::instant(), data);
+                }
+            }
+        }
+        let _ = c.to_up.send(Up::Data(Bytes::copy_from_slice(data))).await;
+        Ok(())
+    }
+
+    async fn extended_data(
+        &mut self,
+        channel: ChannelId,
+        code: u32,
+        data: &[u8],
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(c) = self.channels.get(&channel) {
+            if let Some(live) = self.live() {
+                live.bytes_in
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            let _ = c
+                .to_up
+                .send(Up::Ext(code, Bytes::copy_from_slice(data)))
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn channel_eof(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(c) = self.channels.get(&channel) {
+            let _ = c.to_up.send(Up::Eof).await;
+        }
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Dropping the sender ends the user → node task, which closes the node's channel.
+        self.channels.remove(&channel);
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        modes: &[(Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(c) = self.channels.get_mut(&channel) {
+            c.pty = Some((col_width, row_height, term.to_owned()));
+        }
+        let req = Up::Pty {
+            term: term.to_owned(),
+            cols: col_width,
+            rows: row_height,
+            pw: pix_width,
+            ph: pix_height,
+            modes: modes.to_vec(),
+        };
+        self.forward(channel, req, session).await
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        variable_name: &str,
+        variable_value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let req = Up::Env(variable_name.to_owned(), variable_value.to_owned());
+        self.forward(channel, req, session).await
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let (Some(live), Some(c)) = (self.live(), self.channels.get(&channel)) {
+            let (cols, rows, term) = c.pty.clone().unwrap_or((80, 24, String::new()));
+            if let Some(r) = live.recorder(cols, rows, (!term.is_empty()).then_some(term.as_str())) {
+                r.marker(crate::clock::instant(), "shell");
+            }
+        }
+        self.forward(channel, Up::Shell, session).await
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let (Some(live), Some(c)) = (self.live().cloned(), self.channels.get(&channel)) {
+            let command = String::from_utf8_lossy(data).into_owned();
+            let (cols, rows, term) = c.pty.clone().unwrap_or((80, 24, String::new()));
+            if c.pty.is_none() {
+                c.rec.mode.store(REC_EXEC, Ordering::Relaxed);
+            }
+            if let Some(r) = live.recorder(cols, rows, (!term.is_empty()).then_some(term.as_str())) {
+                r.marker(crate::clock::instant(), &format!("exec: {command}"));
+            }
+            live.execs.fetch_add(1, Ordering::Relaxed);
+            live.audit(AuditEvent::SshExec {
+                session: live.sref.clone(),
+                command,
+            })
+            .await;
+        }
+        self.forward(channel, Up::Exec(data.to_vec()), session).await
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let (Some(live), Some(c)) = (self.live().cloned(), self.channels.get(&channel)) {
+            // Binary protocols (sftp) are audited, not recorded byte by byte.
+            c.rec.mode.store(REC_OFF, Ordering::Relaxed);
+            if let Some(r) = live.recorder(80, 24, None) {
+                r.marker(crate::clock::instant(), &format!("subsystem: {name}"));
+            }
+            live.execs.fetch_add(1, Ordering::Relaxed);
+            live.audit(AuditEvent::SshExec {
+                session: live.sref.clone(),
+                command: format!("[subsystem {name}]"),
+            })
+            .await;
+        }
+        self.forward(channel, Up::Subsystem(name.to_owned()), session)
+            .await
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let recorder = self.live().and_then(|l| l.existing_recorder());
+        if let Some(c) = self.channels.get_mut(&channel) {
+            if let Some(p) = c.pty.as_mut() {
+                p.0 = col_width;
+                p.1 = row_height;
+            }
+            if let Some(r) = recorder {
+                r.resize(crate::clock::instant(), col_width, row_height);
+            }
+            let _ = c
+                .to_up
+                .send(Up::WindowChange(col_width, row_height, pix_width, pix_height))
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn signal(
+        &mut self,
+        channel: ChannelId,
+        signal: Sig,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(c) = self.channels.get(&channel) {
+            let _ = c.to_up.send(Up::Signal(signal)).await;
+        }
+        Ok(())
+    }
+
+    async fn agent_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        if !self
+            .decide_forwarding(SshForwarding::Agent, Some(channel), session)
+            .await
+        {
+            return Ok(false);
+        }
+        self.shared.agent_allowed.store(true, Ordering::Relaxed);
+        let Some(c) = self.channels.get(&channel) else {
+            return Ok(false);
+        };
+        Ok(forward_to(c, Up::Agent).await)
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        single_connection: bool,
+        x11_auth_protocol: &str,
+        x11_auth_cookie: &str,
+        x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if !self
+            .decide_forwarding(SshForwarding::X11, Some(channel), session)
+            .await
+        {
+            session.channel_failure(channel)?;
+            return Ok(());
+        }
+        self.shared.x11_allowed.store(true, Ordering::Relaxed);
+        let req = Up::X11 {
+            single: single_connection,
+            protocol: x11_auth_protocol.to_owned(),
+            cookie: x11_auth_cookie.to_owned(),
+            screen: x11_screen_number,
+        };
+        self.forward(channel, req, session).await
+    }
+}

@@ -1,0 +1,177 @@
+//! The proxy's side of the connection to a node: a russh client that checks
+//! the node's host certificate (or pinned key), logs in with the session's
+//! one-minute certificate, and passes agent / X11 channels the node opens
+//! back to the user when their role allows it.
+
+use super::handler::ConnShared;
+use super::SshProxy;
+use crate::error::{Error, Result};
+use russh::client::{self, Msg, Session};
+use russh::keys::PublicKeyOrCertificate;
+use russh::{Channel, ChannelOpenFailure};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use wicket_ca::SshCertKind;
+use wicket_policy::Resource;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) struct Upstream {
+    proxy: Arc<SshProxy>,
+    node: String,
+    pin: Option<String>,
+    shared: Arc<ConnShared>,
+    /// Why the host key was refused, for the user's error message.
+    refused: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+fn openssh_key_text(k: &russh::keys::PublicKey) -> Option<String> {
+    let blob = k.to_bytes().ok()?;
+    wicket_ca::SshPublicKey::from_blob(blob)
+        .ok()
+        .map(|p| p.to_openssh())
+}
+
+impl client::Handler for Upstream {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let now = crate::clock::now().timestamp();
+        let (presented, why) = match key {
+            PublicKeyOrCertificate::Certificate(cert) => {
+                let blob = cert.to_bytes().map_err(russh::Error::from)?;
+                match self.proxy.trusted_hosts.verify(
+                    &blob,
+                    SshCertKind::Host,
+                    now,
+                    Some(&self.node),
+                ) {
+                    Ok(_) => return Ok(true),
+                    Err(e) => (
+                        openssh_key_text(&russh::keys::PublicKey::from(cert.public_key().clone())),
+                        format!("host certificate rejected: {e}"),
+                    ),
+                }
+            }
+            PublicKeyOrCertificate::PublicKey { key, .. } => (
+                openssh_key_text(key),
+                "the node presented a plain host key, not a certificate from Wicket's host CA, and no host_key is pinned for it".to_owned(),
+            ),
+        };
+        if let (Some(pin), Some(p)) = (&self.pin, &presented) {
+            if pin == p {
+                return Ok(true);
+            }
+            *self.refused.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some("the node's host key does not match the pinned host_key".into());
+            return Ok(false);
+        }
+        tracing::warn!(node = %self.node, reason = %why, "refusing node host key");
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        Ok(false)
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let handle = self.shared.server_handle();
+        match handle {
+            Some(h) if self.shared.agent_allowed.load(Ordering::Relaxed) => {
+                reply.accept().await;
+                tokio::spawn(async move {
+                    match h.channel_open_agent().await {
+                        Ok(down) => super::handler::pipe(down.into_stream(), channel.into_stream()).await,
+                        Err(e) => tracing::debug!(error = %e, "user refused the agent channel"),
+                    }
+                });
+            }
+            _ => reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await,
+        }
+        Ok(())
+    }
+
+    async fn server_channel_open_x11(
+        &mut self,
+        channel: Channel<Msg>,
+        originator_address: &str,
+        originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match self.shared.server_handle() {
+            Some(h) if self.shared.x11_allowed.load(Ordering::Relaxed) => {
+                reply.accept().await;
+                let addr = originator_address.to_owned();
+                tokio::spawn(async move {
+                    match h.channel_open_x11(addr, originator_port).await {
+                        Ok(down) => super::handler::pipe(down.into_stream(), channel.into_stream()).await,
+                        Err(e) => tracing::debug!(error = %e, "user refused the X11 channel"),
+                    }
+                });
+            }
+            _ => reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await,
+        }
+        Ok(())
+    }
+}
+
+/// Connects to `node` and logs in as `login` with a fresh one-minute
+/// certificate naming the user, session and requests.
+pub(crate) async fn connect(
+    proxy: &Arc<SshProxy>,
+    shared: Arc<ConnShared>,
+    node: &Resource,
+    login: &str,
+    user: &str,
+    session_id: &str,
+    request_ids: &[String],
+    now: i64,
+) -> Result<client::Handle<Upstream>> {
+    let (key, cert) = proxy.upstream_identity(user, login, session_id, request_ids, now)?;
+    let refused = Arc::new(std::sync::Mutex::new(None));
+    let handler = Upstream {
+        proxy: proxy.clone(),
+        node: node.name.clone(),
+        pin: proxy.wicket.config.node_host_keys.get(&node.name).cloned(),
+        shared,
+        refused: refused.clone(),
+    };
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&node.address))
+        .await
+        .map_err(|_| Error::Io(format!("connecting to {} timed out", node.address)))?
+        .map_err(|e| Error::Io(format!("cannot connect to {}: {e}", node.address)))?;
+    let _ = tcp.set_nodelay(true);
+    let connected = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        client::connect_stream(proxy.client_config.clone(), tcp, handler),
+    )
+    .await
+    .map_err(|_| Error::Io(format!("SSH handshake with {} timed out", node.address)))?;
+    let mut handle = match connected {
+        Ok(h) => h,
+        Err(e) => {
+            let why = refused.lock().unwrap_or_else(|e| e.into_inner()).take();
+            return Err(Error::Io(why.unwrap_or_else(|| format!("SSH handshake failed: {e}"))));
+        }
+    };
+    let auth = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        handle.authenticate_openssh_cert(login, Arc::new(key), cert),
+    )
+    .await
+    .map_err(|_| Error::Io("login to the node timed out".into()))?
+    .map_err(|e| Error::Io(format!("login to the node failed: {e}")))?;
+    if !auth.success() {
+        return Err(Error::Io(format!(
+            "the node refused Wicket's certificate for login {login:?} (does its sshd trust Wicket's user CA? see `wicketd nodes add`)"
+        )));
+    }
+    Ok(handle)
+}
