@@ -156,10 +156,12 @@ impl SshdBuilder {
                 lines.push(format!("TrustedUserCAKeys {}", ca_path.display()));
             }
             (Some(d), None) => {
-                let mut cmd = d.admin(&["nodes", "add", &node, "--host-key"])?;
-                cmd.arg(root.join("ssh_host_ed25519_key.pub"))
-                    .arg("--write-dir")
-                    .arg(root);
+                let host_key_arg = format!(
+                    "--host-key={}",
+                    root.join("ssh_host_ed25519_key.pub").display()
+                );
+                let write_arg = format!("--write-dir={}", root.display());
+                let mut cmd = d.admin(&["nodes", "add", &node, &host_key_arg, &write_arg])?;
                 run(&mut cmd).context("wicketd nodes add")?;
                 let cert = root.join("ssh_host_ed25519_key-cert.pub");
                 let ca = root.join("wicket_user_ca.pub");

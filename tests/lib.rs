@@ -4,5 +4,6 @@
 //! Modelled on linkerd2-proxy's `linkerd/app/integration`.
 
 pub mod harness_postgres;
+pub mod harness_sshd;
 pub mod harness_util;
 pub mod harness_wicket;

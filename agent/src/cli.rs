@@ -92,6 +92,22 @@ enum Command {
     /// Search the audit log (your own events, or everyone's with an audit role).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Print (and save in the profile) an ssh_config block so that plain
+    /// `ssh`, `scp` and `sftp` reach NODE.CLUSTER through the proxy.
+    Config {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// SSH to a node through the proxy: wicket ssh [LOGIN@]NODE [COMMAND]...
+    Ssh(crate::ssh::SshArgs),
+    /// Helpers run by other programs (ssh's ProxyCommand).
+    #[command(subcommand)]
+    Proxy(crate::ssh::ProxyCommand),
+    /// Recorded sessions.
+    #[command(subcommand)]
+    Recordings(crate::ssh::RecordingsCommand),
+    /// Replay a recorded session (original timing; --speed, --format text).
+    Play(crate::ssh::PlayArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -296,6 +312,13 @@ async fn run(command: Command) -> Result<()> {
             limit,
             format,
         }) => audit_search(user, kind, request, limit, format).await,
+        Command::Config { format } => crate::ssh::config(format).await,
+        Command::Ssh(args) => crate::ssh::ssh(args).await,
+        Command::Proxy(crate::ssh::ProxyCommand::Ssh { target, ssh_proxy }) => {
+            crate::ssh::proxy_ssh(&target, ssh_proxy).await
+        }
+        Command::Recordings(cmd) => crate::ssh::recordings(cmd).await,
+        Command::Play(args) => crate::ssh::play(args).await,
     }
 }
 

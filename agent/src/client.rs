@@ -151,13 +151,9 @@ impl Client {
         self.call(Method::POST, path, Some(body)).await
     }
 
-    async fn call<B: Serialize, T: DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&B>,
-    ) -> Result<T> {
-        tokio::time::timeout(TIMEOUT, self.call_inner(method, path, body))
+    /// GET a non-JSON body (e.g. a recording), as bytes.
+    pub async fn get_bytes(&self, path: &str) -> Result<Bytes> {
+        tokio::time::timeout(TIMEOUT, self.call_inner(Method::GET, path, None::<&()>))
             .await
             .map_err(|_| {
                 anyhow!(
@@ -168,12 +164,30 @@ impl Client {
             })?
     }
 
-    async fn call_inner<B: Serialize, T: DeserializeOwned>(
+    async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<&B>,
     ) -> Result<T> {
+        let body = tokio::time::timeout(TIMEOUT, self.call_inner(method, path, body))
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "{} did not answer within {}s",
+                    self.proxy,
+                    TIMEOUT.as_secs()
+                )
+            })??;
+        serde_json::from_slice(&body).with_context(|| format!("unexpected response from {path}"))
+    }
+
+    async fn call_inner<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<Bytes> {
         let tcp = TcpStream::connect(&self.proxy)
             .await
             .with_context(|| format!("cannot connect to {}", self.proxy))?;
@@ -223,7 +237,7 @@ impl Client {
             });
             return Err(ApiError { status, body }.into());
         }
-        serde_json::from_slice(&body).with_context(|| format!("unexpected response from {path}"))
+        Ok(body)
     }
 }
 

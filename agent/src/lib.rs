@@ -13,6 +13,7 @@ pub mod client;
 pub mod keys;
 pub mod profile;
 pub mod requests;
+pub mod ssh;
 
 /// The CLI's one clock read.
 #[allow(clippy::disallowed_methods)]

@@ -196,6 +196,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/requests/{id}/{action}", post(request_action))
         .route("/v1/break-glass", post(break_glass))
         .route("/v1/notifications", get(notifications))
+        .route("/v1/recordings", get(list_recordings))
+        .route("/v1/recordings/{id}", get(get_recording))
         .fallback(|| async { Error::NotFound("no such API endpoint".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(reject_oversized))
@@ -233,6 +235,7 @@ async fn ping(State(w): State<AppState>) -> Json<Ping> {
         cluster_name: w.config.cluster_name.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
         tls_ca_pin: w.keys.tls.pin(),
+        ssh_proxy: w.ssh_addr.get().map(|a| a.to_string()),
     })
 }
 
@@ -385,6 +388,31 @@ async fn notifications(
 ) -> ApiResult<Vec<Notification>> {
     let Query(q) = query.map_err(|e| Error::BadRequest(e.body_text()))?;
     Ok(Json(w.notifications(&caller, q.request.as_deref()).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordingQuery {
+    request: Option<String>,
+    user: Option<String>,
+}
+
+async fn list_recordings(
+    State(w): State<AppState>,
+    Authenticated(caller): Authenticated,
+    query: Result<Query<RecordingQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Vec<wicket_api::RecordingInfo>> {
+    let Query(q) = query.map_err(|e| Error::BadRequest(e.body_text()))?;
+    Ok(Json(w.list_recordings(&caller, q.request, q.user).await?))
+}
+
+async fn get_recording(
+    State(w): State<AppState>,
+    Authenticated(caller): Authenticated,
+    Path(id): Path<String>,
+) -> Result<Response, Error> {
+    let body = w.recording(&caller, &id).await?;
+    Ok(([(header::CONTENT_TYPE, "application/x-asciicast")], body).into_response())
 }
 
 #[cfg(test)]

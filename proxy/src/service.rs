@@ -27,6 +27,8 @@ pub struct Wicket {
     pub keys: AuthorityKeys,
     pub trusted_tls: TrustedX509Cas,
     pub sessions: std::sync::Arc<crate::sessions::Sessions>,
+    /// The SSH proxy's bound address, once it listens.
+    pub ssh_addr: std::sync::OnceLock<std::net::SocketAddr>,
     pub(crate) rng: SystemRandom,
 }
 
@@ -83,6 +85,7 @@ impl Wicket {
             keys,
             trusted_tls,
             sessions: Default::default(),
+            ssh_addr: Default::default(),
             rng: SystemRandom::new(),
         })
     }

@@ -14,4 +14,5 @@ mod ca_tools;
 mod foundation;
 mod postgres_harness;
 mod requests;
+mod ssh;
 mod store;

@@ -44,6 +44,9 @@ pub struct Ping {
     pub version: String,
     /// `sha256:<hex>` of the TLS CA's public key.
     pub tls_ca_pin: String,
+    /// `HOST:PORT` of the SSH proxy, when it listens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_proxy: Option<String>,
 }
 
 /// `POST /v1/login`: password (+ OTP) for certificates. Only public keys travel.
@@ -307,4 +310,17 @@ mod tests {
         );
         assert!(r.is_err());
     }
+}
+
+/// `GET /v1/recordings`: one recorded session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordingInfo {
+    pub session_id: String,
+    pub user: String,
+    pub node: String,
+    pub login: String,
+    pub request_ids: Vec<String>,
+    pub started: DateTime<Utc>,
+    /// Size of the asciicast file in bytes.
+    pub size: u64,
 }

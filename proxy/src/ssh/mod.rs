@@ -19,6 +19,7 @@
 //! which request let someone in). It verifies the node's host certificate
 //! against Wicket's host CA, or the host key pinned in the config.
 
+mod api;
 mod handler;
 pub mod recording;
 mod upstream;
@@ -432,6 +433,7 @@ pub async fn start(
         .await
         .map_err(|e| Error::Io(format!("cannot listen on {addr} (listen.ssh): {e}")))?;
     let bound = listener.local_addr()?;
+    let _ = wicket.ssh_addr.set(bound);
     let proxy = SshProxy::new(wicket.clone())?;
     tokio::spawn(serve(listener, proxy, shutdown));
     Ok(Some(bound))

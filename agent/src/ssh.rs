@@ -1,0 +1,487 @@
+//! SSH through Wicket with stock OpenSSH, and session replay.
+//!
+//! - `wicket config` prints an ssh_config block: `Host *.CLUSTER` with
+//!   `ProxyCommand wicket proxy ssh ... %r@%h:%p`, the profile's key and
+//!   certificate, and a known-hosts file holding `@cert-authority` for
+//!   Wicket's host CA, so `ssh root@db-1.CLUSTER` (and `scp`, `sftp`) work
+//!   with no prompts. It also writes the block to the profile's
+//!   `ssh_config`.
+//! - `wicket proxy ssh LOGIN@HOST:PORT` connects to the SSH proxy, sends the
+//!   route line naming HOST, and copies bytes between stdin/stdout and the
+//!   proxy (ssh's `ProxyCommand`).
+//! - `wicket ssh [LOGIN@]NODE [COMMAND]` runs `ssh -F <profile>/ssh_config`.
+//! - `wicket recordings ls`, `wicket play SESSION [--speed N] [--format text|cast]`.
+
+use crate::cli::{authenticated_client, Format};
+use crate::profile::{self, write_file, Profile, ProfileInfo};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use wicket_api::{Ping, RecordingInfo};
+
+/// The line the proxy reads before the SSH version exchange (see wicketd's `ssh` module).
+const ROUTE_PREFIX: &str = "WICKET-ROUTE 1 ";
+
+#[derive(Debug, Subcommand)]
+pub enum ProxyCommand {
+    /// Connect stdin/stdout to a node through the SSH proxy (for ssh's ProxyCommand).
+    Ssh {
+        /// `%r@%h:%p` as ssh passes it (LOGIN@HOST:PORT; HOST is NODE or NODE.CLUSTER).
+        target: String,
+        /// The SSH proxy's HOST:PORT (default: asked from wicketd).
+        #[arg(long)]
+        ssh_proxy: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    /// `[LOGIN@]NODE` (LOGIN defaults to your Wicket user name).
+    pub destination: String,
+    /// The command to run (default: an interactive shell).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+    /// Force a terminal (ssh -t).
+    #[arg(short = 't')]
+    pub tty: bool,
+    /// Local port forwarding (ssh -L), if your role allows it.
+    #[arg(short = 'L')]
+    pub local_forward: Vec<String>,
+    /// Forward your SSH agent (ssh -A), if your role allows it.
+    #[arg(short = 'A')]
+    pub agent: bool,
+    /// Extra ssh options (ssh -o), repeatable.
+    #[arg(short = 'o')]
+    pub options: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecordingsCommand {
+    /// List recorded sessions (yours, or everyone's with an audit role).
+    Ls {
+        /// Only sessions under this access request.
+        #[arg(long)]
+        request: Option<String>,
+        /// Only sessions of this user.
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+}
+
+/// How `wicket play` shows a recording.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum PlayFormat {
+    /// Replay on the terminal with the original timing.
+    #[default]
+    Terminal,
+    /// The output as plain text (escape sequences removed), for grep.
+    Text,
+    /// The asciicast v2 file itself (for `asciinema play -`).
+    Cast,
+}
+
+#[derive(Debug, Args)]
+pub struct PlayArgs {
+    /// The session ID.
+    pub session: String,
+    /// Play faster (2 = twice as fast).
+    #[arg(long, default_value_t = 1.0)]
+    pub speed: f64,
+    /// Cap pauses at this many seconds.
+    #[arg(long)]
+    pub idle_limit: Option<f64>,
+    #[arg(long, value_enum, default_value_t)]
+    pub format: PlayFormat,
+}
+
+fn quote(p: &Path) -> String {
+    format!("\"{}\"", p.display())
+}
+
+/// The SSH proxy's address: saved by `wicket config`, else asked from wicketd.
+async fn ssh_proxy_addr(p: &Profile, info: &ProfileInfo) -> Result<String> {
+    if let Ok(s) = std::fs::read_to_string(p.dir.join("ssh_proxy")) {
+        let s = s.trim();
+        if !s.is_empty() {
+            return Ok(s.to_owned());
+        }
+    }
+    let (_, _, client) = authenticated_client()?;
+    let ping: Ping = client.get("/v1/ping").await?;
+    let addr = ping.ssh_proxy.ok_or_else(|| {
+        anyhow!(
+            "the proxy at {} has no SSH listener (listen.ssh is not set)",
+            info.proxy
+        )
+    })?;
+    // A wildcard listen address is reached through the API's host.
+    let addr = match addr.rsplit_once(':') {
+        Some((ip, port)) if ip == "0.0.0.0" || ip == "[::]" => {
+            let host = crate::client::split_proxy(&info.proxy)?;
+            format!("{host}:{port}")
+        }
+        _ => addr,
+    };
+    write_file(&p.dir.join("ssh_proxy"), format!("{addr}\n").as_bytes(), 0o644)?;
+    Ok(addr)
+}
+
+/// The ssh_config block for the current profile.
+pub fn ssh_config_text(p: &Profile, info: &ProfileInfo, ssh_proxy: &str) -> Result<String> {
+    let exe = std::env::current_exe().context("locating the wicket binary")?;
+    let cluster = &info.cluster_name;
+    Ok(format!(
+        "# Wicket cluster {cluster:?} via {proxy} as {user} (written by `wicket config`)\n\
+         Host *.{cluster}\n\
+         \x20   ProxyCommand {exe} proxy ssh --ssh-proxy {ssh_proxy} %r@%h:%p\n\
+         \x20   IdentityFile {key}\n\
+         \x20   CertificateFile {cert}\n\
+         \x20   IdentitiesOnly yes\n\
+         \x20   UserKnownHostsFile {known}\n\
+         \x20   GlobalKnownHostsFile /dev/null\n\
+         \x20   StrictHostKeyChecking yes\n\
+         \x20   HostKeyAlgorithms ssh-ed25519-cert-v01@openssh.com\n\
+         \x20   PreferredAuthentications publickey\n\
+         \x20   Ciphers aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com\n",
+        proxy = info.proxy,
+        user = info.user,
+        exe = quote(&exe),
+        key = quote(&p.ssh_key()),
+        cert = quote(&p.ssh_cert()),
+        known = quote(&p.known_hosts()),
+    ))
+}
+
+/// Writes `<profile>/ssh_config` and returns its path and text.
+async fn write_ssh_config() -> Result<(PathBuf, String, ProfileInfo)> {
+    let home = profile::home()?;
+    let p = Profile::current(&home)?;
+    let info = p.read_info()?;
+    let addr = ssh_proxy_addr(&p, &info).await?;
+    let text = ssh_config_text(&p, &info, &addr)?;
+    let path = p.dir.join("ssh_config");
+    write_file(&path, text.as_bytes(), 0o644)?;
+    Ok((path, text, info))
+}
+
+/// `wicket config`.
+pub async fn config(format: Format) -> Result<()> {
+    let (path, text, info) = write_ssh_config().await?;
+    match format {
+        Format::Text => print!("{text}"),
+        Format::Json => println!(
+            "{}",
+            serde_json::json!({
+                "cluster": info.cluster_name,
+                "host_pattern": format!("*.{}", info.cluster_name),
+                "ssh_config": text,
+                "ssh_config_file": path,
+            })
+        ),
+    }
+    Ok(())
+}
+
+/// `wicket ssh`: runs OpenSSH with the profile's ssh_config.
+pub async fn ssh(args: SshArgs) -> Result<()> {
+    let (path, _, info) = write_ssh_config().await?;
+    let (login, node) = match args.destination.rsplit_once('@') {
+        Some((l, n)) => (l.to_owned(), n.to_owned()),
+        None => (info.user.clone(), args.destination.clone()),
+    };
+    if node.is_empty() || login.is_empty() {
+        bail!("destination must be [LOGIN@]NODE");
+    }
+    let suffix = format!(".{}", info.cluster_name);
+    let host = if node.ends_with(&suffix) {
+        node
+    } else {
+        format!("{node}{suffix}")
+    };
+    let mut cmd = std::process::Command::new("ssh");
+    cmd.arg("-F").arg(&path);
+    if args.tty {
+        cmd.arg("-t");
+    }
+    if args.agent {
+        cmd.arg("-A");
+    }
+    for l in &args.local_forward {
+        cmd.arg("-L").arg(l);
+    }
+    for o in &args.options {
+        cmd.arg("-o").arg(o);
+    }
+    cmd.arg("-l").arg(&login).arg(&host);
+    if !args.command.is_empty() {
+        cmd.arg("--").args(&args.command);
+    }
+    use std::os::unix::process::CommandExt;
+    let err = cmd.exec();
+    Err(anyhow!("cannot run ssh: {err}"))
+}
+
+/// `wicket proxy ssh LOGIN@HOST:PORT`: a byte pipe to the SSH proxy.
+pub async fn proxy_ssh(target: &str, ssh_proxy: Option<String>) -> Result<()> {
+    let (rest, port) = match target.rsplit_once(':') {
+        Some((r, p)) => (r, p.parse::<u16>().context("port in LOGIN@HOST:PORT")?),
+        None => (target, 22),
+    };
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    if host.is_empty()
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+    {
+        bail!("invalid host {host:?} in {target:?}");
+    }
+    let addr = match ssh_proxy {
+        Some(a) => a,
+        None => {
+            let home = profile::home()?;
+            let p = Profile::current(&home)?;
+            let info = p.read_info()?;
+            ssh_proxy_addr(&p, &info).await?
+        }
+    };
+    let sock = addr
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {addr}"))?
+        .next()
+        .ok_or_else(|| anyhow!("{addr} resolves to nothing"))?;
+    let mut tcp = TcpStream::connect_timeout(&sock, Duration::from_secs(10))
+        .with_context(|| format!("cannot connect to the SSH proxy at {addr}"))?;
+    let _ = tcp.set_nodelay(true);
+    tcp.write_all(format!("{ROUTE_PREFIX}{host} {port}\n").as_bytes())?;
+    let mut up = tcp.try_clone()?;
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if up.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = up.shutdown(Shutdown::Write);
+    });
+    let mut out = std::io::stdout().lock();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match tcp.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if out.write_all(&buf[..n]).and_then(|_| out.flush()).is_err() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    Ok(())
+}
+
+fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// `wicket recordings ls`.
+pub async fn recordings(cmd: RecordingsCommand) -> Result<()> {
+    let RecordingsCommand::Ls {
+        request,
+        user,
+        format,
+    } = cmd;
+    let (_, _, client) = authenticated_client()?;
+    let mut q = Vec::new();
+    if let Some(r) = request {
+        q.push(format!("request={}", query_escape(&r)));
+    }
+    if let Some(u) = user {
+        q.push(format!("user={}", query_escape(&u)));
+    }
+    let path = if q.is_empty() {
+        "/v1/recordings".to_owned()
+    } else {
+        format!("/v1/recordings?{}", q.join("&"))
+    };
+    let list: Vec<RecordingInfo> = client.get(&path).await?;
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+        Format::Text => {
+            println!(
+                "{:<36}  {:<20}  {:<10} {:<16} {:<8} REQUESTS",
+                "SESSION", "STARTED", "USER", "NODE", "LOGIN"
+            );
+            for r in &list {
+                println!(
+                    "{:<36}  {:<20}  {:<10} {:<16} {:<8} {}",
+                    r.session_id,
+                    r.started.format("%Y-%m-%dT%H:%M:%SZ"),
+                    r.user,
+                    r.node,
+                    r.login,
+                    if r.request_ids.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        r.request_ids.join(",")
+                    }
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One asciicast v2 event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CastEvent {
+    pub time: f64,
+    pub code: String,
+    pub data: String,
+}
+
+/// Parses an asciicast v2 file: the header and its events (bad lines are skipped).
+pub fn parse_cast(text: &str) -> Result<(serde_json::Value, Vec<CastEvent>)> {
+    let mut lines = text.lines();
+    let header: serde_json::Value = serde_json::from_str(lines.next().unwrap_or_default())
+        .context("the recording has no asciicast header")?;
+    if header["version"] != 2 {
+        bail!("not an asciicast v2 recording");
+    }
+    let events = lines
+        .filter_map(|l| serde_json::from_str::<(f64, String, String)>(l).ok())
+        .map(|(time, code, data)| CastEvent { time, code, data })
+        .collect();
+    Ok((header, events))
+}
+
+/// Terminal output as plain text: escape sequences removed, CR LF → LF.
+pub fn plain_text(output: &str) -> String {
+    let mut out = String::with_capacity(output.len());
+    let mut chars = output.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => match chars.next() {
+                Some('[') => {
+                    // CSI: parameters, then one final byte in @..~
+                    for d in chars.by_ref() {
+                        if ('@'..='~').contains(&d) {
+                            break;
+                        }
+                    }
+                }
+                Some(']') => {
+                    // OSC: until BEL or ESC \
+                    while let Some(d) = chars.next() {
+                        if d == '\x07' {
+                            break;
+                        }
+                        if d == '\x1b' {
+                            chars.next();
+                            break;
+                        }
+                    }
+                }
+                Some(_) | None => {}
+            },
+            '\r' => {
+                if chars.peek() != Some(&'\n') {
+                    out.push('\n');
+                }
+            }
+            '\x07' | '\x08' | '\0' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `wicket play SESSION`.
+pub async fn play(args: PlayArgs) -> Result<()> {
+    if !(args.speed > 0.0 && args.speed.is_finite()) {
+        bail!("--speed must be a positive number");
+    }
+    let (_, _, client) = authenticated_client()?;
+    let body = client
+        .get_bytes(&format!("/v1/recordings/{}", query_escape(&args.session)))
+        .await?;
+    let text = String::from_utf8_lossy(&body);
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        PlayFormat::Cast => {
+            out.write_all(&body)?;
+        }
+        PlayFormat::Text => {
+            let (_, events) = parse_cast(&text)?;
+            let all: String = events
+                .iter()
+                .filter(|e| e.code == "o")
+                .map(|e| e.data.as_str())
+                .collect();
+            out.write_all(plain_text(&all).as_bytes())?;
+        }
+        PlayFormat::Terminal => {
+            let (_, events) = parse_cast(&text)?;
+            let mut last = 0.0f64;
+            for e in events.iter().filter(|e| e.code == "o") {
+                let mut gap = (e.time - last).max(0.0);
+                if let Some(limit) = args.idle_limit {
+                    gap = gap.min(limit.max(0.0));
+                }
+                last = e.time;
+                let wait = gap / args.speed;
+                if wait > 0.0005 {
+                    out.flush()?;
+                    tokio::time::sleep(Duration::from_secs_f64(wait.min(3600.0))).await;
+                }
+                out.write_all(e.data.as_bytes())?;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_text_strips_escapes() {
+        assert_eq!(
+            plain_text("\x1b]0;title\x07\x1b[01;32mroot@n\x1b[00m:~# ls\r\nfile\r\n"),
+            "root@n:~# ls\nfile\n"
+        );
+    }
+
+    #[test]
+    fn parses_casts() {
+        let (h, ev) = parse_cast(
+            "{\"version\":2,\"width\":80,\"height\":24}\n[0.5,\"o\",\"hi\"]\nnot json\n[1.0,\"r\",\"100x30\"]\n",
+        )
+        .unwrap();
+        assert_eq!(h["width"], 80);
+        assert_eq!(ev.len(), 2);
+        assert_eq!(ev[0].data, "hi");
+        assert!(parse_cast("{\"version\":1}").is_err());
+    }
+}

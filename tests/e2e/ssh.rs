@@ -1,0 +1,556 @@
+//! The SSH proxy end to end with real OpenSSH: a stock `sshd` node that
+//! trusts Wicket's user CA, `wicketd` in front of it, and the real `ssh`,
+//! `scp` and `sftp` clients going through `wicket config`'s ssh_config and
+//! through `wicket ssh`.
+
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use wicket_e2e::harness_sshd::{test_login, Sshd};
+use wicket_e2e::harness_util::{free_port, run, wait_until};
+use wicket_e2e::harness_wicket::{WicketCli, Wicketd};
+
+const PW: &str = "correct horse battery staple";
+
+/// Roles: `access` logs in as yourself nowhere useful; `node-admin` (self-
+/// approved, port forwarding) grants LOGIN on `env: test` nodes; `direct`
+/// grants LOGIN as a standing role; `auditor` revokes and reads recordings.
+fn config(node_port: u16, login: &str, extra: &str) -> String {
+    format!(
+        r#"
+version: 1
+listen: {{ ssh: "127.0.0.1:0" }}
+session: {{ expiry_warning: 2s }}
+requests: {{ min_duration: 1s }}
+roles:
+  access:
+    logins: [ "{{{{user}}}}" ]
+    nodes: {{ env: nowhere }}
+    request: {{ roles: [ node-admin, no-forward ] }}
+  node-admin:
+    logins: [ {login} ]
+    nodes: {{ env: test }}
+    port_forwarding: true
+    max_duration: 1h
+  no-forward:
+    logins: [ {login} ]
+    nodes: {{ env: test }}
+    port_forwarding: false
+  direct:
+    logins: [ {login} ]
+    nodes: {{ env: test }}
+  auditor:
+    review: {{ roles: [ "*" ] }}
+    revoke: true
+    audit: true
+approval:
+  - roles: [ node-admin, no-forward ]
+    require: self
+resources:
+  nodes:
+    - {{ name: node-1, address: "127.0.0.1:{node_port}", labels: {{ env: test }} }}
+{extra}"#
+    )
+}
+
+pub struct Lab {
+    pub d: Wicketd,
+    pub node: Sshd,
+    pub ssh_addr: SocketAddr,
+    pub login: String,
+}
+
+impl Lab {
+    pub fn start() -> Lab {
+        Self::start_with("")
+    }
+
+    pub fn start_with(extra: &str) -> Lab {
+        let login = test_login();
+        let port = free_port().unwrap();
+        let d = Wicketd::builder()
+            .config(config(port, &login, extra))
+            .start()
+            .unwrap();
+        let ssh_addr = d
+            .startup_output()
+            .iter()
+            .find_map(|l| l.strip_prefix("SSH listening on "))
+            .expect("wicketd prints its SSH address")
+            .trim()
+            .parse()
+            .unwrap();
+        let node = Sshd::builder().port(port).node("node-1").start(&d).unwrap();
+        Lab {
+            d,
+            node,
+            ssh_addr,
+            login,
+        }
+    }
+
+    /// A user with these standing roles, logged in.
+    pub fn user(&self, name: &str, roles: &str) -> WicketCli {
+        self.d.add_user(name, roles, PW, false).unwrap();
+        let cli = WicketCli::new().unwrap();
+        let out = cli.login(&self.d, name, PW, &[]).unwrap();
+        assert!(out.ok, "{}", out.stderr);
+        cli
+    }
+
+    /// A self-approved `role` grant for `cli`, logged in with it; its ID.
+    pub fn grant(&self, cli: &WicketCli, role: &str, duration: &str) -> String {
+        let g = cli
+            .ok(&[
+                "request",
+                "create",
+                "--roles",
+                role,
+                "--reason",
+                "INC-7: node work",
+                "--duration",
+                duration,
+                "--format",
+                "json",
+            ])
+            .unwrap()
+            .json()
+            .unwrap();
+        assert_eq!(g["status"], "active", "{g}");
+        let id = g["id"].as_str().unwrap().to_owned();
+        cli.ok(&["login", "--request-id", &id]).unwrap();
+        id
+    }
+
+    pub fn dest(&self) -> String {
+        format!("{}@node-1.wicket", self.login)
+    }
+}
+
+/// `wicket config` written to a file in the user's home.
+pub fn ssh_config(cli: &WicketCli) -> PathBuf {
+    let text = cli.ok(&["config"]).unwrap().stdout;
+    assert!(text.contains("Host *.wicket"), "{text}");
+    assert!(text.contains("proxy ssh"), "{text}");
+    let p = cli.home.path().join("ssh_config_test");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// `ssh -F cfg <args>` (batch mode: never prompts).
+pub fn ssh(cfg: &Path) -> Command {
+    let mut c = Command::new("ssh");
+    c.arg("-F")
+        .arg(cfg)
+        .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=20"]);
+    c
+}
+
+fn output(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn node_trusts_wicket_certificates_directly() {
+    let lab = Lab::start();
+    let alice = lab.user("alice", "direct");
+    let st = alice.status().unwrap();
+    let f = |k: &str| PathBuf::from(st["files"][k].as_str().unwrap());
+    let out = output(
+        Command::new("ssh")
+            .args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
+            .arg("-i")
+            .arg(f("ssh_key"))
+            .arg("-o")
+            .arg(format!("CertificateFile={}", f("ssh_certificate").display()))
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", f("known_hosts").display()))
+            .args(["-o", "HostKeyAlias=node-1", "-o", "StrictHostKeyChecking=yes"])
+            .args(["-p", &lab.node.port().to_string()])
+            .arg(format!("{}@127.0.0.1", lab.login))
+            .arg("echo direct-ok"),
+    );
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stderr),
+        lab.node.log()
+    );
+    assert_eq!(text(&out.stdout).trim(), "direct-ok");
+    assert!(lab.node.log().contains("user=alice"), "{}", lab.node.log());
+}
+
+#[test]
+fn commands_through_the_proxy_match_direct_and_the_node_log_names_the_request() {
+    let lab = Lab::start();
+    let alice = lab.user("alice", "access");
+    let id = lab.grant(&alice, "node-admin", "10m");
+    let cfg = ssh_config(&alice);
+    // Output, stderr and exit status come through unchanged.
+    let out = output(
+        ssh(&cfg)
+            .arg(lab.dest())
+            .arg("echo out-$LANG; echo err >&2; exit 3")
+            .env("LANG", "C.UTF-8")
+            .args(["-o", "SendEnv=LANG"]),
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "out-C.UTF-8\n");
+    assert!(text(&out.stderr).contains("err"), "{}", text(&out.stderr));
+    // The node's own log names user, session and request.
+    let log = lab.node.log();
+    assert!(log.contains(&format!("requests={id}")), "{log}");
+    assert!(log.contains("user=alice session="), "{log}");
+    // `wicket ssh` does the same in one step.
+    let out = alice
+        .run(&["ssh", &format!("{}@node-1", lab.login), "echo", "one-step"], "")
+        .unwrap();
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "one-step");
+    // Audit: start, exec and end, all under the request.
+    let events = alice
+        .ok(&["audit", "search", "--request", &id, "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    for k in ["session_started", "ssh_exec", "session_ended"] {
+        assert!(kinds.contains(&k), "{k} missing: {kinds:?}");
+    }
+    let g = alice
+        .ok(&["request", "show", &id, "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(g["actions_taken"].as_i64().unwrap() >= 4, "{g}");
+}
+
+#[test]
+fn denials_are_specific() {
+    let lab = Lab::start();
+    let alice = lab.user("alice", "access");
+    let cfg = ssh_config(&alice);
+    let denied = |dest: &str| {
+        let out = output(ssh(&cfg).arg(dest).arg("true"));
+        assert!(!out.status.success());
+        text(&out.stderr)
+    };
+    let e = denied(&lab.dest());
+    assert!(e.contains("access denied") && e.contains("no active grant"), "{e}");
+    let e = denied(&format!("{}@nope.wicket", lab.login));
+    assert!(e.contains("unknown node \"nope\""), "{e}");
+    // A revoked grant does not count though the certificate is still valid.
+    let admin = lab.user("root-admin", "auditor");
+    let id = lab.grant(&alice, "node-admin", "10m");
+    let out = output(ssh(&cfg).arg(lab.dest()).arg("true"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    admin
+        .ok(&["request", "revoke", &id, "--reason", "done"])
+        .unwrap();
+    let e = denied(&lab.dest());
+    assert!(e.contains(&id) && e.contains("revoked"), "{e}");
+    let denied_events = admin
+        .ok(&["audit", "search", "--kind", "session_denied", "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(denied_events.as_array().unwrap().len() >= 3, "{denied_events}");
+}
+
+/// An interactive session driven through a pseudo-terminal (`script`).
+struct Pty {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    rx: mpsc::Receiver<Vec<u8>>,
+    seen: Vec<u8>,
+}
+
+impl Pty {
+    fn spawn(cfg: &Path, dest: &str) -> Pty {
+        let cmd = format!(
+            "ssh -tt -F '{}' -o BatchMode=yes {dest}",
+            cfg.display()
+        );
+        let mut child = Command::new("script")
+            .args(["-q", "-f", "-e", "-c", &cmd, "/dev/null"])
+            .env("TERM", "xterm")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        for mut r in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = r.read(&mut buf) {
+                    if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Pty {
+            child,
+            stdin,
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, s: &str) {
+        self.stdin.write_all(s.as_bytes()).unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn text(&self) -> String {
+        text(&self.seen)
+    }
+
+    fn expect(&mut self, needle: &str, timeout: Duration) {
+        let r = wait_until(&format!("{needle:?} on the terminal"), timeout, || {
+            while let Ok(b) = self.rx.try_recv() {
+                self.seen.extend(b);
+            }
+            self.text().contains(needle).then_some(())
+        });
+        if let Err(e) = r {
+            panic!("{e}\n--- terminal ---\n{}", self.text());
+        }
+    }
+
+    fn exited(&mut self) -> bool {
+        while let Ok(b) = self.rx.try_recv() {
+            self.seen.extend(b);
+        }
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for Pty {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn interactive_session_is_cut_within_a_second_of_revoke_and_recorded() {
+    let lab = Lab::start();
+    let alice = lab.user("alice", "access");
+    let admin = lab.user("sec", "auditor");
+    let id = lab.grant(&alice, "node-admin", "10m");
+    let cfg = ssh_config(&alice);
+    let mut t = Pty::spawn(&cfg, &lab.dest());
+    t.send("echo hello-$((40+2))\n");
+    t.expect("hello-42", Duration::from_secs(20));
+    admin
+        .ok(&["request", "revoke", &id, "--reason", "incident over"])
+        .unwrap();
+    let revoked = Instant::now();
+    t.expect("revoked", Duration::from_secs(5));
+    wait_until("the ssh client to exit", Duration::from_secs(5), || {
+        t.exited().then_some(())
+    })
+    .unwrap();
+    let took = revoked.elapsed();
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    assert!(t.text().contains(&id), "{}", t.text());
+    // The recording replays what was typed and printed.
+    let list = admin
+        .ok(&["recordings", "ls", "--request", &id, "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    let sid = list[0]["session_id"].as_str().unwrap().to_owned();
+    assert_eq!(list[0]["user"], "alice");
+    let played = admin
+        .ok(&["play", &sid, "--format", "text"])
+        .unwrap()
+        .stdout;
+    assert!(played.contains("echo hello-$((40+2))"), "{played}");
+    assert!(played.contains("hello-42"), "{played}");
+    assert!(played.contains("revoked"), "{played}");
+    // An equivalent of `asciinema cat`: the file is asciicast v2.
+    let cast = admin.ok(&["play", &sid, "--format", "cast"]).unwrap().stdout;
+    let (header, events) = wicket::ssh::parse_cast(&cast).unwrap();
+    assert_eq!(header["wicket"]["session_id"], sid.as_str());
+    assert_eq!(header["wicket"]["request_ids"][0], id.as_str());
+    assert!(events.iter().any(|e| e.code == "o"));
+    if let Ok(out) = Command::new("asciinema")
+        .arg("cat")
+        .arg({
+            let p = admin.home.path().join("s.cast");
+            std::fs::write(&p, &cast).unwrap();
+            p
+        })
+        .output()
+    {
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("hello-42"));
+    }
+    // Timed replay works too (fast).
+    let replay = admin
+        .ok(&["play", &sid, "--speed", "50"])
+        .unwrap()
+        .stdout;
+    assert!(replay.contains("hello-42"));
+    // alice may list her own sessions but not play bob's (none here): her list is hers.
+    let mine = alice
+        .ok(&["recordings", "ls", "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(mine
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["user"] == "alice"));
+    let _: &Value = &mine;
+}
+
+#[test]
+fn interactive_session_is_warned_then_cut_at_expiry() {
+    let lab = Lab::start();
+    let alice = lab.user("alice", "access");
+    let id = lab.grant(&alice, "node-admin", "6s");
+    let g = alice
+        .ok(&["request", "show", &id, "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    let expires = chrono::DateTime::parse_from_rfc3339(g["expires_at"].as_str().unwrap()).unwrap();
+    let cfg = ssh_config(&alice);
+    let mut t = Pty::spawn(&cfg, &lab.dest());
+    t.send("echo ready-$((1+1))\n");
+    t.expect("ready-2", Duration::from_secs(10));
+    t.expect("this session will be closed", Duration::from_secs(10));
+    t.expect("expired", Duration::from_secs(10));
+    wait_until("the ssh client to exit", Duration::from_secs(5), || {
+        t.exited().then_some(())
+    })
+    .unwrap();
+    let late = chrono::Utc::now().signed_duration_since(expires);
+    assert!(
+        late < chrono::Duration::milliseconds(1500),
+        "cut {late:?} after expiry"
+    );
+}
+
+fn sha256(path: &Path) -> String {
+    run(Command::new("sha256sum").arg(path))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn scp_and_sftp_round_trip_ten_megabytes() {
+    let lab = Lab::start();
+    let alice = lab.user("alice", "access");
+    lab.grant(&alice, "node-admin", "10m");
+    let cfg = ssh_config(&alice);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.bin");
+    run(Command::new("head")
+        .args(["-c", "10485760", "/dev/urandom"])
+        .stdout(std::fs::File::create(&src).unwrap()))
+    .unwrap();
+    let remote = format!("/tmp/wicket-e2e-{}.bin", free_port().unwrap());
+    let back = dir.path().join("back.bin");
+    let scp = |a: &str, b: &str| {
+        let out = output(
+            Command::new("scp")
+                .args(["-q", "-F"])
+                .arg(&cfg)
+                .args(["-o", "BatchMode=yes", a, b]),
+        );
+        assert!(out.status.success(), "scp {a} {b}: {}", text(&out.stderr));
+    };
+    scp(
+        src.to_str().unwrap(),
+        &format!("{}:{remote}", lab.dest()),
+    );
+    scp(&format!("{}:{remote}", lab.dest()), back.to_str().unwrap());
+    assert_eq!(sha256(&src), sha256(&back));
+    // sftp: get it again in batch mode.
+    let back2 = dir.path().join("back2.bin");
+    let batch = dir.path().join("batch");
+    std::fs::write(
+        &batch,
+        format!("get {remote} {}\nrm {remote}\n", back2.display()),
+    )
+    .unwrap();
+    let out = output(
+        Command::new("sftp")
+            .arg("-F")
+            .arg(&cfg)
+            .args(["-o", "BatchMode=yes", "-b"])
+            .arg(&batch)
+            .arg(lab.dest()),
+    );
+    assert!(out.status.success(), "sftp: {}", text(&out.stderr));
+    assert_eq!(sha256(&src), sha256(&back2));
+}
+
+#[test]
+fn port_forwarding_only_when_the_role_allows_it() {
+    let lab = Lab::start();
+    let alice = lab.user("alice", "access");
+    lab.grant(&alice, "no-forward", "10m");
+    let cfg = ssh_config(&alice);
+    let port = free_port().unwrap();
+    // -W is a direct-tcpip channel to the node's own sshd.
+    let out = output(
+        ssh(&cfg)
+            .args(["-W", &format!("127.0.0.1:{}", lab.node.port())])
+            .arg(lab.dest()),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("prohibited"),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = port;
+    let bob = lab.user("bob", "access");
+    lab.grant(&bob, "node-admin", "10m");
+    let cfg = ssh_config(&bob);
+    let out = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args(["-o", "BatchMode=yes", "-W"])
+        .arg(format!("127.0.0.1:{}", lab.node.port()))
+        .arg(lab.dest())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = out;
+    let mut banner = [0u8; 8];
+    out.stdout.as_mut().unwrap().read_exact(&mut banner).unwrap();
+    assert_eq!(&banner, b"SSH-2.0-", "the forwarded port is the node's sshd");
+    let _ = out.kill();
+    let _ = out.wait();
+}
