@@ -197,10 +197,10 @@ fn commands_through_the_proxy_match_direct_and_the_node_log_names_the_request() 
     // Output, stderr and exit status come through unchanged.
     let out = output(
         ssh(&cfg)
+            .args(["-o", "SendEnv=LANG"])
             .arg(lab.dest())
             .arg("echo out-$LANG; echo err >&2; exit 3")
-            .env("LANG", "C.UTF-8")
-            .args(["-o", "SendEnv=LANG"]),
+            .env("LANG", "C.UTF-8"),
     );
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "out-C.UTF-8\n");
@@ -217,7 +217,7 @@ fn commands_through_the_proxy_match_direct_and_the_node_log_names_the_request() 
     assert_eq!(out.stdout.trim(), "one-step");
     // Audit: start, exec and end, all under the request.
     let events = alice
-        .ok(&["audit", "search", "--request", &id, "--format", "json"])
+        .ok(&["audit", "search", "--user", "alice", "--request", &id, "--format", "json"])
         .unwrap()
         .json()
         .unwrap();
