@@ -208,7 +208,10 @@ impl Live {
                 .extended_data(id, 1, Bytes::from(line.clone().into_bytes()))
                 .await;
         }
-        self.marker(text);
+        // What the user saw is part of the recording.
+        if let Some(r) = self.existing_recorder() {
+            r.output(crate::clock::instant(), line.as_bytes());
+        }
     }
 
     /// Ends the session now with `why` (the grant ended).
@@ -407,13 +410,6 @@ impl Conn {
         let Some(node) = route.node.clone() else {
             return Err(deny(format!("unknown node {:?}", route.node_name)).await);
         };
-        if !cert.principals.iter().any(|p| p == login) {
-            return Err(deny(format!(
-                "your certificate does not allow login {login:?} (it allows {}); request a role that grants it",
-                cert.principals.join(", ")
-            ))
-            .await);
-        }
         let record = match wicket.store.get_user(user).await {
             Ok(Some(u)) if !u.disabled => u,
             Ok(_) => {
@@ -460,6 +456,14 @@ impl Conn {
                 decision.reason
             };
             return Err(deny(reason).await);
+        }
+        if !cert.principals.iter().any(|p| p == login) {
+            return Err(deny(format!(
+                "{}, but your certificate does not carry login {login:?} (it carries {}); run `wicket login --request-id ...` for new certificates",
+                decision.reason,
+                cert.principals.join(", ")
+            ))
+            .await);
         }
         let registration = wicket.sessions.register(SessionInfo {
             protocol: "ssh",
