@@ -144,7 +144,16 @@ impl SshdBuilder {
         let root = dir.path();
         let host_key = root.join("ssh_host_ed25519_key");
         run(Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "wicket-test-node", "-f"])
+            .args([
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "wicket-test-node",
+                "-f",
+            ])
             .arg(&host_key))
         .context("making the node's host key")?;
         let node = self.node.clone().unwrap_or_else(|| "node-1".into());

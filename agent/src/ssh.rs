@@ -127,7 +127,11 @@ async fn ssh_proxy_addr(p: &Profile, info: &ProfileInfo) -> Result<String> {
         }
         _ => addr,
     };
-    write_file(&p.dir.join("ssh_proxy"), format!("{addr}\n").as_bytes(), 0o644)?;
+    write_file(
+        &p.dir.join("ssh_proxy"),
+        format!("{addr}\n").as_bytes(),
+        0o644,
+    )?;
     Ok(addr)
 }
 

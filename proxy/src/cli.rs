@@ -269,7 +269,10 @@ fn nodes_add(cfg: &Config, name: &str, host_key: &Path, write_dir: Option<&Path>
     let ca_path = etc.join("wicket_user_ca.pub");
     if let Some(dir) = write_dir {
         std::fs::create_dir_all(dir)?;
-        std::fs::write(dir.join("wicket_user_ca.pub"), format!("{}\n", setup.user_ca))?;
+        std::fs::write(
+            dir.join("wicket_user_ca.pub"),
+            format!("{}\n", setup.user_ca),
+        )?;
         std::fs::write(
             dir.join(format!("{key_name}-cert.pub")),
             format!("{}\n", setup.host_certificate),
@@ -286,7 +289,10 @@ fn nodes_add(cfg: &Config, name: &str, host_key: &Path, write_dir: Option<&Path>
         .map(|t| t.to_rfc3339())
         .unwrap_or_default();
     println!("# {known}");
-    println!("# host certificate for {} valid until {valid}", setup.principals.join(", "));
+    println!(
+        "# host certificate for {} valid until {valid}",
+        setup.principals.join(", ")
+    );
     println!("# 1. save Wicket's user CA as {}:", ca_path.display());
     println!("{}", setup.user_ca);
     println!("# 2. save the host certificate as {}:", cert_path.display());

@@ -166,14 +166,29 @@ fn node_trusts_wicket_certificates_directly() {
     let f = |k: &str| PathBuf::from(st["files"][k].as_str().unwrap());
     let out = output(
         Command::new("ssh")
-            .args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
+            .args([
+                "-F",
+                "/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+            ])
             .arg("-i")
             .arg(f("ssh_key"))
             .arg("-o")
-            .arg(format!("CertificateFile={}", f("ssh_certificate").display()))
+            .arg(format!(
+                "CertificateFile={}",
+                f("ssh_certificate").display()
+            ))
             .arg("-o")
             .arg(format!("UserKnownHostsFile={}", f("known_hosts").display()))
-            .args(["-o", "HostKeyAlias=node-1", "-o", "StrictHostKeyChecking=yes"])
+            .args([
+                "-o",
+                "HostKeyAlias=node-1",
+                "-o",
+                "StrictHostKeyChecking=yes",
+            ])
             .args(["-p", &lab.node.port().to_string()])
             .arg(format!("{}@127.0.0.1", lab.login))
             .arg("echo direct-ok"),
@@ -211,13 +226,55 @@ fn commands_through_the_proxy_match_direct_and_the_node_log_names_the_request() 
     assert!(log.contains("user=alice session="), "{log}");
     // `wicket ssh` does the same in one step.
     let out = alice
-        .run(&["ssh", &format!("{}@node-1", lab.login), "echo", "one-step"], "")
+        .run(
+            &["ssh", &format!("{}@node-1", lab.login), "echo", "one-step"],
+            "",
+        )
         .unwrap();
     assert!(out.ok, "{}", out.stderr);
     assert_eq!(out.stdout.trim(), "one-step");
+    // Without `wicket proxy ssh`: straight to the proxy as LOGIN@NODE; it
+    // presents its own host certificate (for its address).
+    let st = alice.status().unwrap();
+    let f = |k: &str| PathBuf::from(st["files"][k].as_str().unwrap());
+    let out = output(
+        Command::new("ssh")
+            .args([
+                "-F",
+                "/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+            ])
+            .arg("-i")
+            .arg(f("ssh_key"))
+            .arg("-o")
+            .arg(format!(
+                "CertificateFile={}",
+                f("ssh_certificate").display()
+            ))
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", f("known_hosts").display()))
+            .args(["-o", "StrictHostKeyChecking=yes"])
+            .args(["-p", &lab.ssh_addr.port().to_string()])
+            .arg(format!("{}@node-1@{}", lab.login, lab.ssh_addr.ip()))
+            .arg("echo login-at-node"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "login-at-node");
     // Audit: start, exec and end, all under the request.
     let events = alice
-        .ok(&["audit", "search", "--user", "alice", "--request", &id, "--format", "json"])
+        .ok(&[
+            "audit",
+            "search",
+            "--user",
+            "alice",
+            "--request",
+            &id,
+            "--format",
+            "json",
+        ])
         .unwrap()
         .json()
         .unwrap();
@@ -249,7 +306,10 @@ fn denials_are_specific() {
         text(&out.stderr)
     };
     let e = denied(&lab.dest());
-    assert!(e.contains("access denied") && e.contains("no active grant"), "{e}");
+    assert!(
+        e.contains("access denied") && e.contains("no active grant"),
+        "{e}"
+    );
     let e = denied(&format!("{}@nope.wicket", lab.login));
     assert!(e.contains("unknown node \"nope\""), "{e}");
     // A revoked grant does not count though the certificate is still valid.
@@ -263,11 +323,21 @@ fn denials_are_specific() {
     let e = denied(&lab.dest());
     assert!(e.contains(&id) && e.contains("revoked"), "{e}");
     let denied_events = admin
-        .ok(&["audit", "search", "--kind", "session_denied", "--format", "json"])
+        .ok(&[
+            "audit",
+            "search",
+            "--kind",
+            "session_denied",
+            "--format",
+            "json",
+        ])
         .unwrap()
         .json()
         .unwrap();
-    assert!(denied_events.as_array().unwrap().len() >= 3, "{denied_events}");
+    assert!(
+        denied_events.as_array().unwrap().len() >= 3,
+        "{denied_events}"
+    );
 }
 
 /// An interactive session driven through a pseudo-terminal (`script`).
@@ -280,10 +350,7 @@ struct Pty {
 
 impl Pty {
     fn spawn(cfg: &Path, dest: &str) -> Pty {
-        let cmd = format!(
-            "ssh -tt -F '{}' -o BatchMode=yes {dest}",
-            cfg.display()
-        );
+        let cmd = format!("ssh -tt -F '{}' -o BatchMode=yes {dest}", cfg.display());
         let mut child = Command::new("script")
             .args(["-q", "-f", "-e", "-c", &cmd, "/dev/null"])
             .env("TERM", "xterm")
@@ -390,7 +457,10 @@ fn interactive_session_is_cut_within_a_second_of_revoke_and_recorded() {
     assert!(played.contains("hello-42"), "{played}");
     assert!(played.contains("revoked"), "{played}");
     // An equivalent of `asciinema cat`: the file is asciicast v2.
-    let cast = admin.ok(&["play", &sid, "--format", "cast"]).unwrap().stdout;
+    let cast = admin
+        .ok(&["play", &sid, "--format", "cast"])
+        .unwrap()
+        .stdout;
     let (header, events) = wicket::ssh::parse_cast(&cast).unwrap();
     assert_eq!(header["wicket"]["session_id"], sid.as_str());
     assert_eq!(header["wicket"]["request_ids"][0], id.as_str());
@@ -408,10 +478,7 @@ fn interactive_session_is_cut_within_a_second_of_revoke_and_recorded() {
         assert!(text(&out.stdout).contains("hello-42"));
     }
     // Timed replay works too (fast).
-    let replay = admin
-        .ok(&["play", &sid, "--speed", "50"])
-        .unwrap()
-        .stdout;
+    let replay = admin.ok(&["play", &sid, "--speed", "50"]).unwrap().stdout;
     assert!(replay.contains("hello-42"));
     // alice may list her own sessions but not play bob's (none here): her list is hers.
     let mine = alice
@@ -479,18 +546,15 @@ fn scp_and_sftp_round_trip_ten_megabytes() {
     let remote = format!("/tmp/wicket-e2e-{}.bin", free_port().unwrap());
     let back = dir.path().join("back.bin");
     let scp = |a: &str, b: &str| {
-        let out = output(
-            Command::new("scp")
-                .args(["-q", "-F"])
-                .arg(&cfg)
-                .args(["-o", "BatchMode=yes", a, b]),
-        );
+        let out = output(Command::new("scp").args(["-q", "-F"]).arg(&cfg).args([
+            "-o",
+            "BatchMode=yes",
+            a,
+            b,
+        ]));
         assert!(out.status.success(), "scp {a} {b}: {}", text(&out.stderr));
     };
-    scp(
-        src.to_str().unwrap(),
-        &format!("{}:{remote}", lab.dest()),
-    );
+    scp(src.to_str().unwrap(), &format!("{}:{remote}", lab.dest()));
     scp(&format!("{}:{remote}", lab.dest()), back.to_str().unwrap());
     assert_eq!(sha256(&src), sha256(&back));
     // sftp: get it again in batch mode.
@@ -549,8 +613,15 @@ fn port_forwarding_only_when_the_role_allows_it() {
         .unwrap();
     let mut out = out;
     let mut banner = [0u8; 8];
-    out.stdout.as_mut().unwrap().read_exact(&mut banner).unwrap();
-    assert_eq!(&banner, b"SSH-2.0-", "the forwarded port is the node's sshd");
+    out.stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut banner)
+        .unwrap();
+    assert_eq!(
+        &banner, b"SSH-2.0-",
+        "the forwarded port is the node's sshd"
+    );
     let _ = out.kill();
     let _ = out.wait();
 }

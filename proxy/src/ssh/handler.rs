@@ -179,7 +179,9 @@ impl Live {
             if part.len() < data.len() {
                 r.marker(
                     crate::clock::instant(),
-                    &format!("output beyond {EXEC_RECORD_LIMIT} bytes of this command is not recorded"),
+                    &format!(
+                        "output beyond {EXEC_RECORD_LIMIT} bytes of this command is not recorded"
+                    ),
                 );
             }
             return;
@@ -217,7 +219,8 @@ impl Live {
     /// Ends the session now with `why` (the grant ended).
     async fn end(&self, handle: &server::Handle, why: &str) {
         *lock(&self.end_reason) = Some(why.to_owned());
-        self.tell(handle, &format!("{why}; closing this session")).await;
+        self.tell(handle, &format!("{why}; closing this session"))
+            .await;
         let ids = lock(&self.session_channels).clone();
         for id in ids {
             let _ = handle.close(id).await;
@@ -406,7 +409,8 @@ impl Conn {
             return Err("the certificate carries no Wicket identity".into());
         };
         let user = id.user.as_str();
-        let deny = |reason: String| self.deny(user, &route.node_name, login, &id.request_ids, reason);
+        let deny =
+            |reason: String| self.deny(user, &route.node_name, login, &id.request_ids, reason);
         let Some(node) = route.node.clone() else {
             return Err(deny(format!("unknown node {:?}", route.node_name)).await);
         };
@@ -563,13 +567,11 @@ impl Conn {
         let Some(live) = self.live() else {
             return false;
         };
-        let d = self
-            .proxy
-            .wicket
-            .config
-            .policy
-            .roles
-            .decide_ssh_forwarding(&live.subject(), &live.node, kind);
+        let d = self.proxy.wicket.config.policy.roles.decide_ssh_forwarding(
+            &live.subject(),
+            &live.node,
+            kind,
+        );
         if !d.allowed {
             live.audit(AuditEvent::AccessDenied {
                 user: live.sref.user.clone(),
@@ -609,10 +611,7 @@ where
 }
 
 /// User → node: data and requests, in order.
-async fn run_to_node(
-    mut rx: mpsc::Receiver<Up>,
-    up: russh::ChannelWriteHalf<russh::client::Msg>,
-) {
+async fn run_to_node(mut rx: mpsc::Receiver<Up>, up: russh::ChannelWriteHalf<russh::client::Msg>) {
     while let Some(m) = rx.recv().await {
         let r = match m {
             Up::Data(d) => up.data_bytes(d).await,
@@ -625,7 +624,10 @@ async fn run_to_node(
                 pw,
                 ph,
                 modes,
-            } => up.request_pty(true, &term, cols, rows, pw, ph, &modes).await,
+            } => {
+                up.request_pty(true, &term, cols, rows, pw, ph, &modes)
+                    .await
+            }
             Up::Env(k, v) => up.set_env(true, k, v).await,
             Up::Shell => up.request_shell(true).await,
             Up::Exec(cmd) => up.exec(true, cmd).await,
@@ -787,7 +789,11 @@ impl server::Handler for Conn {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         match &self.access {
-            Access::Pending => reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await,
+            Access::Pending => {
+                reply
+                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                    .await
+            }
             Access::Denied(reason) => {
                 reply.accept().await;
                 let handle = session.handle();
@@ -795,7 +801,9 @@ impl server::Handler for Conn {
                 let msg = format!("wicket: access denied: {reason}\r\n");
                 tokio::spawn(async move {
                     let id = w.id();
-                    let _ = w.extended_data_bytes(1, Bytes::from(msg.into_bytes())).await;
+                    let _ = w
+                        .extended_data_bytes(1, Bytes::from(msg.into_bytes()))
+                        .await;
                     let _ = handle.exit_status_request(id, 1).await;
                     let _ = handle.eof(id).await;
                     let _ = handle.close(id).await;
@@ -856,14 +864,18 @@ impl server::Handler for Conn {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let Some(live) = self.live().cloned() else {
-            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
             return Ok(());
         };
         if !self
             .decide_forwarding(SshForwarding::Port, None, session)
             .await
         {
-            reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
             return Ok(());
         }
         let up = match live
@@ -1012,7 +1024,8 @@ impl server::Handler for Conn {
     ) -> Result<(), Self::Error> {
         if let (Some(live), Some(c)) = (self.live(), self.channels.get(&channel)) {
             let (cols, rows, term) = c.pty.clone().unwrap_or((80, 24, String::new()));
-            if let Some(r) = live.recorder(cols, rows, (!term.is_empty()).then_some(term.as_str())) {
+            if let Some(r) = live.recorder(cols, rows, (!term.is_empty()).then_some(term.as_str()))
+            {
                 r.marker(crate::clock::instant(), "shell");
             }
         }
@@ -1031,7 +1044,8 @@ impl server::Handler for Conn {
             if c.pty.is_none() {
                 c.rec.mode.store(REC_EXEC, Ordering::Relaxed);
             }
-            if let Some(r) = live.recorder(cols, rows, (!term.is_empty()).then_some(term.as_str())) {
+            if let Some(r) = live.recorder(cols, rows, (!term.is_empty()).then_some(term.as_str()))
+            {
                 r.marker(crate::clock::instant(), &format!("exec: {command}"));
             }
             live.execs.fetch_add(1, Ordering::Relaxed);
@@ -1041,7 +1055,8 @@ impl server::Handler for Conn {
             })
             .await;
         }
-        self.forward(channel, Up::Exec(data.to_vec()), session).await
+        self.forward(channel, Up::Exec(data.to_vec()), session)
+            .await
     }
 
     async fn subsystem_request(
@@ -1087,7 +1102,9 @@ impl server::Handler for Conn {
             }
             let _ = c
                 .to_up
-                .send(Up::WindowChange(col_width, row_height, pix_width, pix_height))
+                .send(Up::WindowChange(
+                    col_width, row_height, pix_width, pix_height,
+                ))
                 .await;
         }
         Ok(())

@@ -36,8 +36,8 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use wicket_ca::{
-    AuthorityKeys, SshCertKind, SshCertificateRequest, SshPermissions, SshPublicKey,
-    TrustedSshCas, Validity,
+    AuthorityKeys, SshCertKind, SshCertificateRequest, SshPermissions, SshPublicKey, TrustedSshCas,
+    Validity,
 };
 use wicket_policy::{Resource, ResourceKind};
 
@@ -343,7 +343,9 @@ async fn read_route(tcp: &mut TcpStream) -> std::io::Result<(Option<(String, u16
         if buf.len() == 4 && buf == b"SSH-" {
             return Ok((None, buf));
         }
-        if buf.len() <= 4 && !ROUTE_PREFIX.as_bytes().starts_with(&buf) && !b"SSH-".starts_with(&buf)
+        if buf.len() <= 4
+            && !ROUTE_PREFIX.as_bytes().starts_with(&buf)
+            && !b"SSH-".starts_with(&buf)
         {
             return Err(std::io::Error::other("not an SSH client or a route line"));
         }
@@ -504,6 +506,8 @@ async fn connection(proxy: Arc<SshProxy>, mut tcp: TcpStream, peer: SocketAddr) 
         }
         Err(e) => Err(e),
     };
-    finish.finish(result.as_ref().err().map(|e| e.to_string())).await;
+    finish
+        .finish(result.as_ref().err().map(|e| e.to_string()))
+        .await;
     Ok(())
 }

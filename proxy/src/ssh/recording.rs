@@ -63,7 +63,9 @@ pub fn path(data_dir: &Path, session_id: &str) -> Option<PathBuf> {
 pub fn read_meta(path: &Path) -> Option<RecordingMeta> {
     let f = File::open(path).ok()?;
     let mut line = String::new();
-    BufReader::new(f.take(64 * 1024)).read_line(&mut line).ok()?;
+    BufReader::new(f.take(64 * 1024))
+        .read_line(&mut line)
+        .ok()?;
     serde_json::from_str::<Header>(&line).ok().map(|h| h.wicket)
 }
 

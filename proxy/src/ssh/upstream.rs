@@ -87,12 +87,18 @@ impl client::Handler for Upstream {
                 reply.accept().await;
                 tokio::spawn(async move {
                     match h.channel_open_agent().await {
-                        Ok(down) => super::handler::pipe(down.into_stream(), channel.into_stream()).await,
+                        Ok(down) => {
+                            super::handler::pipe(down.into_stream(), channel.into_stream()).await
+                        }
                         Err(e) => tracing::debug!(error = %e, "user refused the agent channel"),
                     }
                 });
             }
-            _ => reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await,
+            _ => {
+                reply
+                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                    .await
+            }
         }
         Ok(())
     }
@@ -111,12 +117,18 @@ impl client::Handler for Upstream {
                 let addr = originator_address.to_owned();
                 tokio::spawn(async move {
                     match h.channel_open_x11(addr, originator_port).await {
-                        Ok(down) => super::handler::pipe(down.into_stream(), channel.into_stream()).await,
+                        Ok(down) => {
+                            super::handler::pipe(down.into_stream(), channel.into_stream()).await
+                        }
                         Err(e) => tracing::debug!(error = %e, "user refused the X11 channel"),
                     }
                 });
             }
-            _ => reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await,
+            _ => {
+                reply
+                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                    .await
+            }
         }
         Ok(())
     }
@@ -124,6 +136,7 @@ impl client::Handler for Upstream {
 
 /// Connects to `node` and logs in as `login` with a fresh one-minute
 /// certificate naming the user, session and requests.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn connect(
     proxy: &Arc<SshProxy>,
     shared: Arc<ConnShared>,
@@ -143,10 +156,13 @@ pub(crate) async fn connect(
         shared,
         refused: refused.clone(),
     };
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&node.address))
-        .await
-        .map_err(|_| Error::Io(format!("connecting to {} timed out", node.address)))?
-        .map_err(|e| Error::Io(format!("cannot connect to {}: {e}", node.address)))?;
+    let tcp = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect(&node.address),
+    )
+    .await
+    .map_err(|_| Error::Io(format!("connecting to {} timed out", node.address)))?
+    .map_err(|e| Error::Io(format!("cannot connect to {}: {e}", node.address)))?;
     let _ = tcp.set_nodelay(true);
     let connected = tokio::time::timeout(
         CONNECT_TIMEOUT,
@@ -158,7 +174,9 @@ pub(crate) async fn connect(
         Ok(h) => h,
         Err(e) => {
             let why = refused.lock().unwrap_or_else(|e| e.into_inner()).take();
-            return Err(Error::Io(why.unwrap_or_else(|| format!("SSH handshake failed: {e}"))));
+            return Err(Error::Io(
+                why.unwrap_or_else(|| format!("SSH handshake failed: {e}")),
+            ));
         }
     };
     let auth = tokio::time::timeout(
