@@ -273,6 +273,7 @@ struct AuditQuery {
     actor: Option<String>,
     kind: Option<String>,
     request: Option<String>,
+    session: Option<String>,
     limit: Option<i64>,
 }
 
@@ -283,8 +284,18 @@ async fn audit(
 ) -> ApiResult<Vec<wicket_api::AuditEventView>> {
     let Query(q) = query.map_err(|e| Error::BadRequest(e.body_text()))?;
     Ok(Json(
-        w.search_audit(&caller, q.actor, q.kind, q.request, q.limit.unwrap_or(1000))
-            .await?,
+        w.search_audit(
+            &caller,
+            crate::store::AuditFilter {
+                actor: q.actor,
+                kind: q.kind,
+                request_id: q.request,
+                session_id: q.session,
+                since_ms: None,
+                limit: q.limit.unwrap_or(1000),
+            },
+        )
+        .await?,
     ))
 }
 

@@ -2,9 +2,13 @@
 //! (the variant name), actor, optional request/session IDs, and its fields as
 //! JSON. Secrets never appear in an event.
 
-use crate::store::AuditRow;
+use crate::config::{AuditOverflow, AuditSettings};
+use crate::store::{AuditRow, Store};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
 
 /// Something that happened and must be on the record.
 #[derive(Debug, Clone, Serialize)]
@@ -231,13 +235,139 @@ impl AuditEvent {
     /// The row to store at `time_ms`.
     pub fn to_row(&self, time_ms: i64) -> AuditRow {
         AuditRow {
-            id: uuid::Uuid::new_v4().to_string(),
+            // Time-ordered, so events of one session keep their order within
+            // a millisecond.
+            id: uuid::Uuid::now_v7().to_string(),
             time_ms,
             kind: self.kind().to_owned(),
             actor: Some(self.actor().to_owned()),
             request_id: self.request_id().map(str::to_owned),
             session_id: self.session().map(|s| s.session_id.clone()),
             data: serde_json::to_string(self).unwrap_or_else(|_| "{}".into()),
+        }
+    }
+}
+
+/// The bounded, asynchronous path from sessions to the store: session
+/// events are queued and a writer task stores them in batches (one
+/// transaction each), so statements are never slowed by a store round trip.
+/// When the queue is full, `block` makes the session wait; `drop-and-count`
+/// drops the event and counts it (per session and in total) — the count is
+/// logged and recorded in the session's end event.
+#[derive(Clone)]
+pub struct AuditSink {
+    tx: mpsc::Sender<Queued>,
+    overflow: AuditOverflow,
+    dropped: Arc<AtomicU64>,
+}
+
+enum Queued {
+    Row(AuditRow),
+    Flush(oneshot::Sender<()>),
+}
+
+impl std::fmt::Debug for AuditSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditSink")
+            .field("overflow", &self.overflow)
+            .field("dropped", &self.dropped_total())
+            .finish()
+    }
+}
+
+/// Most events stored in one transaction.
+const BATCH: usize = 512;
+
+impl AuditSink {
+    /// Starts the writer task on the current runtime.
+    pub fn start(store: Store, settings: &AuditSettings) -> Self {
+        let (tx, rx) = mpsc::channel(settings.queue_size.max(1));
+        tokio::spawn(writer(store, rx));
+        Self {
+            tx,
+            overflow: settings.on_overflow,
+            dropped: Arc::default(),
+        }
+    }
+
+    /// Queues `event`. Returns false when it was dropped (`drop-and-count`
+    /// with a full queue); `session_dropped` is then incremented.
+    pub async fn send(&self, event: &AuditEvent, now_ms: i64, session_dropped: &AtomicU64) -> bool {
+        let row = Queued::Row(event.to_row(now_ms));
+        match self.overflow {
+            AuditOverflow::Block => self.tx.send(row).await.is_ok(),
+            AuditOverflow::DropAndCount => match self.tx.try_send(row) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    session_dropped.fetch_add(1, Ordering::Relaxed);
+                    let total = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                    if total.is_power_of_two() {
+                        tracing::warn!(
+                            dropped_total = total,
+                            "audit queue full: session events dropped (audit.on_overflow: drop-and-count)"
+                        );
+                    }
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            },
+        }
+    }
+
+    /// Queues `event`, waiting for room whatever the overflow setting
+    /// (session start and end are always on the record).
+    pub async fn send_always(&self, event: &AuditEvent, now_ms: i64) {
+        if self
+            .tx
+            .send(Queued::Row(event.to_row(now_ms)))
+            .await
+            .is_err()
+        {
+            tracing::error!(kind = event.kind(), "audit writer is gone; event lost");
+        }
+    }
+
+    /// Events dropped since start.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Waits until every event queued before this call is stored.
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Queued::Flush(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+async fn writer(store: Store, mut rx: mpsc::Receiver<Queued>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut waiters = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                Queued::Row(r) => batch.push(r),
+                Queued::Flush(w) => waiters.push(w),
+            }
+            if batch.len() < BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            // A failing store is retried (the queue then fills up and the
+            // overflow setting decides); events are never silently lost.
+            let mut delay = std::time::Duration::from_millis(50);
+            while let Err(e) = store.append_audit_batch(&batch).await {
+                tracing::error!(error = %e, events = batch.len(), "storing audit events failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+            batch.clear();
+        }
+        for w in waiters.drain(..) {
+            let _ = w.send(());
         }
     }
 }

@@ -276,6 +276,9 @@ async fn start(source: &Source, listen_api: Option<std::net::SocketAddr>) -> Res
         );
     }
     let _ = writeln!(out, "CA pin: {pin}");
+    if let Some(pg) = running.postgres_addr {
+        let _ = writeln!(out, "Postgres proxy listening on {pg}");
+    }
     let _ = writeln!(out, "API listening on https://{addr}");
     let _ = writeln!(
         out,

@@ -135,6 +135,20 @@ pub struct Resources {
     pub nodes: Vec<NodeInfo>,
     pub databases: Vec<DatabaseInfo>,
     pub kube_clusters: Vec<KubeClusterInfo>,
+    /// Where the proxies listen (ports on the API's host).
+    #[serde(default)]
+    pub proxies: ProxyPorts,
+}
+
+/// The ports of wicketd's proxy listeners (absent when not listening).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProxyPorts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube: Option<u16>,
 }
 
 /// One audit event, as `GET /v1/audit` returns it.
