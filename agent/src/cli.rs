@@ -92,6 +92,61 @@ enum Command {
     /// Search the audit log (your own events, or everyone's with an audit role).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Databases: list them, or open psql through a tunnel.
+    #[command(subcommand)]
+    Db(DbCommand),
+    /// Local proxies for other tools.
+    #[command(subcommand)]
+    Proxy(ProxyCommand),
+    /// Replay a session: a database session's statements with their timing.
+    Play {
+        /// The session ID (from `wicket audit search` or the request's events).
+        session: String,
+        /// Replay this many times faster (text format).
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Print at once instead of with the original timing.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DbCommand {
+    /// The databases you can reach now, with their users and names.
+    Ls {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Run psql connected through a tunnel (arguments after `--` go to psql).
+    Connect {
+        name: String,
+        #[arg(long)]
+        db_user: Option<String>,
+        #[arg(long)]
+        db_name: Option<String>,
+        #[arg(last = true)]
+        psql_args: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProxyCommand {
+    /// A local plaintext PostgreSQL listener on 127.0.0.1 that wraps every
+    /// connection with your certificate (any client works through it).
+    Db {
+        name: String,
+        /// Required: run as a local tunnel.
+        #[arg(long, required = true)]
+        tunnel: bool,
+        /// Local port (default: any free port, printed).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -218,6 +273,9 @@ enum AuditCommand {
         /// Only events of this access request.
         #[arg(long)]
         request: Option<String>,
+        /// Only events of this session (proxied SSH/database connection).
+        #[arg(long)]
+        session: Option<String>,
         #[arg(long, default_value_t = 1000)]
         limit: u32,
         #[arg(long, value_enum, default_value_t)]
@@ -293,9 +351,26 @@ async fn run(command: Command) -> Result<()> {
             user,
             kind,
             request,
+            session,
             limit,
             format,
-        }) => audit_search(user, kind, request, limit, format).await,
+        }) => audit_search(user, kind, request, session, limit, format).await,
+        Command::Db(DbCommand::Ls { format }) => crate::db::ls(format).await,
+        Command::Db(DbCommand::Connect {
+            name,
+            db_user,
+            db_name,
+            psql_args,
+        }) => crate::db::connect(&name, db_user, db_name, psql_args).await,
+        Command::Proxy(ProxyCommand::Db {
+            name, port, format, ..
+        }) => crate::db::proxy(&name, port, format).await,
+        Command::Play {
+            session,
+            speed,
+            no_wait,
+            format,
+        } => play(&session, speed, no_wait, format).await,
     }
 }
 
@@ -624,22 +699,52 @@ fn query_escape(s: &str) -> String {
         .collect()
 }
 
+async fn search(
+    client: &Client,
+    query: &[(&str, Option<String>)],
+    limit: u32,
+) -> Result<Vec<wicket_api::AuditEventView>> {
+    let mut q = vec![format!("limit={limit}")];
+    for (k, v) in query {
+        if let Some(v) = v {
+            q.push(format!("{k}={}", query_escape(v)));
+        }
+    }
+    client.get(&format!("/v1/audit?{}", q.join("&"))).await
+}
+
+async fn play(session: &str, speed: f64, no_wait: bool, format: Format) -> Result<()> {
+    if !(speed.is_finite() && speed > 0.0) {
+        bail!("--speed must be a positive number");
+    }
+    let (_, _, client) = authenticated_client()?;
+    let events = search(&client, &[("session", Some(session.to_owned()))], 10_000).await?;
+    if events.is_empty() {
+        bail!("no session {session:?} (or none of its events are yours to read)");
+    }
+    crate::db::print_db_session(&events, format, speed, !no_wait)
+}
+
 async fn audit_search(
     user: Option<String>,
     kind: Option<String>,
     request: Option<String>,
+    session: Option<String>,
     limit: u32,
     format: Format,
 ) -> Result<()> {
     let (_, _, client) = authenticated_client()?;
-    let mut q = vec![format!("limit={limit}")];
-    for (k, v) in [("actor", user), ("kind", kind), ("request", request)] {
-        if let Some(v) = v {
-            q.push(format!("{k}={}", query_escape(&v)));
-        }
-    }
-    let events: Vec<wicket_api::AuditEventView> =
-        client.get(&format!("/v1/audit?{}", q.join("&"))).await?;
+    let events = search(
+        &client,
+        &[
+            ("actor", user),
+            ("kind", kind),
+            ("request", request),
+            ("session", session),
+        ],
+        limit,
+    )
+    .await?;
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&events)?),
         Format::Text => {

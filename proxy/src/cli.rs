@@ -37,6 +37,35 @@ enum Command {
     /// Manage users directly in the store (bootstrap).
     #[command(subcommand)]
     Users(UsersCommand),
+    /// Set up databases to trust Wicket.
+    #[command(subcommand)]
+    Databases(DatabasesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DatabasesCommand {
+    /// Print the database-client CA certificate (PEM) for PostgreSQL's
+    /// `ssl_ca_file`; the postgresql.conf and pg_hba.conf lines go to stderr.
+    Ca {
+        #[command(flatten)]
+        source: Source,
+    },
+    /// Issue a TLS server certificate for a database from Wicket's TLS CA
+    /// (which the proxy trusts for databases without `ca_file`). Writes
+    /// `server.crt` (leaf and CA) and `server.key` (0600) into --out.
+    ServerCert {
+        #[command(flatten)]
+        source: Source,
+        /// DNS name or IP address the database is reached at (repeatable).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// Directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -191,6 +220,53 @@ async fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Databases(DatabasesCommand::Ca { source }) => {
+            let cfg = load_config(&source)?;
+            let (keys, _) = crate::keystore::load_or_generate(
+                &cfg.data_dir,
+                &cfg.cluster_name,
+                clock::now().timestamp(),
+            )?;
+            print!("{}", keys.db_client.cert_pem());
+            eprintln!("{}", DATABASE_SETUP.trim_end());
+            Ok(())
+        }
+        Command::Databases(DatabasesCommand::ServerCert {
+            source,
+            names,
+            out,
+            days,
+        }) => {
+            let cfg = load_config(&source)?;
+            let now = clock::now().timestamp();
+            let (keys, _) =
+                crate::keystore::load_or_generate(&cfg.data_dir, &cfg.cluster_name, now)?;
+            let rng = ring::rand::SystemRandom::new();
+            let (pkcs8, spki) = wicket_ca::x509::new_p256_key(&rng)?;
+            let leaf = keys.tls.issue_server(
+                &wicket_ca::ServerCertRequest {
+                    spki_der: &spki,
+                    names: &names,
+                    validity: wicket_ca::Validity::new(now - 300, now + i64::from(days) * 86_400)?,
+                },
+                &rng,
+            )?;
+            std::fs::create_dir_all(&out)?;
+            let chain = format!("{}{}", leaf.pem(), keys.tls.cert_pem());
+            std::fs::write(out.join("server.crt"), chain)?;
+            crate::keystore::write_file_atomic(
+                &out.join("server.key"),
+                wicket_ca::x509::pem_encode("PRIVATE KEY", &pkcs8).as_bytes(),
+                0o600,
+            )?;
+            println!(
+                "wrote {} and {} for {}",
+                out.join("server.crt").display(),
+                out.join("server.key").display(),
+                names.join(", ")
+            );
+            Ok(())
+        }
         Command::Users(UsersCommand::Ls { source, format }) => {
             let cfg = load_config(&source)?;
             let store = store::Store::open(&cfg.storage, &cfg.data_dir).await?;
@@ -219,6 +295,18 @@ async fn run(command: Command) -> Result<()> {
         }
     }
 }
+
+/// What `wicketd databases ca` tells the operator to configure.
+const DATABASE_SETUP: &str = "
+# Save the certificate above as e.g. /etc/postgresql/wicket-db-client-ca.crt, then:
+# postgresql.conf
+ssl = on
+ssl_cert_file = 'server.crt'        # e.g. from `wicketd databases server-cert`
+ssl_key_file = 'server.key'
+ssl_ca_file = '/etc/postgresql/wicket-db-client-ca.crt'
+# pg_hba.conf: Wicket logs in with a one-minute certificate whose CN is the database user
+hostssl all all WICKETD_IP/32 cert
+";
 
 fn read_password(from_stdin: bool) -> Result<String> {
     let password = if from_stdin {

@@ -1,6 +1,9 @@
 //! Wire types shared by `wicketd` and the `wicket` CLI: the JSON bodies of the
-//! HTTPS API under `/v1`. No logic and no I/O here, so the CLI links neither
-//! the daemon nor its database driver.
+//! HTTPS API under `/v1`, and ([`pg`]) the PostgreSQL wire-protocol codec the
+//! database proxy and the CLI's tunnel both speak. No I/O here, so the CLI
+//! links neither the daemon nor its database driver.
+
+pub mod pg;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
