@@ -42,19 +42,23 @@ impl Tunnel {
     pub async fn for_resource(resource: &str) -> Result<(Arc<Self>, DatabaseInfo)> {
         let (p, info, client) = authenticated_client()?;
         let r: Resources = client.get("/v1/resources").await?;
-        let db =
-            r.databases
-                .iter()
-                .find(|d| d.name == resource)
-                .cloned()
-                .ok_or_else(|| {
-                    let known: Vec<&str> = r.databases.iter().map(|d| d.name.as_str()).collect();
-                    anyhow!(
-                    "no database {resource:?} reachable with your current roles (reachable: {}); \
-                     request access with `wicket request create`",
-                    if known.is_empty() { "none".to_owned() } else { known.join(", ") }
-                )
-                })?;
+        // The proxy decides; a database the roles do not reach yet is only
+        // warned about, so the refusal (and its reason) comes from wicketd.
+        let db = match r.databases.iter().find(|d| d.name == resource) {
+            Some(d) => d.clone(),
+            None => {
+                eprintln!(
+                    "wicket: warning: database {resource:?} is not reachable with your current roles; \
+                     wicketd will refuse connections (request access with `wicket request create`)"
+                );
+                DatabaseInfo {
+                    name: resource.to_owned(),
+                    labels: Default::default(),
+                    names: Vec::new(),
+                    users: Vec::new(),
+                }
+            }
+        };
         let port = r.proxies.postgres.ok_or_else(|| {
             anyhow!(
                 "wicketd at {} has no PostgreSQL listener (listen.postgres)",

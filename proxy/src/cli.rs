@@ -28,6 +28,9 @@ enum Command {
         /// Listen for the API here instead of the config's `listen.api` (port 0: any free port).
         #[arg(long)]
         listen_api: Option<std::net::SocketAddr>,
+        /// Run the PostgreSQL proxy here instead of the config's `listen.postgres` (port 0: any free port).
+        #[arg(long)]
+        listen_postgres: Option<std::net::SocketAddr>,
     },
     /// Check a configuration file and report every problem.
     CheckConfig {
@@ -190,7 +193,11 @@ fn load_config(source: &Source) -> Result<Config> {
 async fn run(command: Command) -> Result<()> {
     match command {
         Command::CheckConfig { .. } => Ok(()),
-        Command::Start { source, listen_api } => start(&source, listen_api).await,
+        Command::Start {
+            source,
+            listen_api,
+            listen_postgres,
+        } => start(&source, listen_api, listen_postgres).await,
         Command::Users(UsersCommand::Add {
             name,
             roles,
@@ -331,10 +338,17 @@ fn read_password(from_stdin: bool) -> Result<String> {
     Ok(password)
 }
 
-async fn start(source: &Source, listen_api: Option<std::net::SocketAddr>) -> Result<()> {
+async fn start(
+    source: &Source,
+    listen_api: Option<std::net::SocketAddr>,
+    listen_postgres: Option<std::net::SocketAddr>,
+) -> Result<()> {
     let mut cfg = load_config(source)?;
     if let Some(addr) = listen_api {
         cfg.listen.api = addr;
+    }
+    if let Some(addr) = listen_postgres {
+        cfg.listen.postgres = Some(addr);
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -12,6 +12,7 @@
 
 mod ca_tools;
 mod foundation;
+mod pg;
 mod postgres_harness;
 mod requests;
 mod store;
