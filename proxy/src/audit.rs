@@ -388,4 +388,95 @@ mod tests {
         assert_eq!(v["event"], row.kind);
         assert_eq!(row.actor.as_deref(), Some("alice"));
     }
+
+    fn query(n: usize) -> AuditEvent {
+        AuditEvent::DbQuery {
+            session: SessionRef {
+                session_id: "s1".into(),
+                user: "alice".into(),
+                protocol: "postgres".into(),
+                resource: "prod-pg".into(),
+                login: "app".into(),
+                request_ids: vec!["r1".into()],
+            },
+            statement: format!("select {n}"),
+        }
+    }
+
+    async fn stored(store: &Store) -> Vec<AuditRow> {
+        store
+            .search_audit(&crate::store::AuditFilter {
+                session_id: Some("s1".into()),
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+    }
+
+    /// On a current-thread runtime the writer cannot run until the test
+    /// yields, so a queue of one fills up deterministically.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_full_queue_drops_and_counts_or_blocks_as_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&crate::config::Storage::Sqlite, dir.path())
+            .await
+            .unwrap();
+        let settings = AuditSettings {
+            queue_size: 1,
+            on_overflow: AuditOverflow::DropAndCount,
+            db_parameter_values: false,
+        };
+        let sink = AuditSink::start(store.clone(), &settings);
+        let session_dropped = AtomicU64::new(0);
+        let mut kept = 0;
+        for n in 0..5 {
+            if sink.send(&query(n), n as i64, &session_dropped).await {
+                kept += 1;
+            }
+        }
+        assert_eq!(kept, 1);
+        assert_eq!(session_dropped.load(Ordering::Relaxed), 4);
+        assert_eq!(sink.dropped_total(), 4);
+        sink.flush().await;
+        let rows = stored(&store).await;
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].session_id.as_deref(), Some("s1"));
+        assert_eq!(rows[0].request_id.as_deref(), Some("r1"));
+
+        // `block`: every event arrives, in order, whatever the queue size.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&crate::config::Storage::Sqlite, dir.path())
+            .await
+            .unwrap();
+        let sink = AuditSink::start(
+            store.clone(),
+            &AuditSettings {
+                on_overflow: AuditOverflow::Block,
+                ..settings
+            },
+        );
+        let none = AtomicU64::new(0);
+        for n in 0..50 {
+            assert!(sink.send(&query(n), 7, &none).await);
+        }
+        sink.flush().await;
+        let rows = stored(&store).await;
+        assert_eq!(rows.len(), 50);
+        assert_eq!(none.load(Ordering::Relaxed), 0);
+        let statements: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                serde_json::from_str::<serde_json::Value>(&r.data).unwrap()["statement"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        let expected: Vec<String> = (0..50).map(|n| format!("select {n}")).collect();
+        assert_eq!(
+            statements, expected,
+            "same-millisecond events keep their order"
+        );
+    }
 }

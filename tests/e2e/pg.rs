@@ -249,7 +249,7 @@ fn pgbench(t: &Tunnel, args: &[&str]) -> String {
 
 #[test]
 fn psql_pgbench_driver_and_copy_through_the_tunnel_with_every_statement_audited() {
-    let s = Setup::start("");
+    let s = Setup::start("postgres: { max_message_bytes: 65536 }\n");
 
     // Without a grant the proxy refuses, and says why.
     let out = s
@@ -393,6 +393,38 @@ fn psql_pgbench_driver_and_copy_through_the_tunnel_with_every_statement_audited(
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // Bad input: an oversized message, an unsupported protocol version and
+    // garbage get an ErrorResponse with the reason; the proxy keeps serving.
+    let (ok, _, err) = t.sql(&format!("select '{}'", "x".repeat(70_000)));
+    assert!(!ok);
+    assert!(err.contains("exceeds the 65536-byte limit"), "{err}");
+    for (bytes, reason) in [
+        (
+            {
+                let mut m = 9u32.to_be_bytes().to_vec();
+                m.extend_from_slice(&0x0002_0000u32.to_be_bytes());
+                m.push(0);
+                m
+            },
+            "unsupported frontend protocol 2.0",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            "startup message",
+        ),
+    ] {
+        let mut raw = std::net::TcpStream::connect(pg_proxy).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        raw.write_all(&bytes).unwrap();
+        let mut answer = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut raw, &mut answer);
+        assert_eq!(answer.first(), Some(&b'E'), "{answer:?}");
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.contains(reason), "{text}");
+    }
+    let (ok, rows, err) = t.sql("select 1");
+    assert!(ok && rows == "1", "{err}");
 
     // Audit: the marker's session holds exactly what psql sent.
     let find = |kind: &str, pred: &dyn Fn(&Value) -> bool| -> Value {
