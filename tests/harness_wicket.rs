@@ -105,8 +105,9 @@ impl WicketdBuilder {
         self.start_in(dir)
     }
 
-    /// Starts in an existing directory (its `data/` is kept: a restart).
-    fn start_in(self, dir: tempfile::TempDir) -> Result<Wicketd> {
+    /// Starts in an existing directory (its `data/` is kept: a restart, or
+    /// CAs prepared with `wicketd databases ca --data-dir DIR/data`).
+    pub fn start_in(self, dir: tempfile::TempDir) -> Result<Wicketd> {
         let data = dir.path().join("data");
         let config_path = match &self.config_yaml {
             Some(y) => {
@@ -123,6 +124,10 @@ impl WicketdBuilder {
             .arg("--data-dir")
             .arg(&data)
             .args(["--listen-api", "127.0.0.1:0"])
+            // Every proxy on an ephemeral port, whatever the config says,
+            // so tests running in parallel never collide.
+            .args(["--listen-postgres", "127.0.0.1:0"])
+            .args(["--listen-ssh", "127.0.0.1:0"])
             .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -202,6 +207,14 @@ impl Wicketd {
 
     pub fn proxy(&self) -> String {
         self.api.to_string()
+    }
+
+    /// The PostgreSQL proxy's address, from the startup output.
+    pub fn postgres_addr(&self) -> Option<SocketAddr> {
+        self.stdout.iter().find_map(|l| {
+            l.strip_prefix("Postgres proxy listening on ")
+                .and_then(|a| a.trim().parse().ok())
+        })
     }
 
     pub fn startup_output(&self) -> &[String] {

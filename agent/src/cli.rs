@@ -92,6 +92,15 @@ enum Command {
     /// Search the audit log (your own events, or everyone's with an audit role).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Databases: list them, or open psql through a tunnel.
+    #[command(subcommand)]
+    Db(DbCommand),
+    /// Local proxies for other tools.
+    #[command(subcommand)]
+    Proxy(ProxyCommand),
+    /// Replay a session: an SSH session's terminal (its recording) or a
+    /// database session's statements, with the original timing.
+    Play(crate::ssh::PlayArgs),
     /// Print (and save in the profile) an ssh_config block so that plain
     /// `ssh`, `scp` and `sftp` reach NODE.CLUSTER through the proxy.
     Config {
@@ -100,14 +109,54 @@ enum Command {
     },
     /// SSH to a node through the proxy: wicket ssh [LOGIN@]NODE [COMMAND]...
     Ssh(crate::ssh::SshArgs),
-    /// Helpers run by other programs (ssh's ProxyCommand).
-    #[command(subcommand)]
-    Proxy(crate::ssh::ProxyCommand),
-    /// Recorded sessions.
+    /// Recorded SSH sessions.
     #[command(subcommand)]
     Recordings(crate::ssh::RecordingsCommand),
-    /// Replay a recorded session (original timing; --speed, --format text).
-    Play(crate::ssh::PlayArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum DbCommand {
+    /// The databases you can reach now, with their users and names.
+    Ls {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Run psql connected through a tunnel (arguments after `--` go to psql).
+    Connect {
+        name: String,
+        #[arg(long)]
+        db_user: Option<String>,
+        #[arg(long)]
+        db_name: Option<String>,
+        #[arg(last = true)]
+        psql_args: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProxyCommand {
+    /// A local plaintext PostgreSQL listener on 127.0.0.1 that wraps every
+    /// connection with your certificate (any client works through it).
+    Db {
+        name: String,
+        /// Required: run as a local tunnel.
+        #[arg(long, required = true)]
+        tunnel: bool,
+        /// Local port (default: any free port, printed).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Connect stdin/stdout to a node through the SSH proxy (ssh's
+    /// `ProxyCommand`, as `wicket config` writes it).
+    Ssh {
+        /// `%r@%h:%p` as ssh passes it (LOGIN@HOST:PORT; HOST is NODE or NODE.CLUSTER).
+        target: String,
+        /// The SSH proxy's HOST:PORT (default: from wicketd).
+        #[arg(long)]
+        ssh_proxy: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -234,6 +283,9 @@ enum AuditCommand {
         /// Only events of this access request.
         #[arg(long)]
         request: Option<String>,
+        /// Only events of this session (proxied SSH/database connection).
+        #[arg(long)]
+        session: Option<String>,
         #[arg(long, default_value_t = 1000)]
         limit: u32,
         #[arg(long, value_enum, default_value_t)]
@@ -309,16 +361,27 @@ async fn run(command: Command) -> Result<()> {
             user,
             kind,
             request,
+            session,
             limit,
             format,
-        }) => audit_search(user, kind, request, limit, format).await,
-        Command::Config { format } => crate::ssh::config(format).await,
-        Command::Ssh(args) => crate::ssh::ssh(args).await,
-        Command::Proxy(crate::ssh::ProxyCommand::Ssh { target, ssh_proxy }) => {
+        }) => audit_search(user, kind, request, session, limit, format).await,
+        Command::Db(DbCommand::Ls { format }) => crate::db::ls(format).await,
+        Command::Db(DbCommand::Connect {
+            name,
+            db_user,
+            db_name,
+            psql_args,
+        }) => crate::db::connect(&name, db_user, db_name, psql_args).await,
+        Command::Proxy(ProxyCommand::Db {
+            name, port, format, ..
+        }) => crate::db::proxy(&name, port, format).await,
+        Command::Proxy(ProxyCommand::Ssh { target, ssh_proxy }) => {
             crate::ssh::proxy_ssh(&target, ssh_proxy).await
         }
+        Command::Play(args) => play(args).await,
+        Command::Config { format } => crate::ssh::config(format).await,
+        Command::Ssh(args) => crate::ssh::ssh(args).await,
         Command::Recordings(cmd) => crate::ssh::recordings(cmd).await,
-        Command::Play(args) => crate::ssh::play(args).await,
     }
 }
 
@@ -647,22 +710,65 @@ fn query_escape(s: &str) -> String {
         .collect()
 }
 
+async fn search(
+    client: &Client,
+    query: &[(&str, Option<String>)],
+    limit: u32,
+) -> Result<Vec<wicket_api::AuditEventView>> {
+    let mut q = vec![format!("limit={limit}")];
+    for (k, v) in query {
+        if let Some(v) = v {
+            q.push(format!("{k}={}", query_escape(v)));
+        }
+    }
+    client.get(&format!("/v1/audit?{}", q.join("&"))).await
+}
+
+async fn play(args: crate::ssh::PlayArgs) -> Result<()> {
+    use crate::ssh::PlayFormat;
+    let speed = args.speed;
+    if !(speed.is_finite() && speed > 0.0) {
+        bail!("--speed must be a positive number");
+    }
+    let (_, _, client) = authenticated_client()?;
+    // An SSH session has a recording; a database session has its statements.
+    if crate::ssh::play_recording(&client, &args).await? {
+        return Ok(());
+    }
+    let session = args.session.as_str();
+    let (format, no_wait) = match args.format {
+        PlayFormat::Terminal => (Format::Text, args.no_wait),
+        PlayFormat::Text => (Format::Text, true),
+        PlayFormat::Json => (Format::Json, true),
+        PlayFormat::Cast => bail!("session {session} has no terminal recording"),
+    };
+    let events = search(&client, &[("session", Some(session.to_owned()))], 10_000).await?;
+    if events.is_empty() {
+        bail!("no session {session:?} (or none of its events are yours to read)");
+    }
+    crate::db::print_db_session(&events, format, speed, !no_wait)
+}
+
 async fn audit_search(
     user: Option<String>,
     kind: Option<String>,
     request: Option<String>,
+    session: Option<String>,
     limit: u32,
     format: Format,
 ) -> Result<()> {
     let (_, _, client) = authenticated_client()?;
-    let mut q = vec![format!("limit={limit}")];
-    for (k, v) in [("actor", user), ("kind", kind), ("request", request)] {
-        if let Some(v) = v {
-            q.push(format!("{k}={}", query_escape(&v)));
-        }
-    }
-    let events: Vec<wicket_api::AuditEventView> =
-        client.get(&format!("/v1/audit?{}", q.join("&"))).await?;
+    let events = search(
+        &client,
+        &[
+            ("actor", user),
+            ("kind", kind),
+            ("request", request),
+            ("session", session),
+        ],
+        limit,
+    )
+    .await?;
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&events)?),
         Format::Text => {

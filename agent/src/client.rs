@@ -88,7 +88,8 @@ pub fn split_proxy(proxy: &str) -> Result<String> {
     Ok(host.to_owned())
 }
 
-fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
+/// The certificates of a PEM bundle (at least one).
+pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
     let ders = wicket_ca::pem_decode_all("CERTIFICATE", pem).map_err(|e| anyhow!("{e}"))?;
     if ders.is_empty() {
         bail!("no certificate in PEM");

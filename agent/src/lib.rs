@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod db;
 pub mod keys;
 pub mod profile;
 pub mod requests;

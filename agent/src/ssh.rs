@@ -20,22 +20,10 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use wicket_api::{Ping, RecordingInfo};
+use wicket_api::RecordingInfo;
 
 /// The line the proxy reads before the SSH version exchange (see wicketd's `ssh` module).
 const ROUTE_PREFIX: &str = "WICKET-ROUTE 1 ";
-
-#[derive(Debug, Subcommand)]
-pub enum ProxyCommand {
-    /// Connect stdin/stdout to a node through the SSH proxy (for ssh's ProxyCommand).
-    Ssh {
-        /// `%r@%h:%p` as ssh passes it (LOGIN@HOST:PORT; HOST is NODE or NODE.CLUSTER).
-        target: String,
-        /// The SSH proxy's HOST:PORT (default: asked from wicketd).
-        #[arg(long)]
-        ssh_proxy: Option<String>,
-    },
-}
 
 #[derive(Debug, Args)]
 pub struct SshArgs {
@@ -81,6 +69,8 @@ pub enum PlayFormat {
     Terminal,
     /// The output as plain text (escape sequences removed), for grep.
     Text,
+    /// The events as JSON (database sessions: their statements).
+    Json,
     /// The asciicast v2 file itself (for `asciinema play -`).
     Cast,
 }
@@ -95,6 +85,9 @@ pub struct PlayArgs {
     /// Cap pauses at this many seconds.
     #[arg(long)]
     pub idle_limit: Option<f64>,
+    /// Print at once instead of with the original timing.
+    #[arg(long)]
+    pub no_wait: bool,
     #[arg(long, value_enum, default_value_t)]
     pub format: PlayFormat,
 }
@@ -103,29 +96,31 @@ fn quote(p: &Path) -> String {
     format!("\"{}\"", p.display())
 }
 
-/// The SSH proxy's address: saved by `wicket config`, else asked from wicketd.
-async fn ssh_proxy_addr(p: &Profile, info: &ProfileInfo) -> Result<String> {
-    if let Ok(s) = std::fs::read_to_string(p.dir.join("ssh_proxy")) {
-        let s = s.trim();
-        if !s.is_empty() {
-            return Ok(s.to_owned());
+/// The SSH proxy's address: asked from wicketd (`/v1/resources` names the
+/// port; the proxies listen on the API's host) and saved in the profile, or,
+/// unless `refresh`, the saved one.
+async fn ssh_proxy_addr(p: &Profile, info: &ProfileInfo, refresh: bool) -> Result<String> {
+    if !refresh {
+        if let Ok(s) = std::fs::read_to_string(p.dir.join("ssh_proxy")) {
+            let s = s.trim();
+            if !s.is_empty() {
+                return Ok(s.to_owned());
+            }
         }
     }
     let (_, _, client) = authenticated_client()?;
-    let ping: Ping = client.get("/v1/ping").await?;
-    let addr = ping.ssh_proxy.ok_or_else(|| {
+    let r: wicket_api::Resources = client.get("/v1/resources").await?;
+    let port = r.proxies.ssh.ok_or_else(|| {
         anyhow!(
             "the proxy at {} has no SSH listener (listen.ssh is not set)",
             info.proxy
         )
     })?;
-    // A wildcard listen address is reached through the API's host.
-    let addr = match addr.rsplit_once(':') {
-        Some((ip, port)) if ip == "0.0.0.0" || ip == "[::]" => {
-            let host = crate::client::split_proxy(&info.proxy)?;
-            format!("{host}:{port}")
-        }
-        _ => addr,
+    let host = crate::client::split_proxy(&info.proxy)?;
+    let addr = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
     };
     write_file(
         &p.dir.join("ssh_proxy"),
@@ -166,7 +161,7 @@ async fn write_ssh_config() -> Result<(PathBuf, String, ProfileInfo)> {
     let home = profile::home()?;
     let p = Profile::current(&home)?;
     let info = p.read_info()?;
-    let addr = ssh_proxy_addr(&p, &info).await?;
+    let addr = ssh_proxy_addr(&p, &info, true).await?;
     let text = ssh_config_text(&p, &info, &addr)?;
     let path = p.dir.join("ssh_config");
     write_file(&path, text.as_bytes(), 0o644)?;
@@ -250,7 +245,7 @@ pub async fn proxy_ssh(target: &str, ssh_proxy: Option<String>) -> Result<()> {
             let home = profile::home()?;
             let p = Profile::current(&home)?;
             let info = p.read_info()?;
-            ssh_proxy_addr(&p, &info).await?
+            ssh_proxy_addr(&p, &info, false).await?
         }
     };
     let sock = addr
@@ -419,20 +414,36 @@ pub fn plain_text(output: &str) -> String {
     out
 }
 
-/// `wicket play SESSION`.
-pub async fn play(args: PlayArgs) -> Result<()> {
+/// `wicket play SESSION` for an SSH session: returns false when the
+/// session has no recording (a database session, say).
+pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> Result<bool> {
     if !(args.speed > 0.0 && args.speed.is_finite()) {
         bail!("--speed must be a positive number");
     }
-    let (_, _, client) = authenticated_client()?;
-    let body = client
+    let body = match client
         .get_bytes(&format!("/v1/recordings/{}", query_escape(&args.session)))
-        .await?;
+        .await
+    {
+        Ok(b) => b,
+        Err(e) => {
+            return match e.downcast_ref::<crate::client::ApiError>() {
+                Some(api) if matches!(api.status.as_u16(), 400 | 404) => Ok(false),
+                _ => Err(e),
+            }
+        }
+    };
     let text = String::from_utf8_lossy(&body);
     let mut out = std::io::stdout().lock();
     match args.format {
-        PlayFormat::Cast => {
-            out.write_all(&body)?;
+        PlayFormat::Cast => out.write_all(&body)?,
+        PlayFormat::Json => {
+            let (header, events) = parse_cast(&text)?;
+            let events: Vec<serde_json::Value> = events
+                .iter()
+                .map(|e| serde_json::json!([e.time, e.code, e.data]))
+                .collect();
+            let v = serde_json::json!({"header": header, "events": events});
+            writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         }
         PlayFormat::Text => {
             let (_, events) = parse_cast(&text)?;
@@ -453,7 +464,7 @@ pub async fn play(args: PlayArgs) -> Result<()> {
                 }
                 last = e.time;
                 let wait = gap / args.speed;
-                if wait > 0.0005 {
+                if !args.no_wait && wait > 0.0005 {
                     out.flush()?;
                     tokio::time::sleep(Duration::from_secs_f64(wait.min(3600.0))).await;
                 }
@@ -462,7 +473,7 @@ pub async fn play(args: PlayArgs) -> Result<()> {
         }
     }
     out.flush()?;
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -279,6 +279,62 @@ impl RoleSet {
         (names.into_iter().collect(), users.into_iter().collect())
     }
 
+    /// May `subject` connect to database resource `db` as database user
+    /// `db_user` to database `db_name`? One role must grant both the user and
+    /// the name on a database its labels select.
+    pub fn decide_database(
+        &self,
+        subject: &Subject<'_>,
+        db: &Resource,
+        db_user: &str,
+        db_name: &str,
+    ) -> Decision {
+        let granting: Vec<&str> = self
+            .held(subject)
+            .filter(|r| {
+                r.databases.as_ref().is_some_and(|g| {
+                    g.labels.matches(&db.labels)
+                        && g.users.iter().any(|u| {
+                            let u = expand(u, subject.user);
+                            u == "*" || u == db_user
+                        })
+                        && covers(&g.names, db_name)
+                })
+            })
+            .map(|r| r.name.as_str())
+            .collect();
+        if granting.is_empty() {
+            let (names, users) = self.database_access(subject, db);
+            let what = if users.is_empty() {
+                format!("no role grants access to database {:?}", db.name)
+            } else if !users.iter().any(|u| u == "*" || u == db_user) {
+                format!(
+                    "database user {db_user:?} is not allowed on {:?} (allowed: {})",
+                    db.name,
+                    users.join(", ")
+                )
+            } else if !covers(&names, db_name) {
+                format!(
+                    "database name {db_name:?} is not allowed on {:?} (allowed: {})",
+                    db.name,
+                    names.join(", ")
+                )
+            } else {
+                format!(
+                    "no single role grants database user {db_user:?} with database name {db_name:?} on {:?}",
+                    db.name
+                )
+            };
+            Decision::deny(format!("{what} for roles [{}]", subject.roles.join(", ")))
+        } else {
+            Decision::allow(format!(
+                "database {:?} as {db_user:?} to {db_name:?} granted by role {}",
+                db.name,
+                granting.join(", ")
+            ))
+        }
+    }
+
     /// The Kubernetes groups and users `subject` gets on `cluster`.
     pub fn kube_access(
         &self,
@@ -445,6 +501,41 @@ mod tests {
             !rs.decide_ssh_login(&s, &node("db-1", "prod"), "alice")
                 .allowed
         );
+    }
+
+    #[test]
+    fn database_decisions_need_user_and_name_from_one_role() {
+        let rs = roles();
+        let db = Resource {
+            kind: ResourceKind::Database,
+            name: "prod-pg".into(),
+            address: "127.0.0.1:5432".into(),
+            labels: [("env".to_string(), "prod".to_string())].into(),
+        };
+        let held = vec!["dba".to_string()];
+        let s = Subject {
+            user: "alice",
+            roles: &held,
+        };
+        let d = rs.decide_database(&s, &db, "postgres", "app");
+        assert!(d.allowed && d.reason.contains("dba"), "{d:?}");
+        let d = rs.decide_database(&s, &db, "app", "app");
+        assert!(
+            !d.allowed && d.reason.contains("\"app\" is not allowed"),
+            "{d:?}"
+        );
+        let dev_db = Resource {
+            labels: [("env".to_string(), "dev".to_string())].into(),
+            ..db.clone()
+        };
+        let d = rs.decide_database(&s, &dev_db, "postgres", "app");
+        assert!(!d.allowed && d.reason.contains("no role grants"), "{d:?}");
+        let held = vec!["dev".to_string()];
+        let s = Subject {
+            user: "alice",
+            roles: &held,
+        };
+        assert!(!rs.decide_database(&s, &db, "postgres", "app").allowed);
     }
 
     #[test]

@@ -235,7 +235,6 @@ async fn ping(State(w): State<AppState>) -> Json<Ping> {
         cluster_name: w.config.cluster_name.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
         tls_ca_pin: w.keys.tls.pin(),
-        ssh_proxy: w.ssh_addr.get().map(|a| a.to_string()),
     })
 }
 
@@ -276,6 +275,7 @@ struct AuditQuery {
     actor: Option<String>,
     kind: Option<String>,
     request: Option<String>,
+    session: Option<String>,
     limit: Option<i64>,
 }
 
@@ -286,8 +286,18 @@ async fn audit(
 ) -> ApiResult<Vec<wicket_api::AuditEventView>> {
     let Query(q) = query.map_err(|e| Error::BadRequest(e.body_text()))?;
     Ok(Json(
-        w.search_audit(&caller, q.actor, q.kind, q.request, q.limit.unwrap_or(1000))
-            .await?,
+        w.search_audit(
+            &caller,
+            crate::store::AuditFilter {
+                actor: q.actor,
+                kind: q.kind,
+                request_id: q.request,
+                session_id: q.session,
+                since_ms: None,
+                limit: q.limit.unwrap_or(1000),
+            },
+        )
+        .await?,
     ))
 }
 

@@ -2,9 +2,13 @@
 //! (the variant name), actor, optional request/session IDs, and its fields as
 //! JSON. Secrets never appear in an event.
 
-use crate::store::AuditRow;
+use crate::config::{AuditOverflow, AuditSettings};
+use crate::store::{AuditRow, Store};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
 
 /// Something that happened and must be on the record.
 #[derive(Debug, Clone, Serialize)]
@@ -231,13 +235,139 @@ impl AuditEvent {
     /// The row to store at `time_ms`.
     pub fn to_row(&self, time_ms: i64) -> AuditRow {
         AuditRow {
-            id: uuid::Uuid::new_v4().to_string(),
+            // Time-ordered, so events of one session keep their order within
+            // a millisecond.
+            id: uuid::Uuid::now_v7().to_string(),
             time_ms,
             kind: self.kind().to_owned(),
             actor: Some(self.actor().to_owned()),
             request_id: self.request_id().map(str::to_owned),
             session_id: self.session().map(|s| s.session_id.clone()),
             data: serde_json::to_string(self).unwrap_or_else(|_| "{}".into()),
+        }
+    }
+}
+
+/// The bounded, asynchronous path from sessions to the store: session
+/// events are queued and a writer task stores them in batches (one
+/// transaction each), so statements are never slowed by a store round trip.
+/// When the queue is full, `block` makes the session wait; `drop-and-count`
+/// drops the event and counts it (per session and in total) — the count is
+/// logged and recorded in the session's end event.
+#[derive(Clone)]
+pub struct AuditSink {
+    tx: mpsc::Sender<Queued>,
+    overflow: AuditOverflow,
+    dropped: Arc<AtomicU64>,
+}
+
+enum Queued {
+    Row(AuditRow),
+    Flush(oneshot::Sender<()>),
+}
+
+impl std::fmt::Debug for AuditSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditSink")
+            .field("overflow", &self.overflow)
+            .field("dropped", &self.dropped_total())
+            .finish()
+    }
+}
+
+/// Most events stored in one transaction.
+const BATCH: usize = 512;
+
+impl AuditSink {
+    /// Starts the writer task on the current runtime.
+    pub fn start(store: Store, settings: &AuditSettings) -> Self {
+        let (tx, rx) = mpsc::channel(settings.queue_size.max(1));
+        tokio::spawn(writer(store, rx));
+        Self {
+            tx,
+            overflow: settings.on_overflow,
+            dropped: Arc::default(),
+        }
+    }
+
+    /// Queues `event`. Returns false when it was dropped (`drop-and-count`
+    /// with a full queue); `session_dropped` is then incremented.
+    pub async fn send(&self, event: &AuditEvent, now_ms: i64, session_dropped: &AtomicU64) -> bool {
+        let row = Queued::Row(event.to_row(now_ms));
+        match self.overflow {
+            AuditOverflow::Block => self.tx.send(row).await.is_ok(),
+            AuditOverflow::DropAndCount => match self.tx.try_send(row) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    session_dropped.fetch_add(1, Ordering::Relaxed);
+                    let total = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                    if total.is_power_of_two() {
+                        tracing::warn!(
+                            dropped_total = total,
+                            "audit queue full: session events dropped (audit.on_overflow: drop-and-count)"
+                        );
+                    }
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            },
+        }
+    }
+
+    /// Queues `event`, waiting for room whatever the overflow setting
+    /// (session start and end are always on the record).
+    pub async fn send_always(&self, event: &AuditEvent, now_ms: i64) {
+        if self
+            .tx
+            .send(Queued::Row(event.to_row(now_ms)))
+            .await
+            .is_err()
+        {
+            tracing::error!(kind = event.kind(), "audit writer is gone; event lost");
+        }
+    }
+
+    /// Events dropped since start.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Waits until every event queued before this call is stored.
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Queued::Flush(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+async fn writer(store: Store, mut rx: mpsc::Receiver<Queued>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut waiters = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                Queued::Row(r) => batch.push(r),
+                Queued::Flush(w) => waiters.push(w),
+            }
+            if batch.len() < BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            // A failing store is retried (the queue then fills up and the
+            // overflow setting decides); events are never silently lost.
+            let mut delay = std::time::Duration::from_millis(50);
+            while let Err(e) = store.append_audit_batch(&batch).await {
+                tracing::error!(error = %e, events = batch.len(), "storing audit events failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+            batch.clear();
+        }
+        for w in waiters.drain(..) {
+            let _ = w.send(());
         }
     }
 }
@@ -257,5 +387,96 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&row.data).unwrap();
         assert_eq!(v["event"], row.kind);
         assert_eq!(row.actor.as_deref(), Some("alice"));
+    }
+
+    fn query(n: usize) -> AuditEvent {
+        AuditEvent::DbQuery {
+            session: SessionRef {
+                session_id: "s1".into(),
+                user: "alice".into(),
+                protocol: "postgres".into(),
+                resource: "prod-pg".into(),
+                login: "app".into(),
+                request_ids: vec!["r1".into()],
+            },
+            statement: format!("select {n}"),
+        }
+    }
+
+    async fn stored(store: &Store) -> Vec<AuditRow> {
+        store
+            .search_audit(&crate::store::AuditFilter {
+                session_id: Some("s1".into()),
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+    }
+
+    /// On a current-thread runtime the writer cannot run until the test
+    /// yields, so a queue of one fills up deterministically.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_full_queue_drops_and_counts_or_blocks_as_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&crate::config::Storage::Sqlite, dir.path())
+            .await
+            .unwrap();
+        let settings = AuditSettings {
+            queue_size: 1,
+            on_overflow: AuditOverflow::DropAndCount,
+            db_parameter_values: false,
+        };
+        let sink = AuditSink::start(store.clone(), &settings);
+        let session_dropped = AtomicU64::new(0);
+        let mut kept = 0;
+        for n in 0..5 {
+            if sink.send(&query(n), n as i64, &session_dropped).await {
+                kept += 1;
+            }
+        }
+        assert_eq!(kept, 1);
+        assert_eq!(session_dropped.load(Ordering::Relaxed), 4);
+        assert_eq!(sink.dropped_total(), 4);
+        sink.flush().await;
+        let rows = stored(&store).await;
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].session_id.as_deref(), Some("s1"));
+        assert_eq!(rows[0].request_id.as_deref(), Some("r1"));
+
+        // `block`: every event arrives, in order, whatever the queue size.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&crate::config::Storage::Sqlite, dir.path())
+            .await
+            .unwrap();
+        let sink = AuditSink::start(
+            store.clone(),
+            &AuditSettings {
+                on_overflow: AuditOverflow::Block,
+                ..settings
+            },
+        );
+        let none = AtomicU64::new(0);
+        for n in 0..50 {
+            assert!(sink.send(&query(n), 7, &none).await);
+        }
+        sink.flush().await;
+        let rows = stored(&store).await;
+        assert_eq!(rows.len(), 50);
+        assert_eq!(none.load(Ordering::Relaxed), 0);
+        let statements: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                serde_json::from_str::<serde_json::Value>(&r.data).unwrap()["statement"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        let expected: Vec<String> = (0..50).map(|n| format!("select {n}")).collect();
+        assert_eq!(
+            statements, expected,
+            "same-millisecond events keep their order"
+        );
     }
 }

@@ -28,6 +28,12 @@ enum Command {
         /// Listen for the API here instead of the config's `listen.api` (port 0: any free port).
         #[arg(long)]
         listen_api: Option<std::net::SocketAddr>,
+        /// Run the PostgreSQL proxy here instead of the config's `listen.postgres` (port 0: any free port).
+        #[arg(long)]
+        listen_postgres: Option<std::net::SocketAddr>,
+        /// Run the SSH proxy here instead of the config's `listen.ssh` (port 0: any free port).
+        #[arg(long)]
+        listen_ssh: Option<std::net::SocketAddr>,
     },
     /// Check a configuration file and report every problem.
     CheckConfig {
@@ -40,6 +46,9 @@ enum Command {
     /// Set up SSH nodes: host certificates and the sshd_config lines.
     #[command(subcommand)]
     Nodes(NodesCommand),
+    /// Set up databases to trust Wicket.
+    #[command(subcommand)]
+    Databases(DatabasesCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -57,6 +66,32 @@ enum NodesCommand {
         write_dir: Option<PathBuf>,
         #[command(flatten)]
         source: Source,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DatabasesCommand {
+    /// Print the database-client CA certificate (PEM) for PostgreSQL's
+    /// `ssl_ca_file`; the postgresql.conf and pg_hba.conf lines go to stderr.
+    Ca {
+        #[command(flatten)]
+        source: Source,
+    },
+    /// Issue a TLS server certificate for a database from Wicket's TLS CA
+    /// (which the proxy trusts for databases without `ca_file`). Writes
+    /// `server.crt` (leaf and CA) and `server.key` (0600) into --out.
+    ServerCert {
+        #[command(flatten)]
+        source: Source,
+        /// DNS name or IP address the database is reached at (repeatable).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// Directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
     },
 }
 
@@ -182,7 +217,12 @@ fn load_config(source: &Source) -> Result<Config> {
 async fn run(command: Command) -> Result<()> {
     match command {
         Command::CheckConfig { .. } => Ok(()),
-        Command::Start { source, listen_api } => start(&source, listen_api).await,
+        Command::Start {
+            source,
+            listen_api,
+            listen_postgres,
+            listen_ssh,
+        } => start(&source, listen_api, listen_postgres, listen_ssh).await,
         Command::Users(UsersCommand::Add {
             name,
             roles,
@@ -220,6 +260,53 @@ async fn run(command: Command) -> Result<()> {
         }) => {
             let cfg = load_config(&source)?;
             nodes_add(&cfg, &name, &host_key, write_dir.as_deref())
+        }
+        Command::Databases(DatabasesCommand::Ca { source }) => {
+            let cfg = load_config(&source)?;
+            let (keys, _) = crate::keystore::load_or_generate(
+                &cfg.data_dir,
+                &cfg.cluster_name,
+                clock::now().timestamp(),
+            )?;
+            print!("{}", keys.db_client.cert_pem());
+            eprintln!("{}", DATABASE_SETUP.trim_end());
+            Ok(())
+        }
+        Command::Databases(DatabasesCommand::ServerCert {
+            source,
+            names,
+            out,
+            days,
+        }) => {
+            let cfg = load_config(&source)?;
+            let now = clock::now().timestamp();
+            let (keys, _) =
+                crate::keystore::load_or_generate(&cfg.data_dir, &cfg.cluster_name, now)?;
+            let rng = ring::rand::SystemRandom::new();
+            let (pkcs8, spki) = wicket_ca::x509::new_p256_key(&rng)?;
+            let leaf = keys.tls.issue_server(
+                &wicket_ca::ServerCertRequest {
+                    spki_der: &spki,
+                    names: &names,
+                    validity: wicket_ca::Validity::new(now - 300, now + i64::from(days) * 86_400)?,
+                },
+                &rng,
+            )?;
+            std::fs::create_dir_all(&out)?;
+            let chain = format!("{}{}", leaf.pem(), keys.tls.cert_pem());
+            std::fs::write(out.join("server.crt"), chain)?;
+            crate::keystore::write_file_atomic(
+                &out.join("server.key"),
+                wicket_ca::x509::pem_encode("PRIVATE KEY", &pkcs8).as_bytes(),
+                0o600,
+            )?;
+            println!(
+                "wrote {} and {} for {}",
+                out.join("server.crt").display(),
+                out.join("server.key").display(),
+                names.join(", ")
+            );
+            Ok(())
         }
         Command::Users(UsersCommand::Ls { source, format }) => {
             let cfg = load_config(&source)?;
@@ -305,6 +392,18 @@ fn nodes_add(cfg: &Config, name: &str, host_key: &Path, write_dir: Option<&Path>
     Ok(())
 }
 
+/// What `wicketd databases ca` tells the operator to configure.
+const DATABASE_SETUP: &str = "
+# Save the certificate above as e.g. /etc/postgresql/wicket-db-client-ca.crt, then:
+# postgresql.conf
+ssl = on
+ssl_cert_file = 'server.crt'        # e.g. from `wicketd databases server-cert`
+ssl_key_file = 'server.key'
+ssl_ca_file = '/etc/postgresql/wicket-db-client-ca.crt'
+# pg_hba.conf: Wicket logs in with a one-minute certificate whose CN is the database user
+hostssl all all WICKETD_IP/32 cert
+";
+
 fn read_password(from_stdin: bool) -> Result<String> {
     let password = if from_stdin {
         let mut line = String::new();
@@ -328,10 +427,21 @@ fn read_password(from_stdin: bool) -> Result<String> {
     Ok(password)
 }
 
-async fn start(source: &Source, listen_api: Option<std::net::SocketAddr>) -> Result<()> {
+async fn start(
+    source: &Source,
+    listen_api: Option<std::net::SocketAddr>,
+    listen_postgres: Option<std::net::SocketAddr>,
+    listen_ssh: Option<std::net::SocketAddr>,
+) -> Result<()> {
     let mut cfg = load_config(source)?;
     if let Some(addr) = listen_api {
         cfg.listen.api = addr;
+    }
+    if let Some(addr) = listen_postgres {
+        cfg.listen.postgres = Some(addr);
+    }
+    if let Some(addr) = listen_ssh {
+        cfg.listen.ssh = Some(addr);
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -363,6 +473,9 @@ async fn start(source: &Source, listen_api: Option<std::net::SocketAddr>) -> Res
     let _ = writeln!(out, "CA pin: {pin}");
     if let Some(ssh) = running.ssh_addr {
         let _ = writeln!(out, "SSH listening on {ssh}");
+    }
+    if let Some(pg) = running.postgres_addr {
+        let _ = writeln!(out, "Postgres proxy listening on {pg}");
     }
     let _ = writeln!(out, "API listening on https://{addr}");
     let _ = writeln!(

@@ -24,6 +24,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Running {
     pub api_addr: SocketAddr,
+    pub postgres_addr: Option<SocketAddr>,
     /// The SSH proxy's address, when `listen.ssh` is set.
     pub ssh_addr: Option<SocketAddr>,
     pub tls_ca_pin: String,
@@ -63,12 +64,35 @@ pub async fn start(config: Config) -> Result<Running> {
         ))
     })?;
     let api_addr = listener.local_addr()?;
+    let pg_listener =
+        match config.listen.postgres {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                Error::Io(format!("cannot listen on {addr} (listen.postgres): {e}"))
+            })?),
+            None => None,
+        };
+    let postgres_addr = pg_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let ssh_listener = crate::ssh::bind(&config).await?;
+    let ssh_addr = ssh_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let names = tls::server_names(api_addr, &config.public_names);
-    let tls_config = tls::server_config(&keys, &names, now.timestamp())?;
-    let wicket = Arc::new(Wicket::new(config, store, keys)?);
+    let tls_config =
+        tls::server_config(&keys, &names, now.timestamp(), tls::ClientCerts::Optional)?;
+    let ports = wicket_api::ProxyPorts {
+        postgres: postgres_addr.map(|a| a.port()),
+        ssh: ssh_addr.map(|a| a.port()),
+        ..Default::default()
+    };
+    let wicket = Arc::new(Wicket::new(config, store, keys, ports)?);
     let (shutdown, rx) = watch::channel(false);
+    if let Some(l) = pg_listener {
+        let pg = Arc::new(crate::pg::proxy::PgProxy::new(wicket.clone(), &names)?);
+        tokio::spawn(pg.serve(l, rx.clone()));
+    }
+    if let Some(l) = ssh_listener {
+        let ssh = crate::ssh::SshProxy::new(wicket.clone())?;
+        tokio::spawn(crate::ssh::serve(l, ssh, rx.clone()));
+    }
     tokio::spawn(scheduler(wicket.clone(), rx.clone()));
-    let ssh_addr = crate::ssh::start(&wicket, rx.clone()).await?;
     let task = tokio::spawn(accept_loop(
         listener,
         TlsAcceptor::from(tls_config),
@@ -77,6 +101,7 @@ pub async fn start(config: Config) -> Result<Running> {
     ));
     Ok(Running {
         api_addr,
+        postgres_addr,
         ssh_addr,
         tls_ca_pin: wicket.keys.tls.pin(),
         ca_generated,

@@ -18,7 +18,7 @@ use wicket_ca::{
     AuthorityKeys, Identity, SshCertKind, SshCertificateRequest, SshPermissions, SshPublicKey,
     TrustedX509Cas, Validity, X509Ca,
 };
-use wicket_policy::{ResourceKind, Subject};
+use wicket_policy::{Decision, ResourceKind, RoleSet, Subject};
 
 /// Everything a request handler needs; shared behind an `Arc`.
 pub struct Wicket {
@@ -27,8 +27,10 @@ pub struct Wicket {
     pub keys: AuthorityKeys,
     pub trusted_tls: TrustedX509Cas,
     pub sessions: std::sync::Arc<crate::sessions::Sessions>,
-    /// The SSH proxy's bound address, once it listens.
-    pub ssh_addr: std::sync::OnceLock<std::net::SocketAddr>,
+    /// Session events (statements, commands) on their way to the store.
+    pub audit_sink: crate::audit::AuditSink,
+    /// The proxy listeners' bound ports, for clients (`wicket db connect`).
+    pub proxy_ports: wicket_api::ProxyPorts,
     pub(crate) rng: SystemRandom,
 }
 
@@ -38,6 +40,17 @@ impl std::fmt::Debug for Wicket {
             .field("cluster", &self.config.cluster_name)
             .finish_non_exhaustive()
     }
+}
+
+/// The outcome of [`Wicket::decide_session`].
+#[derive(Debug, Clone)]
+pub struct SessionDecision {
+    pub user: String,
+    /// Standing plus granted roles in force now.
+    pub roles: Vec<String>,
+    /// The certificate's request IDs whose grants are active now.
+    pub request_ids: Vec<String>,
+    pub decision: Decision,
 }
 
 /// The caller, as proven by a verified client certificate.
@@ -77,15 +90,23 @@ fn parse_client_keys(ssh_public_key: &str, tls_csr_pem: &str) -> Result<ClientKe
 }
 
 impl Wicket {
-    pub fn new(config: Config, store: Store, keys: AuthorityKeys) -> Result<Self> {
+    /// Must run inside a Tokio runtime (it starts the audit writer).
+    pub fn new(
+        config: Config,
+        store: Store,
+        keys: AuthorityKeys,
+        proxy_ports: wicket_api::ProxyPorts,
+    ) -> Result<Self> {
         let trusted_tls = TrustedX509Cas::new([keys.tls.cert_der().to_vec()])?;
+        let audit_sink = crate::audit::AuditSink::start(store.clone(), &config.audit);
         Ok(Self {
+            audit_sink,
+            proxy_ports,
             config,
             store,
             keys,
             trusted_tls,
             sessions: Default::default(),
-            ssh_addr: Default::default(),
             rng: SystemRandom::new(),
         })
     }
@@ -427,6 +448,49 @@ impl Wicket {
         (roles, active)
     }
 
+    /// The one authorization decision for a proxied connection. Grants are
+    /// re-read from the store (a revoked, dropped or expired grant does not
+    /// count even while the certificate is valid); `decide` is the policy
+    /// call. A denial names what is missing: the grants behind the
+    /// certificate that no longer count, or that there is none.
+    pub async fn decide_session(
+        &self,
+        caller: &Caller,
+        now: DateTime<Utc>,
+        decide: impl FnOnce(&RoleSet, &Subject<'_>) -> Decision,
+    ) -> Result<SessionDecision> {
+        let user = self.active_user(caller).await?;
+        let (roles, active) = self.roles_in_force(&user, caller, now).await;
+        let subject = Subject {
+            user: &user.name,
+            roles: &roles,
+        };
+        let mut decision = decide(&self.config.policy.roles, &subject);
+        if !decision.allowed {
+            let mut why = Vec::new();
+            for id in caller.request_ids.iter().filter(|id| !active.contains(id)) {
+                if let Err(e) = self
+                    .active_grants(&user.name, std::slice::from_ref(id), now)
+                    .await
+                {
+                    why.push(e.to_string());
+                }
+            }
+            if caller.request_ids.is_empty() {
+                why.push("no access request grant in the certificate (request one, then `wicket login --request-id ID`)".into());
+            }
+            if !why.is_empty() {
+                decision.reason = format!("{}; {}", why.join("; "), decision.reason);
+            }
+        }
+        Ok(SessionDecision {
+            user: user.name,
+            roles,
+            request_ids: active,
+            decision,
+        })
+    }
+
     /// What the caller can reach now, by the policy's decision.
     pub async fn resources(&self, caller: &Caller) -> Result<Resources> {
         let user = self.active_user(caller).await?;
@@ -438,7 +502,10 @@ impl Wicket {
             roles: &roles,
         };
         let policy = &self.config.policy;
-        let mut out = Resources::default();
+        let mut out = Resources {
+            proxies: self.proxy_ports.clone(),
+            ..Resources::default()
+        };
         for (r, a, b) in policy.roles.reachable(&subject, &policy.resources) {
             match r.kind {
                 ResourceKind::Node => out.nodes.push(NodeInfo {
@@ -464,14 +531,13 @@ impl Wicket {
         Ok(out)
     }
 
-    /// Audit search; who may read what is the policy's decision.
+    /// Audit search; who may read what is the policy's decision. A search
+    /// by session alone is narrowed to the caller's own events when the
+    /// caller may not read everyone's (so users can replay their sessions).
     pub async fn search_audit(
         &self,
         caller: &Caller,
-        actor: Option<String>,
-        kind: Option<String>,
-        request_id: Option<String>,
-        limit: i64,
+        mut filter: crate::store::AuditFilter,
     ) -> Result<Vec<wicket_api::AuditEventView>> {
         let user = self.active_user(caller).await?;
         let roles = self.standing_roles(&user);
@@ -479,11 +545,14 @@ impl Wicket {
             user: &user.name,
             roles: &roles,
         };
-        let decision = self
-            .config
-            .policy
-            .roles
-            .decide_audit_read(&subject, actor.as_deref());
+        let policy = &self.config.policy.roles;
+        if filter.actor.is_none()
+            && filter.session_id.is_some()
+            && !policy.decide_audit_read(&subject, None).allowed
+        {
+            filter.actor = Some(user.name.clone());
+        }
+        let decision = policy.decide_audit_read(&subject, filter.actor.as_deref());
         if !decision.allowed {
             self.audit(
                 AuditEvent::AccessDenied {
@@ -499,11 +568,8 @@ impl Wicket {
         let rows = self
             .store
             .search_audit(&crate::store::AuditFilter {
-                actor,
-                kind,
-                request_id,
-                since_ms: None,
-                limit: limit.clamp(1, 10_000),
+                limit: filter.limit.clamp(1, 10_000),
+                ..filter
             })
             .await?;
         Ok(rows

@@ -89,6 +89,12 @@ CREATE TABLE notifications (
 CREATE INDEX notifications_request ON notifications (request_id)
 "#,
     },
+    Migration {
+        version: 3,
+        sql: r#"
+CREATE INDEX audit_events_session ON audit_events (session_id)
+"#,
+    },
 ];
 
 /// A user as stored.
@@ -123,6 +129,7 @@ pub struct AuditFilter {
     pub actor: Option<String>,
     pub kind: Option<String>,
     pub request_id: Option<String>,
+    pub session_id: Option<String>,
     pub since_ms: Option<i64>,
     pub limit: i64,
 }
@@ -584,6 +591,16 @@ impl Store {
         Ok(())
     }
 
+    /// Stores several events in one transaction.
+    pub async fn append_audit_batch(&self, events: &[AuditRow]) -> Result<()> {
+        let mut tx = self.begin().await?;
+        for e in events {
+            insert_audit(&mut tx, e).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub async fn search_audit(&self, f: &AuditFilter) -> Result<Vec<AuditRow>> {
         let mut sql = String::from(
             "SELECT id, time, kind, actor, request_id, session_id, data FROM audit_events WHERE time >= $1",
@@ -593,6 +610,7 @@ impl Store {
             ("actor", &f.actor),
             ("kind", &f.kind),
             ("request_id", &f.request_id),
+            ("session_id", &f.session_id),
         ] {
             if let Some(v) = val {
                 binds.push(v);

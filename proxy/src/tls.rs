@@ -12,11 +12,22 @@ use wicket_ca::{AuthorityKeys, ServerCertRequest, Validity};
 /// Server certificates live a year; wicketd makes a new one at every start.
 const SERVER_CERT_LIFETIME: i64 = 365 * 24 * 3600;
 
-/// The rustls server config for the API (and later the DB/Kube listeners).
+/// Whether a listener demands a client certificate at the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCerts {
+    /// The API: login needs none; handlers require one where it matters.
+    Optional,
+    /// The database listener: no certificate, no connection.
+    Required,
+}
+
+/// The rustls server config for the API (`Optional`, ALPN http/1.1) and the
+/// database listener (`Required`, no ALPN).
 pub fn server_config(
     keys: &AuthorityKeys,
     names: &[String],
     now: i64,
+    client_certs: ClientCerts,
 ) -> Result<Arc<rustls::ServerConfig>> {
     let rng = ring::rand::SystemRandom::new();
     let (pkcs8, spki) = wicket_ca::x509::new_p256_key(&rng)?;
@@ -37,8 +48,12 @@ pub fn server_config(
     roots
         .add(CertificateDer::from(keys.tls.cert_der().to_vec()))
         .map_err(|e| Error::Internal(format!("TLS CA: {e}")))?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    let builder = match client_certs {
+        ClientCerts::Optional => builder.allow_unauthenticated(),
+        ClientCerts::Required => builder,
+    };
+    let verifier = builder
         .build()
         .map_err(|e| Error::Internal(format!("client verifier: {e}")))?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
@@ -47,7 +62,60 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8)))
         .map_err(|e| Error::Internal(format!("server certificate: {e}")))?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if client_certs == ClientCerts::Optional {
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    }
+    Ok(Arc::new(cfg))
+}
+
+/// Roots for verifying an upstream server: the PEM bundle at `ca_file`, or
+/// Wicket's own TLS CA when none is configured.
+pub fn upstream_roots(
+    keys: &AuthorityKeys,
+    ca_file: Option<&std::path::Path>,
+) -> Result<Arc<RootCertStore>> {
+    let mut roots = RootCertStore::empty();
+    let ders = match ca_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Error::Io(format!("cannot read {}: {e}", path.display())))?;
+            let ders = wicket_ca::x509::pem_decode_all("CERTIFICATE", &text)
+                .map_err(|e| Error::BadRequest(format!("{}: {e}", path.display())))?;
+            if ders.is_empty() {
+                return Err(Error::BadRequest(format!(
+                    "{}: no CERTIFICATE in the file",
+                    path.display()
+                )));
+            }
+            ders
+        }
+        None => vec![keys.tls.cert_der().to_vec()],
+    };
+    for der in ders {
+        roots
+            .add(CertificateDer::from(der))
+            .map_err(|e| Error::BadRequest(format!("upstream CA certificate: {e}")))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// A client config presenting `chain` (leaf first) with `key_pkcs8` and
+/// verifying the server against `roots`.
+pub fn upstream_client_config(
+    roots: Arc<RootCertStore>,
+    chain: Vec<Vec<u8>>,
+    key_pkcs8: &[u8],
+) -> Result<Arc<rustls::ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            chain.into_iter().map(CertificateDer::from).collect(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8.to_vec())),
+        )
+        .map_err(|e| Error::Internal(format!("upstream client certificate: {e}")))?;
     Ok(Arc::new(cfg))
 }
 

@@ -12,6 +12,8 @@
 
 mod ca_tools;
 mod foundation;
+mod pg;
+pub mod pg_setup;
 mod postgres_harness;
 mod requests;
 mod ssh;

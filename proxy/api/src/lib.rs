@@ -1,6 +1,9 @@
 //! Wire types shared by `wicketd` and the `wicket` CLI: the JSON bodies of the
-//! HTTPS API under `/v1`. No logic and no I/O here, so the CLI links neither
-//! the daemon nor its database driver.
+//! HTTPS API under `/v1`, and ([`pg`]) the PostgreSQL wire-protocol codec the
+//! database proxy and the CLI's tunnel both speak. No I/O here, so the CLI
+//! links neither the daemon nor its database driver.
+
+pub mod pg;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -44,9 +47,6 @@ pub struct Ping {
     pub version: String,
     /// `sha256:<hex>` of the TLS CA's public key.
     pub tls_ca_pin: String,
-    /// `HOST:PORT` of the SSH proxy, when it listens.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ssh_proxy: Option<String>,
 }
 
 /// `POST /v1/login`: password (+ OTP) for certificates. Only public keys travel.
@@ -138,6 +138,20 @@ pub struct Resources {
     pub nodes: Vec<NodeInfo>,
     pub databases: Vec<DatabaseInfo>,
     pub kube_clusters: Vec<KubeClusterInfo>,
+    /// Where the proxies listen (ports on the API's host).
+    #[serde(default)]
+    pub proxies: ProxyPorts,
+}
+
+/// The ports of wicketd's proxy listeners (absent when not listening).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProxyPorts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube: Option<u16>,
 }
 
 /// One audit event, as `GET /v1/audit` returns it.

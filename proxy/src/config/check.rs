@@ -2,13 +2,14 @@
 
 use super::duration::{format_duration, parse_duration};
 use super::file::{
-    ApprovalFile, AuthFile, BreakGlassFile, CertificatesFile, DatabaseFile, DurationText,
-    KubeClusterFile, LabelMap, ListenFile, NodeFile, OncallFile, RequestsFile, RequireFile,
-    RoleFile, SessionFile, TeamFile, TOP_LEVEL_KEYS,
+    ApprovalFile, AuditFile, AuthFile, BreakGlassFile, CertificatesFile, DatabaseFile,
+    DurationText, KubeClusterFile, LabelMap, ListenFile, NodeFile, OncallFile, PostgresFile,
+    RequestsFile, RequireFile, RoleFile, SessionFile, TeamFile, TOP_LEVEL_KEYS,
 };
 use super::{
-    AuthSettings, Config, Listen, Problem, ResourceTls, SessionSettings, Storage, DEFAULT_API_ADDR,
-    DEFAULT_CLUSTER_NAME, DEFAULT_DATA_DIR, VERSION,
+    AuditOverflow, AuditSettings, AuthSettings, Config, Listen, PostgresSettings, Problem,
+    ResourceTls, SessionSettings, Storage, DEFAULT_API_ADDR, DEFAULT_CLUSTER_NAME,
+    DEFAULT_DATA_DIR, VERSION,
 };
 use chrono::{DateTime, Duration, Utc};
 use serde::de::DeserializeOwned;
@@ -566,6 +567,12 @@ impl Cx {
         let session = self
             .section::<SessionFile>(s.remove("session"), "session")
             .and_then(|f| self.session(&f));
+        let audit = self
+            .section::<AuditFile>(s.remove("audit"), "audit")
+            .and_then(|f| self.audit(&f));
+        let postgres = self
+            .section::<PostgresFile>(s.remove("postgres"), "postgres")
+            .and_then(|f| self.postgres(&f));
         let requests = self
             .section::<RequestsFile>(s.remove("requests"), "requests")
             .and_then(|f| self.requests(&f));
@@ -600,6 +607,8 @@ impl Cx {
             login_ttl,
             public_names,
             session: session?,
+            audit: audit?,
+            postgres: postgres?,
             auth: auth?,
             policy: Policy {
                 roles: RoleSet::new(roles?),
@@ -724,6 +733,55 @@ impl Cx {
             expiry_warning: warning,
             record_input: f.record_input.unwrap_or(d.record_input),
         })
+    }
+
+    fn audit(&mut self, f: &AuditFile) -> Option<AuditSettings> {
+        let d = AuditSettings::default();
+        let mut ok = true;
+        let queue_size = match f.queue_size {
+            Some(0) => {
+                self.push("audit.queue_size", "must be at least 1");
+                ok = false;
+                0
+            }
+            Some(n) => n as usize,
+            None => d.queue_size,
+        };
+        let on_overflow = match f.on_overflow.as_deref() {
+            None => d.on_overflow,
+            Some("block") => AuditOverflow::Block,
+            Some("drop-and-count") => AuditOverflow::DropAndCount,
+            Some(other) => {
+                self.push(
+                    "audit.on_overflow",
+                    format!("{other:?} is not one of: block, drop-and-count"),
+                );
+                ok = false;
+                d.on_overflow
+            }
+        };
+        ok.then_some(AuditSettings {
+            queue_size,
+            on_overflow,
+            db_parameter_values: f.db_parameter_values.unwrap_or(d.db_parameter_values),
+        })
+    }
+
+    fn postgres(&mut self, f: &PostgresFile) -> Option<PostgresSettings> {
+        let d = PostgresSettings::default();
+        match f.max_message_bytes {
+            None => Some(d),
+            Some(n) if (1024..=(1 << 30)).contains(&n) => Some(PostgresSettings {
+                max_message_bytes: n as usize,
+            }),
+            Some(n) => {
+                self.push(
+                    "postgres.max_message_bytes",
+                    format!("{n} is outside 1024..=1073741824"),
+                );
+                None
+            }
+        }
     }
 
     fn auth(&mut self, f: &AuthFile) -> Option<AuthSettings> {

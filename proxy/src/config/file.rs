@@ -31,6 +31,10 @@ pub struct FileConfig {
     #[serde(default)]
     pub session: SessionFile,
     #[serde(default)]
+    pub audit: AuditFile,
+    #[serde(default)]
+    pub postgres: PostgresFile,
+    #[serde(default)]
     pub requests: RequestsFile,
     #[serde(default)]
     pub break_glass: BreakGlassFile,
@@ -57,6 +61,8 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "listen",
     "certificates",
     "session",
+    "audit",
+    "postgres",
     "requests",
     "break_glass",
     "auth",
@@ -103,6 +109,29 @@ pub struct SessionFile {
     pub expiry_warning: Option<DurationText>,
     /// Record what users type in SSH sessions too (default false: output only).
     pub record_input: Option<bool>,
+}
+
+/// `audit:` — how session events (statements, commands) reach the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with queue_size, on_overflow and db_parameter_values"
+)]
+pub struct AuditFile {
+    /// Events buffered between the proxies and the store.
+    pub queue_size: Option<u32>,
+    /// `block` (sessions wait for the store) or `drop-and-count`.
+    pub on_overflow: Option<String>,
+    /// Record the values of extended-protocol Bind parameters.
+    pub db_parameter_values: Option<bool>,
+}
+
+/// `postgres:` — the PostgreSQL proxy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping with max_message_bytes")]
+pub struct PostgresFile {
+    /// Largest frontend message accepted (bytes; default 16 MiB).
+    pub max_message_bytes: Option<u64>,
 }
 
 /// `requests:`; every field defaults to [`wicket_policy::RequestSettings::default`].

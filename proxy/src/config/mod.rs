@@ -53,6 +53,8 @@ pub struct Config {
     /// Extra DNS names / IP addresses for the API's TLS server certificate.
     pub public_names: Vec<String>,
     pub session: SessionSettings,
+    pub audit: AuditSettings,
+    pub postgres: PostgresSettings,
     pub auth: AuthSettings,
     /// Roles, approval rules, teams and on-call, request limits, break-glass,
     /// resources.
@@ -149,6 +151,51 @@ impl Default for SessionSettings {
             disconnect_on_expiry: true,
             expiry_warning: Duration::minutes(15),
             record_input: false,
+        }
+    }
+}
+
+/// What a session does when the audit store cannot keep up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditOverflow {
+    /// Sessions wait until their events are queued (no event is lost).
+    Block,
+    /// Events that do not fit are dropped, counted, and the count recorded
+    /// in the session's end event and the log.
+    DropAndCount,
+}
+
+/// `audit:` — session events on their way to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditSettings {
+    /// Events buffered between the proxies and the store (default 10000).
+    pub queue_size: usize,
+    pub on_overflow: AuditOverflow,
+    /// Record extended-protocol parameter values (default false: only the count).
+    pub db_parameter_values: bool,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            queue_size: 10_000,
+            on_overflow: AuditOverflow::Block,
+            db_parameter_values: false,
+        }
+    }
+}
+
+/// `postgres:` — the PostgreSQL proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PostgresSettings {
+    /// Largest frontend message accepted (default 16 MiB).
+    pub max_message_bytes: usize,
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 16 << 20,
         }
     }
 }
@@ -299,6 +346,8 @@ impl Config {
             login_ttl: Duration::hours(8),
             public_names: Vec::new(),
             session: SessionSettings::default(),
+            audit: AuditSettings::default(),
+            postgres: PostgresSettings::default(),
             auth: AuthSettings::default(),
             policy: Policy {
                 roles: RoleSet::new([access, admin]),

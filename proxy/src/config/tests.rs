@@ -879,3 +879,32 @@ resources:
     );
     has(&e, "resources.nodes[0].host_key", "OpenSSH public key");
 }
+
+#[test]
+fn audit_and_postgres_sections() {
+    let c = ok("
+version: 1
+audit: { queue_size: 50, on_overflow: drop-and-count, db_parameter_values: true }
+postgres: { max_message_bytes: 4096 }
+");
+    assert_eq!(c.audit.queue_size, 50);
+    assert_eq!(c.audit.on_overflow, AuditOverflow::DropAndCount);
+    assert!(c.audit.db_parameter_values);
+    assert_eq!(c.postgres.max_message_bytes, 4096);
+    let d = ok("version: 1\n");
+    assert_eq!(d.audit, AuditSettings::default());
+    assert_eq!(d.audit.on_overflow, AuditOverflow::Block);
+
+    let e = problems(
+        "
+version: 1
+audit: { queue_size: 0, on_overflow: maybe }
+postgres: { max_message_bytes: 10 }
+",
+    );
+    has(&e, "audit.queue_size", "at least 1");
+    has(&e, "audit.on_overflow", "block, drop-and-count");
+    has(&e, "postgres.max_message_bytes", "outside");
+    let e = problems("version: 1\npostgres: { max_msg: 1 }\n");
+    assert!(e.to_string().contains("max_msg"), "{e}");
+}

@@ -1,5 +1,9 @@
-//! PostgreSQL access (issue in progress): the wire-protocol codec the proxy
-//! uses to read startup, cancel and query messages and to answer with proper
-//! ErrorResponses. The listener, upstream TLS and audit come next.
+//! PostgreSQL access: the wire-protocol codec ([`protocol`], shared with the
+//! CLI's tunnel, lives in `wicket-api`) and the proxy
+//! ([`proxy`]) that terminates TLS with Wicket client certificates, decides
+//! per connection, connects upstream with a minted one-minute certificate,
+//! audits statements, routes cancel requests and ends sessions whose grant
+//! ended.
 
-pub mod protocol;
+pub use wicket_api::pg as protocol;
+pub mod proxy;

@@ -423,22 +423,15 @@ impl tokio::io::AsyncWrite for Prefixed {
     }
 }
 
-/// Binds `listen.ssh` (if set) and serves the SSH proxy until shutdown.
-pub async fn start(
-    wicket: &Arc<Wicket>,
-    shutdown: watch::Receiver<bool>,
-) -> Result<Option<SocketAddr>> {
-    let Some(addr) = wicket.config.listen.ssh else {
+/// Binds `listen.ssh`, if set.
+pub async fn bind(config: &crate::config::Config) -> Result<Option<TcpListener>> {
+    let Some(addr) = config.listen.ssh else {
         return Ok(None);
     };
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Io(format!("cannot listen on {addr} (listen.ssh): {e}")))?;
-    let bound = listener.local_addr()?;
-    let _ = wicket.ssh_addr.set(bound);
-    let proxy = SshProxy::new(wicket.clone())?;
-    tokio::spawn(serve(listener, proxy, shutdown));
-    Ok(Some(bound))
+    Ok(Some(listener))
 }
 
 /// Accepts SSH connections until shutdown.

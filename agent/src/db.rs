@@ -1,0 +1,447 @@
+//! Databases: `wicket db ls|connect`, `wicket proxy db NAME --tunnel`, and
+//! `wicket play` for database sessions.
+//!
+//! The tunnel listens on 127.0.0.1 in plaintext and wraps every connection
+//! in TLS to wicketd's PostgreSQL listener with the user's client
+//! certificate, adding the database resource's name to the startup message.
+//! The certificate is read from the profile for each new connection (and the
+//! TLS setup rebuilt when it changed), so after a new `wicket login` new
+//! connections use the new certificate. Any PostgreSQL client works through
+//! it unchanged.
+
+use crate::cli::{authenticated_client, Format};
+use crate::client::{certs_from_pem, split_proxy};
+use crate::profile::Profile;
+use anyhow::{anyhow, bail, Context, Result};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::RootCertStore;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+use wicket_api::pg::{self, Startup};
+use wicket_api::{DatabaseInfo, Resources};
+
+/// Startup parameter naming the database resource (see wicketd's proxy).
+const RESOURCE_PARAM: &str = "wicket_database";
+const MAX_STARTUP: usize = 10_000;
+
+/// Where a tunnel sends its connections.
+pub struct Tunnel {
+    resource: String,
+    proxy_host: String,
+    proxy_addr: String,
+    profile: Profile,
+    tls: Mutex<Option<(SystemTime, Arc<rustls::ClientConfig>)>>,
+}
+
+impl Tunnel {
+    /// A tunnel to `resource` for the active profile.
+    pub async fn for_resource(resource: &str) -> Result<(Arc<Self>, DatabaseInfo)> {
+        let (p, info, client) = authenticated_client()?;
+        let r: Resources = client.get("/v1/resources").await?;
+        // The proxy decides; a database the roles do not reach yet is only
+        // warned about, so the refusal (and its reason) comes from wicketd.
+        let db = match r.databases.iter().find(|d| d.name == resource) {
+            Some(d) => d.clone(),
+            None => {
+                eprintln!(
+                    "wicket: warning: database {resource:?} is not reachable with your current roles; \
+                     wicketd will refuse connections (request access with `wicket request create`)"
+                );
+                DatabaseInfo {
+                    name: resource.to_owned(),
+                    labels: Default::default(),
+                    names: Vec::new(),
+                    users: Vec::new(),
+                }
+            }
+        };
+        let port = r.proxies.postgres.ok_or_else(|| {
+            anyhow!(
+                "wicketd at {} has no PostgreSQL listener (listen.postgres)",
+                info.proxy
+            )
+        })?;
+        let host = split_proxy(&info.proxy)?;
+        let proxy_addr = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        Ok((
+            Arc::new(Self {
+                resource: resource.to_owned(),
+                proxy_host: host,
+                proxy_addr,
+                profile: p,
+                tls: Mutex::new(None),
+            }),
+            db,
+        ))
+    }
+
+    /// The TLS client config from the profile's current certificate.
+    fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>> {
+        let cert_path = self.profile.tls_cert();
+        let modified = std::fs::metadata(&cert_path)
+            .and_then(|m| m.modified())
+            .context("your TLS certificate is gone; run `wicket login`")?;
+        let mut cache = self.tls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, cfg)) = cache.as_ref() {
+            if *at == modified {
+                return Ok(cfg.clone());
+            }
+        }
+        let info = self.profile.read_info()?;
+        if info.valid_before <= crate::now() {
+            bail!(
+                "your certificates expired at {}; run `wicket login`",
+                info.valid_before.to_rfc3339()
+            );
+        }
+        let pem = |path: std::path::PathBuf| {
+            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+        };
+        let chain: Vec<CertificateDer<'static>> = certs_from_pem(&pem(cert_path.clone())?)?;
+        let key = wicket_ca::pem_decode("PRIVATE KEY", &pem(self.profile.tls_key())?)
+            .map_err(|e| anyhow!("your TLS key: {e}"))?;
+        let mut roots = RootCertStore::empty();
+        for c in certs_from_pem(&pem(self.profile.ca_bundle())?)? {
+            roots.add(c).map_err(|e| anyhow!("saved CA bundle: {e}"))?;
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| anyhow!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, PrivateKeyDer::Pkcs8(key.into()))
+        .map_err(|e| anyhow!("your TLS certificate: {e}"))?;
+        let cfg = Arc::new(cfg);
+        *cache = Some((modified, cfg.clone()));
+        Ok(cfg)
+    }
+
+    /// Serves connections from `listener` until the process ends.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (conn, _) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("wicket: tunnel accept failed: {e}");
+                    continue;
+                }
+            };
+            let _ = conn.set_nodelay(true);
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.handle(conn).await {
+                    eprintln!("wicket: tunnel connection: {e:#}");
+                }
+            });
+        }
+    }
+
+    async fn handle(&self, mut local: TcpStream) -> Result<()> {
+        let mut buf = Vec::new();
+        let startup = loop {
+            let Some(msg) = read_startup(&mut local, &mut buf).await? else {
+                return Ok(());
+            };
+            match msg {
+                // The local leg is plaintext on loopback; TLS starts at the tunnel.
+                Startup::SslRequest | Startup::GssEncRequest => local.write_all(b"N").await?,
+                Startup::Startup { mut params } => {
+                    params.retain(|(k, _)| k != RESOURCE_PARAM);
+                    params.push((RESOURCE_PARAM.to_owned(), self.resource.clone()));
+                    let p: Vec<(&str, &str)> = params
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
+                    break pg::startup_message(&p);
+                }
+                Startup::Cancel { pid, secret } => {
+                    let mut m = Vec::with_capacity(16);
+                    m.extend_from_slice(&16u32.to_be_bytes());
+                    m.extend_from_slice(&pg::CANCEL_REQUEST.to_be_bytes());
+                    m.extend_from_slice(&pid.to_be_bytes());
+                    m.extend_from_slice(&secret.to_be_bytes());
+                    break m;
+                }
+            }
+        };
+        let mut remote = match self.connect().await {
+            Ok(r) => r,
+            Err(e) => {
+                let msg = pg::error_response("FATAL", "08006", &format!("wicket: {e:#}"));
+                let _ = local.write_all(&msg).await;
+                return Err(e);
+            }
+        };
+        remote.write_all(&startup).await?;
+        if !buf.is_empty() {
+            remote.write_all(&buf).await?;
+        }
+        remote.flush().await?;
+        let _ =
+            tokio::io::copy_bidirectional_with_sizes(&mut local, &mut remote, 64 * 1024, 64 * 1024)
+                .await;
+        Ok(())
+    }
+
+    async fn connect(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let cfg = self.tls_config()?;
+        let mut tcp = TcpStream::connect(&self.proxy_addr)
+            .await
+            .with_context(|| format!("cannot reach wicketd at {}", self.proxy_addr))?;
+        let _ = tcp.set_nodelay(true);
+        let mut ssl = Vec::with_capacity(8);
+        ssl.extend_from_slice(&8u32.to_be_bytes());
+        ssl.extend_from_slice(&pg::SSL_REQUEST.to_be_bytes());
+        tcp.write_all(&ssl).await?;
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await?;
+        if answer[0] != b'S' {
+            bail!("wicketd at {} refused TLS", self.proxy_addr);
+        }
+        let name = ServerName::try_from(self.proxy_host.clone())
+            .map_err(|_| anyhow!("{:?} is not a valid TLS server name", self.proxy_host))?;
+        TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .with_context(|| format!("TLS with wicketd at {}", self.proxy_addr))
+    }
+}
+
+async fn read_startup(r: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<Startup>> {
+    let mut tmp = [0u8; 1024];
+    loop {
+        if let Some((msg, len)) = pg::read_startup(buf, MAX_STARTUP).map_err(|e| anyhow!("{e}"))? {
+            buf.drain(..len);
+            return Ok(Some(msg));
+        }
+        let n = r.read(&mut tmp).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}
+
+/// `wicket db ls`.
+pub async fn ls(format: Format) -> Result<()> {
+    let (_, _, client) = authenticated_client()?;
+    let r: Resources = client.get("/v1/resources").await?;
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&r.databases)?),
+        Format::Text => {
+            println!("{:<20} {:<24} {:<24} DATABASES", "NAME", "LABELS", "USERS");
+            for d in &r.databases {
+                let labels: Vec<String> =
+                    d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!(
+                    "{:<20} {:<24} {:<24} {}",
+                    d.name,
+                    labels.join(","),
+                    d.users.join(","),
+                    d.names.join(",")
+                );
+            }
+            if r.databases.is_empty() {
+                println!("(no database reachable with your current roles)");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The database user to use: the one given, or the only one allowed.
+fn pick_user(db: &DatabaseInfo, given: Option<String>) -> Result<String> {
+    if let Some(u) = given {
+        return Ok(u);
+    }
+    let concrete: Vec<&String> = db.users.iter().filter(|u| *u != "*").collect();
+    match concrete.as_slice() {
+        [one] => Ok((*one).clone()),
+        _ => bail!(
+            "choose a database user with --db-user (allowed on {}: {})",
+            db.name,
+            db.users.join(", ")
+        ),
+    }
+}
+
+/// `wicket db connect NAME`: psql through a tunnel on an ephemeral port.
+pub async fn connect(
+    resource: &str,
+    db_user: Option<String>,
+    db_name: Option<String>,
+    psql_args: Vec<String>,
+) -> Result<()> {
+    let (tunnel, db) = Tunnel::for_resource(resource).await?;
+    let user = pick_user(&db, db_user)?;
+    let name = db_name.unwrap_or_else(|| {
+        let concrete: Vec<&String> = db.names.iter().filter(|n| *n != "*").collect();
+        match concrete.as_slice() {
+            [one] => (*one).clone(),
+            _ => user.clone(),
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(tunnel.serve(listener));
+    let conninfo = format!(
+        "host=127.0.0.1 port={port} user={} dbname={} sslmode=disable application_name=wicket",
+        conninfo_value(&user),
+        conninfo_value(&name)
+    );
+    let mut cmd = tokio::process::Command::new(
+        std::env::var("WICKET_PSQL").unwrap_or_else(|_| "psql".into()),
+    );
+    cmd.arg(conninfo).args(psql_args);
+    let status = cmd
+        .status()
+        .await
+        .context("starting psql (is the PostgreSQL client installed?)")?;
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    Ok(())
+}
+
+/// Quotes a libpq conninfo value.
+fn conninfo_value(v: &str) -> String {
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// `wicket proxy db NAME --tunnel [--port P]`.
+pub async fn proxy(resource: &str, port: u16, format: Format) -> Result<()> {
+    let (tunnel, db) = Tunnel::for_resource(resource).await?;
+    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
+    let addr = listener.local_addr()?;
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::json!({ "database": resource, "listen": addr.to_string() })
+        ),
+        Format::Text => {
+            println!("Tunnel for database {resource} listening on {addr}");
+            println!(
+                "  psql \"host=127.0.0.1 port={} user={} dbname=NAME sslmode=disable\"",
+                addr.port(),
+                db.users.first().map(String::as_str).unwrap_or("USER")
+            );
+        }
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    tokio::select! {
+        _ = tunnel.serve(listener) => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    Ok(())
+}
+
+/// Prints a database session's statements with their timing.
+pub fn print_db_session(
+    events: &[wicket_api::AuditEventView],
+    format: Format,
+    speed: f64,
+    realtime: bool,
+) -> Result<()> {
+    let start = events
+        .first()
+        .map(|e| e.time)
+        .ok_or_else(|| anyhow!("no events for this session"))?;
+    let mut rows = Vec::new();
+    for e in events {
+        let d = &e.data;
+        let text = match e.kind.as_str() {
+            "session_started" => format!(
+                "-- session {} by {} on {} as {} (database {}), requests [{}]",
+                d["session_id"].as_str().unwrap_or(""),
+                d["user"].as_str().unwrap_or(""),
+                d["resource"].as_str().unwrap_or(""),
+                d["login"].as_str().unwrap_or(""),
+                d["database"].as_str().unwrap_or(""),
+                d["request_ids"]
+                    .as_array()
+                    .map(|a| a
+                        .iter()
+                        .filter_map(|v| v.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "))
+                    .unwrap_or_default()
+            ),
+            "db_query" => d["statement"].as_str().unwrap_or("").to_owned(),
+            "db_parse" => format!(
+                "-- parse {}: {}",
+                d["name"].as_str().unwrap_or(""),
+                d["statement"].as_str().unwrap_or("")
+            ),
+            "db_execute" => format!(
+                "{} -- execute ({} parameters{})",
+                d["statement"].as_str().unwrap_or(""),
+                d["params"],
+                d.get("values")
+                    .map(|v| format!(": {v}"))
+                    .unwrap_or_default()
+            ),
+            "db_copy" => format!(
+                "-- copy {}: {}",
+                d["direction"].as_str().unwrap_or(""),
+                d["statement"].as_str().unwrap_or("")
+            ),
+            "db_error" => format!(
+                "-- error {}: {}",
+                d["code"].as_str().unwrap_or(""),
+                d["message"].as_str().unwrap_or("")
+            ),
+            "session_ended" => format!(
+                "-- session ended: {} ({} statements, {} bytes in, {} bytes out)",
+                d["reason"].as_str().unwrap_or(""),
+                d["statements"],
+                d["bytes_from_client"],
+                d["bytes_to_client"]
+            ),
+            _ => continue,
+        };
+        let offset = (e.time - start).num_milliseconds() as f64 / 1000.0;
+        rows.push((offset, e.kind.clone(), text, e));
+    }
+    match format {
+        Format::Json => {
+            let out: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|(offset, kind, text, e)| {
+                    serde_json::json!({
+                        "offset_secs": offset,
+                        "time": e.time,
+                        "kind": kind,
+                        "text": text,
+                        "data": e.data,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Format::Text => {
+            let mut last = 0.0;
+            for (offset, _, text, _) in &rows {
+                if realtime && *offset > last {
+                    std::thread::sleep(std::time::Duration::from_secs_f64(
+                        ((offset - last) / speed).min(60.0),
+                    ));
+                }
+                last = *offset;
+                println!("[{offset:>9.3}s] {text}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,1244 @@
+//! The PostgreSQL proxy: one task per client connection.
+//!
+//! ```text
+//! client --SSLRequest--> 'S' --TLS (Wicket client cert required)--> StartupMessage
+//!   -> decide (policy, grants re-read from the store) -> register session
+//!   -> upstream: SSLRequest, TLS with a one-minute DB-client certificate for
+//!      the database user, StartupMessage (cert auth) ... ReadyForQuery
+//!   -> relay both ways, auditing statements, until either side ends or the
+//!      grant ends (FATAL ErrorResponse naming the request, then close)
+//! ```
+//!
+//! The client sees proxy-made cancel keys; a CancelRequest (over TLS, with a
+//! certificate of the same Wicket user) is forwarded to the backend it
+//! belongs to, so nobody can cancel another session's queries.
+
+use super::protocol::{self, Frontend, ProtocolError, Startup};
+use crate::audit::{AuditEvent, SessionRef};
+use crate::clock;
+use crate::service::{Caller, Wicket};
+use crate::sessions::{SessionInfo, Signal};
+use crate::tls;
+use ring::rand::{SecureRandom, SystemRandom};
+use rustls::pki_types::ServerName;
+use rustls::RootCertStore;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use wicket_ca::{Identity, Validity};
+use wicket_policy::{Resource, ResourceKind};
+
+/// The startup parameter naming the database resource; set by `wicket proxy
+/// db` and removed before the startup message goes upstream.
+pub const RESOURCE_PARAM: &str = "wicket_database";
+
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest startup-phase message (PostgreSQL allows 10000 bytes).
+const MAX_STARTUP: usize = 10_000;
+/// Backend messages the proxy reads whole (errors, COPY starts) larger than
+/// this are passed through uninspected.
+const MAX_INSPECTED_BACKEND: usize = 1 << 20;
+/// How long a grant-end waits for the backend message in flight to finish
+/// before the connection is closed without the FATAL message.
+const CUT_GRACE: Duration = Duration::from_millis(500);
+/// Statements/portals remembered per session for auditing Execute.
+const MAX_TRACKED: usize = 10_000;
+const READ_CHUNK: usize = 64 * 1024;
+
+/// The upstream certificate lives about a minute (and starts a little
+/// before now, for clock skew).
+const UPSTREAM_CERT_BEFORE: i64 = 30;
+const UPSTREAM_CERT_AFTER: i64 = 60;
+
+/// Shared state of the PostgreSQL listener.
+pub struct PgProxy {
+    wicket: Arc<Wicket>,
+    acceptor: TlsAcceptor,
+    /// The key the proxy's short-lived upstream certificates certify; made at
+    /// start, never written anywhere.
+    upstream_pkcs8: Vec<u8>,
+    upstream_spki: Vec<u8>,
+    roots: BTreeMap<String, Arc<RootCertStore>>,
+    cancels: Mutex<HashMap<(u32, u32), CancelTarget>>,
+    rng: SystemRandom,
+}
+
+impl std::fmt::Debug for PgProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgProxy").finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct CancelTarget {
+    user: String,
+    resource: String,
+    db_user: String,
+    pid: u32,
+    secret: u32,
+}
+
+/// Why a relayed session ended.
+enum End {
+    ClientClosed,
+    ServerClosed,
+    /// The grant ended; the text names the request and why.
+    Cut(String),
+    /// The client sent something unacceptable.
+    Protocol(String),
+    Io(String),
+}
+
+impl End {
+    fn reason(&self) -> String {
+        match self {
+            End::ClientClosed => "client closed the connection".into(),
+            End::ServerClosed => "server closed the connection".into(),
+            End::Cut(w) => w.clone(),
+            End::Protocol(w) => format!("protocol violation: {w}"),
+            End::Io(w) => format!("connection error: {w}"),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl PgProxy {
+    /// Prepares the listener's TLS and the upstream trust of every database
+    /// resource. Fails on an unreadable or empty `ca_file`.
+    pub fn new(wicket: Arc<Wicket>, server_names: &[String]) -> crate::error::Result<Self> {
+        let now = clock::now().timestamp();
+        let server =
+            tls::server_config(&wicket.keys, server_names, now, tls::ClientCerts::Required)?;
+        let rng = SystemRandom::new();
+        let (upstream_pkcs8, upstream_spki) = wicket_ca::x509::new_p256_key(&rng)?;
+        let mut roots = BTreeMap::new();
+        for r in &wicket.config.policy.resources {
+            if r.kind == ResourceKind::Database {
+                let ca_file = wicket
+                    .config
+                    .database_tls
+                    .get(&r.name)
+                    .and_then(|t| t.ca_file.as_deref());
+                roots.insert(r.name.clone(), tls::upstream_roots(&wicket.keys, ca_file)?);
+            }
+        }
+        Ok(Self {
+            wicket,
+            acceptor: TlsAcceptor::from(server),
+            upstream_pkcs8,
+            upstream_spki,
+            roots,
+            cancels: Mutex::default(),
+            rng,
+        })
+    }
+
+    /// Accepts connections until `shutdown` fires.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "postgres accept failed");
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => break,
+            };
+            let _ = tcp.set_nodelay(true);
+            let this = self.clone();
+            tokio::spawn(async move { this.handle(tcp, peer).await });
+        }
+    }
+
+    async fn handle(&self, mut tcp: TcpStream, peer: SocketAddr) {
+        // Plaintext negotiation: only SSLRequest leads anywhere.
+        let mut buf = Vec::new();
+        loop {
+            let msg = match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(&mut tcp, &mut buf))
+                .await
+            {
+                Ok(Ok(Some(m))) => m,
+                Ok(Ok(None)) => return,
+                Ok(Err(e)) => {
+                    fatal(&mut tcp, "08P01", &format!("wicket: {e}")).await;
+                    return;
+                }
+                Err(_) => return,
+            };
+            match msg {
+                Startup::SslRequest => break,
+                Startup::GssEncRequest => {
+                    if tcp.write_all(b"N").await.is_err() {
+                        return;
+                    }
+                }
+                Startup::Startup { .. } => {
+                    fatal(
+                        &mut tcp,
+                        "28000",
+                        "wicket: connections must use TLS with a Wicket client certificate; \
+                         use `wicket db connect NAME` or `wicket proxy db NAME --tunnel`",
+                    )
+                    .await;
+                    return;
+                }
+                Startup::Cancel { .. } => return,
+            }
+        }
+        if !buf.is_empty() {
+            // Bytes sent before the TLS handshake could be injected by a
+            // man in the middle (CVE-2021-23214): refuse.
+            fatal(
+                &mut tcp,
+                "08P01",
+                "wicket: unexpected data after SSLRequest",
+            )
+            .await;
+            return;
+        }
+        if tcp.write_all(b"S").await.is_err() {
+            return;
+        }
+        let mut client =
+            match tokio::time::timeout(STARTUP_TIMEOUT, self.acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "postgres TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+        let now = clock::now();
+        let verified = client
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|leaf| {
+                self.wicket
+                    .trusted_tls
+                    .verify_client(leaf.as_ref(), now.timestamp())
+            });
+        let caller = match verified {
+            Some(Ok(cert)) => match cert.identity {
+                Some(id) => Caller {
+                    user: id.user,
+                    request_ids: id.request_ids,
+                    source: peer.ip(),
+                },
+                None => {
+                    fatal(
+                        &mut client,
+                        "28000",
+                        "wicket: the client certificate carries no Wicket identity",
+                    )
+                    .await;
+                    return;
+                }
+            },
+            Some(Err(e)) => {
+                fatal(
+                    &mut client,
+                    "28000",
+                    &format!("wicket: client certificate: {e}"),
+                )
+                .await;
+                return;
+            }
+            None => {
+                fatal(
+                    &mut client,
+                    "28000",
+                    "wicket: a client certificate is required",
+                )
+                .await;
+                return;
+            }
+        };
+        let msg = match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(&mut client, &mut buf))
+            .await
+        {
+            Ok(Ok(Some(m))) => m,
+            Ok(Ok(None)) | Err(_) => return,
+            Ok(Err(e)) => {
+                fatal(&mut client, "08P01", &format!("wicket: {e}")).await;
+                return;
+            }
+        };
+        match msg {
+            Startup::Startup { params } => self.session(client, buf, params, caller).await,
+            Startup::Cancel { pid, secret } => self.cancel(&caller, pid, secret).await,
+            Startup::SslRequest | Startup::GssEncRequest => {
+                fatal(
+                    &mut client,
+                    "08P01",
+                    "wicket: encryption request inside TLS",
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Forwards a CancelRequest carrying one of our keys to its backend.
+    async fn cancel(&self, caller: &Caller, pid: u32, secret: u32) {
+        let target = lock(&self.cancels).get(&(pid, secret)).cloned();
+        let Some(t) = target.filter(|t| t.user == caller.user) else {
+            tracing::info!(user = %caller.user, "cancel request with an unknown key ignored");
+            return;
+        };
+        let Some(resource) = self.database(&t.resource) else {
+            return;
+        };
+        let identity = Identity {
+            user: t.user.clone(),
+            roles: Vec::new(),
+            request_ids: Vec::new(),
+        };
+        match self
+            .connect_upstream(&resource, &t.db_user, &identity)
+            .await
+        {
+            Ok(mut up) => {
+                let mut msg = Vec::with_capacity(16);
+                msg.extend_from_slice(&16u32.to_be_bytes());
+                msg.extend_from_slice(&protocol::CANCEL_REQUEST.to_be_bytes());
+                msg.extend_from_slice(&t.pid.to_be_bytes());
+                msg.extend_from_slice(&t.secret.to_be_bytes());
+                if up.write_all(&msg).await.is_ok() {
+                    let _ = up.flush().await;
+                    // The server closes the connection once it has acted.
+                    let mut b = [0u8; 1];
+                    let _ = tokio::time::timeout(CONNECT_TIMEOUT, up.read(&mut b)).await;
+                }
+                tracing::info!(user = %t.user, database = %t.resource, "cancel request forwarded");
+            }
+            Err(e) => {
+                tracing::warn!(database = %t.resource, error = %e, "cancel request not delivered")
+            }
+        }
+    }
+
+    fn database(&self, name: &str) -> Option<Resource> {
+        self.wicket
+            .config
+            .policy
+            .resources
+            .iter()
+            .find(|r| r.kind == ResourceKind::Database && r.name == name)
+            .cloned()
+    }
+
+    /// TCP, SSLRequest, TLS with a fresh certificate for `db_user`.
+    async fn connect_upstream(
+        &self,
+        db: &Resource,
+        db_user: &str,
+        identity: &Identity,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+        let roots = self
+            .roots
+            .get(&db.name)
+            .cloned()
+            .ok_or_else(|| format!("no TLS trust configured for database {:?}", db.name))?;
+        let mut tcp =
+            tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(db.address.as_str()))
+                .await
+                .map_err(|_| format!("connecting to {} timed out", db.address))?
+                .map_err(|e| format!("cannot connect to {}: {e}", db.address))?;
+        let _ = tcp.set_nodelay(true);
+        let mut ssl = Vec::with_capacity(8);
+        ssl.extend_from_slice(&8u32.to_be_bytes());
+        ssl.extend_from_slice(&protocol::SSL_REQUEST.to_be_bytes());
+        tcp.write_all(&ssl)
+            .await
+            .map_err(|e| format!("{}: {e}", db.address))?;
+        let mut answer = [0u8; 1];
+        tokio::time::timeout(CONNECT_TIMEOUT, tcp.read_exact(&mut answer))
+            .await
+            .map_err(|_| format!("{} did not answer the SSLRequest", db.address))?
+            .map_err(|e| format!("{}: {e}", db.address))?;
+        if answer[0] != b'S' {
+            return Err(format!(
+                "database {:?} at {} does not accept TLS connections (ssl = off?)",
+                db.name, db.address
+            ));
+        }
+        let now = clock::now().timestamp();
+        let validity = Validity::new(now - UPSTREAM_CERT_BEFORE, now + UPSTREAM_CERT_AFTER)
+            .map_err(|e| e.to_string())?;
+        let issued = self
+            .wicket
+            .keys
+            .db_client
+            .issue_client(
+                &self.upstream_spki,
+                db_user,
+                Some(identity),
+                validity,
+                &self.rng,
+            )
+            .map_err(|e| format!("minting the database certificate: {e}"))?;
+        let chain = vec![issued.der, self.wicket.keys.db_client.cert_der().to_vec()];
+        let config = tls::upstream_client_config(roots, chain, &self.upstream_pkcs8)
+            .map_err(|e| e.to_string())?;
+        let name = self
+            .wicket
+            .config
+            .database_tls
+            .get(&db.name)
+            .and_then(|t| t.server_name.clone())
+            .unwrap_or_else(|| host_of(&db.address));
+        let server_name = ServerName::try_from(name.clone())
+            .map_err(|_| format!("{name:?} is not a valid TLS server name"))?;
+        tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TlsConnector::from(config).connect(server_name, tcp),
+        )
+        .await
+        .map_err(|_| format!("TLS handshake with {} timed out", db.address))?
+        .map_err(|e| format!("TLS handshake with database {:?}: {e}", db.name))
+    }
+
+    async fn session(
+        &self,
+        mut client: tokio_rustls::server::TlsStream<TcpStream>,
+        pending: Vec<u8>,
+        params: Vec<(String, String)>,
+        caller: Caller,
+    ) {
+        let now = clock::now();
+        let param = |k: &str| {
+            params
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        let db_user = param("user").unwrap_or_default();
+        let db_name = param("database")
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| db_user.clone());
+        let resource_name = param(RESOURCE_PARAM).unwrap_or_default();
+        let denied = |reason: String| AuditEvent::SessionDenied {
+            user: caller.user.clone(),
+            protocol: "postgres".into(),
+            resource: resource_name.clone(),
+            login: db_user.clone(),
+            source: caller.source.to_string(),
+            request_ids: caller.request_ids.clone(),
+            reason,
+        };
+        let refuse_reason = if db_user.is_empty() {
+            Some("the startup message names no database user".to_owned())
+        } else if resource_name.is_empty() {
+            Some(format!(
+                "the startup message names no database resource (parameter {RESOURCE_PARAM}); \
+                 connect through `wicket proxy db NAME --tunnel` or `wicket db connect NAME`"
+            ))
+        } else if param("replication")
+            .is_some_and(|v| !matches!(v.as_str(), "false" | "off" | "0" | "no"))
+        {
+            Some("replication connections are not allowed through wicket".to_owned())
+        } else {
+            None
+        };
+        if let Some(reason) = refuse_reason {
+            let _ = self.wicket.audit(denied(reason.clone()), now).await;
+            fatal(&mut client, "28000", &format!("wicket: {reason}")).await;
+            return;
+        }
+        let Some(resource) = self.database(&resource_name) else {
+            let reason = format!("unknown database {resource_name:?}");
+            let _ = self.wicket.audit(denied(reason.clone()), now).await;
+            fatal(&mut client, "3D000", &format!("wicket: {reason}")).await;
+            return;
+        };
+        let decided = self
+            .wicket
+            .decide_session(&caller, now, |roles, subject| {
+                roles.decide_database(subject, &resource, &db_user, &db_name)
+            })
+            .await;
+        let decided = match decided {
+            Ok(d) if d.decision.allowed => d,
+            Ok(d) => {
+                let reason = d.decision.reason;
+                let _ = self.wicket.audit(denied(reason.clone()), now).await;
+                fatal(
+                    &mut client,
+                    "28000",
+                    &format!("wicket: access denied: {reason}"),
+                )
+                .await;
+                return;
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                let _ = self.wicket.audit(denied(reason.clone()), now).await;
+                fatal(
+                    &mut client,
+                    "28000",
+                    &format!("wicket: access denied: {reason}"),
+                )
+                .await;
+                return;
+            }
+        };
+        let handle = self.wicket.sessions.register(SessionInfo {
+            protocol: "postgres",
+            user: decided.user.clone(),
+            resource: resource.name.clone(),
+            login: db_user.clone(),
+            request_ids: decided.request_ids.clone(),
+            started: now,
+        });
+        let sref = SessionRef {
+            session_id: handle.id.clone(),
+            user: decided.user.clone(),
+            protocol: "postgres".into(),
+            resource: resource.name.clone(),
+            login: db_user.clone(),
+            request_ids: decided.request_ids.clone(),
+        };
+        let sink = &self.wicket.audit_sink;
+        sink.send_always(
+            &AuditEvent::SessionStarted {
+                session: sref.clone(),
+                source: caller.source.to_string(),
+                database: Some(db_name.clone()),
+                reason: decided.decision.reason.clone(),
+            },
+            now.timestamp_millis(),
+        )
+        .await;
+        tracing::info!(session = %handle.id, user = %decided.user, database = %resource.name, db_user = %db_user, "postgres session started");
+
+        let state = SessionState::new(sref.clone(), self.wicket.config.audit.db_parameter_values);
+        let identity = Identity {
+            user: decided.user.clone(),
+            roles: decided.roles.clone(),
+            request_ids: decided.request_ids.clone(),
+        };
+        let mut cancel_key = None;
+        let end = match self.connect_upstream(&resource, &db_user, &identity).await {
+            Err(e) => {
+                fatal(
+                    &mut client,
+                    "08006",
+                    &format!("wicket: cannot reach database {:?}: {e}", resource.name),
+                )
+                .await;
+                End::Io(e)
+            }
+            Ok(upstream) => {
+                let forwarded: Vec<(&str, &str)> = params
+                    .iter()
+                    .filter(|(k, _)| k != RESOURCE_PARAM)
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                let startup = protocol::startup_message(&forwarded);
+                self.relay(
+                    client,
+                    upstream,
+                    pending,
+                    &startup,
+                    &state,
+                    handle.signal.clone(),
+                    &mut cancel_key,
+                    &decided.user,
+                    &resource.name,
+                    &db_user,
+                )
+                .await
+            }
+        };
+        if let Some(k) = cancel_key {
+            lock(&self.cancels).remove(&k);
+        }
+        let reason = end.reason();
+        sink.send_always(
+            &AuditEvent::SessionEnded {
+                session: sref,
+                bytes_from_client: state.bytes_in.load(Ordering::Relaxed),
+                bytes_to_client: state.bytes_out.load(Ordering::Relaxed),
+                statements: state.statements.load(Ordering::Relaxed),
+                exit_status: None,
+                audit_dropped: state.dropped.load(Ordering::Relaxed),
+                reason: reason.clone(),
+            },
+            clock::now().timestamp_millis(),
+        )
+        .await;
+        tracing::info!(session = %handle.id, reason = %reason, "postgres session ended");
+        drop(handle);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn relay(
+        &self,
+        client: tokio_rustls::server::TlsStream<TcpStream>,
+        mut upstream: tokio_rustls::client::TlsStream<TcpStream>,
+        mut pending: Vec<u8>,
+        startup: &[u8],
+        state: &SessionState,
+        mut signal: watch::Receiver<Signal>,
+        cancel_key: &mut Option<(u32, u32)>,
+        user: &str,
+        resource: &str,
+        db_user: &str,
+    ) -> End {
+        let (mut crd, mut cwr) = tokio::io::split(client);
+        if let Err(e) = upstream.write_all(startup).await {
+            return End::Io(e.to_string());
+        }
+        let _ = upstream.flush().await;
+
+        // Startup phase: authentication result, parameters, our cancel key,
+        // until the first ReadyForQuery.
+        let mut sbuf = Vec::with_capacity(READ_CHUNK);
+        let mut tmp = vec![0u8; READ_CHUNK];
+        loop {
+            let n = match upstream.read(&mut tmp).await {
+                Ok(0) => return End::ServerClosed,
+                Ok(n) => n,
+                Err(e) => return End::Io(e.to_string()),
+            };
+            sbuf.extend_from_slice(&tmp[..n]);
+            let mut out = Vec::new();
+            let mut at = 0;
+            let mut ready = false;
+            while let Some((tag, len)) = match protocol::read_message(&sbuf[at..], MAX_STARTUP) {
+                Ok(x) => x,
+                Err(e) => return End::Io(format!("server: {e}")),
+            } {
+                let msg = &sbuf[at..at + len];
+                match tag {
+                    b'R' => {
+                        let code = msg
+                            .get(5..9)
+                            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                        if code != Some(0) {
+                            let why = format!(
+                                "database {resource:?} asked database user {db_user:?} for a password \
+                                 (authentication request {}); its pg_hba.conf must use `hostssl ... cert` \
+                                 for Wicket's connections",
+                                code.unwrap_or(u32::MAX)
+                            );
+                            fatal(&mut cwr, "28000", &format!("wicket: {why}")).await;
+                            return End::Io(why);
+                        }
+                        out.extend_from_slice(msg);
+                    }
+                    b'K' if len == 13 => {
+                        let pid = u32::from_be_bytes([msg[5], msg[6], msg[7], msg[8]]);
+                        let secret = u32::from_be_bytes([msg[9], msg[10], msg[11], msg[12]]);
+                        let key = self.new_cancel_key(CancelTarget {
+                            user: user.to_owned(),
+                            resource: resource.to_owned(),
+                            db_user: db_user.to_owned(),
+                            pid,
+                            secret,
+                        });
+                        *cancel_key = Some(key);
+                        out.push(b'K');
+                        out.extend_from_slice(&12u32.to_be_bytes());
+                        out.extend_from_slice(&key.0.to_be_bytes());
+                        out.extend_from_slice(&key.1.to_be_bytes());
+                    }
+                    b'E' => {
+                        if let Some((code, message)) = protocol::parse_error_response(msg) {
+                            state.audit_error(&self.wicket, code, message).await;
+                        }
+                        out.extend_from_slice(msg);
+                    }
+                    b'Z' => {
+                        out.extend_from_slice(msg);
+                        ready = true;
+                    }
+                    _ => out.extend_from_slice(msg),
+                }
+                at += len;
+                if ready {
+                    break;
+                }
+            }
+            sbuf.drain(..at);
+            state
+                .bytes_out
+                .fetch_add(out.len() as u64, Ordering::Relaxed);
+            if cwr.write_all(&out).await.is_err() || cwr.flush().await.is_err() {
+                return End::ClientClosed;
+            }
+            if ready {
+                break;
+            }
+        }
+
+        let (mut srd, mut swr) = tokio::io::split(upstream);
+        let max = self.wicket.config.postgres.max_message_bytes;
+        let mut s_framer = Framer::default();
+        let end = {
+            let c2s = client_to_server(&mut crd, &mut swr, &mut pending, max, state, &self.wicket);
+            let s2c = server_to_client(
+                &mut srd,
+                &mut cwr,
+                &mut sbuf,
+                &mut s_framer,
+                state,
+                &self.wicket,
+                &mut signal,
+            );
+            tokio::select! {
+                e = c2s => e,
+                e = s2c => e,
+            }
+        };
+        // The client is at a message boundary unless a backend message was
+        // half forwarded; only then can it be told why the connection ends.
+        if s_framer.at_boundary() {
+            match &end {
+                End::Cut(why) => {
+                    fatal(
+                        &mut cwr,
+                        "57P01",
+                        &format!("wicket: {why}; this connection is closed"),
+                    )
+                    .await;
+                }
+                End::Protocol(why) => {
+                    fatal(&mut cwr, "08P01", &format!("wicket: {why}")).await;
+                }
+                _ => {}
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), cwr.shutdown()).await;
+        end
+    }
+
+    fn new_cancel_key(&self, target: CancelTarget) -> (u32, u32) {
+        let mut map = lock(&self.cancels);
+        loop {
+            let mut b = [0u8; 8];
+            if self.rng.fill(&mut b).is_err() {
+                continue;
+            }
+            let key = (
+                u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff,
+                u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+            );
+            if let std::collections::hash_map::Entry::Vacant(e) = map.entry(key) {
+                e.insert(target);
+                return key;
+            }
+        }
+    }
+}
+
+/// The host part of `host:port` / `[v6]:port`.
+fn host_of(address: &str) -> String {
+    if let Ok(sa) = address.parse::<SocketAddr>() {
+        return sa.ip().to_string();
+    }
+    address
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(address)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned()
+}
+
+/// Sends a FATAL ErrorResponse and flushes (errors ignored: the connection
+/// is being closed anyway).
+async fn fatal<W: AsyncWrite + Unpin>(w: &mut W, code: &str, message: &str) {
+    let _ = w
+        .write_all(&protocol::error_response("FATAL", code, message))
+        .await;
+    let _ = w.flush().await;
+}
+
+/// Reads one startup-phase message; `Ok(None)` on a clean EOF.
+async fn read_startup<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Startup>, ProtocolError> {
+    let mut tmp = [0u8; 1024];
+    loop {
+        if let Some((msg, len)) = protocol::read_startup(buf, MAX_STARTUP)? {
+            buf.drain(..len);
+            return Ok(Some(msg));
+        }
+        match r.read(&mut tmp).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    }
+}
+
+/// What one session has done, shared by its two relay directions.
+struct SessionState {
+    sref: SessionRef,
+    values: bool,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    statements: AtomicU64,
+    dropped: AtomicU64,
+    last_statement: Mutex<String>,
+}
+
+impl SessionState {
+    fn new(sref: SessionRef, values: bool) -> Self {
+        Self {
+            sref,
+            values,
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            statements: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            last_statement: Mutex::new(String::new()),
+        }
+    }
+
+    async fn audit(&self, wicket: &Wicket, event: AuditEvent) {
+        wicket
+            .audit_sink
+            .send(&event, clock::now().timestamp_millis(), &self.dropped)
+            .await;
+    }
+
+    async fn audit_error(&self, wicket: &Wicket, code: String, message: String) {
+        self.audit(
+            wicket,
+            AuditEvent::DbError {
+                session: self.sref.clone(),
+                code,
+                message,
+            },
+        )
+        .await;
+    }
+}
+
+/// Splits a byte stream into protocol messages without holding large
+/// messages whole: messages the caller wants to read are returned whole,
+/// the rest are passed through as they arrive.
+#[derive(Debug, Default)]
+struct Framer {
+    /// Bytes of a passed-through message still to come.
+    pass: usize,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// Forward this many bytes unread.
+    Pass(usize),
+    /// A whole message of this tag and total length is at the front.
+    Whole(u8, usize),
+    /// Need more bytes.
+    More,
+}
+
+impl Framer {
+    fn at_boundary(&self) -> bool {
+        self.pass == 0
+    }
+
+    /// The next step over `buf`. Messages longer than `limit` are an error
+    /// when `strict`, else passed through uninspected.
+    fn next(
+        &mut self,
+        buf: &[u8],
+        whole: impl Fn(u8) -> bool,
+        limit: usize,
+        strict: bool,
+    ) -> Result<Next, ProtocolError> {
+        if self.pass > 0 {
+            let n = self.pass.min(buf.len());
+            if n == 0 {
+                return Ok(Next::More);
+            }
+            self.pass -= n;
+            return Ok(Next::Pass(n));
+        }
+        if buf.len() < 5 {
+            return Ok(Next::More);
+        }
+        let tag = buf[0];
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        if len < 4 {
+            return Err(ProtocolError(format!("invalid message length {len}")));
+        }
+        let total = len + 1;
+        if strict && total > limit {
+            return Err(ProtocolError(format!(
+                "message of {total} bytes exceeds the {limit}-byte limit (postgres.max_message_bytes)"
+            )));
+        }
+        if whole(tag) && total <= limit {
+            return Ok(if buf.len() >= total {
+                Next::Whole(tag, total)
+            } else {
+                Next::More
+            });
+        }
+        self.pass = total;
+        self.next(buf, whole, limit, strict)
+    }
+}
+
+/// Frontend messages the proxy reads (to audit or to notice the end).
+fn frontend_inspected(tag: u8) -> bool {
+    matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'X' | b'C')
+}
+
+/// Backend messages the proxy reads.
+fn backend_inspected(tag: u8) -> bool {
+    matches!(tag, b'E' | b'G' | b'H')
+}
+
+/// Remembers statement texts and bound portals for auditing Execute.
+#[derive(Default)]
+struct Statements {
+    prepared: HashMap<String, String>,
+    portals: HashMap<String, BoundPortal>,
+}
+
+/// A portal's statement text, parameter count and (if recorded) values.
+type BoundPortal = (String, usize, Option<Vec<Option<String>>>);
+
+fn remember<V>(map: &mut HashMap<String, V>, key: String, v: V) {
+    if map.len() < MAX_TRACKED || map.contains_key(&key) {
+        map.insert(key, v);
+    }
+}
+
+fn param_text(v: &Option<Vec<u8>>) -> Option<String> {
+    v.as_ref().map(|b| match std::str::from_utf8(b) {
+        Ok(s) => s.to_owned(),
+        Err(_) => {
+            let mut s = String::from("\\x");
+            for byte in b {
+                s.push_str(&format!("{byte:02x}"));
+            }
+            s
+        }
+    })
+}
+
+async fn client_to_server<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    buf: &mut Vec<u8>,
+    max: usize,
+    state: &SessionState,
+    wicket: &Wicket,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut framer = Framer::default();
+    let mut stmts = Statements::default();
+    let mut tmp = vec![0u8; READ_CHUNK];
+    let mut terminated = false;
+    loop {
+        let mut at = 0;
+        loop {
+            match framer.next(&buf[at..], frontend_inspected, max, true) {
+                Ok(Next::Pass(n)) => at += n,
+                Ok(Next::Whole(_, len)) => {
+                    let msg = &buf[at..at + len];
+                    match protocol::parse_frontend(msg) {
+                        Ok(f) => {
+                            if matches!(f, Frontend::Terminate) {
+                                terminated = true;
+                            }
+                            audit_frontend(f, &mut stmts, state, wicket).await;
+                        }
+                        Err(e) => return End::Protocol(e.to_string()),
+                    }
+                    at += len;
+                }
+                Ok(Next::More) => break,
+                Err(e) => return End::Protocol(e.to_string()),
+            }
+        }
+        if at > 0 {
+            if let Err(e) = wr.write_all(&buf[..at]).await {
+                return End::Io(e.to_string());
+            }
+            if let Err(e) = wr.flush().await {
+                return End::Io(e.to_string());
+            }
+            buf.drain(..at);
+        }
+        if terminated {
+            let _ = wr.shutdown().await;
+            return End::ClientClosed;
+        }
+        match rd.read(&mut tmp).await {
+            Ok(0) => {
+                let _ = wr.shutdown().await;
+                return End::ClientClosed;
+            }
+            Ok(n) => {
+                state.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                buf.extend_from_slice(&tmp[..n]);
+            }
+            Err(e) => return End::Io(e.to_string()),
+        }
+    }
+}
+
+async fn audit_frontend(
+    f: Frontend,
+    stmts: &mut Statements,
+    state: &SessionState,
+    wicket: &Wicket,
+) {
+    let sref = || state.sref.clone();
+    match f {
+        Frontend::Query(q) => {
+            state.statements.fetch_add(1, Ordering::Relaxed);
+            *lock(&state.last_statement) = q.clone();
+            state
+                .audit(
+                    wicket,
+                    AuditEvent::DbQuery {
+                        session: sref(),
+                        statement: q,
+                    },
+                )
+                .await;
+        }
+        Frontend::Parse { name, query, .. } => {
+            remember(&mut stmts.prepared, name.clone(), query.clone());
+            state
+                .audit(
+                    wicket,
+                    AuditEvent::DbParse {
+                        session: sref(),
+                        name,
+                        statement: query,
+                    },
+                )
+                .await;
+        }
+        Frontend::Bind {
+            portal,
+            statement,
+            params,
+        } => {
+            let text = stmts.prepared.get(&statement).cloned().unwrap_or_default();
+            let values = state
+                .values
+                .then(|| params.iter().map(param_text).collect());
+            remember(&mut stmts.portals, portal, (text, params.len(), values));
+        }
+        Frontend::Execute { portal, .. } => {
+            state.statements.fetch_add(1, Ordering::Relaxed);
+            let (statement, params, values) =
+                stmts.portals.get(&portal).cloned().unwrap_or_default();
+            *lock(&state.last_statement) = statement.clone();
+            state
+                .audit(
+                    wicket,
+                    AuditEvent::DbExecute {
+                        session: sref(),
+                        portal,
+                        statement,
+                        params,
+                        values,
+                    },
+                )
+                .await;
+        }
+        _ => {}
+    }
+}
+
+async fn server_to_client<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    buf: &mut Vec<u8>,
+    framer: &mut Framer,
+    state: &SessionState,
+    wicket: &Wicket,
+    signal: &mut watch::Receiver<Signal>,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut tmp = vec![0u8; READ_CHUNK];
+    let mut ending: Option<String> = None;
+    let mut warning: Option<String> = None;
+    let grace = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(grace);
+    loop {
+        // Forward whatever whole or passed-through bytes are buffered.
+        let mut at = 0;
+        loop {
+            match framer.next(&buf[at..], backend_inspected, MAX_INSPECTED_BACKEND, false) {
+                Ok(Next::Pass(n)) => at += n,
+                Ok(Next::Whole(tag, len)) => {
+                    let msg = &buf[at..at + len];
+                    match tag {
+                        b'E' => {
+                            if let Some((code, message)) = protocol::parse_error_response(msg) {
+                                state.audit_error(wicket, code, message).await;
+                            }
+                        }
+                        b'G' | b'H' => {
+                            let statement = lock(&state.last_statement).clone();
+                            state
+                                .audit(
+                                    wicket,
+                                    AuditEvent::DbCopy {
+                                        session: state.sref.clone(),
+                                        direction: if tag == b'G' { "in" } else { "out" }.into(),
+                                        statement,
+                                    },
+                                )
+                                .await;
+                        }
+                        _ => {}
+                    }
+                    at += len;
+                }
+                Ok(Next::More) => break,
+                Err(e) => return End::Io(format!("server: {e}")),
+            }
+        }
+        if at > 0 {
+            state.bytes_out.fetch_add(at as u64, Ordering::Relaxed);
+            if wr.write_all(&buf[..at]).await.is_err() {
+                return End::ClientClosed;
+            }
+            buf.drain(..at);
+        }
+        if framer.at_boundary() {
+            if let Some(why) = ending.take() {
+                return End::Cut(why);
+            }
+            if let Some(w) = warning.take() {
+                let _ = wr
+                    .write_all(&notice("WARNING", "01000", &format!("wicket: {w}")))
+                    .await;
+            }
+        }
+        if wr.flush().await.is_err() {
+            return End::ClientClosed;
+        }
+        tokio::select! {
+            r = rd.read(&mut tmp) => match r {
+                Ok(0) => return End::ServerClosed,
+                Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                Err(e) => return End::Io(e.to_string()),
+            },
+            changed = signal.changed(), if ending.is_none() => {
+                if changed.is_err() {
+                    continue;
+                }
+                match signal.borrow_and_update().clone() {
+                    Signal::End(why) => {
+                        grace.as_mut().reset(tokio::time::Instant::now() + CUT_GRACE);
+                        ending = Some(why);
+                    }
+                    Signal::Warn(w) => warning = Some(w),
+                    Signal::Run => {}
+                }
+            },
+            _ = &mut grace, if ending.is_some() => {
+                return End::Cut(ending.take().unwrap_or_default());
+            }
+        }
+    }
+}
+
+/// A NoticeResponse.
+fn notice(severity: &str, code: &str, message: &str) -> Vec<u8> {
+    let mut m = protocol::error_response(severity, code, message);
+    m[0] = b'N';
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    #[test]
+    fn framer_passes_large_messages_and_returns_wanted_ones_whole() {
+        let mut stream = msg(b'D', &[7u8; 100]);
+        stream.extend(msg(b'E', b"SERROR\0\0"));
+        let mut f = Framer::default();
+        let want = |t: u8| t == b'E';
+        // The first 30 bytes: the DataRow starts passing through.
+        assert_eq!(f.next(&stream[..30], want, 64, false), Ok(Next::Pass(30)));
+        assert!(!f.at_boundary());
+        assert_eq!(f.next(&stream[30..40], want, 64, false), Ok(Next::Pass(10)));
+        assert_eq!(
+            f.next(&stream[40..105], want, 64, false),
+            Ok(Next::Pass(65))
+        );
+        assert!(f.at_boundary());
+        assert_eq!(f.next(&stream[105..108], want, 64, false), Ok(Next::More));
+        assert_eq!(
+            f.next(&stream[105..], want, 64, false),
+            Ok(Next::Whole(b'E', stream.len() - 105))
+        );
+    }
+
+    #[test]
+    fn framer_strict_limit_and_bad_lengths() {
+        let mut f = Framer::default();
+        let big = msg(b'Q', &[b'x'; 2000]);
+        let e = f.next(&big, frontend_inspected, 1024, true).unwrap_err();
+        assert!(e.0.contains("exceeds the 1024-byte limit"), "{e}");
+        let e = f
+            .next(&[b'Q', 0, 0, 0, 2, 0], frontend_inspected, 1024, true)
+            .unwrap_err();
+        assert!(e.0.contains("invalid message length"), "{e}");
+    }
+
+    #[test]
+    fn host_of_addresses() {
+        assert_eq!(host_of("127.0.0.1:5432"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:5432"), "::1");
+        assert_eq!(host_of("db.internal:5432"), "db.internal");
+    }
+
+    #[test]
+    fn notices_are_error_responses_with_another_tag() {
+        let n = notice("WARNING", "01000", "soon");
+        assert_eq!(n[0], b'N');
+        let mut e = n.clone();
+        e[0] = b'E';
+        assert_eq!(
+            protocol::parse_error_response(&e),
+            Some(("01000".into(), "soon".into()))
+        );
+    }
+}

@@ -1,0 +1,188 @@
+//! `bench/pg`: pgbench select-only, 8 clients, side by side in one run on one
+//! machine: (a) directly to PostgreSQL over TLS, (b) through pgbouncer in
+//! session mode (TLS to the server), (c) through `wicket proxy db --tunnel`
+//! and wicketd with statement audit on; then connection rate (`pgbench -C`)
+//! for (a) and (c). Prints the figures, then the ratios last.
+//!
+//! `BENCH_SECS` sets each run's length (default 20).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
+
+#[allow(dead_code)]
+#[path = "../e2e/pg_setup.rs"]
+mod pg_setup;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command};
+use std::time::Duration;
+use wicket_e2e::harness_util::{free_port, wait_for_port};
+
+fn pgbench(port: u16, user: &str, sslmode: &str, args: &[&str]) -> f64 {
+    let out = Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", user])
+        .args(args)
+        .arg("app")
+        .env("PGSSLMODE", sslmode)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "pgbench {args:?} on port {port}: {text}"
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no tps in: {text}"))
+}
+
+struct Pgbouncer {
+    child: Child,
+    _dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Drop for Pgbouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// pgbouncer in session mode in front of `pg`, as an unprivileged OS user
+/// when running as root (it refuses root).
+fn pgbouncer(pg: SocketAddr) -> Pgbouncer {
+    let dir = tempfile::Builder::new()
+        .prefix("wicket-pgbouncer-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let port = free_port().unwrap();
+    let ini = dir.path().join("pgbouncer.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]\napp = host=127.0.0.1 port={pg_port} dbname=app user=postgres\n\
+             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = any\n\
+             pool_mode = session\nmax_client_conn = 200\ndefault_pool_size = 40\n\
+             server_tls_sslmode = require\nunix_socket_dir =\n\
+             logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n",
+            pg_port = pg.port(),
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+    let mut cmd = if root {
+        let user = ["postgres", "wicket-test"]
+            .into_iter()
+            .find(|u| {
+                Command::new("id")
+                    .arg(u)
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+            .expect("an unprivileged OS user for pgbouncer");
+        Command::new("chown")
+            .args(["-R", &format!("{user}:"), dir.path().to_str().unwrap()])
+            .status()
+            .unwrap();
+        let mut c = Command::new("runuser");
+        c.args(["-u", user, "--", "pgbouncer"]);
+        c
+    } else {
+        Command::new("pgbouncer")
+    };
+    let child = cmd
+        .arg(&ini)
+        .spawn()
+        .expect("pgbouncer (apt-get install -y pgbouncer)");
+    wait_for_port(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    Pgbouncer {
+        child,
+        _dir: dir,
+        port,
+    }
+}
+
+fn main() {
+    let secs: u32 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let t_arg = secs.to_string();
+    let s = pg_setup::Setup::start("");
+    s.grant_dba("8h");
+    let tunnel = s.tunnel();
+    let pg_port = s.pg.port();
+    let wicket_port = tunnel.addr.port();
+    // Initialise through Wicket (as the granted database user).
+    let out = Command::new("pgbench")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &wicket_port.to_string(),
+            "-U",
+            "app",
+        ])
+        .args(["-i", "-s", "5", "-q", "app"])
+        .env("PGSSLMODE", "disable")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bouncer = pgbouncer(s.pg.addr());
+
+    let select = ["-S", "-c", "8", "-j", "2", "-n", "-T", &t_arg];
+    println!("pgbench -S -c 8 -j 2 -T {secs} (scale 5), one machine, one run:");
+    let a = pgbench(pg_port, "postgres", "require", &select);
+    println!("  (a) direct, TLS:                      {a:>10.1} tps");
+    let b = pgbench(bouncer.port, "postgres", "disable", &select);
+    println!("  (b) pgbouncer (session mode):         {b:>10.1} tps");
+    let c = pgbench(wicket_port, "app", "disable", &select);
+    println!("  (c) wicket tunnel + wicketd (audit):  {c:>10.1} tps");
+
+    let connect = ["-S", "-C", "-c", "8", "-j", "2", "-n", "-T", &t_arg];
+    println!("pgbench -S -C (a new connection per transaction):");
+    let ca = pgbench(pg_port, "postgres", "require", &connect);
+    println!("  (a) direct, TLS:                      {ca:>10.1} connections/s");
+    let cc = pgbench(wicket_port, "app", "disable", &connect);
+    println!("  (c) wicket tunnel + wicketd (audit):  {cc:>10.1} connections/s");
+
+    let audited = s
+        .alice
+        .ok(&[
+            "audit",
+            "search",
+            "--user",
+            "alice",
+            "--kind",
+            "session_ended",
+            "--limit",
+            "1",
+            "--format",
+            "json",
+        ])
+        .unwrap();
+    assert!(
+        audited.stdout.contains("session_ended"),
+        "sessions were audited"
+    );
+    drop(bouncer);
+    println!("ratios (targets: TPS c/b >= 0.75, c/a >= 0.6; connections c/a >= 0.5):");
+    println!("  TPS c/b = {:.3}", c / b);
+    println!("  TPS c/a = {:.3}", c / a);
+    println!("  connections/s c/a = {:.3}", cc / ca);
+}

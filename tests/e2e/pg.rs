@@ -1,0 +1,422 @@
+//! PostgreSQL through Wicket, end to end with real PostgreSQL 15, `psql`,
+//! `pgbench` and a driver (sqlx): the tunnel, the per-connection decision,
+//! statement audit, cancel routing, and sessions cut when the grant ends.
+
+use crate::pg_setup::{Setup, Tunnel};
+use serde_json::Value;
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use wicket_e2e::harness_postgres::Postgres;
+use wicket_e2e::harness_util::{run, wait_until};
+
+fn pgbench(t: &Tunnel, args: &[&str]) -> String {
+    let out = Command::new("pgbench")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &t.addr.port().to_string(),
+            "-U",
+            "app",
+        ])
+        .args(args)
+        .arg("app")
+        .env("PGSSLMODE", "disable")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pgbench {args:?}: {text}");
+    text
+}
+
+#[test]
+fn psql_pgbench_driver_and_copy_through_the_tunnel_with_every_statement_audited() {
+    let s = Setup::start("postgres: { max_message_bytes: 65536 }\n");
+
+    // Without a grant the proxy refuses, and says why.
+    let out = s
+        .alice
+        .run(
+            &[
+                "db",
+                "connect",
+                "prod-pg",
+                "--db-user",
+                "app",
+                "--",
+                "-X",
+                "-At",
+                "-c",
+                "select 1",
+            ],
+            "",
+        )
+        .unwrap();
+    assert!(!out.ok, "{}", out.stdout);
+    assert!(
+        out.stderr.contains("access denied") && out.stderr.contains("no access request grant"),
+        "{}",
+        out.stderr
+    );
+
+    let grant = s.grant_dba("1h");
+    let request_id = grant["id"].as_str().unwrap().to_owned();
+    let ls = s
+        .alice
+        .ok(&["db", "ls", "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(ls[0]["name"], "prod-pg", "{ls}");
+    assert_eq!(ls[0]["users"], serde_json::json!(["app", "postgres"]));
+
+    // `wicket db connect` runs psql through its own tunnel.
+    let out = s
+        .alice
+        .ok(&[
+            "db",
+            "connect",
+            "prod-pg",
+            "--db-user",
+            "app",
+            "--db-name",
+            "app",
+            "--",
+            "-X",
+            "-At",
+            "-c",
+            "select current_user, 40 + 2",
+        ])
+        .unwrap();
+    assert_eq!(out.stdout.trim(), "app|42", "{}", out.stderr);
+
+    let t = s.tunnel();
+    let (ok, _, err) = t.sql(
+        "create table invoices(id int primary key, note text); \
+         insert into invoices values (1, 'one'), (2, 'two'), (3, 'three')",
+    );
+    assert!(ok, "{err}");
+    let (ok, rows, err) = t.sql("select id, note from invoices where id >= 2 order by id");
+    assert!(ok, "{err}");
+    assert_eq!(rows, "2|two\n3|three");
+    let marker = "select 'audit-marker-7' as m, count(*) from invoices";
+    let (ok, rows, err) = t.sql(marker);
+    assert!(ok, "{err}");
+    assert_eq!(rows, "audit-marker-7|3");
+
+    // COPY in both directions.
+    let (ok, _, err) = t.sql_as(
+        "app",
+        "COPY invoices FROM STDIN",
+        "10\tten\n11\televen\n\\.\n",
+    );
+    assert!(ok, "{err}");
+    let (ok, out, err) =
+        t.sql("COPY (select id, note from invoices where id >= 10 order by id) TO STDOUT");
+    assert!(ok, "{err}");
+    assert_eq!(out, "10\tten\n11\televen");
+
+    // pgbench: initialise, then the extended and prepared protocols.
+    pgbench(&t, &["-i", "-s", "1", "-q"]);
+    for mode in ["extended", "prepared"] {
+        let text = pgbench(&t, &["-M", mode, "-c", "2", "-t", "25", "-n"]);
+        assert!(
+            text.contains("number of transactions actually processed: 50/50"),
+            "{text}"
+        );
+    }
+
+    // A driver with the extended protocol and parameters.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let driver_statement = "select $1::int4 + $2::int4, $3::text";
+    let (sum, text): (i32, String) = rt.block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&format!(
+            "postgres://app@127.0.0.1:{}/app?sslmode=disable",
+            t.addr.port()
+        ))
+        .await
+        .unwrap();
+        let row: (i32, String) = sqlx::query_as(driver_statement)
+            .bind(40i32)
+            .bind(2i32)
+            .bind("through wicket")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        row
+    });
+    assert_eq!((sum, text.as_str()), (42, "through wicket"));
+
+    // A database user the grant does not allow, and a client without TLS.
+    let (ok, _, err) = t.sql_as("readonly", "select 1", "");
+    assert!(!ok);
+    assert!(
+        err.contains("database user \"readonly\" is not allowed"),
+        "{err}"
+    );
+    let pg_proxy = s.d.postgres_addr().unwrap();
+    let out = Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={} user=app dbname=app sslmode=disable",
+            pg_proxy.port()
+        ))
+        .args(["-X", "-c", "select 1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("must use TLS with a Wicket client certificate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Bad input: an oversized message, an unsupported protocol version and
+    // garbage get an ErrorResponse with the reason; the proxy keeps serving.
+    let (ok, _, err) = t.sql(&format!("select '{}'", "x".repeat(70_000)));
+    assert!(!ok);
+    assert!(err.contains("exceeds the 65536-byte limit"), "{err}");
+    for (bytes, reason) in [
+        (
+            {
+                let mut m = 9u32.to_be_bytes().to_vec();
+                m.extend_from_slice(&0x0002_0000u32.to_be_bytes());
+                m.push(0);
+                m
+            },
+            "unsupported frontend protocol 2.0",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            "startup message",
+        ),
+    ] {
+        let mut raw = std::net::TcpStream::connect(pg_proxy).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        raw.write_all(&bytes).unwrap();
+        let mut answer = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut raw, &mut answer);
+        assert_eq!(answer.first(), Some(&b'E'), "{answer:?}");
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.contains(reason), "{text}");
+    }
+    let (ok, rows, err) = t.sql("select 1");
+    assert!(ok && rows == "1", "{err}");
+
+    // Audit: the marker's session holds exactly what psql sent.
+    let find = |kind: &str, pred: &dyn Fn(&Value) -> bool| -> Value {
+        wait_until(
+            &format!("a {kind} audit event"),
+            Duration::from_secs(10),
+            || {
+                s.events(&s.alice, &["--user", "alice", "--kind", kind])
+                    .into_iter()
+                    .find(|e| pred(e))
+            },
+        )
+        .unwrap()
+    };
+    let q = find("db_query", &|e| e["data"]["statement"] == marker);
+    assert_eq!(q["request_id"], request_id.as_str());
+    let session = q["session_id"].as_str().unwrap().to_owned();
+    let ended = find("session_ended", &|e| e["session_id"] == session.as_str());
+    assert_eq!(ended["data"]["statements"], 1, "{ended}");
+    let events = s.events(&s.alice, &["--session", &session]);
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["session_started", "db_query", "session_ended"],
+        "{events:?}"
+    );
+    assert_eq!(events[0]["data"]["database"], "app");
+    assert_eq!(events[0]["data"]["login"], "app");
+    assert_eq!(
+        events[0]["data"]["request_ids"],
+        serde_json::json!([request_id])
+    );
+    assert_eq!(events[1]["data"]["statement"], marker);
+
+    // The extended protocol: Parse with the text, Execute with the count.
+    let parse = find("db_parse", &|e| e["data"]["statement"] == driver_statement);
+    let exec = find("db_execute", &|e| {
+        e["data"]["statement"] == driver_statement && e["session_id"] == parse["session_id"]
+    });
+    assert_eq!(exec["data"]["params"], 3);
+    assert!(
+        exec["data"].get("values").is_none(),
+        "values only when configured: {exec}"
+    );
+    find("db_copy", &|e| {
+        e["data"]["direction"] == "in" && e["data"]["statement"] == "COPY invoices FROM STDIN"
+    });
+    find("db_copy", &|e| e["data"]["direction"] == "out");
+    find("db_execute", &|e| {
+        e["data"]["statement"]
+            .as_str()
+            .unwrap_or("")
+            .contains("UPDATE pgbench_accounts")
+    });
+    let denied = find("session_denied", &|e| e["data"]["login"] == "readonly");
+    assert!(denied["data"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("readonly"));
+
+    // Replay: the statements with their timing, as text and JSON.
+    let play = s.alice.ok(&["play", &session, "--no-wait"]).unwrap().stdout;
+    assert!(play.contains(marker), "{play}");
+    assert!(play.contains("session ended"), "{play}");
+    let pj = s
+        .alice
+        .ok(&["play", &session, "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(pj[1]["text"], marker, "{pj}");
+
+    // Sessions count as actions taken under the grant.
+    let g = s
+        .alice
+        .ok(&["request", "show", &request_id, "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(g["actions_taken"].as_i64().unwrap() > 10, "{g}");
+    drop(s.frank);
+    drop(s.pg);
+}
+
+fn spawn_sleep(t: &Tunnel, secs: u32) -> Child {
+    t.psql("app")
+        .args(["-c", &format!("select pg_sleep({secs})")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn sleeping_backends(pg: &Postgres) -> Vec<i64> {
+    pg.psql(
+        "postgres",
+        "select pid from pg_stat_activity where query like 'select pg_sleep(%' and state = 'active'",
+    )
+    .unwrap()
+    .lines()
+    .filter_map(|l| l.trim().parse().ok())
+    .collect()
+}
+
+/// Waits for `child` to exit; returns (stderr, when it exited).
+fn wait_exit(mut child: Child, within: Duration) -> (String, Instant) {
+    let status = wait_until("psql to exit", within, || child.try_wait().unwrap()).unwrap();
+    let at = Instant::now();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "psql should fail: {err}");
+    (err, at)
+}
+
+#[test]
+fn cancel_requests_reach_the_right_backend_and_revoke_or_expiry_cut_sessions() {
+    let s = Setup::start("");
+    let grant = s.grant_dba("1h");
+    let id = grant["id"].as_str().unwrap().to_owned();
+    let t = s.tunnel();
+
+    // A client cancel (psql on SIGINT sends a CancelRequest with the key the
+    // proxy gave it); the proxy maps it to the backend's real key.
+    let child = spawn_sleep(&t, 30);
+    wait_until("the query to run", Duration::from_secs(10), || {
+        (!sleeping_backends(&s.pg).is_empty()).then_some(())
+    })
+    .unwrap();
+    // A forged key changes nothing.
+    {
+        let mut raw = std::net::TcpStream::connect(t.addr).unwrap();
+        let mut m = 16u32.to_be_bytes().to_vec();
+        m.extend_from_slice(&80_877_102u32.to_be_bytes());
+        m.extend_from_slice(&12345u32.to_be_bytes());
+        m.extend_from_slice(&67890u32.to_be_bytes());
+        raw.write_all(&m).unwrap();
+        let mut b = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut raw, &mut b);
+    }
+    assert_eq!(
+        sleeping_backends(&s.pg).len(),
+        1,
+        "a forged cancel must not cancel"
+    );
+    run(Command::new("kill").args(["-INT", &child.id().to_string()])).unwrap();
+    let (err, _) = wait_exit(child, Duration::from_secs(10));
+    assert!(
+        err.contains("canceling statement due to user request"),
+        "{err}"
+    );
+
+    // pg_cancel_backend from another session.
+    let child = spawn_sleep(&t, 30);
+    let pid = wait_until("the query to run", Duration::from_secs(10), || {
+        sleeping_backends(&s.pg).first().copied()
+    })
+    .unwrap();
+    let (ok, out, err) = t.sql(&format!("select pg_cancel_backend({pid})"));
+    assert!(ok && out == "t", "{out} {err}");
+    let (err, _) = wait_exit(child, Duration::from_secs(10));
+    assert!(
+        err.contains("canceling statement due to user request"),
+        "{err}"
+    );
+
+    // Revoke ends the running session within a second, naming the request.
+    let child = spawn_sleep(&t, 60);
+    wait_until("the query to run", Duration::from_secs(10), || {
+        (!sleeping_backends(&s.pg).is_empty()).then_some(())
+    })
+    .unwrap();
+    s.frank
+        .ok(&["request", "revoke", &id, "--reason", "INC-7 closed"])
+        .unwrap();
+    let revoked_at = Instant::now();
+    let (err, exited) = wait_exit(child, Duration::from_secs(5));
+    assert!(
+        exited.duration_since(revoked_at) <= Duration::from_secs(1),
+        "cut after {:?}",
+        exited.duration_since(revoked_at)
+    );
+    assert!(
+        err.contains("FATAL")
+            && err.contains(&id)
+            && err.contains("revoked by frank: INC-7 closed"),
+        "{err}"
+    );
+    // New connections are refused with the same reason, though the
+    // certificate is still inside its window.
+    let (ok, _, err) = t.sql("select 1");
+    assert!(!ok);
+    assert!(err.contains(&id) && err.contains("revoked"), "{err}");
+
+    // Expiry: a short grant ends its live session at its end.
+    let grant = s.grant_dba("6s");
+    let id = grant["id"].as_str().unwrap().to_owned();
+    let expires =
+        chrono::DateTime::parse_from_rfc3339(grant["expires_at"].as_str().unwrap()).unwrap();
+    let child = spawn_sleep(&t, 60);
+    let (err, _) = wait_exit(child, Duration::from_secs(20));
+    let late = chrono::Utc::now().signed_duration_since(expires);
+    assert!(
+        late <= chrono::Duration::milliseconds(1000),
+        "cut {late:?} after the grant's end"
+    );
+    assert!(err.contains(&id) && err.contains("expired"), "{err}");
+    drop(s.bob);
+}

@@ -1,0 +1,224 @@
+//! The PostgreSQL-behind-Wicket fixture shared by the e2e tests and
+//! `bench/pg`: a real PostgreSQL 15 trusting Wicket's database-client CA, a
+//! wicketd with the example config pointed at it, users alice (dev), bob
+//! (sre) and frank (security-admin), and `wicket proxy db --tunnel`.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use wicket_e2e::harness_postgres::Postgres;
+use wicket_e2e::harness_util::run;
+use wicket_e2e::harness_wicket::{wicketd_cmd, WicketCli, Wicketd};
+
+pub const PW: &str = "correct horse battery staple";
+
+/// wicketd (with the example config pointed at a real PostgreSQL that trusts
+/// Wicket's database CA), and logged-in users alice (dev), bob (sre) and
+/// frank (security-admin).
+pub struct Setup {
+    pub pg: Postgres,
+    pub d: Wicketd,
+    pub alice: WicketCli,
+    pub bob: WicketCli,
+    pub frank: WicketCli,
+}
+
+fn wicketd_out(args: &[&str]) -> String {
+    run(wicketd_cmd().unwrap().args(args)).unwrap()
+}
+
+impl Setup {
+    pub fn start(extra_yaml: &str) -> Setup {
+        let dir = tempfile::Builder::new()
+            .prefix("wicketd-")
+            .tempdir()
+            .unwrap();
+        let data = dir.path().join("data");
+        let data = data.to_str().unwrap();
+        // The database side: Wicket's DB-client CA, and a server certificate
+        // from Wicket's TLS CA (which the proxy trusts without `ca_file`).
+        let client_ca = wicketd_out(&["databases", "ca", "--data-dir", data]);
+        assert!(client_ca.contains("BEGIN CERTIFICATE"), "{client_ca}");
+        let tls_dir = dir.path().join("pg-tls");
+        wicketd_out(&[
+            "databases",
+            "server-cert",
+            "--data-dir",
+            data,
+            "--name",
+            "127.0.0.1",
+            "--out",
+            tls_dir.to_str().unwrap(),
+        ]);
+        let pg = Postgres::builder()
+            .tls(
+                std::fs::read_to_string(tls_dir.join("server.crt")).unwrap(),
+                std::fs::read_to_string(tls_dir.join("server.key")).unwrap(),
+                Some(client_ca),
+            )
+            .cert_users(vec!["app".into(), "readonly".into()])
+            .start()
+            .unwrap();
+        pg.psql(
+            "postgres",
+            "CREATE ROLE app LOGIN; CREATE ROLE readonly LOGIN",
+        )
+        .unwrap();
+        pg.psql("postgres", "CREATE DATABASE app OWNER app")
+            .unwrap();
+
+        let example = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/wicket.yaml"
+        ))
+        .unwrap();
+        let yaml = example
+            .replace("min_duration: 1m", "min_duration: 1s")
+            .replace(
+                "{ name: prod-pg, address: 127.0.0.1:5433,",
+                &format!("{{ name: prod-pg, address: 127.0.0.1:{},", pg.port()),
+            )
+            + extra_yaml;
+        let d = Wicketd::builder().config(yaml).start_in(dir).unwrap();
+        assert!(d.postgres_addr().is_some(), "{:?}", d.startup_output());
+        let login = |name: &str, roles: &str| {
+            d.add_user(name, roles, PW, false).unwrap();
+            let cli = WicketCli::new().unwrap();
+            let out = cli.login(&d, name, PW, &[]).unwrap();
+            assert!(out.ok, "{name}: {}", out.stderr);
+            cli
+        };
+        let alice = login("alice", "dev");
+        let bob = login("bob", "sre");
+        let frank = login("frank", "security-admin");
+        Setup {
+            pg,
+            d,
+            alice,
+            bob,
+            frank,
+        }
+    }
+
+    /// alice asks for `dba`, bob approves, alice logs in with the grant.
+    pub fn grant_dba(&self, duration: &str) -> Value {
+        let req = self
+            .alice
+            .ok(&[
+                "request",
+                "create",
+                "--roles",
+                "dba",
+                "--reason",
+                "INC-7: fix the invoices table",
+                "--duration",
+                duration,
+                "--format",
+                "json",
+            ])
+            .unwrap()
+            .json()
+            .unwrap();
+        let id = req["id"].as_str().unwrap().to_owned();
+        self.bob
+            .ok(&["request", "review", &id, "--approve", "--reason", "ok"])
+            .unwrap();
+        self.alice.ok(&["login", "--request-id", &id]).unwrap();
+        self.alice
+            .ok(&["request", "show", &id, "--format", "json"])
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    /// `wicket proxy db prod-pg --tunnel` as alice, running until dropped.
+    pub fn tunnel(&self) -> Tunnel {
+        let mut child = self
+            .alice
+            .cmd()
+            .unwrap()
+            .args(["proxy", "db", "prod-pg", "--tunnel", "--format", "json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        let addr: SocketAddr = v["listen"].as_str().unwrap().parse().unwrap();
+        Tunnel { child, addr }
+    }
+
+    /// alice's audit events of `kind`.
+    pub fn events(&self, who: &WicketCli, args: &[&str]) -> Vec<Value> {
+        let mut a = vec!["audit", "search", "--format", "json"];
+        a.extend_from_slice(args);
+        who.ok(&a)
+            .unwrap()
+            .json()
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
+
+pub struct Tunnel {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Tunnel {
+    pub fn conninfo(&self, user: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname=app sslmode=disable",
+            self.addr.port()
+        )
+    }
+
+    pub fn psql(&self, user: &str) -> Command {
+        let mut c = Command::new("psql");
+        c.arg(self.conninfo(user))
+            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1"])
+            .env_remove("PGPASSWORD");
+        c
+    }
+
+    /// `psql -c sql` as `app`; (success, stdout, stderr).
+    pub fn sql(&self, sql: &str) -> (bool, String, String) {
+        self.sql_as("app", sql, "")
+    }
+
+    pub fn sql_as(&self, user: &str, sql: &str, stdin: &str) -> (bool, String, String) {
+        let mut child = self
+            .psql(user)
+            .args(["-c", sql])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim_end().to_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
