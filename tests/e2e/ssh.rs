@@ -307,7 +307,7 @@ fn denials_are_specific() {
     };
     let e = denied(&lab.dest());
     assert!(
-        e.contains("access denied") && e.contains("no active grant"),
+        e.contains("access denied") && e.contains("no access request grant"),
         "{e}"
     );
     let e = denied(&format!("{}@nope.wicket", lab.login));

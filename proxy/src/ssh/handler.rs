@@ -109,6 +109,7 @@ pub(crate) struct Live {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     execs: AtomicU64,
+    audit_dropped: AtomicU64,
     exit_status: Mutex<Option<u32>>,
     end_reason: Mutex<Option<String>>,
     session_channels: Mutex<Vec<ChannelId>>,
@@ -195,10 +196,22 @@ impl Live {
         }
     }
 
+    /// Session events go through the audit sink (bounded; `audit.on_overflow`).
     async fn audit(&self, event: AuditEvent) {
-        if let Err(e) = self.proxy.wicket.audit(event, crate::clock::now()).await {
-            tracing::error!(session = %self.sref.session_id, error = %e, "cannot write an SSH audit event");
-        }
+        self.proxy
+            .wicket
+            .audit_sink
+            .send(&event, crate::clock::now_ms(), &self.audit_dropped)
+            .await;
+    }
+
+    /// Start and end are always written.
+    async fn audit_always(&self, event: AuditEvent) {
+        self.proxy
+            .wicket
+            .audit_sink
+            .send_always(&event, crate::clock::now_ms())
+            .await;
     }
 
     /// Writes a line to the stderr of every open session channel.
@@ -241,13 +254,13 @@ impl Live {
             .or(error.map(|e| format!("connection error: {e}")))
             .unwrap_or_else(|| "connection closed".into());
         let exit_status = *lock(&self.exit_status);
-        self.audit(AuditEvent::SessionEnded {
+        self.audit_always(AuditEvent::SessionEnded {
             session: self.sref.clone(),
             bytes_from_client: self.bytes_in.load(Ordering::Relaxed),
             bytes_to_client: self.bytes_out.load(Ordering::Relaxed),
             statements: self.execs.load(Ordering::Relaxed),
             exit_status,
-            audit_dropped: 0,
+            audit_dropped: self.audit_dropped.load(Ordering::Relaxed),
             reason: reason.clone(),
         })
         .await;
@@ -414,53 +427,26 @@ impl Conn {
         let Some(node) = route.node.clone() else {
             return Err(deny(format!("unknown node {:?}", route.node_name)).await);
         };
-        let record = match wicket.store.get_user(user).await {
-            Ok(Some(u)) if !u.disabled => u,
-            Ok(_) => {
-                return Err(deny(format!("user {user:?} no longer exists or is disabled")).await)
-            }
-            Err(e) => return Err(deny(format!("cannot check the grant: {e}")).await),
+        let caller = crate::service::Caller {
+            user: user.to_owned(),
+            request_ids: id.request_ids.clone(),
+            source: self.peer.ip(),
         };
-        let mut roles = wicket.standing_roles(&record);
-        let mut active = Vec::new();
-        let mut inactive = Vec::new();
-        for rid in &id.request_ids {
-            match wicket
-                .active_grants(user, std::slice::from_ref(rid), now)
-                .await
-            {
-                Ok(grants) => {
-                    for g in grants {
-                        for r in g.granted_roles {
-                            if !roles.contains(&r) {
-                                roles.push(r);
-                            }
-                        }
-                    }
-                    active.push(rid.clone());
-                }
-                Err(e) => inactive.push(e.to_string()),
-            }
-        }
-        let subject = Subject {
-            user,
-            roles: &roles,
+        let decided = match wicket
+            .decide_session(&caller, now, |roles, subject| {
+                roles.decide_ssh_login(subject, &node, login)
+            })
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => return Err(deny(e.to_string()).await),
         };
-        let decision = wicket
-            .config
-            .policy
-            .roles
-            .decide_ssh_login(&subject, &node, login);
+        let decision = decided.decision;
         if !decision.allowed {
-            let reason = if !inactive.is_empty() {
-                format!("{}; {}", inactive.join("; "), decision.reason)
-            } else if id.request_ids.is_empty() {
-                format!("no active grant: {}", decision.reason)
-            } else {
-                decision.reason
-            };
-            return Err(deny(reason).await);
+            return Err(deny(decision.reason).await);
         }
+        let roles = decided.roles;
+        let active = decided.request_ids;
         if !cert.principals.iter().any(|p| p == login) {
             return Err(deny(format!(
                 "{}, but your certificate does not carry login {login:?} (it carries {}); run `wicket login --request-id ...` for new certificates",
@@ -530,6 +516,7 @@ impl Conn {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             execs: AtomicU64::new(0),
+            audit_dropped: AtomicU64::new(0),
             exit_status: Mutex::new(None),
             end_reason: Mutex::new(None),
             session_channels: Mutex::new(Vec::new()),
