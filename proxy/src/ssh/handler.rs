@@ -361,6 +361,9 @@ pub(crate) struct Conn {
     shared: Arc<ConnShared>,
     access: Access,
     channels: HashMap<ChannelId, Chan>,
+    /// Session channels of a denied connection, until their shell/exec
+    /// request: then they get the reason on stderr and exit status 1.
+    denied: HashMap<ChannelId, russh::ChannelWriteHalf<Msg>>,
 }
 
 impl Conn {
@@ -372,6 +375,7 @@ impl Conn {
             shared: Arc::default(),
             access: Access::Pending,
             channels: HashMap::new(),
+            denied: HashMap::new(),
         }
     }
 
@@ -531,6 +535,26 @@ impl Conn {
         req: Up,
         session: &mut Session,
     ) -> Result<(), russh::Error> {
+        if let Access::Denied(reason) = &self.access {
+            // Accept the request so that the client waits for the reason.
+            session.channel_success(channel)?;
+            if matches!(req, Up::Shell | Up::Exec(_) | Up::Subsystem(_)) {
+                if let Some(w) = self.denied.remove(&channel) {
+                    let handle = session.handle();
+                    let msg = format!("wicket: access denied: {reason}\r\n");
+                    tokio::spawn(async move {
+                        let id = w.id();
+                        let _ = w
+                            .extended_data_bytes(1, Bytes::from(msg.into_bytes()))
+                            .await;
+                        let _ = handle.exit_status_request(id, 1).await;
+                        let _ = handle.eof(id).await;
+                        let _ = handle.close(id).await;
+                    });
+                }
+            }
+            return Ok(());
+        }
         let Some(c) = self.channels.get(&channel) else {
             session.channel_failure(channel)?;
             return Ok(());
@@ -781,20 +805,10 @@ impl server::Handler for Conn {
                     .reject(ChannelOpenFailure::AdministrativelyProhibited)
                     .await
             }
-            Access::Denied(reason) => {
+            Access::Denied(_) => {
                 reply.accept().await;
-                let handle = session.handle();
                 let (_, w) = channel.split();
-                let msg = format!("wicket: access denied: {reason}\r\n");
-                tokio::spawn(async move {
-                    let id = w.id();
-                    let _ = w
-                        .extended_data_bytes(1, Bytes::from(msg.into_bytes()))
-                        .await;
-                    let _ = handle.exit_status_request(id, 1).await;
-                    let _ = handle.eof(id).await;
-                    let _ = handle.close(id).await;
-                });
+                self.denied.insert(w.id(), w);
             }
             Access::Live(live) => {
                 let live = live.clone();
@@ -965,6 +979,7 @@ impl server::Handler for Conn {
     ) -> Result<(), Self::Error> {
         // Dropping the sender ends the user → node task, which closes the node's channel.
         self.channels.remove(&channel);
+        self.denied.remove(&channel);
         Ok(())
     }
 
