@@ -201,6 +201,11 @@ impl Wicketd {
         WicketdBuilder::default()
     }
 
+    /// The daemon's process ID (for resource measurements).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
