@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use wicket_e2e::harness_sshd::{test_login, Sshd};
-use wicket_e2e::harness_util::{free_port, run};
+use wicket_e2e::harness_util::free_port;
 use wicket_e2e::harness_wicket::{WicketCli, Wicketd};
 
 const CIPHER: &str = "aes128-gcm@openssh.com";
@@ -230,7 +230,6 @@ resources:
     let count = std::fs::read_dir(&recordings)
         .map(|r| r.count())
         .unwrap_or(0);
-    let _ = run(Command::new("true"));
     println!("recordings written: {count}");
 
     println!("--- ratios ---");
