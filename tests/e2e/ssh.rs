@@ -625,3 +625,78 @@ fn port_forwarding_only_when_the_role_allows_it() {
     let _ = out.kill();
     let _ = out.wait();
 }
+
+#[test]
+fn agent_forwarding_is_refused_with_a_message_unless_allowed() {
+    let lab = Lab::start();
+    let alice = lab.user("alice", "access");
+    lab.grant(&alice, "node-admin", "10m");
+    let cfg = ssh_config(&alice);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let mut agent = Command::new("ssh-agent")
+        .args(["-D", "-a"])
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("ssh-agent's socket", Duration::from_secs(10), || {
+        sock.exists().then_some(())
+    })
+    .unwrap();
+    let out = output(
+        ssh(&cfg)
+            .arg("-A")
+            .env("SSH_AUTH_SOCK", &sock)
+            .arg(lab.dest())
+            .arg("echo agent=${SSH_AUTH_SOCK:-none}"),
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "agent=none");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("wicket: refused: agent forwarding on node \"node-1\" is not allowed"),
+        "{err}"
+    );
+
+    // Many channels on one connection: an OpenSSH control master and
+    // several sessions multiplexed over it at once.
+    let ctl = dir.path().join("ctl");
+    let mut master = ssh(&cfg)
+        .args(["-M", "-N", "-S"])
+        .arg(&ctl)
+        .arg(lab.dest())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the control socket", Duration::from_secs(20), || {
+        ctl.exists().then_some(())
+    })
+    .unwrap();
+    let children: Vec<_> = (0..4)
+        .map(|i| {
+            ssh(&cfg)
+                .arg("-S")
+                .arg(&ctl)
+                .arg(lab.dest())
+                .arg(format!("echo channel-{i}; exit {i}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (i, c) in children.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(i as i32), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim(), format!("channel-{i}"));
+    }
+    let _ = master.kill();
+    let _ = master.wait();
+}

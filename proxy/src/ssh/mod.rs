@@ -163,8 +163,8 @@ impl SshProxy {
                     russh::keys::Algorithm::Ed25519,
                 ]),
                 cipher: std::borrow::Cow::Borrowed(&[
-                    russh::cipher::AES_256_GCM,
                     russh::cipher::AES_128_GCM,
+                    russh::cipher::AES_256_GCM,
                     russh::cipher::CHACHA20_POLY1305,
                     russh::cipher::AES_256_CTR,
                 ]),
@@ -259,6 +259,18 @@ impl SshProxy {
             channel_buffer_size: 256,
             window_size: 4 * 1024 * 1024,
             max_auth_attempts: 6,
+            preferred: russh::Preferred {
+                // AES-GCM first: ring's, with AES-NI.
+                cipher: std::borrow::Cow::Borrowed(&[
+                    russh::cipher::AES_128_GCM,
+                    russh::cipher::AES_256_GCM,
+                    russh::cipher::CHACHA20_POLY1305,
+                    russh::cipher::AES_256_CTR,
+                    russh::cipher::AES_192_CTR,
+                    russh::cipher::AES_128_CTR,
+                ]),
+                ..Default::default()
+            },
             ..Default::default()
         });
         let mut cache = self.configs.lock().unwrap_or_else(PoisonError::into_inner);
@@ -327,7 +339,9 @@ impl SshProxy {
 
 /// Reads the optional route line. Returns the route host (if any) and the
 /// bytes read that belong to the SSH stream.
-async fn read_route(tcp: &mut TcpStream) -> std::io::Result<(Option<(String, u16)>, Vec<u8>)> {
+async fn read_route<R: tokio::io::AsyncRead + Unpin>(
+    tcp: &mut R,
+) -> std::io::Result<(Option<(String, u16)>, Vec<u8>)> {
     let mut buf = Vec::with_capacity(64);
     let mut byte = [0u8; 1];
     loop {
@@ -503,4 +517,41 @@ async fn connection(proxy: Arc<SshProxy>, mut tcp: TcpStream, peer: SocketAddr) 
         .finish(result.as_ref().err().map(|e| e.to_string()))
         .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn route(input: &[u8]) -> std::io::Result<(Option<(String, u16)>, Vec<u8>)> {
+        let mut r = input;
+        read_route(&mut r).await
+    }
+
+    #[tokio::test]
+    async fn route_lines_and_plain_ssh_clients() {
+        let (r, rest) = route(b"WICKET-ROUTE 1 db-1.wicket 22\nSSH-2.0-x")
+            .await
+            .unwrap();
+        assert_eq!(r, Some(("db-1.wicket".into(), 22)));
+        assert!(rest.is_empty());
+        let (r, rest) = route(b"SSH-2.0-OpenSSH_9.2\r\n").await.unwrap();
+        assert_eq!(r, None);
+        assert_eq!(rest, b"SSH-");
+        for bad in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"WICKET-ROUTE 1 a b c\n",
+            b"WICKET-ROUTE 1 ../x 22\n",
+            b"WICKET-ROUTE 1 \n",
+            b"WICKET-ROUTE 1 db-1",
+        ] {
+            assert!(
+                route(bad).await.is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let long = format!("WICKET-ROUTE 1 {}\n", "a".repeat(600));
+        assert!(route(long.as_bytes()).await.is_err());
+    }
 }
