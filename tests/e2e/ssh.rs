@@ -665,13 +665,14 @@ fn agent_forwarding_is_refused_with_a_message_unless_allowed() {
     // Many channels on one connection: an OpenSSH control master and
     // several sessions multiplexed over it at once.
     let ctl = dir.path().join("ctl");
+    let master_log = dir.path().join("master.log");
     let mut master = ssh(&cfg)
         .args(["-M", "-N", "-S"])
         .arg(&ctl)
         .arg(lab.dest())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&master_log).unwrap())
         .spawn()
         .unwrap();
     wait_until("the control socket", Duration::from_secs(20), || {
@@ -694,9 +695,17 @@ fn agent_forwarding_is_refused_with_a_message_unless_allowed() {
         .collect();
     for (i, c) in children.into_iter().enumerate() {
         let out = c.wait_with_output().unwrap();
-        assert_eq!(out.status.code(), Some(i as i32), "{}", text(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(i as i32),
+            "stdout {:?} stderr {:?} master {}",
+            text(&out.stdout),
+            text(&out.stderr),
+            std::fs::read_to_string(&master_log).unwrap_or_default()
+        );
         assert_eq!(text(&out.stdout).trim(), format!("channel-{i}"));
     }
     let _ = master.kill();
     let _ = master.wait();
+    let _ = master_log;
 }

@@ -670,6 +670,10 @@ async fn run_to_user(
     live: Arc<Live>,
 ) {
     let id = down.id();
+    // The node's EOF is passed on with its exit status: a client that has
+    // sent its own EOF closes the channel on ours, and would then miss an
+    // exit status that the node sends a moment later.
+    let mut eof_pending = false;
     while let Some(m) = up.wait().await {
         match m {
             ChannelMsg::Data { data } => {
@@ -688,13 +692,14 @@ async fn run_to_user(
                     break;
                 }
             }
-            ChannelMsg::Eof => {
-                let _ = handle.eof(id).await;
-            }
+            ChannelMsg::Eof => eof_pending = true,
             ChannelMsg::Close => break,
             ChannelMsg::ExitStatus { exit_status } => {
                 *lock(&live.exit_status) = Some(exit_status);
                 let _ = handle.exit_status_request(id, exit_status).await;
+                if std::mem::take(&mut eof_pending) {
+                    let _ = handle.eof(id).await;
+                }
             }
             ChannelMsg::ExitSignal {
                 signal_name,
@@ -705,6 +710,9 @@ async fn run_to_user(
                 let _ = handle
                     .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
                     .await;
+                if std::mem::take(&mut eof_pending) {
+                    let _ = handle.eof(id).await;
+                }
             }
             ChannelMsg::Success | ChannelMsg::Failure => {
                 let ok = matches!(m, ChannelMsg::Success);
@@ -717,6 +725,9 @@ async fn run_to_user(
             }
             _ => {}
         }
+    }
+    if eof_pending {
+        let _ = handle.eof(id).await;
     }
     // Requests still waiting will not be answered by this channel.
     lock(&replies).clear();
