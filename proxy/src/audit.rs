@@ -262,7 +262,8 @@ pub struct AuditSink {
 }
 
 enum Queued {
-    Row(AuditRow),
+    /// Serialized by the writer, off the session's path.
+    Event(Box<AuditEvent>, i64),
     Flush(oneshot::Sender<()>),
 }
 
@@ -292,8 +293,8 @@ impl AuditSink {
 
     /// Queues `event`. Returns false when it was dropped (`drop-and-count`
     /// with a full queue); `session_dropped` is then incremented.
-    pub async fn send(&self, event: &AuditEvent, now_ms: i64, session_dropped: &AtomicU64) -> bool {
-        let row = Queued::Row(event.to_row(now_ms));
+    pub async fn send(&self, event: AuditEvent, now_ms: i64, session_dropped: &AtomicU64) -> bool {
+        let row = Queued::Event(Box::new(event), now_ms);
         match self.overflow {
             AuditOverflow::Block => self.tx.send(row).await.is_ok(),
             AuditOverflow::DropAndCount => match self.tx.try_send(row) {
@@ -316,14 +317,15 @@ impl AuditSink {
 
     /// Queues `event`, waiting for room whatever the overflow setting
     /// (session start and end are always on the record).
-    pub async fn send_always(&self, event: &AuditEvent, now_ms: i64) {
+    pub async fn send_always(&self, event: AuditEvent, now_ms: i64) {
+        let kind = event.kind().to_owned();
         if self
             .tx
-            .send(Queued::Row(event.to_row(now_ms)))
+            .send(Queued::Event(Box::new(event), now_ms))
             .await
             .is_err()
         {
-            tracing::error!(kind = event.kind(), "audit writer is gone; event lost");
+            tracing::error!(kind = %kind, "audit writer is gone; event lost");
         }
     }
 
@@ -341,19 +343,35 @@ impl AuditSink {
     }
 }
 
+/// How long the writer waits for more events before storing a batch that
+/// is not full: few, larger transactions, and no wake-up per event.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(50);
+
 async fn writer(store: Store, mut rx: mpsc::Receiver<Queued>) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut waiters = Vec::new();
     while let Some(first) = rx.recv().await {
+        let deadline = tokio::time::Instant::now() + LINGER;
         let mut next = Some(first);
-        while let Some(item) = next.take() {
-            match item {
-                Queued::Row(r) => batch.push(r),
-                Queued::Flush(w) => waiters.push(w),
+        loop {
+            match next.take() {
+                Some(Queued::Event(e, at)) => batch.push(e.to_row(at)),
+                Some(Queued::Flush(w)) => waiters.push(w),
+                None => {}
             }
-            if batch.len() < BATCH {
-                next = rx.try_recv().ok();
+            if batch.len() >= BATCH || !waiters.is_empty() {
+                break;
             }
+            next = match rx.try_recv() {
+                Ok(item) => Some(item),
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(item)) => Some(item),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            };
         }
         if !batch.is_empty() {
             // A failing store is retried (the queue then fills up and the
@@ -431,7 +449,7 @@ mod tests {
         let session_dropped = AtomicU64::new(0);
         let mut kept = 0;
         for n in 0..5 {
-            if sink.send(&query(n), n as i64, &session_dropped).await {
+            if sink.send(query(n), n as i64, &session_dropped).await {
                 kept += 1;
             }
         }
@@ -458,7 +476,7 @@ mod tests {
         );
         let none = AtomicU64::new(0);
         for n in 0..50 {
-            assert!(sink.send(&query(n), 7, &none).await);
+            assert!(sink.send(query(n), 7, &none).await);
         }
         sink.flush().await;
         let rows = stored(&store).await;

@@ -591,11 +591,43 @@ impl Store {
         Ok(())
     }
 
-    /// Stores several events in one transaction.
+    /// Stores several events in one transaction, many rows per INSERT
+    /// (statement overhead, not row count, dominates small inserts).
     pub async fn append_audit_batch(&self, events: &[AuditRow]) -> Result<()> {
+        const ROWS_PER_INSERT: usize = 32;
         let mut tx = self.begin().await?;
-        for e in events {
-            insert_audit(&mut tx, e).await?;
+        for chunk in events.chunks(ROWS_PER_INSERT) {
+            let mut sql = String::from(
+                "INSERT INTO audit_events (id, time, kind, actor, request_id, session_id, data) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                let b = i * 7;
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7
+                ));
+            }
+            let mut q = sqlx::query(&sql);
+            for e in chunk {
+                q = q
+                    .bind(&e.id)
+                    .bind(e.time_ms)
+                    .bind(&e.kind)
+                    .bind(&e.actor)
+                    .bind(&e.request_id)
+                    .bind(&e.session_id)
+                    .bind(&e.data);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())

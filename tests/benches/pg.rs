@@ -91,11 +91,14 @@ fn pgbouncer(pg: SocketAddr) -> Pgbouncer {
             .args(["-R", &format!("{user}:"), dir.path().to_str().unwrap()])
             .status()
             .unwrap();
-        let mut c = Command::new("runuser");
-        c.args(["-u", user, "--", "pgbouncer"]);
+        // `-u` switches user itself, so the child we kill is pgbouncer.
+        let mut c = Command::new("pgbouncer");
+        c.args(["-q", "-u", user]);
         c
     } else {
-        Command::new("pgbouncer")
+        let mut c = Command::new("pgbouncer");
+        c.arg("-q");
+        c
     };
     let child = cmd
         .arg(&ini)
@@ -119,8 +122,9 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
     let t_arg = secs.to_string();
-    let s = pg_setup::Setup::start("");
-    s.grant_dba("8h");
+    // BENCH_EXTRA_YAML: extra top-level config, to compare settings.
+    let s = pg_setup::Setup::start(&std::env::var("BENCH_EXTRA_YAML").unwrap_or_default());
+    s.grant_dba("2h");
     let tunnel = s.tunnel();
     let pg_port = s.pg.port();
     let wicket_port = tunnel.addr.port();

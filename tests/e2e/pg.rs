@@ -418,5 +418,53 @@ fn cancel_requests_reach_the_right_backend_and_revoke_or_expiry_cut_sessions() {
         "cut {late:?} after the grant's end"
     );
     assert!(err.contains(&id) && err.contains("expired"), "{err}");
+    // The warning (session.expiry_warning, 15m here) came first.
+    assert!(
+        err.contains("WARNING") && err.contains("this session will be closed then"),
+        "{err}"
+    );
     drop(s.bob);
+}
+
+#[test]
+fn with_disconnect_on_expiry_off_a_running_session_finishes_but_new_ones_are_refused() {
+    let s = Setup::start_edited(|y| {
+        y.replace("disconnect_on_expiry: true", "disconnect_on_expiry: false")
+    });
+    // The tunnel first: it picks up the grant's certificate per connection.
+    let t = s.tunnel();
+    let grant = s.grant_dba("10s");
+    let id = grant["id"].as_str().unwrap().to_owned();
+    let expires =
+        chrono::DateTime::parse_from_rfc3339(grant["expires_at"].as_str().unwrap()).unwrap();
+    let secs = (expires
+        .signed_duration_since(chrono::Utc::now())
+        .num_seconds()
+        + 3)
+    .max(3);
+    let out = t
+        .psql("app")
+        .args(["-c", &format!("select pg_sleep({secs}), 'finished'")])
+        .output()
+        .unwrap();
+    assert!(
+        chrono::Utc::now().signed_duration_since(expires) > chrono::Duration::zero(),
+        "the query must outlive the grant"
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("finished"));
+    // New connections are refused: the grant, and with it the certificate,
+    // has expired.
+    let (ok, _, err) = t.sql("select 1");
+    assert!(!ok);
+    assert!(err.contains("expired"), "{err}");
+    let ended = s.events(&s.frank, &["--user", "alice", "--kind", "grant_ended"]);
+    assert!(
+        ended.iter().any(|e| e["request_id"] == id.as_str()),
+        "{ended:?}"
+    );
 }

@@ -30,6 +30,11 @@ fn wicketd_out(args: &[&str]) -> String {
 
 impl Setup {
     pub fn start(extra_yaml: &str) -> Setup {
+        Self::start_edited(|yaml| yaml + extra_yaml)
+    }
+
+    /// Like [`Self::start`], with the example config passed through `edit`.
+    pub fn start_edited(edit: impl Fn(String) -> String) -> Setup {
         let dir = tempfile::Builder::new()
             .prefix("wicketd-")
             .tempdir()
@@ -73,13 +78,14 @@ impl Setup {
             "/../deploy/wicket.yaml"
         ))
         .unwrap();
-        let yaml = example
-            .replace("min_duration: 1m", "min_duration: 1s")
-            .replace(
-                "{ name: prod-pg, address: 127.0.0.1:5433,",
-                &format!("{{ name: prod-pg, address: 127.0.0.1:{},", pg.port()),
-            )
-            + extra_yaml;
+        let yaml = edit(
+            example
+                .replace("min_duration: 1m", "min_duration: 1s")
+                .replace(
+                    "{ name: prod-pg, address: 127.0.0.1:5433,",
+                    &format!("{{ name: prod-pg, address: 127.0.0.1:{},", pg.port()),
+                ),
+        );
         let d = Wicketd::builder().config(yaml).start_in(dir).unwrap();
         assert!(d.postgres_addr().is_some(), "{:?}", d.startup_output());
         let login = |name: &str, roles: &str| {

@@ -517,7 +517,7 @@ impl PgProxy {
         };
         let sink = &self.wicket.audit_sink;
         sink.send_always(
-            &AuditEvent::SessionStarted {
+            AuditEvent::SessionStarted {
                 session: sref.clone(),
                 source: caller.source.to_string(),
                 database: Some(db_name.clone()),
@@ -572,7 +572,7 @@ impl PgProxy {
         }
         let reason = end.reason();
         sink.send_always(
-            &AuditEvent::SessionEnded {
+            AuditEvent::SessionEnded {
                 session: sref,
                 bytes_from_client: state.bytes_in.load(Ordering::Relaxed),
                 bytes_to_client: state.bytes_out.load(Ordering::Relaxed),
@@ -817,7 +817,7 @@ impl SessionState {
     async fn audit(&self, wicket: &Wicket, event: AuditEvent) {
         wicket
             .audit_sink
-            .send(&event, clock::now().timestamp_millis(), &self.dropped)
+            .send(event, clock::now().timestamp_millis(), &self.dropped)
             .await;
     }
 
@@ -956,28 +956,34 @@ where
     let mut stmts = Statements::default();
     let mut tmp = vec![0u8; READ_CHUNK];
     let mut terminated = false;
+    let mut parsed = Vec::new();
     loop {
         let mut at = 0;
+        let mut violation = None;
         loop {
             match framer.next(&buf[at..], frontend_inspected, max, true) {
                 Ok(Next::Pass(n)) => at += n,
                 Ok(Next::Whole(_, len)) => {
-                    let msg = &buf[at..at + len];
-                    match protocol::parse_frontend(msg) {
+                    match protocol::parse_frontend(&buf[at..at + len]) {
                         Ok(f) => {
-                            if matches!(f, Frontend::Terminate) {
-                                terminated = true;
-                            }
-                            audit_frontend(f, &mut stmts, state, wicket).await;
+                            terminated |= matches!(f, Frontend::Terminate);
+                            parsed.push(f);
                         }
-                        Err(e) => return End::Protocol(e.to_string()),
+                        Err(e) => {
+                            violation = Some(e.to_string());
+                            break;
+                        }
                     }
                     at += len;
                 }
                 Ok(Next::More) => break,
-                Err(e) => return End::Protocol(e.to_string()),
+                Err(e) => {
+                    violation = Some(e.to_string());
+                    break;
+                }
             }
         }
+        // Forward first: auditing is off the query's path.
         if at > 0 {
             if let Err(e) = wr.write_all(&buf[..at]).await {
                 return End::Io(e.to_string());
@@ -986,6 +992,12 @@ where
                 return End::Io(e.to_string());
             }
             buf.drain(..at);
+        }
+        for f in parsed.drain(..) {
+            audit_frontend(f, &mut stmts, state, wicket).await;
+        }
+        if let Some(v) = violation {
+            return End::Protocol(v);
         }
         if terminated {
             let _ = wr.shutdown().await;
