@@ -201,7 +201,7 @@ impl Live {
         self.proxy
             .wicket
             .audit_sink
-            .send(&event, crate::clock::now_ms(), &self.audit_dropped)
+            .send(event, crate::clock::now_ms(), &self.audit_dropped)
             .await;
     }
 
@@ -210,7 +210,7 @@ impl Live {
         self.proxy
             .wicket
             .audit_sink
-            .send_always(&event, crate::clock::now_ms())
+            .send_always(event, crate::clock::now_ms())
             .await;
     }
 
