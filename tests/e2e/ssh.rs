@@ -30,7 +30,7 @@ roles:
   access:
     logins: [ "{{{{user}}}}" ]
     nodes: {{ env: nowhere }}
-    request: {{ roles: [ node-admin, no-forward ] }}
+    request: {{ roles: [ node-admin, no-forward, agent-ok ] }}
   node-admin:
     logins: [ {login} ]
     nodes: {{ env: test }}
@@ -43,12 +43,16 @@ roles:
   direct:
     logins: [ {login} ]
     nodes: {{ env: test }}
+  agent-ok:
+    logins: [ {login} ]
+    nodes: {{ env: test }}
+    agent_forwarding: true
   auditor:
     review: {{ roles: [ "*" ] }}
     revoke: true
     audit: true
 approval:
-  - roles: [ node-admin, no-forward ]
+  - roles: [ node-admin, no-forward, agent-ok ]
     require: self
 resources:
   nodes:
@@ -645,6 +649,15 @@ fn agent_forwarding_is_refused_with_a_message_unless_allowed() {
         sock.exists().then_some(())
     })
     .unwrap();
+    let key = dir.path().join("k");
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "forwarded-key", "-f"])
+        .arg(&key))
+    .unwrap();
+    run(Command::new("ssh-add")
+        .arg(&key)
+        .env("SSH_AUTH_SOCK", &sock))
+    .unwrap();
     let out = output(
         ssh(&cfg)
             .arg("-A")
@@ -652,14 +665,29 @@ fn agent_forwarding_is_refused_with_a_message_unless_allowed() {
             .arg(lab.dest())
             .arg("echo agent=${SSH_AUTH_SOCK:-none}"),
     );
-    let _ = agent.kill();
-    let _ = agent.wait();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), "agent=none");
     let err = text(&out.stderr);
     assert!(
         err.contains("wicket: refused: agent forwarding on node \"node-1\" is not allowed"),
         "{err}"
+    );
+    // With a role that allows it, the node reaches the user's agent.
+    lab.grant(&alice, "agent-ok", "10m");
+    let out = output(
+        ssh(&cfg)
+            .arg("-A")
+            .env("SSH_AUTH_SOCK", &sock)
+            .arg(lab.dest())
+            .arg("ssh-add -l"),
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("forwarded-key"),
+        "{}",
+        text(&out.stdout)
     );
 
     // Many channels on one connection: an OpenSSH control master and
