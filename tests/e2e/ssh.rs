@@ -19,12 +19,12 @@ const PW: &str = "correct horse battery staple";
 /// Roles: `access` logs in as yourself nowhere useful; `node-admin` (self-
 /// approved, port forwarding) grants LOGIN on `env: test` nodes; `direct`
 /// grants LOGIN as a standing role; `auditor` revokes and reads recordings.
-fn config(node_port: u16, login: &str, extra: &str) -> String {
+fn config(node_port: u16, login: &str, session_extra: &str) -> String {
     format!(
         r#"
 version: 1
 listen: {{ ssh: "127.0.0.1:0" }}
-session: {{ expiry_warning: 2s }}
+session: {{ expiry_warning: 2s{session_extra} }}
 requests: {{ min_duration: 1s }}
 roles:
   access:
@@ -57,7 +57,7 @@ approval:
 resources:
   nodes:
     - {{ name: node-1, address: "127.0.0.1:{node_port}", labels: {{ env: test }} }}
-{extra}"#
+"#
     )
 }
 
@@ -73,11 +73,12 @@ impl Lab {
         Self::start_with("")
     }
 
-    pub fn start_with(extra: &str) -> Lab {
+    /// With extra `session:` settings, e.g. `", record_input: true"`.
+    pub fn start_with(session_extra: &str) -> Lab {
         let login = test_login();
         let port = free_port().unwrap();
         let d = Wicketd::builder()
-            .config(config(port, &login, extra))
+            .config(config(port, &login, session_extra))
             .start()
             .unwrap();
         let ssh_addr = d
@@ -425,7 +426,7 @@ impl Drop for Pty {
 
 #[test]
 fn interactive_session_is_cut_within_a_second_of_revoke_and_recorded() {
-    let lab = Lab::start();
+    let lab = Lab::start_with(", record_input: true");
     let alice = lab.user("alice", "access");
     let admin = lab.user("sec", "auditor");
     let id = lab.grant(&alice, "node-admin", "10m");
@@ -469,6 +470,14 @@ fn interactive_session_is_cut_within_a_second_of_revoke_and_recorded() {
     assert_eq!(header["wicket"]["session_id"], sid.as_str());
     assert_eq!(header["wicket"]["request_ids"][0], id.as_str());
     assert!(events.iter().any(|e| e.code == "o"));
+    // With `session.record_input`, what was typed is there as input events.
+    let typed: String = events
+        .iter()
+        .filter(|e| e.code == "i")
+        .map(|e| e.data.as_str())
+        .collect();
+    assert!(typed.contains("echo hello-$((40+2))"), "{typed:?}");
+    assert!(events.iter().any(|e| e.code == "m" && e.data == "shell"));
     if let Ok(out) = Command::new("asciinema")
         .arg("cat")
         .arg({
