@@ -4,7 +4,7 @@
 //! temporary directory, has the daemon issue the node's host certificate and
 //! print the user CA (`wicketd nodes add NAME --host-key ... --write-dir ...`,
 //! exactly what an operator runs), writes an `sshd_config` that trusts
-//! Wicket's user CA (`TrustedUserCAKeys`) and presents the host certificate,
+//! Wicket's node-login CA (`TrustedUserCAKeys`) and presents the host certificate,
 //! and runs stock `sshd -D` in the foreground on a 127.0.0.1 port, logging
 //! at `VERBOSE` to a file (so the certificate key ID — user, session and
 //! request IDs — is visible). Dropping the handle stops it.
@@ -160,7 +160,7 @@ impl SshdBuilder {
         let mut lines = vec![];
         match (wicketd, &self.user_ca) {
             (_, Some(ca)) => {
-                let ca_path = root.join("wicket_user_ca.pub");
+                let ca_path = root.join("wicket_node_ca.pub");
                 fs::write(&ca_path, format!("{ca}\n"))?;
                 lines.push(format!("TrustedUserCAKeys {}", ca_path.display()));
             }
@@ -173,7 +173,7 @@ impl SshdBuilder {
                 let mut cmd = d.admin(&["nodes", "add", &node, &host_key_arg, &write_arg])?;
                 run(&mut cmd).context("wicketd nodes add")?;
                 let cert = root.join("ssh_host_ed25519_key-cert.pub");
-                let ca = root.join("wicket_user_ca.pub");
+                let ca = root.join("wicket_node_ca.pub");
                 if !cert.exists() || !ca.exists() {
                     bail!("wicketd nodes add wrote no host certificate or user CA");
                 }

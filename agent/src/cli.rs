@@ -156,6 +156,10 @@ enum ProxyCommand {
         /// The SSH proxy's HOST:PORT (default: from wicketd).
         #[arg(long)]
         ssh_proxy: Option<String>,
+        /// The profile directory whose certificate ssh presents (default:
+        /// the current login); used to explain an expired certificate.
+        #[arg(long)]
+        profile: Option<std::path::PathBuf>,
     },
 }
 
@@ -375,9 +379,11 @@ async fn run(command: Command) -> Result<()> {
         Command::Proxy(ProxyCommand::Db {
             name, port, format, ..
         }) => crate::db::proxy(&name, port, format).await,
-        Command::Proxy(ProxyCommand::Ssh { target, ssh_proxy }) => {
-            crate::ssh::proxy_ssh(&target, ssh_proxy).await
-        }
+        Command::Proxy(ProxyCommand::Ssh {
+            target,
+            ssh_proxy,
+            profile,
+        }) => crate::ssh::proxy_ssh(&target, ssh_proxy, profile).await,
         Command::Play(args) => play(args).await,
         Command::Config { format } => crate::ssh::config(format).await,
         Command::Ssh(args) => crate::ssh::ssh(args).await,

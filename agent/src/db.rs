@@ -34,7 +34,15 @@ pub struct Tunnel {
     proxy_host: String,
     proxy_addr: String,
     profile: Profile,
-    tls: Mutex<Option<(SystemTime, Arc<rustls::ClientConfig>)>>,
+    /// The TLS setup of the certificate file last seen (by mtime), with
+    /// that certificate's profile (for its end).
+    tls: Mutex<
+        Option<(
+            SystemTime,
+            Arc<rustls::ClientConfig>,
+            crate::profile::ProfileInfo,
+        )>,
+    >,
 }
 
 impl Tunnel {
@@ -90,18 +98,14 @@ impl Tunnel {
             .and_then(|m| m.modified())
             .context("your TLS certificate is gone; run `wicket login`")?;
         let mut cache = self.tls.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, cfg)) = cache.as_ref() {
+        if let Some((at, cfg, info)) = cache.as_ref() {
             if *at == modified {
+                crate::profile::check_not_expired(info, crate::now())?;
                 return Ok(cfg.clone());
             }
         }
         let info = self.profile.read_info()?;
-        if info.valid_before <= crate::now() {
-            bail!(
-                "your certificates expired at {}; run `wicket login`",
-                info.valid_before.to_rfc3339()
-            );
-        }
+        crate::profile::check_not_expired(&info, crate::now())?;
         let pem = |path: std::path::PathBuf| {
             std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
         };
@@ -121,7 +125,7 @@ impl Tunnel {
         .with_client_auth_cert(chain, PrivateKeyDer::Pkcs8(key.into()))
         .map_err(|e| anyhow!("your TLS certificate: {e}"))?;
         let cfg = Arc::new(cfg);
-        *cache = Some((modified, cfg.clone()));
+        *cache = Some((modified, cfg.clone(), info));
         Ok(cfg)
     }
 

@@ -35,6 +35,26 @@ pub struct ProfileInfo {
     pub valid_before: DateTime<Utc>,
 }
 
+/// Fails with a reason naming the grants when the profile's certificates
+/// have expired (they end with the grant they were issued for).
+pub fn check_not_expired(info: &ProfileInfo, now: DateTime<Utc>) -> Result<()> {
+    if info.valid_before > now {
+        return Ok(());
+    }
+    let grants = if info.request_ids.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (with the grant of access request {}, which has expired)",
+            info.request_ids.join(", ")
+        )
+    };
+    bail!(
+        "your certificate expired at {}{grants}; run `wicket login` and request access again if you need it",
+        info.valid_before.to_rfc3339()
+    )
+}
+
 /// `$WICKET_HOME`, or `~/.wicket`.
 pub fn home() -> Result<PathBuf> {
     if let Some(h) = std::env::var_os("WICKET_HOME").filter(|h| !h.is_empty()) {

@@ -137,7 +137,7 @@ pub fn ssh_config_text(p: &Profile, info: &ProfileInfo, ssh_proxy: &str) -> Resu
     Ok(format!(
         "# Wicket cluster {cluster:?} via {proxy} as {user} (written by `wicket config`)\n\
          Host *.{cluster}\n\
-         \x20   ProxyCommand {exe} proxy ssh --ssh-proxy {ssh_proxy} %r@%h:%p\n\
+         \x20   ProxyCommand {exe} proxy ssh --ssh-proxy {ssh_proxy} --profile {profile} %r@%h:%p\n\
          \x20   IdentityFile {key}\n\
          \x20   CertificateFile {cert}\n\
          \x20   IdentitiesOnly yes\n\
@@ -148,6 +148,7 @@ pub fn ssh_config_text(p: &Profile, info: &ProfileInfo, ssh_proxy: &str) -> Resu
          \x20   PreferredAuthentications publickey\n\
          \x20   Ciphers aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com\n",
         proxy = info.proxy,
+        profile = p.dir.display(),
         user = info.user,
         exe = quote(&exe),
         key = quote(&p.ssh_key()),
@@ -226,7 +227,11 @@ pub async fn ssh(args: SshArgs) -> Result<()> {
 }
 
 /// `wicket proxy ssh LOGIN@HOST:PORT`: a byte pipe to the SSH proxy.
-pub async fn proxy_ssh(target: &str, ssh_proxy: Option<String>) -> Result<()> {
+pub async fn proxy_ssh(
+    target: &str,
+    ssh_proxy: Option<String>,
+    profile_dir: Option<std::path::PathBuf>,
+) -> Result<()> {
     let (rest, port) = match target.rsplit_once(':') {
         Some((r, p)) => (r, p.parse::<u16>().context("port in LOGIN@HOST:PORT")?),
         None => (target, 22),
@@ -239,12 +244,26 @@ pub async fn proxy_ssh(target: &str, ssh_proxy: Option<String>) -> Result<()> {
     {
         bail!("invalid host {host:?} in {target:?}");
     }
+    // The certificate ends with the grant it carries; say so here (the
+    // proxy can only refuse an expired certificate without a reason).
+    let current = match profile_dir {
+        Some(dir) => {
+            let p = Profile { dir };
+            p.read_info().map(|info| (p, info))
+        }
+        None => profile::home().and_then(|home| {
+            let p = Profile::current(&home)?;
+            let info = p.read_info()?;
+            Ok((p, info))
+        }),
+    };
+    if let Ok((_, info)) = &current {
+        crate::profile::check_not_expired(info, crate::now())?;
+    }
     let addr = match ssh_proxy {
         Some(a) => a,
         None => {
-            let home = profile::home()?;
-            let p = Profile::current(&home)?;
-            let info = p.read_info()?;
+            let (p, info) = current?;
             ssh_proxy_addr(&p, &info, false).await?
         }
     };

@@ -24,6 +24,8 @@ impl std::fmt::Debug for KeyFile {
 
 const SSH_USER_KEY: &str = "ssh_user_ca.key";
 const SSH_USER_PUB: &str = "ssh_user_ca.pub";
+const SSH_NODE_KEY: &str = "ssh_node_ca.key";
+const SSH_NODE_PUB: &str = "ssh_node_ca.pub";
 const SSH_HOST_KEY: &str = "ssh_host_ca.key";
 const SSH_HOST_PUB: &str = "ssh_host_ca.pub";
 const TLS_KEY: &str = "tls_ca.key";
@@ -34,11 +36,15 @@ const DB_CERT: &str = "db_client_ca.crt";
 /// CA certificates live ten years; rotation keeps older keys trusted.
 const CA_LIFETIME: i64 = 10 * 365 * 24 * 3600;
 
-/// Wicket's four CAs.
+/// Wicket's five CAs.
 #[derive(Debug)]
 pub struct AuthorityKeys {
-    /// Signs users' SSH certificates (nodes trust it with `TrustedUserCAKeys`).
+    /// Signs users' SSH certificates, which only the proxy accepts.
     pub ssh_user: SshCa,
+    /// Signs the one-minute certificates the proxy logs into nodes with;
+    /// nodes trust only this CA (`TrustedUserCAKeys`), so a user's own
+    /// certificate never opens a node directly.
+    pub ssh_node: SshCa,
     /// Signs host certificates for nodes and the proxy (`@cert-authority`).
     pub ssh_host: SshCa,
     /// Signs wicketd's TLS server certificates and users' client certificates.
@@ -49,8 +55,9 @@ pub struct AuthorityKeys {
 
 impl AuthorityKeys {
     /// The files that must all exist for [`AuthorityKeys::load`].
-    pub const REQUIRED_FILES: [&'static str; 6] = [
+    pub const REQUIRED_FILES: [&'static str; 7] = [
         SSH_USER_KEY,
+        SSH_NODE_KEY,
         SSH_HOST_KEY,
         TLS_KEY,
         TLS_CERT,
@@ -66,6 +73,7 @@ impl AuthorityKeys {
     ) -> Result<(Self, Vec<KeyFile>)> {
         let validity = Validity::new(now - 3600, now + CA_LIFETIME)?;
         let (ssh_user, user_pk8) = SshCa::generate(rng)?;
+        let (ssh_node, node_files) = Self::generate_node_ca(rng)?;
         let (ssh_host, host_pk8) = SshCa::generate(rng)?;
         let (tls, tls_key) = X509Ca::generate(X509CaKind::Tls, cluster, validity)?;
         let (db_client, db_key) = X509Ca::generate(X509CaKind::DatabaseClient, cluster, validity)?;
@@ -79,7 +87,7 @@ impl AuthorityKeys {
             contents: contents.into_bytes(),
             secret: false,
         };
-        let files = vec![
+        let mut files = vec![
             secret(
                 SSH_USER_KEY,
                 pem_encode("PRIVATE KEY", &user_pk8).into_bytes(),
@@ -101,9 +109,11 @@ impl AuthorityKeys {
             secret(DB_KEY, db_key.into_bytes()),
             public(DB_CERT, db_client.cert_pem()),
         ];
+        files.extend(node_files);
         Ok((
             Self {
                 ssh_user,
+                ssh_node,
                 ssh_host,
                 tls,
                 db_client,
@@ -111,6 +121,28 @@ impl AuthorityKeys {
             files,
         ))
     }
+
+    /// A fresh node-login CA and its files (also for key sets made before
+    /// it existed: the caller adds it when its files are missing).
+    pub fn generate_node_ca(rng: &dyn SecureRandom) -> Result<(SshCa, Vec<KeyFile>)> {
+        let (ca, pk8) = SshCa::generate(rng)?;
+        let files = vec![
+            KeyFile {
+                name: SSH_NODE_KEY,
+                contents: pem_encode("PRIVATE KEY", &pk8).into_bytes(),
+                secret: true,
+            },
+            KeyFile {
+                name: SSH_NODE_PUB,
+                contents: (ca.public_key_openssh("wicket-node-ca") + "\n").into_bytes(),
+                secret: false,
+            },
+        ];
+        Ok((ca, files))
+    }
+
+    /// The node-login CA's key file name (see [`Self::generate_node_ca`]).
+    pub const NODE_CA_KEY_FILE: &'static str = SSH_NODE_KEY;
 
     /// Loads the key set; `read(name)` returns a file's contents.
     pub fn load(read: impl Fn(&str) -> Option<Vec<u8>>) -> Result<Self> {
@@ -130,6 +162,7 @@ impl AuthorityKeys {
         };
         Ok(Self {
             ssh_user: ssh(SSH_USER_KEY)?,
+            ssh_node: ssh(SSH_NODE_KEY)?,
             ssh_host: ssh(SSH_HOST_KEY)?,
             tls: x509(X509CaKind::Tls, TLS_KEY, TLS_CERT)?,
             db_client: x509(X509CaKind::DatabaseClient, DB_KEY, DB_CERT)?,

@@ -61,7 +61,7 @@ enum NodesCommand {
         /// The node's host public key file (e.g. /etc/ssh/ssh_host_ed25519_key.pub).
         #[arg(long)]
         host_key: PathBuf,
-        /// Also write `wicket_user_ca.pub` and `<host key>-cert.pub` into this directory.
+        /// Also write `wicket_node_ca.pub` (the node-login CA) and `<host key>-cert.pub` into this directory.
         #[arg(long)]
         write_dir: Option<PathBuf>,
         #[command(flatten)]
@@ -353,11 +353,11 @@ fn nodes_add(cfg: &Config, name: &str, host_key: &Path, write_dir: Option<&Path>
         .to_owned();
     let etc = host_key.parent().unwrap_or(Path::new("/etc/ssh"));
     let cert_path = etc.join(format!("{key_name}-cert.pub"));
-    let ca_path = etc.join("wicket_user_ca.pub");
+    let ca_path = etc.join("wicket_node_ca.pub");
     if let Some(dir) = write_dir {
         std::fs::create_dir_all(dir)?;
         std::fs::write(
-            dir.join("wicket_user_ca.pub"),
+            dir.join("wicket_node_ca.pub"),
             format!("{}\n", setup.user_ca),
         )?;
         std::fs::write(
@@ -380,7 +380,10 @@ fn nodes_add(cfg: &Config, name: &str, host_key: &Path, write_dir: Option<&Path>
         "# host certificate for {} valid until {valid}",
         setup.principals.join(", ")
     );
-    println!("# 1. save Wicket's user CA as {}:", ca_path.display());
+    println!(
+        "# 1. save Wicket's node-login CA (it signs only the proxy's one-minute certificates) as {}:",
+        ca_path.display()
+    );
     println!("{}", setup.user_ca);
     println!("# 2. save the host certificate as {}:", cert_path.display());
     println!("{}", setup.host_certificate);

@@ -56,6 +56,27 @@ pub fn load_or_generate(data_dir: &Path, cluster: &str, now: i64) -> Result<(Aut
         }
         return Ok((keys, true));
     }
+    // Key sets made before the node-login CA existed get one now.
+    let node_key = AuthorityKeys::NODE_CA_KEY_FILE;
+    let missing: Vec<&str> = AuthorityKeys::REQUIRED_FILES
+        .iter()
+        .zip(&present)
+        .filter(|(_, p)| !**p)
+        .map(|(n, _)| *n)
+        .collect();
+    if missing == [node_key] {
+        let rng = ring::rand::SystemRandom::new();
+        let (_, files) = AuthorityKeys::generate_node_ca(&rng)?;
+        for f in files {
+            let mode = if f.secret { 0o600 } else { 0o644 };
+            write_file_atomic(&ca_dir.join(f.name), &f.contents, mode)?;
+        }
+        tracing::info!(dir = %ca_dir.display(), "added the node-login SSH CA to the key set");
+    }
+    let present: Vec<bool> = AuthorityKeys::REQUIRED_FILES
+        .iter()
+        .map(|n| ca_dir.join(n).exists())
+        .collect();
     for (name, p) in AuthorityKeys::REQUIRED_FILES.iter().zip(&present) {
         if !p {
             return Err(Error::Io(format!(
@@ -114,5 +135,26 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("missing"));
+    }
+
+    #[test]
+    fn a_key_set_from_before_the_node_ca_gets_one_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _) = load_or_generate(dir.path(), "t", 1_700_000_000).unwrap();
+        let ca = dir.path().join("ca");
+        fs::remove_file(ca.join("ssh_node_ca.key")).unwrap();
+        fs::remove_file(ca.join("ssh_node_ca.pub")).unwrap();
+        let (b, generated) = load_or_generate(dir.path(), "t", 1_700_000_000).unwrap();
+        assert!(!generated);
+        assert_eq!(a.tls.pin(), b.tls.pin());
+        assert_eq!(a.ssh_user.public_key_raw(), b.ssh_user.public_key_raw());
+        assert_ne!(a.ssh_node.public_key_raw(), b.ssh_node.public_key_raw());
+        assert_ne!(b.ssh_node.public_key_raw(), b.ssh_user.public_key_raw());
+        let mode = fs::metadata(ca.join("ssh_node_ca.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
     }
 }

@@ -151,7 +151,17 @@ resources:
     assert!(cli.login(&d, "bench", "bench password 1", &[]).unwrap().ok);
     let st = cli.status().unwrap();
     let file = |k: &str| PathBuf::from(st["files"][k].as_str().unwrap());
-    let user_ca = std::fs::read_to_string(node.dir.path().join("wicket_user_ca.pub")).unwrap();
+    // (a) and (b) log in with the user's own certificate, which nodes do not
+    // trust in production (only the proxy's node-login CA): for the
+    // benchmark the node and the jump host also trust the user CA.
+    let user_ca = std::fs::read_to_string(d.data_dir().join("ca/ssh_user_ca.pub")).unwrap();
+    let node_ca_file = node.dir.path().join("wicket_node_ca.pub");
+    let node_ca = std::fs::read_to_string(&node_ca_file).unwrap();
+    std::fs::write(
+        &node_ca_file,
+        format!("{}\n{}\n", node_ca.trim(), user_ca.trim()),
+    )
+    .unwrap();
     let jump = Sshd::builder()
         .trust_user_ca(user_ca.trim())
         .start_plain()

@@ -461,7 +461,7 @@ fn with_disconnect_on_expiry_off_a_running_session_finishes_but_new_ones_are_ref
     // has expired.
     let (ok, _, err) = t.sql("select 1");
     assert!(!ok);
-    assert!(err.contains("expired"), "{err}");
+    assert!(err.contains(&id) && err.contains("expired"), "{err}");
     let ended = s.events(&s.frank, &["--user", "alice", "--kind", "grant_ended"]);
     assert!(
         ended.iter().any(|e| e["request_id"] == id.as_str()),

@@ -298,10 +298,16 @@ impl PgProxy {
     /// Forwards a CancelRequest carrying one of our keys to its backend.
     async fn cancel(&self, caller: &Caller, pid: u32, secret: u32) {
         let target = lock(&self.cancels).get(&(pid, secret)).cloned();
-        let Some(t) = target.filter(|t| t.user == caller.user) else {
-            tracing::info!(user = %caller.user, "cancel request with an unknown key ignored");
-            return;
-        };
+        match target.filter(|t| t.user == caller.user) {
+            Some(t) => self.forward_cancel(&t).await,
+            None => {
+                tracing::info!(user = %caller.user, "cancel request with an unknown key ignored")
+            }
+        }
+    }
+
+    /// Sends the backend's own CancelRequest to its database.
+    async fn forward_cancel(&self, t: &CancelTarget) {
         let Some(resource) = self.database(&t.resource) else {
             return;
         };
@@ -443,7 +449,11 @@ impl PgProxy {
             request_ids: caller.request_ids.clone(),
             reason,
         };
-        let refuse_reason = if db_user.is_empty() {
+        let refuse_reason = if let Some(k) = duplicate_param(&params) {
+            // PostgreSQL takes the last value; the decision must see the one
+            // that counts, so a repeated key is refused outright.
+            Some(format!("startup parameter {k:?} is given more than once"))
+        } else if db_user.is_empty() {
             Some("the startup message names no database user".to_owned())
         } else if resource_name.is_empty() {
             Some(format!(
@@ -568,7 +578,11 @@ impl PgProxy {
             }
         };
         if let Some(k) = cancel_key {
-            lock(&self.cancels).remove(&k);
+            let target = lock(&self.cancels).remove(&k);
+            // A cut session's statement must not run on: cancel it.
+            if let (End::Cut(_), Some(t)) = (&end, target) {
+                self.forward_cancel(&t).await;
+            }
         }
         let reason = end.reason();
         sink.send_always(
@@ -749,6 +763,15 @@ impl PgProxy {
     }
 }
 
+/// A startup parameter given more than once, if any.
+fn duplicate_param(params: &[(String, String)]) -> Option<String> {
+    let mut seen = std::collections::HashSet::new();
+    params
+        .iter()
+        .find(|(k, _)| !seen.insert(k.as_str()))
+        .map(|(k, _)| k.clone())
+}
+
 /// The host part of `host:port` / `[v6]:port`.
 fn host_of(address: &str) -> String {
     if let Ok(sa) = address.parse::<SocketAddr>() {
@@ -911,6 +934,24 @@ fn backend_inspected(tag: u8) -> bool {
     matches!(tag, b'E' | b'G' | b'H')
 }
 
+/// Statement text kept per prepared statement and per audit event; longer
+/// text is cut (with a marker), so a client cannot make the proxy hold
+/// `MAX_TRACKED` × `max_message_bytes`.
+const MAX_AUDIT_TEXT: usize = 64 * 1024;
+
+fn clip(mut s: String) -> String {
+    if s.len() > MAX_AUDIT_TEXT {
+        let mut end = MAX_AUDIT_TEXT;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        let total = s.len();
+        s.truncate(end);
+        s.push_str(&format!("... [{total} bytes, cut]"));
+    }
+    s
+}
+
 /// Remembers statement texts and bound portals for auditing Execute.
 #[derive(Default)]
 struct Statements {
@@ -928,15 +969,17 @@ fn remember<V>(map: &mut HashMap<String, V>, key: String, v: V) {
 }
 
 fn param_text(v: &Option<Vec<u8>>) -> Option<String> {
-    v.as_ref().map(|b| match std::str::from_utf8(b) {
-        Ok(s) => s.to_owned(),
-        Err(_) => {
-            let mut s = String::from("\\x");
-            for byte in b {
-                s.push_str(&format!("{byte:02x}"));
+    v.as_ref().map(|b| {
+        clip(match std::str::from_utf8(b) {
+            Ok(s) => s.to_owned(),
+            Err(_) => {
+                let mut s = String::from("\\x");
+                for byte in b.iter().take(MAX_AUDIT_TEXT / 2) {
+                    s.push_str(&format!("{byte:02x}"));
+                }
+                s
             }
-            s
-        }
+        })
     })
 }
 
@@ -1026,6 +1069,7 @@ async fn audit_frontend(
     let sref = || state.sref.clone();
     match f {
         Frontend::Query(q) => {
+            let q = clip(q);
             state.statements.fetch_add(1, Ordering::Relaxed);
             *lock(&state.last_statement) = q.clone();
             state
@@ -1039,6 +1083,7 @@ async fn audit_frontend(
                 .await;
         }
         Frontend::Parse { name, query, .. } => {
+            let query = clip(query);
             remember(&mut stmts.prepared, name.clone(), query.clone());
             state
                 .audit(
@@ -1233,6 +1278,38 @@ mod tests {
             .next(&[b'Q', 0, 0, 0, 2, 0], frontend_inspected, 1024, true)
             .unwrap_err();
         assert!(e.0.contains("invalid message length"), "{e}");
+    }
+
+    #[test]
+    fn repeated_startup_parameters_are_found() {
+        let p = |kv: &[(&str, &str)]| -> Vec<(String, String)> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            duplicate_param(&p(&[
+                ("user", "app"),
+                ("database", "ok"),
+                ("database", "secret")
+            ])),
+            Some("database".into())
+        );
+        assert_eq!(
+            duplicate_param(&p(&[("user", "app"), ("database", "ok")])),
+            None
+        );
+    }
+
+    #[test]
+    fn audited_text_is_clipped_on_a_char_boundary() {
+        let long = "é".repeat(MAX_AUDIT_TEXT);
+        let c = clip(long.clone());
+        assert!(c.len() < MAX_AUDIT_TEXT + 64, "{}", c.len());
+        assert!(c.ends_with(&format!("[{} bytes, cut]", long.len())));
+        assert_eq!(clip("select 1".into()), "select 1");
+        let v = param_text(&Some(vec![0xff; 200_000])).unwrap();
+        assert!(v.len() < MAX_AUDIT_TEXT + 64);
     }
 
     #[test]

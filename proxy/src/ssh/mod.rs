@@ -76,7 +76,8 @@ fn parse_cert(blob: &[u8]) -> Result<Certificate> {
 /// What `wicketd nodes add` prints and writes for a node.
 #[derive(Debug, Clone)]
 pub struct NodeSetup {
-    /// `ssh-ed25519 AAAA... wicket-user-ca`: the node's `TrustedUserCAKeys` file.
+    /// `ssh-ed25519 AAAA... wicket-node-ca`: the node's `TrustedUserCAKeys`
+    /// file (the node-login CA: only the proxy's upstream certificates).
     pub user_ca: String,
     /// The node's host certificate (`*-cert.pub`, one line).
     pub host_certificate: String,
@@ -113,7 +114,7 @@ pub fn node_setup(
         &rng,
     )?;
     Ok(NodeSetup {
-        user_ca: keys.ssh_user.public_key_openssh("wicket-user-ca"),
+        user_ca: keys.ssh_node.public_key_openssh("wicket-node-ca"),
         host_certificate: cert,
         principals,
         valid_before: validity.not_after,
@@ -314,7 +315,7 @@ impl SshProxy {
         if !request_ids.is_empty() {
             key_id.push_str(&format!(" requests={}", request_ids.join(",")));
         }
-        let blob = self.wicket.keys.ssh_user.issue(
+        let blob = self.wicket.keys.ssh_node.issue(
             &SshCertificateRequest {
                 public_key: &public,
                 kind: SshCertKind::User,
