@@ -704,7 +704,8 @@ async fn ls(format: Format) -> Result<()> {
     Ok(())
 }
 
-fn query_escape(s: &str) -> String {
+/// Percent-encodes a query-string value.
+pub(crate) fn query_escape(s: &str) -> String {
     s.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {

@@ -351,6 +351,20 @@ pub async fn proxy(resource: &str, port: u16, format: Format) -> Result<()> {
     Ok(())
 }
 
+/// `text` with control characters (other than newline and tab) escaped, so
+/// a statement cannot rewrite the auditor's terminal.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// Prints a database session's statements with their timing.
 pub fn print_db_session(
     events: &[wicket_api::AuditEventView],
@@ -443,9 +457,22 @@ pub fn print_db_session(
                     ));
                 }
                 last = *offset;
-                println!("[{offset:>9.3}s] {text}");
+                println!("[{offset:>9.3}s] {}", printable(text));
             }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replayed_text_cannot_carry_terminal_escapes() {
+        assert_eq!(printable("select 1;\n\tselect 2"), "select 1;\n\tselect 2");
+        let p = printable("select '\u{1b}[2Jcleared'");
+        assert!(!p.contains('\u{1b}'), "{p}");
+        assert!(p.contains("\\u{1b}[2J"), "{p}");
+    }
 }

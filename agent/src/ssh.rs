@@ -12,7 +12,7 @@
 //! - `wicket ssh [LOGIN@]NODE [COMMAND]` runs `ssh -F <profile>/ssh_config`.
 //! - `wicket recordings ls`, `wicket play SESSION [--speed N] [--format text|cast]`.
 
-use crate::cli::{authenticated_client, Format};
+use crate::cli::{authenticated_client, query_escape, Format};
 use crate::profile::{self, write_file, Profile, ProfileInfo};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
@@ -307,18 +307,6 @@ pub async fn proxy_ssh(
         }
     }
     Ok(())
-}
-
-fn query_escape(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 /// `wicket recordings ls`.

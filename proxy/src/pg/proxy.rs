@@ -486,19 +486,11 @@ impl PgProxy {
             .await;
         let decided = match decided {
             Ok(d) if d.decision.allowed => d,
-            Ok(d) => {
-                let reason = d.decision.reason;
-                let _ = self.wicket.audit(denied(reason.clone()), now).await;
-                fatal(
-                    &mut client,
-                    "28000",
-                    &format!("wicket: access denied: {reason}"),
-                )
-                .await;
-                return;
-            }
-            Err(e) => {
-                let reason = e.to_string();
+            other => {
+                let reason = match other {
+                    Ok(d) => d.decision.reason,
+                    Err(e) => e.to_string(),
+                };
                 let _ = self.wicket.audit(denied(reason.clone()), now).await;
                 fatal(
                     &mut client,
