@@ -797,3 +797,110 @@ fn agent_forwarding_is_refused_with_a_message_unless_allowed() {
     let _ = master.wait();
     let _ = master_log;
 }
+
+/// A terminal in tmux (so its size can change), running ssh through the proxy.
+#[test]
+fn window_resize_reaches_the_node_and_the_recording() {
+    let lab = Lab::start();
+    let alice = lab.user("alice", "access");
+    let id = lab.grant(&alice, "node-admin", "10m");
+    let cfg = ssh_config(&alice);
+    let sock = alice.home.path().join("tmux.sock");
+    let tmux = |args: &[&str]| {
+        let out = Command::new("tmux")
+            .arg("-S")
+            .arg(&sock)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tmux {args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let cmd = format!(
+        "ssh -tt -F '{}' -o BatchMode=yes {}",
+        cfg.display(),
+        lab.dest()
+    );
+    tmux(&["new-session", "-d", "-s", "w", "-x", "80", "-y", "24", &cmd]);
+    struct Kill(PathBuf);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = Command::new("tmux")
+                .arg("-S")
+                .arg(&self.0)
+                .arg("kill-server")
+                .output();
+        }
+    }
+    let _kill = Kill(sock.clone());
+    let size_is = |rows: u32, cols: u32| {
+        tmux(&["send-keys", "-t", "w", "stty size", "Enter"]);
+        let want = format!("{rows} {cols}");
+        wait_until(
+            &format!("`stty size` to print {want}"),
+            Duration::from_secs(20),
+            || {
+                tmux(&["capture-pane", "-p", "-t", "w"])
+                    .lines()
+                    .any(|l| l.trim() == want)
+                    .then_some(())
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", tmux(&["capture-pane", "-p", "-t", "w"])));
+    };
+    size_is(24, 80);
+    tmux(&["resize-window", "-t", "w", "-x", "100", "-y", "30"]);
+    size_is(30, 100);
+    tmux(&["send-keys", "-t", "w", "exit", "Enter"]);
+    // The recording has the resize.
+    let list = wait_until("the recording", Duration::from_secs(20), || {
+        let v = alice
+            .ok(&["recordings", "ls", "--request", &id, "--format", "json"])
+            .unwrap()
+            .json()
+            .unwrap();
+        (!v.as_array().unwrap().is_empty()).then_some(v)
+    })
+    .unwrap();
+    let sid = list[0]["session_id"].as_str().unwrap().to_owned();
+    let cast = wait_until(
+        "the resize in the recording",
+        Duration::from_secs(10),
+        || {
+            let cast = alice
+                .ok(&["play", &sid, "--format", "cast"])
+                .unwrap()
+                .stdout;
+            let (_, events) = wicket::ssh::parse_cast(&cast).unwrap();
+            events
+                .iter()
+                .any(|e| e.code == "r" && e.data == "100x30")
+                .then_some(cast)
+        },
+    )
+    .unwrap();
+    assert!(cast.contains("\"r\""), "{cast}");
+}
+
+#[test]
+fn x11_forwarding_is_refused_with_a_message_when_the_role_does_not_allow_it() {
+    let lab = Lab::start();
+    let alice = lab.user("alice", "access");
+    lab.grant(&alice, "node-admin", "10m");
+    let cfg = ssh_config(&alice);
+    // A (fake) display on the client side: ssh asks for X11 forwarding.
+    let out = output(
+        ssh(&cfg)
+            .args(["-X", "-o", "ForwardX11Trusted=yes"])
+            .env("DISPLAY", "127.0.0.1:99")
+            .arg(lab.dest())
+            .arg("echo display=${DISPLAY:-none}"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "display=none");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("wicket: refused: X11 forwarding") && err.contains("not allowed"),
+        "{err}"
+    );
+}
