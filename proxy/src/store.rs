@@ -279,7 +279,7 @@ impl Store {
         .bind(i64::from(user.disabled))
         .execute(&mut *tx)
         .await?;
-        insert_audit(&mut tx, event).await?;
+        insert_audit(&mut tx, std::slice::from_ref(event)).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -373,7 +373,7 @@ impl Store {
             .bind(prune_before_ms)
             .execute(&mut *tx)
             .await?;
-        insert_audit(&mut tx, event).await?;
+        insert_audit(&mut tx, std::slice::from_ref(event)).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -422,9 +422,7 @@ impl Store {
         .bind(&req.doc)
         .execute(&mut *tx)
         .await?;
-        for a in audit {
-            insert_audit(&mut tx, a).await?;
-        }
+        insert_audit(&mut tx, audit).await?;
         for n in notes {
             insert_notification(&mut tx, n).await?;
         }
@@ -457,9 +455,7 @@ impl Store {
         if r.rows_affected() != 1 {
             return Ok(false);
         }
-        for a in audit {
-            insert_audit(&mut tx, a).await?;
-        }
+        insert_audit(&mut tx, audit).await?;
         for n in notes {
             insert_notification(&mut tx, n).await?;
         }
@@ -586,49 +582,15 @@ impl Store {
 
     pub async fn append_audit(&self, event: &AuditRow) -> Result<()> {
         let mut tx = self.begin().await?;
-        insert_audit(&mut tx, event).await?;
+        insert_audit(&mut tx, std::slice::from_ref(event)).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// Stores several events in one transaction, many rows per INSERT
-    /// (statement overhead, not row count, dominates small inserts).
+    /// Stores several events in one transaction.
     pub async fn append_audit_batch(&self, events: &[AuditRow]) -> Result<()> {
-        const ROWS_PER_INSERT: usize = 32;
         let mut tx = self.begin().await?;
-        for chunk in events.chunks(ROWS_PER_INSERT) {
-            let mut sql = String::from(
-                "INSERT INTO audit_events (id, time, kind, actor, request_id, session_id, data) VALUES ",
-            );
-            for i in 0..chunk.len() {
-                let b = i * 7;
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6,
-                    b + 7
-                ));
-            }
-            let mut q = sqlx::query(&sql);
-            for e in chunk {
-                q = q
-                    .bind(&e.id)
-                    .bind(e.time_ms)
-                    .bind(&e.kind)
-                    .bind(&e.actor)
-                    .bind(&e.request_id)
-                    .bind(&e.session_id)
-                    .bind(&e.data);
-            }
-            q.execute(&mut *tx).await?;
-        }
+        insert_audit(&mut tx, events).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -728,19 +690,43 @@ async fn insert_notification(
 }
 
 /// Inserts an audit row inside the caller's transaction.
-pub async fn insert_audit(tx: &mut Transaction<'static, Any>, e: &AuditRow) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO audit_events (id, time, kind, actor, request_id, session_id, data) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(&e.id)
-    .bind(e.time_ms)
-    .bind(&e.kind)
-    .bind(&e.actor)
-    .bind(&e.request_id)
-    .bind(&e.session_id)
-    .bind(&e.data)
-    .execute(&mut **tx)
-    .await?;
+/// Inserts audit rows, many per INSERT (statement overhead, not row count,
+/// dominates small inserts).
+pub async fn insert_audit(tx: &mut Transaction<'static, Any>, rows: &[AuditRow]) -> Result<()> {
+    const ROWS_PER_INSERT: usize = 32;
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let mut sql = String::from(
+            "INSERT INTO audit_events (id, time, kind, actor, request_id, session_id, data) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            let b = i * 7;
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7
+            ));
+        }
+        let mut q = sqlx::query(&sql);
+        for e in chunk {
+            q = q
+                .bind(&e.id)
+                .bind(e.time_ms)
+                .bind(&e.kind)
+                .bind(&e.actor)
+                .bind(&e.request_id)
+                .bind(&e.session_id)
+                .bind(&e.data);
+        }
+        q.execute(&mut **tx).await?;
+    }
     Ok(())
 }
 
