@@ -129,29 +129,48 @@ async fn scheduler(wicket: Arc<Wicket>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-async fn accept_loop(
+/// Accepts on `listener` until `shutdown` fires and runs `handle` on each
+/// connection in its own task (TCP_NODELAY set). Accept errors (out of file
+/// descriptors, say) are logged and retried after a short pause. Every
+/// listener (API, PostgreSQL, SSH) runs on this.
+pub(crate) async fn accept_until_shutdown<F, Fut>(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
-    wicket: Arc<Wicket>,
     mut shutdown: watch::Receiver<bool>,
-) {
-    let router = api::router(wicket.clone());
+    what: &'static str,
+    handle: F,
+) where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    tracing::warn!(error = %e, listener = what, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = shutdown.changed() => break,
         };
         let _ = tcp.set_nodelay(true);
+        tokio::spawn(handle(tcp, peer));
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    wicket: Arc<Wicket>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let router = api::router(wicket.clone());
+    accept_until_shutdown(listener, shutdown, "api", move |tcp, peer| {
         let acceptor = acceptor.clone();
         let router = router.clone();
         let wicket = wicket.clone();
-        tokio::spawn(async move {
+        async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -187,6 +206,7 @@ async fn accept_loop(
             if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-        });
-    }
+        }
+    })
+    .await;
 }

@@ -144,26 +144,12 @@ impl PgProxy {
     }
 
     /// Accepts connections until `shutdown` fires.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "postgres accept failed");
-                        continue;
-                    }
-                },
-                _ = shutdown.changed() => break,
-            };
-            let _ = tcp.set_nodelay(true);
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: watch::Receiver<bool>) {
+        crate::server::accept_until_shutdown(listener, shutdown, "postgres", move |tcp, peer| {
             let this = self.clone();
-            tokio::spawn(async move { this.handle(tcp, peer).await });
-        }
+            async move { this.handle(tcp, peer).await }
+        })
+        .await;
     }
 
     async fn handle(&self, mut tcp: TcpStream, peer: SocketAddr) {

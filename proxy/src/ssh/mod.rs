@@ -450,34 +450,19 @@ pub async fn bind(config: &crate::config::Config) -> Result<Option<TcpListener>>
 }
 
 /// Accepts SSH connections until shutdown.
-pub async fn serve(
-    listener: TcpListener,
-    proxy: Arc<SshProxy>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "SSH accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
+pub async fn serve(listener: TcpListener, proxy: Arc<SshProxy>, shutdown: watch::Receiver<bool>) {
+    crate::server::accept_until_shutdown(listener, shutdown, "ssh", move |tcp, peer| {
         let proxy = proxy.clone();
-        tokio::spawn(async move {
+        async move {
             if let Err(e) = connection(proxy, tcp, peer).await {
                 tracing::debug!(%peer, error = %e, "SSH connection ended with an error");
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn connection(proxy: Arc<SshProxy>, mut tcp: TcpStream, peer: SocketAddr) -> Result<()> {
-    let _ = tcp.set_nodelay(true);
     let (route, prefix) = tokio::time::timeout(ROUTE_TIMEOUT, read_route(&mut tcp))
         .await
         .map_err(|_| Error::Io("no route line or SSH version in time".into()))??;
