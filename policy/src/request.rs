@@ -156,6 +156,73 @@ impl AccessRequest {
             && self.expires_at.is_some_and(|e| now < e)
     }
 
+    /// Why a live session under this grant must end at `now`, if it must.
+    /// With `disconnect_on_expiry: false`, sessions outlive an expiry or a
+    /// drop by the holder (which expires the grant), never a revoke.
+    pub fn session_end(&self, now: DateTime<Utc>, disconnect_on_expiry: bool) -> Option<String> {
+        if self.grants_at(now) {
+            return None;
+        }
+        let id = &self.id;
+        let (why, always) = match self.state {
+            // Past its end, or dropped by its holder (which expires it).
+            State::Active | State::Expired => (
+                format!(
+                    "access request {id} expired{}",
+                    self.end_reason
+                        .as_deref()
+                        .filter(|_| self.state == State::Expired)
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                ),
+                false,
+            ),
+            State::Revoked => {
+                let by = self.revoked_by.as_deref().unwrap_or("an administrator");
+                let why = self
+                    .revoke_reason
+                    .as_deref()
+                    .or(self.end_reason.as_deref())
+                    .unwrap_or("no reason given");
+                (
+                    format!("access request {id} was revoked by {by}: {why}"),
+                    true,
+                )
+            }
+            s => (
+                format!("access request {id} is {} and grants nothing", s.as_str()),
+                true,
+            ),
+        };
+        (always || disconnect_on_expiry).then_some(why)
+    }
+
+    /// The line to warn live sessions with when the grant ends within
+    /// `warn_before` of `now` (and sessions are cut at its end).
+    pub fn session_warning(
+        &self,
+        now: DateTime<Utc>,
+        warn_before: Duration,
+        disconnect_on_expiry: bool,
+    ) -> Option<String> {
+        let end = self.expires_at?;
+        if !disconnect_on_expiry
+            || warn_before <= Duration::zero()
+            || !self.grants_at(now)
+            || end - now > warn_before
+        {
+            return None;
+        }
+        let secs = (end - now).num_seconds().max(0);
+        Some(format!(
+            "access request {} ends at {} (in {}m{:02}s); this session will be closed then",
+            self.id,
+            end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            secs / 60,
+            secs % 60
+        ))
+    }
+
     pub fn approvers(&self) -> Vec<String> {
         self.reviews
             .iter()

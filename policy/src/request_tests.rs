@@ -2578,3 +2578,43 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Live sessions under a grant
+// ---------------------------------------------------------------------------
+
+#[test]
+fn sessions_end_with_the_grant_and_revoke_ends_them_whatever_the_setting() {
+    let p = policy();
+    let req = active_dba(&p);
+    let end = req.expires_at.unwrap();
+    // In force: no end; a warning only inside the window before the end.
+    assert_eq!(req.session_end(t0() + mins(5), true), None);
+    assert_eq!(req.session_warning(t0() + mins(5), mins(15), true), None);
+    let w = req.session_warning(end - mins(10), mins(15), true).unwrap();
+    assert!(w.contains("r1 ends at") && w.contains("in 10m00s"), "{w}");
+    assert_eq!(req.session_warning(end - mins(10), mins(15), false), None);
+    assert_eq!(
+        req.session_warning(end - mins(10), Duration::zero(), true),
+        None
+    );
+    // Past the end: ends, unless sessions may finish.
+    let why = req.session_end(end, true).unwrap();
+    assert_eq!(why, "access request r1 expired");
+    assert_eq!(req.session_end(end, false), None);
+    // Dropped by its holder: the same, with the reason.
+    let (dropped, _) = apply(&p, &req, Event::Drop { by: "alice".into() }, t0() + mins(1)).unwrap();
+    assert_eq!(
+        dropped.session_end(t0() + mins(2), true).unwrap(),
+        "access request r1 expired: dropped by its holder"
+    );
+    assert_eq!(dropped.session_end(t0() + mins(2), false), None);
+    // Revoked: always, naming who and why.
+    let (revoked, _) = apply(&p, &req, revoke("frank", "INC-7 closed"), t0() + mins(1)).unwrap();
+    for finish in [true, false] {
+        assert_eq!(
+            revoked.session_end(t0() + mins(2), finish).unwrap(),
+            "access request r1 was revoked by frank: INC-7 closed"
+        );
+    }
+}

@@ -246,10 +246,10 @@ impl Wicket {
                 {
                     // Deliver at once here; other proxies sharing the store
                     // see the new state on their next session check.
-                    if let Some((why, always)) = crate::sessions::grant_end(&next, now) {
-                        if always || self.config.session.disconnect_on_expiry {
-                            self.sessions.end_for_request(&next.id, &why);
-                        }
+                    if let Some(why) =
+                        next.session_end(now, self.config.session.disconnect_on_expiry)
+                    {
+                        self.sessions.end_for_request(&next.id, &why);
                     }
                 }
                 return Ok(next);

@@ -7,13 +7,14 @@
 //! request behind a live session from the store — so a revoke, drop or expiry
 //! applied by any proxy sharing the store ends the session here — and a local
 //! state change ends them at once through [`Sessions::end_for_request`].
+//! When a grant ends a session, and with what words, is the policy's
+//! (`AccessRequest::session_end` / `session_warning`).
 
 use crate::service::Wicket;
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::watch;
-use wicket_policy::{AccessRequest, State};
 
 /// What a live session is told to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,46 +147,6 @@ impl Sessions {
     }
 }
 
-/// Why a grant no longer lets a session run, or `None` while it does. The
-/// second value is true when the session must end even with
-/// `disconnect_on_expiry: false` (a revoke, or a grant that never started).
-pub fn grant_end(req: &AccessRequest, now: DateTime<Utc>) -> Option<(String, bool)> {
-    if req.grants_at(now) {
-        return None;
-    }
-    let id = &req.id;
-    Some(match req.state {
-        State::Active => (format!("access request {id} expired"), false),
-        State::Expired => (format!("access request {id} expired"), false),
-        State::Revoked => {
-            let by = req.revoked_by.as_deref().unwrap_or("an administrator");
-            let why = req
-                .revoke_reason
-                .as_deref()
-                .or(req.end_reason.as_deref())
-                .unwrap_or("no reason given");
-            (
-                format!("access request {id} was revoked by {by}: {why}"),
-                true,
-            )
-        }
-        State::Cancelled => (
-            format!(
-                "access request {id} was dropped{}",
-                req.end_reason
-                    .as_deref()
-                    .map(|r| format!(": {r}"))
-                    .unwrap_or_default()
-            ),
-            false,
-        ),
-        s => (
-            format!("access request {id} is {} and grants nothing", s.as_str()),
-            true,
-        ),
-    })
-}
-
 impl Wicket {
     /// Checks the grant behind every live session against the store and
     /// ends or warns sessions accordingly. Returns how many sessions were told
@@ -201,31 +162,12 @@ impl Wicket {
                     continue;
                 }
             };
-            match grant_end(&req, now) {
-                Some((why, always)) => {
-                    if always || settings.disconnect_on_expiry {
-                        ended += self.sessions.end_for_request(&id, &why);
-                    }
-                }
-                None => {
-                    let warn = settings.expiry_warning;
-                    if settings.disconnect_on_expiry && warn > chrono::Duration::zero() {
-                        if let Some(end) = req.expires_at {
-                            if end - now <= warn {
-                                let secs = (end - now).num_seconds().max(0);
-                                self.sessions.warn_for_request(
-                                    &id,
-                                    &format!(
-                                        "access request {id} ends at {} (in {}m{:02}s); this session will be closed then",
-                                        end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                                        secs / 60,
-                                        secs % 60
-                                    ),
-                                );
-                            }
-                        }
-                    }
-                }
+            if let Some(why) = req.session_end(now, settings.disconnect_on_expiry) {
+                ended += self.sessions.end_for_request(&id, &why);
+            } else if let Some(text) =
+                req.session_warning(now, settings.expiry_warning, settings.disconnect_on_expiry)
+            {
+                self.sessions.warn_for_request(&id, &text);
             }
         }
         ended
