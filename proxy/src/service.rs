@@ -42,6 +42,17 @@ impl std::fmt::Debug for Wicket {
     }
 }
 
+/// What a caller holds now: see [`Wicket::roles_in_force`].
+#[derive(Debug, Clone, Default)]
+pub struct InForce {
+    /// Standing roles plus granted roles of active grants.
+    pub roles: Vec<String>,
+    /// The certificate's request IDs whose grants are active now.
+    pub request_ids: Vec<String>,
+    /// Why each of the certificate's other requests does not count.
+    pub not_counted: Vec<String>,
+}
+
 /// The outcome of [`Wicket::decide_session`].
 #[derive(Debug, Clone)]
 pub struct SessionDecision {
@@ -407,7 +418,11 @@ impl Wicket {
     pub async fn me(&self, caller: &Caller) -> Result<Me> {
         let user = self.active_user(caller).await?;
         let standing = self.standing_roles(&user);
-        let (roles, active) = self
+        let InForce {
+            roles,
+            request_ids: active,
+            ..
+        } = self
             .roles_in_force(&user, caller, crate::clock::now())
             .await;
         Ok(Me {
@@ -421,31 +436,40 @@ impl Wicket {
 
     /// Standing roles plus the granted roles of the caller's certificate's
     /// requests that are active now (re-read from the store, so a revoked,
-    /// dropped or expired grant does not count), and those request IDs.
+    /// dropped or expired grant does not count), those request IDs, and why
+    /// each of the others does not count.
     pub async fn roles_in_force(
         &self,
         user: &UserRecord,
         caller: &Caller,
         now: DateTime<Utc>,
-    ) -> (Vec<String>, Vec<String>) {
+    ) -> InForce {
         let mut roles = self.standing_roles(user);
         let mut active = Vec::new();
+        let mut not_counted = Vec::new();
         for id in &caller.request_ids {
-            if let Ok(grants) = self
+            match self
                 .active_grants(&user.name, std::slice::from_ref(id), now)
                 .await
             {
-                for g in grants {
-                    for r in g.granted_roles {
-                        if !roles.contains(&r) {
-                            roles.push(r);
+                Ok(grants) => {
+                    for g in grants {
+                        for r in g.granted_roles {
+                            if !roles.contains(&r) {
+                                roles.push(r);
+                            }
                         }
                     }
+                    active.push(id.clone());
                 }
-                active.push(id.clone());
+                Err(e) => not_counted.push(e.to_string()),
             }
         }
-        (roles, active)
+        InForce {
+            roles,
+            request_ids: active,
+            not_counted,
+        }
     }
 
     /// The one authorization decision for a proxied connection. Grants are
@@ -460,22 +484,18 @@ impl Wicket {
         decide: impl FnOnce(&RoleSet, &Subject<'_>) -> Decision,
     ) -> Result<SessionDecision> {
         let user = self.active_user(caller).await?;
-        let (roles, active) = self.roles_in_force(&user, caller, now).await;
+        let InForce {
+            roles,
+            request_ids: active,
+            not_counted,
+        } = self.roles_in_force(&user, caller, now).await;
         let subject = Subject {
             user: &user.name,
             roles: &roles,
         };
         let mut decision = decide(&self.config.policy.roles, &subject);
         if !decision.allowed {
-            let mut why = Vec::new();
-            for id in caller.request_ids.iter().filter(|id| !active.contains(id)) {
-                if let Err(e) = self
-                    .active_grants(&user.name, std::slice::from_ref(id), now)
-                    .await
-                {
-                    why.push(e.to_string());
-                }
-            }
+            let mut why = not_counted;
             if caller.request_ids.is_empty() {
                 why.push("no access request grant in the certificate (request one, then `wicket login --request-id ID`)".into());
             }
@@ -494,9 +514,10 @@ impl Wicket {
     /// What the caller can reach now, by the policy's decision.
     pub async fn resources(&self, caller: &Caller) -> Result<Resources> {
         let user = self.active_user(caller).await?;
-        let (roles, _) = self
+        let roles = self
             .roles_in_force(&user, caller, crate::clock::now())
-            .await;
+            .await
+            .roles;
         let subject = Subject {
             user: &user.name,
             roles: &roles,
