@@ -167,14 +167,7 @@ impl Tunnel {
                         .collect();
                     break pg::startup_message(&p);
                 }
-                Startup::Cancel { pid, secret } => {
-                    let mut m = Vec::with_capacity(16);
-                    m.extend_from_slice(&16u32.to_be_bytes());
-                    m.extend_from_slice(&pg::CANCEL_REQUEST.to_be_bytes());
-                    m.extend_from_slice(&pid.to_be_bytes());
-                    m.extend_from_slice(&secret.to_be_bytes());
-                    break m;
-                }
+                Startup::Cancel { pid, secret } => break pg::cancel_request(pid, secret).to_vec(),
             }
         };
         let mut remote = match self.connect().await {
@@ -202,10 +195,7 @@ impl Tunnel {
             .await
             .with_context(|| format!("cannot reach wicketd at {}", self.proxy_addr))?;
         let _ = tcp.set_nodelay(true);
-        let mut ssl = Vec::with_capacity(8);
-        ssl.extend_from_slice(&8u32.to_be_bytes());
-        ssl.extend_from_slice(&pg::SSL_REQUEST.to_be_bytes());
-        tcp.write_all(&ssl).await?;
+        tcp.write_all(&pg::ssl_request()).await?;
         let mut answer = [0u8; 1];
         tcp.read_exact(&mut answer).await?;
         if answer[0] != b'S' {

@@ -343,11 +343,8 @@ fn cancel_requests_reach_the_right_backend_and_revoke_or_expiry_cut_sessions() {
     // A forged key changes nothing.
     {
         let mut raw = std::net::TcpStream::connect(t.addr).unwrap();
-        let mut m = 16u32.to_be_bytes().to_vec();
-        m.extend_from_slice(&80_877_102u32.to_be_bytes());
-        m.extend_from_slice(&12345u32.to_be_bytes());
-        m.extend_from_slice(&67890u32.to_be_bytes());
-        raw.write_all(&m).unwrap();
+        raw.write_all(&wicket_api::pg::cancel_request(12345, 67890))
+            .unwrap();
         let mut b = Vec::new();
         let _ = std::io::Read::read_to_end(&mut raw, &mut b);
     }

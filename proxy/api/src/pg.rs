@@ -298,6 +298,31 @@ pub fn parse_error_response(msg: &[u8]) -> Option<(String, String)> {
     Some((code, message))
 }
 
+/// An SSLRequest.
+pub fn ssl_request() -> [u8; 8] {
+    let mut m = [0u8; 8];
+    m[..4].copy_from_slice(&8u32.to_be_bytes());
+    m[4..].copy_from_slice(&SSL_REQUEST.to_be_bytes());
+    m
+}
+
+/// A CancelRequest for the backend with this key.
+pub fn cancel_request(pid: u32, secret: u32) -> [u8; 16] {
+    let mut m = [0u8; 16];
+    m[..4].copy_from_slice(&16u32.to_be_bytes());
+    m[4..8].copy_from_slice(&CANCEL_REQUEST.to_be_bytes());
+    m[8..12].copy_from_slice(&pid.to_be_bytes());
+    m[12..].copy_from_slice(&secret.to_be_bytes());
+    m
+}
+
+/// A NoticeResponse (same fields as an ErrorResponse).
+pub fn notice_response(severity: &str, code: &str, message: &str) -> Vec<u8> {
+    let mut m = error_response(severity, code, message);
+    m[0] = b'N';
+    m
+}
+
 /// Encodes a StartupMessage (protocol 3.0) with `params`.
 pub fn startup_message(params: &[(&str, &str)]) -> Vec<u8> {
     let mut body = Vec::new();
@@ -324,6 +349,31 @@ mod tests {
         out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
         out.extend_from_slice(body);
         out
+    }
+
+    #[test]
+    fn encoded_requests_read_back() {
+        assert_eq!(
+            read_startup(&ssl_request(), 64),
+            Ok(Some((Startup::SslRequest, 8)))
+        );
+        assert_eq!(
+            read_startup(&cancel_request(7, 0xdead_beef), 64),
+            Ok(Some((
+                Startup::Cancel {
+                    pid: 7,
+                    secret: 0xdead_beef
+                },
+                16
+            )))
+        );
+        let mut n = notice_response("WARNING", "01000", "soon");
+        assert_eq!(n[0], b'N');
+        n[0] = b'E';
+        assert_eq!(
+            parse_error_response(&n),
+            Some(("01000".into(), "soon".into()))
+        );
     }
 
     #[test]

@@ -307,12 +307,11 @@ impl PgProxy {
             .await
         {
             Ok(mut up) => {
-                let mut msg = Vec::with_capacity(16);
-                msg.extend_from_slice(&16u32.to_be_bytes());
-                msg.extend_from_slice(&protocol::CANCEL_REQUEST.to_be_bytes());
-                msg.extend_from_slice(&t.pid.to_be_bytes());
-                msg.extend_from_slice(&t.secret.to_be_bytes());
-                if up.write_all(&msg).await.is_ok() {
+                if up
+                    .write_all(&protocol::cancel_request(t.pid, t.secret))
+                    .await
+                    .is_ok()
+                {
                     let _ = up.flush().await;
                     // The server closes the connection once it has acted.
                     let mut b = [0u8; 1];
@@ -354,10 +353,7 @@ impl PgProxy {
                 .map_err(|_| format!("connecting to {} timed out", db.address))?
                 .map_err(|e| format!("cannot connect to {}: {e}", db.address))?;
         let _ = tcp.set_nodelay(true);
-        let mut ssl = Vec::with_capacity(8);
-        ssl.extend_from_slice(&8u32.to_be_bytes());
-        ssl.extend_from_slice(&protocol::SSL_REQUEST.to_be_bytes());
-        tcp.write_all(&ssl)
+        tcp.write_all(&protocol::ssl_request())
             .await
             .map_err(|e| format!("{}: {e}", db.address))?;
         let mut answer = [0u8; 1];
@@ -1173,7 +1169,11 @@ where
             }
             if let Some(w) = warning.take() {
                 let _ = wr
-                    .write_all(&notice("WARNING", "01000", &format!("wicket: {w}")))
+                    .write_all(&protocol::notice_response(
+                        "WARNING",
+                        "01000",
+                        &format!("wicket: {w}"),
+                    ))
                     .await;
             }
         }
@@ -1204,13 +1204,6 @@ where
             }
         }
     }
-}
-
-/// A NoticeResponse.
-fn notice(severity: &str, code: &str, message: &str) -> Vec<u8> {
-    let mut m = protocol::error_response(severity, code, message);
-    m[0] = b'N';
-    m
 }
 
 #[cfg(test)]
@@ -1295,17 +1288,5 @@ mod tests {
         assert_eq!(host_of("127.0.0.1:5432"), "127.0.0.1");
         assert_eq!(host_of("[::1]:5432"), "::1");
         assert_eq!(host_of("db.internal:5432"), "db.internal");
-    }
-
-    #[test]
-    fn notices_are_error_responses_with_another_tag() {
-        let n = notice("WARNING", "01000", "soon");
-        assert_eq!(n[0], b'N');
-        let mut e = n.clone();
-        e[0] = b'E';
-        assert_eq!(
-            protocol::parse_error_response(&e),
-            Some(("01000".into(), "soon".into()))
-        );
     }
 }
