@@ -4,7 +4,9 @@
 //! and wicketd with statement audit on; then connection rate (`pgbench -C`)
 //! for (a) and (c). Prints the figures, then the ratios last.
 //!
-//! `BENCH_SECS` sets each run's length (default 20).
+//! `BENCH_SECS` sets each run's length (default 20). `BENCH_ONLY=c` (any of
+//! `a`, `b`, `c`) runs only those TPS measurements, for profiling one leg;
+//! ratios are printed only for a full run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
@@ -149,6 +151,20 @@ fn main() {
     );
     let bouncer = pgbouncer(s.pg.addr());
 
+    let only = std::env::var("BENCH_ONLY").ok();
+    if let Some(only) = only {
+        let select = ["-S", "-c", "8", "-j", "2", "-n", "-T", &t_arg];
+        for (leg, port, user, ssl) in [
+            ('a', pg_port, "postgres", "require"),
+            ('b', bouncer.port, "postgres", "disable"),
+            ('c', wicket_port, "app", "disable"),
+        ] {
+            if only.contains(leg) {
+                println!("  ({leg}) {:>10.1} tps", pgbench(port, user, ssl, &select));
+            }
+        }
+        return;
+    }
     let select = ["-S", "-c", "8", "-j", "2", "-n", "-T", &t_arg];
     println!("pgbench -S -c 8 -j 2 -T {secs} (scale 5), one machine, one run:");
     let a = pgbench(pg_port, "postgres", "require", &select);
