@@ -237,7 +237,7 @@ impl AuditEvent {
         AuditRow {
             // Time-ordered, so events of one session keep their order within
             // a millisecond.
-            id: uuid::Uuid::now_v7().to_string(),
+            id: event_id(time_ms),
             time_ms,
             kind: self.kind().to_owned(),
             actor: Some(self.actor().to_owned()),
@@ -246,6 +246,24 @@ impl AuditEvent {
             data: serde_json::to_string(self).unwrap_or_else(|_| "{}".into()),
         }
     }
+}
+
+/// A time-ordered (UUIDv7 layout) event ID without a system call: the
+/// random part is a per-process random seed plus a counter, so IDs stay
+/// unique across wicketds sharing a store (`Uuid::now_v7` asks the kernel
+/// for randomness on every event).
+fn event_id(time_ms: i64) -> String {
+    use std::sync::OnceLock;
+    static SEED: OnceLock<u128> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| uuid::Uuid::new_v4().as_u128());
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tail = seed.wrapping_add(u128::from(n)).to_be_bytes();
+    let mut random = [0u8; 10];
+    random.copy_from_slice(&tail[6..]);
+    uuid::Builder::from_unix_timestamp_millis(u64::try_from(time_ms).unwrap_or(0), &random)
+        .into_uuid()
+        .to_string()
 }
 
 /// The bounded, asynchronous path from sessions to the store: session
@@ -277,7 +295,7 @@ impl std::fmt::Debug for AuditSink {
 }
 
 /// Most events stored in one transaction.
-const BATCH: usize = 512;
+const BATCH: usize = 4096;
 
 impl AuditSink {
     /// Starts the writer task on the current runtime.
@@ -343,16 +361,20 @@ impl AuditSink {
     }
 }
 
-/// How long the writer waits for more events before storing a batch that
-/// is not full: few, larger transactions, and no wake-up per event.
-const LINGER: std::time::Duration = std::time::Duration::from_millis(50);
+/// How long the writer lets events collect before storing a batch that is
+/// not full: few, larger transactions. The writer sleeps through it instead
+/// of being woken by every event (a cross-thread wake-up per statement).
+const LINGER: std::time::Duration = std::time::Duration::from_millis(100);
 
 async fn writer(store: Store, mut rx: mpsc::Receiver<Queued>) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut waiters = Vec::new();
-    while let Some(first) = rx.recv().await {
+    let mut open = true;
+    while open {
+        let Some(first) = rx.recv().await else { break };
         let deadline = tokio::time::Instant::now() + LINGER;
         let mut next = Some(first);
+        let mut slept = false;
         loop {
             match next.take() {
                 Some(Queued::Event(e, at)) => batch.push(e.to_row(at)),
@@ -364,13 +386,17 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<Queued>) {
             }
             next = match rx.try_recv() {
                 Ok(item) => Some(item),
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    match tokio::time::timeout_at(deadline, rx.recv()).await {
-                        Ok(Some(item)) => Some(item),
-                        Ok(None) | Err(_) => break,
-                    }
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
                 }
+                // Sleep once for the rest of the linger, then take what came.
+                Err(mpsc::error::TryRecvError::Empty) if !slept => {
+                    slept = true;
+                    tokio::time::sleep_until(deadline).await;
+                    None
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
             };
         }
         if !batch.is_empty() {

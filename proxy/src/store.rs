@@ -279,7 +279,7 @@ impl Store {
         .bind(i64::from(user.disabled))
         .execute(&mut *tx)
         .await?;
-        insert_audit(&mut tx, std::slice::from_ref(event)).await?;
+        insert_audit(self.backend, &mut tx, std::slice::from_ref(event)).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -373,7 +373,7 @@ impl Store {
             .bind(prune_before_ms)
             .execute(&mut *tx)
             .await?;
-        insert_audit(&mut tx, std::slice::from_ref(event)).await?;
+        insert_audit(self.backend, &mut tx, std::slice::from_ref(event)).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -422,7 +422,7 @@ impl Store {
         .bind(&req.doc)
         .execute(&mut *tx)
         .await?;
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(self.backend, &mut tx, audit).await?;
         for n in notes {
             insert_notification(&mut tx, n).await?;
         }
@@ -455,7 +455,7 @@ impl Store {
         if r.rows_affected() != 1 {
             return Ok(false);
         }
-        insert_audit(&mut tx, audit).await?;
+        insert_audit(self.backend, &mut tx, audit).await?;
         for n in notes {
             insert_notification(&mut tx, n).await?;
         }
@@ -582,7 +582,7 @@ impl Store {
 
     pub async fn append_audit(&self, event: &AuditRow) -> Result<()> {
         let mut tx = self.begin().await?;
-        insert_audit(&mut tx, std::slice::from_ref(event)).await?;
+        insert_audit(self.backend, &mut tx, std::slice::from_ref(event)).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -590,7 +590,7 @@ impl Store {
     /// Stores several events in one transaction.
     pub async fn append_audit_batch(&self, events: &[AuditRow]) -> Result<()> {
         let mut tx = self.begin().await?;
-        insert_audit(&mut tx, events).await?;
+        insert_audit(self.backend, &mut tx, events).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -692,27 +692,37 @@ async fn insert_notification(
 /// Inserts an audit row inside the caller's transaction.
 /// Inserts audit rows, many per INSERT (statement overhead, not row count,
 /// dominates small inserts).
-pub async fn insert_audit(tx: &mut Transaction<'static, Any>, rows: &[AuditRow]) -> Result<()> {
+pub async fn insert_audit(
+    backend: Backend,
+    tx: &mut Transaction<'static, Any>,
+    rows: &[AuditRow],
+) -> Result<()> {
     const ROWS_PER_INSERT: usize = 32;
     for chunk in rows.chunks(ROWS_PER_INSERT) {
         let mut sql = String::from(
             "INSERT INTO audit_events (id, time, kind, actor, request_id, session_id, data) VALUES ",
         );
         for i in 0..chunk.len() {
-            let b = i * 7;
             if i > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&format!(
-                "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6,
-                b + 7
-            ));
+            if backend == Backend::Sqlite {
+                // Anonymous parameters: SQLite looks a named one (`$N`) up
+                // in a list on every bind, quadratic in a 224-value insert.
+                sql.push_str("(?, ?, ?, ?, ?, ?, ?)");
+            } else {
+                let b = i * 7;
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7
+                ));
+            }
         }
         let mut q = sqlx::query(&sql);
         for e in chunk {

@@ -2,10 +2,12 @@
 //! machine: (a) directly to PostgreSQL over TLS, (b) through pgbouncer in
 //! session mode (TLS to the server), (c) through `wicket proxy db --tunnel`
 //! and wicketd with statement audit on; then connection rate (`pgbench -C`)
-//! for (a) and (c). Prints the figures, then the ratios last.
+//! for (a) and (c). Also (d), a reference: two pgbouncers in a row with TLS
+//! between them, the two-process shape of (c) without audit. Prints the
+//! figures, then the ratios last.
 //!
 //! `BENCH_SECS` sets each run's length (default 20). `BENCH_ONLY=c` (any of
-//! `a`, `b`, `c`) runs only those TPS measurements, for profiling one leg;
+//! `a`, `b`, `c`, `d`) runs only those TPS measurements, for profiling one leg;
 //! ratios are printed only for a full run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
@@ -58,22 +60,45 @@ impl Drop for Pgbouncer {
 
 /// pgbouncer in session mode in front of `pg`, as an unprivileged OS user
 /// when running as root (it refuses root).
-fn pgbouncer(pg: SocketAddr) -> Pgbouncer {
+/// With `client_tls`, clients must use TLS (a throwaway self-signed
+/// certificate).
+fn pgbouncer(pg: SocketAddr, server_tls: bool, client_tls: bool) -> Pgbouncer {
     let dir = tempfile::Builder::new()
         .prefix("wicket-pgbouncer-")
         .tempdir_in("/tmp")
         .unwrap();
     let port = free_port().unwrap();
     let ini = dir.path().join("pgbouncer.ini");
+    let client_tls = if client_tls {
+        let (key, cert) = (dir.path().join("key.pem"), dir.path().join("cert.pem"));
+        let made = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args(["-subj", "/CN=localhost", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "openssl req: {made:?}");
+        format!(
+            "client_tls_sslmode = require\nclient_tls_key_file = {}\nclient_tls_cert_file = {}\n",
+            key.display(),
+            cert.display()
+        )
+    } else {
+        String::new()
+    };
     std::fs::write(
         &ini,
         format!(
             "[databases]\napp = host=127.0.0.1 port={pg_port} dbname=app user=postgres\n\
              [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = any\n\
              pool_mode = session\nmax_client_conn = 200\ndefault_pool_size = 40\n\
-             server_tls_sslmode = require\nunix_socket_dir =\n\
-             logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n",
+             server_tls_sslmode = {tls}\nunix_socket_dir =\n\
+             {client_tls}logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n",
             pg_port = pg.port(),
+            tls = if server_tls { "require" } else { "disable" },
             d = dir.path().display()
         ),
     )
@@ -149,15 +174,19 @@ fn main() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let bouncer = pgbouncer(s.pg.addr());
-
-    let only = std::env::var("BENCH_ONLY").ok();
-    if let Some(only) = only {
+    let bouncer = pgbouncer(s.pg.addr(), true, false);
+    // (d): two pgbouncers in a row with TLS between them: the shape of (c)
+    // without its audit, in C. What a two-process path costs on this
+    // machine; a reference for reading (c), not a target.
+    let inner = pgbouncer(s.pg.addr(), true, true);
+    let outer = pgbouncer(SocketAddr::from(([127, 0, 0, 1], inner.port)), true, false);
+    if let Ok(only) = std::env::var("BENCH_ONLY") {
         let select = ["-S", "-c", "8", "-j", "2", "-n", "-T", &t_arg];
         for (leg, port, user, ssl) in [
             ('a', pg_port, "postgres", "require"),
             ('b', bouncer.port, "postgres", "disable"),
             ('c', wicket_port, "app", "disable"),
+            ('d', outer.port, "postgres", "disable"),
         ] {
             if only.contains(leg) {
                 println!("  ({leg}) {:>10.1} tps", pgbench(port, user, ssl, &select));
@@ -173,6 +202,8 @@ fn main() {
     println!("  (b) pgbouncer (session mode):         {b:>10.1} tps");
     let c = pgbench(wicket_port, "app", "disable", &select);
     println!("  (c) wicket tunnel + wicketd (audit):  {c:>10.1} tps");
+    let d = pgbench(outer.port, "postgres", "disable", &select);
+    println!("  (d) reference: 2 pgbouncers, TLS between: {d:>6.1} tps");
 
     let connect = ["-S", "-C", "-c", "8", "-j", "2", "-n", "-T", &t_arg];
     println!("pgbench -S -C (a new connection per transaction):");
@@ -200,9 +231,14 @@ fn main() {
         audited.stdout.contains("session_ended"),
         "sessions were audited"
     );
-    drop(bouncer);
+    drop((bouncer, outer, inner));
     println!("ratios (targets: TPS c/b >= 0.75, c/a >= 0.6; connections c/a >= 0.5):");
     println!("  TPS c/b = {:.3}", c / b);
     println!("  TPS c/a = {:.3}", c / a);
     println!("  connections/s c/a = {:.3}", cc / ca);
+    println!(
+        "  (reference, no target: TPS c/d = {:.3}, d/b = {:.3})",
+        c / d,
+        d / b
+    );
 }
