@@ -65,12 +65,70 @@ impl Decision {
     }
 }
 
-/// Who is asking: a user and the roles in force for them right now (standing
-/// roles plus the roles of their active grants).
+/// Who is asking: a user and the roles in force for them right now:
+/// `roles` hold everywhere their labels reach (standing roles, and the roles
+/// of active grants whose requests named no resources); `scoped` roles hold
+/// only on the resources their request named.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subject<'a> {
     pub user: &'a str,
     pub roles: &'a [String],
+    pub scoped: &'a [ScopedRole],
+}
+
+impl<'a> Subject<'a> {
+    /// A subject whose roles all hold everywhere.
+    pub fn new(user: &'a str, roles: &'a [String]) -> Self {
+        Self {
+            user,
+            roles,
+            scoped: &[],
+        }
+    }
+
+    /// The roles for messages: `a, b, c (only on db-1)`.
+    pub fn describe(&self) -> String {
+        let mut parts: Vec<String> = self.roles.to_vec();
+        for s in self.scoped {
+            parts.push(format!("{} (only on {})", s.role, s.resources.join(", ")));
+        }
+        parts.join(", ")
+    }
+}
+
+/// A granted role that holds only on the resources its request named.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ScopedRole {
+    pub role: String,
+    pub resources: Vec<String>,
+}
+
+impl ScopedRole {
+    /// Adds `role` on `resources` to `scoped`, unless `unscoped` already
+    /// holds it everywhere (merging the resources of the same role).
+    pub fn add(
+        scoped: &mut Vec<ScopedRole>,
+        unscoped: &[String],
+        role: &str,
+        resources: &[String],
+    ) {
+        if unscoped.iter().any(|r| r == role) {
+            return;
+        }
+        match scoped.iter_mut().find(|s| s.role == role) {
+            Some(s) => {
+                for r in resources {
+                    if !s.resources.contains(r) {
+                        s.resources.push(r.clone());
+                    }
+                }
+            }
+            None => scoped.push(ScopedRole {
+                role: role.to_owned(),
+                resources: resources.to_vec(),
+            }),
+        }
+    }
 }
 
 /// The whole validated policy: roles, rules, directory, resources, limits.

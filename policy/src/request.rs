@@ -16,7 +16,7 @@
 //! ```
 
 use crate::rules::{ApprovalRule, Requirement, ReviewerSet};
-use crate::{Decision, Policy, ResourceKind, Subject};
+use crate::{Decision, Policy, ResourceKind, ScopedRole, Subject};
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -385,8 +385,25 @@ impl<'a> Engine<'a> {
 
     /// The approval rules that apply to `role` for a request on `resources`:
     /// rules with an environment apply when a named resource matches it;
-    /// otherwise the rules without one.
+    /// otherwise the rules without one. A request that names no resources is
+    /// granted everywhere the role reaches, so it is judged as if it named
+    /// all of those (a role that reaches production needs production's rule
+    /// unless the request is scoped away from it).
     fn rules_for(&self, role: &str, resources: &[String]) -> Vec<&'a ApprovalRule> {
+        let reached: Vec<String>;
+        let resources = if resources.is_empty() {
+            let roles = [role.to_owned()];
+            reached = self
+                .policy
+                .roles
+                .reachable(&Subject::new("", &roles), &self.policy.resources)
+                .into_iter()
+                .map(|(r, _, _)| r.name.clone())
+                .collect();
+            &reached[..]
+        } else {
+            resources
+        };
         let for_role: Vec<&ApprovalRule> = self
             .policy
             .approval
@@ -1256,15 +1273,21 @@ impl<'a> Engine<'a> {
     /// What the requested roles grant beyond the requester's standing roles.
     pub fn risk(&self, req: &AccessRequest) -> Risk {
         let roles = &self.policy.roles;
-        let standing = Subject {
-            user: &req.requester,
-            roles: &req.requester_roles,
-        };
+        let standing = Subject::new(&req.requester, &req.requester_roles);
+        // A request that names resources is granted only there.
         let mut all = req.requester_roles.clone();
-        all.extend(req.roles.iter().cloned());
+        let mut scoped = Vec::new();
+        if req.resources.is_empty() {
+            all.extend(req.roles.iter().cloned());
+        } else {
+            for r in &req.roles {
+                ScopedRole::add(&mut scoped, &all, r, &req.resources);
+            }
+        }
         let elevated = Subject {
             user: &req.requester,
             roles: &all,
+            scoped: &scoped,
         };
         let mut risk = Risk {
             new_roles: req.roles.clone(),

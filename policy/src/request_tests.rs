@@ -975,19 +975,43 @@ fn environment_scoped_rules_apply_to_matching_resources() {
     forbidden(apply(&p, &req, approve("dave"), t0()));
     let (req, _) = apply(&p, &req, approve("frank"), t0()).unwrap();
     assert_eq!(req.state, State::Active);
-    // On dev-1 (env=dev), or with no resources, the general rule applies.
-    for resources in [sv(&["dev-1"]), Vec::new()] {
-        let new = NewRequest {
-            resources,
-            ..nr(&["prod-ssh"])
-        };
-        let req = alice_requests(&p, new, t0());
-        assert_eq!(
-            e.reviewer_sets(&req).into_iter().collect::<Vec<_>>(),
-            sv(&["oncall:sre", "team_lead"])
-        );
-        forbidden(apply(&p, &req, approve("frank"), t0()));
-    }
+    // On dev-1 (env=dev) the general rule applies: the grant holds only there.
+    let new = NewRequest {
+        resources: sv(&["dev-1"]),
+        ..nr(&["prod-ssh"])
+    };
+    let req = alice_requests(&p, new, t0());
+    assert_eq!(
+        e.reviewer_sets(&req).into_iter().collect::<Vec<_>>(),
+        sv(&["oncall:sre", "team_lead"])
+    );
+    forbidden(apply(&p, &req, approve("frank"), t0()));
+    // Naming no resources grants the role everywhere it reaches, db-1 (prod)
+    // included, so the production rule applies: the general rule's
+    // reviewers cannot let it through.
+    let req = alice_requests(&p, nr(&["prod-ssh"]), t0());
+    assert_eq!(
+        e.reviewer_sets(&req).into_iter().collect::<Vec<_>>(),
+        sv(&["user:frank"])
+    );
+    forbidden(apply(&p, &req, approve("dave"), t0()));
+    let (req, _) = apply(&p, &req, approve("frank"), t0()).unwrap();
+    assert_eq!(req.state, State::Active);
+}
+
+#[test]
+fn risk_of_a_scoped_request_covers_only_its_resources() {
+    let p = policy();
+    let e = Engine::new(&p);
+    let scoped = NewRequest {
+        resources: sv(&["dev-1"]),
+        ..nr(&["prod-ssh"])
+    };
+    // prod-ssh's labels select prod nodes only: scoped to dev-1 it grants nothing new.
+    let r = e.risk(&alice_requests(&p, scoped, t0()));
+    assert!(r.ssh.is_empty(), "{:?}", r.ssh);
+    let r = e.risk(&alice_requests(&p, nr(&["prod-ssh"]), t0()));
+    assert!(r.ssh.iter().any(|s| s.ends_with("@db-1")), "{:?}", r.ssh);
 }
 
 #[test]

@@ -137,8 +137,37 @@ impl RoleSet {
         Ok(())
     }
 
+    /// The roles that hold everywhere (not resource-scoped grants).
     fn held<'a>(&'a self, subject: &'a Subject<'_>) -> impl Iterator<Item = &'a Role> + 'a {
         subject.roles.iter().filter_map(|r| self.roles.get(r))
+    }
+
+    /// The roles that hold on `resource`: those held everywhere, and the
+    /// scoped ones whose request named it.
+    fn held_on<'a>(
+        &'a self,
+        subject: &'a Subject<'_>,
+        resource: &'a Resource,
+    ) -> impl Iterator<Item = &'a Role> + 'a {
+        let scoped = subject
+            .scoped
+            .iter()
+            .filter(move |s| s.resources.iter().any(|n| n == &resource.name))
+            .filter_map(|s| self.roles.get(&s.role));
+        self.held(subject).chain(scoped)
+    }
+
+    /// Every role held somewhere (for what a certificate carries; the proxy
+    /// decides per resource).
+    fn held_anywhere<'a>(
+        &'a self,
+        subject: &'a Subject<'_>,
+    ) -> impl Iterator<Item = &'a Role> + 'a {
+        let scoped = subject
+            .scoped
+            .iter()
+            .filter_map(|s| self.roles.get(&s.role));
+        self.held(subject).chain(scoped)
     }
 
     /// The SSH principals a certificate for `subject` carries: every login of
@@ -147,7 +176,7 @@ impl RoleSet {
     pub fn principals(&self, subject: &Subject<'_>) -> Vec<String> {
         let mut set = BTreeSet::new();
         set.insert(subject.user.to_owned());
-        for role in self.held(subject) {
+        for role in self.held_anywhere(subject) {
             for l in &role.ssh.logins {
                 set.insert(expand(l, subject.user));
             }
@@ -159,7 +188,7 @@ impl RoleSet {
     /// certificate's `permit-*` extensions; the proxy still decides per node).
     pub fn forwarding(&self, subject: &Subject<'_>) -> (bool, bool, bool) {
         let granting: Vec<&Role> = self
-            .held(subject)
+            .held_anywhere(subject)
             .filter(|r| !r.ssh.logins.is_empty())
             .collect();
         (
@@ -172,7 +201,7 @@ impl RoleSet {
     /// The logins `subject` may use on `node`.
     pub fn node_logins(&self, subject: &Subject<'_>, node: &Resource) -> Vec<String> {
         let mut set = BTreeSet::new();
-        for role in self.held(subject) {
+        for role in self.held_on(subject, node) {
             if role.ssh.nodes.matches(&node.labels) {
                 for l in &role.ssh.logins {
                     set.insert(expand(l, subject.user));
@@ -190,7 +219,7 @@ impl RoleSet {
         login: &str,
     ) -> Decision {
         let granting: Vec<&str> = self
-            .held(subject)
+            .held_on(subject, node)
             .filter(|r| {
                 r.ssh.nodes.matches(&node.labels)
                     && r.ssh
@@ -204,7 +233,7 @@ impl RoleSet {
             Decision::deny(format!(
                 "login {login:?} is not allowed on node {:?} for roles [{}]",
                 node.name,
-                subject.roles.join(", ")
+                subject.describe()
             ))
         } else {
             Decision::allow(format!(
@@ -225,7 +254,7 @@ impl RoleSet {
     ) -> Decision {
         let what = kind.as_str();
         let granting: Vec<&str> = self
-            .held(subject)
+            .held_on(subject, node)
             .filter(|r| !r.ssh.logins.is_empty() && r.ssh.nodes.matches(&node.labels))
             .filter(|r| match kind {
                 SshForwarding::Port => r.port_forwarding,
@@ -238,7 +267,7 @@ impl RoleSet {
             Decision::deny(format!(
                 "{what} forwarding on node {:?} is not allowed for roles [{}]",
                 node.name,
-                subject.roles.join(", ")
+                subject.describe()
             ))
         } else {
             Decision::allow(format!(
@@ -268,7 +297,7 @@ impl RoleSet {
     ) -> (Vec<String>, Vec<String>) {
         let mut names = BTreeSet::new();
         let mut users = BTreeSet::new();
-        for role in self.held(subject) {
+        for role in self.held_on(subject, db) {
             if let Some(g) = &role.databases {
                 if g.labels.matches(&db.labels) {
                     names.extend(g.names.iter().cloned());
@@ -290,7 +319,7 @@ impl RoleSet {
         db_name: &str,
     ) -> Decision {
         let granting: Vec<&str> = self
-            .held(subject)
+            .held_on(subject, db)
             .filter(|r| {
                 r.databases.as_ref().is_some_and(|g| {
                     g.labels.matches(&db.labels)
@@ -325,7 +354,7 @@ impl RoleSet {
                     db.name
                 )
             };
-            Decision::deny(format!("{what} for roles [{}]", subject.roles.join(", ")))
+            Decision::deny(format!("{what} for roles [{}]", subject.describe()))
         } else {
             Decision::allow(format!(
                 "database {:?} as {db_user:?} to {db_name:?} granted by role {}",
@@ -343,7 +372,7 @@ impl RoleSet {
     ) -> (Vec<String>, Vec<String>) {
         let mut groups = BTreeSet::new();
         let mut users = BTreeSet::new();
-        for role in self.held(subject) {
+        for role in self.held_on(subject, cluster) {
             if let Some(g) = &role.kubernetes {
                 if g.labels.matches(&cluster.labels) {
                     groups.extend(g.groups.iter().cloned());
@@ -414,6 +443,7 @@ impl RoleSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ScopedRole;
 
     fn sel(k: &str, v: &str) -> LabelSelector {
         LabelSelector([(k.to_string(), v.to_string())].into())
@@ -463,16 +493,10 @@ mod tests {
     #[test]
     fn principals_expand_user_and_union_roles() {
         let held = vec!["dev".to_string(), "prod-ssh".to_string()];
-        let s = Subject {
-            user: "alice",
-            roles: &held,
-        };
+        let s = Subject::new("alice", &held);
         assert_eq!(roles().principals(&s), vec!["alice", "root", "ubuntu"]);
         let held = vec!["dba".to_string()];
-        let s = Subject {
-            user: "alice",
-            roles: &held,
-        };
+        let s = Subject::new("alice", &held);
         assert_eq!(roles().principals(&s), vec!["alice"]);
     }
 
@@ -480,19 +504,13 @@ mod tests {
     fn ssh_login_decisions_carry_reasons() {
         let rs = roles();
         let held = vec!["dev".to_string()];
-        let s = Subject {
-            user: "alice",
-            roles: &held,
-        };
+        let s = Subject::new("alice", &held);
         let d = rs.decide_ssh_login(&s, &node("dev-1", "dev"), "alice");
         assert!(d.allowed && d.reason.contains("dev"), "{d:?}");
         let d = rs.decide_ssh_login(&s, &node("db-1", "prod"), "root");
         assert!(!d.allowed && d.reason.contains("not allowed"), "{d:?}");
         let held = vec!["dev".to_string(), "prod-ssh".to_string()];
-        let s = Subject {
-            user: "alice",
-            roles: &held,
-        };
+        let s = Subject::new("alice", &held);
         assert!(
             rs.decide_ssh_login(&s, &node("db-1", "prod"), "root")
                 .allowed
@@ -501,6 +519,51 @@ mod tests {
             !rs.decide_ssh_login(&s, &node("db-1", "prod"), "alice")
                 .allowed
         );
+    }
+
+    #[test]
+    fn scoped_roles_hold_only_on_the_named_resources() {
+        let rs = roles();
+        let standing = vec!["dev".to_string()];
+        let scoped = vec![ScopedRole {
+            role: "prod-ssh".into(),
+            resources: vec!["db-1".into()],
+        }];
+        let s = Subject {
+            user: "alice",
+            roles: &standing,
+            scoped: &scoped,
+        };
+        let (db1, db2) = (node("db-1", "prod"), node("db-2", "prod"));
+        assert!(rs.decide_ssh_login(&s, &db1, "root").allowed);
+        let d = rs.decide_ssh_login(&s, &db2, "root");
+        assert!(!d.allowed, "{d:?}");
+        assert!(d.reason.contains("prod-ssh (only on db-1)"), "{d:?}");
+        assert_eq!(rs.node_logins(&s, &db2), Vec::<String>::new());
+        assert_eq!(rs.node_logins(&s, &db1), vec!["root", "ubuntu"]);
+        // The certificate still carries the login; the proxy decides per node.
+        assert!(rs.principals(&s).contains(&"root".to_string()));
+        let both = [db1.clone(), db2.clone()];
+        let reach: Vec<&str> = rs
+            .reachable(&s, &both)
+            .into_iter()
+            .map(|(r, _, _)| r.name.as_str())
+            .collect();
+        assert_eq!(reach, ["db-1"]);
+        // The same role held everywhere (standing) is not narrowed.
+        let mut merged = Vec::new();
+        let everywhere = vec!["prod-ssh".to_string()];
+        ScopedRole::add(&mut merged, &everywhere, "prod-ssh", &["db-1".into()]);
+        assert!(merged.is_empty());
+        ScopedRole::add(&mut merged, &standing, "prod-ssh", &["db-1".into()]);
+        ScopedRole::add(
+            &mut merged,
+            &standing,
+            "prod-ssh",
+            &["db-2".into(), "db-1".into()],
+        );
+        assert_eq!(merged.len(), 1);
+        assert_eq!(merged[0].resources, ["db-1", "db-2"]);
     }
 
     #[test]
@@ -513,10 +576,7 @@ mod tests {
             labels: [("env".to_string(), "prod".to_string())].into(),
         };
         let held = vec!["dba".to_string()];
-        let s = Subject {
-            user: "alice",
-            roles: &held,
-        };
+        let s = Subject::new("alice", &held);
         let d = rs.decide_database(&s, &db, "postgres", "app");
         assert!(d.allowed && d.reason.contains("dba"), "{d:?}");
         let d = rs.decide_database(&s, &db, "app", "app");
@@ -531,10 +591,7 @@ mod tests {
         let d = rs.decide_database(&s, &dev_db, "postgres", "app");
         assert!(!d.allowed && d.reason.contains("no role grants"), "{d:?}");
         let held = vec!["dev".to_string()];
-        let s = Subject {
-            user: "alice",
-            roles: &held,
-        };
+        let s = Subject::new("alice", &held);
         assert!(!rs.decide_database(&s, &db, "postgres", "app").allowed);
     }
 
@@ -542,10 +599,7 @@ mod tests {
     fn forwarding_decisions_count_only_roles_with_logins_on_the_node() {
         let rs = roles();
         let held = vec!["dev".to_string(), "prod-ssh".to_string()];
-        let s = Subject {
-            user: "alice",
-            roles: &held,
-        };
+        let s = Subject::new("alice", &held);
         let d = rs.decide_ssh_forwarding(&s, &node("dev-1", "dev"), SshForwarding::Port);
         assert!(d.allowed && d.reason.contains("dev"), "{d:?}");
         let d = rs.decide_ssh_forwarding(&s, &node("db-1", "prod"), SshForwarding::Port);
@@ -562,10 +616,7 @@ mod tests {
         let rs = roles();
         let res = vec![node("dev-1", "dev"), node("db-1", "prod")];
         let held = vec!["dev".to_string()];
-        let s = Subject {
-            user: "bob",
-            roles: &held,
-        };
+        let s = Subject::new("bob", &held);
         let r = rs.reachable(&s, &res);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].0.name, "dev-1");

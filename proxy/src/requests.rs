@@ -604,10 +604,7 @@ impl Wicket {
     ) -> Result<Vec<Notification>> {
         let user = self.active_user(caller).await?;
         let roles = self.standing_roles(&user);
-        let subject = Subject {
-            user: &user.name,
-            roles: &roles,
-        };
+        let subject = Subject::new(&user.name, &roles);
         let d = self.config.policy.roles.decide_audit_read(&subject, None);
         if !d.allowed {
             return Err(self

@@ -18,7 +18,7 @@ use wicket_ca::{
     AuthorityKeys, Identity, SshCertKind, SshCertificateRequest, SshPermissions, SshPublicKey,
     TrustedX509Cas, Validity, X509Ca,
 };
-use wicket_policy::{Decision, ResourceKind, RoleSet, Subject};
+use wicket_policy::{AccessRequest, Decision, ResourceKind, RoleSet, ScopedRole, Subject};
 
 /// Everything a request handler needs; shared behind an `Arc`.
 pub struct Wicket {
@@ -42,11 +42,39 @@ impl std::fmt::Debug for Wicket {
     }
 }
 
+/// Every role name in force, scoped or not (a certificate's identity).
+pub fn role_names(roles: &[String], scoped: &[ScopedRole]) -> Vec<String> {
+    let mut out = roles.to_vec();
+    for s in scoped {
+        if !out.contains(&s.role) {
+            out.push(s.role.clone());
+        }
+    }
+    out
+}
+
+/// Role names for display: scoped ones as `dba (only on prod-pg)`.
+pub fn describe_roles(roles: &[String], scoped: &[ScopedRole]) -> Vec<String> {
+    roles
+        .iter()
+        .cloned()
+        .chain(
+            scoped
+                .iter()
+                .map(|s| format!("{} (only on {})", s.role, s.resources.join(", "))),
+        )
+        .collect()
+}
+
 /// What a caller holds now: see [`Wicket::roles_in_force`].
 #[derive(Debug, Clone, Default)]
 pub struct InForce {
-    /// Standing roles plus granted roles of active grants.
+    /// Standing roles plus granted roles of active grants whose requests
+    /// named no resources: they hold everywhere their labels reach.
     pub roles: Vec<String>,
+    /// Granted roles of active grants whose requests named resources: they
+    /// hold only there.
+    pub scoped: Vec<ScopedRole>,
     /// The certificate's request IDs whose grants are active now.
     pub request_ids: Vec<String>,
     /// Why each of the certificate's other requests does not count.
@@ -57,8 +85,9 @@ pub struct InForce {
 #[derive(Debug, Clone)]
 pub struct SessionDecision {
     pub user: String,
-    /// Standing plus granted roles in force now.
+    /// Standing plus granted roles in force now (see [`InForce`]).
     pub roles: Vec<String>,
+    pub scoped: Vec<ScopedRole>,
     /// The certificate's request IDs whose grants are active now.
     pub request_ids: Vec<String>,
     pub decision: Decision,
@@ -253,6 +282,7 @@ impl Wicket {
             &user.name,
             roles,
             Vec::new(),
+            Vec::new(),
             window,
             &keys,
             method,
@@ -276,14 +306,7 @@ impl Wicket {
         ids.sort();
         ids.dedup();
         let grants = self.active_grants(&user.name, &ids, now).await?;
-        let mut roles = self.standing_roles(&user);
-        for g in &grants {
-            for r in &g.granted_roles {
-                if !roles.contains(r) {
-                    roles.push(r.clone());
-                }
-            }
-        }
+        let (roles, scoped) = self.roles_of_grants(&user, &grants);
         // A certificate for grants is valid exactly for their common window;
         // without grants, for the login TTL.
         let window = if grants.is_empty() {
@@ -306,6 +329,7 @@ impl Wicket {
         self.issue(
             &user.name,
             roles,
+            scoped,
             ids,
             window,
             &keys,
@@ -332,6 +356,7 @@ impl Wicket {
         &self,
         user: &str,
         roles: Vec<String>,
+        scoped: Vec<ScopedRole>,
         request_ids: Vec<String>,
         window: Validity,
         keys: &ClientKeys,
@@ -343,12 +368,13 @@ impl Wicket {
         let subject = Subject {
             user,
             roles: &roles,
+            scoped: &scoped,
         };
         let principals = policy.roles.principals(&subject);
         let (port, agent, x11) = policy.roles.forwarding(&subject);
         let identity = Identity {
             user: user.to_owned(),
-            roles: roles.clone(),
+            roles: role_names(&roles, &scoped),
             request_ids: request_ids.clone(),
         };
         let key_id = if request_ids.is_empty() {
@@ -420,6 +446,7 @@ impl Wicket {
         let standing = self.standing_roles(&user);
         let InForce {
             roles,
+            scoped,
             request_ids: active,
             ..
         } = self
@@ -427,7 +454,7 @@ impl Wicket {
             .await;
         Ok(Me {
             user: user.name,
-            roles,
+            roles: describe_roles(&roles, &scoped),
             standing_roles: standing,
             request_ids: active,
             team: user.team,
@@ -444,32 +471,52 @@ impl Wicket {
         caller: &Caller,
         now: DateTime<Utc>,
     ) -> InForce {
-        let mut roles = self.standing_roles(user);
         let mut active = Vec::new();
+        let mut grants = Vec::new();
         let mut not_counted = Vec::new();
         for id in &caller.request_ids {
             match self
                 .active_grants(&user.name, std::slice::from_ref(id), now)
                 .await
             {
-                Ok(grants) => {
-                    for g in grants {
-                        for r in g.granted_roles {
-                            if !roles.contains(&r) {
-                                roles.push(r);
-                            }
-                        }
-                    }
+                Ok(g) => {
+                    grants.extend(g);
                     active.push(id.clone());
                 }
                 Err(e) => not_counted.push(e.to_string()),
             }
         }
+        let (roles, scoped) = self.roles_of_grants(user, &grants);
         InForce {
             roles,
+            scoped,
             request_ids: active,
             not_counted,
         }
+    }
+
+    /// Standing roles plus the roles of `grants`: a grant whose request
+    /// named resources holds its roles only there.
+    fn roles_of_grants(
+        &self,
+        user: &UserRecord,
+        grants: &[AccessRequest],
+    ) -> (Vec<String>, Vec<ScopedRole>) {
+        let mut roles = self.standing_roles(user);
+        for g in grants.iter().filter(|g| g.resources.is_empty()) {
+            for r in &g.granted_roles {
+                if !roles.contains(r) {
+                    roles.push(r.clone());
+                }
+            }
+        }
+        let mut scoped = Vec::new();
+        for g in grants.iter().filter(|g| !g.resources.is_empty()) {
+            for r in &g.granted_roles {
+                ScopedRole::add(&mut scoped, &roles, r, &g.resources);
+            }
+        }
+        (roles, scoped)
     }
 
     /// The one authorization decision for a proxied connection. Grants are
@@ -486,12 +533,14 @@ impl Wicket {
         let user = self.active_user(caller).await?;
         let InForce {
             roles,
+            scoped,
             request_ids: active,
             not_counted,
         } = self.roles_in_force(&user, caller, now).await;
         let subject = Subject {
             user: &user.name,
             roles: &roles,
+            scoped: &scoped,
         };
         let mut decision = decide(&self.config.policy.roles, &subject);
         if !decision.allowed {
@@ -506,6 +555,7 @@ impl Wicket {
         Ok(SessionDecision {
             user: user.name,
             roles,
+            scoped,
             request_ids: active,
             decision,
         })
@@ -514,13 +564,13 @@ impl Wicket {
     /// What the caller can reach now, by the policy's decision.
     pub async fn resources(&self, caller: &Caller) -> Result<Resources> {
         let user = self.active_user(caller).await?;
-        let roles = self
+        let InForce { roles, scoped, .. } = self
             .roles_in_force(&user, caller, crate::clock::now())
-            .await
-            .roles;
+            .await;
         let subject = Subject {
             user: &user.name,
             roles: &roles,
+            scoped: &scoped,
         };
         let policy = &self.config.policy;
         let mut out = Resources {
@@ -562,10 +612,7 @@ impl Wicket {
     ) -> Result<Vec<wicket_api::AuditEventView>> {
         let user = self.active_user(caller).await?;
         let roles = self.standing_roles(&user);
-        let subject = Subject {
-            user: &user.name,
-            roles: &roles,
-        };
+        let subject = Subject::new(&user.name, &roles);
         let policy = &self.config.policy.roles;
         if filter.actor.is_none()
             && filter.session_id.is_some()

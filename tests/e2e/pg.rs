@@ -465,3 +465,40 @@ fn with_disconnect_on_expiry_off_a_running_session_finishes_but_new_ones_are_ref
         "{ended:?}"
     );
 }
+
+/// A request that names resources is granted only there: the role's labels
+/// also select prod-pg-2, but the grant does not reach it (and `db ls`
+/// does not list it).
+#[test]
+fn a_grant_for_named_resources_holds_only_on_them() {
+    let s = Setup::start_edited(|yaml| {
+        let line = yaml
+            .lines()
+            .find(|l| l.contains("{ name: prod-pg,"))
+            .expect("the example's prod-pg line")
+            .to_owned();
+        let twin = line.replace("name: prod-pg,", "name: prod-pg-2,");
+        yaml.replace(&line, &format!("{line}\n{twin}"))
+    });
+    let req = s.grant_dba_on("30m", &["prod-pg"]);
+    assert_eq!(req["resources"], serde_json::json!(["prod-pg"]), "{req}");
+    let (ok, out, err) = s.tunnel_to("prod-pg").sql("select 40 + 2");
+    assert!(ok, "{err}");
+    assert_eq!(out, "42");
+    let (ok, _, err) = s.tunnel_to("prod-pg-2").sql("select 1");
+    assert!(!ok);
+    assert!(
+        err.contains("no role grants access to database \"prod-pg-2\"")
+            && err.contains("dba (only on prod-pg)"),
+        "{err}"
+    );
+    let ls = s
+        .alice
+        .ok(&["db", "ls", "--format", "json"])
+        .unwrap()
+        .stdout;
+    assert!(
+        ls.contains("\"prod-pg\"") && !ls.contains("prod-pg-2"),
+        "{ls}"
+    );
+}

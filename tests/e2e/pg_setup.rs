@@ -109,23 +109,27 @@ impl Setup {
 
     /// alice asks for `dba`, bob approves, alice logs in with the grant.
     pub fn grant_dba(&self, duration: &str) -> Value {
-        let req = self
-            .alice
-            .ok(&[
-                "request",
-                "create",
-                "--roles",
-                "dba",
-                "--reason",
-                "INC-7: fix the invoices table",
-                "--duration",
-                duration,
-                "--format",
-                "json",
-            ])
-            .unwrap()
-            .json()
-            .unwrap();
+        self.grant_dba_on(duration, &[])
+    }
+
+    /// Like [`Self::grant_dba`], for a request naming `resources`.
+    pub fn grant_dba_on(&self, duration: &str, resources: &[&str]) -> Value {
+        let mut args = vec![
+            "request",
+            "create",
+            "--roles",
+            "dba",
+            "--reason",
+            "INC-7: fix the invoices table",
+            "--duration",
+            duration,
+            "--format",
+            "json",
+        ];
+        for r in resources {
+            args.extend(["--resource", r]);
+        }
+        let req = self.alice.ok(&args).unwrap().json().unwrap();
         let id = req["id"].as_str().unwrap().to_owned();
         self.bob
             .ok(&["request", "review", &id, "--approve", "--reason", "ok"])
@@ -140,11 +144,16 @@ impl Setup {
 
     /// `wicket proxy db prod-pg --tunnel` as alice, running until dropped.
     pub fn tunnel(&self) -> Tunnel {
+        self.tunnel_to("prod-pg")
+    }
+
+    /// `wicket proxy db RESOURCE --tunnel` as alice, running until dropped.
+    pub fn tunnel_to(&self, resource: &str) -> Tunnel {
         let mut child = self
             .alice
             .cmd()
             .unwrap()
-            .args(["proxy", "db", "prod-pg", "--tunnel", "--format", "json"])
+            .args(["proxy", "db", resource, "--tunnel", "--format", "json"])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

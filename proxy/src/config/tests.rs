@@ -255,10 +255,7 @@ fn embedded_default_roles() {
     assert_eq!(d.listen.api, "127.0.0.1:3080".parse().unwrap());
     assert!(d.listen.ssh.is_none() && d.listen.postgres.is_none() && d.listen.kube.is_none());
     let held = vec!["access".to_string()];
-    let subject = wicket_policy::Subject {
-        user: "alice",
-        roles: &held,
-    };
+    let subject = wicket_policy::Subject::new("alice", &held);
     let node = wicket_policy::Resource {
         kind: ResourceKind::Node,
         name: "n".into(),

@@ -515,7 +515,7 @@ impl PgProxy {
         let state = SessionState::new(sref.clone(), self.wicket.config.audit.db_parameter_values);
         let identity = Identity {
             user: decided.user.clone(),
-            roles: decided.roles.clone(),
+            roles: crate::service::role_names(&decided.roles, &decided.scoped),
             request_ids: decided.request_ids.clone(),
         };
         let mut cancel_key = None;

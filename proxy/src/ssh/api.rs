@@ -13,10 +13,7 @@ impl Wicket {
     async fn recording_access(&self, caller: &Caller, owner: Option<&str>) -> Result<()> {
         let user = self.active_user(caller).await?;
         let roles = self.standing_roles(&user);
-        let subject = Subject {
-            user: &user.name,
-            roles: &roles,
-        };
+        let subject = Subject::new(&user.name, &roles);
         let d = self
             .config
             .policy

@@ -99,6 +99,7 @@ pub(crate) struct Live {
     pub(crate) sref: SessionRef,
     node: Resource,
     roles: Vec<String>,
+    scoped: Vec<wicket_policy::ScopedRole>,
     upstream: russh::client::Handle<Upstream>,
     registration: Mutex<Option<SessionHandle>>,
     signal: watch::Receiver<Signal>,
@@ -121,6 +122,7 @@ impl Live {
         Subject {
             user: &self.sref.user,
             roles: &self.roles,
+            scoped: &self.scoped,
         }
     }
 
@@ -450,6 +452,7 @@ impl Conn {
             return Err(deny(decision.reason).await);
         }
         let roles = decided.roles;
+        let scoped = decided.scoped;
         let active = decided.request_ids;
         if !cert.principals.iter().any(|p| p == login) {
             return Err(deny(format!(
@@ -510,6 +513,7 @@ impl Conn {
             sref,
             node,
             roles,
+            scoped,
             upstream,
             registration: Mutex::new(Some(registration)),
             signal,
