@@ -400,6 +400,14 @@ pub fn print_db_session(
                     .map(|v| format!(": {v}"))
                     .unwrap_or_default()
             ),
+            "db_function_call" => format!(
+                "-- function call: OID {} ({} arguments{})",
+                d["function_oid"],
+                d["args"],
+                d.get("values")
+                    .map(|v| format!(": {v}"))
+                    .unwrap_or_default()
+            ),
             "db_copy" => format!(
                 "-- copy {}: {}",
                 d["direction"].as_str().unwrap_or(""),

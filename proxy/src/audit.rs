@@ -20,6 +20,9 @@ pub enum AuditEvent {
         team: Option<String>,
         totp: bool,
     },
+    /// An administrator disabled (or re-enabled) a user: a disabled user
+    /// cannot log in, and their live sessions end.
+    UserDisabled { user: String, disabled: bool },
     LoginSucceeded {
         user: String,
         source: String,
@@ -116,6 +119,16 @@ pub enum AuditEvent {
         #[serde(skip_serializing_if = "Option::is_none")]
         values: Option<Vec<Option<String>>>,
     },
+    /// A fast-path FunctionCall by OID, with its argument count (values
+    /// only with `audit.db_parameter_values`).
+    DbFunctionCall {
+        #[serde(flatten)]
+        session: SessionRef,
+        function_oid: u32,
+        args: usize,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        values: Option<Vec<Option<String>>>,
+    },
     /// COPY began (`in`: client to server, `out`: server to client).
     DbCopy {
         #[serde(flatten)]
@@ -174,6 +187,7 @@ impl AuditEvent {
         match self {
             Self::AccessRequest { action, .. } => action,
             Self::UserCreated { .. } => "user_created",
+            Self::UserDisabled { .. } => "user_disabled",
             Self::LoginSucceeded { .. } => "login_succeeded",
             Self::LoginFailed { .. } => "login_failed",
             Self::LoginRateLimited { .. } => "login_rate_limited",
@@ -184,6 +198,7 @@ impl AuditEvent {
             Self::DbQuery { .. } => "db_query",
             Self::DbParse { .. } => "db_parse",
             Self::DbExecute { .. } => "db_execute",
+            Self::DbFunctionCall { .. } => "db_function_call",
             Self::DbCopy { .. } => "db_copy",
             Self::DbError { .. } => "db_error",
             Self::SshExec { .. } => "ssh_exec",
@@ -194,6 +209,7 @@ impl AuditEvent {
     pub fn actor(&self) -> &str {
         match self {
             Self::UserCreated { user, .. }
+            | Self::UserDisabled { user, .. }
             | Self::LoginSucceeded { user, .. }
             | Self::LoginFailed { user, .. }
             | Self::LoginRateLimited { user, .. }
@@ -212,6 +228,7 @@ impl AuditEvent {
             | Self::DbQuery { session, .. }
             | Self::DbParse { session, .. }
             | Self::DbExecute { session, .. }
+            | Self::DbFunctionCall { session, .. }
             | Self::DbCopy { session, .. }
             | Self::DbError { session, .. }
             | Self::SshExec { session, .. }

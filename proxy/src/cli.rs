@@ -126,6 +126,19 @@ enum UsersCommand {
         #[command(flatten)]
         source: Source,
     },
+    /// Disable a user: no new logins or sessions, and their live sessions
+    /// end (within a second, on every wicketd sharing the store).
+    Disable {
+        name: String,
+        #[command(flatten)]
+        source: Source,
+    },
+    /// Re-enable a disabled user.
+    Enable {
+        name: String,
+        #[command(flatten)]
+        source: Source,
+    },
     /// List users.
     Ls {
         #[command(flatten)]
@@ -134,6 +147,24 @@ enum UsersCommand {
         #[arg(long, default_value = "text")]
         format: String,
     },
+}
+
+async fn set_disabled(name: &str, disabled: bool, source: &Source) -> Result<()> {
+    let cfg = load_config(source)?;
+    let store = store::Store::open(&cfg.storage, &cfg.data_dir).await?;
+    let now = clock::now();
+    let event = crate::audit::AuditEvent::UserDisabled {
+        user: name.to_owned(),
+        disabled,
+    };
+    store
+        .set_user_disabled(name, disabled, &event.to_row(now.timestamp_millis()))
+        .await?;
+    println!(
+        "user {name:?} {}",
+        if disabled { "disabled" } else { "enabled" }
+    );
+    Ok(())
 }
 
 /// Entry point for the `wicketd` binary.
@@ -308,6 +339,12 @@ async fn run(command: Command) -> Result<()> {
             );
             Ok(())
         }
+        Command::Users(UsersCommand::Disable { name, source }) => {
+            set_disabled(&name, true, &source).await
+        }
+        Command::Users(UsersCommand::Enable { name, source }) => {
+            set_disabled(&name, false, &source).await
+        }
         Command::Users(UsersCommand::Ls { source, format }) => {
             let cfg = load_config(&source)?;
             let store = store::Store::open(&cfg.storage, &cfg.data_dir).await?;
@@ -324,11 +361,12 @@ async fn run(command: Command) -> Result<()> {
             } else {
                 for u in users {
                     println!(
-                        "{:<20} roles={} team={} totp={}",
+                        "{:<20} roles={} team={} totp={}{}",
                         u.name,
                         u.roles.join(","),
                         u.team.as_deref().unwrap_or("-"),
-                        u.totp_secret.is_some()
+                        u.totp_secret.is_some(),
+                        if u.disabled { " disabled" } else { "" }
                     );
                 }
             }

@@ -8,7 +8,9 @@
 //! applied by any proxy sharing the store ends the session here — and a local
 //! state change ends them at once through [`Sessions::end_for_request`].
 //! When a grant ends a session, and with what words, is the policy's
-//! (`AccessRequest::session_end` / `session_warning`).
+//! (`AccessRequest::session_end` / `session_warning`). A session also ends
+//! when its user is disabled or removed (`wicketd users disable`), whatever
+//! roles it runs under.
 
 use crate::service::Wicket;
 use chrono::{DateTime, Utc};
@@ -133,6 +135,22 @@ impl Sessions {
         n
     }
 
+    /// Every user with a live session.
+    pub fn users(&self) -> BTreeSet<String> {
+        self.lock().values().map(|e| e.info.user.clone()).collect()
+    }
+
+    /// Ends every live session of `user`. Returns how many.
+    pub fn end_for_user(&self, user: &str, why: &str) -> usize {
+        let map = self.lock();
+        let mut n = 0;
+        for e in map.values().filter(|e| e.info.user == user) {
+            e.tx.send_replace(Signal::End(why.to_owned()));
+            n += 1;
+        }
+        n
+    }
+
     /// Warns (once per session) the sessions running under `request_id`.
     fn warn_for_request(&self, request_id: &str, text: &str) {
         let mut map = self.lock();
@@ -154,6 +172,20 @@ impl Wicket {
     pub async fn watch_sessions(&self, now: DateTime<Utc>) -> usize {
         let settings = self.config.session;
         let mut ended = 0;
+        // Sessions end with their user too (standing-role sessions have no
+        // grant to end them).
+        for user in self.sessions.users() {
+            let why = match self.store.get_user(&user).await {
+                Ok(Some(u)) if !u.disabled => continue,
+                Ok(Some(_)) => format!("user {user:?} was disabled"),
+                Ok(None) => format!("user {user:?} no longer exists"),
+                Err(e) => {
+                    tracing::warn!(user = %user, error = %e, "cannot re-read the user of a live session");
+                    continue;
+                }
+            };
+            ended += self.sessions.end_for_user(&user, &why);
+        }
         for id in self.sessions.request_ids() {
             let req = match self.load_request(&id).await {
                 Ok(r) => r,

@@ -284,6 +284,28 @@ impl Store {
         Ok(())
     }
 
+    /// Disables or re-enables a user, with its audit event, in one
+    /// transaction. Unknown users are an error.
+    pub async fn set_user_disabled(
+        &self,
+        name: &str,
+        disabled: bool,
+        event: &AuditRow,
+    ) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query("UPDATE users SET disabled = $1 WHERE name = $2")
+            .bind(i64::from(disabled))
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(Error::NotFound(format!("no user {name:?}")));
+        }
+        insert_audit(self.backend, &mut tx, std::slice::from_ref(event)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub async fn get_user(&self, name: &str) -> Result<Option<UserRecord>> {
         let row = sqlx::query(
             "SELECT name, roles, team, password_hash, totp_secret, created_at, disabled FROM users WHERE name = $1",

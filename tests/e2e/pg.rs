@@ -502,3 +502,82 @@ fn a_grant_for_named_resources_holds_only_on_them() {
         "{ls}"
     );
 }
+
+/// libpq's large-object calls use the fast-path FunctionCall message
+/// (`F`), which carries no SQL text: each is audited with its function OID.
+#[test]
+fn fast_path_function_calls_are_audited() {
+    let s = Setup::start("");
+    s.grant_dba("30m");
+    let t = s.tunnel();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("blob.bin");
+    std::fs::write(&file, b"wicket large object").unwrap();
+    let (ok, out, err) = t.sql(&format!("\\lo_import {}", file.display()));
+    assert!(ok, "{err}");
+    assert!(out.starts_with("lo_import "), "{out}");
+    let calls = wait_until(
+        "db_function_call audit events",
+        Duration::from_secs(10),
+        || {
+            let e = s.events(&s.alice, &["--user", "alice", "--kind", "db_function_call"]);
+            (!e.is_empty()).then_some(e)
+        },
+    )
+    .unwrap();
+    for c in &calls {
+        let d = &c["data"];
+        assert!(d["function_oid"].as_u64().is_some_and(|o| o > 0), "{c}");
+        assert!(d["args"].as_u64().is_some(), "{c}");
+        assert!(d["session_id"].as_str().is_some(), "{c}");
+    }
+}
+
+/// Disabling a user ends their live sessions within a second (whatever
+/// grants they run under) and refuses new ones; `users enable` undoes it.
+#[test]
+fn disabling_a_user_ends_their_sessions() {
+    let s = Setup::start("");
+    s.grant_dba("30m");
+    let t = s.tunnel();
+    let child = spawn_sleep(&t, 60);
+    wait_until("the query to run", Duration::from_secs(10), || {
+        (!sleeping_backends(&s.pg).is_empty()).then_some(())
+    })
+    .unwrap();
+    let out = run(&mut s.d.admin(&["users", "disable", "alice"]).unwrap()).unwrap();
+    assert!(out.contains("disabled"), "{out}");
+    let disabled_at = Instant::now();
+    let (err, exited) = wait_exit(child, Duration::from_secs(5));
+    assert!(
+        exited.duration_since(disabled_at) <= Duration::from_secs(1),
+        "cut after {:?}",
+        exited.duration_since(disabled_at)
+    );
+    assert!(
+        err.contains("FATAL") && err.contains("user \"alice\" was disabled"),
+        "{err}"
+    );
+    let (ok, _, err) = t.sql("select 1");
+    assert!(!ok);
+    assert!(err.contains("no longer exists or is disabled"), "{err}");
+    let ls = run(&mut s.d.admin(&["users", "ls"]).unwrap()).unwrap();
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("alice") && l.ends_with(" disabled")),
+        "{ls}"
+    );
+    // An unknown user is an error, not a silent success.
+    let unknown =
+        s.d.admin(&["users", "disable", "nobody"])
+            .unwrap()
+            .output()
+            .unwrap();
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no user \"nobody\""));
+    run(&mut s.d.admin(&["users", "enable", "alice"]).unwrap()).unwrap();
+    let (ok, out, err) = t.sql("select 7");
+    assert!(ok && out == "7", "{err}");
+    let events = s.events(&s.frank, &["--kind", "user_disabled"]);
+    assert_eq!(events.len(), 2, "{events:?}");
+}

@@ -139,8 +139,18 @@ pub enum Frontend {
     CopyData(usize),
     CopyDone,
     CopyFail(String),
+    /// Close of a prepared statement (`S`) or a portal (`P`).
+    Close {
+        kind: u8,
+        name: String,
+    },
+    /// The legacy fast-path call of a function by OID, with its arguments.
+    FunctionCall {
+        oid: u32,
+        args: Vec<Option<Vec<u8>>>,
+    },
     Terminate,
-    /// Sync, Flush, Describe, Close, password and anything else: passed through.
+    /// Sync, Flush, Describe, password and anything else: passed through.
     Other(u8),
 }
 
@@ -200,27 +210,7 @@ pub fn parse_frontend(msg: &[u8]) -> Result<Frontend, ProtocolError> {
             let (portal, r) = cstr(body)?;
             let (statement, r) = cstr(r)?;
             let nfmt = u16_at(r, 0)? as usize;
-            let mut at = 2 + 2 * nfmt;
-            let nparams = u16_at(r, at)? as usize;
-            at += 2;
-            let mut params = Vec::with_capacity(nparams.min(1024));
-            for _ in 0..nparams {
-                let len = i32::from_be_bytes(
-                    r.get(at..at + 4)
-                        .and_then(|s| s.try_into().ok())
-                        .ok_or_else(|| ProtocolError("truncated Bind parameters".into()))?,
-                );
-                at += 4;
-                if len < 0 {
-                    params.push(None);
-                } else {
-                    let v = r
-                        .get(at..at + len as usize)
-                        .ok_or_else(|| ProtocolError("truncated Bind parameter".into()))?;
-                    params.push(Some(v.to_vec()));
-                    at += len as usize;
-                }
-            }
+            let (params, at) = values_at(r, 2 + 2 * nfmt, "Bind")?;
             let nres = u16_at(r, at)? as usize;
             if r.len() != at + 2 + 2 * nres {
                 return err("malformed Bind message");
@@ -242,12 +232,68 @@ pub fn parse_frontend(msg: &[u8]) -> Result<Frontend, ProtocolError> {
                 max_rows,
             }
         }
+        b'C' => {
+            let (&kind, r) = body
+                .split_first()
+                .ok_or_else(|| ProtocolError("truncated Close message".into()))?;
+            let (name, r) = cstr(r)?;
+            if !matches!(kind, b'S' | b'P') || !r.is_empty() {
+                return err("malformed Close message");
+            }
+            Frontend::Close {
+                kind,
+                name: name.to_owned(),
+            }
+        }
+        b'F' => {
+            let oid = body
+                .get(0..4)
+                .map(be32)
+                .ok_or_else(|| ProtocolError("truncated FunctionCall message".into()))?;
+            let r = &body[4..];
+            let nfmt = u16_at(r, 0)? as usize;
+            let (args, at) = values_at(r, 2 + 2 * nfmt, "FunctionCall")?;
+            if r.len() != at + 2 {
+                return err("malformed FunctionCall message");
+            }
+            Frontend::FunctionCall { oid, args }
+        }
         b'd' => Frontend::CopyData(body.len()),
         b'c' => Frontend::CopyDone,
         b'f' => Frontend::CopyFail(cstr(body)?.0.to_owned()),
         b'X' => Frontend::Terminate,
         other => Frontend::Other(other),
     })
+}
+
+/// A count-prefixed list of length-prefixed values (-1: NULL) at `at`, as
+/// in Bind and FunctionCall; returns them and the offset after them.
+fn values_at(
+    r: &[u8],
+    mut at: usize,
+    what: &str,
+) -> Result<(Vec<Option<Vec<u8>>>, usize), ProtocolError> {
+    let n = u16_at(r, at)? as usize;
+    at += 2;
+    let mut values = Vec::with_capacity(n.min(1024));
+    for _ in 0..n {
+        let len = i32::from_be_bytes(
+            r.get(at..at + 4)
+                .and_then(|s| s.try_into().ok())
+                .ok_or_else(|| ProtocolError(format!("truncated {what} values")))?,
+        );
+        at += 4;
+        if len < 0 {
+            values.push(None);
+        } else {
+            let v = r
+                .get(at..at + len as usize)
+                .ok_or_else(|| ProtocolError(format!("truncated {what} value")))?;
+            values.push(Some(v.to_vec()));
+            at += len as usize;
+        }
+    }
+    Ok((values, at))
 }
 
 fn u16_at(b: &[u8], at: usize) -> Result<u16, ProtocolError> {
@@ -456,6 +502,39 @@ mod tests {
     }
 
     #[test]
+    fn close_and_function_call() {
+        assert_eq!(
+            parse_frontend(&msg(b'C', b"Sstmt1\0")).unwrap(),
+            Frontend::Close {
+                kind: b'S',
+                name: "stmt1".into()
+            }
+        );
+        assert!(parse_frontend(&msg(b'C', b"Xstmt1\0")).is_err());
+        assert!(parse_frontend(&msg(b'C', b"P")).is_err());
+        // lo_open(16385, 0x60000): OID 952, one format code (binary), two
+        // arguments, binary result.
+        let mut body = 952u32.to_be_bytes().to_vec();
+        body.extend_from_slice(&[0, 1, 0, 1, 0, 2]);
+        body.extend_from_slice(&4i32.to_be_bytes());
+        body.extend_from_slice(&16385u32.to_be_bytes());
+        body.extend_from_slice(&(-1i32).to_be_bytes());
+        body.extend_from_slice(&[0, 1]);
+        assert_eq!(
+            parse_frontend(&msg(b'F', &body)).unwrap(),
+            Frontend::FunctionCall {
+                oid: 952,
+                args: vec![Some(16385u32.to_be_bytes().to_vec()), None]
+            }
+        );
+        assert!(parse_frontend(&msg(b'F', &body[..body.len() - 1])).is_err());
+        let mut long = body.clone();
+        long.push(0);
+        assert!(parse_frontend(&msg(b'F', &long)).is_err());
+        assert!(parse_frontend(&msg(b'F', &[0, 0])).is_err());
+    }
+
+    #[test]
     fn error_responses_round_trip() {
         let e = error_response("FATAL", "57P01", "access request r1 revoked: suspicious");
         let (tag, n) = read_message(&e, 1000).unwrap().unwrap();
@@ -479,7 +558,7 @@ mod tests {
         }
 
         #[test]
-        fn typed_messages_never_panic(tag in prop::sample::select(vec![b'Q', b'P', b'B', b'E', b'd', b'c', b'f', b'X']),
+        fn typed_messages_never_panic(tag in prop::sample::select(vec![b'Q', b'P', b'B', b'E', b'd', b'c', b'f', b'X', b'C', b'F']),
                                       body in proptest::collection::vec(any::<u8>(), 0..120)) {
             let _ = parse_frontend(&msg(tag, &body));
         }

@@ -900,7 +900,7 @@ impl Framer {
 
 /// Frontend messages the proxy reads (to audit or to notice the end).
 fn frontend_inspected(tag: u8) -> bool {
-    matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'X' | b'C')
+    matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'X' | b'C' | b'F')
 }
 
 /// Backend messages the proxy reads.
@@ -1094,6 +1094,29 @@ async fn audit_frontend(
                         portal,
                         statement,
                         params,
+                        values,
+                    },
+                )
+                .await;
+        }
+        Frontend::Close { kind, name } => {
+            if kind == b'S' {
+                stmts.prepared.remove(&name);
+            } else {
+                stmts.portals.remove(&name);
+            }
+        }
+        Frontend::FunctionCall { oid, args } => {
+            state.statements.fetch_add(1, Ordering::Relaxed);
+            *lock(&state.last_statement) = format!("function call (OID {oid})");
+            let values = state.values.then(|| args.iter().map(param_text).collect());
+            state
+                .audit(
+                    wicket,
+                    AuditEvent::DbFunctionCall {
+                        session: sref(),
+                        function_oid: oid,
+                        args: args.len(),
                         values,
                     },
                 )
