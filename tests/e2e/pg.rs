@@ -516,7 +516,10 @@ fn fast_path_function_calls_are_audited() {
     let (ok, out, err) = t.sql(&format!("\\lo_import {}", file.display()));
     assert!(ok, "{out} {err}");
     let (ok, out, err) = t.sql("select count(*) from pg_largeobject_metadata");
-    assert!(ok && out == "1", "the large object was written: {out} {err}");
+    assert!(
+        ok && out == "1",
+        "the large object was written: {out} {err}"
+    );
     let calls = wait_until(
         "db_function_call audit events",
         Duration::from_secs(10),

@@ -271,11 +271,7 @@ pub type Values = Vec<Option<Vec<u8>>>;
 
 /// A count-prefixed list of length-prefixed values (-1: NULL) at `at`, as
 /// in Bind and FunctionCall; returns them and the offset after them.
-fn values_at(
-    r: &[u8],
-    mut at: usize,
-    what: &str,
-) -> Result<(Values, usize), ProtocolError> {
+fn values_at(r: &[u8], mut at: usize, what: &str) -> Result<(Values, usize), ProtocolError> {
     let n = u16_at(r, at)? as usize;
     at += 2;
     let mut values = Vec::with_capacity(n.min(1024));
