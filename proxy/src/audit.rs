@@ -438,6 +438,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn event_ids_are_unique_time_ordered_uuids() {
+        let ids: Vec<String> = (0..1000)
+            .map(|i| event_id(1_700_000_000_000 + i / 100))
+            .collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(sorted, ids, "ordered by time, then by creation");
+        sorted.dedup();
+        assert_eq!(sorted.len(), ids.len());
+        let u = uuid::Uuid::parse_str(&ids[0]).unwrap();
+        assert_eq!(u.get_version_num(), 7);
+        let (secs, _) = u.get_timestamp().unwrap().to_unix();
+        assert_eq!(secs, 1_700_000_000);
+    }
+
+    #[test]
     fn kind_matches_serialized_tag() {
         let e = AuditEvent::LoginFailed {
             user: "alice".into(),
