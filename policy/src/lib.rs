@@ -89,11 +89,34 @@ impl<'a> Subject<'a> {
     /// The roles for messages: `a, b, c (only on db-1)`.
     pub fn describe(&self) -> String {
         let mut parts: Vec<String> = self.roles.to_vec();
-        for s in self.scoped {
-            parts.push(format!("{} (only on {})", s.role, s.resources.join(", ")));
-        }
+        parts.extend(self.scoped.iter().map(ToString::to_string));
         parts.join(", ")
     }
+}
+
+/// The roles grants put in force on top of `standing`: a grant whose
+/// request named no resources holds its roles everywhere their labels reach;
+/// one that named resources holds them only there. Each grant is given as
+/// (its roles, its request's resources).
+pub fn roles_of_grants<'g>(
+    standing: Vec<String>,
+    grants: impl IntoIterator<Item = (&'g [String], &'g [String])>,
+) -> (Vec<String>, Vec<ScopedRole>) {
+    let (everywhere, named): (Vec<_>, Vec<_>) =
+        grants.into_iter().partition(|(_, res)| res.is_empty());
+    let mut roles = standing;
+    for r in everywhere.into_iter().flat_map(|(roles, _)| roles) {
+        if !roles.contains(r) {
+            roles.push(r.clone());
+        }
+    }
+    let mut scoped = Vec::new();
+    for (granted, resources) in named {
+        for r in granted {
+            ScopedRole::add(&mut scoped, &roles, r, resources);
+        }
+    }
+    (roles, scoped)
 }
 
 /// A granted role that holds only on the resources its request named.
@@ -101,6 +124,12 @@ impl<'a> Subject<'a> {
 pub struct ScopedRole {
     pub role: String,
     pub resources: Vec<String>,
+}
+
+impl std::fmt::Display for ScopedRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (only on {})", self.role, self.resources.join(", "))
+    }
 }
 
 impl ScopedRole {

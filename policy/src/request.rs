@@ -16,7 +16,7 @@
 //! ```
 
 use crate::rules::{ApprovalRule, Requirement, ReviewerSet};
-use crate::{Decision, Policy, ResourceKind, ScopedRole, Subject};
+use crate::{Decision, Policy, ResourceKind, Subject};
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -1274,16 +1274,11 @@ impl<'a> Engine<'a> {
     pub fn risk(&self, req: &AccessRequest) -> Risk {
         let roles = &self.policy.roles;
         let standing = Subject::new(&req.requester, &req.requester_roles);
-        // A request that names resources is granted only there.
-        let mut all = req.requester_roles.clone();
-        let mut scoped = Vec::new();
-        if req.resources.is_empty() {
-            all.extend(req.roles.iter().cloned());
-        } else {
-            for r in &req.roles {
-                ScopedRole::add(&mut scoped, &all, r, &req.resources);
-            }
-        }
+        // As if granted: a request that names resources holds only there.
+        let (all, scoped) = crate::roles_of_grants(
+            req.requester_roles.clone(),
+            [(&req.roles[..], &req.resources[..])],
+        );
         let elevated = Subject {
             user: &req.requester,
             roles: &all,

@@ -550,20 +550,27 @@ mod tests {
             .map(|(r, _, _)| r.name.as_str())
             .collect();
         assert_eq!(reach, ["db-1"]);
-        // The same role held everywhere (standing) is not narrowed.
-        let mut merged = Vec::new();
-        let everywhere = vec!["prod-ssh".to_string()];
-        ScopedRole::add(&mut merged, &everywhere, "prod-ssh", &["db-1".into()]);
-        assert!(merged.is_empty());
-        ScopedRole::add(&mut merged, &standing, "prod-ssh", &["db-1".into()]);
-        ScopedRole::add(
-            &mut merged,
-            &standing,
-            "prod-ssh",
-            &["db-2".into(), "db-1".into()],
+        // Grants to roles: a role also held everywhere is not narrowed, and
+        // grants of one role on several resources merge.
+        let role = ["prod-ssh".to_string()];
+        let (db1, db2) = (
+            ["db-1".to_string()],
+            ["db-2".to_string(), "db-1".to_string()],
         );
+        let (roles, merged) = crate::roles_of_grants(
+            standing.clone(),
+            [(&role[..], &db1[..]), (&role[..], &[][..])],
+        );
+        assert_eq!(roles, ["dev", "prod-ssh"]);
+        assert!(merged.is_empty());
+        let (roles, merged) = crate::roles_of_grants(
+            standing.clone(),
+            [(&role[..], &db1[..]), (&role[..], &db2[..])],
+        );
+        assert_eq!(roles, standing);
         assert_eq!(merged.len(), 1);
         assert_eq!(merged[0].resources, ["db-1", "db-2"]);
+        assert_eq!(merged[0].to_string(), "prod-ssh (only on db-1, db-2)");
     }
 
     #[test]

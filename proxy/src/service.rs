@@ -58,11 +58,7 @@ pub fn describe_roles(roles: &[String], scoped: &[ScopedRole]) -> Vec<String> {
     roles
         .iter()
         .cloned()
-        .chain(
-            scoped
-                .iter()
-                .map(|s| format!("{} (only on {})", s.role, s.resources.join(", "))),
-        )
+        .chain(scoped.iter().map(ToString::to_string))
         .collect()
 }
 
@@ -495,28 +491,19 @@ impl Wicket {
         }
     }
 
-    /// Standing roles plus the roles of `grants`: a grant whose request
-    /// named resources holds its roles only there.
+    /// Standing roles plus the roles of `grants` (see
+    /// [`wicket_policy::roles_of_grants`]).
     fn roles_of_grants(
         &self,
         user: &UserRecord,
         grants: &[AccessRequest],
     ) -> (Vec<String>, Vec<ScopedRole>) {
-        let mut roles = self.standing_roles(user);
-        for g in grants.iter().filter(|g| g.resources.is_empty()) {
-            for r in &g.granted_roles {
-                if !roles.contains(r) {
-                    roles.push(r.clone());
-                }
-            }
-        }
-        let mut scoped = Vec::new();
-        for g in grants.iter().filter(|g| !g.resources.is_empty()) {
-            for r in &g.granted_roles {
-                ScopedRole::add(&mut scoped, &roles, r, &g.resources);
-            }
-        }
-        (roles, scoped)
+        wicket_policy::roles_of_grants(
+            self.standing_roles(user),
+            grants
+                .iter()
+                .map(|g| (&g.granted_roles[..], &g.resources[..])),
+        )
     }
 
     /// The one authorization decision for a proxied connection. Grants are

@@ -124,15 +124,7 @@ impl Sessions {
 
     /// Ends every live session running under `request_id`. Returns how many.
     pub fn end_for_request(&self, request_id: &str, why: &str) -> usize {
-        let map = self.lock();
-        let mut n = 0;
-        for e in map.values() {
-            if e.info.request_ids.iter().any(|r| r == request_id) {
-                e.tx.send_replace(Signal::End(why.to_owned()));
-                n += 1;
-            }
-        }
-        n
+        self.end_where(|i| i.request_ids.iter().any(|r| r == request_id), why)
     }
 
     /// Every user with a live session.
@@ -142,9 +134,13 @@ impl Sessions {
 
     /// Ends every live session of `user`. Returns how many.
     pub fn end_for_user(&self, user: &str, why: &str) -> usize {
+        self.end_where(|i| i.user == user, why)
+    }
+
+    fn end_where(&self, which: impl Fn(&SessionInfo) -> bool, why: &str) -> usize {
         let map = self.lock();
         let mut n = 0;
-        for e in map.values().filter(|e| e.info.user == user) {
+        for e in map.values().filter(|e| which(&e.info)) {
             e.tx.send_replace(Signal::End(why.to_owned()));
             n += 1;
         }
