@@ -585,3 +585,159 @@ fn disabling_a_user_ends_their_sessions() {
     let events = s.events(&s.frank, &["--kind", "user_disabled"]);
     assert_eq!(events.len(), 2, "{events:?}");
 }
+
+/// A raw frontend: PostgreSQL messages written by hand, for what no client
+/// library will send.
+struct RawFrontend {
+    tcp: std::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawFrontend {
+    fn connect(t: &Tunnel) -> RawFrontend {
+        let mut tcp = std::net::TcpStream::connect(t.addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        tcp.write_all(&wicket_api::pg::startup_message(&[
+            ("user", "app"),
+            ("database", "app"),
+        ]))
+        .unwrap();
+        let mut f = RawFrontend {
+            tcp,
+            buf: Vec::new(),
+        };
+        f.until_ready(1);
+        f
+    }
+
+    fn msg(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+        let body: Vec<u8> = parts.concat();
+        let mut out = vec![tag];
+        out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    fn cstr(s: &str) -> Vec<u8> {
+        let mut v = s.as_bytes().to_vec();
+        v.push(0);
+        v
+    }
+
+    fn parse(name: &str, sql: &str) -> Vec<u8> {
+        Self::msg(
+            b'P',
+            &[&Self::cstr(name), &Self::cstr(sql), &0u16.to_be_bytes()],
+        )
+    }
+
+    fn bind(portal: &str, statement: &str) -> Vec<u8> {
+        let zero = 0u16.to_be_bytes();
+        Self::msg(
+            b'B',
+            &[
+                &Self::cstr(portal),
+                &Self::cstr(statement),
+                &zero,
+                &zero,
+                &zero,
+            ],
+        )
+    }
+
+    fn execute(portal: &str) -> Vec<u8> {
+        Self::msg(b'E', &[&Self::cstr(portal), &0u32.to_be_bytes()])
+    }
+
+    fn close_statement(name: &str) -> Vec<u8> {
+        Self::msg(b'C', &[b"S", &Self::cstr(name)])
+    }
+
+    fn sync() -> Vec<u8> {
+        Self::msg(b'S', &[])
+    }
+
+    /// Reads until `n` ReadyForQuery; returns the tags seen.
+    fn until_ready(&mut self, n: usize) -> Vec<u8> {
+        use std::io::Read;
+        let mut tags = Vec::new();
+        let mut ready = 0;
+        while ready < n {
+            if let Some((tag, len)) = wicket_api::pg::read_message(&self.buf, 1 << 20).unwrap() {
+                tags.push(tag);
+                ready += usize::from(tag == b'Z');
+                self.buf.drain(..len);
+                continue;
+            }
+            let mut tmp = [0u8; 4096];
+            let k = self.tcp.read(&mut tmp).unwrap();
+            assert!(
+                k > 0,
+                "connection closed after {:?}",
+                String::from_utf8_lossy(&tags)
+            );
+            self.buf.extend_from_slice(&tmp[..k]);
+        }
+        tags
+    }
+}
+
+/// The audit names the statement an Execute really ran, as the server
+/// answered, not as the client claimed: a refused redefinition of a
+/// prepared statement (and a Close the server skipped after an error) must
+/// not let a client log `SELECT 1` while it deletes rows.
+#[test]
+fn executes_are_audited_with_the_statement_the_server_ran() {
+    let s = Setup::start("");
+    s.grant_dba("30m");
+    let t = s.tunnel();
+    let (ok, out, err) = t.sql("create table ledger(x int); insert into ledger values (1), (2)");
+    assert!(ok, "{out} {err}");
+
+    let mut f = RawFrontend::connect(&t);
+    // One pipelined write, as an attacker would send it: s1 is a DELETE;
+    // a failing Parse makes the server skip the Close of s1; the second
+    // Parse of s1 is refused (it exists); then s1 runs.
+    let batch = [
+        RawFrontend::parse("s1", "DELETE FROM ledger"),
+        RawFrontend::sync(),
+        RawFrontend::parse("bad", "SELEKT"),
+        RawFrontend::close_statement("s1"),
+        RawFrontend::sync(),
+        RawFrontend::parse("s1", "SELECT 1"),
+        RawFrontend::sync(),
+        RawFrontend::bind("", "s1"),
+        RawFrontend::execute(""),
+        RawFrontend::sync(),
+    ]
+    .concat();
+    f.tcp.write_all(&batch).unwrap();
+    let tags = f.until_ready(4);
+    assert_eq!(
+        String::from_utf8_lossy(&tags),
+        "1ZEZEZ2CZ",
+        "the server refused the bad Parse and the redefinition"
+    );
+    let (ok, out, err) = t.sql("select count(*) from ledger");
+    assert!(ok && out == "0", "the DELETE ran: {out} {err}");
+
+    let executes = wait_until("the db_execute event", Duration::from_secs(10), || {
+        let e = s.events(&s.alice, &["--user", "alice", "--kind", "db_execute"]);
+        (!e.is_empty()).then_some(e)
+    })
+    .unwrap();
+    let statements: Vec<&str> = executes
+        .iter()
+        .filter_map(|e| e["data"]["statement"].as_str())
+        .collect();
+    assert_eq!(statements, ["DELETE FROM ledger"], "{executes:?}");
+    // Both Parse attempts are on record as sent.
+    wait_until("the three db_parse events", Duration::from_secs(10), || {
+        let parses = s.events(&s.alice, &["--user", "alice", "--kind", "db_parse"]);
+        ["DELETE FROM ledger", "SELEKT", "SELECT 1"]
+            .iter()
+            .all(|text| parses.iter().any(|e| e["data"]["statement"] == *text))
+            .then_some(())
+    })
+    .unwrap();
+}

@@ -7,3 +7,4 @@
 
 pub use wicket_api::pg as protocol;
 pub mod proxy;
+pub mod track;

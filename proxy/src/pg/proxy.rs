@@ -14,6 +14,7 @@
 //! belongs to, so nobody can cancel another session's queries.
 
 use super::protocol::{self, Frontend, ProtocolError, Startup};
+use super::track::{Executed, Sent, Tracker};
 use crate::audit::{AuditEvent, SessionRef};
 use crate::clock;
 use crate::service::{Caller, Wicket};
@@ -680,8 +681,17 @@ impl PgProxy {
         let (mut srd, mut swr) = tokio::io::split(upstream);
         let max = self.wicket.config.postgres.max_message_bytes;
         let mut s_framer = Framer::default();
+        let tracking = Tracking::new();
         let end = {
-            let c2s = client_to_server(&mut crd, &mut swr, &mut pending, max, state, &self.wicket);
+            let c2s = client_to_server(
+                &mut crd,
+                &mut swr,
+                &mut pending,
+                max,
+                state,
+                &self.wicket,
+                &tracking,
+            );
             let s2c = server_to_client(
                 &mut srd,
                 &mut cwr,
@@ -690,6 +700,7 @@ impl PgProxy {
                 state,
                 &self.wicket,
                 &mut signal,
+                &tracking,
             );
             tokio::select! {
                 e = c2s => e,
@@ -848,6 +859,9 @@ enum Next {
     Whole(u8, usize),
     /// Need more bytes.
     More,
+    /// The first bytes of a message of this tag that the caller reads whole
+    /// but that is over the limit: forwarded unread.
+    Oversized(u8, usize),
 }
 
 impl Framer {
@@ -893,19 +907,31 @@ impl Framer {
                 Next::More
             });
         }
-        self.pass = total;
-        self.next(buf, whole, limit, strict)
+        let n = total.min(buf.len());
+        self.pass = total - n;
+        Ok(if whole(tag) {
+            Next::Oversized(tag, n)
+        } else {
+            Next::Pass(n)
+        })
     }
 }
 
 /// Frontend messages the proxy reads (to audit or to notice the end).
 fn frontend_inspected(tag: u8) -> bool {
-    matches!(tag, b'Q' | b'P' | b'B' | b'E' | b'X' | b'C' | b'F')
+    matches!(
+        tag,
+        b'Q' | b'P' | b'B' | b'E' | b'X' | b'C' | b'F' | b'D' | b'S'
+    )
 }
 
-/// Backend messages the proxy reads.
+/// Backend messages the proxy reads: errors, COPY starts, and the answers
+/// that tell which statement each Execute ran (see [`super::track`]).
 fn backend_inspected(tag: u8) -> bool {
-    matches!(tag, b'E' | b'G' | b'H')
+    matches!(
+        tag,
+        b'E' | b'G' | b'H' | b'W' | b'1' | b'2' | b'3' | b'T' | b'n' | b'C' | b'I' | b's' | b'Z'
+    )
 }
 
 /// Statement text kept per prepared statement and per audit event; longer
@@ -926,22 +952,6 @@ fn clip(mut s: String) -> String {
     s
 }
 
-/// Remembers statement texts and bound portals for auditing Execute.
-#[derive(Default)]
-struct Statements {
-    prepared: HashMap<String, String>,
-    portals: HashMap<String, BoundPortal>,
-}
-
-/// A portal's statement text, parameter count and (if recorded) values.
-type BoundPortal = (String, usize, Option<Vec<Option<String>>>);
-
-fn remember<V>(map: &mut HashMap<String, V>, key: String, v: V) {
-    if map.len() < MAX_TRACKED || map.contains_key(&key) {
-        map.insert(key, v);
-    }
-}
-
 fn param_text(v: &Option<Vec<u8>>) -> Option<String> {
     v.as_ref().map(|b| {
         clip(match std::str::from_utf8(b) {
@@ -957,6 +967,27 @@ fn param_text(v: &Option<Vec<u8>>) -> Option<String> {
     })
 }
 
+/// The statements of one session, shared by its two relay directions: the
+/// client side records what it sends, the server side what was answered.
+struct Tracking {
+    tracker: Mutex<Tracker>,
+    /// Wakes the client side when the server side drained a full tracker.
+    drained: tokio::sync::Notify,
+}
+
+impl Tracking {
+    fn new() -> Self {
+        Self {
+            tracker: Mutex::new(Tracker::new(MAX_TRACKED)),
+            drained: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tracker> {
+        lock(&self.tracker)
+    }
+}
+
 async fn client_to_server<R, W>(
     rd: &mut R,
     wr: &mut W,
@@ -964,13 +995,13 @@ async fn client_to_server<R, W>(
     max: usize,
     state: &SessionState,
     wicket: &Wicket,
+    tracking: &Tracking,
 ) -> End
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut framer = Framer::default();
-    let mut stmts = Statements::default();
     let mut tmp = vec![0u8; READ_CHUNK];
     let mut terminated = false;
     let mut parsed = Vec::new();
@@ -994,9 +1025,22 @@ where
                     at += len;
                 }
                 Ok(Next::More) => break,
+                Ok(Next::Oversized(..)) => {
+                    violation = Some("oversized message".to_owned());
+                    break;
+                }
                 Err(e) => {
                     violation = Some(e.to_string());
                     break;
+                }
+            }
+        }
+        // The tracker learns what is sent before the server can answer it.
+        {
+            let mut t = tracking.lock();
+            for f in &parsed {
+                if let Some(sent) = tracked(f, state.values) {
+                    t.sent(sent);
                 }
             }
         }
@@ -1011,7 +1055,7 @@ where
             buf.drain(..at);
         }
         for f in parsed.drain(..) {
-            audit_frontend(f, &mut stmts, state, wicket).await;
+            audit_frontend(f, state, wicket).await;
         }
         if let Some(v) = violation {
             return End::Protocol(v);
@@ -1019,6 +1063,10 @@ where
         if terminated {
             let _ = wr.shutdown().await;
             return End::ClientClosed;
+        }
+        // Too much unanswered: wait for the server before reading more.
+        while tracking.lock().is_full() {
+            tracking.drained.notified().await;
         }
         match rd.read(&mut tmp).await {
             Ok(0) => {
@@ -1034,12 +1082,43 @@ where
     }
 }
 
-async fn audit_frontend(
-    f: Frontend,
-    stmts: &mut Statements,
-    state: &SessionState,
-    wicket: &Wicket,
-) {
+/// What the tracker must know of a client message, if anything.
+fn tracked(f: &Frontend, with_values: bool) -> Option<Sent> {
+    Some(match f {
+        Frontend::Query(_) => Sent::Query,
+        Frontend::Parse { name, query, .. } => Sent::Parse {
+            name: name.clone(),
+            text: clip(query.clone()),
+        },
+        Frontend::Bind {
+            portal,
+            statement,
+            params,
+        } => Sent::Bind {
+            portal: portal.clone(),
+            statement: statement.clone(),
+            params: params.len(),
+            values: with_values.then(|| params.iter().map(param_text).collect()),
+        },
+        Frontend::Execute { portal, .. } => Sent::Execute {
+            portal: portal.clone(),
+            reported: false,
+        },
+        Frontend::Close { kind, name } => Sent::Close {
+            statement: *kind == b'S',
+            name: name.clone(),
+        },
+        Frontend::FunctionCall { .. } => Sent::FunctionCall,
+        Frontend::Other(b'S') => Sent::Sync,
+        Frontend::Other(b'D') => Sent::Describe,
+        _ => return None,
+    })
+}
+
+/// Audits what the client sent: queries, Parse and function calls as sent.
+/// (An Execute is audited when the server answers it; see
+/// [`super::track`].)
+async fn audit_frontend(f: Frontend, state: &SessionState, wicket: &Wicket) {
     let sref = || state.sref.clone();
     match f {
         Frontend::Query(q) => {
@@ -1057,54 +1136,16 @@ async fn audit_frontend(
                 .await;
         }
         Frontend::Parse { name, query, .. } => {
-            let query = clip(query);
-            remember(&mut stmts.prepared, name.clone(), query.clone());
             state
                 .audit(
                     wicket,
                     AuditEvent::DbParse {
                         session: sref(),
                         name,
-                        statement: query,
+                        statement: clip(query),
                     },
                 )
                 .await;
-        }
-        Frontend::Bind {
-            portal,
-            statement,
-            params,
-        } => {
-            let text = stmts.prepared.get(&statement).cloned().unwrap_or_default();
-            let values = state
-                .values
-                .then(|| params.iter().map(param_text).collect());
-            remember(&mut stmts.portals, portal, (text, params.len(), values));
-        }
-        Frontend::Execute { portal, .. } => {
-            state.statements.fetch_add(1, Ordering::Relaxed);
-            let (statement, params, values) =
-                stmts.portals.get(&portal).cloned().unwrap_or_default();
-            *lock(&state.last_statement) = statement.clone();
-            state
-                .audit(
-                    wicket,
-                    AuditEvent::DbExecute {
-                        session: sref(),
-                        portal,
-                        statement,
-                        params,
-                        values,
-                    },
-                )
-                .await;
-        }
-        Frontend::Close { kind, name } => {
-            if kind == b'S' {
-                stmts.prepared.remove(&name);
-            } else {
-                stmts.portals.remove(&name);
-            }
         }
         Frontend::FunctionCall { oid, args } => {
             state.statements.fetch_add(1, Ordering::Relaxed);
@@ -1126,6 +1167,25 @@ async fn audit_frontend(
     }
 }
 
+/// Audits an Execute the server answered, with the statement it ran.
+async fn audit_executed(e: Executed, state: &SessionState, wicket: &Wicket) {
+    state.statements.fetch_add(1, Ordering::Relaxed);
+    *lock(&state.last_statement) = e.statement.clone();
+    state
+        .audit(
+            wicket,
+            AuditEvent::DbExecute {
+                session: state.sref.clone(),
+                portal: e.portal,
+                statement: e.statement,
+                params: e.params,
+                values: e.values,
+            },
+        )
+        .await;
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn server_to_client<R, W>(
     rd: &mut R,
     wr: &mut W,
@@ -1134,6 +1194,7 @@ async fn server_to_client<R, W>(
     state: &SessionState,
     wicket: &Wicket,
     signal: &mut watch::Receiver<Signal>,
+    tracking: &Tracking,
 ) -> End
 where
     R: AsyncRead + Unpin,
@@ -1147,11 +1208,30 @@ where
     loop {
         // Forward whatever whole or passed-through bytes are buffered.
         let mut at = 0;
+        let mut answered = false;
         loop {
             match framer.next(&buf[at..], backend_inspected, MAX_INSPECTED_BACKEND, false) {
                 Ok(Next::Pass(n)) => at += n,
+                Ok(Next::Oversized(tag, n)) => {
+                    let ran = tracking.lock().received(tag, 0);
+                    answered = true;
+                    if let Some(e) = ran {
+                        audit_executed(e, state, wicket).await;
+                    }
+                    at += n;
+                }
                 Ok(Next::Whole(tag, len)) => {
                     let msg = &buf[at..at + len];
+                    let status = if tag == b'Z' {
+                        msg.get(5).copied()
+                    } else {
+                        None
+                    };
+                    let ran = tracking.lock().received(tag, status.unwrap_or(0));
+                    answered = true;
+                    if let Some(e) = ran {
+                        audit_executed(e, state, wicket).await;
+                    }
                     match tag {
                         b'E' => {
                             if let Some((code, message)) = protocol::parse_error_response(msg) {
@@ -1178,6 +1258,9 @@ where
                 Ok(Next::More) => break,
                 Err(e) => return End::Io(format!("server: {e}")),
             }
+        }
+        if answered && !tracking.lock().is_full() {
+            tracking.drained.notify_one();
         }
         if at > 0 {
             state.bytes_out.fetch_add(at as u64, Ordering::Relaxed);
