@@ -246,11 +246,7 @@ impl Wicket {
                 {
                     // Deliver at once here; other proxies sharing the store
                     // see the new state on their next session check.
-                    if let Some(why) =
-                        next.session_end(now, self.config.session.disconnect_on_expiry)
-                    {
-                        self.sessions.end_for_request(&next.id, &why);
-                    }
+                    self.signal_sessions(&next, now);
                 }
                 return Ok(next);
             }

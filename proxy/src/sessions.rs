@@ -17,6 +17,7 @@ use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::watch;
+use wicket_policy::AccessRequest;
 
 /// What a live session is told to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +25,10 @@ pub enum Signal {
     Run,
     /// Tell the user (once) that the grant ends soon.
     Warn(String),
+    /// The grant ended but sessions may finish (`disconnect_on_expiry:
+    /// false`): what runs goes on, nothing new starts (no new SSH channels).
+    /// The text names the request and why.
+    Drain(String),
     /// End now; the text names the request and why.
     End(String),
 }
@@ -147,6 +152,19 @@ impl Sessions {
         n
     }
 
+    /// Tells the sessions running under `request_id` that their grant ended
+    /// but they may finish (once; an ending session stays ending).
+    fn drain_for_request(&self, request_id: &str, why: &str) {
+        let map = self.lock();
+        for e in map.values() {
+            if e.info.request_ids.iter().any(|r| r == request_id)
+                && matches!(*e.tx.borrow(), Signal::Run | Signal::Warn(_))
+            {
+                e.tx.send_replace(Signal::Drain(why.to_owned()));
+            }
+        }
+    }
+
     /// Warns (once per session) the sessions running under `request_id`.
     fn warn_for_request(&self, request_id: &str, text: &str) {
         let mut map = self.lock();
@@ -166,7 +184,6 @@ impl Wicket {
     /// ends or warns sessions accordingly. Returns how many sessions were told
     /// to end.
     pub async fn watch_sessions(&self, now: DateTime<Utc>) -> usize {
-        let settings = self.config.session;
         let mut ended = 0;
         // Sessions end with their user too (standing-role sessions have no
         // grant to end them).
@@ -190,14 +207,26 @@ impl Wicket {
                     continue;
                 }
             };
-            if let Some(why) = req.session_end(now, settings.disconnect_on_expiry) {
-                ended += self.sessions.end_for_request(&id, &why);
-            } else if let Some(text) =
-                req.session_warning(now, settings.expiry_warning, settings.disconnect_on_expiry)
-            {
-                self.sessions.warn_for_request(&id, &text);
-            }
+            ended += self.signal_sessions(&req, now);
         }
         ended
+    }
+
+    /// Tells the live sessions under `req` what its state at `now` means for
+    /// them: end, drain (ended, but `disconnect_on_expiry: false`), or warn.
+    /// Returns how many were told to end.
+    pub(crate) fn signal_sessions(&self, req: &AccessRequest, now: DateTime<Utc>) -> usize {
+        let settings = self.config.session;
+        if let Some(why) = req.session_end(now, settings.disconnect_on_expiry) {
+            return self.sessions.end_for_request(&req.id, &why);
+        }
+        if let Some(why) = req.session_end(now, true) {
+            self.sessions.drain_for_request(&req.id, &why);
+        } else if let Some(text) =
+            req.session_warning(now, settings.expiry_warning, settings.disconnect_on_expiry)
+        {
+            self.sessions.warn_for_request(&req.id, &text);
+        }
+        0
     }
 }

@@ -904,3 +904,111 @@ fn x11_forwarding_is_refused_with_a_message_when_the_role_does_not_allow_it() {
         "{err}"
     );
 }
+
+/// With `session.disconnect_on_expiry: false` a running session outlives its
+/// grant, but the connection it runs on opens nothing new: a session or a
+/// port forward multiplexed over the same connection (OpenSSH
+/// ControlMaster) after the grant ended is refused with the reason.
+#[test]
+fn after_the_grant_ends_a_kept_connection_opens_no_new_channels() {
+    let lab = Lab::start_with(", disconnect_on_expiry: false");
+    let alice = lab.user("alice", "access");
+    let id = lab.grant(&alice, "node-admin", "4s");
+    let cfg = ssh_config(&alice);
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = dir.path().join("cm");
+    let stop = dir.path().join("stop");
+    let mux = |master: bool| {
+        let mut c = ssh(&cfg);
+        c.args(["-o", &format!("ControlPath={}", ctl.display())])
+            .args([
+                "-o",
+                if master {
+                    "ControlMaster=yes"
+                } else {
+                    "ControlMaster=no"
+                },
+            ]);
+        c
+    };
+    // The master runs until the test says stop.
+    let master = mux(true)
+        .arg(lab.dest())
+        .arg(format!(
+            "while [ ! -e {} ]; do sleep 0.1; done; echo finished",
+            stop.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the control socket", Duration::from_secs(20), || {
+        ctl.exists().then_some(())
+    })
+    .unwrap();
+    let out = output(mux(false).arg(lab.dest()).arg("echo before"));
+    assert!(
+        out.status.success() && text(&out.stdout).trim() == "before",
+        "a new channel works while the grant holds: {}",
+        text(&out.stderr)
+    );
+    let forward = || {
+        output(
+            mux(false)
+                .args(["-W", &format!("127.0.0.1:{}", lab.node.port())])
+                .arg(lab.dest()),
+        )
+    };
+    let out = forward();
+    assert!(
+        text(&out.stdout).starts_with("SSH-2.0-"),
+        "a port forward works while the grant holds: {}",
+        text(&out.stderr)
+    );
+
+    let g = alice
+        .ok(&["request", "show", &id, "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    let expires = chrono::DateTime::parse_from_rfc3339(g["expires_at"].as_str().unwrap()).unwrap();
+    wait_until("the grant to expire", Duration::from_secs(20), || {
+        (chrono::Utc::now() > expires + chrono::Duration::milliseconds(600)).then_some(())
+    })
+    .unwrap();
+
+    let out = output(mux(false).arg(lab.dest()).arg("echo after"));
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "refused after expiry: {err}");
+    assert!(
+        !text(&out.stdout).contains("after"),
+        "nothing ran on the node"
+    );
+    assert!(
+        err.contains("no new sessions on this connection")
+            && err.contains(&id)
+            && err.contains("expired"),
+        "{err}"
+    );
+    let out = forward();
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "port forward refused after expiry");
+    assert!(!text(&out.stdout).contains("SSH-2.0-"), "{err}");
+    // Through the mux, OpenSSH words the channel refusal itself.
+    assert!(
+        err.contains("refused by peer") || err.contains("prohibited"),
+        "{err}"
+    );
+
+    // The running session was told, and finishes normally.
+    std::fs::write(&stop, b"").unwrap();
+    let done = master.wait_with_output().unwrap();
+    let (out, err) = (text(&done.stdout), text(&done.stderr));
+    assert!(done.status.success(), "{out} {err}");
+    assert_eq!(out.trim(), "finished");
+    assert!(
+        err.contains("new sessions on this connection are refused"),
+        "{err}"
+    );
+}

@@ -1302,7 +1302,9 @@ where
                         ending = Some(why);
                     }
                     Signal::Warn(w) => warning = Some(w),
-                    Signal::Run => {}
+                    // A running connection may finish; new ones are refused
+                    // by their own decision.
+                    Signal::Run | Signal::Drain(_) => {}
                 }
             },
             _ = &mut grace, if ending.is_some() => {

@@ -113,11 +113,20 @@ pub(crate) struct Live {
     audit_dropped: AtomicU64,
     exit_status: Mutex<Option<u32>>,
     end_reason: Mutex<Option<String>>,
+    /// Set when the grant ended but sessions may finish
+    /// (`disconnect_on_expiry: false`): why new channels are refused.
+    refusing: Mutex<Option<String>>,
     session_channels: Mutex<Vec<ChannelId>>,
     done: watch::Sender<bool>,
 }
 
 impl Live {
+    /// Why new channels are refused, once the grant ended but sessions may
+    /// finish.
+    fn refusing(&self) -> Option<String> {
+        lock(&self.refusing).clone()
+    }
+
     fn subject(&self) -> Subject<'_> {
         Subject {
             user: &self.sref.user,
@@ -295,6 +304,15 @@ impl Live {
                     match sig {
                         Signal::Run => {}
                         Signal::Warn(text) => self.tell(&handle, &text).await,
+                        Signal::Drain(why) => {
+                            *lock(&self.refusing) = Some(why.clone());
+                            self.marker(&format!("grant ended, new channels refused: {why}"));
+                            self.tell(
+                                &handle,
+                                &format!("{why}; what runs may finish, new sessions on this connection are refused"),
+                            )
+                            .await;
+                        }
                         Signal::End(why) => {
                             self.end(&handle, &why).await;
                             break;
@@ -363,9 +381,10 @@ pub(crate) struct Conn {
     shared: Arc<ConnShared>,
     access: Access,
     channels: HashMap<ChannelId, Chan>,
-    /// Session channels of a denied connection, until their shell/exec
-    /// request: then they get the reason on stderr and exit status 1.
-    denied: HashMap<ChannelId, russh::ChannelWriteHalf<Msg>>,
+    /// Refused session channels (of a denied connection, or opened after
+    /// the grant ended), until their shell/exec request: then they get this
+    /// line on stderr and exit status 1.
+    denied: HashMap<ChannelId, (russh::ChannelWriteHalf<Msg>, String)>,
 }
 
 impl Conn {
@@ -527,6 +546,7 @@ impl Conn {
             audit_dropped: AtomicU64::new(0),
             exit_status: Mutex::new(None),
             end_reason: Mutex::new(None),
+            refusing: Mutex::new(None),
             session_channels: Mutex::new(Vec::new()),
             done,
         }))
@@ -539,13 +559,12 @@ impl Conn {
         req: Up,
         session: &mut Session,
     ) -> Result<(), russh::Error> {
-        if let Access::Denied(reason) = &self.access {
+        if matches!(self.access, Access::Denied(_)) || self.denied.contains_key(&channel) {
             // Accept the request so that the client waits for the reason.
             session.channel_success(channel)?;
             if matches!(req, Up::Shell | Up::Exec(_) | Up::Subsystem(_)) {
-                if let Some(w) = self.denied.remove(&channel) {
+                if let Some((w, msg)) = self.denied.remove(&channel) {
                     let handle = session.handle();
-                    let msg = format!("wicket: access denied: {reason}\r\n");
                     tokio::spawn(async move {
                         let id = w.id();
                         let _ = w
@@ -820,10 +839,21 @@ impl server::Handler for Conn {
                     .reject(ChannelOpenFailure::AdministrativelyProhibited)
                     .await
             }
-            Access::Denied(_) => {
+            Access::Denied(reason) => {
+                let line = format!("wicket: access denied: {reason}\r\n");
                 reply.accept().await;
                 let (_, w) = channel.split();
-                self.denied.insert(w.id(), w);
+                self.denied.insert(w.id(), (w, line));
+            }
+            Access::Live(live) if live.refusing().is_some() => {
+                let why = live.refusing().unwrap_or_default();
+                live.marker(&format!("new session channel refused: {why}"));
+                let line = format!(
+                    "wicket: refused: {why}; no new sessions on this connection (request access again)\r\n"
+                );
+                reply.accept().await;
+                let (_, w) = channel.split();
+                self.denied.insert(w.id(), (w, line));
             }
             Access::Live(live) => {
                 let live = live.clone();
@@ -885,6 +915,15 @@ impl server::Handler for Conn {
                 .await;
             return Ok(());
         };
+        if let Some(why) = live.refusing() {
+            live.marker(&format!(
+                "port forward to {host_to_connect}:{port_to_connect} refused: {why}"
+            ));
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
         if !self
             .decide_forwarding(SshForwarding::Port, None, session)
             .await
