@@ -389,7 +389,8 @@ impl Postgres {
         pidfile.lines().next()?.trim().parse().ok()
     }
 
-    fn stop(&mut self) {
+    /// Stops the server (fast shutdown: clients are disconnected).
+    pub fn stop(&mut self) {
         if matches!(self.child.try_wait(), Ok(Some(_))) {
             return;
         }

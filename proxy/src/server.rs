@@ -93,6 +93,8 @@ pub async fn start(config: Config) -> Result<Running> {
         tokio::spawn(crate::ssh::serve(l, ssh, rx.clone()));
     }
     tokio::spawn(scheduler(wicket.clone(), rx.clone()));
+    tokio::spawn(session_refresher(wicket.clone(), rx.clone()));
+    tokio::spawn(session_enforcer(wicket.clone(), rx.clone()));
     let task = tokio::spawn(accept_loop(
         listener,
         TlsAcceptor::from(tls_config),
@@ -121,7 +123,30 @@ async fn scheduler(wicket: Arc<Wicket>, mut shutdown: watch::Receiver<bool>) {
         if let Err(e) = wicket.tick_due(clock::now()).await {
             tracing::warn!(error = %e, "request timers failed");
         }
-        wicket.watch_sessions(clock::now()).await;
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {},
+            _ = shutdown.changed() => break,
+        }
+    }
+}
+
+/// Re-reads the grants and users of live sessions from the store every
+/// tick (apart from the request timers, so a slow store holds up neither).
+async fn session_refresher(wicket: Arc<Wicket>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        wicket.refresh_sessions(clock::now()).await;
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {},
+            _ = shutdown.changed() => break,
+        }
+    }
+}
+
+/// Applies what was last read to live sessions every tick, without the
+/// store: expiry on time and the fail-closed grace even while it is down.
+async fn session_enforcer(wicket: Arc<Wicket>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        wicket.enforce_sessions(clock::now());
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {},
             _ = shutdown.changed() => break,

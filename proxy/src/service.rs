@@ -27,6 +27,8 @@ pub struct Wicket {
     pub keys: AuthorityKeys,
     pub trusted_tls: TrustedX509Cas,
     pub sessions: std::sync::Arc<crate::sessions::Sessions>,
+    /// What the session watcher last read of each live grant and user.
+    pub(crate) checks: crate::sessions::Checks,
     /// Session events (statements, commands) on their way to the store.
     pub audit_sink: crate::audit::AuditSink,
     /// The proxy listeners' bound ports, for clients (`wicket db connect`).
@@ -143,6 +145,7 @@ impl Wicket {
             keys,
             trusted_tls,
             sessions: Default::default(),
+            checks: Default::default(),
             rng: SystemRandom::new(),
         })
     }

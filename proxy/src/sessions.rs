@@ -2,11 +2,14 @@
 //!
 //! Every proxied connection registers here and gets a [`SessionHandle`]: its
 //! ID and a watch channel on which it learns to warn its user or to end. The
-//! registry does not decide anything itself: [`Wicket::watch_sessions`]
-//! re-reads, on every scheduler tick (250 ms), the grant state of every
-//! request behind a live session from the store — so a revoke, drop or expiry
-//! applied by any proxy sharing the store ends the session here — and a local
-//! state change ends them at once through [`Sessions::end_for_request`].
+//! registry does not decide anything itself: [`Wicket::refresh_sessions`]
+//! re-reads, every 250 ms, the grant state of every request behind a live
+//! session from the store — so a revoke, drop or expiry applied by any proxy
+//! sharing the store ends the session here — and a local state change ends
+//! them at once (`Wicket::signal_sessions`). [`Wicket::enforce_sessions`]
+//! applies the last state read every 250 ms without the store, so expiry is
+//! on time even when the store is slow or down, and fails closed: sessions
+//! whose grant or user could not be read for `session.unverified_grace` end.
 //! When a grant ends a session, and with what words, is the policy's
 //! (`AccessRequest::session_end` / `session_warning`). A session also ends
 //! when its user is disabled or removed (`wicketd users disable`), whatever
@@ -179,37 +182,160 @@ impl Sessions {
     }
 }
 
+/// How long one store read of the session watcher may take before it
+/// counts as failed (the store's own timeouts are much longer).
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What the watcher last learned about one grant or user.
+#[derive(Debug, Default)]
+struct Check {
+    /// Since when every read has failed.
+    failing_since: Option<DateTime<Utc>>,
+    /// The grant's state at the last read that worked.
+    last: Option<AccessRequest>,
+}
+
+/// The watcher's memory of each live grant and user between store reads.
+#[derive(Debug, Default)]
+pub(crate) struct Checks {
+    requests: Mutex<BTreeMap<String, Check>>,
+    users: Mutex<BTreeMap<String, Check>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read_ok(map: &Mutex<BTreeMap<String, Check>>, key: &str, state: Option<AccessRequest>) {
+    locked(map).insert(
+        key.to_owned(),
+        Check {
+            failing_since: None,
+            last: state,
+        },
+    );
+}
+
+fn read_failed(map: &Mutex<BTreeMap<String, Check>>, key: &str, now: DateTime<Utc>) {
+    locked(map)
+        .entry(key.to_owned())
+        .or_default()
+        .failing_since
+        .get_or_insert(now);
+}
+
+/// A store read bounded by [`CHECK_TIMEOUT`]; `None` when it failed, or
+/// when the store already failed this round (then it is not waited on
+/// again).
+async fn bounded<T, E: std::fmt::Display>(
+    store_ok: &mut bool,
+    what: &str,
+    read: impl std::future::Future<Output = Result<T, E>>,
+) -> Option<T> {
+    if !*store_ok {
+        return None;
+    }
+    let why = match tokio::time::timeout(CHECK_TIMEOUT, read).await {
+        Ok(Ok(v)) => return Some(v),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {}s", CHECK_TIMEOUT.as_secs()),
+    };
+    tracing::warn!(what, error = %why, "cannot re-check live sessions");
+    *store_ok = false;
+    None
+}
+
 impl Wicket {
-    /// Checks the grant behind every live session against the store and
-    /// ends or warns sessions accordingly. Returns how many sessions were told
-    /// to end.
-    pub async fn watch_sessions(&self, now: DateTime<Utc>) -> usize {
+    /// Re-reads from the store the grant and the user behind every live
+    /// session, remembers them, and acts on what changed: a disabled or
+    /// removed user's sessions end, a grant's state is delivered
+    /// ([`Wicket::signal_sessions`]). Each read is bounded; a failed one is
+    /// remembered for [`Wicket::enforce_sessions`]. Returns how many sessions
+    /// were told to end.
+    pub async fn refresh_sessions(&self, now: DateTime<Utc>) -> usize {
         let mut ended = 0;
+        let mut store_ok = true;
         // Sessions end with their user too (standing-role sessions have no
         // grant to end them).
-        for user in self.sessions.users() {
-            let why = match self.store.get_user(&user).await {
-                Ok(Some(u)) if !u.disabled => continue,
-                Ok(Some(_)) => format!("user {user:?} was disabled"),
-                Ok(None) => format!("user {user:?} no longer exists"),
-                Err(e) => {
-                    tracing::warn!(user = %user, error = %e, "cannot re-read the user of a live session");
+        let users = self.sessions.users();
+        for user in &users {
+            let why = match bounded(&mut store_ok, "user", self.store.get_user(user)).await {
+                Some(Some(u)) if !u.disabled => {
+                    read_ok(&self.checks.users, user, None);
+                    continue;
+                }
+                Some(Some(_)) => format!("user {user:?} was disabled"),
+                Some(None) => format!("user {user:?} no longer exists"),
+                None => {
+                    read_failed(&self.checks.users, user, now);
                     continue;
                 }
             };
-            ended += self.sessions.end_for_user(&user, &why);
+            read_ok(&self.checks.users, user, None);
+            ended += self.sessions.end_for_user(user, &why);
         }
-        for id in self.sessions.request_ids() {
-            let req = match self.load_request(&id).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(request = %id, error = %e, "cannot re-read grant of a live session");
-                    continue;
+        let ids = self.sessions.request_ids();
+        for id in &ids {
+            match bounded(&mut store_ok, "grant", self.load_request(id)).await {
+                Some(req) => {
+                    ended += self.signal_sessions(&req, now);
+                    read_ok(&self.checks.requests, id, Some(req));
                 }
-            };
-            ended += self.signal_sessions(&req, now);
+                None => read_failed(&self.checks.requests, id, now),
+            }
+        }
+        locked(&self.checks.users).retain(|k, _| users.contains(k));
+        locked(&self.checks.requests).retain(|k, _| ids.contains(k));
+        ended
+    }
+
+    /// Acts on what was last read, without the store (so a slow or failed
+    /// store delays nothing): a grant's last known state still ends its
+    /// sessions at expiry, and sessions whose grant or user could not be read
+    /// for `session.unverified_grace` end — fail closed. Returns how many
+    /// sessions were told to end.
+    pub fn enforce_sessions(&self, now: DateTime<Utc>) -> usize {
+        let grace = self.config.session.unverified_grace;
+        let unchecked = |what: String, since: DateTime<Utc>| {
+            format!(
+                "wicket cannot check {what}: its store has not answered for {}s (session.unverified_grace is {}s)",
+                (now - since).num_seconds(),
+                grace.num_seconds()
+            )
+        };
+        let mut ended = 0;
+        let users: Vec<(String, Option<DateTime<Utc>>)> = locked(&self.checks.users)
+            .iter()
+            .map(|(k, c)| (k.clone(), c.failing_since))
+            .collect();
+        for (user, failing_since) in users {
+            if let Some(since) = failing_since.filter(|s| now - *s >= grace) {
+                ended += self
+                    .sessions
+                    .end_for_user(&user, &unchecked(format!("user {user:?}"), since));
+            }
+        }
+        let requests: Vec<(String, Option<DateTime<Utc>>, Option<AccessRequest>)> =
+            locked(&self.checks.requests)
+                .iter()
+                .map(|(k, c)| (k.clone(), c.failing_since, c.last.clone()))
+                .collect();
+        for (id, failing_since, last) in requests {
+            if let Some(req) = last {
+                ended += self.signal_sessions(&req, now);
+            }
+            if let Some(since) = failing_since.filter(|s| now - *s >= grace) {
+                ended += self
+                    .sessions
+                    .end_for_request(&id, &unchecked(format!("access request {id}"), since));
+            }
         }
         ended
+    }
+
+    /// [`Wicket::refresh_sessions`] then [`Wicket::enforce_sessions`].
+    pub async fn watch_sessions(&self, now: DateTime<Utc>) -> usize {
+        self.refresh_sessions(now).await + self.enforce_sessions(now)
     }
 
     /// Tells the live sessions under `req` what its state at `now` means for

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use wicket_e2e::harness_postgres::Postgres;
 use wicket_e2e::harness_sshd::{test_login, Sshd};
 use wicket_e2e::harness_util::{free_port, run, wait_until};
 use wicket_e2e::harness_wicket::{WicketCli, Wicketd};
@@ -19,10 +20,11 @@ const PW: &str = "correct horse battery staple";
 /// Roles: `access` logs in as yourself nowhere useful; `node-admin` (self-
 /// approved, port forwarding) grants LOGIN on `env: test` nodes; `direct`
 /// grants LOGIN as a standing role; `auditor` revokes and reads recordings.
-fn config(node_port: u16, login: &str, session_extra: &str) -> String {
+fn config(node_port: u16, login: &str, session_extra: &str, top_extra: &str) -> String {
     format!(
         r#"
 version: 1
+{top_extra}
 listen: {{ ssh: "127.0.0.1:0" }}
 session: {{ expiry_warning: 2s{session_extra} }}
 requests: {{ min_duration: 1s }}
@@ -75,10 +77,15 @@ impl Lab {
 
     /// With extra `session:` settings, e.g. `", record_input: true"`.
     pub fn start_with(session_extra: &str) -> Lab {
+        Self::start_full(session_extra, "")
+    }
+
+    /// With extra `session:` settings and extra top-level lines (`storage:`).
+    pub fn start_full(session_extra: &str, top_extra: &str) -> Lab {
         let login = test_login();
         let port = free_port().unwrap();
         let d = Wicketd::builder()
-            .config(config(port, &login, session_extra))
+            .config(config(port, &login, session_extra, top_extra))
             .start()
             .unwrap();
         let ssh_addr = d
@@ -1011,4 +1018,68 @@ fn after_the_grant_ends_a_kept_connection_opens_no_new_channels() {
         err.contains("new sessions on this connection are refused"),
         "{err}"
     );
+}
+
+/// A live session whose grant and user cannot be re-read from the store
+/// (here: the PostgreSQL store is stopped) ends after
+/// `session.unverified_grace`: the proxy fails closed.
+#[test]
+fn sessions_end_when_the_store_cannot_confirm_their_grant() {
+    let mut pg = Postgres::builder().start().unwrap();
+    pg.create_database("wicket").unwrap();
+    let lab = Lab::start_full(
+        ", unverified_grace: 2s",
+        &format!("storage: {}", pg.url("wicket")),
+    );
+    let alice = lab.user("alice", "access");
+    lab.grant(&alice, "node-admin", "10m");
+    let cfg = ssh_config(&alice);
+    let mut t = Pty::spawn(&cfg, &lab.dest());
+    t.send("echo ready-$((1+1))\n");
+    t.expect("ready-2", Duration::from_secs(10));
+    let stopped = Instant::now();
+    pg.stop();
+    t.expect("its store has not answered", Duration::from_secs(15));
+    let took = stopped.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took <= Duration::from_secs(5),
+        "cut {took:?} after the store stopped (grace 2s)"
+    );
+    assert!(t.text().contains("wicket cannot check"), "{}", t.text());
+    wait_until("the ssh client to exit", Duration::from_secs(5), || {
+        t.exited().then_some(())
+    })
+    .unwrap();
+}
+
+/// While the store is unreachable, the grant's last known state still ends
+/// its sessions at expiry (the grace is longer than the grant here).
+#[test]
+fn a_grant_read_before_the_store_failed_still_expires_on_time() {
+    let mut pg = Postgres::builder().start().unwrap();
+    pg.create_database("wicket").unwrap();
+    let lab = Lab::start_full(
+        ", unverified_grace: 1h",
+        &format!("storage: {}", pg.url("wicket")),
+    );
+    let alice = lab.user("alice", "access");
+    let id = lab.grant(&alice, "node-admin", "6s");
+    let g = alice
+        .ok(&["request", "show", &id, "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    let expires = chrono::DateTime::parse_from_rfc3339(g["expires_at"].as_str().unwrap()).unwrap();
+    let cfg = ssh_config(&alice);
+    let mut t = Pty::spawn(&cfg, &lab.dest());
+    t.send("echo ready-$((1+1))\n");
+    t.expect("ready-2", Duration::from_secs(10));
+    pg.stop();
+    t.expect("expired", Duration::from_secs(15));
+    let late = chrono::Utc::now().signed_duration_since(expires);
+    assert!(
+        late <= chrono::Duration::milliseconds(1500),
+        "cut {late:?} after expiry with the store down"
+    );
+    assert!(!t.text().contains("wicket cannot check"), "{}", t.text());
 }

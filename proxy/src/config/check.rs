@@ -727,11 +727,17 @@ impl Cx {
             f.expiry_warning.as_ref(),
             "session.expiry_warning",
             d.expiry_warning,
-        )?;
+        );
+        let grace = self.duration(
+            f.unverified_grace.as_ref(),
+            "session.unverified_grace",
+            d.unverified_grace,
+        );
         Some(SessionSettings {
             disconnect_on_expiry: f.disconnect_on_expiry.unwrap_or(d.disconnect_on_expiry),
-            expiry_warning: warning,
+            expiry_warning: warning?,
             record_input: f.record_input.unwrap_or(d.record_input),
+            unverified_grace: grace?,
         })
     }
 

@@ -102,13 +102,16 @@ pub struct CertificatesFile {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with disconnect_on_expiry, expiry_warning and record_input"
+    expecting = "a mapping with disconnect_on_expiry, expiry_warning, record_input and unverified_grace"
 )]
 pub struct SessionFile {
     pub disconnect_on_expiry: Option<bool>,
     pub expiry_warning: Option<DurationText>,
     /// Record what users type in SSH sessions too (default false: output only).
     pub record_input: Option<bool>,
+    /// How long live sessions go on while their grant or user cannot be
+    /// re-read from the store (default 30s; 0s = end at the first failure).
+    pub unverified_grace: Option<DurationText>,
 }
 
 /// `audit:` — how session events (statements, commands) reach the store.

@@ -143,6 +143,10 @@ pub struct SessionSettings {
     pub expiry_warning: Duration,
     /// Record what users type in SSH sessions as well as the output (default false).
     pub record_input: bool,
+    /// How long live sessions go on while wicketd cannot re-read their grant
+    /// or their user from the store (default 30s; 0 = end at the first
+    /// failure). Fail closed: after it, they end.
+    pub unverified_grace: Duration,
 }
 
 impl Default for SessionSettings {
@@ -151,6 +155,7 @@ impl Default for SessionSettings {
             disconnect_on_expiry: true,
             expiry_warning: Duration::minutes(15),
             record_input: false,
+            unverified_grace: Duration::seconds(30),
         }
     }
 }

@@ -54,6 +54,7 @@ fn the_example_parses_without_problems() {
     assert_eq!(c.login_ttl, Duration::hours(8));
     assert!(c.session.disconnect_on_expiry);
     assert_eq!(c.session.expiry_warning, Duration::minutes(15));
+    assert_eq!(c.session.unverified_grace, Duration::seconds(30));
     assert_eq!(c.auth, AuthSettings::default());
 
     let p = &c.policy;
@@ -174,7 +175,7 @@ data_dir: /var/lib/wicket
 storage: postgresql://wicket:hunter2@db.internal:5432/wicket
 listen: { api: '0.0.0.0:443' }
 certificates: { login_ttl: 1h30m, public_names: [wicket.example.com, '*.wicket.example.com', 10.0.0.1] }
-session: { disconnect_on_expiry: false, expiry_warning: 0s }
+session: { disconnect_on_expiry: false, expiry_warning: 0s, unverified_grace: 5s }
 requests: { allow_scheduled_start: false, max_duration: 12h }
 auth: { max_failures_per_user: 3, failure_window: 1h }
 roles:
@@ -205,6 +206,7 @@ resources:
     assert_eq!(c.public_names.len(), 3);
     assert!(!c.session.disconnect_on_expiry);
     assert_eq!(c.session.expiry_warning, Duration::zero());
+    assert_eq!(c.session.unverified_grace, Duration::seconds(5));
     assert!(!c.policy.requests.allow_scheduled_start);
     assert_eq!(c.policy.requests.default_duration, Duration::hours(4));
     assert_eq!(c.auth.max_failures_per_user, 3);
@@ -429,7 +431,7 @@ fn bad_durations() {
         "
 version: 1
 certificates: { login_ttl: 8 }
-session: { expiry_warning: -5m }
+session: { expiry_warning: -5m, unverified_grace: -1s }
 requests: { pending_ttl: '', escalate_after: 1w, max_duration: 99999999999999999999d }
 break_glass: { max_duration: 0s }
 auth: { failure_window: 1.5h }
@@ -437,6 +439,7 @@ auth: { failure_window: 1.5h }
     );
     has(&e, "certificates.login_ttl", "missing unit");
     has(&e, "session.expiry_warning", "negative");
+    has(&e, "session.unverified_grace", "negative");
     has(&e, "requests.pending_ttl", "empty");
     has(&e, "requests.escalate_after", "unknown unit");
     has(&e, "requests.max_duration", "too long");
