@@ -176,6 +176,7 @@ impl PostgresBuilder {
         // From here on, dropping `pg` stops the server and removes the dir.
         let mut pg = Postgres {
             port,
+            os_user: os_user.clone(),
             child,
             data_dir,
             log_path,
@@ -257,6 +258,8 @@ impl Binaries {
 /// The superuser is `postgres`, with trust authentication on 127.0.0.1.
 pub struct Postgres {
     port: u16,
+    /// The OS user the server runs as, when the tests run as root.
+    os_user: Option<String>,
     child: Child,
     data_dir: PathBuf,
     log_path: PathBuf,
@@ -268,6 +271,11 @@ pub struct Postgres {
 impl Postgres {
     pub fn builder() -> PostgresBuilder {
         PostgresBuilder::default()
+    }
+
+    /// The (non-root) OS user the server runs as, when the tests run as root.
+    pub fn os_user(&self) -> Option<&str> {
+        self.os_user.as_deref()
     }
 
     /// The TCP port on 127.0.0.1.

@@ -130,15 +130,27 @@ impl Tunnel {
     }
 
     /// Serves connections from `listener` until the process ends.
+    /// Only the OS user who started the tunnel may use it (where the kernel
+    /// says who connected, see [`crate::peer`]).
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let me = crate::peer::my_uid();
         loop {
-            let (conn, _) = match listener.accept().await {
+            let (mut conn, peer) = match listener.accept().await {
                 Ok(x) => x,
                 Err(e) => {
                     eprintln!("wicket: tunnel accept failed: {e}");
                     continue;
                 }
             };
+            if let Some(why) = refusal(me, &conn, peer) {
+                eprintln!("wicket: tunnel: {why}");
+                let msg = pg::error_response("FATAL", "28000", &format!("wicket: {why}"));
+                tokio::spawn(async move {
+                    let _ = conn.write_all(&msg).await;
+                    let _ = conn.shutdown().await;
+                });
+                continue;
+            }
             let _ = conn.set_nodelay(true);
             let this = self.clone();
             tokio::spawn(async move {
@@ -207,6 +219,24 @@ impl Tunnel {
             .connect(name, tcp)
             .await
             .with_context(|| format!("TLS with wicketd at {}", self.proxy_addr))
+    }
+}
+
+/// Why a local connection may not use the tunnel of the OS user `me`.
+fn refusal(me: Option<u32>, conn: &TcpStream, peer: std::net::SocketAddr) -> Option<String> {
+    use crate::peer::{peer_of, Peer};
+    let me = me?;
+    let local = conn.local_addr().ok()?;
+    match peer_of(peer, local) {
+        Peer::Uid(uid) if uid == me => None,
+        Peer::Uid(uid) => Some(format!(
+            "this tunnel serves only the OS user who started it (uid {me}); \
+             refused a connection from uid {uid}"
+        )),
+        Peer::Unlisted => Some(format!(
+            "cannot tell which OS user connected from {peer}; refused"
+        )),
+        Peer::Unknown => None,
     }
 }
 

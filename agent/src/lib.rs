@@ -12,6 +12,7 @@ pub mod cli;
 pub mod client;
 pub mod db;
 pub mod keys;
+pub mod peer;
 pub mod profile;
 pub mod requests;
 pub mod ssh;

@@ -741,3 +741,34 @@ fn executes_are_audited_with_the_statement_the_server_ran() {
     })
     .unwrap();
 }
+
+/// The local tunnel serves only the OS user who started it: another user on
+/// the same machine cannot ride the owner's grant through 127.0.0.1.
+#[test]
+fn the_tunnel_refuses_other_os_users() {
+    let s = Setup::start("");
+    s.grant_dba("30m");
+    let t = s.tunnel();
+    let (ok, out, err) = t.sql("select 1");
+    assert!(ok && out == "1", "the owner gets through: {out} {err}");
+    let Some(other) = s.pg.os_user() else {
+        eprintln!("not root: no second OS user to try the tunnel as");
+        return;
+    };
+    let out = Command::new("runuser")
+        .args(["-u", other, "--", "psql", &t.conninfo("app")])
+        .args(["-X", "-At", "-c", "select 1"])
+        .current_dir("/")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("this tunnel serves only the OS user who started it")
+            && err.contains("refused a connection from uid"),
+        "{err}"
+    );
+    // The owner still gets through.
+    let (ok, out, err) = t.sql("select 2");
+    assert!(ok && out == "2", "{out} {err}");
+}
