@@ -143,6 +143,16 @@ impl Lab {
     }
 }
 
+/// When the grant of request `id` ends, as `wicket request show` says.
+fn expires_at(cli: &WicketCli, id: &str) -> chrono::DateTime<chrono::FixedOffset> {
+    let g = cli
+        .ok(&["request", "show", id, "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    chrono::DateTime::parse_from_rfc3339(g["expires_at"].as_str().unwrap()).unwrap()
+}
+
 /// `wicket config` written to a file in the user's home.
 pub fn ssh_config(cli: &WicketCli) -> PathBuf {
     let text = cli.ok(&["config"]).unwrap().stdout;
@@ -364,12 +374,7 @@ fn denials_are_specific() {
         "{e}"
     );
     // An expired grant.
-    let g = alice
-        .ok(&["request", "show", &id, "--format", "json"])
-        .unwrap()
-        .json()
-        .unwrap();
-    let expires = chrono::DateTime::parse_from_rfc3339(g["expires_at"].as_str().unwrap()).unwrap();
+    let expires = expires_at(&alice, &id);
     wait_until("the grant to expire", Duration::from_secs(10), || {
         (chrono::Utc::now() > expires + chrono::Duration::milliseconds(300)).then_some(())
     })
@@ -435,6 +440,14 @@ impl Pty {
             rx,
             seen: Vec::new(),
         }
+    }
+
+    /// A shell on `dest` that has run a command (so the session is up).
+    fn ready(cfg: &Path, dest: &str) -> Pty {
+        let mut t = Pty::spawn(cfg, dest);
+        t.send("echo ready-$((1+1))\n");
+        t.expect("ready-2", Duration::from_secs(10));
+        t
     }
 
     fn send(&mut self, s: &str) {
@@ -570,16 +583,9 @@ fn interactive_session_is_warned_then_cut_at_expiry() {
     let lab = Lab::start();
     let alice = lab.user("alice", "access");
     let id = lab.grant(&alice, "node-admin", "6s");
-    let g = alice
-        .ok(&["request", "show", &id, "--format", "json"])
-        .unwrap()
-        .json()
-        .unwrap();
-    let expires = chrono::DateTime::parse_from_rfc3339(g["expires_at"].as_str().unwrap()).unwrap();
+    let expires = expires_at(&alice, &id);
     let cfg = ssh_config(&alice);
-    let mut t = Pty::spawn(&cfg, &lab.dest());
-    t.send("echo ready-$((1+1))\n");
-    t.expect("ready-2", Duration::from_secs(10));
+    let mut t = Pty::ready(&cfg, &lab.dest());
     t.expect("this session will be closed", Duration::from_secs(10));
     t.expect("expired", Duration::from_secs(10));
     let late = chrono::Utc::now().signed_duration_since(expires);
@@ -974,12 +980,7 @@ fn after_the_grant_ends_a_kept_connection_opens_no_new_channels() {
         text(&out.stderr)
     );
 
-    let g = alice
-        .ok(&["request", "show", &id, "--format", "json"])
-        .unwrap()
-        .json()
-        .unwrap();
-    let expires = chrono::DateTime::parse_from_rfc3339(g["expires_at"].as_str().unwrap()).unwrap();
+    let expires = expires_at(&alice, &id);
     wait_until("the grant to expire", Duration::from_secs(20), || {
         (chrono::Utc::now() > expires + chrono::Duration::milliseconds(600)).then_some(())
     })
@@ -1034,9 +1035,7 @@ fn sessions_end_when_the_store_cannot_confirm_their_grant() {
     let alice = lab.user("alice", "access");
     lab.grant(&alice, "node-admin", "10m");
     let cfg = ssh_config(&alice);
-    let mut t = Pty::spawn(&cfg, &lab.dest());
-    t.send("echo ready-$((1+1))\n");
-    t.expect("ready-2", Duration::from_secs(10));
+    let mut t = Pty::ready(&cfg, &lab.dest());
     let stopped = Instant::now();
     pg.stop();
     t.expect("its store has not answered", Duration::from_secs(15));
@@ -1064,16 +1063,9 @@ fn a_grant_read_before_the_store_failed_still_expires_on_time() {
     );
     let alice = lab.user("alice", "access");
     let id = lab.grant(&alice, "node-admin", "6s");
-    let g = alice
-        .ok(&["request", "show", &id, "--format", "json"])
-        .unwrap()
-        .json()
-        .unwrap();
-    let expires = chrono::DateTime::parse_from_rfc3339(g["expires_at"].as_str().unwrap()).unwrap();
+    let expires = expires_at(&alice, &id);
     let cfg = ssh_config(&alice);
-    let mut t = Pty::spawn(&cfg, &lab.dest());
-    t.send("echo ready-$((1+1))\n");
-    t.expect("ready-2", Duration::from_secs(10));
+    let mut t = Pty::ready(&cfg, &lab.dest());
     pg.stop();
     t.expect("expired", Duration::from_secs(15));
     let late = chrono::Utc::now().signed_duration_since(expires);
