@@ -21,23 +21,9 @@ use std::process::{Child, Command};
 use std::time::Duration;
 use wicket_e2e::harness_util::{free_port, wait_for_port};
 
+/// A pgbench run's transactions (or connections) per second.
 fn pgbench(port: u16, user: &str, sslmode: &str, args: &[&str]) -> f64 {
-    let out = Command::new("pgbench")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", user])
-        .args(args)
-        .arg("app")
-        .env("PGSSLMODE", sslmode)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "pgbench {args:?} on port {port}: {text}"
-    );
+    let text = pg_setup::pgbench(port, user, sslmode, args);
     text.lines()
         .find_map(|l| l.strip_prefix("tps = "))
         .and_then(|l| l.split_whitespace().next())
@@ -156,24 +142,7 @@ fn main() {
     let pg_port = s.pg.port();
     let wicket_port = tunnel.addr.port();
     // Initialise through Wicket (as the granted database user).
-    let out = Command::new("pgbench")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &wicket_port.to_string(),
-            "-U",
-            "app",
-        ])
-        .args(["-i", "-s", "5", "-q", "app"])
-        .env("PGSSLMODE", "disable")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    pg_setup::pgbench(wicket_port, "app", "disable", &["-i", "-s", "5", "-q"]);
     let bouncer = pgbouncer(s.pg.addr(), true, false);
     // (d): two pgbouncers in a row with TLS between them: the shape of (c)
     // without its audit, in C. What a two-process path costs on this

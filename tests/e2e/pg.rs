@@ -11,27 +11,7 @@ use wicket_e2e::harness_postgres::Postgres;
 use wicket_e2e::harness_util::{run, wait_until};
 
 fn pgbench(t: &Tunnel, args: &[&str]) -> String {
-    let out = Command::new("pgbench")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &t.addr.port().to_string(),
-            "-U",
-            "app",
-        ])
-        .args(args)
-        .arg("app")
-        .env("PGSSLMODE", "disable")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "pgbench {args:?}: {text}");
-    text
+    crate::pg_setup::pgbench(t.addr.port(), "app", "disable", args)
 }
 
 #[test]
@@ -611,11 +591,7 @@ impl RawFrontend {
     }
 
     fn msg(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
-        let body: Vec<u8> = parts.concat();
-        let mut out = vec![tag];
-        out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-        out.extend_from_slice(&body);
-        out
+        wicket_api::pg::message(tag, &parts.concat())
     }
 
     fn cstr(s: &str) -> Vec<u8> {

@@ -237,3 +237,25 @@ impl Tunnel {
         )
     }
 }
+
+/// `pgbench ARGS app` on 127.0.0.1:`port` as `user` with `PGSSLMODE`
+/// `sslmode`; its output (it must succeed).
+pub fn pgbench(port: u16, user: &str, sslmode: &str, args: &[&str]) -> String {
+    let out = Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", user])
+        .args(args)
+        .arg("app")
+        .env("PGSSLMODE", sslmode)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "pgbench {args:?} on port {port}: {text}"
+    );
+    text
+}

@@ -315,10 +315,15 @@ pub fn error_response(severity: &str, code: &str, message: &str) -> Vec<u8> {
         body.push(0);
     }
     body.push(0);
+    self::message(b'E', &body)
+}
+
+/// A typed message: tag, length (including itself), body.
+pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 5);
-    out.push(b'E');
+    out.push(tag);
     out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     out
 }
 
@@ -386,15 +391,9 @@ pub fn startup_message(params: &[(&str, &str)]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use super::message as msg;
     use super::*;
     use proptest::prelude::*;
-
-    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut out = vec![tag];
-        out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        out.extend_from_slice(body);
-        out
-    }
 
     #[test]
     fn encoded_requests_read_back() {

@@ -1102,7 +1102,6 @@ fn tracked(f: &Frontend, with_values: bool) -> Option<Sent> {
         },
         Frontend::Execute { portal, .. } => Sent::Execute {
             portal: portal.clone(),
-            reported: false,
         },
         Frontend::Close { kind, name } => Sent::Close {
             statement: *kind == b'S',
@@ -1316,14 +1315,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use super::protocol::message as msg;
     use super::*;
-
-    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut out = vec![tag];
-        out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        out.extend_from_slice(body);
-        out
-    }
 
     #[test]
     fn framer_passes_large_messages_and_returns_wanted_ones_whole() {

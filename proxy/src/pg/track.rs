@@ -40,8 +40,6 @@ pub enum Sent {
     Describe,
     Execute {
         portal: String,
-        /// Reported already (when its COPY began).
-        reported: bool,
     },
     Close {
         statement: bool,
@@ -84,6 +82,8 @@ pub struct Tracker {
     /// An error made the server skip to the next Sync, which is not sent
     /// yet: what is sent until then is skipped too.
     skipping: bool,
+    /// The Execute at the front was reported already (its COPY began).
+    front_reported: bool,
 }
 
 impl Tracker {
@@ -94,6 +94,7 @@ impl Tracker {
             pending: VecDeque::new(),
             limit,
             skipping: false,
+            front_reported: false,
         }
     }
 
@@ -118,12 +119,18 @@ impl Tracker {
         self.pending.front().is_some_and(f)
     }
 
+    /// Removes the answered front entry.
+    fn pop(&mut self) -> Option<Sent> {
+        self.front_reported = false;
+        self.pending.pop_front()
+    }
+
     /// A server message (`tag`, and for ReadyForQuery its status byte), in
     /// wire order. Returns the Execute it shows the server ran, if any.
     pub fn received(&mut self, tag: u8, status: u8) -> Option<Executed> {
         match tag {
             b'1' if self.front_is(|s| matches!(s, Sent::Parse { .. })) => {
-                if let Some(Sent::Parse { name, text }) = self.pending.pop_front() {
+                if let Some(Sent::Parse { name, text }) = self.pop() {
                     remember(&mut self.statements, self.limit, name, text);
                 }
                 None
@@ -134,7 +141,7 @@ impl Tracker {
                     statement,
                     params,
                     values,
-                }) = self.pending.pop_front()
+                }) = self.pop()
                 {
                     let text = self.statements.get(&statement).cloned().unwrap_or_default();
                     remember(
@@ -147,7 +154,7 @@ impl Tracker {
                 None
             }
             b'3' if self.front_is(|s| matches!(s, Sent::Close { .. })) => {
-                if let Some(Sent::Close { statement, name }) = self.pending.pop_front() {
+                if let Some(Sent::Close { statement, name }) = self.pop() {
                     if statement {
                         self.statements.remove(&name);
                     } else {
@@ -157,7 +164,7 @@ impl Tracker {
                 None
             }
             b'T' | b'n' if self.front_is(|s| matches!(s, Sent::Describe)) => {
-                self.pending.pop_front();
+                self.pop();
                 None
             }
             // Execute done: CommandComplete, EmptyQueryResponse, PortalSuspended.
@@ -172,13 +179,13 @@ impl Tracker {
                 let ran = self.execute_answered(true);
                 // The server skips everything up to the next Sync.
                 while self.front_is(|s| !matches!(s, Sent::Sync)) {
-                    self.pending.pop_front();
+                    self.pop();
                 }
                 self.skipping = self.pending.is_empty();
                 ran
             }
             b'Z' => {
-                while let Some(s) = self.pending.pop_front() {
+                while let Some(s) = self.pop() {
                     if s == Sent::Query {
                         self.statements.remove("");
                         self.portals.remove("");
@@ -200,11 +207,11 @@ impl Tracker {
     /// The Execute at the front was answered: reports it (once) and, when
     /// `done`, forgets it.
     fn execute_answered(&mut self, done: bool) -> Option<Executed> {
-        let Some(Sent::Execute { portal, reported }) = self.pending.front_mut() else {
+        let Some(Sent::Execute { portal }) = self.pending.front() else {
             return None;
         };
-        let report = !*reported;
-        *reported = true;
+        let report = !self.front_reported;
+        self.front_reported = true;
         let ran = report.then(|| {
             let (statement, params, values) = self
                 .portals
@@ -219,7 +226,7 @@ impl Tracker {
             }
         });
         if done {
-            self.pending.pop_front();
+            self.pop();
         }
         ran
     }
@@ -255,7 +262,6 @@ mod tests {
     fn execute(t: &mut Tracker, portal: &str) {
         t.sent(Sent::Execute {
             portal: portal.into(),
-            reported: false,
         });
     }
 
@@ -461,7 +467,7 @@ mod tests {
                 let sent = match &m {
                     Msg::Parse(n, q) => Sent::Parse { name: name(*n), text: format!("q{q}") },
                     Msg::Bind(p, s) => Sent::Bind { portal: name(*p), statement: name(*s), params: 0, values: None },
-                    Msg::Execute(p) => Sent::Execute { portal: name(*p), reported: false },
+                    Msg::Execute(p) => Sent::Execute { portal: name(*p) },
                     Msg::Describe => Sent::Describe,
                     Msg::Close(s, n) => Sent::Close { statement: *s, name: name(*n) },
                     Msg::Sync => Sent::Sync,

@@ -845,18 +845,18 @@ impl server::Handler for Conn {
                 let (_, w) = channel.split();
                 self.denied.insert(w.id(), (w, line));
             }
-            Access::Live(live) if live.refusing().is_some() => {
-                let why = live.refusing().unwrap_or_default();
-                live.marker(&format!("new session channel refused: {why}"));
-                let line = format!(
-                    "wicket: refused: {why}; no new sessions on this connection (request access again)\r\n"
-                );
-                reply.accept().await;
-                let (_, w) = channel.split();
-                self.denied.insert(w.id(), (w, line));
-            }
             Access::Live(live) => {
                 let live = live.clone();
+                if let Some(why) = live.refusing() {
+                    live.marker(&format!("new session channel refused: {why}"));
+                    let line = format!(
+                        "wicket: refused: {why}; no new sessions on this connection (request access again)\r\n"
+                    );
+                    reply.accept().await;
+                    let (_, w) = channel.split();
+                    self.denied.insert(w.id(), (w, line));
+                    return Ok(());
+                }
                 let up = match live.upstream.channel_open_session().await {
                     Ok(c) => c,
                     Err(e) => {
