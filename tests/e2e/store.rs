@@ -134,6 +134,27 @@ async fn exercise(store: &Store) {
         .unwrap();
     assert_eq!(bobs.len(), 1);
     assert_eq!(store.list_users().await.unwrap().len(), 1);
+
+    // A batch larger than one multi-row INSERT (and not a multiple of it)
+    // is stored whole, in one transaction, every column intact.
+    let batch: Vec<AuditRow> = (0..600)
+        .map(|i| AuditRow {
+            request_id: (i % 3 == 0).then(|| format!("req-{i}")),
+            session_id: Some("batch-session".into()),
+            data: format!("{{\"event\":\"db_query\",\"statement\":\"SELECT {i} -- é'\\\"\"}}"),
+            ..event(&format!("b{i:04}"), "db_query", "carol", 40_000 + i)
+        })
+        .collect();
+    store.append_audit_batch(&batch).await.unwrap();
+    let stored = store
+        .search_audit(&AuditFilter {
+            session_id: Some("batch-session".into()),
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(stored, batch);
 }
 
 #[test]

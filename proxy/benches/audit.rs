@@ -1,0 +1,70 @@
+//! Audit writer throughput: database statement events (the shape `bench/pg`
+//! produces, one per query) queued through `AuditSink` into the embedded
+//! SQLite store, as fast as the writer stores them. Prints events per
+//! second and the writer's CPU time per event. `cargo bench -p wicketd
+//! --bench audit` (`BENCH_EVENTS`, default 400000).
+#![allow(clippy::disallowed_methods, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+use wicketd::audit::{AuditEvent, AuditSink, SessionRef};
+use wicketd::config::{AuditSettings, Storage};
+use wicketd::store::Store;
+
+/// CPU time (user + system) this process has used, in seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 (1-based) of the whole line.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+fn main() {
+    let events: usize = std::env::var("BENCH_EVENTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(400_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&Storage::Sqlite, dir.path()).await.unwrap();
+        let sink = AuditSink::start(store.clone(), &AuditSettings::default());
+        let sessions: Vec<SessionRef> = (0..8)
+            .map(|i| SessionRef {
+                session_id: format!("0195b3c4-1d2e-7f00-8000-00000000000{i}"),
+                user: "alice".into(),
+                protocol: "postgres".into(),
+                resource: "prod-pg".into(),
+                login: "app".into(),
+                request_ids: vec!["0195b3c4-0000-7000-8000-0000000000aa".into()],
+            })
+            .collect();
+        let dropped = AtomicU64::new(0);
+        let (t0, c0) = (Instant::now(), cpu_seconds());
+        let base_ms = 1_790_000_000_000i64;
+        for n in 0..events {
+            let event = AuditEvent::DbQuery {
+                session: sessions[n % sessions.len()].clone(),
+                statement: format!("SELECT abalance FROM pgbench_accounts WHERE aid = {};", n * 7 % 500_000),
+            };
+            sink.send(event, base_ms + (n / 20) as i64, &dropped).await;
+        }
+        sink.flush().await;
+        let (secs, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+        println!(
+            "audit: {events} statement events stored in {secs:.2} s: {:.0} events/s, {:.2} µs CPU per event",
+            events as f64 / secs,
+            cpu * 1e6 / events as f64
+        );
+    });
+}
