@@ -118,6 +118,10 @@ pub enum AuditEvent {
         params: usize,
         #[serde(skip_serializing_if = "Option::is_none")]
         values: Option<Vec<Option<String>>>,
+        /// Sent to the server, which had not answered it when the connection
+        /// ended: it may have run.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        unanswered: bool,
     },
     /// A fast-path FunctionCall by OID, with its argument count (values
     /// only with `audit.db_parameter_values`).

@@ -720,7 +720,19 @@ pub async fn insert_audit(
     rows: &[AuditRow],
 ) -> Result<()> {
     const ROWS_PER_INSERT: usize = 256;
-    for chunk in rows.chunks(ROWS_PER_INSERT) {
+    // And at most this much text per INSERT (one event is far smaller), so
+    // no batch grows past what a server takes in one statement.
+    const BYTES_PER_INSERT: usize = 4 << 20;
+    let mut rest = rows;
+    while !rest.is_empty() {
+        let mut n = 0;
+        let mut bytes = 0;
+        while n < rest.len().min(ROWS_PER_INSERT) && (n == 0 || bytes < BYTES_PER_INSERT) {
+            bytes += rest[n].data.len() + 128;
+            n += 1;
+        }
+        let (chunk, after) = rest.split_at(n);
+        rest = after;
         let mut sql = String::from(
             "INSERT INTO audit_events (id, time, kind, actor, request_id, session_id, data) VALUES ",
         );

@@ -633,6 +633,41 @@ impl RawFrontend {
         Self::msg(b'S', &[])
     }
 
+    fn query(sql: &str) -> Vec<u8> {
+        Self::msg(b'Q', &[&Self::cstr(sql)])
+    }
+
+    fn terminate() -> Vec<u8> {
+        Self::msg(b'X', &[])
+    }
+
+    /// Reads messages until `stop` says so or the connection closes; returns
+    /// the tags seen and the texts of the ErrorResponses among them.
+    fn read_until(&mut self, stop: impl Fn(u8) -> bool) -> (Vec<u8>, Vec<String>) {
+        use std::io::Read;
+        let (mut tags, mut errors) = (Vec::new(), Vec::new());
+        loop {
+            if let Some((tag, len)) = wicket_api::pg::read_message(&self.buf, 1 << 20).unwrap() {
+                tags.push(tag);
+                if tag == b'E' {
+                    let (code, message) =
+                        wicket_api::pg::parse_error_response(&self.buf[..len]).unwrap();
+                    errors.push(format!("{code} {message}"));
+                }
+                self.buf.drain(..len);
+                if stop(tag) {
+                    return (tags, errors);
+                }
+                continue;
+            }
+            let mut tmp = [0u8; 4096];
+            match self.tcp.read(&mut tmp) {
+                Ok(0) | Err(_) => return (tags, errors),
+                Ok(k) => self.buf.extend_from_slice(&tmp[..k]),
+            }
+        }
+    }
+
     /// Reads until `n` ReadyForQuery; returns the tags seen.
     fn until_ready(&mut self, n: usize) -> Vec<u8> {
         use std::io::Read;
@@ -716,6 +751,80 @@ fn executes_are_audited_with_the_statement_the_server_ran() {
             .then_some(())
     })
     .unwrap();
+}
+
+/// An Execute pipelined with the client's Terminate runs on the server even
+/// though the client never reads its answer: it is on the record too.
+#[test]
+fn an_execute_sent_with_terminate_is_audited() {
+    let s = Setup::start("");
+    s.grant_dba("30m");
+    let t = s.tunnel();
+    let (ok, out, err) = t.sql("create table ledger(x int); insert into ledger values (1), (2)");
+    assert!(ok, "{out} {err}");
+    let mut f = RawFrontend::connect(&t);
+    let batch = [
+        RawFrontend::parse("", "DELETE FROM ledger"),
+        RawFrontend::bind("", ""),
+        RawFrontend::execute(""),
+        RawFrontend::sync(),
+        RawFrontend::terminate(),
+    ]
+    .concat();
+    f.tcp.write_all(&batch).unwrap();
+    drop(f);
+    wait_until("the DELETE to run", Duration::from_secs(10), || {
+        (t.sql("select count(*) from ledger").1 == "0").then_some(())
+    })
+    .unwrap();
+    let executes = wait_until("the db_execute event", Duration::from_secs(10), || {
+        let e = s.events(&s.alice, &["--user", "alice", "--kind", "db_execute"]);
+        (!e.is_empty()).then_some(e)
+    })
+    .unwrap();
+    assert_eq!(
+        executes[0]["data"]["statement"], "DELETE FROM ledger",
+        "{executes:?}"
+    );
+}
+
+/// During COPY FROM STDIN the server swallows any other message as an error
+/// without answering it, which would put the Execute tracker one answer out
+/// of step (and let a later Execute be audited with the wrong statement):
+/// the proxy ends such a session instead, and normal COPY keeps working.
+#[test]
+fn a_message_sent_during_copy_from_stdin_ends_the_session() {
+    let s = Setup::start("");
+    s.grant_dba("30m");
+    let t = s.tunnel();
+    let (ok, out, err) = t.sql("create table tmp(x int)");
+    assert!(ok, "{out} {err}");
+    let mut f = RawFrontend::connect(&t);
+    f.tcp
+        .write_all(&RawFrontend::query("COPY tmp FROM STDIN"))
+        .unwrap();
+    let (tags, _) = f.read_until(|tag| tag == b'G');
+    assert_eq!(
+        tags.last(),
+        Some(&b'G'),
+        "{:?}",
+        String::from_utf8_lossy(&tags)
+    );
+    f.tcp
+        .write_all(&RawFrontend::parse("s1", "SELECT 1"))
+        .unwrap();
+    let (_, errors) = f.read_until(|_| false);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("08P01") && e.contains("lost track") && e.contains("COPY")),
+        "{errors:?}"
+    );
+    // A COPY done right still works, through psql.
+    let (ok, out, err) = t.sql_as("app", "COPY tmp FROM STDIN", "1\n2\n");
+    assert!(ok, "{out} {err}");
+    let (ok, out, err) = t.sql("select count(*) from tmp");
+    assert!(ok && out == "2", "{out} {err}");
 }
 
 /// The local tunnel serves only the OS user who started it: another user on

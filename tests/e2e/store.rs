@@ -141,7 +141,11 @@ async fn exercise(store: &Store) {
         .map(|i| AuditRow {
             request_id: (i % 3 == 0).then(|| format!("req-{i}")),
             session_id: Some("batch-session".into()),
-            data: format!("{{\"event\":\"db_query\",\"statement\":\"SELECT {i} -- é'\\\"\"}}"),
+            // Some rows large, so the batch is split by bytes as well.
+            data: format!(
+                "{pad}{{\"event\":\"db_query\",\"statement\":\"SELECT {i} -- é'\\\"\"}}",
+                pad = " ".repeat(if i % 100 == 0 { 3 << 19 } else { 0 })
+            ),
             ..event(&format!("b{i:04}"), "db_query", "carol", 40_000 + i)
         })
         .collect();

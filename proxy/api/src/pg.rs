@@ -327,6 +327,14 @@ pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The command tag of a backend CommandComplete (`C`), e.g. `SELECT 1` or
+/// `PREPARE`; empty when malformed.
+pub fn command_tag(msg: &[u8]) -> &str {
+    msg.get(5..)
+        .and_then(|body| cstr(body).ok())
+        .map_or("", |(tag, _)| tag)
+}
+
 /// The fields of a backend ErrorResponse (`E`): (code, message).
 pub fn parse_error_response(msg: &[u8]) -> Option<(String, String)> {
     let body = msg.get(5..)?;

@@ -707,6 +707,12 @@ impl PgProxy {
                 e = s2c => e,
             }
         };
+        // Executes sent but not answered when the connection ended (a client
+        // can pipeline one with its Terminate): on the record, as such.
+        let unanswered = tracking.lock().unanswered();
+        for e in unanswered {
+            audit_executed(e, state, &self.wicket).await;
+        }
         // The client is at a message boundary unless a backend message was
         // half forwarded; only then can it be told why the connection ends.
         if s_framer.at_boundary() {
@@ -921,7 +927,7 @@ impl Framer {
 fn frontend_inspected(tag: u8) -> bool {
     matches!(
         tag,
-        b'Q' | b'P' | b'B' | b'E' | b'X' | b'C' | b'F' | b'D' | b'S'
+        b'Q' | b'P' | b'B' | b'E' | b'X' | b'C' | b'F' | b'D' | b'S' | b'c' | b'f'
     )
 }
 
@@ -950,6 +956,28 @@ fn clip(mut s: String) -> String {
         s.push_str(&format!("... [{total} bytes, cut]"));
     }
     s
+}
+
+/// Most text of parameter values kept for one audit event (all values
+/// together); later values are replaced by a marker.
+const MAX_AUDIT_VALUES: usize = 256 * 1024;
+
+/// The audited texts of a Bind's or a function call's values: each clipped,
+/// and together at most about [`MAX_AUDIT_VALUES`], so one event stays small
+/// enough for the store whatever the client sends.
+fn param_texts(values: &[Option<Vec<u8>>]) -> Vec<Option<String>> {
+    let mut total = 0;
+    values
+        .iter()
+        .map(|v| {
+            if total >= MAX_AUDIT_VALUES {
+                return v.as_ref().map(|b| format!("[value not recorded: {} bytes; this event's values are over {MAX_AUDIT_VALUES} bytes]", b.len()));
+            }
+            let text = param_text(v);
+            total += text.as_ref().map_or(0, String::len);
+            text
+        })
+        .collect()
 }
 
 fn param_text(v: &Option<Vec<u8>>) -> Option<String> {
@@ -1040,7 +1068,9 @@ where
             let mut t = tracking.lock();
             for f in &parsed {
                 if let Some(sent) = tracked(f, state.values) {
-                    t.sent(sent);
+                    if let Err(e) = t.sent(sent) {
+                        return End::Protocol(lost_track(&e));
+                    }
                 }
             }
         }
@@ -1082,6 +1112,14 @@ where
     }
 }
 
+/// Why a session whose answers the tracker lost ends.
+fn lost_track(e: &super::track::Desync) -> String {
+    format!(
+        "lost track of which statements the server runs ({e}); the connection is closed \
+         so that none goes unaudited"
+    )
+}
+
 /// What the tracker must know of a client message, if anything.
 fn tracked(f: &Frontend, with_values: bool) -> Option<Sent> {
     Some(match f {
@@ -1098,7 +1136,7 @@ fn tracked(f: &Frontend, with_values: bool) -> Option<Sent> {
             portal: portal.clone(),
             statement: statement.clone(),
             params: params.len(),
-            values: with_values.then(|| params.iter().map(param_text).collect()),
+            values: with_values.then(|| param_texts(params)),
         },
         Frontend::Execute { portal, .. } => Sent::Execute {
             portal: portal.clone(),
@@ -1108,6 +1146,7 @@ fn tracked(f: &Frontend, with_values: bool) -> Option<Sent> {
             name: name.clone(),
         },
         Frontend::FunctionCall { .. } => Sent::FunctionCall,
+        Frontend::CopyDone | Frontend::CopyFail(_) => Sent::CopyEnd,
         Frontend::Other(b'S') => Sent::Sync,
         Frontend::Other(b'D') => Sent::Describe,
         _ => return None,
@@ -1149,7 +1188,7 @@ async fn audit_frontend(f: Frontend, state: &SessionState, wicket: &Wicket) {
         Frontend::FunctionCall { oid, args } => {
             state.statements.fetch_add(1, Ordering::Relaxed);
             *lock(&state.last_statement) = format!("function call (OID {oid})");
-            let values = state.values.then(|| args.iter().map(param_text).collect());
+            let values = state.values.then(|| param_texts(&args));
             state
                 .audit(
                     wicket,
@@ -1179,6 +1218,7 @@ async fn audit_executed(e: Executed, state: &SessionState, wicket: &Wicket) {
                 statement: e.statement,
                 params: e.params,
                 values: e.values,
+                unanswered: !e.answered,
             },
         )
         .await;
@@ -1212,7 +1252,10 @@ where
             match framer.next(&buf[at..], backend_inspected, MAX_INSPECTED_BACKEND, false) {
                 Ok(Next::Pass(n)) => at += n,
                 Ok(Next::Oversized(tag, n)) => {
-                    let ran = tracking.lock().received(tag, 0);
+                    let ran = match tracking.lock().received(tag, 0) {
+                        Ok(ran) => ran,
+                        Err(e) => return End::Protocol(lost_track(&e)),
+                    };
                     answered = true;
                     if let Some(e) = ran {
                         audit_executed(e, state, wicket).await;
@@ -1226,7 +1269,17 @@ where
                     } else {
                         None
                     };
-                    let ran = tracking.lock().received(tag, status.unwrap_or(0));
+                    let ran = {
+                        let mut t = tracking.lock();
+                        let ran = match t.received(tag, status.unwrap_or(0)) {
+                            Ok(ran) => ran,
+                            Err(e) => return End::Protocol(lost_track(&e)),
+                        };
+                        if tag == b'C' {
+                            t.completed(protocol::command_tag(msg));
+                        }
+                        ran
+                    };
                     answered = true;
                     if let Some(e) = ran {
                         audit_executed(e, state, wicket).await;
@@ -1382,6 +1435,25 @@ mod tests {
         assert_eq!(clip("select 1".into()), "select 1");
         let v = param_text(&Some(vec![0xff; 200_000])).unwrap();
         assert!(v.len() < MAX_AUDIT_TEXT + 64);
+    }
+
+    #[test]
+    fn an_events_values_are_bounded_together() {
+        // 300 values of 60 KiB: each under the per-value clip, 18 MB in all.
+        let values: Vec<Option<Vec<u8>>> = (0..300)
+            .map(|i| (i % 7 != 0).then(|| vec![b'a'; 60 * 1024]))
+            .collect();
+        let texts = param_texts(&values);
+        assert_eq!(texts.len(), 300);
+        let total: usize = texts.iter().flatten().map(String::len).sum();
+        assert!(total < MAX_AUDIT_VALUES + 64 * 1024 + 300 * 100, "{total}");
+        assert_eq!(texts[1].as_deref().map(str::len), Some(60 * 1024));
+        assert!(texts[299]
+            .as_deref()
+            .unwrap()
+            .contains("not recorded: 61440 bytes"));
+        // NULLs stay NULL.
+        assert_eq!(texts[294], None);
     }
 
     #[test]

@@ -13,18 +13,28 @@
 //! server skip (everything up to the next Sync), and reports an Execute only
 //! when the server answers it — with the statement of the portal as the
 //! server bound it. A simple Query destroys the unnamed statement and portal;
-//! a transaction's end drops every portal.
+//! a transaction's end drops every portal. During COPY FROM STDIN the server
+//! ignores Sync until CopyDone/CopyFail, and so does the tracker.
+//!
+//! It fails closed: an answer that does not fit what is queued (or a client
+//! message the server would swallow during COPY) is a [`Desync`], and the
+//! proxy then ends the session rather than audit guesses. Statements made
+//! with SQL `PREPARE` are not parsed: a `PREPARE`, `DEALLOCATE` or `DISCARD`
+//! makes the tracker forget every named statement, and an Execute of a
+//! statement it does not know is audited with [`unknown_statement`] text
+//! (the SQL itself is audited as a query). Executes still unanswered when the
+//! connection ends are reported by [`Tracker::unanswered`].
 //!
 //! Pure bookkeeping: no I/O; the proxy feeds it messages in wire order.
-//! Statements made with SQL `PREPARE` and dropped with `DEALLOCATE`/`DISCARD`
-//! are not followed (the SQL itself is audited as a query).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 /// A portal's statement text, parameter count and (if recorded) values.
-pub type BoundPortal = (String, usize, Option<Vec<Option<String>>>);
+pub type BoundPortal = (Arc<str>, usize, Option<Vec<Option<String>>>);
 
-/// A client message that the server answers.
+/// A client message that the server answers (or, for `CopyEnd`, that ends
+/// a COPY FROM STDIN).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Sent {
     Parse {
@@ -48,6 +58,8 @@ pub enum Sent {
     Sync,
     Query,
     FunctionCall,
+    /// CopyDone or CopyFail: no answer of its own.
+    CopyEnd,
 }
 
 impl Sent {
@@ -58,32 +70,90 @@ impl Sent {
 
     /// Part of the extended protocol: an error skips to the next Sync.
     fn extended(&self) -> bool {
-        !matches!(self, Sent::Sync | Sent::Query | Sent::FunctionCall)
+        !matches!(
+            self,
+            Sent::Sync | Sent::Query | Sent::FunctionCall | Sent::CopyEnd
+        )
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Sent::Parse { .. } => "Parse",
+            Sent::Bind { .. } => "Bind",
+            Sent::Describe => "Describe",
+            Sent::Execute { .. } => "Execute",
+            Sent::Close { .. } => "Close",
+            Sent::Sync => "Sync",
+            Sent::Query => "Query",
+            Sent::FunctionCall => "FunctionCall",
+            Sent::CopyEnd => "CopyDone/CopyFail",
+        }
     }
 }
 
-/// An Execute the server ran: its portal and what the portal was bound to.
+/// An Execute the server ran (or, when `answered` is false, that was sent
+/// and not answered before the connection ended): its portal and what the
+/// portal was bound to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Executed {
     pub portal: String,
     pub statement: String,
     pub params: usize,
     pub values: Option<Vec<Option<String>>>,
+    pub answered: bool,
 }
+
+/// The server's answers no longer fit what the client sent: the tracker
+/// cannot tell which statement runs next, so the session must end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desync(pub String);
+
+impl std::fmt::Display for Desync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The audited text of a statement the tracker does not know.
+pub fn unknown_statement(name: &str) -> String {
+    format!(
+        "(prepared statement {name:?} not known to wicket: made with SQL PREPARE, \
+         or beyond what one session may track; see this session's queries)"
+    )
+}
+
+/// Most bytes of statement text and parameter values kept per session.
+const MAX_HELD_BYTES: usize = 32 << 20;
 
 /// Prepared statements and portals of one session.
 #[derive(Debug)]
 pub struct Tracker {
-    statements: HashMap<String, String>,
+    statements: HashMap<String, Arc<str>>,
     portals: HashMap<String, BoundPortal>,
     pending: VecDeque<Sent>,
     /// How many statements, portals and unanswered messages are kept.
     limit: usize,
+    /// Bytes of text and values held by `statements` and `portals`.
+    held: usize,
     /// An error made the server skip to the next Sync, which is not sent
     /// yet: what is sent until then is skipped too.
     skipping: bool,
     /// The Execute at the front was reported already (its COPY began).
     front_reported: bool,
+    /// The server is in COPY FROM STDIN and the client has not ended it.
+    copy_in: bool,
+}
+
+/// Bytes a portal holds: its text (shared with its statement, counted
+/// again: a statement closed after binding stays alive in its portals) and
+/// its values.
+fn portal_weight(p: &BoundPortal) -> usize {
+    p.0.len()
+        + p.2
+            .iter()
+            .flatten()
+            .map(|v| v.as_ref().map_or(0, String::len))
+            .sum::<usize>()
 }
 
 impl Tracker {
@@ -93,8 +163,10 @@ impl Tracker {
             portals: HashMap::new(),
             pending: VecDeque::new(),
             limit,
+            held: 0,
             skipping: false,
             front_reported: false,
+            copy_in: false,
         }
     }
 
@@ -105,78 +177,141 @@ impl Tracker {
     }
 
     /// A client message, in wire order.
-    pub fn sent(&mut self, s: Sent) {
+    pub fn sent(&mut self, s: Sent) -> Result<(), Desync> {
+        if self.copy_in {
+            match s {
+                // Ignored by the server during COPY FROM STDIN.
+                Sent::Sync => return Ok(()),
+                Sent::CopyEnd => {
+                    self.copy_in = false;
+                    return Ok(());
+                }
+                other => {
+                    return Err(Desync(format!(
+                        "the client sent {} during COPY FROM STDIN",
+                        other.name()
+                    )))
+                }
+            }
+        }
         if self.skipping {
             if s != Sent::Sync {
-                return;
+                return Ok(());
             }
             self.skipping = false;
         }
+        // A COPY end with nothing before it that could start a COPY is
+        // ignored by the server (a COPY that failed to start).
+        if s == Sent::CopyEnd && self.pending.is_empty() {
+            return Ok(());
+        }
         self.pending.push_back(s);
+        Ok(())
     }
 
     fn front_is(&self, f: impl Fn(&Sent) -> bool) -> bool {
         self.pending.front().is_some_and(f)
     }
 
-    /// Removes the answered front entry.
+    /// Removes the answered front entry (and COPY ends that reach the front:
+    /// nothing before them started a COPY, so the server ignores them).
     fn pop(&mut self) -> Option<Sent> {
         self.front_reported = false;
-        self.pending.pop_front()
+        let front = self.pending.pop_front();
+        while self.front_is(|s| *s == Sent::CopyEnd) {
+            self.pending.pop_front();
+        }
+        front
+    }
+
+    fn desync(&self, answer: &str) -> Desync {
+        Desync(format!(
+            "the server sent {answer} while the next unanswered client message is {}",
+            self.pending.front().map_or("none", Sent::name)
+        ))
     }
 
     /// A server message (`tag`, and for ReadyForQuery its status byte), in
     /// wire order. Returns the Execute it shows the server ran, if any.
-    pub fn received(&mut self, tag: u8, status: u8) -> Option<Executed> {
-        match tag {
-            b'1' if self.front_is(|s| matches!(s, Sent::Parse { .. })) => {
-                if let Some(Sent::Parse { name, text }) = self.pop() {
-                    remember(&mut self.statements, self.limit, name, text);
-                }
+    pub fn received(&mut self, tag: u8, status: u8) -> Result<Option<Executed>, Desync> {
+        Ok(match tag {
+            b'1' => {
+                let Some(Sent::Parse { name, text }) = self.pending.front().cloned() else {
+                    return Err(self.desync("ParseComplete"));
+                };
+                self.pop();
+                self.remember_statement(name, text);
                 None
             }
-            b'2' if self.front_is(|s| matches!(s, Sent::Bind { .. })) => {
-                if let Some(Sent::Bind {
+            b'2' => {
+                let Some(Sent::Bind {
                     portal,
                     statement,
                     params,
                     values,
-                }) = self.pop()
-                {
-                    let text = self.statements.get(&statement).cloned().unwrap_or_default();
-                    remember(
-                        &mut self.portals,
-                        self.limit,
-                        portal,
-                        (text, params, values),
-                    );
-                }
-                None
-            }
-            b'3' if self.front_is(|s| matches!(s, Sent::Close { .. })) => {
-                if let Some(Sent::Close { statement, name }) = self.pop() {
-                    if statement {
-                        self.statements.remove(&name);
-                    } else {
-                        self.portals.remove(&name);
-                    }
-                }
-                None
-            }
-            b'T' | b'n' if self.front_is(|s| matches!(s, Sent::Describe)) => {
+                }) = self.pending.front().cloned()
+                else {
+                    return Err(self.desync("BindComplete"));
+                };
                 self.pop();
+                self.remember_portal(portal, &statement, params, values);
+                None
+            }
+            b'3' => {
+                let Some(Sent::Close { statement, name }) = self.pending.front().cloned() else {
+                    return Err(self.desync("CloseComplete"));
+                };
+                self.pop();
+                if statement {
+                    if let Some(t) = self.statements.remove(&name) {
+                        self.held -= t.len();
+                    }
+                } else if let Some(p) = self.portals.remove(&name) {
+                    self.held -= portal_weight(&p);
+                }
+                None
+            }
+            b'T' | b'n' => {
+                if self.front_is(|s| *s == Sent::Describe) {
+                    self.pop();
+                } else if !self.front_is(|s| *s == Sent::Query) {
+                    return Err(self.desync("a row description"));
+                }
                 None
             }
             // Execute done: CommandComplete, EmptyQueryResponse, PortalSuspended.
-            b'C' | b'I' | b's' => self.execute_answered(true),
-            // COPY began: report now (CommandComplete comes at its end).
-            b'G' | b'H' | b'W' => self.execute_answered(false),
-            b'E' => {
-                if !self.front_is(Sent::extended) {
-                    // A simple Query's or a Sync's error: ReadyForQuery follows.
-                    return None;
+            b'C' | b'I' | b's' => {
+                if self.front_is(|s| matches!(s, Sent::Execute { .. })) {
+                    self.execute_answered(true, true)
+                } else if tag != b's' && self.front_is(|s| *s == Sent::Query) {
+                    None
+                } else {
+                    return Err(self.desync("a command's completion"));
                 }
-                let ran = self.execute_answered(true);
+            }
+            // COPY began: report now (CommandComplete comes at its end).
+            b'G' | b'H' | b'W' => {
+                let ran = if self.front_is(|s| matches!(s, Sent::Execute { .. })) {
+                    self.execute_answered(false, true)
+                } else if self.front_is(|s| *s == Sent::Query) {
+                    None
+                } else {
+                    return Err(self.desync("a COPY start"));
+                };
+                if tag == b'G' {
+                    self.copy_in_began()?;
+                }
+                ran
+            }
+            b'E' => {
+                // Whatever COPY was running ended with the error.
+                self.copy_in = false;
+                if !self.front_is(Sent::extended) {
+                    // A simple Query's or a Sync's error (ReadyForQuery
+                    // follows), or one answering nothing (a FATAL).
+                    return Ok(None);
+                }
+                let ran = self.execute_answered(true, false);
                 // The server skips everything up to the next Sync.
                 while self.front_is(|s| !matches!(s, Sent::Sync)) {
                     self.pop();
@@ -185,10 +320,12 @@ impl Tracker {
                 ran
             }
             b'Z' => {
+                if !self.pending.iter().any(Sent::ends_cycle) {
+                    return Err(self.desync("ReadyForQuery"));
+                }
                 while let Some(s) = self.pop() {
                     if s == Sent::Query {
-                        self.statements.remove("");
-                        self.portals.remove("");
+                        self.forget_unnamed();
                     }
                     if s.ends_cycle() {
                         break;
@@ -197,44 +334,168 @@ impl Tracker {
                 if status == b'I' {
                     // Portals live until their transaction ends.
                     self.portals.clear();
+                    self.held = self.statements.values().map(|t| t.len()).sum();
                 }
                 None
             }
             _ => None,
+        })
+    }
+
+    /// The command tag of a CommandComplete: SQL-level `PREPARE`,
+    /// `DEALLOCATE` and `DISCARD` change the named statements in ways the
+    /// tracker does not parse, so it forgets them all (their Executes are
+    /// then audited as [`unknown_statement`]s).
+    pub fn completed(&mut self, command_tag: &str) {
+        let word = command_tag.split(' ').next().unwrap_or_default();
+        if matches!(word, "PREPARE" | "DEALLOCATE" | "DISCARD") {
+            self.statements.retain(|name, _| name.is_empty());
+            self.held = self.statements.values().map(|t| t.len()).sum::<usize>()
+                + self.portals.values().map(portal_weight).sum::<usize>();
         }
+    }
+
+    /// The connection ended: the Executes sent and not answered (the server
+    /// may have run them), with the statements they would run if everything
+    /// before them succeeded.
+    pub fn unanswered(&mut self) -> Vec<Executed> {
+        let mut out = Vec::new();
+        let mut reported = self.front_reported;
+        while let Some(s) = self.pending.pop_front() {
+            match s {
+                Sent::Parse { name, text } => self.remember_statement(name, text),
+                Sent::Bind {
+                    portal,
+                    statement,
+                    params,
+                    values,
+                } => self.remember_portal(portal, &statement, params, values),
+                Sent::Execute { portal } if !reported => {
+                    let mut e = self.executed(portal, true);
+                    e.answered = false;
+                    out.push(e);
+                }
+                Sent::Query => self.forget_unnamed(),
+                _ => {}
+            }
+            reported = false;
+        }
+        out
+    }
+
+    fn forget_unnamed(&mut self) {
+        if let Some(t) = self.statements.remove("") {
+            self.held -= t.len();
+        }
+        if let Some(p) = self.portals.remove("") {
+            self.held -= portal_weight(&p);
+        }
+    }
+
+    fn remember_statement(&mut self, name: String, text: String) {
+        if let Some(old) = self.statements.remove(&name) {
+            self.held -= old.len();
+        }
+        if self.statements.len() < self.limit && self.held + text.len() <= MAX_HELD_BYTES {
+            self.held += text.len();
+            self.statements.insert(name, text.into());
+        }
+    }
+
+    /// A portal bound to `statement`; past the session's limits it is kept
+    /// without values, then with a marker instead of its text, and past the
+    /// count limit not at all (its Execute is then audited as unknown).
+    fn remember_portal(
+        &mut self,
+        name: String,
+        statement: &str,
+        params: usize,
+        values: Option<Vec<Option<String>>>,
+    ) {
+        if let Some(old) = self.portals.remove(&name) {
+            self.held -= portal_weight(&old);
+        }
+        if self.portals.len() >= self.limit {
+            return;
+        }
+        let text = match self.statements.get(statement) {
+            Some(t) => t.clone(),
+            None => unknown_statement(statement).into(),
+        };
+        let mut portal = (text, params, values);
+        if self.held + portal_weight(&portal) > MAX_HELD_BYTES {
+            portal.2 = None;
+        }
+        if self.held + portal_weight(&portal) > MAX_HELD_BYTES {
+            portal.0 = unknown_statement(statement).into();
+        }
+        self.held += portal_weight(&portal);
+        self.portals.insert(name, portal);
+    }
+
+    /// What the Execute of `portal` ran. A portal the tracker does not hold
+    /// is unknown when the server ran it (`ok`), and nothing when the server
+    /// refused the Execute (no such portal).
+    fn executed(&self, portal: String, ok: bool) -> Executed {
+        let (statement, params, values) = match self.portals.get(portal.as_str()) {
+            Some((text, params, values)) => (text.to_string(), *params, values.clone()),
+            None if ok => (
+                format!(
+                    "(portal {portal:?} not known to wicket: beyond what one session may track)"
+                ),
+                0,
+                None,
+            ),
+            None => (String::new(), 0, None),
+        };
+        Executed {
+            portal,
+            statement,
+            params,
+            values,
+            answered: true,
+        }
+    }
+
+    /// COPY FROM STDIN began for the front message: the server now ignores
+    /// Sync until the client's CopyDone/CopyFail, and takes any other message
+    /// as an error that aborts the COPY (which the tracker does not follow).
+    fn copy_in_began(&mut self) -> Result<(), Desync> {
+        let i = 1;
+        while let Some(s) = self.pending.get(i) {
+            match s {
+                Sent::Sync => {
+                    self.pending.remove(i);
+                }
+                Sent::CopyEnd => {
+                    self.pending.remove(i);
+                    return Ok(());
+                }
+                other => {
+                    return Err(Desync(format!(
+                        "the client sent {} during COPY FROM STDIN",
+                        other.name()
+                    )))
+                }
+            }
+        }
+        self.copy_in = true;
+        Ok(())
     }
 
     /// The Execute at the front was answered: reports it (once) and, when
     /// `done`, forgets it.
-    fn execute_answered(&mut self, done: bool) -> Option<Executed> {
+    fn execute_answered(&mut self, done: bool, ok: bool) -> Option<Executed> {
         let Some(Sent::Execute { portal }) = self.pending.front() else {
             return None;
         };
         let report = !self.front_reported;
+        let ran = report.then(|| self.executed(portal.clone(), ok));
         self.front_reported = true;
-        let ran = report.then(|| {
-            let (statement, params, values) = self
-                .portals
-                .get(portal.as_str())
-                .cloned()
-                .unwrap_or_default();
-            Executed {
-                portal: portal.clone(),
-                statement,
-                params,
-                values,
-            }
-        });
         if done {
             self.pop();
         }
         ran
-    }
-}
-
-fn remember<V>(map: &mut HashMap<String, V>, limit: usize, key: String, v: V) {
-    if map.len() < limit || map.contains_key(&key) {
-        map.insert(key, v);
     }
 }
 
@@ -247,7 +508,8 @@ mod tests {
         t.sent(Sent::Parse {
             name: name.into(),
             text: text.into(),
-        });
+        })
+        .unwrap();
     }
 
     fn bind(t: &mut Tracker, portal: &str, statement: &str) {
@@ -256,19 +518,21 @@ mod tests {
             statement: statement.into(),
             params: 0,
             values: None,
-        });
+        })
+        .unwrap();
     }
 
     fn execute(t: &mut Tracker, portal: &str) {
         t.sent(Sent::Execute {
             portal: portal.into(),
-        });
+        })
+        .unwrap();
     }
 
     /// Feeds server messages; returns the statements reported as run.
     fn answer(t: &mut Tracker, tags: &[u8]) -> Vec<String> {
         tags.iter()
-            .filter_map(|&tag| t.received(tag, b'I'))
+            .filter_map(|&tag| t.received(tag, b'I').unwrap())
             .map(|e| e.statement)
             .collect()
     }
@@ -279,7 +543,7 @@ mod tests {
         parse(&mut t, "", "SELECT 1");
         bind(&mut t, "", "");
         execute(&mut t, "");
-        t.sent(Sent::Sync);
+        t.sent(Sent::Sync).unwrap();
         assert_eq!(answer(&mut t, b"12"), Vec::<String>::new());
         assert_eq!(answer(&mut t, b"DCZ"), vec!["SELECT 1"]);
         assert!(t.pending.is_empty());
@@ -289,16 +553,16 @@ mod tests {
     fn a_refused_redefinition_does_not_change_the_audited_text() {
         let mut t = Tracker::new(100);
         parse(&mut t, "s1", "DELETE FROM accounts");
-        t.sent(Sent::Sync);
+        t.sent(Sent::Sync).unwrap();
         answer(&mut t, b"1Z");
         // The server refuses this Parse (s1 exists) and skips the rest.
         parse(&mut t, "s1", "SELECT 1");
         bind(&mut t, "", "s1");
         execute(&mut t, "");
-        t.sent(Sent::Sync);
+        t.sent(Sent::Sync).unwrap();
         bind(&mut t, "", "s1");
         execute(&mut t, "");
-        t.sent(Sent::Sync);
+        t.sent(Sent::Sync).unwrap();
         assert_eq!(answer(&mut t, b"EZ"), Vec::<String>::new());
         assert_eq!(answer(&mut t, b"2CZ"), vec!["DELETE FROM accounts"]);
     }
@@ -307,18 +571,19 @@ mod tests {
     fn a_close_skipped_after_an_error_keeps_the_statement() {
         let mut t = Tracker::new(100);
         parse(&mut t, "s1", "DELETE FROM accounts");
-        t.sent(Sent::Sync);
+        t.sent(Sent::Sync).unwrap();
         parse(&mut t, "bad", "SELEKT");
         t.sent(Sent::Close {
             statement: true,
             name: "s1".into(),
-        });
-        t.sent(Sent::Sync);
+        })
+        .unwrap();
+        t.sent(Sent::Sync).unwrap();
         parse(&mut t, "s1", "SELECT 1");
-        t.sent(Sent::Sync);
+        t.sent(Sent::Sync).unwrap();
         bind(&mut t, "", "s1");
         execute(&mut t, "");
-        t.sent(Sent::Sync);
+        t.sent(Sent::Sync).unwrap();
         assert_eq!(answer(&mut t, b"1ZEZEZ2CZ"), vec!["DELETE FROM accounts"]);
     }
 
@@ -326,16 +591,16 @@ mod tests {
     fn a_query_after_an_extended_error_is_skipped_too() {
         let mut t = Tracker::new(100);
         parse(&mut t, "s1", "DELETE FROM accounts");
-        t.sent(Sent::Sync);
+        t.sent(Sent::Sync).unwrap();
         // Execute of a missing portal fails; the Query and the Parse after
         // it are skipped until Sync.
         execute(&mut t, "nope");
-        t.sent(Sent::Query);
+        t.sent(Sent::Query).unwrap();
         parse(&mut t, "s2", "SELECT 2");
-        t.sent(Sent::Sync);
+        t.sent(Sent::Sync).unwrap();
         bind(&mut t, "", "s2");
         execute(&mut t, "");
-        t.sent(Sent::Sync);
+        t.sent(Sent::Sync).unwrap();
         // The failed Execute is reported (with no statement: nothing bound).
         assert_eq!(answer(&mut t, b"1ZEZ"), vec![""]);
         // s2 was never made: Bind fails, nothing runs.
@@ -346,10 +611,10 @@ mod tests {
     fn a_simple_query_destroys_the_unnamed_statement_and_portal() {
         let mut t = Tracker::new(100);
         parse(&mut t, "", "SELECT 1");
-        t.sent(Sent::Sync);
-        t.sent(Sent::Query);
+        t.sent(Sent::Sync).unwrap();
+        t.sent(Sent::Query).unwrap();
         bind(&mut t, "", "");
-        t.sent(Sent::Sync);
+        t.sent(Sent::Sync).unwrap();
         answer(&mut t, b"1ZTDCZ");
         assert!(!t.statements.contains_key(""));
     }
@@ -357,24 +622,24 @@ mod tests {
     #[test]
     fn named_portals_live_until_the_transaction_ends() {
         let mut t = Tracker::new(100);
-        t.sent(Sent::Query); // BEGIN
+        t.sent(Sent::Query).unwrap(); // BEGIN
         parse(&mut t, "s", "SELECT * FROM big");
         bind(&mut t, "c1", "s");
-        t.sent(Sent::Sync);
+        t.sent(Sent::Sync).unwrap();
         for (tag, status) in [(b'C', 0), (b'Z', b'T'), (b'1', 0), (b'2', 0), (b'Z', b'T')] {
-            t.received(tag, status);
+            t.received(tag, status).unwrap();
         }
         execute(&mut t, "c1");
-        t.sent(Sent::Sync);
-        let ran = t.received(b's', 0);
+        t.sent(Sent::Sync).unwrap();
+        let ran = t.received(b's', 0).unwrap();
         assert_eq!(
             ran.map(|e| e.statement).as_deref(),
             Some("SELECT * FROM big")
         );
-        t.received(b'Z', b'T');
-        t.sent(Sent::Query); // COMMIT
-        t.received(b'C', 0);
-        t.received(b'Z', b'I');
+        t.received(b'Z', b'T').unwrap();
+        t.sent(Sent::Query).unwrap(); // COMMIT
+        t.received(b'C', 0).unwrap();
+        t.received(b'Z', b'I').unwrap();
         assert!(t.portals.is_empty());
     }
 
@@ -384,8 +649,10 @@ mod tests {
         parse(&mut t, "", "COPY t FROM STDIN");
         bind(&mut t, "", "");
         execute(&mut t, "");
-        t.sent(Sent::Sync);
+        t.sent(Sent::Sync).unwrap();
         assert_eq!(answer(&mut t, b"12G"), vec!["COPY t FROM STDIN"]);
+        t.sent(Sent::CopyEnd).unwrap();
+        t.sent(Sent::Sync).unwrap();
         assert_eq!(answer(&mut t, b"CZ"), Vec::<String>::new());
     }
 
@@ -393,11 +660,11 @@ mod tests {
     fn describe_answers_are_matched() {
         let mut t = Tracker::new(100);
         parse(&mut t, "", "SELECT 1");
-        t.sent(Sent::Describe);
+        t.sent(Sent::Describe).unwrap();
         bind(&mut t, "", "");
-        t.sent(Sent::Describe);
+        t.sent(Sent::Describe).unwrap();
         execute(&mut t, "");
-        t.sent(Sent::Sync);
+        t.sent(Sent::Sync).unwrap();
         assert_eq!(answer(&mut t, b"1tT2TDCZ"), vec!["SELECT 1"]);
         assert!(t.pending.is_empty());
     }
@@ -405,12 +672,197 @@ mod tests {
     #[test]
     fn the_queue_reports_full_at_its_limit() {
         let mut t = Tracker::new(2);
-        t.sent(Sent::Sync);
+        t.sent(Sent::Sync).unwrap();
         assert!(!t.is_full());
-        t.sent(Sent::Sync);
+        t.sent(Sent::Sync).unwrap();
         assert!(t.is_full());
-        t.received(b'Z', b'I');
+        t.received(b'Z', b'I').unwrap();
         assert!(!t.is_full());
+    }
+
+    #[test]
+    fn copy_from_stdin_in_the_extended_protocol_ignores_the_syncs_it_swallows() {
+        // libpq's PQexecParams("COPY ... FROM STDIN"): a Sync with the
+        // Execute (ignored by the server in COPY), data, CopyDone, Sync.
+        let mut t = Tracker::new(100);
+        parse(&mut t, "", "COPY t FROM STDIN");
+        bind(&mut t, "", "");
+        t.sent(Sent::Describe).unwrap();
+        execute(&mut t, "");
+        t.sent(Sent::Sync).unwrap();
+        assert_eq!(answer(&mut t, b"12nG"), vec!["COPY t FROM STDIN"]);
+        t.sent(Sent::CopyEnd).unwrap();
+        t.sent(Sent::Sync).unwrap();
+        assert_eq!(answer(&mut t, b"CZ"), Vec::<String>::new());
+        assert!(t.pending.is_empty() && !t.copy_in);
+        // And the session goes on in step.
+        parse(&mut t, "s1", "DELETE FROM accounts");
+        bind(&mut t, "", "s1");
+        execute(&mut t, "");
+        t.sent(Sent::Sync).unwrap();
+        assert_eq!(answer(&mut t, b"12CZ"), vec!["DELETE FROM accounts"]);
+    }
+
+    #[test]
+    fn a_message_sent_during_copy_from_stdin_ends_the_session() {
+        // The server would swallow the Parse as an error; the tracker would
+        // then match the next ParseComplete to it.
+        let mut t = Tracker::new(100);
+        t.sent(Sent::Query).unwrap();
+        answer(&mut t, b"G");
+        let e = t
+            .sent(Sent::Parse {
+                name: "s1".into(),
+                text: "SELECT 1".into(),
+            })
+            .unwrap_err();
+        assert!(e.0.contains("Parse during COPY FROM STDIN"), "{e}");
+        // Pipelined before the COPY began: found when it begins.
+        let mut t = Tracker::new(100);
+        t.sent(Sent::Query).unwrap();
+        parse(&mut t, "s1", "SELECT 1");
+        assert!(t.received(b'G', 0).is_err());
+        // Sync is ignored during COPY, and a pipelined COPY end is matched.
+        let mut t = Tracker::new(100);
+        t.sent(Sent::Query).unwrap();
+        t.sent(Sent::Sync).unwrap();
+        t.sent(Sent::CopyEnd).unwrap();
+        t.sent(Sent::Query).unwrap();
+        assert_eq!(answer(&mut t, b"GCZTDCZ"), Vec::<String>::new());
+        assert!(t.pending.is_empty());
+    }
+
+    #[test]
+    fn a_copy_that_never_began_leaves_its_end_ignored() {
+        let mut t = Tracker::new(100);
+        t.sent(Sent::Query).unwrap(); // COPY with a syntax error
+        t.sent(Sent::CopyEnd).unwrap();
+        parse(&mut t, "s1", "SELECT 1");
+        t.sent(Sent::Sync).unwrap();
+        assert_eq!(answer(&mut t, b"EZ1Z"), Vec::<String>::new());
+        assert_eq!(t.statements.get("s1").map(|s| &**s), Some("SELECT 1"));
+        // A COPY end with nothing before it is dropped at once.
+        t.sent(Sent::CopyEnd).unwrap();
+        assert!(t.pending.is_empty());
+    }
+
+    #[test]
+    fn answers_that_do_not_fit_what_was_sent_are_a_desync() {
+        for (sent, tag) in [
+            (vec![], b'1'),
+            (vec![Sent::Sync], b'2'),
+            (vec![Sent::Describe], b'3'),
+            (vec![Sent::Sync], b'T'),
+            (vec![Sent::Describe], b'C'),
+            (vec![Sent::Query], b's'),
+            (vec![Sent::Sync], b'G'),
+            (vec![Sent::Describe], b'Z'),
+            (vec![], b'Z'),
+        ] {
+            let mut t = Tracker::new(100);
+            for s in sent.clone() {
+                t.sent(s).unwrap();
+            }
+            let e = t.received(tag, b'I').unwrap_err();
+            assert!(e.0.contains("the server sent"), "{sent:?} {tag}: {e}");
+        }
+        // An error answering nothing (a FATAL) is not.
+        assert_eq!(Tracker::new(10).received(b'E', 0), Ok(None));
+    }
+
+    #[test]
+    fn sql_prepare_and_deallocate_make_named_statements_unknown() {
+        let mut t = Tracker::new(100);
+        parse(&mut t, "s1", "SELECT 1");
+        parse(&mut t, "", "SELECT 2");
+        t.sent(Sent::Sync).unwrap();
+        answer(&mut t, b"11Z");
+        // Query("DEALLOCATE s1; PREPARE s1 AS DELETE FROM accounts")
+        t.sent(Sent::Query).unwrap();
+        t.received(b'C', 0).unwrap();
+        t.completed("DEALLOCATE");
+        t.received(b'C', 0).unwrap();
+        t.completed("PREPARE");
+        t.received(b'Z', b'I').unwrap();
+        bind(&mut t, "", "s1");
+        execute(&mut t, "");
+        t.sent(Sent::Sync).unwrap();
+        assert_eq!(answer(&mut t, b"2CZ"), vec![unknown_statement("s1")]);
+        // Other commands change nothing.
+        let mut t = Tracker::new(100);
+        parse(&mut t, "s1", "SELECT 1");
+        t.sent(Sent::Sync).unwrap();
+        answer(&mut t, b"1Z");
+        t.completed("SELECT 1");
+        t.completed("PREPARED"); // not the word PREPARE
+        assert!(t.statements.contains_key("s1"));
+    }
+
+    #[test]
+    fn executes_left_unanswered_at_the_end_are_reported_as_such() {
+        let mut t = Tracker::new(100);
+        parse(&mut t, "s1", "DELETE FROM ledger");
+        t.sent(Sent::Sync).unwrap();
+        answer(&mut t, b"1Z");
+        parse(&mut t, "", "UPDATE ledger SET x = 1");
+        bind(&mut t, "", "");
+        execute(&mut t, "");
+        bind(&mut t, "p", "s1");
+        execute(&mut t, "p");
+        t.sent(Sent::Sync).unwrap();
+        // The first Execute was answered, the second not.
+        assert_eq!(answer(&mut t, b"12C"), vec!["UPDATE ledger SET x = 1"]);
+        let left = t.unanswered();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].statement, "DELETE FROM ledger");
+        assert!(!left[0].answered);
+        assert!(t.pending.is_empty());
+        // A COPY already reported is not reported again.
+        let mut t = Tracker::new(100);
+        parse(&mut t, "", "COPY t FROM STDIN");
+        bind(&mut t, "", "");
+        execute(&mut t, "");
+        answer(&mut t, b"12G");
+        assert!(t.unanswered().is_empty());
+    }
+
+    #[test]
+    fn held_text_is_bounded_and_what_is_not_kept_is_audited_as_unknown() {
+        let mut t = Tracker::new(10_000);
+        let big = "x".repeat(1 << 20);
+        for i in 0..40 {
+            parse(&mut t, &format!("s{i}"), &big);
+            t.sent(Sent::Sync).unwrap();
+            answer(&mut t, b"1Z");
+            assert!(t.held <= MAX_HELD_BYTES);
+        }
+        bind(&mut t, "", "s39");
+        execute(&mut t, "");
+        t.sent(Sent::Sync).unwrap();
+        assert_eq!(answer(&mut t, b"2CZ"), vec![unknown_statement("s39")]);
+        // Statements closed after binding are still counted in their portals.
+        let mut t = Tracker::new(10_000);
+        t.sent(Sent::Query).unwrap(); // BEGIN
+        answer(&mut t, b"C");
+        t.received(b'Z', b'T').unwrap();
+        for i in 0..40 {
+            parse(&mut t, "s", &format!("{big}{i}"));
+            bind(&mut t, &format!("p{i}"), "s");
+            t.sent(Sent::Close {
+                statement: true,
+                name: "s".into(),
+            })
+            .unwrap();
+            t.sent(Sent::Sync).unwrap();
+            for tag in *b"123" {
+                t.received(tag, 0).unwrap();
+            }
+            t.received(b'Z', b'T').unwrap();
+            assert!(t.held <= MAX_HELD_BYTES, "{i}: {}", t.held);
+        }
+        execute(&mut t, "p39");
+        t.sent(Sent::Sync).unwrap();
+        assert_eq!(answer(&mut t, b"CZ"), vec![unknown_statement("s")]);
     }
 
     /// Client messages for the model below (names 0 = unnamed).
@@ -423,6 +875,9 @@ mod tests {
         Close(bool, u8),
         Sync,
         Query(bool),
+        /// A simple-query COPY FROM STDIN and the client's CopyDone (or a
+        /// row the server rejects).
+        CopyIn(bool),
     }
 
     fn msg() -> impl Strategy<Value = Msg> {
@@ -434,6 +889,7 @@ mod tests {
             (any::<bool>(), 0u8..3).prop_map(|(s, n)| Msg::Close(s, n)),
             Just(Msg::Sync),
             any::<bool>().prop_map(Msg::Query),
+            any::<bool>().prop_map(Msg::CopyIn),
         ]
     }
 
@@ -471,9 +927,12 @@ mod tests {
                     Msg::Describe => Sent::Describe,
                     Msg::Close(s, n) => Sent::Close { statement: *s, name: name(*n) },
                     Msg::Sync => Sent::Sync,
-                    Msg::Query(_) => Sent::Query,
+                    Msg::Query(_) | Msg::CopyIn(_) => Sent::Query,
                 };
-                t.sent(sent);
+                t.sent(sent).unwrap();
+                if matches!(m, Msg::CopyIn(_)) {
+                    t.sent(Sent::CopyEnd).unwrap();
+                }
                 if skipping && !matches!(m, Msg::Sync) {
                     continue;
                 }
@@ -521,15 +980,20 @@ mod tests {
                         portals.clear();
                         answers.extend(if ok { &b"TDCZ"[..] } else { &b"EZ"[..] });
                     }
+                    Msg::CopyIn(ok) => {
+                        stmts.remove("");
+                        portals.clear();
+                        answers.extend(if ok { &b"GCZ"[..] } else { &b"GEZ"[..] });
+                    }
                 }
                 if deliver {
                     while let Some(a) = answers.pop_front() {
-                        reported.extend(t.received(a, b'I').map(|e| e.statement));
+                        reported.extend(t.received(a, b'I').unwrap().map(|e| e.statement));
                     }
                 }
             }
             while let Some(a) = answers.pop_front() {
-                reported.extend(t.received(a, b'I').map(|e| e.statement));
+                reported.extend(t.received(a, b'I').unwrap().map(|e| e.statement));
             }
             // Every run Execute of a bound portal reports its statement; a
             // failed lookup (nothing bound) reports empty text.
