@@ -222,12 +222,29 @@ impl Tunnel {
     }
 }
 
-/// Why a local connection may not use the tunnel of the OS user `me`.
+/// Why a local connection may not use the tunnel of the OS user `me`
+/// (`None` where the OS cannot be asked: not Linux). Fails closed: a
+/// connection whose owner the kernel does not tell is refused, and so is the
+/// overflow UID (65534), which stands for every user a user namespace does
+/// not map.
 fn refusal(me: Option<u32>, conn: &TcpStream, peer: std::net::SocketAddr) -> Option<String> {
-    use crate::peer::{peer_of, Peer};
     let me = me?;
-    let local = conn.local_addr().ok()?;
-    match peer_of(peer, local) {
+    let owner = match conn.local_addr() {
+        Ok(local) => crate::peer::peer_of(peer, local),
+        Err(_) => crate::peer::Peer::Unlisted,
+    };
+    refusal_of(me, owner, peer)
+}
+
+/// [`refusal`] once the kernel answered who owns the client socket.
+fn refusal_of(me: u32, owner: crate::peer::Peer, peer: std::net::SocketAddr) -> Option<String> {
+    use crate::peer::Peer;
+    const OVERFLOW_UID: u32 = 65534;
+    match owner {
+        Peer::Uid(OVERFLOW_UID) => Some(format!(
+            "refused a connection from uid {OVERFLOW_UID}, which also stands for users \
+             unmapped in a user namespace"
+        )),
         Peer::Uid(uid) if uid == me => None,
         Peer::Uid(uid) => Some(format!(
             "this tunnel serves only the OS user who started it (uid {me}); \
@@ -236,7 +253,10 @@ fn refusal(me: Option<u32>, conn: &TcpStream, peer: std::net::SocketAddr) -> Opt
         Peer::Unlisted => Some(format!(
             "cannot tell which OS user connected from {peer}; refused"
         )),
-        Peer::Unknown => None,
+        Peer::Unknown => Some(format!(
+            "the kernel did not say which OS user connected from {peer} \
+             (sock_diag netlink unavailable?); refused"
+        )),
     }
 }
 
@@ -495,6 +515,24 @@ pub fn print_db_session(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tunnel_serves_its_owner_and_refuses_what_it_cannot_tell() {
+        use crate::peer::Peer;
+        let from: std::net::SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        assert_eq!(refusal_of(1000, Peer::Uid(1000), from), None);
+        for (owner, says) in [
+            (Peer::Uid(1001), "refused a connection from uid 1001"),
+            (Peer::Uid(65534), "unmapped in a user namespace"),
+            (Peer::Unlisted, "cannot tell which OS user"),
+            (Peer::Unknown, "the kernel did not say"),
+        ] {
+            let why = refusal_of(1000, owner, from).unwrap();
+            assert!(why.contains(says), "{why}");
+        }
+        // The overflow UID is refused even to a tunnel running as it.
+        assert!(refusal_of(65534, Peer::Uid(65534), from).is_some());
+    }
 
     #[test]
     fn replayed_text_cannot_carry_terminal_escapes() {
