@@ -591,6 +591,47 @@ impl Conn {
         Ok(())
     }
 
+    /// While a grant drains (`disconnect_on_expiry: false`), a channel opened
+    /// before it ended may finish what it runs but start nothing new: a
+    /// shell, command, subsystem, X11 or agent request on it is refused with
+    /// the reason on stderr, and the channel closes. True when refused.
+    async fn refused_while_draining(
+        &self,
+        channel: ChannelId,
+        what: &str,
+        session: &mut Session,
+    ) -> Result<bool, russh::Error> {
+        // Channels refused at their opening answer through `forward`.
+        if !self.channels.contains_key(&channel) {
+            return Ok(false);
+        }
+        let Some(live) = self.live() else {
+            return Ok(false);
+        };
+        let Some(why) = live.refusing() else {
+            return Ok(false);
+        };
+        live.marker(&format!("{what} refused: {why}"));
+        live.audit(AuditEvent::AccessDenied {
+            user: live.sref.user.clone(),
+            action: format!("ssh.{what}"),
+            reason: why.clone(),
+        })
+        .await;
+        let line = format!("wicket: refused: {why}; nothing new starts on this connection\r\n");
+        let _ = session.extended_data(channel, 1, Bytes::from(line.into_bytes()));
+        if what == "agent_forwarding" {
+            // russh answers this request from the handler's result; the
+            // channel's own command was started before the grant ended.
+            return Ok(true);
+        }
+        session.channel_failure(channel)?;
+        session.exit_status_request(channel, 1)?;
+        session.eof(channel)?;
+        session.close(channel)?;
+        Ok(true)
+    }
+
     /// A forwarding the policy may refuse: refused ones get a line on stderr.
     async fn decide_forwarding(
         &self,
@@ -1078,6 +1119,12 @@ impl server::Handler for Conn {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if self
+            .refused_while_draining(channel, "shell", session)
+            .await?
+        {
+            return Ok(());
+        }
         if let (Some(live), Some(c)) = (self.live(), self.channels.get(&channel)) {
             let (cols, rows, term) = c.pty.clone().unwrap_or((80, 24, String::new()));
             if let Some(r) = live.recorder(cols, rows, (!term.is_empty()).then_some(term.as_str()))
@@ -1094,6 +1141,12 @@ impl server::Handler for Conn {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if self
+            .refused_while_draining(channel, "exec", session)
+            .await?
+        {
+            return Ok(());
+        }
         if let (Some(live), Some(c)) = (self.live().cloned(), self.channels.get(&channel)) {
             let command = String::from_utf8_lossy(data).into_owned();
             let (cols, rows, term) = c.pty.clone().unwrap_or((80, 24, String::new()));
@@ -1121,6 +1174,12 @@ impl server::Handler for Conn {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if self
+            .refused_while_draining(channel, "subsystem", session)
+            .await?
+        {
+            return Ok(());
+        }
         if let (Some(live), Some(c)) = (self.live().cloned(), self.channels.get(&channel)) {
             // Binary protocols (sftp) are audited, not recorded byte by byte.
             c.rec.mode.store(REC_OFF, Ordering::Relaxed);
@@ -1183,6 +1242,12 @@ impl server::Handler for Conn {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
+        if self
+            .refused_while_draining(channel, "agent_forwarding", session)
+            .await?
+        {
+            return Ok(false);
+        }
         if !self
             .decide_forwarding(SshForwarding::Agent, Some(channel), session)
             .await
@@ -1205,6 +1270,12 @@ impl server::Handler for Conn {
         x11_screen_number: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if self
+            .refused_while_draining(channel, "x11_forwarding", session)
+            .await?
+        {
+            return Ok(());
+        }
         if !self
             .decide_forwarding(SshForwarding::X11, Some(channel), session)
             .await
