@@ -224,24 +224,51 @@ fn read_failed(map: &Mutex<BTreeMap<String, Check>>, key: &str, now: DateTime<Ut
         .get_or_insert(now);
 }
 
-/// A store read bounded by [`CHECK_TIMEOUT`]; `None` when it failed, or
-/// when the store already failed this round (then it is not waited on
-/// again).
+/// Most time one round of re-reads may take: a store that answers each read
+/// just under [`CHECK_TIMEOUT`] must not stretch a round over many grants
+/// (a revocation elsewhere would go unseen that long); what the round did
+/// not reach counts as unread.
+const ROUND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// One round of re-reads: whether the store answered so far, and until when
+/// it may be waited on.
+struct Round {
+    ok: bool,
+    deadline: tokio::time::Instant,
+}
+
+impl Round {
+    fn start() -> Self {
+        Self {
+            ok: true,
+            deadline: tokio::time::Instant::now() + ROUND_TIMEOUT,
+        }
+    }
+}
+
+/// A store read bounded by [`CHECK_TIMEOUT`] and the round's deadline;
+/// `None` when it failed, or when the store already failed this round (then
+/// it is not waited on again).
 async fn bounded<T, E: std::fmt::Display>(
-    store_ok: &mut bool,
+    round: &mut Round,
     what: &str,
     read: impl std::future::Future<Output = Result<T, E>>,
 ) -> Option<T> {
-    if !*store_ok {
+    if !round.ok {
         return None;
     }
-    let why = match tokio::time::timeout(CHECK_TIMEOUT, read).await {
+    let limit = (tokio::time::Instant::now() + CHECK_TIMEOUT).min(round.deadline);
+    let why = match tokio::time::timeout_at(limit, read).await {
         Ok(Ok(v)) => return Some(v),
         Ok(Err(e)) => e.to_string(),
+        Err(_) if limit == round.deadline => format!(
+            "the round of re-reads took over {}s",
+            ROUND_TIMEOUT.as_secs()
+        ),
         Err(_) => format!("no answer within {}s", CHECK_TIMEOUT.as_secs()),
     };
     tracing::warn!(what, error = %why, "cannot re-check live sessions");
-    *store_ok = false;
+    round.ok = false;
     None
 }
 
@@ -254,12 +281,12 @@ impl Wicket {
     /// were told to end.
     pub async fn refresh_sessions(&self, now: DateTime<Utc>) -> usize {
         let mut ended = 0;
-        let mut store_ok = true;
+        let mut round = Round::start();
         // Sessions end with their user too (standing-role sessions have no
         // grant to end them).
         let users = self.sessions.users();
         for user in &users {
-            let why = match bounded(&mut store_ok, "user", self.store.get_user(user)).await {
+            let why = match bounded(&mut round, "user", self.store.get_user(user)).await {
                 Some(Some(u)) if !u.disabled => {
                     read_ok(&self.checks.users, user, None);
                     continue;
@@ -276,7 +303,7 @@ impl Wicket {
         }
         let ids = self.sessions.request_ids();
         for id in &ids {
-            match bounded(&mut store_ok, "grant", self.load_request(id)).await {
+            match bounded(&mut round, "grant", self.load_request(id)).await {
                 Some(req) => {
                     ended += self.signal_sessions(&req, now);
                     read_ok(&self.checks.requests, id, Some(req));
@@ -354,5 +381,38 @@ impl Wicket {
             self.sessions.warn_for_request(&req.id, &text);
         }
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_slow_store_cannot_stretch_a_round_past_its_deadline() {
+        let mut round = Round {
+            ok: true,
+            deadline: tokio::time::Instant::now() + Duration::from_millis(500),
+        };
+        let slow = || async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Ok::<_, String>(())
+        };
+        // Each read is within the per-read bound; the third one would end
+        // after the round's deadline.
+        assert_eq!(bounded(&mut round, "grant", slow()).await, Some(()));
+        assert_eq!(bounded(&mut round, "grant", slow()).await, Some(()));
+        assert_eq!(bounded(&mut round, "grant", slow()).await, None);
+        assert!(!round.ok);
+        // The rest of the round is not waited on.
+        let started = tokio::time::Instant::now();
+        assert_eq!(bounded(&mut round, "grant", slow()).await, None);
+        assert!(started.elapsed() < Duration::from_millis(100));
+        // A failing read ends a round too.
+        let mut round = Round::start();
+        let failing = async { Err::<(), _>("store down".to_owned()) };
+        assert_eq!(bounded(&mut round, "user", failing).await, None);
+        assert!(!round.ok);
     }
 }
