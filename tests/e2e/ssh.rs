@@ -948,7 +948,8 @@ fn after_the_grant_ends_a_kept_connection_opens_no_new_channels() {
     let master = mux(true)
         .arg(lab.dest())
         .arg(format!(
-            "while [ ! -e {} ]; do sleep 0.1; done; echo finished",
+            // Bounded, so a failed run leaves nothing spinning on the node.
+            "t=0; while [ ! -e {} ] && [ $t -lt 600 ]; do sleep 0.1; t=$((t+1)); done; echo finished",
             stop.display()
         ))
         .stdin(Stdio::null())
