@@ -500,15 +500,7 @@ fn fast_path_function_calls_are_audited() {
         ok && out == "1",
         "the large object was written: {out} {err}"
     );
-    let calls = wait_until(
-        "db_function_call audit events",
-        Duration::from_secs(10),
-        || {
-            let e = s.events(&s.alice, &["--user", "alice", "--kind", "db_function_call"]);
-            (!e.is_empty()).then_some(e)
-        },
-    )
-    .unwrap();
+    let calls = s.alice_events("db_function_call");
     for c in &calls {
         let d = &c["data"];
         assert!(d["function_oid"].as_u64().is_some_and(|o| o > 0), "{c}");
@@ -732,11 +724,7 @@ fn executes_are_audited_with_the_statement_the_server_ran() {
     let (ok, out, err) = t.sql("select count(*) from ledger");
     assert!(ok && out == "0", "the DELETE ran: {out} {err}");
 
-    let executes = wait_until("the db_execute event", Duration::from_secs(10), || {
-        let e = s.events(&s.alice, &["--user", "alice", "--kind", "db_execute"]);
-        (!e.is_empty()).then_some(e)
-    })
-    .unwrap();
+    let executes = s.alice_events("db_execute");
     let statements: Vec<&str> = executes
         .iter()
         .filter_map(|e| e["data"]["statement"].as_str())
@@ -777,11 +765,7 @@ fn an_execute_sent_with_terminate_is_audited() {
         (t.sql("select count(*) from ledger").1 == "0").then_some(())
     })
     .unwrap();
-    let executes = wait_until("the db_execute event", Duration::from_secs(10), || {
-        let e = s.events(&s.alice, &["--user", "alice", "--kind", "db_execute"]);
-        (!e.is_empty()).then_some(e)
-    })
-    .unwrap();
+    let executes = s.alice_events("db_execute");
     assert_eq!(
         executes[0]["data"]["statement"], "DELETE FROM ledger",
         "{executes:?}"

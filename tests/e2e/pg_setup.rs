@@ -7,8 +7,9 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 use wicket_e2e::harness_postgres::Postgres;
-use wicket_e2e::harness_util::run;
+use wicket_e2e::harness_util::{run, wait_until};
 use wicket_e2e::harness_wicket::{wicketd_cmd, WicketCli, Wicketd};
 
 pub const PW: &str = "correct horse battery staple";
@@ -178,6 +179,20 @@ impl Setup {
             .as_array()
             .unwrap()
             .clone()
+    }
+
+    /// alice's audit events of `kind`, once there is at least one (the
+    /// writer stores them after a short linger).
+    pub fn alice_events(&self, kind: &str) -> Vec<Value> {
+        wait_until(
+            &format!("{kind} audit events"),
+            Duration::from_secs(10),
+            || {
+                let e = self.events(&self.alice, &["--user", "alice", "--kind", kind]);
+                (!e.is_empty()).then_some(e)
+            },
+        )
+        .unwrap()
     }
 }
 
