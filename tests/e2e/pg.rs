@@ -685,17 +685,23 @@ impl RawFrontend {
     }
 }
 
+/// alice with a dba grant, her tunnel, and a two-row table `ledger`.
+fn with_ledger() -> (Setup, Tunnel) {
+    let s = Setup::start("");
+    s.grant_dba("30m");
+    let t = s.tunnel();
+    let (ok, out, err) = t.sql("create table ledger(x int); insert into ledger values (1), (2)");
+    assert!(ok, "{out} {err}");
+    (s, t)
+}
+
 /// The audit names the statement an Execute really ran, as the server
 /// answered, not as the client claimed: a refused redefinition of a
 /// prepared statement (and a Close the server skipped after an error) must
 /// not let a client log `SELECT 1` while it deletes rows.
 #[test]
 fn executes_are_audited_with_the_statement_the_server_ran() {
-    let s = Setup::start("");
-    s.grant_dba("30m");
-    let t = s.tunnel();
-    let (ok, out, err) = t.sql("create table ledger(x int); insert into ledger values (1), (2)");
-    assert!(ok, "{out} {err}");
+    let (s, t) = with_ledger();
 
     let mut f = RawFrontend::connect(&t);
     // One pipelined write, as an attacker would send it: s1 is a DELETE;
@@ -745,11 +751,7 @@ fn executes_are_audited_with_the_statement_the_server_ran() {
 /// though the client never reads its answer: it is on the record too.
 #[test]
 fn an_execute_sent_with_terminate_is_audited() {
-    let s = Setup::start("");
-    s.grant_dba("30m");
-    let t = s.tunnel();
-    let (ok, out, err) = t.sql("create table ledger(x int); insert into ledger values (1), (2)");
-    assert!(ok, "{out} {err}");
+    let (s, t) = with_ledger();
     let mut f = RawFrontend::connect(&t);
     let batch = [
         RawFrontend::parse("", "DELETE FROM ledger"),
