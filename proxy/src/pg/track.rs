@@ -128,13 +128,11 @@ const MAX_HELD_BYTES: usize = 32 << 20;
 /// Prepared statements and portals of one session.
 #[derive(Debug)]
 pub struct Tracker {
-    statements: HashMap<String, Arc<str>>,
-    portals: HashMap<String, BoundPortal>,
+    statements: Weighed<Arc<str>>,
+    portals: Weighed<BoundPortal>,
     pending: VecDeque<Sent>,
     /// How many statements, portals and unanswered messages are kept.
     limit: usize,
-    /// Bytes of text and values held by `statements` and `portals`.
-    held: usize,
     /// An error made the server skip to the next Sync, which is not sent
     /// yet: what is sent until then is skipped too.
     skipping: bool,
@@ -144,26 +142,90 @@ pub struct Tracker {
     copy_in: bool,
 }
 
-/// Bytes a portal holds: its text (shared with its statement, counted
-/// again: a statement closed after binding stays alive in its portals) and
-/// its values.
-fn portal_weight(p: &BoundPortal) -> usize {
-    p.0.len()
-        + p.2
-            .iter()
-            .flatten()
-            .map(|v| v.as_ref().map_or(0, String::len))
-            .sum::<usize>()
+/// What a kept value costs, in bytes of text.
+trait Weight {
+    fn weight(&self) -> usize;
+}
+
+impl Weight for Arc<str> {
+    fn weight(&self) -> usize {
+        self.len()
+    }
+}
+
+/// A portal holds its text (shared with its statement, counted again: a
+/// statement closed after binding stays alive in its portals) and values.
+impl Weight for BoundPortal {
+    fn weight(&self) -> usize {
+        self.0.len()
+            + self
+                .2
+                .iter()
+                .flatten()
+                .map(|v| v.as_ref().map_or(0, String::len))
+                .sum::<usize>()
+    }
+}
+
+/// A map by name that keeps the total weight of its values.
+#[derive(Debug)]
+struct Weighed<V> {
+    map: HashMap<String, V>,
+    bytes: usize,
+}
+
+impl<V: Weight> Weighed<V> {
+    fn new() -> Self {
+        Self {
+            map: HashMap::new(),
+            bytes: 0,
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&V> {
+        self.map.get(name)
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn insert(&mut self, name: String, v: V) {
+        self.remove(&name);
+        self.bytes += v.weight();
+        self.map.insert(name, v);
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some(v) = self.map.remove(name) {
+            self.bytes -= v.weight();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.bytes = 0;
+    }
+
+    fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        let bytes = &mut self.bytes;
+        self.map.retain(|name, v| {
+            let kept = keep(name);
+            if !kept {
+                *bytes -= v.weight();
+            }
+            kept
+        });
+    }
 }
 
 impl Tracker {
     pub fn new(limit: usize) -> Self {
         Self {
-            statements: HashMap::new(),
-            portals: HashMap::new(),
+            statements: Weighed::new(),
+            portals: Weighed::new(),
             pending: VecDeque::new(),
             limit,
-            held: 0,
             skipping: false,
             front_reported: false,
             copy_in: false,
@@ -263,11 +325,9 @@ impl Tracker {
                 };
                 self.pop();
                 if statement {
-                    if let Some(t) = self.statements.remove(&name) {
-                        self.held -= t.len();
-                    }
-                } else if let Some(p) = self.portals.remove(&name) {
-                    self.held -= portal_weight(&p);
+                    self.statements.remove(&name);
+                } else {
+                    self.portals.remove(&name);
                 }
                 None
             }
@@ -334,7 +394,6 @@ impl Tracker {
                 if status == b'I' {
                     // Portals live until their transaction ends.
                     self.portals.clear();
-                    self.held = self.statements.values().map(|t| t.len()).sum();
                 }
                 None
             }
@@ -349,9 +408,7 @@ impl Tracker {
     pub fn completed(&mut self, command_tag: &str) {
         let word = command_tag.split(' ').next().unwrap_or_default();
         if matches!(word, "PREPARE" | "DEALLOCATE" | "DISCARD") {
-            self.statements.retain(|name, _| name.is_empty());
-            self.held = self.statements.values().map(|t| t.len()).sum::<usize>()
-                + self.portals.values().map(portal_weight).sum::<usize>();
+            self.statements.retain(str::is_empty);
         }
     }
 
@@ -383,21 +440,19 @@ impl Tracker {
         out
     }
 
+    /// Bytes of text and values kept for this session.
+    fn held(&self) -> usize {
+        self.statements.bytes + self.portals.bytes
+    }
+
     fn forget_unnamed(&mut self) {
-        if let Some(t) = self.statements.remove("") {
-            self.held -= t.len();
-        }
-        if let Some(p) = self.portals.remove("") {
-            self.held -= portal_weight(&p);
-        }
+        self.statements.remove("");
+        self.portals.remove("");
     }
 
     fn remember_statement(&mut self, name: String, text: String) {
-        if let Some(old) = self.statements.remove(&name) {
-            self.held -= old.len();
-        }
-        if self.statements.len() < self.limit && self.held + text.len() <= MAX_HELD_BYTES {
-            self.held += text.len();
+        self.statements.remove(&name);
+        if self.statements.len() < self.limit && self.held() + text.len() <= MAX_HELD_BYTES {
             self.statements.insert(name, text.into());
         }
     }
@@ -412,9 +467,7 @@ impl Tracker {
         params: usize,
         values: Option<Vec<Option<String>>>,
     ) {
-        if let Some(old) = self.portals.remove(&name) {
-            self.held -= portal_weight(&old);
-        }
+        self.portals.remove(&name);
         if self.portals.len() >= self.limit {
             return;
         }
@@ -423,13 +476,12 @@ impl Tracker {
             None => unknown_statement(statement).into(),
         };
         let mut portal = (text, params, values);
-        if self.held + portal_weight(&portal) > MAX_HELD_BYTES {
+        if self.held() + portal.weight() > MAX_HELD_BYTES {
             portal.2 = None;
         }
-        if self.held + portal_weight(&portal) > MAX_HELD_BYTES {
+        if self.held() + portal.weight() > MAX_HELD_BYTES {
             portal.0 = unknown_statement(statement).into();
         }
-        self.held += portal_weight(&portal);
         self.portals.insert(name, portal);
     }
 
@@ -616,7 +668,7 @@ mod tests {
         bind(&mut t, "", "");
         t.sent(Sent::Sync).unwrap();
         answer(&mut t, b"1ZTDCZ");
-        assert!(!t.statements.contains_key(""));
+        assert!(t.statements.get("").is_none());
     }
 
     #[test]
@@ -640,7 +692,7 @@ mod tests {
         t.sent(Sent::Query).unwrap(); // COMMIT
         t.received(b'C', 0).unwrap();
         t.received(b'Z', b'I').unwrap();
-        assert!(t.portals.is_empty());
+        assert_eq!(t.portals.len(), 0);
     }
 
     #[test]
@@ -795,7 +847,7 @@ mod tests {
         answer(&mut t, b"1Z");
         t.completed("SELECT 1");
         t.completed("PREPARED"); // not the word PREPARE
-        assert!(t.statements.contains_key("s1"));
+        assert!(t.statements.get("s1").is_some());
     }
 
     #[test]
@@ -834,7 +886,7 @@ mod tests {
             parse(&mut t, &format!("s{i}"), &big);
             t.sent(Sent::Sync).unwrap();
             answer(&mut t, b"1Z");
-            assert!(t.held <= MAX_HELD_BYTES);
+            assert!(t.held() <= MAX_HELD_BYTES);
         }
         bind(&mut t, "", "s39");
         execute(&mut t, "");
@@ -858,7 +910,7 @@ mod tests {
                 t.received(tag, 0).unwrap();
             }
             t.received(b'Z', b'T').unwrap();
-            assert!(t.held <= MAX_HELD_BYTES, "{i}: {}", t.held);
+            assert!(t.held() <= MAX_HELD_BYTES, "{i}: {}", t.held());
         }
         execute(&mut t, "p39");
         t.sent(Sent::Sync).unwrap();
