@@ -1014,6 +1014,25 @@ impl Tracking {
     fn lock(&self) -> std::sync::MutexGuard<'_, Tracker> {
         lock(&self.tracker)
     }
+
+    /// A server message `tag` (`msg`: the whole message, or empty when it
+    /// is too large to inspect): the Execute it shows ran, if any, or why
+    /// the session must end.
+    fn answered(&self, tag: u8, msg: &[u8]) -> Result<Option<Executed>, String> {
+        let status = if tag == b'Z' {
+            msg.get(5).copied()
+        } else {
+            None
+        };
+        let mut t = self.lock();
+        let ran = t
+            .received(tag, status.unwrap_or(0))
+            .map_err(|e| lost_track(&e))?;
+        if tag == b'C' {
+            t.completed(protocol::command_tag(msg));
+        }
+        Ok(ran)
+    }
 }
 
 async fn client_to_server<R, W>(
@@ -1252,9 +1271,9 @@ where
             match framer.next(&buf[at..], backend_inspected, MAX_INSPECTED_BACKEND, false) {
                 Ok(Next::Pass(n)) => at += n,
                 Ok(Next::Oversized(tag, n)) => {
-                    let ran = match tracking.lock().received(tag, 0) {
+                    let ran = match tracking.answered(tag, &[]) {
                         Ok(ran) => ran,
-                        Err(e) => return End::Protocol(lost_track(&e)),
+                        Err(why) => return End::Protocol(why),
                     };
                     answered = true;
                     if let Some(e) = ran {
@@ -1264,21 +1283,9 @@ where
                 }
                 Ok(Next::Whole(tag, len)) => {
                     let msg = &buf[at..at + len];
-                    let status = if tag == b'Z' {
-                        msg.get(5).copied()
-                    } else {
-                        None
-                    };
-                    let ran = {
-                        let mut t = tracking.lock();
-                        let ran = match t.received(tag, status.unwrap_or(0)) {
-                            Ok(ran) => ran,
-                            Err(e) => return End::Protocol(lost_track(&e)),
-                        };
-                        if tag == b'C' {
-                            t.completed(protocol::command_tag(msg));
-                        }
-                        ran
+                    let ran = match tracking.answered(tag, msg) {
+                        Ok(ran) => ran,
+                        Err(why) => return End::Protocol(why),
                     };
                     answered = true;
                     if let Some(e) = ran {

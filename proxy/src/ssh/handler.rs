@@ -594,11 +594,15 @@ impl Conn {
     /// While a grant drains (`disconnect_on_expiry: false`), a channel opened
     /// before it ended may finish what it runs but start nothing new: a
     /// shell, command, subsystem, X11 or agent request on it is refused with
-    /// the reason on stderr, and the channel closes. True when refused.
+    /// the reason on stderr, and (with `close`) the request fails and the
+    /// channel closes; without it the caller answers (russh does, from an
+    /// agent request's result) and the channel's running command goes on.
+    /// True when refused.
     async fn refused_while_draining(
         &self,
         channel: ChannelId,
         what: &str,
+        close: bool,
         session: &mut Session,
     ) -> Result<bool, russh::Error> {
         // Channels refused at their opening answer through `forward`.
@@ -620,9 +624,7 @@ impl Conn {
         .await;
         let line = format!("wicket: refused: {why}; nothing new starts on this connection\r\n");
         let _ = session.extended_data(channel, 1, Bytes::from(line.into_bytes()));
-        if what == "agent_forwarding" {
-            // russh answers this request from the handler's result; the
-            // channel's own command was started before the grant ended.
+        if !close {
             return Ok(true);
         }
         session.channel_failure(channel)?;
@@ -1120,7 +1122,7 @@ impl server::Handler for Conn {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         if self
-            .refused_while_draining(channel, "shell", session)
+            .refused_while_draining(channel, "shell", true, session)
             .await?
         {
             return Ok(());
@@ -1142,7 +1144,7 @@ impl server::Handler for Conn {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         if self
-            .refused_while_draining(channel, "exec", session)
+            .refused_while_draining(channel, "exec", true, session)
             .await?
         {
             return Ok(());
@@ -1175,7 +1177,7 @@ impl server::Handler for Conn {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         if self
-            .refused_while_draining(channel, "subsystem", session)
+            .refused_while_draining(channel, "subsystem", true, session)
             .await?
         {
             return Ok(());
@@ -1243,7 +1245,7 @@ impl server::Handler for Conn {
         session: &mut Session,
     ) -> Result<bool, Self::Error> {
         if self
-            .refused_while_draining(channel, "agent_forwarding", session)
+            .refused_while_draining(channel, "agent_forwarding", false, session)
             .await?
         {
             return Ok(false);
@@ -1271,7 +1273,7 @@ impl server::Handler for Conn {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         if self
-            .refused_while_draining(channel, "x11_forwarding", session)
+            .refused_while_draining(channel, "x11_forwarding", true, session)
             .await?
         {
             return Ok(());
