@@ -16,8 +16,9 @@
 //! roles it runs under.
 
 use crate::service::Wicket;
+use crate::store::UserRecord;
 use chrono::{DateTime, Utc};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::watch;
 use wicket_policy::AccessRequest;
@@ -276,8 +277,11 @@ impl Wicket {
     /// Re-reads from the store the grant and the user behind every live
     /// session, remembers them, and acts on what changed: a disabled or
     /// removed user's sessions end, a grant's state is delivered
-    /// ([`Wicket::signal_sessions`]). Each read is bounded; a failed one is
-    /// remembered for [`Wicket::enforce_sessions`]. Returns how many sessions
+    /// ([`Wicket::signal_sessions`]). The users are one read and the grants
+    /// another, a few queries each however many sessions run (one query per
+    /// session made a round outgrow its deadline at a few thousand). Each
+    /// read is bounded; a failed one is remembered for
+    /// [`Wicket::enforce_sessions`]. Returns how many sessions
     /// were told to end.
     pub async fn refresh_sessions(&self, now: DateTime<Utc>) -> usize {
         let mut ended = 0;
@@ -285,28 +289,43 @@ impl Wicket {
         // Sessions end with their user too (standing-role sessions have no
         // grant to end them).
         let users = self.sessions.users();
-        for user in &users {
-            let why = match bounded(&mut round, "user", self.store.get_user(user)).await {
-                Some(Some(u)) if !u.disabled => {
+        let names: Vec<String> = users.iter().cloned().collect();
+        match bounded(&mut round, "users", self.store.get_users(&names)).await {
+            Some(found) => {
+                let found: HashMap<&str, &UserRecord> =
+                    found.iter().map(|u| (u.name.as_str(), u)).collect();
+                for user in &users {
                     read_ok(&self.checks.users, user, None);
-                    continue;
+                    let why = match found.get(user.as_str()) {
+                        Some(u) if !u.disabled => continue,
+                        Some(_) => format!("user {user:?} was disabled"),
+                        None => format!("user {user:?} no longer exists"),
+                    };
+                    ended += self.sessions.end_for_user(user, &why);
                 }
-                Some(Some(_)) => format!("user {user:?} was disabled"),
-                Some(None) => format!("user {user:?} no longer exists"),
-                None => {
+            }
+            None => {
+                for user in &users {
                     read_failed(&self.checks.users, user, now);
-                    continue;
                 }
-            };
-            read_ok(&self.checks.users, user, None);
-            ended += self.sessions.end_for_user(user, &why);
+            }
         }
         let ids = self.sessions.request_ids();
+        let wanted: Vec<String> = ids.iter().cloned().collect();
+        let mut found = bounded(&mut round, "grants", self.load_requests(&wanted))
+            .await
+            .unwrap_or_default();
         for id in &ids {
-            match bounded(&mut round, "grant", self.load_request(id)).await {
-                Some(req) => {
+            match found.remove(id) {
+                Some(Ok(req)) => {
                     ended += self.signal_sessions(&req, now);
                     read_ok(&self.checks.requests, id, Some(req));
+                }
+                // Unread, corrupt or gone (requests are never deleted):
+                // unverified, so `unverified_grace` applies.
+                Some(Err(e)) => {
+                    tracing::warn!(request = %id, error = %e, "cannot re-check live sessions");
+                    read_failed(&self.checks.requests, id, now);
                 }
                 None => read_failed(&self.checks.requests, id, now),
             }

@@ -316,6 +316,28 @@ impl Store {
         row.map(|r| user_from_row(&r)).transpose()
     }
 
+    /// The users of `names` that exist, a few queries for any number of
+    /// names (the session watcher re-reads every live session's user each
+    /// tick; one query per user would grow with the sessions).
+    pub async fn get_users(&self, names: &[String]) -> Result<Vec<UserRecord>> {
+        let mut found = Vec::new();
+        for chunk in names.chunks(KEYS_PER_QUERY) {
+            let mut sql = String::from(
+                "SELECT name, roles, team, password_hash, totp_secret, created_at, disabled FROM users WHERE name IN (",
+            );
+            push_placeholders(&mut sql, self.backend, 1, chunk.len());
+            sql.push(')');
+            let mut q = sqlx::query(&sql);
+            for name in chunk {
+                q = q.bind(name.as_str());
+            }
+            for r in q.fetch_all(&self.pool).await? {
+                found.push(user_from_row(&r)?);
+            }
+        }
+        Ok(found)
+    }
+
     pub async fn list_users(&self) -> Result<Vec<UserRecord>> {
         let rows = sqlx::query(
             "SELECT name, roles, team, password_hash, totp_secret, created_at, disabled FROM users ORDER BY name",
@@ -494,6 +516,27 @@ impl Store {
         .await?;
         row.map(|r| Ok((stored_from_row(&r)?, r.try_get::<i64, _>(7)?)))
             .transpose()
+    }
+
+    /// The requests of `ids` that exist, with their versions, a few queries
+    /// for any number of IDs (see [`Store::get_users`]).
+    pub async fn get_requests(&self, ids: &[String]) -> Result<Vec<(StoredRequest, i64)>> {
+        let mut found = Vec::new();
+        for chunk in ids.chunks(KEYS_PER_QUERY) {
+            let mut sql = String::from(
+                "SELECT id, requester, state, next_deadline, created_at, updated_at, doc, version FROM access_requests WHERE id IN (",
+            );
+            push_placeholders(&mut sql, self.backend, 1, chunk.len());
+            sql.push(')');
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id.as_str());
+            }
+            for r in q.fetch_all(&self.pool).await? {
+                found.push((stored_from_row(&r)?, r.try_get::<i64, _>(7)?));
+            }
+        }
+        Ok(found)
     }
 
     /// Requests filtered by requester and/or states, newest first.
@@ -711,7 +754,29 @@ async fn insert_notification(
     Ok(())
 }
 
-/// Inserts an audit row inside the caller's transaction.
+/// Most keys in one `IN (...)` list (SQLite before 3.32 allows 999 bound
+/// values per statement).
+const KEYS_PER_QUERY: usize = 500;
+
+/// Appends `n` bound-value placeholders, comma separated, numbered from
+/// `first`.
+fn push_placeholders(sql: &mut String, backend: Backend, first: usize, n: usize) {
+    for i in first..first + n {
+        if i > first {
+            sql.push_str(", ");
+        }
+        match backend {
+            // Anonymous: SQLite looks a named one (`$N`) up in a list on
+            // every bind, quadratic in a long list.
+            Backend::Sqlite => sql.push('?'),
+            Backend::Postgres => {
+                sql.push('$');
+                sql.push_str(&i.to_string());
+            }
+        }
+    }
+}
+
 /// Inserts audit rows, many per INSERT (statement overhead, not row count,
 /// dominates small inserts).
 pub async fn insert_audit(
@@ -740,23 +805,9 @@ pub async fn insert_audit(
             if i > 0 {
                 sql.push_str(", ");
             }
-            if backend == Backend::Sqlite {
-                // Anonymous parameters: SQLite looks a named one (`$N`) up
-                // in a list on every bind, quadratic in a 224-value insert.
-                sql.push_str("(?, ?, ?, ?, ?, ?, ?)");
-            } else {
-                let b = i * 7;
-                sql.push_str(&format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6,
-                    b + 7
-                ));
-            }
+            sql.push('(');
+            push_placeholders(&mut sql, backend, i * 7 + 1, 7);
+            sql.push(')');
         }
         let mut q = sqlx::query(&sql);
         for e in chunk {

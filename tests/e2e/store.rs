@@ -4,7 +4,7 @@
 use wicket_e2e::harness_postgres::Postgres;
 use wicket_e2e::harness_wicket::{WicketCli, Wicketd};
 use wicketd::config::Storage;
-use wicketd::store::{AuditFilter, AuditRow, Store, UserRecord};
+use wicketd::store::{AuditFilter, AuditRow, Store, StoredRequest, UserRecord};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -42,6 +42,12 @@ async fn exercise(store: &Store) {
         .unwrap();
     assert_eq!(store.get_user("alice").await.unwrap(), Some(alice.clone()));
     assert_eq!(store.get_user("nobody").await.unwrap(), None);
+    // Many at once (the session watcher's read), across IN-list chunks;
+    // names that do not exist are left out.
+    let mut names: Vec<String> = (0..1_100).map(|i| format!("nobody-{i}")).collect();
+    names.insert(700, "alice".into());
+    assert_eq!(store.get_users(&names).await.unwrap(), [alice.clone()]);
+    assert_eq!(store.get_users(&[]).await.unwrap(), []);
 
     // A duplicate is a conflict and its audit event is not written (one transaction).
     let err = store
@@ -134,6 +140,30 @@ async fn exercise(store: &Store) {
         .unwrap();
     assert_eq!(bobs.len(), 1);
     assert_eq!(store.list_users().await.unwrap().len(), 1);
+
+    // Requests, one and many at once, with their versions.
+    let request = |id: &str| StoredRequest {
+        id: id.into(),
+        requester: "alice".into(),
+        state: "pending".into(),
+        next_deadline: Some(90_000),
+        created_at: 50_000,
+        updated_at: 50_000,
+        doc: format!("{{\"id\":\"{id}\"}}"),
+    };
+    for id in ["r1", "r2"] {
+        store.insert_request(&request(id), &[], &[]).await.unwrap();
+    }
+    let mut ids: Vec<String> = (0..1_100).map(|i| format!("missing-{i}")).collect();
+    ids.insert(3, "r2".into());
+    ids.push("r1".into());
+    let mut got = store.get_requests(&ids).await.unwrap();
+    got.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+    assert_eq!(got, [(request("r1"), 1), (request("r2"), 1)]);
+    assert_eq!(
+        store.get_request("r2").await.unwrap(),
+        Some((request("r2"), 1))
+    );
 
     // A batch larger than one multi-row INSERT (and not a multiple of it)
     // is stored whole, in one transaction, every column intact.
