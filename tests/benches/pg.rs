@@ -201,13 +201,28 @@ fn main() {
         "sessions were audited"
     );
     drop((bouncer, outer, inner));
+    // What each leg's proxies add to a transaction, in CPU time of the whole
+    // machine (all cores busy in every leg): how far the targets are from
+    // what one proxy process costs here.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let us = |tps: f64| cores * 1e6 / tps;
+    println!("machine time per transaction over (a), {cores} cores:");
+    println!("  (b) one pgbouncer hop:        {:>6.1} us", us(b) - us(a));
+    println!("  (c) tunnel + wicketd + audit: {:>6.1} us", us(c) - us(a));
+    println!("  (d) two pgbouncer hops:       {:>6.1} us", us(d) - us(a));
+    println!(
+        "  the targets leave (c) {:.1} us (c/b >= 0.75) and {:.1} us (c/a >= 0.6)",
+        us(0.75 * b) - us(a),
+        us(0.6 * a) - us(a)
+    );
     println!("ratios (targets: TPS c/b >= 0.75, c/a >= 0.6; connections c/a >= 0.5):");
     println!("  TPS c/b = {:.3}", c / b);
     println!("  TPS c/a = {:.3}", c / a);
     println!("  connections/s c/a = {:.3}", cc / ca);
     println!(
-        "  (reference, no target: TPS c/d = {:.3}, d/b = {:.3})",
+        "  (reference, no target: TPS c/d = {:.3}, d/b = {:.3}, b/a = {:.3})",
         c / d,
-        d / b
+        d / b,
+        b / a
     );
 }

@@ -46,7 +46,10 @@ async fn exercise(store: &Store) {
     // names that do not exist are left out.
     let mut names: Vec<String> = (0..1_100).map(|i| format!("nobody-{i}")).collect();
     names.insert(700, "alice".into());
-    assert_eq!(store.get_users(&names).await.unwrap(), std::slice::from_ref(&alice));
+    assert_eq!(
+        store.get_users(&names).await.unwrap(),
+        std::slice::from_ref(&alice)
+    );
     assert_eq!(store.get_users(&[]).await.unwrap(), []);
 
     // A duplicate is a conflict and its audit event is not written (one transaction).
