@@ -210,8 +210,18 @@ impl Tunnel {
         tcp.write_all(&pg::ssl_request()).await?;
         let mut answer = [0u8; 1];
         tcp.read_exact(&mut answer).await?;
-        if answer[0] != b'S' {
-            bail!("wicketd at {} refused TLS", self.proxy_addr);
+        match answer[0] {
+            b'S' => {}
+            // An ErrorResponse (too many connections, say): pass on why.
+            b'E' => {
+                let why = read_refusal(&mut tcp).await.unwrap_or_default();
+                bail!(
+                    "wicketd at {} refused the connection: {}",
+                    self.proxy_addr,
+                    why.strip_prefix("wicket: ").unwrap_or(&why)
+                );
+            }
+            _ => bail!("wicketd at {} refused TLS", self.proxy_addr),
         }
         let name = ServerName::try_from(self.proxy_host.clone())
             .map_err(|_| anyhow!("{:?} is not a valid TLS server name", self.proxy_host))?;
@@ -220,6 +230,22 @@ impl Tunnel {
             .await
             .with_context(|| format!("TLS with wicketd at {}", self.proxy_addr))
     }
+}
+
+/// The message of the ErrorResponse whose tag was just read (`None` when
+/// it is malformed or over 8 KiB).
+async fn read_refusal(tcp: &mut TcpStream) -> Option<String> {
+    let mut len = [0u8; 4];
+    tcp.read_exact(&mut len).await.ok()?;
+    let len = u32::from_be_bytes(len) as usize;
+    if !(4..=8192).contains(&len) {
+        return None;
+    }
+    let mut msg = vec![0u8; 1 + len];
+    msg[0] = b'E';
+    msg[1..5].copy_from_slice(&(len as u32).to_be_bytes());
+    tcp.read_exact(&mut msg[5..]).await.ok()?;
+    pg::parse_error_response(&msg).map(|(_, message)| message)
 }
 
 /// Why a local connection may not use the tunnel of the OS user `me`

@@ -8,6 +8,7 @@
 //! to `wicket-ca`; this crate persists and delivers. The `wicketd` binary is a
 //! thin wrapper around [`cli::main`].
 
+pub mod admission;
 pub mod api;
 pub mod audit;
 pub mod auth;

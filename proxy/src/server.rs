@@ -1,6 +1,7 @@
 //! Starting wicketd: open the store, load or generate the CAs, bind the API
 //! listener, and serve HTTPS until shutdown.
 
+use crate::admission::{Admission, Gate};
 use crate::api::{self, ConnInfo};
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -155,24 +156,27 @@ async fn session_enforcer(wicket: Arc<Wicket>, mut shutdown: watch::Receiver<boo
 }
 
 /// Accepts on `listener` until `shutdown` fires and runs `handle` on each
-/// connection in its own task (TCP_NODELAY set). Accept errors (out of file
-/// descriptors, say) are logged and retried after a short pause. Every
-/// listener (API, PostgreSQL, SSH) runs on this.
+/// connection in its own task (TCP_NODELAY set), with its [`Admission`].
+/// A connection the `gate` refuses gets `refusal(why)` written (bounded by
+/// a second) and is closed. Accept errors (out of file descriptors, say)
+/// are logged and retried after a short pause. Every listener (API,
+/// PostgreSQL, SSH) runs on this.
 pub(crate) async fn accept_until_shutdown<F, Fut>(
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
-    what: &'static str,
+    gate: Gate,
+    refusal: fn(&str) -> Vec<u8>,
     handle: F,
 ) where
-    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    F: Fn(tokio::net::TcpStream, SocketAddr, Admission) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     loop {
-        let (tcp, peer) = tokio::select! {
+        let (mut tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!(error = %e, listener = what, "accept failed");
+                    tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -180,7 +184,22 @@ pub(crate) async fn accept_until_shutdown<F, Fut>(
             _ = shutdown.changed() => break,
         };
         let _ = tcp.set_nodelay(true);
-        tokio::spawn(handle(tcp, peer));
+        match gate.admit(tokio::time::Instant::now()) {
+            Ok(admitted) => {
+                tokio::spawn(handle(tcp, peer, admitted));
+            }
+            Err(why) => {
+                let bytes = refusal(&why);
+                tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        tcp.write_all(&bytes).await?;
+                        tcp.shutdown().await
+                    })
+                    .await;
+                });
+            }
+        }
     }
 }
 
@@ -191,47 +210,61 @@ async fn accept_loop(
     shutdown: watch::Receiver<bool>,
 ) {
     let router = api::router(wicket.clone());
-    accept_until_shutdown(listener, shutdown, "api", move |tcp, peer| {
-        let acceptor = acceptor.clone();
-        let router = router.clone();
-        let wicket = wicket.clone();
-        async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
+    let gate = Gate::new("api", wicket.config.limits);
+    // Nothing can be said before TLS: a refused client sees the close.
+    accept_until_shutdown(
+        listener,
+        shutdown,
+        gate,
+        |_| Vec::new(),
+        move |tcp, peer, mut admitted| {
+            let acceptor = acceptor.clone();
+            let router = router.clone();
+            let wicket = wicket.clone();
+            async move {
+                let deadline = admitted
+                    .deadline()
+                    .min(tokio::time::Instant::now() + HANDSHAKE_TIMEOUT);
+                let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let client = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|certs| certs.first())
+                    .map(|leaf| {
+                        wicket
+                            .trusted_tls
+                            .verify_client(leaf.as_ref(), clock::now().timestamp())
+                            .map_err(|e| e.to_string())
+                    });
+                // API calls authenticate one by one (tokens, certificates).
+                admitted.authenticated();
+                let conn = ConnInfo { peer, client };
+                let service =
+                    hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                        req.extensions_mut().insert(conn.clone());
+                        router.clone().oneshot(req.map(axum::body::Body::new))
+                    });
+                let served = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+                if let Err(e) = served {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let client = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|certs| certs.first())
-                .map(|leaf| {
-                    wicket
-                        .trusted_tls
-                        .verify_client(leaf.as_ref(), clock::now().timestamp())
-                        .map_err(|e| e.to_string())
-                });
-            let conn = ConnInfo { peer, client };
-            let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-                req.extensions_mut().insert(conn.clone());
-                router.clone().oneshot(req.map(axum::body::Body::new))
-            });
-            let served = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
-            if let Err(e) = served {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-        }
-    })
+        },
+    )
     .await;
 }

@@ -843,3 +843,75 @@ fn the_tunnel_refuses_other_os_users() {
     let (ok, out, err) = t.sql("select 2");
     assert!(ok && out == "2", "{out} {err}");
 }
+
+/// Connections still authenticating have a share of their own
+/// (`limits.max_unauthenticated`, like sshd's MaxStartups) and a deadline
+/// (`limits.login_grace`); authenticated ones leave the share.
+#[test]
+fn unauthenticated_connections_have_a_limited_share_and_a_deadline() {
+    use std::io::Read;
+    use std::net::TcpStream;
+    let s = Setup::start("limits: { max_unauthenticated: 2, login_grace: 3s }\n");
+    s.grant_dba("1h");
+    let t = s.tunnel();
+    let proxy = s.d.postgres_addr().unwrap();
+    // Two clients that ask for TLS and then say nothing hold both places
+    // (the 'S' answer shows each was let in).
+    let idle: Vec<(TcpStream, Instant)> = (0..2)
+        .map(|_| {
+            let mut c = TcpStream::connect(proxy).unwrap();
+            let admitted = Instant::now();
+            c.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).unwrap();
+            let mut answer = [0u8; 1];
+            c.read_exact(&mut answer).unwrap();
+            assert_eq!(&answer, b"S");
+            (c, admitted)
+        })
+        .collect();
+    let (ok, _, err) = t.sql("select 1");
+    assert!(!ok);
+    assert!(
+        err.contains("refused the connection")
+            && err.contains("still authenticating (limits.max_unauthenticated is 2)"),
+        "{err}"
+    );
+    // The login grace closes them.
+    for (mut c, admitted) in idle {
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut buf = [0u8; 64];
+        let closed = matches!(c.read(&mut buf), Ok(0) | Err(_));
+        let after = admitted.elapsed();
+        assert!(closed, "still open after {after:?}");
+        assert!(
+            after >= Duration::from_secs(2) && after < Duration::from_secs(10),
+            "closed after {after:?}"
+        );
+    }
+    // Authenticated connections leave the share: three held open at once,
+    // and a fourth still gets in.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = format!(
+        "postgres://app@127.0.0.1:{}/app?sslmode=disable",
+        t.addr.port()
+    );
+    let held = rt.block_on(async {
+        use sqlx::Connection;
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(sqlx::PgConnection::connect(&url).await.unwrap());
+        }
+        held
+    });
+    let (ok, out, err) = t.sql("select 40 + 2");
+    assert!(ok, "{err}");
+    assert_eq!(out, "42");
+    rt.block_on(async {
+        use sqlx::Connection;
+        for c in held {
+            c.close().await.unwrap();
+        }
+    });
+}

@@ -1076,3 +1076,85 @@ fn a_grant_read_before_the_store_failed_still_expires_on_time() {
     );
     assert!(!t.text().contains("wicket cannot check"), "{}", t.text());
 }
+
+/// SSH connections still authenticating have a share of their own
+/// (`limits.max_unauthenticated`, like sshd's MaxStartups) and a deadline
+/// (`limits.login_grace`, like LoginGraceTime), wherever they stall.
+#[test]
+fn unauthenticated_connections_have_a_limited_share_and_a_deadline() {
+    use std::net::TcpStream;
+    let lab = Lab::start_full("", "limits: { max_unauthenticated: 2, login_grace: 3s }");
+    let alice = lab.user("alice", "access");
+    lab.grant(&alice, "node-admin", "10m");
+    let cfg = ssh_config(&alice);
+    // One client stops after its version line (in the key exchange), one
+    // after the first bytes; the server's version shows each was let in.
+    let idle: Vec<(TcpStream, Instant)> = [&b"SSH-2.0-idle\r\n"[..], b"SSH-"]
+        .iter()
+        .map(|hello| {
+            let mut c = TcpStream::connect(lab.ssh_addr).unwrap();
+            let admitted = Instant::now();
+            c.write_all(hello).unwrap();
+            let mut version = [0u8; 14];
+            c.read_exact(&mut version).unwrap();
+            assert_eq!(&version, b"SSH-2.0-Wicket");
+            (c, admitted)
+        })
+        .collect();
+    let out = output(ssh(&cfg).arg("-v").arg(lab.dest()).arg("true"));
+    assert!(!out.status.success());
+    let e = text(&out.stderr);
+    assert!(
+        e.contains("still authenticating (limits.max_unauthenticated is 2)"),
+        "{e}"
+    );
+    // The login grace closes them.
+    for (mut c, admitted) in idle {
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut buf = [0u8; 4096];
+        let closed = loop {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => break true,
+                // The server's key exchange offer.
+                Ok(_) if admitted.elapsed() < Duration::from_secs(15) => continue,
+                Ok(_) => break false,
+            }
+        };
+        let after = admitted.elapsed();
+        assert!(closed, "still open after {after:?}");
+        assert!(
+            after >= Duration::from_secs(2) && after < Duration::from_secs(10),
+            "closed after {after:?}"
+        );
+    }
+    // Authenticated connections leave the share: three sessions at once
+    // (each echoes a line, so it is up, and is held until its stdin
+    // closes), then a fourth still runs.
+    let held: Vec<_> = (0..3)
+        .map(|_| {
+            let mut c = ssh(&cfg)
+                .arg(lab.dest())
+                .arg("cat")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            c.stdin.as_mut().unwrap().write_all(b"up\n").unwrap();
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(c.stdout.as_mut().unwrap()),
+                &mut line,
+            )
+            .unwrap();
+            assert_eq!(line, "up\n");
+            c
+        })
+        .collect();
+    let out = output(ssh(&cfg).arg(lab.dest()).arg("echo fourth"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "fourth");
+    for mut c in held {
+        drop(c.stdin.take());
+        assert!(c.wait().unwrap().success());
+    }
+}

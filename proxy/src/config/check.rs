@@ -3,11 +3,11 @@
 use super::duration::{format_duration, parse_duration};
 use super::file::{
     ApprovalFile, AuditFile, AuthFile, BreakGlassFile, CertificatesFile, DatabaseFile,
-    DurationText, KubeClusterFile, LabelMap, ListenFile, NodeFile, OncallFile, PostgresFile,
-    RequestsFile, RequireFile, RoleFile, SessionFile, TeamFile, TOP_LEVEL_KEYS,
+    DurationText, KubeClusterFile, LabelMap, LimitsFile, ListenFile, NodeFile, OncallFile,
+    PostgresFile, RequestsFile, RequireFile, RoleFile, SessionFile, TeamFile, TOP_LEVEL_KEYS,
 };
 use super::{
-    AuditOverflow, AuditSettings, AuthSettings, Config, Listen, PostgresSettings, Problem,
+    AuditOverflow, AuditSettings, AuthSettings, Config, Limits, Listen, PostgresSettings, Problem,
     ResourceTls, SessionSettings, Storage, DEFAULT_API_ADDR, DEFAULT_CLUSTER_NAME,
     DEFAULT_DATA_DIR, VERSION,
 };
@@ -582,6 +582,9 @@ impl Cx {
         let auth = self
             .section::<AuthFile>(s.remove("auth"), "auth")
             .and_then(|f| self.auth(&f));
+        let limits = self
+            .section::<LimitsFile>(s.remove("limits"), "limits")
+            .and_then(|f| self.limits(&f));
         let teams = self
             .entries::<TeamFile>(s.remove("teams"), "teams")
             .map(|t| self.teams(t));
@@ -610,6 +613,7 @@ impl Cx {
             audit: audit?,
             postgres: postgres?,
             auth: auth?,
+            limits: limits?,
             policy: Policy {
                 roles: RoleSet::new(roles?),
                 approval,
@@ -788,6 +792,41 @@ impl Cx {
                 None
             }
         }
+    }
+
+    fn limits(&mut self, f: &LimitsFile) -> Option<Limits> {
+        let d = Limits::default();
+        let grace =
+            self.positive_duration(f.login_grace.as_ref(), "limits.login_grace", d.login_grace);
+        let mut ok = true;
+        if grace.is_some_and(|g| g > Duration::minutes(10)) {
+            self.push("limits.login_grace", "must be at most 10m");
+            ok = false;
+        }
+        let open = f.max_connections.map_or(d.max_connections, |n| n as usize);
+        let unauthenticated = f
+            .max_unauthenticated
+            .map_or(d.max_unauthenticated.min(open), |n| n as usize);
+        if open == 0 {
+            self.push("limits.max_connections", "must be at least 1");
+            ok = false;
+        }
+        if unauthenticated == 0 {
+            self.push("limits.max_unauthenticated", "must be at least 1");
+            ok = false;
+        } else if unauthenticated > open {
+            self.push(
+                "limits.max_unauthenticated",
+                format!("{unauthenticated} is more than limits.max_connections ({open})"),
+            );
+            ok = false;
+        }
+        let login_grace = grace?;
+        ok.then_some(Limits {
+            max_connections: open,
+            max_unauthenticated: unauthenticated,
+            login_grace,
+        })
     }
 
     fn auth(&mut self, f: &AuthFile) -> Option<AuthSettings> {

@@ -41,6 +41,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub auth: AuthFile,
     #[serde(default)]
+    pub limits: LimitsFile,
+    #[serde(default)]
     pub teams: BTreeMap<String, TeamFile>,
     #[serde(default)]
     pub oncall: BTreeMap<String, OncallFile>,
@@ -66,6 +68,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "requests",
     "break_glass",
     "auth",
+    "limits",
     "teams",
     "oncall",
     "roles",
@@ -127,6 +130,23 @@ pub struct AuditFile {
     pub on_overflow: Option<String>,
     /// Record the values of extended-protocol Bind parameters.
     pub db_parameter_values: Option<bool>,
+}
+
+/// `limits:` — client connections each listener (API, SSH, PostgreSQL) takes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with max_connections, max_unauthenticated and login_grace"
+)]
+pub struct LimitsFile {
+    /// Open client connections per listener (default 10000).
+    pub max_connections: Option<u32>,
+    /// Connections per listener not yet authenticated (default 100; sshd's
+    /// MaxStartups).
+    pub max_unauthenticated: Option<u32>,
+    /// Time a connection has to authenticate (default 60s; sshd's
+    /// LoginGraceTime).
+    pub login_grace: Option<DurationText>,
 }
 
 /// `postgres:` — the PostgreSQL proxy.

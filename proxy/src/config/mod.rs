@@ -56,6 +56,7 @@ pub struct Config {
     pub audit: AuditSettings,
     pub postgres: PostgresSettings,
     pub auth: AuthSettings,
+    pub limits: Limits,
     /// Roles, approval rules, teams and on-call, request limits, break-glass,
     /// resources.
     pub policy: Policy,
@@ -186,6 +187,29 @@ impl Default for AuditSettings {
             queue_size: 10_000,
             on_overflow: AuditOverflow::Block,
             db_parameter_values: false,
+        }
+    }
+}
+
+/// `limits:` — what each listener (API, SSH, PostgreSQL) takes from clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Open client connections per listener (default 10000); more are refused.
+    pub max_connections: usize,
+    /// Connections per listener still in their TLS or SSH handshake or
+    /// login (default 100); more are refused, like sshd's MaxStartups.
+    pub max_unauthenticated: usize,
+    /// How long a connection may take to authenticate before it is closed
+    /// (default 60s), like sshd's LoginGraceTime.
+    pub login_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_unauthenticated: 100,
+            login_grace: Duration::seconds(60),
         }
     }
 }
@@ -354,6 +378,7 @@ impl Config {
             audit: AuditSettings::default(),
             postgres: PostgresSettings::default(),
             auth: AuthSettings::default(),
+            limits: Limits::default(),
             policy: Policy {
                 roles: RoleSet::new([access, admin]),
                 approval: Vec::new(),

@@ -908,3 +908,46 @@ postgres: { max_message_bytes: 10 }
     let e = problems("version: 1\npostgres: { max_msg: 1 }\n");
     assert!(e.to_string().contains("max_msg"), "{e}");
 }
+
+#[test]
+fn connection_limits() {
+    let d = ok("version: 1\n");
+    assert_eq!(d.limits, Limits::default());
+    assert_eq!(d.limits.login_grace, Duration::seconds(60));
+    let c = ok("
+version: 1
+limits: { max_connections: 50, max_unauthenticated: 5, login_grace: 10s }
+");
+    assert_eq!(
+        c.limits,
+        Limits {
+            max_connections: 50,
+            max_unauthenticated: 5,
+            login_grace: Duration::seconds(10),
+        }
+    );
+    // A small max_connections caps the default unauthenticated share.
+    assert_eq!(
+        ok("version: 1\nlimits: { max_connections: 8 }\n")
+            .limits
+            .max_unauthenticated,
+        8
+    );
+
+    let e = problems("version: 1\nlimits: { max_connections: 0, login_grace: 0s }\n");
+    has(&e, "limits.max_connections", "at least 1");
+    has(&e, "limits.login_grace", "longer than 0s");
+    let e = problems(
+        "version: 1\nlimits: { max_connections: 5, max_unauthenticated: 6, login_grace: 11m }\n",
+    );
+    has(
+        &e,
+        "limits.max_unauthenticated",
+        "more than limits.max_connections (5)",
+    );
+    has(&e, "limits.login_grace", "at most 10m");
+    let e = problems("version: 1\nlimits: { max_unauthenticated: 0 }\n");
+    has(&e, "limits.max_unauthenticated", "at least 1");
+    let e = problems("version: 1\nlimits: { max_startups: 1 }\n");
+    assert!(e.to_string().contains("max_startups"), "{e}");
+}

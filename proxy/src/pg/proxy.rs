@@ -15,6 +15,7 @@
 
 use super::protocol::{self, Frontend, ProtocolError, Startup};
 use super::track::{Executed, Sent, Tracker};
+use crate::admission::Admission;
 use crate::audit::{AuditEvent, SessionRef};
 use crate::clock;
 use crate::service::{Caller, Wicket};
@@ -39,7 +40,6 @@ use wicket_policy::{Resource, ResourceKind};
 /// db` and removed before the startup message goes upstream.
 pub const RESOURCE_PARAM: &str = "wicket_database";
 
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest startup-phase message (PostgreSQL allows 10000 bytes).
 const MAX_STARTUP: usize = 10_000;
@@ -146,28 +146,40 @@ impl PgProxy {
 
     /// Accepts connections until `shutdown` fires.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: watch::Receiver<bool>) {
-        crate::server::accept_until_shutdown(listener, shutdown, "postgres", move |tcp, peer| {
-            let this = self.clone();
-            async move { this.handle(tcp, peer).await }
-        })
+        let gate = crate::admission::Gate::new("postgres", self.wicket.config.limits);
+        // An ErrorResponse answers an SSLRequest as well as a StartupMessage
+        // (libpq shows it either way).
+        let refusal =
+            |why: &str| protocol::error_response("FATAL", "53300", &format!("wicket: {why}"));
+        crate::server::accept_until_shutdown(
+            listener,
+            shutdown,
+            gate,
+            refusal,
+            move |tcp, peer, admitted| {
+                let this = self.clone();
+                async move { this.handle(tcp, peer, admitted).await }
+            },
+        )
         .await;
     }
 
-    async fn handle(&self, mut tcp: TcpStream, peer: SocketAddr) {
+    async fn handle(&self, mut tcp: TcpStream, peer: SocketAddr, mut admitted: Admission) {
+        // Negotiation, TLS and the startup message within limits.login_grace.
+        let deadline = admitted.deadline();
         // Plaintext negotiation: only SSLRequest leads anywhere.
         let mut buf = Vec::new();
         loop {
-            let msg = match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(&mut tcp, &mut buf))
-                .await
-            {
-                Ok(Ok(Some(m))) => m,
-                Ok(Ok(None)) => return,
-                Ok(Err(e)) => {
-                    fatal(&mut tcp, "08P01", &format!("wicket: {e}")).await;
-                    return;
-                }
-                Err(_) => return,
-            };
+            let msg =
+                match tokio::time::timeout_at(deadline, read_startup(&mut tcp, &mut buf)).await {
+                    Ok(Ok(Some(m))) => m,
+                    Ok(Ok(None)) => return,
+                    Ok(Err(e)) => {
+                        fatal(&mut tcp, "08P01", &format!("wicket: {e}")).await;
+                        return;
+                    }
+                    Err(_) => return,
+                };
             match msg {
                 Startup::SslRequest => break,
                 Startup::GssEncRequest => {
@@ -202,15 +214,14 @@ impl PgProxy {
         if tcp.write_all(b"S").await.is_err() {
             return;
         }
-        let mut client =
-            match tokio::time::timeout(STARTUP_TIMEOUT, self.acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "postgres TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
+        let mut client = match tokio::time::timeout_at(deadline, self.acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "postgres TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        };
         let now = clock::now();
         let verified = client
             .get_ref()
@@ -258,16 +269,27 @@ impl PgProxy {
                 return;
             }
         };
-        let msg = match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(&mut client, &mut buf))
-            .await
+        let msg = match tokio::time::timeout_at(deadline, read_startup(&mut client, &mut buf)).await
         {
             Ok(Ok(Some(m))) => m,
-            Ok(Ok(None)) | Err(_) => return,
+            Ok(Ok(None)) => return,
+            Err(_) => {
+                fatal(
+                    &mut client,
+                    "08P01",
+                    "wicket: no startup message within limits.login_grace",
+                )
+                .await;
+                return;
+            }
             Ok(Err(e)) => {
                 fatal(&mut client, "08P01", &format!("wicket: {e}")).await;
                 return;
             }
         };
+        // A verified certificate and a startup message: who it is is known,
+        // and on the record from here.
+        admitted.authenticated();
         match msg {
             Startup::Startup { params } => self.session(client, buf, params, caller).await,
             Startup::Cancel { pid, secret } => self.cancel(&caller, pid, secret).await,

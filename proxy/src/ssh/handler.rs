@@ -23,6 +23,7 @@
 use super::recording::{Recorder, RecordingMeta};
 use super::upstream::{self, Upstream};
 use super::{Route, SshProxy};
+use crate::admission::Admission;
 use crate::audit::{AuditEvent, SessionRef};
 use crate::sessions::{SessionHandle, SessionInfo, Signal};
 use bytes::Bytes;
@@ -385,10 +386,20 @@ pub(crate) struct Conn {
     /// the grant ended), until their shell/exec request: then they get this
     /// line on stderr and exit status 1.
     denied: HashMap<ChannelId, (russh::ChannelWriteHalf<Msg>, String)>,
+    /// Its places at the listener, for as long as the connection lasts.
+    admitted: Admission,
+    /// Set once a certificate is accepted: the login grace no longer applies.
+    authenticated: Arc<AtomicBool>,
 }
 
 impl Conn {
-    pub(crate) fn new(proxy: Arc<SshProxy>, peer: SocketAddr, route: Option<Route>) -> Self {
+    pub(crate) fn new(
+        proxy: Arc<SshProxy>,
+        peer: SocketAddr,
+        route: Option<Route>,
+        admitted: Admission,
+        authenticated: Arc<AtomicBool>,
+    ) -> Self {
         Self {
             proxy,
             peer,
@@ -397,6 +408,8 @@ impl Conn {
             access: Access::Pending,
             channels: HashMap::new(),
             denied: HashMap::new(),
+            admitted,
+            authenticated,
         }
     }
 
@@ -863,6 +876,10 @@ impl server::Handler for Conn {
     }
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        // A Wicket certificate was accepted (the access decision may still
+        // be a denial, shown on the channel): the user is known.
+        self.admitted.authenticated();
+        self.authenticated.store(true, Ordering::Release);
         if let Some(live) = self.live() {
             *lock(&self.shared.server) = Some(session.handle());
             tokio::spawn(live.clone().watch(session.handle()));

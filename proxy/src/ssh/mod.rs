@@ -24,12 +24,15 @@ mod handler;
 pub mod recording;
 mod upstream;
 
+use crate::admission::Admission;
 use crate::error::{Error, Result};
 use crate::service::Wicket;
 use russh::keys::{Certificate, PrivateKey};
 use russh::server;
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
@@ -392,11 +395,16 @@ async fn read_route<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-/// A TCP stream with a few bytes already read in front of it.
+/// A TCP stream with a few bytes already read in front of it. Until the
+/// connection has authenticated, reading fails once its login grace is
+/// over: that ends the SSH session wherever it waits (version line, key
+/// exchange, authentication).
 struct Prefixed {
     prefix: Vec<u8>,
     at: usize,
     inner: TcpStream,
+    login: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    authenticated: Arc<AtomicBool>,
 }
 
 impl tokio::io::AsyncRead for Prefixed {
@@ -405,14 +413,24 @@ impl tokio::io::AsyncRead for Prefixed {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        if self.at < self.prefix.len() {
-            let n = (self.prefix.len() - self.at).min(buf.remaining());
-            let at = self.at;
-            buf.put_slice(&self.prefix[at..at + n]);
-            self.at += n;
+        let this = &mut *self;
+        if let Some(grace) = this.login.as_mut() {
+            if this.authenticated.load(Ordering::Acquire) {
+                this.login = None;
+            } else if grace.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no authentication within limits.login_grace",
+                )));
+            }
+        }
+        if this.at < this.prefix.len() {
+            let n = (this.prefix.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.prefix[this.at..this.at + n]);
+            this.at += n;
             return std::task::Poll::Ready(Ok(()));
         }
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 
@@ -451,19 +469,36 @@ pub async fn bind(config: &crate::config::Config) -> Result<Option<TcpListener>>
 
 /// Accepts SSH connections until shutdown.
 pub async fn serve(listener: TcpListener, proxy: Arc<SshProxy>, shutdown: watch::Receiver<bool>) {
-    crate::server::accept_until_shutdown(listener, shutdown, "ssh", move |tcp, peer| {
-        let proxy = proxy.clone();
-        async move {
-            if let Err(e) = connection(proxy, tcp, peer).await {
-                tracing::debug!(%peer, error = %e, "SSH connection ended with an error");
+    let gate = crate::admission::Gate::new("ssh", proxy.wicket.config.limits);
+    // Lines before the version are allowed (RFC 4253 4.2); OpenSSH shows
+    // them with -v.
+    let refusal = |why: &str| format!("wicket: {why}\r\n").into_bytes();
+    crate::server::accept_until_shutdown(
+        listener,
+        shutdown,
+        gate,
+        refusal,
+        move |tcp, peer, admitted| {
+            let proxy = proxy.clone();
+            async move {
+                if let Err(e) = connection(proxy, tcp, peer, admitted).await {
+                    tracing::debug!(%peer, error = %e, "SSH connection ended with an error");
+                }
             }
-        }
-    })
+        },
+    )
     .await;
 }
 
-async fn connection(proxy: Arc<SshProxy>, mut tcp: TcpStream, peer: SocketAddr) -> Result<()> {
-    let (route, prefix) = tokio::time::timeout(ROUTE_TIMEOUT, read_route(&mut tcp))
+async fn connection(
+    proxy: Arc<SshProxy>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    admitted: Admission,
+) -> Result<()> {
+    let deadline = admitted.deadline();
+    let route_by = deadline.min(tokio::time::Instant::now() + ROUTE_TIMEOUT);
+    let (route, prefix) = tokio::time::timeout_at(route_by, read_route(&mut tcp))
         .await
         .map_err(|_| Error::Io("no route line or SSH version in time".into()))??;
     let (config, route) = match route {
@@ -484,12 +519,15 @@ async fn connection(proxy: Arc<SshProxy>, mut tcp: TcpStream, peer: SocketAddr) 
             (proxy.server_config("proxy", &names)?, None)
         }
     };
+    let authenticated = Arc::new(AtomicBool::new(false));
     let stream = Prefixed {
         prefix,
         at: 0,
         inner: tcp,
+        login: Some(Box::pin(tokio::time::sleep_until(deadline))),
+        authenticated: authenticated.clone(),
     };
-    let conn = handler::Conn::new(proxy.clone(), peer, route);
+    let conn = handler::Conn::new(proxy.clone(), peer, route, admitted, authenticated);
     let finish = conn.finisher();
     let session = server::run_stream(config, stream, conn).await;
     let result = match session {
