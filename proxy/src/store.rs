@@ -95,7 +95,24 @@ CREATE INDEX notifications_request ON notifications (request_id)
 CREATE INDEX audit_events_session ON audit_events (session_id)
 "#,
     },
+    // The audit log as a hash chain: each event's place (`seq`) and the hash
+    // of its content with the previous event's hash; `audit_chain` holds the
+    // head (a one-row table whose row lock serializes appends).
+    Migration {
+        version: 4,
+        sql: r#"
+ALTER TABLE audit_events ADD COLUMN seq BIGINT;
+ALTER TABLE audit_events ADD COLUMN hash TEXT;
+CREATE UNIQUE INDEX audit_events_seq ON audit_events (seq);
+CREATE TABLE audit_chain (id BIGINT PRIMARY KEY, seq BIGINT NOT NULL, hash TEXT NOT NULL);
+INSERT INTO audit_chain (id, seq, hash) VALUES (1, 0, '')
+"#,
+    },
 ];
+
+/// The migration that starts the audit chain; events stored before it are
+/// chained when it runs.
+const CHAIN_MIGRATION: i64 = 4;
 
 /// A user as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,6 +246,9 @@ impl Store {
                     .execute(&mut *tx)
                     .await
                     .map_err(|e| Error::Store(format!("migration {} failed: {e}", m.version)))?;
+            }
+            if m.version == CHAIN_MIGRATION {
+                chain_existing(&mut tx).await?;
             }
             sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
                 .bind(m.version)
@@ -685,20 +705,125 @@ impl Store {
             .bind(if f.limit > 0 { f.limit } else { 1000 })
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(AuditRow {
-                    id: r.try_get(0)?,
-                    time_ms: r.try_get(1)?,
-                    kind: r.try_get(2)?,
-                    actor: r.try_get(3)?,
-                    request_id: r.try_get(4)?,
-                    session_id: r.try_get(5)?,
-                    data: r.try_get(6)?,
-                })
-            })
-            .collect()
+        rows.iter().map(audit_from_row).collect()
     }
+
+    /// Walks the audit chain from its first event to its head and reports
+    /// every place where it does not hold: an event whose hash does not
+    /// follow (changed, or put in), places missing (removed), events outside
+    /// the chain (inserted), and a head that does not match the last event.
+    /// At most `max_problems` are listed; all are counted.
+    pub async fn verify_audit(&self, max_problems: usize) -> Result<AuditVerification> {
+        const PAGE: i64 = 2000;
+        let mut v = AuditVerification::default();
+        let note = |v: &mut AuditVerification, p: String| {
+            v.problem_count += 1;
+            if v.problems.len() < max_problems {
+                v.problems.push(p);
+            }
+        };
+        let (mut last_seq, mut prev, mut last_id) = (0i64, String::new(), None::<String>);
+        loop {
+            let rows = sqlx::query(
+                "SELECT id, time, kind, actor, request_id, session_id, data, seq, hash FROM audit_events \
+                 WHERE seq > $1 ORDER BY seq LIMIT $2",
+            )
+            .bind(last_seq)
+            .bind(PAGE)
+            .fetch_all(&self.pool)
+            .await?;
+            for r in &rows {
+                let e = audit_from_row(r)?;
+                let seq: i64 = r.try_get(7)?;
+                let stored: Option<String> = r.try_get(8)?;
+                let stored = stored.unwrap_or_default();
+                if seq != last_seq + 1 {
+                    let after = last_id
+                        .as_deref()
+                        .map_or("the start".to_owned(), |id| format!("event {id}"));
+                    note(
+                        &mut v,
+                        format!(
+                            "events #{}..#{} were removed (between {after} and event {})",
+                            last_seq + 1,
+                            seq - 1,
+                            e.id
+                        ),
+                    );
+                } else if chain_hash(&prev, seq, &e) != stored {
+                    note(
+                        &mut v,
+                        format!("event #{seq} ({}) was changed or put in: its hash does not follow the chain", e.id),
+                    );
+                }
+                v.events += 1;
+                // Go on from what is stored, so one bad event is one problem.
+                prev = stored;
+                last_seq = seq;
+                last_id = Some(e.id);
+            }
+            if (rows.len() as i64) < PAGE {
+                break;
+            }
+        }
+        let outside =
+            sqlx::query("SELECT id FROM audit_events WHERE seq IS NULL ORDER BY time, id")
+                .fetch_all(&self.pool)
+                .await?;
+        for r in &outside {
+            let id: String = r.try_get(0)?;
+            note(&mut v, format!("event {id} is not in the chain: inserted"));
+        }
+        let head = sqlx::query("SELECT seq, hash FROM audit_chain WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        let (head_seq, head_hash): (i64, String) = (head.try_get(0)?, head.try_get(1)?);
+        if head_seq > last_seq {
+            note(
+                &mut v,
+                format!(
+                    "events #{}..#{head_seq} were removed from the end",
+                    last_seq + 1
+                ),
+            );
+        } else if head_seq < last_seq {
+            note(
+                &mut v,
+                format!("events after #{head_seq} are past the chain's head: inserted"),
+            );
+        } else if head_hash != prev {
+            note(
+                &mut v,
+                format!("the chain's head does not match event #{last_seq}"),
+            );
+        }
+        v.head_seq = head_seq;
+        v.head_hash = head_hash;
+        Ok(v)
+    }
+}
+
+/// What [`Store::verify_audit`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditVerification {
+    /// Events in the chain that were checked.
+    pub events: u64,
+    pub head_seq: i64,
+    pub head_hash: String,
+    pub problems: Vec<String>,
+    pub problem_count: u64,
+}
+
+fn audit_from_row(r: &AnyRow) -> Result<AuditRow> {
+    Ok(AuditRow {
+        id: r.try_get(0)?,
+        time_ms: r.try_get(1)?,
+        kind: r.try_get(2)?,
+        actor: r.try_get(3)?,
+        request_id: r.try_get(4)?,
+        session_id: r.try_get(5)?,
+        data: r.try_get(6)?,
+    })
 }
 
 /// An access request row: indexed columns plus the JSON document.
@@ -788,6 +913,10 @@ pub async fn insert_audit(
     // And at most this much text per INSERT (one event is far smaller), so
     // no batch grows past what a server takes in one statement.
     const BYTES_PER_INSERT: usize = 4 << 20;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let (mut seq, mut prev) = lock_chain_head(tx).await?;
     let mut rest = rows;
     while !rest.is_empty() {
         let mut n = 0;
@@ -799,19 +928,29 @@ pub async fn insert_audit(
         let (chunk, after) = rest.split_at(n);
         rest = after;
         let mut sql = String::from(
-            "INSERT INTO audit_events (id, time, kind, actor, request_id, session_id, data) VALUES ",
+            "INSERT INTO audit_events (seq, hash, id, time, kind, actor, request_id, session_id, data) VALUES ",
         );
         for i in 0..chunk.len() {
             if i > 0 {
                 sql.push_str(", ");
             }
             sql.push('(');
-            push_placeholders(&mut sql, backend, i * 7 + 1, 7);
+            push_placeholders(&mut sql, backend, i * 9 + 1, 9);
             sql.push(')');
         }
+        let links: Vec<(i64, String)> = chunk
+            .iter()
+            .map(|e| {
+                seq += 1;
+                prev = chain_hash(&prev, seq, e);
+                (seq, prev.clone())
+            })
+            .collect();
         let mut q = sqlx::query(&sql);
-        for e in chunk {
+        for (e, (seq, hash)) in chunk.iter().zip(&links) {
             q = q
+                .bind(*seq)
+                .bind(hash.as_str())
                 // Borrowed: the driver then copies each value once, not twice.
                 .bind(e.id.as_str())
                 .bind(e.time_ms)
@@ -823,7 +962,76 @@ pub async fn insert_audit(
         }
         q.execute(&mut **tx).await?;
     }
+    set_chain_head(tx, seq, &prev).await
+}
+
+/// Takes the chain head's row lock (PostgreSQL) or the write lock (SQLite)
+/// until the transaction ends, then reads it: appends are serialized
+/// across every wicketd sharing the store.
+async fn lock_chain_head(tx: &mut Transaction<'static, Any>) -> Result<(i64, String)> {
+    sqlx::query("UPDATE audit_chain SET seq = seq WHERE id = 1")
+        .execute(&mut **tx)
+        .await?;
+    let row = sqlx::query("SELECT seq, hash FROM audit_chain WHERE id = 1")
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
+}
+
+async fn set_chain_head(tx: &mut Transaction<'static, Any>, seq: i64, hash: &str) -> Result<()> {
+    sqlx::query("UPDATE audit_chain SET seq = $1, hash = $2 WHERE id = 1")
+        .bind(seq)
+        .bind(hash)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
+}
+
+/// The hash of event `e` at place `seq` after an event whose hash is
+/// `prev` (empty for the first): SHA-256, hex, over `prev`, a newline and
+/// the event's fields as a JSON array (unambiguous).
+pub fn chain_hash(prev: &str, seq: i64, e: &AuditRow) -> String {
+    let fields = serde_json::json!([
+        seq,
+        e.id,
+        e.time_ms,
+        e.kind,
+        e.actor,
+        e.request_id,
+        e.session_id,
+        e.data
+    ]);
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(prev.as_bytes());
+    ctx.update(b"\n");
+    ctx.update(fields.to_string().as_bytes());
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Chains the events stored before the chain existed, oldest first.
+async fn chain_existing(tx: &mut Transaction<'static, Any>) -> Result<()> {
+    let rows = sqlx::query(
+        "SELECT id, time, kind, actor, request_id, session_id, data FROM audit_events WHERE seq IS NULL ORDER BY time, id",
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    let (mut seq, mut prev) = lock_chain_head(tx).await?;
+    for r in &rows {
+        let e = audit_from_row(r)?;
+        seq += 1;
+        prev = chain_hash(&prev, seq, &e);
+        sqlx::query("UPDATE audit_events SET seq = $1, hash = $2 WHERE id = $3")
+            .bind(seq)
+            .bind(prev.as_str())
+            .bind(e.id.as_str())
+            .execute(&mut **tx)
+            .await?;
+    }
+    set_chain_head(tx, seq, &prev).await
 }
 
 fn user_from_row(r: &AnyRow) -> Result<UserRecord> {

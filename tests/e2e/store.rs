@@ -192,6 +192,34 @@ async fn exercise(store: &Store) {
         .await
         .unwrap();
     assert_eq!(stored, batch);
+
+    // The audit log is one hash chain: every event above (the refused
+    // duplicate user left no gap) checks out, then each kind of tampering
+    // is found and placed.
+    let v = store.verify_audit(10).await.unwrap();
+    assert_eq!((v.events, v.head_seq), (606, 606), "{v:?}");
+    assert!(v.problems.is_empty(), "{v:?}");
+    let mut tx = store.begin().await.unwrap();
+    for sql in [
+        "UPDATE audit_events SET data = '{\"event\":\"y\"}' WHERE id = 'a2'",
+        "DELETE FROM audit_events WHERE id = 'f1'",
+        "DELETE FROM audit_events WHERE id = 'b0599'",
+        "INSERT INTO audit_events (id, time, kind, data) VALUES ('forged', 1, 'login_succeeded', '{}')",
+    ] {
+        sqlx::query(sql).execute(&mut *tx).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let v = store.verify_audit(10).await.unwrap();
+    assert_eq!(v.problem_count, 4, "{v:?}");
+    assert_eq!(
+        v.problems,
+        [
+            "events #3..#3 were removed (between event f0 and event f2)",
+            "event #5 (a2) was changed or put in: its hash does not follow the chain",
+            "event forged is not in the chain: inserted",
+            "events #606..#606 were removed from the end",
+        ]
+    );
 }
 
 #[test]
