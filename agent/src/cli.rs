@@ -282,8 +282,11 @@ enum AuditCommand {
         #[arg(long)]
         user: Option<String>,
         /// Only events of this kind (e.g. login_failed).
-        #[arg(long)]
+        #[arg(long, visible_alias = "type")]
         kind: Option<String>,
+        /// Only events at or after this time (RFC 3339, e.g. 2026-11-21T09:00:00Z).
+        #[arg(long)]
+        since: Option<DateTime<Utc>>,
         /// Only events of this access request.
         #[arg(long)]
         request: Option<String>,
@@ -292,6 +295,12 @@ enum AuditCommand {
         session: Option<String>,
         #[arg(long, default_value_t = 1000)]
         limit: u32,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Check the audit log's hash chain: every changed, removed or inserted
+    /// event is found and placed (needs a role that reads everyone's events).
+    Verify {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
@@ -364,11 +373,25 @@ async fn run(command: Command) -> Result<()> {
         Command::Audit(AuditCommand::Search {
             user,
             kind,
+            since,
             request,
             session,
             limit,
             format,
-        }) => audit_search(user, kind, request, session, limit, format).await,
+        }) => {
+            let filter = [
+                ("actor", user),
+                ("kind", kind),
+                ("request", request),
+                ("session", session),
+                (
+                    "since",
+                    since.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+                ),
+            ];
+            audit_search(&filter, limit, format).await
+        }
+        Command::Audit(AuditCommand::Verify { format }) => audit_verify(format).await,
         Command::Db(DbCommand::Ls { format }) => crate::db::ls(format).await,
         Command::Db(DbCommand::Connect {
             name,
@@ -756,26 +779,36 @@ async fn play(args: crate::ssh::PlayArgs) -> Result<()> {
     crate::db::print_db_session(&events, format, speed, !no_wait)
 }
 
-async fn audit_search(
-    user: Option<String>,
-    kind: Option<String>,
-    request: Option<String>,
-    session: Option<String>,
-    limit: u32,
-    format: Format,
-) -> Result<()> {
+async fn audit_verify(format: Format) -> Result<()> {
     let (_, _, client) = authenticated_client()?;
-    let events = search(
-        &client,
-        &[
-            ("actor", user),
-            ("kind", kind),
-            ("request", request),
-            ("session", session),
-        ],
-        limit,
-    )
-    .await?;
+    let v: wicket_api::AuditVerifyView = client.get("/v1/audit/verify").await?;
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+        Format::Text if v.intact => println!(
+            "audit log intact: {} events, head #{} {}",
+            v.events, v.head_seq, v.head_hash
+        ),
+        Format::Text => {
+            for p in &v.problems {
+                println!("{p}");
+            }
+            if v.problem_count > v.problems.len() as u64 {
+                println!("... {} places in all", v.problem_count);
+            }
+        }
+    }
+    if !v.intact {
+        bail!(
+            "the audit log was tampered with: {} places do not follow its hash chain",
+            v.problem_count
+        );
+    }
+    Ok(())
+}
+
+async fn audit_search(filter: &[(&str, Option<String>)], limit: u32, format: Format) -> Result<()> {
+    let (_, _, client) = authenticated_client()?;
+    let events = search(&client, filter, limit).await?;
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&events)?),
         Format::Text => {

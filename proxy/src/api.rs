@@ -190,6 +190,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/me", get(me))
         .route("/v1/resources", get(resources))
         .route("/v1/audit", get(audit))
+        .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/requests", post(create_request).get(list_requests))
         .route("/v1/requests/{id}", get(show_request))
         .route("/v1/requests/{id}/review", post(review_request))
@@ -276,7 +277,15 @@ struct AuditQuery {
     kind: Option<String>,
     request: Option<String>,
     session: Option<String>,
+    since: Option<chrono::DateTime<chrono::Utc>>,
     limit: Option<i64>,
+}
+
+async fn audit_verify(
+    State(w): State<AppState>,
+    Authenticated(caller): Authenticated,
+) -> ApiResult<wicket_api::AuditVerifyView> {
+    Ok(Json(w.verify_audit(&caller).await?))
 }
 
 async fn audit(
@@ -293,7 +302,7 @@ async fn audit(
                 kind: q.kind,
                 request_id: q.request,
                 session_id: q.session,
-                since_ms: None,
+                since_ms: q.since.map(|t| t.timestamp_millis()),
                 limit: q.limit.unwrap_or(1000),
             },
         )

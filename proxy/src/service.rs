@@ -645,6 +645,38 @@ impl Wicket {
     }
 }
 
+impl Wicket {
+    /// Checks the whole audit hash chain (for those who may read everyone's
+    /// events).
+    pub async fn verify_audit(&self, caller: &Caller) -> Result<wicket_api::AuditVerifyView> {
+        let user = self.active_user(caller).await?;
+        let roles = self.standing_roles(&user);
+        let subject = Subject::new(&user.name, &roles);
+        let decision = self.config.policy.roles.decide_audit_read(&subject, None);
+        if !decision.allowed {
+            self.audit(
+                AuditEvent::AccessDenied {
+                    user: user.name.clone(),
+                    action: "audit.verify".into(),
+                    reason: decision.reason.clone(),
+                },
+                crate::clock::now(),
+            )
+            .await?;
+            return Err(Error::Forbidden(decision.reason));
+        }
+        let v = self.store.verify_audit(100).await?;
+        Ok(wicket_api::AuditVerifyView {
+            intact: v.problem_count == 0,
+            events: v.events,
+            head_seq: v.head_seq,
+            head_hash: v.head_hash,
+            problems: v.problems,
+            problem_count: v.problem_count,
+        })
+    }
+}
+
 /// Creates a user in `store`, validated against `config`; returns the TOTP
 /// provisioning URI when `totp` is set.
 #[allow(clippy::too_many_arguments)]

@@ -760,3 +760,65 @@ fn wait_shows_progress_and_logs_in_on_approval() {
         .any(|n| n["recipients"] == serde_json::json!(["alice"])
             && n["subject"].as_str().unwrap().contains("approved")));
 }
+
+/// `wicket audit search --type/--since`, and `wicket audit verify`: the log
+/// is a hash chain, and a row changed in the store is found and placed.
+#[test]
+fn audit_search_by_type_and_time_and_verify_finds_a_changed_event() {
+    let t = Team::start(config("1h", "30m"));
+    let logins = t.json("frank", &["audit", "search", "--type", "login_succeeded"]);
+    let logins = logins.as_array().unwrap();
+    assert_eq!(logins.len(), 6, "{logins:?}");
+    assert!(logins.iter().all(|e| e["kind"] == "login_succeeded"));
+    let cut = logins[3]["time"].as_str().unwrap();
+    let cut_at = chrono::DateTime::parse_from_rfc3339(cut).unwrap();
+    let later = t.json("frank", &["audit", "search", "--since", cut]);
+    let later = later.as_array().unwrap();
+    assert!(!later.is_empty());
+    assert!(later.iter().all(|e| ts(&e["time"]) >= cut_at), "{later:?}");
+    let everything = t.json("frank", &["audit", "search"]);
+    let expected = everything
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| ts(&e["time"]) >= cut_at)
+        .count();
+    assert_eq!(later.len(), expected);
+
+    let v = t.json("frank", &["audit", "verify"]);
+    assert_eq!(v["intact"], true, "{v}");
+    assert!(v["events"].as_u64().unwrap() >= 12, "{v}");
+    // Checking the whole log needs a role that reads everyone's events.
+    let e = t.fails("alice", &["audit", "verify"]);
+    assert!(e.contains("audit"), "{e}");
+
+    // Someone with write access to the store rewrites who logged in.
+    let victim = logins[1]["id"].as_str().unwrap().to_owned();
+    let db = t.d.data_dir().join("wicket.db");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            use sqlx::Connection;
+            let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+                .await
+                .unwrap();
+            let changed = sqlx::query("UPDATE audit_events SET actor = 'mallory' WHERE id = ?")
+                .bind(&victim)
+                .execute(&mut c)
+                .await
+                .unwrap();
+            assert_eq!(changed.rows_affected(), 1);
+            c.close().await.unwrap();
+        });
+    let out = t.cli("frank").run(&["audit", "verify"], "").unwrap();
+    assert!(!out.ok, "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains(&format!("({victim}) was changed or put in")),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stderr.contains("tampered with"), "{}", out.stderr);
+}

@@ -287,4 +287,26 @@ fn two_wicketds_share_postgresql_state() {
         )
         .unwrap();
     assert_eq!(n, "1");
+
+    // Two stores (as two wicketds) appending at once keep one audit chain.
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let storage = Storage::Postgres(pg.url("wicket"));
+        let a = Store::open(&storage, dir.path()).await.unwrap();
+        let b = Store::open(&storage, dir.path()).await.unwrap();
+        let before = a.verify_audit(10).await.unwrap();
+        assert!(before.problems.is_empty(), "{before:?}");
+        let write = |s: Store, tag: &'static str| async move {
+            for i in 0..20 {
+                let batch: Vec<AuditRow> = (0..25)
+                    .map(|j| event(&format!("{tag}-{i}-{j}"), "x", tag, i))
+                    .collect();
+                s.append_audit_batch(&batch).await.unwrap();
+            }
+        };
+        tokio::join!(write(a.clone(), "a"), write(b, "b"));
+        let v = a.verify_audit(10).await.unwrap();
+        assert!(v.problems.is_empty(), "{v:?}");
+        assert_eq!(v.events, before.events + 1000);
+    });
 }

@@ -166,6 +166,23 @@ pub struct AuditEventView {
     pub data: serde_json::Value,
 }
 
+/// `GET /v1/audit/verify`: the audit hash chain checked from its first
+/// event to its head.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditVerifyView {
+    /// True when every event follows the chain and the head matches.
+    pub intact: bool,
+    /// Events checked.
+    pub events: u64,
+    /// The head: the last event's place and hash.
+    pub head_seq: i64,
+    pub head_hash: String,
+    /// Where the chain does not hold (the first ones), and how many places.
+    pub problems: Vec<String>,
+    pub problem_count: u64,
+}
+
 /// `POST /v1/requests`: ask for roles. Accepts Wicket's shape (`roles`,
 /// `duration: "2h"`) and the feature request's (`role`, `duration_hours`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
