@@ -212,13 +212,17 @@ impl Tunnel {
         tcp.read_exact(&mut answer).await?;
         match answer[0] {
             b'S' => {}
-            // An ErrorResponse (too many connections, say): pass on why.
+            // An ErrorResponse (too many connections, say). It comes before
+            // TLS, so anyone on the path could have written it: shown as
+            // such, on one line, escaped and cut short.
             b'E' => {
                 let why = read_refusal(&mut tcp).await.unwrap_or_default();
+                let why =
+                    printable(why.strip_prefix("wicket: ").unwrap_or(&why)).replace('\n', " ");
+                let why: String = why.chars().take(300).collect();
                 bail!(
-                    "wicketd at {} refused the connection: {}",
+                    "wicketd at {} refused the connection (before TLS, unverified): {why}",
                     self.proxy_addr,
-                    why.strip_prefix("wicket: ").unwrap_or(&why)
                 );
             }
             _ => bail!("wicketd at {} refused TLS", self.proxy_addr),

@@ -247,8 +247,13 @@ async fn accept_loop(
                             .verify_client(leaf.as_ref(), clock::now().timestamp())
                             .map_err(|e| e.to_string())
                     });
-                // API calls authenticate one by one (tokens, certificates).
-                admitted.authenticated();
+                // A verified Wicket certificate authenticates the connection.
+                // Without one (a password login, a browser) it stays in the
+                // unauthenticated share and ends at the login grace.
+                let certified = matches!(client, Some(Ok(_)));
+                if certified {
+                    admitted.authenticated();
+                }
                 let conn = ConnInfo { peer, client };
                 let service =
                     hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
@@ -258,8 +263,22 @@ async fn accept_loop(
                 let served = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
+                    .serve_connection(TokioIo::new(tls), service);
+                tokio::pin!(served);
+                let served = if certified {
+                    served.await
+                } else {
+                    tokio::select! {
+                        r = served.as_mut() => r,
+                        () = tokio::time::sleep_until(admitted.deadline()) => {
+                            // The call in progress may finish; then it closes.
+                            served.as_mut().graceful_shutdown();
+                            tokio::time::timeout(HEADER_TIMEOUT, served.as_mut())
+                                .await
+                                .unwrap_or(Ok(()))
+                        }
+                    }
+                };
                 if let Err(e) = served {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }

@@ -887,6 +887,22 @@ fn unauthenticated_connections_have_a_limited_share_and_a_deadline() {
             "closed after {after:?}"
         );
     }
+    // One GSSENCRequest is refused with 'N', as PostgreSQL does; a second
+    // one ends the connection (a client cannot loop in negotiation).
+    let mut c = TcpStream::connect(proxy).unwrap();
+    let gss = [0, 0, 0, 8, 4, 210, 22, 48];
+    c.write_all(&gss).unwrap();
+    let mut answer = [0u8; 1];
+    c.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"N");
+    c.write_all(&gss).unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    assert!(
+        String::from_utf8_lossy(&rest).contains("GSSENCRequest sent twice"),
+        "{rest:?}"
+    );
+    drop(c);
     // Authenticated connections leave the share: three held open at once,
     // and a fourth still gets in.
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -148,7 +148,8 @@ impl PgProxy {
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: watch::Receiver<bool>) {
         let gate = crate::admission::Gate::new("postgres", self.wicket.config.limits);
         // An ErrorResponse answers an SSLRequest as well as a StartupMessage
-        // (libpq shows it either way).
+        // (`wicket`'s tunnel shows it as unverified; libpq from 17.2 does
+        // not show one sent before TLS, CVE-2024-10977).
         let refusal =
             |why: &str| protocol::error_response("FATAL", "53300", &format!("wicket: {why}"));
         crate::server::accept_until_shutdown(
@@ -164,28 +165,67 @@ impl PgProxy {
         .await;
     }
 
-    async fn handle(&self, mut tcp: TcpStream, peer: SocketAddr, mut admitted: Admission) {
-        // Negotiation, TLS and the startup message within limits.login_grace.
-        let deadline = admitted.deadline();
-        // Plaintext negotiation: only SSLRequest leads anywhere.
+    async fn handle(&self, tcp: TcpStream, peer: SocketAddr, mut admitted: Admission) {
+        // Everything before authentication (reads and writes) within
+        // limits.login_grace: a client that stops reading cannot hold its
+        // place either.
+        let negotiated =
+            tokio::time::timeout_at(admitted.deadline(), self.negotiate(tcp, peer)).await;
+        let Ok(Some((mut client, buf, caller, msg))) = negotiated else {
+            return;
+        };
+        // A verified certificate and a startup message: who it is is known,
+        // and on the record from here.
+        admitted.authenticated();
+        match msg {
+            Startup::Startup { params } => self.session(client, buf, params, caller).await,
+            Startup::Cancel { pid, secret } => self.cancel(&caller, pid, secret).await,
+            Startup::SslRequest | Startup::GssEncRequest => {
+                fatal(
+                    &mut client,
+                    "08P01",
+                    "wicket: encryption request inside TLS",
+                )
+                .await;
+            }
+        }
+    }
+
+    /// SSLRequest, TLS with a verified Wicket client certificate, then the
+    /// startup (or cancel) message. `None` when the connection ends on the
+    /// way (the client was told why where it can be).
+    async fn negotiate(
+        &self,
+        mut tcp: TcpStream,
+        peer: SocketAddr,
+    ) -> Option<(
+        tokio_rustls::server::TlsStream<TcpStream>,
+        Vec<u8>,
+        Caller,
+        Startup,
+    )> {
+        // Plaintext negotiation: only SSLRequest leads anywhere, after at
+        // most one GSSENCRequest (as the postmaster allows).
         let mut buf = Vec::new();
+        let mut gss_refused = false;
         loop {
-            let msg =
-                match tokio::time::timeout_at(deadline, read_startup(&mut tcp, &mut buf)).await {
-                    Ok(Ok(Some(m))) => m,
-                    Ok(Ok(None)) => return,
-                    Ok(Err(e)) => {
-                        fatal(&mut tcp, "08P01", &format!("wicket: {e}")).await;
-                        return;
-                    }
-                    Err(_) => return,
-                };
+            let msg = match read_startup(&mut tcp, &mut buf).await {
+                Ok(Some(m)) => m,
+                Ok(None) => return None,
+                Err(e) => {
+                    fatal(&mut tcp, "08P01", &format!("wicket: {e}")).await;
+                    return None;
+                }
+            };
             match msg {
                 Startup::SslRequest => break,
+                Startup::GssEncRequest if !gss_refused => {
+                    gss_refused = true;
+                    tcp.write_all(b"N").await.ok()?;
+                }
                 Startup::GssEncRequest => {
-                    if tcp.write_all(b"N").await.is_err() {
-                        return;
-                    }
+                    fatal(&mut tcp, "08P01", "wicket: GSSENCRequest sent twice").await;
+                    return None;
                 }
                 Startup::Startup { .. } => {
                     fatal(
@@ -195,9 +235,9 @@ impl PgProxy {
                          use `wicket db connect NAME` or `wicket proxy db NAME --tunnel`",
                     )
                     .await;
-                    return;
+                    return None;
                 }
-                Startup::Cancel { .. } => return,
+                Startup::Cancel { .. } => return None,
             }
         }
         if !buf.is_empty() {
@@ -209,18 +249,15 @@ impl PgProxy {
                 "wicket: unexpected data after SSLRequest",
             )
             .await;
-            return;
+            return None;
         }
-        if tcp.write_all(b"S").await.is_err() {
-            return;
-        }
-        let mut client = match tokio::time::timeout_at(deadline, self.acceptor.accept(tcp)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
+        tcp.write_all(b"S").await.ok()?;
+        let mut client = match self.acceptor.accept(tcp).await {
+            Ok(s) => s,
+            Err(e) => {
                 tracing::debug!(%peer, error = %e, "postgres TLS handshake failed");
-                return;
+                return None;
             }
-            Err(_) => return,
         };
         let now = clock::now();
         let verified = client
@@ -247,7 +284,7 @@ impl PgProxy {
                         "wicket: the client certificate carries no Wicket identity",
                     )
                     .await;
-                    return;
+                    return None;
                 }
             },
             Some(Err(e)) => {
@@ -257,7 +294,7 @@ impl PgProxy {
                     &format!("wicket: client certificate: {e}"),
                 )
                 .await;
-                return;
+                return None;
             }
             None => {
                 fatal(
@@ -266,42 +303,18 @@ impl PgProxy {
                     "wicket: a client certificate is required",
                 )
                 .await;
-                return;
+                return None;
             }
         };
-        let msg = match tokio::time::timeout_at(deadline, read_startup(&mut client, &mut buf)).await
-        {
-            Ok(Ok(Some(m))) => m,
-            Ok(Ok(None)) => return,
-            Err(_) => {
-                fatal(
-                    &mut client,
-                    "08P01",
-                    "wicket: no startup message within limits.login_grace",
-                )
-                .await;
-                return;
-            }
-            Ok(Err(e)) => {
+        let msg = match read_startup(&mut client, &mut buf).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return None,
+            Err(e) => {
                 fatal(&mut client, "08P01", &format!("wicket: {e}")).await;
-                return;
+                return None;
             }
         };
-        // A verified certificate and a startup message: who it is is known,
-        // and on the record from here.
-        admitted.authenticated();
-        match msg {
-            Startup::Startup { params } => self.session(client, buf, params, caller).await,
-            Startup::Cancel { pid, secret } => self.cancel(&caller, pid, secret).await,
-            Startup::SslRequest | Startup::GssEncRequest => {
-                fatal(
-                    &mut client,
-                    "08P01",
-                    "wicket: encryption request inside TLS",
-                )
-                .await;
-            }
-        }
+        Some((client, buf, caller, msg))
     }
 
     /// Forwards a CancelRequest carrying one of our keys to its backend.

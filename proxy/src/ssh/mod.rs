@@ -407,6 +407,25 @@ struct Prefixed {
     authenticated: Arc<AtomicBool>,
 }
 
+impl Prefixed {
+    /// The error every read and write gets once the login grace is over
+    /// before authentication (a client that stops reading stalls the
+    /// session's writes, not its reads).
+    fn grace_over(&mut self, cx: &mut std::task::Context<'_>) -> Option<std::io::Error> {
+        let grace = self.login.as_mut()?;
+        if self.authenticated.load(Ordering::Acquire) {
+            self.login = None;
+            return None;
+        }
+        grace.as_mut().poll(cx).is_ready().then(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no authentication within limits.login_grace",
+            )
+        })
+    }
+}
+
 impl tokio::io::AsyncRead for Prefixed {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
@@ -414,15 +433,8 @@ impl tokio::io::AsyncRead for Prefixed {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let this = &mut *self;
-        if let Some(grace) = this.login.as_mut() {
-            if this.authenticated.load(Ordering::Acquire) {
-                this.login = None;
-            } else if grace.as_mut().poll(cx).is_ready() {
-                return std::task::Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "no authentication within limits.login_grace",
-                )));
-            }
+        if let Some(over) = this.grace_over(cx) {
+            return std::task::Poll::Ready(Err(over));
         }
         if this.at < this.prefix.len() {
             let n = (this.prefix.len() - this.at).min(buf.remaining());
@@ -440,12 +452,18 @@ impl tokio::io::AsyncWrite for Prefixed {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if let Some(over) = self.grace_over(cx) {
+            return std::task::Poll::Ready(Err(over));
+        }
         std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(over) = self.grace_over(cx) {
+            return std::task::Poll::Ready(Err(over));
+        }
         std::pin::Pin::new(&mut self.inner).poll_flush(cx)
     }
     fn poll_shutdown(
