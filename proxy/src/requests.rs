@@ -178,7 +178,7 @@ impl Wicket {
         Ok((audit, notes))
     }
 
-    async fn deny_audited(
+    pub(crate) async fn deny_audited(
         &self,
         user: &str,
         action: &str,

@@ -612,16 +612,10 @@ impl Wicket {
         }
         let decision = policy.decide_audit_read(&subject, filter.actor.as_deref());
         if !decision.allowed {
-            self.audit(
-                AuditEvent::AccessDenied {
-                    user: user.name.clone(),
-                    action: "audit.search".into(),
-                    reason: decision.reason.clone(),
-                },
-                crate::clock::now(),
-            )
-            .await?;
-            return Err(Error::Forbidden(decision.reason));
+            let now = crate::clock::now();
+            return Err(self
+                .deny_audited(&user.name, "audit.search", decision.reason, now)
+                .await);
         }
         let rows = self
             .store
@@ -654,16 +648,10 @@ impl Wicket {
         let subject = Subject::new(&user.name, &roles);
         let decision = self.config.policy.roles.decide_audit_read(&subject, None);
         if !decision.allowed {
-            self.audit(
-                AuditEvent::AccessDenied {
-                    user: user.name.clone(),
-                    action: "audit.verify".into(),
-                    reason: decision.reason.clone(),
-                },
-                crate::clock::now(),
-            )
-            .await?;
-            return Err(Error::Forbidden(decision.reason));
+            let now = crate::clock::now();
+            return Err(self
+                .deny_audited(&user.name, "audit.verify", decision.reason, now)
+                .await);
         }
         let v = self.store.verify_audit(100).await?;
         Ok(wicket_api::AuditVerifyView {

@@ -340,20 +340,29 @@ impl Store {
     /// names (the session watcher re-reads every live session's user each
     /// tick; one query per user would grow with the sessions).
     pub async fn get_users(&self, names: &[String]) -> Result<Vec<UserRecord>> {
+        self.fetch_in(
+            "SELECT name, roles, team, password_hash, totp_secret, created_at, disabled FROM users WHERE name IN (",
+            names,
+        )
+        .await?
+        .iter()
+        .map(user_from_row)
+        .collect()
+    }
+
+    /// The rows `select` (ending in `IN (`) finds for `keys`, a query per
+    /// [`KEYS_PER_QUERY`] keys.
+    async fn fetch_in(&self, select: &str, keys: &[String]) -> Result<Vec<AnyRow>> {
         let mut found = Vec::new();
-        for chunk in names.chunks(KEYS_PER_QUERY) {
-            let mut sql = String::from(
-                "SELECT name, roles, team, password_hash, totp_secret, created_at, disabled FROM users WHERE name IN (",
-            );
+        for chunk in keys.chunks(KEYS_PER_QUERY) {
+            let mut sql = String::from(select);
             push_placeholders(&mut sql, self.backend, 1, chunk.len());
             sql.push(')');
             let mut q = sqlx::query(&sql);
-            for name in chunk {
-                q = q.bind(name.as_str());
+            for key in chunk {
+                q = q.bind(key.as_str());
             }
-            for r in q.fetch_all(&self.pool).await? {
-                found.push(user_from_row(&r)?);
-            }
+            found.extend(q.fetch_all(&self.pool).await?);
         }
         Ok(found)
     }
@@ -541,22 +550,14 @@ impl Store {
     /// The requests of `ids` that exist, with their versions, a few queries
     /// for any number of IDs (see [`Store::get_users`]).
     pub async fn get_requests(&self, ids: &[String]) -> Result<Vec<(StoredRequest, i64)>> {
-        let mut found = Vec::new();
-        for chunk in ids.chunks(KEYS_PER_QUERY) {
-            let mut sql = String::from(
-                "SELECT id, requester, state, next_deadline, created_at, updated_at, doc, version FROM access_requests WHERE id IN (",
-            );
-            push_placeholders(&mut sql, self.backend, 1, chunk.len());
-            sql.push(')');
-            let mut q = sqlx::query(&sql);
-            for id in chunk {
-                q = q.bind(id.as_str());
-            }
-            for r in q.fetch_all(&self.pool).await? {
-                found.push((stored_from_row(&r)?, r.try_get::<i64, _>(7)?));
-            }
-        }
-        Ok(found)
+        self.fetch_in(
+            "SELECT id, requester, state, next_deadline, created_at, updated_at, doc, version FROM access_requests WHERE id IN (",
+            ids,
+        )
+        .await?
+        .iter()
+        .map(|r| Ok((stored_from_row(r)?, r.try_get::<i64, _>(7)?)))
+        .collect()
     }
 
     /// Requests filtered by requester and/or states, newest first.

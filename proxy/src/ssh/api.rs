@@ -2,7 +2,6 @@
 //! (your own sessions, or everyone's with a role that has `audit: true`).
 
 use super::recording;
-use crate::audit::AuditEvent;
 use crate::error::{Error, Result};
 use crate::service::{Caller, Wicket};
 use chrono::{DateTime, Utc};
@@ -20,16 +19,10 @@ impl Wicket {
             .roles
             .decide_recording_read(&subject, owner);
         if !d.allowed {
-            self.audit(
-                AuditEvent::AccessDenied {
-                    user: user.name.clone(),
-                    action: "recordings.read".into(),
-                    reason: d.reason.clone(),
-                },
-                crate::clock::now(),
-            )
-            .await?;
-            return Err(Error::Forbidden(d.reason));
+            let now = crate::clock::now();
+            return Err(self
+                .deny_audited(&user.name, "recordings.read", d.reason, now)
+                .await);
         }
         Ok(())
     }
