@@ -992,25 +992,39 @@ async fn set_chain_head(tx: &mut Transaction<'static, Any>, seq: i64, hash: &str
 /// `prev` (empty for the first): SHA-256, hex, over `prev`, a newline and
 /// the event's fields as a JSON array (unambiguous).
 pub fn chain_hash(prev: &str, seq: i64, e: &AuditRow) -> String {
-    let fields = serde_json::json!([
+    /// Feeds what serde writes straight into the digest (no copy).
+    struct Digest(ring::digest::Context);
+    impl std::io::Write for Digest {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.update(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut d = Digest(ring::digest::Context::new(&ring::digest::SHA256));
+    d.0.update(prev.as_bytes());
+    d.0.update(b"\n");
+    let fields = (
         seq,
-        e.id,
+        &e.id,
         e.time_ms,
-        e.kind,
-        e.actor,
-        e.request_id,
-        e.session_id,
-        e.data
-    ]);
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(prev.as_bytes());
-    ctx.update(b"\n");
-    ctx.update(fields.to_string().as_bytes());
-    ctx.finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+        &e.kind,
+        &e.actor,
+        &e.request_id,
+        &e.session_id,
+        &e.data,
+    );
+    // Serializing plain strings and integers into memory cannot fail.
+    let _ = serde_json::to_writer(&mut d, &fields);
+    let mut hex = String::with_capacity(64);
+    for b in d.0.finish().as_ref() {
+        hex.push(HEX[usize::from(b >> 4)] as char);
+        hex.push(HEX[usize::from(b & 15)] as char);
+    }
+    hex
 }
 
 /// Chains the events stored before the chain existed, oldest first.
@@ -1052,5 +1066,55 @@ pub fn describe(storage: &Storage) -> String {
     match storage {
         Storage::Sqlite => "SQLite".into(),
         Storage::Postgres(_) => format!("PostgreSQL ({})", storage.redacted()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_hash_covers_every_field_and_the_previous_hash() {
+        let e = AuditRow {
+            id: "e1".into(),
+            time_ms: 5,
+            kind: "login_succeeded".into(),
+            actor: Some("alice".into()),
+            request_id: None,
+            session_id: None,
+            data: "{}".into(),
+        };
+        // SHA-256 of "\n[1,\"e1\",5,\"login_succeeded\",\"alice\",null,null,\"{}\"]".
+        let h = chain_hash("", 1, &e);
+        let expected: String = ring::digest::digest(
+            &ring::digest::SHA256,
+            b"\n[1,\"e1\",5,\"login_succeeded\",\"alice\",null,null,\"{}\"]",
+        )
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+        assert_eq!(h, expected);
+        let changed = [
+            chain_hash("x", 1, &e),
+            chain_hash("", 2, &e),
+            chain_hash(
+                "",
+                1,
+                &AuditRow {
+                    actor: None,
+                    ..e.clone()
+                },
+            ),
+            chain_hash(
+                "",
+                1,
+                &AuditRow {
+                    data: "{ }".into(),
+                    ..e.clone()
+                },
+            ),
+        ];
+        assert!(changed.iter().all(|c| *c != h));
     }
 }
