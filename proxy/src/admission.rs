@@ -8,7 +8,9 @@
 //! loop writes the refusal ([`crate::server::accept_until_shutdown`]).
 
 use crate::config::Limits;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -29,17 +31,51 @@ pub struct Admission {
     _open: OwnedSemaphorePermit,
     unauthenticated: Option<OwnedSemaphorePermit>,
     deadline: Instant,
+    authenticated: Arc<AtomicBool>,
 }
 
 impl Admission {
-    /// The connection authenticated: it leaves the unauthenticated share.
+    /// The connection authenticated: it leaves the unauthenticated share
+    /// and its [`Grace`] no longer runs.
     pub fn authenticated(&mut self) {
         self.unauthenticated = None;
+        self.authenticated.store(true, Ordering::Release);
     }
 
     /// When the connection must have authenticated by.
     pub fn deadline(&self) -> Instant {
         self.deadline
+    }
+
+    /// The login grace, for I/O that runs where the admission is not (an
+    /// SSH session's stream).
+    pub fn grace(&self) -> Grace {
+        Grace {
+            timer: Some(Box::pin(tokio::time::sleep_until(self.deadline))),
+            authenticated: self.authenticated.clone(),
+        }
+    }
+}
+
+/// A connection's login grace as seen from its I/O.
+#[derive(Debug)]
+pub struct Grace {
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    authenticated: Arc<AtomicBool>,
+}
+
+impl Grace {
+    /// Whether the grace is over without the connection having
+    /// authenticated; wakes `cx` when it runs out.
+    pub fn expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        let Some(timer) = self.timer.as_mut() else {
+            return false;
+        };
+        if self.authenticated.load(Ordering::Acquire) {
+            self.timer = None;
+            return false;
+        }
+        timer.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -71,6 +107,7 @@ impl Gate {
                     _open: open,
                     unauthenticated: Some(unauthenticated),
                     deadline: now + self.limits.login_grace.to_std().unwrap_or_default(),
+                    authenticated: Arc::default(),
                 }),
             },
         };

@@ -917,7 +917,7 @@ pub async fn insert_audit(
     if rows.is_empty() {
         return Ok(());
     }
-    let (mut seq, mut prev) = lock_chain_head(tx).await?;
+    let mut chain = ChainHead::lock(tx).await?;
     let mut rest = rows;
     while !rest.is_empty() {
         let mut n = 0;
@@ -939,14 +939,7 @@ pub async fn insert_audit(
             push_placeholders(&mut sql, backend, i * 9 + 1, 9);
             sql.push(')');
         }
-        let links: Vec<(i64, String)> = chunk
-            .iter()
-            .map(|e| {
-                seq += 1;
-                prev = chain_hash(&prev, seq, e);
-                (seq, prev.clone())
-            })
-            .collect();
+        let links: Vec<(i64, String)> = chunk.iter().map(|e| chain.append(e)).collect();
         let mut q = sqlx::query(&sql);
         for (e, (seq, hash)) in chunk.iter().zip(&links) {
             q = q
@@ -963,29 +956,49 @@ pub async fn insert_audit(
         }
         q.execute(&mut **tx).await?;
     }
-    set_chain_head(tx, seq, &prev).await
+    chain.store(tx).await
 }
 
-/// Takes the chain head's row lock (PostgreSQL) or the write lock (SQLite)
-/// until the transaction ends, then reads it: appends are serialized
-/// across every wicketd sharing the store.
-async fn lock_chain_head(tx: &mut Transaction<'static, Any>) -> Result<(i64, String)> {
-    sqlx::query("UPDATE audit_chain SET seq = seq WHERE id = 1")
-        .execute(&mut **tx)
-        .await?;
-    let row = sqlx::query("SELECT seq, hash FROM audit_chain WHERE id = 1")
-        .fetch_one(&mut **tx)
-        .await?;
-    Ok((row.try_get(0)?, row.try_get(1)?))
+/// The audit chain's head (last place and hash) inside a transaction that
+/// holds its lock.
+struct ChainHead {
+    seq: i64,
+    hash: String,
 }
 
-async fn set_chain_head(tx: &mut Transaction<'static, Any>, seq: i64, hash: &str) -> Result<()> {
-    sqlx::query("UPDATE audit_chain SET seq = $1, hash = $2 WHERE id = 1")
-        .bind(seq)
-        .bind(hash)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
+impl ChainHead {
+    /// Takes the head row's lock (PostgreSQL) or the write lock (SQLite)
+    /// until the transaction ends, then reads it: appends are serialized
+    /// across every wicketd sharing the store.
+    async fn lock(tx: &mut Transaction<'static, Any>) -> Result<Self> {
+        sqlx::query("UPDATE audit_chain SET seq = seq WHERE id = 1")
+            .execute(&mut **tx)
+            .await?;
+        let row = sqlx::query("SELECT seq, hash FROM audit_chain WHERE id = 1")
+            .fetch_one(&mut **tx)
+            .await?;
+        Ok(Self {
+            seq: row.try_get(0)?,
+            hash: row.try_get(1)?,
+        })
+    }
+
+    /// Links `e` after the head; its place and hash.
+    fn append(&mut self, e: &AuditRow) -> (i64, String) {
+        self.seq += 1;
+        self.hash = chain_hash(&self.hash, self.seq, e);
+        (self.seq, self.hash.clone())
+    }
+
+    /// Writes the head back (the transaction's commit makes it so).
+    async fn store(self, tx: &mut Transaction<'static, Any>) -> Result<()> {
+        sqlx::query("UPDATE audit_chain SET seq = $1, hash = $2 WHERE id = 1")
+            .bind(self.seq)
+            .bind(self.hash)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
 }
 
 /// The hash of event `e` at place `seq` after an event whose hash is
@@ -1034,19 +1047,18 @@ async fn chain_existing(tx: &mut Transaction<'static, Any>) -> Result<()> {
     )
     .fetch_all(&mut **tx)
     .await?;
-    let (mut seq, mut prev) = lock_chain_head(tx).await?;
+    let mut chain = ChainHead::lock(tx).await?;
     for r in &rows {
         let e = audit_from_row(r)?;
-        seq += 1;
-        prev = chain_hash(&prev, seq, &e);
+        let (seq, hash) = chain.append(&e);
         sqlx::query("UPDATE audit_events SET seq = $1, hash = $2 WHERE id = $3")
             .bind(seq)
-            .bind(prev.as_str())
+            .bind(hash)
             .bind(e.id.as_str())
             .execute(&mut **tx)
             .await?;
     }
-    set_chain_head(tx, seq, &prev).await
+    chain.store(tx).await
 }
 
 fn user_from_row(r: &AnyRow) -> Result<UserRecord> {

@@ -388,8 +388,6 @@ pub(crate) struct Conn {
     denied: HashMap<ChannelId, (russh::ChannelWriteHalf<Msg>, String)>,
     /// Its places at the listener, for as long as the connection lasts.
     admitted: Admission,
-    /// Set once a certificate is accepted: the login grace no longer applies.
-    authenticated: Arc<AtomicBool>,
 }
 
 impl Conn {
@@ -398,7 +396,6 @@ impl Conn {
         peer: SocketAddr,
         route: Option<Route>,
         admitted: Admission,
-        authenticated: Arc<AtomicBool>,
     ) -> Self {
         Self {
             proxy,
@@ -409,7 +406,6 @@ impl Conn {
             channels: HashMap::new(),
             denied: HashMap::new(),
             admitted,
-            authenticated,
         }
     }
 
@@ -879,7 +875,6 @@ impl server::Handler for Conn {
         // A Wicket certificate was accepted (the access decision may still
         // be a denial, shown on the channel): the user is known.
         self.admitted.authenticated();
-        self.authenticated.store(true, Ordering::Release);
         if let Some(live) = self.live() {
             *lock(&self.shared.server) = Some(session.handle());
             tokio::spawn(live.clone().watch(session.handle()));

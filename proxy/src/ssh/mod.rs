@@ -24,15 +24,13 @@ mod handler;
 pub mod recording;
 mod upstream;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, Grace};
 use crate::error::{Error, Result};
 use crate::service::Wicket;
 use russh::keys::{Certificate, PrivateKey};
 use russh::server;
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
@@ -403,8 +401,7 @@ struct Prefixed {
     prefix: Vec<u8>,
     at: usize,
     inner: TcpStream,
-    login: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    authenticated: Arc<AtomicBool>,
+    grace: Grace,
 }
 
 impl Prefixed {
@@ -412,12 +409,7 @@ impl Prefixed {
     /// before authentication (a client that stops reading stalls the
     /// session's writes, not its reads).
     fn grace_over(&mut self, cx: &mut std::task::Context<'_>) -> Option<std::io::Error> {
-        let grace = self.login.as_mut()?;
-        if self.authenticated.load(Ordering::Acquire) {
-            self.login = None;
-            return None;
-        }
-        grace.as_mut().poll(cx).is_ready().then(|| {
+        self.grace.expired(cx).then(|| {
             std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "no authentication within limits.login_grace",
@@ -537,15 +529,13 @@ async fn connection(
             (proxy.server_config("proxy", &names)?, None)
         }
     };
-    let authenticated = Arc::new(AtomicBool::new(false));
     let stream = Prefixed {
         prefix,
         at: 0,
         inner: tcp,
-        login: Some(Box::pin(tokio::time::sleep_until(deadline))),
-        authenticated: authenticated.clone(),
+        grace: admitted.grace(),
     };
-    let conn = handler::Conn::new(proxy.clone(), peer, route, admitted, authenticated);
+    let conn = handler::Conn::new(proxy.clone(), peer, route, admitted);
     let finish = conn.finisher();
     let session = server::run_stream(config, stream, conn).await;
     let result = match session {
