@@ -154,15 +154,19 @@ impl Client {
 
     /// GET a non-JSON body (e.g. a recording), as bytes.
     pub async fn get_bytes(&self, path: &str) -> Result<Bytes> {
-        tokio::time::timeout(TIMEOUT, self.call_inner(Method::GET, path, None::<&()>))
-            .await
-            .map_err(|_| {
-                anyhow!(
-                    "{} did not answer within {}s",
-                    self.proxy,
-                    TIMEOUT.as_secs()
-                )
-            })?
+        within(&self.proxy, async {
+            self.connect_inner()
+                .await?
+                .send(Method::GET, path, None::<&()>)
+                .await
+        })
+        .await
+    }
+
+    /// A connection kept for several calls (HTTP/1.1 keep-alive), for
+    /// callers that make many in a row; each plain call opens its own.
+    pub async fn connect(&self) -> Result<Connection> {
+        within(&self.proxy, self.connect_inner()).await
     }
 
     async fn call<B: Serialize, T: DeserializeOwned>(
@@ -171,24 +175,14 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<T> {
-        let body = tokio::time::timeout(TIMEOUT, self.call_inner(method, path, body))
-            .await
-            .map_err(|_| {
-                anyhow!(
-                    "{} did not answer within {}s",
-                    self.proxy,
-                    TIMEOUT.as_secs()
-                )
-            })??;
-        serde_json::from_slice(&body).with_context(|| format!("unexpected response from {path}"))
+        let body = within(&self.proxy, async {
+            self.connect_inner().await?.send(method, path, body).await
+        })
+        .await?;
+        decode(path, &body)
     }
 
-    async fn call_inner<B: Serialize>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&B>,
-    ) -> Result<Bytes> {
+    async fn connect_inner(&self) -> Result<Connection> {
         let tcp = TcpStream::connect(&self.proxy)
             .await
             .with_context(|| format!("cannot connect to {}", self.proxy))?;
@@ -199,12 +193,59 @@ impl Client {
             .connect(name, tcp)
             .await
             .map_err(|e| anyhow!("TLS with {} failed: {e}", self.proxy))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .context("HTTP handshake")?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
+        Ok(Connection {
+            proxy: self.proxy.clone(),
+            sender,
+        })
+    }
+}
+
+/// One HTTPS connection to wicketd, for calls one after another.
+pub struct Connection {
+    proxy: String,
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Connection {
+    pub async fn get<T: DeserializeOwned>(&mut self, path: &str) -> Result<T> {
+        self.call(Method::GET, path, None::<&()>).await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &mut self,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T> {
+        let proxy = self.proxy.clone();
+        let body = within(&proxy, self.send(method, path, body)).await?;
+        decode(path, &body)
+    }
+
+    async fn send<B: Serialize>(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<Bytes> {
+        self.sender
+            .ready()
+            .await
+            .context("the connection to wicketd closed")?;
         let bytes = match body {
             Some(b) => Bytes::from(serde_json::to_vec(b)?),
             None => Bytes::new(),
@@ -218,7 +259,11 @@ impl Client {
             req = req.header(hyper::header::CONTENT_TYPE, "application/json");
         }
         let req = req.body(Full::new(bytes))?;
-        let resp = sender.send_request(req).await.context("request failed")?;
+        let resp = self
+            .sender
+            .send_request(req)
+            .await
+            .context("request failed")?;
         let status = resp.status();
         let body = Limited::new(resp.into_body(), MAX_RESPONSE)
             .collect()
@@ -240,6 +285,18 @@ impl Client {
         }
         Ok(body)
     }
+}
+
+/// `f`, or an error naming the proxy when it takes over [`TIMEOUT`].
+async fn within<T>(proxy: &str, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(TIMEOUT, f)
+        .await
+        .map_err(|_| anyhow!("{proxy} did not answer within {}s", TIMEOUT.as_secs()))?
+}
+
+/// The JSON answer of a call to `path`.
+fn decode<T: DeserializeOwned>(path: &str, body: &[u8]) -> Result<T> {
+    serde_json::from_slice(body).with_context(|| format!("unexpected response from {path}"))
 }
 
 /// How a custom verifier decides on the server's certificate.

@@ -5,37 +5,20 @@
 //! --bench audit` (`BENCH_EVENTS`, default 400000).
 #![allow(clippy::disallowed_methods, clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 use wicketd::audit::{AuditEvent, AuditSink, SessionRef};
 use wicketd::config::{AuditSettings, Storage};
 use wicketd::store::Store;
 
-/// CPU time (user + system) this process has used, in seconds.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
-    // utime and stime are fields 14 and 15 (1-based) of the whole line.
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / 100.0
-}
-
 fn main() {
     let events: usize = std::env::var("BENCH_EVENTS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(400_000);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
+    common::runtime().block_on(async move {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&Storage::Sqlite, dir.path()).await.unwrap();
         let sink = AuditSink::start(store.clone(), &AuditSettings::default());
@@ -50,7 +33,7 @@ fn main() {
             })
             .collect();
         let dropped = AtomicU64::new(0);
-        let (t0, c0) = (Instant::now(), cpu_seconds());
+        let (t0, c0) = (Instant::now(), common::cpu_seconds());
         let base_ms = 1_790_000_000_000i64;
         for n in 0..events {
             let event = AuditEvent::DbQuery {
@@ -60,7 +43,7 @@ fn main() {
             sink.send(event, base_ms + (n / 20) as i64, &dropped).await;
         }
         sink.flush().await;
-        let (secs, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds() - c0);
+        let (secs, cpu) = (t0.elapsed().as_secs_f64(), common::cpu_seconds() - c0);
         println!(
             "audit: {events} statement events stored in {secs:.2} s: {:.0} events/s, {:.2} µs CPU per event",
             events as f64 / secs,

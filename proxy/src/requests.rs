@@ -640,7 +640,11 @@ impl Wicket {
 
     /// The JSON view: the grant schema fields plus details.
     pub async fn view(&self, req: &AccessRequest, now: DateTime<Utc>) -> Result<Grant> {
-        let users = self.store.list_users().await?;
+        // The user table is only read to say who may still review.
+        let users = match req.state.is_open() {
+            true => self.store.list_users().await?,
+            false => Vec::new(),
+        };
         self.view_with(req, now, &users).await
     }
 
@@ -699,10 +703,15 @@ impl Wicket {
             starts_at: req.starts_at,
             expires_at: req.expires_at,
             status: req.state.as_str().to_owned(),
-            actions_taken: self
-                .store
-                .count_request_events(&req.id, crate::audit::SESSION_ACTION_KINDS)
-                .await?,
+            // Sessions run only on a grant that was approved.
+            actions_taken: match req.approved_at {
+                Some(_) => {
+                    self.store
+                        .count_request_events(&req.id, crate::audit::SESSION_ACTION_KINDS)
+                        .await?
+                }
+                None => 0,
+            },
             revoked_by: req.revoked_by.clone(),
             revoke_reason: req.revoke_reason.clone(),
             created_at: req.created_at,

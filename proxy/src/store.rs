@@ -191,6 +191,10 @@ impl Store {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(if backend == Backend::Sqlite { 4 } else { 16 })
+            // A local file needs no liveness check on every acquire (each is
+            // a round trip to the connection's worker thread); sqlx still
+            // checks each connection when it goes back to the pool.
+            .test_before_acquire(backend == Backend::Postgres)
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
@@ -971,10 +975,7 @@ impl ChainHead {
     /// until the transaction ends, then reads it: appends are serialized
     /// across every wicketd sharing the store.
     async fn lock(tx: &mut Transaction<'static, Any>) -> Result<Self> {
-        sqlx::query("UPDATE audit_chain SET seq = seq WHERE id = 1")
-            .execute(&mut **tx)
-            .await?;
-        let row = sqlx::query("SELECT seq, hash FROM audit_chain WHERE id = 1")
+        let row = sqlx::query("UPDATE audit_chain SET seq = seq WHERE id = 1 RETURNING seq, hash")
             .fetch_one(&mut **tx)
             .await?;
         Ok(Self {
