@@ -16,6 +16,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod index;
 pub mod keystore;
 pub mod pg;
 pub mod requests;

@@ -38,7 +38,7 @@ fn parse_dur(field: &str, s: &str) -> Result<Duration> {
     parse_duration(s).map_err(|e| Error::BadRequest(format!("{field}: {e}")))
 }
 
-fn decode(stored: &StoredRequest) -> Result<AccessRequest> {
+pub(crate) fn decode(stored: &StoredRequest) -> Result<AccessRequest> {
     serde_json::from_str(&stored.doc)
         .map_err(|e| Error::Store(format!("request {} is corrupt: {e}", stored.id)))
 }
@@ -251,6 +251,8 @@ impl Wicket {
                 .update_request(&self.encode(&next)?, version, &audit, &notes)
                 .await?
             {
+                // Out of the index until the feed brings the new state.
+                self.index.forget(id).await;
                 if effects
                     .iter()
                     .any(|e| matches!(e, Effect::EndSessions { .. }))

@@ -95,6 +95,7 @@ pub async fn start(config: Config) -> Result<Running> {
     }
     tokio::spawn(scheduler(wicket.clone(), rx.clone()));
     tokio::spawn(session_refresher(wicket.clone(), rx.clone()));
+    tokio::spawn(index_refresher(wicket.clone(), rx.clone()));
     tokio::spawn(session_enforcer(wicket.clone(), rx.clone()));
     let task = tokio::spawn(accept_loop(
         listener,
@@ -136,6 +137,24 @@ async fn scheduler(wicket: Arc<Wicket>, mut shutdown: watch::Receiver<bool>) {
 async fn session_refresher(wicket: Arc<Wicket>, mut shutdown: watch::Receiver<bool>) {
     loop {
         wicket.refresh_sessions(clock::now()).await;
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {},
+            _ = shutdown.changed() => break,
+        }
+    }
+}
+
+/// Follows the store's change feed into the in-memory index every tick
+/// (see [`crate::index`]). While it fails, the index goes stale and
+/// decisions read the store.
+async fn index_refresher(wicket: Arc<Wicket>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(1), wicket.refresh_index(clock::now()));
+        match read.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot refresh the grant index"),
+            Err(_) => tracing::warn!("refreshing the grant index took over 1s"),
+        }
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {},
             _ = shutdown.changed() => break,

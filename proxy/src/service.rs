@@ -27,6 +27,8 @@ pub struct Wicket {
     pub keys: AuthorityKeys,
     pub trusted_tls: TrustedX509Cas,
     pub sessions: std::sync::Arc<crate::sessions::Sessions>,
+    /// Users and grants in force, for access decisions (see [`crate::index`]).
+    pub index: crate::index::Shared,
     /// What the session watcher last read of each live grant and user.
     pub(crate) checks: crate::sessions::Checks,
     /// Session events (statements, commands) on their way to the store.
@@ -146,6 +148,7 @@ impl Wicket {
             trusted_tls,
             sessions: Default::default(),
             checks: Default::default(),
+            index: Default::default(),
             rng: SystemRandom::new(),
         })
     }
@@ -340,9 +343,14 @@ impl Wicket {
     }
 
     /// The caller's user record, if it still exists and is enabled.
-    pub(crate) async fn active_user(&self, caller: &Caller) -> Result<UserRecord> {
+    /// The caller's user record, if it exists and is enabled: from the
+    /// index when it vouches for it, from the store otherwise.
+    pub(crate) async fn active_user(&self, caller: &Caller) -> Result<std::sync::Arc<UserRecord>> {
+        if let Some(u) = self.index.read().user(&caller.user, crate::clock::now()) {
+            return Ok(u);
+        }
         match self.store.get_user(&caller.user).await? {
-            Some(u) if !u.disabled => Ok(u),
+            Some(u) if !u.disabled => Ok(std::sync::Arc::new(u)),
             _ => Err(Error::Unauthenticated(format!(
                 "user {:?} no longer exists or is disabled",
                 caller.user
@@ -452,18 +460,19 @@ impl Wicket {
             .roles_in_force(&user, caller, crate::clock::now())
             .await;
         Ok(Me {
-            user: user.name,
+            user: user.name.clone(),
             roles: describe_roles(&roles, &scoped),
             standing_roles: standing,
             request_ids: active,
-            team: user.team,
+            team: user.team.clone(),
         })
     }
 
     /// Standing roles plus the granted roles of the caller's certificate's
-    /// requests that are active now (re-read from the store, so a revoked,
-    /// dropped or expired grant does not count), those request IDs, and why
-    /// each of the others does not count.
+    /// requests that are active now (from the grant index when it vouches
+    /// for them, else re-read from the store, so a revoked, dropped or
+    /// expired grant does not count), those request IDs, and why each of
+    /// the others does not count.
     pub async fn roles_in_force(
         &self,
         user: &UserRecord,
@@ -474,10 +483,21 @@ impl Wicket {
         let mut grants = Vec::new();
         let mut not_counted = Vec::new();
         for id in &caller.request_ids {
-            match self
-                .active_grants(&user.name, std::slice::from_ref(id), now)
-                .await
-            {
+            // The index vouches for grants in force; anything else (and the
+            // reason it does not count) comes from the store.
+            let indexed = self.index.read().grant(&user.name, id, now);
+            let found = match indexed {
+                Some(g) => Ok(vec![g]),
+                None => self
+                    .active_grants(&user.name, std::slice::from_ref(id), now)
+                    .await
+                    .map(|g| {
+                        g.into_iter()
+                            .map(|g| (g.granted_roles, g.resources))
+                            .collect()
+                    }),
+            };
+            match found {
                 Ok(g) => {
                     grants.extend(g);
                     active.push(id.clone());
@@ -485,7 +505,10 @@ impl Wicket {
                 Err(e) => not_counted.push(e.to_string()),
             }
         }
-        let (roles, scoped) = self.roles_of_grants(user, &grants);
+        let (roles, scoped) = wicket_policy::roles_of_grants(
+            self.standing_roles(user),
+            grants.iter().map(|(r, res)| (&r[..], &res[..])),
+        );
         InForce {
             roles,
             scoped,
@@ -496,22 +519,22 @@ impl Wicket {
 
     /// Standing roles plus the roles of `grants` (see
     /// [`wicket_policy::roles_of_grants`]).
-    fn roles_of_grants(
+    fn roles_of_grants<'g>(
         &self,
         user: &UserRecord,
-        grants: &[AccessRequest],
+        grants: impl IntoIterator<Item = &'g AccessRequest>,
     ) -> (Vec<String>, Vec<ScopedRole>) {
         wicket_policy::roles_of_grants(
             self.standing_roles(user),
             grants
-                .iter()
+                .into_iter()
                 .map(|g| (&g.granted_roles[..], &g.resources[..])),
         )
     }
 
     /// The one authorization decision for a proxied connection. Grants are
-    /// re-read from the store (a revoked, dropped or expired grant does not
-    /// count even while the certificate is valid); `decide` is the policy
+    /// those in force now ([`Wicket::roles_in_force`]: a revoked, dropped or
+    /// expired grant does not count even while the certificate is valid); `decide` is the policy
     /// call. A denial names what is missing: the grants behind the
     /// certificate that no longer count, or that there is none.
     pub async fn decide_session(
@@ -543,7 +566,7 @@ impl Wicket {
             }
         }
         Ok(SessionDecision {
-            user: user.name,
+            user: user.name.clone(),
             roles,
             scoped,
             request_ids: active,

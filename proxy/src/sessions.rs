@@ -301,6 +301,8 @@ impl Wicket {
                         Some(_) => format!("user {user:?} was disabled"),
                         None => format!("user {user:?} no longer exists"),
                     };
+                    // New connections are refused from now on too.
+                    self.index.forget_user(user).await;
                     ended += self.sessions.end_for_user(user, &why);
                 }
             }
@@ -318,6 +320,9 @@ impl Wicket {
         for id in &ids {
             match found.remove(id) {
                 Some(Ok(req)) => {
+                    if !req.grants_at(now) {
+                        self.index.forget(id).await;
+                    }
                     ended += self.signal_sessions(&req, now);
                     read_ok(&self.checks.requests, id, Some(req));
                 }

@@ -108,11 +108,48 @@ CREATE TABLE audit_chain (id BIGINT PRIMARY KEY, seq BIGINT NOT NULL, hash TEXT 
 INSERT INTO audit_chain (id, seq, hash) VALUES (1, 0, '')
 "#,
     },
+    // A feed of changes to users and requests, for the in-memory index each
+    // wicketd keeps: every change takes the next `change_feed.seq` (a row
+    // lock held to commit, so the order of the numbers is the order of the
+    // commits) and stamps it on the changed row.
+    Migration {
+        version: 5,
+        sql: r#"
+ALTER TABLE users ADD COLUMN change_seq BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE access_requests ADD COLUMN change_seq BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX users_change ON users (change_seq);
+CREATE INDEX access_requests_change ON access_requests (change_seq);
+CREATE TABLE change_feed (id BIGINT PRIMARY KEY, seq BIGINT NOT NULL);
+INSERT INTO change_feed (id, seq) VALUES (1, 0)
+"#,
+    },
 ];
 
 /// The migration that starts the audit chain; events stored before it are
 /// chained when it runs.
 const CHAIN_MIGRATION: i64 = 4;
+
+/// What [`Store::changes`] returns: the feed's head, and each changed user
+/// and request by key, decoded or not.
+#[derive(Debug)]
+pub struct Changes {
+    pub head: i64,
+    pub users: Vec<(String, Result<UserRecord>)>,
+    pub requests: Vec<(String, Result<StoredRequest>)>,
+}
+
+/// Takes the change feed's next number. The row stays locked until the
+/// transaction ends, so numbers are taken in commit order across every
+/// wicketd sharing the store. Taken before the audit chain's lock (one
+/// order, no deadlock).
+async fn next_change(tx: &mut Transaction<'static, Any>) -> Result<i64> {
+    Ok(
+        sqlx::query("UPDATE change_feed SET seq = seq + 1 WHERE id = 1 RETURNING seq")
+            .fetch_one(&mut **tx)
+            .await?
+            .try_get(0)?,
+    )
+}
 
 /// A user as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,8 +328,9 @@ impl Store {
                 user.name
             )));
         }
+        let change = next_change(&mut tx).await?;
         sqlx::query(
-            "INSERT INTO users (name, roles, team, password_hash, totp_secret, created_at, disabled) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO users (name, roles, team, password_hash, totp_secret, created_at, disabled, change_seq) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&user.name)
         .bind(json_list(&user.roles)?)
@@ -301,6 +339,7 @@ impl Store {
         .bind(&user.totp_secret)
         .bind(user.created_at)
         .bind(i64::from(user.disabled))
+        .bind(change)
         .execute(&mut *tx)
         .await?;
         insert_audit(self.backend, &mut tx, std::slice::from_ref(event)).await?;
@@ -317,9 +356,11 @@ impl Store {
         event: &AuditRow,
     ) -> Result<()> {
         let mut tx = self.begin().await?;
-        let done = sqlx::query("UPDATE users SET disabled = $1 WHERE name = $2")
+        let change = next_change(&mut tx).await?;
+        let done = sqlx::query("UPDATE users SET disabled = $1, change_seq = $3 WHERE name = $2")
             .bind(i64::from(disabled))
             .bind(name)
+            .bind(change)
             .execute(&mut *tx)
             .await?;
         if done.rows_affected() == 0 {
@@ -487,8 +528,9 @@ impl Store {
         notes: &[NotificationRow],
     ) -> Result<()> {
         let mut tx = self.begin().await?;
+        let change = next_change(&mut tx).await?;
         sqlx::query(
-            "INSERT INTO access_requests (id, requester, state, next_deadline, created_at, updated_at, version, doc) VALUES ($1, $2, $3, $4, $5, $6, 1, $7)",
+            "INSERT INTO access_requests (id, requester, state, next_deadline, created_at, updated_at, version, doc, change_seq) VALUES ($1, $2, $3, $4, $5, $6, 1, $7, $8)",
         )
         .bind(&req.id)
         .bind(&req.requester)
@@ -497,6 +539,7 @@ impl Store {
         .bind(req.created_at)
         .bind(req.updated_at)
         .bind(&req.doc)
+        .bind(change)
         .execute(&mut *tx)
         .await?;
         insert_audit(self.backend, &mut tx, audit).await?;
@@ -518,8 +561,9 @@ impl Store {
         notes: &[NotificationRow],
     ) -> Result<bool> {
         let mut tx = self.begin().await?;
+        let change = next_change(&mut tx).await?;
         let r = sqlx::query(
-            "UPDATE access_requests SET state = $1, next_deadline = $2, updated_at = $3, doc = $4, version = version + 1 WHERE id = $5 AND version = $6",
+            "UPDATE access_requests SET state = $1, next_deadline = $2, updated_at = $3, doc = $4, version = version + 1, change_seq = $7 WHERE id = $5 AND version = $6",
         )
         .bind(&req.state)
         .bind(req.next_deadline)
@@ -527,6 +571,7 @@ impl Store {
         .bind(&req.doc)
         .bind(&req.id)
         .bind(version)
+        .bind(change)
         .execute(&mut *tx)
         .await?;
         if r.rows_affected() != 1 {
@@ -562,6 +607,61 @@ impl Store {
         .iter()
         .map(|r| Ok((stored_from_row(r)?, r.try_get::<i64, _>(7)?)))
         .collect()
+    }
+
+    /// What changed after change `after` (see migration 5), up to the feed's
+    /// head, which it returns: every user and request stamped in between,
+    /// each decoded on its own (`Err` with its key when it does not decode).
+    /// With `after` `None`, every user and every request in a state that
+    /// grants or will (approved, active): a whole index to start from.
+    pub async fn changes(&self, after: Option<i64>) -> Result<Changes> {
+        let mut tx = self.begin().await?;
+        let head: i64 = sqlx::query("SELECT seq FROM change_feed WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        const USERS: &str =
+            "SELECT name, roles, team, password_hash, totp_secret, created_at, disabled FROM users";
+        const REQUESTS: &str = "SELECT id, requester, state, next_deadline, created_at, updated_at, doc FROM access_requests";
+        let (users, requests) = match after {
+            Some(after) => {
+                let (u, r) = (
+                    format!("{USERS} WHERE change_seq > $1 AND change_seq <= $2"),
+                    format!("{REQUESTS} WHERE change_seq > $1 AND change_seq <= $2"),
+                );
+                let users = sqlx::query(&u)
+                    .bind(after)
+                    .bind(head)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let requests = sqlx::query(&r)
+                    .bind(after)
+                    .bind(head)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                (users, requests)
+            }
+            None => {
+                let r = format!("{REQUESTS} WHERE state IN ('approved', 'active')");
+                let users = sqlx::query(USERS).fetch_all(&mut *tx).await?;
+                let requests = sqlx::query(&r).fetch_all(&mut *tx).await?;
+                (users, requests)
+            }
+        };
+        let users = users
+            .iter()
+            .map(|r| Ok((r.try_get::<String, _>(0)?, user_from_row(r))))
+            .collect::<Result<_>>()?;
+        let requests = requests
+            .iter()
+            .map(|r| Ok((r.try_get::<String, _>(0)?, stored_from_row(r))))
+            .collect::<Result<_>>()?;
+        tx.commit().await?;
+        Ok(Changes {
+            head,
+            users,
+            requests,
+        })
     }
 
     /// Requests filtered by requester and/or states, newest first.

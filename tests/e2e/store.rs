@@ -222,12 +222,115 @@ async fn exercise(store: &Store) {
     );
 }
 
+/// The change feed the in-memory index follows: each change to a user or
+/// a request is numbered in commit order and read back once; a change
+/// that does not commit takes no number.
+async fn change_feed(store: &Store) {
+    let start = store.changes(None).await.unwrap();
+    let h0 = start.head;
+    let names = |c: &wicketd::store::Changes| -> (Vec<String>, Vec<String>) {
+        let mut u: Vec<String> = c.users.iter().map(|(k, _)| k.clone()).collect();
+        let mut r: Vec<String> = c.requests.iter().map(|(k, _)| k.clone()).collect();
+        u.sort();
+        r.sort();
+        (u, r)
+    };
+    let user = UserRecord {
+        name: "feed".into(),
+        roles: vec!["dev".into()],
+        team: None,
+        password_hash: None,
+        totp_secret: None,
+        created_at: 1,
+        disabled: false,
+    };
+    store
+        .create_user(&user, &event("feed-e1", "user_created", "feed", 1))
+        .await
+        .unwrap();
+    let c = store.changes(Some(h0)).await.unwrap();
+    assert_eq!(c.head, h0 + 1);
+    assert_eq!(names(&c), (vec!["feed".to_string()], vec![]));
+    assert_eq!(c.users[0].1.as_ref().unwrap(), &user);
+    let req = |id: &str, state: &str| StoredRequest {
+        id: id.into(),
+        requester: "feed".into(),
+        state: state.into(),
+        next_deadline: None,
+        created_at: 2,
+        updated_at: 2,
+        doc: "{}".into(),
+    };
+    store
+        .insert_request(&req("feed-r1", "active"), &[], &[])
+        .await
+        .unwrap();
+    let c = store.changes(Some(h0 + 1)).await.unwrap();
+    assert_eq!(
+        (c.head, names(&c)),
+        (h0 + 2, (vec![], vec!["feed-r1".to_string()]))
+    );
+    // A stale version writes nothing and takes no number.
+    let stale = store
+        .update_request(&req("feed-r1", "revoked"), 7, &[], &[])
+        .await
+        .unwrap();
+    assert!(!stale);
+    assert_eq!(store.changes(Some(h0 + 2)).await.unwrap().head, h0 + 2);
+    // Started from nothing, the index reads every user and every request
+    // that grants or will; a revoked one is not among them.
+    let all = store.changes(None).await.unwrap();
+    assert!(names(&all).0.contains(&"feed".to_string()));
+    assert!(names(&all).1.contains(&"feed-r1".to_string()));
+    assert!(store
+        .update_request(&req("feed-r1", "revoked"), 1, &[], &[])
+        .await
+        .unwrap());
+    store
+        .set_user_disabled("feed", true, &event("feed-e2", "user_disabled", "feed", 3))
+        .await
+        .unwrap();
+    let c = store.changes(Some(h0 + 2)).await.unwrap();
+    assert_eq!(
+        (c.head, names(&c)),
+        (
+            h0 + 4,
+            (vec!["feed".to_string()], vec!["feed-r1".to_string()])
+        )
+    );
+    assert!(c.users[0].1.as_ref().unwrap().disabled);
+    assert_eq!(c.requests[0].1.as_ref().unwrap().state, "revoked");
+    assert!(!names(&store.changes(None).await.unwrap())
+        .1
+        .contains(&"feed-r1".to_string()));
+    // Concurrent writers: every change gets its own number.
+    let write = |s: Store, tag: &'static str| async move {
+        for i in 0..30 {
+            let r = StoredRequest {
+                id: format!("feed-{tag}-{i}"),
+                ..req("", "pending")
+            };
+            s.insert_request(
+                &r,
+                &[event(&format!("feed-{tag}-e{i}"), "x", "feed", 4)],
+                &[],
+            )
+            .await
+            .unwrap();
+        }
+    };
+    tokio::join!(write(store.clone(), "a"), write(store.clone(), "b"));
+    let c = store.changes(Some(h0 + 4)).await.unwrap();
+    assert_eq!((c.head, c.requests.len()), (h0 + 64, 60));
+}
+
 #[test]
 fn store_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
         let store = Store::open(&Storage::Sqlite, dir.path()).await.unwrap();
         exercise(&store).await;
+        change_feed(&store).await;
         // Reopening runs no migration twice and keeps the data.
         drop(store);
         let again = Store::open(&Storage::Sqlite, dir.path()).await.unwrap();
@@ -248,8 +351,9 @@ fn store_on_postgresql() {
             Store::open(&storage, dir.path()),
             Store::open(&storage, dir.path())
         );
-        let (a, _b) = (a.unwrap(), b.unwrap());
+        let (a, b) = (a.unwrap(), b.unwrap());
         exercise(&a).await;
+        change_feed(&b).await;
     });
     // Each migration applied exactly once although two stores raced.
     let sql = "select count(*) = max(version) and count(*) >= 2 from schema_migrations";

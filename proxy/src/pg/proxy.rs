@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! client --SSLRequest--> 'S' --TLS (Wicket client cert required)--> StartupMessage
-//!   -> decide (policy, grants re-read from the store) -> register session
+//!   -> decide (policy, grants in force from the index or the store) -> register session
 //!   -> upstream: SSLRequest, TLS with a one-minute DB-client certificate for
 //!      the database user, StartupMessage (cert auth) ... ReadyForQuery
 //!   -> relay both ways, auditing statements, until either side ends or the
