@@ -5,35 +5,39 @@
 //! It follows the store's change feed (migration 5): every change to a
 //! user or a request takes the next number of one counter, in commit order,
 //! and stamps the row. Every tick the index reads what changed since the
-//! last number it saw, on every wicketd sharing the store.
+//! last number it saw, on every wicketd sharing the store. If the counter
+//! is ever behind what the index saw (a database restored from a backup),
+//! the index starts over from the whole store.
 //!
 //! The index only ever answers "yes, this grant holds" or "this user is
 //! enabled"; anything it does not hold, or cannot vouch for, goes to the
 //! store as before:
-//! - it keeps only requests that grant or will (approved, active), so a
-//!   revoked, dropped, expired or unknown request is a miss;
-//! - a transition this wicketd makes takes its request out at once, under
-//!   the refresh lock, so no refresh in flight puts an old state back;
+//! - it keeps only active grants, so a pending, scheduled, revoked, dropped,
+//!   expired or unknown request is a miss;
+//! - a transition this wicketd makes takes its request out at once and
+//!   leaves a mark with its change number, so a refresh already in flight
+//!   cannot put an older state back;
 //! - what the session watcher finds ended (a grant no longer in force, a
 //!   user disabled or gone) it takes out too, so a live session is never
 //!   cut while a new one for the same grant or user is let in;
-//! - it answers only while its last refresh is under [`FRESH`] old: if the
-//!   store cannot be read, decisions go to the store (and fail closed).
+//! - it answers only while its last refresh began under [`FRESH`] ago: if
+//!   the store cannot be read, decisions go to the store (and fail closed).
 //!
-//! So a revoke made on this wicketd refuses new connections at once; one
-//! made on another wicketd sharing the store does within a tick
-//! ([`crate::server`] refreshes every 250 ms), and live sessions end within
-//! a second either way (the session watcher reads the store itself).
+//! So a revoke made through this wicketd refuses new connections at once;
+//! one made through another wicketd sharing the store, or by `wicketd users
+//! disable`, does at the next refresh (250 ms, at most [`FRESH`] when the
+//! store is slow), and live sessions end within a second either way (the
+//! session watcher reads the store itself).
 
 use crate::error::Result;
 use crate::service::Wicket;
-use crate::store::UserRecord;
+use crate::store::{Changed, UserRecord};
 use chrono::{DateTime, Duration, Utc};
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 use wicket_policy::{AccessRequest, State};
 
-/// How old the last refresh may be for the index to answer.
+/// How long after its last refresh began the index may answer.
 pub const FRESH: Duration = Duration::seconds(1);
 
 /// What a decision needs of a grant, kept next to its holder's other
@@ -42,6 +46,8 @@ pub const FRESH: Duration = Duration::seconds(1);
 pub struct Held {
     /// The request ID (request IDs are UUIDs).
     pub id: uuid::Uuid,
+    /// The change that left it in this state.
+    pub seq: i64,
     pub starts_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub roles: Vec<String>,
@@ -50,13 +56,14 @@ pub struct Held {
 }
 
 impl Held {
-    /// What the index keeps of `req`, if it grants or will.
-    fn of(req: &AccessRequest) -> Option<Self> {
-        if !matches!(req.state, State::Approved | State::Active) {
+    /// What the index keeps of `req` (changed at `seq`), if it is active.
+    fn of(req: &AccessRequest, seq: i64) -> Option<Self> {
+        if req.state != State::Active {
             return None;
         }
         Some(Self {
             id: uuid::Uuid::parse_str(&req.id).ok()?,
+            seq,
             starts_at: req.starts_at?,
             expires_at: req.expires_at?,
             roles: req.granted_roles.clone(),
@@ -65,7 +72,7 @@ impl Held {
     }
 }
 
-/// A user and the grants they hold or will.
+/// A user and the grants they hold.
 #[derive(Debug, Default)]
 struct Entry {
     /// `None` when the user's row is not (or no longer) readable.
@@ -73,26 +80,30 @@ struct Entry {
     grants: Vec<Held>,
 }
 
-/// Users and the grants that hold or will, as of change `seen`.
+/// Users and their active grants, as of change `seen`.
 #[derive(Debug, Default)]
 pub struct Index {
     users: HashMap<String, Entry>,
     /// Each indexed grant's holder, to find it when it changes.
     holders: HashMap<String, String>,
+    /// Requests changed here at a number the index has not read yet: rows
+    /// older than that are not applied.
+    marks: HashMap<String, i64>,
     /// The last change applied (`None`: never read).
     seen: Option<i64>,
     refreshed: Option<DateTime<Utc>>,
 }
 
 impl Index {
-    /// Applies what changed up to `head`, read at `now`. A row that does not
-    /// decode is dropped from the index (its decisions go to the store).
+    /// Applies what changed up to `head`, read by a refresh that began at
+    /// `began`. A row that does not decode is dropped from the index (its
+    /// decisions go to the store).
     pub fn apply(
         &mut self,
         head: i64,
         users: Vec<(String, Result<UserRecord>)>,
-        requests: Vec<(String, Result<AccessRequest>)>,
-        now: DateTime<Utc>,
+        requests: Vec<Changed<AccessRequest>>,
+        began: DateTime<Utc>,
     ) {
         for (name, user) in users {
             let user = match user {
@@ -104,11 +115,14 @@ impl Index {
             };
             self.users.entry(name).or_default().user = user;
         }
-        for (id, req) in requests {
-            self.forget(&id);
-            match req {
+        for Changed { key: id, seq, row } in requests {
+            if self.marks.get(&id).is_some_and(|m| seq < *m) {
+                continue;
+            }
+            self.remove(&id);
+            match row {
                 Ok(r) => {
-                    if let Some(held) = Held::of(&r) {
+                    if let Some(held) = Held::of(&r, seq) {
                         self.holders.insert(id, r.requester.clone());
                         self.users.entry(r.requester).or_default().grants.push(held);
                     }
@@ -118,11 +132,13 @@ impl Index {
                 }
             }
         }
+        // Every later read starts after `head`: marks up to it are done.
+        self.marks.retain(|_, m| *m > head);
         self.seen = Some(head);
-        self.refreshed = Some(now);
+        self.refreshed = Some(began);
     }
 
-    /// Whether the last refresh is recent enough at `now` to answer.
+    /// Whether the last refresh began recently enough before `now` to answer.
     pub fn fresh(&self, now: DateTime<Utc>) -> bool {
         self.refreshed.is_some_and(|r| (now - r).abs() < FRESH)
     }
@@ -165,8 +181,7 @@ impl Index {
             .map(|g| (g.roles.clone(), g.resources.clone()))
     }
 
-    /// Takes request `id` out (it changed here; the feed brings it back).
-    pub fn forget(&mut self, id: &str) {
+    fn remove(&mut self, id: &str) {
         let Some(holder) = self.holders.remove(id) else {
             return;
         };
@@ -175,8 +190,30 @@ impl Index {
         }
     }
 
+    /// Request `id` changed here at change `seq`: out until the feed brings
+    /// that change (or a later one).
+    pub fn forget_at(&mut self, id: &str, seq: i64) {
+        let newer = self.holders.get(id).and_then(|h| {
+            let id = uuid::Uuid::parse_str(id).ok()?;
+            let e = self.users.get(h)?;
+            e.grants.iter().find(|g| g.id == id).map(|g| g.seq >= seq)
+        });
+        if newer == Some(true) || self.seen.is_some_and(|s| s >= seq) {
+            // The index already read this change: the entry is its state.
+            return;
+        }
+        self.remove(id);
+        self.marks.insert(id.to_owned(), seq);
+    }
+
+    /// Takes request `id` out (the session watcher found it ended); the feed
+    /// brings it back if it changes again.
+    pub fn forget(&mut self, id: &str) {
+        self.remove(id);
+    }
+
     /// Takes user `name`'s record out (the session watcher found it
-    /// disabled or gone); the feed brings it back.
+    /// disabled or gone); the feed brings it back if it changes again.
     pub fn forget_user(&mut self, name: &str) {
         if let Some(e) = self.users.get_mut(name) {
             e.user = None;
@@ -189,8 +226,8 @@ impl Index {
     }
 }
 
-/// The index a wicketd shares between its tasks. Refreshes and
-/// [`Shared::forget`] take turns, so they apply in order.
+/// The index a wicketd shares between its tasks. Refreshes take turns;
+/// the session watcher's removals wait for a refresh in flight.
 #[derive(Debug, Default)]
 pub struct Shared {
     index: RwLock<Index>,
@@ -205,6 +242,12 @@ impl Shared {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
         self.index.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// See [`Index::forget_at`] (at once: the mark keeps a refresh in
+    /// flight from putting an older state back).
+    pub fn forget_at(&self, id: &str, seq: i64) {
+        self.write().forget_at(id, seq);
     }
 
     /// Takes request `id` out, after any refresh in flight has applied.
@@ -222,16 +265,30 @@ impl Shared {
 
 impl Wicket {
     /// Brings the index up to the store's change feed. Returns how many
-    /// rows it read.
+    /// rows it read. `now` is when it began.
     pub async fn refresh_index(&self, now: DateTime<Utc>) -> Result<usize> {
         let _turn = self.index.refreshing.lock().await;
         let after = self.index.read().seen();
-        let changes = self.store.changes(after).await?;
+        let mut changes = self.store.changes(after).await?;
+        if after.is_some_and(|seen| changes.head < seen) {
+            // The feed went back (a restored database): start over.
+            tracing::warn!(
+                seen = after,
+                head = changes.head,
+                "the store's change feed is behind the index; reading the whole index again"
+            );
+            changes = self.store.changes(None).await?;
+            *self.index.write() = Index::default();
+        }
         let n = changes.users.len() + changes.requests.len();
         let requests = changes
             .requests
             .into_iter()
-            .map(|(id, stored)| (id, stored.and_then(|s| crate::requests::decode(&s))))
+            .map(|c| Changed {
+                row: c.row.and_then(|s| crate::requests::decode(&s)),
+                key: c.key,
+                seq: c.seq,
+            })
             .collect();
         self.index
             .write()
@@ -287,6 +344,15 @@ mod tests {
         req
     }
 
+    /// `g` as the feed brings it, changed at `seq`.
+    fn changed(g: &AccessRequest, seq: i64) -> Changed<AccessRequest> {
+        Changed {
+            key: g.id.clone(),
+            seq,
+            row: Ok(g.clone()),
+        }
+    }
+
     #[test]
     fn answers_only_for_enabled_users_and_grants_in_force_while_fresh() {
         let mut index = Index::default();
@@ -298,7 +364,7 @@ mod tests {
                 ("alice".into(), Ok(user("alice", false))),
                 ("bob".into(), Ok(user("bob", true))),
             ],
-            vec![(g.id.clone(), Ok(g.clone()))],
+            vec![changed(&g, 2)],
             at(0),
         );
         assert_eq!(index.seen(), Some(3));
@@ -334,25 +400,63 @@ mod tests {
     fn an_ended_or_undecodable_row_takes_its_entry_out() {
         let mut index = Index::default();
         let g = grant("alice", at(0));
-        index.apply(
-            1,
-            vec![("alice".into(), Ok(user("alice", false)))],
-            vec![(g.id.clone(), Ok(g.clone()))],
-            at(0),
-        );
+        let alice = vec![("alice".into(), Ok(user("alice", false)))];
+        index.apply(1, alice, vec![changed(&g, 1)], at(0));
         let mut revoked = g.clone();
         revoked.state = State::Revoked;
-        index.apply(2, vec![], vec![(g.id.clone(), Ok(revoked))], at(0));
+        index.apply(2, vec![], vec![changed(&revoked, 2)], at(0));
         assert!(index.grant("alice", &g.id, at(0)).is_none());
         assert_eq!(index.grants(), 0);
-        index.apply(3, vec![], vec![(g.id.clone(), Ok(g.clone()))], at(0));
+        // Scheduled (approved, not yet active): not vouched for.
+        let mut scheduled = g.clone();
+        scheduled.state = State::Approved;
+        index.apply(3, vec![], vec![changed(&scheduled, 3)], at(0));
+        assert_eq!(index.grants(), 0);
+        index.apply(4, vec![], vec![changed(&g, 4)], at(0));
+        assert_eq!(index.grants(), 1);
         index.apply(
-            4,
+            5,
             vec![("alice".into(), Err(Error::Store("bad roles".into())))],
-            vec![(g.id.clone(), Err(Error::Store("bad doc".into())))],
+            vec![Changed {
+                key: g.id.clone(),
+                seq: 5,
+                row: Err(Error::Store("bad doc".into())),
+            }],
             at(0),
         );
         assert!(index.grant("alice", &g.id, at(0)).is_none());
         assert!(index.user("alice", at(0)).is_none());
+    }
+
+    #[test]
+    fn a_local_change_is_not_undone_by_a_refresh_that_read_before_it() {
+        let mut index = Index::default();
+        let g = grant("alice", at(0));
+        index.apply(
+            1,
+            vec![("alice".into(), Ok(user("alice", false)))],
+            vec![changed(&g, 1)],
+            at(0),
+        );
+        // Revoked here at change 7; a refresh that read up to 6 still has
+        // the grant active at change 1.
+        index.forget_at(&g.id, 7);
+        assert!(index.grant("alice", &g.id, at(0)).is_none());
+        index.apply(6, vec![], vec![changed(&g, 1)], at(0));
+        assert!(
+            index.grant("alice", &g.id, at(0)).is_none(),
+            "older row skipped"
+        );
+        // The feed reaches change 7: the mark is done, its row applies.
+        let mut revoked = g.clone();
+        revoked.state = State::Revoked;
+        index.apply(7, vec![], vec![changed(&revoked, 7)], at(0));
+        assert!(index.marks.is_empty());
+        assert!(index.grant("alice", &g.id, at(0)).is_none());
+        // A change the index has already read is not forgotten again.
+        index.apply(9, vec![], vec![changed(&g, 9)], at(0));
+        index.forget_at(&g.id, 9);
+        assert!(index.grant("alice", &g.id, at(0)).is_some());
+        assert!(index.marks.is_empty());
     }
 }

@@ -246,13 +246,14 @@ impl Wicket {
                 return Ok(next);
             }
             let (audit, notes) = self.effect_rows(&next, &effects, now).await?;
-            if self
+            if let Some(change) = self
                 .store
                 .update_request(&self.encode(&next)?, version, &audit, &notes)
                 .await?
             {
-                // Out of the index until the feed brings the new state.
-                self.index.forget(id).await;
+                // Out of the index at once, until the feed brings the new
+                // state (or a newer one).
+                self.index.forget_at(id, change);
                 if effects
                     .iter()
                     .any(|e| matches!(e, Effect::EndSessions { .. }))

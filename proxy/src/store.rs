@@ -135,7 +135,16 @@ const CHAIN_MIGRATION: i64 = 4;
 pub struct Changes {
     pub head: i64,
     pub users: Vec<(String, Result<UserRecord>)>,
-    pub requests: Vec<(String, Result<StoredRequest>)>,
+    pub requests: Vec<Changed<StoredRequest>>,
+}
+
+/// A changed row: its key, the number of its last change, and the row
+/// (`Err` when it does not decode).
+#[derive(Debug)]
+pub struct Changed<T> {
+    pub key: String,
+    pub seq: i64,
+    pub row: Result<T>,
 }
 
 /// Takes the change feed's next number. The row stays locked until the
@@ -278,6 +287,14 @@ impl Store {
             .iter()
             .map(|r| r.try_get::<i64, _>(0))
             .collect::<std::result::Result<_, _>>()?;
+        let known = MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0);
+        if let Some(newer) = applied.iter().copied().filter(|v| *v > known).max() {
+            // An older wicketd would write without what newer schemas need
+            // (e.g. the change feed the grant index follows).
+            return Err(Error::Store(format!(
+                "the database's schema is at version {newer}, newer than this wicketd knows ({known}); run the newer wicketd"
+            )));
+        }
         for m in MIGRATIONS {
             if applied.contains(&m.version) {
                 continue;
@@ -551,15 +568,16 @@ impl Store {
     }
 
     /// Replaces a request if it is still at `version` (optimistic
-    /// concurrency: two proxies never both apply a transition). Returns false
-    /// when someone else changed it first; nothing is written then.
+    /// concurrency: two proxies never both apply a transition). Returns the
+    /// change number it took, or `None` when someone else changed it first;
+    /// nothing is written then.
     pub async fn update_request(
         &self,
         req: &StoredRequest,
         version: i64,
         audit: &[AuditRow],
         notes: &[NotificationRow],
-    ) -> Result<bool> {
+    ) -> Result<Option<i64>> {
         let mut tx = self.begin().await?;
         let change = next_change(&mut tx).await?;
         let r = sqlx::query(
@@ -575,14 +593,14 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         if r.rows_affected() != 1 {
-            return Ok(false);
+            return Ok(None);
         }
         insert_audit(self.backend, &mut tx, audit).await?;
         for n in notes {
             insert_notification(&mut tx, n).await?;
         }
         tx.commit().await?;
-        Ok(true)
+        Ok(Some(change))
     }
 
     pub async fn get_request(&self, id: &str) -> Result<Option<(StoredRequest, i64)>> {
@@ -622,7 +640,7 @@ impl Store {
             .try_get(0)?;
         const USERS: &str =
             "SELECT name, roles, team, password_hash, totp_secret, created_at, disabled FROM users";
-        const REQUESTS: &str = "SELECT id, requester, state, next_deadline, created_at, updated_at, doc FROM access_requests";
+        const REQUESTS: &str = "SELECT id, requester, state, next_deadline, created_at, updated_at, doc, change_seq FROM access_requests";
         let (users, requests) = match after {
             Some(after) => {
                 let (u, r) = (
@@ -654,7 +672,13 @@ impl Store {
             .collect::<Result<_>>()?;
         let requests = requests
             .iter()
-            .map(|r| Ok((r.try_get::<String, _>(0)?, stored_from_row(r))))
+            .map(|r| {
+                Ok(Changed {
+                    key: r.try_get::<String, _>(0)?,
+                    seq: r.try_get::<i64, _>(7)?,
+                    row: stored_from_row(r),
+                })
+            })
             .collect::<Result<_>>()?;
         tx.commit().await?;
         Ok(Changes {

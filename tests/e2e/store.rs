@@ -230,7 +230,7 @@ async fn change_feed(store: &Store) {
     let h0 = start.head;
     let names = |c: &wicketd::store::Changes| -> (Vec<String>, Vec<String>) {
         let mut u: Vec<String> = c.users.iter().map(|(k, _)| k.clone()).collect();
-        let mut r: Vec<String> = c.requests.iter().map(|(k, _)| k.clone()).collect();
+        let mut r: Vec<String> = c.requests.iter().map(|r| r.key.clone()).collect();
         u.sort();
         r.sort();
         (u, r)
@@ -252,6 +252,9 @@ async fn change_feed(store: &Store) {
     assert_eq!(c.head, h0 + 1);
     assert_eq!(names(&c), (vec!["feed".to_string()], vec![]));
     assert_eq!(c.users[0].1.as_ref().unwrap(), &user);
+    let keys = |c: &wicketd::store::Changes| -> Vec<(String, i64)> {
+        c.requests.iter().map(|r| (r.key.clone(), r.seq)).collect()
+    };
     let req = |id: &str, state: &str| StoredRequest {
         id: id.into(),
         requester: "feed".into(),
@@ -266,26 +269,25 @@ async fn change_feed(store: &Store) {
         .await
         .unwrap();
     let c = store.changes(Some(h0 + 1)).await.unwrap();
-    assert_eq!(
-        (c.head, names(&c)),
-        (h0 + 2, (vec![], vec!["feed-r1".to_string()]))
-    );
+    assert_eq!(c.head, h0 + 2);
+    assert_eq!(keys(&c), [("feed-r1".to_string(), h0 + 2)]);
     // A stale version writes nothing and takes no number.
     let stale = store
         .update_request(&req("feed-r1", "revoked"), 7, &[], &[])
         .await
         .unwrap();
-    assert!(!stale);
+    assert_eq!(stale, None);
     assert_eq!(store.changes(Some(h0 + 2)).await.unwrap().head, h0 + 2);
     // Started from nothing, the index reads every user and every request
     // that grants or will; a revoked one is not among them.
     let all = store.changes(None).await.unwrap();
     assert!(names(&all).0.contains(&"feed".to_string()));
     assert!(names(&all).1.contains(&"feed-r1".to_string()));
-    assert!(store
+    let took = store
         .update_request(&req("feed-r1", "revoked"), 1, &[], &[])
         .await
-        .unwrap());
+        .unwrap();
+    assert_eq!(took, Some(h0 + 3));
     store
         .set_user_disabled("feed", true, &event("feed-e2", "user_disabled", "feed", 3))
         .await
@@ -299,7 +301,8 @@ async fn change_feed(store: &Store) {
         )
     );
     assert!(c.users[0].1.as_ref().unwrap().disabled);
-    assert_eq!(c.requests[0].1.as_ref().unwrap().state, "revoked");
+    assert_eq!(c.requests[0].row.as_ref().unwrap().state, "revoked");
+    assert_eq!(keys(&c), [("feed-r1".to_string(), h0 + 3)]);
     assert!(!names(&store.changes(None).await.unwrap())
         .1
         .contains(&"feed-r1".to_string()));
@@ -335,6 +338,21 @@ fn store_on_sqlite() {
         drop(store);
         let again = Store::open(&Storage::Sqlite, dir.path()).await.unwrap();
         assert!(again.get_user("alice").await.unwrap().is_some());
+        // A schema newer than this wicketd knows: it refuses to run (an
+        // older wicketd would write without the change feed).
+        let mut tx = again.begin().await.unwrap();
+        sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (999, 0)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        drop(again);
+        let err = Store::open(&Storage::Sqlite, dir.path()).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("schema is at version 999, newer than this wicketd knows"),
+            "{err}"
+        );
     });
 }
 
@@ -412,5 +430,54 @@ fn two_wicketds_share_postgresql_state() {
         let v = a.verify_audit(10).await.unwrap();
         assert!(v.problems.is_empty(), "{v:?}");
         assert_eq!(v.events, before.events + 1000);
+    });
+}
+
+/// The grant index of one wicketd follows changes another process makes
+/// (as `wicketd users disable` does), and starts over from the whole store
+/// when the feed is behind what it saw (a database restored from a backup).
+#[test]
+fn the_grant_index_follows_the_feed_and_starts_over_when_it_goes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let mut cfg = wicketd::config::Config::embedded_default(dir.path());
+        cfg.data_dir = dir.path().join("data");
+        let store = Store::open(&cfg.storage, &cfg.data_dir).await.unwrap();
+        let now = wicketd::clock::now();
+        let (keys, _) =
+            wicketd::keystore::load_or_generate(&cfg.data_dir, &cfg.cluster_name, now.timestamp())
+                .unwrap();
+        let w =
+            wicketd::service::Wicket::new(cfg, store.clone(), keys, Default::default()).unwrap();
+        for name in ["ann", "ben"] {
+            let roles = vec!["access".to_string()];
+            wicketd::service::add_user(&w.config, &store, name, roles, None, None, false, now)
+                .await
+                .unwrap();
+        }
+        assert!(w.index.read().user("ann", now).is_none(), "never read");
+        w.refresh_index(now).await.unwrap();
+        assert!(w.index.read().user("ann", now).is_some());
+        assert!(w.index.read().user("ben", now).is_some());
+        store
+            .set_user_disabled("ben", true, &event("ben-off", "user_disabled", "ben", 1))
+            .await
+            .unwrap();
+        assert!(w.index.read().user("ben", now).is_some(), "not read yet");
+        assert_eq!(w.refresh_index(now).await.unwrap(), 1);
+        assert!(w.index.read().user("ben", now).is_none());
+        // A restored database: the counter is behind the index, and ann
+        // was disabled in it at a number the index has already passed.
+        let mut tx = store.begin().await.unwrap();
+        for sql in [
+            "UPDATE change_feed SET seq = 1",
+            "UPDATE users SET disabled = 1, change_seq = 1 WHERE name = 'ann'",
+        ] {
+            sqlx::query(sql).execute(&mut *tx).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        w.refresh_index(now).await.unwrap();
+        assert!(w.index.read().user("ann", now).is_none());
+        assert_eq!(w.index.read().seen(), Some(1));
     });
 }
