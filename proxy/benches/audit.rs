@@ -14,10 +14,7 @@ use wicketd::config::{AuditSettings, Storage};
 use wicketd::store::Store;
 
 fn main() {
-    let events: usize = std::env::var("BENCH_EVENTS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(400_000);
+    let events = common::env_or("BENCH_EVENTS", 400_000);
     common::runtime().block_on(async move {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&Storage::Sqlite, dir.path()).await.unwrap();

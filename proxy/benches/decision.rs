@@ -77,10 +77,7 @@ fn quantiles(name: &str, mut ns: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let decisions: usize = std::env::var("BENCH_DECISIONS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200_000);
+    let decisions = common::env_or("BENCH_DECISIONS", 200_000);
     common::runtime().block_on(async move {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = wicketd::config::parse(&config_text(), dir.path()).unwrap();

@@ -19,10 +19,7 @@ use wicket_api::{CreateRequest, Grant, ReviewBody};
 
 fn main() {
     let secs = common::seconds();
-    let workers: usize = std::env::var("BENCH_WORKERS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(8);
+    let workers = common::env_or("BENCH_WORKERS", 8);
     common::runtime().block_on(async move {
         let dir = tempfile::tempdir().unwrap();
         let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/wicket.yaml");

@@ -5,12 +5,17 @@
 use wicket::client::{Client, ClientIdentity, Trust};
 use wicket_api::{Certificates, LoginRequest, Secret};
 
-/// The benchmark's length, from `BENCH_SECONDS` (default 5).
-pub fn seconds() -> u64 {
-    std::env::var("BENCH_SECONDS")
+/// The number in environment variable `name`, or `default`.
+pub fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(5)
+        .unwrap_or(default)
+}
+
+/// The benchmark's length, from `BENCH_SECONDS` (default 5).
+pub fn seconds() -> u64 {
+    env_or("BENCH_SECONDS", 5) as u64
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
