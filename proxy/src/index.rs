@@ -119,7 +119,7 @@ impl Index {
             if self.marks.get(&id).is_some_and(|m| seq < *m) {
                 continue;
             }
-            self.remove(&id);
+            self.forget(&id);
             match row {
                 Ok(r) => {
                     if let Some(held) = Held::of(&r, seq) {
@@ -181,7 +181,9 @@ impl Index {
             .map(|g| (g.roles.clone(), g.resources.clone()))
     }
 
-    fn remove(&mut self, id: &str) {
+    /// Takes request `id` out (the session watcher found it ended); the feed
+    /// brings it back if it changes again.
+    pub fn forget(&mut self, id: &str) {
         let Some(holder) = self.holders.remove(id) else {
             return;
         };
@@ -202,14 +204,8 @@ impl Index {
             // The index already read this change: the entry is its state.
             return;
         }
-        self.remove(id);
+        self.forget(id);
         self.marks.insert(id.to_owned(), seq);
-    }
-
-    /// Takes request `id` out (the session watcher found it ended); the feed
-    /// brings it back if it changes again.
-    pub fn forget(&mut self, id: &str) {
-        self.remove(id);
     }
 
     /// Takes user `name`'s record out (the session watcher found it
@@ -250,16 +246,17 @@ impl Shared {
         self.write().forget_at(id, seq);
     }
 
-    /// Takes request `id` out, after any refresh in flight has applied.
-    pub async fn forget(&self, id: &str) {
+    /// Takes out what the session watcher found ended (users disabled or
+    /// gone, requests no longer in force), after any refresh in flight has
+    /// applied (so it cannot put an older state back).
+    pub async fn forget_ended(&self, users: &[String], requests: &[String]) {
+        if users.is_empty() && requests.is_empty() {
+            return;
+        }
         let _turn = self.refreshing.lock().await;
-        self.write().forget(id);
-    }
-
-    /// Takes user `name` out, after any refresh in flight has applied.
-    pub async fn forget_user(&self, name: &str) {
-        let _turn = self.refreshing.lock().await;
-        self.write().forget_user(name);
+        let mut index = self.write();
+        users.iter().for_each(|u| index.forget_user(u));
+        requests.iter().for_each(|r| index.forget(r));
     }
 }
 

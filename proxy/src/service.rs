@@ -18,7 +18,7 @@ use wicket_ca::{
     AuthorityKeys, Identity, SshCertKind, SshCertificateRequest, SshPermissions, SshPublicKey,
     TrustedX509Cas, Validity, X509Ca,
 };
-use wicket_policy::{AccessRequest, Decision, ResourceKind, RoleSet, ScopedRole, Subject};
+use wicket_policy::{Decision, ResourceKind, RoleSet, ScopedRole, Subject};
 
 /// Everything a request handler needs; shared behind an `Arc`.
 pub struct Wicket {
@@ -308,7 +308,12 @@ impl Wicket {
         ids.sort();
         ids.dedup();
         let grants = self.active_grants(&user.name, &ids, now).await?;
-        let (roles, scoped) = self.roles_of_grants(&user, &grants);
+        let (roles, scoped) = self.roles_of_grants(
+            &user,
+            grants
+                .iter()
+                .map(|g| (&g.granted_roles[..], &g.resources[..])),
+        );
         // A certificate for grants is valid exactly for their common window;
         // without grants, for the login TTL.
         let window = if grants.is_empty() {
@@ -342,7 +347,6 @@ impl Wicket {
         .await
     }
 
-    /// The caller's user record, if it still exists and is enabled.
     /// The caller's user record, if it exists and is enabled: from the
     /// index when it vouches for it, from the store otherwise.
     pub(crate) async fn active_user(&self, caller: &Caller) -> Result<std::sync::Arc<UserRecord>> {
@@ -505,10 +509,8 @@ impl Wicket {
                 Err(e) => not_counted.push(e.to_string()),
             }
         }
-        let (roles, scoped) = wicket_policy::roles_of_grants(
-            self.standing_roles(user),
-            grants.iter().map(|(r, res)| (&r[..], &res[..])),
-        );
+        let (roles, scoped) =
+            self.roles_of_grants(user, grants.iter().map(|(r, res)| (&r[..], &res[..])));
         InForce {
             roles,
             scoped,
@@ -517,25 +519,20 @@ impl Wicket {
         }
     }
 
-    /// Standing roles plus the roles of `grants` (see
-    /// [`wicket_policy::roles_of_grants`]).
+    /// Standing roles plus the roles of `grants`, each given as (its roles,
+    /// its request's resources) (see [`wicket_policy::roles_of_grants`]).
     fn roles_of_grants<'g>(
         &self,
         user: &UserRecord,
-        grants: impl IntoIterator<Item = &'g AccessRequest>,
+        grants: impl IntoIterator<Item = (&'g [String], &'g [String])>,
     ) -> (Vec<String>, Vec<ScopedRole>) {
-        wicket_policy::roles_of_grants(
-            self.standing_roles(user),
-            grants
-                .into_iter()
-                .map(|g| (&g.granted_roles[..], &g.resources[..])),
-        )
+        wicket_policy::roles_of_grants(self.standing_roles(user), grants)
     }
 
     /// The one authorization decision for a proxied connection. Grants are
-    /// those in force now ([`Wicket::roles_in_force`]: a revoked, dropped or
-    /// expired grant does not count even while the certificate is valid); `decide` is the policy
-    /// call. A denial names what is missing: the grants behind the
+    /// those in force now ([`Wicket::roles_in_force`]: a revoked, dropped
+    /// or expired grant does not count even while the certificate is
+    /// valid); `decide` is the policy call. A denial names what is missing: the grants behind the
     /// certificate that no longer count, or that there is none.
     pub async fn decide_session(
         &self,

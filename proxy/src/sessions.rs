@@ -286,6 +286,9 @@ impl Wicket {
     pub async fn refresh_sessions(&self, now: DateTime<Utc>) -> usize {
         let mut ended = 0;
         let mut round = Round::start();
+        // What ended is taken out of the grant index too (new connections
+        // are refused from now on), once the sessions have been told.
+        let (mut gone_users, mut gone_requests) = (Vec::new(), Vec::new());
         // Sessions end with their user too (standing-role sessions have no
         // grant to end them).
         let users = self.sessions.users();
@@ -301,9 +304,8 @@ impl Wicket {
                         Some(_) => format!("user {user:?} was disabled"),
                         None => format!("user {user:?} no longer exists"),
                     };
-                    // New connections are refused from now on too.
-                    self.index.forget_user(user).await;
                     ended += self.sessions.end_for_user(user, &why);
+                    gone_users.push(user.clone());
                 }
             }
             None => {
@@ -320,10 +322,10 @@ impl Wicket {
         for id in &ids {
             match found.remove(id) {
                 Some(Ok(req)) => {
-                    if !req.grants_at(now) {
-                        self.index.forget(id).await;
-                    }
                     ended += self.signal_sessions(&req, now);
+                    if !req.grants_at(now) {
+                        gone_requests.push(id.clone());
+                    }
                     read_ok(&self.checks.requests, id, Some(req));
                 }
                 // Unread, corrupt or gone (requests are never deleted):
@@ -337,6 +339,7 @@ impl Wicket {
         }
         locked(&self.checks.users).retain(|k, _| users.contains(k));
         locked(&self.checks.requests).retain(|k, _| ids.contains(k));
+        self.index.forget_ended(&gone_users, &gone_requests).await;
         ended
     }
 

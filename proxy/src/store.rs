@@ -630,8 +630,8 @@ impl Store {
     /// What changed after change `after` (see migration 5), up to the feed's
     /// head, which it returns: every user and request stamped in between,
     /// each decoded on its own (`Err` with its key when it does not decode).
-    /// With `after` `None`, every user and every request in a state that
-    /// grants or will (approved, active): a whole index to start from.
+    /// With `after` `None`, every user and every active request: a whole
+    /// index to start from.
     pub async fn changes(&self, after: Option<i64>) -> Result<Changes> {
         let mut tx = self.begin().await?;
         let head: i64 = sqlx::query("SELECT seq FROM change_feed WHERE id = 1")
@@ -660,7 +660,7 @@ impl Store {
                 (users, requests)
             }
             None => {
-                let r = format!("{REQUESTS} WHERE state IN ('approved', 'active')");
+                let r = format!("{REQUESTS} WHERE state = 'active'");
                 let users = sqlx::query(USERS).fetch_all(&mut *tx).await?;
                 let requests = sqlx::query(&r).fetch_all(&mut *tx).await?;
                 (users, requests)

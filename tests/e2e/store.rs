@@ -278,8 +278,8 @@ async fn change_feed(store: &Store) {
         .unwrap();
     assert_eq!(stale, None);
     assert_eq!(store.changes(Some(h0 + 2)).await.unwrap().head, h0 + 2);
-    // Started from nothing, the index reads every user and every request
-    // that grants or will; a revoked one is not among them.
+    // Started from nothing, the index reads every user and every active
+    // request; a revoked one is not among them.
     let all = store.changes(None).await.unwrap();
     assert!(names(&all).0.contains(&"feed".to_string()));
     assert!(names(&all).1.contains(&"feed-r1".to_string()));
