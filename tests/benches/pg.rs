@@ -3,12 +3,15 @@
 //! session mode (TLS to the server), (c) through `wicket proxy db --tunnel`
 //! and wicketd with statement audit on; then connection rate (`pgbench -C`)
 //! for (a) and (c). Also (d), a reference: two pgbouncers in a row with TLS
-//! between them, the two-process shape of (c) without audit. Prints the
-//! figures, then the ratios last.
+//! between them, the two-process shape of (c) without audit; and (e), the
+//! floor for any two-hop path: (a) through two no-op byte relays (a blocking
+//! thread per direction, nothing parsed, TLS end to end). Prints the figures,
+//! then the ratios last.
 //!
-//! `BENCH_SECS` sets each run's length (default 20). `BENCH_ONLY=c` (any of
-//! `a`, `b`, `c`, `d`) runs only those TPS measurements, for profiling one leg;
-//! ratios are printed only for a full run.
+//! The legs take turns for `BENCH_ROUNDS` rounds (default 3) and each leg's
+//! median counts. `BENCH_SECS` sets each run's length (default 20).
+//! `BENCH_ONLY=c` (any of `a` to `e`) runs only those TPS measurements once,
+//! for profiling one leg; ratios are printed only for a full run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
@@ -16,7 +19,7 @@
 #[path = "../e2e/pg_setup.rs"]
 mod pg_setup;
 
-use std::net::SocketAddr;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command};
 use std::time::Duration;
 use wicket_e2e::harness_util::{free_port, wait_for_port};
@@ -29,6 +32,30 @@ fn pgbench(port: u16, user: &str, sslmode: &str, args: &[&str]) -> f64 {
         .and_then(|l| l.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no tps in: {text}"))
+}
+
+/// A no-op byte relay from a free 127.0.0.1 port to `to`: a blocking thread
+/// per direction copying bytes, nothing parsed, no TLS of its own. The least
+/// any hop can cost; its threads live until the bench exits.
+fn relay(to: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let (Ok(client), Ok(server)) = (client, TcpStream::connect(to)) else {
+                continue;
+            };
+            for (from, to) in [(&client, &server), (&server, &client)] {
+                let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+                to.set_nodelay(true).unwrap();
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+            }
+        }
+    });
+    addr
 }
 
 struct Pgbouncer {
@@ -129,6 +156,17 @@ fn pgbouncer(pg: SocketAddr, server_tls: bool, client_tls: bool) -> Pgbouncer {
     }
 }
 
+/// The middle value (the mean of the middle two for an even count).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 fn main() {
     let secs: u32 = std::env::var("BENCH_SECS")
         .ok()
@@ -149,37 +187,83 @@ fn main() {
     // machine; a reference for reading (c), not a target.
     let inner = pgbouncer(s.pg.addr(), true, true);
     let outer = pgbouncer(SocketAddr::from(([127, 0, 0, 1], inner.port)), true, false);
+    // (e): (a) through two no-op relays, the floor for a two-hop path.
+    let relays = relay(relay(s.pg.addr())).port();
+    let select = ["-S", "-c", "8", "-j", "2", "-n", "-T", &t_arg];
+    let connect = ["-S", "-C", "-c", "8", "-j", "2", "-n", "-T", &t_arg];
+    let legs = [
+        ('a', pg_port, "postgres", "require", "direct, TLS"),
+        (
+            'b',
+            bouncer.port,
+            "postgres",
+            "disable",
+            "pgbouncer (session mode)",
+        ),
+        (
+            'c',
+            wicket_port,
+            "app",
+            "disable",
+            "wicket tunnel + wicketd (audit)",
+        ),
+        (
+            'd',
+            outer.port,
+            "postgres",
+            "disable",
+            "reference: 2 pgbouncers, TLS between",
+        ),
+        (
+            'e',
+            relays,
+            "postgres",
+            "require",
+            "reference: (a) via 2 no-op relays",
+        ),
+    ];
     if let Ok(only) = std::env::var("BENCH_ONLY") {
-        let select = ["-S", "-c", "8", "-j", "2", "-n", "-T", &t_arg];
-        for (leg, port, user, ssl) in [
-            ('a', pg_port, "postgres", "require"),
-            ('b', bouncer.port, "postgres", "disable"),
-            ('c', wicket_port, "app", "disable"),
-            ('d', outer.port, "postgres", "disable"),
-        ] {
+        for (leg, port, user, ssl, _) in legs {
             if only.contains(leg) {
                 println!("  ({leg}) {:>10.1} tps", pgbench(port, user, ssl, &select));
             }
         }
         return;
     }
-    let select = ["-S", "-c", "8", "-j", "2", "-n", "-T", &t_arg];
-    println!("pgbench -S -c 8 -j 2 -T {secs} (scale 5), one machine, one run:");
-    let a = pgbench(pg_port, "postgres", "require", &select);
-    println!("  (a) direct, TLS:                      {a:>10.1} tps");
-    let b = pgbench(bouncer.port, "postgres", "disable", &select);
-    println!("  (b) pgbouncer (session mode):         {b:>10.1} tps");
-    let c = pgbench(wicket_port, "app", "disable", &select);
-    println!("  (c) wicket tunnel + wicketd (audit):  {c:>10.1} tps");
-    let d = pgbench(outer.port, "postgres", "disable", &select);
-    println!("  (d) reference: 2 pgbouncers, TLS between: {d:>6.1} tps");
-
-    let connect = ["-S", "-C", "-c", "8", "-j", "2", "-n", "-T", &t_arg];
-    println!("pgbench -S -C (a new connection per transaction):");
-    let ca = pgbench(pg_port, "postgres", "require", &connect);
-    println!("  (a) direct, TLS:                      {ca:>10.1} connections/s");
-    let cc = pgbench(wicket_port, "app", "disable", &connect);
-    println!("  (c) wicket tunnel + wicketd (audit):  {cc:>10.1} connections/s");
+    // The legs take turns, round after round, and each leg's median is
+    // used: a machine that speeds up or slows down during the run (a shared
+    // host) moves every leg alike instead of whichever ran at the time.
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    println!("pgbench -S -c 8 -j 2 -T {secs} (scale 5), one machine, {rounds} rounds:");
+    let mut tps = vec![Vec::new(); legs.len()];
+    for round in 1..=rounds {
+        for (i, (leg, port, user, ssl, what)) in legs.iter().enumerate() {
+            let t = pgbench(*port, user, ssl, &select);
+            println!("  round {round} ({leg}) {what:<40} {t:>10.1} tps");
+            tps[i].push(t);
+        }
+    }
+    println!("pgbench -S -C (a new connection per transaction), {rounds} rounds:");
+    let (mut conn_a, mut conn_c) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let ca = pgbench(pg_port, "postgres", "require", &connect);
+        println!("  round {round} (a) direct, TLS:                     {ca:>10.1} connections/s");
+        let cc = pgbench(wicket_port, "app", "disable", &connect);
+        println!("  round {round} (c) wicket tunnel + wicketd (audit): {cc:>10.1} connections/s");
+        conn_a.push(ca);
+        conn_c.push(cc);
+    }
+    println!("medians:");
+    for (i, (leg, .., what)) in legs.iter().enumerate() {
+        println!("  ({leg}) {what:<40} {:>10.1} tps", median(&mut tps[i]));
+    }
+    let [a, b, c, d, e] = [0, 1, 2, 3, 4].map(|i| median(&mut tps[i]));
+    let (ca, cc) = (median(&mut conn_a), median(&mut conn_c));
+    println!("  (a) connections/s {ca:>10.1}, (c) connections/s {cc:>10.1}");
 
     let audited = s
         .alice
@@ -210,6 +294,7 @@ fn main() {
     println!("  (b) one pgbouncer hop:        {:>6.1} us", us(b) - us(a));
     println!("  (c) tunnel + wicketd + audit: {:>6.1} us", us(c) - us(a));
     println!("  (d) two pgbouncer hops:       {:>6.1} us", us(d) - us(a));
+    println!("  (e) two no-op relay hops:     {:>6.1} us", us(e) - us(a));
     println!(
         "  the targets leave (c) {:.1} us (c/b >= 0.75) and {:.1} us (c/a >= 0.6)",
         us(0.75 * b) - us(a),
@@ -220,9 +305,11 @@ fn main() {
     println!("  TPS c/a = {:.3}", c / a);
     println!("  connections/s c/a = {:.3}", cc / ca);
     println!(
-        "  (reference, no target: TPS c/d = {:.3}, d/b = {:.3}, b/a = {:.3})",
+        "  (reference, no target: TPS c/d = {:.3}, d/b = {:.3}, b/a = {:.3}, e/a = {:.3}, e/b = {:.3})",
         c / d,
         d / b,
-        b / a
+        b / a,
+        e / a,
+        e / b
     );
 }
