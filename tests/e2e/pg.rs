@@ -2,13 +2,14 @@
 //! `pgbench` and a driver (sqlx): the tunnel, the per-connection decision,
 //! statement audit, cancel routing, and sessions cut when the grant ends.
 
-use crate::pg_setup::{Setup, Tunnel};
+use crate::pg_setup::{tunnel_of, Setup, Tunnel, PW};
 use serde_json::Value;
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use wicket_e2e::harness_postgres::Postgres;
 use wicket_e2e::harness_util::{run, wait_until};
+use wicket_e2e::harness_wicket::WicketCli;
 
 fn pgbench(t: &Tunnel, args: &[&str]) -> String {
     crate::pg_setup::pgbench(t.addr.port(), "app", "disable", args)
@@ -401,6 +402,70 @@ fn cancel_requests_reach_the_right_backend_and_revoke_or_expiry_cut_sessions() {
         "{err}"
     );
     drop(s.bob);
+}
+
+/// Two wicketds sharing one PostgreSQL store and one CA, as
+/// deploy/README.md runs several: a grant approved through the first is
+/// used through the second, and a revoke through the first ends the running
+/// psql on the second within a second and refuses its new connections.
+#[test]
+fn a_revoke_through_one_wicketd_cuts_and_refuses_sessions_on_another() {
+    let s = Setup::start_on_postgres_store();
+    let d2 = s.second_wicketd();
+    assert_ne!(d2.postgres_addr(), s.d.postgres_addr());
+    // alice's second profile knows only the second wicketd.
+    let alice2 = WicketCli::new().unwrap();
+    let out = alice2.login(&d2, "alice", PW, &[]).unwrap();
+    assert!(out.ok, "{}", out.stderr);
+    let grant = s.grant_dba("1h");
+    let id = grant["id"].as_str().unwrap().to_owned();
+    alice2.ok(&["login", "--request-id", &id]).unwrap();
+    let t = tunnel_of(&alice2, "prod-pg");
+    let (ok, out, err) = t.sql("select 41 + 1");
+    assert!(ok && out == "42", "{out} {err}");
+
+    let child = spawn_sleep(&t, 60);
+    wait_until("the query to run", Duration::from_secs(10), || {
+        (!sleeping_backends(&s.pg).is_empty()).then_some(())
+    })
+    .unwrap();
+    s.frank
+        .ok(&["request", "revoke", &id, "--reason", "INC-7 closed"])
+        .unwrap();
+    let revoked_at = Instant::now();
+    let (err, exited) = wait_exit(child, Duration::from_secs(5));
+    assert!(
+        exited.duration_since(revoked_at) <= Duration::from_secs(1),
+        "cut after {:?}",
+        exited.duration_since(revoked_at)
+    );
+    assert!(
+        err.contains("FATAL") && err.contains(&id) && err.contains("revoked by frank"),
+        "{err}"
+    );
+    let (ok, _, err) = t.sql("select 1");
+    assert!(!ok);
+    assert!(err.contains(&id) && err.contains("revoked"), "{err}");
+    // Both sessions (the `select 41 + 1` and the cut one) are on the shared
+    // record under the request, the cut one with its reason.
+    let ended = wait_until(
+        "the sessions' ends on record",
+        Duration::from_secs(10),
+        || {
+            let e = s.events(&s.frank, &["--request", &id, "--kind", "session_ended"]);
+            (e.len() == 2).then_some(e)
+        },
+    )
+    .unwrap();
+    let reasons: Vec<&str> = ended
+        .iter()
+        .filter_map(|e| e["data"]["reason"].as_str())
+        .collect();
+    let cut = format!("access request {id} was revoked by frank: INC-7 closed");
+    assert!(
+        reasons.contains(&"client closed the connection") && reasons.contains(&cut.as_str()),
+        "{reasons:?}"
+    );
 }
 
 #[test]

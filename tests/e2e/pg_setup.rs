@@ -36,6 +36,46 @@ impl Setup {
 
     /// Like [`Self::start`], with the example config passed through `edit`.
     pub fn start_edited(edit: impl Fn(String) -> String) -> Setup {
+        Self::start_with(|yaml, _| edit(yaml))
+    }
+
+    /// Like [`Self::start`], with Wicket's own store in a database
+    /// (`wicket`) of the same PostgreSQL, as several wicketds share it.
+    pub fn start_on_postgres_store() -> Setup {
+        Self::start_with(|yaml, pg| {
+            pg.create_database("wicket").unwrap();
+            assert!(yaml.contains("\nstorage: sqlite "), "{yaml}");
+            yaml.replace(
+                "\nstorage: sqlite ",
+                &format!("\nstorage: {} ", pg.url("wicket")),
+            )
+        })
+    }
+
+    /// A second wicketd with this one's config (so its store, which must be
+    /// PostgreSQL: [`Self::start_on_postgres_store`]) and a copy of its CA
+    /// key set, as deploy/README.md says to run several.
+    pub fn second_wicketd(&self) -> Wicketd {
+        let dir = tempfile::Builder::new()
+            .prefix("wicketd-")
+            .tempdir()
+            .unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        run(Command::new("cp")
+            .arg("-a")
+            .arg(self.d.data_dir().join("ca"))
+            .arg(&data))
+        .unwrap();
+        let yaml = std::fs::read_to_string(self.d.config_path.as_ref().unwrap()).unwrap();
+        assert!(yaml.contains("storage: postgres://"), "{yaml}");
+        let d = Wicketd::builder().config(yaml).start_in(dir).unwrap();
+        assert_eq!(d.pin, self.d.pin, "one CA");
+        d
+    }
+
+    /// Like [`Self::start_edited`], where `edit` also sees the PostgreSQL.
+    fn start_with(edit: impl Fn(String, &Postgres) -> String) -> Setup {
         let dir = tempfile::Builder::new()
             .prefix("wicketd-")
             .tempdir()
@@ -86,6 +126,7 @@ impl Setup {
                     "{ name: prod-pg, address: 127.0.0.1:5433,",
                     &format!("{{ name: prod-pg, address: 127.0.0.1:{},", pg.port()),
                 ),
+            &pg,
         );
         let d = Wicketd::builder().config(yaml).start_in(dir).unwrap();
         assert!(d.postgres_addr().is_some(), "{:?}", d.startup_output());
@@ -150,22 +191,7 @@ impl Setup {
 
     /// `wicket proxy db RESOURCE --tunnel` as alice, running until dropped.
     pub fn tunnel_to(&self, resource: &str) -> Tunnel {
-        let mut child = self
-            .alice
-            .cmd()
-            .unwrap()
-            .args(["proxy", "db", resource, "--tunnel", "--format", "json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
-        let addr: SocketAddr = v["listen"].as_str().unwrap().parse().unwrap();
-        Tunnel { child, addr }
+        tunnel_of(&self.alice, resource)
     }
 
     /// alice's audit events of `kind`.
@@ -194,6 +220,26 @@ impl Setup {
         )
         .unwrap()
     }
+}
+
+/// `wicket proxy db RESOURCE --tunnel` as `cli`'s user, running until
+/// dropped.
+pub fn tunnel_of(cli: &WicketCli, resource: &str) -> Tunnel {
+    let mut child = cli
+        .cmd()
+        .unwrap()
+        .args(["proxy", "db", resource, "--tunnel", "--format", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let addr: SocketAddr = v["listen"].as_str().unwrap().parse().unwrap();
+    Tunnel { child, addr }
 }
 
 pub struct Tunnel {
