@@ -21,8 +21,12 @@ pub enum Backend {
 
 struct Migration {
     version: i64,
-    /// Statements, separated by `;`, valid on both backends unless split below.
+    /// Statements, separated by `;`, valid on both backends.
     sql: &'static str,
+    /// Then statements for one backend only, each run whole (trigger
+    /// bodies hold `;`).
+    sqlite: &'static [&'static str],
+    postgres: &'static [&'static str],
 }
 
 const MIGRATIONS: &[Migration] = &[
@@ -60,6 +64,8 @@ CREATE TABLE login_failures (
 CREATE INDEX login_failures_user ON login_failures (user_name, time);
 CREATE INDEX login_failures_source ON login_failures (source, time)
 "#,
+        sqlite: &[],
+        postgres: &[],
     },
     Migration {
         version: 2,
@@ -88,12 +94,16 @@ CREATE TABLE notifications (
 );
 CREATE INDEX notifications_request ON notifications (request_id)
 "#,
+        sqlite: &[],
+        postgres: &[],
     },
     Migration {
         version: 3,
         sql: r#"
 CREATE INDEX audit_events_session ON audit_events (session_id)
 "#,
+        sqlite: &[],
+        postgres: &[],
     },
     // The audit log as a hash chain: each event's place (`seq`) and the hash
     // of its content with the previous event's hash; `audit_chain` holds the
@@ -107,6 +117,8 @@ CREATE UNIQUE INDEX audit_events_seq ON audit_events (seq);
 CREATE TABLE audit_chain (id BIGINT PRIMARY KEY, seq BIGINT NOT NULL, hash TEXT NOT NULL);
 INSERT INTO audit_chain (id, seq, hash) VALUES (1, 0, '')
 "#,
+        sqlite: &[],
+        postgres: &[],
     },
     // A feed of changes to users and requests, for the in-memory index each
     // wicketd keeps: every change takes the next `change_feed.seq` (a row
@@ -122,6 +134,95 @@ CREATE INDEX access_requests_change ON access_requests (change_seq);
 CREATE TABLE change_feed (id BIGINT PRIMARY KEY, seq BIGINT NOT NULL);
 INSERT INTO change_feed (id, seq) VALUES (1, 0)
 "#,
+        sqlite: &[],
+        postgres: &[],
+    },
+    // Writes that bypass wicketd (SQL by hand, a tool) still reach every
+    // grant index: a trigger stamps a change to a user or a request that
+    // did not take a feed number itself, and deleting or renaming users or
+    // requests is refused (users are disabled, requests end; a row gone
+    // from under its name could not be told to the indexes).
+    Migration {
+        version: 6,
+        sql: "",
+        sqlite: &[
+            r#"CREATE TRIGGER users_feed_insert AFTER INSERT ON users FOR EACH ROW WHEN NEW.change_seq = 0
+BEGIN
+    UPDATE change_feed SET seq = seq + 1 WHERE id = 1;
+    UPDATE users SET change_seq = (SELECT seq FROM change_feed WHERE id = 1) WHERE name = NEW.name;
+END"#,
+            r#"CREATE TRIGGER users_feed_update AFTER UPDATE ON users FOR EACH ROW
+WHEN NEW.change_seq = OLD.change_seq AND (NEW.name IS NOT OLD.name OR NEW.roles IS NOT OLD.roles
+    OR NEW.team IS NOT OLD.team OR NEW.password_hash IS NOT OLD.password_hash
+    OR NEW.totp_secret IS NOT OLD.totp_secret OR NEW.created_at IS NOT OLD.created_at
+    OR NEW.disabled IS NOT OLD.disabled)
+BEGIN
+    UPDATE change_feed SET seq = seq + 1 WHERE id = 1;
+    UPDATE users SET change_seq = (SELECT seq FROM change_feed WHERE id = 1) WHERE name = NEW.name;
+END"#,
+            r#"CREATE TRIGGER access_requests_feed_insert AFTER INSERT ON access_requests FOR EACH ROW
+WHEN NEW.change_seq = 0
+BEGIN
+    UPDATE change_feed SET seq = seq + 1 WHERE id = 1;
+    UPDATE access_requests SET change_seq = (SELECT seq FROM change_feed WHERE id = 1) WHERE id = NEW.id;
+END"#,
+            r#"CREATE TRIGGER access_requests_feed_update AFTER UPDATE ON access_requests FOR EACH ROW
+WHEN NEW.change_seq = OLD.change_seq
+BEGIN
+    UPDATE change_feed SET seq = seq + 1 WHERE id = 1;
+    UPDATE access_requests SET change_seq = (SELECT seq FROM change_feed WHERE id = 1) WHERE id = NEW.id;
+END"#,
+            r#"CREATE TRIGGER users_no_delete BEFORE DELETE ON users
+BEGIN
+    SELECT RAISE(ABORT, 'wicket: users are not deleted; disable them (wicketd users disable)');
+END"#,
+            r#"CREATE TRIGGER access_requests_no_delete BEFORE DELETE ON access_requests
+BEGIN
+    SELECT RAISE(ABORT, 'wicket: access requests are not deleted; revoke them');
+END"#,
+            r#"CREATE TRIGGER users_no_rename BEFORE UPDATE OF name ON users WHEN NEW.name IS NOT OLD.name
+BEGIN
+    SELECT RAISE(ABORT, 'wicket: users are not renamed; add a new user and disable the old one');
+END"#,
+            r#"CREATE TRIGGER access_requests_no_rename BEFORE UPDATE OF id ON access_requests
+WHEN NEW.id IS NOT OLD.id
+BEGIN
+    SELECT RAISE(ABORT, 'wicket: access requests keep their ID');
+END"#,
+        ],
+        postgres: &[
+            r#"CREATE FUNCTION wicket_change_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE change_feed SET seq = seq + 1 WHERE id = 1 RETURNING seq INTO NEW.change_seq;
+    RETURN NEW;
+END $$"#,
+            r#"CREATE FUNCTION wicket_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'wicket: %', TG_ARGV[0];
+END $$"#,
+            "CREATE TRIGGER users_feed_insert BEFORE INSERT ON users FOR EACH ROW \
+             WHEN (NEW.change_seq = 0) EXECUTE FUNCTION wicket_change_stamp()",
+            "CREATE TRIGGER users_feed_update BEFORE UPDATE ON users FOR EACH ROW \
+             WHEN (NEW.change_seq = OLD.change_seq AND \
+             (NEW.name, NEW.roles, NEW.team, NEW.password_hash, NEW.totp_secret, NEW.created_at, NEW.disabled) \
+             IS DISTINCT FROM \
+             (OLD.name, OLD.roles, OLD.team, OLD.password_hash, OLD.totp_secret, OLD.created_at, OLD.disabled)) \
+             EXECUTE FUNCTION wicket_change_stamp()",
+            "CREATE TRIGGER access_requests_feed_insert BEFORE INSERT ON access_requests FOR EACH ROW \
+             WHEN (NEW.change_seq = 0) EXECUTE FUNCTION wicket_change_stamp()",
+            "CREATE TRIGGER access_requests_feed_update BEFORE UPDATE ON access_requests FOR EACH ROW \
+             WHEN (NEW.change_seq = OLD.change_seq) EXECUTE FUNCTION wicket_change_stamp()",
+            "CREATE TRIGGER users_no_delete BEFORE DELETE ON users FOR EACH ROW \
+             EXECUTE FUNCTION wicket_refuse('users are not deleted; disable them (wicketd users disable)')",
+            "CREATE TRIGGER access_requests_no_delete BEFORE DELETE ON access_requests FOR EACH ROW \
+             EXECUTE FUNCTION wicket_refuse('access requests are not deleted; revoke them')",
+            "CREATE TRIGGER users_no_rename BEFORE UPDATE OF name ON users FOR EACH ROW \
+             WHEN (NEW.name IS DISTINCT FROM OLD.name) \
+             EXECUTE FUNCTION wicket_refuse('users are not renamed; add a new user and disable the old one')",
+            "CREATE TRIGGER access_requests_no_rename BEFORE UPDATE OF id ON access_requests FOR EACH ROW \
+             WHEN (NEW.id IS DISTINCT FROM OLD.id) \
+             EXECUTE FUNCTION wicket_refuse('access requests keep their ID')",
+        ],
     },
 ];
 
@@ -299,7 +400,12 @@ impl Store {
             if applied.contains(&m.version) {
                 continue;
             }
-            for stmt in m.sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            let whole = match self.backend {
+                Backend::Sqlite => m.sqlite,
+                Backend::Postgres => m.postgres,
+            };
+            let split = m.sql.split(';').map(str::trim).filter(|s| !s.is_empty());
+            for stmt in split.chain(whole.iter().copied()) {
                 sqlx::query(stmt)
                     .execute(&mut *tx)
                     .await

@@ -325,6 +325,70 @@ async fn change_feed(store: &Store) {
     tokio::join!(write(store.clone(), "a"), write(store.clone(), "b"));
     let c = store.changes(Some(h0 + 4)).await.unwrap();
     assert_eq!((c.head, c.requests.len()), (h0 + 64, 60));
+
+    // Hand-written SQL, which takes no number itself, is stamped by the
+    // store's triggers, so every grant index sees it.
+    let h = h0 + 64;
+    let sql = |q: &'static str| async move {
+        let mut tx = store.begin().await.unwrap();
+        let done = sqlx::query(q).execute(&mut *tx).await;
+        match done {
+            Ok(_) => tx.commit().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    sql("UPDATE users SET disabled = 0 WHERE name = 'feed'")
+        .await
+        .unwrap();
+    let c = store.changes(Some(h)).await.unwrap();
+    assert_eq!(
+        (c.head, names(&c)),
+        (h + 1, (vec!["feed".to_string()], vec![]))
+    );
+    assert!(!c.users[0].1.as_ref().unwrap().disabled);
+    sql("UPDATE access_requests SET state = 'active' WHERE id = 'feed-r1'")
+        .await
+        .unwrap();
+    sql("INSERT INTO users (name, roles, created_at) VALUES ('byhand', '[\"dev\"]', 5)")
+        .await
+        .unwrap();
+    let c = store.changes(Some(h + 1)).await.unwrap();
+    assert_eq!(
+        (c.head, names(&c)),
+        (
+            h + 3,
+            (vec!["byhand".to_string()], vec!["feed-r1".to_string()])
+        )
+    );
+    assert_eq!(keys(&c), [("feed-r1".to_string(), h + 2)]);
+    // What changes nothing the index keeps takes no number (a login's TOTP
+    // step), and wicketd's own writes take exactly one.
+    sql("UPDATE users SET totp_last_step = 9 WHERE name = 'feed'")
+        .await
+        .unwrap();
+    store
+        .set_user_disabled("feed", true, &event("feed-e3", "user_disabled", "feed", 6))
+        .await
+        .unwrap();
+    assert_eq!(store.changes(Some(h + 3)).await.unwrap().head, h + 4);
+    // Rows are not deleted or renamed (an index cannot be told), and the
+    // refusal says what to do instead; nothing changed.
+    let err = sql("DELETE FROM users WHERE name = 'feed'")
+        .await
+        .unwrap_err();
+    assert!(err.contains("users are not deleted; disable them"), "{err}");
+    let err = sql("DELETE FROM access_requests").await.unwrap_err();
+    assert!(err.contains("access requests are not deleted"), "{err}");
+    let err = sql("UPDATE users SET name = 'other' WHERE name = 'feed'")
+        .await
+        .unwrap_err();
+    assert!(err.contains("users are not renamed"), "{err}");
+    let err = sql("UPDATE access_requests SET id = 'x' WHERE id = 'feed-r1'")
+        .await
+        .unwrap_err();
+    assert!(err.contains("access requests keep their ID"), "{err}");
+    assert!(store.get_user("feed").await.unwrap().is_some());
+    assert_eq!(store.changes(Some(h + 3)).await.unwrap().head, h + 4);
 }
 
 #[test]
@@ -469,9 +533,12 @@ fn the_grant_index_follows_the_feed_and_starts_over_when_it_goes_back() {
         // A restored database: the counter is behind the index, and ann
         // was disabled in it at a number the index has already passed.
         let mut tx = store.begin().await.unwrap();
+        // (The store's trigger stamps the hand-made change; the stamp is
+        // then set back with the counter.)
         for sql in [
+            "UPDATE users SET disabled = 1 WHERE name = 'ann'",
+            "UPDATE users SET change_seq = 1 WHERE name = 'ann'",
             "UPDATE change_feed SET seq = 1",
-            "UPDATE users SET disabled = 1, change_seq = 1 WHERE name = 'ann'",
         ] {
             sqlx::query(sql).execute(&mut *tx).await.unwrap();
         }
