@@ -295,15 +295,26 @@ impl Wicket {
         let names: Vec<String> = users.iter().cloned().collect();
         match bounded(&mut round, "users", self.store.get_users(&names)).await {
             Some(found) => {
-                let found: HashMap<&str, &UserRecord> =
-                    found.iter().map(|u| (u.name.as_str(), u)).collect();
+                let found: HashMap<&str, &crate::error::Result<UserRecord>> =
+                    found.iter().map(|(name, u)| (name.as_str(), u)).collect();
                 for user in &users {
-                    read_ok(&self.checks.users, user, None);
                     let why = match found.get(user.as_str()) {
-                        Some(u) if !u.disabled => continue,
-                        Some(_) => format!("user {user:?} was disabled"),
+                        // A row that does not decode is unverified, like
+                        // an unread one: `unverified_grace` applies to its
+                        // sessions only.
+                        Some(Err(e)) => {
+                            tracing::warn!(user = %user, error = %e, "cannot re-check live sessions");
+                            read_failed(&self.checks.users, user, now);
+                            continue;
+                        }
+                        Some(Ok(u)) if !u.disabled => {
+                            read_ok(&self.checks.users, user, None);
+                            continue;
+                        }
+                        Some(Ok(_)) => format!("user {user:?} was disabled"),
                         None => format!("user {user:?} no longer exists"),
                     };
+                    read_ok(&self.checks.users, user, None);
                     ended += self.sessions.end_for_user(user, &why);
                     gone_users.push(user.clone());
                 }

@@ -507,14 +507,16 @@ impl Store {
     /// The users of `names` that exist, a few queries for any number of
     /// names (the session watcher re-reads every live session's user each
     /// tick; one query per user would grow with the sessions).
-    pub async fn get_users(&self, names: &[String]) -> Result<Vec<UserRecord>> {
+    /// The users of `names` that exist, each decoded on its own: one row
+    /// that does not decode does not hide the others.
+    pub async fn get_users(&self, names: &[String]) -> Result<Vec<(String, Result<UserRecord>)>> {
         self.fetch_in(
             "SELECT name, roles, team, password_hash, totp_secret, created_at, disabled FROM users WHERE name IN (",
             names,
         )
         .await?
         .iter()
-        .map(user_from_row)
+        .map(|r| Ok((r.try_get::<String, _>(0)?, user_from_row(r))))
         .collect()
     }
 

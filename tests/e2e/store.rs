@@ -46,11 +46,11 @@ async fn exercise(store: &Store) {
     // names that do not exist are left out.
     let mut names: Vec<String> = (0..1_100).map(|i| format!("nobody-{i}")).collect();
     names.insert(700, "alice".into());
-    assert_eq!(
-        store.get_users(&names).await.unwrap(),
-        std::slice::from_ref(&alice)
-    );
-    assert_eq!(store.get_users(&[]).await.unwrap(), []);
+    let found = store.get_users(&names).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].0, "alice");
+    assert_eq!(found[0].1.as_ref().unwrap(), &alice);
+    assert!(store.get_users(&[]).await.unwrap().is_empty());
 
     // A duplicate is a conflict and its audit event is not written (one transaction).
     let err = store
@@ -546,5 +546,59 @@ fn the_grant_index_follows_the_feed_and_starts_over_when_it_goes_back() {
         w.refresh_index(now).await.unwrap();
         assert!(w.index.read().user("ann", now).is_none());
         assert_eq!(w.index.read().seen(), Some(1));
+    });
+}
+
+/// A user row that does not decode makes only that user's sessions
+/// unverified (they end after `session.unverified_grace`); the others' users
+/// are still re-read and their sessions go on.
+#[test]
+fn a_corrupt_user_row_leaves_other_users_sessions_alone() {
+    use wicketd::sessions::{SessionInfo, Signal};
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let mut cfg = wicketd::config::Config::embedded_default(dir.path());
+        cfg.data_dir = dir.path().join("data");
+        let grace = cfg.session.unverified_grace;
+        let store = Store::open(&cfg.storage, &cfg.data_dir).await.unwrap();
+        let now = wicketd::clock::now();
+        let (keys, _) =
+            wicketd::keystore::load_or_generate(&cfg.data_dir, &cfg.cluster_name, now.timestamp())
+                .unwrap();
+        let w =
+            wicketd::service::Wicket::new(cfg, store.clone(), keys, Default::default()).unwrap();
+        let session = |user: &str| {
+            w.sessions.register(SessionInfo {
+                protocol: "ssh",
+                user: user.into(),
+                resource: "node".into(),
+                login: user.into(),
+                request_ids: vec![],
+                started: now,
+            })
+        };
+        for name in ["ann", "ben"] {
+            let roles = vec!["access".to_string()];
+            wicketd::service::add_user(&w.config, &store, name, roles, None, None, false, now)
+                .await
+                .unwrap();
+        }
+        let (ann, ben) = (session("ann"), session("ben"));
+        let mut tx = store.begin().await.unwrap();
+        sqlx::query("UPDATE users SET roles = 'not a list' WHERE name = 'ann'")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(w.watch_sessions(now).await, 0, "within the grace");
+        let later = now + grace;
+        assert_eq!(w.refresh_sessions(later).await, 0);
+        assert_eq!(w.enforce_sessions(later), 1, "ann's session only");
+        assert!(
+            matches!(&*ann.signal.borrow(), Signal::End(why) if why.contains("user \"ann\"")),
+            "{:?}",
+            *ann.signal.borrow()
+        );
+        assert!(matches!(*ben.signal.borrow(), Signal::Run));
     });
 }
