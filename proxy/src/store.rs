@@ -191,12 +191,14 @@ BEGIN
 END"#,
         ],
         postgres: &[
-            r#"CREATE FUNCTION wicket_change_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+            r#"CREATE FUNCTION wicket_change_stamp() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE change_feed SET seq = seq + 1 WHERE id = 1 RETURNING seq INTO NEW.change_seq;
     RETURN NEW;
 END $$"#,
-            r#"CREATE FUNCTION wicket_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+            r#"CREATE FUNCTION wicket_refuse() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
 BEGIN
     RAISE EXCEPTION 'wicket: %', TG_ARGV[0];
 END $$"#,
@@ -215,6 +217,11 @@ END $$"#,
             "CREATE TRIGGER users_no_delete BEFORE DELETE ON users FOR EACH ROW \
              EXECUTE FUNCTION wicket_refuse('users are not deleted; disable them (wicketd users disable)')",
             "CREATE TRIGGER access_requests_no_delete BEFORE DELETE ON access_requests FOR EACH ROW \
+             EXECUTE FUNCTION wicket_refuse('access requests are not deleted; revoke them')",
+            // TRUNCATE fires no row trigger.
+            "CREATE TRIGGER users_no_truncate BEFORE TRUNCATE ON users FOR EACH STATEMENT \
+             EXECUTE FUNCTION wicket_refuse('users are not deleted; disable them (wicketd users disable)')",
+            "CREATE TRIGGER access_requests_no_truncate BEFORE TRUNCATE ON access_requests FOR EACH STATEMENT \
              EXECUTE FUNCTION wicket_refuse('access requests are not deleted; revoke them')",
             "CREATE TRIGGER users_no_rename BEFORE UPDATE OF name ON users FOR EACH ROW \
              WHEN (NEW.name IS DISTINCT FROM OLD.name) \

@@ -307,6 +307,31 @@ fn wait_exit(mut child: Child, within: Duration) -> (String, Instant) {
     (err, at)
 }
 
+/// Runs `select pg_sleep(60)` through `t`, has frank revoke `id` once it
+/// runs, and checks psql was cut within a second with FATAL naming the
+/// request and why.
+fn revoke_cuts_a_running_psql(s: &Setup, t: &Tunnel, id: &str) {
+    let child = spawn_sleep(t, 60);
+    wait_until("the query to run", Duration::from_secs(10), || {
+        (!sleeping_backends(&s.pg).is_empty()).then_some(())
+    })
+    .unwrap();
+    s.frank
+        .ok(&["request", "revoke", id, "--reason", "INC-7 closed"])
+        .unwrap();
+    let revoked_at = Instant::now();
+    let (err, exited) = wait_exit(child, Duration::from_secs(5));
+    assert!(
+        exited.duration_since(revoked_at) <= Duration::from_secs(1),
+        "cut after {:?}",
+        exited.duration_since(revoked_at)
+    );
+    assert!(
+        err.contains("FATAL") && err.contains(id) && err.contains("revoked by frank: INC-7 closed"),
+        "{err}"
+    );
+}
+
 #[test]
 fn cancel_requests_reach_the_right_backend_and_revoke_or_expiry_cut_sessions() {
     let s = Setup::start("");
@@ -356,27 +381,7 @@ fn cancel_requests_reach_the_right_backend_and_revoke_or_expiry_cut_sessions() {
     );
 
     // Revoke ends the running session within a second, naming the request.
-    let child = spawn_sleep(&t, 60);
-    wait_until("the query to run", Duration::from_secs(10), || {
-        (!sleeping_backends(&s.pg).is_empty()).then_some(())
-    })
-    .unwrap();
-    s.frank
-        .ok(&["request", "revoke", &id, "--reason", "INC-7 closed"])
-        .unwrap();
-    let revoked_at = Instant::now();
-    let (err, exited) = wait_exit(child, Duration::from_secs(5));
-    assert!(
-        exited.duration_since(revoked_at) <= Duration::from_secs(1),
-        "cut after {:?}",
-        exited.duration_since(revoked_at)
-    );
-    assert!(
-        err.contains("FATAL")
-            && err.contains(&id)
-            && err.contains("revoked by frank: INC-7 closed"),
-        "{err}"
-    );
+    revoke_cuts_a_running_psql(&s, &t, &id);
     // New connections are refused with the same reason, though the
     // certificate is still inside its window.
     let (ok, _, err) = t.sql("select 1");
@@ -424,25 +429,7 @@ fn a_revoke_through_one_wicketd_cuts_and_refuses_sessions_on_another() {
     let (ok, out, err) = t.sql("select 41 + 1");
     assert!(ok && out == "42", "{out} {err}");
 
-    let child = spawn_sleep(&t, 60);
-    wait_until("the query to run", Duration::from_secs(10), || {
-        (!sleeping_backends(&s.pg).is_empty()).then_some(())
-    })
-    .unwrap();
-    s.frank
-        .ok(&["request", "revoke", &id, "--reason", "INC-7 closed"])
-        .unwrap();
-    let revoked_at = Instant::now();
-    let (err, exited) = wait_exit(child, Duration::from_secs(5));
-    assert!(
-        exited.duration_since(revoked_at) <= Duration::from_secs(1),
-        "cut after {:?}",
-        exited.duration_since(revoked_at)
-    );
-    assert!(
-        err.contains("FATAL") && err.contains(&id) && err.contains("revoked by frank"),
-        "{err}"
-    );
+    revoke_cuts_a_running_psql(&s, &t, &id);
     let (ok, _, err) = t.sql("select 1");
     assert!(!ok);
     assert!(err.contains(&id) && err.contains("revoked"), "{err}");

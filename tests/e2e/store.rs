@@ -379,6 +379,10 @@ async fn change_feed(store: &Store) {
     assert!(err.contains("users are not deleted; disable them"), "{err}");
     let err = sql("DELETE FROM access_requests").await.unwrap_err();
     assert!(err.contains("access requests are not deleted"), "{err}");
+    if store.backend() == wicketd::store::Backend::Postgres {
+        let err = sql("TRUNCATE users, access_requests").await.unwrap_err();
+        assert!(err.contains("are not deleted"), "{err}");
+    }
     let err = sql("UPDATE users SET name = 'other' WHERE name = 'feed'")
         .await
         .unwrap_err();
