@@ -307,14 +307,12 @@ impl Wicket {
                             read_failed(&self.checks.users, user, now);
                             continue;
                         }
-                        Some(Ok(u)) if !u.disabled => {
-                            read_ok(&self.checks.users, user, None);
-                            continue;
-                        }
-                        Some(Ok(_)) => format!("user {user:?} was disabled"),
-                        None => format!("user {user:?} no longer exists"),
+                        Some(Ok(u)) if !u.disabled => None,
+                        Some(Ok(_)) => Some(format!("user {user:?} was disabled")),
+                        None => Some(format!("user {user:?} no longer exists")),
                     };
                     read_ok(&self.checks.users, user, None);
+                    let Some(why) = why else { continue };
                     ended += self.sessions.end_for_user(user, &why);
                     gone_users.push(user.clone());
                 }

@@ -501,6 +501,32 @@ fn two_wicketds_share_postgresql_state() {
     });
 }
 
+/// A wicketd's service (no listeners) on the embedded default (SQLite in
+/// `dir`), with users ann and ben (role `access`); and the time it started.
+async fn wicket_with_ann_and_ben(
+    dir: &std::path::Path,
+) -> (
+    wicketd::service::Wicket,
+    Store,
+    chrono::DateTime<chrono::Utc>,
+) {
+    let mut cfg = wicketd::config::Config::embedded_default(dir);
+    cfg.data_dir = dir.join("data");
+    let store = Store::open(&cfg.storage, &cfg.data_dir).await.unwrap();
+    let now = wicketd::clock::now();
+    let (keys, _) =
+        wicketd::keystore::load_or_generate(&cfg.data_dir, &cfg.cluster_name, now.timestamp())
+            .unwrap();
+    let w = wicketd::service::Wicket::new(cfg, store.clone(), keys, Default::default()).unwrap();
+    for name in ["ann", "ben"] {
+        let roles = vec!["access".to_string()];
+        wicketd::service::add_user(&w.config, &store, name, roles, None, None, false, now)
+            .await
+            .unwrap();
+    }
+    (w, store, now)
+}
+
 /// The grant index of one wicketd follows changes another process makes
 /// (as `wicketd users disable` does), and starts over from the whole store
 /// when the feed is behind what it saw (a database restored from a backup).
@@ -508,21 +534,7 @@ fn two_wicketds_share_postgresql_state() {
 fn the_grant_index_follows_the_feed_and_starts_over_when_it_goes_back() {
     let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
-        let mut cfg = wicketd::config::Config::embedded_default(dir.path());
-        cfg.data_dir = dir.path().join("data");
-        let store = Store::open(&cfg.storage, &cfg.data_dir).await.unwrap();
-        let now = wicketd::clock::now();
-        let (keys, _) =
-            wicketd::keystore::load_or_generate(&cfg.data_dir, &cfg.cluster_name, now.timestamp())
-                .unwrap();
-        let w =
-            wicketd::service::Wicket::new(cfg, store.clone(), keys, Default::default()).unwrap();
-        for name in ["ann", "ben"] {
-            let roles = vec!["access".to_string()];
-            wicketd::service::add_user(&w.config, &store, name, roles, None, None, false, now)
-                .await
-                .unwrap();
-        }
+        let (w, store, now) = wicket_with_ann_and_ben(dir.path()).await;
         assert!(w.index.read().user("ann", now).is_none(), "never read");
         w.refresh_index(now).await.unwrap();
         assert!(w.index.read().user("ann", now).is_some());
@@ -561,16 +573,8 @@ fn a_corrupt_user_row_leaves_other_users_sessions_alone() {
     use wicketd::sessions::{SessionInfo, Signal};
     let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
-        let mut cfg = wicketd::config::Config::embedded_default(dir.path());
-        cfg.data_dir = dir.path().join("data");
-        let grace = cfg.session.unverified_grace;
-        let store = Store::open(&cfg.storage, &cfg.data_dir).await.unwrap();
-        let now = wicketd::clock::now();
-        let (keys, _) =
-            wicketd::keystore::load_or_generate(&cfg.data_dir, &cfg.cluster_name, now.timestamp())
-                .unwrap();
-        let w =
-            wicketd::service::Wicket::new(cfg, store.clone(), keys, Default::default()).unwrap();
+        let (w, store, now) = wicket_with_ann_and_ben(dir.path()).await;
+        let grace = w.config.session.unverified_grace;
         let session = |user: &str| {
             w.sessions.register(SessionInfo {
                 protocol: "ssh",
@@ -581,12 +585,6 @@ fn a_corrupt_user_row_leaves_other_users_sessions_alone() {
                 started: now,
             })
         };
-        for name in ["ann", "ben"] {
-            let roles = vec!["access".to_string()];
-            wicketd::service::add_user(&w.config, &store, name, roles, None, None, false, now)
-                .await
-                .unwrap();
-        }
         let (ann, ben) = (session("ann"), session("ben"));
         let mut tx = store.begin().await.unwrap();
         sqlx::query("UPDATE users SET roles = 'not a list' WHERE name = 'ann'")
