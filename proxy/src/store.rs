@@ -231,6 +231,29 @@ END $$"#,
              EXECUTE FUNCTION wicket_refuse('access requests keep their ID')",
         ],
     },
+    // The PostgreSQL cancel keys the proxy hands to clients, with the
+    // backend's own key each stands for: a CancelRequest that reaches
+    // another wicketd sharing the store still finds its backend. (Written
+    // only when the store is shared; a row lives as long as its session.)
+    Migration {
+        version: 7,
+        sql: r#"
+CREATE TABLE pg_cancel_keys (
+    pid BIGINT NOT NULL,
+    secret BIGINT NOT NULL,
+    user_name TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    db_user TEXT NOT NULL,
+    backend_pid BIGINT NOT NULL,
+    backend_secret BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (pid, secret)
+);
+CREATE INDEX pg_cancel_keys_created ON pg_cancel_keys (created_at)
+"#,
+        sqlite: &[],
+        postgres: &[],
+    },
 ];
 
 /// The migration that starts the audit chain; events stored before it are
@@ -907,6 +930,76 @@ impl Store {
             .collect()
     }
 
+    // ---- PostgreSQL cancel keys ---------------------------------------------
+
+    /// Records a cancel key; false when another session holds it already.
+    pub async fn put_cancel_key(&self, k: &CancelKeyRow) -> Result<bool> {
+        let r = sqlx::query(
+            "INSERT INTO pg_cancel_keys (pid, secret, user_name, resource, db_user, backend_pid, backend_secret, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (pid, secret) DO NOTHING",
+        )
+        .bind(i64::from(k.pid))
+        .bind(i64::from(k.secret))
+        .bind(k.user.as_str())
+        .bind(k.resource.as_str())
+        .bind(k.db_user.as_str())
+        .bind(i64::from(k.backend_pid))
+        .bind(i64::from(k.backend_secret))
+        .bind(k.created_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// The session a cancel key was handed to, if it is on record.
+    pub async fn cancel_key(&self, pid: u32, secret: u32) -> Result<Option<CancelKeyRow>> {
+        let Some(r) = sqlx::query(
+            "SELECT user_name, resource, db_user, backend_pid, backend_secret, created_at \
+             FROM pg_cancel_keys WHERE pid = $1 AND secret = $2",
+        )
+        .bind(i64::from(pid))
+        .bind(i64::from(secret))
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let key = |i: usize| -> Result<u32> {
+            let v: i64 = r.try_get(i)?;
+            u32::try_from(v).map_err(|_| Error::Store(format!("pg_cancel_keys: {v} is not a key")))
+        };
+        Ok(Some(CancelKeyRow {
+            pid,
+            secret,
+            user: r.try_get(0)?,
+            resource: r.try_get(1)?,
+            db_user: r.try_get(2)?,
+            backend_pid: key(3)?,
+            backend_secret: key(4)?,
+            created_ms: r.try_get(5)?,
+        }))
+    }
+
+    /// Forgets a cancel key (its session ended).
+    pub async fn delete_cancel_key(&self, pid: u32, secret: u32) -> Result<()> {
+        sqlx::query("DELETE FROM pg_cancel_keys WHERE pid = $1 AND secret = $2")
+            .bind(i64::from(pid))
+            .bind(i64::from(secret))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets cancel keys recorded before `before_ms` (left by a wicketd
+    /// that stopped without ending its sessions); how many.
+    pub async fn prune_cancel_keys(&self, before_ms: i64) -> Result<u64> {
+        let r = sqlx::query("DELETE FROM pg_cancel_keys WHERE created_at < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
     // ---- audit -------------------------------------------------------------
 
     pub async fn append_audit(&self, event: &AuditRow) -> Result<()> {
@@ -1080,6 +1173,21 @@ pub struct StoredRequest {
     pub created_at: i64,
     pub updated_at: i64,
     pub doc: String,
+}
+
+/// A PostgreSQL cancel key handed to a client (`pid`, `secret`) and the
+/// backend's own key it stands for. Not `Debug`: the keys cancel queries.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CancelKeyRow {
+    pub pid: u32,
+    pub secret: u32,
+    /// The Wicket user whose session it is: only they may cancel with it.
+    pub user: String,
+    pub resource: String,
+    pub db_user: String,
+    pub backend_pid: u32,
+    pub backend_secret: u32,
+    pub created_ms: i64,
 }
 
 /// A queued notification (the outbox that delivery channels read).

@@ -297,6 +297,87 @@ fn sleeping_backends(pg: &Postgres) -> Vec<i64> {
     .collect()
 }
 
+/// A plaintext PostgreSQL connection to a tunnel, spoken by hand, so the
+/// test holds the cancel key the proxy handed out.
+struct RawPg {
+    tcp: std::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawPg {
+    /// Connects as `app` and reads to the first ReadyForQuery; returns the
+    /// connection and its cancel key.
+    fn connect(t: &Tunnel) -> (RawPg, (u32, u32)) {
+        let tcp = std::net::TcpStream::connect(t.addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut c = RawPg {
+            tcp,
+            buf: Vec::new(),
+        };
+        c.tcp
+            .write_all(&wicket_api::pg::startup_message(&[
+                ("user", "app"),
+                ("database", "app"),
+            ]))
+            .unwrap();
+        let mut key = None;
+        loop {
+            let (tag, msg) = c.next();
+            match tag {
+                b'K' => {
+                    let word = |i: usize| u32::from_be_bytes(msg[i..i + 4].try_into().unwrap());
+                    key = Some((word(5), word(9)));
+                }
+                b'E' => panic!("{:?}", wicket_api::pg::parse_error_response(&msg)),
+                b'Z' => return (c, key.expect("BackendKeyData before ReadyForQuery")),
+                _ => {}
+            }
+        }
+    }
+
+    fn send(&mut self, tag: u8, body: &[u8]) {
+        self.tcp
+            .write_all(&wicket_api::pg::message(tag, body))
+            .unwrap();
+    }
+
+    /// The next whole message: (tag, the message with its header).
+    fn next(&mut self) -> (u8, Vec<u8>) {
+        loop {
+            if let Some((tag, len)) = wicket_api::pg::read_message(&self.buf, 1 << 20).unwrap() {
+                let msg = self.buf.drain(..len).collect();
+                return (tag, msg);
+            }
+            let mut chunk = [0u8; 4096];
+            let n = std::io::Read::read(&mut self.tcp, &mut chunk)
+                .unwrap_or_else(|e| panic!("no message within 20 s: {e}"));
+            assert!(n > 0, "the connection closed");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads to the next ErrorResponse: (SQLSTATE, message).
+    fn error(&mut self) -> (String, String) {
+        loop {
+            let (tag, msg) = self.next();
+            if tag == b'E' {
+                return wicket_api::pg::parse_error_response(&msg).unwrap();
+            }
+        }
+    }
+}
+
+/// Sends a CancelRequest with `key` through tunnel `t` and waits for the
+/// proxy to close that connection (it has acted then).
+fn send_cancel(t: &Tunnel, key: (u32, u32)) {
+    let mut raw = std::net::TcpStream::connect(t.addr).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    raw.write_all(&wicket_api::pg::cancel_request(key.0, key.1))
+        .unwrap();
+    let mut b = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut raw, &mut b);
+}
+
 /// Waits for `child` to exit; returns (stderr, when it exited).
 fn wait_exit(mut child: Child, within: Duration) -> (String, Instant) {
     let status = wait_until("psql to exit", within, || child.try_wait().unwrap()).unwrap();
@@ -429,18 +510,53 @@ fn a_revoke_through_one_wicketd_cuts_and_refuses_sessions_on_another() {
     let (ok, out, err) = t.sql("select 41 + 1");
     assert!(ok && out == "42", "{out} {err}");
 
+    // A query running through the first wicketd is cancelled by a
+    // CancelRequest that reaches the second (as behind a load balancer):
+    // the key is in the shared store.
+    let t1 = s.tunnel();
+    let (mut conn, key) = RawPg::connect(&t1);
+    conn.send(b'Q', b"select pg_sleep(30)\0");
+    wait_until("the query to run", Duration::from_secs(10), || {
+        (!sleeping_backends(&s.pg).is_empty()).then_some(())
+    })
+    .unwrap();
+    let keys = "select count(*) from pg_cancel_keys";
+    assert_eq!(s.pg.psql("wicket", keys).unwrap(), "1");
+    // A forged key through the second changes nothing; the real one cancels.
+    send_cancel(&t, (key.0, key.1 ^ 1));
+    assert_eq!(
+        sleeping_backends(&s.pg).len(),
+        1,
+        "a forged cancel must not cancel"
+    );
+    send_cancel(&t, key);
+    let (code, message) = conn.error();
+    assert_eq!(code, "57014", "{message}");
+    assert!(
+        message.contains("canceling statement due to user request"),
+        "{message}"
+    );
+    conn.send(b'X', b"");
+    drop(conn);
+    // The key is forgotten when its session ends.
+    wait_until("the cancel key to go", Duration::from_secs(10), || {
+        (s.pg.psql("wicket", keys).unwrap() == "0").then_some(())
+    })
+    .unwrap();
+
     revoke_cuts_a_running_psql(&s, &t, &id);
     let (ok, _, err) = t.sql("select 1");
     assert!(!ok);
     assert!(err.contains(&id) && err.contains("revoked"), "{err}");
-    // Both sessions (the `select 41 + 1` and the cut one) are on the shared
-    // record under the request, the cut one with its reason.
+    // The three sessions (`select 41 + 1`, the cancelled one and the cut
+    // one) are on the shared record under the request, the cut one with
+    // its reason.
     let ended = wait_until(
         "the sessions' ends on record",
         Duration::from_secs(10),
         || {
             let e = s.events(&s.frank, &["--request", &id, "--kind", "session_ended"]);
-            (e.len() == 2).then_some(e)
+            (e.len() == 3).then_some(e)
         },
     )
     .unwrap();

@@ -4,7 +4,7 @@
 use wicket_e2e::harness_postgres::Postgres;
 use wicket_e2e::harness_wicket::{WicketCli, Wicketd};
 use wicketd::config::Storage;
-use wicketd::store::{AuditFilter, AuditRow, Store, StoredRequest, UserRecord};
+use wicketd::store::{AuditFilter, AuditRow, CancelKeyRow, Store, StoredRequest, UserRecord};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -395,6 +395,38 @@ async fn change_feed(store: &Store) {
     assert_eq!(store.changes(Some(h + 3)).await.unwrap().head, h + 4);
 }
 
+/// PostgreSQL cancel keys shared between wicketds: a key is taken once,
+/// read back whole (every bit of the 32-bit keys), forgotten at session
+/// end, and pruned by age.
+async fn cancel_keys(store: &Store) {
+    let key = |pid: u32, secret: u32, created_ms: i64| CancelKeyRow {
+        pid,
+        secret,
+        user: "alice".into(),
+        resource: "prod-pg".into(),
+        db_user: "app".into(),
+        backend_pid: 4_000_000_001,
+        backend_secret: u32::MAX,
+        created_ms,
+    };
+    let a = key(0x7fff_ffff, 0xffff_fffe, 1_000);
+    assert!(store.put_cancel_key(&a).await.unwrap());
+    // The same key again (another wicketd drew it): refused, first kept.
+    let mut taken = key(a.pid, a.secret, 2_000);
+    taken.user = "mallory".into();
+    assert!(!store.put_cancel_key(&taken).await.unwrap());
+    assert!(store.cancel_key(a.pid, a.secret).await.unwrap() == Some(a.clone()));
+    assert!(store.cancel_key(a.pid, 1).await.unwrap().is_none());
+    let b = key(1, 2, 5_000);
+    assert!(store.put_cancel_key(&b).await.unwrap());
+    store.delete_cancel_key(b.pid, b.secret).await.unwrap();
+    assert!(store.cancel_key(b.pid, b.secret).await.unwrap().is_none());
+    assert!(store.put_cancel_key(&key(3, 4, 9_000)).await.unwrap());
+    assert_eq!(store.prune_cancel_keys(9_000).await.unwrap(), 1);
+    assert!(store.cancel_key(a.pid, a.secret).await.unwrap().is_none());
+    assert!(store.cancel_key(3, 4).await.unwrap().is_some());
+}
+
 #[test]
 fn store_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
@@ -402,6 +434,7 @@ fn store_on_sqlite() {
         let store = Store::open(&Storage::Sqlite, dir.path()).await.unwrap();
         exercise(&store).await;
         change_feed(&store).await;
+        cancel_keys(&store).await;
         // Reopening runs no migration twice and keeps the data.
         drop(store);
         let again = Store::open(&Storage::Sqlite, dir.path()).await.unwrap();
@@ -440,6 +473,7 @@ fn store_on_postgresql() {
         let (a, b) = (a.unwrap(), b.unwrap());
         exercise(&a).await;
         change_feed(&b).await;
+        cancel_keys(&a).await;
     });
     // Each migration applied exactly once although two stores raced.
     let sql = "select count(*) = max(version) and count(*) >= 2 from schema_migrations";

@@ -20,13 +20,14 @@ use crate::audit::{AuditEvent, SessionRef};
 use crate::clock;
 use crate::service::{Caller, Wicket};
 use crate::sessions::{SessionInfo, Signal};
+use crate::store::{Backend, CancelKeyRow};
 use crate::tls;
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls::pki_types::ServerName;
 use rustls::RootCertStore;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -68,6 +69,8 @@ pub struct PgProxy {
     upstream_spki: Vec<u8>,
     roots: BTreeMap<String, Arc<RootCertStore>>,
     cancels: Mutex<HashMap<(u32, u32), CancelTarget>>,
+    /// When cancel keys left in a shared store were last pruned (ms).
+    cancels_pruned: AtomicI64,
     rng: SystemRandom,
 }
 
@@ -77,7 +80,8 @@ impl std::fmt::Debug for PgProxy {
     }
 }
 
-#[derive(Debug, Clone)]
+/// The backend a cancel key stands for, and whose session it is.
+#[derive(Clone)]
 struct CancelTarget {
     user: String,
     resource: String,
@@ -85,6 +89,12 @@ struct CancelTarget {
     pid: u32,
     secret: u32,
 }
+
+/// Cancel keys in a shared store older than this are pruned (a wicketd that
+/// stopped without ending its sessions leaves its keys). A session older
+/// than this is still cancelled through the wicketd that holds it.
+const SHARED_CANCEL_KEY_LIFE: chrono::Duration = chrono::Duration::days(7);
+const CANCEL_PRUNE_EVERY_MS: i64 = 3_600_000;
 
 /// Why a relayed session ended.
 enum End {
@@ -140,6 +150,7 @@ impl PgProxy {
             upstream_spki,
             roots,
             cancels: Mutex::default(),
+            cancels_pruned: AtomicI64::new(0),
             rng,
         })
     }
@@ -317,9 +328,27 @@ impl PgProxy {
         Some((client, buf, caller, msg))
     }
 
-    /// Forwards a CancelRequest carrying one of our keys to its backend.
+    /// Forwards a CancelRequest carrying one of our keys to its backend:
+    /// a key this wicketd handed out, or (when the store is shared) one
+    /// another wicketd did. Only the session's own user may use it.
     async fn cancel(&self, caller: &Caller, pid: u32, secret: u32) {
-        let target = lock(&self.cancels).get(&(pid, secret)).cloned();
+        let mut target = lock(&self.cancels).get(&(pid, secret)).cloned();
+        if target.is_none() && self.shared_cancels() {
+            let read = self.wicket.store.cancel_key(pid, secret);
+            target = match shared_key_call(read).await {
+                Ok(row) => row.map(|k| CancelTarget {
+                    user: k.user,
+                    resource: k.resource,
+                    db_user: k.db_user,
+                    pid: k.backend_pid,
+                    secret: k.backend_secret,
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cancel request: cannot read the shared cancel keys");
+                    None
+                }
+            };
+        }
         match target.filter(|t| t.user == caller.user) {
             Some(t) => self.forward_cancel(&t).await,
             None => {
@@ -588,7 +617,7 @@ impl PgProxy {
             }
         };
         if let Some(k) = cancel_key {
-            let target = lock(&self.cancels).remove(&k);
+            let target = self.drop_cancel_key(k).await;
             // A cut session's statement must not run on: cancel it.
             if let (End::Cut(_), Some(t)) = (&end, target) {
                 self.forward_cancel(&t).await;
@@ -671,13 +700,15 @@ impl PgProxy {
                     b'K' if len == 13 => {
                         let pid = u32::from_be_bytes([msg[5], msg[6], msg[7], msg[8]]);
                         let secret = u32::from_be_bytes([msg[9], msg[10], msg[11], msg[12]]);
-                        let key = self.new_cancel_key(CancelTarget {
-                            user: user.to_owned(),
-                            resource: resource.to_owned(),
-                            db_user: db_user.to_owned(),
-                            pid,
-                            secret,
-                        });
+                        let key = self
+                            .new_cancel_key(CancelTarget {
+                                user: user.to_owned(),
+                                resource: resource.to_owned(),
+                                db_user: db_user.to_owned(),
+                                pid,
+                                secret,
+                            })
+                            .await;
                         *cancel_key = Some(key);
                         out.push(b'K');
                         out.extend_from_slice(&12u32.to_be_bytes());
@@ -770,7 +801,53 @@ impl PgProxy {
         end
     }
 
-    fn new_cancel_key(&self, target: CancelTarget) -> (u32, u32) {
+    /// Whether cancel keys go to the store: it is shared by every wicketd
+    /// (PostgreSQL), so a CancelRequest may reach any of them.
+    fn shared_cancels(&self) -> bool {
+        self.wicket.store.backend() == Backend::Postgres
+    }
+
+    /// A new cancel key for `target`, unique here and (when the store is
+    /// shared) among every wicketd's sessions.
+    async fn new_cancel_key(&self, target: CancelTarget) -> (u32, u32) {
+        loop {
+            let key = self.local_cancel_key(target.clone());
+            if !self.shared_cancels() {
+                return key;
+            }
+            let now = clock::now().timestamp_millis();
+            let row = CancelKeyRow {
+                pid: key.0,
+                secret: key.1,
+                user: target.user.clone(),
+                resource: target.resource.clone(),
+                db_user: target.db_user.clone(),
+                backend_pid: target.pid,
+                backend_secret: target.secret,
+                created_ms: now,
+            };
+            match shared_key_call(self.wicket.store.put_cancel_key(&row)).await {
+                Ok(true) => {
+                    self.prune_shared_cancel_keys(now).await;
+                    return key;
+                }
+                // Another wicketd's session holds it: draw again.
+                Ok(false) => {
+                    lock(&self.cancels).remove(&key);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "cancel key not stored: this session's cancel requests work only through this wicketd"
+                    );
+                    return key;
+                }
+            }
+        }
+    }
+
+    /// A random cancel key not in use here, taken for `target`.
+    fn local_cancel_key(&self, target: CancelTarget) -> (u32, u32) {
         let mut map = lock(&self.cancels);
         loop {
             let mut b = [0u8; 8];
@@ -786,6 +863,50 @@ impl PgProxy {
                 return key;
             }
         }
+    }
+
+    /// Forgets a session's cancel key, here and in a shared store.
+    async fn drop_cancel_key(&self, key: (u32, u32)) -> Option<CancelTarget> {
+        let target = lock(&self.cancels).remove(&key);
+        if self.shared_cancels() {
+            let delete = self.wicket.store.delete_cancel_key(key.0, key.1);
+            if let Err(e) = shared_key_call(delete).await {
+                tracing::warn!(error = %e, "cancel key left in the store (pruned later)");
+            }
+        }
+        target
+    }
+
+    /// At most once an hour: forgets shared cancel keys older than
+    /// [`SHARED_CANCEL_KEY_LIFE`].
+    async fn prune_shared_cancel_keys(&self, now_ms: i64) {
+        let last = self.cancels_pruned.load(Ordering::Relaxed);
+        if now_ms - last < CANCEL_PRUNE_EVERY_MS
+            || self
+                .cancels_pruned
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let before = now_ms - SHARED_CANCEL_KEY_LIFE.num_milliseconds();
+        match self.wicket.store.prune_cancel_keys(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(keys = n, "pruned cancel keys left by stopped sessions"),
+            Err(e) => tracing::warn!(error = %e, "pruning cancel keys failed"),
+        }
+    }
+}
+
+/// A store call for shared cancel keys, within a bound: a slow store must
+/// not hold up a session's start or end (the key then works only through
+/// this wicketd, or is pruned later).
+async fn shared_key_call<T>(
+    call: impl std::future::Future<Output = crate::error::Result<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(Duration::from_secs(2), call).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("the store did not answer within 2 s".into()),
     }
 }
 
