@@ -242,6 +242,31 @@ impl Wicketd {
         })
     }
 
+    /// A second wicketd with this one's config (so its store, which must
+    /// be PostgreSQL) and a copy of its CA key set, as deploy/README.md
+    /// says to run several.
+    pub fn twin(&self) -> Result<Wicketd> {
+        let dir = tempfile::Builder::new().prefix("wicketd-").tempdir()?;
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data)?;
+        run(Command::new("cp")
+            .arg("-a")
+            .arg(self.data_dir().join("ca"))
+            .arg(&data))?;
+        let yaml = self
+            .yaml
+            .clone()
+            .ok_or_else(|| anyhow!("a twin needs the config this wicketd was started with"))?;
+        if !yaml.contains("storage: postgres://") {
+            bail!("wicketds share state only through a PostgreSQL store");
+        }
+        let d = Wicketd::builder().config(yaml).start_in(dir)?;
+        if d.pin != self.pin {
+            bail!("the twin's CA differs");
+        }
+        Ok(d)
+    }
+
     pub fn startup_output(&self) -> &[String] {
         &self.stdout
     }

@@ -8,6 +8,7 @@
 
 use crate::config::Storage;
 use crate::error::{Error, Result};
+use crate::ssh::recording::RecordingMeta;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Row, Transaction};
 use std::path::Path;
@@ -253,6 +254,25 @@ CREATE INDEX pg_cancel_keys_created ON pg_cancel_keys (created_at)
 "#,
         sqlite: &[],
         postgres: &[],
+    },
+    // Ended SSH session recordings, copied from the recording wicketd's
+    // data directory so that every wicketd sharing the store lists and
+    // plays them. (Written only when the store is shared.)
+    Migration {
+        version: 8,
+        sql: "",
+        sqlite: &[
+            "CREATE TABLE session_recordings (session_id TEXT PRIMARY KEY, user_name TEXT NOT NULL, \
+             node TEXT NOT NULL, login TEXT NOT NULL, request_ids TEXT NOT NULL, started BIGINT NOT NULL, \
+             size BIGINT NOT NULL, data BLOB NOT NULL)",
+            "CREATE INDEX session_recordings_started ON session_recordings (started)",
+        ],
+        postgres: &[
+            "CREATE TABLE session_recordings (session_id TEXT PRIMARY KEY, user_name TEXT NOT NULL, \
+             node TEXT NOT NULL, login TEXT NOT NULL, request_ids TEXT NOT NULL, started BIGINT NOT NULL, \
+             size BIGINT NOT NULL, data BYTEA NOT NULL)",
+            "CREATE INDEX session_recordings_started ON session_recordings (started)",
+        ],
     },
 ];
 
@@ -1000,6 +1020,57 @@ impl Store {
         Ok(r.rows_affected())
     }
 
+    // ---- session recordings --------------------------------------------------
+
+    /// Stores an ended session's recording (`data`: the whole asciicast
+    /// file); a recording already stored is kept.
+    pub async fn put_recording(&self, meta: &RecordingMeta, data: &[u8]) -> Result<()> {
+        let size =
+            i64::try_from(data.len()).map_err(|_| Error::Store("recording too large".into()))?;
+        sqlx::query(
+            "INSERT INTO session_recordings (session_id, user_name, node, login, request_ids, started, size, data) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (session_id) DO NOTHING",
+        )
+        .bind(meta.session_id.as_str())
+        .bind(meta.user.as_str())
+        .bind(meta.node.as_str())
+        .bind(meta.login.as_str())
+        .bind(json_list(&meta.request_ids)?)
+        .bind(meta.started)
+        .bind(size)
+        .bind(data)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Every stored recording's header and size, newest first.
+    pub async fn list_recordings(&self) -> Result<Vec<(RecordingMeta, u64)>> {
+        let rows = sqlx::query(
+            "SELECT session_id, user_name, node, login, request_ids, started, size \
+             FROM session_recordings ORDER BY started DESC, session_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(recording_from_row).collect()
+    }
+
+    /// A stored recording: its header and the asciicast file.
+    pub async fn recording(&self, session_id: &str) -> Result<Option<(RecordingMeta, Vec<u8>)>> {
+        let Some(r) = sqlx::query(
+            "SELECT session_id, user_name, node, login, request_ids, started, size, data \
+             FROM session_recordings WHERE session_id = $1",
+        )
+        .bind(session_id)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let (meta, _) = recording_from_row(&r)?;
+        Ok(Some((meta, r.try_get(7)?)))
+    }
+
     // ---- audit -------------------------------------------------------------
 
     pub async fn append_audit(&self, event: &AuditRow) -> Result<()> {
@@ -1199,6 +1270,21 @@ pub struct NotificationRow {
     pub recipients: Vec<String>,
     pub subject: String,
     pub urgent: bool,
+}
+
+fn recording_from_row(r: &AnyRow) -> Result<(RecordingMeta, u64)> {
+    let size: i64 = r.try_get(6)?;
+    Ok((
+        RecordingMeta {
+            session_id: r.try_get(0)?,
+            user: r.try_get(1)?,
+            node: r.try_get(2)?,
+            login: r.try_get(3)?,
+            request_ids: parse_list(&r.try_get::<String, _>(4)?)?,
+            started: r.try_get(5)?,
+        },
+        u64::try_from(size).unwrap_or(0),
+    ))
 }
 
 fn stored_from_row(r: &AnyRow) -> Result<StoredRequest> {

@@ -52,26 +52,10 @@ impl Setup {
         })
     }
 
-    /// A second wicketd with this one's config (so its store, which must be
-    /// PostgreSQL: [`Self::start_on_postgres_store`]) and a copy of its CA
-    /// key set, as deploy/README.md says to run several.
+    /// A second wicketd sharing this one's store and CA
+    /// ([`Self::start_on_postgres_store`]).
     pub fn second_wicketd(&self) -> Wicketd {
-        let dir = tempfile::Builder::new()
-            .prefix("wicketd-")
-            .tempdir()
-            .unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        run(Command::new("cp")
-            .arg("-a")
-            .arg(self.d.data_dir().join("ca"))
-            .arg(&data))
-        .unwrap();
-        let yaml = std::fs::read_to_string(self.d.config_path.as_ref().unwrap()).unwrap();
-        assert!(yaml.contains("storage: postgres://"), "{yaml}");
-        let d = Wicketd::builder().config(yaml).start_in(dir).unwrap();
-        assert_eq!(d.pin, self.d.pin, "one CA");
-        d
+        self.d.twin().unwrap()
     }
 
     /// Like [`Self::start_edited`], where `edit` also sees the PostgreSQL.

@@ -1158,3 +1158,63 @@ fn unauthenticated_connections_have_a_limited_share_and_a_deadline() {
         assert!(c.wait().unwrap().success());
     }
 }
+
+/// With wicketds sharing a PostgreSQL store (deploy/README.md), a session
+/// recorded by one is listed and played through another once it ended,
+/// with the same access rules.
+#[test]
+fn a_recording_made_through_one_wicketd_plays_through_another() {
+    let pg = Postgres::builder().start().unwrap();
+    pg.create_database("wicket").unwrap();
+    let lab = Lab::start_full("", &format!("storage: {}", pg.url("wicket")));
+    let d2 = lab.d.twin().unwrap();
+    let alice = lab.user("alice", "access");
+    let id = lab.grant(&alice, "node-admin", "10m");
+    let cfg = ssh_config(&alice);
+    let out = output(ssh(&cfg).arg(lab.dest()).arg("echo shared-$((40+2))"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "shared-42");
+
+    // An auditor and bob (no audit role) who know only the second wicketd.
+    let on_d2 = |name: &str, roles: &str| {
+        lab.d.add_user(name, roles, PW, false).unwrap();
+        let cli = WicketCli::new().unwrap();
+        let out = cli.login(&d2, name, PW, &[]).unwrap();
+        assert!(out.ok, "{}", out.stderr);
+        cli
+    };
+    let sec = on_d2("sec", "auditor");
+    let bob = on_d2("bob", "access");
+    let listed = |cli: &WicketCli| {
+        cli.ok(&["recordings", "ls", "--request", &id, "--format", "json"])
+            .unwrap()
+            .json()
+            .unwrap()
+    };
+    let list = wait_until(
+        "the recording to reach the shared store",
+        Duration::from_secs(15),
+        || {
+            let l = listed(&sec);
+            (l.as_array().unwrap().len() == 1).then_some(l)
+        },
+    )
+    .unwrap();
+    assert_eq!(list[0]["user"], "alice");
+    assert!(list[0]["size"].as_u64().unwrap() > 0, "{list}");
+    let sid = list[0]["session_id"].as_str().unwrap().to_owned();
+    let played = sec.ok(&["play", &sid, "--format", "text"]).unwrap().stdout;
+    assert!(played.contains("shared-42"), "{played}");
+    // Through the wicketd that recorded it, listed once (file and store).
+    assert_eq!(listed(&alice).as_array().unwrap().len(), 1);
+    // bob may not see or play alice's session through the second wicketd.
+    assert_eq!(listed(&bob).as_array().unwrap().len(), 0);
+    let out = bob.run(&["play", &sid, "--format", "text"], "").unwrap();
+    assert!(!out.ok, "{}", out.stdout);
+    assert!(
+        out.stderr.contains("needs a role with `audit: true`"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stdout.contains("shared-42"), "{}", out.stdout);
+}

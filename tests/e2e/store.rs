@@ -4,6 +4,7 @@
 use wicket_e2e::harness_postgres::Postgres;
 use wicket_e2e::harness_wicket::{WicketCli, Wicketd};
 use wicketd::config::Storage;
+use wicketd::ssh::recording::RecordingMeta;
 use wicketd::store::{AuditFilter, AuditRow, CancelKeyRow, Store, StoredRequest, UserRecord};
 
 fn rt() -> tokio::runtime::Runtime {
@@ -427,6 +428,33 @@ async fn cancel_keys(store: &Store) {
     assert!(store.cancel_key(3, 4).await.unwrap().is_some());
 }
 
+/// Ended session recordings copied to a shared store: stored once, listed
+/// newest first without their data, read back byte for byte.
+async fn recordings(store: &Store) {
+    let meta = |id: &str, started: i64| RecordingMeta {
+        session_id: id.into(),
+        user: "alice".into(),
+        node: "node-1".into(),
+        login: "ops".into(),
+        request_ids: vec!["r1".into(), "r2".into()],
+        started,
+    };
+    let data: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    store.put_recording(&meta("s1", 10), &data).await.unwrap();
+    store.put_recording(&meta("s2", 20), b"{}\n").await.unwrap();
+    // Stored again (a retry): the first copy stays.
+    store
+        .put_recording(&meta("s1", 10), b"other")
+        .await
+        .unwrap();
+    let list = store.list_recordings().await.unwrap();
+    assert_eq!(list, vec![(meta("s2", 20), 3), (meta("s1", 10), 70_000)]);
+    let (m, back) = store.recording("s1").await.unwrap().unwrap();
+    assert_eq!(m, meta("s1", 10));
+    assert!(back == data, "the recording changed on the way");
+    assert!(store.recording("s3").await.unwrap().is_none());
+}
+
 #[test]
 fn store_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
@@ -435,6 +463,7 @@ fn store_on_sqlite() {
         exercise(&store).await;
         change_feed(&store).await;
         cancel_keys(&store).await;
+        recordings(&store).await;
         // Reopening runs no migration twice and keeps the data.
         drop(store);
         let again = Store::open(&Storage::Sqlite, dir.path()).await.unwrap();
@@ -474,6 +503,7 @@ fn store_on_postgresql() {
         exercise(&a).await;
         change_feed(&b).await;
         cancel_keys(&a).await;
+        recordings(&b).await;
     });
     // Each migration applied exactly once although two stores raced.
     let sql = "select count(*) = max(version) and count(*) >= 2 from schema_migrations";

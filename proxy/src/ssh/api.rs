@@ -4,11 +4,71 @@
 use super::recording;
 use crate::error::{Error, Result};
 use crate::service::{Caller, Wicket};
+use crate::store::Backend;
 use chrono::{DateTime, Utc};
 use wicket_api::RecordingInfo;
 use wicket_policy::Subject;
 
+/// Largest recording copied to a shared store; a larger one stays only in
+/// the data directory of the wicketd that recorded it.
+const MAX_SHARED_RECORDING: u64 = 64 << 20;
+
 impl Wicket {
+    /// Whether recordings go to the store too: it is shared by every
+    /// wicketd (PostgreSQL), and a session may be recorded by any of them.
+    fn shared_recordings(&self) -> bool {
+        self.store.backend() == Backend::Postgres
+    }
+
+    /// Copies an ended session's recording to a shared store, so that every
+    /// wicketd lists and plays it (a few tries; failures are logged, and
+    /// the file stays here either way).
+    pub async fn share_recording(&self, session_id: &str) {
+        if !self.shared_recordings() {
+            return;
+        }
+        let Some(path) = recording::path(&self.config.data_dir, session_id) else {
+            return;
+        };
+        let cannot = |e: std::io::Error| {
+            tracing::warn!(session = %session_id, error = %e, "cannot read the recording to share it");
+        };
+        let size = match tokio::fs::metadata(&path).await {
+            Ok(m) => m.len(),
+            Err(e) => return cannot(e),
+        };
+        if size > MAX_SHARED_RECORDING {
+            tracing::warn!(
+                session = %session_id,
+                bytes = size,
+                "recording too large for the shared store: only this wicketd plays it"
+            );
+            return;
+        }
+        let data = match tokio::fs::read(&path).await {
+            Ok(d) => d,
+            Err(e) => return cannot(e),
+        };
+        let Some(meta) = recording::read_meta(&path) else {
+            tracing::warn!(session = %session_id, "recording has no readable header; not shared");
+            return;
+        };
+        let mut delay = std::time::Duration::from_secs(1);
+        for attempt in 1..=4 {
+            match self.store.put_recording(&meta, &data).await {
+                Ok(()) => return,
+                Err(e) if attempt < 4 => {
+                    tracing::warn!(session = %session_id, error = %e, "storing the recording failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => {
+                    tracing::error!(session = %session_id, error = %e, "recording not shared: only this wicketd plays it");
+                }
+            }
+        }
+    }
+
     async fn recording_access(&self, caller: &Caller, owner: Option<&str>) -> Result<()> {
         let user = self.active_user(caller).await?;
         let roles = self.standing_roles(&user);
@@ -44,32 +104,54 @@ impl Wicket {
             None => self.recording_access(caller, None).await.is_err(),
         };
         let data_dir = self.config.data_dir.clone();
-        let metas = tokio::task::spawn_blocking(move || recording::list(&data_dir))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?;
+        let local = tokio::task::spawn_blocking(move || {
+            recording::list(&data_dir)
+                .into_iter()
+                .map(|m| {
+                    let size = recording::path(&data_dir, &m.session_id)
+                        .and_then(|p| std::fs::metadata(p).ok())
+                        .map_or(0, |md| md.len());
+                    (m, size)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        // With a shared store, the other wicketds' ended sessions too (and
+        // this one's, copied there: listed once).
+        let mut metas = local;
+        if self.shared_recordings() {
+            let seen: std::collections::HashSet<String> =
+                metas.iter().map(|(m, _)| m.session_id.clone()).collect();
+            let stored = self.store.list_recordings().await?;
+            metas.extend(
+                stored
+                    .into_iter()
+                    .filter(|(m, _)| !seen.contains(&m.session_id)),
+            );
+            metas.sort_by(|(a, _), (b, _)| {
+                b.started
+                    .cmp(&a.started)
+                    .then(a.session_id.cmp(&b.session_id))
+            });
+        }
         Ok(metas
             .into_iter()
-            .filter(|m| !own_only || m.user == caller.user)
-            .filter(|m| user.as_ref().is_none_or(|u| &m.user == u))
-            .filter(|m| {
+            .filter(|(m, _)| !own_only || m.user == caller.user)
+            .filter(|(m, _)| user.as_ref().is_none_or(|u| &m.user == u))
+            .filter(|(m, _)| {
                 request
                     .as_ref()
                     .is_none_or(|r| m.request_ids.iter().any(|x| x == r))
             })
-            .map(|m| {
-                let size = recording::path(&self.config.data_dir, &m.session_id)
-                    .and_then(|p| std::fs::metadata(p).ok())
-                    .map(|md| md.len())
-                    .unwrap_or(0);
-                RecordingInfo {
-                    started: DateTime::<Utc>::from_timestamp(m.started, 0).unwrap_or_default(),
-                    session_id: m.session_id,
-                    user: m.user,
-                    node: m.node,
-                    login: m.login,
-                    request_ids: m.request_ids,
-                    size,
-                }
+            .map(|(m, size)| RecordingInfo {
+                started: DateTime::<Utc>::from_timestamp(m.started, 0).unwrap_or_default(),
+                session_id: m.session_id,
+                user: m.user,
+                node: m.node,
+                login: m.login,
+                request_ids: m.request_ids,
+                size,
             })
             .collect())
     }
@@ -78,9 +160,21 @@ impl Wicket {
     pub async fn recording(&self, caller: &Caller, session_id: &str) -> Result<Vec<u8>> {
         let path = recording::path(&self.config.data_dir, session_id)
             .ok_or_else(|| Error::BadRequest("not a session ID".into()))?;
-        let meta = recording::read_meta(&path)
-            .ok_or_else(|| Error::NotFound(format!("no recording of session {session_id}")))?;
+        let not_found = || Error::NotFound(format!("no recording of session {session_id}"));
+        if let Some(meta) = recording::read_meta(&path) {
+            self.recording_access(caller, Some(&meta.user)).await?;
+            return Ok(tokio::fs::read(&path).await?);
+        }
+        // Recorded by another wicketd sharing the store.
+        if !self.shared_recordings() {
+            return Err(not_found());
+        }
+        let (meta, data) = self
+            .store
+            .recording(session_id)
+            .await?
+            .ok_or_else(not_found)?;
         self.recording_access(caller, Some(&meta.user)).await?;
-        Ok(tokio::fs::read(&path).await?)
+        Ok(data)
     }
 }

@@ -280,6 +280,9 @@ impl Live {
         if let Some(r) = self.recorder(80, 24, None) {
             r.marker(crate::clock::instant(), &format!("session ended: {reason}"));
             r.close();
+            let wicket = self.proxy.wicket.clone();
+            let session = self.sref.session_id.clone();
+            tokio::spawn(async move { wicket.share_recording(&session).await });
         }
         let _ = self
             .upstream
