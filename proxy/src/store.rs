@@ -1000,13 +1000,25 @@ impl Store {
         }))
     }
 
-    /// Forgets a cancel key (its session ended).
-    pub async fn delete_cancel_key(&self, pid: u32, secret: u32) -> Result<()> {
-        sqlx::query("DELETE FROM pg_cancel_keys WHERE pid = $1 AND secret = $2")
-            .bind(i64::from(pid))
-            .bind(i64::from(secret))
-            .execute(&self.pool)
-            .await?;
+    /// Forgets a cancel key (its session ended): the row only if it stands
+    /// for that session's backend (`backend_pid`, `backend_secret`).
+    pub async fn delete_cancel_key(
+        &self,
+        pid: u32,
+        secret: u32,
+        backend_pid: u32,
+        backend_secret: u32,
+    ) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM pg_cancel_keys WHERE pid = $1 AND secret = $2 \
+             AND backend_pid = $3 AND backend_secret = $4",
+        )
+        .bind(i64::from(pid))
+        .bind(i64::from(secret))
+        .bind(i64::from(backend_pid))
+        .bind(i64::from(backend_secret))
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -1044,7 +1056,8 @@ impl Store {
         Ok(())
     }
 
-    /// Every stored recording's header and size, newest first.
+    /// Every stored recording's header and size, newest first; a row that
+    /// does not decode is left out with a warning.
     pub async fn list_recordings(&self) -> Result<Vec<(RecordingMeta, u64)>> {
         let rows = sqlx::query(
             "SELECT session_id, user_name, node, login, request_ids, started, size \
@@ -1052,7 +1065,16 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(recording_from_row).collect()
+        Ok(rows
+            .iter()
+            .filter_map(|r| match recording_from_row(r) {
+                Ok(x) => Some(x),
+                Err(e) => {
+                    tracing::warn!(error = %e, "a stored recording's row does not decode; left out");
+                    None
+                }
+            })
+            .collect())
     }
 
     /// A stored recording: its header and the asciicast file.

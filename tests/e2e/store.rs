@@ -420,7 +420,16 @@ async fn cancel_keys(store: &Store) {
     assert!(store.cancel_key(a.pid, 1).await.unwrap().is_none());
     let b = key(1, 2, 5_000);
     assert!(store.put_cancel_key(&b).await.unwrap());
-    store.delete_cancel_key(b.pid, b.secret).await.unwrap();
+    // Only the row for that session's backend goes.
+    store
+        .delete_cancel_key(b.pid, b.secret, b.backend_pid, 7)
+        .await
+        .unwrap();
+    assert!(store.cancel_key(b.pid, b.secret).await.unwrap().is_some());
+    store
+        .delete_cancel_key(b.pid, b.secret, b.backend_pid, b.backend_secret)
+        .await
+        .unwrap();
     assert!(store.cancel_key(b.pid, b.secret).await.unwrap().is_none());
     assert!(store.put_cancel_key(&key(3, 4, 9_000)).await.unwrap());
     assert_eq!(store.prune_cancel_keys(9_000).await.unwrap(), 1);

@@ -617,10 +617,14 @@ impl PgProxy {
             }
         };
         if let Some(k) = cancel_key {
-            let target = self.drop_cancel_key(k).await;
-            // A cut session's statement must not run on: cancel it.
-            if let (End::Cut(_), Some(t)) = (&end, target) {
-                self.forward_cancel(&t).await;
+            let target = lock(&self.cancels).remove(&k);
+            if let Some(t) = target {
+                // A cut session's statement must not run on: cancel it
+                // (before anything that waits on the store).
+                if let End::Cut(_) = &end {
+                    self.forward_cancel(&t).await;
+                }
+                self.forget_shared_cancel_key(k, &t).await;
             }
         }
         let reason = end.reason();
@@ -700,6 +704,13 @@ impl PgProxy {
                     b'K' if len == 13 => {
                         let pid = u32::from_be_bytes([msg[5], msg[6], msg[7], msg[8]]);
                         let secret = u32::from_be_bytes([msg[9], msg[10], msg[11], msg[12]]);
+                        // A second BackendKeyData replaces the first.
+                        if let Some(old) = cancel_key.take() {
+                            let target = lock(&self.cancels).remove(&old);
+                            if let Some(t) = target {
+                                self.forget_shared_cancel_key(old, &t).await;
+                            }
+                        }
                         let key = self
                             .new_cancel_key(CancelTarget {
                                 user: user.to_owned(),
@@ -865,16 +876,18 @@ impl PgProxy {
         }
     }
 
-    /// Forgets a session's cancel key, here and in a shared store.
-    async fn drop_cancel_key(&self, key: (u32, u32)) -> Option<CancelTarget> {
-        let target = lock(&self.cancels).remove(&key);
+    /// Forgets a session's cancel key (already out of the local map) in a
+    /// shared store: only the row for this session's backend.
+    async fn forget_shared_cancel_key(&self, key: (u32, u32), t: &CancelTarget) {
         if self.shared_cancels() {
-            let delete = self.wicket.store.delete_cancel_key(key.0, key.1);
+            let delete = self
+                .wicket
+                .store
+                .delete_cancel_key(key.0, key.1, t.pid, t.secret);
             if let Err(e) = shared_key_call(delete).await {
                 tracing::warn!(error = %e, "cancel key left in the store (pruned later)");
             }
         }
-        target
     }
 
     /// At most once an hour: forgets shared cancel keys older than
@@ -890,7 +903,7 @@ impl PgProxy {
             return;
         }
         let before = now_ms - SHARED_CANCEL_KEY_LIFE.num_milliseconds();
-        match self.wicket.store.prune_cancel_keys(before).await {
+        match shared_key_call(self.wicket.store.prune_cancel_keys(before)).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(keys = n, "pruned cancel keys left by stopped sessions"),
             Err(e) => tracing::warn!(error = %e, "pruning cancel keys failed"),

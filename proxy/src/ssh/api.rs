@@ -12,6 +12,11 @@ use wicket_policy::Subject;
 /// Largest recording copied to a shared store; a larger one stays only in
 /// the data directory of the wicketd that recorded it.
 const MAX_SHARED_RECORDING: u64 = 64 << 20;
+/// Recordings copied to the store at once (each is read whole into memory
+/// and holds a store connection): many sessions ending together queue.
+static SHARING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+/// How long one try at storing a recording may take.
+const SHARE_TRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Wicket {
     /// Whether recordings go to the store too: it is shared by every
@@ -28,6 +33,9 @@ impl Wicket {
             return;
         }
         let Some(path) = recording::path(&self.config.data_dir, session_id) else {
+            return;
+        };
+        let Ok(_permit) = SHARING.acquire().await else {
             return;
         };
         let cannot = |e: std::io::Error| {
@@ -55,7 +63,12 @@ impl Wicket {
         };
         let mut delay = std::time::Duration::from_secs(1);
         for attempt in 1..=4 {
-            match self.store.put_recording(&meta, &data).await {
+            let put = tokio::time::timeout(SHARE_TRY, self.store.put_recording(&meta, &data));
+            let result = match put.await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {} s", SHARE_TRY.as_secs())),
+            };
+            match result {
                 Ok(()) => return,
                 Err(e) if attempt < 4 => {
                     tracing::warn!(session = %session_id, error = %e, "storing the recording failed; retrying");
@@ -123,7 +136,11 @@ impl Wicket {
         if self.shared_recordings() {
             let seen: std::collections::HashSet<String> =
                 metas.iter().map(|(m, _)| m.session_id.clone()).collect();
-            let stored = self.store.list_recordings().await?;
+            // The store failing must not hide this wicketd's own files.
+            let stored = self.store.list_recordings().await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot list the shared store's recordings");
+                Vec::new()
+            });
             metas.extend(
                 stored
                     .into_iter()
