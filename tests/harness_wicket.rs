@@ -416,6 +416,16 @@ impl WicketCli {
         Ok(c)
     }
 
+    /// A new profile logged in to `d` as `user` with `password` (no OTP).
+    pub fn logged_in(d: &Wicketd, user: &str, password: &str) -> Result<Self> {
+        let cli = Self::new()?;
+        let out = cli.login(d, user, password, &[])?;
+        if !out.ok {
+            bail!("{user} cannot log in: {}", out.stderr);
+        }
+        Ok(cli)
+    }
+
     /// Runs `wicket <args>` with `stdin` as input.
     pub fn run(&self, args: &[&str], stdin: &str) -> Result<CliOutput> {
         let mut cmd = self.cmd()?;

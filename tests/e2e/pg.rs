@@ -500,9 +500,7 @@ fn a_revoke_through_one_wicketd_cuts_and_refuses_sessions_on_another() {
     let d2 = s.second_wicketd();
     assert_ne!(d2.postgres_addr(), s.d.postgres_addr());
     // alice's second profile knows only the second wicketd.
-    let alice2 = WicketCli::new().unwrap();
-    let out = alice2.login(&d2, "alice", PW, &[]).unwrap();
-    assert!(out.ok, "{}", out.stderr);
+    let alice2 = WicketCli::logged_in(&d2, "alice", PW).unwrap();
     let grant = s.grant_dba("1h");
     let id = grant["id"].as_str().unwrap().to_owned();
     alice2.ok(&["login", "--request-id", &id]).unwrap();
@@ -535,8 +533,7 @@ fn a_revoke_through_one_wicketd_cuts_and_refuses_sessions_on_another() {
             .count()
     };
     send_cancel(&t, (key.0, key.1 ^ 1));
-    let bob2 = WicketCli::new().unwrap();
-    assert!(bob2.login(&d2, "bob", PW, &[]).unwrap().ok);
+    let bob2 = WicketCli::logged_in(&d2, "bob", PW).unwrap();
     send_cancel(&tunnel_of(&bob2, "prod-pg"), key);
     wait_until(
         "both cancels to be ignored",

@@ -116,10 +116,7 @@ impl Setup {
         assert!(d.postgres_addr().is_some(), "{:?}", d.startup_output());
         let login = |name: &str, roles: &str| {
             d.add_user(name, roles, PW, false).unwrap();
-            let cli = WicketCli::new().unwrap();
-            let out = cli.login(&d, name, PW, &[]).unwrap();
-            assert!(out.ok, "{name}: {}", out.stderr);
-            cli
+            WicketCli::logged_in(&d, name, PW).unwrap()
         };
         let alice = login("alice", "dev");
         let bob = login("bob", "sre");

@@ -108,10 +108,7 @@ impl Lab {
     /// A user with these standing roles, logged in.
     pub fn user(&self, name: &str, roles: &str) -> WicketCli {
         self.d.add_user(name, roles, PW, false).unwrap();
-        let cli = WicketCli::new().unwrap();
-        let out = cli.login(&self.d, name, PW, &[]).unwrap();
-        assert!(out.ok, "{}", out.stderr);
-        cli
+        WicketCli::logged_in(&self.d, name, PW).unwrap()
     }
 
     /// A self-approved `role` grant for `cli`, logged in with it; its ID.
@@ -1178,10 +1175,7 @@ fn a_recording_made_through_one_wicketd_plays_through_another() {
     // An auditor and bob (no audit role) who know only the second wicketd.
     let on_d2 = |name: &str, roles: &str| {
         lab.d.add_user(name, roles, PW, false).unwrap();
-        let cli = WicketCli::new().unwrap();
-        let out = cli.login(&d2, name, PW, &[]).unwrap();
-        assert!(out.ok, "{}", out.stderr);
-        cli
+        WicketCli::logged_in(&d2, name, PW).unwrap()
     };
     let sec = on_d2("sec", "auditor");
     let bob = on_d2("bob", "access");
