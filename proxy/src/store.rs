@@ -419,6 +419,13 @@ impl Store {
         self.backend
     }
 
+    /// Whether several wicketds may share this store (PostgreSQL): state
+    /// one wicketd keeps for the others (cancel keys, recordings) goes
+    /// here then.
+    pub fn is_shared(&self) -> bool {
+        self.backend == Backend::Postgres
+    }
+
     async fn migrate(&self) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         if self.backend == Backend::Postgres {

@@ -388,27 +388,42 @@ fn wait_exit(mut child: Child, within: Duration) -> (String, Instant) {
     (err, at)
 }
 
-/// Runs `select pg_sleep(60)` through `t`, has frank revoke `id` once it
-/// runs, and checks psql was cut within a second with FATAL naming the
-/// request and why.
-fn revoke_cuts_a_running_psql(s: &Setup, t: &Tunnel, id: &str) {
-    let child = spawn_sleep(t, 60);
+/// Waits for a `select pg_sleep(..)` to run; its backend's PID.
+fn running_sleep(pg: &Postgres) -> i64 {
     wait_until("the query to run", Duration::from_secs(10), || {
-        (!sleeping_backends(&s.pg).is_empty()).then_some(())
+        sleeping_backends(pg).first().copied()
     })
-    .unwrap();
-    s.frank
-        .ok(&["request", "revoke", id, "--reason", "INC-7 closed"])
-        .unwrap();
-    let revoked_at = Instant::now();
+    .unwrap()
+}
+
+/// Runs `select pg_sleep(60)` through `t`, calls `end` once it runs, and
+/// checks psql was cut within a second after it with a FATAL; psql's
+/// stderr.
+fn psql_cut_within_a_second(s: &Setup, t: &Tunnel, end: impl FnOnce()) -> String {
+    let child = spawn_sleep(t, 60);
+    running_sleep(&s.pg);
+    end();
+    let ended_at = Instant::now();
     let (err, exited) = wait_exit(child, Duration::from_secs(5));
     assert!(
-        exited.duration_since(revoked_at) <= Duration::from_secs(1),
+        exited.duration_since(ended_at) <= Duration::from_secs(1),
         "cut after {:?}",
-        exited.duration_since(revoked_at)
+        exited.duration_since(ended_at)
     );
+    assert!(err.contains("FATAL"), "{err}");
+    err
+}
+
+/// [`psql_cut_within_a_second`] by frank revoking `id`: FATAL names the
+/// request and why.
+fn revoke_cuts_a_running_psql(s: &Setup, t: &Tunnel, id: &str) {
+    let err = psql_cut_within_a_second(s, t, || {
+        s.frank
+            .ok(&["request", "revoke", id, "--reason", "INC-7 closed"])
+            .unwrap();
+    });
     assert!(
-        err.contains("FATAL") && err.contains(id) && err.contains("revoked by frank: INC-7 closed"),
+        err.contains(id) && err.contains("revoked by frank: INC-7 closed"),
         "{err}"
     );
 }
@@ -423,18 +438,9 @@ fn cancel_requests_reach_the_right_backend_and_revoke_or_expiry_cut_sessions() {
     // A client cancel (psql on SIGINT sends a CancelRequest with the key the
     // proxy gave it); the proxy maps it to the backend's real key.
     let child = spawn_sleep(&t, 30);
-    wait_until("the query to run", Duration::from_secs(10), || {
-        (!sleeping_backends(&s.pg).is_empty()).then_some(())
-    })
-    .unwrap();
+    running_sleep(&s.pg);
     // A forged key changes nothing.
-    {
-        let mut raw = std::net::TcpStream::connect(t.addr).unwrap();
-        raw.write_all(&wicket_api::pg::cancel_request(12345, 67890))
-            .unwrap();
-        let mut b = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut raw, &mut b);
-    }
+    send_cancel(&t, (12345, 67890));
     assert_eq!(
         sleeping_backends(&s.pg).len(),
         1,
@@ -449,10 +455,7 @@ fn cancel_requests_reach_the_right_backend_and_revoke_or_expiry_cut_sessions() {
 
     // pg_cancel_backend from another session.
     let child = spawn_sleep(&t, 30);
-    let pid = wait_until("the query to run", Duration::from_secs(10), || {
-        sleeping_backends(&s.pg).first().copied()
-    })
-    .unwrap();
+    let pid = running_sleep(&s.pg);
     let (ok, out, err) = t.sql(&format!("select pg_cancel_backend({pid})"));
     assert!(ok && out == "t", "{out} {err}");
     let (err, _) = wait_exit(child, Duration::from_secs(10));
@@ -514,10 +517,7 @@ fn a_revoke_through_one_wicketd_cuts_and_refuses_sessions_on_another() {
     let t1 = s.tunnel();
     let (mut conn, key) = RawPg::connect(&t1);
     conn.send(b'Q', b"select pg_sleep(30)\0");
-    wait_until("the query to run", Duration::from_secs(10), || {
-        (!sleeping_backends(&s.pg).is_empty()).then_some(())
-    })
-    .unwrap();
+    running_sleep(&s.pg);
     // One key on record: this session's (the `select 41 + 1` one's is
     // removed as its session ends).
     let keys = "select count(*) from pg_cancel_keys";
@@ -702,24 +702,11 @@ fn disabling_a_user_ends_their_sessions() {
     let s = Setup::start("");
     s.grant_dba("30m");
     let t = s.tunnel();
-    let child = spawn_sleep(&t, 60);
-    wait_until("the query to run", Duration::from_secs(10), || {
-        (!sleeping_backends(&s.pg).is_empty()).then_some(())
-    })
-    .unwrap();
-    let out = run(&mut s.d.admin(&["users", "disable", "alice"]).unwrap()).unwrap();
-    assert!(out.contains("disabled"), "{out}");
-    let disabled_at = Instant::now();
-    let (err, exited) = wait_exit(child, Duration::from_secs(5));
-    assert!(
-        exited.duration_since(disabled_at) <= Duration::from_secs(1),
-        "cut after {:?}",
-        exited.duration_since(disabled_at)
-    );
-    assert!(
-        err.contains("FATAL") && err.contains("user \"alice\" was disabled"),
-        "{err}"
-    );
+    let err = psql_cut_within_a_second(&s, &t, || {
+        let out = run(&mut s.d.admin(&["users", "disable", "alice"]).unwrap()).unwrap();
+        assert!(out.contains("disabled"), "{out}");
+    });
+    assert!(err.contains("user \"alice\" was disabled"), "{err}");
     let (ok, _, err) = t.sql("select 1");
     assert!(!ok);
     assert!(err.contains("no longer exists or is disabled"), "{err}");

@@ -20,7 +20,7 @@ use crate::audit::{AuditEvent, SessionRef};
 use crate::clock;
 use crate::service::{Caller, Wicket};
 use crate::sessions::{SessionInfo, Signal};
-use crate::store::{Backend, CancelKeyRow};
+use crate::store::CancelKeyRow;
 use crate::tls;
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls::pki_types::ServerName;
@@ -815,7 +815,7 @@ impl PgProxy {
     /// Whether cancel keys go to the store: it is shared by every wicketd
     /// (PostgreSQL), so a CancelRequest may reach any of them.
     fn shared_cancels(&self) -> bool {
-        self.wicket.store.backend() == Backend::Postgres
+        self.wicket.store.is_shared()
     }
 
     /// A new cancel key for `target`, unique here and (when the store is

@@ -4,7 +4,6 @@
 use super::recording;
 use crate::error::{Error, Result};
 use crate::service::{Caller, Wicket};
-use crate::store::Backend;
 use chrono::{DateTime, Utc};
 use wicket_api::RecordingInfo;
 use wicket_policy::Subject;
@@ -22,7 +21,7 @@ impl Wicket {
     /// Whether recordings go to the store too: it is shared by every
     /// wicketd (PostgreSQL), and a session may be recorded by any of them.
     fn shared_recordings(&self) -> bool {
-        self.store.backend() == Backend::Postgres
+        self.store.is_shared()
     }
 
     /// Copies an ended session's recording to a shared store, so that every
