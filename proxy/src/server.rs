@@ -93,6 +93,10 @@ pub async fn start(config: Config) -> Result<Running> {
         let ssh = crate::ssh::SshProxy::new(wicket.clone())?;
         tokio::spawn(crate::ssh::serve(l, ssh, rx.clone()));
     }
+    {
+        let wicket = wicket.clone();
+        tokio::spawn(async move { wicket.share_missing_recordings().await });
+    }
     tokio::spawn(scheduler(wicket.clone(), rx.clone()));
     tokio::spawn(session_refresher(wicket.clone(), rx.clone()));
     tokio::spawn(index_refresher(wicket.clone(), rx.clone()));

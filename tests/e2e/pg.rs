@@ -1019,12 +1019,14 @@ fn the_tunnel_refuses_other_os_users() {
 
 /// Connections still authenticating have a share of their own
 /// (`limits.max_unauthenticated`, like sshd's MaxStartups) and a deadline
-/// (`limits.login_grace`); authenticated ones leave the share.
+/// (`limits.login_grace`); authenticated ones leave the share, and all
+/// count against `limits.max_connections`.
 #[test]
 fn unauthenticated_connections_have_a_limited_share_and_a_deadline() {
     use std::io::Read;
     use std::net::TcpStream;
-    let s = Setup::start("limits: { max_unauthenticated: 2, login_grace: 3s }\n");
+    let s =
+        Setup::start("limits: { max_connections: 5, max_unauthenticated: 2, login_grace: 3s }\n");
     s.grant_dba("1h");
     let t = s.tunnel();
     let proxy = s.d.postgres_addr().unwrap();
@@ -1097,6 +1099,34 @@ fn unauthenticated_connections_have_a_limited_share_and_a_deadline() {
     let (ok, out, err) = t.sql("select 40 + 2");
     assert!(ok, "{err}");
     assert_eq!(out, "42");
+    // `limits.max_connections` (5) counts every connection: with five held
+    // a sixth is refused with the reason, and gets in once one closes.
+    let mut held = held;
+    for _ in 0..2 {
+        use sqlx::Connection;
+        let c = wait_until("a connection", Duration::from_secs(10), || {
+            rt.block_on(sqlx::PgConnection::connect(&url)).ok()
+        })
+        .unwrap();
+        held.push(c);
+    }
+    let (ok, _, err) = t.sql("select 1");
+    assert!(!ok);
+    assert!(
+        err.contains("refused the connection")
+            && err.contains("too many connections to wicketd's postgres listener")
+            && err.contains("limits.max_connections is 5"),
+        "{err}"
+    );
+    rt.block_on(async {
+        use sqlx::Connection;
+        held.pop().unwrap().close().await.unwrap();
+    });
+    wait_until("a place to free up", Duration::from_secs(10), || {
+        let (ok, out, _) = t.sql("select 40 + 2");
+        (ok && out == "42").then_some(())
+    })
+    .unwrap();
     rt.block_on(async {
         use sqlx::Connection;
         for c in held {

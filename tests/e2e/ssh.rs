@@ -1211,4 +1211,19 @@ fn a_recording_made_through_one_wicketd_plays_through_another() {
         out.stderr
     );
     assert!(!out.stdout.contains("shared-42"), "{}", out.stdout);
+
+    // A copy the store lost (wicketd stopped right after the session, or
+    // the store was down through every try) is made at the next start.
+    pg.psql("wicket", "DELETE FROM session_recordings").unwrap();
+    assert_eq!(listed(&sec).as_array().unwrap().len(), 0);
+    let Lab { d, .. } = lab;
+    let _d = d.restart().unwrap();
+    wait_until(
+        "the restarted wicketd to copy the recording again",
+        Duration::from_secs(15),
+        || (listed(&sec).as_array().unwrap().len() == 1).then_some(()),
+    )
+    .unwrap();
+    let played = sec.ok(&["play", &sid, "--format", "text"]).unwrap().stdout;
+    assert!(played.contains("shared-42"), "{played}");
 }

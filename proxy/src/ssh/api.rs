@@ -81,6 +81,42 @@ impl Wicket {
         }
     }
 
+    /// Copies to a shared store the recordings here that it lacks: a copy
+    /// lost to this wicketd stopping right after a session, or to a store
+    /// that was down through every try. Run at start, when nothing is being
+    /// recorded here yet, so every local recording has ended.
+    pub async fn share_missing_recordings(&self) {
+        if !self.shared_recordings() {
+            return;
+        }
+        let stored: std::collections::HashSet<String> = match self.store.list_recordings().await {
+            Ok(rows) => rows.into_iter().map(|(m, _)| m.session_id).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the store's recordings; local ones not copied");
+                return;
+            }
+        };
+        let data_dir = self.config.data_dir.clone();
+        let local = tokio::task::spawn_blocking(move || recording::list(&data_dir))
+            .await
+            .unwrap_or_default();
+        let missing: Vec<String> = local
+            .into_iter()
+            .map(|m| m.session_id)
+            .filter(|id| !stored.contains(id))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        tracing::info!(
+            recordings = missing.len(),
+            "copying recordings the shared store lacks"
+        );
+        for id in missing {
+            self.share_recording(&id).await;
+        }
+    }
+
     async fn recording_access(&self, caller: &Caller, owner: Option<&str>) -> Result<()> {
         let user = self.active_user(caller).await?;
         let roles = self.standing_roles(&user);
