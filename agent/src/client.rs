@@ -192,7 +192,17 @@ impl Client {
         let tls = TlsConnector::from(self.tls.clone())
             .connect(name, tcp)
             .await
-            .map_err(|e| anyhow!("TLS with {} failed: {e}", self.proxy))?;
+            .map_err(|e| {
+                // wicketd closes a connection it refuses before TLS (it
+                // cannot say why earlier), so an immediate EOF is that.
+                let hint = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    " (wicketd closed the connection: it may be at its connection limits, \
+                     limits.max_connections or limits.max_unauthenticated; try again, or see its log)"
+                } else {
+                    ""
+                };
+                anyhow!("TLS with {} failed: {e}{hint}", self.proxy)
+            })?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .context("HTTP handshake")?;

@@ -1124,6 +1124,33 @@ fn unauthenticated_connections_have_a_limited_share_and_a_deadline() {
             "closed after {after:?}"
         );
     }
+    // The API listener too: two connections that never start TLS hold its
+    // share (a CLI call is refused meanwhile), and the grace closes them.
+    let idle: Vec<(TcpStream, Instant)> = (0..2)
+        .map(|_| (TcpStream::connect(lab.d.api).unwrap(), Instant::now()))
+        .collect();
+    let refused = wait_until("the API share to fill", Duration::from_secs(5), || {
+        let out = alice.run(&["ls"], "").unwrap();
+        (!out.ok).then_some(out.stderr)
+    })
+    .unwrap();
+    assert!(
+        refused.contains("wicketd closed the connection: it may be at its connection limits"),
+        "{refused}"
+    );
+    for (mut c, admitted) in idle {
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut buf = [0u8; 64];
+        let closed = matches!(c.read(&mut buf), Ok(0) | Err(_));
+        let after = admitted.elapsed();
+        assert!(closed, "still open after {after:?}");
+        assert!(
+            after >= Duration::from_secs(2) && after < Duration::from_secs(10),
+            "closed after {after:?}"
+        );
+    }
+    let out = alice.run(&["ls"], "").unwrap();
+    assert!(out.ok, "{}", out.stderr);
     // Authenticated connections leave the share: three sessions at once
     // (each echoes a line, so it is up, and is held until its stdin
     // closes), then a fourth still runs.
