@@ -42,6 +42,33 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
     }
 }
 
+/// How long after `admitted` the server closed `c`, reading (and
+/// discarding) what it sends meanwhile; an error if it is still open 15 s
+/// after `admitted`. For checking a login grace.
+pub fn closed_after(mut c: TcpStream, admitted: Instant) -> Result<Duration> {
+    use std::io::Read;
+    let limit = Duration::from_secs(15);
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = limit.saturating_sub(admitted.elapsed());
+        if left.is_zero() {
+            bail!("still open after {limit:?}");
+        }
+        c.set_read_timeout(Some(left))?;
+        match c.read(&mut buf) {
+            Ok(0) => return Ok(admitted.elapsed()),
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                bail!("still open after {limit:?}")
+            }
+            Err(_) => return Ok(admitted.elapsed()),
+        }
+    }
+}
+
 /// Waits until a TCP connection to `addr` succeeds.
 pub fn wait_for_port(addr: SocketAddr, timeout: Duration) -> Result<()> {
     wait_until(

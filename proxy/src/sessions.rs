@@ -115,6 +115,11 @@ impl Sessions {
         self.len() == 0
     }
 
+    /// Whether session `id` is live here.
+    pub fn is_live(&self, id: &str) -> bool {
+        self.lock().contains_key(id)
+    }
+
     /// The live sessions, by ID.
     pub fn list(&self) -> Vec<(String, SessionInfo)> {
         self.lock()

@@ -83,8 +83,9 @@ impl Wicket {
 
     /// Copies to a shared store the recordings here that it lacks: a copy
     /// lost to this wicketd stopping right after a session, or to a store
-    /// that was down through every try. Run at start, when nothing is being
-    /// recorded here yet, so every local recording has ended.
+    /// that was down through every try. Run at start; a session that began
+    /// since is left to copy its own at its end (its recording is still
+    /// being written, and the store keeps the first copy it gets).
     pub async fn share_missing_recordings(&self) {
         if !self.shared_recordings() {
             return;
@@ -113,7 +114,9 @@ impl Wicket {
             "copying recordings the shared store lacks"
         );
         for id in missing {
-            self.share_recording(&id).await;
+            if !self.sessions.is_live(&id) {
+                self.share_recording(&id).await;
+            }
         }
     }
 
