@@ -42,31 +42,42 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
     }
 }
 
-/// How long after `admitted` the server closed `c`, reading (and
-/// discarding) what it sends meanwhile; an error if it is still open 15 s
-/// after `admitted`. For checking a login grace.
-pub fn closed_after(mut c: TcpStream, admitted: Instant) -> Result<Duration> {
+/// Checks that the server closes each connection between `from` and
+/// `to` after it was admitted (a login grace), reading and discarding
+/// what it sends meanwhile.
+pub fn closed_between(idle: Vec<(TcpStream, Instant)>, from: Duration, to: Duration) -> Result<()> {
     use std::io::Read;
-    let limit = Duration::from_secs(15);
     let mut buf = [0u8; 4096];
-    loop {
-        let left = limit.saturating_sub(admitted.elapsed());
-        if left.is_zero() {
-            bail!("still open after {limit:?}");
-        }
-        c.set_read_timeout(Some(left))?;
-        match c.read(&mut buf) {
-            Ok(0) => return Ok(admitted.elapsed()),
-            Ok(_) => continue,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                bail!("still open after {limit:?}")
+    for (mut c, admitted) in idle {
+        let closed = loop {
+            let left = to.saturating_sub(admitted.elapsed());
+            if left.is_zero() {
+                break false;
             }
-            Err(_) => return Ok(admitted.elapsed()),
+            c.set_read_timeout(Some(left))?;
+            match c.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break false
+                }
+                Err(_) => break true,
+            }
+        };
+        let after = admitted.elapsed();
+        if !closed {
+            bail!("still open after {after:?}");
+        }
+        if after < from {
+            bail!("closed after {after:?}, before {from:?}");
         }
     }
+    Ok(())
 }
 
 /// Waits until a TCP connection to `addr` succeeds.
