@@ -26,16 +26,25 @@ fn event(id: &str, kind: &str, actor: &str, time_ms: i64) -> AuditRow {
     }
 }
 
+/// An enabled user with `roles`, no team, password or TOTP.
+fn user(name: &str, roles: &[&str], created_at: i64) -> UserRecord {
+    UserRecord {
+        name: name.into(),
+        roles: roles.iter().map(|r| (*r).into()).collect(),
+        team: None,
+        password_hash: None,
+        totp_secret: None,
+        created_at,
+        disabled: false,
+    }
+}
+
 async fn exercise(store: &Store) {
     assert!(store.schema_version().await.unwrap() >= 1);
     let alice = UserRecord {
-        name: "alice".into(),
-        roles: vec!["dev".into(), "sre".into()],
         team: Some("payments".into()),
         password_hash: Some("$argon2id$placeholder".into()),
-        totp_secret: None,
-        created_at: 1_000,
-        disabled: false,
+        ..user("alice", &["dev", "sre"], 1_000)
     };
     store
         .create_user(&alice, &event("e1", "user_created", "alice", 1_000))
@@ -236,23 +245,15 @@ async fn change_feed(store: &Store) {
         r.sort();
         (u, r)
     };
-    let user = UserRecord {
-        name: "feed".into(),
-        roles: vec!["dev".into()],
-        team: None,
-        password_hash: None,
-        totp_secret: None,
-        created_at: 1,
-        disabled: false,
-    };
+    let feed = user("feed", &["dev"], 1);
     store
-        .create_user(&user, &event("feed-e1", "user_created", "feed", 1))
+        .create_user(&feed, &event("feed-e1", "user_created", "feed", 1))
         .await
         .unwrap();
     let c = store.changes(Some(h0)).await.unwrap();
     assert_eq!(c.head, h0 + 1);
     assert_eq!(names(&c), (vec!["feed".to_string()], vec![]));
-    assert_eq!(c.users[0].1.as_ref().unwrap(), &user);
+    assert_eq!(c.users[0].1.as_ref().unwrap(), &feed);
     let keys = |c: &wicketd::store::Changes| -> Vec<(String, i64)> {
         c.requests.iter().map(|r| (r.key.clone(), r.seq)).collect()
     };

@@ -101,10 +101,12 @@ impl Wicket {
         let local = tokio::task::spawn_blocking(move || recording::list(&data_dir))
             .await
             .unwrap_or_default();
+        // A session live here writes its recording still: it copies its
+        // own at its end.
         let missing: Vec<String> = local
             .into_iter()
             .map(|m| m.session_id)
-            .filter(|id| !stored.contains(id))
+            .filter(|id| !stored.contains(id) && !self.sessions.is_live(id))
             .collect();
         if missing.is_empty() {
             return;
@@ -114,9 +116,7 @@ impl Wicket {
             "copying recordings the shared store lacks"
         );
         for id in missing {
-            if !self.sessions.is_live(&id) {
-                self.share_recording(&id).await;
-            }
+            self.share_recording(&id).await;
         }
     }
 
