@@ -185,6 +185,17 @@ pub const SESSION_ACTION_KINDS: &[&str] = &[
     "ssh_port_forward",
 ];
 
+/// Kinds a database session produces at the rate of its statements: the
+/// store keeps a session's run of them in one row (see `store::groups`).
+pub const STATEMENT_KINDS: &[&str] = &[
+    "db_query",
+    "db_parse",
+    "db_execute",
+    "db_function_call",
+    "db_copy",
+    "db_error",
+];
+
 impl AuditEvent {
     /// The stored kind: the variant's snake_case name.
     pub fn kind(&self) -> &str {

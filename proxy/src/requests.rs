@@ -708,11 +708,7 @@ impl Wicket {
             status: req.state.as_str().to_owned(),
             // Sessions run only on a grant that was approved.
             actions_taken: match req.approved_at {
-                Some(_) => {
-                    self.store
-                        .count_request_events(&req.id, crate::audit::SESSION_ACTION_KINDS)
-                        .await?
-                }
+                Some(_) => self.store.count_request_actions(&req.id).await?,
                 None => 0,
             },
             revoked_by: req.revoked_by.clone(),

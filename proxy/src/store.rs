@@ -13,6 +13,8 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Row, Transaction};
 use std::path::Path;
 
+mod groups;
+
 /// Which database is behind the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -273,6 +275,19 @@ CREATE INDEX pg_cancel_keys_created ON pg_cancel_keys (created_at)
              size BIGINT NOT NULL, data BYTEA NOT NULL)",
             "CREATE INDEX session_recordings_started ON session_recordings (started)",
         ],
+    },
+    // How many actions taken under a grant each audit row stands for (a
+    // row of session events holds many; see `groups`), so counting them
+    // reads no JSON. The kinds are `audit::SESSION_ACTION_KINDS`.
+    Migration {
+        version: 9,
+        sql: r#"
+ALTER TABLE audit_events ADD COLUMN actions BIGINT NOT NULL DEFAULT 0;
+UPDATE audit_events SET actions = 1 WHERE kind IN
+    ('session_started', 'db_query', 'db_execute', 'db_copy', 'kube_request', 'ssh_exec', 'ssh_port_forward')
+"#,
+        sqlite: &[],
+        postgres: &[],
     },
 ];
 
@@ -904,24 +919,6 @@ impl Store {
             .collect()
     }
 
-    /// Number of audit events linked to `request_id` of the given kinds.
-    pub async fn count_request_events(&self, request_id: &str, kinds: &[&str]) -> Result<i64> {
-        let marks: Vec<String> = (0..kinds.len()).map(|i| format!("${}", i + 2)).collect();
-        let sql = format!(
-            "SELECT COUNT(*) FROM audit_events WHERE request_id = $1 AND kind IN ({})",
-            if marks.is_empty() {
-                "''".to_owned()
-            } else {
-                marks.join(", ")
-            }
-        );
-        let mut q = sqlx::query(&sql).bind(request_id);
-        for k in kinds {
-            q = q.bind(*k);
-        }
-        Ok(q.fetch_one(&self.pool).await?.try_get::<i64, _>(0)?)
-    }
-
     /// Users holding any of `roles` (for resolving `role:R` recipients).
     pub async fn users_with_roles(&self, roles: &[String]) -> Result<Vec<String>> {
         Ok(self
@@ -1117,32 +1114,82 @@ impl Store {
         Ok(())
     }
 
+    /// Events matching `f`, oldest first, at most `f.limit` (1000 when 0).
+    /// Rows of session events ([`groups`]) are expanded, and the filters
+    /// apply to the events they hold.
     pub async fn search_audit(&self, f: &AuditFilter) -> Result<Vec<AuditRow>> {
+        let limit = if f.limit > 0 { f.limit } else { 1000 };
+        let since = f.since_ms.unwrap_or(i64::MIN);
+        // A row's time is its earliest event's, up to SPAN_MS before the rest.
         let mut sql = String::from(
-            "SELECT id, time, kind, actor, request_id, session_id, data FROM audit_events WHERE time >= $1",
+            "SELECT id, time, kind, actor, request_id, session_id, data FROM audit_events \
+             WHERE time >= $1 AND (time > $2 OR (time = $2 AND id > $3))",
         );
         let mut binds: Vec<&str> = Vec::new();
         for (col, val) in [
             ("actor", &f.actor),
-            ("kind", &f.kind),
             ("request_id", &f.request_id),
             ("session_id", &f.session_id),
         ] {
             if let Some(v) = val {
                 binds.push(v);
-                sql.push_str(&format!(" AND {col} = ${}", binds.len() + 1));
+                sql.push_str(&format!(" AND {col} = ${}", binds.len() + 3));
             }
         }
-        sql.push_str(&format!(" ORDER BY time, id LIMIT ${}", binds.len() + 2));
-        let mut q = sqlx::query(&sql).bind(f.since_ms.unwrap_or(0));
-        for b in binds {
-            q = q.bind(b);
+        if let Some(kind) = &f.kind {
+            binds.push(kind);
+            let n = binds.len() + 3;
+            if crate::audit::STATEMENT_KINDS.contains(&kind.as_str()) {
+                sql.push_str(&format!(
+                    " AND (kind = ${n} OR kind = '{}')",
+                    groups::GROUP_KIND
+                ));
+            } else {
+                sql.push_str(&format!(" AND kind = ${n}"));
+            }
         }
-        let rows = q
-            .bind(if f.limit > 0 { f.limit } else { 1000 })
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(audit_from_row).collect()
+        sql.push_str(&format!(" ORDER BY time, id LIMIT ${}", binds.len() + 4));
+        let key = |e: &AuditRow| (e.time_ms, e.id.clone());
+        let mut found: Vec<AuditRow> = Vec::new();
+        // Pages of rows after `after`; every event sorting before the last
+        // row read is then known (no event sorts before its row).
+        let mut after = (i64::MIN, String::new());
+        loop {
+            let mut q = sqlx::query(&sql)
+                .bind(since.saturating_sub(groups::SPAN_MS))
+                .bind(after.0)
+                .bind(after.1.as_str());
+            for b in &binds {
+                q = q.bind(*b);
+            }
+            let rows = q.bind(limit).fetch_all(&self.pool).await?;
+            let full = rows.len() as i64 == limit;
+            for r in &rows {
+                let row = audit_from_row(r)?;
+                after = key(&row);
+                found.extend(groups::expand(row).into_iter().filter(|e| {
+                    e.time_ms >= since && f.kind.as_ref().is_none_or(|k| *k == e.kind)
+                }));
+            }
+            if !full || found.iter().filter(|e| key(e) <= after).count() as i64 >= limit {
+                break;
+            }
+        }
+        found.sort_by(|a, b| (a.time_ms, &a.id).cmp(&(b.time_ms, &b.id)));
+        found.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        Ok(found)
+    }
+
+    /// Actions taken under request `request_id`: the session events of
+    /// `audit::SESSION_ACTION_KINDS` that name it.
+    pub async fn count_request_actions(&self, request_id: &str) -> Result<i64> {
+        Ok(sqlx::query(
+            "SELECT CAST(COALESCE(SUM(actions), 0) AS BIGINT) FROM audit_events WHERE request_id = $1",
+        )
+        .bind(request_id)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get::<i64, _>(0)?)
     }
 
     /// Walks the audit chain from its first event to its head and reports
@@ -1162,7 +1209,7 @@ impl Store {
         let (mut last_seq, mut prev, mut last_id) = (0i64, String::new(), None::<String>);
         loop {
             let rows = sqlx::query(
-                "SELECT id, time, kind, actor, request_id, session_id, data, seq, hash FROM audit_events \
+                "SELECT id, time, kind, actor, request_id, session_id, data, seq, hash, actions FROM audit_events \
                  WHERE seq > $1 ORDER BY seq LIMIT $2",
             )
             .bind(last_seq)
@@ -1174,6 +1221,7 @@ impl Store {
                 let seq: i64 = r.try_get(7)?;
                 let stored: Option<String> = r.try_get(8)?;
                 let stored = stored.unwrap_or_default();
+                let held = groups::held(&e);
                 if seq != last_seq + 1 {
                     let after = last_id
                         .as_deref()
@@ -1192,8 +1240,20 @@ impl Store {
                         &mut v,
                         format!("event #{seq} ({}) was changed or put in: its hash does not follow the chain", e.id),
                     );
+                } else if e.kind == groups::GROUP_KIND && held.is_none() {
+                    note(
+                        &mut v,
+                        format!("event #{seq} ({}): its session events do not decode", e.id),
+                    );
                 }
-                v.events += 1;
+                // Not in the hash: checked against what the row holds.
+                if r.try_get::<i64, _>(9)? != groups::actions(&e) {
+                    note(
+                        &mut v,
+                        format!("event #{seq} ({}): its count of actions was changed", e.id),
+                    );
+                }
+                v.events += held.map_or(1, |h| h.len() as u64);
                 // Go on from what is stored, so one bad event is one problem.
                 prev = stored;
                 last_seq = seq;
@@ -1370,44 +1430,48 @@ fn push_placeholders(sql: &mut String, backend: Backend, first: usize, n: usize)
 }
 
 /// Inserts audit rows, many per INSERT (statement overhead, not row count,
-/// dominates small inserts).
+/// dominates small inserts), with each session's statement events in a run
+/// stored as one row ([`groups`]).
 pub async fn insert_audit(
     backend: Backend,
     tx: &mut Transaction<'static, Any>,
     rows: &[AuditRow],
 ) -> Result<()> {
     const ROWS_PER_INSERT: usize = 256;
-    // And at most this much text per INSERT (one event is far smaller), so
+    // And at most this much text per INSERT (one row is far smaller), so
     // no batch grows past what a server takes in one statement.
     const BYTES_PER_INSERT: usize = 4 << 20;
+    const COLUMNS: usize = 10;
     if rows.is_empty() {
         return Ok(());
     }
+    let stored = groups::coalesce(rows);
     let mut chain = ChainHead::lock(tx).await?;
-    let mut rest = rows;
+    let mut rest = &stored[..];
     while !rest.is_empty() {
         let mut n = 0;
         let mut bytes = 0;
         while n < rest.len().min(ROWS_PER_INSERT) && (n == 0 || bytes < BYTES_PER_INSERT) {
-            bytes += rest[n].data.len() + 128;
+            bytes += rest[n].row.data.len() + 128;
             n += 1;
         }
         let (chunk, after) = rest.split_at(n);
         rest = after;
         let mut sql = String::from(
-            "INSERT INTO audit_events (seq, hash, id, time, kind, actor, request_id, session_id, data) VALUES ",
+            "INSERT INTO audit_events (seq, hash, id, time, kind, actor, request_id, session_id, data, actions) VALUES ",
         );
         for i in 0..chunk.len() {
             if i > 0 {
                 sql.push_str(", ");
             }
             sql.push('(');
-            push_placeholders(&mut sql, backend, i * 9 + 1, 9);
+            push_placeholders(&mut sql, backend, i * COLUMNS + 1, COLUMNS);
             sql.push(')');
         }
-        let links: Vec<(i64, String)> = chunk.iter().map(|e| chain.append(e)).collect();
+        let links: Vec<(i64, String)> = chunk.iter().map(|s| chain.append(&s.row)).collect();
         let mut q = sqlx::query(&sql);
-        for (e, (seq, hash)) in chunk.iter().zip(&links) {
+        for (s, (seq, hash)) in chunk.iter().zip(&links) {
+            let e = &*s.row;
             q = q
                 .bind(*seq)
                 .bind(hash.as_str())
@@ -1418,7 +1482,8 @@ pub async fn insert_audit(
                 .bind(e.actor.as_deref())
                 .bind(e.request_id.as_deref())
                 .bind(e.session_id.as_deref())
-                .bind(e.data.as_str());
+                .bind(e.data.as_str())
+                .bind(s.actions);
         }
         q.execute(&mut **tx).await?;
     }

@@ -202,21 +202,30 @@ async fn exercise(store: &Store) {
         .await
         .unwrap();
     assert_eq!(stored, batch);
+    // Runs of one session's statements (here: those with the same request)
+    // shared rows.
+    let rows = count(
+        store,
+        "SELECT COUNT(*) FROM audit_events WHERE session_id = 'batch-session'",
+    )
+    .await;
+    assert!(rows < 600, "{rows} rows");
 
     // The audit log is one hash chain: every event above (the refused
     // duplicate user left no gap) checks out, then each kind of tampering
     // is found and placed.
     let v = store.verify_audit(10).await.unwrap();
-    assert_eq!((v.events, v.head_seq), (606, 606), "{v:?}");
+    let head = 6 + rows;
+    assert_eq!((v.events, v.head_seq), (606, head), "{v:?}");
     assert!(v.problems.is_empty(), "{v:?}");
     let mut tx = store.begin().await.unwrap();
     for sql in [
-        "UPDATE audit_events SET data = '{\"event\":\"y\"}' WHERE id = 'a2'",
-        "DELETE FROM audit_events WHERE id = 'f1'",
-        "DELETE FROM audit_events WHERE id = 'b0599'",
-        "INSERT INTO audit_events (id, time, kind, data) VALUES ('forged', 1, 'login_succeeded', '{}')",
+        "UPDATE audit_events SET data = '{\"event\":\"y\"}' WHERE id = 'a2'".to_owned(),
+        "DELETE FROM audit_events WHERE id = 'f1'".to_owned(),
+        format!("DELETE FROM audit_events WHERE seq = {head}"),
+        "INSERT INTO audit_events (id, time, kind, data) VALUES ('forged', 1, 'login_succeeded', '{}')".to_owned(),
     ] {
-        sqlx::query(sql).execute(&mut *tx).await.unwrap();
+        sqlx::query(&sql).execute(&mut *tx).await.unwrap();
     }
     tx.commit().await.unwrap();
     let v = store.verify_audit(10).await.unwrap();
@@ -224,12 +233,137 @@ async fn exercise(store: &Store) {
     assert_eq!(
         v.problems,
         [
-            "events #3..#3 were removed (between event f0 and event f2)",
-            "event #5 (a2) was changed or put in: its hash does not follow the chain",
-            "event forged is not in the chain: inserted",
-            "events #606..#606 were removed from the end",
+            "events #3..#3 were removed (between event f0 and event f2)".to_owned(),
+            "event #5 (a2) was changed or put in: its hash does not follow the chain".to_owned(),
+            "event forged is not in the chain: inserted".to_owned(),
+            format!("events #{head}..#{head} were removed from the end"),
         ]
     );
+}
+
+async fn count(store: &Store, sql: &str) -> i64 {
+    let mut tx = store.begin().await.unwrap();
+    let n: i64 = sqlx::Row::get(&sqlx::query(sql).fetch_one(&mut *tx).await.unwrap(), 0);
+    tx.commit().await.unwrap();
+    n
+}
+
+/// Busy database sessions: their statement events share rows in the
+/// store, and every read sees the events as they were sent. Run after
+/// [`exercise`] (its tampering stays; only what this adds is checked).
+async fn statement_events(store: &Store) {
+    let before = store.verify_audit(100).await.unwrap();
+    let ev = |n: usize, session: &str, kind: &str, time_ms: i64| AuditRow {
+        id: format!("busy-{time_ms}-{n:05}"),
+        time_ms,
+        kind: kind.into(),
+        actor: Some("dana".into()),
+        request_id: Some("req-busy".into()),
+        session_id: Some(session.into()),
+        data: format!(
+            r#"{{"event":"{kind}","session_id":"{session}","statement":"SELECT {n} -- 'é\""}}"#
+        ),
+    };
+    let mut all = Vec::new();
+    for (n, session) in ["busy-1", "busy-2"].into_iter().enumerate() {
+        all.push(ev(n, session, "session_started", 100_000));
+    }
+    for n in 2..3002 {
+        let session = ["busy-1", "busy-2"][n % 2];
+        let kind = ["db_parse", "db_parse", "db_execute", "db_execute"][n % 4];
+        all.push(ev(n, session, kind, 100_000 + (n / 10) as i64));
+    }
+    for (n, session) in ["busy-1", "busy-2"].into_iter().enumerate() {
+        all.push(ev(3002 + n, session, "session_ended", 100_400));
+    }
+    // As the audit writer hands them over: batches, sessions interleaved.
+    for batch in all.chunks(1000) {
+        store.append_audit_batch(batch).await.unwrap();
+    }
+    let rows = count(
+        store,
+        "SELECT COUNT(*) FROM audit_events WHERE session_id LIKE 'busy-%'",
+    )
+    .await;
+    assert!(rows <= 12, "{rows} rows for 3004 events");
+
+    let search = |f: AuditFilter| async move { store.search_audit(&f).await.unwrap() };
+    let of = |session: &str| -> Vec<AuditRow> {
+        all.iter()
+            .filter(|e| e.session_id.as_deref() == Some(session))
+            .cloned()
+            .collect()
+    };
+    let busy1 = search(AuditFilter {
+        session_id: Some("busy-1".into()),
+        limit: 10_000,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(busy1, of("busy-1"), "exactly the events sent, in order");
+    let executes = search(AuditFilter {
+        session_id: Some("busy-2".into()),
+        kind: Some("db_execute".into()),
+        limit: 10_000,
+        ..Default::default()
+    })
+    .await;
+    let want: Vec<AuditRow> = of("busy-2")
+        .into_iter()
+        .filter(|e| e.kind == "db_execute")
+        .collect();
+    assert_eq!((executes.len(), &executes), (750, &want));
+    // From a time inside a row, and fewer than a row holds.
+    let from_mid = search(AuditFilter {
+        session_id: Some("busy-2".into()),
+        since_ms: Some(100_150),
+        limit: 7,
+        ..Default::default()
+    })
+    .await;
+    let want: Vec<AuditRow> = of("busy-2")
+        .into_iter()
+        .filter(|e| e.time_ms >= 100_150)
+        .take(7)
+        .collect();
+    assert_eq!(from_mid, want);
+    let first = search(AuditFilter {
+        request_id: Some("req-busy".into()),
+        limit: 5,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(first, all[..5]);
+
+    // Actions: the session starts and the executes.
+    assert_eq!(
+        store.count_request_actions("req-busy").await.unwrap(),
+        2 + 1500
+    );
+
+    // The chain holds: the events count once each; then a changed count of
+    // actions is found, once per changed row.
+    let v = store.verify_audit(100).await.unwrap();
+    assert_eq!(v.events, before.events + 3004);
+    assert_eq!(v.problem_count, before.problem_count, "{v:?}");
+    let mut tx = store.begin().await.unwrap();
+    let changed = sqlx::query(
+        "UPDATE audit_events SET actions = 0 WHERE kind = 'session_events' AND session_id = 'busy-1' AND actions > 0",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap()
+    .rows_affected();
+    tx.commit().await.unwrap();
+    assert!(changed > 0);
+    let v = store.verify_audit(100).await.unwrap();
+    let found = v
+        .problems
+        .iter()
+        .filter(|p| p.ends_with("its count of actions was changed"));
+    assert_eq!(found.count() as u64, changed, "{v:?}");
+    assert_eq!(v.problem_count, before.problem_count + changed);
+    assert!(store.count_request_actions("req-busy").await.unwrap() < 1502);
 }
 
 /// The change feed the in-memory index follows: each change to a user or
@@ -471,6 +605,7 @@ fn store_on_sqlite() {
     rt().block_on(async {
         let store = Store::open(&Storage::Sqlite, dir.path()).await.unwrap();
         exercise(&store).await;
+        statement_events(&store).await;
         change_feed(&store).await;
         cancel_keys(&store).await;
         recordings(&store).await;
@@ -511,6 +646,7 @@ fn store_on_postgresql() {
         );
         let (a, b) = (a.unwrap(), b.unwrap());
         exercise(&a).await;
+        statement_events(&b).await;
         change_feed(&b).await;
         cancel_keys(&a).await;
         recordings(&b).await;
