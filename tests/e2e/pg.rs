@@ -273,6 +273,66 @@ fn psql_pgbench_driver_and_copy_through_the_tunnel_with_every_statement_audited(
         .json()
         .unwrap();
     assert!(g["actions_taken"].as_i64().unwrap() > 10, "{g}");
+    // pgbench's busy sessions had their statements stored several to a row:
+    // each session still shows every statement it counted, and the actions
+    // taken are exactly the request's action events.
+    let ended = s.events(
+        &s.alice,
+        &[
+            "--user",
+            "alice",
+            "--request",
+            &request_id,
+            "--kind",
+            "session_ended",
+        ],
+    );
+    let mut busiest = 0;
+    for e in &ended {
+        let events = s.events(
+            &s.alice,
+            &[
+                "--session",
+                e["session_id"].as_str().unwrap(),
+                "--limit",
+                "10000",
+            ],
+        );
+        let statements = events
+            .iter()
+            .filter(|e| {
+                ["db_query", "db_execute", "db_function_call"]
+                    .contains(&e["kind"].as_str().unwrap())
+            })
+            .count();
+        assert_eq!(
+            Some(statements as u64),
+            e["data"]["statements"].as_u64(),
+            "{e}"
+        );
+        assert_eq!(events.last().unwrap()["kind"], "session_ended");
+        busiest = busiest.max(statements);
+    }
+    assert!(
+        busiest >= 25 * 7,
+        "pgbench's 25 transactions of 7 statements: {busiest}"
+    );
+    let actions = s
+        .events(
+            &s.alice,
+            &[
+                "--user",
+                "alice",
+                "--request",
+                &request_id,
+                "--limit",
+                "10000",
+            ],
+        )
+        .iter()
+        .filter(|e| wicketd::audit::SESSION_ACTION_KINDS.contains(&e["kind"].as_str().unwrap()))
+        .count();
+    assert_eq!(g["actions_taken"].as_u64(), Some(actions as u64), "{g}");
     drop(s.frank);
     drop(s.pg);
 }
