@@ -8,6 +8,7 @@
 mod common;
 
 use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Instant;
 use wicketd::audit::{AuditEvent, AuditSink, SessionRef};
 use wicketd::config::{AuditSettings, Storage};
@@ -19,14 +20,16 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&Storage::Sqlite, dir.path()).await.unwrap();
         let sink = AuditSink::start(store.clone(), &AuditSettings::default());
-        let sessions: Vec<SessionRef> = (0..8)
-            .map(|i| SessionRef {
+        let sessions: Vec<Arc<SessionRef>> = (0..8)
+            .map(|i| {
+                Arc::new(SessionRef {
                 session_id: format!("0195b3c4-1d2e-7f00-8000-00000000000{i}"),
                 user: "alice".into(),
                 protocol: "postgres".into(),
                 resource: "prod-pg".into(),
                 login: "app".into(),
                 request_ids: vec!["0195b3c4-0000-7000-8000-0000000000aa".into()],
+            })
             })
             .collect();
         let dropped = AtomicU64::new(0);

@@ -75,7 +75,7 @@ pub enum AuditEvent {
     /// A proxied session began; `reason` is the policy's.
     SessionStarted {
         #[serde(flatten)]
-        session: SessionRef,
+        session: Arc<SessionRef>,
         source: String,
         /// Database name (PostgreSQL sessions).
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -84,7 +84,7 @@ pub enum AuditEvent {
     },
     SessionEnded {
         #[serde(flatten)]
-        session: SessionRef,
+        session: Arc<SessionRef>,
         bytes_from_client: u64,
         bytes_to_client: u64,
         /// Statements (PostgreSQL) or exec commands (SSH).
@@ -99,20 +99,20 @@ pub enum AuditEvent {
     /// A simple-protocol Query.
     DbQuery {
         #[serde(flatten)]
-        session: SessionRef,
+        session: Arc<SessionRef>,
         statement: String,
     },
     /// An extended-protocol Parse.
     DbParse {
         #[serde(flatten)]
-        session: SessionRef,
+        session: Arc<SessionRef>,
         name: String,
         statement: String,
     },
     /// An extended-protocol Execute, with what the Bind before it carried.
     DbExecute {
         #[serde(flatten)]
-        session: SessionRef,
+        session: Arc<SessionRef>,
         portal: String,
         statement: String,
         params: usize,
@@ -127,7 +127,7 @@ pub enum AuditEvent {
     /// only with `audit.db_parameter_values`).
     DbFunctionCall {
         #[serde(flatten)]
-        session: SessionRef,
+        session: Arc<SessionRef>,
         function_oid: u32,
         args: usize,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -136,27 +136,27 @@ pub enum AuditEvent {
     /// COPY began (`in`: client to server, `out`: server to client).
     DbCopy {
         #[serde(flatten)]
-        session: SessionRef,
+        session: Arc<SessionRef>,
         direction: String,
         statement: String,
     },
     /// An ErrorResponse from the server.
     DbError {
         #[serde(flatten)]
-        session: SessionRef,
+        session: Arc<SessionRef>,
         code: String,
         message: String,
     },
     /// An SSH exec request.
     SshExec {
         #[serde(flatten)]
-        session: SessionRef,
+        session: Arc<SessionRef>,
         command: String,
     },
     /// An SSH port forward was opened.
     SshPortForward {
         #[serde(flatten)]
-        session: SessionRef,
+        session: Arc<SessionRef>,
         host: String,
         port: u32,
     },
@@ -247,7 +247,7 @@ impl AuditEvent {
             | Self::DbCopy { session, .. }
             | Self::DbError { session, .. }
             | Self::SshExec { session, .. }
-            | Self::SshPortForward { session, .. } => Some(session),
+            | Self::SshPortForward { session, .. } => Some(&**session),
             _ => None,
         }
     }
@@ -483,14 +483,14 @@ mod tests {
 
     fn query(n: usize) -> AuditEvent {
         AuditEvent::DbQuery {
-            session: SessionRef {
+            session: Arc::new(SessionRef {
                 session_id: "s1".into(),
                 user: "alice".into(),
                 protocol: "postgres".into(),
                 resource: "prod-pg".into(),
                 login: "app".into(),
                 request_ids: vec!["r1".into()],
-            },
+            }),
             statement: format!("select {n}"),
         }
     }

@@ -1531,7 +1531,10 @@ impl ChainHead {
 
 /// The hash of event `e` at place `seq` after an event whose hash is
 /// `prev` (empty for the first): SHA-256, hex, over `prev`, a newline and
-/// the event's fields as a JSON array (unambiguous).
+/// the event's fields as a JSON array (unambiguous). A row of session
+/// events ([`groups`]) is long and its data already JSON: the array ends
+/// with the data's length instead, and the data's bytes follow as they are
+/// (no escaping to hash).
 pub fn chain_hash(prev: &str, seq: i64, e: &AuditRow) -> String {
     /// Feeds what serde writes straight into the digest (no copy).
     struct Digest(ring::digest::Context);
@@ -1548,18 +1551,33 @@ pub fn chain_hash(prev: &str, seq: i64, e: &AuditRow) -> String {
     let mut d = Digest(ring::digest::Context::new(&ring::digest::SHA256));
     d.0.update(prev.as_bytes());
     d.0.update(b"\n");
-    let fields = (
-        seq,
-        &e.id,
-        e.time_ms,
-        &e.kind,
-        &e.actor,
-        &e.request_id,
-        &e.session_id,
-        &e.data,
-    );
     // Serializing plain strings and integers into memory cannot fail.
-    let _ = serde_json::to_writer(&mut d, &fields);
+    if e.kind == groups::GROUP_KIND {
+        let fields = (
+            seq,
+            &e.id,
+            e.time_ms,
+            &e.kind,
+            &e.actor,
+            &e.request_id,
+            &e.session_id,
+            e.data.len(),
+        );
+        let _ = serde_json::to_writer(&mut d, &fields);
+        d.0.update(e.data.as_bytes());
+    } else {
+        let fields = (
+            seq,
+            &e.id,
+            e.time_ms,
+            &e.kind,
+            &e.actor,
+            &e.request_id,
+            &e.session_id,
+            &e.data,
+        );
+        let _ = serde_json::to_writer(&mut d, &fields);
+    }
     let mut hex = String::with_capacity(64);
     for b in d.0.finish().as_ref() {
         hex.push(HEX[usize::from(b >> 4)] as char);
@@ -1656,5 +1674,21 @@ mod tests {
             ),
         ];
         assert!(changed.iter().all(|c| *c != h));
+
+        // A row of session events: its data's length, then its bytes.
+        let g = AuditRow {
+            kind: groups::GROUP_KIND.into(),
+            data: r#"{"events":[]}"#.into(),
+            ..e.clone()
+        };
+        let expected: String = ring::digest::digest(
+            &ring::digest::SHA256,
+            b"p\n[1,\"e1\",5,\"session_events\",\"alice\",null,null,13]{\"events\":[]}",
+        )
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+        assert_eq!(chain_hash("p", 1, &g), expected);
     }
 }

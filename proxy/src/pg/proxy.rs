@@ -556,14 +556,14 @@ impl PgProxy {
             request_ids: decided.request_ids.clone(),
             started: now,
         });
-        let sref = SessionRef {
+        let sref = Arc::new(SessionRef {
             session_id: handle.id.clone(),
             user: decided.user.clone(),
             protocol: "postgres".into(),
             resource: resource.name.clone(),
             login: db_user.clone(),
             request_ids: decided.request_ids.clone(),
-        };
+        });
         let sink = &self.wicket.audit_sink;
         sink.send_always(
             AuditEvent::SessionStarted {
@@ -975,7 +975,7 @@ async fn read_startup<R: AsyncRead + Unpin>(
 
 /// What one session has done, shared by its two relay directions.
 struct SessionState {
-    sref: SessionRef,
+    sref: Arc<SessionRef>,
     values: bool,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
@@ -985,7 +985,7 @@ struct SessionState {
 }
 
 impl SessionState {
-    fn new(sref: SessionRef, values: bool) -> Self {
+    fn new(sref: Arc<SessionRef>, values: bool) -> Self {
         Self {
             sref,
             values,

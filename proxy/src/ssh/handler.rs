@@ -97,7 +97,7 @@ struct ChanRec {
 /// One authorized, live session.
 pub(crate) struct Live {
     proxy: Arc<SshProxy>,
-    pub(crate) sref: SessionRef,
+    pub(crate) sref: Arc<SessionRef>,
     node: Resource,
     roles: Vec<String>,
     scoped: Vec<wicket_policy::ScopedRole>,
@@ -519,14 +519,14 @@ impl Conn {
                 return Err(deny(format!("cannot log into node {:?}: {e}", node.name)).await);
             }
         };
-        let sref = SessionRef {
+        let sref = Arc::new(SessionRef {
             session_id,
             user: user.to_owned(),
             protocol: "ssh".into(),
             resource: node.name.clone(),
             login: login.to_owned(),
             request_ids: active,
-        };
+        });
         let started = AuditEvent::SessionStarted {
             session: sref.clone(),
             source: self.peer.ip().to_string(),
