@@ -1149,10 +1149,13 @@ impl Store {
             }
         }
         sql.push_str(&format!(" ORDER BY time, id LIMIT ${}", binds.len() + 4));
-        let key = |e: &AuditRow| (e.time_ms, e.id.clone());
+        let want = usize::try_from(limit).unwrap_or(usize::MAX);
+        // Rows per query: a row of session events can be large.
+        let page = limit.min(256);
         let mut found: Vec<AuditRow> = Vec::new();
-        // Pages of rows after `after`; every event sorting before the last
-        // row read is then known (no event sorts before its row).
+        // Pages of rows after `after`. No event sorts before its row, so
+        // once a page is read every event sorting before its last row is
+        // known; and only the first `limit` found can be in the answer.
         let mut after = (i64::MIN, String::new());
         loop {
             let mut q = sqlx::query(&sql)
@@ -1162,21 +1165,22 @@ impl Store {
             for b in &binds {
                 q = q.bind(*b);
             }
-            let rows = q.bind(limit).fetch_all(&self.pool).await?;
-            let full = rows.len() as i64 == limit;
+            let rows = q.bind(page).fetch_all(&self.pool).await?;
+            let more = rows.len() as i64 == page;
             for r in &rows {
                 let row = audit_from_row(r)?;
-                after = key(&row);
+                after = (row.time_ms, row.id.clone());
                 found.extend(groups::expand(row).into_iter().filter(|e| {
                     e.time_ms >= since && f.kind.as_ref().is_none_or(|k| *k == e.kind)
                 }));
             }
-            if !full || found.iter().filter(|e| key(e) <= after).count() as i64 >= limit {
+            found.sort_by(|a, b| (a.time_ms, &a.id).cmp(&(b.time_ms, &b.id)));
+            found.truncate(want);
+            let known = |e: &AuditRow| (e.time_ms, e.id.as_str()) <= (after.0, after.1.as_str());
+            if !more || (found.len() == want && found.last().is_some_and(known)) {
                 break;
             }
         }
-        found.sort_by(|a, b| (a.time_ms, &a.id).cmp(&(b.time_ms, &b.id)));
-        found.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
         Ok(found)
     }
 

@@ -285,7 +285,7 @@ async fn statement_events(store: &Store) {
         "SELECT COUNT(*) FROM audit_events WHERE session_id LIKE 'busy-%'",
     )
     .await;
-    assert!(rows <= 12, "{rows} rows for 3004 events");
+    assert!(rows <= 20, "{rows} rows for 3004 events");
 
     let search = |f: AuditFilter| async move { store.search_audit(&f).await.unwrap() };
     let of = |session: &str| -> Vec<AuditRow> {

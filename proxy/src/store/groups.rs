@@ -20,9 +20,9 @@ use std::collections::HashMap;
 /// The kind of a row holding a session's statement events.
 pub const GROUP_KIND: &str = "session_events";
 /// Most events in one row.
-const MAX_EVENTS: usize = 1024;
+const MAX_EVENTS: usize = 256;
 /// Most event data in one row, in bytes.
-const MAX_BYTES: usize = 256 << 10;
+const MAX_BYTES: usize = 64 << 10;
 /// Most time between a row's earliest and latest event. A row's time is
 /// its earliest event's, so a search from time T looks at rows from
 /// `T - SPAN_MS` on.
