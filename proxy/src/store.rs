@@ -1555,9 +1555,10 @@ pub fn chain_hash(prev: &str, seq: i64, e: &AuditRow) -> String {
     let mut d = Digest(ring::digest::Context::new(&ring::digest::SHA256));
     d.0.update(prev.as_bytes());
     d.0.update(b"\n");
-    // Serializing plain strings and integers into memory cannot fail.
-    if e.kind == groups::GROUP_KIND {
-        let fields = (
+    /// The fields as a JSON array, ending with `last`. Serializing plain
+    /// strings and integers into memory cannot fail.
+    fn fields(d: &mut Digest, seq: i64, e: &AuditRow, last: impl serde::Serialize) {
+        let all = (
             seq,
             &e.id,
             e.time_ms,
@@ -1565,22 +1566,15 @@ pub fn chain_hash(prev: &str, seq: i64, e: &AuditRow) -> String {
             &e.actor,
             &e.request_id,
             &e.session_id,
-            e.data.len(),
+            last,
         );
-        let _ = serde_json::to_writer(&mut d, &fields);
+        let _ = serde_json::to_writer(d, &all);
+    }
+    if e.kind == groups::GROUP_KIND {
+        fields(&mut d, seq, e, e.data.len());
         d.0.update(e.data.as_bytes());
     } else {
-        let fields = (
-            seq,
-            &e.id,
-            e.time_ms,
-            &e.kind,
-            &e.actor,
-            &e.request_id,
-            &e.session_id,
-            &e.data,
-        );
-        let _ = serde_json::to_writer(&mut d, &fields);
+        fields(&mut d, seq, e, &e.data);
     }
     let mut hex = String::with_capacity(64);
     for b in d.0.finish().as_ref() {
