@@ -1642,15 +1642,14 @@ mod tests {
         };
         // SHA-256 of "\n[1,\"e1\",5,\"login_succeeded\",\"alice\",null,null,\"{}\"]".
         let h = chain_hash("", 1, &e);
-        let expected: String = ring::digest::digest(
-            &ring::digest::SHA256,
-            b"\n[1,\"e1\",5,\"login_succeeded\",\"alice\",null,null,\"{}\"]",
-        )
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-        assert_eq!(h, expected);
+        let sha256 = |input: &[u8]| -> String {
+            let digest = ring::digest::digest(&ring::digest::SHA256, input);
+            digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+        };
+        assert_eq!(
+            h,
+            sha256(b"\n[1,\"e1\",5,\"login_succeeded\",\"alice\",null,null,\"{}\"]")
+        );
         let changed = [
             chain_hash("x", 1, &e),
             chain_hash("", 2, &e),
@@ -1679,14 +1678,9 @@ mod tests {
             data: r#"{"events":[]}"#.into(),
             ..e.clone()
         };
-        let expected: String = ring::digest::digest(
-            &ring::digest::SHA256,
-            b"p\n[1,\"e1\",5,\"session_events\",\"alice\",null,null,13]{\"events\":[]}",
-        )
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-        assert_eq!(chain_hash("p", 1, &g), expected);
+        assert_eq!(
+            chain_hash("p", 1, &g),
+            sha256(b"p\n[1,\"e1\",5,\"session_events\",\"alice\",null,null,13]{\"events\":[]}")
+        );
     }
 }
