@@ -21,7 +21,7 @@ use std::collections::HashMap;
 pub const GROUP_KIND: &str = "session_events";
 /// Most events in one row.
 const MAX_EVENTS: usize = 256;
-/// Most event data in one row, in bytes.
+/// Most bytes of events (data, ID, time, kind and keys) in one row.
 const MAX_BYTES: usize = 64 << 10;
 /// Most time between a row's earliest and latest event. A row's time is
 /// its earliest event's, so a search from time T looks at rows from
@@ -110,7 +110,7 @@ impl<'a> Run<'a> {
     fn new(r: &'a AuditRow, data: &'a RawValue) -> Self {
         Self {
             events: vec![(r, data)],
-            bytes: r.data.len(),
+            bytes: held_size(r),
             earliest: r.time_ms,
             latest: r.time_ms,
         }
@@ -119,15 +119,15 @@ impl<'a> Run<'a> {
     fn accepts(&self, r: &AuditRow) -> bool {
         let first = self.events[0].0;
         self.events.len() < MAX_EVENTS
-            && self.bytes + r.data.len() <= MAX_BYTES
+            && self.bytes + held_size(r) <= MAX_BYTES
             && first.actor == r.actor
             && first.request_id == r.request_id
-            && r.time_ms.max(self.latest) - r.time_ms.min(self.earliest) <= SPAN_MS
+            && within_span(r.time_ms.min(self.earliest), r.time_ms.max(self.latest))
     }
 
     fn push(&mut self, r: &'a AuditRow, data: &'a RawValue) {
         self.events.push((r, data));
-        self.bytes += r.data.len();
+        self.bytes += held_size(r);
         self.earliest = self.earliest.min(r.time_ms);
         self.latest = self.latest.max(r.time_ms);
     }
@@ -177,6 +177,15 @@ impl<'a> Run<'a> {
             actions: count(actions),
         }
     }
+}
+
+/// What `r` adds to a row: its data, ID and kind, and the JSON around them.
+fn held_size(r: &AuditRow) -> usize {
+    r.data.len() + r.id.len() + r.kind.len() + 48
+}
+
+fn within_span(earliest: i64, latest: i64) -> bool {
+    latest.abs_diff(earliest) <= SPAN_MS.unsigned_abs()
 }
 
 fn count(n: usize) -> i64 {
@@ -235,6 +244,27 @@ pub fn held(row: &AuditRow) -> Option<Vec<AuditRow>> {
     )
 }
 
+/// What is wrong with a stored row of session events that `coalesce`
+/// would not have written (`held`: what it holds, if it decodes): search
+/// relies on each event sorting at or after its row and within `SPAN_MS`
+/// of it. `None` for a sound row, and for any other kind of row.
+pub fn check(row: &AuditRow, held: Option<&[AuditRow]>) -> Option<&'static str> {
+    if row.kind != GROUP_KIND {
+        return None;
+    }
+    let Some(held) = held else {
+        return Some("its session events do not decode");
+    };
+    let key = (row.time_ms, row.id.as_str());
+    let sound = held.iter().any(|e| (e.time_ms, e.id.as_str()) == key)
+        && held.iter().all(|e| {
+            (e.time_ms, e.id.as_str()) >= key
+                && within_span(row.time_ms, e.time_ms)
+                && STATEMENT_KINDS.contains(&e.kind.as_str())
+        });
+    (!sound).then_some("its session events are not what the store writes (search would miss some)")
+}
+
 /// The number of actions `row` stands for, as [`coalesce`] counted them:
 /// what `audit verify` checks the stored count against.
 pub fn actions(row: &AuditRow) -> i64 {
@@ -258,9 +288,20 @@ mod tests {
             actor: Some("alice".into()),
             request_id: Some("r1".into()),
             session_id: session.map(str::to_owned),
-            data: format!(r#"{{"event":"{kind}","statement":"select {n} \"q\" é"}}"#),
+            data: format!(
+                r#"{{"event":"{kind}","n":{n},{}}}"#,
+                SHAPES[n % SHAPES.len()]
+            ),
         }
     }
+
+    /// Event data of several shapes: escapes, spaces inside, nesting.
+    const SHAPES: [&str; 4] = [
+        r#""statement":"select \"q\" é""#,
+        r#""statement":"tab\tand \u00e9 and \\ slash""#,
+        r#""params":[1, 2.5e3, null, true],"nested":{"a":{"b":[]}}"#,
+        r#""statement":"  spaced  ""#,
+    ];
 
     fn flatten(stored: &[ToStore<'_>]) -> Vec<AuditRow> {
         stored
@@ -363,26 +404,58 @@ mod tests {
         assert!(held(&row).is_none());
         assert_eq!(expand(row.clone()), vec![row.clone()]);
         assert_eq!(actions(&row), 0);
+        assert_eq!(check(&row, None), Some("its session events do not decode"));
+    }
+
+    #[test]
+    fn a_row_the_store_would_not_write_is_found() {
+        let rows = vec![
+            ev(1, Some("s1"), "db_query", 5),
+            ev(2, Some("s1"), "db_execute", 6),
+        ];
+        let row = coalesce(&rows).remove(0).row.into_owned();
+        assert_eq!(check(&row, Some(&rows)), None);
+        assert_eq!(check(&rows[0], None), None, "not a row of session events");
+        let changed = |f: &dyn Fn(&mut Vec<AuditRow>)| {
+            let mut held = rows.clone();
+            f(&mut held);
+            check(&row, Some(&held))
+        };
+        // An event before its row, past the span, of another kind; a row
+        // keyed by no event it holds.
+        for f in [
+            &|h: &mut Vec<AuditRow>| h[1].time_ms = 4,
+            &|h: &mut Vec<AuditRow>| h[1].time_ms = 6 + SPAN_MS,
+            &|h: &mut Vec<AuditRow>| h[1].kind = "session_ended".into(),
+            &|h: &mut Vec<AuditRow>| h[0].id = "other".into(),
+        ] as [&dyn Fn(&mut Vec<AuditRow>); 4]
+        {
+            assert!(changed(f).is_some());
+        }
     }
 
     proptest! {
-        /// Whatever the mix of sessions, kinds and times: every event is
-        /// stored once and comes back exactly, each session's events keep
-        /// their order, no event sorts before its row, and the action
-        /// counts add up.
+        /// Whatever the mix of sessions, actors, kinds and times: every
+        /// event is stored once and comes back exactly (its actor too),
+        /// each session's events keep their order, no event sorts before
+        /// its row, and the action counts add up.
         #[test]
         fn coalescing_loses_and_reorders_nothing(
-            spec in proptest::collection::vec((0usize..4, 0usize..5, 0i64..3000), 0..300)
+            spec in proptest::collection::vec((0usize..4, 0usize..5, 0i64..3000, any::<bool>()), 0..300)
         ) {
             const KINDS: [&str; 5] = ["db_query", "db_parse", "db_execute", "session_ended", "db_error"];
             const SESSIONS: [Option<&str>; 4] = [Some("s1"), Some("s2"), Some("s3"), None];
             let rows: Vec<AuditRow> = spec
                 .iter()
                 .enumerate()
-                .map(|(n, &(s, k, t))| ev(n, SESSIONS[s], KINDS[k], t))
+                .map(|(n, &(s, k, t, bob))| AuditRow {
+                    actor: Some(if bob { "bob" } else { "alice" }.into()),
+                    ..ev(n, SESSIONS[s], KINDS[k], t)
+                })
                 .collect();
             let stored = coalesce(&rows);
             for s in &stored {
+                prop_assert_eq!(check(&s.row, held(&s.row).as_deref()), None);
                 let events = expand(s.row.clone().into_owned());
                 for e in &events {
                     prop_assert!((s.row.time_ms, &s.row.id) <= (e.time_ms, &e.id));
