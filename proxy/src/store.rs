@@ -1263,7 +1263,7 @@ impl Store {
                 // Not in the hash: checked against what the row holds.
                 match r.try_get::<Option<i64>, _>(9)? {
                     None if e.kind != groups::GROUP_KIND => {}
-                    Some(n) if n == groups::actions(&e) => {}
+                    Some(n) if n == groups::actions(&e, held.as_deref()) => {}
                     _ => note(
                         &mut v,
                         format!("event #{seq} ({}): its count of actions was changed", e.id),
