@@ -1119,7 +1119,6 @@ impl Store {
     pub async fn search_audit(&self, f: &AuditFilter) -> Result<Vec<AuditRow>> {
         let limit = if f.limit > 0 { f.limit } else { 1000 };
         let since = f.since_ms.unwrap_or(i64::MIN);
-        // A row's time is its earliest event's, up to SPAN_MS before the rest.
         // IDs compare byte by byte, as the loop below compares them.
         let id = match self.backend {
             Backend::Sqlite => "id",
@@ -1156,8 +1155,8 @@ impl Store {
         let want = usize::try_from(limit).unwrap_or(usize::MAX);
         // Rows per query: enough that events filtered out after expanding
         // do not cost a query each, few enough that large rows of session
-        // events stay a bounded read.
-        // (Small pages in unit tests, so searches there cross many.)
+        // events stay a bounded read (small in unit tests, so searches
+        // there cross many pages).
         let (least, most) = if cfg!(test) { (3, 9) } else { (64, 256) };
         let page = limit.clamp(least, most);
         let mut found: Vec<AuditRow> = Vec::new();
@@ -1166,6 +1165,8 @@ impl Store {
         // known; and only the first `limit` found can be in the answer.
         let mut after = (i64::MIN, String::new());
         loop {
+            // A row's time is its earliest event's, up to SPAN_MS before
+            // the rest: rows from that much before `since` may hold some.
             let mut q = sqlx::query(&sql)
                 .bind(since.saturating_sub(groups::SPAN_MS))
                 .bind(after.0)

@@ -218,16 +218,16 @@ async fn exercise(store: &Store) {
     let head = 6 + rows;
     assert_eq!((v.events, v.head_seq), (606, head), "{v:?}");
     assert!(v.problems.is_empty(), "{v:?}");
-    let mut tx = store.begin().await.unwrap();
-    for sql in [
-        "UPDATE audit_events SET data = '{\"event\":\"y\"}' WHERE id = 'a2'".to_owned(),
-        "DELETE FROM audit_events WHERE id = 'f1'".to_owned(),
-        format!("DELETE FROM audit_events WHERE seq = {head}"),
-        "INSERT INTO audit_events (id, time, kind, data) VALUES ('forged', 1, 'login_succeeded', '{}')".to_owned(),
-    ] {
-        sqlx::query(&sql).execute(&mut *tx).await.unwrap();
-    }
-    tx.commit().await.unwrap();
+    exec(
+        store,
+        &[
+            "UPDATE audit_events SET data = '{\"event\":\"y\"}' WHERE id = 'a2'",
+            "DELETE FROM audit_events WHERE id = 'f1'",
+            &format!("DELETE FROM audit_events WHERE seq = {head}"),
+            "INSERT INTO audit_events (id, time, kind, data) VALUES ('forged', 1, 'login_succeeded', '{}')",
+        ],
+    )
+    .await;
     let v = store.verify_audit(10).await.unwrap();
     assert_eq!(v.problem_count, 4, "{v:?}");
     assert_eq!(
@@ -239,6 +239,22 @@ async fn exercise(store: &Store) {
             format!("events #{head}..#{head} were removed from the end"),
         ]
     );
+}
+
+/// Runs `statements` by hand (as a tool or an intruder would), in one
+/// transaction; the rows they changed.
+async fn exec(store: &Store, statements: &[&str]) -> u64 {
+    let mut tx = store.begin().await.unwrap();
+    let mut changed = 0;
+    for sql in statements {
+        changed += sqlx::query(sql)
+            .execute(&mut *tx)
+            .await
+            .unwrap()
+            .rows_affected();
+    }
+    tx.commit().await.unwrap();
+    changed
 }
 
 async fn count(store: &Store, sql: &str) -> i64 {
@@ -346,15 +362,11 @@ async fn statement_events(store: &Store) {
     let v = store.verify_audit(100).await.unwrap();
     assert_eq!(v.events, before.events + 3004);
     assert_eq!(v.problem_count, before.problem_count, "{v:?}");
-    let mut tx = store.begin().await.unwrap();
-    let changed = sqlx::query(
-        "UPDATE audit_events SET actions = 0 WHERE kind = 'session_events' AND session_id = 'busy-1' AND actions > 0",
+    let changed = exec(
+        store,
+        &["UPDATE audit_events SET actions = 0 WHERE kind = 'session_events' AND session_id = 'busy-1' AND actions > 0"],
     )
-    .execute(&mut *tx)
-    .await
-    .unwrap()
-    .rows_affected();
-    tx.commit().await.unwrap();
+    .await;
     assert!(changed > 0);
     let v = store.verify_audit(100).await.unwrap();
     let found = v
@@ -368,16 +380,14 @@ async fn statement_events(store: &Store) {
 
     // A row without a count (from before it, or from an older wicketd still
     // running): its kind decides.
-    let mut tx = store.begin().await.unwrap();
-    for (id, kind) in [("older-1", "db_execute"), ("older-2", "db_parse")] {
-        sqlx::query("INSERT INTO audit_events (id, time, kind, request_id, data) VALUES ($1, 1, $2, 'req-busy', '{}')")
-            .bind(id)
-            .bind(kind)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-    }
-    tx.commit().await.unwrap();
+    exec(
+        store,
+        &[
+            "INSERT INTO audit_events (id, time, kind, request_id, data) VALUES ('older-1', 1, 'db_execute', 'req-busy', '{}')",
+            "INSERT INTO audit_events (id, time, kind, request_id, data) VALUES ('older-2', 1, 'db_parse', 'req-busy', '{}')",
+        ],
+    )
+    .await;
     assert_eq!(
         store.count_request_actions("req-busy").await.unwrap(),
         counted + 1
@@ -390,21 +400,22 @@ async fn statement_events(store: &Store) {
 async fn change_feed(store: &Store) {
     let start = store.changes(None).await.unwrap();
     let h0 = start.head;
-    let names = |c: &wicketd::store::Changes| -> (Vec<String>, Vec<String>) {
+    // A read of the feed: its head, and the users and requests it named.
+    let names = |c: &wicketd::store::Changes| -> (i64, Vec<String>, Vec<String>) {
         let mut u: Vec<String> = c.users.iter().map(|(k, _)| k.clone()).collect();
         let mut r: Vec<String> = c.requests.iter().map(|r| r.key.clone()).collect();
         u.sort();
         r.sort();
-        (u, r)
+        (c.head, u, r)
     };
+    let list = |xs: &[&str]| -> Vec<String> { xs.iter().map(|x| (*x).to_owned()).collect() };
     let feed = user("feed", &["dev"], 1);
     store
         .create_user(&feed, &event("feed-e1", "user_created", "feed", 1))
         .await
         .unwrap();
     let c = store.changes(Some(h0)).await.unwrap();
-    assert_eq!(c.head, h0 + 1);
-    assert_eq!(names(&c), (vec!["feed".to_string()], vec![]));
+    assert_eq!(names(&c), (h0 + 1, list(&["feed"]), list(&[])));
     assert_eq!(c.users[0].1.as_ref().unwrap(), &feed);
     let keys = |c: &wicketd::store::Changes| -> Vec<(String, i64)> {
         c.requests.iter().map(|r| (r.key.clone(), r.seq)).collect()
@@ -435,8 +446,8 @@ async fn change_feed(store: &Store) {
     // Started from nothing, the index reads every user and every active
     // request; a revoked one is not among them.
     let all = store.changes(None).await.unwrap();
-    assert!(names(&all).0.contains(&"feed".to_string()));
-    assert!(names(&all).1.contains(&"feed-r1".to_string()));
+    assert!(names(&all).1.contains(&"feed".to_string()));
+    assert!(names(&all).2.contains(&"feed-r1".to_string()));
     let took = store
         .update_request(&req("feed-r1", "revoked"), 1, &[], &[])
         .await
@@ -447,18 +458,12 @@ async fn change_feed(store: &Store) {
         .await
         .unwrap();
     let c = store.changes(Some(h0 + 2)).await.unwrap();
-    assert_eq!(
-        (c.head, names(&c)),
-        (
-            h0 + 4,
-            (vec!["feed".to_string()], vec!["feed-r1".to_string()])
-        )
-    );
+    assert_eq!(names(&c), (h0 + 4, list(&["feed"]), list(&["feed-r1"])));
     assert!(c.users[0].1.as_ref().unwrap().disabled);
     assert_eq!(c.requests[0].row.as_ref().unwrap().state, "revoked");
     assert_eq!(keys(&c), [("feed-r1".to_string(), h0 + 3)]);
     assert!(!names(&store.changes(None).await.unwrap())
-        .1
+        .2
         .contains(&"feed-r1".to_string()));
     // Concurrent writers: every change gets its own number.
     let write = |s: Store, tag: &'static str| async move {
@@ -495,10 +500,7 @@ async fn change_feed(store: &Store) {
         .await
         .unwrap();
     let c = store.changes(Some(h)).await.unwrap();
-    assert_eq!(
-        (c.head, names(&c)),
-        (h + 1, (vec!["feed".to_string()], vec![]))
-    );
+    assert_eq!(names(&c), (h + 1, list(&["feed"]), list(&[])));
     assert!(!c.users[0].1.as_ref().unwrap().disabled);
     sql("UPDATE access_requests SET state = 'active' WHERE id = 'feed-r1'")
         .await
@@ -507,13 +509,7 @@ async fn change_feed(store: &Store) {
         .await
         .unwrap();
     let c = store.changes(Some(h + 1)).await.unwrap();
-    assert_eq!(
-        (c.head, names(&c)),
-        (
-            h + 3,
-            (vec!["byhand".to_string()], vec!["feed-r1".to_string()])
-        )
-    );
+    assert_eq!(names(&c), (h + 3, list(&["byhand"]), list(&["feed-r1"])));
     assert_eq!(keys(&c), [("feed-r1".to_string(), h + 2)]);
     // What changes nothing the index keeps takes no number (a login's TOTP
     // step), and wicketd's own writes take exactly one.
@@ -633,12 +629,11 @@ fn store_on_sqlite() {
         assert!(again.get_user("alice").await.unwrap().is_some());
         // A schema newer than this wicketd knows: it refuses to run (an
         // older wicketd would write without the change feed).
-        let mut tx = again.begin().await.unwrap();
-        sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (999, 0)")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        exec(
+            &again,
+            &["INSERT INTO schema_migrations (version, applied_at) VALUES (999, 0)"],
+        )
+        .await;
         drop(again);
         let err = Store::open(&Storage::Sqlite, dir.path()).await.unwrap_err();
         assert!(
@@ -776,17 +771,17 @@ fn the_grant_index_follows_the_feed_and_starts_over_when_it_goes_back() {
         assert!(w.index.read().user("ben", now).is_none());
         // A restored database: the counter is behind the index, and ann
         // was disabled in it at a number the index has already passed.
-        let mut tx = store.begin().await.unwrap();
         // (The store's trigger stamps the hand-made change; the stamp is
         // then set back with the counter.)
-        for sql in [
-            "UPDATE users SET disabled = 1 WHERE name = 'ann'",
-            "UPDATE users SET change_seq = 1 WHERE name = 'ann'",
-            "UPDATE change_feed SET seq = 1",
-        ] {
-            sqlx::query(sql).execute(&mut *tx).await.unwrap();
-        }
-        tx.commit().await.unwrap();
+        exec(
+            &store,
+            &[
+                "UPDATE users SET disabled = 1 WHERE name = 'ann'",
+                "UPDATE users SET change_seq = 1 WHERE name = 'ann'",
+                "UPDATE change_feed SET seq = 1",
+            ],
+        )
+        .await;
         w.refresh_index(now).await.unwrap();
         assert!(w.index.read().user("ann", now).is_none());
         assert_eq!(w.index.read().seen(), Some(1));
@@ -814,12 +809,11 @@ fn a_corrupt_user_row_leaves_other_users_sessions_alone() {
             })
         };
         let (ann, ben) = (session("ann"), session("ben"));
-        let mut tx = store.begin().await.unwrap();
-        sqlx::query("UPDATE users SET roles = 'not a list' WHERE name = 'ann'")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        exec(
+            &store,
+            &["UPDATE users SET roles = 'not a list' WHERE name = 'ann'"],
+        )
+        .await;
         assert_eq!(w.watch_sessions(now).await, 0, "within the grace");
         let later = now + grace;
         assert_eq!(w.refresh_sessions(later).await, 0);
