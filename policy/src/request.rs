@@ -15,6 +15,7 @@
 //!    └──pending_ttl──▶ expired
 //! ```
 
+use crate::labels::Labels;
 use crate::rules::{ApprovalRule, Requirement, ReviewerSet};
 use crate::{Decision, Policy, ResourceKind, Subject};
 use chrono::{DateTime, Duration, Utc};
@@ -383,12 +384,16 @@ impl<'a> Engine<'a> {
             .fold(self.policy.requests.max_duration, |acc, d| acc.min(d))
     }
 
-    /// The approval rules that apply to `role` for a request on `resources`:
-    /// rules with an environment apply when a named resource matches it;
-    /// otherwise the rules without one. A request that names no resources is
-    /// granted everywhere the role reaches, so it is judged as if it named
-    /// all of those (a role that reaches production needs production's rule
-    /// unless the request is scoped away from it).
+    /// The approval rules that apply to `role` for a request on `resources`,
+    /// resource by resource: a resource's rules are those whose environment
+    /// matches its labels, or the rules without an environment when none
+    /// does; the request needs every rule of every resource it names. A
+    /// request that names no resources is granted everywhere the role
+    /// reaches, so it is judged as if it named all of those (a role that
+    /// reaches production needs production's rule unless the request is
+    /// scoped away from it, and a rule for development cannot waive the
+    /// general rule for the rest). A role that reaches nothing, or a name
+    /// no longer configured, gets the rules without an environment.
     fn rules_for(&self, role: &str, resources: &[String]) -> Vec<&'a ApprovalRule> {
         let reached: Vec<String>;
         let resources = if resources.is_empty() {
@@ -404,33 +409,52 @@ impl<'a> Engine<'a> {
         } else {
             resources
         };
-        let for_role: Vec<&ApprovalRule> = self
+        let for_role: Vec<&'a ApprovalRule> = self
             .policy
             .approval
             .iter()
             .filter(|r| r.roles.iter().any(|x| x == role || x == "*"))
             .collect();
-        let env_match: Vec<&ApprovalRule> = for_role
-            .iter()
-            .copied()
-            .filter(|r| {
-                r.environment.as_ref().is_some_and(|sel| {
-                    resources.iter().any(|name| {
-                        self.policy
-                            .resources
-                            .iter()
-                            .any(|res| &res.name == name && sel.matches(&res.labels))
-                    })
-                })
-            })
-            .collect();
-        if !env_match.is_empty() {
-            return env_match;
+        // Each resource's labels; `None` for a name no longer configured.
+        let mut targets: Vec<Option<&Labels>> = Vec::new();
+        for name in resources {
+            let before = targets.len();
+            targets.extend(
+                self.policy
+                    .resources
+                    .iter()
+                    .filter(|res| &res.name == name)
+                    .map(|res| Some(&res.labels)),
+            );
+            if targets.len() == before {
+                targets.push(None);
+            }
         }
-        for_role
-            .into_iter()
-            .filter(|r| r.environment.is_none())
-            .collect()
+        if targets.is_empty() {
+            targets.push(None);
+        }
+        let mut rules: Vec<&'a ApprovalRule> = Vec::new();
+        for labels in targets {
+            let env = for_role.iter().copied().filter(|r| {
+                r.environment
+                    .as_ref()
+                    .zip(labels)
+                    .is_some_and(|(sel, labels)| sel.matches(labels))
+            });
+            let general = for_role.iter().copied().filter(|r| r.environment.is_none());
+            let mine: Vec<&'a ApprovalRule> = env.collect();
+            let mine = if mine.is_empty() {
+                general.collect()
+            } else {
+                mine
+            };
+            for rule in mine {
+                if !rules.iter().any(|r| std::ptr::eq(*r, rule)) {
+                    rules.push(rule);
+                }
+            }
+        }
+        rules
     }
 
     /// The reviewer sets `actor` belongs to at `now`, for `req`.

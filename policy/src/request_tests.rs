@@ -999,6 +999,62 @@ fn environment_scoped_rules_apply_to_matching_resources() {
     assert_eq!(req.state, State::Active);
 }
 
+/// A rule for one environment settles only the resources in it: where a
+/// role also reaches others, their own rules still apply. (It once replaced
+/// the general rule for the whole request, so a self-approve rule for a
+/// canary node let a request naming nothing through, production included.)
+#[test]
+fn an_environment_rule_does_not_waive_the_rules_of_other_resources() {
+    let mut p = policy();
+    p.resources.push(Resource {
+        kind: ResourceKind::Node,
+        name: "canary-1".into(),
+        address: "127.0.0.1:22".into(),
+        labels: [
+            ("env".to_string(), "prod".to_string()),
+            ("tier".to_string(), "canary".to_string()),
+        ]
+        .into(),
+    });
+    p.approval.push(ApprovalRule {
+        roles: sv(&["prod-ssh"]),
+        environment: Some(sel("tier", "canary")),
+        require: Requirement::SelfApprove,
+        secondary: Vec::new(),
+    });
+    let e = Engine::new(&p);
+    // Scoped to the canary alone: its rule, self-approval.
+    let new = NewRequest {
+        resources: sv(&["canary-1"]),
+        ..nr(&["prod-ssh"])
+    };
+    assert_eq!(alice_requests(&p, new, t0()).state, State::Active);
+    // Naming nothing reaches db-1 too, and naming both names it: db-1's
+    // general rule still needs on-call and the team lead.
+    for resources in [
+        sv(&[]),
+        sv(&["canary-1", "db-1"]),
+        sv(&["db-1", "canary-1"]),
+    ] {
+        let new = NewRequest {
+            resources: resources.clone(),
+            ..nr(&["prod-ssh"])
+        };
+        let req = alice_requests(&p, new, t0());
+        assert_eq!(req.state, State::Pending, "{resources:?}");
+        assert_eq!(
+            e.reviewer_sets(&req).into_iter().collect::<Vec<_>>(),
+            sv(&["oncall:sre", "team_lead"]),
+            "{resources:?}"
+        );
+        forbidden(apply(&p, &req, approve("alice"), t0()));
+        let (req, _) = apply(&p, &req, approve("dave"), t0()).unwrap();
+        assert_eq!(req.state, State::Pending, "{resources:?}");
+        let (req, _) = apply(&p, &req, approve("bob"), t0()).unwrap();
+        assert_eq!(req.state, State::Active, "{resources:?}");
+    }
+}
+
 #[test]
 fn risk_of_a_scoped_request_covers_only_its_resources() {
     let p = policy();

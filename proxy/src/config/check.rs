@@ -1301,7 +1301,7 @@ impl Cx {
         let mut seen = BTreeMap::new();
         for (i, n) in nodes {
             let p = at("resources.nodes", i);
-            self.resource_name(&n.name, &p, i, &mut seen);
+            self.resource_name(&n.name, &p, &mut seen);
             if let Err(e) = check_host_port(&n.address) {
                 self.push(join(&p, "address"), e);
             }
@@ -1327,10 +1327,9 @@ impl Cx {
 
         let dbs: Vec<(usize, DatabaseFile)> =
             self.items(s.remove("databases"), "resources.databases");
-        let mut seen = BTreeMap::new();
         for (i, d) in dbs {
             let p = at("resources.databases", i);
-            self.resource_name(&d.name, &p, i, &mut seen);
+            self.resource_name(&d.name, &p, &mut seen);
             if let Err(e) = check_host_port(&d.address) {
                 self.push(join(&p, "address"), e);
             }
@@ -1350,10 +1349,9 @@ impl Cx {
 
         let kubes: Vec<(usize, KubeClusterFile)> =
             self.items(s.remove("kube_clusters"), "resources.kube_clusters");
-        let mut seen = BTreeMap::new();
         for (i, k) in kubes {
             let p = at("resources.kube_clusters", i);
-            self.resource_name(&k.name, &p, i, &mut seen);
+            self.resource_name(&k.name, &p, &mut seen);
             if let Err(e) = check_https_url(&k.address) {
                 self.push(join(&p, "address"), e);
             }
@@ -1373,7 +1371,9 @@ impl Cx {
         (resources, database_tls, kube_tls)
     }
 
-    fn resource_name(&mut self, name: &str, p: &str, i: usize, seen: &mut BTreeMap<String, usize>) {
+    /// Resource names are one namespace across nodes, databases and
+    /// Kubernetes clusters: requests and grants name resources by name alone.
+    fn resource_name(&mut self, name: &str, p: &str, seen: &mut BTreeMap<String, String>) {
         let np = join(p, "name");
         if !is_object_name(name) {
             self.push(
@@ -1381,14 +1381,16 @@ impl Cx {
                 format!("{name:?} is not a valid resource name ({OBJECT_CHARS})"),
             );
         }
-        let list = p.rsplit_once('[').map_or(p, |(l, _)| l);
         if let Some(first) = seen.get(name) {
             self.push(
                 np,
-                format!("duplicate name {name:?}, also used by {list}[{first}]"),
+                format!(
+                    "duplicate name {name:?}, also used by {first} (nodes, databases and \
+                     kube_clusters share one namespace: requests name resources by name)"
+                ),
             );
         } else {
-            seen.insert(name.to_owned(), i);
+            seen.insert(name.to_owned(), p.to_owned());
         }
     }
 

@@ -594,6 +594,8 @@ resources:
     - { name: web, address: '10.0.0.3:5432' }
     - { name: 'bad name', address: '10.0.0.4:5432' }
     - { name: web, address: '10.0.0.5:5432' }
+  kube_clusters:
+    - { name: web, address: 'https://10.0.0.6:6443' }
 ",
     );
     has(
@@ -606,12 +608,23 @@ resources:
         "resources.databases[1].name",
         "not a valid resource name",
     );
+    // One namespace across kinds: requests name resources by name alone.
+    has(
+        &e,
+        "resources.databases[0].name",
+        "duplicate name \"web\", also used by resources.nodes[0] (nodes, databases and kube_clusters share one namespace",
+    );
     has(
         &e,
         "resources.databases[2].name",
-        "also used by resources.databases[0]",
+        "also used by resources.nodes[0]",
     );
-    assert_eq!(e.problems.len(), 3, "{e}");
+    has(
+        &e,
+        "resources.kube_clusters[0].name",
+        "also used by resources.nodes[0]",
+    );
+    assert_eq!(e.problems.len(), 5, "{e}");
 }
 
 #[test]
