@@ -1228,3 +1228,154 @@ fn a_recording_made_through_one_wicketd_plays_through_another() {
     let played = sec.ok(&["play", &sid, "--format", "text"]).unwrap().stdout;
     assert!(played.contains("shared-42"), "{played}");
 }
+
+/// An SSH client that sends what `ssh` never does: requests on one session
+/// channel in an order of its choosing.
+struct RawClient;
+
+impl russh::client::Handler for RawClient {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        // Only wicketd's host certificate could answer on this loopback port;
+        // `ssh` checks it in the other tests.
+        Ok(true)
+    }
+}
+
+/// Whether the server answered the last request with success (`None`: the
+/// channel closed first).
+async fn reply(ch: &mut russh::Channel<russh::client::Msg>) -> Option<bool> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), ch.wait()).await {
+            Ok(Some(russh::ChannelMsg::Success)) => return Some(true),
+            Ok(Some(russh::ChannelMsg::Failure)) => return Some(false),
+            Ok(Some(_)) => continue,
+            Ok(None) => return None,
+            Err(_) => panic!("no answer to a channel request within 20s"),
+        }
+    }
+}
+
+/// A channel runs one shell, command or subsystem. A second request on it is
+/// refused by wicketd, even after the node refused the first: a refused
+/// `subsystem` (recorded as a marker only, like sftp) followed by `shell`
+/// once ran a shell whose output nobody recorded.
+#[test]
+fn a_channel_runs_one_thing_and_its_recording_follows_it() {
+    let lab = Lab::start();
+    let alice = lab.user("alice", "access");
+    let admin = lab.user("sec", "auditor");
+    let id = lab.grant(&alice, "node-admin", "10m");
+    let cfg = alice.ok(&["config"]).unwrap().stdout;
+    let field = |k: &str| {
+        cfg.lines()
+            .find_map(|l| l.trim().strip_prefix(k))
+            .unwrap_or_else(|| panic!("{k} in {cfg}"))
+            .trim()
+            .to_owned()
+    };
+    let proxy =
+        field("ProxyCommand ").replace("%r@%h:%p", &format!("{}@node-1.wicket:22", lab.login));
+    let key = field("IdentityFile ").trim_matches('"').to_owned();
+    let cert = field("CertificateFile ").trim_matches('"').to_owned();
+    let login = lab.login.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (first, second, output) = rt.block_on(async move {
+        let mut child = tokio::process::Command::new("sh")
+            .args(["-c", &proxy])
+            .env("WICKET_HOME", alice.home.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stream = tokio::io::join(child.stdout.take().unwrap(), child.stdin.take().unwrap());
+        let config = std::sync::Arc::new(russh::client::Config::default());
+        let mut h = russh::client::connect_stream(config, stream, RawClient)
+            .await
+            .unwrap();
+        let key = russh::keys::load_secret_key(&key, None).unwrap();
+        let cert = russh::keys::load_openssh_certificate(&cert).unwrap();
+        let auth = h
+            .authenticate_openssh_cert(login, std::sync::Arc::new(key), cert)
+            .await
+            .unwrap();
+        assert!(auth.success(), "certificate login: {auth:?}");
+        // The node has no such subsystem; the shell after it is refused.
+        let mut ch = h.channel_open_session().await.unwrap();
+        ch.request_subsystem(true, "no-such-subsystem")
+            .await
+            .unwrap();
+        let first = reply(&mut ch).await;
+        ch.request_shell(true).await.unwrap();
+        let second = reply(&mut ch).await;
+        drop(ch);
+        // A new channel runs its command as usual, and it is recorded.
+        let mut ch = h.channel_open_session().await.unwrap();
+        ch.exec(true, "echo recorded-$((6*7))").await.unwrap();
+        let mut output = Vec::new();
+        while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(20), ch.wait()).await {
+            match msg {
+                russh::ChannelMsg::Data { data } => output.extend_from_slice(&data),
+                russh::ChannelMsg::Eof | russh::ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        let _ = h
+            .disconnect(russh::Disconnect::ByApplication, "", "en")
+            .await;
+        let _ = child.wait().await;
+        (first, second, String::from_utf8_lossy(&output).into_owned())
+    });
+    assert_eq!(first, Some(false), "the node has no such subsystem");
+    assert_eq!(
+        second,
+        Some(false),
+        "a second request on the channel is refused"
+    );
+    assert!(output.contains("recorded-42"), "{output:?}");
+    let sid = wait_until("the recording", Duration::from_secs(10), || {
+        let list = admin
+            .ok(&["recordings", "ls", "--request", &id, "--format", "json"])
+            .ok()?
+            .json()
+            .ok()?;
+        Some(list[0]["session_id"].as_str()?.to_owned())
+    })
+    .unwrap();
+    let played = admin
+        .ok(&["play", &sid, "--format", "text"])
+        .unwrap()
+        .stdout;
+    assert!(played.contains("recorded-42"), "{played}");
+    let cast = admin
+        .ok(&["play", &sid, "--format", "cast"])
+        .unwrap()
+        .stdout;
+    let (_, events) = wicket::ssh::parse_cast(&cast).unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.code == "m" && e.data.starts_with("shell refused")),
+        "{cast}"
+    );
+    let denied = admin
+        .ok(&[
+            "audit",
+            "search",
+            "--kind",
+            "access_denied",
+            "--format",
+            "json",
+        ])
+        .unwrap()
+        .stdout;
+    assert!(denied.contains("already asked for a shell"), "{denied}");
+}

@@ -369,6 +369,9 @@ struct Chan {
     replies: Replies,
     rec: Arc<ChanRec>,
     pty: Option<(u32, u32, String)>,
+    /// Whether a shell, exec or subsystem was asked for: a channel runs one
+    /// (RFC 4254 6.5), and how it is recorded follows that one.
+    started: bool,
 }
 
 enum Access {
@@ -643,6 +646,37 @@ impl Conn {
         session.exit_status_request(channel, 1)?;
         session.eof(channel)?;
         session.close(channel)?;
+        Ok(true)
+    }
+
+    /// Refuses a second shell, exec or subsystem on a channel (whether the
+    /// node accepted the first or not), and marks the first. A channel's
+    /// recording mode is set by its first request: a later one, even one the
+    /// node refuses, must not switch the recording of what runs (a refused
+    /// `subsystem` once turned off the recording of the shell after it).
+    async fn refused_second_start(
+        &mut self,
+        channel: ChannelId,
+        what: &str,
+        session: &mut Session,
+    ) -> Result<bool, russh::Error> {
+        let Some(c) = self.channels.get_mut(&channel) else {
+            return Ok(false);
+        };
+        if !std::mem::replace(&mut c.started, true) {
+            return Ok(false);
+        }
+        if let Some(live) = self.live() {
+            let why = "this channel already asked for a shell, command or subsystem".to_owned();
+            live.marker(&format!("{what} refused: {why}"));
+            live.audit(AuditEvent::AccessDenied {
+                user: live.sref.user.clone(),
+                action: format!("ssh.{what}"),
+                reason: why,
+            })
+            .await;
+        }
+        session.channel_failure(channel)?;
         Ok(true)
     }
 
@@ -941,6 +975,7 @@ impl server::Handler for Conn {
                         replies: replies.clone(),
                         rec: rec.clone(),
                         pty: None,
+                        started: false,
                     },
                 );
                 tokio::spawn(run_to_node(rx, up_write));
@@ -1142,6 +1177,9 @@ impl server::Handler for Conn {
         {
             return Ok(());
         }
+        if self.refused_second_start(channel, "shell", session).await? {
+            return Ok(());
+        }
         if let (Some(live), Some(c)) = (self.live(), self.channels.get(&channel)) {
             let (cols, rows, term) = c.pty.clone().unwrap_or((80, 24, String::new()));
             if let Some(r) = live.recorder(cols, rows, (!term.is_empty()).then_some(term.as_str()))
@@ -1162,6 +1200,9 @@ impl server::Handler for Conn {
             .refused_while_draining(channel, "exec", true, session)
             .await?
         {
+            return Ok(());
+        }
+        if self.refused_second_start(channel, "exec", session).await? {
             return Ok(());
         }
         if let (Some(live), Some(c)) = (self.live().cloned(), self.channels.get(&channel)) {
@@ -1193,6 +1234,12 @@ impl server::Handler for Conn {
     ) -> Result<(), Self::Error> {
         if self
             .refused_while_draining(channel, "subsystem", true, session)
+            .await?
+        {
+            return Ok(());
+        }
+        if self
+            .refused_second_start(channel, "subsystem", session)
             .await?
         {
             return Ok(());
