@@ -38,7 +38,7 @@ fn main() {
         for n in 0..events {
             let event = AuditEvent::DbQuery {
                 session: sessions[n % sessions.len()].clone(),
-                statement: format!("SELECT abalance FROM pgbench_accounts WHERE aid = {};", n * 7 % 500_000),
+                statement: format!("SELECT abalance FROM pgbench_accounts WHERE aid = {};", n * 7 % 500_000).into(),
             };
             sink.send(event, base_ms + (n / 20) as i64, &dropped).await;
         }

@@ -100,7 +100,7 @@ pub enum AuditEvent {
     DbQuery {
         #[serde(flatten)]
         session: Arc<SessionRef>,
-        statement: String,
+        statement: Arc<str>,
     },
     /// An extended-protocol Parse.
     DbParse {
@@ -114,7 +114,7 @@ pub enum AuditEvent {
         #[serde(flatten)]
         session: Arc<SessionRef>,
         portal: String,
-        statement: String,
+        statement: Arc<str>,
         params: usize,
         #[serde(skip_serializing_if = "Option::is_none")]
         values: Option<Vec<Option<String>>>,
@@ -138,7 +138,7 @@ pub enum AuditEvent {
         #[serde(flatten)]
         session: Arc<SessionRef>,
         direction: String,
-        statement: String,
+        statement: Arc<str>,
     },
     /// An ErrorResponse from the server.
     DbError {
@@ -491,7 +491,7 @@ mod tests {
                 login: "app".into(),
                 request_ids: vec!["r1".into()],
             }),
-            statement: format!("select {n}"),
+            statement: format!("select {n}").into(),
         }
     }
 

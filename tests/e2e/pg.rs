@@ -1046,6 +1046,58 @@ fn a_message_sent_during_copy_from_stdin_ends_the_session() {
     assert!(ok && out == "2", "{out} {err}");
 }
 
+/// A statement is audited whole or not sent: text longer than wicket audits
+/// (64 KiB) is refused before it reaches PostgreSQL, so nothing can hide
+/// past a cut (`select '<70 KB>'; create table ...` once ran the create with
+/// only the head of the text in the log).
+#[test]
+fn a_statement_too_long_to_audit_whole_is_not_sent() {
+    let s = Setup::start("");
+    s.grant_dba("30m");
+    let t = s.tunnel();
+    let (ok, _, err) = t.sql(&format!(
+        "select '{}'; create table hidden(x int)",
+        "x".repeat(70_000)
+    ));
+    assert!(!ok);
+    assert!(
+        err.contains("longer than the 65536 bytes wicket audits whole") && err.contains("not sent"),
+        "{err}"
+    );
+    let (ok, out, err) = t.sql("select to_regclass('hidden') is null");
+    assert!(ok && out == "t", "the create never ran: {out} {err}");
+    // The extended protocol too.
+    let mut f = RawFrontend::connect(&t);
+    f.tcp
+        .write_all(&RawFrontend::parse(
+            "s1",
+            &format!("SELECT '{}'", "y".repeat(70_000)),
+        ))
+        .unwrap();
+    let (_, errors) = f.read_until(|_| false);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("08P01") && e.contains("a statement to prepare of 70009 bytes")),
+        "{errors:?}"
+    );
+    // Up to the limit, the whole text is audited.
+    let text = format!("select length('{}')", "z".repeat(60_000));
+    let (ok, out, err) = t.sql(&text);
+    assert!(ok && out == "60000", "{out} {err}");
+    wait_until(
+        "the 60 KB query, audited whole",
+        Duration::from_secs(10),
+        || {
+            s.alice_events("db_query")
+                .iter()
+                .any(|q| q["data"]["statement"] == text.as_str())
+                .then_some(())
+        },
+    )
+    .unwrap();
+}
+
 /// The local tunnel serves only the OS user who started it: another user on
 /// the same machine cannot ride the owner's grant through 127.0.0.1.
 #[test]

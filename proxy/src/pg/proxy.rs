@@ -981,7 +981,7 @@ struct SessionState {
     bytes_out: AtomicU64,
     statements: AtomicU64,
     dropped: AtomicU64,
-    last_statement: Mutex<String>,
+    last_statement: Mutex<Arc<str>>,
 }
 
 impl SessionState {
@@ -993,7 +993,7 @@ impl SessionState {
             bytes_out: AtomicU64::new(0),
             statements: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
-            last_statement: Mutex::new(String::new()),
+            last_statement: Mutex::new("".into()),
         }
     }
 
@@ -1109,10 +1109,27 @@ fn backend_inspected(tag: u8) -> bool {
     )
 }
 
-/// Statement text kept per prepared statement and per audit event; longer
-/// text is cut (with a marker), so a client cannot make the proxy hold
-/// `MAX_TRACKED` × `max_message_bytes`.
+/// Longest statement text a Query or Parse may carry: what is audited is
+/// the whole text, so longer ones are refused (never sent), not cut — a cut
+/// text could hide the statements after it. It also bounds what one
+/// session's prepared statements and queued events hold.
 const MAX_AUDIT_TEXT: usize = 64 * 1024;
+
+/// Why a client message cannot be audited whole, if it cannot.
+fn unauditable(f: &Frontend) -> Option<String> {
+    let (what, text) = match f {
+        Frontend::Query(q) => ("query", q),
+        Frontend::Parse { query, .. } => ("statement to prepare", query),
+        _ => return None,
+    };
+    (text.len() > MAX_AUDIT_TEXT).then(|| {
+        format!(
+            "a {what} of {} bytes is longer than the {MAX_AUDIT_TEXT} bytes wicket audits whole; \
+             it was not sent (split it, or send large data with COPY or as bound parameters)",
+            text.len()
+        )
+    })
+}
 
 fn clip(mut s: String) -> String {
     if s.len() > MAX_AUDIT_TEXT {
@@ -1229,6 +1246,10 @@ where
                 Ok(Next::Pass(n)) => at += n,
                 Ok(Next::Whole(_, len)) => {
                     match protocol::parse_frontend(&buf[at..at + len]) {
+                        Ok(f) if unauditable(&f).is_some() => {
+                            violation = unauditable(&f);
+                            break;
+                        }
                         Ok(f) => {
                             terminated |= matches!(f, Frontend::Terminate);
                             parsed.push(f);
@@ -1348,7 +1369,7 @@ async fn audit_frontend(f: Frontend, state: &SessionState, wicket: &Wicket) {
     let sref = || state.sref.clone();
     match f {
         Frontend::Query(q) => {
-            let q = clip(q);
+            let q: Arc<str> = clip(q).into();
             state.statements.fetch_add(1, Ordering::Relaxed);
             *lock(&state.last_statement) = q.clone();
             state
@@ -1375,7 +1396,7 @@ async fn audit_frontend(f: Frontend, state: &SessionState, wicket: &Wicket) {
         }
         Frontend::FunctionCall { oid, args } => {
             state.statements.fetch_add(1, Ordering::Relaxed);
-            *lock(&state.last_statement) = format!("function call (OID {oid})");
+            *lock(&state.last_statement) = format!("function call (OID {oid})").into();
             let values = state.values.then(|| param_texts(&args));
             state
                 .audit(

@@ -63,6 +63,19 @@ pub enum Sent {
 }
 
 impl Sent {
+    /// Bytes of text and values it holds while unanswered.
+    fn weight(&self) -> usize {
+        match self {
+            Sent::Parse { text, .. } => text.len(),
+            Sent::Bind { values, .. } => values
+                .iter()
+                .flatten()
+                .map(|v| v.as_ref().map_or(0, String::len))
+                .sum(),
+            _ => 0,
+        }
+    }
+
     /// Answered by ReadyForQuery (and not skipped by an error before it).
     fn ends_cycle(&self) -> bool {
         matches!(self, Sent::Sync | Sent::Query | Sent::FunctionCall)
@@ -97,7 +110,8 @@ impl Sent {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Executed {
     pub portal: String,
-    pub statement: String,
+    /// Shared with the portal it ran: repeated Executes hold one copy.
+    pub statement: Arc<str>,
     pub params: usize,
     pub values: Option<Vec<Option<String>>>,
     pub answered: bool,
@@ -131,6 +145,8 @@ pub struct Tracker {
     statements: Weighed<Arc<str>>,
     portals: Weighed<BoundPortal>,
     pending: VecDeque<Sent>,
+    /// Bytes of text and values in `pending`.
+    pending_bytes: usize,
     /// How many statements, portals and unanswered messages are kept.
     limit: usize,
     /// An error made the server skip to the next Sync, which is not sent
@@ -225,6 +241,7 @@ impl Tracker {
             statements: Weighed::new(),
             portals: Weighed::new(),
             pending: VecDeque::new(),
+            pending_bytes: 0,
             limit,
             skipping: false,
             front_reported: false,
@@ -232,10 +249,11 @@ impl Tracker {
         }
     }
 
-    /// Too many unanswered messages: the proxy stops reading the client until
-    /// the server catches up.
+    /// Too many unanswered messages, or too many bytes of their text and
+    /// values: the proxy stops reading the client until the server catches
+    /// up (a client that does not read its answers cannot make it hold more).
     pub fn is_full(&self) -> bool {
-        self.pending.len() >= self.limit
+        self.pending.len() >= self.limit || self.pending_bytes >= MAX_HELD_BYTES
     }
 
     /// A client message, in wire order.
@@ -267,6 +285,7 @@ impl Tracker {
         if s == Sent::CopyEnd && self.pending.is_empty() {
             return Ok(());
         }
+        self.pending_bytes += s.weight();
         self.pending.push_back(s);
         Ok(())
     }
@@ -280,6 +299,9 @@ impl Tracker {
     fn pop(&mut self) -> Option<Sent> {
         self.front_reported = false;
         let front = self.pending.pop_front();
+        self.pending_bytes = self
+            .pending_bytes
+            .saturating_sub(front.as_ref().map_or(0, Sent::weight));
         while self.front_is(|s| *s == Sent::CopyEnd) {
             self.pending.pop_front();
         }
@@ -417,6 +439,7 @@ impl Tracker {
     /// before them succeeded.
     pub fn unanswered(&mut self) -> Vec<Executed> {
         let mut out = Vec::new();
+        self.pending_bytes = 0;
         let mut reported = self.front_reported;
         while let Some(s) = self.pending.pop_front() {
             match s {
@@ -490,15 +513,16 @@ impl Tracker {
     /// refused the Execute (no such portal).
     fn executed(&self, portal: String, ok: bool) -> Executed {
         let (statement, params, values) = match self.portals.get(portal.as_str()) {
-            Some((text, params, values)) => (text.to_string(), *params, values.clone()),
+            Some((text, params, values)) => (text.clone(), *params, values.clone()),
             None if ok => (
                 format!(
                     "(portal {portal:?} not known to wicket: beyond what one session may track)"
-                ),
+                )
+                .into(),
                 0,
                 None,
             ),
-            None => (String::new(), 0, None),
+            None => ("".into(), 0, None),
         };
         Executed {
             portal,
@@ -585,7 +609,7 @@ mod tests {
     fn answer(t: &mut Tracker, tags: &[u8]) -> Vec<String> {
         tags.iter()
             .filter_map(|&tag| t.received(tag, b'I').unwrap())
-            .map(|e| e.statement)
+            .map(|e| e.statement.to_string())
             .collect()
     }
 
@@ -866,7 +890,7 @@ mod tests {
         assert_eq!(answer(&mut t, b"12C"), vec!["UPDATE ledger SET x = 1"]);
         let left = t.unanswered();
         assert_eq!(left.len(), 1);
-        assert_eq!(left[0].statement, "DELETE FROM ledger");
+        assert_eq!(&*left[0].statement, "DELETE FROM ledger");
         assert!(!left[0].answered);
         assert!(t.pending.is_empty());
         // A COPY already reported is not reported again.
@@ -876,6 +900,28 @@ mod tests {
         execute(&mut t, "");
         answer(&mut t, b"12G");
         assert!(t.unanswered().is_empty());
+    }
+
+    /// A client that sends without reading its answers fills the queue by
+    /// bytes long before by count; answers empty it again.
+    #[test]
+    fn unanswered_text_is_bounded_by_bytes() {
+        let mut t = Tracker::new(10_000);
+        let big = "x".repeat(1 << 20);
+        let mut sent = 0;
+        while !t.is_full() {
+            parse(&mut t, &format!("s{sent}"), &big);
+            sent += 1;
+            assert!(sent <= 40, "never full");
+        }
+        assert_eq!(sent, MAX_HELD_BYTES >> 20);
+        t.sent(Sent::Sync).unwrap();
+        let mut answers = vec![b'1'; sent];
+        answers.push(b'Z');
+        answer(&mut t, &answers);
+        assert!(!t.is_full());
+        assert!(t.pending.is_empty());
+        assert_eq!(t.pending_bytes, 0);
     }
 
     #[test]
@@ -1040,12 +1086,12 @@ mod tests {
                 }
                 if deliver {
                     while let Some(a) = answers.pop_front() {
-                        reported.extend(t.received(a, b'I').unwrap().map(|e| e.statement));
+                        reported.extend(t.received(a, b'I').unwrap().map(|e| e.statement.to_string()));
                     }
                 }
             }
             while let Some(a) = answers.pop_front() {
-                reported.extend(t.received(a, b'I').unwrap().map(|e| e.statement));
+                reported.extend(t.received(a, b'I').unwrap().map(|e| e.statement.to_string()));
             }
             // Every run Execute of a bound portal reports its statement; a
             // failed lookup (nothing bound) reports empty text.
