@@ -392,20 +392,25 @@ impl Wicket {
                 e => request_error(e),
             });
         }
+        // Codes are guessable one by one: wrong ones count with failed
+        // logins, and too many refuse the next try unchecked.
+        let source = caller.source.to_string();
+        self.refuse_when_rate_limited(&user.name, &source, now)
+            .await?;
         new.mfa_verified =
             match crate::auth::verify_totp(&secret, body.otp.expose(), now.timestamp()) {
                 Some(step) => self.store.consume_totp_step(&user.name, step).await?,
                 None => false,
             };
         if !new.mfa_verified {
-            return Err(self
-                .deny_audited(
-                    &user.name,
-                    "break-glass",
-                    "invalid or already used OTP code".into(),
-                    now,
-                )
-                .await);
+            let reason = "invalid or already used OTP code".to_owned();
+            let event = AuditEvent::AccessDenied {
+                user: user.name.clone(),
+                action: "break-glass".into(),
+                reason: reason.clone(),
+            };
+            self.record_failure(&user.name, &source, event, now).await?;
+            return Err(Error::Forbidden(reason));
         }
         self.create(&user, new, "break-glass", now).await
     }

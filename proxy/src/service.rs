@@ -184,43 +184,20 @@ impl Wicket {
         }
         let keys = parse_client_keys(&req.ssh_public_key, &req.tls_csr_pem)?;
         let src = source.to_string();
-        let limits = &self.config.auth;
-        let window_start = now - limits.failure_window;
-        let (by_user, by_source) = self
-            .store
-            .login_failures_since(&req.user, &src, window_start.timestamp_millis())
-            .await?;
-        if by_user >= i64::from(limits.max_failures_per_user)
-            || by_source >= i64::from(limits.max_failures_per_source)
-        {
-            let oldest = self
-                .store
-                .oldest_failure_since(&req.user, &src, window_start.timestamp_millis())
-                .await?
-                .unwrap_or(now.timestamp_millis());
-            let retry = ((oldest + limits.failure_window.num_milliseconds()
-                - now.timestamp_millis())
-                / 1000)
-                .max(1) as u64;
-            self.audit(
-                AuditEvent::LoginRateLimited {
-                    user: req.user.clone(),
-                    source: src,
-                    retry_after_secs: retry,
-                },
-                now,
-            )
-            .await?;
-            return Err(Error::RateLimited {
-                retry_after_secs: retry,
-            });
-        }
+        self.refuse_when_rate_limited(&req.user, &src, now).await?;
 
         let user = self.store.get_user(&req.user).await?;
-        let password_ok = auth::verify_password(
-            req.password.expose(),
-            user.as_ref().and_then(|u| u.password_hash.as_deref()),
-        );
+        // argon2id takes tens of milliseconds of CPU: off the async workers,
+        // which also run session enforcement.
+        let password_ok = {
+            let password = req.password.clone();
+            let hash = user.as_ref().and_then(|u| u.password_hash.clone());
+            tokio::task::spawn_blocking(move || {
+                auth::verify_password(password.expose(), hash.as_deref())
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("password check: {e}")))?
+        };
         let failure = match (&user, password_ok) {
             (None, _) => Some("unknown user"),
             (Some(_), false) => Some("wrong password"),
@@ -251,16 +228,7 @@ impl Wicket {
                     source: src.clone(),
                     reason: reason.into(),
                 };
-                tracing::info!(kind = event.kind(), actor = event.actor(), "audit");
-                self.store
-                    .record_login_failure(
-                        &req.user,
-                        &src,
-                        now.timestamp_millis(),
-                        (now - limits.failure_window * 4).timestamp_millis(),
-                        &event.to_row(now.timestamp_millis()),
-                    )
-                    .await?;
+                self.record_failure(&req.user, &src, event, now).await?;
                 // The client learns only what it must: OTP problems are named
                 // (the password was right), everything else is one message.
                 return Err(Error::Unauthenticated(match reason {
@@ -292,6 +260,69 @@ impl Wicket {
             now,
         )
         .await
+    }
+
+    /// Refuses (and audits) a second-factor or password check for `user`
+    /// from `source` when either has failed too often within
+    /// `auth.failure_window`: logins and break-glass codes share the count.
+    pub(crate) async fn refuse_when_rate_limited(
+        &self,
+        user: &str,
+        source: &str,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let limits = &self.config.auth;
+        let window_start = now - limits.failure_window;
+        let (by_user, by_source) = self
+            .store
+            .login_failures_since(user, source, window_start.timestamp_millis())
+            .await?;
+        if by_user < i64::from(limits.max_failures_per_user)
+            && by_source < i64::from(limits.max_failures_per_source)
+        {
+            return Ok(());
+        }
+        let oldest = self
+            .store
+            .oldest_failure_since(user, source, window_start.timestamp_millis())
+            .await?
+            .unwrap_or(now.timestamp_millis());
+        let retry = ((oldest + limits.failure_window.num_milliseconds() - now.timestamp_millis())
+            / 1000)
+            .max(1) as u64;
+        self.audit(
+            AuditEvent::LoginRateLimited {
+                user: user.to_owned(),
+                source: source.to_owned(),
+                retry_after_secs: retry,
+            },
+            now,
+        )
+        .await?;
+        Err(Error::RateLimited {
+            retry_after_secs: retry,
+        })
+    }
+
+    /// Records a failed second-factor or password check with its audit event
+    /// (counted by [`Self::refuse_when_rate_limited`]).
+    pub(crate) async fn record_failure(
+        &self,
+        user: &str,
+        source: &str,
+        event: AuditEvent,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        tracing::info!(kind = event.kind(), actor = event.actor(), "audit");
+        self.store
+            .record_login_failure(
+                user,
+                source,
+                now.timestamp_millis(),
+                (now - self.config.auth.failure_window * 4).timestamp_millis(),
+                &event.to_row(now.timestamp_millis()),
+            )
+            .await
     }
 
     /// New certificates for new keys, authenticated by the current client

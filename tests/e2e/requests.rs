@@ -555,6 +555,96 @@ fn timers_escalate_expire_schedule_and_survive_restart() {
     );
 }
 
+/// Break-glass codes cannot be guessed one by one: a wrong code counts as a
+/// failed login (per user and per source), and after
+/// `auth.max_failures_per_user` of them even the right code is refused
+/// unchecked, as is the password login, until the window passes.
+#[test]
+fn wrong_break_glass_codes_are_rate_limited_with_logins() {
+    let d = Wicketd::builder()
+        .config(config("1h", "30m"))
+        .start()
+        .unwrap();
+    let uri = d.add_user("gail", "sre", PW, true).unwrap().unwrap();
+    let secret = uri
+        .split("secret=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
+    let key = wicketd::auth::base32_decode(secret).unwrap();
+    let code_at = |offset: i64| {
+        let now = chrono::Utc::now().timestamp() + offset;
+        format!("{:06}", wicketd::auth::hotp(&key, (now / 30) as u64))
+    };
+    let gail = WicketCli::new().unwrap();
+    assert!(
+        gail.login(&d, "gail", PW, &["--otp", &code_at(0)])
+            .unwrap()
+            .ok
+    );
+    let try_code = |code: &str| {
+        gail.run(
+            &[
+                "break-glass",
+                "--roles",
+                "kube-admin",
+                "--reason",
+                "SEV1",
+                "--otp",
+                code,
+            ],
+            "",
+        )
+        .unwrap()
+    };
+    // Codes of an hour ago: wrong now.
+    for i in 0..5 {
+        let out = try_code(&code_at(-3600 - 30 * i));
+        assert!(
+            !out.ok && out.stderr.contains("invalid or already used OTP code"),
+            "try {i}: {}",
+            out.stderr
+        );
+    }
+    let out = try_code(&code_at(30));
+    assert!(
+        !out.ok && out.stderr.contains("too many failed attempts"),
+        "the right code after five wrong ones: {}",
+        out.stderr
+    );
+    let again = WicketCli::new().unwrap();
+    let out = again
+        .login(&d, "gail", PW, &["--otp", &code_at(60)])
+        .unwrap();
+    assert!(
+        !out.ok && out.stderr.contains("too many failed attempts"),
+        "{}",
+        out.stderr
+    );
+    // Each wrong code is on the record.
+    let frank = {
+        d.add_user("frank", "security-admin", PW, false).unwrap();
+        WicketCli::logged_in(&d, "frank", PW).unwrap()
+    };
+    let denied = frank
+        .ok(&[
+            "audit",
+            "search",
+            "--user",
+            "gail",
+            "--kind",
+            "access_denied",
+            "--format",
+            "json",
+        ])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(denied.as_array().unwrap().len(), 5, "{denied}");
+}
+
 #[test]
 fn break_glass_needs_fresh_totp_and_notifies_security() {
     let d = Wicketd::builder()
