@@ -130,10 +130,30 @@ async fn ssh_proxy_addr(p: &Profile, info: &ProfileInfo, refresh: bool) -> Resul
     Ok(addr)
 }
 
+/// Whether `s` is a non-empty run of `[A-Za-z0-9._@:\[\]-]` (names and
+/// host:port addresses): nothing ssh_config or a shell would read as syntax.
+fn config_safe(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._@:[]-".contains(&b))
+}
+
 /// The ssh_config block for the current profile.
 pub fn ssh_config_text(p: &Profile, info: &ProfileInfo, ssh_proxy: &str) -> Result<String> {
     let exe = std::env::current_exe().context("locating the wicket binary")?;
     let cluster = &info.cluster_name;
+    // These come from the server: checked before they go into a file ssh
+    // reads (a newline would add directives such as ProxyCommand).
+    for (what, value) in [
+        ("cluster name", cluster),
+        ("user name", &info.user),
+        ("SSH proxy address", &ssh_proxy.to_owned()),
+    ] {
+        if !config_safe(value) {
+            bail!("wicketd sent a {what} that cannot go into an ssh_config: {value:?}");
+        }
+    }
     Ok(format!(
         "# Wicket cluster {cluster:?} via {proxy} as {user} (written by `wicket config`)\n\
          Host *.{cluster}\n\
@@ -486,6 +506,24 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_names_go_into_an_ssh_config() {
+        for ok in ["wicket", "alice", "a.b@c", "127.0.0.1:3022", "[::1]:3022"] {
+            assert!(config_safe(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "x\n    ProxyCommand sh",
+            "a b",
+            "$(id)",
+            "a;b",
+            "x\"y",
+            "a`b`",
+        ] {
+            assert!(!config_safe(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn plain_text_strips_escapes() {
