@@ -366,6 +366,23 @@ impl Drop for Wicketd {
 }
 
 /// Runs `cmd` with `input` on stdin.
+/// The TOTP code of the `otpauth://` URI `wicketd users add --totp`
+/// printed, for the time step `offset_secs` from now.
+pub fn totp_code(uri: &str, offset_secs: i64) -> Result<String> {
+    let secret = uri
+        .split("secret=")
+        .nth(1)
+        .and_then(|s| s.split('&').next())
+        .ok_or_else(|| anyhow!("no secret in {uri:?}"))?;
+    let key =
+        wicketd::auth::base32_decode(secret).ok_or_else(|| anyhow!("bad secret in {uri:?}"))?;
+    let now = wicketd::clock::now().timestamp() + offset_secs;
+    Ok(format!(
+        "{:06}",
+        wicketd::auth::hotp(&key, (now / 30) as u64)
+    ))
+}
+
 pub fn pipe_stdin(cmd: &mut Command, input: &str) -> Result<Output> {
     let mut child = cmd
         .stdin(Stdio::piped())

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use wicket_e2e::harness_util::run;
-use wicket_e2e::harness_wicket::{wicketd_cmd, WicketCli, Wicketd};
+use wicket_e2e::harness_wicket::{totp_code, wicketd_cmd, WicketCli, Wicketd};
 
 const PASSWORD: &str = "correct horse battery staple";
 
@@ -356,16 +356,7 @@ fn totp_is_required_checked_and_single_use() {
         uri.starts_with("otpauth://totp/wicket:dave?secret="),
         "{uri}"
     );
-    let secret = uri
-        .split("secret=")
-        .nth(1)
-        .unwrap()
-        .split('&')
-        .next()
-        .unwrap();
-    let key = wicketd::auth::base32_decode(secret).unwrap();
-    let now = chrono::Utc::now().timestamp();
-    let code = format!("{:06}", wicketd::auth::hotp(&key, (now / 30) as u64));
+    let code = totp_code(&uri, 0).unwrap();
     let cli = WicketCli::new().unwrap();
     let missing = cli.login(&d, "dave", PASSWORD, &[]).unwrap();
     assert!(

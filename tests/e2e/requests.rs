@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 use wicket_e2e::harness_util::{run, wait_until};
-use wicket_e2e::harness_wicket::{WicketCli, Wicketd};
+use wicket_e2e::harness_wicket::{totp_code, WicketCli, Wicketd};
 
 const PW: &str = "correct horse battery staple";
 
@@ -566,18 +566,7 @@ fn wrong_break_glass_codes_are_rate_limited_with_logins() {
         .start()
         .unwrap();
     let uri = d.add_user("gail", "sre", PW, true).unwrap().unwrap();
-    let secret = uri
-        .split("secret=")
-        .nth(1)
-        .unwrap()
-        .split('&')
-        .next()
-        .unwrap();
-    let key = wicketd::auth::base32_decode(secret).unwrap();
-    let code_at = |offset: i64| {
-        let now = chrono::Utc::now().timestamp() + offset;
-        format!("{:06}", wicketd::auth::hotp(&key, (now / 30) as u64))
-    };
+    let code_at = |offset: i64| totp_code(&uri, offset).unwrap();
     let gail = WicketCli::new().unwrap();
     assert!(
         gail.login(&d, "gail", PW, &["--otp", &code_at(0)])
@@ -653,18 +642,7 @@ fn break_glass_needs_fresh_totp_and_notifies_security() {
         .unwrap();
     let uri = d.add_user("gail", "sre", PW, true).unwrap().unwrap();
     d.add_user("frank", "security-admin", PW, false).unwrap();
-    let secret = uri
-        .split("secret=")
-        .nth(1)
-        .unwrap()
-        .split('&')
-        .next()
-        .unwrap();
-    let key = wicketd::auth::base32_decode(secret).unwrap();
-    let code_at = |offset: i64| {
-        let now = chrono::Utc::now().timestamp() + offset;
-        format!("{:06}", wicketd::auth::hotp(&key, (now / 30) as u64))
-    };
+    let code_at = |offset: i64| totp_code(&uri, offset).unwrap();
     let gail = WicketCli::new().unwrap();
     let out = gail.login(&d, "gail", PW, &["--otp", &code_at(0)]).unwrap();
     assert!(out.ok, "{}", out.stderr);
