@@ -146,9 +146,9 @@ pub fn ssh_config_text(p: &Profile, info: &ProfileInfo, ssh_proxy: &str) -> Resu
     // These come from the server: checked before they go into a file ssh
     // reads (a newline would add directives such as ProxyCommand).
     for (what, value) in [
-        ("cluster name", cluster),
-        ("user name", &info.user),
-        ("SSH proxy address", &ssh_proxy.to_owned()),
+        ("cluster name", cluster.as_str()),
+        ("user name", info.user.as_str()),
+        ("SSH proxy address", ssh_proxy),
     ] {
         if !config_safe(value) {
             bail!("wicketd sent a {what} that cannot go into an ssh_config: {value:?}");

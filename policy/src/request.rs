@@ -415,43 +415,50 @@ impl<'a> Engine<'a> {
             .iter()
             .filter(|r| r.roles.iter().any(|x| x == role || x == "*"))
             .collect();
-        // Each resource's labels; `None` for a name no longer configured.
-        let mut targets: Vec<Option<&Labels>> = Vec::new();
-        for name in resources {
-            let before = targets.len();
-            targets.extend(
-                self.policy
-                    .resources
-                    .iter()
-                    .filter(|res| &res.name == name)
-                    .map(|res| Some(&res.labels)),
-            );
-            if targets.len() == before {
-                targets.push(None);
+        // One resource's rules (`None`: a name no longer configured).
+        let rules_of = |labels: Option<&Labels>| -> Vec<&'a ApprovalRule> {
+            let env: Vec<&'a ApprovalRule> = for_role
+                .iter()
+                .copied()
+                .filter(|r| {
+                    r.environment
+                        .as_ref()
+                        .zip(labels)
+                        .is_some_and(|(sel, labels)| sel.matches(labels))
+                })
+                .collect();
+            if !env.is_empty() {
+                return env;
             }
-        }
-        if targets.is_empty() {
-            targets.push(None);
-        }
+            for_role
+                .iter()
+                .copied()
+                .filter(|r| r.environment.is_none())
+                .collect()
+        };
         let mut rules: Vec<&'a ApprovalRule> = Vec::new();
-        for labels in targets {
-            let env = for_role.iter().copied().filter(|r| {
-                r.environment
-                    .as_ref()
-                    .zip(labels)
-                    .is_some_and(|(sel, labels)| sel.matches(labels))
-            });
-            let general = for_role.iter().copied().filter(|r| r.environment.is_none());
-            let mine: Vec<&'a ApprovalRule> = env.collect();
-            let mine = if mine.is_empty() {
-                general.collect()
-            } else {
-                mine
-            };
-            for rule in mine {
+        let mut add = |found: Vec<&'a ApprovalRule>| {
+            for rule in found {
                 if !rules.iter().any(|r| std::ptr::eq(*r, rule)) {
                     rules.push(rule);
                 }
+            }
+        };
+        if resources.is_empty() {
+            add(rules_of(None));
+        }
+        for name in resources {
+            let mut configured = self
+                .policy
+                .resources
+                .iter()
+                .filter(|res| &res.name == name)
+                .peekable();
+            if configured.peek().is_none() {
+                add(rules_of(None));
+            }
+            for res in configured {
+                add(rules_of(Some(&res.labels)));
             }
         }
         rules

@@ -140,6 +140,20 @@ impl Lab {
     }
 }
 
+/// `wicket recordings ls --request ID` as `cli` sees it, once it lists one
+/// (a recording is listed when its session has ended).
+fn recordings_of(cli: &WicketCli, id: &str) -> Value {
+    wait_until("the recording", Duration::from_secs(20), || {
+        let v = cli
+            .ok(&["recordings", "ls", "--request", id, "--format", "json"])
+            .ok()?
+            .json()
+            .ok()?;
+        (!v.as_array()?.is_empty()).then_some(v)
+    })
+    .unwrap()
+}
+
 /// When the grant of request `id` ends, as `wicket request show` says.
 fn expires_at(cli: &WicketCli, id: &str) -> chrono::DateTime<chrono::FixedOffset> {
     let g = cli
@@ -509,11 +523,7 @@ fn interactive_session_is_cut_within_a_second_of_revoke_and_recorded() {
     .unwrap();
     assert!(t.text().contains(&id), "{}", t.text());
     // The recording replays what was typed and printed.
-    let list = admin
-        .ok(&["recordings", "ls", "--request", &id, "--format", "json"])
-        .unwrap()
-        .json()
-        .unwrap();
+    let list = recordings_of(&admin, &id);
     let sid = list[0]["session_id"].as_str().unwrap().to_owned();
     assert_eq!(list[0]["user"], "alice");
     let played = admin
@@ -863,15 +873,7 @@ fn window_resize_reaches_the_node_and_the_recording() {
     size_is(30, 100);
     tmux(&["send-keys", "-t", "w", "exit", "Enter"]);
     // The recording has the resize.
-    let list = wait_until("the recording", Duration::from_secs(20), || {
-        let v = alice
-            .ok(&["recordings", "ls", "--request", &id, "--format", "json"])
-            .unwrap()
-            .json()
-            .unwrap();
-        (!v.as_array().unwrap().is_empty()).then_some(v)
-    })
-    .unwrap();
+    let list = recordings_of(&alice, &id);
     let sid = list[0]["session_id"].as_str().unwrap().to_owned();
     let cast = wait_until(
         "the resize in the recording",
@@ -1341,15 +1343,10 @@ fn a_channel_runs_one_thing_and_its_recording_follows_it() {
         "a second request on the channel is refused"
     );
     assert!(output.contains("recorded-42"), "{output:?}");
-    let sid = wait_until("the recording", Duration::from_secs(10), || {
-        let list = admin
-            .ok(&["recordings", "ls", "--request", &id, "--format", "json"])
-            .ok()?
-            .json()
-            .ok()?;
-        Some(list[0]["session_id"].as_str()?.to_owned())
-    })
-    .unwrap();
+    let sid = recordings_of(&admin, &id)[0]["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let played = admin
         .ok(&["play", &sid, "--format", "text"])
         .unwrap()

@@ -1131,6 +1131,9 @@ fn unauditable(f: &Frontend) -> Option<String> {
     })
 }
 
+/// A parameter value's audited text, cut at [`MAX_AUDIT_TEXT`] with a
+/// marker (statement text is never cut: longer statements are refused by
+/// [`unauditable`] before they are sent or audited).
 fn clip(mut s: String) -> String {
     if s.len() > MAX_AUDIT_TEXT {
         let mut end = MAX_AUDIT_TEXT;
@@ -1246,11 +1249,11 @@ where
                 Ok(Next::Pass(n)) => at += n,
                 Ok(Next::Whole(_, len)) => {
                     match protocol::parse_frontend(&buf[at..at + len]) {
-                        Ok(f) if unauditable(&f).is_some() => {
-                            violation = unauditable(&f);
-                            break;
-                        }
                         Ok(f) => {
+                            if let Some(why) = unauditable(&f) {
+                                violation = Some(why);
+                                break;
+                            }
                             terminated |= matches!(f, Frontend::Terminate);
                             parsed.push(f);
                         }
@@ -1335,7 +1338,7 @@ fn tracked(f: &Frontend, with_values: bool) -> Option<Sent> {
         Frontend::Query(_) => Sent::Query,
         Frontend::Parse { name, query, .. } => Sent::Parse {
             name: name.clone(),
-            text: clip(query.clone()),
+            text: query.clone(),
         },
         Frontend::Bind {
             portal,
@@ -1369,7 +1372,7 @@ async fn audit_frontend(f: Frontend, state: &SessionState, wicket: &Wicket) {
     let sref = || state.sref.clone();
     match f {
         Frontend::Query(q) => {
-            let q: Arc<str> = clip(q).into();
+            let q: Arc<str> = q.into();
             state.statements.fetch_add(1, Ordering::Relaxed);
             *lock(&state.last_statement) = q.clone();
             state
@@ -1389,7 +1392,7 @@ async fn audit_frontend(f: Frontend, state: &SessionState, wicket: &Wicket) {
                     AuditEvent::DbParse {
                         session: sref(),
                         name,
-                        statement: clip(query),
+                        statement: query,
                     },
                 )
                 .await;
