@@ -51,6 +51,7 @@ fn main() {
         user: "alice".into(),
         roles: vec!["dev".into(), "dba".into()],
         request_ids: vec!["4f1c2b9e-1d2f-4e3a-9b8c-7d6e5f4a3b2c".into()],
+        login_until: Some(1_700_028_800),
     };
     let principals = vec!["alice".to_string(), "root".to_string()];
     let validity = Validity::new(1_700_000_000, 1_700_028_800).unwrap();

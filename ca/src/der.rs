@@ -170,6 +170,27 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(content).map_err(|_| DerError("invalid UTF-8"))
     }
 
+    /// Reads a non-negative INTEGER that fits in 63 bits (minimal DER only).
+    pub fn read_u63(&mut self) -> Result<i64, DerError> {
+        let content = self.read(TAG_INTEGER)?;
+        let (first, rest) = content.split_first().ok_or(DerError("empty INTEGER"))?;
+        if first & 0x80 != 0 {
+            return Err(DerError("negative INTEGER"));
+        }
+        if *first == 0 && rest.first().is_some_and(|b| b & 0x80 == 0) {
+            return Err(DerError("INTEGER not minimally encoded"));
+        }
+        let magnitude = if *first == 0 && !rest.is_empty() {
+            rest
+        } else {
+            content
+        };
+        if magnitude.len() > 8 || (magnitude.len() == 8 && magnitude[0] & 0x80 != 0) {
+            return Err(DerError("INTEGER too large"));
+        }
+        Ok(magnitude.iter().fold(0i64, |n, b| (n << 8) | i64::from(*b)))
+    }
+
     /// Reads a SEQUENCE OF UTF8String.
     pub fn read_utf8_seq(&mut self) -> Result<Vec<String>, DerError> {
         let mut inner = Reader::new(self.read(TAG_SEQUENCE)?);
@@ -219,7 +240,30 @@ mod tests {
             .is_err());
     }
 
+    #[test]
+    fn small_integers_read_back_only_when_minimal_and_in_range() {
+        let read = |bytes: &[u8]| Reader::new(bytes).read_u63();
+        assert_eq!(read(&[0x02, 0x01, 0x00]).unwrap(), 0);
+        assert_eq!(read(&[0x02, 0x02, 0x00, 0x80]).unwrap(), 128);
+        assert!(read(&[0x02, 0x02, 0x00, 0x7f]).is_err(), "not minimal");
+        assert!(read(&[0x02, 0x01, 0x80]).is_err(), "negative");
+        assert!(read(&[0x02, 0x00]).is_err(), "empty");
+        assert!(
+            read(&[0x02, 0x09, 0x00, 0x80, 0, 0, 0, 0, 0, 0, 0]).is_err(),
+            "over 63 bits"
+        );
+    }
+
     proptest! {
+        #[test]
+        fn u63_round_trips(n in 0i64..=i64::MAX) {
+            let mut out = Vec::new();
+            write_unsigned_integer(&mut out, &n.to_be_bytes());
+            let mut r = Reader::new(&out);
+            prop_assert_eq!(r.read_u63().unwrap(), n);
+            prop_assert!(r.is_empty());
+        }
+
         #[test]
         fn reader_never_panics(data in proptest::collection::vec(any::<u8>(), 0..64)) {
             let mut r = Reader::new(&data);

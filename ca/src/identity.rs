@@ -17,14 +17,21 @@ pub const IDENTITY_OID: &str = "2.25.318658675482869317005080761674720289767.1";
 pub(crate) const SSH_EXT_USER: &str = "wicket-user@wicket.dev";
 pub(crate) const SSH_EXT_ROLES: &str = "wicket-roles@wicket.dev";
 pub(crate) const SSH_EXT_REQUESTS: &str = "wicket-requests@wicket.dev";
+pub(crate) const SSH_EXT_LOGIN_UNTIL: &str = "wicket-login-until@wicket.dev";
 
 /// Who a certificate speaks for: the Wicket user, the roles in force (standing
-/// plus granted) and the access-request IDs whose grants it carries.
+/// plus granted), the access-request IDs whose grants it carries, and when
+/// the password login it descends from ends.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Identity {
     pub user: String,
     pub roles: Vec<String>,
     pub request_ids: Vec<String>,
+    /// The end (Unix seconds) of the password login this certificate was
+    /// issued under: certificates reissued from it carry it on unchanged, so
+    /// holding a certificate never extends a login. `None` in certificates
+    /// made before this field existed, and in the proxy's own upstream ones.
+    pub login_until: Option<i64>,
 }
 
 fn valid_token(s: &str) -> bool {
@@ -43,6 +50,11 @@ impl Identity {
                 self.user
             )));
         }
+        if self.login_until.is_some_and(|t| t < 0) {
+            return Err(Error::InvalidRequest(
+                "login end must not be before 1970".into(),
+            ));
+        }
         for r in self.roles.iter().chain(&self.request_ids) {
             if !valid_token(r) {
                 return Err(Error::InvalidRequest(format!(
@@ -53,7 +65,8 @@ impl Identity {
         Ok(())
     }
 
-    /// DER: SEQUENCE { user UTF8String, roles SEQUENCE OF UTF8String, requests SEQUENCE OF UTF8String }
+    /// DER: SEQUENCE { user UTF8String, roles SEQUENCE OF UTF8String,
+    /// requests SEQUENCE OF UTF8String, loginUntil INTEGER OPTIONAL }
     pub(crate) fn to_der(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
         der::write_nested(&mut out, der::TAG_SEQUENCE, |seq| {
@@ -64,6 +77,9 @@ impl Identity {
                         der::write_tlv(inner, der::TAG_UTF8_STRING, item.as_bytes());
                     }
                 });
+            }
+            if let Some(t) = self.login_until {
+                der::write_unsigned_integer(seq, &t.to_be_bytes());
             }
         });
         out
@@ -83,6 +99,11 @@ impl Identity {
             user: seq.read_utf8().map_err(bad)?.to_owned(),
             roles: seq.read_utf8_seq().map_err(bad)?,
             request_ids: seq.read_utf8_seq().map_err(bad)?,
+            login_until: if seq.is_empty() {
+                None
+            } else {
+                Some(seq.read_u63().map_err(bad)?)
+            },
         };
         if !seq.is_empty() {
             return Err(Error::MalformedCertificate(
@@ -110,6 +131,7 @@ mod tests {
             user: "alice".into(),
             roles: vec!["dba,root".into()],
             request_ids: vec![],
+            login_until: None,
         };
         assert!(id.validate().is_err());
         let id = Identity {
@@ -117,14 +139,40 @@ mod tests {
             ..Default::default()
         };
         assert!(id.validate().is_err());
+        let id = Identity {
+            user: "alice".into(),
+            login_until: Some(-1),
+            ..Default::default()
+        };
+        assert!(id.validate().is_err());
+    }
+
+    #[test]
+    fn an_identity_without_a_login_end_still_reads() {
+        // What certificates issued before `login_until` existed carry.
+        let old = Identity {
+            user: "alice".into(),
+            roles: vec!["dev".into()],
+            request_ids: vec!["r-1".into()],
+            login_until: None,
+        };
+        assert_eq!(Identity::from_der(&old.to_der()).unwrap(), old);
+        let new = Identity {
+            login_until: Some(1_800_000_000),
+            ..old.clone()
+        };
+        let der = new.to_der();
+        assert!(der.len() > old.to_der().len());
+        assert_eq!(Identity::from_der(&der).unwrap(), new);
     }
 
     proptest! {
         #[test]
         fn der_round_trips(user in "[a-z][a-z0-9._-]{0,20}",
                            roles in proptest::collection::vec("[a-z][a-z0-9-]{0,12}", 0..5),
-                           reqs in proptest::collection::vec("[0-9a-f-]{1,36}", 0..4)) {
-            let id = Identity { user, roles, request_ids: reqs };
+                           reqs in proptest::collection::vec("[0-9a-f-]{1,36}", 0..4),
+                           login_until in proptest::option::of(0i64..=i64::MAX)) {
+            let id = Identity { user, roles, request_ids: reqs, login_until };
             prop_assert_eq!(Identity::from_der(&id.to_der()).unwrap(), id);
         }
 

@@ -4,7 +4,7 @@
 //! Encoding is done here, in one pass into a pre-sized buffer, because issuance
 //! is on the login hot path; parsing for verification goes through `ssh-key`.
 
-use crate::identity::{SSH_EXT_REQUESTS, SSH_EXT_ROLES, SSH_EXT_USER};
+use crate::identity::{SSH_EXT_LOGIN_UNTIL, SSH_EXT_REQUESTS, SSH_EXT_ROLES, SSH_EXT_USER};
 use crate::{Error, Identity, Result, Validity};
 use base64ct::{Base64, Base64Unpadded, Encoding};
 use ring::rand::SecureRandom;
@@ -300,6 +300,7 @@ fn write_extensions(out: &mut Vec<u8>, req: &SshCertificateRequest<'_>) {
     let p = req.permissions;
     let joined_roles;
     let joined_reqs;
+    let login_until;
     let mut entries: Vec<(&str, Option<&str>)> = Vec::with_capacity(8);
     if p.x11_forwarding {
         entries.push(("permit-X11-forwarding", None));
@@ -322,6 +323,10 @@ fn write_extensions(out: &mut Vec<u8>, req: &SshCertificateRequest<'_>) {
         entries.push((SSH_EXT_REQUESTS, Some(&joined_reqs)));
         entries.push((SSH_EXT_ROLES, Some(&joined_roles)));
         entries.push((SSH_EXT_USER, Some(&id.user)));
+        if let Some(t) = id.login_until {
+            login_until = t.to_string();
+            entries.push((SSH_EXT_LOGIN_UNTIL, Some(&login_until)));
+        }
     }
     entries.sort_by(|a, b| a.0.cmp(b.0));
     let len_at = out.len();
@@ -363,6 +368,17 @@ pub fn identity_from_extensions(
         user: user.clone(),
         roles: split(SSH_EXT_ROLES),
         request_ids: split(SSH_EXT_REQUESTS),
+        login_until: match ext.get(SSH_EXT_LOGIN_UNTIL) {
+            None => None,
+            Some(t) => Some(
+                t.parse::<i64>()
+                    .ok()
+                    .filter(|n| n.to_string() == *t)
+                    .ok_or_else(|| {
+                        Error::MalformedCertificate(format!("{SSH_EXT_LOGIN_UNTIL}: {t:?}"))
+                    })?,
+            ),
+        },
     };
     id.validate()?;
     Ok(Some(id))
@@ -549,6 +565,7 @@ mod tests {
             user: "alice".into(),
             roles: vec!["dev".into(), "dba".into()],
             request_ids: vec!["r-1".into()],
+            login_until: Some(1_900),
         };
         ca.issue(
             &SshCertificateRequest {
@@ -591,6 +608,7 @@ mod tests {
         let id = v.identity.unwrap();
         assert_eq!(id.roles, vec!["dev", "dba"]);
         assert_eq!(id.request_ids, vec!["r-1"]);
+        assert_eq!(id.login_until, Some(1_900));
         assert_eq!(v.subject_key, key);
         assert_eq!(v.ca_fingerprint, ca.fingerprint());
     }
@@ -661,5 +679,20 @@ mod tests {
         assert!(SshPublicKey::parse_openssh("ssh-ed25519 AAAA").is_err());
         assert!(SshPublicKey::parse_openssh("not a key").is_err());
         assert!(SshPublicKey::from_blob(vec![0, 0, 0, 11]).is_err());
+    }
+
+    #[test]
+    fn a_login_end_that_is_not_a_plain_number_is_rejected() {
+        let ext = |t: &str| {
+            std::collections::BTreeMap::from([
+                (SSH_EXT_USER.to_owned(), "alice".to_owned()),
+                (SSH_EXT_LOGIN_UNTIL.to_owned(), t.to_owned()),
+            ])
+        };
+        let id = identity_from_extensions(&ext("1900")).unwrap().unwrap();
+        assert_eq!(id.login_until, Some(1_900));
+        for bad in ["", "01900", "+1900", "-5", "19e2", "1900 "] {
+            assert!(identity_from_extensions(&ext(bad)).is_err(), "{bad:?}");
+        }
     }
 }

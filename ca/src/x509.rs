@@ -653,6 +653,7 @@ mod tests {
             user: "alice".into(),
             roles: vec!["dev".into()],
             request_ids: vec!["req-1".into(), "req-2".into()],
+            login_until: Some(1_700_003_000),
         };
         let cert = ca
             .issue_client(

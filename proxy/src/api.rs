@@ -149,11 +149,19 @@ impl<S: Send + Sync> FromRequestParts<S> for Authenticated {
                 let id = cert.identity.as_ref().ok_or_else(|| {
                     Error::Unauthenticated("client certificate carries no Wicket identity".into())
                 })?;
-                Ok(Authenticated(Caller {
-                    user: id.user.clone(),
-                    request_ids: id.request_ids.clone(),
-                    source: conn.peer.ip(),
-                }))
+                // The handshake checked the certificate's window; a kept-alive
+                // connection must not outlive it.
+                if cert.validity.not_after <= crate::clock::now().timestamp() {
+                    return Err(Error::Unauthenticated(
+                        "client certificate expired during this connection; run `wicket login`"
+                            .into(),
+                    ));
+                }
+                Ok(Authenticated(Caller::of_certificate(
+                    id,
+                    cert.validity.not_after,
+                    conn.peer.ip(),
+                )))
             }
         }
     }
@@ -456,5 +464,60 @@ mod tests {
             doc["openapi"].as_str().unwrap().split('.').next(),
             Some("3")
         );
+    }
+    /// The caller a request on a connection with `client` is taken for.
+    async fn caller_on(
+        client: Option<Result<VerifiedClientCert, String>>,
+    ) -> Result<Caller, Error> {
+        let (mut parts, ()) = axum::http::Request::new(()).into_parts();
+        parts.extensions.insert(ConnInfo {
+            peer: "127.0.0.1:4000".parse().unwrap(),
+            client,
+        });
+        Authenticated::from_request_parts(&mut parts, &())
+            .await
+            .map(|a| a.0)
+    }
+
+    fn cert(not_after: i64, login_until: Option<i64>) -> VerifiedClientCert {
+        VerifiedClientCert {
+            common_name: "ann".into(),
+            identity: Some(wicket_ca::Identity {
+                user: "ann".into(),
+                roles: vec![],
+                request_ids: vec!["r-1".into()],
+                login_until,
+            }),
+            serial_hex: "01".into(),
+            validity: wicket_ca::Validity::new(0, not_after).unwrap(),
+            ca_pin: "sha256:x".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_certificate_is_checked_on_every_request_of_a_connection() {
+        let now = crate::clock::now().timestamp();
+        let caller = caller_on(Some(Ok(cert(now + 600, Some(now + 60)))))
+            .await
+            .unwrap();
+        assert_eq!(caller.user, "ann");
+        assert_eq!(caller.request_ids, ["r-1"]);
+        assert_eq!(caller.login_until, now + 60);
+        // A certificate from before identities carried the login's end
+        // stands for a login that ends with it.
+        let caller = caller_on(Some(Ok(cert(now + 600, None)))).await.unwrap();
+        assert_eq!(caller.login_until, now + 600);
+        // Expired since the connection's handshake.
+        let e = caller_on(Some(Ok(cert(now - 1, Some(now - 1)))))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::Unauthenticated(m) if m.contains("expired")),
+            "{e:?}"
+        );
+        assert!(matches!(
+            caller_on(None).await,
+            Err(Error::Unauthenticated(_))
+        ));
     }
 }

@@ -99,6 +99,23 @@ pub struct Caller {
     pub user: String,
     pub request_ids: Vec<String>,
     pub source: IpAddr,
+    /// When the password login behind the certificate ends (Unix seconds):
+    /// no certificate is reissued from it after that.
+    pub login_until: i64,
+}
+
+impl Caller {
+    /// The caller a verified certificate with `identity`, valid until
+    /// `not_after`, speaks for. A certificate made before identities carried
+    /// the login's end stands for a login that ends with it.
+    pub fn of_certificate(identity: &Identity, not_after: i64, source: IpAddr) -> Self {
+        Caller {
+            user: identity.user.clone(),
+            request_ids: identity.request_ids.clone(),
+            source,
+            login_until: identity.login_until.unwrap_or(not_after),
+        }
+    }
 }
 
 const MAX_USER_LEN: usize = 64;
@@ -254,6 +271,7 @@ impl Wicket {
             Vec::new(),
             Vec::new(),
             window,
+            window.not_after,
             &keys,
             method,
             &src,
@@ -326,7 +344,10 @@ impl Wicket {
     }
 
     /// New certificates for new keys, authenticated by the current client
-    /// certificate (never the password again).
+    /// certificate (never the password again), within the password login it
+    /// was issued under: a certificate without grants ends when that login
+    /// does, and none is issued after it ended (a certificate for grants is
+    /// valid for the grants' window, which may run past it).
     pub async fn reissue(
         &self,
         caller: &Caller,
@@ -334,6 +355,13 @@ impl Wicket {
         now: DateTime<Utc>,
     ) -> Result<Certificates> {
         let keys = parse_client_keys(&req.ssh_public_key, &req.tls_csr_pem)?;
+        if caller.login_until <= now.timestamp() {
+            let ended = DateTime::<Utc>::from_timestamp(caller.login_until, 0).unwrap_or_default();
+            return Err(Error::Unauthenticated(format!(
+                "the login behind this certificate ended at {}; run `wicket login`",
+                ended.to_rfc3339()
+            )));
+        }
         let user = self.active_user(caller).await?;
         let mut ids = req.request_ids.clone();
         ids.sort();
@@ -346,9 +374,12 @@ impl Wicket {
                 .map(|g| (&g.granted_roles[..], &g.resources[..])),
         );
         // A certificate for grants is valid exactly for their common window;
-        // without grants, for the login TTL.
+        // without grants, for what is left of the login.
         let window = if grants.is_empty() {
-            Validity::new(now.timestamp(), (now + self.config.login_ttl).timestamp())?
+            let end = (now + self.config.login_ttl)
+                .timestamp()
+                .min(caller.login_until);
+            Validity::new(now.timestamp(), end)?
         } else {
             let start = grants
                 .iter()
@@ -370,6 +401,7 @@ impl Wicket {
             scoped,
             ids,
             window,
+            caller.login_until,
             &keys,
             "certificate",
             &caller.source.to_string(),
@@ -401,6 +433,7 @@ impl Wicket {
         scoped: Vec<ScopedRole>,
         request_ids: Vec<String>,
         window: Validity,
+        login_until: i64,
         keys: &ClientKeys,
         method: &str,
         source: &str,
@@ -418,6 +451,7 @@ impl Wicket {
             user: user.to_owned(),
             roles: role_names(&roles, &scoped),
             request_ids: request_ids.clone(),
+            login_until: Some(login_until),
         };
         let key_id = if request_ids.is_empty() {
             format!("user={user}")

@@ -39,6 +39,7 @@ fn ssh_keygen_shows_principals_window_and_extensions() {
         user: "alice".into(),
         roles: vec!["dev".into(), "dba".into()],
         request_ids: vec!["0b6c1f4e-req".into()],
+        login_until: Some(1_795_262_400),
     };
     // 2026-11-21T10:00:00Z .. 2026-11-21T12:00:00Z
     let validity = Validity::new(1_795_255_200, 1_795_262_400).unwrap();
@@ -95,6 +96,10 @@ fn ssh_keygen_shows_principals_window_and_extensions() {
     assert!(!listing.contains("permit-agent-forwarding"), "{listing}");
     assert!(listing.contains("wicket-user@wicket.dev"), "{listing}");
     assert!(
+        listing.contains("wicket-login-until@wicket.dev"),
+        "{listing}"
+    );
+    assert!(
         listing.contains(&format!("Signing CA: ED25519 {}", ca.fingerprint())),
         "{listing}"
     );
@@ -127,6 +132,7 @@ fn openssl_accepts_client_certificate_with_exact_window() {
         user: "alice".into(),
         roles: vec!["dev".into()],
         request_ids: vec!["r1".into()],
+        login_until: Some(1_795_262_400),
     };
     let validity = Validity::new(1_795_255_200, 1_795_262_400).unwrap();
     let cert = keys

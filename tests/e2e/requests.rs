@@ -168,6 +168,7 @@ fn prod_ssh_needs_oncall_and_team_lead_then_certificates_match_the_grant() {
     assert_eq!((expires - starts).num_seconds(), 7200);
 
     // Certificates for the grant: exact window, standing + granted roles.
+    let login_until = ts(&t.cli("alice").status().unwrap()["valid_before"]);
     t.cli("alice").ok(&["login", "--request-id", &id]).unwrap();
     let st = t.cli("alice").status().unwrap();
     assert_eq!(st["request_ids"], serde_json::json!([id]));
@@ -214,6 +215,11 @@ fn prod_ssh_needs_oncall_and_team_lead_then_certificates_match_the_grant() {
     let st = t.cli("alice").status().unwrap();
     assert_eq!(st["request_ids"], serde_json::json!([]));
     assert_eq!(st["principals"], serde_json::json!(["alice"]));
+    assert_eq!(
+        ts(&st["valid_before"]),
+        login_until,
+        "reissued certificates end with the password login, however often renewed"
+    );
     let g = t.show("alice", &id);
     assert_eq!(g["status"], "expired");
     assert!(g["end_reason"].as_str().unwrap().contains("dropped"));

@@ -826,3 +826,56 @@ fn a_corrupt_user_row_leaves_other_users_sessions_alone() {
         assert!(matches!(*ben.signal.borrow(), Signal::Run));
     });
 }
+
+/// Holding a certificate never extends a password login: a certificate
+/// reissued without grants ends when the login it descends from does (the
+/// end travels inside each certificate), and none is reissued after it.
+#[test]
+fn reissued_certificates_stay_within_the_login() {
+    use wicket_api::ReissueRequest;
+    use wicketd::service::Caller;
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (w, _store, now) = wicket_with_ann_and_ben(dir.path()).await;
+        let source = std::net::IpAddr::from([127, 0, 0, 1]);
+        let login_until = now.timestamp() + 3600;
+        let keys = wicket::keys::generate("ann@test").unwrap();
+        let req = || ReissueRequest {
+            ssh_public_key: keys.ssh_public_openssh.clone(),
+            tls_csr_pem: keys.tls_csr_pem.clone(),
+            request_ids: Vec::new(),
+        };
+        let ann = Caller {
+            user: "ann".into(),
+            request_ids: Vec::new(),
+            source,
+            login_until,
+        };
+        assert!(w.config.login_ttl.num_seconds() > 3600);
+        let certs = w.reissue(&ann, req(), now).await.unwrap();
+        assert_eq!(certs.valid_before.timestamp(), login_until);
+
+        // The new certificate carries the same end, so renewing it half an
+        // hour later ends at the same time again.
+        let der = wicket_ca::pem_decode_all("CERTIFICATE", &certs.tls_certificate_pem).unwrap();
+        let later = now + chrono::Duration::minutes(30);
+        let cert = w
+            .trusted_tls
+            .verify_client(&der[0], later.timestamp())
+            .unwrap();
+        let identity = cert.identity.unwrap();
+        assert_eq!(identity.login_until, Some(login_until));
+        let ann = Caller::of_certificate(&identity, cert.validity.not_after, source);
+        let certs = w.reissue(&ann, req(), later).await.unwrap();
+        assert_eq!(certs.valid_before.timestamp(), login_until);
+        assert_eq!(certs.valid_after.timestamp(), later.timestamp());
+
+        // At the login's end: nothing more, and the reason says what to do.
+        let ended = chrono::DateTime::from_timestamp(login_until, 0).unwrap();
+        let e = w.reissue(&ann, req(), ended).await.unwrap_err();
+        assert!(
+            matches!(&e, wicketd::error::Error::Unauthenticated(m) if m.contains("wicket login")),
+            "{e:?}"
+        );
+    });
+}

@@ -282,12 +282,8 @@ impl PgProxy {
                     .verify_client(leaf.as_ref(), now.timestamp())
             });
         let caller = match verified {
-            Some(Ok(cert)) => match cert.identity {
-                Some(id) => Caller {
-                    user: id.user,
-                    request_ids: id.request_ids,
-                    source: peer.ip(),
-                },
+            Some(Ok(cert)) => match &cert.identity {
+                Some(id) => Caller::of_certificate(id, cert.validity.not_after, peer.ip()),
                 None => {
                     fatal(
                         &mut client,
@@ -366,6 +362,7 @@ impl PgProxy {
             user: t.user.clone(),
             roles: Vec::new(),
             request_ids: Vec::new(),
+            login_until: None,
         };
         match self
             .connect_upstream(&resource, &t.db_user, &identity)
@@ -582,6 +579,7 @@ impl PgProxy {
             user: decided.user.clone(),
             roles: crate::service::role_names(&decided.roles, &decided.scoped),
             request_ids: decided.request_ids.clone(),
+            login_until: None,
         };
         let mut cancel_key = None;
         let end = match self.connect_upstream(&resource, &db_user, &identity).await {

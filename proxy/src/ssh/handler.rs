@@ -467,11 +467,8 @@ impl Conn {
         let Some(node) = route.node.clone() else {
             return Err(deny(format!("unknown node {:?}", route.node_name)).await);
         };
-        let caller = crate::service::Caller {
-            user: user.to_owned(),
-            request_ids: id.request_ids.clone(),
-            source: self.peer.ip(),
-        };
+        let caller =
+            crate::service::Caller::of_certificate(id, cert.validity.not_after, self.peer.ip());
         let decided = match wicket
             .decide_session(&caller, now, |roles, subject| {
                 roles.decide_ssh_login(subject, &node, login)
