@@ -325,8 +325,9 @@ async fn next_change(tx: &mut Transaction<'static, Any>) -> Result<i64> {
     )
 }
 
-/// A user as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A user as stored. Its `Debug` leaves the password hash and TOTP secret
+/// out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct UserRecord {
     pub name: String,
     pub roles: Vec<String>,
@@ -337,6 +338,21 @@ pub struct UserRecord {
     pub totp_secret: Option<String>,
     pub created_at: i64,
     pub disabled: bool,
+}
+
+impl std::fmt::Debug for UserRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |v: &Option<String>| if v.is_some() { "<set>" } else { "<none>" };
+        f.debug_struct("UserRecord")
+            .field("name", &self.name)
+            .field("roles", &self.roles)
+            .field("team", &self.team)
+            .field("password_hash", &set(&self.password_hash))
+            .field("totp_secret", &set(&self.totp_secret))
+            .field("created_at", &self.created_at)
+            .field("disabled", &self.disabled)
+            .finish()
+    }
 }
 
 /// An audit event as stored: typed `kind`, JSON `data`.
@@ -1641,6 +1657,25 @@ pub fn describe(storage: &Storage) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_user_record_never_prints_its_secrets() {
+        let u = UserRecord {
+            name: "ann".into(),
+            roles: vec!["dev".into()],
+            team: None,
+            password_hash: Some("$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into()),
+            totp_secret: Some("JBSWY3DPEHPK3PXP".into()),
+            created_at: 1,
+            disabled: false,
+        };
+        let shown = format!("{u:?} {u:#?}");
+        assert!(shown.contains("ann") && shown.contains("<set>"), "{shown}");
+        assert!(
+            !shown.contains("argon2id") && !shown.contains("JBSWY3"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn chain_hash_covers_every_field_and_the_previous_hash() {
