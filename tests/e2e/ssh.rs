@@ -1248,6 +1248,48 @@ impl russh::client::Handler for RawClient {
     }
 }
 
+/// A [`RawClient`] logged in with `cli`'s key and certificate to the node
+/// through the ProxyCommand that `wicket config` writes; and that command's
+/// process.
+async fn raw_client(
+    lab: &Lab,
+    cli: &WicketCli,
+    config: russh::client::Config,
+) -> (tokio::process::Child, russh::client::Handle<RawClient>) {
+    let cfg = cli.ok(&["config"]).unwrap().stdout;
+    let field = |k: &str| {
+        cfg.lines()
+            .find_map(|l| l.trim().strip_prefix(k))
+            .unwrap_or_else(|| panic!("{k} in {cfg}"))
+            .trim()
+            .to_owned()
+    };
+    let proxy =
+        field("ProxyCommand ").replace("%r@%h:%p", &format!("{}@node-1.wicket:22", lab.login));
+    let key = field("IdentityFile ").trim_matches('"').to_owned();
+    let cert = field("CertificateFile ").trim_matches('"').to_owned();
+    let mut child = tokio::process::Command::new("sh")
+        .args(["-c", &format!("exec {proxy}")])
+        .env("WICKET_HOME", cli.home.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stream = tokio::io::join(child.stdout.take().unwrap(), child.stdin.take().unwrap());
+    let mut h = russh::client::connect_stream(std::sync::Arc::new(config), stream, RawClient)
+        .await
+        .unwrap();
+    let key = russh::keys::load_secret_key(&key, None).unwrap();
+    let cert = russh::keys::load_openssh_certificate(&cert).unwrap();
+    let auth = h
+        .authenticate_openssh_cert(lab.login.clone(), std::sync::Arc::new(key), cert)
+        .await
+        .unwrap();
+    assert!(auth.success(), "certificate login: {auth:?}");
+    (child, h)
+}
+
 /// Whether the server answered the last request with success (`None`: the
 /// channel closed first).
 async fn reply(ch: &mut russh::Channel<russh::client::Msg>) -> Option<bool> {
@@ -1272,44 +1314,12 @@ fn a_channel_runs_one_thing_and_its_recording_follows_it() {
     let alice = lab.user("alice", "access");
     let admin = lab.user("sec", "auditor");
     let id = lab.grant(&alice, "node-admin", "10m");
-    let cfg = alice.ok(&["config"]).unwrap().stdout;
-    let field = |k: &str| {
-        cfg.lines()
-            .find_map(|l| l.trim().strip_prefix(k))
-            .unwrap_or_else(|| panic!("{k} in {cfg}"))
-            .trim()
-            .to_owned()
-    };
-    let proxy =
-        field("ProxyCommand ").replace("%r@%h:%p", &format!("{}@node-1.wicket:22", lab.login));
-    let key = field("IdentityFile ").trim_matches('"').to_owned();
-    let cert = field("CertificateFile ").trim_matches('"').to_owned();
-    let login = lab.login.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let (first, second, output) = rt.block_on(async move {
-        let mut child = tokio::process::Command::new("sh")
-            .args(["-c", &proxy])
-            .env("WICKET_HOME", alice.home.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let stream = tokio::io::join(child.stdout.take().unwrap(), child.stdin.take().unwrap());
-        let config = std::sync::Arc::new(russh::client::Config::default());
-        let mut h = russh::client::connect_stream(config, stream, RawClient)
-            .await
-            .unwrap();
-        let key = russh::keys::load_secret_key(&key, None).unwrap();
-        let cert = russh::keys::load_openssh_certificate(&cert).unwrap();
-        let auth = h
-            .authenticate_openssh_cert(login, std::sync::Arc::new(key), cert)
-            .await
-            .unwrap();
-        assert!(auth.success(), "certificate login: {auth:?}");
+    let (first, second, output) = rt.block_on(async {
+        let (mut child, h) = raw_client(&lab, &alice, russh::client::Config::default()).await;
         // The node has no such subsystem; the shell after it is refused.
         let mut ch = h.channel_open_session().await.unwrap();
         ch.request_subsystem(true, "no-such-subsystem")
@@ -1375,4 +1385,101 @@ fn a_channel_runs_one_thing_and_its_recording_follows_it() {
         .unwrap()
         .stdout;
     assert!(denied.contains("already asked for a shell"), "{denied}");
+}
+
+/// Bytes wicketd has written to the sockets of its listener on `port` that
+/// their peers have not yet read (`/proc/net/tcp*`).
+fn unread_bytes_from(port: u16) -> u64 {
+    let mut total = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(t) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in t.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f[1].rsplit(':').next().unwrap();
+            if u16::from_str_radix(local_port, 16).unwrap() == port {
+                let tx = f[4].split(':').next().unwrap();
+                total += u64::from_str_radix(tx, 16).unwrap();
+            }
+        }
+    }
+    total
+}
+
+/// A client that stops reading (a hung terminal, a stopped process) cannot
+/// hold a session open past its grant: once the session is ended, a
+/// connection that has not closed within moments is dropped.
+#[test]
+fn a_client_that_stops_reading_is_still_cut_at_revoke() {
+    let lab = Lab::start();
+    let alice = lab.user("alice", "access");
+    let admin = lab.user("sec", "auditor");
+    let id = lab.grant(&alice, "node-admin", "10m");
+    let ended = || {
+        admin
+            .ok(&[
+                "audit",
+                "search",
+                "--request",
+                &id,
+                "--kind",
+                "session_ended",
+                "--format",
+                "json",
+            ])
+            .unwrap()
+            .json()
+            .unwrap()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (took, reason) = rt.block_on(async {
+        // A window this large lets the node's output fill every buffer on
+        // the way to the client.
+        let config = russh::client::Config {
+            window_size: 64 << 20,
+            ..Default::default()
+        };
+        let (mut child, h) = raw_client(&lab, &alice, config).await;
+        let mut ch = h.channel_open_session().await.unwrap();
+        ch.exec(true, "cat /dev/zero").await.unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), ch.wait()).await {
+                Ok(Some(russh::ChannelMsg::Data { .. })) => break,
+                Ok(Some(_)) => continue,
+                other => panic!("no output from the node: {other:?}"),
+            }
+        }
+        // The ProxyCommand stops: nothing reads wicketd's socket any more.
+        let pid = child.id().unwrap().to_string();
+        run(Command::new("kill").args(["-STOP", &pid])).unwrap();
+        wait_until(
+            "wicketd's writes to the client to back up",
+            Duration::from_secs(20),
+            || (unread_bytes_from(lab.ssh_addr.port()) > 256 * 1024).then_some(()),
+        )
+        .unwrap();
+        admin
+            .ok(&["request", "revoke", &id, "--reason", "incident over"])
+            .unwrap();
+        let revoked = Instant::now();
+        let events = wait_until("the session to end", Duration::from_secs(10), || {
+            let e = ended();
+            (!e.as_array().unwrap().is_empty()).then_some(e)
+        })
+        .unwrap();
+        let took = revoked.elapsed();
+        run(Command::new("kill").args(["-CONT", &pid])).unwrap();
+        let _ = child.kill().await;
+        drop(h);
+        (took, events[0]["data"]["reason"].to_string())
+    });
+    assert!(
+        took <= Duration::from_secs(2),
+        "the session ended {took:?} after the revoke"
+    );
+    assert!(reason.contains("revoked"), "{reason}");
 }

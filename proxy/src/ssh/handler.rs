@@ -46,6 +46,12 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 const EXEC_RECORD_LIMIT: u64 = 1024 * 1024;
 /// Recordings are flushed at least this often.
 const FLUSH_EVERY: Duration = Duration::from_millis(500);
+/// How long a message to the user may wait for a client that is not
+/// reading (its SSH window is full) before it is given up.
+const TELL_TIMEOUT: Duration = Duration::from_millis(200);
+/// How long a connection whose session was ended may take to close before
+/// it is dropped, whatever the client does.
+pub(crate) const CUT_GRACE: Duration = Duration::from_millis(500);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -59,6 +65,10 @@ pub(crate) struct ConnShared {
     server: Mutex<Option<server::Handle>>,
     pub(crate) agent_allowed: AtomicBool,
     pub(crate) x11_allowed: AtomicBool,
+    /// Notified when the session must end: the connection is dropped
+    /// [`CUT_GRACE`] later if it has not closed by then (a client that stops
+    /// reading cannot hold a revoked session open).
+    pub(crate) cut: Arc<tokio::sync::Notify>,
 }
 
 impl ConnShared {
@@ -73,6 +83,15 @@ pub(crate) struct Finisher(Arc<ConnShared>);
 impl Finisher {
     pub(crate) fn set_server(&self, h: server::Handle) {
         *lock(&self.0.server) = Some(h);
+    }
+
+    /// Resolves [`CUT_GRACE`] after the session was told to end.
+    pub(crate) fn cut(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let cut = self.0.cut.clone();
+        async move {
+            cut.notified().await;
+            tokio::time::sleep(CUT_GRACE).await;
+        }
     }
 
     pub(crate) async fn finish(self, error: Option<String>) {
@@ -119,6 +138,7 @@ pub(crate) struct Live {
     refusing: Mutex<Option<String>>,
     session_channels: Mutex<Vec<ChannelId>>,
     done: watch::Sender<bool>,
+    cut: Arc<tokio::sync::Notify>,
 }
 
 impl Live {
@@ -226,15 +246,19 @@ impl Live {
             .await;
     }
 
-    /// Writes a line to the stderr of every open session channel.
+    /// Writes a line to the stderr of every open session channel, giving
+    /// up on a client that does not take it within [`TELL_TIMEOUT`].
     async fn tell(&self, handle: &server::Handle, text: &str) {
         let line = format!("\r\nwicket: {text}\r\n");
         let ids = lock(&self.session_channels).clone();
-        for id in ids {
-            let _ = handle
-                .extended_data(id, 1, Bytes::from(line.clone().into_bytes()))
-                .await;
-        }
+        let send = async {
+            for id in ids {
+                let _ = handle
+                    .extended_data(id, 1, Bytes::from(line.clone().into_bytes()))
+                    .await;
+            }
+        };
+        let _ = tokio::time::timeout(TELL_TIMEOUT, send).await;
         // What the user saw is part of the recording.
         if let Some(r) = self.existing_recorder() {
             r.output(crate::clock::instant(), line.as_bytes());
@@ -244,15 +268,24 @@ impl Live {
     /// Ends the session now with `why` (the grant ended).
     async fn end(&self, handle: &server::Handle, why: &str) {
         *lock(&self.end_reason) = Some(why.to_owned());
+        // `notify_one` keeps the permit if the connection task is not
+        // waiting yet.
+        self.cut.notify_one();
         self.tell(handle, &format!("{why}; closing this session"))
             .await;
-        let ids = lock(&self.session_channels).clone();
-        for id in ids {
-            let _ = handle.close(id).await;
-        }
-        let _ = handle
-            .disconnect(Disconnect::ByApplication, why.to_owned(), "en".into())
-            .await;
+        // Each of these waits for room in the connection's queue, which a
+        // client that stopped reading keeps full: the node is let go of
+        // either way.
+        let goodbye = async {
+            let ids = lock(&self.session_channels).clone();
+            for id in ids {
+                let _ = handle.close(id).await;
+            }
+            let _ = handle
+                .disconnect(Disconnect::ByApplication, why.to_owned(), "en".into())
+                .await;
+        };
+        let _ = tokio::time::timeout(TELL_TIMEOUT, goodbye).await;
         let _ = self
             .upstream
             .disconnect(Disconnect::ByApplication, "session ended by wicket", "en")
@@ -561,6 +594,7 @@ impl Conn {
             refusing: Mutex::new(None),
             session_channels: Mutex::new(Vec::new()),
             done,
+            cut: self.shared.cut.clone(),
         }))
     }
 

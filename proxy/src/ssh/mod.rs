@@ -537,11 +537,17 @@ async fn connection(
     };
     let conn = handler::Conn::new(proxy.clone(), peer, route, admitted);
     let finish = conn.finisher();
+    let cut = finish.cut();
     let session = server::run_stream(config, stream, conn).await;
     let result = match session {
         Ok(running) => {
             finish.set_server(running.handle());
-            running.await
+            // A session that was ended but whose client does not let the
+            // connection close (it stopped reading) is dropped.
+            tokio::select! {
+                r = running => r,
+                () = cut => Err(russh::Error::Disconnect),
+            }
         }
         Err(e) => Err(e),
     };
