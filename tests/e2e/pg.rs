@@ -1236,3 +1236,66 @@ fn unauthenticated_connections_have_a_limited_share_and_a_deadline() {
         }
     });
 }
+
+/// A client that stops reading cannot hold its session past the grant: the
+/// relay, stuck writing to it, is dropped a moment after the session ended
+/// (and the query it was serving is cancelled).
+#[test]
+fn a_client_that_stops_reading_is_still_cut_at_revoke() {
+    let s = Setup::start("");
+    let id = s.grant_dba("30m")["id"].as_str().unwrap().to_owned();
+    let t = s.tunnel();
+    let mut f = RawFrontend::connect(&t);
+    // About a gigabyte of rows, which this client never reads.
+    let sql = "select repeat('x', 1000000) from generate_series(1, 1000) as stalled";
+    f.tcp
+        .write_all(&RawFrontend::msg(b'Q', &[&RawFrontend::cstr(sql)]))
+        .unwrap();
+    // Every buffer on the way is full: the server waits to write.
+    wait_until(
+        "the backend to wait on writing to wicketd",
+        Duration::from_secs(20),
+        || {
+            let waiting =
+                s.pg.psql(
+                    "postgres",
+                    "select count(*) from pg_stat_activity \
+                     where query like '%as stalled' and wait_event = 'ClientWrite'",
+                )
+                .unwrap();
+            (waiting.trim() == "1").then_some(())
+        },
+    )
+    .unwrap();
+    s.frank
+        .ok(&["request", "revoke", &id, "--reason", "INC-7 closed"])
+        .unwrap();
+    let revoked = Instant::now();
+    let ended = wait_until("the session to end", Duration::from_secs(10), || {
+        let e = s.events(&s.frank, &["--request", &id, "--kind", "session_ended"]);
+        (!e.is_empty()).then_some(e)
+    })
+    .unwrap();
+    let took = revoked.elapsed();
+    assert!(
+        took <= Duration::from_secs(2),
+        "the session ended {took:?} after the revoke"
+    );
+    assert!(
+        ended[0]["data"]["reason"].to_string().contains("revoked"),
+        "{ended:?}"
+    );
+    // The query it was serving does not run on.
+    wait_until("the query to stop", Duration::from_secs(10), || {
+        let left = s
+            .pg
+            .psql(
+                "postgres",
+                "select count(*) from pg_stat_activity where query like '%as stalled' and pid <> pg_backend_pid()",
+            )
+            .unwrap();
+        (left.trim() == "0").then_some(())
+    })
+    .unwrap();
+    drop(f);
+}

@@ -50,6 +50,11 @@ const MAX_INSPECTED_BACKEND: usize = 1 << 20;
 /// How long a grant-end waits for the backend message in flight to finish
 /// before the connection is closed without the FATAL message.
 const CUT_GRACE: Duration = Duration::from_millis(500);
+/// How long after its session ended a relay that is still writing to its
+/// client (which stopped reading) is dropped.
+const HARD_STOP: Duration = Duration::from_millis(700);
+/// How long the last message and shutdown may wait for the client.
+const GOODBYE_TIMEOUT: Duration = Duration::from_millis(300);
 /// Statements/portals remembered per session for auditing Execute.
 const MAX_TRACKED: usize = 10_000;
 const READ_CHUNK: usize = 64 * 1024;
@@ -757,6 +762,7 @@ impl PgProxy {
         let max = self.wicket.config.postgres.max_message_bytes;
         let mut s_framer = Framer::default();
         let tracking = Tracking::new();
+        let hard_stop = hard_stop(signal.clone());
         let end = {
             let c2s = client_to_server(
                 &mut crd,
@@ -777,9 +783,13 @@ impl PgProxy {
                 &mut signal,
                 &tracking,
             );
+            // The relay ends a session at the next message boundary; a
+            // client that stopped reading keeps the relay from getting
+            // there, so it is cut regardless a moment after that.
             tokio::select! {
                 e = c2s => e,
                 e = s2c => e,
+                why = hard_stop => End::Cut(why),
             }
         };
         // Executes sent but not answered when the connection ended (a client
@@ -790,23 +800,27 @@ impl PgProxy {
         }
         // The client is at a message boundary unless a backend message was
         // half forwarded; only then can it be told why the connection ends.
-        if s_framer.at_boundary() {
-            match &end {
-                End::Cut(why) => {
-                    fatal(
-                        &mut cwr,
-                        "57P01",
-                        &format!("wicket: {why}; this connection is closed"),
-                    )
-                    .await;
+        // A client that is not reading gets a moment for it, not more.
+        let goodbye = async {
+            if s_framer.at_boundary() {
+                match &end {
+                    End::Cut(why) => {
+                        fatal(
+                            &mut cwr,
+                            "57P01",
+                            &format!("wicket: {why}; this connection is closed"),
+                        )
+                        .await;
+                    }
+                    End::Protocol(why) => {
+                        fatal(&mut cwr, "08P01", &format!("wicket: {why}")).await;
+                    }
+                    _ => {}
                 }
-                End::Protocol(why) => {
-                    fatal(&mut cwr, "08P01", &format!("wicket: {why}")).await;
-                }
-                _ => {}
             }
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(1), cwr.shutdown()).await;
+            let _ = cwr.shutdown().await;
+        };
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
         end
     }
 
@@ -946,6 +960,21 @@ fn host_of(address: &str) -> String {
 
 /// Sends a FATAL ErrorResponse and flushes (errors ignored: the connection
 /// is being closed anyway).
+/// Resolves [`HARD_STOP`] after the session is told to end, with why.
+async fn hard_stop(mut signal: watch::Receiver<Signal>) -> String {
+    loop {
+        let now = signal.borrow_and_update().clone();
+        if let Signal::End(why) = now {
+            tokio::time::sleep(HARD_STOP).await;
+            return why;
+        }
+        if signal.changed().await.is_err() {
+            // No more signals: never.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 async fn fatal<W: AsyncWrite + Unpin>(w: &mut W, code: &str, message: &str) {
     let _ = w
         .write_all(&protocol::error_response("FATAL", code, message))
