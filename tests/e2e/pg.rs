@@ -1299,3 +1299,52 @@ fn a_client_that_stops_reading_is_still_cut_at_revoke() {
     .unwrap();
     drop(f);
 }
+
+/// A client encoding whose characters can contain ASCII bytes (SJIS, BIG5,
+/// GBK, ...) would let the audited text (read as UTF-8) and the statement
+/// the server runs differ: `'Ă\'` in UTF-8 is a quote escaped, in SJIS a
+/// character and then a closing quote. Such an encoding is refused at
+/// startup, and a session that sets it ends at the server's report of it,
+/// the end naming the encoding.
+#[test]
+fn client_encodings_that_could_hide_statements_are_refused() {
+    let s = Setup::start("");
+    let id = s.grant_dba("30m")["id"].as_str().unwrap().to_owned();
+    let t = s.tunnel();
+    let out = t
+        .psql("app")
+        .args(["-c", "select 1"])
+        .env("PGCLIENTENCODING", "SJIS")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("client_encoding SJIS is not allowed through wicket"),
+        "{err}"
+    );
+    // Encodings whose multibyte characters are all non-ASCII bytes are fine.
+    let (ok, out, err) = t.sql("set client_encoding to 'LATIN1'; select 41 + 1");
+    assert!(ok && out == "42", "{out} {err}");
+    let (ok, out, err) = t.sql("set client_encoding to 'GBK'; select 'not reached'");
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("client_encoding GBK is not allowed through wicket"),
+        "{err}"
+    );
+    wait_until(
+        "the session's end, naming GBK",
+        Duration::from_secs(10),
+        || {
+            s.events(&s.frank, &["--request", &id, "--kind", "session_ended"])
+                .iter()
+                .any(|e| {
+                    e["data"]["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("client_encoding GBK"))
+                })
+                .then_some(())
+        },
+    )
+    .unwrap();
+}

@@ -335,6 +335,33 @@ pub fn command_tag(msg: &[u8]) -> &str {
         .map_or("", |(tag, _)| tag)
 }
 
+/// A backend ParameterStatus (`S`): (name, value).
+pub fn parse_parameter_status(msg: &[u8]) -> Option<(&str, &str)> {
+    let (name, rest) = cstr(msg.get(5..)?).ok()?;
+    let (value, _) = cstr(rest).ok()?;
+    Some((name, value))
+}
+
+/// Whether a `client_encoding` the server reports (its canonical name) has
+/// multibyte characters whose later bytes can be ASCII: in such a session a
+/// backslash or quote seen in the statement bytes may be part of a
+/// character to the server, so the text read as UTF-8 (what is audited) and
+/// the statement that runs can differ. These are PostgreSQL's client-only
+/// encodings.
+pub fn ascii_unsafe_encoding(name: &str) -> bool {
+    [
+        "SJIS",
+        "SHIFT_JIS_2004",
+        "BIG5",
+        "GBK",
+        "UHC",
+        "GB18030",
+        "JOHAB",
+    ]
+    .iter()
+    .any(|e| e.eq_ignore_ascii_case(name))
+}
+
 /// The fields of a backend ErrorResponse (`E`): (code, message).
 pub fn parse_error_response(msg: &[u8]) -> Option<(String, String)> {
     let body = msg.get(5..)?;
@@ -554,6 +581,34 @@ mod tests {
         );
     }
 
+    #[test]
+    fn parameter_status_and_encodings() {
+        let m = msg(b'S', b"client_encoding\0SJIS\0");
+        assert_eq!(
+            parse_parameter_status(&m),
+            Some(("client_encoding", "SJIS"))
+        );
+        assert_eq!(
+            parse_parameter_status(&msg(b'S', b"client_encoding\0")),
+            None
+        );
+        for e in [
+            "SJIS",
+            "sjis",
+            "BIG5",
+            "GBK",
+            "UHC",
+            "GB18030",
+            "JOHAB",
+            "SHIFT_JIS_2004",
+        ] {
+            assert!(ascii_unsafe_encoding(e), "{e}");
+        }
+        for e in ["UTF8", "SQL_ASCII", "LATIN1", "EUC_JP", "WIN1252", ""] {
+            assert!(!ascii_unsafe_encoding(e), "{e}");
+        }
+    }
+
     proptest! {
         #[test]
         fn decoders_never_panic(data in proptest::collection::vec(any::<u8>(), 0..200)) {
@@ -561,6 +616,7 @@ mod tests {
             let _ = read_message(&data, 10_000);
             let _ = parse_frontend(&data);
             let _ = parse_error_response(&data);
+            let _ = parse_parameter_status(&data);
         }
 
         #[test]

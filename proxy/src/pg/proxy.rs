@@ -739,6 +739,13 @@ impl PgProxy {
                         out.extend_from_slice(msg);
                         ready = true;
                     }
+                    b'S' => {
+                        if let Some(why) = encoding_refused(msg) {
+                            fatal(&mut cwr, "22023", &format!("wicket: {why}")).await;
+                            return End::Protocol(why);
+                        }
+                        out.extend_from_slice(msg);
+                    }
                     _ => out.extend_from_slice(msg),
                 }
                 at += len;
@@ -1132,8 +1139,37 @@ fn frontend_inspected(tag: u8) -> bool {
 fn backend_inspected(tag: u8) -> bool {
     matches!(
         tag,
-        b'E' | b'G' | b'H' | b'W' | b'1' | b'2' | b'3' | b'T' | b'n' | b'C' | b'I' | b's' | b'Z'
+        b'E' | b'G'
+            | b'H'
+            | b'W'
+            | b'1'
+            | b'2'
+            | b'3'
+            | b'T'
+            | b'n'
+            | b'C'
+            | b'I'
+            | b's'
+            | b'Z'
+            | b'S'
     )
+}
+
+/// Why a session cannot go on once the server reports this ParameterStatus:
+/// a `client_encoding` in which the audited text could differ from what
+/// runs ([`protocol::ascii_unsafe_encoding`]). At startup it is refused
+/// before any statement; set during a session, the session ends at the
+/// report, and its end names the encoding so that the record says which of
+/// its statements (those of that exchange and any pipelined after it) were
+/// read by the server in it.
+fn encoding_refused(msg: &[u8]) -> Option<String> {
+    match protocol::parse_parameter_status(msg) {
+        Some(("client_encoding", enc)) if protocol::ascii_unsafe_encoding(enc) => Some(format!(
+            "client_encoding {enc} is not allowed through wicket: its characters can contain \
+             ASCII bytes, so the audited text could differ from what the server runs; use UTF8"
+        )),
+        _ => None,
+    }
 }
 
 /// Longest statement text a Query or Parse may carry: what is audited is
@@ -1515,6 +1551,11 @@ where
                         b'E' => {
                             if let Some((code, message)) = protocol::parse_error_response(msg) {
                                 state.audit_error(wicket, code, message).await;
+                            }
+                        }
+                        b'S' => {
+                            if let Some(why) = encoding_refused(msg) {
+                                return End::Protocol(why);
                             }
                         }
                         b'G' | b'H' => {
