@@ -1201,7 +1201,15 @@ impl<'a> Engine<'a> {
                 let (Some(start), Some(end)) = (req.starts_at, req.expires_at) else {
                     return Err(illegal(state, "grant has no window"));
                 };
-                let max = self.max_duration(&req.granted_roles);
+                // A reviewer who approved a shorter grant set its ceiling:
+                // the holder cannot extend past what any approver allowed.
+                let max = req
+                    .reviews
+                    .iter()
+                    .filter(|r| r.verdict == Verdict::Approve)
+                    .filter_map(|r| r.duration_secs)
+                    .map(Duration::seconds)
+                    .fold(self.max_duration(&req.granted_roles), Duration::min);
                 let new_end = match end.checked_add_signed(duration) {
                     Some(e) if duration > Duration::zero() && e - start <= max => e,
                     _ => {

@@ -1773,6 +1773,30 @@ fn extend_cannot_exceed_the_role_maximum() {
     assert_eq!(dba.extensions, 0);
 }
 
+/// A reviewer who approved a shorter grant than asked set its ceiling: the
+/// holder's extension cannot undo it.
+#[test]
+fn extend_cannot_undo_a_reviewers_shorter_duration() {
+    let p = policy();
+    let pending = alice_requests(&p, nr_for(&["dba"], hours(1)), t0());
+    let (req, _) = apply(
+        &p,
+        &pending,
+        scoped_approve("erin", None, Some(mins(30)), None),
+        t0(),
+    )
+    .unwrap();
+    assert_eq!(req.expires_at, Some(t0() + mins(30)));
+    let m = invalid(apply(&p, &req, extend("alice", mins(30)), t0()));
+    assert!(m.contains("at most 30m in total"), "{m}");
+    assert_eq!(req.extensions, 0);
+    // Approved as asked, the grant extends up to the role's maximum.
+    let pending = alice_requests(&p, nr_for(&["dba"], hours(1)), t0());
+    let (req, _) = apply(&p, &pending, approve("erin"), t0()).unwrap();
+    let (req, _) = apply(&p, &req, extend("alice", hours(1)), t0()).unwrap();
+    assert_eq!(req.expires_at, Some(t0() + hours(2)));
+}
+
 #[test]
 fn extend_with_an_absurd_duration_is_refused_not_a_panic() {
     let p = policy();
