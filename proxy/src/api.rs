@@ -213,8 +213,9 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Bodies up to this size are read and discarded before a 413, so the client
-/// sees the answer instead of a reset connection.
+/// Bodies up to this size are read (and discarded as they come, never held)
+/// before a 413, so the client sees the answer instead of a reset
+/// connection.
 const DRAIN_MAX: usize = 4 * 1024 * 1024;
 
 /// Answers 413 for a declared body larger than [`MAX_BODY`], before routing.
@@ -227,7 +228,17 @@ async fn reject_oversized(req: Request, next: axum::middleware::Next) -> Respons
     match declared {
         Some(n) if n > MAX_BODY as u64 => {
             if n <= DRAIN_MAX as u64 {
-                let _ = axum::body::to_bytes(req.into_body(), DRAIN_MAX).await;
+                // Read and dropped frame by frame: nothing is kept.
+                use http_body_util::BodyExt;
+                let mut body = req.into_body();
+                let mut left = DRAIN_MAX;
+                while let Some(Ok(frame)) = body.frame().await {
+                    let n = frame.data_ref().map_or(0, |d| d.len());
+                    if n >= left {
+                        break;
+                    }
+                    left -= n;
+                }
             }
             let body = ErrorBody {
                 code: "too_large".into(),
