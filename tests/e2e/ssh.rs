@@ -1388,7 +1388,9 @@ fn a_channel_runs_one_thing_and_its_recording_follows_it() {
 }
 
 /// Bytes wicketd has written to the sockets of its listener on `port` that
-/// their peers have not yet read (`/proc/net/tcp*`).
+/// their peers have not yet read (`/proc/net/tcp*`), counting only sockets
+/// a process still holds open (a closed one keeps its unsent bytes queued
+/// in the kernel for a while, with inode 0).
 fn unread_bytes_from(port: u16) -> u64 {
     let mut total = 0;
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
@@ -1398,13 +1400,21 @@ fn unread_bytes_from(port: u16) -> u64 {
         for line in t.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             let local_port = f[1].rsplit(':').next().unwrap();
-            if u16::from_str_radix(local_port, 16).unwrap() == port {
+            if u16::from_str_radix(local_port, 16).unwrap() == port && f[9] != "0" {
                 let tx = f[4].split(':').next().unwrap();
                 total += u64::from_str_radix(tx, 16).unwrap();
             }
         }
     }
     total
+}
+
+/// Whether a `cat /dev/zero` runs on this machine (the node's command).
+fn running_cat_dev_zero() -> bool {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == b"cat\0/dev/zero\0"))
 }
 
 /// A client that stops reading (a hung terminal, a stopped process) cannot
@@ -1472,6 +1482,16 @@ fn a_client_that_stops_reading_is_still_cut_at_revoke() {
         })
         .unwrap();
         let took = revoked.elapsed();
+        // Not just on the record: wicketd let go of the socket, and the
+        // command on the node is gone (while the client is still stopped).
+        wait_until("wicketd to drop the socket", Duration::from_secs(5), || {
+            (unread_bytes_from(lab.ssh_addr.port()) == 0).then_some(())
+        })
+        .unwrap();
+        wait_until("the node's command to end", Duration::from_secs(5), || {
+            (!running_cat_dev_zero()).then_some(())
+        })
+        .unwrap();
         run(Command::new("kill").args(["-CONT", &pid])).unwrap();
         let _ = child.kill().await;
         drop(h);

@@ -65,10 +65,38 @@ pub(crate) struct ConnShared {
     server: Mutex<Option<server::Handle>>,
     pub(crate) agent_allowed: AtomicBool,
     pub(crate) x11_allowed: AtomicBool,
-    /// Notified when the session must end: the connection is dropped
-    /// [`CUT_GRACE`] later if it has not closed by then (a client that stops
-    /// reading cannot hold a revoked session open).
-    pub(crate) cut: Arc<tokio::sync::Notify>,
+    /// Set when the session must end: the connection's socket fails every
+    /// read and write [`CUT_GRACE`] later if it has not closed by then (a
+    /// client that stops reading cannot hold a revoked session open).
+    pub(crate) cut: Arc<Cut>,
+}
+
+/// Whether a connection's session was ended (see [`ConnShared::cut`]).
+pub(crate) struct Cut(watch::Sender<bool>);
+
+impl Default for Cut {
+    fn default() -> Self {
+        Cut(watch::channel(false).0)
+    }
+}
+
+impl Cut {
+    fn set(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Resolves [`CUT_GRACE`] after the session was ended (also when that
+    /// happened before this was called).
+    pub(crate) fn after_grace(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut ended = self.0.subscribe();
+        async move {
+            if ended.wait_for(|ended| *ended).await.is_ok() {
+                tokio::time::sleep(CUT_GRACE).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
 }
 
 impl ConnShared {
@@ -87,11 +115,7 @@ impl Finisher {
 
     /// Resolves [`CUT_GRACE`] after the session was told to end.
     pub(crate) fn cut(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let cut = self.0.cut.clone();
-        async move {
-            cut.notified().await;
-            tokio::time::sleep(CUT_GRACE).await;
-        }
+        self.0.cut.after_grace()
     }
 
     pub(crate) async fn finish(self, error: Option<String>) {
@@ -138,7 +162,11 @@ pub(crate) struct Live {
     refusing: Mutex<Option<String>>,
     session_channels: Mutex<Vec<ChannelId>>,
     done: watch::Sender<bool>,
-    cut: Arc<tokio::sync::Notify>,
+    cut: Arc<Cut>,
+    /// The tasks that relay its channels, stopped when it finishes (one
+    /// waiting on a client that stopped reading would keep the node's
+    /// channel open).
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 impl Live {
@@ -268,9 +296,7 @@ impl Live {
     /// Ends the session now with `why` (the grant ended).
     async fn end(&self, handle: &server::Handle, why: &str) {
         *lock(&self.end_reason) = Some(why.to_owned());
-        // `notify_one` keeps the permit if the connection task is not
-        // waiting yet.
-        self.cut.notify_one();
+        self.cut.set();
         self.tell(handle, &format!("{why}; closing this session"))
             .await;
         // Each of these waits for room in the connection's queue, which a
@@ -292,8 +318,17 @@ impl Live {
             .await;
     }
 
+    fn track<T>(&self, task: &tokio::task::JoinHandle<T>) {
+        let mut tasks = lock(&self.tasks);
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task.abort_handle());
+    }
+
     async fn finish(&self, error: Option<String>) {
         let _ = self.done.send(true);
+        for task in lock(&self.tasks).drain(..) {
+            task.abort();
+        }
         let reason = lock(&self.end_reason)
             .clone()
             .or(error.map(|e| format!("connection error: {e}")))
@@ -595,6 +630,7 @@ impl Conn {
             session_channels: Mutex::new(Vec::new()),
             done,
             cut: self.shared.cut.clone(),
+            tasks: Mutex::new(Vec::new()),
         }))
     }
 
@@ -1009,15 +1045,17 @@ impl server::Handler for Conn {
                         started: false,
                     },
                 );
-                tokio::spawn(run_to_node(rx, up_write));
-                tokio::spawn(run_to_user(
+                let to_node = tokio::spawn(run_to_node(rx, up_write));
+                let to_user = tokio::spawn(run_to_user(
                     up_read,
                     down_write,
                     session.handle(),
                     replies,
                     rec,
-                    live,
+                    live.clone(),
                 ));
+                live.track(&to_node);
+                live.track(&to_user);
             }
         }
         Ok(())
@@ -1083,7 +1121,8 @@ impl server::Handler for Conn {
         live.marker(&format!(
             "port forward to {host_to_connect}:{port_to_connect}"
         ));
-        tokio::spawn(pipe(channel.into_stream(), up.into_stream()));
+        let forward = tokio::spawn(pipe(channel.into_stream(), up.into_stream()));
+        live.track(&forward);
         Ok(())
     }
 

@@ -402,13 +402,24 @@ struct Prefixed {
     at: usize,
     inner: TcpStream,
     grace: Grace,
+    /// Resolves once the session was ended and the connection had its
+    /// moment to close ([`handler::Cut::after_grace`]).
+    cut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 }
 
 impl Prefixed {
     /// The error every read and write gets once the login grace is over
-    /// before authentication (a client that stops reading stalls the
-    /// session's writes, not its reads).
+    /// before authentication, or once the session was ended and the
+    /// connection did not close in time (a client that stops reading stalls
+    /// the session's writes, not its reads). Either way the russh session
+    /// task fails and drops the socket.
     fn grace_over(&mut self, cx: &mut std::task::Context<'_>) -> Option<std::io::Error> {
+        if self.cut.as_mut().poll(cx).is_ready() {
+            return Some(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the session was ended and its client did not take the disconnect",
+            ));
+        }
         self.grace.expired(cx).then(|| {
             std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -529,21 +540,24 @@ async fn connection(
             (proxy.server_config("proxy", &names)?, None)
         }
     };
+    let grace = admitted.grace();
+    let conn = handler::Conn::new(proxy.clone(), peer, route, admitted);
+    let finish = conn.finisher();
     let stream = Prefixed {
         prefix,
         at: 0,
         inner: tcp,
-        grace: admitted.grace(),
+        grace,
+        cut: Box::pin(finish.cut()),
     };
-    let conn = handler::Conn::new(proxy.clone(), peer, route, admitted);
-    let finish = conn.finisher();
     let cut = finish.cut();
     let session = server::run_stream(config, stream, conn).await;
     let result = match session {
         Ok(running) => {
             finish.set_server(running.handle());
             // A session that was ended but whose client does not let the
-            // connection close (it stopped reading) is dropped.
+            // connection close (it stopped reading) fails its socket (see
+            // `Prefixed`); this finishes it even if russh is stuck elsewhere.
             tokio::select! {
                 r = running => r,
                 () = cut => Err(russh::Error::Disconnect),
