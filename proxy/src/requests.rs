@@ -276,6 +276,7 @@ impl Wicket {
         body: CreateRequest,
         now: DateTime<Utc>,
     ) -> Result<Grant> {
+        caller.require_login(now)?;
         let user = self.active_user(caller).await?;
         let mut roles = body.roles;
         if let Some(r) = body.role {
@@ -356,6 +357,7 @@ impl Wicket {
         body: BreakGlassBody,
         now: DateTime<Utc>,
     ) -> Result<Grant> {
+        caller.require_login(now)?;
         let user = self.active_user(caller).await?;
         let secret = user.totp_secret.clone().ok_or_else(|| {
             Error::Forbidden(
@@ -422,6 +424,7 @@ impl Wicket {
         body: ReviewBody,
         now: DateTime<Utc>,
     ) -> Result<Grant> {
+        caller.require_login(now)?;
         let user = self.active_user(caller).await?;
         let verdict = match body.verdict.as_str() {
             "approve" => Verdict::Approve,

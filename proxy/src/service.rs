@@ -116,6 +116,20 @@ impl Caller {
             login_until: identity.login_until.unwrap_or(not_after),
         }
     }
+
+    /// Refuses what needs a live password login (new certificates, new or
+    /// reviewed requests, break-glass) once the login behind the
+    /// certificate has ended, though a grant certificate may outlive it.
+    pub fn require_login(&self, now: DateTime<Utc>) -> Result<()> {
+        if self.login_until > now.timestamp() {
+            return Ok(());
+        }
+        let ended = DateTime::<Utc>::from_timestamp(self.login_until, 0).unwrap_or_default();
+        Err(Error::Unauthenticated(format!(
+            "the login behind this certificate ended at {}; run `wicket login`",
+            ended.to_rfc3339()
+        )))
+    }
 }
 
 const MAX_USER_LEN: usize = 64;
@@ -355,13 +369,7 @@ impl Wicket {
         now: DateTime<Utc>,
     ) -> Result<Certificates> {
         let keys = parse_client_keys(&req.ssh_public_key, &req.tls_csr_pem)?;
-        if caller.login_until <= now.timestamp() {
-            let ended = DateTime::<Utc>::from_timestamp(caller.login_until, 0).unwrap_or_default();
-            return Err(Error::Unauthenticated(format!(
-                "the login behind this certificate ended at {}; run `wicket login`",
-                ended.to_rfc3339()
-            )));
-        }
+        caller.require_login(now)?;
         let user = self.active_user(caller).await?;
         let mut ids = req.request_ids.clone();
         ids.sort();

@@ -1323,6 +1323,20 @@ fn client_encodings_that_could_hide_statements_are_refused() {
         err.contains("client_encoding SJIS is not allowed through wicket"),
         "{err}"
     );
+    // A session can switch encodings and use the new one within a single
+    // exchange, before the server reports the switch; so the byte pattern
+    // such a trick needs (a backslash right after a non-ASCII byte: in SJIS
+    // `Ă\` ends in a character, and `\'` no longer escapes the quote) is
+    // refused whatever the encoding.
+    let (ok, _, err) = t
+        .sql("set client_encoding to 'SJIS'; select E'\u{102}\\'; create table sneaky(x int); --'");
+    assert!(!ok);
+    assert!(
+        err.contains("backslash right after a non-ASCII character was not sent"),
+        "{err}"
+    );
+    let (ok, out, err) = t.sql("select to_regclass('sneaky') is null, 'é \\ ü'");
+    assert!(ok && out == "t|é \\ ü", "{out} {err}");
     // Encodings whose multibyte characters are all non-ASCII bytes are fine.
     let (ok, out, err) = t.sql("set client_encoding to 'LATIN1'; select 41 + 1");
     assert!(ok && out == "42", "{out} {err}");

@@ -873,9 +873,23 @@ fn reissued_certificates_stay_within_the_login() {
         // At the login's end: nothing more, and the reason says what to do.
         let ended = chrono::DateTime::from_timestamp(login_until, 0).unwrap();
         let e = w.reissue(&ann, req(), ended).await.unwrap_err();
-        assert!(
-            matches!(&e, wicketd::error::Error::Unauthenticated(m) if m.contains("wicket login")),
-            "{e:?}"
-        );
+        let login_ended = |e: &wicketd::error::Error| {
+            matches!(e, wicketd::error::Error::Unauthenticated(m) if m.contains("wicket login"))
+        };
+        assert!(login_ended(&e), "{e:?}");
+        // Nor new requests or reviews on a certificate that outlived it (a
+        // grant's may), which could not be used without new certificates.
+        let body = wicket_api::CreateRequest {
+            roles: vec!["access".into()],
+            reason: "INC-1".into(),
+            ..Default::default()
+        };
+        let e = w.create_request(&ann, body, ended).await.unwrap_err();
+        assert!(login_ended(&e), "{e:?}");
+        let e = w
+            .review_request(&ann, "r-1", Default::default(), ended)
+            .await
+            .unwrap_err();
+        assert!(login_ended(&e), "{e:?}");
     });
 }

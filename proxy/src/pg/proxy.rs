@@ -622,9 +622,10 @@ impl PgProxy {
         if let Some(k) = cancel_key {
             let target = lock(&self.cancels).remove(&k);
             if let Some(t) = target {
-                // A cut session's statement must not run on: cancel it
-                // (before anything that waits on the store).
-                if let End::Cut(_) = &end {
+                // A cut session's statement, or one pipelined behind a
+                // refused message, must not run on: cancel it (before
+                // anything that waits on the store).
+                if let End::Cut(_) | End::Protocol(_) = &end {
                     self.forward_cancel(&t).await;
                 }
                 self.forget_shared_cancel_key(k, &t).await;
@@ -770,6 +771,7 @@ impl PgProxy {
         let mut s_framer = Framer::default();
         let tracking = Tracking::new();
         let hard_stop = hard_stop(signal.clone());
+        let mut stopped_hard = false;
         let end = {
             let c2s = client_to_server(
                 &mut crd,
@@ -796,7 +798,12 @@ impl PgProxy {
             tokio::select! {
                 e = c2s => e,
                 e = s2c => e,
-                why = hard_stop => End::Cut(why),
+                why = hard_stop => {
+                    // Stopped wherever the relay was, perhaps inside a
+                    // message to the client: no goodbye message after it.
+                    stopped_hard = true;
+                    End::Cut(why)
+                }
             }
         };
         // Executes sent but not answered when the connection ended (a client
@@ -809,7 +816,7 @@ impl PgProxy {
         // half forwarded; only then can it be told why the connection ends.
         // A client that is not reading gets a moment for it, not more.
         let goodbye = async {
-            if s_framer.at_boundary() {
+            if s_framer.at_boundary() && !stopped_hard {
                 match &end {
                     End::Cut(why) => {
                         fatal(
@@ -1185,11 +1192,27 @@ fn unauditable(f: &Frontend) -> Option<String> {
         Frontend::Parse { query, .. } => ("statement to prepare", query),
         _ => return None,
     };
-    (text.len() > MAX_AUDIT_TEXT).then(|| {
-        format!(
+    if text.len() > MAX_AUDIT_TEXT {
+        return Some(format!(
             "a {what} of {} bytes is longer than the {MAX_AUDIT_TEXT} bytes wicket audits whole; \
              it was not sent (split it, or send large data with COPY or as bound parameters)",
             text.len()
+        ));
+    }
+    // In SJIS, BIG5, GBK and JOHAB a byte above 0x7f can start a character
+    // whose second byte is `\`: the server would not see the backslash that
+    // the audited (UTF-8) text shows, and an escaped quote could close a
+    // string. A session can switch to such an encoding within one exchange,
+    // before the server reports it, so this is refused in any encoding.
+    let swallowed = text
+        .as_bytes()
+        .windows(2)
+        .any(|w| w[0] > 0x7f && w[1] == b'\\');
+    swallowed.then(|| {
+        format!(
+            "a {what} with a backslash right after a non-ASCII character was not sent: in some \
+             client encodings the backslash is part of that character, so what runs could \
+             differ from what wicket audits (put a space between them, or use a bound parameter)"
         )
     })
 }
