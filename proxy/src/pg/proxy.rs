@@ -47,11 +47,10 @@ const MAX_STARTUP: usize = 10_000;
 /// Backend messages the proxy reads whole (errors, COPY starts) larger than
 /// this are passed through uninspected.
 const MAX_INSPECTED_BACKEND: usize = 1 << 20;
-/// How long a grant-end waits for the backend message in flight to finish
-/// before the connection is closed without the FATAL message.
-const CUT_GRACE: Duration = Duration::from_millis(500);
-/// How long after its session ended a relay that is still writing to its
-/// client (which stopped reading) is dropped.
+/// How long a grant-end waits for the relay to reach a message boundary
+/// (the backend message in flight finished, or a client that stopped
+/// reading caught up) before the connection is dropped without the FATAL
+/// message.
 const HARD_STOP: Duration = Duration::from_millis(700);
 /// How long the last message and shutdown may wait for the client.
 const GOODBYE_TIMEOUT: Duration = Duration::from_millis(300);
@@ -1540,8 +1539,6 @@ where
     let mut tmp = vec![0u8; READ_CHUNK];
     let mut ending: Option<String> = None;
     let mut warning: Option<String> = None;
-    let grace = tokio::time::sleep(Duration::from_secs(3600));
-    tokio::pin!(grace);
     loop {
         // Forward whatever whole or passed-through bytes are buffered.
         let mut at = 0;
@@ -1640,19 +1637,15 @@ where
                     continue;
                 }
                 match signal.borrow_and_update().clone() {
-                    Signal::End(why) => {
-                        grace.as_mut().reset(tokio::time::Instant::now() + CUT_GRACE);
-                        ending = Some(why);
-                    }
+                    // Ended at the next boundary; `hard_stop` drops the
+                    // relay if it does not get there in time.
+                    Signal::End(why) => ending = Some(why),
                     Signal::Warn(w) => warning = Some(w),
                     // A running connection may finish; new ones are refused
                     // by their own decision.
                     Signal::Run | Signal::Drain(_) => {}
                 }
             },
-            _ = &mut grace, if ending.is_some() => {
-                return End::Cut(ending.take().unwrap_or_default());
-            }
         }
     }
 }
