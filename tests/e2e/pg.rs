@@ -980,6 +980,41 @@ fn executes_are_audited_with_the_statement_the_server_ran() {
     .unwrap();
 }
 
+/// SQL cursors are portals: `CLOSE p; DECLARE p CURSOR FOR ...` in a simple
+/// Query gives a portal the client bound through the protocol other text.
+/// An Execute of it must not be audited with the text bound before.
+#[test]
+fn an_execute_of_a_portal_redefined_by_sql_is_not_audited_with_its_old_text() {
+    let (s, t) = with_ledger();
+    let mut f = RawFrontend::connect(&t);
+    let batch = [
+        RawFrontend::query("BEGIN"),
+        RawFrontend::parse("s1", "SELECT 'harmless'"),
+        RawFrontend::bind("p", "s1"),
+        RawFrontend::sync(),
+        RawFrontend::query("CLOSE p; DECLARE p CURSOR FOR SELECT x FROM ledger"),
+        RawFrontend::execute("p"),
+        RawFrontend::sync(),
+        RawFrontend::query("COMMIT"),
+    ]
+    .concat();
+    f.tcp.write_all(&batch).unwrap();
+    let tags = f.until_ready(5);
+    // BEGIN; ParseComplete, BindComplete; CLOSE, DECLARE; the cursor's two
+    // rows and its completion; COMMIT.
+    assert_eq!(String::from_utf8_lossy(&tags), "CZ12ZCCZDDCZCZ");
+    let executes = s.alice_events("db_execute");
+    let statements: Vec<&str> = executes
+        .iter()
+        .filter_map(|e| e["data"]["statement"].as_str())
+        .collect();
+    assert_eq!(statements.len(), 1, "{executes:?}");
+    assert!(
+        statements[0].contains(r#"portal "p" not known to wicket"#),
+        "{executes:?}"
+    );
+}
+
 /// An Execute pipelined with the client's Terminate runs on the server even
 /// though the client never reads its answer: it is on the record too.
 #[test]

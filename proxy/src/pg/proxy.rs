@@ -971,8 +971,6 @@ fn host_of(address: &str) -> String {
         .to_owned()
 }
 
-/// Sends a FATAL ErrorResponse and flushes (errors ignored: the connection
-/// is being closed anyway).
 /// Resolves [`HARD_STOP`] after the session is told to end, with why.
 async fn hard_stop(mut signal: watch::Receiver<Signal>) -> String {
     loop {
@@ -988,6 +986,8 @@ async fn hard_stop(mut signal: watch::Receiver<Signal>) -> String {
     }
 }
 
+/// Sends a FATAL ErrorResponse and flushes (errors ignored: the connection
+/// is being closed anyway).
 async fn fatal<W: AsyncWrite + Unpin>(w: &mut W, code: &str, message: &str) {
     let _ = w
         .write_all(&protocol::error_response("FATAL", code, message))
@@ -1539,6 +1539,7 @@ where
     let mut tmp = vec![0u8; READ_CHUNK];
     let mut ending: Option<String> = None;
     let mut warning: Option<String> = None;
+    let mut signals = true;
     loop {
         // Forward whatever whole or passed-through bytes are buffered.
         let mut at = 0;
@@ -1632,8 +1633,11 @@ where
                 Ok(n) => buf.extend_from_slice(&tmp[..n]),
                 Err(e) => return End::Io(e.to_string()),
             },
-            changed = signal.changed(), if ending.is_none() => {
+            changed = signal.changed(), if ending.is_none() && signals => {
                 if changed.is_err() {
+                    // The session's registry entry is gone: no more
+                    // signals (and no spinning on a closed channel).
+                    signals = false;
                     continue;
                 }
                 match signal.borrow_and_update().clone() {

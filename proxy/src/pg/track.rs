@@ -18,11 +18,13 @@
 //!
 //! It fails closed: an answer that does not fit what is queued (or a client
 //! message the server would swallow during COPY) is a [`Desync`], and the
-//! proxy then ends the session rather than audit guesses. Statements made
-//! with SQL `PREPARE` are not parsed: a `PREPARE`, `DEALLOCATE` or `DISCARD`
-//! makes the tracker forget every named statement, and an Execute of a
-//! statement it does not know is audited with [`unknown_statement`] text
-//! (the SQL itself is audited as a query). Executes still unanswered when the
+//! proxy then ends the session rather than audit guesses. SQL that touches
+//! protocol names is not parsed: after a `PREPARE`, `DEALLOCATE`, `CLOSE`
+//! (of a cursor), `DISCARD` or `DO` the tracker forgets the named statements
+//! or portals it may have changed (see [`Tracker::completed`]), and an
+//! Execute of one it does not know is audited with [`unknown_statement`] or
+//! an unknown-portal text (the SQL itself is audited as a query). Dynamic
+//! SQL inside a function called by another statement is not seen. Executes still unanswered when the
 //! connection ends are reported by [`Tracker::unanswered`].
 //!
 //! Pure bookkeeping: no I/O; the proxy feeds it messages in wire order.
@@ -423,14 +425,27 @@ impl Tracker {
         })
     }
 
-    /// The command tag of a CommandComplete: SQL-level `PREPARE`,
-    /// `DEALLOCATE` and `DISCARD` change the named statements in ways the
-    /// tracker does not parse, so it forgets them all (their Executes are
-    /// then audited as [`unknown_statement`]s).
+    /// The command tag of a CommandComplete. SQL shares its names with the
+    /// protocol: `PREPARE`, `DEALLOCATE` and `DISCARD` change the named
+    /// statements, SQL cursors are portals (`CLOSE` closes a protocol
+    /// portal, `DISCARD ALL` every one), and a `DO` block may do any of it
+    /// through dynamic SQL. The tracker does not parse SQL, so it forgets
+    /// what such a command may have changed: an Execute of it is then
+    /// audited as unknown, never as the text it had before.
     pub fn completed(&mut self, command_tag: &str) {
         let word = command_tag.split(' ').next().unwrap_or_default();
-        if matches!(word, "PREPARE" | "DEALLOCATE" | "DISCARD") {
+        let (statements, portals) = match word {
+            "PREPARE" | "DEALLOCATE" => (true, false),
+            "CLOSE" => (false, true),
+            "DISCARD" | "DO" => (true, true),
+            _ => (false, false),
+        };
+        // The unnamed statement and portal have no SQL name.
+        if statements {
             self.statements.retain(str::is_empty);
+        }
+        if portals {
+            self.portals.retain(str::is_empty);
         }
     }
 
@@ -516,7 +531,8 @@ impl Tracker {
             Some((text, params, values)) => (text.clone(), *params, values.clone()),
             None if ok => (
                 format!(
-                    "(portal {portal:?} not known to wicket: beyond what one session may track)"
+                    "(portal {portal:?} not known to wicket: an SQL cursor, or beyond what \
+                     one session may track; see this session's queries)"
                 )
                 .into(),
                 0,
@@ -872,6 +888,66 @@ mod tests {
         t.completed("SELECT 1");
         t.completed("PREPARED"); // not the word PREPARE
         assert!(t.statements.get("s1").is_some());
+    }
+
+    /// SQL cursors are portals: `CLOSE p; DECLARE p CURSOR FOR ...` gives
+    /// a bound protocol portal other text.
+    #[test]
+    fn sql_cursor_commands_make_named_portals_unknown() {
+        let bound = |t: &mut Tracker| {
+            parse(t, "s1", "SELECT 1");
+            t.sent(Sent::Query).unwrap(); // BEGIN
+            answer(t, b"1CZ");
+            bind(t, "p", "s1");
+            bind(t, "", "s1");
+            t.sent(Sent::Sync).unwrap();
+            t.received(b'2', 0).unwrap();
+            t.received(b'2', 0).unwrap();
+            t.received(b'Z', b'T').unwrap();
+        };
+        let run = |t: &mut Tracker, portal: &str| {
+            execute(t, portal);
+            t.sent(Sent::Sync).unwrap();
+            let ran = t.received(b'C', 0).unwrap().unwrap();
+            t.received(b'Z', b'T').unwrap();
+            ran.statement.to_string()
+        };
+        for tag in ["CLOSE CURSOR", "CLOSE CURSOR ALL", "DISCARD ALL", "DO"] {
+            let mut t = Tracker::new(100);
+            bound(&mut t);
+            // Query("CLOSE p; DECLARE p CURSOR FOR SELECT f()"), say.
+            t.sent(Sent::Query).unwrap();
+            t.received(b'C', 0).unwrap();
+            t.completed(tag);
+            t.received(b'C', 0).unwrap();
+            t.completed("DECLARE CURSOR");
+            t.received(b'Z', b'T').unwrap();
+            let ran = run(&mut t, "p");
+            assert!(ran.contains("not known to wicket"), "{tag}: {ran}");
+            assert_eq!(
+                t.statements.get("s1").is_some(),
+                !tag.starts_with('D'),
+                "{tag}"
+            );
+            // Binding again makes it known again.
+            bind(&mut t, "p", "s1");
+            t.sent(Sent::Sync).unwrap();
+            answer(&mut t, b"2");
+            t.received(b'Z', b'T').unwrap();
+            let again = run(&mut t, "p");
+            assert_eq!(
+                again.contains("not known"),
+                tag.starts_with('D'),
+                "{tag}: {again}"
+            );
+        }
+        // Declaring, fetching and ending transactions change nothing bound.
+        let mut t = Tracker::new(100);
+        bound(&mut t);
+        for tag in ["DECLARE CURSOR", "FETCH 1", "MOVE 1", "SELECT 1", "CLOSED"] {
+            t.completed(tag);
+        }
+        assert_eq!(run(&mut t, "p"), "SELECT 1");
     }
 
     #[test]
