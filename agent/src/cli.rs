@@ -591,6 +591,12 @@ fn status_json(p: &Profile) -> Result<serde_json::Value> {
         "valid_after": ts(cert.valid_after()),
         "valid_before": ts(cert.valid_before()),
         "expired": now >= cert.valid_before(),
+        // New certificates and requests need a new `wicket login` after it
+        // (certificates from before that field end with themselves).
+        "login_until": ts(id
+            .login_until
+            .and_then(|t| u64::try_from(t).ok())
+            .unwrap_or(cert.valid_before())),
         "files": {
             "ssh_key": p.ssh_key(),
             "ssh_certificate": p.ssh_cert(),
@@ -643,6 +649,10 @@ fn status(format: Format) -> Result<()> {
                 } else {
                     ""
                 }
+            );
+            println!(
+                "  Login:       until {} (then `wicket login` again)",
+                get("login_until")
             );
             for (label, key) in [
                 ("SSH key", "ssh_key"),

@@ -172,6 +172,11 @@ fn prod_ssh_needs_oncall_and_team_lead_then_certificates_match_the_grant() {
     t.cli("alice").ok(&["login", "--request-id", &id]).unwrap();
     let st = t.cli("alice").status().unwrap();
     assert_eq!(st["request_ids"], serde_json::json!([id]));
+    assert_eq!(
+        ts(&st["login_until"]),
+        login_until,
+        "a grant's certificates carry the login's end on"
+    );
     assert_eq!(st["roles"], serde_json::json!(["dev", "prod-ssh"]));
     assert_eq!(
         st["principals"],
