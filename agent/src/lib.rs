@@ -16,6 +16,7 @@ pub mod peer;
 pub mod profile;
 pub mod requests;
 pub mod ssh;
+pub mod term;
 
 /// The CLI's one clock read.
 #[allow(clippy::disallowed_methods)]

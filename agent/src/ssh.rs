@@ -400,47 +400,6 @@ pub fn parse_cast(text: &str) -> Result<(serde_json::Value, Vec<CastEvent>)> {
     Ok((header, events))
 }
 
-/// Terminal output as plain text: escape sequences removed, CR LF → LF.
-pub fn plain_text(output: &str) -> String {
-    let mut out = String::with_capacity(output.len());
-    let mut chars = output.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\x1b' => match chars.next() {
-                Some('[') => {
-                    // CSI: parameters, then one final byte in @..~
-                    for d in chars.by_ref() {
-                        if ('@'..='~').contains(&d) {
-                            break;
-                        }
-                    }
-                }
-                Some(']') => {
-                    // OSC: until BEL or ESC \
-                    while let Some(d) = chars.next() {
-                        if d == '\x07' {
-                            break;
-                        }
-                        if d == '\x1b' {
-                            chars.next();
-                            break;
-                        }
-                    }
-                }
-                Some(_) | None => {}
-            },
-            '\r' => {
-                if chars.peek() != Some(&'\n') {
-                    out.push('\n');
-                }
-            }
-            '\x07' | '\x08' | '\0' => {}
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 /// `wicket play SESSION` for an SSH session: returns false when the
 /// session has no recording (a database session, say).
 pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> Result<bool> {
@@ -479,7 +438,7 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
                 .filter(|e| e.code == "o")
                 .map(|e| e.data.as_str())
                 .collect();
-            out.write_all(plain_text(&all).as_bytes())?;
+            out.write_all(crate::term::plain_text(&all).as_bytes())?;
         }
         PlayFormat::Terminal => {
             let (_, events) = parse_cast(&text)?;
@@ -495,7 +454,7 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
                     out.flush()?;
                     tokio::time::sleep(Duration::from_secs_f64(wait.min(3600.0))).await;
                 }
-                out.write_all(e.data.as_bytes())?;
+                out.write_all(crate::term::terminal_safe(&e.data).as_bytes())?;
             }
         }
     }
@@ -523,14 +482,6 @@ mod tests {
         ] {
             assert!(!config_safe(bad), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn plain_text_strips_escapes() {
-        assert_eq!(
-            plain_text("\x1b]0;title\x07\x1b[01;32mroot@n\x1b[00m:~# ls\r\nfile\r\n"),
-            "root@n:~# ls\nfile\n"
-        );
     }
 
     #[test]

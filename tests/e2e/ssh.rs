@@ -507,6 +507,10 @@ fn interactive_session_is_cut_within_a_second_of_revoke_and_recorded() {
     let mut t = Pty::spawn(&cfg, &lab.dest());
     t.send("echo hello-$((40+2))\n");
     t.expect("hello-42", Duration::from_secs(20));
+    // Output that would drive an auditor's terminal on replay: a clipboard
+    // write and a cursor report request.
+    t.send("printf '\\033]52;c;cHduZWQ=\\007\\033[6n%s-%s\\n' played safely\n");
+    t.expect("played-safely", Duration::from_secs(20));
     admin
         .ok(&["request", "revoke", &id, "--reason", "incident over"])
         .unwrap();
@@ -568,9 +572,19 @@ fn interactive_session_is_cut_within_a_second_of_revoke_and_recorded() {
             text(&out.stdout)
         );
     }
-    // Timed replay works too (fast).
+    // Timed replay works too (fast), without what would talk to the
+    // auditor's terminal (the recording has it, the replay does not).
+    assert!(
+        cast.contains(r"\u001b]52;c;cHduZWQ=") && cast.contains(r"\u001b[6n"),
+        "{cast}"
+    );
     let replay = admin.ok(&["play", &sid, "--speed", "50"]).unwrap().stdout;
     assert!(replay.contains("hello-42"));
+    assert!(replay.contains("played-safely"), "{replay:?}");
+    assert!(
+        !replay.contains("\x1b]52") && !replay.contains("\x1b[6n"),
+        "{replay:?}"
+    );
     // alice may list her own sessions but not play bob's (none here): her list is hers.
     let mine = alice
         .ok(&["recordings", "ls", "--format", "json"])
