@@ -443,6 +443,7 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
         PlayFormat::Terminal => {
             let (_, events) = parse_cast(&text)?;
             let mut last = 0.0f64;
+            let mut replay = crate::term::Replay::default();
             for e in events.iter().filter(|e| e.code == "o") {
                 let mut gap = (e.time - last).max(0.0);
                 if let Some(limit) = args.idle_limit {
@@ -454,7 +455,7 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
                     out.flush()?;
                     tokio::time::sleep(Duration::from_secs_f64(wait.min(3600.0))).await;
                 }
-                out.write_all(crate::term::terminal_safe(&e.data).as_bytes())?;
+                out.write_all(replay.feed(&e.data).as_bytes())?;
             }
         }
     }

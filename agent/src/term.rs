@@ -20,6 +20,8 @@ enum Token<'a> {
     /// Anything else: other escape sequences, DCS/SOS/PM/APC strings, C1
     /// and other C0 controls. Never passed on.
     Other,
+    /// A sequence that `s` ends in the middle of (the rest of the input).
+    Incomplete,
 }
 
 fn is_c1(c: char) -> bool {
@@ -29,19 +31,21 @@ fn is_c1(c: char) -> bool {
 /// Where a control string (OSC, DCS, SOS, PM, APC) that starts at `from`
 /// ends: (payload end, sequence end, whether it ended properly, with BEL,
 /// ESC \\ or ST). Any other ESC aborts the string and starts a sequence of
-/// its own, as it does in a terminal; so do CAN and SUB.
-fn string_end(s: &str, from: usize) -> (usize, usize, bool) {
+/// its own, as it does in a terminal; so do CAN and SUB. `None` when `s`
+/// ends first.
+fn string_end(s: &str, from: usize) -> Option<(usize, usize, bool)> {
     for (i, c) in s[from..].char_indices() {
         let at = from + i;
         match c {
-            '\x07' | '\u{9c}' => return (at, at + c.len_utf8(), true),
-            '\x1b' if s[at + 1..].starts_with('\\') => return (at, at + 2, true),
-            '\x1b' => return (at, at, false),
-            '\x18' | '\x1a' => return (at, at + 1, false),
+            '\x07' | '\u{9c}' => return Some((at, at + c.len_utf8(), true)),
+            '\x1b' if at + 1 == s.len() => return None,
+            '\x1b' if s[at + 1..].starts_with('\\') => return Some((at, at + 2, true)),
+            '\x1b' => return Some((at, at, false)),
+            '\x18' | '\x1a' => return Some((at, at + 1, false)),
             _ => {}
         }
     }
-    (s.len(), s.len(), false)
+    None
 }
 
 /// The next token of `s` from `at`, and where the one after starts.
@@ -63,14 +67,18 @@ fn next_token(s: &str, at: usize) -> Option<(Token<'_>, usize)> {
             Some(d @ ('[' | ']' | 'P' | 'X' | '^' | '_')) => (d, after + 1),
             Some(d) if (' '..='/').contains(&d) => {
                 // nF: intermediates, then one final byte.
-                let end = s[after..]
-                    .char_indices()
-                    .find(|&(_, e)| !(' '..='/').contains(&e))
-                    .map_or(s.len(), |(i, e)| after + i + e.len_utf8());
-                return Some((Token::Other, end));
+                return Some(
+                    match s[after..]
+                        .char_indices()
+                        .find(|&(_, e)| !(' '..='/').contains(&e))
+                    {
+                        Some((i, e)) => (Token::Other, after + i + e.len_utf8()),
+                        None => (Token::Incomplete, s.len()),
+                    },
+                );
             }
             Some(d) => return Some((Token::Other, after + d.len_utf8())),
-            None => return Some((Token::Other, after)),
+            None => return Some((Token::Incomplete, s.len())),
         },
         '\u{9b}' => ('[', after),
         '\u{9d}' => (']', after),
@@ -90,30 +98,23 @@ fn next_token(s: &str, at: usize) -> Option<(Token<'_>, usize)> {
                     return Some((Token::Other, body + i));
                 }
             }
-            Some((Token::Other, s.len()))
+            Some((Token::Incomplete, s.len()))
         }
-        ']' => match string_end(s, body) {
-            (payload, end, true) => Some((Token::Osc(&s[body..payload]), end)),
-            (_, end, false) => Some((Token::Other, end)),
-        },
-        _ => Some((Token::Other, string_end(s, body).1)),
+        _ => Some(match string_end(s, body) {
+            Some((payload, end, true)) if intro == ']' => (Token::Osc(&s[body..payload]), end),
+            Some((_, end, _)) => (Token::Other, end),
+            None => (Token::Incomplete, s.len()),
+        }),
     }
-}
-
-fn tokens(s: &str) -> impl Iterator<Item = Token<'_>> {
-    let mut at = 0;
-    std::iter::from_fn(move || {
-        let (t, next) = next_token(s, at)?;
-        at = next;
-        Some(t)
-    })
 }
 
 /// Terminal output as plain text: every control sequence removed, CR LF
 /// and lone CR made LF, BEL and BS dropped.
 pub fn plain_text(output: &str) -> String {
     let mut out = String::with_capacity(output.len());
-    for t in tokens(output) {
+    let mut at = 0;
+    while let Some((t, next)) = next_token(output, at) {
+        at = next;
         if let Token::Text(text) = t {
             let mut chars = text.chars().peekable();
             while let Some(c) = chars.next() {
@@ -173,37 +174,59 @@ fn draws(params: &str, fin: char) -> bool {
     }
 }
 
-/// Terminal output with only what redraws a screen: text, CSI sequences
-/// that move, erase, scroll, set modes or colours (not the ones that make
-/// the terminal answer: device status, attributes, window reports, or
-/// anything with a private final byte), and window titles (OSC 0, 1, 2,
-/// printable). Everything else is dropped.
-pub fn terminal_safe(output: &str) -> String {
-    let mut out = String::with_capacity(output.len());
-    for t in tokens(output) {
-        match t {
-            Token::Text(text) => out.push_str(text),
-            Token::Csi(seq, params, fin) => {
+/// Replays terminal output chunk by chunk with only what redraws a screen:
+/// text, CSI sequences that only draw (see `draws`), and window titles (OSC 0, 1,
+/// 2, printable, written in the 7-bit form). Everything else is dropped. A
+/// sequence cut between two chunks is held back until it is whole (up to
+/// [`MAX_HELD`] bytes, then dropped).
+#[derive(Debug, Default)]
+pub struct Replay {
+    held: String,
+}
+
+/// The longest unfinished sequence a [`Replay`] holds back.
+pub const MAX_HELD: usize = 4096;
+
+impl Replay {
+    /// What of `chunk` (after what was held back) may go to the terminal.
+    pub fn feed(&mut self, chunk: &str) -> String {
+        let mut input = std::mem::take(&mut self.held);
+        input.push_str(chunk);
+        let mut out = String::with_capacity(input.len());
+        let mut at = 0;
+        while let Some((t, next)) = next_token(&input, at) {
+            match t {
+                Token::Text(text) => out.push_str(text),
                 // Only the 7-bit form: an 8-bit CSI may not be what the
                 // auditor's terminal takes it for.
-                if seq.starts_with('\x1b') && draws(params, fin) {
-                    out.push_str(seq);
+                Token::Csi(seq, params, fin) => {
+                    if seq.starts_with('\x1b') && draws(params, fin) {
+                        out.push_str(seq);
+                    }
                 }
-            }
-            Token::Osc(payload) => {
-                let title = ["0;", "1;", "2;"].iter().any(|p| payload.starts_with(p))
-                    && !payload.chars().any(|c| c.is_control() || is_c1(c));
-                // Written in its 7-bit form whatever the recording used.
-                if title {
-                    out.push_str("\x1b]");
-                    out.push_str(payload);
-                    out.push('\x07');
+                Token::Osc(payload) => {
+                    let title = ["0;", "1;", "2;"].iter().any(|p| payload.starts_with(p))
+                        && !payload.chars().any(|c| c.is_control() || is_c1(c));
+                    if title {
+                        out.push_str("\x1b]");
+                        out.push_str(payload);
+                        out.push('\x07');
+                    }
                 }
+                Token::Incomplete if input.len() - at <= MAX_HELD => {
+                    self.held = input[at..].to_owned();
+                }
+                Token::Other | Token::Incomplete => {}
             }
-            Token::Other => {}
+            at = next;
         }
+        out
     }
-    out
+}
+
+/// [`Replay`] of one whole output.
+pub fn terminal_safe(output: &str) -> String {
+    Replay::default().feed(output)
 }
 
 #[cfg(test)]
@@ -268,8 +291,17 @@ mod tests {
             prop_assert!(!safe.chars().any(|c| is_c1(c) || matches!(c, '\x05' | '\x18' | '\x1a' | '\x7f')), "{safe:?}");
             // Filtering twice changes nothing more: what passed is whole.
             prop_assert_eq!(terminal_safe(&safe), safe.clone());
-            for t in tokens(&safe) {
-                prop_assert!(!matches!(t, Token::Other), "{safe:?}");
+            let mut at = 0;
+            while let Some((t, next)) = next_token(&safe, at) {
+                prop_assert!(!matches!(t, Token::Other | Token::Incomplete), "{safe:?}");
+                at = next;
+            }
+            // Cut anywhere, the same comes out.
+            for cut in (0..=s.len()).filter(|&i| s.is_char_boundary(i)) {
+                let mut r = Replay::default();
+                let mut two = r.feed(&s[..cut]);
+                two.push_str(&r.feed(&s[cut..]));
+                prop_assert_eq!(&two, &safe, "cut at {}", cut);
             }
         }
     }
