@@ -1517,3 +1517,137 @@ fn a_client_that_stops_reading_is_still_cut_at_revoke() {
     );
     assert!(reason.contains("revoked"), "{reason}");
 }
+
+/// A recording that cannot go on (here: past `max_recording_bytes`) ends
+/// its session, and output past that point never reaches the user; with
+/// `on_recording_failure: continue` the session goes on unrecorded from
+/// there. A session whose recording cannot even be made is refused. Input
+/// typed into a shell without a terminal is recorded too.
+#[test]
+fn a_recording_that_cannot_go_on_ends_its_session_unless_configured_otherwise() {
+    let command = "head -c 300000 /dev/zero | tr '\\0' x; echo; echo after-$((6*7))";
+    for strict in [true, false] {
+        let lab = Lab::start_with(if strict {
+            ", max_recording_bytes: 65536, record_input: true"
+        } else {
+            ", max_recording_bytes: 65536, on_recording_failure: continue"
+        });
+        let alice = lab.user("alice", "access");
+        let admin = lab.user("sec", "auditor");
+        let id = lab.grant(&alice, "node-admin", "10m");
+        let cfg = ssh_config(&alice);
+        if strict {
+            // A shell without a terminal: what is typed goes on the record.
+            let mut child = ssh(&cfg)
+                .args(["-T", &lab.dest()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(b"echo typed-$((2*3))\n")
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                text(&out.stdout).contains("typed-6"),
+                "{}",
+                text(&out.stderr)
+            );
+        }
+        let out = output(ssh(&cfg).arg(lab.dest()).arg(command));
+        let stdout = text(&out.stdout);
+        // Both sessions' ends are on record (the second's names the limit).
+        let ended = wait_until("the sessions' ends", Duration::from_secs(20), || {
+            let v = admin
+                .ok(&[
+                    "audit",
+                    "search",
+                    "--request",
+                    &id,
+                    "--kind",
+                    "session_ended",
+                    "--format",
+                    "json",
+                ])
+                .unwrap()
+                .json()
+                .unwrap();
+            (v.as_array().unwrap().len() == 1 + usize::from(strict)).then_some(v.to_string())
+        })
+        .unwrap();
+        if strict {
+            assert!(!out.status.success());
+            assert!(!stdout.contains("after-42"), "{}", stdout.len());
+            assert!(stdout.len() < 100_000, "{}", stdout.len());
+            assert!(
+                text(&out.stderr).contains("reached its limit of 65536 bytes"),
+                "{}",
+                text(&out.stderr)
+            );
+            assert!(
+                ended.contains("reached its limit of 65536 bytes"),
+                "{ended}"
+            );
+        } else {
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            assert!(stdout.contains("after-42") && stdout.len() > 300_000);
+            assert!(!ended.contains("reached its limit"), "{ended}");
+        }
+        // The recording ends with a marker saying why it stopped.
+        let cast: Vec<String> =
+            wait_until("the recording's marker", Duration::from_secs(20), || {
+                let list = recordings_of(&admin, &id);
+                let cast: Vec<String> = list
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| {
+                        let sid = r["session_id"].as_str().unwrap();
+                        admin.ok(&["play", sid, "--format", "cast"]).unwrap().stdout
+                    })
+                    .collect();
+                cast.concat()
+                    .contains("nothing more is recorded")
+                    .then_some(cast)
+            })
+            .unwrap();
+        assert!(cast.iter().all(|c| c.len() < 65536 + 4096));
+        if strict {
+            let typed = cast
+                .iter()
+                .flat_map(|c| wicket::ssh::parse_cast(c).unwrap().1)
+                .filter(|e| e.code == "i")
+                .map(|e| e.data)
+                .collect::<String>();
+            assert!(typed.contains("echo typed-$((2*3))"), "{typed:?}");
+            // A recording that cannot be made: the session is refused.
+            let dir = lab.d.data_dir().join("recordings");
+            std::fs::remove_dir_all(&dir).unwrap();
+            std::fs::write(&dir, "not a directory").unwrap();
+            let out = output(ssh(&cfg).arg(lab.dest()).arg("echo ran"));
+            assert!(!out.status.success() && !text(&out.stdout).contains("ran"));
+            // (OpenSSH exits at the refusal, before printing the line
+            // wicketd sends with it: the audit has the reason.)
+            wait_until("the refusal's audit", Duration::from_secs(20), || {
+                admin
+                    .ok(&[
+                        "audit",
+                        "search",
+                        "--kind",
+                        "access_denied",
+                        "--format",
+                        "json",
+                    ])
+                    .unwrap()
+                    .stdout
+                    .contains("the session recording cannot be made")
+                    .then_some(())
+            })
+            .unwrap();
+        }
+    }
+}

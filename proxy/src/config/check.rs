@@ -737,10 +737,35 @@ impl Cx {
             "session.unverified_grace",
             d.unverified_grace,
         );
+        let max_recording_bytes = match f.max_recording_bytes {
+            None => Some(d.max_recording_bytes),
+            Some(n) if n >= 1 << 16 => Some(n),
+            Some(n) => {
+                self.push(
+                    "session.max_recording_bytes",
+                    format!("{n} is below the least, 65536"),
+                );
+                None
+            }
+        };
+        let end_on_recording_failure = match f.on_recording_failure.as_deref() {
+            None => Some(d.end_on_recording_failure),
+            Some("end") => Some(true),
+            Some("continue") => Some(false),
+            Some(other) => {
+                self.push(
+                    "session.on_recording_failure",
+                    format!("{other:?} is not one of: end, continue"),
+                );
+                None
+            }
+        };
         Some(SessionSettings {
             disconnect_on_expiry: f.disconnect_on_expiry.unwrap_or(d.disconnect_on_expiry),
             expiry_warning: warning?,
             record_input: f.record_input.unwrap_or(d.record_input),
+            max_recording_bytes: max_recording_bytes?,
+            end_on_recording_failure: end_on_recording_failure?,
             unverified_grace: grace?,
         })
     }

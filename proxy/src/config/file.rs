@@ -105,13 +105,20 @@ pub struct CertificatesFile {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with disconnect_on_expiry, expiry_warning, record_input and unverified_grace"
+    expecting = "a mapping with disconnect_on_expiry, expiry_warning, record_input, \
+                 max_recording_bytes, on_recording_failure and unverified_grace"
 )]
 pub struct SessionFile {
     pub disconnect_on_expiry: Option<bool>,
     pub expiry_warning: Option<DurationText>,
     /// Record what users type in SSH sessions too (default false: output only).
     pub record_input: Option<bool>,
+    /// Most bytes one SSH session's recording may take (default 1 GiB).
+    pub max_recording_bytes: Option<u64>,
+    /// `end` (default: a session whose recording cannot go on ends, and one
+    /// that cannot start one is refused) or `continue` (it goes on,
+    /// unrecorded from there, with a marker and a log line).
+    pub on_recording_failure: Option<String>,
     /// How long live sessions go on while their grant or user cannot be
     /// re-read from the store (default 30s; 0s = end at the first failure).
     pub unverified_grace: Option<DurationText>,

@@ -144,6 +144,13 @@ pub struct SessionSettings {
     pub expiry_warning: Duration,
     /// Record what users type in SSH sessions as well as the output (default false).
     pub record_input: bool,
+    /// Most bytes one SSH session's recording may take (default 1 GiB).
+    pub max_recording_bytes: u64,
+    /// A session whose recording cannot be written (disk full, past
+    /// `max_recording_bytes`) ends, and one whose recording cannot be made is
+    /// refused (default true; Teleport's `record_session: strict`). When
+    /// false it goes on unrecorded from there, with a marker and a log line.
+    pub end_on_recording_failure: bool,
     /// How long live sessions go on while wicketd cannot re-read their grant
     /// or their user from the store (default 30s; 0 = end at the first
     /// failure). Fail closed: after it, they end.
@@ -156,6 +163,8 @@ impl Default for SessionSettings {
             disconnect_on_expiry: true,
             expiry_warning: Duration::minutes(15),
             record_input: false,
+            max_recording_bytes: 1 << 30,
+            end_on_recording_failure: true,
             unverified_grace: Duration::seconds(30),
         }
     }

@@ -964,3 +964,24 @@ limits: { max_connections: 50, max_unauthenticated: 5, login_grace: 10s }
     let e = problems("version: 1\nlimits: { max_startups: 1 }\n");
     assert!(e.to_string().contains("max_startups"), "{e}");
 }
+
+#[test]
+fn recording_limit_and_failure_mode() {
+    let d = ok(EXAMPLE);
+    assert_eq!(d.session.max_recording_bytes, 1 << 30);
+    assert!(d.session.end_on_recording_failure);
+    let c = ok("
+version: 1
+session: { max_recording_bytes: 100000, on_recording_failure: continue }
+");
+    assert_eq!(c.session.max_recording_bytes, 100_000);
+    assert!(!c.session.end_on_recording_failure);
+    let e = problems(
+        "
+version: 1
+session: { max_recording_bytes: 10, on_recording_failure: stop }
+",
+    );
+    has(&e, "session.max_recording_bytes", "65536");
+    has(&e, "session.on_recording_failure", "end, continue");
+}

@@ -149,6 +149,10 @@ pub(crate) struct Live {
     signal: watch::Receiver<Signal>,
     recorder: Mutex<Option<Arc<Recorder>>>,
     record_input: bool,
+    /// `session.on_recording_failure: end`.
+    end_on_recording_failure: bool,
+    /// Woken when the recording fails and the session must end for it.
+    recording_failed: tokio::sync::Notify,
     started: std::time::Instant,
     started_unix: i64,
     bytes_in: AtomicU64,
@@ -206,6 +210,7 @@ impl Live {
                 term,
                 self.record_input,
                 self.started,
+                self.proxy.wicket.config.session.max_recording_bytes,
             ) {
                 Ok(r) => *g = Some(Arc::new(r)),
                 Err(e) => {
@@ -221,22 +226,24 @@ impl Live {
         lock(&self.recorder).clone()
     }
 
-    fn record_output(&self, rec: &ChanRec, data: &[u8]) {
+    /// Records a channel's output; false when it must not reach the user
+    /// because it could not go on the record and the session ends for it.
+    fn record_output(&self, rec: &ChanRec, data: &[u8]) -> bool {
         let mode = rec.mode.load(Ordering::Relaxed);
         if mode == REC_OFF {
-            return;
+            return true;
         }
         let Some(r) = self.existing_recorder() else {
-            return;
+            return true;
         };
-        if mode == REC_EXEC {
+        let recorded = if mode == REC_EXEC {
             let before = rec.recorded.fetch_add(data.len() as u64, Ordering::Relaxed);
             if before >= EXEC_RECORD_LIMIT {
-                return;
+                return true;
             }
             let room = (EXEC_RECORD_LIMIT - before) as usize;
             let part = &data[..data.len().min(room)];
-            r.output(crate::clock::instant(), part);
+            let recorded = r.output(crate::clock::instant(), part);
             if part.len() < data.len() {
                 r.marker(
                     crate::clock::instant(),
@@ -245,9 +252,29 @@ impl Live {
                     ),
                 );
             }
-            return;
+            recorded
+        } else {
+            r.output(crate::clock::instant(), data)
+        };
+        recorded || !self.recording_lost(&r)
+    }
+
+    /// The recording failed: with `on_recording_failure: end` the session
+    /// ends for it (true), else it goes on unrecorded (false). Logged
+    /// once, by the recorder.
+    fn recording_lost(&self, r: &Recorder) -> bool {
+        let Some(why) = r.failure() else {
+            return false;
+        };
+        if !self.end_on_recording_failure {
+            return false;
         }
-        r.output(crate::clock::instant(), data);
+        let mut reason = lock(&self.end_reason);
+        if reason.is_none() {
+            *reason = Some(why);
+        }
+        self.recording_failed.notify_one();
+        true
     }
 
     fn marker(&self, text: &str) {
@@ -394,7 +421,13 @@ impl Live {
                 _ = flush.tick() => {
                     if let Some(r) = self.existing_recorder() {
                         r.flush_if_dirty();
+                        self.recording_lost(&r);
                     }
+                }
+                _ = self.recording_failed.notified() => {
+                    let why = lock(&self.end_reason).clone().unwrap_or_default();
+                    self.end(&handle, &why).await;
+                    break;
                 }
                 _ = done.changed() => break,
             }
@@ -618,6 +651,8 @@ impl Conn {
             signal,
             recorder: Mutex::new(None),
             record_input: wicket.config.session.record_input,
+            end_on_recording_failure: wicket.config.session.end_on_recording_failure,
+            recording_failed: tokio::sync::Notify::new(),
             started: crate::clock::instant(),
             started_unix: now.timestamp(),
             bytes_in: AtomicU64::new(0),
@@ -697,22 +732,35 @@ impl Conn {
         let Some(why) = live.refusing() else {
             return Ok(false);
         };
-        live.marker(&format!("{what} refused: {why}"));
-        live.audit(AuditEvent::AccessDenied {
-            user: live.sref.user.clone(),
-            action: format!("ssh.{what}"),
-            reason: why.clone(),
-        })
-        .await;
-        let line = format!("wicket: refused: {why}; nothing new starts on this connection\r\n");
-        let _ = session.extended_data(channel, 1, Bytes::from(line.into_bytes()));
-        if !close {
-            return Ok(true);
+        refuse(live, channel, what, &why, close, session).await?;
+        Ok(true)
+    }
+
+    /// With `on_recording_failure: end`, refuses a shell, exec or subsystem
+    /// whose recording could not be made (or has failed).
+    async fn refused_unrecorded(
+        &self,
+        channel: ChannelId,
+        what: &str,
+        session: &mut Session,
+    ) -> Result<bool, russh::Error> {
+        if !self.channels.contains_key(&channel) {
+            return Ok(false);
         }
-        session.channel_failure(channel)?;
-        session.exit_status_request(channel, 1)?;
-        session.eof(channel)?;
-        session.close(channel)?;
+        let Some(live) = self.live() else {
+            return Ok(false);
+        };
+        if !live.end_on_recording_failure {
+            return Ok(false);
+        }
+        let why = match live.existing_recorder() {
+            None => "the session recording cannot be made".to_owned(),
+            Some(r) => match r.failure() {
+                None => return Ok(false),
+                Some(why) => why,
+            },
+        };
+        refuse(live, channel, what, &why, true, session).await?;
         Ok(true)
     }
 
@@ -839,6 +887,34 @@ async fn run_to_node(mut rx: mpsc::Receiver<Up>, up: russh::ChannelWriteHalf<rus
     let _ = up.close().await;
 }
 
+/// Refuses a request on a session channel: on the recording, in the audit
+/// log, and on the user's stderr; `close` closes the channel too.
+async fn refuse(
+    live: &Live,
+    channel: ChannelId,
+    what: &str,
+    why: &str,
+    close: bool,
+    session: &mut Session,
+) -> Result<(), russh::Error> {
+    live.marker(&format!("{what} refused: {why}"));
+    live.audit(AuditEvent::AccessDenied {
+        user: live.sref.user.clone(),
+        action: format!("ssh.{what}"),
+        reason: why.to_owned(),
+    })
+    .await;
+    let line = format!("wicket: refused: {why}; nothing new starts on this connection\r\n");
+    let _ = session.extended_data(channel, 1, Bytes::from(line.into_bytes()));
+    if close {
+        session.channel_failure(channel)?;
+        session.exit_status_request(channel, 1)?;
+        session.eof(channel)?;
+        session.close(channel)?;
+    }
+    Ok(())
+}
+
 /// Node → user: output, exit status, replies to requests.
 async fn run_to_user(
     mut up: russh::ChannelReadHalf,
@@ -858,7 +934,11 @@ async fn run_to_user(
             ChannelMsg::Data { data } => {
                 live.bytes_out
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
-                live.record_output(&rec, &data);
+                if !live.record_output(&rec, &data) {
+                    // The session ends for it: its end tells the user
+                    // why and closes this channel.
+                    return;
+                }
                 if down.data_bytes(data).await.is_err() {
                     break;
                 }
@@ -866,7 +946,11 @@ async fn run_to_user(
             ChannelMsg::ExtendedData { data, ext } => {
                 live.bytes_out
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
-                live.record_output(&rec, &data);
+                if !live.record_output(&rec, &data) {
+                    // The session ends for it: its end tells the user
+                    // why and closes this channel.
+                    return;
+                }
                 if down.extended_data_bytes(ext, data).await.is_err() {
                     break;
                 }
@@ -1148,9 +1232,14 @@ impl server::Handler for Conn {
         if let Some(live) = self.live() {
             live.bytes_in
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
-            if c.pty.is_some() {
+            // What is typed: at a terminal, or into a shell without one
+            // (commands and binary data sent to an exec or a subsystem are
+            // not input to record).
+            if c.pty.is_some() || c.rec.mode.load(Ordering::Relaxed) == REC_ALL {
                 if let Some(r) = live.existing_recorder() {
-                    r.input(crate::clock::instant(), data);
+                    if !r.input(crate::clock::instant(), data) && live.recording_lost(&r) {
+                        return Ok(());
+                    }
                 }
             }
         }
@@ -1257,6 +1346,9 @@ impl server::Handler for Conn {
                 r.marker(crate::clock::instant(), "shell");
             }
         }
+        if self.refused_unrecorded(channel, "shell", session).await? {
+            return Ok(());
+        }
         self.forward(channel, Up::Shell, session).await
     }
 
@@ -1285,10 +1377,15 @@ impl server::Handler for Conn {
             {
                 r.marker(crate::clock::instant(), &format!("exec: {command}"));
             }
+        }
+        if self.refused_unrecorded(channel, "exec", session).await? {
+            return Ok(());
+        }
+        if let Some(live) = self.live() {
             live.execs.fetch_add(1, Ordering::Relaxed);
             live.audit(AuditEvent::SshExec {
                 session: live.sref.clone(),
-                command,
+                command: String::from_utf8_lossy(data).into_owned(),
             })
             .await;
         }
@@ -1320,6 +1417,14 @@ impl server::Handler for Conn {
             if let Some(r) = live.recorder(80, 24, None) {
                 r.marker(crate::clock::instant(), &format!("subsystem: {name}"));
             }
+        }
+        if self
+            .refused_unrecorded(channel, "subsystem", session)
+            .await?
+        {
+            return Ok(());
+        }
+        if let Some(live) = self.live() {
             live.execs.fetch_add(1, Ordering::Relaxed);
             live.audit(AuditEvent::SshExec {
                 session: live.sref.clone(),

@@ -119,13 +119,19 @@ struct Inner {
     dirty: bool,
     carry_out: Vec<u8>,
     carry_in: Vec<u8>,
-    failed: bool,
+    /// Bytes written (or buffered) so far, header included.
+    written: u64,
+    /// Why nothing more is recorded: the limit was reached or the file
+    /// could not be written.
+    failed: Option<String>,
 }
 
 /// One session's recording, written incrementally.
 pub struct Recorder {
     inner: Mutex<Inner>,
     started: Instant,
+    /// Most bytes the file may take (`session.max_recording_bytes`).
+    limit: u64,
     pub path: PathBuf,
     pub record_input: bool,
 }
@@ -140,6 +146,7 @@ impl std::fmt::Debug for Recorder {
 
 impl Recorder {
     /// Creates the file (0600) and writes the header.
+    #[allow(clippy::too_many_arguments)]
     pub fn create(
         data_dir: &Path,
         meta: &RecordingMeta,
@@ -148,6 +155,7 @@ impl Recorder {
         term: Option<&str>,
         record_input: bool,
         started: Instant,
+        limit: u64,
     ) -> std::io::Result<Recorder> {
         let path = path(data_dir, &meta.session_id)
             .ok_or_else(|| std::io::Error::other("invalid session ID"))?;
@@ -181,8 +189,9 @@ impl Recorder {
             env,
             wicket: meta.clone(),
         };
-        serde_json::to_writer(&mut out, &header)?;
-        out.write_all(b"\n")?;
+        let mut line = serde_json::to_vec(&header)?;
+        line.push(b'\n');
+        out.write_all(&line)?;
         out.flush()?;
         Ok(Recorder {
             inner: Mutex::new(Inner {
@@ -190,9 +199,11 @@ impl Recorder {
                 dirty: false,
                 carry_out: Vec::new(),
                 carry_in: Vec::new(),
-                failed: false,
+                written: line.len() as u64,
+                failed: None,
             }),
             started,
+            limit,
             path,
             record_input,
         })
@@ -202,72 +213,112 @@ impl Recorder {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn event(inner: &mut Inner, t: f64, code: &str, data: &str) {
+    /// Writes one event; returns false when it was not recorded (and
+    /// nothing after it will be: see [`Recorder::failure`]).
+    fn event(&self, inner: &mut Inner, t: f64, code: &str, data: &str) -> bool {
+        if inner.failed.is_some() {
+            return false;
+        }
         let Some(out) = inner.out.as_mut() else {
-            return;
+            return false;
         };
-        let line = serde_json::to_string(&(round(t), code, data)).unwrap_or_default();
-        let ok = out
-            .write_all(line.as_bytes())
-            .and_then(|_| out.write_all(b"\n"));
-        if let Err(e) = ok {
-            if !inner.failed {
-                tracing::warn!(error = %e, "cannot write session recording");
-                inner.failed = true;
+        let mut line = serde_json::to_string(&(round(t), code, data)).unwrap_or_default();
+        line.push('\n');
+        let failed = if inner.written + line.len() as u64 > self.limit {
+            // The last line says why the recording stops (a marker may go
+            // past the limit by its own length).
+            let why = format!(
+                "the session recording reached its limit of {} bytes",
+                self.limit
+            );
+            let mut marker =
+                serde_json::to_string(&(round(t), "m", format!("{why}; nothing more is recorded")))
+                    .unwrap_or_default();
+            marker.push('\n');
+            let _ = out.write_all(marker.as_bytes()).and_then(|_| out.flush());
+            Some(why)
+        } else {
+            match out.write_all(line.as_bytes()) {
+                Ok(()) => {
+                    inner.written += line.len() as u64;
+                    None
+                }
+                Err(e) => Some(format!("cannot write the session recording: {e}")),
+            }
+        };
+        inner.dirty = true;
+        match failed {
+            None => true,
+            Some(why) => {
+                tracing::warn!(path = %self.path.display(), "{why}");
+                inner.failed = Some(why);
+                false
             }
         }
-        inner.dirty = true;
+    }
+
+    /// Why nothing more is recorded, once that is so.
+    pub fn failure(&self) -> Option<String> {
+        self.lock().failed.clone()
     }
 
     fn elapsed(&self, now: Instant) -> f64 {
         now.saturating_duration_since(self.started).as_secs_f64()
     }
 
-    /// Output from the node (stdout or stderr).
-    pub fn output(&self, now: Instant, data: &[u8]) {
+    /// Output from the node (stdout or stderr); false when it is not on
+    /// the record (see [`Recorder::failure`]).
+    pub fn output(&self, now: Instant, data: &[u8]) -> bool {
         let t = self.elapsed(now);
         let mut g = self.lock();
         let mut carry = std::mem::take(&mut g.carry_out);
         let text = take_text(&mut carry, data);
         g.carry_out = carry;
-        if !text.is_empty() {
-            Self::event(&mut g, t, "o", &text);
+        if text.is_empty() {
+            return g.failed.is_none();
         }
+        self.event(&mut g, t, "o", &text)
     }
 
-    /// Input from the user (only when `record_input`).
-    pub fn input(&self, now: Instant, data: &[u8]) {
+    /// Input from the user (only when `record_input`); false when it is
+    /// not on the record.
+    pub fn input(&self, now: Instant, data: &[u8]) -> bool {
         if !self.record_input {
-            return;
+            return true;
         }
         let t = self.elapsed(now);
         let mut g = self.lock();
         let mut carry = std::mem::take(&mut g.carry_in);
         let text = take_text(&mut carry, data);
         g.carry_in = carry;
-        if !text.is_empty() {
-            Self::event(&mut g, t, "i", &text);
+        if text.is_empty() {
+            return g.failed.is_none();
         }
+        self.event(&mut g, t, "i", &text)
     }
 
     pub fn resize(&self, now: Instant, cols: u32, rows: u32) {
         let t = self.elapsed(now);
-        Self::event(&mut self.lock(), t, "r", &format!("{cols}x{rows}"));
+        self.event(&mut self.lock(), t, "r", &format!("{cols}x{rows}"));
     }
 
     pub fn marker(&self, now: Instant, text: &str) {
         let t = self.elapsed(now);
-        Self::event(&mut self.lock(), t, "m", text);
+        self.event(&mut self.lock(), t, "m", text);
     }
 
     /// Flushes buffered events to the file if any were written since the
     /// last flush. The session calls this at least once a second.
+    /// A failed flush (a full disk shows here first) is a failure.
     pub fn flush_if_dirty(&self) {
         let mut g = self.lock();
         if g.dirty {
             g.dirty = false;
-            if let Some(out) = g.out.as_mut() {
-                let _ = out.flush();
+            let flushed = g.out.as_mut().map(|out| out.flush());
+            if let (Some(Err(e)), None) = (flushed, &g.failed) {
+                let why = format!("cannot write the session recording: {e}");
+                tracing::warn!(path = %self.path.display(), "{why}");
+                g.failed = Some(why);
             }
         }
     }
@@ -314,7 +365,17 @@ mod tests {
         };
         #[allow(clippy::disallowed_methods)]
         let t0 = Instant::now();
-        let r = Recorder::create(dir.path(), &meta, 100, 30, Some("xterm"), false, t0).unwrap();
+        let r = Recorder::create(
+            dir.path(),
+            &meta,
+            100,
+            30,
+            Some("xterm"),
+            false,
+            t0,
+            1 << 20,
+        )
+        .unwrap();
         r.output(t0, b"hello\r\n");
         r.input(t0, b"secret"); // not recorded: input is off
         r.resize(t0, 120, 40);
@@ -332,5 +393,45 @@ mod tests {
         r.close();
         assert_eq!(list(dir.path()), vec![meta]);
         assert!(path(dir.path(), "../etc/passwd").is_none());
+    }
+
+    #[test]
+    fn a_recording_stops_at_its_limit_with_a_marker_saying_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = RecordingMeta {
+            session_id: "0b5e7a4e-1111-4222-8333-944455556667".into(),
+            user: "alice".into(),
+            node: "db-1".into(),
+            login: "root".into(),
+            request_ids: vec![],
+            started: 1_700_000_000,
+        };
+        #[allow(clippy::disallowed_methods)]
+        let t0 = Instant::now();
+        let limit = 1 << 16;
+        let r = Recorder::create(dir.path(), &meta, 80, 24, None, true, t0, limit).unwrap();
+        let chunk = [b'x'; 1000];
+        let mut recorded = 0;
+        while r.output(t0, &chunk) {
+            recorded += 1;
+            assert!(recorded < 100, "never stopped");
+        }
+        assert!(recorded >= 60, "{recorded}");
+        let why = r.failure().unwrap();
+        assert!(why.contains("limit of 65536 bytes"), "{why}");
+        // Nothing more goes on the record, input included.
+        assert!(!r.output(t0, b"extra-output"));
+        assert!(!r.input(t0, b"typed-input"));
+        r.marker(t0, "late-marker");
+        r.close();
+        let text = fs::read_to_string(&r.path).unwrap();
+        let last = text.lines().last().unwrap();
+        assert!(
+            last.contains(r#""m","the session recording reached its limit"#),
+            "{last}"
+        );
+        assert!(text.len() as u64 <= limit + last.len() as u64 + 1);
+        assert!(!text.contains("extra-output") && !text.contains("typed-input"));
+        assert!(!text.contains("late-marker"));
     }
 }
