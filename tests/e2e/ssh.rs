@@ -20,7 +20,13 @@ const PW: &str = "correct horse battery staple";
 /// Roles: `access` logs in as yourself nowhere useful; `node-admin` (self-
 /// approved, port forwarding) grants LOGIN on `env: test` nodes; `direct`
 /// grants LOGIN as a standing role; `auditor` revokes and reads recordings.
-fn config(node_port: u16, login: &str, session_extra: &str, top_extra: &str) -> String {
+fn config(
+    node_port: u16,
+    login: &str,
+    session_extra: &str,
+    top_extra: &str,
+    node_extra: &str,
+) -> String {
     format!(
         r#"
 version: 1
@@ -58,7 +64,7 @@ approval:
     require: self
 resources:
   nodes:
-    - {{ name: node-1, address: "127.0.0.1:{node_port}", labels: {{ env: test }} }}
+    - {{ name: node-1, address: "127.0.0.1:{node_port}", labels: {{ env: test }}{node_extra} }}
 "#
     )
 }
@@ -82,10 +88,15 @@ impl Lab {
 
     /// With extra `session:` settings and extra top-level lines (`storage:`).
     pub fn start_full(session_extra: &str, top_extra: &str) -> Lab {
+        Self::start_node(session_extra, top_extra, "")
+    }
+
+    /// With extra settings for the node too (`, host_key: ...`).
+    pub fn start_node(session_extra: &str, top_extra: &str, node_extra: &str) -> Lab {
         let login = test_login();
         let port = free_port().unwrap();
         let d = Wicketd::builder()
-            .config(config(port, &login, session_extra, top_extra))
+            .config(config(port, &login, session_extra, top_extra, node_extra))
             .start()
             .unwrap();
         let ssh_addr = d
@@ -1650,4 +1661,29 @@ fn a_recording_that_cannot_go_on_ends_its_session_unless_configured_otherwise() 
             .unwrap();
         }
     }
+}
+
+/// A pinned host key is the node's only key: the node's valid host
+/// certificate from Wicket's CA does not stand in for it.
+#[test]
+fn a_pinned_host_key_is_the_only_one_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other");
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other))
+    .unwrap();
+    let pin = std::fs::read_to_string(other.with_extension("pub")).unwrap();
+    let pin: Vec<&str> = pin.split_whitespace().take(2).collect();
+    let lab = Lab::start_node("", "", &format!(", host_key: \"{}\"", pin.join(" ")));
+    let alice = lab.user("alice", "access");
+    lab.grant(&alice, "node-admin", "10m");
+    let cfg = ssh_config(&alice);
+    let out = output(ssh(&cfg).arg(lab.dest()).arg("echo reached"));
+    assert!(!out.status.success() && !text(&out.stdout).contains("reached"));
+    assert!(
+        text(&out.stderr).contains("does not match the pinned host_key"),
+        "{}",
+        text(&out.stderr)
+    );
 }

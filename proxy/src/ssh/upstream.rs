@@ -1,6 +1,6 @@
 //! The proxy's side of the connection to a node: a russh client that checks
-//! the node's host certificate (or pinned key), logs in with the session's
-//! one-minute certificate, and passes agent / X11 channels the node opens
+//! the node's host certificate (or its pinned key, which is then the only
+//! one accepted), logs in with the session's one-minute certificate, and passes agent / X11 channels the node opens
 //! back to the user when their role allows it.
 
 use super::handler::ConnShared;
@@ -41,7 +41,24 @@ impl client::Handler for Upstream {
         key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
         let now = crate::clock::now().timestamp();
-        let (presented, why) = match key {
+        // A pinned host key is the node's only key: a certificate for
+        // another key is refused even when Wicket's host CA signed it.
+        if let Some(pin) = &self.pin {
+            let presented = match key {
+                PublicKeyOrCertificate::Certificate(cert) => {
+                    openssh_key_text(&russh::keys::PublicKey::from(cert.public_key().clone()))
+                }
+                PublicKeyOrCertificate::PublicKey { key, .. } => openssh_key_text(key),
+            };
+            if presented.as_ref() == Some(pin) {
+                return Ok(true);
+            }
+            let why = "the node's host key does not match the pinned host_key".to_owned();
+            tracing::warn!(node = %self.node, reason = %why, "refusing node host key");
+            *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+            return Ok(false);
+        }
+        let why = match key {
             PublicKeyOrCertificate::Certificate(cert) => {
                 let blob = cert.to_bytes().map_err(russh::Error::from)?;
                 match self.proxy.trusted_hosts.verify(
@@ -51,25 +68,13 @@ impl client::Handler for Upstream {
                     Some(&self.node),
                 ) {
                     Ok(_) => return Ok(true),
-                    Err(e) => (
-                        openssh_key_text(&russh::keys::PublicKey::from(cert.public_key().clone())),
-                        format!("host certificate rejected: {e}"),
-                    ),
+                    Err(e) => format!("host certificate rejected: {e}"),
                 }
             }
-            PublicKeyOrCertificate::PublicKey { key, .. } => (
-                openssh_key_text(key),
-                "the node presented a plain host key, not a certificate from Wicket's host CA, and no host_key is pinned for it".to_owned(),
-            ),
-        };
-        if let (Some(pin), Some(p)) = (&self.pin, &presented) {
-            if pin == p {
-                return Ok(true);
+            PublicKeyOrCertificate::PublicKey { .. } => {
+                "the node presented a plain host key, not a certificate from Wicket's host CA, and no host_key is pinned for it".to_owned()
             }
-            *self.refused.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some("the node's host key does not match the pinned host_key".into());
-            return Ok(false);
-        }
+        };
         tracing::warn!(node = %self.node, reason = %why, "refusing node host key");
         *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
         Ok(false)
