@@ -1,17 +1,20 @@
 //! Admission of client connections to a listener: how many it holds open,
 //! how many of those may still be unauthenticated (like sshd's
 //! MaxStartups), and the deadline by which a connection must authenticate
-//! (LoginGraceTime). Unauthenticated clients cannot hold more than a fixed
-//! share of the proxy; authenticated ones are named in the audit.
+//! (LoginGraceTime), and how many connections one user may hold on it.
+//! Unauthenticated clients cannot hold more than a fixed share of the proxy;
+//! authenticated ones are named in the audit and counted against their
+//! user's share, whether or not the policy then lets them anywhere.
 //!
-//! Does not limit per user or per resource, and does no I/O: the accept
-//! loop writes the refusal ([`crate::server::accept_until_shutdown`]).
+//! Does not limit per resource, and does no I/O: the accept loop writes the
+//! refusal ([`crate::server::accept_until_shutdown`]), the proxies theirs.
 
 use crate::config::Limits;
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -22,7 +25,37 @@ pub struct Gate {
     limits: Limits,
     open: Arc<Semaphore>,
     unauthenticated: Arc<Semaphore>,
+    users: Arc<Users>,
     refused: AtomicU64,
+}
+
+/// Authenticated connections per user on one listener.
+#[derive(Debug, Default)]
+struct Users {
+    held: Mutex<HashMap<String, usize>>,
+}
+
+/// A user's place among their connections: given back when dropped.
+#[derive(Debug)]
+struct UserPlace {
+    users: Arc<Users>,
+    user: String,
+}
+
+impl Drop for UserPlace {
+    fn drop(&mut self) {
+        let mut held = self
+            .users
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = held.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.user);
+            }
+        }
+    }
 }
 
 /// A connection let in: holds its places until dropped.
@@ -32,14 +65,43 @@ pub struct Admission {
     unauthenticated: Option<OwnedSemaphorePermit>,
     deadline: Instant,
     authenticated: Arc<AtomicBool>,
+    what: &'static str,
+    max_per_user: usize,
+    users: Arc<Users>,
+    user: Option<UserPlace>,
 }
 
 impl Admission {
-    /// The connection authenticated: it leaves the unauthenticated share
-    /// and its [`Grace`] no longer runs.
-    pub fn authenticated(&mut self) {
+    /// The connection authenticated as `user`: it takes one of the user's
+    /// places, leaves the unauthenticated share, and its [`Grace`] no
+    /// longer runs. When the user holds `limits.max_connections_per_user`
+    /// already, it stays unauthenticated (its deadline still runs) and the
+    /// error says why.
+    pub fn authenticated_as(&mut self, user: &str) -> Result<(), String> {
+        if self.user.is_none() {
+            let mut held = self
+                .users
+                .held
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let n = held.entry(user.to_owned()).or_default();
+            if *n >= self.max_per_user {
+                return Err(format!(
+                    "{user:?} already holds {n} connections to wicketd's {} listener \
+                     (limits.max_connections_per_user); close some and try again",
+                    self.what
+                ));
+            }
+            *n += 1;
+            drop(held);
+            self.user = Some(UserPlace {
+                users: self.users.clone(),
+                user: user.to_owned(),
+            });
+        }
         self.unauthenticated = None;
         self.authenticated.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// When the connection must have authenticated by.
@@ -86,6 +148,7 @@ impl Gate {
             limits,
             open: Arc::new(Semaphore::new(limits.max_connections)),
             unauthenticated: Arc::new(Semaphore::new(limits.max_unauthenticated)),
+            users: Arc::default(),
             refused: AtomicU64::new(0),
         }
     }
@@ -108,6 +171,10 @@ impl Gate {
                     unauthenticated: Some(unauthenticated),
                     deadline: now + self.limits.login_grace.to_std().unwrap_or_default(),
                     authenticated: Arc::default(),
+                    what: self.what,
+                    max_per_user: self.limits.max_connections_per_user,
+                    users: self.users.clone(),
+                    user: None,
                 }),
             },
         };
@@ -136,6 +203,7 @@ mod tests {
             Limits {
                 max_connections: open,
                 max_unauthenticated: unauthenticated,
+                max_connections_per_user: 2,
                 login_grace: chrono::Duration::seconds(5),
             },
         )
@@ -151,9 +219,9 @@ mod tests {
         let why = g.admit(now).unwrap_err();
         assert!(why.contains("limits.max_unauthenticated is 2"), "{why}");
         // Authenticating frees a place among the unauthenticated only.
-        a.authenticated();
+        a.authenticated_as("a").unwrap();
         let mut c = g.admit(now).unwrap();
-        c.authenticated();
+        c.authenticated_as("c").unwrap();
         let why = g.admit(now).unwrap_err();
         assert!(why.contains("limits.max_connections is 3"), "{why}");
         // The refused attempt took no place: closing one lets one in.
@@ -165,5 +233,29 @@ mod tests {
         let _e = g.admit(now).unwrap();
         let why = g.admit(now).unwrap_err();
         assert!(why.contains("still authenticating"), "{why}");
+    }
+
+    #[test]
+    fn a_user_holds_a_limited_share_and_gets_it_back() {
+        let now = Instant::now();
+        let g = gate(10, 10);
+        let mut conns: Vec<Admission> = (0..3).map(|_| g.admit(now).unwrap()).collect();
+        conns[0].authenticated_as("alice").unwrap();
+        conns[1].authenticated_as("alice").unwrap();
+        // Authenticating twice takes one place.
+        conns[1].authenticated_as("alice").unwrap();
+        let why = conns[2].authenticated_as("alice").unwrap_err();
+        assert!(why.contains("limits.max_connections_per_user"), "{why}");
+        assert!(
+            conns[2].unauthenticated.is_some(),
+            "still in the unauthenticated share"
+        );
+        // Others are not affected; a closed connection gives its place back.
+        let mut bob = g.admit(now).unwrap();
+        bob.authenticated_as("bob").unwrap();
+        conns.remove(0);
+        conns[1].authenticated_as("alice").unwrap();
+        drop(conns);
+        assert!(g.users.held.lock().unwrap().get("alice").is_none());
     }
 }

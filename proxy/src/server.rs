@@ -271,12 +271,22 @@ async fn accept_loop(
                             .map_err(|e| e.to_string())
                     });
                 // A verified Wicket certificate authenticates the connection.
-                // Without one (a password login, a browser) it stays in the
-                // unauthenticated share and ends at the login grace.
-                let certified = matches!(client, Some(Ok(_)));
-                if certified {
-                    admitted.authenticated();
-                }
+                // Without one (a password login, a browser), or when its
+                // user holds their share of connections already, it stays in
+                // the unauthenticated share and ends at the login grace.
+                let certified = match &client {
+                    Some(Ok(v)) => {
+                        let user = v.identity.as_ref().map_or("", |i| i.user.as_str());
+                        match admitted.authenticated_as(user) {
+                            Ok(()) => true,
+                            Err(why) => {
+                                tracing::info!(%peer, reason = %why, "API connection kept unauthenticated");
+                                false
+                            }
+                        }
+                    }
+                    _ => false,
+                };
                 let conn = ConnInfo { peer, client };
                 let service =
                     hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {

@@ -1272,6 +1272,47 @@ fn unauthenticated_connections_have_a_limited_share_and_a_deadline() {
     });
 }
 
+/// One user holds at most `limits.max_connections_per_user` connections
+/// on a listener; a closed one gives its place back.
+#[test]
+fn a_user_holds_at_most_their_share_of_connections() {
+    let s = Setup::start("limits: { max_connections_per_user: 2 }\n");
+    s.grant_dba("1h");
+    let t = s.tunnel();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = format!(
+        "postgres://app@127.0.0.1:{}/app?sslmode=disable",
+        t.addr.port()
+    );
+    let mut held = rt.block_on(async {
+        use sqlx::Connection;
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(sqlx::PgConnection::connect(&url).await.unwrap());
+        }
+        held
+    });
+    let (ok, _, err) = t.sql("select 1");
+    assert!(!ok);
+    assert!(
+        err.contains(r#""alice" already holds 2 connections to wicketd's postgres listener"#)
+            && err.contains("limits.max_connections_per_user"),
+        "{err}"
+    );
+    rt.block_on(async {
+        use sqlx::Connection;
+        held.pop().unwrap().close().await.unwrap();
+    });
+    wait_until("a place to free up", Duration::from_secs(10), || {
+        let (ok, out, _) = t.sql("select 40 + 2");
+        (ok && out == "42").then_some(())
+    })
+    .unwrap();
+}
+
 /// A client that stops reading cannot hold its session past the grant: the
 /// relay, stuck writing to it, is dropped a moment after the session ended
 /// (and the query it was serving is cancelled).

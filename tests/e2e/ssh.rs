@@ -1687,3 +1687,46 @@ fn a_pinned_host_key_is_the_only_one_accepted() {
         text(&out.stderr)
     );
 }
+
+/// With `limits.max_connections_per_user: 1`, a user's second connection
+/// is not let in while the first is open; the first closing frees it.
+#[test]
+fn a_user_holds_at_most_their_share_of_connections() {
+    let lab = Lab::start_full(
+        "",
+        "limits: { max_connections_per_user: 1, login_grace: 5s }",
+    );
+    let alice = lab.user("alice", "access");
+    lab.grant(&alice, "node-admin", "10m");
+    let cfg = ssh_config(&alice);
+    let mut first = ssh(&cfg)
+        .arg(lab.dest())
+        .arg("echo started; sleep 30")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = [0u8; 8];
+    first
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut line)
+        .unwrap();
+    assert_eq!(&line, b"started\n");
+    let out = output(ssh(&cfg).arg(lab.dest()).arg("echo second"));
+    assert!(!out.status.success() && !text(&out.stdout).contains("second"));
+    assert!(
+        text(&out.stderr).contains("Permission denied"),
+        "{}",
+        text(&out.stderr)
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    wait_until("the place to free up", Duration::from_secs(10), || {
+        let out = output(ssh(&cfg).arg(lab.dest()).arg("echo second"));
+        text(&out.stdout).contains("second").then_some(())
+    })
+    .unwrap();
+}

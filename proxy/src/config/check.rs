@@ -846,10 +846,18 @@ impl Cx {
             );
             ok = false;
         }
+        let per_user = f
+            .max_connections_per_user
+            .map_or(d.max_connections_per_user.min(open), |n| n as usize);
+        if per_user == 0 {
+            self.push("limits.max_connections_per_user", "must be at least 1");
+            ok = false;
+        }
         let login_grace = grace?;
         ok.then_some(Limits {
             max_connections: open,
             max_unauthenticated: unauthenticated,
+            max_connections_per_user: per_user,
             login_grace,
         })
     }

@@ -143,7 +143,8 @@ pub struct AuditFile {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with max_connections, max_unauthenticated and login_grace"
+    expecting = "a mapping with max_connections, max_unauthenticated, max_connections_per_user \
+                 and login_grace"
 )]
 pub struct LimitsFile {
     /// Open client connections per listener (default 10000).
@@ -151,6 +152,8 @@ pub struct LimitsFile {
     /// Connections per listener not yet authenticated (default 100; sshd's
     /// MaxStartups).
     pub max_unauthenticated: Option<u32>,
+    /// Authenticated connections one user may hold per listener (default 100).
+    pub max_connections_per_user: Option<u32>,
     /// Time a connection has to authenticate (default 60s; sshd's
     /// LoginGraceTime).
     pub login_grace: Option<DurationText>,

@@ -208,6 +208,10 @@ pub struct Limits {
     /// Connections per listener still in their TLS or SSH handshake or
     /// login (default 100); more are refused, like sshd's MaxStartups.
     pub max_unauthenticated: usize,
+    /// Authenticated connections one user may hold per listener (default
+    /// 100), whether or not the policy lets them anywhere; more stay
+    /// unauthenticated until their login grace ends (SSH), or are refused.
+    pub max_connections_per_user: usize,
     /// How long a connection may take to authenticate before it is closed
     /// (default 60s), like sshd's LoginGraceTime.
     pub login_grace: Duration,
@@ -218,6 +222,7 @@ impl Default for Limits {
         Self {
             max_connections: 10_000,
             max_unauthenticated: 100,
+            max_connections_per_user: 100,
             login_grace: Duration::seconds(60),
         }
     }

@@ -929,16 +929,20 @@ fn connection_limits() {
     assert_eq!(d.limits.login_grace, Duration::seconds(60));
     let c = ok("
 version: 1
-limits: { max_connections: 50, max_unauthenticated: 5, login_grace: 10s }
+limits: { max_connections: 50, max_unauthenticated: 5, max_connections_per_user: 3, login_grace: 10s }
 ");
     assert_eq!(
         c.limits,
         Limits {
             max_connections: 50,
             max_unauthenticated: 5,
+            max_connections_per_user: 3,
             login_grace: Duration::seconds(10),
         }
     );
+    assert_eq!(d.limits.max_connections_per_user, 100);
+    let e = problems("version: 1\nlimits: { max_connections_per_user: 0 }\n");
+    has(&e, "limits.max_connections_per_user", "at least 1");
     // A small max_connections caps the default unauthenticated share.
     assert_eq!(
         ok("version: 1\nlimits: { max_connections: 8 }\n")

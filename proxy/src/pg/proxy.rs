@@ -191,7 +191,10 @@ impl PgProxy {
         };
         // A verified certificate and a startup message: who it is is known,
         // and on the record from here.
-        admitted.authenticated();
+        if let Err(why) = admitted.authenticated_as(&caller.user) {
+            fatal(&mut client, "53300", &format!("wicket: {why}")).await;
+            return;
+        }
         match msg {
             Startup::Startup { params } => self.session(client, buf, params, caller).await,
             Startup::Cancel { pid, secret } => self.cancel(&caller, pid, secret).await,

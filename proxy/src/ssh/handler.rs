@@ -1022,8 +1022,14 @@ impl server::Handler for Conn {
                 return Ok(Auth::reject());
             }
         };
-        if verified.identity.is_none() {
+        let Some(identity) = &verified.identity else {
             tracing::info!(peer = %self.peer, "SSH certificate without a Wicket identity");
+            return Ok(Auth::reject());
+        };
+        // The user is known: the connection counts against their share
+        // from here, whatever the policy then says.
+        if let Err(why) = self.admitted.authenticated_as(&identity.user) {
+            tracing::info!(peer = %self.peer, reason = %why, "SSH connection refused");
             return Ok(Auth::reject());
         }
         let (login, route) = match &self.route {
@@ -1061,8 +1067,8 @@ impl server::Handler for Conn {
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         // A Wicket certificate was accepted (the access decision may still
-        // be a denial, shown on the channel): the user is known.
-        self.admitted.authenticated();
+        // be a denial, shown on the channel); its user took a place in
+        // `auth_openssh_certificate`.
         if let Some(live) = self.live() {
             *lock(&self.shared.server) = Some(session.handle());
             tokio::spawn(live.clone().watch(session.handle()));
