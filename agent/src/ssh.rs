@@ -444,6 +444,7 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
             let (_, events) = parse_cast(&text)?;
             let mut last = 0.0f64;
             let mut replay = crate::term::Replay::default();
+            let utf8 = crate::term::utf8_terminal(|k| std::env::var(k).ok());
             for e in events.iter().filter(|e| e.code == "o") {
                 let mut gap = (e.time - last).max(0.0);
                 if let Some(limit) = args.idle_limit {
@@ -455,8 +456,14 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
                     out.flush()?;
                     tokio::time::sleep(Duration::from_secs_f64(wait.min(3600.0))).await;
                 }
-                out.write_all(replay.feed(&e.data).as_bytes())?;
+                let safe = replay.feed(&e.data);
+                if utf8 {
+                    out.write_all(safe.as_bytes())?;
+                } else {
+                    out.write_all(crate::term::ascii_only(&safe).as_bytes())?;
+                }
             }
+            out.write_all(crate::term::RESET.as_bytes())?;
         }
     }
     out.flush()?;

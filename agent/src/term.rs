@@ -129,49 +129,79 @@ pub fn plain_text(output: &str) -> String {
     out
 }
 
-/// Whether a CSI sequence only draws: moves the cursor, erases, scrolls,
-/// sets colours, margins or modes. Not the ones that make the terminal
-/// answer (device status, attributes, window reports, mode requests) or
-/// report the mouse or focus into the auditor's shell.
+/// DEC private modes a replay may set or reset (`CSI ? n h/l`): cursor
+/// keys, reverse video, origin, autowrap, cursor blink and visibility, the
+/// alternate screen, bracketed paste, synchronized output. Not mouse or
+/// focus reporting, or anything else that sends events back.
+const DEC_MODES: [u32; 13] = [1, 5, 6, 7, 12, 25, 47, 1047, 1048, 1049, 2004, 2026, 2027];
+
+/// ANSI modes (`CSI n h/l`): insert mode only (not KAM, which locks the
+/// keyboard, or LNM, which changes what Enter sends).
+const ANSI_MODES: [u32; 1] = [4];
+
+/// Whether a CSI sequence (its parameter and intermediate bytes, and its
+/// final byte) only draws: moves the cursor, erases, scrolls, sets colours,
+/// margins or one of the allowed modes. An allow-list: queries and reports
+/// (device status, attributes, window and mode reports, kitty and xterm
+/// keyboard protocols), anything with an unknown prefix or intermediate,
+/// and everything unlisted are dropped.
 fn draws(params: &str, fin: char) -> bool {
-    let intermediates = params.contains(|c: char| (' '..='/').contains(&c));
-    match fin {
-        '@'
-        | 'A'..='M'
-        | 'P'
-        | 'S'
-        | 'T'
-        | 'X'
-        | 'Z'
-        | '`'
-        | 'a'
-        | 'b'
-        | 'd'..='g'
-        | 'm'
-        | 'r'
-        | 's'
-        | 'u' => !intermediates,
-        // DECSCUSR (cursor shape) only.
-        'q' => params.ends_with(' '),
-        'h' | 'l' => {
-            !intermediates
-                && !params.trim_start_matches('?').split(';').any(|m| {
-                    matches!(
-                        m,
-                        "1000"
-                            | "1001"
-                            | "1002"
-                            | "1003"
-                            | "1004"
-                            | "1005"
-                            | "1006"
-                            | "1015"
-                            | "1016"
-                    )
-                })
-        }
+    let (prefix, rest) = match params.chars().next() {
+        Some(c @ ('?' | '>' | '<' | '=')) => (Some(c), &params[1..]),
+        _ => (None, params),
+    };
+    let plain = |colons: bool| {
+        rest.chars()
+            .all(|c| c.is_ascii_digit() || c == ';' || (colons && c == ':'))
+    };
+    let modes = |allowed: &[u32]| {
+        plain(false)
+            && rest
+                .split(';')
+                .all(|m| m.parse::<u32>().is_ok_and(|m| allowed.contains(&m)))
+    };
+    match (prefix, fin) {
+        (
+            None,
+            '@' | 'A'..='M' | 'P' | 'S' | 'T' | 'X' | 'Z' | '`' | 'a' | 'b' | 'd'..='g' | 'r',
+        ) => plain(false),
+        (None, 'm') => plain(true),
+        (None, 's' | 'u') => rest.is_empty(),
+        // DECSCUSR (cursor shape): digits and one space.
+        (None, 'q') => rest
+            .strip_suffix(' ')
+            .is_some_and(|n| n.chars().all(|c| c.is_ascii_digit())),
+        (Some('?'), 'J' | 'K') => plain(false),
+        (None, 'h' | 'l') => modes(&ANSI_MODES),
+        (Some('?'), 'h' | 'l') => modes(&DEC_MODES),
         _ => false,
     }
+}
+
+/// Written after a replay: leaves the alternate screen and sets back what
+/// the allowed modes may have changed (colours, cursor, keys, paste,
+/// insert, wrap, origin, margins).
+pub const RESET: &str =
+    "\x1b[0m\x1b[?1049l\x1b[?25h\x1b[?1l\x1b[?5l\x1b[?6l\x1b[?7h\x1b[?2004l\x1b[4l\x1b[r";
+
+/// Whether the locale says the terminal takes UTF-8 (`LC_ALL`, else
+/// `LC_CTYPE`, else `LANG`). On one that does not, a UTF-8 character's
+/// bytes can read as 8-bit controls (U+011B is C4 9B: 9B is CSI).
+pub fn utf8_terminal(var: impl Fn(&str) -> Option<String>) -> bool {
+    ["LC_ALL", "LC_CTYPE", "LANG"]
+        .iter()
+        .find_map(|k| var(k).filter(|v| !v.is_empty()))
+        .is_some_and(|v| {
+            let v = v.to_ascii_lowercase();
+            v.contains("utf-8") || v.contains("utf8")
+        })
+}
+
+/// `text` with every character outside ASCII as `?`.
+pub fn ascii_only(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_ascii() { c } else { '?' })
+        .collect()
 }
 
 /// Replays terminal output chunk by chunk with only what redraws a screen:
@@ -251,7 +281,7 @@ mod tests {
 
     #[test]
     fn terminal_safe_keeps_the_screen_and_drops_what_talks_back() {
-        let screen = "\x1b[2J\x1b[H\x1b[1;31mred\x1b[0m\x1b[?25l\x1b[?1049h\x1b[3;5r\x1b]2;build\x07ok\r\n\x08\t\x1b[2 q";
+        let screen = "\x1b[2J\x1b[H\x1b[1;31mred\x1b[0m\x1b[?25l\x1b[?1049h\x1b[3;5r\x1b]2;build\x07ok\r\n\x08\t\x1b[2 q\x1b[38:2::255:0:0mx\x1b[?2004;1h\x1b[s\x1b[u\x1b[?2K";
         assert_eq!(terminal_safe(screen), screen);
         // Titles are written in the 7-bit form.
         assert_eq!(terminal_safe("\x1b]0;t\x1b\\"), "\x1b]0;t\x07");
@@ -261,6 +291,21 @@ mod tests {
         assert_eq!(terminal_safe("\x1b]2;ti\x1b[6ntle\x07"), "tle\x07");
         for bad in [
             "\x1b[?1000h",                    // mouse reports
+            "\x1b[?9h",                       // X10 mouse reports
+            "\x1b[?01000h",                   // the same, with a leading zero
+            "\x1b[?25;1004h",                 // focus reports, behind an allowed mode
+            "\x1b[?u",                        // kitty keyboard query
+            "\x1b[>1u",                       // kitty keyboard flags
+            "\x1b[=1;1u",                     // the same
+            "\x1b[?1;1S",                     // XTSMGRAPHICS query
+            "\x1b[?4m",                       // XTQMODKEYS query
+            "\x1b[>4;1m",                     // XTMODKEYS
+            "\x1b[2h",                        // KAM: keyboard locked
+            "\x1b[20h",                       // LNM
+            "\x1b[5i",                        // printer on
+            "\x1b[?2048h",                    // in-band resize reports
+            "\x1b[!p",                        // DECSTR
+            "\x1b[1$w",                       // DECRQPSR
             "\x1b]52;c;ZWNobyBwd25lZA==\x07", // clipboard
             "\x1b[6n",                        // cursor position report
             "\x1b[c",                         // device attributes
@@ -278,6 +323,29 @@ mod tests {
         ] {
             assert_eq!(terminal_safe(&format!("a{bad}b")), "ab", "{bad:?}");
         }
+    }
+
+    #[test]
+    fn only_a_utf8_locale_gets_utf8() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert!(utf8_terminal(env(&[("LANG", "en_US.UTF-8")])));
+        assert!(utf8_terminal(env(&[("LC_ALL", "C.utf8"), ("LANG", "C")])));
+        assert!(!utf8_terminal(env(&[
+            ("LC_ALL", "C"),
+            ("LANG", "en_US.UTF-8")
+        ])));
+        assert!(!utf8_terminal(env(&[("LANG", "de_DE.ISO-8859-1")])));
+        assert!(!utf8_terminal(env(&[])));
+        assert_eq!(ascii_only("ě\u{9b}x"), "??x");
+        // What a replay leaves behind is itself allowed.
+        assert_eq!(terminal_safe(RESET), RESET);
     }
 
     proptest! {

@@ -274,18 +274,19 @@ async fn accept_loop(
                 // Without one (a password login, a browser), or when its
                 // user holds their share of connections already, it stays in
                 // the unauthenticated share and ends at the login grace.
-                let certified = match &client {
-                    Some(Ok(v)) => {
-                        let user = v.identity.as_ref().map_or("", |i| i.user.as_str());
-                        match admitted.authenticated_as(user) {
-                            Ok(()) => true,
-                            Err(why) => {
-                                tracing::info!(%peer, reason = %why, "API connection kept unauthenticated");
-                                false
-                            }
-                        }
+                // One without a Wicket identity is refused by every call: it
+                // authenticates nobody.
+                let user = match &client {
+                    Some(Ok(v)) => v.identity.as_ref().map(|i| i.user.as_str()),
+                    _ => None,
+                };
+                let certified = match user.map(|u| admitted.authenticated_as(u)) {
+                    Some(Ok(())) => true,
+                    Some(Err(why)) => {
+                        tracing::info!(%peer, reason = %why, "API connection kept unauthenticated");
+                        false
                     }
-                    _ => false,
+                    None => false,
                 };
                 let conn = ConnInfo { peer, client };
                 let service =

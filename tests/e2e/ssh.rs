@@ -1548,26 +1548,37 @@ fn a_recording_that_cannot_go_on_ends_its_session_unless_configured_otherwise() 
         let id = lab.grant(&alice, "node-admin", "10m");
         let cfg = ssh_config(&alice);
         if strict {
-            // A shell without a terminal: what is typed goes on the record.
-            let mut child = ssh(&cfg)
-                .args(["-T", &lab.dest()])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(b"echo typed-$((2*3))\n")
-                .unwrap();
-            let out = child.wait_with_output().unwrap();
-            assert!(
-                text(&out.stdout).contains("typed-6"),
-                "{}",
-                text(&out.stderr)
-            );
+            // A shell, and a command, without a terminal: what is typed
+            // goes on the record.
+            let dest = lab.dest();
+            for (args, typed, shown) in [
+                (
+                    vec!["-T", dest.as_str()],
+                    "echo typed-$((2*3))\n",
+                    "typed-6",
+                ),
+                (
+                    vec![dest.as_str(), "bash"],
+                    "echo exec-typed-$((3*3))\n",
+                    "exec-typed-9",
+                ),
+            ] {
+                let mut child = ssh(&cfg)
+                    .args(args)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(typed.as_bytes())
+                    .unwrap();
+                let out = child.wait_with_output().unwrap();
+                assert!(text(&out.stdout).contains(shown), "{}", text(&out.stderr));
+            }
         }
         let out = output(ssh(&cfg).arg(lab.dest()).arg(command));
         let stdout = text(&out.stdout);
@@ -1587,7 +1598,7 @@ fn a_recording_that_cannot_go_on_ends_its_session_unless_configured_otherwise() 
                 .unwrap()
                 .json()
                 .unwrap();
-            (v.as_array().unwrap().len() == 1 + usize::from(strict)).then_some(v.to_string())
+            (v.as_array().unwrap().len() == 1 + 2 * usize::from(strict)).then_some(v.to_string())
         })
         .unwrap();
         if strict {
@@ -1635,6 +1646,7 @@ fn a_recording_that_cannot_go_on_ends_its_session_unless_configured_otherwise() 
                 .map(|e| e.data)
                 .collect::<String>();
             assert!(typed.contains("echo typed-$((2*3))"), "{typed:?}");
+            assert!(typed.contains("echo exec-typed-$((3*3))"), "{typed:?}");
             // A recording that cannot be made: the session is refused.
             let dir = lab.d.data_dir().join("recordings");
             std::fs::remove_dir_all(&dir).unwrap();

@@ -190,13 +190,17 @@ impl PgProxy {
             return;
         };
         // A verified certificate and a startup message: who it is is known,
-        // and on the record from here.
-        if let Err(why) = admitted.authenticated_as(&caller.user) {
-            fatal(&mut client, "53300", &format!("wicket: {why}")).await;
-            return;
-        }
+        // and on the record from here. A cancel request takes none of the
+        // user's places (one at their limit can still stop a query), and
+        // ends at once.
         match msg {
-            Startup::Startup { params } => self.session(client, buf, params, caller).await,
+            Startup::Startup { params } => {
+                if let Err(why) = admitted.authenticated_as(&caller.user) {
+                    fatal(&mut client, "53300", &format!("wicket: {why}")).await;
+                    return;
+                }
+                self.session(client, buf, params, caller).await
+            }
             Startup::Cancel { pid, secret } => self.cancel(&caller, pid, secret).await,
             Startup::SslRequest | Startup::GssEncRequest => {
                 fatal(

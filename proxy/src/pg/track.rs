@@ -24,7 +24,10 @@
 //! or portals it may have changed (see [`Tracker::completed`]), and an
 //! Execute of one it does not know is audited with [`unknown_statement`] or
 //! an unknown-portal text (the SQL itself is audited as a query). Dynamic
-//! SQL inside a function called by another statement is not seen. Executes still unanswered when the
+//! SQL inside a function called by another statement (`SELECT f()` where
+//! `f` re-opens a cursor or re-prepares a statement) is not seen: such an
+//! Execute is audited with the text the portal was bound to, and the
+//! function's definition and call are on the record as queries. Executes still unanswered when the
 //! connection ends are reported by [`Tracker::unanswered`].
 //!
 //! Pure bookkeeping: no I/O; the proxy feeds it messages in wire order.
@@ -427,25 +430,28 @@ impl Tracker {
 
     /// The command tag of a CommandComplete. SQL shares its names with the
     /// protocol: `PREPARE`, `DEALLOCATE` and `DISCARD` change the named
-    /// statements, SQL cursors are portals (`CLOSE` closes a protocol
-    /// portal, `DISCARD ALL` every one), and a `DO` block may do any of it
-    /// through dynamic SQL. The tracker does not parse SQL, so it forgets
-    /// what such a command may have changed: an Execute of it is then
-    /// audited as unknown, never as the text it had before.
+    /// statements; SQL cursors are portals, so `CLOSE` closes a protocol
+    /// portal and `DISCARD ALL` every one; a transaction's end drops its
+    /// portals even when another begins at once (`COMMIT AND CHAIN`), and
+    /// `ROLLBACK TO SAVEPOINT` those made since the savepoint; a `DO` block
+    /// may do any of it through dynamic SQL. The tracker does not parse
+    /// SQL, so it forgets what such a command may have changed: an Execute
+    /// of it is then audited as unknown, never as the text it had before.
     pub fn completed(&mut self, command_tag: &str) {
         let word = command_tag.split(' ').next().unwrap_or_default();
         let (statements, portals) = match word {
             "PREPARE" | "DEALLOCATE" => (true, false),
-            "CLOSE" => (false, true),
+            "CLOSE" | "COMMIT" | "ROLLBACK" | "RELEASE" => (false, true),
             "DISCARD" | "DO" => (true, true),
             _ => (false, false),
         };
-        // The unnamed statement and portal have no SQL name.
+        // The unnamed statement has no SQL name; the unnamed portal goes
+        // too (a transaction's end drops it, and it is rebound before use).
         if statements {
             self.statements.retain(str::is_empty);
         }
         if portals {
-            self.portals.retain(str::is_empty);
+            self.portals.clear();
         }
     }
 
@@ -912,7 +918,15 @@ mod tests {
             t.received(b'Z', b'T').unwrap();
             ran.statement.to_string()
         };
-        for tag in ["CLOSE CURSOR", "CLOSE CURSOR ALL", "DISCARD ALL", "DO"] {
+        for tag in [
+            "CLOSE CURSOR",
+            "CLOSE CURSOR ALL",
+            "DISCARD ALL",
+            "DO",
+            "ROLLBACK",
+            "COMMIT",
+            "RELEASE",
+        ] {
             let mut t = Tracker::new(100);
             bound(&mut t);
             // Query("CLOSE p; DECLARE p CURSOR FOR SELECT f()"), say.
@@ -941,7 +955,7 @@ mod tests {
                 "{tag}: {again}"
             );
         }
-        // Declaring, fetching and ending transactions change nothing bound.
+        // Declaring, fetching and plain statements change nothing bound.
         let mut t = Tracker::new(100);
         bound(&mut t);
         for tag in ["DECLARE CURSOR", "FETCH 1", "MOVE 1", "SELECT 1", "CLOSED"] {

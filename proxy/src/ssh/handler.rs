@@ -135,6 +135,8 @@ const REC_OFF: u8 = 2;
 struct ChanRec {
     mode: AtomicU8,
     recorded: AtomicU64,
+    /// Input bytes of a command without a terminal offered to the recording.
+    input_recorded: AtomicU64,
 }
 
 /// One authorized, live session.
@@ -229,34 +231,47 @@ impl Live {
     /// Records a channel's output; false when it must not reach the user
     /// because it could not go on the record and the session ends for it.
     fn record_output(&self, rec: &ChanRec, data: &[u8]) -> bool {
-        let mode = rec.mode.load(Ordering::Relaxed);
-        if mode == REC_OFF {
-            return true;
-        }
         let Some(r) = self.existing_recorder() else {
             return true;
         };
-        let recorded = if mode == REC_EXEC {
-            let before = rec.recorded.fetch_add(data.len() as u64, Ordering::Relaxed);
-            if before >= EXEC_RECORD_LIMIT {
-                return true;
-            }
-            let room = (EXEC_RECORD_LIMIT - before) as usize;
-            let part = &data[..data.len().min(room)];
-            let recorded = r.output(crate::clock::instant(), part);
-            if part.len() < data.len() {
-                r.marker(
-                    crate::clock::instant(),
-                    &format!(
-                        "output beyond {EXEC_RECORD_LIMIT} bytes of this command is not recorded"
-                    ),
-                );
-            }
-            recorded
-        } else {
-            r.output(crate::clock::instant(), data)
+        // Once the recording failed, nothing more goes on in `end` mode,
+        // whatever the channel runs.
+        if r.failure().is_some() {
+            return !self.recording_lost(&r);
+        }
+        let recorded = match rec.mode.load(Ordering::Relaxed) {
+            REC_OFF => true,
+            REC_EXEC => self.record_capped(&r, &rec.recorded, data, "output", Recorder::output),
+            _ => r.output(crate::clock::instant(), data),
         };
         recorded || !self.recording_lost(&r)
+    }
+
+    /// Records up to [`EXEC_RECORD_LIMIT`] bytes of a command's output or
+    /// input (`counted` so far), with a marker where it stops; false when
+    /// the recording failed.
+    fn record_capped(
+        &self,
+        r: &Recorder,
+        counted: &AtomicU64,
+        data: &[u8],
+        what: &str,
+        write: fn(&Recorder, std::time::Instant, &[u8]) -> bool,
+    ) -> bool {
+        let before = counted.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if before >= EXEC_RECORD_LIMIT {
+            return true;
+        }
+        let room = (EXEC_RECORD_LIMIT - before) as usize;
+        let part = &data[..data.len().min(room)];
+        let recorded = write(r, crate::clock::instant(), part);
+        if part.len() < data.len() {
+            r.marker(
+                crate::clock::instant(),
+                &format!("{what} beyond {EXEC_RECORD_LIMIT} bytes of this command is not recorded"),
+            );
+        }
+        recorded
     }
 
     /// The recording failed: with `on_recording_failure: end` the session
@@ -1123,6 +1138,7 @@ impl server::Handler for Conn {
                 let rec = Arc::new(ChanRec {
                     mode: AtomicU8::new(REC_ALL),
                     recorded: AtomicU64::new(0),
+                    input_recorded: AtomicU64::new(0),
                 });
                 lock(&live.session_channels).push(id);
                 self.channels.insert(
@@ -1238,14 +1254,26 @@ impl server::Handler for Conn {
         if let Some(live) = self.live() {
             live.bytes_in
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
-            // What is typed: at a terminal, or into a shell without one
-            // (commands and binary data sent to an exec or a subsystem are
-            // not input to record).
-            if c.pty.is_some() || c.rec.mode.load(Ordering::Relaxed) == REC_ALL {
-                if let Some(r) = live.existing_recorder() {
-                    if !r.input(crate::clock::instant(), data) && live.recording_lost(&r) {
-                        return Ok(());
-                    }
+            // What is typed: at a terminal, into a shell without one, or
+            // into a command without one (`ssh -T node bash`: up to the
+            // command's cap, as its output). Subsystem data (sftp) is not.
+            if let Some(r) = live.existing_recorder() {
+                if r.failure().is_some() && live.recording_lost(&r) {
+                    return Ok(());
+                }
+                let recorded = match (c.pty.is_some(), c.rec.mode.load(Ordering::Relaxed)) {
+                    (true, _) | (false, REC_ALL) => r.input(crate::clock::instant(), data),
+                    (false, REC_EXEC) if live.record_input => live.record_capped(
+                        &r,
+                        &c.rec.input_recorded,
+                        data,
+                        "input",
+                        Recorder::input,
+                    ),
+                    _ => true,
+                };
+                if !recorded && live.recording_lost(&r) {
+                    return Ok(());
                 }
             }
         }
