@@ -236,7 +236,7 @@ impl Live {
         };
         // Once the recording failed, nothing more goes on in `end` mode,
         // whatever the channel runs.
-        if r.failure().is_some() {
+        if r.failed() {
             return !self.recording_lost(&r);
         }
         let recorded = match rec.mode.load(Ordering::Relaxed) {
@@ -737,11 +737,7 @@ impl Conn {
         close: bool,
         session: &mut Session,
     ) -> Result<bool, russh::Error> {
-        // Channels refused at their opening answer through `forward`.
-        if !self.channels.contains_key(&channel) {
-            return Ok(false);
-        }
-        let Some(live) = self.live() else {
+        let Some(live) = self.live_channel(channel) else {
             return Ok(false);
         };
         let Some(why) = live.refusing() else {
@@ -749,6 +745,16 @@ impl Conn {
         };
         refuse(live, channel, what, &why, close, session).await?;
         Ok(true)
+    }
+
+    /// The live session, for a request on one of its open session channels
+    /// (channels refused at their opening answer through `forward`).
+    fn live_channel(&self, channel: ChannelId) -> Option<&Arc<Live>> {
+        if self.channels.contains_key(&channel) {
+            self.live()
+        } else {
+            None
+        }
     }
 
     /// With `on_recording_failure: end`, refuses a shell, exec or subsystem
@@ -759,10 +765,7 @@ impl Conn {
         what: &str,
         session: &mut Session,
     ) -> Result<bool, russh::Error> {
-        if !self.channels.contains_key(&channel) {
-            return Ok(false);
-        }
-        let Some(live) = self.live() else {
+        let Some(live) = self.live_channel(channel) else {
             return Ok(false);
         };
         if !live.end_on_recording_failure {
@@ -1258,7 +1261,7 @@ impl server::Handler for Conn {
             // into a command without one (`ssh -T node bash`: up to the
             // command's cap, as its output). Subsystem data (sftp) is not.
             if let Some(r) = live.existing_recorder() {
-                if r.failure().is_some() && live.recording_lost(&r) {
+                if r.failed() && live.recording_lost(&r) {
                     return Ok(());
                 }
                 let recorded = match (c.pty.is_some(), c.rec.mode.load(Ordering::Relaxed)) {

@@ -16,6 +16,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
@@ -129,6 +130,8 @@ struct Inner {
 /// One session's recording, written incrementally.
 pub struct Recorder {
     inner: Mutex<Inner>,
+    /// `Inner::failed` is set: read on every chunk without the lock.
+    has_failed: AtomicBool,
     started: Instant,
     /// Most bytes the file may take (`session.max_recording_bytes`).
     limit: u64,
@@ -194,6 +197,7 @@ impl Recorder {
         out.write_all(&line)?;
         out.flush()?;
         Ok(Recorder {
+            has_failed: AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 out: Some(out),
                 dirty: false,
@@ -252,6 +256,7 @@ impl Recorder {
             Some(why) => {
                 tracing::warn!(path = %self.path.display(), "{why}");
                 inner.failed = Some(why);
+                self.has_failed.store(true, Ordering::Release);
                 false
             }
         }
@@ -259,7 +264,15 @@ impl Recorder {
 
     /// Why nothing more is recorded, once that is so.
     pub fn failure(&self) -> Option<String> {
+        if !self.failed() {
+            return None;
+        }
         self.lock().failed.clone()
+    }
+
+    /// Whether nothing more is recorded (cheap: no lock).
+    pub fn failed(&self) -> bool {
+        self.has_failed.load(Ordering::Acquire)
     }
 
     fn elapsed(&self, now: Instant) -> f64 {
@@ -319,6 +332,7 @@ impl Recorder {
                 let why = format!("cannot write the session recording: {e}");
                 tracing::warn!(path = %self.path.display(), "{why}");
                 g.failed = Some(why);
+                self.has_failed.store(true, Ordering::Release);
             }
         }
     }
