@@ -513,4 +513,14 @@ impl WicketCli {
     pub fn status(&self) -> Result<serde_json::Value> {
         self.ok(&["status", "--format", "json"])?.json()
     }
+
+    /// `wicket audit search ARGS --format json`: the events this user may see.
+    pub fn audit(&self, args: &[&str]) -> Result<Vec<serde_json::Value>> {
+        let mut a = vec!["audit", "search", "--format", "json"];
+        a.extend_from_slice(args);
+        match self.ok(&a)?.json()? {
+            serde_json::Value::Array(events) => Ok(events),
+            other => bail!("audit search did not return a list: {other}"),
+        }
+    }
 }

@@ -4,7 +4,7 @@
 //! replaying it raw would let them drive the auditor's terminal: set its
 //! clipboard (OSC 52), answer queries into the auditor's shell (status and
 //! title reports), or smuggle any of that past a filter as 8-bit C1 controls.
-//! [`plain_text`] keeps only the text; [`terminal_safe`] keeps what redraws
+//! [`plain_text`] keeps only the text; a [`Replay`] keeps what redraws
 //! a screen (cursor movement, colours, erasing, titles) and drops the rest.
 
 /// One piece of terminal output.
@@ -254,15 +254,15 @@ impl Replay {
     }
 }
 
-/// [`Replay`] of one whole output.
-pub fn terminal_safe(output: &str) -> String {
-    Replay::default().feed(output)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A [`Replay`] of one whole output.
+    fn terminal_safe(output: &str) -> String {
+        Replay::default().feed(output)
+    }
 
     #[test]
     fn plain_text_strips_every_control() {

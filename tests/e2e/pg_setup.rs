@@ -4,13 +4,13 @@
 //! (sre) and frank (security-admin), and `wicket proxy db --tunnel`.
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use wicket_e2e::harness_postgres::Postgres;
 use wicket_e2e::harness_util::{run, wait_until};
-use wicket_e2e::harness_wicket::{wicketd_cmd, WicketCli, Wicketd};
+use wicket_e2e::harness_wicket::{pipe_stdin, wicketd_cmd, WicketCli, Wicketd};
 
 pub const PW: &str = "correct horse battery staple";
 
@@ -177,15 +177,7 @@ impl Setup {
 
     /// alice's audit events of `kind`.
     pub fn events(&self, who: &WicketCli, args: &[&str]) -> Vec<Value> {
-        let mut a = vec!["audit", "search", "--format", "json"];
-        a.extend_from_slice(args);
-        who.ok(&a)
-            .unwrap()
-            .json()
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .clone()
+        who.audit(args).unwrap()
     }
 
     /// alice's audit events of `kind`, once there is at least one (the
@@ -257,21 +249,7 @@ impl Tunnel {
     }
 
     pub fn sql_as(&self, user: &str, sql: &str, stdin: &str) -> (bool, String, String) {
-        let mut child = self
-            .psql(user)
-            .args(["-c", sql])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = pipe_stdin(self.psql(user).args(["-c", sql]), stdin).unwrap();
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).trim_end().to_owned(),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use wicket_e2e::harness_postgres::Postgres;
 use wicket_e2e::harness_sshd::{test_login, Sshd};
 use wicket_e2e::harness_util::{closed_between, free_port, run, wait_until};
-use wicket_e2e::harness_wicket::{WicketCli, Wicketd};
+use wicket_e2e::harness_wicket::{pipe_stdin, WicketCli, Wicketd};
 
 const PW: &str = "correct horse battery staple";
 
@@ -330,20 +330,7 @@ fn commands_through_the_proxy_match_direct_and_the_node_log_names_the_request() 
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), "login-at-node");
     // Audit: start, exec and end, all under the request.
-    let events = alice
-        .ok(&[
-            "audit",
-            "search",
-            "--user",
-            "alice",
-            "--request",
-            &id,
-            "--format",
-            "json",
-        ])
-        .unwrap()
-        .json()
-        .unwrap();
+    let events = Value::from(alice.audit(&["--user", "alice", "--request", &id]).unwrap());
     let kinds: Vec<&str> = events
         .as_array()
         .unwrap()
@@ -403,18 +390,7 @@ fn denials_are_specific() {
     .unwrap();
     let e = denied(&lab.dest());
     assert!(e.contains(&id) && e.contains("expired"), "{e}");
-    let denied_events = admin
-        .ok(&[
-            "audit",
-            "search",
-            "--kind",
-            "session_denied",
-            "--format",
-            "json",
-        ])
-        .unwrap()
-        .json()
-        .unwrap();
+    let denied_events = Value::from(admin.audit(&["--kind", "session_denied"]).unwrap());
     assert!(
         denied_events.as_array().unwrap().len() >= 3,
         "{denied_events}"
@@ -1398,17 +1374,7 @@ fn a_channel_runs_one_thing_and_its_recording_follows_it() {
             .any(|e| e.code == "m" && e.data.starts_with("shell refused")),
         "{cast}"
     );
-    let denied = admin
-        .ok(&[
-            "audit",
-            "search",
-            "--kind",
-            "access_denied",
-            "--format",
-            "json",
-        ])
-        .unwrap()
-        .stdout;
+    let denied = Value::from(admin.audit(&["--kind", "access_denied"]).unwrap()).to_string();
     assert!(denied.contains("already asked for a shell"), "{denied}");
 }
 
@@ -1453,18 +1419,7 @@ fn a_client_that_stops_reading_is_still_cut_at_revoke() {
     let id = lab.grant(&alice, "node-admin", "10m");
     let ended = || {
         admin
-            .ok(&[
-                "audit",
-                "search",
-                "--request",
-                &id,
-                "--kind",
-                "session_ended",
-                "--format",
-                "json",
-            ])
-            .unwrap()
-            .json()
+            .audit(&["--request", &id, "--kind", "session_ended"])
             .unwrap()
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -1503,7 +1458,7 @@ fn a_client_that_stops_reading_is_still_cut_at_revoke() {
         let revoked = Instant::now();
         let events = wait_until("the session to end", Duration::from_secs(10), || {
             let e = ended();
-            (!e.as_array().unwrap().is_empty()).then_some(e)
+            (!e.is_empty()).then_some(e)
         })
         .unwrap();
         let took = revoked.elapsed();
@@ -1563,20 +1518,7 @@ fn a_recording_that_cannot_go_on_ends_its_session_unless_configured_otherwise() 
                     "exec-typed-9",
                 ),
             ] {
-                let mut child = ssh(&cfg)
-                    .args(args)
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .unwrap();
-                child
-                    .stdin
-                    .take()
-                    .unwrap()
-                    .write_all(typed.as_bytes())
-                    .unwrap();
-                let out = child.wait_with_output().unwrap();
+                let out = pipe_stdin(ssh(&cfg).args(args), typed).unwrap();
                 assert!(text(&out.stdout).contains(shown), "{}", text(&out.stderr));
             }
         }
@@ -1585,20 +1527,9 @@ fn a_recording_that_cannot_go_on_ends_its_session_unless_configured_otherwise() 
         // Both sessions' ends are on record (the second's names the limit).
         let ended = wait_until("the sessions' ends", Duration::from_secs(20), || {
             let v = admin
-                .ok(&[
-                    "audit",
-                    "search",
-                    "--request",
-                    &id,
-                    "--kind",
-                    "session_ended",
-                    "--format",
-                    "json",
-                ])
-                .unwrap()
-                .json()
+                .audit(&["--request", &id, "--kind", "session_ended"])
                 .unwrap();
-            (v.as_array().unwrap().len() == 1 + 2 * usize::from(strict)).then_some(v.to_string())
+            (v.len() == 1 + 2 * usize::from(strict)).then(|| Value::from(v).to_string())
         })
         .unwrap();
         if strict {
@@ -1656,17 +1587,8 @@ fn a_recording_that_cannot_go_on_ends_its_session_unless_configured_otherwise() 
             // (OpenSSH exits at the refusal, before printing the line
             // wicketd sends with it: the audit has the reason.)
             wait_until("the refusal's audit", Duration::from_secs(20), || {
-                admin
-                    .ok(&[
-                        "audit",
-                        "search",
-                        "--kind",
-                        "access_denied",
-                        "--format",
-                        "json",
-                    ])
-                    .unwrap()
-                    .stdout
+                Value::from(admin.audit(&["--kind", "access_denied"]).unwrap())
+                    .to_string()
                     .contains("the session recording cannot be made")
                     .then_some(())
             })

@@ -393,6 +393,15 @@ impl Cx {
         Some(d)
     }
 
+    /// A count that must be at least 1; `None` (reported) when it is 0.
+    fn count(&mut self, n: usize, path: &str) -> Option<usize> {
+        if n == 0 {
+            self.push(path, "must be at least 1");
+            return None;
+        }
+        Some(n)
+    }
+
     /// A role's label selector; an empty one would match nothing.
     fn selector(&mut self, m: &LabelMap, path: &str) -> LabelSelector {
         if m.0.is_empty() {
@@ -828,36 +837,32 @@ impl Cx {
             self.push("limits.login_grace", "must be at most 10m");
             ok = false;
         }
-        let open = f.max_connections.map_or(d.max_connections, |n| n as usize);
-        let unauthenticated = f
-            .max_unauthenticated
-            .map_or(d.max_unauthenticated.min(open), |n| n as usize);
-        if open == 0 {
-            self.push("limits.max_connections", "must be at least 1");
-            ok = false;
-        }
-        if unauthenticated == 0 {
-            self.push("limits.max_unauthenticated", "must be at least 1");
-            ok = false;
-        } else if unauthenticated > open {
-            self.push(
-                "limits.max_unauthenticated",
-                format!("{unauthenticated} is more than limits.max_connections ({open})"),
-            );
-            ok = false;
-        }
-        let per_user = f
-            .max_connections_per_user
-            .map_or(d.max_connections_per_user.min(open), |n| n as usize);
-        if per_user == 0 {
-            self.push("limits.max_connections_per_user", "must be at least 1");
-            ok = false;
+        let given = f.max_connections.map_or(d.max_connections, |n| n as usize);
+        let open = self.count(given, "limits.max_connections");
+        let unauthenticated = self.count(
+            f.max_unauthenticated
+                .map_or(d.max_unauthenticated.min(given), |n| n as usize),
+            "limits.max_unauthenticated",
+        );
+        let per_user = self.count(
+            f.max_connections_per_user
+                .map_or(d.max_connections_per_user.min(given), |n| n as usize),
+            "limits.max_connections_per_user",
+        );
+        if let (Some(u), Some(o)) = (unauthenticated, open) {
+            if u > o {
+                self.push(
+                    "limits.max_unauthenticated",
+                    format!("{u} is more than limits.max_connections ({o})"),
+                );
+                ok = false;
+            }
         }
         let login_grace = grace?;
         ok.then_some(Limits {
-            max_connections: open,
-            max_unauthenticated: unauthenticated,
-            max_connections_per_user: per_user,
+            max_connections: open?,
+            max_unauthenticated: unauthenticated?,
+            max_connections_per_user: per_user?,
             login_grace,
         })
     }
@@ -873,19 +878,9 @@ impl Cx {
         let source = f
             .max_failures_per_source
             .unwrap_or(d.max_failures_per_source);
-        let mut ok = true;
-        for (v, key) in [
-            (user, "max_failures_per_user"),
-            (source, "max_failures_per_source"),
-        ] {
-            if v == 0 {
-                self.push(join("auth", key), "must be at least 1");
-                ok = false;
-            }
-        }
-        if !ok {
-            return None;
-        }
+        let user = self.count(user as usize, "auth.max_failures_per_user");
+        let source = self.count(source as usize, "auth.max_failures_per_source");
+        let (user, source) = (user? as u32, source? as u32);
         Some(AuthSettings {
             max_failures_per_user: user,
             max_failures_per_source: source,

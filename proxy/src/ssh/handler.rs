@@ -278,12 +278,14 @@ impl Live {
     /// ends for it (true), else it goes on unrecorded (false). Logged
     /// once, by the recorder.
     fn recording_lost(&self, r: &Recorder) -> bool {
-        let Some(why) = r.failure() else {
-            return false;
-        };
+        // Checked first: with `continue` this runs for every chunk once
+        // the recording failed.
         if !self.end_on_recording_failure {
             return false;
         }
+        let Some(why) = r.failure() else {
+            return false;
+        };
         let mut reason = lock(&self.end_reason);
         if reason.is_none() {
             *reason = Some(why);
@@ -1404,8 +1406,8 @@ impl server::Handler for Conn {
         if self.refused_second_start(channel, "exec", session).await? {
             return Ok(());
         }
+        let command = String::from_utf8_lossy(data).into_owned();
         if let (Some(live), Some(c)) = (self.live().cloned(), self.channels.get(&channel)) {
-            let command = String::from_utf8_lossy(data).into_owned();
             let (cols, rows, term) = c.pty.clone().unwrap_or((80, 24, String::new()));
             if c.pty.is_none() {
                 c.rec.mode.store(REC_EXEC, Ordering::Relaxed);
@@ -1422,7 +1424,7 @@ impl server::Handler for Conn {
             live.execs.fetch_add(1, Ordering::Relaxed);
             live.audit(AuditEvent::SshExec {
                 session: live.sref.clone(),
-                command: String::from_utf8_lossy(data).into_owned(),
+                command,
             })
             .await;
         }

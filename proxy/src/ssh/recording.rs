@@ -254,12 +254,17 @@ impl Recorder {
         match failed {
             None => true,
             Some(why) => {
-                tracing::warn!(path = %self.path.display(), "{why}");
-                inner.failed = Some(why);
-                self.has_failed.store(true, Ordering::Release);
+                self.fail(inner, why);
                 false
             }
         }
+    }
+
+    /// Nothing more is recorded, for `why` (logged once, here).
+    fn fail(&self, inner: &mut Inner, why: String) {
+        tracing::warn!(path = %self.path.display(), "{why}");
+        inner.failed = Some(why);
+        self.has_failed.store(true, Ordering::Release);
     }
 
     /// Why nothing more is recorded, once that is so.
@@ -329,10 +334,7 @@ impl Recorder {
             g.dirty = false;
             let flushed = g.out.as_mut().map(|out| out.flush());
             if let (Some(Err(e)), None) = (flushed, &g.failed) {
-                let why = format!("cannot write the session recording: {e}");
-                tracing::warn!(path = %self.path.display(), "{why}");
-                g.failed = Some(why);
-                self.has_failed.store(true, Ordering::Release);
+                self.fail(&mut g, format!("cannot write the session recording: {e}"));
             }
         }
     }
@@ -366,17 +368,21 @@ mod tests {
         assert_eq!(take_text(&mut carry, b"\xff\x00ok"), "\u{fffd}\u{0}ok");
     }
 
-    #[test]
-    fn recording_has_header_events_and_lists() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = RecordingMeta {
-            session_id: "0b5e7a4e-1111-4222-8333-944455556666".into(),
+    fn meta(session_id: &str, request_ids: &[&str]) -> RecordingMeta {
+        RecordingMeta {
+            session_id: session_id.into(),
             user: "alice".into(),
             node: "db-1".into(),
             login: "root".into(),
-            request_ids: vec!["r1".into()],
+            request_ids: request_ids.iter().map(|r| r.to_string()).collect(),
             started: 1_700_000_000,
-        };
+        }
+    }
+
+    #[test]
+    fn recording_has_header_events_and_lists() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = meta("0b5e7a4e-1111-4222-8333-944455556666", &["r1"]);
         #[allow(clippy::disallowed_methods)]
         let t0 = Instant::now();
         let r = Recorder::create(
@@ -412,14 +418,7 @@ mod tests {
     #[test]
     fn a_recording_stops_at_its_limit_with_a_marker_saying_so() {
         let dir = tempfile::tempdir().unwrap();
-        let meta = RecordingMeta {
-            session_id: "0b5e7a4e-1111-4222-8333-944455556667".into(),
-            user: "alice".into(),
-            node: "db-1".into(),
-            login: "root".into(),
-            request_ids: vec![],
-            started: 1_700_000_000,
-        };
+        let meta = meta("0b5e7a4e-1111-4222-8333-944455556667", &[]);
         #[allow(clippy::disallowed_methods)]
         let t0 = Instant::now();
         let limit = 1 << 16;
