@@ -141,6 +141,13 @@ impl AuthorityKeys {
         Ok((ca, files))
     }
 
+    /// The key of the audit log's hash chain (HMAC-SHA256), derived from
+    /// the user CA's key: whoever can rewrite the store but not read the
+    /// CA key set cannot make a changed event fit the chain again.
+    pub fn audit_chain_secret(&self) -> crate::DerivedSecret {
+        self.ssh_user.derive_secret("audit chain v1")
+    }
+
     /// The node-login CA's key file name (see [`Self::generate_node_ca`]).
     pub const NODE_CA_KEY_FILE: &'static str = SSH_NODE_KEY;
 
@@ -189,6 +196,21 @@ mod tests {
         assert_eq!(again.tls.pin(), keys.tls.pin());
         assert_eq!(again.db_client.pin(), keys.db_client.pin());
         assert_ne!(keys.tls.pin(), keys.db_client.pin());
+        // The audit chain's key: the same from the same key set, another
+        // from another, and never the bytes of a key file.
+        let secret = *keys.audit_chain_secret().as_bytes();
+        assert_eq!(&secret, again.audit_chain_secret().as_bytes());
+        let (other, _) = AuthorityKeys::generate("test", 1_700_000_000, &rng).unwrap();
+        assert_ne!(&secret, other.audit_chain_secret().as_bytes());
+        assert_ne!(
+            keys.ssh_user.derive_secret("a").as_bytes(),
+            keys.ssh_user.derive_secret("b").as_bytes()
+        );
+        assert!(map.values().all(|f| !f.windows(32).any(|w| w == secret)));
+        assert_eq!(
+            format!("{:?}", keys.audit_chain_secret()),
+            "DerivedSecret(<redacted>)"
+        );
         let missing = AuthorityKeys::load(|n| {
             if n == TLS_KEY {
                 None

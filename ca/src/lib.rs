@@ -20,7 +20,8 @@ pub mod x509;
 pub use identity::{Identity, IDENTITY_OID};
 pub use keys::{AuthorityKeys, KeyFile};
 pub use ssh::{
-    SshCa, SshCertKind, SshCertificateRequest, SshPermissions, TrustedSshCas, VerifiedSshCert,
+    DerivedSecret, SshCa, SshCertKind, SshCertificateRequest, SshPermissions, TrustedSshCas,
+    VerifiedSshCert,
 };
 pub use x509::{
     ServerCertRequest, TrustedX509Cas, VerifiedClientCert, X509Ca, X509CaKind, X509Issued,

@@ -156,6 +156,21 @@ pub struct SshCertificateRequest<'a> {
     pub identity: Option<&'a Identity>,
 }
 
+/// A secret from [`SshCa::derive_secret`]; its `Debug` does not show it.
+pub struct DerivedSecret([u8; 32]);
+
+impl DerivedSecret {
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for DerivedSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DerivedSecret(<redacted>)")
+    }
+}
+
 /// An SSH CA: an Ed25519 key pair.
 pub struct SshCa {
     key: Ed25519KeyPair,
@@ -206,6 +221,21 @@ impl SshCa {
 
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.blob)
+    }
+
+    /// A secret only this CA key's holders can compute, one per `label`:
+    /// SHA-256 of the key's (deterministic, RFC 8032) Ed25519 signature over
+    /// a prefix no certificate starts with, then `label`. Every wicketd
+    /// sharing the CA key set gets the same secret, with nothing more to
+    /// copy between them.
+    pub fn derive_secret(&self, label: &str) -> DerivedSecret {
+        let mut msg = b"wicket derived secret\0".to_vec();
+        msg.extend_from_slice(label.as_bytes());
+        let sig = self.key.sign(&msg);
+        let digest = ring::digest::digest(&ring::digest::SHA256, sig.as_ref());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(digest.as_ref());
+        DerivedSecret(out)
     }
 
     /// Issues a certificate and returns its wire blob.

@@ -11,14 +11,14 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 use wicketd::audit::{AuditEvent, AuditSink, SessionRef};
-use wicketd::config::{AuditSettings, Storage};
-use wicketd::store::Store;
+use wicketd::config::AuditSettings;
 
 fn main() {
     let events = common::env_or("BENCH_EVENTS", 400_000);
     common::runtime().block_on(async move {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&Storage::Sqlite, dir.path()).await.unwrap();
+        let cfg = wicketd::config::Config::embedded_default(dir.path());
+        let (_, _, store) = wicketd::server::open_keys_and_store(&cfg).await.unwrap();
         let sink = AuditSink::start(store.clone(), &AuditSettings::default());
         let sessions: Vec<Arc<SessionRef>> = (0..8)
             .map(|i| {

@@ -82,11 +82,8 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = wicketd::config::parse(&config_text(), dir.path()).unwrap();
         cfg.data_dir = dir.path().join("data");
-        let store = wicketd::store::Store::open(&cfg.storage, &cfg.data_dir).await.unwrap();
+        let (keys, _, store) = wicketd::server::open_keys_and_store(&cfg).await.unwrap();
         let now = wicketd::clock::now();
-        let (keys, _) =
-            wicketd::keystore::load_or_generate(&cfg.data_dir, &cfg.cluster_name, now.timestamp())
-                .unwrap();
         let w = Wicket::new(cfg, store, keys, Default::default()).unwrap();
         let t0 = Instant::now();
         let mut callers = Vec::new();

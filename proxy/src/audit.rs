@@ -511,9 +511,13 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_full_queue_drops_and_counts_or_blocks_as_configured() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&crate::config::Storage::Sqlite, dir.path())
-            .await
-            .unwrap();
+        let store = Store::open(
+            &crate::config::Storage::Sqlite,
+            dir.path(),
+            crate::store::ChainKey::for_tests(),
+        )
+        .await
+        .unwrap();
         let settings = AuditSettings {
             queue_size: 1,
             on_overflow: AuditOverflow::DropAndCount,
@@ -538,9 +542,13 @@ mod tests {
 
         // `block`: every event arrives, in order, whatever the queue size.
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&crate::config::Storage::Sqlite, dir.path())
-            .await
-            .unwrap();
+        let store = Store::open(
+            &crate::config::Storage::Sqlite,
+            dir.path(),
+            crate::store::ChainKey::for_tests(),
+        )
+        .await
+        .unwrap();
         let sink = AuditSink::start(
             store.clone(),
             &AuditSettings {

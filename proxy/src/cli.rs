@@ -149,9 +149,16 @@ enum UsersCommand {
     },
 }
 
+/// The store, for an admin command: its audit events are chained with
+/// the key of the CA key set in the data directory (made, as at a first
+/// start, when there is none yet).
+async fn open_store(cfg: &crate::config::Config) -> Result<store::Store> {
+    Ok(crate::server::open_keys_and_store(cfg).await?.2)
+}
+
 async fn set_disabled(name: &str, disabled: bool, source: &Source) -> Result<()> {
     let cfg = load_config(source)?;
-    let store = store::Store::open(&cfg.storage, &cfg.data_dir).await?;
+    let store = open_store(&cfg).await?;
     let now = clock::now();
     let event = crate::audit::AuditEvent::UserDisabled {
         user: name.to_owned(),
@@ -264,7 +271,7 @@ async fn run(command: Command) -> Result<()> {
         }) => {
             let cfg = load_config(&source)?;
             let password = read_password(password_stdin)?;
-            let store = store::Store::open(&cfg.storage, &cfg.data_dir).await?;
+            let store = open_store(&cfg).await?;
             let uri = service::add_user(
                 &cfg,
                 &store,
@@ -347,7 +354,7 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Users(UsersCommand::Ls { source, format }) => {
             let cfg = load_config(&source)?;
-            let store = store::Store::open(&cfg.storage, &cfg.data_dir).await?;
+            let store = open_store(&cfg).await?;
             let users = store.list_users().await?;
             if format == "json" {
                 let v: Vec<serde_json::Value> = users

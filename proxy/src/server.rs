@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
+use wicket_ca::AuthorityKeys;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,12 +53,22 @@ impl Running {
     }
 }
 
+/// The CA key set (made on first use: then `true`) and the store, whose
+/// audit chain is keyed from it. What the daemon and every admin command
+/// open first.
+pub async fn open_keys_and_store(config: &Config) -> Result<(AuthorityKeys, bool, Store)> {
+    let now = clock::now().timestamp();
+    let (keys, generated) =
+        keystore::load_or_generate(&config.data_dir, &config.cluster_name, now)?;
+    let chain = crate::store::ChainKey::from_authority(&keys);
+    let store = Store::open(&config.storage, &config.data_dir, chain).await?;
+    Ok((keys, generated, store))
+}
+
 /// Opens everything and starts serving. Returns once the listener is bound.
 pub async fn start(config: Config) -> Result<Running> {
     let now = clock::now();
-    let (keys, ca_generated) =
-        keystore::load_or_generate(&config.data_dir, &config.cluster_name, now.timestamp())?;
-    let store = Store::open(&config.storage, &config.data_dir).await?;
+    let (keys, ca_generated, store) = open_keys_and_store(&config).await?;
     let listener = TcpListener::bind(config.listen.api).await.map_err(|e| {
         Error::Io(format!(
             "cannot listen on {} (listen.api): {e}",

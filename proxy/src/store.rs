@@ -288,7 +288,24 @@ ALTER TABLE audit_events ADD COLUMN actions BIGINT
         sqlite: &[],
         postgres: &[],
     },
+    // The chain's links become keyed ([`ChainKey`]): when this runs, every
+    // link is checked as it was (SHA-256) and hashed again with the key;
+    // what the check found is kept in `keyed_problems`, and every later
+    // verification reports it. `key_id` names the key, so a wicketd with
+    // another CA key set is refused instead of breaking the chain.
+    Migration {
+        version: 10,
+        sql: r#"
+ALTER TABLE audit_chain ADD COLUMN key_id TEXT;
+ALTER TABLE audit_chain ADD COLUMN keyed_problems TEXT
+"#,
+        sqlite: &[],
+        postgres: &[],
+    },
 ];
+
+/// The migration that keys the audit chain (see [`key_chain`]).
+const KEY_MIGRATION: i64 = 10;
 
 /// The migration that starts the audit chain; events stored before it are
 /// chained when it runs.
@@ -383,14 +400,77 @@ pub struct AuditFilter {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    chain: ChainKey,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
             .field("backend", &self.backend)
+            .field("chain", &self.chain)
             .finish()
     }
+}
+
+/// The key of the audit chain's links (HMAC-SHA256), derived from the CA
+/// key set ([`wicket_ca::AuthorityKeys::audit_chain_secret`]): someone who
+/// can write the store but cannot read the CA keys cannot make a changed,
+/// removed or inserted event fit the chain again. Its `id` (a tag, not the
+/// key) is stored with the chain. `Debug` shows only the id.
+#[derive(Clone)]
+pub struct ChainKey {
+    key: ring::hmac::Key,
+    id: String,
+}
+
+impl ChainKey {
+    pub fn new(secret: &wicket_ca::DerivedSecret) -> Self {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+        let tag = ring::hmac::sign(&key, b"wicket audit chain key id");
+        Self {
+            id: hex(&tag.as_ref()[..8]),
+            key,
+        }
+    }
+
+    /// The key for the CA key set `keys`.
+    pub fn from_authority(keys: &wicket_ca::AuthorityKeys) -> Self {
+        Self::new(&keys.audit_chain_secret())
+    }
+
+    /// Names the key; safe to show.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+#[cfg(test)]
+impl ChainKey {
+    /// A key from a fresh CA key set.
+    pub(crate) fn for_tests() -> Self {
+        let rng = ring::rand::SystemRandom::new();
+        match wicket_ca::AuthorityKeys::generate("test", 1_700_000_000, &rng) {
+            Ok((keys, _)) => Self::from_authority(&keys),
+            Err(e) => panic!("test CA: {e}"),
+        }
+    }
+}
+
+impl std::fmt::Debug for ChainKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChainKey").field("id", &self.id).finish()
+    }
+}
+
+/// Lower-case hex.
+fn hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 15)] as char);
+    }
+    out
 }
 
 fn json_list(v: &[String]) -> Result<String> {
@@ -402,8 +482,10 @@ fn parse_list(s: &str) -> Result<Vec<String>> {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store and runs migrations.
-    pub async fn open(storage: &Storage, data_dir: &Path) -> Result<Self> {
+    /// Opens (creating if needed) the store and runs migrations. Audit
+    /// events are chained with `chain`; a store whose chain has another
+    /// key (another CA key set) is refused.
+    pub async fn open(storage: &Storage, data_dir: &Path, chain: ChainKey) -> Result<Self> {
         sqlx::any::install_default_drivers();
         let (url, backend) = match storage {
             Storage::Sqlite => {
@@ -440,7 +522,11 @@ impl Store {
             .connect(&url)
             .await
             .map_err(|e| Error::Store(format!("cannot open {}: {e}", describe(storage))))?;
-        let store = Self { pool, backend };
+        let store = Self {
+            pool,
+            backend,
+            chain,
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -501,11 +587,25 @@ impl Store {
             if m.version == CHAIN_MIGRATION {
                 chain_existing(&mut tx).await?;
             }
+            if m.version == KEY_MIGRATION {
+                key_chain(&mut tx, &self.chain).await?;
+            }
             sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
                 .bind(m.version)
                 .bind(crate::clock::now_ms())
                 .execute(&mut *tx)
                 .await?;
+        }
+        let key_id: Option<String> = sqlx::query("SELECT key_id FROM audit_chain WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        if key_id.as_deref() != Some(self.chain.id()) {
+            return Err(Error::Store(format!(
+                "the audit chain is keyed with key id {}, and this wicketd's CA key set gives {}: every wicketd sharing a store needs the same CA key set (copy <data_dir>/ca from the first)",
+                key_id.as_deref().unwrap_or("(none: changed outside wicketd)"),
+                self.chain.id()
+            )));
         }
         tx.commit().await?;
         Ok(())
@@ -552,7 +652,13 @@ impl Store {
         .bind(change)
         .execute(&mut *tx)
         .await?;
-        insert_audit(self.backend, &mut tx, std::slice::from_ref(event)).await?;
+        insert_audit(
+            self.backend,
+            &self.chain,
+            &mut tx,
+            std::slice::from_ref(event),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -576,7 +682,13 @@ impl Store {
         if done.rows_affected() == 0 {
             return Err(Error::NotFound(format!("no user {name:?}")));
         }
-        insert_audit(self.backend, &mut tx, std::slice::from_ref(event)).await?;
+        insert_audit(
+            self.backend,
+            &self.chain,
+            &mut tx,
+            std::slice::from_ref(event),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -703,7 +815,13 @@ impl Store {
             .bind(prune_before_ms)
             .execute(&mut *tx)
             .await?;
-        insert_audit(self.backend, &mut tx, std::slice::from_ref(event)).await?;
+        insert_audit(
+            self.backend,
+            &self.chain,
+            &mut tx,
+            std::slice::from_ref(event),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -754,7 +872,7 @@ impl Store {
         .bind(change)
         .execute(&mut *tx)
         .await?;
-        insert_audit(self.backend, &mut tx, audit).await?;
+        insert_audit(self.backend, &self.chain, &mut tx, audit).await?;
         for n in notes {
             insert_notification(&mut tx, n).await?;
         }
@@ -790,7 +908,7 @@ impl Store {
         if r.rows_affected() != 1 {
             return Ok(None);
         }
-        insert_audit(self.backend, &mut tx, audit).await?;
+        insert_audit(self.backend, &self.chain, &mut tx, audit).await?;
         for n in notes {
             insert_notification(&mut tx, n).await?;
         }
@@ -1116,7 +1234,13 @@ impl Store {
 
     pub async fn append_audit(&self, event: &AuditRow) -> Result<()> {
         let mut tx = self.begin().await?;
-        insert_audit(self.backend, &mut tx, std::slice::from_ref(event)).await?;
+        insert_audit(
+            self.backend,
+            &self.chain,
+            &mut tx,
+            std::slice::from_ref(event),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1124,7 +1248,7 @@ impl Store {
     /// Stores several events in one transaction.
     pub async fn append_audit_batch(&self, events: &[AuditRow]) -> Result<()> {
         let mut tx = self.begin().await?;
-        insert_audit(self.backend, &mut tx, events).await?;
+        insert_audit(self.backend, &self.chain, &mut tx, events).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1269,7 +1393,12 @@ impl Store {
                             e.id
                         ),
                     );
-                } else if chain_hash(&prev, seq, &e) != stored {
+                } else if !stored.starts_with(KEYED) {
+                    note(
+                        &mut v,
+                        format!("event #{seq} ({}) has a link made without the chain's key: put in, or written by a wicketd older than schema 10 still running", e.id),
+                    );
+                } else if chain_hash(Link::Keyed(&self.chain), &prev, seq, &e) != stored {
                     note(
                         &mut v,
                         format!("event #{seq} ({}) was changed or put in: its hash does not follow the chain", e.id),
@@ -1304,10 +1433,41 @@ impl Store {
             let id: String = r.try_get(0)?;
             note(&mut v, format!("event {id} is not in the chain: inserted"));
         }
-        let head = sqlx::query("SELECT seq, hash FROM audit_chain WHERE id = 1")
-            .fetch_one(&self.pool)
-            .await?;
+        let head =
+            sqlx::query("SELECT seq, hash, key_id, keyed_problems FROM audit_chain WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?;
         let (head_seq, head_hash): (i64, String) = (head.try_get(0)?, head.try_get(1)?);
+        let key_id: Option<String> = head.try_get(2)?;
+        if key_id.as_deref() != Some(self.chain.id()) {
+            note(
+                &mut v,
+                format!(
+                    "the chain's key id was changed to {} (this CA key set's is {})",
+                    key_id.as_deref().unwrap_or("nothing"),
+                    self.chain.id()
+                ),
+            );
+        }
+        if let Some(text) = head.try_get::<Option<String>, _>(3)? {
+            match serde_json::from_str::<KeyedProblems>(&text) {
+                Ok(before) => {
+                    let listed = before.problems.len() as u64;
+                    for p in before.problems {
+                        note(
+                            &mut v,
+                            format!("before the chain was keyed (schema 10): {p}"),
+                        );
+                    }
+                    // Counted, beyond the ones kept.
+                    v.problem_count += before.count.saturating_sub(listed);
+                }
+                Err(e) => note(
+                    &mut v,
+                    format!("what was found when the chain was keyed is unreadable: {e}"),
+                ),
+            }
+        }
         if head_seq > last_seq {
             note(
                 &mut v,
@@ -1465,8 +1625,9 @@ fn push_placeholders(sql: &mut String, backend: Backend, first: usize, n: usize)
 /// Inserts audit rows, many per INSERT (statement overhead, not row count,
 /// dominates small inserts), with each session's statement events in a run
 /// stored as one row ([`groups`]).
-pub async fn insert_audit(
+async fn insert_audit(
     backend: Backend,
+    key: &ChainKey,
     tx: &mut Transaction<'static, Any>,
     rows: &[AuditRow],
 ) -> Result<()> {
@@ -1501,7 +1662,10 @@ pub async fn insert_audit(
             push_placeholders(&mut sql, backend, i * COLUMNS + 1, COLUMNS);
             sql.push(')');
         }
-        let links: Vec<(i64, String)> = chunk.iter().map(|s| chain.append(&s.row)).collect();
+        let links: Vec<(i64, String)> = chunk
+            .iter()
+            .map(|s| chain.append(Link::Keyed(key), &s.row))
+            .collect();
         let mut q = sqlx::query(&sql);
         for (s, (seq, hash)) in chunk.iter().zip(&links) {
             let e = &*s.row;
@@ -1545,9 +1709,9 @@ impl ChainHead {
     }
 
     /// Links `e` after the head; its place and hash.
-    fn append(&mut self, e: &AuditRow) -> (i64, String) {
+    fn append(&mut self, link: Link<'_>, e: &AuditRow) -> (i64, String) {
         self.seq += 1;
-        self.hash = chain_hash(&self.hash, self.seq, e);
+        self.hash = chain_hash(link, &self.hash, self.seq, e);
         (self.seq, self.hash.clone())
     }
 
@@ -1562,28 +1726,55 @@ impl ChainHead {
     }
 }
 
+/// How a link is hashed.
+#[derive(Clone, Copy)]
+pub enum Link<'a> {
+    /// SHA-256, as links were before schema 10 (checked once, when
+    /// [`key_chain`] hashes them again).
+    Plain,
+    /// HMAC-SHA256 with the chain's key; such a hash starts with [`KEYED`].
+    Keyed(&'a ChainKey),
+}
+
+/// What a keyed link's hash starts with, so a link written without the key
+/// (an older wicketd, or a forger) is told apart from a changed one.
+pub const KEYED: &str = "k1:";
+
 /// The hash of event `e` at place `seq` after an event whose hash is
-/// `prev` (empty for the first): SHA-256, hex, over `prev`, a newline and
-/// the event's fields as a JSON array (unambiguous). A row of session
-/// events ([`groups`]) is long and its data already JSON: the array ends
-/// with the data's length instead, and the data's bytes follow as they are
-/// (no escaping to hash).
-pub fn chain_hash(prev: &str, seq: i64, e: &AuditRow) -> String {
-    /// Feeds what serde writes straight into the digest (no copy).
-    struct Digest(ring::digest::Context);
+/// `prev` (empty for the first), in hex: over `prev`, a newline and the
+/// event's fields as a JSON array (unambiguous). A row of session events
+/// ([`groups`]) is long and its data already JSON: the array ends with the
+/// data's length instead, and the data's bytes follow as they are (no
+/// escaping to hash).
+pub fn chain_hash(link: Link<'_>, prev: &str, seq: i64, e: &AuditRow) -> String {
+    /// Feeds what serde writes straight into the digest or MAC (no copy).
+    enum Digest {
+        Plain(ring::digest::Context),
+        Keyed(ring::hmac::Context),
+    }
+    impl Digest {
+        fn update(&mut self, b: &[u8]) {
+            match self {
+                Digest::Plain(c) => c.update(b),
+                Digest::Keyed(c) => c.update(b),
+            }
+        }
+    }
     impl std::io::Write for Digest {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.update(b);
+            self.update(b);
             Ok(b.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
     }
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut d = Digest(ring::digest::Context::new(&ring::digest::SHA256));
-    d.0.update(prev.as_bytes());
-    d.0.update(b"\n");
+    let mut d = match link {
+        Link::Plain => Digest::Plain(ring::digest::Context::new(&ring::digest::SHA256)),
+        Link::Keyed(k) => Digest::Keyed(ring::hmac::Context::with_key(&k.key)),
+    };
+    d.update(prev.as_bytes());
+    d.update(b"\n");
     /// The fields as a JSON array, ending with `last`. Serializing plain
     /// strings and integers into memory cannot fail.
     fn fields(d: &mut Digest, seq: i64, e: &AuditRow, last: impl serde::Serialize) {
@@ -1601,16 +1792,14 @@ pub fn chain_hash(prev: &str, seq: i64, e: &AuditRow) -> String {
     }
     if e.kind == groups::GROUP_KIND {
         fields(&mut d, seq, e, e.data.len());
-        d.0.update(e.data.as_bytes());
+        d.update(e.data.as_bytes());
     } else {
         fields(&mut d, seq, e, &e.data);
     }
-    let mut hex = String::with_capacity(64);
-    for b in d.0.finish().as_ref() {
-        hex.push(HEX[usize::from(b >> 4)] as char);
-        hex.push(HEX[usize::from(b & 15)] as char);
+    match d {
+        Digest::Plain(c) => hex(c.finish().as_ref()),
+        Digest::Keyed(c) => format!("{KEYED}{}", hex(c.sign().as_ref())),
     }
-    hex
 }
 
 /// Chains the events stored before the chain existed, oldest first.
@@ -1623,7 +1812,8 @@ async fn chain_existing(tx: &mut Transaction<'static, Any>) -> Result<()> {
     let mut chain = ChainHead::lock(tx).await?;
     for r in &rows {
         let e = audit_from_row(r)?;
-        let (seq, hash) = chain.append(&e);
+        // Keyed afterwards, by `key_chain` (schema 10).
+        let (seq, hash) = chain.append(Link::Plain, &e);
         sqlx::query("UPDATE audit_events SET seq = $1, hash = $2 WHERE id = $3")
             .bind(seq)
             .bind(hash)
@@ -1632,6 +1822,93 @@ async fn chain_existing(tx: &mut Transaction<'static, Any>) -> Result<()> {
             .await?;
     }
     chain.store(tx).await
+}
+
+/// What [`key_chain`] found in the chain as it was: kept in
+/// `audit_chain.keyed_problems` (JSON), reported by every verification.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct KeyedProblems {
+    count: u64,
+    problems: Vec<String>,
+}
+
+/// Hashes every link again with `key` (schema 10), oldest first, after
+/// checking it as it was: an event that did not follow, missing places and
+/// a head that did not match are counted (the first 100 kept) in
+/// `keyed_problems`, so keying the chain hides nothing a verification
+/// would have found before.
+async fn key_chain(tx: &mut Transaction<'static, Any>, key: &ChainKey) -> Result<()> {
+    const PAGE: i64 = 2000;
+    const KEEP: usize = 100;
+    let mut found = KeyedProblems::default();
+    let mut note = |p: String| {
+        found.count += 1;
+        if found.problems.len() < KEEP {
+            found.problems.push(p);
+        }
+    };
+    let (mut last_seq, mut old_prev, mut new_prev) = (0i64, String::new(), String::new());
+    loop {
+        let rows = sqlx::query(
+            "SELECT id, time, kind, actor, request_id, session_id, data, seq, hash FROM audit_events \
+             WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(last_seq)
+        .bind(PAGE)
+        .fetch_all(&mut **tx)
+        .await?;
+        for r in &rows {
+            let e = audit_from_row(r)?;
+            let seq: i64 = r.try_get(7)?;
+            let stored = r.try_get::<Option<String>, _>(8)?.unwrap_or_default();
+            if seq != last_seq + 1 {
+                note(format!(
+                    "events #{}..#{} were missing",
+                    last_seq + 1,
+                    seq - 1
+                ));
+            } else if chain_hash(Link::Plain, &old_prev, seq, &e) != stored {
+                note(format!(
+                    "event #{seq} ({}) did not follow the chain (changed or put in)",
+                    e.id
+                ));
+            }
+            let hash = chain_hash(Link::Keyed(key), &new_prev, seq, &e);
+            sqlx::query("UPDATE audit_events SET hash = $1 WHERE seq = $2")
+                .bind(hash.as_str())
+                .bind(seq)
+                .execute(&mut **tx)
+                .await?;
+            (last_seq, old_prev, new_prev) = (seq, stored, hash);
+        }
+        if (rows.len() as i64) < PAGE {
+            break;
+        }
+    }
+    let head = sqlx::query("SELECT seq, hash FROM audit_chain WHERE id = 1")
+        .fetch_one(&mut **tx)
+        .await?;
+    let (head_seq, head_hash): (i64, String) = (head.try_get(0)?, head.try_get(1)?);
+    if head_seq != last_seq || head_hash != old_prev {
+        note(format!(
+            "the chain's head (#{head_seq}) did not match its last event (#{last_seq})"
+        ));
+    }
+    let problems = if found.count == 0 {
+        None
+    } else {
+        Some(serde_json::to_string(&found).map_err(|e| Error::Internal(e.to_string()))?)
+    };
+    sqlx::query(
+        "UPDATE audit_chain SET seq = $1, hash = $2, key_id = $3, keyed_problems = $4 WHERE id = 1",
+    )
+    .bind(last_seq)
+    .bind(new_prev)
+    .bind(key.id())
+    .bind(problems)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 fn user_from_row(r: &AnyRow) -> Result<UserRecord> {
@@ -1689,7 +1966,7 @@ mod tests {
             data: "{}".into(),
         };
         // SHA-256 of "\n[1,\"e1\",5,\"login_succeeded\",\"alice\",null,null,\"{}\"]".
-        let h = chain_hash("", 1, &e);
+        let h = chain_hash(Link::Plain, "", 1, &e);
         let sha256 = |input: &[u8]| -> String {
             let digest = ring::digest::digest(&ring::digest::SHA256, input);
             digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
@@ -1699,9 +1976,10 @@ mod tests {
             sha256(b"\n[1,\"e1\",5,\"login_succeeded\",\"alice\",null,null,\"{}\"]")
         );
         let changed = [
-            chain_hash("x", 1, &e),
-            chain_hash("", 2, &e),
+            chain_hash(Link::Plain, "x", 1, &e),
+            chain_hash(Link::Plain, "", 2, &e),
             chain_hash(
+                Link::Plain,
                 "",
                 1,
                 &AuditRow {
@@ -1710,6 +1988,7 @@ mod tests {
                 },
             ),
             chain_hash(
+                Link::Plain,
                 "",
                 1,
                 &AuditRow {
@@ -1727,8 +2006,25 @@ mod tests {
             ..e.clone()
         };
         assert_eq!(
-            chain_hash("p", 1, &g),
+            chain_hash(Link::Plain, "p", 1, &g),
             sha256(b"p\n[1,\"e1\",5,\"session_events\",\"alice\",null,null,13]{\"events\":[]}")
+        );
+
+        // Keyed: HMAC-SHA256 over the same bytes, marked; another key gives
+        // another hash, and nothing without the key matches it.
+        let (k1, k2) = (ChainKey::for_tests(), ChainKey::for_tests());
+        let keyed = chain_hash(Link::Keyed(&k1), "", 1, &e);
+        let mac = ring::hmac::sign(
+            &k1.key,
+            b"\n[1,\"e1\",5,\"login_succeeded\",\"alice\",null,null,\"{}\"]",
+        );
+        assert_eq!(keyed, format!("{KEYED}{}", hex(mac.as_ref())));
+        assert_ne!(keyed, chain_hash(Link::Keyed(&k2), "", 1, &e));
+        assert_ne!(keyed, format!("{KEYED}{h}"));
+        assert_ne!(k1.id(), k2.id());
+        assert_eq!(
+            format!("{k1:?}"),
+            format!("ChainKey {{ id: {:?} }}", k1.id())
         );
     }
 
@@ -1772,7 +2068,7 @@ mod tests {
             let dir = tempfile::tempdir().map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
             rt.block_on(async {
-                let store = Store::open(&Storage::Sqlite, dir.path()).await.unwrap();
+                let store = Store::open(&Storage::Sqlite, dir.path(), ChainKey::for_tests()).await.unwrap();
                 let mut rest = &events[..];
                 for cut in cuts.iter().cycle() {
                     if rest.is_empty() {

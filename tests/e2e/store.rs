@@ -5,7 +5,10 @@ use wicket_e2e::harness_postgres::Postgres;
 use wicket_e2e::harness_wicket::{WicketCli, Wicketd};
 use wicketd::config::Storage;
 use wicketd::ssh::recording::RecordingMeta;
-use wicketd::store::{AuditFilter, AuditRow, CancelKeyRow, Store, StoredRequest, UserRecord};
+use wicketd::store::{
+    chain_hash, AuditFilter, AuditRow, CancelKeyRow, ChainKey, Link, Store, StoredRequest,
+    UserRecord, KEYED,
+};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -24,6 +27,20 @@ fn event(id: &str, kind: &str, actor: &str, time_ms: i64) -> AuditRow {
         session_id: None,
         data: "{\"event\":\"x\"}".into(),
     }
+}
+
+/// The audit chain's key for the CA key set in `dir` (made on first use,
+/// as wicketd does at its first start).
+fn key_in(dir: &std::path::Path) -> ChainKey {
+    let (keys, _) = wicketd::keystore::load_or_generate(dir, "test", 1_700_000_000).unwrap();
+    ChainKey::from_authority(&keys)
+}
+
+/// The key of a CA key set nobody else has.
+fn another_key() -> ChainKey {
+    let rng = ring::rand::SystemRandom::new();
+    let (keys, _) = wicket_ca::AuthorityKeys::generate("other", 1_700_000_000, &rng).unwrap();
+    ChainKey::from_authority(&keys)
 }
 
 /// An enabled user with `roles`, no team, password or TOTP.
@@ -239,6 +256,152 @@ async fn exercise(store: &Store) {
             format!("events #{head}..#{head} were removed from the end"),
         ]
     );
+}
+
+/// The chain's links are keyed with the CA key set's key. An intruder
+/// who rewrites an event and every link after it, as a plain hash chain
+/// would let them, is still found, whether they hash without a key or with
+/// a key of their own. A store from before the key (schema 9) is keyed
+/// when opened, and what its old links showed is reported from then on. A
+/// wicketd with another CA key set is refused. `storage` must be empty;
+/// the CA key set is made in `dir`.
+async fn keyed_chain(storage: &Storage, dir: &std::path::Path) {
+    let open = || Store::open(storage, dir, key_in(dir));
+    let store = open().await.unwrap();
+    let batch: Vec<AuditRow> = (0..5)
+        .map(|i| event(&format!("k{i}"), "login_succeeded", "kate", 10 + i))
+        .collect();
+    store.append_audit_batch(&batch).await.unwrap();
+    let v = store.verify_audit(10).await.unwrap();
+    assert_eq!((v.events, v.head_seq, v.problem_count), (5, 5, 0), "{v:?}");
+    assert!(v.head_hash.starts_with(KEYED), "{v:?}");
+
+    // Rewritten from k2 (#3) on, without the key and with another one:
+    // every rewritten link is found, the first one as the change.
+    let other = another_key();
+    for (link, first) in [
+        (
+            Link::Plain,
+            "event #3 (k2) has a link made without the chain's key: put in, or written by a wicketd older than schema 10 still running",
+        ),
+        (
+            Link::Keyed(&other),
+            "event #3 (k2) was changed or put in: its hash does not follow the chain",
+        ),
+    ] {
+        exec(&store, &["UPDATE audit_events SET data = '{\"event\":\"z\"}' WHERE id = 'k2'"]).await;
+        relink(&store, link, 3).await;
+        let v = store.verify_audit(10).await.unwrap();
+        assert_eq!(v.problem_count, 3, "{v:?}");
+        assert_eq!(v.problems[0], first, "{v:?}");
+        // Put back as it was, through the key: clean again.
+        exec(&store, &["UPDATE audit_events SET data = '{\"event\":\"x\"}' WHERE id = 'k2'"]).await;
+        relink(&store, Link::Keyed(&key_in(dir)), 3).await;
+        let v = store.verify_audit(10).await.unwrap();
+        assert_eq!(v.problem_count, 0, "{v:?}");
+    }
+
+    // Back to schema 9 (links unkeyed, no key columns), then reopened:
+    // keyed, and clean.
+    // `then` runs there, as an older wicketd's intruder would.
+    let to_schema_9 = |store: Store, then: &'static [&'static str]| async move {
+        relink(&store, Link::Plain, 1).await;
+        exec(
+            &store,
+            &[
+                "ALTER TABLE audit_chain DROP COLUMN key_id",
+                "ALTER TABLE audit_chain DROP COLUMN keyed_problems",
+                "DELETE FROM schema_migrations WHERE version = 10",
+            ],
+        )
+        .await;
+        exec(&store, then).await;
+    };
+    to_schema_9(store, &[]).await;
+    let store = open().await.unwrap();
+    let v = store.verify_audit(10).await.unwrap();
+    assert_eq!((v.events, v.problem_count), (5, 0), "{v:?}");
+    let unkeyed = count(
+        &store,
+        &format!("SELECT COUNT(*) FROM audit_events WHERE hash NOT LIKE '{KEYED}%'"),
+    )
+    .await;
+    assert_eq!(unkeyed, 0);
+    // An event changed while the chain was unkeyed stays found.
+    to_schema_9(
+        store,
+        &["UPDATE audit_events SET actor = 'mallory' WHERE id = 'k1'"],
+    )
+    .await;
+    let store = open().await.unwrap();
+    let v = store.verify_audit(10).await.unwrap();
+    assert_eq!(
+        v.problems,
+        ["before the chain was keyed (schema 10): event #2 (k1) did not follow the chain (changed or put in)"],
+        "{v:?}"
+    );
+
+    // Another CA key set: refused, saying what to do.
+    let err = Store::open(storage, dir, another_key()).await.unwrap_err();
+    assert!(
+        err.to_string().contains(&format!(
+            "the audit chain is keyed with key id {}",
+            key_in(dir).id()
+        )) && err.to_string().contains("needs the same CA key set"),
+        "{err}"
+    );
+}
+
+/// Hashes the chain again from place `from` on with `link`, and moves the
+/// head: what an intruder who can write the store would do.
+async fn relink(store: &Store, link: Link<'_>, from: i64) {
+    let mut tx = store.begin().await.unwrap();
+    let prev: String = if from == 1 {
+        String::new()
+    } else {
+        let r = sqlx::query("SELECT hash FROM audit_events WHERE seq = $1")
+            .bind(from - 1)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::Row::get(&r, 0)
+    };
+    let rows = sqlx::query(
+        "SELECT id, time, kind, actor, request_id, session_id, data, seq FROM audit_events WHERE seq >= $1 ORDER BY seq",
+    )
+    .bind(from)
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    let mut prev = prev;
+    let mut last = from - 1;
+    for r in &rows {
+        use sqlx::Row;
+        let e = AuditRow {
+            id: r.get(0),
+            time_ms: r.get(1),
+            kind: r.get(2),
+            actor: r.get(3),
+            request_id: r.get(4),
+            session_id: r.get(5),
+            data: r.get(6),
+        };
+        last = r.get(7);
+        prev = chain_hash(link, &prev, last, &e);
+        sqlx::query("UPDATE audit_events SET hash = $1 WHERE seq = $2")
+            .bind(prev.as_str())
+            .bind(last)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    sqlx::query("UPDATE audit_chain SET seq = $1, hash = $2 WHERE id = 1")
+        .bind(last)
+        .bind(prev)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
 }
 
 /// Runs `statements` by hand (as a tool or an intruder would), in one
@@ -617,15 +780,21 @@ async fn recordings(store: &Store) {
 fn store_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
-        let store = Store::open(&Storage::Sqlite, dir.path()).await.unwrap();
+        let store = Store::open(&Storage::Sqlite, dir.path(), key_in(dir.path()))
+            .await
+            .unwrap();
         exercise(&store).await;
+        let keyed = tempfile::tempdir().unwrap();
+        keyed_chain(&Storage::Sqlite, keyed.path()).await;
         statement_events(&store).await;
         change_feed(&store).await;
         cancel_keys(&store).await;
         recordings(&store).await;
         // Reopening runs no migration twice and keeps the data.
         drop(store);
-        let again = Store::open(&Storage::Sqlite, dir.path()).await.unwrap();
+        let again = Store::open(&Storage::Sqlite, dir.path(), key_in(dir.path()))
+            .await
+            .unwrap();
         assert!(again.get_user("alice").await.unwrap().is_some());
         // A schema newer than this wicketd knows: it refuses to run (an
         // older wicketd would write without the change feed).
@@ -635,7 +804,9 @@ fn store_on_sqlite() {
         )
         .await;
         drop(again);
-        let err = Store::open(&Storage::Sqlite, dir.path()).await.unwrap_err();
+        let err = Store::open(&Storage::Sqlite, dir.path(), key_in(dir.path()))
+            .await
+            .unwrap_err();
         assert!(
             err.to_string()
                 .contains("schema is at version 999, newer than this wicketd knows"),
@@ -654,11 +825,14 @@ fn store_on_postgresql() {
         // Two stores opening at once: migrations serialize on the advisory lock.
         let storage = Storage::Postgres(url.clone());
         let (a, b) = tokio::join!(
-            Store::open(&storage, dir.path()),
-            Store::open(&storage, dir.path())
+            Store::open(&storage, dir.path(), key_in(dir.path())),
+            Store::open(&storage, dir.path(), key_in(dir.path()))
         );
         let (a, b) = (a.unwrap(), b.unwrap());
         exercise(&a).await;
+        pg.create_database("keyed").unwrap();
+        let keyed = tempfile::tempdir().unwrap();
+        keyed_chain(&Storage::Postgres(pg.url("keyed")), keyed.path()).await;
         statement_events(&b).await;
         change_feed(&b).await;
         cancel_keys(&a).await;
@@ -678,10 +852,17 @@ fn two_wicketds_share_postgresql_state() {
         pg.url("wicket")
     );
     let d1 = Wicketd::builder().config(yaml.clone()).start().unwrap();
-    let d2 = Wicketd::builder().config(yaml).start().unwrap();
-    // The two daemons must share one CA for certificates to work across them;
-    // here each has its own data dir, so each user logs in to one daemon, and
-    // the shared state is the user table and the audit log.
+    // A second wicketd with its own CA key set would break the audit
+    // chain (its key comes from the CA key set): it is refused, saying why.
+    let Err(err) = Wicketd::builder().config(yaml).start() else {
+        panic!("a wicketd with another CA key set started on the shared store");
+    };
+    assert!(
+        format!("{err:#}").contains("every wicketd sharing a store needs the same CA key set"),
+        "{err:#}"
+    );
+    // With a copy of the CA key set, as deploy/README.md says.
+    let d2 = d1.twin().unwrap();
     d1.add_user("alice", "access", "correct horse battery", false)
         .unwrap();
     let cli = WicketCli::new().unwrap();
@@ -705,8 +886,10 @@ fn two_wicketds_share_postgresql_state() {
     let dir = tempfile::tempdir().unwrap();
     rt().block_on(async {
         let storage = Storage::Postgres(pg.url("wicket"));
-        let a = Store::open(&storage, dir.path()).await.unwrap();
-        let b = Store::open(&storage, dir.path()).await.unwrap();
+        // As wicketds sharing the store do, they share the CA key set (d1's).
+        let key = || key_in(&d1.data_dir());
+        let a = Store::open(&storage, dir.path(), key()).await.unwrap();
+        let b = Store::open(&storage, dir.path(), key()).await.unwrap();
         let before = a.verify_audit(10).await.unwrap();
         assert!(before.problems.is_empty(), "{before:?}");
         let write = |s: Store, tag: &'static str| async move {
@@ -735,11 +918,8 @@ async fn wicket_with_ann_and_ben(
 ) {
     let mut cfg = wicketd::config::Config::embedded_default(dir);
     cfg.data_dir = dir.join("data");
-    let store = Store::open(&cfg.storage, &cfg.data_dir).await.unwrap();
     let now = wicketd::clock::now();
-    let (keys, _) =
-        wicketd::keystore::load_or_generate(&cfg.data_dir, &cfg.cluster_name, now.timestamp())
-            .unwrap();
+    let (keys, _, store) = wicketd::server::open_keys_and_store(&cfg).await.unwrap();
     let w = wicketd::service::Wicket::new(cfg, store.clone(), keys, Default::default()).unwrap();
     for name in ["ann", "ben"] {
         let roles = vec!["access".to_string()];
