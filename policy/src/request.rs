@@ -364,6 +364,16 @@ fn audit(kind: &str, actor: &str, detail: impl Into<String>) -> Effect {
     }
 }
 
+/// What a request for one role must meet ([`Engine::rules_for`]).
+#[derive(Debug)]
+struct Applicable<'a> {
+    /// Every rule of every resource named (or reached), once each.
+    rules: Vec<&'a ApprovalRule>,
+    /// Some resource has no rule: it needs one approval from a holder of a
+    /// role whose `review` covers the role, as a role without rules does.
+    fallback: bool,
+}
+
 /// The policy engine for access requests.
 #[derive(Debug, Clone, Copy)]
 pub struct Engine<'a> {
@@ -393,8 +403,11 @@ impl<'a> Engine<'a> {
     /// reaches production needs production's rule unless the request is
     /// scoped away from it, and a rule for development cannot waive the
     /// general rule for the rest). A role that reaches nothing, or a name
-    /// no longer configured, gets the rules without an environment.
-    fn rules_for(&self, role: &str, resources: &[String]) -> Vec<&'a ApprovalRule> {
+    /// no longer configured, gets the rules without an environment. A
+    /// resource to which no rule applies does not drop out: it needs what a
+    /// role without rules needs ([`Applicable::fallback`]), whatever the
+    /// rules of the others waive.
+    fn rules_for(&self, role: &str, resources: &[String]) -> Applicable<'a> {
         let reached: Vec<String>;
         let resources = if resources.is_empty() {
             let roles = [role.to_owned()];
@@ -437,7 +450,9 @@ impl<'a> Engine<'a> {
                 .collect()
         };
         let mut rules: Vec<&'a ApprovalRule> = Vec::new();
+        let mut fallback = false;
         let mut add = |found: Vec<&'a ApprovalRule>| {
+            fallback |= found.is_empty();
             for rule in found {
                 if !rules.iter().any(|r| std::ptr::eq(*r, rule)) {
                     rules.push(rule);
@@ -461,7 +476,7 @@ impl<'a> Engine<'a> {
                 add(rules_of(Some(&res.labels)));
             }
         }
-        rules
+        Applicable { rules, fallback }
     }
 
     /// The reviewer sets `actor` belongs to at `now`, for `req`.
@@ -499,15 +514,18 @@ impl<'a> Engine<'a> {
         }
         let member = self.membership(req, actor, now);
         for role in &req.roles {
-            let rules = self.rules_for(role, &req.resources);
-            let named: Vec<&ReviewerSet> = rules
+            let applicable = self.rules_for(role, &req.resources);
+            let named: Vec<&ReviewerSet> = applicable
+                .rules
                 .iter()
                 .flat_map(|r| r.require.reviewer_sets().iter().chain(&r.secondary))
                 .collect();
             if let Some(set) = named.iter().find(|s| member.contains(s)) {
                 return Decision::allow(format!("{} is {set} for role {role}", actor.name));
             }
-            if named.is_empty() && self.policy.roles.may_review(&actor.roles, role) {
+            if (named.is_empty() || applicable.fallback)
+                && self.policy.roles.may_review(&actor.roles, role)
+            {
                 return Decision::allow(format!(
                     "{}'s roles may review requests for {role}",
                     actor.name
@@ -564,10 +582,10 @@ impl<'a> Engine<'a> {
             .collect();
         let mut missing = Vec::new();
         for role in roles {
-            let rules = self.rules_for(role, &req.resources);
-            if rules.is_empty() {
-                // No rule names reviewers: one approval from a holder of a
-                // role whose `review` covers it.
+            let Applicable { rules, fallback } = self.rules_for(role, &req.resources);
+            if fallback {
+                // Some resource has no rule: one approval from a holder of
+                // a role whose `review` covers it.
                 let ok = approvals.iter().any(|(_, sets)| {
                     sets.iter().any(|s| match s {
                         ReviewerSet::Role(r) => {
@@ -579,7 +597,6 @@ impl<'a> Engine<'a> {
                 if !ok {
                     missing.push(format!("{role}: one approval from a reviewer of {role}"));
                 }
-                continue;
             }
             for rule in rules {
                 if let Some(m) = unmet(&rule.require, &approvals) {
@@ -596,8 +613,8 @@ impl<'a> Engine<'a> {
 
     fn is_self_approved(&self, roles: &[String], resources: &[String]) -> bool {
         roles.iter().all(|role| {
-            let rules = self.rules_for(role, resources);
-            !rules.is_empty() && rules.iter().all(|r| r.require == Requirement::SelfApprove)
+            let Applicable { rules, fallback } = self.rules_for(role, resources);
+            !fallback && rules.iter().all(|r| r.require == Requirement::SelfApprove)
         })
     }
 
@@ -792,11 +809,11 @@ impl<'a> Engine<'a> {
     pub fn reviewer_sets(&self, req: &AccessRequest) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
         for role in &req.roles {
-            let rules = self.rules_for(role, &req.resources);
+            let Applicable { rules, fallback } = self.rules_for(role, &req.resources);
             for r in &rules {
                 out.extend(r.require.reviewer_sets().iter().map(ToString::to_string));
             }
-            if rules.is_empty() {
+            if fallback {
                 out.extend(
                     self.policy
                         .roles
@@ -812,7 +829,7 @@ impl<'a> Engine<'a> {
     fn secondary_sets(&self, req: &AccessRequest) -> BTreeSet<String> {
         req.roles
             .iter()
-            .flat_map(|role| self.rules_for(role, &req.resources))
+            .flat_map(|role| self.rules_for(role, &req.resources).rules)
             .flat_map(|r| r.secondary.iter().map(ToString::to_string))
             .collect()
     }

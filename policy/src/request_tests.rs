@@ -1055,6 +1055,75 @@ fn an_environment_rule_does_not_waive_the_rules_of_other_resources() {
     }
 }
 
+/// A resource no rule applies to (here db-1, once prod-ssh has no general
+/// rule) needs one approval from a reviewer of the role, as a role without
+/// rules does: another resource's environment rule, self-approval or a
+/// named reviewer, does not waive it.
+#[test]
+fn a_resource_without_a_rule_is_not_waived_by_another_resources_rule() {
+    for canary_rule in [
+        Requirement::SelfApprove,
+        Requirement::AnyOf(vec![ReviewerSet::User("carol".into())]),
+    ] {
+        let mut p = policy();
+        p.approval[1].roles = sv(&["kube-admin"]);
+        p.resources.push(Resource {
+            kind: ResourceKind::Node,
+            name: "canary-1".into(),
+            address: "127.0.0.1:22".into(),
+            labels: [
+                ("env".to_string(), "prod".to_string()),
+                ("tier".to_string(), "canary".to_string()),
+            ]
+            .into(),
+        });
+        p.approval.push(ApprovalRule {
+            roles: sv(&["prod-ssh"]),
+            environment: Some(sel("tier", "canary")),
+            require: canary_rule.clone(),
+            secondary: Vec::new(),
+        });
+        let e = Engine::new(&p);
+        // The canary alone: its rule.
+        let canary = alice_requests(
+            &p,
+            NewRequest {
+                resources: sv(&["canary-1"]),
+                ..nr(&["prod-ssh"])
+            },
+            t0(),
+        );
+        if canary_rule == Requirement::SelfApprove {
+            assert_eq!(canary.state, State::Active);
+        } else {
+            let (req, _) = apply(&p, &canary, approve("carol"), t0()).unwrap();
+            assert_eq!(req.state, State::Active);
+        }
+        for resources in [sv(&[]), sv(&["canary-1", "db-1"]), sv(&["db-1"])] {
+            let new = NewRequest {
+                resources: resources.clone(),
+                ..nr(&["prod-ssh"])
+            };
+            let req = alice_requests(&p, new, t0());
+            assert_eq!(req.state, State::Pending, "{canary_rule:?} {resources:?}");
+            let sets = e.reviewer_sets(&req);
+            assert!(
+                sets.contains("role:sre") && sets.contains("role:security-admin"),
+                "{sets:?}"
+            );
+            forbidden(apply(&p, &req, approve("alice"), t0()));
+            let mut req = req;
+            if canary_rule != Requirement::SelfApprove && resources != sv(&["db-1"]) {
+                // The canary's reviewer alone does not open db-1.
+                req = apply(&p, &req, approve("carol"), t0()).unwrap().0;
+                assert_eq!(req.state, State::Pending, "{resources:?}");
+            }
+            let (req, _) = apply(&p, &req, approve("dave"), t0()).unwrap();
+            assert_eq!(req.state, State::Active, "{canary_rule:?} {resources:?}");
+        }
+    }
+}
+
 #[test]
 fn risk_of_a_scoped_request_covers_only_its_resources() {
     let p = policy();
