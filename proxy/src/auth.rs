@@ -153,9 +153,119 @@ pub fn new_totp_secret(
     Ok((secret, uri))
 }
 
+/// What a failed password or code check counts against. Logins and a
+/// signed-in user's break-glass codes have separate budgets, so nobody can
+/// lock a user out of break-glass by failing logins in their name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guesses {
+    Login,
+    BreakGlass,
+}
+
+impl Guesses {
+    /// The keys its failures are counted under, for the user and for the
+    /// source: break-glass ones carry a prefix no user name or address has.
+    pub fn keys(self, user: &str, source: &str) -> (String, String) {
+        match self {
+            Guesses::Login => (user.to_owned(), source.to_owned()),
+            Guesses::BreakGlass => (
+                format!("break-glass:{user}"),
+                format!("break-glass:{source}"),
+            ),
+        }
+    }
+}
+
+/// Checks under way, by failure key. Each counts as a failure until it
+/// ends, so parallel guesses cannot all pass a limit read before any of
+/// them failed (within one wicketd; several sharing a store can each let
+/// one batch through).
+#[derive(Debug, Default)]
+pub struct InFlight(std::sync::Mutex<std::collections::HashMap<String, u32>>);
+
+/// A check under way ([`InFlight::enter`]); it ends when dropped.
+#[derive(Debug)]
+pub struct Attempt<'a> {
+    inflight: &'a InFlight,
+    keys: [String; 2],
+}
+
+impl InFlight {
+    /// Starts a check for `keys` when, with the checks already under way,
+    /// each key stays under its limit: `(key, failures stored, limit)`.
+    pub fn enter(&self, keys: [(String, i64, u32); 2]) -> Option<Attempt<'_>> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let over = keys.iter().any(|(key, stored, limit)| {
+            stored + i64::from(map.get(key).copied().unwrap_or(0)) >= i64::from(*limit)
+        });
+        if over {
+            return None;
+        }
+        for (key, _, _) in &keys {
+            *map.entry(key.clone()).or_default() += 1;
+        }
+        let [(a, _, _), (b, _, _)] = keys;
+        Some(Attempt {
+            inflight: self,
+            keys: [a, b],
+        })
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        let mut map = self.inflight.0.lock().unwrap_or_else(|e| e.into_inner());
+        for key in &self.keys {
+            if let Some(n) = map.get_mut(key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(key);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checks_under_way_count_against_the_limits_until_they_end() {
+        let f = InFlight::default();
+        let keys = |stored_user: i64, stored_source: i64| {
+            [
+                ("ann".to_owned(), stored_user, 5),
+                ("10.0.0.1".to_owned(), stored_source, 20),
+            ]
+        };
+        // Four failures stored: one check may run, a second waits its turn.
+        let first = f.enter(keys(4, 0)).expect("under the limit");
+        assert!(f.enter(keys(4, 0)).is_none());
+        assert_eq!(f.0.lock().unwrap().get("ann"), Some(&1));
+        drop(first);
+        assert!(f.0.lock().unwrap().is_empty(), "ended checks are forgotten");
+        // The source's limit counts checks for every user from it.
+        let held: Vec<_> = (0..20)
+            .map(|i| f.enter([(format!("u{i}"), 0, 5), ("10.0.0.1".into(), 0, 20)]))
+            .collect();
+        assert!(held.iter().all(Option::is_some));
+        assert!(f.enter(keys(0, 0)).is_none());
+        assert!(f
+            .enter([("ann".into(), 0, 5), ("10.0.0.2".into(), 0, 20)])
+            .is_some());
+        drop(held);
+        assert!(f.enter(keys(0, 19)).is_some());
+        // Break-glass codes count apart from logins.
+        assert_eq!(
+            Guesses::Login.keys("ann", "::1"),
+            ("ann".into(), "::1".into())
+        );
+        assert_eq!(
+            Guesses::BreakGlass.keys("ann", "::1"),
+            ("break-glass:ann".into(), "break-glass:::1".into())
+        );
+    }
     use proptest::prelude::*;
 
     #[test]

@@ -4,6 +4,7 @@
 //! and drive timers from the store.
 
 use crate::audit::AuditEvent;
+use crate::auth::Guesses;
 use crate::config::parse_duration;
 use crate::error::{Error, Result};
 use crate::service::{Caller, Wicket};
@@ -394,10 +395,12 @@ impl Wicket {
                 e => request_error(e),
             });
         }
-        // Codes are guessable one by one: wrong ones count with failed
-        // logins, and too many refuse the next try unchecked.
+        // Codes are guessable one by one: wrong ones are counted (apart
+        // from failed logins, which anyone can make in this user's name),
+        // and too many refuse the next try unchecked.
         let source = caller.source.to_string();
-        self.refuse_when_rate_limited(&user.name, &source, now)
+        let _attempt = self
+            .refuse_when_rate_limited(Guesses::BreakGlass, &user.name, &source, now)
             .await?;
         new.mfa_verified =
             match crate::auth::verify_totp(&secret, body.otp.expose(), now.timestamp()) {
@@ -411,7 +414,8 @@ impl Wicket {
                 action: "break-glass".into(),
                 reason: reason.clone(),
             };
-            self.record_failure(&user.name, &source, event, now).await?;
+            self.record_failure(Guesses::BreakGlass, &user.name, &source, event, now)
+                .await?;
             return Err(Error::Forbidden(reason));
         }
         self.create(&user, new, "break-glass", now).await

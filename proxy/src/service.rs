@@ -3,7 +3,7 @@
 //! certificate bytes from `ca`, persistence from `store`. Time is passed in.
 
 use crate::audit::AuditEvent;
-use crate::auth;
+use crate::auth::{self, Guesses};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::store::{Store, UserRecord};
@@ -36,6 +36,8 @@ pub struct Wicket {
     /// The proxy listeners' bound ports, for clients (`wicket db connect`).
     pub proxy_ports: wicket_api::ProxyPorts,
     pub(crate) rng: SystemRandom,
+    /// Password and code checks under way (counted with failures).
+    pub(crate) guesses: crate::auth::InFlight,
 }
 
 impl std::fmt::Debug for Wicket {
@@ -181,6 +183,7 @@ impl Wicket {
             checks: Default::default(),
             index: Default::default(),
             rng: SystemRandom::new(),
+            guesses: Default::default(),
         })
     }
 
@@ -215,7 +218,9 @@ impl Wicket {
         }
         let keys = parse_client_keys(&req.ssh_public_key, &req.tls_csr_pem)?;
         let src = source.to_string();
-        self.refuse_when_rate_limited(&req.user, &src, now).await?;
+        let _attempt = self
+            .refuse_when_rate_limited(Guesses::Login, &req.user, &src, now)
+            .await?;
 
         let user = self.store.get_user(&req.user).await?;
         // argon2id takes tens of milliseconds of CPU: off the async workers,
@@ -259,7 +264,8 @@ impl Wicket {
                     source: src.clone(),
                     reason: reason.into(),
                 };
-                self.record_failure(&req.user, &src, event, now).await?;
+                self.record_failure(Guesses::Login, &req.user, &src, event, now)
+                    .await?;
                 // The client learns only what it must: OTP problems are named
                 // (the password was right), everything else is one message.
                 return Err(Error::Unauthenticated(match reason {
@@ -294,34 +300,49 @@ impl Wicket {
         .await
     }
 
-    /// Refuses (and audits) a second-factor or password check for `user`
-    /// from `source` when either has failed too often within
-    /// `auth.failure_window`: logins and break-glass codes share the count.
+    /// Refuses (and audits) a password or code check of kind `kind` for
+    /// `user` from `source` when either has failed too often within
+    /// `auth.failure_window`, counting the checks under way as failures;
+    /// otherwise the check counts as under way until the returned attempt
+    /// is dropped (after its failure, if any, is recorded).
     pub(crate) async fn refuse_when_rate_limited(
         &self,
+        kind: Guesses,
         user: &str,
         source: &str,
         now: DateTime<Utc>,
-    ) -> Result<()> {
+    ) -> Result<crate::auth::Attempt<'_>> {
         let limits = &self.config.auth;
         let window_start = now - limits.failure_window;
+        let (user_key, source_key) = kind.keys(user, source);
         let (by_user, by_source) = self
             .store
-            .login_failures_since(user, source, window_start.timestamp_millis())
+            .login_failures_since(&user_key, &source_key, window_start.timestamp_millis())
             .await?;
-        if by_user < i64::from(limits.max_failures_per_user)
-            && by_source < i64::from(limits.max_failures_per_source)
-        {
-            return Ok(());
+        if let Some(attempt) = self.guesses.enter([
+            (user_key.clone(), by_user, limits.max_failures_per_user),
+            (
+                source_key.clone(),
+                by_source,
+                limits.max_failures_per_source,
+            ),
+        ]) {
+            return Ok(attempt);
         }
-        let oldest = self
-            .store
-            .oldest_failure_since(user, source, window_start.timestamp_millis())
-            .await?
-            .unwrap_or(now.timestamp_millis());
-        let retry = ((oldest + limits.failure_window.num_milliseconds() - now.timestamp_millis())
-            / 1000)
-            .max(1) as u64;
+        let stored_over = by_user >= i64::from(limits.max_failures_per_user)
+            || by_source >= i64::from(limits.max_failures_per_source);
+        let retry = if stored_over {
+            let oldest = self
+                .store
+                .oldest_failure_since(&user_key, &source_key, window_start.timestamp_millis())
+                .await?
+                .unwrap_or(now.timestamp_millis());
+            ((oldest + limits.failure_window.num_milliseconds() - now.timestamp_millis()) / 1000)
+                .max(1) as u64
+        } else {
+            // Only checks under way fill the budget: they end in moments.
+            1
+        };
         self.audit(
             AuditEvent::LoginRateLimited {
                 user: user.to_owned(),
@@ -336,20 +357,22 @@ impl Wicket {
         })
     }
 
-    /// Records a failed second-factor or password check with its audit event
+    /// Records a failed password or code check with its audit event
     /// (counted by [`Self::refuse_when_rate_limited`]).
     pub(crate) async fn record_failure(
         &self,
+        kind: Guesses,
         user: &str,
         source: &str,
         event: AuditEvent,
         now: DateTime<Utc>,
     ) -> Result<()> {
         tracing::info!(kind = event.kind(), actor = event.actor(), "audit");
+        let (user_key, source_key) = kind.keys(user, source);
         self.store
             .record_login_failure(
-                user,
-                source,
+                &user_key,
+                &source_key,
                 now.timestamp_millis(),
                 (now - self.config.auth.failure_window * 4).timestamp_millis(),
                 &event.to_row(now.timestamp_millis()),

@@ -1007,6 +1007,53 @@ fn a_corrupt_user_row_leaves_other_users_sessions_alone() {
     });
 }
 
+/// Parallel guesses cannot all pass the failure limit read before any of
+/// them failed: checks under way count as failures, so of twenty wrong
+/// passwords sent at once, `auth.max_failures_per_user` are checked and
+/// the rest refused unchecked.
+#[test]
+fn parallel_wrong_logins_stay_within_the_failure_limit() {
+    use wicket_api::{LoginRequest, Secret};
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (w, store, now) = wicket_with_ann_and_ben(dir.path()).await;
+        let w = std::sync::Arc::new(w);
+        let limit = w.config.auth.max_failures_per_user as usize;
+        let keys = wicket::keys::generate("ann@test").unwrap();
+        let mut tries = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let w = w.clone();
+            let (ssh, csr) = (keys.ssh_public_openssh.clone(), keys.tls_csr_pem.clone());
+            tries.spawn(async move {
+                let req = LoginRequest {
+                    user: "ann".into(),
+                    password: Secret::new("not ann's password"),
+                    otp: None,
+                    ssh_public_key: ssh,
+                    tls_csr_pem: csr,
+                };
+                w.login(req, std::net::IpAddr::from([127, 0, 0, 1]), now)
+                    .await
+            });
+        }
+        let (mut checked, mut refused) = (0, 0);
+        while let Some(done) = tries.join_next().await {
+            match done.unwrap() {
+                Err(wicketd::error::Error::Unauthenticated(_)) => checked += 1,
+                Err(wicketd::error::Error::RateLimited { .. }) => refused += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!((checked, refused), (limit, 20 - limit));
+        let stored = count(
+            &store,
+            "SELECT COUNT(*) FROM login_failures WHERE user_name = 'ann'",
+        )
+        .await;
+        assert_eq!(stored, limit as i64);
+    });
+}
+
 /// Holding a certificate never extends a password login: a certificate
 /// reissued without grants ends when the login it descends from does (the
 /// end travels inside each certificate), and none is reissued after it.
