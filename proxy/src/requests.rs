@@ -469,6 +469,12 @@ impl Wicket {
         body: ActionBody,
         now: DateTime<Utc>,
     ) -> Result<Grant> {
+        // What asks for more access (a longer grant, or an answer that
+        // moves a request on) needs a live login, as asking did; what ends
+        // access (cancel, drop, revoke) works with any valid certificate.
+        if matches!(action, "update" | "extend") {
+            caller.require_login(now)?;
+        }
         let user = self.active_user(caller).await?;
         let actor = self.actor_of(&user);
         let name = user.name.clone();

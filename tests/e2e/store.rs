@@ -1007,6 +1007,75 @@ fn a_corrupt_user_row_leaves_other_users_sessions_alone() {
     });
 }
 
+/// A grant's certificate outlives the password login it was asked under,
+/// but asking for more through it does not: extending a grant or answering
+/// for a request needs a live login, as asking did; ending access (drop)
+/// does not.
+#[test]
+fn extending_a_grant_needs_a_live_login_and_dropping_it_does_not() {
+    use wicket_api::{ActionBody, CreateRequest};
+    use wicketd::service::Caller;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "version: 1\nroles:\n  dev:\n    logins: [\"{{user}}\"]\n    nodes: { env: dev }\n    request: { roles: [ops] }\n  ops:\n    logins: [root]\n    nodes: { env: dev }\napproval:\n  - roles: [ops]\n    require: self\n";
+    rt().block_on(async {
+        let mut cfg = wicketd::config::parse(yaml, dir.path()).unwrap();
+        cfg.data_dir = dir.path().join("data");
+        let (keys, _, store) = wicketd::server::open_keys_and_store(&cfg).await.unwrap();
+        let now = wicketd::clock::now();
+        let w = wicketd::service::Wicket::new(cfg, store.clone(), keys, Default::default()).unwrap();
+        let roles = vec!["dev".to_string()];
+        wicketd::service::add_user(&w.config, &store, "ann", roles, None, None, false, now)
+            .await
+            .unwrap();
+        let caller = |login_until: i64| Caller {
+            user: "ann".into(),
+            request_ids: Vec::new(),
+            source: std::net::IpAddr::from([127, 0, 0, 1]),
+            login_until,
+        };
+        let live = caller(now.timestamp() + 3600);
+        let ask = CreateRequest {
+            roles: vec!["ops".into()],
+            reason: "deploy".into(),
+            duration: Some("1h".into()),
+            ..Default::default()
+        };
+        let grant = w.create_request(&live, ask, now).await.unwrap();
+        assert_eq!(grant.status, "active", "{grant:?}");
+        let ended = caller(now.timestamp() - 1);
+        for (action, body) in [
+            (
+                "extend",
+                ActionBody {
+                    duration: Some("30m".into()),
+                    ..Default::default()
+                },
+            ),
+            (
+                "update",
+                ActionBody {
+                    reason: "more".into(),
+                    ..Default::default()
+                },
+            ),
+        ] {
+            let err = w
+                .request_action(&ended, &grant.id, action, body, now)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, wicketd::error::Error::Unauthenticated(m) if m.contains("the login behind this certificate ended")),
+                "{action}: {err:?}"
+            );
+        }
+        let dropped = w
+            .request_action(&ended, &grant.id, "drop", ActionBody::default(), now)
+            .await
+            .unwrap();
+        assert_eq!(dropped.status, "expired", "{dropped:?}");
+    });
+}
+
 /// Parallel guesses cannot all pass the failure limit read before any of
 /// them failed: checks under way count as failures, so of twenty wrong
 /// passwords sent at once, `auth.max_failures_per_user` are checked and
