@@ -584,6 +584,27 @@ fn interactive_session_is_cut_within_a_second_of_revoke_and_recorded() {
         .iter()
         .all(|r| r["user"] == "alice"));
     let _: &Value = &mine;
+    // Listing one's own is not a refusal: nothing denied is on the record.
+    let denied = admin
+        .audit(&["--user", "alice", "--kind", "access_denied"])
+        .unwrap();
+    assert!(
+        denied
+            .iter()
+            .all(|e| e["data"]["action"] != "recordings.read"),
+        "{denied:?}"
+    );
+    // A disabled user lists nothing, not even their own (once the grant
+    // index has the change: within a second).
+    run(&mut lab.d.admin(&["users", "disable", "alice"]).unwrap()).unwrap();
+    let out = wait_until("alice's listing refused", Duration::from_secs(5), || {
+        let out = alice
+            .run(&["recordings", "ls", "--format", "json"], "")
+            .unwrap();
+        (!out.ok).then_some(out)
+    })
+    .unwrap();
+    assert!(out.stderr.contains("disabled"), "{}", out.stderr);
 }
 
 #[test]

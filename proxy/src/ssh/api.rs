@@ -120,7 +120,13 @@ impl Wicket {
         }
     }
 
-    async fn recording_access(&self, caller: &Caller, owner: Option<&str>) -> Result<()> {
+    /// May the caller (an enabled user) read `owner`'s recordings (`None`:
+    /// everyone's)? The policy's decision, for the caller's name.
+    async fn recording_decision(
+        &self,
+        caller: &Caller,
+        owner: Option<&str>,
+    ) -> Result<(String, wicket_policy::Decision)> {
         let user = self.active_user(caller).await?;
         let roles = self.standing_roles(&user);
         let subject = Subject::new(&user.name, &roles);
@@ -129,10 +135,15 @@ impl Wicket {
             .policy
             .roles
             .decide_recording_read(&subject, owner);
+        Ok((user.name.clone(), d))
+    }
+
+    async fn recording_access(&self, caller: &Caller, owner: Option<&str>) -> Result<()> {
+        let (user, d) = self.recording_decision(caller, owner).await?;
         if !d.allowed {
             let now = crate::clock::now();
             return Err(self
-                .deny_audited(&user.name, "recordings.read", d.reason, now)
+                .deny_audited(&user, "recordings.read", d.reason, now)
                 .await);
         }
         Ok(())
@@ -152,7 +163,9 @@ impl Wicket {
                 self.recording_access(caller, Some(u)).await?;
                 false
             }
-            None => self.recording_access(caller, None).await.is_err(),
+            // Not a refusal (the list is narrowed, not denied), but a
+            // disabled user or a failing store is.
+            None => !self.recording_decision(caller, None).await?.1.allowed,
         };
         let data_dir = self.config.data_dir.clone();
         let local = tokio::task::spawn_blocking(move || {
