@@ -151,7 +151,9 @@ enum ProxyCommand {
     /// Connect stdin/stdout to a node through the SSH proxy (ssh's
     /// `ProxyCommand`, as `wicket config` writes it).
     Ssh {
-        /// `%r@%h:%p` as ssh passes it (LOGIN@HOST:PORT; HOST is NODE or NODE.CLUSTER).
+        /// `%h:%p` as ssh passes it (HOST:PORT; HOST is NODE or
+        /// NODE.CLUSTER). A `LOGIN@` before it is ignored: the login
+        /// travels inside SSH, never through a shell.
         target: String,
         /// The SSH proxy's HOST:PORT (default: from wicketd).
         #[arg(long)]
@@ -454,6 +456,11 @@ pub fn authenticated_client() -> Result<(Profile, ProfileInfo, Client)> {
 
 /// Writes a login's keys and certificates into the profile and makes it current.
 pub fn save_login(proxy: &str, new_keys: &keys::NewKeys, certs: &Certificates) -> Result<Profile> {
+    keys::check_issued_ssh(
+        &new_keys.ssh_public_openssh,
+        &certs.ssh_certificate,
+        &certs.ssh_host_ca,
+    )?;
     let home = profile::home()?;
     let p = Profile::path(&home, proxy, &certs.user);
     write_file(&p.ssh_key(), new_keys.ssh_private_openssh.as_bytes(), 0o600)?;

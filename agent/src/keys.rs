@@ -69,9 +69,73 @@ pub fn generate(comment: &str) -> Result<NewKeys> {
     })
 }
 
+/// Checks what wicketd sent back for the SSH files before they are
+/// written, since ssh reads them: the certificate is one line and certifies
+/// `our_public` (the key made here), and the host CA is one public key on
+/// one line (a newline would add lines to the known-hosts file).
+pub fn check_issued_ssh(our_public: &str, certificate: &str, host_ca: &str) -> Result<()> {
+    let one_line = |what: &str, v: &str| {
+        if v.trim().is_empty() || v.trim().contains(['\n', '\r']) {
+            return Err(anyhow!("wicketd sent a {what} that is not one line"));
+        }
+        Ok(())
+    };
+    one_line("certificate", certificate)?;
+    one_line("host CA key", host_ca)?;
+    let cert = ssh_key::Certificate::from_openssh(certificate.trim())
+        .map_err(|e| anyhow!("wicketd sent an unreadable SSH certificate: {e}"))?;
+    let ours = ssh_key::PublicKey::from_openssh(our_public.trim())
+        .map_err(|e| anyhow!("our own SSH public key: {e}"))?;
+    if cert.public_key() != ours.key_data() {
+        return Err(anyhow!(
+            "wicketd sent an SSH certificate for another key than the one made here"
+        ));
+    }
+    wicket_ca::SshPublicKey::parse_openssh(host_ca)
+        .map_err(|e| anyhow!("wicketd sent an unreadable host CA key: {e}"))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn issued_ssh_files_are_checked_before_they_are_written() {
+        let rng = SystemRandom::new();
+        let (ca, _) = wicket_ca::SshCa::generate(&rng).unwrap();
+        let host_ca = ca.public_key_openssh("wicket-host-ca");
+        let issue = |k: &NewKeys| {
+            let public = wicket_ca::SshPublicKey::parse_openssh(&k.ssh_public_openssh).unwrap();
+            let req = wicket_ca::SshCertificateRequest {
+                public_key: &public,
+                kind: wicket_ca::SshCertKind::User,
+                key_id: "user=alice",
+                principals: &["alice".to_string()],
+                serial: 1,
+                validity: wicket_ca::Validity::new(1_700_000_000, 1_700_003_600).unwrap(),
+                permissions: Default::default(),
+                identity: None,
+            };
+            ca.issue_openssh(&req, &rng).unwrap()
+        };
+        let (mine, other) = (generate("a@t").unwrap(), generate("b@t").unwrap());
+        let cert = issue(&mine);
+        check_issued_ssh(&mine.ssh_public_openssh, &cert, &host_ca).unwrap();
+        let refused = |cert: &str, host_ca: &str| {
+            check_issued_ssh(&mine.ssh_public_openssh, cert, host_ca)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(refused(&issue(&other), &host_ca).contains("another key"));
+        assert!(
+            refused(&cert, &format!("{host_ca}\n@cert-authority * {host_ca}"))
+                .contains("not one line")
+        );
+        assert!(refused(&format!("{cert}\nx"), &host_ca).contains("not one line"));
+        assert!(refused(&cert, "ssh-ed25519 !!").contains("host CA key"));
+        assert!(refused("ssh-ed25519 AAAA", &host_ca).contains("unreadable SSH certificate"));
+    }
 
     #[test]
     fn keys_parse_back() {

@@ -67,6 +67,10 @@ pub fn home() -> Result<PathBuf> {
 }
 
 fn safe_component(s: &str) -> String {
+    // Never `.`, `..` or empty: each name is one directory of its own.
+    if s.is_empty() || s.chars().all(|c| c == '.') {
+        return format!("_{s}");
+    }
     s.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@') {
@@ -175,17 +179,86 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
             .with_context(|| format!("cannot create {}", parent.display()))?;
         fs::set_permissions(parent, fs::Permissions::from_mode(0o700))?;
     }
-    let tmp = path.with_extension("tmp~");
-    let _ = fs::remove_file(&tmp);
+    // Named after the whole file name, this process and a counter: two
+    // files (`tls.key`, `tls.crt`) or two `wicket` runs never share one.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?
+        .to_os_string();
+    name.push(format!(
+        ".{}.{}.tmp~",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let tmp = path.with_file_name(name);
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .open(&tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    let written = f
+        .write_all(contents)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)))
+        .and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_from_the_server_stay_one_directory_each() {
+        let home = Path::new("/h");
+        for (user, dir) in [
+            ("alice", "/h/profiles/p/alice"),
+            ("..", "/h/profiles/p/_.."),
+            (".", "/h/profiles/p/_."),
+            ("", "/h/profiles/p/_"),
+            ("a/../b", "/h/profiles/p/a_.._b"),
+        ] {
+            assert_eq!(
+                Profile::path(home, "p", user).dir,
+                Path::new(dir),
+                "{user:?}"
+            );
+        }
+    }
+
+    /// Files sharing a stem (`tls.key`, `tls.crt`), written at once from
+    /// several threads, each end with their own contents and mode, and no
+    /// temporary file is left.
+    #[test]
+    fn files_sharing_a_stem_are_written_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, crt) = (dir.path().join("tls.key"), dir.path().join("tls.crt"));
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (key, crt) = (&key, &crt);
+                s.spawn(move || {
+                    for i in 0..50 {
+                        write_file(key, format!("secret {t} {i}").as_bytes(), 0o600).unwrap();
+                        write_file(crt, format!("public {t} {i}").as_bytes(), 0o644).unwrap();
+                    }
+                });
+            }
+        });
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&key), 0o600);
+        assert_eq!(mode(&crt), 0o644);
+        assert!(fs::read_to_string(&key).unwrap().starts_with("secret "));
+        assert!(fs::read_to_string(&crt).unwrap().starts_with("public "));
+        let left: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+    }
 }

@@ -1,12 +1,12 @@
 //! SSH through Wicket with stock OpenSSH, and session replay.
 //!
 //! - `wicket config` prints an ssh_config block: `Host *.CLUSTER` with
-//!   `ProxyCommand wicket proxy ssh ... %r@%h:%p`, the profile's key and
+//!   `ProxyCommand wicket proxy ssh ... %h:%p`, the profile's key and
 //!   certificate, and a known-hosts file holding `@cert-authority` for
 //!   Wicket's host CA, so `ssh root@db-1.CLUSTER` (and `scp`, `sftp`) work
 //!   with no prompts. It also writes the block to the profile's
 //!   `ssh_config`.
-//! - `wicket proxy ssh LOGIN@HOST:PORT` connects to the SSH proxy, sends the
+//! - `wicket proxy ssh [LOGIN@]HOST:PORT` connects to the SSH proxy, sends the
 //!   route line naming HOST, and copies bytes between stdin/stdout and the
 //!   proxy (ssh's `ProxyCommand`).
 //! - `wicket ssh [LOGIN@]NODE [COMMAND]` runs `ssh -F <profile>/ssh_config`.
@@ -92,8 +92,21 @@ pub struct PlayArgs {
     pub format: PlayFormat,
 }
 
-fn quote(p: &Path) -> String {
-    format!("\"{}\"", p.display())
+/// A path as one ssh_config argument: in double quotes, with `%` doubled
+/// (ssh expands `%` tokens in these directives). A path that a double-quoted
+/// argument cannot hold, or that a shell would expand inside one (in
+/// `ProxyCommand`), is refused.
+fn quote(p: &Path) -> Result<String> {
+    let text = p
+        .to_str()
+        .with_context(|| format!("{} is not UTF-8", p.display()))?;
+    if text
+        .chars()
+        .any(|c| c.is_control() || matches!(c, '"' | '\\' | '$' | '`'))
+    {
+        bail!("{text:?} cannot go into an ssh_config (quote, backslash, $, ` or a control character); set WICKET_HOME to a plainer path");
+    }
+    Ok(format!("\"{}\"", text.replace('%', "%%")))
 }
 
 /// The SSH proxy's address: asked from wicketd (`/v1/resources` names the
@@ -157,7 +170,7 @@ pub fn ssh_config_text(p: &Profile, info: &ProfileInfo, ssh_proxy: &str) -> Resu
     Ok(format!(
         "# Wicket cluster {cluster:?} via {proxy} as {user} (written by `wicket config`)\n\
          Host *.{cluster}\n\
-         \x20   ProxyCommand {exe} proxy ssh --ssh-proxy {ssh_proxy} --profile {profile} %r@%h:%p\n\
+         \x20   ProxyCommand {exe} proxy ssh --ssh-proxy {ssh_proxy} --profile {profile} %h:%p\n\
          \x20   IdentityFile {key}\n\
          \x20   CertificateFile {cert}\n\
          \x20   IdentitiesOnly yes\n\
@@ -168,12 +181,12 @@ pub fn ssh_config_text(p: &Profile, info: &ProfileInfo, ssh_proxy: &str) -> Resu
          \x20   PreferredAuthentications publickey\n\
          \x20   Ciphers aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com\n",
         proxy = info.proxy,
-        profile = p.dir.display(),
+        profile = quote(&p.dir)?,
         user = info.user,
-        exe = quote(&exe),
-        key = quote(&p.ssh_key()),
-        cert = quote(&p.ssh_cert()),
-        known = quote(&p.known_hosts()),
+        exe = quote(&exe)?,
+        key = quote(&p.ssh_key())?,
+        cert = quote(&p.ssh_cert())?,
+        known = quote(&p.known_hosts())?,
     ))
 }
 
@@ -489,6 +502,75 @@ mod tests {
             "a`b`",
         ] {
             assert!(!config_safe(bad), "{bad:?}");
+        }
+    }
+
+    /// The block as OpenSSH reads it (`ssh -G`, no connection made): a
+    /// profile under a path with a space and a `%` keeps both, and the
+    /// ProxyCommand gets the host and port only (no login through a shell).
+    #[test]
+    fn the_ssh_config_block_reads_back_through_openssh() {
+        let home = tempfile::Builder::new()
+            .prefix("wicket home 100% ")
+            .tempdir()
+            .unwrap();
+        let p = Profile {
+            dir: home.path().join("profiles/wicketd/alice"),
+        };
+        let now = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+        let info = ProfileInfo {
+            proxy: "127.0.0.1:3025".into(),
+            user: "alice".into(),
+            cluster_name: "wicket".into(),
+            ca_pin: String::new(),
+            roles: Vec::new(),
+            principals: Vec::new(),
+            request_ids: Vec::new(),
+            valid_after: now,
+            valid_before: now,
+        };
+        let text = ssh_config_text(&p, &info, "127.0.0.1:3022").unwrap();
+        let file = home.path().join("ssh_config");
+        std::fs::write(&file, &text).unwrap();
+        let out = std::process::Command::new("ssh")
+            .arg("-G")
+            .arg("-F")
+            .arg(&file)
+            .arg("root@db-1.wicket")
+            .output()
+            .expect("ssh (openssh-client)");
+        assert!(out.status.success(), "{out:?}");
+        let resolved = String::from_utf8(out.stdout).unwrap();
+        let setting = |k: &str| {
+            resolved
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap_or_else(|| panic!("{k} in {resolved}"))
+                .to_owned()
+        };
+        // `-G` shows values before `%` tokens are expanded: `%%` (one `%`
+        // once expanded) and the ProxyCommand's own `%h:%p`.
+        let escaped = |p: &Path| p.display().to_string().replace('%', "%%");
+        assert!(
+            setting("proxycommand ").ends_with(&format!(
+                "--ssh-proxy 127.0.0.1:3022 --profile \"{}\" %h:%p",
+                escaped(&p.dir)
+            )),
+            "{resolved}"
+        );
+        assert_eq!(setting("identityfile "), escaped(&p.ssh_key()));
+        assert_eq!(setting("certificatefile "), escaped(&p.ssh_cert()));
+        // What a double-quoted argument cannot hold, or a shell would
+        // expand in one, is refused with the way out.
+        for bad in [
+            "/tmp/a\"b",
+            "/tmp/$(id)",
+            "/tmp/a`id`",
+            "/tmp/a\\b",
+            "/tmp/a\nb",
+        ] {
+            let e = quote(Path::new(bad)).unwrap_err().to_string();
+            assert!(e.contains("WICKET_HOME"), "{bad:?}: {e}");
         }
     }
 

@@ -20,7 +20,13 @@ pub fn ensure_private_dir(dir: &Path) -> Result<()> {
 
 /// Writes `contents` to `path` atomically (temp file + rename) with `mode`.
 pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
-    let tmp = path.with_extension("tmp");
+    // After the whole name: `x.key` and `x.pub` never share one.
+    let mut name = path
+        .file_name()
+        .ok_or_else(|| Error::Io(format!("{} names no file", path.display())))?
+        .to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
     let _ = fs::remove_file(&tmp);
     let mut f = fs::OpenOptions::new()
         .write(true)

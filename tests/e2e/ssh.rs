@@ -1286,8 +1286,7 @@ async fn raw_client(
             .trim()
             .to_owned()
     };
-    let proxy =
-        field("ProxyCommand ").replace("%r@%h:%p", &format!("{}@node-1.wicket:22", lab.login));
+    let proxy = field("ProxyCommand ").replace("%h:%p", "node-1.wicket:22");
     let key = field("IdentityFile ").trim_matches('"').to_owned();
     let cert = field("CertificateFile ").trim_matches('"').to_owned();
     let mut child = tokio::process::Command::new("sh")
