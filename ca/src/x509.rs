@@ -503,7 +503,9 @@ impl TrustedX509Cas {
         if now < v.not_before.timestamp() {
             return Err(rejected("certificate is not valid yet"));
         }
-        if now > v.not_after.timestamp() {
+        // Wicket's windows end before `expires_at`, as SSH's `valid_before`
+        // does and grants do (RFC 5280 would still accept that second).
+        if now >= v.not_after.timestamp() {
             return Err(rejected("certificate has expired"));
         }
         if leaf.is_ca() {
@@ -682,8 +684,11 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("not valid yet"));
+        // The window ends before notAfter, as the grant and the SSH
+        // certificate's do.
+        assert!(trusted.verify_client(&cert.der, 1_700_003_599).is_ok());
         assert!(trusted
-            .verify_client(&cert.der, 1_700_003_601)
+            .verify_client(&cert.der, 1_700_003_600)
             .unwrap_err()
             .to_string()
             .contains("expired"));

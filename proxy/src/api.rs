@@ -149,10 +149,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Authenticated {
                 let id = cert.identity.as_ref().ok_or_else(|| {
                     Error::Unauthenticated("client certificate carries no Wicket identity".into())
                 })?;
-                // The handshake checked the certificate's window (notAfter
-                // inclusive, as `verify_client`); a kept-alive connection
-                // must not outlive it.
-                if cert.validity.not_after < crate::clock::now().timestamp() {
+                // The handshake checked the certificate's window (ending
+                // before notAfter, as `verify_client`); a kept-alive
+                // connection must not outlive it.
+                if cert.validity.not_after <= crate::clock::now().timestamp() {
                     return Err(Error::Unauthenticated(
                         "client certificate expired during this connection; run `wicket login`"
                             .into(),
