@@ -97,6 +97,7 @@ fn main() {
                 request_ids: Vec::new(),
                 source: IpAddr::V4(Ipv4Addr::LOCALHOST),
                 login_until: i64::MAX,
+                valid_until: i64::MAX,
             };
             let mut roles = Vec::new();
             for g in 0..GRANTS_PER_USER {

@@ -104,6 +104,9 @@ pub struct Caller {
     /// When the password login behind the certificate ends (Unix seconds):
     /// no certificate is reissued from it after that.
     pub login_until: i64,
+    /// When the certificate itself ends (Unix seconds): a session opened
+    /// with it ends then (`session.disconnect_on_expiry`).
+    pub valid_until: i64,
 }
 
 impl Caller {
@@ -116,6 +119,7 @@ impl Caller {
             request_ids: identity.request_ids.clone(),
             source,
             login_until: identity.login_until.unwrap_or(not_after),
+            valid_until: not_after,
         }
     }
 

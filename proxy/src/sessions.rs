@@ -47,6 +47,8 @@ pub struct SessionInfo {
     pub login: String,
     pub request_ids: Vec<String>,
     pub started: DateTime<Utc>,
+    /// When the certificate the session was opened with ends (Unix seconds).
+    pub valid_until: i64,
 }
 
 struct Entry {
@@ -172,6 +174,40 @@ impl Sessions {
                 e.tx.send_replace(Signal::Drain(why.to_owned()));
             }
         }
+    }
+
+    /// Ends the sessions whose certificate has ended by `now` (a session
+    /// under standing roles would otherwise outlive its login), and warns
+    /// (once) those within `warn_before` of it. A session already told to
+    /// end keeps its reason. Returns how many were told to end.
+    fn end_with_certificates(&self, now: DateTime<Utc>, warn_before: chrono::Duration) -> usize {
+        let t = now.timestamp();
+        let mut map = self.lock();
+        let mut n = 0;
+        for e in map.values_mut() {
+            if matches!(*e.tx.borrow(), Signal::End(_)) {
+                continue;
+            }
+            let end = e.info.valid_until;
+            let at = DateTime::<Utc>::from_timestamp(end, 0)
+                .unwrap_or_default()
+                .to_rfc3339();
+            if t >= end {
+                e.tx.send_replace(Signal::End(format!(
+                    "the certificate this session was opened with ended at {at} (session.disconnect_on_expiry); run `wicket login` and connect again"
+                )));
+                n += 1;
+            } else if !e.warned
+                && t >= end.saturating_sub(warn_before.num_seconds())
+                && *e.tx.borrow() == Signal::Run
+            {
+                e.warned = true;
+                e.tx.send_replace(Signal::Warn(format!(
+                    "the certificate this session was opened with ends at {at}; the session will be closed then"
+                )));
+            }
+        }
+        n
     }
 
     /// Warns (once per session) the sessions running under `request_id`.
@@ -398,6 +434,13 @@ impl Wicket {
                     .end_for_request(&id, &unchecked(format!("access request {id}"), since));
             }
         }
+        // After the grants: a grant's end names its request.
+        let settings = self.config.session;
+        if settings.disconnect_on_expiry {
+            ended += self
+                .sessions
+                .end_with_certificates(now, settings.expiry_warning);
+        }
         ended
     }
 
@@ -429,6 +472,48 @@ impl Wicket {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn sessions_end_with_their_certificate_warned_before() {
+        let sessions = Arc::new(Sessions::default());
+        let info = |valid_until: i64, request_ids: &[&str]| SessionInfo {
+            protocol: "ssh",
+            user: "ann".into(),
+            resource: "node-1".into(),
+            login: "ann".into(),
+            request_ids: request_ids.iter().map(|r| r.to_string()).collect(),
+            started: DateTime::<Utc>::UNIX_EPOCH,
+            valid_until,
+        };
+        let standing = sessions.register(info(1_000, &[]));
+        let later = sessions.register(info(2_000, &[]));
+        let granted = sessions.register(info(1_000, &["r1"]));
+        let at = |t: i64| DateTime::<Utc>::from_timestamp(t, 0).unwrap();
+        let warn = chrono::Duration::seconds(200);
+        assert_eq!(sessions.end_with_certificates(at(700), warn), 0);
+        assert_eq!(*standing.signal.borrow(), Signal::Run);
+        assert_eq!(sessions.end_with_certificates(at(800), warn), 0);
+        assert!(
+            matches!(&*standing.signal.borrow(), Signal::Warn(w) if w.contains("1970-01-01T00:16:40+00:00")),
+            "{:?}",
+            *standing.signal.borrow()
+        );
+        assert_eq!(*later.signal.borrow(), Signal::Run);
+        // The grant's end came first and keeps its reason.
+        sessions.end_for_request("r1", "request r1 expired");
+        assert_eq!(sessions.end_with_certificates(at(1_000), warn), 1);
+        assert!(
+            matches!(&*standing.signal.borrow(), Signal::End(w) if w.contains("certificate this session was opened with ended")),
+            "{:?}",
+            *standing.signal.borrow()
+        );
+        assert_eq!(
+            *granted.signal.borrow(),
+            Signal::End("request r1 expired".into())
+        );
+        assert_eq!(*later.signal.borrow(), Signal::Run);
+        assert_eq!(sessions.end_with_certificates(at(2_000), warn), 1);
+    }
 
     #[tokio::test]
     async fn a_slow_store_cannot_stretch_a_round_past_its_deadline() {

@@ -488,6 +488,36 @@ fn revoke_cuts_a_running_psql(s: &Setup, t: &Tunnel, id: &str) {
     );
 }
 
+/// A session under standing roles ends with the certificate it was opened
+/// with (here the login's, `login_ttl: 10s`), as a grant's session ends
+/// with the grant: psql gets a FATAL saying so.
+#[test]
+fn a_standing_database_session_ends_with_its_certificate() {
+    let s = Setup::start_edited(|y| {
+        y.replace("login_ttl: 8h", "login_ttl: 10s").replace(
+            "    request: { roles: [ prod-ssh, dba, dev-admin ] }\n",
+            "    request: { roles: [ prod-ssh, dba, dev-admin ] }\n    databases: { labels: { env: prod }, names: [ \"*\" ], users: [ app ] }\n",
+        )
+    });
+    let ends = chrono::DateTime::parse_from_rfc3339(
+        s.alice.status().unwrap()["valid_before"].as_str().unwrap(),
+    )
+    .unwrap();
+    let t = s.tunnel();
+    let child = spawn_sleep(&t, 60);
+    running_sleep(&s.pg);
+    let (err, _) = wait_exit(child, Duration::from_secs(15));
+    let late = chrono::Utc::now().signed_duration_since(ends);
+    assert!(
+        err.contains("FATAL") && err.contains("the certificate this session was opened with ended"),
+        "{err}"
+    );
+    assert!(
+        late <= chrono::Duration::milliseconds(1500),
+        "cut {late:?} after the certificate ended"
+    );
+}
+
 #[test]
 fn cancel_requests_reach_the_right_backend_and_revoke_or_expiry_cut_sessions() {
     let s = Setup::start("");

@@ -628,6 +628,35 @@ fn interactive_session_is_warned_then_cut_at_expiry() {
     .unwrap();
 }
 
+/// A session under standing roles ends with the certificate it was opened
+/// with (here the login's, `login_ttl: 8s`), warned before, as a grant's
+/// session ends with the grant.
+#[test]
+fn a_standing_session_is_warned_then_cut_when_its_certificate_ends() {
+    let lab = Lab::start_full("", "certificates: { login_ttl: 8s }");
+    let alice = lab.user("alice", "direct");
+    let ends = chrono::DateTime::parse_from_rfc3339(
+        alice.status().unwrap()["valid_before"].as_str().unwrap(),
+    )
+    .unwrap();
+    let cfg = ssh_config(&alice);
+    let mut t = Pty::ready(&cfg, &lab.dest());
+    t.expect("the session will be closed then", Duration::from_secs(10));
+    t.expect(
+        "the certificate this session was opened with ended",
+        Duration::from_secs(10),
+    );
+    let late = chrono::Utc::now().signed_duration_since(ends);
+    assert!(
+        late >= chrono::Duration::zero() && late <= chrono::Duration::milliseconds(1000),
+        "cut {late:?} after the certificate ended"
+    );
+    wait_until("the ssh client to exit", Duration::from_secs(1), || {
+        t.exited().then_some(())
+    })
+    .unwrap();
+}
+
 fn sha256(path: &Path) -> String {
     run(Command::new("sha256sum").arg(path))
         .unwrap()

@@ -986,6 +986,7 @@ fn a_corrupt_user_row_leaves_other_users_sessions_alone() {
                 login: user.into(),
                 request_ids: vec![],
                 started: now,
+                valid_until: i64::MAX,
             })
         };
         let (ann, ben) = (session("ann"), session("ben"));
@@ -1032,6 +1033,7 @@ fn extending_a_grant_needs_a_live_login_and_dropping_it_does_not() {
             request_ids: Vec::new(),
             source: std::net::IpAddr::from([127, 0, 0, 1]),
             login_until,
+            valid_until: login_until,
         };
         let live = caller(now.timestamp() + 3600);
         let ask = CreateRequest {
@@ -1146,6 +1148,7 @@ fn reissued_certificates_stay_within_the_login() {
             request_ids: Vec::new(),
             source,
             login_until,
+            valid_until: login_until,
         };
         assert!(w.config.login_ttl.num_seconds() > 3600);
         let certs = w.reissue(&ann, req(), now).await.unwrap();

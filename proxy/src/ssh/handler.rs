@@ -618,6 +618,7 @@ impl Conn {
             login: login.to_owned(),
             request_ids: active.clone(),
             started: now,
+            valid_until: cert.validity.not_after,
         });
         let session_id = registration.id.clone();
         let upstream = match upstream::connect(
