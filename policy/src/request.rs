@@ -515,10 +515,14 @@ impl<'a> Engine<'a> {
         let member = self.membership(req, actor, now);
         for role in &req.roles {
             let applicable = self.rules_for(role, &req.resources);
+            // Secondary reviewers are asked once the request escalated.
             let named: Vec<&ReviewerSet> = applicable
                 .rules
                 .iter()
-                .flat_map(|r| r.require.reviewer_sets().iter().chain(&r.secondary))
+                .flat_map(|r| {
+                    let secondary: &[ReviewerSet] = if req.escalated { &r.secondary } else { &[] };
+                    r.require.reviewer_sets().iter().chain(secondary)
+                })
                 .collect();
             if let Some(set) = named.iter().find(|s| member.contains(s)) {
                 return Decision::allow(format!("{} is {set} for role {role}", actor.name));
@@ -599,7 +603,8 @@ impl<'a> Engine<'a> {
                 }
             }
             for rule in rules {
-                if let Some(m) = unmet(&rule.require, &approvals) {
+                let extra: &[ReviewerSet] = if req.escalated { &rule.secondary } else { &[] };
+                if let Some(m) = unmet(&rule.require, extra, &approvals) {
                     missing.push(format!("{role}: {m}"));
                 }
             }
@@ -1408,11 +1413,20 @@ impl<'a> Engine<'a> {
 }
 
 /// `None` if `req` is met by `approvals` (reviewer, sets matched), else what is missing.
-fn unmet(req: &Requirement, approvals: &[(&str, Vec<ReviewerSet>)]) -> Option<String> {
+/// What `req` still lacks given `approvals` (who, and the reviewer sets
+/// they matched). An approver in one of `extra` (a rule's secondary
+/// reviewers, once the request escalated) counts as in any set: escalation
+/// widens who may approve, never how many approvals, or how many distinct
+/// people, a rule needs.
+fn unmet(
+    req: &Requirement,
+    extra: &[ReviewerSet],
+    approvals: &[(&str, Vec<ReviewerSet>)],
+) -> Option<String> {
     let in_set = |set: &ReviewerSet| -> Vec<&str> {
         approvals
             .iter()
-            .filter(|(_, sets)| sets.contains(set))
+            .filter(|(_, sets)| sets.contains(set) || sets.iter().any(|s| extra.contains(s)))
             .map(|(who, _)| *who)
             .collect()
     };

@@ -1634,6 +1634,41 @@ fn pending_escalates_to_secondary_then_expires() {
     assert_eq!(e.next_deadline(&req), None);
 }
 
+/// Secondary reviewers are asked once a request escalates, and then their
+/// approval counts: in place of any one approver the rule names, never
+/// fewer approvals or fewer distinct people than it needs.
+#[test]
+fn secondary_reviewers_approve_once_escalated() {
+    let mut p = policy();
+    // prod-ssh: on-call and team lead (two people); dba: sre or security.
+    p.approval[1].secondary = vec![ReviewerSet::User("carol".into())];
+    p.approval[2].secondary = vec![ReviewerSet::User("carol".into())];
+    for (role, approvers) in [
+        ("prod-ssh", &["carol", "dave"][..]),
+        ("dba", &["carol"][..]),
+    ] {
+        let req = alice_requests(&p, nr(&[role]), t0());
+        // Not yet asked: carol may not review.
+        forbidden(apply(&p, &req, approve("carol"), t0() + mins(1)));
+        let (mut req, _) = apply(&p, &req, Event::Tick, t0() + mins(30)).unwrap();
+        assert!(req.escalated);
+        for (i, who) in approvers.iter().enumerate() {
+            req = apply(&p, &req, approve(who), t0() + mins(31)).unwrap().0;
+            let last = i + 1 == approvers.len();
+            assert_eq!(
+                req.state,
+                if last { State::Active } else { State::Pending },
+                "{role} after {who}"
+            );
+        }
+    }
+    // Escalated, carol can deny too.
+    let req = alice_requests(&p, nr(&["dba"]), t0());
+    let (req, _) = apply(&p, &req, Event::Tick, t0() + mins(30)).unwrap();
+    let (req, _) = apply(&p, &req, review("carol", Verdict::Deny), t0() + mins(31)).unwrap();
+    assert_eq!(req.state, State::Denied);
+}
+
 #[test]
 fn escalation_without_secondary_only_audits_and_high_urgency_is_urgent() {
     let p = policy();
