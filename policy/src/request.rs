@@ -238,6 +238,9 @@ impl AccessRequest {
 pub struct Requester<'a> {
     pub name: &'a str,
     pub roles: &'a [String],
+    /// The team the user record names, if any (see
+    /// [`crate::Directory::team_lead_of`]).
+    pub team: Option<&'a str>,
 }
 
 /// What a user asks for.
@@ -717,7 +720,7 @@ impl<'a> Engine<'a> {
             requester_team_lead: self
                 .policy
                 .directory
-                .team_lead_of(requester.name)
+                .team_lead_of(requester.name, requester.team)
                 .map(str::to_owned),
             roles: new.roles,
             resources: new.resources,

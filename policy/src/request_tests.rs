@@ -228,6 +228,7 @@ fn create_as(p: &Policy, user: &str, new: NewRequest, now: DateTime<Utc>) -> Out
         &Requester {
             name: user,
             roles: &roles,
+            team: None,
         },
         now,
     )
@@ -475,6 +476,7 @@ fn create_rejects_roles_already_held() {
         &Requester {
             name: "alice",
             roles: &held,
+            team: None,
         },
         t0(),
     );

@@ -168,11 +168,16 @@ pub struct Directory {
 }
 
 impl Directory {
-    /// The lead of `user`'s team (as member or lead), if any.
-    pub fn team_lead_of(&self, user: &str) -> Option<&str> {
-        self.teams
-            .values()
-            .find(|t| t.members.iter().any(|m| m == user))
+    /// The lead of `user`'s team: the team their user record names
+    /// (`team`, set by an admin) when it is configured, else the first team
+    /// listing them as a member; `None` without either.
+    pub fn team_lead_of(&self, user: &str, team: Option<&str>) -> Option<&str> {
+        team.and_then(|name| self.teams.get(name))
+            .or_else(|| {
+                self.teams
+                    .values()
+                    .find(|t| t.members.iter().any(|m| m == user))
+            })
             .map(|t| t.lead.as_str())
     }
 }
@@ -180,6 +185,26 @@ impl Directory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_team_lead_comes_from_the_user_records_team_first() {
+        let team = |name: &str, lead: &str, members: &[&str]| Team {
+            name: name.into(),
+            lead: lead.into(),
+            members: members.iter().map(|m| m.to_string()).collect(),
+        };
+        let mut d = Directory::default();
+        d.teams
+            .insert("payments".into(), team("payments", "bob", &["alice"]));
+        d.teams.insert("search".into(), team("search", "sam", &[]));
+        // The record moved alice to search: search's lead, not payments'.
+        assert_eq!(d.team_lead_of("alice", Some("search")), Some("sam"));
+        assert_eq!(d.team_lead_of("zed", Some("search")), Some("sam"));
+        // No record team, or one no longer configured: membership.
+        assert_eq!(d.team_lead_of("alice", None), Some("bob"));
+        assert_eq!(d.team_lead_of("alice", Some("gone")), Some("bob"));
+        assert_eq!(d.team_lead_of("zed", None), None);
+    }
 
     #[test]
     fn reviewer_sets_parse_and_print() {

@@ -333,6 +333,7 @@ mod tests {
                 &Requester {
                     name: who,
                     roles: &["dev".to_string()],
+                    team: None,
                 },
                 now,
             )

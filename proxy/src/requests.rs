@@ -336,6 +336,7 @@ impl Wicket {
         let requester = Requester {
             name: &user.name,
             roles: &standing,
+            team: user.team.as_deref(),
         };
         let (req, effects) = match self.engine().create(new, &requester, now) {
             Ok(x) => x,
@@ -385,6 +386,7 @@ impl Wicket {
         let requester = Requester {
             name: &user.name,
             roles: &standing,
+            team: user.team.as_deref(),
         };
         if let Err(e) = self.engine().create(new.clone(), &requester, now) {
             return Err(match e {

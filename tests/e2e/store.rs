@@ -916,18 +916,96 @@ async fn wicket_with_ann_and_ben(
     Store,
     chrono::DateTime<chrono::Utc>,
 ) {
-    let mut cfg = wicketd::config::Config::embedded_default(dir);
+    let cfg = wicketd::config::Config::embedded_default(dir);
+    wicket_with(
+        dir,
+        cfg,
+        &[("ann", "access", None), ("ben", "access", None)],
+    )
+    .await
+}
+
+/// A wicketd's service (no listeners) on `cfg` with its data in `dir`,
+/// with `users` (name, role, team); and the time it started.
+async fn wicket_with(
+    dir: &std::path::Path,
+    mut cfg: wicketd::config::Config,
+    users: &[(&str, &str, Option<&str>)],
+) -> (
+    wicketd::service::Wicket,
+    Store,
+    chrono::DateTime<chrono::Utc>,
+) {
     cfg.data_dir = dir.join("data");
     let now = wicketd::clock::now();
     let (keys, _, store) = wicketd::server::open_keys_and_store(&cfg).await.unwrap();
     let w = wicketd::service::Wicket::new(cfg, store.clone(), keys, Default::default()).unwrap();
-    for name in ["ann", "ben"] {
-        let roles = vec!["access".to_string()];
-        wicketd::service::add_user(&w.config, &store, name, roles, None, None, false, now)
+    for (name, role, team) in users {
+        let roles = vec![role.to_string()];
+        let team = team.map(str::to_owned);
+        wicketd::service::add_user(&w.config, &store, name, roles, team, None, false, now)
             .await
             .unwrap();
     }
     (w, store, now)
+}
+
+/// A caller with a live login, as a certificate of `user`'s speaks for.
+fn caller_of(user: &str, login_until: i64) -> wicketd::service::Caller {
+    wicketd::service::Caller {
+        user: user.into(),
+        request_ids: Vec::new(),
+        source: std::net::IpAddr::from([127, 0, 0, 1]),
+        login_until,
+        valid_until: login_until,
+    }
+}
+
+/// The team lead a `team_lead` rule asks for is the lead of the team the
+/// user record names (`wicketd users add --team`), not of a team the
+/// config still lists the user in.
+#[test]
+fn a_team_lead_is_the_lead_of_the_users_recorded_team() {
+    use wicket_api::{CreateRequest, ReviewBody};
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "version: 1\nteams:\n  payments: { lead: bob, members: [ ann ] }\n  search: { lead: sam, members: [ sam ] }\nroles:\n  dev:\n    logins: [\"{{user}}\"]\n    nodes: { env: dev }\n    request: { roles: [ops] }\n  ops:\n    logins: [root]\n    nodes: { env: dev }\napproval:\n  - roles: [ops]\n    require: { any_of: [ team_lead ] }\n";
+    rt().block_on(async {
+        let cfg = wicketd::config::parse(yaml, dir.path()).unwrap();
+        let users = [
+            ("ann", "dev", Some("search")),
+            ("bob", "dev", Some("payments")),
+            ("sam", "dev", Some("search")),
+        ];
+        let (w, _store, now) = wicket_with(dir.path(), cfg, &users).await;
+        let live = now.timestamp() + 3600;
+        let ask = CreateRequest {
+            roles: vec!["ops".into()],
+            reason: "deploy".into(),
+            ..Default::default()
+        };
+        let grant = w
+            .create_request(&caller_of("ann", live), ask, now)
+            .await
+            .unwrap();
+        let review = || ReviewBody {
+            verdict: "approve".into(),
+            reason: "ok".into(),
+            ..Default::default()
+        };
+        let err = w
+            .review_request(&caller_of("bob", live), &grant.id, review(), now)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("not an eligible reviewer"),
+            "{err}"
+        );
+        let approved = w
+            .review_request(&caller_of("sam", live), &grant.id, review(), now)
+            .await
+            .unwrap();
+        assert_eq!(approved.status, "active", "{approved:?}");
+    });
 }
 
 /// The grant index of one wicketd follows changes another process makes
@@ -1015,26 +1093,12 @@ fn a_corrupt_user_row_leaves_other_users_sessions_alone() {
 #[test]
 fn extending_a_grant_needs_a_live_login_and_dropping_it_does_not() {
     use wicket_api::{ActionBody, CreateRequest};
-    use wicketd::service::Caller;
     let dir = tempfile::tempdir().unwrap();
     let yaml = "version: 1\nroles:\n  dev:\n    logins: [\"{{user}}\"]\n    nodes: { env: dev }\n    request: { roles: [ops] }\n  ops:\n    logins: [root]\n    nodes: { env: dev }\napproval:\n  - roles: [ops]\n    require: self\n";
     rt().block_on(async {
-        let mut cfg = wicketd::config::parse(yaml, dir.path()).unwrap();
-        cfg.data_dir = dir.path().join("data");
-        let (keys, _, store) = wicketd::server::open_keys_and_store(&cfg).await.unwrap();
-        let now = wicketd::clock::now();
-        let w = wicketd::service::Wicket::new(cfg, store.clone(), keys, Default::default()).unwrap();
-        let roles = vec!["dev".to_string()];
-        wicketd::service::add_user(&w.config, &store, "ann", roles, None, None, false, now)
-            .await
-            .unwrap();
-        let caller = |login_until: i64| Caller {
-            user: "ann".into(),
-            request_ids: Vec::new(),
-            source: std::net::IpAddr::from([127, 0, 0, 1]),
-            login_until,
-            valid_until: login_until,
-        };
+        let cfg = wicketd::config::parse(yaml, dir.path()).unwrap();
+        let (w, _store, now) = wicket_with(dir.path(), cfg, &[("ann", "dev", None)]).await;
+        let caller = |login_until: i64| caller_of("ann", login_until);
         let live = caller(now.timestamp() + 3600);
         let ask = CreateRequest {
             roles: vec!["ops".into()],
@@ -1143,13 +1207,7 @@ fn reissued_certificates_stay_within_the_login() {
             tls_csr_pem: keys.tls_csr_pem.clone(),
             request_ids: Vec::new(),
         };
-        let ann = Caller {
-            user: "ann".into(),
-            request_ids: Vec::new(),
-            source,
-            login_until,
-            valid_until: login_until,
-        };
+        let ann = caller_of("ann", login_until);
         assert!(w.config.login_ttl.num_seconds() > 3600);
         let certs = w.reissue(&ann, req(), now).await.unwrap();
         assert_eq!(certs.valid_before.timestamp(), login_until);

@@ -76,7 +76,7 @@ fn the_example_parses_without_problems() {
     let team = &p.directory.teams["payments"];
     assert_eq!(team.lead, "bob");
     assert_eq!(team.members, vec!["alice", "carol"]);
-    assert_eq!(p.directory.team_lead_of("alice"), Some("bob"));
+    assert_eq!(p.directory.team_lead_of("alice", None), Some("bob"));
     let sre = &p.directory.oncall["sre"];
     assert_eq!(sre.rotation, vec!["dave", "erin"]);
     assert_eq!(sre.shift, Duration::hours(168));
