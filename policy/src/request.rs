@@ -1417,10 +1417,11 @@ impl<'a> Engine<'a> {
 
 /// `None` if `req` is met by `approvals` (reviewer, sets matched), else what is missing.
 /// What `req` still lacks given `approvals` (who, and the reviewer sets
-/// they matched). An approver in one of `extra` (a rule's secondary
-/// reviewers, once the request escalated) counts as in any set: escalation
-/// widens who may approve, never how many approvals, or how many distinct
-/// people, a rule needs.
+/// they matched). One approver in one of `extra` (a rule's secondary
+/// reviewers, once the request escalated) may stand in for any one
+/// approver the rule names: escalation widens who may approve, never how
+/// many approvals, or how many distinct people, a rule needs, and never
+/// replaces more than one of them.
 fn unmet(
     req: &Requirement,
     extra: &[ReviewerSet],
@@ -1429,23 +1430,35 @@ fn unmet(
     let in_set = |set: &ReviewerSet| -> Vec<&str> {
         approvals
             .iter()
-            .filter(|(_, sets)| sets.contains(set) || sets.iter().any(|s| extra.contains(s)))
+            .filter(|(_, sets)| sets.contains(set))
             .map(|(who, _)| *who)
             .collect()
     };
+    let stand_ins: Vec<&str> = approvals
+        .iter()
+        .filter(|(_, sets)| sets.iter().any(|s| extra.contains(s)))
+        .map(|(who, _)| *who)
+        .collect();
     match req {
         Requirement::SelfApprove => None,
         Requirement::AnyOf(sets) => {
-            if sets.iter().any(|s| !in_set(s).is_empty()) {
+            if sets.iter().any(|s| !in_set(s).is_empty()) || !stand_ins.is_empty() {
                 None
             } else {
                 Some(format!("one approval from any of [{}]", join_sets(sets)))
             }
         }
         Requirement::AllOf(sets) => {
-            // Each set needs its own approver: distinct people (two-person rule).
+            // Each set needs its own approver: distinct people (two-person
+            // rule); a stand-in may fill one slot, any one.
             let candidates: Vec<Vec<&str>> = sets.iter().map(in_set).collect();
-            if distinct_assignment(&candidates, &mut Vec::new()) {
+            let met = distinct_assignment(&candidates, &mut Vec::new())
+                || (0..candidates.len()).any(|i| {
+                    let mut widened = candidates.clone();
+                    widened[i].extend(stand_ins.iter().copied());
+                    distinct_assignment(&widened, &mut Vec::new())
+                });
+            if met {
                 None
             } else {
                 let missing: Vec<String> = sets
@@ -1465,7 +1478,11 @@ fn unmet(
             }
         }
         Requirement::Count { count, from } => {
-            let people: BTreeSet<&str> = from.iter().flat_map(in_set).collect();
+            let mut people: BTreeSet<&str> = from.iter().flat_map(in_set).collect();
+            // One stand-in, who is not already counted.
+            if let Some(who) = stand_ins.iter().find(|w| !people.contains(*w)) {
+                people.insert(who);
+            }
             if people.len() >= *count as usize {
                 None
             } else {

@@ -1001,13 +1001,9 @@ fn environment_scoped_rules_apply_to_matching_resources() {
     assert_eq!(req.state, State::Active);
 }
 
-/// A rule for one environment settles only the resources in it: where a
-/// role also reaches others, their own rules still apply. (It once replaced
-/// the general rule for the whole request, so a self-approve rule for a
-/// canary node let a request naming nothing through, production included.)
-#[test]
-fn an_environment_rule_does_not_waive_the_rules_of_other_resources() {
-    let mut p = policy();
+/// A prod node `canary-1` (`tier: canary`), and a rule for prod-ssh on
+/// canaries requiring `require`.
+fn add_canary(p: &mut Policy, require: Requirement) {
     p.resources.push(Resource {
         kind: ResourceKind::Node,
         name: "canary-1".into(),
@@ -1021,9 +1017,19 @@ fn an_environment_rule_does_not_waive_the_rules_of_other_resources() {
     p.approval.push(ApprovalRule {
         roles: sv(&["prod-ssh"]),
         environment: Some(sel("tier", "canary")),
-        require: Requirement::SelfApprove,
+        require,
         secondary: Vec::new(),
     });
+}
+
+/// A rule for one environment settles only the resources in it: where a
+/// role also reaches others, their own rules still apply. (It once replaced
+/// the general rule for the whole request, so a self-approve rule for a
+/// canary node let a request naming nothing through, production included.)
+#[test]
+fn an_environment_rule_does_not_waive_the_rules_of_other_resources() {
+    let mut p = policy();
+    add_canary(&mut p, Requirement::SelfApprove);
     let e = Engine::new(&p);
     // Scoped to the canary alone: its rule, self-approval.
     let new = NewRequest {
@@ -1069,22 +1075,7 @@ fn a_resource_without_a_rule_is_not_waived_by_another_resources_rule() {
     ] {
         let mut p = policy();
         p.approval[1].roles = sv(&["kube-admin"]);
-        p.resources.push(Resource {
-            kind: ResourceKind::Node,
-            name: "canary-1".into(),
-            address: "127.0.0.1:22".into(),
-            labels: [
-                ("env".to_string(), "prod".to_string()),
-                ("tier".to_string(), "canary".to_string()),
-            ]
-            .into(),
-        });
-        p.approval.push(ApprovalRule {
-            roles: sv(&["prod-ssh"]),
-            environment: Some(sel("tier", "canary")),
-            require: canary_rule.clone(),
-            secondary: Vec::new(),
-        });
+        add_canary(&mut p, canary_rule.clone());
         let e = Engine::new(&p);
         // The canary alone: its rule.
         let canary = alice_requests(
@@ -1664,6 +1655,20 @@ fn secondary_reviewers_approve_once_escalated() {
             );
         }
     }
+    // Two stand-ins never fill two slots: with frank secondary too, carol
+    // and frank together do not meet on-call + team lead; dave does.
+    let mut p2 = p.clone();
+    p2.approval[1]
+        .secondary
+        .push(ReviewerSet::User("frank".into()));
+    let req = alice_requests(&p2, nr(&["prod-ssh"]), t0());
+    let (mut req, _) = apply(&p2, &req, Event::Tick, t0() + mins(30)).unwrap();
+    for who in ["carol", "frank"] {
+        req = apply(&p2, &req, approve(who), t0() + mins(31)).unwrap().0;
+        assert_eq!(req.state, State::Pending, "after {who}");
+    }
+    let (req, _) = apply(&p2, &req, approve("dave"), t0() + mins(32)).unwrap();
+    assert_eq!(req.state, State::Active);
     // Escalated, carol can deny too.
     let req = alice_requests(&p, nr(&["dba"]), t0());
     let (req, _) = apply(&p, &req, Event::Tick, t0() + mins(30)).unwrap();

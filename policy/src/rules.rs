@@ -122,7 +122,9 @@ impl Requirement {
 }
 
 /// An approval rule: for these roles (optionally only on resources matching
-/// `environment`), this requirement; `secondary` are notified on escalation.
+/// `environment`), this requirement; `secondary` are notified on escalation,
+/// and may then review, one of them standing in for any one approver the
+/// requirement names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApprovalRule {
     pub roles: Vec<String>,

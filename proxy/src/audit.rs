@@ -506,18 +506,19 @@ mod tests {
             .unwrap()
     }
 
+    async fn sqlite_store(dir: &std::path::Path) -> Store {
+        let key = crate::store::ChainKey::for_tests();
+        Store::open(&crate::config::Storage::Sqlite, dir, key)
+            .await
+            .unwrap()
+    }
+
     /// On a current-thread runtime the writer cannot run until the test
     /// yields, so a queue of one fills up deterministically.
     #[tokio::test(flavor = "current_thread")]
     async fn a_full_queue_drops_and_counts_or_blocks_as_configured() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(
-            &crate::config::Storage::Sqlite,
-            dir.path(),
-            crate::store::ChainKey::for_tests(),
-        )
-        .await
-        .unwrap();
+        let store = sqlite_store(dir.path()).await;
         let settings = AuditSettings {
             queue_size: 1,
             on_overflow: AuditOverflow::DropAndCount,
@@ -542,13 +543,7 @@ mod tests {
 
         // `block`: every event arrives, in order, whatever the queue size.
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(
-            &crate::config::Storage::Sqlite,
-            dir.path(),
-            crate::store::ChainKey::for_tests(),
-        )
-        .await
-        .unwrap();
+        let store = sqlite_store(dir.path()).await;
         let sink = AuditSink::start(
             store.clone(),
             &AuditSettings {

@@ -179,7 +179,10 @@ impl Guesses {
 /// Checks under way, by failure key. Each counts as a failure until it
 /// ends, so parallel guesses cannot all pass a limit read before any of
 /// them failed (within one wicketd; several sharing a store can each let
-/// one batch through).
+/// one batch through). A check enters first, counts the others under way,
+/// then reads the stored failures: a check that ended before the read has
+/// its failure stored (it is recorded before its attempt drops), one that
+/// had not is counted.
 #[derive(Debug, Default)]
 pub struct InFlight(std::sync::Mutex<std::collections::HashMap<String, u32>>);
 
@@ -191,24 +194,23 @@ pub struct Attempt<'a> {
 }
 
 impl InFlight {
-    /// Starts a check for `keys` when, with the checks already under way,
-    /// each key stays under its limit: `(key, failures stored, limit)`.
-    pub fn enter(&self, keys: [(String, i64, u32); 2]) -> Option<Attempt<'_>> {
+    /// Starts a check for `keys` (the user's and the source's); returns it
+    /// with how many other checks were under way for each.
+    pub fn enter(&self, keys: [String; 2]) -> (Attempt<'_>, [u32; 2]) {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let over = keys.iter().any(|(key, stored, limit)| {
-            stored + i64::from(map.get(key).copied().unwrap_or(0)) >= i64::from(*limit)
-        });
-        if over {
-            return None;
+        let mut others = [0; 2];
+        for (key, n) in keys.iter().zip(&mut others) {
+            let count = map.entry(key.clone()).or_default();
+            *n = *count;
+            *count += 1;
         }
-        for (key, _, _) in &keys {
-            *map.entry(key.clone()).or_default() += 1;
-        }
-        let [(a, _, _), (b, _, _)] = keys;
-        Some(Attempt {
-            inflight: self,
-            keys: [a, b],
-        })
+        (
+            Attempt {
+                inflight: self,
+                keys,
+            },
+            others,
+        )
     }
 }
 
@@ -231,31 +233,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn checks_under_way_count_against_the_limits_until_they_end() {
+    fn checks_under_way_count_each_other_until_they_end() {
         let f = InFlight::default();
-        let keys = |stored_user: i64, stored_source: i64| {
-            [
-                ("ann".to_owned(), stored_user, 5),
-                ("10.0.0.1".to_owned(), stored_source, 20),
-            ]
-        };
-        // Four failures stored: one check may run, a second waits its turn.
-        let first = f.enter(keys(4, 0)).expect("under the limit");
-        assert!(f.enter(keys(4, 0)).is_none());
-        assert_eq!(f.0.lock().unwrap().get("ann"), Some(&1));
-        drop(first);
+        let keys = || ["ann".to_owned(), "10.0.0.1".to_owned()];
+        let (first, others) = f.enter(keys());
+        assert_eq!(others, [0, 0]);
+        let (second, others) = f.enter(keys());
+        assert_eq!(others, [1, 1]);
+        let (_third, others) = f.enter(["ben".into(), "10.0.0.1".into()]);
+        assert_eq!(others, [0, 2]);
+        drop((first, second));
+        let (_, others) = f.enter(keys());
+        assert_eq!(others, [0, 1]);
+        drop(_third);
         assert!(f.0.lock().unwrap().is_empty(), "ended checks are forgotten");
-        // The source's limit counts checks for every user from it.
-        let held: Vec<_> = (0..20)
-            .map(|i| f.enter([(format!("u{i}"), 0, 5), ("10.0.0.1".into(), 0, 20)]))
-            .collect();
-        assert!(held.iter().all(Option::is_some));
-        assert!(f.enter(keys(0, 0)).is_none());
-        assert!(f
-            .enter([("ann".into(), 0, 5), ("10.0.0.2".into(), 0, 20)])
-            .is_some());
-        drop(held);
-        assert!(f.enter(keys(0, 19)).is_some());
         // Break-glass codes count apart from logins.
         assert_eq!(
             Guesses::Login.keys("ann", "::1"),

@@ -319,22 +319,24 @@ impl Wicket {
         let limits = &self.config.auth;
         let window_start = now - limits.failure_window;
         let (user_key, source_key) = kind.keys(user, source);
+        // Enter before reading the store (see `auth::InFlight`).
+        let (attempt, [user_others, source_others]) =
+            self.guesses.enter([user_key.clone(), source_key.clone()]);
         let (by_user, by_source) = self
             .store
             .login_failures_since(&user_key, &source_key, window_start.timestamp_millis())
             .await?;
-        if let Some(attempt) = self.guesses.enter([
-            (user_key.clone(), by_user, limits.max_failures_per_user),
-            (
-                source_key.clone(),
-                by_source,
-                limits.max_failures_per_source,
-            ),
-        ]) {
+        let (max_user, max_source) = (
+            i64::from(limits.max_failures_per_user),
+            i64::from(limits.max_failures_per_source),
+        );
+        if by_user + i64::from(user_others) < max_user
+            && by_source + i64::from(source_others) < max_source
+        {
             return Ok(attempt);
         }
-        let stored_over = by_user >= i64::from(limits.max_failures_per_user)
-            || by_source >= i64::from(limits.max_failures_per_source);
+        drop(attempt);
+        let stored_over = by_user >= max_user || by_source >= max_source;
         let retry = if stored_over {
             let oldest = self
                 .store

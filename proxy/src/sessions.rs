@@ -176,16 +176,18 @@ impl Sessions {
         }
     }
 
-    /// Ends the sessions whose certificate has ended by `now` (a session
-    /// under standing roles would otherwise outlive its login), and warns
-    /// (once) those within `warn_before` of it. A session already told to
-    /// end keeps its reason. Returns how many were told to end.
+    /// Ends the sessions under standing roles only whose certificate has
+    /// ended by `now` (they would otherwise outlive it, and the login it
+    /// came from), and warns (once) those within `warn_before` of it. A
+    /// session under grants follows the grants instead (an extended grant
+    /// goes on past the certificate it was opened with). A session already
+    /// told to end keeps its reason. Returns how many were told to end.
     fn end_with_certificates(&self, now: DateTime<Utc>, warn_before: chrono::Duration) -> usize {
         let t = now.timestamp();
         let mut map = self.lock();
         let mut n = 0;
         for e in map.values_mut() {
-            if matches!(*e.tx.borrow(), Signal::End(_)) {
+            if !e.info.request_ids.is_empty() || matches!(*e.tx.borrow(), Signal::End(_)) {
                 continue;
             }
             let end = e.info.valid_until;
@@ -512,6 +514,11 @@ mod tests {
             Signal::End("request r1 expired".into())
         );
         assert_eq!(*later.signal.borrow(), Signal::Run);
+        // A session under a grant follows the grant (which may have been
+        // extended past the certificate), not the certificate.
+        let extended = sessions.register(info(1_000, &["r2"]));
+        sessions.end_with_certificates(at(1_500), warn);
+        assert_eq!(*extended.signal.borrow(), Signal::Run);
         assert_eq!(sessions.end_with_certificates(at(2_000), warn), 1);
     }
 

@@ -652,13 +652,7 @@ impl Store {
         .bind(change)
         .execute(&mut *tx)
         .await?;
-        insert_audit(
-            self.backend,
-            &self.chain,
-            &mut tx,
-            std::slice::from_ref(event),
-        )
-        .await?;
+        self.audit_in(&mut tx, std::slice::from_ref(event)).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -682,13 +676,7 @@ impl Store {
         if done.rows_affected() == 0 {
             return Err(Error::NotFound(format!("no user {name:?}")));
         }
-        insert_audit(
-            self.backend,
-            &self.chain,
-            &mut tx,
-            std::slice::from_ref(event),
-        )
-        .await?;
+        self.audit_in(&mut tx, std::slice::from_ref(event)).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -815,13 +803,7 @@ impl Store {
             .bind(prune_before_ms)
             .execute(&mut *tx)
             .await?;
-        insert_audit(
-            self.backend,
-            &self.chain,
-            &mut tx,
-            std::slice::from_ref(event),
-        )
-        .await?;
+        self.audit_in(&mut tx, std::slice::from_ref(event)).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -872,7 +854,7 @@ impl Store {
         .bind(change)
         .execute(&mut *tx)
         .await?;
-        insert_audit(self.backend, &self.chain, &mut tx, audit).await?;
+        self.audit_in(&mut tx, audit).await?;
         for n in notes {
             insert_notification(&mut tx, n).await?;
         }
@@ -908,7 +890,7 @@ impl Store {
         if r.rows_affected() != 1 {
             return Ok(None);
         }
-        insert_audit(self.backend, &self.chain, &mut tx, audit).await?;
+        self.audit_in(&mut tx, audit).await?;
         for n in notes {
             insert_notification(&mut tx, n).await?;
         }
@@ -1232,15 +1214,14 @@ impl Store {
 
     // ---- audit -------------------------------------------------------------
 
+    /// Appends `rows` to the audit chain inside `tx`.
+    async fn audit_in(&self, tx: &mut Transaction<'static, Any>, rows: &[AuditRow]) -> Result<()> {
+        insert_audit(self.backend, &self.chain, tx, rows).await
+    }
+
     pub async fn append_audit(&self, event: &AuditRow) -> Result<()> {
         let mut tx = self.begin().await?;
-        insert_audit(
-            self.backend,
-            &self.chain,
-            &mut tx,
-            std::slice::from_ref(event),
-        )
-        .await?;
+        self.audit_in(&mut tx, std::slice::from_ref(event)).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1248,7 +1229,7 @@ impl Store {
     /// Stores several events in one transaction.
     pub async fn append_audit_batch(&self, events: &[AuditRow]) -> Result<()> {
         let mut tx = self.begin().await?;
-        insert_audit(self.backend, &self.chain, &mut tx, events).await?;
+        self.audit_in(&mut tx, events).await?;
         tx.commit().await?;
         Ok(())
     }
