@@ -150,10 +150,12 @@ enum UsersCommand {
 }
 
 /// The store, for an admin command: its audit events are chained with
-/// the key of the CA key set in the data directory (made, as at a first
-/// start, when there is none yet).
+/// the key of the CA key set in the data directory, which a wicketd made
+/// (an admin command never makes one).
 async fn open_store(cfg: &crate::config::Config) -> Result<store::Store> {
-    Ok(crate::server::open_keys_and_store(cfg).await?.2)
+    let keys = crate::keystore::load_existing(&cfg.data_dir)?;
+    let chain = store::ChainKey::from_authority(&keys);
+    store::Store::open(&cfg.storage, &cfg.data_dir, chain).await
 }
 
 async fn set_disabled(name: &str, disabled: bool, source: &Source) -> Result<()> {

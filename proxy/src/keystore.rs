@@ -43,6 +43,24 @@ pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> 
     Ok(())
 }
 
+/// Loads the CA key set from `data_dir/ca`, which must exist: for admin
+/// commands, which never make one (a second process generating at once, or
+/// a new CA on the wrong host, would split the cluster).
+pub fn load_existing(data_dir: &Path) -> Result<AuthorityKeys> {
+    let ca_dir = data_dir.join("ca");
+    if !AuthorityKeys::REQUIRED_FILES
+        .iter()
+        .any(|n| ca_dir.join(n).exists())
+    {
+        return Err(Error::Io(format!(
+            "no CA key set in {}: start wicketd once with this data directory (it makes one), or copy <data_dir>/ca from the first wicketd",
+            ca_dir.display()
+        )));
+    }
+    // Present: loads (adding a missing node-login CA), never generates.
+    Ok(load_or_generate(data_dir, "", 0)?.0)
+}
+
 /// Loads the CA key set from `data_dir/ca`, generating it on first use.
 /// Refuses secret files readable by group or others.
 pub fn load_or_generate(data_dir: &Path, cluster: &str, now: i64) -> Result<(AuthorityKeys, bool)> {

@@ -307,6 +307,9 @@ ALTER TABLE audit_chain ADD COLUMN keyed_problems TEXT
 /// The migration that keys the audit chain (see [`key_chain`]).
 const KEY_MIGRATION: i64 = 10;
 
+/// In the CA key set's directory: this key set keyed an audit chain.
+pub const KEYED_MARKER: &str = "audit_chain_keyed";
+
 /// The migration that starts the audit chain; events stored before it are
 /// chained when it runs.
 const CHAIN_MIGRATION: i64 = 4;
@@ -527,7 +530,9 @@ impl Store {
             backend,
             chain,
         };
-        store.migrate().await?;
+        store
+            .migrate(&data_dir.join("ca").join(KEYED_MARKER))
+            .await?;
         Ok(store)
     }
 
@@ -542,7 +547,9 @@ impl Store {
         self.backend == Backend::Postgres
     }
 
-    async fn migrate(&self) -> Result<()> {
+    /// Runs the migrations not applied yet. `marker` is the file that says
+    /// this CA key set keyed a chain before ([`key_chain`]).
+    async fn migrate(&self, marker: &Path) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         if self.backend == Backend::Postgres {
             // One migrator at a time across every wicketd sharing this database.
@@ -555,6 +562,7 @@ impl Store {
         )
         .execute(&mut *tx)
         .await?;
+        let mut keyed = None;
         let applied: Vec<i64> = sqlx::query("SELECT version FROM schema_migrations")
             .fetch_all(&mut *tx)
             .await?
@@ -588,7 +596,7 @@ impl Store {
                 chain_existing(&mut tx).await?;
             }
             if m.version == KEY_MIGRATION {
-                key_chain(&mut tx, &self.chain).await?;
+                keyed = Some(key_chain(&mut tx, self.backend, &self.chain, marker).await?);
             }
             sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
                 .bind(m.version)
@@ -608,6 +616,27 @@ impl Store {
             )));
         }
         tx.commit().await?;
+        if let Some(k) = keyed {
+            // Outside the store: keying again means it was rolled back.
+            let text = format!(
+                "key id {}: the audit chain of this store was keyed at {} ({} events, {} problems found in the links before); a wicketd with this CA key set refuses to key a non-empty chain again\n",
+                self.chain.id(),
+                chrono::DateTime::<chrono::Utc>::from_timestamp_millis(crate::clock::now_ms())
+                    .unwrap_or_default()
+                    .to_rfc3339(),
+                k.events,
+                k.problems
+            );
+            if let Err(e) = crate::keystore::write_file_atomic(marker, text.as_bytes(), 0o600) {
+                tracing::error!(error = %e, path = %marker.display(), "cannot write the audit chain's keying marker");
+            }
+            tracing::warn!(
+                events = k.events,
+                problems = k.problems,
+                head = %k.head,
+                "keyed the audit chain (schema 10)"
+            );
+        }
         Ok(())
     }
 
@@ -1430,24 +1459,23 @@ impl Store {
                 ),
             );
         }
-        if let Some(text) = head.try_get::<Option<String>, _>(3)? {
-            match serde_json::from_str::<KeyedProblems>(&text) {
-                Ok(before) => {
-                    let listed = before.problems.len() as u64;
-                    for p in before.problems {
-                        note(
-                            &mut v,
-                            format!("before the chain was keyed (schema 10): {p}"),
-                        );
-                    }
-                    // Counted, beyond the ones kept.
-                    v.problem_count += before.count.saturating_sub(listed);
+        let sealed = head.try_get::<Option<String>, _>(3)?;
+        match sealed.as_deref().and_then(|t| KeyedProblems::open(t, &self.chain)) {
+            Some(before) => {
+                let listed = before.problems.len() as u64;
+                for p in before.problems {
+                    note(
+                        &mut v,
+                        format!("before the chain was keyed (schema 10): {p}"),
+                    );
                 }
-                Err(e) => note(
-                    &mut v,
-                    format!("what was found when the chain was keyed is unreadable: {e}"),
-                ),
+                // Counted, beyond the ones kept.
+                v.problem_count += before.count.saturating_sub(listed);
             }
+            None => note(
+                &mut v,
+                "the record of what keying the chain found (audit_chain.keyed_problems) was removed or changed".to_owned(),
+            ),
         }
         if head_seq > last_seq {
             note(
@@ -1806,21 +1834,74 @@ async fn chain_existing(tx: &mut Transaction<'static, Any>) -> Result<()> {
 }
 
 /// What [`key_chain`] found in the chain as it was: kept in
-/// `audit_chain.keyed_problems` (JSON), reported by every verification.
+/// `audit_chain.keyed_problems` after a MAC with the chain's key (see
+/// [`KeyedProblems::seal`]), reported by every verification.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct KeyedProblems {
     count: u64,
     problems: Vec<String>,
 }
 
+impl KeyedProblems {
+    const LABEL: &'static [u8] = b"wicket keyed problems\n";
+
+    /// `<hex tag> <json>`: the tag makes a changed or emptied record show.
+    fn seal(&self, key: &ChainKey) -> Result<String> {
+        let json = serde_json::to_string(self).map_err(|e| Error::Internal(e.to_string()))?;
+        let tag = ring::hmac::sign(&key.key, &[Self::LABEL, json.as_bytes()].concat());
+        Ok(format!("{} {json}", hex(tag.as_ref())))
+    }
+
+    /// The record, if `text` is one sealed with `key`.
+    fn open(text: &str, key: &ChainKey) -> Option<Self> {
+        let (tag, json) = text.split_once(' ')?;
+        let tag = (0..tag.len())
+            .step_by(2)
+            .map(|i| {
+                tag.get(i..i + 2)
+                    .and_then(|b| u8::from_str_radix(b, 16).ok())
+            })
+            .collect::<Option<Vec<u8>>>()?;
+        ring::hmac::verify(&key.key, &[Self::LABEL, json.as_bytes()].concat(), &tag).ok()?;
+        serde_json::from_str(json).ok()
+    }
+}
+
+/// What keying the chain did, for the marker and the log.
+struct Keyed {
+    events: i64,
+    problems: u64,
+    head: String,
+}
+
 /// Hashes every link again with `key` (schema 10), oldest first, after
 /// checking it as it was: an event that did not follow, missing places and
 /// a head that did not match are counted (the first 100 kept) in
 /// `keyed_problems`, so keying the chain hides nothing a verification
-/// would have found before.
-async fn key_chain(tx: &mut Transaction<'static, Any>, key: &ChainKey) -> Result<()> {
+/// would have found before. A non-empty chain is refused when `marker`
+/// exists: this CA key set keyed a chain before, so one that is not keyed
+/// now was rolled back (or restored from an old backup), which is how
+/// someone who can write the store would make their own SHA-256 chain
+/// look keyed.
+async fn key_chain(
+    tx: &mut Transaction<'static, Any>,
+    backend: Backend,
+    key: &ChainKey,
+    marker: &Path,
+) -> Result<Keyed> {
     const PAGE: i64 = 2000;
+    const PER_UPDATE: usize = 200;
     const KEEP: usize = 100;
+    let events: i64 = sqlx::query("SELECT COUNT(*) FROM audit_events")
+        .fetch_one(&mut **tx)
+        .await?
+        .try_get(0)?;
+    if events > 0 && marker.exists() {
+        return Err(Error::Store(format!(
+            "this store's audit chain ({events} events) is not keyed, but this CA key set keyed one before ({}): the store was rolled back to before schema 10, or restored from an older backup. Find out why (a rollback can hide changed events); to key it anyway, remove that file",
+            marker.display()
+        )));
+    }
     let mut found = KeyedProblems::default();
     let mut note = |p: String| {
         found.count += 1;
@@ -1838,6 +1919,7 @@ async fn key_chain(tx: &mut Transaction<'static, Any>, key: &ChainKey) -> Result
         .bind(PAGE)
         .fetch_all(&mut **tx)
         .await?;
+        let mut links: Vec<(i64, String)> = Vec::with_capacity(rows.len());
         for r in &rows {
             let e = audit_from_row(r)?;
             let seq: i64 = r.try_get(7)?;
@@ -1855,12 +1937,35 @@ async fn key_chain(tx: &mut Transaction<'static, Any>, key: &ChainKey) -> Result
                 ));
             }
             let hash = chain_hash(Link::Keyed(key), &new_prev, seq, &e);
-            sqlx::query("UPDATE audit_events SET hash = $1 WHERE seq = $2")
-                .bind(hash.as_str())
-                .bind(seq)
-                .execute(&mut **tx)
-                .await?;
+            links.push((seq, hash.clone()));
             (last_seq, old_prev, new_prev) = (seq, stored, hash);
+        }
+        // Many links per UPDATE (one statement per event took minutes on
+        // a large log, inside the migration's transaction).
+        for chunk in links.chunks(PER_UPDATE) {
+            let mut n = 0;
+            let mut ph = || {
+                n += 1;
+                match backend {
+                    Backend::Sqlite => "?".to_owned(),
+                    Backend::Postgres => format!("${n}"),
+                }
+            };
+            let mut sql = String::from("UPDATE audit_events SET hash = CASE seq");
+            for _ in chunk {
+                sql.push_str(&format!(" WHEN {} THEN {}", ph(), ph()));
+            }
+            sql.push_str(&format!(
+                " ELSE hash END WHERE seq >= {} AND seq <= {}",
+                ph(),
+                ph()
+            ));
+            let mut q = sqlx::query(&sql);
+            for (seq, hash) in chunk {
+                q = q.bind(*seq).bind(hash.as_str());
+            }
+            let (first, last) = (chunk[0].0, chunk[chunk.len() - 1].0);
+            q.bind(first).bind(last).execute(&mut **tx).await?;
         }
         if (rows.len() as i64) < PAGE {
             break;
@@ -1875,21 +1980,20 @@ async fn key_chain(tx: &mut Transaction<'static, Any>, key: &ChainKey) -> Result
             "the chain's head (#{head_seq}) did not match its last event (#{last_seq})"
         ));
     }
-    let problems = if found.count == 0 {
-        None
-    } else {
-        Some(serde_json::to_string(&found).map_err(|e| Error::Internal(e.to_string()))?)
-    };
     sqlx::query(
         "UPDATE audit_chain SET seq = $1, hash = $2, key_id = $3, keyed_problems = $4 WHERE id = 1",
     )
     .bind(last_seq)
-    .bind(new_prev)
+    .bind(new_prev.as_str())
     .bind(key.id())
-    .bind(problems)
+    .bind(found.seal(key)?)
     .execute(&mut **tx)
     .await?;
-    Ok(())
+    Ok(Keyed {
+        events,
+        problems: found.count,
+        head: new_prev,
+    })
 }
 
 fn user_from_row(r: &AnyRow) -> Result<UserRecord> {

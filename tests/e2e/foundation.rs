@@ -557,3 +557,28 @@ fn password_from_environment_insecure_first_contact_and_per_source_limit() {
         r.stderr
     );
 }
+
+/// An admin command never makes a CA key set (a second one would split the
+/// cluster, and the audit chain's key comes from it): on a data directory
+/// no wicketd has started in, it refuses, saying what to do, and makes
+/// nothing.
+#[test]
+fn admin_commands_use_the_ca_key_set_a_wicketd_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = wicketd_cmd()
+        .unwrap()
+        .args(["users", "ls", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("no CA key set")
+            && stderr.contains("start wicketd once"),
+        "{stderr}"
+    );
+    assert!(!data.join("ca").join("ssh_user_ca.key").exists());
+    assert!(!data.join("wicket.db").exists());
+}

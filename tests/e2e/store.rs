@@ -301,11 +301,32 @@ async fn keyed_chain(storage: &Storage, dir: &std::path::Path) {
         assert_eq!(v.problem_count, 0, "{v:?}");
     }
 
-    // Back to schema 9 (links unkeyed, no key columns), then reopened:
-    // keyed, and clean.
-    // `then` runs there, as an older wicketd's intruder would.
-    let to_schema_9 = |store: Store, then: &'static [&'static str]| async move {
+    // The record of what keying found is sealed with the key: emptied or
+    // changed, it shows.
+    exec(&store, &["UPDATE audit_chain SET keyed_problems = NULL"]).await;
+    let v = store.verify_audit(10).await.unwrap();
+    assert_eq!(
+        v.problems,
+        ["the record of what keying the chain found (audit_chain.keyed_problems) was removed or changed"],
+        "{v:?}"
+    );
+    exec(
+        &store,
+        &["UPDATE audit_chain SET keyed_problems = '00 {\"count\":0,\"problems\":[]}'"],
+    )
+    .await;
+    assert_eq!(store.verify_audit(10).await.unwrap().problem_count, 1);
+
+    // Rolled back to schema 9 (links unkeyed, no key columns) after an
+    // event was changed, as someone who can write the store but has no CA
+    // key would, to have their SHA-256 chain keyed: refused, because this
+    // CA key set keyed a chain before (the marker beside it).
+    // `relinked` runs before the chain is hashed again, `after` after.
+    type Sql = &'static [&'static str];
+    let to_schema_9 = |store: Store, relinked: Sql, after: Sql| async move {
+        exec(&store, relinked).await;
         relink(&store, Link::Plain, 1).await;
+        exec(&store, after).await;
         exec(
             &store,
             &[
@@ -315,10 +336,26 @@ async fn keyed_chain(storage: &Storage, dir: &std::path::Path) {
             ],
         )
         .await;
-        exec(&store, then).await;
     };
-    to_schema_9(store, &[]).await;
+    to_schema_9(
+        store,
+        &["UPDATE audit_events SET actor = 'mallory' WHERE id = 'k1'"],
+        &[],
+    )
+    .await;
+    let marker = dir.join("ca").join(wicketd::store::KEYED_MARKER);
+    assert!(marker.exists());
+    let err = open().await.unwrap_err().to_string();
+    assert!(
+        err.contains("is not keyed, but this CA key set keyed one before")
+            && err.contains("remove that file"),
+        "{err}"
+    );
+    // An admin who knows why (an old backup restored) removes the marker:
+    // the chain is keyed, clean, every link keyed, the marker back.
+    std::fs::remove_file(&marker).unwrap();
     let store = open().await.unwrap();
+    assert!(marker.exists());
     let v = store.verify_audit(10).await.unwrap();
     assert_eq!((v.events, v.problem_count), (5, 0), "{v:?}");
     let unkeyed = count(
@@ -327,12 +364,15 @@ async fn keyed_chain(storage: &Storage, dir: &std::path::Path) {
     )
     .await;
     assert_eq!(unkeyed, 0);
-    // An event changed while the chain was unkeyed stays found.
+    // An event changed in a chain that was not keyed yet (an upgrade)
+    // stays found once it is.
     to_schema_9(
         store,
-        &["UPDATE audit_events SET actor = 'mallory' WHERE id = 'k1'"],
+        &[],
+        &["UPDATE audit_events SET actor = 'mallory2' WHERE id = 'k1'"],
     )
     .await;
+    std::fs::remove_file(&marker).unwrap();
     let store = open().await.unwrap();
     let v = store.verify_audit(10).await.unwrap();
     assert_eq!(
