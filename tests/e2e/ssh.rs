@@ -1376,6 +1376,23 @@ fn a_channel_runs_one_thing_and_its_recording_follows_it() {
             .await
             .unwrap();
         let first = reply(&mut ch).await;
+        if first == Some(true) {
+            // Accepted: wicketd may have denied the connection and be
+            // about to say why on this channel; show it.
+            let mut said = Vec::new();
+            while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(3), ch.wait()).await
+            {
+                if let russh::ChannelMsg::ExtendedData { data, .. }
+                | russh::ChannelMsg::Data { data } = msg
+                {
+                    said.extend_from_slice(&data);
+                }
+            }
+            panic!(
+                "the subsystem was accepted; the channel said: {:?}",
+                String::from_utf8_lossy(&said)
+            );
+        }
         ch.request_shell(true).await.unwrap();
         let second = reply(&mut ch).await;
         drop(ch);
