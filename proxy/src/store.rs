@@ -1366,7 +1366,6 @@ impl Store {
     /// the chain (inserted), and a head that does not match the last event.
     /// At most `max_problems` are listed; all are counted.
     pub async fn verify_audit(&self, max_problems: usize) -> Result<AuditVerification> {
-        const PAGE: i64 = 2000;
         let mut v = AuditVerification::default();
         let note = |v: &mut AuditVerification, p: String| {
             v.problem_count += 1;
@@ -1374,67 +1373,58 @@ impl Store {
                 v.problems.push(p);
             }
         };
-        let (mut last_seq, mut prev, mut last_id) = (0i64, String::new(), None::<String>);
+        let mut conn = self.pool.acquire().await?;
+        let mut walk = ChainWalk::default();
+        let mut last_id = None::<String>;
         loop {
-            let rows = sqlx::query(
-                "SELECT id, time, kind, actor, request_id, session_id, data, seq, hash, actions FROM audit_events \
-                 WHERE seq > $1 ORDER BY seq LIMIT $2",
-            )
-            .bind(last_seq)
-            .bind(PAGE)
-            .fetch_all(&self.pool)
-            .await?;
-            for r in &rows {
-                let e = audit_from_row(r)?;
-                let seq: i64 = r.try_get(7)?;
-                let stored: Option<String> = r.try_get(8)?;
-                let stored = stored.unwrap_or_default();
-                let held = groups::held(&e);
-                if seq != last_seq + 1 {
-                    let after = last_id
-                        .as_deref()
-                        .map_or("the start".to_owned(), |id| format!("event {id}"));
-                    note(
-                        &mut v,
-                        format!(
-                            "events #{}..#{} were removed (between {after} and event {})",
-                            last_seq + 1,
-                            seq - 1,
-                            e.id
-                        ),
-                    );
-                } else if !stored.starts_with(KEYED) {
-                    note(
+            let page = walk.page(&mut conn).await?;
+            if page.is_empty() {
+                break;
+            }
+            for l in &page {
+                let (seq, e) = (l.seq, &l.event);
+                let held = groups::held(e);
+                match walk.step(l, Link::Keyed(&self.chain)) {
+                    LinkCheck::Gap(from, to) => {
+                        let after = last_id
+                            .as_deref()
+                            .map_or("the start".to_owned(), |id| format!("event {id}"));
+                        note(
+                            &mut v,
+                            format!(
+                                "events #{from}..#{to} were removed (between {after} and event {})",
+                                e.id
+                            ),
+                        );
+                    }
+                    LinkCheck::Broken if !l.hash.starts_with(KEYED) => note(
                         &mut v,
                         format!("event #{seq} ({}) has a link made without the chain's key: put in, or written by a wicketd older than schema 10 still running", e.id),
-                    );
-                } else if chain_hash(Link::Keyed(&self.chain), &prev, seq, &e) != stored {
-                    note(
+                    ),
+                    LinkCheck::Broken => note(
                         &mut v,
                         format!("event #{seq} ({}) was changed or put in: its hash does not follow the chain", e.id),
-                    );
-                } else if let Some(problem) = groups::check(&e, held.as_deref()) {
-                    note(&mut v, format!("event #{seq} ({}): {problem}", e.id));
+                    ),
+                    LinkCheck::Follows => {
+                        if let Some(problem) = groups::check(e, held.as_deref()) {
+                            note(&mut v, format!("event #{seq} ({}): {problem}", e.id));
+                        }
+                    }
                 }
                 // Not in the hash: checked against what the row holds.
-                match r.try_get::<Option<i64>, _>(9)? {
+                match l.actions {
                     None if e.kind != groups::GROUP_KIND => {}
-                    Some(n) if n == groups::actions(&e, held.as_deref()) => {}
+                    Some(n) if n == groups::actions(e, held.as_deref()) => {}
                     _ => note(
                         &mut v,
                         format!("event #{seq} ({}): its count of actions was changed", e.id),
                     ),
                 }
                 v.events += held.map_or(1, |h| h.len() as u64);
-                // Go on from what is stored, so one bad event is one problem.
-                prev = stored;
-                last_seq = seq;
-                last_id = Some(e.id);
-            }
-            if (rows.len() as i64) < PAGE {
-                break;
+                last_id = Some(e.id.clone());
             }
         }
+        let (last_seq, prev) = (walk.last_seq, walk.prev);
         let outside =
             sqlx::query("SELECT id FROM audit_events WHERE seq IS NULL ORDER BY time, id")
                 .fetch_all(&self.pool)
@@ -1833,6 +1823,85 @@ async fn chain_existing(tx: &mut Transaction<'static, Any>) -> Result<()> {
     chain.store(tx).await
 }
 
+/// One link of the chain as stored.
+struct StoredLink {
+    seq: i64,
+    event: AuditRow,
+    hash: String,
+    actions: Option<i64>,
+}
+
+/// How a stored link stands against the stored link before it.
+enum LinkCheck {
+    /// Places were skipped: these (first, last) are missing.
+    Gap(i64, i64),
+    /// Its hash is not what the link's hashing gives after the one before.
+    Broken,
+    Follows,
+}
+
+/// The chain read in order of place, a page at a time, each link checked
+/// against the stored hash before it (so one bad link is one problem):
+/// what verifying and keying the chain both walk.
+#[derive(Default)]
+struct ChainWalk {
+    /// The last place stepped past, and its stored hash.
+    last_seq: i64,
+    prev: String,
+    /// The last place read, and whether the pages ended.
+    read_to: i64,
+    done: bool,
+}
+
+impl ChainWalk {
+    const PAGE: i64 = 2000;
+
+    /// The next page of links; empty at the end.
+    async fn page(&mut self, conn: &mut sqlx::AnyConnection) -> Result<Vec<StoredLink>> {
+        if self.done {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "SELECT id, time, kind, actor, request_id, session_id, data, seq, hash, actions FROM audit_events \
+             WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(self.read_to)
+        .bind(Self::PAGE)
+        .fetch_all(&mut *conn)
+        .await?;
+        self.done = (rows.len() as i64) < Self::PAGE;
+        let page = rows
+            .iter()
+            .map(|r| {
+                Ok(StoredLink {
+                    event: audit_from_row(r)?,
+                    seq: r.try_get(7)?,
+                    hash: r.try_get::<Option<String>, _>(8)?.unwrap_or_default(),
+                    actions: r.try_get(9)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(l) = page.last() {
+            self.read_to = l.seq;
+        }
+        Ok(page)
+    }
+
+    /// Checks `l`, the next link, as hashed by `link`; then moves past it.
+    fn step(&mut self, l: &StoredLink, link: Link<'_>) -> LinkCheck {
+        let check = if l.seq != self.last_seq + 1 {
+            LinkCheck::Gap(self.last_seq + 1, l.seq - 1)
+        } else if chain_hash(link, &self.prev, l.seq, &l.event) != l.hash {
+            LinkCheck::Broken
+        } else {
+            LinkCheck::Follows
+        };
+        self.last_seq = l.seq;
+        self.prev.clone_from(&l.hash);
+        check
+    }
+}
+
 /// What [`key_chain`] found in the chain as it was: kept in
 /// `audit_chain.keyed_problems` after a MAC with the chain's key (see
 /// [`KeyedProblems::seal`]), reported by every verification.
@@ -1889,7 +1958,6 @@ async fn key_chain(
     key: &ChainKey,
     marker: &Path,
 ) -> Result<Keyed> {
-    const PAGE: i64 = 2000;
     const PER_UPDATE: usize = 200;
     const KEEP: usize = 100;
     let events: i64 = sqlx::query("SELECT COUNT(*) FROM audit_events")
@@ -1909,36 +1977,25 @@ async fn key_chain(
             found.problems.push(p);
         }
     };
-    let (mut last_seq, mut old_prev, mut new_prev) = (0i64, String::new(), String::new());
+    let mut walk = ChainWalk::default();
+    let mut new_prev = String::new();
     loop {
-        let rows = sqlx::query(
-            "SELECT id, time, kind, actor, request_id, session_id, data, seq, hash FROM audit_events \
-             WHERE seq > $1 ORDER BY seq LIMIT $2",
-        )
-        .bind(last_seq)
-        .bind(PAGE)
-        .fetch_all(&mut **tx)
-        .await?;
-        let mut links: Vec<(i64, String)> = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let e = audit_from_row(r)?;
-            let seq: i64 = r.try_get(7)?;
-            let stored = r.try_get::<Option<String>, _>(8)?.unwrap_or_default();
-            if seq != last_seq + 1 {
-                note(format!(
-                    "events #{}..#{} were missing",
-                    last_seq + 1,
-                    seq - 1
-                ));
-            } else if chain_hash(Link::Plain, &old_prev, seq, &e) != stored {
-                note(format!(
-                    "event #{seq} ({}) did not follow the chain (changed or put in)",
-                    e.id
-                ));
+        let page = walk.page(tx).await?;
+        if page.is_empty() {
+            break;
+        }
+        let mut links: Vec<(i64, String)> = Vec::with_capacity(page.len());
+        for l in &page {
+            match walk.step(l, Link::Plain) {
+                LinkCheck::Gap(from, to) => note(format!("events #{from}..#{to} were missing")),
+                LinkCheck::Broken => note(format!(
+                    "event #{} ({}) did not follow the chain (changed or put in)",
+                    l.seq, l.event.id
+                )),
+                LinkCheck::Follows => {}
             }
-            let hash = chain_hash(Link::Keyed(key), &new_prev, seq, &e);
-            links.push((seq, hash.clone()));
-            (last_seq, old_prev, new_prev) = (seq, stored, hash);
+            new_prev = chain_hash(Link::Keyed(key), &new_prev, l.seq, &l.event);
+            links.push((l.seq, new_prev.clone()));
         }
         // Many links per UPDATE (one statement per event took minutes on
         // a large log, inside the migration's transaction).
@@ -1967,10 +2024,8 @@ async fn key_chain(
             let (first, last) = (chunk[0].0, chunk[chunk.len() - 1].0);
             q.bind(first).bind(last).execute(&mut **tx).await?;
         }
-        if (rows.len() as i64) < PAGE {
-            break;
-        }
     }
+    let (last_seq, old_prev) = (walk.last_seq, walk.prev);
     let head = sqlx::query("SELECT seq, hash FROM audit_chain WHERE id = 1")
         .fetch_one(&mut **tx)
         .await?;
