@@ -78,10 +78,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// the TLS CA against (the same idea as kubeadm's CA cert hash).
 pub fn spki_pin(spki_der: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, spki_der);
-    let mut out = String::with_capacity(7 + 64);
-    out.push_str("sha256:");
-    for b in digest.as_ref() {
-        out.push_str(&format!("{b:02x}"));
+    format!("sha256:{}", hex(digest.as_ref()))
+}
+
+/// Lower-case hex, as pins, fingerprints and the audit chain print digests.
+pub fn hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 15)] as char);
     }
     out
 }

@@ -12,6 +12,7 @@ use crate::ssh::recording::RecordingMeta;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Row, Transaction};
 use std::path::Path;
+use wicket_ca::hex;
 
 mod groups;
 
@@ -463,17 +464,6 @@ impl std::fmt::Debug for ChainKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChainKey").field("id", &self.id).finish()
     }
-}
-
-/// Lower-case hex.
-fn hex(bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(HEX[usize::from(b >> 4)] as char);
-        out.push(HEX[usize::from(b & 15)] as char);
-    }
-    out
 }
 
 fn json_list(v: &[String]) -> Result<String> {
@@ -1917,22 +1907,22 @@ impl KeyedProblems {
     /// `<hex tag> <json>`: the tag makes a changed or emptied record show.
     fn seal(&self, key: &ChainKey) -> Result<String> {
         let json = serde_json::to_string(self).map_err(|e| Error::Internal(e.to_string()))?;
-        let tag = ring::hmac::sign(&key.key, &[Self::LABEL, json.as_bytes()].concat());
-        Ok(format!("{} {json}", hex(tag.as_ref())))
+        Ok(format!("{} {json}", Self::tag(key, &json)))
     }
 
-    /// The record, if `text` is one sealed with `key`.
+    /// The record, if `text` is one sealed with `key` (tags compared in
+    /// constant time).
     fn open(text: &str, key: &ChainKey) -> Option<Self> {
         let (tag, json) = text.split_once(' ')?;
-        let tag = (0..tag.len())
-            .step_by(2)
-            .map(|i| {
-                tag.get(i..i + 2)
-                    .and_then(|b| u8::from_str_radix(b, 16).ok())
-            })
-            .collect::<Option<Vec<u8>>>()?;
-        ring::hmac::verify(&key.key, &[Self::LABEL, json.as_bytes()].concat(), &tag).ok()?;
+        let expected = Self::tag(key, json);
+        if !crate::auth::ring_eq(expected.as_bytes(), tag.as_bytes()) {
+            return None;
+        }
         serde_json::from_str(json).ok()
+    }
+
+    fn tag(key: &ChainKey, json: &str) -> String {
+        hex(ring::hmac::sign(&key.key, &[Self::LABEL, json.as_bytes()].concat()).as_ref())
     }
 }
 
