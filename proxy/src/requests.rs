@@ -49,6 +49,22 @@ impl Wicket {
         Engine::new(&self.config.policy)
     }
 
+    /// The policy's new request `new` by `user` (standing roles, team).
+    fn engine_create(
+        &self,
+        user: &UserRecord,
+        new: NewRequest,
+        now: DateTime<Utc>,
+    ) -> std::result::Result<(AccessRequest, Vec<Effect>), RequestError> {
+        let standing = self.standing_roles(user);
+        let requester = Requester {
+            name: &user.name,
+            roles: &standing,
+            team: user.team.as_deref(),
+        };
+        self.engine().create(new, &requester, now)
+    }
+
     fn actor_of(&self, user: &UserRecord) -> Actor {
         Actor {
             name: user.name.clone(),
@@ -332,13 +348,7 @@ impl Wicket {
         action: &str,
         now: DateTime<Utc>,
     ) -> Result<Grant> {
-        let standing = self.standing_roles(user);
-        let requester = Requester {
-            name: &user.name,
-            roles: &standing,
-            team: user.team.as_deref(),
-        };
-        let (req, effects) = match self.engine().create(new, &requester, now) {
+        let (req, effects) = match self.engine_create(user, new, now) {
             Ok(x) => x,
             Err(RequestError::Forbidden(reason)) => {
                 return Err(self.deny_audited(&user.name, action, reason, now).await)
@@ -382,13 +392,7 @@ impl Wicket {
             ..Default::default()
         };
         // Validate everything else first, so a typo does not burn the code.
-        let standing = self.standing_roles(&user);
-        let requester = Requester {
-            name: &user.name,
-            roles: &standing,
-            team: user.team.as_deref(),
-        };
-        if let Err(e) = self.engine().create(new.clone(), &requester, now) {
+        if let Err(e) = self.engine_create(&user, new.clone(), now) {
             return Err(match e {
                 RequestError::Forbidden(reason) => {
                     self.deny_audited(&user.name, "break-glass", reason, now)
