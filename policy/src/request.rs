@@ -1536,3 +1536,37 @@ pub fn human(d: Duration) -> String {
     }
     out
 }
+
+/// What a session under standing roles only (no grant behind it) is told
+/// at `now` when the certificate it was opened with ends at `valid_until`
+/// (Unix seconds): end at or after it, a warning within `warn_before` of
+/// it, else nothing. Sessions under grants follow the grants instead
+/// ([`AccessRequest::session_end`]), which may be extended past it.
+pub fn certificate_session_signal(
+    valid_until: i64,
+    now: DateTime<Utc>,
+    warn_before: Duration,
+) -> Option<SessionSignal> {
+    let at = DateTime::<Utc>::from_timestamp(valid_until, 0)
+        .unwrap_or_default()
+        .to_rfc3339();
+    let t = now.timestamp();
+    if t >= valid_until {
+        Some(SessionSignal::End(format!(
+            "the certificate this session was opened with ended at {at} (session.disconnect_on_expiry); run `wicket login` and connect again"
+        )))
+    } else if t >= valid_until.saturating_sub(warn_before.num_seconds()) {
+        Some(SessionSignal::Warn(format!(
+            "the certificate this session was opened with ends at {at}; the session will be closed then"
+        )))
+    } else {
+        None
+    }
+}
+
+/// What [`certificate_session_signal`] tells a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionSignal {
+    Warn(String),
+    End(String),
+}

@@ -3,6 +3,7 @@
 //! example configuration.
 
 use crate::request::human;
+use crate::{certificate_session_signal, SessionSignal};
 use crate::{
     AccessRequest, Actor, ApprovalRule, BreakGlassSettings, DatabaseGrant, Directory, Effect,
     Engine, Event, KubernetesGrant, LabelSelector, NewRequest, OncallSchedule, Policy, Recipients,
@@ -2832,4 +2833,25 @@ fn sessions_end_with_the_grant_and_revoke_ends_them_whatever_the_setting() {
             "access request r1 was revoked by frank: INC-7 closed"
         );
     }
+}
+
+#[test]
+fn a_session_under_standing_roles_ends_with_its_certificate() {
+    let end = t0().timestamp() + 600;
+    let signal = |at: DateTime<Utc>| certificate_session_signal(end, at, mins(2));
+    assert_eq!(signal(t0() + mins(7)), None);
+    assert!(
+        matches!(signal(t0() + mins(8)), Some(SessionSignal::Warn(w)) if w.contains("will be closed then"))
+    );
+    assert!(matches!(
+        signal(t0() + mins(10) - Duration::seconds(1)),
+        Some(SessionSignal::Warn(_))
+    ));
+    assert!(
+        matches!(signal(t0() + mins(10)), Some(SessionSignal::End(w)) if w.contains("ended at") && w.contains("wicket login"))
+    );
+    assert_eq!(
+        certificate_session_signal(end, t0() + mins(9), Duration::zero()),
+        None
+    );
 }

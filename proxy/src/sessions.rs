@@ -183,30 +183,23 @@ impl Sessions {
     /// goes on past the certificate it was opened with). A session already
     /// told to end keeps its reason. Returns how many were told to end.
     fn end_with_certificates(&self, now: DateTime<Utc>, warn_before: chrono::Duration) -> usize {
-        let t = now.timestamp();
+        use wicket_policy::SessionSignal;
         let mut map = self.lock();
         let mut n = 0;
         for e in map.values_mut() {
             if !e.info.request_ids.is_empty() || matches!(*e.tx.borrow(), Signal::End(_)) {
                 continue;
             }
-            let end = e.info.valid_until;
-            let at = DateTime::<Utc>::from_timestamp(end, 0)
-                .unwrap_or_default()
-                .to_rfc3339();
-            if t >= end {
-                e.tx.send_replace(Signal::End(format!(
-                    "the certificate this session was opened with ended at {at} (session.disconnect_on_expiry); run `wicket login` and connect again"
-                )));
-                n += 1;
-            } else if !e.warned
-                && t >= end.saturating_sub(warn_before.num_seconds())
-                && *e.tx.borrow() == Signal::Run
-            {
-                e.warned = true;
-                e.tx.send_replace(Signal::Warn(format!(
-                    "the certificate this session was opened with ends at {at}; the session will be closed then"
-                )));
+            match wicket_policy::certificate_session_signal(e.info.valid_until, now, warn_before) {
+                Some(SessionSignal::End(why)) => {
+                    e.tx.send_replace(Signal::End(why));
+                    n += 1;
+                }
+                Some(SessionSignal::Warn(text)) if !e.warned && *e.tx.borrow() == Signal::Run => {
+                    e.warned = true;
+                    e.tx.send_replace(Signal::Warn(text));
+                }
+                _ => {}
             }
         }
         n
