@@ -107,6 +107,13 @@ pub fn print_grant(g: &Grant) {
     if let Some(r) = &g.end_reason {
         println!("Ended:        {r}");
     }
+    if let (Some(by), false) = (&g.revoked_by, g.status == "revoked") {
+        // Revoked after it ended, to end the sessions left draining.
+        println!(
+            "Revoked:      by {by} after it ended: {}",
+            g.revoke_reason.as_deref().unwrap_or_default()
+        );
+    }
     println!("Actions:      {}", g.actions_taken);
 }
 
@@ -233,6 +240,13 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                 .await?;
             if format == Format::Json {
                 return output(&g, format);
+            }
+            if action == "revoke" && g.status != "revoked" {
+                println!(
+                    "request {} had already ended ({}); the revoke ends any sessions still draining under it",
+                    g.id, g.status
+                );
+                return Ok(());
             }
             println!(
                 "request {} is now {}{}",

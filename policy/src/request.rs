@@ -159,13 +159,16 @@ impl AccessRequest {
 
     /// Why a live session under this grant must end at `now`, if it must.
     /// With `disconnect_on_expiry: false`, sessions outlive an expiry or a
-    /// drop by the holder (which expires the grant), never a revoke.
+    /// drop by the holder (which expires the grant), never a revoke: not
+    /// even one made after the end, to stop what is still draining.
     pub fn session_end(&self, now: DateTime<Utc>, disconnect_on_expiry: bool) -> Option<String> {
         if self.grants_at(now) {
             return None;
         }
         let id = &self.id;
         let (why, always) = match self.state {
+            // Revoked after it expired: its draining sessions end too.
+            State::Expired if self.revoked_by.is_some() => (self.revoked_words(), true),
             // Past its end, or dropped by its holder (which expires it).
             State::Active | State::Expired => (
                 format!(
@@ -178,24 +181,23 @@ impl AccessRequest {
                 ),
                 false,
             ),
-            State::Revoked => {
-                let by = self.revoked_by.as_deref().unwrap_or("an administrator");
-                let why = self
-                    .revoke_reason
-                    .as_deref()
-                    .or(self.end_reason.as_deref())
-                    .unwrap_or("no reason given");
-                (
-                    format!("access request {id} was revoked by {by}: {why}"),
-                    true,
-                )
-            }
+            State::Revoked => (self.revoked_words(), true),
             s => (
                 format!("access request {id} is {} and grants nothing", s.as_str()),
                 true,
             ),
         };
         (always || disconnect_on_expiry).then_some(why)
+    }
+
+    fn revoked_words(&self) -> String {
+        let by = self.revoked_by.as_deref().unwrap_or("an administrator");
+        let why = self
+            .revoke_reason
+            .as_deref()
+            .or(self.end_reason.as_deref())
+            .unwrap_or("no reason given");
+        format!("access request {} was revoked by {by}: {why}", self.id)
     }
 
     /// The line to warn live sessions with when the grant ends within
@@ -1176,16 +1178,36 @@ impl<'a> Engine<'a> {
                         by.roles.join(", ")
                     )));
                 }
-                if !matches!(state, State::Active | State::Approved) {
+                // A grant that expired (or was dropped) may still have
+                // sessions draining under `disconnect_on_expiry: false`; a
+                // revoke ends them. It stays expired, with the revoke on it.
+                let drained = state == State::Expired && req.approved_at.is_some();
+                if drained && req.revoked_by.is_some() {
+                    return Err(illegal(state, "this grant was already revoked"));
+                }
+                if !(drained || matches!(state, State::Active | State::Approved)) {
                     return Err(illegal(
                         state,
-                        "only an active or scheduled grant can be revoked",
+                        "only a grant (active, scheduled or ended) can be revoked",
                     ));
                 }
                 if reason.trim().is_empty() {
                     return Err(RequestError::Invalid(
                         "a revoke needs a reason (--reason)".into(),
                     ));
+                }
+                if drained {
+                    req.revoked_by = Some(by.name.clone());
+                    req.revoke_reason = Some(reason.clone());
+                    req.updated_at = now;
+                    effects.push(Effect::EndSessions {
+                        reason: format!(
+                            "access request {} revoked after it ended, by {}: {reason}",
+                            req.id, by.name
+                        ),
+                    });
+                    effects.push(audit("grant_revoked", &by.name, reason.clone()));
+                    return Ok((req, effects));
                 }
                 self.end(
                     &mut req,

@@ -1836,6 +1836,65 @@ fn revoke_by_a_revoker() {
 }
 
 #[test]
+fn a_revoke_after_the_end_ends_draining_sessions() {
+    let p = policy();
+    let req = active_dba(&p);
+    let end = req.expires_at.unwrap();
+    // Expired (the tick runs first) or dropped: sessions may be draining
+    // under `disconnect_on_expiry: false`, and a revoke ends them.
+    let dropped = apply(&p, &req, Event::Drop { by: "alice".into() }, t0())
+        .unwrap()
+        .0;
+    for (ended, at) in [(&req, end + mins(3)), (&dropped, t0() + mins(3))] {
+        assert_eq!(ended.session_end(at, false), None);
+        forbidden(apply(&p, ended, revoke("alice", "mine"), at));
+        invalid(apply(&p, ended, revoke("frank", " "), at));
+        let (done, fx) = apply(&p, ended, revoke("frank", "leaked laptop"), at).unwrap();
+        // It stays as it ended, with the revoke on it.
+        assert_eq!(done.state, State::Expired);
+        assert!(
+            done.ended_at.is_some_and(|t| t <= at),
+            "{:?}",
+            done.ended_at
+        );
+        assert_ne!(done.end_reason, None);
+        assert_eq!(done.revoked_by.as_deref(), Some("frank"));
+        assert_eq!(done.revoke_reason.as_deref(), Some("leaked laptop"));
+        assert_eq!(done.updated_at, at);
+        // (After the expiry's own, when the tick ends it first.)
+        let ends = end_sessions(&fx);
+        assert!(ends.last().is_some_and(|e| e.contains("revoked")), "{fx:?}");
+        assert_eq!(audit_actor(&fx, "grant_revoked"), "frank");
+        assert!(!done.grants_at(at));
+        for finish in [false, true] {
+            assert_eq!(
+                done.session_end(at, finish).unwrap(),
+                "access request r1 was revoked by frank: leaked laptop"
+            );
+        }
+        match apply(&p, &done, revoke("frank", "again"), at) {
+            Err(RequestError::IllegalTransition { what, .. }) => {
+                assert!(what.contains("already revoked"), "{what}")
+            }
+            other => panic!("a second revoke: {other:?}"),
+        }
+    }
+    // A request that expired unanswered granted nothing: nothing to revoke.
+    let pending = alice_requests(&p, nr(&["dba"]), t0());
+    let (unanswered, _) = apply(&p, &pending, Event::Tick, t0() + Duration::days(30)).unwrap();
+    assert_eq!(unanswered.state, State::Expired);
+    assert_eq!(
+        illegal(apply(
+            &p,
+            &unanswered,
+            revoke("frank", "x"),
+            t0() + Duration::days(30)
+        )),
+        "expired"
+    );
+}
+
+#[test]
 fn extend_within_limits_once() {
     let p = policy();
     let req = active_prod_ssh(&p, hours(2));
@@ -2234,7 +2293,6 @@ fn illegal_transitions_are_reported_with_the_state() {
         (&active, cancel(), "active"),
         (&expired, drop(), "expired"),
         (&expired, extend("alice", mins(5)), "expired"),
-        (&expired, revoke("frank", "r"), "expired"),
         (&expired, review("erin", Verdict::AskInfo), "expired"),
         (&cancelled, approve("erin"), "cancelled"),
         (&cancelled, cancel(), "cancelled"),
@@ -2576,7 +2634,14 @@ fn check_invariants(
     prop_assert_eq!(distinct.len(), deciders.len());
     prop_assert_eq!(req.state.is_terminal(), req.ended_at.is_some());
     prop_assert!(req.extensions <= p.requests.max_extensions);
-    prop_assert_eq!(req.revoked_by.is_some(), req.state == State::Revoked);
+    // Revoked, or revoked after it ended (to end draining sessions).
+    if req.state == State::Revoked {
+        prop_assert!(req.revoked_by.is_some());
+    }
+    if req.revoked_by.is_some() {
+        prop_assert!(matches!(req.state, State::Revoked | State::Expired));
+        prop_assert!(req.approved_at.is_some());
+    }
     Ok(())
 }
 
@@ -2627,9 +2692,22 @@ fn run_lifecycle(init: Init, ops: Vec<(i64, Op)>) -> Result<(), TestCaseError> {
         now += Duration::seconds(dt);
         let ev = event_for(&op, &req, now);
         if let Ok((next, fx)) = e.apply(&req, ev, now) {
-            // (5) terminal requests never change.
+            // (5) terminal requests never change, except that an ended
+            // grant takes one revoke (for its draining sessions).
+            let late_revoke = req.state == State::Expired
+                && req.revoked_by.is_none()
+                && next.revoked_by.is_some();
             if let Some(done) = &terminal {
-                prop_assert_eq!(&next, done, "terminal request changed by {:?}", op);
+                let mut seen = next.clone();
+                if late_revoke {
+                    seen.revoked_by = None;
+                    seen.revoke_reason = None;
+                    seen.updated_at = done.updated_at;
+                }
+                prop_assert_eq!(&seen, done, "terminal request changed by {:?}", op);
+            }
+            if late_revoke {
+                terminal = Some(next.clone());
             }
             // (6) every state change is audited.
             if next.state != req.state {
@@ -2642,7 +2720,8 @@ fn run_lifecycle(init: Init, ops: Vec<(i64, Op)>) -> Result<(), TestCaseError> {
             }
             // Sessions end exactly when a (possibly scheduled) grant ends.
             let ended_grant = matches!(req.state, State::Active | State::Approved)
-                && matches!(next.state, State::Expired | State::Revoked);
+                && matches!(next.state, State::Expired | State::Revoked)
+                || late_revoke;
             prop_assert_eq!(
                 !end_sessions(&fx).is_empty(),
                 ended_grant,

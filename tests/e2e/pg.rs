@@ -686,6 +686,69 @@ fn with_disconnect_on_expiry_off_a_running_session_finishes_but_new_ones_are_ref
     });
     // The tunnel first: it picks up the grant's certificate per connection.
     let t = s.tunnel();
+    // A session left running by a drop is still ended by a revoke.
+    let grant = s.grant_dba("30m");
+    let id = grant["id"].as_str().unwrap().to_owned();
+    let mut child = spawn_sleep(&t, 60);
+    running_sleep(&s.pg);
+    s.alice.ok(&["request", "drop", &id]).unwrap();
+    wait_until("the drop on the record", Duration::from_secs(10), || {
+        s.events(&s.frank, &["--user", "alice", "--kind", "grant_ended"])
+            .iter()
+            .any(|e| e["request_id"] == id.as_str())
+            .then_some(())
+    })
+    .unwrap();
+    // Two session checks (every 250 ms) later, it still runs.
+    let checked = Instant::now() + Duration::from_millis(600);
+    wait_until("two session checks", Duration::from_secs(2), || {
+        (Instant::now() >= checked).then_some(())
+    })
+    .unwrap();
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "psql ended at the drop"
+    );
+    assert_eq!(sleeping_backends(&s.pg).len(), 1);
+    let revoke = s
+        .frank
+        .ok(&["request", "revoke", &id, "--reason", "INC-9 laptop lost"])
+        .unwrap()
+        .stdout;
+    let revoked = Instant::now();
+    let (err, exited) = wait_exit(child, Duration::from_secs(5));
+    assert!(
+        exited.duration_since(revoked) <= Duration::from_secs(1),
+        "cut {:?} after the revoke",
+        exited.duration_since(revoked)
+    );
+    assert!(
+        err.contains("FATAL")
+            && err.contains(&id)
+            && err.contains("revoked by frank: INC-9 laptop lost"),
+        "{err}"
+    );
+    assert!(
+        revoke.contains("had already ended (expired)")
+            && revoke.contains("sessions still draining"),
+        "{revoke}"
+    );
+    let shown = s.frank.ok(&["request", "show", &id]).unwrap().stdout;
+    assert!(
+        shown.contains("Status:       expired")
+            && shown.contains("Revoked:      by frank after it ended: INC-9 laptop lost"),
+        "{shown}"
+    );
+    let shown = s
+        .frank
+        .ok(&["request", "show", &id, "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(shown["status"], "expired", "{shown}");
+    assert_eq!(shown["revoked_by"], "frank", "{shown}");
+
+    // A grant that expires lets its running query finish.
     let grant = s.grant_dba("10s");
     let id = grant["id"].as_str().unwrap().to_owned();
     let expires =
