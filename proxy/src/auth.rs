@@ -176,56 +176,17 @@ impl Guesses {
     }
 }
 
-/// Checks under way, by failure key. Each counts as a failure until it
-/// ends, so parallel guesses cannot all pass a limit read before any of
-/// them failed (within one wicketd; several sharing a store can each let
-/// one batch through). A check enters first, counts the others under way,
-/// then reads the stored failures: a check that ended before the read has
-/// its failure stored (it is recorded before its attempt drops), one that
-/// had not is counted.
-#[derive(Debug, Default)]
-pub struct InFlight(std::sync::Mutex<std::collections::HashMap<String, u32>>);
-
-/// A check under way ([`InFlight::enter`]); it ends when dropped.
+/// A password or code check under way: stored as a failure until it ends
+/// well ([`crate::store::Store::reserve_login_attempt`]), so parallel
+/// guesses, on one wicketd or on several sharing the store, count against
+/// the limit before any of them is checked. A check that stops half way
+/// (an error, a crash) stays a failure: fail closed.
+#[must_use = "a check under way counts as a failure until it is released"]
 #[derive(Debug)]
-pub struct Attempt<'a> {
-    inflight: &'a InFlight,
-    keys: [String; 2],
-}
-
-impl InFlight {
-    /// Starts a check for `keys` (the user's and the source's); returns it
-    /// with how many other checks were under way for each.
-    pub fn enter(&self, keys: [String; 2]) -> (Attempt<'_>, [u32; 2]) {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let mut others = [0; 2];
-        for (key, n) in keys.iter().zip(&mut others) {
-            let count = map.entry(key.clone()).or_default();
-            *n = *count;
-            *count += 1;
-        }
-        (
-            Attempt {
-                inflight: self,
-                keys,
-            },
-            others,
-        )
-    }
-}
-
-impl Drop for Attempt<'_> {
-    fn drop(&mut self) {
-        let mut map = self.inflight.0.lock().unwrap_or_else(|e| e.into_inner());
-        for key in &self.keys {
-            if let Some(n) = map.get_mut(key) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    map.remove(key);
-                }
-            }
-        }
-    }
+pub struct Attempt {
+    pub(crate) id: String,
+    pub(crate) user_key: String,
+    pub(crate) source_key: String,
 }
 
 #[cfg(test)]
@@ -233,21 +194,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn checks_under_way_count_each_other_until_they_end() {
-        let f = InFlight::default();
-        let keys = || ["ann".to_owned(), "10.0.0.1".to_owned()];
-        let (first, others) = f.enter(keys());
-        assert_eq!(others, [0, 0]);
-        let (second, others) = f.enter(keys());
-        assert_eq!(others, [1, 1]);
-        let (_third, others) = f.enter(["ben".into(), "10.0.0.1".into()]);
-        assert_eq!(others, [0, 2]);
-        drop((first, second));
-        let (_, others) = f.enter(keys());
-        assert_eq!(others, [0, 1]);
-        drop(_third);
-        assert!(f.0.lock().unwrap().is_empty(), "ended checks are forgotten");
-        // Break-glass codes count apart from logins.
+    fn break_glass_codes_count_apart_from_logins() {
         assert_eq!(
             Guesses::Login.keys("ann", "::1"),
             ("ann".into(), "::1".into())

@@ -405,7 +405,7 @@ impl Wicket {
         // from failed logins, which anyone can make in this user's name),
         // and too many refuse the next try unchecked.
         let source = caller.source.to_string();
-        let _attempt = self
+        let attempt = self
             .refuse_when_rate_limited(Guesses::BreakGlass, &user.name, &source, now)
             .await?;
         new.mfa_verified =
@@ -420,10 +420,10 @@ impl Wicket {
                 action: "break-glass".into(),
                 reason: reason.clone(),
             };
-            self.record_failure(Guesses::BreakGlass, &user.name, &source, event, now)
-                .await?;
+            self.record_failure(attempt, event, now).await?;
             return Err(Error::Forbidden(reason));
         }
+        self.store.release_login_attempt(&attempt.id).await?;
         self.create(&user, new, "break-glass", now).await
     }
 

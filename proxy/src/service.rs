@@ -6,7 +6,7 @@ use crate::audit::AuditEvent;
 use crate::auth::{self, Guesses};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::store::{Store, UserRecord};
+use crate::store::{Reservation, Store, UserRecord};
 use chrono::{DateTime, Utc};
 use ring::rand::SystemRandom;
 use std::net::IpAddr;
@@ -36,8 +36,6 @@ pub struct Wicket {
     /// The proxy listeners' bound ports, for clients (`wicket db connect`).
     pub proxy_ports: wicket_api::ProxyPorts,
     pub(crate) rng: SystemRandom,
-    /// Password and code checks under way (counted with failures).
-    pub(crate) guesses: crate::auth::InFlight,
 }
 
 impl std::fmt::Debug for Wicket {
@@ -187,7 +185,6 @@ impl Wicket {
             checks: Default::default(),
             index: Default::default(),
             rng: SystemRandom::new(),
-            guesses: Default::default(),
         })
     }
 
@@ -222,7 +219,7 @@ impl Wicket {
         }
         let keys = parse_client_keys(&req.ssh_public_key, &req.tls_csr_pem)?;
         let src = source.to_string();
-        let _attempt = self
+        let attempt = self
             .refuse_when_rate_limited(Guesses::Login, &req.user, &src, now)
             .await?;
 
@@ -268,8 +265,7 @@ impl Wicket {
                     source: src.clone(),
                     reason: reason.into(),
                 };
-                self.record_failure(Guesses::Login, &req.user, &src, event, now)
-                    .await?;
+                self.record_failure(attempt, event, now).await?;
                 // The client learns only what it must: OTP problems are named
                 // (the password was right), everything else is one message.
                 return Err(Error::Unauthenticated(match reason {
@@ -281,7 +277,9 @@ impl Wicket {
                 }));
             }
         };
-        self.store.clear_login_failures(&user.name).await?;
+        self.store
+            .clear_login_failures(&user.name, &attempt.id)
+            .await?;
         let method = if user.totp_secret.is_some() {
             "password+totp"
         } else {
@@ -306,37 +304,43 @@ impl Wicket {
 
     /// Refuses (and audits) a password or code check of kind `kind` for
     /// `user` from `source` when either has failed too often within
-    /// `auth.failure_window`, counting the checks under way as failures;
-    /// otherwise the check counts as under way until the returned attempt
-    /// is dropped (after its failure, if any, is recorded).
+    /// `auth.failure_window`, counting the checks under way (on every
+    /// wicketd sharing the store) as failures. Otherwise the check is under
+    /// way, stored as a failure until it is released (it went well) or
+    /// confirmed ([`Self::record_failure`]).
     pub(crate) async fn refuse_when_rate_limited(
         &self,
         kind: Guesses,
         user: &str,
         source: &str,
         now: DateTime<Utc>,
-    ) -> Result<crate::auth::Attempt<'_>> {
+    ) -> Result<crate::auth::Attempt> {
         let limits = &self.config.auth;
         let window_start = now - limits.failure_window;
         let (user_key, source_key) = kind.keys(user, source);
-        // Enter before reading the store (see `auth::InFlight`).
-        let (attempt, [user_others, source_others]) =
-            self.guesses.enter([user_key.clone(), source_key.clone()]);
-        let (by_user, by_source) = self
+        let reserved = self
             .store
-            .login_failures_since(&user_key, &source_key, window_start.timestamp_millis())
+            .reserve_login_attempt(
+                &user_key,
+                &source_key,
+                now.timestamp_millis(),
+                window_start.timestamp_millis(),
+                (
+                    i64::from(limits.max_failures_per_user),
+                    i64::from(limits.max_failures_per_source),
+                ),
+            )
             .await?;
-        let (max_user, max_source) = (
-            i64::from(limits.max_failures_per_user),
-            i64::from(limits.max_failures_per_source),
-        );
-        if by_user + i64::from(user_others) < max_user
-            && by_source + i64::from(source_others) < max_source
-        {
-            return Ok(attempt);
-        }
-        drop(attempt);
-        let stored_over = by_user >= max_user || by_source >= max_source;
+        let stored_over = match reserved {
+            Reservation::Granted(id) => {
+                return Ok(crate::auth::Attempt {
+                    id,
+                    user_key,
+                    source_key,
+                })
+            }
+            Reservation::Refused { stored_over } => stored_over,
+        };
         let retry = if stored_over {
             let oldest = self
                 .store
@@ -363,22 +367,18 @@ impl Wicket {
         })
     }
 
-    /// Records a failed password or code check with its audit event
-    /// (counted by [`Self::refuse_when_rate_limited`]).
+    /// Confirms `attempt` as a failed check, with its audit event (counted
+    /// by [`Self::refuse_when_rate_limited`]).
     pub(crate) async fn record_failure(
         &self,
-        kind: Guesses,
-        user: &str,
-        source: &str,
+        attempt: crate::auth::Attempt,
         event: AuditEvent,
         now: DateTime<Utc>,
     ) -> Result<()> {
         tracing::info!(kind = event.kind(), actor = event.actor(), "audit");
-        let (user_key, source_key) = kind.keys(user, source);
         self.store
             .record_login_failure(
-                &user_key,
-                &source_key,
+                (&attempt.id, &attempt.user_key, &attempt.source_key),
                 now.timestamp_millis(),
                 (now - self.config.auth.failure_window * 4).timestamp_millis(),
                 &event.to_row(now.timestamp_millis()),

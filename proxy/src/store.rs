@@ -303,6 +303,17 @@ ALTER TABLE audit_chain ADD COLUMN keyed_problems TEXT
         sqlite: &[],
         postgres: &[],
     },
+    // A password or code check under way is stored as a failure until it
+    // ends well (`pending` = 1 until then), so every wicketd sharing the
+    // store counts it ([`Store::reserve_login_attempt`]).
+    Migration {
+        version: 11,
+        sql: r#"
+ALTER TABLE login_failures ADD COLUMN pending BIGINT NOT NULL DEFAULT 0
+"#,
+        sqlite: &[],
+        postgres: &[],
+    },
 ];
 
 /// The migration that keys the audit chain (see [`key_chain`]).
@@ -314,6 +325,16 @@ pub const KEYED_MARKER: &str = "audit_chain_keyed";
 /// The migration that starts the audit chain; events stored before it are
 /// chained when it runs.
 const CHAIN_MIGRATION: i64 = 4;
+
+/// What [`Store::reserve_login_attempt`] found.
+#[derive(Debug)]
+pub enum Reservation {
+    /// Stored as a check under way, by this ID: it may go ahead.
+    Granted(String),
+    /// Over a limit; `stored_over` when ended failures alone reach it (not
+    /// only checks under way, which end in moments).
+    Refused { stored_over: bool },
+}
 
 /// What [`Store::changes`] returns: the feed's head, and each changed user
 /// and request by key, decoded or not.
@@ -754,31 +775,77 @@ impl Store {
 
     // ---- login rate limiting ----------------------------------------------
 
-    /// Failed logins for `user` and from `source` since `since_ms`.
-    pub async fn login_failures_since(
+    /// Stores a password or code check for `user` from `source` as a
+    /// failure under way, unless the failures since `since_ms` (those under
+    /// way included, on every wicketd) already reach `max` (for the user,
+    /// for the source). One at a time per key, so parallel checks cannot
+    /// all pass a count taken before any of them was stored.
+    pub async fn reserve_login_attempt(
         &self,
         user: &str,
         source: &str,
+        now_ms: i64,
         since_ms: i64,
-    ) -> Result<(i64, i64)> {
-        let count = |col: &'static str, val: &str| {
-            let sql =
-                format!("SELECT COUNT(*) FROM login_failures WHERE {col} = $1 AND time >= $2");
-            let val = val.to_owned();
-            let pool = self.pool.clone();
-            async move {
-                let row = sqlx::query(&sql)
-                    .bind(val)
-                    .bind(since_ms)
-                    .fetch_one(&pool)
+        (max_user, max_source): (i64, i64),
+    ) -> Result<Reservation> {
+        let mut tx = self.begin().await?;
+        if self.backend == Backend::Postgres {
+            // SQLite writers are one at a time already (the INSERT below
+            // takes the write lock); PostgreSQL's read committed would let
+            // two inserts each count without the other.
+            let mut keys = [user, source];
+            keys.sort_unstable();
+            for key in keys {
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+                    .bind(key)
+                    .execute(&mut *tx)
                     .await?;
-                Ok::<i64, Error>(row.try_get::<i64, _>(0)?)
             }
-        };
-        Ok((
-            count("user_name", user).await?,
-            count("source", source).await?,
-        ))
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        sqlx::query(
+            "INSERT INTO login_failures (id, user_name, source, time, pending) VALUES ($1, $2, $3, $4, 1)",
+        )
+        .bind(&id)
+        .bind(user)
+        .bind(source)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        let mut counts = [(0i64, 0i64); 2];
+        for ((col, key), n) in [("user_name", user), ("source", source)]
+            .into_iter()
+            .zip(&mut counts)
+        {
+            let row = sqlx::query(&format!(
+                "SELECT COUNT(*), COUNT(CASE WHEN pending = 0 THEN 1 END) \
+                 FROM login_failures WHERE {col} = $1 AND time >= $2"
+            ))
+            .bind(key)
+            .bind(since_ms)
+            .fetch_one(&mut *tx)
+            .await?;
+            *n = (row.try_get::<i64, _>(0)?, row.try_get::<i64, _>(1)?);
+        }
+        let [(user_all, user_done), (source_all, source_done)] = counts;
+        // Counts include this check itself.
+        if user_all <= max_user && source_all <= max_source {
+            tx.commit().await?;
+            return Ok(Reservation::Granted(id));
+        }
+        tx.rollback().await?;
+        Ok(Reservation::Refused {
+            stored_over: user_done >= max_user || source_done >= max_source,
+        })
+    }
+
+    /// A check under way ended well: it is no failure.
+    pub async fn release_login_attempt(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM login_failures WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Earliest failure still inside the window (to compute retry-after).
@@ -799,25 +866,33 @@ impl Store {
         Ok(row.try_get::<Option<i64>, _>(0)?)
     }
 
-    /// Records a failed login and its audit event atomically; prunes old rows.
+    /// Confirms a check under way as failed, with its audit event,
+    /// atomically (stored again if a successful login cleared it in
+    /// between); prunes old rows.
     pub async fn record_login_failure(
         &self,
-        user: &str,
-        source: &str,
+        (id, user, source): (&str, &str, &str),
         now_ms: i64,
         prune_before_ms: i64,
         event: &AuditRow,
     ) -> Result<()> {
         let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO login_failures (id, user_name, source, time) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(uuid::Uuid::new_v4().to_string())
-        .bind(user)
-        .bind(source)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
+        let confirmed = sqlx::query("UPDATE login_failures SET pending = 0 WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if confirmed == 0 {
+            sqlx::query(
+                "INSERT INTO login_failures (id, user_name, source, time, pending) VALUES ($1, $2, $3, $4, 0)",
+            )
+            .bind(id)
+            .bind(user)
+            .bind(source)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query("DELETE FROM login_failures WHERE time < $1")
             .bind(prune_before_ms)
             .execute(&mut *tx)
@@ -840,10 +915,12 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Forgets a user's failures after a successful login.
-    pub async fn clear_login_failures(&self, user: &str) -> Result<()> {
-        sqlx::query("DELETE FROM login_failures WHERE user_name = $1")
+    /// Forgets a user's failures after a successful login (`attempt`),
+    /// not the other checks still under way.
+    pub async fn clear_login_failures(&self, user: &str, attempt: &str) -> Result<()> {
+        sqlx::query("DELETE FROM login_failures WHERE user_name = $1 AND (pending = 0 OR id = $2)")
             .bind(user)
+            .bind(attempt)
             .execute(&self.pool)
             .await?;
         Ok(())

@@ -6,8 +6,8 @@ use wicket_e2e::harness_wicket::{WicketCli, Wicketd};
 use wicketd::config::Storage;
 use wicketd::ssh::recording::RecordingMeta;
 use wicketd::store::{
-    chain_hash, AuditFilter, AuditRow, CancelKeyRow, ChainKey, Link, Store, StoredRequest,
-    UserRecord, KEYED,
+    chain_hash, AuditFilter, AuditRow, CancelKeyRow, ChainKey, Link, Reservation, Store,
+    StoredRequest, UserRecord, KEYED,
 };
 
 fn rt() -> tokio::runtime::Runtime {
@@ -94,45 +94,91 @@ async fn exercise(store: &Store) {
         .unwrap();
     assert_eq!(created.len(), 1);
 
-    // Login failures count per user and per source inside a window.
+    // Login failures count per user and per source inside a window; a
+    // check under way counts until it is released or confirmed.
+    let reserve = |user: &'static str, src: &'static str, t: i64, since: i64| {
+        let store = &store;
+        async move {
+            store
+                .reserve_login_attempt(user, src, t, since, (3, 2))
+                .await
+                .unwrap()
+        }
+    };
+    let granted = |r: Reservation| match r {
+        Reservation::Granted(id) => id,
+        other => panic!("refused: {other:?}"),
+    };
+    let refused = |r: Reservation| match r {
+        Reservation::Refused { stored_over } => stored_over,
+        other => panic!("granted: {other:?}"),
+    };
+    let mut ids = Vec::new();
     for (i, src) in ["10.0.0.1", "10.0.0.1", "10.0.0.2"].iter().enumerate() {
         let t = 10_000 + i as i64;
+        let id = granted(reserve("alice", src, t, 0).await);
         store
             .record_login_failure(
-                "alice",
-                src,
+                (&id, "alice", src),
                 t,
                 0,
                 &event(&format!("f{i}"), "login_failed", "alice", t),
             )
             .await
             .unwrap();
+        ids.push(id);
     }
-    assert_eq!(
-        store
-            .login_failures_since("alice", "10.0.0.1", 0)
-            .await
-            .unwrap(),
-        (3, 2)
-    );
-    assert_eq!(
-        store
-            .login_failures_since("alice", "10.0.0.1", 10_002)
-            .await
-            .unwrap(),
-        (1, 0)
-    );
+    // Three for alice (her limit), two from 10.0.0.1 (its limit): ended
+    // failures alone are over.
+    assert!(refused(reserve("alice", "10.0.0.9", 10_010, 0).await));
+    assert!(refused(reserve("bob", "10.0.0.1", 10_010, 0).await));
+    // Outside the window they do not count; checks under way do.
+    let bob = granted(reserve("bob", "10.0.0.3", 10_010, 10_003).await);
+    let _bob2 = granted(reserve("bob", "10.0.0.4", 10_011, 10_003).await);
+    let _bob3 = granted(reserve("bob", "10.0.0.5", 10_012, 10_003).await);
+    assert!(!refused(reserve("bob", "10.0.0.6", 10_013, 10_003).await));
+    // A refused check leaves nothing behind; a released one no failure.
+    store.release_login_attempt(&bob).await.unwrap();
+    let bob4 = granted(reserve("bob", "10.0.0.6", 10_014, 10_003).await);
     assert_eq!(
         store.oldest_failure_since("alice", "x", 0).await.unwrap(),
         Some(10_000)
     );
-    store.clear_login_failures("alice").await.unwrap();
+    // A successful login clears the user's failures, not checks under way.
+    let alice_now = granted(reserve("carol", "10.0.0.7", 10_020, 10_003).await);
+    let _under_way = granted(reserve("carol", "10.0.0.8", 10_021, 10_003).await);
+    store.clear_login_failures("alice", "none").await.unwrap();
+    store
+        .clear_login_failures("carol", &alice_now)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.oldest_failure_since("alice", "x", 0).await.unwrap(),
+        None
+    );
+    let _c = granted(reserve("carol", "10.0.0.9", 10_022, 10_003).await);
+    let _c = granted(reserve("carol", "10.0.0.10", 10_023, 10_003).await);
+    assert!(!refused(
+        reserve("carol", "10.0.0.11", 10_024, 10_003).await
+    ));
+    // A check cleared while under way is still stored when it fails.
+    store.clear_login_failures("bob", "none").await.unwrap();
+    store.release_login_attempt(&bob4).await.unwrap();
+    store
+        .record_login_failure(
+            (&bob4, "bob", "10.0.0.6"),
+            10_030,
+            0,
+            &event("f9", "login_failed", "mallory", 10_030),
+        )
+        .await
+        .unwrap();
     assert_eq!(
         store
-            .login_failures_since("alice", "10.0.0.1", 0)
+            .oldest_failure_since("bob", "x", 10_025)
             .await
             .unwrap(),
-        (0, 0)
+        Some(10_030)
     );
 
     // TOTP steps are single use and only move forward.
@@ -232,8 +278,8 @@ async fn exercise(store: &Store) {
     // duplicate user left no gap) checks out, then each kind of tampering
     // is found and placed.
     let v = store.verify_audit(10).await.unwrap();
-    let head = 6 + rows;
-    assert_eq!((v.events, v.head_seq), (606, head), "{v:?}");
+    let head = 7 + rows;
+    assert_eq!((v.events, v.head_seq), (607, head), "{v:?}");
     assert!(v.problems.is_empty(), "{v:?}");
     exec(
         store,
@@ -251,7 +297,7 @@ async fn exercise(store: &Store) {
         v.problems,
         [
             "events #3..#3 were removed (between event f0 and event f2)".to_owned(),
-            "event #5 (a2) was changed or put in: its hash does not follow the chain".to_owned(),
+            "event #6 (a2) was changed or put in: its hash does not follow the chain".to_owned(),
             "event forged is not in the chain: inserted".to_owned(),
             format!("events #{head}..#{head} were removed from the end"),
         ]
@@ -1188,45 +1234,59 @@ fn extending_a_grant_needs_a_live_login_and_dropping_it_does_not() {
 /// the rest refused unchecked.
 #[test]
 fn parallel_wrong_logins_stay_within_the_failure_limit() {
+    let pg = Postgres::builder().start().unwrap();
+    pg.create_database("guesses").unwrap();
+    for storage in [Storage::Sqlite, Storage::Postgres(pg.url("guesses"))] {
+        let dir = tempfile::tempdir().unwrap();
+        rt().block_on(wrong_logins_on_two_wicketds(dir.path(), storage));
+    }
+}
+
+/// 20 wrong passwords at once, split between two wicketds on one store:
+/// only the limit's worth are checked, the rest refused unchecked.
+async fn wrong_logins_on_two_wicketds(dir: &std::path::Path, storage: Storage) {
     use wicket_api::{LoginRequest, Secret};
-    let dir = tempfile::tempdir().unwrap();
-    rt().block_on(async {
-        let (w, store, now) = wicket_with_ann_and_ben(dir.path()).await;
-        let w = std::sync::Arc::new(w);
-        let limit = w.config.auth.max_failures_per_user as usize;
-        let keys = wicket::keys::generate("ann@test").unwrap();
-        let mut tries = tokio::task::JoinSet::new();
-        for _ in 0..20 {
-            let w = w.clone();
-            let (ssh, csr) = (keys.ssh_public_openssh.clone(), keys.tls_csr_pem.clone());
-            tries.spawn(async move {
-                let req = LoginRequest {
-                    user: "ann".into(),
-                    password: Secret::new("not ann's password"),
-                    otp: None,
-                    ssh_public_key: ssh,
-                    tls_csr_pem: csr,
-                };
-                w.login(req, std::net::IpAddr::from([127, 0, 0, 1]), now)
-                    .await
-            });
+    let mut cfg = wicketd::config::Config::embedded_default(dir);
+    cfg.storage = storage;
+    let (first, store, now) = wicket_with(dir, cfg.clone(), &[("ann", "access", None)]).await;
+    // Another wicketd: its own store connections, the same CA key set.
+    let (second, _, _) = wicket_with(dir, cfg, &[]).await;
+    let limit = first.config.auth.max_failures_per_user as usize;
+    let both = [std::sync::Arc::new(first), std::sync::Arc::new(second)];
+    let keys = wicket::keys::generate("ann@test").unwrap();
+    let mut tries = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let w = both[i % 2].clone();
+        let (ssh, csr) = (keys.ssh_public_openssh.clone(), keys.tls_csr_pem.clone());
+        tries.spawn(async move {
+            let req = LoginRequest {
+                user: "ann".into(),
+                password: Secret::new("not ann's password"),
+                otp: None,
+                ssh_public_key: ssh,
+                tls_csr_pem: csr,
+            };
+            w.login(req, std::net::IpAddr::from([127, 0, 0, 1]), now)
+                .await
+        });
+    }
+    let (mut checked, mut refused) = (0, 0);
+    while let Some(done) = tries.join_next().await {
+        match done.unwrap() {
+            Err(wicketd::error::Error::Unauthenticated(_)) => checked += 1,
+            Err(wicketd::error::Error::RateLimited { .. }) => refused += 1,
+            other => panic!("{other:?}"),
         }
-        let (mut checked, mut refused) = (0, 0);
-        while let Some(done) = tries.join_next().await {
-            match done.unwrap() {
-                Err(wicketd::error::Error::Unauthenticated(_)) => checked += 1,
-                Err(wicketd::error::Error::RateLimited { .. }) => refused += 1,
-                other => panic!("{other:?}"),
-            }
-        }
-        assert_eq!((checked, refused), (limit, 20 - limit));
-        let stored = count(
-            &store,
-            "SELECT COUNT(*) FROM login_failures WHERE user_name = 'ann'",
-        )
-        .await;
-        assert_eq!(stored, limit as i64);
-    });
+    }
+    assert_eq!((checked, refused), (limit, 20 - limit));
+    let stored = count(
+        &store,
+        "SELECT COUNT(*) FROM login_failures WHERE user_name = 'ann' AND pending = 0",
+    )
+    .await;
+    assert_eq!(stored, limit as i64);
+    let left = count(&store, "SELECT COUNT(*) FROM login_failures").await;
+    assert_eq!(left, limit as i64, "refused checks leave nothing behind");
 }
 
 /// Holding a certificate never extends a password login: a certificate
