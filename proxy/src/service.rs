@@ -20,6 +20,11 @@ use wicket_ca::{
 };
 use wicket_policy::{Decision, ResourceKind, RoleSet, ScopedRole, Subject};
 
+/// Certificates without grants start this much before they are issued, so a
+/// wicketd or sshd whose clock runs a little behind accepts them (as
+/// Teleport's do). Grant certificates keep the grant's exact window.
+const CLOCK_SKEW_SECS: i64 = 60;
+
 /// Everything a request handler needs; shared behind an `Arc`.
 pub struct Wicket {
     pub config: Config,
@@ -286,7 +291,10 @@ impl Wicket {
             "password"
         };
         let roles = self.standing_roles(&user);
-        let window = Validity::new(now.timestamp(), (now + self.config.login_ttl).timestamp())?;
+        let window = Validity::new(
+            now.timestamp() - CLOCK_SKEW_SECS,
+            (now + self.config.login_ttl).timestamp(),
+        )?;
         self.issue(
             &user.name,
             roles,
@@ -416,7 +424,7 @@ impl Wicket {
             let end = (now + self.config.login_ttl)
                 .timestamp()
                 .min(caller.login_until);
-            Validity::new(now.timestamp(), end)?
+            Validity::new(now.timestamp() - CLOCK_SKEW_SECS, end)?
         } else {
             let start = grants
                 .iter()
