@@ -112,6 +112,7 @@ pub async fn start(config: Config) -> Result<Running> {
     tokio::spawn(session_refresher(wicket.clone(), rx.clone()));
     tokio::spawn(index_refresher(wicket.clone(), rx.clone()));
     tokio::spawn(session_enforcer(wicket.clone(), rx.clone()));
+    tokio::spawn(chain_watcher(wicket.clone(), rx.clone()));
     let task = tokio::spawn(accept_loop(
         listener,
         TlsAcceptor::from(tls_config),
@@ -132,6 +133,8 @@ pub async fn start(config: Config) -> Result<Running> {
 
 /// How often due request timers are checked.
 const TICK: Duration = Duration::from_millis(250);
+/// How often the audit chain's head is checked and recorded as seen.
+const CHAIN_WATCH: Duration = Duration::from_secs(2);
 
 /// Drives request timers from the store: on start (so every transition that
 /// became due while wicketd was down happens at once) and then every tick.
@@ -142,6 +145,28 @@ async fn scheduler(wicket: Arc<Wicket>, mut shutdown: watch::Receiver<bool>) {
         }
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {},
+            _ = shutdown.changed() => break,
+        }
+    }
+}
+
+/// Every few seconds, checks that the audit chain still holds the head
+/// this host saw last, and records the new head (`store::SEEN_FILE`): the
+/// newest events removed with the head moved back are found from then on.
+async fn chain_watcher(wicket: Arc<Wicket>, mut shutdown: watch::Receiver<bool>) {
+    let mut reported = false;
+    loop {
+        match wicket.store.note_chain_head().await {
+            Ok(None) => reported = false,
+            Ok(Some(problem)) if !reported => {
+                reported = true;
+                tracing::error!(%problem, "the audit chain lost events; `wicket audit verify` reports it");
+            }
+            Ok(Some(_)) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot check the audit chain's head"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(CHAIN_WATCH) => {},
             _ = shutdown.changed() => break,
         }
     }

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::ssh::recording::RecordingMeta;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Row, Transaction};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use wicket_ca::hex;
 
 mod groups;
@@ -322,6 +322,11 @@ const KEY_MIGRATION: i64 = 10;
 /// In the CA key set's directory: this key set keyed an audit chain.
 pub const KEYED_MARKER: &str = "audit_chain_keyed";
 
+/// In the CA key set's directory: the newest audit chain head this host's
+/// wicketd saw (`<seq> <link hash>`), so removing the newest events and
+/// moving the head back is found ([`Store::note_chain_head`]).
+pub const SEEN_FILE: &str = "audit_chain_seen";
+
 /// The migration that starts the audit chain; events stored before it are
 /// chained when it runs.
 const CHAIN_MIGRATION: i64 = 4;
@@ -426,6 +431,8 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     chain: ChainKey,
+    /// This host's record of the newest chain head it saw ([`SEEN_FILE`]).
+    seen: std::sync::Arc<PathBuf>,
 }
 
 impl std::fmt::Debug for Store {
@@ -540,6 +547,7 @@ impl Store {
             pool,
             backend,
             chain,
+            seen: std::sync::Arc::new(data_dir.join("ca").join(SEEN_FILE)),
         };
         store
             .migrate(&data_dir.join("ca").join(KEYED_MARKER))
@@ -1553,9 +1561,88 @@ impl Store {
                 format!("the chain's head does not match event #{last_seq}"),
             );
         }
+        match self.seen_head() {
+            Ok(seen) => {
+                if let Some(p) = self.check_seen(seen.as_ref()).await? {
+                    note(&mut v, p);
+                }
+            }
+            Err(e) => note(&mut v, e.to_string()),
+        }
         v.head_seq = head_seq;
         v.head_hash = head_hash;
         Ok(v)
+    }
+
+    /// Checks that the chain still holds the head this host last saw, then
+    /// records the current head as seen (run every few seconds). The
+    /// problem, if the chain lost what was seen (the record is kept then).
+    pub async fn note_chain_head(&self) -> Result<Option<String>> {
+        let seen = match self.seen_head() {
+            Ok(seen) => seen,
+            Err(e) => return Ok(Some(e.to_string())),
+        };
+        if let Some(problem) = self.check_seen(seen.as_ref()).await? {
+            return Ok(Some(problem));
+        }
+        let head = sqlx::query("SELECT seq, hash FROM audit_chain WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        let (seq, hash): (i64, String) = (head.try_get(0)?, head.try_get(1)?);
+        // (An empty chain has nothing to keep.)
+        if seq > 0 && seen.is_none_or(|(at, _)| seq > at) {
+            crate::keystore::write_file_atomic(
+                &self.seen,
+                format!("{seq} {hash}\n").as_bytes(),
+                0o600,
+            )?;
+        }
+        Ok(None)
+    }
+
+    /// The head recorded in [`SEEN_FILE`], if any.
+    fn seen_head(&self) -> Result<Option<(i64, String)>> {
+        let text = match std::fs::read_to_string(&*self.seen) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(Error::Store(format!(
+                    "cannot read {} (the audit chain head this host saw): {e}",
+                    self.seen.display()
+                )))
+            }
+        };
+        text.strip_suffix('\n')
+            .and_then(|line| line.split_once(' '))
+            .and_then(|(seq, hash)| Some((seq.parse().ok()?, hash.to_owned())))
+            .map(Some)
+            .ok_or_else(|| {
+                Error::Store(format!(
+                    "{} (the audit chain head this host saw) is not `<seq> <hash>`; remove it to start again",
+                    self.seen.display()
+                ))
+            })
+    }
+
+    /// Whether the chain still holds the head this host saw, as it was.
+    async fn check_seen(&self, seen: Option<&(i64, String)>) -> Result<Option<String>> {
+        let Some((seq, hash)) = seen else {
+            return Ok(None);
+        };
+        let row = sqlx::query("SELECT hash FROM audit_events WHERE seq = $1")
+            .bind(seq)
+            .fetch_optional(&self.pool)
+            .await?;
+        let found = row.map(|r| r.try_get::<Option<String>, _>(0)).transpose()?;
+        let what = match found.flatten() {
+            Some(h) if &h == hash => return Ok(None),
+            Some(_) => "its link is not the one seen then",
+            None => "it is gone: events were removed from the end and the head moved back",
+        };
+        Ok(Some(format!(
+            "this host saw the chain's head at event #{seq} ({}), and {what} (if the store was restored from a backup on purpose, remove that file)",
+            self.seen.display()
+        )))
     }
 }
 

@@ -440,6 +440,80 @@ async fn keyed_chain(storage: &Storage, dir: &std::path::Path) {
 
 /// Hashes the chain again from place `from` on with `link`, and moves the
 /// head: what an intruder who can write the store would do.
+/// The newest events removed with the head moved back (which needs no
+/// key) are found once this host has seen the head past them.
+async fn cut_tail(storage: &Storage, dir: &std::path::Path) {
+    let store = Store::open(storage, dir, key_in(dir)).await.unwrap();
+    let seen = dir.join("ca").join(wicketd::store::SEEN_FILE);
+    let append = |from: i64, to: i64, prefix: &'static str| {
+        let batch: Vec<AuditRow> = (from..to)
+            .map(|i| event(&format!("{prefix}{i}"), "login_succeeded", "tom", 10 + i))
+            .collect();
+        let store = &store;
+        async move { store.append_audit_batch(&batch).await.unwrap() }
+    };
+    append(0, 5, "t").await;
+    assert_eq!(store.note_chain_head().await.unwrap(), None);
+    let text = std::fs::read_to_string(&seen).unwrap();
+    assert!(text.starts_with("5 k1:"), "{text}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&seen).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    append(5, 8, "t").await;
+    assert_eq!(store.note_chain_head().await.unwrap(), None);
+    assert!(std::fs::read_to_string(&seen).unwrap().starts_with("8 "));
+
+    // #7 and #8 removed, the head put on #6's link: the chain alone holds.
+    exec(
+        &store,
+        &[
+            "DELETE FROM audit_events WHERE seq > 6",
+            "UPDATE audit_chain SET seq = 6, hash = (SELECT hash FROM audit_events WHERE seq = 6) WHERE id = 1",
+        ],
+    )
+    .await;
+    let v = store.verify_audit(10).await.unwrap();
+    let problem = format!(
+        "this host saw the chain's head at event #8 ({}), and it is gone: events were removed from the end and the head moved back (if the store was restored from a backup on purpose, remove that file)",
+        seen.display()
+    );
+    assert_eq!(v.problems, std::slice::from_ref(&problem), "{v:?}");
+    // The record is kept, and the watcher says so too.
+    assert_eq!(store.note_chain_head().await.unwrap(), Some(problem));
+    assert!(std::fs::read_to_string(&seen).unwrap().starts_with("8 "));
+    // Put back as it was, it holds again; up to #8 with other events, a
+    // changed link is found.
+    append(6, 8, "t").await;
+    assert_eq!(store.verify_audit(10).await.unwrap().problem_count, 0);
+    exec(
+        &store,
+        &[
+            "DELETE FROM audit_events WHERE seq > 6",
+            "UPDATE audit_chain SET seq = 6, hash = (SELECT hash FROM audit_events WHERE seq = 6) WHERE id = 1",
+        ],
+    )
+    .await;
+    append(6, 8, "u").await;
+    let v = store.verify_audit(10).await.unwrap();
+    assert!(
+        v.problems
+            .iter()
+            .any(|p| p.contains("at event #8") && p.contains("its link is not the one seen then")),
+        "{v:?}"
+    );
+    // An unreadable record is reported, not ignored.
+    std::fs::write(&seen, "eight\n").unwrap();
+    let v = store.verify_audit(10).await.unwrap();
+    assert!(
+        v.problems
+            .iter()
+            .any(|p| p.contains("is not `<seq> <hash>`")),
+        "{v:?}"
+    );
+}
+
 async fn relink(store: &Store, link: Link<'_>, from: i64) {
     let mut tx = store.begin().await.unwrap();
     let prev: String = if from == 1 {
@@ -872,6 +946,8 @@ fn store_on_sqlite() {
         exercise(&store).await;
         let keyed = tempfile::tempdir().unwrap();
         keyed_chain(&Storage::Sqlite, keyed.path()).await;
+        let cut = tempfile::tempdir().unwrap();
+        cut_tail(&Storage::Sqlite, cut.path()).await;
         statement_events(&store).await;
         change_feed(&store).await;
         cancel_keys(&store).await;
@@ -919,6 +995,9 @@ fn store_on_postgresql() {
         pg.create_database("keyed").unwrap();
         let keyed = tempfile::tempdir().unwrap();
         keyed_chain(&Storage::Postgres(pg.url("keyed")), keyed.path()).await;
+        pg.create_database("cut").unwrap();
+        let cut = tempfile::tempdir().unwrap();
+        cut_tail(&Storage::Postgres(pg.url("cut")), cut.path()).await;
         statement_events(&b).await;
         change_feed(&b).await;
         cancel_keys(&a).await;
