@@ -1181,7 +1181,11 @@ impl<'a> Engine<'a> {
                 // A grant that expired (or was dropped) may still have
                 // sessions draining under `disconnect_on_expiry: false`; a
                 // revoke ends them. It stays expired, with the revoke on it.
-                let drained = state == State::Expired && req.approved_at.is_some();
+                let drained = state == State::Expired
+                    && req.approved_at.is_some()
+                    && req
+                        .starts_at
+                        .is_some_and(|s| req.ended_at.is_some_and(|e| s <= e));
                 if drained && req.revoked_by.is_some() {
                     return Err(illegal(state, "this grant was already revoked"));
                 }
@@ -1207,6 +1211,14 @@ impl<'a> Engine<'a> {
                         ),
                     });
                     effects.push(audit("grant_revoked", &by.name, reason.clone()));
+                    effects.push(Effect::Notify {
+                        recipients: Recipients::User(req.requester.clone()),
+                        subject: format!(
+                            "your ended grant {} was revoked by {}: {reason}; sessions still open under it end now",
+                            req.id, by.name
+                        ),
+                        urgent: true,
+                    });
                     return Ok((req, effects));
                 }
                 self.end(

@@ -1865,6 +1865,7 @@ fn a_revoke_after_the_end_ends_draining_sessions() {
         let ends = end_sessions(&fx);
         assert!(ends.last().is_some_and(|e| e.contains("revoked")), "{fx:?}");
         assert_eq!(audit_actor(&fx, "grant_revoked"), "frank");
+        assert_eq!(notifications(&fx).last(), Some(&(&to_user("alice"), true)));
         assert!(!done.grants_at(at));
         for finish in [false, true] {
             assert_eq!(
@@ -1879,6 +1880,20 @@ fn a_revoke_after_the_end_ends_draining_sessions() {
             other => panic!("a second revoke: {other:?}"),
         }
     }
+    // A scheduled grant dropped before it started never held a session.
+    let pending = alice_requests(&p, nr(&["dba"]), t0());
+    let (sched, _) = apply(
+        &p,
+        &pending,
+        scoped_approve("erin", None, None, Some(t0() + hours(1))),
+        t0(),
+    )
+    .unwrap();
+    let (unstarted, _) = apply(&p, &sched, Event::Drop { by: "alice".into() }, t0()).unwrap();
+    assert_eq!(
+        illegal(apply(&p, &unstarted, revoke("frank", "x"), t0() + mins(1))),
+        "expired"
+    );
     // A request that expired unanswered granted nothing: nothing to revoke.
     let pending = alice_requests(&p, nr(&["dba"]), t0());
     let (unanswered, _) = apply(&p, &pending, Event::Tick, t0() + Duration::days(30)).unwrap();

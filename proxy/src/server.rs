@@ -154,16 +154,24 @@ async fn scheduler(wicket: Arc<Wicket>, mut shutdown: watch::Receiver<bool>) {
 /// this host saw last, and records the new head (`store::SEEN_FILE`): the
 /// newest events removed with the head moved back are found from then on.
 async fn chain_watcher(wicket: Arc<Wicket>, mut shutdown: watch::Receiver<bool>) {
-    let mut reported = false;
+    // Each problem is logged once, until it changes or goes away.
+    let mut reported = None::<String>;
     loop {
         match wicket.store.note_chain_head().await {
-            Ok(None) => reported = false,
-            Ok(Some(problem)) if !reported => {
-                reported = true;
-                tracing::error!(%problem, "the audit chain lost events; `wicket audit verify` reports it");
+            Ok(None) => reported = None,
+            Ok(Some(problem)) => {
+                if reported.as_ref() != Some(&problem) {
+                    tracing::error!(%problem, "the audit chain lost events; `wicket audit verify` reports it");
+                    reported = Some(problem);
+                }
             }
-            Ok(Some(_)) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot check the audit chain's head"),
+            Err(e) => {
+                let e = e.to_string();
+                if reported.as_ref() != Some(&e) {
+                    tracing::warn!(error = %e, "cannot check the audit chain's head");
+                    reported = Some(e);
+                }
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(CHAIN_WATCH) => {},

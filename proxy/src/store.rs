@@ -331,6 +331,19 @@ pub const SEEN_FILE: &str = "audit_chain_seen";
 /// chained when it runs.
 const CHAIN_MIGRATION: i64 = 4;
 
+/// A password or code check takes well under this (argon2id, a few store
+/// round trips); one pending longer was abandoned.
+const ABANDONED_MS: i64 = 30_000;
+
+/// The PostgreSQL advisory lock for a login failure key: the first eight
+/// bytes of its SHA-256.
+pub fn login_lock(key: &str) -> i64 {
+    let d = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d.as_ref()[..8]);
+    i64::from_be_bytes(b)
+}
+
 /// What [`Store::reserve_login_attempt`] found.
 #[derive(Debug)]
 pub enum Reservation {
@@ -800,14 +813,28 @@ impl Store {
         if self.backend == Backend::Postgres {
             // SQLite writers are one at a time already (the INSERT below
             // takes the write lock); PostgreSQL's read committed would let
-            // two inserts each count without the other.
-            let mut keys = [user, source];
-            keys.sort_unstable();
-            for key in keys {
-                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-                    .bind(key)
+            // two inserts each count without the other. Locks are taken in
+            // one order (no deadlock), and a flood on one key waits a
+            // bounded time, holding a pooled connection meanwhile.
+            sqlx::query("SET LOCAL lock_timeout = '2s'")
+                .execute(&mut *tx)
+                .await?;
+            let mut locks = [login_lock(user), login_lock(source)];
+            locks.sort_unstable();
+            for lock in locks {
+                let taken = sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(lock)
                     .execute(&mut *tx)
-                    .await?;
+                    .await;
+                match taken {
+                    Ok(_) => {}
+                    // lock_not_available: too many checks for this key at
+                    // once; the client tries again in a moment.
+                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+                        return Ok(Reservation::Refused { stored_over: false })
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
         let id = uuid::Uuid::new_v4().to_string();
@@ -825,12 +852,15 @@ impl Store {
             .into_iter()
             .zip(&mut counts)
         {
+            // A check still pending after `ABANDONED_MS` never ended (its
+            // client went away, an error, a crash): a failure for good.
             let row = sqlx::query(&format!(
-                "SELECT COUNT(*), COUNT(CASE WHEN pending = 0 THEN 1 END) \
+                "SELECT COUNT(*), COUNT(CASE WHEN pending = 0 OR time < $3 THEN 1 END) \
                  FROM login_failures WHERE {col} = $1 AND time >= $2"
             ))
             .bind(key)
             .bind(since_ms)
+            .bind(now_ms - ABANDONED_MS)
             .fetch_one(&mut *tx)
             .await?;
             *n = (row.try_get::<i64, _>(0)?, row.try_get::<i64, _>(1)?);
@@ -1591,11 +1621,16 @@ impl Store {
         let (seq, hash): (i64, String) = (head.try_get(0)?, head.try_get(1)?);
         // (An empty chain has nothing to keep.)
         if seq > 0 && seen.is_none_or(|(at, _)| seq > at) {
-            crate::keystore::write_file_atomic(
-                &self.seen,
-                format!("{seq} {hash}\n").as_bytes(),
-                0o600,
-            )?;
+            let path = self.seen.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::keystore::write_file_atomic(
+                    &path,
+                    format!("{seq} {hash}\n").as_bytes(),
+                    0o600,
+                )
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("recording the chain head: {e}")))??;
         }
         Ok(None)
     }
@@ -1637,7 +1672,7 @@ impl Store {
         let what = match found.flatten() {
             Some(h) if &h == hash => return Ok(None),
             Some(_) => "its link is not the one seen then",
-            None => "it is gone: events were removed from the end and the head moved back",
+            None => "it is gone: the newest events were removed, or lost (a crash of the store's host, a failover to a replica behind it), and the head moved back",
         };
         Ok(Some(format!(
             "this host saw the chain's head at event #{seq} ({}), and {what} (if the store was restored from a backup on purpose, remove that file)",

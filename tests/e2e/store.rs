@@ -144,6 +144,12 @@ async fn exercise(store: &Store) {
         store.oldest_failure_since("alice", "x", 0).await.unwrap(),
         Some(10_000)
     );
+    // Checks pending for over 30 s were abandoned: failures for good.
+    for (i, src) in ["10.1.0.1", "10.1.0.2", "10.1.0.3"].into_iter().enumerate() {
+        granted(reserve("dan", src, 20_000 + i as i64, 0).await);
+    }
+    assert!(!refused(reserve("dan", "10.1.0.4", 20_100, 0).await));
+    assert!(refused(reserve("dan", "10.1.0.4", 50_003, 0).await));
     // A successful login clears the user's failures, not checks under way.
     let alice_now = granted(reserve("carol", "10.0.0.7", 10_020, 10_003).await);
     let _under_way = granted(reserve("carol", "10.0.0.8", 10_021, 10_003).await);
@@ -476,7 +482,7 @@ async fn cut_tail(storage: &Storage, dir: &std::path::Path) {
     .await;
     let v = store.verify_audit(10).await.unwrap();
     let problem = format!(
-        "this host saw the chain's head at event #8 ({}), and it is gone: events were removed from the end and the head moved back (if the store was restored from a backup on purpose, remove that file)",
+        "this host saw the chain's head at event #8 ({}), and it is gone: the newest events were removed, or lost (a crash of the store's host, a failover to a replica behind it), and the head moved back (if the store was restored from a backup on purpose, remove that file)",
         seen.display()
     );
     assert_eq!(v.problems, std::slice::from_ref(&problem), "{v:?}");
@@ -998,6 +1004,32 @@ fn store_on_postgresql() {
         pg.create_database("cut").unwrap();
         let cut = tempfile::tempdir().unwrap();
         cut_tail(&Storage::Postgres(pg.url("cut")), cut.path()).await;
+        // A check that waits over 2 s for its key's lock (a flood) is
+        // refused with a short retry, not left holding a connection.
+        let mut tx = a.begin().await.unwrap();
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(wicketd::store::login_lock("erin"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let waited = std::time::Instant::now();
+        let r = b
+            .reserve_login_attempt("erin", "10.2.0.1", now_ms, 0, (5, 5))
+            .await
+            .unwrap();
+        assert!(
+            matches!(r, Reservation::Refused { stored_over: false }),
+            "{r:?}"
+        );
+        assert!(waited.elapsed() < std::time::Duration::from_secs(10));
+        tx.rollback().await.unwrap();
+        assert!(matches!(
+            b.reserve_login_attempt("erin", "10.2.0.1", now_ms, 0, (5, 5))
+                .await
+                .unwrap(),
+            Reservation::Granted(_)
+        ));
         statement_events(&b).await;
         change_feed(&b).await;
         cancel_keys(&a).await;
