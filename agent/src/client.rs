@@ -105,13 +105,9 @@ impl Client {
             .with_safe_default_protocol_versions()
             .map_err(|e| anyhow!("TLS: {e}"))?;
         let builder = match trust {
-            Trust::Bundle(pem) => {
-                let mut roots = RootCertStore::empty();
-                for c in certs_from_pem(&pem).context("saved CA bundle")? {
-                    roots.add(c).map_err(|e| anyhow!("saved CA bundle: {e}"))?;
-                }
-                builder.with_root_certificates(roots)
-            }
+            Trust::Bundle(pem) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(proxy_verifier(&pem)?),
             Trust::Pin(pin) => builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(CustomVerifier {
@@ -315,8 +311,24 @@ enum Check {
     /// The chain must contain a CA with this SPKI pin, and that CA must have
     /// signed the leaf for the requested name.
     Pin(String),
+    /// One of these CAs (the saved bundle) must have signed the leaf for the
+    /// requested name.
+    Roots(Arc<RootCertStore>),
     /// `--insecure`: any certificate (handshake signatures are still checked).
     Any,
+}
+
+/// The verifier for wicketd's certificates under the saved CA bundle `pem`
+/// (the API and the database listener).
+pub fn proxy_verifier(pem: &str) -> Result<Arc<dyn ServerCertVerifier>> {
+    let mut roots = RootCertStore::empty();
+    for c in certs_from_pem(pem).context("saved CA bundle")? {
+        roots.add(c).map_err(|e| anyhow!("saved CA bundle: {e}"))?;
+    }
+    Ok(Arc::new(CustomVerifier {
+        check: Check::Roots(Arc::new(roots)),
+        provider: provider(),
+    }))
 }
 
 #[derive(Debug)]
@@ -340,27 +352,40 @@ impl ServerCertVerifier for CustomVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let pin = match &self.check {
+        let (roots, intermediates) = match &self.check {
             Check::Any => return Ok(ServerCertVerified::assertion()),
-            Check::Pin(pin) => pin,
+            Check::Roots(roots) => (roots.clone(), intermediates),
+            Check::Pin(pin) => {
+                let ca = intermediates
+                    .iter()
+                    .find(|c| spki_pin_of(c).is_some_and(|p| p.eq_ignore_ascii_case(pin.trim())))
+                    .ok_or_else(|| {
+                        rustls::Error::General(format!(
+                            "the server's CA does not match --ca-pin {pin} (is this the right proxy?)"
+                        ))
+                    })?;
+                let mut roots = RootCertStore::empty();
+                roots.add(ca.clone().into_owned())?;
+                (Arc::new(roots), &[][..])
+            }
         };
-        let ca = intermediates
-            .iter()
-            .find(|c| spki_pin_of(c).is_some_and(|p| p.eq_ignore_ascii_case(pin.trim())))
-            .ok_or_else(|| {
-                rustls::Error::General(format!(
-                    "the server's CA does not match --ca-pin {pin} (is this the right proxy?)"
-                ))
-            })?;
-        let mut roots = RootCertStore::empty();
-        roots.add(ca.clone().into_owned())?;
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
+            roots,
             self.provider.clone(),
         )
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
-        inner.verify_server_cert(end_entity, &[], server_name, ocsp, now)
+        let verified =
+            inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        // Wicket's TLS CA also signs databases' certificates
+        // (`wicketd databases server-cert`), perhaps for the same name.
+        if !wicket_ca::is_proxy_server(end_entity.as_ref()) {
+            return Err(rustls::Error::General(
+                "the server's certificate is from Wicket's CA but not wicketd's own (a database's?): is this the right proxy?"
+                    .into(),
+            ));
+        }
+        Ok(verified)
     }
 
     fn verify_tls12_signature(

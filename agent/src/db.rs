@@ -14,7 +14,6 @@ use crate::client::{certs_from_pem, split_proxy};
 use crate::profile::Profile;
 use anyhow::{anyhow, bail, Context, Result};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::RootCertStore;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -112,16 +111,14 @@ impl Tunnel {
         let chain: Vec<CertificateDer<'static>> = certs_from_pem(&pem(cert_path.clone())?)?;
         let key = wicket_ca::pem_decode("PRIVATE KEY", &pem(self.profile.tls_key())?)
             .map_err(|e| anyhow!("your TLS key: {e}"))?;
-        let mut roots = RootCertStore::empty();
-        for c in certs_from_pem(&pem(self.profile.ca_bundle())?)? {
-            roots.add(c).map_err(|e| anyhow!("saved CA bundle: {e}"))?;
-        }
+        let verifier = crate::client::proxy_verifier(&pem(self.profile.ca_bundle())?)?;
         let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .map_err(|e| anyhow!("TLS: {e}"))?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(chain, PrivateKeyDer::Pkcs8(key.into()))
         .map_err(|e| anyhow!("your TLS certificate: {e}"))?;
         let cfg = Arc::new(cfg);

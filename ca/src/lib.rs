@@ -24,7 +24,8 @@ pub use ssh::{
     VerifiedSshCert,
 };
 pub use x509::{
-    ServerCertRequest, TrustedX509Cas, VerifiedClientCert, X509Ca, X509CaKind, X509Issued,
+    is_proxy_server, ServerCertRequest, ServerRole, TrustedX509Cas, VerifiedClientCert, X509Ca,
+    X509CaKind, X509Issued,
 };
 
 /// A validity window in Unix seconds: `not_before <= t < not_after`.

@@ -82,6 +82,37 @@ pub struct ServerCertRequest<'a> {
     pub spki_der: &'a [u8],
     pub names: &'a [String],
     pub validity: Validity,
+    pub role: ServerRole,
+}
+
+/// What a server certificate from Wicket's TLS CA is for. Clients of
+/// wicketd accept only [`ServerRole::Proxy`] ones ([`is_proxy_server`]), so
+/// a database's certificate from the same CA, for the same name, cannot
+/// stand in for wicketd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerRole {
+    /// wicketd itself (subject OU [`PROXY_SERVER_OU`]).
+    Proxy,
+    /// A database behind wicketd (`wicketd databases server-cert`).
+    Database,
+}
+
+/// The subject OU that marks wicketd's own server certificates.
+pub const PROXY_SERVER_OU: &str = "wicketd proxy";
+
+/// Whether `der` is a server certificate Wicket issued for wicketd itself
+/// (checked after the chain is verified).
+pub fn is_proxy_server(der: &[u8]) -> bool {
+    use x509_parser::prelude::FromDer;
+    let Ok((_, c)) = x509_parser::certificate::X509Certificate::from_der(der) else {
+        return false;
+    };
+    let ous: Vec<&str> = c
+        .subject()
+        .iter_organizational_unit()
+        .filter_map(|a| a.as_str().ok())
+        .collect();
+    ous == [PROXY_SERVER_OU]
 }
 
 /// An X.509 CA: an ECDSA P-256 key and its self-signed certificate.
@@ -330,6 +361,9 @@ impl X509Ca {
             rcgen::DnType::CommonName,
             req.names.first().map(String::as_str).unwrap_or("wicketd"),
         );
+        if req.role == ServerRole::Proxy {
+            dn.push(rcgen::DnType::OrganizationalUnitName, PROXY_SERVER_OU);
+        }
         params.distinguished_name = dn;
         params.is_ca = rcgen::IsCa::ExplicitNoCa;
         params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
@@ -734,22 +768,29 @@ mod tests {
     }
 
     #[test]
-    fn server_certificate_is_signed_by_ca() {
+    fn server_certificate_is_signed_by_ca_and_says_what_it_is_for() {
         let ca = ca();
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let cert = ca
-            .issue_server(
-                &ServerCertRequest {
-                    spki_der: &key.subject_public_key_info(),
-                    names: &["127.0.0.1".into(), "localhost".into()],
-                    validity: Validity::new(0, 4_000_000_000).unwrap(),
-                },
-                &SystemRandom::new(),
-            )
-            .unwrap();
-        let (_, parsed) = X509Certificate::from_der(&cert.der).unwrap();
-        assert_eq!(parsed.raw_serial_as_string(), cert.serial_hex);
-        let (_, ca_cert) = X509Certificate::from_der(ca.cert_der()).unwrap();
-        parsed.verify_signature(Some(ca_cert.public_key())).unwrap();
+        for role in [ServerRole::Proxy, ServerRole::Database] {
+            let cert = ca
+                .issue_server(
+                    &ServerCertRequest {
+                        spki_der: &key.subject_public_key_info(),
+                        names: &["127.0.0.1".into(), "localhost".into()],
+                        validity: Validity::new(0, 4_000_000_000).unwrap(),
+                        role,
+                    },
+                    &SystemRandom::new(),
+                )
+                .unwrap();
+            let (_, parsed) = X509Certificate::from_der(&cert.der).unwrap();
+            assert_eq!(parsed.raw_serial_as_string(), cert.serial_hex);
+            let (_, ca_cert) = X509Certificate::from_der(ca.cert_der()).unwrap();
+            parsed.verify_signature(Some(ca_cert.public_key())).unwrap();
+            // Only wicketd's own is taken for wicketd.
+            assert_eq!(is_proxy_server(&cert.der), role == ServerRole::Proxy);
+        }
+        assert!(!is_proxy_server(ca.cert_der()));
+        assert!(!is_proxy_server(b"not a certificate"));
     }
 }

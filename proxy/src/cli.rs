@@ -329,6 +329,7 @@ async fn run(command: Command) -> Result<()> {
                     spki_der: &spki,
                     names: &names,
                     validity: wicket_ca::Validity::new(now - 300, now + i64::from(days) * 86_400)?,
+                    role: wicket_ca::ServerRole::Database,
                 },
                 &rng,
             )?;

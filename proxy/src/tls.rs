@@ -36,6 +36,7 @@ pub fn server_config(
             spki_der: &spki,
             names,
             validity: Validity::new(now - 300, now + SERVER_CERT_LIFETIME)?,
+            role: wicket_ca::ServerRole::Proxy,
         },
         &rng,
     )?;

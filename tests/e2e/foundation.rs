@@ -582,3 +582,121 @@ fn admin_commands_use_the_ca_key_set_a_wicketd_made() {
     assert!(!data.join("ca").join("ssh_user_ca.key").exists());
     assert!(!data.join("wicket.db").exists());
 }
+
+/// Wicket's TLS CA also signs databases' server certificates, perhaps for
+/// the very name wicketd is reached at. Such a certificate does not pass for
+/// wicketd's: a server holding one (here `openssl s_server`, with a
+/// database certificate for 127.0.0.1) gets no password, whether the CLI
+/// trusts the CA by pin or by its saved bundle.
+#[test]
+fn a_database_certificate_does_not_pass_for_wicketd() {
+    use wicket_e2e::harness_util::{free_port, wait_for_port};
+    let d = Wicketd::builder().start().unwrap();
+    d.add_user("alice", "access", "correct horse battery", false)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = wicketd_cmd()
+        .unwrap()
+        .args(["databases", "server-cert", "--data-dir"])
+        .arg(d.data_dir())
+        .args(["--name", "127.0.0.1", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bundle = std::fs::read_to_string(dir.path().join("server.crt")).unwrap();
+    let at = bundle.find("-----END CERTIFICATE-----").unwrap() + 26;
+    std::fs::write(dir.path().join("leaf.crt"), &bundle[..at]).unwrap();
+    std::fs::write(dir.path().join("ca.crt"), bundle[at..].trim_start()).unwrap();
+
+    let port = free_port().unwrap();
+    let mut impostor = Command::new("openssl")
+        .args([
+            "s_server",
+            "-quiet",
+            "-accept",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("-cert")
+        .arg(dir.path().join("leaf.crt"))
+        .arg("-key")
+        .arg(dir.path().join("server.key"))
+        .arg("-cert_chain")
+        .arg(dir.path().join("ca.crt"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    wait_for_port(addr.parse().unwrap(), std::time::Duration::from_secs(10)).unwrap();
+
+    let cli = WicketCli::new().unwrap();
+    let by_pin = cli
+        .run(
+            &[
+                "login",
+                "--proxy",
+                &addr,
+                "--user",
+                "alice",
+                "--ca-pin",
+                &d.pin,
+                "--password-stdin",
+            ],
+            "correct horse battery\n",
+        )
+        .unwrap();
+    assert!(!by_pin.ok, "{}", by_pin.stdout);
+    assert!(
+        by_pin.stderr.contains("not wicketd's own"),
+        "{}",
+        by_pin.stderr
+    );
+    // With the CA bundle saved by a login to the real wicketd: the same
+    // profile, pointed at the impostor, sends it nothing.
+    assert!(
+        cli.login(&d, "alice", "correct horse battery", &[])
+            .unwrap()
+            .ok
+    );
+    let home = cli.home.path();
+    let current = std::fs::read_to_string(home.join("current")).unwrap();
+    let (real, user) = current.trim().split_once('/').unwrap();
+    let real_port = d.proxy().rsplit(':').next().unwrap().to_owned();
+    let fake = real.replace(&real_port, &port.to_string());
+    assert_ne!(fake, real);
+    let (from, to) = (
+        home.join("profiles").join(real),
+        home.join("profiles").join(&fake),
+    );
+    std::fs::create_dir_all(to.join(user)).unwrap();
+    for f in std::fs::read_dir(from.join(user)).unwrap() {
+        let f = f.unwrap();
+        let bytes = std::fs::read(f.path()).unwrap();
+        let bytes = String::from_utf8(bytes)
+            .map(|t| t.replace(&d.proxy(), &addr).into_bytes())
+            .unwrap_or_else(|e| e.into_bytes());
+        std::fs::write(to.join(user).join(f.file_name()), bytes).unwrap();
+    }
+    std::fs::write(home.join("current"), format!("{fake}/{user}\n")).unwrap();
+    let by_bundle = cli.run(&["request", "ls"], "").unwrap();
+    assert!(!by_bundle.ok, "{}", by_bundle.stdout);
+    assert!(
+        by_bundle.stderr.contains("not wicketd's own"),
+        "{}",
+        by_bundle.stderr
+    );
+    let _ = impostor.kill();
+    let mut heard = String::new();
+    std::io::Read::read_to_string(&mut impostor.stdout.take().unwrap(), &mut heard).unwrap();
+    let _ = impostor.wait();
+    assert!(
+        !heard.contains("correct horse"),
+        "the impostor heard: {heard}"
+    );
+}
