@@ -356,6 +356,18 @@ fn illegal<T: std::fmt::Debug>(r: Result<T, RequestError>) -> &'static str {
     }
 }
 
+/// `pending` approved by erin at `t0()` to start an hour later.
+fn scheduled(p: &Policy, pending: &AccessRequest) -> AccessRequest {
+    apply(
+        p,
+        pending,
+        scoped_approve("erin", None, None, Some(t0() + hours(1))),
+        t0(),
+    )
+    .unwrap()
+    .0
+}
+
 /// A prod-ssh request by alice at `t0()` for 2h, approved by dave (on call)
 /// and bob (team lead) at `t0()`: active from t0 to t0+2h.
 fn active_prod_ssh(p: &Policy, duration: Duration) -> AccessRequest {
@@ -1769,13 +1781,7 @@ fn drop_by_the_holder() {
     let pending = alice_requests(&p, nr(&["dba"]), t0());
     assert_eq!(illegal(apply(&p, &pending, drop("alice"), t0())), "pending");
     // A scheduled grant can.
-    let (sched, _) = apply(
-        &p,
-        &pending,
-        scoped_approve("erin", None, None, Some(t0() + hours(1))),
-        t0(),
-    )
-    .unwrap();
+    let sched = scheduled(&p, &pending);
     assert_eq!(
         apply(&p, &sched, drop("alice"), t0()).unwrap().0.state,
         State::Expired
@@ -1823,13 +1829,7 @@ fn revoke_by_a_revoker() {
         illegal(apply(&p, &pending, revoke("frank", "x"), t0())),
         "pending"
     );
-    let (sched, _) = apply(
-        &p,
-        &pending,
-        scoped_approve("erin", None, None, Some(t0() + hours(1))),
-        t0(),
-    )
-    .unwrap();
+    let sched = scheduled(&p, &pending);
     let (done, fx) = apply(&p, &sched, revoke("frank", "not today"), t0()).unwrap();
     assert_eq!(done.state, State::Revoked);
     assert_eq!(end_sessions(&fx).len(), 1);
@@ -1882,13 +1882,7 @@ fn a_revoke_after_the_end_ends_draining_sessions() {
     }
     // A scheduled grant dropped before it started never held a session.
     let pending = alice_requests(&p, nr(&["dba"]), t0());
-    let (sched, _) = apply(
-        &p,
-        &pending,
-        scoped_approve("erin", None, None, Some(t0() + hours(1))),
-        t0(),
-    )
-    .unwrap();
+    let sched = scheduled(&p, &pending);
     let (unstarted, _) = apply(&p, &sched, Event::Drop { by: "alice".into() }, t0()).unwrap();
     assert_eq!(
         illegal(apply(&p, &unstarted, revoke("frank", "x"), t0() + mins(1))),
@@ -2000,13 +1994,7 @@ fn extend_needs_an_active_non_break_glass_grant() {
         illegal(apply(&p, &pending, extend("alice", mins(5)), t0())),
         "pending"
     );
-    let (sched, _) = apply(
-        &p,
-        &pending,
-        scoped_approve("erin", None, None, Some(t0() + hours(1))),
-        t0(),
-    )
-    .unwrap();
+    let sched = scheduled(&p, &pending);
     assert_eq!(
         illegal(apply(&p, &sched, extend("alice", mins(5)), t0())),
         "approved"
