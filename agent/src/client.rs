@@ -311,9 +311,9 @@ enum Check {
     /// The chain must contain a CA with this SPKI pin, and that CA must have
     /// signed the leaf for the requested name.
     Pin(String),
-    /// One of these CAs (the saved bundle) must have signed the leaf for the
-    /// requested name.
-    Roots(Arc<RootCertStore>),
+    /// One of the saved bundle's CAs must have signed the leaf for the
+    /// requested name (the verifier is built once).
+    Roots(Arc<rustls::client::WebPkiServerVerifier>),
     /// `--insecure`: any certificate (handshake signatures are still checked).
     Any,
 }
@@ -325,9 +325,16 @@ pub fn proxy_verifier(pem: &str) -> Result<Arc<dyn ServerCertVerifier>> {
     for c in certs_from_pem(pem).context("saved CA bundle")? {
         roots.add(c).map_err(|e| anyhow!("saved CA bundle: {e}"))?;
     }
+    let provider = provider();
+    let roots = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| anyhow!("saved CA bundle: {e}"))?;
     Ok(Arc::new(CustomVerifier {
-        check: Check::Roots(Arc::new(roots)),
-        provider: provider(),
+        check: Check::Roots(roots),
+        provider,
     }))
 }
 
@@ -352,9 +359,11 @@ impl ServerCertVerifier for CustomVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let (roots, intermediates) = match &self.check {
+        let verified = match &self.check {
             Check::Any => return Ok(ServerCertVerified::assertion()),
-            Check::Roots(roots) => (roots.clone(), intermediates),
+            Check::Roots(inner) => {
+                inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?
+            }
             Check::Pin(pin) => {
                 let ca = intermediates
                     .iter()
@@ -366,17 +375,15 @@ impl ServerCertVerifier for CustomVerifier {
                     })?;
                 let mut roots = RootCertStore::empty();
                 roots.add(ca.clone().into_owned())?;
-                (Arc::new(roots), &[][..])
+                rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    self.provider.clone(),
+                )
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?
+                .verify_server_cert(end_entity, &[], server_name, ocsp, now)?
             }
         };
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            roots,
-            self.provider.clone(),
-        )
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let verified =
-            inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
         // Wicket's TLS CA also signs databases' certificates
         // (`wicketd databases server-cert`), perhaps for the same name.
         if !wicket_ca::is_proxy_server(end_entity.as_ref()) {
