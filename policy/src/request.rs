@@ -1200,9 +1200,8 @@ impl<'a> Engine<'a> {
                         "a revoke needs a reason (--reason)".into(),
                     ));
                 }
-                if drained {
-                    req.revoked_by = Some(by.name.clone());
-                    req.revoke_reason = Some(reason.clone());
+                // An ended grant keeps its end; only its sessions end now.
+                let (ended, still_open) = if drained {
                     req.updated_at = now;
                     effects.push(Effect::EndSessions {
                         reason: format!(
@@ -1210,30 +1209,26 @@ impl<'a> Engine<'a> {
                             req.id, by.name
                         ),
                     });
-                    effects.push(audit("grant_revoked", &by.name, reason.clone()));
-                    effects.push(Effect::Notify {
-                        recipients: Recipients::User(req.requester.clone()),
-                        subject: format!(
-                            "your ended grant {} was revoked by {}: {reason}; sessions still open under it end now",
-                            req.id, by.name
-                        ),
-                        urgent: true,
-                    });
-                    return Ok((req, effects));
-                }
-                self.end(
-                    &mut req,
-                    State::Revoked,
-                    &format!("revoked by {}: {reason}", by.name),
-                    now,
-                    &mut effects,
-                );
+                    ("ended ", "; sessions still open under it end now")
+                } else {
+                    self.end(
+                        &mut req,
+                        State::Revoked,
+                        &format!("revoked by {}: {reason}", by.name),
+                        now,
+                        &mut effects,
+                    );
+                    ("", "")
+                };
                 req.revoked_by = Some(by.name.clone());
                 req.revoke_reason = Some(reason.clone());
                 effects.push(audit("grant_revoked", &by.name, reason.clone()));
                 effects.push(Effect::Notify {
                     recipients: Recipients::User(req.requester.clone()),
-                    subject: format!("your grant {} was revoked by {}: {reason}", req.id, by.name),
+                    subject: format!(
+                        "your {ended}grant {} was revoked by {}: {reason}{still_open}",
+                        req.id, by.name
+                    ),
                     urgent: true,
                 });
             }
