@@ -595,23 +595,24 @@ fn a_database_certificate_does_not_pass_for_wicketd() {
     d.add_user("alice", "access", "correct horse battery", false)
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let out = wicketd_cmd()
+    run(wicketd_cmd()
         .unwrap()
         .args(["databases", "server-cert", "--data-dir"])
         .arg(d.data_dir())
         .args(["--name", "127.0.0.1", "--out"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg(dir.path()))
+    .unwrap();
     let bundle = std::fs::read_to_string(dir.path().join("server.crt")).unwrap();
-    let at = bundle.find("-----END CERTIFICATE-----").unwrap() + 26;
-    std::fs::write(dir.path().join("leaf.crt"), &bundle[..at]).unwrap();
-    std::fs::write(dir.path().join("ca.crt"), bundle[at..].trim_start()).unwrap();
+    let [leaf, ca] =
+        <[Vec<u8>; 2]>::try_from(wicket_ca::pem_decode_all("CERTIFICATE", &bundle).unwrap())
+            .unwrap();
+    for (name, der) in [("leaf.crt", leaf), ("ca.crt", ca)] {
+        std::fs::write(
+            dir.path().join(name),
+            wicket_ca::pem_encode("CERTIFICATE", &der),
+        )
+        .unwrap();
+    }
 
     let port = free_port().unwrap();
     let mut impostor = Command::new("openssl")
