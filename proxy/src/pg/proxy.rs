@@ -1266,13 +1266,10 @@ fn param_text(v: &Option<Vec<u8>>) -> Option<String> {
     v.as_ref().map(|b| {
         clip(match std::str::from_utf8(b) {
             Ok(s) => s.to_owned(),
-            Err(_) => {
-                let mut s = String::from("\\x");
-                for byte in b.iter().take(MAX_AUDIT_TEXT / 2) {
-                    s.push_str(&format!("{byte:02x}"));
-                }
-                s
-            }
+            Err(_) => format!(
+                "\\x{}",
+                wicket_ca::hex(&b[..b.len().min(MAX_AUDIT_TEXT / 2)])
+            ),
         })
     })
 }
