@@ -19,8 +19,9 @@ mod rules;
 
 pub use labels::{LabelSelector, Labels};
 pub use request::{
-    certificate_session_signal, AccessRequest, Actor, Effect, Engine, Event, NewRequest,
-    Recipients, RequestError, Requester, Review, Risk, SessionSignal, State, Urgency, Verdict,
+    certificate_session_signal, AccessRequest, Actor, CertifiedSession, Effect, Engine, Event,
+    NewRequest, Recipients, RequestError, Requester, Review, Risk, SessionSignal, State, Urgency,
+    Verdict,
 };
 pub use roles::{
     DatabaseGrant, KubernetesGrant, Resource, ResourceKind, Role, RoleSet, SshForwarding,

@@ -1566,27 +1566,46 @@ pub fn human(d: Duration) -> String {
     out
 }
 
-/// What a session under standing roles only (no grant behind it) is told
-/// at `now` when the certificate it was opened with ends at `valid_until`
-/// (Unix seconds): end at or after it, a warning within `warn_before` of
-/// it, else nothing. Sessions under grants follow the grants instead
+/// A live session, as [`certificate_session_signal`] sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct CertifiedSession {
+    /// When the certificate it was opened with ends (Unix seconds).
+    pub valid_until: i64,
+    /// Whether grants stand behind it (it then follows them instead).
+    pub under_grants: bool,
+    /// Whether it was warned already.
+    pub warned: bool,
+}
+
+/// What a session is told at `now` about the end of the certificate it was
+/// opened with: with `disconnect_on_expiry`, a session under standing roles
+/// only ends at or after it, and is warned (once) within `warn_before` of
+/// it. Sessions under grants follow the grants instead
 /// ([`AccessRequest::session_end`]), which may be extended past it.
 pub fn certificate_session_signal(
-    valid_until: i64,
+    s: CertifiedSession,
     now: DateTime<Utc>,
     warn_before: Duration,
+    disconnect_on_expiry: bool,
 ) -> Option<SessionSignal> {
-    let at = DateTime::<Utc>::from_timestamp(valid_until, 0)
-        .unwrap_or_default()
-        .to_rfc3339();
+    if s.under_grants || !disconnect_on_expiry {
+        return None;
+    }
+    let at = || {
+        DateTime::<Utc>::from_timestamp(s.valid_until, 0)
+            .unwrap_or_default()
+            .to_rfc3339()
+    };
     let t = now.timestamp();
-    if t >= valid_until {
+    if t >= s.valid_until {
         Some(SessionSignal::End(format!(
-            "the certificate this session was opened with ended at {at} (session.disconnect_on_expiry); run `wicket login` and connect again"
+            "the certificate this session was opened with ended at {} (session.disconnect_on_expiry); run `wicket login` and connect again",
+            at()
         )))
-    } else if t >= valid_until.saturating_sub(warn_before.num_seconds()) {
+    } else if !s.warned && t >= s.valid_until.saturating_sub(warn_before.num_seconds()) {
         Some(SessionSignal::Warn(format!(
-            "the certificate this session was opened with ends at {at}; the session will be closed then"
+            "the certificate this session was opened with ends at {}; the session will be closed then",
+            at()
         )))
     } else {
         None

@@ -3,7 +3,7 @@
 //! example configuration.
 
 use crate::request::human;
-use crate::{certificate_session_signal, SessionSignal};
+use crate::{certificate_session_signal, CertifiedSession, SessionSignal};
 use crate::{
     AccessRequest, Actor, ApprovalRule, BreakGlassSettings, DatabaseGrant, Directory, Effect,
     Engine, Event, KubernetesGrant, LabelSelector, NewRequest, OncallSchedule, Policy, Recipients,
@@ -2920,7 +2920,12 @@ fn sessions_end_with_the_grant_and_revoke_ends_them_whatever_the_setting() {
 #[test]
 fn a_session_under_standing_roles_ends_with_its_certificate() {
     let end = t0().timestamp() + 600;
-    let signal = |at: DateTime<Utc>| certificate_session_signal(end, at, mins(2));
+    let standing = CertifiedSession {
+        valid_until: end,
+        under_grants: false,
+        warned: false,
+    };
+    let signal = |at: DateTime<Utc>| certificate_session_signal(standing, at, mins(2), true);
     assert_eq!(signal(t0() + mins(7)), None);
     assert!(
         matches!(signal(t0() + mins(8)), Some(SessionSignal::Warn(w)) if w.contains("will be closed then"))
@@ -2933,7 +2938,30 @@ fn a_session_under_standing_roles_ends_with_its_certificate() {
         matches!(signal(t0() + mins(10)), Some(SessionSignal::End(w)) if w.contains("ended at") && w.contains("wicket login"))
     );
     assert_eq!(
-        certificate_session_signal(end, t0() + mins(9), Duration::zero()),
+        certificate_session_signal(standing, t0() + mins(9), Duration::zero(), true),
         None
     );
+    // Warned once; under grants or with disconnect_on_expiry off, never.
+    let warned = CertifiedSession {
+        warned: true,
+        ..standing
+    };
+    assert_eq!(
+        certificate_session_signal(warned, t0() + mins(9), mins(2), true),
+        None
+    );
+    assert!(matches!(
+        certificate_session_signal(warned, t0() + mins(10), mins(2), true),
+        Some(SessionSignal::End(_))
+    ));
+    let granted = CertifiedSession {
+        under_grants: true,
+        ..standing
+    };
+    for (s, finish) in [(granted, true), (standing, false)] {
+        assert_eq!(
+            certificate_session_signal(s, t0() + mins(11), mins(2), finish),
+            None
+        );
+    }
 }

@@ -176,26 +176,39 @@ impl Sessions {
         }
     }
 
-    /// Ends the sessions under standing roles only whose certificate has
-    /// ended by `now` (they would otherwise outlive it, and the login it
-    /// came from), and warns (once) those within `warn_before` of it. A
-    /// session under grants follows the grants instead (an extended grant
-    /// goes on past the certificate it was opened with). A session already
+    /// Tells sessions what the end of the certificate they were opened
+    /// with means for them at `now`, as the policy says
+    /// ([`wicket_policy::certificate_session_signal`]). A session already
     /// told to end keeps its reason. Returns how many were told to end.
-    fn end_with_certificates(&self, now: DateTime<Utc>, warn_before: chrono::Duration) -> usize {
-        use wicket_policy::SessionSignal;
+    fn end_with_certificates(
+        &self,
+        now: DateTime<Utc>,
+        warn_before: chrono::Duration,
+        disconnect_on_expiry: bool,
+    ) -> usize {
+        use wicket_policy::{CertifiedSession, SessionSignal};
         let mut map = self.lock();
         let mut n = 0;
         for e in map.values_mut() {
-            if !e.info.request_ids.is_empty() || matches!(*e.tx.borrow(), Signal::End(_)) {
+            if matches!(*e.tx.borrow(), Signal::End(_)) {
                 continue;
             }
-            match wicket_policy::certificate_session_signal(e.info.valid_until, now, warn_before) {
+            let session = CertifiedSession {
+                valid_until: e.info.valid_until,
+                under_grants: !e.info.request_ids.is_empty(),
+                warned: e.warned,
+            };
+            match wicket_policy::certificate_session_signal(
+                session,
+                now,
+                warn_before,
+                disconnect_on_expiry,
+            ) {
                 Some(SessionSignal::End(why)) => {
                     e.tx.send_replace(Signal::End(why));
                     n += 1;
                 }
-                Some(SessionSignal::Warn(text)) if !e.warned && *e.tx.borrow() == Signal::Run => {
+                Some(SessionSignal::Warn(text)) if *e.tx.borrow() == Signal::Run => {
                     e.warned = true;
                     e.tx.send_replace(Signal::Warn(text));
                 }
@@ -431,11 +444,11 @@ impl Wicket {
         }
         // After the grants: a grant's end names its request.
         let settings = self.config.session;
-        if settings.disconnect_on_expiry {
-            ended += self
-                .sessions
-                .end_with_certificates(now, settings.expiry_warning);
-        }
+        ended += self.sessions.end_with_certificates(
+            now,
+            settings.expiry_warning,
+            settings.disconnect_on_expiry,
+        );
         ended
     }
 
@@ -485,9 +498,9 @@ mod tests {
         let granted = sessions.register(info(1_000, &["r1"]));
         let at = |t: i64| DateTime::<Utc>::from_timestamp(t, 0).unwrap();
         let warn = chrono::Duration::seconds(200);
-        assert_eq!(sessions.end_with_certificates(at(700), warn), 0);
+        assert_eq!(sessions.end_with_certificates(at(700), warn, true), 0);
         assert_eq!(*standing.signal.borrow(), Signal::Run);
-        assert_eq!(sessions.end_with_certificates(at(800), warn), 0);
+        assert_eq!(sessions.end_with_certificates(at(800), warn, true), 0);
         assert!(
             matches!(&*standing.signal.borrow(), Signal::Warn(w) if w.contains("1970-01-01T00:16:40+00:00")),
             "{:?}",
@@ -496,7 +509,7 @@ mod tests {
         assert_eq!(*later.signal.borrow(), Signal::Run);
         // The grant's end came first and keeps its reason.
         sessions.end_for_request("r1", "request r1 expired");
-        assert_eq!(sessions.end_with_certificates(at(1_000), warn), 1);
+        assert_eq!(sessions.end_with_certificates(at(1_000), warn, true), 1);
         assert!(
             matches!(&*standing.signal.borrow(), Signal::End(w) if w.contains("certificate this session was opened with ended")),
             "{:?}",
@@ -510,9 +523,9 @@ mod tests {
         // A session under a grant follows the grant (which may have been
         // extended past the certificate), not the certificate.
         let extended = sessions.register(info(1_000, &["r2"]));
-        sessions.end_with_certificates(at(1_500), warn);
+        sessions.end_with_certificates(at(1_500), warn, true);
         assert_eq!(*extended.signal.borrow(), Signal::Run);
-        assert_eq!(sessions.end_with_certificates(at(2_000), warn), 1);
+        assert_eq!(sessions.end_with_certificates(at(2_000), warn, true), 1);
     }
 
     #[tokio::test]
