@@ -153,9 +153,8 @@ enum UsersCommand {
 /// the key of the CA key set in the data directory, which a wicketd made
 /// (an admin command never makes one).
 async fn open_store(cfg: &crate::config::Config) -> Result<store::Store> {
-    let keys = crate::keystore::load_existing(&cfg.data_dir)?;
-    let chain = store::ChainKey::from_authority(&keys);
-    store::Store::open(&cfg.storage, &cfg.data_dir, chain).await
+    let keys = crate::keystore::load(&cfg.data_dir)?;
+    server::open_store(cfg, &keys).await
 }
 
 async fn set_disabled(name: &str, disabled: bool, source: &Source) -> Result<()> {

@@ -43,71 +43,31 @@ pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> 
     Ok(())
 }
 
-/// Loads the CA key set from `data_dir/ca`, which must exist: for admin
-/// commands, which never make one (a second process generating at once, or
-/// a new CA on the wrong host, would split the cluster).
-pub fn load_existing(data_dir: &Path) -> Result<AuthorityKeys> {
+/// Loads the CA key set from `data_dir/ca`, which must exist and be whole:
+/// for admin commands, which never make one (a second process generating at
+/// once, or a new CA on the wrong host, would split the cluster). Reads
+/// only: it changes no mode and adds no file.
+pub fn load(data_dir: &Path) -> Result<AuthorityKeys> {
     let ca_dir = data_dir.join("ca");
-    if !AuthorityKeys::REQUIRED_FILES
-        .iter()
-        .any(|n| ca_dir.join(n).exists())
-    {
+    let missing = missing_files(&ca_dir);
+    if missing.len() == AuthorityKeys::REQUIRED_FILES.len() {
         return Err(Error::Io(format!(
             "no CA key set in {}: start wicketd once with this data directory (it makes one), or copy <data_dir>/ca from the first wicketd",
             ca_dir.display()
         )));
     }
-    // Present: loads (adding a missing node-login CA), never generates.
-    Ok(load_or_generate(data_dir, "", 0)?.0)
-}
-
-/// Loads the CA key set from `data_dir/ca`, generating it on first use.
-/// Refuses secret files readable by group or others.
-pub fn load_or_generate(data_dir: &Path, cluster: &str, now: i64) -> Result<(AuthorityKeys, bool)> {
-    let ca_dir = data_dir.join("ca");
-    ensure_private_dir(data_dir)?;
-    ensure_private_dir(&ca_dir)?;
-    let present: Vec<bool> = AuthorityKeys::REQUIRED_FILES
-        .iter()
-        .map(|n| ca_dir.join(n).exists())
-        .collect();
-    if present.iter().all(|p| !p) {
-        let rng = ring::rand::SystemRandom::new();
-        let (keys, files) = AuthorityKeys::generate(cluster, now, &rng)?;
-        for f in files {
-            let mode = if f.secret { 0o600 } else { 0o644 };
-            write_file_atomic(&ca_dir.join(f.name), &f.contents, mode)?;
-        }
-        return Ok((keys, true));
+    if let Some(name) = missing.first() {
+        let hint = if missing == [AuthorityKeys::NODE_CA_KEY_FILE] {
+            " (a key set from before the node-login CA: start wicketd once on the host that made it, and it adds one)"
+        } else {
+            " (refusing to generate over a partial set)"
+        };
+        return Err(Error::Io(format!(
+            "CA key set in {} is incomplete: {name} is missing{hint}",
+            ca_dir.display()
+        )));
     }
-    // Key sets made before the node-login CA existed get one now.
-    let node_key = AuthorityKeys::NODE_CA_KEY_FILE;
-    let missing: Vec<&str> = AuthorityKeys::REQUIRED_FILES
-        .iter()
-        .zip(&present)
-        .filter(|(_, p)| !**p)
-        .map(|(n, _)| *n)
-        .collect();
-    if missing == [node_key] {
-        let rng = ring::rand::SystemRandom::new();
-        let (_, files) = AuthorityKeys::generate_node_ca(&rng)?;
-        for f in files {
-            let mode = if f.secret { 0o600 } else { 0o644 };
-            write_file_atomic(&ca_dir.join(f.name), &f.contents, mode)?;
-        }
-        tracing::info!(dir = %ca_dir.display(), "added the node-login SSH CA to the key set");
-    }
-    let present: Vec<bool> = AuthorityKeys::REQUIRED_FILES
-        .iter()
-        .map(|n| ca_dir.join(n).exists())
-        .collect();
-    for (name, p) in AuthorityKeys::REQUIRED_FILES.iter().zip(&present) {
-        if !p {
-            return Err(Error::Io(format!(
-                "CA key set in {} is incomplete: {name} is missing (refusing to generate over a partial set)",
-                ca_dir.display()
-            )));
-        }
+    for name in AuthorityKeys::REQUIRED_FILES {
         if name.ends_with(".key") {
             let path = ca_dir.join(name);
             let mode = fs::metadata(&path)?.permissions().mode() & 0o777;
@@ -119,8 +79,49 @@ pub fn load_or_generate(data_dir: &Path, cluster: &str, now: i64) -> Result<(Aut
             }
         }
     }
-    let keys = AuthorityKeys::load(|name| fs::read(ca_dir.join(name)).ok())?;
-    Ok((keys, false))
+    Ok(AuthorityKeys::load(|name| {
+        fs::read(ca_dir.join(name)).ok()
+    })?)
+}
+
+/// The required files of the key set that `ca_dir` lacks.
+fn missing_files(ca_dir: &Path) -> Vec<&'static str> {
+    AuthorityKeys::REQUIRED_FILES
+        .iter()
+        .copied()
+        .filter(|n| !ca_dir.join(n).exists())
+        .collect()
+}
+
+/// Writes files of a key set just made: secrets 0600, the rest 0644.
+fn write_key_files(ca_dir: &Path, files: Vec<wicket_ca::KeyFile>) -> Result<()> {
+    for f in files {
+        let mode = if f.secret { 0o600 } else { 0o644 };
+        write_file_atomic(&ca_dir.join(f.name), &f.contents, mode)?;
+    }
+    Ok(())
+}
+
+/// Loads the CA key set from `data_dir/ca`, generating it on first use (then
+/// `true`), and adding the node-login CA to a set made before it existed.
+/// Refuses secret files readable by group or others.
+pub fn load_or_generate(data_dir: &Path, cluster: &str, now: i64) -> Result<(AuthorityKeys, bool)> {
+    let ca_dir = data_dir.join("ca");
+    ensure_private_dir(data_dir)?;
+    ensure_private_dir(&ca_dir)?;
+    let missing = missing_files(&ca_dir);
+    let rng = ring::rand::SystemRandom::new();
+    if missing.len() == AuthorityKeys::REQUIRED_FILES.len() {
+        let (keys, files) = AuthorityKeys::generate(cluster, now, &rng)?;
+        write_key_files(&ca_dir, files)?;
+        return Ok((keys, true));
+    }
+    if missing == [AuthorityKeys::NODE_CA_KEY_FILE] {
+        let (_, files) = AuthorityKeys::generate_node_ca(&rng)?;
+        write_key_files(&ca_dir, files)?;
+        tracing::info!(dir = %ca_dir.display(), "added the node-login SSH CA to the key set");
+    }
+    Ok((load(data_dir)?, false))
 }
 
 #[cfg(test)]
@@ -159,6 +160,29 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("missing"));
+    }
+
+    #[test]
+    fn load_only_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = load(dir.path()).unwrap_err().to_string();
+        assert!(none.contains("no CA key set"), "{none}");
+        assert!(!dir.path().join("ca").exists(), "load made the directory");
+        let (a, _) = load_or_generate(dir.path(), "t", 1_700_000_000).unwrap();
+        assert_eq!(load(dir.path()).unwrap().tls.pin(), a.tls.pin());
+        // A set from before the node-login CA: refused, and nothing added.
+        let ca = dir.path().join("ca");
+        fs::remove_file(ca.join("ssh_node_ca.key")).unwrap();
+        fs::remove_file(ca.join("ssh_node_ca.pub")).unwrap();
+        let old = load(dir.path()).unwrap_err().to_string();
+        assert!(old.contains("ssh_node_ca.key is missing"), "{old}");
+        assert!(old.contains("start wicketd once"), "{old}");
+        assert!(!ca.join("ssh_node_ca.key").exists());
+        // The directory's mode is left as it is.
+        fs::set_permissions(&ca, fs::Permissions::from_mode(0o750)).unwrap();
+        let _ = load(dir.path());
+        let mode = fs::metadata(&ca).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o750);
     }
 
     #[test]

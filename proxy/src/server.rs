@@ -60,9 +60,14 @@ pub async fn open_keys_and_store(config: &Config) -> Result<(AuthorityKeys, bool
     let now = clock::now().timestamp();
     let (keys, generated) =
         keystore::load_or_generate(&config.data_dir, &config.cluster_name, now)?;
-    let chain = crate::store::ChainKey::from_authority(&keys);
-    let store = Store::open(&config.storage, &config.data_dir, chain).await?;
+    let store = open_store(config, &keys).await?;
     Ok((keys, generated, store))
+}
+
+/// The store, its audit events chained with the key of `keys`.
+pub async fn open_store(config: &Config, keys: &AuthorityKeys) -> Result<Store> {
+    let chain = crate::store::ChainKey::from_authority(keys);
+    Store::open(&config.storage, &config.data_dir, chain).await
 }
 
 /// Opens everything and starts serving. Returns once the listener is bound.
