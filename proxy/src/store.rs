@@ -1612,13 +1612,21 @@ impl Store {
             Ok(seen) => seen,
             Err(e) => return Ok(Some(e.to_string())),
         };
-        if let Some(problem) = self.check_seen(seen.as_ref()).await? {
-            return Ok(Some(problem));
-        }
         let head = sqlx::query("SELECT seq, hash FROM audit_chain WHERE id = 1")
             .fetch_one(&self.pool)
             .await?;
         let (seq, hash): (i64, String) = (head.try_get(0)?, head.try_get(1)?);
+        // The head where it was seen: nothing was lost (a head moved back and
+        // on to the same place has another link) and nothing is new.
+        if seen
+            .as_ref()
+            .is_some_and(|(at, h)| *at == seq && *h == hash)
+        {
+            return Ok(None);
+        }
+        if let Some(problem) = self.check_seen(seen.as_ref()).await? {
+            return Ok(Some(problem));
+        }
         // (An empty chain has nothing to keep.)
         if seq > 0 && seen.is_none_or(|(at, _)| seq > at) {
             let path = self.seen.clone();

@@ -493,6 +493,7 @@ async fn cut_tail(storage: &Storage, dir: &std::path::Path) {
     // changed link is found.
     append(6, 8, "t").await;
     assert_eq!(store.verify_audit(10).await.unwrap().problem_count, 0);
+    assert_eq!(store.note_chain_head().await.unwrap(), None);
     exec(
         &store,
         &[
@@ -508,6 +509,12 @@ async fn cut_tail(storage: &Storage, dir: &std::path::Path) {
             .iter()
             .any(|p| p.contains("at event #8") && p.contains("its link is not the one seen then")),
         "{v:?}"
+    );
+    // The watcher too: a head back at the seen place with another link.
+    let watched = store.note_chain_head().await.unwrap().unwrap_or_default();
+    assert!(
+        watched.contains("its link is not the one seen then"),
+        "{watched}"
     );
     // An unreadable record is reported, not ignored.
     std::fs::write(&seen, "eight\n").unwrap();
