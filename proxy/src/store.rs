@@ -1806,15 +1806,17 @@ fn push_placeholders(sql: &mut String, backend: Backend, first: usize, n: usize)
         if i > first {
             sql.push_str(", ");
         }
-        match backend {
-            // Anonymous: SQLite looks a named one (`$N`) up in a list on
-            // every bind, quadratic in a long list.
-            Backend::Sqlite => sql.push('?'),
-            Backend::Postgres => {
-                sql.push('$');
-                sql.push_str(&i.to_string());
-            }
-        }
+        sql.push_str(&placeholder(backend, i));
+    }
+}
+
+/// The placeholder of bound value number `i` (from 1). Anonymous on SQLite,
+/// which looks a named one (`$N`) up in a list on every bind, quadratic in
+/// a long list; so values must be bound in the order they appear.
+fn placeholder(backend: Backend, i: usize) -> String {
+    match backend {
+        Backend::Sqlite => "?".to_owned(),
+        Backend::Postgres => format!("${i}"),
     }
 }
 
@@ -2197,22 +2199,16 @@ async fn key_chain(
         // Many links per UPDATE (one statement per event took minutes on
         // a large log, inside the migration's transaction).
         for chunk in links.chunks(PER_UPDATE) {
-            let mut n = 0;
-            let mut ph = || {
-                n += 1;
-                match backend {
-                    Backend::Sqlite => "?".to_owned(),
-                    Backend::Postgres => format!("${n}"),
-                }
-            };
+            let ph = |i| placeholder(backend, i);
             let mut sql = String::from("UPDATE audit_events SET hash = CASE seq");
-            for _ in chunk {
-                sql.push_str(&format!(" WHEN {} THEN {}", ph(), ph()));
+            for k in 0..chunk.len() {
+                sql.push_str(&format!(" WHEN {} THEN {}", ph(2 * k + 1), ph(2 * k + 2)));
             }
+            let n = 2 * chunk.len();
             sql.push_str(&format!(
                 " ELSE hash END WHERE seq >= {} AND seq <= {}",
-                ph(),
-                ph()
+                ph(n + 1),
+                ph(n + 2)
             ));
             let mut q = sqlx::query(&sql);
             for (seq, hash) in chunk {
