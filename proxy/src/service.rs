@@ -339,7 +339,7 @@ impl Wicket {
                 ),
             )
             .await?;
-        let stored_over = match reserved {
+        let oldest = match reserved {
             Reservation::Granted(id) => {
                 return Ok(crate::auth::Attempt {
                     id,
@@ -347,19 +347,15 @@ impl Wicket {
                     source_key,
                 })
             }
-            Reservation::Refused { stored_over } => stored_over,
+            Reservation::Refused { oldest_failure_ms } => oldest_failure_ms,
         };
-        let retry = if stored_over {
-            let oldest = self
-                .store
-                .oldest_failure_since(&user_key, &source_key, window_start.timestamp_millis())
-                .await?
-                .unwrap_or(now.timestamp_millis());
-            ((oldest + limits.failure_window.num_milliseconds() - now.timestamp_millis()) / 1000)
-                .max(1) as u64
-        } else {
+        let retry = match oldest {
+            Some(oldest) => ((oldest + limits.failure_window.num_milliseconds()
+                - now.timestamp_millis())
+                / 1000)
+                .max(1) as u64,
             // Only checks under way fill the budget: they end in moments.
-            1
+            None => 1,
         };
         self.audit(
             AuditEvent::LoginRateLimited {

@@ -349,9 +349,10 @@ pub fn login_lock(key: &str) -> i64 {
 pub enum Reservation {
     /// Stored as a check under way, by this ID: it may go ahead.
     Granted(String),
-    /// Over a limit; `stored_over` when ended failures alone reach it (not
-    /// only checks under way, which end in moments).
-    Refused { stored_over: bool },
+    /// Over a limit. When ended failures alone reach it (not only checks
+    /// under way, which end in moments), the time of the oldest of them in
+    /// the window, for the retry-after: of the later key's if both are over.
+    Refused { oldest_failure_ms: Option<i64> },
 }
 
 /// What [`Store::changes`] returns: the feed's head, and each changed user
@@ -831,7 +832,9 @@ impl Store {
                     // lock_not_available: too many checks for this key at
                     // once; the client tries again in a moment.
                     Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
-                        return Ok(Reservation::Refused { stored_over: false })
+                        return Ok(Reservation::Refused {
+                            oldest_failure_ms: None,
+                        })
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -847,15 +850,17 @@ impl Store {
         .bind(now_ms)
         .execute(&mut *tx)
         .await?;
-        let mut counts = [(0i64, 0i64); 2];
-        for ((col, key), n) in [("user_name", user), ("source", source)]
-            .into_iter()
-            .zip(&mut counts)
-        {
+        let mut over = false;
+        let mut oldest_failure_ms = None;
+        for (col, key, max) in [
+            ("user_name", user, max_user),
+            ("source", source, max_source),
+        ] {
             // A check still pending after `ABANDONED_MS` never ended (its
             // client went away, an error, a crash): a failure for good.
             let row = sqlx::query(&format!(
-                "SELECT COUNT(*), COUNT(CASE WHEN pending = 0 OR time < $3 THEN 1 END) \
+                "SELECT COUNT(*), COUNT(CASE WHEN pending = 0 OR time < $3 THEN 1 END), \
+                 MIN(CASE WHEN pending = 0 OR time < $3 THEN time END) \
                  FROM login_failures WHERE {col} = $1 AND time >= $2"
             ))
             .bind(key)
@@ -863,18 +868,20 @@ impl Store {
             .bind(now_ms - ABANDONED_MS)
             .fetch_one(&mut *tx)
             .await?;
-            *n = (row.try_get::<i64, _>(0)?, row.try_get::<i64, _>(1)?);
+            let (all, done): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+            // Counts include this check itself.
+            over |= all > max;
+            if done >= max {
+                let oldest = row.try_get::<Option<i64>, _>(2)?;
+                oldest_failure_ms = oldest_failure_ms.max(oldest);
+            }
         }
-        let [(user_all, user_done), (source_all, source_done)] = counts;
-        // Counts include this check itself.
-        if user_all <= max_user && source_all <= max_source {
+        if !over {
             tx.commit().await?;
             return Ok(Reservation::Granted(id));
         }
         tx.rollback().await?;
-        Ok(Reservation::Refused {
-            stored_over: user_done >= max_user || source_done >= max_source,
-        })
+        Ok(Reservation::Refused { oldest_failure_ms })
     }
 
     /// A check under way ended well: it is no failure.
@@ -884,24 +891,6 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
-    }
-
-    /// Earliest failure still inside the window (to compute retry-after).
-    pub async fn oldest_failure_since(
-        &self,
-        user: &str,
-        source: &str,
-        since_ms: i64,
-    ) -> Result<Option<i64>> {
-        let row = sqlx::query(
-            "SELECT MIN(time) FROM login_failures WHERE (user_name = $1 OR source = $2) AND time >= $3",
-        )
-        .bind(user)
-        .bind(source)
-        .bind(since_ms)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(row.try_get::<Option<i64>, _>(0)?)
     }
 
     /// Confirms a check under way as failed, with its audit event,

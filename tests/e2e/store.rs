@@ -110,7 +110,7 @@ async fn exercise(store: &Store) {
         other => panic!("refused: {other:?}"),
     };
     let refused = |r: Reservation| match r {
-        Reservation::Refused { stored_over } => stored_over,
+        Reservation::Refused { oldest_failure_ms } => oldest_failure_ms,
         other => panic!("granted: {other:?}"),
     };
     let mut ids = Vec::new();
@@ -130,26 +130,53 @@ async fn exercise(store: &Store) {
     }
     // Three for alice (her limit), two from 10.0.0.1 (its limit): ended
     // failures alone are over.
-    assert!(refused(reserve("alice", "10.0.0.9", 10_010, 0).await));
-    assert!(refused(reserve("bob", "10.0.0.1", 10_010, 0).await));
+    assert_eq!(
+        refused(reserve("alice", "10.0.0.9", 10_010, 0).await),
+        Some(10_000)
+    );
+    assert_eq!(
+        refused(reserve("bob", "10.0.0.1", 10_010, 0).await),
+        Some(10_000)
+    );
     // Outside the window they do not count; checks under way do.
     let bob = granted(reserve("bob", "10.0.0.3", 10_010, 10_003).await);
     let _bob2 = granted(reserve("bob", "10.0.0.4", 10_011, 10_003).await);
     let _bob3 = granted(reserve("bob", "10.0.0.5", 10_012, 10_003).await);
-    assert!(!refused(reserve("bob", "10.0.0.6", 10_013, 10_003).await));
+    assert_eq!(
+        refused(reserve("bob", "10.0.0.6", 10_013, 10_003).await),
+        None
+    );
     // A refused check leaves nothing behind; a released one no failure.
     store.release_login_attempt(&bob).await.unwrap();
     let bob4 = granted(reserve("bob", "10.0.0.6", 10_014, 10_003).await);
+    // Both keys over: retry once the later key has room. Within the
+    // window, only the failures in it count.
+    let limits = |user, src, since, max| {
+        let store = &store;
+        async move {
+            store
+                .reserve_login_attempt(user, src, 10_015, since, max)
+                .await
+                .unwrap()
+        }
+    };
     assert_eq!(
-        store.oldest_failure_since("alice", "x", 0).await.unwrap(),
-        Some(10_000)
+        refused(limits("alice", "10.0.0.2", 0, (3, 1)).await),
+        Some(10_002)
+    );
+    assert_eq!(
+        refused(limits("alice", "10.0.0.9", 10_001, (2, 5)).await),
+        Some(10_001)
     );
     // Checks pending for over 30 s were abandoned: failures for good.
     for (i, src) in ["10.1.0.1", "10.1.0.2", "10.1.0.3"].into_iter().enumerate() {
         granted(reserve("dan", src, 20_000 + i as i64, 0).await);
     }
-    assert!(!refused(reserve("dan", "10.1.0.4", 20_100, 0).await));
-    assert!(refused(reserve("dan", "10.1.0.4", 50_003, 0).await));
+    assert_eq!(refused(reserve("dan", "10.1.0.4", 20_100, 0).await), None);
+    assert_eq!(
+        refused(reserve("dan", "10.1.0.4", 50_003, 0).await),
+        Some(20_000)
+    );
     // A successful login clears the user's failures, not checks under way.
     let alice_now = granted(reserve("carol", "10.0.0.7", 10_020, 10_003).await);
     let _under_way = granted(reserve("carol", "10.0.0.8", 10_021, 10_003).await);
@@ -158,15 +185,13 @@ async fn exercise(store: &Store) {
         .clear_login_failures("carol", &alice_now)
         .await
         .unwrap();
-    assert_eq!(
-        store.oldest_failure_since("alice", "x", 0).await.unwrap(),
-        None
-    );
+    let _alice = granted(reserve("alice", "10.0.0.20", 10_025, 0).await);
     let _c = granted(reserve("carol", "10.0.0.9", 10_022, 10_003).await);
     let _c = granted(reserve("carol", "10.0.0.10", 10_023, 10_003).await);
-    assert!(!refused(
-        reserve("carol", "10.0.0.11", 10_024, 10_003).await
-    ));
+    assert_eq!(
+        refused(reserve("carol", "10.0.0.11", 10_024, 10_003).await),
+        None
+    );
     // A check cleared while under way is still stored when it fails.
     store.clear_login_failures("bob", "none").await.unwrap();
     store.release_login_attempt(&bob4).await.unwrap();
@@ -179,12 +204,18 @@ async fn exercise(store: &Store) {
         )
         .await
         .unwrap();
-    assert_eq!(
-        store
-            .oldest_failure_since("bob", "x", 10_025)
-            .await
-            .unwrap(),
-        Some(10_030)
+    let stored = store
+        .reserve_login_attempt("bob", "10.0.0.30", 10_031, 10_025, (1, 5))
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            stored,
+            Reservation::Refused {
+                oldest_failure_ms: Some(10_030)
+            }
+        ),
+        "{stored:?}"
     );
 
     // TOTP steps are single use and only move forward.
@@ -1026,7 +1057,12 @@ fn store_on_postgresql() {
             .await
             .unwrap();
         assert!(
-            matches!(r, Reservation::Refused { stored_over: false }),
+            matches!(
+                r,
+                Reservation::Refused {
+                    oldest_failure_ms: None
+                }
+            ),
             "{r:?}"
         );
         assert!(waited.elapsed() < std::time::Duration::from_secs(10));
