@@ -23,6 +23,27 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::watch;
 use wicket_policy::AccessRequest;
 
+/// Resolves `grace` after `rx` first holds a value that `ended` picks
+/// something from (at once if it holds one already), with what it picked;
+/// never if the sender goes away first. A session told to end gets this
+/// long to close before its connection is dropped, whatever its client does.
+pub async fn after_grace<T, R>(
+    mut rx: watch::Receiver<T>,
+    ended: impl Fn(&T) -> Option<R>,
+    grace: std::time::Duration,
+) -> R {
+    let picked = loop {
+        if let Some(picked) = ended(&rx.borrow_and_update()) {
+            break picked;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::time::sleep(grace).await;
+    picked
+}
+
 /// What a live session is told to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Signal {
@@ -526,6 +547,35 @@ mod tests {
         sessions.end_with_certificates(at(1_500), warn, true);
         assert_eq!(*extended.signal.borrow(), Signal::Run);
         assert_eq!(sessions.end_with_certificates(at(2_000), warn, true), 1);
+    }
+
+    #[tokio::test]
+    async fn the_grace_runs_from_the_end_signal_with_its_reason() {
+        let grace = Duration::from_millis(100);
+        let end = |s: &Signal| match s {
+            Signal::End(why) => Some(why.clone()),
+            _ => None,
+        };
+        let (tx, rx) = watch::channel(Signal::Run);
+        let waiting = tokio::spawn(after_grace(rx, end, grace));
+        tx.send_replace(Signal::Warn("soon".into()));
+        tokio::time::sleep(grace * 2).await;
+        assert!(!waiting.is_finished(), "a warning started the grace");
+        let told = tokio::time::Instant::now();
+        tx.send_replace(Signal::End("revoked".into()));
+        assert_eq!(waiting.await.unwrap(), "revoked");
+        assert!(told.elapsed() >= grace);
+        // Told before it was awaited: the grace runs from now.
+        let (tx, rx) = watch::channel(Signal::End("expired".into()));
+        let started = tokio::time::Instant::now();
+        assert_eq!(after_grace(rx, end, grace).await, "expired");
+        assert!(started.elapsed() >= grace);
+        // The sender gone without an end: never.
+        let (tx2, rx) = watch::channel(Signal::Run);
+        drop(tx2);
+        let never = tokio::time::timeout(grace * 3, after_grace(rx, end, grace)).await;
+        assert!(never.is_err());
+        drop(tx);
     }
 
     #[tokio::test]

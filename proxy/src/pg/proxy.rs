@@ -777,7 +777,14 @@ impl PgProxy {
         let max = self.wicket.config.postgres.max_message_bytes;
         let mut s_framer = Framer::default();
         let tracking = Tracking::new();
-        let hard_stop = hard_stop(signal.clone());
+        let hard_stop = crate::sessions::after_grace(
+            signal.clone(),
+            |s| match s {
+                Signal::End(why) => Some(why.clone()),
+                _ => None,
+            },
+            HARD_STOP,
+        );
         let mut stopped_hard = false;
         let end = {
             let c2s = client_to_server(
@@ -977,21 +984,6 @@ fn host_of(address: &str) -> String {
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_owned()
-}
-
-/// Resolves [`HARD_STOP`] after the session is told to end, with why.
-async fn hard_stop(mut signal: watch::Receiver<Signal>) -> String {
-    loop {
-        let now = signal.borrow_and_update().clone();
-        if let Signal::End(why) = now {
-            tokio::time::sleep(HARD_STOP).await;
-            return why;
-        }
-        if signal.changed().await.is_err() {
-            // No more signals: never.
-            std::future::pending::<()>().await;
-        }
-    }
 }
 
 /// Sends a FATAL ErrorResponse and flushes (errors ignored: the connection

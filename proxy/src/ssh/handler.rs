@@ -88,14 +88,7 @@ impl Cut {
     /// Resolves [`CUT_GRACE`] after the session was ended (also when that
     /// happened before this was called).
     pub(crate) fn after_grace(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut ended = self.0.subscribe();
-        async move {
-            if ended.wait_for(|ended| *ended).await.is_ok() {
-                tokio::time::sleep(CUT_GRACE).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        }
+        crate::sessions::after_grace(self.0.subscribe(), |ended| ended.then_some(()), CUT_GRACE)
     }
 }
 
