@@ -402,6 +402,26 @@ impl Cx {
         Some(n)
     }
 
+    /// The value of the choice named `v`, `default` when absent; `None`
+    /// (reported, with the choices) for another name.
+    fn one_of<T: Copy>(
+        &mut self,
+        v: Option<&str>,
+        path: &str,
+        choices: &[(&str, T)],
+        default: T,
+    ) -> Option<T> {
+        let Some(v) = v else {
+            return Some(default);
+        };
+        let found = choices.iter().find(|(name, _)| *name == v).map(|c| c.1);
+        if found.is_none() {
+            let names: Vec<&str> = choices.iter().map(|c| c.0).collect();
+            self.push(path, format!("{v:?} is not one of: {}", names.join(", ")));
+        }
+        found
+    }
+
     /// A role's label selector; an empty one would match nothing.
     fn selector(&mut self, m: &LabelMap, path: &str) -> LabelSelector {
         if m.0.is_empty() {
@@ -757,18 +777,12 @@ impl Cx {
                 None
             }
         };
-        let end_on_recording_failure = match f.on_recording_failure.as_deref() {
-            None => Some(d.end_on_recording_failure),
-            Some("end") => Some(true),
-            Some("continue") => Some(false),
-            Some(other) => {
-                self.push(
-                    "session.on_recording_failure",
-                    format!("{other:?} is not one of: end, continue"),
-                );
-                None
-            }
-        };
+        let end_on_recording_failure = self.one_of(
+            f.on_recording_failure.as_deref(),
+            "session.on_recording_failure",
+            &[("end", true), ("continue", false)],
+            d.end_on_recording_failure,
+        );
         Some(SessionSettings {
             disconnect_on_expiry: f.disconnect_on_expiry.unwrap_or(d.disconnect_on_expiry),
             expiry_warning: warning?,
@@ -781,32 +795,22 @@ impl Cx {
 
     fn audit(&mut self, f: &AuditFile) -> Option<AuditSettings> {
         let d = AuditSettings::default();
-        let mut ok = true;
         let queue_size = match f.queue_size {
-            Some(0) => {
-                self.push("audit.queue_size", "must be at least 1");
-                ok = false;
-                0
-            }
-            Some(n) => n as usize,
-            None => d.queue_size,
+            Some(n) => self.count(n as usize, "audit.queue_size"),
+            None => Some(d.queue_size),
         };
-        let on_overflow = match f.on_overflow.as_deref() {
-            None => d.on_overflow,
-            Some("block") => AuditOverflow::Block,
-            Some("drop-and-count") => AuditOverflow::DropAndCount,
-            Some(other) => {
-                self.push(
-                    "audit.on_overflow",
-                    format!("{other:?} is not one of: block, drop-and-count"),
-                );
-                ok = false;
-                d.on_overflow
-            }
-        };
-        ok.then_some(AuditSettings {
-            queue_size,
-            on_overflow,
+        let on_overflow = self.one_of(
+            f.on_overflow.as_deref(),
+            "audit.on_overflow",
+            &[
+                ("block", AuditOverflow::Block),
+                ("drop-and-count", AuditOverflow::DropAndCount),
+            ],
+            d.on_overflow,
+        );
+        Some(AuditSettings {
+            queue_size: queue_size?,
+            on_overflow: on_overflow?,
             db_parameter_values: f.db_parameter_values.unwrap_or(d.db_parameter_values),
         })
     }
