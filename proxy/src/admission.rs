@@ -30,8 +30,11 @@ pub struct Gate {
 }
 
 /// Authenticated connections per user on one listener.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Users {
+    /// The listener, for messages.
+    what: &'static str,
+    max_per_user: usize,
     held: Mutex<HashMap<String, usize>>,
 }
 
@@ -65,8 +68,6 @@ pub struct Admission {
     unauthenticated: Option<OwnedSemaphorePermit>,
     deadline: Instant,
     authenticated: Arc<AtomicBool>,
-    what: &'static str,
-    max_per_user: usize,
     users: Arc<Users>,
     user: Option<UserPlace>,
 }
@@ -85,11 +86,11 @@ impl Admission {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             let n = held.entry(user.to_owned()).or_default();
-            if *n >= self.max_per_user {
+            if *n >= self.users.max_per_user {
                 return Err(format!(
                     "{user:?} already holds {n} connections to wicketd's {} listener \
                      (limits.max_connections_per_user); close some and try again",
-                    self.what
+                    self.users.what
                 ));
             }
             *n += 1;
@@ -148,7 +149,11 @@ impl Gate {
             limits,
             open: Arc::new(Semaphore::new(limits.max_connections)),
             unauthenticated: Arc::new(Semaphore::new(limits.max_unauthenticated)),
-            users: Arc::default(),
+            users: Arc::new(Users {
+                what,
+                max_per_user: limits.max_connections_per_user,
+                held: Mutex::default(),
+            }),
             refused: AtomicU64::new(0),
         }
     }
@@ -171,8 +176,6 @@ impl Gate {
                     unauthenticated: Some(unauthenticated),
                     deadline: now + self.limits.login_grace.to_std().unwrap_or_default(),
                     authenticated: Arc::default(),
-                    what: self.what,
-                    max_per_user: self.limits.max_connections_per_user,
                     users: self.users.clone(),
                     user: None,
                 }),

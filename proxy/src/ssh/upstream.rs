@@ -43,7 +43,7 @@ impl client::Handler for Upstream {
         let now = crate::clock::now().timestamp();
         // A pinned host key is the node's only key: a certificate for
         // another key is refused even when Wicket's host CA signed it.
-        if let Some(pin) = &self.pin {
+        let why = if let Some(pin) = &self.pin {
             let presented = match key {
                 PublicKeyOrCertificate::Certificate(cert) => {
                     openssh_key_text(&russh::keys::PublicKey::from(cert.public_key().clone()))
@@ -53,12 +53,9 @@ impl client::Handler for Upstream {
             if presented.as_ref() == Some(pin) {
                 return Ok(true);
             }
-            let why = "the node's host key does not match the pinned host_key".to_owned();
-            tracing::warn!(node = %self.node, reason = %why, "refusing node host key");
-            *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
-            return Ok(false);
-        }
-        let why = match key {
+            "the node's host key does not match the pinned host_key".to_owned()
+        } else {
+            match key {
             PublicKeyOrCertificate::Certificate(cert) => {
                 let blob = cert.to_bytes().map_err(russh::Error::from)?;
                 match self.proxy.trusted_hosts.verify(
@@ -73,6 +70,7 @@ impl client::Handler for Upstream {
             }
             PublicKeyOrCertificate::PublicKey { .. } => {
                 "the node presented a plain host key, not a certificate from Wicket's host CA, and no host_key is pinned for it".to_owned()
+            }
             }
         };
         tracing::warn!(node = %self.node, reason = %why, "refusing node host key");
