@@ -525,8 +525,10 @@ impl<'a> Engine<'a> {
                 .rules
                 .iter()
                 .flat_map(|r| {
-                    let secondary: &[ReviewerSet] = if req.escalated { &r.secondary } else { &[] };
-                    r.require.reviewer_sets().iter().chain(secondary)
+                    r.require
+                        .reviewer_sets()
+                        .iter()
+                        .chain(r.secondary_if(req.escalated))
                 })
                 .collect();
             if let Some(set) = named.iter().find(|s| member.contains(s)) {
@@ -608,8 +610,8 @@ impl<'a> Engine<'a> {
                 }
             }
             for rule in rules {
-                let extra: &[ReviewerSet] = if req.escalated { &rule.secondary } else { &[] };
-                if let Some(m) = unmet(&rule.require, extra, &approvals) {
+                if let Some(m) = unmet(&rule.require, rule.secondary_if(req.escalated), &approvals)
+                {
                     missing.push(format!("{role}: {m}"));
                 }
             }

@@ -133,6 +133,17 @@ pub struct ApprovalRule {
     pub secondary: Vec<ReviewerSet>,
 }
 
+impl ApprovalRule {
+    /// The secondary reviewers, who stand in once the request `escalated`.
+    pub fn secondary_if(&self, escalated: bool) -> &[ReviewerSet] {
+        if escalated {
+            &self.secondary
+        } else {
+            &[]
+        }
+    }
+}
+
 /// A team: its lead and members.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Team {
