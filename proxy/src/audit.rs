@@ -160,6 +160,13 @@ pub enum AuditEvent {
         host: String,
         port: u32,
     },
+    /// The node listens for the user's remote forward (`ssh -R`).
+    SshRemoteForward {
+        #[serde(flatten)]
+        session: Arc<SessionRef>,
+        address: String,
+        port: u32,
+    },
 }
 
 /// Who, where and under which grants: carried by every session event.
@@ -183,6 +190,7 @@ pub const SESSION_ACTION_KINDS: &[&str] = &[
     "kube_request",
     "ssh_exec",
     "ssh_port_forward",
+    "ssh_remote_forward",
 ];
 
 /// Kinds a database session produces at the rate of its statements: the
@@ -218,6 +226,7 @@ impl AuditEvent {
             Self::DbError { .. } => "db_error",
             Self::SshExec { .. } => "ssh_exec",
             Self::SshPortForward { .. } => "ssh_port_forward",
+            Self::SshRemoteForward { .. } => "ssh_remote_forward",
         }
     }
 
@@ -247,7 +256,8 @@ impl AuditEvent {
             | Self::DbCopy { session, .. }
             | Self::DbError { session, .. }
             | Self::SshExec { session, .. }
-            | Self::SshPortForward { session, .. } => Some(&**session),
+            | Self::SshPortForward { session, .. }
+            | Self::SshRemoteForward { session, .. } => Some(&**session),
             _ => None,
         }
     }

@@ -718,7 +718,6 @@ fn port_forwarding_only_when_the_role_allows_it() {
     let alice = lab.user("alice", "access");
     lab.grant(&alice, "no-forward", "10m");
     let cfg = ssh_config(&alice);
-    let port = free_port().unwrap();
     // -W is a direct-tcpip channel to the node's own sshd.
     let out = output(
         ssh(&cfg)
@@ -731,7 +730,22 @@ fn port_forwarding_only_when_the_role_allows_it() {
         "{}",
         text(&out.stderr)
     );
-    let _ = port;
+    // -R too is port forwarding: the node is not asked to listen.
+    let remote = free_port().unwrap();
+    let out = output(
+        ssh(&cfg)
+            .args(["-o", "ExitOnForwardFailure=yes", "-R"])
+            .arg(format!("127.0.0.1:{remote}:127.0.0.1:9"))
+            .arg(lab.dest())
+            .arg("true"),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("remote port forwarding failed"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", remote)).is_err());
     let bob = lab.user("bob", "access");
     lab.grant(&bob, "node-admin", "10m");
     let cfg = ssh_config(&bob);
@@ -759,6 +773,59 @@ fn port_forwarding_only_when_the_role_allows_it() {
     );
     let _ = out.kill();
     let _ = out.wait();
+
+    // -R: the node listens on `remote`, and a connection to it reaches a
+    // listener on the user's side, through wicketd.
+    let user_side = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let user_port = user_side.local_addr().unwrap().port();
+    let answering = std::thread::spawn(move || {
+        let (mut c, _) = user_side.accept().unwrap();
+        c.write_all(b"from-the-user-side\n").unwrap();
+    });
+    let mut forward = ssh(&cfg)
+        .args(["-N", "-o", "ExitOnForwardFailure=yes", "-R"])
+        .arg(format!("127.0.0.1:{remote}:127.0.0.1:{user_port}"))
+        .arg(lab.dest())
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let got = wait_until(
+        "the node's end of the -R forward",
+        Duration::from_secs(20),
+        || {
+            if let Ok(Some(status)) = forward.try_wait() {
+                let mut e = String::new();
+                let _ = forward.stderr.take().unwrap().read_to_string(&mut e);
+                panic!("ssh -R exited ({status}): {e}");
+            }
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", remote)).ok()?;
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut got = String::new();
+            let _ = c.read_to_string(&mut got);
+            Some(got)
+        },
+    )
+    .unwrap();
+    assert_eq!(got, "from-the-user-side\n", "{}", lab.d.stderr());
+    answering.join().unwrap();
+    let _ = forward.kill();
+    let _ = forward.wait();
+    // (Audit writes are asynchronous.)
+    let remote_forward = wait_until(
+        "the ssh_remote_forward event",
+        Duration::from_secs(10),
+        || {
+            let events = Value::from(bob.audit(&["--user", "bob"]).unwrap());
+            let found = events
+                .as_array()?
+                .iter()
+                .find(|e| e["kind"] == "ssh_remote_forward");
+            found.cloned()
+        },
+    )
+    .unwrap();
+    assert_eq!(remote_forward["data"]["port"], remote, "{remote_forward}");
 }
 
 #[test]

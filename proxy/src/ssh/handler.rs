@@ -69,6 +69,18 @@ pub(crate) struct ConnShared {
     /// read and write [`CUT_GRACE`] later if it has not closed by then (a
     /// client that stops reading cannot hold a revoked session open).
     pub(crate) cut: Arc<Cut>,
+    /// The node ports of the user's remote forwards (`ssh -R`): as asked
+    /// for, and as the node bound them (when asked for 0).
+    remote_forwards: Mutex<Vec<RemoteForward>>,
+    next_forward: AtomicU64,
+}
+
+/// One remote forward the node listens for.
+struct RemoteForward {
+    id: u64,
+    address: String,
+    asked: u32,
+    bound: u32,
 }
 
 /// Whether a connection's session was ended (see [`ConnShared::cut`]).
@@ -95,6 +107,51 @@ impl Cut {
 impl ConnShared {
     pub(crate) fn server_handle(&self) -> Option<server::Handle> {
         lock(&self.server).clone()
+    }
+
+    /// A connection the node took on one of the user's remote forwards:
+    /// passed to the user's client when the forward is one they asked for
+    /// on this connection and the session still takes new channels.
+    pub(crate) async fn forwarded_tcpip(
+        &self,
+        up: Channel<russh::client::Msg>,
+        reply: russh::client::ChannelOpenHandle,
+        (address, port): (&str, u32),
+        (from_address, from_port): (&str, u32),
+    ) {
+        let ours = lock(&self.remote_forwards)
+            .iter()
+            .any(|f| port != 0 && f.bound == port);
+        let live = lock(&self.live).clone();
+        let (Some(live), Some(handle), true) = (live, self.server_handle(), ours) else {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return;
+        };
+        let what = format!(
+            "connection from {from_address}:{from_port} to the node's {address}:{port} (remote forward)"
+        );
+        if let Some(why) = live.refusing() {
+            live.marker(&format!("{what} refused: {why}"));
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return;
+        }
+        reply.accept().await;
+        live.marker(&what);
+        let (address, from_address) = (address.to_owned(), from_address.to_owned());
+        let relay = tokio::spawn(async move {
+            match handle
+                .channel_open_forwarded_tcpip(address, port, from_address, from_port)
+                .await
+            {
+                Ok(down) => pipe(down.into_stream(), up.into_stream()).await,
+                Err(e) => tracing::debug!(error = %e, "the user refused a remote-forward channel"),
+            }
+        });
+        live.track(&relay);
     }
 }
 
@@ -1231,14 +1288,97 @@ impl server::Handler for Conn {
         Ok(())
     }
 
+    /// `ssh -R`: the node listens (as its sshd allows) and each connection
+    /// it takes comes back through [`ConnShared::forwarded_tcpip`]. The
+    /// role's `port_forwarding` covers it, as it does `-L`.
     async fn tcpip_forward(
         &mut self,
-        _address: &str,
-        _port: &mut u32,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(live) = self.live().cloned() else {
+            return Ok(false);
+        };
+        let asked = *port;
+        if let Some(why) = live.refusing() {
+            live.marker(&format!(
+                "remote forward from the node's {address}:{asked} refused: {why}"
+            ));
+            return Ok(false);
+        }
+        if !self
+            .decide_forwarding(SshForwarding::Port, None, session)
+            .await
+        {
+            return Ok(false);
+        }
+        // Known before the node is asked: it may take a connection before
+        // its answer arrives here.
+        let id = self.shared.next_forward.fetch_add(1, Ordering::Relaxed);
+        lock(&self.shared.remote_forwards).push(RemoteForward {
+            id,
+            address: address.to_owned(),
+            asked,
+            bound: asked,
+        });
+        let bound = live.upstream.tcpip_forward(address, asked).await;
+        {
+            let mut forwards = lock(&self.shared.remote_forwards);
+            match &bound {
+                Ok(p) => {
+                    if let Some(f) = forwards.iter_mut().find(|f| f.id == id) {
+                        f.bound = if asked == 0 { *p } else { asked };
+                    }
+                }
+                Err(_) => forwards.retain(|f| f.id != id),
+            }
+        }
+        let bound = match bound {
+            Ok(p) if asked == 0 => p,
+            Ok(_) => asked,
+            Err(e) => {
+                live.marker(&format!(
+                    "remote forward from the node's {address}:{asked} failed at the node: {e}"
+                ));
+                return Ok(false);
+            }
+        };
+        *port = bound;
+        live.audit(AuditEvent::SshRemoteForward {
+            session: live.sref.clone(),
+            address: address.to_owned(),
+            port: bound,
+        })
+        .await;
+        live.marker(&format!("remote forward from the node's {address}:{bound}"));
+        Ok(true)
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        // Remote forwarding (-R) is not offered.
-        Ok(false)
+        let Some(live) = self.live().cloned() else {
+            return Ok(false);
+        };
+        let found = {
+            let mut forwards = lock(&self.shared.remote_forwards);
+            let at = forwards
+                .iter()
+                .position(|f| f.address == address && (f.asked == port || f.bound == port));
+            at.map(|i| forwards.remove(i))
+        };
+        let Some(forward) = found else {
+            return Ok(false);
+        };
+        Ok(live
+            .upstream
+            .cancel_tcpip_forward(forward.address, forward.asked)
+            .await
+            .is_ok())
     }
 
     async fn data(

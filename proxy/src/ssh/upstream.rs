@@ -1,7 +1,8 @@
 //! The proxy's side of the connection to a node: a russh client that checks
 //! the node's host certificate (or its pinned key, which is then the only
-//! one accepted), logs in with the session's one-minute certificate, and passes agent / X11 channels the node opens
-//! back to the user when their role allows it.
+//! one accepted), logs in with the session's one-minute certificate, and passes agent, X11
+//! and remote-forward channels the node opens back to the user when their
+//! role allows them.
 
 use super::handler::ConnShared;
 use super::SshProxy;
@@ -103,6 +104,27 @@ impl client::Handler for Upstream {
                     .await
             }
         }
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.shared
+            .forwarded_tcpip(
+                channel,
+                reply,
+                (connected_address, connected_port),
+                (originator_address, originator_port),
+            )
+            .await;
         Ok(())
     }
 
