@@ -747,7 +747,7 @@ fn port_forwarding_only_when_the_role_allows_it() {
     );
     assert!(std::net::TcpStream::connect(("127.0.0.1", remote)).is_err());
     let bob = lab.user("bob", "access");
-    lab.grant(&bob, "node-admin", "10m");
+    let bob_grant = lab.grant(&bob, "node-admin", "10m");
     let cfg = ssh_config(&bob);
     let out = Command::new("ssh")
         .arg("-F")
@@ -809,8 +809,28 @@ fn port_forwarding_only_when_the_role_allows_it() {
     .unwrap();
     assert_eq!(got, "from-the-user-side\n", "{}", lab.d.stderr());
     answering.join().unwrap();
-    let _ = forward.kill();
+    // A revoke ends the connection, and with it the node's listener.
+    lab.user("root-admin", "auditor")
+        .ok(&["request", "revoke", &bob_grant, "--reason", "done"])
+        .unwrap();
+    let ended = wait_until("ssh -R to end at revoke", Duration::from_secs(10), || {
+        forward.try_wait().unwrap()
+    });
+    if ended.is_err() {
+        let _ = forward.kill();
+    }
     let _ = forward.wait();
+    ended.unwrap();
+    wait_until(
+        "the node to stop listening",
+        Duration::from_secs(10),
+        || {
+            std::net::TcpStream::connect(("127.0.0.1", remote))
+                .is_err()
+                .then_some(())
+        },
+    )
+    .unwrap();
     // (Audit writes are asynchronous.)
     let remote_forward = wait_until(
         "the ssh_remote_forward event",
