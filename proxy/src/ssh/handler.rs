@@ -372,6 +372,11 @@ impl Live {
     /// up on a client that does not take it within [`TELL_TIMEOUT`].
     async fn tell(&self, handle: &server::Handle, text: &str) {
         let line = format!("\r\nwicket: {text}\r\n");
+        // What the user is told is part of the recording, when it is said
+        // (a client that does not read still has it on the record).
+        if let Some(r) = self.existing_recorder() {
+            r.output(crate::clock::instant(), line.as_bytes());
+        }
         let ids = lock(&self.session_channels).clone();
         let send = async {
             for id in ids {
@@ -381,10 +386,6 @@ impl Live {
             }
         };
         let _ = tokio::time::timeout(TELL_TIMEOUT, send).await;
-        // What the user saw is part of the recording.
-        if let Some(r) = self.existing_recorder() {
-            r.output(crate::clock::instant(), line.as_bytes());
-        }
     }
 
     /// Ends the session now with `why` (the grant ended).
