@@ -186,6 +186,7 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
         .file_name()
         .with_context(|| format!("{} names no file", path.display()))?
         .to_os_string();
+    remove_abandoned_temps(path, &name.to_string_lossy());
     name.push(format!(
         ".{}.{}.tmp~",
         std::process::id(),
@@ -210,9 +211,58 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
+/// Removes temporary files of `path` (`NAME.PID.N.tmp~`) left by a `wicket`
+/// that died mid-write: those whose process is gone. Where `/proc` does not
+/// tell, none are removed.
+fn remove_abandoned_temps(path: &Path, name: &str) {
+    let (Some(dir), true) = (path.parent(), Path::new("/proc/self").exists()) else {
+        return;
+    };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!("{name}.");
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|rest| rest.strip_suffix(".tmp~"))
+            .and_then(|rest| rest.split_once('.'))
+            .filter(|(_, n)| n.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temporary_files_of_dead_writers_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("tls.key");
+        // A PID above the kernel's limit (4194304) is never alive.
+        let dead = dir.path().join("tls.key.4294967295.0.tmp~");
+        let alive = dir
+            .path()
+            .join(format!("tls.key.{}.7.tmp~", std::process::id()));
+        let other = dir.path().join("tls.crt.4294967295.0.tmp~");
+        for f in [&dead, &alive, &other] {
+            fs::write(f, b"x").unwrap();
+        }
+        write_file(&key, b"secret", 0o600).unwrap();
+        assert_eq!(fs::read(&key).unwrap(), b"secret");
+        assert!(!dead.exists(), "a dead writer's file stayed");
+        assert!(alive.exists(), "a live writer's file was removed");
+        assert!(other.exists(), "another file's temporary was removed");
+    }
 
     #[test]
     fn names_from_the_server_stay_one_directory_each() {
