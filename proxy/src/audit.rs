@@ -160,12 +160,15 @@ pub enum AuditEvent {
         host: String,
         port: u32,
     },
-    /// The node listens for the user's remote forward (`ssh -R`).
+    /// The node listens for the user's remote forward (`ssh -R`), or (with
+    /// `from`: who connected) took a connection on it.
     SshRemoteForward {
         #[serde(flatten)]
         session: Arc<SessionRef>,
         address: String,
         port: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
     },
 }
 

@@ -775,41 +775,84 @@ fn port_forwarding_only_when_the_role_allows_it() {
     let _ = out.wait();
 
     // -R: the node listens on `remote`, and a connection to it reaches a
-    // listener on the user's side, through wicketd.
+    // listener on the user's side, through wicketd. The forwards go
+    // through a control master, which can add and cancel them.
     let user_side = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let user_port = user_side.local_addr().unwrap().port();
     let answering = std::thread::spawn(move || {
-        let (mut c, _) = user_side.accept().unwrap();
-        c.write_all(b"from-the-user-side\n").unwrap();
+        for _ in 0..2 {
+            let (mut c, _) = user_side.accept().unwrap();
+            c.write_all(b"from-the-user-side\n").unwrap();
+        }
     });
+    let mux = tempfile::tempdir().unwrap();
+    let control = format!("ControlPath={}", mux.path().join("cm").display());
+    let spec = |node_port: u16| format!("127.0.0.1:{node_port}:127.0.0.1:{user_port}");
     let mut forward = ssh(&cfg)
-        .args(["-N", "-o", "ExitOnForwardFailure=yes", "-R"])
-        .arg(format!("127.0.0.1:{remote}:127.0.0.1:{user_port}"))
+        .args(["-N", "-o", "ControlMaster=yes", "-o", &control])
+        .args(["-o", "ExitOnForwardFailure=yes", "-R", &spec(remote)])
         .arg(lab.dest())
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let got = wait_until(
-        "the node's end of the -R forward",
-        Duration::from_secs(20),
-        || {
+    let mut through = |port: u16, what: &str| {
+        wait_until(what, Duration::from_secs(20), || {
             if let Ok(Some(status)) = forward.try_wait() {
                 let mut e = String::new();
                 let _ = forward.stderr.take().unwrap().read_to_string(&mut e);
                 panic!("ssh -R exited ({status}): {e}");
             }
-            let mut c = std::net::TcpStream::connect(("127.0.0.1", remote)).ok()?;
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
             c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             let mut got = String::new();
             let _ = c.read_to_string(&mut got);
             Some(got)
-        },
-    )
-    .unwrap();
+        })
+        .unwrap()
+    };
+    let got = through(remote, "the node's end of the -R forward");
+    assert_eq!(got, "from-the-user-side\n", "{}", lab.d.stderr());
+    let stops_listening = |port: u16| {
+        wait_until(
+            "the node to stop listening",
+            Duration::from_secs(10),
+            || {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .is_err()
+                    .then_some(())
+            },
+        )
+        .unwrap()
+    };
+    let mux_ctl = |op: &str, port: u16| {
+        output(
+            ssh(&cfg)
+                .args(["-o", &control, "-O", op, "-R", &spec(port)])
+                .arg(lab.dest()),
+        )
+    };
+    // Cancelled, the node stops listening.
+    let out = mux_ctl("cancel", remote);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    stops_listening(remote);
+    // To port 0: the node picks one, and the user is told which.
+    let out = mux_ctl("forward", 0);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let picked: u16 = text(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}: {:?} {:?}", text(&out.stdout), text(&out.stderr)));
+    assert_ne!(picked, 0);
+    let got = through(picked, "the node's end of the -R forward to port 0");
     assert_eq!(got, "from-the-user-side\n", "{}", lab.d.stderr());
     answering.join().unwrap();
-    // A revoke ends the connection, and with it the node's listener.
+    // Cancelled as it was asked for, the node stops listening on the port
+    // it picked.
+    let out = mux_ctl("cancel", 0);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    stops_listening(picked);
+    // A revoke ends the connection.
     lab.user("root-admin", "auditor")
         .ok(&["request", "revoke", &bob_grant, "--reason", "done"])
         .unwrap();
@@ -821,31 +864,44 @@ fn port_forwarding_only_when_the_role_allows_it() {
     }
     let _ = forward.wait();
     ended.unwrap();
-    wait_until(
-        "the node to stop listening",
-        Duration::from_secs(10),
-        || {
-            std::net::TcpStream::connect(("127.0.0.1", remote))
-                .is_err()
-                .then_some(())
-        },
-    )
-    .unwrap();
-    // (Audit writes are asynchronous.)
-    let remote_forward = wait_until(
-        "the ssh_remote_forward event",
+    // Each listen and each connection is audited (asynchronously; a probe
+    // above may have connected once more before a cancel took hold).
+    let (remote, picked) = (u64::from(remote), u64::from(picked));
+    let want = [
+        (remote, false),
+        (remote, true),
+        (picked, false),
+        (picked, true),
+    ];
+    let forwards = wait_until(
+        "the ssh_remote_forward events",
         Duration::from_secs(10),
         || {
             let events = Value::from(bob.audit(&["--user", "bob"]).unwrap());
-            let found = events
+            let seen: std::collections::BTreeSet<(u64, bool)> = events
                 .as_array()?
                 .iter()
-                .find(|e| e["kind"] == "ssh_remote_forward");
-            found.cloned()
+                .filter(|e| e["kind"] == "ssh_remote_forward")
+                .map(|e| {
+                    let d = &e["data"];
+                    (d["port"].as_u64().unwrap(), d["from"].is_string())
+                })
+                .collect();
+            want.iter().all(|w| seen.contains(w)).then_some(seen)
         },
     )
-    .unwrap();
-    assert_eq!(remote_forward["data"]["port"], remote, "{remote_forward}");
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}",
+            Value::from(bob.audit(&["--user", "bob"]).unwrap())
+        )
+    });
+    assert!(
+        forwards
+            .iter()
+            .all(|(port, _)| *port == remote || *port == picked),
+        "{forwards:?}"
+    );
 }
 
 #[test]

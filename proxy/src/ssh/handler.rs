@@ -73,15 +73,22 @@ pub(crate) struct ConnShared {
     /// for, and as the node bound them (when asked for 0).
     remote_forwards: Mutex<Vec<RemoteForward>>,
     next_forward: AtomicU64,
+    /// Woken when a remote forward's bound port becomes known.
+    forwards_changed: tokio::sync::Notify,
 }
 
 /// One remote forward the node listens for.
 struct RemoteForward {
     id: u64,
     address: String,
-    asked: u32,
-    bound: u32,
+    /// The port it listens on; not known yet for port 0 until the node
+    /// answers.
+    bound: Option<u32>,
 }
+
+/// How long a connection on a remote forward to port 0 may wait for the
+/// node's answer (which it sent just before) to be seen here.
+const FORWARD_SETTLE: Duration = Duration::from_secs(2);
 
 /// Whether a connection's session was ended (see [`ConnShared::cut`]).
 pub(crate) struct Cut(watch::Sender<bool>);
@@ -119,9 +126,7 @@ impl ConnShared {
         (address, port): (&str, u32),
         (from_address, from_port): (&str, u32),
     ) {
-        let ours = lock(&self.remote_forwards)
-            .iter()
-            .any(|f| port != 0 && f.bound == port);
+        let ours = self.asked_for(address, port).await;
         let live = lock(&self.live).clone();
         let (Some(live), Some(handle), true) = (live, self.server_handle(), ours) else {
             reply
@@ -140,6 +145,13 @@ impl ConnShared {
             return;
         }
         reply.accept().await;
+        live.audit(AuditEvent::SshRemoteForward {
+            session: live.sref.clone(),
+            address: address.to_owned(),
+            port,
+            from: Some(format!("{from_address}:{from_port}")),
+        })
+        .await;
         live.marker(&what);
         let (address, from_address) = (address.to_owned(), from_address.to_owned());
         let relay = tokio::spawn(async move {
@@ -152,6 +164,49 @@ impl ConnShared {
             }
         });
         live.track(&relay);
+    }
+
+    /// Whether the user asked this connection for a remote forward that
+    /// the node listens for at `address`:`port` (as the node names it: the
+    /// address as asked). Waits, briefly, while a forward to port 0 at that
+    /// address has no known port yet.
+    async fn asked_for(&self, address: &str, port: u32) -> bool {
+        let deadline = tokio::time::Instant::now() + FORWARD_SETTLE;
+        loop {
+            let changed = self.forwards_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let forwards = lock(&self.remote_forwards);
+                let mut at = forwards.iter().filter(|f| f.address == address);
+                if port != 0 && at.clone().any(|f| f.bound == Some(port)) {
+                    return true;
+                }
+                if !at.any(|f| f.bound.is_none()) {
+                    return false;
+                }
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Records what the node answered to remote forward `id`: its port,
+    /// or (on `None`) that it does not listen.
+    fn settle_forward(&self, id: u64, bound: Option<u32>) {
+        {
+            let mut forwards = lock(&self.remote_forwards);
+            match bound {
+                Some(p) => {
+                    if let Some(f) = forwards.iter_mut().find(|f| f.id == id) {
+                        f.bound = Some(p);
+                    }
+                }
+                None => forwards.retain(|f| f.id != id),
+            }
+        }
+        self.forwards_changed.notify_waiters();
     }
 }
 
@@ -1315,29 +1370,25 @@ impl server::Handler for Conn {
             return Ok(false);
         }
         // Known before the node is asked: it may take a connection before
-        // its answer arrives here.
+        // its answer is seen here.
         let id = self.shared.next_forward.fetch_add(1, Ordering::Relaxed);
         lock(&self.shared.remote_forwards).push(RemoteForward {
             id,
             address: address.to_owned(),
-            asked,
-            bound: asked,
+            bound: (asked != 0).then_some(asked),
         });
-        let bound = live.upstream.tcpip_forward(address, asked).await;
-        {
-            let mut forwards = lock(&self.shared.remote_forwards);
-            match &bound {
-                Ok(p) => {
-                    if let Some(f) = forwards.iter_mut().find(|f| f.id == id) {
-                        f.bound = if asked == 0 { *p } else { asked };
-                    }
-                }
-                Err(_) => forwards.retain(|f| f.id != id),
-            }
-        }
+        let answer =
+            tokio::time::timeout(REPLY_TIMEOUT, live.upstream.tcpip_forward(address, asked)).await;
+        let bound = match answer {
+            Ok(Ok(_)) if asked != 0 => Ok(asked),
+            Ok(Ok(p)) if p != 0 => Ok(p),
+            Ok(Ok(_)) => Err("the node did not say which port it listens on".to_owned()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the node did not answer".to_owned()),
+        };
+        self.shared.settle_forward(id, bound.as_ref().ok().copied());
         let bound = match bound {
-            Ok(p) if asked == 0 => p,
-            Ok(_) => asked,
+            Ok(p) => p,
             Err(e) => {
                 live.marker(&format!(
                     "remote forward from the node's {address}:{asked} failed at the node: {e}"
@@ -1350,6 +1401,7 @@ impl server::Handler for Conn {
             session: live.sref.clone(),
             address: address.to_owned(),
             port: bound,
+            from: None,
         })
         .await;
         live.marker(&format!("remote forward from the node's {address}:{bound}"));
@@ -1365,21 +1417,28 @@ impl server::Handler for Conn {
         let Some(live) = self.live().cloned() else {
             return Ok(false);
         };
-        let found = {
-            let mut forwards = lock(&self.shared.remote_forwards);
-            let at = forwards
-                .iter()
-                .position(|f| f.address == address && (f.asked == port || f.bound == port));
-            at.map(|i| forwards.remove(i))
-        };
-        let Some(forward) = found else {
+        // By the port the node listens on (for a forward to port 0, the
+        // one it chose), as the node looks it up.
+        let found = lock(&self.shared.remote_forwards)
+            .iter()
+            .find(|f| f.address == address && f.bound == Some(port))
+            .map(|f| f.id);
+        let Some(id) = found else {
             return Ok(false);
         };
-        Ok(live
-            .upstream
-            .cancel_tcpip_forward(forward.address, forward.asked)
-            .await
-            .is_ok())
+        let cancelled = tokio::time::timeout(
+            REPLY_TIMEOUT,
+            live.upstream.cancel_tcpip_forward(address, port),
+        )
+        .await;
+        if !matches!(cancelled, Ok(Ok(()))) {
+            return Ok(false);
+        }
+        self.shared.settle_forward(id, None);
+        live.marker(&format!(
+            "remote forward from the node's {address}:{port} cancelled"
+        ));
+        Ok(true)
     }
 
     async fn data(

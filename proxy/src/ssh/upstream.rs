@@ -44,35 +44,35 @@ impl client::Handler for Upstream {
         let now = crate::clock::now().timestamp();
         // A pinned host key is the node's only key: a certificate for
         // another key is refused even when Wicket's host CA signed it.
-        let why = if let Some(pin) = &self.pin {
-            let presented = match key {
-                PublicKeyOrCertificate::Certificate(cert) => {
-                    openssh_key_text(&russh::keys::PublicKey::from(cert.public_key().clone()))
+        let why = match (&self.pin, key) {
+            (Some(pin), key) => {
+                let presented = match key {
+                    PublicKeyOrCertificate::Certificate(cert) => {
+                        openssh_key_text(&russh::keys::PublicKey::from(cert.public_key().clone()))
+                    }
+                    PublicKeyOrCertificate::PublicKey { key, .. } => openssh_key_text(key),
+                };
+                if presented.as_ref() == Some(pin) {
+                    return Ok(true);
                 }
-                PublicKeyOrCertificate::PublicKey { key, .. } => openssh_key_text(key),
-            };
-            if presented.as_ref() == Some(pin) {
-                return Ok(true);
+                "the node's host key does not match the pinned host_key".to_owned()
             }
-            "the node's host key does not match the pinned host_key".to_owned()
-        } else {
-            match key {
-            PublicKeyOrCertificate::Certificate(cert) => {
+            (None, PublicKeyOrCertificate::Certificate(cert)) => {
                 let blob = cert.to_bytes().map_err(russh::Error::from)?;
-                match self.proxy.trusted_hosts.verify(
+                let verified = self.proxy.trusted_hosts.verify(
                     &blob,
                     SshCertKind::Host,
                     now,
                     Some(&self.node),
-                ) {
+                );
+                match verified {
                     Ok(_) => return Ok(true),
                     Err(e) => format!("host certificate rejected: {e}"),
                 }
             }
-            PublicKeyOrCertificate::PublicKey { .. } => {
-                "the node presented a plain host key, not a certificate from Wicket's host CA, and no host_key is pinned for it".to_owned()
-            }
-            }
+            (None, PublicKeyOrCertificate::PublicKey { .. }) => "the node presented a plain host \
+                key, not a certificate from Wicket's host CA, and no host_key is pinned for it"
+                .to_owned(),
         };
         tracing::warn!(node = %self.node, reason = %why, "refusing node host key");
         *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
