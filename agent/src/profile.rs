@@ -211,9 +211,12 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
+/// How old a temporary file of a gone process must be to be removed.
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Removes temporary files of `path` (`NAME.PID.N.tmp~`) left by a `wicket`
-/// that died mid-write: those whose process is gone. Where `/proc` does not
-/// tell, none are removed.
+/// that died mid-write: those a minute old whose process is gone. Where
+/// `/proc` does not tell, none are removed.
 fn remove_abandoned_temps(path: &Path, name: &str) {
     let (Some(dir), true) = (path.parent(), Path::new("/proc/self").exists()) else {
         return;
@@ -229,12 +232,20 @@ fn remove_abandoned_temps(path: &Path, name: &str) {
             .and_then(|f| f.strip_prefix(&prefix))
             .and_then(|rest| rest.strip_suffix(".tmp~"))
             .and_then(|rest| rest.split_once('.'))
-            .filter(|(_, n)| n.bytes().all(|b| b.is_ascii_digit()))
+            .filter(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
             .and_then(|(pid, _)| pid.parse::<u32>().ok())
         else {
             continue;
         };
-        if !Path::new("/proc").join(pid.to_string()).exists() {
+        // Old too: a writer in another PID namespace sharing this
+        // directory (a container) looks dead here.
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= ABANDONED_AFTER);
+        if old && !Path::new("/proc").join(pid.to_string()).exists() {
             let _ = fs::remove_file(entry.path());
         }
     }
@@ -254,14 +265,27 @@ mod tests {
             .path()
             .join(format!("tls.key.{}.7.tmp~", std::process::id()));
         let other = dir.path().join("tls.crt.4294967295.0.tmp~");
-        for f in [&dead, &alive, &other] {
+        let fresh = dir.path().join("tls.key.4294967295.1.tmp~");
+        let no_counter = dir.path().join("tls.key.4294967295..tmp~");
+        let long_ago = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+        for f in [&dead, &alive, &other, &fresh, &no_counter] {
             fs::write(f, b"x").unwrap();
+            if f != &fresh {
+                fs::File::options()
+                    .write(true)
+                    .open(f)
+                    .unwrap()
+                    .set_modified(long_ago)
+                    .unwrap();
+            }
         }
         write_file(&key, b"secret", 0o600).unwrap();
         assert_eq!(fs::read(&key).unwrap(), b"secret");
         assert!(!dead.exists(), "a dead writer's file stayed");
         assert!(alive.exists(), "a live writer's file was removed");
         assert!(other.exists(), "another file's temporary was removed");
+        assert!(fresh.exists(), "a fresh temporary was removed");
+        assert!(no_counter.exists(), "a name not of the pattern was removed");
     }
 
     #[test]

@@ -302,7 +302,7 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Databases(DatabasesCommand::Ca { source }) => {
             let cfg = load_config(&source)?;
-            let (keys, _) = crate::keystore::load_or_generate(
+            let keys = crate::keystore::load_or_make_first(
                 &cfg.data_dir,
                 &cfg.cluster_name,
                 clock::now().timestamp(),
@@ -319,8 +319,7 @@ async fn run(command: Command) -> Result<()> {
         }) => {
             let cfg = load_config(&source)?;
             let now = clock::now().timestamp();
-            let (keys, _) =
-                crate::keystore::load_or_generate(&cfg.data_dir, &cfg.cluster_name, now)?;
+            let keys = crate::keystore::load_or_make_first(&cfg.data_dir, &cfg.cluster_name, now)?;
             let rng = ring::rand::SystemRandom::new();
             let (pkcs8, spki) = wicket_ca::x509::new_p256_key(&rng)?;
             let leaf = keys.tls.issue_server(
@@ -388,7 +387,7 @@ async fn run(command: Command) -> Result<()> {
 fn nodes_add(cfg: &Config, name: &str, host_key: &Path, write_dir: Option<&Path>) -> Result<()> {
     use wicket_policy::ResourceKind;
     let now = clock::now().timestamp();
-    let (keys, _) = crate::keystore::load_or_generate(&cfg.data_dir, &cfg.cluster_name, now)?;
+    let keys = crate::keystore::load_or_make_first(&cfg.data_dir, &cfg.cluster_name, now)?;
     let text = std::fs::read_to_string(host_key)
         .map_err(|e| Error::BadRequest(format!("cannot read {}: {e}", host_key.display())))?;
     let setup = crate::ssh::node_setup(&keys, &cfg.cluster_name, name, &text, now)?;

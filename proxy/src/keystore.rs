@@ -84,6 +84,19 @@ pub fn load(data_dir: &Path) -> Result<AuthorityKeys> {
     })?)
 }
 
+/// For set-up commands that may run before the first start (`databases
+/// ca`, `databases server-cert`, `nodes add`): makes the key set when the
+/// data directory has none at all, as the first start would; otherwise
+/// only reads it ([`load`]), so it changes nothing a running wicketd uses.
+pub fn load_or_make_first(data_dir: &Path, cluster: &str, now: i64) -> Result<AuthorityKeys> {
+    let none = missing_files(&data_dir.join("ca")).len() == AuthorityKeys::REQUIRED_FILES.len();
+    if none {
+        Ok(load_or_generate(data_dir, cluster, now)?.0)
+    } else {
+        load(data_dir)
+    }
+}
+
 /// The required files of the key set that `ca_dir` lacks.
 fn missing_files(ca_dir: &Path) -> Vec<&'static str> {
     AuthorityKeys::REQUIRED_FILES
@@ -183,6 +196,21 @@ mod tests {
         let _ = load(dir.path());
         let mode = fs::metadata(&ca).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o750);
+    }
+
+    #[test]
+    fn set_up_commands_make_a_first_key_set_and_otherwise_only_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = load_or_make_first(dir.path(), "t", 1_700_000_000).unwrap();
+        assert_eq!(load(dir.path()).unwrap().tls.pin(), made.tls.pin());
+        let ca = dir.path().join("ca");
+        fs::remove_file(ca.join("ssh_node_ca.key")).unwrap();
+        fs::remove_file(ca.join("ssh_node_ca.pub")).unwrap();
+        let e = load_or_make_first(dir.path(), "t", 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("start wicketd once"), "{e}");
+        assert!(!ca.join("ssh_node_ca.key").exists());
     }
 
     #[test]

@@ -350,10 +350,12 @@ impl Wicket {
             Reservation::Refused { oldest_failure_ms } => oldest_failure_ms,
         };
         let retry = match oldest {
-            Some(oldest) => ((oldest + limits.failure_window.num_milliseconds()
-                - now.timestamp_millis())
-                / 1000)
-                .max(1) as u64,
+            // Rounded up: a client that waits this long is let in.
+            Some(oldest) => {
+                let left_ms =
+                    oldest + limits.failure_window.num_milliseconds() - now.timestamp_millis();
+                ((left_ms + 999) / 1000).max(1) as u64
+            }
             // Only checks under way fill the budget: they end in moments.
             None => 1,
         };
