@@ -69,8 +69,8 @@ pub(crate) struct ConnShared {
     /// read and write [`CUT_GRACE`] later if it has not closed by then (a
     /// client that stops reading cannot hold a revoked session open).
     pub(crate) cut: Arc<Cut>,
-    /// The node ports of the user's remote forwards (`ssh -R`): as asked
-    /// for, and as the node bound them (when asked for 0).
+    /// The user's remote forwards (`ssh -R`) on this connection: what the
+    /// node may open `forwarded-tcpip` channels for.
     remote_forwards: Mutex<Vec<RemoteForward>>,
     next_forward: AtomicU64,
     /// Woken when a remote forward's bound port becomes known.
