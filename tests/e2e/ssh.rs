@@ -198,6 +198,17 @@ fn output(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null()).output().unwrap()
 }
 
+/// Asserts that an `ssh` run failed with `why` on stderr, and that its
+/// stdout has nothing of `ran` (what the command would have printed; ""
+/// for none).
+fn failed_with(out: &Output, why: &str, ran: &str) {
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let said = text(&out.stdout);
+    assert!(ran.is_empty() || !said.contains(ran), "{said}");
+    assert!(err.contains(why), "{err}");
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -724,12 +735,7 @@ fn port_forwarding_only_when_the_role_allows_it() {
             .args(["-W", &format!("127.0.0.1:{}", lab.node.port())])
             .arg(lab.dest()),
     );
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("prohibited"),
-        "{}",
-        text(&out.stderr)
-    );
+    failed_with(&out, "prohibited", "");
     // -R too is port forwarding: the node is not asked to listen.
     let remote = free_port().unwrap();
     let out = output(
@@ -739,12 +745,7 @@ fn port_forwarding_only_when_the_role_allows_it() {
             .arg(lab.dest())
             .arg("true"),
     );
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("remote port forwarding failed"),
-        "{}",
-        text(&out.stderr)
-    );
+    failed_with(&out, "remote port forwarding failed", "");
     assert!(std::net::TcpStream::connect(("127.0.0.1", remote)).is_err());
     let bob = lab.user("bob", "access");
     let bob_grant = lab.grant(&bob, "node-admin", "10m");
@@ -1823,12 +1824,7 @@ fn a_pinned_host_key_is_the_only_one_accepted() {
     lab.grant(&alice, "node-admin", "10m");
     let cfg = ssh_config(&alice);
     let out = output(ssh(&cfg).arg(lab.dest()).arg("echo reached"));
-    assert!(!out.status.success() && !text(&out.stdout).contains("reached"));
-    assert!(
-        text(&out.stderr).contains("does not match the pinned host_key"),
-        "{}",
-        text(&out.stderr)
-    );
+    failed_with(&out, "does not match the pinned host_key", "reached");
 }
 
 /// With `limits.max_connections_per_user: 1`, a user's second connection
@@ -1859,12 +1855,7 @@ fn a_user_holds_at_most_their_share_of_connections() {
         .unwrap();
     assert_eq!(&line, b"started\n");
     let out = output(ssh(&cfg).arg(lab.dest()).arg("echo second"));
-    assert!(!out.status.success() && !text(&out.stdout).contains("second"));
-    assert!(
-        text(&out.stderr).contains("Permission denied"),
-        "{}",
-        text(&out.stderr)
-    );
+    failed_with(&out, "Permission denied", "second");
     first.kill().unwrap();
     first.wait().unwrap();
     wait_until("the place to free up", Duration::from_secs(10), || {
