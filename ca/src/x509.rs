@@ -530,7 +530,7 @@ impl TrustedX509Cas {
             .iter()
             .find(|ca| ca.subject == leaf.issuer().as_raw() && signed_by(ca))
             .ok_or_else(|| rejected("certificate is not signed by a trusted Wicket CA"))?;
-        if !(ca.validity.not_before <= now && now <= ca.validity.not_after) {
+        if !ca.validity.contains(now) {
             return Err(rejected("the issuing CA certificate is not valid now"));
         }
         let v = leaf.validity();

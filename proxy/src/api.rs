@@ -152,7 +152,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Authenticated {
                 // The handshake checked the certificate's window (ending
                 // before notAfter, as `verify_client`); a kept-alive
                 // connection must not outlive it.
-                if cert.validity.not_after <= crate::clock::now().timestamp() {
+                if !cert.validity.contains(crate::clock::now().timestamp()) {
                     return Err(Error::Unauthenticated(
                         "client certificate expired during this connection; run `wicket login`"
                             .into(),
