@@ -468,6 +468,18 @@ impl Live {
             .await;
     }
 
+    /// Puts a refused `what` (`ssh.<what>` in the audit) and why on the
+    /// recording and in the audit.
+    async fn refused_on_record(&self, what: &str, why: &str) {
+        self.marker(&format!("{what} refused: {why}"));
+        self.audit(AuditEvent::AccessDenied {
+            user: self.sref.user.clone(),
+            action: format!("ssh.{what}"),
+            reason: why.to_owned(),
+        })
+        .await;
+    }
+
     fn track<T>(&self, task: &tokio::task::JoinHandle<T>) {
         let mut tasks = lock(&self.tasks);
         tasks.retain(|t| !t.is_finished());
@@ -909,13 +921,10 @@ impl Conn {
             return Ok(false);
         }
         if let Some(live) = self.live() {
-            let why = "this channel already asked for a shell, command or subsystem".to_owned();
-            live.marker(&format!("{what} refused: {why}"));
-            live.audit(AuditEvent::AccessDenied {
-                user: live.sref.user.clone(),
-                action: format!("ssh.{what}"),
-                reason: why,
-            })
+            live.refused_on_record(
+                what,
+                "this channel already asked for a shell, command or subsystem",
+            )
             .await;
         }
         session.channel_failure(channel)?;
@@ -1024,13 +1033,7 @@ async fn refuse(
     close: bool,
     session: &mut Session,
 ) -> Result<(), russh::Error> {
-    live.marker(&format!("{what} refused: {why}"));
-    live.audit(AuditEvent::AccessDenied {
-        user: live.sref.user.clone(),
-        action: format!("ssh.{what}"),
-        reason: why.to_owned(),
-    })
-    .await;
+    live.refused_on_record(what, why).await;
     let line = format!("wicket: refused: {why}; nothing new starts on this connection\r\n");
     let _ = session.extended_data(channel, 1, Bytes::from(line.into_bytes()));
     if close {
