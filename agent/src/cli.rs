@@ -587,6 +587,7 @@ fn status_json(p: &Profile) -> Result<serde_json::Value> {
             .unwrap_or_default()
     };
     let now = crate::now().timestamp() as u64;
+    let login_ends = id.login_ends(i64::try_from(cert.valid_before()).unwrap_or(i64::MAX));
     Ok(serde_json::json!({
         "proxy": info.proxy,
         "cluster": info.cluster_name,
@@ -598,12 +599,8 @@ fn status_json(p: &Profile) -> Result<serde_json::Value> {
         "valid_after": ts(cert.valid_after()),
         "valid_before": ts(cert.valid_before()),
         "expired": now >= cert.valid_before(),
-        // New certificates and requests need a new `wicket login` after it
-        // (certificates from before that field end with themselves).
-        "login_until": ts(id
-            .login_until
-            .and_then(|t| u64::try_from(t).ok())
-            .unwrap_or(cert.valid_before())),
+        // New certificates and requests need a new `wicket login` after it.
+        "login_until": ts(u64::try_from(login_ends).unwrap_or(cert.valid_before())),
         "files": {
             "ssh_key": p.ssh_key(),
             "ssh_certificate": p.ssh_cert(),

@@ -42,6 +42,13 @@ fn valid_token(s: &str) -> bool {
 }
 
 impl Identity {
+    /// When the login behind a certificate ending at `not_after` ends:
+    /// `login_until`, or (certificates from before that field) the
+    /// certificate's own end.
+    pub fn login_ends(&self, not_after: i64) -> i64 {
+        self.login_until.unwrap_or(not_after)
+    }
+
     /// Rejects names that could smuggle separators into certificate fields.
     pub fn validate(&self) -> Result<()> {
         if !valid_token(&self.user) {

@@ -121,7 +121,7 @@ impl Caller {
             user: identity.user.clone(),
             request_ids: identity.request_ids.clone(),
             source,
-            login_until: identity.login_until.unwrap_or(not_after),
+            login_until: identity.login_ends(not_after),
             valid_until: not_after,
         }
     }
