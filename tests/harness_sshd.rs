@@ -188,14 +188,18 @@ impl SshdBuilder {
         };
         let log_path = root.join("sshd.log");
         let config = root.join("sshd_config");
+        // X11 forwarding on, as in Debian's stock sshd_config; the node's
+        // xauth keeps session cookies in this temp dir, not in ~/.Xauthority.
         let mut text = format!(
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile none\nUsePAM no\n\
+             SetEnv XAUTHORITY={}\n\
              StrictModes no\nLogLevel VERBOSE\nAuthorizedKeysFile none\nPubkeyAuthentication yes\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin yes\n\
-             AllowTcpForwarding yes\nAllowAgentForwarding yes\nX11Forwarding no\nPrintMotd no\n\
+             AllowTcpForwarding yes\nAllowAgentForwarding yes\nX11Forwarding yes\nPrintMotd no\n\
              PrintLastLog no\nAcceptEnv LANG LC_*\nMaxSessions 100\nMaxStartups 500:30:1000\n\
              Subsystem sftp {}\n",
             host_key.display(),
+            root.join("Xauthority").display(),
             sftp_server()
         );
         for l in lines.iter().chain(&self.extra) {

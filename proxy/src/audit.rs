@@ -170,6 +170,13 @@ pub enum AuditEvent {
         #[serde(skip_serializing_if = "Option::is_none")]
         from: Option<String>,
     },
+    /// A program on the node connected to the session's X11 display
+    /// (`from`: its address there), passed to the user's display.
+    SshX11 {
+        #[serde(flatten)]
+        session: Arc<SessionRef>,
+        from: String,
+    },
 }
 
 /// Who, where and under which grants: carried by every session event.
@@ -194,6 +201,7 @@ pub const SESSION_ACTION_KINDS: &[&str] = &[
     "ssh_exec",
     "ssh_port_forward",
     "ssh_remote_forward",
+    "ssh_x11",
 ];
 
 /// Kinds a database session produces at the rate of its statements: the
@@ -230,6 +238,7 @@ impl AuditEvent {
             Self::SshExec { .. } => "ssh_exec",
             Self::SshPortForward { .. } => "ssh_port_forward",
             Self::SshRemoteForward { .. } => "ssh_remote_forward",
+            Self::SshX11 { .. } => "ssh_x11",
         }
     }
 
@@ -260,7 +269,8 @@ impl AuditEvent {
             | Self::DbError { session, .. }
             | Self::SshExec { session, .. }
             | Self::SshPortForward { session, .. }
-            | Self::SshRemoteForward { session, .. } => Some(&**session),
+            | Self::SshRemoteForward { session, .. }
+            | Self::SshX11 { session, .. } => Some(&**session),
             _ => None,
         }
     }

@@ -38,7 +38,7 @@ roles:
   access:
     logins: [ "{{{{user}}}}" ]
     nodes: {{ env: nowhere }}
-    request: {{ roles: [ node-admin, no-forward, agent-ok ] }}
+    request: {{ roles: [ node-admin, no-forward, agent-ok, x11-ok ] }}
   node-admin:
     logins: [ {login} ]
     nodes: {{ env: test }}
@@ -55,12 +55,16 @@ roles:
     logins: [ {login} ]
     nodes: {{ env: test }}
     agent_forwarding: true
+  x11-ok:
+    logins: [ {login} ]
+    nodes: {{ env: test }}
+    x11_forwarding: true
   auditor:
     review: {{ roles: [ "*" ] }}
     revoke: true
     audit: true
 approval:
-  - roles: [ node-admin, no-forward, agent-ok ]
+  - roles: [ node-admin, no-forward, agent-ok, x11-ok ]
     require: self
 resources:
   nodes:
@@ -1090,16 +1094,16 @@ fn window_resize_reaches_the_node_and_the_recording() {
 }
 
 #[test]
-fn x11_forwarding_is_refused_with_a_message_when_the_role_does_not_allow_it() {
+fn x11_forwarding_only_when_the_role_allows_it() {
     let lab = Lab::start();
     let alice = lab.user("alice", "access");
     lab.grant(&alice, "node-admin", "10m");
     let cfg = ssh_config(&alice);
-    // A (fake) display on the client side: ssh asks for X11 forwarding.
+    // A display on the user's side (a stand-in X server on a free port:
+    // display N is TCP port 6000 + N): ssh asks for X11 forwarding.
+    let mut x = FakeXServer::start();
     let out = output(
-        ssh(&cfg)
-            .args(["-X", "-o", "ForwardX11Trusted=yes"])
-            .env("DISPLAY", "127.0.0.1:99")
+        x.ssh(&cfg)
             .arg(lab.dest())
             .arg("echo display=${DISPLAY:-none}"),
     );
@@ -1110,6 +1114,127 @@ fn x11_forwarding_is_refused_with_a_message_when_the_role_does_not_allow_it() {
         err.contains("wicket: refused: X11 forwarding") && err.contains("not allowed"),
         "{err}"
     );
+
+    // With a role that allows it, a program on the node reaches the
+    // user's display: it connects to the display sshd made for the session
+    // with the cookie sshd stored there (ssh swaps it for the display's
+    // own), and reads what the X server says.
+    lab.grant(&alice, "x11-ok", "10m");
+    let out = x
+        .ssh(&cfg)
+        .arg(lab.dest())
+        .arg("bash -s")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            let script = format!("{X11_CLIENT}x11\necho \"display=$DISPLAY\"\n");
+            c.stdin.take().unwrap().write_all(script.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let (said, err) = (text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{said}\n{err}\nnode: {}",
+        lab.node.log()
+    );
+    assert!(said.contains(FakeXServer::REPLY), "{said}\n{err}");
+    assert!(said.contains("display=localhost:"), "{said}");
+    let setup = x.setup.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(setup.protocol, "MIT-MAGIC-COOKIE-1");
+    assert_eq!(setup.cookie_len, 16);
+    // On the record, linked to the grant.
+    let events = wait_until("the ssh_x11 event", Duration::from_secs(10), || {
+        let events = Value::from(alice.audit(&["--user", "alice"]).unwrap());
+        events
+            .as_array()?
+            .iter()
+            .find(|e| e["kind"] == "ssh_x11")
+            .cloned()
+    })
+    .unwrap();
+    assert!(events["data"]["from"].is_string(), "{events}");
+    assert_eq!(events["data"]["resource"], "node-1", "{events}");
+}
+
+/// `x11`: what a program on the node sends to its X11 display: the setup
+/// request with the cookie sshd stored for the session (`xauth`); then it
+/// prints what the server answered (nothing when the connection closes).
+const X11_CLIENT: &str = r#"trap '' PIPE
+x11() {
+  cookie=$(xauth list | awk 'NR == 1 { print $3 }')
+  [ ${#cookie} = 32 ] || { echo "no X11 cookie on the node: $(xauth list 2>&1)" >&2; exit 3; }
+  display=${DISPLAY#*:}
+  exec 3<>/dev/tcp/127.0.0.1/$((6000 + ${display%%.*})) || return 0
+  {
+    printf 'l\000\013\000\000\000\022\000\020\000\000\000MIT-MAGIC-COOKIE-1\000\000'
+    printf "$(printf %s "$cookie" | sed 's/../\\x&/g')"
+  } >&3 2>/dev/null
+  head -c 13 <&3
+  exec 3<&-
+}
+"#;
+
+/// A stand-in for the user's X server: reads each connection's setup
+/// request, answers [`FakeXServer::REPLY`] and closes it.
+struct FakeXServer {
+    display: String,
+    xauthority: tempfile::TempDir,
+    setup: mpsc::Receiver<X11Setup>,
+}
+
+struct X11Setup {
+    protocol: String,
+    cookie_len: usize,
+}
+
+impl FakeXServer {
+    const REPLY: &'static str = "x11-reply-ok\n";
+
+    fn start() -> FakeXServer {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, setup) = mpsc::channel();
+        std::thread::spawn(move || {
+            for c in listener.incoming() {
+                let Ok(mut c) = c else { return };
+                c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let mut head = [0u8; 12];
+                c.read_exact(&mut head).unwrap();
+                assert_eq!(head[0], b'l', "little-endian, as the node's client sent it");
+                let n = usize::from(u16::from_le_bytes([head[6], head[7]]));
+                let d = usize::from(u16::from_le_bytes([head[8], head[9]]));
+                let pad = |len: usize| len.div_ceil(4) * 4;
+                let mut rest = vec![0u8; pad(n) + pad(d)];
+                c.read_exact(&mut rest).unwrap();
+                c.write_all(Self::REPLY.as_bytes()).unwrap();
+                let sent = tx.send(X11Setup {
+                    protocol: String::from_utf8_lossy(&rest[..n]).into_owned(),
+                    cookie_len: d,
+                });
+                if sent.is_err() {
+                    return;
+                }
+            }
+        });
+        FakeXServer {
+            display: format!("127.0.0.1:{}", port - 6000),
+            xauthority: tempfile::tempdir().unwrap(),
+            setup,
+        }
+    }
+
+    /// `ssh -Y` with this display (no cookie for it on the user's side:
+    /// ssh makes one up).
+    fn ssh(&mut self, cfg: &Path) -> Command {
+        let mut c = ssh(cfg);
+        c.arg("-Y")
+            .env("DISPLAY", &self.display)
+            .env("XAUTHORITY", self.xauthority.path().join("Xauthority"));
+        c
+    }
 }
 
 /// With `session.disconnect_on_expiry: false` a running session outlives its
@@ -1213,6 +1338,82 @@ fn after_the_grant_ends_a_kept_connection_opens_no_new_channels() {
     assert!(
         err.contains("new sessions on this connection are refused"),
         "{err}"
+    );
+}
+
+/// Channels the node opens follow the same rule: after the grant ended, a
+/// program on the node of a kept session no longer reaches the user's X11
+/// display.
+#[test]
+fn after_the_grant_ends_a_kept_connection_takes_no_x11_channels() {
+    let lab = Lab::start_with(", disconnect_on_expiry: false");
+    let alice = lab.user("alice", "access");
+    let id = lab.grant(&alice, "x11-ok", "4s");
+    let cfg = ssh_config(&alice);
+    let dir = tempfile::tempdir().unwrap();
+    let stop = dir.path().join("stop");
+    let mut x = FakeXServer::start();
+    let mut session = x
+        .ssh(&cfg)
+        .arg(lab.dest())
+        .arg("bash -s")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let script = format!(
+        // Bounded, so a failed run leaves nothing waiting on the node.
+        "{X11_CLIENT}x11\necho before\n\
+         t=0; while [ ! -e {} ] && [ $t -lt 600 ]; do sleep 0.1; t=$((t+1)); done\n\
+         x11\necho after\n",
+        stop.display()
+    );
+    session
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let first = x.setup.recv_timeout(Duration::from_secs(20)).unwrap();
+    assert_eq!(first.protocol, "MIT-MAGIC-COOKIE-1");
+    let expires = expires_at(&alice, &id);
+    wait_until("the grant to expire", Duration::from_secs(20), || {
+        (chrono::Utc::now() > expires + chrono::Duration::milliseconds(600)).then_some(())
+    })
+    .unwrap();
+    std::fs::write(&stop, b"").unwrap();
+    let done = session.wait_with_output().unwrap();
+    let (out, err) = (text(&done.stdout), text(&done.stderr));
+    assert!(done.status.success(), "{out} {err}");
+    assert_eq!(
+        out,
+        format!("{}before\nafter\n", FakeXServer::REPLY),
+        "{err}"
+    );
+    assert!(
+        x.setup.try_recv().is_err(),
+        "the display was reached after expiry"
+    );
+    // The recording says what was let through, and what was refused and why.
+    let auditor = lab.user("root-admin", "auditor");
+    let list = recordings_of(&auditor, &id);
+    let sid = list[0]["session_id"].as_str().unwrap().to_owned();
+    let cast = auditor
+        .ok(&["play", &sid, "--format", "cast"])
+        .unwrap()
+        .stdout;
+    let (_, events) = wicket::ssh::parse_cast(&cast).unwrap();
+    let markers: Vec<&str> = events
+        .iter()
+        .filter(|e| e.code == "m" && e.data.starts_with("X11 connection from"))
+        .map(|e| e.data.as_str())
+        .collect();
+    assert_eq!(markers.len(), 2, "{markers:?}");
+    assert!(!markers[0].contains("refused"), "{markers:?}");
+    assert!(
+        markers[1].contains("refused") && markers[1].contains(&id),
+        "{markers:?}"
     );
 }
 

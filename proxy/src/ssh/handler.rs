@@ -127,24 +127,12 @@ impl ConnShared {
         (from_address, from_port): (&str, u32),
     ) {
         let ours = self.asked_for(address, port).await;
-        let live = lock(&self.live).clone();
-        let (Some(live), Some(handle), true) = (live, self.server_handle(), ours) else {
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
-            return;
-        };
         let what = format!(
             "connection from {from_address}:{from_port} to the node's {address}:{port} (remote forward)"
         );
-        if let Some(why) = live.refusing() {
-            live.marker(&format!("{what} refused: {why}"));
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
+        let Some((live, handle)) = self.accept_from_node(ours, reply, &what).await else {
             return;
-        }
-        reply.accept().await;
+        };
         live.audit(AuditEvent::SshRemoteForward {
             session: live.sref.clone(),
             address: address.to_owned(),
@@ -152,18 +140,66 @@ impl ConnShared {
             from: Some(format!("{from_address}:{from_port}")),
         })
         .await;
-        live.marker(&what);
         let (address, from_address) = (address.to_owned(), from_address.to_owned());
-        let relay = tokio::spawn(async move {
-            match handle
+        let down = async move {
+            handle
                 .channel_open_forwarded_tcpip(address, port, from_address, from_port)
                 .await
-            {
-                Ok(down) => pipe(down.into_stream(), up.into_stream()).await,
-                Err(e) => tracing::debug!(error = %e, "the user refused a remote-forward channel"),
-            }
-        });
-        live.track(&relay);
+        };
+        live.relay_from_node(up, down, "remote-forward");
+    }
+
+    /// A connection to the X11 display the node's sshd made for a session
+    /// (a program there opened a window): passed to the user's client,
+    /// which connects it to their display, when this connection's X11
+    /// request was allowed and the session still takes new channels.
+    pub(crate) async fn x11(
+        &self,
+        up: Channel<russh::client::Msg>,
+        reply: russh::client::ChannelOpenHandle,
+        (from_address, from_port): (&str, u32),
+    ) {
+        let allowed = self.x11_allowed.load(Ordering::Relaxed);
+        let what = format!("X11 connection from {from_address}:{from_port} on the node");
+        let Some((live, handle)) = self.accept_from_node(allowed, reply, &what).await else {
+            return;
+        };
+        live.audit(AuditEvent::SshX11 {
+            session: live.sref.clone(),
+            from: format!("{from_address}:{from_port}"),
+        })
+        .await;
+        let from_address = from_address.to_owned();
+        let down = async move { handle.channel_open_x11(from_address, from_port).await };
+        live.relay_from_node(up, down, "X11");
+    }
+
+    /// Accepts a channel the node opens (`what` it is) when `allowed` and
+    /// the session is live and takes new channels; else refuses it, with a
+    /// marker in the recording when the session is what refuses.
+    async fn accept_from_node(
+        &self,
+        allowed: bool,
+        reply: russh::client::ChannelOpenHandle,
+        what: &str,
+    ) -> Option<(Arc<Live>, server::Handle)> {
+        let live = lock(&self.live).clone();
+        let (Some(live), Some(handle), true) = (live, self.server_handle(), allowed) else {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return None;
+        };
+        if let Some(why) = live.refusing() {
+            live.marker(&format!("{what} refused: {why}"));
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return None;
+        }
+        reply.accept().await;
+        live.marker(what);
+        Some((live, handle))
     }
 
     /// Whether the user asked this connection for a remote forward that
@@ -484,6 +520,23 @@ impl Live {
         let mut tasks = lock(&self.tasks);
         tasks.retain(|t| !t.is_finished());
         tasks.push(task.abort_handle());
+    }
+
+    /// Relays a channel the node opened (`what` kind) to the one `down`
+    /// opens to the user, as one of the session's tasks.
+    fn relay_from_node<F>(&self, up: Channel<russh::client::Msg>, down: F, what: &'static str)
+    where
+        F: std::future::Future<Output = Result<Channel<Msg>, russh::Error>> + Send + 'static,
+    {
+        let relay = tokio::spawn(async move {
+            match down.await {
+                Ok(down) => pipe(down.into_stream(), up.into_stream()).await,
+                Err(e) => {
+                    tracing::debug!(error = %e, channel = what, "the user refused a channel from the node")
+                }
+            }
+        });
+        self.track(&relay);
     }
 
     async fn finish(&self, error: Option<String>) {

@@ -136,25 +136,9 @@ impl client::Handler for Upstream {
         reply: client::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        match self.shared.server_handle() {
-            Some(h) if self.shared.x11_allowed.load(Ordering::Relaxed) => {
-                reply.accept().await;
-                let addr = originator_address.to_owned();
-                tokio::spawn(async move {
-                    match h.channel_open_x11(addr, originator_port).await {
-                        Ok(down) => {
-                            super::handler::pipe(down.into_stream(), channel.into_stream()).await
-                        }
-                        Err(e) => tracing::debug!(error = %e, "user refused the X11 channel"),
-                    }
-                });
-            }
-            _ => {
-                reply
-                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                    .await
-            }
-        }
+        self.shared
+            .x11(channel, reply, (originator_address, originator_port))
+            .await;
         Ok(())
     }
 }
