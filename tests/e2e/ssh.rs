@@ -915,28 +915,8 @@ fn agent_forwarding_is_refused_with_a_message_unless_allowed() {
     let alice = lab.user("alice", "access");
     lab.grant(&alice, "node-admin", "10m");
     let cfg = ssh_config(&alice);
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("agent.sock");
-    let mut agent = Command::new("ssh-agent")
-        .args(["-D", "-a"])
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("ssh-agent's socket", Duration::from_secs(10), || {
-        sock.exists().then_some(())
-    })
-    .unwrap();
-    let key = dir.path().join("k");
-    run(Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "forwarded-key", "-f"])
-        .arg(&key))
-    .unwrap();
-    run(Command::new("ssh-add")
-        .arg(&key)
-        .env("SSH_AUTH_SOCK", &sock))
-    .unwrap();
+    let agent = TestAgent::start();
+    let sock = agent.sock.clone();
     let out = output(
         ssh(&cfg)
             .arg("-A")
@@ -960,8 +940,7 @@ fn agent_forwarding_is_refused_with_a_message_unless_allowed() {
             .arg(lab.dest())
             .arg("ssh-add -l"),
     );
-    let _ = agent.kill();
-    let _ = agent.wait();
+    drop(agent);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
         text(&out.stdout).contains("forwarded-key"),
@@ -971,6 +950,7 @@ fn agent_forwarding_is_refused_with_a_message_unless_allowed() {
 
     // Many channels on one connection: an OpenSSH control master and
     // several sessions multiplexed over it at once.
+    let dir = tempfile::tempdir().unwrap();
     let ctl = dir.path().join("ctl");
     let master_log = dir.path().join("master.log");
     let mut master = ssh(&cfg)
@@ -1015,6 +995,53 @@ fn agent_forwarding_is_refused_with_a_message_unless_allowed() {
     let _ = master.kill();
     let _ = master.wait();
     let _ = master_log;
+}
+
+/// An `ssh-agent` holding one key (comment `forwarded-key`), stopped on drop.
+struct TestAgent {
+    sock: PathBuf,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl TestAgent {
+    fn start() -> TestAgent {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let child = Command::new("ssh-agent")
+            .args(["-D", "-a"])
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let agent = TestAgent {
+            sock,
+            child,
+            _dir: dir,
+        };
+        wait_until("ssh-agent's socket", Duration::from_secs(10), || {
+            agent.sock.exists().then_some(())
+        })
+        .unwrap();
+        let key = agent._dir.path().join("k");
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "forwarded-key", "-f"])
+            .arg(&key))
+        .unwrap();
+        run(Command::new("ssh-add")
+            .arg(&key)
+            .env("SSH_AUTH_SOCK", &agent.sock))
+        .unwrap();
+        agent
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A terminal in tmux (so its size can change), running ssh through the proxy.
@@ -1343,18 +1370,21 @@ fn after_the_grant_ends_a_kept_connection_opens_no_new_channels() {
 
 /// Channels the node opens follow the same rule: after the grant ended, a
 /// program on the node of a kept session no longer reaches the user's X11
-/// display.
+/// display or agent.
 #[test]
-fn after_the_grant_ends_a_kept_connection_takes_no_x11_channels() {
+fn after_the_grant_ends_a_kept_connection_takes_no_channels_from_the_node() {
     let lab = Lab::start_with(", disconnect_on_expiry: false");
     let alice = lab.user("alice", "access");
-    let id = lab.grant(&alice, "x11-ok", "4s");
+    let id = lab.grant(&alice, "x11-ok,agent-ok", "4s");
     let cfg = ssh_config(&alice);
     let dir = tempfile::tempdir().unwrap();
     let stop = dir.path().join("stop");
     let mut x = FakeXServer::start();
+    let agent = TestAgent::start();
     let mut session = x
         .ssh(&cfg)
+        .arg("-A")
+        .env("SSH_AUTH_SOCK", &agent.sock)
         .arg(lab.dest())
         .arg("bash -s")
         .stdin(Stdio::piped())
@@ -1364,9 +1394,9 @@ fn after_the_grant_ends_a_kept_connection_takes_no_x11_channels() {
         .unwrap();
     let script = format!(
         // Bounded, so a failed run leaves nothing waiting on the node.
-        "{X11_CLIENT}x11\necho before\n\
+        "{X11_CLIENT}x11\nssh-add -l | grep -o forwarded-key\necho before\n\
          t=0; while [ ! -e {} ] && [ $t -lt 600 ]; do sleep 0.1; t=$((t+1)); done\n\
-         x11\necho after\n",
+         x11\nssh-add -l | grep -o forwarded-key\necho after\n",
         stop.display()
     );
     session
@@ -1388,7 +1418,7 @@ fn after_the_grant_ends_a_kept_connection_takes_no_x11_channels() {
     assert!(done.status.success(), "{out} {err}");
     assert_eq!(
         out,
-        format!("{}before\nafter\n", FakeXServer::REPLY),
+        format!("{}forwarded-key\nbefore\nafter\n", FakeXServer::REPLY),
         "{err}"
     );
     assert!(
@@ -1404,17 +1434,19 @@ fn after_the_grant_ends_a_kept_connection_takes_no_x11_channels() {
         .unwrap()
         .stdout;
     let (_, events) = wicket::ssh::parse_cast(&cast).unwrap();
-    let markers: Vec<&str> = events
-        .iter()
-        .filter(|e| e.code == "m" && e.data.starts_with("X11 connection from"))
-        .map(|e| e.data.as_str())
-        .collect();
-    assert_eq!(markers.len(), 2, "{markers:?}");
-    assert!(!markers[0].contains("refused"), "{markers:?}");
-    assert!(
-        markers[1].contains("refused") && markers[1].contains(&id),
-        "{markers:?}"
-    );
+    for what in ["X11 connection from", "agent connection on the node"] {
+        let markers: Vec<&str> = events
+            .iter()
+            .filter(|e| e.code == "m" && e.data.starts_with(what))
+            .map(|e| e.data.as_str())
+            .collect();
+        assert_eq!(markers.len(), 2, "{markers:?}");
+        assert!(!markers[0].contains("refused"), "{markers:?}");
+        assert!(
+            markers[1].contains("refused") && markers[1].contains(&id),
+            "{markers:?}"
+        );
+    }
 }
 
 /// A live session whose grant and user cannot be re-read from the store

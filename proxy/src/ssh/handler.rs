@@ -174,6 +174,23 @@ impl ConnShared {
         live.relay_from_node(up, down, "X11");
     }
 
+    /// A program on the node using the forwarded agent: passed to the
+    /// user's agent when this connection's agent request was allowed and
+    /// the session still takes new channels.
+    pub(crate) async fn agent(
+        &self,
+        up: Channel<russh::client::Msg>,
+        reply: russh::client::ChannelOpenHandle,
+    ) {
+        let allowed = self.agent_allowed.load(Ordering::Relaxed);
+        let what = "agent connection on the node";
+        let Some((live, handle)) = self.accept_from_node(allowed, reply, what).await else {
+            return;
+        };
+        let down = async move { handle.channel_open_agent().await };
+        live.relay_from_node(up, down, "agent");
+    }
+
     /// Accepts a channel the node opens (`what` it is) when `allowed` and
     /// the session is live and takes new channels; else refuses it, with a
     /// marker in the recording when the session is what refuses.

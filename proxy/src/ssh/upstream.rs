@@ -9,8 +9,7 @@ use super::SshProxy;
 use crate::error::{Error, Result};
 use russh::client::{self, Msg, Session};
 use russh::keys::PublicKeyOrCertificate;
-use russh::{Channel, ChannelOpenFailure};
-use std::sync::atomic::Ordering;
+use russh::Channel;
 use std::sync::Arc;
 use std::time::Duration;
 use wicket_ca::SshCertKind;
@@ -85,25 +84,7 @@ impl client::Handler for Upstream {
         reply: client::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let handle = self.shared.server_handle();
-        match handle {
-            Some(h) if self.shared.agent_allowed.load(Ordering::Relaxed) => {
-                reply.accept().await;
-                tokio::spawn(async move {
-                    match h.channel_open_agent().await {
-                        Ok(down) => {
-                            super::handler::pipe(down.into_stream(), channel.into_stream()).await
-                        }
-                        Err(e) => tracing::debug!(error = %e, "user refused the agent channel"),
-                    }
-                });
-            }
-            _ => {
-                reply
-                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                    .await
-            }
-        }
+        self.shared.agent(channel, reply).await;
         Ok(())
     }
 
