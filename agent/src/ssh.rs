@@ -67,7 +67,9 @@ pub enum PlayFormat {
     /// Replay on the terminal with the original timing.
     #[default]
     Terminal,
-    /// The output as plain text (escape sequences removed), for grep.
+    /// The output as plain text (escape sequences removed), for grep, with
+    /// what wicketd marked (shell or command started, sftp file operations,
+    /// forwards, refusals) as `[wicket] ...` lines where it happened.
     Text,
     /// The events as JSON (database sessions: their statements).
     Json,
@@ -413,6 +415,29 @@ pub fn parse_cast(text: &str) -> Result<(serde_json::Value, Vec<CastEvent>)> {
     Ok((header, events))
 }
 
+/// A recording as plain text: its output without escape sequences, and
+/// its markers as `[wicket] ...` lines (on a line of their own).
+pub fn plain_recording(events: &[CastEvent]) -> String {
+    let mut all = String::new();
+    for e in events {
+        match e.code.as_str() {
+            "o" => all.push_str(&e.data),
+            "m" => {
+                if !all.is_empty() && !all.ends_with('\n') {
+                    all.push_str("\r\n");
+                }
+                // A marker may quote what the user sent (a path): its
+                // controls are removed with the output's.
+                all.push_str("[wicket] ");
+                all.push_str(&e.data.replace(['\r', '\n'], " "));
+                all.push_str("\r\n");
+            }
+            _ => {}
+        }
+    }
+    crate::term::plain_text(&all)
+}
+
 /// `wicket play SESSION` for an SSH session: returns false when the
 /// session has no recording (a database session, say).
 pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> Result<bool> {
@@ -446,12 +471,7 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
         }
         PlayFormat::Text => {
             let (_, events) = parse_cast(&text)?;
-            let all: String = events
-                .iter()
-                .filter(|e| e.code == "o")
-                .map(|e| e.data.as_str())
-                .collect();
-            out.write_all(crate::term::plain_text(&all).as_bytes())?;
+            out.write_all(plain_recording(&events).as_bytes())?;
         }
         PlayFormat::Terminal => {
             let (_, events) = parse_cast(&text)?;
@@ -486,6 +506,27 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_recordings_show_markers_on_lines_of_their_own() {
+        let ev = |code: &str, data: &str| CastEvent {
+            time: 0.0,
+            code: code.into(),
+            data: data.into(),
+        };
+        let events = [
+            ev("m", "shell"),
+            ev("o", "\x1b[1mroot@n\x1b[0m:~# ls"),
+            ev("m", "sftp: open /a\nb\x1b[2J (read)"),
+            ev("o", "\r\nfile\r\n"),
+            ev("r", "100x30"),
+            ev("m", "ended"),
+        ];
+        assert_eq!(
+            plain_recording(&events),
+            "[wicket] shell\nroot@n:~# ls\n[wicket] sftp: open /a b (read)\n\nfile\n[wicket] ended\n"
+        );
+    }
 
     #[test]
     fn only_plain_names_go_into_an_ssh_config() {

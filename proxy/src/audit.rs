@@ -170,6 +170,19 @@ pub enum AuditEvent {
         #[serde(skip_serializing_if = "Option::is_none")]
         from: Option<String>,
     },
+    /// A file operation an SFTP (or scp) client asked the node for: `op`
+    /// is open, remove, rename, link, symlink, mkdir, rmdir, setstat,
+    /// opendir or extended (see `ssh::sftp`).
+    SshSftp {
+        #[serde(flatten)]
+        session: Arc<SessionRef>,
+        op: String,
+        path: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        flags: Option<String>,
+    },
     /// A program on the node connected to the session's X11 display
     /// (`from`: its address there), passed to the user's display.
     SshX11 {
@@ -202,6 +215,7 @@ pub const SESSION_ACTION_KINDS: &[&str] = &[
     "ssh_port_forward",
     "ssh_remote_forward",
     "ssh_x11",
+    "ssh_sftp",
 ];
 
 /// Kinds a database session produces at the rate of its statements: the
@@ -239,6 +253,7 @@ impl AuditEvent {
             Self::SshPortForward { .. } => "ssh_port_forward",
             Self::SshRemoteForward { .. } => "ssh_remote_forward",
             Self::SshX11 { .. } => "ssh_x11",
+            Self::SshSftp { .. } => "ssh_sftp",
         }
     }
 
@@ -270,7 +285,8 @@ impl AuditEvent {
             | Self::SshExec { session, .. }
             | Self::SshPortForward { session, .. }
             | Self::SshRemoteForward { session, .. }
-            | Self::SshX11 { session, .. } => Some(&**session),
+            | Self::SshX11 { session, .. }
+            | Self::SshSftp { session, .. } => Some(&**session),
             _ => None,
         }
     }

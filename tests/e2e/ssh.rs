@@ -685,7 +685,7 @@ fn sha256(path: &Path) -> String {
 fn scp_and_sftp_round_trip_ten_megabytes() {
     let lab = Lab::start();
     let alice = lab.user("alice", "access");
-    lab.grant(&alice, "node-admin", "10m");
+    let id = lab.grant(&alice, "node-admin", "10m");
     let cfg = ssh_config(&alice);
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.bin");
@@ -725,6 +725,88 @@ fn scp_and_sftp_round_trip_ten_megabytes() {
     );
     assert!(out.status.success(), "sftp: {}", text(&out.stderr));
     assert_eq!(sha256(&src), sha256(&back2));
+
+    // Each file operation is on the record with its path: the upload
+    // (scp speaks SFTP), the two downloads and the removal.
+    let ops = wait_until("the ssh_sftp events", Duration::from_secs(10), || {
+        let events = Value::from(alice.audit(&["--user", "alice"]).unwrap());
+        let ops: Vec<(String, String, String)> = events
+            .as_array()?
+            .iter()
+            .filter(|e| e["kind"] == "ssh_sftp")
+            .map(|e| {
+                let d = &e["data"];
+                let s = |k: &str| d[k].as_str().unwrap_or_default().to_owned();
+                (s("op"), s("path"), s("flags"))
+            })
+            .collect();
+        ops.iter()
+            .any(|(op, path, _)| op == "remove" && *path == remote)
+            .then_some(ops)
+    })
+    .unwrap();
+    let opened = |flags: &dyn Fn(&str) -> bool| {
+        ops.iter()
+            .filter(|(op, path, f)| op == "open" && *path == remote && flags(f))
+            .count()
+    };
+    assert_eq!(opened(&|f| f.contains("write")), 1, "{ops:?}");
+    assert_eq!(opened(&|f| f == "read"), 2, "{ops:?}");
+    // The sftp session's recording lists them too.
+    let auditor = lab.user("root-admin", "auditor");
+    let list = recordings_of(&auditor, &id);
+    let played: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let sid = r["session_id"].as_str().unwrap();
+            auditor
+                .ok(&["play", sid, "--format", "text"])
+                .unwrap()
+                .stdout
+        })
+        .collect();
+    assert!(
+        played
+            .iter()
+            .any(|p| p.contains(&format!("sftp: remove {remote}"))
+                && p.contains(&format!("sftp: open {remote} (read)"))),
+        "{played:?}"
+    );
+
+    // Bytes that are not SFTP (a 4 GiB packet) are not passed to the node:
+    // the channel is closed, while ssh still holds its stdin open.
+    let mut raw = ssh(&cfg)
+        .args(["-s", &lab.dest(), "sftp"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = raw.stdin.take().unwrap();
+    stdin.write_all(&[0xff, 0xff, 0xff, 0xff, 3]).unwrap();
+    stdin.flush().unwrap();
+    let closed = wait_until("the sftp channel to close", Duration::from_secs(20), || {
+        raw.try_wait().unwrap()
+    });
+    if closed.is_err() {
+        let _ = raw.kill();
+    }
+    drop(stdin);
+    let _ = raw.wait();
+    closed.unwrap();
+    let marked = wait_until("the closing marker", Duration::from_secs(20), || {
+        let list = recordings_of(&auditor, &id);
+        list.as_array()?.iter().find_map(|r| {
+            let sid = r["session_id"].as_str()?;
+            let p = auditor.ok(&["play", sid, "--format", "text"]).ok()?.stdout;
+            p.contains("sftp channel closed: not an SFTP packet stream")
+                .then_some(p)
+        })
+    })
+    .unwrap();
+    assert!(marked.contains("at most 262144"), "{marked}");
 }
 
 #[test]

@@ -678,6 +678,9 @@ struct Chan {
     /// Whether a shell, exec or subsystem was asked for: a channel runs one
     /// (RFC 4254 6.5), and how it is recorded follows that one.
     started: bool,
+    /// On an `sftp` subsystem channel: what the client asks of the node's
+    /// files, read from its packets.
+    sftp: Option<super::sftp::Reader>,
 }
 
 enum Access {
@@ -723,6 +726,52 @@ impl Conn {
 
     pub(crate) fn finisher(&self) -> Finisher {
         Finisher(self.shared.clone())
+    }
+
+    /// On an `sftp` channel, audits the file operations in what the user
+    /// sent, and marks them in the recording. Data that does not read as
+    /// SFTP is not passed on: the channel is closed (false).
+    async fn sftp_audited(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<bool, russh::Error> {
+        let Some(reader) = self
+            .channels
+            .get_mut(&channel)
+            .and_then(|c| c.sftp.as_mut())
+        else {
+            return Ok(true);
+        };
+        let read = reader.feed(data);
+        let Some(live) = self.live().cloned() else {
+            return Ok(true);
+        };
+        match read {
+            Ok(ops) => {
+                for op in ops {
+                    live.marker(&format!("sftp: {}", op.describe()));
+                    live.audit(AuditEvent::SshSftp {
+                        session: live.sref.clone(),
+                        op: op.op.to_owned(),
+                        path: op.path,
+                        to: op.to,
+                        flags: op.flags,
+                    })
+                    .await;
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                live.marker(&format!("sftp channel closed: {e}"));
+                tracing::info!(session = %live.sref.session_id, error = %e, "closing an sftp channel");
+                // As `channel_close`: the node's channel closes with it.
+                self.channels.remove(&channel);
+                session.close(channel)?;
+                Ok(false)
+            }
+        }
     }
 
     fn live(&self) -> Option<&Arc<Live>> {
@@ -1334,6 +1383,7 @@ impl server::Handler for Conn {
                         rec: rec.clone(),
                         pty: None,
                         started: false,
+                        sftp: None,
                     },
                 );
                 let to_node = tokio::spawn(run_to_node(rx, up_write));
@@ -1518,8 +1568,11 @@ impl server::Handler for Conn {
         &mut self,
         channel: ChannelId,
         data: &[u8],
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if !self.sftp_audited(channel, data, session).await? {
+            return Ok(());
+        }
         let Some(c) = self.channels.get(&channel) else {
             return Ok(());
         };
@@ -1737,6 +1790,11 @@ impl server::Handler for Conn {
                 command: format!("[subsystem {name}]"),
             })
             .await;
+        }
+        if name == "sftp" {
+            if let Some(c) = self.channels.get_mut(&channel) {
+                c.sftp = Some(super::sftp::Reader::default());
+            }
         }
         self.forward(channel, Up::Subsystem(name.to_owned()), session)
             .await

@@ -22,6 +22,7 @@
 mod api;
 mod handler;
 pub mod recording;
+pub mod sftp;
 mod upstream;
 
 use crate::admission::{Admission, Grace};

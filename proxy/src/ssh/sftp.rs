@@ -1,0 +1,447 @@
+//! What an SFTP client asks of the node, read from the bytes it sends on an
+//! `sftp` subsystem channel (OpenSSH's `sftp`, and `scp`, which speaks SFTP
+//! since OpenSSH 9.0): the file operations worth an audit event — open
+//! (with its mode), remove, rename, link, symlink, mkdir, rmdir, setstat,
+//! opendir and extended requests that change files. Reads, writes, stats,
+//! listings and closes are passed over without being buffered, so a large
+//! upload costs no memory here.
+//!
+//! The request is what was asked, not what the node did: the node may
+//! refuse it. A stream that does not parse as SFTP version 3 packets (a
+//! length beyond [`MAX_PACKET`], a string beyond its packet) is an error;
+//! the proxy then closes the channel rather than pass on what it cannot
+//! audit (OpenSSH's `sftp-server` ends the session on such input too).
+//!
+//! Pure bookkeeping: no I/O.
+
+/// The largest packet accepted: OpenSSH's `sftp-server` takes up to 256 KiB.
+pub const MAX_PACKET: usize = 256 * 1024;
+/// Most bytes of a path (or extension name) kept in an event.
+const MAX_TEXT: usize = 4096;
+
+const OPEN: u8 = 3;
+const SETSTAT: u8 = 9;
+const OPENDIR: u8 = 11;
+const REMOVE: u8 = 13;
+const MKDIR: u8 = 14;
+const RMDIR: u8 = 15;
+const RENAME: u8 = 18;
+const SYMLINK: u8 = 20;
+const EXTENDED: u8 = 200;
+
+/// Extended requests that only read (or only flush): not audited.
+const READ_ONLY_EXTENSIONS: &[&str] = &[
+    "statvfs@openssh.com",
+    "fstatvfs@openssh.com",
+    "limits@openssh.com",
+    "expand-path@openssh.com",
+    "home-directory",
+    "users-groups-by-id@openssh.com",
+    "fsync@openssh.com",
+];
+
+/// One file operation the client asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileOp {
+    /// `open`, `remove`, `rename`, `link`, `symlink`, `mkdir`, `rmdir`,
+    /// `setstat`, `opendir`, or `extended` (an extension not known here;
+    /// its name is `path`).
+    pub op: &'static str,
+    pub path: String,
+    /// The second path, as sent: the new name (rename, link), or for
+    /// symlink the link's name — OpenSSH sends the target first.
+    pub to: Option<String>,
+    /// For open: the mode, e.g. `write,create,truncate`.
+    pub flags: Option<String>,
+}
+
+impl FileOp {
+    /// One line for a recording or a log: `open /etc/motd (read)`.
+    pub fn describe(&self) -> String {
+        let mut s = format!("{} {}", self.op, self.path);
+        if let Some(to) = &self.to {
+            s.push_str(" -> ");
+            s.push_str(to);
+        }
+        if let Some(f) = &self.flags {
+            s.push_str(&format!(" ({f})"));
+        }
+        s
+    }
+}
+
+/// The stream is not SFTP as this reader knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Malformed(pub String);
+
+impl std::fmt::Display for Malformed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "not an SFTP packet stream: {}", self.0)
+    }
+}
+
+/// Reads the client's packets as they arrive, in pieces of any size.
+#[derive(Debug, Default)]
+pub struct Reader {
+    /// The packet being read: its length and type first, then (for an
+    /// audited type) the rest of it.
+    buf: Vec<u8>,
+    /// Bytes of a packet not audited still to pass over.
+    skip: usize,
+    failed: Option<Malformed>,
+}
+
+impl Reader {
+    /// The operations completed by `data`. After an error every call
+    /// returns it again.
+    pub fn feed(&mut self, mut data: &[u8]) -> Result<Vec<FileOp>, Malformed> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let mut ops = Vec::new();
+        while !data.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(data.len());
+                self.skip -= n;
+                data = &data[n..];
+                continue;
+            }
+            // Length (4) and type (1).
+            if self.buf.len() < 5 {
+                let n = (5 - self.buf.len()).min(data.len());
+                self.buf.extend_from_slice(&data[..n]);
+                data = &data[n..];
+                if self.buf.len() < 5 {
+                    break;
+                }
+            }
+            let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+            let len = usize::try_from(len).unwrap_or(usize::MAX);
+            if len == 0 || len > MAX_PACKET {
+                return Err(self.fail(format!("a packet of {len} bytes (at most {MAX_PACKET})")));
+            }
+            let kind = self.buf[4];
+            if !audited(kind) {
+                self.skip = len - 1;
+                self.buf.clear();
+                continue;
+            }
+            let n = (4 + len - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.buf.len() < 4 + len {
+                break;
+            }
+            let parsed = parse(kind, &self.buf[5..]);
+            self.buf.clear();
+            match parsed {
+                Ok(Some(op)) => ops.push(op),
+                Ok(None) => {}
+                Err(why) => return Err(self.fail(why)),
+            }
+        }
+        Ok(ops)
+    }
+
+    fn fail(&mut self, why: String) -> Malformed {
+        let e = Malformed(why);
+        self.failed = Some(e.clone());
+        self.buf = Vec::new();
+        e
+    }
+}
+
+fn audited(kind: u8) -> bool {
+    matches!(
+        kind,
+        OPEN | SETSTAT | OPENDIR | REMOVE | MKDIR | RMDIR | RENAME | SYMLINK | EXTENDED
+    )
+}
+
+/// The body of a packet of an audited type (after its type byte).
+fn parse(kind: u8, body: &[u8]) -> Result<Option<FileOp>, String> {
+    let mut r = Fields { rest: body, kind };
+    r.u32()?; // request id
+    let op = |op, path, to, flags| {
+        Ok(Some(FileOp {
+            op,
+            path,
+            to,
+            flags,
+        }))
+    };
+    match kind {
+        OPEN => {
+            let path = r.text()?;
+            let flags = open_flags(r.u32()?);
+            op("open", path, None, Some(flags))
+        }
+        SETSTAT => op("setstat", r.text()?, None, None),
+        OPENDIR => op("opendir", r.text()?, None, None),
+        REMOVE => op("remove", r.text()?, None, None),
+        MKDIR => op("mkdir", r.text()?, None, None),
+        RMDIR => op("rmdir", r.text()?, None, None),
+        RENAME => op("rename", r.text()?, Some(r.text()?), None),
+        SYMLINK => op("symlink", r.text()?, Some(r.text()?), None),
+        _ => {
+            let name = r.text()?;
+            match name.as_str() {
+                "posix-rename@openssh.com" => op("rename", r.text()?, Some(r.text()?), None),
+                "hardlink@openssh.com" => op("link", r.text()?, Some(r.text()?), None),
+                "lsetstat@openssh.com" => op("setstat", r.text()?, None, None),
+                n if READ_ONLY_EXTENSIONS.contains(&n) => Ok(None),
+                _ => op("extended", name, None, None),
+            }
+        }
+    }
+}
+
+/// SSH_FXF_* bits, named.
+fn open_flags(pflags: u32) -> String {
+    const NAMES: [(u32, &str); 6] = [
+        (0x01, "read"),
+        (0x02, "write"),
+        (0x04, "append"),
+        (0x08, "create"),
+        (0x10, "truncate"),
+        (0x20, "exclusive"),
+    ];
+    let mut named: Vec<String> = NAMES
+        .iter()
+        .filter(|(bit, _)| pflags & bit != 0)
+        .map(|(_, n)| (*n).to_owned())
+        .collect();
+    let other = pflags & !0x3f;
+    if other != 0 {
+        named.push(format!("0x{other:x}"));
+    }
+    if named.is_empty() {
+        "none".into()
+    } else {
+        named.join(",")
+    }
+}
+
+/// The fields of one packet's body.
+struct Fields<'a> {
+    rest: &'a [u8],
+    kind: u8,
+}
+
+impl Fields<'_> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&[u8], String> {
+        if self.rest.len() < n {
+            return Err(format!("packet type {} ends inside its {what}", self.kind));
+        }
+        let (taken, rest) = self.rest.split_at(n);
+        self.rest = rest;
+        Ok(taken)
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        let b = self.take(4, "fields")?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// A string, as text (lossy UTF-8), at most [`MAX_TEXT`] bytes kept.
+    fn text(&mut self) -> Result<String, String> {
+        let n = usize::try_from(self.u32()?).unwrap_or(usize::MAX);
+        let b = self.take(n, "strings")?;
+        let kept = &b[..b.len().min(MAX_TEXT)];
+        let mut s = String::from_utf8_lossy(kept).into_owned();
+        if b.len() > MAX_TEXT {
+            s.push('…');
+        }
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn string(s: &[u8]) -> Vec<u8> {
+        let mut v = (s.len() as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(s);
+        v
+    }
+
+    fn packet(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = ((body.len() + 1) as u32).to_be_bytes().to_vec();
+        v.push(kind);
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn with_id(parts: &[Vec<u8>]) -> Vec<u8> {
+        let mut v = 7u32.to_be_bytes().to_vec();
+        for p in parts {
+            v.extend_from_slice(p);
+        }
+        v
+    }
+
+    fn open(path: &str, flags: u32) -> Vec<u8> {
+        packet(
+            OPEN,
+            &with_id(&[
+                string(path.as_bytes()),
+                flags.to_be_bytes().to_vec(),
+                0u32.to_be_bytes().to_vec(), // attrs: no fields
+            ]),
+        )
+    }
+
+    fn write(len: usize) -> Vec<u8> {
+        let mut body = with_id(&[string(b"h1"), 0u64.to_be_bytes().to_vec()]);
+        body.extend_from_slice(&string(&vec![b'x'; len]));
+        packet(6, &body)
+    }
+
+    fn session() -> (Vec<u8>, Vec<FileOp>) {
+        let mut s = packet(1, &3u32.to_be_bytes()); // INIT
+        s.extend(open("/srv/upload.bin", 0x02 | 0x08 | 0x10));
+        s.extend(write(40_000));
+        s.extend(packet(4, &with_id(&[string(b"h1")]))); // CLOSE
+        s.extend(packet(17, &with_id(&[string(b"/srv")]))); // STAT
+        s.extend(packet(
+            RENAME,
+            &with_id(&[string(b"/srv/a"), string(b"/srv/b")]),
+        ));
+        s.extend(packet(
+            EXTENDED,
+            &with_id(&[string(b"statvfs@openssh.com"), string(b"/")]),
+        ));
+        s.extend(packet(
+            EXTENDED,
+            &with_id(&[
+                string(b"posix-rename@openssh.com"),
+                string(b"/srv/b"),
+                string(b"/srv/c"),
+            ]),
+        ));
+        s.extend(packet(REMOVE, &with_id(&[string(b"/srv/c")])));
+        s.extend(packet(
+            EXTENDED,
+            &with_id(&[string(b"copy-data"), string(b"h1")]),
+        ));
+        let ops = vec![
+            FileOp {
+                op: "open",
+                path: "/srv/upload.bin".into(),
+                to: None,
+                flags: Some("write,create,truncate".into()),
+            },
+            FileOp {
+                op: "rename",
+                path: "/srv/a".into(),
+                to: Some("/srv/b".into()),
+                flags: None,
+            },
+            FileOp {
+                op: "rename",
+                path: "/srv/b".into(),
+                to: Some("/srv/c".into()),
+                flags: None,
+            },
+            FileOp {
+                op: "remove",
+                path: "/srv/c".into(),
+                to: None,
+                flags: None,
+            },
+            FileOp {
+                op: "extended",
+                path: "copy-data".into(),
+                to: None,
+                flags: None,
+            },
+        ];
+        (s, ops)
+    }
+
+    #[test]
+    fn file_operations_are_read_and_the_rest_passed_over() {
+        let (stream, want) = session();
+        assert_eq!(Reader::default().feed(&stream).unwrap(), want);
+        assert_eq!(
+            want[0].describe(),
+            "open /srv/upload.bin (write,create,truncate)"
+        );
+        assert_eq!(want[1].describe(), "rename /srv/a -> /srv/b");
+    }
+
+    #[test]
+    fn a_write_is_passed_over_without_being_held() {
+        let mut r = Reader::default();
+        let w = write(MAX_PACKET - 100);
+        for chunk in w.chunks(1000) {
+            assert!(r.feed(chunk).unwrap().is_empty());
+            assert!(r.buf.len() <= 5, "{}", r.buf.len());
+        }
+        let ops = r.feed(&open("/x", 1)).unwrap();
+        assert_eq!(ops[0].flags.as_deref(), Some("read"));
+    }
+
+    #[test]
+    fn malformed_streams_are_refused_and_stay_refused() {
+        let mut r = Reader::default();
+        let big = ((MAX_PACKET + 1) as u32).to_be_bytes();
+        let e = r.feed(&[&big[..], &[6]].concat()).unwrap_err();
+        assert!(e.to_string().contains("at most"), "{e}");
+        assert_eq!(r.feed(&open("/x", 1)), Err(e));
+
+        let mut r = Reader::default();
+        assert!(r.feed(&[0, 0, 0, 0, 3]).is_err(), "an empty packet");
+
+        // A path longer than its packet.
+        let mut body = with_id(&[]);
+        body.extend_from_slice(&100u32.to_be_bytes());
+        body.extend_from_slice(b"/short");
+        let e = Reader::default().feed(&packet(REMOVE, &body)).unwrap_err();
+        assert!(e.to_string().contains("ends inside"), "{e}");
+        // An open without its flags.
+        let p = packet(OPEN, &with_id(&[string(b"/x")]));
+        assert!(Reader::default().feed(&p).is_err());
+    }
+
+    #[test]
+    fn long_paths_are_clipped_and_odd_flags_named() {
+        let long = "a".repeat(MAX_TEXT + 10);
+        let ops = Reader::default().feed(&open(&long, 0x40 | 0x01)).unwrap();
+        assert_eq!(ops[0].path.len(), MAX_TEXT + '…'.len_utf8());
+        assert_eq!(ops[0].flags.as_deref(), Some("read,0x40"));
+        let ops = Reader::default().feed(&open("/x", 0)).unwrap();
+        assert_eq!(ops[0].flags.as_deref(), Some("none"));
+    }
+
+    proptest! {
+        /// However the stream is cut into pieces, the same operations come
+        /// out, in order.
+        #[test]
+        fn pieces_of_any_size_read_the_same(cuts in proptest::collection::vec(1usize..5000, 1..40)) {
+            let (stream, want) = session();
+            let mut r = Reader::default();
+            let mut got = Vec::new();
+            let mut rest = &stream[..];
+            let mut cuts = cuts.into_iter().cycle();
+            while !rest.is_empty() {
+                let n = cuts.next().unwrap_or(1).min(rest.len());
+                got.extend(r.feed(&rest[..n]).unwrap());
+                rest = &rest[n..];
+            }
+            prop_assert_eq!(got, want);
+        }
+
+        /// Arbitrary bytes never panic: they read, or are refused.
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut r = Reader::default();
+            let first = r.feed(&data);
+            if first.is_err() {
+                prop_assert!(r.feed(b"more").is_err());
+            }
+        }
+    }
+}
