@@ -490,6 +490,10 @@ pub fn print_db_session(
                 d["direction"].as_str().unwrap_or(""),
                 d["statement"].as_str().unwrap_or("")
             ),
+            "db_skipped" => format!(
+                "-- skipped by the server (an earlier error, until Sync): {}",
+                d["statement"].as_str().unwrap_or("")
+            ),
             "db_error" => format!(
                 "-- error {}: {}",
                 d["code"].as_str().unwrap_or(""),

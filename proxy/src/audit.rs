@@ -140,6 +140,14 @@ pub enum AuditEvent {
         direction: String,
         statement: Arc<str>,
     },
+    /// A query or function call audited as sent that the server skipped:
+    /// an error in the extended protocol before it makes the server skip
+    /// every message up to the next Sync.
+    DbSkipped {
+        #[serde(flatten)]
+        session: Arc<SessionRef>,
+        statement: Arc<str>,
+    },
     /// An ErrorResponse from the server.
     DbError {
         #[serde(flatten)]
@@ -227,6 +235,7 @@ pub const STATEMENT_KINDS: &[&str] = &[
     "db_function_call",
     "db_copy",
     "db_error",
+    "db_skipped",
 ];
 
 impl AuditEvent {
@@ -249,6 +258,7 @@ impl AuditEvent {
             Self::DbFunctionCall { .. } => "db_function_call",
             Self::DbCopy { .. } => "db_copy",
             Self::DbError { .. } => "db_error",
+            Self::DbSkipped { .. } => "db_skipped",
             Self::SshExec { .. } => "ssh_exec",
             Self::SshPortForward { .. } => "ssh_port_forward",
             Self::SshRemoteForward { .. } => "ssh_remote_forward",
@@ -282,6 +292,7 @@ impl AuditEvent {
             | Self::DbFunctionCall { session, .. }
             | Self::DbCopy { session, .. }
             | Self::DbError { session, .. }
+            | Self::DbSkipped { session, .. }
             | Self::SshExec { session, .. }
             | Self::SshPortForward { session, .. }
             | Self::SshRemoteForward { session, .. }

@@ -1071,6 +1071,57 @@ fn executes_are_audited_with_the_statement_the_server_ran() {
             .then_some(())
     })
     .unwrap();
+
+    // A simple Query after an extended-protocol error, before the Sync, is
+    // skipped by the server: on the record as sent, then as skipped —
+    // pipelined with the failing Parse, and sent after its error came.
+    f.tcp
+        .write_all(
+            &[
+                RawFrontend::parse("bad", "SELEKT 2"),
+                RawFrontend::query("INSERT INTO ledger VALUES (98)"),
+                RawFrontend::sync(),
+            ]
+            .concat(),
+        )
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&f.until_ready(1)), "EZ");
+    let flush = RawFrontend::msg(b'H', &[]);
+    f.tcp
+        .write_all(&[RawFrontend::parse("bad", "SELEKT 3"), flush].concat())
+        .unwrap();
+    let (tags, _) = f.read_until(|tag| tag == b'E');
+    assert_eq!(tags, b"E");
+    f.tcp
+        .write_all(
+            &[
+                RawFrontend::query("INSERT INTO ledger VALUES (99)"),
+                RawFrontend::sync(),
+            ]
+            .concat(),
+        )
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&f.until_ready(1)), "Z");
+    let (ok, out, err) = t.sql("select count(*) from ledger");
+    assert!(ok && out == "0", "a skipped INSERT ran: {out} {err}");
+    let inserts = [
+        "INSERT INTO ledger VALUES (98)",
+        "INSERT INTO ledger VALUES (99)",
+    ];
+    for kind in ["db_query", "db_skipped"] {
+        wait_until(
+            &format!("the {kind} events"),
+            Duration::from_secs(10),
+            || {
+                let events = s.events(&s.alice, &["--user", "alice", "--kind", kind]);
+                inserts
+                    .iter()
+                    .all(|text| events.iter().any(|e| e["data"]["statement"] == *text))
+                    .then_some(())
+            },
+        )
+        .unwrap();
+    }
 }
 
 /// SQL cursors are portals: `CLOSE p; DECLARE p CURSOR FOR ...` in a simple

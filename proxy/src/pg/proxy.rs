@@ -1289,7 +1289,7 @@ impl Tracking {
     /// A server message `tag` (`msg`: the whole message, or empty when it
     /// is too large to inspect): the Execute it shows ran, if any, or why
     /// the session must end.
-    fn answered(&self, tag: u8, msg: &[u8]) -> Result<Option<Executed>, String> {
+    fn answered(&self, tag: u8, msg: &[u8]) -> Result<Answered, String> {
         let status = if tag == b'Z' {
             msg.get(5).copied()
         } else {
@@ -1302,9 +1302,13 @@ impl Tracking {
         if tag == b'C' {
             t.completed(protocol::command_tag(msg));
         }
-        Ok(ran)
+        Ok((ran, t.take_skipped()))
     }
 }
+
+/// What a server message shows: the Execute it answered, if any, and the
+/// queries and function calls the server skipped (after an error).
+type Answered = (Option<Executed>, Vec<Arc<str>>);
 
 async fn client_to_server<R, W>(
     rd: &mut R,
@@ -1358,7 +1362,7 @@ where
             }
         }
         // The tracker learns what is sent before the server can answer it.
-        {
+        let skipped = {
             let mut t = tracking.lock();
             for f in &parsed {
                 if let Some(sent) = tracked(f, state.values) {
@@ -1367,7 +1371,8 @@ where
                     }
                 }
             }
-        }
+            t.take_skipped()
+        };
         // Forward first: auditing is off the query's path.
         if at > 0 {
             if let Err(e) = wr.write_all(&buf[..at]).await {
@@ -1381,6 +1386,7 @@ where
         for f in parsed.drain(..) {
             audit_frontend(f, state, wicket).await;
         }
+        audit_skipped(skipped, state, wicket).await;
         if let Some(v) = violation {
             return End::Protocol(v);
         }
@@ -1417,7 +1423,7 @@ fn lost_track(e: &super::track::Desync) -> String {
 /// What the tracker must know of a client message, if anything.
 fn tracked(f: &Frontend, with_values: bool) -> Option<Sent> {
     Some(match f {
-        Frontend::Query(_) => Sent::Query,
+        Frontend::Query(q) => Sent::Query(q.as_str().into()),
         Frontend::Parse { name, query, .. } => Sent::Parse {
             name: name.clone(),
             text: query.clone(),
@@ -1439,7 +1445,7 @@ fn tracked(f: &Frontend, with_values: bool) -> Option<Sent> {
             statement: *kind == b'S',
             name: name.clone(),
         },
-        Frontend::FunctionCall { .. } => Sent::FunctionCall,
+        Frontend::FunctionCall { oid, .. } => Sent::FunctionCall(function_call(*oid).into()),
         Frontend::CopyDone | Frontend::CopyFail(_) => Sent::CopyEnd,
         Frontend::Other(b'S') => Sent::Sync,
         Frontend::Other(b'D') => Sent::Describe,
@@ -1481,7 +1487,7 @@ async fn audit_frontend(f: Frontend, state: &SessionState, wicket: &Wicket) {
         }
         Frontend::FunctionCall { oid, args } => {
             state.statements.fetch_add(1, Ordering::Relaxed);
-            *lock(&state.last_statement) = format!("function call (OID {oid})").into();
+            *lock(&state.last_statement) = function_call(oid).into();
             let values = state.values.then(|| param_texts(&args));
             state
                 .audit(
@@ -1496,6 +1502,28 @@ async fn audit_frontend(f: Frontend, state: &SessionState, wicket: &Wicket) {
                 .await;
         }
         _ => {}
+    }
+}
+
+/// How a FunctionCall is named where a statement's text would be.
+fn function_call(oid: u32) -> String {
+    format!("function call (OID {oid})")
+}
+
+/// Audits the queries and function calls the server skipped (they were
+/// audited as sent): an error in the extended protocol makes it skip every
+/// message up to the next Sync.
+async fn audit_skipped(skipped: Vec<Arc<str>>, state: &SessionState, wicket: &Wicket) {
+    for statement in skipped {
+        state
+            .audit(
+                wicket,
+                AuditEvent::DbSkipped {
+                    session: state.sref.clone(),
+                    statement,
+                },
+            )
+            .await;
     }
 }
 
@@ -1545,20 +1573,21 @@ where
             match framer.next(&buf[at..], backend_inspected, MAX_INSPECTED_BACKEND, false) {
                 Ok(Next::Pass(n)) => at += n,
                 Ok(Next::Oversized(tag, n)) => {
-                    let ran = match tracking.answered(tag, &[]) {
-                        Ok(ran) => ran,
+                    let (ran, skipped) = match tracking.answered(tag, &[]) {
+                        Ok(a) => a,
                         Err(why) => return End::Protocol(why),
                     };
                     answered = true;
                     if let Some(e) = ran {
                         audit_executed(e, state, wicket).await;
                     }
+                    audit_skipped(skipped, state, wicket).await;
                     at += n;
                 }
                 Ok(Next::Whole(tag, len)) => {
                     let msg = &buf[at..at + len];
-                    let ran = match tracking.answered(tag, msg) {
-                        Ok(ran) => ran,
+                    let (ran, skipped) = match tracking.answered(tag, msg) {
+                        Ok(a) => a,
                         Err(why) => return End::Protocol(why),
                     };
                     answered = true;
@@ -1591,6 +1620,7 @@ where
                         }
                         _ => {}
                     }
+                    audit_skipped(skipped, state, wicket).await;
                     at += len;
                 }
                 Ok(Next::More) => break,

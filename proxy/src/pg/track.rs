@@ -12,7 +12,8 @@
 //! ErrorResponse, ReadyForQuery), drops the work an ErrorResponse makes the
 //! server skip (everything up to the next Sync), and reports an Execute only
 //! when the server answers it — with the statement of the portal as the
-//! server bound it. A simple Query destroys the unnamed statement and portal;
+//! server bound it. Simple Queries and function calls are audited as sent;
+//! those the server skips this way are reported by [`Tracker::take_skipped`]. A simple Query destroys the unnamed statement and portal;
 //! a transaction's end drops every portal. During COPY FROM STDIN the server
 //! ignores Sync until CopyDone/CopyFail, and so does the tracker.
 //!
@@ -61,8 +62,10 @@ pub enum Sent {
         name: String,
     },
     Sync,
-    Query,
-    FunctionCall,
+    /// A simple Query, with its text.
+    Query(Arc<str>),
+    /// A FunctionCall, described.
+    FunctionCall(Arc<str>),
     /// CopyDone or CopyFail: no answer of its own.
     CopyEnd,
 }
@@ -77,20 +80,21 @@ impl Sent {
                 .flatten()
                 .map(|v| v.as_ref().map_or(0, String::len))
                 .sum(),
+            Sent::Query(text) | Sent::FunctionCall(text) => text.len(),
             _ => 0,
         }
     }
 
     /// Answered by ReadyForQuery (and not skipped by an error before it).
     fn ends_cycle(&self) -> bool {
-        matches!(self, Sent::Sync | Sent::Query | Sent::FunctionCall)
+        matches!(self, Sent::Sync | Sent::Query(_) | Sent::FunctionCall(_))
     }
 
     /// Part of the extended protocol: an error skips to the next Sync.
     fn extended(&self) -> bool {
         !matches!(
             self,
-            Sent::Sync | Sent::Query | Sent::FunctionCall | Sent::CopyEnd
+            Sent::Sync | Sent::Query(_) | Sent::FunctionCall(_) | Sent::CopyEnd
         )
     }
 
@@ -102,8 +106,8 @@ impl Sent {
             Sent::Execute { .. } => "Execute",
             Sent::Close { .. } => "Close",
             Sent::Sync => "Sync",
-            Sent::Query => "Query",
-            Sent::FunctionCall => "FunctionCall",
+            Sent::Query(_) => "Query",
+            Sent::FunctionCall(_) => "FunctionCall",
             Sent::CopyEnd => "CopyDone/CopyFail",
         }
     }
@@ -161,6 +165,9 @@ pub struct Tracker {
     front_reported: bool,
     /// The server is in COPY FROM STDIN and the client has not ended it.
     copy_in: bool,
+    /// Queries and function calls the server skipped (an error in the
+    /// extended protocol before the next Sync), not yet taken.
+    skipped: Vec<Arc<str>>,
 }
 
 /// What a kept value costs, in bytes of text.
@@ -251,6 +258,7 @@ impl Tracker {
             skipping: false,
             front_reported: false,
             copy_in: false,
+            skipped: Vec::new(),
         }
     }
 
@@ -281,6 +289,7 @@ impl Tracker {
         }
         if self.skipping {
             if s != Sent::Sync {
+                self.note_skipped(s);
                 return Ok(());
             }
             self.skipping = false;
@@ -293,6 +302,20 @@ impl Tracker {
         self.pending_bytes += s.weight();
         self.pending.push_back(s);
         Ok(())
+    }
+
+    /// A message the server skips: a query or function call among them is
+    /// kept for [`Tracker::take_skipped`] (it was audited as sent).
+    fn note_skipped(&mut self, s: Sent) {
+        if let Sent::Query(text) | Sent::FunctionCall(text) = s {
+            self.skipped.push(text);
+        }
+    }
+
+    /// The queries and function calls the server skipped since the last
+    /// call, in the order sent.
+    pub fn take_skipped(&mut self) -> Vec<Arc<str>> {
+        std::mem::take(&mut self.skipped)
     }
 
     fn front_is(&self, f: impl Fn(&Sent) -> bool) -> bool {
@@ -361,7 +384,7 @@ impl Tracker {
             b'T' | b'n' => {
                 if self.front_is(|s| *s == Sent::Describe) {
                     self.pop();
-                } else if !self.front_is(|s| *s == Sent::Query) {
+                } else if !self.front_is(|s| matches!(s, Sent::Query(_))) {
                     return Err(self.desync("a row description"));
                 }
                 None
@@ -370,7 +393,7 @@ impl Tracker {
             b'C' | b'I' | b's' => {
                 if self.front_is(|s| matches!(s, Sent::Execute { .. })) {
                     self.execute_answered(true, true)
-                } else if tag != b's' && self.front_is(|s| *s == Sent::Query) {
+                } else if tag != b's' && self.front_is(|s| matches!(s, Sent::Query(_))) {
                     None
                 } else {
                     return Err(self.desync("a command's completion"));
@@ -380,7 +403,7 @@ impl Tracker {
             b'G' | b'H' | b'W' => {
                 let ran = if self.front_is(|s| matches!(s, Sent::Execute { .. })) {
                     self.execute_answered(false, true)
-                } else if self.front_is(|s| *s == Sent::Query) {
+                } else if self.front_is(|s| matches!(s, Sent::Query(_))) {
                     None
                 } else {
                     return Err(self.desync("a COPY start"));
@@ -401,7 +424,9 @@ impl Tracker {
                 let ran = self.execute_answered(true, false);
                 // The server skips everything up to the next Sync.
                 while self.front_is(|s| !matches!(s, Sent::Sync)) {
-                    self.pop();
+                    if let Some(s) = self.pop() {
+                        self.note_skipped(s);
+                    }
                 }
                 self.skipping = self.pending.is_empty();
                 ran
@@ -411,7 +436,7 @@ impl Tracker {
                     return Err(self.desync("ReadyForQuery"));
                 }
                 while let Some(s) = self.pop() {
-                    if s == Sent::Query {
+                    if matches!(s, Sent::Query(_)) {
                         self.forget_unnamed();
                     }
                     if s.ends_cycle() {
@@ -476,7 +501,7 @@ impl Tracker {
                     e.answered = false;
                     out.push(e);
                 }
-                Sent::Query => self.forget_unnamed(),
+                Sent::Query(_) => self.forget_unnamed(),
                 _ => {}
             }
             reported = false;
@@ -599,6 +624,9 @@ impl Tracker {
 
 #[cfg(test)]
 mod tests {
+    fn q() -> Sent {
+        Sent::Query("SELECT 1".into())
+    }
     use super::*;
     use proptest::prelude::*;
 
@@ -693,7 +721,7 @@ mod tests {
         // Execute of a missing portal fails; the Query and the Parse after
         // it are skipped until Sync.
         execute(&mut t, "nope");
-        t.sent(Sent::Query).unwrap();
+        t.sent(q()).unwrap();
         parse(&mut t, "s2", "SELECT 2");
         t.sent(Sent::Sync).unwrap();
         bind(&mut t, "", "s2");
@@ -706,11 +734,40 @@ mod tests {
     }
 
     #[test]
+    fn queries_the_server_skips_are_reported() {
+        let mut t = Tracker::new(100);
+        let query = |text: &str| Sent::Query(text.into());
+        // Pipelined: known when the error comes.
+        parse(&mut t, "bad", "SELEKT");
+        t.sent(query("INSERT 1")).unwrap();
+        t.sent(Sent::FunctionCall("function call (OID 9)".into()))
+            .unwrap();
+        t.sent(Sent::Sync).unwrap();
+        assert!(t.take_skipped().is_empty());
+        answer(&mut t, b"E");
+        let skipped: Vec<String> = t.take_skipped().iter().map(|s| s.to_string()).collect();
+        assert_eq!(skipped, ["INSERT 1", "function call (OID 9)"]);
+        answer(&mut t, b"Z");
+        // Sent after the error came, before the Sync: known when sent.
+        parse(&mut t, "bad", "SELEKT");
+        answer(&mut t, b"E");
+        t.sent(query("INSERT 2")).unwrap();
+        let skipped: Vec<String> = t.take_skipped().iter().map(|s| s.to_string()).collect();
+        assert_eq!(skipped, ["INSERT 2"]);
+        t.sent(Sent::Sync).unwrap();
+        // After the Sync a query runs again.
+        t.sent(query("INSERT 3")).unwrap();
+        answer(&mut t, b"ZCZ");
+        assert!(t.take_skipped().is_empty());
+        assert!(t.pending.is_empty());
+    }
+
+    #[test]
     fn a_simple_query_destroys_the_unnamed_statement_and_portal() {
         let mut t = Tracker::new(100);
         parse(&mut t, "", "SELECT 1");
         t.sent(Sent::Sync).unwrap();
-        t.sent(Sent::Query).unwrap();
+        t.sent(q()).unwrap();
         bind(&mut t, "", "");
         t.sent(Sent::Sync).unwrap();
         answer(&mut t, b"1ZTDCZ");
@@ -720,7 +777,7 @@ mod tests {
     #[test]
     fn named_portals_live_until_the_transaction_ends() {
         let mut t = Tracker::new(100);
-        t.sent(Sent::Query).unwrap(); // BEGIN
+        t.sent(q()).unwrap(); // BEGIN
         parse(&mut t, "s", "SELECT * FROM big");
         bind(&mut t, "c1", "s");
         t.sent(Sent::Sync).unwrap();
@@ -735,7 +792,7 @@ mod tests {
             Some("SELECT * FROM big")
         );
         t.received(b'Z', b'T').unwrap();
-        t.sent(Sent::Query).unwrap(); // COMMIT
+        t.sent(q()).unwrap(); // COMMIT
         t.received(b'C', 0).unwrap();
         t.received(b'Z', b'I').unwrap();
         assert_eq!(t.portals.len(), 0);
@@ -806,7 +863,7 @@ mod tests {
         // The server would swallow the Parse as an error; the tracker would
         // then match the next ParseComplete to it.
         let mut t = Tracker::new(100);
-        t.sent(Sent::Query).unwrap();
+        t.sent(q()).unwrap();
         answer(&mut t, b"G");
         let e = t
             .sent(Sent::Parse {
@@ -817,15 +874,15 @@ mod tests {
         assert!(e.0.contains("Parse during COPY FROM STDIN"), "{e}");
         // Pipelined before the COPY began: found when it begins.
         let mut t = Tracker::new(100);
-        t.sent(Sent::Query).unwrap();
+        t.sent(q()).unwrap();
         parse(&mut t, "s1", "SELECT 1");
         assert!(t.received(b'G', 0).is_err());
         // Sync is ignored during COPY, and a pipelined COPY end is matched.
         let mut t = Tracker::new(100);
-        t.sent(Sent::Query).unwrap();
+        t.sent(q()).unwrap();
         t.sent(Sent::Sync).unwrap();
         t.sent(Sent::CopyEnd).unwrap();
-        t.sent(Sent::Query).unwrap();
+        t.sent(q()).unwrap();
         assert_eq!(answer(&mut t, b"GCZTDCZ"), Vec::<String>::new());
         assert!(t.pending.is_empty());
     }
@@ -833,7 +890,7 @@ mod tests {
     #[test]
     fn a_copy_that_never_began_leaves_its_end_ignored() {
         let mut t = Tracker::new(100);
-        t.sent(Sent::Query).unwrap(); // COPY with a syntax error
+        t.sent(q()).unwrap(); // COPY with a syntax error
         t.sent(Sent::CopyEnd).unwrap();
         parse(&mut t, "s1", "SELECT 1");
         t.sent(Sent::Sync).unwrap();
@@ -852,7 +909,7 @@ mod tests {
             (vec![Sent::Describe], b'3'),
             (vec![Sent::Sync], b'T'),
             (vec![Sent::Describe], b'C'),
-            (vec![Sent::Query], b's'),
+            (vec![q()], b's'),
             (vec![Sent::Sync], b'G'),
             (vec![Sent::Describe], b'Z'),
             (vec![], b'Z'),
@@ -876,7 +933,7 @@ mod tests {
         t.sent(Sent::Sync).unwrap();
         answer(&mut t, b"11Z");
         // Query("DEALLOCATE s1; PREPARE s1 AS DELETE FROM accounts")
-        t.sent(Sent::Query).unwrap();
+        t.sent(q()).unwrap();
         t.received(b'C', 0).unwrap();
         t.completed("DEALLOCATE");
         t.received(b'C', 0).unwrap();
@@ -902,7 +959,7 @@ mod tests {
     fn sql_cursor_commands_make_named_portals_unknown() {
         let bound = |t: &mut Tracker| {
             parse(t, "s1", "SELECT 1");
-            t.sent(Sent::Query).unwrap(); // BEGIN
+            t.sent(q()).unwrap(); // BEGIN
             answer(t, b"1CZ");
             bind(t, "p", "s1");
             bind(t, "", "s1");
@@ -930,7 +987,7 @@ mod tests {
             let mut t = Tracker::new(100);
             bound(&mut t);
             // Query("CLOSE p; DECLARE p CURSOR FOR SELECT f()"), say.
-            t.sent(Sent::Query).unwrap();
+            t.sent(q()).unwrap();
             t.received(b'C', 0).unwrap();
             t.completed(tag);
             t.received(b'C', 0).unwrap();
@@ -1030,7 +1087,7 @@ mod tests {
         assert_eq!(answer(&mut t, b"2CZ"), vec![unknown_statement("s39")]);
         // Statements closed after binding are still counted in their portals.
         let mut t = Tracker::new(10_000);
-        t.sent(Sent::Query).unwrap(); // BEGIN
+        t.sent(q()).unwrap(); // BEGIN
         answer(&mut t, b"C");
         t.received(b'Z', b'T').unwrap();
         for i in 0..40 {
@@ -1115,7 +1172,7 @@ mod tests {
                     Msg::Describe => Sent::Describe,
                     Msg::Close(s, n) => Sent::Close { statement: *s, name: name(*n) },
                     Msg::Sync => Sent::Sync,
-                    Msg::Query(_) | Msg::CopyIn(_) => Sent::Query,
+                    Msg::Query(_) | Msg::CopyIn(_) => q(),
                 };
                 t.sent(sent).unwrap();
                 if matches!(m, Msg::CopyIn(_)) {
