@@ -35,6 +35,24 @@ pub struct SshdBuilder {
     user_ca: Option<String>,
 }
 
+/// The port asked for was taken by another server before sshd could bind
+/// it (a port from [`free_port`] is free only until someone binds it): the
+/// caller may pick another.
+#[derive(Debug)]
+pub struct PortInUse(pub u16);
+
+impl std::fmt::Display for PortInUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "127.0.0.1:{} was taken before sshd could listen on it",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for PortInUse {}
+
 /// A running `sshd`.
 pub struct Sshd {
     child: Option<Child>,
@@ -227,20 +245,27 @@ impl SshdBuilder {
             addr,
             log_path,
         };
+        // Listening, as its own log says: a connection alone could reach
+        // another server that took the port first (this sshd then exits).
+        let listening = format!("Server listening on 127.0.0.1 port {port}.");
         let waited = wait_until("sshd to listen", STARTUP_TIMEOUT, || {
+            let log = sshd.log();
+            if log.contains("Address already in use") {
+                return Some(Err(anyhow!(PortInUse(port))));
+            }
             if let Some(c) = sshd.child.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
                     return Some(Err(anyhow!("sshd exited with {st}")));
                 }
             }
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200))
-                .ok()
-                .map(|_| Ok(()))
+            let connects = || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok();
+            (log.contains(&listening) && connects()).then_some(Ok(()))
         });
-        if let Err(e) = waited.and_then(|r| r) {
-            bail!("{e:#}\nsshd log:\n{}", sshd.log());
+        match waited.and_then(|r| r) {
+            Ok(()) => Ok(sshd),
+            Err(e) if e.is::<PortInUse>() => Err(e),
+            Err(e) => bail!("{e:#}\nsshd log:\n{}", sshd.log()),
         }
-        Ok(sshd)
     }
 }
 

@@ -11,7 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use wicket_e2e::harness_postgres::Postgres;
-use wicket_e2e::harness_sshd::{test_login, Sshd};
+use wicket_e2e::harness_sshd::{test_login, PortInUse, Sshd};
 use wicket_e2e::harness_util::{closed_between, free_port, run, wait_until};
 use wicket_e2e::harness_wicket::{pipe_stdin, WicketCli, Wicketd};
 
@@ -96,27 +96,41 @@ impl Lab {
     }
 
     /// With extra settings for the node too (`, host_key: ...`).
+    /// The node's port is in wicketd's config before the node listens on
+    /// it: when another server takes it in between, both start again on
+    /// another port.
     pub fn start_node(session_extra: &str, top_extra: &str, node_extra: &str) -> Lab {
         let login = test_login();
-        let port = free_port().unwrap();
-        let d = Wicketd::builder()
-            .config(config(port, &login, session_extra, top_extra, node_extra))
-            .start()
-            .unwrap();
-        let ssh_addr = d
-            .startup_output()
-            .iter()
-            .find_map(|l| l.strip_prefix("SSH listening on "))
-            .expect("wicketd prints its SSH address")
-            .trim()
-            .parse()
-            .unwrap();
-        let node = Sshd::builder().port(port).node("node-1").start(&d).unwrap();
-        Lab {
-            d,
-            node,
-            ssh_addr,
-            login,
+        let mut attempts = 0;
+        loop {
+            let port = free_port().unwrap();
+            let d = Wicketd::builder()
+                .config(config(port, &login, session_extra, top_extra, node_extra))
+                .start()
+                .unwrap();
+            let ssh_addr = d
+                .startup_output()
+                .iter()
+                .find_map(|l| l.strip_prefix("SSH listening on "))
+                .expect("wicketd prints its SSH address")
+                .trim()
+                .parse()
+                .unwrap();
+            match Sshd::builder().port(port).node("node-1").start(&d) {
+                Ok(node) => {
+                    return Lab {
+                        d,
+                        node,
+                        ssh_addr,
+                        login,
+                    }
+                }
+                Err(e) if e.is::<PortInUse>() && attempts < 3 => {
+                    eprintln!("{e}; starting again on another port");
+                    attempts += 1;
+                }
+                Err(e) => panic!("{e:#}"),
+            }
         }
     }
 
@@ -2192,4 +2206,26 @@ fn a_user_holds_at_most_their_share_of_connections() {
         text(&out.stdout).contains("second").then_some(())
     })
     .unwrap();
+}
+
+/// A node port another server took first is reported as such (the harness
+/// then starts again elsewhere), not mistaken for the node listening.
+#[test]
+fn a_node_port_taken_first_is_reported() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("ca");
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key))
+    .unwrap();
+    let ca = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let e = Sshd::builder()
+        .port(port)
+        .trust_user_ca(ca.trim())
+        .start_plain()
+        .unwrap_err();
+    assert!(e.is::<PortInUse>(), "{e:#}");
+    drop(taken);
 }
