@@ -416,26 +416,39 @@ pub fn parse_cast(text: &str) -> Result<(serde_json::Value, Vec<CastEvent>)> {
 }
 
 /// A recording as plain text: its output without escape sequences, and
-/// its markers as `[wicket] ...` lines (on a line of their own).
+/// its markers as `[wicket] ...` lines (on a line of their own). Each run
+/// of output is cleaned on its own, and each marker too (a marker may quote
+/// what the user sent, a path): an escape sequence left open in one cannot
+/// hide what follows it.
 pub fn plain_recording(events: &[CastEvent]) -> String {
-    let mut all = String::new();
+    let mut out = String::new();
+    let mut run = String::new();
+    let end_run = |run: &mut String, out: &mut String| {
+        out.push_str(&crate::term::plain_text(run));
+        run.clear();
+    };
     for e in events {
         match e.code.as_str() {
-            "o" => all.push_str(&e.data),
+            "o" => run.push_str(&e.data),
             "m" => {
-                if !all.is_empty() && !all.ends_with('\n') {
-                    all.push_str("\r\n");
+                end_run(&mut run, &mut out);
+                if !out.is_empty() && !out.ends_with('\n') {
+                    out.push('\n');
                 }
-                // A marker may quote what the user sent (a path): its
-                // controls are removed with the output's.
-                all.push_str("[wicket] ");
-                all.push_str(&e.data.replace(['\r', '\n'], " "));
-                all.push_str("\r\n");
+                let marker: String = e
+                    .data
+                    .chars()
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .collect();
+                out.push_str("[wicket] ");
+                out.push_str(&marker);
+                out.push('\n');
             }
             _ => {}
         }
     }
-    crate::term::plain_text(&all)
+    end_run(&mut run, &mut out);
+    out
 }
 
 /// `wicket play SESSION` for an SSH session: returns false when the
@@ -524,7 +537,20 @@ mod tests {
         ];
         assert_eq!(
             plain_recording(&events),
-            "[wicket] shell\nroot@n:~# ls\n[wicket] sftp: open /a b (read)\n\nfile\n[wicket] ended\n"
+            "[wicket] shell\nroot@n:~# ls\n[wicket] sftp: open /a b [2J (read)\n\nfile\n[wicket] ended\n"
+        );
+        // An escape string left open (in output, or in a marker) hides
+        // nothing after it.
+        let events = [
+            ev("o", "x\x1bPq"),
+            ev("m", "sftp: remove /tmp/\x1bP"),
+            ev("m", "sftp: remove /etc/shadow\u{9d}"),
+            ev("o", "y\x1b]0;"),
+            ev("m", "ended"),
+        ];
+        assert_eq!(
+            plain_recording(&events),
+            "x\n[wicket] sftp: remove /tmp/ P\n[wicket] sftp: remove /etc/shadow \ny\n[wicket] ended\n"
         );
     }
 
