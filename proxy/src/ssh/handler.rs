@@ -535,6 +535,11 @@ impl Live {
 
     fn track<T>(&self, task: &tokio::task::JoinHandle<T>) {
         let mut tasks = lock(&self.tasks);
+        // `finish` took the list already: nothing would stop this one.
+        if *self.done.borrow() {
+            task.abort();
+            return;
+        }
         tasks.retain(|t| !t.is_finished());
         tasks.push(task.abort_handle());
     }
@@ -557,7 +562,7 @@ impl Live {
     }
 
     async fn finish(&self, error: Option<String>) {
-        let _ = self.done.send(true);
+        self.done.send_replace(true);
         for task in lock(&self.tasks).drain(..) {
             task.abort();
         }
@@ -618,6 +623,10 @@ impl Live {
                             .await;
                         }
                         Signal::End(why) => {
+                            // Nothing new while the session closes (the
+                            // node may still open a channel before it is
+                            // disconnected).
+                            *lock(&self.refusing) = Some(why.clone());
                             self.end(&handle, &why).await;
                             break;
                         }
@@ -1576,6 +1585,16 @@ impl server::Handler for Conn {
         let Some(c) = self.channels.get(&channel) else {
             return Ok(());
         };
+        if !c.started {
+            // The node would keep it for whatever starts later (an sftp
+            // server, unaudited; a command, unrecorded): not passed on.
+            if let Some(live) = self.live() {
+                live.marker("data before a shell, command or subsystem: channel closed");
+            }
+            self.channels.remove(&channel);
+            session.close(channel)?;
+            return Ok(());
+        }
         if let Some(live) = self.live() {
             live.bytes_in
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
