@@ -726,7 +726,10 @@ fn scp_and_sftp_round_trip_ten_megabytes() {
     let batch = dir.path().join("batch");
     std::fs::write(
         &batch,
-        format!("get {remote} {}\nrm {remote}\n", back2.display()),
+        format!(
+            "get {remote} {}\nchmod 600 {remote}\nrm {remote}\n",
+            back2.display()
+        ),
     )
     .unwrap();
     let out = output(
@@ -766,28 +769,28 @@ fn scp_and_sftp_round_trip_ten_megabytes() {
     };
     assert_eq!(opened(&|f| f.contains("write")), 1, "{ops:?}");
     assert_eq!(opened(&|f| f == "read"), 2, "{ops:?}");
+    assert!(
+        ops.iter()
+            .any(|(op, path, f)| op == "setstat" && *path == remote && f == "mode=600"),
+        "{ops:?}"
+    );
     // The sftp session's recording lists them too.
     let auditor = lab.user("root-admin", "auditor");
-    let list = recordings_of(&auditor, &id);
-    let played: Vec<String> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let sid = r["session_id"].as_str().unwrap();
-            auditor
-                .ok(&["play", sid, "--format", "text"])
-                .unwrap()
-                .stdout
-        })
-        .collect();
-    assert!(
-        played
-            .iter()
-            .any(|p| p.contains(&format!("sftp: remove {remote}"))
-                && p.contains(&format!("sftp: open {remote} (read)"))),
-        "{played:?}"
-    );
+    wait_until(
+        "the sftp session's recording",
+        Duration::from_secs(20),
+        || {
+            let list = recordings_of(&auditor, &id);
+            list.as_array()?.iter().find_map(|r| {
+                let sid = r["session_id"].as_str()?;
+                let p = auditor.ok(&["play", sid, "--format", "text"]).ok()?.stdout;
+                (p.contains(&format!("sftp: remove {remote}"))
+                    && p.contains(&format!("sftp: open {remote} (read)")))
+                .then_some(())
+            })
+        },
+    )
+    .unwrap();
 
     // Bytes that are not SFTP (a 4 GiB packet) are not passed to the node:
     // the channel is closed, while ssh still holds its stdin open.
@@ -1342,6 +1345,7 @@ impl FakeXServer {
                 }
             }
         });
+        assert!(port > 6000, "display N is port 6000 + N: {port}");
         FakeXServer {
             display: format!("127.0.0.1:{}", port - 6000),
             xauthority: tempfile::tempdir().unwrap(),
@@ -1471,7 +1475,7 @@ fn after_the_grant_ends_a_kept_connection_opens_no_new_channels() {
 fn after_the_grant_ends_a_kept_connection_takes_no_channels_from_the_node() {
     let lab = Lab::start_with(", disconnect_on_expiry: false");
     let alice = lab.user("alice", "access");
-    let id = lab.grant(&alice, "x11-ok,agent-ok", "4s");
+    let id = lab.grant(&alice, "x11-ok,agent-ok", "6s");
     let cfg = ssh_config(&alice);
     let dir = tempfile::tempdir().unwrap();
     let stop = dir.path().join("stop");
