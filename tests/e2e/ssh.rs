@@ -183,6 +183,24 @@ fn recordings_of(cli: &WicketCli, id: &str) -> Value {
     .unwrap()
 }
 
+/// Waits until `margin_ms` after the grant of request `id` ended.
+fn past_expiry(cli: &WicketCli, id: &str, margin_ms: i64) {
+    let expires = expires_at(cli, id);
+    wait_until("the grant to expire", Duration::from_secs(20), || {
+        (chrono::Utc::now() > expires + chrono::Duration::milliseconds(margin_ms)).then_some(())
+    })
+    .unwrap();
+}
+
+/// A shell loop that waits for `path` to exist (bounded: a failed run
+/// leaves nothing waiting on the node).
+fn wait_for_file(path: &Path) -> String {
+    format!(
+        "t=0; while [ ! -e {} ] && [ $t -lt 600 ]; do sleep 0.1; t=$((t+1)); done",
+        path.display()
+    )
+}
+
 /// When the grant of request `id` ends, as `wicket request show` says.
 fn expires_at(cli: &WicketCli, id: &str) -> chrono::DateTime<chrono::FixedOffset> {
     let g = cli
@@ -412,11 +430,7 @@ fn denials_are_specific() {
         "{e}"
     );
     // An expired grant.
-    let expires = expires_at(&alice, &id);
-    wait_until("the grant to expire", Duration::from_secs(10), || {
-        (chrono::Utc::now() > expires + chrono::Duration::milliseconds(300)).then_some(())
-    })
-    .unwrap();
+    past_expiry(&alice, &id, 300);
     let e = denied(&lab.dest());
     assert!(e.contains(&id) && e.contains("expired"), "{e}");
     let denied_events = Value::from(admin.audit(&["--kind", "session_denied"]).unwrap());
@@ -1393,11 +1407,7 @@ fn after_the_grant_ends_a_kept_connection_opens_no_new_channels() {
     // The master runs until the test says stop.
     let master = mux(true)
         .arg(lab.dest())
-        .arg(format!(
-            // Bounded, so a failed run leaves nothing spinning on the node.
-            "t=0; while [ ! -e {} ] && [ $t -lt 600 ]; do sleep 0.1; t=$((t+1)); done; echo finished",
-            stop.display()
-        ))
+        .arg(format!("{}; echo finished", wait_for_file(&stop)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1427,11 +1437,7 @@ fn after_the_grant_ends_a_kept_connection_opens_no_new_channels() {
         text(&out.stderr)
     );
 
-    let expires = expires_at(&alice, &id);
-    wait_until("the grant to expire", Duration::from_secs(20), || {
-        (chrono::Utc::now() > expires + chrono::Duration::milliseconds(600)).then_some(())
-    })
-    .unwrap();
+    past_expiry(&alice, &id, 600);
 
     let out = output(mux(false).arg(lab.dest()).arg("echo after"));
     let err = text(&out.stderr);
@@ -1493,11 +1499,9 @@ fn after_the_grant_ends_a_kept_connection_takes_no_channels_from_the_node() {
         .spawn()
         .unwrap();
     let script = format!(
-        // Bounded, so a failed run leaves nothing waiting on the node.
-        "{X11_CLIENT}x11\nssh-add -l | grep -o forwarded-key\necho before\n\
-         t=0; while [ ! -e {} ] && [ $t -lt 600 ]; do sleep 0.1; t=$((t+1)); done\n\
+        "{X11_CLIENT}x11\nssh-add -l | grep -o forwarded-key\necho before\n{}\n\
          x11\nssh-add -l | grep -o forwarded-key\necho after\n",
-        stop.display()
+        wait_for_file(&stop)
     );
     session
         .stdin
@@ -1507,11 +1511,7 @@ fn after_the_grant_ends_a_kept_connection_takes_no_channels_from_the_node() {
         .unwrap();
     let first = x.setup.recv_timeout(Duration::from_secs(20)).unwrap();
     assert_eq!(first.protocol, "MIT-MAGIC-COOKIE-1");
-    let expires = expires_at(&alice, &id);
-    wait_until("the grant to expire", Duration::from_secs(20), || {
-        (chrono::Utc::now() > expires + chrono::Duration::milliseconds(600)).then_some(())
-    })
-    .unwrap();
+    past_expiry(&alice, &id, 600);
     std::fs::write(&stop, b"").unwrap();
     let done = session.wait_with_output().unwrap();
     let (out, err) = (text(&done.stdout), text(&done.stderr));
