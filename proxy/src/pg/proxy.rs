@@ -1341,7 +1341,7 @@ where
                                 break;
                             }
                             terminated |= matches!(f, Frontend::Terminate);
-                            parsed.push(f);
+                            parsed.push((f, None));
                         }
                         Err(e) => {
                             violation = Some(e.to_string());
@@ -1364,8 +1364,13 @@ where
         // The tracker learns what is sent before the server can answer it.
         let skipped = {
             let mut t = tracking.lock();
-            for f in &parsed {
+            for (f, text) in parsed.iter_mut() {
                 if let Some(sent) = tracked(f, state.values) {
+                    // A query's text, kept by the tracker, is its audit
+                    // event's too.
+                    if let Sent::Query(q) = &sent {
+                        *text = Some(q.clone());
+                    }
                     if let Err(e) = t.sent(sent) {
                         return End::Protocol(lost_track(&e));
                     }
@@ -1383,8 +1388,8 @@ where
             }
             buf.drain(..at);
         }
-        for f in parsed.drain(..) {
-            audit_frontend(f, state, wicket).await;
+        for (f, text) in parsed.drain(..) {
+            audit_frontend(f, text, state, wicket).await;
         }
         audit_skipped(skipped, state, wicket).await;
         if let Some(v) = violation {
@@ -1453,14 +1458,19 @@ fn tracked(f: &Frontend, with_values: bool) -> Option<Sent> {
     })
 }
 
-/// Audits what the client sent: queries, Parse and function calls as sent.
-/// (An Execute is audited when the server answers it; see
-/// [`super::track`].)
-async fn audit_frontend(f: Frontend, state: &SessionState, wicket: &Wicket) {
+/// Audits what the client sent: queries, Parse and function calls as sent
+/// (`text`: a query's text as the tracker holds it). (An Execute is
+/// audited when the server answers it; see [`super::track`].)
+async fn audit_frontend(
+    f: Frontend,
+    text: Option<Arc<str>>,
+    state: &SessionState,
+    wicket: &Wicket,
+) {
     let sref = || state.sref.clone();
     match f {
         Frontend::Query(q) => {
-            let q: Arc<str> = q.into();
+            let q: Arc<str> = text.unwrap_or_else(|| q.into());
             state.statements.fetch_add(1, Ordering::Relaxed);
             *lock(&state.last_statement) = q.clone();
             state
