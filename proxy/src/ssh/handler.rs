@@ -737,50 +737,52 @@ impl Conn {
         Finisher(self.shared.clone())
     }
 
-    /// On an `sftp` channel, audits the file operations in what the user
-    /// sent, and marks them in the recording. Data that does not read as
-    /// SFTP is not passed on: the channel is closed (false).
+    /// Audits the file operations an `sftp` channel's reader found in what
+    /// the user sent, and marks them in the recording. Data that does not
+    /// read as SFTP is not passed on: the channel is closed (false).
     async fn sftp_audited(
         &mut self,
         channel: ChannelId,
-        data: &[u8],
+        read: Result<Vec<super::sftp::FileOp>, super::sftp::Malformed>,
         session: &mut Session,
     ) -> Result<bool, russh::Error> {
-        let Some(reader) = self
-            .channels
-            .get_mut(&channel)
-            .and_then(|c| c.sftp.as_mut())
-        else {
-            return Ok(true);
-        };
-        let read = reader.feed(data);
-        let Some(live) = self.live().cloned() else {
-            return Ok(true);
-        };
-        match read {
-            Ok(ops) => {
-                for op in ops {
-                    live.marker(&format!("sftp: {}", op.describe()));
-                    live.audit(AuditEvent::SshSftp {
-                        session: live.sref.clone(),
-                        op: op.op.to_owned(),
-                        path: op.path,
-                        to: op.to,
-                        flags: op.flags,
-                    })
-                    .await;
-                }
-                Ok(true)
-            }
+        let ops = match read {
+            Ok(ops) => ops,
             Err(e) => {
-                live.marker(&format!("sftp channel closed: {e}"));
-                tracing::info!(session = %live.sref.session_id, error = %e, "closing an sftp channel");
-                // As `channel_close`: the node's channel closes with it.
-                self.channels.remove(&channel);
-                session.close(channel)?;
-                Ok(false)
+                self.close_unsent(channel, &format!("sftp channel closed: {e}"), session)?;
+                return Ok(false);
+            }
+        };
+        if let Some(live) = self.live() {
+            for op in ops {
+                live.marker(&format!("sftp: {}", op.describe()));
+                live.audit(AuditEvent::SshSftp {
+                    session: live.sref.clone(),
+                    op: op.op.to_owned(),
+                    path: op.path,
+                    to: op.to,
+                    flags: op.flags,
+                })
+                .await;
             }
         }
+        Ok(true)
+    }
+
+    /// Closes a session channel whose data is not passed on, marking why
+    /// (as `channel_close`: the node's channel closes with it).
+    fn close_unsent(
+        &mut self,
+        channel: ChannelId,
+        why: &str,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        if let Some(live) = self.live() {
+            live.marker(why);
+            tracing::info!(session = %live.sref.session_id, reason = why, "closing a channel");
+        }
+        self.channels.remove(&channel);
+        session.close(channel)
     }
 
     fn live(&self) -> Option<&Arc<Live>> {
@@ -1579,22 +1581,23 @@ impl server::Handler for Conn {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if !self.sftp_audited(channel, data, session).await? {
-            return Ok(());
-        }
-        let Some(c) = self.channels.get(&channel) else {
+        let Some(c) = self.channels.get_mut(&channel) else {
             return Ok(());
         };
         if !c.started {
             // The node would keep it for whatever starts later (an sftp
             // server, unaudited; a command, unrecorded): not passed on.
-            if let Some(live) = self.live() {
-                live.marker("data before a shell, command or subsystem: channel closed");
-            }
-            self.channels.remove(&channel);
-            session.close(channel)?;
-            return Ok(());
+            let why = "data before a shell, command or subsystem: channel closed";
+            return self.close_unsent(channel, why, session);
         }
+        if let Some(read) = c.sftp.as_mut().map(|r| r.feed(data)) {
+            if !self.sftp_audited(channel, read, session).await? {
+                return Ok(());
+            }
+        }
+        let Some(c) = self.channels.get(&channel) else {
+            return Ok(());
+        };
         if let Some(live) = self.live() {
             live.bytes_in
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
