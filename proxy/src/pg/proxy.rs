@@ -1366,9 +1366,9 @@ where
             let mut t = tracking.lock();
             for (f, text) in parsed.iter_mut() {
                 if let Some(sent) = tracked(f, state.values) {
-                    // A query's text, kept by the tracker, is its audit
-                    // event's too.
-                    if let Sent::Query(q) = &sent {
+                    // A query's text (or a call's name), kept by the
+                    // tracker, is its audit record's too.
+                    if let Sent::Query(q) | Sent::FunctionCall(q) = &sent {
                         *text = Some(q.clone());
                     }
                     if let Err(e) = t.sent(sent) {
@@ -1459,7 +1459,7 @@ fn tracked(f: &Frontend, with_values: bool) -> Option<Sent> {
 }
 
 /// Audits what the client sent: queries, Parse and function calls as sent
-/// (`text`: a query's text as the tracker holds it). (An Execute is
+/// (`text`: a query's text or a call's name, as the tracker holds it). (An Execute is
 /// audited when the server answers it; see [`super::track`].)
 async fn audit_frontend(
     f: Frontend,
@@ -1497,7 +1497,7 @@ async fn audit_frontend(
         }
         Frontend::FunctionCall { oid, args } => {
             state.statements.fetch_add(1, Ordering::Relaxed);
-            *lock(&state.last_statement) = function_call(oid).into();
+            *lock(&state.last_statement) = text.unwrap_or_else(|| function_call(oid).into());
             let values = state.values.then(|| param_texts(&args));
             state
                 .audit(
