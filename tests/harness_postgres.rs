@@ -37,6 +37,8 @@ const FALLBACK_OS_USER: &str = "wicket-test";
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(15);
 const LOG_TAIL_LINES: usize = 60;
+/// How many ports to try when the one picked is taken before the server binds it.
+const PORT_ATTEMPTS: u32 = 3;
 
 /// Options for [`Postgres`]; see [`Postgres::builder`].
 #[derive(Default)]
@@ -137,8 +139,9 @@ impl PostgresBuilder {
             }
         }
 
-        let log =
-            File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        // Created before the chown so the OS user may write it; truncated
+        // again at each attempt below.
+        File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
         if let Some(user) = &os_user {
             run(Command::new("chown")
                 .arg("-R")
@@ -161,35 +164,54 @@ impl PostgresBuilder {
             ]))
         .context("initdb failed")?;
 
-        let port = free_port()?;
-        let mut cmd = as_user(os_user.as_deref(), &bins.postgres, &root);
-        cmd.arg("-D").arg(&data_dir);
-        cmd.arg("-c").arg(format!("port={port}"));
-        for (name, value) in &settings {
-            cmd.arg("-c").arg(format!("{name}={value}"));
-        }
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone().context("duplicating the log file")?)
-            .stderr(log);
-        let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+        // The port is free when picked, not necessarily when the server
+        // binds it: a server that finds it taken starts again on another.
+        let mut attempt = 1;
+        loop {
+            let port = free_port()?;
+            let log = File::create(&log_path)
+                .with_context(|| format!("creating {}", log_path.display()))?;
+            let mut cmd = as_user(os_user.as_deref(), &bins.postgres, &root);
+            cmd.arg("-D").arg(&data_dir);
+            cmd.arg("-c").arg(format!("port={port}"));
+            for (name, value) in &settings {
+                cmd.arg("-c").arg(format!("{name}={value}"));
+            }
+            cmd.stdin(Stdio::null())
+                .stdout(log.try_clone().context("duplicating the log file")?)
+                .stderr(log);
+            let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
 
-        // From here on, dropping `pg` stops the server and removes the dir.
-        let mut pg = Postgres {
-            port,
-            os_user: os_user.clone(),
-            child,
-            data_dir,
-            log_path,
-            bins,
-            _dir: dir,
-        };
-        if let Err(err) = pg.wait_ready() {
-            let tail = pg.log_tail(LOG_TAIL_LINES);
-            return Err(err.context(format!(
-                "PostgreSQL on 127.0.0.1:{port} did not start; log tail:\n{tail}"
-            )));
+            // From here on, dropping `pg` stops the server; the directory
+            // goes with it once it holds `_dir`.
+            let mut pg = Postgres {
+                port,
+                os_user: os_user.clone(),
+                child,
+                data_dir: data_dir.clone(),
+                log_path: log_path.clone(),
+                bins: bins.clone(),
+                _dir: None,
+            };
+            match pg.wait_ready() {
+                Ok(()) => {
+                    pg._dir = Some(dir);
+                    return Ok(pg);
+                }
+                Err(err) => {
+                    pg.stop();
+                    let log = pg.log_contents();
+                    if log.contains("could not bind") && attempt < PORT_ATTEMPTS {
+                        attempt += 1;
+                        continue;
+                    }
+                    let tail = pg.log_tail(LOG_TAIL_LINES);
+                    return Err(err.context(format!(
+                        "PostgreSQL on 127.0.0.1:{port} did not start; log tail:\n{tail}"
+                    )));
+                }
+            }
         }
-        Ok(pg)
     }
 
     fn hba_conf(&self) -> Result<String> {
@@ -218,6 +240,7 @@ impl PostgresBuilder {
     }
 }
 
+#[derive(Clone)]
 struct Binaries {
     initdb: PathBuf,
     postgres: PathBuf,
@@ -265,7 +288,7 @@ pub struct Postgres {
     log_path: PathBuf,
     bins: Binaries,
     // Dropped after `Drop::drop` has stopped the server.
-    _dir: TempDir,
+    _dir: Option<TempDir>,
 }
 
 impl Postgres {
@@ -367,6 +390,11 @@ impl Postgres {
                 }
                 Err(e) => return Some(Err(anyhow!(e).context("waiting on postgres"))),
                 Ok(None) => {}
+            }
+            // Another server may answer on the port while ours fails to
+            // bind it: only our own log's word counts.
+            if !self.log_contents().contains("ready to accept connections") {
+                return None;
             }
             if TcpStream::connect_timeout(&addr, Duration::from_millis(250)).is_err() {
                 return None;

@@ -590,7 +590,7 @@ fn admin_commands_use_the_ca_key_set_a_wicketd_made() {
 /// trusts the CA by pin or by its saved bundle.
 #[test]
 fn a_database_certificate_does_not_pass_for_wicketd() {
-    use wicket_e2e::harness_util::{free_port, wait_for_port};
+    use std::io::{BufRead, BufReader};
     let d = Wicketd::builder().start().unwrap();
     d.add_user("alice", "access", "correct horse battery", false)
         .unwrap();
@@ -614,14 +614,9 @@ fn a_database_certificate_does_not_pass_for_wicketd() {
         .unwrap();
     }
 
-    let port = free_port().unwrap();
+    // Port 0: the server picks a free port and names it on its first line.
     let mut impostor = Command::new("openssl")
-        .args([
-            "s_server",
-            "-quiet",
-            "-accept",
-            &format!("127.0.0.1:{port}"),
-        ])
+        .args(["s_server", "-accept", "127.0.0.1:0"])
         .arg("-cert")
         .arg(dir.path().join("leaf.crt"))
         .arg("-key")
@@ -633,8 +628,17 @@ fn a_database_certificate_does_not_pass_for_wicketd() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let mut said = BufReader::new(impostor.stdout.take().unwrap());
+    let mut line = String::new();
+    let port = loop {
+        line.clear();
+        // The line comes once the server listens; EOF if it exits.
+        assert_ne!(said.read_line(&mut line).unwrap(), 0, "s_server exited");
+        if let Some(a) = line.trim().strip_prefix("ACCEPT 127.0.0.1:") {
+            break a.parse::<u16>().unwrap();
+        }
+    };
     let addr = format!("127.0.0.1:{port}");
-    wait_for_port(addr.parse().unwrap(), std::time::Duration::from_secs(10)).unwrap();
 
     let cli = WicketCli::new().unwrap();
     let by_pin = cli
@@ -694,7 +698,7 @@ fn a_database_certificate_does_not_pass_for_wicketd() {
     );
     let _ = impostor.kill();
     let mut heard = String::new();
-    std::io::Read::read_to_string(&mut impostor.stdout.take().unwrap(), &mut heard).unwrap();
+    std::io::Read::read_to_string(&mut said, &mut heard).unwrap();
     let _ = impostor.wait();
     assert!(
         !heard.contains("correct horse"),
