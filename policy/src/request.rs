@@ -1571,7 +1571,8 @@ pub fn human(d: Duration) -> String {
 /// A live session, as [`certificate_session_signal`] sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct CertifiedSession {
-    /// When the certificate it was opened with ends (Unix seconds).
+    /// When the certificate it was opened with ends, or the login behind
+    /// it if that comes first (Unix seconds).
     pub valid_until: i64,
     /// Whether grants stand behind it (it then follows them instead).
     pub under_grants: bool,
@@ -1601,12 +1602,12 @@ pub fn certificate_session_signal(
     let t = now.timestamp();
     if t >= s.valid_until {
         Some(SessionSignal::End(format!(
-            "the certificate this session was opened with ended at {} (session.disconnect_on_expiry); run `wicket login` and connect again",
+            "the login behind this session ended at {} (session.disconnect_on_expiry); run `wicket login` and connect again",
             at()
         )))
     } else if !s.warned && t >= s.valid_until.saturating_sub(warn_before.num_seconds()) {
         Some(SessionSignal::Warn(format!(
-            "the certificate this session was opened with ends at {}; the session will be closed then",
+            "the login behind this session ends at {}; the session will be closed then",
             at()
         )))
     } else {

@@ -74,15 +74,17 @@ pub fn describe_roles(roles: &[String], scoped: &[ScopedRole]) -> Vec<String> {
 /// What a caller holds now: see [`Wicket::roles_in_force`].
 #[derive(Debug, Clone, Default)]
 pub struct InForce {
-    /// Standing roles plus granted roles of active grants whose requests
-    /// named no resources: they hold everywhere their labels reach.
+    /// Standing roles (while the login behind the certificate lasts) plus
+    /// granted roles of active grants whose requests named no resources:
+    /// they hold everywhere their labels reach.
     pub roles: Vec<String>,
     /// Granted roles of active grants whose requests named resources: they
     /// hold only there.
     pub scoped: Vec<ScopedRole>,
     /// The certificate's request IDs whose grants are active now.
     pub request_ids: Vec<String>,
-    /// Why each of the certificate's other requests does not count.
+    /// Why each of the certificate's other requests does not count, and
+    /// that standing roles do not once the login has ended.
     pub not_counted: Vec<String>,
 }
 
@@ -96,6 +98,10 @@ pub struct SessionDecision {
     /// The certificate's request IDs whose grants are active now.
     pub request_ids: Vec<String>,
     pub decision: Decision,
+    /// When a session opened on this decision ends (Unix seconds, with
+    /// `session.disconnect_on_expiry`): the certificate's end, or, with no
+    /// grant in force behind it, the login's end if that comes first.
+    pub valid_until: i64,
 }
 
 /// The caller, as proven by a verified client certificate.
@@ -585,6 +591,11 @@ impl Wicket {
     /// for them, else re-read from the store, so a revoked, dropped or
     /// expired grant does not count), those request IDs, and why each of
     /// the others does not count.
+    ///
+    /// Standing roles last as long as the password login behind the
+    /// certificate: a grant certificate may outlive the login, but then
+    /// only its grants count (else a dropped or revoked grant would leave
+    /// its certificate good for standing access until the grant's end).
     pub async fn roles_in_force(
         &self,
         user: &UserRecord,
@@ -617,8 +628,20 @@ impl Wicket {
                 Err(e) => not_counted.push(e.to_string()),
             }
         }
-        let (roles, scoped) =
-            self.roles_of_grants(user, grants.iter().map(|(r, res)| (&r[..], &res[..])));
+        let standing = if caller.login_until > now.timestamp() {
+            self.standing_roles(user)
+        } else {
+            let ended = DateTime::<Utc>::from_timestamp(caller.login_until, 0).unwrap_or_default();
+            not_counted.push(format!(
+                "standing roles ended with the login behind this certificate at {} (run `wicket login`)",
+                ended.to_rfc3339()
+            ));
+            Vec::new()
+        };
+        let (roles, scoped) = wicket_policy::roles_of_grants(
+            standing,
+            grants.iter().map(|(r, res)| (&r[..], &res[..])),
+        );
         InForce {
             roles,
             scoped,
@@ -670,12 +693,18 @@ impl Wicket {
                 decision.reason = format!("{}; {}", why.join("; "), decision.reason);
             }
         }
+        let valid_until = if active.is_empty() {
+            caller.valid_until.min(caller.login_until)
+        } else {
+            caller.valid_until
+        };
         Ok(SessionDecision {
             user: user.name.clone(),
             roles,
             scoped,
             request_ids: active,
             decision,
+            valid_until,
         })
     }
 

@@ -68,7 +68,8 @@ pub struct SessionInfo {
     pub login: String,
     pub request_ids: Vec<String>,
     pub started: DateTime<Utc>,
-    /// When the certificate the session was opened with ends (Unix seconds).
+    /// When the session ends under standing roles (Unix seconds): the
+    /// certificate's end, or the login's if that comes first.
     pub valid_until: i64,
 }
 
@@ -532,7 +533,7 @@ mod tests {
         sessions.end_for_request("r1", "request r1 expired");
         assert_eq!(sessions.end_with_certificates(at(1_000), warn, true), 1);
         assert!(
-            matches!(&*standing.signal.borrow(), Signal::End(w) if w.contains("certificate this session was opened with ended")),
+            matches!(&*standing.signal.borrow(), Signal::End(w) if w.contains("the login behind this session ended")),
             "{:?}",
             *standing.signal.borrow()
         );

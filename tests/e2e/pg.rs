@@ -509,7 +509,7 @@ fn a_standing_database_session_ends_with_its_certificate() {
     let (err, _) = wait_exit(child, Duration::from_secs(15));
     let late = chrono::Utc::now().signed_duration_since(ends);
     assert!(
-        err.contains("FATAL") && err.contains("the certificate this session was opened with ended"),
+        err.contains("FATAL") && err.contains("the login behind this session ended"),
         "{err}"
     );
     assert!(

@@ -686,7 +686,7 @@ fn a_standing_session_is_warned_then_cut_when_its_certificate_ends() {
     let mut t = Pty::ready(&cfg, &lab.dest());
     t.expect("the session will be closed then", Duration::from_secs(10));
     t.expect(
-        "the certificate this session was opened with ended",
+        "the login behind this session ended",
         Duration::from_secs(10),
     );
     let late = chrono::Utc::now().signed_duration_since(ends);
@@ -698,6 +698,53 @@ fn a_standing_session_is_warned_then_cut_when_its_certificate_ends() {
         t.exited().then_some(())
     })
     .unwrap();
+}
+
+/// A grant certificate may outlive the password login behind it, but then
+/// only its grants count. With the grant revoked, a session under standing
+/// roles ends with the login (warned before), not with the certificate;
+/// once the login has ended, the certificate opens nothing, though it is
+/// valid until the grant's end.
+#[test]
+fn a_grant_certificate_keeps_standing_roles_only_while_its_login_lasts() {
+    let lab = Lab::start_full("", "certificates: { login_ttl: 8s }");
+    let alice = lab.user("alice", "access,direct");
+    let valid_before = |cli: &WicketCli| {
+        chrono::DateTime::parse_from_rfc3339(
+            cli.status().unwrap()["valid_before"].as_str().unwrap(),
+        )
+        .unwrap()
+    };
+    let login_ends = valid_before(&alice);
+    let id = lab.grant(&alice, "node-admin", "10m");
+    assert!(
+        valid_before(&alice) > login_ends + chrono::Duration::minutes(5),
+        "the grant certificate runs to the grant's end"
+    );
+    // Revoked by someone else: alice's certificate stays what it was.
+    let admin = lab.user("root-admin", "auditor");
+    admin
+        .ok(&["request", "revoke", &id, "--reason", "done"])
+        .unwrap();
+    let cfg = ssh_config(&alice);
+    // Standing role `direct` lets this one in, until the login ends.
+    let mut t = Pty::ready(&cfg, &lab.dest());
+    t.expect("the session will be closed then", Duration::from_secs(10));
+    t.expect(
+        "the login behind this session ended",
+        Duration::from_secs(10),
+    );
+    let late = chrono::Utc::now().signed_duration_since(login_ends);
+    assert!(
+        late >= chrono::Duration::zero() && late <= chrono::Duration::milliseconds(1000),
+        "cut {late:?} after the login ended"
+    );
+    wait_until("the ssh client to exit", Duration::from_secs(1), || {
+        t.exited().then_some(())
+    })
+    .unwrap();
+    let out = output(ssh(&cfg).arg(lab.dest()).arg("true"));
+    failed_with(&out, "standing roles ended with the login", "");
 }
 
 fn sha256(path: &Path) -> String {

@@ -563,7 +563,7 @@ impl PgProxy {
             login: db_user.clone(),
             request_ids: decided.request_ids.clone(),
             started: now,
-            valid_until: caller.valid_until,
+            valid_until: decided.valid_until,
         });
         let sref = Arc::new(SessionRef {
             session_id: handle.id.clone(),

@@ -866,7 +866,7 @@ impl Conn {
             login: login.to_owned(),
             request_ids: active.clone(),
             started: now,
-            valid_until: cert.validity.not_after,
+            valid_until: decided.valid_until,
         });
         let session_id = registration.id.clone();
         let upstream = match upstream::connect(
