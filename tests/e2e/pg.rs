@@ -1202,6 +1202,53 @@ fn an_execute_sent_with_terminate_is_audited() {
         executes[0]["data"]["statement"], "DELETE FROM ledger",
         "{executes:?}"
     );
+    assert!(
+        executes[0]["data"].get("unanswered").is_none(),
+        "the server's answer was read after the client left: {executes:?}"
+    );
+    // SQL pipelined before such an Execute can redefine its statement:
+    // the record follows the server's answers (read after the client
+    // left), not the statement as it was before the SQL.
+    let (ok, out, err) = t.sql("insert into ledger values (3)");
+    assert!(ok, "{out} {err}");
+    let mut f = RawFrontend::connect(&t);
+    f.tcp
+        .write_all(&[RawFrontend::parse("s1", "SELECT 1"), RawFrontend::sync()].concat())
+        .unwrap();
+    assert_eq!(f.until_ready(1), b"1Z");
+    let batch = [
+        RawFrontend::query("DEALLOCATE s1; PREPARE s1 AS DELETE FROM ledger"),
+        RawFrontend::bind("", "s1"),
+        RawFrontend::execute(""),
+        RawFrontend::sync(),
+        RawFrontend::terminate(),
+    ]
+    .concat();
+    f.tcp.write_all(&batch).unwrap();
+    drop(f);
+    wait_until("the DELETE to run", Duration::from_secs(10), || {
+        (t.sql("select count(*) from ledger").1 == "0").then_some(())
+    })
+    .unwrap();
+    let executes = wait_until("the second execute", Duration::from_secs(10), || {
+        let e = s.alice_events("db_execute");
+        (e.len() == 2).then_some(e)
+    })
+    .unwrap();
+    let redefined = executes
+        .iter()
+        .find(|e| e["data"]["statement"] != "DELETE FROM ledger")
+        .unwrap_or_else(|| panic!("{executes:?}"));
+    assert!(
+        redefined["data"]["statement"]
+            .as_str()
+            .is_some_and(|t| t.contains(r#"prepared statement "s1" not known to wicket"#)),
+        "{executes:?}"
+    );
+    assert!(
+        redefined["data"].get("unanswered").is_none(),
+        "the server's answer was read: {executes:?}"
+    );
 }
 
 /// During COPY FROM STDIN the server swallows any other message as an error
@@ -1241,6 +1288,63 @@ fn a_message_sent_during_copy_from_stdin_ends_the_session() {
     assert!(ok, "{out} {err}");
     let (ok, out, err) = t.sql("select count(*) from tmp");
     assert!(ok && out == "2", "{out} {err}");
+}
+
+/// A Sync sent during COPY FROM STDIN is ignored by the server unless an
+/// error (here bad data, before the server reads the Sync) ends the COPY
+/// first: then it gets a ReadyForQuery of its own. Taken for ignored, that
+/// extra answer once let the batch after it pass unaudited and the next
+/// batch's answers be matched to it (a DELETE audited as the sleep). The
+/// session now ends when the answers stop fitting, and each Execute is on
+/// the record with its own text.
+#[test]
+fn a_sync_inside_a_failed_copy_does_not_shift_the_audit() {
+    let (s, t) = with_ledger();
+    let mut f = RawFrontend::connect(&t);
+    let batch = [
+        RawFrontend::query("COPY ledger FROM STDIN"),
+        RawFrontend::msg(b'd', &[b"not a number\n"]),
+        RawFrontend::sync(),
+        RawFrontend::msg(b'c', &[]),
+        RawFrontend::parse("a", "DELETE FROM ledger"),
+        RawFrontend::bind("pa", "a"),
+        RawFrontend::execute("pa"),
+        RawFrontend::sync(),
+        RawFrontend::parse("b", "SELECT pg_sleep(0.1)"),
+        RawFrontend::bind("pb", "b"),
+        RawFrontend::execute("pb"),
+        RawFrontend::sync(),
+    ]
+    .concat();
+    f.tcp.write_all(&batch).unwrap();
+    // (The bad row's error reaches the client only if it came in an
+    // earlier read than the answer that did not fit.)
+    let (_, errors) = f.read_until(|_| false);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("08P01") && e.contains("lost track")),
+        "{errors:?}"
+    );
+    let executes = wait_until("the DELETE's execute", Duration::from_secs(10), || {
+        let e = s.alice_events("db_execute");
+        (!e.is_empty()).then_some(e)
+    })
+    .unwrap();
+    // Each Execute with its own portal's text (unanswered: the session
+    // ended before their answers came).
+    for e in &executes {
+        let text = match e["data"]["portal"].as_str() {
+            Some("pa") => "DELETE FROM ledger",
+            Some("pb") => "SELECT pg_sleep(0.1)",
+            _ => panic!("{executes:?}"),
+        };
+        assert_eq!(e["data"]["statement"], text, "{executes:?}");
+    }
+    assert!(
+        executes.iter().any(|e| e["data"]["portal"] == "pa"),
+        "{executes:?}"
+    );
 }
 
 /// A statement is audited whole or not sent: text longer than wicket audits

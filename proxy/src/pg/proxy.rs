@@ -54,6 +54,9 @@ const MAX_INSPECTED_BACKEND: usize = 1 << 20;
 const HARD_STOP: Duration = Duration::from_millis(700);
 /// How long the last message and shutdown may wait for the client.
 const GOODBYE_TIMEOUT: Duration = Duration::from_millis(300);
+/// How long the server may take to answer what a departed client had
+/// sent (those answers are read, not passed on, to audit what ran).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Statements/portals remembered per session for auditing Execute.
 const MAX_TRACKED: usize = 10_000;
 const READ_CHUNK: usize = 64 * 1024;
@@ -820,8 +823,27 @@ impl PgProxy {
                 }
             }
         };
-        // Executes sent but not answered when the connection ended (a client
-        // can pipeline one with its Terminate): on the record, as such.
+        // A client can pipeline work with its Terminate, or close with
+        // work unanswered: the server still runs it. Its answers are read
+        // (and dropped) so that the record says what ran, not what would
+        // have if everything succeeded; the server closes once it has read
+        // the end of the client's stream.
+        if matches!(end, End::ClientClosed) && tracking.lock().awaiting() {
+            let _ = swr.shutdown().await;
+            let mut dropped = tokio::io::sink();
+            let drain = server_to_client(
+                &mut srd,
+                &mut dropped,
+                &mut sbuf,
+                &mut s_framer,
+                state,
+                &self.wicket,
+                &mut signal,
+                &tracking,
+            );
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+        }
+        // Executes sent and never answered: on the record, as such.
         let unanswered = tracking.lock().unanswered();
         for e in unanswered {
             audit_executed(e, state, &self.wicket).await;
@@ -1158,6 +1180,7 @@ fn backend_inspected(tag: u8) -> bool {
             | b's'
             | b'Z'
             | b'S'
+            | b'V'
     )
 }
 

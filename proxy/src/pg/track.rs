@@ -15,7 +15,12 @@
 //! server bound it. Simple Queries and function calls are audited as sent;
 //! those the server skips this way are reported by [`Tracker::take_skipped`]. A simple Query destroys the unnamed statement and portal;
 //! a transaction's end drops every portal. During COPY FROM STDIN the server
-//! ignores Sync until CopyDone/CopyFail, and so does the tracker.
+//! ignores Sync until CopyDone/CopyFail, and so does the tracker; but an
+//! error that ends the COPY before the server reads such a Sync makes it
+//! count again, so after an error in a COPY that took Syncs the tracker
+//! accepts only answers that fit either way, and every ReadyForQuery must
+//! answer the message at the front (one more than expected is a
+//! [`Desync`]).
 //!
 //! It fails closed: an answer that does not fit what is queued (or a client
 //! message the server would swallow during COPY) is a [`Desync`], and the
@@ -83,11 +88,6 @@ impl Sent {
             Sent::Query(text) | Sent::FunctionCall(text) => text.len(),
             _ => 0,
         }
-    }
-
-    /// Answered by ReadyForQuery (and not skipped by an error before it).
-    fn ends_cycle(&self) -> bool {
-        matches!(self, Sent::Sync | Sent::Query(_) | Sent::FunctionCall(_))
     }
 
     /// Part of the extended protocol: an error skips to the next Sync.
@@ -161,10 +161,19 @@ pub struct Tracker {
     /// An error made the server skip to the next Sync, which is not sent
     /// yet: what is sent until then is skipped too.
     skipping: bool,
-    /// The Execute at the front was reported already (its COPY began).
-    front_reported: bool,
+    /// The front message has had an answer: an Execute whose COPY began
+    /// (reported then), or a Query or function call, which gets one before
+    /// its ReadyForQuery.
+    front_answered: bool,
     /// The server is in COPY FROM STDIN and the client has not ended it.
     copy_in: bool,
+    /// Syncs sent during the COPY FROM STDIN now running were taken as
+    /// ignored, which holds only if the server read them before any error
+    /// ended the COPY (see [`Tracker::received`] on ErrorResponse).
+    copy_syncs_taken: bool,
+    /// Skipping to the next Sync after such an error: only COPY messages,
+    /// which the server drops either way, may come before it.
+    skipping_after_copy: bool,
     /// Queries and function calls the server skipped (an error in the
     /// extended protocol before the next Sync), not yet taken.
     skipped: Vec<Arc<str>>,
@@ -256,8 +265,10 @@ impl Tracker {
             pending_bytes: 0,
             limit,
             skipping: false,
-            front_reported: false,
+            front_answered: false,
             copy_in: false,
+            copy_syncs_taken: false,
+            skipping_after_copy: false,
             skipped: Vec::new(),
         }
     }
@@ -273,8 +284,12 @@ impl Tracker {
     pub fn sent(&mut self, s: Sent) -> Result<(), Desync> {
         if self.copy_in {
             match s {
-                // Ignored by the server during COPY FROM STDIN.
-                Sent::Sync => return Ok(()),
+                // Ignored by the server during COPY FROM STDIN, unless an
+                // error ended the COPY before the server read it.
+                Sent::Sync => {
+                    self.copy_syncs_taken = true;
+                    return Ok(());
+                }
                 Sent::CopyEnd => {
                     self.copy_in = false;
                     return Ok(());
@@ -289,10 +304,20 @@ impl Tracker {
         }
         if self.skipping {
             if s != Sent::Sync {
+                if self.skipping_after_copy && s != Sent::CopyEnd {
+                    // Skipped if the server read the COPY's Syncs before
+                    // the error, run if one of them ended the skip.
+                    return Err(Desync(format!(
+                        "the client sent {} after an error ended a COPY FROM STDIN during \
+                         which it had sent Sync, and before another Sync",
+                        s.name()
+                    )));
+                }
                 self.note_skipped(s);
                 return Ok(());
             }
             self.skipping = false;
+            self.skipping_after_copy = false;
         }
         // A COPY end with nothing before it that could start a COPY is
         // ignored by the server (a COPY that failed to start).
@@ -325,7 +350,7 @@ impl Tracker {
     /// Removes the answered front entry (and COPY ends that reach the front:
     /// nothing before them started a COPY, so the server ignores them).
     fn pop(&mut self) -> Option<Sent> {
-        self.front_reported = false;
+        self.front_answered = false;
         let front = self.pending.pop_front();
         self.pending_bytes = self
             .pending_bytes
@@ -384,26 +409,40 @@ impl Tracker {
             b'T' | b'n' => {
                 if self.front_is(|s| *s == Sent::Describe) {
                     self.pop();
-                } else if !self.front_is(|s| matches!(s, Sent::Query(_))) {
+                } else if self.front_is(|s| matches!(s, Sent::Query(_))) {
+                    self.front_answered = true;
+                } else {
                     return Err(self.desync("a row description"));
                 }
                 None
             }
             // Execute done: CommandComplete, EmptyQueryResponse, PortalSuspended.
             b'C' | b'I' | b's' => {
+                // The server read the end of any COPY that was running, and
+                // so every Sync before it, in COPY: ignored, as taken.
+                self.copy_syncs_taken = false;
                 if self.front_is(|s| matches!(s, Sent::Execute { .. })) {
                     self.execute_answered(true, true)
                 } else if tag != b's' && self.front_is(|s| matches!(s, Sent::Query(_))) {
+                    self.front_answered = true;
                     None
                 } else {
                     return Err(self.desync("a command's completion"));
                 }
+            }
+            b'V' => {
+                if !self.front_is(|s| matches!(s, Sent::FunctionCall(_))) {
+                    return Err(self.desync("a function call's result"));
+                }
+                self.front_answered = true;
+                None
             }
             // COPY began: report now (CommandComplete comes at its end).
             b'G' | b'H' | b'W' => {
                 let ran = if self.front_is(|s| matches!(s, Sent::Execute { .. })) {
                     self.execute_answered(false, true)
                 } else if self.front_is(|s| matches!(s, Sent::Query(_))) {
+                    self.front_answered = true;
                     None
                 } else {
                     return Err(self.desync("a COPY start"));
@@ -416,32 +455,52 @@ impl Tracker {
             b'E' => {
                 // Whatever COPY was running ended with the error.
                 self.copy_in = false;
+                let syncs_taken = std::mem::take(&mut self.copy_syncs_taken);
                 if !self.front_is(Sent::extended) {
                     // A simple Query's or a Sync's error (ReadyForQuery
-                    // follows), or one answering nothing (a FATAL).
+                    // follows), or one answering nothing (a FATAL). A Sync
+                    // taken as ignored by a COPY that this error ended may
+                    // have come after it and get a ReadyForQuery of its
+                    // own: one more than expected, which fails below.
+                    self.front_answered = true;
                     return Ok(None);
                 }
+                // The server skips everything up to the next Sync it reads.
+                // If it read one of the COPY's Syncs only after the error,
+                // that one ended the skip, and what came after it runs.
+                if syncs_taken && !matches!(self.pending.get(1), None | Some(Sent::Sync)) {
+                    return Err(Desync(format!(
+                        "an error ended a COPY FROM STDIN during which the client sent Sync, \
+                         with {} sent after it: whether the server skips it depends on when \
+                         the error came",
+                        self.pending.get(1).map_or("none", Sent::name)
+                    )));
+                }
                 let ran = self.execute_answered(true, false);
-                // The server skips everything up to the next Sync.
                 while self.front_is(|s| !matches!(s, Sent::Sync)) {
                     if let Some(s) = self.pop() {
                         self.note_skipped(s);
                     }
                 }
                 self.skipping = self.pending.is_empty();
+                self.skipping_after_copy = self.skipping && syncs_taken;
                 ran
             }
             b'Z' => {
-                if !self.pending.iter().any(Sent::ends_cycle) {
+                // Each ReadyForQuery answers the front message: a Sync, or
+                // a Query or function call after its own answer. Anything
+                // else means the server ran what the tracker does not
+                // expect (a Sync it took for ignored during a COPY).
+                let fits = match self.pending.front() {
+                    Some(Sent::Sync) => true,
+                    Some(Sent::Query(_) | Sent::FunctionCall(_)) => self.front_answered,
+                    _ => false,
+                };
+                if !fits {
                     return Err(self.desync("ReadyForQuery"));
                 }
-                while let Some(s) = self.pop() {
-                    if matches!(s, Sent::Query(_)) {
-                        self.forget_unnamed();
-                    }
-                    if s.ends_cycle() {
-                        break;
-                    }
+                if let Some(Sent::Query(_)) = self.pop() {
+                    self.forget_unnamed();
                 }
                 if status == b'I' {
                     // Portals live until their transaction ends.
@@ -480,13 +539,20 @@ impl Tracker {
         }
     }
 
+    /// Whether anything sent still awaits the server's answer.
+    pub fn awaiting(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// The connection ended: the Executes sent and not answered (the server
     /// may have run them), with the statements they would run if everything
-    /// before them succeeded.
+    /// before them succeeded. SQL in a query or function call before them
+    /// may have changed any named statement or portal (`PREPARE`, `CLOSE`,
+    /// ...): after one, those are unknown, as after a `DISCARD`.
     pub fn unanswered(&mut self) -> Vec<Executed> {
         let mut out = Vec::new();
         self.pending_bytes = 0;
-        let mut reported = self.front_reported;
+        let mut reported = self.front_answered;
         while let Some(s) = self.pending.pop_front() {
             match s {
                 Sent::Parse { name, text } => self.remember_statement(name, text),
@@ -501,7 +567,17 @@ impl Tracker {
                     e.answered = false;
                     out.push(e);
                 }
-                Sent::Query(_) => self.forget_unnamed(),
+                Sent::Close { statement, name } => {
+                    if statement {
+                        self.statements.remove(&name);
+                    } else {
+                        self.portals.remove(&name);
+                    }
+                }
+                Sent::Query(_) | Sent::FunctionCall(_) => {
+                    self.statements.clear();
+                    self.portals.clear();
+                }
                 _ => {}
             }
             reported = false;
@@ -589,6 +665,7 @@ impl Tracker {
             match s {
                 Sent::Sync => {
                     self.pending.remove(i);
+                    self.copy_syncs_taken = true;
                 }
                 Sent::CopyEnd => {
                     self.pending.remove(i);
@@ -612,9 +689,9 @@ impl Tracker {
         let Some(Sent::Execute { portal }) = self.pending.front() else {
             return None;
         };
-        let report = !self.front_reported;
+        let report = !self.front_answered;
         let ran = report.then(|| self.executed(portal.clone(), ok));
-        self.front_reported = true;
+        self.front_answered = true;
         if done {
             self.pop();
         }
@@ -887,6 +964,124 @@ mod tests {
         assert!(t.pending.is_empty());
     }
 
+    /// A Sync sent during COPY FROM STDIN is ignored only if the server
+    /// reads it before an error ends the COPY (bad data, a trigger, a
+    /// timeout); after such an error it gets a ReadyForQuery of its own.
+    #[test]
+    fn a_sync_that_an_error_in_copy_makes_count_is_a_desync_not_a_lost_batch() {
+        // Simple protocol: the extra ReadyForQuery would otherwise take
+        // the next batch as answered, and match its answers to the one
+        // after it (a DELETE audited as the SELECT).
+        let mut t = Tracker::new(100);
+        t.sent(Sent::Query("COPY t FROM STDIN".into())).unwrap();
+        t.sent(Sent::Sync).unwrap();
+        t.sent(Sent::CopyEnd).unwrap();
+        parse(&mut t, "a", "DELETE FROM accounts");
+        bind(&mut t, "pa", "a");
+        execute(&mut t, "pa");
+        t.sent(Sent::Sync).unwrap();
+        parse(&mut t, "b", "SELECT pg_sleep(3600)");
+        bind(&mut t, "pb", "b");
+        execute(&mut t, "pb");
+        t.sent(Sent::Sync).unwrap();
+        assert_eq!(answer(&mut t, b"GEZ"), Vec::<String>::new());
+        let e = t.received(b'Z', b'I').unwrap_err();
+        assert!(e.0.contains("ReadyForQuery"), "{e}");
+        // Had the server read the Sync in COPY, the same start goes on
+        // in step.
+        let mut t = Tracker::new(100);
+        t.sent(Sent::Query("COPY t FROM STDIN".into())).unwrap();
+        t.sent(Sent::Sync).unwrap();
+        t.sent(Sent::CopyEnd).unwrap();
+        parse(&mut t, "a", "DELETE FROM accounts");
+        bind(&mut t, "pa", "a");
+        execute(&mut t, "pa");
+        t.sent(Sent::Sync).unwrap();
+        assert_eq!(answer(&mut t, b"GCZ12CZ"), vec!["DELETE FROM accounts"]);
+        assert!(t.pending.is_empty());
+    }
+
+    #[test]
+    fn an_error_in_an_extended_copy_that_took_syncs_skips_nothing_by_guess() {
+        // A Query after the COPY's end: skipped if the server read the
+        // Sync in COPY, run if the Sync ended the error's skip. Neither is
+        // put on the record as a guess.
+        let copy = |t: &mut Tracker| {
+            parse(t, "", "COPY t FROM STDIN");
+            bind(t, "", "");
+            execute(t, "");
+            t.sent(Sent::Sync).unwrap();
+        };
+        let mut t = Tracker::new(100);
+        copy(&mut t);
+        t.sent(Sent::CopyEnd).unwrap();
+        t.sent(Sent::Query("DELETE FROM accounts".into())).unwrap();
+        assert_eq!(answer(&mut t, b"12G"), vec!["COPY t FROM STDIN"]);
+        let e = t.received(b'E', 0).unwrap_err();
+        assert!(e.0.contains("COPY FROM STDIN"), "{e}");
+        assert!(t.take_skipped().is_empty());
+
+        // libpq's order (Sync with the Execute, data, CopyDone, Sync) and
+        // bad data: the error comes while data is still being sent. Only
+        // COPY messages and a Sync may follow it; the Sync's answer fits
+        // whichever way the server took the first one.
+        let mut t = Tracker::new(100);
+        copy(&mut t);
+        answer(&mut t, b"12GE");
+        t.sent(Sent::CopyEnd).unwrap();
+        t.sent(Sent::Sync).unwrap();
+        assert_eq!(answer(&mut t, b"Z"), Vec::<String>::new());
+        assert!(t.pending.is_empty());
+        parse(&mut t, "s1", "SELECT 1");
+        bind(&mut t, "", "s1");
+        execute(&mut t, "");
+        t.sent(Sent::Sync).unwrap();
+        assert_eq!(answer(&mut t, b"12CZ"), vec!["SELECT 1"]);
+        // The server took the first Sync after the error: its answer
+        // comes with nothing to answer.
+        let mut t = Tracker::new(100);
+        copy(&mut t);
+        answer(&mut t, b"12GE");
+        assert!(t.received(b'Z', b'I').is_err());
+        // Anything but COPY messages before the next Sync is refused.
+        let mut t = Tracker::new(100);
+        copy(&mut t);
+        answer(&mut t, b"12GE");
+        t.sent(Sent::CopyEnd).unwrap();
+        let e = t
+            .sent(Sent::Query("DELETE FROM accounts".into()))
+            .unwrap_err();
+        assert!(e.0.contains("Query after an error ended a COPY"), "{e}");
+        // Without a Sync in the COPY the skip is certain, as before.
+        let mut t = Tracker::new(100);
+        parse(&mut t, "", "COPY t FROM STDIN");
+        bind(&mut t, "", "");
+        execute(&mut t, "");
+        answer(&mut t, b"12GE");
+        t.sent(Sent::Query("INSERT 1".into())).unwrap();
+        let skipped: Vec<String> = t.take_skipped().iter().map(|s| s.to_string()).collect();
+        assert_eq!(skipped, ["INSERT 1"]);
+    }
+
+    #[test]
+    fn a_query_or_call_is_ready_only_after_its_answer() {
+        let mut t = Tracker::new(100);
+        t.sent(q()).unwrap();
+        assert!(t.received(b'Z', b'I').is_err());
+        let mut t = Tracker::new(100);
+        t.sent(Sent::FunctionCall("function call (OID 9)".into()))
+            .unwrap();
+        assert!(t.received(b'Z', b'I').is_err());
+        let mut t = Tracker::new(100);
+        t.sent(Sent::FunctionCall("function call (OID 9)".into()))
+            .unwrap();
+        t.sent(q()).unwrap();
+        assert_eq!(answer(&mut t, b"VZ"), Vec::<String>::new());
+        assert!(t.received(b'V', 0).is_err(), "a result for the query");
+        assert_eq!(answer(&mut t, b"IZ"), Vec::<String>::new());
+        assert!(t.pending.is_empty());
+    }
+
     #[test]
     fn a_copy_that_never_began_leaves_its_end_ignored() {
         let mut t = Tracker::new(100);
@@ -1040,6 +1235,31 @@ mod tests {
         assert_eq!(&*left[0].statement, "DELETE FROM ledger");
         assert!(!left[0].answered);
         assert!(t.pending.is_empty());
+        // SQL before an unanswered Execute may have redefined its
+        // statement (`DEALLOCATE s1; PREPARE s1 AS ...`): it is unknown.
+        let mut t = Tracker::new(100);
+        parse(&mut t, "s1", "SELECT 1");
+        t.sent(Sent::Sync).unwrap();
+        answer(&mut t, b"1Z");
+        t.sent(q()).unwrap();
+        bind(&mut t, "", "s1");
+        execute(&mut t, "");
+        let left = t.unanswered();
+        assert_eq!(&*left[0].statement, unknown_statement("s1"));
+        // A Close before a Parse of the same name is followed.
+        let mut t = Tracker::new(100);
+        parse(&mut t, "s1", "SELECT 1");
+        t.sent(Sent::Sync).unwrap();
+        answer(&mut t, b"1Z");
+        t.sent(Sent::Close {
+            statement: true,
+            name: "s1".into(),
+        })
+        .unwrap();
+        bind(&mut t, "", "s1");
+        execute(&mut t, "");
+        let left = t.unanswered();
+        assert_eq!(&*left[0].statement, unknown_statement("s1"));
         // A COPY already reported is not reported again.
         let mut t = Tracker::new(100);
         parse(&mut t, "", "COPY t FROM STDIN");
