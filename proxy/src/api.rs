@@ -4,6 +4,7 @@
 use crate::error::Error;
 use crate::requests::Listing;
 use crate::service::{Caller, Wicket};
+use crate::ssh::RecordingData;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::Path;
 use axum::extract::{FromRequest, FromRequestParts, Query, Request, State};
@@ -450,13 +451,106 @@ async fn get_recording(
     Authenticated(caller): Authenticated,
     Path(id): Path<String>,
 ) -> Result<Response, Error> {
-    let body = w.recording(&caller, &id).await?;
+    let body = match w.recording(&caller, &id).await? {
+        RecordingData::File(file) => axum::body::Body::new(FileBody {
+            file,
+            buf: vec![0; FILE_CHUNK],
+        }),
+        RecordingData::Loaded(data, permit) => axum::body::Body::new(LoadedBody {
+            data: Some(bytes::Bytes::from(data)),
+            _permit: permit,
+        }),
+    };
     Ok(([(header::CONTENT_TYPE, "application/x-asciicast")], body).into_response())
+}
+
+/// Bytes read from a file per chunk of a streamed response.
+const FILE_CHUNK: usize = 64 * 1024;
+
+/// A file sent in chunks as it is read: a recording of any size costs one
+/// chunk of memory per download, however many run at once.
+struct FileBody {
+    file: tokio::fs::File,
+    buf: Vec<u8>,
+}
+
+impl http_body::Body for FileBody {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<bytes::Bytes>, std::io::Error>>>
+    {
+        use std::task::Poll;
+        let this = &mut *self;
+        let mut read = tokio::io::ReadBuf::new(&mut this.buf);
+        match tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut this.file), cx, &mut read) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(Ok(())) if read.filled().is_empty() => Poll::Ready(None),
+            Poll::Ready(Ok(())) => Poll::Ready(Some(Ok(http_body::Frame::data(
+                bytes::Bytes::copy_from_slice(read.filled()),
+            )))),
+        }
+    }
+}
+
+/// A recording loaded whole from the shared store, with the permit that
+/// counts it until it is sent.
+struct LoadedBody {
+    data: Option<bytes::Bytes>,
+    _permit: tokio::sync::SemaphorePermit<'static>,
+}
+
+impl http_body::Body for LoadedBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<
+        Option<std::result::Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>>,
+    > {
+        std::task::Poll::Ready(self.data.take().map(|d| Ok(http_body::Frame::data(d))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A recording goes out in chunks as the file is read, never whole.
+    #[tokio::test]
+    async fn a_file_body_streams_the_file_in_bounded_chunks() {
+        use http_body_util::BodyExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rec.cast");
+        let data: Vec<u8> = (0..(3 * FILE_CHUNK + 123))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        let mut body = FileBody {
+            file: tokio::fs::File::open(&path).await.unwrap(),
+            buf: vec![0; FILE_CHUNK],
+        };
+        let mut got = Vec::new();
+        let mut frames = 0;
+        while let Some(frame) = body.frame().await {
+            let chunk = frame.unwrap().into_data().unwrap();
+            assert!(chunk.len() <= FILE_CHUNK, "{}", chunk.len());
+            got.extend_from_slice(&chunk);
+            frames += 1;
+        }
+        assert_eq!(got, data);
+        assert!(frames >= 4, "{frames}");
+    }
 
     #[test]
     fn openapi_lists_every_route() {

@@ -14,6 +14,18 @@ const MAX_SHARED_RECORDING: u64 = 64 << 20;
 /// Recordings copied to the store at once (each is read whole into memory
 /// and holds a store connection): many sessions ending together queue.
 static SHARING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+/// Recordings read whole from a shared store at once (each up to
+/// [`MAX_SHARED_RECORDING`]): more downloads wait. Files from this host's
+/// data directory are streamed and need no such limit.
+static LOADING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
+/// A recording to send: the file, streamed as it is read, or its copy from
+/// the shared store, held in memory (counted) until it is sent.
+pub enum RecordingData {
+    File(tokio::fs::File),
+    Loaded(Vec<u8>, tokio::sync::SemaphorePermit<'static>),
+}
+
 /// How long one try at storing a recording may take.
 const SHARE_TRY: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -225,24 +237,28 @@ impl Wicket {
     }
 
     /// `GET /v1/recordings/{id}`: the asciicast file.
-    pub async fn recording(&self, caller: &Caller, session_id: &str) -> Result<Vec<u8>> {
+    pub async fn recording(&self, caller: &Caller, session_id: &str) -> Result<RecordingData> {
         let path = recording::path(&self.config.data_dir, session_id)
             .ok_or_else(|| Error::BadRequest("not a session ID".into()))?;
         let not_found = || Error::NotFound(format!("no recording of session {session_id}"));
         if let Some(meta) = recording::read_meta(&path) {
             self.recording_access(caller, Some(&meta.user)).await?;
-            return Ok(tokio::fs::read(&path).await?);
+            return Ok(RecordingData::File(tokio::fs::File::open(&path).await?));
         }
         // Recorded by another wicketd sharing the store.
         if !self.shared_recordings() {
             return Err(not_found());
         }
+        let permit = LOADING
+            .acquire()
+            .await
+            .map_err(|_| Error::Internal("the recording loader is closed".into()))?;
         let (meta, data) = self
             .store
             .recording(session_id)
             .await?
             .ok_or_else(not_found)?;
         self.recording_access(caller, Some(&meta.user)).await?;
-        Ok(data)
+        Ok(RecordingData::Loaded(data, permit))
     }
 }

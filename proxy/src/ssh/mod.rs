@@ -20,6 +20,7 @@
 //! against Wicket's host CA, or the host key pinned in the config.
 
 mod api;
+pub use api::RecordingData;
 mod handler;
 pub mod recording;
 pub mod sftp;
