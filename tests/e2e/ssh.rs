@@ -887,6 +887,102 @@ fn scp_and_sftp_round_trip_ten_megabytes() {
     assert!(marked.contains("at most 262144"), "{marked}");
 }
 
+/// A connection holds at most 256 channels at once (sessions, forwards,
+/// X11, agent): past that a new one is refused for resource shortage, so
+/// that a client opening channels without end cannot exhaust the proxy's
+/// memory. A place comes back when its channel closes.
+#[test]
+fn a_connection_holds_a_bounded_number_of_channels() {
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let lab = Lab::start();
+    let bob = lab.user("bob", "access");
+    lab.grant(&bob, "node-admin", "10m");
+    let cfg = ssh_config(&bob);
+    // What the forwards reach: a listener that holds each connection
+    // until its client closes it, counting them.
+    let target = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target_port = target.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        for c in target.incoming() {
+            let Ok(mut c) = c else { break };
+            counter.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut sink = Vec::new();
+                let _ = c.read_to_end(&mut sink);
+            });
+        }
+    });
+    let count = || accepted.load(Ordering::SeqCst);
+    let local = free_port().unwrap();
+    let mut forward = ssh(&cfg)
+        .args(["-N", "-o", "ExitOnForwardFailure=yes", "-L"])
+        .arg(format!("127.0.0.1:{local}:127.0.0.1:{target_port}"))
+        .arg(lab.dest())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let local_addr: SocketAddr = ([127, 0, 0, 1], local).into();
+    // The first connection that ssh takes is the first held one.
+    let first = wait_until("ssh to listen", Duration::from_secs(20), || {
+        TcpStream::connect(local_addr).ok()
+    })
+    .unwrap();
+    let mut held = vec![first];
+    for _ in 1..256 {
+        held.push(TcpStream::connect(local_addr).unwrap());
+    }
+    wait_until("256 forwarded connections", Duration::from_secs(30), || {
+        (count() >= 256).then_some(())
+    })
+    .unwrap();
+    // One more is refused: the client closes it.
+    let mut extra = TcpStream::connect(local_addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        extra.read(&mut buf).unwrap(),
+        0,
+        "closed for want of a place"
+    );
+    let before = count();
+    assert_eq!(before, 256, "none more reached the target");
+    // A place comes back when its channel closes.
+    drop(held.pop());
+    let again = wait_until("a place to come back", Duration::from_secs(10), || {
+        let mut c = TcpStream::connect(local_addr).ok()?;
+        c.set_read_timeout(Some(Duration::from_millis(300))).ok()?;
+        // Refused ones are closed at once; a forwarded one stays open.
+        match c.read(&mut buf) {
+            Ok(0) => None,
+            _ => Some(c),
+        }
+    })
+    .unwrap();
+    wait_until("the new forward to arrive", Duration::from_secs(10), || {
+        (count() > before).then_some(())
+    })
+    .unwrap();
+    drop(again);
+    let _ = forward.kill();
+    let _ = forward.wait();
+    let mut err = String::new();
+    forward
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("resource shortage"), "{err}");
+}
+
 #[test]
 fn port_forwarding_only_when_the_role_allows_it() {
     let lab = Lab::start();
@@ -1518,6 +1614,30 @@ fn after_the_grant_ends_a_kept_connection_opens_no_new_channels() {
     assert!(
         err.contains("new sessions on this connection are refused"),
         "{err}"
+    );
+    // The refused command did not run, and is not on the record as run
+    // (alice's certificate ended with her grant: an auditor reads it).
+    let auditor = lab.user("root-admin", "auditor");
+    let commands = wait_until("the commands on record", Duration::from_secs(10), || {
+        let execs = Value::from(
+            auditor
+                .audit(&["--user", "alice", "--kind", "ssh_exec"])
+                .ok()?,
+        );
+        let commands: Vec<String> = execs
+            .as_array()?
+            .iter()
+            .filter_map(|e| e["data"]["command"].as_str().map(str::to_owned))
+            .collect();
+        commands
+            .iter()
+            .any(|c| c == "echo before")
+            .then_some(commands)
+    })
+    .unwrap();
+    assert!(
+        !commands.iter().any(|c| c.contains("echo after")),
+        "{commands:?}"
     );
 }
 

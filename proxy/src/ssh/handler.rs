@@ -75,6 +75,7 @@ pub(crate) struct ConnShared {
     next_forward: AtomicU64,
     /// Woken when a remote forward's bound port becomes known.
     forwards_changed: tokio::sync::Notify,
+    slots: ChannelSlots,
 }
 
 /// One remote forward the node listens for.
@@ -89,6 +90,31 @@ struct RemoteForward {
 /// How long a connection on a remote forward to port 0 may wait for the
 /// node's answer (which it sent just before) to be seen here.
 const FORWARD_SETTLE: Duration = Duration::from_secs(2);
+
+/// Channels open at once on one connection, whichever side opened them
+/// (sessions, forwards, X11, agent): past this a new one is refused for
+/// resource shortage, so a client or node that opens channels without end
+/// cannot exhaust the proxy's memory.
+const MAX_CHANNELS: usize = 256;
+
+/// A connection's places for open channels; each channel holds one
+/// ([`ChannelSlot`]) in the task that lives as long as it does.
+pub(crate) struct ChannelSlots(Arc<tokio::sync::Semaphore>);
+
+/// One open channel's place, given back when dropped.
+type ChannelSlot = tokio::sync::OwnedSemaphorePermit;
+
+impl Default for ChannelSlots {
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::Semaphore::new(MAX_CHANNELS)))
+    }
+}
+
+impl ChannelSlots {
+    fn take(&self) -> Option<ChannelSlot> {
+        self.0.clone().try_acquire_owned().ok()
+    }
+}
 
 /// Whether a connection's session was ended (see [`ConnShared::cut`]).
 pub(crate) struct Cut(watch::Sender<bool>);
@@ -130,7 +156,7 @@ impl ConnShared {
         let what = format!(
             "connection from {from_address}:{from_port} to the node's {address}:{port} (remote forward)"
         );
-        let Some((live, handle)) = self.accept_from_node(ours, reply, &what).await else {
+        let Some((live, handle, slot)) = self.accept_from_node(ours, reply, &what).await else {
             return;
         };
         live.audit(AuditEvent::SshRemoteForward {
@@ -146,7 +172,7 @@ impl ConnShared {
                 .channel_open_forwarded_tcpip(address, port, from_address, from_port)
                 .await
         };
-        live.relay_from_node(up, down, "remote-forward");
+        live.relay_from_node(up, down, "remote-forward", slot);
     }
 
     /// A connection to the X11 display the node's sshd made for a session
@@ -161,7 +187,7 @@ impl ConnShared {
     ) {
         let allowed = self.x11_allowed.load(Ordering::Relaxed);
         let what = format!("X11 connection from {from_address}:{from_port} on the node");
-        let Some((live, handle)) = self.accept_from_node(allowed, reply, &what).await else {
+        let Some((live, handle, slot)) = self.accept_from_node(allowed, reply, &what).await else {
             return;
         };
         live.audit(AuditEvent::SshX11 {
@@ -171,7 +197,7 @@ impl ConnShared {
         .await;
         let from_address = from_address.to_owned();
         let down = async move { handle.channel_open_x11(from_address, from_port).await };
-        live.relay_from_node(up, down, "X11");
+        live.relay_from_node(up, down, "X11", slot);
     }
 
     /// A program on the node using the forwarded agent: passed to the
@@ -184,11 +210,11 @@ impl ConnShared {
     ) {
         let allowed = self.agent_allowed.load(Ordering::Relaxed);
         let what = "agent connection on the node";
-        let Some((live, handle)) = self.accept_from_node(allowed, reply, what).await else {
+        let Some((live, handle, slot)) = self.accept_from_node(allowed, reply, what).await else {
             return;
         };
         let down = async move { handle.channel_open_agent().await };
-        live.relay_from_node(up, down, "agent");
+        live.relay_from_node(up, down, "agent", slot);
     }
 
     /// Accepts a channel the node opens (`what` it is) when `allowed` and
@@ -199,7 +225,7 @@ impl ConnShared {
         allowed: bool,
         reply: russh::client::ChannelOpenHandle,
         what: &str,
-    ) -> Option<(Arc<Live>, server::Handle)> {
+    ) -> Option<(Arc<Live>, server::Handle, ChannelSlot)> {
         let live = lock(&self.live).clone();
         let (Some(live), Some(handle), true) = (live, self.server_handle(), allowed) else {
             reply
@@ -214,9 +240,13 @@ impl ConnShared {
                 .await;
             return None;
         }
+        let Some(slot) = self.slots.take() else {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return None;
+        };
         reply.accept().await;
         live.marker(what);
-        Some((live, handle))
+        Some((live, handle, slot))
     }
 
     /// Whether the user asked this connection for a remote forward that
@@ -546,11 +576,17 @@ impl Live {
 
     /// Relays a channel the node opened (`what` kind) to the one `down`
     /// opens to the user, as one of the session's tasks.
-    fn relay_from_node<F>(&self, up: Channel<russh::client::Msg>, down: F, what: &'static str)
-    where
+    fn relay_from_node<F>(
+        &self,
+        up: Channel<russh::client::Msg>,
+        down: F,
+        what: &'static str,
+        slot: ChannelSlot,
+    ) where
         F: std::future::Future<Output = Result<Channel<Msg>, russh::Error>> + Send + 'static,
     {
         let relay = tokio::spawn(async move {
+            let _slot = slot;
             match down.await {
                 Ok(down) => pipe(down.into_stream(), up.into_stream()).await,
                 Err(e) => {
@@ -709,7 +745,7 @@ pub(crate) struct Conn {
     /// Refused session channels (of a denied connection, or opened after
     /// the grant ended), until their shell/exec request: then they get this
     /// line on stderr and exit status 1.
-    denied: HashMap<ChannelId, (russh::ChannelWriteHalf<Msg>, String)>,
+    denied: HashMap<ChannelId, (russh::ChannelWriteHalf<Msg>, String, ChannelSlot)>,
     /// Its places at the listener, for as long as the connection lasts.
     admitted: Admission,
 }
@@ -946,9 +982,10 @@ impl Conn {
             // Accept the request so that the client waits for the reason.
             session.channel_success(channel)?;
             if matches!(req, Up::Shell | Up::Exec(_) | Up::Subsystem(_)) {
-                if let Some((w, msg)) = self.denied.remove(&channel) {
+                if let Some((w, msg, slot)) = self.denied.remove(&channel) {
                     let handle = session.handle();
                     tokio::spawn(async move {
+                        let _slot = slot;
                         let id = w.id();
                         let _ = w
                             .extended_data_bytes(1, Bytes::from(msg.into_bytes()))
@@ -1342,17 +1379,23 @@ impl server::Handler for Conn {
         reply: server::ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if matches!(self.access, Access::Pending) {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        let Some(slot) = self.shared.slots.take() else {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        };
         match &self.access {
-            Access::Pending => {
-                reply
-                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                    .await
-            }
+            Access::Pending => {}
             Access::Denied(reason) => {
                 let line = format!("wicket: access denied: {reason}\r\n");
                 reply.accept().await;
                 let (_, w) = channel.split();
-                self.denied.insert(w.id(), (w, line));
+                self.denied.insert(w.id(), (w, line, slot));
             }
             Access::Live(live) => {
                 let live = live.clone();
@@ -1363,7 +1406,7 @@ impl server::Handler for Conn {
                     );
                     reply.accept().await;
                     let (_, w) = channel.split();
-                    self.denied.insert(w.id(), (w, line));
+                    self.denied.insert(w.id(), (w, line, slot));
                     return Ok(());
                 }
                 let up = match live.upstream.channel_open_session().await {
@@ -1398,14 +1441,22 @@ impl server::Handler for Conn {
                     },
                 );
                 let to_node = tokio::spawn(run_to_node(rx, up_write));
-                let to_user = tokio::spawn(run_to_user(
-                    up_read,
-                    down_write,
-                    session.handle(),
-                    replies,
-                    rec,
-                    live.clone(),
-                ));
+                let to_user = tokio::spawn({
+                    let run = run_to_user(
+                        up_read,
+                        down_write,
+                        session.handle(),
+                        replies,
+                        rec,
+                        live.clone(),
+                    );
+                    // The channel's place is taken while the node's side
+                    // is open (this task's life).
+                    async move {
+                        let _slot = slot;
+                        run.await
+                    }
+                });
                 live.track(&to_node);
                 live.track(&to_user);
             }
@@ -1447,6 +1498,10 @@ impl server::Handler for Conn {
                 .await;
             return Ok(());
         }
+        let Some(slot) = self.shared.slots.take() else {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        };
         let up = match live
             .upstream
             .channel_open_direct_tcpip(
@@ -1473,7 +1528,10 @@ impl server::Handler for Conn {
         live.marker(&format!(
             "port forward to {host_to_connect}:{port_to_connect}"
         ));
-        let forward = tokio::spawn(pipe(channel.into_stream(), up.into_stream()));
+        let forward = tokio::spawn(async move {
+            let _slot = slot;
+            pipe(channel.into_stream(), up.into_stream()).await
+        });
         live.track(&forward);
         Ok(())
     }
@@ -1762,7 +1820,9 @@ impl server::Handler for Conn {
         if self.refused_unrecorded(channel, "exec", session).await? {
             return Ok(());
         }
-        if let Some(live) = self.live() {
+        // Only on a channel that takes it: one refused at its opening gets
+        // the refusal from `forward`, and nothing ran to audit.
+        if let Some(live) = self.live_channel(channel) {
             live.execs.fetch_add(1, Ordering::Relaxed);
             live.audit(AuditEvent::SshExec {
                 session: live.sref.clone(),
@@ -1805,7 +1865,7 @@ impl server::Handler for Conn {
         {
             return Ok(());
         }
-        if let Some(live) = self.live() {
+        if let Some(live) = self.live_channel(channel) {
             live.execs.fetch_add(1, Ordering::Relaxed);
             live.audit(AuditEvent::SshExec {
                 session: live.sref.clone(),

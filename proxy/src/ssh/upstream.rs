@@ -78,6 +78,54 @@ impl client::Handler for Upstream {
         Ok(false)
     }
 
+    // A node has no reason to open these toward the proxy (russh accepts
+    // them by default, and would keep each one): refused.
+    async fn server_channel_open_session(
+        &mut self,
+        _channel: Channel<Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        refuse_from_node(&self.node, "session", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        _host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        refuse_from_node(&self.node, "direct-tcpip", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        _socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        refuse_from_node(&self.node, "direct-streamlocal", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        _socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        refuse_from_node(&self.node, "forwarded-streamlocal", reply).await;
+        Ok(())
+    }
+
     async fn server_channel_open_agent_forward(
         &mut self,
         channel: Channel<Msg>,
@@ -122,6 +170,14 @@ impl client::Handler for Upstream {
             .await;
         Ok(())
     }
+}
+
+/// Refuses a channel of a type the proxy never takes from a node.
+async fn refuse_from_node(node: &str, kind: &str, reply: client::ChannelOpenHandle) {
+    tracing::warn!(node = %node, channel = kind, "the node opened a channel the proxy does not take");
+    reply
+        .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+        .await;
 }
 
 /// Connects to `node` and logs in as `login` with a fresh one-minute
