@@ -415,16 +415,27 @@ pub fn parse_cast(text: &str) -> Result<(serde_json::Value, Vec<CastEvent>)> {
     Ok((header, events))
 }
 
+/// What begins a marker's line in [`plain_recording`].
+const MARKER_PREFIX: &str = "[wicket]";
+
 /// A recording as plain text: its output without escape sequences, and
-/// its markers as `[wicket] ...` lines (on a line of their own). Each run
-/// of output is cleaned on its own, and each marker too (a marker may quote
-/// what the user sent, a path): an escape sequence left open in one cannot
-/// hide what follows it.
+/// its markers as `[wicket] ...` lines (on a line of their own; an output
+/// line that begins the same way gets a `\` before it). Each run of output
+/// is cleaned on its own, and each marker too (a marker may quote what the
+/// user sent, a path): an escape sequence left open in one cannot hide
+/// what follows it.
 pub fn plain_recording(events: &[CastEvent]) -> String {
     let mut out = String::new();
     let mut run = String::new();
+    // Only markers begin a line with `[wicket]`: output that does (a file
+    // cat on the node, say) is shown with a `\` before it.
     let end_run = |run: &mut String, out: &mut String| {
-        out.push_str(&crate::term::plain_text(run));
+        for line in crate::term::plain_text(run).split_inclusive('\n') {
+            if line.starts_with(MARKER_PREFIX) {
+                out.push('\\');
+            }
+            out.push_str(line);
+        }
         run.clear();
     };
     for e in events {
@@ -440,7 +451,8 @@ pub fn plain_recording(events: &[CastEvent]) -> String {
                     .chars()
                     .map(|c| if c.is_control() { ' ' } else { c })
                     .collect();
-                out.push_str("[wicket] ");
+                out.push_str(MARKER_PREFIX);
+                out.push(' ');
                 out.push_str(&marker);
                 out.push('\n');
             }
@@ -539,6 +551,16 @@ mod tests {
             plain_recording(&events),
             "[wicket] shell\nroot@n:~# ls\n[wicket] sftp: open /a b [2J (read)\n\nfile\n[wicket] ended\n"
         );
+        // Output cannot pass for a marker, even after a carriage return.
+        let events = [
+            ev("o", "[wicket] session ended: connection closed\r\n"),
+            ev("o", "x\r[wicket] sftp: remove /etc/passwd\r\n"),
+            ev("m", "ended"),
+        ];
+        let text = plain_recording(&events);
+        let markers: Vec<&str> = text.lines().filter(|l| l.starts_with("[wicket]")).collect();
+        assert_eq!(markers, ["[wicket] ended"], "{text}");
+        assert!(text.contains("\\[wicket] session ended"), "{text}");
         // An escape string left open (in output, or in a marker) hides
         // nothing after it.
         let events = [
