@@ -453,6 +453,7 @@ impl Wicket {
             .map(|d| parse_dur("duration", d))
             .transpose()?;
         let actor = self.actor_of(&user);
+        self.visible(id, &actor, "request.review", now).await?;
         let req = self
             .transition(id, &user.name, "request.review", now, |_| Event::Review {
                 by: actor.clone(),
@@ -483,6 +484,8 @@ impl Wicket {
         }
         let user = self.active_user(caller).await?;
         let actor = self.actor_of(&user);
+        self.visible(id, &actor, &format!("request.{action}"), now)
+            .await?;
         let name = user.name.clone();
         let event: Box<dyn Fn(&AccessRequest) -> Event + Send + Sync> = match action {
             "update" => Box::new(move |_| Event::Update {
@@ -513,6 +516,34 @@ impl Wicket {
             .transition(id, &user.name, &format!("request.{action}"), now, event)
             .await?;
         self.view(&req, now).await
+    }
+
+    /// A request `actor` may not see is not found for them, whatever they
+    /// try to do with it (the answers to a review or an action would
+    /// otherwise tell its roles and state to anyone who has its ID). The
+    /// attempt is audited.
+    async fn visible(
+        &self,
+        id: &str,
+        actor: &Actor,
+        action: &str,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let (req, _) = self.load(id).await?;
+        if self.may_see(&req, actor, now) {
+            return Ok(());
+        }
+        let _ = self
+            .audit(
+                AuditEvent::AccessDenied {
+                    user: actor.name.clone(),
+                    action: action.to_owned(),
+                    reason: format!("access request {id} is not theirs to see"),
+                },
+                now,
+            )
+            .await;
+        Err(Error::NotFound(format!("access request {id:?} not found")))
     }
 
     /// May `user` see `req`? Requester, eligible reviewers, auditors, revokers.
@@ -585,10 +616,10 @@ impl Wicket {
         let mut out = Vec::new();
         for id in ids {
             let (req, _) = self.load(id).await?;
+            // As for one that does not exist: the answer tells nothing of
+            // another user's request.
             if req.requester != user {
-                return Err(Error::Forbidden(format!(
-                    "access request {id} is not yours"
-                )));
+                return Err(Error::NotFound(format!("access request {id:?} not found")));
             }
             if !req.grants_at(now) {
                 let why = match req.state {

@@ -136,11 +136,16 @@ fn prod_ssh_needs_oncall_and_team_lead_then_certificates_match_the_grant() {
         &["request", "review", &id, "--approve", "--reason", "me"],
     );
     assert!(e.contains("own requests"), "{e}");
+    // A request carol may not review is not hers to see either: she
+    // learns nothing of it (not its roles, nor its state), whatever she
+    // tries with its ID.
     let e = t.fails(
         "carol",
         &["request", "review", &id, "--approve", "--reason", "sure"],
     );
-    assert!(e.contains("not an eligible reviewer"), "{e}");
+    assert!(e.contains("not found") && !e.contains("prod"), "{e}");
+    let e = t.fails("carol", &["request", "cancel", &id]);
+    assert!(e.contains("not found"), "{e}");
     // Step one: the on-call SRE.
     t.cli("dave")
         .ok(&[
@@ -251,7 +256,7 @@ fn prod_ssh_needs_oncall_and_team_lead_then_certificates_match_the_grant() {
     }
     let denied = t.json("frank", &["audit", "search", "--kind", "access_denied"]);
     assert!(
-        denied.to_string().contains("not an eligible reviewer"),
+        denied.to_string().contains("is not theirs to see"),
         "{denied}"
     );
 }
