@@ -269,6 +269,12 @@ pub struct Actor {
     pub roles: Vec<String>,
 }
 
+/// Longest reason a request, review, update or revoke may give (bytes).
+pub const MAX_REASON_LEN: usize = 2000;
+/// Longest a request's reason may grow with its updates (bytes): the
+/// request is read and written whole at each step.
+pub const MAX_REQUEST_REASON_LEN: usize = 8 * MAX_REASON_LEN;
+
 /// Something that happens to a request.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -669,8 +675,10 @@ impl<'a> Engine<'a> {
         if settings.require_reason && reason.is_empty() {
             return invalid("a reason is required (--reason)".into());
         }
-        if reason.len() > 2000 {
-            return invalid("the reason is longer than 2000 characters".into());
+        if reason.len() > MAX_REASON_LEN {
+            return invalid(format!(
+                "the reason is longer than {MAX_REASON_LEN} characters"
+            ));
         }
         match &new.ticket_url {
             Some(u)
@@ -935,6 +943,16 @@ impl<'a> Engine<'a> {
             self.tick(&mut req, now, &mut effects);
         }
         let state = req.state;
+        if let Event::Review { reason, .. }
+        | Event::Update { reason, .. }
+        | Event::Revoke { reason, .. } = &event
+        {
+            if reason.len() > MAX_REASON_LEN {
+                return Err(RequestError::Invalid(format!(
+                    "the reason is longer than {MAX_REASON_LEN} characters"
+                )));
+            }
+        }
         match event {
             Event::Tick => self.tick(&mut req, now, &mut effects),
             Event::Review {
@@ -1123,7 +1141,14 @@ impl<'a> Engine<'a> {
                         "an update needs a reason (--reason)".into(),
                     ));
                 }
-                req.reason = format!("{}\n[update] {}", req.reason, reason.trim());
+                let reason_now = format!("{}\n[update] {}", req.reason, reason.trim());
+                if reason_now.len() > MAX_REQUEST_REASON_LEN {
+                    return Err(RequestError::Invalid(format!(
+                        "the request's reason with its updates would pass {MAX_REQUEST_REASON_LEN} \
+                         characters; create a new request"
+                    )));
+                }
+                req.reason = reason_now;
                 req.state = State::Pending;
                 req.updated_at = now;
                 effects.push(audit("request_updated", &by, reason));

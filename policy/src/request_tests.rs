@@ -2,7 +2,7 @@
 //! ([`crate::request`]), against a hand-built policy mirroring the project's
 //! example configuration.
 
-use crate::request::human;
+use crate::request::{human, MAX_REASON_LEN, MAX_REQUEST_REASON_LEN};
 use crate::{certificate_session_signal, CertifiedSession, SessionSignal};
 use crate::{
     AccessRequest, Actor, ApprovalRule, BreakGlassSettings, DatabaseGrant, Directory, Effect,
@@ -1193,6 +1193,50 @@ fn reviews_need_a_reason() {
         };
         assert!(invalid(apply(&p, &req, ev, t0())).contains("needs a reason"));
     }
+}
+
+/// A reason is bounded wherever it is given, and a request's reason with
+/// its updates too (the request is read and written whole at each step).
+#[test]
+fn reasons_are_bounded() {
+    let p = policy();
+    let req = alice_requests(&p, nr(&["dba"]), t0());
+    let long = "x".repeat(MAX_REASON_LEN + 1);
+    let ev = Event::Review {
+        by: actor("erin"),
+        verdict: Verdict::Approve,
+        reason: long.clone(),
+        roles: None,
+        duration: None,
+        start_at: None,
+    };
+    assert!(invalid(apply(&p, &req, ev, t0())).contains("longer than"));
+    let (active, _) = apply(&p, &req, approve("erin"), t0()).unwrap();
+    assert!(invalid(apply(&p, &active, revoke("frank", &long), t0())).contains("longer than"));
+    // Ask, answer, ask again: the answers add up to a bound.
+    let ask = review("dave", Verdict::AskInfo);
+    let answer = Event::Update {
+        by: "alice".into(),
+        reason: "y".repeat(MAX_REASON_LEN),
+    };
+    let mut req = req;
+    let mut answered = 0;
+    loop {
+        let (asked, _) = apply(&p, &req, ask.clone(), t0()).unwrap();
+        match apply(&p, &asked, answer.clone(), t0()) {
+            Ok((next, _)) => {
+                assert!(next.reason.len() <= MAX_REQUEST_REASON_LEN);
+                req = next;
+                answered += 1;
+            }
+            Err(e) => {
+                assert!(e.to_string().contains("create a new request"), "{e}");
+                break;
+            }
+        }
+        assert!(answered < 20, "the updates never stopped");
+    }
+    assert!(answered >= 5, "{answered}");
 }
 
 #[test]
