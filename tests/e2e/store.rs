@@ -1236,10 +1236,7 @@ fn a_team_lead_is_the_lead_of_the_users_recorded_team() {
             .review_request(&caller_of("bob", live), &grant.id, review(), now)
             .await
             .unwrap_err();
-        assert!(
-            err.to_string().contains("not an eligible reviewer"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("not found"), "{err}");
         let approved = w
             .review_request(&caller_of("sam", live), &grant.id, review(), now)
             .await
