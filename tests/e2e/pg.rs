@@ -1249,6 +1249,55 @@ fn an_execute_sent_with_terminate_is_audited() {
         redefined["data"].get("unanswered").is_none(),
         "the server's answer was read: {executes:?}"
     );
+    // A client that does not read a large result before its Terminate
+    // leaves the relay mid-way through the server's answers: the drain
+    // goes on from there, and each Execute is on the record once.
+    let (ok, out, err) = t.sql("insert into ledger values (4)");
+    assert!(ok, "{out} {err}");
+    let mut f = RawFrontend::connect(&t);
+    let batch = [
+        RawFrontend::query("SELECT repeat('x', 100000) FROM generate_series(1, 100)"),
+        RawFrontend::parse("", "DELETE FROM ledger"),
+        RawFrontend::bind("pz", ""),
+        RawFrontend::execute("pz"),
+        RawFrontend::sync(),
+        RawFrontend::terminate(),
+    ]
+    .concat();
+    f.tcp.write_all(&batch).unwrap();
+    drop(f);
+    wait_until("the last DELETE to run", Duration::from_secs(10), || {
+        (t.sql("select count(*) from ledger").1 == "0").then_some(())
+    })
+    .unwrap();
+    let last = wait_until("its execute", Duration::from_secs(10), || {
+        let e = s.alice_events("db_execute");
+        let last: Vec<Value> = e
+            .into_iter()
+            .filter(|e| e["data"]["portal"] == "pz")
+            .collect();
+        (!last.is_empty()).then_some(last)
+    })
+    .unwrap();
+    // Once the session's end is on the record, so is all it audited.
+    let session = last[0]["session_id"].clone();
+    wait_until("the session's end", Duration::from_secs(10), || {
+        s.alice_events("session_ended")
+            .iter()
+            .any(|e| e["session_id"] == session)
+            .then_some(())
+    })
+    .unwrap();
+    let last: Vec<Value> = s
+        .alice_events("db_execute")
+        .into_iter()
+        .filter(|e| e["data"]["portal"] == "pz")
+        .collect();
+    assert_eq!(last.len(), 1, "{last:?}");
+    assert_eq!(
+        last[0]["data"]["statement"], "DELETE FROM ledger",
+        "{last:?}"
+    );
 }
 
 /// During COPY FROM STDIN the server swallows any other message as an error

@@ -789,6 +789,12 @@ impl PgProxy {
             HARD_STOP,
         );
         let mut stopped_hard = false;
+        // What the server's answers showed, until audited, and how much of
+        // `sbuf` the tracker has read: kept here, so that a server side
+        // dropped mid-way (when the other side ends first) loses nothing
+        // and feeds nothing to the tracker twice when the drain goes on.
+        let mut answers = Answers::new();
+        let mut fed = 0;
         let end = {
             let c2s = client_to_server(
                 &mut crd,
@@ -800,10 +806,14 @@ impl PgProxy {
                 &tracking,
             );
             let s2c = server_to_client(
-                &mut srd,
+                ServerSide {
+                    rd: &mut srd,
+                    buf: &mut sbuf,
+                    fed: &mut fed,
+                    framer: &mut s_framer,
+                    answers: &mut answers,
+                },
                 &mut cwr,
-                &mut sbuf,
-                &mut s_framer,
                 state,
                 &self.wicket,
                 &mut signal,
@@ -828,20 +838,32 @@ impl PgProxy {
         // (and dropped) so that the record says what ran, not what would
         // have if everything succeeded; the server closes once it has read
         // the end of the client's stream.
+        audit_answers(&mut answers, state, &self.wicket).await;
         if matches!(end, End::ClientClosed) && tracking.lock().awaiting() {
-            let _ = swr.shutdown().await;
+            let sent = state.bytes_out.load(Ordering::Relaxed);
             let mut dropped = tokio::io::sink();
             let drain = server_to_client(
-                &mut srd,
+                ServerSide {
+                    rd: &mut srd,
+                    buf: &mut sbuf,
+                    fed: &mut fed,
+                    framer: &mut s_framer,
+                    answers: &mut answers,
+                },
                 &mut dropped,
-                &mut sbuf,
-                &mut s_framer,
                 state,
                 &self.wicket,
                 &mut signal,
                 &tracking,
             );
-            let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+            // Both bounded: a server that does not read cannot hold the
+            // shutdown, nor one that does not answer the drain.
+            let _ =
+                tokio::time::timeout(DRAIN_TIMEOUT, async { tokio::join!(swr.shutdown(), drain) })
+                    .await;
+            audit_answers(&mut answers, state, &self.wicket).await;
+            // The client was sent none of it.
+            state.bytes_out.store(sent, Ordering::Relaxed);
         }
         // Executes sent and never answered: on the record, as such.
         let unanswered = tracking.lock().unanswered();
@@ -1580,11 +1602,70 @@ async fn audit_executed(e: Executed, state: &SessionState, wicket: &Wicket) {
 }
 
 #[allow(clippy::too_many_arguments)]
+/// The server side of a relay: its stream, what was read and not yet
+/// passed on (`fed` bytes of it already given to the tracker), and the
+/// answers not yet audited.
+struct ServerSide<'a, R> {
+    rd: &'a mut R,
+    buf: &'a mut Vec<u8>,
+    fed: &'a mut usize,
+    framer: &'a mut Framer,
+    answers: &'a mut Answers,
+}
+
+/// What a server message showed, to be audited, in order.
+enum Answer {
+    Executed(Executed),
+    Skipped(Arc<str>),
+    Error(String, String),
+    Copy(&'static str),
+}
+
+type Answers = std::collections::VecDeque<Answer>;
+
+/// Audits `answers` in order, each taken off once it is queued for the
+/// store: cancelled at any point, none is lost or audited twice.
+async fn audit_answers(answers: &mut Answers, state: &SessionState, wicket: &Wicket) {
+    while let Some(a) = answers.front() {
+        match a {
+            Answer::Executed(e) => audit_executed(e.clone(), state, wicket).await,
+            Answer::Skipped(statement) => {
+                state
+                    .audit(
+                        wicket,
+                        AuditEvent::DbSkipped {
+                            session: state.sref.clone(),
+                            statement: statement.clone(),
+                        },
+                    )
+                    .await
+            }
+            Answer::Error(code, message) => {
+                state
+                    .audit_error(wicket, code.clone(), message.clone())
+                    .await
+            }
+            Answer::Copy(direction) => {
+                let statement = lock(&state.last_statement).clone();
+                state
+                    .audit(
+                        wicket,
+                        AuditEvent::DbCopy {
+                            session: state.sref.clone(),
+                            direction: (*direction).into(),
+                            statement,
+                        },
+                    )
+                    .await;
+            }
+        }
+        answers.pop_front();
+    }
+}
+
 async fn server_to_client<R, W>(
-    rd: &mut R,
+    side: ServerSide<'_, R>,
     wr: &mut W,
-    buf: &mut Vec<u8>,
-    framer: &mut Framer,
     state: &SessionState,
     wicket: &Wicket,
     signal: &mut watch::Receiver<Signal>,
@@ -1594,13 +1675,21 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let ServerSide {
+        rd,
+        buf,
+        fed,
+        framer,
+        answers,
+    } = side;
     let mut tmp = vec![0u8; READ_CHUNK];
     let mut ending: Option<String> = None;
     let mut warning: Option<String> = None;
     let mut signals = true;
     loop {
-        // Forward whatever whole or passed-through bytes are buffered.
-        let mut at = 0;
+        // What the tracker reads is counted in `fed` at once (no await in
+        // this loop), so a call after a dropped one goes on from there.
+        let mut at = *fed;
         let mut answered = false;
         loop {
             match framer.next(&buf[at..], backend_inspected, MAX_INSPECTED_BACKEND, false) {
@@ -1611,10 +1700,8 @@ where
                         Err(why) => return End::Protocol(why),
                     };
                     answered = true;
-                    if let Some(e) = ran {
-                        audit_executed(e, state, wicket).await;
-                    }
-                    audit_skipped(skipped, state, wicket).await;
+                    answers.extend(ran.map(Answer::Executed));
+                    answers.extend(skipped.into_iter().map(Answer::Skipped));
                     at += n;
                 }
                 Ok(Next::Whole(tag, len)) => {
@@ -1624,13 +1711,11 @@ where
                         Err(why) => return End::Protocol(why),
                     };
                     answered = true;
-                    if let Some(e) = ran {
-                        audit_executed(e, state, wicket).await;
-                    }
+                    answers.extend(ran.map(Answer::Executed));
                     match tag {
                         b'E' => {
                             if let Some((code, message)) = protocol::parse_error_response(msg) {
-                                state.audit_error(wicket, code, message).await;
+                                answers.push_back(Answer::Error(code, message));
                             }
                         }
                         b'S' => {
@@ -1638,37 +1723,31 @@ where
                                 return End::Protocol(why);
                             }
                         }
-                        b'G' | b'H' => {
-                            let statement = lock(&state.last_statement).clone();
-                            state
-                                .audit(
-                                    wicket,
-                                    AuditEvent::DbCopy {
-                                        session: state.sref.clone(),
-                                        direction: if tag == b'G' { "in" } else { "out" }.into(),
-                                        statement,
-                                    },
-                                )
-                                .await;
-                        }
+                        b'G' => answers.push_back(Answer::Copy("in")),
+                        b'H' => answers.push_back(Answer::Copy("out")),
                         _ => {}
                     }
-                    audit_skipped(skipped, state, wicket).await;
+                    answers.extend(skipped.into_iter().map(Answer::Skipped));
                     at += len;
                 }
                 Ok(Next::More) => break,
                 Err(e) => return End::Io(format!("server: {e}")),
             }
+            state
+                .bytes_out
+                .fetch_add((at - *fed) as u64, Ordering::Relaxed);
+            *fed = at;
         }
         if answered && !tracking.lock().is_full() {
             tracking.drained.notify_one();
         }
+        audit_answers(answers, state, wicket).await;
         if at > 0 {
-            state.bytes_out.fetch_add(at as u64, Ordering::Relaxed);
             if wr.write_all(&buf[..at]).await.is_err() {
                 return End::ClientClosed;
             }
             buf.drain(..at);
+            *fed = 0;
         }
         if framer.at_boundary() {
             if let Some(why) = ending.take() {

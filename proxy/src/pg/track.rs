@@ -462,7 +462,9 @@ impl Tracker {
                     // taken as ignored by a COPY that this error ended may
                     // have come after it and get a ReadyForQuery of its
                     // own: one more than expected, which fails below.
-                    self.front_answered = true;
+                    if self.front_is(|s| matches!(s, Sent::Query(_) | Sent::FunctionCall(_))) {
+                        self.front_answered = true;
+                    }
                     return Ok(None);
                 }
                 // The server skips everything up to the next Sync it reads.
