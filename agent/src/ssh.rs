@@ -431,7 +431,12 @@ pub fn plain_recording(events: &[CastEvent]) -> String {
     // cat on the node, say) is shown with a `\` before it.
     let end_run = |run: &mut String, out: &mut String| {
         for line in crate::term::plain_text(run).split_inclusive('\n') {
-            if line.starts_with(MARKER_PREFIX) {
+            // What a terminal does not show (NUL, zero-width and format
+            // characters, spaces) does not hide the prefix either.
+            if line
+                .trim_start_matches(|c: char| !c.is_ascii_graphic())
+                .starts_with(MARKER_PREFIX)
+            {
                 out.push('\\');
             }
             out.push_str(line);
@@ -551,14 +556,26 @@ mod tests {
             plain_recording(&events),
             "[wicket] shell\nroot@n:~# ls\n[wicket] sftp: open /a b [2J (read)\n\nfile\n[wicket] ended\n"
         );
-        // Output cannot pass for a marker, even after a carriage return.
+        // Output cannot pass for a marker, even after a carriage return or
+        // characters a terminal does not show.
         let events = [
             ev("o", "[wicket] session ended: connection closed\r\n"),
             ev("o", "x\r[wicket] sftp: remove /etc/passwd\r\n"),
+            ev(
+                "o",
+                "\0[wicket] a\r\n\u{200B}[wicket] b\r\n\u{FEFF} [wicket] c\r\n",
+            ),
             ev("m", "ended"),
         ];
         let text = plain_recording(&events);
-        let markers: Vec<&str> = text.lines().filter(|l| l.starts_with("[wicket]")).collect();
+        let markers: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                l.trim_start_matches(|c: char| !c.is_ascii_graphic())
+                    .starts_with("[wicket]")
+                    && !l.starts_with('\\')
+            })
+            .collect();
         assert_eq!(markers, ["[wicket] ended"], "{text}");
         assert!(text.contains("\\[wicket] session ended"), "{text}");
         // An escape string left open (in output, or in a marker) hides

@@ -19,6 +19,9 @@ static SHARING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 /// data directory are streamed and need no such limit.
 static LOADING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 
+/// How long a download waits for its turn to load from the store.
+const LOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A recording to send: the file, streamed as it is read, or its copy from
 /// the shared store, held in memory (counted) until it is sent.
 pub enum RecordingData {
@@ -249,10 +252,11 @@ impl Wicket {
         if !self.shared_recordings() {
             return Err(not_found());
         }
-        let permit = LOADING
-            .acquire()
+        let busy = || Error::Internal("too many recordings are being loaded; try again".into());
+        let permit = tokio::time::timeout(LOAD_WAIT, LOADING.acquire())
             .await
-            .map_err(|_| Error::Internal("the recording loader is closed".into()))?;
+            .map_err(|_| busy())?
+            .map_err(|_| busy())?;
         let (meta, data) = self
             .store
             .recording(session_id)

@@ -726,6 +726,10 @@ struct Chan {
     /// On an `sftp` subsystem channel: what the client asks of the node's
     /// files, read from its packets.
     sftp: Option<super::sftp::Reader>,
+    /// Set when the node's side ended and the user's was closed with it:
+    /// russh then no longer reports the user's close, so the entry is
+    /// dropped at the next channel open ([`Conn::forget_ended_channels`]).
+    ended: Arc<AtomicBool>,
 }
 
 enum Access {
@@ -819,6 +823,13 @@ impl Conn {
         }
         self.channels.remove(&channel);
         session.close(channel)
+    }
+
+    /// Drops the entries of session channels that ended on the node's side
+    /// (their tasks end with them).
+    fn forget_ended_channels(&mut self) {
+        self.channels
+            .retain(|_, c| !c.ended.load(Ordering::Relaxed));
     }
 
     fn live(&self) -> Option<&Arc<Live>> {
@@ -1385,6 +1396,7 @@ impl server::Handler for Conn {
                 .await;
             return Ok(());
         }
+        self.forget_ended_channels();
         let Some(slot) = self.shared.slots.take() else {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
@@ -1429,6 +1441,7 @@ impl server::Handler for Conn {
                     input_recorded: AtomicU64::new(0),
                 });
                 lock(&live.session_channels).push(id);
+                let ended = Arc::new(AtomicBool::new(false));
                 self.channels.insert(
                     id,
                     Chan {
@@ -1438,6 +1451,7 @@ impl server::Handler for Conn {
                         pty: None,
                         started: false,
                         sftp: None,
+                        ended: ended.clone(),
                     },
                 );
                 let to_node = tokio::spawn(run_to_node(rx, up_write));
@@ -1454,7 +1468,8 @@ impl server::Handler for Conn {
                     // is open (this task's life).
                     async move {
                         let _slot = slot;
-                        run.await
+                        run.await;
+                        ended.store(true, Ordering::Relaxed);
                     }
                 });
                 live.track(&to_node);
