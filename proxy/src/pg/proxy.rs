@@ -1570,16 +1570,20 @@ fn function_call(oid: u32) -> String {
 /// message up to the next Sync.
 async fn audit_skipped(skipped: Vec<Arc<str>>, state: &SessionState, wicket: &Wicket) {
     for statement in skipped {
-        state
-            .audit(
-                wicket,
-                AuditEvent::DbSkipped {
-                    session: state.sref.clone(),
-                    statement,
-                },
-            )
-            .await;
+        audit_skipped_one(statement, state, wicket).await;
     }
+}
+
+async fn audit_skipped_one(statement: Arc<str>, state: &SessionState, wicket: &Wicket) {
+    state
+        .audit(
+            wicket,
+            AuditEvent::DbSkipped {
+                session: state.sref.clone(),
+                statement,
+            },
+        )
+        .await;
 }
 
 /// Audits an Execute the server answered, with the statement it ran.
@@ -1629,17 +1633,7 @@ async fn audit_answers(answers: &mut Answers, state: &SessionState, wicket: &Wic
     while let Some(a) = answers.front() {
         match a {
             Answer::Executed(e) => audit_executed(e.clone(), state, wicket).await,
-            Answer::Skipped(statement) => {
-                state
-                    .audit(
-                        wicket,
-                        AuditEvent::DbSkipped {
-                            session: state.sref.clone(),
-                            statement: statement.clone(),
-                        },
-                    )
-                    .await
-            }
+            Answer::Skipped(statement) => audit_skipped_one(statement.clone(), state, wicket).await,
             Answer::Error(code, message) => {
                 state
                     .audit_error(wicket, code.clone(), message.clone())
@@ -1689,7 +1683,8 @@ where
     loop {
         // What the tracker reads is counted in `fed` at once (no await in
         // this loop), so a call after a dropped one goes on from there.
-        let mut at = *fed;
+        let start = *fed;
+        let mut at = start;
         let mut answered = false;
         loop {
             match framer.next(&buf[at..], backend_inspected, MAX_INSPECTED_BACKEND, false) {
@@ -1733,11 +1728,11 @@ where
                 Ok(Next::More) => break,
                 Err(e) => return End::Io(format!("server: {e}")),
             }
-            state
-                .bytes_out
-                .fetch_add((at - *fed) as u64, Ordering::Relaxed);
             *fed = at;
         }
+        state
+            .bytes_out
+            .fetch_add((at - start) as u64, Ordering::Relaxed);
         if answered && !tracking.lock().is_full() {
             tracking.drained.notify_one();
         }

@@ -399,11 +399,7 @@ impl Tracker {
                     return Err(self.desync("CloseComplete"));
                 };
                 self.pop();
-                if statement {
-                    self.statements.remove(&name);
-                } else {
-                    self.portals.remove(&name);
-                }
+                self.closed(statement, &name);
                 None
             }
             b'T' | b'n' => {
@@ -569,13 +565,7 @@ impl Tracker {
                     e.answered = false;
                     out.push(e);
                 }
-                Sent::Close { statement, name } => {
-                    if statement {
-                        self.statements.remove(&name);
-                    } else {
-                        self.portals.remove(&name);
-                    }
-                }
+                Sent::Close { statement, name } => self.closed(statement, &name),
                 Sent::Query(_) | Sent::FunctionCall(_) => {
                     self.statements.clear();
                     self.portals.clear();
@@ -590,6 +580,15 @@ impl Tracker {
     /// Bytes of text and values kept for this session.
     fn held(&self) -> usize {
         self.statements.bytes + self.portals.bytes
+    }
+
+    /// A Close of a statement (or a portal) `name` took effect.
+    fn closed(&mut self, statement: bool, name: &str) {
+        if statement {
+            self.statements.remove(name);
+        } else {
+            self.portals.remove(name);
+        }
     }
 
     fn forget_unnamed(&mut self) {
