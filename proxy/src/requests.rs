@@ -241,17 +241,25 @@ impl Wicket {
     }
 
     /// Loads, applies `event`, and saves with a version check, retrying when
-    /// another proxy changed the request in between.
+    /// another proxy changed the request in between. `by` is the user who
+    /// acts (`None`: wicketd's own timers); a request they may not see is
+    /// not found for them (see [`Wicket::hidden`]).
     async fn transition(
         &self,
         id: &str,
-        actor: &str,
+        by: Option<&Actor>,
         action: &str,
         now: DateTime<Utc>,
         event: impl Fn(&AccessRequest) -> Event,
     ) -> Result<AccessRequest> {
+        let actor = by.map_or("wicketd", |a| a.name.as_str());
         for _ in 0..5 {
             let (current, version) = self.load(id).await?;
+            if let Some(a) = by {
+                if !self.may_see(&current, a, now) {
+                    return Err(self.hidden(id, a, action, now).await);
+                }
+            }
             let (next, effects) = match self.engine().apply(&current, event(&current), now) {
                 Ok(x) => x,
                 Err(RequestError::Forbidden(reason)) => {
@@ -453,9 +461,8 @@ impl Wicket {
             .map(|d| parse_dur("duration", d))
             .transpose()?;
         let actor = self.actor_of(&user);
-        self.visible(id, &actor, "request.review", now).await?;
         let req = self
-            .transition(id, &user.name, "request.review", now, |_| Event::Review {
+            .transition(id, Some(&actor), "request.review", now, |_| Event::Review {
                 by: actor.clone(),
                 verdict,
                 reason: body.reason.clone(),
@@ -484,8 +491,7 @@ impl Wicket {
         }
         let user = self.active_user(caller).await?;
         let actor = self.actor_of(&user);
-        self.visible(id, &actor, &format!("request.{action}"), now)
-            .await?;
+        let by = actor.clone();
         let name = user.name.clone();
         let event: Box<dyn Fn(&AccessRequest) -> Event + Send + Sync> = match action {
             "update" => Box::new(move |_| Event::Update {
@@ -513,7 +519,7 @@ impl Wicket {
             other => return Err(Error::NotFound(format!("no request action {other:?}"))),
         };
         let req = self
-            .transition(id, &user.name, &format!("request.{action}"), now, event)
+            .transition(id, Some(&by), &format!("request.{action}"), now, event)
             .await?;
         self.view(&req, now).await
     }
@@ -522,17 +528,7 @@ impl Wicket {
     /// try to do with it (the answers to a review or an action would
     /// otherwise tell its roles and state to anyone who has its ID). The
     /// attempt is audited.
-    async fn visible(
-        &self,
-        id: &str,
-        actor: &Actor,
-        action: &str,
-        now: DateTime<Utc>,
-    ) -> Result<()> {
-        let (req, _) = self.load(id).await?;
-        if self.may_see(&req, actor, now) {
-            return Ok(());
-        }
+    async fn hidden(&self, id: &str, actor: &Actor, action: &str, now: DateTime<Utc>) -> Error {
         let _ = self
             .audit(
                 AuditEvent::AccessDenied {
@@ -543,7 +539,7 @@ impl Wicket {
                 now,
             )
             .await;
-        Err(Error::NotFound(format!("access request {id:?} not found")))
+        Error::NotFound(format!("access request {id:?} not found"))
     }
 
     /// May `user` see `req`? Requester, eligible reviewers, auditors, revokers.
@@ -652,7 +648,7 @@ impl Wicket {
         let mut changed = 0;
         for id in due {
             match self
-                .transition(&id, "wicketd", "request.tick", now, |_| Event::Tick)
+                .transition(&id, None, "request.tick", now, |_| Event::Tick)
                 .await
             {
                 Ok(_) => changed += 1,
