@@ -95,6 +95,25 @@ impl<'a> Subject<'a> {
     }
 }
 
+/// Whether the password login behind a certificate (ending at
+/// `login_until`, Unix seconds) lasts at `now`: what asks for more access
+/// needs it, and standing roles count only while it lasts. A grant
+/// certificate may outlive it; then only its grants count.
+pub fn login_lasts(login_until: i64, now: i64) -> bool {
+    now < login_until
+}
+
+/// When a session opened with a certificate ending at `cert_end` ends
+/// (with `session.disconnect_on_expiry`): then, or, with no grant in force
+/// behind it (standing roles only), at the login's end if that is earlier.
+pub fn session_end(cert_end: i64, login_until: i64, under_grants: bool) -> i64 {
+    if under_grants {
+        cert_end
+    } else {
+        cert_end.min(login_until)
+    }
+}
+
 /// The roles grants put in force on top of `standing`: a grant whose
 /// request named no resources holds its roles everywhere their labels reach;
 /// one that named resources holds them only there. Each grant is given as

@@ -3009,3 +3009,20 @@ fn a_session_under_standing_roles_ends_with_its_certificate() {
         );
     }
 }
+
+proptest! {
+    /// A session under standing roles alone never outlasts the login or the
+    /// certificate; one under grants runs to the certificate's end.
+    #[test]
+    fn a_session_ends_with_its_certificate_or_its_login(
+        cert_end in -1_000i64..1_000,
+        login_until in -1_000i64..1_000,
+        now in -1_000i64..1_000,
+    ) {
+        let standing = crate::session_end(cert_end, login_until, false);
+        prop_assert!(standing <= cert_end && standing <= login_until);
+        prop_assert!(standing == cert_end || standing == login_until);
+        prop_assert_eq!(crate::session_end(cert_end, login_until, true), cert_end);
+        prop_assert_eq!(crate::login_lasts(login_until, now), now < login_until);
+    }
+}

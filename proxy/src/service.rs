@@ -136,7 +136,7 @@ impl Caller {
     /// reviewed requests, break-glass) once the login behind the
     /// certificate has ended, though a grant certificate may outlive it.
     pub fn require_login(&self, now: DateTime<Utc>) -> Result<()> {
-        if self.login_until > now.timestamp() {
+        if wicket_policy::login_lasts(self.login_until, now.timestamp()) {
             return Ok(());
         }
         let ended = DateTime::<Utc>::from_timestamp(self.login_until, 0).unwrap_or_default();
@@ -628,7 +628,7 @@ impl Wicket {
                 Err(e) => not_counted.push(e.to_string()),
             }
         }
-        let standing = if caller.login_until > now.timestamp() {
+        let standing = if wicket_policy::login_lasts(caller.login_until, now.timestamp()) {
             self.standing_roles(user)
         } else {
             let ended = DateTime::<Utc>::from_timestamp(caller.login_until, 0).unwrap_or_default();
@@ -693,11 +693,8 @@ impl Wicket {
                 decision.reason = format!("{}; {}", why.join("; "), decision.reason);
             }
         }
-        let valid_until = if active.is_empty() {
-            caller.valid_until.min(caller.login_until)
-        } else {
-            caller.valid_until
-        };
+        let valid_until =
+            wicket_policy::session_end(caller.valid_until, caller.login_until, !active.is_empty());
         Ok(SessionDecision {
             user: user.name.clone(),
             roles,
