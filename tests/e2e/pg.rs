@@ -1177,12 +1177,23 @@ fn an_execute_of_a_portal_redefined_by_sql_is_not_audited_with_its_old_text() {
     }
 }
 
+/// Sends `batch` (ending with a Terminate) without reading the answers,
+/// closes, and waits until the server ran its DELETE of the ledger.
+fn send_and_leave(mut f: RawFrontend, batch: &[u8], t: &Tunnel) {
+    f.tcp.write_all(batch).unwrap();
+    drop(f);
+    wait_until("the DELETE to run", Duration::from_secs(10), || {
+        (t.sql("select count(*) from ledger").1 == "0").then_some(())
+    })
+    .unwrap();
+}
+
 /// An Execute pipelined with the client's Terminate runs on the server even
 /// though the client never reads its answer: it is on the record too.
 #[test]
 fn an_execute_sent_with_terminate_is_audited() {
     let (s, t) = with_ledger();
-    let mut f = RawFrontend::connect(&t);
+    let f = RawFrontend::connect(&t);
     let batch = [
         RawFrontend::parse("", "DELETE FROM ledger"),
         RawFrontend::bind("", ""),
@@ -1191,12 +1202,7 @@ fn an_execute_sent_with_terminate_is_audited() {
         RawFrontend::terminate(),
     ]
     .concat();
-    f.tcp.write_all(&batch).unwrap();
-    drop(f);
-    wait_until("the DELETE to run", Duration::from_secs(10), || {
-        (t.sql("select count(*) from ledger").1 == "0").then_some(())
-    })
-    .unwrap();
+    send_and_leave(f, &batch, &t);
     let executes = s.alice_events("db_execute");
     assert_eq!(
         executes[0]["data"]["statement"], "DELETE FROM ledger",
@@ -1224,12 +1230,7 @@ fn an_execute_sent_with_terminate_is_audited() {
         RawFrontend::terminate(),
     ]
     .concat();
-    f.tcp.write_all(&batch).unwrap();
-    drop(f);
-    wait_until("the DELETE to run", Duration::from_secs(10), || {
-        (t.sql("select count(*) from ledger").1 == "0").then_some(())
-    })
-    .unwrap();
+    send_and_leave(f, &batch, &t);
     let executes = wait_until("the second execute", Duration::from_secs(10), || {
         let e = s.alice_events("db_execute");
         (e.len() == 2).then_some(e)
@@ -1254,7 +1255,7 @@ fn an_execute_sent_with_terminate_is_audited() {
     // goes on from there, and each Execute is on the record once.
     let (ok, out, err) = t.sql("insert into ledger values (4)");
     assert!(ok, "{out} {err}");
-    let mut f = RawFrontend::connect(&t);
+    let f = RawFrontend::connect(&t);
     let batch = [
         RawFrontend::query("SELECT repeat('x', 100000) FROM generate_series(1, 100)"),
         RawFrontend::parse("", "DELETE FROM ledger"),
@@ -1264,12 +1265,7 @@ fn an_execute_sent_with_terminate_is_audited() {
         RawFrontend::terminate(),
     ]
     .concat();
-    f.tcp.write_all(&batch).unwrap();
-    drop(f);
-    wait_until("the last DELETE to run", Duration::from_secs(10), || {
-        (t.sql("select count(*) from ledger").1 == "0").then_some(())
-    })
-    .unwrap();
+    send_and_leave(f, &batch, &t);
     let last = wait_until("its execute", Duration::from_secs(10), || {
         let e = s.alice_events("db_execute");
         let last: Vec<Value> = e
