@@ -171,6 +171,11 @@ impl Profile {
     }
 }
 
+/// Counts temporary files written by this process.
+static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+#[cfg(test)]
+use NEXT as NEXT_FOR_TESTS;
+
 /// Creates the parent directories 0700 and writes `contents` with `mode`
 /// through a temporary file, so readers never see half a key.
 pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
@@ -181,24 +186,37 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     }
     // Named after the whole file name, this process and a counter: two
     // files (`tls.key`, `tls.crt`) or two `wicket` runs never share one.
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let mut name = path
         .file_name()
         .with_context(|| format!("{} names no file", path.display()))?
         .to_os_string();
     remove_abandoned_temps(path, &name.to_string_lossy());
-    name.push(format!(
-        ".{}.{}.tmp~",
-        std::process::id(),
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    let tmp = path.with_file_name(name);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    name.push(format!(".{}.", std::process::id()));
+    // A name already taken (left by an earlier process with this PID, or
+    // by anyone else) is passed over, not an error.
+    let mut attempt = 0;
+    let (tmp, mut f) = loop {
+        let mut candidate = name.clone();
+        candidate.push(format!(
+            "{}.tmp~",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let tmp = path.with_file_name(candidate);
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+        {
+            Ok(f) => break (tmp, f),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => {
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot write {}", tmp.display()));
+            }
+        }
+    };
     let written = f
         .write_all(contents)
         .and_then(|()| f.sync_all())
@@ -261,9 +279,11 @@ mod tests {
         let key = dir.path().join("tls.key");
         // A PID above the kernel's limit (4194304) is never alive.
         let dead = dir.path().join("tls.key.4294967295.0.tmp~");
+        // This process's own name, with a counter its writes in this run
+        // do not reach (tests share the counter).
         let alive = dir
             .path()
-            .join(format!("tls.key.{}.7.tmp~", std::process::id()));
+            .join(format!("tls.key.{}.999999.tmp~", std::process::id()));
         let other = dir.path().join("tls.crt.4294967295.0.tmp~");
         let fresh = dir.path().join("tls.key.4294967295.1.tmp~");
         let no_counter = dir.path().join("tls.key.4294967295..tmp~");
@@ -309,6 +329,23 @@ mod tests {
     /// Files sharing a stem (`tls.key`, `tls.crt`), written at once from
     /// several threads, each end with their own contents and mode, and no
     /// temporary file is left.
+    #[test]
+    fn a_taken_temporary_name_is_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("id.key");
+        // The names the next writes would take, already there (an earlier
+        // process with this PID left them).
+        let next = NEXT_FOR_TESTS.load(std::sync::atomic::Ordering::Relaxed);
+        for n in next..next + 4 {
+            let taken = dir
+                .path()
+                .join(format!("id.key.{}.{n}.tmp~", std::process::id()));
+            fs::write(taken, b"left").unwrap();
+        }
+        write_file(&key, b"secret", 0o600).unwrap();
+        assert_eq!(fs::read(&key).unwrap(), b"secret");
+    }
+
     #[test]
     fn files_sharing_a_stem_are_written_apart() {
         let dir = tempfile::tempdir().unwrap();
