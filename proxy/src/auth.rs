@@ -5,6 +5,7 @@ use crate::error::{Error, Result};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use ring::rand::SecureRandom;
+use std::net::IpAddr;
 
 /// Hashes a password with argon2id (the crate's default, OWASP parameters).
 pub fn hash_password(password: &str, rng: &dyn SecureRandom) -> Result<String> {
@@ -165,14 +166,32 @@ pub enum Guesses {
 impl Guesses {
     /// The keys its failures are counted under, for the user and for the
     /// source: break-glass ones carry a prefix no user name or address has.
-    pub fn keys(self, user: &str, source: &str) -> (String, String) {
+    pub fn keys(self, user: &str, source: IpAddr) -> (String, String) {
+        let source = source_key(source);
         match self {
-            Guesses::Login => (user.to_owned(), source.to_owned()),
+            Guesses::Login => (user.to_owned(), source),
             Guesses::BreakGlass => (
                 format!("break-glass:{user}"),
                 format!("break-glass:{source}"),
             ),
         }
+    }
+}
+
+/// The key a source's failures are counted under: an IPv4 address (also
+/// one mapped into IPv6), or an IPv6 address's /64, which one host
+/// commonly holds whole (like fail2ban's and most rate limiters' default).
+pub fn source_key(source: IpAddr) -> String {
+    match source {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                let prefix = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+                format!("{prefix}/64")
+            }
+        },
     }
 }
 
@@ -195,14 +214,25 @@ mod tests {
 
     #[test]
     fn break_glass_codes_count_apart_from_logins() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(
-            Guesses::Login.keys("ann", "::1"),
-            ("ann".into(), "::1".into())
+            Guesses::Login.keys("ann", ip("10.1.2.3")),
+            ("ann".into(), "10.1.2.3".into())
         );
         assert_eq!(
-            Guesses::BreakGlass.keys("ann", "::1"),
-            ("break-glass:ann".into(), "break-glass:::1".into())
+            Guesses::BreakGlass.keys("ann", ip("::1")),
+            ("break-glass:ann".into(), "break-glass:::/64".into())
         );
+    }
+
+    #[test]
+    fn an_ipv6_source_counts_by_its_64() {
+        let key = |s: &str| source_key(s.parse().unwrap());
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2:bbbb:cc:dd:ee"), "2001:db8:1:2::/64");
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
     }
     use proptest::prelude::*;
 

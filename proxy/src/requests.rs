@@ -202,17 +202,35 @@ impl Wicket {
         reason: String,
         now: DateTime<Utc>,
     ) -> Error {
-        let _ = self
-            .audit(
-                AuditEvent::AccessDenied {
-                    user: user.to_owned(),
-                    action: action.to_owned(),
-                    reason: reason.clone(),
-                },
-                now,
-            )
-            .await;
-        Error::Forbidden(reason)
+        let refused = Error::Forbidden(reason.clone());
+        self.refusal_audited(user, action, reason, refused, now)
+            .await
+    }
+
+    /// Audits a refusal of `action` to `user` (`reason`) and returns
+    /// `refused`, the error the caller gets; when the event cannot be
+    /// stored, the store's error instead (the call is refused either way,
+    /// and an unrecorded refusal is not passed off as a recorded one).
+    pub(crate) async fn refusal_audited(
+        &self,
+        user: &str,
+        action: &str,
+        reason: String,
+        refused: Error,
+        now: DateTime<Utc>,
+    ) -> Error {
+        let event = AuditEvent::AccessDenied {
+            user: user.to_owned(),
+            action: action.to_owned(),
+            reason,
+        };
+        match self.audit(event, now).await {
+            Ok(()) => refused,
+            Err(e) => {
+                tracing::error!(%action, error = %e, "a refusal could not be audited");
+                e
+            }
+        }
     }
 
     /// The request as stored now.
@@ -301,7 +319,7 @@ impl Wicket {
         body: CreateRequest,
         now: DateTime<Utc>,
     ) -> Result<Grant> {
-        caller.require_login(now)?;
+        self.require_login(caller, "request.create", now).await?;
         let user = self.active_user(caller).await?;
         let mut roles = body.roles;
         if let Some(r) = body.role {
@@ -377,7 +395,7 @@ impl Wicket {
         body: BreakGlassBody,
         now: DateTime<Utc>,
     ) -> Result<Grant> {
-        caller.require_login(now)?;
+        self.require_login(caller, "break-glass", now).await?;
         let user = self.active_user(caller).await?;
         let secret = user.totp_secret.clone().ok_or_else(|| {
             Error::Forbidden(
@@ -412,9 +430,8 @@ impl Wicket {
         // Codes are guessable one by one: wrong ones are counted (apart
         // from failed logins, which anyone can make in this user's name),
         // and too many refuse the next try unchecked.
-        let source = caller.source.to_string();
         let attempt = self
-            .refuse_when_rate_limited(Guesses::BreakGlass, &user.name, &source, now)
+            .refuse_when_rate_limited(Guesses::BreakGlass, &user.name, caller.source, now)
             .await?;
         new.mfa_verified =
             match crate::auth::verify_totp(&secret, body.otp.expose(), now.timestamp()) {
@@ -442,7 +459,7 @@ impl Wicket {
         body: ReviewBody,
         now: DateTime<Utc>,
     ) -> Result<Grant> {
-        caller.require_login(now)?;
+        self.require_login(caller, "request.review", now).await?;
         let user = self.active_user(caller).await?;
         let verdict = match body.verdict.as_str() {
             "approve" => Verdict::Approve,
@@ -487,7 +504,8 @@ impl Wicket {
         // moves a request on) needs a live login, as asking did; what ends
         // access (cancel, drop, revoke) works with any valid certificate.
         if matches!(action, "update" | "extend") {
-            caller.require_login(now)?;
+            self.require_login(caller, &format!("request.{action}"), now)
+                .await?;
         }
         let user = self.active_user(caller).await?;
         let actor = self.actor_of(&user);
@@ -529,17 +547,10 @@ impl Wicket {
     /// otherwise tell its roles and state to anyone who has its ID). The
     /// attempt is audited.
     async fn hidden(&self, id: &str, actor: &Actor, action: &str, now: DateTime<Utc>) -> Error {
-        let _ = self
-            .audit(
-                AuditEvent::AccessDenied {
-                    user: actor.name.clone(),
-                    action: action.to_owned(),
-                    reason: format!("access request {id} is not theirs to see"),
-                },
-                now,
-            )
-            .await;
-        Error::NotFound(format!("access request {id:?} not found"))
+        let reason = format!("access request {id} is not theirs to see");
+        let refused = Error::NotFound(format!("access request {id:?} not found"));
+        self.refusal_audited(&actor.name, action, reason, refused, now)
+            .await
     }
 
     /// May `user` see `req`? Requester, eligible reviewers, auditors, revokers.

@@ -132,18 +132,17 @@ impl Caller {
         }
     }
 
-    /// Refuses what needs a live password login (new certificates, new or
-    /// reviewed requests, break-glass) once the login behind the
-    /// certificate has ended, though a grant certificate may outlive it.
-    pub fn require_login(&self, now: DateTime<Utc>) -> Result<()> {
+    /// Why the password login behind the certificate no longer counts, if
+    /// it has ended.
+    fn login_ended(&self, now: DateTime<Utc>) -> Option<String> {
         if wicket_policy::login_lasts(self.login_until, now.timestamp()) {
-            return Ok(());
+            return None;
         }
         let ended = DateTime::<Utc>::from_timestamp(self.login_until, 0).unwrap_or_default();
-        Err(Error::Unauthenticated(format!(
-            "the login behind this certificate ended at {}; run `wicket login`",
+        Some(format!(
+            "the login behind this certificate ended at {}",
             ended.to_rfc3339()
-        )))
+        ))
     }
 }
 
@@ -206,6 +205,25 @@ impl Wicket {
             .await
     }
 
+    /// Refuses what needs a live password login (new certificates, new or
+    /// reviewed requests, break-glass) once the login behind `caller`'s
+    /// certificate has ended, though a grant certificate may outlive it;
+    /// a refusal is audited as a denial of `action`.
+    pub(crate) async fn require_login(
+        &self,
+        caller: &Caller,
+        action: &str,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let Some(reason) = caller.login_ended(now) else {
+            return Ok(());
+        };
+        let refused = Error::Unauthenticated(format!("{reason}; run `wicket login`"));
+        Err(self
+            .refusal_audited(&caller.user, action, reason, refused, now)
+            .await)
+    }
+
     /// The user's standing roles that exist in the current policy.
     pub(crate) fn standing_roles(&self, user: &UserRecord) -> Vec<String> {
         user.roles
@@ -231,7 +249,7 @@ impl Wicket {
         let keys = parse_client_keys(&req.ssh_public_key, &req.tls_csr_pem)?;
         let src = source.to_string();
         let attempt = self
-            .refuse_when_rate_limited(Guesses::Login, &req.user, &src, now)
+            .refuse_when_rate_limited(Guesses::Login, &req.user, source, now)
             .await?;
 
         let user = self.store.get_user(&req.user).await?;
@@ -289,7 +307,7 @@ impl Wicket {
             }
         };
         self.store
-            .clear_login_failures(&user.name, &attempt.id)
+            .clear_login_failures(&attempt.user_key, &attempt.source_key, &attempt.id)
             .await?;
         let method = if user.totp_secret.is_some() {
             "password+totp"
@@ -326,7 +344,7 @@ impl Wicket {
         &self,
         kind: Guesses,
         user: &str,
-        source: &str,
+        source: IpAddr,
         now: DateTime<Utc>,
     ) -> Result<crate::auth::Attempt> {
         let limits = &self.config.auth;
@@ -368,7 +386,7 @@ impl Wicket {
         self.audit(
             AuditEvent::LoginRateLimited {
                 user: user.to_owned(),
-                source: source.to_owned(),
+                source: source.to_string(),
                 retry_after_secs: retry,
             },
             now,
@@ -410,7 +428,8 @@ impl Wicket {
         now: DateTime<Utc>,
     ) -> Result<Certificates> {
         let keys = parse_client_keys(&req.ssh_public_key, &req.tls_csr_pem)?;
-        caller.require_login(now)?;
+        self.require_login(caller, "certificates.reissue", now)
+            .await?;
         let user = self.active_user(caller).await?;
         let mut ids = req.request_ids.clone();
         ids.sort();

@@ -314,6 +314,18 @@ ALTER TABLE login_failures ADD COLUMN pending BIGINT NOT NULL DEFAULT 0
         sqlite: &[],
         postgres: &[],
     },
+    // A successful login forgets the user's failures from its own source,
+    // and stops counting those from other sources against the user
+    // (`user_cleared` = 1) while they still count against their source
+    // ([`Store::clear_login_failures`]).
+    Migration {
+        version: 12,
+        sql: r#"
+ALTER TABLE login_failures ADD COLUMN user_cleared BIGINT NOT NULL DEFAULT 0
+"#,
+        sqlite: &[],
+        postgres: &[],
+    },
 ];
 
 /// The migration that keys the audit chain (see [`key_chain`]).
@@ -853,15 +865,15 @@ impl Store {
         let mut over = false;
         let mut oldest_failure_ms = None;
         for (col, key, max) in [
-            ("user_name", user, max_user),
-            ("source", source, max_source),
+            ("user_name = $1 AND user_cleared = 0", user, max_user),
+            ("source = $1", source, max_source),
         ] {
             // A check still pending after `ABANDONED_MS` never ended (its
             // client went away, an error, a crash): a failure for good.
             let row = sqlx::query(&format!(
                 "SELECT COUNT(*), COUNT(CASE WHEN pending = 0 OR time < $3 THEN 1 END), \
                  MIN(CASE WHEN pending = 0 OR time < $3 THEN time END) \
-                 FROM login_failures WHERE {col} = $1 AND time >= $2"
+                 FROM login_failures WHERE {col} AND time >= $2"
             ))
             .bind(key)
             .bind(since_ms)
@@ -942,14 +954,33 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Forgets a user's failures after a successful login (`attempt`),
-    /// not the other checks still under way.
-    pub async fn clear_login_failures(&self, user: &str, attempt: &str) -> Result<()> {
-        sqlx::query("DELETE FROM login_failures WHERE user_name = $1 AND (pending = 0 OR id = $2)")
-            .bind(user)
-            .bind(attempt)
-            .execute(&self.pool)
-            .await?;
+    /// After a successful login (`attempt`, by `user` from `source`):
+    /// forgets the user's failures from that source, and stops counting
+    /// their failures from other sources against the user, while they still
+    /// count against those sources (a guesser's budget is not refilled by
+    /// the real user logging in). Checks still under way are left alone.
+    pub async fn clear_login_failures(
+        &self,
+        user: &str,
+        source: &str,
+        attempt: &str,
+    ) -> Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "DELETE FROM login_failures WHERE id = $3 OR (user_name = $1 AND source = $2 AND pending = 0)",
+        )
+        .bind(user)
+        .bind(source)
+        .bind(attempt)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE login_failures SET user_cleared = 1 WHERE user_name = $1 AND pending = 0",
+        )
+        .bind(user)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -1319,10 +1350,11 @@ impl Store {
             .collect())
     }
 
-    /// A stored recording: its header and the asciicast file.
-    pub async fn recording(&self, session_id: &str) -> Result<Option<(RecordingMeta, Vec<u8>)>> {
+    /// A stored recording's header, without the file (read before anyone
+    /// may load the file).
+    pub async fn recording_meta(&self, session_id: &str) -> Result<Option<RecordingMeta>> {
         let Some(r) = sqlx::query(
-            "SELECT session_id, user_name, node, login, request_ids, started, size, data \
+            "SELECT session_id, user_name, node, login, request_ids, started, size \
              FROM session_recordings WHERE session_id = $1",
         )
         .bind(session_id)
@@ -1331,8 +1363,19 @@ impl Store {
         else {
             return Ok(None);
         };
-        let (meta, _) = recording_from_row(&r)?;
-        Ok(Some((meta, r.try_get(7)?)))
+        Ok(Some(recording_from_row(&r)?.0))
+    }
+
+    /// A stored recording's asciicast file.
+    pub async fn recording_data(&self, session_id: &str) -> Result<Option<Vec<u8>>> {
+        let r = sqlx::query("SELECT data FROM session_recordings WHERE session_id = $1")
+            .bind(session_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match r {
+            Some(r) => Some(r.try_get(0)?),
+            None => None,
+        })
     }
 
     // ---- audit -------------------------------------------------------------

@@ -177,15 +177,30 @@ async fn exercise(store: &Store) {
         refused(reserve("dan", "10.1.0.4", 50_003, 0).await),
         Some(20_000)
     );
-    // A successful login clears the user's failures, not checks under way.
+    // A successful login clears the user's failures, not checks under way:
+    // those from its own source for good, those from other sources only
+    // for the user (a guesser's budget is not refilled).
     let alice_now = granted(reserve("carol", "10.0.0.7", 10_020, 10_003).await);
     let _under_way = granted(reserve("carol", "10.0.0.8", 10_021, 10_003).await);
-    store.clear_login_failures("alice", "none").await.unwrap();
     store
-        .clear_login_failures("carol", &alice_now)
+        .clear_login_failures("alice", "10.0.0.2", "none")
+        .await
+        .unwrap();
+    store
+        .clear_login_failures("carol", "10.0.0.7", &alice_now)
         .await
         .unwrap();
     let _alice = granted(reserve("alice", "10.0.0.20", 10_025, 0).await);
+    assert_eq!(
+        refused(reserve("frank", "10.0.0.1", 10_025, 0).await),
+        Some(10_000),
+        "the other source's failures still count against it"
+    );
+    let own_source = store
+        .reserve_login_attempt("frank", "10.0.0.2", 10_025, 0, (5, 1))
+        .await
+        .unwrap();
+    granted(own_source);
     let _c = granted(reserve("carol", "10.0.0.9", 10_022, 10_003).await);
     let _c = granted(reserve("carol", "10.0.0.10", 10_023, 10_003).await);
     assert_eq!(
@@ -193,7 +208,10 @@ async fn exercise(store: &Store) {
         None
     );
     // A check cleared while under way is still stored when it fails.
-    store.clear_login_failures("bob", "none").await.unwrap();
+    store
+        .clear_login_failures("bob", "10.0.0.40", "none")
+        .await
+        .unwrap();
     store.release_login_attempt(&bob4).await.unwrap();
     store
         .record_login_failure(
@@ -974,10 +992,12 @@ async fn recordings(store: &Store) {
         .unwrap();
     let list = store.list_recordings().await.unwrap();
     assert_eq!(list, vec![(meta("s2", 20), 3), (meta("s1", 10), 70_000)]);
-    let (m, back) = store.recording("s1").await.unwrap().unwrap();
+    let m = store.recording_meta("s1").await.unwrap().unwrap();
     assert_eq!(m, meta("s1", 10));
+    let back = store.recording_data("s1").await.unwrap().unwrap();
     assert!(back == data, "the recording changed on the way");
-    assert!(store.recording("s3").await.unwrap().is_none());
+    assert!(store.recording_meta("s3").await.unwrap().is_none());
+    assert!(store.recording_data("s3").await.unwrap().is_none());
 }
 
 #[test]
@@ -1334,7 +1354,7 @@ fn extending_a_grant_needs_a_live_login_and_dropping_it_does_not() {
     let yaml = "version: 1\nroles:\n  dev:\n    logins: [\"{{user}}\"]\n    nodes: { env: dev }\n    request: { roles: [ops] }\n  ops:\n    logins: [root]\n    nodes: { env: dev }\napproval:\n  - roles: [ops]\n    require: self\n";
     rt().block_on(async {
         let cfg = wicketd::config::parse(yaml, dir.path()).unwrap();
-        let (w, _store, now) = wicket_with(dir.path(), cfg, &[("ann", "dev", None)]).await;
+        let (w, store, now) = wicket_with(dir.path(), cfg, &[("ann", "dev", None)]).await;
         let caller = |login_until: i64| caller_of("ann", login_until);
         let live = caller(now.timestamp() + 3600);
         let ask = CreateRequest {
@@ -1369,6 +1389,22 @@ fn extending_a_grant_needs_a_live_login_and_dropping_it_does_not() {
             assert!(
                 matches!(&err, wicketd::error::Error::Unauthenticated(m) if m.contains("the login behind this certificate ended")),
                 "{action}: {err:?}"
+            );
+        }
+        // Each refusal is on the record, with the action and why.
+        let denied = store
+            .search_audit(&wicketd::store::AuditFilter {
+                kind: Some("access_denied".into()),
+                actor: Some("ann".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        for action in ["request.extend", "request.update"] {
+            assert!(
+                denied.iter().any(|e| e.data.contains(&format!("\"action\":\"{action}\""))
+                    && e.data.contains("the login behind this certificate ended")),
+                "{action} not audited: {denied:?}"
             );
         }
         let dropped = w

@@ -252,17 +252,24 @@ impl Wicket {
         if !self.shared_recordings() {
             return Err(not_found());
         }
+        // Checked before a loading slot is taken: callers without access
+        // never make others wait.
+        let meta = self
+            .store
+            .recording_meta(session_id)
+            .await?
+            .ok_or_else(not_found)?;
+        self.recording_access(caller, Some(&meta.user)).await?;
         let busy = || Error::Internal("too many recordings are being loaded; try again".into());
         let permit = tokio::time::timeout(LOAD_WAIT, LOADING.acquire())
             .await
             .map_err(|_| busy())?
             .map_err(|_| busy())?;
-        let (meta, data) = self
+        let data = self
             .store
-            .recording(session_id)
+            .recording_data(session_id)
             .await?
             .ok_or_else(not_found)?;
-        self.recording_access(caller, Some(&meta.user)).await?;
         Ok(RecordingData::Loaded(data, permit))
     }
 }
