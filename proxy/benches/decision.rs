@@ -54,8 +54,9 @@ fn config_text() -> String {
 /// database it names): may `caller` connect to database `db` as `db_user`?
 async fn decide(w: &Wicket, caller: &Caller, db: &Resource, db_user: &str) -> bool {
     let d = w
-        .decide_session(caller, wicketd::clock::now(), |roles, subject| {
-            roles.decide_database(subject, db, db_user, "app")
+        .decide_session(caller, wicketd::clock::now(), {
+            let (db, db_user) = (db.clone(), db_user.to_owned());
+            move |roles, subject| roles.decide_database(subject, &db, &db_user, "app")
         })
         .await
         .unwrap();

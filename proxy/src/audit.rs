@@ -23,6 +23,14 @@ pub enum AuditEvent {
     /// An administrator disabled (or re-enabled) a user: a disabled user
     /// cannot log in, and their live sessions end.
     UserDisabled { user: String, disabled: bool },
+    /// An administrator set a user's standing roles (`roles`, replacing
+    /// `previous`): their live sessions that the old ones alone allowed
+    /// end.
+    UserRolesSet {
+        user: String,
+        roles: Vec<String>,
+        previous: Vec<String>,
+    },
     LoginSucceeded {
         user: String,
         source: String,
@@ -245,6 +253,7 @@ impl AuditEvent {
             Self::AccessRequest { action, .. } => action,
             Self::UserCreated { .. } => "user_created",
             Self::UserDisabled { .. } => "user_disabled",
+            Self::UserRolesSet { .. } => "user_roles_set",
             Self::LoginSucceeded { .. } => "login_succeeded",
             Self::LoginFailed { .. } => "login_failed",
             Self::LoginRateLimited { .. } => "login_rate_limited",
@@ -271,6 +280,7 @@ impl AuditEvent {
         match self {
             Self::UserCreated { user, .. }
             | Self::UserDisabled { user, .. }
+            | Self::UserRolesSet { user, .. }
             | Self::LoginSucceeded { user, .. }
             | Self::LoginFailed { user, .. }
             | Self::LoginRateLimited { user, .. }

@@ -133,6 +133,16 @@ enum UsersCommand {
         #[command(flatten)]
         source: Source,
     },
+    /// Replace a user's standing roles. Their live sessions that the old
+    /// roles allowed, and the new ones do not, end within a second.
+    SetRoles {
+        name: String,
+        /// The new standing roles, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        roles: Vec<String>,
+        #[command(flatten)]
+        source: Source,
+    },
     /// Re-enable a disabled user.
     Enable {
         name: String,
@@ -352,6 +362,17 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Users(UsersCommand::Enable { name, source }) => {
             set_disabled(&name, false, &source).await
+        }
+        Command::Users(UsersCommand::SetRoles {
+            name,
+            roles,
+            source,
+        }) => {
+            let cfg = load_config(&source)?;
+            let store = open_store(&cfg).await?;
+            service::set_user_roles(&cfg, &store, &name, roles.clone(), clock::now()).await?;
+            println!("user {name:?} now has roles {}", roles.join(","));
+            Ok(())
         }
         Command::Users(UsersCommand::Ls { source, format }) => {
             let cfg = load_config(&source)?;

@@ -6,10 +6,12 @@ use crate::audit::AuditEvent;
 use crate::auth::{self, Guesses};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::sessions::StandingBasis;
 use crate::store::{Reservation, Store, UserRecord};
 use chrono::{DateTime, Utc};
 use ring::rand::SystemRandom;
 use std::net::IpAddr;
+use std::sync::Arc;
 use wicket_api::{
     Certificates, DatabaseInfo, KubeClusterInfo, LoginRequest, Me, NodeInfo, ReissueRequest,
     Resources,
@@ -86,6 +88,10 @@ pub struct InForce {
     /// Why each of the certificate's other requests does not count, and
     /// that standing roles do not once the login has ended.
     pub not_counted: Vec<String>,
+    /// The grants in force, each as (its roles, its request's resources).
+    pub grants: Vec<(Vec<String>, Vec<String>)>,
+    /// Whether standing roles count (the login lasts, and there are some).
+    pub standing: bool,
 }
 
 /// The outcome of [`Wicket::decide_session`].
@@ -99,9 +105,13 @@ pub struct SessionDecision {
     pub request_ids: Vec<String>,
     pub decision: Decision,
     /// When a session opened on this decision ends (Unix seconds, with
-    /// `session.disconnect_on_expiry`): the certificate's end, or, with no
-    /// grant in force behind it, the login's end if that comes first.
+    /// `session.disconnect_on_expiry`): the certificate's end, or, when the
+    /// grants in force behind it would not allow it alone, the login's end
+    /// if that comes first.
     pub valid_until: i64,
+    /// `None` when the grants in force allow it alone; else what stands
+    /// behind it besides them (for [`crate::sessions::SessionInfo`]).
+    pub standing: Option<Arc<StandingBasis>>,
 }
 
 /// The caller, as proven by a verified client certificate.
@@ -657,6 +667,7 @@ impl Wicket {
             ));
             Vec::new()
         };
+        let has_standing = !standing.is_empty();
         let (roles, scoped) = wicket_policy::roles_of_grants(
             standing,
             grants.iter().map(|(r, res)| (&r[..], &res[..])),
@@ -666,6 +677,8 @@ impl Wicket {
             scoped,
             request_ids: active,
             not_counted,
+            grants,
+            standing: has_standing,
         }
     }
 
@@ -684,11 +697,16 @@ impl Wicket {
     /// or expired grant does not count even while the certificate is
     /// valid); `decide` is the policy call. A denial names what is missing: the grants behind the
     /// certificate that no longer count, or that there is none.
+    ///
+    /// When standing roles count, an allowed session is asked about once
+    /// more, for the grants alone: if they would not allow it, it stands on
+    /// the standing roles, so it ends with the login and when they change
+    /// ([`SessionDecision::standing`]).
     pub async fn decide_session(
         &self,
         caller: &Caller,
         now: DateTime<Utc>,
-        decide: impl FnOnce(&RoleSet, &Subject<'_>) -> Decision,
+        decide: impl Fn(&RoleSet, &Subject<'_>) -> Decision + Send + Sync + 'static,
     ) -> Result<SessionDecision> {
         let user = self.active_user(caller).await?;
         let InForce {
@@ -696,6 +714,8 @@ impl Wicket {
             scoped,
             request_ids: active,
             not_counted,
+            grants,
+            standing,
         } = self.roles_in_force(&user, caller, now).await;
         let subject = Subject {
             user: &user.name,
@@ -712,8 +732,28 @@ impl Wicket {
                 decision.reason = format!("{}; {}", why.join("; "), decision.reason);
             }
         }
+        let on_standing = decision.allowed
+            && standing
+            && (grants.is_empty() || {
+                let (roles, scoped) = wicket_policy::roles_of_grants(
+                    Vec::new(),
+                    grants.iter().map(|(r, res)| (&r[..], &res[..])),
+                );
+                let alone = Subject {
+                    user: &user.name,
+                    roles: &roles,
+                    scoped: &scoped,
+                };
+                !decide(&self.config.policy.roles, &alone).allowed
+            });
         let valid_until =
-            wicket_policy::session_end(caller.valid_until, caller.login_until, !active.is_empty());
+            wicket_policy::session_end(caller.valid_until, caller.login_until, !on_standing);
+        let standing = on_standing.then(|| {
+            Arc::new(StandingBasis {
+                grants,
+                decide: Arc::new(decide),
+            })
+        });
         Ok(SessionDecision {
             user: user.name.clone(),
             roles,
@@ -721,6 +761,7 @@ impl Wicket {
             request_ids: active,
             decision,
             valid_until,
+            standing,
         })
     }
 
@@ -838,6 +879,51 @@ impl Wicket {
     }
 }
 
+/// A user's standing roles must be some, each defined by the policy.
+fn check_standing_roles(config: &Config, roles: &[String]) -> Result<()> {
+    if roles.is_empty() {
+        return Err(Error::BadRequest(
+            "a user needs at least one role (--roles)".into(),
+        ));
+    }
+    for r in roles {
+        if !config.policy.roles.contains(r) {
+            let known: Vec<&str> = config.policy.roles.names().collect();
+            return Err(Error::BadRequest(format!(
+                "unknown role {r:?}; the configuration defines: {}",
+                known.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Replaces user `name`'s standing roles (audited as `user_roles_set`):
+/// new logins and sessions get the new ones at once, and the user's live
+/// sessions that the old ones allowed, and the new ones do not, end within
+/// a second on every wicketd sharing the store (like Teleport's `tctl
+/// users update --set-roles`, which also ends nothing granted).
+pub async fn set_user_roles(
+    config: &Config,
+    store: &Store,
+    name: &str,
+    mut roles: Vec<String>,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    roles.retain(|r| seen.insert(r.clone()));
+    check_standing_roles(config, &roles)?;
+    let row = |previous| {
+        AuditEvent::UserRolesSet {
+            user: name.to_owned(),
+            roles: roles.clone(),
+            previous,
+        }
+        .to_row(now.timestamp_millis())
+    };
+    store.set_user_roles(name, &roles, row).await
+}
+
 /// Creates a user in `store`, validated against `config`; returns the TOTP
 /// provisioning URI when `totp` is set.
 #[allow(clippy::too_many_arguments)]
@@ -856,20 +942,7 @@ pub async fn add_user(
             "user name {name:?} must be 1-64 characters of [A-Za-z0-9._@-]"
         )));
     }
-    if roles.is_empty() {
-        return Err(Error::BadRequest(
-            "a user needs at least one role (--roles)".into(),
-        ));
-    }
-    for r in &roles {
-        if !config.policy.roles.contains(r) {
-            let known: Vec<&str> = config.policy.roles.names().collect();
-            return Err(Error::BadRequest(format!(
-                "unknown role {r:?}; the configuration defines: {}",
-                known.join(", ")
-            )));
-        }
-    }
+    check_standing_roles(config, &roles)?;
     if let Some(t) = &team {
         if !config.policy.directory.teams.contains_key(t) {
             return Err(Error::BadRequest(format!("unknown team {t:?}")));

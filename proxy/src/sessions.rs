@@ -71,6 +71,34 @@ pub struct SessionInfo {
     /// When the session ends under standing roles (Unix seconds): the
     /// certificate's end, or the login's if that comes first.
     pub valid_until: i64,
+    /// What the session stands on besides its grants: `None` when the
+    /// grants behind it allow it alone (it follows them), else its
+    /// decision again, for the user's standing roles as they change.
+    pub standing: Option<Arc<StandingBasis>>,
+}
+
+/// A session the user's standing roles allow (alone, or with grants that
+/// would not): how to ask the policy again whether they still do.
+pub struct StandingBasis {
+    /// The grants in force when it opened, each as (its roles, its
+    /// request's resources); their own ends are followed apart.
+    pub grants: Vec<(Vec<String>, Vec<String>)>,
+    /// The policy decision it was opened on.
+    pub decide: Arc<Decide>,
+}
+
+/// One policy decision for a session: may a subject with these roles open
+/// it?
+pub type Decide = dyn Fn(&wicket_policy::RoleSet, &wicket_policy::Subject<'_>) -> wicket_policy::Decision
+    + Send
+    + Sync;
+
+impl std::fmt::Debug for StandingBasis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StandingBasis")
+            .field("grants", &self.grants)
+            .finish_non_exhaustive()
+    }
 }
 
 struct Entry {
@@ -175,6 +203,28 @@ impl Sessions {
         self.end_where(|i| i.user == user, why)
     }
 
+    /// `user`'s live sessions that stand on their standing roles, by ID.
+    fn standing_of(&self, user: &str) -> Vec<(String, Arc<StandingBasis>)> {
+        self.lock()
+            .iter()
+            .filter(|(_, e)| e.info.user == user)
+            .filter_map(|(id, e)| Some((id.clone(), e.info.standing.clone()?)))
+            .collect()
+    }
+
+    /// Ends session `id`, unless it is already ending. Returns how many
+    /// were told (0 or 1).
+    fn end_one(&self, id: &str, why: &str) -> usize {
+        let map = self.lock();
+        match map.get(id) {
+            Some(e) if !matches!(*e.tx.borrow(), Signal::End(_)) => {
+                e.tx.send_replace(Signal::End(why.to_owned()));
+                1
+            }
+            _ => 0,
+        }
+    }
+
     fn end_where(&self, which: impl Fn(&SessionInfo) -> bool, why: &str) -> usize {
         let map = self.lock();
         let mut n = 0;
@@ -217,7 +267,7 @@ impl Sessions {
             }
             let session = CertifiedSession {
                 valid_until: e.info.valid_until,
-                under_grants: !e.info.request_ids.is_empty(),
+                under_grants: e.info.standing.is_none(),
                 warned: e.warned,
             };
             match wicket_policy::certificate_session_signal(
@@ -378,7 +428,11 @@ impl Wicket {
                             read_failed(&self.checks.users, user, now);
                             continue;
                         }
-                        Some(Ok(u)) if !u.disabled => None,
+                        Some(Ok(u)) if !u.disabled => {
+                            read_ok(&self.checks.users, user, None);
+                            ended += self.recheck_standing(u);
+                            continue;
+                        }
                         Some(Ok(_)) => Some(format!("user {user:?} was disabled")),
                         None => Some(format!("user {user:?} no longer exists")),
                     };
@@ -420,6 +474,34 @@ impl Wicket {
         locked(&self.checks.users).retain(|k, _| users.contains(k));
         locked(&self.checks.requests).retain(|k, _| ids.contains(k));
         self.index.forget_ended(&gone_users, &gone_requests).await;
+        ended
+    }
+
+    /// Asks the policy again, for `user`'s standing roles as just read,
+    /// about each of their live sessions that stands on them, and ends
+    /// those it no longer allows (an administrator took a role away).
+    /// Returns how many were told to end.
+    fn recheck_standing(&self, user: &UserRecord) -> usize {
+        let mut ended = 0;
+        for (id, basis) in self.sessions.standing_of(&user.name) {
+            let (roles, scoped) = wicket_policy::roles_of_grants(
+                self.standing_roles(user),
+                basis.grants.iter().map(|(r, res)| (&r[..], &res[..])),
+            );
+            let subject = wicket_policy::Subject {
+                user: &user.name,
+                roles: &roles,
+                scoped: &scoped,
+            };
+            let d = (basis.decide)(&self.config.policy.roles, &subject);
+            if !d.allowed {
+                let why = format!(
+                    "the standing roles of user {:?} changed and no longer allow this session: {}",
+                    user.name, d.reason
+                );
+                ended += self.sessions.end_one(&id, &why);
+            }
+        }
         ended
     }
 
@@ -514,6 +596,17 @@ mod tests {
             request_ids: request_ids.iter().map(|r| r.to_string()).collect(),
             started: DateTime::<Utc>::UNIX_EPOCH,
             valid_until,
+            // Without grants, it stands on standing roles.
+            standing: request_ids.is_empty().then(|| {
+                Arc::new(StandingBasis {
+                    grants: Vec::new(),
+                    decide: Arc::new(
+                        |_: &wicket_policy::RoleSet, _: &wicket_policy::Subject<'_>| {
+                            wicket_policy::Decision::allow("ok")
+                        },
+                    ),
+                })
+            }),
         };
         let standing = sessions.register(info(1_000, &[]));
         let later = sessions.register(info(2_000, &[]));

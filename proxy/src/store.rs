@@ -755,6 +755,35 @@ impl Store {
         Ok(())
     }
 
+    /// Replaces a user's standing roles, with its audit event made from
+    /// the roles they held (`event`), in one transaction. Unknown users are
+    /// an error.
+    pub async fn set_user_roles(
+        &self,
+        name: &str,
+        roles: &[String],
+        event: impl FnOnce(Vec<String>) -> AuditRow,
+    ) -> Result<()> {
+        let mut tx = self.begin().await?;
+        let change = next_change(&mut tx).await?;
+        let previous = sqlx::query("SELECT roles FROM users WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no user {name:?}")))?;
+        let previous = parse_list(&previous.try_get::<String, _>(0)?)?;
+        sqlx::query("UPDATE users SET roles = $1, change_seq = $3 WHERE name = $2")
+            .bind(json_list(roles)?)
+            .bind(name)
+            .bind(change)
+            .execute(&mut *tx)
+            .await?;
+        self.audit_in(&mut tx, std::slice::from_ref(&event(previous)))
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub async fn get_user(&self, name: &str) -> Result<Option<UserRecord>> {
         let row = sqlx::query(
             "SELECT name, roles, team, password_hash, totp_secret, created_at, disabled FROM users WHERE name = $1",

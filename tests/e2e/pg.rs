@@ -493,12 +493,7 @@ fn revoke_cuts_a_running_psql(s: &Setup, t: &Tunnel, id: &str) {
 /// with the grant: psql gets a FATAL saying so.
 #[test]
 fn a_standing_database_session_ends_with_its_certificate() {
-    let s = Setup::start_edited(|y| {
-        y.replace("login_ttl: 8h", "login_ttl: 10s").replace(
-            "    request: { roles: [ prod-ssh, dba, dev-admin ] }\n",
-            "    request: { roles: [ prod-ssh, dba, dev-admin ] }\n    databases: { labels: { env: prod }, names: [ \"*\" ], users: [ app ] }\n",
-        )
-    });
+    let s = standing_database_access(|y| y.replace("login_ttl: 8h", "login_ttl: 10s"));
     let ends = chrono::DateTime::parse_from_rfc3339(
         s.alice.status().unwrap()["valid_before"].as_str().unwrap(),
     )
@@ -515,6 +510,134 @@ fn a_standing_database_session_ends_with_its_certificate() {
     assert!(
         late <= chrono::Duration::milliseconds(1500),
         "cut {late:?} after the certificate ended"
+    );
+}
+
+/// The example config, with role `dev` (alice's) reaching the prod
+/// databases as `app` without a grant, and `edit` applied.
+fn standing_database_access(edit: impl Fn(String) -> String) -> Setup {
+    Setup::start_edited(|y| {
+        edit(y.replace(
+            "    request: { roles: [ prod-ssh, dba, dev-admin ] }\n",
+            "    request: { roles: [ prod-ssh, dba, dev-admin ] }\n    databases: { labels: { env: prod }, names: [ \"*\" ], users: [ app ] }\n",
+        ))
+    })
+}
+
+/// A session the standing roles allow, opened with a grant certificate
+/// whose grant is for something else (`dev-admin`: nodes only), ends with
+/// the login, not with the certificate: no grant stands behind it.
+#[test]
+fn a_standing_session_beside_an_unrelated_grant_ends_with_the_login() {
+    let s = standing_database_access(|y| y.replace("login_ttl: 8h", "login_ttl: 12s"));
+    let req = s
+        .alice
+        .ok(&[
+            "request",
+            "create",
+            "--roles",
+            "dev-admin",
+            "--reason",
+            "x",
+            "--duration",
+            "30m",
+            "--format",
+            "json",
+        ])
+        .unwrap()
+        .json()
+        .unwrap();
+    let id = req["id"].as_str().unwrap();
+    s.alice.ok(&["login", "--request-id", id]).unwrap();
+    let status = s.alice.status().unwrap();
+    let at = |k: &str| chrono::DateTime::parse_from_rfc3339(status[k].as_str().unwrap()).unwrap();
+    let login_ends = at("login_until");
+    assert!(
+        at("valid_before") > login_ends + chrono::Duration::minutes(10),
+        "the certificate runs to the grant's end: {status}"
+    );
+    let t = s.tunnel();
+    let child = spawn_sleep(&t, 60);
+    running_sleep(&s.pg);
+    let (err, _) = wait_exit(child, Duration::from_secs(20));
+    let late = chrono::Utc::now().signed_duration_since(login_ends);
+    assert!(
+        err.contains("FATAL") && err.contains("the login behind this session ended"),
+        "{err}"
+    );
+    assert!(
+        late <= chrono::Duration::milliseconds(1500),
+        "cut {late:?} after the login ended"
+    );
+}
+
+/// `wicketd users set-roles` reaches live sessions: one that the old
+/// standing roles allowed and the new ones do not ends within a second,
+/// new connections get the new roles at once, and a session a grant
+/// allows goes on.
+#[test]
+fn taking_a_standing_role_away_ends_the_sessions_it_allowed() {
+    let s = standing_database_access(|y| y);
+    let set_roles = |roles: &str| {
+        let out = run(&mut s
+            .d
+            .admin(&["users", "set-roles", "alice", "--roles", roles])
+            .unwrap())
+        .unwrap();
+        assert!(out.contains(roles), "{out}");
+    };
+    let t = s.tunnel();
+    let err = psql_cut_within_a_second(&s, &t, || set_roles("dev-admin"));
+    assert!(
+        err.contains("standing roles of user \"alice\" changed"),
+        "{err}"
+    );
+    // New connections get the new roles from the next refresh of the
+    // grant index (250 ms).
+    let err = wait_until(
+        "the old roles to be refused",
+        Duration::from_secs(2),
+        || {
+            let (ok, _, err) = t.sql("select 1");
+            (!ok).then_some(err)
+        },
+    )
+    .unwrap();
+    assert!(err.contains("for roles [dev-admin]"), "{err}");
+    set_roles("dev");
+    wait_until("the new roles to be let in", Duration::from_secs(2), || {
+        let (ok, out, _) = t.sql("select 7");
+        (ok && out == "7").then_some(())
+    })
+    .unwrap();
+    // An unknown role is refused, and nothing changes.
+    let bad =
+        s.d.admin(&["users", "set-roles", "alice", "--roles", "no-such-role"])
+            .unwrap()
+            .output()
+            .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown role \"no-such-role\""));
+    // Under a grant that allows it alone, a session goes on.
+    s.grant_dba("30m");
+    let child = spawn_sleep(&t, 3);
+    running_sleep(&s.pg);
+    set_roles("dev-admin");
+    let mut child = child;
+    let status = wait_until("psql to finish", Duration::from_secs(10), || {
+        child.try_wait().unwrap()
+    })
+    .unwrap();
+    assert!(status.success(), "the granted session was cut");
+    let events = s.events(&s.frank, &["--kind", "user_roles_set"]);
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["data"]["previous"] == serde_json::json!(["dev"]))
+            .count(),
+        2,
+        "{events:?}"
     );
 }
 

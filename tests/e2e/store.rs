@@ -1322,6 +1322,7 @@ fn a_corrupt_user_row_leaves_other_users_sessions_alone() {
                 request_ids: vec![],
                 started: now,
                 valid_until: i64::MAX,
+                standing: None,
             })
         };
         let (ann, ben) = (session("ann"), session("ben"));

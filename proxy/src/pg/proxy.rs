@@ -538,8 +538,10 @@ impl PgProxy {
         };
         let decided = self
             .wicket
-            .decide_session(&caller, now, |roles, subject| {
-                roles.decide_database(subject, &resource, &db_user, &db_name)
+            .decide_session(&caller, now, {
+                let (resource, db_user, db_name) =
+                    (resource.clone(), db_user.clone(), db_name.clone());
+                move |roles, subject| roles.decide_database(subject, &resource, &db_user, &db_name)
             })
             .await;
         let decided = match decided {
@@ -567,6 +569,7 @@ impl PgProxy {
             request_ids: decided.request_ids.clone(),
             started: now,
             valid_until: decided.valid_until,
+            standing: decided.standing.clone(),
         });
         let sref = Arc::new(SessionRef {
             session_id: handle.id.clone(),

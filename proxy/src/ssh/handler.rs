@@ -883,8 +883,9 @@ impl Conn {
         let caller =
             crate::service::Caller::of_certificate(id, cert.validity.not_after, self.peer.ip());
         let decided = match wicket
-            .decide_session(&caller, now, |roles, subject| {
-                roles.decide_ssh_login(subject, &node, login)
+            .decide_session(&caller, now, {
+                let (node, login) = (node.clone(), login.to_owned());
+                move |roles, subject| roles.decide_ssh_login(subject, &node, &login)
             })
             .await
         {
@@ -914,6 +915,7 @@ impl Conn {
             request_ids: active.clone(),
             started: now,
             valid_until: decided.valid_until,
+            standing: decided.standing,
         });
         let session_id = registration.id.clone();
         let upstream = match upstream::connect(
@@ -1144,10 +1146,18 @@ impl Conn {
     }
 }
 
+/// Sends `req` (with `want_reply`) to the node and waits for its answer.
+/// The node answers a channel's requests in the order it got them
+/// (RFC 4254 section 5.4), so answers are matched to a queue of slots. A
+/// slot whose wait timed out stays queued: the node's late answer takes
+/// it, and later answers still meet their own requests.
 async fn forward_to(c: &Chan, req: Up) -> bool {
     let (tx, rx) = oneshot::channel();
     lock(&c.replies).push_back(tx);
     if c.to_up.send(req).await.is_err() {
+        // Never sent: no answer will come for this slot (the handler
+        // pushes slots one at a time, so it is the last).
+        lock(&c.replies).pop_back();
         return false;
     }
     matches!(tokio::time::timeout(REPLY_TIMEOUT, rx).await, Ok(Ok(true)))
