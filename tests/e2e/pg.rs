@@ -971,6 +971,46 @@ fn fast_path_function_calls_are_audited() {
     }
 }
 
+/// Errors the server returns are audited with their SQLSTATE and message,
+/// also one too large to read whole (its code and the start of it).
+#[test]
+fn errors_returned_by_the_server_are_audited() {
+    let s = Setup::start("");
+    s.grant_dba("30m");
+    let t = s.tunnel();
+    let (ok, _, err) = t.sql("select 1/0");
+    assert!(!ok && err.contains("division by zero"), "{err}");
+    let (ok, _, err) = t.sql("select repeat('x', 1100000)::int");
+    assert!(
+        !ok && err.contains("invalid input syntax"),
+        "{}",
+        &err[..err.len().min(300)]
+    );
+    let errors = wait_until("both db_error events", Duration::from_secs(10), || {
+        let e = s.events(&s.alice, &["--user", "alice", "--kind", "db_error"]);
+        (e.len() >= 2).then_some(e)
+    })
+    .unwrap();
+    let data = |code: &str| {
+        errors
+            .iter()
+            .map(|e| &e["data"])
+            .find(|d| d["code"] == code)
+            .unwrap_or_else(|| panic!("no {code} in {errors:?}"))
+            .clone()
+    };
+    assert_eq!(data("22012")["message"], "division by zero");
+    let big = data("22P02");
+    let message = big["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("invalid input syntax for type integer: \"xxx")
+            && message.contains("(cut: the whole error is")
+            && message.len() < 5000,
+        "{}",
+        &message[..message.len().min(300)]
+    );
+}
+
 /// Disabling a user ends their live sessions within a second (whatever
 /// grants they run under) and refuses new ones; `users enable` undoes it.
 #[test]

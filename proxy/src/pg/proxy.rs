@@ -1179,6 +1179,46 @@ impl Framer {
     }
 }
 
+/// The longest part of an error's message audited from an ErrorResponse
+/// too large to read whole.
+const OVERSIZED_ERROR_KEPT: usize = 4096;
+
+/// The SQLSTATE and the start of the message of an ErrorResponse over
+/// [`MAX_INSPECTED_BACKEND`], from its first bytes (`prefix`, the tag and
+/// length included; the rest is passed on unread). The code comes early
+/// (PostgreSQL sends severity, code, then message), so it is nearly always
+/// there; what is not is left empty.
+fn oversized_error(prefix: &[u8]) -> (String, String) {
+    let total = prefix.get(1..5).map_or(0, |l| {
+        u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize + 1
+    });
+    let (mut code, mut message) = (String::new(), String::new());
+    let mut rest = prefix.get(5..).unwrap_or_default();
+    while let Some((&field, r)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let (value, next) = match r.iter().position(|&b| b == 0) {
+            Some(end) => (&r[..end], Some(&r[end + 1..])),
+            None => (r, None),
+        };
+        let value = String::from_utf8_lossy(value);
+        match (field, next) {
+            (b'C', Some(_)) => code = value.into_owned(),
+            (b'M', _) => message = value.chars().take(OVERSIZED_ERROR_KEPT).collect(),
+            _ => {}
+        }
+        match next {
+            Some(next) => rest = next,
+            None => break,
+        }
+    }
+    (
+        code,
+        format!("{message}... (cut: the whole error is {total} bytes, over the {MAX_INSPECTED_BACKEND} the proxy reads)"),
+    )
+}
+
 /// Frontend messages the proxy reads (to audit or to notice the end).
 fn frontend_inspected(tag: u8) -> bool {
     matches!(
@@ -1699,6 +1739,10 @@ where
                     };
                     answered = true;
                     answers.extend(ran.map(Answer::Executed));
+                    if tag == b'E' {
+                        let (code, message) = oversized_error(&buf[at..at + n]);
+                        answers.push_back(Answer::Error(code, message));
+                    }
                     answers.extend(skipped.into_iter().map(Answer::Skipped));
                     at += n;
                 }
@@ -1816,6 +1860,26 @@ mod tests {
             f.next(&stream[105..], want, 64, false),
             Ok(Next::Whole(b'E', stream.len() - 105))
         );
+    }
+
+    #[test]
+    fn an_oversized_error_keeps_its_code_and_the_start_of_its_message() {
+        let mut body = b"SERROR\0VERROR\0C22P02\0Minvalid input: ".to_vec();
+        body.extend(std::iter::repeat_n(b'x', 9000));
+        let len = (body.len() + 4 + 2_000_000) as u32;
+        let mut m = vec![b'E'];
+        m.extend(len.to_be_bytes());
+        m.extend(&body);
+        let (code, message) = oversized_error(&m);
+        assert_eq!(code, "22P02");
+        assert!(message.starts_with("invalid input: xxx"), "{message}");
+        assert!(message.contains(&format!("{} bytes", len + 1)), "{message}");
+        assert!(message.len() < OVERSIZED_ERROR_KEPT + 200);
+        // Cut inside the code: no code, no panic; any prefix is fine.
+        for cut in 0..40 {
+            let _ = oversized_error(&m[..cut]);
+        }
+        assert_eq!(oversized_error(&m[..20]).0, "");
     }
 
     #[test]
