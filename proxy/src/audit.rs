@@ -206,6 +206,13 @@ pub enum AuditEvent {
         session: Arc<SessionRef>,
         from: String,
     },
+    /// A program on the node opened a connection to the user's forwarded
+    /// agent (what it asked the agent is not seen: that is between the
+    /// node and the user's agent).
+    SshAgent {
+        #[serde(flatten)]
+        session: Arc<SessionRef>,
+    },
 }
 
 /// Who, where and under which grants: carried by every session event.
@@ -231,6 +238,7 @@ pub const SESSION_ACTION_KINDS: &[&str] = &[
     "ssh_port_forward",
     "ssh_remote_forward",
     "ssh_x11",
+    "ssh_agent",
     "ssh_sftp",
 ];
 
@@ -272,6 +280,7 @@ impl AuditEvent {
             Self::SshPortForward { .. } => "ssh_port_forward",
             Self::SshRemoteForward { .. } => "ssh_remote_forward",
             Self::SshX11 { .. } => "ssh_x11",
+            Self::SshAgent { .. } => "ssh_agent",
             Self::SshSftp { .. } => "ssh_sftp",
         }
     }
@@ -307,6 +316,7 @@ impl AuditEvent {
             | Self::SshPortForward { session, .. }
             | Self::SshRemoteForward { session, .. }
             | Self::SshX11 { session, .. }
+            | Self::SshAgent { session }
             | Self::SshSftp { session, .. } => Some(&**session),
             _ => None,
         }

@@ -1203,6 +1203,18 @@ fn agent_forwarding_is_refused_with_a_message_unless_allowed() {
         "{}",
         text(&out.stdout)
     );
+    // The node's use of the agent is on the record, with the session.
+    let used = wait_until("the ssh_agent event", Duration::from_secs(10), || {
+        let events = Value::from(alice.audit(&["--user", "alice"]).unwrap());
+        events
+            .as_array()?
+            .iter()
+            .find(|e| e["kind"] == "ssh_agent")
+            .cloned()
+    })
+    .unwrap();
+    assert_eq!(used["data"]["resource"], "node-1", "{used}");
+    assert!(used["session_id"].is_string(), "{used}");
 
     // Many channels on one connection: an OpenSSH control master and
     // several sessions multiplexed over it at once.

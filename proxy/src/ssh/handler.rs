@@ -213,6 +213,10 @@ impl ConnShared {
         let Some((live, handle, slot)) = self.accept_from_node(allowed, reply, what).await else {
             return;
         };
+        live.audit(AuditEvent::SshAgent {
+            session: live.sref.clone(),
+        })
+        .await;
         let down = async move { handle.channel_open_agent().await };
         live.relay_from_node(up, down, "agent", slot);
     }
