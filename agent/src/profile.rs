@@ -20,6 +20,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What `profile.json` holds.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -172,9 +173,7 @@ impl Profile {
 }
 
 /// Counts temporary files written by this process.
-static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-#[cfg(test)]
-use NEXT as NEXT_FOR_TESTS;
+static NEXT: AtomicU64 = AtomicU64::new(0);
 
 /// Creates the parent directories 0700 and writes `contents` with `mode`
 /// through a temporary file, so readers never see half a key.
@@ -192,31 +191,7 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
         .to_os_string();
     remove_abandoned_temps(path, &name.to_string_lossy());
     name.push(format!(".{}.", std::process::id()));
-    // A name already taken (left by an earlier process with this PID, or
-    // by anyone else) is passed over, not an error.
-    let mut attempt = 0;
-    let (tmp, mut f) = loop {
-        let mut candidate = name.clone();
-        candidate.push(format!(
-            "{}.tmp~",
-            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        let tmp = path.with_file_name(candidate);
-        match fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-        {
-            Ok(f) => break (tmp, f),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => {
-                attempt += 1;
-            }
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot write {}", tmp.display()));
-            }
-        }
-    };
+    let (tmp, mut f) = create_temp(path, &name, &NEXT, mode)?;
     let written = f
         .write_all(contents)
         .and_then(|()| f.sync_all())
@@ -227,6 +202,38 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
         return Err(e).with_context(|| format!("cannot write {}", path.display()));
     }
     Ok(())
+}
+
+/// Creates a new temporary file beside `path`, named `stem` then the next
+/// number of `counter` then `.tmp~`. A name already taken (left by an
+/// earlier process with this PID, or by anyone else) is passed over, not
+/// an error.
+fn create_temp(
+    path: &Path,
+    stem: &std::ffi::OsStr,
+    counter: &AtomicU64,
+    mode: u32,
+) -> Result<(PathBuf, fs::File)> {
+    let mut attempt = 0;
+    loop {
+        let mut candidate = stem.to_os_string();
+        candidate.push(format!("{}.tmp~", counter.fetch_add(1, Ordering::Relaxed)));
+        let tmp = path.with_file_name(candidate);
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => {
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot write {}", tmp.display()));
+            }
+        }
+    }
 }
 
 /// How old a temporary file of a gone process must be to be removed.
@@ -333,17 +340,20 @@ mod tests {
     fn a_taken_temporary_name_is_passed_over() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("id.key");
-        // The names the next writes would take, already there (an earlier
+        // The names the next four would take, already there (an earlier
         // process with this PID left them).
-        let next = NEXT_FOR_TESTS.load(std::sync::atomic::Ordering::Relaxed);
-        for n in next..next + 4 {
-            let taken = dir
-                .path()
-                .join(format!("id.key.{}.{n}.tmp~", std::process::id()));
-            fs::write(taken, b"left").unwrap();
+        for n in 0..4 {
+            fs::write(dir.path().join(format!("id.key.9.{n}.tmp~")), b"left").unwrap();
         }
-        write_file(&key, b"secret", 0o600).unwrap();
-        assert_eq!(fs::read(&key).unwrap(), b"secret");
+        let counter = AtomicU64::new(0);
+        let (tmp, _) = create_temp(&key, "id.key.9.".as_ref(), &counter, 0o600).unwrap();
+        assert_eq!(tmp, dir.path().join("id.key.9.4.tmp~"));
+        // Far more taken than tried: an error naming the file, not a loop.
+        for n in 5..40 {
+            fs::write(dir.path().join(format!("id.key.9.{n}.tmp~")), b"left").unwrap();
+        }
+        let err = create_temp(&key, "id.key.9.".as_ref(), &counter, 0o600).unwrap_err();
+        assert!(err.to_string().contains("cannot write"), "{err}");
     }
 
     #[test]

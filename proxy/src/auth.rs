@@ -184,7 +184,7 @@ impl Guesses {
 pub fn source_key(source: IpAddr) -> String {
     match source {
         IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped().or_else(|| nat64(v6)) {
             Some(v4) => v4.to_string(),
             None => {
                 let s = v6.segments();
@@ -193,6 +193,15 @@ pub fn source_key(source: IpAddr) -> String {
             }
         },
     }
+}
+
+/// The IPv4 address inside an address of the well-known NAT64 prefix
+/// `64:ff9b::/96` (RFC 6052): the client behind the gateway, counted
+/// as itself, not as the gateway's /64.
+fn nat64(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    let o = v6.octets();
+    (o[..12] == [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0])
+        .then(|| std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]))
 }
 
 /// A password or code check under way: stored as a failure until it ends
@@ -232,6 +241,8 @@ mod tests {
         assert_eq!(key("2001:db8:1:2:bbbb:cc:dd:ee"), "2001:db8:1:2::/64");
         assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
         assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("64:ff9b::c000:207"), "192.0.2.7");
+        assert_eq!(key("64:ff9b::c000:208"), "192.0.2.8");
         assert_eq!(key("192.0.2.7"), "192.0.2.7");
     }
     use proptest::prelude::*;

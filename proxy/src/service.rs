@@ -90,8 +90,8 @@ pub struct InForce {
     pub not_counted: Vec<String>,
     /// The grants in force, each as (its roles, its request's resources).
     pub grants: Vec<(Vec<String>, Vec<String>)>,
-    /// Whether standing roles count (the login lasts, and there are some).
-    pub standing: bool,
+    /// The standing roles that count (none once the login has ended).
+    pub standing: Vec<String>,
 }
 
 /// The outcome of [`Wicket::decide_session`].
@@ -112,6 +112,11 @@ pub struct SessionDecision {
     /// `None` when the grants in force allow it alone; else what stands
     /// behind it besides them (for [`crate::sessions::SessionInfo`]).
     pub standing: Option<Arc<StandingBasis>>,
+    /// The standing roles in force (empty once the login has ended).
+    pub standing_roles: Vec<String>,
+    /// The roles of the grants in force alone (what holds once the login
+    /// ends), as `roles` and `scoped` are for all.
+    pub granted: (Vec<String>, Vec<ScopedRole>),
 }
 
 /// The caller, as proven by a verified client certificate.
@@ -317,7 +322,10 @@ impl Wicket {
             }
         };
         self.store
-            .clear_login_failures(&attempt.user_key, &attempt.source_key, &attempt.id)
+            .clear_login_failures(
+                (&attempt.user_key, &attempt.source_key, &attempt.id),
+                now.timestamp_millis(),
+            )
             .await?;
         let method = if user.totp_secret.is_some() {
             "password+totp"
@@ -667,9 +675,8 @@ impl Wicket {
             ));
             Vec::new()
         };
-        let has_standing = !standing.is_empty();
         let (roles, scoped) = wicket_policy::roles_of_grants(
-            standing,
+            standing.clone(),
             grants.iter().map(|(r, res)| (&r[..], &res[..])),
         );
         InForce {
@@ -678,7 +685,7 @@ impl Wicket {
             request_ids: active,
             not_counted,
             grants,
-            standing: has_standing,
+            standing,
         }
     }
 
@@ -732,23 +739,23 @@ impl Wicket {
                 decision.reason = format!("{}; {}", why.join("; "), decision.reason);
             }
         }
+        let granted = wicket_policy::roles_of_grants(
+            Vec::new(),
+            grants.iter().map(|(r, res)| (&r[..], &res[..])),
+        );
         let on_standing = decision.allowed
-            && standing
+            && !standing.is_empty()
             && (grants.is_empty() || {
-                let (roles, scoped) = wicket_policy::roles_of_grants(
-                    Vec::new(),
-                    grants.iter().map(|(r, res)| (&r[..], &res[..])),
-                );
                 let alone = Subject {
                     user: &user.name,
-                    roles: &roles,
-                    scoped: &scoped,
+                    roles: &granted.0,
+                    scoped: &granted.1,
                 };
                 !decide(&self.config.policy.roles, &alone).allowed
             });
         let valid_until =
             wicket_policy::session_end(caller.valid_until, caller.login_until, !on_standing);
-        let standing = on_standing.then(|| {
+        let basis = on_standing.then(|| {
             Arc::new(StandingBasis {
                 grants,
                 decide: Arc::new(decide),
@@ -761,7 +768,9 @@ impl Wicket {
             request_ids: active,
             decision,
             valid_until,
-            standing,
+            standing: basis,
+            standing_roles: standing,
+            granted,
         })
     }
 

@@ -75,6 +75,10 @@ pub struct SessionInfo {
     /// grants behind it allow it alone (it follows them), else its
     /// decision again, for the user's standing roles as they change.
     pub standing: Option<Arc<StandingBasis>>,
+    /// Standing roles the session's later decisions rest on (an SSH
+    /// session's forwardings): it ends when one of them is taken away.
+    /// Empty for a session decided once, at its start.
+    pub held_standing: Vec<String>,
 }
 
 /// A session the user's standing roles allow (alone, or with grants that
@@ -210,6 +214,26 @@ impl Sessions {
             .filter(|(_, e)| e.info.user == user)
             .filter_map(|(id, e)| Some((id.clone(), e.info.standing.clone()?)))
             .collect()
+    }
+
+    /// Ends `user`'s live sessions that hold a standing role not in
+    /// `current` ([`SessionInfo::held_standing`]). Returns how many.
+    fn end_without_held_roles(&self, user: &str, current: &[String]) -> usize {
+        let map = self.lock();
+        let mut n = 0;
+        for e in map.values().filter(|e| e.info.user == user) {
+            let Some(gone) = e.info.held_standing.iter().find(|r| !current.contains(r)) else {
+                continue;
+            };
+            if matches!(*e.tx.borrow(), Signal::End(_)) {
+                continue;
+            }
+            e.tx.send_replace(Signal::End(format!(
+                "the standing roles of user {user:?} changed: role {gone:?} was taken away, and this session's forwardings rest on it; connect again"
+            )));
+            n += 1;
+        }
+        n
     }
 
     /// Ends session `id`, unless it is already ending. Returns how many
@@ -482,10 +506,11 @@ impl Wicket {
     /// those it no longer allows (an administrator took a role away).
     /// Returns how many were told to end.
     fn recheck_standing(&self, user: &UserRecord) -> usize {
-        let mut ended = 0;
+        let current = self.standing_roles(user);
+        let mut ended = self.sessions.end_without_held_roles(&user.name, &current);
         for (id, basis) in self.sessions.standing_of(&user.name) {
             let (roles, scoped) = wicket_policy::roles_of_grants(
-                self.standing_roles(user),
+                current.clone(),
                 basis.grants.iter().map(|(r, res)| (&r[..], &res[..])),
             );
             let subject = wicket_policy::Subject {
@@ -596,6 +621,7 @@ mod tests {
             request_ids: request_ids.iter().map(|r| r.to_string()).collect(),
             started: DateTime::<Utc>::UNIX_EPOCH,
             valid_until,
+            held_standing: Vec::new(),
             // Without grants, it stands on standing roles.
             standing: request_ids.is_empty().then(|| {
                 Arc::new(StandingBasis {

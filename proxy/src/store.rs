@@ -771,7 +771,10 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?
             .ok_or_else(|| Error::NotFound(format!("no user {name:?}")))?;
-        let previous = parse_list(&previous.try_get::<String, _>(0)?)?;
+        // A row whose roles do not decode is what this repairs: its old
+        // value goes on the record as it was.
+        let raw: String = previous.try_get(0)?;
+        let previous = parse_list(&raw).unwrap_or_else(|_| vec![format!("<undecodable: {raw}>")]);
         sqlx::query("UPDATE users SET roles = $1, change_seq = $3 WHERE name = $2")
             .bind(json_list(roles)?)
             .bind(name)
@@ -983,30 +986,43 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
-    /// After a successful login (`attempt`, by `user` from `source`):
-    /// forgets the user's failures from that source, and stops counting
-    /// their failures from other sources against the user, while they still
-    /// count against those sources (a guesser's budget is not refilled by
-    /// the real user logging in). Checks still under way are left alone.
+    /// After a successful login (`attempt`, by `user` from `source`, at
+    /// `now_ms`): forgets the user's failures from that source, and stops
+    /// counting their failures from other sources against the user, while
+    /// they still count against those sources (a guesser's budget is not
+    /// refilled by the real user logging in). Checks still under way are
+    /// left alone; abandoned ones count as ended failures.
     pub async fn clear_login_failures(
         &self,
-        user: &str,
-        source: &str,
-        attempt: &str,
+        (user, source, attempt): (&str, &str, &str),
+        now_ms: i64,
     ) -> Result<()> {
         let mut tx = self.begin().await?;
-        sqlx::query(
-            "DELETE FROM login_failures WHERE id = $3 OR (user_name = $1 AND source = $2 AND pending = 0)",
-        )
+        if self.backend == Backend::Postgres {
+            // Two successes for one user at once touch the same rows in
+            // other orders: one at a time, on the user's lock (the one a
+            // check takes too, in the same order).
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(login_lock(user))
+                .execute(&mut *tx)
+                .await?;
+        }
+        let ended = "(pending = 0 OR time < $3)";
+        sqlx::query(&format!(
+            "DELETE FROM login_failures WHERE id = $4 OR (user_name = $1 AND source = $2 AND {ended})"
+        ))
         .bind(user)
         .bind(source)
+        .bind(now_ms - ABANDONED_MS)
         .bind(attempt)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "UPDATE login_failures SET user_cleared = 1 WHERE user_name = $1 AND pending = 0",
-        )
+        sqlx::query(&format!(
+            "UPDATE login_failures SET user_cleared = 1 WHERE user_name = $1 AND user_cleared = 0 AND {}",
+            ended.replace("$3", "$2")
+        ))
         .bind(user)
+        .bind(now_ms - ABANDONED_MS)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

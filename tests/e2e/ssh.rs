@@ -650,6 +650,43 @@ fn interactive_session_is_cut_within_a_second_of_revoke_and_recorded() {
     assert!(out.stderr.contains("disabled"), "{}", out.stderr);
 }
 
+/// `wicketd users set-roles` reaches a live SSH session: adding a role
+/// changes nothing, and taking away a standing role its forwardings rest
+/// on ends it within a second, with the reason on its terminal.
+#[test]
+fn taking_away_a_standing_role_ends_an_ssh_session_that_rests_on_it() {
+    let lab = Lab::start();
+    let alice = lab.user("alice", "access,direct,agent-ok");
+    let cfg = ssh_config(&alice);
+    let set_roles = |roles: &str| {
+        run(&mut lab
+            .d
+            .admin(&["users", "set-roles", "alice", "--roles", roles])
+            .unwrap())
+        .unwrap();
+    };
+    let mut t = Pty::ready(&cfg, &lab.dest());
+    set_roles("access,direct,agent-ok,x11-ok");
+    // Past the watcher's next round (250 ms): still running.
+    t.send("sleep 1; echo still-$((40+2))\n");
+    t.expect("still-42", Duration::from_secs(10));
+    set_roles("access,direct");
+    let removed = Instant::now();
+    t.expect("role \"agent-ok\" was taken away", Duration::from_secs(5));
+    assert!(
+        removed.elapsed() <= Duration::from_millis(1500),
+        "cut {:?} after the change",
+        removed.elapsed()
+    );
+    wait_until("the ssh client to exit", Duration::from_secs(2), || {
+        t.exited().then_some(())
+    })
+    .unwrap();
+    // Its standing role `direct` still lets a new one in.
+    let out = output(ssh(&cfg).arg(lab.dest()).arg("echo back"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 #[test]
 fn interactive_session_is_warned_then_cut_at_expiry() {
     let lab = Lab::start();

@@ -177,20 +177,32 @@ async fn exercise(store: &Store) {
         refused(reserve("dan", "10.1.0.4", 50_003, 0).await),
         Some(20_000)
     );
+    // A success clears abandoned checks for the user too.
+    store
+        .clear_login_failures(("dan", "10.1.0.9", "none"), 50_004)
+        .await
+        .unwrap();
+    granted(reserve("dan", "10.1.0.5", 50_005, 0).await);
     // A successful login clears the user's failures, not checks under way:
     // those from its own source for good, those from other sources only
     // for the user (a guesser's budget is not refilled).
     let alice_now = granted(reserve("carol", "10.0.0.7", 10_020, 10_003).await);
     let _under_way = granted(reserve("carol", "10.0.0.8", 10_021, 10_003).await);
     store
-        .clear_login_failures("alice", "10.0.0.2", "none")
+        .clear_login_failures(("alice", "10.0.0.2", "none"), 10_024)
         .await
         .unwrap();
     store
-        .clear_login_failures("carol", "10.0.0.7", &alice_now)
+        .clear_login_failures(("carol", "10.0.0.7", &alice_now), 10_024)
         .await
         .unwrap();
-    let _alice = granted(reserve("alice", "10.0.0.20", 10_025, 0).await);
+    // None of alice's failures count against her now (a limit of 1 would
+    // refuse one more).
+    let alice_again = store
+        .reserve_login_attempt("alice", "10.0.0.20", 10_025, 0, (1, 5))
+        .await
+        .unwrap();
+    let _alice = granted(alice_again);
     assert_eq!(
         refused(reserve("frank", "10.0.0.1", 10_025, 0).await),
         Some(10_000),
@@ -209,7 +221,7 @@ async fn exercise(store: &Store) {
     );
     // A check cleared while under way is still stored when it fails.
     store
-        .clear_login_failures("bob", "10.0.0.40", "none")
+        .clear_login_failures(("bob", "10.0.0.40", "none"), 10_029)
         .await
         .unwrap();
     store.release_login_attempt(&bob4).await.unwrap();
@@ -1323,6 +1335,7 @@ fn a_corrupt_user_row_leaves_other_users_sessions_alone() {
                 started: now,
                 valid_until: i64::MAX,
                 standing: None,
+                held_standing: vec![],
             })
         };
         let (ann, ben) = (session("ann"), session("ben"));
@@ -1341,6 +1354,24 @@ fn a_corrupt_user_row_leaves_other_users_sessions_alone() {
             *ann.signal.borrow()
         );
         assert!(matches!(*ben.signal.borrow(), Signal::Run));
+        // `users set-roles` repairs such a row; the old value is on the
+        // record as it was.
+        wicketd::service::set_user_roles(&w.config, &store, "ann", vec!["access".into()], later)
+            .await
+            .unwrap();
+        let ann_now = store.get_user("ann").await.unwrap().unwrap();
+        assert_eq!(ann_now.roles, ["access"]);
+        let set = store
+            .search_audit(&wicketd::store::AuditFilter {
+                kind: Some("user_roles_set".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(
+            set.len() == 1 && set[0].data.contains("<undecodable: not a list>"),
+            "{set:?}"
+        );
     });
 }
 

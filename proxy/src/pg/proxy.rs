@@ -570,6 +570,8 @@ impl PgProxy {
             started: now,
             valid_until: decided.valid_until,
             standing: decided.standing.clone(),
+            // Decided once, at the start.
+            held_standing: Vec::new(),
         });
         let sref = Arc::new(SessionRef {
             session_id: handle.id.clone(),

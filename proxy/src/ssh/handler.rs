@@ -156,7 +156,10 @@ impl ConnShared {
         let what = format!(
             "connection from {from_address}:{from_port} to the node's {address}:{port} (remote forward)"
         );
-        let Some((live, handle, slot)) = self.accept_from_node(ours, reply, &what).await else {
+        let Some((live, handle, slot)) = self
+            .accept_from_node((ours, SshForwarding::Port), reply, &what)
+            .await
+        else {
             return;
         };
         live.audit(AuditEvent::SshRemoteForward {
@@ -187,7 +190,10 @@ impl ConnShared {
     ) {
         let allowed = self.x11_allowed.load(Ordering::Relaxed);
         let what = format!("X11 connection from {from_address}:{from_port} on the node");
-        let Some((live, handle, slot)) = self.accept_from_node(allowed, reply, &what).await else {
+        let Some((live, handle, slot)) = self
+            .accept_from_node((allowed, SshForwarding::X11), reply, &what)
+            .await
+        else {
             return;
         };
         live.audit(AuditEvent::SshX11 {
@@ -210,7 +216,10 @@ impl ConnShared {
     ) {
         let allowed = self.agent_allowed.load(Ordering::Relaxed);
         let what = "agent connection on the node";
-        let Some((live, handle, slot)) = self.accept_from_node(allowed, reply, what).await else {
+        let Some((live, handle, slot)) = self
+            .accept_from_node((allowed, SshForwarding::Agent), reply, what)
+            .await
+        else {
             return;
         };
         live.audit(AuditEvent::SshAgent {
@@ -226,7 +235,7 @@ impl ConnShared {
     /// marker in the recording when the session is what refuses.
     async fn accept_from_node(
         &self,
-        allowed: bool,
+        (allowed, kind): (bool, SshForwarding),
         reply: russh::client::ChannelOpenHandle,
         what: &str,
     ) -> Option<(Arc<Live>, server::Handle, ChannelSlot)> {
@@ -237,6 +246,17 @@ impl ConnShared {
                 .await;
             return None;
         };
+        // Asked for and allowed earlier; the policy is asked again for
+        // each channel, as the roles it rested on may have ended.
+        if !live.may_forward(kind) {
+            live.marker(&format!(
+                "{what} refused: the roles that allowed it no longer hold"
+            ));
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return None;
+        }
         if let Some(why) = live.refusing() {
             live.marker(&format!("{what} refused: {why}"));
             reply
@@ -338,6 +358,10 @@ pub(crate) struct Live {
     node: Resource,
     roles: Vec<String>,
     scoped: Vec<wicket_policy::ScopedRole>,
+    /// The roles of the grants alone: what holds once the login ends.
+    granted: (Vec<String>, Vec<wicket_policy::ScopedRole>),
+    /// When the password login behind the certificate ends (Unix seconds).
+    login_until: i64,
     upstream: russh::client::Handle<Upstream>,
     registration: Mutex<Option<SessionHandle>>,
     signal: watch::Receiver<Signal>,
@@ -374,12 +398,32 @@ impl Live {
         lock(&self.refusing).clone()
     }
 
+    /// Who decides what the session does next: with its standing roles
+    /// while the login lasts, with its grants' alone after.
     fn subject(&self) -> Subject<'_> {
+        let (roles, scoped) =
+            if wicket_policy::login_lasts(self.login_until, crate::clock::now().timestamp()) {
+                (&self.roles, &self.scoped)
+            } else {
+                (&self.granted.0, &self.granted.1)
+            };
         Subject {
             user: &self.sref.user,
-            roles: &self.roles,
-            scoped: &self.scoped,
+            roles,
+            scoped,
         }
+    }
+
+    /// Whether the policy still allows forwarding `kind` (a role or the
+    /// login it rests on may have ended since it was asked for).
+    fn may_forward(&self, kind: SshForwarding) -> bool {
+        self.proxy
+            .wicket
+            .config
+            .policy
+            .roles
+            .decide_ssh_forwarding(&self.subject(), &self.node, kind)
+            .allowed
     }
 
     /// The session's recorder, created on first use with this terminal size.
@@ -920,6 +964,8 @@ impl Conn {
             started: now,
             valid_until: decided.valid_until,
             standing: decided.standing,
+            // Forwardings are decided later, on these.
+            held_standing: decided.standing_roles,
         });
         let session_id = registration.id.clone();
         let upstream = match upstream::connect(
@@ -965,6 +1011,8 @@ impl Conn {
             node,
             roles,
             scoped,
+            granted: decided.granted,
+            login_until: caller.login_until,
             upstream,
             registration: Mutex::new(Some(registration)),
             signal,
