@@ -1202,6 +1202,24 @@ fn port_forwarding_only_when_the_role_allows_it() {
     );
 }
 
+/// The first of `user`'s audit events of `kind` (as `cli`, `user`'s own
+/// CLI, sees them), once there is one.
+fn first_event_of(cli: &WicketCli, user: &str, kind: &str) -> Value {
+    wait_until(
+        &format!("the {kind} event"),
+        Duration::from_secs(10),
+        || {
+            let events = Value::from(cli.audit(&["--user", user]).unwrap());
+            events
+                .as_array()?
+                .iter()
+                .find(|e| e["kind"] == kind)
+                .cloned()
+        },
+    )
+    .unwrap()
+}
+
 #[test]
 fn agent_forwarding_is_refused_with_a_message_unless_allowed() {
     let lab = Lab::start();
@@ -1241,15 +1259,7 @@ fn agent_forwarding_is_refused_with_a_message_unless_allowed() {
         text(&out.stdout)
     );
     // The node's use of the agent is on the record, with the session.
-    let used = wait_until("the ssh_agent event", Duration::from_secs(10), || {
-        let events = Value::from(alice.audit(&["--user", "alice"]).unwrap());
-        events
-            .as_array()?
-            .iter()
-            .find(|e| e["kind"] == "ssh_agent")
-            .cloned()
-    })
-    .unwrap();
+    let used = first_event_of(&alice, "alice", "ssh_agent");
     assert_eq!(used["data"]["resource"], "node-1", "{used}");
     assert!(used["session_id"].is_string(), "{used}");
 
@@ -1478,15 +1488,7 @@ fn x11_forwarding_only_when_the_role_allows_it() {
     assert_eq!(setup.protocol, "MIT-MAGIC-COOKIE-1");
     assert_eq!(setup.cookie_len, 16);
     // On the record, linked to the grant.
-    let events = wait_until("the ssh_x11 event", Duration::from_secs(10), || {
-        let events = Value::from(alice.audit(&["--user", "alice"]).unwrap());
-        events
-            .as_array()?
-            .iter()
-            .find(|e| e["kind"] == "ssh_x11")
-            .cloned()
-    })
-    .unwrap();
+    let events = first_event_of(&alice, "alice", "ssh_x11");
     assert!(events["data"]["from"].is_string(), "{events}");
     assert_eq!(events["data"]["resource"], "node-1", "{events}");
 }
