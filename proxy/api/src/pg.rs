@@ -362,25 +362,54 @@ pub fn ascii_unsafe_encoding(name: &str) -> bool {
     .any(|e| e.eq_ignore_ascii_case(name))
 }
 
-/// The fields of a backend ErrorResponse (`E`): (code, message).
+/// The fields of a backend ErrorResponse (`E`): (code, message); `None`
+/// when a field is cut short or not UTF-8.
 pub fn parse_error_response(msg: &[u8]) -> Option<(String, String)> {
-    let body = msg.get(5..)?;
-    let mut code = String::new();
-    let mut message = String::new();
-    let mut rest = body;
+    match error_fields(msg) {
+        (code, message, true) if msg.len() >= 5 => Some((code, message)),
+        _ => None,
+    }
+}
+
+/// What the first bytes of an ErrorResponse (`msg`, tag and length
+/// included) show, the rest unread: its code if it is there whole, and as
+/// much of its message as is there (bytes that are not UTF-8 replaced).
+pub fn error_response_prefix(msg: &[u8]) -> (String, String) {
+    let (code, message, _) = error_fields(msg);
+    (code, message)
+}
+
+/// Walks the fields of an ErrorResponse as far as `msg` goes: its code,
+/// its message, and whether every field read was whole (terminated, and
+/// UTF-8). A code cut short is left out; a message cut short is kept.
+fn error_fields(msg: &[u8]) -> (String, String, bool) {
+    let (mut code, mut message) = (String::new(), String::new());
+    let mut rest = msg.get(5..).unwrap_or_default();
     while let Some((&field, r)) = rest.split_first() {
         if field == 0 {
             break;
         }
-        let (v, r) = cstr(r).ok()?;
+        let Some(end) = r.iter().position(|&b| b == 0) else {
+            if field == b'M' {
+                message = String::from_utf8_lossy(r).into_owned();
+            }
+            return (code, message, false);
+        };
+        let (value, whole) = match std::str::from_utf8(&r[..end]) {
+            Ok(v) => (v.to_owned(), true),
+            Err(_) => (String::from_utf8_lossy(&r[..end]).into_owned(), false),
+        };
         match field {
-            b'C' => code = v.to_owned(),
-            b'M' => message = v.to_owned(),
+            b'C' => code = value,
+            b'M' => message = value,
             _ => {}
         }
-        rest = r;
+        if !whole {
+            return (code, message, false);
+        }
+        rest = &r[end + 1..];
     }
-    Some((code, message))
+    (code, message, true)
 }
 
 /// An SSLRequest.
@@ -616,7 +645,15 @@ mod tests {
             let _ = read_message(&data, 10_000);
             let _ = parse_frontend(&data);
             let _ = parse_error_response(&data);
+            let _ = error_response_prefix(&data);
             let _ = parse_parameter_status(&data);
+        }
+
+        #[test]
+        fn a_whole_error_reads_the_same_from_its_prefix(code in "[0-9A-Z]{5}", message in "\\PC{0,40}") {
+            let e = error_response("ERROR", &code, &message);
+            prop_assert_eq!(parse_error_response(&e), Some((code.clone(), message.clone())));
+            prop_assert_eq!(error_response_prefix(&e), (code, message));
         }
 
         #[test]

@@ -1194,30 +1194,11 @@ fn oversized_error(prefix: &[u8]) -> (String, String) {
     let total = prefix.get(1..5).map_or(0, |l| {
         u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize + 1
     });
-    let (mut code, mut message) = (String::new(), String::new());
-    let mut rest = prefix.get(5..).unwrap_or_default();
-    while let Some((&field, r)) = rest.split_first() {
-        if field == 0 {
-            break;
-        }
-        let (value, next) = match r.iter().position(|&b| b == 0) {
-            Some(end) => (&r[..end], Some(&r[end + 1..])),
-            None => (r, None),
-        };
-        let value = String::from_utf8_lossy(value);
-        match (field, next) {
-            (b'C', Some(_)) => code = value.into_owned(),
-            (b'M', _) => message = value.chars().take(OVERSIZED_ERROR_KEPT).collect(),
-            _ => {}
-        }
-        match next {
-            Some(next) => rest = next,
-            None => break,
-        }
-    }
+    let (code, message) = protocol::error_response_prefix(prefix);
+    let kept: String = message.chars().take(OVERSIZED_ERROR_KEPT).collect();
     (
         code,
-        format!("{message}... (cut: the whole error is {total} bytes, over the {MAX_INSPECTED_BACKEND} the proxy reads)"),
+        format!("{kept}... (cut: the whole error is {total} bytes, over the {MAX_INSPECTED_BACKEND} the proxy reads)"),
     )
 }
 
