@@ -111,7 +111,7 @@ pub struct SessionDecision {
     pub valid_until: i64,
     /// `None` when the grants in force allow it alone; else what stands
     /// behind it besides them (for [`crate::sessions::SessionInfo`]).
-    pub standing: Option<Arc<StandingBasis>>,
+    pub basis: Option<Arc<StandingBasis>>,
     /// The standing roles in force (empty once the login has ended).
     pub standing_roles: Vec<String>,
     /// The roles of the grants in force alone (what holds once the login
@@ -708,7 +708,7 @@ impl Wicket {
     /// When standing roles count, an allowed session is asked about once
     /// more, for the grants alone: if they would not allow it, it stands on
     /// the standing roles, so it ends with the login and when they change
-    /// ([`SessionDecision::standing`]).
+    /// ([`SessionDecision::basis`]).
     pub async fn decide_session(
         &self,
         caller: &Caller,
@@ -768,7 +768,7 @@ impl Wicket {
             request_ids: active,
             decision,
             valid_until,
-            standing: basis,
+            basis,
             standing_roles: standing,
             granted,
         })

@@ -74,7 +74,7 @@ pub struct SessionInfo {
     /// What the session stands on besides its grants: `None` when the
     /// grants behind it allow it alone (it follows them), else its
     /// decision again, for the user's standing roles as they change.
-    pub standing: Option<Arc<StandingBasis>>,
+    pub basis: Option<Arc<StandingBasis>>,
     /// Standing roles the session's later decisions rest on (an SSH
     /// session's forwardings): it ends when one of them is taken away.
     /// Empty for a session decided once, at its start.
@@ -212,7 +212,7 @@ impl Sessions {
         self.lock()
             .iter()
             .filter(|(_, e)| e.info.user == user)
-            .filter_map(|(id, e)| Some((id.clone(), e.info.standing.clone()?)))
+            .filter_map(|(id, e)| Some((id.clone(), e.info.basis.clone()?)))
             .collect()
     }
 
@@ -291,7 +291,7 @@ impl Sessions {
             }
             let session = CertifiedSession {
                 valid_until: e.info.valid_until,
-                under_grants: e.info.standing.is_none(),
+                under_grants: e.info.basis.is_none(),
                 warned: e.warned,
             };
             match wicket_policy::certificate_session_signal(
@@ -623,7 +623,7 @@ mod tests {
             valid_until,
             held_standing: Vec::new(),
             // Without grants, it stands on standing roles.
-            standing: request_ids.is_empty().then(|| {
+            basis: request_ids.is_empty().then(|| {
                 Arc::new(StandingBasis {
                     grants: Vec::new(),
                     decide: Arc::new(

@@ -1334,7 +1334,7 @@ fn a_corrupt_user_row_leaves_other_users_sessions_alone() {
                 request_ids: vec![],
                 started: now,
                 valid_until: i64::MAX,
-                standing: None,
+                basis: None,
                 held_standing: vec![],
             })
         };

@@ -569,7 +569,7 @@ impl PgProxy {
             request_ids: decided.request_ids.clone(),
             started: now,
             valid_until: decided.valid_until,
-            standing: decided.standing.clone(),
+            basis: decided.basis.clone(),
             // Decided once, at the start.
             held_standing: Vec::new(),
         });

@@ -963,7 +963,7 @@ impl Conn {
             request_ids: active.clone(),
             started: now,
             valid_until: decided.valid_until,
-            standing: decided.standing,
+            basis: decided.basis,
             // Forwardings are decided later, on these.
             held_standing: decided.standing_roles,
         });
