@@ -135,8 +135,9 @@ enum DbCommand {
 
 #[derive(Debug, Subcommand)]
 enum ProxyCommand {
-    /// A local plaintext PostgreSQL listener on 127.0.0.1 that wraps every
-    /// connection with your certificate (any client works through it).
+    /// A local plaintext PostgreSQL listener on 127.0.0.1 (or a private Unix
+    /// socket) that wraps every connection with your certificate (any
+    /// client works through it).
     Db {
         name: String,
         /// Required: run as a local tunnel.
@@ -145,6 +146,10 @@ enum ProxyCommand {
         /// Local port (default: any free port, printed).
         #[arg(long, default_value_t = 0)]
         port: u16,
+        /// Listen on a Unix socket in a new directory only you can enter
+        /// (printed; it is psql's `host`), not on 127.0.0.1.
+        #[arg(long, conflicts_with = "port")]
+        socket: bool,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
@@ -402,8 +407,12 @@ async fn run(command: Command) -> Result<()> {
             psql_args,
         }) => crate::db::connect(&name, db_user, db_name, psql_args).await,
         Command::Proxy(ProxyCommand::Db {
-            name, port, format, ..
-        }) => crate::db::proxy(&name, port, format).await,
+            name,
+            port,
+            socket,
+            format,
+            ..
+        }) => crate::db::proxy(&name, port, socket, format).await,
         Command::Proxy(ProxyCommand::Ssh {
             target,
             ssh_proxy,

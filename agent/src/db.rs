@@ -1,9 +1,13 @@
 //! Databases: `wicket db ls|connect`, `wicket proxy db NAME --tunnel`, and
 //! `wicket play` for database sessions.
 //!
-//! The tunnel listens on 127.0.0.1 in plaintext and wraps every connection
-//! in TLS to wicketd's PostgreSQL listener with the user's client
-//! certificate, adding the database resource's name to the startup message.
+//! The tunnel listens in plaintext and wraps every connection in TLS to
+//! wicketd's PostgreSQL listener with the user's client certificate, adding
+//! the database resource's name to the startup message. It serves only the
+//! OS user who started it: `wicket db connect` listens on a Unix socket in a
+//! directory only that user can enter (and checks each client's UID), and
+//! `wicket proxy db --tunnel` on 127.0.0.1, where Linux names each client's
+//! owner (see [`crate::peer`]), or with `--socket` as `db connect` does.
 //! The certificate is read from the profile for each new connection (and the
 //! TLS setup rebuilt when it changed), so after a new `wicket login` new
 //! connections use the new certificate. Any PostgreSQL client works through
@@ -17,7 +21,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use wicket_api::pg::{self, Startup};
@@ -26,6 +30,81 @@ use wicket_api::{DatabaseInfo, Resources};
 /// Startup parameter naming the database resource (see wicketd's proxy).
 const RESOURCE_PARAM: &str = "wicket_database";
 const MAX_STARTUP: usize = 10_000;
+
+/// Where a tunnel listens.
+pub enum Listener {
+    /// 127.0.0.1:PORT. Linux names each client's OS user; elsewhere every
+    /// local user can connect.
+    Tcp(TcpListener),
+    /// A socket in a [`PrivateDir`]; each client's UID is checked too.
+    #[cfg(unix)]
+    Unix(tokio::net::UnixListener),
+}
+
+/// A new directory under the temporary directory that only this OS user
+/// can enter, for the tunnel's Unix socket. Removed when dropped.
+#[cfg(unix)]
+pub struct PrivateDir {
+    path: std::path::PathBuf,
+}
+
+#[cfg(unix)]
+impl PrivateDir {
+    /// The port in the socket's name (`.s.PGSQL.PORT`, as libpq looks for).
+    pub const PORT: u16 = 5432;
+
+    pub fn create() -> Result<Self> {
+        use ring::rand::SecureRandom;
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        let base = std::env::temp_dir();
+        let rng = ring::rand::SystemRandom::new();
+        for _ in 0..8 {
+            let mut tag = [0u8; 6];
+            rng.fill(&mut tag)
+                .map_err(|_| anyhow!("no randomness for a directory name"))?;
+            let path = base.join(format!("wicket-db-{}", wicket_ca::hex(&tag)));
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => {
+                    let dir = Self { path };
+                    let meta = std::fs::symlink_metadata(&dir.path)?;
+                    if meta.uid() != crate::peer::os_uid() || meta.mode() & 0o077 != 0 {
+                        bail!("{} is not private to you", dir.path.display());
+                    }
+                    return Ok(dir);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot create {}", path.display()))
+                }
+            }
+        }
+        bail!("cannot create a private directory in {}", base.display())
+    }
+
+    /// The directory (libpq's `host`).
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// A listener on the directory's socket.
+    pub fn listen(&self) -> Result<Listener> {
+        let socket = self.path.join(format!(".s.PGSQL.{}", Self::PORT));
+        let listener = tokio::net::UnixListener::bind(&socket).with_context(|| {
+            format!(
+                "cannot listen on {} (a shorter TMPDIR may help)",
+                socket.display()
+            )
+        })?;
+        Ok(Listener::Unix(listener))
+    }
+}
+
+#[cfg(unix)]
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
 
 /// Where a tunnel sends its connections.
 pub struct Tunnel {
@@ -126,39 +205,74 @@ impl Tunnel {
         Ok(cfg)
     }
 
-    /// Serves connections from `listener` until the process ends.
-    /// Only the OS user who started the tunnel may use it (where the kernel
-    /// says who connected, see [`crate::peer`]).
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        let me = crate::peer::my_uid();
-        loop {
-            let (mut conn, peer) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    eprintln!("wicket: tunnel accept failed: {e}");
-                    continue;
+    /// Serves connections from `listener` until the process ends (or the
+    /// future is dropped). Only the OS user who started the tunnel may use
+    /// it, where the OS says who connected.
+    pub async fn serve(self: Arc<Self>, listener: Listener) {
+        match listener {
+            Listener::Tcp(listener) => {
+                let me = crate::peer::my_uid();
+                loop {
+                    let (conn, peer) = match listener.accept().await {
+                        Ok(x) => x,
+                        Err(e) => {
+                            eprintln!("wicket: tunnel accept failed: {e}");
+                            continue;
+                        }
+                    };
+                    let why = refusal(me, &conn, peer);
+                    let _ = conn.set_nodelay(true);
+                    self.admit(conn, why);
                 }
-            };
-            if let Some(why) = refusal(me, &conn, peer) {
-                eprintln!("wicket: tunnel: {why}");
-                let msg = pg::error_response("FATAL", "28000", &format!("wicket: {why}"));
-                tokio::spawn(async move {
-                    let _ = conn.write_all(&msg).await;
-                    let _ = conn.shutdown().await;
-                });
-                continue;
             }
-            let _ = conn.set_nodelay(true);
-            let this = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = this.handle(conn).await {
-                    eprintln!("wicket: tunnel connection: {e:#}");
+            #[cfg(unix)]
+            Listener::Unix(listener) => {
+                let me = crate::peer::os_uid();
+                loop {
+                    let conn = match listener.accept().await {
+                        Ok((conn, _)) => conn,
+                        Err(e) => {
+                            eprintln!("wicket: tunnel accept failed: {e}");
+                            continue;
+                        }
+                    };
+                    let owner = match conn.peer_cred() {
+                        Ok(cred) => crate::peer::Peer::Uid(cred.uid()),
+                        Err(_) => crate::peer::Peer::Unknown,
+                    };
+                    let why = refusal_of(me, owner, "the tunnel's socket");
+                    self.admit(conn, why);
                 }
-            });
+            }
         }
     }
 
-    async fn handle(&self, mut local: TcpStream) -> Result<()> {
+    /// Refuses `conn` with a FATAL naming `why`, or serves it.
+    fn admit<S>(self: &Arc<Self>, mut conn: S, why: Option<String>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if let Some(why) = why {
+            eprintln!("wicket: tunnel: {why}");
+            let msg = pg::error_response("FATAL", "28000", &format!("wicket: {why}"));
+            tokio::spawn(async move {
+                let _ = conn.write_all(&msg).await;
+                let _ = conn.shutdown().await;
+            });
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.handle(conn).await {
+                eprintln!("wicket: tunnel connection: {e:#}");
+            }
+        });
+    }
+
+    async fn handle<S>(&self, mut local: S) -> Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         let mut buf = Vec::new();
         let startup = loop {
             let Some(msg) = read_startup(&mut local, &mut buf).await? else {
@@ -260,11 +374,11 @@ fn refusal(me: Option<u32>, conn: &TcpStream, peer: std::net::SocketAddr) -> Opt
         Ok(local) => crate::peer::peer_of(peer, local),
         Err(_) => crate::peer::Peer::Unlisted,
     };
-    refusal_of(me, owner, peer)
+    refusal_of(me, owner, &peer.to_string())
 }
 
 /// [`refusal`] once the kernel answered who owns the client socket.
-fn refusal_of(me: u32, owner: crate::peer::Peer, peer: std::net::SocketAddr) -> Option<String> {
+fn refusal_of(me: u32, owner: crate::peer::Peer, peer: &str) -> Option<String> {
     use crate::peer::Peer;
     const OVERFLOW_UID: u32 = 65534;
     match owner {
@@ -287,7 +401,10 @@ fn refusal_of(me: u32, owner: crate::peer::Peer, peer: std::net::SocketAddr) -> 
     }
 }
 
-async fn read_startup(r: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<Startup>> {
+async fn read_startup<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Startup>> {
     let mut tmp = [0u8; 1024];
     loop {
         if let Some((msg, len)) = pg::read_startup(buf, MAX_STARTUP).map_err(|e| anyhow!("{e}"))? {
@@ -361,11 +478,37 @@ pub async fn connect(
             _ => user.clone(),
         }
     });
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
+    // psql handles Ctrl-C itself (it cancels the running statement through
+    // the tunnel), and the terminal sends it to this process too: it must
+    // not end the tunnel. SIGTERM and SIGHUP end both.
+    #[cfg(unix)]
+    let mut signals = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut interrupts = signal(SignalKind::interrupt())?;
+        tokio::spawn(async move { while interrupts.recv().await.is_some() {} });
+        (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::hangup())?,
+        )
+    };
+    #[cfg(unix)]
+    let (dir, listener) = {
+        let dir = PrivateDir::create()?;
+        let listener = dir.listen()?;
+        (dir, listener)
+    };
+    #[cfg(unix)]
+    let (host, port) = (dir.path().display().to_string(), PrivateDir::PORT);
+    #[cfg(not(unix))]
+    let (listener, host, port) = {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        (Listener::Tcp(listener), "127.0.0.1".to_owned(), port)
+    };
     tokio::spawn(tunnel.serve(listener));
     let conninfo = format!(
-        "host=127.0.0.1 port={port} user={} dbname={} sslmode=disable application_name=wicket",
+        "host={} port={port} user={} dbname={} sslmode=disable application_name=wicket",
+        conninfo_value(&host),
         conninfo_value(&user),
         conninfo_value(&name)
     );
@@ -373,10 +516,18 @@ pub async fn connect(
         std::env::var("WICKET_PSQL").unwrap_or_else(|_| "psql".into()),
     );
     cmd.arg(conninfo).args(psql_args);
-    let status = cmd
-        .status()
-        .await
-        .context("starting psql (is the PostgreSQL client installed?)")?;
+    let status = cmd.status();
+    #[cfg(unix)]
+    let status = tokio::select! {
+        status = status => status,
+        _ = signals.0.recv() => bail!("stopped by SIGTERM"),
+        _ = signals.1.recv() => bail!("stopped by SIGHUP"),
+    };
+    #[cfg(not(unix))]
+    let status = status.await;
+    let status = status.context("starting psql (is the PostgreSQL client installed?)")?;
+    #[cfg(unix)]
+    drop(dir);
     if !status.success() {
         std::process::exit(status.code().unwrap_or(1));
     }
@@ -389,28 +540,80 @@ fn conninfo_value(v: &str) -> String {
 }
 
 /// `wicket proxy db NAME --tunnel [--port P]`.
-pub async fn proxy(resource: &str, port: u16, format: Format) -> Result<()> {
+pub async fn proxy(resource: &str, port: u16, socket: bool, format: Format) -> Result<()> {
     let (tunnel, db) = Tunnel::for_resource(resource).await?;
-    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port)))
-        .await
-        .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
-    let addr = listener.local_addr()?;
-    match format {
-        Format::Json => println!(
-            "{}",
-            serde_json::json!({ "database": resource, "listen": addr.to_string() })
-        ),
-        Format::Text => {
-            println!("Tunnel for database {resource} listening on {addr}");
-            println!(
-                "  psql \"host=127.0.0.1 port={} user={} dbname=NAME sslmode=disable\"",
-                addr.port(),
-                db.users.first().map(String::as_str).unwrap_or("USER")
+    let user = db.users.first().map(String::as_str).unwrap_or("USER");
+    #[cfg(unix)]
+    let mut dir = None;
+    let listener = if socket {
+        #[cfg(unix)]
+        {
+            let made = PrivateDir::create()?;
+            let listener = made.listen()?;
+            let host = made.path().display().to_string();
+            dir = Some(made);
+            let port = PrivateDir::PORT;
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::json!({ "database": resource, "socket_dir": host, "port": port })
+                ),
+                Format::Text => {
+                    println!("Tunnel for database {resource} listening in {host} (port {port})");
+                    println!(
+                        "  psql \"host={} port={port} user={user} dbname=NAME sslmode=disable\"",
+                        conninfo_value(&host)
+                    );
+                }
+            }
+            listener
+        }
+        #[cfg(not(unix))]
+        bail!("--socket needs a Unix system")
+    } else {
+        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port)))
+            .await
+            .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
+        let addr = listener.local_addr()?;
+        match format {
+            Format::Json => println!(
+                "{}",
+                serde_json::json!({ "database": resource, "listen": addr.to_string() })
+            ),
+            Format::Text => {
+                println!("Tunnel for database {resource} listening on {addr}");
+                println!(
+                    "  psql \"host=127.0.0.1 port={} user={user} dbname=NAME sslmode=disable\"",
+                    addr.port(),
+                );
+            }
+        }
+        if crate::peer::my_uid().is_none() {
+            eprintln!(
+                "wicket: warning: on this system the tunnel cannot tell which OS user \
+                 connects to 127.0.0.1:{}, so every local user can use your access; \
+                 --socket listens where only you can connect",
+                addr.port()
             );
         }
-    }
+        Listener::Tcp(listener)
+    };
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        tokio::select! {
+            _ = tunnel.serve(listener) => {},
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+            _ = hup.recv() => {},
+        }
+        drop(dir);
+    }
+    #[cfg(not(unix))]
     tokio::select! {
         _ = tunnel.serve(listener) => {},
         _ = tokio::signal::ctrl_c() => {},
@@ -550,7 +753,7 @@ mod tests {
     #[test]
     fn the_tunnel_serves_its_owner_and_refuses_what_it_cannot_tell() {
         use crate::peer::Peer;
-        let from: std::net::SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let from = "127.0.0.1:40000";
         assert_eq!(refusal_of(1000, Peer::Uid(1000), from), None);
         for (owner, says) in [
             (Peer::Uid(1001), "refused a connection from uid 1001"),

@@ -25,12 +25,19 @@ pub enum Peer {
 pub fn my_uid() -> Option<u32> {
     #[cfg(target_os = "linux")]
     {
-        Some(rustix::process::getuid().as_raw())
+        Some(os_uid())
     }
     #[cfg(not(target_os = "linux"))]
     {
         None
     }
+}
+
+/// The UID this process runs as (a Unix socket's peer is compared with it
+/// on every Unix system).
+#[cfg(unix)]
+pub fn os_uid() -> u32 {
+    rustix::process::getuid().as_raw()
 }
 
 /// The owner of the client socket of the accepted connection `peer` →

@@ -1630,6 +1630,140 @@ fn the_tunnel_refuses_other_os_users() {
     // The owner still gets through.
     let (ok, out, err) = t.sql("select 2");
     assert!(ok && out == "2", "{out} {err}");
+
+    // With --socket the tunnel listens in a directory only its OS user can
+    // enter, and removes it when told to end.
+    let tmp = shared_tmp();
+    let mut child = s
+        .alice
+        .cmd()
+        .unwrap()
+        .args(["proxy", "db", "prod-pg", "--tunnel", "--socket"])
+        .args(["--format", "json"])
+        .env("TMPDIR", tmp.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let dir = std::path::PathBuf::from(v["socket_dir"].as_str().unwrap());
+    assert_eq!(only_private_dir(tmp.path()), dir);
+    let conninfo = format!(
+        "host={} port={} user=app dbname=app sslmode=disable",
+        dir.display(),
+        v["port"]
+    );
+    let out = psql_at(None, &conninfo, "select 3");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3", "{out:?}");
+    let out = psql_at(Some(other), &conninfo, "select 4");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("Permission denied"),
+        "{err}"
+    );
+    run(Command::new("kill").args(["-TERM", &child.id().to_string()])).unwrap();
+    wait_until("the tunnel to end", Duration::from_secs(10), || {
+        child.try_wait().unwrap()
+    })
+    .unwrap();
+    assert!(!dir.exists(), "{} is left behind", dir.display());
+}
+
+/// A temporary directory every OS user may pass through (so that what
+/// keeps another user out is the tunnel's own directory).
+fn shared_tmp() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    tmp
+}
+
+/// The one `wicket-db-*` directory in `tmp`, once it is there, after
+/// checking that only its owner may enter it and that it holds the socket.
+fn only_private_dir(tmp: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dirs: Vec<std::path::PathBuf> = std::fs::read_dir(tmp)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let dir = dirs[0].clone();
+    let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with("wicket-db-"), "{name}");
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "{name}: {mode:o}");
+    assert!(dir.join(".s.PGSQL.5432").exists());
+    dir
+}
+
+/// `psql CONNINFO -c SQL`, as OS user `user` (`runuser`) or as this one.
+fn psql_at(user: Option<&str>, conninfo: &str, sql: &str) -> std::process::Output {
+    let mut cmd = match user {
+        Some(user) => {
+            let mut c = Command::new("runuser");
+            c.args(["-u", user, "--", "psql"]);
+            c
+        }
+        None => Command::new("psql"),
+    };
+    cmd.arg(conninfo)
+        .args(["-X", "-At", "-c", sql])
+        .current_dir("/")
+        .env_remove("PGPASSWORD")
+        .output()
+        .unwrap()
+}
+
+/// `wicket db connect` runs psql through a Unix socket in a directory only
+/// its OS user can enter. Ctrl-C at the terminal reaches psql and wicket
+/// alike: psql cancels the running statement through the tunnel, which
+/// must outlive it. The directory goes when psql ends.
+#[test]
+fn db_connect_listens_privately_and_outlives_ctrl_c() {
+    use std::os::unix::process::CommandExt;
+    let s = Setup::start("");
+    s.grant_dba("30m");
+    let tmp = shared_tmp();
+    let child = s
+        .alice
+        .cmd()
+        .unwrap()
+        .args(["db", "connect", "prod-pg", "--db-user", "app", "--db-name"])
+        .args(["app", "--", "-X", "-At", "-c", "select pg_sleep(60)"])
+        .env("TMPDIR", tmp.path())
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    running_sleep(&s.pg);
+    let dir = only_private_dir(tmp.path());
+    if let Some(other) = s.pg.os_user() {
+        let conninfo = format!(
+            "host={} port=5432 user=app dbname=app sslmode=disable",
+            dir.display()
+        );
+        let out = psql_at(Some(other), &conninfo, "select 1");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("Permission denied"),
+            "{err}"
+        );
+    }
+    // What the terminal does on Ctrl-C: SIGINT to the foreground group.
+    run(Command::new("kill").args(["-INT", "--", &format!("-{}", child.id())])).unwrap();
+    let (err, _) = wait_exit(child, Duration::from_secs(20));
+    assert!(
+        err.contains("canceling statement due to user request"),
+        "psql's statement was cancelled, not its connection cut: {err}"
+    );
+    assert!(!dir.exists(), "{} is left behind", dir.display());
+    assert!(sleeping_backends(&s.pg).is_empty());
 }
 
 /// Connections still authenticating have a share of their own
