@@ -1178,6 +1178,54 @@ fn with_ledger() -> (Setup, Tunnel) {
     (s, t)
 }
 
+/// PostgreSQL tells statements and portals apart by their first 63 bytes.
+/// Two longer names that begin alike would be one object to the server and
+/// two to the audit, which could then log one's text for the other's run:
+/// such names are refused unsent, with the reason.
+#[test]
+fn names_longer_than_postgresql_tells_apart_are_refused() {
+    let (s, t) = with_ledger();
+    let mut f = RawFrontend::connect(&t);
+    let longest = "s".repeat(63);
+    f.tcp
+        .write_all(
+            &[
+                RawFrontend::parse(&longest, "SELECT 1"),
+                RawFrontend::bind(&longest, &longest),
+                RawFrontend::execute(&longest),
+                RawFrontend::sync(),
+            ]
+            .concat(),
+        )
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&f.until_ready(1)), "12DCZ");
+    let too_long = format!("{longest}2");
+    f.tcp
+        .write_all(
+            &[
+                RawFrontend::parse(&too_long, "DELETE FROM ledger"),
+                RawFrontend::sync(),
+            ]
+            .concat(),
+        )
+        .unwrap();
+    let (tags, errors) = f.read_until(|_| false);
+    assert_eq!(tags, b"E", "{errors:?}");
+    assert!(
+        errors[0].contains("name of 64 bytes is longer than the 63 bytes"),
+        "{errors:?}"
+    );
+    let (ok, out, err) = t.sql("select count(*) from ledger");
+    assert!(ok && out == "2", "nothing was deleted: {out} {err}");
+    let parses = s.alice_events("db_parse");
+    assert!(
+        parses
+            .iter()
+            .all(|e| e["data"]["statement"] != "DELETE FROM ledger"),
+        "{parses:?}"
+    );
+}
+
 /// The audit names the statement an Execute really ran, as the server
 /// answered, not as the client claimed: a refused redefinition of a
 /// prepared statement (and a Close the server skipped after an error) must

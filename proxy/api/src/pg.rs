@@ -371,9 +371,9 @@ pub fn parse_error_response(msg: &[u8]) -> Option<(String, String)> {
     }
 }
 
-/// What the first bytes of an ErrorResponse (`msg`, tag and length
-/// included) show, the rest unread: its code if it is there whole, and as
-/// much of its message as is there (bytes that are not UTF-8 replaced).
+/// What an ErrorResponse (`msg`, tag and length included; perhaps only its
+/// first bytes) shows: its code if it is there whole, and as much of its
+/// message as is there (bytes that are not UTF-8 replaced).
 pub fn error_response_prefix(msg: &[u8]) -> (String, String) {
     let (code, message, _) = error_fields(msg);
     (code, message)
@@ -381,9 +381,12 @@ pub fn error_response_prefix(msg: &[u8]) -> (String, String) {
 
 /// Walks the fields of an ErrorResponse as far as `msg` goes: its code,
 /// its message, and whether every field read was whole (terminated, and
-/// UTF-8). A code cut short is left out; a message cut short is kept.
+/// UTF-8). A code cut short is left out; a message cut short is kept. A
+/// field in another encoding (a client_encoding other than UTF8) is read
+/// lossily, and the walk goes on.
 fn error_fields(msg: &[u8]) -> (String, String, bool) {
     let (mut code, mut message) = (String::new(), String::new());
+    let mut all_whole = true;
     let mut rest = msg.get(5..).unwrap_or_default();
     while let Some((&field, r)) = rest.split_first() {
         if field == 0 {
@@ -404,12 +407,10 @@ fn error_fields(msg: &[u8]) -> (String, String, bool) {
             b'M' => message = value,
             _ => {}
         }
-        if !whole {
-            return (code, message, false);
-        }
+        all_whole &= whole;
         rest = &r[end + 1..];
     }
-    (code, message, true)
+    (code, message, all_whole)
 }
 
 /// An SSLRequest.
@@ -608,6 +609,20 @@ mod tests {
                 "access request r1 revoked: suspicious".into()
             ))
         );
+    }
+
+    /// A server speaking the client's LATIN1 sends a Detail (or message)
+    /// that is not UTF-8: the error is still read, lossily, for the audit.
+    #[test]
+    fn an_error_in_another_encoding_is_read_lossily() {
+        let mut body = Vec::new();
+        body.extend_from_slice(b"SERREUR\0C23505\0Mdouble \xab cl\xe9 \xbb\0");
+        body.extend_from_slice(b"DLa cl\xe9 (nom)=(jos\xe9) existe d\xe9j\xe0.\0\0");
+        let e = msg(b'E', &body);
+        assert_eq!(parse_error_response(&e), None);
+        let (code, message) = error_response_prefix(&e);
+        assert_eq!(code, "23505");
+        assert_eq!(message, "double \u{fffd} cl\u{fffd} \u{fffd}");
     }
 
     #[test]

@@ -746,9 +746,10 @@ impl PgProxy {
                         out.extend_from_slice(&key.1.to_be_bytes());
                     }
                     b'E' => {
-                        if let Some((code, message)) = protocol::parse_error_response(msg) {
-                            state.audit_error(&self.wicket, code, message).await;
-                        }
+                        // Lossy: a field in the client's encoding still
+                        // leaves the error on the record.
+                        let (code, message) = protocol::error_response_prefix(msg);
+                        state.audit_error(&self.wicket, code, message).await;
                         out.extend_from_slice(msg);
                     }
                     b'Z' => {
@@ -1255,8 +1256,31 @@ fn encoding_refused(msg: &[u8]) -> Option<String> {
 /// session's prepared statements and queued events hold.
 const MAX_AUDIT_TEXT: usize = 64 * 1024;
 
+/// The longest statement or portal name PostgreSQL tells apart from others
+/// (`NAMEDATALEN - 1`).
+const MAX_NAME: usize = 63;
+
 /// Why a client message cannot be audited whole, if it cannot.
 fn unauditable(f: &Frontend) -> Option<String> {
+    let names: &[&String] = match f {
+        Frontend::Parse { name, .. } | Frontend::Close { name, .. } => &[name],
+        Frontend::Bind {
+            portal, statement, ..
+        } => &[portal, statement],
+        Frontend::Execute { portal, .. } => &[portal],
+        _ => &[],
+    };
+    // PostgreSQL tells statements and portals apart by their first 63
+    // bytes (NAMEDATALEN - 1): two longer names that begin alike are one
+    // object to it and two to the tracker, which would then audit one's
+    // text for the other's execution.
+    if let Some(long) = names.iter().find(|n| n.len() > MAX_NAME) {
+        return Some(format!(
+            "a prepared statement or portal name of {} bytes is longer than the {MAX_NAME} \
+             bytes PostgreSQL tells names apart by; it was not sent",
+            long.len()
+        ));
+    }
     let (what, text) = match f {
         Frontend::Query(q) => ("query", q),
         Frontend::Parse { query, .. } => ("statement to prepare", query),
@@ -1739,9 +1763,10 @@ where
                     answers.extend(ran.map(Answer::Executed));
                     match tag {
                         b'E' => {
-                            if let Some((code, message)) = protocol::parse_error_response(msg) {
-                                answers.push_back(Answer::Error(code, message));
-                            }
+                            // Lossy: a field in the client's encoding still
+                            // leaves the error on the record.
+                            let (code, message) = protocol::error_response_prefix(msg);
+                            answers.push_back(Answer::Error(code, message));
                         }
                         b'S' => {
                             if let Some(why) = encoding_refused(msg) {
