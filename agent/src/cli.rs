@@ -343,7 +343,12 @@ pub fn main() -> ExitCode {
                 Some(api) => api.to_string(),
                 None => format!("{e:#}"),
             };
-            eprintln!("wicket: error: {}", msg.replace('\n', " "));
+            // Server messages can carry what others wrote (a reason, a
+            // name): made safe for the terminal.
+            eprintln!(
+                "wicket: error: {}",
+                crate::term::printable(&msg.replace('\n', " "))
+            );
             ExitCode::FAILURE
         }
     }
@@ -563,18 +568,19 @@ async fn login(
 
 fn print_login(p: &Profile, certs: &Certificates, format: Format) -> Result<()> {
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&status_json(p)?)?),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&status_json(p)?)?),
         Format::Text => {
-            println!(
+            outln!(
                 "logged in as {} (cluster {})",
-                certs.user, certs.cluster_name
+                certs.user,
+                certs.cluster_name
             );
-            println!("  roles:       {}", certs.roles.join(", "));
-            println!("  principals:  {}", certs.principals.join(", "));
+            outln!("  roles:       {}", certs.roles.join(", "));
+            outln!("  principals:  {}", certs.principals.join(", "));
             if !certs.request_ids.is_empty() {
-                println!("  requests:    {}", certs.request_ids.join(", "));
+                outln!("  requests:    {}", certs.request_ids.join(", "));
             }
-            println!("  valid until: {}", certs.valid_before.to_rfc3339());
+            outln!("  valid until: {}", certs.valid_before.to_rfc3339());
         }
     }
     Ok(())
@@ -626,7 +632,7 @@ fn status(format: Format) -> Result<()> {
     let p = Profile::current(&home)?;
     let s = status_json(&p)?;
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&s)?),
         Format::Text => {
             let list = |k: &str| {
                 s[k].as_array()
@@ -639,21 +645,21 @@ fn status(format: Format) -> Result<()> {
                     .unwrap_or_default()
             };
             let get = |k: &str| s[k].as_str().unwrap_or_default().to_owned();
-            println!(
+            outln!(
                 "> Profile:     {} at {} (cluster {})",
                 get("user"),
                 get("proxy"),
                 get("cluster")
             );
-            println!("  User:        {}", get("user"));
-            println!("  Roles:       {}", list("roles"));
-            println!("  Principals:  {}", list("principals"));
+            outln!("  User:        {}", get("user"));
+            outln!("  Roles:       {}", list("roles"));
+            outln!("  Principals:  {}", list("principals"));
             let reqs = list("request_ids");
-            println!(
+            outln!(
                 "  Requests:    {}",
                 if reqs.is_empty() { "none".into() } else { reqs }
             );
-            println!(
+            outln!(
                 "  Valid:       {} to {}{}",
                 get("valid_after"),
                 get("valid_before"),
@@ -663,7 +669,7 @@ fn status(format: Format) -> Result<()> {
                     ""
                 }
             );
-            println!(
+            outln!(
                 "  Login:       until {} (then `wicket login` again)",
                 get("login_until")
             );
@@ -674,7 +680,7 @@ fn status(format: Format) -> Result<()> {
                 ("TLS cert", "tls_certificate"),
                 ("CA bundle", "ca_bundle"),
             ] {
-                println!(
+                outln!(
                     "  {:<12} {}",
                     format!("{label}:"),
                     s["files"][key].as_str().unwrap_or_default()
@@ -692,11 +698,11 @@ fn logout(format: Format) -> Result<()> {
     p.remove()?;
     let _ = std::fs::remove_file(home.join("current"));
     match format {
-        Format::Json => println!(
+        Format::Json => outln!(
             "{}",
             serde_json::json!({"logged_out": info.user, "proxy": info.proxy})
         ),
-        Format::Text => println!("logged out {} from {}", info.user, info.proxy),
+        Format::Text => outln!("logged out {} from {}", info.user, info.proxy),
     }
     Ok(())
 }
@@ -705,7 +711,7 @@ async fn ls(format: Format) -> Result<()> {
     let (_, _, client) = authenticated_client()?;
     let r: Resources = client.get("/v1/resources").await?;
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&r)?),
         Format::Text => {
             let labels = |l: &std::collections::BTreeMap<String, String>| {
                 l.iter()
@@ -713,9 +719,9 @@ async fn ls(format: Format) -> Result<()> {
                     .collect::<Vec<_>>()
                     .join(",")
             };
-            println!("{:<8} {:<20} {:<24} ACCESS", "KIND", "NAME", "LABELS");
+            outln!("{:<8} {:<20} {:<24} ACCESS", "KIND", "NAME", "LABELS");
             for n in &r.nodes {
-                println!(
+                outln!(
                     "{:<8} {:<20} {:<24} logins: {}",
                     "node",
                     n.name,
@@ -724,7 +730,7 @@ async fn ls(format: Format) -> Result<()> {
                 );
             }
             for d in &r.databases {
-                println!(
+                outln!(
                     "{:<8} {:<20} {:<24} users: {}; databases: {}",
                     "db",
                     d.name,
@@ -734,7 +740,7 @@ async fn ls(format: Format) -> Result<()> {
                 );
             }
             for k in &r.kube_clusters {
-                println!(
+                outln!(
                     "{:<8} {:<20} {:<24} groups: {}",
                     "kube",
                     k.name,
@@ -743,7 +749,7 @@ async fn ls(format: Format) -> Result<()> {
                 );
             }
             if r.nodes.is_empty() && r.databases.is_empty() && r.kube_clusters.is_empty() {
-                println!("(nothing reachable with your current roles; request access with `wicket request create`)");
+                outln!("(nothing reachable with your current roles; request access with `wicket request create`)");
             }
         }
     }
@@ -806,17 +812,19 @@ async fn audit_verify(format: Format) -> Result<()> {
     let (_, _, client) = authenticated_client()?;
     let v: wicket_api::AuditVerifyView = client.get("/v1/audit/verify").await?;
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&v)?),
-        Format::Text if v.intact => println!(
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&v)?),
+        Format::Text if v.intact => outln!(
             "audit log intact: {} events, head #{} {}",
-            v.events, v.head_seq, v.head_hash
+            v.events,
+            v.head_seq,
+            v.head_hash
         ),
         Format::Text => {
             for p in &v.problems {
-                println!("{p}");
+                outln!("{p}");
             }
             if v.problem_count > v.problems.len() as u64 {
-                println!("... {} places in all", v.problem_count);
+                outln!("... {} places in all", v.problem_count);
             }
         }
     }
@@ -833,16 +841,17 @@ async fn audit_search(filter: &[(&str, Option<String>)], limit: u32, format: For
     let (_, _, client) = authenticated_client()?;
     let events = search(&client, filter, limit).await?;
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&events)?),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&events)?),
         Format::Text => {
             for e in &events {
-                println!(
+                let line = format!(
                     "{}  {:<20} {:<12} {}",
                     e.time.to_rfc3339(),
                     e.kind,
                     e.actor.as_deref().unwrap_or("-"),
                     e.data
                 );
+                outln!("{}", crate::term::printable(&line));
             }
         }
     }

@@ -148,15 +148,44 @@ impl Client {
         self.call(Method::POST, path, Some(body)).await
     }
 
-    /// GET a non-JSON body (e.g. a recording), as bytes.
-    pub async fn get_bytes(&self, path: &str) -> Result<Bytes> {
-        within(&self.proxy, async {
+    /// GET a large non-JSON body (a recording), as bytes. The answer must
+    /// start within [`TIMEOUT`]; then it takes as long as it needs while
+    /// data keeps coming (never [`TIMEOUT`] without any), up to `limit`
+    /// bytes.
+    pub async fn get_large(&self, path: &str, limit: usize) -> Result<Bytes> {
+        let (status, mut body) = within(&self.proxy, async {
             self.connect_inner()
                 .await?
-                .send(Method::GET, path, None::<&()>)
+                .start(Method::GET, path, None::<&()>)
                 .await
         })
-        .await
+        .await?;
+        let mut out = Vec::new();
+        loop {
+            let frame = tokio::time::timeout(TIMEOUT, body.frame())
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "{} stopped sending for {}s, after {} bytes",
+                        self.proxy,
+                        TIMEOUT.as_secs(),
+                        out.len()
+                    )
+                })?;
+            match frame {
+                None => break,
+                Some(Err(e)) => bail!("reading the response: {e}"),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        if out.len() + data.len() > limit {
+                            bail!("the response is larger than {limit} bytes");
+                        }
+                        out.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+        answer(status, Bytes::from(out))
     }
 
     /// A connection kept for several calls (HTTP/1.1 keep-alive), for
@@ -248,6 +277,22 @@ impl Connection {
         path: &str,
         body: Option<&B>,
     ) -> Result<Bytes> {
+        let (status, body) = self.start(method, path, body).await?;
+        let body = Limited::new(body, MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| anyhow!("reading the response: {e}"))?
+            .to_bytes();
+        answer(status, body)
+    }
+
+    /// Sends a request; the answer's status and its body, unread.
+    async fn start<B: Serialize>(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<(StatusCode, hyper::body::Incoming)> {
         self.sender
             .ready()
             .await
@@ -270,27 +315,27 @@ impl Connection {
             .send_request(req)
             .await
             .context("request failed")?;
-        let status = resp.status();
-        let body = Limited::new(resp.into_body(), MAX_RESPONSE)
-            .collect()
-            .await
-            .map_err(|e| anyhow!("reading the response: {e}"))?
-            .to_bytes();
-        if !status.is_success() {
-            let body = serde_json::from_slice::<ErrorBody>(&body).unwrap_or_else(|_| ErrorBody {
-                code: status.as_str().into(),
-                error: format!(
-                    "{status}: {}",
-                    String::from_utf8_lossy(&body)
-                        .chars()
-                        .take(200)
-                        .collect::<String>()
-                ),
-            });
-            return Err(ApiError { status, body }.into());
-        }
-        Ok(body)
+        Ok((resp.status(), resp.into_body()))
     }
+}
+
+/// `body` when `status` is a success, else the error the server described
+/// in it.
+fn answer(status: StatusCode, body: Bytes) -> Result<Bytes> {
+    if !status.is_success() {
+        let body = serde_json::from_slice::<ErrorBody>(&body).unwrap_or_else(|_| ErrorBody {
+            code: status.as_str().into(),
+            error: format!(
+                "{status}: {}",
+                String::from_utf8_lossy(&body)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            ),
+        });
+        return Err(ApiError { status, body }.into());
+    }
+    Ok(body)
 }
 
 /// `f`, or an error naming the proxy when it takes over [`TIMEOUT`].

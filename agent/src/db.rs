@@ -16,11 +16,12 @@
 use crate::cli::{authenticated_client, Format};
 use crate::client::{certs_from_pem, split_proxy};
 use crate::profile::Profile;
+use crate::term::printable;
 use anyhow::{anyhow, bail, Context, Result};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
@@ -424,13 +425,13 @@ pub async fn ls(format: Format) -> Result<()> {
     let (_, _, client) = authenticated_client()?;
     let r: Resources = client.get("/v1/resources").await?;
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&r.databases)?),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&r.databases)?),
         Format::Text => {
-            println!("{:<20} {:<24} {:<24} DATABASES", "NAME", "LABELS", "USERS");
+            outln!("{:<20} {:<24} {:<24} DATABASES", "NAME", "LABELS", "USERS");
             for d in &r.databases {
                 let labels: Vec<String> =
                     d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                println!(
+                outln!(
                     "{:<20} {:<24} {:<24} {}",
                     d.name,
                     labels.join(","),
@@ -439,7 +440,7 @@ pub async fn ls(format: Format) -> Result<()> {
                 );
             }
             if r.databases.is_empty() {
-                println!("(no database reachable with your current roles)");
+                outln!("(no database reachable with your current roles)");
             }
         }
     }
@@ -515,17 +516,36 @@ pub async fn connect(
     let mut cmd = tokio::process::Command::new(
         std::env::var("WICKET_PSQL").unwrap_or_else(|_| "psql".into()),
     );
-    cmd.arg(conninfo).args(psql_args);
-    let status = cmd.status();
+    cmd.arg(conninfo).args(psql_args).kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .context("starting psql (is the PostgreSQL client installed?)")?;
     #[cfg(unix)]
-    let status = tokio::select! {
-        status = status => status,
-        _ = signals.0.recv() => bail!("stopped by SIGTERM"),
-        _ = signals.1.recv() => bail!("stopped by SIGHUP"),
+    let status = {
+        use rustix::process::Signal;
+        let stop = tokio::select! {
+            status = child.wait() => Ok(status?),
+            _ = signals.0.recv() => Err((Signal::TERM, 15)),
+            _ = signals.1.recv() => Err((Signal::HUP, 1)),
+        };
+        match stop {
+            Ok(status) => status,
+            Err((signal, number)) => {
+                // Passed on to psql, which puts the terminal back; killed
+                // if it has not ended in a moment.
+                let pid = child.id().and_then(|p| i32::try_from(p).ok());
+                if let Some(pid) = pid.and_then(rustix::process::Pid::from_raw) {
+                    let _ = rustix::process::kill_process(pid, signal);
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+                drop(child);
+                drop(dir);
+                std::process::exit(128 + number);
+            }
+        }
     };
     #[cfg(not(unix))]
-    let status = status.await;
-    let status = status.context("starting psql (is the PostgreSQL client installed?)")?;
+    let status = child.wait().await?;
     #[cfg(unix)]
     drop(dir);
     if !status.success() {
@@ -554,13 +574,13 @@ pub async fn proxy(resource: &str, port: u16, socket: bool, format: Format) -> R
             dir = Some(made);
             let port = PrivateDir::PORT;
             match format {
-                Format::Json => println!(
+                Format::Json => outln!(
                     "{}",
                     serde_json::json!({ "database": resource, "socket_dir": host, "port": port })
                 ),
                 Format::Text => {
-                    println!("Tunnel for database {resource} listening in {host} (port {port})");
-                    println!(
+                    outln!("Tunnel for database {resource} listening in {host} (port {port})");
+                    outln!(
                         "  psql \"host={} port={port} user={user} dbname=NAME sslmode=disable\"",
                         conninfo_value(&host)
                     );
@@ -576,13 +596,13 @@ pub async fn proxy(resource: &str, port: u16, socket: bool, format: Format) -> R
             .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
         let addr = listener.local_addr()?;
         match format {
-            Format::Json => println!(
+            Format::Json => outln!(
                 "{}",
                 serde_json::json!({ "database": resource, "listen": addr.to_string() })
             ),
             Format::Text => {
-                println!("Tunnel for database {resource} listening on {addr}");
-                println!(
+                outln!("Tunnel for database {resource} listening on {addr}");
+                outln!(
                     "  psql \"host=127.0.0.1 port={} user={user} dbname=NAME sslmode=disable\"",
                     addr.port(),
                 );
@@ -598,8 +618,7 @@ pub async fn proxy(resource: &str, port: u16, socket: bool, format: Format) -> R
         }
         Listener::Tcp(listener)
     };
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
+    crate::out::flush();
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -619,20 +638,6 @@ pub async fn proxy(resource: &str, port: u16, socket: bool, format: Format) -> R
         _ = tokio::signal::ctrl_c() => {},
     }
     Ok(())
-}
-
-/// `text` with control characters (other than newline and tab) escaped, so
-/// a statement cannot rewrite the auditor's terminal.
-fn printable(text: &str) -> String {
-    text.chars()
-        .map(|c| {
-            if c.is_control() && c != '\n' && c != '\t' {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
 }
 
 /// Prints a database session's statements with their timing.
@@ -728,7 +733,7 @@ pub fn print_db_session(
                     })
                 })
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            outln!("{}", serde_json::to_string_pretty(&out)?);
         }
         Format::Text => {
             let mut last = 0.0;
@@ -739,7 +744,7 @@ pub fn print_db_session(
                     ));
                 }
                 last = *offset;
-                println!("[{offset:>9.3}s] {}", printable(text));
+                outln!("[{offset:>9.3}s] {}", printable(text));
             }
         }
     }

@@ -8,6 +8,9 @@
 //! daemon's. It does not link the daemon or its database driver; the wire
 //! types come from `wicket-api`.
 
+#[macro_use]
+pub mod out;
+
 pub mod cli;
 pub mod client;
 pub mod db;

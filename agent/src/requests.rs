@@ -50,46 +50,59 @@ fn hm(secs: i64) -> String {
     }
 }
 
-/// Human-readable request.
+/// Prints a request for people, with what others wrote in it made safe
+/// for the terminal ([`crate::term::printable`]).
 pub fn print_grant(g: &Grant) {
-    println!("Request:      {}", g.id);
-    println!(
+    out!("{}", crate::term::printable(&grant_text(g)));
+}
+
+/// A request for people.
+fn grant_text(g: &Grant) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(o, "Request:      {}", g.id);
+    let _ = writeln!(
+        o,
         "Requester:    {} (standing roles: {})",
         g.requester,
         g.requester_normal_roles.join(", ")
     );
-    println!("Roles:        {}", g.requested_roles.join(", "));
+    let _ = writeln!(o, "Roles:        {}", g.requested_roles.join(", "));
     if !g.granted_roles.is_empty() && g.granted_roles != g.requested_roles {
-        println!("Granted:      {}", g.granted_roles.join(", "));
+        let _ = writeln!(o, "Granted:      {}", g.granted_roles.join(", "));
     }
-    println!(
+    let _ = writeln!(
+        o,
         "Status:       {}{}",
         g.status,
         if g.break_glass { " [BREAK-GLASS]" } else { "" }
     );
-    println!(
+    let _ = writeln!(
+        o,
         "Reason:       {}",
         g.justification.replace('\n', "\n              ")
     );
     if let Some(t) = &g.ticket_url {
-        println!("Ticket:       {t}");
+        let _ = writeln!(o, "Ticket:       {t}");
     }
-    println!("Urgency:      {}", g.urgency);
-    println!("Duration:     {}", hm(g.requested_duration_secs));
+    let _ = writeln!(o, "Urgency:      {}", g.urgency);
+    let _ = writeln!(o, "Duration:     {}", hm(g.requested_duration_secs));
     if let (Some(s), Some(e)) = (g.starts_at, g.expires_at) {
-        println!("Window:       {} to {}", s.to_rfc3339(), e.to_rfc3339());
+        let _ = writeln!(o, "Window:       {} to {}", s.to_rfc3339(), e.to_rfc3339());
     }
     if let Some(a) = &g.approved_by {
-        println!("Approved by:  {a}");
+        let _ = writeln!(o, "Approved by:  {a}");
     }
     if !g.granted_permissions.is_empty() {
-        println!(
+        let _ = writeln!(
+            o,
             "Grants:       {}",
             g.granted_permissions.join("\n              ")
         );
     }
     for r in &g.reviews {
-        println!(
+        let _ = writeln!(
+            o,
             "Review:       {} {} at {}: {} (as {})",
             r.reviewer,
             r.verdict,
@@ -99,27 +112,29 @@ pub fn print_grant(g: &Grant) {
         );
     }
     if !g.still_needed.is_empty() {
-        println!("Still needed: {}", g.still_needed.join("; "));
+        let _ = writeln!(o, "Still needed: {}", g.still_needed.join("; "));
     }
     if !g.can_review.is_empty() {
-        println!("Can review:   {}", g.can_review.join(", "));
+        let _ = writeln!(o, "Can review:   {}", g.can_review.join(", "));
     }
     if let Some(r) = &g.end_reason {
-        println!("Ended:        {r}");
+        let _ = writeln!(o, "Ended:        {r}");
     }
     if let (Some(by), false) = (&g.revoked_by, g.status == "revoked") {
         // Revoked after it ended, to end the sessions left draining.
-        println!(
+        let _ = writeln!(
+            o,
             "Revoked:      by {by} after it ended: {}",
             g.revoke_reason.as_deref().unwrap_or_default()
         );
     }
-    println!("Actions:      {}", g.actions_taken);
+    let _ = writeln!(o, "Actions:      {}", g.actions_taken);
+    o
 }
 
 fn output(g: &Grant, format: Format) -> Result<()> {
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(g)?),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(g)?),
         Format::Text => print_grant(g),
     }
     Ok(())
@@ -192,14 +207,18 @@ pub async fn run(cmd: Cmd) -> Result<()> {
             }
             let list: Vec<Grant> = client.get(&format!("/v1/requests?{}", q.join("&"))).await?;
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+                Format::Json => outln!("{}", serde_json::to_string_pretty(&list)?),
                 Format::Text => {
-                    println!(
+                    outln!(
                         "{:<36}  {:<10}  {:<10}  {:<20}  {:<20}  REASON",
-                        "ID", "STATE", "REQUESTER", "ROLES", "CREATED"
+                        "ID",
+                        "STATE",
+                        "REQUESTER",
+                        "ROLES",
+                        "CREATED"
                     );
                     for g in &list {
-                        println!(
+                        let line = format!(
                             "{:<36}  {:<10}  {:<10}  {:<20}  {:<20}  {}",
                             g.id,
                             g.status,
@@ -208,6 +227,7 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                             g.created_at.format("%Y-%m-%d %H:%M:%S"),
                             g.justification.lines().next().unwrap_or_default()
                         );
+                        outln!("{}", crate::term::printable(&line).replace('\t', " "));
                     }
                 }
             }
@@ -224,8 +244,8 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                 .post(&format!("/v1/requests/{id}/review"), &body)
                 .await?;
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&g)?),
-                Format::Text => println!("request {} is now {}", g.id, g.status),
+                Format::Json => outln!("{}", serde_json::to_string_pretty(&g)?),
+                Format::Text => outln!("request {} is now {}", g.id, g.status),
             }
             Ok(())
         }
@@ -242,13 +262,13 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                 return output(&g, format);
             }
             if action == "revoke" && g.status != "revoked" {
-                println!(
+                outln!(
                     "request {} had already ended ({}); the revoke ends any sessions still draining under it",
                     g.id, g.status
                 );
                 return Ok(());
             }
-            println!(
+            outln!(
                 "request {} is now {}{}",
                 g.id,
                 g.status,
@@ -272,7 +292,7 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                     .post(&format!("/v1/requests/{id}/drop"), &ActionBody::default())
                     .await?;
                 if format == Format::Text {
-                    println!("dropped request {} ({})", g.id, g.status);
+                    outln!("dropped request {} ({})", g.id, g.status);
                 }
             }
             let keep: Vec<String> = info

@@ -208,8 +208,8 @@ async fn write_ssh_config() -> Result<(PathBuf, String, ProfileInfo)> {
 pub async fn config(format: Format) -> Result<()> {
     let (path, text, info) = write_ssh_config().await?;
     match format {
-        Format::Text => print!("{text}"),
-        Format::Json => println!(
+        Format::Text => out!("{text}"),
+        Format::Json => outln!(
             "{}",
             serde_json::json!({
                 "cluster": info.cluster_name,
@@ -366,14 +366,18 @@ pub async fn recordings(cmd: RecordingsCommand) -> Result<()> {
     };
     let list: Vec<RecordingInfo> = client.get(&path).await?;
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&list)?),
         Format::Text => {
-            println!(
+            outln!(
                 "{:<36}  {:<20}  {:<10} {:<16} {:<8} REQUESTS",
-                "SESSION", "STARTED", "USER", "NODE", "LOGIN"
+                "SESSION",
+                "STARTED",
+                "USER",
+                "NODE",
+                "LOGIN"
             );
             for r in &list {
-                println!(
+                outln!(
                     "{:<36}  {:<20}  {:<10} {:<16} {:<8} {}",
                     r.session_id,
                     r.started.format("%Y-%m-%dT%H:%M:%SZ"),
@@ -391,6 +395,11 @@ pub async fn recordings(cmd: RecordingsCommand) -> Result<()> {
     }
     Ok(())
 }
+
+/// The largest recording `wicket play` loads. wicketd keeps up to
+/// `session.max_recording_bytes` of output (1 GiB by default), and the
+/// asciicast form escapes some of it.
+const MAX_RECORDING: usize = 3 << 30;
 
 /// One asciicast v2 event.
 #[derive(Debug, Clone, PartialEq)]
@@ -475,7 +484,10 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
         bail!("--speed must be a positive number");
     }
     let body = match client
-        .get_bytes(&format!("/v1/recordings/{}", query_escape(&args.session)))
+        .get_large(
+            &format!("/v1/recordings/{}", query_escape(&args.session)),
+            MAX_RECORDING,
+        )
         .await
     {
         Ok(b) => b,
@@ -505,6 +517,54 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
         }
         PlayFormat::Terminal => {
             let (_, events) = parse_cast(&text)?;
+            // Whatever ends the replay (its end, an error, Ctrl-C), the
+            // terminal is put back as it was.
+            let played = tokio::select! {
+                played = replay_terminal(&mut out, &events, args) => played,
+                _ = interrupted() => Ok(()),
+            };
+            out.write_all(crate::term::RESET.as_bytes())?;
+            out.flush()?;
+            played?;
+        }
+    }
+    out.flush()?;
+    Ok(true)
+}
+
+/// Resolves at Ctrl-C, SIGTERM or SIGHUP.
+async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(mut term), Ok(mut hup)) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+                _ = hup.recv() => {},
+            },
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Plays `events` to the terminal `out` in their time (see [`PlayArgs`]).
+async fn replay_terminal(
+    out: &mut impl Write,
+    events: &[CastEvent],
+    args: &PlayArgs,
+) -> Result<()> {
+    {
+        {
             let mut last = 0.0f64;
             let mut replay = crate::term::Replay::default();
             let utf8 = crate::term::utf8_terminal(|k| std::env::var(k).ok());
@@ -526,11 +586,9 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
                     out.write_all(crate::term::ascii_only(&safe).as_bytes())?;
                 }
             }
-            out.write_all(crate::term::RESET.as_bytes())?;
         }
     }
-    out.flush()?;
-    Ok(true)
+    Ok(())
 }
 
 #[cfg(test)]

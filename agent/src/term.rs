@@ -24,6 +24,24 @@ enum Token<'a> {
     Incomplete,
 }
 
+/// `text` safe to print to a terminal: control characters other than
+/// newline and tab (C0, DEL, C1: what starts escape sequences) and the
+/// Unicode bidirectional controls (which can reorder what a line shows)
+/// are written as `\u{..}`. For text that others wrote: statements,
+/// reasons, server messages.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if (c.is_control() && c != '\n' && c != '\t') || bidi {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn is_c1(c: char) -> bool {
     ('\u{80}'..='\u{9f}').contains(&c)
 }
@@ -258,6 +276,23 @@ impl Replay {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn printable_text_keeps_lines_and_escapes_controls() {
+        assert_eq!(printable("INC-1:\n\tdisk full é"), "INC-1:\n\tdisk full é");
+        assert_eq!(printable("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(printable("\u{9b}2J\r\u{7f}"), "\\u{9b}2J\\u{d}\\u{7f}");
+        assert_eq!(printable("x\u{202e}y\u{2066}"), "x\\u{202e}y\\u{2066}");
+    }
+
+    proptest! {
+        #[test]
+        fn printable_text_has_no_controls(text in any::<String>()) {
+            let p = printable(&text);
+            prop_assert!(p.chars().all(|c| !c.is_control() || c == '\n' || c == '\t'));
+            prop_assert!(!p.contains('\u{202e}'), "{:?}", p);
+        }
+    }
 
     /// A [`Replay`] of one whole output.
     fn terminal_safe(output: &str) -> String {

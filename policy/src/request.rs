@@ -271,6 +271,22 @@ pub struct Actor {
 
 /// Longest reason a request, review, update or revoke may give (bytes).
 pub const MAX_REASON_LEN: usize = 2000;
+
+/// Why `text`, written by one person for others to read (a reason, a
+/// ticket URL), is refused: control characters other than newline and tab
+/// (they start terminal escape sequences, which could redraw a reviewer's
+/// screen) and the Unicode bidirectional controls (which reorder what a
+/// line shows).
+pub fn unprintable(what: &str, text: &str) -> Option<String> {
+    let bad = text.chars().find(|&c| {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    })?;
+    Some(format!(
+        "the {what} contains the control character U+{:04X}; only printable text, newlines and tabs are allowed",
+        u32::from(bad)
+    ))
+}
 /// Longest a request's reason may grow with its updates (bytes): the
 /// request is read and written whole at each step.
 pub const MAX_REQUEST_REASON_LEN: usize = 8 * MAX_REASON_LEN;
@@ -680,11 +696,19 @@ impl<'a> Engine<'a> {
                 "the reason is longer than {MAX_REASON_LEN} characters"
             ));
         }
+        if let Some(why) = unprintable("reason", &reason) {
+            return invalid(why);
+        }
         match &new.ticket_url {
             Some(u)
-                if !(u.starts_with("https://") || u.starts_with("http://")) || u.len() > 2000 =>
+                if !(u.starts_with("https://") || u.starts_with("http://"))
+                    || u.len() > 2000
+                    || u.chars().any(char::is_whitespace)
+                    || unprintable("ticket URL", u).is_some() =>
             {
-                return invalid(format!("ticket URL {u:?} must be an http(s) URL"));
+                return invalid(format!(
+                    "ticket URL {u:?} must be an http(s) URL, without spaces or control characters"
+                ));
             }
             None if settings.require_ticket_url => {
                 return invalid("a ticket URL is required (--ticket)".into());
@@ -951,6 +975,9 @@ impl<'a> Engine<'a> {
                 return Err(RequestError::Invalid(format!(
                     "the reason is longer than {MAX_REASON_LEN} characters"
                 )));
+            }
+            if let Some(why) = unprintable("reason", reason) {
+                return Err(RequestError::Invalid(why));
             }
         }
         match event {

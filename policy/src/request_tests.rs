@@ -1195,6 +1195,64 @@ fn reviews_need_a_reason() {
     }
 }
 
+/// What one person writes for others to read cannot carry terminal escape
+/// sequences or bidirectional controls, wherever it is given.
+#[test]
+fn reasons_and_tickets_are_printable_text() {
+    let p = policy();
+    let with = |reason: &str, ticket: Option<&str>| NewRequest {
+        reason: reason.into(),
+        ticket_url: ticket.map(Into::into),
+        ..nr(&["dba"])
+    };
+    let m = invalid(create_as(
+        &p,
+        "alice",
+        with("INC-1\u{1b}[2A\rRoles: readonly", None),
+        t0(),
+    ));
+    assert!(m.contains("U+001B"), "{m}");
+    let m = invalid(create_as(
+        &p,
+        "alice",
+        with("INC-1 \u{202e}evil", None),
+        t0(),
+    ));
+    assert!(m.contains("U+202E"), "{m}");
+    let m = invalid(create_as(
+        &p,
+        "alice",
+        with("INC-1", Some("https://t.example/1\u{9b}2J")),
+        t0(),
+    ));
+    assert!(m.contains("ticket URL"), "{m}");
+    let m = invalid(create_as(
+        &p,
+        "alice",
+        with("INC-1", Some("https://t.example/1 x")),
+        t0(),
+    ));
+    assert!(m.contains("without spaces"), "{m}");
+    // Newlines and tabs are text.
+    let req = alice_requests(
+        &p,
+        with("INC-1\n\tsee the ticket", Some("https://t.example/1")),
+        t0(),
+    );
+    let ev = Event::Review {
+        by: actor("erin"),
+        verdict: Verdict::Approve,
+        reason: "ok\u{7}".into(),
+        roles: None,
+        duration: None,
+        start_at: None,
+    };
+    assert!(invalid(apply(&p, &req, ev, t0())).contains("U+0007"));
+    let (active, _) = apply(&p, &req, approve("erin"), t0()).unwrap();
+    let m = invalid(apply(&p, &active, revoke("frank", "done\u{85}"), t0()));
+    assert!(m.contains("U+0085"), "{m}");
+}
+
 /// A reason is bounded wherever it is given, and a request's reason with
 /// its updates too (the request is read and written whole at each step).
 #[test]

@@ -136,6 +136,34 @@ fn prod_ssh_needs_oncall_and_team_lead_then_certificates_match_the_grant() {
         &["request", "review", &id, "--approve", "--reason", "me"],
     );
     assert!(e.contains("own requests"), "{e}");
+    // What one person writes for another to read is text: an escape
+    // sequence that would redraw the reviewer's terminal is refused, and
+    // the refusal itself reaches the terminal escaped.
+    let e = t.fails(
+        "alice",
+        &[
+            "request",
+            "create",
+            "--roles",
+            "prod-ssh",
+            "--reason",
+            "INC-1\u{1b}[2A\rRoles: readonly",
+        ],
+    );
+    assert!(e.contains("control character U+001B"), "{e}");
+    assert!(!e.contains('\u{1b}'), "{e:?}");
+    let e = t.fails(
+        "dave",
+        &[
+            "request",
+            "review",
+            &id,
+            "--approve",
+            "--reason",
+            "ok\u{9b}2J",
+        ],
+    );
+    assert!(e.contains("U+009B") && !e.contains('\u{9b}'), "{e:?}");
     // A request carol may not review is not hers to see either: she
     // learns nothing of it (not its roles, nor its state), whatever she
     // tries with its ID.
