@@ -365,12 +365,27 @@ async fn run(command: Command) -> Result<()> {
             password_stdin,
             request_ids,
             format,
-        } => match (proxy, user) {
-            (Some(proxy), Some(user)) if request_ids.is_empty() => {
-                login(&proxy, &user, ca_pin, insecure, otp, password_stdin, format).await
+        } => {
+            if let (Some(proxy), Some(user)) = (&proxy, &user) {
+                let shown = request_ids.is_empty().then_some(format);
+                // With --request-id too (as `tsh login --request-id`): a
+                // password login first, unless the current profile is that
+                // user's at that proxy and still valid.
+                let current = authenticated_client()
+                    .is_ok_and(|(_, info, _)| info.proxy == *proxy && info.user == *user);
+                if shown.is_some() || !current {
+                    let password = Password {
+                        otp,
+                        stdin: password_stdin,
+                    };
+                    login(proxy, user, ca_pin, insecure, password, shown).await?;
+                }
+                if request_ids.is_empty() {
+                    return Ok(());
+                }
             }
-            _ => login_with_requests(&request_ids, format).await,
-        },
+            login_with_requests(&request_ids, format).await
+        }
         Command::Request(cmd) => crate::requests::run(cmd_to(cmd)).await,
         Command::BreakGlass {
             roles,
@@ -512,15 +527,26 @@ pub fn save_login(proxy: &str, new_keys: &keys::NewKeys, certs: &Certificates) -
 }
 
 #[allow(clippy::too_many_arguments)]
+/// How `wicket login` gets the user's password and one-time code.
+struct Password {
+    otp: Option<String>,
+    stdin: bool,
+}
+
+/// A password login; its result printed in `format` (not at all with
+/// `None`).
 async fn login(
     proxy: &str,
     user: &str,
     ca_pin: Option<String>,
     insecure: bool,
-    otp: Option<String>,
-    password_stdin: bool,
-    format: Format,
+    password: Password,
+    format: Option<Format>,
 ) -> Result<()> {
+    let Password {
+        otp,
+        stdin: password_stdin,
+    } = password;
     let home = profile::home()?;
     let existing = Profile::path(&home, proxy, user);
     let trust = match (&ca_pin, insecure) {
@@ -563,7 +589,10 @@ async fn login(
         }
     }
     let p = save_login(proxy, &new_keys, &certs)?;
-    print_login(&p, &certs, format)
+    match format {
+        Some(format) => print_login(&p, &certs, format),
+        None => Ok(()),
+    }
 }
 
 fn print_login(p: &Profile, certs: &Certificates, format: Format) -> Result<()> {
@@ -863,22 +892,38 @@ async fn audit_search(filter: &[(&str, Option<String>)], limit: u32, format: For
 /// client certificate authenticates.
 pub async fn login_with_requests(request_ids: &[String], format: Format) -> Result<()> {
     let (_, info, client) = authenticated_client()?;
-    let mut ids: Vec<String> = Vec::new();
-    for id in &info.request_ids {
-        let g: wicket_api::Grant = match client.get(&format!("/v1/requests/{id}")).await {
-            Ok(g) => g,
-            Err(_) => continue,
-        };
-        if g.status == "active" && !ids.contains(id) {
-            ids.push(id.clone());
-        }
-    }
+    let mut ids = active_held(&client, &info.request_ids).await?;
     for id in request_ids {
         if !ids.contains(id) {
             ids.push(id.clone());
         }
     }
     reissue(&info.proxy, &info.user, &client, ids, format).await
+}
+
+/// Which of the grants `held` (those in the current certificates) are
+/// still active: the ones a re-issue can carry on. One that ended (or that
+/// the server no longer shows) is left out; any other error (wicketd
+/// unreachable, say) is returned, so that a live grant is never dropped
+/// from the certificates by accident.
+pub async fn active_held(client: &Client, held: &[String]) -> Result<Vec<String>> {
+    let mut ids: Vec<String> = Vec::new();
+    for id in held {
+        let g: wicket_api::Grant = match client
+            .get(&format!("/v1/requests/{}", query_escape(id)))
+            .await
+        {
+            Ok(g) => g,
+            Err(e) => match e.downcast_ref::<ApiError>() {
+                Some(api) if api.status == hyper::StatusCode::NOT_FOUND => continue,
+                _ => return Err(e.context(format!("checking access request {id}"))),
+            },
+        };
+        if g.status == "active" && !ids.contains(id) {
+            ids.push(id.clone());
+        }
+    }
+    Ok(ids)
 }
 
 /// New keys and certificates carrying exactly `ids`.

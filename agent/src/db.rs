@@ -31,6 +31,8 @@ use wicket_api::{DatabaseInfo, Resources};
 /// Startup parameter naming the database resource (see wicketd's proxy).
 const RESOURCE_PARAM: &str = "wicket_database";
 const MAX_STARTUP: usize = 10_000;
+/// How long reaching wicketd (TCP, SSLRequest, TLS) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where a tunnel listens.
 pub enum Listener {
@@ -294,7 +296,16 @@ impl Tunnel {
                 Startup::Cancel { pid, secret } => break pg::cancel_request(pid, secret).to_vec(),
             }
         };
-        let mut remote = match self.connect().await {
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
+            .await
+            .unwrap_or_else(|_| {
+                Err(anyhow!(
+                    "wicketd at {} did not answer within {}s",
+                    self.proxy_addr,
+                    CONNECT_TIMEOUT.as_secs()
+                ))
+            });
+        let mut remote = match connected {
             Ok(r) => r,
             Err(e) => {
                 let msg = pg::error_response("FATAL", "08006", &format!("wicket: {e:#}"));

@@ -280,12 +280,15 @@ pub async fn run(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::Drop { id, format } => {
+            // Only live grants are dropped, and carried on (one revoked or
+            // ended meanwhile needs neither).
+            let held = crate::cli::active_held(&client, &info.request_ids).await?;
             let to_drop: Vec<String> = match id {
                 Some(id) => vec![id],
-                None => info.request_ids.clone(),
+                None => held.clone(),
             };
             if to_drop.is_empty() {
-                bail!("you hold no access requests in your current certificates");
+                bail!("you hold no active access requests in your current certificates");
             }
             for id in &to_drop {
                 let g: Grant = client
@@ -295,12 +298,7 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                     outln!("dropped request {} ({})", g.id, g.status);
                 }
             }
-            let keep: Vec<String> = info
-                .request_ids
-                .iter()
-                .filter(|r| !to_drop.contains(r))
-                .cloned()
-                .collect();
+            let keep: Vec<String> = held.into_iter().filter(|r| !to_drop.contains(r)).collect();
             reissue(&info.proxy, &info.user, &client, keep, format).await
         }
     }
@@ -314,6 +312,10 @@ pub async fn break_glass(
     format: Format,
 ) -> Result<()> {
     let (_, info, client) = authenticated_client()?;
+    // The grants held that are still live, carried on with the new one (an
+    // ended one would make the server refuse the whole re-issue); asked
+    // first, so that nothing stands between the grant and its certificate.
+    let mut ids = crate::cli::active_held(&client, &info.request_ids).await?;
     let g: Grant = client
         .post(
             "/v1/break-glass",
@@ -330,7 +332,6 @@ pub async fn break_glass(
         g.id,
         g.expires_at.map(|e| e.to_rfc3339()).unwrap_or_default()
     );
-    let mut ids = info.request_ids.clone();
     ids.push(g.id.clone());
     reissue(&info.proxy, &info.user, &client, ids, format).await
 }

@@ -302,13 +302,32 @@ pub async fn proxy_ssh(
             ssh_proxy_addr(&p, &info, false).await?
         }
     };
-    let sock = addr
+    // Every address the name has, in order, as ssh itself tries them
+    // (`localhost` is often ::1 first while the proxy listens on 127.0.0.1).
+    let socks: Vec<std::net::SocketAddr> = addr
         .to_socket_addrs()
         .with_context(|| format!("resolving {addr}"))?
-        .next()
-        .ok_or_else(|| anyhow!("{addr} resolves to nothing"))?;
-    let mut tcp = TcpStream::connect_timeout(&sock, Duration::from_secs(10))
-        .with_context(|| format!("cannot connect to the SSH proxy at {addr}"))?;
+        .collect();
+    let mut failures = Vec::new();
+    let mut connected = None;
+    for sock in &socks {
+        match TcpStream::connect_timeout(sock, Duration::from_secs(10)) {
+            Ok(tcp) => {
+                connected = Some(tcp);
+                break;
+            }
+            Err(e) => failures.push(format!("{sock}: {e}")),
+        }
+    }
+    let Some(mut tcp) = connected else {
+        if failures.is_empty() {
+            bail!("{addr} resolves to nothing");
+        }
+        bail!(
+            "cannot connect to the SSH proxy at {addr} ({})",
+            failures.join("; ")
+        );
+    };
     let _ = tcp.set_nodelay(true);
     tcp.write_all(format!("{ROUTE_PREFIX}{host} {port}\n").as_bytes())?;
     let mut up = tcp.try_clone()?;

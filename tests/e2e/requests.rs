@@ -949,3 +949,96 @@ fn audit_search_by_type_and_time_and_verify_finds_a_changed_event() {
     );
     assert!(out.stderr.contains("tampered with"), "{}", out.stderr);
 }
+
+/// A grant in the certificates that has ended meanwhile (revoked, say)
+/// neither blocks dropping the others nor is carried into new
+/// certificates: `wicket request drop` with no ID drops the live ones and
+/// logs back in without any.
+#[test]
+fn dropping_grants_passes_over_one_revoked_meanwhile() {
+    let t = Team::start(config("1h", "30m"));
+    let revoked = t.create(
+        "alice",
+        &[
+            "--roles",
+            "dev-admin",
+            "--reason",
+            "fix dev box",
+            "--duration",
+            "1h",
+        ],
+    );
+    let revoked = revoked["id"].as_str().unwrap().to_owned();
+    let live = t.create(
+        "alice",
+        &["--roles", "dba", "--reason", "INC-9", "--duration", "1h"],
+    );
+    let live = live["id"].as_str().unwrap().to_owned();
+    t.cli("dave")
+        .ok(&["request", "review", &live, "--approve", "--reason", "ok"])
+        .unwrap();
+    t.cli("alice")
+        .ok(&["login", "--request-id", &revoked, "--request-id", &live])
+        .unwrap();
+    let st = t.cli("alice").status().unwrap();
+    assert_eq!(st["request_ids"].as_array().unwrap().len(), 2, "{st}");
+    t.cli("frank")
+        .ok(&["request", "revoke", &revoked, "--reason", "not needed"])
+        .unwrap();
+    // On a new machine, one step (as `tsh login --request-id`): the
+    // password login, then the grant.
+    let laptop = WicketCli::new().unwrap();
+    let out = laptop
+        .login(
+            &t.d,
+            "alice",
+            PW,
+            &["--request-id", &live, "--format", "json"],
+        )
+        .unwrap();
+    assert!(out.ok, "{}", out.stderr);
+    let printed: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        printed["request_ids"],
+        serde_json::json!([live]),
+        "{printed}"
+    );
+    assert_eq!(
+        laptop.status().unwrap()["request_ids"],
+        serde_json::json!([live])
+    );
+
+    let out = t.cli("alice").ok(&["request", "drop"]).unwrap();
+    assert!(
+        out.stdout.contains(&format!("dropped request {live}")) && !out.stdout.contains(&revoked),
+        "{}",
+        out.stdout
+    );
+    let st = t.cli("alice").status().unwrap();
+    assert_eq!(st["request_ids"], serde_json::json!([]), "{st}");
+    assert_eq!(t.show("alice", &live)["status"], "expired");
+    assert_eq!(t.show("alice", &revoked)["status"], "revoked");
+    // Nothing held: said so.
+    let e = t.fails("alice", &["request", "drop"]);
+    assert!(e.contains("no active access requests"), "{e}");
+
+    // A reader that goes away (`wicket request ls | head -1`) ends the
+    // listing quietly, as for other Unix tools.
+    let mut ls = t
+        .cli("alice")
+        .cmd()
+        .unwrap()
+        .args(["request", "ls", "--mine"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(ls.stdout.take());
+    let out = ls.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.is_empty(),
+        "{:?}: {err}",
+        out.status
+    );
+}
