@@ -281,7 +281,16 @@ impl Connection {
         let body = Limited::new(body, MAX_RESPONSE)
             .collect()
             .await
-            .map_err(|e| anyhow!("reading the response: {e}"))?
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    anyhow!(
+                        "the answer is larger than {} MiB; ask for less (a lower --limit, say)",
+                        MAX_RESPONSE >> 20
+                    )
+                } else {
+                    anyhow!("reading the response: {e}")
+                }
+            })?
             .to_bytes();
         answer(status, body)
     }

@@ -1178,6 +1178,33 @@ fn with_ledger() -> (Setup, Tunnel) {
     (s, t)
 }
 
+/// A client may pipeline more statement text than the proxy holds
+/// unanswered (32 MiB) before its Sync. The server keeps its few short
+/// answers until that Sync, which the proxy has not read yet: the proxy
+/// asks for them with a Flush of its own instead of waiting forever.
+#[test]
+fn a_pipeline_past_what_the_proxy_holds_still_gets_its_answers() {
+    let (s, t) = with_ledger();
+    let mut f = RawFrontend::connect(&t);
+    let text = format!("SELECT 1 -- {}", "x".repeat(60 * 1024));
+    let parses = 600;
+    let mut batch = Vec::new();
+    for _ in 0..parses {
+        batch.extend_from_slice(&RawFrontend::parse("", &text));
+    }
+    batch.extend_from_slice(&RawFrontend::sync());
+    let mut writer = f.tcp.try_clone().unwrap();
+    let sender = std::thread::spawn(move || writer.write_all(&batch));
+    let tags = f.until_ready(1);
+    sender.join().unwrap().unwrap();
+    assert_eq!(tags.len(), parses + 1);
+    assert!(tags[..parses].iter().all(|&t| t == b'1'), "{tags:?}");
+    // The session goes on.
+    f.tcp.write_all(&RawFrontend::query("SELECT 2")).unwrap();
+    assert_eq!(String::from_utf8_lossy(&f.until_ready(1)), "TDCZ");
+    drop(s);
+}
+
 /// PostgreSQL tells statements and portals apart by their first 63 bytes.
 /// Two longer names that begin alike would be one object to the server and
 /// two to the audit, which could then log one's text for the other's run:

@@ -1494,9 +1494,21 @@ where
             let _ = wr.shutdown().await;
             return End::ClientClosed;
         }
-        // Too much unanswered: wait for the server before reading more.
-        while tracking.lock().is_full() {
-            tracking.drained.notified().await;
+        // Too much unanswered: wait for the server before reading more. It
+        // may hold its answers back until a Sync or Flush that the client
+        // has sent but this side has not read: a Flush of our own (between
+        // two messages; it has no answer, and COPY ignores it) makes the
+        // server send them. Mid-message, the rest of it is read first.
+        if tracking.lock().is_full() && framer.at_boundary() {
+            if let Err(e) = wr.write_all(&FLUSH).await {
+                return End::Io(e.to_string());
+            }
+            if let Err(e) = wr.flush().await {
+                return End::Io(e.to_string());
+            }
+            while tracking.lock().is_full() {
+                tracking.drained.notified().await;
+            }
         }
         match rd.read(&mut tmp).await {
             Ok(0) => {
@@ -1511,6 +1523,9 @@ where
         }
     }
 }
+
+/// A Flush message: the server sends what it holds; no answer of its own.
+const FLUSH: [u8; 5] = [b'H', 0, 0, 0, 4];
 
 /// Why a session whose answers the tracker lost ends.
 fn lost_track(e: &super::track::Desync) -> String {
