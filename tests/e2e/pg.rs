@@ -1202,7 +1202,39 @@ fn a_pipeline_past_what_the_proxy_holds_still_gets_its_answers() {
     // The session goes on.
     f.tcp.write_all(&RawFrontend::query("SELECT 2")).unwrap();
     assert_eq!(String::from_utf8_lossy(&f.until_ready(1)), "TDCZ");
-    drop(s);
+    // Nothing after a Terminate reaches the server, nor the record.
+    f.tcp
+        .write_all(
+            &[
+                RawFrontend::query("SELECT 3"),
+                RawFrontend::terminate(),
+                RawFrontend::query("INSERT INTO ledger VALUES (77)"),
+            ]
+            .concat(),
+        )
+        .unwrap();
+    f.read_until(|_| false);
+    let session = wait_until("SELECT 2 on the record", Duration::from_secs(10), || {
+        s.events(&s.alice, &["--user", "alice", "--kind", "db_query"])
+            .iter()
+            .find(|e| e["data"]["statement"] == "SELECT 2")
+            .map(|e| e["session_id"].as_str().unwrap().to_owned())
+    })
+    .unwrap();
+    wait_until("the session's end", Duration::from_secs(10), || {
+        let ended = s.events(
+            &s.alice,
+            &["--session", &session, "--kind", "session_ended"],
+        );
+        (!ended.is_empty()).then_some(())
+    })
+    .unwrap();
+    let queries: Vec<Value> = s
+        .events(&s.alice, &["--session", &session, "--kind", "db_query"])
+        .iter()
+        .map(|e| e["data"]["statement"].clone())
+        .collect();
+    assert_eq!(queries, ["SELECT 2", "SELECT 3"]);
 }
 
 /// PostgreSQL tells statements and portals apart by their first 63 bytes.

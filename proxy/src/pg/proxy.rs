@@ -1444,6 +1444,11 @@ where
                         }
                     }
                     at += len;
+                    // The server reads nothing after a Terminate: neither
+                    // is anything after it forwarded or audited.
+                    if terminated {
+                        break;
+                    }
                 }
                 Ok(Next::More) => break,
                 Ok(Next::Oversized(..)) => {

@@ -514,17 +514,21 @@ impl Tracker {
     /// protocol: `PREPARE`, `DEALLOCATE` and `DISCARD` change the named
     /// statements; SQL cursors are portals, so `CLOSE` closes a protocol
     /// portal and `DISCARD ALL` every one; a transaction's end drops its
-    /// portals even when another begins at once (`COMMIT AND CHAIN`), and
-    /// `ROLLBACK TO SAVEPOINT` those made since the savepoint; a `DO` block
-    /// may do any of it through dynamic SQL. The tracker does not parse
+    /// portals even when another begins at once (`COMMIT AND CHAIN`,
+    /// `PREPARE TRANSACTION`), and `ROLLBACK TO SAVEPOINT` those made since
+    /// the savepoint; a `DO` block or a procedure (`CALL`) may do any of it
+    /// through dynamic SQL. The tracker does not parse
     /// SQL, so it forgets what such a command may have changed: an Execute
     /// of it is then audited as unknown, never as the text it had before.
     pub fn completed(&mut self, command_tag: &str) {
         let word = command_tag.split(' ').next().unwrap_or_default();
         let (statements, portals) = match word {
+            // `PREPARE TRANSACTION` ends the transaction.
+            "PREPARE" if command_tag == "PREPARE TRANSACTION" => (false, true),
             "PREPARE" | "DEALLOCATE" => (true, false),
             "CLOSE" | "COMMIT" | "ROLLBACK" | "RELEASE" => (false, true),
-            "DISCARD" | "DO" => (true, true),
+            // A procedure, like a `DO` block, may run any SQL, and commit.
+            "DISCARD" | "DO" | "CALL" => (true, true),
             _ => (false, false),
         };
         // The unnamed statement has no SQL name; the unnamed portal goes
@@ -1179,7 +1183,11 @@ mod tests {
             "ROLLBACK",
             "COMMIT",
             "RELEASE",
+            "PREPARE TRANSACTION",
+            "CALL",
         ] {
+            // Which also make the named statements unknown.
+            let all = tag.starts_with('D') || tag == "CALL";
             let mut t = Tracker::new(100);
             bound(&mut t);
             // Query("CLOSE p; DECLARE p CURSOR FOR SELECT f()"), say.
@@ -1191,22 +1199,14 @@ mod tests {
             t.received(b'Z', b'T').unwrap();
             let ran = run(&mut t, "p");
             assert!(ran.contains("not known to wicket"), "{tag}: {ran}");
-            assert_eq!(
-                t.statements.get("s1").is_some(),
-                !tag.starts_with('D'),
-                "{tag}"
-            );
+            assert_eq!(t.statements.get("s1").is_some(), !all, "{tag}");
             // Binding again makes it known again.
             bind(&mut t, "p", "s1");
             t.sent(Sent::Sync).unwrap();
             answer(&mut t, b"2");
             t.received(b'Z', b'T').unwrap();
             let again = run(&mut t, "p");
-            assert_eq!(
-                again.contains("not known"),
-                tag.starts_with('D'),
-                "{tag}: {again}"
-            );
+            assert_eq!(again.contains("not known"), all, "{tag}: {again}");
         }
         // Declaring, fetching and plain statements change nothing bound.
         let mut t = Tracker::new(100);
