@@ -488,6 +488,53 @@ fn revoke_cuts_a_running_psql(s: &Setup, t: &Tunnel, id: &str) {
     );
 }
 
+/// A revoke ends a session in the middle of streaming results (COPY TO
+/// STDOUT, 200 kB messages: a read rarely ends between two) at the next
+/// message boundary, with
+/// the FATAL naming the request, as it ends an idle one.
+#[test]
+fn a_revoke_ends_a_streaming_copy_with_the_reason() {
+    let s = Setup::start("");
+    let grant = s.grant_dba("30m");
+    let id = grant["id"].as_str().unwrap().to_owned();
+    let t = s.tunnel();
+    let copy = "COPY (select repeat('x', 200000) from generate_series(1, 2000000000)) TO STDOUT";
+    let child = t
+        .psql("app")
+        .args(["-c", copy])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the COPY to stream", Duration::from_secs(10), || {
+        let active =
+            s.pg.psql(
+                "postgres",
+                "select count(*) from pg_stat_activity where query like 'COPY (select repeat%' \
+                 and state = 'active'",
+            )
+            .unwrap();
+        (active.trim() == "1").then_some(())
+    })
+    .unwrap();
+    s.frank
+        .ok(&["request", "revoke", &id, "--reason", "INC-8 closed"])
+        .unwrap();
+    let ended_at = Instant::now();
+    let (err, exited) = wait_exit(child, Duration::from_secs(5));
+    assert!(
+        exited.duration_since(ended_at) <= Duration::from_secs(1),
+        "cut after {:?}",
+        exited.duration_since(ended_at)
+    );
+    assert!(
+        err.contains("FATAL")
+            && err.contains(&id)
+            && err.contains("revoked by frank: INC-8 closed"),
+        "{err}"
+    );
+}
+
 /// A session under standing roles ends with the certificate it was opened
 /// with (here the login's, `login_ttl: 10s`), as a grant's session ends
 /// with the grant: psql gets a FATAL saying so.

@@ -1804,6 +1804,11 @@ where
                 Err(e) => return End::Io(format!("server: {e}")),
             }
             *fed = at;
+            // Ending: no further than the first boundary, where the
+            // goodbye can follow, however the reads fall.
+            if ending.is_some() && framer.at_boundary() {
+                break;
+            }
         }
         state
             .bytes_out
