@@ -417,21 +417,56 @@ impl AuditSink {
         let row = Queued::Event(Box::new(event), now_ms);
         match self.overflow {
             AuditOverflow::Block => self.tx.send(row).await.is_ok(),
-            AuditOverflow::DropAndCount => match self.tx.try_send(row) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    session_dropped.fetch_add(1, Ordering::Relaxed);
-                    let total = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                    if total.is_power_of_two() {
-                        tracing::warn!(
+            AuditOverflow::DropAndCount => self.offer(row, session_dropped),
+        }
+    }
+
+    /// Queues the events of `pending` (each with its time), oldest first.
+    /// Cancel-safe: an event leaves `pending` only once it is queued (or
+    /// dropped and counted), so a caller that stops waiting (its session
+    /// ended meanwhile) still holds the rest, to queue them later.
+    pub async fn send_pending(
+        &self,
+        pending: &mut std::collections::VecDeque<(AuditEvent, i64)>,
+        session_dropped: &AtomicU64,
+    ) {
+        while !pending.is_empty() {
+            match self.overflow {
+                AuditOverflow::Block => {
+                    let Ok(permit) = self.tx.reserve().await else {
+                        tracing::error!(lost = pending.len(), "audit writer is gone; events lost");
+                        pending.clear();
+                        return;
+                    };
+                    if let Some((event, at)) = pending.pop_front() {
+                        permit.send(Queued::Event(Box::new(event), at));
+                    }
+                }
+                AuditOverflow::DropAndCount => {
+                    if let Some((event, at)) = pending.pop_front() {
+                        self.offer(Queued::Event(Box::new(event), at), session_dropped);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `drop-and-count`: queues `row` if there is room, else counts it.
+    fn offer(&self, row: Queued, session_dropped: &AtomicU64) -> bool {
+        match self.tx.try_send(row) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                session_dropped.fetch_add(1, Ordering::Relaxed);
+                let total = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if total.is_power_of_two() {
+                    tracing::warn!(
                             dropped_total = total,
                             "audit queue full: session events dropped (audit.on_overflow: drop-and-count)"
                         );
-                    }
-                    false
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            },
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 
@@ -643,5 +678,64 @@ mod tests {
             statements, expected,
             "same-millisecond events keep their order"
         );
+    }
+}
+
+#[cfg(test)]
+mod pending_tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    fn db_query(n: usize) -> AuditEvent {
+        AuditEvent::DbQuery {
+            session: Arc::new(SessionRef {
+                session_id: "s1".into(),
+                user: "alice".into(),
+                protocol: "postgres".into(),
+                resource: "prod-pg".into(),
+                login: "app".into(),
+                request_ids: vec![],
+            }),
+            statement: format!("select {n}").into(),
+        }
+    }
+
+    fn statement(q: Option<Queued>) -> String {
+        match q {
+            Some(Queued::Event(e, _)) => match *e {
+                AuditEvent::DbQuery { statement, .. } => statement.to_string(),
+                _ => "other".into(),
+            },
+            _ => "none".into(),
+        }
+    }
+
+    /// A session side that stops waiting for room in a full queue (`block`)
+    /// keeps every event not queued yet, in order, for the relay to queue
+    /// later: none is lost by the cancellation.
+    #[tokio::test]
+    async fn pending_events_survive_a_cancelled_wait() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let sink = AuditSink {
+            tx,
+            overflow: AuditOverflow::Block,
+            dropped: Arc::default(),
+        };
+        let dropped = AtomicU64::new(0);
+        let mut pending: VecDeque<(AuditEvent, i64)> = (0..3).map(|n| (db_query(n), 0)).collect();
+        let wait = std::time::Duration::from_millis(50);
+        // Room for one: it is queued, then the wait for more is cancelled.
+        let _ = tokio::time::timeout(wait, sink.send_pending(&mut pending, &dropped)).await;
+        assert_eq!(pending.len(), 2);
+        let _ = tokio::time::timeout(wait, sink.send_pending(&mut pending, &dropped)).await;
+        assert_eq!(pending.len(), 2, "nothing taken while the queue is full");
+        assert_eq!(statement(rx.recv().await), "select 0");
+        let _ = tokio::time::timeout(wait, sink.send_pending(&mut pending, &dropped)).await;
+        assert_eq!(pending.len(), 1);
+        assert_eq!(statement(rx.recv().await), "select 1");
+        sink.send_pending(&mut pending, &dropped).await;
+        assert!(pending.is_empty());
+        assert_eq!(statement(rx.recv().await), "select 2");
+        assert_eq!(dropped.load(Ordering::Relaxed), 0);
     }
 }

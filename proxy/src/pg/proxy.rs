@@ -25,7 +25,7 @@ use crate::tls;
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls::pki_types::ServerName;
 use rustls::RootCertStore;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -801,6 +801,8 @@ impl PgProxy {
         // and feeds nothing to the tracker twice when the drain goes on.
         let mut answers = Answers::new();
         let mut fed = 0;
+        // The client side's events not queued yet, likewise.
+        let mut unaudited = VecDeque::new();
         let end = {
             let c2s = client_to_server(
                 &mut crd,
@@ -810,6 +812,7 @@ impl PgProxy {
                 state,
                 &self.wicket,
                 &tracking,
+                &mut unaudited,
             );
             let s2c = server_to_client(
                 ServerSide {
@@ -844,6 +847,10 @@ impl PgProxy {
         // (and dropped) so that the record says what ran, not what would
         // have if everything succeeded; the server closes once it has read
         // the end of the client's stream.
+        self.wicket
+            .audit_sink
+            .send_pending(&mut unaudited, &state.dropped)
+            .await;
         audit_answers(&mut answers, state, &self.wicket).await;
         if matches!(end, End::ClientClosed) && tracking.lock().awaiting() {
             let sent = state.bytes_out.load(Ordering::Relaxed);
@@ -1413,6 +1420,7 @@ async fn client_to_server<R, W>(
     state: &SessionState,
     wicket: &Wicket,
     tracking: &Tracking,
+    unaudited: &mut VecDeque<(AuditEvent, i64)>,
 ) -> End
 where
     R: AsyncRead + Unpin,
@@ -1478,6 +1486,22 @@ where
             }
             t.take_skipped()
         };
+        // The events of what is about to be sent, kept by the relay until
+        // queued: should this side be dropped before that (the session
+        // ended meanwhile), the relay queues the rest.
+        let now_ms = clock::now().timestamp_millis();
+        for (f, text) in parsed.drain(..) {
+            if let Some(event) = frontend_event(f, text, state) {
+                unaudited.push_back((event, now_ms));
+            }
+        }
+        for statement in skipped {
+            let event = AuditEvent::DbSkipped {
+                session: state.sref.clone(),
+                statement,
+            };
+            unaudited.push_back((event, now_ms));
+        }
         // Forward first: auditing is off the query's path.
         if at > 0 {
             if let Err(e) = wr.write_all(&buf[..at]).await {
@@ -1488,10 +1512,10 @@ where
             }
             buf.drain(..at);
         }
-        for (f, text) in parsed.drain(..) {
-            audit_frontend(f, text, state, wicket).await;
-        }
-        audit_skipped(skipped, state, wicket).await;
+        wicket
+            .audit_sink
+            .send_pending(unaudited, &state.dropped)
+            .await;
         if let Some(v) = violation {
             return End::Protocol(v);
         }
@@ -1573,75 +1597,45 @@ fn tracked(f: &Frontend, with_values: bool) -> Option<Sent> {
     })
 }
 
-/// Audits what the client sent: queries, Parse and function calls as sent
-/// (`text`: a query's text or a call's name, as the tracker holds it). (An Execute is
-/// audited when the server answers it; see [`super::track`].)
-async fn audit_frontend(
-    f: Frontend,
-    text: Option<Arc<str>>,
-    state: &SessionState,
-    wicket: &Wicket,
-) {
-    let sref = || state.sref.clone();
-    match f {
+/// The audit event of what the client sent, if it has one: queries, Parse
+/// and function calls, as sent (`text`: a query's text or a call's name, as
+/// the tracker holds it). (An Execute is audited when the server answers
+/// it; see [`super::track`].)
+fn frontend_event(f: Frontend, text: Option<Arc<str>>, state: &SessionState) -> Option<AuditEvent> {
+    let session = state.sref.clone();
+    Some(match f {
         Frontend::Query(q) => {
             let q: Arc<str> = text.unwrap_or_else(|| q.into());
             state.statements.fetch_add(1, Ordering::Relaxed);
             *lock(&state.last_statement) = q.clone();
-            state
-                .audit(
-                    wicket,
-                    AuditEvent::DbQuery {
-                        session: sref(),
-                        statement: q,
-                    },
-                )
-                .await;
+            AuditEvent::DbQuery {
+                session,
+                statement: q,
+            }
         }
-        Frontend::Parse { name, query, .. } => {
-            state
-                .audit(
-                    wicket,
-                    AuditEvent::DbParse {
-                        session: sref(),
-                        name,
-                        statement: query,
-                    },
-                )
-                .await;
-        }
+        Frontend::Parse { name, query, .. } => AuditEvent::DbParse {
+            session,
+            name,
+            statement: query,
+        },
         Frontend::FunctionCall { oid, args } => {
             state.statements.fetch_add(1, Ordering::Relaxed);
             *lock(&state.last_statement) = text.unwrap_or_else(|| function_call(oid).into());
             let values = state.values.then(|| param_texts(&args));
-            state
-                .audit(
-                    wicket,
-                    AuditEvent::DbFunctionCall {
-                        session: sref(),
-                        function_oid: oid,
-                        args: args.len(),
-                        values,
-                    },
-                )
-                .await;
+            AuditEvent::DbFunctionCall {
+                session,
+                function_oid: oid,
+                args: args.len(),
+                values,
+            }
         }
-        _ => {}
-    }
+        _ => return None,
+    })
 }
 
 /// How a FunctionCall is named where a statement's text would be.
 fn function_call(oid: u32) -> String {
     format!("function call (OID {oid})")
-}
-
-/// Audits the queries and function calls the server skipped (they were
-/// audited as sent): an error in the extended protocol makes it skip every
-/// message up to the next Sync.
-async fn audit_skipped(skipped: Vec<Arc<str>>, state: &SessionState, wicket: &Wicket) {
-    for statement in skipped {
-        audit_skipped_one(statement, state, wicket).await;
-    }
 }
 
 async fn audit_skipped_one(statement: Arc<str>, state: &SessionState, wicket: &Wicket) {
@@ -1695,7 +1689,7 @@ enum Answer {
     Copy(&'static str),
 }
 
-type Answers = std::collections::VecDeque<Answer>;
+type Answers = VecDeque<Answer>;
 
 /// Audits `answers` in order, each taken off once it is queued for the
 /// store: cancelled at any point, none is lost or audited twice.
