@@ -805,14 +805,16 @@ impl PgProxy {
         let mut unaudited = VecDeque::new();
         let end = {
             let c2s = client_to_server(
-                &mut crd,
+                ClientSide {
+                    rd: &mut crd,
+                    buf: &mut pending,
+                    unaudited: &mut unaudited,
+                },
                 &mut swr,
-                &mut pending,
                 max,
                 state,
                 &self.wicket,
                 &tracking,
-                &mut unaudited,
             );
             let s2c = server_to_client(
                 ServerSide {
@@ -1412,20 +1414,28 @@ impl Tracking {
 /// queries and function calls the server skipped (after an error).
 type Answered = (Option<Executed>, Vec<Arc<str>>);
 
+/// The client side of a relay: what it reads from, what it has read and
+/// not forwarded, and the audit events of what it forwarded, not queued
+/// yet. Kept outside [`client_to_server`], which may be dropped mid-way.
+struct ClientSide<'a, R> {
+    rd: &'a mut R,
+    buf: &'a mut Vec<u8>,
+    unaudited: &'a mut VecDeque<(AuditEvent, i64)>,
+}
+
 async fn client_to_server<R, W>(
-    rd: &mut R,
+    side: ClientSide<'_, R>,
     wr: &mut W,
-    buf: &mut Vec<u8>,
     max: usize,
     state: &SessionState,
     wicket: &Wicket,
     tracking: &Tracking,
-    unaudited: &mut VecDeque<(AuditEvent, i64)>,
 ) -> End
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let ClientSide { rd, buf, unaudited } = side;
     let mut framer = Framer::default();
     let mut tmp = vec![0u8; READ_CHUNK];
     let mut terminated = false;
@@ -1669,7 +1679,6 @@ async fn audit_executed(e: Executed, state: &SessionState, wicket: &Wicket) {
         .await;
 }
 
-#[allow(clippy::too_many_arguments)]
 /// The server side of a relay: its stream, what was read and not yet
 /// passed on (`fed` bytes of it already given to the tracker), and the
 /// answers not yet audited.
