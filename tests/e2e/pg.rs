@@ -1292,6 +1292,23 @@ fn a_pipeline_past_what_the_proxy_holds_still_gets_its_answers() {
 fn names_longer_than_postgresql_tells_apart_are_refused() {
     let (s, t) = with_ledger();
     let mut f = RawFrontend::connect(&t);
+    // (And a COPY is audited with its own statement, not with the last one
+    // sent: here, a query pipelined after it.)
+    f.tcp
+        .write_all(
+            &[
+                RawFrontend::query("COPY (SELECT x FROM ledger) TO STDOUT"),
+                RawFrontend::query("SELECT 'after the copy'"),
+            ]
+            .concat(),
+        )
+        .unwrap();
+    f.until_ready(2);
+    let copy = s.alice_events("db_copy");
+    assert_eq!(
+        copy[0]["data"]["statement"], "COPY (SELECT x FROM ledger) TO STDOUT",
+        "{copy:?}"
+    );
     let longest = "s".repeat(63);
     f.tcp
         .write_all(

@@ -1080,7 +1080,6 @@ struct SessionState {
     bytes_out: AtomicU64,
     statements: AtomicU64,
     dropped: AtomicU64,
-    last_statement: Mutex<Arc<str>>,
 }
 
 impl SessionState {
@@ -1092,7 +1091,6 @@ impl SessionState {
             bytes_out: AtomicU64::new(0),
             statements: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
-            last_statement: Mutex::new("".into()),
         }
     }
 
@@ -1406,13 +1404,33 @@ impl Tracking {
         if tag == b'C' {
             t.completed(protocol::command_tag(msg));
         }
-        Ok((ran, t.take_skipped()))
+        // The statement a COPY that starts here runs: the Execute's, or
+        // the Query's (not the last one sent: a client may pipeline more).
+        let copy = match tag {
+            b'G' | b'H' => Some(
+                ran.as_ref()
+                    .map(|e| e.statement.clone())
+                    .or_else(|| t.answering_query())
+                    .unwrap_or_else(|| "(a COPY wicket did not see begin)".into()),
+            ),
+            _ => None,
+        };
+        Ok(Answered {
+            ran,
+            skipped: t.take_skipped(),
+            copy,
+        })
     }
 }
 
-/// What a server message shows: the Execute it answered, if any, and the
-/// queries and function calls the server skipped (after an error).
-type Answered = (Option<Executed>, Vec<Arc<str>>);
+/// What a server message shows: the Execute it answered, if any, the
+/// queries and function calls the server skipped (after an error), and
+/// the statement of a COPY it starts.
+struct Answered {
+    ran: Option<Executed>,
+    skipped: Vec<Arc<str>>,
+    copy: Option<Arc<str>>,
+}
 
 /// The client side of a relay: what it reads from, what it has read and
 /// not forwarded, and the audit events of what it forwarded, not queued
@@ -1608,8 +1626,8 @@ fn tracked(f: &Frontend, with_values: bool) -> Option<Sent> {
 }
 
 /// The audit event of what the client sent, if it has one: queries, Parse
-/// and function calls, as sent (`text`: a query's text or a call's name, as
-/// the tracker holds it). (An Execute is audited when the server answers
+/// and function calls, as sent (`text`: a query's text, as the tracker
+/// holds it). (An Execute is audited when the server answers
 /// it; see [`super::track`].)
 fn frontend_event(f: Frontend, text: Option<Arc<str>>, state: &SessionState) -> Option<AuditEvent> {
     let session = state.sref.clone();
@@ -1617,7 +1635,6 @@ fn frontend_event(f: Frontend, text: Option<Arc<str>>, state: &SessionState) -> 
         Frontend::Query(q) => {
             let q: Arc<str> = text.unwrap_or_else(|| q.into());
             state.statements.fetch_add(1, Ordering::Relaxed);
-            *lock(&state.last_statement) = q.clone();
             AuditEvent::DbQuery {
                 session,
                 statement: q,
@@ -1630,7 +1647,6 @@ fn frontend_event(f: Frontend, text: Option<Arc<str>>, state: &SessionState) -> 
         },
         Frontend::FunctionCall { oid, args } => {
             state.statements.fetch_add(1, Ordering::Relaxed);
-            *lock(&state.last_statement) = text.unwrap_or_else(|| function_call(oid).into());
             let values = state.values.then(|| param_texts(&args));
             AuditEvent::DbFunctionCall {
                 session,
@@ -1663,7 +1679,6 @@ async fn audit_skipped_one(statement: Arc<str>, state: &SessionState, wicket: &W
 /// Audits an Execute the server answered, with the statement it ran.
 async fn audit_executed(e: Executed, state: &SessionState, wicket: &Wicket) {
     state.statements.fetch_add(1, Ordering::Relaxed);
-    *lock(&state.last_statement) = e.statement.clone();
     state
         .audit(
             wicket,
@@ -1695,7 +1710,8 @@ enum Answer {
     Executed(Executed),
     Skipped(Arc<str>),
     Error(String, String),
-    Copy(&'static str),
+    /// A COPY began: its direction and statement.
+    Copy(&'static str, Arc<str>),
 }
 
 type Answers = VecDeque<Answer>;
@@ -1712,8 +1728,8 @@ async fn audit_answers(answers: &mut Answers, state: &SessionState, wicket: &Wic
                     .audit_error(wicket, code.clone(), message.clone())
                     .await
             }
-            Answer::Copy(direction) => {
-                let statement = lock(&state.last_statement).clone();
+            Answer::Copy(direction, statement) => {
+                let statement = statement.clone();
                 state
                     .audit(
                         wicket,
@@ -1763,7 +1779,7 @@ where
             match framer.next(&buf[at..], backend_inspected, MAX_INSPECTED_BACKEND, false) {
                 Ok(Next::Pass(n)) => at += n,
                 Ok(Next::Oversized(tag, n)) => {
-                    let (ran, skipped) = match tracking.answered(tag, &[]) {
+                    let Answered { ran, skipped, .. } = match tracking.answered(tag, &[]) {
                         Ok(a) => a,
                         Err(why) => return End::Protocol(why),
                     };
@@ -1778,7 +1794,7 @@ where
                 }
                 Ok(Next::Whole(tag, len)) => {
                     let msg = &buf[at..at + len];
-                    let (ran, skipped) = match tracking.answered(tag, msg) {
+                    let Answered { ran, skipped, copy } = match tracking.answered(tag, msg) {
                         Ok(a) => a,
                         Err(why) => return End::Protocol(why),
                     };
@@ -1796,8 +1812,12 @@ where
                                 return End::Protocol(why);
                             }
                         }
-                        b'G' => answers.push_back(Answer::Copy("in")),
-                        b'H' => answers.push_back(Answer::Copy("out")),
+                        b'G' | b'H' => {
+                            let direction = if tag == b'G' { "in" } else { "out" };
+                            if let Some(statement) = copy {
+                                answers.push_back(Answer::Copy(direction, statement));
+                            }
+                        }
                         _ => {}
                     }
                     answers.extend(skipped.into_iter().map(Answer::Skipped));

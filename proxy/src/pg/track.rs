@@ -541,6 +541,15 @@ impl Tracker {
         }
     }
 
+    /// The text of the simple Query the server is answering, if that is
+    /// what it answers now (a COPY it started, say).
+    pub fn answering_query(&self) -> Option<Arc<str>> {
+        match self.pending.front() {
+            Some(Sent::Query(text)) => Some(text.clone()),
+            _ => None,
+        }
+    }
+
     /// Whether anything sent still awaits the server's answer.
     pub fn awaiting(&self) -> bool {
         !self.pending.is_empty()
