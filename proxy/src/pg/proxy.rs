@@ -801,6 +801,8 @@ impl PgProxy {
         // and feeds nothing to the tracker twice when the drain goes on.
         let mut answers = Answers::new();
         let mut fed = 0;
+        // Whether the server side stopped inside a write to the client.
+        let mut mid_write = false;
         // The client side's events not queued yet, likewise.
         let mut unaudited = VecDeque::new();
         let end = {
@@ -823,6 +825,7 @@ impl PgProxy {
                     fed: &mut fed,
                     framer: &mut s_framer,
                     answers: &mut answers,
+                    mid_write: &mut mid_write,
                 },
                 &mut cwr,
                 state,
@@ -844,6 +847,32 @@ impl PgProxy {
                 }
             }
         };
+        // The client is told first, and let go: the audits below may wait
+        // for room in the queue (`block`), which must not hold a revoked
+        // session open. It is at a message boundary unless a backend
+        // message was half forwarded (or half written); only then can it
+        // be told why the connection ends. A client that is not reading
+        // gets a moment for it, not more.
+        let goodbye = async {
+            if s_framer.at_boundary() && !mid_write && !stopped_hard {
+                match &end {
+                    End::Cut(why) => {
+                        fatal(
+                            &mut cwr,
+                            "57P01",
+                            &format!("wicket: {why}; this connection is closed"),
+                        )
+                        .await;
+                    }
+                    End::Protocol(why) => {
+                        fatal(&mut cwr, "08P01", &format!("wicket: {why}")).await;
+                    }
+                    _ => {}
+                }
+            }
+            let _ = cwr.shutdown().await;
+        };
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
         // A client can pipeline work with its Terminate, or close with
         // work unanswered: the server still runs it. Its answers are read
         // (and dropped) so that the record says what ran, not what would
@@ -864,6 +893,7 @@ impl PgProxy {
                     fed: &mut fed,
                     framer: &mut s_framer,
                     answers: &mut answers,
+                    mid_write: &mut mid_write,
                 },
                 &mut dropped,
                 state,
@@ -885,29 +915,6 @@ impl PgProxy {
         for e in unanswered {
             audit_executed(e, state, &self.wicket).await;
         }
-        // The client is at a message boundary unless a backend message was
-        // half forwarded; only then can it be told why the connection ends.
-        // A client that is not reading gets a moment for it, not more.
-        let goodbye = async {
-            if s_framer.at_boundary() && !stopped_hard {
-                match &end {
-                    End::Cut(why) => {
-                        fatal(
-                            &mut cwr,
-                            "57P01",
-                            &format!("wicket: {why}; this connection is closed"),
-                        )
-                        .await;
-                    }
-                    End::Protocol(why) => {
-                        fatal(&mut cwr, "08P01", &format!("wicket: {why}")).await;
-                    }
-                    _ => {}
-                }
-            }
-            let _ = cwr.shutdown().await;
-        };
-        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
         end
     }
 
@@ -1703,6 +1710,9 @@ struct ServerSide<'a, R> {
     fed: &'a mut usize,
     framer: &'a mut Framer,
     answers: &'a mut Answers,
+    /// Set while a write to the client is under way: stopped then, the
+    /// client may hold part of a message.
+    mid_write: &'a mut bool,
 }
 
 /// What a server message showed, to be audited, in order.
@@ -1764,6 +1774,7 @@ where
         fed,
         framer,
         answers,
+        mid_write,
     } = side;
     let mut tmp = vec![0u8; READ_CHUNK];
     let mut ending: Option<String> = None;
@@ -1841,9 +1852,11 @@ where
         }
         audit_answers(answers, state, wicket).await;
         if at > 0 {
+            *mid_write = true;
             if wr.write_all(&buf[..at]).await.is_err() {
                 return End::ClientClosed;
             }
+            *mid_write = false;
             buf.drain(..at);
             *fed = 0;
         }
@@ -1852,6 +1865,7 @@ where
                 return End::Cut(why);
             }
             if let Some(w) = warning.take() {
+                *mid_write = true;
                 let _ = wr
                     .write_all(&protocol::notice_response(
                         "WARNING",
@@ -1859,6 +1873,7 @@ where
                         &format!("wicket: {w}"),
                     ))
                     .await;
+                *mid_write = false;
             }
         }
         if wr.flush().await.is_err() {
