@@ -812,6 +812,52 @@ async fn search(
     client.get(&format!("/v1/audit?{}", q.join("&"))).await
 }
 
+/// The most events wicketd returns for one search.
+const MAX_SEARCH: u32 = 10_000;
+
+/// Every event of `session`, oldest first, read in pages: each page starts
+/// at the time of the last one read (`since` includes it), and the events
+/// already read at that time are passed over.
+async fn session_events(client: &Client, session: &str) -> Result<Vec<wicket_api::AuditEventView>> {
+    let mut all: Vec<wicket_api::AuditEventView> = Vec::new();
+    let mut since: Option<DateTime<Utc>> = None;
+    loop {
+        let filter = [
+            ("session", Some(session.to_owned())),
+            (
+                "since",
+                since.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+            ),
+        ];
+        let page = search(client, &filter, MAX_SEARCH).await?;
+        let full = page.len() >= MAX_SEARCH as usize;
+        let last = page.last().map(|e| e.time);
+        let seen: std::collections::HashSet<String> = match since {
+            Some(t) => all
+                .iter()
+                .rev()
+                .take_while(|e| e.time == t)
+                .map(|e| e.id.clone())
+                .collect(),
+            None => Default::default(),
+        };
+        let before = all.len();
+        all.extend(page.into_iter().filter(|e| !seen.contains(&e.id)));
+        if !full {
+            return Ok(all);
+        }
+        if all.len() == before || last == since {
+            // A whole page at one millisecond: no way past it by time.
+            eprintln!(
+                "wicket: warning: more than {MAX_SEARCH} events of this session share one \
+                 millisecond; the replay stops there"
+            );
+            return Ok(all);
+        }
+        since = last;
+    }
+}
+
 async fn play(args: crate::ssh::PlayArgs) -> Result<()> {
     use crate::ssh::PlayFormat;
     let speed = args.speed;
@@ -830,7 +876,7 @@ async fn play(args: crate::ssh::PlayArgs) -> Result<()> {
         PlayFormat::Json => (Format::Json, true),
         PlayFormat::Cast => bail!("session {session} has no terminal recording"),
     };
-    let events = search(&client, &[("session", Some(session.to_owned()))], 10_000).await?;
+    let events = session_events(&client, session).await?;
     if events.is_empty() {
         bail!("no session {session:?} (or none of its events are yours to read)");
     }
@@ -869,6 +915,18 @@ async fn audit_verify(format: Format) -> Result<()> {
 async fn audit_search(filter: &[(&str, Option<String>)], limit: u32, format: Format) -> Result<()> {
     let (_, _, client) = authenticated_client()?;
     let events = search(&client, filter, limit).await?;
+    if !events.is_empty() && events.len() >= limit.min(MAX_SEARCH) as usize {
+        // Oldest first: what is left out is the newest.
+        let next = events
+            .last()
+            .map(|e| e.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_default();
+        eprintln!(
+            "wicket: {} events shown, the oldest that match; there may be more \
+             (--since {next} for the next ones, or a higher --limit, up to {MAX_SEARCH})",
+            events.len()
+        );
+    }
     match format {
         Format::Json => outln!("{}", serde_json::to_string_pretty(&events)?),
         Format::Text => {

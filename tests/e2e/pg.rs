@@ -1284,6 +1284,55 @@ fn a_pipeline_past_what_the_proxy_holds_still_gets_its_answers() {
     assert_eq!(queries, ["SELECT 2", "SELECT 3"]);
 }
 
+/// `wicket play` replays a whole database session, past the 10,000 events
+/// one audit search returns (it reads them in pages).
+#[test]
+fn a_session_of_more_events_than_one_search_returns_replays_whole() {
+    let (s, t) = with_ledger();
+    let n = 10_050;
+    let mut script = String::from("select 'paging-marker';\n");
+    for i in 0..n {
+        script.push_str(&format!("select {i};\n"));
+    }
+    let out = wicket_e2e::harness_wicket::pipe_stdin(&mut t.psql("app"), &script).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let session = wait_until("the marker on the record", Duration::from_secs(10), || {
+        s.events(&s.alice, &["--user", "alice", "--kind", "db_query"])
+            .iter()
+            .find(|e| e["data"]["statement"] == "select 'paging-marker';")
+            .map(|e| e["session_id"].as_str().unwrap().to_owned())
+    })
+    .unwrap();
+    let replay = wait_until("the whole session", Duration::from_secs(20), || {
+        let pj = s
+            .alice
+            .ok(&["play", &session, "--format", "json"])
+            .unwrap()
+            .json()
+            .unwrap();
+        let ended = pj
+            .as_array()
+            .unwrap()
+            .last()
+            .is_some_and(|e| e.to_string().contains("session ended"));
+        ended.then_some(pj)
+    })
+    .unwrap();
+    let texts: Vec<&str> = replay
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["text"].as_str())
+        .filter(|t| t.starts_with("select "))
+        .collect();
+    assert_eq!(texts.len(), n + 1);
+    assert_eq!(texts[n], format!("select {};", n - 1));
+    let mut unique = texts.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), n + 1, "no event twice");
+}
+
 /// PostgreSQL tells statements and portals apart by their first 63 bytes.
 /// Two longer names that begin alike would be one object to the server and
 /// two to the audit, which could then log one's text for the other's run:
