@@ -149,12 +149,34 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                 return output(&g, format);
             }
             eprintln!(
-                "request {} is {}; waiting for a decision (Ctrl-C to stop waiting)",
-                g.id, g.status
+                "request {} is {}; waiting for a decision (Ctrl-C to stop waiting; \
+                 `wicket login --request-id {}` once it is approved)",
+                g.id, g.status, g.id
             );
             let mut last = String::new();
+            let mut unreachable = 0u32;
             loop {
-                let g: Grant = client.get(&format!("/v1/requests/{}", g.id)).await?;
+                // wicketd restarting, or out of reach for a while, does not
+                // end the wait: it is asked again, less often.
+                let g: Grant = match client.get(&format!("/v1/requests/{}", g.id)).await {
+                    Ok(g) => {
+                        unreachable = 0;
+                        g
+                    }
+                    Err(e)
+                        if e.downcast_ref::<crate::client::ApiError>()
+                            .is_none_or(|api| api.status.is_server_error()) =>
+                    {
+                        if unreachable == 0 {
+                            eprintln!("  wicketd did not answer ({e:#}); still waiting");
+                        }
+                        unreachable += 1;
+                        let backoff = Duration::from_secs(u64::from(unreachable.min(15)) * 2);
+                        tokio::time::sleep(backoff).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 let progress = format!("{} {}", g.status, g.still_needed.join("; "));
                 if progress != last {
                     eprintln!(
@@ -185,7 +207,7 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                             g.end_reason.unwrap_or_default()
                         )
                     }
-                    _ => tokio::time::sleep(Duration::from_millis(500)).await,
+                    _ => tokio::time::sleep(Duration::from_secs(1)).await,
                 }
             }
         }

@@ -1295,7 +1295,11 @@ fn a_session_of_more_events_than_one_search_returns_replays_whole() {
         script.push_str(&format!("select {i};\n"));
     }
     let out = wicket_e2e::harness_wicket::pipe_stdin(&mut t.psql("app"), &script).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let session = wait_until("the marker on the record", Duration::from_secs(10), || {
         s.events(&s.alice, &["--user", "alice", "--kind", "db_query"])
             .iter()
