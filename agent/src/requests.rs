@@ -1,6 +1,7 @@
 //! `wicket request ...` and `wicket break-glass`: thin calls to the API and
 //! readable output. Decisions are all the daemon's.
 
+use crate::cli::query_escape as esc;
 use crate::cli::{authenticated_client, reissue, Format};
 use anyhow::{bail, Result};
 use std::time::Duration;
@@ -158,7 +159,7 @@ pub async fn run(cmd: Cmd) -> Result<()> {
             loop {
                 // wicketd restarting, or out of reach for a while, does not
                 // end the wait: it is asked again, less often.
-                let g: Grant = match client.get(&format!("/v1/requests/{}", g.id)).await {
+                let g: Grant = match client.get(&format!("/v1/requests/{}", esc(&g.id))).await {
                     Ok(g) => {
                         unreachable = 0;
                         g
@@ -225,7 +226,7 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                 q.push("reviewable=true".to_owned());
             }
             if let Some(s) = state {
-                q.push(format!("state={s}"));
+                q.push(format!("state={}", esc(&s)));
             }
             let list: Vec<Grant> = client.get(&format!("/v1/requests?{}", q.join("&"))).await?;
             match format {
@@ -256,14 +257,14 @@ pub async fn run(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::Show { id, format } => {
-            output(&client.get(&format!("/v1/requests/{id}")).await?, format)
+            output(&client.get(&format!("/v1/requests/{}", esc(&id))).await?, format)
         }
         Cmd::Review { id, body, format } => {
             if body.verdict.is_empty() {
                 bail!("say --approve, --deny or --acknowledge");
             }
             let g: Grant = client
-                .post(&format!("/v1/requests/{id}/review"), &body)
+                .post(&format!("/v1/requests/{}/review", esc(&id)), &body)
                 .await?;
             match format {
                 Format::Json => outln!("{}", serde_json::to_string_pretty(&g)?),
@@ -278,7 +279,7 @@ pub async fn run(cmd: Cmd) -> Result<()> {
             format,
         } => {
             let g: Grant = client
-                .post(&format!("/v1/requests/{id}/{action}"), &body)
+                .post(&format!("/v1/requests/{}/{action}", esc(&id)), &body)
                 .await?;
             if format == Format::Json {
                 return output(&g, format);
@@ -314,7 +315,7 @@ pub async fn run(cmd: Cmd) -> Result<()> {
             }
             for id in &to_drop {
                 let g: Grant = client
-                    .post(&format!("/v1/requests/{id}/drop"), &ActionBody::default())
+                    .post(&format!("/v1/requests/{}/drop", esc(id)), &ActionBody::default())
                     .await?;
                 if format == Format::Text {
                     outln!("dropped request {} ({})", g.id, g.status);
