@@ -185,6 +185,12 @@ impl Tunnel {
                 return Ok(cfg.clone());
             }
         }
+        // The set read whole, under the profile's lock (a login may be
+        // replacing it), and cached by the certificate's time from then.
+        let _lock = self.profile.lock(false)?;
+        let modified = std::fs::metadata(&cert_path)
+            .and_then(|m| m.modified())
+            .context("your TLS certificate is gone; run `wicket login`")?;
         let info = self.profile.read_info()?;
         crate::profile::check_not_expired(&info, crate::now())?;
         let pem = |path: std::path::PathBuf| {

@@ -128,6 +128,34 @@ impl Profile {
     pub fn info_path(&self) -> PathBuf {
         self.dir.join("profile.json")
     }
+
+    /// Takes the profile's lock (`.lock` in its directory), waiting for
+    /// it: `exclusive` to replace its files, shared to read them. The
+    /// files are replaced one by one, so a reader without it could pair
+    /// one login's key with another's certificate. Held until the returned
+    /// file is dropped.
+    pub fn lock(&self, exclusive: bool) -> Result<fs::File> {
+        fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))?;
+        let mut open = fs::OpenOptions::new();
+        open.create(true).truncate(false).write(true);
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            open.mode(0o600);
+        }
+        let path = self.dir.join(".lock");
+        let file = open
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        if exclusive {
+            file.lock()
+        } else {
+            file.lock_shared()
+        }
+        .with_context(|| format!("locking {}", path.display()))?;
+        Ok(file)
+    }
     pub fn ssh_key(&self) -> PathBuf {
         self.dir.join("id_ed25519")
     }
@@ -279,6 +307,34 @@ fn remove_abandoned_temps(path: &Path, name: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A login replacing the profile's files holds its lock: readers wait
+    /// for the whole set (and the directory is the user's alone).
+    #[test]
+    fn replacing_a_profile_keeps_readers_out() {
+        let home = tempfile::tempdir().unwrap();
+        let p = Profile {
+            dir: home.path().join("profiles").join("p").join("alice"),
+        };
+        let writing = p.lock(true).unwrap();
+        let mode = fs::metadata(&p.dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let reader = fs::OpenOptions::new()
+            .write(true)
+            .open(p.dir.join(".lock"))
+            .unwrap();
+        assert!(reader.try_lock_shared().is_err(), "a reader waits");
+        drop(writing);
+        reader.try_lock_shared().unwrap();
+        let second = p.lock(false).unwrap();
+        let writer = fs::OpenOptions::new()
+            .write(true)
+            .open(p.dir.join(".lock"))
+            .unwrap();
+        assert!(writer.try_lock().is_err(), "a writer waits for readers");
+        drop((reader, second));
+        writer.try_lock().unwrap();
+    }
 
     #[test]
     fn temporary_files_of_dead_writers_are_removed() {

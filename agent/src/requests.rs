@@ -256,9 +256,10 @@ pub async fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Show { id, format } => {
-            output(&client.get(&format!("/v1/requests/{}", esc(&id))).await?, format)
-        }
+        Cmd::Show { id, format } => output(
+            &client.get(&format!("/v1/requests/{}", esc(&id))).await?,
+            format,
+        ),
         Cmd::Review { id, body, format } => {
             if body.verdict.is_empty() {
                 bail!("say --approve, --deny or --acknowledge");
@@ -315,7 +316,10 @@ pub async fn run(cmd: Cmd) -> Result<()> {
             }
             for id in &to_drop {
                 let g: Grant = client
-                    .post(&format!("/v1/requests/{}/drop", esc(id)), &ActionBody::default())
+                    .post(
+                        &format!("/v1/requests/{}/drop", esc(id)),
+                        &ActionBody::default(),
+                    )
                     .await?;
                 if format == Format::Text {
                     outln!("dropped request {} ({})", g.id, g.status);
