@@ -56,10 +56,16 @@ pub fn check_not_expired(info: &ProfileInfo, now: DateTime<Utc>) -> Result<()> {
     )
 }
 
-/// `$WICKET_HOME`, or `~/.wicket`.
+/// `$WICKET_HOME`, or `~/.wicket`. Always absolute: the paths under it go
+/// into the ssh configuration, which ssh reads from any directory.
 pub fn home() -> Result<PathBuf> {
     if let Some(h) = std::env::var_os("WICKET_HOME").filter(|h| !h.is_empty()) {
-        return Ok(PathBuf::from(h));
+        let h = PathBuf::from(h);
+        if h.is_relative() {
+            let here = std::env::current_dir().context("WICKET_HOME is relative")?;
+            return Ok(here.join(h));
+        }
+        return Ok(h);
     }
     let home = std::env::var_os("HOME")
         .filter(|h| !h.is_empty())

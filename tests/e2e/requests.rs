@@ -1041,4 +1041,20 @@ fn dropping_grants_passes_over_one_revoked_meanwhile() {
         "{:?}: {err}",
         out.status
     );
+
+    // A relative WICKET_HOME still gives absolute paths (they go into the
+    // ssh configuration, read from any directory).
+    let home = t.cli("alice").home.path().to_owned();
+    let out = t
+        .cli("alice")
+        .cmd()
+        .unwrap()
+        .args(["status", "--format", "json"])
+        .env("WICKET_HOME", home.file_name().unwrap())
+        .current_dir(home.parent().unwrap())
+        .output()
+        .unwrap();
+    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cert = file(&st, "tls_certificate");
+    assert!(cert.is_absolute() && cert.starts_with(&home), "{cert:?}");
 }
