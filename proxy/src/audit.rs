@@ -679,26 +679,6 @@ mod tests {
             "same-millisecond events keep their order"
         );
     }
-}
-
-#[cfg(test)]
-mod pending_tests {
-    use super::*;
-    use std::collections::VecDeque;
-
-    fn db_query(n: usize) -> AuditEvent {
-        AuditEvent::DbQuery {
-            session: Arc::new(SessionRef {
-                session_id: "s1".into(),
-                user: "alice".into(),
-                protocol: "postgres".into(),
-                resource: "prod-pg".into(),
-                login: "app".into(),
-                request_ids: vec![],
-            }),
-            statement: format!("select {n}").into(),
-        }
-    }
 
     fn statement(q: Option<Queued>) -> String {
         match q {
@@ -722,7 +702,8 @@ mod pending_tests {
             dropped: Arc::default(),
         };
         let dropped = AtomicU64::new(0);
-        let mut pending: VecDeque<(AuditEvent, i64)> = (0..3).map(|n| (db_query(n), 0)).collect();
+        let mut pending: std::collections::VecDeque<(AuditEvent, i64)> =
+            (0..3).map(|n| (query(n), 0)).collect();
         let wait = std::time::Duration::from_millis(50);
         // Room for one: it is queued, then the wait for more is cancelled.
         let _ = tokio::time::timeout(wait, sink.send_pending(&mut pending, &dropped)).await;
