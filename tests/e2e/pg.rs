@@ -495,9 +495,8 @@ fn revoke_cuts_a_running_psql(s: &Setup, t: &Tunnel, id: &str) {
 }
 
 /// A revoke ends a session in the middle of streaming results (COPY TO
-/// STDOUT, 200 kB messages: a read rarely ends between two) at the next
-/// message boundary, with
-/// the FATAL naming the request, as it ends an idle one.
+/// STDOUT, 200 kB messages) at a message boundary, with the FATAL naming
+/// the request, as it ends an idle one.
 #[test]
 fn a_revoke_ends_a_streaming_copy_with_the_reason() {
     let s = Setup::start("");
