@@ -464,7 +464,7 @@ fn read_password(from_stdin: bool) -> Result<Secret> {
 pub fn authenticated_client() -> Result<(Profile, ProfileInfo, Client)> {
     let home = profile::home()?;
     let p = Profile::current(&home)?;
-    let _lock = p.lock(false)?;
+    let _lock = p.lock_for_reading();
     let info = p.read_info()?;
     let now = crate::now();
     if info.valid_before <= now {
@@ -493,7 +493,7 @@ pub fn save_login(proxy: &str, new_keys: &keys::NewKeys, certs: &Certificates) -
     )?;
     let home = profile::home()?;
     let p = Profile::path(&home, proxy, &certs.user);
-    let _lock = p.lock(true)?;
+    let _lock = p.lock_for_writing()?;
     write_file(&p.ssh_key(), new_keys.ssh_private_openssh.as_bytes(), 0o600)?;
     write_file(
         &p.ssh_pub(),

@@ -60,6 +60,21 @@ impl PrivateDir {
         use ring::rand::SecureRandom;
         use std::os::unix::fs::{DirBuilderExt, MetadataExt};
         let base = std::env::temp_dir();
+        // Another user who may rename entries in `base` could swap the
+        // directory for one of their own after the checks below: it must
+        // be this user's or root's, and sticky if others may write in it.
+        let parent = std::fs::metadata(&base)
+            .with_context(|| format!("the temporary directory {}", base.display()))?;
+        let owner = parent.uid();
+        let sticky = parent.mode() & 0o1000 != 0;
+        if (owner != 0 && owner != crate::peer::os_uid()) || (parent.mode() & 0o022 != 0 && !sticky)
+        {
+            bail!(
+                "the temporary directory {} is writable by others and not sticky, or \
+                 another user's: set TMPDIR to a directory of your own",
+                base.display()
+            );
+        }
         let rng = ring::rand::SystemRandom::new();
         for _ in 0..8 {
             let mut tag = [0u8; 6];
@@ -178,16 +193,19 @@ impl Tunnel {
         let modified = std::fs::metadata(&cert_path)
             .and_then(|m| m.modified())
             .context("your TLS certificate is gone; run `wicket login`")?;
-        let mut cache = self.tls.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, cfg, info)) = cache.as_ref() {
-            if *at == modified {
-                crate::profile::check_not_expired(info, crate::now())?;
-                return Ok(cfg.clone());
+        {
+            let cache = self.tls.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((at, cfg, info)) = cache.as_ref() {
+                if *at == modified {
+                    crate::profile::check_not_expired(info, crate::now())?;
+                    return Ok(cfg.clone());
+                }
             }
         }
         // The set read whole, under the profile's lock (a login may be
-        // replacing it), and cached by the certificate's time from then.
-        let _lock = self.profile.lock(false)?;
+        // replacing it; not while holding the cache), and cached by the
+        // certificate's time from then.
+        let _lock = self.profile.lock_for_reading();
         let modified = std::fs::metadata(&cert_path)
             .and_then(|m| m.modified())
             .context("your TLS certificate is gone; run `wicket login`")?;
@@ -210,7 +228,7 @@ impl Tunnel {
         .with_client_auth_cert(chain, PrivateKeyDer::Pkcs8(key.into()))
         .map_err(|e| anyhow!("your TLS certificate: {e}"))?;
         let cfg = Arc::new(cfg);
-        *cache = Some((modified, cfg.clone(), info));
+        *self.tls.lock().unwrap_or_else(|e| e.into_inner()) = Some((modified, cfg.clone(), info));
         Ok(cfg)
     }
 
@@ -590,17 +608,30 @@ pub async fn proxy(resource: &str, port: u16, socket: bool, format: Format) -> R
             let host = made.path().display().to_string();
             dir = Some(made);
             let port = PrivateDir::PORT;
-            match format {
-                Format::Json => outln!(
-                    "{}",
+            let shown = match format {
+                Format::Json => format!(
+                    "{}\n",
                     serde_json::json!({ "database": resource, "socket_dir": host, "port": port })
                 ),
-                Format::Text => {
-                    outln!("Tunnel for database {resource} listening in {host} (port {port})");
-                    outln!(
-                        "  psql \"host={} port={port} user={user} dbname=NAME sslmode=disable\"",
-                        conninfo_value(&host)
-                    );
+                Format::Text => format!(
+                    "Tunnel for database {resource} listening in {host} (port {port})\n  \
+                     psql \"host={} port={port} user={user} dbname=NAME sslmode=disable\"\n",
+                    conninfo_value(&host)
+                ),
+            };
+            // Written here, not with `outln!` (which ends the process on a
+            // closed pipe): the directory must be removed on the way out.
+            {
+                use std::io::Write;
+                let mut stdout = std::io::stdout().lock();
+                if let Err(e) = stdout
+                    .write_all(shown.as_bytes())
+                    .and_then(|()| stdout.flush())
+                {
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        return Ok(());
+                    }
+                    return Err(e.into());
                 }
             }
             listener

@@ -89,6 +89,9 @@ fn safe_component(s: &str) -> String {
         .collect()
 }
 
+/// The lock file in a profile directory.
+const LOCK: &str = ".lock";
+
 /// A profile directory.
 #[derive(Debug, Clone)]
 pub struct Profile {
@@ -135,32 +138,38 @@ impl Profile {
         self.dir.join("profile.json")
     }
 
-    /// Takes the profile's lock (`.lock` in its directory), waiting for
-    /// it: `exclusive` to replace its files, shared to read them. The
-    /// files are replaced one by one, so a reader without it could pair
-    /// one login's key with another's certificate. Held until the returned
-    /// file is dropped.
-    pub fn lock(&self, exclusive: bool) -> Result<fs::File> {
+    /// Takes the profile's lock (`.lock` in its directory) to replace its
+    /// files, waiting for readers to finish. The files are replaced one by
+    /// one, so a reader without the lock could pair one login's key with
+    /// another's certificate. Held until the returned file is dropped.
+    pub fn lock_for_writing(&self) -> Result<fs::File> {
         fs::create_dir_all(&self.dir)
             .with_context(|| format!("creating {}", self.dir.display()))?;
         fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))?;
-        let mut open = fs::OpenOptions::new();
-        open.create(true).truncate(false).write(true);
-        {
+        let path = self.dir.join(LOCK);
+        let file = {
             use std::os::unix::fs::OpenOptionsExt;
-            open.mode(0o600);
+            fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&path)
         }
-        let path = self.dir.join(".lock");
-        let file = open
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        if exclusive {
-            file.lock()
-        } else {
-            file.lock_shared()
-        }
-        .with_context(|| format!("locking {}", path.display()))?;
+        .with_context(|| format!("opening {}", path.display()))?;
+        file.lock()
+            .with_context(|| format!("locking {}", path.display()))?;
         Ok(file)
+    }
+
+    /// Takes the profile's lock to read its files, waiting for a login
+    /// that is replacing them. Best effort: a profile without the lock
+    /// file (written before it existed), on a read-only mount or on a file
+    /// system without locks is read as it is.
+    pub fn lock_for_reading(&self) -> Option<fs::File> {
+        let file = fs::File::open(self.dir.join(LOCK)).ok()?;
+        file.lock_shared().ok()?;
+        Some(file)
     }
     pub fn ssh_key(&self) -> PathBuf {
         self.dir.join("id_ed25519")
@@ -322,7 +331,7 @@ mod tests {
         let p = Profile {
             dir: home.path().join("profiles").join("p").join("alice"),
         };
-        let writing = p.lock(true).unwrap();
+        let writing = p.lock_for_writing().unwrap();
         let mode = fs::metadata(&p.dir).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
         let reader = fs::OpenOptions::new()
@@ -332,7 +341,7 @@ mod tests {
         assert!(reader.try_lock_shared().is_err(), "a reader waits");
         drop(writing);
         reader.try_lock_shared().unwrap();
-        let second = p.lock(false).unwrap();
+        let second = p.lock_for_reading().unwrap();
         let writer = fs::OpenOptions::new()
             .write(true)
             .open(p.dir.join(".lock"))

@@ -322,7 +322,10 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                     )
                     .await?;
                 if format == Format::Text {
-                    outln!("dropped request {} ({})", g.id, g.status);
+                    // Not `outln!`: a closed pipe must not stop the drops
+                    // and the re-issue half way.
+                    use std::io::Write;
+                    let _ = writeln!(std::io::stdout(), "dropped request {} ({})", g.id, g.status);
                 }
             }
             let keep: Vec<String> = held.into_iter().filter(|r| !to_drop.contains(r)).collect();

@@ -587,7 +587,12 @@ async fn replay_terminal(
             let mut last = 0.0f64;
             let mut replay = crate::term::Replay::default();
             let utf8 = crate::term::utf8_terminal(|k| std::env::var(k).ok());
-            for e in events.iter().filter(|e| e.code == "o") {
+            for (n, e) in events.iter().filter(|e| e.code == "o").enumerate() {
+                // Without waits between events (`--no-wait`, a high
+                // `--speed`), a signal still gets its turn.
+                if n % 256 == 255 {
+                    tokio::task::yield_now().await;
+                }
                 let mut gap = (e.time - last).max(0.0);
                 if let Some(limit) = args.idle_limit {
                     gap = gap.min(limit.max(0.0));

@@ -1984,6 +1984,27 @@ fn db_connect_listens_privately_and_outlives_ctrl_c() {
     );
     assert!(!dir.exists(), "{} is left behind", dir.display());
     assert!(sleeping_backends(&s.pg).is_empty());
+
+    // A temporary directory where others could swap the private one for
+    // theirs (writable by all, not sticky) is refused.
+    use std::os::unix::fs::PermissionsExt;
+    let open = tmp.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = s
+        .alice
+        .cmd()
+        .unwrap()
+        .args(["db", "connect", "prod-pg", "--db-user", "app", "--db-name"])
+        .args(["app", "--", "-X", "-At", "-c", "select 1"])
+        .env("TMPDIR", &open)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("writable by others and not sticky"),
+        "{err}"
+    );
 }
 
 /// Connections still authenticating have a share of their own

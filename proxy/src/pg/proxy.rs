@@ -801,8 +801,9 @@ impl PgProxy {
         // and feeds nothing to the tracker twice when the drain goes on.
         let mut answers = Answers::new();
         let mut fed = 0;
-        // Whether the server side stopped inside a write to the client.
-        let mut mid_write = false;
+        // Whether what the client has been sent ends at a message boundary
+        // (not so inside a write, or after part of a message).
+        let mut client_whole = true;
         // The client side's events not queued yet, likewise.
         let mut unaudited = VecDeque::new();
         let end = {
@@ -825,7 +826,7 @@ impl PgProxy {
                     fed: &mut fed,
                     framer: &mut s_framer,
                     answers: &mut answers,
-                    mid_write: &mut mid_write,
+                    client_whole: &mut client_whole,
                 },
                 &mut cwr,
                 state,
@@ -854,7 +855,7 @@ impl PgProxy {
         // be told why the connection ends. A client that is not reading
         // gets a moment for it, not more.
         let goodbye = async {
-            if s_framer.at_boundary() && !mid_write && !stopped_hard {
+            if client_whole && !stopped_hard {
                 match &end {
                     End::Cut(why) => {
                         fatal(
@@ -893,7 +894,7 @@ impl PgProxy {
                     fed: &mut fed,
                     framer: &mut s_framer,
                     answers: &mut answers,
-                    mid_write: &mut mid_write,
+                    client_whole: &mut client_whole,
                 },
                 &mut dropped,
                 state,
@@ -1468,7 +1469,13 @@ where
     loop {
         let mut at = 0;
         let mut violation = None;
+        // Full, yet read on because the last read ended inside a message
+        // (see below): no further than that message's end.
+        let full = tracking.lock().is_full();
         loop {
+            if full && framer.at_boundary() && at > 0 {
+                break;
+            }
             match framer.next(&buf[at..], frontend_inspected, max, true) {
                 Ok(Next::Pass(n)) => at += n,
                 Ok(Next::Whole(_, len)) => {
@@ -1710,9 +1717,9 @@ struct ServerSide<'a, R> {
     fed: &'a mut usize,
     framer: &'a mut Framer,
     answers: &'a mut Answers,
-    /// Set while a write to the client is under way: stopped then, the
-    /// client may hold part of a message.
-    mid_write: &'a mut bool,
+    /// Whether what the client has been sent ends at a message boundary:
+    /// not while a write is under way, nor after part of a message.
+    client_whole: &'a mut bool,
 }
 
 /// What a server message showed, to be audited, in order.
@@ -1774,7 +1781,7 @@ where
         fed,
         framer,
         answers,
-        mid_write,
+        client_whole,
     } = side;
     let mut tmp = vec![0u8; READ_CHUNK];
     let mut ending: Option<String> = None;
@@ -1852,11 +1859,11 @@ where
         }
         audit_answers(answers, state, wicket).await;
         if at > 0 {
-            *mid_write = true;
+            *client_whole = false;
             if wr.write_all(&buf[..at]).await.is_err() {
                 return End::ClientClosed;
             }
-            *mid_write = false;
+            *client_whole = framer.at_boundary();
             buf.drain(..at);
             *fed = 0;
         }
@@ -1865,7 +1872,7 @@ where
                 return End::Cut(why);
             }
             if let Some(w) = warning.take() {
-                *mid_write = true;
+                *client_whole = false;
                 let _ = wr
                     .write_all(&protocol::notice_response(
                         "WARNING",
@@ -1873,7 +1880,7 @@ where
                         &format!("wicket: {w}"),
                     ))
                     .await;
-                *mid_write = false;
+                *client_whole = true;
             }
         }
         if wr.flush().await.is_err() {
