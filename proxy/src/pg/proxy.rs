@@ -1516,9 +1516,9 @@ where
             let mut t = tracking.lock();
             for (f, text) in parsed.iter_mut() {
                 if let Some(sent) = tracked(f, state.values) {
-                    // A query's text (or a call's name), kept by the
-                    // tracker, is its audit record's too.
-                    if let Sent::Query(q) | Sent::FunctionCall(q) = &sent {
+                    // A query's text, kept by the tracker, is its audit
+                    // record's too (one copy).
+                    if let Sent::Query(q) = &sent {
                         *text = Some(q.clone());
                     }
                     if let Err(e) = t.sent(sent) {
