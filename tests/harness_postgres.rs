@@ -335,6 +335,14 @@ impl Postgres {
         Ok(out.trim_end_matches(['\n', '\r']).to_owned())
     }
 
+    /// `psql` as `postgres` on database `db` over TCP (without TLS), to
+    /// be given its statements on stdin: a session the caller holds open.
+    pub fn psql_session(&self, db: &str) -> Command {
+        let mut cmd = self.client_command(&self.bins.psql);
+        cmd.args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", db]);
+        cmd
+    }
+
     /// `CREATE DATABASE "name"`.
     pub fn create_database(&self, name: &str) -> Result<()> {
         let quoted = name.replace('"', "\"\"");

@@ -1286,6 +1286,107 @@ fn a_pipeline_past_what_the_proxy_holds_still_gets_its_answers() {
     assert_eq!(queries, ["SELECT 2", "SELECT 3"]);
 }
 
+/// A revoke cuts a session whose pipeline waits on a lock: the waiting
+/// statement is cancelled, so neither it nor what the client pipelined
+/// behind it runs once the lock is free, and the record says they were
+/// sent but never answered.
+#[test]
+fn a_cut_pipeline_does_not_run_on() {
+    let s = Setup::start("");
+    let grant = s.grant_dba("30m");
+    let id = grant["id"].as_str().unwrap().to_owned();
+    let t = s.tunnel();
+    let (ok, out, err) = t.sql("create table ledger(x int)");
+    assert!(ok, "{out} {err}");
+    // A lock held outside Wicket keeps the pipeline's first statement
+    // waiting, and with it every answer (the server sends them at the Sync).
+    let mut holder =
+        s.pg.psql_session("app")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+    let mut holder_in = holder.stdin.take().unwrap();
+    holder_in
+        .write_all(b"select pg_advisory_lock(4242);\n")
+        .unwrap();
+    let granted = "select count(*) from pg_locks where locktype = 'advisory' and granted";
+    wait_until("the lock held", Duration::from_secs(10), || {
+        (s.pg.psql("app", granted).unwrap() == "1").then_some(())
+    })
+    .unwrap();
+    let mut f = RawFrontend::connect(&t);
+    f.tcp
+        .write_all(&RawFrontend::query("SELECT 'cut-marker'"))
+        .unwrap();
+    f.until_ready(1);
+    let statements = [
+        "SELECT pg_advisory_lock(4242)",
+        "INSERT INTO ledger VALUES (41)",
+        "INSERT INTO ledger VALUES (42)",
+    ];
+    let mut pipeline = Vec::new();
+    for sql in statements {
+        pipeline.extend([
+            RawFrontend::parse("", sql),
+            RawFrontend::bind("", ""),
+            RawFrontend::execute(""),
+        ]);
+    }
+    pipeline.push(RawFrontend::sync());
+    f.tcp.write_all(&pipeline.concat()).unwrap();
+    let waiting = "select count(*) from pg_stat_activity \
+                   where query = 'SELECT pg_advisory_lock(4242)' and wait_event_type = 'Lock'";
+    wait_until("the pipeline waiting", Duration::from_secs(10), || {
+        (s.pg.psql("app", waiting).unwrap() == "1").then_some(())
+    })
+    .unwrap();
+    s.frank
+        .ok(&["request", "revoke", &id, "--reason", "INC-9 closed"])
+        .unwrap();
+    let (tags, errors) = f.read_until(|_| false);
+    assert_eq!(tags, b"E", "{errors:?}");
+    assert!(
+        errors[0].starts_with("57P01") && errors[0].contains("INC-9 closed"),
+        "{errors:?}"
+    );
+    // Cancelled (and its connection closed): no longer waiting, with the
+    // lock still held. Without the cancel it would wait for the lock.
+    let gone =
+        "select count(*) from pg_stat_activity where query = 'SELECT pg_advisory_lock(4242)'";
+    wait_until("the statement cancelled", Duration::from_secs(10), || {
+        (s.pg.psql("app", gone).unwrap() == "0").then_some(())
+    })
+    .unwrap();
+    drop(holder_in);
+    holder.wait().unwrap();
+    assert_eq!(
+        s.pg.psql("app", "select count(*) from ledger").unwrap(),
+        "0"
+    );
+    let session = session_of_query(&s, "SELECT 'cut-marker'");
+    wait_until("the session's end", Duration::from_secs(10), || {
+        let ended = s.events(
+            &s.alice,
+            &["--session", &session, "--kind", "session_ended"],
+        );
+        (!ended.is_empty()).then_some(())
+    })
+    .unwrap();
+    let executed: Vec<(String, bool)> = s
+        .events(&s.alice, &["--session", &session, "--kind", "db_execute"])
+        .iter()
+        .map(|e| {
+            (
+                e["data"]["statement"].as_str().unwrap().to_owned(),
+                e["data"]["unanswered"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    let want: Vec<(String, bool)> = statements.iter().map(|s| (s.to_string(), true)).collect();
+    assert_eq!(executed, want);
+}
+
 /// `wicket play` replays a whole database session, past the 10,000 events
 /// one audit search returns (it reads them in pages).
 #[test]

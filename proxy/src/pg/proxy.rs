@@ -637,12 +637,7 @@ impl PgProxy {
         if let Some(k) = cancel_key {
             let target = lock(&self.cancels).remove(&k);
             if let Some(t) = target {
-                // A cut session's statement, or one pipelined behind a
-                // refused message, must not run on: cancel it (before
-                // anything that waits on the store).
-                if let End::Cut(_) | End::Protocol(_) = &end {
-                    self.forward_cancel(&t).await;
-                }
+                // (Cancelled in `relay` if it was cut.)
                 self.forget_shared_cancel_key(k, &t).await;
             }
         }
@@ -874,6 +869,22 @@ impl PgProxy {
             let _ = cwr.shutdown().await;
         };
         let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
+        // A cut session's statement, or one pipelined behind a refused
+        // message, must not run on: it is cancelled before anything that
+        // may wait on the store.
+        if let (End::Cut(_) | End::Protocol(_), Some(k)) = (&end, *cancel_key) {
+            let target = lock(&self.cancels).get(&k).cloned();
+            if let Some(t) = target {
+                self.forward_cancel(&t).await;
+            }
+        }
+        // Answers read from the server past where a cut stopped relaying
+        // were never sent on, but they show what ran: read for the record.
+        if let End::Cut(_) = &end {
+            let Fed { at, .. } =
+                feed_answers(&mut s_framer, &sbuf, fed, &tracking, &mut answers, false);
+            fed = at;
+        }
         // A client can pipeline work with its Terminate, or close with
         // work unanswered: the server still runs it. Its answers are read
         // (and dropped) so that the record says what ran, not what would
@@ -1763,6 +1774,94 @@ async fn audit_answers(answers: &mut Answers, state: &SessionState, wicket: &Wic
     }
 }
 
+/// How far [`feed_answers`] read, whether anything answered a client
+/// message, and why the relay must stop, if it must.
+struct Fed {
+    at: usize,
+    answered: bool,
+    stop: Option<End>,
+}
+
+/// Feeds the whole server messages in `buf[start..]` to the tracker, and
+/// what they show to `answers`; with `ending`, no further than the first
+/// message boundary (where the goodbye can follow).
+fn feed_answers(
+    framer: &mut Framer,
+    buf: &[u8],
+    start: usize,
+    tracking: &Tracking,
+    answers: &mut Answers,
+    ending: bool,
+) -> Fed {
+    let mut at = start;
+    let mut answered = false;
+    let stop = |at, answered, end| Fed {
+        at,
+        answered,
+        stop: Some(end),
+    };
+    loop {
+        match framer.next(&buf[at..], backend_inspected, MAX_INSPECTED_BACKEND, false) {
+            Ok(Next::Pass(n)) => at += n,
+            Ok(Next::Oversized(tag, n)) => {
+                let Answered { ran, skipped, .. } = match tracking.answered(tag, &[]) {
+                    Ok(a) => a,
+                    Err(why) => return stop(at, answered, End::Protocol(why)),
+                };
+                answered = true;
+                answers.extend(ran.map(Answer::Executed));
+                if tag == b'E' {
+                    let (code, message) = oversized_error(&buf[at..at + n]);
+                    answers.push_back(Answer::Error(code, message));
+                }
+                answers.extend(skipped.into_iter().map(Answer::Skipped));
+                at += n;
+            }
+            Ok(Next::Whole(tag, len)) => {
+                let msg = &buf[at..at + len];
+                let Answered { ran, skipped, copy } = match tracking.answered(tag, msg) {
+                    Ok(a) => a,
+                    Err(why) => return stop(at, answered, End::Protocol(why)),
+                };
+                answered = true;
+                answers.extend(ran.map(Answer::Executed));
+                match tag {
+                    b'E' => {
+                        // Lossy: a field in the client's encoding still
+                        // leaves the error on the record.
+                        let (code, message) = protocol::error_response_prefix(msg);
+                        answers.push_back(Answer::Error(code, message));
+                    }
+                    b'S' => {
+                        if let Some(why) = encoding_refused(msg) {
+                            return stop(at + len, answered, End::Protocol(why));
+                        }
+                    }
+                    b'G' | b'H' => {
+                        let direction = if tag == b'G' { "in" } else { "out" };
+                        if let Some(statement) = copy {
+                            answers.push_back(Answer::Copy(direction, statement));
+                        }
+                    }
+                    _ => {}
+                }
+                answers.extend(skipped.into_iter().map(Answer::Skipped));
+                at += len;
+            }
+            Ok(Next::More) => break,
+            Err(e) => return stop(at, answered, End::Io(format!("server: {e}"))),
+        }
+        if ending && framer.at_boundary() {
+            break;
+        }
+    }
+    Fed {
+        at,
+        answered,
+        stop: None,
+    }
+}
+
 async fn server_to_client<R, W>(
     side: ServerSide<'_, R>,
     wr: &mut W,
@@ -1789,67 +1888,13 @@ where
     let mut signals = true;
     loop {
         // What the tracker reads is counted in `fed` at once (no await in
-        // this loop), so a call after a dropped one goes on from there.
+        // `feed_answers`), so a call after a dropped one goes on from there.
         let start = *fed;
-        let mut at = start;
-        let mut answered = false;
-        loop {
-            match framer.next(&buf[at..], backend_inspected, MAX_INSPECTED_BACKEND, false) {
-                Ok(Next::Pass(n)) => at += n,
-                Ok(Next::Oversized(tag, n)) => {
-                    let Answered { ran, skipped, .. } = match tracking.answered(tag, &[]) {
-                        Ok(a) => a,
-                        Err(why) => return End::Protocol(why),
-                    };
-                    answered = true;
-                    answers.extend(ran.map(Answer::Executed));
-                    if tag == b'E' {
-                        let (code, message) = oversized_error(&buf[at..at + n]);
-                        answers.push_back(Answer::Error(code, message));
-                    }
-                    answers.extend(skipped.into_iter().map(Answer::Skipped));
-                    at += n;
-                }
-                Ok(Next::Whole(tag, len)) => {
-                    let msg = &buf[at..at + len];
-                    let Answered { ran, skipped, copy } = match tracking.answered(tag, msg) {
-                        Ok(a) => a,
-                        Err(why) => return End::Protocol(why),
-                    };
-                    answered = true;
-                    answers.extend(ran.map(Answer::Executed));
-                    match tag {
-                        b'E' => {
-                            // Lossy: a field in the client's encoding still
-                            // leaves the error on the record.
-                            let (code, message) = protocol::error_response_prefix(msg);
-                            answers.push_back(Answer::Error(code, message));
-                        }
-                        b'S' => {
-                            if let Some(why) = encoding_refused(msg) {
-                                return End::Protocol(why);
-                            }
-                        }
-                        b'G' | b'H' => {
-                            let direction = if tag == b'G' { "in" } else { "out" };
-                            if let Some(statement) = copy {
-                                answers.push_back(Answer::Copy(direction, statement));
-                            }
-                        }
-                        _ => {}
-                    }
-                    answers.extend(skipped.into_iter().map(Answer::Skipped));
-                    at += len;
-                }
-                Ok(Next::More) => break,
-                Err(e) => return End::Io(format!("server: {e}")),
-            }
-            *fed = at;
-            // Ending: no further than the first boundary, where the
-            // goodbye can follow, however the reads fall.
-            if ending.is_some() && framer.at_boundary() {
-                break;
-            }
+        let Fed { at, answered, stop } =
+            feed_answers(framer, buf, start, tracking, answers, ending.is_some());
+        *fed = at;
+        if let Some(end) = stop {
+            return end;
         }
         state
             .bytes_out
@@ -1938,6 +1983,70 @@ mod tests {
             f.next(&stream[105..], want, 64, false),
             Ok(Next::Whole(b'E', stream.len() - 105))
         );
+    }
+
+    #[test]
+    fn answers_past_a_cut_are_still_read_for_the_record() {
+        let tracking = Tracking::new();
+        {
+            let mut t = tracking.lock();
+            for (portal, text) in [("p1", "DELETE FROM a"), ("p2", "DELETE FROM b")] {
+                t.sent(Sent::Parse {
+                    name: String::new(),
+                    text: text.into(),
+                })
+                .unwrap();
+                t.sent(Sent::Bind {
+                    portal: portal.into(),
+                    statement: String::new(),
+                    params: 0,
+                    values: None,
+                })
+                .unwrap();
+                t.sent(Sent::Execute {
+                    portal: portal.into(),
+                })
+                .unwrap();
+            }
+            t.sent(Sent::Sync).unwrap();
+        }
+        // One read holds both answers, and an error.
+        let mut stream = Vec::new();
+        for tag in ["DELETE 1", "DELETE 2"] {
+            stream.extend(msg(b'1', b""));
+            stream.extend(msg(b'2', b""));
+            stream.extend(msg(b'C', format!("{tag}\0").as_bytes()));
+        }
+        stream.extend(msg(b'E', b"SERROR\0C57014\0Mcanceling statement\0\0"));
+        stream.extend(msg(b'Z', b"I"));
+        let mut framer = Framer::default();
+        let mut answers = Answers::new();
+        // Ending: the relay stops at the first boundary.
+        let first = feed_answers(&mut framer, &stream, 0, &tracking, &mut answers, true);
+        assert!(first.stop.is_none());
+        assert_eq!(first.at, msg(b'1', b"").len());
+        assert!(answers.is_empty());
+        // What follows, read after the cut, still says what ran.
+        let rest = feed_answers(
+            &mut framer,
+            &stream,
+            first.at,
+            &tracking,
+            &mut answers,
+            false,
+        );
+        assert!(rest.stop.is_none());
+        assert_eq!(rest.at, stream.len());
+        let ran: Vec<String> = answers
+            .iter()
+            .map(|a| match a {
+                Answer::Executed(e) => format!("{} {}", e.statement, e.answered),
+                Answer::Error(code, _) => code.clone(),
+                _ => "other".into(),
+            })
+            .collect();
+        assert_eq!(ran, ["DELETE FROM a true", "DELETE FROM b true", "57014"]);
+        assert!(tracking.lock().unanswered().is_empty());
     }
 
     #[test]
