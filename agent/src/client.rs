@@ -148,44 +148,34 @@ impl Client {
         self.call(Method::POST, path, Some(body)).await
     }
 
-    /// GET a large non-JSON body (a recording), as bytes. The answer must
-    /// start within [`TIMEOUT`]; then it takes as long as it needs while
-    /// data keeps coming (never [`TIMEOUT`] without any), up to `limit`
-    /// bytes.
-    pub async fn get_large(&self, path: &str, limit: usize) -> Result<Bytes> {
-        let (status, mut body) = within(&self.proxy, async {
+    /// GET a large non-JSON body (a recording), to be read as it comes.
+    /// The answer must start within [`TIMEOUT`]; then it takes as long as
+    /// it needs while data keeps coming (see [`Download::chunk`]). An error
+    /// answer is read whole (up to 1 MiB) and returned as the error.
+    pub async fn get_stream(&self, path: &str) -> Result<Download> {
+        let (status, body) = within(&self.proxy, async {
             self.connect_inner()
                 .await?
                 .start(Method::GET, path, None::<&()>)
                 .await
         })
         .await?;
-        let mut out = Vec::new();
-        loop {
-            let frame = tokio::time::timeout(TIMEOUT, body.frame())
-                .await
-                .map_err(|_| {
-                    anyhow!(
-                        "{} stopped sending for {}s, after {} bytes",
-                        self.proxy,
-                        TIMEOUT.as_secs(),
-                        out.len()
-                    )
-                })?;
-            match frame {
-                None => break,
-                Some(Err(e)) => bail!("reading the response: {e}"),
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        if out.len() + data.len() > limit {
-                            bail!("the response is larger than {limit} bytes");
-                        }
-                        out.extend_from_slice(&data);
-                    }
+        let mut download = Download {
+            body,
+            proxy: self.proxy.clone(),
+            read: 0,
+        };
+        if !status.is_success() {
+            let mut error = Vec::new();
+            while let Some(chunk) = download.chunk().await? {
+                if error.len() + chunk.len() > 1 << 20 {
+                    break;
                 }
+                error.extend_from_slice(&chunk);
             }
+            answer(status, Bytes::from(error))?;
         }
-        answer(status, Bytes::from(out))
+        Ok(download)
     }
 
     /// A connection kept for several calls (HTTP/1.1 keep-alive), for
@@ -330,6 +320,42 @@ impl Connection {
 
 /// `body` when `status` is a success, else the error the server described
 /// in it.
+/// A response body read as it comes (see [`Client::get_stream`]).
+pub struct Download {
+    body: hyper::body::Incoming,
+    proxy: String,
+    read: u64,
+}
+
+impl Download {
+    /// The next piece of the body; `None` at its end. An error when the
+    /// server sends nothing for [`TIMEOUT`].
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            let frame = tokio::time::timeout(TIMEOUT, self.body.frame())
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "{} stopped sending for {}s, after {} bytes",
+                        self.proxy,
+                        TIMEOUT.as_secs(),
+                        self.read
+                    )
+                })?;
+            match frame {
+                None => return Ok(None),
+                Some(Err(e)) => bail!("reading the response after {} bytes: {e}", self.read),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.read += data.len() as u64;
+                        return Ok(Some(data));
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn answer(status: StatusCode, body: Bytes) -> Result<Bytes> {
     if !status.is_success() {
         let body = serde_json::from_slice::<ErrorBody>(&body).unwrap_or_else(|_| ErrorBody {

@@ -415,10 +415,9 @@ pub async fn recordings(cmd: RecordingsCommand) -> Result<()> {
     Ok(())
 }
 
-/// The largest recording `wicket play` loads. wicketd keeps up to
-/// `session.max_recording_bytes` of output (1 GiB by default), and the
-/// asciicast form escapes some of it.
-const MAX_RECORDING: usize = 3 << 30;
+/// The longest line of a recording `wicket play` reads: one event, its
+/// data JSON-escaped (wicketd writes one per read of a channel's output).
+const MAX_CAST_LINE: usize = 64 << 20;
 
 /// One asciicast v2 event.
 #[derive(Debug, Clone, PartialEq)]
@@ -431,16 +430,94 @@ pub struct CastEvent {
 /// Parses an asciicast v2 file: the header and its events (bad lines are skipped).
 pub fn parse_cast(text: &str) -> Result<(serde_json::Value, Vec<CastEvent>)> {
     let mut lines = text.lines();
-    let header: serde_json::Value = serde_json::from_str(lines.next().unwrap_or_default())
-        .context("the recording has no asciicast header")?;
+    let header = cast_header(lines.next().unwrap_or_default().as_bytes())?;
+    let events = lines.filter_map(|l| cast_event(l.as_bytes())).collect();
+    Ok((header, events))
+}
+
+/// An asciicast v2 header line, checked.
+fn cast_header(line: &[u8]) -> Result<serde_json::Value> {
+    let header: serde_json::Value =
+        serde_json::from_slice(line).context("the recording has no asciicast header")?;
     if header["version"] != 2 {
         bail!("not an asciicast v2 recording");
     }
-    let events = lines
-        .filter_map(|l| serde_json::from_str::<(f64, String, String)>(l).ok())
+    Ok(header)
+}
+
+/// One event line; `None` for a line that is not one (skipped).
+fn cast_event(line: &[u8]) -> Option<CastEvent> {
+    serde_json::from_slice::<(f64, String, String)>(line)
+        .ok()
         .map(|(time, code, data)| CastEvent { time, code, data })
-        .collect();
-    Ok((header, events))
+}
+
+/// Where [`CastLines`] reads from: a download, or (in tests) pieces.
+trait Chunks {
+    fn chunk(&mut self) -> impl std::future::Future<Output = Result<Option<hyper::body::Bytes>>>;
+}
+
+impl Chunks for crate::client::Download {
+    fn chunk(&mut self) -> impl std::future::Future<Output = Result<Option<hyper::body::Bytes>>> {
+        crate::client::Download::chunk(self)
+    }
+}
+
+/// The lines of a download, as they come, each at most [`MAX_CAST_LINE`].
+struct CastLines<D> {
+    download: D,
+    buf: Vec<u8>,
+    /// Where the next line starts in `buf`, and how far it was searched.
+    start: usize,
+    searched: usize,
+    ended: bool,
+    max_line: usize,
+}
+
+impl<D: Chunks> CastLines<D> {
+    fn new(download: D) -> Self {
+        CastLines {
+            download,
+            buf: Vec::new(),
+            start: 0,
+            searched: 0,
+            ended: false,
+            max_line: MAX_CAST_LINE,
+        }
+    }
+
+    /// The next line, without its newline; `None` at the end.
+    async fn next(&mut self) -> Result<Option<Vec<u8>>> {
+        loop {
+            if let Some(i) = self.buf[self.searched..].iter().position(|&b| b == b'\n') {
+                let end = self.searched + i;
+                let line = self.buf[self.start..end].to_vec();
+                self.start = end + 1;
+                self.searched = self.start;
+                return Ok(Some(line));
+            }
+            self.searched = self.buf.len();
+            if self.ended {
+                if self.start == self.buf.len() {
+                    return Ok(None);
+                }
+                let line = self.buf[self.start..].to_vec();
+                self.start = self.buf.len();
+                return Ok(Some(line));
+            }
+            if self.buf.len() - self.start > self.max_line {
+                bail!("the recording has a line over {} bytes", self.max_line);
+            }
+            // What was returned goes before more is read.
+            self.buf.drain(..self.start);
+            self.searched -= self.start;
+            self.start = 0;
+            match self.download.chunk().await? {
+                Some(chunk) => self.buf.extend_from_slice(&chunk),
+                None => self.ended = true,
+            }
+        }
+    }
 }
 
 /// What begins a marker's line in [`plain_recording`].
@@ -453,47 +530,87 @@ const MARKER_PREFIX: &str = "[wicket]";
 /// user sent, a path): an escape sequence left open in one cannot hide
 /// what follows it.
 pub fn plain_recording(events: &[CastEvent]) -> String {
-    let mut out = String::new();
-    let mut run = String::new();
-    // Only markers begin a line with `[wicket]`: output that does (a file
-    // cat on the node, say) is shown with a `\` before it.
-    let end_run = |run: &mut String, out: &mut String| {
-        for line in crate::term::plain_text(run).split_inclusive('\n') {
-            // What a terminal does not show (NUL, zero-width and format
-            // characters, spaces) does not hide the prefix either.
-            if line
-                .trim_start_matches(|c: char| !c.is_ascii_graphic())
-                .starts_with(MARKER_PREFIX)
-            {
-                out.push('\\');
-            }
-            out.push_str(line);
-        }
-        run.clear();
-    };
+    let mut out = Vec::new();
+    let mut plain = PlainRecording::default();
     for e in events {
+        // Writing to memory does not fail.
+        let _ = plain.push(e, &mut out);
+    }
+    let _ = plain.finish(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The longest run of output [`PlainRecording`] holds before it cleans
+/// what it has up to its last line's end.
+const MAX_PLAIN_RUN: usize = 1 << 20;
+
+/// [`plain_recording`] as events come, written out as it goes.
+#[derive(Default)]
+struct PlainRecording {
+    /// Output since the last marker, not cleaned yet.
+    run: String,
+    /// Whether anything was written, and whether it ends a line.
+    wrote: bool,
+    at_line_start: bool,
+}
+
+impl PlainRecording {
+    fn push(&mut self, e: &CastEvent, out: &mut impl Write) -> std::io::Result<()> {
         match e.code.as_str() {
-            "o" => run.push_str(&e.data),
+            "o" => {
+                self.run.push_str(&e.data);
+                // A long run is cleaned a line at a time: an escape
+                // sequence left open hides no more than the rest of it.
+                if self.run.len() > MAX_PLAIN_RUN {
+                    if let Some(i) = self.run.rfind('\n') {
+                        let rest = self.run.split_off(i + 1);
+                        self.end_run(out)?;
+                        self.run = rest;
+                    }
+                }
+            }
             "m" => {
-                end_run(&mut run, &mut out);
-                if !out.is_empty() && !out.ends_with('\n') {
-                    out.push('\n');
+                self.end_run(out)?;
+                if self.wrote && !self.at_line_start {
+                    out.write_all(b"\n")?;
                 }
                 let marker: String = e
                     .data
                     .chars()
                     .map(|c| if c.is_control() { ' ' } else { c })
                     .collect();
-                out.push_str(MARKER_PREFIX);
-                out.push(' ');
-                out.push_str(&marker);
-                out.push('\n');
+                writeln!(out, "{MARKER_PREFIX} {marker}")?;
+                self.wrote = true;
+                self.at_line_start = true;
             }
             _ => {}
         }
+        Ok(())
     }
-    end_run(&mut run, &mut out);
-    out
+
+    fn finish(&mut self, out: &mut impl Write) -> std::io::Result<()> {
+        self.end_run(out)
+    }
+
+    /// Writes the run, cleaned. Only markers begin a line with `[wicket]`:
+    /// output that does (a file cat on the node, say) gets a `\` before it.
+    fn end_run(&mut self, out: &mut impl Write) -> std::io::Result<()> {
+        for line in crate::term::plain_text(&self.run).split_inclusive('\n') {
+            // What a terminal does not show (NUL, zero-width and format
+            // characters, spaces) does not hide the prefix either.
+            if line
+                .trim_start_matches(|c: char| !c.is_ascii_graphic())
+                .starts_with(MARKER_PREFIX)
+            {
+                out.write_all(b"\\")?;
+            }
+            out.write_all(line.as_bytes())?;
+            self.wrote = true;
+            self.at_line_start = line.ends_with('\n');
+        }
+        self.run.clear();
+        Ok(())
+    }
 }
 
 /// `wicket play SESSION` for an SSH session: returns false when the
@@ -502,14 +619,11 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
     if !(args.speed > 0.0 && args.speed.is_finite()) {
         bail!("--speed must be a positive number");
     }
-    let body = match client
-        .get_large(
-            &format!("/v1/recordings/{}", query_escape(&args.session)),
-            MAX_RECORDING,
-        )
+    let download = match client
+        .get_stream(&format!("/v1/recordings/{}", query_escape(&args.session)))
         .await
     {
-        Ok(b) => b,
+        Ok(d) => d,
         Err(e) => {
             return match e.downcast_ref::<crate::client::ApiError>() {
                 Some(api) if matches!(api.status.as_u16(), 400 | 404) => Ok(false),
@@ -517,29 +631,62 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
             }
         }
     };
-    let text = String::from_utf8_lossy(&body);
+    // Read as it comes: a recording of any size takes one event's memory.
     let mut out = std::io::stdout().lock();
+    if let PlayFormat::Cast = args.format {
+        let mut download = download;
+        while let Some(chunk) = download.chunk().await? {
+            out.write_all(&chunk)?;
+        }
+        out.flush()?;
+        return Ok(true);
+    }
+    let mut lines = CastLines::new(download);
+    let header = cast_header(&lines.next().await?.unwrap_or_default())?;
     match args.format {
-        PlayFormat::Cast => out.write_all(&body)?,
+        PlayFormat::Cast => {}
         PlayFormat::Json => {
-            let (header, events) = parse_cast(&text)?;
-            let events: Vec<serde_json::Value> = events
-                .iter()
-                .map(|e| serde_json::json!([e.time, e.code, e.data]))
-                .collect();
-            let v = serde_json::json!({"header": header, "events": events});
-            writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+            write!(
+                out,
+                "{{\n  \"header\": {},\n  \"events\": [",
+                serde_json::to_string(&header)?
+            )?;
+            let mut first = true;
+            while let Some(line) = lines.next().await? {
+                if let Some(e) = cast_event(&line) {
+                    let sep = if first { "" } else { "," };
+                    write!(
+                        out,
+                        "{sep}\n    {}",
+                        serde_json::json!([e.time, e.code, e.data])
+                    )?;
+                    first = false;
+                }
+            }
+            writeln!(out, "{}]\n}}", if first { "" } else { "\n  " })?;
         }
         PlayFormat::Text => {
-            let (_, events) = parse_cast(&text)?;
-            out.write_all(plain_recording(&events).as_bytes())?;
+            let mut plain = PlainRecording::default();
+            while let Some(line) = lines.next().await? {
+                if let Some(e) = cast_event(&line) {
+                    plain.push(&e, &mut out)?;
+                }
+            }
+            plain.finish(&mut out)?;
         }
         PlayFormat::Terminal => {
-            let (_, events) = parse_cast(&text)?;
+            let mut player = Player::new(args);
             // Whatever ends the replay (its end, an error, Ctrl-C), the
             // terminal is put back as it was.
             let played = tokio::select! {
-                played = replay_terminal(&mut out, &events, args) => played,
+                played = async {
+                    while let Some(line) = lines.next().await? {
+                        if let Some(e) = cast_event(&line) {
+                            player.play(&mut out, &e).await?;
+                        }
+                    }
+                    Ok::<_, anyhow::Error>(())
+                } => played,
                 _ = interrupted() => Ok(()),
             };
             out.write_all(crate::term::RESET.as_bytes())?;
@@ -576,43 +723,55 @@ async fn interrupted() {
     }
 }
 
-/// Plays `events` to the terminal `out` in their time (see [`PlayArgs`]).
-async fn replay_terminal(
-    out: &mut impl Write,
-    events: &[CastEvent],
-    args: &PlayArgs,
-) -> Result<()> {
-    {
-        {
-            let mut last = 0.0f64;
-            let mut replay = crate::term::Replay::default();
-            let utf8 = crate::term::utf8_terminal(|k| std::env::var(k).ok());
-            for (n, e) in events.iter().filter(|e| e.code == "o").enumerate() {
-                // Without waits between events (`--no-wait`, a high
-                // `--speed`), a signal still gets its turn.
-                if n % 256 == 255 {
-                    tokio::task::yield_now().await;
-                }
-                let mut gap = (e.time - last).max(0.0);
-                if let Some(limit) = args.idle_limit {
-                    gap = gap.min(limit.max(0.0));
-                }
-                last = e.time;
-                let wait = gap / args.speed;
-                if !args.no_wait && wait > 0.0005 {
-                    out.flush()?;
-                    tokio::time::sleep(Duration::from_secs_f64(wait.min(3600.0))).await;
-                }
-                let safe = replay.feed(&e.data);
-                if utf8 {
-                    out.write_all(safe.as_bytes())?;
-                } else {
-                    out.write_all(crate::term::ascii_only(&safe).as_bytes())?;
-                }
-            }
+/// Plays events to the terminal in their time (see [`PlayArgs`]).
+struct Player<'a> {
+    args: &'a PlayArgs,
+    last: f64,
+    played: u64,
+    replay: crate::term::Replay,
+    utf8: bool,
+}
+
+impl<'a> Player<'a> {
+    fn new(args: &'a PlayArgs) -> Self {
+        Player {
+            args,
+            last: 0.0,
+            played: 0,
+            replay: crate::term::Replay::default(),
+            utf8: crate::term::utf8_terminal(|k| std::env::var(k).ok()),
         }
     }
-    Ok(())
+
+    async fn play(&mut self, out: &mut impl Write, e: &CastEvent) -> Result<()> {
+        if e.code != "o" {
+            return Ok(());
+        }
+        // Without waits between events (`--no-wait`, a high `--speed`), a
+        // signal still gets its turn.
+        self.played += 1;
+        if self.played.is_multiple_of(256) {
+            tokio::task::yield_now().await;
+        }
+        let args = self.args;
+        let mut gap = (e.time - self.last).max(0.0);
+        if let Some(limit) = args.idle_limit {
+            gap = gap.min(limit.max(0.0));
+        }
+        self.last = e.time;
+        let wait = gap / args.speed;
+        if !args.no_wait && wait > 0.0005 {
+            out.flush()?;
+            tokio::time::sleep(Duration::from_secs_f64(wait.min(3600.0))).await;
+        }
+        let safe = self.replay.feed(&e.data);
+        if self.utf8 {
+            out.write_all(safe.as_bytes())?;
+        } else {
+            out.write_all(crate::term::ascii_only(&safe).as_bytes())?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -760,6 +919,98 @@ mod tests {
             let e = quote(Path::new(bad)).unwrap_err().to_string();
             assert!(e.contains("WICKET_HOME"), "{bad:?}: {e}");
         }
+    }
+
+    impl Chunks for std::collections::VecDeque<Vec<u8>> {
+        fn chunk(
+            &mut self,
+        ) -> impl std::future::Future<Output = Result<Option<hyper::body::Bytes>>> {
+            std::future::ready(Ok(self.pop_front().map(hyper::body::Bytes::from)))
+        }
+    }
+
+    fn lines_of(pieces: Vec<Vec<u8>>, max_line: usize) -> Result<Vec<Vec<u8>>> {
+        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        rt.block_on(async {
+            let mut lines = CastLines::new(
+                pieces
+                    .into_iter()
+                    .collect::<std::collections::VecDeque<_>>(),
+            );
+            lines.max_line = max_line;
+            let mut out = Vec::new();
+            while let Some(l) = lines.next().await? {
+                out.push(l);
+            }
+            Ok(out)
+        })
+    }
+
+    proptest::proptest! {
+        /// However the download is cut into pieces, the same lines come
+        /// out, the last one with or without its newline.
+        #[test]
+        fn recording_lines_do_not_depend_on_how_they_arrive(
+            lines in proptest::collection::vec("[a-z\\[\\],\"]{0,40}", 0..20),
+            newline_at_end: bool,
+            cuts in proptest::collection::vec(0usize..1000, 0..10),
+        ) {
+            let mut text = lines.join("\n").into_bytes();
+            if newline_at_end && !text.is_empty() {
+                text.push(b'\n');
+            }
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (text.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            for c in cuts {
+                pieces.push(text[at..c].to_vec());
+                at = c;
+            }
+            pieces.push(text[at..].to_vec());
+            // As `str::lines` reads it (no `\r` here).
+            let want: Vec<Vec<u8>> = std::str::from_utf8(&text)
+                .unwrap()
+                .lines()
+                .map(|l| l.as_bytes().to_vec())
+                .collect();
+            proptest::prop_assert_eq!(lines_of(pieces, 1 << 20).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn a_recording_line_over_the_limit_is_an_error() {
+        let long = vec![vec![b'x'; 600], vec![b'x'; 600], b"\nok\n".to_vec()];
+        let e = lines_of(long, 1000).unwrap_err().to_string();
+        assert!(e.contains("over 1000 bytes"), "{e}");
+        let fits = vec![vec![b'x'; 600], b"\nok\n".to_vec()];
+        assert_eq!(lines_of(fits, 1000).unwrap().len(), 2);
+    }
+
+    /// A long run of output is cleaned a line at a time: what an escape
+    /// sequence left open hides ends at the line where the run was cut.
+    #[test]
+    fn a_long_run_of_output_is_cleaned_in_lines() {
+        let ev = |code: &str, data: &str| CastEvent {
+            time: 0.0,
+            code: code.into(),
+            data: data.into(),
+        };
+        let filler = format!("{}\r\n", "y".repeat(1000));
+        let mut events = vec![ev("o", "x\x1bP")];
+        for _ in 0..(MAX_PLAIN_RUN / filler.len() + 2) {
+            events.push(ev("o", &filler));
+        }
+        events.push(ev("o", "[wicket] fake marker\r\nvisible\r\n"));
+        events.push(ev("m", "ended"));
+        let text = plain_recording(&events);
+        assert!(
+            text.contains("\\[wicket] fake marker\nvisible\n[wicket] ended\n"),
+            "{}",
+            &text[text.len() - 200..]
+        );
+        // Everything output before the cut was hidden by the open DCS.
+        assert!(text.len() < 2 * filler.len() + 200, "{}", text.len());
     }
 
     #[test]

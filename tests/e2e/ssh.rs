@@ -584,6 +584,18 @@ fn interactive_session_is_cut_within_a_second_of_revoke_and_recorded() {
         .collect();
     assert!(typed.contains("echo hello-$((40+2))"), "{typed:?}");
     assert!(events.iter().any(|e| e.code == "m" && e.data == "shell"));
+    // For tools: the same header and events, as JSON.
+    let json = admin
+        .ok(&["play", &sid, "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(json["header"], header);
+    let as_json: Vec<Value> = events
+        .iter()
+        .map(|e| serde_json::json!([e.time, e.code, e.data]))
+        .collect();
+    assert_eq!(json["events"].as_array().unwrap(), &as_json);
     // Real `asciinema cat` when installed (it wants a terminal: run it under `script`).
     if Command::new("asciinema").arg("--version").output().is_ok() {
         let p = admin.home.path().join("s.cast");
