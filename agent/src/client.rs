@@ -166,8 +166,9 @@ impl Client {
             read: 0,
         };
         if !status.is_success() {
+            // What arrives of it: a body cut short still has its status.
             let mut error = Vec::new();
-            while let Some(chunk) = download.chunk().await? {
+            while let Ok(Some(chunk)) = download.chunk().await {
                 if error.len() + chunk.len() > 1 << 20 {
                     break;
                 }
@@ -318,8 +319,6 @@ impl Connection {
     }
 }
 
-/// `body` when `status` is a success, else the error the server described
-/// in it.
 /// A response body read as it comes (see [`Client::get_stream`]).
 pub struct Download {
     body: hyper::body::Incoming,
@@ -356,6 +355,8 @@ impl Download {
     }
 }
 
+/// `body` when `status` is a success, else the error the server described
+/// in it.
 fn answer(status: StatusCode, body: Bytes) -> Result<Bytes> {
     if !status.is_success() {
         let body = serde_json::from_slice::<ErrorBody>(&body).unwrap_or_else(|_| ErrorBody {

@@ -445,9 +445,10 @@ fn cast_header(line: &[u8]) -> Result<serde_json::Value> {
     Ok(header)
 }
 
-/// One event line; `None` for a line that is not one (skipped).
+/// One event line; `None` for a line that is not one (skipped). Bytes
+/// that are not UTF-8 are replaced, not a reason to skip the line.
 fn cast_event(line: &[u8]) -> Option<CastEvent> {
-    serde_json::from_slice::<(f64, String, String)>(line)
+    serde_json::from_str::<(f64, String, String)>(&String::from_utf8_lossy(line))
         .ok()
         .map(|(time, code, data)| CastEvent { time, code, data })
 }
@@ -541,7 +542,8 @@ pub fn plain_recording(events: &[CastEvent]) -> String {
 }
 
 /// The longest run of output [`PlainRecording`] holds before it cleans
-/// what it has up to its last line's end.
+/// what it has up to its last line's end (or carriage return); past four
+/// times that, without one, all of it.
 const MAX_PLAIN_RUN: usize = 1 << 20;
 
 /// [`plain_recording`] as events come, written out as it goes.
@@ -549,6 +551,8 @@ const MAX_PLAIN_RUN: usize = 1 << 20;
 struct PlainRecording {
     /// Output since the last marker, not cleaned yet.
     run: String,
+    /// Where the run may be cut: just after its last `\n` or `\r`.
+    cut: Option<usize>,
     /// Whether anything was written, and whether it ends a line.
     wrote: bool,
     at_line_start: bool,
@@ -558,15 +562,28 @@ impl PlainRecording {
     fn push(&mut self, e: &CastEvent, out: &mut impl Write) -> std::io::Result<()> {
         match e.code.as_str() {
             "o" => {
+                if let Some(i) = e.data.rfind(['\n', '\r']) {
+                    self.cut = Some(self.run.len() + i + 1);
+                }
                 self.run.push_str(&e.data);
-                // A long run is cleaned a line at a time: an escape
-                // sequence left open hides no more than the rest of it.
+                // A long run is cleaned in parts: an escape sequence left
+                // open hides no more than the rest of its part.
                 if self.run.len() > MAX_PLAIN_RUN {
-                    if let Some(i) = self.run.rfind('\n') {
-                        let rest = self.run.split_off(i + 1);
-                        self.end_run(out)?;
-                        self.run = rest;
+                    let at = match self.cut {
+                        Some(at) => at,
+                        None if self.run.len() > 4 * MAX_PLAIN_RUN => self.run.len(),
+                        None => return Ok(()),
+                    };
+                    let rest = self.run.split_off(at);
+                    self.end_run(out)?;
+                    // Cleaning may have taken the part's last line end
+                    // (in an escape sequence): the next part still begins
+                    // a line, where it is checked for the marker prefix.
+                    if !self.at_line_start {
+                        out.write_all(b"\n")?;
+                        self.at_line_start = true;
                     }
+                    self.run = rest;
                 }
             }
             "m" => {
@@ -609,6 +626,7 @@ impl PlainRecording {
             self.at_line_start = line.ends_with('\n');
         }
         self.run.clear();
+        self.cut = None;
         Ok(())
     }
 }
@@ -1011,6 +1029,40 @@ mod tests {
         );
         // Everything output before the cut was hidden by the open DCS.
         assert!(text.len() < 2 * filler.len() + 200, "{}", text.len());
+
+        // A cut whose line end cleaning takes (`ESC \n`) cannot join the
+        // two parts into a line that passes for a marker.
+        // (The run crosses the limit with the event that ends in `ESC \n`.)
+        let filler = format!("{}\r\n", "y".repeat(MAX_PLAIN_RUN - 5));
+        let mut events = vec![
+            ev("o", &filler),
+            ev("o", "[wic\x1b\n"),
+            ev("o", "ket] session ended\r\n"),
+        ];
+        events.push(ev("m", "ended"));
+        let text = plain_recording(&events);
+        let markers: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                l.trim_start_matches(|c: char| !c.is_ascii_graphic())
+                    .starts_with("[wicket]")
+            })
+            .collect();
+        assert_eq!(markers, ["[wicket] ended"]);
+
+        // Output without a line end is cleaned in parts too, in linear time.
+        let bar = "#".repeat(64 * 1024);
+        let mut plain = PlainRecording::default();
+        let mut out = Vec::new();
+        for _ in 0..(16 * MAX_PLAIN_RUN / bar.len()) {
+            plain.push(&ev("o", &bar), &mut out).unwrap();
+            assert!(plain.run.len() <= 4 * MAX_PLAIN_RUN + bar.len());
+        }
+        plain.finish(&mut out).unwrap();
+        assert_eq!(
+            out.iter().filter(|&&b| b == b'#').count(),
+            16 * MAX_PLAIN_RUN
+        );
     }
 
     #[test]
