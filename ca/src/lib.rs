@@ -24,8 +24,8 @@ pub use ssh::{
     VerifiedSshCert,
 };
 pub use x509::{
-    is_proxy_server, ServerCertRequest, ServerRole, TrustedX509Cas, VerifiedClientCert, X509Ca,
-    X509CaKind, X509Issued,
+    database_server_of, is_proxy_server, ServerCertRequest, ServerRole, TrustedX509Cas,
+    VerifiedClientCert, X509Ca, X509CaKind, X509Issued, DATABASE_URN_PREFIX,
 };
 
 /// A validity window in Unix seconds: `not_before <= t < not_after`.

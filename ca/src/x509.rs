@@ -82,7 +82,7 @@ pub struct ServerCertRequest<'a> {
     pub spki_der: &'a [u8],
     pub names: &'a [String],
     pub validity: Validity,
-    pub role: ServerRole,
+    pub role: ServerRole<'a>,
 }
 
 /// What a server certificate from Wicket's TLS CA is for. Clients of
@@ -90,11 +90,34 @@ pub struct ServerCertRequest<'a> {
 /// a database's certificate from the same CA, for the same name, cannot
 /// stand in for wicketd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ServerRole {
+pub enum ServerRole<'a> {
     /// wicketd itself (subject OU [`PROXY_SERVER_OU`]).
     Proxy,
-    /// A database behind wicketd (`wicketd databases server-cert`).
-    Database,
+    /// The database resource of this name behind wicketd (`wicketd
+    /// databases server-cert`): named in a URI SAN
+    /// ([`DATABASE_URN_PREFIX`]), so that one database's certificate
+    /// cannot stand in for another's on a shared host name.
+    Database(&'a str),
+}
+
+/// What begins the URI SAN naming a database's certificate's resource.
+pub const DATABASE_URN_PREFIX: &str = "urn:wicket:database:";
+
+/// The database resource a server certificate from Wicket's TLS CA was
+/// issued for ([`ServerRole::Database`]); `None` for any other
+/// certificate, and for one naming more than one.
+pub fn database_server_of(der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::{FromDer, GeneralName};
+    let (_, c) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+    let san = c.subject_alternative_name().ok()??;
+    let mut named = san.value.general_names.iter().filter_map(|n| match n {
+        GeneralName::URI(u) => u.strip_prefix(DATABASE_URN_PREFIX),
+        _ => None,
+    });
+    match (named.next(), named.next()) {
+        (Some(name), None) => Some(name.to_owned()),
+        _ => None,
+    }
 }
 
 /// The subject OU that marks wicketd's own server certificates.
@@ -361,8 +384,18 @@ impl X509Ca {
             rcgen::DnType::CommonName,
             req.names.first().map(String::as_str).unwrap_or("wicketd"),
         );
-        if req.role == ServerRole::Proxy {
-            dn.push(rcgen::DnType::OrganizationalUnitName, PROXY_SERVER_OU);
+        match req.role {
+            ServerRole::Proxy => dn.push(rcgen::DnType::OrganizationalUnitName, PROXY_SERVER_OU),
+            ServerRole::Database(name) => {
+                let uri =
+                    rcgen::string::Ia5String::try_from(format!("{DATABASE_URN_PREFIX}{name}"))
+                        .map_err(|_| {
+                            Error::InvalidRequest(format!(
+                                "database name {name:?} is not plain ASCII"
+                            ))
+                        })?;
+                params.subject_alt_names.push(rcgen::SanType::URI(uri));
+            }
         }
         params.distinguished_name = dn;
         params.is_ca = rcgen::IsCa::ExplicitNoCa;
@@ -771,7 +804,7 @@ mod tests {
     fn server_certificate_is_signed_by_ca_and_says_what_it_is_for() {
         let ca = ca();
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        for role in [ServerRole::Proxy, ServerRole::Database] {
+        for role in [ServerRole::Proxy, ServerRole::Database("prod-pg")] {
             let cert = ca
                 .issue_server(
                     &ServerCertRequest {
@@ -789,7 +822,14 @@ mod tests {
             parsed.verify_signature(Some(ca_cert.public_key())).unwrap();
             // Only wicketd's own is taken for wicketd.
             assert_eq!(is_proxy_server(&cert.der), role == ServerRole::Proxy);
+            // A database's names its resource; nothing else names one.
+            assert_eq!(
+                database_server_of(&cert.der).as_deref(),
+                (role != ServerRole::Proxy).then_some("prod-pg")
+            );
         }
+        assert_eq!(database_server_of(ca.cert_der()), None);
+        assert_eq!(database_server_of(b"not a certificate"), None);
         assert!(!is_proxy_server(ca.cert_der()));
         assert!(!is_proxy_server(b"not a certificate"));
     }

@@ -78,11 +78,16 @@ enum DatabasesCommand {
         source: Source,
     },
     /// Issue a TLS server certificate for a database from Wicket's TLS CA
-    /// (which the proxy trusts for databases without `ca_file`). Writes
-    /// `server.crt` (leaf and CA) and `server.key` (0600) into --out.
+    /// (which the proxy trusts for databases without `ca_file`, each only
+    /// with its own certificate). Writes `server.crt` (leaf and CA) and
+    /// `server.key` (0600) into --out.
     ServerCert {
         #[command(flatten)]
         source: Source,
+        /// The database resource (from the config's `resources.databases`)
+        /// the certificate is for: the proxy takes it for that one only.
+        #[arg(long)]
+        database: String,
         /// DNS name or IP address the database is reached at (repeatable).
         #[arg(long = "name", required = true)]
         names: Vec<String>,
@@ -242,6 +247,34 @@ fn check_config(file: &Path) -> ExitCode {
     }
 }
 
+/// The database a server certificate is for: one the config names (when
+/// there is a config; without one, any resource name).
+fn check_database_name(cfg: &Config, name: &str, configured: bool) -> Result<()> {
+    let known: Vec<&str> = cfg
+        .policy
+        .resources
+        .iter()
+        .filter(|r| r.kind == wicket_policy::ResourceKind::Database)
+        .map(|r| r.name.as_str())
+        .collect();
+    if configured && !known.contains(&name) {
+        return Err(Error::BadRequest(format!(
+            "--database {name:?} is not a database in the config (it has: {})",
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        )));
+    }
+    if !crate::config::is_object_name(name) {
+        return Err(Error::BadRequest(format!(
+            "--database {name:?} is not a resource name (letters, digits and . _ -)"
+        )));
+    }
+    Ok(())
+}
+
 fn load_config(source: &Source) -> Result<Config> {
     let cwd = std::env::current_dir()?;
     let mut cfg = match &source.config {
@@ -323,11 +356,13 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Databases(DatabasesCommand::ServerCert {
             source,
+            database,
             names,
             out,
             days,
         }) => {
             let cfg = load_config(&source)?;
+            check_database_name(&cfg, &database, source.config.is_some())?;
             let now = clock::now().timestamp();
             let keys = crate::keystore::load_or_make_first(&cfg.data_dir, &cfg.cluster_name, now)?;
             let rng = ring::rand::SystemRandom::new();
@@ -337,7 +372,7 @@ async fn run(command: Command) -> Result<()> {
                     spki_der: &spki,
                     names: &names,
                     validity: wicket_ca::Validity::new(now - 300, now + i64::from(days) * 86_400)?,
-                    role: wicket_ca::ServerRole::Database,
+                    role: wicket_ca::ServerRole::Database(&database),
                 },
                 &rng,
             )?;
@@ -350,7 +385,7 @@ async fn run(command: Command) -> Result<()> {
                 0o600,
             )?;
             println!(
-                "wrote {} and {} for {}",
+                "wrote {} and {} for database {database} at {}",
                 out.join("server.crt").display(),
                 out.join("server.key").display(),
                 names.join(", ")

@@ -3,9 +3,11 @@
 //! verified again, with identity extraction, by `wicket_ca`.
 
 use crate::error::{Error, Result};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::RootCertStore;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::sync::Arc;
 use wicket_ca::{AuthorityKeys, ServerCertRequest, Validity};
 
@@ -69,12 +71,15 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
-/// Roots for verifying an upstream server: the PEM bundle at `ca_file`, or
-/// Wicket's own TLS CA when none is configured.
-pub fn upstream_roots(
+/// How wicketd verifies database `database`'s server: against the PEM
+/// bundle at `ca_file`; without one, against Wicket's own TLS CA, and then
+/// only a certificate issued for that database (`wicketd databases
+/// server-cert --database`), not another's for the same host name.
+pub fn upstream_verifier(
     keys: &AuthorityKeys,
     ca_file: Option<&std::path::Path>,
-) -> Result<Arc<RootCertStore>> {
+    database: &str,
+) -> Result<Arc<dyn ServerCertVerifier>> {
     let mut roots = RootCertStore::empty();
     let ders = match ca_file {
         Some(path) => {
@@ -97,13 +102,79 @@ pub fn upstream_roots(
             .add(CertificateDer::from(der))
             .map_err(|e| Error::BadRequest(format!("upstream CA certificate: {e}")))?;
     }
-    Ok(Arc::new(roots))
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| Error::Internal(format!("upstream verifier: {e}")))?;
+    Ok(match ca_file {
+        Some(_) => webpki,
+        None => Arc::new(OwnDatabase {
+            webpki,
+            database: database.to_owned(),
+        }),
+    })
+}
+
+/// A server certificate from Wicket's TLS CA, issued for this database.
+#[derive(Debug)]
+struct OwnDatabase {
+    webpki: Arc<WebPkiServerVerifier>,
+    database: String,
+}
+
+impl ServerCertVerifier for OwnDatabase {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let verified =
+            self.webpki
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        match wicket_ca::database_server_of(end_entity.as_ref()) {
+            Some(name) if name == self.database => Ok(verified),
+            Some(name) => Err(rustls::Error::General(format!(
+                "the server's certificate is for database {name:?}, not {:?}",
+                self.database
+            ))),
+            None => Err(rustls::Error::General(format!(
+                "the server's certificate is from Wicket's TLS CA but names no database (issue one \
+                 with `wicketd databases server-cert --database {}`)",
+                self.database
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
 }
 
 /// A client config presenting `chain` (leaf first) with `key_pkcs8` and
-/// verifying the server against `roots`.
+/// verifying the server with `verifier` (see [`upstream_verifier`]).
 pub fn upstream_client_config(
-    roots: Arc<RootCertStore>,
+    verifier: Arc<dyn ServerCertVerifier>,
     chain: Vec<Vec<u8>>,
     key_pkcs8: &[u8],
 ) -> Result<Arc<rustls::ClientConfig>> {
@@ -111,7 +182,8 @@ pub fn upstream_client_config(
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Internal(e.to_string()))?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(
             chain.into_iter().map(CertificateDer::from).collect(),
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8.to_vec())),

@@ -599,7 +599,7 @@ fn a_database_certificate_does_not_pass_for_wicketd() {
         .unwrap()
         .args(["databases", "server-cert", "--data-dir"])
         .arg(d.data_dir())
-        .args(["--name", "127.0.0.1", "--out"])
+        .args(["--database", "prod-pg", "--name", "127.0.0.1", "--out"])
         .arg(dir.path()))
     .unwrap();
     let bundle = std::fs::read_to_string(dir.path().join("server.crt")).unwrap();

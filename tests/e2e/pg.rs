@@ -978,6 +978,54 @@ fn a_grant_for_named_resources_holds_only_on_them() {
     );
 }
 
+/// Without `ca_file`, wicketd trusts a database's certificate from
+/// Wicket's TLS CA only for the database it names: prod-pg's certificate
+/// does not pass for prod-pg-2, though both are at the same address. And
+/// `databases server-cert` names only databases the config has.
+#[test]
+fn a_database_certificate_stands_only_for_its_own_database() {
+    let s = Setup::start_edited(|yaml| {
+        let line = yaml
+            .lines()
+            .find(|l| l.contains("{ name: prod-pg,"))
+            .expect("the example's prod-pg line")
+            .to_owned();
+        let twin = line.replace("name: prod-pg,", "name: prod-pg-2,");
+        yaml.replace(&line, &format!("{line}\n{twin}"))
+    });
+    s.grant_dba("30m");
+    let (ok, out, err) = s.tunnel_to("prod-pg").sql("select 40 + 2");
+    assert!(ok && out == "42", "{out} {err}");
+    let (ok, _, err) = s.tunnel_to("prod-pg-2").sql("select 1");
+    assert!(!ok);
+    assert!(
+        err.contains("the server's certificate is for database \"prod-pg\", not \"prod-pg-2\""),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out =
+        s.d.admin(&[
+            "databases",
+            "server-cert",
+            "--database",
+            "prod-pg-3",
+            "--name",
+            "db3",
+        ])
+        .unwrap()
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("\"prod-pg-3\" is not a database in the config (it has: prod-pg, prod-pg-2)"),
+        "{err}"
+    );
+    assert!(!dir.path().join("server.key").exists());
+}
+
 /// libpq's large-object calls use the fast-path FunctionCall message
 /// (`F`), which carries no SQL text: each is audited with its function OID.
 #[test]

@@ -76,6 +76,8 @@ impl Setup {
             "server-cert",
             "--data-dir",
             data,
+            "--database",
+            "prod-pg",
             "--name",
             "127.0.0.1",
             "--out",

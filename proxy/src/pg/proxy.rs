@@ -24,7 +24,6 @@ use crate::store::CancelKeyRow;
 use crate::tls;
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls::pki_types::ServerName;
-use rustls::RootCertStore;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -74,7 +73,7 @@ pub struct PgProxy {
     /// start, never written anywhere.
     upstream_pkcs8: Vec<u8>,
     upstream_spki: Vec<u8>,
-    roots: BTreeMap<String, Arc<RootCertStore>>,
+    verifiers: BTreeMap<String, Arc<dyn rustls::client::danger::ServerCertVerifier>>,
     cancels: Mutex<HashMap<(u32, u32), CancelTarget>>,
     /// When cancel keys left in a shared store were last pruned (ms).
     cancels_pruned: AtomicI64,
@@ -139,7 +138,7 @@ impl PgProxy {
             tls::server_config(&wicket.keys, server_names, now, tls::ClientCerts::Required)?;
         let rng = SystemRandom::new();
         let (upstream_pkcs8, upstream_spki) = wicket_ca::x509::new_p256_key(&rng)?;
-        let mut roots = BTreeMap::new();
+        let mut verifiers = BTreeMap::new();
         for r in &wicket.config.policy.resources {
             if r.kind == ResourceKind::Database {
                 let ca_file = wicket
@@ -147,7 +146,10 @@ impl PgProxy {
                     .database_tls
                     .get(&r.name)
                     .and_then(|t| t.ca_file.as_deref());
-                roots.insert(r.name.clone(), tls::upstream_roots(&wicket.keys, ca_file)?);
+                verifiers.insert(
+                    r.name.clone(),
+                    tls::upstream_verifier(&wicket.keys, ca_file, &r.name)?,
+                );
             }
         }
         Ok(Self {
@@ -155,7 +157,7 @@ impl PgProxy {
             acceptor: TlsAcceptor::from(server),
             upstream_pkcs8,
             upstream_spki,
-            roots,
+            verifiers,
             cancels: Mutex::default(),
             cancels_pruned: AtomicI64::new(0),
             rng,
@@ -418,8 +420,8 @@ impl PgProxy {
         db_user: &str,
         identity: &Identity,
     ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
-        let roots = self
-            .roots
+        let verifier = self
+            .verifiers
             .get(&db.name)
             .cloned()
             .ok_or_else(|| format!("no TLS trust configured for database {:?}", db.name))?;
@@ -459,7 +461,7 @@ impl PgProxy {
             )
             .map_err(|e| format!("minting the database certificate: {e}"))?;
         let chain = vec![issued.der, self.wicket.keys.db_client.cert_der().to_vec()];
-        let config = tls::upstream_client_config(roots, chain, &self.upstream_pkcs8)
+        let config = tls::upstream_client_config(verifier, chain, &self.upstream_pkcs8)
             .map_err(|e| e.to_string())?;
         let name = self
             .wicket
