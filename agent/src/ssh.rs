@@ -579,7 +579,7 @@ impl PlainRecording {
                     // Cleaning may have taken the part's last line end
                     // (in an escape sequence): the next part still begins
                     // a line, where it is checked for the marker prefix.
-                    if !self.at_line_start {
+                    if self.wrote && !self.at_line_start {
                         out.write_all(b"\n")?;
                         self.at_line_start = true;
                     }

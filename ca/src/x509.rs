@@ -387,6 +387,12 @@ impl X509Ca {
         match req.role {
             ServerRole::Proxy => dn.push(rcgen::DnType::OrganizationalUnitName, PROXY_SERVER_OU),
             ServerRole::Database(name) => {
+                let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+                if name.is_empty() || !name.chars().all(plain) {
+                    return Err(Error::InvalidRequest(format!(
+                        "database name {name:?} is not a resource name (letters, digits and . _ -)"
+                    )));
+                }
                 let uri =
                     rcgen::string::Ia5String::try_from(format!("{DATABASE_URN_PREFIX}{name}"))
                         .map_err(|_| {
@@ -827,6 +833,18 @@ mod tests {
                 database_server_of(&cert.der).as_deref(),
                 (role != ServerRole::Proxy).then_some("prod-pg")
             );
+        }
+        for bad in ["", "a b", "x\ny", "é"] {
+            let e = ca.issue_server(
+                &ServerCertRequest {
+                    spki_der: &key.subject_public_key_info(),
+                    names: &["db".into()],
+                    validity: Validity::new(0, 4_000_000_000).unwrap(),
+                    role: ServerRole::Database(bad),
+                },
+                &SystemRandom::new(),
+            );
+            assert!(e.is_err(), "{bad:?}");
         }
         assert_eq!(database_server_of(ca.cert_der()), None);
         assert_eq!(database_server_of(b"not a certificate"), None);

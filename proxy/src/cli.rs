@@ -267,6 +267,13 @@ fn check_database_name(cfg: &Config, name: &str, configured: bool) -> Result<()>
             }
         )));
     }
+    if let Some(f) = cfg.database_tls.get(name).and_then(|t| t.ca_file.as_ref()) {
+        eprintln!(
+            "warning: database {name:?} sets ca_file ({}): wicketd trusts that CA for it, \
+             which takes this certificate only if it is Wicket's TLS CA",
+            f.display()
+        );
+    }
     if !crate::config::is_object_name(name) {
         return Err(Error::BadRequest(format!(
             "--database {name:?} is not a resource name (letters, digits and . _ -)"

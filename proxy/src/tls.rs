@@ -72,15 +72,17 @@ pub fn server_config(
 }
 
 /// How wicketd verifies database `database`'s server: against the PEM
-/// bundle at `ca_file`; without one, against Wicket's own TLS CA, and then
-/// only a certificate issued for that database (`wicketd databases
-/// server-cert --database`), not another's for the same host name.
+/// bundle at `ca_file`, or without one against Wicket's own TLS CA. A
+/// certificate from Wicket's TLS CA (either way) must be one issued for
+/// that database (`wicketd databases server-cert --database`), not
+/// another's for the same host name.
 pub fn upstream_verifier(
     keys: &AuthorityKeys,
     ca_file: Option<&std::path::Path>,
     database: &str,
 ) -> Result<Arc<dyn ServerCertVerifier>> {
     let mut roots = RootCertStore::empty();
+    let own = keys.tls.cert_der();
     let ders = match ca_file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -95,8 +97,11 @@ pub fn upstream_verifier(
             }
             ders
         }
-        None => vec![keys.tls.cert_der().to_vec()],
+        None => vec![own.to_vec()],
     };
+    // Wicket's own CA, here or in a `ca_file`, signs every database's
+    // certificate: each is taken only for its own database.
+    let ours = ders.iter().any(|d| d.as_slice() == own);
     for der in ders {
         roots
             .add(CertificateDer::from(der))
@@ -106,12 +111,13 @@ pub fn upstream_verifier(
     let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
         .build()
         .map_err(|e| Error::Internal(format!("upstream verifier: {e}")))?;
-    Ok(match ca_file {
-        Some(_) => webpki,
-        None => Arc::new(OwnDatabase {
+    Ok(if ours {
+        Arc::new(OwnDatabase {
             webpki,
             database: database.to_owned(),
-        }),
+        })
+    } else {
+        webpki
     })
 }
 

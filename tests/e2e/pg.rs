@@ -978,39 +978,50 @@ fn a_grant_for_named_resources_holds_only_on_them() {
     );
 }
 
-/// Without `ca_file`, wicketd trusts a database's certificate from
-/// Wicket's TLS CA only for the database it names: prod-pg's certificate
-/// does not pass for prod-pg-2, though both are at the same address. And
-/// `databases server-cert` names only databases the config has.
+/// wicketd trusts a database's certificate from Wicket's TLS CA only for
+/// the database it names: prod-pg's certificate does not pass for
+/// prod-pg-2, though both are at the same address, nor for prod-pg-3,
+/// whose `ca_file` holds Wicket's TLS CA. And `databases server-cert`
+/// names only databases the config has.
 #[test]
 fn a_database_certificate_stands_only_for_its_own_database() {
-    let s = Setup::start_edited(|yaml| {
+    let s = Setup::start_with(|yaml, pg| {
         let line = yaml
             .lines()
             .find(|l| l.contains("{ name: prod-pg,"))
             .expect("the example's prod-pg line")
             .to_owned();
         let twin = line.replace("name: prod-pg,", "name: prod-pg-2,");
-        yaml.replace(&line, &format!("{line}\n{twin}"))
+        // The server's chain file: its certificate, then Wicket's TLS CA.
+        let chain = pg.data_dir().parent().unwrap().join("server.crt");
+        let third = line.replace(
+            "name: prod-pg,",
+            &format!("name: prod-pg-3, ca_file: '{}',", chain.display()),
+        );
+        yaml.replace(&line, &format!("{line}\n{twin}\n{third}"))
     });
     s.grant_dba("30m");
     let (ok, out, err) = s.tunnel_to("prod-pg").sql("select 40 + 2");
     assert!(ok && out == "42", "{out} {err}");
-    let (ok, _, err) = s.tunnel_to("prod-pg-2").sql("select 1");
-    assert!(!ok);
-    assert!(
-        err.contains("the server's certificate is for database \"prod-pg\", not \"prod-pg-2\""),
-        "{err}"
-    );
+    for other in ["prod-pg-2", "prod-pg-3"] {
+        let (ok, _, err) = s.tunnel_to(other).sql("select 1");
+        assert!(!ok);
+        assert!(
+            err.contains(&format!(
+                "the server's certificate is for database \"prod-pg\", not \"{other}\""
+            )),
+            "{err}"
+        );
+    }
     let dir = tempfile::tempdir().unwrap();
     let out =
         s.d.admin(&[
             "databases",
             "server-cert",
             "--database",
-            "prod-pg-3",
+            "prod-pg-4",
             "--name",
-            "db3",
+            "db4",
         ])
         .unwrap()
         .arg("--out")
@@ -1020,7 +1031,9 @@ fn a_database_certificate_stands_only_for_its_own_database() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("\"prod-pg-3\" is not a database in the config (it has: prod-pg, prod-pg-2)"),
+        err.contains(
+            "\"prod-pg-4\" is not a database in the config (it has: prod-pg, prod-pg-2, prod-pg-3)"
+        ),
         "{err}"
     );
     assert!(!dir.path().join("server.key").exists());

@@ -59,7 +59,7 @@ impl Setup {
     }
 
     /// Like [`Self::start_edited`], where `edit` also sees the PostgreSQL.
-    fn start_with(edit: impl Fn(String, &Postgres) -> String) -> Setup {
+    pub fn start_with(edit: impl Fn(String, &Postgres) -> String) -> Setup {
         let dir = tempfile::Builder::new()
             .prefix("wicketd-")
             .tempdir()
