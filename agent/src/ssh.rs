@@ -796,6 +796,18 @@ impl<'a> Player<'a> {
 mod tests {
     use super::*;
 
+    /// The lines of a plain recording a reader takes for markers: what
+    /// a terminal does not show before `[wicket]` does not count (an
+    /// escaped line begins with `\\`).
+    fn marker_lines(text: &str) -> Vec<&str> {
+        text.lines()
+            .filter(|l| {
+                l.trim_start_matches(|c: char| !c.is_ascii_graphic())
+                    .starts_with("[wicket]")
+            })
+            .collect()
+    }
+
     #[test]
     fn plain_recordings_show_markers_on_lines_of_their_own() {
         let ev = |code: &str, data: &str| CastEvent {
@@ -827,15 +839,7 @@ mod tests {
             ev("m", "ended"),
         ];
         let text = plain_recording(&events);
-        let markers: Vec<&str> = text
-            .lines()
-            .filter(|l| {
-                l.trim_start_matches(|c: char| !c.is_ascii_graphic())
-                    .starts_with("[wicket]")
-                    && !l.starts_with('\\')
-            })
-            .collect();
-        assert_eq!(markers, ["[wicket] ended"], "{text}");
+        assert_eq!(marker_lines(&text), ["[wicket] ended"], "{text}");
         assert!(text.contains("\\[wicket] session ended"), "{text}");
         // An escape string left open (in output, or in a marker) hides
         // nothing after it.
@@ -1041,14 +1045,7 @@ mod tests {
         ];
         events.push(ev("m", "ended"));
         let text = plain_recording(&events);
-        let markers: Vec<&str> = text
-            .lines()
-            .filter(|l| {
-                l.trim_start_matches(|c: char| !c.is_ascii_graphic())
-                    .starts_with("[wicket]")
-            })
-            .collect();
-        assert_eq!(markers, ["[wicket] ended"]);
+        assert_eq!(marker_lines(&text), ["[wicket] ended"]);
 
         // Output without a line end is cleaned in parts too, in linear time.
         let bar = "#".repeat(64 * 1024);

@@ -1284,6 +1284,17 @@ fn session_of_query(s: &Setup, statement: &str) -> String {
     .unwrap()
 }
 
+/// alice's `kind` events of `session`, once its end is on the record (and
+/// with it all it audited).
+fn events_of_ended_session(s: &Setup, session: &str, kind: &str) -> Vec<Value> {
+    wait_until("the session's end", Duration::from_secs(10), || {
+        let ended = s.events(&s.alice, &["--session", session, "--kind", "session_ended"]);
+        (!ended.is_empty()).then_some(())
+    })
+    .unwrap();
+    s.events(&s.alice, &["--session", session, "--kind", kind])
+}
+
 /// alice with a dba grant, her tunnel, and a two-row table `ledger`.
 fn with_ledger() -> (Setup, Tunnel) {
     let s = Setup::start("");
@@ -1331,16 +1342,7 @@ fn a_pipeline_past_what_the_proxy_holds_still_gets_its_answers() {
         .unwrap();
     f.read_until(|_| false);
     let session = session_of_query(&s, "SELECT 2");
-    wait_until("the session's end", Duration::from_secs(10), || {
-        let ended = s.events(
-            &s.alice,
-            &["--session", &session, "--kind", "session_ended"],
-        );
-        (!ended.is_empty()).then_some(())
-    })
-    .unwrap();
-    let queries: Vec<Value> = s
-        .events(&s.alice, &["--session", &session, "--kind", "db_query"])
+    let queries: Vec<Value> = events_of_ended_session(&s, &session, "db_query")
         .iter()
         .map(|e| e["data"]["statement"].clone())
         .collect();
@@ -1426,16 +1428,7 @@ fn a_cut_pipeline_does_not_run_on() {
         "0"
     );
     let session = session_of_query(&s, "SELECT 'cut-marker'");
-    wait_until("the session's end", Duration::from_secs(10), || {
-        let ended = s.events(
-            &s.alice,
-            &["--session", &session, "--kind", "session_ended"],
-        );
-        (!ended.is_empty()).then_some(())
-    })
-    .unwrap();
-    let executed: Vec<(String, bool)> = s
-        .events(&s.alice, &["--session", &session, "--kind", "db_execute"])
+    let executed: Vec<(String, bool)> = events_of_ended_session(&s, &session, "db_execute")
         .iter()
         .map(|e| {
             (
