@@ -941,20 +941,25 @@ fn with_disconnect_on_expiry_off_a_running_session_finishes_but_new_ones_are_ref
     );
 }
 
+/// The example config with more databases at prod-pg's address, each
+/// prod-pg's line with `name: prod-pg,` replaced by one of `names`.
+fn beside_prod_pg(yaml: String, names: &[String]) -> String {
+    let line = yaml
+        .lines()
+        .find(|l| l.contains("{ name: prod-pg,"))
+        .expect("the example's prod-pg line")
+        .to_owned();
+    let mut lines = vec![line.clone()];
+    lines.extend(names.iter().map(|n| line.replace("name: prod-pg,", n)));
+    yaml.replace(&line, &lines.join("\n"))
+}
+
 /// A request that names resources is granted only there: the role's labels
 /// also select prod-pg-2, but the grant does not reach it (and `db ls`
 /// does not list it).
 #[test]
 fn a_grant_for_named_resources_holds_only_on_them() {
-    let s = Setup::start_edited(|yaml| {
-        let line = yaml
-            .lines()
-            .find(|l| l.contains("{ name: prod-pg,"))
-            .expect("the example's prod-pg line")
-            .to_owned();
-        let twin = line.replace("name: prod-pg,", "name: prod-pg-2,");
-        yaml.replace(&line, &format!("{line}\n{twin}"))
-    });
+    let s = Setup::start_edited(|yaml| beside_prod_pg(yaml, &["name: prod-pg-2,".into()]));
     let req = s.grant_dba_on("30m", &["prod-pg"]);
     assert_eq!(req["resources"], serde_json::json!(["prod-pg"]), "{req}");
     let (ok, out, err) = s.tunnel_to("prod-pg").sql("select 40 + 2");
@@ -986,19 +991,15 @@ fn a_grant_for_named_resources_holds_only_on_them() {
 #[test]
 fn a_database_certificate_stands_only_for_its_own_database() {
     let s = Setup::start_with(|yaml, pg| {
-        let line = yaml
-            .lines()
-            .find(|l| l.contains("{ name: prod-pg,"))
-            .expect("the example's prod-pg line")
-            .to_owned();
-        let twin = line.replace("name: prod-pg,", "name: prod-pg-2,");
         // The server's chain file: its certificate, then Wicket's TLS CA.
         let chain = pg.data_dir().parent().unwrap().join("server.crt");
-        let third = line.replace(
-            "name: prod-pg,",
-            &format!("name: prod-pg-3, ca_file: '{}',", chain.display()),
-        );
-        yaml.replace(&line, &format!("{line}\n{twin}\n{third}"))
+        beside_prod_pg(
+            yaml,
+            &[
+                "name: prod-pg-2,".into(),
+                format!("name: prod-pg-3, ca_file: '{}',", chain.display()),
+            ],
+        )
     });
     s.grant_dba("30m");
     let (ok, out, err) = s.tunnel_to("prod-pg").sql("select 40 + 2");
