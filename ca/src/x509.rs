@@ -103,6 +103,40 @@ pub enum ServerRole<'a> {
 /// What begins the URI SAN naming a database's certificate's resource.
 pub const DATABASE_URN_PREFIX: &str = "urn:wicket:database:";
 
+/// Whether `ca` (a CA certificate) issued `leaf`: its issuer is the CA's
+/// subject and, where both name one, the key identifiers agree. Names only:
+/// for a chain already verified, to tell which of its roots it ends at.
+pub fn issued_by(leaf: &[u8], ca: &[u8]) -> bool {
+    use x509_parser::prelude::{FromDer, ParsedExtension};
+    let (Ok((_, leaf)), Ok((_, ca))) = (
+        x509_parser::certificate::X509Certificate::from_der(leaf),
+        x509_parser::certificate::X509Certificate::from_der(ca),
+    ) else {
+        return false;
+    };
+    if leaf.issuer().as_raw() != ca.subject().as_raw() {
+        return false;
+    }
+    let aki = leaf
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(a) => a.key_identifier.as_ref().map(|k| k.0),
+            _ => None,
+        });
+    let ski = ca
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0),
+            _ => None,
+        });
+    match (aki, ski) {
+        (Some(a), Some(s)) => a == s,
+        _ => true,
+    }
+}
+
 /// The database resource a server certificate from Wicket's TLS CA was
 /// issued for ([`ServerRole::Database`]); `None` for any other
 /// certificate, and for one naming more than one.
@@ -847,6 +881,21 @@ mod tests {
             assert!(e.is_err(), "{bad:?}");
         }
         assert_eq!(database_server_of(ca.cert_der()), None);
+        // Issued by this CA, not by another of the same kind.
+        let leaf = ca
+            .issue_server(
+                &ServerCertRequest {
+                    spki_der: &key.subject_public_key_info(),
+                    names: &["db".into()],
+                    validity: Validity::new(0, 4_000_000_000).unwrap(),
+                    role: ServerRole::Database("db"),
+                },
+                &SystemRandom::new(),
+            )
+            .unwrap();
+        assert!(issued_by(&leaf.der, ca.cert_der()));
+        assert!(!issued_by(ca.cert_der(), leaf.der.as_slice()));
+        assert!(!issued_by(&leaf.der, b"not a certificate"));
         assert_eq!(database_server_of(b"not a certificate"), None);
         assert!(!is_proxy_server(ca.cert_der()));
         assert!(!is_proxy_server(b"not a certificate"));

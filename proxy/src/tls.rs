@@ -100,7 +100,8 @@ pub fn upstream_verifier(
         None => vec![own.to_vec()],
     };
     // Wicket's own CA, here or in a `ca_file`, signs every database's
-    // certificate: each is taken only for its own database.
+    // certificate: each of its certificates is taken only for its own
+    // database (another CA's, in the same file, as they are).
     let ours = ders.iter().any(|d| d.as_slice() == own);
     for der in ders {
         roots
@@ -115,17 +116,20 @@ pub fn upstream_verifier(
         Arc::new(OwnDatabase {
             webpki,
             database: database.to_owned(),
+            ca: own.to_vec(),
         })
     } else {
         webpki
     })
 }
 
-/// A server certificate from Wicket's TLS CA, issued for this database.
+/// A server certificate verified by `webpki`; if it is from Wicket's TLS
+/// CA (`ca`), one issued for this database.
 #[derive(Debug)]
 struct OwnDatabase {
     webpki: Arc<WebPkiServerVerifier>,
     database: String,
+    ca: Vec<u8>,
 }
 
 impl ServerCertVerifier for OwnDatabase {
@@ -140,6 +144,11 @@ impl ServerCertVerifier for OwnDatabase {
         let verified =
             self.webpki
                 .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        // Another CA in a `ca_file` beside Wicket's: its certificates name
+        // no database.
+        if !wicket_ca::issued_by(end_entity.as_ref(), &self.ca) {
+            return Ok(verified);
+        }
         match wicket_ca::database_server_of(end_entity.as_ref()) {
             Some(name) if name == self.database => Ok(verified),
             Some(name) => Err(rustls::Error::General(format!(
@@ -210,4 +219,73 @@ pub fn server_names(listen: std::net::SocketAddr, public_names: &[String]) -> Ve
     names.sort();
     names.dedup();
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ring::rand::SystemRandom;
+    use wicket_ca::{ServerRole, X509Ca, X509CaKind};
+
+    const NOW: i64 = 1_700_000_000;
+
+    fn leaf(ca: &X509Ca, role: ServerRole<'_>) -> CertificateDer<'static> {
+        let rng = SystemRandom::new();
+        let (_, spki) = wicket_ca::x509::new_p256_key(&rng).unwrap();
+        let issued = ca
+            .issue_server(
+                &ServerCertRequest {
+                    spki_der: &spki,
+                    names: &["db.internal".into()],
+                    validity: Validity::new(NOW - 300, NOW + 86_400).unwrap(),
+                    role,
+                },
+                &rng,
+            )
+            .unwrap();
+        CertificateDer::from(issued.der)
+    }
+
+    fn verify(v: &dyn ServerCertVerifier, leaf: &CertificateDer<'_>) -> Result<(), String> {
+        let name = ServerName::try_from("db.internal").unwrap();
+        let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(NOW as u64 + 60));
+        v.verify_server_cert(leaf, &[], &name, &[], at)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// A certificate from Wicket's TLS CA stands only for the database it
+    /// names, with or without a `ca_file`; another CA's, in a `ca_file`
+    /// beside Wicket's, is taken as it is.
+    #[test]
+    fn wickets_database_certificates_stand_only_for_their_database() {
+        let (keys, _) = AuthorityKeys::generate("wicket", NOW, &SystemRandom::new()).unwrap();
+        let validity = Validity::new(NOW - 3600, NOW + 86_400 * 365).unwrap();
+        let (other, _) = X509Ca::generate(X509CaKind::Tls, "elsewhere", validity).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("ca.pem");
+        std::fs::write(
+            &bundle,
+            format!("{}{}", other.cert_pem(), keys.tls.cert_pem()),
+        )
+        .unwrap();
+        let own_a = leaf(&keys.tls, ServerRole::Database("db-a"));
+        let own_b = leaf(&keys.tls, ServerRole::Database("db-b"));
+        let proxy = leaf(&keys.tls, ServerRole::Proxy);
+        let foreign = leaf(&other, ServerRole::Proxy);
+        for ca_file in [None, Some(bundle.as_path())] {
+            let v = upstream_verifier(&keys, ca_file, "db-a").unwrap();
+            assert_eq!(verify(v.as_ref(), &own_a), Ok(()));
+            let e = verify(v.as_ref(), &own_b).unwrap_err();
+            assert!(e.contains("for database \"db-b\", not \"db-a\""), "{e}");
+            let e = verify(v.as_ref(), &proxy).unwrap_err();
+            assert!(e.contains("names no database"), "{e}");
+            assert_eq!(verify(v.as_ref(), &foreign).is_ok(), ca_file.is_some());
+        }
+        // A `ca_file` without Wicket's CA: its certificates as they are.
+        std::fs::write(&bundle, other.cert_pem()).unwrap();
+        let v = upstream_verifier(&keys, Some(&bundle), "db-a").unwrap();
+        assert_eq!(verify(v.as_ref(), &foreign), Ok(()));
+        assert!(verify(v.as_ref(), &own_a).is_err());
+    }
 }
