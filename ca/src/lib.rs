@@ -24,7 +24,7 @@ pub use ssh::{
     VerifiedSshCert,
 };
 pub use x509::{
-    database_server_of, is_proxy_server, issued_by, ServerCertRequest, ServerRole, TrustedX509Cas,
+    is_proxy_server, DatabaseClaim, IssuerNames, ServerCertRequest, ServerRole, TrustedX509Cas,
     VerifiedClientCert, X509Ca, X509CaKind, X509Issued, DATABASE_URN_PREFIX,
 };
 

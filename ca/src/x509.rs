@@ -103,54 +103,79 @@ pub enum ServerRole<'a> {
 /// What begins the URI SAN naming a database's certificate's resource.
 pub const DATABASE_URN_PREFIX: &str = "urn:wicket:database:";
 
-/// Whether `ca` (a CA certificate) issued `leaf`: its issuer is the CA's
-/// subject and, where both name one, the key identifiers agree. Names only:
-/// for a chain already verified, to tell which of its roots it ends at.
-pub fn issued_by(leaf: &[u8], ca: &[u8]) -> bool {
-    use x509_parser::prelude::{FromDer, ParsedExtension};
-    let (Ok((_, leaf)), Ok((_, ca))) = (
-        x509_parser::certificate::X509Certificate::from_der(leaf),
-        x509_parser::certificate::X509Certificate::from_der(ca),
-    ) else {
-        return false;
-    };
-    if leaf.issuer().as_raw() != ca.subject().as_raw() {
-        return false;
-    }
-    let aki = leaf
-        .extensions()
-        .iter()
-        .find_map(|e| match e.parsed_extension() {
-            ParsedExtension::AuthorityKeyIdentifier(a) => a.key_identifier.as_ref().map(|k| k.0),
-            _ => None,
-        });
-    let ski = ca
-        .extensions()
-        .iter()
-        .find_map(|e| match e.parsed_extension() {
-            ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0),
-            _ => None,
-        });
-    match (aki, ski) {
-        (Some(a), Some(s)) => a == s,
-        _ => true,
-    }
+/// What a server certificate, already verified against roots that include
+/// Wicket's TLS CA, says about the database it is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseClaim {
+    /// Not issued by Wicket's TLS CA: another root's, taken as it is.
+    Foreign,
+    /// Issued by it for this database ([`ServerRole::Database`]).
+    Named(String),
+    /// Issued by it, naming no database (wicketd's own, say) or more than
+    /// one; also anything unreadable.
+    Unnamed,
 }
 
-/// The database resource a server certificate from Wicket's TLS CA was
-/// issued for ([`ServerRole::Database`]); `None` for any other
-/// certificate, and for one naming more than one.
-pub fn database_server_of(der: &[u8]) -> Option<String> {
-    use x509_parser::prelude::{FromDer, GeneralName};
-    let (_, c) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
-    let san = c.subject_alternative_name().ok()??;
-    let mut named = san.value.general_names.iter().filter_map(|n| match n {
-        GeneralName::URI(u) => u.strip_prefix(DATABASE_URN_PREFIX),
-        _ => None,
-    });
-    match (named.next(), named.next()) {
-        (Some(name), None) => Some(name.to_owned()),
-        _ => None,
+/// A CA's names, read once from its certificate: which certificates of a
+/// verified chain it issued (its subject is their issuer and, where both
+/// name one, the key identifiers agree), and what they claim.
+#[derive(Debug, Clone)]
+pub struct IssuerNames {
+    subject: Vec<u8>,
+    key_id: Option<Vec<u8>>,
+}
+
+impl IssuerNames {
+    pub fn of(ca_der: &[u8]) -> Result<Self> {
+        use x509_parser::prelude::{FromDer, ParsedExtension};
+        let (_, ca) = x509_parser::certificate::X509Certificate::from_der(ca_der)
+            .map_err(|e| Error::InvalidRequest(format!("CA certificate: {e}")))?;
+        let key_id = ca
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+                _ => None,
+            });
+        Ok(IssuerNames {
+            subject: ca.subject().as_raw().to_vec(),
+            key_id,
+        })
+    }
+
+    /// What `leaf` claims (read once).
+    pub fn database_claim(&self, leaf: &[u8]) -> DatabaseClaim {
+        use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension};
+        let Ok((_, c)) = x509_parser::certificate::X509Certificate::from_der(leaf) else {
+            return DatabaseClaim::Unnamed;
+        };
+        let aki = c
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::AuthorityKeyIdentifier(a) => {
+                    a.key_identifier.as_ref().map(|k| k.0)
+                }
+                _ => None,
+            });
+        let keys_agree = match (aki, &self.key_id) {
+            (Some(a), Some(k)) => a == k.as_slice(),
+            _ => true,
+        };
+        if c.issuer().as_raw() != self.subject.as_slice() || !keys_agree {
+            return DatabaseClaim::Foreign;
+        }
+        let Ok(Some(san)) = c.subject_alternative_name() else {
+            return DatabaseClaim::Unnamed;
+        };
+        let mut named = san.value.general_names.iter().filter_map(|n| match n {
+            GeneralName::URI(u) => u.strip_prefix(DATABASE_URN_PREFIX),
+            _ => None,
+        });
+        match (named.next(), named.next()) {
+            (Some(name), None) => DatabaseClaim::Named(name.to_owned()),
+            _ => DatabaseClaim::Unnamed,
+        }
     }
 }
 
@@ -844,6 +869,7 @@ mod tests {
     fn server_certificate_is_signed_by_ca_and_says_what_it_is_for() {
         let ca = ca();
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let issuer = IssuerNames::of(ca.cert_der()).unwrap();
         for role in [ServerRole::Proxy, ServerRole::Database("prod-pg")] {
             let cert = ca
                 .issue_server(
@@ -864,8 +890,11 @@ mod tests {
             assert_eq!(is_proxy_server(&cert.der), role == ServerRole::Proxy);
             // A database's names its resource; nothing else names one.
             assert_eq!(
-                database_server_of(&cert.der).as_deref(),
-                (role != ServerRole::Proxy).then_some("prod-pg")
+                issuer.database_claim(&cert.der),
+                match role {
+                    ServerRole::Proxy => DatabaseClaim::Unnamed,
+                    ServerRole::Database(name) => DatabaseClaim::Named(name.into()),
+                }
             );
         }
         for bad in ["", "a b", "x\ny", "é"] {
@@ -880,23 +909,32 @@ mod tests {
             );
             assert!(e.is_err(), "{bad:?}");
         }
-        assert_eq!(database_server_of(ca.cert_der()), None);
-        // Issued by this CA, not by another of the same kind.
-        let leaf = ca
+        // The CA itself (self-signed) names no database; another CA's
+        // certificate is not this one's.
+        assert_eq!(issuer.database_claim(ca.cert_der()), DatabaseClaim::Unnamed);
+        let (other, _) = X509Ca::generate(
+            X509CaKind::Tls,
+            "elsewhere",
+            Validity::new(0, 4_000_000_000).unwrap(),
+        )
+        .unwrap();
+        let foreign = other
             .issue_server(
                 &ServerCertRequest {
                     spki_der: &key.subject_public_key_info(),
                     names: &["db".into()],
                     validity: Validity::new(0, 4_000_000_000).unwrap(),
-                    role: ServerRole::Database("db"),
+                    role: ServerRole::Database("prod-pg"),
                 },
                 &SystemRandom::new(),
             )
             .unwrap();
-        assert!(issued_by(&leaf.der, ca.cert_der()));
-        assert!(!issued_by(ca.cert_der(), leaf.der.as_slice()));
-        assert!(!issued_by(&leaf.der, b"not a certificate"));
-        assert_eq!(database_server_of(b"not a certificate"), None);
+        assert_eq!(issuer.database_claim(&foreign.der), DatabaseClaim::Foreign);
+        assert_eq!(
+            issuer.database_claim(b"not a certificate"),
+            DatabaseClaim::Unnamed
+        );
+        assert!(IssuerNames::of(b"not a certificate").is_err());
         assert!(!is_proxy_server(ca.cert_der()));
         assert!(!is_proxy_server(b"not a certificate"));
     }

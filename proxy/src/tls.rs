@@ -9,7 +9,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::sync::Arc;
-use wicket_ca::{AuthorityKeys, ServerCertRequest, Validity};
+use wicket_ca::{AuthorityKeys, DatabaseClaim, ServerCertRequest, Validity};
 
 /// Server certificates live a year; wicketd makes a new one at every start.
 const SERVER_CERT_LIFETIME: i64 = 365 * 24 * 3600;
@@ -116,7 +116,8 @@ pub fn upstream_verifier(
         Arc::new(OwnDatabase {
             webpki,
             database: database.to_owned(),
-            ca: own.to_vec(),
+            ca: wicket_ca::IssuerNames::of(own)
+                .map_err(|e| Error::Internal(format!("Wicket's TLS CA: {e}")))?,
         })
     } else {
         webpki
@@ -129,7 +130,7 @@ pub fn upstream_verifier(
 struct OwnDatabase {
     webpki: Arc<WebPkiServerVerifier>,
     database: String,
-    ca: Vec<u8>,
+    ca: wicket_ca::IssuerNames,
 }
 
 impl ServerCertVerifier for OwnDatabase {
@@ -144,18 +145,16 @@ impl ServerCertVerifier for OwnDatabase {
         let verified =
             self.webpki
                 .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
-        // Another CA in a `ca_file` beside Wicket's: its certificates name
-        // no database.
-        if !wicket_ca::issued_by(end_entity.as_ref(), &self.ca) {
-            return Ok(verified);
-        }
-        match wicket_ca::database_server_of(end_entity.as_ref()) {
-            Some(name) if name == self.database => Ok(verified),
-            Some(name) => Err(rustls::Error::General(format!(
+        match self.ca.database_claim(end_entity.as_ref()) {
+            // Another CA in a `ca_file` beside Wicket's: its certificates
+            // name no database.
+            DatabaseClaim::Foreign => Ok(verified),
+            DatabaseClaim::Named(name) if name == self.database => Ok(verified),
+            DatabaseClaim::Named(name) => Err(rustls::Error::General(format!(
                 "the server's certificate is for database {name:?}, not {:?}",
                 self.database
             ))),
-            None => Err(rustls::Error::General(format!(
+            DatabaseClaim::Unnamed => Err(rustls::Error::General(format!(
                 "the server's certificate is from Wicket's TLS CA but names no database (issue one \
                  with `wicketd databases server-cert --database {}`)",
                 self.database

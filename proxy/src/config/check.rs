@@ -111,7 +111,7 @@ fn is_principal_name(s: &str) -> bool {
 }
 
 /// Resource, team, schedule and cluster names: `[A-Za-z0-9._-]+`.
-pub(crate) fn is_object_name(s: &str) -> bool {
+fn is_object_name(s: &str) -> bool {
     is_name(s, &['.', '_', '-'])
 }
 

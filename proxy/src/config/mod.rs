@@ -18,7 +18,6 @@ pub mod file;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use check::is_object_name;
 pub use duration::{format_duration, parse_duration};
 
 use chrono::Duration;
