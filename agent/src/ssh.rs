@@ -569,9 +569,17 @@ impl PlainRecording {
                 // A long run is cleaned in parts: an escape sequence left
                 // open hides no more than the rest of its part.
                 if self.run.len() > MAX_PLAIN_RUN {
+                    let hard = self.run.len() > 4 * MAX_PLAIN_RUN;
                     let at = match self.cut {
+                        // A `\r` that ends the run may be the first half of
+                        // a `\r\n`: cut after the next event, which may
+                        // bring the `\n` (a part ending in `\r` and one
+                        // beginning with `\n` would read as two line ends).
+                        Some(at) if !hard && at == self.run.len() && self.run.ends_with('\r') => {
+                            return Ok(())
+                        }
                         Some(at) => at,
-                        None if self.run.len() > 4 * MAX_PLAIN_RUN => self.run.len(),
+                        None if hard => self.run.len(),
                         None => return Ok(()),
                     };
                     let rest = self.run.split_off(at);
@@ -1046,6 +1054,17 @@ mod tests {
         events.push(ev("m", "ended"));
         let text = plain_recording(&events);
         assert_eq!(marker_lines(&text), ["[wicket] ended"]);
+
+        // A `\r\n` split between two events, where the run is cut, is
+        // still one line end.
+        let filler = format!("{}\r", "y".repeat(MAX_PLAIN_RUN + 5));
+        let events = [ev("o", &filler), ev("o", "\nnext\r\n"), ev("m", "ended")];
+        let text = plain_recording(&events);
+        assert!(
+            text.ends_with("y\nnext\n[wicket] ended\n"),
+            "{:?}",
+            &text[text.len() - 40..]
+        );
 
         // Output without a line end is cleaned in parts too, in linear time.
         let bar = "#".repeat(64 * 1024);
