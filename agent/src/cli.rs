@@ -300,7 +300,8 @@ enum AuditCommand {
         /// Only events of this session (proxied SSH/database connection).
         #[arg(long)]
         session: Option<String>,
-        #[arg(long, default_value_t = 1000)]
+        /// At most this many events (the oldest that match); read in pages.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
@@ -411,12 +412,8 @@ async fn run(command: Command) -> Result<()> {
                 ("kind", kind),
                 ("request", request),
                 ("session", session),
-                (
-                    "since",
-                    since.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-                ),
             ];
-            audit_search(&filter, limit, format).await
+            audit_search(&filter, since, limit, format).await
         }
         Command::Audit(AuditCommand::Verify { format }) => audit_verify(format).await,
         Command::Db(DbCommand::Ls { format }) => crate::db::ls(format).await,
@@ -817,23 +814,52 @@ async fn search(
 /// The most events wicketd returns for one search.
 const MAX_SEARCH: u32 = 10_000;
 
-/// Every event of `session`, oldest first, read in pages: each page starts
-/// at the time of the last one read (`since` includes it), and the events
-/// already read at that time are passed over.
+/// Every event of `session`, oldest first.
 async fn session_events(client: &Client, session: &str) -> Result<Vec<wicket_api::AuditEventView>> {
+    let filter = [("session", Some(session.to_owned()))];
+    let (events, _) = search_pages(client, &filter, None, usize::MAX).await?;
+    Ok(events)
+}
+
+/// The events a search matches, oldest first from `since`, up to `limit`,
+/// read in pages as large as wicketd gives. Also says whether more may match.
+async fn search_pages(
+    client: &Client,
+    filter: &[(&str, Option<String>)],
+    since: Option<DateTime<Utc>>,
+    limit: usize,
+) -> Result<(Vec<wicket_api::AuditEventView>, bool)> {
+    let fetch = |since: Option<DateTime<Utc>>, n: usize| {
+        let mut query = filter.to_vec();
+        query.push((
+            "since",
+            since.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        ));
+        async move { search(client, &query, u32::try_from(n).unwrap_or(MAX_SEARCH)).await }
+    };
+    read_pages(fetch, since, limit, MAX_SEARCH as usize).await
+}
+
+/// Reads up to `limit` events, oldest first, in pages of at most `page`
+/// from `fetch(since, n)` (the first `n` events at or after `since`, oldest
+/// first, as wicketd's search gives them). Each page starts at the time of
+/// the last event read, and the events already read at that time are passed
+/// over. Returns the events and whether more may match.
+async fn read_pages<F, Fut>(
+    mut fetch: F,
+    mut since: Option<DateTime<Utc>>,
+    limit: usize,
+    page: usize,
+) -> Result<(Vec<wicket_api::AuditEventView>, bool)>
+where
+    F: FnMut(Option<DateTime<Utc>>, usize) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<wicket_api::AuditEventView>>>,
+{
     let mut all: Vec<wicket_api::AuditEventView> = Vec::new();
-    let mut since: Option<DateTime<Utc>> = None;
+    if limit == 0 {
+        return Ok((all, true));
+    }
     loop {
-        let filter = [
-            ("session", Some(session.to_owned())),
-            (
-                "since",
-                since.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-            ),
-        ];
-        let page = search(client, &filter, MAX_SEARCH).await?;
-        let full = page.len() >= MAX_SEARCH as usize;
-        let last = page.last().map(|e| e.time);
         let seen: std::collections::HashSet<String> = match since {
             Some(t) => all
                 .iter()
@@ -843,18 +869,33 @@ async fn session_events(client: &Client, session: &str) -> Result<Vec<wicket_api
                 .collect(),
             None => Default::default(),
         };
+        // The events already read at `since` come again: room for them too,
+        // and for one past the limit, to tell whether more match.
+        let want = (limit - all.len())
+            .saturating_add(seen.len())
+            .saturating_add(1)
+            .min(page);
+        let got = fetch(since, want).await?;
+        let full = got.len() >= want;
+        let last = got.last().map(|e| e.time);
         let before = all.len();
-        all.extend(page.into_iter().filter(|e| !seen.contains(&e.id)));
+        all.extend(got.into_iter().filter(|e| !seen.contains(&e.id)));
+        if all.len() > limit {
+            all.truncate(limit);
+            return Ok((all, true));
+        }
         if !full {
-            return Ok(all);
+            return Ok((all, false));
         }
         if all.len() == before || last == since {
             // A whole page at one millisecond: no way past it by time.
             eprintln!(
-                "wicket: warning: more than {MAX_SEARCH} events of this session share one \
-                 millisecond; the replay stops there"
+                "wicket: warning: more than {page} matching events share one millisecond \
+                 ({}); the list stops there",
+                last.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                    .unwrap_or_default()
             );
-            return Ok(all);
+            return Ok((all, true));
         }
         since = last;
     }
@@ -914,10 +955,16 @@ async fn audit_verify(format: Format) -> Result<()> {
     Ok(())
 }
 
-async fn audit_search(filter: &[(&str, Option<String>)], limit: u32, format: Format) -> Result<()> {
+async fn audit_search(
+    filter: &[(&str, Option<String>)],
+    since: Option<DateTime<Utc>>,
+    limit: u32,
+    format: Format,
+) -> Result<()> {
     let (_, _, client) = authenticated_client()?;
-    let events = search(&client, filter, limit).await?;
-    if !events.is_empty() && events.len() >= limit.min(MAX_SEARCH) as usize {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let (events, more) = search_pages(&client, filter, since, limit).await?;
+    if more {
         // Oldest first: what is left out is the newest.
         let next = events
             .last()
@@ -925,7 +972,7 @@ async fn audit_search(filter: &[(&str, Option<String>)], limit: u32, format: For
             .unwrap_or_default();
         eprintln!(
             "wicket: {} events shown, the oldest that match; there may be more \
-             (--since {next} for the next ones, or a higher --limit, up to {MAX_SEARCH})",
+             (a higher --limit, or --since {next} for the next ones)",
             events.len()
         );
     }
@@ -1127,5 +1174,121 @@ fn cmd_to(cmd: RequestCommand) -> crate::requests::Cmd {
                 duration: Some(duration),
             },
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use wicket_api::AuditEventView;
+
+    fn at(ms: i64) -> DateTime<Utc> {
+        DateTime::<Utc>::from_timestamp_millis(1_790_000_000_000 + ms).unwrap()
+    }
+
+    /// Events at these millisecond offsets, in order, as a store holds them.
+    fn events(times: &[i64]) -> Vec<AuditEventView> {
+        times
+            .iter()
+            .enumerate()
+            .map(|(i, &ms)| AuditEventView {
+                id: format!("e{i}"),
+                time: at(ms),
+                kind: "db_query".into(),
+                actor: None,
+                request_id: None,
+                session_id: None,
+                data: serde_json::Value::Null,
+            })
+            .collect()
+    }
+
+    /// Pages through `store` as wicketd's search would answer; also counts
+    /// the calls.
+    fn read(
+        store: &[AuditEventView],
+        since: Option<DateTime<Utc>>,
+        limit: usize,
+        page: usize,
+    ) -> (Vec<String>, bool, usize) {
+        let mut calls = 0;
+        let fetch = |since: Option<DateTime<Utc>>, n: usize| {
+            calls += 1;
+            assert!(n <= page, "asked for {n}, more than a page");
+            let got: Vec<AuditEventView> = store
+                .iter()
+                .filter(|e| since.is_none_or(|t| e.time >= t))
+                .take(n)
+                .cloned()
+                .collect();
+            std::future::ready(Ok(got))
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (got, more) = rt.block_on(read_pages(fetch, since, limit, page)).unwrap();
+        (got.into_iter().map(|e| e.id).collect(), more, calls)
+    }
+
+    proptest! {
+        /// Paging gives the same events as one search without a limit would,
+        /// each once, as long as fewer than a page share a millisecond.
+        #[test]
+        fn pages_give_each_event_once(
+            gaps in proptest::collection::vec(0i64..3, 0..60),
+            page in 2usize..8,
+            limit in 1usize..80,
+            from in proptest::option::of(0i64..40),
+        ) {
+            // Runs of equal times shorter than a page.
+            let mut times = Vec::new();
+            let (mut t, mut run) = (0i64, 0usize);
+            for g in gaps {
+                if g == 0 && run + 1 < page {
+                    run += 1;
+                } else {
+                    t += g.max(1);
+                    run = 1;
+                }
+                times.push(t);
+            }
+            let store = events(&times);
+            let since = from.map(at);
+            let matching: Vec<String> = store
+                .iter()
+                .filter(|e| since.is_none_or(|t| e.time >= t))
+                .map(|e| e.id.clone())
+                .collect();
+            let (got, more, _) = read(&store, since, limit, page);
+            let want: Vec<String> = matching.iter().take(limit).cloned().collect();
+            prop_assert_eq!(&got, &want);
+            prop_assert_eq!(more, matching.len() > limit);
+        }
+    }
+
+    #[test]
+    fn a_page_at_one_millisecond_stops_the_list() {
+        let store = events(&[0, 1, 1, 1, 1, 2]);
+        let (got, more, calls) = read(&store, None, 100, 3);
+        // The second page, from the first's last millisecond, ends there.
+        assert_eq!(got, ["e0", "e1", "e2", "e3"]);
+        assert!(more);
+        assert_eq!(calls, 2);
+        // A limit within the first page needs one call, and says whether
+        // more follow.
+        assert_eq!(
+            read(&store, None, 2, 3),
+            (vec!["e0".into(), "e1".into()], true, 1)
+        );
+        assert!(!read(&store, None, 6, 10).1);
+        assert!(read(&store, None, 5, 10).1);
+        // A limit at a page's end takes one more call to tell.
+        let store = events(&[0, 1, 2, 3, 4, 5]);
+        assert_eq!(
+            read(&store, None, 3, 3),
+            (vec!["e0".into(), "e1".into(), "e2".into()], true, 2)
+        );
+        assert!(!read(&store, None, 6, 3).1);
     }
 }

@@ -902,6 +902,44 @@ fn audit_search_by_type_and_time_and_verify_finds_a_changed_event() {
         .filter(|e| ts(&e["time"]) >= cut_at)
         .count();
     assert_eq!(later.len(), expected);
+    // A limit gives the oldest that match, and says when there are more.
+    let search = |limit: &str| {
+        let args = [
+            "audit",
+            "search",
+            "--type",
+            "login_succeeded",
+            "--limit",
+            limit,
+        ];
+        let out = t
+            .cli("frank")
+            .ok(&[&args[..], &["--format", "json"]].concat())
+            .unwrap();
+        let ids: Vec<Value> = out
+            .json()
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].clone())
+            .collect();
+        (ids, out.stderr)
+    };
+    let (ids, said) = search("2");
+    assert_eq!(ids, [logins[0]["id"].clone(), logins[1]["id"].clone()]);
+    assert!(
+        said.contains("2 events shown") && said.contains("there may be more"),
+        "{said}"
+    );
+    let (ids, said) = search("6");
+    assert_eq!(ids.len(), 6);
+    assert!(!said.contains("there may be more"), "{said}");
+    let out = t
+        .cli("frank")
+        .run(&["audit", "search", "--limit", "0"], "")
+        .unwrap();
+    assert!(!out.ok && out.stderr.contains("--limit"), "{}", out.stderr);
 
     let v = t.json("frank", &["audit", "verify"]);
     assert_eq!(v["intact"], true, "{v}");
