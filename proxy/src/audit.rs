@@ -102,6 +102,10 @@ pub enum AuditEvent {
         /// Audit events of this session dropped because the audit store
         /// could not keep up (`drop-and-count`).
         audit_dropped: u64,
+        /// Channels refused because the connection opened them faster than
+        /// wicketd takes them (SSH).
+        #[serde(skip_serializing_if = "is_zero")]
+        channels_refused: u64,
         reason: String,
     },
     /// A simple-protocol Query.
@@ -213,6 +217,10 @@ pub enum AuditEvent {
         #[serde(flatten)]
         session: Arc<SessionRef>,
     },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Who, where and under which grants: carried by every session event.

@@ -1779,6 +1779,65 @@ fn after_the_grant_ends_a_kept_connection_takes_no_channels_from_the_node() {
     }
 }
 
+/// A node that opens channels in a loop (here: a program using the
+/// forwarded agent 400 times) gets those past the rate refused: not one
+/// audit row each without end. The refusals are counted at the session's
+/// end and marked in the recording.
+#[test]
+fn a_node_opening_channels_in_a_loop_is_held_to_a_rate() {
+    let lab = Lab::start();
+    let alice = lab.user("alice", "access");
+    let id = lab.grant(&alice, "node-admin,agent-ok", "10m");
+    let cfg = ssh_config(&alice);
+    let agent = TestAgent::start();
+    let out = output(
+        ssh(&cfg)
+            .arg("-A")
+            .env("SSH_AUTH_SOCK", &agent.sock)
+            .arg(lab.dest())
+            .arg(
+                "ok=0; no=0; for i in $(seq 400); do \
+                 if ssh-add -l >/dev/null 2>&1; then ok=$((ok+1)); else no=$((no+1)); fi; done; \
+                 echo ok=$ok no=$no",
+            ),
+    );
+    drop(agent);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    let count = |k: &str| -> u64 {
+        said.split_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.strip_prefix('=')?.parse().ok())
+            .unwrap_or_else(|| panic!("{k} in {said:?}"))
+    };
+    let (ok, no) = (count("ok"), count("no"));
+    assert!(ok >= 100 && no > 0, "{said}");
+    let ended = first_event_of(&alice, "alice", "session_ended");
+    assert_eq!(
+        ended["data"]["channels_refused"].as_u64(),
+        Some(no),
+        "{ended}"
+    );
+    let sid = ended["session_id"].as_str().unwrap();
+    let used = alice
+        .audit(&["--session", sid, "--kind", "ssh_agent", "--limit", "1000"])
+        .unwrap();
+    assert_eq!(used.len() as u64, ok);
+    let auditor = lab.user("root-admin", "auditor");
+    recordings_of(&auditor, &id);
+    let cast = auditor
+        .ok(&["play", sid, "--format", "cast"])
+        .unwrap()
+        .stdout;
+    let (_, events) = wicket::ssh::parse_cast(&cast).unwrap();
+    let marks: Vec<&str> = events
+        .iter()
+        .filter(|e| e.code == "m" && e.data.starts_with("channels opened faster than"))
+        .map(|e| e.data.as_str())
+        .collect();
+    assert!(!marks.is_empty() && marks.len() < 5, "{marks:?}");
+    assert!(marks[0].ends_with(": 1 so far"), "{marks:?}");
+}
+
 /// A live session whose grant and user cannot be re-read from the store
 /// (here: the PostgreSQL store is stopped) ends after
 /// `session.unverified_grace`: the proxy fails closed.

@@ -652,6 +652,7 @@ impl PgProxy {
                 statements: state.statements.load(Ordering::Relaxed),
                 exit_status: None,
                 audit_dropped: state.dropped.load(Ordering::Relaxed),
+                channels_refused: 0,
                 reason: reason.clone(),
             },
             clock::now().timestamp_millis(),

@@ -34,7 +34,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use wicket_ca::{SshCertKind, VerifiedSshCert};
 use wicket_policy::{Resource, SshForwarding, Subject};
@@ -97,22 +97,135 @@ const FORWARD_SETTLE: Duration = Duration::from_secs(2);
 /// cannot exhaust the proxy's memory.
 const MAX_CHANNELS: usize = 256;
 
+/// Channels a connection may open in a burst, whichever side opens them,
+/// and how many more per second after it. Each channel is audited, so a
+/// client or node that opens them in a loop would fill the audit store (and
+/// in `drop-and-count` crowd out other sessions' events): opens past the
+/// rate are refused for resource shortage.
+const CHANNEL_OPEN_BURST: f64 = 100.0;
+const CHANNEL_OPENS_PER_SEC: f64 = 20.0;
+/// Refusals for the rate are marked in the recording at most this often.
+const RATE_MARK_EVERY: Duration = Duration::from_secs(10);
+
 /// A connection's places for open channels; each channel holds one
 /// ([`ChannelSlot`]) in the task that lives as long as it does.
-pub(crate) struct ChannelSlots(Arc<tokio::sync::Semaphore>);
+pub(crate) struct ChannelSlots {
+    open: Arc<tokio::sync::Semaphore>,
+    rate: Mutex<OpenRate>,
+    /// Channel opens refused for the rate, for the session's end.
+    refused: Arc<AtomicU64>,
+}
 
 /// One open channel's place, given back when dropped.
 type ChannelSlot = tokio::sync::OwnedSemaphorePermit;
 
+/// Why a channel got no place.
+enum NoSlot {
+    /// [`MAX_CHANNELS`] are open.
+    Full,
+    /// Opened faster than the rate; `mark` when the recording should say so
+    /// (with the refusals so far).
+    TooFast { mark: Option<u64> },
+}
+
 impl Default for ChannelSlots {
     fn default() -> Self {
-        Self(Arc::new(tokio::sync::Semaphore::new(MAX_CHANNELS)))
+        Self {
+            open: Arc::new(tokio::sync::Semaphore::new(MAX_CHANNELS)),
+            rate: Mutex::new(OpenRate::new(CHANNEL_OPEN_BURST, CHANNEL_OPENS_PER_SEC)),
+            refused: Arc::default(),
+        }
     }
 }
 
 impl ChannelSlots {
-    fn take(&self) -> Option<ChannelSlot> {
-        self.0.clone().try_acquire_owned().ok()
+    fn take(&self, now: Instant) -> Result<ChannelSlot, NoSlot> {
+        let mut rate = lock(&self.rate);
+        if !rate.allow(now) {
+            let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            let mark = rate.mark(now, RATE_MARK_EVERY).then_some(refused);
+            return Err(NoSlot::TooFast { mark });
+        }
+        self.open
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| NoSlot::Full)
+    }
+
+    /// Refuses a channel that got no place, telling the recording (when
+    /// the session is live) why.
+    async fn refuse<R: Reject>(&self, why: NoSlot, reply: R, live: Option<&Live>) {
+        if let (NoSlot::TooFast { mark: Some(n) }, Some(live)) = (&why, live) {
+            live.marker(&format!(
+                "channels opened faster than {CHANNEL_OPENS_PER_SEC}/s (after {CHANNEL_OPEN_BURST}) \
+                 are refused: {n} so far"
+            ));
+        }
+        reply.reject(ChannelOpenFailure::ResourceShortage).await;
+    }
+}
+
+/// Either side's answer to a channel open.
+trait Reject {
+    async fn reject(self, why: ChannelOpenFailure);
+}
+
+impl Reject for server::ChannelOpenHandle {
+    async fn reject(self, why: ChannelOpenFailure) {
+        server::ChannelOpenHandle::reject(self, why).await
+    }
+}
+
+impl Reject for russh::client::ChannelOpenHandle {
+    async fn reject(self, why: ChannelOpenFailure) {
+        russh::client::ChannelOpenHandle::reject(self, why).await
+    }
+}
+
+/// A token bucket: `burst` at once, then `per_sec`.
+struct OpenRate {
+    burst: f64,
+    per_sec: f64,
+    tokens: f64,
+    at: Option<Instant>,
+    marked: Option<Instant>,
+}
+
+impl OpenRate {
+    fn new(burst: f64, per_sec: f64) -> Self {
+        Self {
+            burst,
+            per_sec,
+            tokens: burst,
+            at: None,
+            marked: None,
+        }
+    }
+
+    fn allow(&mut self, now: Instant) -> bool {
+        if let Some(at) = self.at {
+            let gained = now.saturating_duration_since(at).as_secs_f64() * self.per_sec;
+            self.tokens = (self.tokens + gained).min(self.burst);
+        }
+        self.at = Some(self.at.map_or(now, |at| at.max(now)));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether a refusal now should be marked: the first, then at most one
+    /// each `every`.
+    fn mark(&mut self, now: Instant, every: Duration) -> bool {
+        let due = self
+            .marked
+            .is_none_or(|m| now.saturating_duration_since(m) >= every);
+        if due {
+            self.marked = Some(now);
+        }
+        due
     }
 }
 
@@ -264,9 +377,12 @@ impl ConnShared {
                 .await;
             return None;
         }
-        let Some(slot) = self.slots.take() else {
-            reply.reject(ChannelOpenFailure::ResourceShortage).await;
-            return None;
+        let slot = match self.slots.take(crate::clock::instant()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                self.slots.refuse(why, reply, Some(&live)).await;
+                return None;
+            }
         };
         reply.accept().await;
         live.marker(what);
@@ -377,6 +493,8 @@ pub(crate) struct Live {
     bytes_out: AtomicU64,
     execs: AtomicU64,
     audit_dropped: AtomicU64,
+    /// Channel opens on this connection refused for the rate.
+    channels_refused: Arc<AtomicU64>,
     exit_status: Mutex<Option<u32>>,
     end_reason: Mutex<Option<String>>,
     /// Set when the grant ended but sessions may finish
@@ -662,6 +780,7 @@ impl Live {
             statements: self.execs.load(Ordering::Relaxed),
             exit_status,
             audit_dropped: self.audit_dropped.load(Ordering::Relaxed),
+            channels_refused: self.channels_refused.load(Ordering::Relaxed),
             reason: reason.clone(),
         })
         .await;
@@ -1026,6 +1145,7 @@ impl Conn {
             bytes_out: AtomicU64::new(0),
             execs: AtomicU64::new(0),
             audit_dropped: AtomicU64::new(0),
+            channels_refused: self.shared.slots.refused.clone(),
             exit_status: Mutex::new(None),
             end_reason: Mutex::new(None),
             refusing: Mutex::new(None),
@@ -1459,9 +1579,13 @@ impl server::Handler for Conn {
             return Ok(());
         }
         self.forget_ended_channels();
-        let Some(slot) = self.shared.slots.take() else {
-            reply.reject(ChannelOpenFailure::ResourceShortage).await;
-            return Ok(());
+        let slot = match self.shared.slots.take(crate::clock::instant()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                let live = self.live().cloned();
+                self.shared.slots.refuse(why, reply, live.as_deref()).await;
+                return Ok(());
+            }
         };
         match &self.access {
             Access::Pending => {}
@@ -1566,6 +1690,15 @@ impl server::Handler for Conn {
                 .await;
             return Ok(());
         }
+        // The place first: opens past the rate are not even decided (each
+        // decision is audited).
+        let slot = match self.shared.slots.take(crate::clock::instant()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                self.shared.slots.refuse(why, reply, Some(&live)).await;
+                return Ok(());
+            }
+        };
         if !self
             .decide_forwarding(SshForwarding::Port, None, session)
             .await
@@ -1575,10 +1708,6 @@ impl server::Handler for Conn {
                 .await;
             return Ok(());
         }
-        let Some(slot) = self.shared.slots.take() else {
-            reply.reject(ChannelOpenFailure::ResourceShortage).await;
-            return Ok(());
-        };
         let up = match live
             .upstream
             .channel_open_direct_tcpip(
@@ -2053,5 +2182,61 @@ impl server::Handler for Conn {
             screen: x11_screen_number,
         };
         self.forward(channel, req, session).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_opens_past_the_burst_come_at_the_rate() {
+        let t0 = crate::clock::instant();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut rate = OpenRate::new(3.0, 10.0);
+        assert!((0..3).all(|_| rate.allow(t0)));
+        assert!(!rate.allow(t0));
+        assert!(!rate.allow(ms(50)));
+        // One each 100 ms, refusals or not.
+        assert!(rate.allow(ms(100)));
+        assert!(!rate.allow(ms(150)));
+        assert!(rate.allow(ms(200)));
+        // A pause fills the burst again, no more.
+        let later = ms(60_000);
+        assert!((0..3).all(|_| rate.allow(later)));
+        assert!(!rate.allow(later));
+        // A clock that seems to step back gives nothing.
+        assert!(!rate.allow(ms(59_000)));
+
+        // Refusals are marked at first, then once per period.
+        let every = Duration::from_secs(10);
+        assert!(rate.mark(t0, every));
+        assert!(!rate.mark(ms(9_999), every));
+        assert!(rate.mark(ms(10_000), every));
+    }
+
+    #[tokio::test]
+    async fn a_connection_opening_channels_in_a_loop_is_refused_past_the_rate() {
+        let slots = ChannelSlots::default();
+        let t0 = crate::clock::instant();
+        let mut held = Vec::new();
+        let mut marks = Vec::new();
+        for i in 0..(CHANNEL_OPEN_BURST as usize + 50) {
+            match slots.take(t0 + Duration::from_micros(i as u64)) {
+                Ok(slot) => held.push(slot),
+                Err(NoSlot::TooFast { mark }) => marks.extend(mark),
+                Err(NoSlot::Full) => panic!("full"),
+            }
+        }
+        assert_eq!(held.len(), CHANNEL_OPEN_BURST as usize);
+        assert_eq!(slots.refused.load(Ordering::Relaxed), 50);
+        assert_eq!(marks, [1]);
+        // Closed channels give their places back, not the rate.
+        held.clear();
+        assert!(matches!(
+            slots.take(t0 + Duration::from_millis(1)),
+            Err(NoSlot::TooFast { mark: None })
+        ));
+        assert!(slots.take(t0 + Duration::from_millis(100)).is_ok());
     }
 }
