@@ -726,12 +726,24 @@ pub fn print_db_session(
                 d["statement"].as_str().unwrap_or("")
             ),
             "db_execute" => format!(
-                "{} -- execute ({} parameters{})",
+                "{} -- execute ({} parameters{}){}{}",
                 d["statement"].as_str().unwrap_or(""),
                 d["params"],
                 d.get("values")
                     .map(|v| format!(": {v}"))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                d.get("completed")
+                    .and_then(|v| v.as_str())
+                    .map(|t| format!(": {t}"))
+                    .unwrap_or_default(),
+                if d["not_as_bound"] == true {
+                    " -- NOT the statement bound: dynamic SQL changed the portal; \
+                     see the queries before"
+                } else if d["unanswered"] == true {
+                    " -- unanswered: the connection ended first; it may have run"
+                } else {
+                    ""
+                }
             ),
             "db_function_call" => format!(
                 "-- function call: OID {} ({} arguments{})",

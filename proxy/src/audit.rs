@@ -134,6 +134,14 @@ pub enum AuditEvent {
         /// ended: it may have run.
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         unanswered: bool,
+        /// The server's command tag when it completed (`SELECT 5`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        completed: Option<String>,
+        /// The tag names another command than `statement`: dynamic SQL in
+        /// a function changed the portal or its statement after the Bind,
+        /// and what ran is not `statement` (see the session's queries).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        not_as_bound: bool,
     },
     /// A fast-path FunctionCall by OID, with its argument count (values
     /// only with `audit.db_parameter_values`).

@@ -1710,6 +1710,73 @@ fn an_execute_of_a_portal_redefined_by_sql_is_not_audited_with_its_old_text() {
     }
 }
 
+/// Dynamic SQL in a function called between a Bind and its Execute closes
+/// the portal and opens a cursor of that name that deletes. The proxy does
+/// not see it happen, but the server's completion names the command it
+/// ran: the Execute is on the record with that tag, marked `not_as_bound`,
+/// and the named statement it was bound from is no longer vouched for.
+#[test]
+fn a_portal_changed_by_a_function_is_marked_as_not_what_was_bound() {
+    let (s, t) = with_ledger();
+    let mut f = RawFrontend::connect(&t);
+    let batch = [
+        RawFrontend::query(
+            "CREATE FUNCTION pg_temp.swap() RETURNS int LANGUAGE plpgsql AS $$ \
+             DECLARE c refcursor := 'p'; BEGIN CLOSE c; \
+             OPEN c FOR EXECUTE 'DELETE FROM ledger RETURNING x'; RETURN 1; END $$",
+        ),
+        RawFrontend::query("BEGIN"),
+        RawFrontend::parse("s1", "/* read */ (SELECT x FROM ledger)"),
+        RawFrontend::bind("p", "s1"),
+        RawFrontend::sync(),
+        RawFrontend::query("SELECT pg_temp.swap()"),
+        RawFrontend::execute("p"),
+        RawFrontend::sync(),
+        RawFrontend::query("ROLLBACK"),
+        // The statement as prepared is no longer taken at its word.
+        RawFrontend::bind("q", "s1"),
+        RawFrontend::execute("q"),
+        RawFrontend::sync(),
+    ]
+    .concat();
+    f.tcp.write_all(&batch).unwrap();
+    let tags = f.until_ready(7);
+    assert!(!tags.contains(&b'E'), "{}", String::from_utf8_lossy(&tags));
+    let executes = wait_until("both executes", Duration::from_secs(10), || {
+        let e = s.alice_events("db_execute");
+        (e.len() == 2).then_some(e)
+    })
+    .unwrap();
+    let changed = &executes[0]["data"];
+    assert_eq!(changed["portal"], "p", "{executes:?}");
+    assert_eq!(changed["statement"], "/* read */ (SELECT x FROM ledger)");
+    assert_eq!(changed["completed"], "DELETE 2", "{changed}");
+    assert_eq!(changed["not_as_bound"], true, "{changed}");
+    let after = &executes[1]["data"];
+    assert_eq!(after["completed"], "SELECT 2", "{after}");
+    assert!(after.get("not_as_bound").is_none(), "{after}");
+    assert!(
+        after["statement"]
+            .as_str()
+            .unwrap()
+            .contains(r#"prepared statement "s1" not known to wicket"#),
+        "{after}"
+    );
+    // `wicket play` says so.
+    let session = executes[0]["session_id"].as_str().unwrap();
+    let text = s
+        .alice
+        .ok(&["play", session, "--format", "text"])
+        .unwrap()
+        .stdout;
+    assert!(
+        text.contains(
+            "(SELECT x FROM ledger) -- execute (0 parameters): DELETE 2 -- NOT the statement bound"
+        ),
+        "{text}"
+    );
+}
+
 /// Sends `batch` (ending with a Terminate) without reading the answers,
 /// closes, and waits until the server ran its DELETE of the ledger.
 fn send_and_leave(mut f: RawFrontend, batch: &[u8], t: &Tunnel) {

@@ -1420,11 +1420,15 @@ impl Tracking {
             None
         };
         let mut t = self.lock();
-        let ran = t
+        let mut ran = t
             .received(tag, status.unwrap_or(0))
             .map_err(|e| lost_track(&e))?;
         if tag == b'C' {
-            t.completed(protocol::command_tag(msg));
+            let command_tag = protocol::command_tag(msg);
+            if let Some(e) = ran.as_mut() {
+                t.execute_completed(e, command_tag);
+            }
+            t.completed(command_tag);
         }
         // The statement a COPY that starts here runs: the Execute's, or
         // the Query's (not the last one sent: a client may pipeline more).
@@ -1707,6 +1711,14 @@ async fn audit_skipped_one(statement: Arc<str>, state: &SessionState, wicket: &W
 /// Audits an Execute the server answered, with the statement it ran.
 async fn audit_executed(e: Executed, state: &SessionState, wicket: &Wicket) {
     state.statements.fetch_add(1, Ordering::Relaxed);
+    if e.not_as_bound {
+        tracing::warn!(
+            session = %state.sref.session_id,
+            portal = %e.portal,
+            completed = e.completed.as_deref().unwrap_or(""),
+            "a portal ran another command than it was bound to (dynamic SQL in a function)"
+        );
+    }
     state
         .audit(
             wicket,
@@ -1717,6 +1729,8 @@ async fn audit_executed(e: Executed, state: &SessionState, wicket: &Wicket) {
                 params: e.params,
                 values: e.values,
                 unanswered: !e.answered,
+                completed: e.completed,
+                not_as_bound: e.not_as_bound,
             },
         )
         .await;

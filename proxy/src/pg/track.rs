@@ -31,10 +31,14 @@
 //! Execute of one it does not know is audited with [`unknown_statement`] or
 //! an unknown-portal text (the SQL itself is audited as a query). Dynamic
 //! SQL inside a function called by another statement (`SELECT f()` where
-//! `f` re-opens a cursor or re-prepares a statement) is not seen: such an
-//! Execute is audited with the text the portal was bound to, and the
-//! function's definition and call are on the record as queries. Executes still unanswered when the
-//! connection ends are reported by [`Tracker::unanswered`].
+//! `f` re-opens a cursor or re-prepares a statement) is not seen as it
+//! happens; the server's command tag for the Execute goes on the record,
+//! and when it names another command than the bound text begins with, the
+//! Execute is marked and the tracker forgets its names
+//! ([`Tracker::execute_completed`]). A change to another command of the
+//! same kind (one `SELECT` for another) still shows only in the function's
+//! definition and call, which are on the record as queries. Executes still
+//! unanswered when the connection ends are reported by [`Tracker::unanswered`].
 //!
 //! Pure bookkeeping: no I/O; the proxy feeds it messages in wire order.
 
@@ -124,6 +128,12 @@ pub struct Executed {
     pub params: usize,
     pub values: Option<Vec<Option<String>>>,
     pub answered: bool,
+    /// The server's command tag when it completed (`DELETE 3`).
+    pub completed: Option<String>,
+    /// The tag names another command than the statement's text: the portal
+    /// ran something else than it was bound to (see
+    /// [`Tracker::execute_completed`]).
+    pub not_as_bound: bool,
 }
 
 /// The server's answers no longer fit what the client sent: the tracker
@@ -135,6 +145,54 @@ impl std::fmt::Display for Desync {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// The command tag a statement completes with, when its text says for
+/// sure: it begins (after blanks, comments and opening parentheses) with
+/// `SELECT`, `VALUES` or `TABLE` (tag `SELECT`), `INSERT`, `UPDATE`, `DELETE`
+/// or `MERGE`. `WITH` may lead to any of them: not said.
+fn expected_command(statement: &str) -> Option<&'static str> {
+    let mut s = statement;
+    loop {
+        s = s.trim_start_matches(|c: char| c.is_whitespace() || c == '(');
+        if let Some(rest) = s.strip_prefix("--") {
+            s = rest.split_once('\n').map_or("", |(_, r)| r);
+        } else if let Some(rest) = s.strip_prefix("/*") {
+            // Block comments nest in PostgreSQL.
+            let (mut depth, mut at) = (1usize, 0usize);
+            let b = rest.as_bytes();
+            while depth > 0 && at < b.len() {
+                if b[at..].starts_with(b"/*") {
+                    depth += 1;
+                    at += 2;
+                } else if b[at..].starts_with(b"*/") {
+                    depth -= 1;
+                    at += 2;
+                } else {
+                    at += 1;
+                }
+            }
+            s = rest.get(at..).unwrap_or("");
+        } else {
+            break;
+        }
+    }
+    let end = s
+        .find(|c: char| !c.is_ascii_alphabetic())
+        .unwrap_or(s.len());
+    let word = &s[..end];
+    [
+        ("SELECT", "SELECT"),
+        ("VALUES", "SELECT"),
+        ("TABLE", "SELECT"),
+        ("INSERT", "INSERT"),
+        ("UPDATE", "UPDATE"),
+        ("DELETE", "DELETE"),
+        ("MERGE", "MERGE"),
+    ]
+    .into_iter()
+    .find(|(w, _)| w.eq_ignore_ascii_case(word))
+    .map(|(_, tag)| tag)
 }
 
 /// The audited text of a statement the tracker does not know.
@@ -541,6 +599,25 @@ impl Tracker {
         }
     }
 
+    /// The CommandComplete of an Execute the tracker reported: its tag goes
+    /// on the record. Dynamic SQL in a function called by another statement
+    /// can close a portal and open a cursor of that name, or re-prepare a
+    /// statement, unseen here. The server's tag always names the command it
+    /// ran (a rule's `INSTEAD` keeps the original's type), so when the
+    /// statement's text says which command it is and the tag names another,
+    /// the portal was changed: the Execute is marked `not_as_bound`, and the
+    /// tracker forgets every named statement and portal, whose texts it can
+    /// no longer vouch for.
+    pub fn execute_completed(&mut self, e: &mut Executed, command_tag: &str) {
+        let word = command_tag.split(' ').next().unwrap_or_default();
+        e.completed = Some(command_tag.to_owned());
+        if expected_command(&e.statement).is_some_and(|want| want != word) {
+            e.not_as_bound = true;
+            self.statements.retain(str::is_empty);
+            self.portals.retain(str::is_empty);
+        }
+    }
+
     /// The text of the simple Query the server is answering, if that is
     /// what it answers now (a COPY it started, say).
     pub fn answering_query(&self) -> Option<Arc<str>> {
@@ -667,6 +744,8 @@ impl Tracker {
             params,
             values,
             answered: true,
+            completed: None,
+            not_as_bound: false,
         }
     }
 
@@ -720,6 +799,64 @@ mod tests {
     }
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_statements_text_says_its_command_only_when_sure() {
+        for (text, want) in [
+            ("SELECT 1", Some("SELECT")),
+            ("  select 1", Some("SELECT")),
+            ("((values (1)))", Some("SELECT")),
+            ("TABLE t", Some("SELECT")),
+            (
+                "-- note\n/* a /* nested */ one */ DELETE FROM t",
+                Some("DELETE"),
+            ),
+            ("insert into t values (1) returning x", Some("INSERT")),
+            ("UPDATE t SET x = 1", Some("UPDATE")),
+            (
+                "MERGE INTO t USING s ON true WHEN MATCHED THEN DELETE",
+                Some("MERGE"),
+            ),
+            (
+                "WITH d AS (DELETE FROM t RETURNING x) SELECT * FROM d",
+                None,
+            ),
+            ("SELECTED", None),
+            ("EXPLAIN SELECT 1", None),
+            ("/* open comment SELECT", None),
+            ("-- only a comment", None),
+            ("", None),
+            ("(prepared statement \"s\" not known to wicket: ...)", None),
+        ] {
+            assert_eq!(expected_command(text), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_completion_naming_another_command_marks_the_execute_and_forgets_names() {
+        let mut t = Tracker::new(100);
+        parse(&mut t, "s1", "SELECT x FROM t");
+        parse(&mut t, "", "SELECT 2");
+        assert!(answer(&mut t, b"11").is_empty());
+        bind(&mut t, "p", "s1");
+        bind(&mut t, "", "");
+        assert!(answer(&mut t, b"22").is_empty());
+        let mut e = t.executed("p".into(), true);
+        t.execute_completed(&mut e, "SELECT 2");
+        assert_eq!(
+            (e.completed.as_deref(), e.not_as_bound),
+            (Some("SELECT 2"), false)
+        );
+        assert!(t.statements.get("s1").is_some());
+        t.execute_completed(&mut e, "DELETE 2");
+        assert_eq!(
+            (e.completed.as_deref(), e.not_as_bound),
+            (Some("DELETE 2"), true)
+        );
+        assert!(t.statements.get("s1").is_none() && t.portals.get("p").is_none());
+        // No protocol name can be given the unnamed ones through SQL.
+        assert!(t.statements.get("").is_some() && t.portals.get("").is_some());
+    }
 
     fn parse(t: &mut Tracker, name: &str, text: &str) {
         t.sent(Sent::Parse {
@@ -1377,6 +1514,21 @@ mod tests {
     }
 
     proptest! {
+        /// Any text, comments left open included, is read without a panic;
+        /// blanks, comments and parentheses before the keyword change nothing.
+        #[test]
+        fn a_statements_command_is_read_from_any_text(
+            text in "(\\PC|--|/\\*|\\*/|\\(|\n)*",
+            lead in proptest::collection::vec(
+                prop_oneof![Just(" "), Just("\n"), Just("("), Just("-- x\n"), Just("/* /* */ */")],
+                0..5,
+            ),
+        ) {
+            let _ = expected_command(&text);
+            let sql = format!("{}DELETE FROM t", lead.concat());
+            prop_assert_eq!(expected_command(&sql), Some("DELETE"));
+        }
+
         /// A model of the server (PostgreSQL's rules: named duplicates fail,
         /// an extended-protocol error skips to Sync, a simple Query destroys
         /// the unnamed statement and portal, implicit transactions end at
