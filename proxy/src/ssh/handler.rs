@@ -101,9 +101,10 @@ const MAX_CHANNELS: usize = 256;
 /// and how many more per second after it. Each channel is audited, so a
 /// client or node that opens them in a loop would fill the audit store (and
 /// in `drop-and-count` crowd out other sessions' events): opens past the
-/// rate are refused for resource shortage.
-const CHANNEL_OPEN_BURST: f64 = 100.0;
-const CHANNEL_OPENS_PER_SEC: f64 = 20.0;
+/// rate are refused for resource shortage. The burst is more than
+/// [`MAX_CHANNELS`]: a client may fill every place at once.
+const CHANNEL_OPEN_BURST: f64 = 300.0;
+const CHANNEL_OPENS_PER_SEC: f64 = 30.0;
 /// Refusals for the rate are marked in the recording at most this often.
 const RATE_MARK_EVERY: Duration = Duration::from_secs(10);
 
@@ -2219,24 +2220,30 @@ mod tests {
     async fn a_connection_opening_channels_in_a_loop_is_refused_past_the_rate() {
         let slots = ChannelSlots::default();
         let t0 = crate::clock::instant();
-        let mut held = Vec::new();
-        let mut marks = Vec::new();
+        let (mut opened, mut marks) = (0, Vec::new());
         for i in 0..(CHANNEL_OPEN_BURST as usize + 50) {
+            // Each closes at once: only the rate holds them back.
             match slots.take(t0 + Duration::from_micros(i as u64)) {
-                Ok(slot) => held.push(slot),
+                Ok(_) => opened += 1,
                 Err(NoSlot::TooFast { mark }) => marks.extend(mark),
                 Err(NoSlot::Full) => panic!("full"),
             }
         }
-        assert_eq!(held.len(), CHANNEL_OPEN_BURST as usize);
+        assert_eq!(opened, CHANNEL_OPEN_BURST as usize);
         assert_eq!(slots.refused.load(Ordering::Relaxed), 50);
         assert_eq!(marks, [1]);
-        // Closed channels give their places back, not the rate.
-        held.clear();
         assert!(matches!(
             slots.take(t0 + Duration::from_millis(1)),
             Err(NoSlot::TooFast { mark: None })
         ));
         assert!(slots.take(t0 + Duration::from_millis(100)).is_ok());
+
+        // Within the burst, every place can be taken at once; past them,
+        // the refusal is for want of a place.
+        assert!(CHANNEL_OPEN_BURST as usize > MAX_CHANNELS);
+        let slots = ChannelSlots::default();
+        let held: Vec<_> = (0..MAX_CHANNELS).map(|_| slots.take(t0).ok()).collect();
+        assert!(held.iter().all(Option::is_some));
+        assert!(matches!(slots.take(t0), Err(NoSlot::Full)));
     }
 }
