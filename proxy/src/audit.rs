@@ -210,6 +210,10 @@ pub enum AuditEvent {
         to: Option<String>,
         #[serde(skip_serializing_if = "Option::is_none")]
         flags: Option<String>,
+        /// The node refused the operation (an event of its own, after the
+        /// one that asked): its status and message.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
     },
     /// A program on the node connected to the session's X11 display
     /// (`from`: its address there), passed to the user's display.

@@ -834,11 +834,15 @@ fn scp_and_sftp_round_trip_ten_megabytes() {
     // sftp: get it again in batch mode.
     let back2 = dir.path().join("back2.bin");
     let batch = dir.path().join("batch");
+    // With a removal the node refuses (`-`: the batch goes on), and an
+    // upload that keeps the file's mode through its handle (`put -p`).
+    let missing = format!("/nonexistent-wicket-e2e-{}/gone", free_port().unwrap());
     std::fs::write(
         &batch,
         format!(
-            "get {remote} {}\nchmod 600 {remote}\nrm {remote}\n",
-            back2.display()
+            "get {remote} {}\n-rm {missing}\nput -p {} {remote}.p\nchmod 600 {remote}\nrm {remote}\nrm {remote}.p\n",
+            back2.display(),
+            src.display(),
         ),
     )
     .unwrap();
@@ -884,6 +888,39 @@ fn scp_and_sftp_round_trip_ten_megabytes() {
             .any(|(op, path, f)| op == "setstat" && *path == remote && f == "mode=600"),
         "{ops:?}"
     );
+    // The mode set through the upload's handle names the file.
+    let p = format!("{remote}.p");
+    assert!(
+        ops.iter()
+            .any(|(op, path, f)| op == "fsetstat" && *path == p && f.contains("mode=")),
+        "{ops:?}"
+    );
+    // What the node refused is on the record as refused, with its reason;
+    // nothing else is.
+    let events = Value::from(
+        alice
+            .audit(&["--user", "alice", "--kind", "ssh_sftp"])
+            .unwrap(),
+    );
+    let refused: Vec<(String, String, String)> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| {
+            let d = &e["data"];
+            Some((
+                d["op"].as_str()?.to_owned(),
+                d["path"].as_str()?.to_owned(),
+                d["error"].as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(
+        (refused[0].0.as_str(), refused[0].1.as_str()),
+        ("remove", missing.as_str())
+    );
+    assert!(refused[0].2.starts_with("no such file"), "{refused:?}");
     // The sftp session's recording lists them too.
     let auditor = lab.user("root-admin", "auditor");
     wait_until(

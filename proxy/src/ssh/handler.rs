@@ -462,6 +462,8 @@ const REC_EXEC: u8 = 1;
 const REC_OFF: u8 = 2;
 
 struct ChanRec {
+    /// On an `sftp` subsystem channel: the node's answers, followed.
+    sftp: std::sync::OnceLock<Mutex<super::sftp::Outcomes>>,
     mode: AtomicU8,
     recorded: AtomicU64,
     /// Input bytes of a command without a terminal offered to the recording.
@@ -961,17 +963,14 @@ impl Conn {
                 return Ok(false);
             }
         };
+        let outcomes = self.channels.get(&channel).map(|c| c.rec.clone());
         if let Some(live) = self.live() {
-            for op in ops {
+            for mut op in ops {
+                if let Some(o) = outcomes.as_ref().and_then(|r| r.sftp.get()) {
+                    lock(o).asked(&mut op);
+                }
                 live.marker(&format!("sftp: {}", op.describe()));
-                live.audit(AuditEvent::SshSftp {
-                    session: live.sref.clone(),
-                    op: op.op.to_owned(),
-                    path: op.path,
-                    to: op.to,
-                    flags: op.flags,
-                })
-                .await;
+                live.audit(sftp_event(live, op, None)).await;
             }
         }
         Ok(true)
@@ -1406,6 +1405,17 @@ async fn refuse(
     Ok(())
 }
 
+fn sftp_event(live: &Live, op: super::sftp::FileOp, error: Option<String>) -> AuditEvent {
+    AuditEvent::SshSftp {
+        session: live.sref.clone(),
+        op: op.op.to_owned(),
+        path: op.path,
+        to: op.to,
+        flags: op.flags,
+        error,
+    }
+}
+
 /// Node → user: output, exit status, replies to requests.
 async fn run_to_user(
     mut up: russh::ChannelReadHalf,
@@ -1425,6 +1435,17 @@ async fn run_to_user(
             ChannelMsg::Data { data } => {
                 live.bytes_out
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
+                // Read before the user sees it: a handle is known before
+                // the user can name it.
+                let refused = rec.sftp.get().map(|o| lock(o).feed(&data));
+                for r in refused.into_iter().flatten() {
+                    live.marker(&format!(
+                        "sftp: refused by the node: {}: {}",
+                        r.op.describe(),
+                        r.error
+                    ));
+                    live.audit(sftp_event(&live, r.op, Some(r.error))).await;
+                }
                 if !live.record_output(&rec, &data) {
                     // The session ends for it: its end tells the user
                     // why and closes this channel.
@@ -1623,6 +1644,7 @@ impl server::Handler for Conn {
                 let (tx, rx) = mpsc::channel(64);
                 let replies: Replies = Arc::default();
                 let rec = Arc::new(ChanRec {
+                    sftp: std::sync::OnceLock::new(),
                     mode: AtomicU8::new(REC_ALL),
                     recorded: AtomicU64::new(0),
                     input_recorded: AtomicU64::new(0),
@@ -2083,6 +2105,7 @@ impl server::Handler for Conn {
         if name == "sftp" {
             if let Some(c) = self.channels.get_mut(&channel) {
                 c.sftp = Some(super::sftp::Reader::default());
+                c.rec.sftp.get_or_init(Default::default);
             }
         }
         self.forward(channel, Up::Subsystem(name.to_owned()), session)

@@ -10,8 +10,11 @@
 //! them (what OpenSSH speaks; a later version's open flags are read as
 //! version 3's).
 //!
-//! The request is what was asked, not what the node did: the node may
-//! refuse it. A stream that does not parse as SFTP version 3 packets (a
+//! The node's answers are read as they pass too ([`Outcomes`]): an audited
+//! request the node refuses (a STATUS other than OK) is reported with the
+//! node's reason, and the HANDLE answers name the files behind handles, so
+//! an fsetstat is on the record with its path. Data, names and attributes
+//! in answers are passed over unheld. A stream that does not parse as SFTP version 3 packets (a
 //! length beyond [`MAX_PACKET`], a string beyond its packet) is an error;
 //! the proxy then closes the channel rather than pass on what it cannot
 //! audit (OpenSSH's `sftp-server` ends the session on such input too).
@@ -37,6 +40,14 @@ const SYMLINK: u8 = 20;
 const LINK: u8 = 21;
 const UNBLOCK: u8 = 23;
 const EXTENDED: u8 = 200;
+/// Answers the node sends.
+const STATUS: u8 = 101;
+const HANDLE: u8 = 102;
+
+/// Most audited requests kept awaiting their answer, and most handles whose
+/// paths are kept, per channel (OpenSSH's `sftp-server` holds at most 512
+/// handles; its clients keep a few requests in flight).
+const MAX_TRACKED: usize = 4096;
 
 /// Extended requests that only read (or only flush): not audited.
 const READ_ONLY_EXTENSIONS: &[&str] = &[
@@ -52,10 +63,13 @@ const READ_ONLY_EXTENSIONS: &[&str] = &[
 /// One file operation the client asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileOp {
+    /// The request's id, which the node's answer carries.
+    pub id: u32,
     /// `open`, `remove`, `rename`, `link`, `symlink`, `mkdir`, `rmdir`,
-    /// `setstat`, `fsetstat` (its path: `handle <hex>`, of a file opened
-    /// before), `opendir`, or `extended` (an extension not known here; its
-    /// name is `path`).
+    /// `setstat`, `fsetstat` (its path: `handle <hex>`, until
+    /// [`Outcomes::asked`] names the file the node opened it on),
+    /// `opendir`, or `extended` (an extension not known here; its name is
+    /// `path`).
     pub op: &'static str,
     pub path: String,
     /// The second path, as sent: the new name (rename, link), or for
@@ -91,25 +105,27 @@ impl std::fmt::Display for Malformed {
     }
 }
 
-/// Reads the client's packets as they arrive, in pieces of any size.
+/// Cuts a stream into packets as it arrives, in pieces of any size: holds
+/// the packets it is asked to, passes over the rest unheld.
 #[derive(Debug, Default)]
-pub struct Reader {
-    /// The packet being read: its length and type first, then (for an
-    /// audited type) the rest of it.
+struct Packets {
+    /// The packet being read: its length and type first, then (for a kept
+    /// type) the rest of it.
     buf: Vec<u8>,
-    /// Bytes of a packet not audited still to pass over.
+    /// Bytes of a packet not kept still to pass over.
     skip: usize,
-    failed: Option<Malformed>,
 }
 
-impl Reader {
-    /// The operations completed by `data`. After an error every call
-    /// returns it again.
-    pub fn feed(&mut self, mut data: &[u8]) -> Result<Vec<FileOp>, Malformed> {
-        if let Some(e) = &self.failed {
-            return Err(e.clone());
-        }
-        let mut ops = Vec::new();
+impl Packets {
+    /// `keep(kind, len)` says whether a packet of `len` bytes (type byte
+    /// included) is held, passed over, or not allowed (why); `each` gets
+    /// the body (after the type byte) of each packet held.
+    fn feed(
+        &mut self,
+        mut data: &[u8],
+        mut keep: impl FnMut(u8, usize) -> Result<bool, String>,
+        mut each: impl FnMut(u8, &[u8]) -> Result<(), String>,
+    ) -> Result<(), String> {
         while !data.is_empty() {
             if self.skip > 0 {
                 let n = self.skip.min(data.len());
@@ -128,14 +144,11 @@ impl Reader {
             }
             let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
             let len = usize::try_from(len).unwrap_or(usize::MAX);
-            if len == 0 || len > MAX_PACKET {
-                return Err(self.fail(format!("a packet of {len} bytes (at most {MAX_PACKET})")));
+            if len == 0 {
+                return Err("an empty packet".into());
             }
             let kind = self.buf[4];
-            if !matches!(kind, INIT | OPEN..=UNBLOCK | EXTENDED) {
-                return Err(self.fail(format!("a packet of unknown type {kind}")));
-            }
-            if !audited(kind) {
+            if !keep(kind, len)? {
                 self.skip = len - 1;
                 self.buf.clear();
                 continue;
@@ -146,24 +159,159 @@ impl Reader {
             if self.buf.len() < 4 + len {
                 break;
             }
-            let parsed = parse(kind, &self.buf[5..]);
+            let done = each(kind, &self.buf[5..]);
             self.buf.clear();
-            match parsed {
-                Ok(Some(op)) => ops.push(op),
-                Ok(None) => {}
-                Err(why) => return Err(self.fail(why)),
-            }
+            done?;
         }
-        Ok(ops)
+        Ok(())
+    }
+}
+
+/// Reads the client's packets as they arrive, in pieces of any size.
+#[derive(Debug, Default)]
+pub struct Reader {
+    packets: Packets,
+    failed: Option<Malformed>,
+}
+
+impl Reader {
+    /// The operations completed by `data`. After an error every call
+    /// returns it again.
+    pub fn feed(&mut self, data: &[u8]) -> Result<Vec<FileOp>, Malformed> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let mut ops = Vec::new();
+        let keep = |kind: u8, len: usize| {
+            if len > MAX_PACKET {
+                return Err(format!("a packet of {len} bytes (at most {MAX_PACKET})"));
+            }
+            if !matches!(kind, INIT | OPEN..=UNBLOCK | EXTENDED) {
+                return Err(format!("a packet of unknown type {kind}"));
+            }
+            Ok(audited(kind))
+        };
+        let each = |kind: u8, body: &[u8]| {
+            ops.extend(parse(kind, body)?);
+            Ok(())
+        };
+        match self.packets.feed(data, keep, each) {
+            Ok(()) => Ok(ops),
+            Err(why) => Err(self.fail(why)),
+        }
     }
 
     fn fail(&mut self, why: String) -> Malformed {
         let e = Malformed(why);
         self.failed = Some(e.clone());
-        self.buf = Vec::new();
+        self.packets = Packets::default();
         e
     }
 }
+
+/// An audited request the node refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub op: FileOp,
+    /// The node's status, named, and its message: `permission denied: ...`.
+    pub error: String,
+}
+
+/// The node's side of an `sftp` channel: which audited requests it refused
+/// and which file each handle it gave stands for. A node stream that does
+/// not parse is no longer followed (the node is not the one audited; its
+/// client gets what it sent).
+#[derive(Debug, Default)]
+pub struct Outcomes {
+    packets: Packets,
+    /// Audited requests not answered yet, by id.
+    asked: std::collections::HashMap<u32, FileOp>,
+    /// The paths of handles (hex) the node gave for opens and opendirs.
+    handles: std::collections::HashMap<String, String>,
+    failed: bool,
+}
+
+impl Outcomes {
+    /// The client sent `op`: its answer is awaited. A handle it names is
+    /// replaced by the handle's path when the node's answer gave one.
+    pub fn asked(&mut self, op: &mut FileOp) {
+        if let Some(handle) = op.path.strip_prefix(HANDLE_PREFIX) {
+            if let Some(path) = self.handles.get(handle) {
+                op.path = path.clone();
+            }
+        }
+        if self.asked.len() < MAX_TRACKED {
+            self.asked.insert(op.id, op.clone());
+        }
+    }
+
+    /// The refusals completed by what the node sent.
+    pub fn feed(&mut self, data: &[u8]) -> Vec<Refused> {
+        if self.failed {
+            return Vec::new();
+        }
+        let mut refused = Vec::new();
+        let Self {
+            packets,
+            asked,
+            handles,
+            ..
+        } = self;
+        let keep = |kind: u8, len: usize| match kind {
+            STATUS | HANDLE if len > MAX_PACKET => {
+                Err(format!("an answer of {len} bytes (at most {MAX_PACKET})"))
+            }
+            STATUS | HANDLE => Ok(true),
+            _ => Ok(false),
+        };
+        let each = |kind: u8, body: &[u8]| {
+            let mut r = Fields { rest: body, kind };
+            let Some(op) = asked.remove(&r.u32()?) else {
+                return Ok(());
+            };
+            if kind == HANDLE {
+                let handle = r.hex()?;
+                if handles.len() >= MAX_TRACKED {
+                    handles.clear();
+                }
+                handles.insert(handle, op.path);
+                return Ok(());
+            }
+            let code = r.u32()?;
+            if code != 0 {
+                let message = r.text().unwrap_or_default();
+                let mut error = status_name(code);
+                if !message.is_empty() {
+                    error = format!("{error}: {message}");
+                }
+                refused.push(Refused { op, error });
+            }
+            Ok(())
+        };
+        if packets.feed(data, keep, each).is_err() {
+            self.failed = true;
+            self.asked.clear();
+            self.handles.clear();
+        }
+        refused
+    }
+}
+
+/// SSH_FX_* status codes, named.
+fn status_name(code: u32) -> String {
+    match code {
+        1 => "end of file".into(),
+        2 => "no such file".into(),
+        3 => "permission denied".into(),
+        4 => "failure".into(),
+        5 => "bad message".into(),
+        8 => "operation unsupported".into(),
+        n => format!("status {n}"),
+    }
+}
+
+/// How an fsetstat names a handle in [`FileOp::path`].
+const HANDLE_PREFIX: &str = "handle ";
 
 fn audited(kind: u8) -> bool {
     matches!(
@@ -184,9 +332,10 @@ fn audited(kind: u8) -> bool {
 /// The body of a packet of an audited type (after its type byte).
 fn parse(kind: u8, body: &[u8]) -> Result<Option<FileOp>, String> {
     let mut r = Fields { rest: body, kind };
-    r.u32()?; // request id
+    let id = r.u32()?;
     let op = |op, path, to, flags| {
         Ok(Some(FileOp {
+            id,
             op,
             path,
             to,
@@ -203,7 +352,7 @@ fn parse(kind: u8, body: &[u8]) -> Result<Option<FileOp>, String> {
         // A handle names a file opened before (its open is on the record).
         FSETSTAT => op(
             "fsetstat",
-            format!("handle {}", r.hex()?),
+            format!("{HANDLE_PREFIX}{}", r.hex()?),
             None,
             Some(r.attrs()),
         ),
@@ -406,30 +555,35 @@ mod tests {
         ));
         let ops = vec![
             FileOp {
+                id: 7,
                 op: "open",
                 path: "/srv/upload.bin".into(),
                 to: None,
                 flags: Some("write,create,truncate".into()),
             },
             FileOp {
+                id: 7,
                 op: "rename",
                 path: "/srv/a".into(),
                 to: Some("/srv/b".into()),
                 flags: None,
             },
             FileOp {
+                id: 7,
                 op: "rename",
                 path: "/srv/b".into(),
                 to: Some("/srv/c".into()),
                 flags: None,
             },
             FileOp {
+                id: 7,
                 op: "remove",
                 path: "/srv/c".into(),
                 to: None,
                 flags: None,
             },
             FileOp {
+                id: 7,
                 op: "extended",
                 path: "copy-data".into(),
                 to: None,
@@ -456,7 +610,7 @@ mod tests {
         let w = write(MAX_PACKET - 100);
         for chunk in w.chunks(1000) {
             assert!(r.feed(chunk).unwrap().is_empty());
-            assert!(r.buf.len() <= 5, "{}", r.buf.len());
+            assert!(r.packets.buf.len() <= 5, "{}", r.packets.buf.len());
         }
         let ops = r.feed(&open("/x", 1)).unwrap();
         assert_eq!(ops[0].flags.as_deref(), Some("read"));
@@ -545,7 +699,147 @@ mod tests {
         assert_eq!(ops[0].flags.as_deref(), Some("none"));
     }
 
+    fn answer(kind: u8, id: u32, parts: &[Vec<u8>]) -> Vec<u8> {
+        let mut body = id.to_be_bytes().to_vec();
+        for p in parts {
+            body.extend_from_slice(p);
+        }
+        packet(kind, &body)
+    }
+
+    fn status(id: u32, code: u32, message: &str) -> Vec<u8> {
+        answer(
+            STATUS,
+            id,
+            &[
+                code.to_be_bytes().to_vec(),
+                string(message.as_bytes()),
+                string(b""),
+            ],
+        )
+    }
+
+    fn asked(o: &mut Outcomes, request: &[u8]) -> FileOp {
+        let mut ops = Reader::default().feed(request).unwrap();
+        assert_eq!(ops.len(), 1);
+        o.asked(&mut ops[0]);
+        ops.remove(0)
+    }
+
+    fn with(id: u32, mut p: Vec<u8>) -> Vec<u8> {
+        p[5..9].copy_from_slice(&id.to_be_bytes());
+        p
+    }
+
+    /// The node's answers: refusals of what was asked, with the node's
+    /// reason; handles' paths for what is done through them; data, names
+    /// and successes passed over.
+    fn node_session() -> (Vec<u8>, Outcomes, Vec<Refused>) {
+        let mut o = Outcomes::default();
+        asked(&mut o, &with(1, open("/srv/a", 0x02 | 0x08)));
+        let remove = asked(
+            &mut o,
+            &with(2, packet(REMOVE, &with_id(&[string(b"/etc/passwd")]))),
+        );
+        asked(
+            &mut o,
+            &with(
+                3,
+                packet(
+                    MKDIR,
+                    &with_id(&[string(b"/srv/d"), 0u32.to_be_bytes().to_vec()]),
+                ),
+            ),
+        );
+        let mut node = packet(2, &3u32.to_be_bytes()); // VERSION
+        node.extend(answer(HANDLE, 1, &[string(&[0, 0, 0, 7])]));
+        node.extend(answer(103, 9, &[string(&vec![b'x'; 70_000])])); // DATA
+        node.extend(status(2, 3, "Permission denied"));
+        node.extend(status(3, 0, "Success"));
+        node.extend(status(99, 4, "not asked for"));
+        let want = vec![Refused {
+            op: remove,
+            error: "permission denied: Permission denied".into(),
+        }];
+        (node, o, want)
+    }
+
+    #[test]
+    fn the_nodes_refusals_and_handles_are_read() {
+        let (node, mut o, want) = node_session();
+        assert_eq!(o.feed(&node), want);
+        // The handle the node gave names the file it opened.
+        let mut fset = packet(
+            FSETSTAT,
+            &with_id(&[
+                string(&[0, 0, 0, 7]),
+                0x4u32.to_be_bytes().to_vec(),
+                0o644u32.to_be_bytes().to_vec(),
+            ]),
+        );
+        fset = with(4, fset);
+        let op = asked(&mut o, &fset);
+        assert_eq!(op.describe(), "fsetstat /srv/a (mode=644)");
+        // One it did not give stays a handle.
+        let op = asked(
+            &mut o,
+            &with(
+                5,
+                packet(
+                    FSETSTAT,
+                    &with_id(&[string(&[9]), 0u32.to_be_bytes().to_vec()]),
+                ),
+            ),
+        );
+        assert_eq!(op.path, "handle 09");
+        let refused = o.feed(&[status(4, 4, ""), status(5, 2, "gone")].concat());
+        assert_eq!(
+            refused
+                .iter()
+                .map(|r| (r.op.path.as_str(), r.error.as_str()))
+                .collect::<Vec<_>>(),
+            [("/srv/a", "failure"), ("handle 09", "no such file: gone")]
+        );
+        // Answered once: a second answer of the same id is not a refusal.
+        assert!(o.feed(&status(4, 4, "")).is_empty());
+        // Data passes unheld.
+        let mut o = Outcomes::default();
+        for chunk in answer(103, 1, &[string(&vec![0; MAX_PACKET])]).chunks(4096) {
+            assert!(o.feed(chunk).is_empty());
+            assert!(o.packets.buf.len() <= 5);
+        }
+        // A node stream that does not parse is no longer followed.
+        let mut o = Outcomes::default();
+        asked(&mut o, &with(1, packet(REMOVE, &with_id(&[string(b"/x")]))));
+        assert!(o.feed(&[0, 0, 0, 0, 101]).is_empty());
+        assert!(o.feed(&status(1, 3, "")).is_empty());
+    }
+
     proptest! {
+        /// However the node's stream is cut into pieces, the same refusals
+        /// come out.
+        #[test]
+        fn node_answers_in_pieces_of_any_size_read_the_same(cuts in proptest::collection::vec(1usize..5000, 1..40)) {
+            let (stream, mut o, want) = node_session();
+            let mut got = Vec::new();
+            let mut rest = &stream[..];
+            let mut cuts = cuts.into_iter().cycle();
+            while !rest.is_empty() {
+                let n = cuts.next().unwrap_or(1).min(rest.len());
+                got.extend(o.feed(&rest[..n]));
+                rest = &rest[n..];
+            }
+            prop_assert_eq!(got, want);
+        }
+
+        /// Arbitrary answers never panic.
+        #[test]
+        fn arbitrary_answers_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut o = Outcomes::default();
+            let _ = asked(&mut o, &open("/x", 1));
+            let _ = o.feed(&data);
+        }
+
         /// However the stream is cut into pieces, the same operations come
         /// out, in order.
         #[test]
