@@ -97,11 +97,13 @@ const FORWARD_SETTLE: Duration = Duration::from_secs(2);
 /// cannot exhaust the proxy's memory.
 const MAX_CHANNELS: usize = 256;
 
-/// Channels a connection may open in a burst, whichever side opens them,
-/// and how many more per second after it. Each channel is audited, so a
-/// client or node that opens them in a loop would fill the audit store (and
-/// in `drop-and-count` crowd out other sessions' events): opens past the
-/// rate are refused for resource shortage. The burst is more than
+/// Channels each side of a connection may open in a burst (the user's
+/// remote forward requests count with the user's channels), and how many
+/// more per second after it. Each is audited, so a client or node that
+/// opens them in a loop would fill the audit store (and in
+/// `drop-and-count` crowd out other sessions' events): opens past the rate
+/// are refused for resource shortage. Each side has its own rate, so a
+/// node's loop does not use up the user's. The burst is more than
 /// [`MAX_CHANNELS`]: a client may fill every place at once.
 const CHANNEL_OPEN_BURST: f64 = 300.0;
 const CHANNEL_OPENS_PER_SEC: f64 = 30.0;
@@ -112,13 +114,21 @@ const RATE_MARK_EVERY: Duration = Duration::from_secs(10);
 /// ([`ChannelSlot`]) in the task that lives as long as it does.
 pub(crate) struct ChannelSlots {
     open: Arc<tokio::sync::Semaphore>,
-    rate: Mutex<OpenRate>,
+    /// The user's rate, then the node's.
+    rate: Mutex<[OpenRate; 2]>,
     /// Channel opens refused for the rate, for the session's end.
     refused: Arc<AtomicU64>,
 }
 
 /// One open channel's place, given back when dropped.
 type ChannelSlot = tokio::sync::OwnedSemaphorePermit;
+
+/// Which side asks for a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    User = 0,
+    Node = 1,
+}
 
 /// Why a channel got no place.
 enum NoSlot {
@@ -133,36 +143,52 @@ impl Default for ChannelSlots {
     fn default() -> Self {
         Self {
             open: Arc::new(tokio::sync::Semaphore::new(MAX_CHANNELS)),
-            rate: Mutex::new(OpenRate::new(CHANNEL_OPEN_BURST, CHANNEL_OPENS_PER_SEC)),
+            rate: Mutex::new(
+                [(); 2].map(|_| OpenRate::new(CHANNEL_OPEN_BURST, CHANNEL_OPENS_PER_SEC)),
+            ),
             refused: Arc::default(),
         }
     }
 }
 
 impl ChannelSlots {
-    fn take(&self, now: Instant) -> Result<ChannelSlot, NoSlot> {
-        let mut rate = lock(&self.rate);
-        if !rate.allow(now) {
-            let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-            let mark = rate.mark(now, RATE_MARK_EVERY).then_some(refused);
-            return Err(NoSlot::TooFast { mark });
-        }
+    fn take(&self, now: Instant, side: Side) -> Result<ChannelSlot, NoSlot> {
+        self.allow(now, side)?;
         self.open
             .clone()
             .try_acquire_owned()
             .map_err(|_| NoSlot::Full)
     }
 
+    /// Takes from `side`'s rate only: for a request audited like a channel
+    /// that opens none (a remote forward).
+    fn allow(&self, now: Instant, side: Side) -> Result<(), NoSlot> {
+        let mut rates = lock(&self.rate);
+        let rate = &mut rates[side as usize];
+        if !rate.allow(now) {
+            let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            let mark = rate.mark(now, RATE_MARK_EVERY).then_some(refused);
+            return Err(NoSlot::TooFast { mark });
+        }
+        Ok(())
+    }
+
     /// Refuses a channel that got no place, telling the recording (when
     /// the session is live) why.
     async fn refuse<R: Reject>(&self, why: NoSlot, reply: R, live: Option<&Live>) {
-        if let (NoSlot::TooFast { mark: Some(n) }, Some(live)) = (&why, live) {
-            live.marker(&format!(
-                "channels opened faster than {CHANNEL_OPENS_PER_SEC}/s (after {CHANNEL_OPEN_BURST}) \
-                 are refused: {n} so far"
-            ));
-        }
+        mark_too_fast(&why, live);
         reply.reject(ChannelOpenFailure::ResourceShortage).await;
+    }
+}
+
+/// Marks in the recording, when it is time to, that opens are refused for
+/// the rate.
+fn mark_too_fast(why: &NoSlot, live: Option<&Live>) {
+    if let (NoSlot::TooFast { mark: Some(n) }, Some(live)) = (why, live) {
+        live.marker(&format!(
+            "channels opened faster than {CHANNEL_OPENS_PER_SEC}/s (after {CHANNEL_OPEN_BURST}) \
+             are refused: {n} so far"
+        ));
     }
 }
 
@@ -360,6 +386,14 @@ impl ConnShared {
                 .await;
             return None;
         };
+        // The place first: opens past the rate leave no marker each.
+        let slot = match self.slots.take(crate::clock::instant(), Side::Node) {
+            Ok(slot) => slot,
+            Err(why) => {
+                self.slots.refuse(why, reply, Some(&live)).await;
+                return None;
+            }
+        };
         // Asked for and allowed earlier; the policy is asked again for
         // each channel, as the roles it rested on may have ended.
         if !live.may_forward(kind) {
@@ -378,13 +412,6 @@ impl ConnShared {
                 .await;
             return None;
         }
-        let slot = match self.slots.take(crate::clock::instant()) {
-            Ok(slot) => slot,
-            Err(why) => {
-                self.slots.refuse(why, reply, Some(&live)).await;
-                return None;
-            }
-        };
         reply.accept().await;
         live.marker(what);
         Some((live, handle, slot))
@@ -963,12 +990,8 @@ impl Conn {
                 return Ok(false);
             }
         };
-        let outcomes = self.channels.get(&channel).map(|c| c.rec.clone());
         if let Some(live) = self.live() {
-            for mut op in ops {
-                if let Some(o) = outcomes.as_ref().and_then(|r| r.sftp.get()) {
-                    lock(o).asked(&mut op);
-                }
+            for op in ops {
                 live.marker(&format!("sftp: {}", op.describe()));
                 live.audit(sftp_event(live, op, None)).await;
             }
@@ -1601,7 +1624,7 @@ impl server::Handler for Conn {
             return Ok(());
         }
         self.forget_ended_channels();
-        let slot = match self.shared.slots.take(crate::clock::instant()) {
+        let slot = match self.shared.slots.take(crate::clock::instant(), Side::User) {
             Ok(slot) => slot,
             Err(why) => {
                 let live = self.live().cloned();
@@ -1704,6 +1727,15 @@ impl server::Handler for Conn {
                 .await;
             return Ok(());
         };
+        // The place first: opens past the rate are not even decided (each
+        // decision is audited) nor marked each.
+        let slot = match self.shared.slots.take(crate::clock::instant(), Side::User) {
+            Ok(slot) => slot,
+            Err(why) => {
+                self.shared.slots.refuse(why, reply, Some(&live)).await;
+                return Ok(());
+            }
+        };
         if let Some(why) = live.refusing() {
             live.marker(&format!(
                 "port forward to {host_to_connect}:{port_to_connect} refused: {why}"
@@ -1713,15 +1745,6 @@ impl server::Handler for Conn {
                 .await;
             return Ok(());
         }
-        // The place first: opens past the rate are not even decided (each
-        // decision is audited).
-        let slot = match self.shared.slots.take(crate::clock::instant()) {
-            Ok(slot) => slot,
-            Err(why) => {
-                self.shared.slots.refuse(why, reply, Some(&live)).await;
-                return Ok(());
-            }
-        };
         if !self
             .decide_forwarding(SshForwarding::Port, None, session)
             .await
@@ -1778,6 +1801,11 @@ impl server::Handler for Conn {
             return Ok(false);
         };
         let asked = *port;
+        // Each is audited like a channel, and counts with the user's.
+        if let Err(why) = self.shared.slots.allow(crate::clock::instant(), Side::User) {
+            mark_too_fast(&why, Some(&live));
+            return Ok(false);
+        }
         if let Some(why) = live.refusing() {
             live.marker(&format!(
                 "remote forward from the node's {address}:{asked} refused: {why}"
@@ -1877,7 +1905,11 @@ impl server::Handler for Conn {
             let why = "data before a shell, command or subsystem: channel closed";
             return self.close_unsent(channel, why, session);
         }
-        if let Some(read) = c.sftp.as_mut().map(|r| r.feed(data)) {
+        let read = match (c.sftp.as_mut(), c.rec.sftp.get()) {
+            (Some(r), Some(outcomes)) => Some(r.feed(data, &mut lock(outcomes))),
+            _ => None,
+        };
+        if let Some(read) = read {
             if !self.sftp_audited(channel, read, session).await? {
                 return Ok(());
             }
@@ -2246,7 +2278,7 @@ mod tests {
         let (mut opened, mut marks) = (0, Vec::new());
         for i in 0..(CHANNEL_OPEN_BURST as usize + 50) {
             // Each closes at once: only the rate holds them back.
-            match slots.take(t0 + Duration::from_micros(i as u64)) {
+            match slots.take(t0 + Duration::from_micros(i as u64), Side::Node) {
                 Ok(_) => opened += 1,
                 Err(NoSlot::TooFast { mark }) => marks.extend(mark),
                 Err(NoSlot::Full) => panic!("full"),
@@ -2256,17 +2288,28 @@ mod tests {
         assert_eq!(slots.refused.load(Ordering::Relaxed), 50);
         assert_eq!(marks, [1]);
         assert!(matches!(
-            slots.take(t0 + Duration::from_millis(1)),
+            slots.take(t0 + Duration::from_millis(1), Side::Node),
             Err(NoSlot::TooFast { mark: None })
         ));
-        assert!(slots.take(t0 + Duration::from_millis(100)).is_ok());
+        assert!(slots
+            .take(t0 + Duration::from_millis(100), Side::Node)
+            .is_ok());
+        // The user's rate is their own: a node's loop does not use it up.
+        assert!(slots
+            .take(t0 + Duration::from_millis(100), Side::User)
+            .is_ok());
+        assert!(slots
+            .allow(t0 + Duration::from_millis(100), Side::User)
+            .is_ok());
 
         // Within the burst, every place can be taken at once; past them,
         // the refusal is for want of a place.
         assert!(CHANNEL_OPEN_BURST as usize > MAX_CHANNELS);
         let slots = ChannelSlots::default();
-        let held: Vec<_> = (0..MAX_CHANNELS).map(|_| slots.take(t0).ok()).collect();
+        let held: Vec<_> = (0..MAX_CHANNELS)
+            .map(|_| slots.take(t0, Side::User).ok())
+            .collect();
         assert!(held.iter().all(Option::is_some));
-        assert!(matches!(slots.take(t0), Err(NoSlot::Full)));
+        assert!(matches!(slots.take(t0, Side::Node), Err(NoSlot::Full)));
     }
 }

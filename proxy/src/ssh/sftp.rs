@@ -40,14 +40,12 @@ const SYMLINK: u8 = 20;
 const LINK: u8 = 21;
 const UNBLOCK: u8 = 23;
 const EXTENDED: u8 = 200;
+const CLOSE: u8 = 4;
 /// Answers the node sends.
 const STATUS: u8 = 101;
 const HANDLE: u8 = 102;
-
-/// Most audited requests kept awaiting their answer, and most handles whose
-/// paths are kept, per channel (OpenSSH's `sftp-server` holds at most 512
-/// handles; its clients keep a few requests in flight).
-const MAX_TRACKED: usize = 4096;
+/// The longest handle SFTP allows.
+const MAX_HANDLE: usize = 256;
 
 /// Extended requests that only read (or only flush): not audited.
 const READ_ONLY_EXTENSIONS: &[&str] = &[
@@ -105,26 +103,39 @@ impl std::fmt::Display for Malformed {
     }
 }
 
-/// Cuts a stream into packets as it arrives, in pieces of any size: holds
-/// the packets it is asked to, passes over the rest unheld.
-#[derive(Debug, Default)]
-struct Packets {
-    /// The packet being read: its length and type first, then (for a kept
-    /// type) the rest of it.
-    buf: Vec<u8>,
-    /// Bytes of a packet not kept still to pass over.
-    skip: usize,
+/// What a [`Packets`] framer hands each packet to.
+trait PacketSink {
+    /// A packet's header: its type, its length (type byte included) and
+    /// its request id (the version, for INIT and VERSION). Whether the
+    /// packet is held (true) or passed over unheld; an error stops the
+    /// stream.
+    fn header(&mut self, kind: u8, len: usize, id: u32) -> Result<bool, String>;
+    /// The body (after the type byte, id included) of a packet held.
+    fn packet(&mut self, kind: u8, body: &[u8]) -> Result<(), String>;
 }
 
+/// Cuts a stream into packets as it arrives, in pieces of any size: holds
+/// the packets its sink asks for, passes over the rest unheld. Every SFTP
+/// packet has a type and a 4-byte id (or version) after its length.
+#[derive(Debug, Default)]
+struct Packets {
+    /// The packet being read: its header first, then (if held) the rest.
+    buf: Vec<u8>,
+    /// Bytes of a packet not held still to pass over.
+    skip: usize,
+    /// Whether the sink has seen the header of the packet in `buf`.
+    headed: bool,
+}
+
+/// Length (4), type (1) and id (4).
+const HEADER: usize = 9;
+
 impl Packets {
-    /// `keep(kind, len)` says whether a packet of `len` bytes (type byte
-    /// included) is held, passed over, or not allowed (why); `each` gets
-    /// the body (after the type byte) of each packet held.
     fn feed(
         &mut self,
         mut data: &[u8],
-        mut keep: impl FnMut(u8, usize) -> Result<bool, String>,
-        mut each: impl FnMut(u8, &[u8]) -> Result<(), String>,
+        max: usize,
+        sink: &mut impl PacketSink,
     ) -> Result<(), String> {
         while !data.is_empty() {
             if self.skip > 0 {
@@ -133,25 +144,36 @@ impl Packets {
                 data = &data[n..];
                 continue;
             }
-            // Length (4) and type (1).
-            if self.buf.len() < 5 {
-                let n = (5 - self.buf.len()).min(data.len());
+            if self.buf.len() < HEADER {
+                let n = (HEADER - self.buf.len()).min(data.len());
                 self.buf.extend_from_slice(&data[..n]);
                 data = &data[n..];
-                if self.buf.len() < 5 {
-                    break;
-                }
+            }
+            if self.buf.len() < 4 {
+                break;
             }
             let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
             let len = usize::try_from(len).unwrap_or(usize::MAX);
-            if len == 0 {
-                return Err("an empty packet".into());
+            if len > max {
+                return Err(format!("a packet of {len} bytes (at most {max})"));
+            }
+            if len < HEADER - 4 {
+                return Err(format!(
+                    "a packet of {len} bytes, too short for a type and an id"
+                ));
+            }
+            if self.buf.len() < HEADER {
+                break;
             }
             let kind = self.buf[4];
-            if !keep(kind, len)? {
-                self.skip = len - 1;
-                self.buf.clear();
-                continue;
+            let id = u32::from_be_bytes([self.buf[5], self.buf[6], self.buf[7], self.buf[8]]);
+            if !self.headed {
+                if !sink.header(kind, len, id)? {
+                    self.skip = 4 + len - HEADER;
+                    self.buf.clear();
+                    continue;
+                }
+                self.headed = true;
             }
             let n = (4 + len - self.buf.len()).min(data.len());
             self.buf.extend_from_slice(&data[..n]);
@@ -159,8 +181,9 @@ impl Packets {
             if self.buf.len() < 4 + len {
                 break;
             }
-            let done = each(kind, &self.buf[5..]);
+            let done = sink.packet(kind, &self.buf[5..]);
             self.buf.clear();
+            self.headed = false;
             done?;
         }
         Ok(())
@@ -174,29 +197,52 @@ pub struct Reader {
     failed: Option<Malformed>,
 }
 
+/// The client's side, seen by its framer.
+struct ClientSink<'a> {
+    outcomes: &'a mut Outcomes,
+    ops: Vec<FileOp>,
+}
+
+impl PacketSink for ClientSink<'_> {
+    fn header(&mut self, kind: u8, _len: usize, id: u32) -> Result<bool, String> {
+        if !matches!(kind, INIT | OPEN..=UNBLOCK | EXTENDED) {
+            return Err(format!("a packet of unknown type {kind}"));
+        }
+        if kind != INIT {
+            self.outcomes.sent(id)?;
+        }
+        Ok(audited(kind) || kind == CLOSE)
+    }
+
+    fn packet(&mut self, kind: u8, body: &[u8]) -> Result<(), String> {
+        if kind == CLOSE {
+            let mut r = Fields { rest: body, kind };
+            r.u32()?;
+            self.outcomes.closed(&r.handle()?);
+            return Ok(());
+        }
+        if let Some(mut op) = parse(kind, body)? {
+            self.outcomes.asked(&mut op);
+            self.ops.push(op);
+        }
+        Ok(())
+    }
+}
+
 impl Reader {
-    /// The operations completed by `data`. After an error every call
-    /// returns it again.
-    pub fn feed(&mut self, data: &[u8]) -> Result<Vec<FileOp>, Malformed> {
+    /// The operations completed by `data`, which the client sent on a
+    /// channel whose node answers `outcomes` follows. After an error every
+    /// call returns it again.
+    pub fn feed(&mut self, data: &[u8], outcomes: &mut Outcomes) -> Result<Vec<FileOp>, Malformed> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
-        let mut ops = Vec::new();
-        let keep = |kind: u8, len: usize| {
-            if len > MAX_PACKET {
-                return Err(format!("a packet of {len} bytes (at most {MAX_PACKET})"));
-            }
-            if !matches!(kind, INIT | OPEN..=UNBLOCK | EXTENDED) {
-                return Err(format!("a packet of unknown type {kind}"));
-            }
-            Ok(audited(kind))
+        let mut sink = ClientSink {
+            outcomes,
+            ops: Vec::new(),
         };
-        let each = |kind: u8, body: &[u8]| {
-            ops.extend(parse(kind, body)?);
-            Ok(())
-        };
-        match self.packets.feed(data, keep, each) {
-            Ok(()) => Ok(ops),
+        match self.packets.feed(data, MAX_PACKET, &mut sink) {
+            Ok(()) => Ok(sink.ops),
             Err(why) => Err(self.fail(why)),
         }
     }
@@ -217,32 +263,91 @@ pub struct Refused {
     pub error: String,
 }
 
-/// The node's side of an `sftp` channel: which audited requests it refused
-/// and which file each handle it gave stands for. A node stream that does
-/// not parse is no longer followed (the node is not the one audited; its
-/// client gets what it sent).
+/// Both sides of an `sftp` channel, as far as the audit needs them: the
+/// client's requests awaiting answers (a request id used again before its
+/// answer would make answers ambiguous: the client's stream is then
+/// refused), which audited ones the node refused, and which file each
+/// handle the node gave stands for. What it holds is bounded
+/// ([`MAX_WAITING`] ids, [`MAX_HELD`] bytes of operations and paths): past
+/// that, or when the node's stream does not parse, the node's answers are
+/// no longer followed (no refusals, no handle paths; the requests are still
+/// audited as asked). The node is not the one audited: its client gets
+/// what it sent either way.
 #[derive(Debug, Default)]
 pub struct Outcomes {
     packets: Packets,
-    /// Audited requests not answered yet, by id.
+    /// Ids of the client's requests not answered yet.
+    waiting: std::collections::HashSet<u32>,
+    /// The audited ones among them.
     asked: std::collections::HashMap<u32, FileOp>,
-    /// The paths of handles (hex) the node gave for opens and opendirs.
+    /// The paths of handles (hex, whole) the node gave for opens and
+    /// opendirs, until the client closes them.
     handles: std::collections::HashMap<String, String>,
+    /// Bytes of text in `asked` and `handles`.
+    held: usize,
+    /// An answer's audited request, between its header and its body.
+    answering: Option<FileOp>,
+    refused: Vec<Refused>,
     failed: bool,
 }
 
+/// Most requests awaiting answers that are followed per channel.
+const MAX_WAITING: usize = 65_536;
+/// Most bytes of paths [`Outcomes`] holds per channel.
+const MAX_HELD: usize = 256 * 1024;
+
 impl Outcomes {
-    /// The client sent `op`: its answer is awaited. A handle it names is
-    /// replaced by the handle's path when the node's answer gave one.
-    pub fn asked(&mut self, op: &mut FileOp) {
-        if let Some(handle) = op.path.strip_prefix(HANDLE_PREFIX) {
-            if let Some(path) = self.handles.get(handle) {
-                op.path = path.clone();
-            }
+    /// The client sent a request with this id.
+    fn sent(&mut self, id: u32) -> Result<(), String> {
+        if self.failed {
+            return Ok(());
         }
-        if self.asked.len() < MAX_TRACKED {
-            self.asked.insert(op.id, op.clone());
+        if self.waiting.len() >= MAX_WAITING {
+            self.stop();
+            return Ok(());
         }
+        if !self.waiting.insert(id) {
+            return Err(format!("request id {id} used again before its answer"));
+        }
+        Ok(())
+    }
+
+    /// The client asked for `op`: its answer is awaited. A handle it names
+    /// is replaced by the handle's path when the node gave one.
+    fn asked(&mut self, op: &mut FileOp) {
+        if self.failed {
+            return;
+        }
+        if let Some(path) = op
+            .path
+            .strip_prefix(HANDLE_PREFIX)
+            .and_then(|h| self.handles.get(h))
+        {
+            op.path = path.clone();
+        }
+        self.held += op_weight(op);
+        if self.held > MAX_HELD {
+            self.stop();
+            return;
+        }
+        self.asked.insert(op.id, op.clone());
+    }
+
+    /// The client closed a handle: its path is forgotten (the node may give
+    /// the same handle for another file).
+    fn closed(&mut self, handle: &str) {
+        if let Some(path) = self.handles.remove(handle) {
+            self.held = self.held.saturating_sub(handle.len() + path.len());
+        }
+    }
+
+    /// Stops following the node's answers, and forgets what was held.
+    fn stop(&mut self) {
+        *self = Self {
+            failed: true,
+            refused: std::mem::take(&mut self.refused),
+            ..Self::default()
+        };
     }
 
     /// The refusals completed by what the node sent.
@@ -250,50 +355,82 @@ impl Outcomes {
         if self.failed {
             return Vec::new();
         }
-        let mut refused = Vec::new();
-        let Self {
-            packets,
-            asked,
-            handles,
-            ..
-        } = self;
-        let keep = |kind: u8, len: usize| match kind {
-            STATUS | HANDLE if len > MAX_PACKET => {
-                Err(format!("an answer of {len} bytes (at most {MAX_PACKET})"))
-            }
-            STATUS | HANDLE => Ok(true),
-            _ => Ok(false),
-        };
-        let each = |kind: u8, body: &[u8]| {
-            let mut r = Fields { rest: body, kind };
-            let Some(op) = asked.remove(&r.u32()?) else {
-                return Ok(());
-            };
-            if kind == HANDLE {
-                let handle = r.hex()?;
-                if handles.len() >= MAX_TRACKED {
-                    handles.clear();
-                }
-                handles.insert(handle, op.path);
-                return Ok(());
-            }
-            let code = r.u32()?;
-            if code != 0 {
-                let message = r.text().unwrap_or_default();
-                let mut error = status_name(code);
-                if !message.is_empty() {
-                    error = format!("{error}: {message}");
-                }
-                refused.push(Refused { op, error });
-            }
-            Ok(())
-        };
-        if packets.feed(data, keep, each).is_err() {
-            self.failed = true;
-            self.asked.clear();
-            self.handles.clear();
+        let mut packets = std::mem::take(&mut self.packets);
+        // The node's data may be as long as a client asks to read.
+        let fed = packets.feed(data, 16 * MAX_PACKET, self);
+        self.packets = packets;
+        let refused = std::mem::take(&mut self.refused);
+        if fed.is_err() {
+            self.stop();
         }
         refused
+    }
+}
+
+fn op_weight(op: &FileOp) -> usize {
+    64 + op.path.len()
+        + op.to.as_ref().map_or(0, String::len)
+        + op.flags.as_ref().map_or(0, String::len)
+}
+
+/// The node's side, seen by its framer.
+impl PacketSink for Outcomes {
+    fn header(&mut self, kind: u8, len: usize, id: u32) -> Result<bool, String> {
+        // VERSION answers INIT, which has no id.
+        if kind == 2 {
+            return Ok(false);
+        }
+        if !self.waiting.remove(&id) {
+            // Not an answer to anything asked: passed over.
+            return Ok(false);
+        }
+        self.answering = self.asked.remove(&id);
+        if let Some(op) = &self.answering {
+            self.held = self.held.saturating_sub(op_weight(op));
+        }
+        let hold = match kind {
+            HANDLE => true,
+            STATUS => self.answering.is_some(),
+            _ => false,
+        };
+        if hold && len > MAX_PACKET {
+            return Err(format!("an answer of {len} bytes (at most {MAX_PACKET})"));
+        }
+        Ok(hold)
+    }
+
+    fn packet(&mut self, kind: u8, body: &[u8]) -> Result<(), String> {
+        let mut r = Fields { rest: body, kind };
+        r.u32()?;
+        let op = self.answering.take();
+        if kind == HANDLE {
+            let handle = r.handle()?;
+            // A handle given again stands for the file of this answer, or
+            // (for a request not audited) for no file known here.
+            self.closed(&handle);
+            if let Some(op) = op {
+                self.held += handle.len() + op.path.len();
+                if self.held > MAX_HELD {
+                    self.stop();
+                    return Ok(());
+                }
+                self.handles.insert(handle, op.path);
+            }
+            return Ok(());
+        }
+        let Some(op) = op else {
+            return Ok(());
+        };
+        let code = r.u32()?;
+        if code != 0 {
+            let message = r.text().unwrap_or_default();
+            let mut error = status_name(code);
+            if !message.is_empty() {
+                error = format!("{error}: {message}");
+            }
+            self.refused.push(Refused { op, error });
+        }
+        Ok(())
     }
 }
 
@@ -352,7 +489,7 @@ fn parse(kind: u8, body: &[u8]) -> Result<Option<FileOp>, String> {
         // A handle names a file opened before (its open is on the record).
         FSETSTAT => op(
             "fsetstat",
-            format!("{HANDLE_PREFIX}{}", r.hex()?),
+            format!("{HANDLE_PREFIX}{}", r.handle()?),
             None,
             Some(r.attrs()),
         ),
@@ -424,11 +561,17 @@ impl Fields<'_> {
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
-    /// A string of bytes, in hex (a handle), at most 64 bytes kept.
-    fn hex(&mut self) -> Result<String, String> {
+    /// A handle, in hex, whole (at most [`MAX_HANDLE`] bytes).
+    fn handle(&mut self) -> Result<String, String> {
         let n = usize::try_from(self.u32()?).unwrap_or(usize::MAX);
         let b = self.take(n, "strings")?;
-        Ok(b.iter().take(64).map(|x| format!("{x:02x}")).collect())
+        if b.len() > MAX_HANDLE {
+            return Err(format!(
+                "a handle of {} bytes (at most {MAX_HANDLE})",
+                b.len()
+            ));
+        }
+        Ok(b.iter().map(|x| format!("{x:02x}")).collect())
     }
 
     /// The attributes a setstat sets, named: `mode=4755,uid=0,gid=0`.
@@ -487,6 +630,14 @@ impl Fields<'_> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Answers not followed: the client's stream is read for what it
+    /// asks, whatever its ids.
+    fn quiet() -> Outcomes {
+        let mut o = Outcomes::default();
+        o.stop();
+        o
+    }
 
     fn string(s: &[u8]) -> Vec<u8> {
         let mut v = (s.len() as u32).to_be_bytes().to_vec();
@@ -596,7 +747,7 @@ mod tests {
     #[test]
     fn file_operations_are_read_and_the_rest_passed_over() {
         let (stream, want) = session();
-        assert_eq!(Reader::default().feed(&stream).unwrap(), want);
+        assert_eq!(Reader::default().feed(&stream, &mut quiet()).unwrap(), want);
         assert_eq!(
             want[0].describe(),
             "open /srv/upload.bin (write,create,truncate)"
@@ -609,10 +760,10 @@ mod tests {
         let mut r = Reader::default();
         let w = write(MAX_PACKET - 100);
         for chunk in w.chunks(1000) {
-            assert!(r.feed(chunk).unwrap().is_empty());
-            assert!(r.packets.buf.len() <= 5, "{}", r.packets.buf.len());
+            assert!(r.feed(chunk, &mut quiet()).unwrap().is_empty());
+            assert!(r.packets.buf.len() <= HEADER, "{}", r.packets.buf.len());
         }
-        let ops = r.feed(&open("/x", 1)).unwrap();
+        let ops = r.feed(&open("/x", 1), &mut quiet()).unwrap();
         assert_eq!(ops[0].flags.as_deref(), Some("read"));
     }
 
@@ -620,22 +771,29 @@ mod tests {
     fn malformed_streams_are_refused_and_stay_refused() {
         let mut r = Reader::default();
         let big = ((MAX_PACKET + 1) as u32).to_be_bytes();
-        let e = r.feed(&[&big[..], &[6]].concat()).unwrap_err();
+        let e = r
+            .feed(&[&big[..], &[6]].concat(), &mut quiet())
+            .unwrap_err();
         assert!(e.to_string().contains("at most"), "{e}");
-        assert_eq!(r.feed(&open("/x", 1)), Err(e));
+        assert_eq!(r.feed(&open("/x", 1), &mut quiet()), Err(e));
 
         let mut r = Reader::default();
-        assert!(r.feed(&[0, 0, 0, 0, 3]).is_err(), "an empty packet");
+        assert!(
+            r.feed(&[0, 0, 0, 0, 3], &mut quiet()).is_err(),
+            "an empty packet"
+        );
 
         // A path longer than its packet.
         let mut body = with_id(&[]);
         body.extend_from_slice(&100u32.to_be_bytes());
         body.extend_from_slice(b"/short");
-        let e = Reader::default().feed(&packet(REMOVE, &body)).unwrap_err();
+        let e = Reader::default()
+            .feed(&packet(REMOVE, &body), &mut quiet())
+            .unwrap_err();
         assert!(e.to_string().contains("ends inside"), "{e}");
         // An open without its flags.
         let p = packet(OPEN, &with_id(&[string(b"/x")]));
-        assert!(Reader::default().feed(&p).is_err());
+        assert!(Reader::default().feed(&p, &mut quiet()).is_err());
     }
 
     #[test]
@@ -666,7 +824,7 @@ mod tests {
             LINK,
             &with_id(&[string(b"/new"), string(b"/old"), vec![0]]),
         ));
-        let ops = Reader::default().feed(&s).unwrap();
+        let ops = Reader::default().feed(&s, &mut quiet()).unwrap();
         let described: Vec<String> = ops.iter().map(FileOp::describe).collect();
         assert_eq!(
             described,
@@ -683,7 +841,7 @@ mod tests {
     fn packet_types_no_client_sends_are_refused() {
         for kind in [0u8, 2, 24, 101, 199, 201, 255] {
             let e = Reader::default()
-                .feed(&packet(kind, &with_id(&[])))
+                .feed(&packet(kind, &with_id(&[])), &mut quiet())
                 .unwrap_err();
             assert!(e.to_string().contains("unknown type"), "{kind}: {e}");
         }
@@ -692,10 +850,14 @@ mod tests {
     #[test]
     fn long_paths_are_clipped_and_odd_flags_named() {
         let long = "a".repeat(MAX_TEXT + 10);
-        let ops = Reader::default().feed(&open(&long, 0x40 | 0x01)).unwrap();
+        let ops = Reader::default()
+            .feed(&open(&long, 0x40 | 0x01), &mut quiet())
+            .unwrap();
         assert_eq!(ops[0].path.len(), MAX_TEXT + '…'.len_utf8());
         assert_eq!(ops[0].flags.as_deref(), Some("read,0x40"));
-        let ops = Reader::default().feed(&open("/x", 0)).unwrap();
+        let ops = Reader::default()
+            .feed(&open("/x", 0), &mut quiet())
+            .unwrap();
         assert_eq!(ops[0].flags.as_deref(), Some("none"));
     }
 
@@ -720,9 +882,8 @@ mod tests {
     }
 
     fn asked(o: &mut Outcomes, request: &[u8]) -> FileOp {
-        let mut ops = Reader::default().feed(request).unwrap();
+        let mut ops = Reader::default().feed(request, o).unwrap();
         assert_eq!(ops.len(), 1);
-        o.asked(&mut ops[0]);
         ops.remove(0)
     }
 
@@ -806,12 +967,102 @@ mod tests {
         let mut o = Outcomes::default();
         for chunk in answer(103, 1, &[string(&vec![0; MAX_PACKET])]).chunks(4096) {
             assert!(o.feed(chunk).is_empty());
-            assert!(o.packets.buf.len() <= 5);
+            assert!(o.packets.buf.len() <= HEADER);
         }
         // A node stream that does not parse is no longer followed.
         let mut o = Outcomes::default();
         asked(&mut o, &with(1, packet(REMOVE, &with_id(&[string(b"/x")]))));
         assert!(o.feed(&[0, 0, 0, 0, 101]).is_empty());
+        assert!(o.feed(&status(1, 3, "")).is_empty());
+    }
+
+    #[test]
+    fn answers_cannot_be_pinned_on_another_request() {
+        // An id used again before its answer (here: a STAT, whose "no such
+        // file" would pass for the open's) is refused.
+        let mut o = Outcomes::default();
+        let stat = with(2, packet(17, &with_id(&[string(b"/nonexistent")])));
+        let open = with(2, open("/etc/sudoers", 0x02));
+        let e = Reader::default()
+            .feed(&[stat, open].concat(), &mut o)
+            .unwrap_err();
+        assert!(e.to_string().contains("request id 2 used again"), "{e}");
+        // Once answered, the id is free again.
+        let mut o = Outcomes::default();
+        let mut r = Reader::default();
+        r.feed(&with(2, packet(17, &with_id(&[string(b"/x")]))), &mut o)
+            .unwrap();
+        assert!(o.feed(&status(2, 2, "")).is_empty());
+        r.feed(&with(2, packet(REMOVE, &with_id(&[string(b"/y")]))), &mut o)
+            .unwrap();
+        assert_eq!(o.feed(&status(2, 3, "")).len(), 1);
+    }
+
+    #[test]
+    fn a_handle_stands_for_its_file_only_while_it_is_open() {
+        let fsetstat = |id: u32, handle: &[u8]| {
+            with(
+                id,
+                packet(
+                    FSETSTAT,
+                    &with_id(&[string(handle), 0u32.to_be_bytes().to_vec()]),
+                ),
+            )
+        };
+        let mut o = Outcomes::default();
+        let mut r = Reader::default();
+        r.feed(&with(1, open("/srv/a", 1)), &mut o).unwrap();
+        o.feed(&answer(HANDLE, 1, &[string(b"h")]));
+        assert_eq!(
+            r.feed(&fsetstat(2, b"h"), &mut o).unwrap()[0].path,
+            "/srv/a"
+        );
+        // Closed: the node may give "h" for a file opened unaudited (an
+        // opendir's is, a stat's handle is not) or not at all.
+        r.feed(&with(3, packet(CLOSE, &with_id(&[string(b"h")]))), &mut o)
+            .unwrap();
+        assert_eq!(
+            r.feed(&fsetstat(4, b"h"), &mut o).unwrap()[0].path,
+            "handle 68"
+        );
+        // Given again for a request not audited: no file known here.
+        r.feed(&with(5, open("/srv/b", 1)), &mut o).unwrap();
+        o.feed(&answer(HANDLE, 5, &[string(b"g")]));
+        r.feed(&with(6, packet(17, &with_id(&[string(b"/srv")]))), &mut o)
+            .unwrap();
+        o.feed(&answer(HANDLE, 6, &[string(b"g")]));
+        assert_eq!(
+            r.feed(&fsetstat(7, b"g"), &mut o).unwrap()[0].path,
+            "handle 67"
+        );
+        // Handles are whole up to their limit, and no longer.
+        let long = vec![1u8; MAX_HANDLE + 1];
+        assert!(Reader::default()
+            .feed(&fsetstat(8, &long), &mut quiet())
+            .is_err());
+    }
+
+    #[test]
+    fn what_is_held_is_bounded_and_then_answers_are_not_followed() {
+        let mut o = Outcomes::default();
+        let mut r = Reader::default();
+        let path = "p".repeat(MAX_TEXT);
+        let mut id = 0;
+        while !o.failed {
+            id += 1;
+            r.feed(
+                &with(id, packet(REMOVE, &with_id(&[string(path.as_bytes())]))),
+                &mut o,
+            )
+            .unwrap();
+        }
+        assert!(id as usize <= MAX_HELD / MAX_TEXT + 1, "{id}");
+        assert!(o.asked.is_empty() && o.held == 0);
+        // The requests are still read, and nothing is pinned on them.
+        let ops = r
+            .feed(&with(1, packet(REMOVE, &with_id(&[string(b"/z")]))), &mut o)
+            .unwrap();
+        assert_eq!(ops.len(), 1);
         assert!(o.feed(&status(1, 3, "")).is_empty());
     }
 
@@ -851,7 +1102,7 @@ mod tests {
             let mut cuts = cuts.into_iter().cycle();
             while !rest.is_empty() {
                 let n = cuts.next().unwrap_or(1).min(rest.len());
-                got.extend(r.feed(&rest[..n]).unwrap());
+                got.extend(r.feed(&rest[..n], &mut quiet()).unwrap());
                 rest = &rest[n..];
             }
             prop_assert_eq!(got, want);
@@ -861,9 +1112,9 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
             let mut r = Reader::default();
-            let first = r.feed(&data);
+            let first = r.feed(&data, &mut quiet());
             if first.is_err() {
-                prop_assert!(r.feed(b"more").is_err());
+                prop_assert!(r.feed(b"more", &mut quiet()).is_err());
             }
         }
 
@@ -878,7 +1129,7 @@ mod tests {
             let mut r = Reader::default();
             let mut s = packet(kind, &body);
             s.extend(open("/next", 1));
-            if let Ok(ops) = r.feed(&s) {
+            if let Ok(ops) = r.feed(&s, &mut quiet()) {
                 prop_assert_eq!(ops.last().map(|o| o.path.as_str()), Some("/next"));
             }
         }
