@@ -551,7 +551,10 @@ const MAX_PLAIN_RUN: usize = 1 << 20;
 struct PlainRecording {
     /// Output since the last marker, not cleaned yet.
     run: String,
-    /// Where the run may be cut: just after its last `\n` or `\r`.
+    /// Where the run may be cut: just after its last `\n` or `\r`, but not
+    /// a `\r` that ends the run (it may be half of a `\r\n` whose `\n` comes
+    /// next: parts that end in `\r` and begin with `\n` would read as two
+    /// line ends).
     cut: Option<usize>,
     /// Whether anything was written, and whether it ends a line.
     wrote: bool,
@@ -562,24 +565,20 @@ impl PlainRecording {
     fn push(&mut self, e: &CastEvent, out: &mut impl Write) -> std::io::Result<()> {
         match e.code.as_str() {
             "o" => {
-                if let Some(i) = e.data.rfind(['\n', '\r']) {
+                if self.run.ends_with('\r') && !e.data.starts_with('\n') {
+                    self.cut = Some(self.run.len());
+                }
+                let body = e.data.strip_suffix('\r').unwrap_or(&e.data);
+                if let Some(i) = body.rfind(['\n', '\r']) {
                     self.cut = Some(self.run.len() + i + 1);
                 }
                 self.run.push_str(&e.data);
                 // A long run is cleaned in parts: an escape sequence left
                 // open hides no more than the rest of its part.
                 if self.run.len() > MAX_PLAIN_RUN {
-                    let hard = self.run.len() > 4 * MAX_PLAIN_RUN;
                     let at = match self.cut {
-                        // A `\r` that ends the run may be the first half of
-                        // a `\r\n`: cut after the next event, which may
-                        // bring the `\n` (a part ending in `\r` and one
-                        // beginning with `\n` would read as two line ends).
-                        Some(at) if !hard && at == self.run.len() && self.run.ends_with('\r') => {
-                            return Ok(())
-                        }
                         Some(at) => at,
-                        None if hard => self.run.len(),
+                        None if self.run.len() > 4 * MAX_PLAIN_RUN => self.run.len(),
                         None => return Ok(()),
                     };
                     let rest = self.run.split_off(at);
@@ -1065,6 +1064,16 @@ mod tests {
             "{:?}",
             &text[text.len() - 40..]
         );
+
+        // A progress bar (each event ends in `\r`) is cut at the `\r` before
+        // the last, not held until the hard limit.
+        let bar = format!("{}\r", "x".repeat(1000));
+        let mut plain = PlainRecording::default();
+        let mut out = Vec::new();
+        for _ in 0..(2 * MAX_PLAIN_RUN / bar.len()) {
+            plain.push(&ev("o", &bar), &mut out).unwrap();
+            assert!(plain.run.len() <= MAX_PLAIN_RUN + 2 * bar.len());
+        }
 
         // Output without a line end is cleaned in parts too, in linear time.
         let bar = "#".repeat(64 * 1024);

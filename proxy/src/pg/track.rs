@@ -156,7 +156,8 @@ fn expected_command(statement: &str) -> Option<&'static str> {
     loop {
         s = s.trim_start_matches(|c: char| c.is_whitespace() || c == '(');
         if let Some(rest) = s.strip_prefix("--") {
-            s = rest.split_once('\n').map_or("", |(_, r)| r);
+            // PostgreSQL's lexer ends a line comment at either.
+            s = rest.split_once(['\n', '\r']).map_or("", |(_, r)| r);
         } else if let Some(rest) = s.strip_prefix("/*") {
             // Block comments nest in PostgreSQL.
             let (mut depth, mut at) = (1usize, 0usize);
@@ -607,8 +608,13 @@ impl Tracker {
     /// statement's text says which command it is and the tag names another,
     /// the portal was changed: the Execute is marked `not_as_bound`, and the
     /// tracker forgets every named statement and portal, whose texts it can
-    /// no longer vouch for.
+    /// no longer vouch for. A check, not a boundary: a change to a command
+    /// of the same type, or behind a text that begins with `WITH`, passes.
     pub fn execute_completed(&mut self, e: &mut Executed, command_tag: &str) {
+        // An oversized or malformed CommandComplete says nothing.
+        if command_tag.is_empty() {
+            return;
+        }
         let word = command_tag.split(' ').next().unwrap_or_default();
         e.completed = Some(command_tag.to_owned());
         if expected_command(&e.statement).is_some_and(|want| want != word) {
@@ -821,6 +827,7 @@ mod tests {
                 "WITH d AS (DELETE FROM t RETURNING x) SELECT * FROM d",
                 None,
             ),
+            ("-- note\rDELETE FROM t", Some("DELETE")),
             ("SELECTED", None),
             ("EXPLAIN SELECT 1", None),
             ("/* open comment SELECT", None),
@@ -847,6 +854,11 @@ mod tests {
             (e.completed.as_deref(), e.not_as_bound),
             (Some("SELECT 2"), false)
         );
+        assert!(t.statements.get("s1").is_some());
+        // A tag that could not be read says nothing.
+        let mut unread = t.executed("p".into(), true);
+        t.execute_completed(&mut unread, "");
+        assert_eq!((unread.completed, unread.not_as_bound), (None, false));
         assert!(t.statements.get("s1").is_some());
         t.execute_completed(&mut e, "DELETE 2");
         assert_eq!(
