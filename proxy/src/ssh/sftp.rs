@@ -10,14 +10,20 @@
 //! them (what OpenSSH speaks; a later version's open flags are read as
 //! version 3's).
 //!
-//! The node's answers are read as they pass too ([`Outcomes`]): an audited
-//! request the node refuses (a STATUS other than OK) is reported with the
-//! node's reason, and the HANDLE answers name the files behind handles, so
-//! an fsetstat is on the record with its path. Data, names and attributes
-//! in answers are passed over unheld. A stream that does not parse as SFTP version 3 packets (a
-//! length beyond [`MAX_PACKET`], a string beyond its packet) is an error;
-//! the proxy then closes the channel rather than pass on what it cannot
-//! audit (OpenSSH's `sftp-server` ends the session on such input too).
+//! An operation is audited as asked: the node may refuse it. The node's
+//! answers are read as they pass too ([`Outcomes`]): an audited request the
+//! node refuses (a STATUS other than OK) is reported with the node's
+//! reason, and the HANDLE answers name the files behind handles, so an
+//! fsetstat is on the record with its path. Data, names and attributes in
+//! answers are passed over unheld. What is followed is bounded, and a node
+//! stream that does not parse is not followed: no refusal on the record is
+//! not proof that the node did what was asked.
+//!
+//! A client stream that does not parse as SFTP version 3 packets (a length
+//! beyond [`MAX_PACKET`], a string beyond its packet, a request id used
+//! again before its answer) is an error; the proxy then closes the channel
+//! rather than pass on what it cannot audit (OpenSSH's `sftp-server` ends
+//! the session on such input too).
 //!
 //! Pure bookkeeping: no I/O.
 
