@@ -1424,11 +1424,7 @@ impl Tracking {
             .received(tag, status.unwrap_or(0))
             .map_err(|e| lost_track(&e))?;
         if tag == b'C' {
-            let command_tag = protocol::command_tag(msg);
-            if let Some(e) = ran.as_mut() {
-                t.execute_completed(e, command_tag);
-            }
-            t.completed(command_tag);
+            t.completed(protocol::command_tag(msg), ran.as_mut());
         }
         // The statement a COPY that starts here runs: the Execute's, or
         // the Query's (not the last one sent: a client may pipeline more).

@@ -35,7 +35,7 @@
 //! happens; the server's command tag for the Execute goes on the record,
 //! and when it names another command than the bound text begins with, the
 //! Execute is marked and the tracker forgets its names
-//! ([`Tracker::execute_completed`]). A change to another command of the
+//! ([`Tracker::completed`]). A change to another command of the
 //! same kind (one `SELECT` for another) still shows only in the function's
 //! definition and call, which are on the record as queries. Executes still
 //! unanswered when the connection ends are reported by [`Tracker::unanswered`].
@@ -132,7 +132,7 @@ pub struct Executed {
     pub completed: Option<String>,
     /// The tag names another command than the statement's text: the portal
     /// ran something else than it was bound to (see
-    /// [`Tracker::execute_completed`]).
+    /// [`Tracker::completed`]).
     pub not_as_bound: bool,
 }
 
@@ -579,9 +579,22 @@ impl Tracker {
     /// through dynamic SQL. The tracker does not parse
     /// SQL, so it forgets what such a command may have changed: an Execute
     /// of it is then audited as unknown, never as the text it had before.
-    pub fn completed(&mut self, command_tag: &str) {
+    ///
+    /// `ran` is the Execute the tag completes, if the tracker reported one:
+    /// the tag goes on its record. Dynamic SQL in a function called by
+    /// another statement can close a portal and open a cursor of that name,
+    /// or re-prepare a statement, unseen here. The server's tag always names
+    /// the command it ran (a rule's `INSTEAD` keeps the original's type), so
+    /// when the statement's text says which command it is and the tag names
+    /// another, the portal was changed: the Execute is marked
+    /// `not_as_bound`, and the tracker forgets every named statement and
+    /// portal, whose texts it can no longer vouch for. A check, not a
+    /// boundary: a change to a command of the same type, or behind a text
+    /// that begins with `WITH`, passes. An empty tag (an oversized or
+    /// malformed CommandComplete) says nothing.
+    pub fn completed(&mut self, command_tag: &str, ran: Option<&mut Executed>) {
         let word = command_tag.split(' ').next().unwrap_or_default();
-        let (statements, portals) = match word {
+        let (mut statements, portals) = match word {
             // `PREPARE TRANSACTION` ends the transaction.
             "PREPARE" if command_tag == "PREPARE TRANSACTION" => (false, true),
             "PREPARE" | "DEALLOCATE" => (true, false),
@@ -590,36 +603,23 @@ impl Tracker {
             "DISCARD" | "DO" | "CALL" => (true, true),
             _ => (false, false),
         };
+        let mut named_portals = false;
+        if let Some(e) = ran.filter(|_| !command_tag.is_empty()) {
+            e.completed = Some(command_tag.to_owned());
+            if expected_command(&e.statement).is_some_and(|want| want != word) {
+                e.not_as_bound = true;
+                statements = true;
+                named_portals = true;
+            }
+        }
         // The unnamed statement has no SQL name; the unnamed portal goes
-        // too (a transaction's end drops it, and it is rebound before use).
+        // too at a transaction's end (it is rebound before use).
         if statements {
             self.statements.retain(str::is_empty);
         }
         if portals {
             self.portals.clear();
-        }
-    }
-
-    /// The CommandComplete of an Execute the tracker reported: its tag goes
-    /// on the record. Dynamic SQL in a function called by another statement
-    /// can close a portal and open a cursor of that name, or re-prepare a
-    /// statement, unseen here. The server's tag always names the command it
-    /// ran (a rule's `INSTEAD` keeps the original's type), so when the
-    /// statement's text says which command it is and the tag names another,
-    /// the portal was changed: the Execute is marked `not_as_bound`, and the
-    /// tracker forgets every named statement and portal, whose texts it can
-    /// no longer vouch for. A check, not a boundary: a change to a command
-    /// of the same type, or behind a text that begins with `WITH`, passes.
-    pub fn execute_completed(&mut self, e: &mut Executed, command_tag: &str) {
-        // An oversized or malformed CommandComplete says nothing.
-        if command_tag.is_empty() {
-            return;
-        }
-        let word = command_tag.split(' ').next().unwrap_or_default();
-        e.completed = Some(command_tag.to_owned());
-        if expected_command(&e.statement).is_some_and(|want| want != word) {
-            e.not_as_bound = true;
-            self.statements.retain(str::is_empty);
+        } else if named_portals {
             self.portals.retain(str::is_empty);
         }
     }
@@ -849,7 +849,7 @@ mod tests {
         bind(&mut t, "", "");
         assert!(answer(&mut t, b"22").is_empty());
         let mut e = t.executed("p".into(), true);
-        t.execute_completed(&mut e, "SELECT 2");
+        t.completed("SELECT 2", Some(&mut e));
         assert_eq!(
             (e.completed.as_deref(), e.not_as_bound),
             (Some("SELECT 2"), false)
@@ -857,10 +857,10 @@ mod tests {
         assert!(t.statements.get("s1").is_some());
         // A tag that could not be read says nothing.
         let mut unread = t.executed("p".into(), true);
-        t.execute_completed(&mut unread, "");
+        t.completed("", Some(&mut unread));
         assert_eq!((unread.completed, unread.not_as_bound), (None, false));
         assert!(t.statements.get("s1").is_some());
-        t.execute_completed(&mut e, "DELETE 2");
+        t.completed("DELETE 2", Some(&mut e));
         assert_eq!(
             (e.completed.as_deref(), e.not_as_bound),
             (Some("DELETE 2"), true)
@@ -1293,9 +1293,9 @@ mod tests {
         // Query("DEALLOCATE s1; PREPARE s1 AS DELETE FROM accounts")
         t.sent(q()).unwrap();
         t.received(b'C', 0).unwrap();
-        t.completed("DEALLOCATE");
+        t.completed("DEALLOCATE", None);
         t.received(b'C', 0).unwrap();
-        t.completed("PREPARE");
+        t.completed("PREPARE", None);
         t.received(b'Z', b'I').unwrap();
         bind(&mut t, "", "s1");
         execute(&mut t, "");
@@ -1306,8 +1306,8 @@ mod tests {
         parse(&mut t, "s1", "SELECT 1");
         t.sent(Sent::Sync).unwrap();
         answer(&mut t, b"1Z");
-        t.completed("SELECT 1");
-        t.completed("PREPARED"); // not the word PREPARE
+        t.completed("SELECT 1", None);
+        t.completed("PREPARED", None); // not the word PREPARE
         assert!(t.statements.get("s1").is_some());
     }
 
@@ -1351,9 +1351,9 @@ mod tests {
             // Query("CLOSE p; DECLARE p CURSOR FOR SELECT f()"), say.
             t.sent(q()).unwrap();
             t.received(b'C', 0).unwrap();
-            t.completed(tag);
+            t.completed(tag, None);
             t.received(b'C', 0).unwrap();
-            t.completed("DECLARE CURSOR");
+            t.completed("DECLARE CURSOR", None);
             t.received(b'Z', b'T').unwrap();
             let ran = run(&mut t, "p");
             assert!(ran.contains("not known to wicket"), "{tag}: {ran}");
@@ -1370,7 +1370,7 @@ mod tests {
         let mut t = Tracker::new(100);
         bound(&mut t);
         for tag in ["DECLARE CURSOR", "FETCH 1", "MOVE 1", "SELECT 1", "CLOSED"] {
-            t.completed(tag);
+            t.completed(tag, None);
         }
         assert_eq!(run(&mut t, "p"), "SELECT 1");
     }
