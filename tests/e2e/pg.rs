@@ -1696,11 +1696,7 @@ fn an_execute_of_a_portal_redefined_by_sql_is_not_audited_with_its_old_text() {
     f.tcp.write_all(&batch).unwrap();
     let tags = f.until_ready(6);
     assert_eq!(String::from_utf8_lossy(&tags), "CZCZ2ZCCZDDCZCZ");
-    let executes = wait_until("both executes", Duration::from_secs(10), || {
-        let e = s.alice_events("db_execute");
-        (e.len() == 2).then_some(e)
-    })
-    .unwrap();
+    let executes = s.alice_events_exactly("db_execute", 2);
     for e in &executes {
         let statement = e["data"]["statement"].as_str().unwrap();
         assert!(
@@ -1742,11 +1738,7 @@ fn a_portal_changed_by_a_function_is_marked_as_not_what_was_bound() {
     f.tcp.write_all(&batch).unwrap();
     let tags = f.until_ready(7);
     assert!(!tags.contains(&b'E'), "{}", String::from_utf8_lossy(&tags));
-    let executes = wait_until("both executes", Duration::from_secs(10), || {
-        let e = s.alice_events("db_execute");
-        (e.len() == 2).then_some(e)
-    })
-    .unwrap();
+    let executes = s.alice_events_exactly("db_execute", 2);
     let changed = &executes[0]["data"];
     assert_eq!(changed["portal"], "p", "{executes:?}");
     assert_eq!(changed["statement"], "/* read */ (SELECT x FROM ledger)");
@@ -1831,11 +1823,7 @@ fn an_execute_sent_with_terminate_is_audited() {
     ]
     .concat();
     send_and_leave(f, &batch, &t);
-    let executes = wait_until("the second execute", Duration::from_secs(10), || {
-        let e = s.alice_events("db_execute");
-        (e.len() == 2).then_some(e)
-    })
-    .unwrap();
+    let executes = s.alice_events_exactly("db_execute", 2);
     let redefined = executes
         .iter()
         .find(|e| e["data"]["statement"] != "DELETE FROM ledger")
@@ -1971,11 +1959,7 @@ fn a_sync_inside_a_failed_copy_does_not_shift_the_audit() {
             .any(|e| e.starts_with("08P01") && e.contains("lost track")),
         "{errors:?}"
     );
-    let executes = wait_until("the DELETE's execute", Duration::from_secs(10), || {
-        let e = s.alice_events("db_execute");
-        (!e.is_empty()).then_some(e)
-    })
-    .unwrap();
+    let executes = s.alice_events("db_execute");
     // Each Execute with its own portal's text (unanswered: the session
     // ended before their answers came).
     for e in &executes {

@@ -195,6 +195,19 @@ impl Setup {
         )
         .unwrap()
     }
+
+    /// alice's audit events of `kind`, once there are exactly `n`.
+    pub fn alice_events_exactly(&self, kind: &str, n: usize) -> Vec<Value> {
+        wait_until(
+            &format!("{n} {kind} audit events"),
+            Duration::from_secs(10),
+            || {
+                let e = self.events(&self.alice, &["--user", "alice", "--kind", kind]);
+                (e.len() == n).then_some(e)
+            },
+        )
+        .unwrap()
+    }
 }
 
 /// `wicket proxy db RESOURCE --tunnel` as `cli`'s user, running until
