@@ -208,6 +208,7 @@ mod tests {
                 max_unauthenticated: unauthenticated,
                 max_connections_per_user: 2,
                 login_grace: chrono::Duration::seconds(5),
+                ..Limits::default()
             },
         )
     }

@@ -18,6 +18,10 @@ use serde_path_to_error::Segment;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Component, Path, PathBuf};
+
+/// The most `limits.ssh_channel_burst` and `ssh_channels_per_second` may
+/// say: past it the rate holds back nothing.
+const MAX_CHANNEL_RATE: u32 = 1_000_000;
 use wicket_policy::{
     ApprovalRule, BreakGlassSettings, DatabaseGrant, Directory, KubernetesGrant, LabelSelector,
     Labels, OncallSchedule, Policy, RequestSettings, Requirement, Resource, ResourceKind,
@@ -394,6 +398,15 @@ impl Cx {
     }
 
     /// A count that must be at least 1; `None` (reported) when it is 0.
+    /// `n` when it is in `1..=max`; `None` (reported) otherwise.
+    fn at_most(&mut self, n: u32, max: u32, path: &str) -> Option<u32> {
+        if !(1..=max).contains(&n) {
+            self.push(path, format!("{n} is outside 1..={max}"));
+            return None;
+        }
+        Some(n)
+    }
+
     fn count(&mut self, n: usize, path: &str) -> Option<usize> {
         if n == 0 {
             self.push(path, "must be at least 1");
@@ -862,12 +875,25 @@ impl Cx {
                 ok = false;
             }
         }
+        let burst = self.at_most(
+            f.ssh_channel_burst.unwrap_or(d.ssh_channel_burst),
+            MAX_CHANNEL_RATE,
+            "limits.ssh_channel_burst",
+        );
+        let per_sec = self.at_most(
+            f.ssh_channels_per_second
+                .unwrap_or(d.ssh_channels_per_second),
+            MAX_CHANNEL_RATE,
+            "limits.ssh_channels_per_second",
+        );
         let login_grace = grace?;
         ok.then_some(Limits {
             max_connections: open?,
             max_unauthenticated: unauthenticated?,
             max_connections_per_user: per_user?,
             login_grace,
+            ssh_channel_burst: burst?,
+            ssh_channels_per_second: per_sec?,
         })
     }
 

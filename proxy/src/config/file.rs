@@ -143,8 +143,8 @@ pub struct AuditFile {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with max_connections, max_unauthenticated, max_connections_per_user \
-                 and login_grace"
+    expecting = "a mapping with max_connections, max_unauthenticated, max_connections_per_user, \
+                 login_grace, ssh_channel_burst and ssh_channels_per_second"
 )]
 pub struct LimitsFile {
     /// Open client connections per listener (default 10000).
@@ -157,6 +157,11 @@ pub struct LimitsFile {
     /// Time a connection has to authenticate (default 60s; sshd's
     /// LoginGraceTime).
     pub login_grace: Option<DurationText>,
+    /// SSH channels (and remote forward requests) each side of a connection
+    /// may open at once (default 300).
+    pub ssh_channel_burst: Option<u32>,
+    /// And how many more each second after that burst (default 30).
+    pub ssh_channels_per_second: Option<u32>,
 }
 
 /// `postgres:` — the PostgreSQL proxy.

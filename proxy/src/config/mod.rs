@@ -215,6 +215,15 @@ pub struct Limits {
     /// How long a connection may take to authenticate before it is closed
     /// (default 60s), like sshd's LoginGraceTime.
     pub login_grace: Duration,
+    /// SSH channels each side of a connection (the user, the node) may open
+    /// at once (default 300, more than the 256 that may be open at once);
+    /// the user's remote forward requests count with the user's channels.
+    /// Each open is audited, so past this burst and the rate below opens
+    /// are refused for resource shortage and counted.
+    pub ssh_channel_burst: u32,
+    /// SSH channel opens each side may make per second after its burst
+    /// (default 30).
+    pub ssh_channels_per_second: u32,
 }
 
 impl Default for Limits {
@@ -224,6 +233,8 @@ impl Default for Limits {
             max_unauthenticated: 100,
             max_connections_per_user: 100,
             login_grace: Duration::seconds(60),
+            ssh_channel_burst: 300,
+            ssh_channels_per_second: 30,
         }
     }
 }

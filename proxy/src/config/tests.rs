@@ -938,6 +938,7 @@ limits: { max_connections: 50, max_unauthenticated: 5, max_connections_per_user:
             max_unauthenticated: 5,
             max_connections_per_user: 3,
             login_grace: Duration::seconds(10),
+            ..Limits::default()
         }
     );
     assert_eq!(d.limits.max_connections_per_user, 100);
@@ -965,6 +966,24 @@ limits: { max_connections: 50, max_unauthenticated: 5, max_connections_per_user:
     has(&e, "limits.login_grace", "at most 10m");
     let e = problems("version: 1\nlimits: { max_unauthenticated: 0 }\n");
     has(&e, "limits.max_unauthenticated", "at least 1");
+    assert_eq!(
+        (d.limits.ssh_channel_burst, d.limits.ssh_channels_per_second),
+        (300, 30)
+    );
+    let c = ok("version: 1\nlimits: { ssh_channel_burst: 40, ssh_channels_per_second: 2 }\n");
+    assert_eq!(
+        (c.limits.ssh_channel_burst, c.limits.ssh_channels_per_second),
+        (40, 2)
+    );
+    let e = problems(
+        "version: 1\nlimits: { ssh_channel_burst: 0, ssh_channels_per_second: 1000001 }\n",
+    );
+    has(&e, "limits.ssh_channel_burst", "0 is outside 1..=1000000");
+    has(
+        &e,
+        "limits.ssh_channels_per_second",
+        "1000001 is outside 1..=1000000",
+    );
     let e = problems("version: 1\nlimits: { max_startups: 1 }\n");
     assert!(e.to_string().contains("max_startups"), "{e}");
 }

@@ -97,16 +97,13 @@ const FORWARD_SETTLE: Duration = Duration::from_secs(2);
 /// cannot exhaust the proxy's memory.
 const MAX_CHANNELS: usize = 256;
 
-/// Channels each side of a connection may open in a burst (the user's
-/// remote forward requests count with the user's channels), and how many
-/// more per second after it. Each is audited, so a client or node that
-/// opens them in a loop would fill the audit store (and in
-/// `drop-and-count` crowd out other sessions' events): opens past the rate
-/// are refused for resource shortage. Each side has its own rate, so a
-/// node's loop does not use up the user's. The burst is more than
-/// [`MAX_CHANNELS`]: a client may fill every place at once.
-const CHANNEL_OPEN_BURST: f64 = 300.0;
-const CHANNEL_OPENS_PER_SEC: f64 = 30.0;
+/// Each channel open is audited, so a client or node that opens them in a
+/// loop would fill the audit store (and in `drop-and-count` crowd out other
+/// sessions' events): each side of a connection may open
+/// `limits.ssh_channel_burst` at once (the user's remote forward requests
+/// count with the user's channels), then `limits.ssh_channels_per_second`;
+/// opens past that are refused for resource shortage. Each side has its
+/// own rate, so a node's loop does not use up the user's.
 /// Refusals for the rate are marked in the recording at most this often.
 const RATE_MARK_EVERY: Duration = Duration::from_secs(10);
 
@@ -118,6 +115,9 @@ pub(crate) struct ChannelSlots {
     rate: Mutex<[OpenRate; 2]>,
     /// Channel opens refused for the rate, for the session's end.
     refused: Arc<AtomicU64>,
+    /// The rate, for the recording's mark.
+    burst: u32,
+    per_sec: u32,
 }
 
 /// One open channel's place, given back when dropped.
@@ -141,17 +141,23 @@ enum NoSlot {
 
 impl Default for ChannelSlots {
     fn default() -> Self {
-        Self {
-            open: Arc::new(tokio::sync::Semaphore::new(MAX_CHANNELS)),
-            rate: Mutex::new(
-                [(); 2].map(|_| OpenRate::new(CHANNEL_OPEN_BURST, CHANNEL_OPENS_PER_SEC)),
-            ),
-            refused: Arc::default(),
-        }
+        let d = crate::config::Limits::default();
+        Self::new(d.ssh_channel_burst, d.ssh_channels_per_second)
     }
 }
 
 impl ChannelSlots {
+    /// `burst` opens at once on each side, then `per_sec`.
+    fn new(burst: u32, per_sec: u32) -> Self {
+        Self {
+            open: Arc::new(tokio::sync::Semaphore::new(MAX_CHANNELS)),
+            rate: Mutex::new([(); 2].map(|_| OpenRate::new(burst.into(), per_sec.into()))),
+            refused: Arc::default(),
+            burst,
+            per_sec,
+        }
+    }
+
     fn take(&self, now: Instant, side: Side) -> Result<ChannelSlot, NoSlot> {
         self.allow(now, side)?;
         self.open
@@ -176,19 +182,19 @@ impl ChannelSlots {
     /// Refuses a channel that got no place, telling the recording (when
     /// the session is live) why.
     async fn refuse<R: Reject>(&self, why: NoSlot, reply: R, live: Option<&Live>) {
-        mark_too_fast(&why, live);
+        self.mark_too_fast(&why, live);
         reply.reject(ChannelOpenFailure::ResourceShortage).await;
     }
-}
 
-/// Marks in the recording, when it is time to, that opens are refused for
-/// the rate.
-fn mark_too_fast(why: &NoSlot, live: Option<&Live>) {
-    if let (NoSlot::TooFast { mark: Some(n) }, Some(live)) = (why, live) {
-        live.marker(&format!(
-            "channels opened faster than {CHANNEL_OPENS_PER_SEC}/s (after {CHANNEL_OPEN_BURST}) \
-             are refused: {n} so far"
-        ));
+    /// Marks in the recording, when it is time to, that opens are refused
+    /// for the rate.
+    fn mark_too_fast(&self, why: &NoSlot, live: Option<&Live>) {
+        if let (NoSlot::TooFast { mark: Some(n) }, Some(live)) = (why, live) {
+            live.marker(&format!(
+                "channels opened faster than {}/s (after {}) are refused: {n} so far",
+                self.per_sec, self.burst
+            ));
+        }
     }
 }
 
@@ -278,6 +284,14 @@ impl Cut {
 }
 
 impl ConnShared {
+    /// With the channel-open rate of `limits`.
+    fn with_rate(limits: &crate::config::Limits) -> Self {
+        Self {
+            slots: ChannelSlots::new(limits.ssh_channel_burst, limits.ssh_channels_per_second),
+            ..Self::default()
+        }
+    }
+
     pub(crate) fn server_handle(&self) -> Option<server::Handle> {
         lock(&self.server).clone()
     }
@@ -958,11 +972,12 @@ impl Conn {
         route: Option<Route>,
         admitted: Admission,
     ) -> Self {
+        let shared = Arc::new(ConnShared::with_rate(&proxy.wicket.config.limits));
         Self {
             proxy,
             peer,
             route,
-            shared: Arc::default(),
+            shared,
             access: Access::Pending,
             channels: HashMap::new(),
             denied: HashMap::new(),
@@ -1803,7 +1818,7 @@ impl server::Handler for Conn {
         let asked = *port;
         // Each is audited like a channel, and counts with the user's.
         if let Err(why) = self.shared.slots.allow(crate::clock::instant(), Side::User) {
-            mark_too_fast(&why, Some(&live));
+            self.shared.slots.mark_too_fast(&why, Some(&live));
             return Ok(false);
         }
         if let Some(why) = live.refusing() {
@@ -2274,9 +2289,14 @@ mod tests {
     #[tokio::test]
     async fn a_connection_opening_channels_in_a_loop_is_refused_past_the_rate() {
         let slots = ChannelSlots::default();
+        const DEFAULT_BURST: usize = 300;
+        assert_eq!(
+            crate::config::Limits::default().ssh_channel_burst as usize,
+            DEFAULT_BURST
+        );
         let t0 = crate::clock::instant();
         let (mut opened, mut marks) = (0, Vec::new());
-        for i in 0..(CHANNEL_OPEN_BURST as usize + 50) {
+        for i in 0..(DEFAULT_BURST + 50) {
             // Each closes at once: only the rate holds them back.
             match slots.take(t0 + Duration::from_micros(i as u64), Side::Node) {
                 Ok(_) => opened += 1,
@@ -2284,7 +2304,7 @@ mod tests {
                 Err(NoSlot::Full) => panic!("full"),
             }
         }
-        assert_eq!(opened, CHANNEL_OPEN_BURST as usize);
+        assert_eq!(opened, DEFAULT_BURST);
         assert_eq!(slots.refused.load(Ordering::Relaxed), 50);
         assert_eq!(marks, [1]);
         assert!(matches!(
@@ -2304,12 +2324,27 @@ mod tests {
 
         // Within the burst, every place can be taken at once; past them,
         // the refusal is for want of a place.
-        assert!(CHANNEL_OPEN_BURST as usize > MAX_CHANNELS);
+        const { assert!(DEFAULT_BURST > MAX_CHANNELS) };
         let slots = ChannelSlots::default();
         let held: Vec<_> = (0..MAX_CHANNELS)
             .map(|_| slots.take(t0, Side::User).ok())
             .collect();
         assert!(held.iter().all(Option::is_some));
         assert!(matches!(slots.take(t0, Side::Node), Err(NoSlot::Full)));
+    }
+
+    #[tokio::test]
+    async fn the_channel_rate_is_the_configured_one() {
+        let slots = ChannelSlots::new(5, 2);
+        let t0 = crate::clock::instant();
+        let opened = (0..20)
+            .filter(|_| slots.take(t0, Side::User).is_ok())
+            .count();
+        assert_eq!(opened, 5);
+        // Two a second after the burst: one more after half a second.
+        let half = t0 + Duration::from_millis(500);
+        assert!(slots.take(half, Side::User).is_ok());
+        assert!(slots.take(half, Side::User).is_err());
+        assert_eq!(slots.refused.load(Ordering::Relaxed), 16);
     }
 }
