@@ -442,6 +442,8 @@ async fn run(command: Command) -> Result<()> {
     }
 }
 
+/// The password: from standard input, `WICKET_PASSWORD`, or a prompt on
+/// the terminal.
 fn read_password(from_stdin: bool) -> Result<Secret> {
     if from_stdin {
         let mut line = String::new();
@@ -454,6 +456,24 @@ fn read_password(from_stdin: bool) -> Result<Secret> {
     if !std::io::stdin().is_terminal() {
         bail!("no terminal to prompt for a password; use --password-stdin or WICKET_PASSWORD");
     }
+    prompt_password()
+}
+
+/// Prompts on the terminal; Ctrl-C there ends the process as interrupted
+/// (130), once the terminal is restored.
+#[cfg(unix)]
+fn prompt_password() -> Result<Secret> {
+    match crate::prompt::password("Password: ")? {
+        crate::prompt::Answer::Password(p) => Ok(p),
+        crate::prompt::Answer::Interrupted => {
+            eprintln!("wicket: interrupted");
+            std::process::exit(130)
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn prompt_password() -> Result<Secret> {
     Ok(Secret::new(rpassword::prompt_password("Password: ")?))
 }
 

@@ -17,6 +17,8 @@ pub mod db;
 pub mod keys;
 pub mod peer;
 pub mod profile;
+#[cfg(unix)]
+pub mod prompt;
 pub mod requests;
 pub mod ssh;
 pub mod term;

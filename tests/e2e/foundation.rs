@@ -4,7 +4,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use wicket_e2e::harness_util::run;
+use std::time::Duration;
+use wicket_e2e::harness_util::{run, wait_until};
 use wicket_e2e::harness_wicket::{totp_code, wicketd_cmd, WicketCli, Wicketd};
 
 const PASSWORD: &str = "correct horse battery staple";
@@ -556,6 +557,58 @@ fn password_from_environment_insecure_first_contact_and_per_source_limit() {
         "{}",
         r.stderr
     );
+}
+
+/// On a real terminal, `wicket login` prompts for the password without
+/// echo. Ctrl-C there ends it as interrupted (130) and gives the terminal
+/// back as it was (echo and signals on); a password typed there logs in.
+#[test]
+fn ctrl_c_at_the_password_prompt_gives_the_terminal_back() {
+    let d = Wicketd::builder().start().unwrap();
+    d.add_user("hana", "access", PASSWORD, false).unwrap();
+    let cli = WicketCli::new().unwrap();
+    let login = format!(
+        "'{}' login --proxy {} --user hana --insecure",
+        wicket_e2e::harness_wicket::bin_dir()
+            .unwrap()
+            .join("wicket")
+            .display(),
+        d.proxy()
+    );
+    let mut t = crate::ssh::Pty::run(
+        &format!(
+            "{login}; echo rc=$?; stty -a; echo stty-done; {login} && echo logged-in-$((1+1))"
+        ),
+        &[("WICKET_HOME", cli.home.path())],
+    );
+    let wait = Duration::from_secs(20);
+    t.expect("Password:", wait);
+    t.send("\x03");
+    t.expect("stty-done", wait);
+    let said = t.text();
+    let after = &said[said.find("rc=130").unwrap()..said.find("stty-done").unwrap()];
+    let flags: Vec<&str> = after.split([' ', ';', '\r', '\n']).collect();
+    for on in ["echo", "icanon", "isig"] {
+        assert!(flags.contains(&on), "{on} is off after Ctrl-C: {after}");
+    }
+    assert!(said.contains("wicket: interrupted\r\nrc=130"), "{said}");
+    t.expect("Password:", wait);
+    t.send(&format!("{PASSWORD}\r"));
+    t.expect("logged-in-2", wait);
+    assert!(!t.text().contains(PASSWORD), "the password was echoed");
+    assert_eq!(cli.status().unwrap()["user"], "hana");
+
+    // Ctrl-C still ends a login that waits on the proxy after the prompt
+    // (here one that never answers): the prompt caught no signal.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung = login.replace(&d.proxy(), &silent.local_addr().unwrap().to_string());
+    let mut t = crate::ssh::Pty::run(&hung, &[("WICKET_HOME", cli.home.path())]);
+    t.expect("Password:", wait);
+    t.send(&format!("{PASSWORD}\r"));
+    silent.set_nonblocking(true).unwrap();
+    let _held = wait_until("the login to connect", wait, || silent.accept().ok()).unwrap();
+    t.send("\x03");
+    wait_until("the login to exit", wait, || t.exited().then_some(())).unwrap();
 }
 
 /// An admin command never makes a CA key set (a second one would split the

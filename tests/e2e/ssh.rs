@@ -441,7 +441,7 @@ fn denials_are_specific() {
 }
 
 /// An interactive session driven through a pseudo-terminal (`script`).
-struct Pty {
+pub(crate) struct Pty {
     child: std::process::Child,
     stdin: std::process::ChildStdin,
     rx: mpsc::Receiver<Vec<u8>>,
@@ -451,9 +451,15 @@ struct Pty {
 impl Pty {
     fn spawn(cfg: &Path, dest: &str) -> Pty {
         let cmd = format!("ssh -tt -F '{}' -o BatchMode=yes {dest}", cfg.display());
+        Pty::run(&cmd, &[])
+    }
+
+    /// `cmd` run by `sh` on a terminal of its own, with `env` added.
+    pub(crate) fn run(cmd: &str, env: &[(&str, &Path)]) -> Pty {
         let mut child = Command::new("script")
-            .args(["-q", "-f", "-e", "-c", &cmd, "/dev/null"])
+            .args(["-q", "-f", "-e", "-c", cmd, "/dev/null"])
             .env("TERM", "xterm")
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -491,16 +497,16 @@ impl Pty {
         t
     }
 
-    fn send(&mut self, s: &str) {
+    pub(crate) fn send(&mut self, s: &str) {
         self.stdin.write_all(s.as_bytes()).unwrap();
         self.stdin.flush().unwrap();
     }
 
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         text(&self.seen)
     }
 
-    fn expect(&mut self, needle: &str, timeout: Duration) {
+    pub(crate) fn expect(&mut self, needle: &str, timeout: Duration) {
         let r = wait_until(&format!("{needle:?} on the terminal"), timeout, || {
             while let Ok(b) = self.rx.try_recv() {
                 self.seen.extend(b);
@@ -512,7 +518,7 @@ impl Pty {
         }
     }
 
-    fn exited(&mut self) -> bool {
+    pub(crate) fn exited(&mut self) -> bool {
         while let Ok(b) = self.rx.try_recv() {
             self.seen.extend(b);
         }

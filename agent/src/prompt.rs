@@ -1,0 +1,272 @@
+//! The password prompt: a line read from the terminal without echo.
+//!
+//! The terminal is put in raw mode (no echo, no line editing, no signal
+//! keys) before the prompt is written, and what was typed before is
+//! discarded (as OpenSSH's `readpassphrase` does). So every key typed once
+//! the prompt shows is read here: Ctrl-C is a key like the others, the
+//! terminal is restored, and only then does the CLI exit as interrupted.
+//! (rpassword, used before, raised SIGINT before it restored echo, and a
+//! Ctrl-C left the user's terminal silent.) Editing keys (backspace,
+//! Ctrl-U, Ctrl-W) are applied here; other control keys and escape
+//! sequences (arrows) are ignored.
+//!
+//! It does not handle signals sent from elsewhere (`kill`): like any
+//! program holding the terminal raw, one that ends the process then leaves
+//! the terminal raw.
+
+use anyhow::{bail, Context, Result};
+use rustix::termios::{tcgetattr, tcsetattr, LocalModes, OptionalActions, SpecialCodeIndex};
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use wicket_api::Secret;
+
+/// The longest password taken, in bytes.
+const MAX_PASSWORD: usize = 4096;
+
+/// What the user answered.
+pub enum Answer {
+    Password(Secret),
+    /// Ctrl-C.
+    Interrupted,
+}
+
+/// Writes `prompt` to the terminal (`/dev/tty`) and reads a password
+/// there, without echo.
+pub fn password(prompt: &str) -> Result<Answer> {
+    let mut tty = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .context("opening the terminal (/dev/tty)")?;
+    let saved = tcgetattr(&tty).context("reading the terminal's settings")?;
+    let mut raw = saved.clone();
+    raw.local_modes.remove(
+        LocalModes::ECHO
+            | LocalModes::ECHONL
+            | LocalModes::ICANON
+            | LocalModes::ISIG
+            | LocalModes::IEXTEN,
+    );
+    raw.special_codes[SpecialCodeIndex::VMIN] = 1;
+    raw.special_codes[SpecialCodeIndex::VTIME] = 0;
+    tcsetattr(&tty, OptionalActions::Flush, &raw).context("turning the terminal's echo off")?;
+    let restore = Restore {
+        tty: &tty,
+        saved: &saved,
+    };
+    let step = read_line(&tty, prompt);
+    drop(restore);
+    // The line end the user typed was not echoed.
+    let _ = tty.write_all(b"\n");
+    match step? {
+        Step::Done(line) => Ok(Answer::Password(Secret::new(line))),
+        Step::Interrupted => Ok(Answer::Interrupted),
+        Step::Eof => bail!("no password given (Ctrl-D)"),
+        Step::More => bail!("the terminal closed before a password was given"),
+    }
+}
+
+/// Puts the terminal's settings back when dropped, however the read ends.
+struct Restore<'a> {
+    tty: &'a File,
+    saved: &'a rustix::termios::Termios,
+}
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        let _ = tcsetattr(self.tty, OptionalActions::Now, self.saved);
+    }
+}
+
+/// Writes the prompt, then reads keys until the line ends. `Step::More`
+/// when the terminal closes first.
+fn read_line(mut tty: &File, prompt: &str) -> Result<Step> {
+    tty.write_all(prompt.as_bytes())
+        .and_then(|()| tty.flush())
+        .context("writing the prompt")?;
+    let mut line = LineEdit::default();
+    let mut buf = [0u8; 256];
+    loop {
+        let n = match tty.read(&mut buf) {
+            Ok(0) => return Ok(Step::More),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("reading the password"),
+        };
+        for &b in &buf[..n] {
+            match line.key(b)? {
+                Step::More => {}
+                done => return Ok(done),
+            }
+        }
+    }
+}
+
+/// Where a line stands after a key.
+#[derive(Debug, PartialEq)]
+enum Step {
+    More,
+    Done(String),
+    Interrupted,
+    /// Ctrl-D on an empty line.
+    Eof,
+}
+
+/// A line being typed, key by key (bytes from a raw terminal).
+#[derive(Default)]
+struct LineEdit {
+    line: Vec<u8>,
+    escape: Escape,
+}
+
+/// Where an escape sequence (an arrow key, a function key) stands.
+#[derive(Default, Clone, Copy)]
+enum Escape {
+    #[default]
+    No,
+    /// After ESC.
+    Started,
+    /// After `ESC [` or `ESC O`: up to a final byte.
+    Sequence,
+}
+
+const CTRL_C: u8 = 0x03;
+const CTRL_D: u8 = 0x04;
+const BACKSPACE: u8 = 0x08;
+const CTRL_U: u8 = 0x15;
+const CTRL_W: u8 = 0x17;
+const ESC: u8 = 0x1b;
+const DEL: u8 = 0x7f;
+
+impl LineEdit {
+    fn key(&mut self, b: u8) -> Result<Step> {
+        match self.escape {
+            Escape::Started => {
+                self.escape = if b == b'[' || b == b'O' {
+                    Escape::Sequence
+                } else {
+                    Escape::No
+                };
+                return Ok(Step::More);
+            }
+            Escape::Sequence => {
+                if (0x40..=0x7e).contains(&b) {
+                    self.escape = Escape::No;
+                }
+                return Ok(Step::More);
+            }
+            Escape::No => {}
+        }
+        match b {
+            b'\r' | b'\n' => {
+                let line = String::from_utf8(std::mem::take(&mut self.line))
+                    .map_err(|_| anyhow::anyhow!("the password is not UTF-8"))?;
+                return Ok(Step::Done(line));
+            }
+            CTRL_C => return Ok(Step::Interrupted),
+            CTRL_D if self.line.is_empty() => return Ok(Step::Eof),
+            BACKSPACE | DEL => self.pop_char(),
+            CTRL_U => self.line.clear(),
+            CTRL_W => {
+                while self.line.last() == Some(&b' ') {
+                    self.line.pop();
+                }
+                while self.line.last().is_some_and(|&c| c != b' ') {
+                    self.pop_char();
+                }
+            }
+            ESC => self.escape = Escape::Started,
+            b if b < 0x20 => {}
+            b => {
+                if self.line.len() >= MAX_PASSWORD {
+                    bail!("the password is longer than {MAX_PASSWORD} bytes");
+                }
+                self.line.push(b);
+            }
+        }
+        Ok(Step::More)
+    }
+
+    /// Removes the last character (all its UTF-8 bytes).
+    fn pop_char(&mut self) {
+        while let Some(b) = self.line.pop() {
+            if b & 0xc0 != 0x80 {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn typed(keys: &[u8]) -> Step {
+        let mut line = LineEdit::default();
+        for &b in keys {
+            match line.key(b).unwrap() {
+                Step::More => {}
+                done => return done,
+            }
+        }
+        Step::More
+    }
+
+    fn done(s: &str) -> Step {
+        Step::Done(s.to_owned())
+    }
+
+    #[test]
+    fn keys_edit_the_line() {
+        assert_eq!(typed(b"hunter2\r"), done("hunter2"));
+        assert_eq!(typed(b"hunter2\n"), done("hunter2"));
+        assert_eq!(typed(b"hunx\x7fter2\r"), done("hunter2"));
+        assert_eq!(typed(b"hunx\x08ter2\r"), done("hunter2"));
+        assert_eq!(typed(b"wrong\x15right\r"), done("right"));
+        assert_eq!(typed(b"two words  \x17\r"), done("two "));
+        assert_eq!(typed("pässwörd\x7f\x7f\r".as_bytes()), done("pässwö"));
+        // Arrows and other escape sequences, and other control keys, are
+        // not part of the password.
+        assert_eq!(typed(b"a\x1b[Ab\x1bOCc\x1bxd\x01\te\r"), done("abcde"));
+        assert_eq!(typed(b"\x7f\x7fok\r"), done("ok"));
+    }
+
+    #[test]
+    fn ctrl_c_and_ctrl_d_end_the_prompt() {
+        assert_eq!(typed(b"half\x03rest\r"), Step::Interrupted);
+        assert_eq!(typed(b"\x04"), Step::Eof);
+        // Ctrl-D within a line is ignored, as a terminal would.
+        assert_eq!(typed(b"ab\x04c\r"), done("abc"));
+        assert_eq!(typed(b"unfinished"), Step::More);
+    }
+
+    #[test]
+    fn a_password_must_be_utf8_and_bounded() {
+        let mut line = LineEdit::default();
+        line.key(0xff).unwrap();
+        assert!(line.key(b'\r').is_err());
+        let mut line = LineEdit::default();
+        for _ in 0..MAX_PASSWORD {
+            line.key(b'x').unwrap();
+        }
+        let e = line.key(b'x').unwrap_err();
+        assert!(e.to_string().contains("longer than 4096"), "{e}");
+    }
+
+    proptest! {
+        #[test]
+        fn what_is_typed_is_the_password(
+            s in "[^\\x00-\\x1f\\x7f]{0,40}",
+            erased in 0usize..5,
+            tail in "[a-z]{0,5}",
+        ) {
+            let mut keys = s.as_bytes().to_vec();
+            keys.extend(std::iter::repeat_n(DEL, erased));
+            keys.extend(tail.as_bytes());
+            keys.push(b'\r');
+            let kept: String = s.chars().take(s.chars().count().saturating_sub(erased)).collect();
+            prop_assert_eq!(typed(&keys), Step::Done(kept + &tail));
+        }
+    }
+}
