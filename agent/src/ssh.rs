@@ -670,26 +670,7 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
     let header = cast_header(&lines.next().await?.unwrap_or_default())?;
     match args.format {
         PlayFormat::Cast => {}
-        PlayFormat::Json => {
-            write!(
-                out,
-                "{{\n  \"header\": {},\n  \"events\": [",
-                serde_json::to_string(&header)?
-            )?;
-            let mut first = true;
-            while let Some(line) = lines.next().await? {
-                if let Some(e) = cast_event(&line) {
-                    let sep = if first { "" } else { "," };
-                    write!(
-                        out,
-                        "{sep}\n    {}",
-                        serde_json::json!([e.time, e.code, e.data])
-                    )?;
-                    first = false;
-                }
-            }
-            writeln!(out, "{}]\n}}", if first { "" } else { "\n  " })?;
-        }
+        PlayFormat::Json => json_recording(&header, &mut lines, &mut out).await?,
         PlayFormat::Text => {
             let mut plain = PlainRecording::default();
             while let Some(line) = lines.next().await? {
@@ -721,6 +702,54 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
     }
     out.flush()?;
     Ok(true)
+}
+
+/// Writes a recording as one JSON document, `{"header", "events"}`, event
+/// by event as they come. When the download breaks off, the document is
+/// still closed, with what was read and an `"error"` saying why, and the
+/// error is returned (so the exit status says so too).
+async fn json_recording<D: Chunks>(
+    header: &serde_json::Value,
+    lines: &mut CastLines<D>,
+    out: &mut impl Write,
+) -> Result<()> {
+    write!(
+        out,
+        "{{\n  \"header\": {},\n  \"events\": [",
+        serde_json::to_string(header)?
+    )?;
+    let mut first = true;
+    let read = loop {
+        let line = match lines.next().await {
+            Ok(Some(line)) => line,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        if let Some(e) = cast_event(&line) {
+            let sep = if first { "" } else { "," };
+            write!(
+                out,
+                "{sep}\n    {}",
+                serde_json::json!([e.time, e.code, e.data])
+            )?;
+            first = false;
+        }
+    };
+    let end = if first { "" } else { "\n  " };
+    match read {
+        Ok(()) => writeln!(out, "{end}]\n}}")?,
+        Err(e) => {
+            let why = format!("{e:#}");
+            writeln!(
+                out,
+                "{end}],\n  \"error\": {}\n}}",
+                serde_json::to_string(&why)?
+            )?;
+            out.flush()?;
+            return Err(e.context("the recording is incomplete (its JSON ends with an \"error\")"));
+        }
+    }
+    Ok(())
 }
 
 /// Resolves at Ctrl-C, SIGTERM or SIGHUP.
@@ -973,6 +1002,61 @@ mod tests {
             }
             Ok(out)
         })
+    }
+
+    /// `wicket play --format json` of a download in `pieces`: what it
+    /// printed, and whether it failed.
+    fn json_of(pieces: &[&[u8]], max_line: usize) -> (serde_json::Value, Result<()>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut lines = CastLines::new(
+            pieces
+                .iter()
+                .map(|p| p.to_vec())
+                .collect::<std::collections::VecDeque<_>>(),
+        );
+        lines.max_line = max_line;
+        let header = serde_json::json!({"version": 2});
+        let mut out = Vec::new();
+        let done = rt.block_on(json_recording(&header, &mut lines, &mut out));
+        let printed = serde_json::from_slice(&out)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out)));
+        (printed, done)
+    }
+
+    #[test]
+    fn json_replay_is_whole_json_even_when_the_download_breaks_off() {
+        let event: &[u8] = b"[0.5, \"o\", \"hi\"]\n";
+        let (all, done) = json_of(&[event, event], 100);
+        assert!(done.is_ok());
+        assert_eq!(
+            all["events"],
+            serde_json::json!([[0.5, "o", "hi"], [0.5, "o", "hi"]])
+        );
+        assert!(all.get("error").is_none(), "{all}");
+        let (none, done) = json_of(&[], 100);
+        assert!(done.is_ok());
+        assert_eq!(none["events"], serde_json::json!([]));
+
+        // A line too long to read, after one event: what came before is
+        // printed, the document is closed with the reason, and it fails.
+        let long = [b'x'; 200];
+        let (cut, done) = json_of(&[event, &long], 100);
+        let e = done.unwrap_err();
+        assert!(format!("{e:#}").contains("incomplete"), "{e:#}");
+        assert_eq!(cut["events"], serde_json::json!([[0.5, "o", "hi"]]));
+        assert!(
+            cut["error"]
+                .as_str()
+                .unwrap()
+                .contains("line over 100 bytes"),
+            "{cut}"
+        );
+        let (cut, done) = json_of(&[&long], 100);
+        assert!(done.is_err());
+        assert_eq!(cut["events"], serde_json::json!([]));
+        assert!(cut["error"].is_string(), "{cut}");
     }
 
     proptest::proptest! {
