@@ -943,6 +943,23 @@ async fn play(args: crate::ssh::PlayArgs) -> Result<()> {
     if events.is_empty() {
         bail!("no session {session:?} (or none of its events are yours to read)");
     }
+    if let Some(deleted) = events.iter().find(|e| e.kind == "recording_deleted") {
+        bail!(
+            "the recording of session {session} was deleted at {}: recordings are kept {} after \
+             their session started (session.recording_retention); its audit events remain \
+             (wicket audit search --session {session})",
+            deleted
+                .time
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            deleted.data["kept_for"].as_str().unwrap_or("?")
+        );
+    }
+    if events.iter().any(|e| e.data["protocol"] == "ssh") {
+        bail!(
+            "session {session} has no recording here; its audit events: \
+             wicket audit search --session {session}"
+        );
+    }
     crate::db::print_db_session(&events, format, speed, !no_wait)
 }
 

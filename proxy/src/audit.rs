@@ -229,6 +229,16 @@ pub enum AuditEvent {
         #[serde(flatten)]
         session: Arc<SessionRef>,
     },
+    /// A session's recording was deleted for `session.recording_retention`
+    /// (`kept_for`): from this wicketd's data directory (`data_dir`), from
+    /// the shared store (`store`), or both.
+    RecordingDeleted {
+        #[serde(flatten)]
+        session: Arc<SessionRef>,
+        started: DateTime<Utc>,
+        kept_for: String,
+        from: Vec<&'static str>,
+    },
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -302,6 +312,7 @@ impl AuditEvent {
             Self::SshX11 { .. } => "ssh_x11",
             Self::SshAgent { .. } => "ssh_agent",
             Self::SshSftp { .. } => "ssh_sftp",
+            Self::RecordingDeleted { .. } => "recording_deleted",
         }
     }
 
@@ -337,7 +348,8 @@ impl AuditEvent {
             | Self::SshRemoteForward { session, .. }
             | Self::SshX11 { session, .. }
             | Self::SshAgent { session }
-            | Self::SshSftp { session, .. } => Some(&**session),
+            | Self::SshSftp { session, .. }
+            | Self::RecordingDeleted { session, .. } => Some(&**session),
             _ => None,
         }
     }

@@ -109,10 +109,7 @@ pub async fn start(config: Config) -> Result<Running> {
         let ssh = crate::ssh::SshProxy::new(wicket.clone())?;
         tokio::spawn(crate::ssh::serve(l, ssh, rx.clone()));
     }
-    {
-        let wicket = wicket.clone();
-        tokio::spawn(async move { wicket.share_missing_recordings().await });
-    }
+    tokio::spawn(recording_keeper(wicket.clone(), rx.clone()));
     tokio::spawn(scheduler(wicket.clone(), rx.clone()));
     tokio::spawn(session_refresher(wicket.clone(), rx.clone()));
     tokio::spawn(index_refresher(wicket.clone(), rx.clone()));
@@ -212,6 +209,25 @@ async fn index_refresher(wicket: Arc<Wicket>, mut shutdown: watch::Receiver<bool
             _ = tokio::time::sleep(TICK) => {},
             _ = shutdown.changed() => break,
         }
+    }
+}
+
+/// How often recordings past `session.recording_retention` are deleted
+/// (and once at start).
+const RETENTION_SWEEP: Duration = Duration::from_secs(3600);
+
+/// At start, deletes expired recordings and then copies to a shared store
+/// the ones here it lacks; then deletes expired ones every
+/// [`RETENTION_SWEEP`].
+async fn recording_keeper(wicket: Arc<Wicket>, mut shutdown: watch::Receiver<bool>) {
+    wicket.expire_recordings(clock::now()).await;
+    wicket.share_missing_recordings().await;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(RETENTION_SWEEP) => {},
+            _ = shutdown.changed() => break,
+        }
+        wicket.expire_recordings(clock::now()).await;
     }
 }
 

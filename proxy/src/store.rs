@@ -1411,6 +1411,48 @@ impl Store {
         Ok(Some(recording_from_row(&r)?.0))
     }
 
+    /// Deletes the stored recordings of sessions that started before
+    /// `before` (Unix seconds), and returns the headers of those this call
+    /// deleted (a row another wicketd deleted first is not among them).
+    pub async fn delete_recordings_started_before(
+        &self,
+        before: i64,
+    ) -> Result<Vec<RecordingMeta>> {
+        let rows = sqlx::query(
+            "SELECT session_id, user_name, node, login, request_ids, started, size \
+             FROM session_recordings WHERE started < $1 ORDER BY started, session_id",
+        )
+        .bind(before)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut deleted = Vec::new();
+        for r in &rows {
+            let id: String = r.try_get(0)?;
+            let done = sqlx::query("DELETE FROM session_recordings WHERE session_id = $1")
+                .bind(id.as_str())
+                .execute(&self.pool)
+                .await?;
+            if done.rows_affected() == 0 {
+                continue;
+            }
+            match recording_from_row(r) {
+                Ok((meta, _)) => deleted.push(meta),
+                Err(e) => {
+                    tracing::warn!(session = %id, error = %e, "deleted a stored recording whose row does not decode");
+                    deleted.push(RecordingMeta {
+                        session_id: id,
+                        user: String::new(),
+                        node: String::new(),
+                        login: String::new(),
+                        request_ids: Vec::new(),
+                        started: 0,
+                    });
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
     /// A stored recording's asciicast file.
     pub async fn recording_data(&self, session_id: &str) -> Result<Option<Vec<u8>>> {
         let r = sqlx::query("SELECT data FROM session_recordings WHERE session_id = $1")

@@ -2115,6 +2115,114 @@ fn a_recording_made_through_one_wicketd_plays_through_another() {
     assert!(played.contains("shared-42"), "{played}");
 }
 
+/// With `session.recording_retention`, a wicketd deletes the recordings
+/// of sessions that started longer ago than that: its own files and the
+/// shared store's copies (here at its start; then every hour). Each is
+/// audited, `wicket play` says why it is gone, and newer ones stay.
+#[test]
+fn recordings_past_their_retention_are_deleted_here_and_from_the_shared_store() {
+    let pg = Postgres::builder().start().unwrap();
+    pg.create_database("wicket").unwrap();
+    let lab = Lab::start_full(
+        ", recording_retention: 1h",
+        &format!("storage: {}", pg.url("wicket")),
+    );
+    let d2 = lab.d.twin().unwrap();
+    let alice = lab.user("alice", "access");
+    let id = lab.grant(&alice, "node-admin", "10m");
+    let cfg = ssh_config(&alice);
+    for word in ["old", "new"] {
+        let out = output(
+            ssh(&cfg)
+                .arg(lab.dest())
+                .arg(format!("echo {word}-$((1+1))")),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    lab.d.add_user("sec", "auditor", PW, false).unwrap();
+    let sec = WicketCli::logged_in(&d2, "sec", PW).unwrap();
+    let listed = || -> Vec<Value> {
+        let v: Value = sec
+            .ok(&["recordings", "ls", "--request", &id, "--format", "json"])
+            .unwrap()
+            .json()
+            .unwrap();
+        v.as_array().unwrap().clone()
+    };
+    // Both reach the store (the second wicketd lists them from there).
+    let both = wait_until(
+        "both recordings in the store",
+        Duration::from_secs(15),
+        || {
+            let l = listed();
+            (l.len() == 2).then_some(l)
+        },
+    )
+    .unwrap();
+    let play = |sid: &str| sec.run(&["play", sid, "--format", "text"], "").unwrap();
+    let sid_of = |word: &str| -> String {
+        both.iter()
+            .map(|r| r["session_id"].as_str().unwrap().to_owned())
+            .find(|sid| play(sid).stdout.contains(&format!("{word}-2")))
+            .unwrap()
+    };
+    let (old, new) = (sid_of("old"), sid_of("new"));
+
+    // The old session started two hours ago, as the file and the store say.
+    let Lab { mut d, .. } = lab;
+    d.stop().unwrap();
+    let file = d.data_dir().join("recordings").join(format!("{old}.cast"));
+    let cast = std::fs::read_to_string(&file).unwrap();
+    let (head, rest) = cast.split_once('\n').unwrap();
+    let mut head: Value = serde_json::from_str(head).unwrap();
+    let started = head["wicket"]["started"].as_i64().unwrap() - 7200;
+    head["wicket"]["started"] = started.into();
+    head["timestamp"] = started.into();
+    std::fs::write(&file, format!("{head}\n{rest}")).unwrap();
+    pg.psql(
+        "wicket",
+        &format!("UPDATE session_recordings SET started = {started} WHERE session_id = '{old}'"),
+    )
+    .unwrap();
+    let d = d.restart().unwrap();
+
+    let left = wait_until("the old recording to go", Duration::from_secs(15), || {
+        let l = listed();
+        (l.len() == 1).then_some(l)
+    })
+    .unwrap();
+    assert_eq!(left[0]["session_id"].as_str(), Some(new.as_str()));
+    assert!(!d
+        .data_dir()
+        .join("recordings")
+        .join(format!("{old}.cast"))
+        .exists());
+    assert!(d
+        .data_dir()
+        .join("recordings")
+        .join(format!("{new}.cast"))
+        .exists());
+    assert!(play(&new).stdout.contains("new-2"));
+    let gone = play(&old);
+    assert!(!gone.ok);
+    assert!(
+        gone.stderr
+            .contains(&format!("the recording of session {old} was deleted at"))
+            && gone.stderr.contains("kept 1h after"),
+        "{}",
+        gone.stderr
+    );
+    let events = sec
+        .audit(&["--session", &old, "--kind", "recording_deleted"])
+        .unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0]["data"];
+    assert_eq!(e["kept_for"], "1h", "{e}");
+    assert_eq!(e["from"], serde_json::json!(["data_dir", "store"]), "{e}");
+    assert_eq!(e["user"], "alice", "{e}");
+    assert_eq!(e["request_ids"], serde_json::json!([id]), "{e}");
+}
+
 /// An SSH client that sends what `ssh` never does: requests on one session
 /// channel in an order of its choosing.
 struct RawClient;

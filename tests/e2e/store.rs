@@ -1010,6 +1010,26 @@ async fn recordings(store: &Store) {
     assert!(back == data, "the recording changed on the way");
     assert!(store.recording_meta("s3").await.unwrap().is_none());
     assert!(store.recording_data("s3").await.unwrap().is_none());
+
+    // Retention: those started before the cut go, each reported once.
+    store.put_recording(&meta("s3", 15), b"{}\n").await.unwrap();
+    assert!(store
+        .delete_recordings_started_before(10)
+        .await
+        .unwrap()
+        .is_empty());
+    let gone = store.delete_recordings_started_before(20).await.unwrap();
+    assert_eq!(gone, vec![meta("s1", 10), meta("s3", 15)]);
+    assert_eq!(
+        store.list_recordings().await.unwrap(),
+        vec![(meta("s2", 20), 3)]
+    );
+    assert!(store.recording_data("s1").await.unwrap().is_none());
+    assert!(store
+        .delete_recordings_started_before(20)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[test]

@@ -397,7 +397,6 @@ impl Cx {
         Some(d)
     }
 
-    /// A count that must be at least 1; `None` (reported) when it is 0.
     /// `n` when it is in `1..=max`; `None` (reported) otherwise.
     fn at_most(&mut self, n: u32, max: u32, path: &str) -> Option<u32> {
         if !(1..=max).contains(&n) {
@@ -407,6 +406,7 @@ impl Cx {
         Some(n)
     }
 
+    /// A count that must be at least 1; `None` (reported) when it is 0.
     fn count(&mut self, n: usize, path: &str) -> Option<usize> {
         if n == 0 {
             self.push(path, "must be at least 1");
@@ -796,7 +796,23 @@ impl Cx {
             &[("end", true), ("continue", false)],
             d.end_on_recording_failure,
         );
+        let retention = match &f.recording_retention {
+            None => Some(None),
+            Some(t) => self
+                .duration(Some(t), "session.recording_retention", Duration::zero())
+                .and_then(|r| {
+                    if r < Duration::hours(1) {
+                        self.push(
+                            "session.recording_retention",
+                            format!("{} is shorter than the least, 1h", t.0),
+                        );
+                        return None;
+                    }
+                    Some(Some(r))
+                }),
+        };
         Some(SessionSettings {
+            recording_retention: retention?,
             disconnect_on_expiry: f.disconnect_on_expiry.unwrap_or(d.disconnect_on_expiry),
             expiry_warning: warning?,
             record_input: f.record_input.unwrap_or(d.record_input),

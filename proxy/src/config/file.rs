@@ -106,7 +106,8 @@ pub struct CertificatesFile {
 #[serde(
     deny_unknown_fields,
     expecting = "a mapping with disconnect_on_expiry, expiry_warning, record_input, \
-                 max_recording_bytes, on_recording_failure and unverified_grace"
+                 max_recording_bytes, on_recording_failure, unverified_grace and \
+                 recording_retention"
 )]
 pub struct SessionFile {
     pub disconnect_on_expiry: Option<bool>,
@@ -122,6 +123,9 @@ pub struct SessionFile {
     /// How long live sessions go on while their grant or user cannot be
     /// re-read from the store (default 30s; 0s = end at the first failure).
     pub unverified_grace: Option<DurationText>,
+    /// How long SSH recordings are kept after their session started
+    /// (default: for ever; at least 1h).
+    pub recording_retention: Option<DurationText>,
 }
 
 /// `audit:` — how session events (statements, commands) reach the store.

@@ -155,6 +155,10 @@ pub struct SessionSettings {
     /// or their user from the store (default 30s; 0 = end at the first
     /// failure). Fail closed: after it, they end.
     pub unverified_grace: Duration,
+    /// SSH recordings whose session started longer ago than this, and has
+    /// ended, are deleted: from this wicketd's data directory and from a
+    /// shared store (default `None`: kept for ever, as Teleport does).
+    pub recording_retention: Option<Duration>,
 }
 
 impl Default for SessionSettings {
@@ -166,6 +170,7 @@ impl Default for SessionSettings {
             max_recording_bytes: 1 << 30,
             end_on_recording_failure: true,
             unverified_grace: Duration::seconds(30),
+            recording_retention: None,
         }
     }
 }

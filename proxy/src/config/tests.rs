@@ -989,6 +989,21 @@ limits: { max_connections: 50, max_unauthenticated: 5, max_connections_per_user:
 }
 
 #[test]
+fn recording_retention() {
+    assert_eq!(ok(EXAMPLE).session.recording_retention, None);
+    let c = ok("version: 1\nsession: { recording_retention: 90d }\n");
+    assert_eq!(c.session.recording_retention, Some(Duration::days(90)));
+    let e = problems("version: 1\nsession: { recording_retention: 30m }\n");
+    has(
+        &e,
+        "session.recording_retention",
+        "shorter than the least, 1h",
+    );
+    let e = problems("version: 1\nsession: { recording_retention: forever }\n");
+    assert!(e.to_string().contains("session.recording_retention"), "{e}");
+}
+
+#[test]
 fn recording_limit_and_failure_mode() {
     let d = ok(EXAMPLE);
     assert_eq!(d.session.max_recording_bytes, 1 << 30);

@@ -96,6 +96,76 @@ impl Wicket {
         }
     }
 
+    /// Deletes the recordings of ended sessions that started longer than
+    /// `session.recording_retention` before `now`: this wicketd's files,
+    /// and (with a shared store) the store's copies, whichever wicketd made
+    /// them. Each deleted recording is audited (`recording_deleted`).
+    /// Failures are logged and tried again at the next sweep.
+    pub async fn expire_recordings(&self, now: DateTime<Utc>) {
+        let Some(keep) = self.config.session.recording_retention else {
+            return;
+        };
+        let before = (now - keep).timestamp();
+        let data_dir = self.config.data_dir.clone();
+        let local = tokio::task::spawn_blocking(move || recording::list(&data_dir))
+            .await
+            .unwrap_or_default();
+        // A live session's recording is still being written.
+        let doomed: Vec<recording::RecordingMeta> = local
+            .into_iter()
+            .filter(|m| m.started < before && !self.sessions.is_live(&m.session_id))
+            .collect();
+        let data_dir = self.config.data_dir.clone();
+        let mut deleted: Vec<(recording::RecordingMeta, Vec<&'static str>)> =
+            tokio::task::spawn_blocking(move || recording::remove(&data_dir, doomed))
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(|m| (m, vec!["data_dir"]))
+                .collect();
+        if self.shared_recordings() {
+            match self.store.delete_recordings_started_before(before).await {
+                Ok(stored) => {
+                    for m in stored {
+                        match deleted
+                            .iter_mut()
+                            .find(|(d, _)| d.session_id == m.session_id)
+                        {
+                            Some((_, from)) => from.push("store"),
+                            None => deleted.push((m, vec!["store"])),
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot delete the shared store's expired recordings")
+                }
+            }
+        }
+        if deleted.is_empty() {
+            return;
+        }
+        let kept_for = crate::config::format_duration(keep);
+        tracing::info!(recordings = deleted.len(), kept_for = %kept_for, "deleted expired recordings");
+        for (m, from) in deleted {
+            let event = crate::audit::AuditEvent::RecordingDeleted {
+                session: std::sync::Arc::new(crate::audit::SessionRef {
+                    session_id: m.session_id,
+                    user: m.user,
+                    protocol: "ssh".into(),
+                    resource: m.node,
+                    login: m.login,
+                    request_ids: m.request_ids,
+                }),
+                started: DateTime::<Utc>::from_timestamp(m.started, 0).unwrap_or_default(),
+                kept_for: kept_for.clone(),
+                from,
+            };
+            if let Err(e) = self.audit(event, now).await {
+                tracing::error!(error = %e, "cannot audit a deleted recording");
+            }
+        }
+    }
+
     /// Copies to a shared store the recordings here that it lacks: a copy
     /// lost to this wicketd stopping right after a session, or to a store
     /// that was down through every try. Run at start; a session that began
@@ -118,8 +188,15 @@ impl Wicket {
             .unwrap_or_default();
         // A session live here writes its recording still: it copies its
         // own at its end.
+        // One past its retention is not copied, only to be deleted.
+        let kept_since = self
+            .config
+            .session
+            .recording_retention
+            .map_or(i64::MIN, |keep| (crate::clock::now() - keep).timestamp());
         let missing: Vec<String> = local
             .into_iter()
+            .filter(|m| m.started >= kept_since)
             .map(|m| m.session_id)
             .filter(|id| !stored.contains(id) && !self.sessions.is_live(id))
             .collect();
@@ -243,7 +320,16 @@ impl Wicket {
     pub async fn recording(&self, caller: &Caller, session_id: &str) -> Result<RecordingData> {
         let path = recording::path(&self.config.data_dir, session_id)
             .ok_or_else(|| Error::BadRequest("not a session ID".into()))?;
-        let not_found = || Error::NotFound(format!("no recording of session {session_id}"));
+        let not_found = || {
+            Error::NotFound(match self.config.session.recording_retention {
+                Some(keep) => format!(
+                    "no recording of session {session_id} (recordings are deleted {} after \
+                     their session started: session.recording_retention)",
+                    crate::config::format_duration(keep)
+                ),
+                None => format!("no recording of session {session_id}"),
+            })
+        };
         if let Some(meta) = recording::read_meta(&path) {
             self.recording_access(caller, Some(&meta.user)).await?;
             return Ok(RecordingData::File(tokio::fs::File::open(&path).await?));

@@ -88,6 +88,26 @@ pub fn list(data_dir: &Path) -> Vec<RecordingMeta> {
     out
 }
 
+/// Deletes the recordings of `metas` from the data directory, and returns
+/// those it deleted (one that cannot be is logged).
+pub fn remove(data_dir: &Path, metas: Vec<RecordingMeta>) -> Vec<RecordingMeta> {
+    metas
+        .into_iter()
+        .filter(|m| {
+            let Some(p) = path(data_dir, &m.session_id) else {
+                return false;
+            };
+            match fs::remove_file(&p) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(session = %m.session_id, error = %e, "cannot delete an expired recording");
+                    false
+                }
+            }
+        })
+        .collect()
+}
+
 /// Splits off a trailing incomplete UTF-8 sequence so that a character cut
 /// between two reads is not turned into replacement characters.
 fn take_text(carry: &mut Vec<u8>, data: &[u8]) -> String {
