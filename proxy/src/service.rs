@@ -310,15 +310,13 @@ impl Wicket {
                     reason: reason.into(),
                 };
                 self.record_failure(attempt, event, now).await?;
-                // The client learns only what it must: OTP problems are named
-                // (the password was right), everything else is one message.
-                return Err(Error::Unauthenticated(match reason {
-                    "OTP code required" => "this user requires an OTP code (--otp)".into(),
-                    "wrong OTP code" | "OTP code already used" => {
-                        "invalid or already used OTP code".into()
-                    }
-                    _ => "invalid user name or password".into(),
-                }));
+                // The client learns nothing of which part was wrong (the
+                // audit event says): naming an OTP problem would tell whoever
+                // guesses that the password was right. The message depends
+                // only on whether a code was sent.
+                return Err(Error::Unauthenticated(
+                    login_refusal(req.otp.is_some()).into(),
+                ));
             }
         };
         self.store
@@ -984,4 +982,14 @@ pub async fn add_user(
         .create_user(&record, &event.to_row(now.timestamp_millis()))
         .await?;
     Ok(uri)
+}
+/// What a refused login is told: one message whatever was wrong (unknown
+/// user, password, disabled, OTP missing, wrong or used), so that a guess
+/// at the password is never confirmed by what follows it.
+fn login_refusal(otp_sent: bool) -> &'static str {
+    if otp_sent {
+        "invalid user name, password or OTP code (each code works once)"
+    } else {
+        "invalid user name or password (a user with an OTP device also needs --otp CODE)"
+    }
 }

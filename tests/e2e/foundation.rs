@@ -276,12 +276,14 @@ fn wrong_credentials_are_rejected_rate_limited_and_audited() {
     assert!(!bad.ok);
     assert_eq!(
         bad.stderr.trim(),
-        "wicket: error: invalid user name or password"
+        "wicket: error: invalid user name or password (a user with an OTP device also needs \
+         --otp CODE)"
     );
     let unknown = cli.login(&d, "mallory", PASSWORD, &[]).unwrap();
     assert_eq!(
         unknown.stderr.trim(),
-        "wicket: error: invalid user name or password"
+        "wicket: error: invalid user name or password (a user with an OTP device also needs \
+         --otp CODE)"
     );
     // The default limit is 5 failures per user in 15 minutes.
     for _ in 0..4 {
@@ -359,29 +361,57 @@ fn totp_is_required_checked_and_single_use() {
     );
     let code = totp_code(&uri, 0).unwrap();
     let cli = WicketCli::new().unwrap();
+    // Without a code: refused, with a hint, and the same answer whether the
+    // password was right or not (no password oracle).
     let missing = cli.login(&d, "dave", PASSWORD, &[]).unwrap();
     assert!(
-        !missing.ok && missing.stderr.contains("requires an OTP code"),
+        !missing.ok && missing.stderr.contains("also needs --otp CODE"),
         "{}",
         missing.stderr
     );
+    let missing_wrong = cli.login(&d, "dave", "wrong password!", &[]).unwrap();
+    assert_eq!(missing_wrong.stderr, missing.stderr);
+    // A wrong code with the right password reads as a right code with a
+    // wrong password.
     let wrong_code = if code == "000000" { "111111" } else { "000000" };
     let wrong = cli
         .login(&d, "dave", PASSWORD, &["--otp", wrong_code])
         .unwrap();
     assert!(
-        !wrong.ok && wrong.stderr.contains("OTP"),
+        !wrong.ok
+            && wrong
+                .stderr
+                .contains("invalid user name, password or OTP code"),
         "{}",
         wrong.stderr
     );
+    let wrong_password = cli
+        .login(&d, "dave", "wrong password!", &["--otp", &code])
+        .unwrap();
+    assert_eq!(wrong_password.stderr, wrong.stderr);
     let ok = cli.login(&d, "dave", PASSWORD, &["--otp", &code]).unwrap();
     assert!(ok.ok, "{}", ok.stderr);
     let replay = cli.login(&d, "dave", PASSWORD, &["--otp", &code]).unwrap();
-    assert!(
-        !replay.ok && replay.stderr.contains("already used"),
-        "{}",
-        replay.stderr
-    );
+    assert_eq!(replay.stderr, wrong.stderr);
+    // The audit says what was wrong each time.
+    d.add_user("carol", "admin", PASSWORD, false).unwrap();
+    let auditor = WicketCli::new().unwrap();
+    login_ok(&auditor, &d, "carol");
+    let reasons: Vec<String> = auditor
+        .audit(&["--kind", "login_failed"])
+        .unwrap()
+        .iter()
+        .filter(|e| e["actor"] == "dave")
+        .map(|e| e["data"]["reason"].as_str().unwrap_or("").to_owned())
+        .collect();
+    for r in [
+        "OTP code required",
+        "wrong password",
+        "wrong OTP code",
+        "OTP code already used",
+    ] {
+        assert!(reasons.iter().any(|x| x == r), "{r} in {reasons:?}");
+    }
 }
 
 #[test]
