@@ -230,14 +230,15 @@ pub enum AuditEvent {
         session: Arc<SessionRef>,
     },
     /// A session's recording was deleted for `session.recording_retention`
-    /// (`kept_for`): from this wicketd's data directory (`data_dir`), from
-    /// the shared store (`store`), or both.
+    /// (`kept_for`), by wicketd: from its data directory (`from`:
+    /// `data_dir`) or from the shared store (`store`). A recording copied
+    /// to the store has one event for each.
     RecordingDeleted {
         #[serde(flatten)]
         session: Arc<SessionRef>,
         started: DateTime<Utc>,
         kept_for: String,
-        from: Vec<&'static str>,
+        from: &'static str,
     },
 }
 
@@ -327,6 +328,8 @@ impl AuditEvent {
             | Self::AccessDenied { user, .. }
             | Self::SessionDenied { user, .. } => user,
             Self::AccessRequest { actor, .. } => actor,
+            // The session's user did not do it.
+            Self::RecordingDeleted { .. } => "wicketd",
             _ => self.session().map(|s| s.user.as_str()).unwrap_or_default(),
         }
     }

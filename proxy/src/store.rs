@@ -326,6 +326,17 @@ ALTER TABLE login_failures ADD COLUMN user_cleared BIGINT NOT NULL DEFAULT 0
         sqlite: &[],
         postgres: &[],
     },
+    // When a stored recording was stored (Unix seconds; its session had
+    // just ended), for `session.recording_retention`. Rows stored before
+    // say 0: their sessions ended long ago.
+    Migration {
+        version: 13,
+        sql: r#"
+ALTER TABLE session_recordings ADD COLUMN stored BIGINT NOT NULL DEFAULT 0
+"#,
+        sqlite: &[],
+        postgres: &[],
+    },
 ];
 
 /// The migration that keys the audit chain (see [`key_chain`]).
@@ -1354,12 +1365,17 @@ impl Store {
 
     /// Stores an ended session's recording (`data`: the whole asciicast
     /// file); a recording already stored is kept.
-    pub async fn put_recording(&self, meta: &RecordingMeta, data: &[u8]) -> Result<()> {
+    pub async fn put_recording(
+        &self,
+        meta: &RecordingMeta,
+        data: &[u8],
+        stored: i64,
+    ) -> Result<()> {
         let size =
             i64::try_from(data.len()).map_err(|_| Error::Store("recording too large".into()))?;
         sqlx::query(
-            "INSERT INTO session_recordings (session_id, user_name, node, login, request_ids, started, size, data) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (session_id) DO NOTHING",
+            "INSERT INTO session_recordings (session_id, user_name, node, login, request_ids, started, size, data, stored) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (session_id) DO NOTHING",
         )
         .bind(meta.session_id.as_str())
         .bind(meta.user.as_str())
@@ -1369,6 +1385,7 @@ impl Store {
         .bind(meta.started)
         .bind(size)
         .bind(data)
+        .bind(stored)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -1411,46 +1428,49 @@ impl Store {
         Ok(Some(recording_from_row(&r)?.0))
     }
 
-    /// Deletes the stored recordings of sessions that started before
-    /// `before` (Unix seconds), and returns the headers of those this call
-    /// deleted (a row another wicketd deleted first is not among them).
-    pub async fn delete_recordings_started_before(
+    /// Deletes the stored recordings whose session started, and which were
+    /// stored (when their session ended), before `before` (Unix seconds),
+    /// with an audit event for each (`event`) in the same transaction: a
+    /// row is gone only with its record, and each is deleted, and audited,
+    /// by one wicketd. Returns how many it deleted.
+    pub async fn delete_recordings_ended_before(
         &self,
         before: i64,
-    ) -> Result<Vec<RecordingMeta>> {
+        event: impl Fn(&RecordingMeta) -> AuditRow,
+    ) -> Result<usize> {
+        let mut tx = self.begin().await?;
         let rows = sqlx::query(
-            "SELECT session_id, user_name, node, login, request_ids, started, size \
-             FROM session_recordings WHERE started < $1 ORDER BY started, session_id",
+            "DELETE FROM session_recordings WHERE started < $1 AND stored < $1 \
+             RETURNING session_id, user_name, node, login, request_ids, started, size",
         )
         .bind(before)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
-        let mut deleted = Vec::new();
+        let mut audit = Vec::with_capacity(rows.len());
         for r in &rows {
-            let id: String = r.try_get(0)?;
-            let done = sqlx::query("DELETE FROM session_recordings WHERE session_id = $1")
-                .bind(id.as_str())
-                .execute(&self.pool)
-                .await?;
-            if done.rows_affected() == 0 {
-                continue;
-            }
-            match recording_from_row(r) {
-                Ok((meta, _)) => deleted.push(meta),
+            let meta = match recording_from_row(r) {
+                Ok((meta, _)) => meta,
+                // Deleted all the same, and on the record with what reads.
                 Err(e) => {
-                    tracing::warn!(session = %id, error = %e, "deleted a stored recording whose row does not decode");
-                    deleted.push(RecordingMeta {
+                    let id: String = r.try_get(0)?;
+                    tracing::warn!(session = %id, error = %e, "deleting a stored recording whose row does not decode");
+                    RecordingMeta {
                         session_id: id,
-                        user: String::new(),
-                        node: String::new(),
-                        login: String::new(),
+                        user: r.try_get(1).unwrap_or_default(),
+                        node: r.try_get(2).unwrap_or_default(),
+                        login: r.try_get(3).unwrap_or_default(),
                         request_ids: Vec::new(),
-                        started: 0,
-                    });
+                        started: r.try_get(5).unwrap_or_default(),
+                    }
                 }
-            }
+            };
+            audit.push(event(&meta));
         }
-        Ok(deleted)
+        if !audit.is_empty() {
+            self.audit_in(&mut tx, &audit).await?;
+        }
+        tx.commit().await?;
+        Ok(audit.len())
     }
 
     /// A stored recording's asciicast file.

@@ -2116,9 +2116,10 @@ fn a_recording_made_through_one_wicketd_plays_through_another() {
 }
 
 /// With `session.recording_retention`, a wicketd deletes the recordings
-/// of sessions that started longer ago than that: its own files and the
-/// shared store's copies (here at its start; then every hour). Each is
-/// audited, `wicket play` says why it is gone, and newer ones stay.
+/// of sessions that ended longer ago than that: its own files and the
+/// shared store's copies (here at its start; then every hour). Each
+/// deletion is audited, `wicket play` says why it is gone, and newer ones
+/// stay.
 #[test]
 fn recordings_past_their_retention_are_deleted_here_and_from_the_shared_store() {
     let pg = Postgres::builder().start().unwrap();
@@ -2168,7 +2169,8 @@ fn recordings_past_their_retention_are_deleted_here_and_from_the_shared_store() 
     };
     let (old, new) = (sid_of("old"), sid_of("new"));
 
-    // The old session started two hours ago, as the file and the store say.
+    // The old session started and ended two hours ago, as the file (its
+    // header and its last write) and the store say.
     let Lab { mut d, .. } = lab;
     d.stop().unwrap();
     let file = d.data_dir().join("recordings").join(format!("{old}.cast"));
@@ -2179,9 +2181,18 @@ fn recordings_past_their_retention_are_deleted_here_and_from_the_shared_store() 
     head["wicket"]["started"] = started.into();
     head["timestamp"] = started.into();
     std::fs::write(&file, format!("{head}\n{rest}")).unwrap();
+    run(Command::new("touch")
+        .arg("-d")
+        .arg(format!("@{}", started + 60))
+        .arg(&file))
+    .unwrap();
     pg.psql(
         "wicket",
-        &format!("UPDATE session_recordings SET started = {started} WHERE session_id = '{old}'"),
+        &format!(
+            "UPDATE session_recordings SET started = {started}, stored = {} \
+             WHERE session_id = '{old}'",
+            started + 60
+        ),
     )
     .unwrap();
     let d = d.restart().unwrap();
@@ -2215,12 +2226,19 @@ fn recordings_past_their_retention_are_deleted_here_and_from_the_shared_store() 
     let events = sec
         .audit(&["--session", &old, "--kind", "recording_deleted"])
         .unwrap();
-    assert_eq!(events.len(), 1, "{events:?}");
-    let e = &events[0]["data"];
-    assert_eq!(e["kept_for"], "1h", "{e}");
-    assert_eq!(e["from"], serde_json::json!(["data_dir", "store"]), "{e}");
-    assert_eq!(e["user"], "alice", "{e}");
-    assert_eq!(e["request_ids"], serde_json::json!([id]), "{e}");
+    let mut from: Vec<&str> = events
+        .iter()
+        .map(|e| e["data"]["from"].as_str().unwrap())
+        .collect();
+    from.sort_unstable();
+    assert_eq!(from, ["data_dir", "store"], "{events:?}");
+    for e in &events {
+        assert_eq!(e["actor"], "wicketd", "{e}");
+        let e = &e["data"];
+        assert_eq!(e["kept_for"], "1h", "{e}");
+        assert_eq!(e["user"], "alice", "{e}");
+        assert_eq!(e["request_ids"], serde_json::json!([id]), "{e}");
+    }
 }
 
 /// An SSH client that sends what `ssh` never does: requests on one session

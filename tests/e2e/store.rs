@@ -995,11 +995,17 @@ async fn recordings(store: &Store) {
         started,
     };
     let data: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
-    store.put_recording(&meta("s1", 10), &data).await.unwrap();
-    store.put_recording(&meta("s2", 20), b"{}\n").await.unwrap();
+    store
+        .put_recording(&meta("s1", 10), &data, 11)
+        .await
+        .unwrap();
+    store
+        .put_recording(&meta("s2", 20), b"{}\n", 21)
+        .await
+        .unwrap();
     // Stored again (a retry): the first copy stays.
     store
-        .put_recording(&meta("s1", 10), b"other")
+        .put_recording(&meta("s1", 10), b"other", 12)
         .await
         .unwrap();
     let list = store.list_recordings().await.unwrap();
@@ -1011,25 +1017,65 @@ async fn recordings(store: &Store) {
     assert!(store.recording_meta("s3").await.unwrap().is_none());
     assert!(store.recording_data("s3").await.unwrap().is_none());
 
-    // Retention: those started before the cut go, each reported once.
-    store.put_recording(&meta("s3", 15), b"{}\n").await.unwrap();
-    assert!(store
-        .delete_recordings_started_before(10)
+    // Retention: those whose session started and ended (was stored)
+    // before the cut go, each with its audit event, each taken once even
+    // by two wicketds at the same moment.
+    store
+        .put_recording(&meta("s3", 15), b"{}\n", 30)
         .await
-        .unwrap()
-        .is_empty());
-    let gone = store.delete_recordings_started_before(20).await.unwrap();
-    assert_eq!(gone, vec![meta("s1", 10), meta("s3", 15)]);
+        .unwrap();
+    store
+        .put_recording(&meta("s4", 16), b"{}\n", 17)
+        .await
+        .unwrap();
+    let row = |m: &RecordingMeta| AuditRow {
+        session_id: Some(m.session_id.clone()),
+        ..event(
+            &format!("del-{}", m.session_id),
+            "recording_deleted",
+            "wicketd",
+            5,
+        )
+    };
+    let deleted_events = |store: &Store| {
+        let store = store.clone();
+        async move {
+            let mut ids: Vec<String> = store
+                .search_audit(&AuditFilter {
+                    kind: Some("recording_deleted".into()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_iter()
+                .filter_map(|e| e.session_id)
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
     assert_eq!(
-        store.list_recordings().await.unwrap(),
-        vec![(meta("s2", 20), 3)]
+        store.delete_recordings_ended_before(10, row).await.unwrap(),
+        0
     );
+    let (a, b) = tokio::join!(
+        store.delete_recordings_ended_before(18, row),
+        store.delete_recordings_ended_before(18, row)
+    );
+    assert_eq!(a.unwrap() + b.unwrap(), 2, "s1 and s4, each once");
+    assert_eq!(deleted_events(store).await, ["s1", "s4"]);
+    // s3 started before 20 but was stored (ended) after it.
+    assert_eq!(
+        store.delete_recordings_ended_before(20, row).await.unwrap(),
+        0
+    );
+    assert_eq!(
+        store.delete_recordings_ended_before(31, row).await.unwrap(),
+        2
+    );
+    assert_eq!(deleted_events(store).await, ["s1", "s2", "s3", "s4"]);
+    assert!(store.list_recordings().await.unwrap().is_empty());
     assert!(store.recording_data("s1").await.unwrap().is_none());
-    assert!(store
-        .delete_recordings_started_before(20)
-        .await
-        .unwrap()
-        .is_empty());
 }
 
 #[test]
@@ -1240,6 +1286,81 @@ async fn wicket_with(
             .unwrap();
     }
     (w, store, now)
+}
+
+/// `session.recording_retention` here: a recording whose session ended
+/// before the cut goes, with its audit event; a live session's stays (it
+/// is still being written, whatever its header says), as do a recent one
+/// and a file named after one session that holds another's header.
+#[test]
+fn expired_recordings_go_but_not_a_live_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let mut cfg = wicketd::config::Config::embedded_default(dir.path());
+        cfg.session.recording_retention = Some(chrono::Duration::hours(1));
+        let (w, store, now) = wicket_with(dir.path(), cfg, &[]).await;
+        let live = w.sessions.register(wicketd::sessions::SessionInfo {
+            protocol: "ssh",
+            user: "ann".into(),
+            resource: "node-1".into(),
+            login: "ops".into(),
+            request_ids: Vec::new(),
+            started: now,
+            valid_until: now.timestamp() + 3600,
+            basis: None,
+            held_standing: Vec::new(),
+        });
+        let recordings = w.config.data_dir.join("recordings");
+        std::fs::create_dir_all(&recordings).unwrap();
+        // A recording named `file`, whose header names `id`, of a session
+        // that started at `started` and was last written a minute later.
+        let write = |file: &str, id: &str, started: i64| {
+            let header = serde_json::json!({
+                "version": 2, "width": 80, "height": 24, "timestamp": started,
+                "wicket": {"session_id": id, "user": "ann", "node": "node-1",
+                           "login": "ops", "request_ids": ["r1"], "started": started},
+            });
+            let path = recordings.join(format!("{file}.cast"));
+            std::fs::write(&path, format!("{header}\n[0.5, \"o\", \"hi\"]\n")).unwrap();
+            let written = std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs(u64::try_from(started + 60).unwrap());
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(written)
+                .unwrap();
+            path
+        };
+        let two_hours_ago = now.timestamp() - 7200;
+        let old = write("0000000a-0000", "0000000a-0000", two_hours_ago);
+        let live_one = write(&live.id, &live.id, two_hours_ago);
+        let recent = write("0000000b-0000", "0000000b-0000", now.timestamp() - 120);
+        let misnamed = write("0000000c-0000", "0000000d-0000", two_hours_ago);
+        w.expire_recordings(now).await;
+        assert!(!old.exists());
+        assert!(live_one.exists(), "a live session's recording was deleted");
+        assert!(recent.exists());
+        assert!(misnamed.exists());
+        let events = store
+            .search_audit(&AuditFilter {
+                kind: Some("recording_deleted".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].session_id.as_deref(), Some("0000000a-0000"));
+        assert_eq!(events[0].actor.as_deref(), Some("wicketd"));
+        let data: serde_json::Value = serde_json::from_str(&events[0].data).unwrap();
+        assert_eq!(data["from"], "data_dir", "{data}");
+        assert_eq!(data["kept_for"], "1h", "{data}");
+        assert_eq!(data["user"], "ann", "{data}");
+        // Once the session ends, the next sweep takes its recording.
+        drop(live);
+        w.expire_recordings(now).await;
+        assert!(!live_one.exists());
+    });
 }
 
 /// A caller with a live login, as a certificate of `user`'s speaks for.

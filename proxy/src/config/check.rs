@@ -808,6 +808,13 @@ impl Cx {
                         );
                         return None;
                     }
+                    if r > Duration::days(36_500) {
+                        self.push(
+                            "session.recording_retention",
+                            format!("{} is longer than the most, 36500d", t.0),
+                        );
+                        return None;
+                    }
                     Some(Some(r))
                 }),
         };

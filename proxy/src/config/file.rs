@@ -123,8 +123,8 @@ pub struct SessionFile {
     /// How long live sessions go on while their grant or user cannot be
     /// re-read from the store (default 30s; 0s = end at the first failure).
     pub unverified_grace: Option<DurationText>,
-    /// How long SSH recordings are kept after their session started
-    /// (default: for ever; at least 1h).
+    /// How long SSH recordings are kept after their session ended
+    /// (default: for ever; 1h to 36500d).
     pub recording_retention: Option<DurationText>,
 }
 

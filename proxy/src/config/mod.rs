@@ -155,9 +155,9 @@ pub struct SessionSettings {
     /// or their user from the store (default 30s; 0 = end at the first
     /// failure). Fail closed: after it, they end.
     pub unverified_grace: Duration,
-    /// SSH recordings whose session started longer ago than this, and has
-    /// ended, are deleted: from this wicketd's data directory and from a
-    /// shared store (default `None`: kept for ever, as Teleport does).
+    /// SSH recordings whose session ended longer ago than this are
+    /// deleted: from this wicketd's data directory and from a shared store
+    /// (default `None`: kept for ever, as Teleport does; 1h to 36500d).
     pub recording_retention: Option<Duration>,
 }
 

@@ -77,7 +77,9 @@ impl Wicket {
         };
         let mut delay = std::time::Duration::from_secs(1);
         for attempt in 1..=4 {
-            let put = tokio::time::timeout(SHARE_TRY, self.store.put_recording(&meta, &data));
+            let stored = crate::clock::now().timestamp();
+            let put =
+                tokio::time::timeout(SHARE_TRY, self.store.put_recording(&meta, &data, stored));
             let result = match put.await {
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(_) => Err(format!("no answer within {} s", SHARE_TRY.as_secs())),
@@ -96,74 +98,86 @@ impl Wicket {
         }
     }
 
-    /// Deletes the recordings of ended sessions that started longer than
-    /// `session.recording_retention` before `now`: this wicketd's files,
+    /// Deletes the recordings of sessions that ended longer than
+    /// `session.recording_retention` before `now` (started before that, and
+    /// not written since): this wicketd's files (not a live session's),
     /// and (with a shared store) the store's copies, whichever wicketd made
-    /// them. Each deleted recording is audited (`recording_deleted`).
-    /// Failures are logged and tried again at the next sweep.
+    /// them. Each deletion is audited (`recording_deleted`) first: a store
+    /// row in the same transaction, a file just before it goes (no record,
+    /// no deletion). Failures are logged and tried again at the next sweep.
     pub async fn expire_recordings(&self, now: DateTime<Utc>) {
-        let Some(keep) = self.config.session.recording_retention else {
+        let Some(before) = self.retention_cut(now) else {
             return;
         };
-        let before = (now - keep).timestamp();
-        let data_dir = self.config.data_dir.clone();
-        let local = tokio::task::spawn_blocking(move || recording::list(&data_dir))
-            .await
+        let kept_for = self
+            .config
+            .session
+            .recording_retention
+            .map(crate::config::format_duration)
             .unwrap_or_default();
-        // A live session's recording is still being written.
-        let doomed: Vec<recording::RecordingMeta> = local
-            .into_iter()
-            .filter(|m| m.started < before && !self.sessions.is_live(&m.session_id))
-            .collect();
-        let data_dir = self.config.data_dir.clone();
-        let mut deleted: Vec<(recording::RecordingMeta, Vec<&'static str>)> =
-            tokio::task::spawn_blocking(move || recording::remove(&data_dir, doomed))
-                .await
-                .unwrap_or_default()
-                .into_iter()
-                .map(|m| (m, vec!["data_dir"]))
-                .collect();
+        let event = |m: &recording::RecordingMeta, from: &'static str| {
+            crate::audit::AuditEvent::RecordingDeleted {
+                session: std::sync::Arc::new(crate::audit::SessionRef {
+                    session_id: m.session_id.clone(),
+                    user: m.user.clone(),
+                    protocol: "ssh".into(),
+                    resource: m.node.clone(),
+                    login: m.login.clone(),
+                    request_ids: m.request_ids.clone(),
+                }),
+                started: DateTime::<Utc>::from_timestamp(m.started, 0).unwrap_or_default(),
+                kept_for: kept_for.clone(),
+                from,
+            }
+        };
         if self.shared_recordings() {
-            match self.store.delete_recordings_started_before(before).await {
-                Ok(stored) => {
-                    for m in stored {
-                        match deleted
-                            .iter_mut()
-                            .find(|(d, _)| d.session_id == m.session_id)
-                        {
-                            Some((_, from)) => from.push("store"),
-                            None => deleted.push((m, vec!["store"])),
-                        }
-                    }
+            let time_ms = now.timestamp_millis();
+            let deleted = self
+                .store
+                .delete_recordings_ended_before(before, |m| event(m, "store").to_row(time_ms))
+                .await;
+            match deleted {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(recordings = n, kept_for = %kept_for, "deleted expired recordings from the shared store")
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot delete the shared store's expired recordings")
                 }
             }
         }
-        if deleted.is_empty() {
-            return;
-        }
-        let kept_for = crate::config::format_duration(keep);
-        tracing::info!(recordings = deleted.len(), kept_for = %kept_for, "deleted expired recordings");
-        for (m, from) in deleted {
-            let event = crate::audit::AuditEvent::RecordingDeleted {
-                session: std::sync::Arc::new(crate::audit::SessionRef {
-                    session_id: m.session_id,
-                    user: m.user,
-                    protocol: "ssh".into(),
-                    resource: m.node,
-                    login: m.login,
-                    request_ids: m.request_ids,
-                }),
-                started: DateTime::<Utc>::from_timestamp(m.started, 0).unwrap_or_default(),
-                kept_for: kept_for.clone(),
-                from,
-            };
-            if let Err(e) = self.audit(event, now).await {
-                tracing::error!(error = %e, "cannot audit a deleted recording");
+        let data_dir = self.config.data_dir.clone();
+        let expired =
+            tokio::task::spawn_blocking(move || recording::ended_before(&data_dir, before))
+                .await
+                .unwrap_or_default();
+        let mut removed = 0;
+        // A live session's recording is still being written.
+        for m in expired
+            .into_iter()
+            .filter(|m| !self.sessions.is_live(&m.session_id))
+        {
+            if let Err(e) = self.audit(event(&m, "data_dir"), now).await {
+                tracing::error!(error = %e, "cannot audit the deletion of an expired recording; kept");
+                break;
             }
+            let data_dir = self.config.data_dir.clone();
+            let gone = tokio::task::spawn_blocking(move || recording::remove(&data_dir, &m))
+                .await
+                .unwrap_or(false);
+            removed += usize::from(gone);
         }
+        if removed > 0 {
+            tracing::info!(recordings = removed, kept_for = %kept_for, "deleted expired recordings");
+        }
+    }
+
+    /// Unix seconds before which a session's recording has outlived
+    /// `session.recording_retention` at `now`; `None` when they are kept
+    /// for ever (none set, or one that reaches before the calendar).
+    fn retention_cut(&self, now: DateTime<Utc>) -> Option<i64> {
+        let keep = self.config.session.recording_retention?;
+        now.checked_sub_signed(keep).map(|t| t.timestamp())
     }
 
     /// Copies to a shared store the recordings here that it lacks: a copy
@@ -189,11 +203,7 @@ impl Wicket {
         // A session live here writes its recording still: it copies its
         // own at its end.
         // One past its retention is not copied, only to be deleted.
-        let kept_since = self
-            .config
-            .session
-            .recording_retention
-            .map_or(i64::MIN, |keep| (crate::clock::now() - keep).timestamp());
+        let kept_since = self.retention_cut(crate::clock::now()).unwrap_or(i64::MIN);
         let missing: Vec<String> = local
             .into_iter()
             .filter(|m| m.started >= kept_since)
@@ -323,8 +333,9 @@ impl Wicket {
         let not_found = || {
             Error::NotFound(match self.config.session.recording_retention {
                 Some(keep) => format!(
-                    "no recording of session {session_id} (recordings are deleted {} after \
-                     their session started: session.recording_retention)",
+                    "no recording of session {session_id} (it may have been deleted: \
+                     recordings are kept {} after their session ended, \
+                     session.recording_retention)",
                     crate::config::format_duration(keep)
                 ),
                 None => format!("no recording of session {session_id}"),

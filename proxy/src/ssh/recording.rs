@@ -88,24 +88,50 @@ pub fn list(data_dir: &Path) -> Vec<RecordingMeta> {
     out
 }
 
-/// Deletes the recordings of `metas` from the data directory, and returns
-/// those it deleted (one that cannot be is logged).
-pub fn remove(data_dir: &Path, metas: Vec<RecordingMeta>) -> Vec<RecordingMeta> {
-    metas
+/// The recordings here whose session started before `before` (Unix
+/// seconds) and whose file was last written before it too (the session
+/// ended then), by the header of the file each is named after.
+pub fn ended_before(data_dir: &Path, before: i64) -> Vec<RecordingMeta> {
+    list(data_dir)
         .into_iter()
-        .filter(|m| {
-            let Some(p) = path(data_dir, &m.session_id) else {
-                return false;
-            };
-            match fs::remove_file(&p) {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::warn!(session = %m.session_id, error = %e, "cannot delete an expired recording");
-                    false
-                }
-            }
-        })
+        .filter(|m| m.started < before && is_expired(data_dir, m, before))
         .collect()
+}
+
+/// Whether `m` is the header of the file named after its session, and that
+/// file was last written before `before`.
+fn is_expired(data_dir: &Path, m: &RecordingMeta, before: i64) -> bool {
+    let Some(p) = path(data_dir, &m.session_id) else {
+        return false;
+    };
+    if read_meta(&p).as_ref() != Some(m) {
+        return false;
+    }
+    let written = fs::metadata(&p)
+        .and_then(|md| md.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .and_then(|d| i64::try_from(d.as_secs()).ok());
+    written.is_some_and(|w| w < before)
+}
+
+/// Deletes the recording of `m` from the data directory, if the file named
+/// after its session still has its header (a file named after one session
+/// but holding another's is never taken for it). Logs a failure.
+pub fn remove(data_dir: &Path, m: &RecordingMeta) -> bool {
+    let Some(p) = path(data_dir, &m.session_id) else {
+        return false;
+    };
+    if read_meta(&p).as_ref() != Some(m) {
+        return false;
+    }
+    match fs::remove_file(&p) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(session = %m.session_id, error = %e, "cannot delete an expired recording");
+            false
+        }
+    }
 }
 
 /// Splits off a trailing incomplete UTF-8 sequence so that a character cut
