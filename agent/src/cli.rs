@@ -937,7 +937,7 @@ async fn play(args: crate::ssh::PlayArgs) -> Result<()> {
         PlayFormat::Terminal => (Format::Text, args.no_wait),
         PlayFormat::Text => (Format::Text, true),
         PlayFormat::Json => (Format::Json, true),
-        PlayFormat::Cast => bail!("session {session} has no terminal recording"),
+        PlayFormat::Cast => (Format::Text, true),
     };
     let events = session_events(&client, session).await?;
     if events.is_empty() {
@@ -954,7 +954,8 @@ async fn play(args: crate::ssh::PlayArgs) -> Result<()> {
             deleted.data["kept_for"].as_str().unwrap_or("?")
         );
     }
-    if events.iter().any(|e| e.data["protocol"] == "ssh") {
+    if matches!(args.format, PlayFormat::Cast) || events.iter().any(|e| e.data["protocol"] == "ssh")
+    {
         bail!(
             "session {session} has no recording here; its audit events: \
              wicket audit search --session {session}"

@@ -8,7 +8,7 @@
 //! (rpassword, used before, raised SIGINT before it restored echo, and a
 //! Ctrl-C left the user's terminal silent.) Editing keys (backspace,
 //! Ctrl-U, Ctrl-W) are applied here; other control keys and escape
-//! sequences (arrows) are ignored.
+//! sequences (arrows; an Alt-modified key, ESC and the key) are ignored.
 //!
 //! It does not handle signals sent from elsewhere (`kill`): like any
 //! program holding the terminal raw, one that ends the process then leaves
@@ -85,19 +85,19 @@ fn read_line(mut tty: &File, prompt: &str) -> Result<Step> {
         .and_then(|()| tty.flush())
         .context("writing the prompt")?;
     let mut line = LineEdit::default();
-    let mut buf = [0u8; 256];
+    // A byte at a time: what is typed after the line end stays for the
+    // next reader (as `readpassphrase` leaves it).
+    let mut key = [0u8; 1];
     loop {
-        let n = match tty.read(&mut buf) {
+        match tty.read(&mut key) {
             Ok(0) => return Ok(Step::More),
-            Ok(n) => n,
+            Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(e).context("reading the password"),
-        };
-        for &b in &buf[..n] {
-            match line.key(b)? {
-                Step::More => {}
-                done => return Ok(done),
-            }
+        }
+        match line.key(key[0])? {
+            Step::More => {}
+            done => return Ok(done),
         }
     }
 }

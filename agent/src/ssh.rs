@@ -667,10 +667,15 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
         return Ok(true);
     }
     let mut lines = CastLines::new(download);
-    let header = cast_header(&lines.next().await?.unwrap_or_default())?;
+    if let PlayFormat::Json = args.format {
+        json_recording(&mut lines, &mut out).await?;
+        out.flush()?;
+        return Ok(true);
+    }
+    // Checked, not shown: text and terminal replays show the events.
+    cast_header(&lines.next().await?.unwrap_or_default())?;
     match args.format {
-        PlayFormat::Cast => {}
-        PlayFormat::Json => json_recording(&header, &mut lines, &mut out).await?,
+        PlayFormat::Cast | PlayFormat::Json => {}
         PlayFormat::Text => {
             let mut plain = PlainRecording::default();
             while let Some(line) = lines.next().await? {
@@ -705,21 +710,29 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
 }
 
 /// Writes a recording as one JSON document, `{"header", "events"}`, event
-/// by event as they come. When the download breaks off, the document is
-/// still closed, with what was read and an `"error"` saying why, and the
-/// error is returned (so the exit status says so too).
-async fn json_recording<D: Chunks>(
-    header: &serde_json::Value,
-    lines: &mut CastLines<D>,
-    out: &mut impl Write,
-) -> Result<()> {
+/// by event as they come. When the download breaks off (or its header does
+/// not read: `"header": null`), the document is still closed, with what
+/// was read and an `"error"` saying why, and the error is returned (so the
+/// exit status says so too).
+async fn json_recording<D: Chunks>(lines: &mut CastLines<D>, out: &mut impl Write) -> Result<()> {
+    let header = match lines.next().await {
+        Ok(line) => cast_header(&line.unwrap_or_default()),
+        Err(e) => Err(e),
+    };
+    let (header, broken) = match header {
+        Ok(h) => (h, None),
+        Err(e) => (serde_json::Value::Null, Some(e)),
+    };
     write!(
         out,
         "{{\n  \"header\": {},\n  \"events\": [",
-        serde_json::to_string(header)?
+        serde_json::to_string(&header)?
     )?;
     let mut first = true;
     let read = loop {
+        if let Some(e) = broken {
+            break Err(e);
+        }
         let line = match lines.next().await {
             Ok(Some(line)) => line,
             Ok(None) => break Ok(()),
@@ -1017,9 +1030,8 @@ mod tests {
                 .collect::<std::collections::VecDeque<_>>(),
         );
         lines.max_line = max_line;
-        let header = serde_json::json!({"version": 2});
         let mut out = Vec::new();
-        let done = rt.block_on(json_recording(&header, &mut lines, &mut out));
+        let done = rt.block_on(json_recording(&mut lines, &mut out));
         let printed = serde_json::from_slice(&out)
             .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out)));
         (printed, done)
@@ -1027,22 +1039,24 @@ mod tests {
 
     #[test]
     fn json_replay_is_whole_json_even_when_the_download_breaks_off() {
+        let head: &[u8] = b"{\"version\": 2}\n";
         let event: &[u8] = b"[0.5, \"o\", \"hi\"]\n";
-        let (all, done) = json_of(&[event, event], 100);
+        let (all, done) = json_of(&[head, event, event], 100);
         assert!(done.is_ok());
+        assert_eq!(all["header"], serde_json::json!({"version": 2}));
         assert_eq!(
             all["events"],
             serde_json::json!([[0.5, "o", "hi"], [0.5, "o", "hi"]])
         );
         assert!(all.get("error").is_none(), "{all}");
-        let (none, done) = json_of(&[], 100);
+        let (none, done) = json_of(&[head], 100);
         assert!(done.is_ok());
         assert_eq!(none["events"], serde_json::json!([]));
 
         // A line too long to read, after one event: what came before is
         // printed, the document is closed with the reason, and it fails.
         let long = [b'x'; 200];
-        let (cut, done) = json_of(&[event, &long], 100);
+        let (cut, done) = json_of(&[head, event, &long], 100);
         let e = done.unwrap_err();
         assert!(format!("{e:#}").contains("incomplete"), "{e:#}");
         assert_eq!(cut["events"], serde_json::json!([[0.5, "o", "hi"]]));
@@ -1053,10 +1067,20 @@ mod tests {
                 .contains("line over 100 bytes"),
             "{cut}"
         );
-        let (cut, done) = json_of(&[&long], 100);
+        let (cut, done) = json_of(&[head, &long], 100);
         assert!(done.is_err());
         assert_eq!(cut["events"], serde_json::json!([]));
         assert!(cut["error"].is_string(), "{cut}");
+        // No header (an empty download, or one broken within its first
+        // line): still one document, saying so.
+        let not_json: &[u8] = b"not json\n";
+        for pieces in [&[][..], &[&long[..]][..], &[not_json][..]] {
+            let (cut, done) = json_of(pieces, 100);
+            assert!(done.is_err());
+            assert_eq!(cut["header"], serde_json::Value::Null);
+            assert_eq!(cut["events"], serde_json::json!([]));
+            assert!(cut["error"].is_string(), "{cut}");
+        }
     }
 
     proptest::proptest! {

@@ -983,6 +983,7 @@ pub async fn add_user(
         .await?;
     Ok(uri)
 }
+
 /// What a refused login is told: one message whatever was wrong (unknown
 /// user, password, disabled, OTP missing, wrong or used), so that a guess
 /// at the password is never confirmed by what follows it.

@@ -622,7 +622,12 @@ fn ctrl_c_at_the_password_prompt_gives_the_terminal_back() {
         assert!(flags.contains(&on), "{on} is off after Ctrl-C: {after}");
     }
     assert!(said.contains("wicket: interrupted\r\nrc=130"), "{said}");
-    t.expect("Password:", wait);
+    // The second prompt (the first is still on the terminal): only once
+    // it shows is echo off.
+    wait_until("the second prompt", wait, || {
+        (t.times_seen("Password:") == 2).then_some(())
+    })
+    .unwrap();
     t.send(&format!("{PASSWORD}\r"));
     t.expect("logged-in-2", wait);
     assert!(!t.text().contains(PASSWORD), "the password was echoed");

@@ -508,9 +508,7 @@ impl Pty {
 
     pub(crate) fn expect(&mut self, needle: &str, timeout: Duration) {
         let r = wait_until(&format!("{needle:?} on the terminal"), timeout, || {
-            while let Ok(b) = self.rx.try_recv() {
-                self.seen.extend(b);
-            }
+            self.take_output();
             self.text().contains(needle).then_some(())
         });
         if let Err(e) = r {
@@ -519,10 +517,20 @@ impl Pty {
     }
 
     pub(crate) fn exited(&mut self) -> bool {
+        self.take_output();
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// How often `needle` has been on the terminal so far.
+    pub(crate) fn times_seen(&mut self, needle: &str) -> usize {
+        self.take_output();
+        self.text().matches(needle).count()
+    }
+
+    fn take_output(&mut self) {
         while let Ok(b) = self.rx.try_recv() {
             self.seen.extend(b);
         }
-        matches!(self.child.try_wait(), Ok(Some(_)))
     }
 }
 

@@ -18,15 +18,15 @@ use serde_path_to_error::Segment;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Component, Path, PathBuf};
-
-/// The most `limits.ssh_channel_burst` and `ssh_channels_per_second` may
-/// say: past it the rate holds back nothing.
-const MAX_CHANNEL_RATE: u32 = 1_000_000;
 use wicket_policy::{
     ApprovalRule, BreakGlassSettings, DatabaseGrant, Directory, KubernetesGrant, LabelSelector,
     Labels, OncallSchedule, Policy, RequestSettings, Requirement, Resource, ResourceKind,
     ReviewerSet, Role, RoleSet, SshLoginGrant, Team,
 };
+
+/// The most `limits.ssh_channel_burst` and `ssh_channels_per_second` may
+/// say: past it the rate holds back nothing.
+const MAX_CHANNEL_RATE: u32 = 1_000_000;
 
 const RESOURCE_KEYS: &[&str] = &["nodes", "databases", "kube_clusters"];
 

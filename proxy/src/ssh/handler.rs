@@ -97,6 +97,12 @@ const FORWARD_SETTLE: Duration = Duration::from_secs(2);
 /// cannot exhaust the proxy's memory.
 const MAX_CHANNELS: usize = 256;
 
+/// Refusals for the rate are marked in the recording at most this often.
+const RATE_MARK_EVERY: Duration = Duration::from_secs(10);
+
+/// A connection's places for open channels; each channel holds one
+/// ([`ChannelSlot`]) in the task that lives as long as it does.
+///
 /// Each channel open is audited, so a client or node that opens them in a
 /// loop would fill the audit store (and in `drop-and-count` crowd out other
 /// sessions' events): each side of a connection may open
@@ -104,11 +110,6 @@ const MAX_CHANNELS: usize = 256;
 /// count with the user's channels), then `limits.ssh_channels_per_second`;
 /// opens past that are refused for resource shortage. Each side has its
 /// own rate, so a node's loop does not use up the user's.
-/// Refusals for the rate are marked in the recording at most this often.
-const RATE_MARK_EVERY: Duration = Duration::from_secs(10);
-
-/// A connection's places for open channels; each channel holds one
-/// ([`ChannelSlot`]) in the task that lives as long as it does.
 pub(crate) struct ChannelSlots {
     open: Arc<tokio::sync::Semaphore>,
     /// The user's rate, then the node's.
