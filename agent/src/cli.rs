@@ -946,7 +946,7 @@ async fn play(args: crate::ssh::PlayArgs) -> Result<()> {
     if let Some(deleted) = events.iter().find(|e| e.kind == "recording_deleted") {
         bail!(
             "the recording of session {session} was deleted at {}: recordings are kept {} after \
-             their session started (session.recording_retention); its audit events remain \
+             their session ended (session.recording_retention); its audit events remain \
              (wicket audit search --session {session})",
             deleted
                 .time

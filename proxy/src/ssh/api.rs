@@ -106,15 +106,14 @@ impl Wicket {
     /// row in the same transaction, a file just before it goes (no record,
     /// no deletion). Failures are logged and tried again at the next sweep.
     pub async fn expire_recordings(&self, now: DateTime<Utc>) {
-        let Some(before) = self.retention_cut(now) else {
+        let Some(keep) = self.config.session.recording_retention else {
             return;
         };
-        let kept_for = self
-            .config
-            .session
-            .recording_retention
-            .map(crate::config::format_duration)
-            .unwrap_or_default();
+        // One that reaches before the calendar keeps everything.
+        let Some(before) = now.checked_sub_signed(keep).map(|t| t.timestamp()) else {
+            return;
+        };
+        let kept_for = crate::config::format_duration(keep);
         let event = |m: &recording::RecordingMeta, from: &'static str| {
             crate::audit::AuditEvent::RecordingDeleted {
                 session: std::sync::Arc::new(crate::audit::SessionRef {
@@ -162,22 +161,15 @@ impl Wicket {
                 break;
             }
             let data_dir = self.config.data_dir.clone();
-            let gone = tokio::task::spawn_blocking(move || recording::remove(&data_dir, &m))
-                .await
-                .unwrap_or(false);
+            let gone =
+                tokio::task::spawn_blocking(move || recording::remove(&data_dir, &m.session_id))
+                    .await
+                    .unwrap_or(false);
             removed += usize::from(gone);
         }
         if removed > 0 {
             tracing::info!(recordings = removed, kept_for = %kept_for, "deleted expired recordings");
         }
-    }
-
-    /// Unix seconds before which a session's recording has outlived
-    /// `session.recording_retention` at `now`; `None` when they are kept
-    /// for ever (none set, or one that reaches before the calendar).
-    fn retention_cut(&self, now: DateTime<Utc>) -> Option<i64> {
-        let keep = self.config.session.recording_retention?;
-        now.checked_sub_signed(keep).map(|t| t.timestamp())
     }
 
     /// Copies to a shared store the recordings here that it lacks: a copy
@@ -202,11 +194,10 @@ impl Wicket {
             .unwrap_or_default();
         // A session live here writes its recording still: it copies its
         // own at its end.
-        // One past its retention is not copied, only to be deleted.
-        let kept_since = self.retention_cut(crate::clock::now()).unwrap_or(i64::MIN);
+        // (At start, after `expire_recordings`: what is past its
+        // retention is gone already, not copied only to be deleted.)
         let missing: Vec<String> = local
             .into_iter()
-            .filter(|m| m.started >= kept_since)
             .map(|m| m.session_id)
             .filter(|id| !stored.contains(id) && !self.sessions.is_live(id))
             .collect();

@@ -90,7 +90,8 @@ pub fn list(data_dir: &Path) -> Vec<RecordingMeta> {
 
 /// The recordings here whose session started before `before` (Unix
 /// seconds) and whose file was last written before it too (the session
-/// ended then), by the header of the file each is named after.
+/// ended then), by the header of the file each is named after: a file named
+/// after one session but holding another's is never taken for either.
 pub fn ended_before(data_dir: &Path, before: i64) -> Vec<RecordingMeta> {
     list(data_dir)
         .into_iter()
@@ -115,20 +116,16 @@ fn is_expired(data_dir: &Path, m: &RecordingMeta, before: i64) -> bool {
     written.is_some_and(|w| w < before)
 }
 
-/// Deletes the recording of `m` from the data directory, if the file named
-/// after its session still has its header (a file named after one session
-/// but holding another's is never taken for it). Logs a failure.
-pub fn remove(data_dir: &Path, m: &RecordingMeta) -> bool {
-    let Some(p) = path(data_dir, &m.session_id) else {
+/// Deletes the recording of session `id` from the data directory (one
+/// [`ended_before`] found). Logs a failure.
+pub fn remove(data_dir: &Path, id: &str) -> bool {
+    let Some(p) = path(data_dir, id) else {
         return false;
     };
-    if read_meta(&p).as_ref() != Some(m) {
-        return false;
-    }
     match fs::remove_file(&p) {
         Ok(()) => true,
         Err(e) => {
-            tracing::warn!(session = %m.session_id, error = %e, "cannot delete an expired recording");
+            tracing::warn!(session = %id, error = %e, "cannot delete an expired recording");
             false
         }
     }
