@@ -397,10 +397,19 @@ impl Cx {
         Some(d)
     }
 
-    /// `n` when it is in `1..=max`; `None` (reported) otherwise.
-    fn at_most(&mut self, n: u32, max: u32, path: &str) -> Option<u32> {
-        if !(1..=max).contains(&n) {
-            self.push(path, format!("{n} is outside 1..={max}"));
+    /// `n` when it is in `range`; `None` (reported, with the range)
+    /// otherwise.
+    fn within<T: PartialOrd + std::fmt::Display>(
+        &mut self,
+        n: T,
+        range: std::ops::RangeInclusive<T>,
+        path: &str,
+    ) -> Option<T> {
+        if !range.contains(&n) {
+            self.push(
+                path,
+                format!("{n} is outside {}..={}", range.start(), range.end()),
+            );
             return None;
         }
         Some(n)
@@ -855,16 +864,11 @@ impl Cx {
         let d = PostgresSettings::default();
         match f.max_message_bytes {
             None => Some(d),
-            Some(n) if (1024..=(1 << 30)).contains(&n) => Some(PostgresSettings {
-                max_message_bytes: n as usize,
-            }),
-            Some(n) => {
-                self.push(
-                    "postgres.max_message_bytes",
-                    format!("{n} is outside 1024..=1073741824"),
-                );
-                None
-            }
+            Some(n) => self
+                .within(n, 1024..=(1 << 30), "postgres.max_message_bytes")
+                .map(|n| PostgresSettings {
+                    max_message_bytes: n as usize,
+                }),
         }
     }
 
@@ -898,15 +902,15 @@ impl Cx {
                 ok = false;
             }
         }
-        let burst = self.at_most(
+        let burst = self.within(
             f.ssh_channel_burst.unwrap_or(d.ssh_channel_burst),
-            MAX_CHANNEL_RATE,
+            1..=MAX_CHANNEL_RATE,
             "limits.ssh_channel_burst",
         );
-        let per_sec = self.at_most(
+        let per_sec = self.within(
             f.ssh_channels_per_second
                 .unwrap_or(d.ssh_channels_per_second),
-            MAX_CHANNEL_RATE,
+            1..=MAX_CHANNEL_RATE,
             "limits.ssh_channels_per_second",
         );
         let login_grace = grace?;
