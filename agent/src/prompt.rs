@@ -10,15 +10,26 @@
 //! Ctrl-U, Ctrl-W) are applied here; other control keys and escape
 //! sequences (arrows; an Alt-modified key, ESC and the key) are ignored.
 //!
-//! It does not handle signals sent from elsewhere (`kill`): like any
-//! program holding the terminal raw, one that ends the process then leaves
-//! the terminal raw.
+//! SIGTERM and SIGHUP (a `kill`, a `timeout`) do not end the process while
+//! the terminal is raw: they end the read, the terminal is restored, and
+//! then the signal takes its default action, as `readpassphrase` re-raises
+//! it. Once the prompt is over they end the process at once, as before.
 
 use anyhow::{bail, Context, Result};
+use rustix::event::{poll, PollFd, PollFlags};
 use rustix::termios::{tcgetattr, tcsetattr, LocalModes, OptionalActions, SpecialCodeIndex};
+use signal_hook::consts::{SIGHUP, SIGTERM};
+use signal_hook::SigId;
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use wicket_api::Secret;
+
+/// Signals from elsewhere that end the process: while the terminal is raw
+/// they only end the read.
+const ENDING: [i32; 2] = [SIGTERM, SIGHUP];
 
 /// The longest password taken, in bytes.
 const MAX_PASSWORD: usize = 4096;
@@ -39,6 +50,8 @@ pub fn password(prompt: &str) -> Result<Answer> {
         .open("/dev/tty")
         .context("opening the terminal (/dev/tty)")?;
     let saved = tcgetattr(&tty).context("reading the terminal's settings")?;
+    // Before the terminal goes raw: a signal from then on finds it restored.
+    let watch = Watch::start().context("watching for signals during the prompt")?;
     let mut raw = saved.clone();
     raw.local_modes.remove(
         LocalModes::ECHO
@@ -54,15 +67,72 @@ pub fn password(prompt: &str) -> Result<Answer> {
         tty: &tty,
         saved: &saved,
     };
-    let step = read_line(&tty, prompt);
+    let step = read_line(&tty, &watch.wake, prompt);
     drop(restore);
     // The line end the user typed was not echoed.
     let _ = tty.write_all(b"\n");
+    // A signal that came during the prompt takes its default action here.
+    watch.finish();
     match step? {
         Step::Done(line) => Ok(Answer::Password(Secret::new(line))),
         Step::Interrupted => Ok(Answer::Interrupted),
         Step::Eof => bail!("no password given (Ctrl-D)"),
         Step::More => bail!("the terminal closed before a password was given"),
+        Step::Signalled => bail!("the prompt was ended by a signal"),
+    }
+}
+
+/// The signals in `ENDING`, watched while the prompt holds the terminal.
+struct Watch {
+    /// Readable once one of them has come.
+    wake: UnixStream,
+    came: Vec<(i32, Arc<AtomicBool>)>,
+    /// The prompt's own actions, removed when it is over.
+    ids: Vec<SigId>,
+    /// Set when the prompt is over: from then on each signal takes its
+    /// default action. (Those actions stay: removing the last action of a
+    /// signal would leave it ignored, not back to its default.)
+    over: Arc<AtomicBool>,
+}
+
+impl Watch {
+    fn start() -> std::io::Result<Watch> {
+        let (wake, rung) = UnixStream::pair()?;
+        let over = Arc::new(AtomicBool::new(false));
+        let mut watch = Watch {
+            wake,
+            came: Vec::new(),
+            ids: Vec::new(),
+            over: Arc::clone(&over),
+        };
+        for signal in ENDING {
+            signal_hook::flag::register_conditional_default(signal, Arc::clone(&over))?;
+            let came = Arc::new(AtomicBool::new(false));
+            watch
+                .ids
+                .push(signal_hook::flag::register(signal, Arc::clone(&came))?);
+            watch.came.push((signal, came));
+            watch.ids.push(signal_hook::low_level::pipe::register(
+                signal,
+                rung.try_clone()?,
+            )?);
+        }
+        Ok(watch)
+    }
+
+    /// The terminal is restored: a signal that came during the prompt takes
+    /// its default action now (which ends the process), and later ones at
+    /// once.
+    fn finish(self) {
+        self.over.store(true, Ordering::SeqCst);
+        for id in self.ids {
+            signal_hook::low_level::unregister(id);
+        }
+        for (signal, came) in &self.came {
+            if came.load(Ordering::SeqCst) {
+                let _ = signal_hook::low_level::emulate_default_handler(*signal);
+            }
+        }
     }
 }
 
@@ -80,7 +150,7 @@ impl Drop for Restore<'_> {
 
 /// Writes the prompt, then reads keys until the line ends. `Step::More`
 /// when the terminal closes first.
-fn read_line(mut tty: &File, prompt: &str) -> Result<Step> {
+fn read_line(mut tty: &File, wake: &UnixStream, prompt: &str) -> Result<Step> {
     tty.write_all(prompt.as_bytes())
         .and_then(|()| tty.flush())
         .context("writing the prompt")?;
@@ -89,6 +159,21 @@ fn read_line(mut tty: &File, prompt: &str) -> Result<Step> {
     // next reader (as `readpassphrase` leaves it).
     let mut key = [0u8; 1];
     loop {
+        let mut ready = [
+            PollFd::new(&tty, PollFlags::IN),
+            PollFd::new(wake, PollFlags::IN),
+        ];
+        match poll(&mut ready, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e).context("waiting for a key"),
+        }
+        if !ready[1].revents().is_empty() {
+            return Ok(Step::Signalled);
+        }
+        if ready[0].revents().is_empty() {
+            continue;
+        }
         match tty.read(&mut key) {
             Ok(0) => return Ok(Step::More),
             Ok(_) => {}
@@ -110,6 +195,8 @@ enum Step {
     Interrupted,
     /// Ctrl-D on an empty line.
     Eof,
+    /// SIGTERM or SIGHUP came.
+    Signalled,
 }
 
 /// A line being typed, key by key (bytes from a raw terminal).

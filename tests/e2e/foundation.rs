@@ -646,6 +646,71 @@ fn ctrl_c_at_the_password_prompt_gives_the_terminal_back() {
     wait_until("the login to exit", wait, || t.exited().then_some(())).unwrap();
 }
 
+/// SIGTERM at the password prompt (a `kill`, a `timeout`) also gives the
+/// terminal back: the prompt restores it, then the signal ends `wicket` as
+/// it would have (143). Once the prompt is over, SIGTERM ends a login at
+/// once, as before.
+#[test]
+fn sigterm_at_the_password_prompt_gives_the_terminal_back() {
+    let d = Wicketd::builder().start().unwrap();
+    let cli = WicketCli::new().unwrap();
+    let wicket = wicket_e2e::harness_wicket::bin_dir()
+        .unwrap()
+        .join("wicket");
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let login = |proxy: &str| {
+        format!(
+            "'{}' login --proxy {proxy} --user hana --insecure < /dev/tty & echo pid=$!.; wait $!; echo rc=$?",
+            wicket.display()
+        )
+    };
+    // The first login is stopped at its prompt; the second, at a proxy
+    // that never answers once its password is typed.
+    let mut t = crate::ssh::Pty::run(
+        &format!(
+            "{}; stty -a; echo stty-done; {}; echo second-done",
+            login(&d.proxy()),
+            login(&silent.local_addr().unwrap().to_string())
+        ),
+        &[("WICKET_HOME", cli.home.path())],
+    );
+    let wait = Duration::from_secs(20);
+    let pid = |t: &crate::ssh::Pty, nth: usize| -> String {
+        let said = t.text();
+        let at = said.match_indices("pid=").nth(nth).unwrap().0 + 4;
+        said[at..].split('.').next().unwrap().to_owned()
+    };
+    let kill = |pid: &str| {
+        let out = std::process::Command::new("kill")
+            .args(["-TERM", pid])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    t.expect("Password:", wait);
+    kill(&pid(&t, 0));
+    t.expect("stty-done", wait);
+    let said = t.text();
+    let after = &said[said.find("rc=").unwrap()..said.find("stty-done").unwrap()];
+    assert!(after.starts_with("rc=143"), "{said}");
+    let flags: Vec<&str> = after.split([' ', ';', '\r', '\n']).collect();
+    for on in ["echo", "icanon", "isig"] {
+        assert!(flags.contains(&on), "{on} is off after SIGTERM: {after}");
+    }
+
+    wait_until("the second prompt", wait, || {
+        (t.times_seen("Password:") == 2).then_some(())
+    })
+    .unwrap();
+    t.send(&format!("{PASSWORD}\r"));
+    silent.set_nonblocking(true).unwrap();
+    let _held = wait_until("the login to connect", wait, || silent.accept().ok()).unwrap();
+    kill(&pid(&t, 1));
+    t.expect("second-done", wait);
+    let said = t.text();
+    assert!(said.contains("rc=143\r\nsecond-done"), "{said}");
+}
+
 /// An admin command never makes a CA key set (a second one would split the
 /// cluster, and the audit chain's key comes from it): on a data directory
 /// no wicketd has started in, it refuses, saying what to do, and makes
