@@ -65,10 +65,21 @@ impl Wicket {
         self.engine().create(new, &requester, now)
     }
 
+    /// `user` as a reviewer (whom the policy would let review), with their
+    /// standing roles.
     fn actor_of(&self, user: &UserRecord) -> Actor {
         Actor {
             name: user.name.clone(),
             roles: self.standing_roles(user),
+        }
+    }
+
+    /// The caller as the one acting: their standing roles count only while
+    /// the login behind their certificate lasts.
+    fn caller_actor(&self, caller: &Caller, user: &UserRecord, now: DateTime<Utc>) -> Actor {
+        Actor {
+            name: user.name.clone(),
+            roles: self.standing_in_force(caller, user, now).roles,
         }
     }
 
@@ -477,7 +488,7 @@ impl Wicket {
             .as_deref()
             .map(|d| parse_dur("duration", d))
             .transpose()?;
-        let actor = self.actor_of(&user);
+        let actor = self.caller_actor(caller, &user, now);
         let req = self
             .transition(id, Some(&actor), "request.review", now, |_| Event::Review {
                 by: actor.clone(),
@@ -508,7 +519,7 @@ impl Wicket {
                 .await?;
         }
         let user = self.active_user(caller).await?;
-        let actor = self.actor_of(&user);
+        let actor = self.caller_actor(caller, &user, now);
         let by = actor.clone();
         let name = user.name.clone();
         let event: Box<dyn Fn(&AccessRequest) -> Event + Send + Sync> = match action {
@@ -571,7 +582,7 @@ impl Wicket {
     ) -> Result<Grant> {
         let user = self.active_user(caller).await?;
         let (req, _) = self.load(id).await?;
-        if !self.may_see(&req, &self.actor_of(&user), now) {
+        if !self.may_see(&req, &self.caller_actor(caller, &user, now), now) {
             return Err(Error::NotFound(format!("access request {id:?} not found")));
         }
         self.view(&req, now).await
@@ -585,7 +596,7 @@ impl Wicket {
         now: DateTime<Utc>,
     ) -> Result<Vec<Grant>> {
         let user = self.active_user(caller).await?;
-        let actor = self.actor_of(&user);
+        let actor = self.caller_actor(caller, &user, now);
         let states: Vec<&str> = match state {
             Some(s) => {
                 let st = State::parse(s)
@@ -675,17 +686,14 @@ impl Wicket {
         request_id: Option<&str>,
     ) -> Result<Vec<Notification>> {
         let user = self.active_user(caller).await?;
-        let roles = self.standing_roles(&user);
-        let subject = Subject::new(&user.name, &roles);
+        let now = crate::clock::now();
+        let standing = self.standing_in_force(caller, &user, now);
+        let subject = Subject::new(&user.name, &standing.roles);
         let d = self.config.policy.roles.decide_audit_read(&subject, None);
         if !d.allowed {
+            let reason = standing.explain(d.reason);
             return Err(self
-                .deny_audited(
-                    &user.name,
-                    "notifications.read",
-                    d.reason,
-                    crate::clock::now(),
-                )
+                .deny_audited(&user.name, "notifications.read", reason, now)
                 .await);
         }
         Ok(self

@@ -119,6 +119,23 @@ pub struct SessionDecision {
     pub granted: (Vec<String>, Vec<ScopedRole>),
 }
 
+/// A caller's standing roles in force (see [`Wicket::standing_in_force`]).
+pub(crate) struct Standing {
+    pub roles: Vec<String>,
+    /// Why the user's standing roles do not count, when they do not.
+    pub ended: Option<String>,
+}
+
+impl Standing {
+    /// A refusal's `reason`, saying why standing roles did not count.
+    pub fn explain(&self, reason: String) -> String {
+        match &self.ended {
+            Some(ended) => format!("{reason}; {ended}"),
+            None => reason,
+        }
+    }
+}
+
 /// The caller, as proven by a verified client certificate.
 #[derive(Debug, Clone)]
 pub struct Caller {
@@ -237,6 +254,31 @@ impl Wicket {
         Err(self
             .refusal_audited(&caller.user, action, reason, refused, now)
             .await)
+    }
+
+    /// The caller's standing roles in force: none once the password login
+    /// behind their certificate has ended (a grant certificate may outlive
+    /// it, and then counts for its grants alone, here as for sessions).
+    pub(crate) fn standing_in_force(
+        &self,
+        caller: &Caller,
+        user: &UserRecord,
+        now: DateTime<Utc>,
+    ) -> Standing {
+        if wicket_policy::login_lasts(caller.login_until, now.timestamp()) {
+            return Standing {
+                roles: self.standing_roles(user),
+                ended: None,
+            };
+        }
+        let ended = DateTime::<Utc>::from_timestamp(caller.login_until, 0).unwrap_or_default();
+        Standing {
+            roles: Vec::new(),
+            ended: Some(format!(
+                "standing roles ended with the login behind this certificate at {} (run `wicket login`)",
+                ended.to_rfc3339()
+            )),
+        }
     }
 
     /// The user's standing roles that exist in the current policy.
@@ -663,16 +705,11 @@ impl Wicket {
                 Err(e) => not_counted.push(e.to_string()),
             }
         }
-        let standing = if wicket_policy::login_lasts(caller.login_until, now.timestamp()) {
-            self.standing_roles(user)
-        } else {
-            let ended = DateTime::<Utc>::from_timestamp(caller.login_until, 0).unwrap_or_default();
-            not_counted.push(format!(
-                "standing roles ended with the login behind this certificate at {} (run `wicket login`)",
-                ended.to_rfc3339()
-            ));
-            Vec::new()
-        };
+        let Standing {
+            roles: standing,
+            ended,
+        } = self.standing_in_force(caller, user, now);
+        not_counted.extend(ended);
         let (roles, scoped) = wicket_policy::roles_of_grants(
             standing.clone(),
             grants.iter().map(|(r, res)| (&r[..], &res[..])),
@@ -822,8 +859,9 @@ impl Wicket {
         mut filter: crate::store::AuditFilter,
     ) -> Result<Vec<wicket_api::AuditEventView>> {
         let user = self.active_user(caller).await?;
-        let roles = self.standing_roles(&user);
-        let subject = Subject::new(&user.name, &roles);
+        let now = crate::clock::now();
+        let standing = self.standing_in_force(caller, &user, now);
+        let subject = Subject::new(&user.name, &standing.roles);
         let policy = &self.config.policy.roles;
         if filter.actor.is_none()
             && filter.session_id.is_some()
@@ -833,9 +871,9 @@ impl Wicket {
         }
         let decision = policy.decide_audit_read(&subject, filter.actor.as_deref());
         if !decision.allowed {
-            let now = crate::clock::now();
+            let reason = standing.explain(decision.reason);
             return Err(self
-                .deny_audited(&user.name, "audit.search", decision.reason, now)
+                .deny_audited(&user.name, "audit.search", reason, now)
                 .await);
         }
         let rows = self
@@ -865,13 +903,14 @@ impl Wicket {
     /// events).
     pub async fn verify_audit(&self, caller: &Caller) -> Result<wicket_api::AuditVerifyView> {
         let user = self.active_user(caller).await?;
-        let roles = self.standing_roles(&user);
-        let subject = Subject::new(&user.name, &roles);
+        let now = crate::clock::now();
+        let standing = self.standing_in_force(caller, &user, now);
+        let subject = Subject::new(&user.name, &standing.roles);
         let decision = self.config.policy.roles.decide_audit_read(&subject, None);
         if !decision.allowed {
-            let now = crate::clock::now();
+            let reason = standing.explain(decision.reason);
             return Err(self
-                .deny_audited(&user.name, "audit.verify", decision.reason, now)
+                .deny_audited(&user.name, "audit.verify", reason, now)
                 .await);
         }
         let v = self.store.verify_audit(100).await?;

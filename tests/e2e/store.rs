@@ -1588,6 +1588,143 @@ fn extending_a_grant_needs_a_live_login_and_dropping_it_does_not() {
     });
 }
 
+/// Standing roles count on the API only while the login behind the
+/// certificate lasts, as they do for sessions. An auditor's grant
+/// certificate that outlives their login reads no one else's audit events,
+/// recordings or notifications, and sees or revokes no one else's request
+/// by a standing role: each refusal says why.
+#[test]
+fn standing_roles_end_with_the_login_on_the_api_too() {
+    use wicket_api::{ActionBody, CreateRequest};
+    use wicketd::requests::Listing;
+    use wicketd::store::AuditFilter;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "version: 1\nroles:\n  dev:\n    logins: [\"{{user}}\"]\n    nodes: { env: dev }\n    request: { roles: [ops] }\n  ops:\n    logins: [root]\n    nodes: { env: dev }\n  auditor:\n    audit: true\n    revoke: true\n    request: { roles: [ops] }\napproval:\n  - roles: [ops]\n    require: self\n";
+    rt().block_on(async {
+        let cfg = wicketd::config::parse(yaml, dir.path()).unwrap();
+        let (w, store, now) = wicket_with(
+            dir.path(),
+            cfg,
+            &[("ann", "dev", None), ("aud", "auditor", None)],
+        )
+        .await;
+        let ask = CreateRequest {
+            roles: vec!["ops".into()],
+            reason: "deploy".into(),
+            duration: Some("1h".into()),
+            ..Default::default()
+        };
+        let live_ann = caller_of("ann", now.timestamp() + 3600);
+        let anns = w.create_request(&live_ann, ask.clone(), now).await.unwrap();
+        // The auditor holds a grant certificate: it outlives the login.
+        let live = caller_of("aud", now.timestamp() + 3600);
+        let own = w.create_request(&live, ask, now).await.unwrap();
+        let mut ended = caller_of("aud", now.timestamp() - 1);
+        ended.request_ids = vec![own.id.clone()];
+        ended.valid_until = now.timestamp() + 3600;
+        let anns_events = || AuditFilter {
+            actor: Some("ann".into()),
+            ..Default::default()
+        };
+
+        // While the login lasts, the standing role reads and sees it all.
+        assert!(!w
+            .search_audit(&live, anns_events())
+            .await
+            .unwrap()
+            .is_empty());
+        w.verify_audit(&live).await.unwrap();
+        w.notifications(&live, None).await.unwrap();
+        w.list_recordings(&live, None, Some("ann".into()))
+            .await
+            .unwrap();
+        w.show_request(&live, &anns.id, now).await.unwrap();
+        let all = w
+            .list_requests(&live, Listing::All, None, now)
+            .await
+            .unwrap();
+        assert!(all.iter().any(|g| g.id == anns.id), "{all:?}");
+
+        // Once it has ended: refused, and told why.
+        let why = "standing roles ended with the login behind this certificate";
+        let refused = |e: wicketd::error::Error| {
+            assert!(
+                matches!(&e, wicketd::error::Error::Forbidden(m) if m.contains(why)),
+                "{e:?}"
+            );
+        };
+        refused(w.search_audit(&ended, anns_events()).await.unwrap_err());
+        refused(w.verify_audit(&ended).await.unwrap_err());
+        refused(w.notifications(&ended, None).await.unwrap_err());
+        refused(
+            w.list_recordings(&ended, None, Some("ann".into()))
+                .await
+                .unwrap_err(),
+        );
+        // Someone else's request is not there for them, nor to revoke.
+        let e = w.show_request(&ended, &anns.id, now).await.unwrap_err();
+        assert!(matches!(e, wicketd::error::Error::NotFound(_)), "{e:?}");
+        let all = w
+            .list_requests(&ended, Listing::All, None, now)
+            .await
+            .unwrap();
+        assert!(
+            all.iter().all(|g| g.id != anns.id) && all.iter().any(|g| g.id == own.id),
+            "{all:?}"
+        );
+        let revoke = ActionBody {
+            reason: "suspicious".into(),
+            ..Default::default()
+        };
+        w.request_action(&ended, &anns.id, "revoke", revoke.clone(), now)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            w.show_request(&live_ann, &anns.id, now)
+                .await
+                .unwrap()
+                .status,
+            "active"
+        );
+        // Their own events they still read, and their own grant they end.
+        let mine = AuditFilter {
+            actor: Some("aud".into()),
+            ..Default::default()
+        };
+        assert!(!w.search_audit(&ended, mine).await.unwrap().is_empty());
+        w.request_action(&ended, &own.id, "drop", ActionBody::default(), now)
+            .await
+            .unwrap();
+        // Each refusal is on the record with the reason.
+        let denied = store
+            .search_audit(&AuditFilter {
+                kind: Some("access_denied".into()),
+                actor: Some("aud".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        for action in [
+            "audit.search",
+            "audit.verify",
+            "notifications.read",
+            "recordings.read",
+        ] {
+            assert!(
+                denied
+                    .iter()
+                    .any(|e| e.data.contains(&format!("\"action\":\"{action}\""))
+                        && e.data.contains(why)),
+                "{action} not audited: {denied:?}"
+            );
+        }
+        // A live login again: the standing role counts again.
+        w.request_action(&live, &anns.id, "revoke", revoke, now)
+            .await
+            .unwrap();
+    });
+}
+
 /// Parallel guesses cannot all pass the failure limit read before any of
 /// them failed: checks under way count as failures, so of twenty wrong
 /// passwords sent at once, `auth.max_failures_per_user` are checked and

@@ -221,13 +221,16 @@ impl Wicket {
         owner: Option<&str>,
     ) -> Result<(String, wicket_policy::Decision)> {
         let user = self.active_user(caller).await?;
-        let roles = self.standing_roles(&user);
-        let subject = Subject::new(&user.name, &roles);
-        let d = self
+        let standing = self.standing_in_force(caller, &user, crate::clock::now());
+        let subject = Subject::new(&user.name, &standing.roles);
+        let mut d = self
             .config
             .policy
             .roles
             .decide_recording_read(&subject, owner);
+        if !d.allowed {
+            d.reason = standing.explain(d.reason);
+        }
         Ok((user.name.clone(), d))
     }
 
