@@ -287,6 +287,11 @@ pub fn unprintable(what: &str, text: &str) -> Option<String> {
         u32::from(bad)
     ))
 }
+/// The most resources one request may name. Each is looked at for every
+/// reviewer each time the request is shown, so they are bounded (and named
+/// once each).
+pub const MAX_RESOURCES: usize = 64;
+
 /// Longest a request's reason may grow with its updates (bytes): the
 /// request is read and written whole at each step.
 pub const MAX_REQUEST_REASON_LEN: usize = 8 * MAX_REASON_LEN;
@@ -682,7 +687,16 @@ impl<'a> Engine<'a> {
                 )));
             }
         }
+        if new.resources.len() > MAX_RESOURCES {
+            return invalid(format!(
+                "name at most {MAX_RESOURCES} resources (a role without resources reaches all it may)"
+            ));
+        }
+        let mut seen = BTreeSet::new();
         for name in &new.resources {
+            if !seen.insert(name) {
+                return invalid(format!("resource {name} is listed twice"));
+            }
             if !self.policy.resources.iter().any(|r| &r.name == name) {
                 return invalid(format!("unknown resource {name:?}"));
             }
@@ -1031,6 +1045,12 @@ impl<'a> Engine<'a> {
                 }
                 if verdict == Verdict::Approve && state == State::NeedsInfo {
                     return Err(illegal(state, "waiting for the requester to answer; approve after `wicket request update`"));
+                }
+                // One question at a time: the requester's answers are
+                // bounded (`MAX_REQUEST_REASON_LEN`), and so, with this, are
+                // the reviews a request holds.
+                if verdict == Verdict::AskInfo && state == State::NeedsInfo {
+                    return Err(illegal(state, "already waiting for the requester to answer a question; ask again after `wicket request update`"));
                 }
                 if reason.trim().is_empty() {
                     return Err(RequestError::Invalid(

@@ -671,6 +671,32 @@ fn create_rejects_unknown_resources() {
     assert!(m.contains("unknown resource \"nope\""), "{m}");
 }
 
+/// A request names each resource once, and at most `MAX_RESOURCES`: each
+/// is looked at for every reviewer whenever the request is shown.
+#[test]
+fn create_rejects_a_resource_named_twice_or_too_many() {
+    let p = policy();
+    let twice = NewRequest {
+        resources: sv(&["db-1", "db-1"]),
+        ..nr(&["prod-ssh"])
+    };
+    let m = invalid(create_as(&p, "alice", twice, t0()));
+    assert!(m.contains("resource db-1 is listed twice"), "{m}");
+    let many = NewRequest {
+        resources: (0..=crate::request::MAX_RESOURCES)
+            .map(|i| format!("db-{i}"))
+            .collect(),
+        ..nr(&["prod-ssh"])
+    };
+    let m = invalid(create_as(&p, "alice", many, t0()));
+    assert!(m.contains("at most 64 resources"), "{m}");
+    let once = NewRequest {
+        resources: sv(&["db-1"]),
+        ..nr(&["prod-ssh"])
+    };
+    create_as(&p, "alice", once, t0()).unwrap();
+}
+
 #[test]
 fn create_pending_records_request_and_notifies_reviewers() {
     let p = policy();
@@ -1359,11 +1385,23 @@ fn ask_info_then_update_reopens_the_request() {
     assert_eq!(notifications(&fx), [(&to_user("alice"), false)]);
     assert!(req.granted_roles.is_empty());
 
-    // No approval while waiting for the requester.
+    // No approval while waiting for the requester, and no second
+    // question (each would grow the request without bound).
     assert_eq!(
         illegal(apply(&p, &req, approve("bob"), t0() + mins(2))),
         "needs-info"
     );
+    for asker in ["dave", "bob"] {
+        assert_eq!(
+            illegal(apply(
+                &p,
+                &req,
+                review(asker, Verdict::AskInfo),
+                t0() + mins(2)
+            )),
+            "needs-info"
+        );
+    }
     // Only the requester updates, with a reason.
     let upd = |by: &str, reason: &str| Event::Update {
         by: by.into(),
