@@ -54,6 +54,9 @@ pub enum AuditEvent {
         user: String,
         source: String,
         retry_after_secs: u64,
+        /// Refusals on this wicketd since the last such event that have no
+        /// event of their own (see [`crate::auth::RefusalLog`]).
+        unrecorded_before: u64,
     },
     AccessDenied {
         user: String,

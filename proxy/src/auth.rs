@@ -217,9 +217,83 @@ pub struct Attempt {
     pub(crate) source_key: String,
 }
 
+/// Which rate-limit refusals get an audit event of their own. A guesser
+/// over the limit is refused at every try, and an event for each would let
+/// anyone, with no login, grow the audit log and hold its chain's lock. So
+/// a refusal is recorded only when neither its user key nor its source key
+/// had one recorded in the last [`RefusalLog::QUIET`]; the others are
+/// counted, and the next recorded one says how many there were. (A guesser
+/// going through user names, or through sources, is one event a minute.)
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    /// When a refusal under each key was last recorded.
+    recorded: std::collections::HashMap<String, chrono::DateTime<chrono::Utc>>,
+    /// Refusals not recorded since the last recorded one.
+    unrecorded: u64,
+}
+
+impl RefusalLog {
+    pub const QUIET: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+    /// Keys remembered at most; past them (after those older than `QUIET`
+    /// are forgotten), refusals are counted, not recorded.
+    const MAX_KEYS: usize = 4096;
+
+    /// Whether to record a refusal under `keys` at `now`: if so, with how
+    /// many refusals were not recorded before it.
+    pub fn record(&mut self, keys: [&str; 2], now: chrono::DateTime<chrono::Utc>) -> Option<u64> {
+        let quiet = |at: &chrono::DateTime<chrono::Utc>| now - *at >= Self::QUIET;
+        if self.recorded.len() + 2 > Self::MAX_KEYS {
+            self.recorded.retain(|_, at| !quiet(at));
+        }
+        let fresh = keys.iter().all(|k| self.recorded.get(*k).is_none_or(quiet));
+        if !fresh || self.recorded.len() + 2 > Self::MAX_KEYS {
+            self.unrecorded = self.unrecorded.saturating_add(1);
+            return None;
+        }
+        for k in keys {
+            self.recorded.insert(k.to_owned(), now);
+        }
+        Some(std::mem::take(&mut self.unrecorded))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flood_of_refusals_is_one_event_a_minute_with_a_count() {
+        let t0 = chrono::DateTime::<chrono::Utc>::from_timestamp(1_800_000_000, 0).unwrap();
+        let secs = |s: i64| t0 + chrono::TimeDelta::seconds(s);
+        let mut log = RefusalLog::default();
+        assert_eq!(log.record(["bob", "10.0.0.1"], t0), Some(0));
+        // The same guesser, going through user names or sources: counted.
+        assert_eq!(log.record(["bob", "10.0.0.1"], secs(1)), None);
+        assert_eq!(log.record(["carol", "10.0.0.1"], secs(2)), None);
+        assert_eq!(log.record(["bob", "10.0.0.2"], secs(3)), None);
+        // Someone else, elsewhere: recorded.
+        assert_eq!(log.record(["dave", "10.0.0.9"], secs(4)), Some(3));
+        // A minute on, one more event, with what came meanwhile.
+        assert_eq!(log.record(["carol", "10.0.0.1"], secs(59)), None);
+        assert_eq!(log.record(["carol", "10.0.0.1"], secs(60)), Some(1));
+    }
+
+    #[test]
+    fn the_refusal_log_is_bounded() {
+        let t0 = chrono::DateTime::<chrono::Utc>::from_timestamp(1_800_000_000, 0).unwrap();
+        let mut log = RefusalLog::default();
+        let mut recorded = 0;
+        for i in 0..10_000 {
+            let (user, source) = (format!("u{i}"), format!("s{i}"));
+            recorded += usize::from(log.record([&user, &source], t0).is_some());
+        }
+        assert_eq!(recorded, RefusalLog::MAX_KEYS / 2);
+        assert!(log.recorded.len() <= RefusalLog::MAX_KEYS);
+        // Once the old keys are quiet, they make room.
+        let later = t0 + RefusalLog::QUIET;
+        assert_eq!(log.record(["new", "source"], later), Some(10_000 - 2048));
+        assert_eq!(log.recorded.len(), 2);
+    }
 
     #[test]
     fn break_glass_codes_count_apart_from_logins() {

@@ -43,6 +43,8 @@ pub struct Wicket {
     /// The proxy listeners' bound ports, for clients (`wicket db connect`).
     pub proxy_ports: wicket_api::ProxyPorts,
     pub(crate) rng: SystemRandom,
+    /// Which rate-limit refusals are recorded (see [`crate::auth::RefusalLog`]).
+    refusals: std::sync::Mutex<crate::auth::RefusalLog>,
 }
 
 impl std::fmt::Debug for Wicket {
@@ -227,6 +229,7 @@ impl Wicket {
             checks: Default::default(),
             index: Default::default(),
             rng: SystemRandom::new(),
+            refusals: Default::default(),
         })
     }
 
@@ -441,15 +444,23 @@ impl Wicket {
             // Only checks under way fill the budget: they end in moments.
             None => 1,
         };
-        self.audit(
-            AuditEvent::LoginRateLimited {
-                user: user.to_owned(),
-                source: source.to_string(),
-                retry_after_secs: retry,
-            },
-            now,
-        )
-        .await?;
+        let record = self
+            .refusals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .record([&user_key, &source_key], now);
+        if let Some(unrecorded_before) = record {
+            self.audit(
+                AuditEvent::LoginRateLimited {
+                    user: user.to_owned(),
+                    source: source.to_string(),
+                    retry_after_secs: retry,
+                    unrecorded_before,
+                },
+                now,
+            )
+            .await?;
+        }
         Err(Error::RateLimited {
             retry_after_secs: retry,
         })
