@@ -54,7 +54,8 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum NodesCommand {
     /// Issue a node's host certificate and print the sshd_config lines that
-    /// make its stock sshd trust Wicket's user CA.
+    /// make its stock sshd trust Wicket's node-login CA (never the user CA,
+    /// which would let users' own certificates in past the proxy).
     Add {
         /// The node's name (as in `resources.nodes`).
         name: String,

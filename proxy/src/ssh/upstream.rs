@@ -234,7 +234,7 @@ pub(crate) async fn connect(
     .map_err(|e| Error::Io(format!("login to the node failed: {e}")))?;
     if !auth.success() {
         return Err(Error::Io(format!(
-            "the node refused Wicket's certificate for login {login:?} (does its sshd trust Wicket's user CA? see `wicketd nodes add`)"
+            "the node refused Wicket's certificate for login {login:?} (does its sshd trust Wicket's node-login CA, `wicket_node_ca.pub`, and that login? see `wicketd nodes add`; never its user CA)"
         )));
     }
     Ok(handle)
