@@ -28,6 +28,8 @@ const SSH_NODE_KEY: &str = "ssh_node_ca.key";
 const SSH_NODE_PUB: &str = "ssh_node_ca.pub";
 const SSH_HOST_KEY: &str = "ssh_host_ca.key";
 const SSH_HOST_PUB: &str = "ssh_host_ca.pub";
+const SSH_PROXY_KEY: &str = "ssh_proxy_host_ca.key";
+const SSH_PROXY_PUB: &str = "ssh_proxy_host_ca.pub";
 const TLS_KEY: &str = "tls_ca.key";
 const TLS_CERT: &str = "tls_ca.crt";
 const DB_KEY: &str = "db_client_ca.key";
@@ -36,7 +38,7 @@ const DB_CERT: &str = "db_client_ca.crt";
 /// CA certificates live ten years; rotation keeps older keys trusted.
 const CA_LIFETIME: i64 = 10 * 365 * 24 * 3600;
 
-/// Wicket's five CAs.
+/// Wicket's six CAs.
 #[derive(Debug)]
 pub struct AuthorityKeys {
     /// Signs users' SSH certificates, which only the proxy accepts.
@@ -45,8 +47,12 @@ pub struct AuthorityKeys {
     /// nodes trust only this CA (`TrustedUserCAKeys`), so a user's own
     /// certificate never opens a node directly.
     pub ssh_node: SshCa,
-    /// Signs host certificates for nodes and the proxy (`@cert-authority`).
+    /// Signs nodes' host certificates, which only the proxy trusts.
     pub ssh_host: SshCa,
+    /// Signs the host certificates the proxy presents to users, whose
+    /// profiles trust only this CA (`@cert-authority`): so a node's host
+    /// key, which the node's admins hold, never passes for the proxy.
+    pub ssh_proxy: SshCa,
     /// Signs wicketd's TLS server certificates and users' client certificates.
     pub tls: X509Ca,
     /// Signs the client certificates wicketd presents to databases.
@@ -55,10 +61,11 @@ pub struct AuthorityKeys {
 
 impl AuthorityKeys {
     /// The files that must all exist for [`AuthorityKeys::load`].
-    pub const REQUIRED_FILES: [&'static str; 7] = [
+    pub const REQUIRED_FILES: [&'static str; 8] = [
         SSH_USER_KEY,
         SSH_NODE_KEY,
         SSH_HOST_KEY,
+        SSH_PROXY_KEY,
         TLS_KEY,
         TLS_CERT,
         DB_KEY,
@@ -73,7 +80,8 @@ impl AuthorityKeys {
     ) -> Result<(Self, Vec<KeyFile>)> {
         let validity = Validity::new(now - 3600, now + CA_LIFETIME)?;
         let (ssh_user, user_pk8) = SshCa::generate(rng)?;
-        let (ssh_node, node_files) = Self::generate_node_ca(rng)?;
+        let (ssh_node, node_files) = Self::generate_added(SSH_NODE_KEY, rng)?;
+        let (ssh_proxy, proxy_files) = Self::generate_added(SSH_PROXY_KEY, rng)?;
         let (ssh_host, host_pk8) = SshCa::generate(rng)?;
         let (tls, tls_key) = X509Ca::generate(X509CaKind::Tls, cluster, validity)?;
         let (db_client, db_key) = X509Ca::generate(X509CaKind::DatabaseClient, cluster, validity)?;
@@ -110,11 +118,13 @@ impl AuthorityKeys {
             public(DB_CERT, db_client.cert_pem()),
         ];
         files.extend(node_files);
+        files.extend(proxy_files);
         Ok((
             Self {
                 ssh_user,
                 ssh_node,
                 ssh_host,
+                ssh_proxy,
                 tls,
                 db_client,
             },
@@ -122,19 +132,33 @@ impl AuthorityKeys {
         ))
     }
 
-    /// A fresh node-login CA and its files (also for key sets made before
-    /// it existed: the caller adds it when its files are missing).
-    pub fn generate_node_ca(rng: &dyn SecureRandom) -> Result<(SshCa, Vec<KeyFile>)> {
+    /// The key files of CAs added to the set after it was first made (the
+    /// node-login CA, the proxy host CA): a key set without them gets them
+    /// at the next start ([`Self::generate_added`]).
+    pub const ADDED_LATER: [&'static str; 2] = [SSH_NODE_KEY, SSH_PROXY_KEY];
+
+    /// A fresh CA of [`Self::ADDED_LATER`], named by its key file, and its
+    /// files.
+    pub fn generate_added(key_file: &str, rng: &dyn SecureRandom) -> Result<(SshCa, Vec<KeyFile>)> {
+        let (name, public, comment) = match key_file {
+            SSH_NODE_KEY => (SSH_NODE_KEY, SSH_NODE_PUB, "wicket-node-ca"),
+            SSH_PROXY_KEY => (SSH_PROXY_KEY, SSH_PROXY_PUB, "wicket-proxy-host-ca"),
+            other => {
+                return Err(Error::KeyMaterial(format!(
+                    "{other} is not a CA added to key sets later"
+                )))
+            }
+        };
         let (ca, pk8) = SshCa::generate(rng)?;
         let files = vec![
             KeyFile {
-                name: SSH_NODE_KEY,
+                name,
                 contents: pem_encode("PRIVATE KEY", &pk8).into_bytes(),
                 secret: true,
             },
             KeyFile {
-                name: SSH_NODE_PUB,
-                contents: (ca.public_key_openssh("wicket-node-ca") + "\n").into_bytes(),
+                name: public,
+                contents: (ca.public_key_openssh(comment) + "\n").into_bytes(),
                 secret: false,
             },
         ];
@@ -147,9 +171,6 @@ impl AuthorityKeys {
     pub fn audit_chain_secret(&self) -> crate::DerivedSecret {
         self.ssh_user.derive_secret("audit chain v1")
     }
-
-    /// The node-login CA's key file name (see [`Self::generate_node_ca`]).
-    pub const NODE_CA_KEY_FILE: &'static str = SSH_NODE_KEY;
 
     /// Loads the key set; `read(name)` returns a file's contents.
     pub fn load(read: impl Fn(&str) -> Option<Vec<u8>>) -> Result<Self> {
@@ -171,6 +192,7 @@ impl AuthorityKeys {
             ssh_user: ssh(SSH_USER_KEY)?,
             ssh_node: ssh(SSH_NODE_KEY)?,
             ssh_host: ssh(SSH_HOST_KEY)?,
+            ssh_proxy: ssh(SSH_PROXY_KEY)?,
             tls: x509(X509CaKind::Tls, TLS_KEY, TLS_CERT)?,
             db_client: x509(X509CaKind::DatabaseClient, DB_KEY, DB_CERT)?,
         })
@@ -193,6 +215,17 @@ mod tests {
         let again = AuthorityKeys::load(|n| map.get(n).cloned()).unwrap();
         assert_eq!(again.ssh_user.fingerprint(), keys.ssh_user.fingerprint());
         assert_eq!(again.ssh_host.fingerprint(), keys.ssh_host.fingerprint());
+        assert_eq!(again.ssh_proxy.fingerprint(), keys.ssh_proxy.fingerprint());
+        // Six CAs, six keys.
+        let mut fingerprints = [
+            &keys.ssh_user,
+            &keys.ssh_node,
+            &keys.ssh_host,
+            &keys.ssh_proxy,
+        ]
+        .map(|ca| ca.fingerprint());
+        fingerprints.sort();
+        assert!(fingerprints.windows(2).all(|w| w[0] != w[1]));
         assert_eq!(again.tls.pin(), keys.tls.pin());
         assert_eq!(again.db_client.pin(), keys.db_client.pin());
         assert_ne!(keys.tls.pin(), keys.db_client.pin());

@@ -57,8 +57,8 @@ pub fn load(data_dir: &Path) -> Result<AuthorityKeys> {
         )));
     }
     if let Some(name) = missing.first() {
-        let hint = if missing == [AuthorityKeys::NODE_CA_KEY_FILE] {
-            " (a key set from before the node-login CA: start wicketd once on the host that made it, and it adds one)"
+        let hint = if added_later_only(&missing) {
+            " (a key set from before that CA: start wicketd once on the host that made it, and it adds it)"
         } else {
             " (refusing to generate over a partial set)"
         };
@@ -97,6 +97,13 @@ pub fn load_or_make_first(data_dir: &Path, cluster: &str, now: i64) -> Result<Au
     }
 }
 
+/// Whether only CAs added to key sets later are missing.
+fn added_later_only(missing: &[&str]) -> bool {
+    missing
+        .iter()
+        .all(|m| AuthorityKeys::ADDED_LATER.contains(m))
+}
+
 /// The required files of the key set that `ca_dir` lacks.
 fn missing_files(ca_dir: &Path) -> Vec<&'static str> {
     AuthorityKeys::REQUIRED_FILES
@@ -116,7 +123,8 @@ fn write_key_files(ca_dir: &Path, files: Vec<wicket_ca::KeyFile>) -> Result<()> 
 }
 
 /// Loads the CA key set from `data_dir/ca`, generating it on first use (then
-/// `true`), and adding the node-login CA to a set made before it existed.
+/// `true`), and adding the CAs of [`AuthorityKeys::ADDED_LATER`] to a set
+/// made before they existed.
 /// Refuses secret files readable by group or others.
 pub fn load_or_generate(data_dir: &Path, cluster: &str, now: i64) -> Result<(AuthorityKeys, bool)> {
     let ca_dir = data_dir.join("ca");
@@ -129,10 +137,12 @@ pub fn load_or_generate(data_dir: &Path, cluster: &str, now: i64) -> Result<(Aut
         write_key_files(&ca_dir, files)?;
         return Ok((keys, true));
     }
-    if missing == [AuthorityKeys::NODE_CA_KEY_FILE] {
-        let (_, files) = AuthorityKeys::generate_node_ca(&rng)?;
-        write_key_files(&ca_dir, files)?;
-        tracing::info!(dir = %ca_dir.display(), "added the node-login SSH CA to the key set");
+    if added_later_only(&missing) {
+        for key_file in missing {
+            let (_, files) = AuthorityKeys::generate_added(key_file, &rng)?;
+            write_key_files(&ca_dir, files)?;
+            tracing::info!(dir = %ca_dir.display(), key_file, "added a CA to the key set");
+        }
     }
     Ok((load(data_dir)?, false))
 }
@@ -214,23 +224,38 @@ mod tests {
     }
 
     #[test]
-    fn a_key_set_from_before_the_node_ca_gets_one_and_keeps_the_rest() {
+    fn a_key_set_from_before_the_node_and_proxy_host_cas_gets_them_and_keeps_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let (a, _) = load_or_generate(dir.path(), "t", 1_700_000_000).unwrap();
         let ca = dir.path().join("ca");
-        fs::remove_file(ca.join("ssh_node_ca.key")).unwrap();
-        fs::remove_file(ca.join("ssh_node_ca.pub")).unwrap();
-        let (b, generated) = load_or_generate(dir.path(), "t", 1_700_000_000).unwrap();
-        assert!(!generated);
-        assert_eq!(a.tls.pin(), b.tls.pin());
-        assert_eq!(a.ssh_user.public_key_raw(), b.ssh_user.public_key_raw());
-        assert_ne!(a.ssh_node.public_key_raw(), b.ssh_node.public_key_raw());
-        assert_ne!(b.ssh_node.public_key_raw(), b.ssh_user.public_key_raw());
-        let mode = fs::metadata(ca.join("ssh_node_ca.key"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
-        assert_eq!(mode, 0o600);
+        // From before both, then from before the proxy host CA alone.
+        for gone in [
+            &["ssh_node_ca", "ssh_proxy_host_ca"][..],
+            &["ssh_proxy_host_ca"],
+        ] {
+            for name in gone {
+                fs::remove_file(ca.join(format!("{name}.key"))).unwrap();
+                fs::remove_file(ca.join(format!("{name}.pub"))).unwrap();
+            }
+            let (b, generated) = load_or_generate(dir.path(), "t", 1_700_000_000).unwrap();
+            assert!(!generated);
+            assert_eq!(a.tls.pin(), b.tls.pin());
+            assert_eq!(a.ssh_user.public_key_raw(), b.ssh_user.public_key_raw());
+            assert_eq!(a.ssh_host.public_key_raw(), b.ssh_host.public_key_raw());
+            assert_ne!(a.ssh_proxy.public_key_raw(), b.ssh_proxy.public_key_raw());
+            for other in [&b.ssh_user, &b.ssh_host, &b.ssh_node] {
+                assert_ne!(b.ssh_proxy.public_key_raw(), other.public_key_raw());
+            }
+            assert_ne!(b.ssh_node.public_key_raw(), b.ssh_user.public_key_raw());
+            for name in gone {
+                let mode = fs::metadata(ca.join(format!("{name}.key")))
+                    .unwrap()
+                    .permissions()
+                    .mode()
+                    & 0o777;
+                assert_eq!(mode, 0o600);
+                assert!(ca.join(format!("{name}.pub")).exists());
+            }
+        }
     }
 }

@@ -650,7 +650,11 @@ impl Wicket {
             tls_certificate_pem: tls.pem(),
             tls_ca_pem: self.keys.tls.cert_pem(),
             ssh_user_ca: self.keys.ssh_user.public_key_openssh("wicket-user-ca"),
-            ssh_host_ca: self.keys.ssh_host.public_key_openssh("wicket-host-ca"),
+            // The proxy's host CA, not the nodes': users trust only it.
+            ssh_host_ca: self
+                .keys
+                .ssh_proxy
+                .public_key_openssh("wicket-proxy-host-ca"),
         })
     }
 

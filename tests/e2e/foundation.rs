@@ -305,7 +305,11 @@ fn wrong_credentials_are_rejected_rate_limited_and_audited() {
     // cannot fill the audit log.
     for _ in 0..3 {
         let again = cli.login(&d, "bob", "wrong password!", &[]).unwrap();
-        assert!(again.stderr.contains("too many failed attempts"), "{}", again.stderr);
+        assert!(
+            again.stderr.contains("too many failed attempts"),
+            "{}",
+            again.stderr
+        );
     }
 
     // A second user with the audit role sees every failure on the record.

@@ -249,6 +249,42 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Users trust only the proxy's host CA, not the nodes': whoever holds a
+/// node's host key (its admins, or someone who took the node) cannot pass
+/// for the proxy to users, though the node's certificate names it by the
+/// name users reach it at (`node-1.wicket`). Here the node's own sshd
+/// answers, as a man in the middle would: the user's `ssh` refuses it
+/// before it authenticates (and so before it would forward an agent).
+#[test]
+fn a_nodes_host_certificate_does_not_pass_for_the_proxy() {
+    let lab = Lab::start();
+    let alice = lab.user("alice", "direct");
+    let cfg = ssh_config(&alice);
+    // Straight to the node's port, checked as `ssh` checks the proxy's
+    // answer through `wicket proxy ssh`: by the name, not the address.
+    let out = output(
+        ssh(&cfg)
+            .args(["-o", "ProxyCommand=none", "-o", "HostName=127.0.0.1"])
+            .args(["-o", "HostKeyAlias=node-1.wicket"])
+            .args(["-p", &lab.node.port().to_string()])
+            .arg(lab.dest())
+            .arg("echo via-node-ok"),
+    );
+    failed_with(&out, "Host key verification failed", "via-node-ok");
+    assert!(
+        !text(&out.stderr).contains("Permission denied"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Through the proxy, with the proxy's certificate, alice gets in.
+    let out = output(ssh(&cfg).arg(lab.dest()).arg("echo via-proxy-ok"));
+    assert!(
+        text(&out.stdout).contains("via-proxy-ok"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 /// Nodes trust only the node-login CA, which signs nothing but the proxy's
 /// one-minute upstream certificates: a user's own certificate (standing
 /// role with the login) does not open the node directly, so policy,
@@ -259,6 +295,11 @@ fn users_own_certificates_do_not_open_nodes_directly() {
     let alice = lab.user("alice", "direct");
     let st = alice.status().unwrap();
     let f = |k: &str| PathBuf::from(st["files"][k].as_str().unwrap());
+    // The node is known by its host CA (which users do not trust: below),
+    // so what is refused is the login.
+    let node_hosts = alice.home.path().join("node_known_hosts");
+    let node_ca = std::fs::read_to_string(lab.d.data_dir().join("ca/ssh_host_ca.pub")).unwrap();
+    std::fs::write(&node_hosts, format!("@cert-authority * {node_ca}")).unwrap();
     let out = output(
         Command::new("ssh")
             .args([
@@ -277,7 +318,7 @@ fn users_own_certificates_do_not_open_nodes_directly() {
                 f("ssh_certificate").display()
             ))
             .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", f("known_hosts").display()))
+            .arg(format!("UserKnownHostsFile={}", node_hosts.display()))
             .args([
                 "-o",
                 "HostKeyAlias=node-1",

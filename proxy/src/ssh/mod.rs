@@ -230,7 +230,7 @@ impl SshProxy {
             }
         }
         let validity = Validity::new(now - 300, now + PROXY_HOST_CERT_TTL)?;
-        let blob = self.wicket.keys.ssh_host.issue(
+        let blob = self.wicket.keys.ssh_proxy.issue(
             &SshCertificateRequest {
                 public_key: &self.host_pub,
                 kind: SshCertKind::Host,
