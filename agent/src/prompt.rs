@@ -14,6 +14,10 @@
 //! the terminal is raw: they end the read, the terminal is restored, and
 //! then the signal takes its default action, as `readpassphrase` re-raises
 //! it. Once the prompt is over they end the process at once, as before.
+//! One the process inherited as ignored (`nohup`, `trap '' HUP`) stays
+//! ignored (Linux tells which; elsewhere none are taken as ignored). Call
+//! it once per process, in one that does not handle these signals itself:
+//! the actions it leaves end the process before a later handler's.
 
 use anyhow::{bail, Context, Result};
 use rustix::event::{poll, PollFd, PollFlags};
@@ -51,7 +55,7 @@ pub fn password(prompt: &str) -> Result<Answer> {
         .context("opening the terminal (/dev/tty)")?;
     let saved = tcgetattr(&tty).context("reading the terminal's settings")?;
     // Before the terminal goes raw: a signal from then on finds it restored.
-    let watch = Watch::start().context("watching for signals during the prompt")?;
+    let mut watch = Watch::start().context("watching for signals during the prompt")?;
     let mut raw = saved.clone();
     raw.local_modes.remove(
         LocalModes::ECHO
@@ -67,7 +71,7 @@ pub fn password(prompt: &str) -> Result<Answer> {
         tty: &tty,
         saved: &saved,
     };
-    let step = read_line(&tty, &watch.wake, prompt);
+    let step = read_line(&tty, &mut watch, prompt);
     drop(restore);
     // The line end the user typed was not echoed.
     let _ = tty.write_all(b"\n");
@@ -87,7 +91,8 @@ struct Watch {
     /// Readable once one of them has come.
     wake: UnixStream,
     came: Vec<(i32, Arc<AtomicBool>)>,
-    /// The prompt's own actions, removed when it is over.
+    /// The prompt's own actions, removed when it is over (or, with
+    /// [`Drop`], however it ends).
     ids: Vec<SigId>,
     /// Set when the prompt is over: from then on each signal takes its
     /// default action. (Those actions stay: removing the last action of a
@@ -105,7 +110,11 @@ impl Watch {
             ids: Vec::new(),
             over: Arc::clone(&over),
         };
+        let ignored = ignored_signals();
         for signal in ENDING {
+            if ignored.contains(&signal) {
+                continue;
+            }
             signal_hook::flag::register_conditional_default(signal, Arc::clone(&over))?;
             let came = Arc::new(AtomicBool::new(false));
             watch
@@ -120,20 +129,54 @@ impl Watch {
         Ok(watch)
     }
 
+    /// From now on the signals take their default action at once.
+    fn stop(&mut self) {
+        self.over.store(true, Ordering::SeqCst);
+        for id in self.ids.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
+    }
+
     /// The terminal is restored: a signal that came during the prompt takes
     /// its default action now (which ends the process), and later ones at
     /// once.
-    fn finish(self) {
-        self.over.store(true, Ordering::SeqCst);
-        for id in self.ids {
-            signal_hook::low_level::unregister(id);
-        }
+    fn finish(mut self) {
+        self.stop();
         for (signal, came) in &self.came {
             if came.load(Ordering::SeqCst) {
                 let _ = signal_hook::low_level::emulate_default_handler(*signal);
             }
         }
     }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The signals of `ENDING` the process inherited as ignored.
+fn ignored_signals() -> Vec<i32> {
+    #[cfg(target_os = "linux")]
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    #[cfg(not(target_os = "linux"))]
+    let status = String::new();
+    ENDING
+        .into_iter()
+        .filter(|&s| ignored_in(&status, s))
+        .collect()
+}
+
+/// Whether Linux's `/proc/self/status` text says `signal` is ignored (its
+/// `SigIgn:` mask, in hex, has bit `signal - 1`).
+fn ignored_in(status: &str, signal: i32) -> bool {
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    (1..=64).contains(&signal) && mask & (1 << (signal - 1)) != 0
 }
 
 /// Puts the terminal's settings back when dropped, however the read ends.
@@ -150,7 +193,7 @@ impl Drop for Restore<'_> {
 
 /// Writes the prompt, then reads keys until the line ends. `Step::More`
 /// when the terminal closes first.
-fn read_line(mut tty: &File, wake: &UnixStream, prompt: &str) -> Result<Step> {
+fn read_line(mut tty: &File, watch: &mut Watch, prompt: &str) -> Result<Step> {
     tty.write_all(prompt.as_bytes())
         .and_then(|()| tty.flush())
         .context("writing the prompt")?;
@@ -158,21 +201,30 @@ fn read_line(mut tty: &File, wake: &UnixStream, prompt: &str) -> Result<Step> {
     // A byte at a time: what is typed after the line end stays for the
     // next reader (as `readpassphrase` leaves it).
     let mut key = [0u8; 1];
+    // Until `poll` turns out not to wait on the terminal (macOS answers
+    // POLLNVAL): then the read blocks, and the signals end the process as
+    // before.
+    let mut polling = true;
     loop {
-        let mut ready = [
-            PollFd::new(&tty, PollFlags::IN),
-            PollFd::new(wake, PollFlags::IN),
-        ];
-        match poll(&mut ready, None) {
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e).context("waiting for a key"),
-        }
-        if !ready[1].revents().is_empty() {
-            return Ok(Step::Signalled);
-        }
-        if ready[0].revents().is_empty() {
-            continue;
+        while polling {
+            let mut ready = [
+                PollFd::new(&tty, PollFlags::IN),
+                PollFd::new(&watch.wake, PollFlags::IN),
+            ];
+            match poll(&mut ready, None) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e).context("waiting for a key"),
+            }
+            if !ready[1].revents().is_empty() {
+                return Ok(Step::Signalled);
+            }
+            if ready[0].revents().contains(PollFlags::NVAL) {
+                watch.stop();
+                polling = false;
+            } else if !ready[0].revents().is_empty() {
+                break;
+            }
         }
         match tty.read(&mut key) {
             Ok(0) => return Ok(Step::More),
@@ -302,6 +354,22 @@ mod tests {
 
     fn done(s: &str) -> Step {
         Step::Done(s.to_owned())
+    }
+
+    #[test]
+    fn signals_the_process_ignores_are_read_from_its_status() {
+        let status =
+            "Name:\tsh\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000004001\nSigCgt:\t0\n";
+        assert!(ignored_in(status, SIGHUP));
+        assert!(ignored_in(status, SIGTERM));
+        assert!(!ignored_in(status, 2));
+        let none = "SigIgn:\t0000000000000000\n";
+        assert!(!ignored_in(none, SIGTERM));
+        assert!(!ignored_in("", SIGTERM));
+        assert!(!ignored_in("SigIgn:\tzz\n", SIGTERM));
+        // This process (the test runner) has SIGTERM at its default.
+        #[cfg(target_os = "linux")]
+        assert!(!ignored_signals().contains(&SIGTERM));
     }
 
     #[test]

@@ -659,7 +659,7 @@ fn ctrl_c_at_the_password_prompt_gives_the_terminal_back() {
 /// SIGTERM at the password prompt (a `kill`, a `timeout`) also gives the
 /// terminal back: the prompt restores it, then the signal ends `wicket` as
 /// it would have (143). Once the prompt is over, SIGTERM ends a login at
-/// once, as before.
+/// once, as before. A SIGTERM the login inherited as ignored stays ignored.
 #[test]
 fn sigterm_at_the_password_prompt_gives_the_terminal_back() {
     let d = Wicketd::builder().start().unwrap();
@@ -675,12 +675,14 @@ fn sigterm_at_the_password_prompt_gives_the_terminal_back() {
         )
     };
     // The first login is stopped at its prompt; the second, at a proxy
-    // that never answers once its password is typed.
+    // that never answers once its password is typed; the third ignores
+    // SIGTERM, and is ended by Ctrl-C.
     let mut t = crate::ssh::Pty::run(
         &format!(
-            "{}; stty -a; echo stty-done; {}; echo second-done",
+            "{}; stty -a; echo stty-done; {}; echo second-done; (trap '' TERM; {}); echo third-done",
             login(&d.proxy()),
-            login(&silent.local_addr().unwrap().to_string())
+            login(&silent.local_addr().unwrap().to_string()),
+            login(&d.proxy()),
         ),
         &[("WICKET_HOME", cli.home.path())],
     );
@@ -719,6 +721,16 @@ fn sigterm_at_the_password_prompt_gives_the_terminal_back() {
     t.expect("second-done", wait);
     let said = t.text();
     assert!(said.contains("rc=143\r\nsecond-done"), "{said}");
+
+    wait_until("the third prompt", wait, || {
+        (t.times_seen("Password:") == 3).then_some(())
+    })
+    .unwrap();
+    kill(&pid(&t, 2));
+    t.send("\x03");
+    t.expect("third-done", wait);
+    let said = t.text();
+    assert!(said.contains("rc=130\r\nthird-done"), "{said}");
 }
 
 /// An admin command never makes a CA key set (a second one would split the
