@@ -54,9 +54,11 @@ pub enum AuditEvent {
         user: String,
         source: String,
         retry_after_secs: u64,
-        /// Refusals on this wicketd since the last such event that have no
-        /// event of their own (see [`crate::auth::RefusalLog`]).
-        unrecorded_before: u64,
+        /// Refusals on this wicketd for this user, and from this source,
+        /// since the last such event for them, that have no event of their
+        /// own (see [`crate::auth::RefusalLog`]).
+        unrecorded_for_user: u64,
+        unrecorded_from_source: u64,
     },
     AccessDenied {
         user: String,

@@ -222,38 +222,105 @@ pub struct Attempt {
 /// anyone, with no login, grow the audit log and hold its chain's lock. So
 /// a refusal is recorded only when neither its user key nor its source key
 /// had one recorded in the last [`RefusalLog::QUIET`]; the others are
-/// counted, and the next recorded one says how many there were. (A guesser
-/// going through user names, or through sources, is one event a minute.)
+/// counted under their keys, and the next recorded one for a key says how
+/// many there were. (A guesser going through user names, or through
+/// sources, is one event a minute.)
 #[derive(Debug, Default)]
 pub struct RefusalLog {
-    /// When a refusal under each key was last recorded.
-    recorded: std::collections::HashMap<String, chrono::DateTime<chrono::Utc>>,
-    /// Refusals not recorded since the last recorded one.
+    /// By user key (`user:`) and source key (`source:`).
+    keys: std::collections::HashMap<String, Quiet>,
+}
+
+#[derive(Debug)]
+struct Quiet {
+    /// When a refusal under the key was last recorded.
+    recorded: chrono::DateTime<chrono::Utc>,
+    /// Refusals under it since then with no event of their own.
     unrecorded: u64,
+}
+
+/// What a recorded refusal says of those before it that were not.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unrecorded {
+    /// For its user since the last event for them.
+    pub for_user: u64,
+    /// From its source since the last event from there.
+    pub from_source: u64,
 }
 
 impl RefusalLog {
     pub const QUIET: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
-    /// Keys remembered at most; past them (after those older than `QUIET`
-    /// are forgotten), refusals are counted, not recorded.
+    /// Keys remembered at most. Past them, those older than `QUIET` are
+    /// forgotten, then the oldest (so a full table never hides a refusal
+    /// under new keys); a count forgotten with its key is logged.
     const MAX_KEYS: usize = 4096;
 
-    /// Whether to record a refusal under `keys` at `now`: if so, with how
-    /// many refusals were not recorded before it.
-    pub fn record(&mut self, keys: [&str; 2], now: chrono::DateTime<chrono::Utc>) -> Option<u64> {
-        let quiet = |at: &chrono::DateTime<chrono::Utc>| now - *at >= Self::QUIET;
-        if self.recorded.len() + 2 > Self::MAX_KEYS {
-            self.recorded.retain(|_, at| !quiet(at));
-        }
-        let fresh = keys.iter().all(|k| self.recorded.get(*k).is_none_or(quiet));
-        if !fresh || self.recorded.len() + 2 > Self::MAX_KEYS {
-            self.unrecorded = self.unrecorded.saturating_add(1);
+    /// Whether to record a refusal under `user_key` and `source_key` at
+    /// `now`: if so, with what it says of those not recorded before it.
+    pub fn record(
+        &mut self,
+        user_key: &str,
+        source_key: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Option<Unrecorded> {
+        let keys = [format!("user:{user_key}"), format!("source:{source_key}")];
+        let hot = |q: &Quiet| now - q.recorded < Self::QUIET;
+        if keys.iter().any(|k| self.keys.get(k).is_some_and(hot)) {
+            for k in &keys {
+                if let Some(q) = self.keys.get_mut(k) {
+                    q.unrecorded = q.unrecorded.saturating_add(1);
+                }
+            }
             return None;
         }
-        for k in keys {
-            self.recorded.insert(k.to_owned(), now);
+        if self.keys.len() + keys.len() > Self::MAX_KEYS {
+            self.keys.retain(|key, q| {
+                let keep = hot(q);
+                if !keep {
+                    forgotten(key, q);
+                }
+                keep
+            });
         }
-        Some(std::mem::take(&mut self.unrecorded))
+        while self.keys.len() + keys.len() > Self::MAX_KEYS {
+            let Some(oldest) = self
+                .keys
+                .iter()
+                .min_by_key(|(_, q)| q.recorded)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some(q) = self.keys.remove(&oldest) {
+                forgotten(&oldest, &q);
+            }
+        }
+        let [for_user, from_source] = keys.map(|k| {
+            self.keys
+                .insert(
+                    k,
+                    Quiet {
+                        recorded: now,
+                        unrecorded: 0,
+                    },
+                )
+                .map_or(0, |q| q.unrecorded)
+        });
+        Some(Unrecorded {
+            for_user,
+            from_source,
+        })
+    }
+}
+
+/// A count of unrecorded refusals that no event will carry.
+fn forgotten(key: &str, q: &Quiet) {
+    if q.unrecorded > 0 {
+        tracing::warn!(
+            key,
+            refusals = q.unrecorded,
+            "rate-limited login refusals with no audit event of their own (folded, then forgotten)"
+        );
     }
 }
 
@@ -265,34 +332,46 @@ mod tests {
     fn a_flood_of_refusals_is_one_event_a_minute_with_a_count() {
         let t0 = chrono::DateTime::<chrono::Utc>::from_timestamp(1_800_000_000, 0).unwrap();
         let secs = |s: i64| t0 + chrono::TimeDelta::seconds(s);
+        let said = |for_user, from_source| {
+            Some(Unrecorded {
+                for_user,
+                from_source,
+            })
+        };
         let mut log = RefusalLog::default();
-        assert_eq!(log.record(["bob", "10.0.0.1"], t0), Some(0));
-        // The same guesser, going through user names or sources: counted.
-        assert_eq!(log.record(["bob", "10.0.0.1"], secs(1)), None);
-        assert_eq!(log.record(["carol", "10.0.0.1"], secs(2)), None);
-        assert_eq!(log.record(["bob", "10.0.0.2"], secs(3)), None);
-        // Someone else, elsewhere: recorded.
-        assert_eq!(log.record(["dave", "10.0.0.9"], secs(4)), Some(3));
+        assert_eq!(log.record("bob", "10.0.0.1", t0), said(0, 0));
+        // The same guesser, going through user names or sources: counted,
+        // each under the keys it shares with a recorded one.
+        assert_eq!(log.record("bob", "10.0.0.1", secs(1)), None);
+        assert_eq!(log.record("carol", "10.0.0.1", secs(2)), None);
+        assert_eq!(log.record("bob", "10.0.0.2", secs(3)), None);
+        // Someone else, elsewhere: recorded, with nothing of bob's.
+        assert_eq!(log.record("dave", "10.0.0.9", secs(4)), said(0, 0));
+        // A user named like a source is not that source.
+        assert_eq!(log.record("10.0.0.9", "10.0.0.8", secs(5)), said(0, 0));
         // A minute on, one more event, with what came meanwhile.
-        assert_eq!(log.record(["carol", "10.0.0.1"], secs(59)), None);
-        assert_eq!(log.record(["carol", "10.0.0.1"], secs(60)), Some(1));
+        assert_eq!(log.record("carol", "10.0.0.1", secs(59)), None);
+        // (bob: twice; 10.0.0.1: three times.)
+        assert_eq!(log.record("bob", "10.0.0.1", secs(60)), said(2, 3));
+        assert_eq!(log.record("erin", "10.0.0.1", secs(61)), None);
+        assert_eq!(log.record("carol", "10.0.0.3", secs(62)), said(0, 0));
     }
 
     #[test]
-    fn the_refusal_log_is_bounded() {
+    fn the_refusal_log_is_bounded_and_a_full_one_still_records_new_keys() {
         let t0 = chrono::DateTime::<chrono::Utc>::from_timestamp(1_800_000_000, 0).unwrap();
         let mut log = RefusalLog::default();
-        let mut recorded = 0;
         for i in 0..10_000 {
             let (user, source) = (format!("u{i}"), format!("s{i}"));
-            recorded += usize::from(log.record([&user, &source], t0).is_some());
+            assert!(log.record(&user, &source, t0).is_some(), "{i}");
+            assert!(log.keys.len() <= RefusalLog::MAX_KEYS);
         }
-        assert_eq!(recorded, RefusalLog::MAX_KEYS / 2);
-        assert!(log.recorded.len() <= RefusalLog::MAX_KEYS);
+        // The newest are remembered: they are still folded.
+        assert_eq!(log.record("u9999", "elsewhere", t0), None);
         // Once the old keys are quiet, they make room.
         let later = t0 + RefusalLog::QUIET;
-        assert_eq!(log.record(["new", "source"], later), Some(10_000 - 2048));
-        assert_eq!(log.recorded.len(), 2);
+        assert!(log.record("new", "source", later).is_some());
+        assert_eq!(log.keys.len(), 2);
     }
 
     #[test]

@@ -261,7 +261,8 @@ impl Wicket {
 
     /// The caller's standing roles in force: none once the password login
     /// behind their certificate has ended (a grant certificate may outlive
-    /// it, and then counts for its grants alone, here as for sessions).
+    /// it). API decisions that stand on standing roles alone (reading the
+    /// audit log, recordings, others' requests) then refuse.
     pub(crate) fn standing_in_force(
         &self,
         caller: &Caller,
@@ -448,14 +449,15 @@ impl Wicket {
             .refusals
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .record([&user_key, &source_key], now);
-        if let Some(unrecorded_before) = record {
+            .record(&user_key, &source_key, now);
+        if let Some(unrecorded) = record {
             self.audit(
                 AuditEvent::LoginRateLimited {
                     user: user.to_owned(),
                     source: source.to_string(),
                     retry_after_secs: retry,
-                    unrecorded_before,
+                    unrecorded_for_user: unrecorded.for_user,
+                    unrecorded_from_source: unrecorded.from_source,
                 },
                 now,
             )
@@ -660,11 +662,11 @@ impl Wicket {
 
     pub async fn me(&self, caller: &Caller) -> Result<Me> {
         let user = self.active_user(caller).await?;
-        let standing = self.standing_roles(&user);
         let InForce {
             roles,
             scoped,
             request_ids: active,
+            standing,
             ..
         } = self
             .roles_in_force(&user, caller, crate::clock::now())
