@@ -165,6 +165,19 @@ impl AuthorityKeys {
         Ok((ca, files))
     }
 
+    /// Each CA by name, with its public key's fingerprint: what wicketds
+    /// sharing a store must agree on.
+    pub fn fingerprints(&self) -> [(&'static str, String); 6] {
+        [
+            ("ssh user", self.ssh_user.fingerprint()),
+            ("ssh node-login", self.ssh_node.fingerprint()),
+            ("ssh host", self.ssh_host.fingerprint()),
+            ("ssh proxy host", self.ssh_proxy.fingerprint()),
+            ("tls", self.tls.pin()),
+            ("database client", self.db_client.pin()),
+        ]
+    }
+
     /// The key of the audit log's hash chain (HMAC-SHA256), derived from
     /// the user CA's key: whoever can rewrite the store but not read the
     /// CA key set cannot make a changed event fit the chain again.

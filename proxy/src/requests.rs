@@ -18,6 +18,13 @@ use wicket_policy::{
     ReviewerSet, State, Subject, Urgency, Verdict,
 };
 
+/// The caller acting on requests (see [`Wicket::caller_actor`]).
+struct Acting {
+    actor: Actor,
+    /// Why their standing roles do not count, when they do not.
+    ended: Option<String>,
+}
+
 /// Which requests to list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listing {
@@ -76,10 +83,14 @@ impl Wicket {
 
     /// The caller as the one acting: their standing roles count only while
     /// the login behind their certificate lasts.
-    fn caller_actor(&self, caller: &Caller, user: &UserRecord, now: DateTime<Utc>) -> Actor {
-        Actor {
-            name: user.name.clone(),
-            roles: self.standing_in_force(caller, user, now).roles,
+    fn caller_actor(&self, caller: &Caller, user: &UserRecord, now: DateTime<Utc>) -> Acting {
+        let standing = self.standing_in_force(caller, user, now);
+        Acting {
+            actor: Actor {
+                name: user.name.clone(),
+                roles: standing.roles,
+            },
+            ended: standing.ended,
         }
     }
 
@@ -276,16 +287,16 @@ impl Wicket {
     async fn transition(
         &self,
         id: &str,
-        by: Option<&Actor>,
+        by: Option<&Acting>,
         action: &str,
         now: DateTime<Utc>,
         event: impl Fn(&AccessRequest) -> Event,
     ) -> Result<AccessRequest> {
-        let actor = by.map_or("wicketd", |a| a.name.as_str());
+        let actor = by.map_or("wicketd", |a| a.actor.name.as_str());
         for _ in 0..5 {
             let (current, version) = self.load(id).await?;
             if let Some(a) = by {
-                if !self.may_see(&current, a, now) {
+                if !self.may_see(&current, &a.actor, now) {
                     return Err(self.hidden(id, a, action, now).await);
                 }
             }
@@ -488,15 +499,17 @@ impl Wicket {
             .as_deref()
             .map(|d| parse_dur("duration", d))
             .transpose()?;
-        let actor = self.caller_actor(caller, &user, now);
+        let acting = self.caller_actor(caller, &user, now);
         let req = self
-            .transition(id, Some(&actor), "request.review", now, |_| Event::Review {
-                by: actor.clone(),
-                verdict,
-                reason: body.reason.clone(),
-                roles: body.roles.clone(),
-                duration,
-                start_at: body.start_at,
+            .transition(id, Some(&acting), "request.review", now, |_| {
+                Event::Review {
+                    by: acting.actor.clone(),
+                    verdict,
+                    reason: body.reason.clone(),
+                    roles: body.roles.clone(),
+                    duration,
+                    start_at: body.start_at,
+                }
             })
             .await?;
         self.view(&req, now).await
@@ -513,14 +526,16 @@ impl Wicket {
     ) -> Result<Grant> {
         // What asks for more access (a longer grant, or an answer that
         // moves a request on) needs a live login, as asking did; what ends
-        // access (cancel, drop, revoke) works with any valid certificate.
+        // access (cancel, drop, revoke) works with any valid certificate,
+        // though revoking another's request stands on a standing role,
+        // which counts only while the login lasts.
         if matches!(action, "update" | "extend") {
             self.require_login(caller, &format!("request.{action}"), now)
                 .await?;
         }
         let user = self.active_user(caller).await?;
-        let actor = self.caller_actor(caller, &user, now);
-        let by = actor.clone();
+        let by = self.caller_actor(caller, &user, now);
+        let actor = by.actor.clone();
         let name = user.name.clone();
         let event: Box<dyn Fn(&AccessRequest) -> Event + Send + Sync> = match action {
             "update" => Box::new(move |_| Event::Update {
@@ -557,10 +572,13 @@ impl Wicket {
     /// try to do with it (the answers to a review or an action would
     /// otherwise tell its roles and state to anyone who has its ID). The
     /// attempt is audited.
-    async fn hidden(&self, id: &str, actor: &Actor, action: &str, now: DateTime<Utc>) -> Error {
-        let reason = format!("access request {id} is not theirs to see");
+    async fn hidden(&self, id: &str, by: &Acting, action: &str, now: DateTime<Utc>) -> Error {
+        let mut reason = format!("access request {id} is not theirs to see");
+        if let Some(ended) = &by.ended {
+            reason = format!("{reason}; {ended}");
+        }
         let refused = Error::NotFound(format!("access request {id:?} not found"));
-        self.refusal_audited(&actor.name, action, reason, refused, now)
+        self.refusal_audited(&by.actor.name, action, reason, refused, now)
             .await
     }
 
@@ -582,7 +600,7 @@ impl Wicket {
     ) -> Result<Grant> {
         let user = self.active_user(caller).await?;
         let (req, _) = self.load(id).await?;
-        if !self.may_see(&req, &self.caller_actor(caller, &user, now), now) {
+        if !self.may_see(&req, &self.caller_actor(caller, &user, now).actor, now) {
             return Err(Error::NotFound(format!("access request {id:?} not found")));
         }
         self.view(&req, now).await
@@ -596,7 +614,7 @@ impl Wicket {
         now: DateTime<Utc>,
     ) -> Result<Vec<Grant>> {
         let user = self.active_user(caller).await?;
-        let actor = self.caller_actor(caller, &user, now);
+        let actor = self.caller_actor(caller, &user, now).actor;
         let states: Vec<&str> = match state {
             Some(s) => {
                 let st = State::parse(s)

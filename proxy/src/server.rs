@@ -64,10 +64,13 @@ pub async fn open_keys_and_store(config: &Config) -> Result<(AuthorityKeys, bool
     Ok((keys, generated, store))
 }
 
-/// The store, its audit events chained with the key of `keys`.
+/// The store, its audit events chained with the key of `keys`, and only
+/// if its other wicketds use the same CA key set.
 pub async fn open_store(config: &Config, keys: &AuthorityKeys) -> Result<Store> {
     let chain = crate::store::ChainKey::from_authority(keys);
-    Store::open(&config.storage, &config.data_dir, chain).await
+    let store = Store::open(&config.storage, &config.data_dir, chain).await?;
+    store.check_key_set(&keys.fingerprints()).await?;
+    Ok(store)
 }
 
 /// Opens everything and starts serving. Returns once the listener is bound.

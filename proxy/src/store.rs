@@ -337,6 +337,19 @@ ALTER TABLE session_recordings ADD COLUMN stored BIGINT NOT NULL DEFAULT 0
         sqlite: &[],
         postgres: &[],
     },
+    // The CA key set the store's wicketds use, CA by CA (see
+    // [`Store::check_key_set`]).
+    Migration {
+        version: 14,
+        sql: r#"
+CREATE TABLE ca_key_set (
+    name TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL
+)
+"#,
+        sqlite: &[],
+        postgres: &[],
+    },
 ];
 
 /// The migration that keys the audit chain (see [`key_chain`]).
@@ -693,6 +706,36 @@ impl Store {
                 "keyed the audit chain (schema 10)"
             );
         }
+        Ok(())
+    }
+
+    /// Refuses a CA key set that differs, CA by CA, from the one the
+    /// store's wicketds use; a CA the store has not seen yet (the first
+    /// start, or a CA a newer version added) is recorded. So a wicketd that
+    /// made its own CA, where it should have copied the first one's `ca/`,
+    /// does not start (users would trust one wicketd and not another).
+    pub async fn check_key_set(&self, cas: &[(&str, String)]) -> Result<()> {
+        let mut tx = self.begin().await?;
+        for (name, fingerprint) in cas {
+            sqlx::query(
+                "INSERT INTO ca_key_set (name, fingerprint) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(*name)
+            .bind(fingerprint)
+            .execute(&mut *tx)
+            .await?;
+            let stored: String = sqlx::query("SELECT fingerprint FROM ca_key_set WHERE name = $1")
+                .bind(*name)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?;
+            if &stored != fingerprint {
+                return Err(Error::Store(format!(
+                    "this wicketd's {name} CA ({fingerprint}) is not the one the store's other wicketds use ({stored}): every wicketd sharing a store needs the same CA key set (copy <data_dir>/ca from the first)"
+                )));
+            }
+        }
+        tx.commit().await?;
         Ok(())
     }
 

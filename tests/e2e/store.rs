@@ -1192,11 +1192,38 @@ fn two_wicketds_share_postgresql_state() {
     let d1 = Wicketd::builder().config(yaml.clone()).start().unwrap();
     // A second wicketd with its own CA key set would break the audit
     // chain (its key comes from the CA key set): it is refused, saying why.
-    let Err(err) = Wicketd::builder().config(yaml).start() else {
+    let Err(err) = Wicketd::builder().config(yaml.clone()).start() else {
         panic!("a wicketd with another CA key set started on the shared store");
     };
     assert!(
         format!("{err:#}").contains("every wicketd sharing a store needs the same CA key set"),
+        "{err:#}"
+    );
+    // With a copy of the CA key set that lacks a CA a newer version adds
+    // (copied before the first wicketd added it), a wicketd would make its
+    // own: users would then trust one wicketd and not the other. Refused,
+    // naming the CA, though the audit chain's key is the same.
+    let dir = tempfile::Builder::new()
+        .prefix("wicketd-")
+        .tempdir()
+        .unwrap();
+    let ca = dir.path().join("data").join("ca");
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    wicket_e2e::harness_util::run(
+        std::process::Command::new("cp")
+            .arg("-a")
+            .arg(d1.data_dir().join("ca"))
+            .arg(&ca),
+    )
+    .unwrap();
+    for f in ["ssh_proxy_host_ca.key", "ssh_proxy_host_ca.pub"] {
+        std::fs::remove_file(ca.join(f)).unwrap();
+    }
+    let Err(err) = Wicketd::builder().config(yaml.clone()).start_in(dir) else {
+        panic!("a wicketd with its own proxy host CA started on the shared store");
+    };
+    assert!(
+        format!("{err:#}").contains("this wicketd's ssh proxy host CA"),
         "{err:#}"
     );
     // With a copy of the CA key set, as deploy/README.md says.
@@ -1709,6 +1736,7 @@ fn standing_roles_end_with_the_login_on_the_api_too() {
             "audit.verify",
             "notifications.read",
             "recordings.read",
+            "request.revoke",
         ] {
             assert!(
                 denied

@@ -90,8 +90,10 @@ pub struct Certificates {
     pub tls_certificate_pem: String,
     /// The TLS CA bundle (PEM), trusted for the API and proxies.
     pub tls_ca_pem: String,
-    /// SSH user CA and host CA public keys (OpenSSH format).
+    /// SSH user CA public key (OpenSSH format).
     pub ssh_user_ca: String,
+    /// The proxy's SSH host CA public key (OpenSSH format): the one host CA
+    /// users trust (nodes' host certificates come from another).
     pub ssh_host_ca: String,
 }
 
@@ -99,6 +101,8 @@ pub struct Certificates {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Me {
     pub user: String,
+    /// Standing roles in force (none once the login behind the certificate
+    /// has ended).
     pub standing_roles: Vec<String>,
     pub roles: Vec<String>,
     pub request_ids: Vec<String>,
