@@ -2,7 +2,7 @@
 //!
 //! `Sshd::builder().start(&wicketd)` makes a fresh Ed25519 host key in a
 //! temporary directory, has the daemon issue the node's host certificate and
-//! print the user CA (`wicketd nodes add NAME --host-key ... --write-dir ...`,
+//! print the node-login CA (`wicketd nodes add NAME --host-key ... --write-dir ...`,
 //! exactly what an operator runs), writes an `sshd_config` that trusts
 //! Wicket's node-login CA (`TrustedUserCAKeys`) and presents the host certificate,
 //! and runs stock `sshd -D` in the foreground on a 127.0.0.1 port, logging
@@ -193,7 +193,7 @@ impl SshdBuilder {
                 let cert = root.join("ssh_host_ed25519_key-cert.pub");
                 let ca = root.join("wicket_node_ca.pub");
                 if !cert.exists() || !ca.exists() {
-                    bail!("wicketd nodes add wrote no host certificate or user CA");
+                    bail!("wicketd nodes add wrote no host certificate or node-login CA");
                 }
                 lines.push(format!("TrustedUserCAKeys {}", ca.display()));
                 lines.push(format!("HostCertificate {}", cert.display()));

@@ -10,7 +10,7 @@
 //!     id_ed25519-cert.pub                     OpenSSH user certificate
 //!     tls.key, tls.crt                        PEM client key (0600) and certificate
 //!     ca.pem                                  Wicket TLS CA bundle
-//!     ssh_known_hosts                         @cert-authority line for Wicket's host CA
+//!     ssh_known_hosts                         @cert-authority line for the proxy's host CA
 //! ```
 
 use anyhow::{anyhow, bail, Context, Result};

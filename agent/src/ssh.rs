@@ -3,7 +3,7 @@
 //! - `wicket config` prints an ssh_config block: `Host *.CLUSTER` with
 //!   `ProxyCommand wicket proxy ssh ... %h:%p`, the profile's key and
 //!   certificate, and a known-hosts file holding `@cert-authority` for
-//!   Wicket's host CA, so `ssh root@db-1.CLUSTER` (and `scp`, `sftp`) work
+//!   the proxy's host CA, so `ssh root@db-1.CLUSTER` (and `scp`, `sftp`) work
 //!   with no prompts. It also writes the block to the profile's
 //!   `ssh_config`.
 //! - `wicket proxy ssh [LOGIN@]HOST:PORT` connects to the SSH proxy, sends the

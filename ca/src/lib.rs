@@ -1,7 +1,8 @@
 //! Wicket's certificate authority.
 //!
-//! This crate holds the CA key sets (SSH user CA, SSH host CA, the X.509 CA for
-//! TLS server and user client certificates, and the X.509 database-client CA),
+//! This crate holds the CA key sets (SSH user CA, SSH node-login CA, SSH host
+//! CA for nodes, SSH proxy host CA, the X.509 CA for TLS server and user client
+//! certificates, and the X.509 database-client CA),
 //! issues OpenSSH user/host certificates and X.509 client/server certificates,
 //! and verifies them at a given time. It is pure: it never touches the network,
 //! a database, the file system or the clock. Every validity window and every

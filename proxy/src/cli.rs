@@ -464,7 +464,7 @@ fn nodes_add(cfg: &Config, name: &str, host_key: &Path, write_dir: Option<&Path>
         std::fs::create_dir_all(dir)?;
         std::fs::write(
             dir.join("wicket_node_ca.pub"),
-            format!("{}\n", setup.user_ca),
+            format!("{}\n", setup.node_ca),
         )?;
         std::fs::write(
             dir.join(format!("{key_name}-cert.pub")),
@@ -490,7 +490,7 @@ fn nodes_add(cfg: &Config, name: &str, host_key: &Path, write_dir: Option<&Path>
         "# 1. save Wicket's node-login CA (it signs only the proxy's one-minute certificates) as {}:",
         ca_path.display()
     );
-    println!("{}", setup.user_ca);
+    println!("{}", setup.node_ca);
     println!("# 2. save the host certificate as {}:", cert_path.display());
     println!("{}", setup.host_certificate);
     println!("# 3. add to /etc/ssh/sshd_config and reload sshd:");

@@ -167,8 +167,17 @@ resources:
         .start_plain()
         .unwrap();
 
-    // (a) and (b) in one ssh_config; (c) is `wicket config`'s block.
+    // (a) and (b) in one ssh_config; (c) is `wicket config`'s block. (a)
+    // and (b) know the node by the nodes' host CA, which users' profiles do
+    // not trust (only the proxy's).
     let dir = tempfile::tempdir().unwrap();
+    let node_hosts = dir.path().join("node_known_hosts");
+    let host_ca = std::fs::read_to_string(d.data_dir().join("ca/ssh_host_ca.pub")).unwrap();
+    std::fs::write(
+        &node_hosts,
+        format!("@cert-authority * {}\n", host_ca.trim()),
+    )
+    .unwrap();
     let common = format!(
         "    User {login}\n    IdentityFile {}\n    CertificateFile {}\n    IdentitiesOnly yes\n",
         file("ssh_key").display(),
@@ -185,7 +194,7 @@ resources:
              Host jump\n    HostName 127.0.0.1\n    Port {}\n{common}\
              \x20   UserKnownHostsFile /dev/null\n    StrictHostKeyChecking no\n    LogLevel ERROR\n\
              {wicket_block}",
-            file("known_hosts").display(),
+            node_hosts.display(),
             jump.port()
         ),
     )

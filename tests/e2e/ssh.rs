@@ -1,5 +1,5 @@
 //! The SSH proxy end to end with real OpenSSH: a stock `sshd` node that
-//! trusts Wicket's user CA, `wicketd` in front of it, and the real `ssh`,
+//! trusts Wicket's node-login CA, `wicketd` in front of it, and the real `ssh`,
 //! `scp` and `sftp` clients going through `wicket config`'s ssh_config and
 //! through `wicket ssh`.
 

@@ -81,7 +81,7 @@ fn parse_cert(blob: &[u8]) -> Result<Certificate> {
 pub struct NodeSetup {
     /// `ssh-ed25519 AAAA... wicket-node-ca`: the node's `TrustedUserCAKeys`
     /// file (the node-login CA: only the proxy's upstream certificates).
-    pub user_ca: String,
+    pub node_ca: String,
     /// The node's host certificate (`*-cert.pub`, one line).
     pub host_certificate: String,
     /// The host certificate's principals.
@@ -90,7 +90,7 @@ pub struct NodeSetup {
 }
 
 /// Issues a node's host certificate (principals: the node name and
-/// `NAME.CLUSTER`) for its host public key, with Wicket's user CA line.
+/// `NAME.CLUSTER`) for its host public key, with Wicket's node-login CA line.
 pub fn node_setup(
     keys: &AuthorityKeys,
     cluster: &str,
@@ -117,7 +117,7 @@ pub fn node_setup(
         &rng,
     )?;
     Ok(NodeSetup {
-        user_ca: keys.ssh_node.public_key_openssh("wicket-node-ca"),
+        node_ca: keys.ssh_node.public_key_openssh("wicket-node-ca"),
         host_certificate: cert,
         principals,
         valid_before: validity.not_after,
