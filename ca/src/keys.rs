@@ -79,44 +79,31 @@ impl AuthorityKeys {
         rng: &dyn SecureRandom,
     ) -> Result<(Self, Vec<KeyFile>)> {
         let validity = Validity::new(now - 3600, now + CA_LIFETIME)?;
-        let (ssh_user, user_pk8) = SshCa::generate(rng)?;
+        let (ssh_user, user_files) = ssh_ca(SSH_USER_KEY, SSH_USER_PUB, "wicket-user-ca", rng)?;
         let (ssh_node, node_files) = Self::generate_added(SSH_NODE_KEY, rng)?;
         let (ssh_proxy, proxy_files) = Self::generate_added(SSH_PROXY_KEY, rng)?;
-        let (ssh_host, host_pk8) = SshCa::generate(rng)?;
+        let (ssh_host, host_files) = ssh_ca(SSH_HOST_KEY, SSH_HOST_PUB, "wicket-host-ca", rng)?;
         let (tls, tls_key) = X509Ca::generate(X509CaKind::Tls, cluster, validity)?;
         let (db_client, db_key) = X509Ca::generate(X509CaKind::DatabaseClient, cluster, validity)?;
-        let secret = |name, contents: Vec<u8>| KeyFile {
-            name,
-            contents,
-            secret: true,
+        let x509_files = |key: &'static str, key_pem: String, cert: &'static str, cert_pem| {
+            [
+                KeyFile {
+                    name: key,
+                    contents: key_pem.into_bytes(),
+                    secret: true,
+                },
+                KeyFile {
+                    name: cert,
+                    contents: String::into_bytes(cert_pem),
+                    secret: false,
+                },
+            ]
         };
-        let public = |name, contents: String| KeyFile {
-            name,
-            contents: contents.into_bytes(),
-            secret: false,
-        };
-        let mut files = vec![
-            secret(
-                SSH_USER_KEY,
-                pem_encode("PRIVATE KEY", &user_pk8).into_bytes(),
-            ),
-            public(
-                SSH_USER_PUB,
-                ssh_user.public_key_openssh("wicket-user-ca") + "\n",
-            ),
-            secret(
-                SSH_HOST_KEY,
-                pem_encode("PRIVATE KEY", &host_pk8).into_bytes(),
-            ),
-            public(
-                SSH_HOST_PUB,
-                ssh_host.public_key_openssh("wicket-host-ca") + "\n",
-            ),
-            secret(TLS_KEY, tls_key.into_bytes()),
-            public(TLS_CERT, tls.cert_pem()),
-            secret(DB_KEY, db_key.into_bytes()),
-            public(DB_CERT, db_client.cert_pem()),
-        ];
+        let mut files = Vec::new();
+        files.extend(user_files);
+        files.extend(host_files);
+        files.extend(x509_files(TLS_KEY, tls_key, TLS_CERT, tls.cert_pem()));
+        files.extend(x509_files(DB_KEY, db_key, DB_CERT, db_client.cert_pem()));
         files.extend(node_files);
         files.extend(proxy_files);
         Ok((
@@ -140,29 +127,13 @@ impl AuthorityKeys {
     /// A fresh CA of [`Self::ADDED_LATER`], named by its key file, and its
     /// files.
     pub fn generate_added(key_file: &str, rng: &dyn SecureRandom) -> Result<(SshCa, Vec<KeyFile>)> {
-        let (name, public, comment) = match key_file {
-            SSH_NODE_KEY => (SSH_NODE_KEY, SSH_NODE_PUB, "wicket-node-ca"),
-            SSH_PROXY_KEY => (SSH_PROXY_KEY, SSH_PROXY_PUB, "wicket-proxy-host-ca"),
-            other => {
-                return Err(Error::KeyMaterial(format!(
-                    "{other} is not a CA added to key sets later"
-                )))
-            }
-        };
-        let (ca, pk8) = SshCa::generate(rng)?;
-        let files = vec![
-            KeyFile {
-                name,
-                contents: pem_encode("PRIVATE KEY", &pk8).into_bytes(),
-                secret: true,
-            },
-            KeyFile {
-                name: public,
-                contents: (ca.public_key_openssh(comment) + "\n").into_bytes(),
-                secret: false,
-            },
-        ];
-        Ok((ca, files))
+        match key_file {
+            SSH_NODE_KEY => ssh_ca(SSH_NODE_KEY, SSH_NODE_PUB, "wicket-node-ca", rng),
+            SSH_PROXY_KEY => ssh_ca(SSH_PROXY_KEY, SSH_PROXY_PUB, "wicket-proxy-host-ca", rng),
+            other => Err(Error::KeyMaterial(format!(
+                "{other} is not a CA added to key sets later"
+            ))),
+        }
     }
 
     /// Each CA by name, with its public key's fingerprint: what wicketds
@@ -210,6 +181,30 @@ impl AuthorityKeys {
             db_client: x509(X509CaKind::DatabaseClient, DB_KEY, DB_CERT)?,
         })
     }
+}
+
+/// A fresh SSH CA and its files: the private key (`key`, PKCS#8 PEM) and
+/// the OpenSSH public key line (`public`, with `comment`).
+fn ssh_ca(
+    key: &'static str,
+    public: &'static str,
+    comment: &str,
+    rng: &dyn SecureRandom,
+) -> Result<(SshCa, Vec<KeyFile>)> {
+    let (ca, pk8) = SshCa::generate(rng)?;
+    let files = vec![
+        KeyFile {
+            name: key,
+            contents: pem_encode("PRIVATE KEY", &pk8).into_bytes(),
+            secret: true,
+        },
+        KeyFile {
+            name: public,
+            contents: (ca.public_key_openssh(comment) + "\n").into_bytes(),
+            secret: false,
+        },
+    ];
+    Ok((ca, files))
 }
 
 #[cfg(test)]

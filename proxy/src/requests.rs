@@ -573,10 +573,10 @@ impl Wicket {
     /// otherwise tell its roles and state to anyone who has its ID). The
     /// attempt is audited.
     async fn hidden(&self, id: &str, by: &Acting, action: &str, now: DateTime<Utc>) -> Error {
-        let mut reason = format!("access request {id} is not theirs to see");
-        if let Some(ended) = &by.ended {
-            reason = format!("{reason}; {ended}");
-        }
+        let reason = crate::service::explain_refusal(
+            format!("access request {id} is not theirs to see"),
+            by.ended.as_deref(),
+        );
         let refused = Error::NotFound(format!("access request {id:?} not found"));
         self.refusal_audited(&by.actor.name, action, reason, refused, now)
             .await

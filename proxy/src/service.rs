@@ -131,10 +131,16 @@ pub(crate) struct Standing {
 impl Standing {
     /// A refusal's `reason`, saying why standing roles did not count.
     pub fn explain(&self, reason: String) -> String {
-        match &self.ended {
-            Some(ended) => format!("{reason}; {ended}"),
-            None => reason,
-        }
+        explain_refusal(reason, self.ended.as_deref())
+    }
+}
+
+/// A refusal's `reason`, with why the user's standing roles did not count
+/// (`ended`, from [`Standing`]) when they did not.
+pub(crate) fn explain_refusal(reason: String, ended: Option<&str>) -> String {
+    match ended {
+        Some(ended) => format!("{reason}; {ended}"),
+        None => reason,
     }
 }
 
