@@ -42,7 +42,8 @@ enum Command {
         /// The `sha256:...` pin wicketd printed at start.
         #[arg(long, conflicts_with = "insecure")]
         ca_pin: Option<String>,
-        /// Trust the proxy without a pin (first contact on a trusted network only).
+        /// Trust the proxy without a pin (first contact on a trusted network
+        /// only; once a login saved its CA, that CA is checked instead).
         #[arg(long)]
         insecure: bool,
         /// TOTP code, when your user has a second factor.
@@ -575,12 +576,22 @@ async fn login(
             }
             Trust::Pin(pin.clone())
         }
-        (None, true) => {
-            eprintln!("wicket: warning: --insecure: not verifying the proxy's identity");
-            Trust::Insecure
-        }
-        (None, false) => match std::fs::read_to_string(existing.ca_bundle()) {
-            Ok(pem) => Trust::Bundle(pem),
+        // Trust on first contact only: once a login saved the proxy's CA,
+        // it is checked against that (as `ssh` checks a known host), and a
+        // changed CA needs `--ca-pin`.
+        (None, insecure) => match std::fs::read_to_string(existing.ca_bundle()) {
+            Ok(pem) => {
+                if insecure {
+                    eprintln!(
+                        "wicket: note: --insecure is for a first contact: checking {proxy} against the CA saved at your last login (to trust another, pass --ca-pin)"
+                    );
+                }
+                Trust::Bundle(pem)
+            }
+            Err(_) if insecure => {
+                eprintln!("wicket: warning: --insecure: not verifying the proxy's identity");
+                Trust::Insecure
+            }
             Err(_) => bail!(
                 "first login to {proxy} needs --ca-pin sha256:... (wicketd prints it at start) or --insecure"
             ),

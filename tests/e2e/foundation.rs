@@ -871,6 +871,29 @@ fn a_database_certificate_does_not_pass_for_wicketd() {
         "{}",
         by_bundle.stderr
     );
+    // Nor does a new login there with --insecure: with a CA saved for it,
+    // that CA is checked (--insecure is for a first contact).
+    let insecure = cli
+        .run(
+            &[
+                "login",
+                "--proxy",
+                &addr,
+                "--user",
+                "alice",
+                "--insecure",
+                "--password-stdin",
+            ],
+            "correct horse battery\n",
+        )
+        .unwrap();
+    assert!(!insecure.ok, "{}", insecure.stdout);
+    assert!(
+        insecure.stderr.contains("saved at your last login")
+            && insecure.stderr.contains("not wicketd's own"),
+        "{}",
+        insecure.stderr
+    );
     let _ = impostor.kill();
     let mut heard = String::new();
     std::io::Read::read_to_string(&mut said, &mut heard).unwrap();
