@@ -816,27 +816,18 @@ fn a_database_certificate_does_not_pass_for_wicketd() {
     let addr = format!("127.0.0.1:{port}");
 
     let cli = WicketCli::new().unwrap();
-    let by_pin = cli
-        .run(
-            &[
-                "login",
-                "--proxy",
-                &addr,
-                "--user",
-                "alice",
-                "--ca-pin",
-                &d.pin,
-                "--password-stdin",
-            ],
-            "correct horse battery\n",
-        )
-        .unwrap();
-    assert!(!by_pin.ok, "{}", by_pin.stdout);
-    assert!(
-        by_pin.stderr.contains("not wicketd's own"),
-        "{}",
-        by_pin.stderr
-    );
+    // A login to the impostor, trusting it by `trust`.
+    let login_there = |trust: &[&str]| {
+        let mut args = vec!["login", "--proxy", &addr, "--user", "alice"];
+        args.extend(trust);
+        args.push("--password-stdin");
+        cli.run(&args, "correct horse battery\n").unwrap()
+    };
+    let refused = |out: &wicket_e2e::harness_wicket::CliOutput, why: &str| {
+        assert!(!out.ok, "{}", out.stdout);
+        assert!(out.stderr.contains(why), "{}", out.stderr);
+    };
+    refused(&login_there(&["--ca-pin", &d.pin]), "not wicketd's own");
     // With the CA bundle saved by a login to the real wicketd: the same
     // profile, pointed at the impostor, sends it nothing.
     assert!(
@@ -864,36 +855,15 @@ fn a_database_certificate_does_not_pass_for_wicketd() {
         std::fs::write(to.join(user).join(f.file_name()), bytes).unwrap();
     }
     std::fs::write(home.join("current"), format!("{fake}/{user}\n")).unwrap();
-    let by_bundle = cli.run(&["request", "ls"], "").unwrap();
-    assert!(!by_bundle.ok, "{}", by_bundle.stdout);
-    assert!(
-        by_bundle.stderr.contains("not wicketd's own"),
-        "{}",
-        by_bundle.stderr
+    refused(
+        &cli.run(&["request", "ls"], "").unwrap(),
+        "not wicketd's own",
     );
     // Nor does a new login there with --insecure: with a CA saved for it,
     // that CA is checked (--insecure is for a first contact).
-    let insecure = cli
-        .run(
-            &[
-                "login",
-                "--proxy",
-                &addr,
-                "--user",
-                "alice",
-                "--insecure",
-                "--password-stdin",
-            ],
-            "correct horse battery\n",
-        )
-        .unwrap();
-    assert!(!insecure.ok, "{}", insecure.stdout);
-    assert!(
-        insecure.stderr.contains("saved at your last login")
-            && insecure.stderr.contains("not wicketd's own"),
-        "{}",
-        insecure.stderr
-    );
+    let insecure = login_there(&["--insecure"]);
+    refused(&insecure, "not wicketd's own");
+    refused(&insecure, "saved at your last login");
     let _ = impostor.kill();
     let mut heard = String::new();
     std::io::Read::read_to_string(&mut said, &mut heard).unwrap();
