@@ -150,6 +150,21 @@ pub struct AccessRequest {
 }
 
 impl AccessRequest {
+    /// Whether it waits on a review: open (pending or needs-info), or a
+    /// break-glass grant, in any state, that nobody has acknowledged yet
+    /// (it is listed for after-the-fact review until then). What
+    /// [`Engine::is_reviewable_by`] lists is among these.
+    pub fn awaits_review(&self) -> bool {
+        if self.break_glass {
+            !self
+                .reviews
+                .iter()
+                .any(|r| r.verdict == Verdict::Acknowledge)
+        } else {
+            self.state.is_open()
+        }
+    }
+
     /// Whether the grant counts for access at `now`: active and inside its window.
     pub fn grants_at(&self, now: DateTime<Utc>) -> bool {
         self.state == State::Active
@@ -243,6 +258,9 @@ pub struct Requester<'a> {
     /// The team the user record names, if any (see
     /// [`crate::Directory::team_lead_of`]).
     pub team: Option<&'a str>,
+    /// How many of their requests await review now (pending or
+    /// needs-info), as the store counted them just before.
+    pub awaiting_review: usize,
 }
 
 /// What a user asks for.
@@ -366,6 +384,9 @@ pub enum RequestError {
     Invalid(String),
     #[error("{0}")]
     Forbidden(String),
+    /// Over a limit that ends by itself (reviews, cancels): try later.
+    #[error("{0}")]
+    Limited(String),
     #[error("request is {state}: {what}")]
     IllegalTransition { state: &'static str, what: String },
 }
@@ -579,21 +600,17 @@ impl<'a> Engine<'a> {
 
     /// May `actor` see `req` in `--reviewable`?
     pub fn is_reviewable_by(&self, req: &AccessRequest, actor: &Actor, now: DateTime<Utc>) -> bool {
+        if !req.awaits_review() {
+            return false;
+        }
         if req.break_glass {
-            // Listed for after-the-fact review until someone acknowledges it.
             return actor.name != req.requester
-                && !req
-                    .reviews
-                    .iter()
-                    .any(|r| r.verdict == Verdict::Acknowledge)
                 && (self.decide_review(req, actor, now).allowed
                     || self.policy.roles.may_revoke(&actor.roles));
         }
-        req.state.is_open()
-            && !req
-                .reviews
-                .iter()
-                .any(|r| r.reviewer == actor.name && r.verdict != Verdict::AskInfo)
+        !req.reviews
+            .iter()
+            .any(|r| r.reviewer == actor.name && r.verdict != Verdict::AskInfo)
             && self.decide_review(req, actor, now).allowed
     }
 
@@ -686,6 +703,13 @@ impl<'a> Engine<'a> {
                     requester.roles.join(", ")
                 )));
             }
+        }
+        let most = settings.max_pending_per_user;
+        if !new.break_glass && requester.awaiting_review >= most as usize {
+            return Err(RequestError::Limited(format!(
+                "you have {} requests awaiting review, the most allowed (requests.max_pending_per_user: {most}); cancel one (`wicket request cancel ID`) or wait for their reviews",
+                requester.awaiting_review
+            )));
         }
         if new.resources.len() > MAX_RESOURCES {
             return invalid(format!(

@@ -173,6 +173,7 @@ fn policy() -> Policy {
             require_ticket_url: false,
             max_extensions: 1,
             allow_scheduled_start: true,
+            max_pending_per_user: 10,
         },
         break_glass: BreakGlassSettings {
             enabled: true,
@@ -230,6 +231,7 @@ fn create_as(p: &Policy, user: &str, new: NewRequest, now: DateTime<Utc>) -> Out
             name: user,
             roles: &roles,
             team: None,
+            awaiting_review: 0,
         },
         now,
     )
@@ -490,6 +492,7 @@ fn create_rejects_roles_already_held() {
             name: "alice",
             roles: &held,
             team: None,
+            awaiting_review: 0,
         },
         t0(),
     );
@@ -695,6 +698,41 @@ fn create_rejects_a_resource_named_twice_or_too_many() {
         ..nr(&["prod-ssh"])
     };
     create_as(&p, "alice", once, t0()).unwrap();
+}
+
+#[test]
+fn create_is_refused_when_too_many_await_review_but_break_glass_is_not() {
+    let p = policy();
+    let most = p.requests.max_pending_per_user as usize;
+    let roles = roles_of("alice");
+    let as_alice = |awaiting_review: usize, new: NewRequest| {
+        Engine::new(&p).create(
+            new,
+            &Requester {
+                name: "alice",
+                roles: &roles,
+                team: None,
+                awaiting_review,
+            },
+            t0(),
+        )
+    };
+    as_alice(most - 1, nr(&["prod-ssh"])).unwrap();
+    match as_alice(most, nr(&["prod-ssh"])) {
+        Err(RequestError::Limited(m)) => {
+            assert!(m.contains("you have 10 requests awaiting review"), "{m}");
+            assert!(m.contains("max_pending_per_user: 10"), "{m}");
+        }
+        other => panic!("expected Limited, got {other:?}"),
+    }
+    // Still refused when the store counted more (another wicketd's).
+    assert!(matches!(
+        as_alice(most + 3, nr(&["prod-ssh"])),
+        Err(RequestError::Limited(_))
+    ));
+    // Break-glass awaits no review: never counted against the limit.
+    let (bg, _) = as_alice(most, break_glass(&["prod-ssh"], true)).unwrap();
+    assert_eq!(bg.state, State::Active);
 }
 
 #[test]
@@ -2268,6 +2306,19 @@ fn break_glass_is_acknowledged_once_after_the_fact() {
     assert_eq!(audits(&fx), ["break_glass_acknowledged"]);
     assert!(notifications(&fx).is_empty() && end_sessions(&fx).is_empty());
     assert!(acked.approvers().is_empty());
+    // Awaits a review until acknowledged, in any state; the stored
+    // documents carry what wicketd's migration 15 looks for in rows from
+    // before it (`"break_glass":true`, `"verdict":"acknowledge"`).
+    assert!(req.awaits_review() && !acked.awaits_review());
+    let doc = |r: &AccessRequest| serde_json::to_string(r).unwrap();
+    assert!(doc(&req).contains(r#""break_glass":true"#));
+    assert!(!doc(&req).contains(r#""verdict":"acknowledge""#));
+    assert!(doc(&acked).contains(r#""verdict":"acknowledge""#));
+    let revoked = AccessRequest {
+        state: State::Revoked,
+        ..req.clone()
+    };
+    assert!(revoked.awaits_review());
 
     for who in ["frank", "dave"] {
         let m = invalid(apply(&p, &acked, ack(who), t0() + mins(6)));
@@ -2777,6 +2828,13 @@ fn check_invariants(
     prop_assert_eq!(distinct.len(), deciders.len());
     prop_assert_eq!(req.state.is_terminal(), req.ended_at.is_some());
     prop_assert!(req.extensions <= p.requests.max_extensions);
+    // Whoever may review it finds it among those awaiting a review (what
+    // wicketd's reviewable listing reads).
+    for u in USERS {
+        if e.is_reviewable_by(req, &actor(u), req.updated_at) {
+            prop_assert!(req.awaits_review(), "{} may review {:?}", u, req.state);
+        }
+    }
     // Revoked, or revoked after it ended (to end draining sessions).
     if req.state == State::Revoked {
         prop_assert!(req.revoked_by.is_some());

@@ -17,6 +17,10 @@ pub struct RequestSettings {
     pub require_ticket_url: bool,
     pub max_extensions: u32,
     pub allow_scheduled_start: bool,
+    /// How many of one user's requests may await review (pending or
+    /// needs-info) at once: a flood of requests would push real ones out of
+    /// reviewers' view. Break-glass grants are not counted or limited.
+    pub max_pending_per_user: u32,
 }
 
 impl Default for RequestSettings {
@@ -31,6 +35,7 @@ impl Default for RequestSettings {
             require_ticket_url: false,
             max_extensions: 1,
             allow_scheduled_start: true,
+            max_pending_per_user: 10,
         }
     }
 }

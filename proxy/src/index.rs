@@ -334,6 +334,7 @@ mod tests {
                     name: who,
                     roles: &["dev".to_string()],
                     team: None,
+                    awaiting_review: 0,
                 },
                 now,
             )

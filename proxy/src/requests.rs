@@ -34,10 +34,14 @@ pub enum Listing {
     All,
 }
 
+/// The most requests one listing shows, newest first.
+const LISTED: i64 = 500;
+
 fn request_error(e: RequestError) -> Error {
     match e {
         RequestError::Invalid(m) => Error::BadRequest(m),
         RequestError::Forbidden(m) => Error::Forbidden(m),
+        RequestError::Limited(m) => Error::Conflict(m),
         e @ RequestError::IllegalTransition { .. } => Error::Conflict(e.to_string()),
     }
 }
@@ -57,10 +61,13 @@ impl Wicket {
     }
 
     /// The policy's new request `new` by `user` (standing roles, team).
+    /// The policy's decision on `new`, with `awaiting_review` of the
+    /// user's requests awaiting review (as the store counted them).
     fn engine_create(
         &self,
         user: &UserRecord,
         new: NewRequest,
+        awaiting_review: i64,
         now: DateTime<Utc>,
     ) -> std::result::Result<(AccessRequest, Vec<Effect>), RequestError> {
         let standing = self.standing_roles(user);
@@ -68,6 +75,7 @@ impl Wicket {
             name: &user.name,
             roles: &standing,
             team: user.team.as_deref(),
+            awaiting_review: usize::try_from(awaiting_review).unwrap_or(usize::MAX),
         };
         self.engine().create(new, &requester, now)
     }
@@ -106,6 +114,7 @@ impl Wicket {
             created_at: req.created_at.timestamp_millis(),
             updated_at: req.updated_at.timestamp_millis(),
             doc: serde_json::to_string(req).map_err(|e| Error::Internal(e.to_string()))?,
+            awaiting_review: req.awaits_review(),
         })
     }
 
@@ -396,18 +405,35 @@ impl Wicket {
         action: &str,
         now: DateTime<Utc>,
     ) -> Result<Grant> {
-        let (req, effects) = match self.engine_create(user, new, now) {
-            Ok(x) => x,
-            Err(RequestError::Forbidden(reason)) => {
-                return Err(self.deny_audited(&user.name, action, reason, now).await)
+        // Decided on a count of the user's requests awaiting review; stored
+        // only if no more await when it is written (other calls, other
+        // wicketds), else counted and decided again.
+        for _ in 0..3 {
+            let awaiting = self.store.count_awaiting_review(&user.name).await?;
+            let (req, effects) = match self.engine_create(user, new.clone(), awaiting, now) {
+                Ok(x) => x,
+                Err(RequestError::Forbidden(reason)) => {
+                    return Err(self.deny_audited(&user.name, action, reason, now).await)
+                }
+                Err(e) => return Err(request_error(e)),
+            };
+            let (audit, notes) = self.effect_rows(&req, &effects, now).await?;
+            let stored = self
+                .store
+                .insert_request_unless_more_await(
+                    &self.encode(&req)?,
+                    &audit,
+                    &notes,
+                    Some(awaiting),
+                )
+                .await?;
+            if stored {
+                return self.view(&req, now).await;
             }
-            Err(e) => return Err(request_error(e)),
-        };
-        let (audit, notes) = self.effect_rows(&req, &effects, now).await?;
-        self.store
-            .insert_request(&self.encode(&req)?, &audit, &notes)
-            .await?;
-        self.view(&req, now).await
+        }
+        Err(Error::Conflict(
+            "your other requests changed while this one was made; try again".into(),
+        ))
     }
 
     /// Break-glass: an active grant without approval, only with a fresh TOTP code.
@@ -439,8 +465,9 @@ impl Wicket {
             mfa_verified: true,
             ..Default::default()
         };
-        // Validate everything else first, so a typo does not burn the code.
-        if let Err(e) = self.engine_create(&user, new.clone(), now) {
+        // Validate everything else first, so a typo does not burn the code
+        // (break-glass awaits no review: the count does not matter).
+        if let Err(e) = self.engine_create(&user, new.clone(), 0, now) {
             return Err(match e {
                 RequestError::Forbidden(reason) => {
                     self.deny_audited(&user.name, "break-glass", reason, now)
@@ -625,7 +652,11 @@ impl Wicket {
             None => vec![],
         };
         let requester = (listing == Listing::Mine).then_some(user.name.as_str());
-        let rows = self.store.list_requests(requester, &states, 500).await?;
+        let awaiting_only = listing == Listing::Reviewable;
+        let rows = self
+            .store
+            .list_requests(requester, &states, awaiting_only, LISTED)
+            .await?;
         let users = self.store.list_users().await?;
         let mut out = Vec::new();
         for row in rows {

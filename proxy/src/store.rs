@@ -350,6 +350,21 @@ CREATE TABLE ca_key_set (
         sqlite: &[],
         postgres: &[],
     },
+    // Whether a request awaits a review (pending, needs-info, or a
+    // break-glass grant nobody acknowledged), so reviewers' listing reads
+    // those, not the newest requests of any state. Rows from before are
+    // marked by their state and document (a break-glass one with no
+    // acknowledgement); the listing's policy check decides the rest.
+    Migration {
+        version: 15,
+        sql: r#"
+ALTER TABLE access_requests ADD COLUMN awaiting_review BIGINT NOT NULL DEFAULT 0;
+UPDATE access_requests SET awaiting_review = 1 WHERE state IN ('pending', 'needs-info') OR (doc LIKE '%"break_glass":true%' AND doc NOT LIKE '%"verdict":"acknowledge"%');
+CREATE INDEX access_requests_awaiting ON access_requests (awaiting_review, created_at)
+"#,
+        sqlite: &[],
+        postgres: &[],
+    },
 ];
 
 /// The migration that keys the audit chain (see [`key_chain`]).
@@ -421,6 +436,10 @@ async fn next_change(tx: &mut Transaction<'static, Any>) -> Result<i64> {
             .try_get(0)?,
     )
 }
+
+/// Counts one requester's requests awaiting review (`$1`: the requester).
+const AWAITING_REVIEW: &str =
+    "SELECT COUNT(*) FROM access_requests WHERE requester = $1 AND state IN ('pending', 'needs-info')";
 
 /// A user as stored. Its `Debug` leaves the password hash and TOTP secret
 /// out.
@@ -1092,10 +1111,48 @@ impl Store {
         audit: &[AuditRow],
         notes: &[NotificationRow],
     ) -> Result<()> {
+        self.insert_request_unless_more_await(req, audit, notes, None)
+            .await
+            .map(drop)
+    }
+
+    /// How many of `requester`'s requests await review (pending or
+    /// needs-info).
+    pub async fn count_awaiting_review(&self, requester: &str) -> Result<i64> {
+        Ok(sqlx::query(AWAITING_REVIEW)
+            .bind(requester)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?)
+    }
+
+    /// [`Store::insert_request`], unless more of the requester's requests
+    /// await review than `awaiting` (what the decision to create it
+    /// counted): then nothing is written, and `false` says to count and
+    /// decide again. Counted after the change feed's row is taken, which
+    /// every writer takes, so two creations never both count without the
+    /// other.
+    pub async fn insert_request_unless_more_await(
+        &self,
+        req: &StoredRequest,
+        audit: &[AuditRow],
+        notes: &[NotificationRow],
+        awaiting: Option<i64>,
+    ) -> Result<bool> {
         let mut tx = self.begin().await?;
         let change = next_change(&mut tx).await?;
+        if let Some(seen) = awaiting {
+            let now: i64 = sqlx::query(AWAITING_REVIEW)
+                .bind(&req.requester)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?;
+            if now > seen {
+                return Ok(false);
+            }
+        }
         sqlx::query(
-            "INSERT INTO access_requests (id, requester, state, next_deadline, created_at, updated_at, version, doc, change_seq) VALUES ($1, $2, $3, $4, $5, $6, 1, $7, $8)",
+            "INSERT INTO access_requests (id, requester, state, next_deadline, created_at, updated_at, version, doc, change_seq, awaiting_review) VALUES ($1, $2, $3, $4, $5, $6, 1, $7, $8, $9)",
         )
         .bind(&req.id)
         .bind(&req.requester)
@@ -1105,6 +1162,7 @@ impl Store {
         .bind(req.updated_at)
         .bind(&req.doc)
         .bind(change)
+        .bind(i64::from(req.awaiting_review))
         .execute(&mut *tx)
         .await?;
         self.audit_in(&mut tx, audit).await?;
@@ -1112,7 +1170,7 @@ impl Store {
             insert_notification(&mut tx, n).await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Replaces a request if it is still at `version` (optimistic
@@ -1129,7 +1187,7 @@ impl Store {
         let mut tx = self.begin().await?;
         let change = next_change(&mut tx).await?;
         let r = sqlx::query(
-            "UPDATE access_requests SET state = $1, next_deadline = $2, updated_at = $3, doc = $4, version = version + 1, change_seq = $7 WHERE id = $5 AND version = $6",
+            "UPDATE access_requests SET state = $1, next_deadline = $2, updated_at = $3, doc = $4, version = version + 1, change_seq = $7, awaiting_review = $8 WHERE id = $5 AND version = $6",
         )
         .bind(&req.state)
         .bind(req.next_deadline)
@@ -1138,6 +1196,7 @@ impl Store {
         .bind(&req.id)
         .bind(version)
         .bind(change)
+        .bind(i64::from(req.awaiting_review))
         .execute(&mut *tx)
         .await?;
         if r.rows_affected() != 1 {
@@ -1152,13 +1211,13 @@ impl Store {
     }
 
     pub async fn get_request(&self, id: &str) -> Result<Option<(StoredRequest, i64)>> {
-        let row = sqlx::query(
-            "SELECT id, requester, state, next_deadline, created_at, updated_at, doc, version FROM access_requests WHERE id = $1",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {REQUEST_COLUMNS}, version FROM access_requests WHERE id = $1"
+        ))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| Ok((stored_from_row(&r)?, r.try_get::<i64, _>(7)?)))
+        row.map(|r| Ok((stored_from_row(&r)?, r.try_get::<i64, _>(8)?)))
             .transpose()
     }
 
@@ -1166,12 +1225,12 @@ impl Store {
     /// for any number of IDs (see [`Store::get_users`]).
     pub async fn get_requests(&self, ids: &[String]) -> Result<Vec<(StoredRequest, i64)>> {
         self.fetch_in(
-            "SELECT id, requester, state, next_deadline, created_at, updated_at, doc, version FROM access_requests WHERE id IN (",
+            &format!("SELECT {REQUEST_COLUMNS}, version FROM access_requests WHERE id IN ("),
             ids,
         )
         .await?
         .iter()
-        .map(|r| Ok((stored_from_row(r)?, r.try_get::<i64, _>(7)?)))
+        .map(|r| Ok((stored_from_row(r)?, r.try_get::<i64, _>(8)?)))
         .collect()
     }
 
@@ -1188,12 +1247,12 @@ impl Store {
             .try_get(0)?;
         const USERS: &str =
             "SELECT name, roles, team, password_hash, totp_secret, created_at, disabled FROM users";
-        const REQUESTS: &str = "SELECT id, requester, state, next_deadline, created_at, updated_at, doc, change_seq FROM access_requests";
+        let requests_sql = format!("SELECT {REQUEST_COLUMNS}, change_seq FROM access_requests");
         let (users, requests) = match after {
             Some(after) => {
                 let (u, r) = (
                     format!("{USERS} WHERE change_seq > $1 AND change_seq <= $2"),
-                    format!("{REQUESTS} WHERE change_seq > $1 AND change_seq <= $2"),
+                    format!("{requests_sql} WHERE change_seq > $1 AND change_seq <= $2"),
                 );
                 let users = sqlx::query(&u)
                     .bind(after)
@@ -1208,7 +1267,7 @@ impl Store {
                 (users, requests)
             }
             None => {
-                let r = format!("{REQUESTS} WHERE state = 'active'");
+                let r = format!("{requests_sql} WHERE state = 'active'");
                 let users = sqlx::query(USERS).fetch_all(&mut *tx).await?;
                 let requests = sqlx::query(&r).fetch_all(&mut *tx).await?;
                 (users, requests)
@@ -1223,7 +1282,7 @@ impl Store {
             .map(|r| {
                 Ok(Changed {
                     key: r.try_get::<String, _>(0)?,
-                    seq: r.try_get::<i64, _>(7)?,
+                    seq: r.try_get::<i64, _>(8)?,
                     row: stored_from_row(r),
                 })
             })
@@ -1236,16 +1295,19 @@ impl Store {
         })
     }
 
-    /// Requests filtered by requester and/or states, newest first.
+    /// Requests filtered by requester and/or states, and to those awaiting
+    /// a review when `awaiting_review_only`, newest first.
     pub async fn list_requests(
         &self,
         requester: Option<&str>,
         states: &[&str],
+        awaiting_review_only: bool,
         limit: i64,
     ) -> Result<Vec<StoredRequest>> {
-        let mut sql = String::from(
-            "SELECT id, requester, state, next_deadline, created_at, updated_at, doc FROM access_requests WHERE 1 = 1",
-        );
+        let mut sql = format!("SELECT {REQUEST_COLUMNS} FROM access_requests WHERE 1 = 1");
+        if awaiting_review_only {
+            sql.push_str(" AND awaiting_review = 1");
+        }
         let mut n = 0;
         if requester.is_some() {
             n += 1;
@@ -1904,6 +1966,9 @@ pub struct StoredRequest {
     pub created_at: i64,
     pub updated_at: i64,
     pub doc: String,
+    /// Whether it awaits a review (see migration 15): what reviewers'
+    /// listing reads.
+    pub awaiting_review: bool,
 }
 
 /// A PostgreSQL cancel key handed to a client (`pid`, `secret`) and the
@@ -1947,6 +2012,10 @@ fn recording_from_row(r: &AnyRow) -> Result<(RecordingMeta, u64)> {
     ))
 }
 
+/// The columns [`stored_from_row`] reads, in its order.
+const REQUEST_COLUMNS: &str =
+    "id, requester, state, next_deadline, created_at, updated_at, doc, awaiting_review";
+
 fn stored_from_row(r: &AnyRow) -> Result<StoredRequest> {
     Ok(StoredRequest {
         id: r.try_get(0)?,
@@ -1956,6 +2025,7 @@ fn stored_from_row(r: &AnyRow) -> Result<StoredRequest> {
         created_at: r.try_get(4)?,
         updated_at: r.try_get(5)?,
         doc: r.try_get(6)?,
+        awaiting_review: r.try_get::<i64, _>(7)? != 0,
     })
 }
 

@@ -1096,3 +1096,53 @@ fn dropping_grants_passes_over_one_revoked_meanwhile() {
     let cert = file(&st, "tls_certificate");
     assert!(cert.is_absolute() && cert.starts_with(&home), "{cert:?}");
 }
+
+#[test]
+fn a_user_may_have_only_so_many_requests_awaiting_review() {
+    let t = Team::start(
+        config("1h", "30m").replace("max_pending_per_user: 10", "max_pending_per_user: 2"),
+    );
+    let ask = |who: &str| t.create(who, &["--roles", "dba", "--reason", "INC-7"]);
+    let first = ask("alice")["id"].as_str().unwrap().to_owned();
+    ask("alice");
+    let e = t.fails(
+        "alice",
+        &["request", "create", "--roles", "dba", "--reason", "INC-7"],
+    );
+    assert!(
+        e.contains("you have 2 requests awaiting review")
+            && e.contains("requests.max_pending_per_user: 2")
+            && e.contains("wicket request cancel"),
+        "{e}"
+    );
+    // Others are not held back by alice's requests.
+    ask("bob");
+    // Reviewed, cancelled or self-approved ones do not count.
+    t.cli("dave")
+        .ok(&["request", "review", &first, "--approve", "--reason", "ok"])
+        .unwrap();
+    assert_eq!(t.show("alice", &first)["status"], "active");
+    let third = ask("alice")["id"].as_str().unwrap().to_owned();
+    t.fails(
+        "alice",
+        &["request", "create", "--roles", "dba", "--reason", "INC-7"],
+    );
+    t.cli("alice").ok(&["request", "cancel", &third]).unwrap();
+    let own = t.create(
+        "alice",
+        &["--roles", "dev-admin", "--reason", "fix dev box"],
+    );
+    assert_eq!(own["status"], "active", "{own}");
+    ask("alice");
+    // The reviewer's queue: alice's and bob's open requests, not alice's
+    // active, cancelled or self-approved ones.
+    let queue = t.json("dave", &["request", "ls", "--reviewable"]);
+    let mut who: Vec<&str> = queue
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["requester"].as_str().unwrap())
+        .collect();
+    who.sort_unstable();
+    assert_eq!(who, ["alice", "alice", "bob"], "{queue}");
+}

@@ -293,6 +293,7 @@ async fn exercise(store: &Store) {
         created_at: 50_000,
         updated_at: 50_000,
         doc: format!("{{\"id\":\"{id}\"}}"),
+        awaiting_review: true,
     };
     for id in ["r1", "r2"] {
         store.insert_request(&request(id), &[], &[]).await.unwrap();
@@ -307,6 +308,74 @@ async fn exercise(store: &Store) {
         store.get_request("r2").await.unwrap(),
         Some((request("r2"), 1))
     );
+
+    // Requests awaiting review: counted per requester, and a creation
+    // decided on a count is not stored once more await than it counted.
+    let dave = |id: &str, state: &str, awaiting_review: bool| StoredRequest {
+        id: id.into(),
+        requester: "dave".into(),
+        state: state.into(),
+        created_at: 60_000 + id.len() as i64,
+        awaiting_review,
+        ..request(id)
+    };
+    assert_eq!(store.count_awaiting_review("dave").await.unwrap(), 0);
+    for (seen, id, state) in [(0, "d1", "pending"), (1, "d22", "needs-info")] {
+        let r = dave(id, state, true);
+        assert!(store
+            .insert_request_unless_more_await(&r, &[], &[], Some(seen))
+            .await
+            .unwrap());
+    }
+    // An active grant (a break-glass one nobody acknowledged) awaits a
+    // review but is not counted against the requester.
+    store
+        .insert_request(&dave("d333", "active", true), &[], &[])
+        .await
+        .unwrap();
+    store
+        .insert_request(&dave("d4444", "denied", false), &[], &[])
+        .await
+        .unwrap();
+    assert_eq!(store.count_awaiting_review("dave").await.unwrap(), 2);
+    assert_eq!(store.count_awaiting_review("alice").await.unwrap(), 2);
+    let late = dave("d55555", "pending", true);
+    assert!(!store
+        .insert_request_unless_more_await(&late, &[], &[], Some(1))
+        .await
+        .unwrap());
+    assert_eq!(store.get_request("d55555").await.unwrap(), None);
+    assert!(store
+        .insert_request_unless_more_await(&late, &[], &[], Some(2))
+        .await
+        .unwrap());
+    let listed = |only: bool| {
+        let store = store.clone();
+        async move {
+            let rows = store
+                .list_requests(Some("dave"), &[], only, 500)
+                .await
+                .unwrap();
+            rows.into_iter().map(|r| r.id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed(true).await, ["d55555", "d333", "d22", "d1"]);
+    assert_eq!(
+        listed(false).await,
+        ["d55555", "d4444", "d333", "d22", "d1"]
+    );
+    // An update writes whether it still awaits a review.
+    let (mut d1, version) = store.get_request("d1").await.unwrap().unwrap();
+    assert!(d1.awaiting_review);
+    d1.state = "cancelled".into();
+    d1.awaiting_review = false;
+    store
+        .update_request(&d1, version, &[], &[])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(listed(true).await, ["d55555", "d333", "d22"]);
+    assert_eq!(store.count_awaiting_review("dave").await.unwrap(), 2);
 
     // A batch larger than one multi-row INSERT (and not a multiple of it)
     // is stored whole, in one transaction, every column intact.
@@ -825,6 +894,7 @@ async fn change_feed(store: &Store) {
         created_at: 2,
         updated_at: 2,
         doc: "{}".into(),
+        awaiting_review: state == "pending",
     };
     store
         .insert_request(&req("feed-r1", "active"), &[], &[])
@@ -1078,6 +1148,53 @@ async fn recordings(store: &Store) {
     assert!(store.recording_data("s1").await.unwrap().is_none());
 }
 
+/// Migration 15 marks the requests from before it that await a review: by
+/// state, and break-glass grants nobody acknowledged (by their document).
+async fn awaiting_review_backfill(storage: &Storage, dir: &std::path::Path) {
+    let store = Store::open(storage, dir, key_in(dir)).await.unwrap();
+    let row = |id: &str, state: &str, doc: &str| StoredRequest {
+        id: id.into(),
+        requester: "erin".into(),
+        state: state.into(),
+        next_deadline: None,
+        created_at: 1_000 + id.len() as i64,
+        updated_at: 1_000,
+        doc: doc.into(),
+        awaiting_review: false,
+    };
+    let ack = r#"{"break_glass":true,"reviews":[{"reviewer":"sam","verdict":"acknowledge"}]}"#;
+    // A reason quoting the pattern is escaped in the document: no match.
+    let quoted = r#"{"reason":"\"verdict\":\"acknowledge\"","break_glass":true}"#;
+    for r in [
+        row("b1", "pending", "{}"),
+        row("b22", "needs-info", "{}"),
+        row("b333", "active", r#"{"break_glass":true,"reviews":[]}"#),
+        row("b4444", "expired", ack),
+        row("b55555", "denied", r#"{"break_glass":false}"#),
+        row("b666666", "revoked", quoted),
+    ] {
+        store.insert_request(&r, &[], &[]).await.unwrap();
+    }
+    let listed = |store: Store| async move {
+        let rows = store.list_requests(None, &[], true, 500).await.unwrap();
+        rows.into_iter().map(|r| r.id).collect::<Vec<_>>()
+    };
+    assert!(listed(store.clone()).await.is_empty());
+    // Back to schema 14, as an older wicketd left it, then open again.
+    exec(
+        &store,
+        &[
+            "DROP INDEX access_requests_awaiting",
+            "ALTER TABLE access_requests DROP COLUMN awaiting_review",
+            "DELETE FROM schema_migrations WHERE version = 15",
+        ],
+    )
+    .await;
+    drop(store);
+    let store = Store::open(storage, dir, key_in(dir)).await.unwrap();
+    assert_eq!(listed(store).await, ["b666666", "b333", "b22", "b1"]);
+}
+
 #[test]
 fn store_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
@@ -1090,6 +1207,8 @@ fn store_on_sqlite() {
         keyed_chain(&Storage::Sqlite, keyed.path()).await;
         let cut = tempfile::tempdir().unwrap();
         cut_tail(&Storage::Sqlite, cut.path()).await;
+        let backfill = tempfile::tempdir().unwrap();
+        awaiting_review_backfill(&Storage::Sqlite, backfill.path()).await;
         statement_events(&store).await;
         change_feed(&store).await;
         cancel_keys(&store).await;
@@ -1140,6 +1259,9 @@ fn store_on_postgresql() {
         pg.create_database("cut").unwrap();
         let cut = tempfile::tempdir().unwrap();
         cut_tail(&Storage::Postgres(pg.url("cut")), cut.path()).await;
+        pg.create_database("backfill").unwrap();
+        let backfill = tempfile::tempdir().unwrap();
+        awaiting_review_backfill(&Storage::Postgres(pg.url("backfill")), backfill.path()).await;
         // A check that waits over 2 s for its key's lock (a flood) is
         // refused with a short retry, not left holding a connection.
         let mut tx = a.begin().await.unwrap();
@@ -1612,6 +1734,91 @@ fn extending_a_grant_needs_a_live_login_and_dropping_it_does_not() {
             .await
             .unwrap();
         assert_eq!(dropped.status, "expired", "{dropped:?}");
+    });
+}
+
+/// Reviewers' listing reads the requests awaiting a review, so a flood of
+/// newer ones in other states (created and cancelled) does not push an
+/// open request out of it; and one user may have only so many awaiting a
+/// review at once, also when they ask concurrently.
+#[test]
+fn a_flood_of_requests_neither_hides_open_ones_nor_grows_the_queue() {
+    use wicket_api::{ActionBody, CreateRequest};
+    use wicketd::error::Error;
+    use wicketd::requests::Listing;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "version: 1\nroles:\n  dev:\n    logins: [\"{{user}}\"]\n    nodes: { env: dev }\n    request: { roles: [ops] }\n  ops:\n    logins: [root]\n    nodes: { env: dev }\n  rev:\n    review: { roles: [ops] }\napproval:\n  - roles: [ops]\n    require: { any_of: [\"role:rev\"] }\nrequests: { max_pending_per_user: 3 }\n";
+    rt().block_on(async {
+        let cfg = wicketd::config::parse(yaml, dir.path()).unwrap();
+        let (w, store, now) = wicket_with(
+            dir.path(),
+            cfg,
+            &[
+                ("ann", "dev", None),
+                ("ben", "dev", None),
+                ("rita", "rev", None),
+            ],
+        )
+        .await;
+        let until = now.timestamp() + 3600;
+        let (ann, ben, rita) = (
+            caller_of("ann", until),
+            caller_of("ben", until),
+            caller_of("rita", until),
+        );
+        let ask = CreateRequest {
+            roles: vec!["ops".into()],
+            reason: "deploy".into(),
+            duration: Some("1h".into()),
+            ..Default::default()
+        };
+        let cancel = |c, id: String, at| {
+            let w = &w;
+            async move {
+                w.request_action(c, &id, "cancel", ActionBody::default(), at)
+                    .await
+                    .unwrap()
+            }
+        };
+        let open = w.create_request(&ann, ask.clone(), now).await.unwrap();
+        // More newer requests than a listing shows, all closed.
+        for i in 1..=501 {
+            let later = now + chrono::Duration::milliseconds(i);
+            let r = w.create_request(&ben, ask.clone(), later).await.unwrap();
+            cancel(&ben, r.id, later).await;
+        }
+        let reviewable = w
+            .list_requests(&rita, Listing::Reviewable, None, now)
+            .await
+            .unwrap();
+        let ids: Vec<&str> = reviewable.iter().map(|g| g.id.as_str()).collect();
+        assert_eq!(ids, [open.id.as_str()]);
+
+        // The cap: three awaiting review, then a clear refusal; a cancel
+        // makes room.
+        let second = w.create_request(&ann, ask.clone(), now).await.unwrap();
+        w.create_request(&ann, ask.clone(), now).await.unwrap();
+        let err = w.create_request(&ann, ask.clone(), now).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Conflict(m) if m.contains("you have 3 requests awaiting review")
+                && m.contains("requests.max_pending_per_user: 3")),
+            "{err:?}"
+        );
+        cancel(&ann, second.id, now).await;
+        w.create_request(&ann, ask.clone(), now).await.unwrap();
+        assert_eq!(store.count_awaiting_review("ann").await.unwrap(), 3);
+
+        // Asked concurrently: each creation counts before any is stored,
+        // yet no more than three are stored; the rest are refused.
+        let c = || w.create_request(&ben, ask.clone(), now);
+        let (r1, r2, r3, r4, r5, r6) = tokio::join!(c(), c(), c(), c(), c(), c());
+        let results = [r1, r2, r3, r4, r5, r6];
+        let stored = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(stored, 3, "{results:?}");
+        for r in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert!(matches!(r, Error::Conflict(_)), "{r:?}");
+        }
+        assert_eq!(store.count_awaiting_review("ben").await.unwrap(), 3);
     });
 }
 

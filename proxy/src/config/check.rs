@@ -972,8 +972,11 @@ impl Cx {
             "requests.escalate_after",
             d.escalate_after,
         );
+        let most_pending = f
+            .max_pending_per_user
+            .map(|n| self.count(n as usize, "requests.max_pending_per_user"));
         let (min, default, max, pending, escalate) = (min?, default?, max?, pending?, escalate?);
-        let mut ok = true;
+        let mut ok = most_pending != Some(None);
         if min > default {
             self.push(
                 "requests.default_duration",
@@ -1028,6 +1031,7 @@ impl Cx {
             require_ticket_url: f.require_ticket_url.unwrap_or(d.require_ticket_url),
             max_extensions: f.max_extensions.unwrap_or(d.max_extensions),
             allow_scheduled_start: f.allow_scheduled_start.unwrap_or(d.allow_scheduled_start),
+            max_pending_per_user: f.max_pending_per_user.unwrap_or(d.max_pending_per_user),
         })
     }
 

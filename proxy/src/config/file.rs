@@ -192,6 +192,8 @@ pub struct RequestsFile {
     pub require_ticket_url: Option<bool>,
     pub max_extensions: Option<u32>,
     pub allow_scheduled_start: Option<bool>,
+    /// How many of one user's requests may await review at once.
+    pub max_pending_per_user: Option<u32>,
 }
 
 /// `break_glass:`; defaults to [`wicket_policy::BreakGlassSettings::default`].

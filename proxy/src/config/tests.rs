@@ -66,6 +66,7 @@ fn the_example_parses_without_problems() {
     assert!(p.requests.require_reason && !p.requests.require_ticket_url);
     assert_eq!(p.requests.max_extensions, 1);
     assert!(p.requests.allow_scheduled_start);
+    assert_eq!(p.requests.max_pending_per_user, 10);
     assert!(p.break_glass.enabled && p.break_glass.require_mfa);
     assert_eq!(p.break_glass.max_duration, Duration::hours(1));
     assert_eq!(
@@ -432,7 +433,7 @@ fn bad_durations() {
 version: 1
 certificates: { login_ttl: 8 }
 session: { expiry_warning: -5m, unverified_grace: -1s }
-requests: { pending_ttl: '', escalate_after: 1w, max_duration: 99999999999999999999d }
+requests: { pending_ttl: '', escalate_after: 1w, max_duration: 99999999999999999999d, max_pending_per_user: 0 }
 break_glass: { max_duration: 0s }
 auth: { failure_window: 1.5h }
 ",
@@ -443,6 +444,7 @@ auth: { failure_window: 1.5h }
     has(&e, "requests.pending_ttl", "empty");
     has(&e, "requests.escalate_after", "unknown unit");
     has(&e, "requests.max_duration", "too long");
+    has(&e, "requests.max_pending_per_user", "at least 1");
     has(&e, "break_glass.max_duration", "longer than 0s");
     has(&e, "auth.failure_window", "1.5h");
 }
