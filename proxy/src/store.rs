@@ -502,6 +502,8 @@ pub struct Store {
     chain: ChainKey,
     /// This host's record of the newest chain head it saw ([`SEEN_FILE`]).
     seen: std::sync::Arc<PathBuf>,
+    /// Held by the one [`Store::verify_audit`] running.
+    verifying: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -617,6 +619,7 @@ impl Store {
             backend,
             chain,
             seen: std::sync::Arc::new(data_dir.join("ca").join(SEEN_FILE)),
+            verifying: Default::default(),
         };
         store
             .migrate(&data_dir.join("ca").join(KEYED_MARKER))
@@ -1722,11 +1725,21 @@ impl Store {
                 v.problems.push(p);
             }
         };
-        let mut conn = self.pool.acquire().await?;
+        // One at a time on this wicketd: each holds a store connection for
+        // its whole walk.
+        let _one = self.verifying.lock().await;
+        // What it reads is one moment's chain (a snapshot), so events
+        // appended while it walks are neither missed nor "removed".
+        let mut tx = self.begin().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut *tx)
+                .await?;
+        }
         let mut walk = ChainWalk::default();
         let mut last_id = None::<String>;
         loop {
-            let page = walk.page(&mut conn).await?;
+            let page = walk.page(&mut tx).await?;
             if page.is_empty() {
                 break;
             }
@@ -1776,7 +1789,7 @@ impl Store {
         let (last_seq, prev) = (walk.last_seq, walk.prev);
         let outside =
             sqlx::query("SELECT id FROM audit_events WHERE seq IS NULL ORDER BY time, id")
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *tx)
                 .await?;
         for r in &outside {
             let id: String = r.try_get(0)?;
@@ -1784,8 +1797,9 @@ impl Store {
         }
         let head =
             sqlx::query("SELECT seq, hash, key_id, keyed_problems FROM audit_chain WHERE id = 1")
-                .fetch_one(&self.pool)
+                .fetch_one(&mut *tx)
                 .await?;
+        tx.rollback().await?;
         let (head_seq, head_hash): (i64, String) = (head.try_get(0)?, head.try_get(1)?);
         let key_id: Option<String> = head.try_get(2)?;
         if key_id.as_deref() != Some(self.chain.id()) {

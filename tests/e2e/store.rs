@@ -1387,7 +1387,24 @@ fn two_wicketds_share_postgresql_state() {
                 s.append_audit_batch(&batch).await.unwrap();
             }
         };
-        tokio::join!(write(a.clone(), "a"), write(b, "b"));
+        // Verified while both write: what it reads is one moment's chain,
+        // so appends committed meanwhile are no problem.
+        let writing = std::sync::atomic::AtomicBool::new(true);
+        let verifying = async {
+            let mut runs = 0;
+            while writing.load(std::sync::atomic::Ordering::Relaxed) || runs < 3 {
+                let v = a.verify_audit(10).await.unwrap();
+                assert!(v.problems.is_empty(), "while writing: {v:?}");
+                runs += 1;
+            }
+            runs
+        };
+        let writers = async {
+            tokio::join!(write(a.clone(), "a"), write(b, "b"));
+            writing.store(false, std::sync::atomic::Ordering::Relaxed);
+        };
+        let ((), runs) = tokio::join!(writers, verifying);
+        assert!(runs >= 3);
         let v = a.verify_audit(10).await.unwrap();
         assert!(v.problems.is_empty(), "{v:?}");
         assert_eq!(v.events, before.events + 1000);
