@@ -1677,9 +1677,10 @@ pub struct CertifiedSession {
 }
 
 /// What a session is told at `now` about the end of the certificate it was
-/// opened with: with `disconnect_on_expiry`, a session under standing roles
-/// only ends at or after it, and is warned (once) within `warn_before` of
-/// it. Sessions under grants follow the grants instead
+/// opened with. A session under standing roles ends at or after it with
+/// `disconnect_on_expiry`, and is warned (once) within `warn_before` of it;
+/// without, it drains then: what runs may finish, nothing new starts, as
+/// for a grant that ended. Sessions under grants follow the grants instead
 /// ([`AccessRequest::session_end`]), which may be extended past it.
 pub fn certificate_session_signal(
     s: CertifiedSession,
@@ -1687,7 +1688,7 @@ pub fn certificate_session_signal(
     warn_before: Duration,
     disconnect_on_expiry: bool,
 ) -> Option<SessionSignal> {
-    if s.under_grants || !disconnect_on_expiry {
+    if s.under_grants {
         return None;
     }
     let at = || {
@@ -1696,7 +1697,14 @@ pub fn certificate_session_signal(
             .to_rfc3339()
     };
     let t = now.timestamp();
-    if t >= s.valid_until {
+    if t >= s.valid_until && !disconnect_on_expiry {
+        Some(SessionSignal::Drain(format!(
+            "the login behind this session ended at {}; run `wicket login` to start anything new",
+            at()
+        )))
+    } else if !disconnect_on_expiry {
+        None
+    } else if t >= s.valid_until {
         Some(SessionSignal::End(format!(
             "the login behind this session ended at {} (session.disconnect_on_expiry); run `wicket login` and connect again",
             at()
@@ -1715,5 +1723,7 @@ pub fn certificate_session_signal(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionSignal {
     Warn(String),
+    /// What runs may finish; nothing new starts.
+    Drain(String),
     End(String),
 }

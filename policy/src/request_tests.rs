@@ -3156,12 +3156,22 @@ fn a_session_under_standing_roles_ends_with_its_certificate() {
         under_grants: true,
         ..standing
     };
-    for (s, finish) in [(granted, true), (standing, false)] {
+    for finish in [true, false] {
         assert_eq!(
-            certificate_session_signal(s, t0() + mins(11), mins(2), finish),
+            certificate_session_signal(granted, t0() + mins(11), mins(2), finish),
             None
         );
     }
+    // Sessions may finish: not warned, then drained (nothing new starts).
+    let finishing = |at| certificate_session_signal(standing, at, mins(2), false);
+    assert_eq!(finishing(t0() + mins(9)), None);
+    assert!(
+        matches!(finishing(t0() + mins(10)), Some(SessionSignal::Drain(w)) if w.contains("ended at") && w.contains("wicket login"))
+    );
+    assert!(matches!(
+        finishing(t0() + mins(11)),
+        Some(SessionSignal::Drain(_))
+    ));
 }
 
 proptest! {

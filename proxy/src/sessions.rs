@@ -50,9 +50,10 @@ pub enum Signal {
     Run,
     /// Tell the user (once) that the grant ends soon.
     Warn(String),
-    /// The grant ended but sessions may finish (`disconnect_on_expiry:
-    /// false`): what runs goes on, nothing new starts (no new SSH channels).
-    /// The text names the request and why.
+    /// The grant (or, under standing roles, the login) ended but sessions
+    /// may finish (`disconnect_on_expiry: false`): what runs goes on,
+    /// nothing new starts (no new SSH channels). The text names the request
+    /// or the login, and why.
     Drain(String),
     /// End now; the text names the request and why.
     End(String),
@@ -307,6 +308,12 @@ impl Sessions {
                 Some(SessionSignal::Warn(text)) if *e.tx.borrow() == Signal::Run => {
                     e.warned = true;
                     e.tx.send_replace(Signal::Warn(text));
+                }
+                // Once: a draining session stays draining.
+                Some(SessionSignal::Drain(why))
+                    if matches!(*e.tx.borrow(), Signal::Run | Signal::Warn(_)) =>
+                {
+                    e.tx.send_replace(Signal::Drain(why));
                 }
                 _ => {}
             }
@@ -667,6 +674,19 @@ mod tests {
         sessions.end_with_certificates(at(1_500), warn, true);
         assert_eq!(*extended.signal.borrow(), Signal::Run);
         assert_eq!(sessions.end_with_certificates(at(2_000), warn, true), 1);
+        // Sessions may finish: one under standing roles drains at its
+        // login's end (nothing new starts), and stays drained.
+        let finishing = sessions.register(info(3_000, &[]));
+        assert_eq!(sessions.end_with_certificates(at(2_999), warn, false), 0);
+        assert_eq!(*finishing.signal.borrow(), Signal::Run);
+        for t in [3_000, 3_500] {
+            assert_eq!(sessions.end_with_certificates(at(t), warn, false), 0);
+            assert!(
+                matches!(&*finishing.signal.borrow(), Signal::Drain(w) if w.contains("the login behind this session ended")),
+                "{:?}",
+                *finishing.signal.borrow()
+            );
+        }
     }
 
     #[tokio::test]

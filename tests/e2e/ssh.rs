@@ -1796,6 +1796,104 @@ fn after_the_grant_ends_a_kept_connection_opens_no_new_channels() {
     );
 }
 
+/// A kept connection under standing roles, with sessions allowed to finish
+/// (`disconnect_on_expiry: false`), drains when its login ends, as one
+/// under a grant does when the grant ends: what runs finishes, and no new
+/// shell or command starts on it (a multiplexed `ssh` would otherwise go on
+/// past the login without a password).
+#[test]
+fn after_the_login_ends_a_kept_standing_connection_starts_nothing_new() {
+    let lab = Lab::start_full(
+        ", disconnect_on_expiry: false",
+        "certificates: { login_ttl: 8s }",
+    );
+    let alice = lab.user("alice", "direct");
+    let cfg = ssh_config(&alice);
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = dir.path().join("cm");
+    let stop = dir.path().join("stop");
+    let mux = |master: bool| {
+        let mut c = ssh(&cfg);
+        c.args(["-o", &format!("ControlPath={}", ctl.display())])
+            .args([
+                "-o",
+                &format!("ControlMaster={}", if master { "yes" } else { "no" }),
+            ]);
+        c
+    };
+    let mut master = mux(true)
+        .arg(lab.dest())
+        .arg(format!("{}; echo finished", wait_for_file(&stop)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // What the master's session is told, as it comes.
+    let told = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let told = told.clone();
+        let mut err = master.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut err, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                told.lock().unwrap().push_str(&text(&buf[..n]));
+            }
+        })
+    };
+    wait_until("the control socket", Duration::from_secs(20), || {
+        ctl.exists().then_some(())
+    })
+    .unwrap();
+    let out = output(mux(false).arg(lab.dest()).arg("echo before"));
+    assert!(
+        out.status.success() && text(&out.stdout).trim() == "before",
+        "a new channel works while the login lasts: {}",
+        text(&out.stderr)
+    );
+
+    wait_until(
+        "the drain at the login's end",
+        Duration::from_secs(20),
+        || {
+            told.lock()
+                .unwrap()
+                .contains("new sessions on this connection are refused")
+                .then_some(())
+        },
+    )
+    .unwrap();
+    assert!(
+        told.lock()
+            .unwrap()
+            .contains("the login behind this session ended"),
+        "{}",
+        told.lock().unwrap()
+    );
+    let out = output(mux(false).arg(lab.dest()).arg("echo after"));
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "refused after the login: {err}");
+    assert!(
+        !text(&out.stdout).contains("after"),
+        "nothing ran on the node"
+    );
+    assert!(
+        err.contains("no new sessions on this connection")
+            && err.contains("the login behind this session ended"),
+        "{err}"
+    );
+
+    // The running command finishes normally.
+    std::fs::write(&stop, b"").unwrap();
+    let done = master.wait_with_output().unwrap();
+    reader.join().unwrap();
+    assert!(done.status.success(), "{}", told.lock().unwrap());
+    assert_eq!(text(&done.stdout).trim(), "finished");
+}
+
 /// Channels the node opens follow the same rule: after the grant ended, a
 /// program on the node of a kept session no longer reaches the user's X11
 /// display or agent.

@@ -863,7 +863,7 @@ impl Live {
                         Signal::Warn(text) => self.tell(&handle, &text).await,
                         Signal::Drain(why) => {
                             *lock(&self.refusing) = Some(why.clone());
-                            self.marker(&format!("grant ended, new channels refused: {why}"));
+                            self.marker(&format!("access ended, new channels refused: {why}"));
                             self.tell(
                                 &handle,
                                 &format!("{why}; what runs may finish, new sessions on this connection are refused"),
