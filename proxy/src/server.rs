@@ -37,15 +37,40 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops accepting and waits for the accept loop to end.
+    /// Stops accepting, then ends the live sessions and stores what they
+    /// and the audit queue still hold ([`Running::wait`]).
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        let _ = self.task.await;
+        self.wait().await;
     }
 
-    /// Runs until the accept loop ends (it ends on shutdown only).
+    /// Runs until the accept loop ends (it ends on shutdown only), then
+    /// ends the live sessions, each writing its `session_ended` and its
+    /// recording's end, and stores the audit events still queued: what a
+    /// restart would otherwise lose. Each wait is bounded ([`STOP_GRACE`]).
     pub async fn wait(self) {
         let _ = self.task.await;
+        let wicket = &self.wicket;
+        let live = wicket.sessions.end_all("wicketd is stopping");
+        let ended = tokio::time::timeout(STOP_GRACE, async {
+            while !wicket.sessions.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if ended.is_err() {
+            tracing::warn!(
+                live,
+                left = wicket.sessions.len(),
+                "sessions did not end in time; their end is not on the record"
+            );
+        }
+        if tokio::time::timeout(STOP_GRACE, wicket.audit_sink.flush())
+            .await
+            .is_err()
+        {
+            tracing::error!("the audit store did not take the last events in time; they are lost");
+        }
     }
 
     pub fn shutdown_handle(&self) -> watch::Sender<bool> {
@@ -138,6 +163,9 @@ pub async fn start(config: Config) -> Result<Running> {
 
 /// How often due request timers are checked.
 const TICK: Duration = Duration::from_millis(250);
+/// How long a stopping wicketd waits for its sessions to end, and then
+/// for the audit store to take the last events (each).
+const STOP_GRACE: Duration = Duration::from_secs(3);
 /// How often the audit chain's head is checked and recorded as seen.
 const CHAIN_WATCH: Duration = Duration::from_secs(2);
 

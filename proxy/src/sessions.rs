@@ -208,6 +208,11 @@ impl Sessions {
         self.end_where(|i| i.user == user, why)
     }
 
+    /// Ends every live session (wicketd is stopping). Returns how many.
+    pub fn end_all(&self, why: &str) -> usize {
+        self.end_where(|_| true, why)
+    }
+
     /// `user`'s live sessions that stand on their standing roles, by ID.
     fn standing_of(&self, user: &str) -> Vec<(String, Arc<StandingBasis>)> {
         self.lock()

@@ -1894,6 +1894,71 @@ fn after_the_login_ends_a_kept_standing_connection_starts_nothing_new() {
     assert_eq!(text(&done.stdout).trim(), "finished");
 }
 
+/// Stopping wicketd (SIGTERM) ends its live sessions on the record: each
+/// writes its `session_ended`, and the events still queued (the command
+/// it just ran) are stored before the process exits.
+#[test]
+fn a_stopping_wicketd_puts_its_sessions_ends_on_the_record() {
+    let lab = Lab::start();
+    let alice = lab.user("alice", "direct");
+    lab.d.add_user("sec", "auditor", PW, false).unwrap();
+    let cfg = ssh_config(&alice);
+    let dir = tempfile::tempdir().unwrap();
+    let never = dir.path().join("never");
+    let mut session = ssh(&cfg)
+        .arg(lab.dest())
+        .arg(format!("echo started; {}", wait_for_file(&never)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 8];
+    std::io::Read::read_exact(session.stdout.as_mut().unwrap(), &mut first).unwrap();
+    assert_eq!(&first, b"started\n");
+    let Lab { d, node, .. } = lab;
+    let d = d.restart().unwrap();
+    let out = wait_until("the ssh client to end", Duration::from_secs(10), || {
+        session.try_wait().unwrap()
+    })
+    .unwrap();
+    assert!(!out.success());
+    // The restarted wicketd listens elsewhere: a new login.
+    let auditor = WicketCli::logged_in(&d, "sec", PW).unwrap();
+    let events = wait_until(
+        "the session's end on record",
+        Duration::from_secs(10),
+        || {
+            let events = auditor.audit(&["--user", "alice"]).ok()?;
+            events
+                .iter()
+                .any(|e| e["kind"] == "session_ended")
+                .then_some(events)
+        },
+    )
+    .unwrap();
+    let of = |kind: &str| -> Vec<&Value> { events.iter().filter(|e| e["kind"] == kind).collect() };
+    let ended = of("session_ended");
+    assert_eq!(ended.len(), 1, "{events:?}");
+    assert!(
+        ended[0]["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("wicketd is stopping"),
+        "{events:?}"
+    );
+    let execs = of("ssh_exec");
+    assert!(
+        execs.len() == 1
+            && execs[0]["data"]["command"]
+                .as_str()
+                .unwrap()
+                .starts_with("echo started;"),
+        "{events:?}"
+    );
+    drop((d, node));
+}
+
 /// Channels the node opens follow the same rule: after the grant ended, a
 /// program on the node of a kept session no longer reaches the user's X11
 /// display or agent.
