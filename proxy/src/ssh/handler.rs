@@ -97,6 +97,18 @@ const FORWARD_SETTLE: Duration = Duration::from_secs(2);
 /// cannot exhaust the proxy's memory.
 const MAX_CHANNELS: usize = 256;
 
+/// Bytes from the user waiting, on one connection, for session channels'
+/// nodes to take them: past this, the connection's reads wait (the node's
+/// window already holds what it will take), so a client whose commands do
+/// not read their input cannot make the proxy hold data without bound.
+const QUEUED_TO_NODES: u32 = 8 << 20;
+
+/// Messages one channel holds in each direction inside the SSH sessions
+/// (user side and node side) and in its queue to the node, before that
+/// channel's reads wait: 16 packets of at most 32 KiB. With
+/// [`MAX_CHANNELS`], this bounds what one connection holds.
+pub(crate) const CHANNEL_QUEUE: usize = 16;
+
 /// Refusals for the rate are marked in the recording at most this often.
 const RATE_MARK_EVERY: Duration = Duration::from_secs(10);
 
@@ -899,8 +911,9 @@ impl Live {
 
 /// What the user → node task sends.
 enum Up {
-    Data(Bytes),
-    Ext(u32, Bytes),
+    /// With its share of [`QUEUED_TO_NODES`], given back once written.
+    Data(Bytes, tokio::sync::OwnedSemaphorePermit),
+    Ext(u32, Bytes, tokio::sync::OwnedSemaphorePermit),
     Eof,
     Pty {
         term: String,
@@ -964,9 +977,40 @@ pub(crate) struct Conn {
     denied: HashMap<ChannelId, (russh::ChannelWriteHalf<Msg>, String, ChannelSlot)>,
     /// Its places at the listener, for as long as the connection lasts.
     admitted: Admission,
+    /// What is left of [`QUEUED_TO_NODES`].
+    queued: QueueBudget,
+}
+
+/// A connection's bytes from the user waiting for their nodes: at most
+/// `limit` at once.
+#[derive(Clone)]
+struct QueueBudget {
+    left: Arc<tokio::sync::Semaphore>,
+    limit: u32,
+}
+
+impl QueueBudget {
+    fn new(limit: u32) -> Self {
+        Self {
+            left: Arc::new(tokio::sync::Semaphore::new(limit as usize)),
+            limit,
+        }
+    }
+
+    /// A share for `len` bytes, once there is room (a message larger than
+    /// the whole budget takes all of it).
+    async fn share(&self, len: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let n = u32::try_from(len).unwrap_or(self.limit).min(self.limit);
+        self.left.clone().acquire_many_owned(n).await.ok()
+    }
 }
 
 impl Conn {
+    /// A share of [`QUEUED_TO_NODES`] for `len` bytes from the user.
+    async fn queue_share(&self, len: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.queued.share(len).await
+    }
+
     pub(crate) fn new(
         proxy: Arc<SshProxy>,
         peer: SocketAddr,
@@ -982,6 +1026,7 @@ impl Conn {
             access: Access::Pending,
             channels: HashMap::new(),
             denied: HashMap::new(),
+            queued: QueueBudget::new(QUEUED_TO_NODES),
             admitted,
         }
     }
@@ -1387,8 +1432,8 @@ where
 async fn run_to_node(mut rx: mpsc::Receiver<Up>, up: russh::ChannelWriteHalf<russh::client::Msg>) {
     while let Some(m) = rx.recv().await {
         let r = match m {
-            Up::Data(d) => up.data_bytes(d).await,
-            Up::Ext(ext, d) => up.extended_data_bytes(ext, d).await,
+            Up::Data(d, _queued) => up.data_bytes(d).await,
+            Up::Ext(ext, d, _queued) => up.extended_data_bytes(ext, d).await,
             Up::Eof => up.eof().await,
             Up::Pty {
                 term,
@@ -1680,7 +1725,7 @@ impl server::Handler for Conn {
                 let (_down_read, down_write) = channel.split();
                 let (up_read, up_write) = up.split();
                 let id = down_write.id();
-                let (tx, rx) = mpsc::channel(64);
+                let (tx, rx) = mpsc::channel(CHANNEL_QUEUE);
                 let replies: Replies = Arc::default();
                 let rec = Arc::new(ChanRec {
                     sftp: std::sync::OnceLock::new(),
@@ -1959,7 +2004,13 @@ impl server::Handler for Conn {
                 }
             }
         }
-        let _ = c.to_up.send(Up::Data(Bytes::copy_from_slice(data))).await;
+        let Some(queued) = self.queue_share(data.len()).await else {
+            return Ok(());
+        };
+        let _ = c
+            .to_up
+            .send(Up::Data(Bytes::copy_from_slice(data), queued))
+            .await;
         Ok(())
     }
 
@@ -1975,9 +2026,12 @@ impl server::Handler for Conn {
                 live.bytes_in
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
             }
+            let Some(queued) = self.queue_share(data.len()).await else {
+                return Ok(());
+            };
             let _ = c
                 .to_up
-                .send(Up::Ext(code, Bytes::copy_from_slice(data)))
+                .send(Up::Ext(code, Bytes::copy_from_slice(data), queued))
                 .await;
         }
         Ok(())
@@ -2332,6 +2386,39 @@ mod tests {
             .collect();
         assert!(held.iter().all(Option::is_some));
         assert!(matches!(slots.take(t0, Side::Node), Err(NoSlot::Full)));
+    }
+
+    /// What waits for the nodes, over all of a connection's channels, is
+    /// bounded: past the budget a share waits until one is given back.
+    #[tokio::test]
+    async fn bytes_queued_for_the_nodes_are_bounded_per_connection() {
+        let budget = QueueBudget::new(64 << 10);
+        let mut held = vec![
+            budget.share(32 << 10).await.unwrap(),
+            budget.share(32 << 10).await.unwrap(),
+        ];
+        assert_eq!(budget.left.available_permits(), 0);
+        let take = |len: usize| {
+            let b = budget.clone();
+            tokio::spawn(async move { b.share(len).await.map(|p| p.num_permits()) })
+        };
+        let small = take(1);
+        // Larger than the whole budget: it waits for all of it, and then
+        // goes through (it is not stuck for ever).
+        let big = take(1 << 20);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!small.is_finished() && !big.is_finished());
+        held.pop();
+        assert_eq!(small.await.unwrap(), Some(1));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!big.is_finished());
+        held.clear();
+        assert_eq!(big.await.unwrap(), Some(64 << 10));
+        assert_eq!(budget.left.available_permits(), 64 << 10);
     }
 
     #[tokio::test]

@@ -176,7 +176,7 @@ impl SshProxy {
             },
             nodelay: true,
             window_size: 4 * 1024 * 1024,
-            channel_buffer_size: 64,
+            channel_buffer_size: handler::CHANNEL_QUEUE,
             inactivity_timeout: None,
             keepalive_interval: Some(Duration::from_secs(60)),
             ..Default::default()
@@ -260,7 +260,7 @@ impl SshProxy {
             // Writes to the user wait for the user's window first, so a
             // deep queue here is bounded by it and never blocks the relay.
             event_buffer_size: 256,
-            channel_buffer_size: 256,
+            channel_buffer_size: handler::CHANNEL_QUEUE,
             window_size: 4 * 1024 * 1024,
             max_auth_attempts: 6,
             preferred: russh::Preferred {
