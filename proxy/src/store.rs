@@ -365,7 +365,27 @@ CREATE INDEX access_requests_awaiting ON access_requests (awaiting_review, creat
         sqlite: &[],
         postgres: &[],
     },
+    // The requests a session stands on past the first (whose ID is in its
+    // events' `request_id`), so a search or count by request finds the
+    // events of every session it allowed. Written with the session's
+    // `session_started`; sessions from before are found from theirs when
+    // this runs ([`session_requests_from_events`]).
+    Migration {
+        version: 16,
+        sql: r#"
+CREATE TABLE session_requests (
+    request_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    PRIMARY KEY (request_id, session_id)
+)
+"#,
+        sqlite: &[],
+        postgres: &[],
+    },
 ];
+
+/// The migration that adds [`session_requests_from_events`].
+const SESSION_REQUESTS_MIGRATION: i64 = 16;
 
 /// The migration that keys the audit chain (see [`key_chain`]).
 const KEY_MIGRATION: i64 = 10;
@@ -436,6 +456,12 @@ async fn next_change(tx: &mut Transaction<'static, Any>) -> Result<i64> {
             .try_get(0)?,
     )
 }
+
+/// Audit events under request `$1`: those naming it, and those of the
+/// sessions that stood on it among other requests ([`session_requests`]).
+///
+/// [`session_requests`]: SESSION_REQUESTS_MIGRATION
+const BY_REQUEST: &str = "(request_id = $1 OR session_id IN (SELECT session_id FROM session_requests WHERE request_id = $1))";
 
 /// Counts one requester's requests awaiting review (`$1`: the requester).
 const AWAITING_REVIEW: &str =
@@ -688,6 +714,9 @@ impl Store {
             }
             if m.version == KEY_MIGRATION {
                 keyed = Some(key_chain(&mut tx, self.backend, &self.chain, marker).await?);
+            }
+            if m.version == SESSION_REQUESTS_MIGRATION {
+                session_requests_from_events(&mut tx).await?;
             }
             sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
                 .bind(m.version)
@@ -1638,7 +1667,15 @@ impl Store {
         ] {
             if let Some(v) = val {
                 binds.push(v);
-                sql.push_str(&format!(" AND {col} = ${}", binds.len() + 3));
+                let n = binds.len() + 3;
+                if col == "request_id" {
+                    sql.push_str(&format!(
+                        " AND {}",
+                        BY_REQUEST.replace("$1", &format!("${n}"))
+                    ));
+                } else {
+                    sql.push_str(&format!(" AND {col} = ${n}"));
+                }
             }
         }
         if let Some(kind) = &f.kind {
@@ -1702,7 +1739,7 @@ impl Store {
         let marks: Vec<String> = (0..kinds.len()).map(|i| format!("${}", i + 2)).collect();
         let sql = format!(
             "SELECT CAST(COALESCE(SUM(CASE WHEN actions IS NOT NULL THEN actions \
-             WHEN kind IN ({}) THEN 1 ELSE 0 END), 0) AS BIGINT) FROM audit_events WHERE request_id = $1",
+             WHEN kind IN ({}) THEN 1 ELSE 0 END), 0) AS BIGINT) FROM audit_events WHERE {BY_REQUEST}",
             marks.join(", ")
         );
         let mut q = sqlx::query(&sql).bind(request_id);
@@ -2148,7 +2185,54 @@ async fn insert_audit(
         }
         q.execute(&mut **tx).await?;
     }
+    for r in rows.iter().filter(|r| r.kind == "session_started") {
+        if let Some(session) = &r.session_id {
+            note_session_requests(tx, session, &r.data).await?;
+        }
+    }
     chain.store(tx).await
+}
+
+/// Records the requests a session stands on past the first, from its
+/// `session_started` event's data (`request_ids`).
+async fn note_session_requests(
+    tx: &mut Transaction<'static, Any>,
+    session: &str,
+    data: &str,
+) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Started {
+        #[serde(default)]
+        request_ids: Vec<String>,
+    }
+    let ids = serde_json::from_str::<Started>(data)
+        .map(|s| s.request_ids)
+        .unwrap_or_default();
+    for id in ids.iter().skip(1) {
+        sqlx::query(
+            "INSERT INTO session_requests (request_id, session_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .bind(session)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Migration 16: the sessions stored before it that stood on several
+/// requests.
+async fn session_requests_from_events(tx: &mut Transaction<'static, Any>) -> Result<()> {
+    let rows = sqlx::query(
+        "SELECT session_id, data FROM audit_events WHERE kind = 'session_started' AND session_id IS NOT NULL AND data LIKE '%\"request_ids\":[%,%'",
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    for r in &rows {
+        let (session, data): (String, String) = (r.try_get(0)?, r.try_get(1)?);
+        note_session_requests(tx, &session, &data).await?;
+    }
+    Ok(())
 }
 
 /// The audit chain's head (last place and hash) inside a transaction that

@@ -436,6 +436,47 @@ fn commands_through_the_proxy_match_direct_and_the_node_log_names_the_request() 
     assert!(g["actions_taken"].as_i64().unwrap() >= 4, "{g}");
 }
 
+/// A session that stands on two grants is on the record under each: the
+/// audit search by either request finds its events, and each request
+/// counts its actions.
+#[test]
+fn a_session_under_two_grants_is_found_under_each() {
+    let lab = Lab::start();
+    let alice = lab.user("alice", "access");
+    let first = lab.grant(&alice, "node-admin", "10m");
+    let second = lab.grant(&alice, "agent-ok", "10m");
+    alice
+        .ok(&["login", "--request-id", &first, "--request-id", &second])
+        .unwrap();
+    let cfg = ssh_config(&alice);
+    let out = output(ssh(&cfg).arg(lab.dest()).arg("echo two-grants"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for id in [&first, &second] {
+        let kinds = wait_until(
+            "the session under the request",
+            Duration::from_secs(10),
+            || {
+                let events = alice.audit(&["--user", "alice", "--request", id]).ok()?;
+                let kinds: Vec<String> = events
+                    .iter()
+                    .map(|e| e["kind"].as_str().unwrap_or_default().to_owned())
+                    .collect();
+                kinds.iter().any(|k| k == "session_ended").then_some(kinds)
+            },
+        )
+        .unwrap();
+        for k in ["session_started", "ssh_exec"] {
+            assert!(kinds.iter().any(|x| x == k), "{id}: {k} missing: {kinds:?}");
+        }
+        let g = alice
+            .ok(&["request", "show", id, "--format", "json"])
+            .unwrap()
+            .json()
+            .unwrap();
+        assert!(g["actions_taken"].as_i64().unwrap() >= 2, "{g}");
+    }
+}
+
 #[test]
 fn denials_are_specific() {
     let lab = Lab::start();

@@ -758,6 +758,8 @@ async fn statement_events(store: &Store) {
     for (n, session) in ["busy-1", "busy-2"].into_iter().enumerate() {
         all.push(ev(3002 + n, session, "session_ended", 100_400));
     }
+    // busy-2 stood on a second request too.
+    all[1].data = r#"{"event":"session_started","session_id":"busy-2","request_ids":["req-busy","req-second"]}"#.into();
     // As the audit writer hands them over: batches, sessions interleaved.
     for batch in all.chunks(1000) {
         store.append_audit_batch(batch).await.unwrap();
@@ -821,6 +823,19 @@ async fn statement_events(store: &Store) {
     assert_eq!(
         store.count_request_actions("req-busy").await.unwrap(),
         2 + 1500
+    );
+    // The second request busy-2 stood on finds its events and its actions,
+    // though they name the first.
+    let second = search(AuditFilter {
+        request_id: Some("req-second".into()),
+        limit: 10_000,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(second, of("busy-2"));
+    assert_eq!(
+        store.count_request_actions("req-second").await.unwrap(),
+        1 + 750
     );
 
     // The chain holds: the events count once each; then a changed count of
@@ -1148,10 +1163,32 @@ async fn recordings(store: &Store) {
     assert!(store.recording_data("s1").await.unwrap().is_none());
 }
 
-/// Migration 15 marks the requests from before it that await a review: by
-/// state, and break-glass grants nobody acknowledged (by their document).
-async fn awaiting_review_backfill(storage: &Storage, dir: &std::path::Path) {
+/// Migrations 15 and 16 on a store from before them. 15 marks the
+/// requests that await a review: by state, and break-glass grants nobody
+/// acknowledged (by their document). 16 finds the sessions that stood on
+/// several requests from their `session_started` events.
+async fn migrations_from_14(storage: &Storage, dir: &std::path::Path) {
     let store = Store::open(storage, dir, key_in(dir)).await.unwrap();
+    let started = |session: &str, ids: &str| AuditRow {
+        session_id: Some(session.into()),
+        request_id: Some("b1".into()),
+        data: format!(
+            r#"{{"event":"session_started","session_id":"{session}","request_ids":{ids}}}"#
+        ),
+        ..event(
+            &format!("start-{session}"),
+            "session_started",
+            "erin",
+            5_000,
+        )
+    };
+    let sessions = [
+        started("two", r#"["b1","b22"]"#),
+        started("one", r#"["b1"]"#),
+        started("three", r#"["b1","b22","b333"]"#),
+    ];
+    store.append_audit_batch(&sessions).await.unwrap();
+    exec(&store, &["DELETE FROM session_requests"]).await;
     let row = |id: &str, state: &str, doc: &str| StoredRequest {
         id: id.into(),
         requester: "erin".into(),
@@ -1180,19 +1217,37 @@ async fn awaiting_review_backfill(storage: &Storage, dir: &std::path::Path) {
         rows.into_iter().map(|r| r.id).collect::<Vec<_>>()
     };
     assert!(listed(store.clone()).await.is_empty());
+    let by_request = |store: Store, id: &'static str| async move {
+        let f = AuditFilter {
+            request_id: Some(id.into()),
+            ..Default::default()
+        };
+        let found = store.search_audit(&f).await.unwrap();
+        let mut sessions: Vec<String> = found.into_iter().filter_map(|e| e.session_id).collect();
+        sessions.sort_unstable();
+        sessions
+    };
+    assert!(by_request(store.clone(), "b22").await.is_empty());
     // Back to schema 14, as an older wicketd left it, then open again.
     exec(
         &store,
         &[
             "DROP INDEX access_requests_awaiting",
             "ALTER TABLE access_requests DROP COLUMN awaiting_review",
-            "DELETE FROM schema_migrations WHERE version = 15",
+            "DROP TABLE session_requests",
+            "DELETE FROM schema_migrations WHERE version IN (15, 16)",
         ],
     )
     .await;
     drop(store);
     let store = Store::open(storage, dir, key_in(dir)).await.unwrap();
-    assert_eq!(listed(store).await, ["b666666", "b333", "b22", "b1"]);
+    assert_eq!(
+        listed(store.clone()).await,
+        ["b666666", "b333", "b22", "b1"]
+    );
+    assert_eq!(by_request(store.clone(), "b22").await, ["three", "two"]);
+    assert_eq!(by_request(store.clone(), "b333").await, ["three"]);
+    assert_eq!(by_request(store, "b1").await, ["one", "three", "two"]);
 }
 
 #[test]
@@ -1208,7 +1263,7 @@ fn store_on_sqlite() {
         let cut = tempfile::tempdir().unwrap();
         cut_tail(&Storage::Sqlite, cut.path()).await;
         let backfill = tempfile::tempdir().unwrap();
-        awaiting_review_backfill(&Storage::Sqlite, backfill.path()).await;
+        migrations_from_14(&Storage::Sqlite, backfill.path()).await;
         statement_events(&store).await;
         change_feed(&store).await;
         cancel_keys(&store).await;
@@ -1261,7 +1316,7 @@ fn store_on_postgresql() {
         cut_tail(&Storage::Postgres(pg.url("cut")), cut.path()).await;
         pg.create_database("backfill").unwrap();
         let backfill = tempfile::tempdir().unwrap();
-        awaiting_review_backfill(&Storage::Postgres(pg.url("backfill")), backfill.path()).await;
+        migrations_from_14(&Storage::Postgres(pg.url("backfill")), backfill.path()).await;
         // A check that waits over 2 s for its key's lock (a flood) is
         // refused with a short retry, not left holding a connection.
         let mut tx = a.begin().await.unwrap();
