@@ -44,6 +44,7 @@ impl IntoResponse for Error {
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Error::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Error::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Error::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             Error::Ca(wicket_ca::Error::InvalidRequest(_))
             | Error::Ca(wicket_ca::Error::MalformedPublicKey(_)) => {
                 (StatusCode::BAD_REQUEST, "bad_request")
@@ -66,8 +67,13 @@ impl IntoResponse for Error {
             }),
         )
             .into_response();
-        if let Error::RateLimited { retry_after_secs } = self {
-            if let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string()) {
+        let retry_after = match self {
+            Error::RateLimited { retry_after_secs } => Some(retry_after_secs),
+            Error::Busy(_) => Some(1),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
             }
         }
@@ -532,6 +538,25 @@ impl http_body::Body for LoadedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Errors map to their status in one place: a busy moment is 503 with a
+    /// retry, an internal error says nothing of its cause.
+    #[test]
+    fn errors_map_to_their_status() {
+        let busy =
+            Error::Busy("too many recordings are being loaded; try again".into()).into_response();
+        assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(busy.headers()[header::RETRY_AFTER], "1");
+        let limited = Error::RateLimited {
+            retry_after_secs: 30,
+        }
+        .into_response();
+        assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(limited.headers()[header::RETRY_AFTER], "30");
+        let internal = Error::Internal("secret detail".into()).into_response();
+        assert_eq!(internal.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!internal.headers().contains_key(header::RETRY_AFTER));
+    }
 
     /// A loaded recording goes out in chunks too, holding its permit until
     /// the last one is taken.

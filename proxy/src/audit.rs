@@ -263,6 +263,10 @@ pub struct SessionRef {
     pub request_ids: Vec<String>,
 }
 
+/// The actor of what wicketd does by itself (timers, retention); no user
+/// may take the name.
+pub const SYSTEM_ACTOR: &str = "wicketd";
+
 /// Kinds that count as actions taken under a grant.
 pub const SESSION_ACTION_KINDS: &[&str] = &[
     "session_started",
@@ -334,7 +338,7 @@ impl AuditEvent {
             | Self::SessionDenied { user, .. } => user,
             Self::AccessRequest { actor, .. } => actor,
             // The session's user did not do it.
-            Self::RecordingDeleted { .. } => "wicketd",
+            Self::RecordingDeleted { .. } => SYSTEM_ACTOR,
             _ => self.session().map(|s| s.user.as_str()).unwrap_or_default(),
         }
     }

@@ -16,6 +16,9 @@ pub enum Error {
     Conflict(String),
     #[error("too many failed attempts; try again in {retry_after_secs}s")]
     RateLimited { retry_after_secs: u64 },
+    /// Busy for a moment (a bounded resource is taken): try again soon.
+    #[error("{0}")]
+    Busy(String),
     #[error("certificate authority: {0}")]
     Ca(#[from] wicket_ca::Error),
     #[error("storage: {0}")]

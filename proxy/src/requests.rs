@@ -301,7 +301,7 @@ impl Wicket {
         now: DateTime<Utc>,
         event: impl Fn(&AccessRequest) -> Event,
     ) -> Result<AccessRequest> {
-        let actor = by.map_or("wicketd", |a| a.actor.name.as_str());
+        let actor = by.map_or(crate::audit::SYSTEM_ACTOR, |a| a.actor.name.as_str());
         for _ in 0..5 {
             let (current, version) = self.load(id).await?;
             if let Some(a) = by {

@@ -1011,6 +1011,11 @@ pub async fn add_user(
             "user name {name:?} must be 1-64 characters of [A-Za-z0-9._@-]"
         )));
     }
+    if name == crate::audit::SYSTEM_ACTOR {
+        return Err(Error::BadRequest(format!(
+            "user name {name:?} is the daemon's own in the audit log; choose another"
+        )));
+    }
     check_standing_roles(config, &roles)?;
     if let Some(t) = &team {
         if !config.policy.directory.teams.contains_key(t) {

@@ -484,6 +484,12 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("already exists"), "{e}");
+    // The daemon's own name in the audit log is no user's.
+    let e = d
+        .add_user("wicketd", "access", PASSWORD, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("the daemon's own in the audit log"), "{e}");
     // A pin that does not match refuses to talk to the proxy.
     let other = WicketCli::new().unwrap();
     let bad_pin = format!("sha256:{}", "0".repeat(64));

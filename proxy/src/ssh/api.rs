@@ -351,7 +351,7 @@ impl Wicket {
             .await?
             .ok_or_else(not_found)?;
         self.recording_access(caller, Some(&meta.user)).await?;
-        let busy = || Error::Internal("too many recordings are being loaded; try again".into());
+        let busy = || Error::Busy("too many recordings are being loaded; try again".into());
         let permit = tokio::time::timeout(LOAD_WAIT, LOADING.acquire())
             .await
             .map_err(|_| busy())?
