@@ -1835,6 +1835,17 @@ fn after_the_grant_ends_a_kept_connection_opens_no_new_channels() {
         !commands.iter().any(|c| c.contains("echo after")),
         "{commands:?}"
     );
+    // Each refusal is in the audit, with its reason.
+    let denied = auditor
+        .audit(&["--user", "alice", "--kind", "access_denied"])
+        .unwrap();
+    for action in ["ssh.session", "ssh.port_forward"] {
+        assert!(
+            denied.iter().any(|e| e["data"]["action"] == action
+                && e["data"]["reason"].as_str().unwrap().contains(&id)),
+            "{action}: {denied:?}"
+        );
+    }
 }
 
 /// A kept connection under standing roles, with sessions allowed to finish
@@ -2071,6 +2082,17 @@ fn after_the_grant_ends_a_kept_connection_takes_no_channels_from_the_node() {
         assert!(
             markers[1].contains("refused") && markers[1].contains(&id),
             "{markers:?}"
+        );
+    }
+    // And the audit, with the reason.
+    let denied = auditor
+        .audit(&["--user", "alice", "--kind", "access_denied"])
+        .unwrap();
+    for action in ["ssh.x11", "ssh.agent"] {
+        assert!(
+            denied.iter().any(|e| e["data"]["action"] == action
+                && e["data"]["reason"].as_str().unwrap().contains(&id)),
+            "{action}: {denied:?}"
         );
     }
 }

@@ -407,7 +407,7 @@ impl ConnShared {
         what: &str,
     ) -> Option<(Arc<Live>, server::Handle, ChannelSlot)> {
         let live = lock(&self.live).clone();
-        let (Some(live), Some(handle), true) = (live, self.server_handle(), allowed) else {
+        let (Some(live), Some(handle)) = (live, self.server_handle()) else {
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
@@ -421,19 +421,29 @@ impl ConnShared {
                 return None;
             }
         };
+        // Each refusal is on the recording and in the audit, with why.
+        let action = match kind {
+            SshForwarding::Port => "remote_forward",
+            SshForwarding::X11 => "x11",
+            SshForwarding::Agent => "agent",
+        };
         // Asked for and allowed earlier; the policy is asked again for
         // each channel, as the roles it rested on may have ended.
-        if !live.may_forward(kind) {
-            live.marker(&format!(
-                "{what} refused: the roles that allowed it no longer hold"
-            ));
-            reply
-                .reject(ChannelOpenFailure::AdministrativelyProhibited)
-                .await;
-            return None;
-        }
-        if let Some(why) = live.refusing() {
-            live.marker(&format!("{what} refused: {why}"));
+        let why = if !allowed {
+            Some("the user's connection did not ask for it, or was refused it".to_owned())
+        } else {
+            let d = live.may_forward(kind);
+            if d.allowed {
+                live.refusing()
+            } else {
+                Some(format!(
+                    "the roles that allowed it no longer hold: {}",
+                    d.reason
+                ))
+            }
+        };
+        if let Some(why) = why {
+            live.refused_as(action, what, &why).await;
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
@@ -591,14 +601,12 @@ impl Live {
 
     /// Whether the policy still allows forwarding `kind` (a role or the
     /// login it rests on may have ended since it was asked for).
-    fn may_forward(&self, kind: SshForwarding) -> bool {
-        self.proxy
-            .wicket
-            .config
-            .policy
-            .roles
-            .decide_ssh_forwarding(&self.subject(), &self.node, kind)
-            .allowed
+    fn may_forward(&self, kind: SshForwarding) -> wicket_policy::Decision {
+        self.proxy.wicket.config.policy.roles.decide_ssh_forwarding(
+            &self.subject(),
+            &self.node,
+            kind,
+        )
     }
 
     /// The session's recorder, created on first use with this terminal size.
@@ -777,10 +785,16 @@ impl Live {
     /// Puts a refused `what` (`ssh.<what>` in the audit) and why on the
     /// recording and in the audit.
     async fn refused_on_record(&self, what: &str, why: &str) {
+        self.refused_as(what, what, why).await;
+    }
+
+    /// Puts a refused `what` on the recording, and in the audit as action
+    /// `ssh.<action>`, with why.
+    async fn refused_as(&self, action: &str, what: &str, why: &str) {
         self.marker(&format!("{what} refused: {why}"));
         self.audit(AuditEvent::AccessDenied {
             user: self.sref.user.clone(),
-            action: format!("ssh.{what}"),
+            action: format!("ssh.{action}"),
             reason: why.to_owned(),
         })
         .await;
@@ -1704,7 +1718,8 @@ impl server::Handler for Conn {
             Access::Live(live) => {
                 let live = live.clone();
                 if let Some(why) = live.refusing() {
-                    live.marker(&format!("new session channel refused: {why}"));
+                    live.refused_as("session", "new session channel", &why)
+                        .await;
                     let line = format!(
                         "wicket: refused: {why}; no new sessions on this connection (request access again)\r\n"
                     );
@@ -1798,9 +1813,8 @@ impl server::Handler for Conn {
             }
         };
         if let Some(why) = live.refusing() {
-            live.marker(&format!(
-                "port forward to {host_to_connect}:{port_to_connect} refused: {why}"
-            ));
+            let what = format!("port forward to {host_to_connect}:{port_to_connect}");
+            live.refused_as("port_forward", &what, &why).await;
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
@@ -1868,9 +1882,8 @@ impl server::Handler for Conn {
             return Ok(false);
         }
         if let Some(why) = live.refusing() {
-            live.marker(&format!(
-                "remote forward from the node's {address}:{asked} refused: {why}"
-            ));
+            let what = format!("remote forward from the node's {address}:{asked}");
+            live.refused_as("remote_forward", &what, &why).await;
             return Ok(false);
         }
         if !self
