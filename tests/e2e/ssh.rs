@@ -436,6 +436,48 @@ fn commands_through_the_proxy_match_direct_and_the_node_log_names_the_request() 
     assert!(g["actions_taken"].as_i64().unwrap() >= 4, "{g}");
 }
 
+/// A session that only forwards (`ssh -W`) has its forward on its
+/// recording too: what is marked before the recording is made is kept for
+/// it.
+#[test]
+fn a_session_that_only_forwards_has_its_forward_on_its_recording() {
+    let lab = Lab::start();
+    let alice = lab.user("alice", "access");
+    let id = lab.grant(&alice, "node-admin", "10m");
+    let cfg = ssh_config(&alice);
+    let target = format!("127.0.0.1:{}", lab.node.port());
+    let out = output(ssh(&cfg).args(["-W", &target]).arg(lab.dest()));
+    assert!(
+        text(&out.stdout).starts_with("SSH-2.0-"),
+        "{}",
+        text(&out.stderr)
+    );
+    let list = recordings_of(&alice, &id);
+    let sid = list[0]["session_id"].as_str().unwrap().to_owned();
+    let cast = alice
+        .ok(&["play", &sid, "--format", "cast"])
+        .unwrap()
+        .stdout;
+    let (_, events) = wicket::ssh::parse_cast(&cast).unwrap();
+    let markers: Vec<&str> = events
+        .iter()
+        .filter(|e| e.code == "m")
+        .map(|e| e.data.as_str())
+        .collect();
+    assert!(
+        markers
+            .first()
+            .is_some_and(|m| m.contains(&format!("port forward to {target}"))),
+        "{markers:?}"
+    );
+    assert!(
+        markers
+            .last()
+            .is_some_and(|m| m.starts_with("session ended")),
+        "{markers:?}"
+    );
+}
+
 /// A session that stands on two grants is on the record under each: the
 /// audit search by either request finds its events, and each request
 /// counts its actions.

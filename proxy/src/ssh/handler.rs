@@ -109,6 +109,10 @@ const QUEUED_TO_NODES: u32 = 8 << 20;
 /// [`MAX_CHANNELS`], this bounds what one connection holds.
 pub(crate) const CHANNEL_QUEUE: usize = 16;
 
+/// Markers kept for a recording not made yet (a session that only
+/// forwards); past this, later ones before it are not kept.
+const EARLY_MARKERS: usize = 256;
+
 /// Refusals for the rate are marked in the recording at most this often.
 const RATE_MARK_EVERY: Duration = Duration::from_secs(10);
 
@@ -549,6 +553,8 @@ pub(crate) struct Live {
     registration: Mutex<Option<SessionHandle>>,
     signal: watch::Receiver<Signal>,
     recorder: Mutex<Option<Arc<Recorder>>>,
+    /// Markers from before the recorder was made, with their times.
+    early_markers: Mutex<Vec<(std::time::Instant, String)>>,
     record_input: bool,
     /// `session.on_recording_failure: end`.
     end_on_recording_failure: bool,
@@ -633,7 +639,12 @@ impl Live {
                 self.started,
                 self.proxy.wicket.config.session.max_recording_bytes,
             ) {
-                Ok(r) => *g = Some(Arc::new(r)),
+                Ok(r) => {
+                    for (at, text) in lock(&self.early_markers).drain(..) {
+                        r.marker(at, &text);
+                    }
+                    *g = Some(Arc::new(r));
+                }
                 Err(e) => {
                     tracing::error!(session = %self.sref.session_id, error = %e, "cannot create the session recording");
                     return None;
@@ -713,9 +724,19 @@ impl Live {
         true
     }
 
+    /// Marks `text` in the recording; before it exists (a session that
+    /// has only forwarded so far), kept for it, up to [`EARLY_MARKERS`].
     fn marker(&self, text: &str) {
-        if let Some(r) = self.existing_recorder() {
-            r.marker(crate::clock::instant(), text);
+        let now = crate::clock::instant();
+        let g = lock(&self.recorder);
+        match &*g {
+            Some(r) => r.marker(now, text),
+            None => {
+                let mut early = lock(&self.early_markers);
+                if early.len() < EARLY_MARKERS {
+                    early.push((now, text.to_owned()));
+                }
+            }
         }
     }
 
@@ -1234,6 +1255,7 @@ impl Conn {
             registration: Mutex::new(Some(registration)),
             signal,
             recorder: Mutex::new(None),
+            early_markers: Mutex::new(Vec::new()),
             record_input: wicket.config.session.record_input,
             end_on_recording_failure: wicket.config.session.end_on_recording_failure,
             recording_failed: tokio::sync::Notify::new(),
