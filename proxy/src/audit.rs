@@ -102,6 +102,8 @@ pub enum AuditEvent {
         bytes_to_client: u64,
         /// Statements (PostgreSQL) or exec commands (SSH).
         statements: u64,
+        /// The exit status of the connection's first session channel (of
+        /// a multiplexed `ssh`, the master's command).
         #[serde(skip_serializing_if = "Option::is_none")]
         exit_status: Option<u32>,
         /// Audit events of this session dropped because the audit store

@@ -436,6 +436,57 @@ fn commands_through_the_proxy_match_direct_and_the_node_log_names_the_request() 
     assert!(g["actions_taken"].as_i64().unwrap() >= 4, "{g}");
 }
 
+/// On a multiplexed connection, `session_ended` carries the exit status
+/// of its first session's command, not of whichever ended last.
+#[test]
+fn a_multiplexed_connection_ends_with_its_first_sessions_status() {
+    let lab = Lab::start();
+    let alice = lab.user("alice", "direct");
+    let cfg = ssh_config(&alice);
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = dir.path().join("cm");
+    let mux = || {
+        let mut c = ssh(&cfg);
+        c.args(["-o", &format!("ControlPath={}", ctl.display())]);
+        c
+    };
+    let mut master = mux()
+        .args(["-N", "-o", "ControlMaster=yes"])
+        .arg(lab.dest())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the control socket", Duration::from_secs(20), || {
+        ctl.exists().then_some(())
+    })
+    .unwrap();
+    for code in [3, 5] {
+        let out = output(
+            mux()
+                .args(["-o", "ControlMaster=no"])
+                .arg(lab.dest())
+                .arg(format!("exit {code}")),
+        );
+        assert_eq!(out.status.code(), Some(code), "{}", text(&out.stderr));
+    }
+    let out = output(mux().args(["-O", "exit"]).arg(lab.dest()));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_until("the master to exit", Duration::from_secs(10), || {
+        master.try_wait().unwrap()
+    })
+    .unwrap();
+    let ended = wait_until("the session's end", Duration::from_secs(10), || {
+        let events = alice
+            .audit(&["--user", "alice", "--kind", "session_ended"])
+            .ok()?;
+        events.into_iter().next()
+    })
+    .unwrap();
+    assert_eq!(ended["data"]["exit_status"], 3, "{ended}");
+}
+
 /// A session that only forwards (`ssh -W`) has its forward on its
 /// recording too: what is marked before the recording is made is kept for
 /// it.

@@ -568,7 +568,11 @@ pub(crate) struct Live {
     audit_dropped: AtomicU64,
     /// Channel opens on this connection refused for the rate.
     channels_refused: Arc<AtomicU64>,
+    /// The exit status of the connection's first session channel (the
+    /// master's command of a multiplexed `ssh`), for `session_ended`.
     exit_status: Mutex<Option<u32>>,
+    /// That channel.
+    first_session_channel: std::sync::OnceLock<ChannelId>,
     end_reason: Mutex<Option<String>>,
     /// Set when the grant ended but sessions may finish
     /// (`disconnect_on_expiry: false`): why new channels are refused.
@@ -1267,6 +1271,7 @@ impl Conn {
             audit_dropped: AtomicU64::new(0),
             channels_refused: self.shared.slots.refused.clone(),
             exit_status: Mutex::new(None),
+            first_session_channel: std::sync::OnceLock::new(),
             end_reason: Mutex::new(None),
             refusing: Mutex::new(None),
             session_channels: Mutex::new(Vec::new()),
@@ -1590,7 +1595,9 @@ async fn run_to_user(
             ChannelMsg::Eof => eof_pending = true,
             ChannelMsg::Close => break,
             ChannelMsg::ExitStatus { exit_status } => {
-                *lock(&live.exit_status) = Some(exit_status);
+                if live.first_session_channel.get() == Some(&id) {
+                    *lock(&live.exit_status) = Some(exit_status);
+                }
                 let _ = handle.exit_status_request(id, exit_status).await;
                 if std::mem::take(&mut eof_pending) {
                     let _ = handle.eof(id).await;
@@ -1771,6 +1778,7 @@ impl server::Handler for Conn {
                     input_recorded: AtomicU64::new(0),
                 });
                 lock(&live.session_channels).push(id);
+                let _ = live.first_session_channel.set(id);
                 let ended = Arc::new(AtomicBool::new(false));
                 self.channels.insert(
                     id,
