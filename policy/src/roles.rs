@@ -244,18 +244,27 @@ impl RoleSet {
         }
     }
 
-    /// May `subject`, logged into `node`, use `kind` forwarding there? Only
-    /// roles that grant a login on the node count.
+    /// May `subject`, logged into `node` as `login`, use `kind` forwarding
+    /// there? Only roles that grant that login on the node count: a role
+    /// that allows forwarding for another login does not lend it to this
+    /// one.
     pub fn decide_ssh_forwarding(
         &self,
         subject: &Subject<'_>,
         node: &Resource,
+        login: &str,
         kind: SshForwarding,
     ) -> Decision {
         let what = kind.as_str();
         let granting: Vec<&str> = self
             .held_on(subject, node)
-            .filter(|r| !r.ssh.logins.is_empty() && r.ssh.nodes.matches(&node.labels))
+            .filter(|r| {
+                r.ssh.nodes.matches(&node.labels)
+                    && r.ssh
+                        .logins
+                        .iter()
+                        .any(|l| expand(l, subject.user) == login)
+            })
             .filter(|r| match kind {
                 SshForwarding::Port => r.port_forwarding,
                 SshForwarding::Agent => r.agent_forwarding,
@@ -265,13 +274,13 @@ impl RoleSet {
             .collect();
         if granting.is_empty() {
             Decision::deny(format!(
-                "{what} forwarding on node {:?} is not allowed for roles [{}]",
+                "{what} forwarding as {login:?} on node {:?} is not allowed for roles [{}]",
                 node.name,
                 subject.describe()
             ))
         } else {
             Decision::allow(format!(
-                "{what} forwarding on node {:?} allowed by role {}",
+                "{what} forwarding as {login:?} on node {:?} allowed by role {}",
                 node.name,
                 granting.join(", ")
             ))
@@ -607,12 +616,33 @@ mod tests {
         let rs = roles();
         let held = vec!["dev".to_string(), "prod-ssh".to_string()];
         let s = Subject::new("alice", &held);
-        let d = rs.decide_ssh_forwarding(&s, &node("dev-1", "dev"), SshForwarding::Port);
+        let dev = node("dev-1", "dev");
+        let d = rs.decide_ssh_forwarding(&s, &dev, "alice", SshForwarding::Port);
         assert!(d.allowed && d.reason.contains("dev"), "{d:?}");
-        let d = rs.decide_ssh_forwarding(&s, &node("db-1", "prod"), SshForwarding::Port);
+        let d = rs.decide_ssh_forwarding(&s, &node("db-1", "prod"), "root", SshForwarding::Port);
         assert!(!d.allowed && d.reason.contains("port forwarding"), "{d:?}");
-        let d = rs.decide_ssh_forwarding(&s, &node("dev-1", "dev"), SshForwarding::Agent);
+        let d = rs.decide_ssh_forwarding(&s, &dev, "alice", SshForwarding::Agent);
         assert!(!d.allowed && d.reason.contains("agent"), "{d:?}");
+        // Tied to the session's login: dev allows forwarding for alice's
+        // own login, not for another one a role granted elsewhere.
+        let rooted = Role {
+            name: "dev-root".into(),
+            ssh: SshLoginGrant {
+                logins: vec!["root".into()],
+                nodes: sel("env", "dev"),
+            },
+            ..Default::default()
+        };
+        let rs2 = RoleSet::new(rs.roles.values().cloned().chain([rooted]));
+        let held2 = vec!["dev".to_string(), "dev-root".to_string()];
+        let s2 = Subject::new("alice", &held2);
+        assert!(rs2.decide_ssh_login(&s2, &dev, "root").allowed);
+        let d = rs2.decide_ssh_forwarding(&s2, &dev, "root", SshForwarding::Port);
+        assert!(!d.allowed && d.reason.contains("as \"root\""), "{d:?}");
+        assert!(
+            rs2.decide_ssh_forwarding(&s2, &dev, "alice", SshForwarding::Port)
+                .allowed
+        );
         assert!(rs.decide_recording_read(&s, Some("alice")).allowed);
         assert!(!rs.decide_recording_read(&s, Some("bob")).allowed);
         assert!(!rs.decide_recording_read(&s, None).allowed);

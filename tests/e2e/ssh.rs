@@ -1477,7 +1477,10 @@ fn agent_forwarding_is_refused_with_a_message_unless_allowed() {
     assert_eq!(text(&out.stdout).trim(), "agent=none");
     let err = text(&out.stderr);
     assert!(
-        err.contains("wicket: refused: agent forwarding on node \"node-1\" is not allowed"),
+        err.contains(&format!(
+            "wicket: refused: agent forwarding as {:?} on node \"node-1\" is not allowed",
+            lab.login
+        )),
         "{err}"
     );
     // With a role that allows it, the node reaches the user's agent.

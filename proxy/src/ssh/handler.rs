@@ -615,6 +615,7 @@ impl Live {
         self.proxy.wicket.config.policy.roles.decide_ssh_forwarding(
             &self.subject(),
             &self.node,
+            &self.sref.login,
             kind,
         )
     }
@@ -1418,11 +1419,7 @@ impl Conn {
         let Some(live) = self.live() else {
             return false;
         };
-        let d = self.proxy.wicket.config.policy.roles.decide_ssh_forwarding(
-            &live.subject(),
-            &live.node,
-            kind,
-        );
+        let d = live.may_forward(kind);
         if !d.allowed {
             live.audit(AuditEvent::AccessDenied {
                 user: live.sref.user.clone(),
