@@ -718,15 +718,66 @@ impl Wicket {
         let due = self.store.due_requests(now.timestamp_millis(), 500).await?;
         let mut changed = 0;
         for id in due {
-            match self
-                .transition(&id, None, "request.tick", now, |_| Event::Tick)
-                .await
-            {
-                Ok(_) => changed += 1,
-                Err(e) => tracing::warn!(request = %id, error = %e, "timer transition failed"),
+            match self.tick_one(&id, now).await {
+                Ok(true) => changed += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    // Tried again later, not every tick: one that always
+                    // fails (a document that does not decode) must not
+                    // hold up the others' timers.
+                    tracing::warn!(request = %id, error = %e, "timer transition failed; trying again in 30s");
+                    let later = now + Duration::seconds(30);
+                    if let Err(e) = self.move_deadline(&id, later.timestamp_millis()).await {
+                        tracing::warn!(request = %id, error = %e, "cannot put off the timer");
+                    }
+                }
             }
         }
         Ok(changed)
+    }
+
+    /// Applies the timers of one due request; whether it changed. One that
+    /// was due by its stored deadline but has nothing due (the deadline
+    /// was worked out under other settings, say a longer `escalate_after`
+    /// now) gets its deadline worked out again, so it is not due at every
+    /// tick.
+    async fn tick_one(&self, id: &str, now: DateTime<Utc>) -> Result<bool> {
+        let (current, version) = self.load(id).await?;
+        let (next, _) = self
+            .engine()
+            .apply(&current, Event::Tick, now)
+            .map_err(request_error)?;
+        if next != current {
+            self.transition(id, None, "request.tick", now, |_| Event::Tick)
+                .await?;
+            return Ok(true);
+        }
+        let deadline = self
+            .engine()
+            .next_deadline(&current)
+            .map(|d| d.timestamp_millis());
+        let deadline = match deadline {
+            // Due, yet nothing to do: put off, not worked on every tick.
+            Some(d) if d <= now.timestamp_millis() => {
+                Some((now + Duration::seconds(30)).timestamp_millis())
+            }
+            d => d,
+        };
+        self.store
+            .set_request_deadline(id, version, deadline)
+            .await?;
+        Ok(false)
+    }
+
+    /// Puts off a due request's timer to `until_ms` (its document is not
+    /// read: it may not decode).
+    async fn move_deadline(&self, id: &str, until_ms: i64) -> Result<()> {
+        if let Some((_, version)) = self.store.get_request(id).await? {
+            self.store
+                .set_request_deadline(id, version, Some(until_ms))
+                .await?;
+        }
+        Ok(())
     }
 
     pub async fn notifications(

@@ -1367,6 +1367,24 @@ impl Store {
         rows.iter().map(stored_from_row).collect()
     }
 
+    /// Sets a request's next deadline alone, if it is still at `version`
+    /// (a transition meanwhile wrote its own). Nothing else changes: no
+    /// version, no change number (the request's state is the same).
+    pub async fn set_request_deadline(
+        &self,
+        id: &str,
+        version: i64,
+        deadline_ms: Option<i64>,
+    ) -> Result<()> {
+        sqlx::query("UPDATE access_requests SET next_deadline = $1 WHERE id = $2 AND version = $3")
+            .bind(deadline_ms)
+            .bind(id)
+            .bind(version)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// IDs of requests whose next deadline is at or before `now_ms`.
     pub async fn due_requests(&self, now_ms: i64, limit: i64) -> Result<Vec<String>> {
         let rows = sqlx::query(

@@ -1894,6 +1894,71 @@ fn a_flood_of_requests_neither_hides_open_ones_nor_grows_the_queue() {
     });
 }
 
+/// The request timers: one due by a deadline stored under other settings,
+/// with nothing due now, gets its deadline worked out again; one whose
+/// document does not decode is put off, not tried at every tick; neither
+/// holds up the others.
+#[test]
+fn due_timers_that_do_nothing_or_fail_do_not_come_back_every_tick() {
+    use wicket_api::CreateRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "version: 1\nroles:\n  dev:\n    logins: [\"{{user}}\"]\n    nodes: { env: dev }\n    request: { roles: [ops] }\n  ops:\n    logins: [root]\n    nodes: { env: dev }\n  rev:\n    review: { roles: [ops] }\napproval:\n  - roles: [ops]\n    require: { any_of: [\"role:rev\"] }\nrequests: { pending_ttl: 1h, escalate_after: 30m }\n";
+    rt().block_on(async {
+        let cfg = wicketd::config::parse(yaml, dir.path()).unwrap();
+        let (w, store, now) = wicket_with(dir.path(), cfg, &[("ann", "dev", None)]).await;
+        let ann = caller_of("ann", now.timestamp() + 3600);
+        let ask = CreateRequest {
+            roles: vec!["ops".into()],
+            reason: "deploy".into(),
+            duration: Some("1h".into()),
+            ..Default::default()
+        };
+        let stale = w.create_request(&ann, ask.clone(), now).await.unwrap();
+        let expiring = w.create_request(&ann, ask, now).await.unwrap();
+        let deadline = |id: String| {
+            let store = store.clone();
+            async move {
+                let sql = format!("SELECT next_deadline FROM access_requests WHERE id = '{id}'");
+                count(&store, &sql).await
+            }
+        };
+        let escalates = deadline(stale.id.clone()).await;
+        assert_eq!(escalates, (now + chrono::Duration::minutes(30)).timestamp_millis());
+        // A deadline from before (a shorter escalate_after then), and a
+        // request that does not decode, both due long ago.
+        let past = now.timestamp_millis() - 60_000;
+        exec(
+            &store,
+            &[
+                &format!("UPDATE access_requests SET next_deadline = {past} WHERE id = '{}'", stale.id),
+                &format!(
+                    "INSERT INTO access_requests (id, requester, state, next_deadline, created_at, updated_at, version, doc) \
+                     VALUES ('corrupt', 'ann', 'pending', {}, 1, 1, 1, '{{not json')",
+                    past - 1
+                ),
+            ],
+        )
+        .await;
+        // Nothing due for the stale one: its deadline is set right again.
+        let changed = w.tick_due(now).await.unwrap();
+        assert_eq!(changed, 0);
+        assert_eq!(deadline(stale.id.clone()).await, escalates);
+        let put_off = deadline("corrupt".into()).await;
+        assert_eq!(put_off, now.timestamp_millis() + 30_000);
+        assert_eq!(store.due_requests(now.timestamp_millis(), 500).await.unwrap(), Vec::<String>::new());
+        // The other's timer still runs at its time: past the pending TTL
+        // (and the corrupt one's new deadline), it expires.
+        let later = now + chrono::Duration::hours(1) + chrono::Duration::seconds(1);
+        w.tick_due(later).await.unwrap();
+        let shown = w.show_request(&ann, &expiring.id, later).await.unwrap();
+        assert_eq!(shown.status, "expired", "{shown:?}");
+        assert_eq!(
+            deadline("corrupt".into()).await,
+            later.timestamp_millis() + 30_000
+        );
+    });
+}
+
 /// Standing roles count on the API only while the login behind the
 /// certificate lasts, as they do for sessions. An auditor's grant
 /// certificate that outlives their login reads no one else's audit events,
