@@ -425,6 +425,8 @@ async fn break_glass(
 #[serde(deny_unknown_fields)]
 struct NotificationQuery {
     request: Option<String>,
+    /// The newest this many (1 to 10,000; 1,000 by default).
+    limit: Option<i64>,
 }
 
 async fn notifications(
@@ -433,7 +435,10 @@ async fn notifications(
     query: Result<Query<NotificationQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Vec<Notification>> {
     let Query(q) = query.map_err(|e| Error::BadRequest(e.body_text()))?;
-    Ok(Json(w.notifications(&caller, q.request.as_deref()).await?))
+    Ok(Json(
+        w.notifications(&caller, q.request.as_deref(), q.limit)
+            .await?,
+    ))
 }
 
 #[derive(Debug, Deserialize)]

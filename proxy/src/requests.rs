@@ -780,11 +780,19 @@ impl Wicket {
         Ok(())
     }
 
+    /// The newest notifications (`limit`, 1 to 10,000; 1,000 by default),
+    /// oldest first.
     pub async fn notifications(
         &self,
         caller: &Caller,
         request_id: Option<&str>,
+        limit: Option<i64>,
     ) -> Result<Vec<Notification>> {
+        let limit = match limit {
+            None => 1000,
+            Some(n) if (1..=10_000).contains(&n) => n,
+            Some(n) => return Err(Error::BadRequest(format!("limit {n}: give 1 to 10000"))),
+        };
         let user = self.active_user(caller).await?;
         let now = crate::clock::now();
         let standing = self.standing_in_force(caller, &user, now);
@@ -798,7 +806,7 @@ impl Wicket {
         }
         Ok(self
             .store
-            .notifications(request_id)
+            .notifications(request_id, limit)
             .await?
             .into_iter()
             .map(|n| Notification {

@@ -1410,16 +1410,32 @@ impl Store {
             .collect())
     }
 
-    pub async fn notifications(&self, request_id: Option<&str>) -> Result<Vec<NotificationRow>> {
-        let rows = match request_id {
-            Some(id) => sqlx::query("SELECT id, time, request_id, recipients, subject, urgent FROM notifications WHERE request_id = $1 ORDER BY time, id")
-                .bind(id)
-                .fetch_all(&self.pool)
-                .await?,
-            None => sqlx::query("SELECT id, time, request_id, recipients, subject, urgent FROM notifications ORDER BY time, id")
-                .fetch_all(&self.pool)
-                .await?,
+    /// The newest `limit` notifications (of request `request_id`, or all),
+    /// oldest first.
+    pub async fn notifications(
+        &self,
+        request_id: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<NotificationRow>> {
+        const COLUMNS: &str =
+            "SELECT id, time, request_id, recipients, subject, urgent FROM notifications";
+        const NEWEST: &str = "ORDER BY time DESC, id DESC LIMIT";
+        let mut rows = match request_id {
+            Some(id) => {
+                sqlx::query(&format!("{COLUMNS} WHERE request_id = $1 {NEWEST} $2"))
+                    .bind(id)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query(&format!("{COLUMNS} {NEWEST} $1"))
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
         };
+        rows.reverse();
         rows.iter()
             .map(|r| {
                 Ok(NotificationRow {

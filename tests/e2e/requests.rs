@@ -877,6 +877,37 @@ fn wait_shows_progress_and_logs_in_on_approval() {
         .iter()
         .any(|n| n["recipients"] == serde_json::json!(["alice"])
             && n["subject"].as_str().unwrap().contains("approved")));
+    // A listing is bounded: the newest `limit`, oldest first.
+    let newest = |limit: &str| {
+        let out = run(t.cli("frank").curl().unwrap().arg(format!(
+            "https://{}/v1/notifications?request={id}&limit={limit}",
+            t.d.proxy()
+        )))
+        .unwrap();
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    let last = newest("1");
+    assert_eq!(last.as_array().unwrap().len(), 1, "{last}");
+    assert_eq!(&last[0], notes.last().unwrap());
+    assert_eq!(
+        newest("2").as_array().unwrap()[..],
+        notes[notes.len() - 2..]
+    );
+    let zero = t
+        .cli("frank")
+        .curl()
+        .unwrap()
+        .arg(format!(
+            "https://{}/v1/notifications?request={id}&limit=0",
+            t.d.proxy()
+        ))
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&zero.stdout);
+    assert!(
+        !zero.status.success() && body.contains("limit 0: give 1 to 10000"),
+        "{body}"
+    );
 }
 
 /// `wicket audit search --type/--since`, and `wicket audit verify`: the log

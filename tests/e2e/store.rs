@@ -2005,7 +2005,7 @@ fn standing_roles_end_with_the_login_on_the_api_too() {
             .unwrap()
             .is_empty());
         w.verify_audit(&live).await.unwrap();
-        w.notifications(&live, None).await.unwrap();
+        w.notifications(&live, None, None).await.unwrap();
         w.list_recordings(&live, None, Some("ann".into()))
             .await
             .unwrap();
@@ -2026,7 +2026,7 @@ fn standing_roles_end_with_the_login_on_the_api_too() {
         };
         refused(w.search_audit(&ended, anns_events()).await.unwrap_err());
         refused(w.verify_audit(&ended).await.unwrap_err());
-        refused(w.notifications(&ended, None).await.unwrap_err());
+        refused(w.notifications(&ended, None, None).await.unwrap_err());
         refused(
             w.list_recordings(&ended, None, Some("ann".into()))
                 .await
