@@ -2828,13 +2828,6 @@ fn check_invariants(
     prop_assert_eq!(distinct.len(), deciders.len());
     prop_assert_eq!(req.state.is_terminal(), req.ended_at.is_some());
     prop_assert!(req.extensions <= p.requests.max_extensions);
-    // Whoever may review it finds it among those awaiting a review (what
-    // wicketd's reviewable listing reads).
-    for u in USERS {
-        if e.is_reviewable_by(req, &actor(u), req.updated_at) {
-            prop_assert!(req.awaits_review(), "{} may review {:?}", u, req.state);
-        }
-    }
     // Revoked, or revoked after it ended (to end draining sessions).
     if req.state == State::Revoked {
         prop_assert!(req.revoked_by.is_some());

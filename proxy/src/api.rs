@@ -546,8 +546,9 @@ mod tests {
 
     /// Errors map to their status in one place: a busy moment is 503 with a
     /// retry, an internal error says nothing of its cause.
-    #[test]
-    fn errors_map_to_their_status() {
+    #[tokio::test]
+    async fn errors_map_to_their_status() {
+        use http_body_util::BodyExt;
         let busy =
             Error::Busy("too many recordings are being loaded; try again".into()).into_response();
         assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -561,6 +562,12 @@ mod tests {
         let internal = Error::Internal("secret detail".into()).into_response();
         assert_eq!(internal.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert!(!internal.headers().contains_key(header::RETRY_AFTER));
+        let body = internal.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(
+            body.contains("internal error") && !body.contains("secret detail"),
+            "{body}"
+        );
     }
 
     /// A loaded recording goes out in chunks too, holding its permit until

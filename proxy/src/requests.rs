@@ -406,8 +406,11 @@ impl Wicket {
         now: DateTime<Utc>,
     ) -> Result<Grant> {
         // Decided on a count of the user's requests awaiting review; stored
-        // only if no more await when it is written (other calls, other
-        // wicketds), else counted and decided again.
+        // only if they are still under the limit when it is written (other
+        // calls, other wicketds), else counted and decided again.
+        // Break-glass awaits no review and is not limited.
+        let limit =
+            (!new.break_glass).then(|| i64::from(self.config.policy.requests.max_pending_per_user));
         for _ in 0..3 {
             let awaiting = self.store.count_awaiting_review(&user.name).await?;
             let (req, effects) = match self.engine_create(user, new.clone(), awaiting, now) {
@@ -420,12 +423,7 @@ impl Wicket {
             let (audit, notes) = self.effect_rows(&req, &effects, now).await?;
             let stored = self
                 .store
-                .insert_request_unless_more_await(
-                    &self.encode(&req)?,
-                    &audit,
-                    &notes,
-                    Some(awaiting),
-                )
+                .insert_request_unless_more_await(&self.encode(&req)?, &audit, &notes, limit)
                 .await?;
             if stored {
                 return self.view(&req, now).await;
@@ -721,28 +719,34 @@ impl Wicket {
             match self.tick_one(&id, now).await {
                 Ok(true) => changed += 1,
                 Ok(false) => {}
-                Err(e) => {
-                    // Tried again later, not every tick: one that always
-                    // fails (a document that does not decode) must not
-                    // hold up the others' timers.
-                    tracing::warn!(request = %id, error = %e, "timer transition failed; trying again in 30s");
-                    let later = now + Duration::seconds(30);
-                    if let Err(e) = self.move_deadline(&id, later.timestamp_millis()).await {
-                        tracing::warn!(request = %id, error = %e, "cannot put off the timer");
-                    }
-                }
+                // Tried again at the next tick (a store that did not
+                // answer, another wicketd's change in between).
+                Err(e) => tracing::warn!(request = %id, error = %e, "timer transition failed"),
             }
         }
         Ok(changed)
     }
 
     /// Applies the timers of one due request; whether it changed. One that
-    /// was due by its stored deadline but has nothing due (the deadline
-    /// was worked out under other settings, say a longer `escalate_after`
-    /// now) gets its deadline worked out again, so it is not due at every
-    /// tick.
+    /// was due by its stored deadline with nothing due (the deadline was
+    /// worked out under other settings, say a shorter `escalate_after`)
+    /// gets its deadline worked out again; one whose document does not
+    /// decode is put off 30 s. Neither comes back at every tick.
     async fn tick_one(&self, id: &str, now: DateTime<Utc>) -> Result<bool> {
-        let (current, version) = self.load(id).await?;
+        let Some((stored, version)) = self.store.get_request(id).await? else {
+            return Ok(false);
+        };
+        let current = match decode(&stored) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(request = %id, error = %e, "its timers cannot run; trying again in 30s");
+                let later = (now + Duration::seconds(30)).timestamp_millis();
+                self.store
+                    .set_request_deadline(id, version, Some(later))
+                    .await?;
+                return Ok(false);
+            }
+        };
         let (next, _) = self
             .engine()
             .apply(&current, Event::Tick, now)
@@ -752,32 +756,20 @@ impl Wicket {
                 .await?;
             return Ok(true);
         }
-        let deadline = self
-            .engine()
-            .next_deadline(&current)
-            .map(|d| d.timestamp_millis());
-        let deadline = match deadline {
+        let deadline = match self.engine().next_deadline(&current) {
             // Due, yet nothing to do: put off, not worked on every tick.
-            Some(d) if d <= now.timestamp_millis() => {
-                Some((now + Duration::seconds(30)).timestamp_millis())
-            }
+            Some(d) if d <= now => Some(now + Duration::seconds(30)),
             d => d,
-        };
-        self.store
-            .set_request_deadline(id, version, deadline)
-            .await?;
-        Ok(false)
-    }
-
-    /// Puts off a due request's timer to `until_ms` (its document is not
-    /// read: it may not decode).
-    async fn move_deadline(&self, id: &str, until_ms: i64) -> Result<()> {
-        if let Some((_, version)) = self.store.get_request(id).await? {
+        }
+        .map(|d| d.timestamp_millis());
+        // (Stored to the millisecond: a deadline later in this one is due
+        // at the next tick, as stored.)
+        if deadline != stored.next_deadline {
             self.store
-                .set_request_deadline(id, version, Some(until_ms))
+                .set_request_deadline(id, version, deadline)
                 .await?;
         }
-        Ok(())
+        Ok(false)
     }
 
     /// The newest notifications (`limit`, 1 to 10,000; 1,000 by default),
@@ -788,11 +780,6 @@ impl Wicket {
         request_id: Option<&str>,
         limit: Option<i64>,
     ) -> Result<Vec<Notification>> {
-        let limit = match limit {
-            None => 1000,
-            Some(n) if (1..=10_000).contains(&n) => n,
-            Some(n) => return Err(Error::BadRequest(format!("limit {n}: give 1 to 10000"))),
-        };
         let user = self.active_user(caller).await?;
         let now = crate::clock::now();
         let standing = self.standing_in_force(caller, &user, now);
@@ -804,6 +791,11 @@ impl Wicket {
                 .deny_audited(&user.name, "notifications.read", reason, now)
                 .await);
         }
+        let limit = match limit {
+            None => 1000,
+            Some(n) if (1..=10_000).contains(&n) => n,
+            Some(n) => return Err(Error::BadRequest(format!("limit {n}: give 1 to 10000"))),
+        };
         Ok(self
             .store
             .notifications(request_id, limit)

@@ -51,9 +51,12 @@ impl Running {
     pub async fn wait(self) {
         let _ = self.task.await;
         let wicket = &self.wicket;
-        let live = wicket.sessions.end_all("wicketd is stopping");
+        const WHY: &str = "wicketd is stopping";
+        let live = wicket.sessions.end_all(WHY);
         let ended = tokio::time::timeout(STOP_GRACE, async {
             while !wicket.sessions.is_empty() {
+                // Also those that were still logging in at the first call.
+                wicket.sessions.end_all(WHY);
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })

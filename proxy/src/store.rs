@@ -1158,9 +1158,9 @@ impl Store {
             .try_get(0)?)
     }
 
-    /// [`Store::insert_request`], unless more of the requester's requests
-    /// await review than `awaiting` (what the decision to create it
-    /// counted): then nothing is written, and `false` says to count and
+    /// [`Store::insert_request`], unless `limit` of the requester's
+    /// requests await review by then (the decision to create it counted
+    /// fewer): then nothing is written, and `false` says to count and
     /// decide again. Counted after the change feed's row is taken, which
     /// every writer takes, so two creations never both count without the
     /// other.
@@ -1169,17 +1169,17 @@ impl Store {
         req: &StoredRequest,
         audit: &[AuditRow],
         notes: &[NotificationRow],
-        awaiting: Option<i64>,
+        limit: Option<i64>,
     ) -> Result<bool> {
         let mut tx = self.begin().await?;
         let change = next_change(&mut tx).await?;
-        if let Some(seen) = awaiting {
+        if let Some(limit) = limit {
             let now: i64 = sqlx::query(AWAITING_REVIEW)
                 .bind(&req.requester)
                 .fetch_one(&mut *tx)
                 .await?
                 .try_get(0)?;
-            if now > seen {
+            if now >= limit {
                 return Ok(false);
             }
         }
@@ -1338,7 +1338,9 @@ impl Store {
     ) -> Result<Vec<StoredRequest>> {
         let mut sql = format!("SELECT {REQUEST_COLUMNS} FROM access_requests WHERE 1 = 1");
         if awaiting_review_only {
-            sql.push_str(" AND awaiting_review = 1");
+            // By state too: a wicketd older than schema 15 still running
+            // writes open requests without the mark.
+            sql.push_str(" AND (awaiting_review = 1 OR state IN ('pending', 'needs-info'))");
         }
         let mut n = 0;
         if requester.is_some() {
@@ -1368,8 +1370,9 @@ impl Store {
     }
 
     /// Sets a request's next deadline alone, if it is still at `version`
-    /// (a transition meanwhile wrote its own). Nothing else changes: no
-    /// version, no change number (the request's state is the same).
+    /// (a transition meanwhile wrote its own). Its version stays; the
+    /// change feed's trigger stamps it changed, so the index reads it again
+    /// (its state is the same).
     pub async fn set_request_deadline(
         &self,
         id: &str,
@@ -2255,18 +2258,28 @@ async fn note_session_requests(
 }
 
 /// Migration 16: the sessions stored before it that stood on several
-/// requests.
+/// requests, read a page of `session_started` events at a time.
 async fn session_requests_from_events(tx: &mut Transaction<'static, Any>) -> Result<()> {
-    let rows = sqlx::query(
-        "SELECT session_id, data FROM audit_events WHERE kind = 'session_started' AND session_id IS NOT NULL AND data LIKE '%\"request_ids\":[%,%'",
-    )
-    .fetch_all(&mut **tx)
-    .await?;
-    for r in &rows {
-        let (session, data): (String, String) = (r.try_get(0)?, r.try_get(1)?);
-        note_session_requests(tx, &session, &data).await?;
+    const PAGE: i64 = 1000;
+    let mut after = String::new();
+    loop {
+        let rows = sqlx::query(
+            "SELECT id, session_id, data FROM audit_events \
+             WHERE kind = 'session_started' AND session_id IS NOT NULL AND id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(&after)
+        .bind(PAGE)
+        .fetch_all(&mut **tx)
+        .await?;
+        for r in &rows {
+            let (session, data): (String, String) = (r.try_get(1)?, r.try_get(2)?);
+            note_session_requests(tx, &session, &data).await?;
+        }
+        match rows.last() {
+            Some(last) if rows.len() as i64 == PAGE => after = last.try_get(0)?,
+            _ => return Ok(()),
+        }
     }
-    Ok(())
 }
 
 /// The audit chain's head (last place and hash) inside a transaction that

@@ -130,6 +130,8 @@ fn main() {
         r#"
 version: 1
 listen: {{ ssh: "127.0.0.1:0" }}
+# {idle} idle sessions of one user, more than the default 100 connections.
+limits: {{ max_connections_per_user: 1000 }}
 roles:
   bench:
     logins: [ {login} ]
