@@ -101,6 +101,11 @@ fn expand(template: &str, user: &str) -> String {
     template.replace("{{user}}", user)
 }
 
+/// Whether role `r` grants `user` the SSH login `login` on `node`.
+fn grants_login(r: &Role, node: &Resource, user: &str, login: &str) -> bool {
+    r.ssh.nodes.matches(&node.labels) && r.ssh.logins.iter().any(|l| expand(l, user) == login)
+}
+
 fn covers(list: &[String], item: &str) -> bool {
     list.iter().any(|x| x == "*" || x == item)
 }
@@ -220,13 +225,7 @@ impl RoleSet {
     ) -> Decision {
         let granting: Vec<&str> = self
             .held_on(subject, node)
-            .filter(|r| {
-                r.ssh.nodes.matches(&node.labels)
-                    && r.ssh
-                        .logins
-                        .iter()
-                        .any(|l| expand(l, subject.user) == login)
-            })
+            .filter(|r| grants_login(r, node, subject.user, login))
             .map(|r| r.name.as_str())
             .collect();
         if granting.is_empty() {
@@ -258,13 +257,7 @@ impl RoleSet {
         let what = kind.as_str();
         let granting: Vec<&str> = self
             .held_on(subject, node)
-            .filter(|r| {
-                r.ssh.nodes.matches(&node.labels)
-                    && r.ssh
-                        .logins
-                        .iter()
-                        .any(|l| expand(l, subject.user) == login)
-            })
+            .filter(|r| grants_login(r, node, subject.user, login))
             .filter(|r| match kind {
                 SshForwarding::Port => r.port_forwarding,
                 SshForwarding::Agent => r.agent_forwarding,

@@ -1130,9 +1130,12 @@ fn dropping_grants_passes_over_one_revoked_meanwhile() {
 
 #[test]
 fn a_user_may_have_only_so_many_requests_awaiting_review() {
-    let t = Team::start(
-        config("1h", "30m").replace("max_pending_per_user: 10", "max_pending_per_user: 2"),
+    let yaml = config("1h", "30m").replace(
+        "  max_extensions: 1\n",
+        "  max_extensions: 1\n  max_pending_per_user: 2\n",
     );
+    assert!(yaml.contains("max_pending_per_user: 2"));
+    let t = Team::start(yaml);
     let ask = |who: &str| t.create(who, &["--roles", "dba", "--reason", "INC-7"]);
     let first = ask("alice")["id"].as_str().unwrap().to_owned();
     ask("alice");

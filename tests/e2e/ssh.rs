@@ -222,6 +222,21 @@ pub fn ssh_config(cli: &WicketCli) -> PathBuf {
 }
 
 /// `ssh -F cfg <args>` (batch mode: never prompts).
+/// `ssh` on the control socket `ctl`: its master, or a client of it.
+fn mux_ssh(cfg: &Path, ctl: &Path, master: bool) -> Command {
+    let mut c = ssh(cfg);
+    c.args(["-o", &format!("ControlPath={}", ctl.display())])
+        .args([
+            "-o",
+            if master {
+                "ControlMaster=yes"
+            } else {
+                "ControlMaster=no"
+            },
+        ]);
+    c
+}
+
 pub fn ssh(cfg: &Path) -> Command {
     let mut c = Command::new("ssh");
     c.arg("-F")
@@ -243,6 +258,21 @@ fn failed_with(out: &Output, why: &str, ran: &str) {
     let said = text(&out.stdout);
     assert!(ran.is_empty() || !said.contains(ran), "{said}");
     assert!(err.contains(why), "{err}");
+}
+
+/// Asserts that alice's `access_denied` events, as `auditor` reads them,
+/// hold each of `actions` with a reason naming `why`.
+fn refusals_audited(auditor: &WicketCli, actions: &[&str], why: &str) {
+    let denied = auditor
+        .audit(&["--user", "alice", "--kind", "access_denied"])
+        .unwrap();
+    for action in actions {
+        assert!(
+            denied.iter().any(|e| e["data"]["action"] == *action
+                && e["data"]["reason"].as_str().unwrap().contains(why)),
+            "{action}: {denied:?}"
+        );
+    }
 }
 
 fn text(b: &[u8]) -> String {
@@ -445,13 +475,8 @@ fn a_multiplexed_connection_ends_with_its_first_sessions_status() {
     let cfg = ssh_config(&alice);
     let dir = tempfile::tempdir().unwrap();
     let ctl = dir.path().join("cm");
-    let mux = || {
-        let mut c = ssh(&cfg);
-        c.args(["-o", &format!("ControlPath={}", ctl.display())]);
-        c
-    };
-    let mut master = mux()
-        .args(["-N", "-o", "ControlMaster=yes"])
+    let mut master = mux_ssh(&cfg, &ctl, true)
+        .arg("-N")
         .arg(lab.dest())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -464,14 +489,17 @@ fn a_multiplexed_connection_ends_with_its_first_sessions_status() {
     .unwrap();
     for code in [3, 5] {
         let out = output(
-            mux()
-                .args(["-o", "ControlMaster=no"])
+            mux_ssh(&cfg, &ctl, false)
                 .arg(lab.dest())
                 .arg(format!("exit {code}")),
         );
         assert_eq!(out.status.code(), Some(code), "{}", text(&out.stderr));
     }
-    let out = output(mux().args(["-O", "exit"]).arg(lab.dest()));
+    let out = output(
+        mux_ssh(&cfg, &ctl, false)
+            .args(["-O", "exit"])
+            .arg(lab.dest()),
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     wait_until("the master to exit", Duration::from_secs(10), || {
         master.try_wait().unwrap()
@@ -1826,19 +1854,7 @@ fn after_the_grant_ends_a_kept_connection_opens_no_new_channels() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = dir.path().join("cm");
     let stop = dir.path().join("stop");
-    let mux = |master: bool| {
-        let mut c = ssh(&cfg);
-        c.args(["-o", &format!("ControlPath={}", ctl.display())])
-            .args([
-                "-o",
-                if master {
-                    "ControlMaster=yes"
-                } else {
-                    "ControlMaster=no"
-                },
-            ]);
-        c
-    };
+    let mux = |master: bool| mux_ssh(&cfg, &ctl, master);
     // The master runs until the test says stop.
     let master = mux(true)
         .arg(lab.dest())
@@ -1932,16 +1948,7 @@ fn after_the_grant_ends_a_kept_connection_opens_no_new_channels() {
         "{commands:?}"
     );
     // Each refusal is in the audit, with its reason.
-    let denied = auditor
-        .audit(&["--user", "alice", "--kind", "access_denied"])
-        .unwrap();
-    for action in ["ssh.session", "ssh.port_forward"] {
-        assert!(
-            denied.iter().any(|e| e["data"]["action"] == action
-                && e["data"]["reason"].as_str().unwrap().contains(&id)),
-            "{action}: {denied:?}"
-        );
-    }
+    refusals_audited(&auditor, &["ssh.session", "ssh.port_forward"], &id);
 }
 
 /// A kept connection under standing roles, with sessions allowed to finish
@@ -1960,15 +1967,7 @@ fn after_the_login_ends_a_kept_standing_connection_starts_nothing_new() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = dir.path().join("cm");
     let stop = dir.path().join("stop");
-    let mux = |master: bool| {
-        let mut c = ssh(&cfg);
-        c.args(["-o", &format!("ControlPath={}", ctl.display())])
-            .args([
-                "-o",
-                &format!("ControlMaster={}", if master { "yes" } else { "no" }),
-            ]);
-        c
-    };
+    let mux = |master: bool| mux_ssh(&cfg, &ctl, master);
     let mut master = mux(true)
         .arg(lab.dest())
         .arg(format!("{}; echo finished", wait_for_file(&stop)))
@@ -2181,16 +2180,7 @@ fn after_the_grant_ends_a_kept_connection_takes_no_channels_from_the_node() {
         );
     }
     // And the audit, with the reason.
-    let denied = auditor
-        .audit(&["--user", "alice", "--kind", "access_denied"])
-        .unwrap();
-    for action in ["ssh.x11", "ssh.agent"] {
-        assert!(
-            denied.iter().any(|e| e["data"]["action"] == action
-                && e["data"]["reason"].as_str().unwrap().contains(&id)),
-            "{action}: {denied:?}"
-        );
-    }
+    refusals_audited(&auditor, &["ssh.x11", "ssh.agent"], &id);
 }
 
 /// A node that opens channels in a loop (here: a program using the
