@@ -1475,6 +1475,23 @@ fn two_wicketds_share_postgresql_state() {
     });
 }
 
+/// Roles for the service tests: `dev` may ask for `ops` (root on dev
+/// nodes); what approves it follows.
+const DEV_OPS: &str = "version: 1\nroles:\n  dev:\n    logins: [\"{{user}}\"]\n    nodes: { env: dev }\n    request: { roles: [ops] }\n  ops:\n    logins: [root]\n    nodes: { env: dev }\n";
+
+/// `rev` reviews `ops`, and one of them approves it.
+const REV_APPROVES: &str = "  rev:\n    review: { roles: [ops] }\napproval:\n  - roles: [ops]\n    require: { any_of: [\"role:rev\"] }\n";
+
+/// A request for `ops`, an hour.
+fn ask_ops() -> wicket_api::CreateRequest {
+    wicket_api::CreateRequest {
+        roles: vec!["ops".into()],
+        reason: "deploy".into(),
+        duration: Some("1h".into()),
+        ..Default::default()
+    }
+}
+
 /// A wicketd's service (no listeners) on the embedded default (SQLite in
 /// `dir`), with users ann and ben (role `access`); and the time it started.
 async fn wicket_with_ann_and_ben(
@@ -1752,20 +1769,15 @@ fn a_corrupt_user_row_leaves_other_users_sessions_alone() {
 /// does not.
 #[test]
 fn extending_a_grant_needs_a_live_login_and_dropping_it_does_not() {
-    use wicket_api::{ActionBody, CreateRequest};
+    use wicket_api::ActionBody;
     let dir = tempfile::tempdir().unwrap();
-    let yaml = "version: 1\nroles:\n  dev:\n    logins: [\"{{user}}\"]\n    nodes: { env: dev }\n    request: { roles: [ops] }\n  ops:\n    logins: [root]\n    nodes: { env: dev }\napproval:\n  - roles: [ops]\n    require: self\n";
+    let yaml = format!("{DEV_OPS}approval:\n  - roles: [ops]\n    require: self\n");
     rt().block_on(async {
-        let cfg = wicketd::config::parse(yaml, dir.path()).unwrap();
+        let cfg = wicketd::config::parse(&yaml, dir.path()).unwrap();
         let (w, store, now) = wicket_with(dir.path(), cfg, &[("ann", "dev", None)]).await;
         let caller = |login_until: i64| caller_of("ann", login_until);
         let live = caller(now.timestamp() + 3600);
-        let ask = CreateRequest {
-            roles: vec!["ops".into()],
-            reason: "deploy".into(),
-            duration: Some("1h".into()),
-            ..Default::default()
-        };
+        let ask = ask_ops();
         let grant = w.create_request(&live, ask, now).await.unwrap();
         assert_eq!(grant.status, "active", "{grant:?}");
         let ended = caller(now.timestamp() - 1);
@@ -1824,13 +1836,13 @@ fn extending_a_grant_needs_a_live_login_and_dropping_it_does_not() {
 /// review at once, also when they ask concurrently.
 #[test]
 fn a_flood_of_requests_neither_hides_open_ones_nor_grows_the_queue() {
-    use wicket_api::{ActionBody, CreateRequest};
+    use wicket_api::ActionBody;
     use wicketd::error::Error;
     use wicketd::requests::Listing;
     let dir = tempfile::tempdir().unwrap();
-    let yaml = "version: 1\nroles:\n  dev:\n    logins: [\"{{user}}\"]\n    nodes: { env: dev }\n    request: { roles: [ops] }\n  ops:\n    logins: [root]\n    nodes: { env: dev }\n  rev:\n    review: { roles: [ops] }\napproval:\n  - roles: [ops]\n    require: { any_of: [\"role:rev\"] }\nrequests: { max_pending_per_user: 3 }\n";
+    let yaml = format!("{DEV_OPS}{REV_APPROVES}requests: {{ max_pending_per_user: 3 }}\n");
     rt().block_on(async {
-        let cfg = wicketd::config::parse(yaml, dir.path()).unwrap();
+        let cfg = wicketd::config::parse(&yaml, dir.path()).unwrap();
         let (w, store, now) = wicket_with(
             dir.path(),
             cfg,
@@ -1847,12 +1859,7 @@ fn a_flood_of_requests_neither_hides_open_ones_nor_grows_the_queue() {
             caller_of("ben", until),
             caller_of("rita", until),
         );
-        let ask = CreateRequest {
-            roles: vec!["ops".into()],
-            reason: "deploy".into(),
-            duration: Some("1h".into()),
-            ..Default::default()
-        };
+        let ask = ask_ops();
         let cancel = |c, id: String, at| {
             let w = &w;
             async move {
@@ -1909,19 +1916,14 @@ fn a_flood_of_requests_neither_hides_open_ones_nor_grows_the_queue() {
 /// holds up the others.
 #[test]
 fn due_timers_that_do_nothing_or_fail_do_not_come_back_every_tick() {
-    use wicket_api::CreateRequest;
     let dir = tempfile::tempdir().unwrap();
-    let yaml = "version: 1\nroles:\n  dev:\n    logins: [\"{{user}}\"]\n    nodes: { env: dev }\n    request: { roles: [ops] }\n  ops:\n    logins: [root]\n    nodes: { env: dev }\n  rev:\n    review: { roles: [ops] }\napproval:\n  - roles: [ops]\n    require: { any_of: [\"role:rev\"] }\nrequests: { pending_ttl: 1h, escalate_after: 30m }\n";
+    let yaml =
+        format!("{DEV_OPS}{REV_APPROVES}requests: {{ pending_ttl: 1h, escalate_after: 30m }}\n");
     rt().block_on(async {
-        let cfg = wicketd::config::parse(yaml, dir.path()).unwrap();
+        let cfg = wicketd::config::parse(&yaml, dir.path()).unwrap();
         let (w, store, now) = wicket_with(dir.path(), cfg, &[("ann", "dev", None)]).await;
         let ann = caller_of("ann", now.timestamp() + 3600);
-        let ask = CreateRequest {
-            roles: vec!["ops".into()],
-            reason: "deploy".into(),
-            duration: Some("1h".into()),
-            ..Default::default()
-        };
+        let ask = ask_ops();
         let stale = w.create_request(&ann, ask.clone(), now).await.unwrap();
         let expiring = w.create_request(&ann, ask, now).await.unwrap();
         let deadline = |id: String| {
@@ -1975,25 +1977,20 @@ fn due_timers_that_do_nothing_or_fail_do_not_come_back_every_tick() {
 /// by a standing role: each refusal says why.
 #[test]
 fn standing_roles_end_with_the_login_on_the_api_too() {
-    use wicket_api::{ActionBody, CreateRequest};
+    use wicket_api::ActionBody;
     use wicketd::requests::Listing;
     use wicketd::store::AuditFilter;
     let dir = tempfile::tempdir().unwrap();
-    let yaml = "version: 1\nroles:\n  dev:\n    logins: [\"{{user}}\"]\n    nodes: { env: dev }\n    request: { roles: [ops] }\n  ops:\n    logins: [root]\n    nodes: { env: dev }\n  auditor:\n    audit: true\n    revoke: true\n    request: { roles: [ops] }\napproval:\n  - roles: [ops]\n    require: self\n";
+    let yaml = format!("{DEV_OPS}  auditor:\n    audit: true\n    revoke: true\n    request: {{ roles: [ops] }}\napproval:\n  - roles: [ops]\n    require: self\n");
     rt().block_on(async {
-        let cfg = wicketd::config::parse(yaml, dir.path()).unwrap();
+        let cfg = wicketd::config::parse(&yaml, dir.path()).unwrap();
         let (w, store, now) = wicket_with(
             dir.path(),
             cfg,
             &[("ann", "dev", None), ("aud", "auditor", None)],
         )
         .await;
-        let ask = CreateRequest {
-            roles: vec!["ops".into()],
-            reason: "deploy".into(),
-            duration: Some("1h".into()),
-            ..Default::default()
-        };
+        let ask = ask_ops();
         let live_ann = caller_of("ann", now.timestamp() + 3600);
         let anns = w.create_request(&live_ann, ask.clone(), now).await.unwrap();
         // The auditor holds a grant certificate: it outlives the login.

@@ -1046,11 +1046,6 @@ impl QueueBudget {
 }
 
 impl Conn {
-    /// A share of [`QUEUED_TO_NODES`] for `len` bytes from the user.
-    async fn queue_share(&self, len: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.queued.share(len).await
-    }
-
     pub(crate) fn new(
         proxy: Arc<SshProxy>,
         peer: SocketAddr,
@@ -2044,7 +2039,7 @@ impl server::Handler for Conn {
                 }
             }
         }
-        let Some(queued) = self.queue_share(data.len()).await else {
+        let Some(queued) = self.queued.share(data.len()).await else {
             return Ok(());
         };
         let _ = c
@@ -2066,7 +2061,7 @@ impl server::Handler for Conn {
                 live.bytes_in
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
             }
-            let Some(queued) = self.queue_share(data.len()).await else {
+            let Some(queued) = self.queued.share(data.len()).await else {
                 return Ok(());
             };
             let _ = c
