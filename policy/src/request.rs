@@ -707,8 +707,11 @@ impl<'a> Engine<'a> {
         let most = settings.max_pending_per_user;
         if !new.break_glass && requester.awaiting_review >= most as usize {
             return Err(RequestError::Limited(format!(
-                "you have {} requests awaiting review, the most allowed (requests.max_pending_per_user: {most}); cancel one (`wicket request cancel ID`) or wait for their reviews",
-                requester.awaiting_review
+                "you have {} awaiting review, the most allowed (requests.max_pending_per_user: {most}); cancel one (`wicket request cancel ID`) or wait for a review",
+                match requester.awaiting_review {
+                    1 => "1 request".to_owned(),
+                    n => format!("{n} requests"),
+                }
             )));
         }
         if new.resources.len() > MAX_RESOURCES {

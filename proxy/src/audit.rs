@@ -64,6 +64,11 @@ pub enum AuditEvent {
         user: String,
         action: String,
         reason: String,
+        /// Refusals of this user's calls on this wicketd since their last
+        /// such event, folded into this one with no event of their own
+        /// (see [`crate::auth::DenialLog`]; always 0 for refusals inside
+        /// an SSH session, which are session events).
+        unrecorded_before: u64,
     },
     /// A step in an access request's life (`request_created`,
     /// `request_approved`, `grant_activated`, `grant_revoked`, ...): the kind

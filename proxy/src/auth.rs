@@ -273,28 +273,14 @@ impl RefusalLog {
             }
             return None;
         }
-        if self.keys.len() + keys.len() > Self::MAX_KEYS {
-            self.keys.retain(|key, q| {
-                let keep = hot(q);
-                if !keep {
-                    forgotten(key, q);
-                }
-                keep
-            });
-        }
-        while self.keys.len() + keys.len() > Self::MAX_KEYS {
-            let Some(oldest) = self
-                .keys
-                .iter()
-                .min_by_key(|(_, q)| q.recorded)
-                .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            if let Some(q) = self.keys.remove(&oldest) {
-                forgotten(&oldest, &q);
-            }
-        }
+        make_room(
+            &mut self.keys,
+            keys.len(),
+            Self::MAX_KEYS,
+            |q| (q.recorded, q.unrecorded),
+            now - Self::QUIET,
+            "rate-limited login refusals",
+        );
         let [for_user, from_source] = keys.map(|k| {
             self.keys
                 .insert(
@@ -313,14 +299,113 @@ impl RefusalLog {
     }
 }
 
-/// A count of unrecorded refusals that no event will carry.
-fn forgotten(key: &str, q: &Quiet) {
-    if q.unrecorded > 0 {
-        tracing::warn!(
-            key,
-            refusals = q.unrecorded,
-            "rate-limited login refusals with no audit event of their own (folded, then forgotten)"
+/// Makes room in `map` for `more` keys within `max`: first those last
+/// recorded before `quiet_since` go, then the oldest (so a full table never
+/// hides a refusal under new keys). `seen` gives an entry's last recorded
+/// time and its count of refusals with no event of their own; a count
+/// forgotten with its key (`what` they were) is logged, as no event will
+/// carry it.
+fn make_room<V>(
+    map: &mut std::collections::HashMap<String, V>,
+    more: usize,
+    max: usize,
+    seen: impl Fn(&V) -> (chrono::DateTime<chrono::Utc>, u64),
+    quiet_since: chrono::DateTime<chrono::Utc>,
+    what: &str,
+) {
+    let forgotten = |key: &str, v: &V| {
+        let (_, unrecorded) = seen(v);
+        if unrecorded > 0 {
+            tracing::warn!(
+                key,
+                refusals = unrecorded,
+                "{what} with no audit event of their own (folded, then forgotten)"
+            );
+        }
+    };
+    if map.len() + more > max {
+        map.retain(|key, v| {
+            let keep = seen(v).0 > quiet_since;
+            if !keep {
+                forgotten(key, v);
+            }
+            keep
+        });
+    }
+    while map.len() + more > max {
+        let Some(oldest) = map
+            .iter()
+            .min_by_key(|(_, v)| seen(v).0)
+            .map(|(k, _)| k.clone())
+        else {
+            break;
+        };
+        if let Some(v) = map.remove(&oldest) {
+            forgotten(&oldest, &v);
+        }
+    }
+}
+
+/// Which refusals of a signed-in user's calls (a denied action, a request
+/// they may not see, a request over their cap) get an audit event of their
+/// own. Each is a policy decision and goes on the record, but a caller in a
+/// loop must not grow the audit log and hold its chain's lock at will: per
+/// user, the first [`DenialLog::BURST`] in a [`DenialLog::WINDOW`] are
+/// recorded, the rest counted, and the user's next recorded one says how
+/// many there were. Per wicketd, like [`RefusalLog`].
+#[derive(Debug, Default)]
+pub struct DenialLog {
+    users: std::collections::HashMap<String, Burst>,
+}
+
+#[derive(Debug)]
+struct Burst {
+    /// When the window began (its first recorded refusal).
+    since: chrono::DateTime<chrono::Utc>,
+    /// Recorded in it so far.
+    recorded: u32,
+    /// Refusals in it with no event of their own.
+    unrecorded: u64,
+}
+
+impl DenialLog {
+    pub const WINDOW: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+    pub const BURST: u32 = 20;
+    /// Users remembered at most (as [`RefusalLog`]'s keys).
+    const MAX_USERS: usize = 4096;
+
+    /// Whether to record a refusal of `user`'s at `now`: if so, with the
+    /// number of theirs before it that were not recorded.
+    pub fn record(&mut self, user: &str, now: chrono::DateTime<chrono::Utc>) -> Option<u64> {
+        if let Some(b) = self.users.get_mut(user) {
+            if now - b.since < Self::WINDOW {
+                if b.recorded < Self::BURST {
+                    b.recorded += 1;
+                    return Some(0);
+                }
+                b.unrecorded = b.unrecorded.saturating_add(1);
+                return None;
+            }
+        }
+        if !self.users.contains_key(user) {
+            make_room(
+                &mut self.users,
+                1,
+                Self::MAX_USERS,
+                |b| (b.since, b.unrecorded),
+                now - Self::WINDOW,
+                "refusals of signed-in users' calls",
+            );
+        }
+        let before = self.users.insert(
+            user.to_owned(),
+            Burst {
+                since: now,
+                recorded: 1,
+                unrecorded: 0,
+            },
         );
+        Some(before.map_or(0, |b| b.unrecorded))
     }
 }
 
@@ -372,6 +457,31 @@ mod tests {
         let later = t0 + RefusalLog::QUIET;
         assert!(log.record("new", "source", later).is_some());
         assert_eq!(log.keys.len(), 2);
+    }
+
+    #[test]
+    fn a_users_refusals_past_a_burst_are_counted_into_their_next_event() {
+        let t0 = chrono::DateTime::<chrono::Utc>::from_timestamp(1_800_000_000, 0).unwrap();
+        let secs = |s: i64| t0 + chrono::TimeDelta::seconds(s);
+        let mut log = DenialLog::default();
+        for i in 0..DenialLog::BURST {
+            assert_eq!(log.record("ann", secs(i.into())), Some(0), "{i}");
+        }
+        for i in 0..7 {
+            assert_eq!(log.record("ann", secs(30 + i)), None, "{i}");
+        }
+        // Another user has their own burst.
+        assert_eq!(log.record("ben", secs(31)), Some(0));
+        // Still within ann's window (it began at her first recorded one).
+        assert_eq!(log.record("ann", secs(59)), None);
+        // A new window: recorded, with the eight before it.
+        assert_eq!(log.record("ann", secs(60)), Some(8));
+        assert_eq!(log.record("ann", secs(61)), Some(0));
+        // Bounded; a full table still records a new user.
+        for i in 0..10_000 {
+            assert!(log.record(&format!("u{i}"), secs(62)).is_some(), "{i}");
+            assert!(log.users.len() <= DenialLog::MAX_USERS);
+        }
     }
 
     #[test]

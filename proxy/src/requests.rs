@@ -242,6 +242,8 @@ impl Wicket {
     /// `refused`, the error the caller gets; when the event cannot be
     /// stored, the store's error instead (the call is refused either way,
     /// and an unrecorded refusal is not passed off as a recorded one).
+    /// Past the user's burst, a refusal is counted into their next event
+    /// instead (see [`crate::auth::DenialLog`]).
     pub(crate) async fn refusal_audited(
         &self,
         user: &str,
@@ -250,10 +252,20 @@ impl Wicket {
         refused: Error,
         now: DateTime<Utc>,
     ) -> Error {
+        let record = self
+            .denials
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .record(user, now);
+        // Past the user's burst: counted into their next event.
+        let Some(unrecorded_before) = record else {
+            return refused;
+        };
         let event = AuditEvent::AccessDenied {
             user: user.to_owned(),
             action: action.to_owned(),
             reason,
+            unrecorded_before,
         };
         match self.audit(event, now).await {
             Ok(()) => refused,
@@ -418,6 +430,13 @@ impl Wicket {
                 Err(RequestError::Forbidden(reason)) => {
                     return Err(self.deny_audited(&user.name, action, reason, now).await)
                 }
+                // The cap is a policy decision too: on the record.
+                Err(RequestError::Limited(reason)) => {
+                    let refused = Error::Conflict(reason.clone());
+                    return Err(self
+                        .refusal_audited(&user.name, action, reason, refused, now)
+                        .await);
+                }
                 Err(e) => return Err(request_error(e)),
             };
             let (audit, notes) = self.effect_rows(&req, &effects, now).await?;
@@ -491,6 +510,8 @@ impl Wicket {
                 user: user.name.clone(),
                 action: "break-glass".into(),
                 reason: reason.clone(),
+                // Wrong codes are rate-limited as guesses, not folded.
+                unrecorded_before: 0,
             };
             self.record_failure(attempt, event, now).await?;
             return Err(Error::Forbidden(reason));

@@ -45,6 +45,9 @@ pub struct Wicket {
     pub(crate) rng: SystemRandom,
     /// Which rate-limit refusals are recorded (see [`crate::auth::RefusalLog`]).
     refusals: std::sync::Mutex<crate::auth::RefusalLog>,
+    /// Which refusals of signed-in users' calls are recorded (see
+    /// [`crate::auth::DenialLog`]).
+    pub(crate) denials: std::sync::Mutex<crate::auth::DenialLog>,
 }
 
 impl std::fmt::Debug for Wicket {
@@ -236,6 +239,7 @@ impl Wicket {
             index: Default::default(),
             rng: SystemRandom::new(),
             refusals: Default::default(),
+            denials: Default::default(),
         })
     }
 

@@ -1910,6 +1910,73 @@ fn a_flood_of_requests_neither_hides_open_ones_nor_grows_the_queue() {
     });
 }
 
+/// A refusal over the cap is on the record, as every policy refusal is; a
+/// user refused in a loop gets a burst of events a minute, and the next
+/// one after it says how many were folded (the log does not grow at the
+/// caller's will).
+#[test]
+fn a_users_refusals_past_a_burst_are_folded_into_their_next_event() {
+    use wicketd::auth::DenialLog;
+    use wicketd::error::Error;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!("{DEV_OPS}{REV_APPROVES}requests: {{ max_pending_per_user: 1 }}\n");
+    rt().block_on(async {
+        let cfg = wicketd::config::parse(&yaml, dir.path()).unwrap();
+        let (w, store, now) = wicket_with(
+            dir.path(),
+            cfg,
+            &[("ann", "dev", None), ("ben", "dev", None)],
+        )
+        .await;
+        let until = now.timestamp() + 3600;
+        let (ann, ben) = (caller_of("ann", until), caller_of("ben", until));
+        w.create_request(&ann, ask_ops(), now).await.unwrap();
+        let over = DenialLog::BURST + 5;
+        for i in 0..over {
+            let at = now + chrono::Duration::milliseconds(i.into());
+            let err = w.create_request(&ann, ask_ops(), at).await.unwrap_err();
+            assert!(
+                matches!(&err, Error::Conflict(m) if m.contains("awaiting review")),
+                "{err:?}"
+            );
+        }
+        let denied = |actor: &str| {
+            let filter = wicketd::store::AuditFilter {
+                kind: Some("access_denied".into()),
+                actor: Some(actor.into()),
+                ..Default::default()
+            };
+            let store = store.clone();
+            async move { store.search_audit(&filter).await.unwrap() }
+        };
+        let events = denied("ann").await;
+        assert_eq!(events.len(), DenialLog::BURST as usize, "{events:?}");
+        assert!(
+            events
+                .iter()
+                .all(|e| e.data.contains("\"action\":\"request.create\"")
+                    && e.data.contains("requests.max_pending_per_user: 1")
+                    && e.data.contains("\"unrecorded_before\":0")),
+            "{events:?}"
+        );
+        // Someone else's refusals are theirs: on the record.
+        w.create_request(&ben, ask_ops(), now).await.unwrap();
+        w.create_request(&ben, ask_ops(), now).await.unwrap_err();
+        assert_eq!(denied("ben").await.len(), 1);
+        // A minute on, ann's next refusal is recorded with the five folded.
+        let later = now + DenialLog::WINDOW;
+        w.create_request(&ann, ask_ops(), later).await.unwrap_err();
+        let events = denied("ann").await;
+        assert_eq!(events.len(), DenialLog::BURST as usize + 1);
+        assert!(
+            events
+                .iter()
+                .any(|e| e.data.contains("\"unrecorded_before\":5")),
+            "{events:?}"
+        );
+    });
+}
+
 /// The request timers: one due by a deadline stored under other settings,
 /// with nothing due now, gets its deadline worked out again; one whose
 /// document does not decode is put off, not tried at every tick; neither

@@ -822,6 +822,7 @@ impl Live {
             user: self.sref.user.clone(),
             action: format!("ssh.{action}"),
             reason: why.to_owned(),
+            unrecorded_before: 0,
         })
         .await;
     }
@@ -1420,6 +1421,7 @@ impl Conn {
                 user: live.sref.user.clone(),
                 action: format!("ssh.{}_forwarding", kind.as_str().to_lowercase()),
                 reason: d.reason.clone(),
+                unrecorded_before: 0,
             })
             .await;
             let line = format!("wicket: refused: {}\r\n", d.reason);
