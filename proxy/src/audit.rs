@@ -118,6 +118,15 @@ pub enum AuditEvent {
         /// wicketd takes them (SSH).
         #[serde(skip_serializing_if = "is_zero")]
         channels_refused: u64,
+        /// Bytes of commands' output and input (SSH, without a terminal)
+        /// past the recording's cap per command, not recorded (the
+        /// recording marks where each stops).
+        #[serde(skip_serializing_if = "is_zero")]
+        unrecorded_bytes: u64,
+        /// Why the session's recording stopped before the session ended
+        /// (its size limit, or a file that could not be written).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recording_stopped: Option<String>,
         reason: String,
     },
     /// A simple-protocol Query.

@@ -2870,6 +2870,48 @@ fn a_client_that_stops_reading_is_still_cut_at_revoke() {
     assert!(reason.contains("revoked"), "{reason}");
 }
 
+/// A command's output without a terminal is recorded up to 1 MiB: the
+/// recording marks where it stops, and the session's end says how much
+/// was not recorded.
+#[test]
+fn a_commands_output_past_its_cap_is_counted_at_the_sessions_end() {
+    let lab = Lab::start();
+    let alice = lab.user("alice", "access");
+    let id = lab.grant(&alice, "node-admin", "10m");
+    let cfg = ssh_config(&alice);
+    let out = output(
+        ssh(&cfg)
+            .arg(lab.dest())
+            .arg("head -c 1500000 /dev/zero | tr '\\0' y"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(out.stdout.len(), 1_500_000);
+    let ended = first_event_of(&alice, "alice", "session_ended");
+    assert_eq!(
+        ended["data"]["unrecorded_bytes"].as_u64(),
+        Some(1_500_000 - (1 << 20)),
+        "{ended}"
+    );
+    assert!(ended["data"].get("recording_stopped").is_none(), "{ended}");
+    // The client closed its socket at the end without a goodbye: that is
+    // a close, not an error.
+    assert_eq!(ended["data"]["reason"], "connection closed", "{ended}");
+    let sid = ended["session_id"].as_str().unwrap();
+    let auditor = lab.user("sec", "auditor");
+    recordings_of(&auditor, &id);
+    let cast = auditor
+        .ok(&["play", sid, "--format", "cast"])
+        .unwrap()
+        .stdout;
+    assert!(
+        cast.contains("output beyond 1048576 bytes of this command is not recorded"),
+        "{:?}",
+        cast.lines()
+            .filter(|l| l.contains("\"m\""))
+            .collect::<Vec<_>>()
+    );
+}
+
 /// A recording that cannot go on (here: past `max_recording_bytes`) ends
 /// its session, and output past that point never reaches the user; with
 /// `on_recording_failure: continue` the session goes on unrecorded from
@@ -2934,7 +2976,16 @@ fn a_recording_that_cannot_go_on_ends_its_session_unless_configured_otherwise() 
         } else {
             assert!(out.status.success(), "{}", text(&out.stderr));
             assert!(stdout.contains("after-42") && stdout.len() > 300_000);
-            assert!(!ended.contains("reached its limit"), "{ended}");
+            // It ended as it would have; its end says the recording stopped.
+            let ended: Value = serde_json::from_str(&ended).unwrap();
+            let data = &ended[0]["data"];
+            assert_eq!(data["reason"], "connection closed", "{ended}");
+            assert!(
+                data["recording_stopped"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("reached its limit of 65536 bytes")),
+                "{ended}"
+            );
         }
         // The recording ends with a marker saying why it stopped.
         let cast: Vec<String> =

@@ -565,6 +565,9 @@ pub(crate) struct Live {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     execs: AtomicU64,
+    /// Commands' output and input past [`EXEC_RECORD_LIMIT`] each, not
+    /// recorded.
+    unrecorded_bytes: AtomicU64,
     audit_dropped: AtomicU64,
     /// Channel opens on this connection refused for the rate.
     channels_refused: Arc<AtomicU64>,
@@ -694,13 +697,15 @@ impl Live {
         write: fn(&Recorder, std::time::Instant, &[u8]) -> bool,
     ) -> bool {
         let before = counted.fetch_add(data.len() as u64, Ordering::Relaxed);
-        if before >= EXEC_RECORD_LIMIT {
-            return true;
-        }
-        let room = (EXEC_RECORD_LIMIT - before) as usize;
-        let part = &data[..data.len().min(room)];
-        let recorded = write(r, crate::clock::instant(), part);
-        if part.len() < data.len() {
+        let room = EXEC_RECORD_LIMIT.saturating_sub(before);
+        let part = &data[..data.len().min(usize::try_from(room).unwrap_or(usize::MAX))];
+        let cut = data.len() - part.len();
+        self.unrecorded_bytes
+            .fetch_add(cut as u64, Ordering::Relaxed);
+        let recorded = part.is_empty() || write(r, crate::clock::instant(), part);
+        // Marked once: at the first chunk not wholly recorded, also when
+        // the one before it ended exactly at the cap.
+        if cut > 0 && before <= EXEC_RECORD_LIMIT {
             r.marker(
                 crate::clock::instant(),
                 &format!("{what} beyond {EXEC_RECORD_LIMIT} bytes of this command is not recorded"),
@@ -871,6 +876,7 @@ impl Live {
             .or(error.map(|e| format!("connection error: {e}")))
             .unwrap_or_else(|| "connection closed".into());
         let exit_status = *lock(&self.exit_status);
+        let recording_stopped = self.existing_recorder().and_then(|r| r.failure());
         self.audit_always(AuditEvent::SessionEnded {
             session: self.sref.clone(),
             bytes_from_client: self.bytes_in.load(Ordering::Relaxed),
@@ -879,6 +885,8 @@ impl Live {
             exit_status,
             audit_dropped: self.audit_dropped.load(Ordering::Relaxed),
             channels_refused: self.channels_refused.load(Ordering::Relaxed),
+            unrecorded_bytes: self.unrecorded_bytes.load(Ordering::Relaxed),
+            recording_stopped,
             reason: reason.clone(),
         })
         .await;
@@ -1265,6 +1273,7 @@ impl Conn {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             execs: AtomicU64::new(0),
+            unrecorded_bytes: AtomicU64::new(0),
             audit_dropped: AtomicU64::new(0),
             channels_refused: self.shared.slots.refused.clone(),
             exit_status: Mutex::new(None),

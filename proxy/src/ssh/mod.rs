@@ -567,9 +567,14 @@ async fn connection(
         }
         Err(e) => Err(e),
     };
-    finish
-        .finish(result.as_ref().err().map(|e| e.to_string()))
-        .await;
+    // A client that closes its socket without a goodbye (OpenSSH, at the
+    // end of a command, often does) closed the connection.
+    let error = match result {
+        Ok(()) | Err(russh::Error::HUP) => None,
+        Err(russh::Error::IO(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
+        Err(e) => Some(e.to_string()),
+    };
+    finish.finish(error).await;
     Ok(())
 }
 
