@@ -467,10 +467,7 @@ async fn get_recording(
             file,
             buf: vec![0; FILE_CHUNK],
         }),
-        RecordingData::Loaded(data, permit) => axum::body::Body::new(LoadedBody {
-            data: Some(bytes::Bytes::from(data)),
-            _permit: permit,
-        }),
+        RecordingData::Stored(parts) => axum::body::Body::from_stream(parts.into_stream()),
     };
     Ok(([(header::CONTENT_TYPE, "application/x-asciicast")], body).into_response())
 }
@@ -508,38 +505,6 @@ impl http_body::Body for FileBody {
     }
 }
 
-/// A recording loaded whole from the shared store, with the permit that
-/// counts it until it is sent.
-struct LoadedBody {
-    data: Option<bytes::Bytes>,
-    _permit: tokio::sync::SemaphorePermit<'static>,
-}
-
-impl http_body::Body for LoadedBody {
-    type Data = bytes::Bytes;
-    type Error = std::convert::Infallible;
-
-    /// In chunks, so that the body (and its permit) lives until the last
-    /// one is taken: the server takes them as the client reads.
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<
-        Option<std::result::Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>>,
-    > {
-        let chunk = match &mut self.data {
-            Some(d) if d.len() > FILE_CHUNK => Some(d.split_to(FILE_CHUNK)),
-            Some(_) => self.data.take(),
-            None => None,
-        };
-        std::task::Poll::Ready(chunk.map(|d| Ok(http_body::Frame::data(d))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.data.is_none()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -568,31 +533,6 @@ mod tests {
             body.contains("internal error") && !body.contains("secret detail"),
             "{body}"
         );
-    }
-
-    /// A loaded recording goes out in chunks too, holding its permit until
-    /// the last one is taken.
-    #[tokio::test]
-    async fn a_loaded_body_holds_its_permit_until_its_last_chunk() {
-        use http_body_util::BodyExt;
-        static COUNTED: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
-        let data: Vec<u8> = (0..(2 * FILE_CHUNK + 5)).map(|i| (i % 7) as u8).collect();
-        let mut body = LoadedBody {
-            data: Some(bytes::Bytes::from(data.clone())),
-            _permit: COUNTED.acquire().await.unwrap(),
-        };
-        let mut got = Vec::new();
-        while let Some(frame) = body.frame().await {
-            let chunk = frame.unwrap().into_data().unwrap();
-            assert!(chunk.len() <= FILE_CHUNK);
-            got.extend_from_slice(&chunk);
-            if got.len() < data.len() {
-                assert_eq!(COUNTED.available_permits(), 0);
-            }
-        }
-        assert_eq!(got, data);
-        drop(body);
-        assert_eq!(COUNTED.available_permits(), 1);
     }
 
     /// A recording goes out in chunks as the file is read, never whole.

@@ -382,10 +382,26 @@ CREATE TABLE session_requests (
         sqlite: &[],
         postgres: &[],
     },
+    // Recordings stored in parts (`session_recording_parts`, numbered from
+    // 0), so that one of any size is copied to the store, and sent from
+    // it, a part at a time. `parts` 0: the whole file is in `data` (rows
+    // from before, each at most 64 MiB).
+    Migration {
+        version: 17,
+        sql: "ALTER TABLE session_recordings ADD COLUMN parts BIGINT NOT NULL DEFAULT 0",
+        sqlite: &["CREATE TABLE session_recording_parts (session_id TEXT NOT NULL, \
+             part BIGINT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (session_id, part))"],
+        postgres: &["CREATE TABLE session_recording_parts (session_id TEXT NOT NULL, \
+             part BIGINT NOT NULL, data BYTEA NOT NULL, PRIMARY KEY (session_id, part))"],
+    },
 ];
 
 /// The migration that adds [`session_requests_from_events`].
 const SESSION_REQUESTS_MIGRATION: i64 = 16;
+
+/// The size of a stored recording's parts (see [`Store::put_recording`]):
+/// what one copy to the store, or one download from it, holds in memory.
+pub const RECORDING_PART: usize = 8 << 20;
 
 /// The migration that keys the audit chain (see [`key_chain`]).
 const KEY_MIGRATION: i64 = 10;
@@ -1537,19 +1553,22 @@ impl Store {
 
     // ---- session recordings --------------------------------------------------
 
-    /// Stores an ended session's recording (`data`: the whole asciicast
-    /// file); a recording already stored is kept.
+    /// Stores an ended session's recording, read from `file` to its end
+    /// in parts of `part_size` bytes (one in memory at a time; see
+    /// [`RECORDING_PART`]), all in one transaction: the store has the whole
+    /// file or none of it. A recording already stored is kept.
     pub async fn put_recording(
         &self,
         meta: &RecordingMeta,
-        data: &[u8],
+        file: &mut (impl tokio::io::AsyncRead + Unpin),
         stored: i64,
+        part_size: usize,
     ) -> Result<()> {
-        let size =
-            i64::try_from(data.len()).map_err(|_| Error::Store("recording too large".into()))?;
-        sqlx::query(
-            "INSERT INTO session_recordings (session_id, user_name, node, login, request_ids, started, size, data, stored) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (session_id) DO NOTHING",
+        use tokio::io::AsyncReadExt;
+        let mut tx = self.begin().await?;
+        let new = sqlx::query(
+            "INSERT INTO session_recordings (session_id, user_name, node, login, request_ids, started, size, data, stored, parts) \
+             VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, 0) ON CONFLICT (session_id) DO NOTHING",
         )
         .bind(meta.session_id.as_str())
         .bind(meta.user.as_str())
@@ -1557,11 +1576,60 @@ impl Store {
         .bind(meta.login.as_str())
         .bind(json_list(&meta.request_ids)?)
         .bind(meta.started)
-        .bind(size)
-        .bind(data)
+        .bind(&[][..])
         .bind(stored)
-        .execute(&self.pool)
-        .await?;
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if new == 0 {
+            return Ok(());
+        }
+        // Parts left by a row deleted by hand are not this copy's.
+        sqlx::query("DELETE FROM session_recording_parts WHERE session_id = $1")
+            .bind(meta.session_id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let (mut parts, mut size) = (0i64, 0i64);
+        let mut buf = Vec::with_capacity(part_size.max(1));
+        loop {
+            buf.clear();
+            let n = (&mut *file)
+                .take(part_size.max(1) as u64)
+                .read_to_end(&mut buf)
+                .await
+                .map_err(|e| Error::Store(format!("cannot read the recording: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            sqlx::query(
+                "INSERT INTO session_recording_parts (session_id, part, data) VALUES ($1, $2, $3)",
+            )
+            .bind(meta.session_id.as_str())
+            .bind(parts)
+            .bind(buf.as_slice())
+            .execute(&mut *tx)
+            .await?;
+            parts += 1;
+            size = size.saturating_add(n as i64);
+        }
+        // An empty file is one empty part (0 parts would mean "in `data`").
+        if parts == 0 {
+            sqlx::query(
+                "INSERT INTO session_recording_parts (session_id, part, data) VALUES ($1, 0, $2)",
+            )
+            .bind(meta.session_id.as_str())
+            .bind(&[][..])
+            .execute(&mut *tx)
+            .await?;
+            parts = 1;
+        }
+        sqlx::query("UPDATE session_recordings SET parts = $1, size = $2 WHERE session_id = $3")
+            .bind(parts)
+            .bind(size)
+            .bind(meta.session_id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -1622,11 +1690,15 @@ impl Store {
         .await?;
         let mut audit = Vec::with_capacity(rows.len());
         for r in &rows {
+            let id: String = r.try_get(0)?;
+            sqlx::query("DELETE FROM session_recording_parts WHERE session_id = $1")
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
             let meta = match recording_from_row(r) {
                 Ok((meta, _)) => meta,
                 // Deleted all the same, and on the record with what reads.
                 Err(e) => {
-                    let id: String = r.try_get(0)?;
                     tracing::warn!(session = %id, error = %e, "deleting a stored recording whose row does not decode");
                     RecordingMeta {
                         session_id: id,
@@ -1647,9 +1719,11 @@ impl Store {
         Ok(audit.len())
     }
 
-    /// A stored recording's asciicast file.
-    pub async fn recording_data(&self, session_id: &str) -> Result<Option<Vec<u8>>> {
-        let r = sqlx::query("SELECT data FROM session_recordings WHERE session_id = $1")
+    /// How a stored recording's file is kept: in how many parts (see
+    /// [`Self::recording_part`]), or 0 when it is whole in its row (stored
+    /// before parts; see [`Self::recording_data`]).
+    pub async fn recording_parts(&self, session_id: &str) -> Result<Option<i64>> {
+        let r = sqlx::query("SELECT parts FROM session_recordings WHERE session_id = $1")
             .bind(session_id)
             .fetch_optional(&self.pool)
             .await?;
@@ -1657,6 +1731,47 @@ impl Store {
             Some(r) => Some(r.try_get(0)?),
             None => None,
         })
+    }
+
+    /// Part `part` of a stored recording's file.
+    pub async fn recording_part(&self, session_id: &str, part: i64) -> Result<Option<Vec<u8>>> {
+        let r = sqlx::query(
+            "SELECT data FROM session_recording_parts WHERE session_id = $1 AND part = $2",
+        )
+        .bind(session_id)
+        .bind(part)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match r {
+            Some(r) => Some(r.try_get(0)?),
+            None => None,
+        })
+    }
+
+    /// A stored recording's asciicast file, whole: its row's, or its parts
+    /// put together.
+    pub async fn recording_data(&self, session_id: &str) -> Result<Option<Vec<u8>>> {
+        let Some(parts) = self.recording_parts(session_id).await? else {
+            return Ok(None);
+        };
+        if parts == 0 {
+            let r = sqlx::query("SELECT data FROM session_recordings WHERE session_id = $1")
+                .bind(session_id)
+                .fetch_optional(&self.pool)
+                .await?;
+            return Ok(match r {
+                Some(r) => Some(r.try_get(0)?),
+                None => None,
+            });
+        }
+        let mut data = Vec::new();
+        for part in 0..parts {
+            let Some(p) = self.recording_part(session_id, part).await? else {
+                return Ok(None);
+            };
+            data.extend_from_slice(&p);
+        }
+        Ok(Some(data))
     }
 
     // ---- audit -------------------------------------------------------------

@@ -2460,16 +2460,53 @@ fn a_recording_made_through_one_wicketd_plays_through_another() {
     );
     assert!(!out.stdout.contains("shared-42"), "{}", out.stdout);
 
+    // A recording over 64 MiB (a terminal's output is recorded whole),
+    // stored in parts of 8 MiB: sent from the store byte for byte as from
+    // the recording wicketd's file. (Once, only the recording wicketd
+    // played one this large.)
+    let out = output(
+        ssh(&cfg)
+            .arg("-tt")
+            .arg(lab.dest())
+            .arg("head -c 70000000 /dev/zero | tr '\\0' y; echo; echo big-$((40+2))"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let big = wait_until("the large recording", Duration::from_secs(30), || {
+        let l = listed(&sec);
+        l.as_array()?
+            .iter()
+            .find(|r| r["session_id"] != sid.as_str())
+            .cloned()
+    })
+    .unwrap();
+    assert!(big["size"].as_u64().unwrap() > 70_000_000, "{big}");
+    let big_sid = big["session_id"].as_str().unwrap();
+    let from_store = sec
+        .ok(&["play", big_sid, "--format", "cast"])
+        .unwrap()
+        .stdout;
+    let from_file = alice
+        .ok(&["play", big_sid, "--format", "cast"])
+        .unwrap()
+        .stdout;
+    assert!(from_file.contains("big-42"));
+    assert_eq!(from_store.len() as u64, big["size"].as_u64().unwrap());
+    assert!(from_store == from_file, "the store's copy differs");
+
     // A copy the store lost (wicketd stopped right after the session, or
     // the store was down through every try) is made at the next start.
-    pg.psql("wicket", "DELETE FROM session_recordings").unwrap();
-    assert_eq!(listed(&sec).as_array().unwrap().len(), 0);
+    pg.psql(
+        "wicket",
+        &format!("DELETE FROM session_recordings WHERE session_id = '{sid}'"),
+    )
+    .unwrap();
+    assert_eq!(listed(&sec).as_array().unwrap().len(), 1);
     let Lab { d, .. } = lab;
     let _d = d.restart().unwrap();
     wait_until(
         "the restarted wicketd to copy the recording again",
         Duration::from_secs(15),
-        || (listed(&sec).as_array().unwrap().len() == 1).then_some(()),
+        || (listed(&sec).as_array().unwrap().len() == 2).then_some(()),
     )
     .unwrap();
     let played = sec.ok(&["play", &sid, "--format", "text"]).unwrap().stdout;

@@ -7,7 +7,7 @@ use wicketd::config::Storage;
 use wicketd::ssh::recording::RecordingMeta;
 use wicketd::store::{
     chain_hash, AuditFilter, AuditRow, CancelKeyRow, ChainKey, Link, Reservation, Store,
-    StoredRequest, UserRecord, KEYED,
+    StoredRequest, UserRecord, KEYED, RECORDING_PART,
 };
 
 fn rt() -> tokio::runtime::Runtime {
@@ -1087,40 +1087,79 @@ async fn recordings(store: &Store) {
         request_ids: vec!["r1".into(), "r2".into()],
         started,
     };
-    let data: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
-    store
-        .put_recording(&meta("s1", 10), &data, 11)
-        .await
-        .unwrap();
-    store
-        .put_recording(&meta("s2", 20), b"{}\n", 21)
-        .await
-        .unwrap();
+    let put = |m: RecordingMeta, data: &'static [u8], stored: i64| {
+        let store = store.clone();
+        async move {
+            let mut file = data;
+            store.put_recording(&m, &mut file, stored, 1000).await
+        }
+    };
+    let data: Vec<u8> = (0..=255u8).cycle().take(70_500).collect();
+    let data: &'static [u8] = data.leak();
+    put(meta("s1", 10), data, 11).await.unwrap();
+    put(meta("s2", 20), b"{}\n", 21).await.unwrap();
     // Stored again (a retry): the first copy stays.
-    store
-        .put_recording(&meta("s1", 10), b"other", 12)
-        .await
-        .unwrap();
+    put(meta("s1", 10), b"other", 12).await.unwrap();
     let list = store.list_recordings().await.unwrap();
-    assert_eq!(list, vec![(meta("s2", 20), 3), (meta("s1", 10), 70_000)]);
+    assert_eq!(list, vec![(meta("s2", 20), 3), (meta("s1", 10), 70_500)]);
     let m = store.recording_meta("s1").await.unwrap().unwrap();
     assert_eq!(m, meta("s1", 10));
+    // In parts of the size asked for, the last one shorter.
+    assert_eq!(store.recording_parts("s1").await.unwrap(), Some(71));
+    let last = store.recording_part("s1", 70).await.unwrap().unwrap();
+    assert_eq!(last, &data[70_000..]);
+    assert!(store.recording_part("s1", 71).await.unwrap().is_none());
     let back = store.recording_data("s1").await.unwrap().unwrap();
     assert!(back == data, "the recording changed on the way");
     assert!(store.recording_meta("s3").await.unwrap().is_none());
     assert!(store.recording_data("s3").await.unwrap().is_none());
+    // An empty file is one empty part.
+    put(meta("s0", 5), b"", 6).await.unwrap();
+    assert_eq!(store.recording_parts("s0").await.unwrap(), Some(1));
+    assert_eq!(store.recording_data("s0").await.unwrap(), Some(Vec::new()));
+    // A file that cannot be read to its end stores nothing.
+    struct Breaks(usize);
+    impl tokio::io::AsyncRead for Breaks {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            if self.0 == 0 {
+                return std::task::Poll::Ready(Err(std::io::Error::other("disk gone")));
+            }
+            self.0 -= 1;
+            let n = buf.remaining().min(600);
+            buf.put_slice(&[b'x'; 600][..n]);
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+    let err = store
+        .put_recording(&meta("sx", 5), &mut Breaks(4), 6, 1000)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("disk gone"), "{err}");
+    assert!(store.recording_meta("sx").await.unwrap().is_none());
+    assert!(store.recording_part("sx", 0).await.unwrap().is_none());
+    // Parts a hand-deleted row left behind are replaced by the next copy.
+    exec(
+        store,
+        &["DELETE FROM session_recordings WHERE session_id = 's0'"],
+    )
+    .await;
+    put(meta("s0", 5), b"again", 6).await.unwrap();
+    assert_eq!(store.recording_data("s0").await.unwrap().unwrap(), b"again");
+    exec(
+        store,
+        &["DELETE FROM session_recordings WHERE session_id = 's0'"],
+    )
+    .await;
 
     // Retention: those whose session started and ended (was stored)
     // before the cut go, each with its audit event, each taken once even
     // by two wicketds at the same moment.
-    store
-        .put_recording(&meta("s3", 15), b"{}\n", 30)
-        .await
-        .unwrap();
-    store
-        .put_recording(&meta("s4", 16), b"{}\n", 17)
-        .await
-        .unwrap();
+    put(meta("s3", 15), b"{}\n", 30).await.unwrap();
+    put(meta("s4", 16), b"{}\n", 17).await.unwrap();
     let row = |m: &RecordingMeta| AuditRow {
         session_id: Some(m.session_id.clone()),
         ..event(
@@ -1169,6 +1208,9 @@ async fn recordings(store: &Store) {
     assert_eq!(deleted_events(store).await, ["s1", "s2", "s3", "s4"]);
     assert!(store.list_recordings().await.unwrap().is_empty());
     assert!(store.recording_data("s1").await.unwrap().is_none());
+    // Their parts went with them.
+    assert!(store.recording_part("s1", 0).await.unwrap().is_none());
+    assert!(store.recording_part("s4", 0).await.unwrap().is_none());
 }
 
 /// Migrations 15 and 16 on a store from before them. 15 marks the
@@ -1237,14 +1279,31 @@ async fn migrations_from_14(storage: &Storage, dir: &std::path::Path) {
         sessions
     };
     assert!(by_request(store.clone(), "b22").await.is_empty());
+    // A recording stored whole in its row, as before parts (schema 17).
+    let old = RecordingMeta {
+        session_id: "old".into(),
+        user: "erin".into(),
+        node: "node-1".into(),
+        login: "ops".into(),
+        request_ids: vec!["b1".into()],
+        started: 1,
+    };
+    store
+        .put_recording(&old, &mut &b"whole in its row"[..], 2, RECORDING_PART)
+        .await
+        .unwrap();
     // Back to schema 14, as an older wicketd left it, then open again.
     exec(
         &store,
         &[
+            "UPDATE session_recordings SET data = (SELECT data FROM session_recording_parts \
+             WHERE session_id = 'old' AND part = 0) WHERE session_id = 'old'",
+            "DROP TABLE session_recording_parts",
+            "ALTER TABLE session_recordings DROP COLUMN parts",
             "DROP INDEX access_requests_awaiting",
             "ALTER TABLE access_requests DROP COLUMN awaiting_review",
             "DROP TABLE session_requests",
-            "DELETE FROM schema_migrations WHERE version IN (15, 16)",
+            "DELETE FROM schema_migrations WHERE version IN (15, 16, 17)",
         ],
     )
     .await;
@@ -1256,7 +1315,17 @@ async fn migrations_from_14(storage: &Storage, dir: &std::path::Path) {
     );
     assert_eq!(by_request(store.clone(), "b22").await, ["three", "two"]);
     assert_eq!(by_request(store.clone(), "b333").await, ["three"]);
-    assert_eq!(by_request(store, "b1").await, ["one", "three", "two"]);
+    assert_eq!(
+        by_request(store.clone(), "b1").await,
+        ["one", "three", "two"]
+    );
+    // 17: the old recording reads from its row.
+    assert_eq!(store.recording_parts("old").await.unwrap(), Some(0));
+    assert_eq!(
+        store.recording_data("old").await.unwrap().unwrap(),
+        b"whole in its row"
+    );
+    assert_eq!(store.list_recordings().await.unwrap(), [(old, 16)]);
 }
 
 #[test]

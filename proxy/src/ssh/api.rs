@@ -4,32 +4,62 @@
 use super::recording;
 use crate::error::{Error, Result};
 use crate::service::{Caller, Wicket};
+use crate::store::RECORDING_PART;
 use chrono::{DateTime, Utc};
 use wicket_api::RecordingInfo;
 use wicket_policy::Subject;
 
-/// Largest recording copied to a shared store; a larger one stays only in
-/// the data directory of the wicketd that recorded it.
-const MAX_SHARED_RECORDING: u64 = 64 << 20;
-/// Recordings copied to the store at once (each is read whole into memory
-/// and holds a store connection): many sessions ending together queue.
+/// Recordings copied to the store at once (each holds a part in memory,
+/// [`RECORDING_PART`], and a store connection): many sessions ending
+/// together queue.
 static SHARING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
-/// Recordings read whole from a shared store at once (each up to
-/// [`MAX_SHARED_RECORDING`]): more downloads wait. Files from this host's
-/// data directory are streamed and need no such limit.
+/// Downloads from a shared store at once (each holds a part in memory, or
+/// a whole file stored before parts, at most 64 MiB): more wait. Files
+/// from this host's data directory are streamed and need no such limit.
 static LOADING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 
 /// How long a download waits for its turn to load from the store.
 const LOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A recording to send: the file, streamed as it is read, or its copy from
-/// the shared store, held in memory (counted) until it is sent.
+/// the shared store, read a part at a time (counted) as it is sent.
 pub enum RecordingData {
     File(tokio::fs::File),
-    Loaded(Vec<u8>, tokio::sync::SemaphorePermit<'static>),
+    Stored(StoredParts),
 }
 
-/// How long one try at storing a recording may take.
+/// A recording in a shared store, sent a part at a time.
+pub struct StoredParts {
+    store: crate::store::Store,
+    session_id: String,
+    /// Parts, or 0: whole in its row (stored before parts).
+    parts: i64,
+    _permit: tokio::sync::SemaphorePermit<'static>,
+}
+
+impl StoredParts {
+    /// Its data, part after part: an error (a part deleted meanwhile, the
+    /// store failing) ends the stream, and the download breaks off.
+    pub fn into_stream(
+        self,
+    ) -> impl futures_util::Stream<Item = std::result::Result<bytes::Bytes, Error>> + Send + 'static
+    {
+        let missing = |id: &str| Error::NotFound(format!("the recording of session {id} is gone"));
+        futures_util::stream::try_unfold((self, 0i64), move |(s, part)| async move {
+            let data = match (s.parts, part) {
+                (0, 0) => s.store.recording_data(&s.session_id).await?,
+                (0, _) => return Ok(None),
+                (n, p) if p >= n => return Ok(None),
+                (_, p) => s.store.recording_part(&s.session_id, p).await?,
+            };
+            let data = data.ok_or_else(|| missing(&s.session_id))?;
+            Ok(Some((bytes::Bytes::from(data), (s, part + 1))))
+        })
+    }
+}
+
+/// How long one try at storing a recording may take: this, and a second
+/// more per part.
 const SHARE_TRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Wicket {
@@ -59,30 +89,25 @@ impl Wicket {
             Ok(m) => m.len(),
             Err(e) => return cannot(e),
         };
-        if size > MAX_SHARED_RECORDING {
-            tracing::warn!(
-                session = %session_id,
-                bytes = size,
-                "recording too large for the shared store: only this wicketd plays it"
-            );
-            return;
-        }
-        let data = match tokio::fs::read(&path).await {
-            Ok(d) => d,
-            Err(e) => return cannot(e),
-        };
         let Some(meta) = recording::read_meta(&path) else {
             tracing::warn!(session = %session_id, "recording has no readable header; not shared");
             return;
         };
+        let part = RECORDING_PART as u64;
+        let limit = SHARE_TRY + std::time::Duration::from_secs(size.div_ceil(part));
         let mut delay = std::time::Duration::from_secs(1);
         for attempt in 1..=4 {
+            let mut file = match tokio::fs::File::open(&path).await {
+                Ok(f) => f,
+                Err(e) => return cannot(e),
+            };
             let stored = crate::clock::now().timestamp();
-            let put =
-                tokio::time::timeout(SHARE_TRY, self.store.put_recording(&meta, &data, stored));
-            let result = match put.await {
+            let put = self
+                .store
+                .put_recording(&meta, &mut file, stored, RECORDING_PART);
+            let result = match tokio::time::timeout(limit, put).await {
                 Ok(r) => r.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("no answer within {} s", SHARE_TRY.as_secs())),
+                Err(_) => Err(format!("no answer within {} s", limit.as_secs())),
             };
             match result {
                 Ok(()) => return,
@@ -356,11 +381,81 @@ impl Wicket {
             .await
             .map_err(|_| busy())?
             .map_err(|_| busy())?;
-        let data = self
+        let parts = self
             .store
-            .recording_data(session_id)
+            .recording_parts(session_id)
             .await?
             .ok_or_else(not_found)?;
-        Ok(RecordingData::Loaded(data, permit))
+        Ok(RecordingData::Stored(StoredParts {
+            store: self.store.clone(),
+            session_id: session_id.to_owned(),
+            parts,
+            _permit: permit,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    /// A stored recording goes out a part at a time, in order, holding its
+    /// download's permit until the last; a part gone meanwhile breaks the
+    /// download off with an error, not a short file that looks whole.
+    #[tokio::test]
+    async fn a_stored_recording_streams_its_parts_and_holds_its_permit() {
+        static COUNTED: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(
+            &crate::config::Storage::Sqlite,
+            dir.path(),
+            crate::store::ChainKey::for_tests(),
+        )
+        .await
+        .unwrap();
+        let meta = recording::RecordingMeta {
+            session_id: "s1".into(),
+            user: "alice".into(),
+            node: "node-1".into(),
+            login: "ops".into(),
+            request_ids: vec![],
+            started: 1,
+        };
+        let data: Vec<u8> = (0..2500u32).map(|i| (i % 251) as u8).collect();
+        store
+            .put_recording(&meta, &mut data.as_slice(), 2, 1000)
+            .await
+            .unwrap();
+        let parts = |permit| StoredParts {
+            store: store.clone(),
+            session_id: "s1".into(),
+            parts: 3,
+            _permit: permit,
+        };
+        let mut stream = Box::pin(parts(COUNTED.acquire().await.unwrap()).into_stream());
+        let mut got = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.unwrap();
+            assert!(chunk.len() <= 1000);
+            got.extend_from_slice(&chunk);
+            assert_eq!(COUNTED.available_permits(), 0);
+        }
+        assert_eq!(got, data);
+        drop(stream);
+        assert_eq!(COUNTED.available_permits(), 1);
+
+        // The last part goes (a retention sweep) after the download began.
+        let mut stream = Box::pin(parts(COUNTED.acquire().await.unwrap()).into_stream());
+        assert_eq!(stream.next().await.unwrap().unwrap().len(), 1000);
+        let mut tx = store.begin().await.unwrap();
+        sqlx::query("DELETE FROM session_recording_parts WHERE part = 2")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(stream.next().await.unwrap().unwrap().len(), 1000);
+        let err = stream.next().await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("is gone"), "{err}");
     }
 }
