@@ -96,19 +96,48 @@ impl fmt::Debug for Storage {
     }
 }
 
+/// `url` with its secrets replaced by `***`: the password in its user
+/// information, and the values of query parameters that carry one
+/// (`password`, `sslpassword`, as libpq and sqlx read them).
 fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => authority.to_owned(),
         },
-        None => url.to_owned(),
-    }
+        None => authority.to_owned(),
+    };
+    let (before_fragment, fragment) = match tail.split_once('#') {
+        Some((t, f)) => (t, Some(f)),
+        None => (tail, None),
+    };
+    let tail = match before_fragment.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if is_secret_param(k) => format!("{k}=***"),
+                    _ => p.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", params.join("&"))
+        }
+        None => before_fragment.to_owned(),
+    };
+    let fragment = fragment.map(|f| format!("#{f}")).unwrap_or_default();
+    format!("{scheme}://{authority}{tail}{fragment}")
+}
+
+/// Whether a URL query parameter named `key` (as written, perhaps
+/// percent-encoded) carries a secret.
+fn is_secret_param(key: &str) -> bool {
+    let key = key.to_ascii_lowercase().replace("%5f", "_");
+    key.contains("password")
 }
 
 /// The sockets `wicketd` listens on. Only the API is always on.

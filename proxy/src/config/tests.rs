@@ -838,6 +838,18 @@ fn redacts_passwords() {
         Storage::Postgres("postgres://u@h/db".into()).redacted(),
         "postgres://u@h/db"
     );
+    // Passwords given as query parameters (sqlx and libpq read them).
+    let s = Storage::Postgres(
+        "postgres://u@h/db?sslmode=verify-full&password=s3cret&PassWord=two&sslpassword=k3y#f"
+            .into(),
+    );
+    assert_eq!(
+        s.redacted(),
+        "postgres://u@h/db?sslmode=verify-full&password=***&PassWord=***&sslpassword=***#f"
+    );
+    assert!(!format!("{s:?}").contains("s3cret"), "{s:?}");
+    let both = Storage::Postgres("postgres://u:one@h?password=two".into()).redacted();
+    assert_eq!(both, "postgres://u:***@h?password=***");
 }
 
 proptest! {
