@@ -9,13 +9,77 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use wicket_ca::AuthorityKeys;
 
-/// Creates `dir` (and parents) if needed and makes it 0700.
+/// What wicketd keeps in its directories: one holding only these (or
+/// nothing) is wicketd's own.
+const OURS: &[&str] = &[
+    "ca",
+    "recordings",
+    "wicket.db",
+    "wicket.db-wal",
+    "wicket.db-shm",
+    "wicket.db-journal",
+];
+
+/// Creates `dir` (and parents) if needed, 0700. One that exists and is
+/// open to others is made 0700 only when it is wicketd's own (empty, or
+/// holding only what wicketd keeps): another directory named by mistake
+/// (`--data-dir /var/lib`) is refused, not made private under everyone
+/// else's feet.
 pub fn ensure_private_dir(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir)
-        .map_err(|e| Error::Io(format!("cannot create {}: {e}", dir.display())))?;
+    match fs::symlink_metadata(dir) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::create_dir_all(dir)
+                .map_err(|e| Error::Io(format!("cannot create {}: {e}", dir.display())))?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::Io(format!("cannot restrict {}: {e}", dir.display())))?;
+            return Ok(());
+        }
+        Err(e) => return Err(Error::Io(format!("cannot read {}: {e}", dir.display()))),
+    }
+    let meta =
+        fs::metadata(dir).map_err(|e| Error::Io(format!("cannot read {}: {e}", dir.display())))?;
+    if !meta.is_dir() {
+        return Err(Error::Io(format!("{} is not a directory", dir.display())));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    let entries =
+        fs::read_dir(dir).map_err(|e| Error::Io(format!("cannot read {}: {e}", dir.display())))?;
+    for entry in entries {
+        let name = entry
+            .map_err(|e| Error::Io(format!("cannot read {}: {e}", dir.display())))?
+            .file_name();
+        if !OURS.iter().any(|o| name == *o) {
+            return Err(Error::Io(format!(
+                "{} has mode {mode:o} and holds {name:?}, which is not wicketd's: name a \
+                 directory of wicketd's own (it makes one, 0700), or run `chmod 700 {}`",
+                dir.display(),
+                dir.display()
+            )));
+        }
+    }
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .map_err(|e| Error::Io(format!("cannot restrict {}: {e}", dir.display())))?;
-    Ok(())
+        .map_err(|e| Error::Io(format!("cannot restrict {}: {e}", dir.display())))
+}
+
+/// An exclusive lock on `ca_dir/.lock`, held while a key set is made or
+/// completed: two processes on one data directory (a first start and a
+/// set-up command, say) never both generate one and mix their files.
+fn lock_key_set(ca_dir: &Path) -> Result<fs::File> {
+    let path = ca_dir.join(".lock");
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| Error::Io(format!("cannot open {}: {e}", path.display())))?;
+    f.lock()
+        .map_err(|e| Error::Io(format!("cannot lock {}: {e}", path.display())))?;
+    Ok(f)
 }
 
 /// Writes `contents` to `path` atomically (temp file + rename) with `mode`.
@@ -70,7 +134,11 @@ pub fn load(data_dir: &Path) -> Result<AuthorityKeys> {
     for name in AuthorityKeys::REQUIRED_FILES {
         if name.ends_with(".key") {
             let path = ca_dir.join(name);
-            let mode = fs::metadata(&path)?.permissions().mode() & 0o777;
+            let mode = fs::metadata(&path)
+                .map_err(|e| Error::Io(format!("cannot read {}: {e}", path.display())))?
+                .permissions()
+                .mode()
+                & 0o777;
             if mode & 0o077 != 0 {
                 return Err(Error::Io(format!(
                     "{} has mode {mode:o}; CA keys must be 0600",
@@ -79,9 +147,26 @@ pub fn load(data_dir: &Path) -> Result<AuthorityKeys> {
             }
         }
     }
-    Ok(AuthorityKeys::load(|name| {
-        fs::read(ca_dir.join(name)).ok()
-    })?)
+    // Every file is there (above): one that cannot be read is an error
+    // of its own, not "missing".
+    let unreadable = std::cell::RefCell::new(None);
+    let keys = AuthorityKeys::load(|name| {
+        let path = ca_dir.join(name);
+        match fs::read(&path) {
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                unreadable
+                    .borrow_mut()
+                    .get_or_insert(format!("cannot read {}: {e}", path.display()));
+                None
+            }
+        }
+    });
+    if let Some(why) = unreadable.into_inner() {
+        return Err(Error::Io(why));
+    }
+    Ok(keys?)
 }
 
 /// For set-up commands that may run before the first start (`databases
@@ -104,12 +189,16 @@ fn added_later_only(missing: &[&str]) -> bool {
         .all(|m| AuthorityKeys::ADDED_LATER.contains(m))
 }
 
-/// The required files of the key set that `ca_dir` lacks.
+/// The required files of the key set that `ca_dir` lacks (a file that
+/// cannot be looked at, for permissions, is not missing: reading it says
+/// why).
 fn missing_files(ca_dir: &Path) -> Vec<&'static str> {
     AuthorityKeys::REQUIRED_FILES
         .iter()
         .copied()
-        .filter(|n| !ca_dir.join(n).exists())
+        .filter(|n| {
+            matches!(fs::symlink_metadata(ca_dir.join(n)), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+        })
         .collect()
 }
 
@@ -129,7 +218,11 @@ fn write_key_files(ca_dir: &Path, files: Vec<wicket_ca::KeyFile>) -> Result<()> 
 pub fn load_or_generate(data_dir: &Path, cluster: &str, now: i64) -> Result<(AuthorityKeys, bool)> {
     let ca_dir = data_dir.join("ca");
     ensure_private_dir(data_dir)?;
-    ensure_private_dir(&ca_dir)?;
+    // Inside wicketd's own directory: whatever it holds is the key set's.
+    fs::create_dir_all(&ca_dir)
+        .and_then(|()| fs::set_permissions(&ca_dir, fs::Permissions::from_mode(0o700)))
+        .map_err(|e| Error::Io(format!("cannot make {} private: {e}", ca_dir.display())))?;
+    let _lock = lock_key_set(&ca_dir)?;
     let missing = missing_files(&ca_dir);
     let rng = ring::rand::SystemRandom::new();
     if missing.len() == AuthorityKeys::REQUIRED_FILES.len() {
@@ -183,6 +276,66 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("missing"));
+    }
+
+    /// Two processes making the first key set at once (here: threads, each
+    /// with its own lock file handle) end up with one set between them.
+    #[test]
+    fn a_first_key_set_made_twice_at_once_is_one_set() {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let go = std::sync::Barrier::new(2);
+            let (a, b) = std::thread::scope(|s| {
+                let make = || {
+                    go.wait();
+                    load_or_generate(dir.path(), "t", 1_700_000_000).unwrap()
+                };
+                let a = s.spawn(make);
+                let b = s.spawn(make);
+                (a.join().unwrap(), b.join().unwrap())
+            });
+            assert!(a.1 != b.1, "exactly one made it");
+            assert_eq!(a.0.tls.pin(), b.0.tls.pin());
+            assert_eq!(a.0.ssh_user.public_key_raw(), b.0.ssh_user.public_key_raw());
+            let on_disk = load(dir.path()).unwrap();
+            assert_eq!(on_disk.tls.pin(), a.0.tls.pin());
+        }
+    }
+
+    /// A directory that is not wicketd's is not made private behind its
+    /// owner's back: open to others, it is refused with what to do. An
+    /// empty one, or wicketd's own, is made 0700, as is a missing one.
+    #[test]
+    fn an_existing_data_directory_open_to_others_is_refused_not_changed() {
+        let mode_of = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        fs::create_dir_all(shared.join("lib")).unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o755)).unwrap();
+        let e = load_or_generate(&shared, "t", 1_700_000_000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("has mode 755") && e.contains("\"lib\"") && e.contains("chmod 700"),
+            "{e}"
+        );
+        assert_eq!(mode_of(&shared), 0o755);
+        assert!(!shared.join("ca").exists());
+        fs::remove_dir(shared.join("lib")).unwrap();
+        load_or_generate(&shared, "t", 1_700_000_000).unwrap();
+        assert_eq!(mode_of(&shared), 0o700);
+        // wicketd's own, opened up: made private again.
+        fs::write(shared.join("wicket.db"), "").unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o755)).unwrap();
+        load_or_generate(&shared, "t", 1_700_000_000).unwrap();
+        assert_eq!(mode_of(&shared), 0o700);
+        let fresh = dir.path().join("a/b");
+        load_or_generate(&fresh, "t", 1_700_000_000).unwrap();
+        assert_eq!(mode_of(&fresh), 0o700);
+        let file = dir.path().join("file");
+        fs::write(&file, "").unwrap();
+        let e = ensure_private_dir(&file).unwrap_err().to_string();
+        assert!(e.contains("not a directory"), "{e}");
     }
 
     #[test]
