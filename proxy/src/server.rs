@@ -123,14 +123,18 @@ pub async fn start(config: Config) -> Result<Running> {
     let ssh_listener = crate::ssh::bind(&config).await?;
     let ssh_addr = ssh_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let names = tls::server_names(api_addr, &config.public_names);
-    let tls_config =
-        tls::server_config(&keys, &names, now.timestamp(), tls::ClientCerts::Optional)?;
     let ports = wicket_api::ProxyPorts {
         postgres: postgres_addr.map(|a| a.port()),
         ssh: ssh_addr.map(|a| a.port()),
         ..Default::default()
     };
     let wicket = Arc::new(Wicket::new(config, store, keys, ports)?);
+    let tls_config = tls::server_config(
+        wicket.keys.clone(),
+        &names,
+        now.timestamp(),
+        tls::ClientCerts::Optional,
+    )?;
     let (shutdown, rx) = watch::channel(false);
     if let Some(l) = pg_listener {
         let pg = Arc::new(crate::pg::proxy::PgProxy::new(wicket.clone(), &names)?);

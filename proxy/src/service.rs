@@ -31,7 +31,8 @@ const CLOCK_SKEW_SECS: i64 = 60;
 pub struct Wicket {
     pub config: Config,
     pub store: Store,
-    pub keys: AuthorityKeys,
+    /// Shared with the listeners' TLS, which renews its certificates.
+    pub keys: std::sync::Arc<AuthorityKeys>,
     pub trusted_tls: TrustedX509Cas,
     pub sessions: std::sync::Arc<crate::sessions::Sessions>,
     /// Users and grants in force, for access decisions (see [`crate::index`]).
@@ -222,9 +223,10 @@ impl Wicket {
     pub fn new(
         config: Config,
         store: Store,
-        keys: AuthorityKeys,
+        keys: impl Into<std::sync::Arc<AuthorityKeys>>,
         proxy_ports: wicket_api::ProxyPorts,
     ) -> Result<Self> {
+        let keys = keys.into();
         let trusted_tls = TrustedX509Cas::new([keys.tls.cert_der().to_vec()])?;
         let audit_sink = crate::audit::AuditSink::start(store.clone(), &config.audit);
         Ok(Self {

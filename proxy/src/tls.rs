@@ -11,8 +11,12 @@ use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::sync::Arc;
 use wicket_ca::{AuthorityKeys, DatabaseClaim, ServerCertRequest, Validity};
 
-/// Server certificates live a year; wicketd makes a new one at every start.
+/// Server certificates live a year; wicketd makes a new one at every start
+/// and, running, at half that ([`Renewing`]).
 const SERVER_CERT_LIFETIME: i64 = 365 * 24 * 3600;
+/// After a failed renewal, how long until the next try (the certificate
+/// in use still has half its life).
+const RENEW_RETRY: i64 = 3600;
 
 /// Whether a listener demands a client certificate at the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,14 +27,13 @@ pub enum ClientCerts {
     Required,
 }
 
-/// The rustls server config for the API (`Optional`, ALPN http/1.1) and the
-/// database listener (`Required`, no ALPN).
-pub fn server_config(
+/// A new server certificate for `names` from `keys`' TLS CA, valid from
+/// `now` (five minutes back, for clocks behind) for a year, with its key.
+fn issue_server_cert(
     keys: &AuthorityKeys,
     names: &[String],
     now: i64,
-    client_certs: ClientCerts,
-) -> Result<Arc<rustls::ServerConfig>> {
+) -> Result<rustls::sign::CertifiedKey> {
     let rng = ring::rand::SystemRandom::new();
     let (pkcs8, spki) = wicket_ca::x509::new_p256_key(&rng)?;
     let leaf = keys.tls.issue_server(
@@ -46,6 +49,92 @@ pub fn server_config(
         CertificateDer::from(leaf.der),
         CertificateDer::from(keys.tls.cert_der().to_vec()),
     ];
+    let key = rustls::crypto::ring::sign::any_supported_type(&PrivateKeyDer::Pkcs8(
+        PrivatePkcs8KeyDer::from(pkcs8),
+    ))
+    .map_err(|e| Error::Internal(format!("server certificate key: {e}")))?;
+    Ok(rustls::sign::CertifiedKey::new(chain, key))
+}
+
+/// A listener's server certificate, made anew at half its life: a wicketd
+/// that runs for longer than a certificate lives never serves an expired
+/// one (clients pin the TLS CA, not the certificate).
+pub struct Renewing {
+    keys: Arc<AuthorityKeys>,
+    names: Vec<String>,
+    /// The certificate, and when to make the next.
+    current: std::sync::RwLock<(Arc<rustls::sign::CertifiedKey>, i64)>,
+}
+
+impl std::fmt::Debug for Renewing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Renewing")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Renewing {
+    pub fn new(keys: Arc<AuthorityKeys>, names: &[String], now: i64) -> Result<Self> {
+        let first = issue_server_cert(&keys, names, now)?;
+        Ok(Self {
+            keys,
+            names: names.to_vec(),
+            current: std::sync::RwLock::new((Arc::new(first), now + SERVER_CERT_LIFETIME / 2)),
+        })
+    }
+
+    /// The certificate to present at `now` (Unix seconds), made anew when
+    /// it is due; if that fails, the one in use, tried again later.
+    pub fn at(&self, now: i64) -> Arc<rustls::sign::CertifiedKey> {
+        {
+            let cur = self
+                .current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if now < cur.1 {
+                return cur.0.clone();
+            }
+        }
+        let mut cur = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if now >= cur.1 {
+            match issue_server_cert(&self.keys, &self.names, now) {
+                Ok(next) => {
+                    *cur = (Arc::new(next), now + SERVER_CERT_LIFETIME / 2);
+                    tracing::info!(names = ?self.names, "renewed the TLS server certificate");
+                }
+                Err(e) => {
+                    cur.1 = now + RENEW_RETRY;
+                    tracing::error!(error = %e, "cannot renew the TLS server certificate; trying again in an hour");
+                }
+            }
+        }
+        cur.0.clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for Renewing {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.at(crate::clock::now().timestamp()))
+    }
+}
+
+/// The rustls server config for the API (`Optional`, ALPN http/1.1) and the
+/// database listener (`Required`, no ALPN), with a server certificate for
+/// `names` that renews itself ([`Renewing`]).
+pub fn server_config(
+    keys: Arc<AuthorityKeys>,
+    names: &[String],
+    now: i64,
+    client_certs: ClientCerts,
+) -> Result<Arc<rustls::ServerConfig>> {
+    let resolver = Arc::new(Renewing::new(keys.clone(), names, now)?);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     roots
@@ -63,8 +152,7 @@ pub fn server_config(
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Internal(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8)))
-        .map_err(|e| Error::Internal(format!("server certificate: {e}")))?;
+        .with_cert_resolver(resolver);
     if client_certs == ClientCerts::Optional {
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     }
@@ -243,6 +331,50 @@ mod tests {
             )
             .unwrap();
         CertificateDer::from(issued.der)
+    }
+
+    /// A listener's certificate is made anew at half its life, and until
+    /// then the same one is served; what a client checks it against (the
+    /// TLS CA, the names) passes at every point of a long run.
+    #[test]
+    fn a_server_certificate_is_renewed_at_half_its_life() {
+        let rng = SystemRandom::new();
+        let (keys, _) = AuthorityKeys::generate("t", NOW - 86_400, &rng).unwrap();
+        let keys = Arc::new(keys);
+        let names = vec!["db.internal".to_owned()];
+        let r = Renewing::new(keys.clone(), &names, NOW).unwrap();
+        let not_after = |ck: &rustls::sign::CertifiedKey| {
+            let (_, c) = x509_parser::parse_x509_certificate(&ck.cert[0]).unwrap();
+            c.validity().not_after.timestamp()
+        };
+        let first = r.at(NOW);
+        assert_eq!(not_after(&first), NOW + SERVER_CERT_LIFETIME);
+        let half = NOW + SERVER_CERT_LIFETIME / 2;
+        assert!(Arc::ptr_eq(&first, &r.at(half - 1)));
+        let second = r.at(half);
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(not_after(&second), half + SERVER_CERT_LIFETIME);
+        assert!(Arc::ptr_eq(&second, &r.at(half + 10)));
+        // Long after the first would have expired, a client trusting the
+        // TLS CA accepts what is served.
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(keys.tls.cert_der().to_vec()))
+            .unwrap();
+        let v = WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let later = NOW + 2 * SERVER_CERT_LIFETIME;
+        let served = r.at(later);
+        let name = ServerName::try_from("db.internal").unwrap();
+        let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(later as u64 + 60));
+        v.verify_server_cert(&served.cert[0], &served.cert[1..], &name, &[], at)
+            .unwrap();
+        let stale = v.verify_server_cert(&first.cert[0], &first.cert[1..], &name, &[], at);
+        assert!(stale.is_err(), "the first certificate had expired");
     }
 
     fn verify(v: &dyn ServerCertVerifier, leaf: &CertificateDer<'_>) -> Result<(), String> {

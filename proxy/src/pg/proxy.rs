@@ -134,8 +134,12 @@ impl PgProxy {
     /// resource. Fails on an unreadable or empty `ca_file`.
     pub fn new(wicket: Arc<Wicket>, server_names: &[String]) -> crate::error::Result<Self> {
         let now = clock::now().timestamp();
-        let server =
-            tls::server_config(&wicket.keys, server_names, now, tls::ClientCerts::Required)?;
+        let server = tls::server_config(
+            wicket.keys.clone(),
+            server_names,
+            now,
+            tls::ClientCerts::Required,
+        )?;
         let rng = SystemRandom::new();
         let (upstream_pkcs8, upstream_spki) = wicket_ca::x509::new_p256_key(&rng)?;
         let mut verifiers = BTreeMap::new();
