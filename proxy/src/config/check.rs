@@ -24,6 +24,9 @@ use wicket_policy::{
     ReviewerSet, Role, RoleSet, SshLoginGrant, Team,
 };
 
+/// The longest duration any setting takes, in days.
+const MOST_DAYS: i64 = 36_500;
+
 /// The most `limits.ssh_channel_burst` and `ssh_channels_per_second` may
 /// say: past it the rate holds back nothing.
 const MAX_CHANNEL_RATE: u32 = 1_000_000;
@@ -374,6 +377,16 @@ impl Cx {
         match text {
             None => Some(default),
             Some(t) => match parse_duration(&t.0) {
+                // Times are worked out from these (now + ttl, a window
+                // times four): a century is past any use, and far from
+                // where that arithmetic would overflow.
+                Ok(d) if d > Duration::days(MOST_DAYS) => {
+                    self.push(
+                        path,
+                        format!("{} is longer than the most, {MOST_DAYS}d", t.0),
+                    );
+                    None
+                }
                 Ok(d) => Some(d),
                 Err(e) => {
                     self.push(path, e);
@@ -756,11 +769,23 @@ impl Cx {
     }
 
     fn certificates(&mut self, c: &CertificatesFile) -> Option<(Duration, Vec<String>)> {
-        let ttl = self.positive_duration(
-            c.login_ttl.as_ref(),
-            "certificates.login_ttl",
-            Duration::hours(8),
-        );
+        let ttl = self
+            .positive_duration(
+                c.login_ttl.as_ref(),
+                "certificates.login_ttl",
+                Duration::hours(8),
+            )
+            .and_then(|ttl| {
+                // Standing roles last as long as a login: not for months.
+                if ttl > Duration::days(30) {
+                    self.push(
+                        "certificates.login_ttl",
+                        format!("{} is longer than the most, 30d", format_duration(ttl)),
+                    );
+                    return None;
+                }
+                Some(ttl)
+            });
         let names = c.public_names.clone().unwrap_or_default();
         let mut ok = true;
         for (i, n) in names.iter().enumerate() {
@@ -814,13 +839,6 @@ impl Cx {
                         self.push(
                             "session.recording_retention",
                             format!("{} is shorter than the least, 1h", t.0),
-                        );
-                        return None;
-                    }
-                    if r > Duration::days(36_500) {
-                        self.push(
-                            "session.recording_retention",
-                            format!("{} is longer than the most, 36500d", t.0),
                         );
                         return None;
                     }

@@ -1017,6 +1017,36 @@ fn recording_retention() {
     assert!(e.to_string().contains("session.recording_retention"), "{e}");
 }
 
+/// Durations that would overflow the times worked out from them (now +
+/// ttl, a window times four), or outlive any use, are refused by
+/// `check-config`, not met as a panic at the first login.
+#[test]
+fn durations_have_a_most() {
+    let e = problems(
+        "
+version: 1
+certificates: { login_ttl: 100000000d }
+auth: { failure_window: 36501d }
+session: { recording_retention: 40000d }
+",
+    );
+    has(&e, "certificates.login_ttl", "longer than the most, 36500d");
+    has(&e, "auth.failure_window", "longer than the most, 36500d");
+    has(
+        &e,
+        "session.recording_retention",
+        "longer than the most, 36500d",
+    );
+    let e = problems("version: 1\ncertificates: { login_ttl: 31d }\n");
+    has(
+        &e,
+        "certificates.login_ttl",
+        "31d is longer than the most, 30d",
+    );
+    let c = ok("version: 1\ncertificates: { login_ttl: 30d }\nauth: { failure_window: 36500d }\n");
+    assert_eq!(c.login_ttl, Duration::days(30));
+}
+
 #[test]
 fn recording_limit_and_failure_mode() {
     let d = ok(EXAMPLE);
