@@ -226,6 +226,24 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// What to say of `listen.kube`, which the config format takes (PRODUCT.md
+/// names a Kubernetes proxy) but nothing serves yet.
+fn kube_note(cfg: &Config) -> Option<String> {
+    cfg.listen.kube.map(|addr| {
+        format!("listen.kube ({addr}) is set, but this wicketd has no Kubernetes proxy: nothing listens there")
+    })
+}
+
+/// Where a client on this host reaches an API listening on `addr`: a
+/// wildcard is no address to connect to, nor a name in the certificate.
+fn login_address(addr: std::net::SocketAddr) -> String {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => format!("127.0.0.1:{}", addr.port()),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => format!("localhost:{}", addr.port()),
+        _ => addr.to_string(),
+    }
+}
+
 fn check_config(file: &Path) -> ExitCode {
     match config::load(file) {
         Ok(cfg) => {
@@ -236,6 +254,9 @@ fn check_config(file: &Path) -> ExitCode {
                 cfg.policy.approval.len(),
                 cfg.policy.resources.len()
             );
+            if let Some(note) = kube_note(&cfg) {
+                println!("{}: note: {note}", file.display());
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => {
@@ -562,6 +583,7 @@ async fn start(
     let data_dir = cfg.data_dir.clone();
     let cluster = cfg.cluster_name.clone();
     let storage = store::describe(&cfg.storage);
+    let kube = kube_note(&cfg);
     let running = server::start(cfg).await?;
     let pin = running.tls_ca_pin.clone();
     let addr = running.api_addr;
@@ -586,14 +608,24 @@ async fn start(
     if let Some(pg) = running.postgres_addr {
         let _ = writeln!(out, "Postgres proxy listening on {pg}");
     }
+    if let Some(note) = kube {
+        let _ = writeln!(out, "note: {note}");
+    }
     let _ = writeln!(out, "API listening on https://{addr}");
     let _ = writeln!(
         out,
-        "log in with: wicket login --proxy {addr} --user NAME --ca-pin {pin}"
+        "log in with: wicket login --proxy {} --user NAME --ca-pin {pin}",
+        login_address(addr)
     );
+    // The same store and roles as this wicketd: its config, if it has one.
+    let config = source
+        .config
+        .as_ref()
+        .map(|c| format!(" --config {}", c.display()))
+        .unwrap_or_default();
     let _ = writeln!(
         out,
-        "(add a user first: wicketd users add NAME --roles ROLE --data-dir {})",
+        "(add a user first: wicketd users add NAME --roles ROLE{config} --data-dir {})",
         data_dir.display()
     );
     let _ = out.flush();
@@ -624,5 +656,21 @@ async fn wait_for_signal() {
         _ => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The login command printed at start names an address a client on
+    /// the host can reach and find in the certificate, not a wildcard.
+    #[test]
+    fn the_printed_login_address_is_never_a_wildcard() {
+        let a = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert_eq!(login_address(a("0.0.0.0:3080")), "127.0.0.1:3080");
+        assert_eq!(login_address(a("[::]:3080")), "localhost:3080");
+        assert_eq!(login_address(a("10.1.2.3:3080")), "10.1.2.3:3080");
+        assert_eq!(login_address(a("[::1]:3080")), "[::1]:3080");
     }
 }

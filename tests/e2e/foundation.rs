@@ -99,6 +99,62 @@ bogus_top_level: true
     assert_eq!(out.status.code(), Some(1));
 }
 
+/// What `wicketd start` prints a newcomer works as printed: the command
+/// that adds a user reaches this wicketd's store and roles (its config),
+/// and the login command logs in. A `listen.kube`, which nothing serves,
+/// is said to be so, by `start` and by `check-config`.
+#[test]
+fn the_commands_wicketd_start_prints_work_as_printed() {
+    let d = Wicketd::builder()
+        .config(
+            "version: 1\nlisten: { kube: '127.0.0.1:1' }\nroles:\n  dev:\n    logins: [\"{{user}}\"]\n    nodes: { env: dev }\n",
+        )
+        .start()
+        .unwrap();
+    let start = d.startup_output().join("\n");
+    assert!(
+        start
+            .contains("listen.kube (127.0.0.1:1) is set, but this wicketd has no Kubernetes proxy"),
+        "{start}"
+    );
+    let line = |prefix: &str| -> Vec<String> {
+        let l = start
+            .lines()
+            .find_map(|l| l.split_once(prefix).map(|(_, rest)| rest.to_owned()))
+            .unwrap_or_else(|| panic!("no {prefix:?} in {start}"));
+        l.trim_end_matches(')')
+            .split_whitespace()
+            .map(|w| w.replace("NAME", "dana").replace("ROLE", "dev"))
+            .collect()
+    };
+    let add = line("add a user first: wicketd ");
+    assert!(add.contains(&"--config".to_owned()), "{add:?}");
+    let out = wicket_e2e::harness_wicket::pipe_stdin(
+        wicketd_cmd().unwrap().args(&add).arg("--password-stdin"),
+        &format!("{PASSWORD}\n"),
+    )
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let login = line("log in with: wicket ");
+    let cli = WicketCli::new().unwrap();
+    let args: Vec<&str> = login.iter().map(String::as_str).collect();
+    let out = cli
+        .run(
+            &[&args[..], &["--password-stdin"]].concat(),
+            &format!("{PASSWORD}\n"),
+        )
+        .unwrap();
+    assert!(out.ok, "{}{}", out.stdout, out.stderr);
+    assert_eq!(cli.status().unwrap()["roles"], serde_json::json!(["dev"]));
+    let yaml = d.data_dir().parent().unwrap().join("wicket.yaml");
+    let checked = run(wicketd_cmd().unwrap().arg("check-config").arg(&yaml)).unwrap();
+    assert!(checked.contains("no Kubernetes proxy"), "{checked}");
+}
+
 fn login_ok(cli: &WicketCli, d: &Wicketd, user: &str) {
     let out = cli.login(d, user, PASSWORD, &[]).unwrap();
     assert!(out.ok, "login failed: {}{}", out.stdout, out.stderr);

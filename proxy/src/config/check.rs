@@ -725,14 +725,18 @@ impl Cx {
 
     fn listen(&mut self, l: &ListenFile) -> Option<Listen> {
         let mut ok = true;
-        let mut seen: Vec<(SocketAddr, &str)> = Vec::new();
+        // The API's default address counts when none is given.
+        let mut seen: Vec<(SocketAddr, &str)> = match &l.api {
+            None => vec![(DEFAULT_API_ADDR, "api (the default)")],
+            Some(_) => Vec::new(),
+        };
         let mut one =
             |cx: &mut Self, v: &Option<String>, key: &'static str| -> Option<SocketAddr> {
                 let s = v.as_ref()?;
                 match parse_listen(s) {
                     Ok(a) => {
                         if a.port() != 0 {
-                            if let Some((_, other)) = seen.iter().find(|(b, _)| *b == a) {
+                            if let Some((_, other)) = seen.iter().find(|(b, _)| overlap(*b, a)) {
                                 cx.push(
                                     join("listen", key),
                                     format!("{a} is already used by listen.{other}"),
@@ -1529,4 +1533,11 @@ impl Cx {
             server_name: server_name.map(str::to_owned),
         })
     }
+}
+
+/// Whether listening on `a` and on `b` would collide: the same port on the
+/// same address, or on any address where either is a wildcard (`0.0.0.0`,
+/// `[::]`, which on Linux takes IPv4 too).
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }

@@ -1017,6 +1017,23 @@ fn recording_retention() {
     assert!(e.to_string().contains("session.recording_retention"), "{e}");
 }
 
+/// Two listeners on one port are refused before `start` fails to bind:
+/// also against the API's default address, and across a wildcard.
+#[test]
+fn listeners_that_would_collide_are_refused() {
+    let e = problems("version: 1\nlisten: { ssh: '127.0.0.1:3080' }\n");
+    has(
+        &e,
+        "listen.ssh",
+        "127.0.0.1:3080 is already used by listen.api (the default)",
+    );
+    let e = problems("version: 1\nlisten: { api: '0.0.0.0:4000', postgres: '127.0.0.1:4000' }\n");
+    has(&e, "listen.postgres", "already used by listen.api");
+    let e = problems("version: 1\nlisten: { api: '127.0.0.1:4000', ssh: '[::]:4000' }\n");
+    has(&e, "listen.ssh", "already used by listen.api");
+    ok("version: 1\nlisten: { api: '127.0.0.1:4000', ssh: '127.0.0.2:4000', postgres: '127.0.0.1:0' }\n");
+}
+
 /// Durations that would overflow the times worked out from them (now +
 /// ttl, a window times four), or outlive any use, are refused by
 /// `check-config`, not met as a panic at the first login.
