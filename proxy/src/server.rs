@@ -52,7 +52,7 @@ impl Running {
         let _ = self.task.await;
         let wicket = &self.wicket;
         const WHY: &str = "wicketd is stopping";
-        let live = wicket.sessions.end_all(WHY);
+        let live = wicket.sessions.stop_all(WHY);
         let ended = tokio::time::timeout(STOP_GRACE, async {
             while !wicket.sessions.is_empty() {
                 // Also those that were still logging in at the first call.

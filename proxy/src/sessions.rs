@@ -116,6 +116,10 @@ struct Entry {
 #[derive(Default)]
 pub struct Sessions {
     map: Mutex<BTreeMap<String, Entry>>,
+    /// Set (under `map`'s lock) once wicketd is stopping: no session
+    /// registers after, so every one that started is waited for and ends
+    /// on the record.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -145,11 +149,16 @@ impl Sessions {
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Registers a session under a fresh ID.
-    pub fn register(self: &Arc<Self>, info: SessionInfo) -> SessionHandle {
+    /// Registers a session under a fresh ID; none once wicketd is stopping
+    /// ([`Self::stop_all`]).
+    pub fn register(self: &Arc<Self>, info: SessionInfo) -> Option<SessionHandle> {
         let id = uuid::Uuid::new_v4().to_string();
         let (tx, rx) = watch::channel(Signal::Run);
-        self.lock().insert(
+        let mut map = self.lock();
+        if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        map.insert(
             id.clone(),
             Entry {
                 info,
@@ -157,11 +166,12 @@ impl Sessions {
                 warned: false,
             },
         );
-        SessionHandle {
+        drop(map);
+        Some(SessionHandle {
             id,
             signal: rx,
             sessions: self.clone(),
-        }
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -211,6 +221,17 @@ impl Sessions {
     /// Ends every live session (wicketd is stopping). Returns how many.
     pub fn end_all(&self, why: &str) -> usize {
         self.end_where(|_| true, why)
+    }
+
+    /// wicketd is stopping: no session registers from now on, and every
+    /// live one is ended. Returns how many.
+    pub fn stop_all(&self, why: &str) -> usize {
+        {
+            let _map = self.lock();
+            self.stopping
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.end_all(why)
     }
 
     /// `user`'s live sessions that stand on their standing roles, by ID.
@@ -646,9 +667,9 @@ mod tests {
                 })
             }),
         };
-        let standing = sessions.register(info(1_000, &[]));
-        let later = sessions.register(info(2_000, &[]));
-        let granted = sessions.register(info(1_000, &["r1"]));
+        let standing = sessions.register(info(1_000, &[])).unwrap();
+        let later = sessions.register(info(2_000, &[])).unwrap();
+        let granted = sessions.register(info(1_000, &["r1"])).unwrap();
         let at = |t: i64| DateTime::<Utc>::from_timestamp(t, 0).unwrap();
         let warn = chrono::Duration::seconds(200);
         assert_eq!(sessions.end_with_certificates(at(700), warn, true), 0);
@@ -675,13 +696,13 @@ mod tests {
         assert_eq!(*later.signal.borrow(), Signal::Run);
         // A session under a grant follows the grant (which may have been
         // extended past the certificate), not the certificate.
-        let extended = sessions.register(info(1_000, &["r2"]));
+        let extended = sessions.register(info(1_000, &["r2"])).unwrap();
         sessions.end_with_certificates(at(1_500), warn, true);
         assert_eq!(*extended.signal.borrow(), Signal::Run);
         assert_eq!(sessions.end_with_certificates(at(2_000), warn, true), 1);
         // Sessions may finish: one under standing roles drains at its
         // login's end (nothing new starts), and stays drained.
-        let finishing = sessions.register(info(3_000, &[]));
+        let finishing = sessions.register(info(3_000, &[])).unwrap();
         assert_eq!(sessions.end_with_certificates(at(2_999), warn, false), 0);
         assert_eq!(*finishing.signal.borrow(), Signal::Run);
         for t in [3_000, 3_500] {
@@ -692,6 +713,35 @@ mod tests {
                 *finishing.signal.borrow()
             );
         }
+    }
+
+    /// Once wicketd is stopping, every live session is told to end and
+    /// none starts: each that started is waited for, and ends on the
+    /// record.
+    #[test]
+    fn a_stopping_wicketd_ends_its_sessions_and_starts_none() {
+        let sessions = Arc::new(Sessions::default());
+        let info = || SessionInfo {
+            protocol: "ssh",
+            user: "alice".into(),
+            resource: "node-1".into(),
+            login: "alice".into(),
+            request_ids: vec![],
+            started: DateTime::<Utc>::from_timestamp(0, 0).unwrap(),
+            valid_until: 10_000,
+            basis: None,
+            held_standing: Vec::new(),
+        };
+        let live = sessions.register(info()).unwrap();
+        assert_eq!(sessions.stop_all("wicketd is stopping"), 1);
+        assert_eq!(
+            *live.signal.borrow(),
+            Signal::End("wicketd is stopping".into())
+        );
+        assert!(sessions.register(info()).is_none());
+        assert_eq!(sessions.len(), 1);
+        drop(live);
+        assert!(sessions.is_empty());
     }
 
     #[tokio::test]

@@ -1615,17 +1615,20 @@ fn expired_recordings_go_but_not_a_live_sessions() {
         let mut cfg = wicketd::config::Config::embedded_default(dir.path());
         cfg.session.recording_retention = Some(chrono::Duration::hours(1));
         let (w, store, now) = wicket_with(dir.path(), cfg, &[]).await;
-        let live = w.sessions.register(wicketd::sessions::SessionInfo {
-            protocol: "ssh",
-            user: "ann".into(),
-            resource: "node-1".into(),
-            login: "ops".into(),
-            request_ids: Vec::new(),
-            started: now,
-            valid_until: now.timestamp() + 3600,
-            basis: None,
-            held_standing: Vec::new(),
-        });
+        let live = w
+            .sessions
+            .register(wicketd::sessions::SessionInfo {
+                protocol: "ssh",
+                user: "ann".into(),
+                resource: "node-1".into(),
+                login: "ops".into(),
+                request_ids: Vec::new(),
+                started: now,
+                valid_until: now.timestamp() + 3600,
+                basis: None,
+                held_standing: Vec::new(),
+            })
+            .unwrap();
         let recordings = w.config.data_dir.join("recordings");
         std::fs::create_dir_all(&recordings).unwrap();
         // A recording named `file`, whose header names `id`, of a session
@@ -1783,17 +1786,19 @@ fn a_corrupt_user_row_leaves_other_users_sessions_alone() {
         let (w, store, now) = wicket_with_ann_and_ben(dir.path()).await;
         let grace = w.config.session.unverified_grace;
         let session = |user: &str| {
-            w.sessions.register(SessionInfo {
-                protocol: "ssh",
-                user: user.into(),
-                resource: "node".into(),
-                login: user.into(),
-                request_ids: vec![],
-                started: now,
-                valid_until: i64::MAX,
-                basis: None,
-                held_standing: vec![],
-            })
+            w.sessions
+                .register(SessionInfo {
+                    protocol: "ssh",
+                    user: user.into(),
+                    resource: "node".into(),
+                    login: user.into(),
+                    request_ids: vec![],
+                    started: now,
+                    valid_until: i64::MAX,
+                    basis: None,
+                    held_standing: vec![],
+                })
+                .unwrap()
         };
         let (ann, ben) = (session("ann"), session("ben"));
         exec(

@@ -579,6 +579,10 @@ impl PgProxy {
             // Decided once, at the start.
             held_standing: Vec::new(),
         });
+        let Some(handle) = handle else {
+            fatal(&mut client, "57P01", "wicket: wicketd is stopping").await;
+            return;
+        };
         let sref = Arc::new(SessionRef {
             session_id: handle.id.clone(),
             user: decided.user.clone(),

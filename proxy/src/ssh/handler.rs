@@ -1214,6 +1214,9 @@ impl Conn {
             // Forwardings are decided later, on these.
             held_standing: decided.standing_roles,
         });
+        let Some(registration) = registration else {
+            return Err(deny("wicketd is stopping".into()).await);
+        };
         let session_id = registration.id.clone();
         let upstream = match upstream::connect(
             &self.proxy,
