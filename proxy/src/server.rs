@@ -82,8 +82,8 @@ impl Running {
 }
 
 /// The CA key set (made on first use: then `true`) and the store, whose
-/// audit chain is keyed from it. What the daemon and every admin command
-/// open first.
+/// audit chain is keyed from it. What the daemon opens first (admin
+/// commands only read a key set: `keystore::load`).
 pub async fn open_keys_and_store(config: &Config) -> Result<(AuthorityKeys, bool, Store)> {
     let now = clock::now().timestamp();
     let (keys, generated) =

@@ -7,7 +7,7 @@
 //! problem, each with the path of the field it is about
 //! (`roles.dba.max_duration: ...`, `approval[1].require.all_of[0]: ...`).
 //! The file format is in [`file`]; an annotated example is
-//! `shared/examples/wicket.yaml`.
+//! `deploy/wicket.yaml` (a copy of the product's shared example).
 //!
 //! Parsing is pure: relative paths in the file are resolved against a base
 //! directory given by the caller ([`load`] uses the current directory).
