@@ -187,10 +187,11 @@ pub fn upstream_verifier(
         }
         None => vec![own.to_vec()],
     };
-    // Wicket's own CA, here or in a `ca_file`, signs every database's
-    // certificate: each of its certificates is taken only for its own
-    // database (another CA's, in the same file, as they are).
-    let ours = ders.iter().any(|d| d.as_slice() == own);
+    // Wicket's own CA signs every database's certificate: each of its
+    // certificates is taken only for its own database, whatever the
+    // `ca_file` holds (Wicket's CA certificate byte for byte, or another
+    // encoding of it, or none: then webpki refuses them anyway); another
+    // CA's certificates are taken as they are.
     for der in ders {
         roots
             .add(CertificateDer::from(der))
@@ -200,16 +201,12 @@ pub fn upstream_verifier(
     let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
         .build()
         .map_err(|e| Error::Internal(format!("upstream verifier: {e}")))?;
-    Ok(if ours {
-        Arc::new(OwnDatabase {
-            webpki,
-            database: database.to_owned(),
-            ca: wicket_ca::IssuerNames::of(own)
-                .map_err(|e| Error::Internal(format!("Wicket's TLS CA: {e}")))?,
-        })
-    } else {
-        webpki
-    })
+    Ok(Arc::new(OwnDatabase {
+        webpki,
+        database: database.to_owned(),
+        ca: wicket_ca::IssuerNames::of(own)
+            .map_err(|e| Error::Internal(format!("Wicket's TLS CA: {e}")))?,
+    }))
 }
 
 /// A server certificate verified by `webpki`; if it is from Wicket's TLS
