@@ -212,6 +212,15 @@ fn expires_at(cli: &WicketCli, id: &str) -> chrono::DateTime<chrono::FixedOffset
 }
 
 /// `wicket config` written to a file in the user's home.
+/// alice (standing role `access`), logged in with a ten-minute grant of
+/// `node-admin`: her client, the grant's request ID and her ssh config.
+fn alice_as_node_admin(lab: &Lab) -> (WicketCli, String, PathBuf) {
+    let alice = lab.user("alice", "access");
+    let id = lab.grant(&alice, "node-admin", "10m");
+    let cfg = ssh_config(&alice);
+    (alice, id, cfg)
+}
+
 pub fn ssh_config(cli: &WicketCli) -> PathBuf {
     let text = cli.ok(&["config"]).unwrap().stdout;
     assert!(text.contains("Host *.wicket"), "{text}");
@@ -390,9 +399,7 @@ fn users_own_certificates_do_not_open_nodes_directly() {
 #[test]
 fn commands_through_the_proxy_match_direct_and_the_node_log_names_the_request() {
     let lab = Lab::start();
-    let alice = lab.user("alice", "access");
-    let id = lab.grant(&alice, "node-admin", "10m");
-    let cfg = ssh_config(&alice);
+    let (alice, id, cfg) = alice_as_node_admin(&lab);
     // Output, stderr and exit status come through unchanged.
     let out = output(
         ssh(&cfg)
@@ -521,9 +528,7 @@ fn a_multiplexed_connection_ends_with_its_first_sessions_status() {
 #[test]
 fn a_session_that_only_forwards_has_its_forward_on_its_recording() {
     let lab = Lab::start();
-    let alice = lab.user("alice", "access");
-    let id = lab.grant(&alice, "node-admin", "10m");
-    let cfg = ssh_config(&alice);
+    let (alice, id, cfg) = alice_as_node_admin(&lab);
     let target = format!("127.0.0.1:{}", lab.node.port());
     let out = output(ssh(&cfg).args(["-W", &target]).arg(lab.dest()));
     assert!(
@@ -1025,9 +1030,7 @@ fn sha256(path: &Path) -> String {
 #[test]
 fn scp_and_sftp_round_trip_ten_megabytes() {
     let lab = Lab::start();
-    let alice = lab.user("alice", "access");
-    let id = lab.grant(&alice, "node-admin", "10m");
-    let cfg = ssh_config(&alice);
+    let (alice, id, cfg) = alice_as_node_admin(&lab);
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.bin");
     run(Command::new("head")
@@ -1632,9 +1635,7 @@ impl Drop for TestAgent {
 #[test]
 fn window_resize_reaches_the_node_and_the_recording() {
     let lab = Lab::start();
-    let alice = lab.user("alice", "access");
-    let id = lab.grant(&alice, "node-admin", "10m");
-    let cfg = ssh_config(&alice);
+    let (alice, id, cfg) = alice_as_node_admin(&lab);
     let sock = alice.home.path().join("tmux.sock");
     let tmux = |args: &[&str]| {
         let out = Command::new("tmux")
@@ -2413,9 +2414,7 @@ fn a_recording_made_through_one_wicketd_plays_through_another() {
     pg.create_database("wicket").unwrap();
     let lab = Lab::start_full("", &format!("storage: {}", pg.url("wicket")));
     let d2 = lab.d.twin().unwrap();
-    let alice = lab.user("alice", "access");
-    let id = lab.grant(&alice, "node-admin", "10m");
-    let cfg = ssh_config(&alice);
+    let (alice, id, cfg) = alice_as_node_admin(&lab);
     let out = output(ssh(&cfg).arg(lab.dest()).arg("echo shared-$((40+2))"));
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), "shared-42");
@@ -2527,9 +2526,7 @@ fn recordings_past_their_retention_are_deleted_here_and_from_the_shared_store() 
         &format!("storage: {}", pg.url("wicket")),
     );
     let d2 = lab.d.twin().unwrap();
-    let alice = lab.user("alice", "access");
-    let id = lab.grant(&alice, "node-admin", "10m");
-    let cfg = ssh_config(&alice);
+    let (_alice, id, cfg) = alice_as_node_admin(&lab);
     for word in ["old", "new"] {
         let out = output(
             ssh(&cfg)
@@ -2913,9 +2910,7 @@ fn a_client_that_stops_reading_is_still_cut_at_revoke() {
 #[test]
 fn a_commands_output_past_its_cap_is_counted_at_the_sessions_end() {
     let lab = Lab::start();
-    let alice = lab.user("alice", "access");
-    let id = lab.grant(&alice, "node-admin", "10m");
-    let cfg = ssh_config(&alice);
+    let (alice, id, cfg) = alice_as_node_admin(&lab);
     let out = output(
         ssh(&cfg)
             .arg(lab.dest())
