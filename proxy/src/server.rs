@@ -260,6 +260,10 @@ const RETENTION_SWEEP: Duration = Duration::from_secs(3600);
 async fn recording_keeper(wicket: Arc<Wicket>, mut shutdown: watch::Receiver<bool>) {
     wicket.expire_recordings(clock::now()).await;
     wicket.share_missing_recordings().await;
+    // Without a retention there is nothing to sweep: no hourly wake-up.
+    if wicket.config.session.recording_retention.is_none() {
+        return;
+    }
     loop {
         tokio::select! {
             _ = tokio::time::sleep(RETENTION_SWEEP) => {},
