@@ -350,12 +350,17 @@ fn make_room<V>(
 /// they may not see, a request over their cap) get an audit event of their
 /// own. Each is a policy decision and goes on the record, but a caller in a
 /// loop must not grow the audit log and hold its chain's lock at will: per
-/// user, the first [`DenialLog::BURST`] in a [`DenialLog::WINDOW`] are
-/// recorded, the rest counted, and the user's next recorded one says how
-/// many there were. Per wicketd, like [`RefusalLog`].
+/// user and action, the first [`DenialLog::BURST`] in a
+/// [`DenialLog::WINDOW`] are recorded, the rest counted. A count is written
+/// once its window is over ([`DenialLog::take_folded`], from a timer, and
+/// at shutdown), or with the next recorded refusal of that user and action,
+/// whichever comes first. So refusals of one action cannot hide another's,
+/// and no count waits for a refusal that never comes. Per wicketd, like
+/// [`RefusalLog`].
 #[derive(Debug, Default)]
 pub struct DenialLog {
-    users: std::collections::HashMap<String, Burst>,
+    /// By `"{user} {action}"` (user names hold no space).
+    keys: std::collections::HashMap<String, Burst>,
 }
 
 #[derive(Debug)]
@@ -364,41 +369,61 @@ struct Burst {
     since: chrono::DateTime<chrono::Utc>,
     /// Recorded in it so far.
     recorded: u32,
-    /// Refusals in it with no event of their own.
+    /// Refusals with no event of their own, not yet written.
     unrecorded: u64,
+}
+
+/// A count of refusals of one user and action that had no event of their
+/// own.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Folded {
+    pub user: String,
+    pub action: String,
+    pub count: u64,
 }
 
 impl DenialLog {
     pub const WINDOW: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
-    pub const BURST: u32 = 20;
-    /// Users remembered at most (as [`RefusalLog`]'s keys).
-    const MAX_USERS: usize = 4096;
+    /// Recorded per user and action in a window.
+    pub const BURST: u32 = 5;
+    /// Keys remembered at most (as [`RefusalLog`]'s).
+    const MAX_KEYS: usize = 4096;
 
-    /// Whether to record a refusal of `user`'s at `now`: if so, with the
-    /// number of theirs before it that were not recorded.
-    pub fn record(&mut self, user: &str, now: chrono::DateTime<chrono::Utc>) -> Option<u64> {
-        if let Some(b) = self.users.get_mut(user) {
+    fn key(user: &str, action: &str) -> String {
+        format!("{user} {action}")
+    }
+
+    /// Whether to record a refusal of `action` to `user` at `now`: if so,
+    /// with the number of theirs before it that were not recorded (its
+    /// event carries them; [`Self::give_back`] if it cannot be written).
+    pub fn record(
+        &mut self,
+        user: &str,
+        action: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Option<u64> {
+        let key = Self::key(user, action);
+        if let Some(b) = self.keys.get_mut(&key) {
             if now - b.since < Self::WINDOW {
                 if b.recorded < Self::BURST {
                     b.recorded += 1;
-                    return Some(0);
+                    return Some(std::mem::take(&mut b.unrecorded));
                 }
                 b.unrecorded = b.unrecorded.saturating_add(1);
                 return None;
             }
-        }
-        if !self.users.contains_key(user) {
+        } else {
             make_room(
-                &mut self.users,
+                &mut self.keys,
                 1,
-                Self::MAX_USERS,
+                Self::MAX_KEYS,
                 |b| (b.since, b.unrecorded),
                 now - Self::WINDOW,
                 "refusals of signed-in users' calls",
             );
         }
-        let before = self.users.insert(
-            user.to_owned(),
+        let before = self.keys.insert(
+            key,
             Burst {
                 since: now,
                 recorded: 1,
@@ -406,6 +431,44 @@ impl DenialLog {
             },
         );
         Some(before.map_or(0, |b| b.unrecorded))
+    }
+
+    /// Puts back `count` refusals of `action` to `user` whose event could
+    /// not be written: they are written with a later one.
+    pub fn give_back(&mut self, user: &str, action: &str, count: u64) {
+        let b = self.keys.entry(Self::key(user, action)).or_insert(Burst {
+            // Over at once: the next sweep writes it.
+            since: chrono::DateTime::<chrono::Utc>::MIN_UTC,
+            recorded: 0,
+            unrecorded: 0,
+        });
+        b.unrecorded = b.unrecorded.saturating_add(count);
+    }
+
+    /// Takes out the windows over at `now` (every one, with `all`: wicketd
+    /// is stopping), with the counts that no event carried yet.
+    pub fn take_folded(&mut self, now: chrono::DateTime<chrono::Utc>, all: bool) -> Vec<Folded> {
+        let mut out = Vec::new();
+        self.keys.retain(|key, b| {
+            if !all && now - b.since < Self::WINDOW {
+                return true;
+            }
+            if b.unrecorded > 0 {
+                let (user, action) = key.split_once(' ').unwrap_or((key, ""));
+                out.push(Folded {
+                    user: user.to_owned(),
+                    action: action.to_owned(),
+                    count: b.unrecorded,
+                });
+            }
+            false
+        });
+        out.sort_by(|a, b| (&a.user, &a.action).cmp(&(&b.user, &b.action)));
+        out
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
     }
 }
 
@@ -460,27 +523,61 @@ mod tests {
     }
 
     #[test]
-    fn a_users_refusals_past_a_burst_are_counted_into_their_next_event() {
+    fn a_users_refusals_past_a_burst_are_counted_and_written_once() {
         let t0 = chrono::DateTime::<chrono::Utc>::from_timestamp(1_800_000_000, 0).unwrap();
         let secs = |s: i64| t0 + chrono::TimeDelta::seconds(s);
+        let folded = |user: &str, action: &str, count| Folded {
+            user: user.into(),
+            action: action.into(),
+            count,
+        };
         let mut log = DenialLog::default();
         for i in 0..DenialLog::BURST {
-            assert_eq!(log.record("ann", secs(i.into())), Some(0), "{i}");
+            assert_eq!(log.record("ann", "audit.search", secs(i.into())), Some(0));
         }
         for i in 0..7 {
-            assert_eq!(log.record("ann", secs(30 + i)), None, "{i}");
+            assert_eq!(log.record("ann", "audit.search", secs(30 + i)), None);
         }
-        // Another user has their own burst.
-        assert_eq!(log.record("ben", secs(31)), Some(0));
-        // Still within ann's window (it began at her first recorded one).
-        assert_eq!(log.record("ann", secs(59)), None);
-        // A new window: recorded, with the eight before it.
-        assert_eq!(log.record("ann", secs(60)), Some(8));
-        assert_eq!(log.record("ann", secs(61)), Some(0));
-        // Bounded; a full table still records a new user.
+        // Another action of hers, and another user, have their own.
+        assert_eq!(log.record("ann", "recordings.read", secs(31)), Some(0));
+        assert_eq!(log.record("ben", "audit.search", secs(31)), Some(0));
+        // Nothing is over yet.
+        assert_eq!(log.take_folded(secs(59), false), []);
+        // A new window: recorded, with the seven before it.
+        assert_eq!(log.record("ann", "audit.search", secs(60)), Some(7));
+        for i in 1..DenialLog::BURST {
+            assert_eq!(log.record("ann", "audit.search", secs(60)), Some(0), "{i}");
+        }
+        assert_eq!(log.record("ann", "audit.search", secs(61)), None);
+        assert_eq!(log.record("ann", "audit.search", secs(62)), None);
+        // Its window over, the count is taken out, once.
+        assert_eq!(
+            log.take_folded(secs(120), false),
+            [folded("ann", "audit.search", 2)]
+        );
+        assert_eq!(log.take_folded(secs(120), false), []);
+        assert!(log.is_empty());
+        // An event that could not be written gives its count back.
+        assert_eq!(log.record("ben", "audit.search", secs(130)), Some(0));
+        log.give_back("ben", "audit.search", 3);
+        assert_eq!(log.record("ben", "audit.search", secs(131)), Some(3));
+        log.give_back("cid", "request.create", 1);
+        // Stopping: every count, over or not.
+        assert_eq!(log.record("ben", "x", secs(132)), Some(0));
+        for _ in 0..DenialLog::BURST {
+            log.record("ben", "x", secs(132));
+        }
+        assert_eq!(
+            log.take_folded(secs(133), true),
+            [folded("ben", "x", 1), folded("cid", "request.create", 1)]
+        );
+        // Bounded; a full table still records a new key.
         for i in 0..10_000 {
-            assert!(log.record(&format!("u{i}"), secs(62)).is_some(), "{i}");
-            assert!(log.users.len() <= DenialLog::MAX_USERS);
+            assert!(
+                log.record(&format!("u{i}"), "a", secs(200)).is_some(),
+                "{i}"
+            );
+            assert!(log.keys.len() <= DenialLog::MAX_KEYS);
         }
     }
 

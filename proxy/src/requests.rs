@@ -252,12 +252,9 @@ impl Wicket {
         refused: Error,
         now: DateTime<Utc>,
     ) -> Error {
-        let record = self
-            .denials
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .record(user, now);
-        // Past the user's burst: counted into their next event.
+        let record = self.denial_log().record(user, action, now);
+        // Past the burst for this user and action: counted, and written
+        // when the window is over (or with the next recorded one).
         let Some(unrecorded_before) = record else {
             return refused;
         };
@@ -271,7 +268,45 @@ impl Wicket {
             Ok(()) => refused,
             Err(e) => {
                 tracing::error!(%action, error = %e, "a refusal could not be audited");
+                // It, and what it carried, are written later.
+                self.denial_log()
+                    .give_back(user, action, unrecorded_before.saturating_add(1));
                 e
+            }
+        }
+    }
+
+    fn denial_log(&self) -> std::sync::MutexGuard<'_, crate::auth::DenialLog> {
+        self.denials
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes the counts of folded refusals whose window is over at `now`
+    /// (every count, with `all`: wicketd is stopping), one event for each
+    /// user and action. A count that cannot be written is kept for the
+    /// next call.
+    pub async fn write_folded_denials(&self, now: DateTime<Utc>, all: bool) {
+        let folded = {
+            let mut log = self.denial_log();
+            if log.is_empty() {
+                return;
+            }
+            log.take_folded(now, all)
+        };
+        for f in folded {
+            let event = AuditEvent::AccessDenied {
+                user: f.user.clone(),
+                action: f.action.clone(),
+                reason: format!(
+                    "refused {} more time(s) within a minute, as recorded before (folded)",
+                    f.count
+                ),
+                unrecorded_before: f.count,
+            };
+            if let Err(e) = self.audit(event, now).await {
+                tracing::error!(action = %f.action, error = %e, "folded refusals could not be audited");
+                self.denial_log().give_back(&f.user, &f.action, f.count);
             }
         }
     }

@@ -68,6 +68,9 @@ impl Running {
                 "sessions did not end in time; their end is not on the record"
             );
         }
+        // Refusals folded into counts no event carried yet.
+        let _ =
+            tokio::time::timeout(STOP_GRACE, wicket.write_folded_denials(clock::now(), true)).await;
         if tokio::time::timeout(STOP_GRACE, wicket.audit_sink.flush())
             .await
             .is_err()
@@ -180,9 +183,11 @@ const CHAIN_WATCH: Duration = Duration::from_secs(2);
 /// became due while wicketd was down happens at once) and then every tick.
 async fn scheduler(wicket: Arc<Wicket>, mut shutdown: watch::Receiver<bool>) {
     loop {
-        if let Err(e) = wicket.tick_due(clock::now()).await {
+        let now = clock::now();
+        if let Err(e) = wicket.tick_due(now).await {
             tracing::warn!(error = %e, "request timers failed");
         }
+        wicket.write_folded_denials(now, false).await;
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {},
             _ = shutdown.changed() => break,

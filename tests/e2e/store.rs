@@ -1985,11 +1985,12 @@ fn a_flood_of_requests_neither_hides_open_ones_nor_grows_the_queue() {
 }
 
 /// A refusal over the cap is on the record, as every policy refusal is; a
-/// user refused in a loop gets a burst of events a minute, and the next
-/// one after it says how many were folded (the log does not grow at the
-/// caller's will).
+/// user refused in a loop gets a burst of events a minute for that action
+/// (the log does not grow at the caller's will), their refusals of another
+/// action are recorded all the same, and once the minute is over one event
+/// says how many were folded.
 #[test]
-fn a_users_refusals_past_a_burst_are_folded_into_their_next_event() {
+fn a_users_refusals_past_a_burst_are_folded_and_counted_on_the_record() {
     use wicketd::auth::DenialLog;
     use wicketd::error::Error;
     let dir = tempfile::tempdir().unwrap();
@@ -2034,20 +2035,49 @@ fn a_users_refusals_past_a_burst_are_folded_into_their_next_event() {
             "{events:?}"
         );
         // Someone else's refusals are theirs: on the record.
-        w.create_request(&ben, ask_ops(), now).await.unwrap();
+        let bens = w.create_request(&ben, ask_ops(), now).await.unwrap();
         w.create_request(&ben, ask_ops(), now).await.unwrap_err();
         assert_eq!(denied("ben").await.len(), 1);
-        // A minute on, ann's next refusal is recorded with the five folded.
-        let later = now + DenialLog::WINDOW;
-        w.create_request(&ann, ask_ops(), later).await.unwrap_err();
+        // Her refusals of another action are not hidden by the flood.
+        let cancel = wicket_api::ActionBody::default();
+        let err = w
+            .request_action(&ann, &bens.id, "cancel", cancel, now)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::NotFound(_)), "{err:?}");
         let events = denied("ann").await;
         assert_eq!(events.len(), DenialLog::BURST as usize + 1);
         assert!(
             events
                 .iter()
-                .any(|e| e.data.contains("\"unrecorded_before\":5")),
+                .any(|e| e.data.contains("\"action\":\"request.cancel\"")),
             "{events:?}"
         );
+        // Within the minute nothing more is written; once it is over, one
+        // event counts the five folded, whether or not she tries again.
+        w.write_folded_denials(now + chrono::Duration::seconds(30), false)
+            .await;
+        assert_eq!(denied("ann").await.len(), DenialLog::BURST as usize + 1);
+        let later = now + DenialLog::WINDOW;
+        w.write_folded_denials(later, false).await;
+        let events = denied("ann").await;
+        assert_eq!(events.len(), DenialLog::BURST as usize + 2);
+        let folded = &events.last().unwrap().data;
+        assert!(
+            folded.contains("\"action\":\"request.create\"")
+                && folded.contains("\"unrecorded_before\":5")
+                && folded.contains("refused 5 more time(s)"),
+            "{folded}"
+        );
+        // Counted once: her next refusal carries nothing more.
+        w.create_request(&ann, ask_ops(), later).await.unwrap_err();
+        let events = denied("ann").await;
+        assert_eq!(events.len(), DenialLog::BURST as usize + 3);
+        assert!(events
+            .last()
+            .unwrap()
+            .data
+            .contains("\"unrecorded_before\":0"));
     });
 }
 
