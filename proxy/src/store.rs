@@ -399,6 +399,21 @@ CREATE TABLE session_requests (
 /// The migration that adds [`session_requests_from_events`].
 const SESSION_REQUESTS_MIGRATION: i64 = 16;
 
+/// What a wicketd from before schema 17, still running beside newer ones
+/// on a shared store, reads as the file of a recording stored in parts: a
+/// recording that says so (not an empty file that passes for one).
+fn parts_placeholder(meta: &RecordingMeta) -> Vec<u8> {
+    let header = serde_json::json!({
+        "version": 2, "width": 80, "height": 24, "timestamp": meta.started, "wicket": meta,
+    });
+    let line = serde_json::json!([
+        0.0,
+        "o",
+        "wicket: this recording is stored in parts (store schema 17): play it through an upgraded wicketd\r\n"
+    ]);
+    format!("{header}\n{line}\n").into_bytes()
+}
+
 /// The size of a stored recording's parts (see [`Store::put_recording`]):
 /// what one copy to the store, or one download from it, holds in memory.
 pub const RECORDING_PART: usize = 8 << 20;
@@ -1576,7 +1591,7 @@ impl Store {
         .bind(meta.login.as_str())
         .bind(json_list(&meta.request_ids)?)
         .bind(meta.started)
-        .bind(&[][..])
+        .bind(parts_placeholder(meta))
         .bind(stored)
         .execute(&mut *tx)
         .await?
@@ -1715,6 +1730,14 @@ impl Store {
         if !audit.is_empty() {
             self.audit_in(&mut tx, &audit).await?;
         }
+        // Parts whose row went without them (an older wicketd's sweep, or
+        // by hand); a copy being stored now is not seen, nor deleted.
+        sqlx::query(
+            "DELETE FROM session_recording_parts \
+             WHERE session_id NOT IN (SELECT session_id FROM session_recordings)",
+        )
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(audit.len())
     }

@@ -1111,6 +1111,20 @@ async fn recordings(store: &Store) {
     assert!(store.recording_part("s1", 71).await.unwrap().is_none());
     let back = store.recording_data("s1").await.unwrap().unwrap();
     assert!(back == data, "the recording changed on the way");
+    // What a wicketd from before parts reads in the row: a recording
+    // saying so, with the header it lists.
+    let mut tx = store.begin().await.unwrap();
+    let row = sqlx::query("SELECT data FROM session_recordings WHERE session_id = 's1'")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    drop(tx);
+    let old: Vec<u8> = sqlx::Row::try_get(&row, 0).unwrap();
+    let old = String::from_utf8(old).unwrap();
+    let (header, rest) = old.split_once('\n').unwrap();
+    let header: serde_json::Value = serde_json::from_str(header).unwrap();
+    assert_eq!(header["wicket"]["session_id"], "s1");
+    assert!(rest.contains("stored in parts"), "{rest}");
     assert!(store.recording_meta("s3").await.unwrap().is_none());
     assert!(store.recording_data("s3").await.unwrap().is_none());
     // An empty file is one empty part.
@@ -1208,9 +1222,11 @@ async fn recordings(store: &Store) {
     assert_eq!(deleted_events(store).await, ["s1", "s2", "s3", "s4"]);
     assert!(store.list_recordings().await.unwrap().is_empty());
     assert!(store.recording_data("s1").await.unwrap().is_none());
-    // Their parts went with them.
+    // Their parts went with them, and so did those left by a row deleted
+    // without them.
     assert!(store.recording_part("s1", 0).await.unwrap().is_none());
     assert!(store.recording_part("s4", 0).await.unwrap().is_none());
+    assert!(store.recording_part("s0", 0).await.unwrap().is_none());
 }
 
 /// Migrations 15 and 16 on a store from before them. 15 marks the
