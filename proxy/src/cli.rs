@@ -573,6 +573,9 @@ async fn start(
     if let Some(addr) = listen_ssh {
         cfg.listen.ssh = Some(addr);
     }
+    if let Some(clash) = cfg.listen.collision() {
+        return Err(Error::BadRequest(clash));
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()

@@ -707,6 +707,20 @@ impl Cx {
             .or_else(|| st.strip_prefix("postgresql://"));
         match rest {
             Some(r) if !r.is_empty() && !r.starts_with('/') && !r.contains(char::is_whitespace) => {
+                // The driver logs the parameters it does not know, values
+                // and all: a secret among them must not get that far.
+                let query = r.split_once('?').map_or("", |(_, q)| q);
+                let query = query.split_once('#').map_or(query, |(q, _)| q);
+                for (k, _) in query.split('&').filter_map(|p| p.split_once('=')) {
+                    let name = super::percent_decoded(k).to_ascii_lowercase();
+                    if name.contains("password") && name != "password" {
+                        self.push(
+                            "storage",
+                            format!("{name}: the PostgreSQL driver does not read it (and would log its value); remove it"),
+                        );
+                        return None;
+                    }
+                }
                 Some(Storage::Postgres(st))
             }
             Some(_) => {
@@ -725,35 +739,35 @@ impl Cx {
 
     fn listen(&mut self, l: &ListenFile) -> Option<Listen> {
         let mut ok = true;
-        // The API's default address counts when none is given.
-        let mut seen: Vec<(SocketAddr, &str)> = match &l.api {
-            None => vec![(DEFAULT_API_ADDR, "api (the default)")],
-            Some(_) => Vec::new(),
-        };
-        let mut one =
-            |cx: &mut Self, v: &Option<String>, key: &'static str| -> Option<SocketAddr> {
-                let s = v.as_ref()?;
-                match parse_listen(s) {
-                    Ok(a) => {
-                        if a.port() != 0 {
-                            if let Some((_, other)) = seen.iter().find(|(b, _)| overlap(*b, a)) {
-                                cx.push(
-                                    join("listen", key),
-                                    format!("{a} is already used by listen.{other}"),
-                                );
-                                ok = false;
-                            }
+        // (The API's default address, or one given to `start`, is checked
+        // with the rest when wicketd starts: `Listen::collision`.)
+        let mut seen: Vec<(SocketAddr, &str)> = Vec::new();
+        let mut one = |cx: &mut Self,
+                       v: &Option<String>,
+                       key: &'static str|
+         -> Option<SocketAddr> {
+            let s = v.as_ref()?;
+            match parse_listen(s) {
+                Ok(a) => {
+                    if a.port() != 0 {
+                        if let Some((_, other)) = seen.iter().find(|(b, _)| super::overlap(*b, a)) {
+                            cx.push(
+                                join("listen", key),
+                                format!("{a} is already used by listen.{other}"),
+                            );
+                            ok = false;
                         }
-                        seen.push((a, key));
-                        Some(a)
                     }
-                    Err(e) => {
-                        cx.push(join("listen", key), e);
-                        ok = false;
-                        None
-                    }
+                    seen.push((a, key));
+                    Some(a)
                 }
-            };
+                Err(e) => {
+                    cx.push(join("listen", key), e);
+                    ok = false;
+                    None
+                }
+            }
+        };
         let api = match &l.api {
             None => Some(DEFAULT_API_ADDR),
             Some(_) => one(self, &l.api, "api"),
@@ -1533,11 +1547,4 @@ impl Cx {
             server_name: server_name.map(str::to_owned),
         })
     }
-}
-
-/// Whether listening on `a` and on `b` would collide: the same port on the
-/// same address, or on any address where either is a wildcard (`0.0.0.0`,
-/// `[::]`, which on Linux takes IPv4 too).
-fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }

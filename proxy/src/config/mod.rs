@@ -97,8 +97,8 @@ impl fmt::Debug for Storage {
 }
 
 /// `url` with its secrets replaced by `***`: the password in its user
-/// information, and the values of query parameters that carry one
-/// (`password`, `sslpassword`, as libpq and sqlx read them).
+/// information, and the values of query parameters named for one
+/// (`password`, as sqlx reads it, percent-encoded or not).
 fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
@@ -136,8 +136,43 @@ fn redact_url(url: &str) -> String {
 /// Whether a URL query parameter named `key` (as written, perhaps
 /// percent-encoded) carries a secret.
 fn is_secret_param(key: &str) -> bool {
-    let key = key.to_ascii_lowercase().replace("%5f", "_");
-    key.contains("password")
+    percent_decoded(key)
+        .to_ascii_lowercase()
+        .contains("password")
+}
+
+/// `s` with `%XX` escapes decoded (and `+` as a space), as a URL's query
+/// is read; bytes that are not UTF-8 are replaced.
+pub(crate) fn percent_decoded(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether listening on `a` and on `b` would collide: the same port on the
+/// same address, or where one is a wildcard of its family (`0.0.0.0`), or
+/// `[::]`, which on Linux takes IPv4 too. Port 0 never collides.
+pub(crate) fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers =
+        |w: SocketAddr, x: SocketAddr| w.ip().is_unspecified() && (w.is_ipv6() || x.is_ipv4());
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
 /// The sockets `wicketd` listens on. Only the API is always on.
@@ -151,6 +186,27 @@ pub struct Listen {
     pub postgres: Option<SocketAddr>,
     /// Kubernetes API proxy.
     pub kube: Option<SocketAddr>,
+}
+
+impl Listen {
+    /// Two listeners that would collide, as they stand (with the API's
+    /// default address and what `start` was given), said as a problem.
+    pub fn collision(&self) -> Option<String> {
+        let all = [
+            ("listen.api", Some(self.api)),
+            ("listen.ssh", self.ssh),
+            ("listen.postgres", self.postgres),
+            ("listen.kube", self.kube),
+        ];
+        let set: Vec<(&str, SocketAddr)> =
+            all.iter().filter_map(|(k, a)| Some((*k, (*a)?))).collect();
+        for (i, (k, a)) in set.iter().enumerate() {
+            if let Some((other, b)) = set[..i].iter().find(|(_, b)| overlap(*b, *a)) {
+                return Some(format!("{k} {a} and {other} {b} would take the same port"));
+            }
+        }
+        None
+    }
 }
 
 impl Default for Listen {

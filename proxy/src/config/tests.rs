@@ -830,6 +830,23 @@ fn load_reports_read_errors() {
     assert!(c.data_dir.ends_with("wicket-data"));
 }
 
+/// A secret the driver would not read, only log, is refused.
+#[test]
+fn a_storage_url_with_a_secret_the_driver_ignores_is_refused() {
+    let e = problems("version: 1\nstorage: 'postgres://u@h/db?sslmode=require&sslpassword=k3y'\n");
+    has(
+        &e,
+        "storage",
+        "sslpassword: the PostgreSQL driver does not read it",
+    );
+    assert!(!e.to_string().contains("k3y"), "{e}");
+    let c = ok("version: 1\nstorage: 'postgres://u@h/db?sslmode=require&password=p'\n");
+    assert_eq!(
+        c.storage.redacted(),
+        "postgres://u@h/db?sslmode=require&password=***"
+    );
+}
+
 #[test]
 fn redacts_passwords() {
     let s = Storage::Postgres("postgres://u:secret@h:5432/db?sslmode=require".into());
@@ -850,6 +867,9 @@ fn redacts_passwords() {
     assert!(!format!("{s:?}").contains("s3cret"), "{s:?}");
     let both = Storage::Postgres("postgres://u:one@h?password=two".into()).redacted();
     assert_eq!(both, "postgres://u:***@h?password=***");
+    // sqlx decodes the name: so does the redaction.
+    let encoded = Storage::Postgres("postgres://u@h?pass%77ord=s3cret&pass%2".into()).redacted();
+    assert_eq!(encoded, "postgres://u@h?pass%77ord=***&pass%2");
 }
 
 proptest! {
@@ -1017,16 +1037,26 @@ fn recording_retention() {
     assert!(e.to_string().contains("session.recording_retention"), "{e}");
 }
 
-/// Two listeners on one port are refused before `start` fails to bind:
-/// also against the API's default address, and across a wildcard.
+/// Two listeners on one port are refused before `start` fails to bind,
+/// also across a wildcard; with the API's default address (or one given to
+/// `start`) when wicketd starts (`Listen::collision`).
 #[test]
 fn listeners_that_would_collide_are_refused() {
-    let e = problems("version: 1\nlisten: { ssh: '127.0.0.1:3080' }\n");
-    has(
-        &e,
-        "listen.ssh",
-        "127.0.0.1:3080 is already used by listen.api (the default)",
+    let c = ok("version: 1\nlisten: { ssh: '127.0.0.1:3080' }\n");
+    let clash = c.listen.collision().unwrap();
+    assert!(
+        clash.contains("listen.ssh 127.0.0.1:3080 and listen.api 127.0.0.1:3080"),
+        "{clash}"
     );
+    let mut moved = c.listen;
+    moved.api = "127.0.0.1:4000".parse().unwrap();
+    assert_eq!(moved.collision(), None);
+    // An IPv4 wildcard and an IPv6 address are two sockets; `[::]` is not.
+    moved.ssh = Some("0.0.0.0:5000".parse().unwrap());
+    moved.postgres = Some("[::1]:5000".parse().unwrap());
+    assert_eq!(moved.collision(), None);
+    moved.postgres = Some("[::]:5000".parse().unwrap());
+    assert!(moved.collision().is_some());
     let e = problems("version: 1\nlisten: { api: '0.0.0.0:4000', postgres: '127.0.0.1:4000' }\n");
     has(&e, "listen.postgres", "already used by listen.api");
     let e = problems("version: 1\nlisten: { api: '127.0.0.1:4000', ssh: '[::]:4000' }\n");

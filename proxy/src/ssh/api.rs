@@ -13,10 +13,50 @@ use wicket_policy::Subject;
 /// [`RECORDING_PART`], and a store connection): many sessions ending
 /// together queue.
 static SHARING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
-/// Downloads from a shared store at once (each holds a part in memory, or
-/// a whole file stored before parts, at most 64 MiB): more wait. Files
-/// from this host's data directory are streamed and need no such limit.
-static LOADING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+/// Downloads from a shared store at once (each holds a part or two in
+/// memory, or a whole file stored before parts, at most 64 MiB): more
+/// wait. Files from this host's data directory are streamed and need no
+/// such limit.
+static LOADING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(8);
+/// Of those, one user's at once: a user reading slowly holds their own
+/// slots, not everyone's.
+const LOADING_PER_USER: u32 = 2;
+/// Downloads from the store under way, by user.
+static LOADING_BY_USER: std::sync::Mutex<std::collections::BTreeMap<String, u32>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// One of a user's downloads from the store, given back when dropped.
+struct UserLoad(String);
+
+impl UserLoad {
+    fn take(user: &str) -> Option<Self> {
+        let mut by = lock_loads();
+        let n = by.entry(user.to_owned()).or_insert(0);
+        if *n >= LOADING_PER_USER {
+            return None;
+        }
+        *n += 1;
+        Some(Self(user.to_owned()))
+    }
+}
+
+impl Drop for UserLoad {
+    fn drop(&mut self) {
+        let mut by = lock_loads();
+        if let Some(n) = by.get_mut(&self.0) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                by.remove(&self.0);
+            }
+        }
+    }
+}
+
+fn lock_loads() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<String, u32>> {
+    LOADING_BY_USER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// How long a download waits for its turn to load from the store.
 const LOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -35,6 +75,7 @@ pub struct StoredParts {
     /// Parts, or 0: whole in its row (stored before parts).
     parts: i64,
     _permit: tokio::sync::SemaphorePermit<'static>,
+    _user: UserLoad,
 }
 
 impl StoredParts {
@@ -377,6 +418,11 @@ impl Wicket {
             .ok_or_else(not_found)?;
         self.recording_access(caller, Some(&meta.user)).await?;
         let busy = || Error::Busy("too many recordings are being loaded; try again".into());
+        let user = UserLoad::take(&caller.user).ok_or_else(|| {
+            Error::Busy(format!(
+                "you are downloading {LOADING_PER_USER} recordings from the store already; try again when one is done"
+            ))
+        })?;
         let permit = tokio::time::timeout(LOAD_WAIT, LOADING.acquire())
             .await
             .map_err(|_| busy())?
@@ -391,6 +437,7 @@ impl Wicket {
             session_id: session_id.to_owned(),
             parts,
             _permit: permit,
+            _user: user,
         }))
     }
 }
@@ -403,6 +450,20 @@ mod tests {
     /// A stored recording goes out a part at a time, in order, holding its
     /// download's permit until the last; a part gone meanwhile breaks the
     /// download off with an error, not a short file that looks whole.
+    /// One user has at most two downloads from the store at once; a slot
+    /// comes back when a download ends.
+    #[test]
+    fn a_user_holds_at_most_two_store_downloads() {
+        let a = UserLoad::take("slots-test").unwrap();
+        let b = UserLoad::take("slots-test").unwrap();
+        assert!(UserLoad::take("slots-test").is_none());
+        let other = UserLoad::take("slots-test-other").unwrap();
+        drop(a);
+        let c = UserLoad::take("slots-test").unwrap();
+        drop((b, c, other));
+        assert!(!lock_loads().contains_key("slots-test"));
+    }
+
     #[tokio::test]
     async fn a_stored_recording_streams_its_parts_and_holds_its_permit() {
         static COUNTED: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
@@ -432,6 +493,7 @@ mod tests {
             session_id: "s1".into(),
             parts: 3,
             _permit: permit,
+            _user: UserLoad::take("streams-test").unwrap(),
         };
         let mut stream = Box::pin(parts(COUNTED.acquire().await.unwrap()).into_stream());
         let mut got = Vec::new();
