@@ -17,6 +17,8 @@ const SERVER_CERT_LIFETIME: i64 = 365 * 24 * 3600;
 /// After a failed renewal, how long until the next try (the certificate
 /// in use still has half its life).
 const RENEW_RETRY: i64 = 3600;
+/// How far back a server certificate's validity starts, for clocks behind.
+const CLOCK_SLACK: i64 = 300;
 
 /// Whether a listener demands a client certificate at the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +42,7 @@ fn issue_server_cert(
         &ServerCertRequest {
             spki_der: &spki,
             names,
-            validity: Validity::new(now - 300, now + SERVER_CERT_LIFETIME)?,
+            validity: Validity::new(now - CLOCK_SLACK, now + SERVER_CERT_LIFETIME)?,
             role: wicket_ca::ServerRole::Proxy,
         },
         &rng,
@@ -62,8 +64,31 @@ fn issue_server_cert(
 pub struct Renewing {
     keys: Arc<AuthorityKeys>,
     names: Vec<String>,
-    /// The certificate, and when to make the next.
-    current: std::sync::RwLock<(Arc<rustls::sign::CertifiedKey>, i64)>,
+    /// The certificate, and when it was made and the next is due.
+    current: std::sync::RwLock<(Arc<rustls::sign::CertifiedKey>, Due)>,
+}
+
+/// When a certificate in use was made, and when the next is due.
+#[derive(Debug, Clone, Copy)]
+struct Due {
+    made: i64,
+    next: i64,
+}
+
+impl Due {
+    fn at(made: i64) -> Self {
+        Self {
+            made,
+            next: made + SERVER_CERT_LIFETIME / 2,
+        }
+    }
+
+    /// Due at `now`: half its life is over, or the clock went back
+    /// before it was made (it was made on a clock that ran ahead, and
+    /// clients would see it as not yet valid).
+    fn due(&self, now: i64) -> bool {
+        now >= self.next || now < self.made - CLOCK_SLACK
+    }
 }
 
 impl std::fmt::Debug for Renewing {
@@ -80,7 +105,7 @@ impl Renewing {
         Ok(Self {
             keys,
             names: names.to_vec(),
-            current: std::sync::RwLock::new((Arc::new(first), now + SERVER_CERT_LIFETIME / 2)),
+            current: std::sync::RwLock::new((Arc::new(first), Due::at(now))),
         })
     }
 
@@ -92,7 +117,7 @@ impl Renewing {
                 .current
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if now < cur.1 {
+            if !cur.1.due(now) {
                 return cur.0.clone();
             }
         }
@@ -100,14 +125,14 @@ impl Renewing {
             .current
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if now >= cur.1 {
+        if cur.1.due(now) {
             match issue_server_cert(&self.keys, &self.names, now) {
                 Ok(next) => {
-                    *cur = (Arc::new(next), now + SERVER_CERT_LIFETIME / 2);
+                    *cur = (Arc::new(next), Due::at(now));
                     tracing::info!(names = ?self.names, "renewed the TLS server certificate");
                 }
                 Err(e) => {
-                    cur.1 = now + RENEW_RETRY;
+                    cur.1.next = now + RENEW_RETRY;
                     tracing::error!(error = %e, "cannot renew the TLS server certificate; trying again in an hour");
                 }
             }
@@ -372,6 +397,13 @@ mod tests {
             .unwrap();
         let stale = v.verify_server_cert(&first.cert[0], &first.cert[1..], &name, &[], at);
         assert!(stale.is_err(), "the first certificate had expired");
+        // Made on a clock that ran a day ahead: once the clock is put
+        // right, a new one, valid now.
+        let ahead = Renewing::new(keys.clone(), &names, NOW + 86_400).unwrap();
+        let served = ahead.at(NOW);
+        let (_, c) = x509_parser::parse_x509_certificate(&served.cert[0]).unwrap();
+        assert!(c.validity().not_before.timestamp() <= NOW);
+        assert!(Arc::ptr_eq(&served, &ahead.at(NOW + 10)));
     }
 
     fn verify(v: &dyn ServerCertVerifier, leaf: &CertificateDer<'_>) -> Result<(), String> {

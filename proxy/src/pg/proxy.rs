@@ -580,7 +580,9 @@ impl PgProxy {
             held_standing: Vec::new(),
         });
         let Some(handle) = handle else {
-            fatal(&mut client, "57P01", "wicket: wicketd is stopping").await;
+            let reason = "wicketd is stopping".to_owned();
+            let _ = self.wicket.audit(denied(reason.clone()), now).await;
+            fatal(&mut client, "57P01", &format!("wicket: {reason}")).await;
             return;
         };
         let sref = Arc::new(SessionRef {
