@@ -242,8 +242,9 @@ impl Wicket {
     /// `refused`, the error the caller gets; when the event cannot be
     /// stored, the store's error instead (the call is refused either way,
     /// and an unrecorded refusal is not passed off as a recorded one).
-    /// Past the user's burst, a refusal is counted into their next event
-    /// instead (see [`crate::auth::DenialLog`]).
+    /// Past the burst for this user and action, a refusal is only counted,
+    /// and the count written when its minute is over (see
+    /// [`crate::auth::DenialLog`], [`Self::write_folded_denials`]).
     pub(crate) async fn refusal_audited(
         &self,
         user: &str,
