@@ -246,6 +246,86 @@ fn mux_ssh(cfg: &Path, ctl: &Path, master: bool) -> Command {
     c
 }
 
+/// Waits for a master's control socket at `ctl`.
+fn wait_for_control_socket(ctl: &Path) {
+    wait_until("the control socket", Duration::from_secs(20), || {
+        ctl.exists().then_some(())
+    })
+    .unwrap();
+}
+
+/// A multiplexed connection kept open by its master, whose command runs
+/// until [`KeptConnection::finish`]; commands run as clients of it.
+struct KeptConnection {
+    master: std::process::Child,
+    ctl: PathBuf,
+    stop: PathBuf,
+    cfg: PathBuf,
+    dest: String,
+    _dir: tempfile::TempDir,
+}
+
+impl KeptConnection {
+    /// Opens it, and checks that a new channel works on it (`while`: what
+    /// holds now, for the message).
+    fn open(lab: &Lab, cfg: &Path, while_: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctl, stop) = (dir.path().join("cm"), dir.path().join("stop"));
+        let master = mux_ssh(cfg, &ctl, true)
+            .arg(lab.dest())
+            .arg(format!("{}; echo finished", wait_for_file(&stop)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_control_socket(&ctl);
+        let kept = Self {
+            master,
+            ctl,
+            stop,
+            cfg: cfg.to_owned(),
+            dest: lab.dest(),
+            _dir: dir,
+        };
+        let out = output(kept.client().arg(&kept.dest).arg("echo before"));
+        assert!(
+            out.status.success() && text(&out.stdout).trim() == "before",
+            "a new channel works while {while_}: {}",
+            text(&out.stderr)
+        );
+        kept
+    }
+
+    /// `ssh` as a client of the master (add the destination).
+    fn client(&self) -> Command {
+        mux_ssh(&self.cfg, &self.ctl, false)
+    }
+
+    /// Runs `echo after` on it, which must be refused, with no new
+    /// sessions on the connection and each of `why` said; stderr.
+    fn refused_after(&self, why: &[&str]) -> String {
+        let out = output(self.client().arg(&self.dest).arg("echo after"));
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "refused: {err}");
+        assert!(
+            !text(&out.stdout).contains("after"),
+            "nothing ran on the node"
+        );
+        assert!(err.contains("no new sessions on this connection"), "{err}");
+        for w in why {
+            assert!(err.contains(w), "{w:?} in {err}");
+        }
+        err
+    }
+
+    /// Lets the master's command end, and waits for the master.
+    fn finish(self) -> Output {
+        std::fs::write(&self.stop, b"").unwrap();
+        self.master.wait_with_output().unwrap()
+    }
+}
+
 pub fn ssh(cfg: &Path) -> Command {
     let mut c = Command::new("ssh");
     c.arg("-F")
@@ -490,10 +570,7 @@ fn a_multiplexed_connection_ends_with_its_first_sessions_status() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until("the control socket", Duration::from_secs(20), || {
-        ctl.exists().then_some(())
-    })
-    .unwrap();
+    wait_for_control_socket(&ctl);
     for code in [3, 5] {
         let out = output(
             mux_ssh(&cfg, &ctl, false)
@@ -1549,10 +1626,7 @@ fn agent_forwarding_is_refused_with_a_message_unless_allowed() {
         .stderr(std::fs::File::create(&master_log).unwrap())
         .spawn()
         .unwrap();
-    wait_until("the control socket", Duration::from_secs(20), || {
-        ctl.exists().then_some(())
-    })
-    .unwrap();
+    wait_for_control_socket(&ctl);
     let children: Vec<_> = (0..4)
         .map(|i| {
             ssh(&cfg)
@@ -1852,32 +1926,11 @@ fn after_the_grant_ends_a_kept_connection_opens_no_new_channels() {
     let alice = lab.user("alice", "access");
     let id = lab.grant(&alice, "node-admin", "4s");
     let cfg = ssh_config(&alice);
-    let dir = tempfile::tempdir().unwrap();
-    let ctl = dir.path().join("cm");
-    let stop = dir.path().join("stop");
-    let mux = |master: bool| mux_ssh(&cfg, &ctl, master);
     // The master runs until the test says stop.
-    let master = mux(true)
-        .arg(lab.dest())
-        .arg(format!("{}; echo finished", wait_for_file(&stop)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until("the control socket", Duration::from_secs(20), || {
-        ctl.exists().then_some(())
-    })
-    .unwrap();
-    let out = output(mux(false).arg(lab.dest()).arg("echo before"));
-    assert!(
-        out.status.success() && text(&out.stdout).trim() == "before",
-        "a new channel works while the grant holds: {}",
-        text(&out.stderr)
-    );
+    let kept = KeptConnection::open(&lab, &cfg, "the grant holds");
     let forward = || {
         output(
-            mux(false)
+            kept.client()
                 .args(["-W", &format!("127.0.0.1:{}", lab.node.port())])
                 .arg(lab.dest()),
         )
@@ -1891,19 +1944,7 @@ fn after_the_grant_ends_a_kept_connection_opens_no_new_channels() {
 
     past_expiry(&alice, &id, 600);
 
-    let out = output(mux(false).arg(lab.dest()).arg("echo after"));
-    let err = text(&out.stderr);
-    assert!(!out.status.success(), "refused after expiry: {err}");
-    assert!(
-        !text(&out.stdout).contains("after"),
-        "nothing ran on the node"
-    );
-    assert!(
-        err.contains("no new sessions on this connection")
-            && err.contains(&id)
-            && err.contains("expired"),
-        "{err}"
-    );
+    kept.refused_after(&[&id, "expired"]);
     let out = forward();
     let err = text(&out.stderr);
     assert!(!out.status.success(), "port forward refused after expiry");
@@ -1915,8 +1956,7 @@ fn after_the_grant_ends_a_kept_connection_opens_no_new_channels() {
     );
 
     // The running session was told, and finishes normally.
-    std::fs::write(&stop, b"").unwrap();
-    let done = master.wait_with_output().unwrap();
+    let done = kept.finish();
     let (out, err) = (text(&done.stdout), text(&done.stderr));
     assert!(done.status.success(), "{out} {err}");
     assert_eq!(out.trim(), "finished");
@@ -1965,23 +2005,12 @@ fn after_the_login_ends_a_kept_standing_connection_starts_nothing_new() {
     );
     let alice = lab.user("alice", "direct");
     let cfg = ssh_config(&alice);
-    let dir = tempfile::tempdir().unwrap();
-    let ctl = dir.path().join("cm");
-    let stop = dir.path().join("stop");
-    let mux = |master: bool| mux_ssh(&cfg, &ctl, master);
-    let mut master = mux(true)
-        .arg(lab.dest())
-        .arg(format!("{}; echo finished", wait_for_file(&stop)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut kept = KeptConnection::open(&lab, &cfg, "the login lasts");
     // What the master's session is told, as it comes.
     let told = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let reader = {
         let told = told.clone();
-        let mut err = master.stderr.take().unwrap();
+        let mut err = kept.master.stderr.take().unwrap();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = std::io::Read::read(&mut err, &mut buf) {
@@ -1992,16 +2021,6 @@ fn after_the_login_ends_a_kept_standing_connection_starts_nothing_new() {
             }
         })
     };
-    wait_until("the control socket", Duration::from_secs(20), || {
-        ctl.exists().then_some(())
-    })
-    .unwrap();
-    let out = output(mux(false).arg(lab.dest()).arg("echo before"));
-    assert!(
-        out.status.success() && text(&out.stdout).trim() == "before",
-        "a new channel works while the login lasts: {}",
-        text(&out.stderr)
-    );
 
     wait_until(
         "the drain at the login's end",
@@ -2021,22 +2040,10 @@ fn after_the_login_ends_a_kept_standing_connection_starts_nothing_new() {
         "{}",
         told.lock().unwrap()
     );
-    let out = output(mux(false).arg(lab.dest()).arg("echo after"));
-    let err = text(&out.stderr);
-    assert!(!out.status.success(), "refused after the login: {err}");
-    assert!(
-        !text(&out.stdout).contains("after"),
-        "nothing ran on the node"
-    );
-    assert!(
-        err.contains("no new sessions on this connection")
-            && err.contains("the login behind this session ended"),
-        "{err}"
-    );
+    kept.refused_after(&["the login behind this session ended"]);
 
     // The running command finishes normally.
-    std::fs::write(&stop, b"").unwrap();
-    let done = master.wait_with_output().unwrap();
+    let done = kept.finish();
     reader.join().unwrap();
     assert!(done.status.success(), "{}", told.lock().unwrap());
     assert_eq!(text(&done.stdout).trim(), "finished");
