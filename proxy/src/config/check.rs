@@ -709,11 +709,8 @@ impl Cx {
             Some(r) if !r.is_empty() && !r.starts_with('/') && !r.contains(char::is_whitespace) => {
                 // The driver logs the parameters it does not know, values
                 // and all: a secret among them must not get that far.
-                let query = r.split_once('?').map_or("", |(_, q)| q);
-                let query = query.split_once('#').map_or(query, |(q, _)| q);
-                for (k, _) in query.split('&').filter_map(|p| p.split_once('=')) {
-                    let name = super::percent_decoded(k).to_ascii_lowercase();
-                    if name.contains("password") && name != "password" {
+                for name in super::secret_params(r) {
+                    if name != "password" {
                         self.push(
                             "storage",
                             format!("{name}: the PostgreSQL driver does not read it (and would log its value); remove it"),

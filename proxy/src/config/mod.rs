@@ -121,7 +121,7 @@ fn redact_url(url: &str) -> String {
             let params: Vec<String> = query
                 .split('&')
                 .map(|p| match p.split_once('=') {
-                    Some((k, _)) if is_secret_param(k) => format!("{k}=***"),
+                    Some((k, _)) if secret_param(k).is_some() => format!("{k}=***"),
                     _ => p.to_owned(),
                 })
                 .collect();
@@ -134,16 +134,27 @@ fn redact_url(url: &str) -> String {
 }
 
 /// Whether a URL query parameter named `key` (as written, perhaps
-/// percent-encoded) carries a secret.
-fn is_secret_param(key: &str) -> bool {
-    percent_decoded(key)
-        .to_ascii_lowercase()
-        .contains("password")
+/// percent-encoded) carries a secret: its name, decoded and lower-cased,
+/// when it does.
+fn secret_param(key: &str) -> Option<String> {
+    let name = percent_decoded(key).to_ascii_lowercase();
+    name.contains("password").then_some(name)
+}
+
+/// The (decoded, lower-cased) names of `url`'s query parameters that
+/// carry a secret.
+pub(crate) fn secret_params(url: &str) -> Vec<String> {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    let query = query.split_once('#').map_or(query, |(q, _)| q);
+    query
+        .split('&')
+        .filter_map(|p| secret_param(p.split_once('=')?.0))
+        .collect()
 }
 
 /// `s` with `%XX` escapes decoded (and `+` as a space), as a URL's query
 /// is read; bytes that are not UTF-8 are replaced.
-pub(crate) fn percent_decoded(s: &str) -> String {
+fn percent_decoded(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
