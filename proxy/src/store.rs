@@ -1613,7 +1613,7 @@ impl Store {
                 .read_to_end(&mut buf)
                 .await
                 .map_err(|e| Error::Store(format!("cannot read the recording: {e}")))?;
-            if n == 0 {
+            if n == 0 && parts > 0 {
                 break;
             }
             sqlx::query(
@@ -1626,17 +1626,11 @@ impl Store {
             .await?;
             parts += 1;
             size = size.saturating_add(n as i64);
-        }
-        // An empty file is one empty part (0 parts would mean "in `data`").
-        if parts == 0 {
-            sqlx::query(
-                "INSERT INTO session_recording_parts (session_id, part, data) VALUES ($1, 0, $2)",
-            )
-            .bind(meta.session_id.as_str())
-            .bind(&[][..])
-            .execute(&mut *tx)
-            .await?;
-            parts = 1;
+            // An empty file is one empty part (0 parts would mean "in
+            // `data`").
+            if n == 0 {
+                break;
+            }
         }
         sqlx::query("UPDATE session_recordings SET parts = $1, size = $2 WHERE session_id = $3")
             .bind(parts)
@@ -1705,15 +1699,11 @@ impl Store {
         .await?;
         let mut audit = Vec::with_capacity(rows.len());
         for r in &rows {
-            let id: String = r.try_get(0)?;
-            sqlx::query("DELETE FROM session_recording_parts WHERE session_id = $1")
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await?;
             let meta = match recording_from_row(r) {
                 Ok((meta, _)) => meta,
                 // Deleted all the same, and on the record with what reads.
                 Err(e) => {
+                    let id: String = r.try_get(0)?;
                     tracing::warn!(session = %id, error = %e, "deleting a stored recording whose row does not decode");
                     RecordingMeta {
                         session_id: id,
@@ -1730,8 +1720,9 @@ impl Store {
         if !audit.is_empty() {
             self.audit_in(&mut tx, &audit).await?;
         }
-        // Parts whose row went without them (an older wicketd's sweep, or
-        // by hand); a copy being stored now is not seen, nor deleted.
+        // The parts of the rows deleted above, and of rows that went
+        // without them (an older wicketd's sweep, or by hand); a copy being
+        // stored now is not seen, nor deleted.
         sqlx::query(
             "DELETE FROM session_recording_parts \
              WHERE session_id NOT IN (SELECT session_id FROM session_recordings)",
