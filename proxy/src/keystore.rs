@@ -22,9 +22,9 @@ const OURS: &[&str] = &[
 
 /// Creates `dir` (and parents) if needed, 0700. One that exists and is
 /// open to others is made 0700 only when it is wicketd's own (empty, or
-/// holding only what wicketd keeps): another directory named by mistake
-/// (`--data-dir /var/lib`) is refused, not made private under everyone
-/// else's feet.
+/// holding only what wicketd keeps, and a volume's `lost+found` when it is
+/// a volume's root): another directory named by mistake (`--data-dir
+/// /var/lib`) is refused, not made private under everyone else's feet.
 pub fn ensure_private_dir(dir: &Path) -> Result<()> {
     match fs::symlink_metadata(dir) {
         Ok(_) => {}
@@ -49,10 +49,11 @@ pub fn ensure_private_dir(dir: &Path) -> Result<()> {
     let entries =
         fs::read_dir(dir).map_err(|e| Error::Io(format!("cannot read {}: {e}", dir.display())))?;
     for entry in entries {
-        let name = entry
-            .map_err(|e| Error::Io(format!("cannot read {}: {e}", dir.display())))?
-            .file_name();
-        if !OURS.iter().any(|o| name == *o) {
+        let entry = entry.map_err(|e| Error::Io(format!("cannot read {}: {e}", dir.display())))?;
+        let name = entry.file_name();
+        // A fresh ext2/3/4 volume's root holds its fsck directory.
+        let volume_root = name == "lost+found" && entry.file_type().is_ok_and(|t| t.is_dir());
+        if !volume_root && !OURS.iter().any(|o| name == *o) {
             return Err(Error::Io(format!(
                 "{} has mode {mode:o} and holds {name:?}, which is not wicketd's: name a \
                  directory of wicketd's own (it makes one, 0700), or run `chmod 700 {}`",
@@ -329,6 +330,22 @@ mod tests {
         fs::set_permissions(&shared, fs::Permissions::from_mode(0o755)).unwrap();
         load_or_generate(&shared, "t", 1_700_000_000).unwrap();
         assert_eq!(mode_of(&shared), 0o700);
+        // A volume's root, as mounted: its `lost+found` is no one else's
+        // (a file of that name is).
+        let volume = dir.path().join("volume");
+        fs::create_dir_all(volume.join("lost+found")).unwrap();
+        fs::write(volume.join("lost+found/#12"), "").unwrap();
+        fs::set_permissions(&volume, fs::Permissions::from_mode(0o755)).unwrap();
+        load_or_generate(&volume, "t", 1_700_000_000).unwrap();
+        assert_eq!(mode_of(&volume), 0o700);
+        let other = dir.path().join("other");
+        fs::create_dir_all(&other).unwrap();
+        fs::write(other.join("lost+found"), "").unwrap();
+        fs::set_permissions(&other, fs::Permissions::from_mode(0o755)).unwrap();
+        let e = load_or_generate(&other, "t", 1_700_000_000)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"lost+found\""), "{e}");
         let fresh = dir.path().join("a/b");
         load_or_generate(&fresh, "t", 1_700_000_000).unwrap();
         assert_eq!(mode_of(&fresh), 0o700);

@@ -89,8 +89,13 @@ impl Running {
 /// commands only read a key set: `keystore::load`).
 pub async fn open_keys_and_store(config: &Config) -> Result<(AuthorityKeys, bool, Store)> {
     let now = clock::now().timestamp();
+    // Blocking file I/O, and a flock that waits for another process making
+    // a key set in the same directory: off the async workers.
+    let (data_dir, cluster) = (config.data_dir.clone(), config.cluster_name.clone());
     let (keys, generated) =
-        keystore::load_or_generate(&config.data_dir, &config.cluster_name, now)?;
+        tokio::task::spawn_blocking(move || keystore::load_or_generate(&data_dir, &cluster, now))
+            .await
+            .map_err(|e| Error::Internal(format!("loading the CA key set: {e}")))??;
     let store = open_store(config, &keys).await?;
     Ok((keys, generated, store))
 }
