@@ -502,13 +502,97 @@ pub fn authenticated_client() -> Result<(Profile, ProfileInfo, Client)> {
     Ok((p, info, client))
 }
 
-/// Writes a login's keys and certificates into the profile and makes it current.
-pub fn save_login(proxy: &str, new_keys: &keys::NewKeys, certs: &Certificates) -> Result<Profile> {
+/// What a profile trusts since its last login: the proxy's CA, its SSH
+/// host CA and its cluster name. A login through that saved CA, and every
+/// renewal, must come back with the same (as `ssh` keeps a known host's
+/// key), so a wicketd that was once compromised, or anyone who once held
+/// its server key, cannot leave a CA of theirs in the profile for later;
+/// trusting another needs `wicket login --ca-pin`.
+#[derive(Debug, PartialEq)]
+pub struct Saved {
+    ca_pin: String,
+    /// The `@cert-authority` key, when the profile has one.
+    ssh_host_ca: Option<String>,
+    cluster_name: Option<String>,
+}
+
+impl Saved {
+    pub fn of(p: &Profile) -> Result<Self> {
+        let pem = std::fs::read_to_string(p.ca_bundle()).context("reading the saved CA bundle")?;
+        let ssh_host_ca = std::fs::read_to_string(p.known_hosts()).ok().and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("@cert-authority * "))
+                .map(ssh_key_body)
+        });
+        Ok(Self {
+            ca_pin: bundle_pin(&pem)?,
+            ssh_host_ca,
+            cluster_name: p.read_info().ok().map(|i| i.cluster_name),
+        })
+    }
+
+    /// Whether `certs` name what was saved; the error says what changed.
+    fn check(&self, certs: &Certificates) -> Result<()> {
+        let again = "if that is expected (wicketd's CA set was replaced), log in again with --ca-pin (wicketd prints it at start)";
+        if !bundle_pin(&certs.tls_ca_pem)?.eq_ignore_ascii_case(&self.ca_pin) {
+            bail!(
+                "the proxy sent a TLS CA other than the one saved at your last login ({}); {again}",
+                self.ca_pin
+            );
+        }
+        if self
+            .ssh_host_ca
+            .as_ref()
+            .is_some_and(|saved| *saved != ssh_key_body(&certs.ssh_host_ca))
+        {
+            bail!("the proxy sent an SSH host CA other than the one saved at your last login; {again}");
+        }
+        if let Some(saved) = self
+            .cluster_name
+            .as_ref()
+            .filter(|c| **c != certs.cluster_name)
+        {
+            bail!(
+                "the proxy now names its cluster {:?}, not {saved:?} as at your last login; {again}",
+                crate::term::printable(&certs.cluster_name)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// An OpenSSH public key line without its comment: type and key.
+fn ssh_key_body(line: &str) -> String {
+    line.split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Writes a login's keys and certificates into the profile of `user` and
+/// makes it current. With `saved` (a login through the profile's saved CA,
+/// or a renewal), the certificates must name what it saved.
+pub fn save_login(
+    proxy: &str,
+    user: &str,
+    new_keys: &keys::NewKeys,
+    certs: &Certificates,
+    saved: Option<&Saved>,
+) -> Result<Profile> {
     keys::check_issued_ssh(
         &new_keys.ssh_public_openssh,
         &certs.ssh_certificate,
         &certs.ssh_host_ca,
     )?;
+    if certs.user != user {
+        bail!(
+            "the proxy sent certificates for {:?}, not for {user:?}",
+            crate::term::printable(&certs.user)
+        );
+    }
+    if let Some(saved) = saved {
+        saved.check(certs)?;
+    }
     let home = profile::home()?;
     let p = Profile::path(&home, proxy, &certs.user);
     let _lock = p.lock_for_writing()?;
@@ -569,6 +653,7 @@ async fn login(
     } = password;
     let home = profile::home()?;
     let existing = Profile::path(&home, proxy, user);
+    let mut saved = None;
     let trust = match (&ca_pin, insecure) {
         (Some(pin), _) => {
             if !pin.starts_with("sha256:") || pin.len() != 7 + 64 {
@@ -586,6 +671,7 @@ async fn login(
                         "wicket: note: --insecure is for a first contact: checking {proxy} against the CA saved at your last login (to trust another, pass --ca-pin)"
                     );
                 }
+                saved = Some(Saved::of(&existing)?);
                 Trust::Bundle(pem)
             }
             Err(_) if insecure => {
@@ -618,7 +704,7 @@ async fn login(
             bail!("the CA bundle the proxy sent does not match --ca-pin");
         }
     }
-    let p = save_login(proxy, &new_keys, &certs)?;
+    let p = save_login(proxy, user, &new_keys, &certs, saved.as_ref())?;
     match format {
         Some(format) => print_login(&p, &certs, format),
         None => Ok(()),
@@ -1090,6 +1176,8 @@ pub async fn reissue(
     ids: Vec<String>,
     format: Format,
 ) -> Result<()> {
+    let home = profile::home()?;
+    let saved = Saved::of(&Profile::path(&home, proxy, user))?;
     let new_keys = keys::generate(&format!("{user}@wicket"))?;
     let certs: Certificates = client
         .post(
@@ -1101,7 +1189,7 @@ pub async fn reissue(
             },
         )
         .await?;
-    let p = save_login(proxy, &new_keys, &certs)?;
+    let p = save_login(proxy, user, &new_keys, &certs, Some(&saved))?;
     print_login(&p, &certs, format)
 }
 
@@ -1231,6 +1319,81 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use wicket_api::AuditEventView;
+
+    /// A login through the saved CA, or a renewal, that comes back with
+    /// another TLS CA (or one more), another SSH host CA or another
+    /// cluster name is refused before anything is written.
+    #[test]
+    fn certificates_must_name_the_cas_saved_at_the_last_login() {
+        let rng = ring::rand::SystemRandom::new();
+        let keys = |c: &str| {
+            wicket_ca::AuthorityKeys::generate(c, 1_700_000_000, &rng)
+                .unwrap()
+                .0
+        };
+        let (ours, theirs) = (keys("wicket"), keys("wicket"));
+        let certs = |k: &wicket_ca::AuthorityKeys, host_ca: &str, cluster: &str| Certificates {
+            cluster_name: cluster.into(),
+            user: "alice".into(),
+            roles: vec![],
+            principals: vec![],
+            request_ids: vec![],
+            valid_after: DateTime::<Utc>::from_timestamp(1_700_000_000, 0).unwrap(),
+            valid_before: DateTime::<Utc>::from_timestamp(1_700_003_600, 0).unwrap(),
+            ssh_certificate: String::new(),
+            tls_certificate_pem: String::new(),
+            tls_ca_pem: k.tls.cert_pem(),
+            ssh_user_ca: String::new(),
+            ssh_host_ca: host_ca.into(),
+        };
+        let host_ca =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGsZ1n2Rr6xj0X5M0Qw7kN4m0iT0N1Yb0m3+Qe1ZCk7p";
+        let saved = Saved {
+            ca_pin: bundle_pin(&ours.tls.cert_pem()).unwrap(),
+            ssh_host_ca: Some(ssh_key_body(host_ca)),
+            cluster_name: Some("wicket".into()),
+        };
+        // The same, with another comment on the host CA key: fine.
+        saved
+            .check(&certs(
+                &ours,
+                &format!("{host_ca} wicket-proxy-host-ca"),
+                "wicket",
+            ))
+            .unwrap();
+        let refused = |c: Certificates| saved.check(&c).unwrap_err().to_string();
+        let e = refused(certs(&theirs, host_ca, "wicket"));
+        assert!(
+            e.contains("TLS CA other than") && e.contains("--ca-pin"),
+            "{e}"
+        );
+        let mut both = certs(&ours, host_ca, "wicket");
+        both.tls_ca_pem.push_str(&theirs.tls.cert_pem());
+        let e = refused(both);
+        assert!(e.contains("holds 2"), "{e}");
+        let e = refused(certs(
+            &ours,
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOtherKey",
+            "wicket",
+        ));
+        assert!(e.contains("SSH host CA other than"), "{e}");
+        let e = refused(certs(&ours, host_ca, "com"));
+        assert!(e.contains("\"com\"") && e.contains("\"wicket\""), "{e}");
+        // A profile from before a part was saved checks the rest.
+        let older = Saved {
+            ssh_host_ca: None,
+            cluster_name: None,
+            ..saved
+        };
+        older
+            .check(&certs(
+                &ours,
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOtherKey",
+                "com",
+            ))
+            .unwrap();
+        assert!(older.check(&certs(&theirs, host_ca, "wicket")).is_err());
+    }
 
     fn at(ms: i64) -> DateTime<Utc> {
         DateTime::<Utc>::from_timestamp_millis(1_790_000_000_000 + ms).unwrap()

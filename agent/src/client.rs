@@ -511,11 +511,15 @@ impl ServerCertVerifier for CustomVerifier {
     }
 }
 
-/// The `sha256:` pin of the first CA certificate in a PEM bundle.
+/// The `sha256:` pin of the CA certificate in a PEM bundle, which must
+/// hold that one only: every certificate in a saved bundle is trusted, so
+/// one more would be trusted unpinned.
 pub fn bundle_pin(pem: &str) -> Result<String> {
-    let certs = certs_from_pem(pem)?;
-    certs
-        .iter()
-        .find_map(spki_pin_of)
-        .ok_or_else(|| anyhow!("CA bundle holds no parsable certificate"))
+    match certs_from_pem(pem)?.as_slice() {
+        [ca] => spki_pin_of(ca).ok_or_else(|| anyhow!("the CA certificate does not parse")),
+        more => bail!(
+            "a CA bundle must hold the proxy's CA certificate only; this one holds {}",
+            more.len()
+        ),
+    }
 }
