@@ -2488,3 +2488,45 @@ fn client_encodings_that_could_hide_statements_are_refused() {
     )
     .unwrap();
 }
+
+/// A Flush with bytes past its end is refused by PostgreSQL, which then
+/// skips the rest of the batch to the next Sync as it does after any error
+/// in one. Passed on unread, it once set the proxy's idea of which answer
+/// is whose apart from the server's, so a later DELETE could be audited
+/// with another DELETE's text. Now the proxy refuses it first: the session
+/// ends with the reason, and nothing after it reaches the server.
+#[test]
+fn a_malformed_flush_ends_the_session_before_it_reaches_the_server() {
+    let (s, t) = with_ledger();
+    let mut f = RawFrontend::connect(&t);
+    f.tcp
+        .write_all(&RawFrontend::query("SELECT 'flush-marker'"))
+        .unwrap();
+    f.until_ready(1);
+    let batch = [
+        RawFrontend::msg(b'H', &[b"x"]),
+        RawFrontend::query("DELETE FROM ledger"),
+    ]
+    .concat();
+    f.tcp.write_all(&batch).unwrap();
+    let (tags, errors) = f.read_until(|_| false);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("08P01") && e.contains("malformed Flush message")),
+        "{:?} {errors:?}",
+        String::from_utf8_lossy(&tags)
+    );
+    // The DELETE after it never ran.
+    let (ok, out, err) = t.sql("select count(*) from ledger");
+    assert!(ok && out == "2", "{out} {err}");
+    let session = session_of_query(&s, "SELECT 'flush-marker'");
+    let ended = events_of_ended_session(&s, &session, "session_ended");
+    assert!(
+        ended[0]["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("protocol violation: malformed Flush message"),
+        "{ended:?}"
+    );
+}

@@ -150,7 +150,7 @@ pub enum Frontend {
         args: Vec<Option<Vec<u8>>>,
     },
     Terminate,
-    /// Sync, Flush, Describe, password and anything else: passed through.
+    /// Sync, Flush and Describe (checked, and passed through).
     Other(u8),
 }
 
@@ -223,10 +223,10 @@ pub fn parse_frontend(msg: &[u8]) -> Result<Frontend, ProtocolError> {
         }
         b'E' => {
             let (portal, r) = cstr(body)?;
-            let max_rows = r
-                .get(0..4)
-                .map(be32)
-                .ok_or_else(|| ProtocolError("truncated Execute message".into()))?;
+            if r.len() != 4 {
+                return err("malformed Execute message");
+            }
+            let max_rows = be32(r);
             Frontend::Execute {
                 portal: portal.to_owned(),
                 max_rows,
@@ -259,11 +259,47 @@ pub fn parse_frontend(msg: &[u8]) -> Result<Frontend, ProtocolError> {
             Frontend::FunctionCall { oid, args }
         }
         b'd' => Frontend::CopyData(body.len()),
-        b'c' => Frontend::CopyDone,
         b'f' => Frontend::CopyFail(cstr(body)?.0.to_owned()),
+        // Messages without a body must have none: PostgreSQL refuses one
+        // with trailing bytes, and a refusal the proxy did not foresee
+        // (of a Flush, say, which the server then counts as part of an
+        // extended-protocol batch) would set its tracking apart from the
+        // server's.
+        b'c' | b'X' | b'S' | b'H' if !body.is_empty() => {
+            return Err(ProtocolError(format!(
+                "malformed {} message",
+                frontend_name(tag)
+            )))
+        }
+        b'c' => Frontend::CopyDone,
         b'X' => Frontend::Terminate,
-        other => Frontend::Other(other),
+        b'S' | b'H' => Frontend::Other(tag),
+        b'D' => {
+            let (&kind, r) = body
+                .split_first()
+                .ok_or_else(|| ProtocolError("truncated Describe message".into()))?;
+            let (_, r) = cstr(r)?;
+            if !matches!(kind, b'S' | b'P') || !r.is_empty() {
+                return err("malformed Describe message");
+            }
+            Frontend::Other(tag)
+        }
+        other => {
+            return Err(ProtocolError(format!(
+                "unsupported message type {:?} after startup",
+                char::from(other)
+            )))
+        }
     })
+}
+
+fn frontend_name(tag: u8) -> &'static str {
+    match tag {
+        b'c' => "CopyDone",
+        b'X' => "Terminate",
+        b'S' => "Sync",
+        _ => "Flush",
+    }
 }
 
 /// Bind parameters or FunctionCall arguments (`None`: NULL).
@@ -516,6 +552,45 @@ mod tests {
             .0
             .contains("unsupported frontend protocol 2.0"));
         assert!(read_startup(&s, 10).unwrap_err().0.contains("limit"));
+    }
+
+    /// What PostgreSQL refuses for bytes past a message's end, or for its
+    /// type, is refused here too, before it reaches the server.
+    #[test]
+    fn frontend_messages_without_a_body_must_have_none() {
+        for tag in [b'S', b'H'] {
+            assert_eq!(
+                parse_frontend(&msg(tag, b"")).unwrap(),
+                Frontend::Other(tag)
+            );
+        }
+        assert_eq!(parse_frontend(&msg(b'c', b"")).unwrap(), Frontend::CopyDone);
+        for (tag, name) in [
+            (b'S', "Sync"),
+            (b'H', "Flush"),
+            (b'X', "Terminate"),
+            (b'c', "CopyDone"),
+        ] {
+            let e = parse_frontend(&msg(tag, b"x")).unwrap_err().0;
+            assert_eq!(e, format!("malformed {name} message"));
+        }
+        assert_eq!(
+            parse_frontend(&msg(b'E', b"p\0\0\0\0\0")).unwrap(),
+            Frontend::Execute {
+                portal: "p".into(),
+                max_rows: 0
+            }
+        );
+        assert!(parse_frontend(&msg(b'E', b"p\0\0\0\0\0\0")).is_err());
+        assert!(parse_frontend(&msg(b'E', b"p\0\0\0\0")).is_err());
+        assert_eq!(
+            parse_frontend(&msg(b'D', b"Sstmt\0")).unwrap(),
+            Frontend::Other(b'D')
+        );
+        assert!(parse_frontend(&msg(b'D', b"Sstmt\0x")).is_err());
+        assert!(parse_frontend(&msg(b'D', b"Xstmt\0")).is_err());
+        let e = parse_frontend(&msg(b'p', b"secret\0")).unwrap_err().0;
+        assert!(e.contains("unsupported message type 'p'"), "{e}");
     }
 
     #[test]

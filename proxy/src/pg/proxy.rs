@@ -1244,12 +1244,13 @@ fn oversized_error(prefix: &[u8]) -> (String, String) {
     )
 }
 
-/// Frontend messages the proxy reads (to audit or to notice the end).
+/// Frontend messages the proxy reads whole: all but COPY data, which is
+/// passed on as it comes. So every message is checked
+/// ([`protocol::parse_frontend`]), and none the tracker does not know of
+/// reaches the server (a malformed Flush, refused by the server, once
+/// set the tracker's idea of which answer is whose apart from it).
 fn frontend_inspected(tag: u8) -> bool {
-    matches!(
-        tag,
-        b'Q' | b'P' | b'B' | b'E' | b'X' | b'C' | b'F' | b'D' | b'S' | b'c' | b'f'
-    )
+    tag != b'd'
 }
 
 /// Backend messages the proxy reads: errors, COPY starts, and the answers
