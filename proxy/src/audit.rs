@@ -150,7 +150,7 @@ pub enum AuditEvent {
         statement: Arc<str>,
         params: usize,
         #[serde(skip_serializing_if = "Option::is_none")]
-        values: Option<Vec<Option<String>>>,
+        values: Option<crate::pg::track::Values>,
         /// Sent to the server, which had not answered it when the connection
         /// ended: it may have run.
         #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -172,7 +172,7 @@ pub enum AuditEvent {
         function_oid: u32,
         args: usize,
         #[serde(skip_serializing_if = "Option::is_none")]
-        values: Option<Vec<Option<String>>>,
+        values: Option<crate::pg::track::Values>,
     },
     /// COPY began (`in`: client to server, `out`: server to client).
     DbCopy {

@@ -2530,3 +2530,54 @@ fn a_malformed_flush_ends_the_session_before_it_reaches_the_server() {
         "{ended:?}"
     );
 }
+
+/// With `audit.db_parameter_values: true`, an Execute's event carries the
+/// values its Bind sent, NULLs as null, in order (by default it carries
+/// none: see the first test).
+#[test]
+fn bound_values_are_audited_when_the_config_says_so() {
+    let s = Setup::start("\naudit: { db_parameter_values: true }\n");
+    s.grant_dba("30m");
+    let t = s.tunnel();
+    let mut f = RawFrontend::connect(&t);
+    f.tcp
+        .write_all(&RawFrontend::query("SELECT 'values-marker'"))
+        .unwrap();
+    f.until_ready(1);
+    // Bind: unnamed portal and statement, no format codes, two values
+    // ('41' and NULL), no result format codes.
+    let bind = RawFrontend::msg(
+        b'B',
+        &[
+            b"\0\0",
+            &0u16.to_be_bytes(),
+            &2u16.to_be_bytes(),
+            &2i32.to_be_bytes(),
+            b"41",
+            &(-1i32).to_be_bytes(),
+            &0u16.to_be_bytes(),
+        ],
+    );
+    let batch = [
+        RawFrontend::parse("", "SELECT $1::int + 1, $2::text IS NULL"),
+        bind,
+        RawFrontend::execute(""),
+        RawFrontend::sync(),
+    ]
+    .concat();
+    f.tcp.write_all(&batch).unwrap();
+    let tags = f.until_ready(1);
+    assert!(tags.contains(&b'D'), "{:?}", String::from_utf8_lossy(&tags));
+    drop(f);
+    let session = session_of_query(&s, "SELECT 'values-marker'");
+    let executed = events_of_ended_session(&s, &session, "db_execute");
+    assert_eq!(executed.len(), 1, "{executed:?}");
+    assert_eq!(
+        executed[0]["data"]["statement"],
+        "SELECT $1::int + 1, $2::text IS NULL"
+    );
+    assert_eq!(
+        executed[0]["data"]["values"],
+        serde_json::json!(["41", null])
+    );
+}

@@ -1370,25 +1370,31 @@ fn clip(mut s: String) -> String {
 }
 
 /// Most text of parameter values kept for one audit event (all values
-/// together); later values are replaced by a marker.
+/// together, each also counted at [`super::track::VALUE_COST`]); the values
+/// past it are left out, with one marker in their place.
 const MAX_AUDIT_VALUES: usize = 256 * 1024;
 
 /// The audited texts of a Bind's or a function call's values: each clipped,
 /// and together at most about [`MAX_AUDIT_VALUES`], so one event stays small
-/// enough for the store whatever the client sends.
-fn param_texts(values: &[Option<Vec<u8>>]) -> Vec<Option<String>> {
+/// enough for the store, and the tracker holds little, whatever the client
+/// sends (65,535 NULLs, say).
+fn param_texts(values: &[Option<Vec<u8>>]) -> super::track::Values {
     let mut total = 0;
-    values
-        .iter()
-        .map(|v| {
-            if total >= MAX_AUDIT_VALUES {
-                return v.as_ref().map(|b| format!("[value not recorded: {} bytes; this event's values are over {MAX_AUDIT_VALUES} bytes]", b.len()));
-            }
-            let text = param_text(v);
-            total += text.as_ref().map_or(0, String::len);
-            text
-        })
-        .collect()
+    let mut texts = Vec::with_capacity(values.len().min(1024));
+    for (i, v) in values.iter().enumerate() {
+        if total >= MAX_AUDIT_VALUES {
+            texts.push(Some(format!(
+                "[values ${} to ${} not recorded: this event's values are over {MAX_AUDIT_VALUES} bytes]",
+                i + 1,
+                values.len()
+            )));
+            break;
+        }
+        let text = param_text(v);
+        total += super::track::VALUE_COST + text.as_ref().map_or(0, String::len);
+        texts.push(text);
+    }
+    texts.into()
 }
 
 fn param_text(v: &Option<Vec<u8>>) -> Option<String> {
@@ -2146,16 +2152,27 @@ mod tests {
             .map(|i| (i % 7 != 0).then(|| vec![b'a'; 60 * 1024]))
             .collect();
         let texts = param_texts(&values);
-        assert_eq!(texts.len(), 300);
+        // $1 (NULL) and five of 60 KiB reach the limit; one marker for the rest.
+        assert_eq!(texts.len(), 7);
         let total: usize = texts.iter().flatten().map(String::len).sum();
-        assert!(total < MAX_AUDIT_VALUES + 64 * 1024 + 300 * 100, "{total}");
+        assert!(total < MAX_AUDIT_VALUES + 64 * 1024 + 100, "{total}");
         assert_eq!(texts[1].as_deref().map(str::len), Some(60 * 1024));
-        assert!(texts[299]
+        assert_eq!(
+            texts[6].as_deref(),
+            Some("[values $7 to $300 not recorded: this event's values are over 262144 bytes]")
+        );
+        // NULLs stay NULL.
+        assert_eq!(texts[0], None);
+        // 65,535 NULLs (what one Bind may carry) are not 65,535 entries:
+        // each counts, as holding it costs.
+        let texts = param_texts(&vec![None; 65_535]);
+        assert!(texts.len() <= MAX_AUDIT_VALUES / super::super::track::VALUE_COST + 2);
+        assert!(texts
+            .last()
+            .unwrap()
             .as_deref()
             .unwrap()
-            .contains("not recorded: 61440 bytes"));
-        // NULLs stay NULL.
-        assert_eq!(texts[294], None);
+            .ends_with("to $65535 not recorded: this event's values are over 262144 bytes]"));
     }
 
     #[test]

@@ -45,8 +45,24 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+/// A Bind's recorded parameter values (`None`: NULL), shared by its
+/// portal and by every Execute of it.
+pub type Values = Arc<[Option<String>]>;
+
+/// What holding one value costs besides its text (a NULL or an empty one
+/// too): counted, so a Bind of 65,535 NULLs weighs what it holds.
+pub const VALUE_COST: usize = std::mem::size_of::<Option<String>>();
+
 /// A portal's statement text, parameter count and (if recorded) values.
-pub type BoundPortal = (Arc<str>, usize, Option<Vec<Option<String>>>);
+pub type BoundPortal = (Arc<str>, usize, Option<Values>);
+
+fn values_weight(values: &Option<Values>) -> usize {
+    values
+        .iter()
+        .flat_map(|v| v.iter())
+        .map(|v| VALUE_COST + v.as_ref().map_or(0, String::len))
+        .sum()
+}
 
 /// A client message that the server answers (or, for `CopyEnd`, that ends
 /// a COPY FROM STDIN).
@@ -60,7 +76,7 @@ pub enum Sent {
         portal: String,
         statement: String,
         params: usize,
-        values: Option<Vec<Option<String>>>,
+        values: Option<Values>,
     },
     Describe,
     Execute {
@@ -84,11 +100,7 @@ impl Sent {
     fn weight(&self) -> usize {
         match self {
             Sent::Parse { text, .. } => text.len(),
-            Sent::Bind { values, .. } => values
-                .iter()
-                .flatten()
-                .map(|v| v.as_ref().map_or(0, String::len))
-                .sum(),
+            Sent::Bind { values, .. } => values_weight(values),
             Sent::Query(text) | Sent::FunctionCall(text) => text.len(),
             _ => 0,
         }
@@ -126,7 +138,7 @@ pub struct Executed {
     /// Shared with the portal it ran: repeated Executes hold one copy.
     pub statement: Arc<str>,
     pub params: usize,
-    pub values: Option<Vec<Option<String>>>,
+    pub values: Option<Values>,
     pub answered: bool,
     /// The server's command tag when it completed (`DELETE 3`).
     pub completed: Option<String>,
@@ -253,13 +265,7 @@ impl Weight for Arc<str> {
 /// statement closed after binding stays alive in its portals) and values.
 impl Weight for BoundPortal {
     fn weight(&self) -> usize {
-        self.0.len()
-            + self
-                .2
-                .iter()
-                .flatten()
-                .map(|v| v.as_ref().map_or(0, String::len))
-                .sum::<usize>()
+        self.0.len() + values_weight(&self.2)
     }
 }
 
@@ -707,7 +713,7 @@ impl Tracker {
         name: String,
         statement: &str,
         params: usize,
-        values: Option<Vec<Option<String>>>,
+        values: Option<Values>,
     ) {
         self.portals.remove(&name);
         if self.portals.len() >= self.limit {
@@ -901,6 +907,36 @@ mod tests {
             .filter_map(|&tag| t.received(tag, b'I').unwrap())
             .map(|e| e.statement.to_string())
             .collect()
+    }
+
+    /// A Bind's values weigh what holding them costs, NULLs too, and every
+    /// Execute of its portal shares them rather than copying them.
+    #[test]
+    fn bound_values_are_weighed_per_value_and_shared_by_executes() {
+        let mut t = Tracker::new(100);
+        parse(&mut t, "", "SELECT 1");
+        let values: Values = vec![None; 1000].into();
+        t.sent(Sent::Bind {
+            portal: "p".into(),
+            statement: "".into(),
+            params: 1000,
+            values: Some(values.clone()),
+        })
+        .unwrap();
+        assert_eq!(t.pending_bytes, "SELECT 1".len() + 1000 * VALUE_COST);
+        for _ in 0..3 {
+            execute(&mut t, "p");
+        }
+        t.sent(Sent::Sync).unwrap();
+        let ran: Vec<Executed> = b"12sss"
+            .iter()
+            .filter_map(|&tag| t.received(tag, b'I').unwrap())
+            .collect();
+        assert_eq!(ran.len(), 3);
+        for e in &ran {
+            assert!(Arc::ptr_eq(e.values.as_ref().unwrap(), &values));
+        }
+        assert!(t.held() >= 1000 * VALUE_COST);
     }
 
     #[test]
