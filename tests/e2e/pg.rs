@@ -2581,3 +2581,48 @@ fn bound_values_are_audited_when_the_config_says_so() {
         serde_json::json!(["41", null])
     );
 }
+
+/// A startup message that sets the role (psql's `PGOPTIONS='-c role=...'`,
+/// or a `role` parameter) is refused with the reason, on the record: every
+/// statement would run as a role other than the database user decided on.
+/// Other options pass.
+#[test]
+fn a_startup_role_setting_is_refused() {
+    let s = Setup::start("");
+    s.grant_dba("30m");
+    let t = s.tunnel();
+    for options in ["-c role=pg_read_all_data", "--ROLE=pg_read_all_data"] {
+        let out = t
+            .psql("app")
+            .env("PGOPTIONS", options)
+            .args(["-c", "select current_user"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{options}");
+        assert!(
+            err.contains("sets the role") && err.contains(&format!("{options:?}")),
+            "{options}: {err}"
+        );
+    }
+    let out = t
+        .psql("app")
+        .env("PGOPTIONS", "-c search_path=public")
+        .args(["-c", "show search_path"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "public");
+    let denied = s.alice_events("session_denied");
+    assert!(
+        denied.iter().any(|e| e["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("sets the role (options \"-c role=pg_read_all_data\")")),
+        "{denied:?}"
+    );
+}

@@ -524,6 +524,12 @@ impl PgProxy {
                 "the startup message names no database resource (parameter {RESOURCE_PARAM}); \
                  connect through `wicket proxy db NAME --tunnel` or `wicket db connect NAME`"
             ))
+        } else if let Some(how) = sets_identity(&params) {
+            Some(format!(
+                "the startup message sets the role ({how}), which would run every statement as \
+                 another role than the database user decided on and audited; connect as the \
+                 database user you need, or run SET ROLE (it is audited)"
+            ))
         } else if param("replication")
             .is_some_and(|v| !matches!(v.as_str(), "false" | "off" | "0" | "no"))
         {
@@ -1063,6 +1069,79 @@ fn duplicate_param(params: &[(String, String)]) -> Option<String> {
         .iter()
         .find(|(k, _)| !seen.insert(k.as_str()))
         .map(|(k, _)| k.clone())
+}
+
+/// Settings PostgreSQL takes at startup that change the role statements
+/// run as, while the session stays the database user's.
+const IDENTITY_SETTINGS: [&str; 2] = ["role", "session_authorization"];
+
+/// Whether the startup parameters set a role: as a parameter of its own
+/// (`role=admin`), or in `options` (`-c role=admin`, `--role=admin`,
+/// `-crole=admin`), read as PostgreSQL reads them (`pg_split_opts`, then
+/// its switches; setting names without regard to case, `-` for `_`).
+/// Returns how, for the refusal.
+fn sets_identity(params: &[(String, String)]) -> Option<String> {
+    let identity = |name: &str| {
+        let name = name.to_ascii_lowercase().replace('-', "_");
+        IDENTITY_SETTINGS.contains(&name.as_str())
+    };
+    if let Some((k, _)) = params.iter().find(|(k, _)| identity(k)) {
+        return Some(format!("parameter {k:?}"));
+    }
+    let options = params.iter().filter(|(k, _)| k == "options");
+    for (_, given) in options {
+        let args = split_options(given);
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            let Some(switches) = arg.strip_prefix('-') else {
+                continue;
+            };
+            // Grouped switches, as getopt reads them: those that take a
+            // value take the rest of the argument, or the next one.
+            for (i, c) in switches.char_indices() {
+                if !"BcCDdfhkNprStvW-".contains(c) {
+                    continue;
+                }
+                let rest = &switches[i + c.len_utf8()..];
+                let value = if rest.is_empty() {
+                    args.next().map(String::as_str).unwrap_or_default()
+                } else {
+                    rest
+                };
+                let setting = value.split('=').next().unwrap_or_default();
+                if matches!(c, 'c' | '-') && identity(setting) {
+                    return Some(format!("options {given:?}"));
+                }
+                break;
+            }
+        }
+    }
+    None
+}
+
+/// The `options` startup parameter split as PostgreSQL splits it: at
+/// whitespace, a backslash keeping the next character.
+fn split_options(s: &str) -> Vec<String> {
+    let mut args = Vec::new();
+    let mut cur: Option<String> = None;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_whitespace() {
+            args.extend(cur.take());
+            continue;
+        }
+        let c = if c == '\\' {
+            match chars.next() {
+                Some(n) => n,
+                None => break,
+            }
+        } else {
+            c
+        };
+        cur.get_or_insert_with(String::new).push(c);
+    }
+    args.extend(cur);
+    args
 }
 
 /// The host part of `host:port` / `[v6]:port`.
@@ -2173,6 +2252,51 @@ mod tests {
             .as_deref()
             .unwrap()
             .ends_with("to $65535 not recorded: this event's values are over 262144 bytes]"));
+    }
+
+    /// Every way the startup message can set the role is refused; other
+    /// options, and names that only look alike, are not.
+    #[test]
+    fn startup_settings_of_the_role_are_found() {
+        let p = |kv: &[(&str, &str)]| -> Vec<(String, String)> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        for (k, v) in [
+            ("role", "admin"),
+            ("ROLE", "admin"),
+            ("session_authorization", "postgres"),
+            ("session-authorization", "postgres"),
+            ("options", "-c role=admin"),
+            ("options", "-crole=admin"),
+            ("options", "--role=admin"),
+            ("options", "-c ROLE=admin"),
+            ("options", "-c search_path=x -c role=admin"),
+            ("options", "-c\tsession-authorization=postgres"),
+            ("options", "-c  ro\\le=admin"),
+            ("options", "-Ec role=admin"),
+            ("options", "-c session_authorization"),
+        ] {
+            let params = p(&[("user", "app"), (k, v)]);
+            assert!(sets_identity(&params).is_some(), "{k}={v}");
+        }
+        for (k, v) in [
+            ("application_name", "role"),
+            ("options", "-c search_path=role"),
+            ("options", "-c application_name=role=x"),
+            ("options", "-c roles=x"),
+            ("options", "-c\\ role=admin"),
+            ("options", "-d 2 role=admin"),
+            ("options", ""),
+        ] {
+            let params = p(&[("user", "app"), (k, v)]);
+            assert_eq!(sets_identity(&params), None, "{k}={v}");
+        }
+        assert_eq!(
+            split_options("-c a\\ b  --x=y\\"),
+            vec!["-c", "a b", "--x=y"]
+        );
     }
 
     #[test]
