@@ -2626,3 +2626,72 @@ fn a_startup_role_setting_is_refused() {
         "{denied:?}"
     );
 }
+
+/// Simple-protocol queries pipelined behind a waiting one: a cancel would
+/// stop only the first, and the server would then read and run the next
+/// (it has it already). A cut ends the backend itself, so none runs on.
+#[test]
+fn a_cut_ends_the_backend_so_pipelined_queries_do_not_run_on() {
+    let s = Setup::start("");
+    let grant = s.grant_dba("30m");
+    let id = grant["id"].as_str().unwrap().to_owned();
+    let t = s.tunnel();
+    let (ok, out, err) = t.sql("create table ledger(x int)");
+    assert!(ok, "{out} {err}");
+    let mut holder =
+        s.pg.psql_session("app")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+    let mut holder_in = holder.stdin.take().unwrap();
+    holder_in
+        .write_all(b"select pg_advisory_lock(4343);\n")
+        .unwrap();
+    let granted = "select count(*) from pg_locks where locktype = 'advisory' and granted";
+    wait_until("the lock held", Duration::from_secs(10), || {
+        (s.pg.psql("app", granted).unwrap() == "1").then_some(())
+    })
+    .unwrap();
+    let mut f = RawFrontend::connect(&t);
+    f.tcp
+        .write_all(
+            &[
+                RawFrontend::query("SELECT pg_advisory_lock(4343)"),
+                RawFrontend::query("INSERT INTO ledger VALUES (43)"),
+            ]
+            .concat(),
+        )
+        .unwrap();
+    let waiting = "select count(*) from pg_stat_activity \
+                   where query = 'SELECT pg_advisory_lock(4343)' and wait_event_type = 'Lock'";
+    wait_until("the query waiting", Duration::from_secs(10), || {
+        (s.pg.psql("app", waiting).unwrap() == "1").then_some(())
+    })
+    .unwrap();
+    s.frank
+        .ok(&["request", "revoke", &id, "--reason", "INC-10 closed"])
+        .unwrap();
+    let (_, errors) = f.read_until(|_| false);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("57P01") && e.contains("INC-10 closed")),
+        "{errors:?}"
+    );
+    // The backend is gone (terminated: no longer there at all), and the
+    // INSERT behind its query never ran, even once the lock is free.
+    let backends = "select count(*) from pg_stat_activity \
+                    where query in ('SELECT pg_advisory_lock(4343)', 'INSERT INTO ledger VALUES (43)')";
+    wait_until("the backend ended", Duration::from_secs(10), || {
+        (s.pg.psql("app", backends).unwrap() == "0").then_some(())
+    })
+    .unwrap();
+    drop(holder_in);
+    holder.wait().unwrap();
+    assert_eq!(
+        s.pg.psql("app", "select count(*) from ledger where x = 43")
+            .unwrap(),
+        "0"
+    );
+}

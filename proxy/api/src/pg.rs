@@ -474,6 +474,20 @@ pub fn notice_response(severity: &str, code: &str, message: &str) -> Vec<u8> {
     m
 }
 
+/// A simple-protocol Query of `sql`.
+pub fn query_message(sql: &str) -> Vec<u8> {
+    let mut m = vec![b'Q'];
+    m.extend_from_slice(&(4 + sql.len() as u32 + 1).to_be_bytes());
+    m.extend_from_slice(sql.as_bytes());
+    m.push(0);
+    m
+}
+
+/// A Terminate.
+pub fn terminate_message() -> Vec<u8> {
+    vec![b'X', 0, 0, 0, 4]
+}
+
 /// Encodes a StartupMessage (protocol 3.0) with `params`.
 pub fn startup_message(params: &[(&str, &str)]) -> Vec<u8> {
     let mut body = Vec::new();

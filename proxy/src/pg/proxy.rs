@@ -407,6 +407,57 @@ impl PgProxy {
         }
     }
 
+    /// Ends the backend of a cut session with `pg_terminate_backend`, over
+    /// a connection of its own with the session's startup message (as the
+    /// same database user, which PostgreSQL allows). Unlike a cancel, which
+    /// stops only the statement running, this also ends what the client
+    /// pipelined behind it (the server would read and run it next) and a
+    /// statement that would run on to its commit with its client gone.
+    /// Whether the server said it did.
+    async fn terminate_backend(&self, t: &CancelTarget, startup: &[u8]) -> bool {
+        let Some(resource) = self.database(&t.resource) else {
+            return false;
+        };
+        let identity = Identity {
+            user: t.user.clone(),
+            roles: Vec::new(),
+            request_ids: Vec::new(),
+            login_until: None,
+        };
+        let ended = async {
+            let mut up = self
+                .connect_upstream(&resource, &t.db_user, &identity)
+                .await
+                .map_err(std::io::Error::other)?;
+            up.write_all(startup).await?;
+            up.flush().await?;
+            let mut buf = Vec::new();
+            read_to_ready(&mut up, &mut buf).await?;
+            let sql = format!("SELECT pg_terminate_backend({})", t.pid);
+            up.write_all(&protocol::query_message(&sql)).await?;
+            up.flush().await?;
+            let said = read_to_ready(&mut up, &mut buf).await?;
+            let _ = up.write_all(&protocol::terminate_message()).await;
+            let _ = up.shutdown().await;
+            Ok::<_, std::io::Error>(said == Some(true))
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, ended).await {
+            Ok(Ok(true)) => {
+                tracing::info!(user = %t.user, database = %t.resource, pid = t.pid, "cut session's backend ended");
+                true
+            }
+            Ok(Ok(false)) => false,
+            Ok(Err(e)) => {
+                tracing::warn!(database = %t.resource, error = %e, "cannot end a cut session's backend; cancelling its statement");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(database = %t.resource, "ending a cut session's backend timed out; cancelling its statement");
+                false
+            }
+        }
+    }
+
     fn database(&self, name: &str) -> Option<Resource> {
         self.wicket
             .config
@@ -891,12 +942,15 @@ impl PgProxy {
         };
         let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
         // A cut session's statement, or one pipelined behind a refused
-        // message, must not run on: it is cancelled before anything that
-        // may wait on the store.
+        // message, must not run on: its backend is ended (or, failing
+        // that, its statement cancelled) before anything that may wait on
+        // the store.
         if let (End::Cut(_) | End::Protocol(_), Some(k)) = (&end, *cancel_key) {
             let target = lock(&self.cancels).get(&k).cloned();
             if let Some(t) = target {
-                self.forward_cancel(&t).await;
+                if !self.terminate_backend(&t, startup).await {
+                    self.forward_cancel(&t).await;
+                }
             }
         }
         // Answers read from the server past where a cut stopped relaying
@@ -1069,6 +1123,42 @@ fn duplicate_param(params: &[(String, String)]) -> Option<String> {
         .iter()
         .find(|(k, _)| !seen.insert(k.as_str()))
         .map(|(k, _)| k.clone())
+}
+
+/// Reads server messages to the next ReadyForQuery. Returns whether the
+/// one DataRow before it (if any) holds a single `t`: the answer of a
+/// `SELECT` of one boolean. An ErrorResponse is an error.
+async fn read_to_ready<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<bool>> {
+    let mut said = None;
+    loop {
+        while let Some((tag, len)) = protocol::read_message(buf, MAX_INSPECTED_BACKEND)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?
+        {
+            match tag {
+                b'E' => {
+                    let (code, message) =
+                        protocol::parse_error_response(&buf[..len]).unwrap_or_default();
+                    return Err(std::io::Error::other(format!("{code} {message}")));
+                }
+                // One column: its length 1, then its byte.
+                b'D' => said = Some(buf.get(5..len) == Some(&[0, 1, 0, 0, 0, 1, b't'][..])),
+                _ => {}
+            }
+            buf.drain(..len);
+            if tag == b'Z' {
+                return Ok(said);
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }
 
 /// Settings PostgreSQL takes at startup that change the role statements
