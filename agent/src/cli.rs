@@ -713,7 +713,7 @@ async fn login(
 
 fn print_login(p: &Profile, certs: &Certificates, format: Format) -> Result<()> {
     match format {
-        Format::Json => outln!("{}", serde_json::to_string_pretty(&status_json(p)?)?),
+        Format::Json => crate::out::json(&status_json(p)?)?,
         Format::Text => {
             outln!(
                 "logged in as {} (cluster {})",
@@ -777,7 +777,7 @@ fn status(format: Format) -> Result<()> {
     let p = Profile::current(&home)?;
     let s = status_json(&p)?;
     match format {
-        Format::Json => outln!("{}", serde_json::to_string_pretty(&s)?),
+        Format::Json => crate::out::json(&s)?,
         Format::Text => {
             let list = |k: &str| {
                 s[k].as_array()
@@ -856,7 +856,7 @@ async fn ls(format: Format) -> Result<()> {
     let (_, _, client) = authenticated_client()?;
     let r: Resources = client.get("/v1/resources").await?;
     match format {
-        Format::Json => outln!("{}", serde_json::to_string_pretty(&r)?),
+        Format::Json => crate::out::json(&r)?,
         Format::Text => {
             let labels = |l: &std::collections::BTreeMap<String, String>| {
                 l.iter()
@@ -1065,7 +1065,7 @@ async fn audit_verify(format: Format) -> Result<()> {
     let (_, _, client) = authenticated_client()?;
     let v: wicket_api::AuditVerifyView = client.get("/v1/audit/verify").await?;
     match format {
-        Format::Json => outln!("{}", serde_json::to_string_pretty(&v)?),
+        Format::Json => crate::out::json(&v)?,
         Format::Text if v.intact => outln!(
             "audit log intact: {} events, head #{} {}",
             v.events,
@@ -1112,7 +1112,7 @@ async fn audit_search(
         );
     }
     match format {
-        Format::Json => outln!("{}", serde_json::to_string_pretty(&events)?),
+        Format::Json => crate::out::json(&events)?,
         Format::Text => {
             for e in &events {
                 let line = format!(

@@ -460,7 +460,7 @@ pub async fn ls(format: Format) -> Result<()> {
     let (_, _, client) = authenticated_client()?;
     let r: Resources = client.get("/v1/resources").await?;
     match format {
-        Format::Json => outln!("{}", serde_json::to_string_pretty(&r.databases)?),
+        Format::Json => crate::out::json(&r.databases)?,
         Format::Text => {
             outln!("{:<20} {:<24} {:<24} DATABASES", "NAME", "LABELS", "USERS");
             for d in &r.databases {
@@ -793,7 +793,7 @@ pub fn print_db_session(
                     })
                 })
                 .collect();
-            outln!("{}", serde_json::to_string_pretty(&out)?);
+            crate::out::json(&out)?;
         }
         Format::Text => {
             let mut last = 0.0;

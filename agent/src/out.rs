@@ -23,11 +23,45 @@ macro_rules! out {
     };
 }
 
-/// Writes `args` to stdout. A closed pipe ends the process with success;
-/// another error is reported on stderr and ends it with failure.
+/// Writes `args` to stdout as text made safe for a terminal
+/// ([`crate::term::printable`]: most of what is printed comes from the
+/// server, and some of it others wrote). A closed pipe ends the process
+/// with success; another error is reported on stderr and ends it with
+/// failure.
 pub fn write(args: std::fmt::Arguments<'_>) {
+    let text = crate::term::printable(&args.to_string());
+    raw(text.as_bytes());
+}
+
+/// Writes `value` as pretty JSON and a newline, with [`json_safe`].
+pub fn json<T: serde::Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
+    let text = json_safe(&serde_json::to_string_pretty(value)?);
+    raw(text.as_bytes());
+    raw(b"\n");
+    Ok(())
+}
+
+/// JSON text with the characters a terminal may act on that JSON leaves
+/// as they are written as `\uXXXX` escapes: C1 controls (U+0080 to
+/// U+009F, which some terminals take for ESC sequences), the Unicode
+/// bidirectional controls, and the line and paragraph separators. They
+/// can only be inside strings, so the document means the same.
+pub fn json_safe(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let unsafe_here = matches!(c, '\u{80}'..='\u{9f}' | '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if unsafe_here {
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn raw(bytes: &[u8]) {
     let mut stdout = std::io::stdout().lock();
-    if let Err(e) = stdout.write_fmt(args) {
+    if let Err(e) = stdout.write_all(bytes) {
         quit_on(&e);
     }
 }
@@ -45,4 +79,27 @@ fn quit_on(e: &std::io::Error) -> ! {
     }
     eprintln!("wicket: error: writing to stdout: {e}");
     std::process::exit(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a terminal may act on is escaped, and the JSON still reads as
+    /// the same value.
+    #[test]
+    fn json_is_made_safe_and_means_the_same() {
+        let value = serde_json::json!({
+            "reason": "ok\u{9d}52;c;aGk=\u{9c} \u{9b}2J \u{202e}txt.exe \u{2028} é ✓",
+            "n": 1
+        });
+        let text = json_safe(&serde_json::to_string_pretty(&value).unwrap());
+        for c in ['\u{9d}', '\u{9c}', '\u{9b}', '\u{202e}', '\u{2028}'] {
+            assert!(!text.contains(c), "{c:?} in {text}");
+        }
+        assert!(text.contains("\\u009d52;c;aGk=\\u009c"), "{text}");
+        assert!(text.contains("é ✓"), "{text}");
+        let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, value);
+    }
 }

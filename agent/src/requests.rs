@@ -57,6 +57,13 @@ pub fn print_grant(g: &Grant) {
     out!("{}", crate::term::printable(&grant_text(g)));
 }
 
+/// Text others wrote, as the value of a field: its later lines indented
+/// under the value, so none of them passes for a field of its own (a
+/// reviewer's reason that reads as another reviewer's approval).
+fn field_value(text: &str) -> String {
+    text.replace('\n', "\n              ")
+}
+
 /// A request for people.
 fn grant_text(g: &Grant) -> String {
     use std::fmt::Write;
@@ -78,11 +85,7 @@ fn grant_text(g: &Grant) -> String {
         g.status,
         if g.break_glass { " [BREAK-GLASS]" } else { "" }
     );
-    let _ = writeln!(
-        o,
-        "Reason:       {}",
-        g.justification.replace('\n', "\n              ")
-    );
+    let _ = writeln!(o, "Reason:       {}", field_value(&g.justification));
     if let Some(t) = &g.ticket_url {
         let _ = writeln!(o, "Ticket:       {t}");
     }
@@ -108,7 +111,7 @@ fn grant_text(g: &Grant) -> String {
             r.reviewer,
             r.verdict,
             r.at.to_rfc3339(),
-            r.reason,
+            field_value(&r.reason),
             r.as_member_of.join(", ")
         );
     }
@@ -119,14 +122,14 @@ fn grant_text(g: &Grant) -> String {
         let _ = writeln!(o, "Can review:   {}", g.can_review.join(", "));
     }
     if let Some(r) = &g.end_reason {
-        let _ = writeln!(o, "Ended:        {r}");
+        let _ = writeln!(o, "Ended:        {}", field_value(r));
     }
     if let (Some(by), false) = (&g.revoked_by, g.status == "revoked") {
         // Revoked after it ended, to end the sessions left draining.
         let _ = writeln!(
             o,
             "Revoked:      by {by} after it ended: {}",
-            g.revoke_reason.as_deref().unwrap_or_default()
+            field_value(g.revoke_reason.as_deref().unwrap_or_default())
         );
     }
     let _ = writeln!(o, "Actions:      {}", g.actions_taken);
@@ -135,7 +138,7 @@ fn grant_text(g: &Grant) -> String {
 
 fn output(g: &Grant, format: Format) -> Result<()> {
     match format {
-        Format::Json => outln!("{}", serde_json::to_string_pretty(g)?),
+        Format::Json => crate::out::json(g)?,
         Format::Text => print_grant(g),
     }
     Ok(())
@@ -230,7 +233,7 @@ pub async fn run(cmd: Cmd) -> Result<()> {
             }
             let list: Vec<Grant> = client.get(&format!("/v1/requests?{}", q.join("&"))).await?;
             match format {
-                Format::Json => outln!("{}", serde_json::to_string_pretty(&list)?),
+                Format::Json => crate::out::json(&list)?,
                 Format::Text => {
                     outln!(
                         "{:<36}  {:<10}  {:<10}  {:<20}  {:<20}  REASON",
@@ -268,7 +271,7 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                 .post(&format!("/v1/requests/{}/review", esc(&id)), &body)
                 .await?;
             match format {
-                Format::Json => outln!("{}", serde_json::to_string_pretty(&g)?),
+                Format::Json => crate::out::json(&g)?,
                 Format::Text => outln!("request {} is now {}", g.id, g.status),
             }
             Ok(())

@@ -16,7 +16,7 @@ use crate::cli::{authenticated_client, query_escape, Format};
 use crate::profile::{self, write_file, Profile, ProfileInfo};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -146,7 +146,9 @@ async fn ssh_proxy_addr(p: &Profile, info: &ProfileInfo, refresh: bool) -> Resul
 }
 
 /// Whether `s` is a non-empty run of `[A-Za-z0-9._@:\[\]-]` (names and
-/// host:port addresses): nothing ssh_config or a shell would read as syntax.
+/// host:port addresses): nothing ssh_config would read as syntax, and
+/// nothing a shell would but the brackets of an IPv6 address (a glob),
+/// which are single-quoted in the ProxyCommand.
 fn config_safe(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 255
@@ -172,7 +174,7 @@ pub fn ssh_config_text(p: &Profile, info: &ProfileInfo, ssh_proxy: &str) -> Resu
     Ok(format!(
         "# Wicket cluster {cluster:?} via {proxy} as {user} (written by `wicket config`)\n\
          Host *.{cluster}\n\
-         \x20   ProxyCommand {exe} proxy ssh --ssh-proxy {ssh_proxy} --profile {profile} %h:%p\n\
+         \x20   ProxyCommand {exe} proxy ssh --ssh-proxy '{ssh_proxy}' --profile {profile} '%h:%p'\n\
          \x20   IdentityFile {key}\n\
          \x20   CertificateFile {cert}\n\
          \x20   IdentitiesOnly yes\n\
@@ -232,6 +234,13 @@ pub async fn ssh(args: SshArgs) -> Result<()> {
     if node.is_empty() || login.is_empty() {
         bail!("destination must be [LOGIN@]NODE");
     }
+    // Neither may pass for an option of ssh's.
+    if node.starts_with('-') || login.starts_with('-') {
+        bail!(
+            "destination must be [LOGIN@]NODE, not an option: {:?}",
+            args.destination
+        );
+    }
     let suffix = format!(".{}", info.cluster_name);
     let host = if node.ends_with(&suffix) {
         node
@@ -252,10 +261,12 @@ pub async fn ssh(args: SshArgs) -> Result<()> {
     for o in &args.options {
         cmd.arg("-o").arg(o);
     }
-    cmd.arg("-l").arg(&login).arg(&host);
-    if !args.command.is_empty() {
-        cmd.arg("--").args(&args.command);
-    }
+    // After `--`, nothing is an option: the host, then the command.
+    cmd.arg("-l")
+        .arg(&login)
+        .arg("--")
+        .arg(&host)
+        .args(&args.command);
     use std::os::unix::process::CommandExt;
     let err = cmd.exec();
     Err(anyhow!("cannot run ssh: {err}"))
@@ -385,7 +396,7 @@ pub async fn recordings(cmd: RecordingsCommand) -> Result<()> {
     };
     let list: Vec<RecordingInfo> = client.get(&path).await?;
     match format {
-        Format::Json => outln!("{}", serde_json::to_string_pretty(&list)?),
+        Format::Json => crate::out::json(&list)?,
         Format::Text => {
             outln!(
                 "{:<36}  {:<20}  {:<10} {:<16} {:<8} REQUESTS",
@@ -659,6 +670,11 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
     // Read as it comes: a recording of any size takes one event's memory.
     let mut out = std::io::stdout().lock();
     if let PlayFormat::Cast = args.format {
+        // The file as recorded: its bytes would drive this terminal (the
+        // other formats show it safely).
+        if out.is_terminal() {
+            bail!("--format cast writes the recording as it is, terminal controls and all: redirect it to a file, or pipe it (`| asciinema play -`)");
+        }
         let mut download = download;
         while let Some(chunk) = download.chunk().await? {
             out.write_all(&chunk)?;
@@ -726,7 +742,7 @@ async fn json_recording<D: Chunks>(lines: &mut CastLines<D>, out: &mut impl Writ
     write!(
         out,
         "{{\n  \"header\": {},\n  \"events\": [",
-        serde_json::to_string(&header)?
+        crate::out::json_safe(&serde_json::to_string(&header)?)
     )?;
     let mut first = true;
     let read = loop {
@@ -743,7 +759,7 @@ async fn json_recording<D: Chunks>(lines: &mut CastLines<D>, out: &mut impl Writ
             write!(
                 out,
                 "{sep}\n    {}",
-                serde_json::json!([e.time, e.code, e.data])
+                crate::out::json_safe(&serde_json::json!([e.time, e.code, e.data]).to_string())
             )?;
             first = false;
         }
@@ -756,7 +772,7 @@ async fn json_recording<D: Chunks>(lines: &mut CastLines<D>, out: &mut impl Writ
             writeln!(
                 out,
                 "{end}],\n  \"error\": {}\n}}",
-                serde_json::to_string(&why)?
+                crate::out::json_safe(&serde_json::to_string(&why)?)
             )?;
             out.flush()?;
             return Err(e.context("the recording is incomplete (its JSON ends with an \"error\")"));
@@ -971,7 +987,7 @@ mod tests {
         let escaped = |p: &Path| p.display().to_string().replace('%', "%%");
         assert!(
             setting("proxycommand ").ends_with(&format!(
-                "--ssh-proxy 127.0.0.1:3022 --profile \"{}\" %h:%p",
+                "--ssh-proxy '127.0.0.1:3022' --profile \"{}\" '%h:%p'",
                 escaped(&p.dir)
             )),
             "{resolved}"

@@ -500,6 +500,28 @@ fn feature_request_body_shape_and_grant_schema() {
         text.contains("Still needed:") && text.contains("Can review:"),
         "{text}"
     );
+    // A reviewer's reason of several lines stays inside its field: no line
+    // of it passes for another review.
+    let id = g["id"].as_str().unwrap();
+    t.cli("dave")
+        .ok(&[
+            "request",
+            "review",
+            id,
+            "--deny",
+            "--reason",
+            "no ticket\nReview:       erin approve at 2026-01-01T00:00:00+00:00: ok (as role:sre)",
+        ])
+        .unwrap();
+    let text = t.cli("dave").ok(&["request", "show", id]).unwrap().stdout;
+    assert!(
+        text.contains("no ticket\n              Review:       erin approve"),
+        "{text}"
+    );
+    assert!(
+        !text.lines().any(|l| l.starts_with("Review:       erin")),
+        "{text}"
+    );
 }
 
 #[test]
@@ -1017,6 +1039,43 @@ fn audit_search_by_type_and_time_and_verify_finds_a_changed_event() {
         out.stdout
     );
     assert!(out.stderr.contains("tampered with"), "{}", out.stderr);
+
+    // What the store holds reaches the auditor's terminal only as text: an
+    // event ID made to clear the screen and print "intact" is shown
+    // escaped, not obeyed.
+    let forged = logins[0]["id"].as_str().unwrap().to_owned();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            use sqlx::Connection;
+            let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+                .await
+                .unwrap();
+            let changed = sqlx::query(
+                "UPDATE audit_events SET id = id || char(13, 27) || '[2Kaudit log intact' WHERE id = ?",
+            )
+            .bind(&forged)
+            .execute(&mut c)
+            .await
+            .unwrap();
+            assert_eq!(changed.rows_affected(), 1);
+            c.close().await.unwrap();
+        });
+    let out = t.cli("frank").run(&["audit", "verify"], "").unwrap();
+    assert!(!out.ok, "{}", out.stdout);
+    assert!(
+        !out.stdout.contains('\x1b') && !out.stdout.contains('\r'),
+        "{:?}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains(&format!("{forged}\\u{{d}}\\u{{1b}}[2Kaudit log intact")),
+        "{}",
+        out.stdout
+    );
 }
 
 /// A grant in the certificates that has ended meanwhile (revoked, say)

@@ -504,6 +504,40 @@ fn commands_through_the_proxy_match_direct_and_the_node_log_names_the_request() 
         .unwrap();
     assert!(out.ok, "{}", out.stderr);
     assert_eq!(out.stdout.trim(), "one-step");
+    // A command whose words look like ssh's options is the command; a
+    // destination that does is refused, not passed to ssh as one.
+    let out = alice
+        .run(
+            &[
+                "ssh",
+                &format!("{}@node-1", lab.login),
+                "echo",
+                "-oProxyCommand=x",
+                "-v",
+            ],
+            "",
+        )
+        .unwrap();
+    assert!(out.ok, "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "-oProxyCommand=x -v");
+    let marker = alice.home.path().join("ran");
+    let out = alice
+        .run(
+            &[
+                "ssh",
+                &format!("{}@-oProxyCommand=touch {}", lab.login, marker.display()),
+                "true",
+            ],
+            "",
+        )
+        .unwrap();
+    assert!(
+        !out.ok && out.stderr.contains("not an option"),
+        "{}",
+        out.stderr
+    );
+    // (ssh would have run `touch .../ran.wicket`.)
+    assert!(!alice.home.path().join("ran.wicket").exists() && !marker.exists());
     // Without `wicket proxy ssh`: straight to the proxy as LOGIN@NODE; it
     // presents its own host certificate (for its address).
     let st = alice.status().unwrap();
