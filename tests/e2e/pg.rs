@@ -1350,20 +1350,21 @@ fn a_pipeline_past_what_the_proxy_holds_still_gets_its_answers() {
     assert_eq!(queries, ["SELECT 2", "SELECT 3"]);
 }
 
-/// A revoke cuts a session whose pipeline waits on a lock: the waiting
-/// statement is cancelled, so neither it nor what the client pipelined
-/// behind it runs once the lock is free, and the record says they were
-/// sent but never answered.
-#[test]
-fn a_cut_pipeline_does_not_run_on() {
+/// alice with a dba grant (its ID), her tunnel, and an empty table
+/// `ledger`.
+fn with_empty_ledger() -> (Setup, Tunnel, String) {
     let s = Setup::start("");
     let grant = s.grant_dba("30m");
     let id = grant["id"].as_str().unwrap().to_owned();
     let t = s.tunnel();
     let (ok, out, err) = t.sql("create table ledger(x int)");
     assert!(ok, "{out} {err}");
-    // A lock held outside Wicket keeps the pipeline's first statement
-    // waiting, and with it every answer (the server sends them at the Sync).
+    (s, t, id)
+}
+
+/// A psql session outside Wicket holding advisory lock `key`, until its
+/// stdin is dropped and it is waited for.
+fn hold_advisory_lock(s: &Setup, key: u32) -> (Child, std::process::ChildStdin) {
     let mut holder =
         s.pg.psql_session("app")
             .stdin(Stdio::piped())
@@ -1372,13 +1373,51 @@ fn a_cut_pipeline_does_not_run_on() {
             .unwrap();
     let mut holder_in = holder.stdin.take().unwrap();
     holder_in
-        .write_all(b"select pg_advisory_lock(4242);\n")
+        .write_all(format!("select pg_advisory_lock({key});\n").as_bytes())
         .unwrap();
     let granted = "select count(*) from pg_locks where locktype = 'advisory' and granted";
     wait_until("the lock held", Duration::from_secs(10), || {
         (s.pg.psql("app", granted).unwrap() == "1").then_some(())
     })
     .unwrap();
+    (holder, holder_in)
+}
+
+/// Waits until `query` waits for a lock on the server.
+fn wait_for_lock_wait(s: &Setup, query: &str) {
+    let waiting = format!(
+        "select count(*) from pg_stat_activity where query = '{query}' and wait_event_type = 'Lock'"
+    );
+    wait_until("the query waiting", Duration::from_secs(10), || {
+        (s.pg.psql("app", &waiting).unwrap() == "1").then_some(())
+    })
+    .unwrap();
+}
+
+/// Revokes request `id` with `reason` as frank; `f` then reads the FATAL
+/// naming it, and the close.
+fn revoke_and_read_the_cut(s: &Setup, f: &mut RawFrontend, id: &str, reason: &str) {
+    s.frank
+        .ok(&["request", "revoke", id, "--reason", reason])
+        .unwrap();
+    let (tags, errors) = f.read_until(|_| false);
+    assert_eq!(tags, b"E", "{errors:?}");
+    assert!(
+        errors[0].starts_with("57P01") && errors[0].contains(reason),
+        "{errors:?}"
+    );
+}
+
+/// A revoke cuts a session whose pipeline waits on a lock: the waiting
+/// statement is cancelled, so neither it nor what the client pipelined
+/// behind it runs once the lock is free, and the record says they were
+/// sent but never answered.
+#[test]
+fn a_cut_pipeline_does_not_run_on() {
+    let (s, t, id) = with_empty_ledger();
+    // A lock held outside Wicket keeps the pipeline's first statement
+    // waiting, and with it every answer (the server sends them at the Sync).
+    let (mut holder, holder_in) = hold_advisory_lock(&s, 4242);
     let mut f = RawFrontend::connect(&t);
     f.tcp
         .write_all(&RawFrontend::query("SELECT 'cut-marker'"))
@@ -1399,23 +1438,10 @@ fn a_cut_pipeline_does_not_run_on() {
     }
     pipeline.push(RawFrontend::sync());
     f.tcp.write_all(&pipeline.concat()).unwrap();
-    let waiting = "select count(*) from pg_stat_activity \
-                   where query = 'SELECT pg_advisory_lock(4242)' and wait_event_type = 'Lock'";
-    wait_until("the pipeline waiting", Duration::from_secs(10), || {
-        (s.pg.psql("app", waiting).unwrap() == "1").then_some(())
-    })
-    .unwrap();
-    s.frank
-        .ok(&["request", "revoke", &id, "--reason", "INC-9 closed"])
-        .unwrap();
-    let (tags, errors) = f.read_until(|_| false);
-    assert_eq!(tags, b"E", "{errors:?}");
-    assert!(
-        errors[0].starts_with("57P01") && errors[0].contains("INC-9 closed"),
-        "{errors:?}"
-    );
-    // Cancelled (and its connection closed): no longer waiting, with the
-    // lock still held. Without the cancel it would wait for the lock.
+    wait_for_lock_wait(&s, "SELECT pg_advisory_lock(4242)");
+    revoke_and_read_the_cut(&s, &mut f, &id, "INC-9 closed");
+    // Ended (and its connection closed): no longer waiting, with the lock
+    // still held. Without that it would wait for the lock.
     let gone =
         "select count(*) from pg_stat_activity where query = 'SELECT pg_advisory_lock(4242)'";
     wait_until("the statement cancelled", Duration::from_secs(10), || {
@@ -2503,8 +2529,11 @@ fn a_malformed_flush_ends_the_session_before_it_reaches_the_server() {
         .write_all(&RawFrontend::query("SELECT 'flush-marker'"))
         .unwrap();
     f.until_ready(1);
+    // PostgreSQL, refusing the Flush, would skip to the Sync and then run
+    // the DELETE.
     let batch = [
         RawFrontend::msg(b'H', &[b"x"]),
+        RawFrontend::sync(),
         RawFrontend::query("DELETE FROM ledger"),
     ]
     .concat();
@@ -2632,27 +2661,8 @@ fn a_startup_role_setting_is_refused() {
 /// (it has it already). A cut ends the backend itself, so none runs on.
 #[test]
 fn a_cut_ends_the_backend_so_pipelined_queries_do_not_run_on() {
-    let s = Setup::start("");
-    let grant = s.grant_dba("30m");
-    let id = grant["id"].as_str().unwrap().to_owned();
-    let t = s.tunnel();
-    let (ok, out, err) = t.sql("create table ledger(x int)");
-    assert!(ok, "{out} {err}");
-    let mut holder =
-        s.pg.psql_session("app")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-    let mut holder_in = holder.stdin.take().unwrap();
-    holder_in
-        .write_all(b"select pg_advisory_lock(4343);\n")
-        .unwrap();
-    let granted = "select count(*) from pg_locks where locktype = 'advisory' and granted";
-    wait_until("the lock held", Duration::from_secs(10), || {
-        (s.pg.psql("app", granted).unwrap() == "1").then_some(())
-    })
-    .unwrap();
+    let (s, t, id) = with_empty_ledger();
+    let (mut holder, holder_in) = hold_advisory_lock(&s, 4343);
     let mut f = RawFrontend::connect(&t);
     f.tcp
         .write_all(
@@ -2663,22 +2673,8 @@ fn a_cut_ends_the_backend_so_pipelined_queries_do_not_run_on() {
             .concat(),
         )
         .unwrap();
-    let waiting = "select count(*) from pg_stat_activity \
-                   where query = 'SELECT pg_advisory_lock(4343)' and wait_event_type = 'Lock'";
-    wait_until("the query waiting", Duration::from_secs(10), || {
-        (s.pg.psql("app", waiting).unwrap() == "1").then_some(())
-    })
-    .unwrap();
-    s.frank
-        .ok(&["request", "revoke", &id, "--reason", "INC-10 closed"])
-        .unwrap();
-    let (_, errors) = f.read_until(|_| false);
-    assert!(
-        errors
-            .iter()
-            .any(|e| e.starts_with("57P01") && e.contains("INC-10 closed")),
-        "{errors:?}"
-    );
+    wait_for_lock_wait(&s, "SELECT pg_advisory_lock(4343)");
+    revoke_and_read_the_cut(&s, &mut f, &id, "INC-10 closed");
     // The backend is gone (terminated: no longer there at all), and the
     // INSERT behind its query never ran, even once the lock is free.
     let backends = "select count(*) from pg_stat_activity \

@@ -41,6 +41,9 @@ use wicket_policy::{Resource, ResourceKind};
 pub const RESOURCE_PARAM: &str = "wicket_database";
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long ending a cut session's backend may take before its statement
+/// is cancelled instead (a busy database, or its connection limit).
+const TERMINATE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest startup-phase message (PostgreSQL allows 10000 bytes).
 const MAX_STARTUP: usize = 10_000;
 /// Backend messages the proxy reads whole (errors, COPY starts) larger than
@@ -408,16 +411,32 @@ impl PgProxy {
     }
 
     /// Ends the backend of a cut session with `pg_terminate_backend`, over
-    /// a connection of its own with the session's startup message (as the
-    /// same database user, which PostgreSQL allows). Unlike a cancel, which
-    /// stops only the statement running, this also ends what the client
-    /// pipelined behind it (the server would read and run it next) and a
-    /// statement that would run on to its commit with its client gone.
-    /// Whether the server said it did.
-    async fn terminate_backend(&self, t: &CancelTarget, startup: &[u8]) -> bool {
+    /// a connection of its own as the same database user to the same
+    /// database (PostgreSQL lets a role end its own backends). Unlike a
+    /// cancel, which stops only the statement running, this also ends what
+    /// the client pipelined behind it (the server would read and run it
+    /// next) and a statement that would run on to its commit with its
+    /// client gone. Only `user` and `database` are taken from the session's
+    /// startup message (`session`), none of its client's settings, and the
+    /// function is named in `pg_catalog`: a function of the user's own
+    /// earlier in their `search_path` cannot answer in its place. Whether
+    /// the server said it did.
+    async fn terminate_backend(&self, t: &CancelTarget, session: &[u8]) -> bool {
         let Some(resource) = self.database(&t.resource) else {
             return false;
         };
+        let database = match protocol::read_startup(session, session.len()) {
+            Ok(Some((m, _))) => m.param("database").map(str::to_owned),
+            _ => None,
+        };
+        let mut params = vec![
+            ("user", t.db_user.as_str()),
+            ("application_name", "wicket: ending a cut session"),
+        ];
+        if let Some(d) = database.as_deref().filter(|d| !d.is_empty()) {
+            params.push(("database", d));
+        }
+        let startup = protocol::startup_message(&params);
         let identity = Identity {
             user: t.user.clone(),
             roles: Vec::new(),
@@ -429,11 +448,11 @@ impl PgProxy {
                 .connect_upstream(&resource, &t.db_user, &identity)
                 .await
                 .map_err(std::io::Error::other)?;
-            up.write_all(startup).await?;
+            up.write_all(&startup).await?;
             up.flush().await?;
             let mut buf = Vec::new();
             read_to_ready(&mut up, &mut buf).await?;
-            let sql = format!("SELECT pg_terminate_backend({})", t.pid);
+            let sql = format!("SELECT pg_catalog.pg_terminate_backend({})", t.pid);
             up.write_all(&protocol::query_message(&sql)).await?;
             up.flush().await?;
             let said = read_to_ready(&mut up, &mut buf).await?;
@@ -441,7 +460,7 @@ impl PgProxy {
             let _ = up.shutdown().await;
             Ok::<_, std::io::Error>(said == Some(true))
         };
-        match tokio::time::timeout(CONNECT_TIMEOUT, ended).await {
+        match tokio::time::timeout(TERMINATE_TIMEOUT, ended).await {
             Ok(Ok(true)) => {
                 tracing::info!(user = %t.user, database = %t.resource, pid = t.pid, "cut session's backend ended");
                 true
@@ -948,9 +967,10 @@ impl PgProxy {
         if let (End::Cut(_) | End::Protocol(_), Some(k)) = (&end, *cancel_key) {
             let target = lock(&self.cancels).get(&k).cloned();
             if let Some(t) = target {
-                if !self.terminate_backend(&t, startup).await {
-                    self.forward_cancel(&t).await;
-                }
+                // The cancel as well, whatever the answer: it costs little,
+                // and what stops the statement then depends on no answer.
+                self.terminate_backend(&t, startup).await;
+                self.forward_cancel(&t).await;
             }
         }
         // Answers read from the server past where a cut stopped relaying
@@ -1216,7 +1236,9 @@ fn split_options(s: &str) -> Vec<String> {
     let mut cur: Option<String> = None;
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
-        if c.is_ascii_whitespace() {
+        // C's isspace, as PostgreSQL's pg_split_opts: with vertical tab,
+        // which Rust's is_ascii_whitespace leaves out.
+        if matches!(c, ' ' | '\t' | '\n' | '\x0b' | '\x0c' | '\r') {
             args.extend(cur.take());
             continue;
         }
@@ -2364,6 +2386,8 @@ mod tests {
             ("options", "-c ROLE=admin"),
             ("options", "-c search_path=x -c role=admin"),
             ("options", "-c\tsession-authorization=postgres"),
+            ("options", "-c\x0brole=admin"),
+            ("options", "-c\x0crole=admin"),
             ("options", "-c  ro\\le=admin"),
             ("options", "-Ec role=admin"),
             ("options", "-c session_authorization"),
