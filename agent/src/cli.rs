@@ -843,9 +843,8 @@ fn logout(format: Format) -> Result<()> {
     p.remove()?;
     let _ = std::fs::remove_file(home.join("current"));
     match format {
-        Format::Json => outln!(
-            "{}",
-            serde_json::json!({"logged_out": info.user, "proxy": info.proxy})
+        Format::Json => crate::out::json_line(
+            &serde_json::json!({"logged_out": info.user, "proxy": info.proxy}),
         ),
         Format::Text => outln!("logged out {} from {}", info.user, info.proxy),
     }
@@ -1073,8 +1072,10 @@ async fn audit_verify(format: Format) -> Result<()> {
             v.head_hash
         ),
         Format::Text => {
+            // One line each, whatever the store put in them: no line of
+            // one passes for a verdict of its own.
             for p in &v.problems {
-                outln!("{p}");
+                outln!("{}", p.replace('\n', "\\n"));
             }
             if v.problem_count > v.problems.len() as u64 {
                 outln!("... {} places in all", v.problem_count);

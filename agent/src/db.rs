@@ -644,9 +644,8 @@ pub async fn proxy(resource: &str, port: u16, socket: bool, format: Format) -> R
             .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
         let addr = listener.local_addr()?;
         match format {
-            Format::Json => outln!(
-                "{}",
-                serde_json::json!({ "database": resource, "listen": addr.to_string() })
+            Format::Json => crate::out::json_line(
+                &serde_json::json!({ "database": resource, "listen": addr.to_string() }),
             ),
             Format::Text => {
                 outln!("Tunnel for database {resource} listening on {addr}");

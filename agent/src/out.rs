@@ -41,6 +41,14 @@ pub fn json<T: serde::Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes `value` as JSON on one line, with [`json_safe`] (for results read
+/// line by line, such as a tunnel's address).
+pub fn json_line(value: &serde_json::Value) {
+    let text = json_safe(&value.to_string());
+    raw(text.as_bytes());
+    raw(b"\n");
+}
+
 /// JSON text with the characters a terminal may act on that JSON leaves
 /// as they are written as `\uXXXX` escapes: C1 controls (U+0080 to
 /// U+009F, which some terminals take for ESC sequences), the Unicode

@@ -211,15 +211,12 @@ pub async fn config(format: Format) -> Result<()> {
     let (path, text, info) = write_ssh_config().await?;
     match format {
         Format::Text => out!("{text}"),
-        Format::Json => outln!(
-            "{}",
-            serde_json::json!({
-                "cluster": info.cluster_name,
-                "host_pattern": format!("*.{}", info.cluster_name),
-                "ssh_config": text,
-                "ssh_config_file": path,
-            })
-        ),
+        Format::Json => crate::out::json_line(&serde_json::json!({
+            "cluster": info.cluster_name,
+            "host_pattern": format!("*.{}", info.cluster_name),
+            "ssh_config": text,
+            "ssh_config_file": path,
+        })),
     }
     Ok(())
 }

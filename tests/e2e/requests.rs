@@ -1013,23 +1013,11 @@ fn audit_search_by_type_and_time_and_verify_finds_a_changed_event() {
     // Someone with write access to the store rewrites who logged in.
     let victim = logins[1]["id"].as_str().unwrap().to_owned();
     let db = t.d.data_dir().join("wicket.db");
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            use sqlx::Connection;
-            let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
-                .await
-                .unwrap();
-            let changed = sqlx::query("UPDATE audit_events SET actor = 'mallory' WHERE id = ?")
-                .bind(&victim)
-                .execute(&mut c)
-                .await
-                .unwrap();
-            assert_eq!(changed.rows_affected(), 1);
-            c.close().await.unwrap();
-        });
+    write_behind_wicket(
+        &db,
+        "UPDATE audit_events SET actor = 'mallory' WHERE id = ?",
+        &victim,
+    );
     let out = t.cli("frank").run(&["audit", "verify"], "").unwrap();
     assert!(!out.ok, "{}", out.stdout);
     assert!(
@@ -1041,9 +1029,39 @@ fn audit_search_by_type_and_time_and_verify_finds_a_changed_event() {
     assert!(out.stderr.contains("tampered with"), "{}", out.stderr);
 
     // What the store holds reaches the auditor's terminal only as text: an
-    // event ID made to clear the screen and print "intact" is shown
-    // escaped, not obeyed.
+    // event ID made to clear the line, or to start one, and print "intact"
+    // is shown escaped, on its problem's line, not obeyed.
     let forged = logins[0]["id"].as_str().unwrap().to_owned();
+    write_behind_wicket(
+        &db,
+        "UPDATE audit_events SET id = id || char(13, 27) || '[2Kaudit log intact' \
+         || char(10) || 'audit log intact' WHERE id = ?",
+        &forged,
+    );
+    let out = t.cli("frank").run(&["audit", "verify"], "").unwrap();
+    assert!(!out.ok, "{}", out.stdout);
+    assert!(
+        !out.stdout.contains('\x1b')
+            && !out.stdout.contains('\r')
+            && !out
+                .stdout
+                .lines()
+                .any(|l| l.starts_with("audit log intact")),
+        "{:?}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains(&format!(
+            "{forged}\\u{{d}}\\u{{1b}}[2Kaudit log intact\\naudit log intact"
+        )),
+        "{}",
+        out.stdout
+    );
+}
+
+/// Runs `sql` with `id` bound on the SQLite store at `db`, as someone with
+/// write access to it would, behind wicketd's back; one row must change.
+fn write_behind_wicket(db: &std::path::Path, sql: &str, id: &str) {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1053,29 +1071,10 @@ fn audit_search_by_type_and_time_and_verify_finds_a_changed_event() {
             let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
                 .await
                 .unwrap();
-            let changed = sqlx::query(
-                "UPDATE audit_events SET id = id || char(13, 27) || '[2Kaudit log intact' WHERE id = ?",
-            )
-            .bind(&forged)
-            .execute(&mut c)
-            .await
-            .unwrap();
+            let changed = sqlx::query(sql).bind(id).execute(&mut c).await.unwrap();
             assert_eq!(changed.rows_affected(), 1);
             c.close().await.unwrap();
         });
-    let out = t.cli("frank").run(&["audit", "verify"], "").unwrap();
-    assert!(!out.ok, "{}", out.stdout);
-    assert!(
-        !out.stdout.contains('\x1b') && !out.stdout.contains('\r'),
-        "{:?}",
-        out.stdout
-    );
-    assert!(
-        out.stdout
-            .contains(&format!("{forged}\\u{{d}}\\u{{1b}}[2Kaudit log intact")),
-        "{}",
-        out.stdout
-    );
 }
 
 /// A grant in the certificates that has ended meanwhile (revoked, say)
