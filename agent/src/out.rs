@@ -50,7 +50,7 @@ pub fn json_line(value: &serde_json::Value) {
 }
 
 /// JSON text with the characters a terminal may act on that JSON leaves
-/// as they are written as `\uXXXX` escapes: C1 controls (U+0080 to
+/// as they are written as `\u` escapes of four hex digits: C1 controls (U+0080 to
 /// U+009F, which some terminals take for ESC sequences), the Unicode
 /// bidirectional controls, and the line and paragraph separators. They
 /// can only be inside strings, so the document means the same.

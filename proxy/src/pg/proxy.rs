@@ -99,6 +99,19 @@ struct CancelTarget {
     secret: u32,
 }
 
+impl CancelTarget {
+    /// Who the proxy's own connections for this backend (its cancel, its
+    /// ending) are made for: the user, with no roles or grants.
+    fn identity(&self) -> Identity {
+        Identity {
+            user: self.user.clone(),
+            roles: Vec::new(),
+            request_ids: Vec::new(),
+            login_until: None,
+        }
+    }
+}
+
 /// Cancel keys in a shared store older than this are pruned (a wicketd that
 /// stopped without ending its sessions leaves its keys). A session older
 /// than this is still cancelled through the wicketd that holds it.
@@ -381,14 +394,8 @@ impl PgProxy {
         let Some(resource) = self.database(&t.resource) else {
             return;
         };
-        let identity = Identity {
-            user: t.user.clone(),
-            roles: Vec::new(),
-            request_ids: Vec::new(),
-            login_until: None,
-        };
         match self
-            .connect_upstream(&resource, &t.db_user, &identity)
+            .connect_upstream(&resource, &t.db_user, &t.identity())
             .await
         {
             Ok(mut up) => {
@@ -419,11 +426,11 @@ impl PgProxy {
     /// client gone. Only `user` and `database` are taken from the session's
     /// startup message (`session`), none of its client's settings, and the
     /// function is named in `pg_catalog`: a function of the user's own
-    /// earlier in their `search_path` cannot answer in its place. Whether
-    /// the server said it did.
-    async fn terminate_backend(&self, t: &CancelTarget, session: &[u8]) -> bool {
+    /// earlier in their `search_path` cannot answer in its place. What
+    /// came of it is logged (the cancel follows either way).
+    async fn terminate_backend(&self, t: &CancelTarget, session: &[u8]) {
         let Some(resource) = self.database(&t.resource) else {
-            return false;
+            return;
         };
         let database = match protocol::read_startup(session, session.len()) {
             Ok(Some((m, _))) => m.param("database").map(str::to_owned),
@@ -437,15 +444,9 @@ impl PgProxy {
             params.push(("database", d));
         }
         let startup = protocol::startup_message(&params);
-        let identity = Identity {
-            user: t.user.clone(),
-            roles: Vec::new(),
-            request_ids: Vec::new(),
-            login_until: None,
-        };
         let ended = async {
             let mut up = self
-                .connect_upstream(&resource, &t.db_user, &identity)
+                .connect_upstream(&resource, &t.db_user, &t.identity())
                 .await
                 .map_err(std::io::Error::other)?;
             up.write_all(&startup).await?;
@@ -462,17 +463,16 @@ impl PgProxy {
         };
         match tokio::time::timeout(TERMINATE_TIMEOUT, ended).await {
             Ok(Ok(true)) => {
-                tracing::info!(user = %t.user, database = %t.resource, pid = t.pid, "cut session's backend ended");
-                true
+                tracing::info!(user = %t.user, database = %t.resource, pid = t.pid, "cut session's backend ended")
             }
-            Ok(Ok(false)) => false,
+            Ok(Ok(false)) => {
+                tracing::warn!(database = %t.resource, pid = t.pid, "a cut session's backend was not ended; cancelling its statement")
+            }
             Ok(Err(e)) => {
-                tracing::warn!(database = %t.resource, error = %e, "cannot end a cut session's backend; cancelling its statement");
-                false
+                tracing::warn!(database = %t.resource, error = %e, "cannot end a cut session's backend; cancelling its statement")
             }
             Err(_) => {
-                tracing::warn!(database = %t.resource, "ending a cut session's backend timed out; cancelling its statement");
-                false
+                tracing::warn!(database = %t.resource, "ending a cut session's backend timed out; cancelling its statement")
             }
         }
     }
