@@ -57,7 +57,9 @@ pub fn json_line(value: &serde_json::Value) {
 pub fn json_safe(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        let unsafe_here = matches!(c, '\u{80}'..='\u{9f}' | '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        let unsafe_here = crate::term::is_c1(c)
+            || crate::term::is_bidi_control(c)
+            || matches!(c, '\u{2028}' | '\u{2029}');
         if unsafe_here {
             out.push_str(&format!("\\u{:04x}", u32::from(c)));
         } else {

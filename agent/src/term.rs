@@ -32,8 +32,7 @@ enum Token<'a> {
 pub fn printable(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        let bidi = matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-        if (c.is_control() && c != '\n' && c != '\t') || bidi {
+        if (c.is_control() && c != '\n' && c != '\t') || is_bidi_control(c) {
             out.extend(c.escape_unicode());
         } else {
             out.push(c);
@@ -42,7 +41,12 @@ pub fn printable(text: &str) -> String {
     out
 }
 
-fn is_c1(c: char) -> bool {
+/// A Unicode bidirectional control: it can reorder what a line shows.
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+pub fn is_c1(c: char) -> bool {
     ('\u{80}'..='\u{9f}').contains(&c)
 }
 
