@@ -50,9 +50,9 @@ pub struct Held {
     pub seq: i64,
     pub starts_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
-    pub roles: Vec<String>,
-    /// The resources the request named (empty: everywhere).
-    pub resources: Vec<String>,
+    /// The request as read: its roles and resources for decisions, and a
+    /// start for the session watcher when a session opens on it.
+    pub request: Arc<AccessRequest>,
 }
 
 impl Held {
@@ -66,8 +66,7 @@ impl Held {
             seq,
             starts_at: req.starts_at?,
             expires_at: req.expires_at?,
-            roles: req.granted_roles.clone(),
-            resources: req.resources.clone(),
+            request: Arc::new(req.clone()),
         })
     }
 }
@@ -161,14 +160,9 @@ impl Index {
             .cloned()
     }
 
-    /// Request `id`'s roles and resources, if the index is fresh and holds
-    /// it as `user`'s grant in force at `now`.
-    pub fn grant(
-        &self,
-        user: &str,
-        id: &str,
-        now: DateTime<Utc>,
-    ) -> Option<(Vec<String>, Vec<String>)> {
+    /// Request `id` as read, if the index is fresh and holds it as
+    /// `user`'s grant in force at `now`.
+    pub fn grant(&self, user: &str, id: &str, now: DateTime<Utc>) -> Option<Arc<AccessRequest>> {
         if !self.fresh(now) {
             return None;
         }
@@ -178,7 +172,7 @@ impl Index {
             .grants
             .iter()
             .find(|g| g.id == id && g.starts_at <= now && now < g.expires_at)
-            .map(|g| (g.roles.clone(), g.resources.clone()))
+            .map(|g| g.request.clone())
     }
 
     /// Takes request `id` out (the session watcher found it ended); the feed

@@ -20,7 +20,7 @@ use wicket_ca::{
     AuthorityKeys, Identity, SshCertKind, SshCertificateRequest, SshPermissions, SshPublicKey,
     TrustedX509Cas, Validity, X509Ca,
 };
-use wicket_policy::{Decision, ResourceKind, RoleSet, ScopedRole, Subject};
+use wicket_policy::{AccessRequest, Decision, ResourceKind, RoleSet, ScopedRole, Subject};
 
 /// Certificates without grants start this much before they are issued, so a
 /// wicketd or sshd whose clock runs a little behind accepts them (as
@@ -96,6 +96,8 @@ pub struct InForce {
     pub not_counted: Vec<String>,
     /// The grants in force, each as (its roles, its request's resources).
     pub grants: Vec<(Vec<String>, Vec<String>)>,
+    /// The requests of those grants, as read for this decision.
+    pub requests: Vec<Arc<AccessRequest>>,
     /// The standing roles that count (none once the login has ended).
     pub standing: Vec<String>,
 }
@@ -123,6 +125,9 @@ pub struct SessionDecision {
     /// The roles of the grants in force alone (what holds once the login
     /// ends), as `roles` and `scoped` are for all.
     pub granted: (Vec<String>, Vec<ScopedRole>),
+    /// The requests of the grants in force, as read for the decision: the
+    /// session watcher's start ([`Wicket::open_session`]).
+    pub requests: Vec<Arc<AccessRequest>>,
 }
 
 /// A caller's standing roles in force (see [`Wicket::standing_in_force`]).
@@ -710,6 +715,7 @@ impl Wicket {
     ) -> InForce {
         let mut active = Vec::new();
         let mut grants = Vec::new();
+        let mut requests = Vec::new();
         let mut not_counted = Vec::new();
         for id in &caller.request_ids {
             // The index vouches for grants in force; anything else (and the
@@ -720,15 +726,15 @@ impl Wicket {
                 None => self
                     .active_grants(&user.name, std::slice::from_ref(id), now)
                     .await
-                    .map(|g| {
-                        g.into_iter()
-                            .map(|g| (g.granted_roles, g.resources))
-                            .collect()
-                    }),
+                    .map(|g| g.into_iter().map(Arc::new).collect()),
             };
             match found {
                 Ok(g) => {
-                    grants.extend(g);
+                    grants.extend(
+                        g.iter()
+                            .map(|r| (r.granted_roles.clone(), r.resources.clone())),
+                    );
+                    requests.extend(g);
                     active.push(id.clone());
                 }
                 Err(e) => not_counted.push(e.to_string()),
@@ -749,6 +755,7 @@ impl Wicket {
             request_ids: active,
             not_counted,
             grants,
+            requests,
             standing,
         }
     }
@@ -786,6 +793,7 @@ impl Wicket {
             request_ids: active,
             not_counted,
             grants,
+            requests,
             standing,
         } = self.roles_in_force(&user, caller, now).await;
         let subject = Subject {
@@ -835,6 +843,7 @@ impl Wicket {
             basis,
             standing_roles: standing,
             granted,
+            requests,
         })
     }
 

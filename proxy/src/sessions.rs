@@ -370,8 +370,9 @@ const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 struct Check {
     /// Since when every read has failed.
     failing_since: Option<DateTime<Utc>>,
-    /// The grant's state at the last read that worked.
-    last: Option<AccessRequest>,
+    /// The grant's state at the last read that worked (or as read for the
+    /// decision a session opened on, until the watcher reads it).
+    last: Option<Arc<AccessRequest>>,
 }
 
 /// The watcher's memory of each live grant and user between store reads.
@@ -385,7 +386,7 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn read_ok(map: &Mutex<BTreeMap<String, Check>>, key: &str, state: Option<AccessRequest>) {
+fn read_ok(map: &Mutex<BTreeMap<String, Check>>, key: &str, state: Option<Arc<AccessRequest>>) {
     locked(map).insert(
         key.to_owned(),
         Check {
@@ -452,6 +453,27 @@ async fn bounded<T, E: std::fmt::Display>(
 }
 
 impl Wicket {
+    /// Registers a session ([`Sessions::register`]) opened on a decision
+    /// that read `requests`, its grants. Until the watcher reads them (its
+    /// next round), what the decision read is their last known state, so a
+    /// store that fails before then still ends the session at its grant's
+    /// end, not only after `session.unverified_grace`.
+    pub fn open_session(
+        &self,
+        info: SessionInfo,
+        requests: &[Arc<AccessRequest>],
+    ) -> Option<SessionHandle> {
+        let handle = self.sessions.register(info)?;
+        let mut known = locked(&self.checks.requests);
+        for req in requests {
+            let check = known.entry(req.id.clone()).or_default();
+            if check.last.is_none() {
+                check.last = Some(req.clone());
+            }
+        }
+        Some(handle)
+    }
+
     /// Re-reads from the store the grant and the user behind every live
     /// session, remembers them, and acts on what changed: a disabled or
     /// removed user's sessions end, a grant's state is delivered
@@ -517,7 +539,7 @@ impl Wicket {
                     if !req.grants_at(now) {
                         gone_requests.push(id.clone());
                     }
-                    read_ok(&self.checks.requests, id, Some(req));
+                    read_ok(&self.checks.requests, id, Some(Arc::new(req)));
                 }
                 // Unread, corrupt or gone (requests are never deleted):
                 // unverified, so `unverified_grace` applies.
@@ -528,6 +550,9 @@ impl Wicket {
                 None => read_failed(&self.checks.requests, id, now),
             }
         }
+        // Kept for the sessions live now: one that opened during this round
+        // keeps what its decision read.
+        let (users, ids) = (self.sessions.users(), self.sessions.request_ids());
         locked(&self.checks.users).retain(|k, _| users.contains(k));
         locked(&self.checks.requests).retain(|k, _| ids.contains(k));
         self.index.forget_ended(&gone_users, &gone_requests).await;
@@ -589,11 +614,10 @@ impl Wicket {
                     .end_for_user(&user, &unchecked(format!("user {user:?}"), since));
             }
         }
-        let requests: Vec<(String, Option<DateTime<Utc>>, Option<AccessRequest>)> =
-            locked(&self.checks.requests)
-                .iter()
-                .map(|(k, c)| (k.clone(), c.failing_since, c.last.clone()))
-                .collect();
+        let requests: Vec<_> = locked(&self.checks.requests)
+            .iter()
+            .map(|(k, c)| (k.clone(), c.failing_since, c.last.clone()))
+            .collect();
         for (id, failing_since, last) in requests {
             if let Some(req) = last {
                 ended += self.signal_sessions(&req, now);

@@ -1753,6 +1753,101 @@ fn a_team_lead_is_the_lead_of_the_users_recorded_team() {
     });
 }
 
+/// A session's grant is known from the decision it opened on: a store
+/// that fails before the watcher's first read of it still ends the session
+/// at the grant's end (not only after `session.unverified_grace`).
+#[test]
+fn a_session_ends_at_its_grants_end_before_the_watcher_ever_read_it() {
+    use wicket_api::{CreateRequest, ReviewBody};
+    use wicketd::sessions::{SessionInfo, Signal};
+    let dir = tempfile::tempdir().unwrap();
+    // The grace is longer than the grant.
+    let yaml = "version: 1\nsession: { unverified_grace: 1h }\nteams:\n  search: { lead: sam, members: [ ann, sam ] }\nroles:\n  dev:\n    logins: [\"{{user}}\"]\n    nodes: { env: dev }\n    request: { roles: [ops] }\n  ops:\n    logins: [root]\n    nodes: { env: dev }\napproval:\n  - roles: [ops]\n    require: { any_of: [ team_lead ] }\n";
+    rt().block_on(async {
+        let cfg = wicketd::config::parse(yaml, dir.path()).unwrap();
+        let users = [
+            ("ann", "dev", Some("search")),
+            ("sam", "dev", Some("search")),
+        ];
+        let (w, store, now) = wicket_with(dir.path(), cfg, &users).await;
+        let live = now.timestamp() + 3600;
+        let ask = CreateRequest {
+            roles: vec!["ops".into()],
+            reason: "deploy".into(),
+            duration: Some("10m".into()),
+            ..Default::default()
+        };
+        let grant = w
+            .create_request(&caller_of("ann", live), ask, now)
+            .await
+            .unwrap();
+        let review = ReviewBody {
+            verdict: "approve".into(),
+            reason: "ok".into(),
+            ..Default::default()
+        };
+        let grant = w
+            .review_request(&caller_of("sam", live), &grant.id, review, now)
+            .await
+            .unwrap();
+        assert_eq!(grant.status, "active", "{grant:?}");
+        let end = grant.expires_at.unwrap();
+        let caller = wicketd::service::Caller {
+            request_ids: vec![grant.id.clone()],
+            ..caller_of("ann", live)
+        };
+        let decided = w
+            .decide_session(&caller, now, |_, _| wicket_policy::Decision::allow("ok"))
+            .await
+            .unwrap();
+        assert_eq!(decided.request_ids, std::slice::from_ref(&grant.id));
+        let session = w
+            .open_session(
+                SessionInfo {
+                    protocol: "ssh",
+                    user: "ann".into(),
+                    resource: "node".into(),
+                    login: "root".into(),
+                    request_ids: decided.request_ids.clone(),
+                    started: now,
+                    valid_until: end.timestamp(),
+                    basis: decided.basis.clone(),
+                    held_standing: vec![],
+                },
+                &decided.requests,
+            )
+            .unwrap();
+        // The store fails before the watcher's first round (its reads of
+        // grants and users fail from now on), so what the decision read is
+        // all there is.
+        exec(
+            &store,
+            &[
+                "ALTER TABLE access_requests RENAME TO gone_requests",
+                "ALTER TABLE users RENAME TO gone_users",
+            ],
+        )
+        .await;
+        assert_eq!(w.refresh_sessions(now).await, 0);
+        let before = end - chrono::Duration::seconds(1);
+        assert_eq!(w.enforce_sessions(before), 0);
+        assert!(
+            matches!(&*session.signal.borrow(), Signal::Warn(w) if w.contains("this session will be closed then")),
+            "warned, not ended: {:?}",
+            *session.signal.borrow()
+        );
+        assert_eq!(w.enforce_sessions(end), 1);
+        let why = match &*session.signal.borrow() {
+            Signal::End(why) => why.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            why.contains(&format!("access request {} expired", grant.id)),
+            "{why}"
+        );
+    });
+}
+
 /// The grant index of one wicketd follows changes another process makes
 /// (as `wicketd users disable` does), and starts over from the whole store
 /// when the feed is behind what it saw (a database restored from a backup).

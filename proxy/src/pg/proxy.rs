@@ -643,18 +643,21 @@ impl PgProxy {
                 return;
             }
         };
-        let handle = self.wicket.sessions.register(SessionInfo {
-            protocol: "postgres",
-            user: decided.user.clone(),
-            resource: resource.name.clone(),
-            login: db_user.clone(),
-            request_ids: decided.request_ids.clone(),
-            started: now,
-            valid_until: decided.valid_until,
-            basis: decided.basis.clone(),
-            // Decided once, at the start.
-            held_standing: Vec::new(),
-        });
+        let handle = self.wicket.open_session(
+            SessionInfo {
+                protocol: "postgres",
+                user: decided.user.clone(),
+                resource: resource.name.clone(),
+                login: db_user.clone(),
+                request_ids: decided.request_ids.clone(),
+                started: now,
+                valid_until: decided.valid_until,
+                basis: decided.basis.clone(),
+                // Decided once, at the start.
+                held_standing: Vec::new(),
+            },
+            &decided.requests,
+        );
         let Some(handle) = handle else {
             let reason = "wicketd is stopping".to_owned();
             let _ = self.wicket.audit(denied(reason.clone()), now).await;

@@ -1202,18 +1202,21 @@ impl Conn {
             ))
             .await);
         }
-        let registration = wicket.sessions.register(SessionInfo {
-            protocol: "ssh",
-            user: user.to_owned(),
-            resource: node.name.clone(),
-            login: login.to_owned(),
-            request_ids: active.clone(),
-            started: now,
-            valid_until: decided.valid_until,
-            basis: decided.basis,
-            // Forwardings are decided later, on these.
-            held_standing: decided.standing_roles,
-        });
+        let registration = wicket.open_session(
+            SessionInfo {
+                protocol: "ssh",
+                user: user.to_owned(),
+                resource: node.name.clone(),
+                login: login.to_owned(),
+                request_ids: active.clone(),
+                started: now,
+                valid_until: decided.valid_until,
+                basis: decided.basis,
+                // Forwardings are decided later, on these.
+                held_standing: decided.standing_roles,
+            },
+            &decided.requests,
+        );
         let Some(registration) = registration else {
             return Err(deny("wicketd is stopping".into()).await);
         };
