@@ -472,6 +472,56 @@ impl Chunks for crate::client::Download {
     }
 }
 
+/// A download taken whole into an unnamed temporary file (0600, gone when
+/// closed), then read back in pieces. `wicket play` takes the recording
+/// this way before it shows anything: wicketd ends a response whose client
+/// takes nothing of it for `limits.send_timeout`, and a replay in real
+/// time, or a reader paging through `| less`, would stop taking it. A
+/// download that breaks off is kept as far as it came, and its error
+/// comes after that.
+struct Spooled {
+    file: std::fs::File,
+    broken: Option<anyhow::Error>,
+}
+
+impl Spooled {
+    async fn take(mut download: impl Chunks) -> Result<Self> {
+        use std::io::{Seek, SeekFrom};
+        let keeping = "keeping the recording in a temporary file (the directory $TMPDIR names)";
+        let mut file = tempfile::tempfile().context(keeping)?;
+        let broken = loop {
+            match download.chunk().await {
+                Ok(Some(chunk)) => file.write_all(&chunk).context(keeping)?,
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            }
+        };
+        file.seek(SeekFrom::Start(0)).context(keeping)?;
+        Ok(Self { file, broken })
+    }
+
+    fn next(&mut self) -> Result<Option<hyper::body::Bytes>> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match self.file.read(&mut buf) {
+                Ok(0) => return self.broken.take().map_or(Ok(None), Err),
+                Ok(n) => {
+                    buf.truncate(n);
+                    return Ok(Some(buf.into()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(anyhow!("reading back the recording's temporary file: {e}")),
+            }
+        }
+    }
+}
+
+impl Chunks for Spooled {
+    fn chunk(&mut self) -> impl std::future::Future<Output = Result<Option<hyper::body::Bytes>>> {
+        std::future::ready(self.next())
+    }
+}
+
 /// The lines of a download, as they come, each at most [`MAX_CAST_LINE`].
 struct CastLines<D> {
     download: D,
@@ -664,22 +714,23 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
             }
         }
     };
-    // Read as it comes: a recording of any size takes one event's memory.
     let mut out = std::io::stdout().lock();
+    // The file as recorded: its bytes would drive this terminal (the other
+    // formats show it safely).
+    if matches!(args.format, PlayFormat::Cast) && out.is_terminal() {
+        bail!("--format cast writes the recording as it is, terminal controls and all: redirect it to a file, or pipe it (`| asciinema play -`)");
+    }
+    // Taken whole first, then read as it comes: a recording of any size
+    // takes one event's memory.
+    let mut spooled = Spooled::take(download).await?;
     if let PlayFormat::Cast = args.format {
-        // The file as recorded: its bytes would drive this terminal (the
-        // other formats show it safely).
-        if out.is_terminal() {
-            bail!("--format cast writes the recording as it is, terminal controls and all: redirect it to a file, or pipe it (`| asciinema play -`)");
-        }
-        let mut download = download;
-        while let Some(chunk) = download.chunk().await? {
+        while let Some(chunk) = spooled.next()? {
             out.write_all(&chunk)?;
         }
         out.flush()?;
         return Ok(true);
     }
-    let mut lines = CastLines::new(download);
+    let mut lines = CastLines::new(spooled);
     if let PlayFormat::Json = args.format {
         json_recording(&mut lines, &mut out).await?;
         out.flush()?;
@@ -1011,6 +1062,51 @@ mod tests {
         ) -> impl std::future::Future<Output = Result<Option<hyper::body::Bytes>>> {
             std::future::ready(Ok(self.pop_front().map(hyper::body::Bytes::from)))
         }
+    }
+
+    /// A download is taken whole before it is read back; one that broke
+    /// off is read back as far as it came, then its error.
+    #[test]
+    fn a_spooled_download_reads_back_whole_then_its_error() {
+        struct Broken(std::collections::VecDeque<Vec<u8>>);
+        impl Chunks for Broken {
+            fn chunk(
+                &mut self,
+            ) -> impl std::future::Future<Output = Result<Option<hyper::body::Bytes>>> {
+                std::future::ready(match self.0.pop_front() {
+                    Some(c) => Ok(Some(c.into())),
+                    None => Err(anyhow!("connection reset after 200002 bytes")),
+                })
+            }
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let big = vec![b'y'; 200_000];
+        let read_back = |mut s: Spooled| {
+            let mut got = Vec::new();
+            let end = loop {
+                match s.next() {
+                    Ok(Some(c)) => got.extend_from_slice(&c),
+                    Ok(None) => break None,
+                    Err(e) => break Some(e.to_string()),
+                }
+            };
+            // Then the end, once.
+            assert!(matches!(s.next(), Ok(None)));
+            (got, end)
+        };
+        let pieces = [b"a\n".to_vec(), big.clone()];
+        let whole = rt
+            .block_on(Spooled::take(std::collections::VecDeque::from(
+                pieces.clone(),
+            )))
+            .unwrap();
+        assert_eq!(read_back(whole), ([&b"a\n"[..], &big].concat(), None));
+        let broken = rt.block_on(Spooled::take(Broken(pieces.into()))).unwrap();
+        let (got, end) = read_back(broken);
+        assert_eq!(got, [&b"a\n"[..], &big].concat());
+        assert_eq!(end.as_deref(), Some("connection reset after 200002 bytes"));
     }
 
     fn lines_of(pieces: Vec<Vec<u8>>, max_line: usize) -> Result<Vec<Vec<u8>>> {

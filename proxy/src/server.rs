@@ -351,6 +351,13 @@ async fn accept_loop(
 ) {
     let router = api::router(wicket.clone());
     let gate = Gate::new("api", wicket.config.limits);
+    // Positive, by the config's checks.
+    let send_timeout = wicket
+        .config
+        .limits
+        .send_timeout
+        .to_std()
+        .unwrap_or(Duration::from_secs(60));
     // Nothing can be said before TLS: a refused client sees the close.
     accept_until_shutdown(
         listener,
@@ -414,7 +421,10 @@ async fn accept_loop(
                 let served = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(TokioIo::new(tls), service);
+                    .serve_connection(
+                        TokioIo::new(StallLimited::new(tls, send_timeout, peer)),
+                        service,
+                    );
                 tokio::pin!(served);
                 let served = if certified {
                     served.await
@@ -437,4 +447,152 @@ async fn accept_loop(
         },
     )
     .await;
+}
+
+/// A stream whose writes fail once one has waited `limit` without the
+/// peer taking a byte; reads are passed through. Any write, flush or
+/// shutdown that goes through ends the wait.
+struct StallLimited<S> {
+    inner: S,
+    limit: Duration,
+    /// Who the connection is with, for the log.
+    peer: SocketAddr,
+    /// Set at the first write of a stall that had to wait.
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> StallLimited<S> {
+    fn new(inner: S, limit: Duration, peer: SocketAddr) -> Self {
+        Self {
+            inner,
+            limit,
+            peer,
+            stalled: None,
+        }
+    }
+
+    fn limited<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        r: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future;
+        use std::task::Poll;
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let limit = self.limit;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                let why = format!(
+                    "the client took nothing for {}s (limits.send_timeout)",
+                    limit.as_secs_f64()
+                );
+                tracing::info!(peer = %self.peer, "API connection ended: {why}");
+                Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StallLimited<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StallLimited<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.limited(cx, r)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.limited(cx, r)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.limited(cx, r)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.limited(cx, r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A peer that takes nothing fails the write after the limit; one that
+    /// reads slowly, never waiting the limit between reads, does not.
+    #[tokio::test]
+    async fn a_write_the_peer_takes_nothing_of_fails_after_the_limit() {
+        let limit = Duration::from_millis(300);
+        let (ours, mut theirs) = tokio::io::duplex(16);
+        let mut s = StallLimited::new(ours, limit, SocketAddr::from(([127, 0, 0, 1], 1)));
+        let data = vec![7u8; 4096];
+        let started = tokio::time::Instant::now();
+        let e = tokio::time::timeout(Duration::from_secs(10), s.write_all(&data))
+            .await
+            .expect("the write ends by itself")
+            .expect_err("a peer that reads nothing fails the write");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("took nothing"), "{e}");
+        assert!(started.elapsed() >= limit);
+        // What was taken before the stall is there.
+        let mut got = [0u8; 16];
+        theirs.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [7u8; 16]);
+
+        // A slow reader: 16 bytes every 50 ms, well past the limit in all.
+        let (ours, mut theirs) = tokio::io::duplex(16);
+        let mut s = StallLimited::new(ours, limit, SocketAddr::from(([127, 0, 0, 1], 1)));
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            let mut chunk = [0u8; 16];
+            while all.len() < 512 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let n = theirs.read(&mut chunk).await.unwrap();
+                assert!(n > 0);
+                all.extend_from_slice(&chunk[..n]);
+            }
+            all
+        });
+        let started = tokio::time::Instant::now();
+        s.write_all(&vec![9u8; 512]).await.unwrap();
+        s.flush().await.unwrap();
+        assert!(
+            started.elapsed() > limit * 2,
+            "the slow reader took longer than the limit in all"
+        );
+        assert_eq!(reader.await.unwrap(), vec![9u8; 512]);
+    }
 }

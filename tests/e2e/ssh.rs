@@ -3186,3 +3186,58 @@ fn a_node_port_taken_first_is_reported() {
     assert!(e.is::<PortInUse>(), "{e:#}");
     drop(taken);
 }
+
+/// A client that stops taking a response (`limits.send_timeout`, like
+/// nginx's `send_timeout`) is let go: its download ends. `wicket play`
+/// takes the whole recording before it shows it, so a reader that pauses
+/// (a pager, a slow pipe) still gets all of it.
+#[test]
+fn a_download_its_client_stops_taking_ends_but_wicket_play_keeps_all() {
+    let lab = Lab::start_full("", "limits: { send_timeout: 1s }");
+    let alice = lab.user("alice", "access");
+    let sec = lab.user("sec", "auditor");
+    let id = lab.grant(&alice, "node-admin", "10m");
+    let cfg = ssh_config(&alice);
+    // More than the sockets between them hold.
+    let out = output(
+        ssh(&cfg)
+            .arg("-tt")
+            .arg(lab.dest())
+            .arg("head -c 24000000 /dev/zero | tr '\\0' y; echo; echo big-$((40+2))"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let list = recordings_of(&sec, &id);
+    let sid = list[0]["session_id"].as_str().unwrap().to_owned();
+    let size = list[0]["size"].as_u64().unwrap();
+    assert!(size > 24_000_000, "{list}");
+    // Both start and neither is read from until the server has let one
+    // client go.
+    let held = |mut c: Command| {
+        c.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut curl = sec.curl().unwrap();
+    curl.arg(format!("https://{}/v1/recordings/{sid}", lab.d.proxy()));
+    let curl = held(curl);
+    let mut play = sec.cmd().unwrap();
+    play.args(["play", &sid, "--format", "cast"]);
+    let play = held(play);
+    let line = "API connection ended: the client took nothing for 1s (limits.send_timeout)";
+    wait_until("wicketd to let the stalled client go", Duration::from_secs(30), || {
+        lab.d.stderr().contains(line).then_some(())
+    })
+    .unwrap();
+    let curl = curl.wait_with_output().unwrap();
+    assert!(!curl.status.success(), "curl got all of it");
+    assert!(
+        (curl.stdout.len() as u64) < size,
+        "{} of {size} bytes",
+        curl.stdout.len()
+    );
+    let play = play.wait_with_output().unwrap();
+    assert!(play.status.success(), "{}", text(&play.stderr));
+    assert_eq!(play.stdout.len() as u64, size);
+    assert!(text(&play.stdout).contains("big-42"));
+}

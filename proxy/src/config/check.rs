@@ -914,6 +914,15 @@ impl Cx {
             self.push("limits.login_grace", "must be at most 10m");
             ok = false;
         }
+        let send = self.positive_duration(
+            f.send_timeout.as_ref(),
+            "limits.send_timeout",
+            d.send_timeout,
+        );
+        if send.is_some_and(|s| s > Duration::hours(1)) {
+            self.push("limits.send_timeout", "must be at most 1h");
+            ok = false;
+        }
         let given = f.max_connections.map_or(d.max_connections, |n| n as usize);
         let open = self.count(given, "limits.max_connections");
         let unauthenticated = self.count(
@@ -952,6 +961,7 @@ impl Cx {
             max_unauthenticated: unauthenticated?,
             max_connections_per_user: per_user?,
             login_grace,
+            send_timeout: send?,
             ssh_channel_burst: burst?,
             ssh_channels_per_second: per_sec?,
         })

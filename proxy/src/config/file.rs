@@ -148,7 +148,7 @@ pub struct AuditFile {
 #[serde(
     deny_unknown_fields,
     expecting = "a mapping with max_connections, max_unauthenticated, max_connections_per_user, \
-                 login_grace, ssh_channel_burst and ssh_channels_per_second"
+                 login_grace, send_timeout, ssh_channel_burst and ssh_channels_per_second"
 )]
 pub struct LimitsFile {
     /// Open client connections per listener (default 10000).
@@ -161,6 +161,9 @@ pub struct LimitsFile {
     /// Time a connection has to authenticate (default 60s; sshd's
     /// LoginGraceTime).
     pub login_grace: Option<DurationText>,
+    /// Time an API response may wait for its client to take a byte
+    /// (default 60s; nginx's send_timeout).
+    pub send_timeout: Option<DurationText>,
     /// SSH channels (and remote forward requests) each side of a connection
     /// may open at once (default 300).
     pub ssh_channel_burst: Option<u32>,

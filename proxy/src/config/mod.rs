@@ -316,6 +316,11 @@ pub struct Limits {
     /// How long a connection may take to authenticate before it is closed
     /// (default 60s), like sshd's LoginGraceTime.
     pub login_grace: Duration,
+    /// How long an API response may wait for its client to take a byte
+    /// (default 60s), like nginx's `send_timeout`; then the connection
+    /// ends. A client that stops reading a download (a recording sent from
+    /// the store) lets go of its place and what was read for it.
+    pub send_timeout: Duration,
     /// SSH channels each side of a connection (the user, the node) may open
     /// at once (default 300, more than the 256 that may be open at once);
     /// the user's remote forward requests count with the user's channels.
@@ -334,6 +339,7 @@ impl Default for Limits {
             max_unauthenticated: 100,
             max_connections_per_user: 100,
             login_grace: Duration::seconds(60),
+            send_timeout: Duration::seconds(60),
             ssh_channel_burst: 300,
             ssh_channels_per_second: 30,
         }

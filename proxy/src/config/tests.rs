@@ -963,7 +963,7 @@ fn connection_limits() {
     assert_eq!(d.limits.login_grace, Duration::seconds(60));
     let c = ok("
 version: 1
-limits: { max_connections: 50, max_unauthenticated: 5, max_connections_per_user: 3, login_grace: 10s }
+limits: { max_connections: 50, max_unauthenticated: 5, max_connections_per_user: 3, login_grace: 10s, send_timeout: 5m }
 ");
     assert_eq!(
         c.limits,
@@ -972,10 +972,12 @@ limits: { max_connections: 50, max_unauthenticated: 5, max_connections_per_user:
             max_unauthenticated: 5,
             max_connections_per_user: 3,
             login_grace: Duration::seconds(10),
+            send_timeout: Duration::minutes(5),
             ..Limits::default()
         }
     );
     assert_eq!(d.limits.max_connections_per_user, 100);
+    assert_eq!(d.limits.send_timeout, Duration::seconds(60));
     let e = problems("version: 1\nlimits: { max_connections_per_user: 0 }\n");
     has(&e, "limits.max_connections_per_user", "at least 1");
     // A small max_connections caps the default unauthenticated share.
@@ -986,9 +988,13 @@ limits: { max_connections: 50, max_unauthenticated: 5, max_connections_per_user:
         8
     );
 
-    let e = problems("version: 1\nlimits: { max_connections: 0, login_grace: 0s }\n");
+    let e =
+        problems("version: 1\nlimits: { max_connections: 0, login_grace: 0s, send_timeout: 0s }\n");
     has(&e, "limits.max_connections", "at least 1");
     has(&e, "limits.login_grace", "longer than 0s");
+    has(&e, "limits.send_timeout", "longer than 0s");
+    let e = problems("version: 1\nlimits: { send_timeout: 2h }\n");
+    has(&e, "limits.send_timeout", "at most 1h");
     let e = problems(
         "version: 1\nlimits: { max_connections: 5, max_unauthenticated: 6, login_grace: 11m }\n",
     );
