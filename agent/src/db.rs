@@ -687,6 +687,19 @@ pub async fn proxy(resource: &str, port: u16, socket: bool, format: Format) -> R
     Ok(())
 }
 
+/// The values an execute or function call event carries, as shown after
+/// its count (`: ["41",null]`), and how many were over what one event
+/// records.
+fn values_shown(d: &serde_json::Value) -> String {
+    let Some(values) = d.get("values") else {
+        return String::new();
+    };
+    match d["values_not_recorded"].as_u64() {
+        Some(n) if n > 0 => format!(": {values} and {n} more, not recorded"),
+        _ => format!(": {values}"),
+    }
+}
+
 /// Prints a database session's statements with their timing.
 pub fn print_db_session(
     events: &[wicket_api::AuditEventView],
@@ -725,12 +738,15 @@ pub fn print_db_session(
                 d["statement"].as_str().unwrap_or("")
             ),
             "db_execute" => format!(
-                "{} -- execute ({} parameters{}){}{}",
+                "{} -- execute ({} parameters{}){}{}{}",
                 d["statement"].as_str().unwrap_or(""),
                 d["params"],
-                d.get("values")
-                    .map(|v| format!(": {v}"))
-                    .unwrap_or_default(),
+                values_shown(d),
+                if d["continued"] == true {
+                    " -- continued: more rows of the portal executed before"
+                } else {
+                    ""
+                },
                 d.get("completed")
                     .and_then(|v| v.as_str())
                     .map(|t| format!(": {t}"))
@@ -748,9 +764,7 @@ pub fn print_db_session(
                 "-- function call: OID {} ({} arguments{})",
                 d["function_oid"],
                 d["args"],
-                d.get("values")
-                    .map(|v| format!(": {v}"))
-                    .unwrap_or_default()
+                values_shown(d)
             ),
             "db_copy" => format!(
                 "-- copy {}: {}",

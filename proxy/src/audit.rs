@@ -149,8 +149,18 @@ pub enum AuditEvent {
         portal: String,
         statement: Arc<str>,
         params: usize,
+        /// The Bind's values (`audit.db_parameter_values`), on the first
+        /// Execute of the portal only.
         #[serde(skip_serializing_if = "Option::is_none")]
         values: Option<crate::pg::track::Values>,
+        /// How many of the last values are not in `values`: they were over
+        /// what one event records.
+        #[serde(skip_serializing_if = "is_zero")]
+        values_not_recorded: usize,
+        /// An Execute of a portal executed before (fetching more of its
+        /// rows): its values are on the first.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        continued: bool,
         /// Sent to the server, which had not answered it when the connection
         /// ended: it may have run.
         #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -173,6 +183,10 @@ pub enum AuditEvent {
         args: usize,
         #[serde(skip_serializing_if = "Option::is_none")]
         values: Option<crate::pg::track::Values>,
+        /// How many of the last arguments are not in `values` (over what
+        /// one event records).
+        #[serde(skip_serializing_if = "is_zero")]
+        values_not_recorded: usize,
     },
     /// COPY began (`in`: client to server, `out`: server to client).
     DbCopy {
@@ -263,8 +277,8 @@ pub enum AuditEvent {
     },
 }
 
-fn is_zero(n: &u64) -> bool {
-    *n == 0
+fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
 }
 
 /// Who, where and under which grants: carried by every session event.

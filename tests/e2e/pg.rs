@@ -2560,9 +2560,25 @@ fn a_malformed_flush_ends_the_session_before_it_reaches_the_server() {
     );
 }
 
+/// A Bind of text values (unnamed portal and statement).
+fn bind_texts(values: &[&[u8]]) -> Vec<u8> {
+    let n = u16::try_from(values.len()).unwrap();
+    let mut body = b"\0\0".to_vec();
+    body.extend_from_slice(&0u16.to_be_bytes());
+    body.extend_from_slice(&n.to_be_bytes());
+    for v in values {
+        body.extend_from_slice(&i32::try_from(v.len()).unwrap().to_be_bytes());
+        body.extend_from_slice(v);
+    }
+    body.extend_from_slice(&0u16.to_be_bytes());
+    RawFrontend::msg(b'B', &[&body])
+}
+
 /// With `audit.db_parameter_values: true`, an Execute's event carries the
 /// values its Bind sent, NULLs as null, in order (by default it carries
-/// none: see the first test).
+/// none: see the first test). They are on the record once per Bind: later
+/// Executes of the portal (fetching more rows) say they continue it. Values
+/// over what one event records are left out and counted.
 #[test]
 fn bound_values_are_audited_when_the_config_says_so() {
     let s = Setup::start("\naudit: { db_parameter_values: true }\n");
@@ -2597,18 +2613,64 @@ fn bound_values_are_audited_when_the_config_says_so() {
     f.tcp.write_all(&batch).unwrap();
     let tags = f.until_ready(1);
     assert!(tags.contains(&b'D'), "{:?}", String::from_utf8_lossy(&tags));
+    // One row at a time, twice, from one Bind.
+    let one_row = RawFrontend::msg(b'E', &[b"\0", &1u32.to_be_bytes()]);
+    let batch = [
+        RawFrontend::parse("", "SELECT generate_series(1, 3), $1::text"),
+        bind_texts(&[b"fetched"]),
+        one_row.clone(),
+        one_row,
+        RawFrontend::sync(),
+    ]
+    .concat();
+    f.tcp.write_all(&batch).unwrap();
+    let tags = f.until_ready(1);
+    assert_eq!(
+        tags.iter().filter(|&&t| t == b's').count(),
+        2,
+        "{:?}",
+        String::from_utf8_lossy(&tags)
+    );
+    // Six values of which five reach the cap (256 KiB).
+    let big = vec![b'v'; 60 * 1024];
+    let batch = [
+        RawFrontend::parse("", "SELECT length($1||$2||$3||$4||$5||$6)"),
+        bind_texts(&[&big, &big, &big, &big, &big, b"last"]),
+        RawFrontend::execute(""),
+        RawFrontend::sync(),
+    ]
+    .concat();
+    f.tcp.write_all(&batch).unwrap();
+    let tags = f.until_ready(1);
+    assert!(tags.contains(&b'D'), "{:?}", String::from_utf8_lossy(&tags));
     drop(f);
     let session = session_of_query(&s, "SELECT 'values-marker'");
     let executed = events_of_ended_session(&s, &session, "db_execute");
-    assert_eq!(executed.len(), 1, "{executed:?}");
-    assert_eq!(
-        executed[0]["data"]["statement"],
-        "SELECT $1::int + 1, $2::text IS NULL"
+    assert_eq!(executed.len(), 4, "{executed:?}");
+    let data: Vec<&Value> = executed.iter().map(|e| &e["data"]).collect();
+    assert_eq!(data[0]["statement"], "SELECT $1::int + 1, $2::text IS NULL");
+    assert_eq!(data[0]["values"], serde_json::json!(["41", null]));
+    assert!(data[0].get("continued").is_none(), "{}", data[0]);
+    assert_eq!(data[1]["values"], serde_json::json!(["fetched"]));
+    assert!(data[1].get("continued").is_none(), "{}", data[1]);
+    assert_eq!(data[2]["statement"], data[1]["statement"]);
+    assert_eq!(data[2]["continued"], true, "{}", data[2]);
+    assert!(data[2].get("values").is_none(), "{}", data[2]);
+    let values = data[3]["values"].as_array().unwrap();
+    assert_eq!(values.len(), 5);
+    assert!(values
+        .iter()
+        .all(|v| v.as_str().unwrap().len() == big.len()));
+    assert_eq!(data[3]["values_not_recorded"], 1, "{}", data[3]["params"]);
+    assert_eq!(data[3]["params"], 6);
+    let play = s.alice.ok(&["play", &session, "--no-wait"]).unwrap().stdout;
+    assert!(
+        play.contains("(1 parameters: [\"fetched\"])"),
+        "{}",
+        &play[..play.len().min(2000)]
     );
-    assert_eq!(
-        executed[0]["data"]["values"],
-        serde_json::json!(["41", null])
-    );
+    assert!(play.contains("-- continued: more rows of the portal executed before"));
+    assert!(play.contains("and 1 more, not recorded"));
 }
 
 /// A startup message that sets the role (psql's `PGOPTIONS='-c role=...'`,

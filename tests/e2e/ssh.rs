@@ -3225,9 +3225,11 @@ fn a_download_its_client_stops_taking_ends_but_wicket_play_keeps_all() {
     play.args(["play", &sid, "--format", "cast"]);
     let play = held(play);
     let line = "API connection ended: the client took nothing for 1s (limits.send_timeout)";
-    wait_until("wicketd to let the stalled client go", Duration::from_secs(30), || {
-        lab.d.stderr().contains(line).then_some(())
-    })
+    wait_until(
+        "wicketd to let the stalled client go",
+        Duration::from_secs(30),
+        || lab.d.stderr().contains(line).then_some(()),
+    )
     .unwrap();
     let curl = curl.wait_with_output().unwrap();
     assert!(!curl.status.success(), "curl got all of it");

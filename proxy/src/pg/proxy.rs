@@ -1565,8 +1565,13 @@ fn clip(mut s: String) -> String {
 
 /// Most text of parameter values kept for one audit event (all values
 /// together, each also counted at [`super::track::VALUE_COST`]); the values
-/// past it are left out, with one marker in their place.
+/// past it are left out (the event counts them: [`not_recorded`]).
 const MAX_AUDIT_VALUES: usize = 256 * 1024;
+
+/// How many of `count` values recorded as `values` were left out.
+fn not_recorded(count: usize, values: &Option<super::track::Values>) -> usize {
+    values.as_ref().map_or(0, |v| count.saturating_sub(v.len()))
+}
 
 /// The audited texts of a Bind's or a function call's values: each clipped,
 /// and together at most about [`MAX_AUDIT_VALUES`], so one event stays small
@@ -1575,13 +1580,8 @@ const MAX_AUDIT_VALUES: usize = 256 * 1024;
 fn param_texts(values: &[Option<Vec<u8>>]) -> super::track::Values {
     let mut total = 0;
     let mut texts = Vec::with_capacity(values.len().min(1024));
-    for (i, v) in values.iter().enumerate() {
+    for v in values {
         if total >= MAX_AUDIT_VALUES {
-            texts.push(Some(format!(
-                "[values ${} to ${} not recorded: this event's values are over {MAX_AUDIT_VALUES} bytes]",
-                i + 1,
-                values.len()
-            )));
             break;
         }
         let text = param_text(v);
@@ -1893,6 +1893,7 @@ fn frontend_event(f: Frontend, text: Option<Arc<str>>, state: &SessionState) -> 
                 session,
                 function_oid: oid,
                 args: args.len(),
+                values_not_recorded: not_recorded(args.len(), &values),
                 values,
             }
         }
@@ -1936,7 +1937,9 @@ async fn audit_executed(e: Executed, state: &SessionState, wicket: &Wicket) {
                 portal: e.portal,
                 statement: e.statement,
                 params: e.params,
+                values_not_recorded: not_recorded(e.params, &e.values),
                 values: e.values,
+                continued: e.continued,
                 unanswered: !e.answered,
                 completed: e.completed,
                 not_as_bound: e.not_as_bound,
@@ -2346,27 +2349,25 @@ mod tests {
             .map(|i| (i % 7 != 0).then(|| vec![b'a'; 60 * 1024]))
             .collect();
         let texts = param_texts(&values);
-        // $1 (NULL) and five of 60 KiB reach the limit; one marker for the rest.
-        assert_eq!(texts.len(), 7);
+        // $1 (NULL) and five of 60 KiB reach the limit; the rest are left
+        // out, and counted.
+        assert_eq!(texts.len(), 6);
+        assert_eq!(not_recorded(values.len(), &Some(texts.clone())), 294);
         let total: usize = texts.iter().flatten().map(String::len).sum();
         assert!(total < MAX_AUDIT_VALUES + 64 * 1024 + 100, "{total}");
         assert_eq!(texts[1].as_deref().map(str::len), Some(60 * 1024));
-        assert_eq!(
-            texts[6].as_deref(),
-            Some("[values $7 to $300 not recorded: this event's values are over 262144 bytes]")
-        );
         // NULLs stay NULL.
         assert_eq!(texts[0], None);
         // 65,535 NULLs (what one Bind may carry) are not 65,535 entries:
         // each counts, as holding it costs.
         let texts = param_texts(&vec![None; 65_535]);
-        assert!(texts.len() <= MAX_AUDIT_VALUES / super::super::track::VALUE_COST + 2);
-        assert!(texts
-            .last()
-            .unwrap()
-            .as_deref()
-            .unwrap()
-            .ends_with("to $65535 not recorded: this event's values are over 262144 bytes]"));
+        assert!(texts.len() <= MAX_AUDIT_VALUES / super::super::track::VALUE_COST + 1);
+        assert!(texts.iter().all(Option::is_none));
+        assert_eq!(
+            not_recorded(65_535, &Some(texts.clone())),
+            65_535 - texts.len()
+        );
+        assert_eq!(not_recorded(3, &None), 0);
     }
 
     /// Every way the startup message can set the role is refused; other

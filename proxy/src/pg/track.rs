@@ -45,16 +45,18 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-/// A Bind's recorded parameter values (`None`: NULL), shared by its
-/// portal and by every Execute of it.
+/// A Bind's recorded parameter values (`None`: NULL), kept by its portal
+/// until its first Execute carries them. It may hold fewer than the Bind's
+/// parameter count: the rest were over what one event records.
 pub type Values = Arc<[Option<String>]>;
 
 /// What holding one value costs besides its text (a NULL or an empty one
 /// too): counted, so a Bind of 65,535 NULLs weighs what it holds.
 pub const VALUE_COST: usize = std::mem::size_of::<Option<String>>();
 
-/// A portal's statement text, parameter count and (if recorded) values.
-pub type BoundPortal = (Arc<str>, usize, Option<Values>);
+/// A portal's statement text, parameter count, (if recorded) values, and
+/// whether an Execute of it was reported (and took the values).
+pub type BoundPortal = (Arc<str>, usize, Option<Values>, bool);
 
 fn values_weight(values: &Option<Values>) -> usize {
     values
@@ -138,7 +140,11 @@ pub struct Executed {
     /// Shared with the portal it ran: repeated Executes hold one copy.
     pub statement: Arc<str>,
     pub params: usize,
+    /// The Bind's values, on the first Execute of its portal only.
     pub values: Option<Values>,
+    /// An Execute of a portal executed before (fetching more of its rows):
+    /// its values are on the first.
+    pub continued: bool,
     pub answered: bool,
     /// The server's command tag when it completed (`DELETE 3`).
     pub completed: Option<String>,
@@ -723,7 +729,7 @@ impl Tracker {
             Some(t) => t.clone(),
             None => unknown_statement(statement).into(),
         };
-        let mut portal = (text, params, values);
+        let mut portal = (text, params, values, false);
         if self.held() + portal.weight() > MAX_HELD_BYTES {
             portal.2 = None;
         }
@@ -735,10 +741,18 @@ impl Tracker {
 
     /// What the Execute of `portal` ran. A portal the tracker does not hold
     /// is unknown when the server ran it (`ok`), and nothing when the server
-    /// refused the Execute (no such portal).
-    fn executed(&self, portal: String, ok: bool) -> Executed {
-        let (statement, params, values) = match self.portals.get(portal.as_str()) {
-            Some((text, params, values)) => (text.clone(), *params, values.clone()),
+    /// refused the Execute (no such portal). The first Execute of a portal
+    /// takes its values (they are on the record once, however many
+    /// Executes fetch its rows).
+    fn executed(&mut self, portal: String, ok: bool) -> Executed {
+        let mut continued = false;
+        let (statement, params, values) = match self.portals.get(portal.as_str()).cloned() {
+            Some((text, params, values, before)) => {
+                continued = before;
+                self.portals
+                    .insert(portal.clone(), (text.clone(), params, None, true));
+                (text, params, values)
+            }
             None if ok => (
                 format!(
                     "(portal {portal:?} not known to wicket: an SQL cursor, or beyond what \
@@ -755,6 +769,7 @@ impl Tracker {
             statement,
             params,
             values,
+            continued,
             answered: true,
             completed: None,
             not_as_bound: false,
@@ -794,8 +809,9 @@ impl Tracker {
         let Some(Sent::Execute { portal }) = self.pending.front() else {
             return None;
         };
+        let portal = portal.clone();
         let report = !self.front_answered;
-        let ran = report.then(|| self.executed(portal.clone(), ok));
+        let ran = report.then(|| self.executed(portal, ok));
         self.front_answered = true;
         if done {
             self.pop();
@@ -909,10 +925,11 @@ mod tests {
             .collect()
     }
 
-    /// A Bind's values weigh what holding them costs, NULLs too, and every
-    /// Execute of its portal shares them rather than copying them.
+    /// A Bind's values weigh what holding them costs, NULLs too, and the
+    /// first Execute of its portal takes them: the later ones (fetching more
+    /// rows) say they continue it, and the portal no longer holds them.
     #[test]
-    fn bound_values_are_weighed_per_value_and_shared_by_executes() {
+    fn bound_values_are_weighed_per_value_and_taken_by_the_first_execute() {
         let mut t = Tracker::new(100);
         parse(&mut t, "", "SELECT 1");
         let values: Values = vec![None; 1000].into();
@@ -928,15 +945,34 @@ mod tests {
             execute(&mut t, "p");
         }
         t.sent(Sent::Sync).unwrap();
-        let ran: Vec<Executed> = b"12sss"
+        let ran: Vec<Executed> = b"12sssZ"
             .iter()
             .filter_map(|&tag| t.received(tag, b'I').unwrap())
             .collect();
         assert_eq!(ran.len(), 3);
-        for e in &ran {
-            assert!(Arc::ptr_eq(e.values.as_ref().unwrap(), &values));
+        assert!(Arc::ptr_eq(ran[0].values.as_ref().unwrap(), &values));
+        assert!(!ran[0].continued);
+        for e in &ran[1..] {
+            assert_eq!((e.values.is_none(), e.continued), (true, true), "{e:?}");
+            assert_eq!((&*e.statement, e.params), ("SELECT 1", 1000));
         }
-        assert!(t.held() >= 1000 * VALUE_COST);
+        assert!(t.held() < 1000 * VALUE_COST, "{}", t.held());
+        // A new Bind of the same portal starts over.
+        t.sent(Sent::Bind {
+            portal: "p".into(),
+            statement: "".into(),
+            params: 1000,
+            values: Some(values.clone()),
+        })
+        .unwrap();
+        execute(&mut t, "p");
+        t.sent(Sent::Sync).unwrap();
+        let ran: Vec<Executed> = b"2s"
+            .iter()
+            .filter_map(|&tag| t.received(tag, b'I').unwrap())
+            .collect();
+        assert_eq!(ran.len(), 1);
+        assert!(!ran[0].continued && ran[0].values.is_some());
     }
 
     #[test]
