@@ -3,7 +3,7 @@
 //! It makes the user's keys locally (they never leave the machine), logs in
 //! to wicketd over HTTPS (pinned CA, then mutual TLS with the issued client
 //! certificate), keeps one credential profile per proxy and user under
-//! `$WICKET_HOME` in the formats OpenSSH, psql and kubectl read, and prints
+//! `$WICKET_HOME` in the formats OpenSSH and psql read, and prints
 //! what it knows as text or JSON. It holds no policy: every decision is the
 //! daemon's. It does not link the daemon or its database driver; the wire
 //! types come from `wicket-api`.

@@ -1,4 +1,4 @@
-//! `wicketd` command line: start, check-config, users.
+//! `wicketd` command line: start, check-config, users, nodes, databases.
 
 use crate::config::{self, Config};
 use crate::error::{Error, Result};

@@ -1,5 +1,5 @@
 //! The daemon library's one error type. HTTP status mapping lives in
-//! `api::error` and nowhere else.
+//! `impl IntoResponse for Error` (`api.rs`) and nowhere else.
 
 /// Everything the daemon's library code can fail with.
 #[derive(Debug, thiserror::Error)]

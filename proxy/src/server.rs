@@ -1,5 +1,6 @@
-//! Starting wicketd: open the store, load or generate the CAs, bind the API
-//! listener, and serve HTTPS until shutdown.
+//! Starting wicketd: load or generate the CAs, open the store, bind the API,
+//! PostgreSQL and SSH listeners, start the background tasks, and serve until
+//! shutdown.
 
 use crate::admission::{Admission, Gate};
 use crate::api::{self, ConnInfo};

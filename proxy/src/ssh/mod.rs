@@ -8,7 +8,8 @@
 //! `WICKET-ROUTE 1 <host> <port>\n` naming the target, then becomes a byte
 //! pipe. wicketd reads that line before the SSH version exchange, strips the
 //! cluster suffix (`db-1.CLUSTER` → node `db-1`), and presents a host
-//! certificate for `db-1.CLUSTER` and `db-1` signed by Wicket's host CA, so
+//! certificate for `db-1.CLUSTER` and `db-1` signed by Wicket's proxy host
+//! CA (not the nodes' host CA), so
 //! the client's `@cert-authority` line verifies it with no prompt. A client
 //! that connects without the line (`ssh -p 3022 root@db-1@proxy`) gets the
 //! proxy's own host certificate and is routed by the `LOGIN@NODE` user name.
@@ -17,7 +18,7 @@
 //! user certificate for exactly the login, valid about one minute, whose key
 //! ID names user, session and request IDs (so the node's auth log shows
 //! which request let someone in). It verifies the node's host certificate
-//! against Wicket's host CA, or the host key pinned in the config.
+//! against Wicket's node host CA, or the host key pinned in the config.
 
 mod api;
 pub use api::RecordingData;
