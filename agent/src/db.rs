@@ -716,7 +716,7 @@ pub fn print_db_session(
         let d = &e.data;
         let text = match e.kind.as_str() {
             "session_started" => format!(
-                "-- session {} by {} on {} as {} (database {}), requests [{}]",
+                "-- session {} by {} on {} as {} (database {}), requests [{}]{}",
                 d["session_id"].as_str().unwrap_or(""),
                 d["user"].as_str().unwrap_or(""),
                 d["resource"].as_str().unwrap_or(""),
@@ -729,6 +729,10 @@ pub fn print_db_session(
                         .filter_map(|v| v.as_str())
                         .collect::<Vec<_>>()
                         .join(", "))
+                    .unwrap_or_default(),
+                d["parameters"]
+                    .as_object()
+                    .map(|p| format!(", parameters {}", serde_json::Value::Object(p.clone())))
                     .unwrap_or_default()
             ),
             "db_query" => d["statement"].as_str().unwrap_or("").to_owned(),

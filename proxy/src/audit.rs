@@ -98,6 +98,10 @@ pub enum AuditEvent {
         /// Database name (PostgreSQL sessions).
         #[serde(skip_serializing_if = "Option::is_none")]
         database: Option<String>,
+        /// The other startup parameters a PostgreSQL session began with
+        /// (`options`, `application_name`, `search_path`, ...), as sent on.
+        #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        parameters: std::collections::BTreeMap<String, String>,
         reason: String,
     },
     SessionEnded {

@@ -221,6 +221,13 @@ fn psql_pgbench_driver_and_copy_through_the_tunnel_with_every_statement_audited(
     );
     assert_eq!(events[0]["data"]["database"], "app");
     assert_eq!(events[0]["data"]["login"], "app");
+    // The other startup parameters, as sent on (user, database and the
+    // resource are fields of their own).
+    let parameters = events[0]["data"]["parameters"].as_object().unwrap();
+    assert_eq!(parameters["application_name"], "psql", "{parameters:?}");
+    for own in ["user", "database", "wicket_database"] {
+        assert!(!parameters.contains_key(own), "{parameters:?}");
+    }
     assert_eq!(
         events[0]["data"]["request_ids"],
         serde_json::json!([request_id])
@@ -257,6 +264,8 @@ fn psql_pgbench_driver_and_copy_through_the_tunnel_with_every_statement_audited(
     let play = s.alice.ok(&["play", &session, "--no-wait"]).unwrap().stdout;
     assert!(play.contains(marker), "{play}");
     assert!(play.contains("session ended"), "{play}");
+    assert!(play.contains(", parameters {"), "{play}");
+    assert!(play.contains("\"application_name\":\"psql\""), "{play}");
     let pj = s
         .alice
         .ok(&["play", &session, "--format", "json"])

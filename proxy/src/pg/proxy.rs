@@ -678,6 +678,12 @@ impl PgProxy {
                 session: sref.clone(),
                 source: caller.source.to_string(),
                 database: Some(db_name.clone()),
+                // The startup message is at most MAX_STARTUP bytes.
+                parameters: params
+                    .iter()
+                    .filter(|(k, _)| !matches!(k.as_str(), "user" | "database" | RESOURCE_PARAM))
+                    .cloned()
+                    .collect(),
                 reason: decided.decision.reason.clone(),
             },
             now.timestamp_millis(),

@@ -1250,6 +1250,7 @@ impl Conn {
             session: sref.clone(),
             source: self.peer.ip().to_string(),
             database: None,
+            parameters: Default::default(),
             reason: decision.reason.clone(),
         };
         if let Err(e) = wicket.audit(started, now).await {
