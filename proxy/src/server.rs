@@ -373,6 +373,9 @@ async fn accept_loop(
                 let deadline = admitted
                     .deadline()
                     .min(tokio::time::Instant::now() + HANDSHAKE_TIMEOUT);
+                // Under TLS, so every write that reaches the socket counts
+                // (TLS may take bytes and still wait on a flush).
+                let tcp = StallLimited::new(tcp, send_timeout, peer);
                 let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
@@ -422,10 +425,7 @@ async fn accept_loop(
                 let served = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(
-                        TokioIo::new(StallLimited::new(tls, send_timeout, peer)),
-                        service,
-                    );
+                    .serve_connection(TokioIo::new(tls), service);
                 tokio::pin!(served);
                 let served = if certified {
                     served.await
@@ -595,5 +595,70 @@ mod tests {
             "the slow reader took longer than the limit in all"
         );
         assert_eq!(reader.await.unwrap(), vec![9u8; 512]);
+    }
+
+    /// Under TLS (as the API has it), a client that reads steadily, if
+    /// slowly, is never cut, however long TLS holds bytes for it: every
+    /// write that reaches it counts. (Above TLS, a flush that moved bytes
+    /// but still waited did not, and this client was cut.)
+    #[tokio::test]
+    async fn a_steady_reader_under_tls_is_not_cut() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rng = ring::rand::SystemRandom::new();
+        let now = clock::now().timestamp();
+        let (keys, _) = AuthorityKeys::generate("t", now - 60, &rng).unwrap();
+        let keys = Arc::new(keys);
+        let server = tls::server_config(
+            keys.clone(),
+            &["localhost".to_owned()],
+            now,
+            tls::ClientCerts::Optional,
+        )
+        .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from(
+                keys.tls.cert_der().to_vec(),
+            ))
+            .unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let limit = Duration::from_millis(300);
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let peer = SocketAddr::from(([127, 0, 0, 1], 1));
+        let sent = 160 * 1024;
+        let serving = tokio::spawn(async move {
+            let mut tls = TlsAcceptor::from(server)
+                .accept(StallLimited::new(ours, limit, peer))
+                .await?;
+            tls.write_all(&vec![5u8; sent]).await?;
+            tls.flush().await?;
+            tls.shutdown().await
+        });
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client))
+            .connect(name, theirs)
+            .await
+            .unwrap();
+        // 2 KiB every 20 ms: about 100 KiB/s, so what TLS holds (up to
+        // 64 KiB) takes longer than the limit to go.
+        let mut got = 0;
+        let mut chunk = [0u8; 2048];
+        let started = tokio::time::Instant::now();
+        while got < sent {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            match tls.read(&mut chunk).await.unwrap() {
+                0 => break,
+                n => got += n,
+            }
+        }
+        assert_eq!(got, sent);
+        assert!(started.elapsed() > limit * 3, "{:?}", started.elapsed());
+        serving.await.unwrap().unwrap();
     }
 }

@@ -319,7 +319,8 @@ pub struct Limits {
     /// How long an API response may wait for its client to take a byte
     /// (default 60s), like nginx's `send_timeout`; then the connection
     /// ends. A client that stops reading a download (a recording sent from
-    /// the store) lets go of its place and what was read for it.
+    /// the store) lets go of its place and what was read for it; one that
+    /// keeps taking a little, however slowly, is not cut (as with nginx).
     pub send_timeout: Duration,
     /// SSH channels each side of a connection (the user, the node) may open
     /// at once (default 300, more than the 256 that may be open at once);
