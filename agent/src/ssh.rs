@@ -489,9 +489,15 @@ impl Spooled {
         use std::io::{Seek, SeekFrom};
         let keeping = "keeping the recording in a temporary file (the directory $TMPDIR names)";
         let mut file = tempfile::tempfile().context(keeping)?;
+        // A file that cannot take more (a full disk) ends it as a broken
+        // download would: what it kept is shown, then why it stopped.
         let broken = loop {
             match download.chunk().await {
-                Ok(Some(chunk)) => file.write_all(&chunk).context(keeping)?,
+                Ok(Some(chunk)) => {
+                    if let Err(e) = file.write_all(&chunk) {
+                        break Some(anyhow::Error::new(e).context(keeping));
+                    }
+                }
                 Ok(None) => break None,
                 Err(e) => break Some(e),
             }
