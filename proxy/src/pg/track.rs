@@ -731,7 +731,9 @@ impl Tracker {
         };
         let mut portal = (text, params, values, false);
         if self.held() + portal.weight() > MAX_HELD_BYTES {
-            portal.2 = None;
+            // Recorded as none of them (its event counts them all as not
+            // recorded), not as values that were never asked for.
+            portal.2 = portal.2.map(|_| Values::from([]));
         }
         if self.held() + portal.weight() > MAX_HELD_BYTES {
             portal.0 = unknown_statement(statement).into();
@@ -1559,6 +1561,43 @@ mod tests {
         execute(&mut t, "p39");
         t.sent(Sent::Sync).unwrap();
         assert_eq!(answer(&mut t, b"CZ"), vec![unknown_statement("s")]);
+    }
+
+    /// A Bind whose values do not fit what the session holds keeps none of
+    /// them, and its Execute says so (an empty list: every value counts as
+    /// not recorded), not as though values were never asked for.
+    #[test]
+    fn values_past_what_a_session_holds_are_reported_as_left_out() {
+        let mut t = Tracker::new(10_000);
+        let big = "x".repeat(1 << 20);
+        for i in 0..31 {
+            parse(&mut t, &format!("s{i}"), &big);
+            t.sent(Sent::Sync).unwrap();
+            answer(&mut t, b"1Z");
+        }
+        parse(&mut t, "v", "SELECT $1, $2, $3");
+        t.sent(Sent::Sync).unwrap();
+        answer(&mut t, b"1Z");
+        let value = Some("y".repeat(1 << 20));
+        t.sent(Sent::Bind {
+            portal: "".into(),
+            statement: "v".into(),
+            params: 3,
+            values: Some(vec![value.clone(), value.clone(), value].into()),
+        })
+        .unwrap();
+        execute(&mut t, "");
+        t.sent(Sent::Sync).unwrap();
+        let ran: Vec<Executed> = b"2CZ"
+            .iter()
+            .filter_map(|&tag| t.received(tag, b'I').unwrap())
+            .collect();
+        assert_eq!(ran.len(), 1);
+        assert_eq!(
+            (&*ran[0].statement, ran[0].params),
+            ("SELECT $1, $2, $3", 3)
+        );
+        assert_eq!(ran[0].values.as_deref().map(<[_]>::len), Some(0));
     }
 
     /// Client messages for the model below (names 0 = unnamed).
