@@ -551,10 +551,15 @@ impl Wicket {
             }
         }
         // Kept for the sessions live now: one that opened during this round
-        // keeps what its decision read.
-        let (users, ids) = (self.sessions.users(), self.sessions.request_ids());
+        // keeps what its decision read (read under the lock its seed takes,
+        // so a seed is never made between the read and the pruning).
+        let users = self.sessions.users();
         locked(&self.checks.users).retain(|k, _| users.contains(k));
-        locked(&self.checks.requests).retain(|k, _| ids.contains(k));
+        {
+            let mut requests = locked(&self.checks.requests);
+            let ids = self.sessions.request_ids();
+            requests.retain(|k, _| ids.contains(k));
+        }
         self.index.forget_ended(&gone_users, &gone_requests).await;
         ended
     }
