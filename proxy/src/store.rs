@@ -698,7 +698,7 @@ impl Store {
     /// Runs the migrations not applied yet. `marker` is the file that says
     /// this CA key set keyed a chain before ([`key_chain`]).
     async fn migrate(&self, marker: &Path) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         if self.backend == Backend::Postgres {
             // One migrator at a time across every wicketd sharing this database.
             sqlx::query("SELECT pg_advisory_xact_lock(7305818)")
@@ -829,8 +829,16 @@ impl Store {
         Ok(row.try_get::<Option<i64>, _>(0)?.unwrap_or(0))
     }
 
+    /// A transaction. On SQLite it takes the write lock at once (`BEGIN
+    /// IMMEDIATE`, waiting up to the busy timeout): a deferred one that read
+    /// and then wrote would fail at once (SQLITE_BUSY_SNAPSHOT, which no
+    /// busy timeout waits out) whenever another connection or process,
+    /// `wicketd users add` say, wrote in between.
     pub async fn begin(&self) -> Result<Transaction<'static, Any>> {
-        Ok(self.pool.begin().await?)
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        })
     }
 
     // ---- users -------------------------------------------------------------

@@ -1753,6 +1753,52 @@ fn a_team_lead_is_the_lead_of_the_users_recorded_team() {
     });
 }
 
+/// Two processes on one SQLite store (wicketd and `wicketd users add`,
+/// say): a transaction that reads and then writes waits for the other's
+/// write rather than failing with "database is locked" (a deferred one
+/// failed at once with SQLITE_BUSY_SNAPSHOT, which no busy timeout waits
+/// out, whenever the other wrote in between).
+#[test]
+fn a_transaction_that_reads_then_writes_outlasts_another_process_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (w, a, now) = wicket_with_ann_and_ben(dir.path()).await;
+        let (_, _, b) = wicketd::server::open_keys_and_store(&w.config)
+            .await
+            .unwrap();
+        let mut tx = a.begin().await.unwrap();
+        let row = sqlx::query("SELECT COUNT(*) FROM users")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(sqlx::Row::get::<i64, _>(&row, 0), 2);
+        // The other process writes now, if it may.
+        let other = wicketd::service::add_user(
+            &w.config,
+            &b,
+            "cid",
+            vec!["access".into()],
+            None,
+            None,
+            false,
+            now,
+        );
+        tokio::pin!(other);
+        let early = tokio::time::timeout(std::time::Duration::from_millis(500), &mut other).await;
+        sqlx::query("UPDATE users SET team = team WHERE name = 'ann'")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        match early {
+            Ok(r) => r,
+            Err(_) => other.await,
+        }
+        .unwrap();
+        assert!(a.get_user("cid").await.unwrap().is_some());
+    });
+}
+
 /// A session's grant is known from the decision it opened on: a store
 /// that fails before the watcher's first read of it still ends the session
 /// at the grant's end (not only after `session.unverified_grace`).
