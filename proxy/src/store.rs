@@ -841,6 +841,12 @@ impl Store {
         })
     }
 
+    /// A transaction that only reads (one moment's view): on SQLite it takes
+    /// no write lock, so writers go on while it reads. Never write in it.
+    async fn begin_read(&self) -> Result<Transaction<'static, Any>> {
+        Ok(self.pool.begin().await?)
+    }
+
     // ---- users -------------------------------------------------------------
 
     /// Creates a user and its audit event in one transaction.
@@ -1311,7 +1317,7 @@ impl Store {
     /// With `after` `None`, every user and every active request: a whole
     /// index to start from.
     pub async fn changes(&self, after: Option<i64>) -> Result<Changes> {
-        let mut tx = self.begin().await?;
+        let mut tx = self.begin_read().await?;
         let head: i64 = sqlx::query("SELECT seq FROM change_feed WHERE id = 1")
             .fetch_one(&mut *tx)
             .await?
@@ -1941,7 +1947,7 @@ impl Store {
         let _one = self.verifying.lock().await;
         // What it reads is one moment's chain (a snapshot), so events
         // appended while it walks are neither missed nor "removed".
-        let mut tx = self.begin().await?;
+        let mut tx = self.begin_read().await?;
         if self.backend == Backend::Postgres {
             sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 .execute(&mut *tx)
