@@ -2569,15 +2569,20 @@ fn a_malformed_flush_ends_the_session_before_it_reaches_the_server() {
     );
 }
 
-/// A Bind of text values (unnamed portal and statement).
-fn bind_texts(values: &[&[u8]]) -> Vec<u8> {
+/// A Bind of text values, `None` for NULL (unnamed portal and statement).
+fn bind_texts(values: &[Option<&[u8]>]) -> Vec<u8> {
     let n = u16::try_from(values.len()).unwrap();
     let mut body = b"\0\0".to_vec();
     body.extend_from_slice(&0u16.to_be_bytes());
     body.extend_from_slice(&n.to_be_bytes());
     for v in values {
-        body.extend_from_slice(&i32::try_from(v.len()).unwrap().to_be_bytes());
-        body.extend_from_slice(v);
+        match v {
+            Some(v) => {
+                body.extend_from_slice(&i32::try_from(v.len()).unwrap().to_be_bytes());
+                body.extend_from_slice(v);
+            }
+            None => body.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
     }
     body.extend_from_slice(&0u16.to_be_bytes());
     RawFrontend::msg(b'B', &[&body])
@@ -2598,23 +2603,9 @@ fn bound_values_are_audited_when_the_config_says_so() {
         .write_all(&RawFrontend::query("SELECT 'values-marker'"))
         .unwrap();
     f.until_ready(1);
-    // Bind: unnamed portal and statement, no format codes, two values
-    // ('41' and NULL), no result format codes.
-    let bind = RawFrontend::msg(
-        b'B',
-        &[
-            b"\0\0",
-            &0u16.to_be_bytes(),
-            &2u16.to_be_bytes(),
-            &2i32.to_be_bytes(),
-            b"41",
-            &(-1i32).to_be_bytes(),
-            &0u16.to_be_bytes(),
-        ],
-    );
     let batch = [
         RawFrontend::parse("", "SELECT $1::int + 1, $2::text IS NULL"),
-        bind,
+        bind_texts(&[Some(b"41"), None]),
         RawFrontend::execute(""),
         RawFrontend::sync(),
     ]
@@ -2626,7 +2617,7 @@ fn bound_values_are_audited_when_the_config_says_so() {
     let one_row = RawFrontend::msg(b'E', &[b"\0", &1u32.to_be_bytes()]);
     let batch = [
         RawFrontend::parse("", "SELECT generate_series(1, 3), $1::text"),
-        bind_texts(&[b"fetched"]),
+        bind_texts(&[Some(b"fetched")]),
         one_row.clone(),
         one_row,
         RawFrontend::sync(),
@@ -2644,7 +2635,14 @@ fn bound_values_are_audited_when_the_config_says_so() {
     let big = vec![b'v'; 60 * 1024];
     let batch = [
         RawFrontend::parse("", "SELECT length($1||$2||$3||$4||$5||$6)"),
-        bind_texts(&[&big, &big, &big, &big, &big, b"last"]),
+        bind_texts(&[
+            Some(&big),
+            Some(&big),
+            Some(&big),
+            Some(&big),
+            Some(&big),
+            Some(b"last"),
+        ]),
         RawFrontend::execute(""),
         RawFrontend::sync(),
     ]

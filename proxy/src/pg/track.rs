@@ -920,6 +920,13 @@ mod tests {
     }
 
     /// Feeds server messages; returns the statements reported as run.
+    /// The Executes the server's `tags` show ran.
+    fn executes(t: &mut Tracker, tags: &[u8]) -> Vec<Executed> {
+        tags.iter()
+            .filter_map(|&tag| t.received(tag, b'I').unwrap())
+            .collect()
+    }
+
     fn answer(t: &mut Tracker, tags: &[u8]) -> Vec<String> {
         tags.iter()
             .filter_map(|&tag| t.received(tag, b'I').unwrap())
@@ -947,10 +954,7 @@ mod tests {
             execute(&mut t, "p");
         }
         t.sent(Sent::Sync).unwrap();
-        let ran: Vec<Executed> = b"12sssZ"
-            .iter()
-            .filter_map(|&tag| t.received(tag, b'I').unwrap())
-            .collect();
+        let ran = executes(&mut t, b"12sssZ");
         assert_eq!(ran.len(), 3);
         assert!(Arc::ptr_eq(ran[0].values.as_ref().unwrap(), &values));
         assert!(!ran[0].continued);
@@ -969,10 +973,7 @@ mod tests {
         .unwrap();
         execute(&mut t, "p");
         t.sent(Sent::Sync).unwrap();
-        let ran: Vec<Executed> = b"2s"
-            .iter()
-            .filter_map(|&tag| t.received(tag, b'I').unwrap())
-            .collect();
+        let ran = executes(&mut t, b"2s");
         assert_eq!(ran.len(), 1);
         assert!(!ran[0].continued && ran[0].values.is_some());
     }
@@ -1588,10 +1589,7 @@ mod tests {
         .unwrap();
         execute(&mut t, "");
         t.sent(Sent::Sync).unwrap();
-        let ran: Vec<Executed> = b"2CZ"
-            .iter()
-            .filter_map(|&tag| t.received(tag, b'I').unwrap())
-            .collect();
+        let ran = executes(&mut t, b"2CZ");
         assert_eq!(ran.len(), 1);
         assert_eq!(
             (&*ran[0].statement, ran[0].params),
