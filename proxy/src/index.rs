@@ -48,8 +48,6 @@ pub struct Held {
     pub id: uuid::Uuid,
     /// The change that left it in this state.
     pub seq: i64,
-    pub starts_at: DateTime<Utc>,
-    pub expires_at: DateTime<Utc>,
     /// The request as read: its roles and resources for decisions, and a
     /// start for the session watcher when a session opens on it.
     pub request: Arc<AccessRequest>,
@@ -64,8 +62,6 @@ impl Held {
         Some(Self {
             id: uuid::Uuid::parse_str(&req.id).ok()?,
             seq,
-            starts_at: req.starts_at?,
-            expires_at: req.expires_at?,
             request: Arc::new(req.clone()),
         })
     }
@@ -171,7 +167,7 @@ impl Index {
             .get(user)?
             .grants
             .iter()
-            .find(|g| g.id == id && g.starts_at <= now && now < g.expires_at)
+            .find(|g| g.id == id && g.request.grants_at(now))
             .map(|g| g.request.clone())
     }
 
