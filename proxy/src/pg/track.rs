@@ -310,6 +310,15 @@ impl<V: Weight> Weighed<V> {
         }
     }
 
+    /// Changes `name`'s value in place (if held), weighing it again.
+    fn update<R>(&mut self, name: &str, change: impl FnOnce(&mut V) -> R) -> Option<R> {
+        let v = self.map.get_mut(name)?;
+        self.bytes -= v.weight();
+        let r = change(v);
+        self.bytes += v.weight();
+        Some(r)
+    }
+
     fn clear(&mut self) {
         self.map.clear();
         self.bytes = 0;
@@ -747,12 +756,17 @@ impl Tracker {
     /// takes its values (they are on the record once, however many
     /// Executes fetch its rows).
     fn executed(&mut self, portal: String, ok: bool) -> Executed {
+        // In place: this runs once per Execute.
+        let taken = self
+            .portals
+            .update(&portal, |(text, params, values, before)| {
+                let continued = std::mem::replace(before, true);
+                (text.clone(), *params, values.take(), continued)
+            });
         let mut continued = false;
-        let (statement, params, values) = match self.portals.get(portal.as_str()).cloned() {
+        let (statement, params, values) = match taken {
             Some((text, params, values, before)) => {
                 continued = before;
-                self.portals
-                    .insert(portal.clone(), (text.clone(), params, None, true));
                 (text, params, values)
             }
             None if ok => (
