@@ -934,6 +934,13 @@ mod tests {
     }
 
     /// Feeds server messages; returns the statements reported as run.
+    /// Parses `text` as statement `name`, syncs, and reads the answers.
+    fn keep_statement(t: &mut Tracker, name: &str, text: &str) {
+        parse(t, name, text);
+        t.sent(Sent::Sync).unwrap();
+        answer(t, b"1Z");
+    }
+
     /// The Executes the server's `tags` show ran.
     fn executes(t: &mut Tracker, tags: &[u8]) -> Vec<Executed> {
         tags.iter()
@@ -1544,9 +1551,7 @@ mod tests {
         let mut t = Tracker::new(10_000);
         let big = "x".repeat(1 << 20);
         for i in 0..40 {
-            parse(&mut t, &format!("s{i}"), &big);
-            t.sent(Sent::Sync).unwrap();
-            answer(&mut t, b"1Z");
+            keep_statement(&mut t, &format!("s{i}"), &big);
             assert!(t.held() <= MAX_HELD_BYTES);
         }
         bind(&mut t, "", "s39");
@@ -1586,13 +1591,9 @@ mod tests {
         let mut t = Tracker::new(10_000);
         let big = "x".repeat(1 << 20);
         for i in 0..31 {
-            parse(&mut t, &format!("s{i}"), &big);
-            t.sent(Sent::Sync).unwrap();
-            answer(&mut t, b"1Z");
+            keep_statement(&mut t, &format!("s{i}"), &big);
         }
-        parse(&mut t, "v", "SELECT $1, $2, $3");
-        t.sent(Sent::Sync).unwrap();
-        answer(&mut t, b"1Z");
+        keep_statement(&mut t, "v", "SELECT $1, $2, $3");
         let value = Some("y".repeat(1 << 20));
         t.sent(Sent::Bind {
             portal: "".into(),
