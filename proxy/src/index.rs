@@ -285,7 +285,7 @@ impl Wicket {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::error::Error;
     use wicket_policy::{Engine, NewRequest, Requester};
@@ -308,7 +308,7 @@ mod tests {
 
     /// A request by `who` for `dev-admin` (self-approved in the example
     /// configuration, so active at once).
-    fn grant(who: &str, now: DateTime<Utc>) -> AccessRequest {
+    pub(crate) fn grant(who: &str, now: DateTime<Utc>) -> AccessRequest {
         let text = include_str!("../../deploy/wicket.yaml");
         let cfg = crate::config::parse(text, std::path::Path::new("/tmp")).unwrap();
         let engine = Engine::new(&cfg.policy);

@@ -382,7 +382,7 @@ impl Wicket {
                 {
                     // Deliver at once here; other proxies sharing the store
                     // see the new state on their next session check.
-                    self.signal_sessions(&next, now);
+                    self.grant_ended_here(&next, now);
                 }
                 return Ok(next);
             }

@@ -386,14 +386,18 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn read_ok(map: &Mutex<BTreeMap<String, Check>>, key: &str, state: Option<Arc<AccessRequest>>) {
-    locked(map).insert(
-        key.to_owned(),
-        Check {
-            failing_since: None,
-            last: state,
-        },
-    );
+fn read_ok(map: &Mutex<BTreeMap<String, Check>>, key: &str) {
+    locked(map).insert(key.to_owned(), Check::default());
+}
+
+/// Remembers `req` as the newest state of its grant. An ended request never
+/// grants again, so an end is never replaced by a state that still granted:
+/// a watcher's read made before a revoke here, say, that it stores after.
+fn learned(check: &mut Check, req: Arc<AccessRequest>) {
+    let ended = |r: &AccessRequest| r.state.is_terminal();
+    if ended(&req) || !check.last.as_deref().is_some_and(ended) {
+        check.last = Some(req);
+    }
 }
 
 fn read_failed(map: &Mutex<BTreeMap<String, Check>>, key: &str, now: DateTime<Utc>) {
@@ -474,6 +478,23 @@ impl Wicket {
         Some(handle)
     }
 
+    /// Delivers a grant's end made on this wicketd (a revoke, a drop, its
+    /// expiry) to its live sessions, and remembers it: a session whose
+    /// decision read the grant just before, and that registers just after,
+    /// is ended by [`Wicket::enforce_sessions`] with it, though the store
+    /// fails before the watcher reads the grant again. (What is remembered
+    /// is kept for the sessions live at the watcher's next round.) Returns
+    /// how many sessions were told to end.
+    pub(crate) fn grant_ended_here(&self, req: &AccessRequest, now: DateTime<Utc>) -> usize {
+        learned(
+            locked(&self.checks.requests)
+                .entry(req.id.clone())
+                .or_default(),
+            Arc::new(req.clone()),
+        );
+        self.signal_sessions(req, now)
+    }
+
     /// Re-reads from the store the grant and the user behind every live
     /// session, remembers them, and acts on what changed: a disabled or
     /// removed user's sessions end, a grant's state is delivered
@@ -508,14 +529,14 @@ impl Wicket {
                             continue;
                         }
                         Some(Ok(u)) if !u.disabled => {
-                            read_ok(&self.checks.users, user, None);
+                            read_ok(&self.checks.users, user);
                             ended += self.recheck_standing(u);
                             continue;
                         }
                         Some(Ok(_)) => Some(format!("user {user:?} was disabled")),
                         None => Some(format!("user {user:?} no longer exists")),
                     };
-                    read_ok(&self.checks.users, user, None);
+                    read_ok(&self.checks.users, user);
                     let Some(why) = why else { continue };
                     ended += self.sessions.end_for_user(user, &why);
                     gone_users.push(user.clone());
@@ -539,7 +560,10 @@ impl Wicket {
                     if !req.grants_at(now) {
                         gone_requests.push(id.clone());
                     }
-                    read_ok(&self.checks.requests, id, Some(Arc::new(req)));
+                    let mut known = locked(&self.checks.requests);
+                    let check = known.entry(id.clone()).or_default();
+                    check.failing_since = None;
+                    learned(check, Arc::new(req));
                 }
                 // Unread, corrupt or gone (requests are never deleted):
                 // unverified, so `unverified_grace` applies.
@@ -671,6 +695,28 @@ impl Wicket {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn an_ended_grant_is_not_replaced_by_an_older_read_that_still_granted() {
+        let now = DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::days(20_000);
+        let active = crate::index::tests::grant("ann", now);
+        let mut revoked = active.clone();
+        revoked.state = wicket_policy::State::Revoked;
+        let mut check = Check::default();
+        let state = |c: &Check| c.last.as_ref().map(|r| r.state);
+        learned(&mut check, Arc::new(active.clone()));
+        assert_eq!(state(&check), Some(active.state));
+        learned(&mut check, Arc::new(revoked.clone()));
+        assert_eq!(state(&check), Some(wicket_policy::State::Revoked));
+        // A read made before the revoke, stored after it.
+        learned(&mut check, Arc::new(active));
+        assert_eq!(state(&check), Some(wicket_policy::State::Revoked));
+        // One end may follow another (as read after a local end).
+        let mut expired = revoked;
+        expired.state = wicket_policy::State::Expired;
+        learned(&mut check, Arc::new(expired));
+        assert_eq!(state(&check), Some(wicket_policy::State::Expired));
+    }
 
     #[test]
     fn sessions_end_with_their_certificate_warned_before() {

@@ -1799,81 +1799,107 @@ fn a_transaction_that_reads_then_writes_outlasts_another_process_writing() {
     });
 }
 
+/// ann's grant of `ops` for 10 minutes, approved by sam, and the decision
+/// of a session on it (the policy allows it). The grace is longer than the
+/// grant.
+async fn a_decided_session_on_a_grant(
+    dir: &std::path::Path,
+) -> (
+    wicketd::service::Wicket,
+    Store,
+    chrono::DateTime<chrono::Utc>,
+    wicket_api::Grant,
+    wicketd::service::SessionDecision,
+) {
+    use wicket_api::{CreateRequest, ReviewBody};
+    let yaml = "version: 1\nsession: { unverified_grace: 1h }\nteams:\n  search: { lead: sam, members: [ ann, sam ] }\nroles:\n  dev:\n    logins: [\"{{user}}\"]\n    nodes: { env: dev }\n    request: { roles: [ops] }\n  ops:\n    logins: [root]\n    nodes: { env: dev }\napproval:\n  - roles: [ops]\n    require: { any_of: [ team_lead ] }\n";
+    let cfg = wicketd::config::parse(yaml, dir).unwrap();
+    let users = [
+        ("ann", "dev", Some("search")),
+        ("sam", "dev", Some("search")),
+    ];
+    let (w, store, now) = wicket_with(dir, cfg, &users).await;
+    let live = now.timestamp() + 3600;
+    let ask = CreateRequest {
+        roles: vec!["ops".into()],
+        reason: "deploy".into(),
+        duration: Some("10m".into()),
+        ..Default::default()
+    };
+    let grant = w
+        .create_request(&caller_of("ann", live), ask, now)
+        .await
+        .unwrap();
+    let review = ReviewBody {
+        verdict: "approve".into(),
+        reason: "ok".into(),
+        ..Default::default()
+    };
+    let grant = w
+        .review_request(&caller_of("sam", live), &grant.id, review, now)
+        .await
+        .unwrap();
+    assert_eq!(grant.status, "active", "{grant:?}");
+    let caller = wicketd::service::Caller {
+        request_ids: vec![grant.id.clone()],
+        ..caller_of("ann", live)
+    };
+    let decided = w
+        .decide_session(&caller, now, |_, _| wicket_policy::Decision::allow("ok"))
+        .await
+        .unwrap();
+    assert_eq!(decided.request_ids, std::slice::from_ref(&grant.id));
+    (w, store, now, grant, decided)
+}
+
+/// Registers a session on `decided` ([`wicketd::service::Wicket::open_session`]).
+fn open_decided(
+    w: &wicketd::service::Wicket,
+    decided: &wicketd::service::SessionDecision,
+    now: chrono::DateTime<chrono::Utc>,
+    end: i64,
+) -> wicketd::sessions::SessionHandle {
+    let info = wicketd::sessions::SessionInfo {
+        protocol: "ssh",
+        user: "ann".into(),
+        resource: "node".into(),
+        login: "root".into(),
+        request_ids: decided.request_ids.clone(),
+        started: now,
+        valid_until: end,
+        basis: decided.basis.clone(),
+        held_standing: vec![],
+    };
+    w.open_session(info, &decided.requests).unwrap()
+}
+
+/// Makes every later read of grants and users fail.
+async fn break_grant_reads(store: &Store) {
+    exec(
+        store,
+        &[
+            "ALTER TABLE access_requests RENAME TO gone_requests",
+            "ALTER TABLE users RENAME TO gone_users",
+        ],
+    )
+    .await;
+}
+
 /// A session's grant is known from the decision it opened on: a store
 /// that fails before the watcher's first read of it still ends the session
 /// at the grant's end (not only after `session.unverified_grace`).
 #[test]
 fn a_session_ends_at_its_grants_end_before_the_watcher_ever_read_it() {
-    use wicket_api::{CreateRequest, ReviewBody};
-    use wicketd::sessions::{SessionInfo, Signal};
+    use wicketd::sessions::Signal;
     let dir = tempfile::tempdir().unwrap();
-    // The grace is longer than the grant.
-    let yaml = "version: 1\nsession: { unverified_grace: 1h }\nteams:\n  search: { lead: sam, members: [ ann, sam ] }\nroles:\n  dev:\n    logins: [\"{{user}}\"]\n    nodes: { env: dev }\n    request: { roles: [ops] }\n  ops:\n    logins: [root]\n    nodes: { env: dev }\napproval:\n  - roles: [ops]\n    require: { any_of: [ team_lead ] }\n";
     rt().block_on(async {
-        let cfg = wicketd::config::parse(yaml, dir.path()).unwrap();
-        let users = [
-            ("ann", "dev", Some("search")),
-            ("sam", "dev", Some("search")),
-        ];
-        let (w, store, now) = wicket_with(dir.path(), cfg, &users).await;
-        let live = now.timestamp() + 3600;
-        let ask = CreateRequest {
-            roles: vec!["ops".into()],
-            reason: "deploy".into(),
-            duration: Some("10m".into()),
-            ..Default::default()
-        };
-        let grant = w
-            .create_request(&caller_of("ann", live), ask, now)
-            .await
-            .unwrap();
-        let review = ReviewBody {
-            verdict: "approve".into(),
-            reason: "ok".into(),
-            ..Default::default()
-        };
-        let grant = w
-            .review_request(&caller_of("sam", live), &grant.id, review, now)
-            .await
-            .unwrap();
-        assert_eq!(grant.status, "active", "{grant:?}");
+        let (w, store, now, grant, decided) = a_decided_session_on_a_grant(dir.path()).await;
         let end = grant.expires_at.unwrap();
-        let caller = wicketd::service::Caller {
-            request_ids: vec![grant.id.clone()],
-            ..caller_of("ann", live)
-        };
-        let decided = w
-            .decide_session(&caller, now, |_, _| wicket_policy::Decision::allow("ok"))
-            .await
-            .unwrap();
-        assert_eq!(decided.request_ids, std::slice::from_ref(&grant.id));
-        let session = w
-            .open_session(
-                SessionInfo {
-                    protocol: "ssh",
-                    user: "ann".into(),
-                    resource: "node".into(),
-                    login: "root".into(),
-                    request_ids: decided.request_ids.clone(),
-                    started: now,
-                    valid_until: end.timestamp(),
-                    basis: decided.basis.clone(),
-                    held_standing: vec![],
-                },
-                &decided.requests,
-            )
-            .unwrap();
+        let session = open_decided(&w, &decided, now, end.timestamp());
         // The store fails before the watcher's first round (its reads of
         // grants and users fail from now on), so what the decision read is
         // all there is.
-        exec(
-            &store,
-            &[
-                "ALTER TABLE access_requests RENAME TO gone_requests",
-                "ALTER TABLE users RENAME TO gone_users",
-            ],
-        )
-        .await;
+        break_grant_reads(&store).await;
         assert_eq!(w.refresh_sessions(now).await, 0);
         let before = end - chrono::Duration::seconds(1);
         assert_eq!(w.enforce_sessions(before), 0);
@@ -1891,6 +1917,40 @@ fn a_session_ends_at_its_grants_end_before_the_watcher_ever_read_it() {
             why.contains(&format!("access request {} expired", grant.id)),
             "{why}"
         );
+    });
+}
+
+/// A grant ended on this wicketd between a session's decision and its
+/// registration: the decision's older read does not outlive it. The
+/// session ends at once, though the store fails before the watcher reads
+/// the grant again.
+#[test]
+fn a_grant_ended_between_a_sessions_decision_and_its_start_ends_it_without_the_store() {
+    use wicketd::sessions::Signal;
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (w, store, now, grant, decided) = a_decided_session_on_a_grant(dir.path()).await;
+        let live = now.timestamp() + 3600;
+        let dropped = w
+            .request_action(
+                &caller_of("ann", live),
+                &grant.id,
+                "drop",
+                wicket_api::ActionBody::default(),
+                now,
+            )
+            .await
+            .unwrap();
+        assert_eq!(dropped.status, "expired", "{dropped:?}");
+        let session = open_decided(&w, &decided, now, grant.expires_at.unwrap().timestamp());
+        break_grant_reads(&store).await;
+        assert_eq!(w.refresh_sessions(now).await, 0);
+        assert_eq!(w.enforce_sessions(now), 1);
+        let why = match &*session.signal.borrow() {
+            Signal::End(why) => why.clone(),
+            other => panic!("still {other:?}"),
+        };
+        assert!(why.contains(&grant.id), "{why}");
     });
 }
 
