@@ -930,21 +930,27 @@ async fn search(
 /// The most events wicketd returns for one search.
 const MAX_SEARCH: u32 = 10_000;
 
-/// Every event of `session`, oldest first.
-async fn session_events(client: &Client, session: &str) -> Result<Vec<wicket_api::AuditEventView>> {
+/// Every event of `session`, oldest first, a page at a time to `take`.
+async fn session_events(
+    client: &Client,
+    session: &str,
+    take: impl FnMut(Vec<wicket_api::AuditEventView>) -> Result<()>,
+) -> Result<()> {
     let filter = [("session", Some(session.to_owned()))];
-    let (events, _) = search_pages(client, &filter, None, usize::MAX).await?;
-    Ok(events)
+    search_pages(client, &filter, None, usize::MAX, take).await?;
+    Ok(())
 }
 
 /// The events a search matches, oldest first from `since`, up to `limit`,
-/// read in pages as large as wicketd gives. Also says whether more may match.
+/// read in pages as large as wicketd gives, each page to `take`. Returns
+/// whether more may match.
 async fn search_pages(
     client: &Client,
     filter: &[(&str, Option<String>)],
     since: Option<DateTime<Utc>>,
     limit: usize,
-) -> Result<(Vec<wicket_api::AuditEventView>, bool)> {
+    take: impl FnMut(Vec<wicket_api::AuditEventView>) -> Result<()>,
+) -> Result<bool> {
     let fetch = |since: Option<DateTime<Utc>>, n: usize| {
         let mut query = filter.to_vec();
         query.push((
@@ -953,65 +959,71 @@ async fn search_pages(
         ));
         async move { search(client, &query, u32::try_from(n).unwrap_or(MAX_SEARCH)).await }
     };
-    read_pages(fetch, since, limit, MAX_SEARCH as usize).await
+    read_pages(fetch, since, limit, MAX_SEARCH as usize, take).await
 }
 
 /// Reads up to `limit` events, oldest first, in pages of at most `page`
 /// from `fetch(since, n)` (the first `n` events at or after `since`, oldest
-/// first, as wicketd's search gives them). Each page starts at the time of
-/// the last event read, and the events already read at that time are passed
-/// over. Returns the events and whether more may match.
+/// first, as wicketd's search gives them), and gives each page to `take`
+/// as it comes: what is held is a page, however many match. Each page
+/// starts at the time of the last event read, and the events already read
+/// at that time are passed over. Returns whether more may match.
 async fn read_pages<F, Fut>(
     mut fetch: F,
     mut since: Option<DateTime<Utc>>,
     limit: usize,
     page: usize,
-) -> Result<(Vec<wicket_api::AuditEventView>, bool)>
+    mut take: impl FnMut(Vec<wicket_api::AuditEventView>) -> Result<()>,
+) -> Result<bool>
 where
     F: FnMut(Option<DateTime<Utc>>, usize) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<wicket_api::AuditEventView>>>,
 {
-    let mut all: Vec<wicket_api::AuditEventView> = Vec::new();
     if limit == 0 {
-        return Ok((all, true));
+        return Ok(true);
     }
+    // Events given so far, and the IDs of those at the last one's time.
+    let mut given = 0usize;
+    let mut seen: std::collections::HashSet<String> = Default::default();
+    let mut seen_at: Option<DateTime<Utc>> = None;
     loop {
-        let seen: std::collections::HashSet<String> = match since {
-            Some(t) => all
-                .iter()
-                .rev()
-                .take_while(|e| e.time == t)
-                .map(|e| e.id.clone())
-                .collect(),
-            None => Default::default(),
-        };
         // The events already read at `since` come again: room for them too,
         // and for one past the limit, to tell whether more match.
-        let want = (limit - all.len())
+        let want = (limit - given)
             .saturating_add(seen.len())
             .saturating_add(1)
             .min(page);
         let got = fetch(since, want).await?;
         let full = got.len() >= want;
         let last = got.last().map(|e| e.time);
-        let before = all.len();
-        all.extend(got.into_iter().filter(|e| !seen.contains(&e.id)));
-        if all.len() > limit {
-            all.truncate(limit);
-            return Ok((all, true));
+        let mut fresh: Vec<_> = got.into_iter().filter(|e| !seen.contains(&e.id)).collect();
+        let over = given + fresh.len() > limit;
+        fresh.truncate(limit - given);
+        // A whole page at one millisecond: no way past it by time.
+        let stuck = fresh.is_empty() || last == since;
+        given += fresh.len();
+        for e in &fresh {
+            if seen_at != Some(e.time) {
+                seen.clear();
+                seen_at = Some(e.time);
+            }
+            seen.insert(e.id.clone());
+        }
+        take(fresh)?;
+        if over {
+            return Ok(true);
         }
         if !full {
-            return Ok((all, false));
+            return Ok(false);
         }
-        if all.len() == before || last == since {
-            // A whole page at one millisecond: no way past it by time.
+        if stuck {
             eprintln!(
                 "wicket: warning: more than {page} matching events share one millisecond \
                  ({}); the list stops there",
                 last.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
                     .unwrap_or_default()
             );
-            return Ok((all, true));
+            return Ok(true);
         }
         since = last;
     }
@@ -1035,11 +1047,17 @@ async fn play(args: crate::ssh::PlayArgs) -> Result<()> {
         PlayFormat::Json => (Format::Json, true),
         PlayFormat::Cast => (Format::Text, true),
     };
-    let events = session_events(&client, session).await?;
-    if events.is_empty() {
-        bail!("no session {session:?} (or none of its events are yours to read)");
-    }
-    if let Some(deleted) = events.iter().find(|e| e.kind == "recording_deleted") {
+    // Asked first: the events of a long session come after it.
+    let deleted = search(
+        &client,
+        &[
+            ("session", Some(session.to_owned())),
+            ("kind", Some("recording_deleted".to_owned())),
+        ],
+        1,
+    )
+    .await?;
+    if let Some(deleted) = deleted.first() {
         bail!(
             "the recording of session {session} was deleted at {}: recordings are kept {} after \
              their session ended (session.recording_retention); its audit events remain \
@@ -1050,14 +1068,28 @@ async fn play(args: crate::ssh::PlayArgs) -> Result<()> {
             deleted.data["kept_for"].as_str().unwrap_or("?")
         );
     }
-    if matches!(args.format, PlayFormat::Cast) || events.iter().any(|e| e.data["protocol"] == "ssh")
-    {
-        bail!(
-            "session {session} has no recording here; its audit events: \
-             wicket audit search --session {session}"
-        );
+    // Printed a page at a time, as read: a session of millions of
+    // statements is never held whole.
+    let mut printer = crate::db::DbPrinter::new(format, speed, !no_wait);
+    session_events(&client, session, |page| {
+        let first = printer.is_empty() && !page.is_empty();
+        if first
+            && (matches!(args.format, PlayFormat::Cast)
+                || page.iter().any(|e| e.data["protocol"] == "ssh"))
+        {
+            bail!(
+                "session {session} has no recording here; its audit events: \
+                 wicket audit search --session {session}"
+            );
+        }
+        page.iter().try_for_each(|e| printer.take(e))
+    })
+    .await?;
+    if printer.is_empty() {
+        bail!("no session {session:?} (or none of its events are yours to read)");
     }
-    crate::db::print_db_session(&events, format, speed, !no_wait)
+    printer.finish();
+    Ok(())
 }
 
 async fn audit_verify(format: Format) -> Result<()> {
@@ -1099,7 +1131,12 @@ async fn audit_search(
 ) -> Result<()> {
     let (_, _, client) = authenticated_client()?;
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    let (events, more) = search_pages(&client, filter, since, limit).await?;
+    let mut events = Vec::new();
+    let more = search_pages(&client, filter, since, limit, |page| {
+        events.extend(page);
+        Ok(())
+    })
+    .await?;
     if more {
         // Oldest first: what is left out is the newest.
         let next = events
@@ -1418,16 +1455,21 @@ mod tests {
     }
 
     /// Pages through `store` as wicketd's search would answer; also counts
-    /// the calls.
+    /// the calls. Each page is taken before the next is asked for.
     fn read(
         store: &[AuditEventView],
         since: Option<DateTime<Utc>>,
         limit: usize,
         page: usize,
     ) -> (Vec<String>, bool, usize) {
-        let mut calls = 0;
+        let (calls, taken) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
         let fetch = |since: Option<DateTime<Utc>>, n: usize| {
-            calls += 1;
+            assert_eq!(
+                taken.get(),
+                calls.get(),
+                "a page asked for before the last was taken"
+            );
+            calls.set(calls.get() + 1);
             assert!(n <= page, "asked for {n}, more than a page");
             let got: Vec<AuditEventView> = store
                 .iter()
@@ -1440,8 +1482,17 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let (got, more) = rt.block_on(read_pages(fetch, since, limit, page)).unwrap();
-        (got.into_iter().map(|e| e.id).collect(), more, calls)
+        let mut got = Vec::new();
+        let more = rt
+            .block_on(read_pages(fetch, since, limit, page, |p| {
+                taken.set(taken.get() + 1);
+                assert!(p.len() <= page, "a page of {}", p.len());
+                got.extend(p.into_iter().map(|e| e.id));
+                Ok(())
+            }))
+            .unwrap();
+        assert_eq!(taken.get(), calls.get());
+        (got, more, calls.get())
     }
 
     proptest! {

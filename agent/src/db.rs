@@ -700,132 +700,160 @@ fn values_shown(d: &serde_json::Value) -> String {
     }
 }
 
-/// Prints a database session's statements with their timing.
-pub fn print_db_session(
-    events: &[wicket_api::AuditEventView],
+/// The line shown for a database session's event (`None`: a kind not
+/// shown).
+fn event_text(e: &wicket_api::AuditEventView) -> Option<String> {
+    let d = &e.data;
+    let text = match e.kind.as_str() {
+        "session_started" => format!(
+            "-- session {} by {} on {} as {} (database {}), requests [{}]{}",
+            d["session_id"].as_str().unwrap_or(""),
+            d["user"].as_str().unwrap_or(""),
+            d["resource"].as_str().unwrap_or(""),
+            d["login"].as_str().unwrap_or(""),
+            d["database"].as_str().unwrap_or(""),
+            d["request_ids"]
+                .as_array()
+                .map(|a| a
+                    .iter()
+                    .filter_map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default(),
+            d["parameters"]
+                .as_object()
+                .map(|p| format!(", parameters {}", serde_json::Value::Object(p.clone())))
+                .unwrap_or_default()
+        ),
+        "db_query" => d["statement"].as_str().unwrap_or("").to_owned(),
+        "db_parse" => format!(
+            "-- parse {}: {}",
+            d["name"].as_str().unwrap_or(""),
+            d["statement"].as_str().unwrap_or("")
+        ),
+        "db_execute" => format!(
+            "{} -- execute ({} parameters{}){}{}{}",
+            d["statement"].as_str().unwrap_or(""),
+            d["params"],
+            values_shown(d),
+            if d["continued"] == true {
+                " -- continued: more rows of the portal executed before"
+            } else {
+                ""
+            },
+            d.get("completed")
+                .and_then(|v| v.as_str())
+                .map(|t| format!(": {t}"))
+                .unwrap_or_default(),
+            if d["not_as_bound"] == true {
+                " -- NOT the statement bound: dynamic SQL changed the portal; \
+                 see the queries before"
+            } else if d["unanswered"] == true {
+                " -- unanswered: the connection ended first; it may have run"
+            } else {
+                ""
+            }
+        ),
+        "db_function_call" => format!(
+            "-- function call: OID {} ({} arguments{})",
+            d["function_oid"],
+            d["args"],
+            values_shown(d)
+        ),
+        "db_copy" => format!(
+            "-- copy {}: {}",
+            d["direction"].as_str().unwrap_or(""),
+            d["statement"].as_str().unwrap_or("")
+        ),
+        "db_skipped" => format!(
+            "-- skipped by the server (an earlier error, until Sync): {}",
+            d["statement"].as_str().unwrap_or("")
+        ),
+        "db_error" => format!(
+            "-- error {}: {}",
+            d["code"].as_str().unwrap_or(""),
+            d["message"].as_str().unwrap_or("")
+        ),
+        "session_ended" => format!(
+            "-- session ended: {} ({} statements, {} bytes in, {} bytes out)",
+            d["reason"].as_str().unwrap_or(""),
+            d["statements"],
+            d["bytes_from_client"],
+            d["bytes_to_client"]
+        ),
+        _ => return None,
+    };
+    Some(text)
+}
+
+/// Prints a database session's statements with their timing as its events
+/// come (oldest first, a page at a time): one event is held, not the
+/// session. `--format json` writes one array, element by element.
+pub struct DbPrinter {
     format: Format,
     speed: f64,
     realtime: bool,
-) -> Result<()> {
-    let start = events
-        .first()
-        .map(|e| e.time)
-        .ok_or_else(|| anyhow!("no events for this session"))?;
-    let mut rows = Vec::new();
-    for e in events {
-        let d = &e.data;
-        let text = match e.kind.as_str() {
-            "session_started" => format!(
-                "-- session {} by {} on {} as {} (database {}), requests [{}]{}",
-                d["session_id"].as_str().unwrap_or(""),
-                d["user"].as_str().unwrap_or(""),
-                d["resource"].as_str().unwrap_or(""),
-                d["login"].as_str().unwrap_or(""),
-                d["database"].as_str().unwrap_or(""),
-                d["request_ids"]
-                    .as_array()
-                    .map(|a| a
-                        .iter()
-                        .filter_map(|v| v.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "))
-                    .unwrap_or_default(),
-                d["parameters"]
-                    .as_object()
-                    .map(|p| format!(", parameters {}", serde_json::Value::Object(p.clone())))
-                    .unwrap_or_default()
-            ),
-            "db_query" => d["statement"].as_str().unwrap_or("").to_owned(),
-            "db_parse" => format!(
-                "-- parse {}: {}",
-                d["name"].as_str().unwrap_or(""),
-                d["statement"].as_str().unwrap_or("")
-            ),
-            "db_execute" => format!(
-                "{} -- execute ({} parameters{}){}{}{}",
-                d["statement"].as_str().unwrap_or(""),
-                d["params"],
-                values_shown(d),
-                if d["continued"] == true {
-                    " -- continued: more rows of the portal executed before"
-                } else {
-                    ""
-                },
-                d.get("completed")
-                    .and_then(|v| v.as_str())
-                    .map(|t| format!(": {t}"))
-                    .unwrap_or_default(),
-                if d["not_as_bound"] == true {
-                    " -- NOT the statement bound: dynamic SQL changed the portal; \
-                     see the queries before"
-                } else if d["unanswered"] == true {
-                    " -- unanswered: the connection ended first; it may have run"
-                } else {
-                    ""
-                }
-            ),
-            "db_function_call" => format!(
-                "-- function call: OID {} ({} arguments{})",
-                d["function_oid"],
-                d["args"],
-                values_shown(d)
-            ),
-            "db_copy" => format!(
-                "-- copy {}: {}",
-                d["direction"].as_str().unwrap_or(""),
-                d["statement"].as_str().unwrap_or("")
-            ),
-            "db_skipped" => format!(
-                "-- skipped by the server (an earlier error, until Sync): {}",
-                d["statement"].as_str().unwrap_or("")
-            ),
-            "db_error" => format!(
-                "-- error {}: {}",
-                d["code"].as_str().unwrap_or(""),
-                d["message"].as_str().unwrap_or("")
-            ),
-            "session_ended" => format!(
-                "-- session ended: {} ({} statements, {} bytes in, {} bytes out)",
-                d["reason"].as_str().unwrap_or(""),
-                d["statements"],
-                d["bytes_from_client"],
-                d["bytes_to_client"]
-            ),
-            _ => continue,
+    /// The first event's time: offsets count from it.
+    start: Option<chrono::DateTime<chrono::Utc>>,
+    /// The offset of the last line shown (for real-time pauses).
+    last: f64,
+    json: crate::out::JsonArray,
+}
+
+impl DbPrinter {
+    pub fn new(format: Format, speed: f64, realtime: bool) -> Self {
+        Self {
+            format,
+            speed,
+            realtime,
+            start: None,
+            last: 0.0,
+            json: Default::default(),
+        }
+    }
+
+    /// Whether no event came yet.
+    pub fn is_empty(&self) -> bool {
+        self.start.is_none()
+    }
+
+    /// Shows `e`, the next event of the session.
+    pub fn take(&mut self, e: &wicket_api::AuditEventView) -> Result<()> {
+        let start = *self.start.get_or_insert(e.time);
+        let Some(text) = event_text(e) else {
+            return Ok(());
         };
         let offset = (e.time - start).num_milliseconds() as f64 / 1000.0;
-        rows.push((offset, e.kind.clone(), text, e));
-    }
-    match format {
-        Format::Json => {
-            let out: Vec<serde_json::Value> = rows
-                .iter()
-                .map(|(offset, kind, text, e)| {
-                    serde_json::json!({
-                        "offset_secs": offset,
-                        "time": e.time,
-                        "kind": kind,
-                        "text": text,
-                        "data": e.data,
-                    })
-                })
-                .collect();
-            crate::out::json(&out)?;
-        }
-        Format::Text => {
-            let mut last = 0.0;
-            for (offset, _, text, _) in &rows {
-                if realtime && *offset > last {
+        match self.format {
+            Format::Json => {
+                let row = serde_json::json!({
+                    "offset_secs": offset,
+                    "time": e.time,
+                    "kind": e.kind,
+                    "text": text,
+                    "data": e.data,
+                });
+                self.json.push(&row)?;
+            }
+            Format::Text => {
+                if self.realtime && offset > self.last {
                     std::thread::sleep(std::time::Duration::from_secs_f64(
-                        ((offset - last) / speed).min(60.0),
+                        ((offset - self.last) / self.speed).min(60.0),
                     ));
                 }
-                last = *offset;
-                outln!("[{offset:>9.3}s] {}", printable(text));
+                self.last = offset;
+                outln!("[{offset:>9.3}s] {}", printable(&text));
             }
         }
+        Ok(())
     }
-    Ok(())
+
+    /// Ends what was printed (the JSON array).
+    pub fn finish(self) {
+        if matches!(self.format, Format::Json) {
+            self.json.finish();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -69,6 +69,28 @@ pub fn json_safe(text: &str) -> String {
     out
 }
 
+/// A JSON array written an element at a time (each as [`json`] writes a
+/// value), for results too long to hold whole. [`JsonArray::finish`]
+/// closes it.
+#[derive(Debug, Default)]
+pub struct JsonArray {
+    written: usize,
+}
+
+impl JsonArray {
+    pub fn push<T: serde::Serialize + ?Sized>(&mut self, value: &T) -> anyhow::Result<()> {
+        let text = json_safe(&serde_json::to_string_pretty(value)?);
+        raw(if self.written == 0 { b"[\n" } else { b",\n" });
+        raw(text.as_bytes());
+        self.written += 1;
+        Ok(())
+    }
+
+    pub fn finish(self) {
+        raw(if self.written == 0 { b"[]\n" } else { b"\n]\n" });
+    }
+}
+
 fn raw(bytes: &[u8]) {
     let mut stdout = std::io::stdout().lock();
     if let Err(e) = stdout.write_all(bytes) {

@@ -1478,7 +1478,8 @@ fn a_cut_pipeline_does_not_run_on() {
 }
 
 /// `wicket play` replays a whole database session, past the 10,000 events
-/// one audit search returns (it reads them in pages).
+/// one audit search returns (it reads them in pages and prints each page as
+/// it comes), every statement once and in order, as JSON and as text.
 #[test]
 fn a_session_of_more_events_than_one_search_returns_replays_whole() {
     let (s, t) = with_ledger();
@@ -1516,12 +1517,54 @@ fn a_session_of_more_events_than_one_search_returns_replays_whole() {
         .filter_map(|e| e["text"].as_str())
         .filter(|t| t.starts_with("select "))
         .collect();
-    assert_eq!(texts.len(), n + 1);
-    assert_eq!(texts[n], format!("select {};", n - 1));
-    let mut unique = texts.clone();
-    unique.sort_unstable();
-    unique.dedup();
-    assert_eq!(unique.len(), n + 1, "no event twice");
+    let want: Vec<String> = std::iter::once("select 'paging-marker';".to_owned())
+        .chain((0..n).map(|i| format!("select {i};")))
+        .collect();
+    assert_eq!(texts, want);
+    let text = s.alice.ok(&["play", &session, "--no-wait"]).unwrap().stdout;
+    let lines: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_once("s] select ").map(|(_, t)| t))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        n + 1,
+        "{}",
+        &text[text.len().saturating_sub(500)..]
+    );
+    assert_eq!(lines[n], format!("{};", n - 1));
+    assert!(text
+        .trim_end()
+        .lines()
+        .last()
+        .unwrap()
+        .contains("-- session ended"));
+    // A database session has no terminal recording; an unknown one has no
+    // events: each says so, before anything is printed.
+    let cast = s
+        .alice
+        .run(&["play", &session, "--format", "cast"], "")
+        .unwrap();
+    assert!(!cast.ok && cast.stdout.is_empty(), "{cast:?}");
+    assert!(
+        cast.stderr.contains("has no recording here"),
+        "{}",
+        cast.stderr
+    );
+    let none = s
+        .alice
+        .run(
+            &[
+                "play",
+                "00000000-0000-4000-8000-000000000000",
+                "--format",
+                "json",
+            ],
+            "",
+        )
+        .unwrap();
+    assert!(!none.ok && none.stdout.is_empty(), "{none:?}");
+    assert!(none.stderr.contains("no session"), "{}", none.stderr);
 }
 
 /// PostgreSQL tells statements and portals apart by their first 63 bytes.
