@@ -394,10 +394,33 @@ CREATE TABLE session_requests (
         postgres: &["CREATE TABLE session_recording_parts (session_id TEXT NOT NULL, \
              part BIGINT NOT NULL, data BYTEA NOT NULL, PRIMARY KEY (session_id, part))"],
     },
+    // The requests past the first named by an event that is not a session's
+    // (a login carrying several grants, a session refused under several),
+    // so a search by any of them finds it, as `session_requests` does for
+    // sessions. Written with the event ([`MANY_REQUEST_KINDS`]); events
+    // from before are found when this runs ([`event_requests_from_events`]).
+    Migration {
+        version: 18,
+        sql: r#"
+CREATE TABLE event_requests (
+    request_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    PRIMARY KEY (request_id, event_id)
+)
+"#,
+        sqlite: &[],
+        postgres: &[],
+    },
 ];
 
 /// The migration that adds [`session_requests_from_events`].
 const SESSION_REQUESTS_MIGRATION: i64 = 16;
+/// The migration that adds [`event_requests_from_events`].
+const EVENT_REQUESTS_MIGRATION: i64 = 18;
+/// The kinds of events outside a session that may name several requests
+/// (`request_ids`); the first is their `request_id`, the others are in
+/// `event_requests`.
+const MANY_REQUEST_KINDS: [&str; 2] = ["login_succeeded", "session_denied"];
 
 /// What a wicketd from before schema 17, still running beside newer ones
 /// on a shared store, reads as the file of a recording stored in parts: a
@@ -488,11 +511,14 @@ async fn next_change(tx: &mut Transaction<'static, Any>) -> Result<i64> {
     )
 }
 
-/// Audit events under request `$1`: those naming it, and those of the
-/// sessions that stood on it among other requests ([`session_requests`]).
+/// Audit events under request `$1`: those naming it first, those of the
+/// sessions that stood on it among other requests ([`session_requests`]),
+/// and the other events that named it among others ([`event_requests`]).
 ///
 /// [`session_requests`]: SESSION_REQUESTS_MIGRATION
-const BY_REQUEST: &str = "(request_id = $1 OR session_id IN (SELECT session_id FROM session_requests WHERE request_id = $1))";
+/// [`event_requests`]: EVENT_REQUESTS_MIGRATION
+const BY_REQUEST: &str = "(request_id = $1 OR session_id IN (SELECT session_id FROM session_requests WHERE request_id = $1) \
+     OR id IN (SELECT event_id FROM event_requests WHERE request_id = $1))";
 
 /// Counts one requester's requests awaiting review (`$1`: the requester).
 const AWAITING_REVIEW: &str =
@@ -748,6 +774,9 @@ impl Store {
             }
             if m.version == SESSION_REQUESTS_MIGRATION {
                 session_requests_from_events(&mut tx).await?;
+            }
+            if m.version == EVENT_REQUESTS_MIGRATION {
+                event_requests_from_events(&mut tx).await?;
             }
             sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
                 .bind(m.version)
@@ -2365,37 +2394,53 @@ async fn insert_audit(
         }
         q.execute(&mut **tx).await?;
     }
-    for r in rows.iter().filter(|r| r.kind == "session_started") {
-        if let Some(session) = &r.session_id {
-            note_session_requests(tx, session, &r.data).await?;
+    for r in rows {
+        if r.kind == "session_started" {
+            if let Some(session) = &r.session_id {
+                note_requests(tx, Noted::Session, session, &r.data).await?;
+            }
+        } else if MANY_REQUEST_KINDS.contains(&r.kind.as_str()) {
+            note_requests(tx, Noted::Event, &r.id, &r.data).await?;
         }
     }
     chain.store(tx).await
 }
 
-/// Records the requests a session stands on past the first, from its
-/// `session_started` event's data (`request_ids`).
-async fn note_session_requests(
+/// What [`note_requests`] links requests to.
+#[derive(Debug, Clone, Copy)]
+enum Noted {
+    /// A session (`session_requests`): every event of it.
+    Session,
+    /// One event (`event_requests`).
+    Event,
+}
+
+/// Records the requests past the first that an event names, from its data
+/// (`request_ids`): linked to `key`, the session it starts or the event.
+async fn note_requests(
     tx: &mut Transaction<'static, Any>,
-    session: &str,
+    noted: Noted,
+    key: &str,
     data: &str,
 ) -> Result<()> {
     #[derive(serde::Deserialize)]
-    struct Started {
+    struct Named {
         #[serde(default)]
         request_ids: Vec<String>,
     }
-    let ids = serde_json::from_str::<Started>(data)
+    let ids = serde_json::from_str::<Named>(data)
         .map(|s| s.request_ids)
         .unwrap_or_default();
+    let sql = match noted {
+        Noted::Session => "INSERT INTO session_requests (request_id, session_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        Noted::Event => "INSERT INTO event_requests (request_id, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    };
     for id in ids.iter().skip(1) {
-        sqlx::query(
-            "INSERT INTO session_requests (request_id, session_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(id)
-        .bind(session)
-        .execute(&mut **tx)
-        .await?;
+        sqlx::query(sql)
+            .bind(id)
+            .bind(key)
+            .execute(&mut **tx)
+            .await?;
     }
     Ok(())
 }
@@ -2403,20 +2448,52 @@ async fn note_session_requests(
 /// Migration 16: the sessions stored before it that stood on several
 /// requests, read a page of `session_started` events at a time.
 async fn session_requests_from_events(tx: &mut Transaction<'static, Any>) -> Result<()> {
+    requests_from_events(
+        tx,
+        Noted::Session,
+        "SELECT id, session_id, data FROM audit_events \
+         WHERE kind = 'session_started' AND session_id IS NOT NULL AND id > $1 ORDER BY id LIMIT $2",
+    )
+    .await
+}
+
+/// Migration 18: the events stored before it that named several requests
+/// ([`MANY_REQUEST_KINDS`]), a page at a time.
+async fn event_requests_from_events(tx: &mut Transaction<'static, Any>) -> Result<()> {
+    let kinds: Vec<String> = MANY_REQUEST_KINDS
+        .iter()
+        .map(|k| format!("'{k}'"))
+        .collect();
+    requests_from_events(
+        tx,
+        Noted::Event,
+        &format!(
+            "SELECT id, id, data FROM audit_events \
+             WHERE kind IN ({}) AND id > $1 ORDER BY id LIMIT $2",
+            kinds.join(", ")
+        ),
+    )
+    .await
+}
+
+/// Runs `select` (ID, the key to note under, data; after ID `$1`, `$2` of
+/// them) page after page, noting each row's requests past the first.
+async fn requests_from_events(
+    tx: &mut Transaction<'static, Any>,
+    noted: Noted,
+    select: &str,
+) -> Result<()> {
     const PAGE: i64 = 1000;
     let mut after = String::new();
     loop {
-        let rows = sqlx::query(
-            "SELECT id, session_id, data FROM audit_events \
-             WHERE kind = 'session_started' AND session_id IS NOT NULL AND id > $1 ORDER BY id LIMIT $2",
-        )
-        .bind(&after)
-        .bind(PAGE)
-        .fetch_all(&mut **tx)
-        .await?;
+        let rows = sqlx::query(select)
+            .bind(&after)
+            .bind(PAGE)
+            .fetch_all(&mut **tx)
+            .await?;
         for r in &rows {
-            let (session, data): (String, String) = (r.try_get(1)?, r.try_get(2)?);
-            note_session_requests(tx, &session, &data).await?;
+            let (key, data): (String, String) = (r.try_get(1)?, r.try_get(2)?);
+            note_requests(tx, noted, &key, &data).await?;
         }
         match rows.last() {
             Some(last) if rows.len() as i64 == PAGE => after = last.try_get(0)?,

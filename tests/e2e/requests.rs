@@ -1109,6 +1109,30 @@ fn dropping_grants_passes_over_one_revoked_meanwhile() {
         .unwrap();
     let st = t.cli("alice").status().unwrap();
     assert_eq!(st["request_ids"].as_array().unwrap().len(), 2, "{st}");
+    // The login that carried both is on the record of each.
+    for id in [&revoked, &live] {
+        let logins = t.json(
+            "frank",
+            &[
+                "audit",
+                "search",
+                "--request",
+                id,
+                "--kind",
+                "login_succeeded",
+            ],
+        );
+        let carried = |e: &Value| {
+            let ids = e["data"]["request_ids"].as_array().unwrap();
+            ids.len() == 2
+                && ids.contains(&Value::from(&revoked[..]))
+                && ids.contains(&Value::from(&live[..]))
+        };
+        assert!(
+            logins.as_array().unwrap().iter().any(carried),
+            "{id}: {logins}"
+        );
+    }
     t.cli("frank")
         .ok(&["request", "revoke", &revoked, "--reason", "not needed"])
         .unwrap();

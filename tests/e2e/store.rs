@@ -1229,10 +1229,11 @@ async fn recordings(store: &Store) {
     assert!(store.recording_part("s0", 0).await.unwrap().is_none());
 }
 
-/// Migrations 15 and 16 on a store from before them. 15 marks the
+/// Migrations 15 to 18 on a store from before them. 15 marks the
 /// requests that await a review: by state, and break-glass grants nobody
 /// acknowledged (by their document). 16 finds the sessions that stood on
-/// several requests from their `session_started` events.
+/// several requests from their `session_started` events, and 18 the other
+/// events that named several (a login, a refusal).
 async fn migrations_from_14(storage: &Storage, dir: &std::path::Path) {
     let store = Store::open(storage, dir, key_in(dir)).await.unwrap();
     let started = |session: &str, ids: &str| AuditRow {
@@ -1254,7 +1255,47 @@ async fn migrations_from_14(storage: &Storage, dir: &std::path::Path) {
         started("three", r#"["b1","b22","b333"]"#),
     ];
     store.append_audit_batch(&sessions).await.unwrap();
-    exec(&store, &["DELETE FROM session_requests"]).await;
+    // Events outside a session that name several requests: found by each.
+    let named = |id: &str, kind: &str, ids: &str| AuditRow {
+        request_id: Some("b1".into()),
+        data: format!(r#"{{"event":"{kind}","request_ids":{ids}}}"#),
+        ..event(id, kind, "erin", 5_001)
+    };
+    store
+        .append_audit_batch(&[
+            named("login-2", "login_succeeded", r#"["b1","b22"]"#),
+            named("denied-3", "session_denied", r#"["b1","b22","b333"]"#),
+            named("login-1", "login_succeeded", r#"["b1"]"#),
+            // Another kind's list is not read.
+            named("other", "access_denied", r#"["b1","b22"]"#),
+        ])
+        .await
+        .unwrap();
+    let events_by_request = |store: Store, id: &'static str| async move {
+        let f = AuditFilter {
+            request_id: Some(id.into()),
+            ..Default::default()
+        };
+        let found = store.search_audit(&f).await.unwrap();
+        let mut ids: Vec<String> = found
+            .into_iter()
+            .filter(|e| e.session_id.is_none())
+            .map(|e| e.id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+    assert_eq!(
+        events_by_request(store.clone(), "b22").await,
+        ["denied-3", "login-2"]
+    );
+    assert_eq!(events_by_request(store.clone(), "b333").await, ["denied-3"]);
+    exec(
+        &store,
+        &["DELETE FROM session_requests", "DELETE FROM event_requests"],
+    )
+    .await;
+    assert!(events_by_request(store.clone(), "b22").await.is_empty());
     let row = |id: &str, state: &str, doc: &str| StoredRequest {
         id: id.into(),
         requester: "erin".into(),
@@ -1319,7 +1360,8 @@ async fn migrations_from_14(storage: &Storage, dir: &std::path::Path) {
             "DROP INDEX access_requests_awaiting",
             "ALTER TABLE access_requests DROP COLUMN awaiting_review",
             "DROP TABLE session_requests",
-            "DELETE FROM schema_migrations WHERE version IN (15, 16, 17)",
+            "DROP TABLE event_requests",
+            "DELETE FROM schema_migrations WHERE version IN (15, 16, 17, 18)",
         ],
     )
     .await;
@@ -1334,6 +1376,15 @@ async fn migrations_from_14(storage: &Storage, dir: &std::path::Path) {
     assert_eq!(
         by_request(store.clone(), "b1").await,
         ["one", "three", "two"]
+    );
+    assert_eq!(
+        events_by_request(store.clone(), "b22").await,
+        ["denied-3", "login-2"]
+    );
+    assert_eq!(events_by_request(store.clone(), "b333").await, ["denied-3"]);
+    assert_eq!(
+        events_by_request(store.clone(), "b1").await,
+        ["denied-3", "login-1", "login-2", "other"]
     );
     // 17: the old recording reads from its row.
     assert_eq!(store.recording_parts("old").await.unwrap(), Some(0));
