@@ -52,16 +52,27 @@ pub fn json_line(value: &serde_json::Value) {
 /// JSON text with the characters a terminal may act on that JSON leaves
 /// as they are written as `\u` escapes of four hex digits: C1 controls (U+0080 to
 /// U+009F, which some terminals take for ESC sequences), the Unicode
-/// bidirectional controls, and the line and paragraph separators. They
+/// bidirectional controls, and the line and paragraph separators; and,
+/// when the locale is not UTF-8, the characters whose UTF-8 bytes such a
+/// terminal reads as C1 controls ([`crate::term::has_c1_byte`]). They
 /// can only be inside strings, so the document means the same.
 pub fn json_safe(text: &str) -> String {
+    json_safe_in(text, crate::term::locale_utf8())
+}
+
+/// [`json_safe`] for a terminal that takes UTF-8 (`utf8`) or not.
+fn json_safe_in(text: &str, utf8: bool) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         let unsafe_here = crate::term::is_c1(c)
             || crate::term::is_bidi_control(c)
-            || matches!(c, '\u{2028}' | '\u{2029}');
+            || matches!(c, '\u{2028}' | '\u{2029}')
+            || (!utf8 && crate::term::has_c1_byte(c));
         if unsafe_here {
-            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+            // Past U+FFFF, as a surrogate pair.
+            for unit in c.encode_utf16(&mut [0u16; 2]) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
         } else {
             out.push(c);
         }
@@ -125,7 +136,7 @@ mod tests {
             "reason": "ok\u{9d}52;c;aGk=\u{9c} \u{9b}2J \u{202e}txt.exe \u{2028} é ✓",
             "n": 1
         });
-        let text = json_safe(&serde_json::to_string_pretty(&value).unwrap());
+        let text = json_safe_in(&serde_json::to_string_pretty(&value).unwrap(), true);
         for c in ['\u{9d}', '\u{9c}', '\u{9b}', '\u{202e}', '\u{2028}'] {
             assert!(!text.contains(c), "{c:?} in {text}");
         }
@@ -133,5 +144,20 @@ mod tests {
         assert!(text.contains("é ✓"), "{text}");
         let back: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(back, value);
+    }
+
+    /// For a terminal that is not UTF-8, characters with a byte it reads
+    /// as a C1 control are escaped too (past U+FFFF as a surrogate pair),
+    /// and the JSON still reads as the same value.
+    #[test]
+    fn json_for_a_terminal_that_is_not_utf8_has_no_c1_bytes() {
+        let value = serde_json::json!({ "s": "é ě 😀 ok" });
+        let text = json_safe_in(&serde_json::to_string(&value).unwrap(), false);
+        assert!(!text.bytes().any(|b| (0x80..=0x9f).contains(&b)), "{text}");
+        assert!(text.contains("é \\u011b \\ud83d\\ude00 ok"), "{text}");
+        let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, value);
+        let utf8 = json_safe_in(&serde_json::to_string(&value).unwrap(), true);
+        assert!(utf8.contains("é ě 😀 ok"), "{utf8}");
     }
 }

@@ -27,12 +27,39 @@ enum Token<'a> {
 /// `text` safe to print to a terminal: control characters other than
 /// newline and tab (C0, DEL, C1: what starts escape sequences) and the
 /// Unicode bidirectional controls (which can reorder what a line shows)
-/// are written as `\u{..}`. For text that others wrote: statements,
-/// reasons, server messages.
+/// are written as `\u{..}`; so are, when the locale is not UTF-8, the
+/// characters whose UTF-8 bytes such a terminal reads as C1 controls
+/// ([`has_c1_byte`]). For text that others wrote: statements, reasons,
+/// server messages.
 pub fn printable(text: &str) -> String {
+    printable_in(text, locale_utf8())
+}
+
+/// Whether this process's locale says its terminal takes UTF-8
+/// ([`utf8_terminal`], read once).
+pub fn locale_utf8() -> bool {
+    static UTF8: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *UTF8.get_or_init(|| utf8_terminal(|k| std::env::var(k).ok()))
+}
+
+/// Whether `c`'s UTF-8 bytes include one from 0x80 to 0x9F, which a
+/// terminal that is not UTF-8 reads as a C1 control (U+011B is C4 9B: 9B
+/// is CSI).
+pub fn has_c1_byte(c: char) -> bool {
+    let mut buf = [0u8; 4];
+    c.encode_utf8(&mut buf)
+        .bytes()
+        .any(|b| (0x80..=0x9f).contains(&b))
+}
+
+/// [`printable`] for a terminal that takes UTF-8 (`utf8`) or not.
+pub fn printable_in(text: &str, utf8: bool) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if (c.is_control() && c != '\n' && c != '\t') || is_bidi_control(c) {
+        if (c.is_control() && c != '\n' && c != '\t')
+            || is_bidi_control(c)
+            || (!utf8 && has_c1_byte(c))
+        {
             out.extend(c.escape_unicode());
         } else {
             out.push(c);
@@ -383,6 +410,14 @@ mod tests {
         assert!(!utf8_terminal(env(&[("LANG", "de_DE.ISO-8859-1")])));
         assert!(!utf8_terminal(env(&[])));
         assert_eq!(ascii_only("ě\u{9b}x"), "??x");
+        // Printed text: what a terminal that is not UTF-8 reads as a C1
+        // control is escaped for it (ě is C4 9B, 😀 is F0 9F 98 80); é
+        // (C3 A9) is not.
+        assert_eq!(printable_in("é ě 😀 \u{9b}", true), "é ě 😀 \\u{9b}");
+        assert_eq!(
+            printable_in("é ě 😀 \u{9b}", false),
+            "é \\u{11b} \\u{1f600} \\u{9b}"
+        );
         // What a replay leaves behind is itself allowed.
         assert_eq!(terminal_safe(RESET), RESET);
     }
