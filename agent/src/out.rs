@@ -53,11 +53,11 @@ pub fn json_line(value: &serde_json::Value) {
 /// as they are written as `\u` escapes of four hex digits: C1 controls (U+0080 to
 /// U+009F, which some terminals take for ESC sequences), the Unicode
 /// bidirectional controls, and the line and paragraph separators; and,
-/// when the locale is not UTF-8, the characters whose UTF-8 bytes such a
-/// terminal reads as C1 controls ([`crate::term::has_c1_byte`]). They
-/// can only be inside strings, so the document means the same.
+/// on a terminal whose locale is not UTF-8, the characters whose UTF-8
+/// bytes it reads as C1 controls ([`crate::term::has_c1_byte`]). They can
+/// only be inside strings, so the document means the same.
 pub fn json_safe(text: &str) -> String {
-    json_safe_in(text, crate::term::locale_utf8())
+    json_safe_in(text, crate::term::stdout_utf8())
 }
 
 /// [`json_safe`] for a terminal that takes UTF-8 (`utf8`) or not.

@@ -876,7 +876,7 @@ impl<'a> Player<'a> {
             last: 0.0,
             played: 0,
             replay: crate::term::Replay::default(),
-            utf8: crate::term::locale_utf8(),
+            utf8: crate::term::utf8_terminal(|k| std::env::var(k).ok()),
         }
     }
 

@@ -27,19 +27,23 @@ enum Token<'a> {
 /// `text` safe to print to a terminal: control characters other than
 /// newline and tab (C0, DEL, C1: what starts escape sequences) and the
 /// Unicode bidirectional controls (which can reorder what a line shows)
-/// are written as `\u{..}`; so are, when the locale is not UTF-8, the
-/// characters whose UTF-8 bytes such a terminal reads as C1 controls
+/// are written as `\u{..}`; so are, on a terminal whose locale is not
+/// UTF-8, the characters whose UTF-8 bytes it reads as C1 controls
 /// ([`has_c1_byte`]). For text that others wrote: statements, reasons,
 /// server messages.
 pub fn printable(text: &str) -> String {
-    printable_in(text, locale_utf8())
+    printable_in(text, stdout_utf8())
 }
 
-/// Whether this process's locale says its terminal takes UTF-8
-/// ([`utf8_terminal`], read once).
-pub fn locale_utf8() -> bool {
+/// Whether what this process writes to stdout is read as UTF-8: it is not
+/// a terminal (a file or a pipe takes bytes as they are), or its locale
+/// says it takes UTF-8 ([`utf8_terminal`]). Found once.
+pub fn stdout_utf8() -> bool {
+    use std::io::IsTerminal;
     static UTF8: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *UTF8.get_or_init(|| utf8_terminal(|k| std::env::var(k).ok()))
+    *UTF8.get_or_init(|| {
+        !std::io::stdout().is_terminal() || utf8_terminal(|k| std::env::var(k).ok())
+    })
 }
 
 /// Whether `c`'s UTF-8 bytes include one from 0x80 to 0x9F, which a
