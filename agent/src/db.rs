@@ -787,8 +787,10 @@ fn event_text(e: &wicket_api::AuditEventView) -> Option<String> {
 }
 
 /// Prints a database session's statements with their timing as its events
-/// come (oldest first, a page at a time): one event is held, not the
-/// session. `--format json` writes one array, element by element.
+/// come (oldest first, a page at a time): a page of events is held, not
+/// the session. `--format json` writes one array, element by element. A
+/// read that fails midway leaves what was printed (the array unclosed) and
+/// the command fails with the error.
 pub struct DbPrinter {
     format: Format,
     speed: f64,

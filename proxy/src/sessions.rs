@@ -370,10 +370,19 @@ const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 struct Check {
     /// Since when every read has failed.
     failing_since: Option<DateTime<Utc>>,
-    /// The grant's state at the last read that worked (or as read for the
-    /// decision a session opened on, until the watcher reads it).
+    /// The grant's newest known state: as last read, or as ended on this
+    /// wicketd (newer than any read then), or as read for the decision a
+    /// session opened on, until the watcher reads it. See [`learned`].
     last: Option<Arc<AccessRequest>>,
+    /// When the grant was ended on this wicketd: kept that long
+    /// ([`ENDED_HERE_KEPT`]) though no live session names it yet.
+    ended_here: Option<DateTime<Utc>>,
 }
+
+/// How long a grant ended on this wicketd is remembered with no live
+/// session on it: past the time between any session's decision and its
+/// registration, which a late registration then still meets.
+const ENDED_HERE_KEPT: chrono::Duration = chrono::Duration::seconds(30);
 
 /// The watcher's memory of each live grant and user between store reads.
 #[derive(Debug, Default)]
@@ -391,11 +400,19 @@ fn read_ok(map: &Mutex<BTreeMap<String, Check>>, key: &str) {
 }
 
 /// Remembers `req` as the newest state of its grant. An ended request never
-/// grants again, so an end is never replaced by a state that still granted:
-/// a watcher's read made before a revoke here, say, that it stores after.
+/// grants again, so an end is never replaced by a state that still granted
+/// (a watcher's read made before a revoke here, say, that it stores after),
+/// nor by an end changed earlier (an expiry read before a revoke of it
+/// here). Times are compared only between ends: wicketds sharing a store
+/// may disagree on the time, but nothing comes after an end.
 fn learned(check: &mut Check, req: Arc<AccessRequest>) {
-    let ended = |r: &AccessRequest| r.state.is_terminal();
-    if ended(&req) || !check.last.as_deref().is_some_and(ended) {
+    let keep = match check.last.as_deref() {
+        Some(last) if last.state.is_terminal() => {
+            !req.state.is_terminal() || req.updated_at < last.updated_at
+        }
+        _ => false,
+    };
+    if !keep {
         check.last = Some(req);
     }
 }
@@ -459,9 +476,10 @@ async fn bounded<T, E: std::fmt::Display>(
 impl Wicket {
     /// Registers a session ([`Sessions::register`]) opened on a decision
     /// that read `requests`, its grants. Until the watcher reads them (its
-    /// next round), what the decision read is their last known state, so a
-    /// store that fails before then still ends the session at its grant's
-    /// end, not only after `session.unverified_grace`.
+    /// next round), what the decision read is their last known state
+    /// (unless a newer one is known: an end on this wicketd meanwhile), so
+    /// a store that fails before then still ends the session at its
+    /// grant's end, not only after `session.unverified_grace`.
     pub fn open_session(
         &self,
         info: SessionInfo,
@@ -483,15 +501,15 @@ impl Wicket {
     /// decision read the grant just before, and that registers just after,
     /// is ended by [`Wicket::enforce_sessions`] with it, though the store
     /// fails before the watcher reads the grant again. (What is remembered
-    /// is kept for the sessions live at the watcher's next round.) Returns
-    /// how many sessions were told to end.
+    /// is kept [`ENDED_HERE_KEPT`], and then for as long as a live session
+    /// names the grant.) Returns how many sessions were told to end.
     pub(crate) fn grant_ended_here(&self, req: &AccessRequest, now: DateTime<Utc>) -> usize {
-        learned(
-            locked(&self.checks.requests)
-                .entry(req.id.clone())
-                .or_default(),
-            Arc::new(req.clone()),
-        );
+        {
+            let mut known = locked(&self.checks.requests);
+            let check = known.entry(req.id.clone()).or_default();
+            learned(check, Arc::new(req.clone()));
+            check.ended_here = Some(now);
+        }
         self.signal_sessions(req, now)
     }
 
@@ -582,7 +600,9 @@ impl Wicket {
         {
             let mut requests = locked(&self.checks.requests);
             let ids = self.sessions.request_ids();
-            requests.retain(|k, _| ids.contains(k));
+            requests.retain(|k, c| {
+                ids.contains(k) || c.ended_here.is_some_and(|t| now - t < ENDED_HERE_KEPT)
+            });
         }
         self.index.forget_ended(&gone_users, &gone_requests).await;
         ended
@@ -711,9 +731,14 @@ mod tests {
         // A read made before the revoke, stored after it.
         learned(&mut check, Arc::new(active));
         assert_eq!(state(&check), Some(wicket_policy::State::Revoked));
-        // One end may follow another (as read after a local end).
-        let mut expired = revoked;
+        // An end changed before the one known (an expiry read before a
+        // revoke of it here) does not replace it; one changed later does.
+        let mut expired = revoked.clone();
         expired.state = wicket_policy::State::Expired;
+        expired.updated_at = revoked.updated_at - chrono::Duration::seconds(1);
+        learned(&mut check, Arc::new(expired.clone()));
+        assert_eq!(state(&check), Some(wicket_policy::State::Revoked));
+        expired.updated_at = revoked.updated_at + chrono::Duration::seconds(1);
         learned(&mut check, Arc::new(expired));
         assert_eq!(state(&check), Some(wicket_policy::State::Expired));
     }

@@ -1993,6 +1993,9 @@ fn a_grant_ended_between_a_sessions_decision_and_its_start_ends_it_without_the_s
             .await
             .unwrap();
         assert_eq!(dropped.status, "expired", "{dropped:?}");
+        // A watcher's round between the drop and the registration: no live
+        // session names the grant yet, and what this wicketd ended is kept.
+        assert_eq!(w.refresh_sessions(now).await, 0);
         let session = open_decided(&w, &decided, now, grant.expires_at.unwrap().timestamp());
         break_grant_reads(&store).await;
         assert_eq!(w.refresh_sessions(now).await, 0);
