@@ -165,6 +165,17 @@ impl AccessRequest {
         }
     }
 
+    /// Whether this state of the request may replace `known`, another
+    /// state of it, as its newest (for a proxy that learns states from
+    /// reads and from its own transitions, in either order). Nothing comes
+    /// after an end: an ended request is replaced only by an end changed no
+    /// earlier (a late revoke of an expired grant). Times are compared only
+    /// between ends, so proxies whose clocks disagree cannot undo an end.
+    pub fn supersedes(&self, known: &AccessRequest) -> bool {
+        !known.state.is_terminal()
+            || (self.state.is_terminal() && self.updated_at >= known.updated_at)
+    }
+
     /// Whether the grant counts for access at `now`: active and inside its window.
     pub fn grants_at(&self, now: DateTime<Utc>) -> bool {
         self.state == State::Active

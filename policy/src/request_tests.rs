@@ -2903,6 +2903,18 @@ fn run_lifecycle(init: Init, ops: Vec<(i64, Op)>) -> Result<(), TestCaseError> {
             if late_revoke {
                 terminal = Some(next.clone());
             }
+            // (5b) a proxy that knows both keeps the newer: the next state
+            // supersedes this one, and once it ended, no earlier state
+            // that still granted supersedes it.
+            prop_assert!(next.supersedes(&req), "{:?} -> {:?}", req.state, next.state);
+            if next.state.is_terminal() && !req.state.is_terminal() {
+                prop_assert!(
+                    !req.supersedes(&next),
+                    "{:?} -> {:?}",
+                    req.state,
+                    next.state
+                );
+            }
             // (6) every state change is audited.
             if next.state != req.state {
                 prop_assert!(

@@ -399,20 +399,15 @@ fn read_ok(map: &Mutex<BTreeMap<String, Check>>, key: &str) {
     locked(map).insert(key.to_owned(), Check::default());
 }
 
-/// Remembers `req` as the newest state of its grant. An ended request never
-/// grants again, so an end is never replaced by a state that still granted
-/// (a watcher's read made before a revoke here, say, that it stores after),
-/// nor by an end changed earlier (an expiry read before a revoke of it
-/// here). Times are compared only between ends: wicketds sharing a store
-/// may disagree on the time, but nothing comes after an end.
+/// Remembers `req` as the newest state of its grant, unless the one known
+/// is newer ([`AccessRequest::supersedes`]): a watcher's read made before
+/// a revoke here, say, that it stores after.
 fn learned(check: &mut Check, req: Arc<AccessRequest>) {
-    let keep = match check.last.as_deref() {
-        Some(last) if last.state.is_terminal() => {
-            !req.state.is_terminal() || req.updated_at < last.updated_at
-        }
-        _ => false,
-    };
-    if !keep {
+    if check
+        .last
+        .as_deref()
+        .is_none_or(|last| req.supersedes(last))
+    {
         check.last = Some(req);
     }
 }
