@@ -1373,7 +1373,7 @@ fn with_empty_ledger() -> (Setup, Tunnel, String) {
 
 /// A psql session outside Wicket holding advisory lock `key`, until its
 /// stdin is dropped and it is waited for.
-fn hold_advisory_lock(s: &Setup, key: u32) -> (Child, std::process::ChildStdin) {
+fn hold_advisory_lock(s: &Setup, key: u32) -> HeldLock {
     let mut holder =
         s.pg.psql_session("app")
             .stdin(Stdio::piped())
@@ -1389,7 +1389,34 @@ fn hold_advisory_lock(s: &Setup, key: u32) -> (Child, std::process::ChildStdin) 
         (s.pg.psql("app", granted).unwrap() == "1").then_some(())
     })
     .unwrap();
-    (holder, holder_in)
+    HeldLock { holder, holder_in }
+}
+
+/// An advisory lock held by a psql outside Wicket.
+struct HeldLock {
+    holder: Child,
+    holder_in: std::process::ChildStdin,
+}
+
+impl HeldLock {
+    /// Ends the holder's session, and with it the lock.
+    fn release(mut self) {
+        drop(self.holder_in);
+        self.holder.wait().unwrap();
+    }
+}
+
+/// Waits until none of `queries` is running on the server, or waiting.
+fn wait_none_running(s: &Setup, what: &str, queries: &[&str]) {
+    let list: Vec<String> = queries.iter().map(|q| format!("'{q}'")).collect();
+    let running = format!(
+        "select count(*) from pg_stat_activity where query in ({})",
+        list.join(", ")
+    );
+    wait_until(what, Duration::from_secs(10), || {
+        (s.pg.psql("app", &running).unwrap() == "0").then_some(())
+    })
+    .unwrap();
 }
 
 /// Waits until `query` waits for a lock on the server.
@@ -1426,7 +1453,7 @@ fn a_cut_pipeline_does_not_run_on() {
     let (s, t, id) = with_empty_ledger();
     // A lock held outside Wicket keeps the pipeline's first statement
     // waiting, and with it every answer (the server sends them at the Sync).
-    let (mut holder, holder_in) = hold_advisory_lock(&s, 4242);
+    let lock = hold_advisory_lock(&s, 4242);
     let mut f = RawFrontend::connect(&t);
     f.tcp
         .write_all(&RawFrontend::query("SELECT 'cut-marker'"))
@@ -1451,14 +1478,12 @@ fn a_cut_pipeline_does_not_run_on() {
     revoke_and_read_the_cut(&s, &mut f, &id, "INC-9 closed");
     // Ended (and its connection closed): no longer waiting, with the lock
     // still held. Without that it would wait for the lock.
-    let gone =
-        "select count(*) from pg_stat_activity where query = 'SELECT pg_advisory_lock(4242)'";
-    wait_until("the statement cancelled", Duration::from_secs(10), || {
-        (s.pg.psql("app", gone).unwrap() == "0").then_some(())
-    })
-    .unwrap();
-    drop(holder_in);
-    holder.wait().unwrap();
+    wait_none_running(
+        &s,
+        "the statement cancelled",
+        &["SELECT pg_advisory_lock(4242)"],
+    );
+    lock.release();
     assert_eq!(
         s.pg.psql("app", "select count(*) from ledger").unwrap(),
         "0"
@@ -2746,18 +2771,12 @@ fn a_startup_role_setting_is_refused() {
             "{options}: {err}"
         );
     }
-    let out = t
+    let shown = run(t
         .psql("app")
         .env("PGOPTIONS", "-c search_path=public")
-        .args(["-c", "show search_path"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "public");
+        .args(["-c", "show search_path"]))
+    .unwrap();
+    assert_eq!(shown.trim(), "public");
     let denied = s.alice_events("session_denied");
     assert!(
         denied.iter().any(|e| e["data"]["reason"]
@@ -2774,7 +2793,7 @@ fn a_startup_role_setting_is_refused() {
 #[test]
 fn a_cut_ends_the_backend_so_pipelined_queries_do_not_run_on() {
     let (s, t, id) = with_empty_ledger();
-    let (mut holder, holder_in) = hold_advisory_lock(&s, 4343);
+    let lock = hold_advisory_lock(&s, 4343);
     let mut f = RawFrontend::connect(&t);
     f.tcp
         .write_all(
@@ -2789,14 +2808,15 @@ fn a_cut_ends_the_backend_so_pipelined_queries_do_not_run_on() {
     revoke_and_read_the_cut(&s, &mut f, &id, "INC-10 closed");
     // The backend is gone (terminated: no longer there at all), and the
     // INSERT behind its query never ran, even once the lock is free.
-    let backends = "select count(*) from pg_stat_activity \
-                    where query in ('SELECT pg_advisory_lock(4343)', 'INSERT INTO ledger VALUES (43)')";
-    wait_until("the backend ended", Duration::from_secs(10), || {
-        (s.pg.psql("app", backends).unwrap() == "0").then_some(())
-    })
-    .unwrap();
-    drop(holder_in);
-    holder.wait().unwrap();
+    wait_none_running(
+        &s,
+        "the backend ended",
+        &[
+            "SELECT pg_advisory_lock(4343)",
+            "INSERT INTO ledger VALUES (43)",
+        ],
+    );
+    lock.release();
     assert_eq!(
         s.pg.psql("app", "select count(*) from ledger where x = 43")
             .unwrap(),

@@ -963,13 +963,16 @@ mod tests {
         let mut t = Tracker::new(100);
         parse(&mut t, "", "SELECT 1");
         let values: Values = vec![None; 1000].into();
-        t.sent(Sent::Bind {
-            portal: "p".into(),
-            statement: "".into(),
-            params: 1000,
-            values: Some(values.clone()),
-        })
-        .unwrap();
+        let bind_p = |t: &mut Tracker| {
+            t.sent(Sent::Bind {
+                portal: "p".into(),
+                statement: "".into(),
+                params: 1000,
+                values: Some(values.clone()),
+            })
+            .unwrap()
+        };
+        bind_p(&mut t);
         assert_eq!(t.pending_bytes, "SELECT 1".len() + 1000 * VALUE_COST);
         for _ in 0..3 {
             execute(&mut t, "p");
@@ -985,13 +988,7 @@ mod tests {
         }
         assert!(t.held() < 1000 * VALUE_COST, "{}", t.held());
         // A new Bind of the same portal starts over.
-        t.sent(Sent::Bind {
-            portal: "p".into(),
-            statement: "".into(),
-            params: 1000,
-            values: Some(values.clone()),
-        })
-        .unwrap();
+        bind_p(&mut t);
         execute(&mut t, "p");
         t.sent(Sent::Sync).unwrap();
         let ran = executes(&mut t, b"2s");
