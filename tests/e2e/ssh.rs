@@ -3243,3 +3243,119 @@ fn a_download_its_client_stops_taking_ends_but_wicket_play_keeps_all() {
     assert_eq!(play.stdout.len() as u64, size);
     assert!(text(&play.stdout).contains("big-42"));
 }
+
+/// The first MiB a command writes, read within 20 s (a stalled connection
+/// hangs its clients); the command is killed then.
+fn first_mib_within(what: &str, cmd: &mut Command) -> Vec<u8> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut got = vec![0u8; 1 << 20];
+        let _ = tx.send(stdout.read_exact(&mut got).map(|_| got));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    match got {
+        Ok(Ok(got)) => got,
+        Ok(Err(e)) => panic!("{what}: {e}"),
+        Err(_) => panic!("{what} within 20 s"),
+    }
+}
+
+/// A user who closes a forwarded connection while its far end still sends
+/// (a download given up) leaves the SSH connection working: a new session
+/// and new forwards on it carry data. Before, the proxy kept waiting to
+/// write to the closed channel while the node's data for it filled its
+/// queue, which stopped every read on the connection.
+#[test]
+fn a_forward_closed_while_its_far_end_sends_leaves_the_connection_working() {
+    use std::net::{TcpListener, TcpStream};
+    let lab = Lab::start();
+    let bob = lab.user("bob", "access");
+    lab.grant(&bob, "node-admin", "10m");
+    let cfg = ssh_config(&bob);
+    // What the forwards reach: a listener that sends to each connection
+    // until its client goes away.
+    let target = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target_port = target.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in target.incoming() {
+            let Ok(mut c) = c else { break };
+            std::thread::spawn(move || {
+                let chunk = vec![b'x'; 64 << 10];
+                while c.write_all(&chunk).is_ok() {}
+            });
+        }
+    });
+    let kept = KeptConnection::open(&lab, &cfg, "nothing else runs");
+    let local = free_port().unwrap();
+    run(kept
+        .client()
+        .args(["-O", "forward", "-L"])
+        .arg(format!("127.0.0.1:{local}:127.0.0.1:{target_port}"))
+        .arg(&kept.dest)
+        .stdin(Stdio::null()))
+    .unwrap();
+    let local_addr: SocketAddr = ([127, 0, 0, 1], local).into();
+    let read_some = |c: &mut TcpStream, n: usize| {
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut got = vec![0u8; n];
+        c.read_exact(&mut got).map(|_| got)
+    };
+    let mut first = wait_until("the forward", Duration::from_secs(20), || {
+        TcpStream::connect(local_addr).ok()
+    })
+    .unwrap();
+    read_some(&mut first, 1 << 20).unwrap();
+    // Given up mid-stream; a new session at once.
+    drop(first);
+    let got = first_mib_within(
+        "a new session's output",
+        kept.client()
+            .arg(&kept.dest)
+            .arg("yes after | head -c 1048576"),
+    );
+    assert!(got.starts_with(b"after\nafter\n"));
+    // Forwards given up one after another, while data flows.
+    for _ in 0..8 {
+        let mut c = TcpStream::connect(local_addr).unwrap();
+        read_some(&mut c, 256 << 10).unwrap();
+    }
+    let mut last = TcpStream::connect(local_addr).unwrap();
+    let got = read_some(&mut last, 8 << 20).expect("a new forward carries its data");
+    assert!(got.iter().all(|&b| b == b'x'));
+    drop(last);
+    let _ = kept.finish();
+}
+
+/// A multiplexed session given up while its command still writes (its
+/// client killed) leaves the connection working: a new session on it runs.
+#[test]
+fn a_session_given_up_while_its_command_writes_leaves_the_connection_working() {
+    let lab = Lab::start();
+    let bob = lab.user("bob", "access");
+    lab.grant(&bob, "node-admin", "10m");
+    let cfg = ssh_config(&bob);
+    let kept = KeptConnection::open(&lab, &cfg, "nothing else runs");
+    for _ in 0..4 {
+        let got = first_mib_within(
+            "a MiB of output",
+            kept.client().arg(&kept.dest).arg("cat /dev/zero"),
+        );
+        assert!(got.iter().all(|&b| b == 0));
+    }
+    let got = first_mib_within(
+        "a new session's output",
+        kept.client()
+            .arg(&kept.dest)
+            .arg("yes after | head -c 1048576"),
+    );
+    assert!(got.starts_with(b"after\nafter\n"));
+    let _ = kept.finish();
+}

@@ -857,9 +857,10 @@ impl Live {
         let relay = tokio::spawn(async move {
             let _slot = slot;
             match down.await {
-                Ok(down) => pipe(down.into_stream(), up.into_stream()).await,
+                Ok(down) => pipe(down, up).await,
                 Err(e) => {
-                    tracing::debug!(error = %e, channel = what, "the user refused a channel from the node")
+                    tracing::debug!(error = %e, channel = what, "the user refused a channel from the node");
+                    let _ = up.close().await;
                 }
             }
         });
@@ -1000,10 +1001,14 @@ struct Chan {
     /// On an `sftp` subsystem channel: what the client asks of the node's
     /// files, read from its packets.
     sftp: Option<super::sftp::Reader>,
-    /// Set when the node's side ended and the user's was closed with it:
-    /// russh then no longer reports the user's close, so the entry is
-    /// dropped at the next channel open ([`Conn::forget_ended_channels`]).
+    /// Set when the node's side ended and the user's was closed with it
+    /// (russh then no longer reports the user's close), or when the node
+    /// refused the channel: the entry is dropped at the next channel open
+    /// ([`Conn::forget_ended_channels`]).
     ended: Arc<AtomicBool>,
+    /// Dropped with this entry, when the user's side closes: the node →
+    /// user task stops then ([`run_to_user`]).
+    _open: watch::Sender<()>,
 }
 
 enum Access {
@@ -1470,13 +1475,62 @@ async fn forward_to(c: &Chan, req: Up) -> bool {
     matches!(tokio::time::timeout(REPLY_TIMEOUT, rx).await, Ok(Ok(true)))
 }
 
-/// Copies both ways between two channel streams until both ends close.
-pub(crate) async fn pipe<A, B>(mut a: A, mut b: B)
+/// Relays a pair of channels both ways (data and EOF) until either side
+/// closes, then closes both.
+///
+/// A write that waits on one side's window is given up when the other
+/// side closes. Waiting on would wait for ever: a user who closes a
+/// forward while its far end still sends (a download given up) stops
+/// opening that channel's window, and the node's data, still coming,
+/// would fill the channel's queue and stop the whole connection's reads.
+/// Nor is the side closed here waited for: russh does not report the
+/// peer's answer to a close it sent.
+pub(crate) async fn pipe<A, B>(a: Channel<A>, b: Channel<B>)
 where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    A: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
+    B: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
 {
-    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+    let (a_read, a_write) = a.split();
+    let (b_read, b_write) = b.split();
+    let over = watch::Sender::new(false);
+    tokio::join!(
+        carry(a_read, &b_write, &over),
+        carry(b_read, &a_write, &over)
+    );
+    let _ = a_write.close().await;
+    let _ = b_write.close().await;
+}
+
+/// One way of [`pipe`]: `from`'s data and EOF to `to`, until `from`
+/// closes or a write fails (which ends both ways, through `over`), or the
+/// other way ended them.
+async fn carry<S>(
+    mut from: russh::ChannelReadHalf,
+    to: &russh::ChannelWriteHalf<S>,
+    over: &watch::Sender<bool>,
+) where
+    S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
+{
+    let mut ended = over.subscribe();
+    loop {
+        let step = async {
+            match from.wait().await {
+                Some(ChannelMsg::Data { data }) => to.data_bytes(data).await.is_ok(),
+                Some(ChannelMsg::Eof) => to.eof().await.is_ok(),
+                Some(ChannelMsg::Close) | None => false,
+                // Extended data and requests mean nothing on these channels.
+                Some(_) => true,
+            }
+        };
+        let go_on = tokio::select! {
+            go_on = step => go_on,
+            _ = ended.wait_for(|o| *o) => return,
+        };
+        if !go_on {
+            over.send_replace(true);
+            return;
+        }
+    }
 }
 
 /// User → node: data and requests, in order.
@@ -1551,10 +1605,27 @@ fn sftp_event(live: &Live, op: super::sftp::FileOp, error: Option<String>) -> Au
     }
 }
 
-/// Node → user: output, exit status, replies to requests.
+/// Whether `write` to the user finished before the user's side of its
+/// channel closed (`gone`: see [`Chan`]). A write waiting on the window of
+/// a channel the user closed would wait for ever, while the node's output
+/// filled the channel's queue and stopped the connection's reads.
+async fn written<E>(
+    write: impl std::future::Future<Output = Result<(), E>>,
+    gone: &mut watch::Receiver<()>,
+) -> bool {
+    tokio::select! {
+        r = write => r.is_ok(),
+        _ = gone.changed() => false,
+    }
+}
+
+/// Node → user: output, exit status, replies to requests, until the node
+/// or the user (`down`'s second half, see [`Chan`]) closes the channel.
+/// The user's close is watched for, not the node's answer to the close
+/// that follows it: russh does not report that answer.
 async fn run_to_user(
     mut up: russh::ChannelReadHalf,
-    down: russh::ChannelWriteHalf<Msg>,
+    (down, mut user_gone): (russh::ChannelWriteHalf<Msg>, watch::Receiver<()>),
     handle: server::Handle,
     replies: Replies,
     rec: Arc<ChanRec>,
@@ -1565,7 +1636,12 @@ async fn run_to_user(
     // sent its own EOF closes the channel on ours, and would then miss an
     // exit status that the node sends a moment later.
     let mut eof_pending = false;
-    while let Some(m) = up.wait().await {
+    loop {
+        let m = tokio::select! {
+            m = up.wait() => m,
+            _ = user_gone.changed() => None,
+        };
+        let Some(m) = m else { break };
         match m {
             ChannelMsg::Data { data } => {
                 live.bytes_out
@@ -1586,7 +1662,7 @@ async fn run_to_user(
                     // why and closes this channel.
                     return;
                 }
-                if down.data_bytes(data).await.is_err() {
+                if !written(down.data_bytes(data), &mut user_gone).await {
                     break;
                 }
             }
@@ -1598,7 +1674,7 @@ async fn run_to_user(
                     // why and closes this channel.
                     return;
                 }
-                if down.extended_data_bytes(ext, data).await.is_err() {
+                if !written(down.extended_data_bytes(ext, data), &mut user_gone).await {
                     break;
                 }
             }
@@ -1767,17 +1843,7 @@ impl server::Handler for Conn {
                     self.denied.insert(w.id(), (w, line, slot));
                     return Ok(());
                 }
-                let up = match live.upstream.channel_open_session().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "node refused a session channel");
-                        reply.reject(ChannelOpenFailure::ConnectFailed).await;
-                        return Ok(());
-                    }
-                };
-                reply.accept().await;
                 let (_down_read, down_write) = channel.split();
-                let (up_read, up_write) = up.split();
                 let id = down_write.id();
                 let (tx, rx) = mpsc::channel(CHANNEL_QUEUE);
                 let replies: Replies = Arc::default();
@@ -1787,9 +1853,8 @@ impl server::Handler for Conn {
                     recorded: AtomicU64::new(0),
                     input_recorded: AtomicU64::new(0),
                 });
-                lock(&live.session_channels).push(id);
-                let _ = live.first_session_channel.set(id);
                 let ended = Arc::new(AtomicBool::new(false));
+                let (open, user_gone) = watch::channel(());
                 self.channels.insert(
                     id,
                     Chan {
@@ -1800,28 +1865,47 @@ impl server::Handler for Conn {
                         started: false,
                         sftp: None,
                         ended: ended.clone(),
+                        _open: open,
                     },
                 );
-                let to_node = tokio::spawn(run_to_node(rx, up_write));
-                let to_user = tokio::spawn({
-                    let run = run_to_user(
-                        up_read,
-                        down_write,
-                        session.handle(),
-                        replies,
-                        rec,
-                        live.clone(),
-                    );
-                    // The channel's place is taken while the node's side
-                    // is open (this task's life).
+                // The node's channel is opened, and the user answered, in
+                // the channel's own task, as for a port forward: see
+                // `channel_open_direct_tcpip`. The channel's place is
+                // taken for the task's life (while the node's side is
+                // open).
+                let handle = session.handle();
+                let task = tokio::spawn({
+                    let live = live.clone();
                     async move {
                         let _slot = slot;
-                        run.await;
+                        let up = match live.upstream.channel_open_session().await {
+                            Ok(c) => c,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "node refused a session channel");
+                                reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                                ended.store(true, Ordering::Relaxed);
+                                return;
+                            }
+                        };
+                        reply.accept().await;
+                        lock(&live.session_channels).push(id);
+                        let _ = live.first_session_channel.set(id);
+                        let (up_read, up_write) = up.split();
+                        let to_node = tokio::spawn(run_to_node(rx, up_write));
+                        live.track(&to_node);
+                        run_to_user(
+                            up_read,
+                            (down_write, user_gone),
+                            handle,
+                            replies,
+                            rec,
+                            live.clone(),
+                        )
+                        .await;
                         ended.store(true, Ordering::Relaxed);
                     }
                 });
-                live.track(&to_node);
-                live.track(&to_user);
+                live.track(&task);
             }
         }
         Ok(())
@@ -1869,35 +1953,36 @@ impl server::Handler for Conn {
                 .await;
             return Ok(());
         }
-        let up = match live
-            .upstream
-            .channel_open_direct_tcpip(
-                host_to_connect,
-                port_to_connect,
-                originator_address,
-                originator_port,
-            )
-            .await
-        {
-            Ok(c) => c,
-            Err(_) => {
-                reply.reject(ChannelOpenFailure::ConnectFailed).await;
-                return Ok(());
+        // The node's channel is opened and answered for in the forward's
+        // own task: this callback holds up every read on the connection
+        // while it runs, and the node's side may be waiting for one (a
+        // forward's output blocked until the user's close of it is read).
+        let (host, origin) = (host_to_connect.to_owned(), originator_address.to_owned());
+        let forward = tokio::spawn({
+            let live = live.clone();
+            async move {
+                let _slot = slot;
+                let up = match live
+                    .upstream
+                    .channel_open_direct_tcpip(&host, port_to_connect, &origin, originator_port)
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(_) => {
+                        reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                        return;
+                    }
+                };
+                reply.accept().await;
+                live.audit(AuditEvent::SshPortForward {
+                    session: live.sref.clone(),
+                    host: host.clone(),
+                    port: port_to_connect,
+                })
+                .await;
+                live.marker(&format!("port forward to {host}:{port_to_connect}"));
+                pipe(channel, up).await
             }
-        };
-        reply.accept().await;
-        live.audit(AuditEvent::SshPortForward {
-            session: live.sref.clone(),
-            host: host_to_connect.to_owned(),
-            port: port_to_connect,
-        })
-        .await;
-        live.marker(&format!(
-            "port forward to {host_to_connect}:{port_to_connect}"
-        ));
-        let forward = tokio::spawn(async move {
-            let _slot = slot;
-            pipe(channel.into_stream(), up.into_stream()).await
         });
         live.track(&forward);
         Ok(())
