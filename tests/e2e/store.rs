@@ -1271,6 +1271,39 @@ async fn migrations_from_14(storage: &Storage, dir: &std::path::Path) {
         ])
         .await
         .unwrap();
+    // More than a page (1000 rows) of each backfill's reading: every one
+    // is found after it.
+    let many_sessions: Vec<AuditRow> = (0..1_234)
+        .map(|i| AuditRow {
+            request_id: Some("bfirst".into()),
+            ..started(&format!("many-{i:04}"), r#"["bfirst","bmany"]"#)
+        })
+        .collect();
+    let many_logins: Vec<AuditRow> = (0..2_345)
+        .map(|i| AuditRow {
+            request_id: Some("bfirst".into()),
+            ..named(
+                &format!("many-{i:04}"),
+                "login_succeeded",
+                r#"["bfirst","bmany"]"#,
+            )
+        })
+        .collect();
+    store.append_audit_batch(&many_sessions).await.unwrap();
+    store.append_audit_batch(&many_logins).await.unwrap();
+    let many = |store: Store| async move {
+        let f = AuditFilter {
+            request_id: Some("bmany".into()),
+            limit: 10_000,
+            ..Default::default()
+        };
+        let found = store.search_audit(&f).await.unwrap();
+        let sessions: std::collections::BTreeSet<String> =
+            found.iter().filter_map(|e| e.session_id.clone()).collect();
+        let logins = found.iter().filter(|e| e.session_id.is_none()).count();
+        (sessions.len(), logins)
+    };
+    assert_eq!(many(store.clone()).await, (1_234, 2_345));
     let events_by_request = |store: Store, id: &'static str| async move {
         let f = AuditFilter {
             request_id: Some(id.into()),
@@ -1386,6 +1419,7 @@ async fn migrations_from_14(storage: &Storage, dir: &std::path::Path) {
         events_by_request(store.clone(), "b1").await,
         ["denied-3", "login-1", "login-2", "other"]
     );
+    assert_eq!(many(store.clone()).await, (1_234, 2_345));
     // 17: the old recording reads from its row.
     assert_eq!(store.recording_parts("old").await.unwrap(), Some(0));
     assert_eq!(
