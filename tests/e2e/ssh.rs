@@ -1304,13 +1304,28 @@ fn scp_and_sftp_round_trip_ten_megabytes() {
     assert!(marked.contains("at most 262144"), "{marked}");
 }
 
+/// A listener on 127.0.0.1 for forwards to reach, serving each connection
+/// with `serve` on a thread of its own; its port.
+fn forward_target(serve: impl Fn(std::net::TcpStream) + Clone + Send + 'static) -> u16 {
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = target.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in target.incoming() {
+            let Ok(c) = c else { break };
+            let serve = serve.clone();
+            std::thread::spawn(move || serve(c));
+        }
+    });
+    port
+}
+
 /// A connection holds at most 256 channels at once (sessions, forwards,
 /// X11, agent): past that a new one is refused for resource shortage, so
 /// that a client opening channels without end cannot exhaust the proxy's
 /// memory. A place comes back when its channel closes.
 #[test]
 fn a_connection_holds_a_bounded_number_of_channels() {
-    use std::net::{TcpListener, TcpStream};
+    use std::net::TcpStream;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     let lab = Lab::start();
@@ -1319,19 +1334,12 @@ fn a_connection_holds_a_bounded_number_of_channels() {
     let cfg = ssh_config(&bob);
     // What the forwards reach: a listener that holds each connection
     // until its client closes it, counting them.
-    let target = TcpListener::bind("127.0.0.1:0").unwrap();
-    let target_port = target.local_addr().unwrap().port();
     let accepted = Arc::new(AtomicUsize::new(0));
     let counter = accepted.clone();
-    std::thread::spawn(move || {
-        for c in target.incoming() {
-            let Ok(mut c) = c else { break };
-            counter.fetch_add(1, Ordering::SeqCst);
-            std::thread::spawn(move || {
-                let mut sink = Vec::new();
-                let _ = c.read_to_end(&mut sink);
-            });
-        }
+    let target_port = forward_target(move |mut c| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        let mut sink = Vec::new();
+        let _ = c.read_to_end(&mut sink);
     });
     let count = || accepted.load(Ordering::SeqCst);
     let local = free_port().unwrap();
@@ -3275,23 +3283,16 @@ fn first_mib_within(what: &str, cmd: &mut Command) -> Vec<u8> {
 /// queue, which stopped every read on the connection.
 #[test]
 fn a_forward_closed_while_its_far_end_sends_leaves_the_connection_working() {
-    use std::net::{TcpListener, TcpStream};
+    use std::net::TcpStream;
     let lab = Lab::start();
     let bob = lab.user("bob", "access");
     lab.grant(&bob, "node-admin", "10m");
     let cfg = ssh_config(&bob);
     // What the forwards reach: a listener that sends to each connection
     // until its client goes away.
-    let target = TcpListener::bind("127.0.0.1:0").unwrap();
-    let target_port = target.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for c in target.incoming() {
-            let Ok(mut c) = c else { break };
-            std::thread::spawn(move || {
-                let chunk = vec![b'x'; 64 << 10];
-                while c.write_all(&chunk).is_ok() {}
-            });
-        }
+    let target_port = forward_target(|mut c| {
+        let chunk = vec![b'x'; 64 << 10];
+        while c.write_all(&chunk).is_ok() {}
     });
     let kept = KeptConnection::open(&lab, &cfg, "nothing else runs");
     let local = free_port().unwrap();
