@@ -319,10 +319,19 @@ impl KeptConnection {
         err
     }
 
-    /// Lets the master's command end, and waits for the master.
-    fn finish(self) -> Output {
+    /// Lets the master's command end, and waits for the master (within
+    /// 30 s: a channel left open would keep it waiting).
+    fn finish(mut self) -> Output {
         std::fs::write(&self.stop, b"").unwrap();
-        self.master.wait_with_output().unwrap()
+        let ended = wait_until("the master to end", Duration::from_secs(30), || {
+            self.master.try_wait().unwrap()
+        });
+        if ended.is_err() {
+            let _ = self.master.kill();
+        }
+        let out = self.master.wait_with_output().unwrap();
+        ended.unwrap();
+        out
     }
 }
 
@@ -3350,6 +3359,44 @@ fn a_session_given_up_while_its_command_writes_leaves_the_connection_working() {
             kept.client().arg(&kept.dest).arg("cat /dev/zero"),
         );
         assert!(got.iter().all(|&b| b == 0));
+    }
+    let got = first_mib_within(
+        "a new session's output",
+        kept.client()
+            .arg(&kept.dest)
+            .arg("yes after | head -c 1048576"),
+    );
+    assert!(got.starts_with(b"after\nafter\n"));
+    let _ = kept.finish();
+}
+
+/// A user still sending to a command that has ended (the node closed its
+/// channel) leaves the connection working: a new session on it runs.
+/// Before, the proxy kept waiting to write to the closed channel, and the
+/// user's data behind that write stopped every read on the connection.
+#[test]
+fn input_to_a_command_that_ended_leaves_the_connection_working() {
+    let lab = Lab::start();
+    let bob = lab.user("bob", "access");
+    lab.grant(&bob, "node-admin", "10m");
+    let cfg = ssh_config(&bob);
+    let kept = KeptConnection::open(&lab, &cfg, "nothing else runs");
+    for _ in 0..4 {
+        let mut c = kept
+            .client()
+            .arg(&kept.dest)
+            .arg("head -c 1000000 >/dev/null")
+            .stdin(std::fs::File::open("/dev/zero").unwrap())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let ended = wait_until("the client to end", Duration::from_secs(20), || {
+            c.try_wait().unwrap()
+        });
+        let _ = c.kill();
+        let _ = c.wait();
+        ended.unwrap();
     }
     let got = first_mib_within(
         "a new session's output",

@@ -107,6 +107,12 @@ const QUEUED_TO_NODES: u32 = 8 << 20;
 /// (user side and node side) and in its queue to the node, before that
 /// channel's reads wait: 16 packets of at most 32 KiB. With
 /// [`MAX_CHANNELS`], this bounds what one connection holds.
+///
+/// russh opens a channel's window again as data arrives, not as it is
+/// read, so these queues are the only flow control: a channel whose far
+/// reader stops (a forward whose local client does not read) fills its
+/// queue, and the connection's other channels wait with it until it reads
+/// again or closes (russh's head-of-line blocking, Eugeny/russh#730).
 pub(crate) const CHANNEL_QUEUE: usize = 16;
 
 /// Markers kept for a recording not made yet (a session that only
@@ -1497,8 +1503,8 @@ where
         carry(a_read, &b_write, &over),
         carry(b_read, &a_write, &over)
     );
-    let _ = a_write.close().await;
-    let _ = b_write.close().await;
+    // Both at once: one side's close waiting cannot keep the other open.
+    let _ = tokio::join!(a_write.close(), b_write.close());
 }
 
 /// One way of [`pipe`]: `from`'s data and EOF to `to`, until `from`
@@ -1533,42 +1539,63 @@ async fn carry<S>(
     }
 }
 
-/// User → node: data and requests, in order.
-async fn run_to_node(mut rx: mpsc::Receiver<Up>, up: russh::ChannelWriteHalf<russh::client::Msg>) {
-    while let Some(m) = rx.recv().await {
-        let r = match m {
-            Up::Data(d, _queued) => up.data_bytes(d).await,
-            Up::Ext(ext, d, _queued) => up.extended_data_bytes(ext, d).await,
-            Up::Eof => up.eof().await,
-            Up::Pty {
-                term,
-                cols,
-                rows,
-                pw,
-                ph,
-                modes,
-            } => {
-                up.request_pty(true, &term, cols, rows, pw, ph, &modes)
-                    .await
-            }
-            Up::Env(k, v) => up.set_env(true, k, v).await,
-            Up::Shell => up.request_shell(true).await,
-            Up::Exec(cmd) => up.exec(true, cmd).await,
-            Up::Subsystem(name) => up.request_subsystem(true, name).await,
-            Up::WindowChange(c, r, pw, ph) => up.window_change(c, r, pw, ph).await,
-            Up::Signal(s) => up.signal(s).await,
-            Up::Agent => up.agent_forward(true).await,
-            Up::X11 {
-                single,
-                protocol,
-                cookie,
-                screen,
-            } => up.request_x11(true, single, protocol, cookie, screen).await,
+/// User → node: data and requests, in order, until the user's side ends
+/// (`rx` closes) or the node's does (`node_gone`: the node → user task
+/// ended). A write waiting on the window of a channel the node closed
+/// would wait for ever, and the user's data behind it would fill `rx` and
+/// stop the connection's reads; dropping `rx` makes those sends fail at
+/// once.
+async fn run_to_node(
+    mut rx: mpsc::Receiver<Up>,
+    up: russh::ChannelWriteHalf<russh::client::Msg>,
+    mut node_gone: watch::Receiver<()>,
+) {
+    loop {
+        let m = tokio::select! {
+            m = rx.recv() => m,
+            _ = node_gone.changed() => None,
         };
-        if r.is_err() {
+        let Some(m) = m else { break };
+        let step = async {
+            match m {
+                Up::Data(d, _queued) => up.data_bytes(d).await,
+                Up::Ext(ext, d, _queued) => up.extended_data_bytes(ext, d).await,
+                Up::Eof => up.eof().await,
+                Up::Pty {
+                    term,
+                    cols,
+                    rows,
+                    pw,
+                    ph,
+                    modes,
+                } => {
+                    up.request_pty(true, &term, cols, rows, pw, ph, &modes)
+                        .await
+                }
+                Up::Env(k, v) => up.set_env(true, k, v).await,
+                Up::Shell => up.request_shell(true).await,
+                Up::Exec(cmd) => up.exec(true, cmd).await,
+                Up::Subsystem(name) => up.request_subsystem(true, name).await,
+                Up::WindowChange(c, r, pw, ph) => up.window_change(c, r, pw, ph).await,
+                Up::Signal(s) => up.signal(s).await,
+                Up::Agent => up.agent_forward(true).await,
+                Up::X11 {
+                    single,
+                    protocol,
+                    cookie,
+                    screen,
+                } => up.request_x11(true, single, protocol, cookie, screen).await,
+            }
+        };
+        let sent = tokio::select! {
+            r = step => r.is_ok(),
+            _ = node_gone.changed() => false,
+        };
+        if !sent {
             break;
         }
     }
+    drop(rx);
     let _ = up.close().await;
 }
 
@@ -1714,12 +1741,17 @@ async fn run_to_user(
             _ => {}
         }
     }
-    if eof_pending {
-        let _ = handle.eof(id).await;
-    }
+    // The node's queue is not read any more: let its sends fail at once.
+    drop(up);
     // Requests still waiting will not be answered by this channel.
     lock(&replies).clear();
-    let _ = handle.close(id).await;
+    // A user who closed the channel is told nothing more.
+    if user_gone.has_changed().is_ok() {
+        if eof_pending {
+            let _ = handle.eof(id).await;
+        }
+        let _ = handle.close(id).await;
+    }
     lock(&live.session_channels).retain(|c| *c != id);
 }
 
@@ -1855,6 +1887,9 @@ impl server::Handler for Conn {
                 });
                 let ended = Arc::new(AtomicBool::new(false));
                 let (open, user_gone) = watch::channel(());
+                // The first session is the first the user opened, whichever
+                // the node answers first.
+                let _ = live.first_session_channel.set(id);
                 self.channels.insert(
                     id,
                     Chan {
@@ -1878,10 +1913,19 @@ impl server::Handler for Conn {
                     let live = live.clone();
                     async move {
                         let _slot = slot;
-                        let up = match live.upstream.channel_open_session().await {
-                            Ok(c) => c,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "node refused a session channel");
+                        let opened = tokio::time::timeout(
+                            REPLY_TIMEOUT,
+                            live.upstream.channel_open_session(),
+                        )
+                        .await;
+                        let up = match opened {
+                            Ok(Ok(c)) => c,
+                            failed => {
+                                let why = match failed {
+                                    Ok(Err(e)) => e.to_string(),
+                                    _ => "no answer".to_owned(),
+                                };
+                                tracing::warn!(error = %why, "node refused a session channel");
                                 reply.reject(ChannelOpenFailure::ConnectFailed).await;
                                 ended.store(true, Ordering::Relaxed);
                                 return;
@@ -1889,9 +1933,10 @@ impl server::Handler for Conn {
                         };
                         reply.accept().await;
                         lock(&live.session_channels).push(id);
-                        let _ = live.first_session_channel.set(id);
                         let (up_read, up_write) = up.split();
-                        let to_node = tokio::spawn(run_to_node(rx, up_write));
+                        // Dropped when the node → user task ends.
+                        let (node_open, node_gone) = watch::channel(());
+                        let to_node = tokio::spawn(run_to_node(rx, up_write, node_gone));
                         live.track(&to_node);
                         run_to_user(
                             up_read,
@@ -1902,6 +1947,7 @@ impl server::Handler for Conn {
                             live.clone(),
                         )
                         .await;
+                        drop(node_open);
                         ended.store(true, Ordering::Relaxed);
                     }
                 });
@@ -1962,13 +2008,19 @@ impl server::Handler for Conn {
             let live = live.clone();
             async move {
                 let _slot = slot;
-                let up = match live
-                    .upstream
-                    .channel_open_direct_tcpip(&host, port_to_connect, &origin, originator_port)
-                    .await
-                {
-                    Ok(c) => c,
-                    Err(_) => {
+                let opened = tokio::time::timeout(
+                    REPLY_TIMEOUT,
+                    live.upstream.channel_open_direct_tcpip(
+                        &host,
+                        port_to_connect,
+                        &origin,
+                        originator_port,
+                    ),
+                )
+                .await;
+                let up = match opened {
+                    Ok(Ok(c)) => c,
+                    _ => {
                         reply.reject(ChannelOpenFailure::ConnectFailed).await;
                         return;
                     }
