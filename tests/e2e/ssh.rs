@@ -3285,6 +3285,28 @@ fn first_mib_within(what: &str, cmd: &mut Command) -> Vec<u8> {
     }
 }
 
+/// A lab and a kept connection of bob's (whose profile it uses), granted
+/// node-admin.
+fn kept_connection_of_an_admin() -> (Lab, WicketCli, KeptConnection) {
+    let lab = Lab::start();
+    let bob = lab.user("bob", "access");
+    lab.grant(&bob, "node-admin", "10m");
+    let cfg = ssh_config(&bob);
+    let kept = KeptConnection::open(&lab, &cfg, "nothing else runs");
+    (lab, bob, kept)
+}
+
+/// A new session on `kept` runs, and its first MiB of output comes.
+fn a_new_session_prints_a_mib(kept: &KeptConnection) {
+    let got = first_mib_within(
+        "a new session's output",
+        kept.client()
+            .arg(&kept.dest)
+            .arg("yes after | head -c 1048576"),
+    );
+    assert!(got.starts_with(b"after\nafter\n"));
+}
+
 /// A user who closes a forwarded connection while its far end still sends
 /// (a download given up) leaves the SSH connection working: a new session
 /// and new forwards on it carry data. Before, the proxy kept waiting to
@@ -3293,17 +3315,13 @@ fn first_mib_within(what: &str, cmd: &mut Command) -> Vec<u8> {
 #[test]
 fn a_forward_closed_while_its_far_end_sends_leaves_the_connection_working() {
     use std::net::TcpStream;
-    let lab = Lab::start();
-    let bob = lab.user("bob", "access");
-    lab.grant(&bob, "node-admin", "10m");
-    let cfg = ssh_config(&bob);
+    let (_lab, _bob, kept) = kept_connection_of_an_admin();
     // What the forwards reach: a listener that sends to each connection
     // until its client goes away.
     let target_port = forward_target(|mut c| {
         let chunk = vec![b'x'; 64 << 10];
         while c.write_all(&chunk).is_ok() {}
     });
-    let kept = KeptConnection::open(&lab, &cfg, "nothing else runs");
     let local = free_port().unwrap();
     run(kept
         .client()
@@ -3325,13 +3343,7 @@ fn a_forward_closed_while_its_far_end_sends_leaves_the_connection_working() {
     read_some(&mut first, 1 << 20).unwrap();
     // Given up mid-stream; a new session at once.
     drop(first);
-    let got = first_mib_within(
-        "a new session's output",
-        kept.client()
-            .arg(&kept.dest)
-            .arg("yes after | head -c 1048576"),
-    );
-    assert!(got.starts_with(b"after\nafter\n"));
+    a_new_session_prints_a_mib(&kept);
     // Forwards given up one after another, while data flows.
     for _ in 0..8 {
         let mut c = TcpStream::connect(local_addr).unwrap();
@@ -3348,11 +3360,7 @@ fn a_forward_closed_while_its_far_end_sends_leaves_the_connection_working() {
 /// client killed) leaves the connection working: a new session on it runs.
 #[test]
 fn a_session_given_up_while_its_command_writes_leaves_the_connection_working() {
-    let lab = Lab::start();
-    let bob = lab.user("bob", "access");
-    lab.grant(&bob, "node-admin", "10m");
-    let cfg = ssh_config(&bob);
-    let kept = KeptConnection::open(&lab, &cfg, "nothing else runs");
+    let (_lab, _bob, kept) = kept_connection_of_an_admin();
     for _ in 0..4 {
         let got = first_mib_within(
             "a MiB of output",
@@ -3360,13 +3368,7 @@ fn a_session_given_up_while_its_command_writes_leaves_the_connection_working() {
         );
         assert!(got.iter().all(|&b| b == 0));
     }
-    let got = first_mib_within(
-        "a new session's output",
-        kept.client()
-            .arg(&kept.dest)
-            .arg("yes after | head -c 1048576"),
-    );
-    assert!(got.starts_with(b"after\nafter\n"));
+    a_new_session_prints_a_mib(&kept);
     let _ = kept.finish();
 }
 
@@ -3376,11 +3378,7 @@ fn a_session_given_up_while_its_command_writes_leaves_the_connection_working() {
 /// user's data behind that write stopped every read on the connection.
 #[test]
 fn input_to_a_command_that_ended_leaves_the_connection_working() {
-    let lab = Lab::start();
-    let bob = lab.user("bob", "access");
-    lab.grant(&bob, "node-admin", "10m");
-    let cfg = ssh_config(&bob);
-    let kept = KeptConnection::open(&lab, &cfg, "nothing else runs");
+    let (_lab, _bob, kept) = kept_connection_of_an_admin();
     for _ in 0..4 {
         let mut c = kept
             .client()
@@ -3398,12 +3396,6 @@ fn input_to_a_command_that_ended_leaves_the_connection_working() {
         let _ = c.wait();
         ended.unwrap();
     }
-    let got = first_mib_within(
-        "a new session's output",
-        kept.client()
-            .arg(&kept.dest)
-            .arg("yes after | head -c 1048576"),
-    );
-    assert!(got.starts_with(b"after\nafter\n"));
+    a_new_session_prints_a_mib(&kept);
     let _ = kept.finish();
 }
