@@ -1587,11 +1587,7 @@ async fn run_to_node(
                 } => up.request_x11(true, single, protocol, cookie, screen).await,
             }
         };
-        let sent = tokio::select! {
-            r = step => r.is_ok(),
-            _ = node_gone.changed() => false,
-        };
-        if !sent {
+        if !written(step, &mut node_gone).await {
             break;
         }
     }
@@ -1632,10 +1628,10 @@ fn sftp_event(live: &Live, op: super::sftp::FileOp, error: Option<String>) -> Au
     }
 }
 
-/// Whether `write` to the user finished before the user's side of its
-/// channel closed (`gone`: see [`Chan`]). A write waiting on the window of
-/// a channel the user closed would wait for ever, while the node's output
-/// filled the channel's queue and stopped the connection's reads.
+/// Whether `write` succeeded before the side it writes to closed (`gone`:
+/// its sender dropped, see [`Chan`] and [`run_to_node`]). A write waiting
+/// on the window of a closed channel would wait for ever, while what comes
+/// behind it filled a queue and stopped the connection's reads.
 async fn written<E>(
     write: impl std::future::Future<Output = Result<(), E>>,
     gone: &mut watch::Receiver<()>,
