@@ -1628,6 +1628,36 @@ fn sftp_event(live: &Live, op: super::sftp::FileOp, error: Option<String>) -> Au
     }
 }
 
+/// The node's channel that `open` opens for a channel the user opened
+/// (`what` kind), with the user's open answered: accepted, or refused when
+/// the node refuses or does not answer within [`REPLY_TIMEOUT`].
+///
+/// Called in the channel's own task, never in the handler's callback: a
+/// callback holds up every read on the user's connection while it runs,
+/// and the node's side may be waiting for one of them (a forward's output
+/// blocked until the user's close of it is read).
+async fn opened_on_node(
+    open: impl std::future::Future<Output = Result<Channel<russh::client::Msg>, russh::Error>>,
+    reply: server::ChannelOpenHandle,
+    what: &str,
+) -> Option<Channel<russh::client::Msg>> {
+    match tokio::time::timeout(REPLY_TIMEOUT, open).await {
+        Ok(Ok(c)) => {
+            reply.accept().await;
+            Some(c)
+        }
+        failed => {
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => "no answer".to_owned(),
+            };
+            tracing::warn!(error = %why, channel = what, "the node refused a channel");
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            None
+        }
+    }
+}
+
 /// Whether `write` succeeded before the side it writes to closed (`gone`:
 /// its sender dropped, see [`Chan`] and [`run_to_node`]). A write waiting
 /// on the window of a closed channel would wait for ever, while what comes
@@ -1899,35 +1929,19 @@ impl server::Handler for Conn {
                         _open: open,
                     },
                 );
-                // The node's channel is opened, and the user answered, in
-                // the channel's own task, as for a port forward: see
-                // `channel_open_direct_tcpip`. The channel's place is
-                // taken for the task's life (while the node's side is
-                // open).
+                // Opened in the channel's own task ([`opened_on_node`]),
+                // which holds the channel's place for its life (while the
+                // node's side is open).
                 let handle = session.handle();
                 let task = tokio::spawn({
                     let live = live.clone();
                     async move {
                         let _slot = slot;
-                        let opened = tokio::time::timeout(
-                            REPLY_TIMEOUT,
-                            live.upstream.channel_open_session(),
-                        )
-                        .await;
-                        let up = match opened {
-                            Ok(Ok(c)) => c,
-                            failed => {
-                                let why = match failed {
-                                    Ok(Err(e)) => e.to_string(),
-                                    _ => "no answer".to_owned(),
-                                };
-                                tracing::warn!(error = %why, "node refused a session channel");
-                                reply.reject(ChannelOpenFailure::ConnectFailed).await;
-                                ended.store(true, Ordering::Relaxed);
-                                return;
-                            }
+                        let open = live.upstream.channel_open_session();
+                        let Some(up) = opened_on_node(open, reply, "session").await else {
+                            ended.store(true, Ordering::Relaxed);
+                            return;
                         };
-                        reply.accept().await;
                         lock(&live.session_channels).push(id);
                         let (up_read, up_write) = up.split();
                         // Dropped when the node → user task ends.
@@ -1995,33 +2009,21 @@ impl server::Handler for Conn {
                 .await;
             return Ok(());
         }
-        // The node's channel is opened and answered for in the forward's
-        // own task: this callback holds up every read on the connection
-        // while it runs, and the node's side may be waiting for one (a
-        // forward's output blocked until the user's close of it is read).
+        // Opened in the forward's own task ([`opened_on_node`]).
         let (host, origin) = (host_to_connect.to_owned(), originator_address.to_owned());
         let forward = tokio::spawn({
             let live = live.clone();
             async move {
                 let _slot = slot;
-                let opened = tokio::time::timeout(
-                    REPLY_TIMEOUT,
-                    live.upstream.channel_open_direct_tcpip(
-                        &host,
-                        port_to_connect,
-                        &origin,
-                        originator_port,
-                    ),
-                )
-                .await;
-                let up = match opened {
-                    Ok(Ok(c)) => c,
-                    _ => {
-                        reply.reject(ChannelOpenFailure::ConnectFailed).await;
-                        return;
-                    }
+                let open = live.upstream.channel_open_direct_tcpip(
+                    &host,
+                    port_to_connect,
+                    &origin,
+                    originator_port,
+                );
+                let Some(up) = opened_on_node(open, reply, "port forward").await else {
+                    return;
                 };
-                reply.accept().await;
                 live.audit(AuditEvent::SshPortForward {
                     session: live.sref.clone(),
                     host: host.clone(),
