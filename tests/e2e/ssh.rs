@@ -20,19 +20,13 @@ const PW: &str = "correct horse battery staple";
 /// Roles: `access` logs in as yourself nowhere useful; `node-admin` (self-
 /// approved, port forwarding) grants LOGIN on `env: test` nodes; `direct`
 /// grants LOGIN as a standing role; `auditor` revokes and reads recordings.
-fn config(
-    node_port: u16,
-    login: &str,
-    session_extra: &str,
-    top_extra: &str,
-    node_extra: &str,
-) -> String {
+fn config(node_port: u16, login: &str, session: &str, top_extra: &str, node_extra: &str) -> String {
     format!(
         r#"
 version: 1
 {top_extra}
 listen: {{ ssh: "127.0.0.1:0" }}
-session: {{ expiry_warning: 2s{session_extra} }}
+session: {{ {session} }}
 requests: {{ min_duration: 1s }}
 roles:
   access:
@@ -100,12 +94,21 @@ impl Lab {
     /// it: when another server takes it in between, both start again on
     /// another port.
     pub fn start_node(session_extra: &str, top_extra: &str, node_extra: &str) -> Lab {
+        Self::start_session(
+            &format!("expiry_warning: 2s{session_extra}"),
+            top_extra,
+            node_extra,
+        )
+    }
+
+    /// With these `session:` settings (no warning 2 s before expiry).
+    pub fn start_session(session: &str, top_extra: &str, node_extra: &str) -> Lab {
         let login = test_login();
         let mut attempts = 0;
         loop {
             let port = free_port().unwrap();
             let d = Wicketd::builder()
-                .config(config(port, &login, session_extra, top_extra, node_extra))
+                .config(config(port, &login, session, top_extra, node_extra))
                 .start()
                 .unwrap();
             let ssh_addr = d
@@ -3305,6 +3308,65 @@ fn a_new_session_prints_a_mib(kept: &KeptConnection) {
             .arg("yes after | head -c 1048576"),
     );
     assert!(got.starts_with(b"after\nafter\n"));
+}
+
+/// A warning said while one session's client takes nothing (its channel's
+/// window used up) reaches the other sessions, and that client given up
+/// leaves the connection working. Before, the line written past the
+/// window stayed queued in russh, which then sent nothing more on the
+/// connection, and kept it queued after the channel closed.
+#[test]
+fn a_warning_while_a_session_takes_nothing_leaves_the_connection_working() {
+    // Warned 20 s into a 10 minute grant.
+    let lab = Lab::start_session("expiry_warning: 580s", "", "");
+    let bob = lab.user("bob", "access");
+    lab.grant(&bob, "node-admin", "10m");
+    let cfg = ssh_config(&bob);
+    let kept = KeptConnection::open(&lab, &cfg, "nothing else runs");
+    // Its output is never read.
+    let mut stuck = kept
+        .client()
+        .arg(&kept.dest)
+        .arg("cat /dev/zero")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut idle = kept
+        .client()
+        .arg(&kept.dest)
+        .arg("sleep 120")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = idle.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = err.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if text(&seen).contains("wicket: ") {
+                let _ = tx.send(text(&seen));
+                break;
+            }
+        }
+    });
+    let warned = rx.recv_timeout(Duration::from_secs(60));
+    let _ = stuck.kill();
+    let _ = stuck.wait();
+    let warned = warned.expect("the warning reaches a session that reads");
+    assert!(warned.contains("will be closed then"), "{warned}");
+    a_new_session_prints_a_mib(&kept);
+    let _ = idle.kill();
+    let _ = idle.wait();
+    let _ = kept.finish();
 }
 
 /// A user who closes a forwarded connection while its far end still sends

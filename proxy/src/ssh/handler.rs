@@ -115,6 +115,10 @@ const QUEUED_TO_NODES: u32 = 8 << 20;
 /// again or closes (russh's head-of-line blocking, Eugeny/russh#730).
 pub(crate) const CHANNEL_QUEUE: usize = 16;
 
+/// Lines a session channel holds for its user ([`Note`]) before more are
+/// not written (each is in the audit or on the recording already).
+const NOTES_QUEUE: usize = 4;
+
 /// Markers kept for a recording not made yet (a session that only
 /// forwards); past this, later ones before it are not kept.
 const EARLY_MARKERS: usize = 256;
@@ -586,7 +590,9 @@ pub(crate) struct Live {
     /// Set when the grant ended but sessions may finish
     /// (`disconnect_on_expiry: false`): why new channels are refused.
     refusing: Mutex<Option<String>>,
-    session_channels: Mutex<Vec<ChannelId>>,
+    /// The open session channels, and where to leave lines for their
+    /// users.
+    session_channels: Mutex<Vec<(ChannelId, mpsc::Sender<Note>)>>,
     done: watch::Sender<bool>,
     cut: Arc<Cut>,
     /// The tasks that relay its channels, stopped when it finishes (one
@@ -776,35 +782,48 @@ impl Live {
 
     /// Writes a line to the stderr of every open session channel, giving
     /// up on a client that does not take it within [`TELL_TIMEOUT`].
-    async fn tell(&self, handle: &server::Handle, text: &str) {
+    async fn tell(&self, text: &str) {
         let line = format!("\r\nwicket: {text}\r\n");
         // What the user is told is part of the recording, when it is said
         // (a client that does not read still has it on the record).
         if let Some(r) = self.existing_recorder() {
             r.output(crate::clock::instant(), line.as_bytes());
         }
-        let ids = lock(&self.session_channels).clone();
-        let send = async {
-            for id in ids {
-                let _ = handle
-                    .extended_data(id, 1, Bytes::from(line.clone().into_bytes()))
-                    .await;
+        let line = Bytes::from(line.into_bytes());
+        let notes: Vec<_> = lock(&self.session_channels)
+            .iter()
+            .map(|(_, n)| n.clone())
+            .collect();
+        // Each channel's task writes its own, after the output before it;
+        // they are waited for (a close may follow) together.
+        let mut said = Vec::new();
+        for n in notes {
+            let (tx, rx) = oneshot::channel();
+            if n.try_send(Note::Say(line.clone(), Some(tx))).is_ok() {
+                said.push(rx);
+            }
+        }
+        let all = async {
+            for s in said {
+                let _ = s.await;
             }
         };
-        let _ = tokio::time::timeout(TELL_TIMEOUT, send).await;
+        let _ = tokio::time::timeout(TELL_TIMEOUT, all).await;
     }
 
     /// Ends the session now with `why` (the grant ended).
     async fn end(&self, handle: &server::Handle, why: &str) {
         *lock(&self.end_reason) = Some(why.to_owned());
         self.cut.set();
-        self.tell(handle, &format!("{why}; closing this session"))
-            .await;
+        self.tell(&format!("{why}; closing this session")).await;
         // Each of these waits for room in the connection's queue, which a
         // client that stopped reading keeps full: the node is let go of
         // either way.
         let goodbye = async {
-            let ids = lock(&self.session_channels).clone();
+            let ids: Vec<_> = lock(&self.session_channels)
+                .iter()
+                .map(|(id, _)| *id)
+                .collect();
             for id in ids {
                 let _ = handle.close(id).await;
             }
@@ -928,12 +947,11 @@ impl Live {
                     let sig = rx.borrow_and_update().clone();
                     match sig {
                         Signal::Run => {}
-                        Signal::Warn(text) => self.tell(&handle, &text).await,
+                        Signal::Warn(text) => self.tell(&text).await,
                         Signal::Drain(why) => {
                             *lock(&self.refusing) = Some(why.clone());
                             self.marker(&format!("access ended, new channels refused: {why}"));
                             self.tell(
-                                &handle,
                                 &format!("{why}; what runs may finish, new sessions on this connection are refused"),
                             )
                             .await;
@@ -996,6 +1014,21 @@ enum Up {
 
 type Replies = Arc<Mutex<VecDeque<oneshot::Sender<bool>>>>;
 
+/// A line for the user of a session channel, written on its stderr by the
+/// channel's node → user task ([`run_to_user`]) after the output before
+/// it, through the channel's writer, which keeps to the channel's window.
+///
+/// Never through the connection's handle or session: russh queues what
+/// they write past the window, and while anything is queued so, it sends
+/// nothing more on the connection (every channel waits for this one's
+/// client to read), and for ever once the user closed the channel.
+enum Note {
+    /// A line; the sender is dropped once it is written or given up.
+    Say(Bytes, Option<oneshot::Sender<()>>),
+    /// A line, then exit status 1 and the channel closed (a refused start).
+    Refuse(Bytes),
+}
+
 struct Chan {
     to_up: mpsc::Sender<Up>,
     replies: Replies,
@@ -1015,6 +1048,8 @@ struct Chan {
     /// Dropped with this entry, when the user's side closes: the node →
     /// user task stops then ([`run_to_user`]).
     _open: watch::Sender<()>,
+    /// Lines for the user, written by the node → user task.
+    notes: mpsc::Sender<Note>,
 }
 
 enum Access {
@@ -1359,24 +1394,22 @@ impl Conn {
         close: bool,
         session: &mut Session,
     ) -> Result<bool, russh::Error> {
-        let Some(live) = self.live_channel(channel) else {
+        let Some((live, notes)) = self.live_channel(channel) else {
             return Ok(false);
         };
         let Some(why) = live.refusing() else {
             return Ok(false);
         };
-        refuse(live, channel, what, &why, close, session).await?;
+        refuse(live, (channel, notes), what, &why, close, session).await?;
         Ok(true)
     }
 
     /// The live session, for a request on one of its open session channels
-    /// (channels refused at their opening answer through `forward`).
-    fn live_channel(&self, channel: ChannelId) -> Option<&Arc<Live>> {
-        if self.channels.contains_key(&channel) {
-            self.live()
-        } else {
-            None
-        }
+    /// (channels refused at their opening answer through `forward`), and
+    /// where to leave lines for that channel's user.
+    fn live_channel(&self, channel: ChannelId) -> Option<(&Arc<Live>, &mpsc::Sender<Note>)> {
+        let c = self.channels.get(&channel)?;
+        Some((self.live()?, &c.notes))
     }
 
     /// With `on_recording_failure: end`, refuses a shell, exec or subsystem
@@ -1387,7 +1420,7 @@ impl Conn {
         what: &str,
         session: &mut Session,
     ) -> Result<bool, russh::Error> {
-        let Some(live) = self.live_channel(channel) else {
+        let Some((live, notes)) = self.live_channel(channel) else {
             return Ok(false);
         };
         if !live.end_on_recording_failure {
@@ -1400,7 +1433,7 @@ impl Conn {
                 Some(why) => why,
             },
         };
-        refuse(live, channel, what, &why, true, session).await?;
+        refuse(live, (channel, notes), what, &why, true, session).await?;
         Ok(true)
     }
 
@@ -1433,12 +1466,7 @@ impl Conn {
     }
 
     /// A forwarding the policy may refuse: refused ones get a line on stderr.
-    async fn decide_forwarding(
-        &self,
-        kind: SshForwarding,
-        channel: Option<ChannelId>,
-        session: &mut Session,
-    ) -> bool {
+    async fn decide_forwarding(&self, kind: SshForwarding, channel: Option<ChannelId>) -> bool {
         let Some(live) = self.live() else {
             return false;
         };
@@ -1451,13 +1479,21 @@ impl Conn {
                 unrecorded_before: 0,
             })
             .await;
-            let line = format!("wicket: refused: {}\r\n", d.reason);
-            let ids = match channel {
-                Some(c) => vec![c],
-                None => lock(&live.session_channels).clone(),
+            let line = Bytes::from(format!("wicket: refused: {}\r\n", d.reason).into_bytes());
+            let notes: Vec<_> = match channel {
+                Some(c) => self
+                    .channels
+                    .get(&c)
+                    .map(|c| c.notes.clone())
+                    .into_iter()
+                    .collect(),
+                None => lock(&live.session_channels)
+                    .iter()
+                    .map(|(_, n)| n.clone())
+                    .collect(),
             };
-            for id in ids {
-                let _ = session.extended_data(id, 1, Bytes::from(line.clone().into_bytes()));
+            for n in notes {
+                let _ = n.try_send(Note::Say(line.clone(), None));
             }
         }
         d.allowed
@@ -1599,7 +1635,7 @@ async fn run_to_node(
 /// log, and on the user's stderr; `close` closes the channel too.
 async fn refuse(
     live: &Live,
-    channel: ChannelId,
+    (channel, notes): (ChannelId, &mpsc::Sender<Note>),
     what: &str,
     why: &str,
     close: bool,
@@ -1607,9 +1643,16 @@ async fn refuse(
 ) -> Result<(), russh::Error> {
     live.refused_on_record(what, why).await;
     let line = format!("wicket: refused: {why}; nothing new starts on this connection\r\n");
-    let _ = session.extended_data(channel, 1, Bytes::from(line.into_bytes()));
-    if close {
-        session.channel_failure(channel)?;
+    let line = Bytes::from(line.into_bytes());
+    if !close {
+        let _ = notes.try_send(Note::Say(line, None));
+        return Ok(());
+    }
+    session.channel_failure(channel)?;
+    // The channel's task writes the line and closes it, which also ends
+    // the node's side and gives its place back. Should its queue of lines
+    // be full, it is closed here, without the line.
+    if notes.try_send(Note::Refuse(line)).is_err() {
         session.exit_status_request(channel, 1)?;
         session.eof(channel)?;
         session.close(channel)?;
@@ -1679,7 +1722,7 @@ async fn written<E>(
 async fn run_to_user(
     mut up: russh::ChannelReadHalf,
     (down, mut user_gone): (russh::ChannelWriteHalf<Msg>, watch::Receiver<()>),
-    handle: server::Handle,
+    (handle, mut notes): (server::Handle, mpsc::Receiver<Note>),
     replies: Replies,
     rec: Arc<ChanRec>,
     live: Arc<Live>,
@@ -1689,10 +1732,32 @@ async fn run_to_user(
     // sent its own EOF closes the channel on ours, and would then miss an
     // exit status that the node sends a moment later.
     let mut eof_pending = false;
+    // Whether this task closed the user's side (a refused start).
+    let mut closed = false;
     loop {
         let m = tokio::select! {
-            m = up.wait() => m,
+            biased;
             _ = user_gone.changed() => None,
+            Some(note) = notes.recv() => {
+                let (line, said, refused) = match note {
+                    Note::Say(line, said) => (line, said, false),
+                    Note::Refuse(line) => (line, None, true),
+                };
+                if !written(down.extended_data_bytes(1, line), &mut user_gone).await {
+                    break;
+                }
+                // Written: what the teller sends next goes after it.
+                drop(said);
+                if refused {
+                    let _ = written(handle.exit_status_request(id, 1), &mut user_gone).await;
+                    let _ = written(handle.eof(id), &mut user_gone).await;
+                    let _ = written(handle.close(id), &mut user_gone).await;
+                    closed = true;
+                    break;
+                }
+                continue;
+            }
+            m = up.wait() => m,
         };
         let Some(m) = m else { break };
         match m {
@@ -1737,9 +1802,9 @@ async fn run_to_user(
                 if live.first_session_channel.get() == Some(&id) {
                     *lock(&live.exit_status) = Some(exit_status);
                 }
-                let _ = handle.exit_status_request(id, exit_status).await;
+                let _ = written(handle.exit_status_request(id, exit_status), &mut user_gone).await;
                 if std::mem::take(&mut eof_pending) {
-                    let _ = handle.eof(id).await;
+                    let _ = written(handle.eof(id), &mut user_gone).await;
                 }
             }
             ChannelMsg::ExitSignal {
@@ -1748,11 +1813,16 @@ async fn run_to_user(
                 error_message,
                 lang_tag,
             } => {
-                let _ = handle
-                    .exit_signal_request(id, signal_name, core_dumped, error_message, lang_tag)
-                    .await;
+                let signal = handle.exit_signal_request(
+                    id,
+                    signal_name,
+                    core_dumped,
+                    error_message,
+                    lang_tag,
+                );
+                let _ = written(signal, &mut user_gone).await;
                 if std::mem::take(&mut eof_pending) {
-                    let _ = handle.eof(id).await;
+                    let _ = written(handle.eof(id), &mut user_gone).await;
                 }
             }
             ChannelMsg::Success | ChannelMsg::Failure => {
@@ -1762,7 +1832,7 @@ async fn run_to_user(
                 }
             }
             ChannelMsg::XonXoff { client_can_do } => {
-                let _ = handle.xon_xoff_request(id, client_can_do).await;
+                let _ = written(handle.xon_xoff_request(id, client_can_do), &mut user_gone).await;
             }
             _ => {}
         }
@@ -1772,13 +1842,13 @@ async fn run_to_user(
     // Requests still waiting will not be answered by this channel.
     lock(&replies).clear();
     // A user who closed the channel is told nothing more.
-    if user_gone.has_changed().is_ok() {
+    if !closed && user_gone.has_changed().is_ok() {
         if eof_pending {
-            let _ = handle.eof(id).await;
+            let _ = written(handle.eof(id), &mut user_gone).await;
         }
-        let _ = handle.close(id).await;
+        let _ = written(handle.close(id), &mut user_gone).await;
     }
-    lock(&live.session_channels).retain(|c| *c != id);
+    lock(&live.session_channels).retain(|(c, _)| *c != id);
 }
 
 impl server::Handler for Conn {
@@ -1913,6 +1983,7 @@ impl server::Handler for Conn {
                 });
                 let ended = Arc::new(AtomicBool::new(false));
                 let (open, user_gone) = watch::channel(());
+                let (notes, notes_rx) = mpsc::channel(NOTES_QUEUE);
                 // The first session is the first the user opened, whichever
                 // the node answers first.
                 let _ = live.first_session_channel.set(id);
@@ -1927,6 +1998,7 @@ impl server::Handler for Conn {
                         sftp: None,
                         ended: ended.clone(),
                         _open: open,
+                        notes: notes.clone(),
                     },
                 );
                 // Opened in the channel's own task ([`opened_on_node`]),
@@ -1942,7 +2014,7 @@ impl server::Handler for Conn {
                             ended.store(true, Ordering::Relaxed);
                             return;
                         };
-                        lock(&live.session_channels).push(id);
+                        lock(&live.session_channels).push((id, notes));
                         let (up_read, up_write) = up.split();
                         // Dropped when the node → user task ends.
                         let (node_open, node_gone) = watch::channel(());
@@ -1951,7 +2023,7 @@ impl server::Handler for Conn {
                         run_to_user(
                             up_read,
                             (down_write, user_gone),
-                            handle,
+                            (handle, notes_rx),
                             replies,
                             rec,
                             live.clone(),
@@ -1975,7 +2047,7 @@ impl server::Handler for Conn {
         originator_address: &str,
         originator_port: u32,
         reply: server::ChannelOpenHandle,
-        session: &mut Session,
+        _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let Some(live) = self.live().cloned() else {
             reply
@@ -2000,10 +2072,7 @@ impl server::Handler for Conn {
                 .await;
             return Ok(());
         }
-        if !self
-            .decide_forwarding(SshForwarding::Port, None, session)
-            .await
-        {
+        if !self.decide_forwarding(SshForwarding::Port, None).await {
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
@@ -2045,7 +2114,7 @@ impl server::Handler for Conn {
         &mut self,
         address: &str,
         port: &mut u32,
-        session: &mut Session,
+        _session: &mut Session,
     ) -> Result<bool, Self::Error> {
         let Some(live) = self.live().cloned() else {
             return Ok(false);
@@ -2061,10 +2130,7 @@ impl server::Handler for Conn {
             live.refused_as("remote_forward", &what, &why).await;
             return Ok(false);
         }
-        if !self
-            .decide_forwarding(SshForwarding::Port, None, session)
-            .await
-        {
+        if !self.decide_forwarding(SshForwarding::Port, None).await {
             return Ok(false);
         }
         // Known before the node is asked: it may take a connection before
@@ -2341,7 +2407,7 @@ impl server::Handler for Conn {
         }
         // Only on a channel that takes it: one refused at its opening gets
         // the refusal from `forward`, and nothing ran to audit.
-        if let Some(live) = self.live_channel(channel) {
+        if let Some((live, _)) = self.live_channel(channel) {
             live.execs.fetch_add(1, Ordering::Relaxed);
             live.audit(AuditEvent::SshExec {
                 session: live.sref.clone(),
@@ -2384,7 +2450,7 @@ impl server::Handler for Conn {
         {
             return Ok(());
         }
-        if let Some(live) = self.live_channel(channel) {
+        if let Some((live, _)) = self.live_channel(channel) {
             live.execs.fetch_add(1, Ordering::Relaxed);
             live.audit(AuditEvent::SshExec {
                 session: live.sref.clone(),
@@ -2454,7 +2520,7 @@ impl server::Handler for Conn {
             return Ok(false);
         }
         if !self
-            .decide_forwarding(SshForwarding::Agent, Some(channel), session)
+            .decide_forwarding(SshForwarding::Agent, Some(channel))
             .await
         {
             return Ok(false);
@@ -2482,7 +2548,7 @@ impl server::Handler for Conn {
             return Ok(());
         }
         if !self
-            .decide_forwarding(SshForwarding::X11, Some(channel), session)
+            .decide_forwarding(SshForwarding::X11, Some(channel))
             .await
         {
             session.channel_failure(channel)?;
