@@ -2823,3 +2823,58 @@ fn a_cut_ends_the_backend_so_pipelined_queries_do_not_run_on() {
         "0"
     );
 }
+
+/// A session the database has not finished logging in (here: logins wait
+/// on a catalog lock held outside Wicket) is still cut when its grant is
+/// revoked, with the reason. Before, the proxy waited for the database's
+/// first ReadyForQuery without end, and without looking at the grant.
+#[test]
+fn a_session_the_database_has_not_logged_in_yet_is_cut_at_revoke() {
+    let s = Setup::start("");
+    let grant = s.grant_dba("30m");
+    let id = grant["id"].as_str().unwrap().to_owned();
+    let t = s.tunnel();
+    // Every login waits while pg_authid is locked.
+    let mut holder =
+        s.pg.psql_session("app")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+    let mut holder_in = holder.stdin.take().unwrap();
+    holder_in
+        .write_all(b"begin;\nlock table pg_authid in access exclusive mode;\nselect 'locked';\n")
+        .unwrap();
+    let mut holder_out = std::io::BufReader::new(holder.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = tx.send(std::io::BufRead::read_line(&mut holder_out, &mut line).map(|_| line));
+    });
+    let locked = rx.recv_timeout(Duration::from_secs(20)).unwrap().unwrap();
+    assert_eq!(locked.trim(), "locked");
+    let child = t
+        .psql("app")
+        .args(["-c", "select 1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wicket has let it in; the database has not.
+    wait_until("the session started", Duration::from_secs(20), || {
+        let started = s.events(&s.frank, &["--user", "alice", "--kind", "session_started"]);
+        (!started.is_empty()).then_some(())
+    })
+    .unwrap();
+    let err = cut_within_a_second(child, || {
+        s.frank
+            .ok(&["request", "revoke", &id, "--reason", "INC-7 closed"])
+            .unwrap();
+    });
+    assert!(
+        err.contains(&id) && err.contains("revoked by frank: INC-7 closed"),
+        "{err}"
+    );
+    drop(holder_in);
+    holder.wait().unwrap();
+}

@@ -41,6 +41,9 @@ use wicket_policy::{Resource, ResourceKind};
 pub const RESOURCE_PARAM: &str = "wicket_database";
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the database may take to log a session in (from the startup
+/// message to its first ReadyForQuery): a login can wait on a lock.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long ending a cut session's backend may take before its statement
 /// is cancelled instead (a busy database, or its connection limit).
 const TERMINATE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -699,8 +702,20 @@ impl PgProxy {
             login_until: None,
         };
         let mut cancel_key = None;
-        let end = match self.connect_upstream(&resource, &db_user, &identity).await {
-            Err(e) => {
+        // Connecting takes up to CONNECT_TIMEOUT a step: the grant's end is
+        // not kept waiting for it.
+        let connected = tokio::select! {
+            c = self.connect_upstream(&resource, &db_user, &identity) => Ok(c),
+            why = told_to_end(handle.signal.clone()) => Err(why),
+        };
+        let end = match connected {
+            Err(why) => {
+                let bye = format!("wicket: {why}; this connection is closed");
+                let _ =
+                    tokio::time::timeout(GOODBYE_TIMEOUT, fatal(&mut client, "57P01", &bye)).await;
+                End::Cut(why)
+            }
+            Ok(Err(e)) => {
                 fatal(
                     &mut client,
                     "08006",
@@ -709,7 +724,7 @@ impl PgProxy {
                 .await;
                 End::Io(e)
             }
-            Ok(upstream) => {
+            Ok(Ok(upstream)) => {
                 let forwarded: Vec<(&str, &str)> = params
                     .iter()
                     .filter(|(k, _)| k != RESOURCE_PARAM)
@@ -780,11 +795,31 @@ impl PgProxy {
         let _ = upstream.flush().await;
 
         // Startup phase: authentication result, parameters, our cancel key,
-        // until the first ReadyForQuery.
+        // until the first ReadyForQuery. The database's login may wait (on
+        // a lock, say): the grant's end is not, nor is that beyond
+        // LOGIN_TIMEOUT. The client has whole messages only here.
         let mut sbuf = Vec::with_capacity(READ_CHUNK);
         let mut tmp = vec![0u8; READ_CHUNK];
+        let login_by = tokio::time::Instant::now() + LOGIN_TIMEOUT;
         loop {
-            let n = match upstream.read(&mut tmp).await {
+            let read = tokio::select! {
+                r = upstream.read(&mut tmp) => r,
+                why = told_to_end(signal.clone()) => {
+                    let bye = format!("wicket: {why}; this connection is closed");
+                    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, fatal(&mut cwr, "57P01", &bye)).await;
+                    return End::Cut(why);
+                }
+                _ = tokio::time::sleep_until(login_by) => {
+                    let why = format!(
+                        "database {resource:?} did not log the session in within {}s",
+                        LOGIN_TIMEOUT.as_secs()
+                    );
+                    let bye = format!("wicket: {why}");
+                    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, fatal(&mut cwr, "08006", &bye)).await;
+                    return End::Io(why);
+                }
+            };
+            let n = match read {
                 Ok(0) => return End::ServerClosed,
                 Ok(n) => n,
                 Err(e) => return End::Io(e.to_string()),
@@ -969,6 +1004,11 @@ impl PgProxy {
             let _ = cwr.shutdown().await;
         };
         let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
+        // Let go of the client now (both halves: they share the stream),
+        // not once what follows is done, which may wait on the database
+        // and the store.
+        drop(crd);
+        drop(cwr);
         // A cut session's statement, or one pipelined behind a refused
         // message, must not run on: its backend is ended (or, failing
         // that, its statement cancelled) before anything that may wait on
@@ -1281,6 +1321,18 @@ fn host_of(address: &str) -> String {
 
 /// Sends a FATAL ErrorResponse and flushes (errors ignored: the connection
 /// is being closed anyway).
+/// Once the session is told to end: why.
+fn told_to_end(signal: watch::Receiver<Signal>) -> impl std::future::Future<Output = String> {
+    crate::sessions::after_grace(
+        signal,
+        |s| match s {
+            Signal::End(why) => Some(why.clone()),
+            _ => None,
+        },
+        Duration::ZERO,
+    )
+}
+
 async fn fatal<W: AsyncWrite + Unpin>(w: &mut W, code: &str, message: &str) {
     let _ = w
         .write_all(&protocol::error_response("FATAL", code, message))
