@@ -3317,9 +3317,10 @@ fn a_new_session_prints_a_mib(kept: &KeptConnection) {
 /// connection, and kept it queued after the channel closed.
 #[test]
 fn a_warning_while_a_session_takes_nothing_leaves_the_connection_working() {
-    // Warned 20 s into a 10 minute grant.
-    let lab = Lab::start_session("expiry_warning: 580s", "", "");
+    // Warned 40 s into a 10 minute grant.
+    let lab = Lab::start_session("expiry_warning: 560s", "", "");
     let bob = lab.user("bob", "access");
+    let granted = Instant::now();
     lab.grant(&bob, "node-admin", "10m");
     let cfg = ssh_config(&bob);
     let kept = KeptConnection::open(&lab, &cfg, "nothing else runs");
@@ -3342,6 +3343,11 @@ fn a_warning_while_a_session_takes_nothing_leaves_the_connection_working() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let set_up = granted.elapsed();
+    assert!(
+        set_up < Duration::from_secs(30),
+        "set up in {set_up:?}: too late for the warning"
+    );
     let mut err = idle.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {

@@ -783,6 +783,13 @@ impl Live {
     /// Writes a line to the stderr of every open session channel, giving
     /// up on a client that does not take it within [`TELL_TIMEOUT`].
     async fn tell(&self, text: &str) {
+        self.say(text, false).await;
+    }
+
+    /// Writes a line to the stderr of every open session channel (`last`:
+    /// and closes it), waiting at most [`TELL_TIMEOUT`] for them; the
+    /// channels that did not take a last line in that time.
+    async fn say(&self, text: &str, last: bool) -> Vec<ChannelId> {
         let line = format!("\r\nwicket: {text}\r\n");
         // What the user is told is part of the recording, when it is said
         // (a client that does not read still has it on the record).
@@ -790,41 +797,58 @@ impl Live {
             r.output(crate::clock::instant(), line.as_bytes());
         }
         let line = Bytes::from(line.into_bytes());
-        let notes: Vec<_> = lock(&self.session_channels)
-            .iter()
-            .map(|(_, n)| n.clone())
-            .collect();
+        let channels = lock(&self.session_channels).clone();
         // Each channel's task writes its own, after the output before it;
-        // they are waited for (a close may follow) together.
+        // they are waited for together.
         let mut said = Vec::new();
-        for n in notes {
+        let mut late = Vec::new();
+        for (id, n) in channels {
             let (tx, rx) = oneshot::channel();
-            if n.try_send(Note::Say(line.clone(), Some(tx))).is_ok() {
-                said.push(rx);
+            let said_by = Some(tx);
+            let note = if last {
+                Note::Last {
+                    line: line.clone(),
+                    exit_status: None,
+                    said: said_by,
+                }
+            } else {
+                Note::Say(line.clone(), said_by)
+            };
+            match n.try_send(note) {
+                Ok(()) => said.push((id, rx)),
+                // (A channel whose task ended is closed.)
+                Err(mpsc::error::TrySendError::Full(_)) if last => late.push(id),
+                Err(_) => {}
             }
         }
-        let all = async {
-            for s in said {
-                let _ = s.await;
+        let by = tokio::time::Instant::now() + TELL_TIMEOUT;
+        for (id, rx) in said {
+            if tokio::time::timeout_at(by, rx).await.is_err() {
+                late.push(id);
             }
-        };
-        let _ = tokio::time::timeout(TELL_TIMEOUT, all).await;
+        }
+        if last {
+            late
+        } else {
+            Vec::new()
+        }
     }
 
     /// Ends the session now with `why` (the grant ended).
     async fn end(&self, handle: &server::Handle, why: &str) {
         *lock(&self.end_reason) = Some(why.to_owned());
         self.cut.set();
-        self.tell(&format!("{why}; closing this session")).await;
+        // Each channel's task says why and closes it, in that order; those
+        // that cannot in time (a client that does not read) are closed
+        // from here.
+        let late = self
+            .say(&format!("{why}; closing this session"), true)
+            .await;
         // Each of these waits for room in the connection's queue, which a
         // client that stopped reading keeps full: the node is let go of
         // either way.
         let goodbye = async {
-            let ids: Vec<_> = lock(&self.session_channels)
-                .iter()
-                .map(|(id, _)| *id)
-                .collect();
-            for id in ids {
+            for id in late {
                 let _ = handle.close(id).await;
             }
             let _ = handle
@@ -1022,11 +1046,20 @@ type Replies = Arc<Mutex<VecDeque<oneshot::Sender<bool>>>>;
 /// they write past the window, and while anything is queued so, it sends
 /// nothing more on the connection (every channel waits for this one's
 /// client to read), and for ever once the user closed the channel.
+///
+/// Nothing is written after the channel's EOF: OpenSSH ends the whole
+/// connection at extended data after EOF.
 enum Note {
     /// A line; the sender is dropped once it is written or given up.
     Say(Bytes, Option<oneshot::Sender<()>>),
-    /// A line, then exit status 1 and the channel closed (a refused start).
-    Refuse(Bytes),
+    /// A line, then the exit status if any (a refused start), EOF and the
+    /// channel closed (the session's end); `said` is dropped once the close
+    /// is sent or given up.
+    Last {
+        line: Bytes,
+        exit_status: Option<u32>,
+        said: Option<oneshot::Sender<()>>,
+    },
 }
 
 struct Chan {
@@ -1652,7 +1685,12 @@ async fn refuse(
     // The channel's task writes the line and closes it, which also ends
     // the node's side and gives its place back. Should its queue of lines
     // be full, it is closed here, without the line.
-    if notes.try_send(Note::Refuse(line)).is_err() {
+    let last = Note::Last {
+        line,
+        exit_status: Some(1),
+        said: None,
+    };
+    if notes.try_send(last).is_err() {
         session.exit_status_request(channel, 1)?;
         session.eof(channel)?;
         session.close(channel)?;
@@ -1732,30 +1770,39 @@ async fn run_to_user(
     // sent its own EOF closes the channel on ours, and would then miss an
     // exit status that the node sends a moment later.
     let mut eof_pending = false;
-    // Whether this task closed the user's side (a refused start).
+    // Whether the user was sent EOF (nothing is written after it), and
+    // whether this task closed the user's side ([`Note::Last`]).
+    let mut eof_sent = false;
     let mut closed = false;
+    // Set when the session's recording cannot take more: it ends for
+    // that, and the node's output is no longer passed on meanwhile.
+    let mut muted = false;
     loop {
         let m = tokio::select! {
             biased;
             _ = user_gone.changed() => None,
             Some(note) = notes.recv() => {
-                let (line, said, refused) = match note {
-                    Note::Say(line, said) => (line, said, false),
-                    Note::Refuse(line) => (line, None, true),
+                let (line, said, last) = match note {
+                    Note::Say(line, said) => (line, said, None),
+                    Note::Last { line, exit_status, said } => (line, said, Some(exit_status)),
                 };
-                if !written(down.extended_data_bytes(1, line), &mut user_gone).await {
+                if !eof_sent && !written(down.extended_data_bytes(1, line), &mut user_gone).await {
                     break;
                 }
-                // Written: what the teller sends next goes after it.
-                drop(said);
-                if refused {
-                    let _ = written(handle.exit_status_request(id, 1), &mut user_gone).await;
+                let Some(exit_status) = last else {
+                    // Written: what the teller sends next goes after it.
+                    drop(said);
+                    continue;
+                };
+                if let Some(status) = exit_status {
+                    let _ = written(handle.exit_status_request(id, status), &mut user_gone).await;
+                }
+                if !eof_sent {
                     let _ = written(handle.eof(id), &mut user_gone).await;
-                    let _ = written(handle.close(id), &mut user_gone).await;
-                    closed = true;
-                    break;
                 }
-                continue;
+                let _ = written(handle.close(id), &mut user_gone).await;
+                closed = true;
+                break;
             }
             m = up.wait() => m,
         };
@@ -1775,24 +1822,18 @@ async fn run_to_user(
                     ));
                     live.audit(sftp_event(&live, r.op, Some(r.error))).await;
                 }
-                if !live.record_output(&rec, &data) {
-                    // The session ends for it: its end tells the user
-                    // why and closes this channel.
-                    return;
-                }
-                if !written(down.data_bytes(data), &mut user_gone).await {
+                // The session ends for a recording that cannot take it:
+                // its end tells the user why and closes this channel.
+                muted = muted || !live.record_output(&rec, &data);
+                if !muted && !written(down.data_bytes(data), &mut user_gone).await {
                     break;
                 }
             }
             ChannelMsg::ExtendedData { data, ext } => {
                 live.bytes_out
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
-                if !live.record_output(&rec, &data) {
-                    // The session ends for it: its end tells the user
-                    // why and closes this channel.
-                    return;
-                }
-                if !written(down.extended_data_bytes(ext, data), &mut user_gone).await {
+                muted = muted || !live.record_output(&rec, &data);
+                if !muted && !written(down.extended_data_bytes(ext, data), &mut user_gone).await {
                     break;
                 }
             }
@@ -1804,6 +1845,7 @@ async fn run_to_user(
                 }
                 let _ = written(handle.exit_status_request(id, exit_status), &mut user_gone).await;
                 if std::mem::take(&mut eof_pending) {
+                    eof_sent = true;
                     let _ = written(handle.eof(id), &mut user_gone).await;
                 }
             }
@@ -1822,6 +1864,7 @@ async fn run_to_user(
                 );
                 let _ = written(signal, &mut user_gone).await;
                 if std::mem::take(&mut eof_pending) {
+                    eof_sent = true;
                     let _ = written(handle.eof(id), &mut user_gone).await;
                 }
             }
