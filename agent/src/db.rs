@@ -354,6 +354,7 @@ impl Tunnel {
             .await
             .with_context(|| format!("cannot reach wicketd at {}", self.proxy_addr))?;
         let _ = tcp.set_nodelay(true);
+        keep_alive(&tcp);
         tcp.write_all(&pg::ssl_request()).await?;
         let mut answer = [0u8; 1];
         tcp.read_exact(&mut answer).await?;
@@ -856,6 +857,19 @@ impl DbPrinter {
             self.json.finish();
         }
     }
+}
+
+/// TCP keepalive on a connection to wicketd (a minute of quiet, then a
+/// probe every 10 s, 6 unanswered): a wicketd gone without a word (its
+/// host down, a NAT that forgot the flow) ends the tunnelled connection,
+/// and the client sees it, where it would otherwise wait for good.
+fn keep_alive(tcp: &TcpStream) {
+    let params = socket2::TcpKeepalive::new().with_time(std::time::Duration::from_secs(60));
+    #[cfg(target_os = "linux")]
+    let params = params
+        .with_interval(std::time::Duration::from_secs(10))
+        .with_retries(6);
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&params);
 }
 
 #[cfg(test)]

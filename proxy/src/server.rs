@@ -296,6 +296,27 @@ async fn session_enforcer(wicket: Arc<Wicket>, mut shutdown: watch::Receiver<boo
     }
 }
 
+/// Idle time before a connection's peer is probed, then the time between
+/// probes and how many go unanswered before it counts as gone.
+const KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(60), Duration::from_secs(10), 6);
+
+/// Turns on TCP keepalive for `tcp` ([`KEEPALIVE`]): a peer that vanished
+/// without a word (a laptop asleep, a NAT that forgot the flow) ends its
+/// connection within about two minutes of quiet, where a read would
+/// otherwise wait on it for good (an idle database session, say, holding
+/// its backend and a connection place).
+pub(crate) fn keep_alive(tcp: &tokio::net::TcpStream) {
+    let (idle, every, probes) = KEEPALIVE;
+    let params = socket2::TcpKeepalive::new().with_time(idle);
+    #[cfg(target_os = "linux")]
+    let params = params.with_interval(every).with_retries(probes);
+    #[cfg(not(target_os = "linux"))]
+    let _ = (every, probes);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&params) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+}
+
 /// Accepts on `listener` until `shutdown` fires and runs `handle` on each
 /// connection in its own task (TCP_NODELAY set), with its [`Admission`].
 /// A connection the `gate` refuses gets `refusal(why)` written (bounded by
@@ -325,6 +346,7 @@ pub(crate) async fn accept_until_shutdown<F, Fut>(
             _ = shutdown.changed() => break,
         };
         let _ = tcp.set_nodelay(true);
+        keep_alive(&tcp);
         match gate.admit(tokio::time::Instant::now()) {
             Ok(admitted) => {
                 tokio::spawn(handle(tcp, peer, admitted));

@@ -2878,3 +2878,53 @@ fn a_session_the_database_has_not_logged_in_yet_is_cut_at_revoke() {
     drop(holder_in);
     holder.wait().unwrap();
 }
+
+/// The loopback TCP connections in `/proc/net/tcp` that are established:
+/// (local port, remote port, whether the keepalive timer runs).
+fn established_tcp() -> Vec<(u16, u16, bool)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next().unwrap(), 16).unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // st 01: established; the timer kind "2" is keepalive's when
+            // nothing is in flight.
+            (f[3] == "01").then(|| (port(f[1]), port(f[2]), f[5].starts_with("02:")))
+        })
+        .collect()
+}
+
+/// Every TCP leg of a database session has keepalive on: the tunnel to
+/// wicketd, wicketd's side of it, and wicketd to PostgreSQL. Without it, a
+/// peer gone without a word (a laptop asleep, a NAT that dropped the flow)
+/// left an idle session, and its backend, waiting for good.
+#[test]
+fn every_leg_of_a_database_session_has_tcp_keepalive() {
+    let s = Setup::start("");
+    s.grant_dba("30m");
+    let t = s.tunnel();
+    let wicketd = s.d.postgres_addr().unwrap().port();
+    let pg = s.pg.port();
+    let (_raw, _) = RawPg::connect(&t);
+    // Idle now: each leg's timer is keepalive's, if it is on.
+    let legs = wait_until("the session's legs idle", Duration::from_secs(10), || {
+        let tcp = established_tcp();
+        let leg = |pick: &dyn Fn(&(u16, u16, bool)) -> bool| {
+            tcp.iter()
+                .filter(|c| pick(c))
+                .map(|c| c.2)
+                .collect::<Vec<_>>()
+        };
+        let legs = [
+            ("the tunnel to wicketd", leg(&|c| c.1 == wicketd)),
+            ("wicketd from the tunnel", leg(&|c| c.0 == wicketd)),
+            ("wicketd to PostgreSQL", leg(&|c| c.1 == pg)),
+        ];
+        legs.iter()
+            .all(|(_, l)| !l.is_empty() && l.iter().all(|k| *k))
+            .then_some(legs)
+    });
+    assert!(legs.is_ok(), "{legs:?} {:?}", established_tcp());
+}

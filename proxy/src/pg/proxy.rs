@@ -508,6 +508,7 @@ impl PgProxy {
                 .map_err(|_| format!("connecting to {} timed out", db.address))?
                 .map_err(|e| format!("cannot connect to {}: {e}", db.address))?;
         let _ = tcp.set_nodelay(true);
+        crate::server::keep_alive(&tcp);
         tcp.write_all(&protocol::ssl_request())
             .await
             .map_err(|e| format!("{}: {e}", db.address))?;
