@@ -296,7 +296,7 @@ impl Tunnel {
         });
     }
 
-    async fn handle<S>(&self, mut local: S) -> Result<()>
+    async fn handle<S>(self: &Arc<Self>, mut local: S) -> Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -348,8 +348,14 @@ impl Tunnel {
         Ok(())
     }
 
-    async fn connect(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
-        let cfg = self.tls_config()?;
+    async fn connect(self: &Arc<Self>) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        // Read off the runtime's thread, which relays every other
+        // connection: reading the profile waits for a login that is
+        // writing it (for good, if that login was stopped midway).
+        let this = self.clone();
+        let cfg = tokio::task::spawn_blocking(move || this.tls_config())
+            .await
+            .map_err(|e| anyhow!("reading your certificate: {e}"))??;
         let mut tcp = TcpStream::connect(&self.proxy_addr)
             .await
             .with_context(|| format!("cannot reach wicketd at {}", self.proxy_addr))?;

@@ -2928,3 +2928,95 @@ fn every_leg_of_a_database_session_has_tcp_keepalive() {
     });
     assert!(legs.is_ok(), "{legs:?} {:?}", established_tcp());
 }
+
+/// The first file named `name` under `dir`.
+fn find_file(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            if let Some(found) = find_file(&path, name) {
+                return Some(found);
+            }
+        } else if e.file_name() == name {
+            return Some(path);
+        }
+    }
+    None
+}
+
+/// A tunnel that must read the profile again while a login holds it (its
+/// lock held here by hand) goes on relaying its other connections. Before,
+/// that read waited on the tunnel's only thread, and every connection
+/// through the tunnel stopped with it.
+#[test]
+fn a_login_holding_the_profile_does_not_stop_the_tunnels_connections() {
+    let s = Setup::start("");
+    s.grant_dba("30m");
+    let t = s.tunnel();
+    let (mut open, _) = RawPg::connect(&t);
+    // The certificate looks renewed: a new connection reads the profile.
+    let cert = find_file(s.alice.home.path(), "tls.crt").unwrap();
+    run(Command::new("touch").arg(&cert)).unwrap();
+    let lock = cert.with_file_name(".lock");
+    // (Without a fork: the lock goes with the process killed.)
+    let mut holder = Command::new("flock")
+        .args(["-x", "--no-fork"])
+        .arg(&lock)
+        .args(["sleep", "60"])
+        .spawn()
+        .unwrap();
+    wait_until("the profile locked", Duration::from_secs(10), || {
+        let free = Command::new("flock")
+            .args(["-n", "-s"])
+            .arg(&lock)
+            .arg("true")
+            .status()
+            .unwrap()
+            .success();
+        (!free).then_some(())
+    })
+    .unwrap();
+    let mut waiting = t
+        .psql("app")
+        .args(["-c", "select 1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // It waits for the profile (a shared lock waiting: "->" in /proc/locks)...
+    wait_until(
+        "the new connection to wait",
+        Duration::from_secs(20),
+        || {
+            let locks = std::fs::read_to_string("/proc/locks").unwrap();
+            locks
+                .lines()
+                .any(|l| l.contains("->") && l.contains("FLOCK") && l.contains("READ"))
+                .then_some(())
+        },
+    )
+    .unwrap();
+    // ...and the connection already open goes on.
+    open.send(b'Q', b"select 6 * 7 as answer\0");
+    let mut rows = Vec::new();
+    loop {
+        let (tag, msg) = open.next();
+        match tag {
+            b'D' => rows.push(msg),
+            b'Z' => break,
+            b'E' => panic!("{:?}", wicket_api::pg::parse_error_response(&msg)),
+            _ => {}
+        }
+    }
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0].ends_with(b"42"), "{:?}", rows[0]);
+    assert!(waiting.try_wait().unwrap().is_none(), "the new one waits");
+    let _ = holder.kill();
+    let _ = holder.wait();
+    // Once the login is done, it goes through.
+    let done = wait_until("the new connection", Duration::from_secs(20), || {
+        waiting.try_wait().unwrap()
+    })
+    .unwrap();
+    assert!(done.success());
+}
