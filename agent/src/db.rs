@@ -33,6 +33,9 @@ const RESOURCE_PARAM: &str = "wicket_database";
 const MAX_STARTUP: usize = 10_000;
 /// How long reaching wicketd (TCP, SSLRequest, TLS) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a new connection waits for a login that is writing the
+/// profile, and how often it looks.
+const PROFILE_WAIT: (Duration, Duration) = (Duration::from_secs(10), Duration::from_millis(50));
 
 /// Where a tunnel listens.
 pub enum Listener {
@@ -188,7 +191,7 @@ impl Tunnel {
     }
 
     /// The TLS client config from the profile's current certificate.
-    fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>> {
+    async fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>> {
         let cert_path = self.profile.tls_cert();
         let modified = std::fs::metadata(&cert_path)
             .and_then(|m| m.modified())
@@ -205,7 +208,7 @@ impl Tunnel {
         // The set read whole, under the profile's lock (a login may be
         // replacing it; not while holding the cache), and cached by the
         // certificate's time from then.
-        let _lock = self.profile.lock_for_reading();
+        let _lock = self.profile_read_lock().await?;
         let modified = std::fs::metadata(&cert_path)
             .and_then(|m| m.modified())
             .context("your TLS certificate is gone; run `wicket login`")?;
@@ -230,6 +233,27 @@ impl Tunnel {
         let cfg = Arc::new(cfg);
         *self.tls.lock().unwrap_or_else(|e| e.into_inner()) = Some((modified, cfg.clone(), info));
         Ok(cfg)
+    }
+
+    /// The profile's lock for reading, waited for in steps: never on the
+    /// runtime's only thread, which relays every other connection, nor
+    /// for good (a login stopped midway holds it).
+    async fn profile_read_lock(&self) -> Result<Option<std::fs::File>> {
+        let (wait, step) = PROFILE_WAIT;
+        let by = tokio::time::Instant::now() + wait;
+        loop {
+            match self.profile.try_lock_for_reading() {
+                Ok(lock) => return Ok(lock),
+                Err(crate::profile::Busy) if tokio::time::Instant::now() < by => {
+                    tokio::time::sleep(step).await;
+                }
+                Err(crate::profile::Busy) => bail!(
+                    "a `wicket login` has been writing your profile for over {}s; \
+                     try again once it is done",
+                    wait.as_secs()
+                ),
+            }
+        }
     }
 
     /// Serves connections from `listener` until the process ends (or the
@@ -296,7 +320,7 @@ impl Tunnel {
         });
     }
 
-    async fn handle<S>(self: &Arc<Self>, mut local: S) -> Result<()>
+    async fn handle<S>(&self, mut local: S) -> Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -348,14 +372,8 @@ impl Tunnel {
         Ok(())
     }
 
-    async fn connect(self: &Arc<Self>) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
-        // Read off the runtime's thread, which relays every other
-        // connection: reading the profile waits for a login that is
-        // writing it (for good, if that login was stopped midway).
-        let this = self.clone();
-        let cfg = tokio::task::spawn_blocking(move || this.tls_config())
-            .await
-            .map_err(|e| anyhow!("reading your certificate: {e}"))??;
+    async fn connect(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let cfg = self.tls_config().await?;
         let mut tcp = TcpStream::connect(&self.proxy_addr)
             .await
             .with_context(|| format!("cannot reach wicketd at {}", self.proxy_addr))?;

@@ -92,6 +92,10 @@ fn safe_component(s: &str) -> String {
 /// The lock file in a profile directory.
 const LOCK: &str = ".lock";
 
+/// The profile's lock is held by a writer.
+#[derive(Debug)]
+pub struct Busy;
+
 /// A profile directory.
 #[derive(Debug, Clone)]
 pub struct Profile {
@@ -160,6 +164,19 @@ impl Profile {
         file.lock()
             .with_context(|| format!("locking {}", path.display()))?;
         Ok(file)
+    }
+
+    /// [`Self::lock_for_reading`] without waiting: `Err(Busy)` while a
+    /// writer (a login) holds the lock.
+    pub fn try_lock_for_reading(&self) -> Result<Option<fs::File>, Busy> {
+        let Ok(file) = fs::File::open(self.dir.join(LOCK)) else {
+            return Ok(None);
+        };
+        match file.try_lock_shared() {
+            Ok(()) => Ok(Some(file)),
+            Err(fs::TryLockError::WouldBlock) => Err(Busy),
+            Err(fs::TryLockError::Error(_)) => Ok(None),
+        }
     }
 
     /// Takes the profile's lock to read its files, waiting for a login
