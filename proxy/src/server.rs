@@ -300,9 +300,10 @@ async fn session_enforcer(wicket: Arc<Wicket>, mut shutdown: watch::Receiver<boo
 /// probes and how many go unanswered before it counts as gone.
 const KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(60), Duration::from_secs(10), 6);
 
-/// Turns on TCP keepalive for `tcp` ([`KEEPALIVE`]): a peer that vanished
-/// without a word (a laptop asleep, a NAT that forgot the flow) ends its
-/// connection within about two minutes of quiet, where a read would
+/// Turns on TCP keepalive for `tcp` ([`KEEPALIVE`]; elsewhere than Linux,
+/// the idle time only): a peer that vanished without a word (a laptop
+/// asleep, a NAT that forgot the flow) ends its connection within about
+/// two minutes of quiet on Linux, where a read would
 /// otherwise wait on it for good (an idle database session, say, holding
 /// its backend and a connection place).
 pub(crate) fn keep_alive(tcp: &tokio::net::TcpStream) {

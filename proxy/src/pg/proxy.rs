@@ -1320,8 +1320,6 @@ fn host_of(address: &str) -> String {
         .to_owned()
 }
 
-/// Sends a FATAL ErrorResponse and flushes (errors ignored: the connection
-/// is being closed anyway).
 /// Once the session is told to end: why.
 fn told_to_end(signal: watch::Receiver<Signal>) -> impl std::future::Future<Output = String> {
     crate::sessions::after_grace(
@@ -1334,6 +1332,8 @@ fn told_to_end(signal: watch::Receiver<Signal>) -> impl std::future::Future<Outp
     )
 }
 
+/// Sends a FATAL ErrorResponse and flushes (errors ignored: the connection
+/// is being closed anyway).
 async fn fatal<W: AsyncWrite + Unpin>(w: &mut W, code: &str, message: &str) {
     let _ = w
         .write_all(&protocol::error_response("FATAL", code, message))

@@ -1809,8 +1809,6 @@ async fn run_to_user(
         let Some(m) = m else { break };
         match m {
             ChannelMsg::Data { data } => {
-                live.bytes_out
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
                 // Read before the user sees it: a handle is known before
                 // the user can name it.
                 let refused = rec.sftp.get().map(|o| lock(o).feed(&data));
@@ -1825,15 +1823,23 @@ async fn run_to_user(
                 // The session ends for a recording that cannot take it:
                 // its end tells the user why and closes this channel.
                 muted = muted || !live.record_output(&rec, &data);
-                if !muted && !written(down.data_bytes(data), &mut user_gone).await {
+                if muted {
+                    continue;
+                }
+                live.bytes_out
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                if !written(down.data_bytes(data), &mut user_gone).await {
                     break;
                 }
             }
             ChannelMsg::ExtendedData { data, ext } => {
+                muted = muted || !live.record_output(&rec, &data);
+                if muted {
+                    continue;
+                }
                 live.bytes_out
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
-                muted = muted || !live.record_output(&rec, &data);
-                if !muted && !written(down.extended_data_bytes(ext, data), &mut user_gone).await {
+                if !written(down.extended_data_bytes(ext, data), &mut user_gone).await {
                     break;
                 }
             }
