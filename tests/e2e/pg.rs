@@ -1374,21 +1374,37 @@ fn with_empty_ledger() -> (Setup, Tunnel, String) {
 /// A psql session outside Wicket holding advisory lock `key`, until its
 /// stdin is dropped and it is waited for.
 fn hold_advisory_lock(s: &Setup, key: u32) -> HeldLock {
+    hold_lock(s, &format!("select pg_advisory_lock({key});"))
+}
+
+/// A psql session outside Wicket that ran `sql` (taking a lock), once it
+/// has: held until released.
+fn hold_lock(s: &Setup, sql: &str) -> HeldLock {
     let mut holder =
         s.pg.psql_session("app")
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .unwrap();
     let mut holder_in = holder.stdin.take().unwrap();
     holder_in
-        .write_all(format!("select pg_advisory_lock({key});\n").as_bytes())
+        .write_all(format!("{sql}\nselect 'held';\n").as_bytes())
         .unwrap();
-    let granted = "select count(*) from pg_locks where locktype = 'advisory' and granted";
-    wait_until("the lock held", Duration::from_secs(10), || {
-        (s.pg.psql("app", granted).unwrap() == "1").then_some(())
-    })
-    .unwrap();
+    // Told on its own session: another one may wait on the lock.
+    let mut out = std::io::BufReader::new(holder.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        while std::io::BufRead::read_line(&mut out, &mut line).is_ok_and(|n| n > 0) {
+            if line.trim() == "held" {
+                let _ = tx.send(());
+                return;
+            }
+            line.clear();
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("the lock held within 20 s");
     HeldLock { holder, holder_in }
 }
 
@@ -2835,24 +2851,7 @@ fn a_session_the_database_has_not_logged_in_yet_is_cut_at_revoke() {
     let id = grant["id"].as_str().unwrap().to_owned();
     let t = s.tunnel();
     // Every login waits while pg_authid is locked.
-    let mut holder =
-        s.pg.psql_session("app")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-    let mut holder_in = holder.stdin.take().unwrap();
-    holder_in
-        .write_all(b"begin;\nlock table pg_authid in access exclusive mode;\nselect 'locked';\n")
-        .unwrap();
-    let mut holder_out = std::io::BufReader::new(holder.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = tx.send(std::io::BufRead::read_line(&mut holder_out, &mut line).map(|_| line));
-    });
-    let locked = rx.recv_timeout(Duration::from_secs(20)).unwrap().unwrap();
-    assert_eq!(locked.trim(), "locked");
+    let lock = hold_lock(&s, "begin;\nlock table pg_authid in access exclusive mode;");
     let child = t
         .psql("app")
         .args(["-c", "select 1"])
@@ -2867,8 +2866,7 @@ fn a_session_the_database_has_not_logged_in_yet_is_cut_at_revoke() {
     })
     .unwrap();
     revoke_cuts(&s, child, &id, "INC-7 closed");
-    drop(holder_in);
-    holder.wait().unwrap();
+    lock.release();
 }
 
 /// The loopback TCP connections in `/proc/net/tcp` that are established:
