@@ -711,9 +711,7 @@ impl PgProxy {
         };
         let end = match connected {
             Err(why) => {
-                let bye = format!("wicket: {why}; this connection is closed");
-                let _ =
-                    tokio::time::timeout(GOODBYE_TIMEOUT, fatal(&mut client, "57P01", &bye)).await;
+                let _ = tokio::time::timeout(GOODBYE_TIMEOUT, fatal_cut(&mut client, &why)).await;
                 End::Cut(why)
             }
             Ok(Err(e)) => {
@@ -806,8 +804,7 @@ impl PgProxy {
             let read = tokio::select! {
                 r = upstream.read(&mut tmp) => r,
                 why = told_to_end(signal.clone()) => {
-                    let bye = format!("wicket: {why}; this connection is closed");
-                    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, fatal(&mut cwr, "57P01", &bye)).await;
+                    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, fatal_cut(&mut cwr, &why)).await;
                     return End::Cut(why);
                 }
                 _ = tokio::time::sleep_until(login_by) => {
@@ -988,14 +985,7 @@ impl PgProxy {
         let goodbye = async {
             if client_whole && !stopped_hard {
                 match &end {
-                    End::Cut(why) => {
-                        fatal(
-                            &mut cwr,
-                            "57P01",
-                            &format!("wicket: {why}; this connection is closed"),
-                        )
-                        .await;
-                    }
+                    End::Cut(why) => fatal_cut(&mut cwr, why).await,
                     End::Protocol(why) => {
                         fatal(&mut cwr, "08P01", &format!("wicket: {why}")).await;
                     }
@@ -1330,6 +1320,16 @@ fn told_to_end(signal: watch::Receiver<Signal>) -> impl std::future::Future<Outp
         },
         Duration::ZERO,
     )
+}
+
+/// Tells the client its session was cut (the grant ended), and why.
+async fn fatal_cut<W: AsyncWrite + Unpin>(w: &mut W, why: &str) {
+    fatal(
+        w,
+        "57P01",
+        &format!("wicket: {why}; this connection is closed"),
+    )
+    .await;
 }
 
 /// Sends a FATAL ErrorResponse and flushes (errors ignored: the connection
