@@ -804,20 +804,19 @@ impl Live {
         let mut late = Vec::new();
         for (id, n) in channels {
             let (tx, rx) = oneshot::channel();
-            let said_by = Some(tx);
             let note = if last {
                 Note::Last {
                     line: line.clone(),
                     exit_status: None,
-                    said: said_by,
+                    said: Some(tx),
                 }
             } else {
-                Note::Say(line.clone(), said_by)
+                Note::Say(line.clone(), Some(tx))
             };
             match n.try_send(note) {
                 Ok(()) => said.push((id, rx)),
                 // (A channel whose task ended is closed.)
-                Err(mpsc::error::TrySendError::Full(_)) if last => late.push(id),
+                Err(mpsc::error::TrySendError::Full(_)) => late.push(id),
                 Err(_) => {}
             }
         }
@@ -827,11 +826,11 @@ impl Live {
                 late.push(id);
             }
         }
-        if last {
-            late
-        } else {
-            Vec::new()
+        // Only a last line's channels are closed for being late.
+        if !last {
+            late.clear();
         }
+        late
     }
 
     /// Ends the session now with `why` (the grant ended).
