@@ -516,10 +516,7 @@ fn revoke_cuts(s: &Setup, child: Child, id: &str, reason: &str) {
 /// the request, as it ends an idle one.
 #[test]
 fn a_revoke_ends_a_streaming_copy_with_the_reason() {
-    let s = Setup::start("");
-    let grant = s.grant_dba("30m");
-    let id = grant["id"].as_str().unwrap().to_owned();
-    let t = s.tunnel();
+    let (s, t, id) = granted();
     let copy = "COPY (select repeat('x', 200000) from generate_series(1, 2000000000)) TO STDOUT";
     let child = t
         .psql("app")
@@ -1053,9 +1050,7 @@ fn a_database_certificate_stands_only_for_its_own_database() {
 /// (`F`), which carries no SQL text: each is audited with its function OID.
 #[test]
 fn fast_path_function_calls_are_audited() {
-    let s = Setup::start("");
-    s.grant_dba("30m");
-    let t = s.tunnel();
+    let (s, t, _) = granted();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("blob.bin");
     std::fs::write(&file, b"wicket large object").unwrap();
@@ -1079,9 +1074,7 @@ fn fast_path_function_calls_are_audited() {
 /// also one too large to read whole (its code and the start of it).
 #[test]
 fn errors_returned_by_the_server_are_audited() {
-    let s = Setup::start("");
-    s.grant_dba("30m");
-    let t = s.tunnel();
+    let (s, t, _) = granted();
     let (ok, _, err) = t.sql("select 1/0");
     assert!(!ok && err.contains("division by zero"), "{err}");
     let (ok, _, err) = t.sql("select repeat('x', 1100000)::int");
@@ -1119,9 +1112,7 @@ fn errors_returned_by_the_server_are_audited() {
 /// grants they run under) and refuses new ones; `users enable` undoes it.
 #[test]
 fn disabling_a_user_ends_their_sessions() {
-    let s = Setup::start("");
-    s.grant_dba("30m");
-    let t = s.tunnel();
+    let (s, t, _) = granted();
     let err = psql_cut_within_a_second(&s, &t, || {
         let out = run(&mut s.d.admin(&["users", "disable", "alice"]).unwrap()).unwrap();
         assert!(out.contains("disabled"), "{out}");
@@ -1307,9 +1298,7 @@ fn events_of_ended_session(s: &Setup, session: &str, kind: &str) -> Vec<Value> {
 
 /// alice with a dba grant, her tunnel, and a two-row table `ledger`.
 fn with_ledger() -> (Setup, Tunnel) {
-    let s = Setup::start("");
-    s.grant_dba("30m");
-    let t = s.tunnel();
+    let (s, t, _) = granted();
     let (ok, out, err) = t.sql("create table ledger(x int); insert into ledger values (1), (2)");
     assert!(ok, "{out} {err}");
     (s, t)
@@ -1362,12 +1351,18 @@ fn a_pipeline_past_what_the_proxy_holds_still_gets_its_answers() {
 /// alice with a dba grant (its ID), her tunnel, and an empty table
 /// `ledger`.
 fn with_empty_ledger() -> (Setup, Tunnel, String) {
-    let s = Setup::start("");
-    let grant = s.grant_dba("30m");
-    let id = grant["id"].as_str().unwrap().to_owned();
-    let t = s.tunnel();
+    let (s, t, id) = granted();
     let (ok, out, err) = t.sql("create table ledger(x int)");
     assert!(ok, "{out} {err}");
+    (s, t, id)
+}
+
+/// A lab (no extra settings) where alice holds a 30 minute dba grant: the
+/// lab, her tunnel, and the grant's ID.
+fn granted() -> (Setup, Tunnel, String) {
+    let s = Setup::start("");
+    let id = s.grant_dba("30m")["id"].as_str().unwrap().to_owned();
+    let t = s.tunnel();
     (s, t, id)
 }
 
@@ -2009,9 +2004,7 @@ fn an_execute_sent_with_terminate_is_audited() {
 /// the proxy ends such a session instead, and normal COPY keeps working.
 #[test]
 fn a_message_sent_during_copy_from_stdin_ends_the_session() {
-    let s = Setup::start("");
-    s.grant_dba("30m");
-    let t = s.tunnel();
+    let (_s, t, _) = granted();
     let (ok, out, err) = t.sql("create table tmp(x int)");
     assert!(ok, "{out} {err}");
     let mut f = RawFrontend::connect(&t);
@@ -2101,9 +2094,7 @@ fn a_sync_inside_a_failed_copy_does_not_shift_the_audit() {
 /// only the head of the text in the log).
 #[test]
 fn a_statement_too_long_to_audit_whole_is_not_sent() {
-    let s = Setup::start("");
-    s.grant_dba("30m");
-    let t = s.tunnel();
+    let (s, t, _) = granted();
     let (ok, _, err) = t.sql(&format!(
         "select '{}'; create table hidden(x int)",
         "x".repeat(70_000)
@@ -2151,9 +2142,7 @@ fn a_statement_too_long_to_audit_whole_is_not_sent() {
 /// the same machine cannot ride the owner's grant through 127.0.0.1.
 #[test]
 fn the_tunnel_refuses_other_os_users() {
-    let s = Setup::start("");
-    s.grant_dba("30m");
-    let t = s.tunnel();
+    let (s, t, _) = granted();
     let (ok, out, err) = t.sql("select 1");
     assert!(ok && out == "1", "the owner gets through: {out} {err}");
     let Some(other) = s.pg.os_user() else {
@@ -2487,9 +2476,7 @@ fn a_user_holds_at_most_their_share_of_connections() {
 /// (and the query it was serving is cancelled).
 #[test]
 fn a_client_that_stops_reading_is_still_cut_at_revoke() {
-    let s = Setup::start("");
-    let id = s.grant_dba("30m")["id"].as_str().unwrap().to_owned();
-    let t = s.tunnel();
+    let (s, t, id) = granted();
     let mut f = RawFrontend::connect(&t);
     // About a gigabyte of rows, which this client never reads.
     let sql = "select repeat('x', 1000000) from generate_series(1, 1000) as stalled";
@@ -2553,9 +2540,7 @@ fn a_client_that_stops_reading_is_still_cut_at_revoke() {
 /// the end naming the encoding.
 #[test]
 fn client_encodings_that_could_hide_statements_are_refused() {
-    let s = Setup::start("");
-    let id = s.grant_dba("30m")["id"].as_str().unwrap().to_owned();
-    let t = s.tunnel();
+    let (s, t, id) = granted();
     let out = t
         .psql("app")
         .args(["-c", "select 1"])
@@ -2770,9 +2755,7 @@ fn bound_values_are_audited_when_the_config_says_so() {
 /// Other options pass.
 #[test]
 fn a_startup_role_setting_is_refused() {
-    let s = Setup::start("");
-    s.grant_dba("30m");
-    let t = s.tunnel();
+    let (s, t, _) = granted();
     for options in ["-c role=pg_read_all_data", "--ROLE=pg_read_all_data"] {
         let out = t
             .psql("app")
@@ -2846,10 +2829,7 @@ fn a_cut_ends_the_backend_so_pipelined_queries_do_not_run_on() {
 /// first ReadyForQuery without end, and without looking at the grant.
 #[test]
 fn a_session_the_database_has_not_logged_in_yet_is_cut_at_revoke() {
-    let s = Setup::start("");
-    let grant = s.grant_dba("30m");
-    let id = grant["id"].as_str().unwrap().to_owned();
-    let t = s.tunnel();
+    let (s, t, id) = granted();
     // Every login waits while pg_authid is locked.
     let lock = hold_lock(&s, "begin;\nlock table pg_authid in access exclusive mode;");
     let child = t
@@ -2892,9 +2872,7 @@ fn established_tcp() -> Vec<(u16, u16, bool)> {
 /// left an idle session, and its backend, waiting for good.
 #[test]
 fn every_leg_of_a_database_session_has_tcp_keepalive() {
-    let s = Setup::start("");
-    s.grant_dba("30m");
-    let t = s.tunnel();
+    let (s, t, _) = granted();
     let wicketd = s.d.postgres_addr().unwrap().port();
     let pg = s.pg.port();
     let (_raw, _) = RawPg::connect(&t);
@@ -2941,9 +2919,7 @@ fn find_file(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
 /// stopped with it, for as long as the login held the lock.
 #[test]
 fn a_login_holding_the_profile_does_not_stop_the_tunnels_connections() {
-    let s = Setup::start("");
-    s.grant_dba("30m");
-    let t = s.tunnel();
+    let (s, t, _) = granted();
     let (mut open, _) = RawPg::connect(&t);
     // The certificate looks renewed: a new connection reads the profile.
     let cert = find_file(s.alice.home.path(), "tls.crt").unwrap();
