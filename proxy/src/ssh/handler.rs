@@ -1776,10 +1776,13 @@ async fn run_to_user(
     // Set when the session's recording cannot take more: it ends for
     // that, and the node's output is no longer passed on meanwhile.
     let mut muted = false;
+    // Set when a muted channel's node side ended: the session's end, not
+    // the node's, closes it (with the reason).
+    let mut node_done = false;
     loop {
         let m = tokio::select! {
             biased;
-            _ = user_gone.changed() => None,
+            _ = user_gone.changed() => break,
             Some(note) = notes.recv() => {
                 let (line, said, last) = match note {
                     Note::Say(line, said) => (line, said, None),
@@ -1793,19 +1796,34 @@ async fn run_to_user(
                     drop(said);
                     continue;
                 };
+                // A refused start ends as a command would (status, EOF);
+                // the session's end only closes, as it always did.
                 if let Some(status) = exit_status {
                     let _ = written(handle.exit_status_request(id, status), &mut user_gone).await;
-                }
-                if !eof_sent {
-                    let _ = written(handle.eof(id), &mut user_gone).await;
+                    if !eof_sent {
+                        let _ = written(handle.eof(id), &mut user_gone).await;
+                    }
                 }
                 let _ = written(handle.close(id), &mut user_gone).await;
                 closed = true;
                 break;
             }
-            m = up.wait() => m,
+            m = up.wait(), if !node_done => m,
         };
-        let Some(m) = m else { break };
+        let m = match m {
+            Some(ChannelMsg::Close) | None if muted => {
+                node_done = true;
+                continue;
+            }
+            Some(m) => m,
+            None => break,
+        };
+        // A muted channel passes nothing more on (its exit status least of
+        // all: the session is ending, not done), but still takes the
+        // answers to requests.
+        if muted && !matches!(m, ChannelMsg::Success | ChannelMsg::Failure) {
+            continue;
+        }
         match m {
             ChannelMsg::Data { data } => {
                 // Read before the user sees it: a handle is known before
