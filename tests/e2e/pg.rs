@@ -2849,6 +2849,34 @@ fn a_session_the_database_has_not_logged_in_yet_is_cut_at_revoke() {
     lock.release();
 }
 
+/// A login the database does not finish within `postgres.login_timeout`
+/// (here: waiting on a lock) is refused with FATAL 08006 saying so, not
+/// held for as long as the database takes; the session's end says why.
+#[test]
+fn a_login_the_database_does_not_finish_in_time_is_refused() {
+    let s = Setup::start("postgres: { login_timeout: 2s }\n");
+    s.grant_dba("30m");
+    let t = s.tunnel();
+    let lock = hold_lock(&s, "begin;\nlock table pg_authid in access exclusive mode;");
+    let asked = Instant::now();
+    let child = t
+        .psql("app")
+        .args(["-c", "select 1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (err, exited) = wait_exit(child, Duration::from_secs(20));
+    let why = "database \"prod-pg\" did not log the session in within 2s";
+    assert!(err.contains("FATAL") && err.contains(why), "{err}");
+    let took = exited.duration_since(asked);
+    assert!(took >= Duration::from_secs(2), "refused after {took:?}");
+    let ended = s.alice_events("session_ended");
+    let reason = ended[0]["data"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains(why), "{ended:?}");
+    lock.release();
+}
+
 /// The loopback TCP connections in `/proc/net/tcp` that are established:
 /// (local port, remote port, whether the keepalive timer runs).
 fn established_tcp() -> Vec<(u16, u16, bool)> {

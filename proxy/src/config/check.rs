@@ -895,14 +895,28 @@ impl Cx {
 
     fn postgres(&mut self, f: &PostgresFile) -> Option<PostgresSettings> {
         let d = PostgresSettings::default();
-        match f.max_message_bytes {
-            None => Some(d),
+        let max_message_bytes = match f.max_message_bytes {
+            None => Some(d.max_message_bytes),
             Some(n) => self
                 .within(n, 1024..=(1 << 30), "postgres.max_message_bytes")
-                .map(|n| PostgresSettings {
-                    max_message_bytes: n as usize,
+                .map(|n| n as usize),
+        };
+        let login_timeout = match f.login_timeout.as_ref() {
+            None => Some(d.login_timeout),
+            Some(t) => self
+                .duration(Some(t), "postgres.login_timeout", Duration::zero())
+                .and_then(|t| {
+                    let ok = (Duration::seconds(1)..=Duration::minutes(10)).contains(&t);
+                    if !ok {
+                        self.push("postgres.login_timeout", "must be 1s to 10m");
+                    }
+                    t.to_std().ok().filter(|_| ok)
                 }),
-        }
+        };
+        Some(PostgresSettings {
+            max_message_bytes: max_message_bytes?,
+            login_timeout: login_timeout?,
+        })
     }
 
     fn limits(&mut self, f: &LimitsFile) -> Option<Limits> {

@@ -173,10 +173,16 @@ pub struct LimitsFile {
 
 /// `postgres:` — the PostgreSQL proxy.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a mapping with max_message_bytes")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a mapping with max_message_bytes, login_timeout"
+)]
 pub struct PostgresFile {
     /// Largest frontend message accepted (bytes; default 16 MiB).
     pub max_message_bytes: Option<u64>,
+    /// How long the database may take to log a session in, from the
+    /// startup message to its first ReadyForQuery (default 30s).
+    pub login_timeout: Option<DurationText>,
 }
 
 /// `requests:`; every field defaults to [`wicket_policy::RequestSettings::default`].

@@ -352,12 +352,17 @@ impl Default for Limits {
 pub struct PostgresSettings {
     /// Largest frontend message accepted (default 16 MiB).
     pub max_message_bytes: usize,
+    /// How long the database may take to log a session in (default 30s):
+    /// the session is then refused with FATAL 08006, as PostgreSQL's own
+    /// `authentication_timeout` does for its part of a login.
+    pub login_timeout: std::time::Duration,
 }
 
 impl Default for PostgresSettings {
     fn default() -> Self {
         Self {
             max_message_bytes: 16 << 20,
+            login_timeout: std::time::Duration::from_secs(30),
         }
     }
 }

@@ -932,13 +932,15 @@ fn audit_and_postgres_sections() {
     let c = ok("
 version: 1
 audit: { queue_size: 50, on_overflow: drop-and-count, db_parameter_values: true }
-postgres: { max_message_bytes: 4096 }
+postgres: { max_message_bytes: 4096, login_timeout: 5s }
 ");
     assert_eq!(c.audit.queue_size, 50);
     assert_eq!(c.audit.on_overflow, AuditOverflow::DropAndCount);
     assert!(c.audit.db_parameter_values);
     assert_eq!(c.postgres.max_message_bytes, 4096);
+    assert_eq!(c.postgres.login_timeout, std::time::Duration::from_secs(5));
     let d = ok("version: 1\n");
+    assert_eq!(d.postgres, PostgresSettings::default());
     assert_eq!(d.audit, AuditSettings::default());
     assert_eq!(d.audit.on_overflow, AuditOverflow::Block);
 
@@ -946,12 +948,17 @@ postgres: { max_message_bytes: 4096 }
         "
 version: 1
 audit: { queue_size: 0, on_overflow: maybe }
-postgres: { max_message_bytes: 10 }
+postgres: { max_message_bytes: 10, login_timeout: 0s }
 ",
     );
     has(&e, "audit.queue_size", "at least 1");
     has(&e, "audit.on_overflow", "block, drop-and-count");
     has(&e, "postgres.max_message_bytes", "outside");
+    has(&e, "postgres.login_timeout", "must be 1s to 10m");
+    let e = problems("version: 1\npostgres: { login_timeout: 11m }\n");
+    has(&e, "postgres.login_timeout", "must be 1s to 10m");
+    let e = problems("version: 1\npostgres: { login_timeout: soon }\n");
+    has(&e, "postgres.login_timeout", "soon");
     let e = problems("version: 1\npostgres: { max_msg: 1 }\n");
     assert!(e.to_string().contains("max_msg"), "{e}");
 }

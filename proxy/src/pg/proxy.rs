@@ -41,9 +41,6 @@ use wicket_policy::{Resource, ResourceKind};
 pub const RESOURCE_PARAM: &str = "wicket_database";
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the database may take to log a session in (from the startup
-/// message to its first ReadyForQuery): a login can wait on a lock.
-const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long ending a cut session's backend may take before its statement
 /// is cancelled instead (a busy database, or its connection limit).
 const TERMINATE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -795,119 +792,134 @@ impl PgProxy {
 
         // Startup phase: authentication result, parameters, our cancel key,
         // until the first ReadyForQuery. The database's login may wait (on
-        // a lock, say): the grant's end is not, nor is that beyond
-        // LOGIN_TIMEOUT. The client has whole messages only here.
+        // a lock, say), and so may a client that does not read or a full
+        // audit queue: the grant's end is not, nor is the login timeout.
+        // The client has whole messages only here.
         let mut sbuf = Vec::with_capacity(READ_CHUNK);
-        let mut tmp = vec![0u8; READ_CHUNK];
-        let login_by = tokio::time::Instant::now() + LOGIN_TIMEOUT;
-        loop {
-            let read = tokio::select! {
-                r = upstream.read(&mut tmp) => r,
-                why = told_to_end(signal.clone()) => {
-                    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, fatal_cut(&mut cwr, &why)).await;
-                    return End::Cut(why);
+        let login_timeout = self.wicket.config.postgres.login_timeout;
+        // Whether the client was sent part of what it was being sent.
+        let mut half_sent = false;
+        let login = async {
+            let mut tmp = vec![0u8; READ_CHUNK];
+            loop {
+                let n = match upstream.read(&mut tmp).await {
+                    Ok(0) => return Err(End::ServerClosed),
+                    Ok(n) => n,
+                    Err(e) => return Err(End::Io(e.to_string())),
+                };
+                sbuf.extend_from_slice(&tmp[..n]);
+                let mut out = Vec::new();
+                let mut at = 0;
+                let mut ready = false;
+                while let Some((tag, len)) = match protocol::read_message(&sbuf[at..], MAX_STARTUP)
+                {
+                    Ok(x) => x,
+                    Err(e) => return Err(End::Io(format!("server: {e}"))),
+                } {
+                    let msg = &sbuf[at..at + len];
+                    match tag {
+                        b'R' => {
+                            let code = msg
+                                .get(5..9)
+                                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                            if code != Some(0) {
+                                let why = format!(
+                                    "database {resource:?} asked database user {db_user:?} for a password \
+                                     (authentication request {}); its pg_hba.conf must use `hostssl ... cert` \
+                                     for Wicket's connections",
+                                    code.unwrap_or(u32::MAX)
+                                );
+                                fatal(&mut cwr, "28000", &format!("wicket: {why}")).await;
+                                return Err(End::Io(why));
+                            }
+                            out.extend_from_slice(msg);
+                        }
+                        b'K' if len == 13 => {
+                            let pid = u32::from_be_bytes([msg[5], msg[6], msg[7], msg[8]]);
+                            let secret = u32::from_be_bytes([msg[9], msg[10], msg[11], msg[12]]);
+                            // A second BackendKeyData replaces the first.
+                            if let Some(old) = cancel_key.take() {
+                                let target = lock(&self.cancels).remove(&old);
+                                if let Some(t) = target {
+                                    self.forget_shared_cancel_key(old, &t).await;
+                                }
+                            }
+                            let key = self
+                                .new_cancel_key(CancelTarget {
+                                    user: user.to_owned(),
+                                    resource: resource.to_owned(),
+                                    db_user: db_user.to_owned(),
+                                    pid,
+                                    secret,
+                                })
+                                .await;
+                            *cancel_key = Some(key);
+                            out.push(b'K');
+                            out.extend_from_slice(&12u32.to_be_bytes());
+                            out.extend_from_slice(&key.0.to_be_bytes());
+                            out.extend_from_slice(&key.1.to_be_bytes());
+                        }
+                        b'E' => {
+                            // Lossy: a field in the client's encoding still
+                            // leaves the error on the record.
+                            let (code, message) = protocol::error_response_prefix(msg);
+                            state.audit_error(&self.wicket, code, message).await;
+                            out.extend_from_slice(msg);
+                        }
+                        b'Z' => {
+                            out.extend_from_slice(msg);
+                            ready = true;
+                        }
+                        b'S' => {
+                            if let Some(why) = encoding_refused(msg) {
+                                fatal(&mut cwr, "22023", &format!("wicket: {why}")).await;
+                                return Err(End::Protocol(why));
+                            }
+                            out.extend_from_slice(msg);
+                        }
+                        _ => out.extend_from_slice(msg),
+                    }
+                    at += len;
+                    if ready {
+                        break;
+                    }
                 }
-                _ = tokio::time::sleep_until(login_by) => {
-                    let why = format!(
-                        "database {resource:?} did not log the session in within {}s",
-                        LOGIN_TIMEOUT.as_secs()
-                    );
+                sbuf.drain(..at);
+                state
+                    .bytes_out
+                    .fetch_add(out.len() as u64, Ordering::Relaxed);
+                half_sent = !out.is_empty();
+                if cwr.write_all(&out).await.is_err() || cwr.flush().await.is_err() {
+                    return Err(End::ClientClosed);
+                }
+                half_sent = false;
+                if ready {
+                    return Ok(());
+                }
+            }
+        };
+        let logged_in = tokio::select! {
+            r = login => r,
+            why = told_to_end(signal.clone()) => {
+                if !half_sent {
+                    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, fatal_cut(&mut cwr, &why)).await;
+                }
+                Err(End::Cut(why))
+            }
+            _ = tokio::time::sleep(login_timeout) => {
+                let why = format!(
+                    "database {resource:?} did not log the session in within {}s",
+                    login_timeout.as_secs()
+                );
+                if !half_sent {
                     let bye = format!("wicket: {why}");
                     let _ = tokio::time::timeout(GOODBYE_TIMEOUT, fatal(&mut cwr, "08006", &bye)).await;
-                    return End::Io(why);
                 }
-            };
-            let n = match read {
-                Ok(0) => return End::ServerClosed,
-                Ok(n) => n,
-                Err(e) => return End::Io(e.to_string()),
-            };
-            sbuf.extend_from_slice(&tmp[..n]);
-            let mut out = Vec::new();
-            let mut at = 0;
-            let mut ready = false;
-            while let Some((tag, len)) = match protocol::read_message(&sbuf[at..], MAX_STARTUP) {
-                Ok(x) => x,
-                Err(e) => return End::Io(format!("server: {e}")),
-            } {
-                let msg = &sbuf[at..at + len];
-                match tag {
-                    b'R' => {
-                        let code = msg
-                            .get(5..9)
-                            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-                        if code != Some(0) {
-                            let why = format!(
-                                "database {resource:?} asked database user {db_user:?} for a password \
-                                 (authentication request {}); its pg_hba.conf must use `hostssl ... cert` \
-                                 for Wicket's connections",
-                                code.unwrap_or(u32::MAX)
-                            );
-                            fatal(&mut cwr, "28000", &format!("wicket: {why}")).await;
-                            return End::Io(why);
-                        }
-                        out.extend_from_slice(msg);
-                    }
-                    b'K' if len == 13 => {
-                        let pid = u32::from_be_bytes([msg[5], msg[6], msg[7], msg[8]]);
-                        let secret = u32::from_be_bytes([msg[9], msg[10], msg[11], msg[12]]);
-                        // A second BackendKeyData replaces the first.
-                        if let Some(old) = cancel_key.take() {
-                            let target = lock(&self.cancels).remove(&old);
-                            if let Some(t) = target {
-                                self.forget_shared_cancel_key(old, &t).await;
-                            }
-                        }
-                        let key = self
-                            .new_cancel_key(CancelTarget {
-                                user: user.to_owned(),
-                                resource: resource.to_owned(),
-                                db_user: db_user.to_owned(),
-                                pid,
-                                secret,
-                            })
-                            .await;
-                        *cancel_key = Some(key);
-                        out.push(b'K');
-                        out.extend_from_slice(&12u32.to_be_bytes());
-                        out.extend_from_slice(&key.0.to_be_bytes());
-                        out.extend_from_slice(&key.1.to_be_bytes());
-                    }
-                    b'E' => {
-                        // Lossy: a field in the client's encoding still
-                        // leaves the error on the record.
-                        let (code, message) = protocol::error_response_prefix(msg);
-                        state.audit_error(&self.wicket, code, message).await;
-                        out.extend_from_slice(msg);
-                    }
-                    b'Z' => {
-                        out.extend_from_slice(msg);
-                        ready = true;
-                    }
-                    b'S' => {
-                        if let Some(why) = encoding_refused(msg) {
-                            fatal(&mut cwr, "22023", &format!("wicket: {why}")).await;
-                            return End::Protocol(why);
-                        }
-                        out.extend_from_slice(msg);
-                    }
-                    _ => out.extend_from_slice(msg),
-                }
-                at += len;
-                if ready {
-                    break;
-                }
+                Err(End::Io(why))
             }
-            sbuf.drain(..at);
-            state
-                .bytes_out
-                .fetch_add(out.len() as u64, Ordering::Relaxed);
-            if cwr.write_all(&out).await.is_err() || cwr.flush().await.is_err() {
-                return End::ClientClosed;
-            }
-            if ready {
-                break;
-            }
+        };
+        if let Err(end) = logged_in {
+            return end;
         }
 
         let (mut srd, mut swr) = tokio::io::split(upstream);
