@@ -36,6 +36,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a new connection waits for a login that is writing the
 /// profile, and how often it looks.
 const PROFILE_WAIT: (Duration, Duration) = (Duration::from_secs(10), Duration::from_millis(50));
+/// How long a local client may take to send its startup message (as
+/// PostgreSQL's `authentication_timeout` bounds its login).
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where a tunnel listens.
 pub enum Listener {
@@ -325,24 +328,10 @@ impl Tunnel {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let mut buf = Vec::new();
-        let startup = loop {
-            let Some(msg) = read_startup(&mut local, &mut buf).await? else {
-                return Ok(());
-            };
-            match msg {
-                // The local leg is plaintext on loopback; TLS starts at the tunnel.
-                Startup::SslRequest | Startup::GssEncRequest => local.write_all(b"N").await?,
-                Startup::Startup { mut params } => {
-                    params.retain(|(k, _)| k != RESOURCE_PARAM);
-                    params.push((RESOURCE_PARAM.to_owned(), self.resource.clone()));
-                    let p: Vec<(&str, &str)> = params
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_str()))
-                        .collect();
-                    break pg::startup_message(&p);
-                }
-                Startup::Cancel { pid, secret } => break pg::cancel_request(pid, secret).to_vec(),
-            }
+        let Some(startup) =
+            local_startup(&mut local, &mut buf, &self.resource, STARTUP_TIMEOUT).await?
+        else {
+            return Ok(());
         };
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
             .await
@@ -459,6 +448,50 @@ fn refusal_of(me: u32, owner: crate::peer::Peer, peer: &str) -> Option<String> {
             "the kernel did not say which OS user connected from {peer} \
              (sock_diag netlink unavailable?); refused"
         )),
+    }
+}
+
+/// What to send wicketd for a local client: its startup message naming
+/// `resource`, or its cancel request (SSL and GSSENC requests answered "N"
+/// on the way: the local leg is plaintext on loopback, TLS starts at the
+/// tunnel); `None` when it closed first. A client that sends none of that
+/// within `within` gets a FATAL saying so: it holds nothing for good.
+async fn local_startup<S: AsyncRead + AsyncWrite + Unpin>(
+    local: &mut S,
+    buf: &mut Vec<u8>,
+    resource: &str,
+    within: Duration,
+) -> Result<Option<Vec<u8>>> {
+    let read = async {
+        loop {
+            let Some(msg) = read_startup(local, buf).await? else {
+                return Ok(None);
+            };
+            match msg {
+                Startup::SslRequest | Startup::GssEncRequest => local.write_all(b"N").await?,
+                Startup::Startup { mut params } => {
+                    params.retain(|(k, _)| k != RESOURCE_PARAM);
+                    params.push((RESOURCE_PARAM.to_owned(), resource.to_owned()));
+                    let p: Vec<(&str, &str)> = params
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
+                    return Ok(Some(pg::startup_message(&p)));
+                }
+                Startup::Cancel { pid, secret } => {
+                    return Ok(Some(pg::cancel_request(pid, secret).to_vec()));
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(within, read).await {
+        Ok(r) => r,
+        Err(_) => {
+            let why = format!("no startup message within {}s", within.as_secs_f32());
+            let msg = pg::error_response("FATAL", "08P01", &format!("wicket: {why}"));
+            let _ = tokio::time::timeout(Duration::from_secs(1), local.write_all(&msg)).await;
+            bail!("{why}")
+        }
     }
 }
 
@@ -916,6 +949,46 @@ mod tests {
         }
         // The overflow UID is refused even to a tunnel running as it.
         assert!(refusal_of(65534, Peer::Uid(65534), from).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_local_client_that_sends_no_startup_message_is_let_go() {
+        let within = Duration::from_millis(200);
+        // Nothing at all, then half a startup message: each is told, and
+        // let go.
+        for sent in [&b""[..], &pg::startup_message(&[("user", "app")])[..6]] {
+            let (mut client, mut local) = tokio::io::duplex(4096);
+            client.write_all(sent).await.unwrap();
+            let mut buf = Vec::new();
+            let got = local_startup(&mut local, &mut buf, "prod-pg", within);
+            let got = tokio::time::timeout(Duration::from_secs(10), got).await;
+            let e = got.expect("let go").unwrap_err().to_string();
+            assert!(e.contains("no startup message within 0.2s"), "{e}");
+            drop(local);
+            let mut told = Vec::new();
+            client.read_to_end(&mut told).await.unwrap();
+            let (code, message) = pg::parse_error_response(&told).unwrap();
+            assert_eq!(code, "08P01");
+            assert!(message.contains("no startup message"), "{message}");
+        }
+        // An SSL request, then the startup message: answered "N", and the
+        // startup message goes on naming the resource.
+        let (mut client, mut local) = tokio::io::duplex(4096);
+        client.write_all(&pg::ssl_request()).await.unwrap();
+        client
+            .write_all(&pg::startup_message(&[("user", "app")]))
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let got = local_startup(&mut local, &mut buf, "prod-pg", within)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut n = [0u8; 1];
+        client.read_exact(&mut n).await.unwrap();
+        assert_eq!(&n, b"N");
+        let expected = pg::startup_message(&[("user", "app"), (RESOURCE_PARAM, "prod-pg")]);
+        assert_eq!(got, expected);
     }
 
     #[test]
