@@ -2792,35 +2792,74 @@ fn a_startup_role_setting_is_refused() {
 #[test]
 fn a_cut_ends_the_backend_so_pipelined_queries_do_not_run_on() {
     let (s, t, id) = with_empty_ledger();
-    let lock = hold_advisory_lock(&s, 4343);
-    let mut f = RawFrontend::connect(&t);
-    f.tcp
-        .write_all(
-            &[
-                RawFrontend::query("SELECT pg_advisory_lock(4343)"),
-                RawFrontend::query("INSERT INTO ledger VALUES (43)"),
-            ]
-            .concat(),
-        )
-        .unwrap();
-    wait_for_lock_wait(&s, "SELECT pg_advisory_lock(4343)");
-    revoke_and_read_the_cut(&s, &mut f, &id, "INC-10 closed");
-    // The backend is gone (terminated: no longer there at all), and the
-    // INSERT behind its query never ran, even once the lock is free.
-    wait_none_running(
-        &s,
-        "the backend ended",
-        &[
-            "SELECT pg_advisory_lock(4343)",
-            "INSERT INTO ledger VALUES (43)",
-        ],
+    pipelined_queries_do_not_outlive_a_cut(&s, &t, &id, 4343);
+}
+
+/// The connection that ends a cut session's backend runs as the session's
+/// database user too, whatever role the database keeps for it: as that
+/// role, `pg_terminate_backend` was refused (a role may end only its own
+/// backends), and only the running query was cancelled.
+#[test]
+fn a_cut_ends_the_backend_whatever_role_the_database_keeps_for_its_user() {
+    let (s, t, id) = with_empty_ledger();
+    keep_a_role_for_app(&s);
+    pipelined_queries_do_not_outlive_a_cut(&s, &t, &id, 4344);
+}
+
+/// A query waiting on advisory lock `key` with an INSERT pipelined behind
+/// it, on one connection through `t`; `id` is revoked: the cut ends the
+/// backend, so the INSERT never runs, even once the lock is free.
+fn pipelined_queries_do_not_outlive_a_cut(s: &Setup, t: &Tunnel, id: &str, key: u32) {
+    let lock = hold_advisory_lock(s, key);
+    let mut f = RawFrontend::connect(t);
+    let (waits, insert) = (
+        format!("SELECT pg_advisory_lock({key})"),
+        format!("INSERT INTO ledger VALUES ({key})"),
     );
+    f.tcp
+        .write_all(&[RawFrontend::query(&waits), RawFrontend::query(&insert)].concat())
+        .unwrap();
+    wait_for_lock_wait(s, &waits);
+    revoke_and_read_the_cut(s, &mut f, id, "INC-10 closed");
+    // The backend is gone (terminated: no longer there at all), ended by
+    // pg_terminate_backend, not only cancelled (whose end is a race with
+    // the connection's close).
+    wait_none_running(s, "the backend ended", &[&waits, &insert]);
+    wait_until(
+        "wicketd to end the backend",
+        Duration::from_secs(10),
+        || {
+            s.d.stderr()
+                .contains("cut session's backend ended")
+                .then_some(())
+        },
+    )
+    .unwrap();
     lock.release();
     assert_eq!(
-        s.pg.psql("app", "select count(*) from ledger where x = 43")
-            .unwrap(),
+        s.pg.psql(
+            "app",
+            &format!("select count(*) from ledger where x = {key}")
+        )
+        .unwrap(),
         "0"
     );
+}
+
+/// The database keeps a role for `app`, which its sessions would take on
+/// at login: `wicket_owner`, which `app` is a member of.
+fn keep_a_role_for_app(s: &Setup) {
+    s.pg.psql(
+        "postgres",
+        "create role wicket_owner nologin; grant wicket_owner to app; \
+         alter role app set role = 'wicket_owner'",
+    )
+    .unwrap();
+    let kept = s.pg.psql(
+        "postgres",
+        "select rolconfig from pg_roles where rolname = 'app'",
+    );
+    assert_eq!(kept.unwrap(), "{role=wicket_owner}");
 }
 
 /// A session the database has not finished logging in (here: logins wait
@@ -2847,6 +2886,36 @@ fn a_session_the_database_has_not_logged_in_yet_is_cut_at_revoke() {
     .unwrap();
     revoke_cuts(&s, child, &id, "INC-7 closed");
     lock.release();
+}
+
+/// A role the database keeps for the database user (`ALTER ROLE app SET
+/// role = ...`) does not change who a session runs as through Wicket: it
+/// starts as the database user the policy decided on and the audit names.
+/// `SET ROLE` still works, as a statement on the record.
+#[test]
+fn a_role_kept_in_the_database_does_not_change_who_a_session_runs_as() {
+    let (s, t, _) = granted();
+    keep_a_role_for_app(&s);
+    let who = |sql: &str| {
+        let out = t.psql("app").args(["-c", sql]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(who("select current_user, session_user"), "app|app");
+    assert_eq!(
+        who("set role wicket_owner; select current_user"),
+        "wicket_owner"
+    );
+    let set_role = "set role wicket_owner; select current_user";
+    wait_until("SET ROLE on the record", Duration::from_secs(10), || {
+        let queries = s.events(&s.alice, &["--user", "alice", "--kind", "db_query"]);
+        queries
+            .iter()
+            .any(|e| e["data"]["statement"] == set_role)
+            .then_some(())
+    })
+    .unwrap();
 }
 
 /// A login the database does not finish within `postgres.login_timeout`

@@ -439,6 +439,7 @@ impl PgProxy {
         let mut params = vec![
             ("user", t.db_user.as_str()),
             ("application_name", "wicket: ending a cut session"),
+            AS_DATABASE_USER,
         ];
         if let Some(d) = database.as_deref().filter(|d| !d.is_empty()) {
             params.push(("database", d));
@@ -725,6 +726,7 @@ impl PgProxy {
                     .iter()
                     .filter(|(k, _)| k != RESOURCE_PARAM)
                     .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .chain([AS_DATABASE_USER])
                     .collect();
                 let startup = protocol::startup_message(&forwarded);
                 self.relay(
@@ -1236,6 +1238,14 @@ async fn read_to_ready<S: tokio::io::AsyncRead + Unpin>(
 /// Settings PostgreSQL takes at startup that change the role statements
 /// run as, while the session stays the database user's.
 const IDENTITY_SETTINGS: [&str; 2] = ["role", "session_authorization"];
+
+/// Sent upstream in every startup message: each session starts as its
+/// database user, whatever role the database keeps for that user
+/// (`ALTER ROLE app SET role = admin`, or per database). A setting from the
+/// startup message outranks those, as it outranks postgresql.conf; the
+/// client's own are refused ([`sets_identity`]). `SET ROLE` in a session is
+/// a statement like any other, audited.
+const AS_DATABASE_USER: (&str, &str) = ("role", "none");
 
 /// Whether the startup parameters set a role: as a parameter of its own
 /// (`role=admin`), or in `options` (`-c role=admin`, `--role=admin`,
