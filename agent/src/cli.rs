@@ -1088,8 +1088,7 @@ async fn play(args: crate::ssh::PlayArgs) -> Result<()> {
     if printer.is_empty() {
         bail!("no session {session:?} (or none of its events are yours to read)");
     }
-    printer.finish();
-    Ok(())
+    printer.finish()
 }
 
 async fn audit_verify(format: Format) -> Result<()> {

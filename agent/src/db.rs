@@ -846,9 +846,9 @@ fn event_text(e: &wicket_api::AuditEventView) -> Option<String> {
 
 /// Prints a database session's statements with their timing as its events
 /// come (oldest first, a page at a time): a page of events is held, not
-/// the session. `--format json` writes one array, element by element. A
-/// read that fails midway leaves what was printed (the array unclosed) and
-/// the command fails with the error.
+/// the session. `--format json` writes one array, printed once the last
+/// page is read ([`crate::out::JsonArray`]): a read that fails midway
+/// prints none of it, where text shows what came before the error.
 pub struct DbPrinter {
     format: Format,
     speed: f64,
@@ -908,10 +908,11 @@ impl DbPrinter {
         Ok(())
     }
 
-    /// Ends what was printed (the JSON array).
-    pub fn finish(self) {
-        if matches!(self.format, Format::Json) {
-            self.json.finish();
+    /// Ends what was printed (prints the JSON array).
+    pub fn finish(self) -> Result<()> {
+        match self.format {
+            Format::Json => self.json.finish(),
+            Format::Text => Ok(()),
         }
     }
 }

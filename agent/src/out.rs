@@ -80,25 +80,56 @@ fn json_safe_in(text: &str, utf8: bool) -> String {
     out
 }
 
-/// A JSON array written an element at a time (each as [`json`] writes a
-/// value), for results too long to hold whole. [`JsonArray::finish`]
-/// closes it.
+/// A JSON array taken an element at a time (each as [`json`] writes a
+/// value), for results too long to hold in memory: kept in an unnamed
+/// temporary file (0600, gone when closed) and printed whole by
+/// [`JsonArray::finish`]. A result that fails midway prints nothing, so a
+/// tool never reads a part of it as the whole.
 #[derive(Debug, Default)]
 pub struct JsonArray {
     written: usize,
+    spool: Option<std::fs::File>,
 }
 
 impl JsonArray {
     pub fn push<T: serde::Serialize + ?Sized>(&mut self, value: &T) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let keeping = "keeping the result in a temporary file (the directory $TMPDIR names)";
         let text = json_safe(&serde_json::to_string_pretty(value)?);
-        raw(if self.written == 0 { b"[\n" } else { b",\n" });
-        raw(text.as_bytes());
+        let spool = match &mut self.spool {
+            Some(f) => f,
+            None => self.spool.insert(tempfile::tempfile().context(keeping)?),
+        };
+        spool
+            .write_all(if self.written == 0 { b"[\n" } else { b",\n" })
+            .and_then(|()| spool.write_all(text.as_bytes()))
+            .context(keeping)?;
         self.written += 1;
         Ok(())
     }
 
-    pub fn finish(self) {
-        raw(if self.written == 0 { b"[]\n" } else { b"\n]\n" });
+    /// Prints the array.
+    pub fn finish(self) -> anyhow::Result<()> {
+        let mut stdout = std::io::stdout().lock();
+        if let Err(e) = self.finish_to(&mut stdout) {
+            match e.downcast_ref::<std::io::Error>() {
+                Some(io) if io.kind() == std::io::ErrorKind::BrokenPipe => quit_on(io),
+                _ => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn finish_to(self, w: &mut impl Write) -> anyhow::Result<()> {
+        use std::io::{Seek, SeekFrom};
+        let Some(mut spool) = self.spool else {
+            w.write_all(b"[]\n")?;
+            return Ok(w.flush()?);
+        };
+        spool.seek(SeekFrom::Start(0))?;
+        std::io::copy(&mut spool, w)?;
+        w.write_all(b"\n]\n")?;
+        Ok(w.flush()?)
     }
 }
 
@@ -127,6 +158,28 @@ fn quit_on(e: &std::io::Error) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The array is printed whole at its end, and nothing before: a result
+    /// that fails midway leaves no part of an array to be read as all.
+    #[test]
+    fn a_json_array_is_printed_whole_at_its_end() {
+        let mut out = Vec::new();
+        JsonArray::default().finish_to(&mut out).unwrap();
+        let empty: Vec<serde_json::Value> = serde_json::from_slice(&out).unwrap();
+        assert!(empty.is_empty());
+        let mut a = JsonArray::default();
+        for n in 0..3 {
+            a.push(&serde_json::json!({ "n": n, "s": "x\u{9b}" }))
+                .unwrap();
+        }
+        let mut out = Vec::new();
+        a.finish_to(&mut out).unwrap();
+        let back: Vec<serde_json::Value> = serde_json::from_slice(&out).unwrap();
+        assert_eq!(back.len(), 3);
+        assert_eq!(back[2]["n"], 2);
+        assert_eq!(back[0]["s"], "x\u{9b}");
+        assert!(!String::from_utf8(out).unwrap().contains('\u{9b}'));
+    }
 
     /// What a terminal may act on is escaped, and the JSON still reads as
     /// the same value.
