@@ -903,12 +903,13 @@ impl Cx {
         };
         let login_timeout = match f.login_timeout.as_ref() {
             None => Some(d.login_timeout),
-            Some(t) => self
-                .duration(Some(t), "postgres.login_timeout", Duration::zero())
+            Some(text) => self
+                .duration(Some(text), "postgres.login_timeout", Duration::zero())
                 .and_then(|t| {
                     let ok = (Duration::seconds(1)..=Duration::minutes(10)).contains(&t);
                     if !ok {
-                        self.push("postgres.login_timeout", "must be 1s to 10m");
+                        let why = format!("{} is outside 1s..=10m", text.0);
+                        self.push("postgres.login_timeout", why);
                     }
                     t.to_std().ok().filter(|_| ok)
                 }),

@@ -954,9 +954,9 @@ postgres: { max_message_bytes: 10, login_timeout: 0s }
     has(&e, "audit.queue_size", "at least 1");
     has(&e, "audit.on_overflow", "block, drop-and-count");
     has(&e, "postgres.max_message_bytes", "outside");
-    has(&e, "postgres.login_timeout", "must be 1s to 10m");
+    has(&e, "postgres.login_timeout", "0s is outside 1s..=10m");
     let e = problems("version: 1\npostgres: { login_timeout: 11m }\n");
-    has(&e, "postgres.login_timeout", "must be 1s to 10m");
+    has(&e, "postgres.login_timeout", "11m is outside 1s..=10m");
     let e = problems("version: 1\npostgres: { login_timeout: soon }\n");
     has(&e, "postgres.login_timeout", "soon");
     let e = problems("version: 1\npostgres: { max_msg: 1 }\n");

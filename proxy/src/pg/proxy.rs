@@ -801,6 +801,13 @@ impl PgProxy {
         let login_timeout = self.wicket.config.postgres.login_timeout;
         // Whether the client was sent part of what it was being sent.
         let mut half_sent = false;
+        // What is done once the login is done waiting, cut or not, so that
+        // none of it is lost if it is: the errors the database sent, to
+        // audit (as a blocking audit queue may keep them waiting), cancel
+        // keys replaced, to forget, and whether to prune the store's.
+        let mut errors = VecDeque::new();
+        let mut replaced = Vec::new();
+        let mut prune = false;
         let login = async {
             let mut tmp = vec![0u8; READ_CHUNK];
             loop {
@@ -831,6 +838,7 @@ impl PgProxy {
                                      for Wicket's connections",
                                     code.unwrap_or(u32::MAX)
                                 );
+                                half_sent = true;
                                 fatal(&mut cwr, "28000", &format!("wicket: {why}")).await;
                                 return Err(End::Io(why));
                             }
@@ -839,23 +847,24 @@ impl PgProxy {
                         b'K' if len == 13 => {
                             let pid = u32::from_be_bytes([msg[5], msg[6], msg[7], msg[8]]);
                             let secret = u32::from_be_bytes([msg[9], msg[10], msg[11], msg[12]]);
-                            // A second BackendKeyData replaces the first.
+                            // A second BackendKeyData replaces the first
+                            // (forgotten in the store once the login is
+                            // done waiting, cut or not).
                             if let Some(old) = cancel_key.take() {
                                 let target = lock(&self.cancels).remove(&old);
-                                if let Some(t) = target {
-                                    self.forget_shared_cancel_key(old, &t).await;
-                                }
+                                replaced.extend(target.map(|t| (old, t)));
                             }
-                            let key = self
-                                .new_cancel_key(CancelTarget {
-                                    user: user.to_owned(),
-                                    resource: resource.to_owned(),
-                                    db_user: db_user.to_owned(),
-                                    pid,
-                                    secret,
-                                })
-                                .await;
-                            *cancel_key = Some(key);
+                            let target = CancelTarget {
+                                user: user.to_owned(),
+                                resource: resource.to_owned(),
+                                db_user: db_user.to_owned(),
+                                pid,
+                                secret,
+                            };
+                            prune |= self.new_cancel_key(target, cancel_key).await;
+                            let Some(key) = *cancel_key else {
+                                return Err(End::Io("no cancel key was drawn".into()));
+                            };
                             out.push(b'K');
                             out.extend_from_slice(&12u32.to_be_bytes());
                             out.extend_from_slice(&key.0.to_be_bytes());
@@ -865,7 +874,13 @@ impl PgProxy {
                             // Lossy: a field in the client's encoding still
                             // leaves the error on the record.
                             let (code, message) = protocol::error_response_prefix(msg);
-                            state.audit_error(&self.wicket, code, message).await;
+                            let session = state.sref.clone();
+                            let error = AuditEvent::DbError {
+                                session,
+                                code,
+                                message,
+                            };
+                            errors.push_back((error, clock::now().timestamp_millis()));
                             out.extend_from_slice(msg);
                         }
                         b'Z' => {
@@ -874,8 +889,14 @@ impl PgProxy {
                         }
                         b'S' => {
                             if let Some(why) = encoding_refused(msg) {
+                                half_sent = true;
                                 fatal(&mut cwr, "22023", &format!("wicket: {why}")).await;
                                 return Err(End::Protocol(why));
+                            }
+                            if let Some(why) = runs_as_another(msg, db_user) {
+                                half_sent = true;
+                                fatal(&mut cwr, "28000", &format!("wicket: {why}")).await;
+                                return Err(End::Io(why));
                             }
                             out.extend_from_slice(msg);
                         }
@@ -909,10 +930,14 @@ impl PgProxy {
                 Err(End::Cut(why))
             }
             _ = tokio::time::sleep(login_timeout) => {
-                let why = format!(
-                    "database {resource:?} did not log the session in within {}s",
-                    login_timeout.as_secs()
-                );
+                let secs = login_timeout.as_secs();
+                // Stopped while writing to the client, or else waiting on
+                // the database (or, a moment at most, the store).
+                let why = if half_sent {
+                    format!("the client did not take the answers to its login within {secs}s")
+                } else {
+                    format!("database {resource:?} did not log the session in within {secs}s")
+                };
                 if !half_sent {
                     let bye = format!("wicket: {why}");
                     let _ = tokio::time::timeout(GOODBYE_TIMEOUT, fatal(&mut cwr, "08006", &bye)).await;
@@ -920,6 +945,17 @@ impl PgProxy {
                 Err(End::Io(why))
             }
         };
+        self.wicket
+            .audit_sink
+            .send_pending(&mut errors, &state.dropped)
+            .await;
+        for (key, t) in replaced {
+            self.forget_shared_cancel_key(key, &t).await;
+        }
+        if prune {
+            self.prune_shared_cancel_keys(clock::now().timestamp_millis())
+                .await;
+        }
         if let Err(end) = logged_in {
             return end;
         }
@@ -1086,12 +1122,16 @@ impl PgProxy {
     }
 
     /// A new cancel key for `target`, unique here and (when the store is
-    /// shared) among every wicketd's sessions.
-    async fn new_cancel_key(&self, target: CancelTarget) -> (u32, u32) {
+    /// shared) among every wicketd's sessions. It is in `slot` from the
+    /// moment it is taken here, so a caller that stops waiting (the session
+    /// cut meanwhile) still has it to forget. Whether it went to the store
+    /// (which is then pruned, once the caller is done waiting).
+    async fn new_cancel_key(&self, target: CancelTarget, slot: &mut Option<(u32, u32)>) -> bool {
         loop {
             let key = self.local_cancel_key(target.clone());
+            *slot = Some(key);
             if !self.shared_cancels() {
-                return key;
+                return false;
             }
             let now = clock::now().timestamp_millis();
             let row = CancelKeyRow {
@@ -1105,20 +1145,18 @@ impl PgProxy {
                 created_ms: now,
             };
             match shared_key_call(self.wicket.store.put_cancel_key(&row)).await {
-                Ok(true) => {
-                    self.prune_shared_cancel_keys(now).await;
-                    return key;
-                }
+                Ok(true) => return true,
                 // Another wicketd's session holds it: draw again.
                 Ok(false) => {
                     lock(&self.cancels).remove(&key);
+                    *slot = None;
                 }
                 Err(e) => {
                     tracing::warn!(
                         error = %e,
                         "cancel key not stored: this session's cancel requests work only through this wicketd"
                     );
-                    return key;
+                    return false;
                 }
             }
         }
@@ -1562,6 +1600,24 @@ fn encoding_refused(msg: &[u8]) -> Option<String> {
         Some(("client_encoding", enc)) if protocol::ascii_unsafe_encoding(enc) => Some(format!(
             "client_encoding {enc} is not allowed through wicket: its characters can contain \
              ASCII bytes, so the audited text could differ from what the server runs; use UTF8"
+        )),
+        _ => None,
+    }
+}
+
+/// Why a session whose login ended as another user than `db_user` is
+/// refused: it would run as that user, where the policy decided on, and
+/// the audit names, `db_user`. PostgreSQL sets `session_authorization` at
+/// login above what the database keeps (`ALTER ROLE x SET
+/// session_authorization = y` does not apply: checked on PostgreSQL 15),
+/// but what runs at login (a PostgreSQL 17 login event trigger) can change
+/// it, and the startup message cannot set it (only superusers may).
+fn runs_as_another(msg: &[u8], db_user: &str) -> Option<String> {
+    match protocol::parse_parameter_status(msg) {
+        Some(("session_authorization", who)) if who != db_user => Some(format!(
+            "the database logged database user {db_user:?} in as {who:?} (a session_authorization \
+             kept in the database); sessions through wicket run only as the database user \
+             decided on"
         )),
         _ => None,
     }
@@ -2495,6 +2551,27 @@ mod tests {
         assert_eq!(
             split_options("-c a\\ b  --x=y\\"),
             vec!["-c", "a b", "--x=y"]
+        );
+    }
+
+    #[test]
+    fn a_login_as_another_user_is_found() {
+        let status = |name: &str, value: &str| {
+            let body = [name.as_bytes(), b"\0", value.as_bytes(), b"\0"].concat();
+            [&[b'S'][..], &(body.len() as u32 + 4).to_be_bytes(), &body].concat()
+        };
+        let s = status("session_authorization", "readonly");
+        let why = runs_as_another(&s, "app").unwrap();
+        assert!(why.contains("\"app\" in as \"readonly\""), "{why}");
+        assert_eq!(
+            runs_as_another(&status("session_authorization", "app"), "app"),
+            None
+        );
+        // Names are told apart by case, as PostgreSQL's are.
+        assert!(runs_as_another(&status("session_authorization", "App"), "app").is_some());
+        assert_eq!(
+            runs_as_another(&status("application_name", "x"), "app"),
+            None
         );
     }
 
