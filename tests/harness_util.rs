@@ -42,11 +42,24 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
     }
 }
 
+/// `Read::read`, again whenever a signal interrupted it. The kernel does
+/// not restart a read of a socket with a read timeout (signal(7)), and
+/// this test binary handles SIGCHLD (tokio's process support), so any
+/// child's exit can interrupt one. (`read_exact` and `read_to_end` retry
+/// already.)
+pub fn read_uninterrupted(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// Checks that the server closes each connection between `from` and
 /// `to` after it was admitted (a login grace), reading and discarding
 /// what it sends meanwhile.
 pub fn closed_between(idle: Vec<(TcpStream, Instant)>, from: Duration, to: Duration) -> Result<()> {
-    use std::io::Read;
     let mut buf = [0u8; 4096];
     for (mut c, admitted) in idle {
         let closed = loop {
@@ -55,7 +68,7 @@ pub fn closed_between(idle: Vec<(TcpStream, Instant)>, from: Duration, to: Durat
                 break false;
             }
             c.set_read_timeout(Some(left))?;
-            match c.read(&mut buf) {
+            match read_uninterrupted(&mut c, &mut buf) {
                 Ok(0) => break true,
                 Ok(_) => continue,
                 Err(e)

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use wicket_e2e::harness_postgres::Postgres;
-use wicket_e2e::harness_util::{closed_between, run, wait_until};
+use wicket_e2e::harness_util::{closed_between, read_uninterrupted, run, wait_until};
 use wicket_e2e::harness_wicket::WicketCli;
 
 fn pgbench(t: &Tunnel, args: &[&str]) -> String {
@@ -418,7 +418,7 @@ impl RawPg {
                 return (tag, msg);
             }
             let mut chunk = [0u8; 4096];
-            let n = std::io::Read::read(&mut self.tcp, &mut chunk)
+            let n = read_uninterrupted(&mut self.tcp, &mut chunk)
                 .unwrap_or_else(|e| panic!("no message within 20 s: {e}"));
             assert!(n > 0, "the connection closed");
             self.buf.extend_from_slice(&chunk[..n]);
@@ -1220,7 +1220,6 @@ impl RawFrontend {
     /// Reads messages until `stop` says so or the connection closes; returns
     /// the tags seen and the texts of the ErrorResponses among them.
     fn read_until(&mut self, stop: impl Fn(u8) -> bool) -> (Vec<u8>, Vec<String>) {
-        use std::io::Read;
         let (mut tags, mut errors) = (Vec::new(), Vec::new());
         loop {
             if let Some((tag, len)) = wicket_api::pg::read_message(&self.buf, 1 << 20).unwrap() {
@@ -1237,7 +1236,7 @@ impl RawFrontend {
                 continue;
             }
             let mut tmp = [0u8; 4096];
-            match self.tcp.read(&mut tmp) {
+            match read_uninterrupted(&mut self.tcp, &mut tmp) {
                 Ok(0) | Err(_) => return (tags, errors),
                 Ok(k) => self.buf.extend_from_slice(&tmp[..k]),
             }
@@ -1246,7 +1245,6 @@ impl RawFrontend {
 
     /// Reads until `n` ReadyForQuery; returns the tags seen.
     fn until_ready(&mut self, n: usize) -> Vec<u8> {
-        use std::io::Read;
         let mut tags = Vec::new();
         let mut ready = 0;
         while ready < n {
@@ -1257,7 +1255,7 @@ impl RawFrontend {
                 continue;
             }
             let mut tmp = [0u8; 4096];
-            let k = self.tcp.read(&mut tmp).unwrap();
+            let k = read_uninterrupted(&mut self.tcp, &mut tmp).unwrap();
             assert!(
                 k > 0,
                 "connection closed after {:?}",
@@ -2825,7 +2823,7 @@ fn pipelined_queries_do_not_outlive_a_cut(s: &Setup, t: &Tunnel, id: &str, key: 
     // pg_terminate_backend, not only cancelled (whose end is a race with
     // the connection's close).
     wait_none_running(s, "the backend ended", &[&waits, &insert]);
-    wait_until(
+    let ended = wait_until(
         "wicketd to end the backend",
         Duration::from_secs(10),
         || {
@@ -2833,8 +2831,12 @@ fn pipelined_queries_do_not_outlive_a_cut(s: &Setup, t: &Tunnel, id: &str, key: 
                 .contains("cut session's backend ended")
                 .then_some(())
         },
-    )
-    .unwrap();
+    );
+    if let Err(e) = ended {
+        let stderr = s.d.stderr();
+        let said: Vec<&str> = stderr.lines().filter(|l| l.contains("backend")).collect();
+        panic!("{e}: {said:?}");
+    }
     lock.release();
     assert_eq!(
         s.pg.psql(
@@ -2862,15 +2864,11 @@ fn keep_a_role_for_app(s: &Setup) {
     assert_eq!(kept.unwrap(), "{role=wicket_owner}");
 }
 
-/// A session the database has not finished logging in (here: logins wait
-/// on a catalog lock held outside Wicket) is still cut when its grant is
-/// revoked, with the reason. Before, the proxy waited for the database's
-/// first ReadyForQuery without end, and without looking at the grant.
-#[test]
-fn a_session_the_database_has_not_logged_in_yet_is_cut_at_revoke() {
-    let (s, t, id) = granted();
-    // Every login waits while pg_authid is locked.
-    let lock = hold_lock(&s, "begin;\nlock table pg_authid in access exclusive mode;");
+/// `psql -c 'select 1'` through `t` (its stderr piped), whose login the
+/// database does not finish while the lock held here is: every login
+/// waits while pg_authid is locked.
+fn a_login_held(s: &Setup, t: &Tunnel) -> (HeldLock, Child) {
+    let lock = hold_lock(s, "begin;\nlock table pg_authid in access exclusive mode;");
     let child = t
         .psql("app")
         .args(["-c", "select 1"])
@@ -2878,6 +2876,17 @@ fn a_session_the_database_has_not_logged_in_yet_is_cut_at_revoke() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    (lock, child)
+}
+
+/// A session the database has not finished logging in (here: logins wait
+/// on a catalog lock held outside Wicket) is still cut when its grant is
+/// revoked, with the reason. Before, the proxy waited for the database's
+/// first ReadyForQuery without end, and without looking at the grant.
+#[test]
+fn a_session_the_database_has_not_logged_in_yet_is_cut_at_revoke() {
+    let (s, t, id) = granted();
+    let (lock, child) = a_login_held(&s, &t);
     // Wicket has let it in; the database has not.
     wait_until("the session started", Duration::from_secs(20), || {
         let started = s.events(&s.frank, &["--user", "alice", "--kind", "session_started"]);
@@ -2926,15 +2935,8 @@ fn a_login_the_database_does_not_finish_in_time_is_refused() {
     let s = Setup::start("postgres: { login_timeout: 2s }\n");
     s.grant_dba("30m");
     let t = s.tunnel();
-    let lock = hold_lock(&s, "begin;\nlock table pg_authid in access exclusive mode;");
     let asked = Instant::now();
-    let child = t
-        .psql("app")
-        .args(["-c", "select 1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (lock, child) = a_login_held(&s, &t);
     let (err, exited) = wait_exit(child, Duration::from_secs(20));
     let why = "database \"prod-pg\" did not log the session in within 2s";
     assert!(err.contains("FATAL") && err.contains(why), "{err}");

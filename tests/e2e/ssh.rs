@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use wicket_e2e::harness_postgres::Postgres;
 use wicket_e2e::harness_sshd::{test_login, PortInUse, Sshd};
-use wicket_e2e::harness_util::{closed_between, free_port, run, wait_until};
+use wicket_e2e::harness_util::{closed_between, free_port, read_uninterrupted, run, wait_until};
 use wicket_e2e::harness_wicket::{pipe_stdin, WicketCli, Wicketd};
 
 const PW: &str = "correct horse battery staple";
@@ -1385,7 +1385,7 @@ fn a_connection_holds_a_bounded_number_of_channels() {
         .unwrap();
     let mut buf = [0u8; 16];
     assert_eq!(
-        extra.read(&mut buf).unwrap(),
+        read_uninterrupted(&mut extra, &mut buf).unwrap(),
         0,
         "closed for want of a place"
     );
@@ -1397,7 +1397,7 @@ fn a_connection_holds_a_bounded_number_of_channels() {
         let mut c = TcpStream::connect(local_addr).ok()?;
         c.set_read_timeout(Some(Duration::from_millis(300))).ok()?;
         // Refused ones are closed at once; a forwarded one stays open.
-        match c.read(&mut buf) {
+        match read_uninterrupted(&mut c, &mut buf) {
             Ok(0) => None,
             _ => Some(c),
         }
