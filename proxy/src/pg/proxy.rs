@@ -803,10 +803,9 @@ impl PgProxy {
         let mut half_sent = false;
         // What is done once the login is done waiting, cut or not, so that
         // none of it is lost if it is: the errors the database sent, to
-        // audit (as a blocking audit queue may keep them waiting), cancel
-        // keys replaced, to forget, and whether to prune the store's.
+        // audit (as a blocking audit queue may keep them waiting), and
+        // whether to prune the store's cancel keys.
         let mut errors = VecDeque::new();
-        let mut replaced = Vec::new();
         let mut prune = false;
         let login = async {
             let mut tmp = vec![0u8; READ_CHUNK];
@@ -847,12 +846,10 @@ impl PgProxy {
                         b'K' if len == 13 => {
                             let pid = u32::from_be_bytes([msg[5], msg[6], msg[7], msg[8]]);
                             let secret = u32::from_be_bytes([msg[9], msg[10], msg[11], msg[12]]);
-                            // A second BackendKeyData replaces the first
-                            // (forgotten in the store once the login is
-                            // done waiting, cut or not).
-                            if let Some(old) = cancel_key.take() {
-                                let target = lock(&self.cancels).remove(&old);
-                                replaced.extend(target.map(|t| (old, t)));
+                            // PostgreSQL sends one; each more would be
+                            // one more store call.
+                            if cancel_key.is_some() {
+                                return Err(End::Io("server: a second BackendKeyData".into()));
                             }
                             let target = CancelTarget {
                                 user: user.to_owned(),
@@ -945,20 +942,16 @@ impl PgProxy {
                 Err(End::Io(why))
             }
         };
-        self.wicket
-            .audit_sink
-            .send_pending(&mut errors, &state.dropped)
-            .await;
-        for (key, t) in replaced {
-            self.forget_shared_cancel_key(key, &t).await;
-        }
-        if prune {
-            self.prune_shared_cancel_keys(clock::now().timestamp_millis())
-                .await;
-        }
         if let Err(end) = logged_in {
+            // Let go of the client and the database first: the audit may
+            // wait for room in its queue (`block`), which must not hold a
+            // session that has ended open.
+            let _ = tokio::time::timeout(GOODBYE_TIMEOUT, cwr.shutdown()).await;
+            drop((crd, cwr, upstream));
+            self.after_login(&mut errors, prune, state).await;
             return end;
         }
+        self.after_login(&mut errors, prune, state).await;
 
         let (mut srd, mut swr) = tokio::io::split(upstream);
         let max = self.wicket.config.postgres.max_message_bytes;
@@ -1113,6 +1106,24 @@ impl PgProxy {
             audit_executed(e, state, &self.wicket).await;
         }
         end
+    }
+
+    /// What a login leaves to do once it is done waiting: audit the errors
+    /// the database sent, and prune the store's cancel keys if it is time.
+    async fn after_login(
+        &self,
+        errors: &mut VecDeque<(AuditEvent, i64)>,
+        prune: bool,
+        state: &SessionState,
+    ) {
+        self.wicket
+            .audit_sink
+            .send_pending(errors, &state.dropped)
+            .await;
+        if prune {
+            self.prune_shared_cancel_keys(clock::now().timestamp_millis())
+                .await;
+        }
     }
 
     /// Whether cancel keys go to the store: it is shared by every wicketd
@@ -1611,16 +1622,21 @@ fn encoding_refused(msg: &[u8]) -> Option<String> {
 /// login above what the database keeps (`ALTER ROLE x SET
 /// session_authorization = y` does not apply: checked on PostgreSQL 15),
 /// but what runs at login (a PostgreSQL 17 login event trigger) can change
-/// it, and the startup message cannot set it (only superusers may).
+/// it, and the startup message cannot set it (only superusers may). Bytes
+/// are compared: a value not in UTF-8 is still checked.
 fn runs_as_another(msg: &[u8], db_user: &str) -> Option<String> {
-    match protocol::parse_parameter_status(msg) {
-        Some(("session_authorization", who)) if who != db_user => Some(format!(
-            "the database logged database user {db_user:?} in as {who:?} (a session_authorization \
-             kept in the database); sessions through wicket run only as the database user \
-             decided on"
-        )),
-        _ => None,
+    let mut fields = msg.get(5..)?.split(|&b| b == 0);
+    if fields.next()? != b"session_authorization" {
+        return None;
     }
+    let who = fields.next().unwrap_or_default();
+    (who != db_user.as_bytes()).then(|| {
+        format!(
+            "the database reports the session's user as {:?}, not database user {db_user:?}; \
+             sessions through wicket run only as the database user decided on",
+            String::from_utf8_lossy(who)
+        )
+    })
 }
 
 /// Longest statement text a Query or Parse may carry: what is audited is
@@ -2562,7 +2578,13 @@ mod tests {
         };
         let s = status("session_authorization", "readonly");
         let why = runs_as_another(&s, "app").unwrap();
-        assert!(why.contains("\"app\" in as \"readonly\""), "{why}");
+        assert!(
+            why.contains("user as \"readonly\", not database user \"app\""),
+            "{why}"
+        );
+        // Not UTF-8 (a LATIN1 client_encoding): still told apart.
+        let latin1 = [&b"S\0\0\0\x1fsession_authorization\0"[..], b"app\xe9\0"].concat();
+        assert!(runs_as_another(&latin1, "app").is_some());
         assert_eq!(
             runs_as_another(&status("session_authorization", "app"), "app"),
             None
