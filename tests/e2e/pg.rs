@@ -2864,19 +2864,21 @@ fn keep_a_role_for_app(s: &Setup) {
     assert_eq!(kept.unwrap(), "{role=wicket_owner}");
 }
 
-/// `psql -c 'select 1'` through `t` (its stderr piped), whose login the
-/// database does not finish while the lock held here is: every login
-/// waits while pg_authid is locked.
+/// [`select_1`], whose login the database does not finish while the lock
+/// held here is: every login waits while pg_authid is locked.
 fn a_login_held(s: &Setup, t: &Tunnel) -> (HeldLock, Child) {
     let lock = hold_lock(s, "begin;\nlock table pg_authid in access exclusive mode;");
-    let child = t
-        .psql("app")
+    (lock, select_1(t))
+}
+
+/// `psql -c 'select 1'` through `t`, running, its stderr piped.
+fn select_1(t: &Tunnel) -> Child {
+    t.psql("app")
         .args(["-c", "select 1"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
-    (lock, child)
+        .unwrap()
 }
 
 /// A session the database has not finished logging in (here: logins wait
@@ -3025,13 +3027,7 @@ fn a_login_holding_the_profile_does_not_stop_the_tunnels_connections() {
     run(Command::new("touch").arg(&cert)).unwrap();
     let lock = std::fs::File::open(cert.with_file_name(".lock")).unwrap();
     lock.lock().unwrap();
-    let mut waiting = t
-        .psql("app")
-        .args(["-c", "select 1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut waiting = select_1(&t);
     // While it waits, the connection already open goes on.
     let mut answered = 0;
     let status = loop {
