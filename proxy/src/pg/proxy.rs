@@ -858,10 +858,8 @@ impl PgProxy {
                                 pid,
                                 secret,
                             };
-                            prune |= self.new_cancel_key(target, cancel_key).await;
-                            let Some(key) = *cancel_key else {
-                                return Err(End::Io("no cancel key was drawn".into()));
-                            };
+                            let (key, stored) = self.new_cancel_key(target, cancel_key).await;
+                            prune |= stored;
                             out.push(b'K');
                             out.extend_from_slice(&12u32.to_be_bytes());
                             out.extend_from_slice(&key.0.to_be_bytes());
@@ -1135,14 +1133,18 @@ impl PgProxy {
     /// A new cancel key for `target`, unique here and (when the store is
     /// shared) among every wicketd's sessions. It is in `slot` from the
     /// moment it is taken here, so a caller that stops waiting (the session
-    /// cut meanwhile) still has it to forget. Whether it went to the store
-    /// (which is then pruned, once the caller is done waiting).
-    async fn new_cancel_key(&self, target: CancelTarget, slot: &mut Option<(u32, u32)>) -> bool {
+    /// cut meanwhile) still has it to forget. With the key, whether it went
+    /// to the store (which is then pruned, once the caller is done waiting).
+    async fn new_cancel_key(
+        &self,
+        target: CancelTarget,
+        slot: &mut Option<(u32, u32)>,
+    ) -> ((u32, u32), bool) {
         loop {
             let key = self.local_cancel_key(target.clone());
             *slot = Some(key);
             if !self.shared_cancels() {
-                return false;
+                return (key, false);
             }
             let now = clock::now().timestamp_millis();
             let row = CancelKeyRow {
@@ -1156,7 +1158,7 @@ impl PgProxy {
                 created_ms: now,
             };
             match shared_key_call(self.wicket.store.put_cancel_key(&row)).await {
-                Ok(true) => return true,
+                Ok(true) => return (key, true),
                 // Another wicketd's session holds it: draw again.
                 Ok(false) => {
                     lock(&self.cancels).remove(&key);
@@ -1167,7 +1169,7 @@ impl PgProxy {
                         error = %e,
                         "cancel key not stored: this session's cancel requests work only through this wicketd"
                     );
-                    return false;
+                    return (key, false);
                 }
             }
         }
