@@ -410,6 +410,23 @@ impl Cx {
         Some(d)
     }
 
+    /// [`Self::positive_duration`] of at most `most` (as written in the
+    /// problem reported past it).
+    fn duration_up_to(
+        &mut self,
+        text: Option<&DurationText>,
+        path: &str,
+        default: Duration,
+        (most, most_text): (Duration, &str),
+    ) -> Option<Duration> {
+        let d = self.positive_duration(text, path, default)?;
+        if d > most {
+            self.push(path, format!("must be at most {most_text}"));
+            return None;
+        }
+        Some(d)
+    }
+
     /// `n` when it is in `range`; `None` (reported, with the range)
     /// otherwise.
     fn within<T: PartialOrd + std::fmt::Display>(
@@ -901,19 +918,12 @@ impl Cx {
                 .within(n, 1024..=(1 << 30), "postgres.max_message_bytes")
                 .map(|n| n as usize),
         };
-        let login_timeout = match f.login_timeout.as_ref() {
-            None => Some(d.login_timeout),
-            Some(text) => self
-                .duration(Some(text), "postgres.login_timeout", Duration::zero())
-                .and_then(|t| {
-                    let ok = (Duration::seconds(1)..=Duration::minutes(10)).contains(&t);
-                    if !ok {
-                        let why = format!("{} is outside 1s..=10m", text.0);
-                        self.push("postgres.login_timeout", why);
-                    }
-                    t.to_std().ok().filter(|_| ok)
-                }),
-        };
+        let login_timeout = self.duration_up_to(
+            f.login_timeout.as_ref(),
+            "postgres.login_timeout",
+            d.login_timeout,
+            (Duration::minutes(10), "10m"),
+        );
         Some(PostgresSettings {
             max_message_bytes: max_message_bytes?,
             login_timeout: login_timeout?,
@@ -922,22 +932,19 @@ impl Cx {
 
     fn limits(&mut self, f: &LimitsFile) -> Option<Limits> {
         let d = Limits::default();
-        let grace =
-            self.positive_duration(f.login_grace.as_ref(), "limits.login_grace", d.login_grace);
-        let mut ok = true;
-        if grace.is_some_and(|g| g > Duration::minutes(10)) {
-            self.push("limits.login_grace", "must be at most 10m");
-            ok = false;
-        }
-        let send = self.positive_duration(
+        let grace = self.duration_up_to(
+            f.login_grace.as_ref(),
+            "limits.login_grace",
+            d.login_grace,
+            (Duration::minutes(10), "10m"),
+        );
+        let send = self.duration_up_to(
             f.send_timeout.as_ref(),
             "limits.send_timeout",
             d.send_timeout,
+            (Duration::hours(1), "1h"),
         );
-        if send.is_some_and(|s| s > Duration::hours(1)) {
-            self.push("limits.send_timeout", "must be at most 1h");
-            ok = false;
-        }
+        let mut ok = true;
         let given = f.max_connections.map_or(d.max_connections, |n| n as usize);
         let open = self.count(given, "limits.max_connections");
         let unauthenticated = self.count(
@@ -970,12 +977,11 @@ impl Cx {
             1..=MAX_CHANNEL_RATE,
             "limits.ssh_channels_per_second",
         );
-        let login_grace = grace?;
         ok.then_some(Limits {
             max_connections: open?,
             max_unauthenticated: unauthenticated?,
             max_connections_per_user: per_user?,
-            login_grace,
+            login_grace: grace?,
             send_timeout: send?,
             ssh_channel_burst: burst?,
             ssh_channels_per_second: per_sec?,

@@ -355,14 +355,14 @@ pub struct PostgresSettings {
     /// How long the database may take to log a session in (default 30s):
     /// the session is then refused with FATAL 08006, as PostgreSQL's own
     /// `authentication_timeout` does for its part of a login.
-    pub login_timeout: std::time::Duration,
+    pub login_timeout: Duration,
 }
 
 impl Default for PostgresSettings {
     fn default() -> Self {
         Self {
             max_message_bytes: 16 << 20,
-            login_timeout: std::time::Duration::from_secs(30),
+            login_timeout: Duration::seconds(30),
         }
     }
 }

@@ -798,7 +798,14 @@ impl PgProxy {
         // audit queue: the grant's end is not, nor is the login timeout.
         // The client has whole messages only here.
         let mut sbuf = Vec::with_capacity(READ_CHUNK);
-        let login_timeout = self.wicket.config.postgres.login_timeout;
+        // Positive, checked with the config.
+        let login_timeout = self
+            .wicket
+            .config
+            .postgres
+            .login_timeout
+            .to_std()
+            .unwrap_or_default();
         // Whether the client was sent part of what it was being sent.
         let mut half_sent = false;
         // What is done once the login is done waiting, cut or not, so that
@@ -925,13 +932,13 @@ impl PgProxy {
                 Err(End::Cut(why))
             }
             _ = tokio::time::sleep(login_timeout) => {
-                let secs = login_timeout.as_secs();
+                let within = format!("{login_timeout:?}");
                 // Stopped while writing to the client, or else waiting on
                 // the database (or, a moment at most, the store).
                 let why = if half_sent {
-                    format!("the client did not take the answers to its login within {secs}s")
+                    format!("the client did not take the answers to its login within {within}")
                 } else {
-                    format!("database {resource:?} did not log the session in within {secs}s")
+                    format!("database {resource:?} did not log the session in within {within}")
                 };
                 if !half_sent {
                     let bye = format!("wicket: {why}");
