@@ -1126,6 +1126,13 @@ impl<'a> Engine<'a> {
                     }
                 }
                 if let Some(s) = start_at {
+                    // As at creation: where starts are not scheduled, a
+                    // reviewer cannot schedule one either.
+                    if !self.policy.requests.allow_scheduled_start {
+                        return Err(RequestError::Invalid(
+                            "a scheduled start is not allowed here (--start-at)".into(),
+                        ));
+                    }
                     if s <= now || s > now + Duration::days(30) {
                         return Err(RequestError::Invalid(
                             "--start-at must be in the future (within 30 days)".into(),

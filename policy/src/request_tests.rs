@@ -1726,6 +1726,12 @@ fn scope_reduction_is_validated() {
         let m = invalid(apply(&p, &req, ev.clone(), t0()));
         assert!(m.contains(needle), "{ev:?}: {m}");
     }
+    // Where starts are not scheduled, a reviewer cannot schedule one.
+    let mut no_sched = policy();
+    no_sched.requests.allow_scheduled_start = false;
+    let later = scoped_approve("dave", None, None, Some(t0() + hours(1)));
+    let m = invalid(apply(&no_sched, &req, later, t0()));
+    assert!(m.contains("scheduled start is not allowed"), "{m}");
     // Exactly the requested duration is fine.
     let ok = apply(
         &p,
