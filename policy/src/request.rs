@@ -609,6 +609,38 @@ impl<'a> Engine<'a> {
         ))
     }
 
+    /// May `actor` see `req` at all? Its requester and reviewers, whoever
+    /// may review it now, auditors and revokers. One decision with its
+    /// reason; a refusal is what the daemon audits.
+    pub fn decide_request_read(
+        &self,
+        req: &AccessRequest,
+        actor: &Actor,
+        now: DateTime<Utc>,
+    ) -> Decision {
+        let who = &actor.name;
+        if req.requester == *who {
+            return Decision::allow(format!("{who} made the request"));
+        }
+        if req.reviews.iter().any(|r| r.reviewer == *who) {
+            return Decision::allow(format!("{who} reviewed the request"));
+        }
+        if self.policy.roles.may_audit(&actor.roles) {
+            return Decision::allow(format!("{who}'s roles may read the audit log"));
+        }
+        if self.policy.roles.may_revoke(&actor.roles) {
+            return Decision::allow(format!("{who}'s roles may revoke grants"));
+        }
+        let review = self.decide_review(req, actor, now);
+        if review.allowed {
+            return Decision::allow(review.reason);
+        }
+        Decision::deny(format!(
+            "{who} is not the requester, a reviewer, an auditor or a revoker of access request {}",
+            req.id
+        ))
+    }
+
     /// May `actor` see `req` in `--reviewable`?
     pub fn is_reviewable_by(&self, req: &AccessRequest, actor: &Actor, now: DateTime<Utc>) -> bool {
         if !req.awaits_review() {

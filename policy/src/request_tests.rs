@@ -5,10 +5,10 @@
 use crate::request::{human, MAX_REASON_LEN, MAX_REQUEST_REASON_LEN};
 use crate::{certificate_session_signal, CertifiedSession, SessionSignal};
 use crate::{
-    AccessRequest, Actor, ApprovalRule, BreakGlassSettings, DatabaseGrant, Directory, Effect,
-    Engine, Event, KubernetesGrant, LabelSelector, NewRequest, OncallSchedule, Policy, Recipients,
-    RequestError, RequestSettings, Requester, Requirement, Resource, ResourceKind, ReviewerSet,
-    Role, RoleSet, SshLoginGrant, State, Team, Urgency, Verdict,
+    AccessRequest, Actor, ApprovalRule, BreakGlassSettings, DatabaseGrant, Decision, Directory,
+    Effect, Engine, Event, KubernetesGrant, LabelSelector, NewRequest, OncallSchedule, Policy,
+    Recipients, RequestError, RequestSettings, Requester, Requirement, Resource, ResourceKind,
+    Review, ReviewerSet, Role, RoleSet, SshLoginGrant, State, Team, Urgency, Verdict,
 };
 use chrono::{DateTime, Duration, Utc};
 use proptest::prelude::*;
@@ -3200,4 +3200,45 @@ proptest! {
         prop_assert_eq!(crate::session_end(cert_end, login_until, true), cert_end);
         prop_assert_eq!(crate::login_lasts(login_until, now), now < login_until);
     }
+}
+
+#[test]
+fn who_may_read_a_request() {
+    let p = policy();
+    let e = Engine::new(&p);
+    let req = alice_requests(&p, nr(&["dba"]), t0());
+    let read = |who: &str| e.decide_request_read(&req, &actor(who), t0());
+    assert_eq!(read("alice"), Decision::allow("alice made the request"));
+    // An eligible reviewer, with the review decision's reason.
+    let review = e.decide_review(&req, &actor("dave"), t0());
+    assert!(review.allowed, "{review:?}");
+    assert_eq!(read("dave"), review);
+    // Auditors and revokers.
+    assert_eq!(
+        read("frank"),
+        Decision::allow("frank's roles may read the audit log")
+    );
+    // Anyone else: refused, and told why.
+    let bob = read("bob");
+    assert!(!bob.allowed);
+    assert_eq!(
+        bob.reason,
+        "bob is not the requester, a reviewer, an auditor or a revoker of access request r1"
+    );
+    // Once someone reviewed it, they may still read it, eligible or not.
+    let mut reviewed = req.clone();
+    reviewed.reviews.push(Review {
+        reviewer: "bob".into(),
+        verdict: Verdict::AskInfo,
+        reason: "which table?".into(),
+        at: t0(),
+        matched: Vec::new(),
+        roles: None,
+        duration_secs: None,
+        start_at: None,
+    });
+    assert_eq!(
+        e.decide_request_read(&reviewed, &actor("bob"), t0()),
+        Decision::allow("bob reviewed the request")
+    );
 }

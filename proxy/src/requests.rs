@@ -36,6 +36,9 @@ pub enum Listing {
 
 /// The most requests one listing shows, newest first.
 const LISTED: i64 = 500;
+/// The most rows one listing reads to find them (the newest this many
+/// that match its state and kind).
+const LISTING_READS_AT_MOST: usize = 20_000;
 
 fn request_error(e: RequestError) -> Error {
     match e {
@@ -353,8 +356,9 @@ impl Wicket {
         for _ in 0..5 {
             let (current, version) = self.load(id).await?;
             if let Some(a) = by {
-                if !self.may_see(&current, &a.actor, now) {
-                    return Err(self.hidden(id, a, action, now).await);
+                let read = self.engine().decide_request_read(&current, &a.actor, now);
+                if !read.allowed {
+                    return Err(self.hidden(id, a, action, read.reason, now).await);
                 }
             }
             let (next, effects) = match self.engine().apply(&current, event(&current), now) {
@@ -653,25 +657,19 @@ impl Wicket {
     /// A request `actor` may not see is not found for them, whatever they
     /// try to do with it (the answers to a review or an action would
     /// otherwise tell its roles and state to anyone who has its ID). The
-    /// attempt is audited.
-    async fn hidden(&self, id: &str, by: &Acting, action: &str, now: DateTime<Utc>) -> Error {
-        let reason = crate::service::explain_refusal(
-            format!("access request {id} is not theirs to see"),
-            by.ended.as_deref(),
-        );
+    /// attempt is audited with the policy's `reason`.
+    async fn hidden(
+        &self,
+        id: &str,
+        by: &Acting,
+        action: &str,
+        reason: String,
+        now: DateTime<Utc>,
+    ) -> Error {
+        let reason = crate::service::explain_refusal(reason, by.ended.as_deref());
         let refused = Error::NotFound(format!("access request {id:?} not found"));
         self.refusal_audited(&by.actor.name, action, reason, refused, now)
             .await
-    }
-
-    /// May `user` see `req`? Requester, eligible reviewers, auditors, revokers.
-    fn may_see(&self, req: &AccessRequest, actor: &Actor, now: DateTime<Utc>) -> bool {
-        let roles = &self.config.policy.roles;
-        req.requester == actor.name
-            || req.reviews.iter().any(|r| r.reviewer == actor.name)
-            || roles.may_audit(&actor.roles)
-            || roles.may_revoke(&actor.roles)
-            || self.engine().decide_review(req, actor, now).allowed
     }
 
     pub async fn show_request(
@@ -682,8 +680,10 @@ impl Wicket {
     ) -> Result<Grant> {
         let user = self.active_user(caller).await?;
         let (req, _) = self.load(id).await?;
-        if !self.may_see(&req, &self.caller_actor(caller, &user, now).actor, now) {
-            return Err(Error::NotFound(format!("access request {id:?} not found")));
+        let by = self.caller_actor(caller, &user, now);
+        let read = self.engine().decide_request_read(&req, &by.actor, now);
+        if !read.allowed {
+            return Err(self.hidden(id, &by, "request.show", read.reason, now).await);
         }
         self.view(&req, now).await
     }
@@ -708,24 +708,41 @@ impl Wicket {
         };
         let requester = (listing == Listing::Mine).then_some(user.name.as_str());
         let awaiting_only = listing == Listing::Reviewable;
-        let rows = self
-            .store
-            .list_requests(requester, &states, awaiting_only, LISTED)
-            .await?;
         let users = self.store.list_users().await?;
         let mut out = Vec::new();
-        for row in rows {
-            let req = decode(&row)?;
-            let keep = match listing {
-                Listing::Mine => true,
-                Listing::Reviewable => self.engine().is_reviewable_by(&req, &actor, now),
-                Listing::All => self.may_see(&req, &actor, now),
-            };
-            if keep {
-                out.push(self.view_with(&req, now, &users).await?);
+        // Page by page, newest first, until LISTED are kept: the caller's
+        // share of the newest rows may be none of them (others' requests,
+        // ended break-glass grants left unacknowledged).
+        let mut after: Option<(i64, String)> = None;
+        let mut read = 0;
+        loop {
+            let page = after.as_ref().map(|(t, id)| (*t, id.as_str()));
+            let rows = self
+                .store
+                .list_requests(requester, &states, awaiting_only, page, LISTED)
+                .await?;
+            read += rows.len();
+            for row in &rows {
+                let req = decode(row)?;
+                let keep = match listing {
+                    Listing::Mine => true,
+                    Listing::Reviewable => self.engine().is_reviewable_by(&req, &actor, now),
+                    Listing::All => self.engine().decide_request_read(&req, &actor, now).allowed,
+                };
+                if keep {
+                    out.push(self.view_with(&req, now, &users).await?);
+                    if out.len() as i64 == LISTED {
+                        return Ok(out);
+                    }
+                }
+            }
+            match rows.last() {
+                Some(last) if rows.len() as i64 == LISTED && read < LISTING_READS_AT_MOST => {
+                    after = Some((last.created_at, last.id.clone()));
+                }
+                _ => return Ok(out),
             }
         }
-        Ok(out)
     }
 
     /// The caller's grants named in `ids`, each active now.

@@ -1402,12 +1402,15 @@ impl Store {
     }
 
     /// Requests filtered by requester and/or states, and to those awaiting
-    /// a review when `awaiting_review_only`, newest first.
+    /// a review when `awaiting_review_only`, newest first; `after` a
+    /// request's (`created_at`, `id`) when given: the page after the one
+    /// that request ended.
     pub async fn list_requests(
         &self,
         requester: Option<&str>,
         states: &[&str],
         awaiting_review_only: bool,
+        after: Option<(i64, &str)>,
         limit: i64,
     ) -> Result<Vec<StoredRequest>> {
         let mut sql = format!("SELECT {REQUEST_COLUMNS} FROM access_requests WHERE 1 = 1");
@@ -1431,6 +1434,15 @@ impl Store {
                 .collect();
             sql.push_str(&format!(" AND state IN ({})", marks.join(", ")));
         }
+        if after.is_some() {
+            sql.push_str(&format!(
+                " AND (created_at < ${} OR (created_at = ${} AND id > ${}))",
+                n + 1,
+                n + 1,
+                n + 2
+            ));
+            n += 2;
+        }
         sql.push_str(&format!(" ORDER BY created_at DESC, id LIMIT ${}", n + 1));
         let mut q = sqlx::query(&sql);
         if let Some(r) = requester {
@@ -1438,6 +1450,9 @@ impl Store {
         }
         for s in states {
             q = q.bind(*s);
+        }
+        if let Some((created_at, id)) = after {
+            q = q.bind(created_at).bind(id);
         }
         let rows = q.bind(limit).fetch_all(&self.pool).await?;
         rows.iter().map(stored_from_row).collect()

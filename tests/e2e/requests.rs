@@ -284,7 +284,9 @@ fn prod_ssh_needs_oncall_and_team_lead_then_certificates_match_the_grant() {
     }
     let denied = t.json("frank", &["audit", "search", "--kind", "access_denied"]);
     assert!(
-        denied.to_string().contains("is not theirs to see"),
+        denied
+            .to_string()
+            .contains("carol is not the requester, a reviewer, an auditor or a revoker"),
         "{denied}"
     );
 }

@@ -354,7 +354,7 @@ async fn exercise(store: &Store) {
         let store = store.clone();
         async move {
             let rows = store
-                .list_requests(Some("dave"), &[], only, 500)
+                .list_requests(Some("dave"), &[], only, None, 500)
                 .await
                 .unwrap();
             rows.into_iter().map(|r| r.id).collect::<Vec<_>>()
@@ -365,6 +365,36 @@ async fn exercise(store: &Store) {
         listed(false).await,
         ["d55555", "d4444", "d333", "d22", "d1"]
     );
+    // A listing reads page after page: each goes on after the last row's
+    // (created_at, id), rows of the same time by ID, none twice or left
+    // out.
+    for (id, at) in [
+        ("t-c", 70_000),
+        ("t-a", 70_000),
+        ("t-z", 69_000),
+        ("t-b", 70_000),
+    ] {
+        let r = StoredRequest {
+            requester: "tess".into(),
+            created_at: at,
+            ..dave(id, "denied", false)
+        };
+        store.insert_request(&r, &[], &[]).await.unwrap();
+    }
+    let page = |after: Option<(i64, String)>| {
+        let store = store.clone();
+        async move {
+            let after = after.as_ref().map(|(t, id)| (*t, id.as_str()));
+            let rows = store
+                .list_requests(Some("tess"), &[], false, after, 2)
+                .await
+                .unwrap();
+            rows.into_iter().map(|r| r.id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(page(None).await, ["t-a", "t-b"]);
+    assert_eq!(page(Some((70_000, "t-b".into()))).await, ["t-c", "t-z"]);
+    assert!(page(Some((69_000, "t-z".into()))).await.is_empty());
     // An update writes whether it still awaits a review.
     let (mut d1, version) = store.get_request("d1").await.unwrap().unwrap();
     assert!(d1.awaiting_review);
@@ -1353,7 +1383,10 @@ async fn migrations_from_14(storage: &Storage, dir: &std::path::Path) {
         store.insert_request(&r, &[], &[]).await.unwrap();
     }
     let listed = |store: Store| async move {
-        let rows = store.list_requests(None, &[], true, 500).await.unwrap();
+        let rows = store
+            .list_requests(None, &[], true, None, 500)
+            .await
+            .unwrap();
         rows.into_iter().map(|r| r.id).collect::<Vec<_>>()
     };
     // Unmarked (as an older wicketd writes them): open ones by state only.
@@ -2446,6 +2479,104 @@ fn due_timers_that_do_nothing_or_fail_do_not_come_back_every_tick() {
     });
 }
 
+/// A listing shows the caller's requests however many newer ones they may
+/// not see lie above them: it reads on past the rows it leaves out. Before,
+/// it read the newest 500 rows and then kept the caller's: ann's own
+/// request, and the one a reviewer was asked to review, were gone from
+/// their lists.
+#[test]
+fn a_listing_reads_past_newer_requests_the_caller_may_not_see() {
+    use wicketd::requests::Listing;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!("{DEV_OPS}{REV_APPROVES}");
+    rt().block_on(async {
+        let cfg = wicketd::config::parse(&yaml, dir.path()).unwrap();
+        let (w, store, now) = wicket_with(
+            dir.path(),
+            cfg,
+            &[
+                ("ann", "dev", None),
+                ("ben", "dev", None),
+                ("rita", "rev", None),
+            ],
+        )
+        .await;
+        let live = now.timestamp() + 3600;
+        let ann = caller_of("ann", live);
+        let rita = caller_of("rita", live);
+        let anns = w.create_request(&ann, ask_ops(), now).await.unwrap();
+        let bens = w
+            .create_request(&caller_of("ben", live), ask_ops(), now)
+            .await
+            .unwrap();
+        w.request_action(
+            &caller_of("ben", live),
+            &bens.id,
+            "cancel",
+            wicket_api::ActionBody::default(),
+            now,
+        )
+        .await
+        .unwrap();
+        // 600 newer requests of ben's, ended yet marked as awaiting a
+        // review (as unacknowledged break-glass grants stay): in every
+        // listing's first rows, and in nobody's list but ben's.
+        let (row, _) = store.get_request(&bens.id).await.unwrap().unwrap();
+        for i in 0..600 {
+            let id = format!("{}-{i:03}", bens.id);
+            let mut doc: serde_json::Value = serde_json::from_str(&row.doc).unwrap();
+            doc["id"] = id.clone().into();
+            let copy = wicketd::store::StoredRequest {
+                id,
+                created_at: row.created_at + 1 + i,
+                doc: doc.to_string(),
+                awaiting_review: true,
+                ..row.clone()
+            };
+            store.insert_request(&copy, &[], &[]).await.unwrap();
+        }
+        let ids =
+            |listed: Vec<wicket_api::Grant>| listed.into_iter().map(|g| g.id).collect::<Vec<_>>();
+        let all = w
+            .list_requests(&ann, Listing::All, None, now)
+            .await
+            .unwrap();
+        assert_eq!(ids(all), [anns.id.as_str()]);
+        let queue = w
+            .list_requests(&rita, Listing::Reviewable, None, now)
+            .await
+            .unwrap();
+        assert_eq!(ids(queue), [anns.id.as_str()]);
+        // ben's list: the newest 500 of his 601, newest first.
+        let bens_list = w
+            .list_requests(&caller_of("ben", live), Listing::Mine, None, now)
+            .await
+            .unwrap();
+        let bens_ids = ids(bens_list);
+        assert_eq!(bens_ids.len(), 500);
+        assert_eq!(bens_ids[0], format!("{}-599", bens.id));
+        assert_eq!(bens_ids[499], format!("{}-100", bens.id));
+        // What ann may not see is not found for her, and on the record.
+        let e = w.show_request(&ann, &bens.id, now).await.unwrap_err();
+        assert!(matches!(e, wicketd::error::Error::NotFound(_)), "{e:?}");
+        let denied = store
+            .search_audit(&AuditFilter {
+                kind: Some("access_denied".into()),
+                actor: Some("ann".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(
+            denied
+                .iter()
+                .any(|e| e.data.contains("\"action\":\"request.show\"")
+                    && e.data.contains("ann is not the requester, a reviewer")),
+            "{denied:?}"
+        );
+    });
+}
+
 /// Standing roles count on the API only while the login behind the
 /// certificate lasts, as they do for sessions. An auditor's grant
 /// certificate that outlives their login reads no one else's audit events,
@@ -2563,6 +2694,7 @@ fn standing_roles_end_with_the_login_on_the_api_too() {
             "notifications.read",
             "recordings.read",
             "request.revoke",
+            "request.show",
         ] {
             assert!(
                 denied
