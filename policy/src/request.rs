@@ -1564,24 +1564,29 @@ impl<'a> Engine<'a> {
                 }
             }
         }
+        // The API's powers count from standing roles only: a grant of a
+        // role that has them does not give them, and its reviewers are told
+        // so rather than shown them as granted.
+        const STANDING_ONLY: &str = "(standing roles only: not given by a grant)";
         for r in req.roles.iter().filter_map(|r| roles.get(r)) {
             if r.revoke {
-                risk.permissions.push(format!("{}: revoke grants", r.name));
+                risk.permissions
+                    .push(format!("{}: revoke grants {STANDING_ONLY}", r.name));
             }
             if r.audit {
                 risk.permissions
-                    .push(format!("{}: read the audit log", r.name));
+                    .push(format!("{}: read the audit log {STANDING_ONLY}", r.name));
             }
             if !r.review_roles.is_empty() {
                 risk.permissions.push(format!(
-                    "{}: review requests for [{}]",
+                    "{}: review requests for [{}] {STANDING_ONLY}",
                     r.name,
                     r.review_roles.join(", ")
                 ));
             }
             if !r.request_roles.is_empty() {
                 risk.permissions.push(format!(
-                    "{}: request [{}]",
+                    "{}: request [{}] {STANDING_ONLY}",
                     r.name,
                     r.request_roles.join(", ")
                 ));
