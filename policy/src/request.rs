@@ -1432,6 +1432,26 @@ impl<'a> Engine<'a> {
                     &by,
                     format!("until {}", new_end.to_rfc3339()),
                 ));
+                // No reviewer is asked: those who approved it are told.
+                let approvers = req.approvers();
+                if !approvers.is_empty() {
+                    effects.push(Effect::Notify {
+                        recipients: Recipients::Sets(
+                            approvers
+                                .iter()
+                                .map(|a| ReviewerSet::User(a.clone()).to_string())
+                                .collect(),
+                        ),
+                        subject: format!(
+                            "{by} extended grant {} [{}] by {} (until {})",
+                            req.id,
+                            req.granted_roles.join(", "),
+                            human(duration),
+                            new_end.to_rfc3339()
+                        ),
+                        urgent: false,
+                    });
+                }
             }
         }
         Ok((req, effects))

@@ -2108,6 +2108,15 @@ fn extend_within_limits_once() {
         actor: "alice".into(),
         detail: "until 2026-01-06T13:00:00+00:00".into(),
     }));
+    // Nobody reviews an extension: those who approved the grant are told.
+    assert!(fx.contains(&Effect::Notify {
+        recipients: Recipients::Sets(sv(&["user:dave", "user:bob"])),
+        subject: format!(
+            "alice extended grant {} [prod-ssh] by 1h (until 2026-01-06T13:00:00+00:00)",
+            req.id
+        ),
+        urgent: false,
+    }));
     assert_eq!(Engine::new(&p).next_deadline(&req), Some(t0() + hours(3)));
 
     let m = forbidden(apply(&p, &req, extend("alice", mins(30)), t0() + hours(2)));
