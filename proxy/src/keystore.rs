@@ -83,7 +83,11 @@ fn lock_key_set(ca_dir: &Path) -> Result<fs::File> {
     Ok(f)
 }
 
-/// Writes `contents` to `path` atomically (temp file + rename) with `mode`.
+/// Writes `contents` to `path` atomically (temp file + rename) with `mode`,
+/// and durably: the file, then its directory's entry, reach the disk before
+/// it returns (a CA key set that a power cut took back would be made anew
+/// at the next start, and every certificate and node set up with the old
+/// one would stop working). A write that fails leaves no temporary file.
 pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     // After the whole name: `x.key` and `x.pub` never share one.
     let mut name = path
@@ -99,13 +103,26 @@ pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> 
         .mode(mode)
         .open(&tmp)
         .map_err(|e| Error::Io(format!("cannot write {}: {e}", tmp.display())))?;
-    f.write_all(contents)
+    let written = f
+        .write_all(contents)
         .and_then(|_| f.sync_all())
-        .map_err(|e| Error::Io(format!("cannot write {}: {e}", tmp.display())))?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
-    fs::rename(&tmp, path)
-        .map_err(|e| Error::Io(format!("cannot rename to {}: {e}", path.display())))?;
-    Ok(())
+        .map_err(|e| Error::Io(format!("cannot write {}: {e}", tmp.display())))
+        .and_then(|()| Ok(fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?))
+        .and_then(|()| {
+            fs::rename(&tmp, path)
+                .map_err(|e| Error::Io(format!("cannot rename to {}: {e}", path.display())))
+        });
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+        return written;
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::Io(format!("cannot sync {}: {e}", dir.display())))
 }
 
 /// Loads the CA key set from `data_dir/ca`, which must exist and be whole:
@@ -244,6 +261,36 @@ pub fn load_or_generate(data_dir: &Path, cluster: &str, now: i64) -> Result<(Aut
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write that fails after its temporary file was made (here the
+    /// rename: a directory holds the name) leaves no copy of the secret
+    /// behind; one that works leaves the file alone, with its mode.
+    #[test]
+    fn a_failed_write_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let taken = dir.path().join("x.key");
+        fs::create_dir(&taken).unwrap();
+        fs::write(
+            taken.join("inside"),
+            b"keeps the directory from being replaced",
+        )
+        .unwrap();
+        let e = write_file_atomic(&taken, b"secret", 0o600).unwrap_err();
+        assert!(e.to_string().contains("cannot rename"), "{e}");
+        let left: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [std::ffi::OsString::from("x.key")]);
+        let ok = dir.path().join("y.key");
+        write_file_atomic(&ok, b"secret", 0o600).unwrap();
+        assert_eq!(fs::read(&ok).unwrap(), b"secret");
+        assert_eq!(
+            fs::metadata(&ok).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(!dir.path().join("y.key.tmp").exists());
+    }
 
     #[test]
     fn generates_0600_keys_then_loads_them() {
