@@ -212,12 +212,29 @@ struct ClientKeys {
     tls_spki: Vec<u8>,
 }
 
+/// The SSH key types a user certificate is issued for.
+const USER_KEY_TYPES: [&str; 4] = [
+    "ssh-ed25519",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+];
+
 fn parse_client_keys(ssh_public_key: &str, tls_csr_pem: &str) -> Result<ClientKeys> {
     if ssh_public_key.len() > MAX_KEY_LEN || tls_csr_pem.len() > MAX_KEY_LEN {
         return Err(Error::BadRequest("public key or CSR is too large".into()));
     }
     let ssh = SshPublicKey::parse_openssh(ssh_public_key)
         .map_err(|e| Error::BadRequest(format!("ssh_public_key: {e}")))?;
+    // What the SSH listener can verify a signature of: an RSA key's
+    // certificate would never log in (and its size is not checked).
+    if !USER_KEY_TYPES.contains(&ssh.algorithm()) {
+        return Err(Error::BadRequest(format!(
+            "ssh_public_key: a {} key is not accepted; use one of {} (`wicket login` makes an ssh-ed25519 key)",
+            ssh.algorithm(),
+            USER_KEY_TYPES.join(", ")
+        )));
+    }
     let tls_spki = X509Ca::spki_from_csr(tls_csr_pem.as_bytes())
         .map_err(|e| Error::BadRequest(format!("tls_csr_pem: {e}")))?;
     Ok(ClientKeys { ssh, tls_spki })
@@ -1074,5 +1091,28 @@ fn login_refusal(otp_sent: bool) -> &'static str {
         "invalid user name, password or OTP code (each code works once)"
     } else {
         "invalid user name or password (a user with an OTP device also needs --otp CODE)"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// User certificates are issued for Ed25519 and ECDSA keys, which the
+    /// SSH listener verifies, not for RSA keys of any size.
+    #[test]
+    fn user_keys_are_ed25519_or_ecdsa() {
+        let rsa = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQDpX1EEb68DszoojfbVZOLXXcWR9EH4IUcfRfz4GP15OJ7eoysiSeVJmLy5/RbWuSL8xOVU2PYRF/lvnqfU3Bf5mxa26/HhkBYBJWYroiGPkOTRA4R5omTd8KSnsMIr9oXi0wH7wt4SJKO40D9JtOkmCF9BMwe1Er2FIihFVhJjzQ== ";
+        let e = parse_client_keys(rsa, "").err().map(|e| e.to_string());
+        assert!(
+            e.as_deref()
+                .is_some_and(|e| e.contains("a ssh-rsa key is not accepted")),
+            "{e:?}"
+        );
+        for good in ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKUmdPnBxi6tCSFEWJhVco3faXDGbfRWt24jeOSN4DLN ", "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBGeUCJv8POYAbKIpfE0LgPeSZWeqPz6UN1P6/TJNg9nXFV51JNA/ul9RaCU0ToK+VY5m9Wf2153UeNdHfCp1+yg= "] {
+            // Accepted: it is the CSR, checked next, that fails.
+            let e = parse_client_keys(good, "").err().map(|e| e.to_string());
+            assert!(e.as_deref().is_some_and(|e| e.contains("tls_csr_pem")), "{e:?}");
+        }
     }
 }
