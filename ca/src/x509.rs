@@ -530,9 +530,17 @@ fn write_time(out: &mut Vec<u8>, t: i64) {
 }
 
 fn check_client_spki(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<()> {
-    use x509_parser::oid_registry::{OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ED25519};
+    use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_SIG_ED25519};
     let alg = &spki.algorithm.algorithm;
-    if *alg == OID_KEY_TYPE_EC_PUBLIC_KEY || *alg == OID_SIG_ED25519 {
+    // ECDSA on P-256 only, as said: the curve is the key's parameter.
+    let p256 = || {
+        spki.algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok())
+            .is_some_and(|curve| curve == OID_EC_P256)
+    };
+    if (*alg == OID_KEY_TYPE_EC_PUBLIC_KEY && p256()) || *alg == OID_SIG_ED25519 {
         Ok(())
     } else {
         Err(Error::MalformedPublicKey(format!(
@@ -850,6 +858,23 @@ mod tests {
         let again = X509Ca::from_pem(X509CaKind::Tls, &a_key, &a.cert_pem()).unwrap();
         assert_eq!(again.pin(), a.pin());
         assert!(X509Ca::from_pem(X509CaKind::Tls, &a_key, &b.cert_pem()).is_err());
+    }
+
+    /// Client keys are ECDSA on P-256 or Ed25519, as the refusal says;
+    /// another curve is refused, however well signed its CSR.
+    #[test]
+    fn a_csr_is_taken_for_p256_and_ed25519_keys_only() {
+        let csr_of = |alg: &'static rcgen::SignatureAlgorithm| {
+            let key = rcgen::KeyPair::generate_for(alg).unwrap();
+            let csr = rcgen::CertificateParams::default()
+                .serialize_request(&key)
+                .unwrap();
+            X509Ca::spki_from_csr(csr.der())
+        };
+        assert!(csr_of(&rcgen::PKCS_ECDSA_P256_SHA256).is_ok());
+        assert!(csr_of(&rcgen::PKCS_ED25519).is_ok());
+        let e = csr_of(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap_err();
+        assert!(e.to_string().contains("use ECDSA P-256 or Ed25519"), "{e}");
     }
 
     #[test]
