@@ -1713,6 +1713,26 @@ async fn wicket_with_ann_and_ben(
     .await
 }
 
+/// A wicketd's service (no listeners) where `rev` reviews the `ops` that
+/// `dev` may request, and `extra` config: ann and ben (dev), rita (rev).
+async fn ann_ben_and_rita(
+    dir: &std::path::Path,
+    extra: &str,
+) -> (
+    wicketd::service::Wicket,
+    Store,
+    chrono::DateTime<chrono::Utc>,
+) {
+    let yaml = format!("{DEV_OPS}{REV_APPROVES}{extra}");
+    let cfg = wicketd::config::parse(&yaml, dir).unwrap();
+    let users = [
+        ("ann", "dev", None),
+        ("ben", "dev", None),
+        ("rita", "rev", None),
+    ];
+    wicket_with(dir, cfg, &users).await
+}
+
 /// A wicketd's service (no listeners) on `cfg` with its data in `dir`,
 /// with `users` (name, role, team); and the time it started.
 async fn wicket_with(
@@ -2252,19 +2272,9 @@ fn a_flood_of_requests_neither_hides_open_ones_nor_grows_the_queue() {
     use wicketd::error::Error;
     use wicketd::requests::Listing;
     let dir = tempfile::tempdir().unwrap();
-    let yaml = format!("{DEV_OPS}{REV_APPROVES}requests: {{ max_pending_per_user: 3 }}\n");
     rt().block_on(async {
-        let cfg = wicketd::config::parse(&yaml, dir.path()).unwrap();
-        let (w, store, now) = wicket_with(
-            dir.path(),
-            cfg,
-            &[
-                ("ann", "dev", None),
-                ("ben", "dev", None),
-                ("rita", "rev", None),
-            ],
-        )
-        .await;
+        let (w, store, now) =
+            ann_ben_and_rita(dir.path(), "requests: { max_pending_per_user: 3 }\n").await;
         let until = now.timestamp() + 3600;
         let (ann, ben, rita) = (
             caller_of("ann", until),
@@ -2488,19 +2498,8 @@ fn due_timers_that_do_nothing_or_fail_do_not_come_back_every_tick() {
 fn a_listing_reads_past_newer_requests_the_caller_may_not_see() {
     use wicketd::requests::Listing;
     let dir = tempfile::tempdir().unwrap();
-    let yaml = format!("{DEV_OPS}{REV_APPROVES}");
     rt().block_on(async {
-        let cfg = wicketd::config::parse(&yaml, dir.path()).unwrap();
-        let (w, store, now) = wicket_with(
-            dir.path(),
-            cfg,
-            &[
-                ("ann", "dev", None),
-                ("ben", "dev", None),
-                ("rita", "rev", None),
-            ],
-        )
-        .await;
+        let (w, store, now) = ann_ben_and_rita(dir.path(), "").await;
         let live = now.timestamp() + 3600;
         let ann = caller_of("ann", live);
         let rita = caller_of("rita", live);
