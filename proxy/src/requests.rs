@@ -736,12 +736,20 @@ impl Wicket {
                     }
                 }
             }
-            match rows.last() {
-                Some(last) if rows.len() as i64 == LISTED && read < LISTING_READS_AT_MOST => {
-                    after = Some((last.created_at, last.id.clone()));
-                }
-                _ => return Ok(out),
+            let Some(last) = rows.last().filter(|_| rows.len() as i64 == LISTED) else {
+                return Ok(out);
+            };
+            if read >= LISTING_READS_AT_MOST {
+                // Older requests the caller may see are not listed.
+                tracing::warn!(
+                    user = %user.name,
+                    listed = out.len(),
+                    read,
+                    "a request listing stopped at its read limit; older requests are not listed"
+                );
+                return Ok(out);
             }
+            after = Some((last.created_at, last.id.clone()));
         }
     }
 

@@ -411,6 +411,15 @@ CREATE TABLE event_requests (
         sqlite: &[],
         postgres: &[],
     },
+    // Listings read requests newest first, page after page from a
+    // (created_at, id): in the index's order, not by sorting the table
+    // for each page.
+    Migration {
+        version: 19,
+        sql: "CREATE INDEX access_requests_created ON access_requests (created_at DESC, id)",
+        sqlite: &[],
+        postgres: &[],
+    },
 ];
 
 /// The migration that adds [`session_requests_from_events`].

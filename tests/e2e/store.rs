@@ -395,6 +395,19 @@ async fn exercise(store: &Store) {
     assert_eq!(page(None).await, ["t-a", "t-b"]);
     assert_eq!(page(Some((70_000, "t-b".into()))).await, ["t-c", "t-z"]);
     assert!(page(Some((69_000, "t-z".into()))).await.is_empty());
+    // With every other filter too: states, and awaiting a review.
+    let rows = store
+        .list_requests(
+            Some("dave"),
+            &["pending", "needs-info"],
+            true,
+            Some((60_004, "x")),
+            10,
+        )
+        .await
+        .unwrap();
+    let ids: Vec<_> = rows.into_iter().map(|r| r.id).collect();
+    assert_eq!(ids, ["d22", "d1"]);
     // An update writes whether it still awaits a review.
     let (mut d1, version) = store.get_request("d1").await.unwrap().unwrap();
     assert!(d1.awaiting_review);
@@ -1427,7 +1440,8 @@ async fn migrations_from_14(storage: &Storage, dir: &std::path::Path) {
             "ALTER TABLE access_requests DROP COLUMN awaiting_review",
             "DROP TABLE session_requests",
             "DROP TABLE event_requests",
-            "DELETE FROM schema_migrations WHERE version IN (15, 16, 17, 18)",
+            "DROP INDEX access_requests_created",
+            "DELETE FROM schema_migrations WHERE version IN (15, 16, 17, 18, 19)",
         ],
     )
     .await;
