@@ -120,9 +120,25 @@ pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> 
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::Io(format!("cannot sync {}: {e}", dir.display())))
+    sync_dir(dir)
+}
+
+/// Syncs a directory's entries to disk. A filesystem that cannot sync a
+/// directory (some network and FUSE mounts refuse) is no error: the file is
+/// in place, as durable as that filesystem makes anything.
+fn sync_dir(dir: &Path) -> Result<()> {
+    match fs::File::open(dir).and_then(|d| d.sync_all()) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported
+            ) =>
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot sync the directory on this filesystem");
+            Ok(())
+        }
+        r => r.map_err(|e| Error::Io(format!("cannot sync {}: {e}", dir.display()))),
+    }
 }
 
 /// Loads the CA key set from `data_dir/ca`, which must exist and be whole:
@@ -226,7 +242,11 @@ fn write_key_files(ca_dir: &Path, files: Vec<wicket_ca::KeyFile>) -> Result<()> 
         let mode = if f.secret { 0o600 } else { 0o644 };
         write_file_atomic(&ca_dir.join(f.name), &f.contents, mode)?;
     }
-    Ok(())
+    // The `ca` directory itself may be new (a first start): its entry too.
+    match ca_dir.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
+        _ => Ok(()),
+    }
 }
 
 /// Loads the CA key set from `data_dir/ca`, generating it on first use (then
