@@ -45,6 +45,14 @@ pub fn fingerprint(blob: &[u8]) -> String {
     format!("SHA256:{}", Base64Unpadded::encode_string(d.as_ref()))
 }
 
+/// The SSH key types a user certificate is issued for.
+const USER_KEY_TYPES: [&str; 4] = [
+    ED25519,
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+];
+
 /// A user's or host's public key, parsed once: the algorithm and the
 /// algorithm-specific fields as they go into a certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +72,22 @@ impl SshPublicKey {
             .to_bytes()
             .map_err(|e| Error::MalformedPublicKey(e.to_string()))?;
         Self::from_blob(blob)
+    }
+
+    /// A user's key, for a user certificate: [`Self::parse_openssh`], of a
+    /// type the SSH listener verifies signatures of (Ed25519, ECDSA). An
+    /// RSA key's certificate would never log in, and its size is not
+    /// checked. (Host keys may be of any type [`Self::from_blob`] takes.)
+    pub fn parse_user_key(text: &str) -> Result<Self> {
+        let key = Self::parse_openssh(text)?;
+        if !USER_KEY_TYPES.contains(&key.algorithm()) {
+            return Err(Error::MalformedPublicKey(format!(
+                "a {} key is not accepted; use one of {} (`wicket login` makes an ssh-ed25519 key)",
+                key.algorithm(),
+                USER_KEY_TYPES.join(", ")
+            )));
+        }
+        Ok(key)
     }
 
     /// From the wire blob (`string alg, fields...`).
@@ -577,6 +601,20 @@ fn ca_fingerprint_of(raw: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// User certificates are for Ed25519 and ECDSA keys, which the SSH
+    /// listener verifies, not for RSA keys of any size.
+    #[test]
+    fn user_keys_are_ed25519_or_ecdsa() {
+        let e = SshPublicKey::parse_user_key("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQDpX1EEb68DszoojfbVZOLXXcWR9EH4IUcfRfz4GP15OJ7eoysiSeVJmLy5/RbWuSL8xOVU2PYRF/lvnqfU3Bf5mxa26/HhkBYBJWYroiGPkOTRA4R5omTd8KSnsMIr9oXi0wH7wt4SJKO40D9JtOkmCF9BMwe1Er2FIihFVhJjzQ== ").unwrap_err();
+        assert!(
+            e.to_string().contains("a ssh-rsa key is not accepted"),
+            "{e}"
+        );
+        for good in ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKUmdPnBxi6tCSFEWJhVco3faXDGbfRWt24jeOSN4DLN ", "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBGeUCJv8POYAbKIpfE0LgPeSZWeqPz6UN1P6/TJNg9nXFV51JNA/ul9RaCU0ToK+VY5m9Wf2153UeNdHfCp1+yg= "] {
+            SshPublicKey::parse_user_key(good).unwrap();
+        }
+    }
+
     use super::*;
     use ring::rand::SystemRandom;
 

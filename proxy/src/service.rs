@@ -212,29 +212,12 @@ struct ClientKeys {
     tls_spki: Vec<u8>,
 }
 
-/// The SSH key types a user certificate is issued for.
-const USER_KEY_TYPES: [&str; 4] = [
-    "ssh-ed25519",
-    "ecdsa-sha2-nistp256",
-    "ecdsa-sha2-nistp384",
-    "ecdsa-sha2-nistp521",
-];
-
 fn parse_client_keys(ssh_public_key: &str, tls_csr_pem: &str) -> Result<ClientKeys> {
     if ssh_public_key.len() > MAX_KEY_LEN || tls_csr_pem.len() > MAX_KEY_LEN {
         return Err(Error::BadRequest("public key or CSR is too large".into()));
     }
-    let ssh = SshPublicKey::parse_openssh(ssh_public_key)
+    let ssh = SshPublicKey::parse_user_key(ssh_public_key)
         .map_err(|e| Error::BadRequest(format!("ssh_public_key: {e}")))?;
-    // What the SSH listener can verify a signature of: an RSA key's
-    // certificate would never log in (and its size is not checked).
-    if !USER_KEY_TYPES.contains(&ssh.algorithm()) {
-        return Err(Error::BadRequest(format!(
-            "ssh_public_key: a {} key is not accepted; use one of {} (`wicket login` makes an ssh-ed25519 key)",
-            ssh.algorithm(),
-            USER_KEY_TYPES.join(", ")
-        )));
-    }
     let tls_spki = X509Ca::spki_from_csr(tls_csr_pem.as_bytes())
         .map_err(|e| Error::BadRequest(format!("tls_csr_pem: {e}")))?;
     Ok(ClientKeys { ssh, tls_spki })
