@@ -116,11 +116,15 @@ pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> 
         let _ = fs::remove_file(&tmp);
         return written;
     }
-    let dir = match path.parent() {
+    sync_dir(dir_of(path))
+}
+
+/// The directory holding `path` (`.` for a bare name).
+fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
-    };
-    sync_dir(dir)
+    }
 }
 
 /// Syncs a directory's entries to disk. A filesystem that cannot sync a
@@ -243,10 +247,7 @@ fn write_key_files(ca_dir: &Path, files: Vec<wicket_ca::KeyFile>) -> Result<()> 
         write_file_atomic(&ca_dir.join(f.name), &f.contents, mode)?;
     }
     // The `ca` directory itself may be new (a first start): its entry too.
-    match ca_dir.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
-        _ => Ok(()),
-    }
+    sync_dir(dir_of(ca_dir))
 }
 
 /// Loads the CA key set from `data_dir/ca`, generating it on first use (then
