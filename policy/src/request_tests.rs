@@ -114,6 +114,12 @@ fn policy() -> Policy {
             audit: true,
             ..Default::default()
         },
+        // Revokes, but neither audits nor reviews.
+        Role {
+            name: "incident-commander".into(),
+            revoke: true,
+            ..Default::default()
+        },
     ]);
     let approval = vec![
         ApprovalRule {
@@ -194,6 +200,7 @@ fn roles_of(user: &str) -> Vec<String> {
         "alice" | "bob" | "carol" => sv(&["dev"]),
         "dave" | "erin" => sv(&["sre"]),
         "frank" => sv(&["security-admin"]),
+        "gina" => sv(&["incident-commander"]),
         _ => Vec::new(),
     }
 }
@@ -3228,6 +3235,12 @@ fn who_may_read_a_request() {
     assert_eq!(
         read("frank"),
         Decision::allow("frank's roles may read the audit log")
+    );
+    // A revoker who neither audits nor may review it.
+    assert!(!e.decide_review(&req, &actor("gina"), t0()).allowed);
+    assert_eq!(
+        read("gina"),
+        Decision::allow("gina's roles may revoke grants")
     );
     // Anyone else: refused, and told why.
     let bob = read("bob");
