@@ -169,14 +169,12 @@ pub fn load(data_dir: &Path) -> Result<AuthorityKeys> {
             ca_dir.display()
         )));
     }
+    owned_by_us(&ca_dir)?;
     for name in AuthorityKeys::REQUIRED_FILES {
+        let path = ca_dir.join(name);
+        let meta = owned_by_us(&path)?;
         if name.ends_with(".key") {
-            let path = ca_dir.join(name);
-            let mode = fs::metadata(&path)
-                .map_err(|e| Error::Io(format!("cannot read {}: {e}", path.display())))?
-                .permissions()
-                .mode()
-                & 0o777;
+            let mode = meta.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
                 return Err(Error::Io(format!(
                     "{} has mode {mode:o}; CA keys must be 0600",
@@ -205,6 +203,26 @@ pub fn load(data_dir: &Path) -> Result<AuthorityKeys> {
         return Err(Error::Io(why));
     }
     Ok(keys?)
+}
+
+/// `path`'s metadata, if wicketd's own user or root owns it. Another
+/// user who owns a CA file, or the `ca` directory, could read or replace
+/// the key set whatever its mode (as sshd refuses host keys owned by
+/// another user).
+fn owned_by_us(path: &Path) -> Result<fs::Metadata> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path)
+        .map_err(|e| Error::Io(format!("cannot read {}: {e}", path.display())))?;
+    let us = rustix::process::geteuid().as_raw();
+    let owner = meta.uid();
+    if owner != us && owner != 0 {
+        return Err(Error::Io(format!(
+            "{} is owned by uid {owner}, not by wicketd's user (uid {us}) or root: \
+             another user could read or replace the CA key set; `chown` it to wicketd's user",
+            path.display()
+        )));
+    }
+    Ok(meta)
 }
 
 /// For set-up commands that may run before the first start (`databases
@@ -345,6 +363,42 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("missing"));
+    }
+
+    /// A CA file, or the `ca` directory, that another user owns is
+    /// refused, 0600 or not; root's are taken. Needs root to hand files
+    /// to another user (CI runs as root).
+    #[test]
+    fn ca_files_another_user_owns_are_refused() {
+        use std::os::unix::fs::chown;
+        let dir = tempfile::tempdir().unwrap();
+        load_or_generate(dir.path(), "t", 1_700_000_000).unwrap();
+        if !rustix::process::geteuid().is_root() {
+            eprintln!(
+                "not root: cannot give a file to another user; checked only that our own load"
+            );
+            load(dir.path()).unwrap();
+            return;
+        }
+        let ca = dir.path().join("ca");
+        let nobody = 65534;
+        for name in ["db_client_ca.key", "tls_ca.crt"] {
+            let path = ca.join(name);
+            chown(&path, Some(nobody), None).unwrap();
+            let e = load(dir.path()).unwrap_err().to_string();
+            assert!(
+                e.contains(name) && e.contains("owned by uid 65534") && e.contains("chown"),
+                "{e}"
+            );
+            assert!(load_or_generate(dir.path(), "t", 1).is_err());
+            chown(&path, Some(0), None).unwrap();
+            load(dir.path()).unwrap();
+        }
+        chown(&ca, Some(nobody), None).unwrap();
+        let e = load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("owned by uid 65534"), "{e}");
+        chown(&ca, Some(0), None).unwrap();
+        load(dir.path()).unwrap();
     }
 
     /// Two processes making the first key set at once (here: threads, each
