@@ -2008,6 +2008,8 @@ impl Store {
         }
         let mut walk = ChainWalk::default();
         let mut last_id = None::<String>;
+        // (table, request, session or event) that chained events name.
+        let mut links = std::collections::HashSet::<(Noted, String, String)>::new();
         loop {
             let page = walk.page(&mut tx).await?;
             if page.is_empty() {
@@ -2054,7 +2056,38 @@ impl Store {
                 }
                 v.events += held.map_or(1, |h| h.len() as u64);
                 last_id = Some(e.id.clone());
+                if let Some((noted, key)) = noted_under(e) {
+                    for r in requests_past_first(&e.data) {
+                        links.insert((noted, r, key.to_owned()));
+                    }
+                }
             }
+        }
+        // The links a search by a session's (or event's) second request
+        // goes through are not chained themselves: each must be one the
+        // chained event names, and each it names must be there.
+        for noted in [Noted::Session, Noted::Event] {
+            let (table, key) = noted.table();
+            let sql = format!("SELECT request_id, {key} FROM {table} ORDER BY request_id, {key}");
+            let mut rows = sqlx::query(&sql).fetch(&mut *tx);
+            while let Some(r) = futures_util::TryStreamExt::try_next(&mut rows).await? {
+                let (request, of): (String, String) = (r.try_get(0)?, r.try_get(1)?);
+                if !links.remove(&(noted, request.clone(), of.clone())) {
+                    note(
+                        &mut v,
+                        format!("{table} links {of} to request {request}, which its event does not name: put in"),
+                    );
+                }
+            }
+        }
+        let mut removed: Vec<_> = links.into_iter().collect();
+        removed.sort();
+        for (noted, request, of) in removed {
+            let (table, _) = noted.table();
+            note(
+                &mut v,
+                format!("{table} lost {of}'s link to request {request}: a search by that request does not find it"),
+            );
         }
         let (last_seq, prev) = (walk.last_seq, walk.prev);
         let outside =
@@ -2419,24 +2452,56 @@ async fn insert_audit(
         q.execute(&mut **tx).await?;
     }
     for r in rows {
-        if r.kind == "session_started" {
-            if let Some(session) = &r.session_id {
-                note_requests(tx, Noted::Session, session, &r.data).await?;
-            }
-        } else if MANY_REQUEST_KINDS.contains(&r.kind.as_str()) {
-            note_requests(tx, Noted::Event, &r.id, &r.data).await?;
+        if let Some((noted, key)) = noted_under(r) {
+            note_requests(tx, noted, key, &r.data).await?;
         }
     }
     chain.store(tx).await
 }
 
+/// Whether `row`'s requests past the first are noted, in which table and
+/// under what: a session's start under its session, an event of
+/// [`MANY_REQUEST_KINDS`] under itself.
+fn noted_under(row: &AuditRow) -> Option<(Noted, &str)> {
+    if row.kind == "session_started" {
+        row.session_id.as_deref().map(|s| (Noted::Session, s))
+    } else if MANY_REQUEST_KINDS.contains(&row.kind.as_str()) {
+        Some((Noted::Event, row.id.as_str()))
+    } else {
+        None
+    }
+}
+
+/// The requests past the first that an event's data names
+/// (`request_ids`); none when it names one or none, or does not decode.
+fn requests_past_first(data: &str) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        #[serde(default)]
+        request_ids: Vec<String>,
+    }
+    serde_json::from_str::<Named>(data)
+        .map(|s| s.request_ids.into_iter().skip(1).collect())
+        .unwrap_or_default()
+}
+
 /// What [`note_requests`] links requests to.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Noted {
     /// A session (`session_requests`): every event of it.
     Session,
     /// One event (`event_requests`).
     Event,
+}
+
+impl Noted {
+    /// Its table, and the column naming what a request is linked to.
+    fn table(self) -> (&'static str, &'static str) {
+        match self {
+            Noted::Session => ("session_requests", "session_id"),
+            Noted::Event => ("event_requests", "event_id"),
+        }
+    }
 }
 
 /// Records the requests past the first that an event names, from its data
@@ -2447,20 +2512,12 @@ async fn note_requests(
     key: &str,
     data: &str,
 ) -> Result<()> {
-    #[derive(serde::Deserialize)]
-    struct Named {
-        #[serde(default)]
-        request_ids: Vec<String>,
-    }
-    let ids = serde_json::from_str::<Named>(data)
-        .map(|s| s.request_ids)
-        .unwrap_or_default();
-    let sql = match noted {
-        Noted::Session => "INSERT INTO session_requests (request_id, session_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        Noted::Event => "INSERT INTO event_requests (request_id, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-    };
-    for id in ids.iter().skip(1) {
-        sqlx::query(sql)
+    let (table, column) = noted.table();
+    let sql = format!(
+        "INSERT INTO {table} (request_id, {column}) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+    );
+    for id in requests_past_first(data) {
+        sqlx::query(&sql)
             .bind(id)
             .bind(key)
             .execute(&mut **tx)

@@ -1366,11 +1366,37 @@ async fn migrations_from_14(storage: &Storage, dir: &std::path::Path) {
         ["denied-3", "login-2"]
     );
     assert_eq!(events_by_request(store.clone(), "b333").await, ["denied-3"]);
+    // The links are not chained, but `verify` checks each against the
+    // chained event it comes from: one removed and one put in are found.
+    let v = store.verify_audit(10).await.unwrap();
+    assert_eq!(v.problem_count, 0, "{v:?}");
+    exec(
+        &store,
+        &[
+            "DELETE FROM session_requests WHERE session_id = 'three' AND request_id = 'b333'",
+            "INSERT INTO event_requests (request_id, event_id) VALUES ('b333', 'login-2')",
+        ],
+    )
+    .await;
+    let v = store.verify_audit(10).await.unwrap();
+    assert_eq!(
+        v.problems,
+        [
+            "event_requests links login-2 to request b333, which its event does not name: put in",
+            "session_requests lost three's link to request b333: a search by that request does not find it",
+        ],
+        "{v:?}"
+    );
     exec(
         &store,
         &["DELETE FROM session_requests", "DELETE FROM event_requests"],
     )
     .await;
+    assert_eq!(
+        store.verify_audit(10).await.unwrap().problem_count,
+        3_585,
+        "every link of the sessions and events that name several requests"
+    );
     assert!(events_by_request(store.clone(), "b22").await.is_empty());
     let row = |id: &str, state: &str, doc: &str| StoredRequest {
         id: id.into(),
@@ -1467,6 +1493,8 @@ async fn migrations_from_14(storage: &Storage, dir: &std::path::Path) {
         ["denied-3", "login-1", "login-2", "other"]
     );
     assert_eq!(many(store.clone()).await, (1_234, 2_345));
+    let v = store.verify_audit(10).await.unwrap();
+    assert_eq!(v.problem_count, 0, "the links found again: {v:?}");
     // 17: the old recording reads from its row.
     assert_eq!(store.recording_parts("old").await.unwrap(), Some(0));
     assert_eq!(
