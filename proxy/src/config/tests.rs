@@ -867,6 +867,30 @@ fn redacts_passwords() {
     assert!(!format!("{s:?}").contains("s3cret"), "{s:?}");
     let both = Storage::Postgres("postgres://u:one@h?password=two".into()).redacted();
     assert_eq!(both, "postgres://u:***@h?password=***");
+    // A password with '/', '?' or '#' not percent-encoded: the URL's
+    // user information cannot be told from its host, so it is all hidden,
+    // and the configuration is refused without showing it.
+    for url in [
+        "postgres://wicket:s3cr#t@db/wicket",
+        "postgres://wicket:s3/cr?t@db:5432/wicket?password=two",
+        "postgresql://s3cr?t@db",
+    ] {
+        let shown = Storage::Postgres(url.into()).redacted();
+        assert!(!shown.contains("s3cr") && !shown.contains("two"), "{shown}");
+        assert!(shown.contains("://***@db"), "{shown}");
+        let e = problems(&format!("version: 1\nstorage: '{url}'\n"));
+        has(&e, "storage", "the URL has an '@' after its host");
+        assert!(
+            e.problems.iter().all(|p| !p.message.contains("s3cr")),
+            "{:?}",
+            e.problems
+        );
+    }
+    assert_eq!(
+        Storage::Postgres("postgres://wicket:s3/cr?t@db:5432/wicket?password=two".into())
+            .redacted(),
+        "postgres://***@db:5432/wicket?password=***"
+    );
     // sqlx decodes the name: so does the redaction.
     let encoded = Storage::Postgres("postgres://u@h?pass%77ord=s3cret&pass%2".into()).redacted();
     assert_eq!(encoded, "postgres://u@h?pass%77ord=***&pass%2");
