@@ -677,7 +677,24 @@ impl Cx {
             .map(|r| self.roles(r, requests.as_ref(), &names));
         let approval: Vec<(usize, ApprovalFile)> = self.items(s.remove("approval"), "approval");
         let approval = self.approval(approval, &names);
+        let before = self.problems.len();
         let (resources, database_tls, kube_tls) = self.resources(s.remove("resources"), base_dir);
+        if self.problems.len() == before {
+            self.environments_reach_resources(&approval, &resources);
+        }
+        let approval = approval.into_iter().map(|(_, r)| r).collect();
+        if let (Some(req), Some(bg)) = (&requests, &break_glass) {
+            if bg.enabled && bg.max_duration < req.min_duration {
+                self.push(
+                    "break_glass.max_duration",
+                    format!(
+                        "{} is shorter than requests.min_duration {}: no break-glass request could be made",
+                        format_duration(bg.max_duration),
+                        format_duration(req.min_duration)
+                    ),
+                );
+            }
+        }
 
         if !self.problems.is_empty() {
             return None;
@@ -1280,6 +1297,16 @@ impl Cx {
                 Some(t) => self.positive_duration(Some(t), &max_path, Duration::zero()),
             };
             if let (Some(max), Some(req)) = (max_duration, requests) {
+                if max < req.min_duration {
+                    self.push(
+                        &max_path,
+                        format!(
+                            "{} is shorter than requests.min_duration {}: the role could never be requested",
+                            format_duration(max),
+                            format_duration(req.min_duration)
+                        ),
+                    );
+                }
                 if max > req.max_duration {
                     self.push(
                         &max_path,
@@ -1336,7 +1363,11 @@ impl Cx {
         }
     }
 
-    fn approval(&mut self, rules: Vec<(usize, ApprovalFile)>, names: &Names) -> Vec<ApprovalRule> {
+    fn approval(
+        &mut self,
+        rules: Vec<(usize, ApprovalFile)>,
+        names: &Names,
+    ) -> Vec<(usize, ApprovalRule)> {
         let mut out: Vec<(usize, ApprovalRule)> = Vec::new();
         for (i, a) in rules {
             let p = at("approval", i);
@@ -1421,7 +1452,44 @@ impl Cx {
                 },
             ));
         }
-        out.into_iter().map(|(_, r)| r).collect()
+        out
+    }
+
+    /// Each approval rule's `environment` must match a configured resource
+    /// (when any are): one that matches none, by a typo in a label, never
+    /// applies, and requests for its roles fall back to the rules without
+    /// an environment, perhaps a weaker one.
+    fn environments_reach_resources(
+        &mut self,
+        approval: &[(usize, ApprovalRule)],
+        resources: &[Resource],
+    ) {
+        if resources.is_empty() {
+            return;
+        }
+        for (i, rule) in approval {
+            let Some(env) = &rule.environment else {
+                continue;
+            };
+            if !resources.iter().any(|r| env.matches(&r.labels)) {
+                let labels: BTreeSet<String> = resources
+                    .iter()
+                    .flat_map(|r| r.labels.iter().map(|(k, v)| format!("{k}: {v}")))
+                    .collect();
+                self.push(
+                    join(&at("approval", *i), "environment"),
+                    format!(
+                        "matches no resource (their labels: {}): requests for these roles would \
+                         fall back to the rules without an environment",
+                        if labels.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            labels.into_iter().collect::<Vec<_>>().join(", ")
+                        }
+                    ),
+                );
+            }
+        }
     }
 
     fn reviewer_list(&mut self, sets: &[String], path: &str, names: &Names) -> Vec<ReviewerSet> {

@@ -188,7 +188,7 @@ approval:
   - roles: [ops]
     require: { any_of: ['user:alice'] }
 resources:
-  nodes: [{ name: n1, address: 'node1.internal:22', labels: { tier: 1, gpu: true } }]
+  nodes: [{ name: n1, address: 'node1.internal:22', labels: { tier: 1, gpu: true, env: prod } }]
   databases:
     - { name: pg, address: '[::1]:5432', ca_file: certs/pg-ca.pem, server_name: pg.internal }
   kube_clusters:
@@ -581,6 +581,67 @@ fn overlapping_approval_rules() {
     ));
     has(&e, "approval[2].roles[1]", "approval[0]");
     assert_eq!(e.problems.len(), 1, "{e}");
+}
+
+/// An approval rule's environment that matches no configured resource (a
+/// typo in a label) would never apply: requests would fall back to the
+/// rules without one. Reported, naming the labels there are.
+#[test]
+fn an_approval_environment_must_match_a_resource() {
+    let config = |env: &str| {
+        format!(
+            "{MINIMAL_ROLES}approval:
+  - {{ roles: [dba], require: self }}
+  - {{ roles: [dba], environment: {{ {env} }}, require: {{ any_of: ['role:sre'] }} }}
+resources:
+  databases: [{{ name: pg, address: '10.0.0.3:5432', labels: {{ env: prod }} }}]
+"
+        )
+    };
+    let e = problems(&config("env: production"));
+    has(
+        &e,
+        "approval[1].environment",
+        "matches no resource (their labels: env: prod)",
+    );
+    assert_eq!(e.problems.len(), 1, "{e}");
+    ok(&config("env: prod"));
+    ok(&config("env: '*'"));
+}
+
+/// A role whose `max_duration` is below `requests.min_duration`, or a
+/// break-glass maximum below it, could never be requested.
+#[test]
+fn maximum_durations_are_at_least_the_minimum() {
+    let e = problems(
+        "
+version: 1
+requests: { min_duration: 2h }
+break_glass: { enabled: true, max_duration: 1h, notify: ['role:sre'] }
+roles:
+  sre: { max_duration: 90m }
+  dba: { max_duration: 2h }
+",
+    );
+    has(
+        &e,
+        "roles.sre.max_duration",
+        "1h30m is shorter than requests.min_duration 2h: the role could never be requested",
+    );
+    has(
+        &e,
+        "break_glass.max_duration",
+        "1h is shorter than requests.min_duration 2h: no break-glass request could be made",
+    );
+    assert_eq!(e.problems.len(), 2, "{e}");
+    // Break-glass turned off: its maximum does not matter.
+    ok("
+version: 1
+requests: { min_duration: 2h }
+break_glass: { enabled: false, max_duration: 1h }
+roles:
+  sre: {}
+");
 }
 
 #[test]
