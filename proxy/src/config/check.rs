@@ -779,9 +779,12 @@ impl Cx {
 
     fn listen(&mut self, l: &ListenFile) -> Option<Listen> {
         let mut ok = true;
-        // (The API's default address, or one given to `start`, is checked
-        // with the rest when wicketd starts: `Listen::collision`.)
+        // (An API address given to `start` is checked with the rest when
+        // wicketd starts: `Listen::collision`.)
         let mut seen: Vec<(SocketAddr, &str)> = Vec::new();
+        if l.api.is_none() {
+            seen.push((DEFAULT_API_ADDR, "api (not set here: its default)"));
+        }
         let mut one = |cx: &mut Self,
                        v: &Option<String>,
                        key: &'static str|

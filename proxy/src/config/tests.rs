@@ -1138,11 +1138,13 @@ fn recording_retention() {
 }
 
 /// Two listeners on one port are refused before `start` fails to bind,
-/// also across a wildcard; with the API's default address (or one given to
-/// `start`) when wicketd starts (`Listen::collision`).
+/// also across a wildcard and with the API's default address; with an API
+/// address given to `start` when wicketd starts (`Listen::collision`).
 #[test]
 fn listeners_that_would_collide_are_refused() {
-    let c = ok("version: 1\nlisten: { ssh: '127.0.0.1:3080' }\n");
+    let mut c = ok("version: 1\nlisten: { ssh: '127.0.0.1:3022' }\n");
+    assert_eq!(c.listen.collision(), None);
+    c.listen.ssh = Some("127.0.0.1:3080".parse().unwrap());
     let clash = c.listen.collision().unwrap();
     assert!(
         clash.contains("listen.ssh 127.0.0.1:3080 and listen.api 127.0.0.1:3080"),
@@ -1162,6 +1164,14 @@ fn listeners_that_would_collide_are_refused() {
     let e = problems("version: 1\nlisten: { api: '127.0.0.1:4000', ssh: '[::]:4000' }\n");
     has(&e, "listen.ssh", "already used by listen.api");
     ok("version: 1\nlisten: { api: '127.0.0.1:4000', ssh: '127.0.0.2:4000', postgres: '127.0.0.1:0' }\n");
+    // listen.api not set: its default address is taken too.
+    let e = problems("version: 1\nlisten: { ssh: '127.0.0.1:3080' }\n");
+    has(
+        &e,
+        "listen.ssh",
+        "127.0.0.1:3080 is already used by listen.api (not set here: its default)",
+    );
+    ok("version: 1\nlisten: { ssh: '127.0.0.1:3022' }\n");
 }
 
 /// Durations that would overflow the times worked out from them (now +
