@@ -245,7 +245,15 @@ fn login_address(addr: std::net::SocketAddr) -> String {
 }
 
 fn check_config(file: &Path) -> ExitCode {
-    match config::load(file) {
+    // The files it names are read too, as `start` reads them.
+    let loaded = config::load(file).and_then(|cfg| {
+        let problems = crate::tls::ca_file_problems(&cfg);
+        match problems.is_empty() {
+            true => Ok(cfg),
+            false => Err(config::ConfigErrors { problems }),
+        }
+    });
+    match loaded {
         Ok(cfg) => {
             println!(
                 "{}: ok ({} roles, {} approval rules, {} resources)",

@@ -184,6 +184,50 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
+/// The CA certificates of the PEM bundle at `path` (a resource's
+/// `ca_file`): each must be one a verifier takes, and there must be one.
+pub fn ca_bundle(path: &std::path::Path) -> Result<RootCertStore> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Io(format!("cannot read {}: {e}", path.display())))?;
+    let ders = wicket_ca::x509::pem_decode_all("CERTIFICATE", &text)
+        .map_err(|e| Error::BadRequest(format!("{}: {e}", path.display())))?;
+    if ders.is_empty() {
+        return Err(Error::BadRequest(format!(
+            "{}: no CERTIFICATE in the file",
+            path.display()
+        )));
+    }
+    let mut roots = RootCertStore::empty();
+    for (i, der) in ders.into_iter().enumerate() {
+        roots.add(CertificateDer::from(der)).map_err(|e| {
+            Error::BadRequest(format!("{}: certificate {}: {e}", path.display(), i + 1))
+        })?;
+    }
+    Ok(roots)
+}
+
+/// What is wrong with the `ca_file`s a configuration names (files
+/// `check-config` reads, as `start` will): one problem each.
+pub fn ca_file_problems(config: &crate::config::Config) -> Vec<crate::config::Problem> {
+    let mut out = Vec::new();
+    for (section, files) in [
+        ("databases", &config.database_tls),
+        ("kube_clusters", &config.kube_tls),
+    ] {
+        for (name, tls) in files {
+            if let Some(path) = &tls.ca_file {
+                if let Err(e) = ca_bundle(path) {
+                    out.push(crate::config::Problem {
+                        path: format!("resources.{section}[{name}].ca_file"),
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
 /// How wicketd verifies database `database`'s server: against the PEM
 /// bundle at `ca_file`, or without one against Wicket's own TLS CA. A
 /// certificate from Wicket's TLS CA (either way) must be one issued for
@@ -194,34 +238,22 @@ pub fn upstream_verifier(
     ca_file: Option<&std::path::Path>,
     database: &str,
 ) -> Result<Arc<dyn ServerCertVerifier>> {
-    let mut roots = RootCertStore::empty();
     let own = keys.tls.cert_der();
-    let ders = match ca_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| Error::Io(format!("cannot read {}: {e}", path.display())))?;
-            let ders = wicket_ca::x509::pem_decode_all("CERTIFICATE", &text)
-                .map_err(|e| Error::BadRequest(format!("{}: {e}", path.display())))?;
-            if ders.is_empty() {
-                return Err(Error::BadRequest(format!(
-                    "{}: no CERTIFICATE in the file",
-                    path.display()
-                )));
-            }
-            ders
-        }
-        None => vec![own.to_vec()],
-    };
     // Wicket's own CA signs every database's certificate: each of its
     // certificates is taken only for its own database, whatever the
     // `ca_file` holds (Wicket's CA certificate byte for byte, or another
     // encoding of it, or none: then webpki refuses them anyway); another
     // CA's certificates are taken as they are.
-    for der in ders {
-        roots
-            .add(CertificateDer::from(der))
-            .map_err(|e| Error::BadRequest(format!("upstream CA certificate: {e}")))?;
-    }
+    let roots = match ca_file {
+        Some(path) => ca_bundle(path)?,
+        None => {
+            let mut roots = RootCertStore::empty();
+            roots
+                .add(CertificateDer::from(own.to_vec()))
+                .map_err(|e| Error::BadRequest(format!("Wicket's TLS CA certificate: {e}")))?;
+            roots
+        }
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
         .build()
@@ -353,6 +385,55 @@ mod tests {
             )
             .unwrap();
         CertificateDer::from(issued.der)
+    }
+
+    /// `check-config` reads each `ca_file` as `start` will: a missing
+    /// file, one with no certificate and one whose certificate does not
+    /// parse are each a problem at their resource; a good bundle is none.
+    #[test]
+    fn ca_files_are_read_by_the_check() {
+        let rng = SystemRandom::new();
+        let (keys, _) = AuthorityKeys::generate("t", NOW, &rng).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("good.pem"), keys.tls.cert_pem()).unwrap();
+        std::fs::write(dir.path().join("empty.pem"), "no certificate here\n").unwrap();
+        std::fs::write(
+            dir.path().join("broken.pem"),
+            wicket_ca::x509::pem_encode("CERTIFICATE", b"not DER"),
+        )
+        .unwrap();
+        let config = crate::config::parse(
+            "version: 1
+resources:
+  databases:
+    - { name: good, address: '10.0.0.1:5432', ca_file: good.pem }
+    - { name: gone, address: '10.0.0.2:5432', ca_file: gone.pem }
+    - { name: empty, address: '10.0.0.3:5432', ca_file: empty.pem }
+  kube_clusters:
+    - { name: k, address: 'https://10.0.0.4:6443', ca_file: broken.pem }
+",
+            dir.path(),
+        )
+        .unwrap();
+        let found: Vec<String> = ca_file_problems(&config)
+            .into_iter()
+            .map(|p| format!("{}: {}", p.path, p.message))
+            .collect();
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(
+            found[0].starts_with("resources.databases[empty].ca_file: ")
+                && found[0].ends_with("no CERTIFICATE in the file"),
+            "{found:?}"
+        );
+        assert!(
+            found[1].starts_with("resources.databases[gone].ca_file: cannot read "),
+            "{found:?}"
+        );
+        assert!(
+            found[2].starts_with("resources.kube_clusters[k].ca_file: ")
+                && found[2].contains("certificate 1: "),
+            "{found:?}"
+        );
     }
 
     /// A listener's certificate is made anew at half its life, and until
