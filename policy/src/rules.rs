@@ -187,16 +187,22 @@ pub struct Directory {
 
 impl Directory {
     /// The lead of `user`'s team: the team their user record names
-    /// (`team`, set by an admin) when it is configured, else the first team
-    /// listing them as a member; `None` without either.
-    pub fn team_lead_of(&self, user: &str, team: Option<&str>) -> Option<&str> {
-        team.and_then(|name| self.teams.get(name))
-            .or_else(|| {
-                self.teams
-                    .values()
-                    .find(|t| t.members.iter().any(|m| m == user))
-            })
-            .map(|t| t.lead.as_str())
+    /// (`team`, set by an admin) when it is configured, else the one team
+    /// listing them as a member; `None` without either, and when several
+    /// teams list them (which lead would be arbitrary: no team lead
+    /// approves for them until their record names a team).
+    pub fn team_lead_of<'a>(&'a self, user: &str, team: Option<&str>) -> Option<&'a str> {
+        if let Some(t) = team.and_then(|name| self.teams.get(name)) {
+            return Some(t.lead.as_str());
+        }
+        let mut listing = self
+            .teams
+            .values()
+            .filter(|t| t.members.iter().any(|m| m == user));
+        match (listing.next(), listing.next()) {
+            (Some(t), None) => Some(t.lead.as_str()),
+            _ => None,
+        }
     }
 }
 
@@ -222,6 +228,12 @@ mod tests {
         assert_eq!(d.team_lead_of("alice", None), Some("bob"));
         assert_eq!(d.team_lead_of("alice", Some("gone")), Some("bob"));
         assert_eq!(d.team_lead_of("zed", None), None);
+        // Listed by two teams: no lead, unless the record names one.
+        d.teams
+            .insert("search".into(), team("search", "sam", &["alice"]));
+        assert_eq!(d.team_lead_of("alice", None), None);
+        assert_eq!(d.team_lead_of("alice", Some("gone")), None);
+        assert_eq!(d.team_lead_of("alice", Some("payments")), Some("bob"));
     }
 
     #[test]

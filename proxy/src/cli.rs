@@ -226,12 +226,28 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// What to say of `listen.kube`, which the config format takes (PRODUCT.md
-/// names a Kubernetes proxy) but nothing serves yet.
-fn kube_note(cfg: &Config) -> Option<String> {
-    cfg.listen.kube.map(|addr| {
+/// What to say of a configuration that is valid but may not do what its
+/// author meant: `listen.kube`, which the config format takes (PRODUCT.md
+/// names a Kubernetes proxy) but nothing serves yet; users that several
+/// teams list as a member.
+fn notes(cfg: &Config) -> Vec<String> {
+    let mut out: Vec<String> = cfg.listen.kube.iter().map(|addr| {
         format!("listen.kube ({addr}) is set, but this wicketd has no Kubernetes proxy: nothing listens there")
-    })
+    }).collect();
+    let mut teams_of: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for team in cfg.policy.directory.teams.values() {
+        for member in &team.members {
+            teams_of.entry(member).or_default().push(&team.name);
+        }
+    }
+    for (user, teams) in teams_of.into_iter().filter(|(_, t)| t.len() > 1) {
+        out.push(format!(
+            "{user} is a member of teams {}: no team lead approves for them unless their user \
+             record names one (wicketd users add --team)",
+            teams.join(", ")
+        ));
+    }
+    out
 }
 
 /// Where a client on this host reaches an API listening on `addr`: a
@@ -262,7 +278,7 @@ fn check_config(file: &Path) -> ExitCode {
                 cfg.policy.approval.len(),
                 cfg.policy.resources.len()
             );
-            if let Some(note) = kube_note(&cfg) {
+            for note in notes(&cfg) {
                 println!("{}: note: {note}", file.display());
             }
             ExitCode::SUCCESS
@@ -594,7 +610,7 @@ async fn start(
     let data_dir = cfg.data_dir.clone();
     let cluster = cfg.cluster_name.clone();
     let storage = store::describe(&cfg.storage);
-    let kube = kube_note(&cfg);
+    let notes = notes(&cfg);
     let running = server::start(cfg).await?;
     let pin = running.tls_ca_pin.clone();
     let addr = running.api_addr;
@@ -619,7 +635,7 @@ async fn start(
     if let Some(pg) = running.postgres_addr {
         let _ = writeln!(out, "Postgres proxy listening on {pg}");
     }
-    if let Some(note) = kube {
+    for note in notes {
         let _ = writeln!(out, "note: {note}");
     }
     let _ = writeln!(out, "API listening on https://{addr}");
@@ -673,6 +689,43 @@ async fn wait_for_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A user that two teams list gets a note (their team lead would be
+    /// arbitrary, so there is none until their record names a team); so
+    /// does `listen.kube`. The example has neither.
+    #[test]
+    fn notes_name_users_in_several_teams() {
+        let cfg = crate::config::parse(
+            "version: 1
+listen: { kube: '127.0.0.1:3026' }
+teams:
+  payments: { lead: bob, members: [alice, carol] }
+  search: { lead: sam, members: [alice] }
+",
+            std::path::Path::new("/"),
+        )
+        .unwrap();
+        let notes = notes(&cfg);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(
+            notes[0].starts_with("listen.kube (127.0.0.1:3026) is set"),
+            "{notes:?}"
+        );
+        assert!(
+            notes[1].starts_with("alice is a member of teams payments, search: no team lead"),
+            "{notes:?}"
+        );
+        let example = crate::config::parse(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../deploy/wicket.yaml"
+            ))
+            .unwrap(),
+            std::path::Path::new("/"),
+        )
+        .unwrap();
+        assert_eq!(super::notes(&example).len(), 1, "only listen.kube");
+    }
 
     /// The login command printed at start names an address a client on
     /// the host can reach and find in the certificate, not a wildcard.
