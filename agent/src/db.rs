@@ -902,7 +902,7 @@ impl DbPrinter {
                     ));
                 }
                 self.last = offset;
-                outln!("[{offset:>9.3}s] {}", printable(&text));
+                outln!("{}", statement_line(offset, &printable(&text)));
             }
         }
         Ok(())
@@ -930,9 +930,34 @@ fn keep_alive(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&params);
 }
 
+/// One event of a database session's replay: its offset, then its text,
+/// whose later lines are indented past the offset, so that a statement
+/// holding a line such as `[    9.000s] -- session ended` cannot pass for
+/// an event of its own.
+fn statement_line(offset: f64, text: &str) -> String {
+    const INDENT: &str = "             ";
+    format!(
+        "[{offset:>9.3}s] {}",
+        text.replace('\n', &format!("\n{INDENT}"))
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_statement_line_cannot_pass_for_another_event() {
+        assert_eq!(statement_line(1.5, "SELECT 1"), "[    1.500s] SELECT 1");
+        let forged = "DROP TABLE t; --\n[    9.000s] -- session ended: client closed\nSELECT 2";
+        let shown = statement_line(2.0, forged);
+        assert_eq!(
+            shown,
+            "[    2.000s] DROP TABLE t; --\n             [    9.000s] -- session ended: client closed\n             SELECT 2"
+        );
+        // Only the first line starts with an offset.
+        assert_eq!(shown.lines().filter(|l| l.starts_with('[')).count(), 1);
+    }
 
     #[test]
     fn the_tunnel_serves_its_owner_and_refuses_what_it_cannot_tell() {
