@@ -623,6 +623,9 @@ struct PlainRecording {
     /// Whether anything was written, and whether it ends a line.
     wrote: bool,
     at_line_start: bool,
+    /// The reader's terminal does not take UTF-8: characters whose bytes
+    /// it would read as C1 controls are escaped too ([`crate::term::printable_in`]).
+    legacy_terminal: bool,
 }
 
 impl PlainRecording {
@@ -667,6 +670,7 @@ impl PlainRecording {
                     .chars()
                     .map(|c| if c.is_control() { ' ' } else { c })
                     .collect();
+                let marker = crate::term::printable_in(&marker, !self.legacy_terminal);
                 writeln!(out, "{MARKER_PREFIX} {marker}")?;
                 self.wrote = true;
                 self.at_line_start = true;
@@ -684,6 +688,10 @@ impl PlainRecording {
     /// output that does (a file cat on the node, say) gets a `\` before it.
     fn end_run(&mut self, out: &mut impl Write) -> std::io::Result<()> {
         for line in crate::term::plain_text(&self.run).split_inclusive('\n') {
+            // Bidirectional controls (which can reorder a line to show a
+            // marker) are escaped, and so are C1 bytes for a terminal
+            // that is not UTF-8.
+            let line = &crate::term::printable_in(line, !self.legacy_terminal);
             // What a terminal does not show (NUL, zero-width and format
             // characters, spaces) does not hide the prefix either.
             if line
@@ -747,7 +755,10 @@ pub async fn play_recording(client: &crate::client::Client, args: &PlayArgs) -> 
     match args.format {
         PlayFormat::Cast | PlayFormat::Json => {}
         PlayFormat::Text => {
-            let mut plain = PlainRecording::default();
+            let mut plain = PlainRecording {
+                legacy_terminal: !crate::term::stdout_utf8(),
+                ..Default::default()
+            };
             while let Some(line) = lines.next().await? {
                 if let Some(e) = cast_event(&line) {
                     plain.push(&e, &mut out)?;
@@ -972,6 +983,32 @@ mod tests {
         assert_eq!(
             plain_recording(&events),
             "x\n[wicket] sftp: remove /tmp/ P\n[wicket] sftp: remove /etc/shadow \ny\n[wicket] ended\n"
+        );
+        // Bidirectional controls, in output or a marker, are shown escaped,
+        // and a character whose UTF-8 holds a C1 byte (U+011B: C4 9B, CSI)
+        // is too for a terminal that is not UTF-8.
+        let events = [
+            ev("o", "\u{202e}]tekciw[ ok\r\ně6n\r\n"),
+            ev("m", "sftp: open /\u{2066}x"),
+        ];
+        let text = plain_recording(&events);
+        assert_eq!(
+            text,
+            "\\u{202e}]tekciw[ ok\ně6n\n[wicket] sftp: open /\\u{2066}x\n"
+        );
+        let mut out = Vec::new();
+        let mut legacy = PlainRecording {
+            legacy_terminal: true,
+            ..Default::default()
+        };
+        for e in &events {
+            legacy.push(e, &mut out).unwrap();
+        }
+        legacy.finish(&mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("\\u{11b}6n\n") && !text.contains('ě'),
+            "{text}"
         );
     }
 
