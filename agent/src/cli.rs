@@ -349,7 +349,7 @@ pub fn main() -> ExitCode {
             // name): made safe for the terminal.
             eprintln!(
                 "wicket: error: {}",
-                crate::term::printable(&msg.replace('\n', " "))
+                crate::term::printable_in(&msg.replace('\n', " "), crate::term::stderr_utf8())
             );
             ExitCode::FAILURE
         }

@@ -46,6 +46,15 @@ pub fn stdout_utf8() -> bool {
     })
 }
 
+/// [`stdout_utf8`] for stderr, where errors go.
+pub fn stderr_utf8() -> bool {
+    use std::io::IsTerminal;
+    static UTF8: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *UTF8.get_or_init(|| {
+        !std::io::stderr().is_terminal() || utf8_terminal(|k| std::env::var(k).ok())
+    })
+}
+
 /// Whether `c`'s UTF-8 bytes include one from 0x80 to 0x9F, which a
 /// terminal that is not UTF-8 reads as a C1 control (U+011B is C4 9B: 9B
 /// is CSI).
