@@ -655,7 +655,10 @@ fn conninfo_value(v: &str) -> String {
 /// `wicket proxy db NAME --tunnel [--port P]`.
 pub async fn proxy(resource: &str, port: u16, socket: bool, format: Format) -> Result<()> {
     let (tunnel, db) = Tunnel::for_resource(resource).await?;
-    let user = db.users.first().map(String::as_str).unwrap_or("USER");
+    // From the server: quoted for libpq, and safe for the terminal.
+    let user = printable(&conninfo_value(
+        db.users.first().map(String::as_str).unwrap_or("USER"),
+    ));
     #[cfg(unix)]
     let mut dir = None;
     let listener = if socket {

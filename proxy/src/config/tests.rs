@@ -609,6 +609,34 @@ resources:
     ok(&config("env: '*'"));
 }
 
+/// Database and Kubernetes names that clients are told and print hold no
+/// control characters (an escape sequence would reach the user's terminal).
+#[test]
+fn names_clients_print_hold_no_control_characters() {
+    let e = problems(
+        "
+version: 1
+roles:
+  dba:
+    databases: { labels: { env: prod }, names: ['*'], users: [app, \"\\e]52;c;aGk=\\a\"] }
+  kube:
+    kubernetes: { labels: { env: prod }, groups: [\"ops\\u202e\"], users: [' '] }
+",
+    );
+    has(
+        &e,
+        "roles.dba.databases.users[1]",
+        "holds a control character",
+    );
+    has(
+        &e,
+        "roles.kube.kubernetes.groups[0]",
+        "holds a control character",
+    );
+    has(&e, "roles.kube.kubernetes.users[0]", "cannot be empty");
+    assert_eq!(e.problems.len(), 3, "{e}");
+}
+
 /// A role whose `max_duration` is below `requests.min_duration`, or a
 /// break-glass maximum below it, could never be requested.
 #[test]
