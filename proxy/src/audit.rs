@@ -69,6 +69,10 @@ pub enum AuditEvent {
         /// (see [`crate::auth::DenialLog`]; always 0 for refusals inside
         /// an SSH session, which are session events).
         unrecorded_before: u64,
+        /// The SSH session a refusal inside one belongs to: the row is
+        /// stored under it and its requests (not in the data).
+        #[serde(skip)]
+        session: Option<Arc<SessionRef>>,
     },
     /// A step in an access request's life (`request_created`,
     /// `request_approved`, `grant_activated`, `grant_revoked`, ...): the kind
@@ -122,6 +126,10 @@ pub enum AuditEvent {
         /// wicketd takes them (SSH).
         #[serde(skip_serializing_if = "is_zero")]
         channels_refused: u64,
+        /// Refused requests inside the session past the rate at which
+        /// each is audited (SSH): counted here only.
+        #[serde(skip_serializing_if = "is_zero")]
+        refusals_unrecorded: u64,
         /// Bytes of commands' output and input (SSH, without a terminal)
         /// past the recording's cap per command, not recorded (the
         /// recording marks where each stops).
@@ -396,6 +404,10 @@ impl AuditEvent {
             | Self::SshAgent { session }
             | Self::SshSftp { session, .. }
             | Self::RecordingDeleted { session, .. } => Some(&**session),
+            Self::AccessDenied {
+                session: Some(session),
+                ..
+            } => Some(&**session),
             _ => None,
         }
     }

@@ -267,6 +267,7 @@ impl Wicket {
             action: action.to_owned(),
             reason,
             unrecorded_before,
+            session: None,
         };
         match self.audit(event, now).await {
             Ok(()) => refused,
@@ -307,6 +308,7 @@ impl Wicket {
                     f.count
                 ),
                 unrecorded_before: f.count,
+                session: None,
             };
             if let Err(e) = self.audit(event, now).await {
                 tracing::error!(action = %f.action, error = %e, "folded refusals could not be audited");
@@ -552,6 +554,7 @@ impl Wicket {
                 reason: reason.clone(),
                 // Wrong codes are rate-limited as guesses, not folded.
                 unrecorded_before: 0,
+                session: None,
             };
             self.record_failure(attempt, event, now).await?;
             return Err(Error::Forbidden(reason));

@@ -2807,6 +2807,12 @@ fn a_channel_runs_one_thing_and_its_recording_follows_it() {
         }
         ch.request_shell(true).await.unwrap();
         let second = reply(&mut ch).await;
+        // Asked again and again, as a client flooding the audit would: each
+        // is refused, but only so many are audited.
+        for _ in 0..AGAIN {
+            ch.request_shell(true).await.unwrap();
+            assert_eq!(reply(&mut ch).await, Some(false));
+        }
         drop(ch);
         // A new channel runs its command as usual, and it is recorded.
         let mut ch = h.channel_open_session().await.unwrap();
@@ -2852,9 +2858,42 @@ fn a_channel_runs_one_thing_and_its_recording_follows_it() {
             .any(|e| e.code == "m" && e.data.starts_with("shell refused")),
         "{cast}"
     );
-    let denied = Value::from(admin.audit(&["--kind", "access_denied"]).unwrap()).to_string();
-    assert!(denied.contains("already asked for a shell"), "{denied}");
+    // Each refusal audited is stored under the session (so a search by
+    // session or request finds it); past the first hundred, they are
+    // counted at its end.
+    let ended = first_event_of(&alice, "alice", "session_ended");
+    let unrecorded = ended["data"]["refusals_unrecorded"].as_u64().unwrap_or(0);
+    let denied = admin
+        .audit(&[
+            "--session",
+            &sid,
+            "--kind",
+            "access_denied",
+            "--limit",
+            "1000",
+        ])
+        .unwrap();
+    assert!(
+        denied.iter().all(|e| e["data"]["action"] == "ssh.shell"
+            && e["data"]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("already asked for a shell")
+            && e["request_id"] == id.as_str()),
+        "{denied:?}"
+    );
+    assert_eq!(denied.len() as u64 + unrecorded, AGAIN + 1, "{ended}");
+    // 100 at once, then 2 a second while the client asked.
+    assert!(
+        (100..=130).contains(&denied.len()) && unrecorded >= 20,
+        "{} audited, {unrecorded} counted",
+        denied.len()
+    );
 }
+
+/// How many more times [`a_channel_runs_one_thing_and_its_recording_follows_it`]
+/// asks for a shell on a channel that ran one.
+const AGAIN: u64 = 150;
 
 /// Bytes wicketd has written to the sockets of its listener on `port` that
 /// their peers have not yet read (`/proc/net/tcp*`), counting only sockets

@@ -761,6 +761,7 @@ impl PgProxy {
                 exit_status: None,
                 audit_dropped: state.dropped.load(Ordering::Relaxed),
                 channels_refused: 0,
+                refusals_unrecorded: 0,
                 unrecorded_bytes: 0,
                 recording_stopped: None,
                 reason: reason.clone(),

@@ -126,6 +126,11 @@ const EARLY_MARKERS: usize = 256;
 /// Refusals for the rate are marked in the recording at most this often.
 const RATE_MARK_EVERY: Duration = Duration::from_secs(10);
 
+/// Refusals inside one SSH session that are each audited and marked at
+/// once, and how many more each second after ([`Live::refusal_on_record`]).
+const REFUSALS_BURST: f64 = 100.0;
+const REFUSALS_PER_SEC: f64 = 2.0;
+
 /// A connection's places for open channels; each channel holds one
 /// ([`ChannelSlot`]) in the task that lives as long as it does.
 ///
@@ -581,6 +586,10 @@ pub(crate) struct Live {
     audit_dropped: AtomicU64,
     /// Channel opens on this connection refused for the rate.
     channels_refused: Arc<AtomicU64>,
+    /// How fast refusals inside the session are audited and marked
+    /// ([`Live::refusal_on_record`]), and those past it.
+    refusal_rate: Mutex<OpenRate>,
+    refusals_unrecorded: AtomicU64,
     /// The exit status of the connection's first session channel (the
     /// master's command of a multiplexed `ssh`), for `session_ended`.
     exit_status: Mutex<Option<u32>>,
@@ -868,16 +877,39 @@ impl Live {
     }
 
     /// Puts a refused `what` on the recording, and in the audit as action
-    /// `ssh.<action>`, with why.
+    /// `ssh.<action>`, with why (within [`Live::refusal_on_record`]).
     async fn refused_as(&self, action: &str, what: &str, why: &str) {
+        if !self.refusal_on_record() {
+            return;
+        }
         self.marker(&format!("{what} refused: {why}"));
+        self.audit_refusal(action, why).await;
+    }
+
+    /// The audit event of a refusal inside this session, stored under it.
+    async fn audit_refusal(&self, action: &str, why: &str) {
         self.audit(AuditEvent::AccessDenied {
             user: self.sref.user.clone(),
             action: format!("ssh.{action}"),
             reason: why.to_owned(),
             unrecorded_before: 0,
+            session: Some(self.sref.clone()),
         })
         .await;
+    }
+
+    /// Whether a refusal inside the session gets its audit event and
+    /// marker: [`REFUSALS_BURST`] at once, then [`REFUSALS_PER_SEC`]. A
+    /// client that repeats a refused request (a second exec on a channel,
+    /// an agent request the policy refuses), which costs it nothing, would
+    /// otherwise fill the audit queue that every session shares. Those
+    /// past the rate are counted for `session_ended`.
+    fn refusal_on_record(&self) -> bool {
+        if lock(&self.refusal_rate).allow(crate::clock::instant()) {
+            return true;
+        }
+        self.refusals_unrecorded.fetch_add(1, Ordering::Relaxed);
+        false
     }
 
     fn track<T>(&self, task: &tokio::task::JoinHandle<T>) {
@@ -934,6 +966,7 @@ impl Live {
             exit_status,
             audit_dropped: self.audit_dropped.load(Ordering::Relaxed),
             channels_refused: self.channels_refused.load(Ordering::Relaxed),
+            refusals_unrecorded: self.refusals_unrecorded.load(Ordering::Relaxed),
             unrecorded_bytes: self.unrecorded_bytes.load(Ordering::Relaxed),
             recording_stopped,
             reason: reason.clone(),
@@ -1361,6 +1394,8 @@ impl Conn {
             unrecorded_bytes: AtomicU64::new(0),
             audit_dropped: AtomicU64::new(0),
             channels_refused: self.shared.slots.refused.clone(),
+            refusal_rate: Mutex::new(OpenRate::new(REFUSALS_BURST, REFUSALS_PER_SEC)),
+            refusals_unrecorded: AtomicU64::new(0),
             exit_status: Mutex::new(None),
             first_session_channel: std::sync::OnceLock::new(),
             end_reason: Mutex::new(None),
@@ -1504,13 +1539,10 @@ impl Conn {
         };
         let d = live.may_forward(kind);
         if !d.allowed {
-            live.audit(AuditEvent::AccessDenied {
-                user: live.sref.user.clone(),
-                action: format!("ssh.{}_forwarding", kind.as_str().to_lowercase()),
-                reason: d.reason.clone(),
-                unrecorded_before: 0,
-            })
-            .await;
+            if live.refusal_on_record() {
+                let action = format!("{}_forwarding", kind.as_str().to_lowercase());
+                live.audit_refusal(&action, &d.reason).await;
+            }
             let line = Bytes::from(format!("wicket: refused: {}\r\n", d.reason).into_bytes());
             let notes: Vec<_> = match channel {
                 Some(c) => self
