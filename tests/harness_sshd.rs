@@ -98,7 +98,8 @@ pub fn sshd_binary() -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("sshd not found; install openssh-server (.ci/run does)"))
 }
 
-fn sftp_server() -> String {
+/// The node's SFTP server program (`internal-sftp` when none is installed).
+pub fn sftp_server() -> String {
     for p in [
         "/usr/lib/openssh/sftp-server",
         "/usr/libexec/openssh/sftp-server",

@@ -1316,6 +1316,66 @@ fn scp_and_sftp_round_trip_ten_megabytes() {
     assert!(marked.contains("at most 262144"), "{marked}");
 }
 
+/// SFTP run as a command (`sftp -s /usr/lib/openssh/sftp-server`: any `-s`
+/// with a `/` makes OpenSSH send an exec, not a subsystem request) is
+/// audited as the subsystem is: each file operation, with its path. It
+/// once passed as one unrecorded command.
+#[test]
+fn sftp_run_as_a_command_is_audited_as_sftp() {
+    let server = wicket_e2e::harness_sshd::sftp_server();
+    if !server.contains('/') {
+        eprintln!("no sftp-server program here (internal-sftp only): nothing to run as a command");
+        return;
+    }
+    let lab = Lab::start();
+    let (alice, _id, cfg) = alice_as_node_admin(&lab);
+    let dir = tempfile::tempdir().unwrap();
+    let remote = format!("/tmp/wicket-e2e-exec-sftp-{}", free_port().unwrap());
+    let batch = dir.path().join("batch");
+    std::fs::write(&batch, format!("mkdir {remote}\nrmdir {remote}\n")).unwrap();
+    let out = output(
+        Command::new("sftp")
+            .arg("-F")
+            .arg(&cfg)
+            .args(["-o", "BatchMode=yes", "-s", &server, "-b"])
+            .arg(&batch)
+            .arg(lab.dest()),
+    );
+    assert!(out.status.success(), "sftp: {}", text(&out.stderr));
+    let ops = wait_until("the ssh_sftp events", Duration::from_secs(10), || {
+        let events = alice
+            .audit(&["--user", "alice", "--kind", "ssh_sftp"])
+            .unwrap();
+        let ops: Vec<(String, String)> = events
+            .iter()
+            .map(|e| {
+                let d = &e["data"];
+                let s = |k: &str| d[k].as_str().unwrap_or_default().to_owned();
+                (s("op"), s("path"))
+            })
+            .collect();
+        (ops.len() >= 2).then_some(ops)
+    })
+    .unwrap();
+    assert_eq!(
+        ops,
+        [
+            ("mkdir".to_owned(), remote.clone()),
+            ("rmdir".to_owned(), remote)
+        ]
+    );
+    // The command itself is on the record too, as every exec is.
+    let execs = alice
+        .audit(&["--user", "alice", "--kind", "ssh_exec"])
+        .unwrap();
+    assert!(
+        execs
+            .iter()
+            .any(|e| e["data"]["command"] == server.as_str()),
+        "{execs:?}"
+    );
+}
+
 /// A listener on 127.0.0.1 for forwards to reach, serving each connection
 /// with `serve` on a thread of its own; its port.
 fn forward_target(serve: impl Fn(std::net::TcpStream) + Clone + Send + 'static) -> u16 {

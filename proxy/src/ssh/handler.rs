@@ -1105,6 +1105,11 @@ struct Chan {
     /// On an `sftp` subsystem channel: what the client asks of the node's
     /// files, read from its packets.
     sftp: Option<super::sftp::Reader>,
+    /// On a command channel without a terminal: the client's first bytes,
+    /// until they show whether it speaks SFTP (`sftp -s
+    /// /usr/lib/openssh/sftp-server`, `ForceCommand internal-sftp`): then
+    /// it is audited as the `sftp` subsystem is ([`super::sftp::opens_like_sftp`]).
+    sniff: Option<Vec<u8>>,
     /// Set when the node's side ended and the user's was closed with it
     /// (russh then no longer reports the user's close), or when the node
     /// refused the channel: the entry is dropped at the next channel open
@@ -2094,6 +2099,7 @@ impl server::Handler for Conn {
                         pty: None,
                         started: false,
                         sftp: None,
+                        sniff: None,
                         ended: ended.clone(),
                         _open: open,
                         notes: notes.clone(),
@@ -2318,8 +2324,29 @@ impl server::Handler for Conn {
             let why = "data before a shell, command or subsystem: channel closed";
             return self.close_unsent(channel, why, session);
         }
+        // A command that turns out to speak SFTP: read from its start.
+        let mut from_start = None;
+        if let Some(mut seen) = c.sniff.take() {
+            seen.extend_from_slice(data);
+            match super::sftp::opens_like_sftp(&seen) {
+                None => c.sniff = Some(seen),
+                Some(false) => {}
+                Some(true) => {
+                    c.sftp = Some(super::sftp::Reader::default());
+                    c.rec.sftp.get_or_init(Default::default);
+                    // As the subsystem: audited, not recorded byte by byte.
+                    c.rec.mode.store(REC_OFF, Ordering::Relaxed);
+                    if let Access::Live(live) = &self.access {
+                        live.marker("the command speaks SFTP: its file operations are audited, its bytes not recorded");
+                    }
+                    from_start = Some(seen);
+                }
+            }
+        }
         let read = match (c.sftp.as_mut(), c.rec.sftp.get()) {
-            (Some(r), Some(outcomes)) => Some(r.feed(data, &mut lock(outcomes))),
+            (Some(r), Some(outcomes)) => {
+                Some(r.feed(from_start.as_deref().unwrap_or(data), &mut lock(outcomes)))
+            }
             _ => None,
         };
         if let Some(read) = read {
@@ -2490,10 +2517,11 @@ impl server::Handler for Conn {
             return Ok(());
         }
         let command = String::from_utf8_lossy(data).into_owned();
-        if let (Some(live), Some(c)) = (self.live().cloned(), self.channels.get(&channel)) {
+        if let (Some(live), Some(c)) = (self.live().cloned(), self.channels.get_mut(&channel)) {
             let (cols, rows, term) = c.pty.clone().unwrap_or((80, 24, String::new()));
             if c.pty.is_none() {
                 c.rec.mode.store(REC_EXEC, Ordering::Relaxed);
+                c.sniff = Some(Vec::new());
             }
             if let Some(r) = live.recorder(cols, rows, (!term.is_empty()).then_some(term.as_str()))
             {

@@ -196,6 +196,19 @@ impl Packets {
     }
 }
 
+/// Whether a client's first bytes on a command channel open an SFTP
+/// session: a whole INIT packet (length 5, type 1, version 1 to 6), which
+/// other input (a file piped to `cat`) is most unlikely to begin with.
+/// `None` while too few have come to tell (every one so far fits).
+pub fn opens_like_sftp(first: &[u8]) -> Option<bool> {
+    const INIT: [u8; 8] = [0, 0, 0, 5, 1, 0, 0, 0];
+    let n = first.len().min(INIT.len());
+    if first[..n] != INIT[..n] {
+        return Some(false);
+    }
+    first.get(INIT.len()).map(|v| (1..=6).contains(v))
+}
+
 /// Reads the client's packets as they arrive, in pieces of any size.
 #[derive(Debug, Default)]
 pub struct Reader {
@@ -635,6 +648,23 @@ impl Fields<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_sftp_session_is_told_by_its_init_packet() {
+        let init = [0, 0, 0, 5, 1, 0, 0, 0, 3];
+        assert_eq!(opens_like_sftp(&init), Some(true));
+        // In pieces: undecided while each fits, then told.
+        assert_eq!(opens_like_sftp(&[]), None);
+        assert_eq!(opens_like_sftp(&init[..4]), None);
+        assert_eq!(opens_like_sftp(&init[..8]), None);
+        assert_eq!(opens_like_sftp(&[0, 0, 0, 5, 1, 0, 0, 0, 6, 9]), Some(true));
+        assert_eq!(opens_like_sftp(&[0, 0, 0, 5, 1, 0, 0, 0, 7]), Some(false));
+        assert_eq!(opens_like_sftp(&[0, 0, 0, 5, 1, 0, 1]), Some(false));
+        // A shell's input, or another packet first: not SFTP.
+        assert_eq!(opens_like_sftp(b"ls -l\n"), Some(false));
+        assert_eq!(opens_like_sftp(&[0, 0, 0, 9, 3]), Some(false));
+        assert_eq!(opens_like_sftp(&[0, 1]), Some(false));
+    }
     use proptest::prelude::*;
 
     /// Answers not followed: the client's stream is read for what it
