@@ -864,10 +864,19 @@ impl Live {
                 .await;
         };
         let _ = tokio::time::timeout(TELL_TIMEOUT, goodbye).await;
-        let _ = self
+        self.leave_node("session ended by wicket").await;
+    }
+
+    /// Tells the node's side the session is over, waiting at most
+    /// [`TELL_TIMEOUT`]: a node that stopped reading (a hung host, a
+    /// stopped sshd) holds up russh's client loop, and its queue with it.
+    async fn leave_node(&self, why: &str) {
+        let bye = self
             .upstream
-            .disconnect(Disconnect::ByApplication, "session ended by wicket", "en")
-            .await;
+            .disconnect(Disconnect::ByApplication, why, "en");
+        if tokio::time::timeout(TELL_TIMEOUT, bye).await.is_err() {
+            tracing::warn!(session = %self.sref.session_id, "the node did not take the disconnect in time");
+        }
     }
 
     /// Puts a refused `what` (`ssh.<what>` in the audit) and why on the
@@ -980,11 +989,9 @@ impl Live {
             let session = self.sref.session_id.clone();
             tokio::spawn(async move { wicket.share_recording(&session).await });
         }
-        let _ = self
-            .upstream
-            .disconnect(Disconnect::ByApplication, "", "en")
-            .await;
+        // Ended for the registry first: the node's side may take its time.
         lock(&self.registration).take();
+        self.leave_node("").await;
     }
 
     /// Watches the grant (through the session registry) and flushes the
