@@ -743,6 +743,43 @@ fn denials_are_specific() {
     );
     let e = denied(&format!("{}@nope.wicket", lab.login));
     assert!(e.contains("unknown node \"nope\""), "{e}");
+    // Straight to the proxy's port, naming no node (no route line, a user
+    // name without @NODE): refused, and on the record like any refusal.
+    let st = alice.status().unwrap();
+    let f = |k: &str| PathBuf::from(st["files"][k].as_str().unwrap());
+    let out = output(
+        Command::new("ssh")
+            .args([
+                "-F",
+                "/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+            ])
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
+            .arg("-i")
+            .arg(f("ssh_key"))
+            .arg("-o")
+            .arg(format!(
+                "CertificateFile={}",
+                f("ssh_certificate").display()
+            ))
+            .args(["-p", &lab.ssh_addr.port().to_string()])
+            .arg(format!("{}@127.0.0.1", lab.login))
+            .arg("true"),
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no node named"),
+        "{}",
+        text(&out.stderr)
+    );
     // A revoked grant does not count though the certificate is still valid.
     let admin = lab.user("root-admin", "auditor");
     let id = lab.grant(&alice, "node-admin", "10m");
@@ -767,6 +804,18 @@ fn denials_are_specific() {
     let denied_events = Value::from(admin.audit(&["--kind", "session_denied"]).unwrap());
     assert!(
         denied_events.as_array().unwrap().len() >= 3,
+        "{denied_events}"
+    );
+    assert!(
+        denied_events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["actor"] == "alice"
+                && e["data"]["reason"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("no node named")),
         "{denied_events}"
     );
 }

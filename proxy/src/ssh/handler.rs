@@ -2002,9 +2002,11 @@ impl server::Handler for Conn {
                     (login.to_owned(), self.proxy.route(node))
                 }
                 _ => {
-                    self.access = Access::Denied(
-                        "no node named: connect with `wicket ssh`, through `wicket config`'s ssh_config, or as LOGIN@NODE".into(),
-                    );
+                    let why = "no node named: connect with `wicket ssh`, through `wicket config`'s ssh_config, or as LOGIN@NODE";
+                    let why = self
+                        .deny(&identity.user, "", user, &identity.request_ids, why.into())
+                        .await;
+                    self.access = Access::Denied(why);
                     return Ok(Auth::Accept);
                 }
             },
