@@ -219,8 +219,18 @@ impl SshProxy {
     }
 
     /// The server config presenting a host certificate for `principals`
-    /// (cached per name, renewed at half-life).
-    fn server_config(&self, cache_key: &str, principals: &[String]) -> Result<Arc<server::Config>> {
+    /// (cached per name, renewed at half-life; `cache_key` `None`: made
+    /// for this connection only, as for a name no node has, so that
+    /// unauthenticated clients naming made-up hosts cannot churn the
+    /// cache of real ones).
+    fn server_config(
+        &self,
+        cache_key: Option<&str>,
+        principals: &[String],
+    ) -> Result<Arc<server::Config>> {
+        let Some(cache_key) = cache_key else {
+            return self.make_server_config("an unknown node", principals);
+        };
         let now = crate::clock::now().timestamp();
         {
             let cache = self.configs.lock().unwrap_or_else(PoisonError::into_inner);
@@ -230,12 +240,28 @@ impl SshProxy {
                 }
             }
         }
+        let cfg = self.make_server_config(cache_key, principals)?;
+        let mut cache = self.configs.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(
+            cache_key.to_owned(),
+            (now + PROXY_HOST_CERT_TTL / 2, cfg.clone()),
+        );
+        Ok(cfg)
+    }
+
+    /// A server config with a fresh host certificate for `principals`
+    /// (`what`: for its key ID).
+    fn make_server_config(&self, what: &str, principals: &[String]) -> Result<Arc<server::Config>> {
+        let now = crate::clock::now().timestamp();
         let validity = Validity::new(now - 300, now + PROXY_HOST_CERT_TTL)?;
         let blob = self.wicket.keys.ssh_proxy.issue(
             &SshCertificateRequest {
                 public_key: &self.host_pub,
                 kind: SshCertKind::Host,
-                key_id: &format!("wicket-proxy for {cache_key}"),
+                key_id: &format!("wicket-proxy for {what}"),
                 principals,
                 serial: wicket_ca::random_serial(&self.rng)?,
                 validity,
@@ -278,14 +304,6 @@ impl SshProxy {
             },
             ..Default::default()
         });
-        let mut cache = self.configs.lock().unwrap_or_else(PoisonError::into_inner);
-        if cache.len() > 10_000 {
-            cache.clear();
-        }
-        cache.insert(
-            cache_key.to_owned(),
-            (now + PROXY_HOST_CERT_TTL / 2, cfg.clone()),
-        );
         Ok(cfg)
     }
 
@@ -533,14 +551,14 @@ async fn connection(
                 format!("{}.{cluster}", route.node_name),
                 route.node_name.clone(),
             ];
-            (
-                proxy.server_config(&format!("node:{}", route.node_name), &principals)?,
-                Some(route),
-            )
+            // Cached for nodes the config names only.
+            let key = format!("node:{}", route.node_name);
+            let cache_key = route.node.is_some().then_some(key.as_str());
+            (proxy.server_config(cache_key, &principals)?, Some(route))
         }
         None => {
             let names = proxy.own_names();
-            (proxy.server_config("proxy", &names)?, None)
+            (proxy.server_config(Some("proxy"), &names)?, None)
         }
     };
     let grace = admitted.grace();
