@@ -1377,7 +1377,7 @@ fn sftp_run_as_a_command_is_audited_as_sftp() {
         return;
     }
     let lab = Lab::start();
-    let (alice, _id, cfg) = alice_as_node_admin(&lab);
+    let (alice, id, cfg) = alice_as_node_admin(&lab);
     let dir = tempfile::tempdir().unwrap();
     let remote = format!("/tmp/wicket-e2e-exec-sftp-{}", free_port().unwrap());
     let batch = dir.path().join("batch");
@@ -1423,6 +1423,35 @@ fn sftp_run_as_a_command_is_audited_as_sftp() {
             .any(|e| e["data"]["command"] == server.as_str()),
         "{execs:?}"
     );
+    // What the client sends cannot turn a command's recording off: input
+    // that opens like SFTP and then is not runs on, and what the command
+    // prints is recorded.
+    let mut child = ssh(&cfg)
+        .arg(lab.dest())
+        .arg("head -c9 >/dev/null; cat; echo printed-$((6*7))")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&[0, 0, 0, 5, 1, 0, 0, 0, 3]).unwrap();
+        stdin.write_all(b"not sftp at all\n").unwrap();
+    }
+    let done = child.wait_with_output().unwrap();
+    assert!(done.status.success(), "{}", text(&done.stderr));
+    assert_eq!(text(&done.stdout), "not sftp at all\nprinted-42\n");
+    let auditor = lab.user("root-admin", "auditor");
+    wait_until("the command's recording", Duration::from_secs(20), || {
+        let list = recordings_of(&auditor, &id);
+        list.as_array()?.iter().find_map(|r| {
+            let sid = r["session_id"].as_str()?;
+            let p = auditor.ok(&["play", sid, "--format", "text"]).ok()?.stdout;
+            (p.contains("printed-42") && p.contains("not SFTP after all")).then_some(())
+        })
+    })
+    .unwrap();
 }
 
 /// A listener on 127.0.0.1 for forwards to reach, serving each connection

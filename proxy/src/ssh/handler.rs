@@ -1115,8 +1115,13 @@ struct Chan {
     /// On a command channel without a terminal: the client's first bytes,
     /// until they show whether it speaks SFTP (`sftp -s
     /// /usr/lib/openssh/sftp-server`, `ForceCommand internal-sftp`): then
-    /// it is audited as the `sftp` subsystem is ([`super::sftp::opens_like_sftp`]).
+    /// its file operations are audited as the `sftp` subsystem's are
+    /// ([`super::sftp::opens_like_sftp`]). It is still recorded as a
+    /// command: what the client sends cannot turn its recording off.
     sniff: Option<Vec<u8>>,
+    /// The SFTP reader was started by that sniff: a stream that then stops
+    /// being SFTP ends the reading, not the channel.
+    sniffed_sftp: bool,
     /// Set when the node's side ended and the user's was closed with it
     /// (russh then no longer reports the user's close), or when the node
     /// refused the channel: the entry is dropped at the next channel open
@@ -1214,6 +1219,15 @@ impl Conn {
         let ops = match read {
             Ok(ops) => ops,
             Err(e) => {
+                if let Some(c) = self.channels.get_mut(&channel).filter(|c| c.sniffed_sftp) {
+                    // A command's input that looked like SFTP and is not:
+                    // no longer read as SFTP, still recorded as input.
+                    c.sftp = None;
+                    if let Access::Live(live) = &self.access {
+                        live.marker(&format!("the command's input is not SFTP after all: {e}"));
+                    }
+                    return Ok(true);
+                }
                 self.close_unsent(channel, &format!("sftp channel closed: {e}"), session)?;
                 return Ok(false);
             }
@@ -2109,6 +2123,7 @@ impl server::Handler for Conn {
                         started: false,
                         sftp: None,
                         sniff: None,
+                        sniffed_sftp: false,
                         ended: ended.clone(),
                         _open: open,
                         notes: notes.clone(),
@@ -2342,11 +2357,10 @@ impl server::Handler for Conn {
                 Some(false) => {}
                 Some(true) => {
                     c.sftp = Some(super::sftp::Reader::default());
+                    c.sniffed_sftp = true;
                     c.rec.sftp.get_or_init(Default::default);
-                    // As the subsystem: audited, not recorded byte by byte.
-                    c.rec.mode.store(REC_OFF, Ordering::Relaxed);
                     if let Access::Live(live) = &self.access {
-                        live.marker("the command speaks SFTP: its file operations are audited, its bytes not recorded");
+                        live.marker("the command speaks SFTP: its file operations are audited too");
                     }
                     from_start = Some(seen);
                 }
