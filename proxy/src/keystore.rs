@@ -169,10 +169,11 @@ pub fn load(data_dir: &Path) -> Result<AuthorityKeys> {
             ca_dir.display()
         )));
     }
-    owned_by_us(&ca_dir)?;
+    let owners = Owners::of(data_dir)?;
+    owners.check(&ca_dir)?;
     for name in AuthorityKeys::REQUIRED_FILES {
         let path = ca_dir.join(name);
-        let meta = owned_by_us(&path)?;
+        let meta = owners.check(&path)?;
         if name.ends_with(".key") {
             let mode = meta.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
@@ -205,24 +206,54 @@ pub fn load(data_dir: &Path) -> Result<AuthorityKeys> {
     Ok(keys?)
 }
 
-/// `path`'s metadata, if wicketd's own user or root owns it. Another
-/// user who owns a CA file, or the `ca` directory, could read or replace
-/// the key set whatever its mode (as sshd refuses host keys owned by
-/// another user).
-fn owned_by_us(path: &Path) -> Result<fs::Metadata> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = fs::metadata(path)
-        .map_err(|e| Error::Io(format!("cannot read {}: {e}", path.display())))?;
-    let us = rustix::process::geteuid().as_raw();
-    let owner = meta.uid();
-    if owner != us && owner != 0 {
-        return Err(Error::Io(format!(
-            "{} is owned by uid {owner}, not by wicketd's user (uid {us}) or root: \
-             another user could read or replace the CA key set; `chown` it to wicketd's user",
-            path.display()
-        )));
+/// Who may own the CA key set's files (as sshd refuses host keys another
+/// user owns: whoever owns a key file or the `ca` directory can read or
+/// replace the key set, whatever its mode). This process's user and root;
+/// run as root (an admin command with `sudo`), also the data directory's
+/// owner (the service's user, in the documented layout). Run as another
+/// user, the data directory must be theirs or root's too.
+struct Owners {
+    us: u32,
+    data_dir_owner: u32,
+}
+
+impl Owners {
+    fn of(data_dir: &Path) -> Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let us = rustix::process::geteuid().as_raw();
+        let data_dir_owner = fs::metadata(data_dir)
+            .map_err(|e| Error::Io(format!("cannot read {}: {e}", data_dir.display())))?
+            .uid();
+        let owners = Self { us, data_dir_owner };
+        if !owners.trusted(data_dir_owner) {
+            return Err(owners.refusal(data_dir, data_dir_owner));
+        }
+        Ok(owners)
     }
-    Ok(meta)
+
+    fn trusted(&self, owner: u32) -> bool {
+        owner == self.us || owner == 0 || (self.us == 0 && owner == self.data_dir_owner)
+    }
+
+    /// `path`'s metadata, if a trusted user owns it.
+    fn check(&self, path: &Path) -> Result<fs::Metadata> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(path)
+            .map_err(|e| Error::Io(format!("cannot read {}: {e}", path.display())))?;
+        match self.trusted(meta.uid()) {
+            true => Ok(meta),
+            false => Err(self.refusal(path, meta.uid())),
+        }
+    }
+
+    fn refusal(&self, path: &Path, owner: u32) -> Error {
+        Error::Io(format!(
+            "{} is owned by uid {owner}, not by wicketd's user (uid {}) or root: another user \
+             could read or replace the CA key set; `chown` it to the user wicketd runs as",
+            path.display(),
+            self.us
+        ))
+    }
 }
 
 /// For set-up commands that may run before the first start (`databases
@@ -399,6 +430,22 @@ mod tests {
         assert!(e.contains("owned by uid 65534"), "{e}");
         chown(&ca, Some(0), None).unwrap();
         load(dir.path()).unwrap();
+        // The documented layout, read by root (`sudo wicketd nodes add`):
+        // the service's user owns the data directory and the key set.
+        let owned_by = |uid: u32| {
+            for entry in fs::read_dir(&ca).unwrap() {
+                chown(entry.unwrap().path(), Some(uid), None).unwrap();
+            }
+            chown(&ca, Some(uid), None).unwrap();
+            chown(dir.path(), Some(uid), None).unwrap();
+        };
+        owned_by(nobody);
+        load(dir.path()).unwrap();
+        // But not a key of another user in it.
+        chown(ca.join("tls_ca.key"), Some(nobody - 1), None).unwrap();
+        let e = load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("owned by uid 65533"), "{e}");
+        owned_by(0);
     }
 
     /// Two processes making the first key set at once (here: threads, each
