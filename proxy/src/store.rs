@@ -2008,10 +2008,10 @@ impl Store {
         }
         let mut walk = ChainWalk::default();
         let mut last_id = None::<String>;
-        // (table, request, session or event) that chained events name.
-        let mut links = std::collections::HashSet::<(Noted, String, String)>::new();
         loop {
             let page = walk.page(&mut tx).await?;
+            // The links the page's events name, checked a page at a time.
+            let mut named = Named::default();
             if page.is_empty() {
                 break;
             }
@@ -2056,38 +2056,14 @@ impl Store {
                 }
                 v.events += held.map_or(1, |h| h.len() as u64);
                 last_id = Some(e.id.clone());
-                if let Some((noted, key)) = noted_under(e) {
-                    for r in requests_past_first(&e.data) {
-                        links.insert((noted, r, key.to_owned()));
-                    }
-                }
+                named.add(e);
+            }
+            for p in named.problems(&mut tx).await? {
+                note(&mut v, p);
             }
         }
-        // The links a search by a session's (or event's) second request
-        // goes through are not chained themselves: each must be one the
-        // chained event names, and each it names must be there.
-        for noted in [Noted::Session, Noted::Event] {
-            let (table, key) = noted.table();
-            let sql = format!("SELECT request_id, {key} FROM {table} ORDER BY request_id, {key}");
-            let mut rows = sqlx::query(&sql).fetch(&mut *tx);
-            while let Some(r) = futures_util::TryStreamExt::try_next(&mut rows).await? {
-                let (request, of): (String, String) = (r.try_get(0)?, r.try_get(1)?);
-                if !links.remove(&(noted, request.clone(), of.clone())) {
-                    note(
-                        &mut v,
-                        format!("{table} links {of} to request {request}, which its event does not name: put in"),
-                    );
-                }
-            }
-        }
-        let mut removed: Vec<_> = links.into_iter().collect();
-        removed.sort();
-        for (noted, request, of) in removed {
-            let (table, _) = noted.table();
-            note(
-                &mut v,
-                format!("{table} lost {of}'s link to request {request}: a search by that request does not find it"),
-            );
+        for p in Named::orphans(&mut tx).await? {
+            note(&mut v, p);
         }
         let (last_seq, prev) = (walk.last_seq, walk.prev);
         let outside =
@@ -2469,6 +2445,104 @@ fn noted_under(row: &AuditRow) -> Option<(Noted, &str)> {
         Some((Noted::Event, row.id.as_str()))
     } else {
         None
+    }
+}
+
+/// The links (`session_requests`, `event_requests`) that a page of chained
+/// events name: a search by a session's (or event's) second request goes
+/// through them, and they are not chained themselves, so `verify` checks
+/// each against the event it comes from, a page at a time.
+#[derive(Default)]
+struct Named {
+    /// What each link is to: the sessions and events of the page.
+    keys: std::collections::BTreeMap<Noted, Vec<String>>,
+    /// (table, key, request) that the events name.
+    links: std::collections::BTreeSet<(Noted, String, String)>,
+}
+
+impl Named {
+    fn add(&mut self, e: &AuditRow) {
+        if let Some((noted, key)) = noted_under(e) {
+            self.keys.entry(noted).or_default().push(key.to_owned());
+            for r in requests_past_first(&e.data) {
+                self.links.insert((noted, key.to_owned(), r));
+            }
+        }
+    }
+
+    /// A link to one of the page's sessions or events that its event does
+    /// not name (put in), and one it names that is not there (removed).
+    async fn problems(mut self, conn: &mut sqlx::AnyConnection) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for (noted, keys) in &self.keys {
+            let (table, column) = noted.table();
+            for chunk in keys.chunks(500) {
+                let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+                let sql = format!(
+                    "SELECT request_id, {column} FROM {table} WHERE {column} IN ({}) ORDER BY {column}, request_id",
+                    marks.join(", ")
+                );
+                let mut q = sqlx::query(&sql);
+                for k in chunk {
+                    q = q.bind(k.as_str());
+                }
+                for r in q.fetch_all(&mut *conn).await? {
+                    let (request, of): (String, String) = (r.try_get(0)?, r.try_get(1)?);
+                    if !self.links.remove(&(*noted, of.clone(), request.clone())) {
+                        out.push(format!("{table} links {of} to request {request}, which its event does not name: put in"));
+                    }
+                }
+            }
+        }
+        for (noted, of, request) in self.links {
+            let (table, _) = noted.table();
+            let since = match noted {
+                Noted::Session => 16,
+                Noted::Event => 18,
+            };
+            out.push(format!(
+                "{table} lost {of}'s link to request {request}: a search by that request does not \
+                 find it (removed, or written by a wicketd older than schema {since} still running)"
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Links to a session or event that no chained event starts or is.
+    async fn orphans(conn: &mut sqlx::AnyConnection) -> Result<Vec<String>> {
+        let kinds: Vec<String> = MANY_REQUEST_KINDS
+            .iter()
+            .map(|k| format!("'{k}'"))
+            .collect();
+        let mut out = Vec::new();
+        for (noted, events) in [
+            (
+                Noted::Session,
+                "SELECT session_id FROM audit_events WHERE kind = 'session_started' \
+                 AND session_id IS NOT NULL AND seq IS NOT NULL"
+                    .to_owned(),
+            ),
+            (
+                Noted::Event,
+                format!(
+                    "SELECT id FROM audit_events WHERE kind IN ({}) AND seq IS NOT NULL",
+                    kinds.join(", ")
+                ),
+            ),
+        ] {
+            let (table, column) = noted.table();
+            let sql = format!(
+                "SELECT request_id, {column} FROM {table} WHERE {column} NOT IN ({events}) \
+                 ORDER BY {column}, request_id"
+            );
+            for r in sqlx::query(&sql).fetch_all(&mut *conn).await? {
+                let (request, of): (String, String) = (r.try_get(0)?, r.try_get(1)?);
+                out.push(format!(
+                    "{table} links {of} to request {request}, but no event in the chain is {of}: put in"
+                ));
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -1375,6 +1375,7 @@ async fn migrations_from_14(storage: &Storage, dir: &std::path::Path) {
         &[
             "DELETE FROM session_requests WHERE session_id = 'three' AND request_id = 'b333'",
             "INSERT INTO event_requests (request_id, event_id) VALUES ('b333', 'login-2')",
+            "INSERT INTO session_requests (request_id, session_id) VALUES ('b22', 'no-such-session')",
         ],
     )
     .await;
@@ -1383,7 +1384,8 @@ async fn migrations_from_14(storage: &Storage, dir: &std::path::Path) {
         v.problems,
         [
             "event_requests links login-2 to request b333, which its event does not name: put in",
-            "session_requests lost three's link to request b333: a search by that request does not find it",
+            "session_requests lost three's link to request b333: a search by that request does not find it (removed, or written by a wicketd older than schema 16 still running)",
+            "session_requests links no-such-session to request b22, but no event in the chain is no-such-session: put in",
         ],
         "{v:?}"
     );
