@@ -2952,8 +2952,12 @@ fn a_channel_runs_one_thing_and_its_recording_follows_it() {
             assert_eq!(reply(&mut ch).await, Some(false));
         }
         drop(ch);
-        // A new channel runs its command as usual, and it is recorded.
+        // A new channel runs its command as usual, and it is recorded. An
+        // agent request the role refuses first: audited, though shells
+        // were refused past the rate (each kind has its own).
         let mut ch = h.channel_open_session().await.unwrap();
+        ch.agent_forward(true).await.unwrap();
+        assert_eq!(reply(&mut ch).await, Some(false));
         ch.exec(true, "echo recorded-$((6*7))").await.unwrap();
         let mut output = Vec::new();
         while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(20), ch.wait()).await {
@@ -3012,20 +3016,33 @@ fn a_channel_runs_one_thing_and_its_recording_follows_it() {
         ])
         .unwrap();
     assert!(
-        denied.iter().all(|e| e["data"]["action"] == "ssh.shell"
-            && e["data"]["reason"]
-                .as_str()
-                .unwrap()
-                .contains("already asked for a shell")
-            && e["request_id"] == id.as_str()),
+        denied.iter().all(|e| e["request_id"] == id.as_str()),
         "{denied:?}"
     );
-    assert_eq!(denied.len() as u64 + unrecorded, AGAIN + 1, "{ended}");
+    let (shells, others): (Vec<_>, Vec<_>) = denied
+        .iter()
+        .partition(|e| e["data"]["action"] == "ssh.shell");
+    assert!(
+        shells.iter().all(|e| e["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("already asked for a shell")),
+        "{shells:?}"
+    );
+    assert!(
+        others.len() == 1 && others[0]["data"]["action"] == "ssh.agent_forwarding",
+        "{others:?}"
+    );
+    assert_eq!(shells.len() as u64 + unrecorded, AGAIN + 1, "{ended}");
     // 100 at once, then 2 a second while the client asked.
     assert!(
-        (100..=130).contains(&denied.len()) && unrecorded >= 20,
+        (100..=130).contains(&shells.len()) && unrecorded >= 20,
         "{} audited, {unrecorded} counted",
-        denied.len()
+        shells.len()
+    );
+    assert!(
+        cast.contains("ssh.shell refusals past 2/s (after 100) are counted"),
+        "{cast}"
     );
 }
 

@@ -30,7 +30,7 @@ use bytes::Bytes;
 use russh::keys::Certificate;
 use russh::server::{self, Auth, Msg, Session};
 use russh::{Channel, ChannelId, ChannelMsg, ChannelOpenFailure, Disconnect, Pty, Sig};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -586,9 +586,9 @@ pub(crate) struct Live {
     audit_dropped: AtomicU64,
     /// Channel opens on this connection refused for the rate.
     channels_refused: Arc<AtomicU64>,
-    /// How fast refusals inside the session are audited and marked
-    /// ([`Live::refusal_on_record`]), and those past it.
-    refusal_rate: Mutex<OpenRate>,
+    /// How fast refusals inside the session are audited and marked, for
+    /// each kind of request ([`Live::refusal_on_record`]), and those past it.
+    refusal_rates: Mutex<BTreeMap<String, OpenRate>>,
     refusals_unrecorded: AtomicU64,
     /// The exit status of the connection's first session channel (the
     /// master's command of a multiplexed `ssh`), for `session_ended`.
@@ -888,7 +888,7 @@ impl Live {
     /// Puts a refused `what` on the recording, and in the audit as action
     /// `ssh.<action>`, with why (within [`Live::refusal_on_record`]).
     async fn refused_as(&self, action: &str, what: &str, why: &str) {
-        if !self.refusal_on_record() {
+        if !self.refusal_on_record(action) {
             return;
         }
         self.marker(&format!("{what} refused: {why}"));
@@ -907,17 +907,34 @@ impl Live {
         .await;
     }
 
-    /// Whether a refusal inside the session gets its audit event and
-    /// marker: [`REFUSALS_BURST`] at once, then [`REFUSALS_PER_SEC`]. A
-    /// client that repeats a refused request (a second exec on a channel,
-    /// an agent request the policy refuses), which costs it nothing, would
-    /// otherwise fill the audit queue that every session shares. Those
-    /// past the rate are counted for `session_ended`.
-    fn refusal_on_record(&self) -> bool {
-        if lock(&self.refusal_rate).allow(crate::clock::instant()) {
-            return true;
+    /// Whether a refusal of `action` inside the session gets its audit
+    /// event and marker: [`REFUSALS_BURST`] at once, then
+    /// [`REFUSALS_PER_SEC`], for each kind of request on its own (one
+    /// repeated cheaply does not hide another). A client that repeats a
+    /// refused request (a second exec on a channel, an agent request the
+    /// policy refuses), which costs it nothing, would otherwise fill the
+    /// audit queue that every session shares. Those past the rate are
+    /// counted for `session_ended`, and the recording says so every
+    /// [`RATE_MARK_EVERY`].
+    fn refusal_on_record(&self, action: &str) -> bool {
+        let now = crate::clock::instant();
+        let mark = {
+            let mut rates = lock(&self.refusal_rates);
+            let rate = rates
+                .entry(action.to_owned())
+                .or_insert_with(|| OpenRate::new(REFUSALS_BURST, REFUSALS_PER_SEC));
+            if rate.allow(now) {
+                return true;
+            }
+            rate.mark(now, RATE_MARK_EVERY)
+        };
+        let n = self.refusals_unrecorded.fetch_add(1, Ordering::Relaxed) + 1;
+        if mark {
+            self.marker(&format!(
+                "ssh.{action} refusals past {REFUSALS_PER_SEC}/s (after {REFUSALS_BURST}) are \
+                 counted, not each recorded: {n} so far in this session"
+            ));
         }
-        self.refusals_unrecorded.fetch_add(1, Ordering::Relaxed);
         false
     }
 
@@ -1420,7 +1437,7 @@ impl Conn {
             unrecorded_bytes: AtomicU64::new(0),
             audit_dropped: AtomicU64::new(0),
             channels_refused: self.shared.slots.refused.clone(),
-            refusal_rate: Mutex::new(OpenRate::new(REFUSALS_BURST, REFUSALS_PER_SEC)),
+            refusal_rates: Mutex::new(BTreeMap::new()),
             refusals_unrecorded: AtomicU64::new(0),
             exit_status: Mutex::new(None),
             first_session_channel: std::sync::OnceLock::new(),
@@ -1565,8 +1582,8 @@ impl Conn {
         };
         let d = live.may_forward(kind);
         if !d.allowed {
-            if live.refusal_on_record() {
-                let action = format!("{}_forwarding", kind.as_str().to_lowercase());
+            let action = format!("{}_forwarding", kind.as_str().to_lowercase());
+            if live.refusal_on_record(&action) {
                 live.audit_refusal(&action, &d.reason).await;
             }
             let line = Bytes::from(format!("wicket: refused: {}\r\n", d.reason).into_bytes());
