@@ -745,16 +745,18 @@ impl Cx {
             .strip_prefix("postgres://")
             .or_else(|| st.strip_prefix("postgresql://"));
         match rest {
-            Some(r) if super::misplaced_at(r).is_some() => {
-                // Not shown: where the password ends cannot be told.
-                self.push(
-                    "storage",
-                    "the URL has an '@' after its host: a password holding '/', '?' or '#' must be \
-                     percent-encoded (%2F, %3F, %23; '@' as %40)",
-                );
-                None
-            }
             Some(r) if !r.is_empty() && !r.starts_with('/') && !r.contains(char::is_whitespace) => {
+                if let Err(e) = url::Url::parse(&st) {
+                    // Not shown: a password in it may not end where it seems.
+                    self.push(
+                        "storage",
+                        format!(
+                            "the URL does not parse ({e}): a password holding '/', '?', '#' or \
+                             '@' must be percent-encoded (%2F, %3F, %23, %40)"
+                        ),
+                    );
+                    return None;
+                }
                 // The driver logs the parameters it does not know, values
                 // and all: a secret among them must not get that far.
                 for name in super::secret_params(r) {

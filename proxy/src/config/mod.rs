@@ -103,13 +103,14 @@ fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    if let Some(at) = misplaced_at(rest) {
-        // A password with a '/', '?' or '#' not percent-encoded: where its
-        // user information ends is anyone's guess, so none of it is shown.
-        let tail = redact_url(&format!("{scheme}://{}", &rest[at + 1..]));
-        return format!("{scheme}://***@{}", &tail[scheme.len() + 3..]);
+    if url::Url::parse(url).is_err() {
+        // A password with a '/', '?' or '#' not percent-encoded, say:
+        // where its user information ends is anyone's guess, and the
+        // driver's error would be no better. None of it is shown.
+        return format!("{scheme}://(not a valid URL: hidden)");
     }
+    // As the URL parser reads it: the authority ends at the first of these.
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
     let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
@@ -137,15 +138,6 @@ fn redact_url(url: &str) -> String {
     };
     let fragment = fragment.map(|f| format!("#{f}")).unwrap_or_default();
     format!("{scheme}://{authority}{tail}{fragment}")
-}
-
-/// Where the last `@` of a URL (after its `scheme://`) stands when it
-/// lies past the end of the authority, as in `u:s3cr#t@host/db`: a
-/// password holding `/`, `?` or `#` that was not percent-encoded. `None`
-/// for a URL whose user information (if any) ends within the authority.
-pub(crate) fn misplaced_at(rest: &str) -> Option<usize> {
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    rest.rfind('@').filter(|&at| at > authority_end)
 }
 
 /// Whether a URL query parameter named `key` (as written, perhaps
