@@ -652,13 +652,22 @@ fn conninfo_value(v: &str) -> String {
     format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
+/// The database user for the tunnel's `psql "..."` hint, which is pasted
+/// into a shell: a name from the server as it is when nothing in it means
+/// anything to the shell or libpq, else `USER` to fill in.
+fn hint_user(name: Option<&str>) -> &str {
+    let plain = |n: &&str| {
+        !n.is_empty()
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '@'))
+    };
+    name.filter(plain).unwrap_or("USER")
+}
+
 /// `wicket proxy db NAME --tunnel [--port P]`.
 pub async fn proxy(resource: &str, port: u16, socket: bool, format: Format) -> Result<()> {
     let (tunnel, db) = Tunnel::for_resource(resource).await?;
-    // From the server: quoted for libpq, and safe for the terminal.
-    let user = printable(&conninfo_value(
-        db.users.first().map(String::as_str).unwrap_or("USER"),
-    ));
+    let user = hint_user(db.users.first().map(String::as_str));
     #[cfg(unix)]
     let mut dir = None;
     let listener = if socket {
@@ -948,6 +957,24 @@ fn statement_line(offset: f64, text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tunnel_hint_names_a_user_only_when_it_is_plain() {
+        assert_eq!(hint_user(Some("app")), "app");
+        assert_eq!(hint_user(Some("svc.reader@corp")), "svc.reader@corp");
+        for odd in [
+            "app$ro",
+            "a\\b",
+            "$(id)",
+            "a b",
+            "x\"",
+            "\u{1b}]52;c;x\u{7}",
+            "",
+        ] {
+            assert_eq!(hint_user(Some(odd)), "USER", "{odd:?}");
+        }
+        assert_eq!(hint_user(None), "USER");
+    }
 
     #[test]
     fn a_statement_line_cannot_pass_for_another_event() {
