@@ -260,10 +260,26 @@ fn login_address(addr: std::net::SocketAddr) -> String {
     }
 }
 
+/// What `start` (without `--listen-api`) would refuse that loading the
+/// file does not: the files it names, read as `start` reads them, and a
+/// listener on the API's default address when `listen.api` is not set.
+fn start_problems(cfg: &Config) -> Vec<config::Problem> {
+    let mut out = crate::tls::ca_file_problems(cfg);
+    if let Some(clash) = cfg.listen.collision() {
+        out.push(config::Problem {
+            path: "listen".into(),
+            message: format!(
+                "{clash} (listen.api is its default {} when not set)",
+                config::DEFAULT_API_ADDR
+            ),
+        });
+    }
+    out
+}
+
 fn check_config(file: &Path) -> ExitCode {
-    // The files it names are read too, as `start` reads them.
     let loaded = config::load(file).and_then(|cfg| {
-        let problems = crate::tls::ca_file_problems(&cfg);
+        let problems = start_problems(&cfg);
         match problems.is_empty() {
             true => Ok(cfg),
             false => Err(config::ConfigErrors { problems }),
@@ -725,6 +741,29 @@ teams:
         )
         .unwrap();
         assert_eq!(super::notes(&example).len(), 1, "only listen.kube");
+    }
+
+    /// `check-config` reports a listener on the API's default address when
+    /// `listen.api` is not set (loading takes it: `start --listen-api`
+    /// moves the API).
+    #[test]
+    fn a_listener_on_the_default_api_address_is_a_problem_for_start() {
+        let parse = |text: &str| crate::config::parse(text, Path::new("/")).unwrap();
+        let found = start_problems(&parse("version: 1\nlisten: { ssh: '127.0.0.1:3080' }\n"));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].path, "listen");
+        assert!(
+            found[0]
+                .message
+                .contains("listen.ssh 127.0.0.1:3080 and listen.api 127.0.0.1:3080")
+                && found[0]
+                    .message
+                    .contains("its default 127.0.0.1:3080 when not set"),
+            "{found:?}"
+        );
+        assert!(
+            start_problems(&parse("version: 1\nlisten: { ssh: '127.0.0.1:3022' }\n")).is_empty()
+        );
     }
 
     /// The login command printed at start names an address a client on

@@ -206,22 +206,21 @@ pub fn ca_bundle(path: &std::path::Path) -> Result<RootCertStore> {
     Ok(roots)
 }
 
-/// What is wrong with the `ca_file`s a configuration names (files
-/// `check-config` reads, as `start` will): one problem each.
+/// What is wrong with the databases' `ca_file`s, read as `start` reads
+/// them (when `listen.postgres` is set): one problem each. (Kubernetes
+/// clusters' are not read: no proxy serves them yet.)
 pub fn ca_file_problems(config: &crate::config::Config) -> Vec<crate::config::Problem> {
+    if config.listen.postgres.is_none() {
+        return Vec::new();
+    }
     let mut out = Vec::new();
-    for (section, files) in [
-        ("databases", &config.database_tls),
-        ("kube_clusters", &config.kube_tls),
-    ] {
-        for (name, tls) in files {
-            if let Some(path) = &tls.ca_file {
-                if let Err(e) = ca_bundle(path) {
-                    out.push(crate::config::Problem {
-                        path: format!("resources.{section}[{name}].ca_file"),
-                        message: e.to_string(),
-                    });
-                }
+    for (name, tls) in &config.database_tls {
+        if let Some(path) = &tls.ca_file {
+            if let Err(e) = ca_bundle(path) {
+                out.push(crate::config::Problem {
+                    path: format!("resources.databases[{name}].ca_file"),
+                    message: e.to_string(),
+                });
             }
         }
     }
@@ -402,23 +401,27 @@ mod tests {
             wicket_ca::x509::pem_encode("CERTIFICATE", b"not DER"),
         )
         .unwrap();
-        let config = crate::config::parse(
-            "version: 1
+        let text = "version: 1
+listen: { postgres: '127.0.0.1:0' }
 resources:
   databases:
     - { name: good, address: '10.0.0.1:5432', ca_file: good.pem }
     - { name: gone, address: '10.0.0.2:5432', ca_file: gone.pem }
     - { name: empty, address: '10.0.0.3:5432', ca_file: empty.pem }
+    - { name: k, address: '10.0.0.4:5432', ca_file: broken.pem }
   kube_clusters:
-    - { name: k, address: 'https://10.0.0.4:6443', ca_file: broken.pem }
-",
-            dir.path(),
-        )
-        .unwrap();
-        let found: Vec<String> = ca_file_problems(&config)
-            .into_iter()
-            .map(|p| format!("{}: {}", p.path, p.message))
-            .collect();
+    - { name: k8s, address: 'https://10.0.0.5:6443', ca_file: gone.pem }
+";
+        let problems = |text: &str| -> Vec<String> {
+            let config = crate::config::parse(text, dir.path()).unwrap();
+            ca_file_problems(&config)
+                .into_iter()
+                .map(|p| format!("{}: {}", p.path, p.message))
+                .collect()
+        };
+        // Without the PostgreSQL listener, `start` reads none of them.
+        assert!(problems(&text.replace("listen: { postgres: '127.0.0.1:0' }\n", "")).is_empty());
+        let found = problems(text);
         assert_eq!(found.len(), 3, "{found:?}");
         assert!(
             found[0].starts_with("resources.databases[empty].ca_file: ")
@@ -430,7 +433,7 @@ resources:
             "{found:?}"
         );
         assert!(
-            found[2].starts_with("resources.kube_clusters[k].ca_file: ")
+            found[2].starts_with("resources.databases[k].ca_file: ")
                 && found[2].contains("certificate 1: "),
             "{found:?}"
         );

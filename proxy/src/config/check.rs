@@ -688,6 +688,28 @@ impl Cx {
             self.environments_reach_resources(&approval, &resources);
         }
         let approval = approval.into_iter().map(|(_, r)| r).collect();
+        if let (Some(roles), Some(req)) = (&roles, &requests) {
+            // A role some role may request (a standing-only role's maximum
+            // does not matter).
+            let requestable = |name: &str| {
+                roles
+                    .iter()
+                    .any(|r| r.request_roles.iter().any(|x| x == "*" || x == name))
+            };
+            for r in roles {
+                match r.max_duration {
+                    Some(max) if max < req.min_duration && requestable(&r.name) => self.push(
+                        join(&join("roles", &r.name), "max_duration"),
+                        format!(
+                            "{} is shorter than requests.min_duration {}: the role could never be requested",
+                            format_duration(max),
+                            format_duration(req.min_duration)
+                        ),
+                    ),
+                    _ => {}
+                }
+            }
+        }
         if let (Some(req), Some(bg)) = (&requests, &break_glass) {
             if bg.enabled && bg.max_duration < req.min_duration {
                 self.push(
@@ -786,12 +808,10 @@ impl Cx {
 
     fn listen(&mut self, l: &ListenFile) -> Option<Listen> {
         let mut ok = true;
-        // (An API address given to `start` is checked with the rest when
-        // wicketd starts: `Listen::collision`.)
+        // (The API's default address, or one given to `start`, is checked
+        // with the rest when wicketd starts, and by `check-config`:
+        // `Listen::collision`.)
         let mut seen: Vec<(SocketAddr, &str)> = Vec::new();
-        if l.api.is_none() {
-            seen.push((DEFAULT_API_ADDR, "api (not set here: its default)"));
-        }
         let mut one = |cx: &mut Self,
                        v: &Option<String>,
                        key: &'static str|
@@ -1307,16 +1327,6 @@ impl Cx {
                 Some(t) => self.positive_duration(Some(t), &max_path, Duration::zero()),
             };
             if let (Some(max), Some(req)) = (max_duration, requests) {
-                if max < req.min_duration {
-                    self.push(
-                        &max_path,
-                        format!(
-                            "{} is shorter than requests.min_duration {}: the role could never be requested",
-                            format_duration(max),
-                            format_duration(req.min_duration)
-                        ),
-                    );
-                }
                 if max > req.max_duration {
                     self.push(
                         &max_path,

@@ -647,8 +647,9 @@ version: 1
 requests: { min_duration: 2h }
 break_glass: { enabled: true, max_duration: 1h, notify: ['role:sre'] }
 roles:
-  sre: { max_duration: 90m }
+  sre: { max_duration: 90m, request: { roles: [dba, sre] } }
   dba: { max_duration: 2h }
+  standing-only: { max_duration: 1h }
 ",
     );
     has(
@@ -1181,13 +1182,11 @@ fn recording_retention() {
 }
 
 /// Two listeners on one port are refused before `start` fails to bind,
-/// also across a wildcard and with the API's default address; with an API
-/// address given to `start` when wicketd starts (`Listen::collision`).
+/// also across a wildcard; with the API's default address (or one given to
+/// `start`) when wicketd starts and by `check-config` (`Listen::collision`).
 #[test]
 fn listeners_that_would_collide_are_refused() {
-    let mut c = ok("version: 1\nlisten: { ssh: '127.0.0.1:3022' }\n");
-    assert_eq!(c.listen.collision(), None);
-    c.listen.ssh = Some("127.0.0.1:3080".parse().unwrap());
+    let c = ok("version: 1\nlisten: { ssh: '127.0.0.1:3080' }\n");
     let clash = c.listen.collision().unwrap();
     assert!(
         clash.contains("listen.ssh 127.0.0.1:3080 and listen.api 127.0.0.1:3080"),
@@ -1207,14 +1206,6 @@ fn listeners_that_would_collide_are_refused() {
     let e = problems("version: 1\nlisten: { api: '127.0.0.1:4000', ssh: '[::]:4000' }\n");
     has(&e, "listen.ssh", "already used by listen.api");
     ok("version: 1\nlisten: { api: '127.0.0.1:4000', ssh: '127.0.0.2:4000', postgres: '127.0.0.1:0' }\n");
-    // listen.api not set: its default address is taken too.
-    let e = problems("version: 1\nlisten: { ssh: '127.0.0.1:3080' }\n");
-    has(
-        &e,
-        "listen.ssh",
-        "127.0.0.1:3080 is already used by listen.api (not set here: its default)",
-    );
-    ok("version: 1\nlisten: { ssh: '127.0.0.1:3022' }\n");
 }
 
 /// Durations that would overflow the times worked out from them (now +
