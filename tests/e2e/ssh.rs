@@ -376,6 +376,45 @@ fn refusals_audited(auditor: &WicketCli, actions: &[&str], why: &str) {
     }
 }
 
+/// `ssh` straight to the proxy's port (no `wicket proxy ssh`, no route
+/// line) with `cli`'s key and certificate, checking the proxy's host key
+/// against `known_hosts` (`None`: not checked). The destination and
+/// command are added by the caller.
+fn straight_to_proxy(lab: &Lab, cli: &WicketCli, known_hosts: Option<&Path>) -> Command {
+    let st = cli.status().unwrap();
+    let f = |k: &str| PathBuf::from(st["files"][k].as_str().unwrap());
+    let mut cmd = Command::new("ssh");
+    cmd.args([
+        "-F",
+        "/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+    ])
+    .arg("-i")
+    .arg(f("ssh_key"))
+    .arg("-o")
+    .arg(format!(
+        "CertificateFile={}",
+        f("ssh_certificate").display()
+    ));
+    match known_hosts {
+        Some(k) => cmd
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", k.display()))
+            .args(["-o", "StrictHostKeyChecking=yes"]),
+        None => cmd.args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ]),
+    };
+    cmd.args(["-p", &lab.ssh_addr.port().to_string()]);
+    cmd
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -552,29 +591,13 @@ fn commands_through_the_proxy_match_direct_and_the_node_log_names_the_request() 
     assert!(!alice.home.path().join("ran.wicket").exists() && !marker.exists());
     // Without `wicket proxy ssh`: straight to the proxy as LOGIN@NODE; it
     // presents its own host certificate (for its address).
-    let st = alice.status().unwrap();
-    let f = |k: &str| PathBuf::from(st["files"][k].as_str().unwrap());
+    let known_hosts = PathBuf::from(
+        alice.status().unwrap()["files"]["known_hosts"]
+            .as_str()
+            .unwrap(),
+    );
     let out = output(
-        Command::new("ssh")
-            .args([
-                "-F",
-                "/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-            ])
-            .arg("-i")
-            .arg(f("ssh_key"))
-            .arg("-o")
-            .arg(format!(
-                "CertificateFile={}",
-                f("ssh_certificate").display()
-            ))
-            .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", f("known_hosts").display()))
-            .args(["-o", "StrictHostKeyChecking=yes"])
-            .args(["-p", &lab.ssh_addr.port().to_string()])
+        straight_to_proxy(&lab, &alice, Some(&known_hosts))
             .arg(format!("{}@node-1@{}", lab.login, lab.ssh_addr.ip()))
             .arg("echo login-at-node"),
     );
@@ -745,32 +768,8 @@ fn denials_are_specific() {
     assert!(e.contains("unknown node \"nope\""), "{e}");
     // Straight to the proxy's port, naming no node (no route line, a user
     // name without @NODE): refused, and on the record like any refusal.
-    let st = alice.status().unwrap();
-    let f = |k: &str| PathBuf::from(st["files"][k].as_str().unwrap());
     let out = output(
-        Command::new("ssh")
-            .args([
-                "-F",
-                "/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-            ])
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-            ])
-            .arg("-i")
-            .arg(f("ssh_key"))
-            .arg("-o")
-            .arg(format!(
-                "CertificateFile={}",
-                f("ssh_certificate").display()
-            ))
-            .args(["-p", &lab.ssh_addr.port().to_string()])
+        straight_to_proxy(&lab, &alice, None)
             .arg(format!("{}@127.0.0.1", lab.login))
             .arg("true"),
     );
