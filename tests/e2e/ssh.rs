@@ -376,11 +376,11 @@ fn refusals_audited(auditor: &WicketCli, actions: &[&str], why: &str) {
     }
 }
 
-/// `ssh` straight to the proxy's port (no `wicket proxy ssh`, no route
-/// line) with `cli`'s key and certificate, checking the proxy's host key
-/// against `known_hosts` (`None`: not checked). The destination and
-/// command are added by the caller.
-fn straight_to_proxy(lab: &Lab, cli: &WicketCli, known_hosts: Option<&Path>) -> Command {
+/// `ssh` straight to `port` on 127.0.0.1 (no `wicket proxy ssh`, no route
+/// line) with `cli`'s key and certificate, checking the host key against
+/// `known_hosts` (`None`: not checked). The destination and command are
+/// added by the caller.
+fn straight_to(port: u16, cli: &WicketCli, known_hosts: Option<&Path>) -> Command {
     let st = cli.status().unwrap();
     let f = |k: &str| PathBuf::from(st["files"][k].as_str().unwrap());
     let mut cmd = Command::new("ssh");
@@ -411,7 +411,7 @@ fn straight_to_proxy(lab: &Lab, cli: &WicketCli, known_hosts: Option<&Path>) -> 
             "UserKnownHostsFile=/dev/null",
         ]),
     };
-    cmd.args(["-p", &lab.ssh_addr.port().to_string()]);
+    cmd.args(["-p", &port.to_string()]);
     cmd
 }
 
@@ -463,39 +463,14 @@ fn a_nodes_host_certificate_does_not_pass_for_the_proxy() {
 fn users_own_certificates_do_not_open_nodes_directly() {
     let lab = Lab::start();
     let alice = lab.user("alice", "direct");
-    let st = alice.status().unwrap();
-    let f = |k: &str| PathBuf::from(st["files"][k].as_str().unwrap());
     // The node is known by its host CA (which users do not trust: below),
     // so what is refused is the login.
     let node_hosts = alice.home.path().join("node_known_hosts");
     let node_ca = std::fs::read_to_string(lab.d.data_dir().join("ca/ssh_host_ca.pub")).unwrap();
     std::fs::write(&node_hosts, format!("@cert-authority * {node_ca}")).unwrap();
     let out = output(
-        Command::new("ssh")
-            .args([
-                "-F",
-                "/dev/null",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-            ])
-            .arg("-i")
-            .arg(f("ssh_key"))
-            .arg("-o")
-            .arg(format!(
-                "CertificateFile={}",
-                f("ssh_certificate").display()
-            ))
-            .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", node_hosts.display()))
-            .args([
-                "-o",
-                "HostKeyAlias=node-1",
-                "-o",
-                "StrictHostKeyChecking=yes",
-            ])
-            .args(["-p", &lab.node.port().to_string()])
+        straight_to(lab.node.port(), &alice, Some(&node_hosts))
+            .args(["-o", "HostKeyAlias=node-1"])
             .arg(format!("{}@127.0.0.1", lab.login))
             .arg("echo direct-ok"),
     );
@@ -597,7 +572,7 @@ fn commands_through_the_proxy_match_direct_and_the_node_log_names_the_request() 
             .unwrap(),
     );
     let out = output(
-        straight_to_proxy(&lab, &alice, Some(&known_hosts))
+        straight_to(lab.ssh_addr.port(), &alice, Some(&known_hosts))
             .arg(format!("{}@node-1@{}", lab.login, lab.ssh_addr.ip()))
             .arg("echo login-at-node"),
     );
@@ -769,7 +744,7 @@ fn denials_are_specific() {
     // Straight to the proxy's port, naming no node (no route line, a user
     // name without @NODE): refused, and on the record like any refusal.
     let out = output(
-        straight_to_proxy(&lab, &alice, None)
+        straight_to(lab.ssh_addr.port(), &alice, None)
             .arg(format!("{}@127.0.0.1", lab.login))
             .arg("true"),
     );
