@@ -81,10 +81,7 @@ pub fn printable_in(text: &str, utf8: bool) -> String {
     out
 }
 
-/// A Unicode bidirectional control: it can reorder what a line shows.
-pub fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-}
+pub use wicket_api::is_bidi_control;
 
 pub fn is_c1(c: char) -> bool {
     ('\u{80}'..='\u{9f}').contains(&c)

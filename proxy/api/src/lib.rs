@@ -13,6 +13,13 @@ use std::fmt;
 /// The API version prefix.
 pub const API_PREFIX: &str = "/v1";
 
+/// A Unicode bidirectional control: it can reorder what a line shows. Names
+/// the daemon hands out are refused with one (`wicketd check-config`), and
+/// the CLI escapes them in what others wrote.
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 /// A secret string (password, OTP code): serialized as-is, never printed by
 /// `Debug` or `Display`.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

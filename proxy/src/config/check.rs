@@ -33,11 +33,6 @@ const MAX_CHANNEL_RATE: u32 = 1_000_000;
 
 const RESOURCE_KEYS: &[&str] = &["nodes", "databases", "kube_clusters"];
 
-/// A Unicode bidirectional control: it can reorder what a line shows.
-fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-}
-
 /// Resolves `path` against `base` and drops `.` components.
 pub(super) fn resolve(base: &Path, path: &str) -> PathBuf {
     base.join(path)
@@ -1383,7 +1378,10 @@ impl Cx {
         for (i, s) in list.iter().enumerate() {
             if s.trim().is_empty() {
                 self.push(at(path, i), "cannot be empty");
-            } else if s.chars().any(|c| c.is_control() || is_bidi_control(c)) {
+            } else if s
+                .chars()
+                .any(|c| c.is_control() || wicket_api::is_bidi_control(c))
+            {
                 self.push(at(path, i), format!("{s:?} holds a control character"));
             }
         }
