@@ -1238,8 +1238,11 @@ impl Conn {
             Err(e) => {
                 if let Some(c) = self.channels.get_mut(&channel).filter(|c| c.sniffed_sftp) {
                     // A command's input that looked like SFTP and is not:
-                    // no longer read as SFTP, still recorded as input.
+                    // no longer read as SFTP (either way), still recorded.
                     c.sftp = None;
+                    if let Some(outcomes) = c.rec.sftp.get() {
+                        lock(outcomes).stop();
+                    }
                     if let Access::Live(live) = &self.access {
                         live.marker(&format!("the command's input is not SFTP after all: {e}"));
                     }

@@ -361,7 +361,7 @@ impl Outcomes {
     }
 
     /// Stops following the node's answers, and forgets what was held.
-    fn stop(&mut self) {
+    pub fn stop(&mut self) {
         *self = Self {
             failed: true,
             refused: std::mem::take(&mut self.refused),
