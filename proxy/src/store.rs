@@ -369,7 +369,7 @@ CREATE INDEX access_requests_awaiting ON access_requests (awaiting_review, creat
     // events' `request_id`), so a search or count by request finds the
     // events of every session it allowed. Written with the session's
     // `session_started`; sessions from before are found from theirs when
-    // this runs ([`session_requests_from_events`]).
+    // this runs ([`requests_from_events`]).
     Migration {
         version: 16,
         sql: r#"
@@ -398,7 +398,7 @@ CREATE TABLE session_requests (
     // (a login carrying several grants, a session refused under several),
     // so a search by any of them finds it, as `session_requests` does for
     // sessions. Written with the event ([`MANY_REQUEST_KINDS`]); events
-    // from before are found when this runs ([`event_requests_from_events`]).
+    // from before are found when this runs ([`requests_from_events`]).
     Migration {
         version: 18,
         sql: r#"
@@ -422,9 +422,9 @@ CREATE TABLE event_requests (
     },
 ];
 
-/// The migration that adds [`session_requests_from_events`].
+/// The migration whose sessions [`requests_from_events`] finds.
 const SESSION_REQUESTS_MIGRATION: i64 = 16;
-/// The migration that adds [`event_requests_from_events`].
+/// The migration whose events [`requests_from_events`] finds.
 const EVENT_REQUESTS_MIGRATION: i64 = 18;
 /// The kinds of events outside a session that may name several requests
 /// (`request_ids`); the first is their `request_id`, the others are in
@@ -782,10 +782,10 @@ impl Store {
                 keyed = Some(key_chain(&mut tx, self.backend, &self.chain, marker).await?);
             }
             if m.version == SESSION_REQUESTS_MIGRATION {
-                session_requests_from_events(&mut tx).await?;
+                requests_from_events(&mut tx, Noted::Session).await?;
             }
             if m.version == EVENT_REQUESTS_MIGRATION {
-                event_requests_from_events(&mut tx).await?;
+                requests_from_events(&mut tx, Noted::Event).await?;
             }
             sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
                 .bind(m.version)
@@ -2011,7 +2011,7 @@ impl Store {
         loop {
             let page = walk.page(&mut tx).await?;
             // The links the page's events name, checked a page at a time.
-            let mut named = Named::default();
+            let mut named = PageLinks::default();
             if page.is_empty() {
                 break;
             }
@@ -2062,7 +2062,7 @@ impl Store {
                 note(&mut v, p);
             }
         }
-        for p in Named::orphans(&mut tx).await? {
+        for p in PageLinks::orphans(&mut tx).await? {
             note(&mut v, p);
         }
         let (last_seq, prev) = (walk.last_seq, walk.prev);
@@ -2453,14 +2453,14 @@ fn noted_under(row: &AuditRow) -> Option<(Noted, &str)> {
 /// through them, and they are not chained themselves, so `verify` checks
 /// each against the event it comes from, a page at a time.
 #[derive(Default)]
-struct Named {
+struct PageLinks {
     /// What each link is to: the sessions and events of the page.
     keys: std::collections::BTreeMap<Noted, Vec<String>>,
     /// (table, key, request) that the events name.
     links: std::collections::BTreeSet<(Noted, String, String)>,
 }
 
-impl Named {
+impl PageLinks {
     fn add(&mut self, e: &AuditRow) {
         if let Some((noted, key)) = noted_under(e) {
             self.keys.entry(noted).or_default().push(key.to_owned());
@@ -2497,8 +2497,8 @@ impl Named {
         for (noted, of, request) in self.links {
             let (table, _) = noted.table();
             let since = match noted {
-                Noted::Session => 16,
-                Noted::Event => 18,
+                Noted::Session => SESSION_REQUESTS_MIGRATION,
+                Noted::Event => EVENT_REQUESTS_MIGRATION,
             };
             out.push(format!(
                 "{table} lost {of}'s link to request {request}: a search by that request does not \
@@ -2510,29 +2510,13 @@ impl Named {
 
     /// Links to a session or event that no chained event starts or is.
     async fn orphans(conn: &mut sqlx::AnyConnection) -> Result<Vec<String>> {
-        let kinds: Vec<String> = MANY_REQUEST_KINDS
-            .iter()
-            .map(|k| format!("'{k}'"))
-            .collect();
         let mut out = Vec::new();
-        for (noted, events) in [
-            (
-                Noted::Session,
-                "SELECT session_id FROM audit_events WHERE kind = 'session_started' \
-                 AND session_id IS NOT NULL AND seq IS NOT NULL"
-                    .to_owned(),
-            ),
-            (
-                Noted::Event,
-                format!(
-                    "SELECT id FROM audit_events WHERE kind IN ({}) AND seq IS NOT NULL",
-                    kinds.join(", ")
-                ),
-            ),
-        ] {
+        for noted in [Noted::Session, Noted::Event] {
             let (table, column) = noted.table();
+            let (events, key) = noted.events();
             let sql = format!(
-                "SELECT request_id, {column} FROM {table} WHERE {column} NOT IN ({events}) \
+                "SELECT request_id, {column} FROM {table} WHERE {column} NOT IN \
+                 (SELECT {key} FROM audit_events WHERE {events} AND seq IS NOT NULL) \
                  ORDER BY {column}, request_id"
             );
             for r in sqlx::query(&sql).fetch_all(&mut *conn).await? {
@@ -2576,6 +2560,24 @@ impl Noted {
             Noted::Event => ("event_requests", "event_id"),
         }
     }
+
+    /// [`noted_under`] in SQL: the `audit_events` rows whose requests are
+    /// noted here (a condition), and the column they are noted under.
+    fn events(self) -> (String, &'static str) {
+        match self {
+            Noted::Session => (
+                "kind = 'session_started' AND session_id IS NOT NULL".to_owned(),
+                "session_id",
+            ),
+            Noted::Event => {
+                let kinds: Vec<String> = MANY_REQUEST_KINDS
+                    .iter()
+                    .map(|k| format!("'{k}'"))
+                    .collect();
+                (format!("kind IN ({})", kinds.join(", ")), "id")
+            }
+        }
+    }
 }
 
 /// Records the requests past the first that an event names, from its data
@@ -2586,11 +2588,15 @@ async fn note_requests(
     key: &str,
     data: &str,
 ) -> Result<()> {
+    let ids = requests_past_first(data);
+    if ids.is_empty() {
+        return Ok(());
+    }
     let (table, column) = noted.table();
     let sql = format!(
         "INSERT INTO {table} (request_id, {column}) VALUES ($1, $2) ON CONFLICT DO NOTHING"
     );
-    for id in requests_past_first(data) {
+    for id in ids {
         sqlx::query(&sql)
             .bind(id)
             .bind(key)
@@ -2600,48 +2606,18 @@ async fn note_requests(
     Ok(())
 }
 
-/// Migration 16: the sessions stored before it that stood on several
-/// requests, read a page of `session_started` events at a time.
-async fn session_requests_from_events(tx: &mut Transaction<'static, Any>) -> Result<()> {
-    requests_from_events(
-        tx,
-        Noted::Session,
-        "SELECT id, session_id, data FROM audit_events \
-         WHERE kind = 'session_started' AND session_id IS NOT NULL AND id > $1 ORDER BY id LIMIT $2",
-    )
-    .await
-}
-
-/// Migration 18: the events stored before it that named several requests
-/// ([`MANY_REQUEST_KINDS`]), a page at a time.
-async fn event_requests_from_events(tx: &mut Transaction<'static, Any>) -> Result<()> {
-    let kinds: Vec<String> = MANY_REQUEST_KINDS
-        .iter()
-        .map(|k| format!("'{k}'"))
-        .collect();
-    requests_from_events(
-        tx,
-        Noted::Event,
-        &format!(
-            "SELECT id, id, data FROM audit_events \
-             WHERE kind IN ({}) AND id > $1 ORDER BY id LIMIT $2",
-            kinds.join(", ")
-        ),
-    )
-    .await
-}
-
-/// Runs `select` (ID, the key to note under, data; after ID `$1`, `$2` of
-/// them) page after page, noting each row's requests past the first.
-async fn requests_from_events(
-    tx: &mut Transaction<'static, Any>,
-    noted: Noted,
-    select: &str,
-) -> Result<()> {
+/// Migrations 16 and 18: the sessions (or events) stored before them that
+/// named several requests, [`Noted::events`], read a page at a time and
+/// each noted as a new one is.
+async fn requests_from_events(tx: &mut Transaction<'static, Any>, noted: Noted) -> Result<()> {
     const PAGE: i64 = 1000;
+    let (events, key) = noted.events();
+    let select = format!(
+        "SELECT id, {key}, data FROM audit_events WHERE {events} AND id > $1 ORDER BY id LIMIT $2"
+    );
     let mut after = String::new();
     loop {
-        let rows = sqlx::query(select)
+        let rows = sqlx::query(&select)
             .bind(&after)
             .bind(PAGE)
             .fetch_all(&mut **tx)
