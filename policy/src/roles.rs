@@ -129,6 +129,10 @@ impl RoleSet {
         self.roles.keys().map(String::as_str)
     }
 
+    pub fn iter(&self) -> impl Iterator<Item = &Role> {
+        self.roles.values()
+    }
+
     /// Checks that every named role exists.
     pub fn check_known<'a>(
         &self,
@@ -404,6 +408,11 @@ impl RoleSet {
             .collect()
     }
 
+    /// May any role's holders request `role` (or is it standing-only)?
+    pub fn requestable(&self, role: &str) -> bool {
+        self.roles.values().any(|r| covers(&r.request_roles, role))
+    }
+
     /// May a holder of `held` request `role`?
     pub fn may_request(&self, held: &[String], role: &str) -> bool {
         held.iter()
@@ -445,6 +454,20 @@ impl RoleSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_role_is_requestable_when_some_role_may_request_it() {
+        let role = |name: &str, request: &[&str]| Role {
+            name: name.into(),
+            request_roles: request.iter().map(|r| r.to_string()).collect(),
+            ..Default::default()
+        };
+        let set = RoleSet::new([role("dev", &["dba"]), role("dba", &[]), role("ops", &[])]);
+        assert!(set.requestable("dba"));
+        assert!(!set.requestable("ops"));
+        let set = RoleSet::new([role("dev", &["*"]), role("ops", &[])]);
+        assert!(set.requestable("ops"));
+    }
     use crate::ScopedRole;
 
     fn sel(k: &str, v: &str) -> LabelSelector {

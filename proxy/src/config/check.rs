@@ -683,17 +683,12 @@ impl Cx {
             self.environments_reach_resources(&approval, &resources);
         }
         let approval = approval.into_iter().map(|(_, r)| r).collect();
+        let roles = roles.map(RoleSet::new);
         if let (Some(roles), Some(req)) = (&roles, &requests) {
-            // A role some role may request (a standing-only role's maximum
-            // does not matter).
-            let requestable = |name: &str| {
-                roles
-                    .iter()
-                    .any(|r| r.request_roles.iter().any(|x| x == "*" || x == name))
-            };
-            for r in roles {
+            // A standing-only role's maximum does not matter.
+            for r in roles.iter() {
                 match r.max_duration {
-                    Some(max) if max < req.min_duration && requestable(&r.name) => self.push(
+                    Some(max) if max < req.min_duration && roles.requestable(&r.name) => self.push(
                         join(&join("roles", &r.name), "max_duration"),
                         format!(
                             "{} is shorter than requests.min_duration {}: the role could never be requested",
@@ -735,7 +730,7 @@ impl Cx {
             auth: auth?,
             limits: limits?,
             policy: Policy {
-                roles: RoleSet::new(roles?),
+                roles: roles?,
                 approval,
                 directory: Directory {
                     teams: teams?,
