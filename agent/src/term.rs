@@ -41,18 +41,19 @@ pub fn printable(text: &str) -> String {
 pub fn stdout_utf8() -> bool {
     use std::io::IsTerminal;
     static UTF8: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *UTF8.get_or_init(|| {
-        !std::io::stdout().is_terminal() || utf8_terminal(|k| std::env::var(k).ok())
-    })
+    *UTF8.get_or_init(|| takes_utf8(std::io::stdout().is_terminal()))
+}
+
+/// Whether a stream that is a terminal (`terminal`) or not reads UTF-8.
+fn takes_utf8(terminal: bool) -> bool {
+    !terminal || utf8_terminal(|k| std::env::var(k).ok())
 }
 
 /// [`stdout_utf8`] for stderr, where errors go.
 pub fn stderr_utf8() -> bool {
     use std::io::IsTerminal;
     static UTF8: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *UTF8.get_or_init(|| {
-        !std::io::stderr().is_terminal() || utf8_terminal(|k| std::env::var(k).ok())
-    })
+    *UTF8.get_or_init(|| takes_utf8(std::io::stderr().is_terminal()))
 }
 
 /// Whether `c`'s UTF-8 bytes include one from 0x80 to 0x9F, which a
