@@ -84,6 +84,44 @@ fn at(base: &str, index: usize) -> String {
     format!("{base}[{index}]")
 }
 
+/// How many times [`Cx::de`] reads one section again after taking a wrong
+/// field out.
+const MAX_PASSES: usize = 64;
+
+/// The text of a path inside a section, as [`Cx::de`] reports it.
+fn segment_path(base: &str, segments: &[Segment]) -> String {
+    let mut p = base.to_owned();
+    for seg in segments {
+        match seg {
+            Segment::Seq { index } => p = at(&p, *index),
+            Segment::Map { key } | Segment::Enum { variant: key } => p = join(&p, key),
+            Segment::Unknown => {}
+        }
+    }
+    p
+}
+
+/// Takes the mapping entry `segments` leads to out of `value`; returns its
+/// key, or `None` when the path does not end at a mapping key or leads nowhere.
+fn take_field(value: &mut Value, segments: &[Segment]) -> Option<String> {
+    let (last, parents) = segments.split_last()?;
+    let Segment::Map { key } = last else {
+        return None;
+    };
+    let mut at = value;
+    for seg in parents {
+        at = match seg {
+            Segment::Seq { index } => at.get_mut(*index)?,
+            Segment::Map { key } => at.get_mut(key.as_str())?,
+            Segment::Enum { .. } | Segment::Unknown => return None,
+        };
+    }
+    match at {
+        Value::Mapping(m) => m.shift_remove(key.as_str()).map(|_| key.clone()),
+        _ => None,
+    }
+}
+
 fn describe(v: &Value) -> String {
     match v {
         Value::Null => "nothing".into(),
@@ -241,22 +279,43 @@ impl Cx {
     }
 
     /// Deserializes `value`, reporting a failure at `path` + the path inside.
-    fn de<T: DeserializeOwned>(&mut self, value: Value, path: &str) -> Option<T> {
-        match serde_path_to_error::deserialize::<_, T>(value) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                let mut p = path.to_owned();
-                for seg in e.path() {
-                    match seg {
-                        Segment::Seq { index } => p = at(&p, *index),
-                        Segment::Map { key } | Segment::Enum { variant: key } => p = join(&p, key),
-                        Segment::Unknown => {}
-                    }
+    ///
+    /// serde stops at the first error, so a field that fails is taken out of
+    /// `value` and the rest read again: a section with several wrong fields
+    /// reports each (up to [`MAX_PASSES`]). Only a field named by a mapping
+    /// key is taken out (taking a list item out would renumber the rest),
+    /// and a "missing field" error for a field taken out is not reported.
+    /// Once anything failed the section counts as unreadable (`None`).
+    fn de<T: DeserializeOwned>(&mut self, mut value: Value, path: &str) -> Option<T> {
+        let mut taken: Vec<(String, String)> = Vec::new();
+        for _ in 0..MAX_PASSES {
+            let e = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+                Ok(v) if taken.is_empty() => return Some(v),
+                Ok(_) => return None,
+                Err(e) => e,
+            };
+            let segments: Vec<Segment> = e.path().iter().cloned().collect();
+            let p = segment_path(path, &segments);
+            let message = e.into_inner().to_string();
+            let after_taking = taken
+                .iter()
+                .any(|(parent, key)| *parent == p && message == format!("missing field `{key}`"));
+            if after_taking {
+                return None;
+            }
+            self.push(p, message);
+            match take_field(&mut value, &segments) {
+                Some(key) => {
+                    let parent = segments
+                        .split_last()
+                        .map(|(_, parents)| parents)
+                        .unwrap_or_default();
+                    taken.push((segment_path(path, parent), key));
                 }
-                self.push(p, e.into_inner().to_string());
-                None
+                None => return None,
             }
         }
+        None
     }
 
     /// A section: absent or empty gives the default; `None` if unreadable.

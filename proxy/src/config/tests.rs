@@ -843,6 +843,40 @@ resources: { nodes: [], hosts: [], dbs: [] }
 }
 
 #[test]
+fn every_wrong_field_of_one_entry_is_reported() {
+    let e = problems(
+        "
+version: 1
+listen: { api: '127.0.0.1:3080', http: '127.0.0.1:80', sshd: ':22', postgres: 5 }
+roles:
+  dba:
+    logins: root
+    revoke: maybe
+    port_fowarding: false
+    databases: { labels: { env: prod }, names: ['*'], userz: [app], dbs: [x] }
+teams:
+  core: { lead: [alice], membrs: [bob] }
+",
+    );
+    for (p, m) in [
+        ("listen.http", "unknown field `http`"),
+        ("listen.sshd", "unknown field `sshd`"),
+        ("listen.postgres", "invalid type"),
+        ("roles.dba.logins", "invalid type"),
+        ("roles.dba.revoke", "invalid type"),
+        ("roles.dba.port_fowarding", "unknown field"),
+        ("roles.dba.databases.userz", "unknown field"),
+        ("roles.dba.databases.dbs", "unknown field"),
+        ("teams.core.lead", "invalid type"),
+        ("teams.core.membrs", "unknown field"),
+    ] {
+        has(&e, p, m);
+    }
+    // Taking `lead` out to read on does not add "missing field `lead`".
+    assert_eq!(e.problems.len(), 10, "{e}");
+}
+
+#[test]
 fn wrong_shapes_do_not_stop_the_rest() {
     let e = problems(
         "
