@@ -234,6 +234,20 @@ fn notes(cfg: &Config) -> Vec<String> {
     let mut out: Vec<String> = cfg.listen.kube.iter().map(|addr| {
         format!("listen.kube ({addr}) is set, but this wicketd has no Kubernetes proxy: nothing listens there")
     }).collect();
+    let api = cfg.listen.api;
+    for (key, addr) in [
+        ("listen.ssh", cfg.listen.ssh),
+        ("listen.postgres", cfg.listen.postgres),
+    ] {
+        let Some(addr) = addr else { continue };
+        if !addr.ip().is_unspecified() && addr.ip() != api.ip() {
+            out.push(format!(
+                "{key} ({addr}) is on another address than listen.api ({api}): `wicket` learns \
+                 only its port and dials the host it logged in to, so port {} must reach it there",
+                addr.port()
+            ));
+        }
+    }
     let mut teams_of: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
     for team in cfg.policy.directory.teams.values() {
         for member in &team.members {
@@ -713,7 +727,7 @@ mod tests {
     fn notes_name_users_in_several_teams() {
         let cfg = crate::config::parse(
             "version: 1
-listen: { kube: '127.0.0.1:3026' }
+listen: { api: '0.0.0.0:3080', kube: '127.0.0.1:3026', ssh: '127.0.0.2:3022', postgres: '0.0.0.0:5433' }
 teams:
   payments: { lead: bob, members: [alice, carol] }
   search: { lead: sam, members: [alice] }
@@ -722,13 +736,19 @@ teams:
         )
         .unwrap();
         let notes = notes(&cfg);
-        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert_eq!(notes.len(), 3, "{notes:?}");
         assert!(
             notes[0].starts_with("listen.kube (127.0.0.1:3026) is set"),
             "{notes:?}"
         );
         assert!(
-            notes[1].starts_with("alice is a member of teams payments, search: no team lead"),
+            notes[1].starts_with(
+                "listen.ssh (127.0.0.2:3022) is on another address than listen.api (0.0.0.0:3080)"
+            ),
+            "{notes:?}"
+        );
+        assert!(
+            notes[2].starts_with("alice is a member of teams payments, search: no team lead"),
             "{notes:?}"
         );
         let example = crate::config::parse(
