@@ -627,14 +627,7 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<Queued>) {
             };
         }
         if !batch.is_empty() {
-            // A failing store is retried (the queue then fills up and the
-            // overflow setting decides); events are never silently lost.
-            let mut delay = std::time::Duration::from_millis(50);
-            while let Err(e) = store.append_audit_batch(&batch).await {
-                tracing::error!(error = %e, events = batch.len(), "storing audit events failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(std::time::Duration::from_secs(5));
-            }
+            store_batch(&store, &batch).await;
             batch.clear();
         }
         for w in waiters.drain(..) {
@@ -643,9 +636,47 @@ async fn writer(store: Store, mut rx: mpsc::Receiver<Queued>) {
     }
 }
 
+/// Stores `batch`, retrying while the store fails (the queue then fills up
+/// and the overflow setting decides): events are never silently lost. A
+/// failure after which the batch is found stored (the commit went through
+/// but its answer was lost) counts as stored, or the retries would fail on
+/// its IDs for ever.
+async fn store_batch(store: &Store, batch: &[AuditRow]) {
+    let mut delay = std::time::Duration::from_millis(50);
+    while let Err(e) = store.append_audit_batch(batch).await {
+        if let Ok(true) = store.audit_batch_stored(batch).await {
+            tracing::warn!(error = %e, events = batch.len(), "storing audit events reported a failure, but they are stored");
+            return;
+        }
+        tracing::error!(error = %e, events = batch.len(), "storing audit events failed; retrying");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(5));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch whose commit went through but whose answer was lost is not
+    /// retried for ever (its IDs are taken): the writer finds it stored.
+    #[tokio::test]
+    async fn a_batch_stored_by_a_lost_commit_is_not_retried_for_ever() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = sqlite_store(dir.path()).await;
+        let batch: Vec<AuditRow> = (0..3).map(|n| query(n).to_row(n as i64)).collect();
+        assert!(!store.audit_batch_stored(&batch).await.unwrap());
+        store.append_audit_batch(&batch).await.unwrap();
+        assert!(store.audit_batch_stored(&batch).await.unwrap());
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            store_batch(&store, &batch),
+        )
+        .await
+        .expect("the stored batch is not stored again");
+        let rows = stored(&store).await;
+        assert_eq!(rows.len(), 3, "stored once");
+    }
 
     #[test]
     fn event_ids_are_unique_time_ordered_uuids() {

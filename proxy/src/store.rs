@@ -1877,6 +1877,20 @@ impl Store {
         Ok(())
     }
 
+    /// Whether `events` (stored together by [`Self::append_audit_batch`])
+    /// are in the store: a commit whose answer was lost may have stored
+    /// them, and storing them again would then fail on their IDs for good.
+    pub async fn audit_batch_stored(&self, events: &[AuditRow]) -> Result<bool> {
+        let Some(first) = groups::coalesce(events).into_iter().next() else {
+            return Ok(true);
+        };
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_events WHERE id = $1")
+            .bind(first.row.id.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n > 0)
+    }
+
     /// Events matching `f`, oldest first, at most `f.limit` (1000 when 0).
     /// Rows of session events ([`groups`]) are expanded, and the filters
     /// apply to the events they hold.
