@@ -695,7 +695,10 @@ impl Store {
                             "PRAGMA journal_mode = WAL",
                             "PRAGMA busy_timeout = 5000",
                             "PRAGMA foreign_keys = ON",
-                            "PRAGMA synchronous = NORMAL",
+                            // Every commit synced: with WAL's NORMAL, a
+                            // revoke answered as done (or a used TOTP step)
+                            // could come back after a power loss.
+                            "PRAGMA synchronous = FULL",
                         ] {
                             sqlx::query(pragma).execute(&mut *conn).await?;
                         }
@@ -987,9 +990,9 @@ impl Store {
 
     /// The users of `names` that exist, a few queries for any number of
     /// names (the session watcher re-reads every live session's user each
-    /// tick; one query per user would grow with the sessions).
-    /// The users of `names` that exist, each decoded on its own: one row
-    /// that does not decode does not hide the others.
+    /// tick; one query per user would grow with the sessions). Each is
+    /// decoded on its own: one row that does not decode does not hide the
+    /// others.
     pub async fn get_users(&self, names: &[String]) -> Result<Vec<(String, Result<UserRecord>)>> {
         self.fetch_in(
             "SELECT name, roles, team, password_hash, totp_secret, created_at, disabled FROM users WHERE name IN (",
@@ -1024,7 +1027,20 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(user_from_row).collect()
+        // One row that does not decode (edited by hand) is left out, with a
+        // warning, rather than failing every request that lists users
+        // (creating a request finds its reviewers here).
+        Ok(rows
+            .iter()
+            .filter_map(|r| match user_from_row(r) {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    let name = r.try_get::<String, _>(0).unwrap_or_default();
+                    tracing::warn!(user = %name, error = %e, "a user record does not decode; left out");
+                    None
+                }
+            })
+            .collect())
     }
 
     // ---- login rate limiting ----------------------------------------------
@@ -3029,6 +3045,81 @@ pub fn describe(storage: &Storage) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each SQLite connection syncs every commit (`synchronous = FULL`).
+    #[tokio::test]
+    async fn every_sqlite_connection_syncs_its_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            &crate::config::Storage::Sqlite,
+            dir.path(),
+            ChainKey::for_tests(),
+        )
+        .await
+        .unwrap();
+        let mut conns = Vec::new();
+        for _ in 0..4 {
+            conns.push(store.pool.acquire().await.unwrap());
+        }
+        for c in &mut conns {
+            let v: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(&mut **c)
+                .await
+                .unwrap();
+            assert_eq!(v, 2, "FULL");
+        }
+    }
+
+    /// A user row that does not decode (edited by hand) is left out of the
+    /// list instead of failing it: creating a request lists users.
+    #[tokio::test]
+    async fn a_user_row_that_does_not_decode_does_not_fail_the_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            &crate::config::Storage::Sqlite,
+            dir.path(),
+            ChainKey::for_tests(),
+        )
+        .await
+        .unwrap();
+        for name in ["ann", "bob"] {
+            let user = UserRecord {
+                name: name.into(),
+                roles: vec!["dev".into()],
+                team: None,
+                password_hash: None,
+                totp_secret: None,
+                created_at: 1,
+                disabled: false,
+            };
+            let event = AuditRow {
+                id: format!("e-{name}"),
+                time_ms: 1,
+                kind: "user_created".into(),
+                actor: Some("admin".into()),
+                request_id: None,
+                session_id: None,
+                data: "{}".into(),
+            };
+            store.create_user(&user, &event).await.unwrap();
+        }
+        sqlx::query("UPDATE users SET roles = 'dev' WHERE name = 'ann'")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let names: Vec<String> = store
+            .list_users()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|u| u.name)
+            .collect();
+        assert_eq!(names, ["bob"]);
+        assert_eq!(
+            store.users_with_roles(&["dev".into()]).await.unwrap(),
+            ["bob"]
+        );
+    }
 
     #[test]
     fn a_user_record_never_prints_its_secrets() {
