@@ -384,8 +384,10 @@ pub enum Effect {
         urgent: bool,
     },
     /// The grant is over: certificates carrying it stop counting, and live
-    /// sessions using it end (unless configured to finish).
-    EndSessions { reason: String },
+    /// sessions using it end (unless configured to finish). `by` ended it:
+    /// the revoker, the holder who dropped it, or (at expiry) the holder, as
+    /// `grant_expired` names them.
+    EndSessions { reason: String, by: String },
 }
 
 /// Why a request or event was refused.
@@ -1019,11 +1021,13 @@ impl<'a> Engine<'a> {
         });
     }
 
+    /// Ends `req`'s grant in `state`, ended `by` (see [`Effect::EndSessions`]).
     fn end(
         &self,
         req: &mut AccessRequest,
         state: State,
         reason: &str,
+        by: &str,
         now: DateTime<Utc>,
         effects: &mut Vec<Effect>,
     ) {
@@ -1033,6 +1037,7 @@ impl<'a> Engine<'a> {
         req.updated_at = now;
         effects.push(Effect::EndSessions {
             reason: format!("access request {} {}: {reason}", req.id, state.as_str()),
+            by: by.to_owned(),
         });
     }
 
@@ -1316,6 +1321,7 @@ impl<'a> Engine<'a> {
                     &mut req,
                     State::Expired,
                     "dropped by its holder",
+                    &by,
                     now,
                     &mut effects,
                 );
@@ -1359,6 +1365,7 @@ impl<'a> Engine<'a> {
                             "access request {} revoked after it ended, by {}: {reason}",
                             req.id, by.name
                         ),
+                        by: by.name.clone(),
                     });
                     ("ended ", "; sessions still open under it end now")
                 } else {
@@ -1366,6 +1373,7 @@ impl<'a> Engine<'a> {
                         &mut req,
                         State::Revoked,
                         &format!("revoked by {}: {reason}", by.name),
+                        &by.name,
                         now,
                         &mut effects,
                     );
@@ -1507,12 +1515,28 @@ impl<'a> Engine<'a> {
                     "scheduled start",
                 ));
                 if req.expires_at.is_some_and(|e| now >= e) {
-                    self.end(req, State::Expired, "grant window ended", now, effects);
+                    let holder = req.requester.clone();
+                    self.end(
+                        req,
+                        State::Expired,
+                        "grant window ended",
+                        &holder,
+                        now,
+                        effects,
+                    );
                     effects.push(audit("grant_expired", &req.requester.clone(), ""));
                 }
             }
             State::Active if req.expires_at.is_some_and(|e| now >= e) => {
-                self.end(req, State::Expired, "grant window ended", now, effects);
+                let holder = req.requester.clone();
+                self.end(
+                    req,
+                    State::Expired,
+                    "grant window ended",
+                    &holder,
+                    now,
+                    effects,
+                );
                 effects.push(audit("grant_expired", &req.requester.clone(), ""));
             }
             _ => {}

@@ -330,7 +330,17 @@ fn notifications(fx: &[Effect]) -> Vec<(&Recipients, bool)> {
 fn end_sessions(fx: &[Effect]) -> Vec<&str> {
     fx.iter()
         .filter_map(|f| match f {
-            Effect::EndSessions { reason } => Some(reason.as_str()),
+            Effect::EndSessions { reason, .. } => Some(reason.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Who ended the grant, per [`Effect::EndSessions`].
+fn ended_by(fx: &[Effect]) -> Vec<&str> {
+    fx.iter()
+        .filter_map(|f| match f {
+            Effect::EndSessions { by, .. } => Some(by.as_str()),
             _ => None,
         })
         .collect()
@@ -1603,6 +1613,11 @@ fn approval_with_smaller_scope_later_start_and_shorter_duration() {
     let (req, fx) = apply(&p, &req, Event::Tick, start + hours(1)).unwrap();
     assert_eq!(req.state, State::Expired);
     assert_eq!(end_sessions(&fx).len(), 1);
+    assert_eq!(
+        ended_by(&fx),
+        ["alice"],
+        "as grant_expired names the holder"
+    );
     assert_eq!(audits(&fx), ["grant_expired"]);
 }
 
@@ -1966,6 +1981,7 @@ fn drop_by_the_holder() {
         end_sessions(&fx),
         ["access request r1 expired: dropped by its holder"]
     );
+    assert_eq!(ended_by(&fx), ["alice"]);
     assert_eq!(audits(&fx), ["grant_dropped"]);
     assert!(!done.grants_at(t0() + mins(21)));
     // A pending request cannot be dropped.
@@ -2005,6 +2021,7 @@ fn revoke_by_a_revoker() {
     );
     assert_eq!(end_sessions(&fx).len(), 1);
     assert!(end_sessions(&fx)[0].contains("revoked"));
+    assert_eq!(ended_by(&fx), ["frank"], "the revoker ended it");
     assert_eq!(audits(&fx), ["grant_revoked"]);
     assert_eq!(audit_actor(&fx, "grant_revoked"), "frank");
     assert_eq!(notifications(&fx), [(&to_user("alice"), true)]);
@@ -2055,6 +2072,7 @@ fn a_revoke_after_the_end_ends_draining_sessions() {
         // (After the expiry's own, when the tick ends it first.)
         let ends = end_sessions(&fx);
         assert!(ends.last().is_some_and(|e| e.contains("revoked")), "{fx:?}");
+        assert_eq!(ended_by(&fx).last(), Some(&"frank"));
         assert_eq!(audit_actor(&fx, "grant_revoked"), "frank");
         assert_eq!(notifications(&fx).last(), Some(&(&to_user("alice"), true)));
         assert!(!done.grants_at(at));

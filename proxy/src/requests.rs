@@ -210,13 +210,13 @@ impl Wicket {
                         urgent: *urgent,
                     });
                 }
-                Effect::EndSessions { reason } => {
+                Effect::EndSessions { reason, by } => {
                     // Proxies re-read grant state at every check; this is the
                     // record that live sessions must end.
                     audit.push(
                         AuditEvent::AccessRequest {
                             action: "grant_ended".into(),
-                            actor: req.requester.clone(),
+                            actor: by.clone(),
                             request_id: req.id.clone(),
                             state: req.state.as_str().to_owned(),
                             detail: reason.clone(),

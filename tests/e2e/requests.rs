@@ -343,6 +343,15 @@ fn scope_reduction_revoke_deny_ask_and_self_approve() {
     // The requester is notified.
     let notes = t.json("frank", &["audit", "search", "--request", &id]);
     assert!(notes.to_string().contains("grant_revoked"));
+    // The end of its sessions is on the revoker's record, not the holder's.
+    let ended: Vec<&Value> = notes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "grant_ended")
+        .collect();
+    assert_eq!(ended.len(), 1, "{notes}");
+    assert_eq!(ended[0]["actor"], "frank", "{notes}");
 
     // Deny.
     let id = t.create("carol", &["--roles", "dba", "--reason", "curious"])["id"]
