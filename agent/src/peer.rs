@@ -65,9 +65,20 @@ mod wire {
     const IPPROTO_TCP: u8 = 6;
     const AF_INET: u8 = 2;
     const AF_INET6: u8 = 10;
+    /// nlmsghdr (16) + inet_diag_msg's family (1): where the TCP state is.
+    const STATE_AT: usize = 16 + 1;
     /// nlmsghdr (16) + inet_diag_msg's family..retrans (4) + sockid (48) +
-    /// expires, rqueue, wqueue (12): where the UID is.
+    /// expires, rqueue, wqueue (12): where the UID is; the inode follows.
     const UID_AT: usize = 16 + 4 + 48 + 12;
+    const INODE_AT: usize = UID_AT + 4;
+    /// The states of a client socket its process still holds: open, or
+    /// closed for sending only (`shutdown`). A closed socket the kernel
+    /// finishes alone (TIME_WAIT, or FIN_WAIT2 once orphaned) belongs to no
+    /// process and reports UID 0 — root's — so it must never count.
+    const TCP_ESTABLISHED: u8 = 1;
+    const TCP_FIN_WAIT1: u8 = 4;
+    const TCP_FIN_WAIT2: u8 = 5;
+    const HELD_STATES: u32 = 1 << TCP_ESTABLISHED | 1 << TCP_FIN_WAIT1 | 1 << TCP_FIN_WAIT2;
 
     fn addr_words(ip: IpAddr) -> [u8; 16] {
         let mut out = [0u8; 16];
@@ -91,7 +102,7 @@ mod wire {
         m.push(IPPROTO_TCP);
         m.push(0); // no extensions
         m.push(0);
-        m.extend_from_slice(&u32::MAX.to_ne_bytes()); // any state
+        m.extend_from_slice(&HELD_STATES.to_ne_bytes());
         m.extend_from_slice(&src.port().to_be_bytes());
         m.extend_from_slice(&dst.port().to_be_bytes());
         m.extend_from_slice(&addr_words(src.ip()));
@@ -101,7 +112,8 @@ mod wire {
         m
     }
 
-    /// The kernel's answer: the socket's owner, or that it has none.
+    /// The kernel's answer: the socket's owner, or that it has none (it is
+    /// not in a state a process holds, or is no process's file: inode 0).
     pub fn answer(buf: &[u8]) -> Peer {
         let u16_at = |i: usize| buf.get(i..i + 2).map(|b| u16::from_ne_bytes([b[0], b[1]]));
         let u32_at = |i: usize| {
@@ -109,7 +121,18 @@ mod wire {
                 .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
         };
         match u16_at(4) {
-            Some(SOCK_DIAG_BY_FAMILY) => u32_at(UID_AT).map_or(Peer::Unknown, Peer::Uid),
+            Some(SOCK_DIAG_BY_FAMILY) => {
+                let (Some(state), Some(uid), Some(inode)) =
+                    (buf.get(STATE_AT), u32_at(UID_AT), u32_at(INODE_AT))
+                else {
+                    return Peer::Unknown;
+                };
+                let held = *state < 32 && HELD_STATES & (1 << state) != 0;
+                match held && inode != 0 {
+                    true => Peer::Uid(uid),
+                    false => Peer::Unlisted,
+                }
+            }
             Some(NLMSG_ERROR) => Peer::Unlisted,
             _ => Peer::Unknown,
         }
@@ -157,11 +180,27 @@ mod tests {
         assert_eq!(&r[26..28], &40000u16.to_be_bytes());
         assert_eq!(&r[28..32], &[127, 0, 0, 1]);
         assert_eq!(&r[44..48], &[127, 0, 0, 1]);
-        // An answer: type SOCK_DIAG_BY_FAMILY, UID 1001 at its place.
+        assert_eq!(&r[20..24], &(1u32 << 1 | 1 << 4 | 1 << 5).to_ne_bytes());
+        // An answer: type SOCK_DIAG_BY_FAMILY, established, UID 1001 and
+        // an inode at their places.
         let mut a = vec![0u8; 16 + 72];
         a[4..6].copy_from_slice(&20u16.to_ne_bytes());
+        a[17] = 1;
         a[80..84].copy_from_slice(&1001u32.to_ne_bytes());
+        a[84..88].copy_from_slice(&4242u32.to_ne_bytes());
         assert_eq!(wire::answer(&a), Peer::Uid(1001));
+        // A socket closed by its process reports UID 0 (root): TIME_WAIT,
+        // or held by no file (inode 0). Neither names an owner.
+        let mut closed = a.clone();
+        closed[17] = 6;
+        closed[80..84].copy_from_slice(&0u32.to_ne_bytes());
+        assert_eq!(wire::answer(&closed), Peer::Unlisted);
+        let mut orphan = a.clone();
+        orphan[17] = 5;
+        orphan[80..84].copy_from_slice(&0u32.to_ne_bytes());
+        orphan[84..88].copy_from_slice(&0u32.to_ne_bytes());
+        assert_eq!(wire::answer(&orphan), Peer::Unlisted);
+        assert_eq!(wire::answer(&a[..86]), Peer::Unknown);
         a[4..6].copy_from_slice(&2u16.to_ne_bytes());
         assert_eq!(wire::answer(&a), Peer::Unlisted);
         assert_eq!(wire::answer(&a[..3]), Peer::Unknown);
@@ -177,7 +216,11 @@ mod tests {
         assert_eq!(peer, c.local_addr().unwrap());
         let local = s.local_addr().unwrap();
         assert_eq!(peer_of(peer, local), Peer::Uid(me));
+        // Closed by the client before the lookup (the bytes it sent wait
+        // in the server's queue): its socket is the kernel's now, reported
+        // as UID 0, and must not pass for root's.
         drop(c);
+        assert_eq!(peer_of(peer, local), Peer::Unlisted);
         drop(s);
         // A connection that never existed.
         let nowhere: SocketAddr = "127.0.0.1:1".parse().unwrap();
