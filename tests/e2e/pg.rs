@@ -1881,6 +1881,44 @@ fn a_portal_changed_by_a_function_is_marked_as_not_what_was_bound() {
     );
 }
 
+/// A client that leaves with its work running (closed after sending it, or
+/// killed) does not leave it to run on unwatched by its grant, which could
+/// no longer end it: after the drain's moment its backend is ended.
+#[test]
+fn work_a_client_leaves_running_is_ended_with_its_backend() {
+    let (s, t) = with_ledger();
+    let mut f = RawFrontend::connect(&t);
+    f.tcp
+        .write_all(
+            &[
+                RawFrontend::query("select pg_sleep(30); DELETE FROM ledger"),
+                RawFrontend::terminate(),
+            ]
+            .concat(),
+        )
+        .unwrap();
+    let pid = running_sleep(&s.pg);
+    drop(f);
+    let gone = |pid: i64| {
+        wait_until("its backend to end", Duration::from_secs(10), || {
+            (!sleeping_backends(&s.pg).contains(&pid)).then_some(())
+        })
+        .unwrap()
+    };
+    gone(pid);
+    let (ok, out, err) = t.sql("select count(*) from ledger");
+    assert!(
+        ok && out == "2",
+        "the DELETE behind it never ran: {out} {err}"
+    );
+    // psql killed mid-statement.
+    let mut child = spawn_sleep(&t, 30);
+    let pid = running_sleep(&s.pg);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    gone(pid);
+}
+
 /// Sends `batch` (ending with a Terminate) without reading the answers,
 /// closes, and waits until the server ran its DELETE of the ledger.
 fn send_and_leave(mut f: RawFrontend, batch: &[u8], t: &Tunnel) {

@@ -417,7 +417,20 @@ impl PgProxy {
         }
     }
 
-    /// Ends the backend of a cut session with `pg_terminate_backend`, over
+    /// Ends the backend behind the session's cancel key `key` (see
+    /// [`Self::terminate_backend`]), and cancels its statement as well,
+    /// whatever the answer: it costs little, and what stops the statement
+    /// then depends on no answer.
+    async fn stop_backend(&self, key: Option<(u32, u32)>, session: &[u8]) {
+        let target = key.and_then(|k| lock(&self.cancels).get(&k).cloned());
+        if let Some(t) = target {
+            self.terminate_backend(&t, session).await;
+            self.forward_cancel(&t).await;
+        }
+    }
+
+    /// Ends the backend of a session cut (or left with work running) with
+    /// `pg_terminate_backend`, over
     /// a connection of its own as the same database user to the same
     /// database (PostgreSQL lets a role end its own backends). Unlike a
     /// cancel, which stops only the statement running, this also ends what
@@ -1053,14 +1066,8 @@ impl PgProxy {
         // message, must not run on: its backend is ended (or, failing
         // that, its statement cancelled) before anything that may wait on
         // the store.
-        if let (End::Cut(_) | End::Protocol(_), Some(k)) = (&end, *cancel_key) {
-            let target = lock(&self.cancels).get(&k).cloned();
-            if let Some(t) = target {
-                // The cancel as well, whatever the answer: it costs little,
-                // and what stops the statement then depends on no answer.
-                self.terminate_backend(&t, startup).await;
-                self.forward_cancel(&t).await;
-            }
+        if let End::Cut(_) | End::Protocol(_) = &end {
+            self.stop_backend(*cancel_key, startup).await;
         }
         // Answers read from the server past where a cut stopped relaying
         // were never sent on, but they show what ran: read for the record.
@@ -1079,6 +1086,11 @@ impl PgProxy {
             .send_pending(&mut unaudited, &state.dropped)
             .await;
         audit_answers(&mut answers, state, &self.wicket).await;
+        // Work a client left running when it went (closed, or broke its
+        // connection) would run on unwatched by the grant: once this
+        // session is over no revoke or expiry reaches it. It gets the
+        // drain's moment to finish, then its backend is ended.
+        let mut left_running = matches!(end, End::Io(_)) && tracking.lock().awaiting();
         if matches!(end, End::ClientClosed) && tracking.lock().awaiting() {
             let sent = state.bytes_out.load(Ordering::Relaxed);
             let mut dropped = tokio::io::sink();
@@ -1099,12 +1111,19 @@ impl PgProxy {
             );
             // Both bounded: a server that does not read cannot hold the
             // shutdown, nor one that does not answer the drain.
-            let _ =
+            let drained =
                 tokio::time::timeout(DRAIN_TIMEOUT, async { tokio::join!(swr.shutdown(), drain) })
                     .await;
             audit_answers(&mut answers, state, &self.wicket).await;
             // The client was sent none of it.
             state.bytes_out.store(sent, Ordering::Relaxed);
+            // The grant ended while it drained, or the work outlasted it.
+            let cut = matches!(drained, Ok((_, End::Cut(_))));
+            left_running = cut || tracking.lock().awaiting();
+        }
+        if left_running {
+            tracing::info!(session = %state.sref.session_id, "the client left with work running; ending its backend");
+            self.stop_backend(*cancel_key, startup).await;
         }
         // Executes sent and never answered: on the record, as such.
         let unanswered = tracking.lock().unanswered();
