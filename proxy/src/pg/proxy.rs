@@ -52,10 +52,14 @@ const MAX_INSPECTED_BACKEND: usize = 1 << 20;
 /// How long a grant-end waits for the relay to reach a message boundary
 /// (the backend message in flight finished, or a client that stopped
 /// reading caught up) before the connection is dropped without the FATAL
-/// message.
-const HARD_STOP: Duration = Duration::from_millis(700);
+/// message. With the session check's tick (250 ms) and [`STOPPED_GOODBYE`]
+/// it keeps an end noticed at a tick within a second of the grant's.
+const HARD_STOP: Duration = Duration::from_millis(500);
 /// How long the last message and shutdown may wait for the client.
 const GOODBYE_TIMEOUT: Duration = Duration::from_millis(300);
+/// How long the shutdown may wait for a client after a hard stop (nothing
+/// is left to tell it, and it was not reading).
+const STOPPED_GOODBYE: Duration = Duration::from_millis(100);
 /// How long the server may take to answer what a departed client had
 /// sent (those answers are read, not passed on, to audit what ran).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -1056,7 +1060,11 @@ impl PgProxy {
             }
             let _ = cwr.shutdown().await;
         };
-        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
+        let patience = match stopped_hard {
+            true => STOPPED_GOODBYE,
+            false => GOODBYE_TIMEOUT,
+        };
+        let _ = tokio::time::timeout(patience, goodbye).await;
         // Let go of the client now (both halves: they share the stream),
         // not once what follows is done, which may wait on the database
         // and the store.
