@@ -1047,7 +1047,9 @@ fn a_database_certificate_stands_only_for_its_own_database() {
 }
 
 /// libpq's large-object calls use the fast-path FunctionCall message
-/// (`F`), which carries no SQL text: each is audited with its function OID.
+/// (`F`), which carries no SQL text: each is audited with its function OID,
+/// and any other function's call with its arguments too, whatever
+/// `audit.db_parameter_values` says (they are all that says what it did).
 #[test]
 fn fast_path_function_calls_are_audited() {
     let (s, t, _) = granted();
@@ -1067,7 +1069,37 @@ fn fast_path_function_calls_are_audited() {
         assert!(d["function_oid"].as_u64().is_some_and(|o| o > 0), "{c}");
         assert!(d["args"].as_u64().is_some(), "{c}");
         assert!(d["session_id"].as_str().is_some(), "{c}");
+        // The object's data is like a bound value: off by default.
+        assert!(d.get("values").is_none(), "{c}");
     }
+    assert!(!calls.is_empty());
+    // set_config (OID 2078) called by hand: no text, but its arguments
+    // say what it did.
+    let mut f = RawFrontend::connect(&t);
+    let mut call = Vec::new();
+    call.extend_from_slice(&2078u32.to_be_bytes());
+    call.extend_from_slice(&0u16.to_be_bytes()); // all text
+    call.extend_from_slice(&3u16.to_be_bytes());
+    for arg in ["application_name", "set-by-fast-path", "false"] {
+        call.extend_from_slice(&(arg.len() as u32).to_be_bytes());
+        call.extend_from_slice(arg.as_bytes());
+    }
+    call.extend_from_slice(&0u16.to_be_bytes()); // text result
+    f.tcp.write_all(&RawFrontend::msg(b'F', &[&call])).unwrap();
+    let tags = f.until_ready(1);
+    assert!(tags.contains(&b'V'), "{:?}", String::from_utf8_lossy(&tags));
+    let call = wait_until("the call on the record", Duration::from_secs(10), || {
+        s.alice_events("db_function_call")
+            .into_iter()
+            .find(|c| c["data"]["function_oid"] == 2078)
+    })
+    .unwrap();
+    assert!(
+        call["data"]["values"]
+            .to_string()
+            .contains("set-by-fast-path"),
+        "{call}"
+    );
 }
 
 /// Errors the server returns are audited with their SQLSTATE and message,

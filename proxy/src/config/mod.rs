@@ -294,7 +294,10 @@ pub struct AuditSettings {
     /// Events buffered between the proxies and the store (default 10000).
     pub queue_size: usize,
     pub on_overflow: AuditOverflow,
-    /// Record extended-protocol parameter values (default false: only the count).
+    /// Record extended-protocol parameter values (default false: only the
+    /// count). A fast-path call of a function other than the large-object
+    /// ones always has its arguments recorded: they are all that says what
+    /// it did.
     pub db_parameter_values: bool,
 }
 

@@ -2078,7 +2078,12 @@ fn frontend_event(f: Frontend, text: Option<Arc<str>>, state: &SessionState) -> 
         },
         Frontend::FunctionCall { oid, args } => {
             state.statements.fetch_add(1, Ordering::Relaxed);
-            let values = state.values.then(|| param_texts(&args));
+            // A call carries no statement text: outside the large-object
+            // calls libpq makes (their data is like bound values), what it
+            // did is in its arguments (`set_config('role', ...)`, SQL for a
+            // function that runs it), so those are always recorded.
+            let values = (state.values || !LARGE_OBJECT_FUNCTIONS.contains(&oid))
+                .then(|| param_texts(&args));
             AuditEvent::DbFunctionCall {
                 session,
                 function_oid: oid,
@@ -2090,6 +2095,14 @@ fn frontend_event(f: Frontend, text: Option<Arc<str>>, state: &SessionState) -> 
         _ => return None,
     })
 }
+
+/// The OIDs of the large-object functions libpq calls with FunctionCall
+/// (fixed in PostgreSQL's catalog): lo_create, lo_open, lo_close, loread,
+/// lowrite, lo_lseek, lo_creat, lo_tell, lo_unlink, lo_truncate,
+/// lo_lseek64, lo_tell64, lo_truncate64.
+const LARGE_OBJECT_FUNCTIONS: [u32; 13] = [
+    715, 952, 953, 954, 955, 956, 957, 958, 964, 1004, 3170, 3171, 3172,
+];
 
 /// How a FunctionCall is named where a statement's text would be.
 fn function_call(oid: u32) -> String {
