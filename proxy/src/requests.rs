@@ -23,6 +23,10 @@ struct Acting {
     actor: Actor,
     /// Why their standing roles do not count, when they do not.
     ended: Option<String>,
+    /// Their user record's roles as read for this decision: a change
+    /// written after that read refuses the transition (see
+    /// [`crate::store::Store::update_request`]).
+    recorded_roles: Vec<String>,
 }
 
 /// Which requests to list.
@@ -102,6 +106,7 @@ impl Wicket {
                 roles: standing.roles,
             },
             ended: standing.ended,
+            recorded_roles: user.roles.clone(),
         }
     }
 
@@ -376,7 +381,13 @@ impl Wicket {
             let (audit, notes) = self.effect_rows(&next, &effects, now).await?;
             if let Some(change) = self
                 .store
-                .update_request(&self.encode(&next)?, version, &audit, &notes)
+                .update_request(
+                    &self.encode(&next)?,
+                    version,
+                    &audit,
+                    &notes,
+                    by.map(|a| (a.actor.name.as_str(), a.recorded_roles.as_slice())),
+                )
                 .await?
             {
                 // Out of the index at once, until the feed brings the new

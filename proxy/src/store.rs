@@ -1308,15 +1308,42 @@ impl Store {
     /// concurrency: two proxies never both apply a transition). Returns the
     /// change number it took, or `None` when someone else changed it first;
     /// nothing is written then.
+    ///
+    /// `acting` names the user who acts and their roles as read for the
+    /// decision (from an index up to a second old, or another wicketd's
+    /// store): if their record no longer says so (disabled, removed, roles
+    /// changed) when the change is written, nothing is and the answer is
+    /// a conflict. Every user change takes the change feed first, as this
+    /// does, so none can slip in between.
     pub async fn update_request(
         &self,
         req: &StoredRequest,
         version: i64,
         audit: &[AuditRow],
         notes: &[NotificationRow],
+        acting: Option<(&str, &[String])>,
     ) -> Result<Option<i64>> {
         let mut tx = self.begin().await?;
         let change = next_change(&mut tx).await?;
+        if let Some((name, roles)) = acting {
+            let row = sqlx::query("SELECT roles, disabled FROM users WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let unchanged = match row {
+                Some(r) => {
+                    r.try_get::<i64, _>(1)? == 0
+                        && parse_list(&r.try_get::<String, _>(0)?).is_ok_and(|now| now == roles)
+                }
+                None => false,
+            };
+            if !unchanged {
+                return Err(Error::Conflict(format!(
+                    "{name}'s account changed (roles, or disabled) while this was decided; \
+                     nothing was done: try again"
+                )));
+            }
+        }
         let r = sqlx::query(
             "UPDATE access_requests SET state = $1, next_deadline = $2, updated_at = $3, doc = $4, version = version + 1, change_seq = $7, awaiting_review = $8 WHERE id = $5 AND version = $6",
         )

@@ -414,7 +414,7 @@ async fn exercise(store: &Store) {
     d1.state = "cancelled".into();
     d1.awaiting_review = false;
     store
-        .update_request(&d1, version, &[], &[])
+        .update_request(&d1, version, &[], &[], None)
         .await
         .unwrap()
         .unwrap();
@@ -971,7 +971,7 @@ async fn change_feed(store: &Store) {
     assert_eq!(keys(&c), [("feed-r1".to_string(), h0 + 2)]);
     // A stale version writes nothing and takes no number.
     let stale = store
-        .update_request(&req("feed-r1", "revoked"), 7, &[], &[])
+        .update_request(&req("feed-r1", "revoked"), 7, &[], &[], None)
         .await
         .unwrap();
     assert_eq!(stale, None);
@@ -982,7 +982,7 @@ async fn change_feed(store: &Store) {
     assert!(names(&all).1.contains(&"feed".to_string()));
     assert!(names(&all).2.contains(&"feed-r1".to_string()));
     let took = store
-        .update_request(&req("feed-r1", "revoked"), 1, &[], &[])
+        .update_request(&req("feed-r1", "revoked"), 1, &[], &[], None)
         .await
         .unwrap();
     assert_eq!(took, Some(h0 + 3));
@@ -1932,6 +1932,58 @@ fn a_team_lead_is_the_lead_of_the_users_recorded_team() {
             .await
             .unwrap();
         assert_eq!(approved.status, "active", "{approved:?}");
+    });
+}
+
+/// A reviewer disabled, or their roles changed, after this wicketd last
+/// read them (its index is up to a second old; another wicketd or
+/// `wicketd users` made the change): their approval is not written.
+#[test]
+fn a_review_by_a_user_changed_since_they_were_read_is_not_written() {
+    use wicket_api::ReviewBody;
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (w, store, now) = ann_ben_and_rita(dir.path(), "").await;
+        let live = now.timestamp() + 3600;
+        w.refresh_index(now).await.unwrap();
+        let review = || ReviewBody {
+            verdict: "approve".into(),
+            reason: "ok".into(),
+            ..Default::default()
+        };
+        for change in [
+            "UPDATE users SET disabled = 1 WHERE name = 'rita'",
+            "UPDATE users SET roles = '[\"dev\"]' WHERE name = 'rita'",
+        ] {
+            let grant = w
+                .create_request(&caller_of("ann", live), ask_ops(), now)
+                .await
+                .unwrap();
+            w.refresh_index(now).await.unwrap();
+            assert!(w.index.read().user("rita", now).is_some());
+            exec(&store, &[change]).await;
+            // Not read yet: this wicketd still sees rita as she was.
+            assert!(w.index.read().user("rita", now).is_some());
+            let err = w
+                .review_request(&caller_of("rita", live), &grant.id, review(), now)
+                .await
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("rita's account changed"),
+                "{change}: {err}"
+            );
+            let shown = w
+                .show_request(&caller_of("ann", live), &grant.id, now)
+                .await
+                .unwrap();
+            assert_eq!(shown.status, "pending", "{change}: {shown:?}");
+            exec(
+                &store,
+                &["UPDATE users SET disabled = 0, roles = '[\"rev\"]' WHERE name = 'rita'"],
+            )
+            .await;
+            w.refresh_index(now).await.unwrap();
+        }
     });
 }
 
