@@ -469,7 +469,12 @@ async fn local_startup<S: AsyncRead + AsyncWrite + Unpin>(
             };
             match msg {
                 Startup::SslRequest | Startup::GssEncRequest => local.write_all(b"N").await?,
-                Startup::Startup { mut params } => {
+                Startup::Startup { mut params, minor } => {
+                    // A newer protocol (3.2, options) is negotiated down to
+                    // 3.0 here, as wicketd and PostgreSQL would.
+                    if let Some(v) = pg::negotiate(minor, &mut params) {
+                        local.write_all(&v).await?;
+                    }
                     params.retain(|(k, _)| k != RESOURCE_PARAM);
                     params.push((RESOURCE_PARAM.to_owned(), resource.to_owned()));
                     let p: Vec<(&str, &str)> = params

@@ -1183,19 +1183,22 @@ struct RawFrontend {
 
 impl RawFrontend {
     fn connect(t: &Tunnel) -> RawFrontend {
+        let startup = wicket_api::pg::startup_message(&[("user", "app"), ("database", "app")]);
+        Self::connect_with(t, &startup).0
+    }
+
+    /// Connected with the `startup` message given; the tags of what came
+    /// before the first ReadyForQuery.
+    fn connect_with(t: &Tunnel, startup: &[u8]) -> (RawFrontend, Vec<u8>) {
         let mut tcp = std::net::TcpStream::connect(t.addr).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        tcp.write_all(&wicket_api::pg::startup_message(&[
-            ("user", "app"),
-            ("database", "app"),
-        ]))
-        .unwrap();
+        tcp.write_all(startup).unwrap();
         let mut f = RawFrontend {
             tcp,
             buf: Vec::new(),
         };
-        f.until_ready(1);
-        f
+        let tags = f.until_ready(1);
+        (f, tags)
     }
 
     fn msg(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
@@ -1911,6 +1914,34 @@ fn a_portal_changed_by_a_function_is_marked_as_not_what_was_bound() {
         ),
         "{text}"
     );
+}
+
+/// A client asking for protocol 3.2 with a protocol option (libpq 18 with
+/// `max_protocol_version=latest`; libpq 19 betas ask for 3.9999 and
+/// made-up options) is told it gets 3.0 without the option, as PostgreSQL
+/// tells it, and goes on.
+#[test]
+fn a_newer_protocol_version_is_negotiated_down_to_3_0() {
+    let (_s, t) = with_ledger();
+    let mut startup = wicket_api::pg::startup_message(&[
+        ("user", "app"),
+        ("database", "app"),
+        ("_pq_.grease", "1"),
+    ]);
+    startup[4..8].copy_from_slice(&0x0003_0002u32.to_be_bytes());
+    let (mut f, tags) = RawFrontend::connect_with(&t, &startup);
+    assert_eq!(
+        tags.first(),
+        Some(&b'v'),
+        "{:?}",
+        String::from_utf8_lossy(&tags)
+    );
+    assert!(tags.contains(&b'R'), "{:?}", String::from_utf8_lossy(&tags));
+    f.tcp
+        .write_all(&RawFrontend::query("select count(*) from ledger"))
+        .unwrap();
+    let tags = f.until_ready(1);
+    assert!(tags.contains(&b'D'), "{:?}", String::from_utf8_lossy(&tags));
 }
 
 /// A client that leaves with its work running (closed after sending it, or

@@ -32,14 +32,21 @@ fn err<T>(m: impl Into<String>) -> Result<T, ProtocolError> {
 pub enum Startup {
     SslRequest,
     GssEncRequest,
-    Cancel { pid: u32, secret: u32 },
-    Startup { params: Vec<(String, String)> },
+    Cancel {
+        pid: u32,
+        secret: u32,
+    },
+    /// Protocol 3.`minor` (see [`negotiate`]) with its parameters.
+    Startup {
+        params: Vec<(String, String)>,
+        minor: u16,
+    },
 }
 
 impl Startup {
     pub fn param(&self, key: &str) -> Option<&str> {
         match self {
-            Startup::Startup { params } => params
+            Startup::Startup { params, .. } => params
                 .iter()
                 .find(|(k, _)| k == key)
                 .map(|(_, v)| v.as_str()),
@@ -78,7 +85,9 @@ pub fn read_startup(buf: &[u8], max: usize) -> Result<Option<(Startup, usize)>, 
             pid: be32(&body[0..4]),
             secret: be32(&body[4..8]),
         },
-        PROTOCOL_3_0 => {
+        SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST => return err("malformed startup request"),
+        // Any 3.x: a newer minor version is negotiated down to 3.0.
+        v if v >> 16 == 3 => {
             let mut params = Vec::new();
             let mut rest = body;
             loop {
@@ -93,9 +102,11 @@ pub fn read_startup(buf: &[u8], max: usize) -> Result<Option<(Startup, usize)>, 
                 params.push((key.to_owned(), val.to_owned()));
                 rest = r;
             }
-            Startup::Startup { params }
+            Startup::Startup {
+                params,
+                minor: (v & 0xffff) as u16,
+            }
         }
-        SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST => return err("malformed startup request"),
         v => {
             return err(format!(
                 "unsupported frontend protocol {}.{}: server supports 3.0",
@@ -105,6 +116,35 @@ pub fn read_startup(buf: &[u8], max: usize) -> Result<Option<(Startup, usize)>, 
         }
     };
     Ok(Some((msg, len)))
+}
+
+/// Protocol negotiation as PostgreSQL does it: a client that asks for a
+/// newer minor version than 3.0, or for protocol options (`_pq_.`
+/// parameters), is told in a NegotiateProtocolVersion message that it gets
+/// 3.0 and none of those options, and goes on with that (libpq 18 with
+/// `max_protocol_version=latest` asks for 3.2; libpq 19 betas for 3.9999
+/// and made-up options, to find servers that refuse instead). Takes the
+/// options out of `params`; returns the message to send first, if any.
+pub fn negotiate(minor: u16, params: &mut Vec<(String, String)>) -> Option<Vec<u8>> {
+    let mut unrecognized = Vec::new();
+    params.retain(|(k, _)| {
+        let option = k.starts_with("_pq_.");
+        if option {
+            unrecognized.push(k.clone());
+        }
+        !option
+    });
+    if minor == 0 && unrecognized.is_empty() {
+        return None;
+    }
+    // The newest minor version spoken, then the options not recognized.
+    let mut body = 0u32.to_be_bytes().to_vec();
+    body.extend_from_slice(&(unrecognized.len() as u32).to_be_bytes());
+    for k in &unrecognized {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+    }
+    Some(message(b'v', &body))
 }
 
 /// Splits a NUL-terminated UTF-8 string off the front.
@@ -560,6 +600,26 @@ mod tests {
             read_startup(&cancel, 100).unwrap().unwrap().0,
             Startup::Cancel { pid: 7, secret: 9 }
         );
+        // 3.2 (libpq 18 asks for it when told to), with a protocol
+        // option: read, then negotiated down to 3.0 without the option.
+        let mut v32 = vec![0, 0, 0, 0, 0, 3, 0, 2];
+        v32.extend_from_slice(b"user\0app\0_pq_.grease\0");
+        v32.extend_from_slice(b"1\0\0");
+        let n = v32.len() as u32;
+        v32[..4].copy_from_slice(&n.to_be_bytes());
+        let Some((Startup::Startup { mut params, minor }, _)) = read_startup(&v32, 100).unwrap()
+        else {
+            panic!("not a startup message")
+        };
+        assert_eq!(minor, 2);
+        let v = negotiate(minor, &mut params).unwrap();
+        assert_eq!(params, [("user".to_owned(), "app".to_owned())]);
+        assert_eq!(v, b"v\0\0\0\x18\0\0\0\0\0\0\0\x01_pq_.grease\0");
+        assert_eq!(
+            negotiate(0, &mut params),
+            None,
+            "3.0, no options: nothing to say"
+        );
         let v2 = [0, 0, 0, 8, 0, 2, 0, 0];
         assert!(read_startup(&v2, 100)
             .unwrap_err()
@@ -772,7 +832,7 @@ mod tests {
             let s = startup_message(&refs);
             let (m, n) = read_startup(&s, 100_000).unwrap().unwrap();
             prop_assert_eq!(n, s.len());
-            prop_assert_eq!(m, Startup::Startup { params: params.clone() });
+            prop_assert_eq!(m, Startup::Startup { params: params.clone(), minor: 0 });
         }
     }
 }

@@ -223,7 +223,12 @@ impl PgProxy {
         // user's places (one at their limit can still stop a query), and
         // ends at once.
         match msg {
-            Startup::Startup { params } => {
+            Startup::Startup { mut params, minor } => {
+                if let Some(v) = protocol::negotiate(minor, &mut params) {
+                    if client.write_all(&v).await.is_err() {
+                        return;
+                    }
+                }
                 if let Err(why) = admitted.authenticated_as(&caller.user) {
                     fatal(&mut client, "53300", &format!("wicket: {why}")).await;
                     return;
