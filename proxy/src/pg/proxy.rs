@@ -53,7 +53,9 @@ const MAX_INSPECTED_BACKEND: usize = 1 << 20;
 /// (the backend message in flight finished, or a client that stopped
 /// reading caught up) before the connection is dropped without the FATAL
 /// message. With the session check's tick (250 ms) and [`STOPPED_GOODBYE`]
-/// it keeps an end noticed at a tick within a second of the grant's.
+/// it keeps a client that stopped reading from holding a session much past
+/// a second after its grant's end (the relay may still reach a boundary at
+/// the last moment and give the client [`GOODBYE_TIMEOUT`] for the FATAL).
 const HARD_STOP: Duration = Duration::from_millis(500);
 /// How long the last message and shutdown may wait for the client.
 const GOODBYE_TIMEOUT: Duration = Duration::from_millis(300);
@@ -130,6 +132,9 @@ enum End {
     Cut(String),
     /// The client sent something unacceptable.
     Protocol(String),
+    /// Reading from the client failed (a reset, a TLS stream cut short):
+    /// it went, as with [`End::ClientClosed`].
+    ClientBroke(String),
     Io(String),
 }
 
@@ -140,6 +145,7 @@ impl End {
             End::ServerClosed => "server closed the connection".into(),
             End::Cut(w) => w.clone(),
             End::Protocol(w) => format!("protocol violation: {w}"),
+            End::ClientBroke(w) => format!("client connection error: {w}"),
             End::Io(w) => format!("connection error: {w}"),
         }
     }
@@ -1102,9 +1108,11 @@ impl PgProxy {
         // Work a client left running when it went (closed, or broke its
         // connection) would run on unwatched by the grant: once this
         // session is over no revoke or expiry reaches it. It gets the
-        // drain's moment to finish, then its backend is ended.
-        let mut left_running = matches!(end, End::Io(_)) && tracking.lock().awaiting();
-        if matches!(end, End::ClientClosed) && tracking.lock().awaiting() {
+        // drain's moment to finish, then its backend is ended (not when
+        // the server went: there is nothing left to end).
+        let mut left_running = false;
+        let client_went = matches!(end, End::ClientClosed | End::ClientBroke(_));
+        if client_went && tracking.lock().awaiting() {
             let sent = state.bytes_out.load(Ordering::Relaxed);
             let mut dropped = tokio::io::sink();
             let drain = server_to_client(
@@ -1131,8 +1139,11 @@ impl PgProxy {
             // The client was sent none of it.
             state.bytes_out.store(sent, Ordering::Relaxed);
             // The grant ended while it drained, or the work outlasted it.
-            let cut = matches!(drained, Ok((_, End::Cut(_))));
-            left_running = cut || tracking.lock().awaiting();
+            left_running = match drained {
+                Ok((_, End::Cut(_))) => true,
+                Ok((_, End::ServerClosed | End::Io(_))) => false,
+                _ => tracking.lock().awaiting(),
+            };
         }
         if left_running {
             tracing::info!(session = %state.sref.session_id, "the client left with work running; ending its backend");
@@ -2012,7 +2023,7 @@ where
                 state.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                 buf.extend_from_slice(&tmp[..n]);
             }
-            Err(e) => return End::Io(e.to_string()),
+            Err(e) => return End::ClientBroke(e.to_string()),
         }
     }
 }
