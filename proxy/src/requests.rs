@@ -379,7 +379,7 @@ impl Wicket {
                 return Ok(next);
             }
             let (audit, notes) = self.effect_rows(&next, &effects, now).await?;
-            if let Some(change) = self
+            let stored = self
                 .store
                 .update_request(
                     &self.encode(&next)?,
@@ -388,8 +388,15 @@ impl Wicket {
                     &notes,
                     by.map(|a| (a.actor.name.as_str(), a.recorded_roles.as_slice())),
                 )
-                .await?
-            {
+                .await;
+            if let Err(Error::Conflict(_)) = &stored {
+                // The acting user changed since the (index's) read: read
+                // the changes now, so that trying again decides on them.
+                if let Err(e) = self.refresh_index(now).await {
+                    tracing::warn!(error = %e, "reading the change feed failed");
+                }
+            }
+            if let Some(change) = stored? {
                 // Out of the index at once, until the feed brings the new
                 // state (or a newer one).
                 self.index.forget_at(id, change);
