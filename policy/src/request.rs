@@ -1021,6 +1021,21 @@ impl<'a> Engine<'a> {
         });
     }
 
+    /// Ends `req`'s grant at the end of its window (on the holder's record,
+    /// as `grant_expired` is).
+    fn expire(&self, req: &mut AccessRequest, now: DateTime<Utc>, effects: &mut Vec<Effect>) {
+        let holder = req.requester.clone();
+        self.end(
+            req,
+            State::Expired,
+            "grant window ended",
+            &holder,
+            now,
+            effects,
+        );
+        effects.push(audit("grant_expired", &holder, ""));
+    }
+
     /// Ends `req`'s grant in `state`, ended `by` (see [`Effect::EndSessions`]).
     fn end(
         &self,
@@ -1515,29 +1530,11 @@ impl<'a> Engine<'a> {
                     "scheduled start",
                 ));
                 if req.expires_at.is_some_and(|e| now >= e) {
-                    let holder = req.requester.clone();
-                    self.end(
-                        req,
-                        State::Expired,
-                        "grant window ended",
-                        &holder,
-                        now,
-                        effects,
-                    );
-                    effects.push(audit("grant_expired", &req.requester.clone(), ""));
+                    self.expire(req, now, effects);
                 }
             }
             State::Active if req.expires_at.is_some_and(|e| now >= e) => {
-                let holder = req.requester.clone();
-                self.end(
-                    req,
-                    State::Expired,
-                    "grant window ended",
-                    &holder,
-                    now,
-                    effects,
-                );
-                effects.push(audit("grant_expired", &req.requester.clone(), ""));
+                self.expire(req, now, effects);
             }
             _ => {}
         }

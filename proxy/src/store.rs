@@ -3073,17 +3073,17 @@ pub fn describe(storage: &Storage) -> String {
 mod tests {
     use super::*;
 
+    async fn sqlite_store(dir: &std::path::Path) -> Store {
+        Store::open(&crate::config::Storage::Sqlite, dir, ChainKey::for_tests())
+            .await
+            .unwrap()
+    }
+
     /// Each SQLite connection syncs every commit (`synchronous = FULL`).
     #[tokio::test]
     async fn every_sqlite_connection_syncs_its_commits() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(
-            &crate::config::Storage::Sqlite,
-            dir.path(),
-            ChainKey::for_tests(),
-        )
-        .await
-        .unwrap();
+        let store = sqlite_store(dir.path()).await;
         let mut conns = Vec::new();
         for _ in 0..4 {
             conns.push(store.pool.acquire().await.unwrap());
@@ -3102,13 +3102,7 @@ mod tests {
     #[tokio::test]
     async fn a_user_row_that_does_not_decode_does_not_fail_the_list() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(
-            &crate::config::Storage::Sqlite,
-            dir.path(),
-            ChainKey::for_tests(),
-        )
-        .await
-        .unwrap();
+        let store = sqlite_store(dir.path()).await;
         for name in ["ann", "bob"] {
             let user = UserRecord {
                 name: name.into(),
