@@ -186,8 +186,9 @@ pub enum AuditEvent {
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         not_as_bound: bool,
     },
-    /// A fast-path FunctionCall by OID, with its argument count (values
-    /// only with `audit.db_parameter_values`).
+    /// A fast-path FunctionCall by OID, with its argument count (values of
+    /// large-object calls only with `audit.db_parameter_values`; of any
+    /// other function's call always, as they are all it says).
     DbFunctionCall {
         #[serde(flatten)]
         session: Arc<SessionRef>,

@@ -240,7 +240,8 @@ fn notes(cfg: &Config) -> Vec<String> {
         ("listen.postgres", cfg.listen.postgres),
     ] {
         let Some(addr) = addr else { continue };
-        if !addr.ip().is_unspecified() && addr.ip() != api.ip() {
+        // (An API on every address says nothing of which one clients use.)
+        if !addr.ip().is_unspecified() && !api.ip().is_unspecified() && addr.ip() != api.ip() {
             out.push(format!(
                 "{key} ({addr}) is on another address than listen.api ({api}): `wicket` learns \
                  only its port and dials the host it logged in to, so port {} must reach it there",
@@ -727,7 +728,7 @@ mod tests {
     fn notes_name_users_in_several_teams() {
         let cfg = crate::config::parse(
             "version: 1
-listen: { api: '0.0.0.0:3080', kube: '127.0.0.1:3026', ssh: '127.0.0.2:3022', postgres: '0.0.0.0:5433' }
+listen: { api: '127.0.0.1:3080', kube: '127.0.0.1:3026', ssh: '127.0.0.2:3022', postgres: '0.0.0.0:5433' }
 teams:
   payments: { lead: bob, members: [alice, carol] }
   search: { lead: sam, members: [alice] }
@@ -743,7 +744,7 @@ teams:
         );
         assert!(
             notes[1].starts_with(
-                "listen.ssh (127.0.0.2:3022) is on another address than listen.api (0.0.0.0:3080)"
+                "listen.ssh (127.0.0.2:3022) is on another address than listen.api (127.0.0.1:3080)"
             ),
             "{notes:?}"
         );

@@ -14,7 +14,9 @@ fuzz_target!(|data: &[u8]| {
         Some((l, rest)) => (64 + (*l as usize) * 64, rest),
         None => return,
     };
-    let _ = pg::read_startup(bytes, limit);
+    if let Ok(Some((pg::Startup::Startup { mut params, minor }, _))) = pg::read_startup(bytes, limit) {
+        let _ = pg::negotiate(minor, &mut params);
+    }
     let mut at = 0;
     while at < bytes.len() {
         match pg::read_message(&bytes[at..], limit) {

@@ -284,7 +284,8 @@ impl Cx {
     /// `value` and the rest read again: a section with several wrong fields
     /// reports each (up to [`MAX_PASSES`]). Only a field named by a mapping
     /// key is taken out (taking a list item out would renumber the rest),
-    /// and a "missing field" error for a field taken out is not reported.
+    /// and an error at or above a field taken out ("missing field", a check
+    /// of what is left) is not reported: the reading stops there.
     /// Once anything failed the section counts as unreadable (`None`).
     fn de<T: DeserializeOwned>(&mut self, mut value: Value, path: &str) -> Option<T> {
         let mut taken: Vec<(String, String)> = Vec::new();
@@ -297,9 +298,14 @@ impl Cx {
             let segments: Vec<Segment> = e.path().iter().cloned().collect();
             let p = segment_path(path, &segments);
             let message = e.into_inner().to_string();
-            let after_taking = taken
-                .iter()
-                .any(|(parent, key)| *parent == p && message == format!("missing field `{key}`"));
+            // What a parent says once a field under it is gone ("missing
+            // field", or its own check on what is left) is not the file's
+            // problem.
+            let after_taking = taken.iter().any(|(parent, _)| {
+                *parent == p
+                    || parent.starts_with(&format!("{p}."))
+                    || parent.starts_with(&format!("{p}["))
+            });
             if after_taking {
                 return None;
             }

@@ -874,6 +874,19 @@ teams:
     }
     // Taking `lead` out to read on does not add "missing field `lead`".
     assert_eq!(e.problems.len(), 10, "{e}");
+    // Nor does taking `count` out add the check of what is left.
+    let e = problems(
+        "
+version: 1
+roles:
+  dba: { max_duration: 2h }
+approval:
+  - roles: [dba]
+    require: { count: two, from: ['role:dba'] }
+",
+    );
+    assert_eq!(e.problems.len(), 1, "{e}");
+    has(&e, "approval[0].require.count", "invalid type");
 }
 
 #[test]
