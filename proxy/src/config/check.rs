@@ -101,9 +101,10 @@ fn segment_path(base: &str, segments: &[Segment]) -> String {
     p
 }
 
-/// Takes the mapping entry `segments` leads to out of `value`; returns its
-/// key, or `None` when the path does not end at a mapping key or leads nowhere.
-fn take_field(value: &mut Value, segments: &[Segment]) -> Option<String> {
+/// Takes the mapping entry `segments` leads to out of `value`; returns the
+/// path of the mapping it was in, or `None` when the path does not end at a
+/// mapping key or leads nowhere.
+fn take_field<'s>(value: &mut Value, segments: &'s [Segment]) -> Option<&'s [Segment]> {
     let (last, parents) = segments.split_last()?;
     let Segment::Map { key } = last else {
         return None;
@@ -117,7 +118,7 @@ fn take_field(value: &mut Value, segments: &[Segment]) -> Option<String> {
         };
     }
     match at {
-        Value::Mapping(m) => m.shift_remove(key.as_str()).map(|_| key.clone()),
+        Value::Mapping(m) => m.shift_remove(key.as_str()).map(|_| parents),
         _ => None,
     }
 }
@@ -288,7 +289,8 @@ impl Cx {
     /// of what is left) is not reported: the reading stops there.
     /// Once anything failed the section counts as unreadable (`None`).
     fn de<T: DeserializeOwned>(&mut self, mut value: Value, path: &str) -> Option<T> {
-        let mut taken: Vec<(String, String)> = Vec::new();
+        // The paths of the mappings fields were taken out of.
+        let mut taken: Vec<String> = Vec::new();
         for _ in 0..MAX_PASSES {
             let e = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
                 Ok(v) if taken.is_empty() => return Some(v),
@@ -301,7 +303,7 @@ impl Cx {
             // What a parent says once a field under it is gone ("missing
             // field", or its own check on what is left) is not the file's
             // problem.
-            let after_taking = taken.iter().any(|(parent, _)| {
+            let after_taking = taken.iter().any(|parent| {
                 *parent == p
                     || parent.starts_with(&format!("{p}."))
                     || parent.starts_with(&format!("{p}["))
@@ -310,16 +312,9 @@ impl Cx {
                 return None;
             }
             self.push(p, message);
-            match take_field(&mut value, &segments) {
-                Some(key) => {
-                    let parent = segments
-                        .split_last()
-                        .map(|(_, parents)| parents)
-                        .unwrap_or_default();
-                    taken.push((segment_path(path, parent), key));
-                }
-                None => return None,
-            }
+            // Nothing to take out: the reading stops at this problem.
+            let parents = take_field(&mut value, &segments)?;
+            taken.push(segment_path(path, parents));
         }
         None
     }
