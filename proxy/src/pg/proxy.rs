@@ -1110,7 +1110,6 @@ impl PgProxy {
         // session is over no revoke or expiry reaches it. It gets the
         // drain's moment to finish, then its backend is ended (not when
         // the server went: there is nothing left to end).
-        let mut left_running = false;
         let client_went = matches!(end, End::ClientClosed | End::ClientBroke(_));
         if client_went && tracking.lock().awaiting() {
             let sent = state.bytes_out.load(Ordering::Relaxed);
@@ -1139,15 +1138,15 @@ impl PgProxy {
             // The client was sent none of it.
             state.bytes_out.store(sent, Ordering::Relaxed);
             // The grant ended while it drained, or the work outlasted it.
-            left_running = match drained {
+            let left_running = match drained {
                 Ok((_, End::Cut(_))) => true,
                 Ok((_, End::ServerClosed | End::Io(_))) => false,
                 _ => tracking.lock().awaiting(),
             };
-        }
-        if left_running {
-            tracing::info!(session = %state.sref.session_id, "the client left with work running; ending its backend");
-            self.stop_backend(*cancel_key, startup).await;
+            if left_running {
+                tracing::info!(session = %state.sref.session_id, "the client left with work running; ending its backend");
+                self.stop_backend(*cancel_key, startup).await;
+            }
         }
         // Executes sent and never answered: on the record, as such.
         let unanswered = tracking.lock().unanswered();
