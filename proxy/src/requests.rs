@@ -8,7 +8,7 @@ use crate::auth::Guesses;
 use crate::config::parse_duration;
 use crate::error::{Error, Result};
 use crate::service::{Caller, Wicket};
-use crate::store::{AuditRow, NotificationRow, StoredRequest, UserRecord};
+use crate::store::{AsRead, AuditRow, NotificationRow, StoredRequest, UserRecord};
 use chrono::{DateTime, Duration, Utc};
 use wicket_api::{
     ActionBody, BreakGlassBody, CreateRequest, Grant, Notification, ReviewBody, ReviewView,
@@ -23,10 +23,10 @@ struct Acting {
     actor: Actor,
     /// Why their standing roles do not count, when they do not.
     ended: Option<String>,
-    /// Their user record's roles as read for this decision: a change
-    /// written after that read refuses the transition (see
+    /// Their user record as read for this decision: a change written
+    /// after that read refuses the transition (see
     /// [`crate::store::Store::update_request`]).
-    recorded_roles: Vec<String>,
+    record: std::sync::Arc<UserRecord>,
 }
 
 /// Which requests to list.
@@ -98,7 +98,12 @@ impl Wicket {
 
     /// The caller as the one acting: their standing roles count only while
     /// the login behind their certificate lasts.
-    fn caller_actor(&self, caller: &Caller, user: &UserRecord, now: DateTime<Utc>) -> Acting {
+    fn caller_actor(
+        &self,
+        caller: &Caller,
+        user: &std::sync::Arc<UserRecord>,
+        now: DateTime<Utc>,
+    ) -> Acting {
         let standing = self.standing_in_force(caller, user, now);
         Acting {
             actor: Actor {
@@ -106,7 +111,15 @@ impl Wicket {
                 roles: standing.roles,
             },
             ended: standing.ended,
-            recorded_roles: user.roles.clone(),
+            record: user.clone(),
+        }
+    }
+
+    /// After a write refused because the acting user's record changed:
+    /// the index reads the change feed at once.
+    async fn refresh_after_conflict(&self, now: DateTime<Utc>) {
+        if let Err(e) = self.refresh_index(now).await {
+            tracing::warn!(error = %e, "reading the change feed failed");
         }
     }
 
@@ -386,15 +399,13 @@ impl Wicket {
                     version,
                     &audit,
                     &notes,
-                    by.map(|a| (a.actor.name.as_str(), a.recorded_roles.as_slice())),
+                    by.map(|a| AsRead::from(&*a.record)),
                 )
                 .await;
             if let Err(Error::Conflict(_)) = &stored {
                 // The acting user changed since the (index's) read: read
                 // the changes now, so that trying again decides on them.
-                if let Err(e) = self.refresh_index(now).await {
-                    tracing::warn!(error = %e, "reading the change feed failed");
-                }
+                self.refresh_after_conflict(now).await;
             }
             if let Some(change) = stored? {
                 // Out of the index at once, until the feed brings the new
@@ -502,9 +513,20 @@ impl Wicket {
             let (audit, notes) = self.effect_rows(&req, &effects, now).await?;
             let stored = self
                 .store
-                .insert_request_unless_more_await(&self.encode(&req)?, &audit, &notes, limit)
-                .await?;
-            if stored {
+                .insert_request_unless_more_await(
+                    &self.encode(&req)?,
+                    &audit,
+                    &notes,
+                    limit,
+                    Some(user.into()),
+                )
+                .await;
+            if let Err(Error::Conflict(_)) = &stored {
+                // The requester changed since the (index's) read: read the
+                // changes now, so that trying again decides on them.
+                self.refresh_after_conflict(now).await;
+            }
+            if stored? {
                 return self.view(&req, now).await;
             }
         }

@@ -548,6 +548,52 @@ pub struct UserRecord {
     pub disabled: bool,
 }
 
+/// A user's record as a decision read it: what a write made on that
+/// decision checks is still so (see [`Store::update_request`]).
+#[derive(Debug, Clone, Copy)]
+pub struct AsRead<'a> {
+    pub name: &'a str,
+    pub roles: &'a [String],
+    pub team: Option<&'a str>,
+}
+
+impl<'a> From<&'a UserRecord> for AsRead<'a> {
+    fn from(u: &'a UserRecord) -> Self {
+        AsRead {
+            name: &u.name,
+            roles: &u.roles,
+            team: u.team.as_deref(),
+        }
+    }
+}
+
+impl AsRead<'_> {
+    /// Inside a writing transaction that took the change feed: a conflict
+    /// unless the user's row still says what was read (and is enabled).
+    async fn still_so(&self, tx: &mut Transaction<'static, Any>) -> Result<()> {
+        let row = sqlx::query("SELECT roles, team, disabled FROM users WHERE name = $1")
+            .bind(self.name)
+            .fetch_optional(&mut **tx)
+            .await?;
+        let unchanged = match row {
+            Some(r) => {
+                r.try_get::<i64, _>(2)? == 0
+                    && r.try_get::<Option<String>, _>(1)?.as_deref() == self.team
+                    && parse_list(&r.try_get::<String, _>(0)?).is_ok_and(|now| now == self.roles)
+            }
+            None => false,
+        };
+        if unchanged {
+            return Ok(());
+        }
+        Err(Error::Conflict(format!(
+            "{}'s account changed (roles, team, or disabled) while this was decided; \
+             nothing was done: try again",
+            self.name
+        )))
+    }
+}
+
 impl std::fmt::Debug for UserRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let set = |v: &Option<String>| if v.is_some() { "<set>" } else { "<none>" };
@@ -1242,7 +1288,7 @@ impl Store {
         audit: &[AuditRow],
         notes: &[NotificationRow],
     ) -> Result<()> {
-        self.insert_request_unless_more_await(req, audit, notes, None)
+        self.insert_request_unless_more_await(req, audit, notes, None, None)
             .await
             .map(drop)
     }
@@ -1262,16 +1308,21 @@ impl Store {
     /// fewer): then nothing is written, and `false` says to count and
     /// decide again. Counted after the change feed's row is taken, which
     /// every writer takes, so two creations never both count without the
-    /// other.
+    /// other. `acting` is the requester's record as the decision read it
+    /// (see [`Store::update_request`]).
     pub async fn insert_request_unless_more_await(
         &self,
         req: &StoredRequest,
         audit: &[AuditRow],
         notes: &[NotificationRow],
         limit: Option<i64>,
+        acting: Option<AsRead<'_>>,
     ) -> Result<bool> {
         let mut tx = self.begin().await?;
         let change = next_change(&mut tx).await?;
+        if let Some(acting) = acting {
+            acting.still_so(&mut tx).await?;
+        }
         if let Some(limit) = limit {
             let now: i64 = sqlx::query(AWAITING_REVIEW)
                 .bind(&req.requester)
@@ -1309,9 +1360,9 @@ impl Store {
     /// change number it took, or `None` when someone else changed it first;
     /// nothing is written then.
     ///
-    /// `acting` names the user who acts and their roles as read for the
+    /// `acting` is the user who acts, as their record was read for the
     /// decision (from an index up to a second old, or another wicketd's
-    /// store): if their record no longer says so (disabled, removed, roles
+    /// store): if it no longer says so (disabled, removed, roles or team
     /// changed) when the change is written, nothing is and the answer is
     /// a conflict. Every user change takes the change feed first, as this
     /// does, so none can slip in between.
@@ -1321,28 +1372,12 @@ impl Store {
         version: i64,
         audit: &[AuditRow],
         notes: &[NotificationRow],
-        acting: Option<(&str, &[String])>,
+        acting: Option<AsRead<'_>>,
     ) -> Result<Option<i64>> {
         let mut tx = self.begin().await?;
         let change = next_change(&mut tx).await?;
-        if let Some((name, roles)) = acting {
-            let row = sqlx::query("SELECT roles, disabled FROM users WHERE name = $1")
-                .bind(name)
-                .fetch_optional(&mut *tx)
-                .await?;
-            let unchanged = match row {
-                Some(r) => {
-                    r.try_get::<i64, _>(1)? == 0
-                        && parse_list(&r.try_get::<String, _>(0)?).is_ok_and(|now| now == roles)
-                }
-                None => false,
-            };
-            if !unchanged {
-                return Err(Error::Conflict(format!(
-                    "{name}'s account changed (roles, or disabled) while this was decided; \
-                     nothing was done: try again"
-                )));
-            }
+        if let Some(acting) = acting {
+            acting.still_so(&mut tx).await?;
         }
         let r = sqlx::query(
             "UPDATE access_requests SET state = $1, next_deadline = $2, updated_at = $3, doc = $4, version = version + 1, change_seq = $7, awaiting_review = $8 WHERE id = $5 AND version = $6",

@@ -323,7 +323,7 @@ async fn exercise(store: &Store) {
     for (limit, id, state) in [(1, "d1", "pending"), (2, "d22", "needs-info")] {
         let r = dave(id, state, true);
         assert!(store
-            .insert_request_unless_more_await(&r, &[], &[], Some(limit))
+            .insert_request_unless_more_await(&r, &[], &[], Some(limit), None)
             .await
             .unwrap());
     }
@@ -342,12 +342,12 @@ async fn exercise(store: &Store) {
     // Two await review: with a limit of 2, the next is not stored.
     let late = dave("d55555", "pending", true);
     assert!(!store
-        .insert_request_unless_more_await(&late, &[], &[], Some(2))
+        .insert_request_unless_more_await(&late, &[], &[], Some(2), None)
         .await
         .unwrap());
     assert_eq!(store.get_request("d55555").await.unwrap(), None);
     assert!(store
-        .insert_request_unless_more_await(&late, &[], &[], Some(3))
+        .insert_request_unless_more_await(&late, &[], &[], Some(3), None)
         .await
         .unwrap());
     let listed = |only: bool| {
@@ -1993,6 +1993,49 @@ fn a_review_by_a_user_changed_since_they_were_read_is_not_written() {
             .await;
             w.refresh_index(now).await.unwrap();
         }
+    });
+}
+
+/// The same for a new request (and break-glass, which is made the same
+/// way): the requester's record as the decision read it must still be so
+/// when the request is written.
+#[test]
+fn a_request_by_a_user_changed_since_they_were_read_is_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (w, store, now) = ann_ben_and_rita(dir.path(), "").await;
+        let live = now.timestamp() + 3600;
+        for change in [
+            "UPDATE users SET disabled = 1 WHERE name = 'ann'",
+            "UPDATE users SET roles = '[\"rev\"]' WHERE name = 'ann'",
+            "UPDATE users SET team = 'other' WHERE name = 'ann'",
+        ] {
+            w.refresh_index(now).await.unwrap();
+            assert!(w.index.read().user("ann", now).is_some());
+            exec(&store, &[change]).await;
+            // Not read yet: this wicketd still sees ann as she was.
+            assert!(w.index.read().user("ann", now).is_some());
+            let err = w
+                .create_request(&caller_of("ann", live), ask_ops(), now)
+                .await
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("ann's account changed"),
+                "{change}: {err}"
+            );
+            assert_eq!(store.count_awaiting_review("ann").await.unwrap(), 0);
+            exec(
+                &store,
+                &["UPDATE users SET disabled = 0, roles = '[\"dev\"]', team = NULL WHERE name = 'ann'"],
+            )
+            .await;
+        }
+        // Unchanged, it is written.
+        w.refresh_index(now).await.unwrap();
+        w.create_request(&caller_of("ann", live), ask_ops(), now)
+            .await
+            .unwrap();
+        assert_eq!(store.count_awaiting_review("ann").await.unwrap(), 1);
     });
 }
 
