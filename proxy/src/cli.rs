@@ -492,31 +492,49 @@ async fn run(command: Command) -> Result<()> {
         Command::Users(UsersCommand::Ls { source, format }) => {
             let cfg = load_config(&source)?;
             let store = open_store(&cfg).await?;
-            let users = store.list_users().await?;
-            if format == "json" {
-                let v: Vec<serde_json::Value> = users
-                    .iter()
-                    .map(|u| serde_json::json!({"name": u.name, "roles": u.roles, "team": u.team, "totp": u.totp_secret.is_some(), "disabled": u.disabled}))
-                    .collect();
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&v).map_err(|e| Error::Internal(e.to_string()))?
-                );
-            } else {
-                for u in users {
-                    println!(
-                        "{:<20} roles={} team={} totp={}{}",
-                        u.name,
-                        u.roles.join(","),
-                        u.team.as_deref().unwrap_or("-"),
-                        u.totp_secret.is_some(),
-                        if u.disabled { " disabled" } else { "" }
-                    );
-                }
-            }
+            let users = store.list_user_rows().await?;
+            print!("{}", users_listing(&users, &format)?);
             Ok(())
         }
     }
+}
+
+/// `wicketd users ls`: a line per user (or a JSON array), the rows that do
+/// not decode included, by name, with why.
+fn users_listing(
+    users: &[std::result::Result<crate::store::UserRecord, crate::store::UnreadableUser>],
+    format: &str,
+) -> Result<String> {
+    if format == "json" {
+        let v: Vec<serde_json::Value> = users
+            .iter()
+            .map(|u| match u {
+                Ok(u) => serde_json::json!({"name": u.name, "roles": u.roles, "team": u.team, "totp": u.totp_secret.is_some(), "disabled": u.disabled}),
+                Err(bad) => serde_json::json!({"name": bad.name, "unreadable": bad.reason}),
+            })
+            .collect();
+        let mut out =
+            serde_json::to_string_pretty(&v).map_err(|e| Error::Internal(e.to_string()))?;
+        out.push('\n');
+        return Ok(out);
+    }
+    Ok(users
+        .iter()
+        .map(|u| match u {
+            Ok(u) => format!(
+                "{:<20} roles={} team={} totp={}{}\n",
+                u.name,
+                u.roles.join(","),
+                u.team.as_deref().unwrap_or("-"),
+                u.totp_secret.is_some(),
+                if u.disabled { " disabled" } else { "" }
+            ),
+            Err(bad) => format!(
+                "{:<20} UNREADABLE (left out of every decision): {}\n",
+                bad.name, bad.reason
+            ),
+        })
+        .collect())
 }
 
 /// `wicketd nodes add`: issues the host certificate and prints the setup.
@@ -720,6 +738,45 @@ async fn wait_for_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `wicketd users ls` names a row that does not decode, with why, in
+    /// both formats, among the others.
+    #[test]
+    fn the_user_listing_names_unreadable_rows() {
+        use crate::store::{UnreadableUser, UserRecord};
+        let rows = vec![
+            Err(UnreadableUser {
+                name: "ann".into(),
+                reason: "roles: not a list".into(),
+            }),
+            Ok(UserRecord {
+                name: "bob".into(),
+                roles: vec!["dev".into(), "ops".into()],
+                team: Some("payments".into()),
+                password_hash: None,
+                totp_secret: Some("S".into()),
+                created_at: 1,
+                disabled: true,
+            }),
+        ];
+        let text = users_listing(&rows, "text").unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].starts_with("ann "), "{text}");
+        assert!(lines[0].contains("UNREADABLE") && lines[0].contains("roles: not a list"));
+        assert!(
+            lines[1].starts_with("bob ")
+                && lines[1].ends_with("roles=dev,ops team=payments totp=true disabled"),
+            "{text}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&users_listing(&rows, "json").unwrap()).unwrap();
+        assert_eq!(json[0]["name"], "ann");
+        assert_eq!(json[0]["unreadable"], "roles: not a list");
+        assert_eq!(json[1]["name"], "bob");
+        assert_eq!(json[1]["disabled"], true);
+        assert!(!text.contains("\"S\"") && json[1].get("totp_secret").is_none());
+    }
 
     /// A user that two teams list gets a note (their team lead would be
     /// arbitrary, so there is none until their record names a team); so

@@ -548,6 +548,13 @@ pub struct UserRecord {
     pub disabled: bool,
 }
 
+/// A user row that does not decode (edited by hand): its name, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreadableUser {
+    pub name: String,
+    pub reason: String,
+}
+
 /// A user's record as a decision read it: what a write made on that
 /// decision checks is still so (see [`Store::update_request`]).
 #[derive(Debug, Clone, Copy)]
@@ -1068,23 +1075,40 @@ impl Store {
     }
 
     pub async fn list_users(&self) -> Result<Vec<UserRecord>> {
+        // One row that does not decode (edited by hand) is left out, with a
+        // warning, rather than failing every request that lists users
+        // (creating a request finds its reviewers here).
+        Ok(self
+            .list_user_rows()
+            .await?
+            .into_iter()
+            .filter_map(|r| match r {
+                Ok(u) => Some(u),
+                Err(bad) => {
+                    tracing::warn!(user = %bad.name, error = %bad.reason, "a user record does not decode; left out");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// Every user row by name, each decoded on its own: an admin's listing
+    /// shows the ones that do not decode too.
+    pub async fn list_user_rows(
+        &self,
+    ) -> Result<Vec<std::result::Result<UserRecord, UnreadableUser>>> {
         let rows = sqlx::query(
             "SELECT name, roles, team, password_hash, totp_secret, created_at, disabled FROM users ORDER BY name",
         )
         .fetch_all(&self.pool)
         .await?;
-        // One row that does not decode (edited by hand) is left out, with a
-        // warning, rather than failing every request that lists users
-        // (creating a request finds its reviewers here).
         Ok(rows
             .iter()
-            .filter_map(|r| match user_from_row(r) {
-                Ok(u) => Some(u),
-                Err(e) => {
-                    let name = r.try_get::<String, _>(0).unwrap_or_default();
-                    tracing::warn!(user = %name, error = %e, "a user record does not decode; left out");
-                    None
-                }
+            .map(|r| {
+                user_from_row(r).map_err(|e| UnreadableUser {
+                    name: r.try_get::<String, _>(0).unwrap_or_default(),
+                    reason: e.to_string(),
+                })
             })
             .collect())
     }
@@ -3087,7 +3111,8 @@ async fn key_chain(
 fn user_from_row(r: &AnyRow) -> Result<UserRecord> {
     Ok(UserRecord {
         name: r.try_get(0)?,
-        roles: parse_list(&r.try_get::<String, _>(1)?)?,
+        roles: serde_json::from_str(&r.try_get::<String, _>(1)?)
+            .map_err(|e| Error::Store(format!("roles are not a JSON list: {e}")))?,
         team: r.try_get(2)?,
         password_hash: r.try_get(3)?,
         totp_secret: r.try_get(4)?,
@@ -3175,6 +3200,13 @@ mod tests {
             store.users_with_roles(&["dev".into()]).await.unwrap(),
             ["bob"]
         );
+        // An admin's listing names it, and says why.
+        let rows = store.list_user_rows().await.unwrap();
+        assert_eq!(rows.len(), 2);
+        let bad = rows[0].as_ref().unwrap_err();
+        assert_eq!(bad.name, "ann");
+        assert!(bad.reason.contains("roles are not"), "{}", bad.reason);
+        assert_eq!(rows[1].as_ref().map(|u| u.name.as_str()), Ok("bob"));
     }
 
     #[test]
