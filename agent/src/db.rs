@@ -25,11 +25,9 @@ use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
-use wicket_api::pg::{self, Startup};
+use wicket_api::pg::{self, Startup, RESOURCE_PARAM};
 use wicket_api::{DatabaseInfo, Resources};
 
-/// Startup parameter naming the database resource (see wicketd's proxy).
-const RESOURCE_PARAM: &str = "wicket_database";
 const MAX_STARTUP: usize = 10_000;
 /// How long reaching wicketd (TCP, SSLRequest, TLS) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);

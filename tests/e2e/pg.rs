@@ -1176,8 +1176,13 @@ fn disabling_a_user_ends_their_sessions() {
 
 /// A raw frontend: PostgreSQL messages written by hand, for what no client
 /// library will send.
+/// A byte stream a raw client speaks over: TCP to a tunnel, or TLS to
+/// wicketd's listener.
+trait Wire: std::io::Read + Write {}
+impl<T: std::io::Read + Write> Wire for T {}
+
 struct RawFrontend {
-    tcp: std::net::TcpStream,
+    tcp: Box<dyn Wire>,
     buf: Vec<u8>,
 }
 
@@ -1190,8 +1195,51 @@ impl RawFrontend {
     /// Connected with the `startup` message given; the tags of what came
     /// before the first ReadyForQuery.
     fn connect_with(t: &Tunnel, startup: &[u8]) -> (RawFrontend, Vec<u8>) {
-        let mut tcp = std::net::TcpStream::connect(t.addr).unwrap();
+        Self::start(Box::new(Self::tcp_to(t)), startup)
+    }
+
+    /// TCP to the tunnel `t`, with a read timeout.
+    fn tcp_to(t: &Tunnel) -> std::net::TcpStream {
+        let tcp = std::net::TcpStream::connect(t.addr).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        tcp
+    }
+
+    /// Straight to wicketd's listener, as a client that speaks TLS itself
+    /// does (SSLRequest, then TLS with `cli`'s certificate), with
+    /// `startup`; the tags of what came before the first ReadyForQuery.
+    fn direct_with(s: &Setup, cli: &WicketCli, startup: &[u8]) -> (RawFrontend, Vec<u8>) {
+        use std::io::Read;
+        let status = cli
+            .ok(&["status", "--format", "json"])
+            .unwrap()
+            .json()
+            .unwrap();
+        let read = |k: &str| std::fs::read_to_string(status["files"][k].as_str().unwrap()).unwrap();
+        let chain = wicket::client::certs_from_pem(&read("tls_certificate")).unwrap();
+        let key = wicket_ca::pem_decode("PRIVATE KEY", &read("tls_key")).unwrap();
+        let verifier = wicket::client::proxy_verifier(&read("ca_bundle")).unwrap();
+        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()))
+        .unwrap();
+        let mut tcp = std::net::TcpStream::connect(s.d.postgres_addr().unwrap()).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        tcp.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).unwrap();
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"S");
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+        Self::start(Box::new(rustls::StreamOwned::new(conn, tcp)), startup)
+    }
+
+    fn start(mut tcp: Box<dyn Wire>, startup: &[u8]) -> (RawFrontend, Vec<u8>) {
         tcp.write_all(startup).unwrap();
         let mut f = RawFrontend {
             tcp,
@@ -1344,7 +1392,11 @@ fn with_ledger() -> (Setup, Tunnel) {
 #[test]
 fn a_pipeline_past_what_the_proxy_holds_still_gets_its_answers() {
     let (s, t) = with_ledger();
-    let mut f = RawFrontend::connect(&t);
+    // A second handle on the connection writes while this one reads.
+    let tcp = RawFrontend::tcp_to(&t);
+    let mut writer = tcp.try_clone().unwrap();
+    let startup = wicket_api::pg::startup_message(&[("user", "app"), ("database", "app")]);
+    let (mut f, _) = RawFrontend::start(Box::new(tcp), &startup);
     let text = format!("SELECT 1 -- {}", "x".repeat(60 * 1024));
     let parses = 600;
     let mut batch = Vec::new();
@@ -1352,7 +1404,6 @@ fn a_pipeline_past_what_the_proxy_holds_still_gets_its_answers() {
         batch.extend_from_slice(&RawFrontend::parse("", &text));
     }
     batch.extend_from_slice(&RawFrontend::sync());
-    let mut writer = f.tcp.try_clone().unwrap();
     let sender = std::thread::spawn(move || writer.write_all(&batch));
     let tags = f.until_ready(1);
     sender.join().unwrap().unwrap();
@@ -1919,29 +1970,58 @@ fn a_portal_changed_by_a_function_is_marked_as_not_what_was_bound() {
 /// A client asking for protocol 3.2 with a protocol option (libpq 18 with
 /// `max_protocol_version=latest`; libpq 19 betas ask for 3.9999 and
 /// made-up options) is told it gets 3.0 without the option, as PostgreSQL
-/// tells it, and goes on.
+/// tells it, and goes on: through the tunnel, and straight to wicketd over
+/// TLS with the user's certificate.
 #[test]
 fn a_newer_protocol_version_is_negotiated_down_to_3_0() {
-    let (_s, t) = with_ledger();
+    let (s, t) = with_ledger();
     let mut startup = wicket_api::pg::startup_message(&[
         ("user", "app"),
         ("database", "app"),
         ("_pq_.grease", "1"),
+        ("application_name", "negotiating"),
+        // The tunnel sets it; a direct client names the resource itself.
+        (wicket_api::pg::RESOURCE_PARAM, "prod-pg"),
     ]);
     startup[4..8].copy_from_slice(&0x0003_0002u32.to_be_bytes());
-    let (mut f, tags) = RawFrontend::connect_with(&t, &startup);
-    assert_eq!(
-        tags.first(),
-        Some(&b'v'),
-        "{:?}",
-        String::from_utf8_lossy(&tags)
-    );
-    assert!(tags.contains(&b'R'), "{:?}", String::from_utf8_lossy(&tags));
-    f.tcp
-        .write_all(&RawFrontend::query("select count(*) from ledger"))
-        .unwrap();
-    let tags = f.until_ready(1);
-    assert!(tags.contains(&b'D'), "{:?}", String::from_utf8_lossy(&tags));
+    // Through the tunnel (which answers itself), and straight to wicketd
+    // over TLS (which answers then).
+    for (f, tags) in [
+        RawFrontend::connect_with(&t, &startup),
+        RawFrontend::direct_with(&s, &s.alice, &startup),
+    ] {
+        let mut f = f;
+        assert_eq!(
+            tags.first(),
+            Some(&b'v'),
+            "{:?}",
+            String::from_utf8_lossy(&tags)
+        );
+        assert!(tags.contains(&b'R'), "{:?}", String::from_utf8_lossy(&tags));
+        f.tcp
+            .write_all(&RawFrontend::query("select count(*) from ledger"))
+            .unwrap();
+        let tags = f.until_ready(1);
+        assert!(tags.contains(&b'D'), "{:?}", String::from_utf8_lossy(&tags));
+    }
+    // Each answered itself: the option went neither upstream (where
+    // PostgreSQL would answer the same) nor on the record.
+    let started = wait_until(
+        "both sessions on the record",
+        Duration::from_secs(10),
+        || {
+            let e: Vec<Value> = s
+                .alice_events("session_started")
+                .into_iter()
+                .filter(|e| e.to_string().contains("negotiating"))
+                .collect();
+            (e.len() == 2).then_some(e)
+        },
+    )
+    .unwrap();
+    for e in started {
+        assert!(!e.to_string().contains("_pq_"), "{e}");
+    }
 }
 
 /// A client that leaves with its work running (closed after sending it, or

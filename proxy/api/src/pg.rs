@@ -13,6 +13,11 @@ pub const SSL_REQUEST: u32 = 80_877_103;
 pub const GSSENC_REQUEST: u32 = 80_877_104;
 pub const CANCEL_REQUEST: u32 = 80_877_102;
 
+/// The startup parameter naming the database resource: set by the tunnel
+/// (`wicket proxy db`) or a client of its own, read by wicketd and removed
+/// before the startup message goes upstream.
+pub const RESOURCE_PARAM: &str = "wicket_database";
+
 /// Why bytes were rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProtocolError(pub String);

@@ -36,9 +36,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use wicket_ca::{Identity, Validity};
 use wicket_policy::{Resource, ResourceKind};
 
-/// The startup parameter naming the database resource; set by `wicket proxy
-/// db` and removed before the startup message goes upstream.
-pub const RESOURCE_PARAM: &str = "wicket_database";
+use wicket_api::pg::RESOURCE_PARAM;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long ending a cut session's backend may take before its statement
