@@ -49,6 +49,21 @@ pub struct Wicket {
     /// Which refusals of signed-in users' calls are recorded (see
     /// [`crate::auth::DenialLog`]).
     pub(crate) denials: std::sync::Mutex<crate::auth::DenialLog>,
+    /// Password checks that may run at once: each argon2id check takes
+    /// 19 MiB and tens of milliseconds of CPU, so clients trying many
+    /// passwords at once (from many sources) cannot take the memory.
+    pub password_checks: tokio::sync::Semaphore,
+}
+
+/// How long a login waits for a place among the password checks before it
+/// is answered "busy, try again".
+const PASSWORD_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Password checks at once: two per CPU, at least 2 and at most 16.
+fn password_check_places() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get() * 2)
+        .clamp(2, 16)
 }
 
 impl std::fmt::Debug for Wicket {
@@ -247,6 +262,7 @@ impl Wicket {
             rng: SystemRandom::new(),
             refusals: Default::default(),
             denials: Default::default(),
+            password_checks: tokio::sync::Semaphore::new(password_check_places()),
         })
     }
 
@@ -326,6 +342,15 @@ impl Wicket {
         }
         let keys = parse_client_keys(&req.ssh_public_key, &req.tls_csr_pem)?;
         let src = source.to_string();
+        // A place among the checks first: a login that gets none is not
+        // counted as an attempt.
+        let _place = tokio::time::timeout(PASSWORD_CHECK_WAIT, self.password_checks.acquire())
+            .await
+            .ok()
+            .and_then(|p| p.ok())
+            .ok_or_else(|| {
+                Error::Busy("too many logins are being checked; try again in a moment".into())
+            })?;
         let attempt = self
             .refuse_when_rate_limited(Guesses::Login, &req.user, source, now)
             .await?;

@@ -2919,6 +2919,45 @@ async fn wrong_logins_on_two_wicketds(dir: &std::path::Path, storage: Storage) {
     assert_eq!(left, limit as i64, "refused checks leave nothing behind");
 }
 
+/// Password checks (argon2id, 19 MiB each) run a bounded number at once:
+/// a login that finds no place within a moment is told "busy" (503), is
+/// not counted as an attempt, and the next, with a place, is checked.
+#[test]
+fn password_checks_are_bounded() {
+    use wicket_api::{LoginRequest, Secret};
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let (w, store, now) = wicket_with_ann_and_ben(dir.path()).await;
+        let keys = wicket::keys::generate("ann@test").unwrap();
+        let login = || LoginRequest {
+            user: "ann".into(),
+            password: Secret::new("not ann's password"),
+            otp: None,
+            ssh_public_key: keys.ssh_public_openssh.clone(),
+            tls_csr_pem: keys.tls_csr_pem.clone(),
+        };
+        let places = w.password_checks.available_permits();
+        assert!((2..=16).contains(&places), "{places}");
+        let held = w
+            .password_checks
+            .acquire_many(u32::try_from(places).unwrap())
+            .await
+            .unwrap();
+        let source = std::net::IpAddr::from([127, 0, 0, 1]);
+        let err = w.login(login(), source, now).await.unwrap_err();
+        assert!(matches!(err, wicketd::error::Error::Busy(_)), "{err:?}");
+        let counted = "SELECT COUNT(*) FROM login_failures";
+        assert_eq!(count(&store, counted).await, 0);
+        drop(held);
+        let err = w.login(login(), source, now).await.unwrap_err();
+        assert!(
+            matches!(err, wicketd::error::Error::Unauthenticated(_)),
+            "{err:?}"
+        );
+        assert_eq!(count(&store, counted).await, 1);
+    });
+}
+
 /// Holding a certificate never extends a password login: a certificate
 /// reissued without grants ends when the login it descends from does (the
 /// end travels inside each certificate), and none is reissued after it.
