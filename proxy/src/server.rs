@@ -348,7 +348,7 @@ pub(crate) async fn accept_until_shutdown<F, Fut>(
         };
         let _ = tcp.set_nodelay(true);
         keep_alive(&tcp);
-        match gate.admit(tokio::time::Instant::now()) {
+        match gate.admit(tokio::time::Instant::now(), peer.ip()) {
             Ok(admitted) => {
                 tokio::spawn(handle(tcp, peer, admitted));
             }

@@ -1058,6 +1058,14 @@ impl Cx {
                 .map_or(d.max_unauthenticated.min(given), |n| n as usize),
             "limits.max_unauthenticated",
         );
+        let per_source = self.count(
+            f.max_unauthenticated_per_source.map_or(
+                d.max_unauthenticated_per_source
+                    .min(unauthenticated.unwrap_or(usize::MAX)),
+                |n| n as usize,
+            ),
+            "limits.max_unauthenticated_per_source",
+        );
         let per_user = self.count(
             f.max_connections_per_user
                 .map_or(d.max_connections_per_user.min(given), |n| n as usize),
@@ -1068,6 +1076,15 @@ impl Cx {
                 self.push(
                     "limits.max_unauthenticated",
                     format!("{u} is more than limits.max_connections ({o})"),
+                );
+                ok = false;
+            }
+        }
+        if let (Some(p), Some(u)) = (per_source, unauthenticated) {
+            if p > u {
+                self.push(
+                    "limits.max_unauthenticated_per_source",
+                    format!("{p} is more than limits.max_unauthenticated ({u})"),
                 );
                 ok = false;
             }
@@ -1086,6 +1103,7 @@ impl Cx {
         ok.then_some(Limits {
             max_connections: open?,
             max_unauthenticated: unauthenticated?,
+            max_unauthenticated_per_source: per_source?,
             max_connections_per_user: per_user?,
             login_grace: grace?,
             send_timeout: send?,

@@ -147,8 +147,9 @@ pub struct AuditFile {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a mapping with max_connections, max_unauthenticated, max_connections_per_user, \
-                 login_grace, send_timeout, ssh_channel_burst and ssh_channels_per_second"
+    expecting = "a mapping with max_connections, max_unauthenticated, \
+                 max_unauthenticated_per_source, max_connections_per_user, login_grace, \
+                 send_timeout, ssh_channel_burst and ssh_channels_per_second"
 )]
 pub struct LimitsFile {
     /// Open client connections per listener (default 10000).
@@ -156,6 +157,9 @@ pub struct LimitsFile {
     /// Connections per listener not yet authenticated (default 100; sshd's
     /// MaxStartups).
     pub max_unauthenticated: Option<u32>,
+    /// Of those, from one source address (an IPv6 /64) (default 20; sshd's
+    /// PerSourceMaxStartups).
+    pub max_unauthenticated_per_source: Option<u32>,
     /// Authenticated connections one user may hold per listener (default 100).
     pub max_connections_per_user: Option<u32>,
     /// Time a connection has to authenticate (default 60s; sshd's

@@ -319,6 +319,10 @@ pub struct Limits {
     /// Connections per listener still in their TLS or SSH handshake or
     /// login (default 100); more are refused, like sshd's MaxStartups.
     pub max_unauthenticated: usize,
+    /// Of those, how many one source address (an IPv6 /64) may hold
+    /// (default 20), like sshd's PerSourceMaxStartups: one host cannot
+    /// take every place and keep everyone else out.
+    pub max_unauthenticated_per_source: usize,
     /// Authenticated connections one user may hold per listener (default
     /// 100), whether or not the policy lets them anywhere; more stay
     /// unauthenticated until their login grace ends (SSH), or are refused.
@@ -348,6 +352,7 @@ impl Default for Limits {
         Self {
             max_connections: 10_000,
             max_unauthenticated: 100,
+            max_unauthenticated_per_source: 20,
             max_connections_per_user: 100,
             login_grace: Duration::seconds(60),
             send_timeout: Duration::seconds(60),

@@ -1153,6 +1153,8 @@ limits: { max_connections: 50, max_unauthenticated: 5, max_connections_per_user:
         Limits {
             max_connections: 50,
             max_unauthenticated: 5,
+            // Capped by the whole share.
+            max_unauthenticated_per_source: 5,
             max_connections_per_user: 3,
             login_grace: Duration::seconds(10),
             send_timeout: Duration::minutes(5),
@@ -1191,6 +1193,30 @@ limits: { max_connections: 50, max_unauthenticated: 5, max_connections_per_user:
     has(&e, "limits.login_grace", "at most 10m");
     let e = problems("version: 1\nlimits: { max_unauthenticated: 0 }\n");
     has(&e, "limits.max_unauthenticated", "at least 1");
+    // One source's share: 20 by default, at most the whole share.
+    assert_eq!(d.limits.max_unauthenticated_per_source, 20);
+    assert_eq!(
+        ok("version: 1\nlimits: { max_unauthenticated: 8 }\n")
+            .limits
+            .max_unauthenticated_per_source,
+        8
+    );
+    assert_eq!(
+        ok("version: 1\nlimits: { max_unauthenticated_per_source: 3 }\n")
+            .limits
+            .max_unauthenticated_per_source,
+        3
+    );
+    let e = problems(
+        "version: 1\nlimits: { max_unauthenticated: 4, max_unauthenticated_per_source: 5 }\n",
+    );
+    has(
+        &e,
+        "limits.max_unauthenticated_per_source",
+        "more than limits.max_unauthenticated (4)",
+    );
+    let e = problems("version: 1\nlimits: { max_unauthenticated_per_source: 0 }\n");
+    has(&e, "limits.max_unauthenticated_per_source", "at least 1");
     assert_eq!(
         (d.limits.ssh_channel_burst, d.limits.ssh_channels_per_second),
         (300, 30)
