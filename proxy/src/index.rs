@@ -190,12 +190,18 @@ impl Index {
             let e = self.users.get(h)?;
             e.grants.iter().find(|g| g.id == id).map(|g| g.seq >= seq)
         });
-        if newer == Some(true) || self.seen.is_some_and(|s| s >= seq) {
+        if newer == Some(true) {
             // The index already read this change: the entry is its state.
             return;
         }
         self.forget(id);
-        self.marks.insert(id.to_owned(), seq);
+        // Past what the index has read: a refresh that read before the
+        // change must not put the older state back. (A change numbered at
+        // or below what was read comes from a feed that went back, a
+        // restored database: the next refresh reads the whole index again.)
+        if self.seen.is_none_or(|s| s < seq) {
+            self.marks.insert(id.to_owned(), seq);
+        }
     }
 
     /// Takes user `name`'s record out (the session watcher found it
@@ -446,6 +452,24 @@ pub(crate) mod tests {
         index.apply(9, vec![], vec![changed(&g, 9)], at(0));
         index.forget_at(&g.id, 9);
         assert!(index.grant("alice", &g.id, at(0)).is_some());
+        assert!(index.marks.is_empty());
+    }
+
+    /// After a restored database the feed numbers changes below what the
+    /// index has read: a grant revoked here is still taken out at once,
+    /// not left vouched for until the next refresh.
+    #[test]
+    fn a_local_revoke_is_not_undone_by_a_feed_that_went_back() {
+        let mut index = Index::default();
+        let g = grant("alice", at(0));
+        index.apply(
+            100,
+            vec![("alice".into(), Ok(user("alice", false)))],
+            vec![changed(&g, 90)],
+            at(0),
+        );
+        index.forget_at(&g.id, 95);
+        assert!(index.grant("alice", &g.id, at(0)).is_none());
         assert!(index.marks.is_empty());
     }
 }
