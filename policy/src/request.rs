@@ -446,6 +446,12 @@ pub struct Engine<'a> {
     pub policy: &'a Policy,
 }
 
+/// `t` plus `d`, or the last time there is when that is past the
+/// calendar (a configured "unlimited" duration): never a panic.
+fn later(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    t.checked_add_signed(d).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 impl<'a> Engine<'a> {
     pub fn new(policy: &'a Policy) -> Self {
         Self { policy }
@@ -980,8 +986,9 @@ impl<'a> Engine<'a> {
         let start = start.max(now);
         // Whole seconds: certificates carry seconds.
         let start = DateTime::<Utc>::from_timestamp(start.timestamp(), 0).unwrap_or(start);
+        let end = later(start, duration);
         req.starts_at = Some(start);
-        req.expires_at = Some(start + duration);
+        req.expires_at = Some(end);
         req.approved_at = Some(now);
         req.updated_at = now;
         if start > now {
@@ -993,7 +1000,7 @@ impl<'a> Engine<'a> {
                     "[{}] from {} to {}",
                     req.granted_roles.join(", "),
                     start.to_rfc3339(),
-                    (start + duration).to_rfc3339()
+                    end.to_rfc3339()
                 ),
             ));
         } else {
@@ -1004,7 +1011,7 @@ impl<'a> Engine<'a> {
                 format!(
                     "[{}] until {}",
                     req.granted_roles.join(", "),
-                    (start + duration).to_rfc3339()
+                    end.to_rfc3339()
                 ),
             ));
         }
@@ -1015,7 +1022,7 @@ impl<'a> Engine<'a> {
                 req.id,
                 req.granted_roles.join(", "),
                 start.to_rfc3339(),
-                (start + duration).to_rfc3339()
+                end.to_rfc3339()
             ),
             urgent: false,
         });
@@ -1484,7 +1491,7 @@ impl<'a> Engine<'a> {
         let settings = &self.policy.requests;
         match req.state {
             State::Pending | State::NeedsInfo => {
-                if now >= req.created_at + settings.pending_ttl {
+                if now >= later(req.created_at, settings.pending_ttl) {
                     req.state = State::Expired;
                     req.ended_at = Some(now);
                     req.end_reason = Some("nobody answered in time".into());
@@ -1499,7 +1506,7 @@ impl<'a> Engine<'a> {
                         subject: format!("request {} expired unanswered", req.id),
                         urgent: false,
                     });
-                } else if !req.escalated && now >= req.created_at + settings.escalate_after {
+                } else if !req.escalated && now >= later(req.created_at, settings.escalate_after) {
                     req.escalated = true;
                     req.updated_at = now;
                     let secondary: Vec<String> = self.secondary_sets(req).into_iter().collect();
@@ -1545,9 +1552,9 @@ impl<'a> Engine<'a> {
         let s = &self.policy.requests;
         match req.state {
             State::Pending | State::NeedsInfo => Some(if req.escalated {
-                req.created_at + s.pending_ttl
+                later(req.created_at, s.pending_ttl)
             } else {
-                (req.created_at + s.escalate_after).min(req.created_at + s.pending_ttl)
+                later(req.created_at, s.escalate_after).min(later(req.created_at, s.pending_ttl))
             }),
             State::Approved => req.starts_at,
             State::Active => req.expires_at,

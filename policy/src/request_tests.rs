@@ -798,6 +798,34 @@ fn create_pending_records_request_and_notifies_reviewers() {
 // Self-approval
 // ---------------------------------------------------------------------------
 
+/// An operator who writes a duration past the calendar ("unlimited") gets
+/// grants and deadlines at the last time there is, never a panic.
+#[test]
+fn durations_past_the_calendar_end_at_the_last_time_there_is() {
+    let mut p = policy();
+    let forever = Duration::days(100_000_000);
+    p.requests.max_duration = forever;
+    p.requests.pending_ttl = forever;
+    p.requests.escalate_after = forever;
+    p.roles = RoleSet::new(p.roles.iter().cloned().map(|r| Role {
+        max_duration: None,
+        ..r
+    }));
+    let now = t0();
+    let (req, _) = create_as(&p, "alice", nr_for(&["dev-admin"], forever), now).unwrap();
+    assert_eq!(req.state, State::Active);
+    assert_eq!(req.expires_at, Some(DateTime::<Utc>::MAX_UTC));
+    assert!(req.grants_at(now + hours(1)));
+    let e = Engine::new(&p);
+    assert_eq!(e.next_deadline(&req), Some(DateTime::<Utc>::MAX_UTC));
+    // A request awaiting review: its timers too.
+    let pending = alice_requests(&p, nr(&["dba"]), now);
+    assert_eq!(pending.state, State::Pending);
+    assert_eq!(e.next_deadline(&pending), Some(DateTime::<Utc>::MAX_UTC));
+    let (same, _) = apply(&p, &pending, Event::Tick, now + hours(1)).unwrap();
+    assert_eq!(same.state, State::Pending);
+}
+
 #[test]
 fn dev_admin_is_self_approved_and_active_at_once() {
     let p = policy();
