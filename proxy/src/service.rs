@@ -52,12 +52,29 @@ pub struct Wicket {
     /// Password checks that may run at once: each argon2id check takes
     /// 19 MiB and tens of milliseconds of CPU, so clients trying many
     /// passwords at once (from many sources) cannot take the memory.
-    pub password_checks: tokio::sync::Semaphore,
+    pub password_checks: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// How long a login waits for a place among the password checks before it
 /// is answered "busy, try again".
 const PASSWORD_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Checks `password` against `hash` (none: a dummy of the same cost) off
+/// the async workers, since argon2id takes tens of milliseconds of CPU.
+/// The check holds `place` until it is done, not its caller: a login whose
+/// client went away (its future dropped) cannot free the place of a check
+/// still running.
+fn spawn_password_check(
+    place: tokio::sync::OwnedSemaphorePermit,
+    password: wicket_api::Secret,
+    hash: Option<String>,
+) -> tokio::task::JoinHandle<bool> {
+    tokio::task::spawn_blocking(move || {
+        let ok = auth::verify_password(password.expose(), hash.as_deref());
+        drop(place);
+        ok
+    })
+}
 
 /// Password checks at once: two per CPU, at least 2 and at most 16.
 fn password_check_places() -> usize {
@@ -262,7 +279,9 @@ impl Wicket {
             rng: SystemRandom::new(),
             refusals: Default::default(),
             denials: Default::default(),
-            password_checks: tokio::sync::Semaphore::new(password_check_places()),
+            password_checks: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                password_check_places(),
+            )),
         })
     }
 
@@ -344,7 +363,8 @@ impl Wicket {
         let src = source.to_string();
         // A place among the checks first: a login that gets none is not
         // counted as an attempt.
-        let _place = tokio::time::timeout(PASSWORD_CHECK_WAIT, self.password_checks.acquire())
+        let place = self.password_checks.clone();
+        let place = tokio::time::timeout(PASSWORD_CHECK_WAIT, place.acquire_owned())
             .await
             .ok()
             .and_then(|p| p.ok())
@@ -356,17 +376,10 @@ impl Wicket {
             .await?;
 
         let user = self.store.get_user(&req.user).await?;
-        // argon2id takes tens of milliseconds of CPU: off the async workers,
-        // which also run session enforcement.
-        let password_ok = {
-            let password = req.password.clone();
-            let hash = user.as_ref().and_then(|u| u.password_hash.clone());
-            tokio::task::spawn_blocking(move || {
-                auth::verify_password(password.expose(), hash.as_deref())
-            })
+        let hash = user.as_ref().and_then(|u| u.password_hash.clone());
+        let password_ok = spawn_password_check(place, req.password.clone(), hash)
             .await
-            .map_err(|e| Error::Internal(format!("password check: {e}")))?
-        };
+            .map_err(|e| Error::Internal(format!("password check: {e}")))?;
         let failure = match (&user, password_ok) {
             (None, _) => Some("unknown user"),
             (Some(_), false) => Some("wrong password"),
@@ -1105,6 +1118,23 @@ fn login_refusal(otp_sent: bool) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A password check keeps its place until it is done, though the login
+    /// that started it is gone (its client closed): the bound holds.
+    #[tokio::test]
+    async fn a_password_check_keeps_its_place_until_it_is_done() {
+        let places = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
+        let hash = auth::hash_password("the right one", &SystemRandom::new()).unwrap();
+        let place = places.clone().acquire_owned().await.unwrap();
+        drop(spawn_password_check(
+            place,
+            wicket_api::Secret::new("wrong"),
+            Some(hash),
+        ));
+        assert_eq!(places.available_permits(), 0);
+        let back = tokio::time::timeout(std::time::Duration::from_secs(60), places.acquire()).await;
+        assert!(matches!(back, Ok(Ok(_))));
+    }
 
     /// User certificates are issued for Ed25519 and ECDSA keys, which the
     /// SSH listener verifies, not for RSA keys of any size.
