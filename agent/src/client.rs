@@ -213,7 +213,8 @@ impl Client {
                 // cannot say why earlier), so an immediate EOF is that.
                 let hint = if e.kind() == std::io::ErrorKind::UnexpectedEof {
                     " (wicketd closed the connection: it may be at its connection limits, \
-                     limits.max_connections or limits.max_unauthenticated; try again, or see its log)"
+                     limits.max_connections, limits.max_unauthenticated or \
+                     limits.max_unauthenticated_per_source; try again, or see its log)"
                 } else {
                     ""
                 };

@@ -157,7 +157,7 @@ pub struct LimitsFile {
     /// Connections per listener not yet authenticated (default 100; sshd's
     /// MaxStartups).
     pub max_unauthenticated: Option<u32>,
-    /// Of those, from one source address (an IPv6 /64) (default 20; sshd's
+    /// Of those, from one source address (an IPv6 /64) (default 50; sshd's
     /// PerSourceMaxStartups).
     pub max_unauthenticated_per_source: Option<u32>,
     /// Authenticated connections one user may hold per listener (default 100).

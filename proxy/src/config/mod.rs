@@ -320,8 +320,10 @@ pub struct Limits {
     /// login (default 100); more are refused, like sshd's MaxStartups.
     pub max_unauthenticated: usize,
     /// Of those, how many one source address (an IPv6 /64) may hold
-    /// (default 20), like sshd's PerSourceMaxStartups: one host cannot
-    /// take every place and keep everyone else out.
+    /// (default 50, half the default pool), like sshd's
+    /// PerSourceMaxStartups: one host cannot take every place and keep
+    /// everyone else out. Clients behind one NAT, or a load balancer that
+    /// does not keep the client's address, count as one source.
     pub max_unauthenticated_per_source: usize,
     /// Authenticated connections one user may hold per listener (default
     /// 100), whether or not the policy lets them anywhere; more stay
@@ -352,7 +354,7 @@ impl Default for Limits {
         Self {
             max_connections: 10_000,
             max_unauthenticated: 100,
-            max_unauthenticated_per_source: 20,
+            max_unauthenticated_per_source: 50,
             max_connections_per_user: 100,
             login_grace: Duration::seconds(60),
             send_timeout: Duration::seconds(60),

@@ -1193,8 +1193,8 @@ limits: { max_connections: 50, max_unauthenticated: 5, max_connections_per_user:
     has(&e, "limits.login_grace", "at most 10m");
     let e = problems("version: 1\nlimits: { max_unauthenticated: 0 }\n");
     has(&e, "limits.max_unauthenticated", "at least 1");
-    // One source's share: 20 by default, at most the whole share.
-    assert_eq!(d.limits.max_unauthenticated_per_source, 20);
+    // One source's share: 50 by default, at most the whole share.
+    assert_eq!(d.limits.max_unauthenticated_per_source, 50);
     assert_eq!(
         ok("version: 1\nlimits: { max_unauthenticated: 8 }\n")
             .limits
