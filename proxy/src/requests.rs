@@ -494,7 +494,12 @@ impl Wicket {
         // Break-glass awaits no review and is not limited.
         let limit =
             (!new.break_glass).then(|| i64::from(self.config.policy.requests.max_pending_per_user));
+        // The requester's record as last read: when it changed before the
+        // write, read again and decided again (break-glass has used its
+        // code by now: asking for another would cost a 30 s step).
+        let mut reread: Option<UserRecord> = None;
         for _ in 0..3 {
+            let user = reread.as_ref().unwrap_or(user);
             let awaiting = self.store.count_awaiting_review(&user.name).await?;
             let (req, effects) = match self.engine_create(user, new.clone(), awaiting, now) {
                 Ok(x) => x,
@@ -521,13 +526,26 @@ impl Wicket {
                     Some(user.into()),
                 )
                 .await;
-            if let Err(Error::Conflict(_)) = &stored {
-                // The requester changed since the (index's) read: read the
-                // changes now, so that trying again decides on them.
-                self.refresh_after_conflict(now).await;
-            }
-            if stored? {
-                return self.view(&req, now).await;
+            match stored {
+                Ok(true) => return self.view(&req, now).await,
+                Ok(false) => {}
+                Err(Error::Conflict(_)) => {
+                    // The requester changed since the (index's) read.
+                    self.refresh_after_conflict(now).await;
+                    reread = Some(
+                        self.store
+                            .get_user(&user.name)
+                            .await?
+                            .filter(|u| !u.disabled)
+                            .ok_or_else(|| {
+                                Error::Unauthenticated(format!(
+                                    "user {:?} no longer exists or is disabled",
+                                    user.name
+                                ))
+                            })?,
+                    );
+                }
+                Err(e) => return Err(e),
             }
         }
         Err(Error::Conflict(
