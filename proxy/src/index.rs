@@ -87,6 +87,10 @@ pub struct Index {
     /// The last change applied (`None`: never read).
     seen: Option<i64>,
     refreshed: Option<DateTime<Utc>>,
+    /// A change made here was numbered at or below `seen` and is not the
+    /// one the index holds: the feed may have gone back (a restored
+    /// database), so the next refresh reads the whole index again.
+    reread: bool,
 }
 
 impl Index {
@@ -143,6 +147,11 @@ impl Index {
         self.seen
     }
 
+    /// Whether the next refresh must read the whole index again.
+    pub fn must_reread(&self) -> bool {
+        self.reread
+    }
+
     /// `name`, if the index is fresh, holds the user and the user is enabled.
     pub fn user(&self, name: &str, now: DateTime<Utc>) -> Option<Arc<UserRecord>> {
         if !self.fresh(now) {
@@ -185,23 +194,29 @@ impl Index {
     /// Request `id` changed here at change `seq`: out until the feed brings
     /// that change (or a later one).
     pub fn forget_at(&mut self, id: &str, seq: i64) {
-        let newer = self.holders.get(id).and_then(|h| {
+        let held = self.holders.get(id).and_then(|h| {
             let id = uuid::Uuid::parse_str(id).ok()?;
             let e = self.users.get(h)?;
-            e.grants.iter().find(|g| g.id == id).map(|g| g.seq >= seq)
+            e.grants.iter().find(|g| g.id == id).map(|g| g.seq)
         });
-        if newer == Some(true) {
-            // The index already read this change: the entry is its state.
+        if self.seen.is_none_or(|s| s < seq) {
+            // Past what the index has read: out, and a refresh that read
+            // before the change must not put the older state back.
+            self.forget(id);
+            self.marks.insert(id.to_owned(), seq);
             return;
         }
-        self.forget(id);
-        // Past what the index has read: a refresh that read before the
-        // change must not put the older state back. (A change numbered at
-        // or below what was read comes from a feed that went back, a
-        // restored database: the next refresh reads the whole index again.)
-        if self.seen.is_none_or(|s| s < seq) {
-            self.marks.insert(id.to_owned(), seq);
+        if held.is_none_or(|h| h == seq) {
+            // The index already read this change: the entry is its state
+            // (none, when the request no longer grants).
+            return;
         }
+        // At or below what was read, and the index holds another state:
+        // the request changed again since, or the feed went back (a
+        // restored database), where numbers say nothing. Out at once; the
+        // next refresh reads the whole index again.
+        self.forget(id);
+        self.reread = true;
     }
 
     /// Takes user `name`'s record out (the session watcher found it
@@ -261,9 +276,18 @@ impl Wicket {
     /// rows it read. `now` is when it began.
     pub async fn refresh_index(&self, now: DateTime<Utc>) -> Result<usize> {
         let _turn = self.index.refreshing.lock().await;
-        let after = self.index.read().seen();
-        let mut changes = self.store.changes(after).await?;
-        if after.is_some_and(|seen| changes.head < seen) {
+        let (after, reread) = {
+            let index = self.index.read();
+            (index.seen(), index.must_reread())
+        };
+        let mut changes = self
+            .store
+            .changes(if reread { None } else { after })
+            .await?;
+        if reread {
+            tracing::info!("a change made here was numbered below what the index had read; reading the whole index again");
+            *self.index.write() = Index::default();
+        } else if after.is_some_and(|seen| changes.head < seen) {
             // The feed went back (a restored database): start over.
             tracing::warn!(
                 seen = after,
@@ -471,5 +495,18 @@ pub(crate) mod tests {
         index.forget_at(&g.id, 95);
         assert!(index.grant("alice", &g.id, at(0)).is_none());
         assert!(index.marks.is_empty());
+        assert!(index.must_reread());
+        // Also when the restored feed numbers the change below the entry's
+        // own (older) number.
+        let mut index = Index::default();
+        index.apply(
+            100,
+            vec![("alice".into(), Ok(user("alice", false)))],
+            vec![changed(&g, 90)],
+            at(0),
+        );
+        index.forget_at(&g.id, 81);
+        assert!(index.grant("alice", &g.id, at(0)).is_none());
+        assert!(index.must_reread());
     }
 }
