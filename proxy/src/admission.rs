@@ -1,7 +1,8 @@
-//! Admission of client connections to a listener: how many it holds open,
+//! Admission of client connections to a listener: how many it holds open;
 //! how many of those may still be unauthenticated (like sshd's
-//! MaxStartups), and from one source (PerSourceMaxStartups), the deadline by which a connection must authenticate
-//! (LoginGraceTime), and how many connections one user may hold on it.
+//! MaxStartups), and how many from one source (PerSourceMaxStartups); the
+//! deadline by which a connection must authenticate (LoginGraceTime); and
+//! how many connections one user may hold on it.
 //! Unauthenticated clients cannot hold more than a fixed share of the proxy;
 //! authenticated ones are named in the audit and counted against their
 //! user's share, whether or not the policy then lets them anywhere.

@@ -155,7 +155,9 @@ enum UsersCommand {
         #[command(flatten)]
         source: Source,
     },
-    /// List users.
+    /// List users. A record that does not decode (edited by hand) is
+    /// listed by name as UNREADABLE, with why (JSON: `unreadable`); every
+    /// decision leaves it out.
     Ls {
         #[command(flatten)]
         source: Source,

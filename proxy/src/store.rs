@@ -1106,7 +1106,9 @@ impl Store {
             .iter()
             .map(|r| {
                 user_from_row(r).map_err(|e| UnreadableUser {
-                    name: r.try_get::<String, _>(0).unwrap_or_default(),
+                    name: r
+                        .try_get::<String, _>(0)
+                        .unwrap_or_else(|_| "(name unreadable)".into()),
                     reason: e.to_string(),
                 })
             })

@@ -1174,13 +1174,13 @@ fn disabling_a_user_ends_their_sessions() {
     assert_eq!(events.len(), 2, "{events:?}");
 }
 
-/// A raw frontend: PostgreSQL messages written by hand, for what no client
-/// library will send.
 /// A byte stream a raw client speaks over: TCP to a tunnel, or TLS to
 /// wicketd's listener.
 trait Wire: std::io::Read + Write {}
 impl<T: std::io::Read + Write> Wire for T {}
 
+/// A raw frontend: PostgreSQL messages written by hand, for what no client
+/// library will send.
 struct RawFrontend {
     tcp: Box<dyn Wire>,
     buf: Vec<u8>,
