@@ -586,7 +586,8 @@ impl AsRead<'_> {
             Some(r) => {
                 r.try_get::<i64, _>(2)? == 0
                     && r.try_get::<Option<String>, _>(1)?.as_deref() == self.team
-                    && parse_list(&r.try_get::<String, _>(0)?).is_ok_and(|now| now == self.roles)
+                    && parse_list("roles", &r.try_get::<String, _>(0)?)
+                        .is_ok_and(|now| now == self.roles)
             }
             None => false,
         };
@@ -714,8 +715,10 @@ fn json_list(v: &[String]) -> Result<String> {
     serde_json::to_string(v).map_err(|e| Error::Internal(e.to_string()))
 }
 
-fn parse_list(s: &str) -> Result<Vec<String>> {
-    serde_json::from_str(s).map_err(|e| Error::Store(format!("corrupt list column: {e}")))
+/// A list column (JSON), named `column` in the error.
+fn parse_list(column: &str, s: &str) -> Result<Vec<String>> {
+    serde_json::from_str(s)
+        .map_err(|e| Error::Store(format!("column {column} is not a JSON list: {e}")))
 }
 
 impl Store {
@@ -1018,7 +1021,8 @@ impl Store {
         // A row whose roles do not decode is what this repairs: its old
         // value goes on the record as it was.
         let raw: String = previous.try_get(0)?;
-        let previous = parse_list(&raw).unwrap_or_else(|_| vec![format!("<undecodable: {raw}>")]);
+        let previous =
+            parse_list("roles", &raw).unwrap_or_else(|_| vec![format!("<undecodable: {raw}>")]);
         sqlx::query("UPDATE users SET roles = $1, change_seq = $3 WHERE name = $2")
             .bind(json_list(roles)?)
             .bind(name)
@@ -1647,7 +1651,7 @@ impl Store {
                     id: r.try_get(0)?,
                     time_ms: r.try_get(1)?,
                     request_id: r.try_get(2)?,
-                    recipients: parse_list(&r.try_get::<String, _>(3)?)?,
+                    recipients: parse_list("recipients", &r.try_get::<String, _>(3)?)?,
                     subject: r.try_get(4)?,
                     urgent: r.try_get::<i64, _>(5)? != 0,
                 })
@@ -2416,7 +2420,7 @@ fn recording_from_row(r: &AnyRow) -> Result<(RecordingMeta, u64)> {
             user: r.try_get(1)?,
             node: r.try_get(2)?,
             login: r.try_get(3)?,
-            request_ids: parse_list(&r.try_get::<String, _>(4)?)?,
+            request_ids: parse_list("request_ids", &r.try_get::<String, _>(4)?)?,
             started: r.try_get(5)?,
         },
         u64::try_from(size).unwrap_or(0),
@@ -3113,8 +3117,7 @@ async fn key_chain(
 fn user_from_row(r: &AnyRow) -> Result<UserRecord> {
     Ok(UserRecord {
         name: r.try_get(0)?,
-        roles: serde_json::from_str(&r.try_get::<String, _>(1)?)
-            .map_err(|e| Error::Store(format!("roles are not a JSON list: {e}")))?,
+        roles: parse_list("roles", &r.try_get::<String, _>(1)?)?,
         team: r.try_get(2)?,
         password_hash: r.try_get(3)?,
         totp_secret: r.try_get(4)?,
@@ -3207,7 +3210,11 @@ mod tests {
         assert_eq!(rows.len(), 2);
         let bad = rows[0].as_ref().unwrap_err();
         assert_eq!(bad.name, "ann");
-        assert!(bad.reason.contains("roles are not"), "{}", bad.reason);
+        assert!(
+            bad.reason.contains("column roles is not a JSON list"),
+            "{}",
+            bad.reason
+        );
         assert_eq!(rows[1].as_ref().map(|u| u.name.as_str()), Ok("bob"));
     }
 
