@@ -1071,22 +1071,26 @@ impl Cx {
                 .map_or(d.max_connections_per_user.min(given), |n| n as usize),
             "limits.max_connections_per_user",
         );
-        if let (Some(u), Some(o)) = (unauthenticated, open) {
-            if u > o {
-                self.push(
-                    "limits.max_unauthenticated",
-                    format!("{u} is more than limits.max_connections ({o})"),
-                );
-                ok = false;
-            }
-        }
-        if let (Some(p), Some(u)) = (per_source, unauthenticated) {
-            if p > u {
-                self.push(
-                    "limits.max_unauthenticated_per_source",
-                    format!("{p} is more than limits.max_unauthenticated ({u})"),
-                );
-                ok = false;
+        // Each share within the one it is part of.
+        for (part, part_path, whole, whole_path) in [
+            (
+                unauthenticated,
+                "limits.max_unauthenticated",
+                open,
+                "limits.max_connections",
+            ),
+            (
+                per_source,
+                "limits.max_unauthenticated_per_source",
+                unauthenticated,
+                "limits.max_unauthenticated",
+            ),
+        ] {
+            if let (Some(p), Some(w)) = (part, whole) {
+                if p > w {
+                    self.push(part_path, format!("{p} is more than {whole_path} ({w})"));
+                    ok = false;
+                }
             }
         }
         let burst = self.within(
