@@ -97,41 +97,47 @@ pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
     Ok(ders.into_iter().map(CertificateDer::from).collect())
 }
 
+/// A TLS client configuration (ring) that verifies the server with
+/// `verifier` and presents `identity`, if given: the API client's, the
+/// database tunnel's.
+pub fn tls_config(
+    verifier: Arc<dyn ServerCertVerifier>,
+    identity: Option<&ClientIdentity>,
+) -> Result<rustls::ClientConfig> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| anyhow!("TLS: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    Ok(match identity {
+        Some(id) => {
+            let chain = certs_from_pem(&id.cert_pem).context("your TLS certificate")?;
+            let key_der = wicket_ca::pem_decode("PRIVATE KEY", &id.key_pem)
+                .map_err(|e| anyhow!("your TLS key: {e}"))?;
+            builder
+                .with_client_auth_cert(chain, PrivateKeyDer::Pkcs8(key_der.into()))
+                .map_err(|e| anyhow!("your TLS certificate: {e}"))?
+        }
+        None => builder.with_no_client_auth(),
+    })
+}
+
 impl Client {
     pub fn new(proxy: &str, trust: Trust, identity: Option<&ClientIdentity>) -> Result<Self> {
         let host = split_proxy(proxy)?;
         let provider = provider();
-        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| anyhow!("TLS: {e}"))?;
-        let builder = match trust {
-            Trust::Bundle(pem) => builder
-                .dangerous()
-                .with_custom_certificate_verifier(proxy_verifier(&pem)?),
-            Trust::Pin(pin) => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(CustomVerifier {
-                    check: Check::Pin(pin),
-                    provider,
-                })),
-            Trust::Insecure => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(CustomVerifier {
-                    check: Check::Any,
-                    provider,
-                })),
+        let verifier: Arc<dyn ServerCertVerifier> = match trust {
+            Trust::Bundle(pem) => proxy_verifier(&pem)?,
+            Trust::Pin(pin) => Arc::new(CustomVerifier {
+                check: Check::Pin(pin),
+                provider: provider.clone(),
+            }),
+            Trust::Insecure => Arc::new(CustomVerifier {
+                check: Check::Any,
+                provider: provider.clone(),
+            }),
         };
-        let mut config = match identity {
-            Some(id) => {
-                let chain = certs_from_pem(&id.cert_pem).context("client certificate")?;
-                let key_der = wicket_ca::pem_decode("PRIVATE KEY", &id.key_pem)
-                    .map_err(|e| anyhow!("client key: {e}"))?;
-                builder
-                    .with_client_auth_cert(chain, PrivateKeyDer::Pkcs8(key_der.into()))
-                    .map_err(|e| anyhow!("client certificate: {e}"))?
-            }
-            None => builder.with_no_client_auth(),
-        };
+        let mut config = tls_config(verifier, identity)?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self {
             proxy: proxy.to_owned(),

@@ -14,11 +14,11 @@
 //! it unchanged.
 
 use crate::cli::{authenticated_client, Format};
-use crate::client::{certs_from_pem, split_proxy};
+use crate::client::split_proxy;
 use crate::profile::Profile;
 use crate::term::printable;
 use anyhow::{anyhow, bail, Context, Result};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -218,20 +218,12 @@ impl Tunnel {
         let pem = |path: std::path::PathBuf| {
             std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
         };
-        let chain: Vec<CertificateDer<'static>> = certs_from_pem(&pem(cert_path.clone())?)?;
-        let key = wicket_ca::pem_decode("PRIVATE KEY", &pem(self.profile.tls_key())?)
-            .map_err(|e| anyhow!("your TLS key: {e}"))?;
+        let identity = crate::client::ClientIdentity {
+            cert_pem: pem(cert_path.clone())?,
+            key_pem: pem(self.profile.tls_key())?,
+        };
         let verifier = crate::client::proxy_verifier(&pem(self.profile.ca_bundle())?)?;
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| anyhow!("TLS: {e}"))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(chain, PrivateKeyDer::Pkcs8(key.into()))
-        .map_err(|e| anyhow!("your TLS certificate: {e}"))?;
-        let cfg = Arc::new(cfg);
+        let cfg = Arc::new(crate::client::tls_config(verifier, Some(&identity))?);
         *self.tls.lock().unwrap_or_else(|e| e.into_inner()) = Some((modified, cfg.clone(), info));
         Ok(cfg)
     }

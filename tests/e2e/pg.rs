@@ -1216,18 +1216,12 @@ impl RawFrontend {
             .json()
             .unwrap();
         let read = |k: &str| std::fs::read_to_string(status["files"][k].as_str().unwrap()).unwrap();
-        let chain = wicket::client::certs_from_pem(&read("tls_certificate")).unwrap();
-        let key = wicket_ca::pem_decode("PRIVATE KEY", &read("tls_key")).unwrap();
+        let identity = wicket::client::ClientIdentity {
+            cert_pem: read("tls_certificate"),
+            key_pem: read("tls_key"),
+        };
         let verifier = wicket::client::proxy_verifier(&read("ca_bundle")).unwrap();
-        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(chain, rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()))
-        .unwrap();
+        let cfg = wicket::client::tls_config(verifier, Some(&identity)).unwrap();
         let mut tcp = std::net::TcpStream::connect(s.d.postgres_addr().unwrap()).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         tcp.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).unwrap();
