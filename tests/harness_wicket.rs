@@ -328,6 +328,13 @@ impl Wicketd {
         builder.start_in(dir)
     }
 
+    /// Stops this daemon and starts it again on the same data directory
+    /// with another configuration (an administrator's edit).
+    pub fn restart_with(mut self, yaml: impl Into<String>) -> Result<Wicketd> {
+        self.yaml = Some(yaml.into());
+        self.restart()
+    }
+
     /// Stops, lets `down` pass (polling the clock), and starts again on the
     /// same data: what happened while it was down must happen at start.
     pub fn restart_after(mut self, down: Duration) -> Result<Wicketd> {

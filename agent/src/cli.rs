@@ -189,7 +189,9 @@ enum RequestCommand {
         start_at: Option<DateTime<Utc>>,
         #[arg(long, value_parser = ["low", "normal", "high"])]
         urgency: Option<String>,
-        /// Specific resources (repeatable).
+        /// Specific resources (repeatable). Without any, the grant holds
+        /// on every resource the roles reach when it is approved (and only
+        /// on those: not on ones configured later).
         #[arg(long = "resource")]
         resources: Vec<String>,
         /// Wait for a decision, then log in with the grant.

@@ -68,8 +68,9 @@ impl Decision {
 
 /// Who is asking: a user and the roles in force for them right now:
 /// `roles` hold everywhere their labels reach (standing roles, and the roles
-/// of active grants whose requests named no resources); `scoped` roles hold
-/// only on the resources their request named.
+/// of grants approved before Wicket recorded where they were judged);
+/// `scoped` roles hold only on the resources listed with them (those their
+/// request named, or reached when it was approved).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subject<'a> {
     pub user: &'a str,
@@ -114,26 +115,58 @@ pub fn session_end(cert_end: i64, login_until: i64, under_grants: bool) -> i64 {
     }
 }
 
-/// The roles grants put in force on top of `standing`: a grant whose
-/// request named no resources holds its roles everywhere their labels reach;
-/// one that named resources holds them only there. Each grant is given as
-/// (its roles, its request's resources).
+/// Where the roles of one grant hold (see [`roles_of_grants`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantScope {
+    /// Its granted roles.
+    pub roles: Vec<String>,
+    /// The resources its request named (none: see `judged_on`).
+    pub resources: Vec<String>,
+    /// For a request that named no resources: each granted role with the
+    /// resources it reached when the grant was approved, whose approval
+    /// rules it was judged by ([`AccessRequest::judged_on`]). `None` for a
+    /// grant approved before Wicket recorded them: its roles hold
+    /// everywhere their labels reach.
+    pub judged_on: Option<Vec<ScopedRole>>,
+}
+
+/// The roles grants put in force on top of `standing`. A grant's roles
+/// hold only on the resources its request named; for a request that named
+/// none, only on those each role reached when it was approved (its rules
+/// were chosen by them: a resource configured or reached later was never
+/// judged for it). Grants approved before that was recorded hold their
+/// roles everywhere their labels reach.
 pub fn roles_of_grants<'g>(
     standing: Vec<String>,
-    grants: impl IntoIterator<Item = (&'g [String], &'g [String])>,
+    grants: impl IntoIterator<Item = &'g GrantScope>,
 ) -> (Vec<String>, Vec<ScopedRole>) {
-    let (everywhere, named): (Vec<_>, Vec<_>) =
-        grants.into_iter().partition(|(_, res)| res.is_empty());
+    let (everywhere, confined): (Vec<_>, Vec<_>) = grants
+        .into_iter()
+        .partition(|g| g.resources.is_empty() && g.judged_on.is_none());
     let mut roles = standing;
-    for r in everywhere.into_iter().flat_map(|(roles, _)| roles) {
+    for r in everywhere.into_iter().flat_map(|g| &g.roles) {
         if !roles.contains(r) {
             roles.push(r.clone());
         }
     }
     let mut scoped = Vec::new();
-    for (granted, resources) in named {
-        for r in granted {
-            ScopedRole::add(&mut scoped, &roles, r, resources);
+    for g in confined {
+        match &g.judged_on {
+            Some(judged) if g.resources.is_empty() => {
+                // A granted role with no record reached nothing.
+                for r in &g.roles {
+                    let on = judged
+                        .iter()
+                        .find(|j| &j.role == r)
+                        .map_or(&[][..], |j| &j.resources[..]);
+                    ScopedRole::add(&mut scoped, &roles, r, on);
+                }
+            }
+            _ => {
+                for r in &g.roles {
+                    ScopedRole::add(&mut scoped, &roles, r, &g.resources);
+                }
+            }
         }
     }
     (roles, scoped)
@@ -148,7 +181,11 @@ pub struct ScopedRole {
 
 impl std::fmt::Display for ScopedRole {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} (only on {})", self.role, self.resources.join(", "))
+        if self.resources.is_empty() {
+            write!(f, "{} (on no resource)", self.role)
+        } else {
+            write!(f, "{} (only on {})", self.role, self.resources.join(", "))
+        }
     }
 }
 

@@ -17,7 +17,7 @@
 
 use crate::labels::Labels;
 use crate::rules::{ApprovalRule, Requirement, ReviewerSet};
-use crate::{Decision, Policy, ResourceKind, Subject};
+use crate::{Decision, GrantScope, Policy, ResourceKind, ScopedRole, Subject};
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -147,9 +147,25 @@ pub struct AccessRequest {
     pub end_reason: Option<String>,
     pub revoked_by: Option<String>,
     pub revoke_reason: Option<String>,
+    /// For a request that named no resources, set when it is approved:
+    /// each granted role with the resources it reached then, whose
+    /// approval rules it was judged by, and the only ones it holds on.
+    /// `None` before approval, for a request that named resources, and for
+    /// a grant approved before Wicket recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judged_on: Option<Vec<ScopedRole>>,
 }
 
 impl AccessRequest {
+    /// Where its granted roles hold (see [`crate::roles_of_grants`]).
+    pub fn scope(&self) -> GrantScope {
+        GrantScope {
+            roles: self.granted_roles.clone(),
+            resources: self.resources.clone(),
+            judged_on: self.judged_on.clone(),
+        }
+    }
+
     /// Whether it waits on a review: open (pending or needs-info), or a
     /// break-glass grant, in any state, that nobody has acknowledged yet
     /// (it is listed for after-the-fact review until then). What
@@ -466,34 +482,57 @@ impl<'a> Engine<'a> {
             .fold(self.policy.requests.max_duration, |acc, d| acc.min(d))
     }
 
-    /// The approval rules that apply to `role` for a request on `resources`,
-    /// resource by resource: a resource's rules are those whose environment
-    /// matches its labels, or the rules without an environment when none
-    /// does; the request needs every rule of every resource it names. A
-    /// request that names no resources is granted everywhere the role
-    /// reaches, so it is judged as if it named all of those (a role that
-    /// reaches production needs production's rule unless the request is
-    /// scoped away from it, and a rule for development cannot waive the
-    /// general rule for the rest). A role that reaches nothing, or a name
-    /// no longer configured, gets the rules without an environment. A
-    /// resource to which no rule applies does not drop out: it needs what a
-    /// role without rules needs ([`Applicable::fallback`]), whatever the
-    /// rules of the others waive.
+    /// The resources configured now that `role` reaches by its labels.
+    fn reached(&self, role: &str) -> Vec<String> {
+        let roles = [role.to_owned()];
+        self.policy
+            .roles
+            .reachable(&Subject::new("", &roles), &self.policy.resources)
+            .into_iter()
+            .map(|(r, _, _)| r.name.clone())
+            .collect()
+    }
+
+    /// The resources `role` of `req` is judged on: those the request names;
+    /// for one that names none, those recorded when it was approved, else
+    /// those the role reaches now (it would be granted on them).
+    fn judged_on(&self, req: &AccessRequest, role: &str) -> Vec<String> {
+        self.judged_on_of(role, &req.resources, req.judged_on.as_deref())
+    }
+
+    fn judged_on_of(
+        &self,
+        role: &str,
+        resources: &[String],
+        judged: Option<&[ScopedRole]>,
+    ) -> Vec<String> {
+        if !resources.is_empty() {
+            return resources.to_vec();
+        }
+        match judged {
+            Some(j) => j
+                .iter()
+                .find(|s| s.role == role)
+                .map(|s| s.resources.clone())
+                .unwrap_or_default(),
+            None => self.reached(role),
+        }
+    }
+
+    /// The approval rules that apply to `role` judged on `resources`
+    /// ([`Engine::judged_on`]), resource by resource: a resource's rules are
+    /// those whose environment matches its labels, or the rules without an
+    /// environment when none does; the request needs every rule of every
+    /// resource. A request that names no resources is granted everywhere the
+    /// role reaches, so it is judged on all of those (a role that reaches
+    /// production needs production's rule unless the request is scoped away
+    /// from it, and a rule for development cannot waive the general rule
+    /// for the rest), and once approved holds only there. A role that
+    /// reaches nothing, or a name no longer configured, gets the rules
+    /// without an environment. A resource to which no rule applies does not
+    /// drop out: it needs what a role without rules needs
+    /// ([`Applicable::fallback`]), whatever the rules of the others waive.
     fn rules_for(&self, role: &str, resources: &[String]) -> Applicable<'a> {
-        let reached: Vec<String>;
-        let resources = if resources.is_empty() {
-            let roles = [role.to_owned()];
-            reached = self
-                .policy
-                .roles
-                .reachable(&Subject::new("", &roles), &self.policy.resources)
-                .into_iter()
-                .map(|(r, _, _)| r.name.clone())
-                .collect();
-            &reached[..]
-        } else {
-            resources
-        };
         let for_role: Vec<&'a ApprovalRule> = self
             .policy
             .approval
@@ -586,7 +625,7 @@ impl<'a> Engine<'a> {
         }
         let member = self.membership(req, actor, now);
         for role in &req.roles {
-            let applicable = self.rules_for(role, &req.resources);
+            let applicable = self.rules_for(role, &self.judged_on(req, role));
             // Secondary reviewers are asked once the request escalated.
             let named: Vec<&ReviewerSet> = applicable
                 .rules
@@ -688,7 +727,7 @@ impl<'a> Engine<'a> {
             .collect();
         let mut missing = Vec::new();
         for role in roles {
-            let Applicable { rules, fallback } = self.rules_for(role, &req.resources);
+            let Applicable { rules, fallback } = self.rules_for(role, &self.judged_on(req, role));
             if fallback {
                 // Some resource has no rule: one approval from a holder of
                 // a role whose `review` covers it.
@@ -720,7 +759,8 @@ impl<'a> Engine<'a> {
 
     fn is_self_approved(&self, roles: &[String], resources: &[String]) -> bool {
         roles.iter().all(|role| {
-            let Applicable { rules, fallback } = self.rules_for(role, resources);
+            let Applicable { rules, fallback } =
+                self.rules_for(role, &self.judged_on_of(role, resources, None));
             !fallback && rules.iter().all(|r| r.require == Requirement::SelfApprove)
         })
     }
@@ -872,6 +912,7 @@ impl<'a> Engine<'a> {
             end_reason: None,
             revoked_by: None,
             revoke_reason: None,
+            judged_on: None,
         };
         let mut effects = vec![audit(
             "request_created",
@@ -945,7 +986,7 @@ impl<'a> Engine<'a> {
     pub fn reviewer_sets(&self, req: &AccessRequest) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
         for role in &req.roles {
-            let Applicable { rules, fallback } = self.rules_for(role, &req.resources);
+            let Applicable { rules, fallback } = self.rules_for(role, &self.judged_on(req, role));
             for r in &rules {
                 out.extend(r.require.reviewer_sets().iter().map(ToString::to_string));
             }
@@ -965,7 +1006,7 @@ impl<'a> Engine<'a> {
     fn secondary_sets(&self, req: &AccessRequest) -> BTreeSet<String> {
         req.roles
             .iter()
-            .flat_map(|role| self.rules_for(role, &req.resources).rules)
+            .flat_map(|role| self.rules_for(role, &self.judged_on(req, role)).rules)
             .flat_map(|r| r.secondary.iter().map(ToString::to_string))
             .collect()
     }
@@ -987,6 +1028,17 @@ impl<'a> Engine<'a> {
         // Whole seconds: certificates carry seconds.
         let start = DateTime::<Utc>::from_timestamp(start.timestamp(), 0).unwrap_or(start);
         let end = later(start, duration);
+        if req.resources.is_empty() {
+            req.judged_on = Some(
+                req.granted_roles
+                    .iter()
+                    .map(|role| ScopedRole {
+                        role: role.clone(),
+                        resources: self.reached(role),
+                    })
+                    .collect(),
+            );
+        }
         req.starts_at = Some(start);
         req.expires_at = Some(end);
         req.approved_at = Some(now);
@@ -1566,11 +1618,13 @@ impl<'a> Engine<'a> {
     pub fn risk(&self, req: &AccessRequest) -> Risk {
         let roles = &self.policy.roles;
         let standing = Subject::new(&req.requester, &req.requester_roles);
-        // As if granted: a request that names resources holds only there.
-        let (all, scoped) = crate::roles_of_grants(
-            req.requester_roles.clone(),
-            [(&req.roles[..], &req.resources[..])],
-        );
+        // As if granted: only on the resources it names, or is (or was,
+        // once approved) judged on.
+        let scope = GrantScope {
+            roles: req.roles.clone(),
+            ..req.scope()
+        };
+        let (all, scoped) = crate::roles_of_grants(req.requester_roles.clone(), [&scope]);
         let elevated = Subject {
             user: &req.requester,
             roles: &all,

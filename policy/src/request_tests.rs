@@ -1123,6 +1123,83 @@ fn environment_scoped_rules_apply_to_matching_resources() {
     assert_eq!(req.state, State::Active);
 }
 
+/// A request that named no resources is judged on those its roles reach
+/// when it is approved, and holds only there: a resource configured later
+/// with the same labels was never judged for it (it once held there too, so
+/// a grant self-approved for a canary reached production nodes added
+/// afterwards without production's rule).
+#[test]
+fn a_grant_that_named_no_resources_holds_only_where_it_was_judged() {
+    let mut p = policy();
+    add_canary(&mut p, Requirement::SelfApprove);
+    // Before db-1 was configured, prod-ssh reached the canary alone.
+    let mut before = p.clone();
+    before.resources.retain(|r| r.name != "db-1");
+    let req = alice_requests(&before, nr(&["prod-ssh"]), t0());
+    assert_eq!(req.state, State::Active);
+    assert_eq!(
+        req.judged_on,
+        Some(vec![crate::ScopedRole {
+            role: "prod-ssh".into(),
+            resources: sv(&["canary-1"]),
+        }])
+    );
+    // The record survives the store (and one without it reads as before).
+    let doc = serde_json::to_string(&req).unwrap();
+    assert_eq!(serde_json::from_str::<AccessRequest>(&doc).unwrap(), req);
+    let mut legacy: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    legacy.as_object_mut().unwrap().remove("judged_on");
+    let legacy: AccessRequest = serde_json::from_value(legacy).unwrap();
+    assert_eq!(legacy.judged_on, None);
+    // Now db-1 is configured: the grant does not reach it.
+    let e = Engine::new(&p);
+    let (roles, scoped) = crate::roles_of_grants(sv(&["dev"]), &[req.scope()]);
+    let alice = crate::Subject {
+        user: "alice",
+        roles: &roles,
+        scoped: &scoped,
+    };
+    let node = |n: &str| p.resources.iter().find(|r| r.name == n).unwrap();
+    assert!(
+        p.roles
+            .decide_ssh_login(&alice, node("canary-1"), "root")
+            .allowed
+    );
+    let d = p.roles.decide_ssh_login(&alice, node("db-1"), "root");
+    assert!(!d.allowed && d.reason.contains("only on canary-1"), "{d:?}");
+    let r = e.risk(&req);
+    assert!(
+        r.ssh.iter().all(|s| s.ends_with("@canary-1")),
+        "{:?}",
+        r.ssh
+    );
+    // It is judged on the canary still (who may acknowledge or review it),
+    // not on what prod-ssh reaches now.
+    assert_eq!(e.reviewer_sets(&req), std::collections::BTreeSet::new());
+    let fresh = alice_requests(&p, nr(&["prod-ssh"]), t0());
+    assert_eq!(
+        fresh.state,
+        State::Pending,
+        "a new one is judged on db-1 too"
+    );
+    // Granted on fewer roles than asked: only the granted ones are recorded.
+    let both = alice_requests(&before, nr(&["prod-ssh", "dba"]), t0());
+    let (both, _) = apply(
+        &before,
+        &both,
+        scoped_approve("dave", Some(&["prod-ssh"]), None, None),
+        t0(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let judged: Vec<&str> = both
+        .judged_on
+        .iter()
+        .flatten()
+        .map(|j| j.role.as_str())
+        .collect();
+    assert_eq!(judged, ["prod-ssh"], "{both:?}");
+}
+
 /// A prod node `canary-1` (`tier: canary`), and a rule for prod-ssh on
 /// canaries requiring `require`.
 fn add_canary(p: &mut Policy, require: Requirement) {

@@ -577,25 +577,85 @@ mod tests {
         assert_eq!(reach, ["db-1"]);
         // Grants to roles: a role also held everywhere is not narrowed, and
         // grants of one role on several resources merge.
-        let role = ["prod-ssh".to_string()];
-        let (db1, db2) = (
-            ["db-1".to_string()],
-            ["db-2".to_string(), "db-1".to_string()],
-        );
+        let grant = |resources: &[&str], judged: Option<&[&str]>| crate::GrantScope {
+            roles: vec!["prod-ssh".to_string()],
+            resources: resources.iter().map(|r| r.to_string()).collect(),
+            judged_on: judged.map(|j| {
+                vec![ScopedRole {
+                    role: "prod-ssh".into(),
+                    resources: j.iter().map(|r| r.to_string()).collect(),
+                }]
+            }),
+        };
         let (roles, merged) = crate::roles_of_grants(
             standing.clone(),
-            [(&role[..], &db1[..]), (&role[..], &[][..])],
+            &[grant(&["db-1"], None), grant(&[], None)],
         );
         assert_eq!(roles, ["dev", "prod-ssh"]);
         assert!(merged.is_empty());
         let (roles, merged) = crate::roles_of_grants(
             standing.clone(),
-            [(&role[..], &db1[..]), (&role[..], &db2[..])],
+            &[grant(&["db-1"], None), grant(&["db-2", "db-1"], None)],
         );
         assert_eq!(roles, standing);
         assert_eq!(merged.len(), 1);
         assert_eq!(merged[0].resources, ["db-1", "db-2"]);
         assert_eq!(merged[0].to_string(), "prod-ssh (only on db-1, db-2)");
+    }
+
+    #[test]
+    fn a_grant_that_named_no_resources_holds_only_where_it_was_judged() {
+        let rs = roles();
+        let standing = vec!["dev".to_string()];
+        let judged = |on: &[&str]| crate::GrantScope {
+            roles: vec!["prod-ssh".to_string(), "dba".to_string()],
+            resources: Vec::new(),
+            judged_on: Some(vec![ScopedRole {
+                role: "prod-ssh".into(),
+                resources: on.iter().map(|r| r.to_string()).collect(),
+            }]),
+        };
+        // Approved when only db-1 was configured; db-2 came later with the
+        // same labels.
+        let (roles, scoped) = crate::roles_of_grants(standing.clone(), &[judged(&["db-1"])]);
+        assert_eq!(roles, standing, "not held everywhere");
+        let s = Subject {
+            user: "alice",
+            roles: &roles,
+            scoped: &scoped,
+        };
+        let (db1, db2) = (node("db-1", "prod"), node("db-2", "prod"));
+        assert!(rs.decide_ssh_login(&s, &db1, "root").allowed);
+        let d = rs.decide_ssh_login(&s, &db2, "root");
+        assert!(!d.allowed, "{d:?}");
+        assert!(d.reason.contains("prod-ssh (only on db-1)"), "{d:?}");
+        // A granted role with no record reached nothing then: it holds on
+        // nothing now.
+        let prod_pg = Resource {
+            kind: ResourceKind::Database,
+            name: "prod-pg".into(),
+            address: "127.0.0.1:5432".into(),
+            labels: [("env".to_string(), "prod".to_string())].into(),
+        };
+        assert!(!rs.decide_database(&s, &prod_pg, "postgres", "app").allowed);
+        assert!(
+            s.describe().contains("dba (on no resource)"),
+            "{}",
+            s.describe()
+        );
+        // One approved before the record was kept holds everywhere, as then.
+        let legacy = crate::GrantScope {
+            judged_on: None,
+            ..judged(&[])
+        };
+        let (roles, scoped) = crate::roles_of_grants(standing.clone(), &[legacy]);
+        let s = Subject {
+            user: "alice",
+            roles: &roles,
+            scoped: &scoped,
+        };
+        assert!(rs.decide_ssh_login(&s, &db2, "root").allowed);
+        assert!(rs.decide_database(&s, &prod_pg, "postgres", "app").allowed);
     }
 
     #[test]

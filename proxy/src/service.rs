@@ -20,7 +20,9 @@ use wicket_ca::{
     AuthorityKeys, Identity, SshCertKind, SshCertificateRequest, SshPermissions, SshPublicKey,
     TrustedX509Cas, Validity, X509Ca,
 };
-use wicket_policy::{AccessRequest, Decision, ResourceKind, RoleSet, ScopedRole, Subject};
+use wicket_policy::{
+    AccessRequest, Decision, GrantScope, ResourceKind, RoleSet, ScopedRole, Subject,
+};
 
 /// Certificates without grants start this much before they are issued, so a
 /// wicketd or sshd whose clock runs a little behind accepts them (as
@@ -115,19 +117,19 @@ pub fn describe_roles(roles: &[String], scoped: &[ScopedRole]) -> Vec<String> {
 #[derive(Debug, Clone, Default)]
 pub struct InForce {
     /// Standing roles (while the login behind the certificate lasts) plus
-    /// granted roles of active grants whose requests named no resources:
-    /// they hold everywhere their labels reach.
+    /// granted roles of grants approved before Wicket recorded where they
+    /// were judged: they hold everywhere their labels reach.
     pub roles: Vec<String>,
-    /// Granted roles of active grants whose requests named resources: they
-    /// hold only there.
+    /// Granted roles of the other grants: each holds only on the resources
+    /// its request named, or reached when it was approved.
     pub scoped: Vec<ScopedRole>,
     /// The certificate's request IDs whose grants are active now.
     pub request_ids: Vec<String>,
     /// Why each of the certificate's other requests does not count, and
     /// that standing roles do not once the login has ended.
     pub not_counted: Vec<String>,
-    /// The grants in force, each as (its roles, its request's resources).
-    pub grants: Vec<(Vec<String>, Vec<String>)>,
+    /// The grants in force, each with where its roles hold.
+    pub grants: Vec<GrantScope>,
     /// The requests of those grants, as read for this decision.
     pub requests: Vec<Arc<AccessRequest>>,
     /// The standing roles that count (none once the login has ended).
@@ -561,12 +563,8 @@ impl Wicket {
         ids.sort();
         ids.dedup();
         let grants = self.active_grants(&user.name, &ids, now).await?;
-        let (roles, scoped) = self.roles_of_grants(
-            &user,
-            grants
-                .iter()
-                .map(|g| (&g.granted_roles[..], &g.resources[..])),
-        );
+        let scopes: Vec<GrantScope> = grants.iter().map(AccessRequest::scope).collect();
+        let (roles, scoped) = self.roles_of_grants(&user, &scopes);
         // A certificate for grants is valid exactly for their common window;
         // without grants, for what is left of the login.
         let window = if grants.is_empty() {
@@ -768,10 +766,7 @@ impl Wicket {
             };
             match found {
                 Ok(g) => {
-                    grants.extend(
-                        g.iter()
-                            .map(|r| (r.granted_roles.clone(), r.resources.clone())),
-                    );
+                    grants.extend(g.iter().map(|r| r.scope()));
                     requests.extend(g);
                     active.push(id.clone());
                 }
@@ -783,10 +778,7 @@ impl Wicket {
             ended,
         } = self.standing_in_force(caller, user, now);
         not_counted.extend(ended);
-        let (roles, scoped) = wicket_policy::roles_of_grants(
-            standing.clone(),
-            grants.iter().map(|(r, res)| (&r[..], &res[..])),
-        );
+        let (roles, scoped) = wicket_policy::roles_of_grants(standing.clone(), &grants);
         InForce {
             roles,
             scoped,
@@ -798,12 +790,12 @@ impl Wicket {
         }
     }
 
-    /// Standing roles plus the roles of `grants`, each given as (its roles,
-    /// its request's resources) (see [`wicket_policy::roles_of_grants`]).
-    fn roles_of_grants<'g>(
+    /// Standing roles plus the roles of `grants` where they hold (see
+    /// [`wicket_policy::roles_of_grants`]).
+    fn roles_of_grants(
         &self,
         user: &UserRecord,
-        grants: impl IntoIterator<Item = (&'g [String], &'g [String])>,
+        grants: &[GrantScope],
     ) -> (Vec<String>, Vec<ScopedRole>) {
         wicket_policy::roles_of_grants(self.standing_roles(user), grants)
     }
@@ -849,10 +841,7 @@ impl Wicket {
                 decision.reason = format!("{}; {}", why.join("; "), decision.reason);
             }
         }
-        let granted = wicket_policy::roles_of_grants(
-            Vec::new(),
-            grants.iter().map(|(r, res)| (&r[..], &res[..])),
-        );
+        let granted = wicket_policy::roles_of_grants(Vec::new(), &grants);
         let on_standing = decision.allowed
             && !standing.is_empty()
             && (grants.is_empty() || {

@@ -85,9 +85,9 @@ pub struct SessionInfo {
 /// A session the user's standing roles allow (alone, or with grants that
 /// would not): how to ask the policy again whether they still do.
 pub struct StandingBasis {
-    /// The grants in force when it opened, each as (its roles, its
-    /// request's resources); their own ends are followed apart.
-    pub grants: Vec<(Vec<String>, Vec<String>)>,
+    /// The grants in force when it opened, each with where its roles
+    /// hold; their own ends are followed apart.
+    pub grants: Vec<wicket_policy::GrantScope>,
     /// The policy decision it was opened on.
     pub decide: Arc<Decide>,
 }
@@ -611,10 +611,7 @@ impl Wicket {
         let current = self.standing_roles(user);
         let mut ended = self.sessions.end_without_held_roles(&user.name, &current);
         for (id, basis) in self.sessions.standing_of(&user.name) {
-            let (roles, scoped) = wicket_policy::roles_of_grants(
-                current.clone(),
-                basis.grants.iter().map(|(r, res)| (&r[..], &res[..])),
-            );
+            let (roles, scoped) = wicket_policy::roles_of_grants(current.clone(), &basis.grants);
             let subject = wicket_policy::Subject {
                 user: &user.name,
                 roles: &roles,

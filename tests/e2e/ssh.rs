@@ -103,12 +103,17 @@ impl Lab {
 
     /// With these `session:` settings (no warning 2 s before expiry).
     pub fn start_session(session: &str, top_extra: &str, node_extra: &str) -> Lab {
+        Self::start_yaml(|port, login| config(port, login, session, top_extra, node_extra))
+    }
+
+    /// With the configuration `yaml(node port, login)` makes.
+    pub fn start_yaml(yaml: impl Fn(u16, &str) -> String) -> Lab {
         let login = test_login();
         let mut attempts = 0;
         loop {
             let port = free_port().unwrap();
             let d = Wicketd::builder()
-                .config(config(port, &login, session, top_extra, node_extra))
+                .config(yaml(port, &login))
                 .start()
                 .unwrap();
             let ssh_addr = d
@@ -1033,6 +1038,118 @@ fn interactive_session_is_cut_within_a_second_of_revoke_and_recorded() {
 /// `wicketd users set-roles` reaches a live SSH session: adding a role
 /// changes nothing, and taking away a standing role its forwardings rest
 /// on ends it within a second, with the reason on its terminal.
+/// The test config with `node-admin` self-approved on `env: test` nodes
+/// and needing an auditor's approval on `tier: prod` resources (a prod
+/// database nobody's role reaches makes that rule's environment reach
+/// something), plus `more_nodes` lines.
+fn judged_config(port: u16, login: &str, more_nodes: &str) -> String {
+    let base = config(port, login, "expiry_warning: 2s", "", "");
+    let self_rule =
+        "approval:\n  - roles: [ node-admin, no-forward, agent-ok, x11-ok ]\n    require: self\n";
+    assert!(base.contains(self_rule), "{base}");
+    let yaml = base.replace(
+        self_rule,
+        "approval:\n  - roles: [ node-admin ]\n    environment: { env: test }\n    require: self\n  - roles: [ node-admin ]\n    environment: { tier: prod }\n    require: { any_of: [ \"role:auditor\" ] }\n",
+    );
+    format!(
+        "{yaml}{more_nodes}  databases:\n    - {{ name: prod-pg, address: \"127.0.0.1:9\", labels: {{ tier: prod }} }}\n"
+    )
+}
+
+/// A grant whose request named no resources holds only where its role
+/// reached when it was approved, as the rules that approved it were chosen
+/// by those: a production node configured afterwards is out of its reach
+/// (it once reached it, self-approved under the test nodes' rule), and a
+/// new request for the role is judged by production's rule.
+#[test]
+fn a_grant_does_not_reach_a_node_configured_after_it_was_approved() {
+    let lab = Lab::start_yaml(|port, login| judged_config(port, login, ""));
+    let alice = lab.user("alice", "access");
+    lab.d.add_user("sec", "auditor", PW, false).unwrap();
+    let first = lab.grant(&alice, "node-admin", "10m");
+    let Lab { d, node, login, .. } = lab;
+    let node_port = node.port();
+    // An administrator adds node-2, a production test node (with its own
+    // sshd): node-admin's labels reach it.
+    let (d, _node2) = {
+        let mut d = d;
+        let mut attempts = 0;
+        loop {
+            let port2 = free_port().unwrap();
+            let more = format!(
+                "    - {{ name: node-2, address: \"127.0.0.1:{port2}\", labels: {{ env: test, tier: prod }} }}\n"
+            );
+            d = d
+                .restart_with(judged_config(node_port, &login, &more))
+                .unwrap();
+            match Sshd::builder().port(port2).node("node-2").start(&d) {
+                Ok(n) => break (d, n),
+                Err(e) if e.is::<PortInUse>() && attempts < 3 => attempts += 1,
+                Err(e) => panic!("{e:#}"),
+            }
+        }
+    };
+    // The restarted wicketd listens elsewhere: a new login, with the grant.
+    let alice = WicketCli::logged_in(&d, "alice", PW).unwrap();
+    alice.ok(&["login", "--request-id", &first]).unwrap();
+    let ls = alice
+        .ok(&["ls", "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    let nodes: Vec<&str> = ls["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes, ["node-1"], "{ls}");
+    let cfg = ssh_config(&alice);
+    let out = output(
+        ssh(&cfg)
+            .arg(format!("{login}@node-1.wicket"))
+            .arg("echo one"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = output(
+        ssh(&cfg)
+            .arg(format!("{login}@node-2.wicket"))
+            .arg("echo two"),
+    );
+    failed_with(&out, "node-admin (only on node-1)", "two");
+    // A new request reaches node-2, so production's rule judges it.
+    let g = alice
+        .ok(&[
+            "request",
+            "create",
+            "--roles",
+            "node-admin",
+            "--reason",
+            "INC-8: prod node",
+            "--duration",
+            "10m",
+            "--format",
+            "json",
+        ])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(g["status"], "pending", "{g}");
+    let second = g["id"].as_str().unwrap().to_owned();
+    let sec = WicketCli::logged_in(&d, "sec", PW).unwrap();
+    sec.ok(&["request", "review", &second, "--approve", "--reason", "ok"])
+        .unwrap();
+    alice.ok(&["login", "--request-id", &second]).unwrap();
+    let cfg = ssh_config(&alice);
+    let out = output(
+        ssh(&cfg)
+            .arg(format!("{login}@node-2.wicket"))
+            .arg("echo two"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "two");
+}
+
 #[test]
 fn taking_away_a_standing_role_ends_an_ssh_session_that_rests_on_it() {
     let lab = Lab::start();
