@@ -31,6 +31,10 @@ pub enum AuditEvent {
         roles: Vec<String>,
         previous: Vec<String>,
     },
+    /// An administrator let a user log in again past the failed logins in
+    /// their name (`cleared` of them no longer count against the user;
+    /// they still count against their sources).
+    UserUnlocked { user: String, cleared: u64 },
     LoginSucceeded {
         user: String,
         source: String,
@@ -345,6 +349,7 @@ impl AuditEvent {
             Self::UserCreated { .. } => "user_created",
             Self::UserDisabled { .. } => "user_disabled",
             Self::UserRolesSet { .. } => "user_roles_set",
+            Self::UserUnlocked { .. } => "user_unlocked",
             Self::LoginSucceeded { .. } => "login_succeeded",
             Self::LoginFailed { .. } => "login_failed",
             Self::LoginRateLimited { .. } => "login_rate_limited",
@@ -374,6 +379,7 @@ impl AuditEvent {
             Self::UserCreated { user, .. }
             | Self::UserDisabled { user, .. }
             | Self::UserRolesSet { user, .. }
+            | Self::UserUnlocked { user, .. }
             | Self::LoginSucceeded { user, .. }
             | Self::LoginFailed { user, .. }
             | Self::LoginRateLimited { user, .. }

@@ -215,6 +215,11 @@ pub struct Attempt {
     pub(crate) id: String,
     pub(crate) user_key: String,
     pub(crate) source_key: String,
+    /// Made past the user's limit (see
+    /// [`crate::store::Reservation::PastUserLimit`]): only a second factor
+    /// lets it in, and a failure is answered as the limit's refusal, with
+    /// this retry-after.
+    pub(crate) past_user_limit: Option<u64>,
 }
 
 /// Which rate-limit refusals get an audit event of their own. A guesser

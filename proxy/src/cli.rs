@@ -149,6 +149,15 @@ enum UsersCommand {
         #[command(flatten)]
         source: Source,
     },
+    /// Let a user log in again after failed logins in their name reached
+    /// `auth.max_failures_per_user` (a user with TOTP can log in past it
+    /// with their password and a fresh code). Those failures still count
+    /// against the addresses they came from.
+    Unlock {
+        name: String,
+        #[command(flatten)]
+        source: Source,
+    },
     /// Re-enable a disabled user.
     Enable {
         name: String,
@@ -479,6 +488,22 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Users(UsersCommand::Enable { name, source }) => {
             set_disabled(&name, false, &source).await
+        }
+        Command::Users(UsersCommand::Unlock { name, source }) => {
+            let cfg = load_config(&source)?;
+            let store = open_store(&cfg).await?;
+            let now = clock::now().timestamp_millis();
+            let cleared = store
+                .unlock_user(&name, now, |cleared| {
+                    crate::audit::AuditEvent::UserUnlocked {
+                        user: name.clone(),
+                        cleared,
+                    }
+                    .to_row(now)
+                })
+                .await?;
+            println!("user {name:?} unlocked ({cleared} failed login(s) in their name no longer count against them)");
+            Ok(())
         }
         Command::Users(UsersCommand::SetRoles {
             name,

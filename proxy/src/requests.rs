@@ -597,7 +597,7 @@ impl Wicket {
         // from failed logins, which anyone can make in this user's name),
         // and too many refuse the next try unchecked.
         let attempt = self
-            .refuse_when_rate_limited(Guesses::BreakGlass, &user.name, caller.source, now)
+            .refuse_when_rate_limited(Guesses::BreakGlass, &user.name, caller.source, now, false)
             .await?;
         new.mfa_verified =
             match crate::auth::verify_totp(&secret, body.otp.expose(), now.timestamp()) {

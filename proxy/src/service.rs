@@ -373,8 +373,12 @@ impl Wicket {
             .ok_or_else(|| {
                 Error::Busy("too many logins are being checked; try again in a moment".into())
             })?;
+        // Failed logins in a user's name, from anywhere, reach the user's
+        // limit; a login with a TOTP code still gets checked then (its
+        // source's own limit holds), and lets in only the user's password
+        // with a fresh code from their device.
         let attempt = self
-            .refuse_when_rate_limited(Guesses::Login, &req.user, source, now)
+            .refuse_when_rate_limited(Guesses::Login, &req.user, source, now, req.otp.is_some())
             .await?;
 
         let user = self.store.get_user(&req.user).await?;
@@ -403,6 +407,11 @@ impl Wicket {
                 }
             },
         };
+        let past_limit = attempt.past_user_limit;
+        let failure = match (failure, &user, past_limit) {
+            (None, Some(u), Some(_)) if u.totp_secret.is_none() => Some("no second factor"),
+            (failure, _, _) => failure,
+        };
         let user = match (failure, user) {
             (None, Some(u)) => u,
             (reason, _) => {
@@ -410,9 +419,19 @@ impl Wicket {
                 let event = AuditEvent::LoginFailed {
                     user: req.user.clone(),
                     source: src.clone(),
-                    reason: reason.into(),
+                    reason: match past_limit {
+                        Some(_) => format!(
+                            "{reason} (past the user's failure limit: only the password with a fresh TOTP code logs in)"
+                        ),
+                        None => reason.into(),
+                    },
                 };
                 self.record_failure(attempt, event, now).await?;
+                // Past the limit, every failure is the limit's refusal:
+                // which part was wrong is not told.
+                if let Some(retry_after_secs) = past_limit {
+                    return Err(Error::RateLimited { retry_after_secs });
+                }
                 // The client learns nothing of which part was wrong (the
                 // audit event says): naming an OTP problem would tell whoever
                 // guesses that the password was right. The message depends
@@ -458,20 +477,23 @@ impl Wicket {
     /// `auth.failure_window`, counting the checks under way (on every
     /// wicketd sharing the store) as failures. Otherwise the check is under
     /// way, stored as a failure until it is released (it went well) or
-    /// confirmed ([`Self::record_failure`]).
+    /// confirmed ([`Self::record_failure`]). With `past_user`, a check over
+    /// the user's limit alone goes ahead too, marked
+    /// ([`crate::auth::Attempt::past_user_limit`]).
     pub(crate) async fn refuse_when_rate_limited(
         &self,
         kind: Guesses,
         user: &str,
         source: IpAddr,
         now: DateTime<Utc>,
+        past_user: bool,
     ) -> Result<crate::auth::Attempt> {
         let limits = &self.config.auth;
         let window_start = now - limits.failure_window;
         let (user_key, source_key) = kind.keys(user, source);
         let reserved = self
             .store
-            .reserve_login_attempt(
+            .reserve_login_check(
                 &user_key,
                 &source_key,
                 now.timestamp_millis(),
@@ -480,19 +502,10 @@ impl Wicket {
                     i64::from(limits.max_failures_per_user),
                     i64::from(limits.max_failures_per_source),
                 ),
+                past_user,
             )
             .await?;
-        let oldest = match reserved {
-            Reservation::Granted(id) => {
-                return Ok(crate::auth::Attempt {
-                    id,
-                    user_key,
-                    source_key,
-                })
-            }
-            Reservation::Refused { oldest_failure_ms } => oldest_failure_ms,
-        };
-        let retry = match oldest {
+        let retry = |oldest: Option<i64>| match oldest {
             // Rounded up: a client that waits this long is let in.
             Some(oldest) => {
                 let left_ms =
@@ -501,6 +514,28 @@ impl Wicket {
             }
             // Only checks under way fill the budget: they end in moments.
             None => 1,
+        };
+        let retry = match reserved {
+            Reservation::Granted(id) => {
+                return Ok(crate::auth::Attempt {
+                    id,
+                    user_key,
+                    source_key,
+                    past_user_limit: None,
+                })
+            }
+            Reservation::PastUserLimit {
+                id,
+                oldest_failure_ms,
+            } => {
+                return Ok(crate::auth::Attempt {
+                    id,
+                    user_key,
+                    source_key,
+                    past_user_limit: Some(retry(oldest_failure_ms)),
+                })
+            }
+            Reservation::Refused { oldest_failure_ms } => retry(oldest_failure_ms),
         };
         let record = self
             .refusals

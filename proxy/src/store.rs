@@ -483,6 +483,14 @@ pub fn login_lock(key: &str) -> i64 {
 pub enum Reservation {
     /// Stored as a check under way, by this ID: it may go ahead.
     Granted(String),
+    /// Over the user's limit alone, and asked for: stored as a check under
+    /// way, by this ID, that may let in only a login with a second factor
+    /// (else it is refused as [`Reservation::Refused`] would be, with this
+    /// `oldest_failure_ms`).
+    PastUserLimit {
+        id: String,
+        oldest_failure_ms: Option<i64>,
+    },
     /// Over a limit. When ended failures alone reach it (not only checks
     /// under way, which end in moments), the time of the oldest of them in
     /// the window, for the retry-after: of the later key's if both are over.
@@ -1002,6 +1010,46 @@ impl Store {
         Ok(())
     }
 
+    /// Lets `name` log in again past the failed logins in their name: the
+    /// ended ones no longer count against the user (as after a login), and
+    /// still count against their sources. Returns how many, with the
+    /// audit event `event` makes of that, in one transaction. Unknown
+    /// users are an error.
+    pub async fn unlock_user(
+        &self,
+        name: &str,
+        now_ms: i64,
+        event: impl FnOnce(u64) -> AuditRow,
+    ) -> Result<u64> {
+        let mut tx = self.begin().await?;
+        let known = sqlx::query("SELECT 1 FROM users WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if known.is_none() {
+            return Err(Error::NotFound(format!("no user {name:?}")));
+        }
+        if self.backend == Backend::Postgres {
+            // On the user's lock, as checks and logins take it.
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(login_lock(name))
+                .execute(&mut *tx)
+                .await?;
+        }
+        let cleared = sqlx::query(
+            "UPDATE login_failures SET user_cleared = 1 WHERE user_name = $1 AND user_cleared = 0 AND (pending = 0 OR time < $2)",
+        )
+        .bind(name)
+        .bind(now_ms - ABANDONED_MS)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        self.audit_in(&mut tx, std::slice::from_ref(&event(cleared)))
+            .await?;
+        tx.commit().await?;
+        Ok(cleared)
+    }
+
     /// Replaces a user's standing roles, with its audit event made from
     /// the roles they held (`event`), in one transaction. Unknown users are
     /// an error.
@@ -1132,7 +1180,24 @@ impl Store {
         source: &str,
         now_ms: i64,
         since_ms: i64,
+        max: (i64, i64),
+    ) -> Result<Reservation> {
+        self.reserve_login_check(user, source, now_ms, since_ms, max, false)
+            .await
+    }
+
+    /// [`Self::reserve_login_attempt`]; with `past_user`, a check over the
+    /// user's limit alone (not the source's) is stored too, as
+    /// [`Reservation::PastUserLimit`]: one that carries a second factor,
+    /// which only the user's own device gives.
+    pub async fn reserve_login_check(
+        &self,
+        user: &str,
+        source: &str,
+        now_ms: i64,
+        since_ms: i64,
         (max_user, max_source): (i64, i64),
+        past_user: bool,
     ) -> Result<Reservation> {
         let mut tx = self.begin().await?;
         if self.backend == Backend::Postgres {
@@ -1174,12 +1239,15 @@ impl Store {
         .bind(now_ms)
         .execute(&mut *tx)
         .await?;
-        let mut over = false;
+        let mut over = [false; 2];
         let mut oldest_failure_ms = None;
-        for (col, key, max) in [
+        for (i, (col, key, max)) in [
             ("user_name = $1 AND user_cleared = 0", user, max_user),
             ("source = $1", source, max_source),
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
             // A check still pending after `ABANDONED_MS` never ended (its
             // client went away, an error, a crash): a failure for good.
             let row = sqlx::query(&format!(
@@ -1194,18 +1262,29 @@ impl Store {
             .await?;
             let (all, done): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
             // Counts include this check itself.
-            over |= all > max;
+            over[i] = all > max;
             if done >= max {
                 let oldest = row.try_get::<Option<i64>, _>(2)?;
                 oldest_failure_ms = oldest_failure_ms.max(oldest);
             }
         }
-        if !over {
-            tx.commit().await?;
-            return Ok(Reservation::Granted(id));
+        match over {
+            [false, false] => {
+                tx.commit().await?;
+                Ok(Reservation::Granted(id))
+            }
+            [true, false] if past_user => {
+                tx.commit().await?;
+                Ok(Reservation::PastUserLimit {
+                    id,
+                    oldest_failure_ms,
+                })
+            }
+            _ => {
+                tx.rollback().await?;
+                Ok(Reservation::Refused { oldest_failure_ms })
+            }
         }
-        tx.rollback().await?;
-        Ok(Reservation::Refused { oldest_failure_ms })
     }
 
     /// A check under way ended well: it is no failure.

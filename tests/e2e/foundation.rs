@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 use wicket_e2e::harness_util::{run, wait_until};
-use wicket_e2e::harness_wicket::{totp_code, wicketd_cmd, WicketCli, Wicketd};
+use wicket_e2e::harness_wicket::{totp_code, wicketd_cmd, CliOutput, WicketCli, Wicketd};
 
 const PASSWORD: &str = "correct horse battery staple";
 
@@ -412,6 +412,94 @@ fn wrong_credentials_are_rejected_rate_limited_and_audited() {
         !d.stderr().contains("wrong password!"),
         "secrets are never logged"
     );
+}
+
+/// Failed logins in a user's name, from anywhere, reach the user's limit
+/// (5), but cannot lock out a user with a second factor: their password
+/// with a fresh code logs in past it. Past it, every other attempt is the
+/// limit's refusal, which says nothing of which part was wrong. A user
+/// without a second factor is let in again by `wicketd users unlock`.
+#[test]
+fn failed_logins_in_a_users_name_do_not_lock_out_their_second_factor() {
+    let d = Wicketd::builder().start().unwrap();
+    let uri = d
+        .add_user("tina", "access", PASSWORD, true)
+        .unwrap()
+        .expect("provisioning URI");
+    d.add_user("bob", "access", PASSWORD, false).unwrap();
+    let cli = WicketCli::new().unwrap();
+    for user in ["tina", "bob"] {
+        for _ in 0..5 {
+            assert!(!cli.login(&d, user, "wrong password!", &[]).unwrap().ok);
+        }
+    }
+    let limited = |r: CliOutput| {
+        assert!(
+            !r.ok && r.stderr.contains("too many failed attempts"),
+            "{}",
+            r.stderr
+        );
+    };
+    let code = totp_code(&uri, 0).unwrap();
+    let wrong_code = totp_code(&uri, 3600).unwrap();
+    limited(cli.login(&d, "tina", PASSWORD, &[]).unwrap());
+    limited(
+        cli.login(&d, "tina", PASSWORD, &["--otp", &wrong_code])
+            .unwrap(),
+    );
+    limited(
+        cli.login(&d, "tina", "wrong password!", &["--otp", &code])
+            .unwrap(),
+    );
+    let ok = cli.login(&d, "tina", PASSWORD, &["--otp", &code]).unwrap();
+    assert!(ok.ok, "{}", ok.stderr);
+    // A code does not let in a user who has no second factor.
+    limited(cli.login(&d, "bob", PASSWORD, &["--otp", &code]).unwrap());
+    limited(cli.login(&d, "bob", PASSWORD, &[]).unwrap());
+    let unlock = run(&mut d.admin(&["users", "unlock", "bob"]).unwrap()).unwrap();
+    // Its five, and the code it sent past the limit.
+    assert!(unlock.contains("unlocked (6 failed login(s)"), "{unlock}");
+    let ok = cli.login(&d, "bob", PASSWORD, &[]).unwrap();
+    assert!(ok.ok, "{}", ok.stderr);
+    let nobody = d
+        .admin(&["users", "unlock", "nobody"])
+        .unwrap()
+        .output()
+        .unwrap();
+    assert!(!nobody.status.success());
+    assert!(String::from_utf8_lossy(&nobody.stderr).contains("no user \"nobody\""));
+    // The record says what each refusal past the limit was.
+    d.add_user("carol", "admin", PASSWORD, false).unwrap();
+    let auditor = WicketCli::new().unwrap();
+    login_ok(&auditor, &d, "carol");
+    let past: Vec<(String, String)> = auditor
+        .audit(&["--kind", "login_failed"])
+        .unwrap()
+        .iter()
+        .filter_map(|e| {
+            let reason = e["data"]["reason"].as_str()?;
+            reason
+                .contains("past the user's failure limit")
+                .then(|| (e["actor"].as_str().unwrap().to_owned(), reason.to_owned()))
+        })
+        .collect();
+    let mut said: Vec<(&str, &str)> = past
+        .iter()
+        .map(|(u, r)| (u.as_str(), r.split(" (").next().unwrap()))
+        .collect();
+    said.sort_unstable();
+    assert_eq!(
+        said,
+        [
+            ("bob", "no second factor"),
+            ("tina", "wrong OTP code"),
+            ("tina", "wrong password")
+        ],
+        "{past:?}"
+    );
+    let unlocked = auditor.audit(&["--kind", "user_unlocked"]).unwrap();
+    assert_eq!(unlocked.len(), 1, "{unlocked:?}");
+    assert_eq!(unlocked[0]["data"]["cleared"], 6);
 }
 
 #[test]
