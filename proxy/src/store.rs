@@ -420,7 +420,22 @@ CREATE TABLE event_requests (
         sqlite: &[],
         postgres: &[],
     },
+    // TOTP secrets are stored sealed with a key from the CA key set
+    // ([`ChainKey::seal_secret`]); those stored before are sealed when
+    // this runs ([`seal_totp_secrets`]).
+    Migration {
+        version: 20,
+        sql: "",
+        sqlite: &[],
+        postgres: &[],
+    },
 ];
+
+/// The migration that seals stored TOTP secrets.
+const SEAL_MIGRATION: i64 = 20;
+
+/// How a sealed TOTP secret starts (then hex: nonce, ciphertext, tag).
+const SEALED: &str = "sealed1:";
 
 /// The migration whose sessions [`requests_from_events`] finds.
 const SESSION_REQUESTS_MIGRATION: i64 = 16;
@@ -669,25 +684,88 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// The key of the audit chain's links (HMAC-SHA256), derived from the CA
-/// key set ([`wicket_ca::AuthorityKeys::audit_chain_secret`]): someone who
-/// can write the store but cannot read the CA keys cannot make a changed,
-/// removed or inserted event fit the chain again. Its `id` (a tag, not the
-/// key) is stored with the chain. `Debug` shows only the id.
+/// The store's keys, derived from the CA key set
+/// ([`wicket_ca::AuthorityKeys::audit_chain_secret`]). The audit chain's
+/// links (HMAC-SHA256): someone who can write the store but cannot read the
+/// CA keys cannot make a changed, removed or inserted event fit the chain
+/// again. Its `id` (a tag, not the key) is stored with the chain. And the
+/// seal of stored TOTP secrets (AES-256-GCM): a copy of the database alone
+/// (a backup) does not give them. `Debug` shows only the id.
 #[derive(Clone)]
 pub struct ChainKey {
-    key: ring::hmac::Key,
+    keys: std::sync::Arc<StoreKeys>,
     id: String,
+}
+
+struct StoreKeys {
+    mac: ring::hmac::Key,
+    seal: ring::aead::LessSafeKey,
 }
 
 impl ChainKey {
     pub fn new(secret: &wicket_ca::DerivedSecret) -> Self {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
         let tag = ring::hmac::sign(&key, b"wicket audit chain key id");
+        let seal = ring::hmac::sign(&key, b"wicket totp seal key v1");
+        let seal = match ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, seal.as_ref()) {
+            Ok(k) => k,
+            // AES-256 takes the 32 bytes HMAC-SHA256 gives.
+            Err(_) => unreachable!("an HMAC-SHA256 tag is an AES-256 key"),
+        };
         Self {
             id: hex(&tag.as_ref()[..8]),
-            key,
+            keys: std::sync::Arc::new(StoreKeys {
+                mac: key,
+                seal: ring::aead::LessSafeKey::new(seal),
+            }),
         }
+    }
+
+    /// `secret` (user `name`'s TOTP secret) sealed for the store: a random
+    /// nonce, the name bound as associated data (a sealed secret moved to
+    /// another user's row does not open).
+    pub fn seal_secret(&self, name: &str, secret: &str) -> Result<String> {
+        let mut nonce = [0u8; ring::aead::NONCE_LEN];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| Error::Internal("no randomness for a seal".into()))?;
+        let mut data = secret.as_bytes().to_vec();
+        self.keys
+            .seal
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(name.as_bytes()),
+                &mut data,
+            )
+            .map_err(|_| Error::Internal("sealing a TOTP secret failed".into()))?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&data);
+        Ok(format!("{SEALED}{}", hex(&out)))
+    }
+
+    /// Opens what [`Self::seal_secret`] sealed for `name`. Anything else
+    /// (a clear secret, another key's or another user's seal) is an error:
+    /// the row does not decode.
+    pub fn open_secret(&self, name: &str, stored: &str) -> Result<String> {
+        let bad = |why: &str| Error::Store(format!("column totp_secret {why}"));
+        let hexed = stored
+            .strip_prefix(SEALED)
+            .ok_or_else(|| bad("is not sealed"))?;
+        let bytes = unhex(hexed).ok_or_else(|| bad("is not a seal"))?;
+        if bytes.len() < ring::aead::NONCE_LEN {
+            return Err(bad("is not a seal"));
+        }
+        let (nonce, sealed) = bytes.split_at(ring::aead::NONCE_LEN);
+        let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce)
+            .map_err(|_| bad("is not a seal"))?;
+        let mut data = sealed.to_vec();
+        let plain = self
+            .keys
+            .seal
+            .open_in_place(nonce, ring::aead::Aad::from(name.as_bytes()), &mut data)
+            .map_err(|_| {
+                bad("does not open with this CA key set (sealed by another, for another user, or changed)")
+            })?;
+        String::from_utf8(plain.to_vec()).map_err(|_| bad("is not text"))
     }
 
     /// The key for the CA key set `keys`.
@@ -854,6 +932,9 @@ impl Store {
             if m.version == EVENT_REQUESTS_MIGRATION {
                 requests_from_events(&mut tx, Noted::Event).await?;
             }
+            if m.version == SEAL_MIGRATION {
+                seal_totp_secrets(&mut tx, &self.chain).await?;
+            }
             sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
                 .bind(m.version)
                 .bind(crate::clock::now_ms())
@@ -975,7 +1056,12 @@ impl Store {
         .bind(json_list(&user.roles)?)
         .bind(&user.team)
         .bind(&user.password_hash)
-        .bind(&user.totp_secret)
+        .bind(
+            user.totp_secret
+                .as_deref()
+                .map(|t| self.chain.seal_secret(&user.name, t))
+                .transpose()?,
+        )
         .bind(user.created_at)
         .bind(i64::from(user.disabled))
         .bind(change)
@@ -1090,7 +1176,7 @@ impl Store {
         .bind(name)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| user_from_row(&r)).transpose()
+        row.map(|r| user_from_row(&r, &self.chain)).transpose()
     }
 
     /// The users of `names` that exist, a few queries for any number of
@@ -1105,7 +1191,7 @@ impl Store {
         )
         .await?
         .iter()
-        .map(|r| Ok((r.try_get::<String, _>(0)?, user_from_row(r))))
+        .map(|r| Ok((r.try_get::<String, _>(0)?, user_from_row(r, &self.chain))))
         .collect()
     }
 
@@ -1157,7 +1243,7 @@ impl Store {
         Ok(rows
             .iter()
             .map(|r| {
-                user_from_row(r).map_err(|e| UnreadableUser {
+                user_from_row(r, &self.chain).map_err(|e| UnreadableUser {
                     name: r
                         .try_get::<String, _>(0)
                         .unwrap_or_else(|_| "(name unreadable)".into()),
@@ -1577,7 +1663,7 @@ impl Store {
         };
         let users = users
             .iter()
-            .map(|r| Ok((r.try_get::<String, _>(0)?, user_from_row(r))))
+            .map(|r| Ok((r.try_get::<String, _>(0)?, user_from_row(r, &self.chain))))
             .collect::<Result<_>>()?;
         let requests = requests
             .iter()
@@ -2807,6 +2893,35 @@ async fn note_requests(
     Ok(())
 }
 
+/// Lowercase or uppercase hex to bytes; `None` if it is not hex.
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Seals the TOTP secrets stored in clear before [`SEAL_MIGRATION`].
+async fn seal_totp_secrets(tx: &mut Transaction<'static, Any>, key: &ChainKey) -> Result<()> {
+    let rows = sqlx::query(
+        "SELECT name, totp_secret FROM users WHERE totp_secret IS NOT NULL AND totp_secret NOT LIKE 'sealed1:%'",
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    for r in &rows {
+        let (name, secret): (String, String) = (r.try_get(0)?, r.try_get(1)?);
+        sqlx::query("UPDATE users SET totp_secret = $1 WHERE name = $2")
+            .bind(key.seal_secret(&name, &secret)?)
+            .bind(&name)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Migrations 16 and 18: the sessions (or events) stored before them that
 /// named several requests, [`Noted::events`], read a page at a time and
 /// each noted as a new one is.
@@ -2918,7 +3033,7 @@ pub fn chain_hash(link: Link<'_>, prev: &str, seq: i64, e: &AuditRow) -> String 
     }
     let mut d = match link {
         Link::Plain => Digest::Plain(ring::digest::Context::new(&ring::digest::SHA256)),
-        Link::Keyed(k) => Digest::Keyed(ring::hmac::Context::with_key(&k.key)),
+        Link::Keyed(k) => Digest::Keyed(ring::hmac::Context::with_key(&k.keys.mac)),
     };
     d.update(prev.as_bytes());
     d.update(b"\n");
@@ -3080,7 +3195,7 @@ impl KeyedProblems {
     }
 
     fn tag(key: &ChainKey, json: &str) -> String {
-        hex(ring::hmac::sign(&key.key, &[Self::LABEL, json.as_bytes()].concat()).as_ref())
+        hex(ring::hmac::sign(&key.keys.mac, &[Self::LABEL, json.as_bytes()].concat()).as_ref())
     }
 }
 
@@ -3193,13 +3308,18 @@ async fn key_chain(
     })
 }
 
-fn user_from_row(r: &AnyRow) -> Result<UserRecord> {
+fn user_from_row(r: &AnyRow, key: &ChainKey) -> Result<UserRecord> {
+    let name: String = r.try_get(0)?;
+    let totp_secret = r
+        .try_get::<Option<String>, _>(4)?
+        .map(|t| key.open_secret(&name, &t))
+        .transpose()?;
     Ok(UserRecord {
-        name: r.try_get(0)?,
         roles: parse_list("roles", &r.try_get::<String, _>(1)?)?,
+        name,
         team: r.try_get(2)?,
         password_hash: r.try_get(3)?,
-        totp_secret: r.try_get(4)?,
+        totp_secret,
         created_at: r.try_get(5)?,
         disabled: r.try_get::<i64, _>(6)? != 0,
     })
@@ -3297,6 +3417,98 @@ mod tests {
         assert_eq!(rows[1].as_ref().map(|u| u.name.as_str()), Ok("bob"));
     }
 
+    /// TOTP secrets are stored sealed with the CA key set's key, bound to
+    /// their user; those stored in clear before are sealed by migration 20.
+    #[tokio::test]
+    async fn totp_secrets_are_stored_sealed() {
+        let key = ChainKey::for_tests();
+        let secret = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP";
+        let sealed = key.seal_secret("ann", secret).unwrap();
+        assert!(
+            sealed.starts_with(SEALED) && !sealed.contains(secret),
+            "{sealed}"
+        );
+        assert_ne!(
+            sealed,
+            key.seal_secret("ann", secret).unwrap(),
+            "fresh nonce"
+        );
+        assert_eq!(key.open_secret("ann", &sealed).unwrap(), secret);
+        for (who, stored, why) in [
+            ("bob", sealed.as_str(), "does not open"),
+            ("ann", secret, "is not sealed"),
+            ("ann", "sealed1:zz", "is not a seal"),
+            ("ann", "sealed1:00", "is not a seal"),
+        ] {
+            let e = key.open_secret(who, stored).unwrap_err().to_string();
+            assert!(e.contains(why), "{who} {stored}: {e}");
+        }
+        let other = ChainKey::for_tests();
+        assert!(other.open_secret("ann", &sealed).is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&Storage::Sqlite, dir.path(), key.clone())
+            .await
+            .unwrap();
+        let user = UserRecord {
+            name: "ann".into(),
+            roles: vec!["dev".into()],
+            team: None,
+            password_hash: None,
+            totp_secret: Some(secret.into()),
+            created_at: 1,
+            disabled: false,
+        };
+        let event = AuditRow {
+            id: "e-ann".into(),
+            time_ms: 1,
+            kind: "user_created".into(),
+            actor: Some("admin".into()),
+            request_id: None,
+            session_id: None,
+            data: "{}".into(),
+        };
+        store.create_user(&user, &event).await.unwrap();
+        let raw = |store: Store| async move {
+            sqlx::query_scalar::<_, String>("SELECT totp_secret FROM users WHERE name = 'ann'")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap()
+        };
+        let stored = raw(store.clone()).await;
+        assert!(
+            stored.starts_with(SEALED) && !stored.contains(secret),
+            "{stored}"
+        );
+        let read = store.get_user("ann").await.unwrap().unwrap();
+        assert_eq!(read.totp_secret.as_deref(), Some(secret));
+        // A secret stored in clear (before schema 20) is sealed when it runs.
+        sqlx::query("UPDATE users SET totp_secret = $1 WHERE name = 'ann'")
+            .bind(secret)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        assert!(
+            store.get_user("ann").await.is_err(),
+            "a clear secret is refused"
+        );
+        sqlx::query("DELETE FROM schema_migrations WHERE version = 20")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        store.pool.close().await;
+        let store = Store::open(&Storage::Sqlite, dir.path(), key)
+            .await
+            .unwrap();
+        let stored = raw(store.clone()).await;
+        assert!(
+            stored.starts_with(SEALED) && !stored.contains(secret),
+            "{stored}"
+        );
+        let read = store.get_user("ann").await.unwrap().unwrap();
+        assert_eq!(read.totp_secret.as_deref(), Some(secret));
+    }
+
     #[test]
     fn a_user_record_never_prints_its_secrets() {
         let u = UserRecord {
@@ -3377,7 +3589,7 @@ mod tests {
         let (k1, k2) = (ChainKey::for_tests(), ChainKey::for_tests());
         let keyed = chain_hash(Link::Keyed(&k1), "", 1, &e);
         let mac = ring::hmac::sign(
-            &k1.key,
+            &k1.keys.mac,
             b"\n[1,\"e1\",5,\"login_succeeded\",\"alice\",null,null,\"{}\"]",
         );
         assert_eq!(keyed, format!("{KEYED}{}", hex(mac.as_ref())));
