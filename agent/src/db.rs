@@ -40,9 +40,11 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where a tunnel listens.
 pub enum Listener {
-    /// 127.0.0.1:PORT. Linux names each client's OS user; elsewhere every
-    /// local user can connect.
-    Tcp(TcpListener),
+    /// 127.0.0.1:PORT, and [::1]:PORT when it could be had (so that another
+    /// local user cannot take it for clients that try `localhost` there
+    /// first). Linux names each client's OS user; elsewhere every local
+    /// user can connect.
+    Tcp(TcpListener, Option<TcpListener>),
     /// A socket in a [`PrivateDir`]; each client's UID is checked too.
     #[cfg(unix)]
     Unix(tokio::net::UnixListener),
@@ -254,20 +256,14 @@ impl Tunnel {
     /// it, where the OS says who connected.
     pub async fn serve(self: Arc<Self>, listener: Listener) {
         match listener {
-            Listener::Tcp(listener) => {
-                let me = crate::peer::my_uid();
-                loop {
-                    let (conn, peer) = match listener.accept().await {
-                        Ok(x) => x,
-                        Err(e) => {
-                            eprintln!("wicket: tunnel accept failed: {e}");
-                            continue;
-                        }
-                    };
-                    let why = refusal(me, &conn, peer);
-                    let _ = conn.set_nodelay(true);
-                    self.admit(conn, why);
-                }
+            Listener::Tcp(v4, v6) => {
+                let v6 = async {
+                    match v6 {
+                        Some(v6) => self.clone().serve_tcp(v6).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::join!(self.clone().serve_tcp(v4), v6);
             }
             #[cfg(unix)]
             Listener::Unix(listener) => {
@@ -288,6 +284,22 @@ impl Tunnel {
                     self.admit(conn, why);
                 }
             }
+        }
+    }
+
+    async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+        let me = crate::peer::my_uid();
+        loop {
+            let (conn, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("wicket: tunnel accept failed: {e}");
+                    continue;
+                }
+            };
+            let why = refusal(me, &conn, peer);
+            let _ = conn.set_nodelay(true);
+            self.admit(conn, why);
         }
     }
 
@@ -592,7 +604,7 @@ pub async fn connect(
     let (listener, host, port) = {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
-        (Listener::Tcp(listener), "127.0.0.1".to_owned(), port)
+        (Listener::Tcp(listener, None), "127.0.0.1".to_owned(), port)
     };
     tokio::spawn(tunnel.serve(listener));
     let conninfo = format!(
@@ -640,6 +652,24 @@ pub async fn connect(
         std::process::exit(status.code().unwrap_or(1));
     }
     Ok(())
+}
+
+/// [::1]:`port` too, where IPv6 is on: clients told `localhost` often try
+/// it first, and another local user listening there would get their
+/// connections (and whatever they send). Taken by someone else: a warning.
+async fn loopback_v6(port: u16) -> Option<TcpListener> {
+    match TcpListener::bind(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port))).await {
+        Ok(l) => Some(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            eprintln!(
+                "wicket: warning: another process listens on [::1]:{port}: a client told \
+                 `localhost` may reach it instead of this tunnel; connect to 127.0.0.1"
+            );
+            None
+        }
+        // No IPv6 loopback here: nobody can listen there either.
+        Err(_) => None,
+    }
 }
 
 /// Quotes a libpq conninfo value.
@@ -708,10 +738,13 @@ pub async fn proxy(resource: &str, port: u16, socket: bool, format: Format) -> R
             .await
             .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
         let addr = listener.local_addr()?;
+        let v6 = loopback_v6(addr.port()).await;
         match format {
-            Format::Json => crate::out::json_line(
-                &serde_json::json!({ "database": resource, "listen": addr.to_string() }),
-            ),
+            Format::Json => crate::out::json_line(&serde_json::json!({
+                "database": resource,
+                "listen": addr.to_string(),
+                "listen_v6": v6.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string()),
+            })),
             Format::Text => {
                 outln!("Tunnel for database {resource} listening on {addr}");
                 outln!(
@@ -728,7 +761,7 @@ pub async fn proxy(resource: &str, port: u16, socket: bool, format: Format) -> R
                 addr.port()
             );
         }
-        Listener::Tcp(listener)
+        Listener::Tcp(listener, v6)
     };
     crate::out::flush();
     #[cfg(unix)]

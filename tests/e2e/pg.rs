@@ -85,6 +85,26 @@ fn psql_pgbench_driver_and_copy_through_the_tunnel_with_every_statement_audited(
     let (ok, rows, err) = t.sql("select id, note from invoices where id >= 2 order by id");
     assert!(ok, "{err}");
     assert_eq!(rows, "2|two\n3|three");
+    // A client told `localhost` that tries [::1] first reaches the
+    // tunnel there too (where the machine has IPv6), not another user's
+    // listener.
+    if std::net::TcpListener::bind("[::1]:0").is_ok() {
+        let out = Command::new("psql")
+            .arg(format!(
+                "host=::1 port={} user=app dbname=app sslmode=disable",
+                t.addr.port()
+            ))
+            .args(["-X", "-At", "-c", "select count(*) from invoices"])
+            .env_remove("PGPASSWORD")
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "3",
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let marker = "select 'audit-marker-7' as m, count(*) from invoices";
     let (ok, rows, err) = t.sql(marker);
     assert!(ok, "{err}");

@@ -227,6 +227,12 @@ pub fn tunnel_of(cli: &WicketCli, resource: &str) -> Tunnel {
         .unwrap();
     let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
     let addr: SocketAddr = v["listen"].as_str().unwrap().parse().unwrap();
+    // [::1] on the same port too, where the machine has IPv6 and nobody
+    // else listens there.
+    if let Some(v6) = v["listen_v6"].as_str() {
+        let v6: SocketAddr = v6.parse().unwrap();
+        assert!(v6.ip().is_loopback() && v6.port() == addr.port(), "{v}");
+    }
     Tunnel { child, addr }
 }
 
