@@ -118,8 +118,13 @@ impl Wicket {
     /// After a write refused because the acting user's record changed:
     /// the index reads the change feed at once.
     async fn refresh_after_conflict(&self, now: DateTime<Utc>) {
-        if let Err(e) = self.refresh_index(now).await {
-            tracing::warn!(error = %e, "reading the change feed failed");
+        // Bounded as the index's own refresher is: it holds the index's
+        // refresh lock, which the session watcher waits on.
+        match tokio::time::timeout(std::time::Duration::from_secs(1), self.refresh_index(now)).await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "reading the change feed failed"),
+            Err(_) => tracing::warn!("reading the change feed took over 1s"),
         }
     }
 

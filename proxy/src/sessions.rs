@@ -389,6 +389,32 @@ const ENDED_HERE_KEPT: chrono::Duration = chrono::Duration::seconds(30);
 pub(crate) struct Checks {
     requests: Mutex<BTreeMap<String, Check>>,
     users: Mutex<BTreeMap<String, Check>>,
+    /// When the last round of re-reads that finished began.
+    last_round: Mutex<Option<DateTime<Utc>>>,
+}
+
+/// The least time without a finished round of re-reads that counts as a
+/// stalled watcher: past what a slow round takes ([`ROUND_TIMEOUT`], the
+/// index's lock, a tick), whatever `session.unverified_grace` says.
+const STALL_FLOOR: chrono::Duration = chrono::Duration::seconds(6);
+
+impl Checks {
+    /// A round of re-reads that began at `started` finished.
+    fn round_done(&self, started: DateTime<Utc>) {
+        let mut last = locked(&self.last_round);
+        *last = Some(last.map_or(started, |t| t.max(started)));
+    }
+
+    /// Since when no round of re-reads has finished, when that is `grace`
+    /// (at least [`STALL_FLOOR`]) or longer ago at `now`: the watcher is
+    /// stuck (a store read that never ends, a lock never given back) or
+    /// gone, so no live session is verified. Its reads did not fail, so no
+    /// check marks them. The first call starts the clock.
+    fn stalled_since(&self, now: DateTime<Utc>, grace: chrono::Duration) -> Option<DateTime<Utc>> {
+        let mut last = locked(&self.last_round);
+        let since = *last.get_or_insert(now);
+        (now - since >= grace.max(STALL_FLOOR)).then_some(since)
+    }
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -599,7 +625,16 @@ impl Wicket {
                 ids.contains(k) || c.ended_here.is_some_and(|t| now - t < ENDED_HERE_KEPT)
             });
         }
-        self.index.forget_ended(&gone_users, &gone_requests).await;
+        // Bounded: the index's refresh holds this lock across store reads,
+        // and a watcher waiting on it checks nothing. The index drops what
+        // ended at its next refresh anyway.
+        let forget = self.index.forget_ended(&gone_users, &gone_requests);
+        if tokio::time::timeout(CHECK_TIMEOUT, forget).await.is_err() {
+            tracing::warn!(
+                "the grant index stayed busy; it drops the ended grants when it refreshes"
+            );
+        }
+        self.checks.round_done(now);
         ended
     }
 
@@ -644,6 +679,13 @@ impl Wicket {
             )
         };
         let mut ended = 0;
+        if let Some(since) = self.checks.stalled_since(now, grace) {
+            ended += self.sessions.end_all(&format!(
+                "wicket cannot check its sessions: no re-read of the store has finished for {}s (session.unverified_grace is {}s)",
+                (now - since).num_seconds(),
+                grace.num_seconds()
+            ));
+        }
         let users: Vec<(String, Option<DateTime<Utc>>)> = locked(&self.checks.users)
             .iter()
             .map(|(k, c)| (k.clone(), c.failing_since))
@@ -707,6 +749,32 @@ impl Wicket {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A watcher whose rounds stop finishing (a read that never ends, a
+    /// lock never given back, a task gone) fails closed after the grace,
+    /// though none of its reads failed.
+    #[test]
+    fn a_stalled_watcher_counts_as_unverified_after_the_grace() {
+        let t0 = DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::days(20_000);
+        let s = |n: i64| t0 + chrono::Duration::seconds(n);
+        let grace = chrono::Duration::seconds(30);
+        let checks = Checks::default();
+        // The first look starts the clock (wicketd just started).
+        assert_eq!(checks.stalled_since(s(0), grace), None);
+        assert_eq!(checks.stalled_since(s(29), grace), None);
+        assert_eq!(checks.stalled_since(s(30), grace), Some(s(0)));
+        // Rounds finish again: verified from when the last one began; an
+        // older round finishing late does not move it back.
+        checks.round_done(s(31));
+        checks.round_done(s(20));
+        assert_eq!(checks.stalled_since(s(60), grace), None);
+        assert_eq!(checks.stalled_since(s(61), grace), Some(s(31)));
+        // A grace shorter than a slow round is not a stall yet.
+        let short = chrono::Duration::seconds(1);
+        checks.round_done(s(100));
+        assert_eq!(checks.stalled_since(s(103), short), None);
+        assert_eq!(checks.stalled_since(s(106), short), Some(s(100)));
+    }
 
     #[test]
     fn an_ended_grant_is_not_replaced_by_an_older_read_that_still_granted() {
