@@ -472,6 +472,17 @@ impl WicketCli {
         Ok(out)
     }
 
+    /// The names of the nodes `wicket ls` lists.
+    pub fn node_names(&self) -> Result<Vec<String>> {
+        let ls = self.ok(&["ls", "--format", "json"])?.json()?;
+        Ok(ls["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n["name"].as_str().map(str::to_owned))
+            .collect())
+    }
+
     /// `wicket login` with the daemon's pin and a password on stdin.
     pub fn login(
         &self,

@@ -3343,6 +3343,29 @@ mod tests {
             .unwrap()
     }
 
+    /// Creates user `name` with role `dev` (and a TOTP secret).
+    async fn add_dev(store: &Store, name: &str, totp: Option<&str>) {
+        let user = UserRecord {
+            name: name.into(),
+            roles: vec!["dev".into()],
+            team: None,
+            password_hash: None,
+            totp_secret: totp.map(str::to_owned),
+            created_at: 1,
+            disabled: false,
+        };
+        let event = AuditRow {
+            id: format!("e-{name}"),
+            time_ms: 1,
+            kind: "user_created".into(),
+            actor: Some("admin".into()),
+            request_id: None,
+            session_id: None,
+            data: "{}".into(),
+        };
+        store.create_user(&user, &event).await.unwrap();
+    }
+
     /// Each SQLite connection syncs every commit (`synchronous = FULL`).
     #[tokio::test]
     async fn every_sqlite_connection_syncs_its_commits() {
@@ -3368,25 +3391,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = sqlite_store(dir.path()).await;
         for name in ["ann", "bob"] {
-            let user = UserRecord {
-                name: name.into(),
-                roles: vec!["dev".into()],
-                team: None,
-                password_hash: None,
-                totp_secret: None,
-                created_at: 1,
-                disabled: false,
-            };
-            let event = AuditRow {
-                id: format!("e-{name}"),
-                time_ms: 1,
-                kind: "user_created".into(),
-                actor: Some("admin".into()),
-                request_id: None,
-                session_id: None,
-                data: "{}".into(),
-            };
-            store.create_user(&user, &event).await.unwrap();
+            add_dev(&store, name, None).await;
         }
         sqlx::query("UPDATE users SET roles = 'dev' WHERE name = 'ann'")
             .execute(&store.pool)
@@ -3450,25 +3455,7 @@ mod tests {
         let store = Store::open(&Storage::Sqlite, dir.path(), key.clone())
             .await
             .unwrap();
-        let user = UserRecord {
-            name: "ann".into(),
-            roles: vec!["dev".into()],
-            team: None,
-            password_hash: None,
-            totp_secret: Some(secret.into()),
-            created_at: 1,
-            disabled: false,
-        };
-        let event = AuditRow {
-            id: "e-ann".into(),
-            time_ms: 1,
-            kind: "user_created".into(),
-            actor: Some("admin".into()),
-            request_id: None,
-            session_id: None,
-            data: "{}".into(),
-        };
-        store.create_user(&user, &event).await.unwrap();
+        add_dev(&store, "ann", Some(secret)).await;
         let raw = |store: Store| async move {
             sqlx::query_scalar::<_, String>("SELECT totp_secret FROM users WHERE name = 'ann'")
                 .fetch_one(&store.pool)

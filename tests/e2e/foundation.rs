@@ -672,14 +672,8 @@ fn example_config_starts_and_several_users_log_in_side_by_side() {
     assert_eq!(a.status().unwrap()["user"], "alice");
     assert_eq!(b.status().unwrap()["user"], "bob");
     // alice (dev) reaches dev-1 as herself; nothing in prod.
+    assert_eq!(a.node_names().unwrap(), ["dev-1"]);
     let ls = a.ok(&["ls", "--format", "json"]).unwrap().json().unwrap();
-    let nodes: Vec<&str> = ls["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(nodes, ["dev-1"]);
     assert_eq!(ls["nodes"][0]["logins"], serde_json::json!(["alice"]));
     assert!(ls["databases"].as_array().unwrap().is_empty());
     let text = a.ok(&["ls"]).unwrap().stdout;

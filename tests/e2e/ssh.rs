@@ -1092,18 +1092,7 @@ fn a_grant_does_not_reach_a_node_configured_after_it_was_approved() {
     // The restarted wicketd listens elsewhere: a new login, with the grant.
     let alice = WicketCli::logged_in(&d, "alice", PW).unwrap();
     alice.ok(&["login", "--request-id", &first]).unwrap();
-    let ls = alice
-        .ok(&["ls", "--format", "json"])
-        .unwrap()
-        .json()
-        .unwrap();
-    let nodes: Vec<&str> = ls["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(nodes, ["node-1"], "{ls}");
+    assert_eq!(alice.node_names().unwrap(), ["node-1"]);
     let cfg = ssh_config(&alice);
     let out = output(
         ssh(&cfg)
