@@ -380,6 +380,35 @@ impl Wicket {
         let attempt = self
             .refuse_when_rate_limited(Guesses::Login, &req.user, source, now, req.otp.is_some())
             .await?;
+        // Past that limit, codes are guessed against a budget of their own
+        // (as many as the user's limit), which only an attempt with the
+        // right password spends: one who does not know it cannot lock the
+        // user out, and one who does gets no more code guesses, from
+        // however many sources, than before.
+        let code_guess = match attempt.past_user_limit {
+            None => None,
+            Some(retry_after_secs) => {
+                let key = format!("code-past-limit:{}", req.user);
+                let limits = &self.config.auth;
+                let reserved = self
+                    .store
+                    .reserve_login_attempt(
+                        &key,
+                        &key,
+                        now.timestamp_millis(),
+                        (now - limits.failure_window).timestamp_millis(),
+                        (i64::from(limits.max_failures_per_user), i64::MAX),
+                    )
+                    .await?;
+                match reserved {
+                    Reservation::Granted(id) => Some(id),
+                    _ => {
+                        self.store.release_login_attempt(&attempt.id).await?;
+                        return Err(Error::RateLimited { retry_after_secs });
+                    }
+                }
+            }
+        };
 
         let user = self.store.get_user(&req.user).await?;
         let hash = user.as_ref().and_then(|u| u.password_hash.clone());
@@ -412,6 +441,16 @@ impl Wicket {
             (None, Some(u), Some(_)) if u.totp_secret.is_none() => Some("no second factor"),
             (failure, _, _) => failure,
         };
+        if let Some(id) = &code_guess {
+            // Spent only by a wrong code after the right password.
+            let code_wrong =
+                password_ok && failure.is_some() && failure != Some("user is disabled");
+            if code_wrong {
+                self.store.confirm_login_failure(id).await?;
+            } else {
+                self.store.release_login_attempt(id).await?;
+            }
+        }
         let user = match (failure, user) {
             (None, Some(u)) => u,
             (reason, _) => {

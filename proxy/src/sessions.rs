@@ -389,31 +389,55 @@ const ENDED_HERE_KEPT: chrono::Duration = chrono::Duration::seconds(30);
 pub(crate) struct Checks {
     requests: Mutex<BTreeMap<String, Check>>,
     users: Mutex<BTreeMap<String, Check>>,
-    /// When the last round of re-reads that finished began.
-    last_round: Mutex<Option<DateTime<Utc>>>,
+    /// The rounds of re-reads, on the monotonic clock (a step of the wall
+    /// clock is no stall).
+    rounds: Mutex<Rounds>,
+}
+
+#[derive(Debug, Default)]
+struct Rounds {
+    /// When the round under way began.
+    started: Option<tokio::time::Instant>,
+    /// When the last round finished (or the first look, before any).
+    finished: Option<tokio::time::Instant>,
 }
 
 /// The least time without a finished round of re-reads that counts as a
 /// stalled watcher: past what a slow round takes ([`ROUND_TIMEOUT`], the
 /// index's lock, a tick), whatever `session.unverified_grace` says.
-const STALL_FLOOR: chrono::Duration = chrono::Duration::seconds(6);
+const STALL_FLOOR: std::time::Duration = std::time::Duration::from_secs(6);
 
 impl Checks {
-    /// A round of re-reads that began at `started` finished.
-    fn round_done(&self, started: DateTime<Utc>) {
-        let mut last = locked(&self.last_round);
-        *last = Some(last.map_or(started, |t| t.max(started)));
+    /// A round of re-reads begins at `at`.
+    fn round_started(&self, at: tokio::time::Instant) {
+        locked(&self.rounds).started = Some(at);
     }
 
-    /// Since when no round of re-reads has finished, when that is `grace`
-    /// (at least [`STALL_FLOOR`]) or longer ago at `now`: the watcher is
-    /// stuck (a store read that never ends, a lock never given back) or
-    /// gone, so no live session is verified. Its reads did not fail, so no
-    /// check marks them. The first call starts the clock.
-    fn stalled_since(&self, now: DateTime<Utc>, grace: chrono::Duration) -> Option<DateTime<Utc>> {
-        let mut last = locked(&self.last_round);
-        let since = *last.get_or_insert(now);
-        (now - since >= grace.max(STALL_FLOOR)).then_some(since)
+    /// The round under way finished at `at`.
+    fn round_done(&self, at: tokio::time::Instant) {
+        let mut r = locked(&self.rounds);
+        r.started = None;
+        r.finished = Some(at);
+    }
+
+    /// How long the watcher has been stuck at `at`, when that is `grace`
+    /// (at least [`STALL_FLOOR`]) or longer: a round under way that long
+    /// (a store read that never ends, a lock never given back), or no
+    /// round begun since the last one finished (the watcher is gone). Its
+    /// reads did not fail, so no check marks them; no live session is
+    /// verified. The first call starts the clock.
+    fn stalled_for(
+        &self,
+        at: tokio::time::Instant,
+        grace: std::time::Duration,
+    ) -> Option<std::time::Duration> {
+        let mut r = locked(&self.rounds);
+        let since = match r.started {
+            Some(started) => started,
+            None => *r.finished.get_or_insert(at),
+        };
+        let stuck = at.saturating_duration_since(since);
+        (stuck >= grace.max(STALL_FLOOR)).then_some(stuck)
     }
 }
 
@@ -546,6 +570,7 @@ impl Wicket {
     pub async fn refresh_sessions(&self, now: DateTime<Utc>) -> usize {
         let mut ended = 0;
         let mut round = Round::start();
+        self.checks.round_started(tokio::time::Instant::now());
         // What ended is taken out of the grant index too (new connections
         // are refused from now on), once the sessions have been told.
         let (mut gone_users, mut gone_requests) = (Vec::new(), Vec::new());
@@ -634,7 +659,7 @@ impl Wicket {
                 "the grant index stayed busy; it drops the ended grants when it refreshes"
             );
         }
-        self.checks.round_done(now);
+        self.checks.round_done(tokio::time::Instant::now());
         ended
     }
 
@@ -679,10 +704,11 @@ impl Wicket {
             )
         };
         let mut ended = 0;
-        if let Some(since) = self.checks.stalled_since(now, grace) {
+        let stall = grace.to_std().unwrap_or(STALL_FLOOR);
+        if let Some(stuck) = self.checks.stalled_for(tokio::time::Instant::now(), stall) {
             ended += self.sessions.end_all(&format!(
-                "wicket cannot check its sessions: no re-read of the store has finished for {}s (session.unverified_grace is {}s)",
-                (now - since).num_seconds(),
+                "wicket cannot check its sessions: its re-reads of the store have been stuck for {}s (session.unverified_grace is {}s)",
+                stuck.as_secs(),
                 grace.num_seconds()
             ));
         }
@@ -755,25 +781,44 @@ mod tests {
     /// though none of its reads failed.
     #[test]
     fn a_stalled_watcher_counts_as_unverified_after_the_grace() {
-        let t0 = DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::days(20_000);
-        let s = |n: i64| t0 + chrono::Duration::seconds(n);
-        let grace = chrono::Duration::seconds(30);
+        let t0 = tokio::time::Instant::now();
+        let s = |n: u64| t0 + Duration::from_secs(n);
+        let grace = Duration::from_secs(30);
         let checks = Checks::default();
         // The first look starts the clock (wicketd just started).
-        assert_eq!(checks.stalled_since(s(0), grace), None);
-        assert_eq!(checks.stalled_since(s(29), grace), None);
-        assert_eq!(checks.stalled_since(s(30), grace), Some(s(0)));
-        // Rounds finish again: verified from when the last one began; an
-        // older round finishing late does not move it back.
-        checks.round_done(s(31));
-        checks.round_done(s(20));
-        assert_eq!(checks.stalled_since(s(60), grace), None);
-        assert_eq!(checks.stalled_since(s(61), grace), Some(s(31)));
+        assert_eq!(checks.stalled_for(s(0), grace), None);
+        assert_eq!(checks.stalled_for(s(29), grace), None);
+        assert_eq!(
+            checks.stalled_for(s(30), grace),
+            Some(Duration::from_secs(30))
+        );
+        // Rounds begin and finish: no stall, however long ago wicketd began.
+        checks.round_started(s(31));
+        checks.round_done(s(33));
+        assert_eq!(checks.stalled_for(s(62), grace), None);
+        // A round under way for the grace is one.
+        checks.round_started(s(40));
+        assert_eq!(checks.stalled_for(s(69), grace), None);
+        assert_eq!(
+            checks.stalled_for(s(70), grace),
+            Some(Duration::from_secs(30))
+        );
         // A grace shorter than a slow round is not a stall yet.
-        let short = chrono::Duration::seconds(1);
+        let short = Duration::from_secs(1);
         checks.round_done(s(100));
-        assert_eq!(checks.stalled_since(s(103), short), None);
-        assert_eq!(checks.stalled_since(s(106), short), Some(s(100)));
+        checks.round_started(s(100));
+        assert_eq!(checks.stalled_for(s(104), short), None);
+        assert_eq!(
+            checks.stalled_for(s(106), short),
+            Some(Duration::from_secs(6))
+        );
+        // No round begun since the last finished: the watcher is gone.
+        checks.round_done(s(110));
+        assert_eq!(checks.stalled_for(s(115), short), None);
+        assert_eq!(
+            checks.stalled_for(s(116), short),
+            Some(Duration::from_secs(6))
+        );
     }
 
     #[test]

@@ -1373,6 +1373,16 @@ impl Store {
         }
     }
 
+    /// A check under way failed (with no event of its own): it counts as
+    /// a failure until it leaves the window.
+    pub async fn confirm_login_failure(&self, id: &str) -> Result<()> {
+        sqlx::query("UPDATE login_failures SET pending = 0 WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// A check under way ended well: it is no failure.
     pub async fn release_login_attempt(&self, id: &str) -> Result<()> {
         sqlx::query("DELETE FROM login_failures WHERE id = $1")

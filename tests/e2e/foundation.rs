@@ -502,6 +502,62 @@ fn failed_logins_in_a_users_name_do_not_lock_out_their_second_factor() {
     assert_eq!(unlocked[0]["data"]["cleared"], 6);
 }
 
+/// Past the user's limit, codes have a budget of their own (as many as
+/// the user's limit) that only the right password spends: someone without
+/// it cannot lock the user out, and someone with it gets no more code
+/// guesses from many sources than before.
+#[test]
+fn code_guesses_past_the_limit_have_a_budget_only_the_password_spends() {
+    let d = Wicketd::builder()
+        .config("version: 1\nauth: { max_failures_per_source: 100 }\nroles:\n  access: {}\n")
+        .start()
+        .unwrap();
+    let uri = d
+        .add_user("uma", "access", PASSWORD, true)
+        .unwrap()
+        .expect("provisioning URI");
+    let cli = WicketCli::new().unwrap();
+    let limited = |r: CliOutput| {
+        assert!(
+            !r.ok && r.stderr.contains("too many failed attempts"),
+            "{}",
+            r.stderr
+        );
+    };
+    let lock = || {
+        for _ in 0..5 {
+            assert!(!cli.login(&d, "uma", "wrong password!", &[]).unwrap().ok);
+        }
+    };
+    let wrong_code = totp_code(&uri, 3600).unwrap();
+    lock();
+    // Wrong passwords with codes do not spend it...
+    for _ in 0..6 {
+        limited(
+            cli.login(&d, "uma", "wrong password!", &["--otp", &wrong_code])
+                .unwrap(),
+        );
+    }
+    // ...wrong codes with the right password do (four of five here).
+    for _ in 0..4 {
+        limited(
+            cli.login(&d, "uma", PASSWORD, &["--otp", &wrong_code])
+                .unwrap(),
+        );
+    }
+    let code = totp_code(&uri, 0).unwrap();
+    let ok = cli.login(&d, "uma", PASSWORD, &["--otp", &code]).unwrap();
+    assert!(ok.ok, "{}", ok.stderr);
+    // Locked again, the fifth spends the rest: the right code is refused.
+    lock();
+    limited(
+        cli.login(&d, "uma", PASSWORD, &["--otp", &wrong_code])
+            .unwrap(),
+    );
+    let next = totp_code(&uri, 30).unwrap();
+    limited(cli.login(&d, "uma", PASSWORD, &["--otp", &next]).unwrap());
+}
+
 #[test]
 fn totp_is_required_checked_and_single_use() {
     let d = Wicketd::builder().start().unwrap();
