@@ -546,6 +546,17 @@ mod tests {
         );
     }
 
+    /// Asserts that `s` may log in as root on prod node db-1 and not on
+    /// db-2, which it was not scoped to; the two nodes.
+    fn only_on_db1(rs: &RoleSet, s: &Subject<'_>) -> (Resource, Resource) {
+        let (db1, db2) = (node("db-1", "prod"), node("db-2", "prod"));
+        assert!(rs.decide_ssh_login(s, &db1, "root").allowed);
+        let d = rs.decide_ssh_login(s, &db2, "root");
+        assert!(!d.allowed, "{d:?}");
+        assert!(d.reason.contains("prod-ssh (only on db-1)"), "{d:?}");
+        (db1, db2)
+    }
+
     #[test]
     fn scoped_roles_hold_only_on_the_named_resources() {
         let rs = roles();
@@ -559,11 +570,7 @@ mod tests {
             roles: &standing,
             scoped: &scoped,
         };
-        let (db1, db2) = (node("db-1", "prod"), node("db-2", "prod"));
-        assert!(rs.decide_ssh_login(&s, &db1, "root").allowed);
-        let d = rs.decide_ssh_login(&s, &db2, "root");
-        assert!(!d.allowed, "{d:?}");
-        assert!(d.reason.contains("prod-ssh (only on db-1)"), "{d:?}");
+        let (db1, db2) = only_on_db1(&rs, &s);
         assert_eq!(rs.node_logins(&s, &db2), Vec::<String>::new());
         assert_eq!(rs.node_logins(&s, &db1), vec!["root", "ubuntu"]);
         // The certificate still carries the login; the proxy decides per node.
@@ -624,11 +631,7 @@ mod tests {
             roles: &roles,
             scoped: &scoped,
         };
-        let (db1, db2) = (node("db-1", "prod"), node("db-2", "prod"));
-        assert!(rs.decide_ssh_login(&s, &db1, "root").allowed);
-        let d = rs.decide_ssh_login(&s, &db2, "root");
-        assert!(!d.allowed, "{d:?}");
-        assert!(d.reason.contains("prod-ssh (only on db-1)"), "{d:?}");
+        let (_, db2) = only_on_db1(&rs, &s);
         // A granted role with no record reached nothing then: it holds on
         // nothing now.
         let prod_pg = Resource {

@@ -442,9 +442,13 @@ impl Wicket {
             (failure, _, _) => failure,
         };
         if let Some(id) = &code_guess {
-            // Spent only by a wrong code after the right password.
-            let code_wrong =
-                password_ok && failure.is_some() && failure != Some("user is disabled");
+            // Spent only by a code that was checked, after the right
+            // password, and failed.
+            let code_wrong = password_ok
+                && failure.is_some()
+                && user
+                    .as_ref()
+                    .is_some_and(|u| !u.disabled && u.totp_secret.is_some());
             if code_wrong {
                 self.store.confirm_login_failure(id).await?;
             } else {

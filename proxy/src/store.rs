@@ -3466,19 +3466,21 @@ mod tests {
             .await
             .unwrap();
         add_dev(&store, "ann", Some(secret)).await;
-        let raw = |store: Store| async move {
-            sqlx::query_scalar::<_, String>("SELECT totp_secret FROM users WHERE name = 'ann'")
-                .fetch_one(&store.pool)
-                .await
-                .unwrap()
+        // Stored sealed, read as it was.
+        let sealed_and_read = |store: Store| async move {
+            let stored: String =
+                sqlx::query_scalar("SELECT totp_secret FROM users WHERE name = 'ann'")
+                    .fetch_one(&store.pool)
+                    .await
+                    .unwrap();
+            assert!(
+                stored.starts_with(SEALED) && !stored.contains(secret),
+                "{stored}"
+            );
+            let read = store.get_user("ann").await.unwrap().unwrap();
+            assert_eq!(read.totp_secret.as_deref(), Some(secret));
         };
-        let stored = raw(store.clone()).await;
-        assert!(
-            stored.starts_with(SEALED) && !stored.contains(secret),
-            "{stored}"
-        );
-        let read = store.get_user("ann").await.unwrap().unwrap();
-        assert_eq!(read.totp_secret.as_deref(), Some(secret));
+        sealed_and_read(store.clone()).await;
         // A secret stored in clear (before schema 20) is sealed when it runs.
         sqlx::query("UPDATE users SET totp_secret = $1 WHERE name = 'ann'")
             .bind(secret)
@@ -3497,13 +3499,7 @@ mod tests {
         let store = Store::open(&Storage::Sqlite, dir.path(), key)
             .await
             .unwrap();
-        let stored = raw(store.clone()).await;
-        assert!(
-            stored.starts_with(SEALED) && !stored.contains(secret),
-            "{stored}"
-        );
-        let read = store.get_user("ann").await.unwrap().unwrap();
-        assert_eq!(read.totp_secret.as_deref(), Some(secret));
+        sealed_and_read(store).await;
     }
 
     #[test]
